@@ -1,0 +1,197 @@
+"""The command line: parse, load settings, hand over to a command. Nothing imports this.
+
+Only the standard library is imported at module level so that ``--help`` starts fast; each
+command imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from worker import __version__
+from worker.exit_codes import ExitCode
+
+# (flag, type, help). One per setting in worker.settings.Settings; a test keeps them in step.
+_BOOL = "bool"
+SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
+    ("--region", str, "Huawei Cloud region, e.g. cn-north-4 (env REAPER_REGION)"),
+    ("--endpoint", str, "API base URL; default derived from --region"),
+    ("--project-id", str, "project id (env REAPER_PROJECT_ID or HUAWEICLOUD_SDK_PROJECT_ID)"),
+    ("--ak", str, "access key (env REAPER_AK or HUAWEICLOUD_SDK_AK)"),
+    ("--sk", str, "secret key; prefer env REAPER_SK / HUAWEICLOUD_SDK_SK or --sk-file"),
+    ("--security-token", str, "temporary-credential token; prefer the env or a file"),
+    ("--ak-file", str, "read the access key from this file"),
+    ("--sk-file", str, "read the secret key from this file (a mounted Secret)"),
+    ("--security-token-file", str, "read the security token from this file"),
+    ("--ca-bundle", str, "PEM file of extra CAs to trust (private CAs)"),
+    ("--batch-size", int, "ids per DELETE call (1-1000, default 50)"),
+    ("--concurrency", int, "DELETE calls in flight at most (default 8)"),
+    ("--rate", float, "API calls per second allowed (default 10)"),
+    ("--burst", int, "calls allowed at once on top of the rate (default 5)"),
+    ("--max-attempts", int, "attempts per batch before its ids fail (default 6)"),
+    ("--deadline", float, "wall-clock limit for the whole run, in seconds"),
+    ("--connect-timeout", float, "seconds to connect (default 10)"),
+    ("--read-timeout", float, "seconds to wait for an answer (default 60)"),
+    ("--max-retry-after", float, "cap on a server's Retry-After, seconds (default 60)"),
+    ("--grace", float, "seconds calls in flight may finish after a signal (default 20)"),
+    ("--ledger", str, "SQLite ledger that makes run resumable"),
+    ("--dry-run", _BOOL, "read, validate and batch, but send no DELETE"),
+    ("--yes", _BOOL, "delete without asking (needed when not on a terminal)"),
+    ("--max-deletions", int, "never delete more than this many jobs in this run"),
+    ("--redis-url", str, "Redis for serve/enqueue (default redis://127.0.0.1:6379/0)"),
+    ("--stream", str, "Redis Stream of ids (default devserver-reaper:ids)"),
+    ("--group", str, "consumer group (default devserver-reaper)"),
+    ("--consumer", str, "consumer name (default: host name)"),
+    ("--max-deliveries", int, "deliveries before an entry goes to the dead-letter stream"),
+    ("--reclaim-after", float, "seconds before another consumer's idle entry is taken over"),
+    ("--http-port", int, "port of /healthz, /readyz, /metrics (0 = any free port)"),
+    ("--log-format", str, "auto, json or console (default auto: console on a terminal)"),
+    ("--log-level", str, "debug, info, warning or error"),
+)
+
+# Which settings each command shows in --help; all are accepted by the settings loader.
+_API = ("--region", "--endpoint", "--project-id", "--ak", "--sk", "--security-token",
+        "--ak-file", "--sk-file", "--security-token-file", "--ca-bundle",
+        "--connect-timeout", "--read-timeout")  # fmt: skip
+_DISPATCH = ("--batch-size", "--concurrency", "--rate", "--burst", "--max-attempts",
+             "--max-retry-after", "--grace", "--dry-run", "--yes", "--max-deletions")  # fmt: skip
+_QUEUE = ("--redis-url", "--stream", "--group", "--consumer", "--max-deliveries",
+          "--reclaim-after", "--http-port")  # fmt: skip
+_LOG = ("--log-format", "--log-level")
+COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
+    "run": _API + _DISPATCH + ("--deadline", "--ledger") + _LOG,
+    "serve": _API + _DISPATCH + _QUEUE + _LOG,
+    "enqueue": ("--redis-url", "--stream") + _LOG,
+    "check": _API + _LOG,
+    "demo": ("--batch-size", "--concurrency", "--rate", "--burst", "--log-format", "--log-level"),
+    "simulate": ("--log-format", "--log-level"),
+    "report": ("--ledger",),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error exits 64 as SPEC.md says, not 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _add_settings(parser: argparse.ArgumentParser, flags: Sequence[str]) -> None:
+    group = parser.add_argument_group("settings (flags override REAPER_* env, then --config)")
+    table = {flag: (kind, text) for flag, kind, text in SETTING_FLAGS}
+    for flag in flags:
+        kind, text = table[flag]
+        dest = "setting_" + flag.removeprefix("--").replace("-", "_")
+        if kind == _BOOL:
+            group.add_argument(flag, dest=dest, action="store_const", const=True, help=text)
+        else:
+            group.add_argument(flag, dest=dest, type=kind, help=text, metavar=flag[2:].upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="devserver-reaper",
+        description="Delete Huawei Cloud ModelArts DevServer jobs in bulk: safely, fast, resumably.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--config", help="TOML settings file (env REAPER_CONFIG)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("--config", dest="sub_config", help="TOML settings file")
+        _add_settings(sub, COMMAND_SETTINGS[name])
+        return sub
+
+    run = command("run", "delete the job ids read from --input, print a summary")
+    run.add_argument("--input", "-i", required=True, help="file of ids, or - for stdin")
+    run.add_argument(
+        "--input-format",
+        choices=("auto", "text", "jsonl", "csv", "json"),
+        default="auto",
+        help="format of --input (default: from the file name; text for stdin)",
+    )
+    run.add_argument("--results", help="write one JSON line per id with its outcome here")
+    run.add_argument(
+        "--retry-failed", action="store_true", help="with --ledger: try failed ids again"
+    )
+    run.add_argument(
+        "--progress",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="progress display on stderr (default: when stderr is a terminal)",
+    )
+
+    serve = command("serve", "consume ids from a Redis Stream and delete them; serve health")
+    del serve
+    enqueue = command("enqueue", "add the ids read from --input to the Redis Stream")
+    enqueue.add_argument("--input", "-i", required=True, help="file of ids, or - for stdin")
+    enqueue.add_argument(
+        "--input-format", choices=("auto", "text", "jsonl", "csv", "json"), default="auto"
+    )
+
+    sim = command("simulate", "run the built-in ModelArts DevServer jobs simulator")
+    sim.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sim.add_argument("--port", type=int, default=8443, help="port (0 = any free port)")
+    sim.add_argument("--jobs", type=int, default=1000, help="jobs to create at start")
+    sim.add_argument("--seed", type=int, default=0, help="seed for jobs and faults")
+    sim.add_argument("--project-id", default="demo-project", help="project id the server holds")
+    sim.add_argument("--ak", default="DEMOAK", help="access key it accepts")
+    sim.add_argument("--sk", default="demo-secret-key", help="secret key it accepts")
+    sim.add_argument("--quota", type=float, default=0, help="calls/s allowed (0 = unlimited)")
+    sim.add_argument("--burst", type=int, default=1, help="burst on top of the quota")
+    sim.add_argument(
+        "--retry-after", choices=("off", "seconds", "date"), default="seconds",
+        help="Retry-After on 429",
+    )  # fmt: skip
+    sim.add_argument("--max-batch", type=int, default=1000, help="largest job_ids list accepted")
+    sim.add_argument("--latency-ms", type=float, default=0, help="mean latency per call")
+    sim.add_argument("--fault-rate", type=float, default=0, help="share of calls that fail")
+    sim.add_argument("--ids-file", help="write the created job ids here, one per line")
+
+    demo = command("demo", "a complete tour against the built-in simulator; no account needed")
+    demo.add_argument("--jobs", type=int, default=300, help="jobs the simulator creates")
+
+    check = command("check", "verify settings and credentials with one read-only call")
+    del check
+
+    report = command("report", "what a ledger holds: counts, open ids, export")
+    report.add_argument("--format", choices=("summary", "jsonl", "csv"), default="summary")
+    report.add_argument("--output", "-o", help="write the export here (default stdout)")
+    return parser
+
+
+def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags, keyed by setting name."""
+    return {
+        key.removeprefix("setting_"): value
+        for key, value in vars(args).items()
+        if key.startswith("setting_") and value is not None
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    args = build_parser().parse_args(argv)
+    sys.exit(dispatch(args))
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    from worker.errors import ConfigError
+    from worker.settings import load_settings
+
+    config = getattr(args, "sub_config", None) or args.config
+    try:
+        settings = load_settings(config, **settings_overrides(args))
+    except ConfigError as exc:
+        print(f"devserver-reaper: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+
+    import importlib
+
+    module = importlib.import_module(f"worker.commands.{args.command}")
+    code: int = module.main(args, settings)
+    return code

@@ -1,0 +1,100 @@
+"""One root exception and a small tree that tells transient failures from permanent ones.
+
+aiohttp's exceptions are translated into these in one place (``worker.client``); the retry
+policy decides by type alone.
+"""
+
+from __future__ import annotations
+
+
+class ReaperError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class ConfigError(ReaperError):
+    """Settings are invalid or contradict each other (exit 78)."""
+
+
+class UsageError(ReaperError):
+    """The command line asks for something that cannot be done (exit 64)."""
+
+
+class InputUnreadable(ReaperError):
+    """The input file does not exist or cannot be read (exit 66)."""
+
+
+class ApiError(ReaperError):
+    """An API call did not succeed. Carries what the server said, never a secret."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int | None = None,
+        error_code: str | None = None,
+        error_msg: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+        self.error_code = error_code
+        self.error_msg = error_msg
+        self.request_id = request_id
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.args[0]!r}, http_status={self.http_status}, "
+            f"error_code={self.error_code!r}, request_id={self.request_id!r})"
+        )
+
+
+class TransientError(ApiError):
+    """Worth another attempt: the same request may succeed later."""
+
+
+class ThrottledError(TransientError):
+    """429: the quota is spent. ``retry_after`` is the server's hint in seconds, if any."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+
+
+class ServerError(TransientError):
+    """5xx: the server failed; it may or may not have applied the request."""
+
+
+class NetworkError(TransientError):
+    """The connection failed or was reset; the request may or may not have been applied."""
+
+
+class ApiTimeout(NetworkError):
+    """No answer within the connect or read timeout."""
+
+
+class MalformedResponse(TransientError):
+    """The answer was cut short or is not the JSON the API documents."""
+
+
+class PermanentError(ApiError):
+    """Sending the same request again cannot help."""
+
+
+class AuthError(PermanentError):
+    """401/403: credentials or permission rejected. Stops the whole run (exit 77)."""
+
+
+class NotFound(PermanentError):
+    """404: the job (or the path) does not exist."""
+
+
+class ClientError(PermanentError):
+    """Any other 4xx: the request itself is wrong (an invalid id, too large a batch ...)."""
+
+
+class TlsError(PermanentError):
+    """The server's certificate was refused. Reported at once, never retried."""
+
+
+AMBIGUOUS: tuple[type[ApiError], ...] = (ServerError, NetworkError, MalformedResponse)
+"""Failures after which a DELETE may have been applied: reconcile before trusting them."""
