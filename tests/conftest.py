@@ -1,0 +1,68 @@
+"""Shared fixtures: the anyio backend, a private HOME, and real Redis."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The official SDK writes ~/.huaweicloud on import: keep it out of the real home."""
+    home = tmp_path_factory.mktemp("home")
+    old = os.environ.get("HOME")
+    os.environ["HOME"] = str(home)
+    yield
+    if old is not None:
+        os.environ["HOME"] = old
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No REAPER_* or HUAWEICLOUD_* variable of the developer's leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith(("REAPER_", "HUAWEICLOUD_", "HC_CONTAINER_")):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    """A key prefix of this test's own on the real Redis; every key under it is removed after.
+
+    Under CI=true a Redis that does not answer fails the test; elsewhere it skips.
+    """
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await client.ping()
+    except Exception as exc:
+        await client.aclose()
+        if IN_CI:
+            pytest.fail(f"Redis at {REDIS_URL} is required under CI=true: {exc}")
+        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
+    prefix = f"reaper-test:{uuid.uuid4().hex[:12]}:"
+    try:
+        yield prefix
+    finally:
+        keys = [key async for key in client.scan_iter(match=prefix + "*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
