@@ -98,3 +98,16 @@ class TlsError(PermanentError):
 
 AMBIGUOUS: tuple[type[ApiError], ...] = (ServerError, NetworkError, MalformedResponse)
 """Failures after which a DELETE may have been applied: reconcile before trusting them."""
+
+
+class ApiUnavailable(ReaperError):
+    """The API stayed unreachable or unavailable after every retry (exit 69).
+
+    The ids of the batch stay open: nothing is known about them, so a later run finishes them.
+    """
+
+    def __init__(self, cause: ApiError, *, batch_id: str, open_ids: int) -> None:
+        super().__init__(f"API unavailable after retries (batch {batch_id}): {cause}")
+        self.cause = cause
+        self.batch_id = batch_id
+        self.open_ids = open_ids

@@ -1,0 +1,351 @@
+"""``devserver-reaper run``: one-shot deletion of the ids in ``--input``.
+
+This is the edge: it turns settings into the pipeline's collaborators, handles the terminal
+(confirmation, progress), signals and the deadline, and maps how the run ended to an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+import structlog
+
+from worker.errors import (
+    ApiUnavailable,
+    AuthError,
+    ConfigError,
+    InputUnreadable,
+    TlsError,
+    UsageError,
+)
+from worker.exit_codes import ExitCode
+from worker.settings import Settings
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    """What to run, beyond the settings: the command line's own flags."""
+
+    input: str
+    input_format: str = "auto"
+    results: str | None = None
+    retry_failed: bool = False
+    progress: str = "auto"
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import logsetup
+
+    logsetup.configure(fmt=settings.log_format, level=settings.log_level)
+    request = RunRequest(
+        input=args.input,
+        input_format=args.input_format,
+        results=args.results,
+        retry_failed=args.retry_failed,
+        progress=args.progress,
+    )
+    return execute(request, settings)
+
+
+def execute(request: RunRequest, settings: Settings, *, stdin: IO[bytes] | None = None) -> int:
+    """Check what can be checked before any call, confirm, then run the pipeline."""
+    run_id = new_run_id()
+    structlog.contextvars.bind_contextvars(run_id=run_id)
+    log = structlog.get_logger("devserver_reaper")
+    try:
+        if not settings.dry_run:
+            settings.require_api()
+        endpoint = _endpoint_or_placeholder(settings)
+        _check_input(request.input)
+        if not settings.dry_run and not settings.yes:
+            _confirm(request, settings, endpoint)
+    except ConfigError as exc:
+        log.error("run.config_error", error=str(exc))
+        return ExitCode.CONFIG
+    except InputUnreadable as exc:
+        log.error("run.input_unreadable", error=str(exc))
+        return ExitCode.NO_INPUT
+    except UsageError as exc:
+        log.error("run.usage_error", error=str(exc))
+        print(f"devserver-reaper: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    try:
+        return anyio.run(run_async, request, settings, run_id, endpoint, stdin)
+    except ConfigError as exc:
+        log.error("run.config_error", error=str(exc))
+        return ExitCode.CONFIG
+
+
+def _endpoint_or_placeholder(settings: Settings) -> str:
+    try:
+        return settings.api_endpoint
+    except ConfigError:
+        if settings.dry_run:
+            return "dry-run"
+        raise
+
+
+def _check_input(path: str) -> None:
+    if path == "-":
+        return
+    target = Path(path)
+    if not target.exists():
+        raise InputUnreadable(f"input {path}: no such file")
+    if target.is_dir():
+        raise InputUnreadable(f"input {path}: is a directory")
+    if not os.access(target, os.R_OK):
+        raise InputUnreadable(f"input {path}: permission denied")
+
+
+def _confirm(request: RunRequest, settings: Settings, endpoint: str) -> None:
+    """On a terminal, ask; anywhere else, insist on --yes (SPEC: exit 64 before any call)."""
+    interactive = request.input != "-" and sys.stdin.isatty() and sys.stderr.isatty()
+    if not interactive:
+        raise UsageError(
+            "refusing to delete without confirmation: not on a terminal, so pass --yes "
+            "(or set REAPER_YES=true), or try --dry-run first"
+        )
+    from worker.progress import count_lines
+
+    lines = count_lines(request.input)
+    amount = f"up to {lines:,} job ids" if lines is not None else "the job ids"
+    cap = f" (at most {settings.max_deletions:,})" if settings.max_deletions is not None else ""
+    sys.stderr.write(
+        f"Delete {amount}{cap} from {request.input}\n"
+        f"  project  {settings.project_id}\n  endpoint {endpoint}\n"
+        "This cannot be undone. Type 'yes' to continue: "
+    )
+    sys.stderr.flush()
+    answer = sys.stdin.readline().strip().lower()
+    if answer not in ("y", "yes"):
+        raise UsageError("not confirmed; nothing was deleted")
+
+
+async def run_async(
+    request: RunRequest,
+    settings: Settings,
+    run_id: str,
+    endpoint: str,
+    stdin: IO[bytes] | None = None,
+) -> int:
+    """The run itself, inside an event loop (``demo`` calls this beside its simulator)."""
+    from worker.batcher import Batcher, DeletionBudget
+    from worker.client import ApiClient, make_session
+    from worker.clock import MonotonicClock
+    from worker.credentials import Credentials, StaticCredentials
+    from worker.dispatcher import Dispatcher
+    from worker.events import EventLog
+    from worker.journal import LedgerPort, ResultsWriter, RunJournal, Tally
+    from worker.ledger import Ledger
+    from worker.pipeline import Pipeline, RunState
+    from worker.ratelimit import LocalRateLimiter
+    from worker.retry import RetryPolicy
+    from worker.sources import read_entries
+
+    clock = MonotonicClock()
+    events = EventLog()
+    tally = Tally()
+    state = RunState()
+    started = time.monotonic()
+    with ExitStack() as stack:
+        ledger = Ledger.open(
+            settings.ledger,
+            project_id=settings.project_id or "dry-run",
+            endpoint=endpoint,
+            run_id=run_id,
+            retry_failed=request.retry_failed,
+        )
+        stack.callback(ledger.close)
+        results = None
+        if request.results:
+            # Opened once, before any call; the writes are small buffered appends.
+            handle = stack.enter_context(open(request.results, "wb"))  # noqa: ASYNC230
+            results = ResultsWriter(handle)
+        journal = RunJournal(ledger=LedgerPort(ledger), events=events, tally=tally, results=results)
+        entries: Iterator[Any] = read_entries(request.input, request.input_format, stdin=stdin)
+        events.note(
+            "run.started",
+            input=request.input,
+            endpoint=endpoint,
+            project_id=settings.project_id,
+            dry_run=settings.dry_run,
+            batch_size=settings.batch_size,
+            concurrency=settings.concurrency,
+            rate=settings.rate,
+            ledger=str(settings.ledger) if settings.ledger else None,
+        )
+        session = None
+        try:
+            transport: Any = None
+            if not settings.dry_run:
+                session = make_session(
+                    concurrency=settings.concurrency,
+                    connect_timeout=settings.connect_timeout,
+                    read_timeout=settings.read_timeout,
+                    ca_bundle=settings.ca_bundle,
+                )
+                credentials = StaticCredentials(
+                    Credentials(
+                        ak=settings.ak or "",
+                        sk=settings.sk.get_secret_value() if settings.sk else "",
+                        security_token=(
+                            settings.security_token.get_secret_value()
+                            if settings.security_token
+                            else None
+                        ),
+                    )
+                )
+                transport = ApiClient(
+                    session=session,
+                    endpoint=endpoint,
+                    project_id=settings.project_id or "",
+                    credentials=credentials,
+                )
+            dispatcher = Dispatcher(
+                transport=transport,
+                limiter=LocalRateLimiter(rate=settings.rate, burst=settings.burst, clock=clock),
+                policy=RetryPolicy(
+                    max_attempts=settings.max_attempts, max_retry_after=settings.max_retry_after
+                ),
+                journal=journal,
+                clock=clock,
+                budget=DeletionBudget(settings.max_deletions),
+                max_attempts=settings.max_attempts,
+                dry_run=settings.dry_run,
+                stopping=lambda: state.stopping,
+            )
+            pipeline = Pipeline(
+                entries=entries,
+                ledger=LedgerPort(ledger),
+                journal=journal,
+                dispatcher=dispatcher,
+                batcher=Batcher(settings.batch_size, prefix=run_id[-6:]),
+                tally=tally,
+                concurrency=settings.concurrency,
+                grace=settings.grace,
+                state=state,
+            )
+            async with anyio.create_task_group() as group:
+                group.start_soon(_watch_signals, state, events)
+                if settings.deadline is not None:
+                    group.start_soon(_deadline, state, settings.deadline, events)
+                if _show_progress(request.progress):
+                    from worker.progress import Progress, count_lines
+
+                    total = count_lines(request.input)
+                    group.start_soon(Progress(tally, total=total, clock=time.monotonic).run)
+                await pipeline.run()
+                group.cancel_scope.cancel()
+        finally:
+            if session is not None:
+                await session.close()
+            if results is not None:
+                results.flush()
+        code = exit_code(state, tally)
+        _summarise(events, tally, state, code, time.monotonic() - started, settings)
+        return code
+
+
+def _show_progress(mode: str) -> bool:
+    return mode == "on" or (mode == "auto" and sys.stderr.isatty())
+
+
+async def _watch_signals(state: Any, events: Any) -> None:
+    with anyio.open_signal_receiver(*SIGNALS) as received:
+        count = 0
+        async for signum in received:
+            count += 1
+            name = signal.Signals(signum).name
+            events.warn("run.interrupted", signal=name, immediate=count > 1)
+            state.request_stop("signal", immediate=count > 1)
+
+
+async def _deadline(state: Any, seconds: float, events: Any) -> None:
+    await anyio.sleep(seconds)
+    events.warn("run.deadline", deadline_s=seconds)
+    state.request_stop("deadline")
+
+
+def exit_code(state: Any, tally: Any) -> int:
+    """How the run ended, as SPEC.md's exit codes, most serious first."""
+    fatal = state.fatal
+    if isinstance(fatal, AuthError):
+        return ExitCode.NO_PERMISSION
+    if isinstance(fatal, ApiUnavailable | TlsError):
+        return ExitCode.UNAVAILABLE
+    if isinstance(fatal, InputUnreadable):
+        return ExitCode.NO_INPUT
+    if isinstance(fatal, UsageError):
+        return ExitCode.USAGE
+    if fatal is not None:
+        return ExitCode.UNAVAILABLE
+    if state.stop_reason in ("signal", "deadline") and (
+        not state.intake_done or open_ids(tally) > 0
+    ):
+        return ExitCode.INTERRUPTED
+    counts = tally.counts()
+    if counts["failed"] or counts["rejected"]:
+        return ExitCode.SOME_FAILED
+    if open_ids(tally) > 0:
+        return ExitCode.INTERRUPTED
+    return ExitCode.OK
+
+
+def open_ids(tally: Any) -> int:
+    """Ids admitted in this run that have no outcome yet."""
+    admitted = tally.read - tally.repeated - tally.already_done
+    return max(0, admitted - tally.finished)
+
+
+def _summarise(
+    events: Any, tally: Any, state: Any, code: int, duration: float, settings: Settings
+) -> None:
+    counts = tally.counts()
+    fields: dict[str, Any] = dict(counts)
+    fields.update(
+        open=open_ids(tally),
+        repeated=tally.repeated,
+        already_done=tally.already_done,
+        retries=tally.retries,
+        duration_s=round(duration, 3),
+        ids_per_s=round(tally.finished / duration, 1) if duration > 0 else 0.0,
+        dry_run=settings.dry_run,
+        stop_reason=state.stop_reason,
+        exit_code=int(code),
+    )
+    if state.fatal is not None:
+        fields["error"] = str(state.fatal)
+    events.summary(fields)
+    if sys.stderr.isatty():
+        _print_summary(fields)
+
+
+def _print_summary(fields: dict[str, Any]) -> None:
+    lines = ["", "devserver-reaper run summary"]
+    for key in ("deleted", "absent", "failed", "rejected", "skipped", "open", "repeated",
+                "already_done", "retries"):  # fmt: skip
+        if fields.get(key):
+            lines.append(f"  {key:<13}{fields[key]:>12,}")
+    lines.append(f"  {'duration':<13}{fields['duration_s']:>11.1f}s")
+    lines.append(f"  {'rate':<13}{fields['ids_per_s']:>8,.0f} ids/s")
+    lines.append(f"  {'exit code':<13}{fields['exit_code']:>12}")
+    if "error" in fields:
+        lines.append(f"  error: {fields['error']}")
+    sys.stderr.write("\n".join(lines) + "\n")

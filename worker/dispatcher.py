@@ -1,0 +1,269 @@
+"""Send one batch to the API until every id in it has an outcome, or the run must stop.
+
+The policy, by error class:
+
+- 200: each returned record is ``deleted``; an id asked for but not returned is checked
+  with the show call: 404 makes it ``absent``, a job still there is sent again.
+- throttled, 5xx, network errors, timeouts, cut-short bodies: sent again after the retry
+  policy's delay, with a fresh signature. When the budget runs out the API is unavailable:
+  the run stops (``ApiUnavailable``) and the ids stay open for the next run.
+- any other 4xx on more than one id: split in halves until the offending ids stand alone;
+  they end ``failed``, the rest proceed. A single id answered 404 is ``absent``.
+- 401/403 and TLS refusals: raised at once; nothing more is sent by anyone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from worker.batcher import DeletionBudget
+from worker.clock import Clock
+from worker.errors import (
+    ApiError,
+    ApiUnavailable,
+    ClientError,
+    NotFound,
+    PermanentError,
+    ThrottledError,
+    TransientError,
+)
+from worker.ratelimit import RateLimiter
+from worker.retry import RetryPolicy
+from worker.types import Batch, DeleteResult, JobRecord, Outcome, Result
+
+
+class Transport(Protocol):
+    """The two API calls the dispatcher needs (``worker.client.ApiClient`` is one)."""
+
+    async def delete_jobs(self, ids: Sequence[str]) -> DeleteResult: ...
+
+    async def get_job(self, job_id: str) -> JobRecord: ...
+
+
+class Journal(Protocol):
+    """Where the dispatcher reports progress: the ledger, events and results behind it."""
+
+    async def sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None: ...
+
+    async def retrying(self, batch_id: str, attempt: int, delay_s: float, reason: str) -> None: ...
+
+    async def finished(self, results: Sequence[Result]) -> None: ...
+
+
+def _failed(job_id: str, batch_id: str, attempts: int, error: ApiError) -> Result:
+    return Result(
+        job_id=job_id,
+        outcome=Outcome.FAILED,
+        attempts=attempts,
+        batch_id=batch_id,
+        http_status=error.http_status,
+        error_code=error.error_code,
+        error_msg=error.error_msg or str(error),
+        request_id=error.request_id,
+    )
+
+
+class Dispatcher:
+    """Deletes batches. Stateless between batches but for counters shown in ``repr``."""
+
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        limiter: RateLimiter,
+        policy: RetryPolicy,
+        journal: Journal,
+        clock: Clock,
+        budget: DeletionBudget,
+        max_attempts: int,
+        dry_run: bool = False,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self._transport = transport
+        self._limiter = limiter
+        self._policy = policy
+        self._journal = journal
+        self._clock = clock
+        self._budget = budget
+        self._max_attempts = max_attempts
+        self._dry_run = dry_run
+        self._stopping = stopping
+        self.calls = 0
+        self.splits = 0
+        self.reconciled = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"Dispatcher(calls={self.calls}, splits={self.splits}, "
+            f"reconciled={self.reconciled}, dry_run={self._dry_run}, budget={self._budget!r})"
+        )
+
+    async def process(self, batch: Batch) -> None:
+        """Give every id of ``batch`` an outcome, or leave it open when the run stops."""
+        if self._dry_run:
+            await self._skip(batch.batch_id, batch.ids, "dry_run")
+            return
+        granted = self._budget.take(len(batch.ids))
+        if granted < len(batch.ids):
+            await self._skip(batch.batch_id, batch.ids[granted:], "max_deletions")
+        if granted:
+            await self._delete(batch.batch_id, batch.ids[:granted])
+
+    async def _skip(self, batch_id: str, ids: Sequence[str], reason: str) -> None:
+        await self._journal.finished(
+            [
+                Result(job_id=i, outcome=Outcome.SKIPPED, batch_id=batch_id, reason=reason)
+                for i in ids
+            ]
+        )
+
+    async def _delete(self, batch_id: str, ids: Sequence[str]) -> None:
+        remaining = tuple(ids)
+        attempt = 0
+        while remaining:
+            attempt += 1
+            await self._limiter.acquire()
+            await self._journal.sent(batch_id, remaining, attempt)
+            started = self._clock.now()
+            self.calls += 1
+            try:
+                answer = await self._transport.delete_jobs(remaining)
+            except TransientError as exc:
+                self._feedback(exc, started)
+                delay = await self._retry_delay(exc, batch_id, attempt, len(remaining))
+                await self._clock.sleep(delay)
+                if self._stopping():
+                    return  # the ids stay open: the next run finishes them
+                continue
+            except (ClientError, NotFound) as exc:
+                self._feedback(exc, started)
+                await self._refused(batch_id, remaining, attempt, exc)
+                return
+            self._feedback(None, started)
+            remaining = await self._settle(batch_id, remaining, attempt, answer)
+            if remaining and attempt >= self._max_attempts:
+                error = ApiError(
+                    "the API answered 200 without these jobs, and they still exist",
+                    http_status=200,
+                    error_msg="job still exists after DELETE",
+                    request_id=answer.request_id,
+                )
+                await self._journal.finished(
+                    [_failed(i, batch_id, attempt, error) for i in remaining]
+                )
+                return
+
+    def _feedback(self, error: ApiError | None, started: float) -> None:
+        retry_after = error.retry_after if isinstance(error, ThrottledError) else None
+        self._limiter.feedback(
+            throttled=isinstance(error, ThrottledError),
+            latency_s=self._clock.now() - started,
+            retry_after=retry_after,
+        )
+
+    async def _retry_delay(self, exc: TransientError, batch_id: str, attempt: int, n: int) -> float:
+        decision = self._policy.decide(exc, attempt)
+        if not decision.retry or self._stopping():
+            if self._stopping():
+                return 0.0
+            raise ApiUnavailable(exc, batch_id=batch_id, open_ids=n)
+        await self._journal.retrying(batch_id, attempt + 1, decision.delay_s, decision.reason)
+        return decision.delay_s
+
+    async def _refused(
+        self, batch_id: str, ids: Sequence[str], attempt: int, exc: ClientError | NotFound
+    ) -> None:
+        """A 4xx that is not about credentials: isolate the ids the API objects to."""
+        if len(ids) > 1:
+            self.splits += 1
+            half = len(ids) // 2
+            await self._delete(f"{batch_id}.1", ids[:half])
+            await self._delete(f"{batch_id}.2", ids[half:])
+            return
+        if isinstance(exc, NotFound):
+            absent = Result(
+                job_id=ids[0],
+                outcome=Outcome.ABSENT,
+                attempts=attempt,
+                batch_id=batch_id,
+                http_status=exc.http_status,
+                error_code=exc.error_code,
+                error_msg=exc.error_msg,
+                request_id=exc.request_id,
+            )
+            await self._journal.finished([absent])
+            return
+        await self._journal.finished([_failed(ids[0], batch_id, attempt, exc)])
+
+    async def _settle(
+        self, batch_id: str, ids: Sequence[str], attempt: int, answer: DeleteResult
+    ) -> tuple[str, ...]:
+        """Record what a 200 says was deleted; check the rest; return the ids still there."""
+        wanted = set(ids)
+        deleted = {record.id: record for record in answer.records if record.id in wanted}
+        if deleted:
+            await self._journal.finished(
+                [
+                    Result(
+                        job_id=job_id,
+                        outcome=Outcome.DELETED,
+                        attempts=attempt,
+                        batch_id=batch_id,
+                        http_status=answer.http_status,
+                        request_id=answer.request_id,
+                        record=record,
+                    )
+                    for job_id, record in deleted.items()
+                ]
+            )
+        missing = [job_id for job_id in ids if job_id not in deleted]
+        still_there: list[str] = []
+        for job_id in missing:
+            if await self._exists(batch_id, job_id, attempt):
+                still_there.append(job_id)
+        return tuple(still_there)
+
+    async def _exists(self, batch_id: str, job_id: str, attempt: int) -> bool:
+        """The show call: does the job still exist? A 404 ends it ``absent``."""
+        self.reconciled += 1
+        check = 0
+        while True:
+            check += 1
+            await self._limiter.acquire()
+            started = self._clock.now()
+            self.calls += 1
+            try:
+                await self._transport.get_job(job_id)
+            except NotFound as exc:
+                self._feedback(exc, started)
+                await self._journal.finished(
+                    [
+                        Result(
+                            job_id=job_id,
+                            outcome=Outcome.ABSENT,
+                            attempts=attempt,
+                            batch_id=batch_id,
+                            http_status=exc.http_status,
+                            error_code=exc.error_code,
+                            error_msg=exc.error_msg,
+                            request_id=exc.request_id,
+                        )
+                    ]
+                )
+                return False
+            except TransientError as exc:
+                self._feedback(exc, started)
+                delay = await self._retry_delay(exc, batch_id, check, 1)
+                await self._clock.sleep(delay)
+                if self._stopping():
+                    return False  # left open
+                continue
+            except PermanentError as exc:
+                if not isinstance(exc, ClientError):
+                    raise
+                self._feedback(exc, started)
+                await self._journal.finished([_failed(job_id, batch_id, attempt, exc)])
+                return False
+            self._feedback(None, started)
+            return True

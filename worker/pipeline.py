@@ -1,0 +1,170 @@
+"""Wires the stages: source -> intake -> batcher -> dispatchers -> journal.
+
+One task group for the run. The intake reads the source in a worker thread, chunk by
+chunk, admits ids through the ledger (which de-duplicates them at any scale) and cuts
+batches; a bounded stream carries batches to ``concurrency`` dispatchers, so reading never
+runs ahead of deleting by more than a few batches. Stopping (a signal, the deadline, a
+fatal error) closes the intake at once; dispatchers finish the batch in hand within the
+grace period and are cancelled after it; whatever was not finished stays open in the ledger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import anyio
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from worker.batcher import Batcher
+from worker.errors import ReaperError
+from worker.journal import LedgerPort, RunJournal, Tally
+from worker.types import Batch, Candidate, Rejection
+
+Entry = Candidate | Rejection
+
+
+class BatchProcessor(Protocol):
+    async def process(self, batch: Batch) -> None: ...
+
+
+@dataclass(slots=True)
+class RunState:
+    """Why the run stopped, if it did. Read by the command to pick the exit code."""
+
+    stop_reason: str | None = None
+    fatal: BaseException | None = None
+    intake_done: bool = False
+    stop_requested: anyio.Event = field(default_factory=anyio.Event)
+    stop_now: anyio.Event = field(default_factory=anyio.Event)
+
+    def request_stop(self, reason: str, *, immediate: bool = False) -> None:
+        """Stop reading; with ``immediate``, also cancel the calls in flight."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.stop_requested.set()
+        if immediate:
+            self.stop_now.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_requested.is_set()
+
+
+def _next_chunk(entries: Iterator[Entry], size: int) -> list[Entry]:
+    chunk: list[Entry] = []
+    for entry in entries:
+        chunk.append(entry)
+        if len(chunk) >= size:
+            break
+    return chunk
+
+
+class Pipeline:
+    """One run over one source. Build it, ``await run()``, then read ``state`` and ``tally``."""
+
+    def __init__(
+        self,
+        *,
+        entries: Iterator[Entry],
+        ledger: LedgerPort,
+        journal: RunJournal,
+        dispatcher: BatchProcessor,
+        batcher: Batcher,
+        tally: Tally,
+        concurrency: int,
+        grace: float,
+        chunk_size: int = 2000,
+        state: RunState | None = None,
+    ) -> None:
+        self._entries = entries
+        self._ledger = ledger
+        self._journal = journal
+        self._dispatcher = dispatcher
+        self._batcher = batcher
+        self._tally = tally
+        self._concurrency = concurrency
+        self._grace = grace
+        self._chunk_size = chunk_size
+        self.state = state if state is not None else RunState()
+
+    def __repr__(self) -> str:
+        return (
+            f"Pipeline(concurrency={self._concurrency}, tally={self._tally!r}, "
+            f"stop_reason={self.state.stop_reason!r}, batcher={self._batcher!r})"
+        )
+
+    async def run(self) -> RunState:
+        send, receive = anyio.create_memory_object_stream[Batch](self._concurrency)
+        async with anyio.create_task_group() as outer:
+            dispatch_scope = anyio.CancelScope()
+            intake_scope = anyio.CancelScope()
+            outer.start_soon(self._watch_stop, intake_scope, dispatch_scope)
+            with dispatch_scope:
+                async with anyio.create_task_group() as run_group:
+                    run_group.start_soon(self._intake, send, intake_scope)
+                    for _ in range(self._concurrency):
+                        run_group.start_soon(self._dispatch, receive.clone())
+                    receive.close()
+            outer.cancel_scope.cancel()
+        return self.state
+
+    async def _watch_stop(
+        self, intake_scope: anyio.CancelScope, dispatch_scope: anyio.CancelScope
+    ) -> None:
+        await self.state.stop_requested.wait()
+        intake_scope.cancel()
+        with anyio.move_on_after(self._grace):
+            await self.state.stop_now.wait()
+        dispatch_scope.cancel()
+
+    async def _intake(self, send: MemoryObjectSendStream[Batch], scope: anyio.CancelScope) -> None:
+        with scope:
+            async with send:
+                try:
+                    await self._read_all(send)
+                except anyio.BrokenResourceError:
+                    return
+                except ReaperError as exc:  # the source failed midway (unreadable, usage)
+                    self.state.fatal = exc
+                    self.state.request_stop("input")
+                    return
+        if not self.state.stopping:
+            self.state.intake_done = True
+
+    async def _read_all(self, send: MemoryObjectSendStream[Batch]) -> None:
+        while not self.state.stopping:
+            chunk = await anyio.to_thread.run_sync(_next_chunk, self._entries, self._chunk_size)
+            if not chunk:
+                break
+            self._tally.read += len(chunk)
+            rejections = [entry for entry in chunk if isinstance(entry, Rejection)]
+            candidates = [entry for entry in chunk if isinstance(entry, Candidate)]
+            if rejections:
+                await self._journal.rejected(rejections)
+            if candidates:
+                admission = await self._ledger.admit(candidates)
+                self._tally.repeated += len(admission.repeated)
+                self._tally.already_done += len(admission.done)
+                self._tally.resent += admission.resent
+                for batch in self._batcher.extend(c.job_id for c in admission.new):
+                    await send.send(batch)
+        if not self.state.stopping:
+            last = self._batcher.flush()
+            if last is not None:
+                await send.send(last)
+
+    async def _dispatch(self, receive: MemoryObjectReceiveStream[Batch]) -> None:
+        async with receive:
+            async for batch in receive:
+                if self.state.stopping:
+                    return
+                try:
+                    await self._dispatcher.process(batch)
+                except ReaperError as exc:  # 401/403, TLS, API unavailable: the run stops
+                    if self.state.fatal is None:
+                        self.state.fatal = exc
+                    self.state.request_stop("fatal", immediate=True)
+                    return
