@@ -1,0 +1,630 @@
+"""Read candidate ids from a file or stdin, streamed, in every input format SPEC.md lists.
+
+Memory does not grow with the input: lines are read in pieces of at most ``max_line_bytes``
+(a longer line is rejected and skipped to its newline without ever being held whole), a JSON
+array is parsed element by element over a bounded buffer, and gzip is decompressed as it is
+read. Every entry comes out, in input order, as a :class:`~worker.types.Candidate` or a
+:class:`~worker.types.Rejection`: bad input is never dropped silently and never crashes the
+reader. Only a problem that makes the *rest* of the input untrustworthy raises.
+
+What ``line`` means, per format:
+
+* text, JSON Lines: the 1-based physical line number;
+* CSV: the physical line number where the record starts (the header is line 1);
+* JSON array: the 1-based index of the element in the array (there are no useful lines in a
+  JSON document: it may be all on one).
+
+What raises, and why:
+
+* :class:`~worker.errors.InputUnreadable` (exit 66): the file cannot be opened ("no such
+  file", "permission denied", "is a directory"), a read fails, the name ends in ``.gz`` but
+  the content is not gzip, a gzip stream is truncated or corrupt, or a JSON array is broken in
+  a way the parser cannot resume after. Entries read before the problem have been yielded;
+  the message names the line (or element) reached, so a run cannot mistake a cut-off input
+  for a complete one.
+* :class:`~worker.errors.UsageError` (exit 64): a CSV header without an ``id`` or
+  ``job_id`` column. The file is readable; the user pointed the tool at the wrong file or
+  format, which is a usage problem, and the message lists the columns found.
+* ``UsageError`` also for an unknown explicit format; ``ValueError`` for a nonsensical
+  ``max_line_bytes`` or chunk size (programming errors).
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import gzip
+import io
+import json
+import sys
+import zlib
+from collections.abc import Generator, Iterator
+from itertools import islice
+from pathlib import PurePath
+from typing import TYPE_CHECKING, BinaryIO, Literal, TypeAlias
+
+from worker.errors import InputUnreadable, UsageError
+from worker.intake import NOT_UTF8, escape, line_too_long, validate
+from worker.types import Candidate, Rejection
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+Entry: TypeAlias = Candidate | Rejection
+Format: TypeAlias = Literal["text", "jsonl", "csv", "json"]
+
+FORMATS: tuple[str, ...] = ("auto", "text", "jsonl", "csv", "json")
+GZIP_MAGIC = b"\x1f\x8b"
+_BOM = b"\xef\xbb\xbf"
+_SUFFIXES: dict[str, Format] = {
+    ".txt": "text",
+    ".ids": "text",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".json": "json",
+}
+_READ_SIZE = 64 * 1024
+_RAW_PREFIX = 256  # characters of an over-long entry kept for its rejection event
+_DECODE = json.JSONDecoder().raw_decode
+
+
+def detect_format(name: str, explicit: str = "auto") -> Format:
+    """The input format: ``explicit`` unless it is ``auto``, else from the file name.
+
+    ``.txt``, ``.ids``, no suffix and stdin (``-``) are text; ``.jsonl``/``.ndjson`` JSON
+    Lines; ``.csv`` CSV; ``.json`` a JSON array; a trailing ``.gz`` is looked through. Any
+    other suffix is read as text: the strictest reading, where anything that is not an id is
+    rejected line by line, visibly. Compression is independent of the format and is detected
+    when reading (by name or by the gzip magic bytes).
+    """
+    if explicit != "auto":
+        if explicit not in FORMATS:
+            raise UsageError(
+                f"unknown input format {escape(explicit, 40)!r}; "
+                "expected one of auto, text, jsonl, csv, json"
+            )
+        return explicit  # type: ignore[return-value]
+    if name == "-":
+        return "text"
+    lowered = PurePath(name).name.lower()
+    if lowered.endswith(".gz"):
+        lowered = lowered[: -len(".gz")]
+    return _SUFFIXES.get(PurePath(lowered).suffix, "text")
+
+
+def read_entries(
+    path: str,
+    fmt: str = "auto",
+    *,
+    stdin: BinaryIO | None = None,
+    max_line_bytes: int = 4096,
+) -> Iterator[Entry]:
+    """Stream the entries of ``path`` (``-``: ``stdin``, default ``sys.stdin.buffer``).
+
+    The file is opened here, so a missing or unreadable path raises
+    :class:`~worker.errors.InputUnreadable` at once; everything else (the gzip check, the CSV
+    header, reading) happens as the iterator is advanced, so stdin is never read from the
+    calling thread. The iterator is synchronous: run it in a worker thread (see
+    :func:`read_chunks`). Close it (or use it as a context manager) to release the file
+    early; it closes itself when exhausted. ``stdin`` is ignored unless ``path`` is ``-``,
+    and is never closed.
+    """
+    if max_line_bytes < 1:
+        raise ValueError(f"max_line_bytes must be at least 1, not {max_line_bytes}")
+    kind = detect_format(path, fmt)
+    if path == "-":
+        return EntryReader(path, kind, stdin or sys.stdin.buffer, False, max_line_bytes)
+    return EntryReader(path, kind, _open(path), True, max_line_bytes)
+
+
+def read_chunks(entries: Iterator[Entry], size: int) -> Iterator[list[Entry]]:
+    """Lists of up to ``size`` entries, in order, for the hop from a worker thread.
+
+    Advance it in the thread with ``next(chunks, None)``: ``StopIteration`` must not cross
+    into a coroutine (asyncio refuses to set it on a future).
+    """
+    if size < 1:
+        raise ValueError(f"chunk size must be at least 1, not {size}")
+    while chunk := list(islice(entries, size)):
+        yield chunk
+
+
+def _open(path: str) -> BinaryIO:
+    try:
+        return open(path, "rb")  # closed by EntryReader
+    except FileNotFoundError:
+        reason = "no such file"
+    except IsADirectoryError:
+        reason = "is a directory"
+    except PermissionError:
+        reason = "permission denied"
+    except OSError as exc:
+        reason = (exc.strerror or type(exc).__name__).lower()
+    raise InputUnreadable(f"cannot read input {escape(path, 200)}: {reason}")
+
+
+class EntryReader:
+    """The iterator :func:`read_entries` returns: one open input and how far it has got."""
+
+    __slots__ = ("_entries", "_format", "_limit", "_owned", "_path", "_progress", "_source")
+
+    def __init__(
+        self, path: str, fmt: Format, source: BinaryIO, owned: bool, max_line_bytes: int
+    ) -> None:
+        self._path = path
+        self._format: Format = fmt
+        self._source = source
+        self._owned = owned
+        self._limit = max_line_bytes
+        self._progress: _Lines | _JsonArray | None = None
+        self._entries = self._generate()
+
+    def __iter__(self) -> EntryReader:
+        return self
+
+    def __next__(self) -> Entry:
+        return next(self._entries)
+
+    def close(self) -> None:
+        """Stop reading and release the file (stdin is left open)."""
+        self._entries.close()
+        if self._owned:
+            self._source.close()
+
+    def __enter__(self) -> EntryReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A reader dropped before it was started still holds its file: close it quietly.
+        if self._owned:
+            self._source.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._source.closed else "open"
+        return (
+            f"EntryReader(path={escape(self._path, 120)!r}, format={self._format}, "
+            f"at={self._where()!r}, {state})"
+        )
+
+    def _where(self) -> str:
+        """How far reading got: the line (or JSON array element) last read."""
+        if isinstance(self._progress, _JsonArray):
+            return f"element {self._progress.index}"
+        return f"line {self._progress.number if self._progress else 0}"
+
+    def _name(self) -> str:
+        return "stdin" if self._path == "-" else escape(self._path, 200)
+
+    def _generate(self) -> Generator[Entry, None, None]:
+        layers: list[io.BufferedIOBase] = []
+        try:
+            stream = self._decompressed(layers)
+            if self._format == "json":
+                self._progress = _JsonArray(stream, self._limit, self._name())
+                yield from self._progress
+                return
+            self._progress = lines = _Lines(stream, self._limit)
+            if self._format == "csv":
+                yield from self._csv(lines)
+            elif self._format == "jsonl":
+                yield from self._jsonl(lines)
+            else:
+                yield from self._text(lines)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise InputUnreadable(
+                f"input {self._name()}: gzip stream is truncated or corrupt after {self._where()}"
+                f" ({exc})"
+            ) from None
+        except OSError as exc:
+            reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
+            raise InputUnreadable(
+                f"input {self._name()}: read failed after {self._where()}: {reason}"
+            ) from None
+        finally:
+            for layer in reversed(layers):
+                layer.close()
+            if self._owned:
+                self._source.close()
+
+    def _decompressed(self, layers: list[io.BufferedIOBase]) -> io.BufferedIOBase:
+        """The input as a buffered stream, gunzipped when it starts with the gzip magic."""
+        head = b""
+        while len(head) < len(GZIP_MAGIC):
+            more = self._source.read(len(GZIP_MAGIC) - len(head))
+            if not more:
+                break
+            head += more
+        stream: io.BufferedIOBase = io.BufferedReader(_Rewound(head, self._source), _READ_SIZE)
+        layers.append(stream)
+        if head == GZIP_MAGIC:
+            stream = gzip.GzipFile(fileobj=stream, mode="rb")
+            layers.append(stream)
+        elif head and PurePath(self._path).name.lower().endswith(".gz"):
+            raise InputUnreadable(
+                f"input {self._name()}: not gzip (the name ends in .gz but the content does "
+                "not start with the gzip magic bytes)"
+            )
+        return stream
+
+    def _line_text(self, item: bytes | _Overlong, number: int) -> str | Rejection:
+        """A physical line as text, or the rejection when it is over-long or not UTF-8."""
+        if isinstance(item, _Overlong):
+            return Rejection(item.prefix, number, line_too_long(self._limit))
+        try:
+            return item.decode("utf-8")
+        except UnicodeDecodeError:
+            return Rejection(item.decode("utf-8", "replace"), number, NOT_UTF8)
+
+    def _text(self, lines: _Lines) -> Iterator[Entry]:
+        """One id per line; blank lines and lines starting with ``#`` are skipped.
+
+        Only whole-line comments: ``abc # old`` is rejected (a space is not allowed in an
+        id) rather than guessed at, because a deletion tool must not read an id the user
+        did not write.
+        """
+        for item in lines:
+            text = self._line_text(item, lines.number)
+            if isinstance(text, Rejection):
+                yield text
+                continue
+            text = text.strip()
+            if text and not text.startswith("#"):
+                yield validate(text, lines.number)
+
+    def _jsonl(self, lines: _Lines) -> Iterator[Entry]:
+        """One JSON value per line: a string, or an object with ``id`` or ``job_id``."""
+        for item in lines:
+            text = self._line_text(item, lines.number)
+            if isinstance(text, Rejection):
+                yield text
+                continue
+            text = text.strip()
+            if not text:
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield Rejection(text, lines.number, f"not JSON: {exc.msg}")
+                continue
+            yield _from_json(value, text, lines.number)
+
+    def _csv(self, lines: _Lines) -> Iterator[Entry]:
+        """CSV with a header naming an ``id`` or ``job_id`` column (case and spaces ignored).
+
+        Fields are stripped of surrounding whitespace. Rows whose fields are all empty
+        (spreadsheet exports end with them) are skipped like blank lines. An over-long or
+        non-UTF-8 physical line becomes a rejection and is left out of the CSV parse.
+        """
+        pending: list[Rejection] = []
+        start = 0  # the line where the record being parsed starts
+        waiting = True  # for the first line of the next record
+
+        def feed() -> Iterator[str]:
+            nonlocal start, waiting
+            for item in lines:
+                text = self._line_text(item, lines.number)
+                if isinstance(text, Rejection):
+                    pending.append(text)
+                    continue
+                if waiting:
+                    start, waiting = lines.number, False
+                yield text + "\n"
+
+        reader = csv.reader(feed())
+        columns: list[int] = []
+        names: list[str] = []
+        while True:
+            waiting = True
+            try:
+                row = next(reader)
+            except StopIteration:
+                yield from pending
+                return
+            except csv.Error as exc:
+                yield from pending
+                pending.clear()
+                yield Rejection("", start, f"not valid CSV: {exc}")
+                continue
+            yield from pending
+            pending.clear()
+            if not any(field.strip() for field in row):
+                continue
+            if not names:
+                names = [field.strip() for field in row]
+                columns = _id_columns(names, self._name())
+                continue
+            yield self._csv_row(row, start, columns, names)
+
+    def _csv_row(self, row: list[str], line: int, columns: list[int], names: list[str]) -> Entry:
+        values = []
+        for column in columns:
+            if column >= len(row):
+                return Rejection(
+                    ",".join(row),
+                    line,
+                    f"row has no {names[column]!r} field (it has {len(row)}; "
+                    f"the header has {len(names)})",
+                )
+            values.append(row[column].strip())
+        if len(set(values)) > 1:
+            return Rejection(",".join(row), line, "the 'id' and 'job_id' fields differ")
+        return validate(values[0], line)
+
+
+def _id_columns(names: list[str], source: str) -> list[int]:
+    """Where ``id`` and ``job_id`` are in a CSV header; ``UsageError`` when neither is."""
+    lowered = [name.lower() for name in names]
+    columns = [lowered.index(key) for key in ("id", "job_id") if key in lowered]
+    if not columns:
+        found = ", ".join(repr(escape(name, 40)) for name in names[:20])
+        if len(names) > 20:
+            found += f", … ({len(names)} in all)"
+        raise UsageError(
+            f"input {source}: the CSV header has no 'id' or 'job_id' column "
+            f"(columns found: {found}); CSV input needs a header row naming the id column"
+        )
+    return columns
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return "a number"
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _from_json(value: object, raw: str, line: int) -> Entry:
+    """The entry for one JSON value: a string id, or an object's ``id``/``job_id``.
+
+    Strings are taken exactly (no stripping): in JSON the quotes say where the id ends.
+    """
+    if isinstance(value, str):
+        return validate(value, line)
+    if not isinstance(value, dict):
+        return Rejection(
+            raw,
+            line,
+            f"expected a string or an object with 'id' or 'job_id', got {_json_type(value)}",
+        )
+    keys = [key for key in ("id", "job_id") if key in value]
+    if not keys:
+        return Rejection(raw, line, "object has no 'id' or 'job_id'")
+    if len(keys) == 2 and value["id"] != value["job_id"]:
+        return Rejection(raw, line, "the object's 'id' and 'job_id' differ")
+    job_id = value[keys[0]]
+    if not isinstance(job_id, str):
+        return Rejection(raw, line, f"{keys[0]!r} is not a string (got {_json_type(job_id)})")
+    return validate(job_id, line)
+
+
+class _Overlong:
+    """A line longer than the limit: only its beginning is kept, for the rejection event."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+
+class _Lines:
+    """The physical lines of a stream as bytes (without the line ending), bounded in size.
+
+    ``number`` is the 1-based number of the line last yielded. A UTF-8 byte order mark at
+    the start of the input is dropped.
+    """
+
+    def __init__(self, stream: io.BufferedIOBase, limit: int) -> None:
+        self._stream = stream
+        self._limit = limit
+        self.number = 0
+
+    def __iter__(self) -> Iterator[bytes | _Overlong]:
+        readline = self._stream.readline
+        limit = self._limit
+        cap = limit + 2  # room for "\r\n" after a line of exactly ``limit`` bytes
+        while chunk := readline(cap):
+            self.number += 1
+            if self.number == 1 and chunk.startswith(_BOM):
+                chunk = chunk[len(_BOM) :]
+            if chunk.endswith(b"\n"):
+                body = chunk[:-2] if chunk.endswith(b"\r\n") else chunk[:-1]
+            elif len(chunk) < cap:
+                body = chunk  # the last line, without a line ending
+            else:
+                prefix = chunk[:_RAW_PREFIX].decode("utf-8", "replace")
+                while (rest := readline(_READ_SIZE)) and not rest.endswith(b"\n"):
+                    pass  # discard the rest of the line, piece by piece
+                yield _Overlong(prefix)
+                continue
+            if len(body) > limit:
+                yield _Overlong(body[:_RAW_PREFIX].decode("utf-8", "replace"))
+            else:
+                yield body
+
+
+class _Rewound(io.RawIOBase):
+    """The bytes read to sniff the format, put back in front of the rest of the input.
+
+    Reads with ``read1`` where the source has it, so a pipe delivers lines as they arrive
+    instead of after a full buffer. Closing it leaves the source open.
+    """
+
+    def __init__(self, head: bytes, source: BinaryIO) -> None:
+        super().__init__()
+        self._head = head
+        self._source = source
+        self._read = getattr(source, "read1", source.read)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        if self._head:
+            count = min(len(view), len(self._head))
+            view[:count] = self._head[:count]
+            self._head = self._head[count:]
+            return count
+        data: bytes = self._read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+
+class _JsonArray:
+    """An incremental parser for a top-level JSON array of strings or objects.
+
+    Each element is decoded with :meth:`json.JSONDecoder.raw_decode` over a buffer that
+    never holds much more than one element plus one read. An element that does not parse
+    is skipped by a string-aware bracket scanner (discarding as it goes) to the next
+    top-level ``,`` or ``]`` and rejected; when no such point exists before the end, the
+    array cannot be resumed and :class:`InputUnreadable` names the element and the
+    character offset. A trailing comma before ``]`` is tolerated; anything but whitespace
+    after the closing ``]`` is an error, so a second document is not silently ignored.
+    Bytes that are not UTF-8 are decoded with ``surrogateescape``, so an id holding them is
+    rejected as "not valid UTF-8" and the rest of the array still parses.
+    """
+
+    def __init__(self, stream: io.BufferedIOBase, limit: int, name: str) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._name = name
+        self._text = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+        self._buf = ""
+        self._pos = 0
+        self._base = 0  # characters dropped from the front of the buffer
+        self._eof = False
+        self._started = False
+        self.index = 0
+
+    def _offset(self) -> int:
+        return self._base + self._pos
+
+    def _fill(self) -> bool:
+        """Append one more read to the buffer; False when the input is exhausted."""
+        if self._eof:
+            return False
+        data = self._stream.read1(_READ_SIZE)
+        if self._pos:
+            self._base += self._pos
+            self._buf = self._buf[self._pos :]
+            self._pos = 0
+        if not data:
+            self._eof = True
+            self._buf += self._text.decode(b"", final=True)
+            return False
+        text = self._text.decode(data)
+        if not self._started:
+            self._started = True
+            text = text.removeprefix("\ufeff")
+        self._buf += text
+        return True
+
+    def _peek(self) -> str:
+        """Skip whitespace; the next character, or "" at the end of the input."""
+        while True:
+            buf, pos = self._buf, self._pos
+            end = len(buf)
+            while pos < end and buf[pos] in " \t\r\n":
+                pos += 1
+            self._pos = pos
+            if pos < end:
+                return buf[pos]
+            if not self._fill():
+                return ""
+
+    def _broken(self, what: str, offset: int | None = None) -> InputUnreadable:
+        where = self._offset() if offset is None else offset
+        return InputUnreadable(
+            f"input {self._name}: malformed JSON array: {what} (element {self.index}, "
+            f"character offset {where})"
+        )
+
+    def __iter__(self) -> Iterator[Entry]:
+        first = self._peek()
+        if first == "":
+            return  # an empty file holds no ids, whatever its format
+        if first != "[":
+            raise InputUnreadable(
+                f"input {self._name}: not a JSON array (it starts with {escape(first, 10)!r}); "
+                "for one JSON value per line use the jsonl format"
+            )
+        self._pos += 1
+        char = self._peek()
+        while char != "]":
+            if char == "":
+                raise self._broken("the input ends before the closing ']'")
+            self.index += 1
+            yield self._element()
+            char = self._peek()
+            if char == ",":
+                self._pos += 1
+                char = self._peek()
+            elif char not in ("]", ""):
+                raise self._broken(f"expected ',' or ']', found {escape(char, 10)!r}")
+        self._pos += 1
+        if self._peek() != "":
+            raise self._broken("unexpected data after the closing ']'")
+
+    def _element(self) -> Entry:
+        while True:
+            try:
+                value, end = _DECODE(self._buf, self._pos)
+            except json.JSONDecodeError as exc:
+                # Maybe the element is only cut by the buffer: read on while that can help.
+                if len(self._buf) - self._pos <= self._limit and self._fill():
+                    continue
+                return self._skip_bad(exc.msg)
+            if end == len(self._buf) and self._fill():
+                continue  # a number or literal may go on in the next read
+            raw = self._buf[self._pos : end]
+            self._pos = end
+            if len(raw) > self._limit:
+                return Rejection(raw[:_RAW_PREFIX], self.index, self._too_long())
+            return _from_json(value, raw, self.index)
+
+    def _too_long(self) -> str:
+        return f"element longer than {self._limit} characters"
+
+    def _skip_bad(self, message: str) -> Rejection:
+        """Reject the element at the cursor and move past it, or raise if that is impossible."""
+        start = self._offset()
+        prefix = self._buf[self._pos : self._pos + _RAW_PREFIX]
+        depth, in_string, escaped = 0, False, False
+        while True:
+            buf, pos = self._buf, self._pos
+            end = len(buf)
+            while pos < end:
+                char = buf[pos]
+                if in_string:
+                    if escaped:
+                        escaped = False
+                    elif char == "\\":
+                        escaped = True
+                    elif char == '"':
+                        in_string = False
+                elif char == '"':
+                    in_string = True
+                elif char in "[{":
+                    depth += 1
+                elif char in "]}" and depth:
+                    depth -= 1
+                elif (char == "," or char == "]") and not depth:
+                    self._pos = pos
+                    size = self._offset() - start
+                    reason = self._too_long() if size > self._limit else f"not JSON: {message}"
+                    return Rejection(prefix[:size].strip(), self.index, reason)
+                pos += 1
+            self._pos = pos
+            if not self._fill():
+                raise self._broken(
+                    f"element cannot be parsed ({message}) and the array does not resume after it",
+                    start,
+                )
