@@ -1,0 +1,375 @@
+"""The token bucket's arithmetic, the async limiter on virtual time, and the fake clock."""
+
+from __future__ import annotations
+
+import math
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.fakes import FakeClock
+from worker.clock import Clock, MonotonicClock
+from worker.ratelimit import LocalRateLimiter, RateLimiter, TokenBucket, UnlimitedRateLimiter
+
+# --- TokenBucket: known answers ---------------------------------------------------------
+
+
+def test_burst_is_free_then_calls_are_spaced_one_over_rate() -> None:
+    bucket = TokenBucket(rate=4, burst=3, now=0.0)
+    waits = [bucket.reserve(0.0) for _ in range(8)]
+    assert waits == [0.0, 0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25]
+
+
+def test_long_queue_has_no_drift_even_when_one_over_rate_is_inexact() -> None:
+    """0.1 is not a binary fraction: waits are k / rate, not 0.1 added k times."""
+    bucket = TokenBucket(rate=10, burst=1, now=0.0)
+    waits = [bucket.reserve(0.0) for _ in range(2001)]
+    assert waits == [k / 10 for k in range(2001)]
+    assert waits[-1] == 200.0
+
+
+def test_long_idle_refills_only_up_to_the_burst() -> None:
+    bucket = TokenBucket(rate=2, burst=3, now=0.0)
+    assert [bucket.reserve(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert [bucket.reserve(1000.0) for _ in range(4)] == [0.0, 0.0, 0.0, 0.5]
+
+
+def test_partial_refill_gives_fractional_tokens() -> None:
+    bucket = TokenBucket(rate=1, burst=2, now=0.0)
+    assert [bucket.reserve(0.0), bucket.reserve(0.0)] == [0.0, 0.0]
+    assert bucket.tokens(1.5) == pytest.approx(1.5)
+    assert bucket.reserve(1.5) == 0.0  # 1.5 tokens: one is there
+    assert bucket.reserve(1.6) == pytest.approx(0.4)  # 0.6 left: wait for the rest
+
+
+def test_tokens_go_negative_by_the_number_of_queued_callers() -> None:
+    bucket = TokenBucket(rate=2, burst=2, now=10.0)
+    assert bucket.tokens(10.0) == 2.0
+    for _ in range(5):
+        bucket.reserve(10.0)
+    assert bucket.tokens(10.0) == -3.0
+    assert bucket.tokens(11.0) == -1.0
+    assert bucket.tokens(100.0) == 2.0
+
+
+def test_rate_increase_while_queued_spaces_from_the_last_reservation() -> None:
+    bucket = TokenBucket(rate=1, burst=1, now=0.0)
+    assert [bucket.reserve(0.0) for _ in range(3)] == [0.0, 1.0, 2.0]
+    bucket.set_rate(2, now=0.0)
+    assert bucket.rate == 2.0
+    # Nobody overtakes the waiter at t=2; newcomers follow it 1/2 s apart.
+    assert [bucket.reserve(0.0) for _ in range(2)] == [2.5, 3.0]
+
+
+def test_rate_decrease_while_queued_takes_effect_at_once() -> None:
+    bucket = TokenBucket(rate=1, burst=1, now=0.0)
+    assert [bucket.reserve(0.0) for _ in range(3)] == [0.0, 1.0, 2.0]
+    bucket.set_rate(0.5, now=0.5)
+    assert bucket.reserve(0.5) == 2.0 + 2.0 - 0.5  # last start 2.0, then 1/0.5 s later
+    assert bucket.reserve(0.5) == 6.0 - 0.5
+
+
+def test_rate_change_keeps_unused_tokens() -> None:
+    bucket = TokenBucket(rate=1, burst=4, now=0.0)
+    bucket.reserve(0.0)
+    bucket.reserve(0.0)
+    bucket.set_rate(100, now=0.0)
+    assert bucket.tokens(0.0) == pytest.approx(2.0)
+    assert [bucket.reserve(0.0), bucket.reserve(0.0)] == [0.0, 0.0]
+    assert bucket.reserve(0.0) == pytest.approx(0.01)
+
+
+def test_rate_change_on_a_full_bucket_keeps_it_full() -> None:
+    bucket = TokenBucket(rate=1, burst=2, now=0.0)
+    bucket.set_rate(5, now=30.0)
+    assert bucket.tokens(30.0) == 2.0
+    assert [bucket.reserve(30.0) for _ in range(3)] == [0.0, 0.0, pytest.approx(0.2)]
+
+
+def test_only_the_latest_reservation_can_be_refunded() -> None:
+    bucket = TokenBucket(rate=1, burst=1, now=0.0)
+    bucket.reserve(0.0)
+    bucket.reserve(0.0)  # starts at 1
+    middle = bucket.version
+    bucket.reserve(0.0)  # starts at 2
+    last = bucket.version
+    assert bucket.refund(middle) is False  # a newcomer would share the slot at 2
+    assert bucket.refund(last) is True
+    assert bucket.refund(last) is False  # not twice
+    assert bucket.reserve(0.0) == 2.0  # the refunded slot is handed out again
+
+
+def test_a_rate_change_ends_the_right_to_a_refund() -> None:
+    bucket = TokenBucket(rate=1, burst=1, now=0.0)
+    bucket.reserve(0.0)
+    bucket.reserve(0.0)
+    version = bucket.version
+    bucket.set_rate(2, now=0.0)
+    assert bucket.refund(version) is False
+
+
+@pytest.mark.parametrize("rate", [0, -1, math.inf, math.nan])
+def test_rate_must_be_positive_and_finite(rate: float) -> None:
+    with pytest.raises(ValueError, match="rate"):
+        TokenBucket(rate=rate, burst=1, now=0.0)
+    bucket = TokenBucket(rate=1, burst=1, now=0.0)
+    with pytest.raises(ValueError, match="rate"):
+        bucket.set_rate(rate, now=0.0)
+    assert bucket.rate == 1.0
+
+
+@pytest.mark.parametrize("burst", [0, -1, 1.5, True])
+def test_burst_must_be_a_positive_integer(burst: object) -> None:
+    with pytest.raises(ValueError, match="burst"):
+        TokenBucket(rate=1, burst=burst, now=0.0)  # type: ignore[arg-type]
+
+
+def test_bucket_repr_shows_its_state() -> None:
+    bucket = TokenBucket(rate=4, burst=3, now=0.0)
+    bucket.reserve(0.0)
+    assert repr(bucket) == "TokenBucket(rate=4, burst=3, anchor=0, count=1)"
+
+
+# --- TokenBucket: properties -------------------------------------------------------------
+
+_RATES = st.floats(min_value=0.05, max_value=500, allow_nan=False, allow_infinity=False)
+_GAPS = st.lists(st.floats(min_value=0, max_value=3, allow_nan=False), min_size=1, max_size=60)
+
+
+def _starts(rate: float, burst: int, gaps: list[float]) -> tuple[list[float], list[float]]:
+    bucket = TokenBucket(rate=rate, burst=burst, now=0.0)
+    now, arrivals, starts = 0.0, [], []
+    for gap in gaps:
+        now += gap
+        arrivals.append(now)
+        starts.append(now + bucket.reserve(now))
+    return arrivals, starts
+
+
+@settings(max_examples=300, deadline=None)
+@given(rate=_RATES, burst=st.integers(1, 20), gaps=_GAPS)
+def test_no_window_holds_more_than_burst_plus_rate_times_width(
+    rate: float, burst: int, gaps: list[float]
+) -> None:
+    """For every closed window [s_i, s_j] between two starts: j - i + 1 <= burst + rate * w.
+
+    That bounds every half-open window [t, t + w) too, since the starts inside one span less
+    than w. Starts are FIFO (non-decreasing) and never before their caller arrived.
+    """
+    arrivals, starts = _starts(rate, burst, gaps)
+    assert all(s >= a for s, a in zip(starts, arrivals, strict=True))
+    assert starts == sorted(starts)
+    for i in range(len(starts)):
+        for j in range(i, len(starts)):
+            width = starts[j] - starts[i]
+            assert j - i + 1 <= burst + rate * width + 1e-6, (i, j, width)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rate=_RATES, burst=st.integers(1, 20), gaps=_GAPS)
+def test_waits_match_the_textbook_token_bucket(rate: float, burst: int, gaps: list[float]) -> None:
+    """Differential: a float token count that refills at ``rate``, caps at ``burst`` and may
+    go into debt gives the same waits, so the bucket never waits needlessly."""
+    bucket = TokenBucket(rate=rate, burst=burst, now=0.0)
+    tokens, last, now = float(burst), 0.0, 0.0
+    for gap in gaps:
+        now += gap
+        tokens = min(float(burst), tokens + (now - last) * rate) - 1.0
+        last = now
+        expected = max(0.0, -tokens / rate)
+        assert bucket.reserve(now) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+# --- LocalRateLimiter on virtual time ----------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_fifty_concurrent_acquirers_start_at_exactly_their_scheduled_times() -> None:
+    clock = FakeClock()
+    limiter = LocalRateLimiter(rate=4, burst=5, clock=clock)
+    started: dict[int, float] = {}
+
+    async def caller(index: int) -> None:
+        await limiter.acquire()
+        started[index] = clock.now()
+
+    async with anyio.create_task_group() as tg:
+        for index in range(50):
+            tg.start_soon(caller, index)
+
+    # Callers reserve in the order they start: the first five burst, the rest follow 1/4 s apart.
+    expected = [0.0] * 5 + [k / 4 for k in range(1, 46)]
+    assert [started[i] for i in range(50)] == expected
+    assert clock.now() == 45 / 4
+    assert clock.pending == 0
+
+
+@pytest.mark.anyio
+async def test_acquire_waits_only_for_the_missing_token() -> None:
+    clock = FakeClock(start=100.0)
+    limiter = LocalRateLimiter(rate=2, burst=1, clock=clock)
+    await limiter.acquire()
+    await limiter.acquire()
+    assert clock.now() == 100.5
+    assert clock.sleeps == [0.5]
+    clock.advance(10)
+    await limiter.acquire()
+    assert clock.now() == 110.5
+    assert clock.sleeps == [0.5]  # the bucket had refilled: no sleep at all
+
+
+async def _wait_until_pending(clock: FakeClock, n: int) -> None:
+    for _ in range(100):
+        if clock.pending == n:
+            return
+        await anyio.sleep(0)
+    raise AssertionError(f"expected {n} sleepers, have {clock!r}")
+
+
+@pytest.mark.anyio
+async def test_cancelled_last_waiter_gives_its_token_back() -> None:
+    clock = FakeClock(autojump=False)
+    limiter = LocalRateLimiter(rate=1, burst=1, clock=clock)
+    await limiter.acquire()  # takes the only token at t=0
+    cancelled: list[bool] = []
+
+    async def waiter(scope: anyio.CancelScope) -> None:
+        with scope:
+            await limiter.acquire()  # would start at t=1
+        cancelled.append(scope.cancelled_caught)
+
+    scope = anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter, scope)
+        await _wait_until_pending(clock, 1)
+        assert limiter.tokens() == -1.0
+        scope.cancel()
+    assert cancelled == [True]
+    assert clock.pending == 0
+    assert limiter.tokens() == 0.0  # refunded: back to where it was before the waiter came
+
+
+@pytest.mark.anyio
+async def test_cancelled_waiter_in_the_middle_leaves_a_gap_rather_than_a_double_slot() -> None:
+    clock = FakeClock(autojump=False)
+    limiter = LocalRateLimiter(rate=1, burst=1, clock=clock)
+    await limiter.acquire()  # t=0
+    started: list[float] = []
+    middle = anyio.CancelScope()
+
+    async def waiter(scope: anyio.CancelScope) -> None:
+        with scope:
+            await limiter.acquire()
+            started.append(clock.now())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter, middle)  # slot t=1
+        await _wait_until_pending(clock, 1)
+        tg.start_soon(waiter, anyio.CancelScope())  # slot t=2
+        await _wait_until_pending(clock, 2)
+        middle.cancel()
+        await _wait_until_pending(clock, 1)
+        tg.start_soon(waiter, anyio.CancelScope())  # t=3: t=1 is not reused, t=2 is taken
+        await _wait_until_pending(clock, 2)
+        for _ in range(3):
+            clock.advance(1)
+            await anyio.sleep(0)
+    assert started == [2.0, 3.0]
+
+
+@pytest.mark.anyio
+async def test_acquire_in_a_cancelled_scope_raises_without_taking_a_token() -> None:
+    clock = FakeClock()
+    limiter = LocalRateLimiter(rate=1, burst=2, clock=clock)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await limiter.acquire()
+    assert scope.cancelled_caught
+    assert limiter.tokens() == 2.0
+
+
+@pytest.mark.anyio
+async def test_limiter_set_rate_and_repr() -> None:
+    clock = FakeClock()
+    limiter = LocalRateLimiter(rate=10, burst=2, clock=clock)
+    checked: RateLimiter = limiter  # the protocol, statically
+    assert isinstance(checked, RateLimiter)
+    await limiter.acquire()
+    assert repr(limiter) == "LocalRateLimiter(rate=10, burst=2, tokens=1.000)"
+    limiter.set_rate(0.5)
+    limiter.feedback(throttled=True, latency_s=0.2, retry_after=3.0)  # fixed: ignored
+    assert limiter.rate == 0.5
+    assert limiter.burst == 2
+    await limiter.acquire()
+    await limiter.acquire()
+    assert clock.now() == 2.0  # one token left, then 1/0.5 s for the next
+
+
+@pytest.mark.anyio
+async def test_unlimited_limiter_never_waits() -> None:
+    clock = FakeClock()
+    limiter = UnlimitedRateLimiter()
+    checked: RateLimiter = limiter
+    assert isinstance(checked, RateLimiter)
+    for _ in range(1000):
+        await limiter.acquire()
+    limiter.feedback(throttled=True)
+    assert limiter.rate == math.inf
+    assert repr(limiter) == "UnlimitedRateLimiter(acquired=1000)"
+    assert clock.sleeps == []
+
+
+# --- the clocks ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_fake_clock_wakes_sleepers_in_deadline_order_at_their_deadlines() -> None:
+    clock = FakeClock(start=5.0)
+    assert isinstance(clock, Clock)
+    woke: list[tuple[str, float]] = []
+
+    async def sleeper(name: str, seconds: float) -> None:
+        await clock.sleep(seconds)
+        woke.append((name, clock.now()))
+
+    async with anyio.create_task_group() as tg:
+        for name, seconds in [("c", 3.0), ("a", 1.0), ("b", 2.0), ("a2", 1.0), ("now", 0.0)]:
+            tg.start_soon(sleeper, name, seconds)
+    assert woke == [("now", 5.0), ("a", 6.0), ("a2", 6.0), ("b", 7.0), ("c", 8.0)]
+    assert repr(clock) == "FakeClock(now=8, pending=0)"
+
+
+@pytest.mark.anyio
+async def test_fake_clock_without_autojump_moves_only_when_advanced() -> None:
+    clock = FakeClock(autojump=False)
+    done = anyio.Event()
+
+    async def sleeper() -> None:
+        await clock.sleep(2.0)
+        done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sleeper)
+        await _wait_until_pending(clock, 1)
+        for _ in range(20):
+            await anyio.sleep(0)
+        assert not done.is_set()
+        clock.advance(1.5)
+        assert clock.pending == 1
+        clock.advance(0.5)
+    assert done.is_set()
+    assert clock.now() == 2.0
+    with pytest.raises(ValueError, match="back"):
+        clock.advance(-1)
+
+
+@pytest.mark.anyio
+async def test_monotonic_clock_never_goes_back() -> None:
+    clock: Clock = MonotonicClock()
+    first = clock.now()
+    await clock.sleep(0)
+    await clock.sleep(-5)  # negative is "at once", not an error
+    assert clock.now() >= first
+    assert repr(clock) == "MonotonicClock()"
