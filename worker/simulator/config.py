@@ -1,0 +1,115 @@
+"""What a simulator is told to be: its identity, its quota, its faults. Values only.
+
+Validated on construction so that a bad benchmark or test set-up fails at once, with a
+message, instead of producing a simulator that behaves in some unintended way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from worker.types import PROJECT_ID_RE
+
+RetryAfterMode = Literal["off", "seconds", "date"]
+RETRY_AFTER_MODES: tuple[RetryAfterMode, ...] = ("off", "seconds", "date")
+
+# The fault kinds in the order their probabilities are stacked on one uniform draw.
+FAULT_KINDS: tuple[str, ...] = (
+    "error_before",
+    "error_after",
+    "unavailable",
+    "reset_before",
+    "reset_after",
+    "truncated",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FaultConfig:
+    """Probabilities per DELETE call (0..1, their sum at most 1) and added latency.
+
+    One uniform draw from the simulator's seeded RNG picks at most one fault per call, so a
+    run with the same seed and the same order of calls sees the same faults.
+    """
+
+    error_before: float = 0.0  # 500, the delete NOT applied
+    error_after: float = 0.0  # 500 after the delete was applied
+    unavailable: float = 0.0  # 503, not applied
+    reset_before: float = 0.0  # connection dropped without an answer, not applied
+    reset_after: float = 0.0  # applied, then the connection dropped without an answer
+    truncated: float = 0.0  # applied, 200 with the JSON body cut short
+    latency_ms: float = 0.0  # mean latency added to every API call (0 = none)
+    latency_jitter: bool = True  # exponential around latency_ms; False = fixed latency_ms
+
+    def __post_init__(self) -> None:
+        total = 0.0
+        for kind in FAULT_KINDS:
+            value = getattr(self, kind)
+            if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
+                raise ValueError(f"fault probability {kind} must be within 0..1, got {value!r}")
+            total += value
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"fault probabilities add up to {total:g}, more than 1")
+        if not (math.isfinite(self.latency_ms) and self.latency_ms >= 0):
+            raise ValueError(f"latency_ms must be >= 0, got {self.latency_ms!r}")
+
+    @classmethod
+    def spread(cls, rate: float, *, latency_ms: float = 0.0) -> FaultConfig:
+        """``rate`` of the calls fail, evenly split over every fault kind."""
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"fault rate must be within 0..1, got {rate!r}")
+        share = rate / len(FAULT_KINDS)
+        return cls(
+            error_before=share,
+            error_after=share,
+            unavailable=share,
+            reset_before=share,
+            reset_after=share,
+            truncated=share,
+            latency_ms=latency_ms,
+        )
+
+    @property
+    def any_fault(self) -> bool:
+        return any(getattr(self, kind) > 0 for kind in FAULT_KINDS)
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorConfig:
+    """The simulator's identity, quota and faults. ``sk`` stays out of ``repr``."""
+
+    project_id: str = "demo-project"
+    ak: str = "DEMOAK"
+    sk: str = field(default="demo-secret-key", repr=False)
+    jobs: int = 100  # jobs created at start, deterministic from seed
+    seed: int = 0
+    quota: float = 0.0  # calls/s over all API calls (token bucket); 0 = unlimited
+    burst: int = 1
+    retry_after: RetryAfterMode = "seconds"
+    max_batch: int = 1000  # more job_ids than this -> 400 for the whole batch
+    faults: FaultConfig = FaultConfig()
+    reject_ids: frozenset[str] = frozenset()  # any DELETE naming one -> 400, naming no id
+    check_signature: bool = True
+    max_skew_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        if not PROJECT_ID_RE.fullmatch(self.project_id):
+            raise ValueError("project_id must be 1 to 64 letters, digits and hyphens")
+        if not self.ak or not self.sk:
+            raise ValueError("the simulator needs an access key and a secret key")
+        if self.jobs < 0:
+            raise ValueError(f"jobs must be >= 0, got {self.jobs}")
+        if not (math.isfinite(self.quota) and self.quota >= 0):
+            raise ValueError(f"quota must be >= 0 (0 = unlimited), got {self.quota!r}")
+        if self.burst < 1:
+            raise ValueError(f"burst must be >= 1, got {self.burst}")
+        if self.retry_after not in RETRY_AFTER_MODES:
+            raise ValueError(f"retry_after must be one of {RETRY_AFTER_MODES}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if not self.max_skew_s > 0:
+            raise ValueError(f"max_skew_s must be > 0, got {self.max_skew_s!r}")
+        if not isinstance(self.reject_ids, frozenset):
+            object.__setattr__(self, "reject_ids", frozenset(self.reject_ids))

@@ -1,0 +1,110 @@
+"""The simulator's state in one object: config, jobs, quota, faults and counters.
+
+The HTTP handlers in ``app.py`` only translate between requests and this object, and tests
+in the same process read it directly to learn the truth behind the answers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from worker.simulator.config import FAULT_KINDS, SimulatorConfig
+from worker.simulator.faults import FaultPlan
+from worker.simulator.jobs import JobStore
+from worker.simulator.quota import TokenBucket
+
+
+@dataclass(slots=True)
+class SimStats:
+    """Counters of what the simulator has seen. ``calls`` counts every API call (not /_sim/)."""
+
+    calls: int = 0
+    delete_calls: int = 0
+    list_calls: int = 0
+    show_calls: int = 0
+    create_calls: int = 0
+    deletions: int = 0  # jobs actually deleted
+    throttled: int = 0  # 429s
+    signature_failures: int = 0  # 401s
+    bad_requests: int = 0  # 400s
+    faults: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAULT_KINDS, 0))
+    in_flight: int = 0  # DELETE calls being handled now
+    max_in_flight: int = 0  # the most DELETE calls ever handled at once
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Simulator:
+    """A ModelArts DevServer jobs project, as an in-process object.
+
+    ``clock`` (monotonic seconds) drives the quota; ``wall`` (epoch seconds) checks
+    ``X-Sdk-Date`` and stamps created jobs. Both are injectable for tests.
+    """
+
+    def __init__(
+        self,
+        config: SimulatorConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.wall = wall
+        self.url = ""
+        self.stats = SimStats()
+        self.store = JobStore(seed=config.seed)
+        self.faults = FaultPlan(config.faults, config.seed)
+        self.bucket = TokenBucket(config.quota, config.burst, clock())
+        # Unique and cheap: a random prefix per simulator and a counter.
+        self._request_prefix = os.urandom(6).hex()
+        self._request_seq = itertools.count(1)
+        self.store.generate(config.jobs)
+
+    def __repr__(self) -> str:
+        return (
+            f"Simulator(url={self.url!r}, project_id={self.config.project_id!r}, "
+            f"jobs={len(self.store.jobs)}, deleted={len(self.store.deleted)}, "
+            f"calls={self.stats.calls}, throttled={self.stats.throttled}, "
+            f"max_in_flight={self.stats.max_in_flight}, quota={self.config.quota:g})"
+        )
+
+    # -- what tests read ----------------------------------------------------------------
+    def job_ids(self) -> list[str]:
+        """Ids of the jobs that exist now, in creation order."""
+        return list(self.store.jobs)
+
+    @property
+    def deleted(self) -> set[str]:
+        """Ids deleted so far."""
+        return self.store.deleted
+
+    @property
+    def delete_counts(self) -> dict[str, int]:
+        """How many times each id's delete was applied (never more than 1)."""
+        return self.store.delete_counts
+
+    # -- what tests change --------------------------------------------------------------
+    def add_jobs(self, n: int, **fields: Any) -> list[str]:
+        """Create ``n`` more seeded jobs; ``fields`` pins e.g. ``status`` or ``create_at``."""
+        return self.store.generate(n, **fields)
+
+    def set_quota(self, quota: float, burst: int | None = None) -> None:
+        """Change the quota at once (a fresh, full bucket); ``burst=None`` keeps the old one."""
+        self.config = replace(
+            self.config, quota=quota, burst=self.config.burst if burst is None else burst
+        )
+        self.bucket = TokenBucket(self.config.quota, self.config.burst, self.clock())
+
+    def set_status(self, job_id: str, status: str) -> None:
+        self.store.set_status(job_id, status)
+
+    # -- used by the handlers -----------------------------------------------------------
+    def next_request_id(self) -> str:
+        return f"{self._request_prefix}{next(self._request_seq):010x}"
