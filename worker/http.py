@@ -1,0 +1,88 @@
+"""The one ``aiohttp.ClientSession`` a process uses to talk to the API.
+
+Kept apart from the client so the sizing and TLS decisions live in one small place: the
+connector is bounded to the dispatcher's concurrency (plus a little headroom for the show
+calls that reconcile ambiguous deletes), certificates are always verified, and nothing is
+sent that the signer did not see.
+"""
+
+from __future__ import annotations
+
+import ssl
+import sys
+from pathlib import Path
+
+import aiohttp
+
+import worker
+
+USER_AGENT = (
+    f"devserver-reaper/{worker.__version__} "
+    f"(+aiohttp/{aiohttp.__version__}; python/{sys.version_info.major}.{sys.version_info.minor})"
+)
+
+SHOW_HEADROOM = 2
+"""Connections beyond ``concurrency``: show calls that reconcile a batch must not queue
+behind the DELETEs they are reconciling."""
+
+_SKIPPED_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
+"""aiohttp adds these by itself. We send only headers we signed, and by not advertising
+``Accept-Encoding`` the server has no reason to compress (a server that compresses anyway
+is still decoded by aiohttp, not handed to the JSON parser as gzip bytes)."""
+
+
+def tls_context(ca_bundle: Path | None = None) -> ssl.SSLContext:
+    """Default verification (system store, host names checked), plus ``ca_bundle`` if given.
+
+    The bundle is added to, not substituted for, the system store: a private CA for a proxy
+    or a test server must not switch off trust in the public ones.
+    """
+    context = ssl.create_default_context()
+    if ca_bundle is not None:
+        context.load_verify_locations(cafile=str(ca_bundle))
+    return context
+
+
+def make_session(
+    *,
+    concurrency: int,
+    connect_timeout: float,
+    read_timeout: float,
+    ca_bundle: Path | None = None,
+) -> aiohttp.ClientSession:
+    """Build the process's session. Call it from inside the running event loop.
+
+    No total timeout: a slow but live answer is bounded by ``read_timeout`` between reads,
+    and the caller's deadline bounds the rest. Redirects are the caller's choice per request
+    (the client refuses them: a redirect would replay signed headers to another URL).
+    """
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    connector = aiohttp.TCPConnector(
+        limit=concurrency + SHOW_HEADROOM,
+        limit_per_host=0,
+        ssl=tls_context(ca_bundle),
+        force_close=False,
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        connect=connect_timeout,
+        sock_connect=connect_timeout,
+        sock_read=read_timeout,
+    )
+    session = aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        headers={"User-Agent": USER_AGENT},
+        skip_auto_headers=_SKIPPED_AUTO_HEADERS,
+        raise_for_status=False,
+        auto_decompress=True,
+        trust_env=False,
+    )
+    # aiohttp silently resends an idempotent request (GET, and DELETE too) once when the
+    # connection drops, replaying the old signature. That attempt would be invisible to the
+    # dispatcher, which must know a DELETE may have been applied in order to reconcile it.
+    # There is no public switch; aiohttp's own test client flips this same attribute.
+    if hasattr(session, "_retry_connection"):
+        session._retry_connection = False
+    return session
