@@ -20,6 +20,7 @@ from typing import Protocol
 from worker.batcher import DeletionBudget
 from worker.clock import Clock
 from worker.errors import (
+    AMBIGUOUS,
     ApiError,
     ApiUnavailable,
     ClientError,
@@ -118,9 +119,10 @@ class Dispatcher:
             ]
         )
 
-    async def _delete(self, batch_id: str, ids: Sequence[str]) -> None:
+    async def _delete(self, batch_id: str, ids: Sequence[str], *, ambiguous: bool = False) -> None:
+        """``ambiguous``: an earlier attempt on these ids may have been applied unseen."""
         remaining = tuple(ids)
-        attempt = 0
+        attempt = throttled = 0
         while remaining:
             attempt += 1
             await self._limiter.acquire()
@@ -131,14 +133,14 @@ class Dispatcher:
                 answer = await self._transport.delete_jobs(remaining)
             except TransientError as exc:
                 self._feedback(exc, started)
-                delay = await self._retry_delay(exc, batch_id, attempt, len(remaining))
-                await self._clock.sleep(delay)
-                if self._stopping():
-                    return  # the ids stay open: the next run finishes them
+                throttled += isinstance(exc, ThrottledError)
+                ambiguous = ambiguous or isinstance(exc, AMBIGUOUS)
+                if not await self._backoff(exc, batch_id, attempt, throttled, len(remaining)):
+                    return  # the run is stopping: the ids stay open for the next run
                 continue
             except (ClientError, NotFound) as exc:
                 self._feedback(exc, started)
-                await self._refused(batch_id, remaining, attempt, exc)
+                await self._refused(batch_id, remaining, attempt, exc, ambiguous=ambiguous)
                 return
             self._feedback(None, started)
             remaining = await self._settle(batch_id, remaining, attempt, answer)
@@ -162,25 +164,47 @@ class Dispatcher:
             retry_after=retry_after,
         )
 
-    async def _retry_delay(self, exc: TransientError, batch_id: str, attempt: int, n: int) -> float:
-        decision = self._policy.decide(exc, attempt)
-        if not decision.retry or self._stopping():
-            if self._stopping():
-                return 0.0
+    async def _backoff(
+        self, exc: TransientError, batch_id: str, attempt: int, throttled: int, n: int
+    ) -> bool:
+        """Wait before the next attempt. False when the run is stopping instead.
+
+        Raises ``ApiUnavailable`` when the retry budget is spent.
+        """
+        if self._stopping():
+            return False
+        decision = self._policy.decide(exc, attempt, throttled=throttled)
+        if not decision.retry:
             raise ApiUnavailable(exc, batch_id=batch_id, open_ids=n)
         await self._journal.retrying(batch_id, attempt + 1, decision.delay_s, decision.reason)
-        return decision.delay_s
+        await self._clock.sleep(decision.delay_s)
+        return not self._stopping()
 
     async def _refused(
-        self, batch_id: str, ids: Sequence[str], attempt: int, exc: ClientError | NotFound
+        self,
+        batch_id: str,
+        ids: Sequence[str],
+        attempt: int,
+        exc: ClientError | NotFound,
+        *,
+        ambiguous: bool,
     ) -> None:
-        """A 4xx that is not about credentials: isolate the ids the API objects to."""
+        """A 4xx that is not about credentials: isolate the ids the API objects to.
+
+        An id refused after an ambiguous failure may already be gone: the show call decides
+        between ``absent`` and ``failed``, so ``failed`` always means the job is still there.
+        """
         if len(ids) > 1:
             self.splits += 1
             half = len(ids) // 2
-            await self._delete(f"{batch_id}.1", ids[:half])
-            await self._delete(f"{batch_id}.2", ids[half:])
+            await self._delete(f"{batch_id}.1", ids[:half], ambiguous=ambiguous)
+            await self._delete(f"{batch_id}.2", ids[half:], ambiguous=ambiguous)
             return
+        exists = True
+        if ambiguous and isinstance(exc, ClientError):
+            exists = await self._exists(batch_id, ids[0], attempt)
+        if not exists:
+            return  # absent, or left open by a stop: _exists has seen to it
         if isinstance(exc, NotFound):
             absent = Result(
                 job_id=ids[0],
@@ -227,7 +251,7 @@ class Dispatcher:
     async def _exists(self, batch_id: str, job_id: str, attempt: int) -> bool:
         """The show call: does the job still exist? A 404 ends it ``absent``."""
         self.reconciled += 1
-        check = 0
+        check = throttled = 0
         while True:
             check += 1
             await self._limiter.acquire()
@@ -254,10 +278,9 @@ class Dispatcher:
                 return False
             except TransientError as exc:
                 self._feedback(exc, started)
-                delay = await self._retry_delay(exc, batch_id, check, 1)
-                await self._clock.sleep(delay)
-                if self._stopping():
-                    return False  # left open
+                throttled += isinstance(exc, ThrottledError)
+                if not await self._backoff(exc, batch_id, check, throttled, 1):
+                    return False  # the run is stopping: left open
                 continue
             except PermanentError as exc:
                 if not isinstance(exc, ClientError):
