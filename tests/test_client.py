@@ -11,7 +11,7 @@ import socket
 import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
@@ -47,6 +47,7 @@ from worker.errors import (
 )
 from worker.http import SHOW_HEADROOM
 from worker.signer import parse_authorization, parse_sdk_date, verify
+from worker.simulator import FaultConfig, Simulator, SimulatorConfig, run_simulator
 from worker.types import DeleteResult
 
 AK = "AKFAKEACCESSKEY0001"
@@ -898,3 +899,108 @@ def test_endpoint_must_be_http_with_a_host() -> None:
 
     with pytest.raises(ValueError, match="endpoint"):
         anyio.run(build)
+
+
+# -- against the built-in simulator --------------------------------------------------------
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with run_simulator(SimulatorConfig(project_id=PROJECT, ak=AK, sk=SK, jobs=5)) as running:
+        yield running
+
+
+def sim_client(session: Any, sim: Simulator, sk: str = SK) -> ApiClient:
+    return ApiClient(
+        session=session,
+        endpoint=sim.url,
+        project_id=PROJECT,
+        credentials=StaticCredentials(Credentials(ak=AK, sk=sk)),
+    )
+
+
+@pytest.mark.anyio
+async def test_simulator_deletes_lists_shows_and_probes(sim: Simulator) -> None:
+    ids = sim.job_ids()
+    async with make_session(concurrency=2, connect_timeout=2, read_timeout=5) as session:
+        client = sim_client(session, sim)
+        shown = await client.get_job(ids[0])
+        listed = await client.list_jobs(id=ids[1])
+        result = await client.delete_jobs([ids[0], ids[1], "no-such-job"])
+        with pytest.raises(NotFound) as gone:
+            await client.get_job(ids[0])
+        probe = await client.probe()
+
+    assert shown.id == ids[0]
+    assert [r.id for r in listed.records] == [ids[1]]
+    assert sorted(r.id for r in result.records) == sorted(ids[:2])
+    assert all(r.create_at is not None for r in result.records)
+    assert result.request_id
+    assert sim.deleted == {ids[0], ids[1]}
+    assert gone.value.http_status == 404
+    assert gone.value.request_id
+    assert probe.http_status == 200
+    assert probe.skew_s is not None
+    assert abs(probe.skew_s) < 60
+    assert client.outcomes == {"ok": 4, "NotFound": 1}
+
+
+@pytest.mark.anyio
+async def test_simulator_refuses_a_wrong_secret_key_with_auth_error(sim: Simulator) -> None:
+    async with make_session(concurrency=1, connect_timeout=2, read_timeout=5) as session:
+        client = sim_client(session, sim, sk="not-the-right-secret")
+        with pytest.raises(AuthError) as caught:
+            await client.delete_jobs(sim.job_ids()[:1])
+    error = caught.value
+    assert error.http_status == 401
+    assert error.error_code
+    assert error.request_id
+    assert sim.deleted == set()
+    assert "not-the-right-secret" not in repr(error) + str(error)
+
+
+@pytest.mark.anyio
+async def test_simulator_throttling_is_a_throttled_error_with_its_retry_after(
+    sim: Simulator,
+) -> None:
+    sim.set_quota(0.01, burst=1)
+    async with make_session(concurrency=1, connect_timeout=2, read_timeout=5) as session:
+        client = sim_client(session, sim)
+        await client.list_jobs()
+        with pytest.raises(ThrottledError) as caught:
+            await client.list_jobs()
+    assert caught.value.http_status == 429
+    assert caught.value.retry_after is not None
+    assert caught.value.retry_after > 0
+
+
+@pytest.mark.parametrize(
+    ("fault", "error_type", "applied"),
+    [
+        ("error_before", ServerError, False),
+        ("error_after", ServerError, True),
+        ("unavailable", ServerError, False),
+        ("reset_before", NetworkError, False),
+        ("reset_after", NetworkError, True),
+        ("truncated", MalformedResponse, True),
+    ],
+)
+@pytest.mark.anyio
+async def test_simulator_faults_become_their_error_classes_in_one_attempt(
+    fault: str, error_type: type[ApiError], applied: bool
+) -> None:
+    probability: dict[str, Any] = {fault: 1.0}
+    config = SimulatorConfig(
+        project_id=PROJECT, ak=AK, sk=SK, jobs=2, faults=replace(FaultConfig(), **probability)
+    )
+    async with (
+        run_simulator(config) as running,
+        make_session(concurrency=1, connect_timeout=2, read_timeout=5) as session,
+    ):
+        client = sim_client(session, running)
+        target = running.job_ids()[:1]
+        with pytest.raises(ApiError) as caught:
+            await client.delete_jobs(target)
+        assert type(caught.value) is error_type
+        assert running.stats.delete_calls == 1  # no hidden resend by aiohttp
+        assert (running.deleted == set(target)) is applied
