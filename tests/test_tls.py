@@ -15,7 +15,7 @@ from aiohttp import web
 
 from worker.client import ApiClient, make_session
 from worker.credentials import Credentials, StaticCredentials
-from worker.errors import PermanentError, TlsError, TransientError
+from worker.errors import ConfigError, PermanentError, TlsError, TransientError
 from worker.signer import parse_authorization, verify
 
 AK = "AK-TLS-TEST"
@@ -158,3 +158,15 @@ async def test_the_ca_bundle_does_not_excuse_a_certificate_for_another_host(
             await client.delete_jobs(["tls-job"])
     assert wrong_name_server.requests == 0
     assert client.outcomes == {"TlsError": 1}
+
+
+@pytest.mark.parametrize("content", [None, b"not a certificate\n"])
+@pytest.mark.anyio
+async def test_a_ca_bundle_that_cannot_be_read_is_a_config_error(
+    tmp_path: Path, content: bytes | None
+) -> None:
+    bundle = tmp_path / "bundle.pem"
+    if content is not None:
+        bundle.write_bytes(content)
+    with pytest.raises(ConfigError, match="ca_bundle"):
+        make_session(concurrency=1, connect_timeout=1, read_timeout=1, ca_bundle=bundle)

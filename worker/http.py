@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 
 import worker
+from worker.errors import ConfigError
 
 USER_AGENT = (
     f"devserver-reaper/{worker.__version__} "
@@ -35,11 +36,16 @@ def tls_context(ca_bundle: Path | None = None) -> ssl.SSLContext:
     """Default verification (system store, host names checked), plus ``ca_bundle`` if given.
 
     The bundle is added to, not substituted for, the system store: a private CA for a proxy
-    or a test server must not switch off trust in the public ones.
+    or a test server must not switch off trust in the public ones. A bundle that cannot be
+    read is a configuration error (exit 78), found before any call is made.
     """
     context = ssl.create_default_context()
     if ca_bundle is not None:
-        context.load_verify_locations(cafile=str(ca_bundle))
+        try:
+            context.load_verify_locations(cafile=str(ca_bundle))
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise ConfigError(f"ca_bundle {ca_bundle} cannot be used: {reason}") from None
     return context
 
 
