@@ -170,6 +170,40 @@ async def test_settings_keys_win_over_environment_profile_and_services(
 
 
 @pytest.mark.anyio
+async def test_sources_are_tried_in_the_sdk_order_each_one_shadowing_the_next(
+    tmp_path: Path, service: FakeCredentialService, session: aiohttp.ClientSession
+) -> None:
+    """With every source present, take the first away one at a time: the next one answers."""
+    token_file = tmp_path / "pod-token"
+    token_file.write_text(POD_TOKEN_CANARY)
+    profile = write_profile(tmp_path / "profile", "[basic]\nak = PROFAK\nsk = prof-sk\n")
+    layers: list[tuple[str, dict[str, str]]] = [
+        ("environment", {"HUAWEICLOUD_SDK_AK": "ENVAK", "HUAWEICLOUD_SDK_SK": "env-sk"}),
+        ("profile", {"HUAWEICLOUD_SDK_CREDENTIALS_FILE": str(profile)}),
+        ("pod-identity", {
+            "HC_CONTAINER_CREDENTIALS_FULL_URI": service.url + "/pod",
+            "HC_CONTAINER_AUTHORIZATION_TOKEN_FILE": str(token_file),
+        }),
+    ]  # fmt: skip
+    expected_ak = {"environment": "ENVAK", "profile": "PROFAK"}
+    names = []
+    for skip in range(len(layers) + 1):
+        environ = {"HOME": str(tmp_path / "empty-home")}
+        for _, values in layers[skip:]:
+            environ.update(values)
+        source = await resolve_credentials(
+            ak=None, sk=None, security_token=None, environ=environ, session=session,
+            metadata_url=service.url,
+        )  # fmt: skip
+        names.append(source.name)
+        keys = await source.current()
+        assert keys.ak == expected_ak.get(source.name, f"TEMPAK{service.issued}")
+    assert names == ["environment", "profile", "pod-identity", "metadata"]
+    assert service.count("POST", "/pod") == 1
+    assert service.count("GET", "/openstack/latest/securitykey") == 1
+
+
+@pytest.mark.anyio
 async def test_environment_keys_come_before_the_profile(
     tmp_path: Path, service: FakeCredentialService, session: aiohttp.ClientSession
 ) -> None:
