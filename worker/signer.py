@@ -9,25 +9,30 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import quote, unquote
 
 ALGORITHM = "SDK-HMAC-SHA256"
 DATE_FORMAT = "%Y%m%dT%H%M%SZ"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
-QueryValue = str | int | float | bool | Sequence[str | int | float | bool]
+QueryValue = str | int | float | bool | list[str | int | float | bool]
 
 
 @dataclass(frozen=True, slots=True)
 class Signed:
-    """What signing adds to a request: the headers to send and the query as sent."""
+    """What signing adds to a request: the headers to send and the query as sent.
 
-    headers: dict[str, str]
+    Neither the headers (they carry ``X-Security-Token``) nor the canonical request (it
+    repeats them) show in ``repr``.
+    """
+
+    headers: dict[str, str] = field(repr=False)
     query: str
-    canonical_request: str
+    canonical_request: str = field(repr=False)
 
 
 def format_sdk_date(when: datetime) -> str:
@@ -58,24 +63,39 @@ def _query_text(value: str | int | float | bool) -> str:
 
 
 def canonical_query(pairs: Iterable[tuple[str, QueryValue]]) -> str:
-    """Pairs sorted by key then value, unreserved-only encoding, booleans as true/false."""
+    """Pairs sorted by key then value, unreserved-only encoding, booleans as true/false.
+
+    The order is the SDK's: it sorts the ``(key, value)`` tuples natively, so numbers sort
+    as numbers (``9`` before ``10``) and a list value is compared as the list it was given,
+    then its items are sorted and emitted as ``str(item)`` (so ``True`` inside a list stays
+    ``True``, as in the SDK). Only ``list`` is a list, as in the SDK.
+    """
     parts: list[str] = []
-    for key, value in sorted(pairs, key=lambda pair: (pair[0], _sort_key(pair[1]))):
+    for key, value in sorted(pairs, key=lambda pair: (pair[0], _order(pair[1]))):
         encoded_key = _encode(key)
-        if isinstance(value, str | int | float | bool):
-            parts.append(f"{encoded_key}={_encode(_query_text(value))}")
-        else:
+        if isinstance(value, list):
             parts.extend(
-                f"{encoded_key}={_encode(str(item))}"
-                for item in sorted(value, key=_sort_key)
+                f"{encoded_key}={_encode(str(item))}" for item in sorted(value, key=_order)
             )
+        else:
+            parts.append(f"{encoded_key}={_encode(_query_text(value))}")
     return "&".join(parts)
 
 
-def _sort_key(value: object) -> tuple[int, str]:
-    # The SDK sorts (key, value) tuples; values of one key share a type in practice, and the
-    # string form orders them the same way for the types the API uses.
-    return (0, value) if isinstance(value, str) else (1, str(value))  # type: ignore[return-value]
+_OrderKey = tuple[int, Any]
+
+
+def _order(value: object) -> _OrderKey:
+    # Python's own ordering for the values the SDK can compare (numbers with numbers, strings
+    # with strings, lists element-wise); a fixed order across kinds, where the SDK would
+    # raise TypeError.
+    if isinstance(value, str):
+        return (1, value)
+    if isinstance(value, int | float):
+        return (0, value)
+    if isinstance(value, list):
+        return (2, tuple(_order(item) for item in value))
+    return (3, str(value))
 
 
 def sign(
@@ -96,15 +116,16 @@ def sign(
     ``host`` is the ``Host`` header value: the host name with ``:port`` when the port is not
     the scheme's default. ``headers`` are the request's own headers (``Content-Type``,
     ``X-Project-Id`` ...); the result holds them, trimmed, plus ``Host``, ``X-Sdk-Date``,
-    ``X-Security-Token`` when given, and ``Authorization``.
+    ``X-Security-Token`` when given, and ``Authorization``. Like the SDK, an ``X-Sdk-Date``
+    already in ``headers`` is kept: pass a request's own headers, never a previous
+    attempt's signed ones, or the retry goes out with the old date.
     """
     if not ak or not sk:
         raise ValueError("signing needs both an access key and a secret key")
 
-    out: dict[str, str] = {}
-    for name, value in headers.items():
-        out[name] = value
-    content_type = _get(out, "Content-Type")
+    out: dict[str, str] = dict(headers)
+    # The SDK looks up "Content-Type" in this exact spelling; so do we, to sign the same.
+    content_type = out.get("Content-Type")
     if content_type and not content_type.startswith(("application/json", "application/bson")):
         out["X-Sdk-Content-Sha256"] = "UNSIGNED-PAYLOAD"
     sdk_date = _get(out, "X-Sdk-Date")
@@ -115,18 +136,32 @@ def sign(
         out["Host"] = host
     if security_token:
         out["X-Security-Token"] = security_token
-
-    signed_names = sorted(name.lower() for name in out if "_" not in name)
-    lowered = {name.lower(): str(value).strip() for name, value in out.items()}
     out = {name: str(value).strip() for name, value in out.items()}
-    canonical_headers = "".join(f"{name}:{lowered[name]}\n" for name in signed_names)
 
+    query_text = canonical_query(query)
+    canonical, signed_list = _canonical_request(method, path, query_text, out, body)
+    signature = _signature(sk, parse_sdk_date(sdk_date), canonical)
+    out["Authorization"] = (
+        f"{ALGORITHM} Access={ak}, SignedHeaders={signed_list}, Signature={signature}"
+    )
+    return Signed(headers=out, query=query_text, canonical_request=canonical)
+
+
+def _canonical_request(
+    method: str, path: str, query_text: str, headers: Mapping[str, str], body: bytes
+) -> tuple[str, str]:
+    """Steps 2 to 7: the canonical request and the signed-header list, from final headers.
+
+    ``headers`` are the ones on the wire (already trimmed). Every name without ``_`` is
+    signed; an ``X-Sdk-Content-Sha256`` among them stands in for the body's hash.
+    """
+    signed_names = sorted(name.lower() for name in headers if "_" not in name)
+    lowered = {name.lower(): value for name, value in headers.items()}
+    canonical_headers = "".join(f"{name}:{lowered[name]}\n" for name in signed_names)
     if not body:
         payload_hash = EMPTY_SHA256
     else:
-        payload_hash = _get(out, "X-Sdk-Content-Sha256") or hashlib.sha256(body).hexdigest()
-
-    query_text = canonical_query(query)
+        payload_hash = _get(headers, "X-Sdk-Content-Sha256") or hashlib.sha256(body).hexdigest()
     signed_list = ";".join(signed_names)
     canonical = "\n".join(
         (
@@ -138,14 +173,15 @@ def sign(
             payload_hash,
         )
     )
+    return canonical, signed_list
+
+
+def _signature(sk: str, when: datetime, canonical: str) -> str:
+    """Steps 8 and 9. The date is re-formatted from its parsed form, as the SDK does."""
     string_to_sign = "\n".join(
-        (ALGORITHM, sdk_date, hashlib.sha256(canonical.encode()).hexdigest())
+        (ALGORITHM, format_sdk_date(when), hashlib.sha256(canonical.encode()).hexdigest())
     )
-    signature = hmac.new(sk.encode(), string_to_sign.encode(), hashlib.sha256).hexdigest()
-    out["Authorization"] = (
-        f"{ALGORITHM} Access={ak}, SignedHeaders={signed_list}, Signature={signature}"
-    )
-    return Signed(headers=out, query=query_text, canonical_request=canonical)
+    return hmac.new(sk.encode(), string_to_sign.encode(), hashlib.sha256).hexdigest()
 
 
 def _get(headers: Mapping[str, str], name: str) -> str | None:
@@ -198,26 +234,19 @@ def verify(
 ) -> bool:
     """Recompute the signature the way the server does and compare in constant time.
 
-    ``headers`` are the headers received; only those named in ``SignedHeaders`` take part.
+    ``headers`` are the headers received; only those named in ``SignedHeaders`` take part,
+    as they arrived: nothing is added, so an ``X-Sdk-Content-Sha256`` counts only when it
+    was signed. A missing or malformed ``X-Sdk-Date`` fails the check rather than raising.
     """
-    received = {name.lower(): value for name, value in headers.items()}
+    received = {name.lower(): str(value).strip() for name, value in headers.items()}
     subset: dict[str, str] = {}
     for name in authorization.signed_headers:
         if name not in received:
             return False
         subset[name] = received[name]
-    if "x-sdk-date" not in subset:
+    try:
+        when = parse_sdk_date(subset["x-sdk-date"])
+    except (KeyError, ValueError):
         return False
-    expected = sign(
-        method=method,
-        host=subset.get("host", ""),
-        path=path,
-        query=query,
-        headers=subset,
-        body=body,
-        ak=authorization.access_key,
-        sk=sk,
-        when=parse_sdk_date(subset["x-sdk-date"]),
-    )
-    theirs = parse_authorization(expected.headers["Authorization"]).signature
-    return hmac.compare_digest(theirs, authorization.signature)
+    canonical, _ = _canonical_request(method, path, canonical_query(query), subset, body)
+    return hmac.compare_digest(_signature(sk, when, canonical), authorization.signature)
