@@ -68,8 +68,11 @@ _SUFFIXES: dict[str, Format] = {
 _READ_SIZE = 64 * 1024
 _RAW_PREFIX = 256  # characters of an over-long entry kept for its rejection event
 _DECODE = json.JSONDecoder().raw_decode
+_AFTER_VALUE = frozenset(" \t\r\n,]")
 _STOPS = re.compile(r'["\[\]{},]')  # what matters to the JSON skipper outside a string
-_STRING_STOPS = re.compile(r'["\\]')  # and inside one
+# A string's content up to its closing quote; possessive, so a long one keeps no backtracking
+# state (the plain form holds ~80 bytes per character matched).
+_STRING_BODY = re.compile(r'(?:[^"\\]++|\\.)*+', re.DOTALL)
 
 
 def detect_format(name: str, explicit: str = "auto") -> Format:
@@ -102,7 +105,7 @@ def read_entries(
     *,
     stdin: BinaryIO | None = None,
     max_line_bytes: int = 4096,
-) -> Iterator[Entry]:
+) -> EntryReader:
     """Stream the entries of ``path`` (``-``: ``stdin``, default ``sys.stdin.buffer``).
 
     The file is opened here, so a missing or unreadable path raises
@@ -148,20 +151,20 @@ def _open(path: str) -> BinaryIO:
 
 
 class EntryReader:
-    """The iterator :func:`read_entries` returns: one open input and how far it has got."""
+    """The iterator :func:`read_entries` returns: one open input and how far it has got.
 
-    __slots__ = ("_entries", "_format", "_limit", "_owned", "_path", "_progress", "_source")
+    The parsing generator lives in a separate :class:`_Parse` that does not point back here,
+    so dropping a reader frees it (and closes its file) at once instead of leaving a
+    reference cycle for the garbage collector to finalize in whatever order it likes.
+    """
+
+    __slots__ = ("_entries", "_parse")
 
     def __init__(
         self, path: str, fmt: Format, source: BinaryIO, owned: bool, max_line_bytes: int
     ) -> None:
-        self._path = path
-        self._format: Format = fmt
-        self._source = source
-        self._owned = owned
-        self._limit = max_line_bytes
-        self._progress: _Lines | _JsonArray | None = None
-        self._entries = self._generate()
+        self._parse = _Parse(path, fmt, source, owned, max_line_bytes)
+        self._entries = self._parse.generate()
 
     def __iter__(self) -> EntryReader:
         return self
@@ -172,8 +175,7 @@ class EntryReader:
     def close(self) -> None:
         """Stop reading and release the file (stdin is left open)."""
         self._entries.close()
-        if self._owned:
-            self._source.close()
+        self._parse.release()
 
     def __enter__(self) -> EntryReader:
         return self
@@ -183,70 +185,88 @@ class EntryReader:
 
     def __del__(self) -> None:
         # A reader dropped before it was started still holds its file: close it quietly.
-        if self._owned:
-            self._source.close()
+        self._parse.release()
 
     def __repr__(self) -> str:
-        state = "closed" if self._source.closed else "open"
+        parse = self._parse
+        state = "closed" if parse.source.closed else "open"
         return (
-            f"EntryReader(path={escape(self._path, 120)!r}, format={self._format}, "
-            f"at={self._where()!r}, {state})"
+            f"EntryReader(path={escape(parse.path, 120)!r}, format={parse.format}, "
+            f"at={parse.where()!r}, {state})"
         )
 
-    def _where(self) -> str:
+
+class _Parse:
+    """The state of one read: the source, the format, and the progress for messages."""
+
+    def __init__(
+        self, path: str, fmt: Format, source: BinaryIO, owned: bool, max_line_bytes: int
+    ) -> None:
+        self.path = path
+        self.format: Format = fmt
+        self.source = source
+        self._owned = owned
+        self._limit = max_line_bytes
+        self._progress: _Lines | _JsonArray | None = None
+
+    def release(self) -> None:
+        if self._owned:
+            self.source.close()
+
+    def where(self) -> str:
         """How far reading got: the line (or JSON array element) last read."""
         if isinstance(self._progress, _JsonArray):
             return f"element {self._progress.index}"
         return f"line {self._progress.number if self._progress else 0}"
 
     def _name(self) -> str:
-        return "stdin" if self._path == "-" else escape(self._path, 200)
+        return "stdin" if self.path == "-" else escape(self.path, 200)
 
-    def _generate(self) -> Generator[Entry, None, None]:
+    def generate(self) -> Generator[Entry, None, None]:
         layers: list[io.BufferedIOBase] = []
         try:
             stream = self._decompressed(layers)
-            if self._format == "json":
+            if self.format == "json":
                 self._progress = _JsonArray(stream, self._limit, self._name())
                 yield from self._progress
                 return
             self._progress = lines = _Lines(stream, self._limit)
-            if self._format == "csv":
+            if self.format == "csv":
                 yield from self._csv(lines)
-            elif self._format == "jsonl":
+            elif self.format == "jsonl":
                 yield from self._jsonl(lines)
             else:
                 yield from self._text(lines)
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
             raise InputUnreadable(
-                f"input {self._name()}: gzip stream is truncated or corrupt after {self._where()}"
+                f"input {self._name()}: gzip stream is truncated or corrupt after {self.where()}"
                 f" ({exc})"
             ) from None
         except OSError as exc:
             reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
             raise InputUnreadable(
-                f"input {self._name()}: read failed after {self._where()}: {reason}"
+                f"input {self._name()}: read failed after {self.where()}: {reason}"
             ) from None
         finally:
             for layer in reversed(layers):
                 layer.close()
             if self._owned:
-                self._source.close()
+                self.source.close()
 
     def _decompressed(self, layers: list[io.BufferedIOBase]) -> io.BufferedIOBase:
         """The input as a buffered stream, gunzipped when it starts with the gzip magic."""
         head = b""
         while len(head) < len(GZIP_MAGIC):
-            more = self._source.read(len(GZIP_MAGIC) - len(head))
+            more = self.source.read(len(GZIP_MAGIC) - len(head))
             if not more:
                 break
             head += more
-        stream: io.BufferedIOBase = io.BufferedReader(_Rewound(head, self._source), _READ_SIZE)
+        stream: io.BufferedIOBase = io.BufferedReader(_Rewound(head, self.source), _READ_SIZE)
         layers.append(stream)
         if head == GZIP_MAGIC:
             stream = gzip.GzipFile(fileobj=stream, mode="rb")
             layers.append(stream)
-        elif head and PurePath(self._path).name.lower().endswith(".gz"):
+        elif head and PurePath(self.path).name.lower().endswith(".gz"):
             raise InputUnreadable(
                 f"input {self._name()}: not gzip (the name ends in .gz but the content does "
                 "not start with the gzip magic bytes)"
@@ -619,8 +639,14 @@ class _JsonArray:
                 if len(self._buf) - self._pos <= self._limit and self._fill():
                     continue
                 return self._skip_bad(exc.msg)
-            if end == len(self._buf) and self._fill():
-                continue  # a number or literal may go on in the next read
+            # A number may go on in the next read ("0" of "0.5"); or what follows is
+            # garbage, which the caller reports once reading more cannot help.
+            if (
+                (end == len(self._buf) or self._buf[end] not in _AFTER_VALUE)
+                and len(self._buf) - self._pos <= self._limit
+                and self._fill()
+            ):
+                continue
             raw = self._buf[self._pos : end]
             self._pos = end
             if len(raw) > self._limit:
@@ -639,20 +665,25 @@ class _JsonArray:
             buf, pos = self._buf, self._pos
             end = len(buf)
             while pos < end:
-                if escaped:
+                if escaped:  # the character after a backslash that ended the previous read
                     escaped = False
                     pos += 1
                     continue
-                found = (_STRING_STOPS if in_string else _STOPS).search(buf, pos)
+                if in_string:
+                    pos = _STRING_BODY.match(buf, pos).end()  # type: ignore[union-attr]
+                    if pos < end:
+                        # Either the closing quote, or a backslash ending the buffer.
+                        escaped = buf[pos] == "\\"
+                        in_string = escaped
+                        pos += 1
+                    continue
+                found = _STOPS.search(buf, pos)
                 if found is None:
                     pos = end
                     break
                 pos = found.start()
                 char = buf[pos]
-                if in_string:
-                    escaped = char == "\\"
-                    in_string = escaped
-                elif char == '"':
+                if char == '"':
                     in_string = True
                 elif char in "[{":
                     depth += 1
