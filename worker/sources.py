@@ -120,7 +120,8 @@ def read_entries(
         raise ValueError(f"max_line_bytes must be at least 1, not {max_line_bytes}")
     kind = detect_format(path, fmt)
     if path == "-":
-        return EntryReader(path, kind, stdin or sys.stdin.buffer, False, max_line_bytes)
+        source = stdin if stdin is not None else sys.stdin.buffer
+        return EntryReader(path, kind, source, False, max_line_bytes)
     return EntryReader(path, kind, _open(path), True, max_line_bytes)
 
 
