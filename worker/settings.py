@@ -1,5 +1,10 @@
 """Settings: flags over ``REAPER_*`` environment over a TOML config file over defaults.
 
+The Huawei Cloud SDK's own variables (``HUAWEICLOUD_SDK_AK`` ...) sit just below the more
+specific ``REAPER_*`` ones and above the config file. A secret can be read from a file
+(``--sk-file``, ``REAPER_SK_FILE``, ``sk_file`` in the config): the file counts at the level
+where it was named, so ``--sk`` still beats ``REAPER_SK_FILE``.
+
 This module sits at the edge with the command line; the pipeline stages never import it.
 Secrets are ``SecretStr`` and never appear in ``repr``, logs or validation errors.
 """
@@ -8,12 +13,16 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
+import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -52,8 +61,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _env(*names: str) -> Any:
-    return AliasChoices(*names)
+REGION_RE = re.compile(r"[a-z]{2}(?:-[a-z0-9]+)+")
+SECRET_FILE_LIMIT = 64 * 1024
+
+# The SDK's variable -> our setting. Below REAPER_*, above the config file.
+SDK_ENVIRONMENT = {
+    "HUAWEICLOUD_SDK_AK": "ak",
+    "HUAWEICLOUD_SDK_SK": "sk",
+    "HUAWEICLOUD_SDK_SECURITY_TOKEN": "security_token",
+    "HUAWEICLOUD_SDK_PROJECT_ID": "project_id",
+    "HUAWEICLOUD_SDK_REGION": "region",
+}
+SECRETS = ("ak", "sk", "security_token")
 
 
 class Settings(BaseSettings):
@@ -63,25 +82,16 @@ class Settings(BaseSettings):
         env_prefix="REAPER_",
         extra="forbid",
         hide_input_in_errors=True,
-        populate_by_name=True,
         validate_default=True,
     )
 
     # -- where and who ------------------------------------------------------------------
-    region: str | None = Field(default=None, validation_alias=_env("region", "REAPER_REGION", "HUAWEICLOUD_SDK_REGION"))
+    region: str | None = None
     endpoint: str | None = None
-    project_id: str | None = Field(
-        default=None,
-        validation_alias=_env("project_id", "REAPER_PROJECT_ID", "HUAWEICLOUD_SDK_PROJECT_ID"),
-    )
-    ak: str | None = Field(default=None, validation_alias=_env("ak", "REAPER_AK", "HUAWEICLOUD_SDK_AK"))
-    sk: SecretStr | None = Field(default=None, validation_alias=_env("sk", "REAPER_SK", "HUAWEICLOUD_SDK_SK"))
-    security_token: SecretStr | None = Field(
-        default=None,
-        validation_alias=_env(
-            "security_token", "REAPER_SECURITY_TOKEN", "HUAWEICLOUD_SDK_SECURITY_TOKEN"
-        ),
-    )
+    project_id: str | None = None
+    ak: str | None = None
+    sk: SecretStr | None = None
+    security_token: SecretStr | None = None
     ak_file: Path | None = None
     sk_file: Path | None = None
     security_token_file: Path | None = None
@@ -128,8 +138,8 @@ class Settings(BaseSettings):
     @field_validator("region")
     @classmethod
     def _region(cls, value: str | None) -> str | None:
-        if value is not None and not value.replace("-", "").isalnum():
-            raise ValueError("must look like cn-north-4")
+        if value is not None and not REGION_RE.fullmatch(value):
+            raise ValueError("must look like cn-north-4 (lower-case letters, digits, hyphens)")
         return value
 
     @field_validator("endpoint")
@@ -139,25 +149,20 @@ class Settings(BaseSettings):
             return None
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http(s) URL such as https://modelarts.cn-north-4.myhuaweicloud.com")
+            raise ValueError(
+                "must be an http(s) URL such as https://modelarts.cn-north-4.myhuaweicloud.com"
+            )
         if parts.scheme == "http" and not is_loopback(parts.hostname):
             raise ValueError("plain http:// is accepted only for loopback hosts; use https://")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not carry a user name or password")
         if parts.query or parts.fragment:
             raise ValueError("must not carry a query or a fragment")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise ValueError("has an invalid port") from None
         return value.rstrip("/")
-
-    @model_validator(mode="after")
-    def _read_secret_files(self) -> Settings:
-        for name in ("ak", "sk", "security_token"):
-            path: Path | None = getattr(self, f"{name}_file")
-            if path is None:
-                continue
-            try:
-                text = path.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ValueError(f"{name}_file {path} cannot be read: {exc.strerror}") from None
-            object.__setattr__(self, name, text if name == "ak" else SecretStr(text))
-        return self
 
     @property
     def api_endpoint(self) -> str:
@@ -192,44 +197,107 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get("REAPER_CONFIG") or _CONFIG_FILE.get()
+        sources: list[PydanticBaseSettingsSource] = [
+            init_settings,
+            env_settings,
+            _SdkEnvironment(settings_cls),
+        ]
+        config_file = _CONFIG_FILE.get() or os.environ.get("REAPER_CONFIG")
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
-        return tuple(sources)
+        return tuple(_SecretFiles(source) for source in sources)
 
 
-class _ConfigFile:
-    """The ``--config`` path, passed around the pydantic-settings source hook."""
-
-    path: str | None = None
-
-    def get(self) -> str | None:
-        return self.path
+# The --config path, handed to the source hook above (which pydantic calls with no arguments).
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("reaper_config_file", default=None)
 
 
-_CONFIG_FILE = _ConfigFile()
+class _SdkEnvironment(PydanticBaseSettingsSource):
+    """``HUAWEICLOUD_SDK_*``: honoured, but the more specific ``REAPER_*`` wins over them."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {
+            setting: os.environ[variable]
+            for variable, setting in SDK_ENVIRONMENT.items()
+            if os.environ.get(variable)
+        }
+
+
+class _SecretFiles(PydanticBaseSettingsSource):
+    """Reads ``ak_file``, ``sk_file`` and ``security_token_file`` within one source.
+
+    Resolving per source keeps precedence for the secret itself (``--sk`` beats
+    ``REAPER_SK_FILE``); the same source naming both a secret and its file is an error.
+    """
+
+    def __init__(self, inner: PydanticBaseSettingsSource) -> None:
+        super().__init__(inner.settings_cls)
+        self._inner = inner
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        data = dict(self._inner())
+        for name in SECRETS:
+            path = data.get(f"{name}_file")
+            if not isinstance(path, str | os.PathLike) or not str(path):
+                continue  # absent, or not a path: the field's own validation says so
+            if data.get(name) is not None:
+                raise ConfigError(f"give {name} or {name}_file, not both")
+            data[name] = read_secret_file(f"{name}_file", Path(path))
+        return data
+
+
+def read_secret_file(setting: str, path: Path) -> str:
+    """A secret from a file (a mounted Kubernetes Secret), stripped; errors never quote it."""
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(SECRET_FILE_LIMIT + 1)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{setting} {path} cannot be read: {reason}") from None
+    if len(raw) > SECRET_FILE_LIMIT:
+        raise ConfigError(f"{setting} {path} is larger than {SECRET_FILE_LIMIT} bytes")
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{setting} {path} is not UTF-8 text") from None
+    if not text:
+        raise ConfigError(f"{setting} {path} is empty")
+    return text
 
 
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
     """Build settings, turning any validation error into a ``ConfigError`` with no input values.
 
-    ``overrides`` are the flags the user gave (``None`` means "not given").
+    ``overrides`` are the flags the user gave (``None`` means "not given"). ``config`` is
+    ``--config``; without it ``REAPER_CONFIG`` names the file. A named file that is not
+    there is an error, not an empty config.
     """
     given = {key: value for key, value in overrides.items() if value is not None}
-    if config is not None:
-        path = Path(config)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        _CONFIG_FILE.path = str(path)
+    named_by = "--config" if config is not None else "REAPER_CONFIG"
+    config = config if config is not None else os.environ.get("REAPER_CONFIG") or None
+    path = None if config is None else Path(config)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} ({named_by}) does not exist")
+    token = _CONFIG_FILE.set(path)
     try:
         return Settings(**given)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        # Only where: tomllib's message may quote a character of the value (of a secret).
+        where = re.search(r"\(at ([^)]*)\)$", str(exc))
+        place = where.group(1) if where else "somewhere"
+        raise ConfigError(f"config file {path} is not valid TOML (at {place})") from None
     except (OSError, ValueError) as exc:  # a malformed TOML file, for one
         raise ConfigError(f"invalid configuration: {type(exc).__name__}: {exc}") from None
     finally:
-        _CONFIG_FILE.path = None
+        _CONFIG_FILE.reset(token)
 
 
 def describe_validation_error(exc: ValidationError) -> str:

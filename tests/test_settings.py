@@ -1,0 +1,378 @@
+"""Settings: where each value comes from, what is refused, and that secrets never show.
+
+Precedence, most specific first: flags, ``REAPER_*``, ``HUAWEICLOUD_SDK_*``, the TOML config
+file (``--config``, else ``REAPER_CONFIG``), defaults. A secret read from a file counts at
+the level where the file was named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from worker.errors import ConfigError
+from worker.settings import (
+    DEFAULT_BATCH_SIZE,
+    MAX_BATCH_SIZE,
+    SDK_ENVIRONMENT,
+    SECRET_FILE_LIMIT,
+    Settings,
+    endpoint_for,
+    load_settings,
+)
+
+pytestmark = pytest.mark.usefixtures("clean_env")
+
+CANARY = "CANARY-s3cr3t-7f1e9b"
+
+
+def toml(tmp_path: Path, text: str, name: str = "reaper.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(**kwargs: object) -> str:
+    """The message of the ConfigError that load_settings raises for these arguments."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(**kwargs)  # type: ignore[arg-type]
+    return str(caught.value)
+
+
+# -- precedence ------------------------------------------------------------------------
+
+
+def test_defaults_with_nothing_set() -> None:
+    settings = load_settings()
+    assert settings.batch_size == DEFAULT_BATCH_SIZE
+    assert (settings.concurrency, settings.rate, settings.burst) == (8, 10.0, 5)
+    assert settings.sk is None
+    assert settings.dry_run is False
+
+
+def test_flag_beats_env_beats_config_file_beats_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = toml(tmp_path, "batch_size = 7\nconcurrency = 3\nrate = 2.5\n")
+    monkeypatch.setenv("REAPER_BATCH_SIZE", "8")
+    monkeypatch.setenv("REAPER_CONCURRENCY", "4")
+
+    settings = load_settings(config, batch_size=9)
+    assert settings.batch_size == 9  # flag over env
+    assert settings.concurrency == 4  # env over file
+    assert settings.rate == 2.5  # file over default
+    assert settings.burst == 5  # default
+
+    monkeypatch.delenv("REAPER_BATCH_SIZE")
+    assert load_settings(config).batch_size == 7
+    assert load_settings(config, batch_size=None).batch_size == 7  # None = flag not given
+
+
+def test_reaper_config_names_the_file_and_config_flag_beats_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from_env = toml(tmp_path, "batch_size = 11\n", "env.toml")
+    from_flag = toml(tmp_path, "batch_size = 12\n", "flag.toml")
+    monkeypatch.setenv("REAPER_CONFIG", str(from_env))
+    assert load_settings().batch_size == 11
+    assert load_settings(from_flag).batch_size == 12
+
+
+@pytest.mark.parametrize("via_env", [False, True], ids=["--config", "REAPER_CONFIG"])
+def test_a_named_config_file_that_is_not_there_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, via_env: bool
+) -> None:
+    missing = tmp_path / "nowhere.toml"
+    if via_env:
+        monkeypatch.setenv("REAPER_CONFIG", str(missing))
+        message = config_error()
+    else:
+        message = config_error(config=missing)
+    assert str(missing) in message
+    assert ("REAPER_CONFIG" in message) == via_env
+
+
+def test_a_config_file_with_an_unknown_key_is_refused(tmp_path: Path) -> None:
+    message = config_error(config=toml(tmp_path, "batch_sise = 3\n"))
+    assert "batch_sise" in message
+
+
+@pytest.mark.parametrize(("variable", "field"), sorted(SDK_ENVIRONMENT.items()))
+def test_the_sdk_variables_are_honoured_below_reaper_and_above_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, field: str
+) -> None:
+    """HUAWEICLOUD_SDK_X is used; REAPER_X, more specific, wins; the config file loses."""
+
+    def value(settings: Settings) -> str | None:
+        got = getattr(settings, field)
+        return got if got is None or isinstance(got, str) else got.get_secret_value()
+
+    config = toml(tmp_path, f'{field} = "cn-south-1"\n')
+    monkeypatch.setenv(variable, "cn-north-4")
+    assert value(load_settings(config)) == "cn-north-4"
+    monkeypatch.setenv("REAPER_" + field.upper(), "cn-east-3")
+    assert value(load_settings(config)) == "cn-east-3"
+    assert value(load_settings(config, **{field: "ap-southeast-1"})) == "ap-southeast-1"
+
+
+def test_reaper_yes_true_is_yes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REAPER_YES", "true")
+    monkeypatch.setenv("REAPER_DRY_RUN", "1")
+    settings = load_settings()
+    assert settings.yes is True
+    assert settings.dry_run is True
+
+
+# -- secrets from files ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ak", "sk", "security_token"])
+def test_a_secret_is_read_from_its_file_stripped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    secret = tmp_path / name
+    secret.write_text(f"  {CANARY}\n", encoding="utf-8")
+    monkeypatch.setenv(f"REAPER_{name.upper()}_FILE", str(secret))
+    got = getattr(load_settings(), name)
+    assert (got if isinstance(got, str) else got.get_secret_value()) == CANARY
+
+
+def test_a_secret_file_counts_where_it_was_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--sk beats REAPER_SK_FILE; REAPER_SK_FILE beats HUAWEICLOUD_SDK_SK and the file's sk;
+    a config file's sk_file beats its default."""
+    secret = tmp_path / "sk"
+    secret.write_text("from-file\n", encoding="utf-8")
+
+    def sk(**kwargs: object) -> str:
+        found = load_settings(**kwargs).sk  # type: ignore[arg-type]
+        assert found is not None
+        return found.get_secret_value()
+
+    config = toml(tmp_path, 'sk = "from-config"\n')
+    monkeypatch.setenv("HUAWEICLOUD_SDK_SK", "from-sdk-env")
+    monkeypatch.setenv("REAPER_SK_FILE", str(secret))
+    assert sk(config=config) == "from-file"
+    assert sk(config=config, sk="from-flag") == "from-flag"
+    monkeypatch.delenv("REAPER_SK_FILE")
+    monkeypatch.delenv("HUAWEICLOUD_SDK_SK")
+    other = toml(tmp_path, f'sk_file = "{secret}"\n', "other.toml")
+    assert sk(config=other) == "from-file"
+
+
+def test_a_secret_and_its_file_at_the_same_level_is_an_error(tmp_path: Path) -> None:
+    secret = tmp_path / "sk"
+    secret.write_text(CANARY, encoding="utf-8")
+    message = config_error(sk=CANARY, sk_file=str(secret))
+    assert "sk or sk_file" in message
+    assert CANARY not in message
+
+
+def _unreadable(tmp_path: Path, kind: str) -> tuple[Path, str]:
+    path = tmp_path / f"secret-{kind}"
+    if kind == "directory":
+        path.mkdir()
+        return path, "cannot be read"
+    if kind == "missing":
+        return path, "cannot be read"
+    if kind == "not-utf8":
+        path.write_bytes(b"\xff\xfe" + CANARY.encode() + b"\xc3")
+        return path, "not UTF-8"
+    if kind == "empty":
+        path.write_text(" \n", encoding="utf-8")
+        return path, "is empty"
+    path.write_text(CANARY * (SECRET_FILE_LIMIT // len(CANARY) + 1), encoding="utf-8")
+    return path, "larger than"
+
+
+@pytest.mark.parametrize("kind", ["directory", "missing", "not-utf8", "empty", "huge"])
+@pytest.mark.parametrize("name", ["sk_file", "security_token_file"])
+def test_an_unusable_secret_file_is_a_config_error_that_quotes_no_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, name: str
+) -> None:
+    path, reason = _unreadable(tmp_path, kind)
+    monkeypatch.setenv("REAPER_SK", CANARY)  # a secret that is set elsewhere must not leak
+    message = config_error(**{name: str(path)})
+    assert name in message
+    assert str(path) in message
+    assert reason in message
+    assert CANARY not in message
+
+
+# -- validation ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "good", ["a", "0a1b2c3d4e5f60718293a4b5c6d7e8f9", "my-project-1", "x" * 64]
+)
+def test_a_valid_project_id_is_kept(good: str) -> None:
+    assert load_settings(project_id=good).project_id == good
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "x" * 65, "has_underscore", "has space", "dot.ted", "项目", "abc\n", "a/b"]
+)
+def test_an_invalid_project_id_is_refused_without_echoing_it(bad: str) -> None:
+    message = config_error(project_id=bad)
+    assert "project_id" in message
+    if bad:
+        assert bad not in message
+
+
+@pytest.mark.parametrize(
+    ("region", "endpoint"),
+    [
+        ("cn-north-4", "https://modelarts.cn-north-4.myhuaweicloud.com"),
+        ("ap-southeast-1", "https://modelarts.ap-southeast-1.myhuaweicloud.cn"),
+        ("ap-southeast-3", "https://modelarts.ap-southeast-3.myhuaweicloud.com"),
+        ("sa-brazil-1", "https://modelarts.sa-brazil-1.myhuaweicloud.com"),
+    ],
+)
+def test_the_endpoint_follows_the_region(region: str, endpoint: str) -> None:
+    assert load_settings(region=region).api_endpoint == endpoint
+    assert endpoint_for(region) == endpoint
+
+
+def test_an_explicit_endpoint_beats_the_region_and_loses_its_trailing_slash() -> None:
+    settings = load_settings(region="cn-north-4", endpoint="https://proxy.example.com:8443/")
+    assert settings.api_endpoint == "https://proxy.example.com:8443"
+
+
+def test_without_endpoint_or_region_the_api_endpoint_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="endpoint or region"):
+        _ = load_settings().api_endpoint
+
+
+@pytest.mark.parametrize("bad", ["cn-nörth-4", "CN-NORTH-4", "cn_north_4", "north", "cn-", ""])
+def test_an_invalid_region_is_refused(bad: str) -> None:
+    assert "region" in config_error(region=bad)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8443",
+        "http://127.5.6.7",
+        "http://[::1]:9000",
+        "http://localhost:8080",
+        "https://modelarts.cn-north-4.myhuaweicloud.com",
+        "https://10.0.0.1",
+    ],
+)
+def test_https_anywhere_and_plain_http_on_loopback_are_accepted(url: str) -> None:
+    assert load_settings(endpoint=url).endpoint == url
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://modelarts.cn-north-4.myhuaweicloud.com", "loopback"),
+        ("http://10.0.0.1:8443", "loopback"),
+        ("http://0.0.0.0:8443", "loopback"),
+        ("http://127.0.0.1.nip.io", "loopback"),
+        ("ftp://127.0.0.1", "http(s) URL"),
+        ("modelarts.cn-north-4.myhuaweicloud.com", "http(s) URL"),
+        ("https://", "http(s) URL"),
+        ("https://host.example/?x=1", "query"),
+        ("https://host.example:99999", "port"),
+    ],
+)
+def test_an_unsafe_or_malformed_endpoint_is_refused(url: str, reason: str) -> None:
+    message = config_error(endpoint=url)
+    assert "endpoint" in message
+    assert reason in message
+
+
+def test_an_endpoint_with_a_password_is_refused_without_echoing_it() -> None:
+    message = config_error(endpoint=f"https://user:{CANARY}@modelarts.example.com")
+    assert "user name or password" in message
+    assert CANARY not in message
+
+
+@pytest.mark.parametrize(
+    ("field", "good", "bad"),
+    [
+        ("batch_size", [1, MAX_BATCH_SIZE], [0, -1, MAX_BATCH_SIZE + 1]),
+        ("concurrency", [1, 256], [0, 257]),
+        ("rate", [0.01, 10_000], [0, -1, 10_000.5, float("nan")]),
+        ("burst", [1], [0]),
+        ("max_attempts", [1, 50], [0, 51]),
+        ("http_port", [0, 65535], [-1, 65536]),
+        ("deadline", [0.5], [0, -3]),
+    ],
+)
+def test_numbers_are_bounded(field: str, good: list[float], bad: list[float]) -> None:
+    for value in good:
+        given: dict[str, Any] = {field: value}
+        assert getattr(load_settings(**given), field) == value
+    for value in bad:
+        assert field in config_error(**{field: value})
+
+
+def test_bounds_apply_to_environment_strings_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REAPER_BATCH_SIZE", "5000")
+    assert "batch_size" in config_error()
+    monkeypatch.setenv("REAPER_BATCH_SIZE", "many")
+    assert "batch_size" in config_error()
+
+
+# -- secrets never show -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"sk = {{ value = '{CANARY}' }}\n",
+        f"security_token = ['{CANARY}']\n",
+        "sk = 9876543210123\n",
+        f"sk = {CANARY}\n",
+        f'sk = "{CANARY}\n',
+        f"sk = '''{CANARY}",
+    ],
+    ids=["table", "list", "number", "bare-word", "unterminated", "unterminated-multiline"],
+)
+def test_an_invalid_secret_in_the_config_file_is_named_but_not_shown(
+    tmp_path: Path, text: str
+) -> None:
+    """The secret itself is the invalid input (a non-string, or broken TOML around it)."""
+    message = config_error(config=toml(tmp_path, text))
+    assert "sk" in message or "security_token" in message or "TOML" in message
+    assert CANARY not in message
+    assert "9876543210123" not in message
+
+
+def test_a_validation_error_elsewhere_does_not_echo_the_secrets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("REAPER_SK", CANARY)
+    monkeypatch.setenv("HUAWEICLOUD_SDK_SECURITY_TOKEN", CANARY + "-token")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(batch_size=0, project_id="bad id")
+    for text in (str(caught.value), repr(caught.value)):
+        assert "batch_size" in text
+        assert "project_id" in text
+        assert CANARY not in text
+
+
+def test_repr_str_and_dump_never_show_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REAPER_SECURITY_TOKEN", CANARY + "-token")
+    settings = load_settings(sk=CANARY, ak="AKIDPUBLIC", project_id="p1", region="cn-north-4")
+    assert settings.sk is not None
+    assert settings.sk.get_secret_value() == CANARY
+    for text in (repr(settings), str(settings), settings.model_dump_json()):
+        assert CANARY not in text
+        assert "**********" in text
+
+
+def test_require_api_names_what_is_missing_not_what_is_set() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(sk=CANARY, region="cn-north-4").require_api()
+    message = str(caught.value)
+    assert "--project-id" in message
+    assert "--ak" in message
+    assert "--sk" not in message
+    assert CANARY not in message
+    load_settings(sk=CANARY, ak="AK", project_id="p1", region="cn-north-4").require_api()
