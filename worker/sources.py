@@ -42,7 +42,7 @@ import zlib
 from collections.abc import Generator, Iterator
 from itertools import islice
 from pathlib import PurePath
-from typing import TYPE_CHECKING, BinaryIO, Literal, TypeAlias
+from typing import IO, TYPE_CHECKING, Literal, TypeAlias
 
 from worker.errors import InputUnreadable, UsageError
 from worker.intake import NOT_UTF8, escape, line_too_long, validate
@@ -103,7 +103,7 @@ def read_entries(
     path: str,
     fmt: str = "auto",
     *,
-    stdin: BinaryIO | None = None,
+    stdin: IO[bytes] | None = None,
     max_line_bytes: int = 4096,
 ) -> EntryReader:
     """Stream the entries of ``path`` (``-``: ``stdin``, default ``sys.stdin.buffer``).
@@ -137,7 +137,7 @@ def read_chunks(entries: Iterator[Entry], size: int) -> Iterator[list[Entry]]:
         yield chunk
 
 
-def _open(path: str) -> BinaryIO:
+def _open(path: str) -> IO[bytes]:
     try:
         return open(path, "rb")  # closed by EntryReader
     except FileNotFoundError:
@@ -162,7 +162,7 @@ class EntryReader:
     __slots__ = ("_entries", "_parse")
 
     def __init__(
-        self, path: str, fmt: Format, source: BinaryIO, owned: bool, max_line_bytes: int
+        self, path: str, fmt: Format, source: IO[bytes], owned: bool, max_line_bytes: int
     ) -> None:
         self._parse = _Parse(path, fmt, source, owned, max_line_bytes)
         self._entries = self._parse.generate()
@@ -201,7 +201,7 @@ class _Parse:
     """The state of one read: the source, the format, and the progress for messages."""
 
     def __init__(
-        self, path: str, fmt: Format, source: BinaryIO, owned: bool, max_line_bytes: int
+        self, path: str, fmt: Format, source: IO[bytes], owned: bool, max_line_bytes: int
     ) -> None:
         self.path = path
         self.format: Format = fmt
@@ -515,7 +515,7 @@ class _Rewound(io.RawIOBase):
     instead of after a full buffer. Closing it leaves the source open.
     """
 
-    def __init__(self, head: bytes, source: BinaryIO) -> None:
+    def __init__(self, head: bytes, source: IO[bytes]) -> None:
         super().__init__()
         self._head = head
         self._source = source
