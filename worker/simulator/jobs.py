@@ -85,6 +85,7 @@ class JobStore:
     jobs: dict[str, Job] = field(default_factory=dict)
     deleted: set[str] = field(default_factory=set)
     delete_counts: dict[str, int] = field(default_factory=dict)
+    sent_counts: dict[str, int] = field(default_factory=dict)  # ids named in accepted DELETEs
     _rng: random.Random = field(init=False, repr=False)
     _seq: int = field(default=0, init=False)
 
@@ -167,7 +168,9 @@ class JobStore:
         """Delete the ids that exist; the others (never were, or already gone) are skipped."""
         removed: list[Job] = []
         jobs = self.jobs
+        sent = self.sent_counts
         for job_id in ids:
+            sent[job_id] = sent.get(job_id, 0) + 1
             job = jobs.pop(job_id, None)
             if job is None:
                 continue

@@ -96,6 +96,11 @@ class Simulator:
         """How many times each id's delete was applied (never more than 1)."""
         return self.store.delete_counts
 
+    @property
+    def sent_counts(self) -> dict[str, int]:
+        """How many accepted DELETE calls named each id (resends show here, not above)."""
+        return self.store.sent_counts
+
     # -- what tests change --------------------------------------------------------------
     def add_jobs(self, n: int, **fields: Any) -> list[str]:
         """Create ``n`` more seeded jobs; ``fields`` pins e.g. ``status`` or ``create_at``."""

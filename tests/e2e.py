@@ -1,0 +1,108 @@
+"""Helpers for end-to-end tests: the real CLI in a subprocess against an in-process simulator."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+from anyio.abc import Process
+
+SIM_AK = "DEMOAK"
+SIM_SK = "demo-secret-key"
+SIM_PROJECT = "demo-project"
+
+
+def reaper_env(endpoint: str, **extra: str) -> dict[str, str]:
+    """A clean environment for the CLI: only what the test sets, plus PATH and HOME."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("REAPER_", "HUAWEICLOUD_", "HC_CONTAINER_"))
+    }
+    env.update(
+        REAPER_ENDPOINT=endpoint,
+        REAPER_PROJECT_ID=SIM_PROJECT,
+        REAPER_AK=SIM_AK,
+        REAPER_SK=SIM_SK,
+        REAPER_LOG_FORMAT="json",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    code: int
+    stdout: str
+    stderr: str
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        found = []
+        for line in self.stdout.splitlines():
+            if not line.startswith("{"):
+                continue
+            event = orjson.loads(line)
+            if name is None or event.get("event") == name:
+                found.append(event)
+        return found
+
+    def summary(self) -> dict[str, Any]:
+        summaries = self.events("run.summary")
+        assert len(summaries) == 1, f"expected one run.summary, got {len(summaries)}\n{self.stderr}"
+        return summaries[0]
+
+
+async def reaper(
+    args: Sequence[str], env: Mapping[str, str], *, stdin: bytes | None = None
+) -> Finished:
+    """Run ``python -m worker ARGS`` to the end without blocking the event loop."""
+    result = await anyio.run_process(
+        [sys.executable, "-m", "worker", *args],
+        env=dict(env),
+        input=stdin if stdin is not None else b"",
+        check=False,
+    )
+    return Finished(result.returncode, result.stdout.decode(), result.stderr.decode())
+
+
+async def start_reaper(args: Sequence[str], env: Mapping[str, str]) -> Process:
+    return await anyio.open_process(
+        [sys.executable, "-m", "worker", *args], env=dict(env), stdin=None
+    )
+
+
+async def read_all(process: Process) -> tuple[str, str]:
+    out, err = bytearray(), bytearray()
+
+    async def drain(stream: Any, into: bytearray) -> None:
+        if stream is None:
+            return
+        async for chunk in stream:
+            into.extend(chunk)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(drain, process.stdout, out)
+        group.start_soon(drain, process.stderr, err)
+    await process.wait()
+    return out.decode(), err.decode()
+
+
+def interrupt(process: Process, signum: int = signal.SIGTERM) -> None:
+    process.send_signal(signum)
+
+
+def write_ids(path: Path, ids: Sequence[str]) -> Path:
+    path.write_text("\n".join(ids) + "\n", encoding="utf-8")
+    return path
+
+
+def results(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]

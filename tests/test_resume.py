@@ -1,0 +1,158 @@
+"""Crash and resume for real: `run` in a subprocess, killed, run again on the same ledger."""
+
+from __future__ import annotations
+
+import random
+import signal
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+
+from tests.e2e import read_all, reaper, reaper_env, start_reaper, write_ids
+from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+BATCH, CONCURRENCY = 10, 4
+WINDOW = BATCH * CONCURRENCY
+
+
+def run_args(src: Path, ledger: Path) -> list[str]:
+    return ["run", "-i", str(src), "--yes", "--ledger", str(ledger),
+            "--batch-size", str(BATCH), "--concurrency", str(CONCURRENCY),
+            "--rate", "2000", "--burst", "50"]  # fmt: skip
+
+
+async def ledger_outcomes(ledger: Path, env: dict[str, str]) -> list[dict[str, object]]:
+    export = await reaper(["report", "--ledger", str(ledger), "--format", "jsonl"], env)
+    assert export.code == 0, export.stderr
+    return [orjson.loads(line) for line in export.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("seed", range(10))
+async def test_kill_9_at_random_points_then_resume_loses_and_repeats_nothing(
+    tmp_path: Path, seed: int
+) -> None:
+    rng = random.Random(seed)
+    config = SimulatorConfig(
+        jobs=400, seed=seed, faults=FaultConfig(latency_ms=4.0, latency_jitter=False)
+    )
+    async with run_simulator(config) as sim:
+        real = sim.job_ids()
+        valid = real + [f"ghost-{seed}-{n}" for n in range(10)]
+        src = write_ids(tmp_path / "ids.txt", [*valid, "not valid!", *real[:20]])
+        ledger = tmp_path / "ledger.db"
+        env = reaper_env(sim.url)
+        kills = 0
+        for _ in range(3):  # several kills per run, at random points
+            process = await start_reaper(run_args(src, ledger), env)
+            async with process:
+                before = sim.stats.delete_calls
+                target = before + rng.randint(1, 12)
+                with anyio.fail_after(30):
+                    while sim.stats.delete_calls < target and process.returncode is None:
+                        await anyio.sleep(0.005)
+                if process.returncode is None:
+                    process.kill()
+                    kills += 1
+                await process.wait()
+        for _ in range(5):  # then run again until it finishes
+            done = await reaper(run_args(src, ledger), env)
+            if done.code != 75:
+                break
+        assert done.code == 1, done.stderr  # 1: the invalid line is rejected
+        rows = await ledger_outcomes(ledger, env)
+        per_id = Counter(str(row["job_id"]) for row in rows)
+        assert set(per_id) == set(valid)
+        assert max(per_id.values()) == 1
+        assert sim.deleted == set(real)
+        assert max(sim.delete_counts.values()) == 1
+        resent = sum(sim.sent_counts.values()) - len(sim.sent_counts)
+        assert kills >= 1
+        assert resent <= kills * WINDOW, f"{resent} ids sent again after {kills} kills"
+
+
+async def test_sigterm_then_resume_exits_75_then_0(tmp_path: Path) -> None:
+    config = SimulatorConfig(jobs=600, faults=FaultConfig(latency_ms=10.0, latency_jitter=False))
+    async with run_simulator(config) as sim:
+        real = sim.job_ids()
+        src = write_ids(tmp_path / "ids.txt", real)
+        ledger = tmp_path / "ledger.db"
+        env = reaper_env(sim.url)
+        process = await start_reaper(run_args(src, ledger), env)
+        async with process:
+            with anyio.fail_after(30):
+                while sim.stats.delete_calls < 5:
+                    await anyio.sleep(0.01)
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(30):
+                _, stderr = await read_all(process)
+        assert process.returncode == 75, stderr
+        first = set(sim.deleted)
+        assert 0 < len(first) < len(real)
+        done = await reaper(run_args(src, ledger), env)
+        assert done.code == 0, done.stderr
+        summary = done.summary()
+        assert summary["already_done"] >= len(first) - WINDOW
+        assert sim.deleted == set(real)
+        assert max(sim.delete_counts.values()) == 1
+        rows = await ledger_outcomes(ledger, env)
+        assert sorted(str(r["job_id"]) for r in rows) == sorted(real)
+
+
+async def test_a_second_process_on_the_same_ledger_is_refused(tmp_path: Path) -> None:
+    config = SimulatorConfig(jobs=300, faults=FaultConfig(latency_ms=20.0, latency_jitter=False))
+    async with run_simulator(config) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        ledger = tmp_path / "ledger.db"
+        env = reaper_env(sim.url)
+        first = await start_reaper(run_args(src, ledger), env)
+        async with first:
+            with anyio.fail_after(30):
+                while sim.stats.delete_calls < 2:
+                    await anyio.sleep(0.01)
+            second = await reaper(run_args(src, ledger), env)
+            first.send_signal(signal.SIGTERM)
+            await read_all(first)
+        assert second.code == 78
+        assert "ledger" in second.stdout + second.stderr
+
+
+async def test_a_ledger_for_another_project_refuses_to_start(tmp_path: Path) -> None:
+    async with run_simulator(SimulatorConfig(jobs=5)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        ledger = tmp_path / "ledger.db"
+        env = reaper_env(sim.url)
+        assert (await reaper([*run_args(src, ledger), "--dry-run"], env)).code == 0
+        other = await reaper(run_args(src, ledger), {**env, "REAPER_PROJECT_ID": "other-project"})
+        assert other.code == 78
+        assert "project" in other.stdout + other.stderr
+        assert sim.stats.delete_calls == 0
+
+
+async def test_retry_failed_gives_failed_ids_another_chance(tmp_path: Path) -> None:
+    """An id the API refused ends failed; a later run skips it unless --retry-failed."""
+    src_ids: list[str] = []
+    ledger = tmp_path / "ledger.db"
+    refusing = SimulatorConfig(jobs=20, seed=5, reject_ids=frozenset({"stubborn-1"}))
+    async with run_simulator(refusing) as sim:
+        port = int(sim.url.rsplit(":", 1)[1])
+        src_ids = [*sim.job_ids(), "stubborn-1"]
+        src = write_ids(tmp_path / "ids.txt", src_ids)
+        first = await reaper(run_args(src, ledger), reaper_env(sim.url))
+        assert first.code == 1, first.stderr
+        assert first.summary()["failed"] == 1
+    # The same endpoint again (same port), now accepting the id: it does not exist there.
+    async with run_simulator(SimulatorConfig(jobs=0, seed=5), port=port) as sim:
+        env = reaper_env(sim.url)
+        plain = await reaper(run_args(src, ledger), env)
+        assert plain.code == 0, plain.stderr
+        assert plain.summary()["already_done"] == len(src_ids)
+        assert sim.stats.delete_calls == 0
+        again = await reaper([*run_args(src, ledger), "--retry-failed"], env)
+        assert again.code == 0, again.stderr
+        assert again.summary()["absent"] == 1
+        assert again.summary()["already_done"] == len(src_ids) - 1

@@ -1,0 +1,287 @@
+"""`run` end to end: the real command in a subprocess, the simulator in-process."""
+
+from __future__ import annotations
+
+import gzip
+import signal
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.e2e import (
+    SIM_AK,
+    SIM_PROJECT,
+    SIM_SK,
+    read_all,
+    reaper,
+    reaper_env,
+    results,
+    start_reaper,
+    write_ids,
+)
+from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
+
+pytestmark = pytest.mark.anyio
+
+INVALID = ["bad id!", "x" * 65, "semi;colon", "ünïcode"]
+
+
+async def test_fault_matrix_every_id_ends_with_exactly_one_outcome(tmp_path: Path) -> None:
+    """Thousands of ids, every fault kind on: nothing lost, nothing extra, nothing invalid sent."""
+    faults = FaultConfig(
+        error_before=0.04, error_after=0.04, unavailable=0.04, reset_before=0.03,
+        reset_after=0.03, truncated=0.03, latency_ms=1.0,
+    )  # fmt: skip
+    config = SimulatorConfig(jobs=3000, seed=11, quota=400, burst=20, faults=faults)
+    async with run_simulator(config) as sim:
+        real = sim.job_ids()
+        ghosts = [f"ghost-{n}" for n in range(40)]
+        lines = real + ghosts + INVALID + real[:100]  # 100 repeats
+        src = write_ids(tmp_path / "ids.txt", lines)
+        out = tmp_path / "results.jsonl"
+        done = await reaper(
+            ["run", "-i", str(src), "--yes", "--results", str(out), "--batch-size", "25",
+             "--concurrency", "8", "--rate", "300", "--burst", "20", "--max-attempts", "12"],
+            reaper_env(sim.url),
+        )  # fmt: skip
+        assert done.code == 1, done.stderr  # 1: the invalid lines are rejected
+        rows = results(out)
+        by_id = Counter(row["job_id"] for row in rows if row["outcome"] != "rejected")
+        assert set(by_id) == set(real) | set(ghosts)
+        assert max(by_id.values()) == 1
+        outcome = {row["job_id"]: row["outcome"] for row in rows}
+        assert {outcome[g] for g in ghosts} == {"absent"}
+        assert {outcome[r] for r in real} <= {"deleted", "absent"}
+        assert sum(row["outcome"] == "rejected" for row in rows) == len(INVALID)
+        # The simulator: every real job gone, each deleted exactly once, no 400 (no bad id sent).
+        assert sim.deleted == set(real)
+        assert sim.job_ids() == []
+        assert max(sim.delete_counts.values()) == 1
+        assert sim.stats.faults, "the fault injection did not fire"
+        summary = done.summary()
+        assert summary["deleted"] + summary["absent"] == len(real) + len(ghosts)
+        assert summary["rejected"] == len(INVALID)
+        assert summary["repeated"] == 100
+        assert summary["exit_code"] == 1
+        deleted_events = done.events("job.deleted")
+        assert {e["job_id"] for e in deleted_events} == {r for r in real if outcome[r] == "deleted"}
+        sample = deleted_events[0]
+        fields = ("name", "user_name", "type", "status", "abnormal_count", "create_at",
+                  "update_at", "batch_id", "request_id", "run_id", "timestamp",
+                  "level")  # fmt: skip
+        assert set(fields) <= set(sample)
+        assert sample["create_at"].endswith("Z")
+
+
+async def test_dry_run_sends_no_delete(tmp_path: Path) -> None:
+    async with run_simulator(SimulatorConfig(jobs=50)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        done = await reaper(["run", "-i", str(src), "--dry-run"], reaper_env(sim.url))
+        assert done.code == 0, done.stderr
+        assert sim.stats.delete_calls == 0
+        assert len(sim.job_ids()) == 50
+        assert done.summary()["skipped"] == 50
+        assert {e["reason"] for e in done.events("job.skipped")} == {"dry_run"}
+
+
+async def test_without_a_terminal_or_yes_nothing_is_called_and_it_exits_64(tmp_path: Path) -> None:
+    async with run_simulator(SimulatorConfig(jobs=5)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        done = await reaper(["run", "-i", str(src)], reaper_env(sim.url))
+        assert done.code == 64
+        assert "--yes" in done.stderr
+        assert sim.stats.calls == 0
+
+
+async def test_yes_from_the_environment_is_enough(tmp_path: Path) -> None:
+    async with run_simulator(SimulatorConfig(jobs=5)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        done = await reaper(["run", "-i", str(src)], reaper_env(sim.url, REAPER_YES="true"))
+        assert done.code == 0, done.stderr
+        assert sim.job_ids() == []
+
+
+async def test_stdin_and_gzip_inputs(tmp_path: Path) -> None:
+    async with run_simulator(SimulatorConfig(jobs=20)) as sim:
+        ids = sim.job_ids()
+        gz = tmp_path / "ids.jsonl.gz"
+        gz.write_bytes(
+            gzip.compress(b"".join(b'{"job_id": "%s"}\n' % i.encode() for i in ids[:10]))
+        )
+        first = await reaper(["run", "-i", str(gz), "--yes"], reaper_env(sim.url))
+        assert first.code == 0, first.stderr
+        assert first.summary()["deleted"] == 10
+        second = await reaper(
+            ["run", "-i", "-", "--yes"], reaper_env(sim.url), stdin="\n".join(ids[10:]).encode()
+        )
+        assert second.code == 0, second.stderr
+        assert second.summary()["deleted"] == 10
+        assert sim.job_ids() == []
+
+
+async def test_max_deletions_is_never_exceeded(tmp_path: Path) -> None:
+    async with run_simulator(SimulatorConfig(jobs=300)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        done = await reaper(
+            ["run", "-i", str(src), "--yes", "--max-deletions", "77", "--batch-size", "10",
+             "--concurrency", "16", "--rate", "1000", "--burst", "100"],
+            reaper_env(sim.url),
+        )  # fmt: skip
+        assert len(sim.deleted) == 77
+        summary = done.summary()
+        assert summary["deleted"] == 77
+        assert summary["skipped"] == 300 - 77
+        assert done.code == 1  # work was left undone on purpose: not a clean 0
+
+
+async def test_concurrency_bound_holds_at_the_server(tmp_path: Path) -> None:
+    config = SimulatorConfig(jobs=400, faults=FaultConfig(latency_ms=20.0, latency_jitter=False))
+    async with run_simulator(config) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        done = await reaper(
+            ["run", "-i", str(src), "--yes", "--batch-size", "5", "--concurrency", "3",
+             "--rate", "1000", "--burst", "50"],
+            reaper_env(sim.url),
+        )  # fmt: skip
+        assert done.code == 0, done.stderr
+        assert sim.stats.max_in_flight <= 3
+        assert sim.stats.max_in_flight >= 2  # it did run concurrently
+
+
+# -- exit codes ------------------------------------------------------------------------------
+
+
+async def test_exit_66_when_the_input_does_not_exist(tmp_path: Path) -> None:
+    async with run_simulator(SimulatorConfig(jobs=1)) as sim:
+        done = await reaper(["run", "-i", str(tmp_path / "nope.txt"), "--yes"], reaper_env(sim.url))
+        assert done.code == 66
+        assert sim.stats.calls == 0
+
+
+async def test_exit_77_on_a_wrong_secret_and_nothing_deleted(tmp_path: Path) -> None:
+    async with run_simulator(SimulatorConfig(jobs=30)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        done = await reaper(
+            ["run", "-i", str(src), "--yes"], reaper_env(sim.url, REAPER_SK="wrong-secret")
+        )
+        assert done.code == 77, done.stderr
+        assert sim.deleted == set()
+        assert sim.stats.signature_failures >= 1
+
+
+async def test_exit_69_when_the_api_stays_unavailable(tmp_path: Path) -> None:
+    config = SimulatorConfig(jobs=10, faults=FaultConfig(unavailable=1.0))
+    async with run_simulator(config) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        done = await reaper(
+            ["run", "-i", str(src), "--yes", "--max-attempts", "2"], reaper_env(sim.url)
+        )
+        assert done.code == 69, done.stderr
+        summary = done.summary()
+        assert summary["open"] == 10
+        assert summary["failed"] == 0
+
+
+async def test_exit_69_when_nothing_listens(tmp_path: Path) -> None:
+    src = write_ids(tmp_path / "ids.txt", ["a", "b"])
+    done = await reaper(
+        ["run", "-i", str(src), "--yes", "--max-attempts", "2"],
+        reaper_env("http://127.0.0.1:9"),
+    )
+    assert done.code == 69, done.stderr
+
+
+async def test_exit_78_on_invalid_settings(tmp_path: Path) -> None:
+    src = write_ids(tmp_path / "ids.txt", ["a"])
+    done = await reaper(
+        ["run", "-i", str(src), "--yes", "--project-id", "not/valid"],
+        reaper_env("http://127.0.0.1:9"),
+    )
+    assert done.code == 78
+    assert "project_id" in done.stderr
+
+
+async def test_exit_64_on_a_usage_error() -> None:
+    done = await reaper(["run", "--no-such-flag"], reaper_env("http://127.0.0.1:9"))
+    assert done.code == 64
+
+
+async def test_exit_0_when_all_deleted_or_absent(tmp_path: Path) -> None:
+    async with run_simulator(SimulatorConfig(jobs=10)) as sim:
+        src = write_ids(tmp_path / "ids.txt", [*sim.job_ids(), "gone-1"])
+        done = await reaper(["run", "-i", str(src), "--yes"], reaper_env(sim.url))
+        assert done.code == 0, done.stderr
+        assert done.summary()["absent"] == 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_stops_intake_and_exits_75_with_work_left(
+    tmp_path: Path, signum: int
+) -> None:
+    config = SimulatorConfig(jobs=2000, faults=FaultConfig(latency_ms=30.0, latency_jitter=False))
+    async with run_simulator(config) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        process = await start_reaper(
+            ["run", "-i", str(src), "--yes", "--batch-size", "10", "--concurrency", "2",
+             "--rate", "1000", "--burst", "10", "--grace", "5"],
+            reaper_env(sim.url),
+        )  # fmt: skip
+        async with process:
+            with anyio.fail_after(30):
+                while sim.stats.delete_calls < 5:
+                    await anyio.sleep(0.05)
+            process.send_signal(signum)
+            with anyio.fail_after(30):
+                stdout, stderr = await read_all(process)
+        assert process.returncode == 75, stderr
+        summaries = [line for line in stdout.splitlines() if '"run.summary"' in line]
+        assert len(summaries) == 1
+        assert 0 < len(sim.deleted) < 2000
+
+
+async def test_exit_75_at_the_deadline(tmp_path: Path) -> None:
+    config = SimulatorConfig(jobs=1000, faults=FaultConfig(latency_ms=50.0, latency_jitter=False))
+    async with run_simulator(config) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        done = await reaper(
+            ["run", "-i", str(src), "--yes", "--batch-size", "5", "--concurrency", "1",
+             "--deadline", "1", "--grace", "2"],
+            reaper_env(sim.url),
+        )  # fmt: skip
+        assert done.code == 75, done.stderr
+        assert done.summary()["stop_reason"] == "deadline"
+        assert len(sim.job_ids()) > 0
+
+
+async def test_secrets_never_appear_in_output_or_results(tmp_path: Path) -> None:
+    """Canary AK/SK/token through every fault at debug level: never printed, never written."""
+    ak, sk, token = "CANARYAKXQ7", "canary-secret-sk-ZZ81", "canary-token-TT42"
+    faults = FaultConfig.spread(0.3)
+    config = SimulatorConfig(jobs=200, ak=ak, sk=sk, faults=faults, seed=3, quota=200, burst=5)
+    async with run_simulator(config) as sim:
+        src = write_ids(tmp_path / "ids.txt", [*sim.job_ids(), "bad id"])
+        out = tmp_path / "results.jsonl"
+        env = reaper_env(
+            sim.url, REAPER_AK=ak, REAPER_SK=sk, REAPER_SECURITY_TOKEN=token,
+            REAPER_LOG_LEVEL="debug",
+        )  # fmt: skip
+        done = await reaper(
+            ["run", "-i", str(src), "--yes", "--results", str(out), "--max-attempts", "10",
+             "--rate", "150"],
+            env,
+        )  # fmt: skip
+        wrong = await reaper(["run", "-i", str(src), "--yes"], {**env, "REAPER_SK": sk + "-wrong"})
+        assert wrong.code == 77
+        for text in (done.stdout, done.stderr, out.read_text(), wrong.stdout, wrong.stderr):
+            for secret in (ak, sk, token):
+                assert secret not in text
+        assert done.code in (0, 1), done.stderr
+        assert sim.job_ids() == []
+
+
+def test_simulator_constants_match_the_demo() -> None:
+    from worker.commands import demo
+
+    assert (demo.DEMO_AK, demo.DEMO_SK, demo.DEMO_PROJECT) == (SIM_AK, SIM_SK, SIM_PROJECT)
