@@ -64,7 +64,7 @@ _LOG = ("--log-format", "--log-level")
 COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "run": _API + _DISPATCH + ("--deadline", "--ledger") + _LOG,
     "serve": _API + _DISPATCH + _QUEUE + _LOG,
-    "enqueue": ("--redis-url", "--stream") + _LOG,
+    "enqueue": ("--redis-url", "--stream", *_LOG),
     "check": _API + _LOG,
     "demo": ("--batch-size", "--concurrency", "--rate", "--burst", "--log-format", "--log-level"),
     "simulate": ("--log-format", "--log-level"),
@@ -73,7 +73,28 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error exits 64 as SPEC.md says, not 2."""
+    """argparse, but a usage error exits 64 as SPEC.md says, not 2, and echoes no secret.
+
+    argparse repeats unrecognised arguments verbatim: ``enqueue --sk KEY`` (a command that
+    takes no ``--sk``) would print the key. Only the flag names are shown. Abbreviations
+    are off so that ``--s=KEY`` is unrecognised too, not "ambiguous: --s=KEY".
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            flags = [word.split("=", 1)[0] for word in extras if word.startswith("-")]
+            hidden = sum(1 for word in extras if not word.startswith("-") or "=" in word)
+            if hidden:
+                flags.append(f"{hidden} value{'s' if hidden > 1 else ''} not shown")
+            self.error(f"unrecognized arguments: {', '.join(flags)}")
+        return parsed
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
@@ -95,7 +116,9 @@ def _add_settings(parser: argparse.ArgumentParser, flags: Sequence[str]) -> None
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="devserver-reaper",
-        description="Delete Huawei Cloud ModelArts DevServer jobs in bulk: safely, fast, resumably.",
+        description=(
+            "Delete Huawei Cloud ModelArts DevServer jobs in bulk: safely, fast, resumably."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--config", help="TOML settings file (env REAPER_CONFIG)")

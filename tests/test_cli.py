@@ -1,0 +1,250 @@
+"""The command line's contract: one flag per setting, exit 64 on usage errors, 78 on invalid
+settings, ``--help`` everywhere, no secret echoed, and a start that imports no heavy library.
+
+Exit codes are checked on the real ``python -m worker`` in a subprocess. Every case here
+fails before any command runs (parsing or settings), so nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worker.cli import COMMAND_SETTINGS, SETTING_FLAGS, build_parser, settings_overrides
+from worker.exit_codes import ExitCode
+from worker.settings import Settings
+
+CANARY = "CANARY-s3cr3t-5d2c8a"
+HEAVY = ("aiohttp", "pydantic", "pydantic_settings", "structlog", "redis", "rich", "orjson")
+
+
+def run_worker(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m worker ARGS`` with none of the developer's REAPER_/HUAWEICLOUD_ variables."""
+    clean = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("REAPER_", "HUAWEICLOUD_", "HC_CONTAINER_"))
+    }
+    clean.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        capture_output=True,
+        text=True,
+        env=clean,
+        cwd=cwd or Path(__file__).resolve().parent.parent,
+        timeout=60,
+        check=False,
+    )
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise AssertionError("no subcommands")
+
+
+# -- the flag table --------------------------------------------------------------------
+
+
+def test_every_setting_has_a_flag_and_every_flag_a_setting() -> None:
+    """Adding a setting without its flag (or a flag without a setting) fails here."""
+    flags = {flag.removeprefix("--").replace("-", "_") for flag, _, _ in SETTING_FLAGS}
+    assert flags == set(Settings.model_fields)
+    assert len(SETTING_FLAGS) == len(flags), "a flag is listed twice"
+
+
+def test_every_setting_flag_is_offered_by_some_command_and_every_command_is_listed() -> None:
+    offered = {flag for flags in COMMAND_SETTINGS.values() for flag in flags}
+    assert offered == {flag for flag, _, _ in SETTING_FLAGS}
+    assert set(COMMAND_SETTINGS) == set(_subcommands())
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_SETTINGS))
+def test_each_settings_flag_reaches_the_setting_of_its_name(command: str) -> None:
+    """``--batch-size 3`` arrives as ``batch_size=3``, typed as the table says."""
+    kinds = {flag: kind for flag, kind, _ in SETTING_FLAGS}
+    required = ["--input", "-"] if command in ("run", "enqueue") else []
+    for flag in COMMAND_SETTINGS[command]:
+        kind = kinds[flag]
+        argv = [command, *required, flag] if kind == "bool" else [command, *required, flag, "7"]
+        overrides = settings_overrides(build_parser().parse_args(argv))
+        name = flag.removeprefix("--").replace("-", "_")
+        assert overrides == {name: True if kind == "bool" else kind("7")}, flag
+        assert name in Settings.model_fields
+
+
+def test_flags_not_given_are_not_overrides() -> None:
+    """A flag left out must not hide the environment or the config file (None = not given)."""
+    assert settings_overrides(build_parser().parse_args(["check"])) == {}
+
+
+# -- --help --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_SETTINGS))
+def test_help_of_every_command_works_and_lists_its_settings(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([command, "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: devserver-reaper {command}")
+    for flag in COMMAND_SETTINGS[command]:
+        assert flag in text, flag
+
+
+def test_top_level_help_and_version_exit_zero() -> None:
+    helped = run_worker("--help")
+    assert helped.returncode == 0, helped.stderr
+    for command in COMMAND_SETTINGS:
+        assert command in helped.stdout
+    version = run_worker("--version")
+    assert version.returncode == 0
+    assert version.stdout.startswith("devserver-reaper ")
+
+
+def test_importing_the_cli_and_printing_help_imports_no_heavy_library() -> None:
+    """``--help`` must start fast: only the standard library until a command runs. Checked
+    on sys.modules in a fresh interpreter, never with a stopwatch."""
+    probe = (
+        "import json, sys\n"
+        "import worker.cli\n"
+        "after_import = sorted(sys.modules)\n"
+        "try:\n"
+        "    worker.cli.build_parser().parse_args(['run', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(json.dumps([after_import, sorted(sys.modules)]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    after_import, after_help = json.loads(done.stdout.strip().splitlines()[-1])
+    for loaded in (after_import, after_help):
+        roots = {name.split(".")[0] for name in loaded}
+        assert not roots & set(HEAVY), sorted(roots & set(HEAVY))
+    assert "worker.cli" in after_import  # the probe did import what it checks
+
+
+# -- exit codes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["no-such-command"],
+        ["run"],
+        ["run", "--input", "ids.txt", "--batch-size", "many"],
+        ["run", "--input", "ids.txt", "--input-format", "xml"],
+        ["run", "--input", "ids.txt", "--no-such-flag"],
+        ["check", "--rate"],
+    ],
+    ids=[
+        "no-command",
+        "unknown-command",
+        "missing-input",
+        "bad-int",
+        "bad-choice",
+        "unknown-flag",
+        "missing-value",
+    ],
+)
+def test_usage_errors_exit_64(argv: list[str]) -> None:
+    done = run_worker(*argv)
+    assert done.returncode == 64, done.stderr
+    assert ExitCode.USAGE.value == 64
+    assert "usage: devserver-reaper" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["enqueue", "--input", "ids.txt", "--sk", CANARY],
+        ["demo", f"--sk={CANARY}"],
+        ["run", "--input", "ids.txt", f"--s={CANARY}"],
+        ["check", "--secret-key", CANARY],
+    ],
+    ids=["flag-the-command-lacks", "flag-with-equals", "abbreviation", "misspelt"],
+)
+def test_a_usage_error_never_echoes_a_secret(argv: list[str]) -> None:
+    """argparse would repeat the unrecognised words, the secret among them; we name flags."""
+    done = run_worker(*argv)
+    assert done.returncode == 64
+    assert "unrecognized arguments" in done.stderr
+    assert CANARY not in done.stderr + done.stdout
+
+
+def test_invalid_settings_exit_78_naming_the_field_not_the_secret(tmp_path: Path) -> None:
+    done = run_worker(
+        "run", "--input", "ids.txt", "--batch-size", "0", "--sk", CANARY,
+        env={"REAPER_SECURITY_TOKEN": CANARY, "HUAWEICLOUD_SDK_AK": CANARY},
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 78
+    assert ExitCode.CONFIG.value == 78
+    assert "batch_size" in done.stderr
+    assert CANARY not in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
+
+
+def test_a_flag_overrides_the_environment_even_into_an_error(tmp_path: Path) -> None:
+    """REAPER_BATCH_SIZE=10 is valid; the flag that replaces it is not: 78, so the flag won."""
+    done = run_worker(
+        "run", "--input", "ids.txt", "--batch-size", "5000",
+        env={"REAPER_BATCH_SIZE": "10"}, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 78
+    assert "batch_size" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        (["check", "--project-id", "not_valid!"], {}, "project_id"),
+        (["check", "--sk-file", "."], {"REAPER_SK": CANARY}, "sk_file"),
+        (["check", "--config", "missing.toml"], {}, "missing.toml"),
+        (["check"], {"REAPER_CONFIG": "gone.toml"}, "REAPER_CONFIG"),
+        (["check", "--endpoint", "http://example.com"], {}, "endpoint"),
+        (["check", "--log-format", "xml"], {}, "log_format"),
+        (["check"], {"REAPER_RATE": "fast"}, "rate"),
+    ],
+    ids=[
+        "project-id",
+        "sk-file-is-a-directory",
+        "config-flag-missing",
+        "config-env-missing",
+        "plain-http",
+        "log-format",
+        "env-rate",
+    ],
+)
+def test_each_kind_of_bad_setting_exits_78(
+    tmp_path: Path, argv: list[str], env: dict[str, str], named: str
+) -> None:
+    done = run_worker(*argv, env=env, cwd=tmp_path)
+    assert done.returncode == 78, done.stderr
+    assert named in done.stderr
+    assert CANARY not in done.stderr
+
+
+def test_config_is_read_whether_given_before_or_after_the_command(tmp_path: Path) -> None:
+    """--config on the command and on the subcommand both name the file."""
+    config = tmp_path / "reaper.toml"
+    config.write_text("batch_size = 0\n", encoding="utf-8")
+    for argv in (["--config", str(config), "check"], ["check", "--config", str(config)]):
+        done = run_worker(*argv, cwd=tmp_path)
+        assert done.returncode == 78, argv
+        assert "batch_size" in done.stderr
