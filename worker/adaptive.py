@@ -1,0 +1,393 @@
+"""``--rate auto``: find the API's undocumented quota, use nearly all of it, and keep to it.
+
+Nobody documents the DevServer delete call's quota, so the rate is learnt from the answers.
+Why not botocore's adaptive mode (CUBIC on the rate, cut to 0.7x on every throttle) or
+rclone's pacer (multiply the sleep on errors, shrink it on success): both probe past the
+limit at the same pace forever and cut far below it each time, so against a steady quota
+they pay a throttle, and here a ``Retry-After`` pause of every call, every few seconds.
+This controller keeps a ``level`` it believes safe and only ever leaves it on purpose:
+
+- **startup**: from ``initial_rate`` (2 calls/s) the rate grows smoothly, doubling every
+  ``startup_interval``, while calls succeed (never past twice the rate really sent, so a
+  worker held back by its concurrency does not talk itself into a rate it never uses). The
+  first throttle ends it: the level becomes ``1 - margin`` of the rate refused.
+- **cruise** at the level for ``hold`` seconds, then **probe**: ``step`` (3 %) above it for
+  ``probe_time`` seconds. A refused probe costs one pause and nothing else (the level was
+  never in doubt), and the next cruise lasts ``hold_growth`` times longer, so a steady quota
+  is probed rarely. A probe that passes raises the level and doubles the next step at once:
+  a quota that rose is found again in a few probes (3 %, 6 %, 12 %, ...).
+- a throttle while cruising means the quota fell (or a server's burst hid an overshoot):
+  the level is cut by ``beta``, again on each further throttle, until refusals stop.
+- a throttle for a call sent before the last cut says nothing new and is ignored.
+- ``Retry-After`` pauses every call (``AdaptiveRateLimiter`` waits on ``pause_until``).
+- 503s (``on_overload``) and clearly rising latency (the mean of the last
+  ``latency_samples`` calls above ``latency_factor`` times the fastest seen plus
+  ``latency_floor_s``) count as a throttle without ``Retry-After``.
+
+``RateController`` is pure arithmetic over the times passed in, and what it has learnt is
+the frozen ``ControllerState``, so replicas can share it (see ``worker.service``): one
+process folds its answers in and stores the state; every replica paces itself with the rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Literal
+
+import anyio
+import anyio.lowlevel
+
+from worker.clock import Clock
+from worker.ratelimit import LocalRateLimiter, RateLimiter, TokenBucket
+
+
+class Phase(StrEnum):
+    STARTUP = "startup"
+    CRUISE = "cruise"
+    PROBE = "probe"
+
+
+@dataclass(frozen=True, slots=True)
+class AdaptiveConfig:
+    """The controller's constants. The defaults suit quotas from about 1 to 5,000 calls/s."""
+
+    initial_rate: float = 2.0
+    min_rate: float = 0.2
+    max_rate: float = 10_000.0
+    startup_interval: float = 0.75  # seconds per doubling while starting up
+    margin: float = 0.03  # the level after startup: this far under the rate refused
+    step: float = 0.03  # a probe goes this far above the level ...
+    min_step: float = 0.01
+    max_step: float = 1.0
+    probe_time: float = 2.0  # ... for this long (or ``probe_calls`` calls, if longer)
+    probe_calls: int = 10
+    hold: float = 5.0  # first cruise before probing, seconds
+    hold_growth: float = 3.0  # each refused probe makes the next cruise this much longer
+    max_hold: float = 30.0  # ... up to this: the longest a rise of the quota goes unseen
+    beta: float = 0.85  # cut on a throttle while cruising
+    window: float = 1.0  # seconds of recent sends that say how fast we really send
+    latency_factor: float = 3.0
+    latency_floor_s: float = 0.05
+    latency_samples: int = 20
+    max_pause: float = 30.0  # longest Retry-After pause honoured
+
+    def __post_init__(self) -> None:
+        positive = ("initial_rate", "min_rate", "max_rate", "startup_interval", "step",
+                    "min_step", "max_step", "probe_time", "hold", "max_hold", "window",
+                    "max_pause")  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, not {value!r}")
+        if not self.min_rate <= self.initial_rate <= self.max_rate:
+            raise ValueError("need min_rate <= initial_rate <= max_rate")
+        if not (0 < self.beta < 1 and 0 <= self.margin < 1 and self.hold_growth >= 1):
+            raise ValueError("need 0 < beta < 1, 0 <= margin < 1 and hold_growth >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerState:
+    """What the controller has learnt: small, immutable, storable (in Redis, say)."""
+
+    rate: float  # calls/s to use now
+    level: float  # the rate believed safe (startup: the rate reached so far)
+    phase: Phase
+    since: float  # when the phase began (startup: the last growth step)
+    step: float  # the next probe's height over the level, as a fraction
+    hold: float  # how long the next cruise lasts
+    cut_at: float  # the last cut: throttles for calls sent before it are old news
+    cuts: int  # refusals in a row at the level (each cuts harder)
+    pause_until: float  # no call starts before this (Retry-After)
+
+
+class RateController:
+    """Pure arithmetic: events with their times in, the rate to use out.
+
+    Call ``on_sent`` when a call starts, and ``on_success``, ``on_throttle`` or
+    ``on_overload`` when it ends; each returns the rate from then on. ``rate_at(now)`` moves
+    the phases along between events. Times passed in must not go backwards.
+    """
+
+    __slots__ = ("_config", "_latencies", "_min_latency", "_sends", "_state")
+
+    def __init__(self, now: float, config: AdaptiveConfig | None = None) -> None:
+        self._config = config or AdaptiveConfig()
+        c = self._config
+        self._state = ControllerState(
+            rate=c.initial_rate,
+            level=c.initial_rate,
+            phase=Phase.STARTUP,
+            since=now,
+            step=c.step,
+            hold=c.hold,
+            cut_at=-math.inf,
+            cuts=0,
+            pause_until=-math.inf,
+        )
+        self._sends: deque[float] = deque()
+        self._latencies: deque[float] = deque(maxlen=c.latency_samples)
+        self._min_latency = math.inf
+
+    @property
+    def config(self) -> AdaptiveConfig:
+        return self._config
+
+    @property
+    def state(self) -> ControllerState:
+        return self._state
+
+    def restore(self, state: ControllerState) -> None:
+        """Adopt a state learnt elsewhere (another replica's, through Redis)."""
+        self._state = state
+
+    @property
+    def rate(self) -> float:
+        return self._state.rate
+
+    def pause_until(self) -> float:
+        return self._state.pause_until
+
+    # -- events --------------------------------------------------------------------------
+    def on_sent(self, now: float) -> None:
+        """A call starts: the measure of how fast we really send."""
+        self._sends.append(now)
+
+    def on_success(self, now: float, latency: float | None = None) -> float:
+        """A call was answered (any answer but a throttle or a 503)."""
+        if latency is not None and latency >= 0:
+            self._latencies.append(latency)
+            self._min_latency = min(self._min_latency, latency)
+            if self._latency_rising() and now - latency >= self._state.cut_at:
+                self._latencies.clear()
+                return self._cut(now)
+        return self.rate_at(now)
+
+    def on_throttle(
+        self, now: float, retry_after: float | None = None, latency: float | None = None
+    ) -> float:
+        """A 429. ``latency`` dates the call: one sent before the last cut is old news."""
+        if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
+            until = now + min(retry_after, self._config.max_pause)
+            if until > self._state.pause_until:
+                self._state = replace(self._state, pause_until=until)
+        sent = now - latency if latency is not None and latency >= 0 else now
+        if sent < self._state.cut_at:
+            return self._state.rate
+        return self._cut(now)
+
+    def on_overload(self, now: float, latency: float | None = None) -> float:
+        """A 503: the service is overloaded. A throttle without Retry-After."""
+        return self.on_throttle(now, None, latency)
+
+    # -- arithmetic ----------------------------------------------------------------------
+    def _sent_rate(self, now: float) -> float:
+        """Calls started per second over the last ``window``."""
+        sends = self._sends
+        horizon = now - self._config.window
+        while sends and sends[0] < horizon:
+            sends.popleft()
+        return len(sends) / self._config.window
+
+    def _latency_rising(self) -> bool:
+        c = self._config
+        if len(self._latencies) < c.latency_samples or not math.isfinite(self._min_latency):
+            return False
+        mean = sum(self._latencies) / len(self._latencies)
+        return mean > c.latency_factor * self._min_latency + c.latency_floor_s
+
+    def _probe_length(self, rate: float) -> float:
+        return max(self._config.probe_time, self._config.probe_calls / rate)
+
+    def rate_at(self, now: float) -> float:
+        """The rate at ``now``: startup grows, cruise holds, probes start and pass."""
+        s = self._state
+        c = self._config
+        if now < s.pause_until:
+            return s.rate
+        since = max(s.since, s.pause_until)
+        if s.phase is Phase.STARTUP:
+            if now > since:
+                grown = s.rate * 2.0 ** ((now - since) / c.startup_interval)
+                cap = max(2.0 * self._sent_rate(now), s.rate)
+                rate = min(grown, cap, c.max_rate)
+                s = replace(s, rate=rate, level=rate, since=now)
+        elif s.phase is Phase.CRUISE:
+            if now - since >= s.hold:
+                # Probe, unless we do not even send at the level (then nothing is learnt).
+                if self._sent_rate(now) >= 0.5 * s.level or s.level <= c.min_rate:
+                    rate = min(s.level * (1.0 + s.step), c.max_rate)
+                    s = replace(s, phase=Phase.PROBE, rate=rate, since=now)
+                else:
+                    s = replace(s, since=now)
+        elif now - since >= self._probe_length(s.rate):
+            # The probe passed: its rate is the new level, and the next probe goes higher
+            # at once, so a quota that rose is found in a few steps.
+            step = min(2.0 * s.step, c.max_step)
+            rate = min(s.rate * (1.0 + step), c.max_rate)
+            s = replace(s, level=s.rate, rate=rate, step=step, since=now, hold=c.hold, cuts=0)
+        self._state = s
+        return s.rate
+
+    def _cut(self, now: float) -> float:
+        self.rate_at(now)
+        s = self._state
+        c = self._config
+        if s.phase is Phase.PROBE:
+            # The probe found the top: the level stands. Probe less often from now on, and
+            # by half the step (down to ``min_step``), closing in on the quota from below.
+            level = s.level
+            wide = s.step > c.step  # a big step refused: the quota is still far above
+            hold = c.hold if wide else min(s.hold * c.hold_growth, c.max_hold)
+            step = max(s.step / 2.0, c.min_step)
+        elif s.phase is Phase.STARTUP:
+            level = (1.0 - c.margin) * s.rate
+            hold = c.hold
+            step = c.step
+        else:
+            # Refused at the level: a server's burst hid an overshoot (a mild cut is
+            # enough), or the quota fell: each further refusal in a row cuts harder.
+            level = c.beta ** (s.cuts + 1) * s.level
+            hold = c.hold
+            step = c.step
+        level = min(max(level, c.min_rate), c.max_rate)
+        cuts = s.cuts + 1 if s.phase is Phase.CRUISE else 0
+        self._state = replace(
+            s,
+            cuts=cuts,
+            rate=level,
+            level=level,
+            phase=Phase.CRUISE,
+            since=now,
+            step=step,
+            hold=hold,
+            cut_at=now,
+        )
+        return level
+
+    def __repr__(self) -> str:
+        s = self._state
+        return (
+            f"RateController(rate={s.rate:.4g}, level={s.level:.4g}, phase={s.phase.value}, "
+            f"hold={s.hold:g})"
+        )
+
+
+class AdaptiveRateLimiter:
+    """A ``RateLimiter`` whose rate a ``RateController`` sets from the calls' answers.
+
+    Calls are spaced by a ``TokenBucket`` with a burst of 1 by default: the server's burst is
+    as unknown as its rate, and a burst it does not allow would be refused at once. When the
+    controller cuts the rate, waiters that reserved at the old rate reserve again at the new
+    one (their slots were too close together); a ``Retry-After`` pause holds every call back.
+    """
+
+    __slots__ = ("_bucket", "_burst", "_clock", "_controller", "_generation", "throttles")
+
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        burst: int = 1,
+        config: AdaptiveConfig | None = None,
+        controller: RateController | None = None,
+    ) -> None:
+        self._clock = clock
+        self._burst = burst
+        self._controller = controller or RateController(clock.now(), config)
+        self._bucket = TokenBucket(self._controller.rate, burst, clock.now())
+        self._generation = 0
+        self.throttles = 0
+
+    @property
+    def rate(self) -> float:
+        return self._controller.rate
+
+    @property
+    def controller(self) -> RateController:
+        return self._controller
+
+    def _sync(self, now: float) -> None:
+        rate = self._controller.rate_at(now)
+        if rate != self._bucket.rate:
+            self._bucket.set_rate(rate, now)
+
+    async def acquire(self) -> None:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            now = self._clock.now()
+            pause = self._controller.pause_until()
+            if now < pause:
+                await self._clock.sleep(pause - now)
+                continue
+            self._sync(now)
+            generation = self._generation
+            wait = self._bucket.reserve(now)
+            if wait > 0.0:
+                version = self._bucket.version
+                try:
+                    await self._clock.sleep(wait)
+                except BaseException:
+                    if generation == self._generation:
+                        self._bucket.refund(version)
+                    raise
+                if generation != self._generation:
+                    continue  # the rate was cut while we waited: our slot was too early
+                if self._clock.now() < self._controller.pause_until():
+                    continue
+            else:
+                await anyio.lowlevel.cancel_shielded_checkpoint()
+            self._controller.on_sent(self._clock.now())
+            return
+
+    def feedback(
+        self,
+        *,
+        throttled: bool,
+        latency_s: float | None = None,
+        retry_after: float | None = None,
+        overloaded: bool = False,
+    ) -> None:
+        """Fold one answer in; ``overloaded`` is a 503 (the dispatcher may pass it)."""
+        now = self._clock.now()
+        before = self._controller.rate
+        if throttled:
+            self.throttles += 1
+            self._controller.on_throttle(now, retry_after, latency_s)
+        elif overloaded:
+            self._controller.on_overload(now, latency_s)
+        else:
+            self._controller.on_success(now, latency_s)
+        after = self._controller.rate
+        if after < before:
+            # A cut: start a fresh bucket so queued slots at the old rate are dropped.
+            self._generation += 1
+            self._bucket = TokenBucket(after, self._burst, now)
+            self._bucket.reserve(now)  # the call that just ended used this instant
+        elif after != self._bucket.rate:
+            self._bucket.set_rate(after, now)
+
+    def __repr__(self) -> str:
+        return (
+            f"AdaptiveRateLimiter({self._controller!r}, burst={self._burst}, "
+            f"throttles={self.throttles})"
+        )
+
+
+def build_limiter(
+    rate: float | Literal["auto"],
+    burst: int,
+    clock: Clock,
+    *,
+    config: AdaptiveConfig | None = None,
+) -> RateLimiter:
+    """The limiter ``--rate`` asks for: a fixed ``LocalRateLimiter`` or the adaptive one.
+
+    With ``auto`` the configured burst is not used: the server's burst is unknown and may
+    be 1, so calls are evenly spaced (burst 1).
+    """
+    if rate == "auto":
+        return AdaptiveRateLimiter(clock, burst=1, config=config)
+    return LocalRateLimiter(rate=float(rate), burst=burst, clock=clock)
