@@ -163,12 +163,13 @@ def test_a_secret_file_counts_where_it_was_named(
     assert sk(config=other) == "from-file"
 
 
-def test_a_secret_and_its_file_at_the_same_level_is_an_error(tmp_path: Path) -> None:
+def test_at_one_level_the_secret_file_wins_over_the_value_beside_it(tmp_path: Path) -> None:
     secret = tmp_path / "sk"
-    secret.write_text(CANARY, encoding="utf-8")
-    message = config_error(sk=CANARY, sk_file=str(secret))
-    assert "sk or sk_file" in message
-    assert CANARY not in message
+    secret.write_text("from-file", encoding="utf-8")
+    config = toml(tmp_path, f'sk = "{CANARY}"\nsk_file = "{secret}"\n')
+    for settings in (load_settings(sk=CANARY, sk_file=str(secret)), load_settings(config)):
+        assert settings.sk is not None
+        assert settings.sk.get_secret_value() == "from-file"
 
 
 def _unreadable(tmp_path: Path, kind: str) -> tuple[Path, str]:

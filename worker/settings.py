@@ -230,7 +230,8 @@ class _SecretFiles(PydanticBaseSettingsSource):
     """Reads ``ak_file``, ``sk_file`` and ``security_token_file`` within one source.
 
     Resolving per source keeps precedence for the secret itself (``--sk`` beats
-    ``REAPER_SK_FILE``); the same source naming both a secret and its file is an error.
+    ``REAPER_SK_FILE``). Within one source the file, the deliberate choice (a mounted
+    Secret), wins over a value given beside it.
     """
 
     def __init__(self, inner: PydanticBaseSettingsSource) -> None:
@@ -246,8 +247,6 @@ class _SecretFiles(PydanticBaseSettingsSource):
             path = data.get(f"{name}_file")
             if not isinstance(path, str | os.PathLike) or not str(path):
                 continue  # absent, or not a path: the field's own validation says so
-            if data.get(name) is not None:
-                raise ConfigError(f"give {name} or {name}_file, not both")
             data[name] = read_secret_file(f"{name}_file", Path(path))
         return data
 
