@@ -72,6 +72,7 @@ class Tally:
     """What the run has done so far: the summary and the progress display read it."""
 
     outcomes: Counter[str] = field(default_factory=Counter)
+    skip_reasons: Counter[str] = field(default_factory=Counter)
     read: int = 0
     repeated: int = 0
     already_done: int = 0
@@ -131,6 +132,8 @@ class RunJournal:
         await self._ledger.record(results)
         for result in results:
             self._tally.outcomes[result.outcome.value] += 1
+            if result.outcome is Outcome.SKIPPED:
+                self._tally.skip_reasons[result.reason or ""] += 1
             self._events.result(result)
         if self._results is not None:
             self._results.write([result.row() for result in results])

@@ -146,6 +146,7 @@ async def run_async(
     stdin: IO[bytes] | None = None,
 ) -> int:
     """The run itself, inside an event loop (``demo`` calls this beside its simulator)."""
+    structlog.contextvars.bind_contextvars(run_id=run_id)
     from worker.batcher import Batcher, DeletionBudget
     from worker.client import ApiClient, make_session
     from worker.clock import MonotonicClock
@@ -301,7 +302,7 @@ def exit_code(state: Any, tally: Any) -> int:
     ):
         return ExitCode.INTERRUPTED
     counts = tally.counts()
-    if counts["failed"] or counts["rejected"]:
+    if counts["failed"] or counts["rejected"] or tally.skip_reasons["max_deletions"]:
         return ExitCode.SOME_FAILED
     if open_ids(tally) > 0:
         return ExitCode.INTERRUPTED
