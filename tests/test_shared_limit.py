@@ -1,0 +1,147 @@
+"""The rate limit shared through Redis: N limiters on one key behave like one bucket."""
+
+from __future__ import annotations
+
+import itertools
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import REDIS_URL
+from tests.fakes import FakeClock
+from worker.ratelimit import RateLimiter
+from worker.service.shared_limit import RedisRateLimiter, Reservation, interval_us
+
+
+def most_in_window(starts_us: list[int], window_us: int) -> int:
+    """The largest number of start times inside any half-open window of that length."""
+    starts = sorted(starts_us)
+    best = lo = 0
+    for hi, start in enumerate(starts):
+        while starts[lo] <= start - window_us:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+def test_interval_is_rounded_up_so_rounding_never_speeds_the_fleet() -> None:
+    assert interval_us(3) == 333_334
+    assert interval_us(20) == 50_000
+    assert interval_us(1_000_000_000) == 1
+    with pytest.raises(ValueError, match="rate must be"):
+        interval_us(0)
+
+
+@pytest.mark.anyio
+async def test_the_redis_limiter_is_a_rate_limiter(redis_prefix: str) -> None:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        limiter = RedisRateLimiter(client, redis_prefix + "rl", rate=7, burst=2, clock=FakeClock())
+        assert isinstance(limiter, RateLimiter)
+        assert limiter.rate == 7
+        assert "rate=7" in repr(limiter) and "granted=0" in repr(limiter)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_burst_then_exact_spacing_on_the_server_clock(redis_prefix: str) -> None:
+    """From idle: ``burst`` reservations start at once, then each 1/rate after the last."""
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        limiter = RedisRateLimiter(client, redis_prefix + "rl", rate=10, burst=3, clock=FakeClock())
+        got = [await limiter.reserve() for _ in range(8)]
+        first = got[0].now_us
+        assert [r.wait_s for r in got[:3]] == [0.0, 0.0, 0.0]
+        # After the burst, starts are anchored to the first call: exactly 100 ms apart.
+        starts = [r.start_us for r in got[3:]]
+        assert [b - a for a, b in itertools.pairwise(starts)] == [100_000] * 4
+        assert starts[0] - first == 100_000
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_n_replicas_together_never_exceed_rate_times_window_plus_burst(
+    redis_prefix: str,
+) -> None:
+    """Five limiters (five connections, as five replicas) reserve 300 slots concurrently:
+    in any window of the server's clock at most rate x window + burst calls may start."""
+    rate, burst, replicas, each = 50.0, 4, 5, 60
+    clients = [aioredis.Redis.from_url(REDIS_URL) for _ in range(replicas)]
+    try:
+        limiters = [
+            RedisRateLimiter(c, redis_prefix + "shared", rate=rate, burst=burst, clock=FakeClock())
+            for c in clients
+        ]
+        reservations: list[Reservation] = []
+
+        async def replica(limiter: RedisRateLimiter) -> None:
+            for _ in range(each):
+                reservations.append(await limiter.reserve())
+
+        async with anyio.create_task_group() as group:
+            for limiter in limiters:
+                group.start_soon(replica, limiter)
+        starts = [r.start_us for r in reservations]
+        assert len(starts) == replicas * each
+        for window_s in (0.02, 0.1, 0.5, 1.0, 3.0):
+            window_us = int(window_s * 1_000_000)
+            assert most_in_window(starts, window_us) <= rate * window_s + burst, window_s
+        # And the fleet is not slower than asked: the last start is where one bucket puts it.
+        span = max(starts) - min(r.now_us for r in reservations)
+        assert span <= (replicas * each - burst) * interval_us(rate) + 50_000
+    finally:
+        for c in clients:
+            await c.aclose()
+
+
+@pytest.mark.anyio
+async def test_acquire_sleeps_the_wait_it_was_handed(redis_prefix: str) -> None:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    clock = FakeClock()
+    try:
+        limiter = RedisRateLimiter(client, redis_prefix + "rl", rate=4, burst=1, clock=clock)
+        for _ in range(3):
+            await limiter.acquire()
+        assert limiter.granted == 3
+        # The first is free; the next two wait about 250 ms each (less the real time that
+        # passed on the Redis clock between the calls).
+        assert len(clock.sleeps) == 2
+        assert all(0.2 < s <= 0.5 for s in clock.sleeps), clock.sleeps
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_waiter_with_the_latest_slot_gives_it_back(redis_prefix: str) -> None:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    clock = FakeClock(autojump=False)
+    key = redis_prefix + "rl"
+    try:
+        limiter = RedisRateLimiter(client, key, rate=1, burst=1, clock=clock)
+        await limiter.acquire()  # the burst token
+        before = int(await client.get(key) or 0)
+        with anyio.move_on_after(0.2):
+            await limiter.acquire()  # reserves the next slot, sleeps on the fake clock
+        assert int(await client.get(key) or 0) == before  # the slot came back
+        nxt = await limiter.reserve()
+        assert nxt.start_us == before  # the next caller gets that very slot
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_acquire_waits_out_a_redis_outage_instead_of_failing(redis_prefix: str) -> None:
+    """A limiter pointed at a port with no Redis keeps asking (a call not made is safe)."""
+    client = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    clock = FakeClock()
+    try:
+        limiter = RedisRateLimiter(client, redis_prefix + "rl", rate=1, burst=1, clock=clock)
+        with anyio.move_on_after(1.0):
+            await limiter.acquire()
+        assert limiter.granted == 0
+        assert limiter.redis_errors >= 2
+    finally:
+        await client.aclose()
