@@ -65,7 +65,10 @@ async def test_kill_9_at_random_points_then_resume_loses_and_repeats_nothing(
                 break
         assert done.code == 1, done.stderr  # 1: the invalid line is rejected
         rows = await ledger_outcomes(ledger, env)
-        per_id = Counter(str(row["job_id"]) for row in rows)
+        per_id = Counter(str(row["job_id"]) for row in rows if row["outcome"] != "rejected")
+        assert {str(row["job_id"]) for row in rows if row["outcome"] == "rejected"} == {
+            "not valid!"
+        }
         assert set(per_id) == set(valid)
         assert max(per_id.values()) == 1
         assert sim.deleted == set(real)
@@ -104,7 +107,8 @@ async def test_sigterm_then_resume_exits_75_then_0(tmp_path: Path) -> None:
 
 
 async def test_a_second_process_on_the_same_ledger_is_refused(tmp_path: Path) -> None:
-    config = SimulatorConfig(jobs=300, faults=FaultConfig(latency_ms=20.0, latency_jitter=False))
+    # Slow enough (15 s of calls) that the first run is surely still going.
+    config = SimulatorConfig(jobs=600, faults=FaultConfig(latency_ms=1000.0, latency_jitter=False))
     async with run_simulator(config) as sim:
         src = write_ids(tmp_path / "ids.txt", sim.job_ids())
         ledger = tmp_path / "ledger.db"
@@ -115,8 +119,10 @@ async def test_a_second_process_on_the_same_ledger_is_refused(tmp_path: Path) ->
                 while sim.stats.delete_calls < 2:
                     await anyio.sleep(0.01)
             second = await reaper(run_args(src, ledger), env)
+            still_running = first.returncode is None
             first.send_signal(signal.SIGTERM)
             await read_all(first)
+        assert still_running
         assert second.code == 78
         assert "ledger" in second.stdout + second.stderr
 
