@@ -114,6 +114,18 @@ SELECT job_id, outcome, attempts, batch_id, http_status, error_code, error_msg, 
     reason
 FROM ids WHERE state = 'done' ORDER BY seq
 """
+# record()'s fast path: ids admitted and still open, the outcomes as one JSON array of rows
+# (measured about twice as fast as the upsert below, which must try an INSERT first).
+_SETTLE = """
+UPDATE ids SET state = 'done', outcome = r.value ->> 1, attempts = r.value ->> 2,
+    batch_id = r.value ->> 3, http_status = r.value ->> 4, error_code = r.value ->> 5,
+    error_msg = r.value ->> 6, request_id = r.value ->> 7, reason = r.value ->> 8,
+    last_run = ?1, updated_at = ?2
+FROM json_each(?3) AS r
+WHERE ids.job_id = r.value ->> 0
+  AND (ids.state != 'done' OR (?4 AND ids.outcome = 'failed' AND ids.last_run != ?1))
+"""
+# The slow path: also inserts ids that were never admitted.
 _RECORD = """
 INSERT INTO ids (job_id, outcome, attempts, batch_id, http_status, error_code, error_msg,
     request_id, reason, state, first_run, last_run, updated_at)
@@ -514,39 +526,23 @@ class Ledger(LedgerView):
         after the valid ones of the call are committed."""
         if not results:
             return
-        run, now, retry = self._run_no, self._clock(), self._retry_failed
-        rows = [
-            (
-                r.job_id,
-                r.outcome.value,
-                r.attempts,
-                r.batch_id,
-                r.http_status,
-                r.error_code,
-                r.error_msg,
-                r.request_id,
-                r.reason,
-                run,
-                run,
-                now,
-                retry,
-            )
-            for r in results
-        ]
         duplicates = _duplicates(r.job_id for r in results)
         if duplicates:
             raise OutcomeConflict(
                 f"{len(duplicates)} ids appear twice in one record() call, e.g. "
                 f"{escape(duplicates[0])}; nothing of the call was recorded"
             )
+        run, now, retry = self._run_no, self._clock(), self._retry_failed
+        payload = _outcome_rows(results)
         conflicts: list[tuple[str, str]] = []
         with self._transaction() as conn:
-            # Optimistic: the upsert itself refuses a second outcome; only when it did
-            # (a caller's bug) is the call redone around the refused ids.
+            # Optimistic: the update refuses a second outcome by itself. Only when some id
+            # was not settled (never admitted, or a caller's bug) is the call redone slowly.
             conn.execute("SAVEPOINT record")
-            written = conn.executemany(_RECORD, rows).rowcount
-            if written != len(rows):
+            written = conn.execute(_SETTLE, (run, now, payload, retry)).rowcount
+            if written != len(results):
                 conn.execute("ROLLBACK TO record")
+                rows = [(*row, run, run, now, retry) for row in orjson.loads(payload)]
                 conflicts = self._conflicts(conn, rows)
                 refused = {job_id for job_id, _ in conflicts}
                 rows = [row for row in rows if row[0] not in refused]
@@ -672,6 +668,32 @@ def _prepare(
         raise
     conn.execute("COMMIT")
     return int(run_no)
+
+
+def _outcome_rows(results: Sequence[Result]) -> bytes:
+    """The results as one JSON array of rows, the parameter of :data:`_SETTLE`."""
+    rows = [
+        [
+            r.job_id,
+            r.outcome.value,
+            r.attempts,
+            r.batch_id,
+            r.http_status,
+            r.error_code,
+            r.error_msg,
+            r.request_id,
+            r.reason,
+        ]
+        for r in results
+    ]
+    try:
+        return orjson.dumps(rows)
+    except orjson.JSONEncodeError:  # a lone surrogate in a server's message: keep it escaped
+        return orjson.dumps([[_utf8(v) if isinstance(v, str) else v for v in row] for row in rows])
+
+
+def _utf8(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _check_meta(path: Path, stored: dict[str, str], wanted: dict[str, str]) -> None:

@@ -1,0 +1,161 @@
+"""`devserver-reaper report`: the real command, run as a subprocess against a filled ledger."""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from worker.ledger import Ledger
+from worker.types import Candidate, Outcome, Rejection, Result
+
+pytestmark = pytest.mark.usefixtures("clean_env")
+
+REPO = Path(__file__).resolve().parent.parent
+FIELDS = [
+    "job_id",
+    "outcome",
+    "attempts",
+    "batch_id",
+    "http_status",
+    "error_code",
+    "error_msg",
+    "request_id",
+]
+OUTCOMES = [
+    Result("job-del", Outcome.DELETED, 1, "b-1", 200, request_id="req-1"),
+    Result("job-abs", Outcome.ABSENT, 1, "b-1", 200, request_id="req-1"),
+    Result("job-bad", Outcome.FAILED, 6, "b-2", 400, "ModelArts.4001", 'job, "busy"', "req-2"),
+    Result("job-skip", Outcome.SKIPPED, 0, reason="protected"),
+]
+
+
+def report(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", "report", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def fill(path: Path, *, open_ids: int = 3) -> Ledger:
+    """A ledger with one settled run and a second one still holding the lock (returned)."""
+    with Ledger.open(path, project_id="proj-1", endpoint="http://127.0.0.1:1", run_id="run-a") as a:
+        a.admit([Candidate(r.job_id, n) for n, r in enumerate(OUTCOMES, 1)])
+        a.record(OUTCOMES)
+        a.record_rejected([Rejection("bad\x1b[2Jid", 9, "invalid characters")])
+    running = Ledger.open(path, project_id="proj-1", endpoint="http://127.0.0.1:1", run_id="run-b")
+    running.admit([Candidate(f"open-{n:03d}", n) for n in range(open_ids)])
+    running.mark_sent("b-9", ["open-001"], attempt=2)
+    return running
+
+
+@pytest.fixture
+def ledger_path(tmp_path: Path) -> Path:
+    return tmp_path / "ledger.sqlite"
+
+
+def test_summary_of_a_running_ledger_shows_counts_open_ids_rejected_and_runs(
+    ledger_path: Path,
+) -> None:
+    running = fill(ledger_path, open_ids=25)
+    try:  # the writer still holds its lock: report must not need it
+        proc = report("--ledger", str(ledger_path))
+    finally:
+        running.close()
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for outcome, count in (("deleted", 1), ("absent", 1), ("failed", 1), ("skipped", 1)):
+        assert f"  {outcome:<10}{count:>12}" in out
+    assert "open (read or sent, no outcome yet): 25" in out
+    assert "open-000  read" in out
+    assert "open-001  sent" in out
+    assert "open-019  read" in out
+    assert "open-020" not in out  # the first 20 only
+    assert "... and 5 more" in out
+    assert "line 9: bad\\x1b[2Jid  (invalid characters)" in out
+    assert "\x1b" not in out
+    assert "run-a  started" in out
+    assert "run-b  started" in out
+    assert "no end (crashed or running)" in out
+    assert "project_id  proj-1" in out
+
+
+def test_jsonl_exports_every_terminal_outcome_with_the_results_fields(ledger_path: Path) -> None:
+    fill(ledger_path).close()
+    proc = report("--ledger", str(ledger_path), "--format", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    rows = [orjson.loads(line) for line in proc.stdout.splitlines()]
+    assert [row["job_id"] for row in rows] == [
+        "job-del",
+        "job-abs",
+        "job-bad",
+        "job-skip",
+        "bad\\x1b[2Jid",
+    ]
+    assert all(set(FIELDS) <= set(row) for row in rows)
+    assert rows[2] == {**OUTCOMES[2].row()}
+    assert rows[4]["outcome"] == "rejected"
+    assert rows[4]["reason"] == "invalid characters"
+
+
+def test_csv_export_to_a_file_matches_the_ledger(ledger_path: Path, tmp_path: Path) -> None:
+    fill(ledger_path).close()
+    target = tmp_path / "out.csv"
+    proc = report("--ledger", str(ledger_path), "--format", "csv", "--output", str(target))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    rows = list(csv.DictReader(io.StringIO(target.read_text(encoding="utf-8"))))
+    assert list(rows[0])[: len(FIELDS)] == FIELDS
+    assert [row["outcome"] for row in rows] == [
+        "deleted",
+        "absent",
+        "failed",
+        "skipped",
+        "rejected",
+    ]
+    failed = rows[2]
+    assert failed["error_msg"] == 'job, "busy"'
+    assert failed["http_status"] == "400"
+    assert failed["attempts"] == "6"
+    assert rows[0]["error_code"] == ""
+
+
+def test_a_missing_ledger_exits_66_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.sqlite"
+    proc = report("--ledger", str(missing))
+    assert proc.returncode == 66
+    assert f"ledger {missing} does not exist" in proc.stderr
+    assert not missing.exists()  # reading never creates a ledger
+
+
+def test_a_file_that_is_not_a_ledger_exits_66(tmp_path: Path) -> None:
+    other = tmp_path / "notes.txt"
+    other.write_text("hello\n", encoding="utf-8")
+    proc = report("--ledger", str(other))
+    assert proc.returncode == 66
+    assert str(other) in proc.stderr
+
+
+def test_report_without_a_ledger_is_a_usage_error() -> None:
+    env_free = report()
+    assert env_free.returncode == 64
+    assert "--ledger" in env_free.stderr
+
+
+def test_report_reads_the_ledger_from_the_environment(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(ledger_path).close()
+    monkeypatch.setenv("REAPER_LEDGER", str(ledger_path))
+    proc = report("--format", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 5
