@@ -369,11 +369,18 @@ def test_repr_str_and_dump_never_show_secrets(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_require_api_names_what_is_missing_not_what_is_set() -> None:
+    """With keys pinned to the settings, a missing AK is named; the secret never is."""
     with pytest.raises(ConfigError) as caught:
-        load_settings(sk=CANARY, region="cn-north-4").require_api()
+        load_settings(sk=CANARY, region="cn-north-4", credential_source="settings").require_api()
     message = str(caught.value)
-    assert "--project-id" in message
     assert "--ak" in message
     assert "--sk" not in message
     assert CANARY not in message
     load_settings(sk=CANARY, ak="AK", project_id="p1", region="cn-north-4").require_api()
+
+
+def test_require_api_leaves_keys_to_the_credential_chain_by_default() -> None:
+    """Keys may come from a profile, pod identity or metadata: not required up front."""
+    load_settings(region="cn-north-4").require_api()
+    with pytest.raises(ConfigError, match="endpoint or region"):
+        load_settings().require_api()

@@ -27,9 +27,15 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--sk-file", str, "read the secret key from this file (a mounted Secret)"),
     ("--security-token-file", str, "read the security token from this file"),
     ("--ca-bundle", str, "PEM file of extra CAs to trust (private CAs)"),
+    (
+        "--credential-source",
+        str,
+        "auto, settings, env, profile, pod-identity or metadata (default auto: in that order)",
+    ),
+    ("--metadata-url", str, "ECS metadata service (default http://169.254.169.254)"),
     ("--batch-size", int, "ids per DELETE call (1-1000, default 50)"),
     ("--concurrency", int, "DELETE calls in flight at most (default 8)"),
-    ("--rate", float, "API calls per second allowed (default 10)"),
+    ("--rate", str, "API calls per second allowed, or 'auto' to find the quota (default 10)"),
     ("--burst", int, "calls allowed at once on top of the rate (default 5)"),
     ("--max-attempts", int, "attempts per batch before its ids fail (default 6)"),
     ("--deadline", float, "wall-clock limit for the whole run, in seconds"),
@@ -55,6 +61,7 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
 # Which settings each command shows in --help; all are accepted by the settings loader.
 _API = ("--region", "--endpoint", "--project-id", "--ak", "--sk", "--security-token",
         "--ak-file", "--sk-file", "--security-token-file", "--ca-bundle",
+        "--credential-source", "--metadata-url",
         "--connect-timeout", "--read-timeout")  # fmt: skip
 _DISPATCH = ("--batch-size", "--concurrency", "--rate", "--burst", "--max-attempts",
              "--max-retry-after", "--grace", "--dry-run", "--yes", "--max-deletions")  # fmt: skip

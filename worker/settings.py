@@ -18,7 +18,7 @@ import socket
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -96,11 +96,15 @@ class Settings(BaseSettings):
     sk_file: Path | None = None
     security_token_file: Path | None = None
     ca_bundle: Path | None = None
+    credential_source: Literal["auto", "settings", "env", "profile", "pod-identity", "metadata"] = (
+        "auto"
+    )
+    metadata_url: str = "http://169.254.169.254"
 
     # -- how fast -----------------------------------------------------------------------
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, le=MAX_BATCH_SIZE)
     concurrency: int = Field(default=8, ge=1, le=256)
-    rate: float = Field(default=10.0, gt=0, le=10_000)
+    rate: Literal["auto"] | Annotated[float, Field(gt=0, le=10_000)] = 10.0
     burst: int = Field(default=5, ge=1, le=10_000)
     max_attempts: int = Field(default=6, ge=1, le=50)
     deadline: float | None = Field(default=None, gt=0)
@@ -164,6 +168,15 @@ class Settings(BaseSettings):
             raise ValueError("has an invalid port") from None
         return value.rstrip("/")
 
+    @field_validator("metadata_url")
+    @classmethod
+    def _metadata_url(cls, value: str) -> str:
+        # The ECS metadata service is plain http on a link-local address by design.
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL such as http://169.254.169.254")
+        return value.rstrip("/")
+
     @property
     def api_endpoint(self) -> str:
         """The endpoint in force; ``ConfigError`` when neither it nor a region is set."""
@@ -174,16 +187,15 @@ class Settings(BaseSettings):
         raise ConfigError("set endpoint or region (REAPER_ENDPOINT / REAPER_REGION)")
 
     def require_api(self) -> None:
-        """Check what a command that calls the API needs, naming what is missing."""
-        missing = [
-            flag
-            for flag, value in (
-                ("--project-id", self.project_id),
-                ("--ak", self.ak),
-                ("--sk", self.sk),
-            )
-            if not value
-        ]
+        """Check what a command that calls the API needs before any call, naming what is missing.
+
+        Keys may come from the environment, a profile file, pod identity or ECS metadata
+        (``worker.credentials``), so they are required here only when ``credential_source``
+        says they must be in the settings.
+        """
+        missing = []
+        if self.credential_source == "settings":
+            missing = [flag for flag, value in (("--ak", self.ak), ("--sk", self.sk)) if not value]
         if missing:
             raise ConfigError(f"missing settings: {', '.join(missing)}")
         _ = self.api_endpoint

@@ -11,7 +11,8 @@ import sys
 
 import anyio
 
-from worker.errors import ApiError, AuthError, ConfigError, NetworkError, TlsError
+from worker.client import ApiClient
+from worker.errors import ApiError, AuthError, ConfigError, TlsError
 from worker.exit_codes import ExitCode
 from worker.settings import Settings
 
@@ -28,33 +29,28 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def check(settings: Settings) -> int:
-    from worker.client import ApiClient, make_session
-    from worker.credentials import Credentials, StaticCredentials
+    from worker import wiring
 
-    endpoint = settings.api_endpoint
-    credentials = StaticCredentials(
-        Credentials(
-            ak=settings.ak or "",
-            sk=settings.sk.get_secret_value() if settings.sk else "",
-            security_token=(
-                settings.security_token.get_secret_value() if settings.security_token else None
-            ),
-        )
-    )
     out = sys.stdout
-    out.write(f"endpoint     {endpoint}\nproject      {settings.project_id}\n")
-    out.write(f"credentials  {credentials.name} (access key {_mask(settings.ak or '')})\n")
-    async with make_session(
-        concurrency=1,
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.read_timeout,
-        ca_bundle=settings.ca_bundle,
-    ) as session:
+    endpoint = settings.api_endpoint
+    async with wiring.session(settings, concurrency=1) as session:
+        try:
+            project = wiring.project_id(settings)
+            credentials = await wiring.credentials(settings, session)
+        except ConfigError as exc:
+            out.write(f"result       NOT CONFIGURED: {exc}\n")
+            return ExitCode.CONFIG
+        except AuthError as exc:
+            out.write(f"result       CREDENTIALS REFUSED: {_describe(exc)}\n")
+            return ExitCode.NO_PERMISSION
+        except ApiError as exc:
+            out.write(f"result       CREDENTIALS UNAVAILABLE: {_describe(exc)}\n")
+            return ExitCode.UNAVAILABLE
+        keys = await credentials.current()
+        out.write(f"endpoint     {endpoint}\nproject      {project}\n")
+        out.write(f"credentials  {credentials.name} (access key {_mask(keys.ak)})\n")
         client = ApiClient(
-            session=session,
-            endpoint=endpoint,
-            project_id=settings.project_id or "",
-            credentials=credentials,
+            session=session, endpoint=endpoint, project_id=project, credentials=credentials
         )
         try:
             probe = await client.probe()
@@ -64,7 +60,7 @@ async def check(settings: Settings) -> int:
         except TlsError as exc:
             out.write(f"result       TLS REFUSED: {exc}\n")
             return ExitCode.UNAVAILABLE
-        except (NetworkError, ApiError) as exc:
+        except ApiError as exc:
             out.write(f"result       UNREACHABLE: {_describe(exc)}\n")
             return ExitCode.UNAVAILABLE
     out.write(f"result       OK (HTTP {probe.http_status}, request id {probe.request_id})\n")

@@ -21,7 +21,12 @@ from typing import IO, Any
 import anyio
 import structlog
 
+from worker import wiring
+from worker.batcher import Batcher, DeletionBudget
+from worker.clock import MonotonicClock
+from worker.dispatcher import Dispatcher
 from worker.errors import (
+    ApiError,
     ApiUnavailable,
     AuthError,
     ConfigError,
@@ -29,8 +34,13 @@ from worker.errors import (
     TlsError,
     UsageError,
 )
+from worker.events import EventLog
 from worker.exit_codes import ExitCode
+from worker.journal import LedgerPort, ResultsWriter, RunJournal, Tally
+from worker.ledger import Ledger
+from worker.pipeline import Pipeline, RunState
 from worker.settings import Settings
+from worker.sources import read_entries
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -91,6 +101,9 @@ def execute(request: RunRequest, settings: Settings, *, stdin: IO[bytes] | None 
     except ConfigError as exc:
         log.error("run.config_error", error=str(exc))
         return ExitCode.CONFIG
+    except ApiError as exc:  # credentials that could not be had: refused (77) or unreachable
+        log.error("run.credentials_error", error=str(exc))
+        return ExitCode.NO_PERMISSION if isinstance(exc, AuthError) else ExitCode.UNAVAILABLE
 
 
 def _endpoint_or_placeholder(settings: Settings) -> str:
@@ -147,20 +160,11 @@ async def run_async(
 ) -> int:
     """The run itself, inside an event loop (``demo`` calls this beside its simulator)."""
     structlog.contextvars.bind_contextvars(run_id=run_id)
-    from worker.batcher import Batcher, DeletionBudget
-    from worker.client import ApiClient, make_session
-    from worker.clock import MonotonicClock
-    from worker.credentials import Credentials, StaticCredentials
-    from worker.dispatcher import Dispatcher
-    from worker.events import EventLog
-    from worker.journal import LedgerPort, ResultsWriter, RunJournal, Tally
-    from worker.ledger import Ledger
-    from worker.pipeline import Pipeline, RunState
-    from worker.ratelimit import LocalRateLimiter
-    from worker.retry import RetryPolicy
-    from worker.sources import read_entries
 
     clock = MonotonicClock()
+    project = (
+        (settings.project_id or "dry-run") if settings.dry_run else wiring.project_id(settings)
+    )
     events = EventLog()
     tally = Tally()
     state = RunState()
@@ -168,7 +172,7 @@ async def run_async(
     with ExitStack() as stack:
         ledger = Ledger.open(
             settings.ledger,
-            project_id=settings.project_id or "dry-run",
+            project_id=project,
             endpoint=endpoint,
             run_id=run_id,
             retry_failed=request.retry_failed,
@@ -185,7 +189,7 @@ async def run_async(
             "run.started",
             input=request.input,
             endpoint=endpoint,
-            project_id=settings.project_id,
+            project_id=project,
             dry_run=settings.dry_run,
             batch_size=settings.batch_size,
             concurrency=settings.concurrency,
@@ -196,35 +200,12 @@ async def run_async(
         try:
             transport: Any = None
             if not settings.dry_run:
-                session = make_session(
-                    concurrency=settings.concurrency,
-                    connect_timeout=settings.connect_timeout,
-                    read_timeout=settings.read_timeout,
-                    ca_bundle=settings.ca_bundle,
-                )
-                credentials = StaticCredentials(
-                    Credentials(
-                        ak=settings.ak or "",
-                        sk=settings.sk.get_secret_value() if settings.sk else "",
-                        security_token=(
-                            settings.security_token.get_secret_value()
-                            if settings.security_token
-                            else None
-                        ),
-                    )
-                )
-                transport = ApiClient(
-                    session=session,
-                    endpoint=endpoint,
-                    project_id=settings.project_id or "",
-                    credentials=credentials,
-                )
+                session = wiring.session(settings)
+                transport = await wiring.api_client(settings, session)
             dispatcher = Dispatcher(
                 transport=transport,
-                limiter=LocalRateLimiter(rate=settings.rate, burst=settings.burst, clock=clock),
-                policy=RetryPolicy(
-                    max_attempts=settings.max_attempts, max_retry_after=settings.max_retry_after
-                ),
+                limiter=wiring.limiter(settings, clock),
+                policy=wiring.retry_policy(settings),
                 journal=journal,
                 clock=clock,
                 budget=DeletionBudget(settings.max_deletions),
@@ -268,7 +249,7 @@ def _show_progress(mode: str) -> bool:
     return mode == "on" or (mode == "auto" and sys.stderr.isatty())
 
 
-async def _watch_signals(state: Any, events: Any) -> None:
+async def _watch_signals(state: RunState, events: EventLog) -> None:
     with anyio.open_signal_receiver(*SIGNALS) as received:
         count = 0
         async for signum in received:
@@ -278,13 +259,13 @@ async def _watch_signals(state: Any, events: Any) -> None:
             state.request_stop("signal", immediate=count > 1)
 
 
-async def _deadline(state: Any, seconds: float, events: Any) -> None:
+async def _deadline(state: RunState, seconds: float, events: EventLog) -> None:
     await anyio.sleep(seconds)
     events.warn("run.deadline", deadline_s=seconds)
     state.request_stop("deadline")
 
 
-def exit_code(state: Any, tally: Any) -> int:
+def exit_code(state: RunState, tally: Tally) -> int:
     """How the run ended, as SPEC.md's exit codes, most serious first."""
     fatal = state.fatal
     if isinstance(fatal, AuthError):
@@ -309,14 +290,14 @@ def exit_code(state: Any, tally: Any) -> int:
     return ExitCode.OK
 
 
-def open_ids(tally: Any) -> int:
+def open_ids(tally: Tally) -> int:
     """Ids admitted in this run that have no outcome yet."""
     admitted = tally.read - tally.repeated - tally.already_done
     return max(0, admitted - tally.finished)
 
 
 def _summarise(
-    events: Any, tally: Any, state: Any, code: int, duration: float, settings: Settings
+    events: EventLog, tally: Tally, state: RunState, code: int, duration: float, settings: Settings
 ) -> None:
     counts = tally.counts()
     fields: dict[str, Any] = dict(counts)

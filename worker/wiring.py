@@ -1,0 +1,75 @@
+"""Turn settings into the collaborators the stages take: the API client, limiter, retry policy.
+
+Shared by the commands that call the API (``run``, ``serve``, ``check``) so that they build
+them the same way. This is the edge: it may read settings and the environment; the stages
+it builds never do.
+"""
+
+from __future__ import annotations
+
+import os
+
+import aiohttp
+
+from worker.client import ApiClient, make_session
+from worker.clock import Clock
+from worker.credentials import CredentialSource, read_profile, resolve_credentials
+from worker.errors import ConfigError
+from worker.ratelimit import RateLimiter
+from worker.retry import RetryPolicy
+from worker.settings import Settings
+
+
+def project_id(settings: Settings) -> str:
+    """The project: the setting, else the profile file's ``project_id`` (as the SDK does)."""
+    if settings.project_id:
+        return settings.project_id
+    profile = read_profile(os.environ)
+    if profile is not None and profile.project_id:
+        return profile.project_id
+    raise ConfigError("missing settings: --project-id (or REAPER_PROJECT_ID)")
+
+
+def session(settings: Settings, *, concurrency: int | None = None) -> aiohttp.ClientSession:
+    """The process's one HTTP session, its connector sized to the concurrency."""
+    return make_session(
+        concurrency=concurrency or settings.concurrency,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        ca_bundle=settings.ca_bundle,
+    )
+
+
+async def credentials(settings: Settings, http: aiohttp.ClientSession) -> CredentialSource:
+    """Keys from the first place that has them (settings, env, profile, pod, metadata)."""
+    return await resolve_credentials(
+        ak=settings.ak,
+        sk=settings.sk.get_secret_value() if settings.sk else None,
+        security_token=(
+            settings.security_token.get_secret_value() if settings.security_token else None
+        ),
+        environ=os.environ,
+        session=http,
+        metadata_url=settings.metadata_url,
+        source=settings.credential_source,
+    )
+
+
+async def api_client(settings: Settings, http: aiohttp.ClientSession) -> ApiClient:
+    return ApiClient(
+        session=http,
+        endpoint=settings.api_endpoint,
+        project_id=project_id(settings),
+        credentials=await credentials(settings, http),
+    )
+
+
+def limiter(settings: Settings, clock: Clock) -> RateLimiter:
+    """``--rate N``: exact pacing at N calls/s; ``--rate auto``: find the quota."""
+    from worker.adaptive import build_limiter
+
+    return build_limiter(settings.rate, settings.burst, clock)
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(max_attempts=settings.max_attempts, max_retry_after=settings.max_retry_after)
