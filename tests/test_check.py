@@ -1,0 +1,88 @@
+"""`devserver-reaper check` against `devserver-reaper simulate` running in another process."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.e2e import SIM_SK, reaper, reaper_env
+
+pytestmark = pytest.mark.anyio
+
+CANARY_SK = "canary-check-secret-9QX"
+
+
+@asynccontextmanager
+async def simulator_process(*args: str) -> AsyncIterator[str]:
+    """Start `simulate --port 0` and yield its URL once it prints its ready line."""
+    process = await anyio.open_process(
+        [sys.executable, "-m", "worker", "simulate", "--port", "0", *args]
+    )
+    async with process:
+        assert process.stdout is not None
+        buffer = b""
+        with anyio.fail_after(20):
+            async for chunk in process.stdout:
+                buffer += chunk
+                if b"\n" in buffer:
+                    break
+        match = re.search(r"listening on (http://\S+)", buffer.decode())
+        assert match, buffer
+        try:
+            yield match.group(1)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(20):
+                assert await process.wait() == 0
+
+
+async def test_check_succeeds_and_reports_source_and_skew() -> None:
+    async with simulator_process() as url:
+        done = await reaper(["check"], reaper_env(url))
+    assert done.code == 0, done.stdout + done.stderr
+    assert "result       OK" in done.stdout
+    assert "credentials  settings" in done.stdout
+    assert re.search(r"clock skew   [+-]\d+\.\ds", done.stdout)
+    assert SIM_SK not in done.stdout + done.stderr
+
+
+async def test_check_exits_77_on_a_wrong_secret_and_never_prints_it() -> None:
+    async with simulator_process() as url:
+        done = await reaper(["check"], reaper_env(url, REAPER_SK=CANARY_SK))
+    assert done.code == 77
+    assert "REJECTED" in done.stdout
+    assert CANARY_SK not in done.stdout + done.stderr
+
+
+async def test_check_finds_keys_in_the_profile_file(tmp_path: Path) -> None:
+    profile = tmp_path / "credentials"
+    profile.write_text(f"[basic]\nak = DEMOAK\nsk = {SIM_SK}\nproject_id = demo-project\n")
+    async with simulator_process() as url:
+        env = reaper_env(url, HUAWEICLOUD_SDK_CREDENTIALS_FILE=str(profile))
+        for name in ("REAPER_AK", "REAPER_SK", "REAPER_PROJECT_ID"):
+            env.pop(name)
+        done = await reaper(["check"], env)
+    assert done.code == 0, done.stdout + done.stderr
+    assert "credentials  profile" in done.stdout
+    assert "project      demo-project" in done.stdout
+
+
+async def test_check_exits_69_when_nothing_answers() -> None:
+    done = await reaper(["check"], reaper_env("http://127.0.0.1:9"))
+    assert done.code == 69
+    assert "UNREACHABLE" in done.stdout
+
+
+async def test_check_exits_78_on_bad_settings() -> None:
+    done = await reaper(
+        ["check", "--endpoint", "http://example.com"], reaper_env("http://127.0.0.1:9")
+    )
+    assert done.code == 78
+    assert "endpoint" in done.stderr
