@@ -1,0 +1,214 @@
+"""Which jobs a discovery selects: durations, cut-offs and filters. Pure: no clock, no I/O.
+
+A filter set is split in two. The server-side part (``status``, ``type``, ``name``, ``id``)
+becomes the list call's query, so the server sends less; the client-side part (a name glob
+or regex, an age window on ``create_at`` or ``update_at``, a user name) is applied to each
+record. :meth:`Filters.mismatch` re-checks *every* filter, the server-side ones included
+(exactly, case-sensitively), because the API documents neither how it matches ``name`` nor
+whether it honours every parameter: a record is selected only when we have seen for
+ourselves that it matches.
+
+Age windows are stored as absolute instants (``older_than`` is "created before this UTC
+time"), computed once from the duration the user typed and the time of discovery. A plan
+therefore means the same thing when it is applied hours later, and a job that was touched in
+the meantime (``update_at`` moved past the cut-off) stops matching instead of the cut-off
+sliding along with the clock.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from worker.types import JOB_ID_RE, JobRecord, iso
+
+TimeField = Literal["create_at", "update_at"]
+TIME_FIELDS: tuple[TimeField, ...] = ("create_at", "update_at")
+
+_UNITS = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
+_DURATION_RE = re.compile(r"(?:(\d{1,9})([wdhms]))+")
+_PART_RE = re.compile(r"(\d{1,9})([wdhms])")
+_REGEX_LIMIT = 512
+SERVER_FIELDS = ("id", "name", "type", "status")
+
+
+def parse_duration(text: str) -> timedelta:
+    """``30d``, ``12h``, ``1d12h``, ``90m``, ``2w``, ``45s``: a positive span of time.
+
+    Units: w(eeks), d(ays), h(ours), m(inutes), s(econds). Months and years are refused on
+    purpose: their length depends on the calendar, and a deletion filter must not.
+    """
+    value = text.strip().lower()
+    if not _DURATION_RE.fullmatch(value):
+        raise ValueError(
+            f"not a duration: {text!r} (use a number and a unit w, d, h, m or s, e.g. 30d, 12h)"
+        )
+    seconds = sum(int(n) * _UNITS[unit] for n, unit in _PART_RE.findall(value))
+    if seconds <= 0:
+        raise ValueError(f"not a positive duration: {text!r}")
+    return timedelta(seconds=seconds)
+
+
+def parse_instant(text: str, now: datetime) -> datetime:
+    """A cut-off: a duration before ``now`` (``30d``), or an ISO-8601 date or time.
+
+    A date or a time without a zone is taken as UTC, so the same words mean the same instant
+    on every machine.
+    """
+    value = text.strip()
+    if value and value[0].isdigit() and value[-1].lower() in _UNITS and "-" not in value:
+        return now - parse_duration(value)
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"not a duration or an ISO-8601 date: {text!r} (e.g. 30d, 12h, 2026-01-31, "
+            "2026-01-31T12:00:00Z)"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _nonblank(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    if not value.strip():
+        raise ValueError(f"{what} must not be blank")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """One discovery's filters. ``None`` means "not filtered on"."""
+
+    status: str | None = None
+    type: str | None = None
+    name: str | None = None
+    id: str | None = None
+    name_glob: str | None = None
+    name_regex: str | None = None
+    user_name: str | None = None
+    older_than: datetime | None = None
+    newer_than: datetime | None = None
+    time_field: TimeField = "create_at"
+
+    def __post_init__(self) -> None:
+        for field_name in ("status", "type", "name", "name_glob", "name_regex", "user_name"):
+            _nonblank(getattr(self, field_name), field_name)
+        if self.id is not None and not JOB_ID_RE.fullmatch(self.id):
+            raise ValueError("id must be 1 to 64 letters, digits, '-' and '_'")
+        if self.name_regex is not None:
+            if len(self.name_regex) > _REGEX_LIMIT:
+                raise ValueError(f"name_regex is longer than {_REGEX_LIMIT} characters")
+            try:
+                re.compile(self.name_regex)
+            except re.error as exc:
+                raise ValueError(f"name_regex is not a regular expression: {exc}") from None
+        if self.time_field not in TIME_FIELDS:
+            raise ValueError(f"time_field must be one of {', '.join(TIME_FIELDS)}")
+        for field_name in ("older_than", "newer_than"):
+            value = getattr(self, field_name)
+            if value is not None and value.tzinfo is None:
+                raise ValueError(f"{field_name} must carry a time zone")
+        if (
+            self.older_than is not None
+            and self.newer_than is not None
+            and self.newer_than >= self.older_than
+        ):
+            raise ValueError(
+                "newer_than must be before older_than: no job can be both (the window is empty)"
+            )
+
+    @property
+    def empty(self) -> bool:
+        """No filter at all: every job matches. ``discover`` refuses this without ``--all``."""
+        return all(getattr(self, name) is None for name in _FILTER_FIELDS)
+
+    def server_query(self) -> dict[str, str]:
+        """The list call's query parameters: the filters the server can apply itself."""
+        return {key: value for key in SERVER_FIELDS if (value := getattr(self, key)) is not None}
+
+    def mismatch(self, record: JobRecord) -> str | None:
+        """Why ``record`` does not match, in words; ``None`` when it matches every filter.
+
+        A record that lacks a field a filter needs does not match: unknown is not a yes.
+        """
+        for key in SERVER_FIELDS:
+            wanted = getattr(self, key)
+            have = getattr(record, key)
+            if wanted is not None and have != wanted:
+                return f"{key} is {have!r}, not {wanted!r}"
+        if self.user_name is not None and record.user_name != self.user_name:
+            return f"user_name is {record.user_name!r}, not {self.user_name!r}"
+        name = record.name
+        if self.name_glob is not None and (
+            name is None or not fnmatch.fnmatchcase(name, self.name_glob)
+        ):
+            return f"name {name!r} does not match the glob {self.name_glob!r}"
+        if self.name_regex is not None and (
+            name is None or re.search(self.name_regex, name) is None
+        ):
+            return f"name {name!r} does not match the regex {self.name_regex!r}"
+        if self.older_than is not None or self.newer_than is not None:
+            when = getattr(record, self.time_field)
+            if when is None:
+                return f"{self.time_field} is unknown"
+            if self.older_than is not None and not when < self.older_than:
+                return f"{self.time_field} {iso(when)} is not before {iso(self.older_than)}"
+            if self.newer_than is not None and not when > self.newer_than:
+                return f"{self.time_field} {iso(when)} is not after {iso(self.newer_than)}"
+        return None
+
+    def matches(self, record: JobRecord) -> bool:
+        return self.mismatch(record) is None
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field, times as ISO-8601 UTC: what a plan records and hashes."""
+        out: dict[str, Any] = {name: getattr(self, name) for name in _FILTER_FIELDS}
+        out["older_than"] = iso(self.older_than)
+        out["newer_than"] = iso(self.newer_than)
+        out["time_field"] = self.time_field
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Filters:
+        """The inverse of :meth:`to_json`; ``ValueError`` on anything unexpected."""
+        known = set(_FILTER_FIELDS) | {"time_field"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown filters: {', '.join(sorted(unknown))}")
+        values: dict[str, Any] = {}
+        for name in _FILTER_FIELDS:
+            value = data.get(name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"filter {name} is not a string")
+            values[name] = value
+        for name in ("older_than", "newer_than"):
+            if values[name] is not None:
+                values[name] = datetime.fromisoformat(values[name].replace("Z", "+00:00"))
+        time_field = data.get("time_field", "create_at")
+        if time_field not in TIME_FIELDS:
+            raise ValueError("time_field must be create_at or update_at")
+        return cls(**values, time_field=time_field)
+
+
+_FILTER_FIELDS = (
+    "status", "type", "name", "id", "name_glob", "name_regex", "user_name", "older_than",
+    "newer_than",
+)  # fmt: skip
+
+
+def matched_fields(record: JobRecord) -> dict[str, Any]:
+    """What a plan keeps of a job: the fields filters look at, times as ISO-8601 UTC."""
+    return {
+        "id": record.id,
+        "type": record.type,
+        "status": record.status,
+        "name": record.name,
+        "user_name": record.user_name,
+        "create_at": iso(record.create_at),
+        "update_at": iso(record.update_at),
+    }

@@ -1,0 +1,403 @@
+"""Protection and plan re-checks, as a ``BatchProcessor`` wrapped around another one.
+
+``Guard.process(batch)`` decides, id by id, what may go on to the wrapped processor (the
+dispatcher) and ends the rest itself:
+
+1. ids protected by id end ``skipped`` (reason ``protected``) with no API call at all;
+2. when a plan is being applied, an id the plan does not hold ends ``skipped``
+   (``not_in_plan``): the plan is the whole of what was reviewed;
+3. when a rule needs the job itself (a protected name pattern, type or status, or the plan's
+   filters), the job is read with the show call just before its batch goes out, through the
+   same rate limiter as the DELETEs and retried like them. A job that is gone ends
+   ``absent``; a protected one ``skipped`` (``protected``); one that no longer matches the
+   plan's filters ``skipped`` (``plan_mismatch``); one that cannot be read (a 4xx) ``failed``,
+   because a job we cannot check is a job we do not delete.
+
+Whatever reaches the dispatcher has passed every rule, whatever the input said. Because it is
+a wrapper, ``run``, ``run --plan`` and ``serve`` share it: ``Guard(inner=dispatcher, ...)``.
+There is a window between the read and the DELETE (milliseconds, plus the rate limiter's
+wait); the API offers no conditional delete to close it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from worker.clock import Clock
+from worker.discover import Filters
+from worker.errors import (
+    ApiError,
+    ApiUnavailable,
+    ClientError,
+    ConfigError,
+    NotFound,
+    ReaperError,
+    ThrottledError,
+    TransientError,
+)
+from worker.ratelimit import RateLimiter
+from worker.retry import RetryPolicy
+from worker.types import JOB_ID_RE, Batch, JobRecord, Outcome, Result
+
+if TYPE_CHECKING:
+    from worker.client import JobPage
+
+_T = TypeVar("_T")
+_GLOB_CHARS = frozenset("*?[")
+PROTECT_FILE_LIMIT = 4 * 1024 * 1024
+
+
+# -- rules -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Protection:
+    """Jobs never to delete: by id, by name pattern (glob), by type, by status.
+
+    Rules, as given to ``--protect`` or written one per line in ``--protect-file``:
+    ``id:ID`` protects that id; ``name:GLOB`` protects names matching the glob; a bare word
+    with ``*``, ``?`` or ``[`` is a name glob; any other bare word protects both the id *and*
+    the exact name it spells (a name such as ``nightly-train`` is a valid id too, and guessing
+    wrong would delete what the user meant to keep). Id rules cost nothing; name, type and
+    status rules cost one show call per id.
+    """
+
+    ids: frozenset[str] = frozenset()
+    names: tuple[str, ...] = ()
+    types: frozenset[str] = frozenset()
+    statuses: frozenset[str] = frozenset()
+
+    @classmethod
+    def parse(
+        cls,
+        rules: Iterable[str] = (),
+        *,
+        types: Iterable[str] = (),
+        statuses: Iterable[str] = (),
+    ) -> Protection:
+        ids: set[str] = set()
+        names: list[str] = []
+        for raw in rules:
+            rule = raw.strip()
+            if not rule:
+                continue
+            kind, sep, value = rule.partition(":")
+            if sep and kind in ("id", "name"):
+                if not value:
+                    raise ValueError(f"protect rule {rule!r} names nothing")
+                if kind == "id":
+                    if not JOB_ID_RE.fullmatch(value):
+                        raise ValueError(f"protect rule {rule!r}: not a valid job id")
+                    ids.add(value)
+                else:
+                    names.append(value)
+            elif _GLOB_CHARS & set(rule):
+                names.append(rule)
+            else:
+                if JOB_ID_RE.fullmatch(rule):
+                    ids.add(rule)
+                names.append(rule)
+        return cls(
+            ids=frozenset(ids),
+            names=tuple(dict.fromkeys(names)),
+            types=frozenset(t.strip().upper() for t in types if t.strip()),
+            statuses=frozenset(s.strip().upper() for s in statuses if s.strip()),
+        )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.ids or self.names or self.types or self.statuses)
+
+    @property
+    def needs_record(self) -> bool:
+        """Whether some rule looks at more than the id (and so costs a show call per id)."""
+        return bool(self.names or self.types or self.statuses)
+
+    def protects_id(self, job_id: str) -> bool:
+        return job_id in self.ids
+
+    def reason(self, record: JobRecord) -> str | None:
+        """Which rule protects ``record``, or ``None``."""
+        if record.id in self.ids:
+            return "id"
+        if record.type is not None and record.type.upper() in self.types:
+            return f"type {record.type}"
+        if record.status is not None and record.status.upper() in self.statuses:
+            return f"status {record.status}"
+        if record.name is not None:
+            for pattern in self.names:
+                if fnmatch.fnmatchcase(record.name, pattern):
+                    return f"name {pattern}"
+        return None
+
+    def protects(self, record: JobRecord) -> bool:
+        return self.reason(record) is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"Protection(ids={len(self.ids)}, names={list(self.names)!r}, "
+            f"types={sorted(self.types)!r}, statuses={sorted(self.statuses)!r})"
+        )
+
+
+def read_protect_file(path: Path) -> list[str]:
+    """Rules one per line; blank lines and ``#`` comments ignored. ``ConfigError`` if unreadable."""
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(PROTECT_FILE_LIMIT + 1)
+    except OSError as exc:
+        raise ConfigError(
+            f"protect_file {path} cannot be read: {exc.strerror or type(exc).__name__}"
+        ) from None
+    if len(raw) > PROTECT_FILE_LIMIT:
+        raise ConfigError(f"protect_file {path} is larger than {PROTECT_FILE_LIMIT} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"protect_file {path} is not UTF-8 text") from None
+    return [s for line in text.splitlines() if (s := line.split("#", 1)[0].strip())]
+
+
+def load_protection(
+    rules: Sequence[str],
+    protect_file: Path | None,
+    types: Sequence[str],
+    statuses: Sequence[str],
+) -> Protection:
+    """Protection from the settings' values, for the commands (the edge) to call."""
+    everything = list(rules)
+    if protect_file is not None:
+        everything += read_protect_file(protect_file)
+    try:
+        return Protection.parse(everything, types=types, statuses=statuses)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+# -- paced reads -------------------------------------------------------------------------------
+
+
+class ReadApi(Protocol):
+    """The read calls (``worker.client.ApiClient`` is one)."""
+
+    async def get_job(self, job_id: str) -> JobRecord: ...
+
+    async def list_jobs(self, **filters: str | int | bool) -> JobPage: ...
+
+
+class Stopped(ReaperError):
+    """The run is stopping: the read was abandoned and its ids stay open."""
+
+
+class PacedReader:
+    """Show and list calls through the rate limiter, retried on transient errors.
+
+    The same limiter as the DELETEs, so reads and deletes together stay within the quota;
+    the same retry policy, so a 429 or a 5xx on a read is handled like one on a DELETE.
+    When the budget runs out the API is unavailable (``ApiUnavailable``, exit 69).
+    """
+
+    def __init__(
+        self,
+        *,
+        api: ReadApi,
+        limiter: RateLimiter,
+        policy: RetryPolicy,
+        clock: Clock,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self._api = api
+        self._limiter = limiter
+        self._policy = policy
+        self._clock = clock
+        self._stopping = stopping
+        self.calls = 0
+        self.retries = 0
+
+    def __repr__(self) -> str:
+        return f"PacedReader(calls={self.calls}, retries={self.retries})"
+
+    async def show(self, job_id: str) -> JobRecord | None:
+        """The job, or ``None`` when it does not exist (404)."""
+        try:
+            return await self._call(lambda: self._api.get_job(job_id), job_id)
+        except NotFound:
+            return None
+
+    async def list_page(self, **query: str | int | bool) -> JobPage:
+        return await self._call(lambda: self._api.list_jobs(**query), "list")
+
+    async def _call(self, make: Callable[[], Awaitable[_T]], what: str) -> _T:
+        attempt = throttled = 0
+        while True:
+            attempt += 1
+            await self._limiter.acquire()
+            started = self._clock.now()
+            self.calls += 1
+            try:
+                result = await make()
+            except TransientError as exc:
+                self._feedback(exc, started)
+                throttled += isinstance(exc, ThrottledError)
+                if self._stopping():
+                    raise Stopped("stopping") from None
+                decision = self._policy.decide(exc, attempt, throttled=throttled)
+                if not decision.retry:
+                    raise ApiUnavailable(exc, batch_id=what, open_ids=1) from None
+                self.retries += 1
+                await self._clock.sleep(decision.delay_s)
+                if self._stopping():
+                    raise Stopped("stopping") from None
+                continue
+            except ApiError as exc:
+                self._feedback(exc, started)
+                raise
+            self._feedback(None, started)
+            return result
+
+    def _feedback(self, error: ApiError | None, started: float) -> None:
+        self._limiter.feedback(
+            throttled=isinstance(error, ThrottledError),
+            latency_s=self._clock.now() - started,
+            retry_after=error.retry_after if isinstance(error, ThrottledError) else None,
+        )
+
+
+# -- the guard ---------------------------------------------------------------------------------
+
+
+class BatchProcessor(Protocol):
+    async def process(self, batch: Batch) -> None: ...
+
+
+class Outcomes(Protocol):
+    """Where the guard's own outcomes go (the dispatcher's ``Journal`` is one)."""
+
+    async def finished(self, results: Sequence[Result]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PlanCheck:
+    """What a job must still be to be deleted under a plan: one of its ids, matching its filters."""
+
+    ids: frozenset[str]
+    filters: Filters
+
+
+@dataclass(slots=True)
+class GuardCounts:
+    checked: int = 0
+    passed: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+class Guard:
+    """A ``BatchProcessor`` that lets only unprotected (and, with a plan, still planned) ids on."""
+
+    def __init__(
+        self,
+        *,
+        inner: BatchProcessor,
+        outcomes: Outcomes,
+        protection: Protection,
+        reader: PacedReader | None,
+        plan: PlanCheck | None = None,
+    ) -> None:
+        """``reader=None`` (a dry run: no API) applies only the rules that need no call."""
+        self._inner = inner
+        self._outcomes = outcomes
+        self._protection = protection
+        self._reader = reader
+        self._plan = plan
+        self.counts = GuardCounts()
+
+    def __repr__(self) -> str:
+        c = self.counts
+        return (
+            f"Guard(checked={c.checked}, passed={c.passed}, skipped={c.skipped!r}, "
+            f"plan={self._plan is not None}, protection={self._protection!r}, "
+            f"reader={self._reader!r})"
+        )
+
+    @property
+    def needs_record(self) -> bool:
+        return self._plan is not None or self._protection.needs_record
+
+    async def process(self, batch: Batch) -> None:
+        ended: list[Result] = []
+        remaining: list[str] = []
+        for job_id in batch.ids:
+            if self._protection.protects_id(job_id):
+                ended.append(self._skip(job_id, batch, "protected", "id"))
+            elif self._plan is not None and job_id not in self._plan.ids:
+                ended.append(self._skip(job_id, batch, "not_in_plan", None))
+            else:
+                remaining.append(job_id)
+        if ended:
+            await self._outcomes.finished(ended)
+            ended = []
+        if remaining and self.needs_record and self._reader is not None:
+            remaining, ended = await self._check_records(batch, remaining)
+            if ended:
+                await self._outcomes.finished(ended)
+        self.counts.passed += len(remaining)
+        if remaining:
+            await self._inner.process(Batch(batch.batch_id, tuple(remaining)))
+
+    async def _check_records(
+        self, batch: Batch, ids: Sequence[str]
+    ) -> tuple[list[str], list[Result]]:
+        assert self._reader is not None
+        passed: list[str] = []
+        ended: list[Result] = []
+        for job_id in ids:
+            self.counts.checked += 1
+            try:
+                record = await self._reader.show(job_id)
+            except Stopped:
+                return [], ended  # nothing goes on: the unchecked ids stay open
+            except ClientError as exc:
+                ended.append(_unverified(job_id, batch, exc))
+                continue
+            if record is None:
+                ended.append(Result(job_id=job_id, outcome=Outcome.ABSENT, batch_id=batch.batch_id,
+                                    http_status=404, reason="gone before delete"))  # fmt: skip
+                continue
+            why = self._protection.reason(record)
+            if why is not None:
+                ended.append(self._skip(job_id, batch, "protected", why))
+                continue
+            if self._plan is not None:
+                mismatch = self._plan.filters.mismatch(record)
+                if mismatch is not None:
+                    ended.append(self._skip(job_id, batch, "plan_mismatch", mismatch))
+                    continue
+            passed.append(job_id)
+        return passed, ended
+
+    def _skip(self, job_id: str, batch: Batch, reason: str, detail: str | None) -> Result:
+        self.counts.skipped[reason] = self.counts.skipped.get(reason, 0) + 1
+        return Result(
+            job_id=job_id,
+            outcome=Outcome.SKIPPED,
+            batch_id=batch.batch_id,
+            reason=reason,
+            error_msg=detail,
+        )
+
+
+def _unverified(job_id: str, batch: Batch, exc: ClientError) -> Result:
+    return Result(
+        job_id=job_id,
+        outcome=Outcome.FAILED,
+        attempts=0,
+        batch_id=batch.batch_id,
+        http_status=exc.http_status,
+        error_code=exc.error_code,
+        error_msg=f"could not be read before deleting, so not deleted: {exc.error_msg or exc}",
+        request_id=exc.request_id,
+    )
