@@ -25,6 +25,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -119,6 +120,13 @@ class Settings(BaseSettings):
     yes: bool = False
     max_deletions: int | None = Field(default=None, ge=0)
 
+    # -- protection and plans (see worker.guard, worker.plan) ---------------------------------
+    protect: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    protect_file: Path | None = None
+    protected_types: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    protected_statuses: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_fraction: float | None = Field(default=None, gt=0, le=1)
+
     # -- serve / enqueue ------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
     stream: str = Field(default="devserver-reaper:ids", min_length=1)
@@ -138,6 +146,35 @@ class Settings(BaseSettings):
         if value is not None and not PROJECT_ID_RE.fullmatch(value):
             raise ValueError("must be 1 to 64 letters, digits and hyphens")
         return value
+
+    @field_validator("protect", "protected_types", "protected_statuses", mode="before")
+    @classmethod
+    def _word_list(cls, value: object) -> object:
+        """A list (TOML), or one string of comma-separated words (a flag, the environment)."""
+        if isinstance(value, str):
+            return [word.strip() for word in re.split(r"[,\n]", value) if word.strip()]
+        return value
+
+    @field_validator("protected_types", "protected_statuses")
+    @classmethod
+    def _upper_words(cls, value: list[str]) -> list[str]:
+        for word in value:
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", word.strip()):
+                raise ValueError(
+                    "each entry must be a job type or status such as FINISHED or ASCEND_DIAGNOSIS"
+                )
+        return [word.strip().upper() for word in value]
+
+    @field_validator("protect")
+    @classmethod
+    def _protect_rules(cls, value: list[str]) -> list[str]:
+        from worker.guard import Protection
+
+        try:
+            Protection.parse(value)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        return [rule.strip() for rule in value if rule.strip()]
 
     @field_validator("region")
     @classmethod
