@@ -14,6 +14,20 @@ from typing import Any, NoReturn
 from worker import __version__
 from worker.exit_codes import ExitCode
 
+
+def rules(text: str) -> str:
+    """The type of a repeatable setting flag: each use adds comma-separated words."""
+    return text
+
+
+class _JoinAction(argparse.Action):
+    """``--protect a --protect b`` arrives as ``"a,b"``; the setting splits it on commas."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        before = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, values if before is None else f"{before},{values}")
+
+
 # (flag, type, help). One per setting in worker.settings.Settings; a test keeps them in step.
 _BOOL = "bool"
 SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
@@ -47,6 +61,16 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--dry-run", _BOOL, "read, validate and batch, but send no DELETE"),
     ("--yes", _BOOL, "delete without asking (needed when not on a terminal)"),
     ("--max-deletions", int, "never delete more than this many jobs in this run"),
+    (
+        "--protect",
+        rules,
+        "never delete these: id:ID, name:GLOB, a glob, or an id-or-name "
+        "(repeatable; comma-separated)",
+    ),
+    ("--protect-file", str, "file of protect rules, one per line"),
+    ("--protected-types", str, "comma-separated job types never to delete"),
+    ("--protected-statuses", str, "comma-separated job statuses never to delete, e.g. PROCESSING"),
+    ("--max-fraction", float, "refuse a plan selecting more than this share (0-1] of the jobs"),
     ("--redis-url", str, "Redis for serve/enqueue (default redis://127.0.0.1:6379/0)"),
     ("--stream", str, "Redis Stream of ids (default devserver-reaper:ids)"),
     ("--group", str, "consumer group (default devserver-reaper)"),
@@ -68,8 +92,19 @@ _DISPATCH = ("--batch-size", "--concurrency", "--rate", "--burst", "--max-attemp
 _QUEUE = ("--redis-url", "--stream", "--group", "--consumer", "--max-deliveries",
           "--reclaim-after", "--http-port")  # fmt: skip
 _LOG = ("--log-format", "--log-level")
+_PROTECT = ("--protect", "--protect-file", "--protected-types", "--protected-statuses",
+            "--max-fraction")  # fmt: skip
 COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
-    "run": _API + _DISPATCH + ("--deadline", "--ledger") + _LOG,
+    "run": _API + _DISPATCH + ("--deadline", "--ledger") + _PROTECT + _LOG,
+    "discover": (
+        *_API,
+        "--rate",
+        "--burst",
+        "--max-attempts",
+        "--max-retry-after",
+        *_PROTECT,
+        *_LOG,
+    ),
     "serve": _API + _DISPATCH + _QUEUE + _LOG,
     "enqueue": ("--redis-url", "--stream", *_LOG),
     "check": _API + _LOG,
@@ -116,6 +151,10 @@ def _add_settings(parser: argparse.ArgumentParser, flags: Sequence[str]) -> None
         dest = "setting_" + flag.removeprefix("--").replace("-", "_")
         if kind == _BOOL:
             group.add_argument(flag, dest=dest, action="store_const", const=True, help=text)
+        elif kind is rules:
+            group.add_argument(
+                flag, dest=dest, type=str, action=_JoinAction, help=text, metavar="RULE"
+            )
         else:
             group.add_argument(flag, dest=dest, type=kind, help=text, metavar=flag[2:].upper())
 
@@ -137,8 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
         _add_settings(sub, COMMAND_SETTINGS[name])
         return sub
 
-    run = command("run", "delete the job ids read from --input, print a summary")
-    run.add_argument("--input", "-i", required=True, help="file of ids, or - for stdin")
+    run = command("run", "delete the job ids read from --input (or a --plan), print a summary")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", "-i", help="file of ids, or - for stdin")
+    source.add_argument(
+        "--plan", help="apply a plan written by discover --plan (refused if altered or expired)"
+    )
     run.add_argument(
         "--input-format",
         choices=("auto", "text", "jsonl", "csv", "json"),
@@ -155,6 +198,32 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="progress display on stderr (default: when stderr is a terminal)",
     )
+
+    discover = command(
+        "discover", "list jobs matching filters; print their ids, or write a plan to review"
+    )
+    server = discover.add_argument_group("filters the server applies (exact match)")
+    for name in ("status", "type", "name", "id"):
+        server.add_argument(f"--{name}", dest=f"filter_{name}", help=f"job {name}")
+    local = discover.add_argument_group("filters applied to each record")
+    local.add_argument("--name-glob", help="name matches this shell pattern, e.g. 'diag-*'")
+    local.add_argument("--name-regex", help="name contains a match of this regular expression")
+    local.add_argument("--user-name", help="created by this user")
+    local.add_argument("--older-than", help="time field before: a duration (30d, 12h) or a date")
+    local.add_argument("--newer-than", help="time field after: a duration (7d) or a date")
+    local.add_argument(
+        "--time-field", choices=("create_at", "update_at"), default="create_at",
+        help="the time --older-than/--newer-than look at (default create_at)",
+    )  # fmt: skip
+    local.add_argument("--all", action="store_true", help="allow no filter at all (every job)")
+    out = discover.add_argument_group("output")
+    out.add_argument(
+        "--output", choices=("ids", "jsonl"), default="ids",
+        help="ids one per line (for run --input -), or full records as JSON lines",
+    )  # fmt: skip
+    out.add_argument("--plan", help="write a plan file here, to review and apply with run --plan")
+    out.add_argument("--plan-ttl", default="24h", help="how long the plan stays valid (24h)")
+    out.add_argument("--page-size", type=int, help="ask the server for pages of this size")
 
     serve = command("serve", "consume ids from a Redis Stream and delete them; serve health")
     del serve

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,11 +37,14 @@ from worker.errors import (
 )
 from worker.events import EventLog
 from worker.exit_codes import ExitCode
+from worker.guard import Guard, PacedReader, PlanCheck, load_protection
 from worker.journal import LedgerPort, ResultsWriter, RunJournal, Tally
 from worker.ledger import Ledger
-from worker.pipeline import Pipeline, RunState
+from worker.pipeline import BatchProcessor, Pipeline, RunState
+from worker.plan import Plan
 from worker.settings import Settings
 from worker.sources import read_entries
+from worker.types import Candidate
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -54,6 +58,7 @@ class RunRequest:
     results: str | None = None
     retry_failed: bool = False
     progress: str = "auto"
+    plan: bool = False  # ``input`` is a plan file written by ``discover --plan``
 
 
 def new_run_id() -> str:
@@ -65,7 +70,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 
     logsetup.configure(fmt=settings.log_format, level=settings.log_level)
     request = RunRequest(
-        input=args.input,
+        input=args.plan or args.input,
+        plan=args.plan is not None,
         input_format=args.input_format,
         results=args.results,
         retry_failed=args.retry_failed,
@@ -84,8 +90,9 @@ def execute(request: RunRequest, settings: Settings, *, stdin: IO[bytes] | None 
             settings.require_api()
         endpoint = _endpoint_or_placeholder(settings)
         _check_input(request.input)
+        plan = _load_plan(request.input, settings) if request.plan else None
         if not settings.dry_run and not settings.yes:
-            _confirm(request, settings, endpoint)
+            _confirm(request, settings, endpoint, plan)
     except ConfigError as exc:
         log.error("run.config_error", error=str(exc))
         return ExitCode.CONFIG
@@ -97,7 +104,7 @@ def execute(request: RunRequest, settings: Settings, *, stdin: IO[bytes] | None 
         print(f"devserver-reaper: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     try:
-        return anyio.run(run_async, request, settings, run_id, endpoint, stdin)
+        return anyio.run(partial(run_async, plan=plan), request, settings, run_id, endpoint, stdin)
     except ConfigError as exc:
         log.error("run.config_error", error=str(exc))
         return ExitCode.CONFIG
@@ -127,7 +134,26 @@ def _check_input(path: str) -> None:
         raise InputUnreadable(f"input {path}: permission denied")
 
 
-def _confirm(request: RunRequest, settings: Settings, endpoint: str) -> None:
+def _load_plan(path: str, settings: Settings) -> Plan:
+    """Read and verify a plan before anything is sent: ``PlanRefused`` (64) when it is altered,
+    expired, for another project or endpoint, or over ``max_fraction``."""
+    from datetime import UTC, datetime
+
+    from worker.plan import read_plan
+
+    plan = read_plan(Path(path))
+    plan.verify(
+        project_id=wiring.project_id(settings),
+        endpoint=settings.api_endpoint,
+        now=datetime.now(UTC),
+        max_fraction=settings.max_fraction,
+    )
+    return plan
+
+
+def _confirm(
+    request: RunRequest, settings: Settings, endpoint: str, plan: Plan | None = None
+) -> None:
     """On a terminal, ask; anywhere else, insist on --yes (SPEC: exit 64 before any call)."""
     interactive = request.input != "-" and sys.stdin.isatty() and sys.stderr.isatty()
     if not interactive:
@@ -137,7 +163,7 @@ def _confirm(request: RunRequest, settings: Settings, endpoint: str) -> None:
         )
     from worker.progress import count_lines
 
-    lines = count_lines(request.input)
+    lines = len(plan.jobs) if plan is not None else count_lines(request.input)
     amount = f"up to {lines:,} job ids" if lines is not None else "the job ids"
     cap = f" (at most {settings.max_deletions:,})" if settings.max_deletions is not None else ""
     sys.stderr.write(
@@ -157,6 +183,8 @@ async def run_async(
     run_id: str,
     endpoint: str,
     stdin: IO[bytes] | None = None,
+    *,
+    plan: Plan | None = None,
 ) -> int:
     """The run itself, inside an event loop (``demo`` calls this beside its simulator)."""
     structlog.contextvars.bind_contextvars(run_id=run_id)
@@ -165,6 +193,10 @@ async def run_async(
     project = (
         (settings.project_id or "dry-run") if settings.dry_run else wiring.project_id(settings)
     )
+    protection = load_protection(  # before anything is opened: a bad protect_file is 78
+        settings.protect, settings.protect_file, settings.protected_types,
+        settings.protected_statuses,
+    )  # fmt: skip
     events = EventLog()
     tally = Tally()
     state = RunState()
@@ -184,7 +216,11 @@ async def run_async(
             handle = stack.enter_context(open(request.results, "wb"))  # noqa: ASYNC230
             results = ResultsWriter(handle)
         journal = RunJournal(ledger=LedgerPort(ledger), events=events, tally=tally, results=results)
-        entries: Iterator[Any] = read_entries(request.input, request.input_format, stdin=stdin)
+        entries: Iterator[Any] = (
+            iter([Candidate(job_id, n) for n, job_id in enumerate(plan.ids, 1)])
+            if plan is not None
+            else read_entries(request.input, request.input_format, stdin=stdin)
+        )
         events.note(
             "run.started",
             input=request.input,
@@ -195,6 +231,8 @@ async def run_async(
             concurrency=settings.concurrency,
             rate=settings.rate,
             ledger=str(settings.ledger) if settings.ledger else None,
+            plan=plan.digest if plan is not None else None,
+            protection=repr(protection) if protection.active else None,
         )
         session = None
         try:
@@ -202,10 +240,11 @@ async def run_async(
             if not settings.dry_run:
                 session = wiring.session(settings)
                 transport = await wiring.api_client(settings, session)
-            dispatcher = Dispatcher(
+            limiter, policy = wiring.limiter(settings, clock), wiring.retry_policy(settings)
+            dispatcher: BatchProcessor = Dispatcher(
                 transport=transport,
-                limiter=wiring.limiter(settings, clock),
-                policy=wiring.retry_policy(settings),
+                limiter=limiter,
+                policy=policy,
                 journal=journal,
                 clock=clock,
                 budget=DeletionBudget(settings.max_deletions),
@@ -213,6 +252,14 @@ async def run_async(
                 dry_run=settings.dry_run,
                 stopping=lambda: state.stopping,
             )
+            if protection.active or plan is not None:
+                reader = None
+                if transport is not None:
+                    reader = PacedReader(api=transport, limiter=limiter, policy=policy,
+                                         clock=clock, stopping=lambda: state.stopping)  # fmt: skip
+                check = None if plan is None else PlanCheck(frozenset(plan.ids), plan.filters)
+                dispatcher = Guard(inner=dispatcher, outcomes=journal, protection=protection,
+                                   reader=reader, plan=check)  # fmt: skip
             pipeline = Pipeline(
                 entries=entries,
                 ledger=LedgerPort(ledger),
@@ -231,7 +278,7 @@ async def run_async(
                 if _show_progress(request.progress):
                     from worker.progress import Progress, count_lines
 
-                    total = count_lines(request.input)
+                    total = len(plan.jobs) if plan is not None else count_lines(request.input)
                     group.start_soon(Progress(tally, total=total, clock=time.monotonic).run)
                 await pipeline.run()
                 group.cancel_scope.cancel()
