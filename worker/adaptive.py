@@ -20,9 +20,10 @@ This controller keeps a ``level`` it believes safe and only ever leaves it on pu
   the level is cut by ``beta``, again on each further throttle, until refusals stop.
 - a throttle for a call sent before the last cut says nothing new and is ignored.
 - ``Retry-After`` pauses every call (``AdaptiveRateLimiter`` waits on ``pause_until``).
-- 503s (``on_overload``) and clearly rising latency (the mean of the last
+- 503s (``on_overload``) and clearly rising latency (the median of the last
   ``latency_samples`` calls above ``latency_factor`` times the fastest seen plus
-  ``latency_floor_s``) count as a throttle without ``Retry-After``.
+  ``latency_floor_s``: a median, as one slow call or a GC pause is no signal) count as a
+  throttle without ``Retry-After``.
 
 ``RateController`` is pure arithmetic over the times passed in, and what it has learnt is
 the frozen ``ControllerState``, so replicas can share it (see ``worker.service``): one
@@ -32,6 +33,7 @@ process folds its answers in and stores the state; every replica paces itself wi
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -58,7 +60,7 @@ class AdaptiveConfig:
     min_rate: float = 0.2
     max_rate: float = 10_000.0
     startup_interval: float = 0.75  # seconds per doubling while starting up
-    margin: float = 0.03  # the level after startup: this far under the rate refused
+    margin: float = 0.05  # the level after startup: this far under the rate refused
     step: float = 0.03  # a probe goes this far above the level ...
     min_step: float = 0.01
     max_step: float = 1.0
@@ -70,8 +72,8 @@ class AdaptiveConfig:
     beta: float = 0.85  # cut on a throttle while cruising
     window: float = 1.0  # seconds of recent sends that say how fast we really send
     latency_factor: float = 3.0
-    latency_floor_s: float = 0.05
-    latency_samples: int = 20
+    latency_floor_s: float = 0.1
+    latency_samples: int = 50
     max_pause: float = 30.0  # longest Retry-After pause honoured
 
     def __post_init__(self) -> None:
@@ -100,6 +102,8 @@ class ControllerState:
     hold: float  # how long the next cruise lasts
     cut_at: float  # the last cut: throttles for calls sent before it are old news
     cuts: int  # refusals in a row at the level (each cuts harder)
+    refused: float  # the lowest rate refused since the quota last rose (inf: none),
+    # forgotten ``max_hold`` after the last cut: the quota may have risen since
     pause_until: float  # no call starts before this (Retry-After)
 
 
@@ -125,6 +129,7 @@ class RateController:
             hold=c.hold,
             cut_at=-math.inf,
             cuts=0,
+            refused=math.inf,
             pause_until=-math.inf,
         )
         self._sends: deque[float] = deque()
@@ -195,8 +200,17 @@ class RateController:
         c = self._config
         if len(self._latencies) < c.latency_samples or not math.isfinite(self._min_latency):
             return False
-        mean = sum(self._latencies) / len(self._latencies)
-        return mean > c.latency_factor * self._min_latency + c.latency_floor_s
+        middle = statistics.median(self._latencies)
+        return middle > c.latency_factor * self._min_latency + c.latency_floor_s
+
+    def _probe_rate(self, s: ControllerState) -> float:
+        """``step`` above the level, but no further than halfway to the lowest refused
+        rate (a bisection), and at least ``min_step`` above the level."""
+        c = self._config
+        rate = s.level * (1.0 + s.step)
+        if math.isfinite(s.refused) and s.since - s.cut_at <= c.max_hold:
+            rate = max(s.level * (1.0 + c.min_step), min(rate, (s.level + s.refused) / 2.0))
+        return min(rate, c.max_rate)
 
     def _probe_length(self, rate: float) -> float:
         return max(self._config.probe_time, self._config.probe_calls / rate)
@@ -211,23 +225,29 @@ class RateController:
         if s.phase is Phase.STARTUP:
             if now > since:
                 grown = s.rate * 2.0 ** ((now - since) / c.startup_interval)
-                cap = max(2.0 * self._sent_rate(now), s.rate)
+                # One more call than counted: at 2 calls/s a one-second window holds one or
+                # two, and that quantisation alone must not stall the growth.
+                cap = max(2.0 * (self._sent_rate(now) + 1.0 / c.window), s.rate)
                 rate = min(grown, cap, c.max_rate)
                 s = replace(s, rate=rate, level=rate, since=now)
         elif s.phase is Phase.CRUISE:
             if now - since >= s.hold:
                 # Probe, unless we do not even send at the level (then nothing is learnt).
                 if self._sent_rate(now) >= 0.5 * s.level or s.level <= c.min_rate:
-                    rate = min(s.level * (1.0 + s.step), c.max_rate)
-                    s = replace(s, phase=Phase.PROBE, rate=rate, since=now)
+                    s = replace(s, phase=Phase.PROBE, rate=self._probe_rate(s), since=now, cuts=0)
                 else:
                     s = replace(s, since=now)
         elif now - since >= self._probe_length(s.rate):
-            # The probe passed: its rate is the new level, and the next probe goes higher
-            # at once, so a quota that rose is found in a few steps.
+            # The probe passed: its rate is the new level, and the next probe goes twice as
+            # far (never past halfway to a refusal: a bisection). Above every refusal seen,
+            # the quota rose: the next probe follows at once, so it is found in a few steps.
+            # Inside the bracket, after a short cruise: each refused probe costs a pause.
             step = min(2.0 * s.step, c.max_step)
-            rate = min(s.rate * (1.0 + step), c.max_rate)
-            s = replace(s, level=s.rate, rate=rate, step=step, since=now, hold=c.hold, cuts=0)
+            if s.rate < s.refused:
+                s = replace(s, level=s.rate, step=step, phase=Phase.CRUISE, since=now, cuts=0)
+            else:
+                s = replace(s, level=s.rate, step=step, since=now, cuts=0, refused=math.inf)
+                s = replace(s, rate=self._probe_rate(s), hold=c.hold)
         self._state = s
         return s.rate
 
@@ -242,18 +262,22 @@ class RateController:
             wide = s.step > c.step  # a big step refused: the quota is still far above
             hold = c.hold if wide else min(s.hold * c.hold_growth, c.max_hold)
             step = max(s.step / 2.0, c.min_step)
+            refused = s.rate
         elif s.phase is Phase.STARTUP:
             level = (1.0 - c.margin) * s.rate
             hold = c.hold
             step = c.step
+            refused = s.rate
         else:
             # Refused at the level: a server's burst hid an overshoot (a mild cut is
             # enough), or the quota fell: each further refusal in a row cuts harder.
-            level = c.beta ** (s.cuts + 1) * s.level
+            again = now - s.cut_at < c.hold  # refused again soon after a cut: harder
+            level = c.beta ** (s.cuts + 1 if again else 1) * s.level
             hold = c.hold
             step = c.step
+            refused = s.level
         level = min(max(level, c.min_rate), c.max_rate)
-        cuts = s.cuts + 1 if s.phase is Phase.CRUISE else 0
+        cuts = (s.cuts + 1 if now - s.cut_at < c.hold else 1) if s.phase is Phase.CRUISE else 0
         self._state = replace(
             s,
             cuts=cuts,
@@ -264,6 +288,7 @@ class RateController:
             step=step,
             hold=hold,
             cut_at=now,
+            refused=refused,
         )
         return level
 
@@ -275,6 +300,13 @@ class RateController:
         )
 
 
+SLICE_S = 0.05
+"""Waiters look at the rate at least this often."""
+
+RESLOT = 0.05
+"""A rate change larger than this fraction re-slots every waiter."""
+
+
 class AdaptiveRateLimiter:
     """A ``RateLimiter`` whose rate a ``RateController`` sets from the calls' answers.
 
@@ -284,7 +316,16 @@ class AdaptiveRateLimiter:
     one (their slots were too close together); a ``Retry-After`` pause holds every call back.
     """
 
-    __slots__ = ("_bucket", "_burst", "_clock", "_controller", "_generation", "throttles")
+    __slots__ = (
+        "_bucket",
+        "_burst",
+        "_clock",
+        "_controller",
+        "_generation",
+        "_last_sent",
+        "_slotted",
+        "throttles",
+    )
 
     def __init__(
         self,
@@ -298,6 +339,8 @@ class AdaptiveRateLimiter:
         self._burst = burst
         self._controller = controller or RateController(clock.now(), config)
         self._bucket = TokenBucket(self._controller.rate, burst, clock.now())
+        self._slotted = self._controller.rate  # the rate the waiters' slots were given at
+        self._last_sent = -math.inf
         self._generation = 0
         self.throttles = 0
 
@@ -310,36 +353,56 @@ class AdaptiveRateLimiter:
         return self._controller
 
     def _sync(self, now: float) -> None:
+        """Bring the bucket to the controller's rate. A change of more than ``RESLOT`` starts
+        a fresh bucket, and every waiter takes a new slot at the new rate: slots handed out
+        at 2 calls/s to eight waiters would otherwise hold a rate increase back for 4 s, and
+        slots handed out before a cut would overrun the server."""
         rate = self._controller.rate_at(now)
-        if rate != self._bucket.rate:
+        if rate == self._bucket.rate:
+            return
+        slotted = self._slotted
+        if abs(rate - slotted) > RESLOT * slotted:
+            # The fresh bucket's first slot is one interval after the last call that went,
+            # so re-slotting never lets two calls start closer together than the new rate.
+            self._generation += 1
+            self._slotted = rate
+            self._bucket = TokenBucket(rate, self._burst, max(now, self._last_sent + 1.0 / rate))
+        else:
             self._bucket.set_rate(rate, now)
 
     async def acquire(self) -> None:
         await anyio.lowlevel.checkpoint_if_cancelled()
+        clock = self._clock
         while True:
-            now = self._clock.now()
+            now = clock.now()
             pause = self._controller.pause_until()
             if now < pause:
-                await self._clock.sleep(pause - now)
+                await clock.sleep(pause - now)
                 continue
             self._sync(now)
             generation = self._generation
-            wait = self._bucket.reserve(now)
-            if wait > 0.0:
-                version = self._bucket.version
+            start = now + self._bucket.reserve(now)
+            version = self._bucket.version
+            if start <= now:
+                await anyio.lowlevel.cancel_shielded_checkpoint()
+            else:
+                # Sleep in slices, so a new rate reaches waiters that are already queued.
                 try:
-                    await self._clock.sleep(wait)
+                    while generation == self._generation and clock.now() < start:
+                        self._sync(clock.now())
+                        if generation != self._generation:
+                            break
+                        await clock.sleep(min(start - clock.now(), SLICE_S))
                 except BaseException:
                     if generation == self._generation:
                         self._bucket.refund(version)
                     raise
                 if generation != self._generation:
-                    continue  # the rate was cut while we waited: our slot was too early
-                if self._clock.now() < self._controller.pause_until():
+                    continue  # the rate changed a lot while we waited: take a new slot
+                if clock.now() < self._controller.pause_until():
                     continue
-            else:
-                await anyio.lowlevel.cancel_shielded_checkpoint()
-            self._controller.on_sent(self._clock.now())
+            self._last_sent = clock.now()
+            self._controller.on_sent(self._last_sent)
             return
 
     def feedback(
@@ -352,7 +415,6 @@ class AdaptiveRateLimiter:
     ) -> None:
         """Fold one answer in; ``overloaded`` is a 503 (the dispatcher may pass it)."""
         now = self._clock.now()
-        before = self._controller.rate
         if throttled:
             self.throttles += 1
             self._controller.on_throttle(now, retry_after, latency_s)
@@ -360,14 +422,7 @@ class AdaptiveRateLimiter:
             self._controller.on_overload(now, latency_s)
         else:
             self._controller.on_success(now, latency_s)
-        after = self._controller.rate
-        if after < before:
-            # A cut: start a fresh bucket so queued slots at the old rate are dropped.
-            self._generation += 1
-            self._bucket = TokenBucket(after, self._burst, now)
-            self._bucket.reserve(now)  # the call that just ended used this instant
-        elif after != self._bucket.rate:
-            self._bucket.set_rate(after, now)
+        self._sync(now)
 
     def __repr__(self) -> str:
         return (

@@ -28,7 +28,7 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import anyio
 
@@ -180,14 +180,12 @@ class CircuitBreaker:
         )
 
 
-class _Inner:
+class _Inner(Protocol):
     """The ``Transport`` shape: declared here so the breaker does not import the dispatcher."""
 
-    async def delete_jobs(self, ids: Sequence[str]) -> DeleteResult:
-        raise NotImplementedError
+    async def delete_jobs(self, ids: Sequence[str]) -> DeleteResult: ...
 
-    async def get_job(self, job_id: str) -> JobRecord:
-        raise NotImplementedError
+    async def get_job(self, job_id: str) -> JobRecord: ...
 
 
 class BreakerTransport:

@@ -1,0 +1,268 @@
+"""Shared by the benchmarks: a simulator in its own process, and our dispatch path driven
+in-process against it with every call's send time and outcome recorded.
+
+The simulator runs as ``devserver-reaper simulate`` in a child process, so its CPU is never
+ours and its quota clock is its own (as a real gateway's would be). Our side is the real
+``Dispatcher`` + ``ApiClient`` + limiter (the code ``run`` uses per batch), driven by
+``concurrency`` workers for a fixed time, so a rate benchmark needs no input file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from worker.batcher import DeletionBudget
+from worker.clock import Clock, MonotonicClock
+from worker.errors import ApiError, ThrottledError
+from worker.ratelimit import RateLimiter
+from worker.retry import RetryPolicy
+from worker.types import Batch, DeleteResult, JobRecord, Result
+
+PROJECT = "bench-project"
+AK = "BENCHAK"
+SK = "bench-secret-key"
+
+
+@dataclass
+class SimProcess:
+    url: str
+    ids: list[str]
+    proc: subprocess.Popen[str]
+
+    def control(self, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = None if payload is None else json.dumps(payload).encode()
+        method = "POST" if data else "GET"
+        request = urllib.request.Request(self.url + path, data=data, method=method)  # noqa: S310
+        with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310
+            result: dict[str, Any] = json.loads(answer.read())
+            return result
+
+    def stats(self) -> dict[str, Any]:
+        return self.control("/_sim/stats")
+
+    def set_quota(self, quota: float, burst: int | None = None) -> None:
+        payload: dict[str, Any] = {"quota": quota}
+        if burst is not None:
+            payload["burst"] = burst
+        self.control("/_sim/quota", payload)
+
+
+@contextmanager
+def simulator(
+    tmp: Path, *, jobs: int, quota: float = 0, burst: int = 1, latency_ms: float = 0
+) -> Iterator[SimProcess]:
+    """``devserver-reaper simulate`` on a free loopback port, for the ``with`` block."""
+    ids_file = tmp / f"ids-{time.monotonic_ns()}.txt"
+    args = [sys.executable, "-m", "worker", "simulate", "--port", "0", "--jobs", str(jobs),
+            "--quota", str(quota), "--burst", str(burst), "--latency-ms", str(latency_ms),
+            "--project-id", PROJECT, "--ak", AK, "--sk", SK,
+            "--ids-file", str(ids_file)]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if "listening on" not in line:
+            raise RuntimeError(f"simulator did not start: {line!r}")
+        url = line.split("listening on ", 1)[1].split()[0]
+        ids = ids_file.read_text().split()
+        yield SimProcess(url=url, ids=ids, proc=proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        ids_file.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    start: float
+    kind: str  # ok | throttled | error
+
+
+@dataclass
+class Trace:
+    calls: list[Call] = field(default_factory=list)
+    rates: list[tuple[float, float]] = field(default_factory=list)  # (time, limiter rate)
+    t0: float = 0.0
+
+    def window(self, start: float, end: float) -> tuple[int, int, int]:
+        """(ok, throttled, errors) among calls started in [start, end) seconds after t0."""
+        ok = throttled = errors = 0
+        for call in self.calls:
+            at = call.start - self.t0
+            if start <= at < end:
+                if call.kind == "ok":
+                    ok += 1
+                elif call.kind == "throttled":
+                    throttled += 1
+                else:
+                    errors += 1
+        return ok, throttled, errors
+
+    def per_second(self, end: float) -> list[tuple[int, int]]:
+        """(ok, throttled) per whole second from t0."""
+        out = [(0, 0) for _ in range(math.ceil(end))]
+        for call in self.calls:
+            second = int(call.start - self.t0)
+            if 0 <= second < len(out):
+                ok, thr = out[second]
+                out[second] = (ok + (call.kind == "ok"), thr + (call.kind == "throttled"))
+        return out
+
+
+class _Recording:
+    """The transport, recording each call's start and outcome."""
+
+    def __init__(self, inner: Any, clock: Clock, trace: Trace) -> None:
+        self._inner = inner
+        self._clock = clock
+        self._trace = trace
+
+    async def delete_jobs(self, ids: Sequence[str]) -> DeleteResult:
+        return await self._record(self._inner.delete_jobs(ids))  # type: ignore[no-any-return]
+
+    async def get_job(self, job_id: str) -> JobRecord:
+        return await self._record(self._inner.get_job(job_id))  # type: ignore[no-any-return]
+
+    async def _record(self, call: Any) -> Any:
+        start = self._clock.now()
+        try:
+            result = await call
+        except ThrottledError:
+            self._trace.calls.append(Call(start, "throttled"))
+            raise
+        except ApiError:
+            self._trace.calls.append(Call(start, "error"))
+            raise
+        self._trace.calls.append(Call(start, "ok"))
+        return result
+
+
+class NullJournal:
+    async def sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
+        pass
+
+    async def retrying(self, batch_id: str, attempt: int, delay_s: float, reason: str) -> None:
+        pass
+
+    async def finished(self, results: Sequence[Result]) -> None:
+        pass
+
+
+async def drive(
+    url: str,
+    ids: Sequence[str],
+    make_limiter: Callable[[Clock], RateLimiter],
+    *,
+    duration: float,
+    concurrency: int = 8,
+    batch_size: int = 10,
+    on_second: Callable[[float], None] | None = None,
+) -> Trace:
+    """Delete ``ids`` through the real dispatcher for ``duration`` seconds; the calls' trace.
+
+    ``on_second(t)`` is called about once a second (t = seconds since start): a quota change.
+    """
+    from worker.client import ApiClient
+    from worker.credentials import Credentials, StaticCredentials
+    from worker.dispatcher import Dispatcher
+    from worker.http import make_session
+
+    clock = MonotonicClock()
+    trace = Trace(t0=clock.now())
+    limiter = make_limiter(clock)
+    session = make_session(concurrency=concurrency, connect_timeout=10, read_timeout=30)
+    try:
+        client = ApiClient(
+            session=session,
+            endpoint=url,
+            project_id=PROJECT,
+            credentials=StaticCredentials(Credentials(ak=AK, sk=SK)),
+        )
+        dispatcher = Dispatcher(
+            transport=_Recording(client, clock, trace),
+            limiter=limiter,
+            policy=RetryPolicy(max_attempts=6, max_throttled=1000),
+            journal=NullJournal(),
+            clock=clock,
+            budget=DeletionBudget(None),
+            max_attempts=6,
+        )
+        batches = iter(
+            Batch(f"b{n}", tuple(ids[i : i + batch_size]))
+            for n, i in enumerate(range(0, len(ids), batch_size))
+        )
+
+        async def worker() -> None:
+            for batch in batches:
+                await dispatcher.process(batch)
+
+        async def sampler() -> None:
+            second = 0
+            while True:
+                trace.rates.append((clock.now() - trace.t0, limiter.rate))
+                await anyio.sleep(0.1)
+                elapsed = clock.now() - trace.t0
+                if on_second is not None and int(elapsed) > second:
+                    second = int(elapsed)
+                    await anyio.to_thread.run_sync(on_second, elapsed)
+
+        with anyio.move_on_after(duration):
+            async with anyio.create_task_group() as group:
+                group.start_soon(sampler)
+                async with anyio.create_task_group() as workers:
+                    for _ in range(concurrency):
+                        workers.start_soon(worker)
+                group.cancel_scope.cancel()
+    finally:
+        await session.close()
+    return trace
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def machine() -> str:
+    """One line naming the machine the figures come from."""
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {sys.platform}"
+
+
+def repeats(default: int) -> int:
+    return int(os.environ.get("BENCH_REPEATS", str(default)))
+
+
+RESULTS = Path(os.environ.get("BENCH_RESULTS", "/tmp/devserver-reaper-bench.jsonl"))
+
+
+def record(name: str, **figures: Any) -> None:
+    """Print a figure and append it to ``BENCH_RESULTS`` (what the README table is made from)."""
+    row = {"bench": name, **figures}
+    print(json.dumps(row))
+    with RESULTS.open("a") as out:
+        out.write(json.dumps(row) + "\n")

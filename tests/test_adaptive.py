@@ -1,0 +1,356 @@
+"""``--rate auto``: the controller's arithmetic against a simulated quota, the limiter on
+virtual time, and one real run against the simulator over loopback."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import replace
+
+import anyio
+import pytest
+
+from tests.fakes import FakeClock
+from worker.adaptive import (
+    AdaptiveConfig,
+    AdaptiveRateLimiter,
+    Phase,
+    RateController,
+    build_limiter,
+)
+from worker.clock import MonotonicClock
+from worker.ratelimit import LocalRateLimiter, RateLimiter
+from worker.simulator.quota import TokenBucket as ServerQuota
+from worker.simulator.quota import retry_after_seconds
+
+# --- a pure-Python server quota, driven on virtual time ------------------------------------
+
+
+class Run:
+    """What a simulated run saw: send times of accepted and refused calls, and the rates."""
+
+    def __init__(self) -> None:
+        self.ok: list[float] = []
+        self.refused: list[float] = []
+        self.rates: list[tuple[float, float]] = []
+
+    def accepted_per_s(self, start: float, end: float) -> float:
+        return sum(start <= t < end for t in self.ok) / (end - start)
+
+    def refused_share(self, start: float, end: float) -> float:
+        ok = sum(start <= t < end for t in self.ok)
+        refused = sum(start <= t < end for t in self.refused)
+        return refused / max(1, ok + refused)
+
+    def rate_at(self, when: float) -> float:
+        return [rate for t, rate in self.rates if t <= when][-1]
+
+
+def simulate(
+    quota: Callable[[float], float],
+    *,
+    duration: float,
+    burst: int = 1,
+    latency: float = 0.002,
+    concurrency: int = 8,
+    controller: RateController | None = None,
+) -> Run:
+    """Calls paced at the controller's rate against a token-bucket server (as the
+    simulator's), answered ``latency`` later; 429s carry Retry-After in whole seconds."""
+    ctrl = controller or RateController(0.0)
+    server = ServerQuota(quota(0.0), burst, 0.0)
+    current = quota(0.0)
+    run = Run()
+    now = next_slot = 0.0
+    in_flight: list[tuple[float, bool, float]] = []
+    while now < duration:
+        if quota(now) != current:
+            current = quota(now)
+            server = ServerQuota(current, burst, now)
+        while in_flight and in_flight[0][0] <= now:
+            done, ok, retry_after = heapq.heappop(in_flight)
+            if ok:
+                ctrl.on_success(done, latency)
+            else:
+                ctrl.on_throttle(done, retry_after, latency)
+        rate = ctrl.rate_at(now)
+        if now < ctrl.pause_until():
+            now = next_slot = max(next_slot, ctrl.pause_until())
+            continue
+        if len(in_flight) >= concurrency or now < next_slot:
+            candidates = [next_slot] if now < next_slot else []
+            if in_flight:
+                candidates.append(in_flight[0][0])
+            now = max(now, min(candidates))
+            continue
+        ctrl.on_sent(now)
+        wait = server.try_acquire(now)
+        (run.ok if wait <= 0 else run.refused).append(now)
+        heapq.heappush(in_flight, (now + latency, wait <= 0, float(retry_after_seconds(wait))))
+        run.rates.append((now, rate))
+        next_slot = now + 1.0 / rate
+    return run
+
+
+# --- the controller: known answers ---------------------------------------------------------
+
+
+def test_startup_doubles_every_interval_while_calls_succeed() -> None:
+    ctrl = RateController(0.0, AdaptiveConfig(initial_rate=2.0, startup_interval=1.0))
+    t = 0.0
+    while t < 3.0:  # sending as fast as allowed, so the "twice what we send" cap never binds
+        ctrl.on_sent(t)
+        t += 1.0 / ctrl.rate_at(t)
+        ctrl.on_success(t, 0.001)
+    assert ctrl.rate_at(3.0) == pytest.approx(16.0, rel=0.15)
+    assert ctrl.state.phase is Phase.STARTUP
+
+
+def test_startup_never_grows_past_twice_what_is_really_sent() -> None:
+    """A worker held back by its concurrency must not talk itself into a rate it never uses."""
+    ctrl = RateController(0.0)
+    for i in range(200):  # 5 calls/s, whatever the rate allows
+        ctrl.on_sent(i / 5)
+        ctrl.on_success(i / 5 + 0.01, 0.01)
+    assert ctrl.rate <= 2 * (5 + 1) + 1e-9  # one call more than counted: see rate_at
+
+
+def test_first_throttle_ends_startup_just_under_the_refused_rate() -> None:
+    ctrl = RateController(0.0)
+    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0))
+    rate = ctrl.on_throttle(1.0, retry_after=None, latency=0.001)
+    assert rate == pytest.approx(95.0)
+    assert ctrl.state.phase is Phase.CRUISE
+
+
+def test_retry_after_pauses_every_call_and_old_news_is_ignored() -> None:
+    ctrl = RateController(0.0)
+    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0))
+    ctrl.on_throttle(10.0, retry_after=2.0, latency=0.01)
+    assert ctrl.pause_until() == 12.0
+    level = ctrl.rate
+    # A 429 for a call sent before that cut says nothing new: no second cut.
+    assert ctrl.on_throttle(10.005, retry_after=None, latency=0.5) == level
+    assert ctrl.rate_at(11.0) == level  # no growth during the pause
+
+
+def test_refused_probe_keeps_the_level_and_probes_less_often() -> None:
+    config = AdaptiveConfig(hold=5.0, hold_growth=3.0, step=0.03, probe_time=2.0)
+    ctrl = RateController(0.0, config)
+    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
+    for t in range(1, 7):
+        ctrl.on_sent(float(t))
+        for k in range(100):
+            ctrl.on_sent(t + k / 100)
+    assert ctrl.rate_at(5.5) == pytest.approx(103.0)  # probing 3 % above the level
+    assert ctrl.state.phase is Phase.PROBE
+    assert ctrl.on_throttle(6.0, None, 0.001) == 100.0
+    assert ctrl.state.hold == 15.0
+    assert ctrl.state.step == pytest.approx(0.015)  # next time half as far: closing in
+
+
+def test_a_passed_probe_raises_the_level_and_the_next_step() -> None:
+    ctrl = RateController(0.0, AdaptiveConfig(hold=1.0, step=0.03, probe_time=1.0))
+    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
+    t = 0.0
+    while t < 3.5:
+        ctrl.on_sent(t)
+        t += 1.0 / ctrl.rate_at(t)
+    assert ctrl.state.level == pytest.approx(103.0)
+    assert ctrl.state.step == pytest.approx(0.06)
+
+
+def test_503s_cut_like_a_throttle_without_a_pause() -> None:
+    ctrl = RateController(0.0)
+    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
+    assert ctrl.on_overload(1.0, latency=0.01) == pytest.approx(85.0)
+    assert ctrl.pause_until() < 1.0
+
+
+def test_clearly_rising_latency_cuts_but_one_slow_call_does_not() -> None:
+    config = AdaptiveConfig(latency_samples=10, latency_factor=3.0, latency_floor_s=0.05)
+    ctrl = RateController(0.0, config)
+    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
+    for i in range(10):
+        ctrl.on_success(1.0 + i / 100, 0.01)
+    ctrl.on_success(1.2, 2.0)  # one GC pause
+    assert ctrl.rate == 100.0
+    for i in range(10):
+        ctrl.on_success(2.0 + i / 100, 0.2)
+    assert ctrl.rate < 100.0
+
+
+def test_state_is_a_value_another_controller_can_adopt() -> None:
+    """What replicas sharing a rate through Redis would store and load."""
+    one = RateController(0.0)
+    run = simulate(lambda t: 50.0, duration=15.0, controller=one)
+    assert run.refused
+    other = RateController(15.0)
+    other.restore(one.state)
+    assert other.rate == one.rate and other.state == one.state
+    with pytest.raises(AttributeError):
+        one.state.rate = 1.0  # type: ignore[misc]
+
+
+# --- the controller against a simulated quota ---------------------------------------------
+
+
+@pytest.mark.parametrize("quota", [5.0, 50.0, 500.0])
+def test_converges_to_the_quota_and_stays_under_it(quota: float) -> None:
+    ctrl = RateController(0.0)
+    run = simulate(lambda t: quota, duration=40.0, burst=2, controller=ctrl)
+    assert 0.8 * quota <= run.accepted_per_s(10.0, 40.0) <= quota * 1.01
+    assert run.refused_share(10.0, 40.0) <= 0.02
+    assert 0.85 * quota <= ctrl.state.level <= quota
+
+
+def test_recovers_when_the_quota_rises() -> None:
+    """At most ``max_hold`` (30 s) passes before the next probe sees the room above."""
+    run = simulate(lambda t: 20.0 if t < 20 else 50.0, duration=90.0, burst=2)
+    assert run.accepted_per_s(5.0, 20.0) <= 20.0 * 1.01
+    assert run.accepted_per_s(70.0, 90.0) >= 0.85 * 50.0
+    assert run.refused_share(70.0, 90.0) <= 0.02
+
+
+def test_stays_stable_when_the_quota_falls() -> None:
+    ctrl = RateController(0.0)
+    run = simulate(lambda t: 50.0 if t < 20 else 20.0, duration=60.0, burst=2, controller=ctrl)
+    assert run.accepted_per_s(40.0, 60.0) >= 0.85 * 20.0
+    assert run.refused_share(40.0, 60.0) <= 0.02
+    assert ctrl.state.level <= 20.0
+
+
+def test_a_burst_hiding_the_overshoot_costs_throttles_but_not_stability() -> None:
+    """A server bucket of 10 % of the quota lets an overshoot pass for a while."""
+    run = simulate(lambda t: 100.0, duration=60.0, burst=10)
+    assert run.accepted_per_s(20.0, 60.0) >= 0.85 * 100.0
+    assert run.refused_share(20.0, 60.0) <= 0.02
+
+
+# --- the limiter on virtual time ----------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_rate_increase_reaches_callers_already_queued() -> None:
+    """Slots handed out at 2 calls/s to eight waiters must not hold growth back for 4 s."""
+    clock = FakeClock()
+    limiter = AdaptiveRateLimiter(clock)
+    sends: list[float] = []
+
+    async def worker() -> None:
+        while clock.now() < 5.0:
+            await limiter.acquire()
+            sends.append(clock.now())
+            await clock.sleep(0.002)
+            limiter.feedback(throttled=False, latency_s=0.002)
+
+    async with anyio.create_task_group() as group:
+        for _ in range(8):
+            group.start_soon(worker)
+    in_last_second = sum(4.0 <= t < 5.0 for t in sends)
+    assert in_last_second >= 40  # 2 calls/s doubling every 0.75 s, minus the cap's lag
+    gaps = [b - a for a, b in itertools.pairwise(sends)]
+    assert min(gaps) > 0  # burst 1: never two calls at the same instant
+
+
+@pytest.mark.anyio
+async def test_a_cut_respaces_the_queue_and_retry_after_holds_every_call() -> None:
+    clock = FakeClock()
+    limiter = AdaptiveRateLimiter(clock)
+    controller = limiter.controller
+    controller.restore(replace(controller.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
+    sends: list[float] = []
+
+    async def worker() -> None:
+        for _ in range(5):
+            await limiter.acquire()
+            sends.append(clock.now())
+
+    limiter.feedback(throttled=True, latency_s=0.0, retry_after=1.0)
+    async with anyio.create_task_group() as group:
+        for _ in range(4):
+            group.start_soon(worker)
+    assert min(sends) >= 1.0  # nobody started during the Retry-After pause
+    spacing = 1.0 / limiter.rate
+    gaps = [b - a for a, b in itertools.pairwise(sends)]
+    assert all(gap >= spacing - 1e-9 for gap in gaps)
+    assert "throttles=1" in repr(limiter)
+
+
+def test_build_limiter_gives_a_fixed_or_an_adaptive_limiter() -> None:
+    clock = FakeClock()
+    fixed = build_limiter(25.0, 5, clock)
+    assert isinstance(fixed, LocalRateLimiter) and fixed.rate == 25.0 and fixed.burst == 5
+    auto = build_limiter("auto", 5, clock)
+    assert isinstance(auto, AdaptiveRateLimiter) and isinstance(auto, RateLimiter)
+    assert auto.rate == AdaptiveConfig().initial_rate
+
+
+# --- one real run over loopback -----------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_finds_the_simulators_quota_over_real_http() -> None:
+    """Against the simulator (quota 20 calls/s), ``--rate auto`` leaves startup at its
+    first 429, and a few seconds later the server accepts nearly the quota and refuses
+    at most one call a second."""
+    from tests.benchmarks.harness import AK, PROJECT, SK, NullJournal
+    from worker.batcher import DeletionBudget
+    from worker.client import ApiClient
+    from worker.credentials import Credentials, StaticCredentials
+    from worker.dispatcher import Dispatcher
+    from worker.http import make_session
+    from worker.retry import RetryPolicy
+    from worker.simulator import SimulatorConfig, run_simulator
+    from worker.types import Batch
+
+    clock = MonotonicClock()
+    config = SimulatorConfig(project_id=PROJECT, ak=AK, sk=SK, jobs=400, quota=20, burst=2)
+    async with run_simulator(config) as sim:
+        limiter = AdaptiveRateLimiter(clock)
+        session = make_session(concurrency=4, connect_timeout=5, read_timeout=5)
+        try:
+            client = ApiClient(
+                session=session,
+                endpoint=sim.url,
+                project_id=PROJECT,
+                credentials=StaticCredentials(Credentials(ak=AK, sk=SK)),
+            )
+            dispatcher = Dispatcher(
+                transport=client,
+                limiter=limiter,
+                policy=RetryPolicy(max_attempts=3, max_throttled=100),
+                journal=NullJournal(),
+                clock=clock,
+                budget=DeletionBudget(None),
+                max_attempts=3,
+            )
+            ids = sim.job_ids()
+            batches = iter(Batch(f"b{i}", (job,)) for i, job in enumerate(ids))
+
+            async def worker() -> None:
+                for batch in batches:
+                    await dispatcher.process(batch)
+
+            seen: list[tuple[int, int]] = []
+
+            async def watch() -> None:
+                await anyio.sleep(5.0)
+                seen.append((sim.stats.calls, sim.stats.throttled))
+
+            with anyio.move_on_after(8.0):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(watch)
+                    for _ in range(4):
+                        group.start_soon(worker)
+        finally:
+            await session.close()
+        state = limiter.controller.state
+        assert limiter.throttles >= 1 and sim.stats.throttled >= 1
+        assert state.phase is not Phase.STARTUP and not math.isinf(state.cut_at)
+        calls, throttled = seen[0]
+        late_ok = (sim.stats.calls - calls) - (sim.stats.throttled - throttled)
+        assert 0.4 * 20 * 3 <= late_ok <= 20 * 3 + 2  # the last 3 s: under the quota
+        assert sim.stats.throttled - throttled <= 3
