@@ -1,0 +1,350 @@
+"""discover: durations and filters (known answers, Hypothesis), paging, and the real command."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.e2e import SIM_AK, SIM_PROJECT, SIM_SK, reaper, reaper_env
+from tests.fakes import FakeClock
+from worker.client import ApiClient, make_session
+from worker.commands.discover import scan_jobs
+from worker.credentials import Credentials, StaticCredentials
+from worker.discover import Filters, parse_duration, parse_instant
+from worker.errors import ApiUnavailable
+from worker.guard import PacedReader
+from worker.ratelimit import UnlimitedRateLimiter
+from worker.retry import RetryPolicy
+from worker.simulator import JOBS_EPOCH_MS, Job, SimulatorConfig, run_simulator
+from worker.types import JobRecord
+
+EPOCH = datetime.fromtimestamp(JOBS_EPOCH_MS / 1000, tz=UTC)  # 2026-06-01T00:00:00Z
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
+
+
+def record(**fields: Any) -> JobRecord:
+    return JobRecord.from_api({"id": "job-1", **fields})
+
+
+# -- durations and cut-offs ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400), ("45s", 45), ("2w", 14 * 86400),
+     ("1d12h", 129600), (" 7D ", 7 * 86400)],
+)  # fmt: skip
+def test_durations_have_known_lengths(text: str, seconds: int) -> None:
+    assert parse_duration(text) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("text", ["", "30", "d", "1y", "3mo", "-1d", "0d", "1.5h", "30 d"])
+def test_durations_without_a_fixed_length_or_unit_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+@given(st.integers(1, 10**6), st.sampled_from(["w", "d", "h", "m", "s"]))
+def test_a_duration_is_its_number_times_its_unit(n: int, unit: str) -> None:
+    per = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}[unit]
+    assert parse_duration(f"{n}{unit}").total_seconds() == n * per
+
+
+def test_a_cut_off_is_a_duration_before_now_or_a_date_taken_as_utc() -> None:
+    assert parse_instant("30d", NOW) == NOW - timedelta(days=30)
+    assert parse_instant("2026-01-31", NOW) == datetime(2026, 1, 31, tzinfo=UTC)
+    assert parse_instant("2026-01-31T12:00:00Z", NOW) == datetime(2026, 1, 31, 12, tzinfo=UTC)
+    offset = parse_instant("2026-01-31T12:00:00+02:00", NOW)
+    assert offset == datetime(2026, 1, 31, 10, tzinfo=UTC)
+    with pytest.raises(ValueError, match="ISO-8601"):
+        parse_instant("last tuesday", NOW)
+
+
+# -- filters -------------------------------------------------------------------------------
+
+
+def test_server_side_filters_become_the_query_and_are_checked_again_exactly() -> None:
+    filters = Filters(status="FINISHED", type="COMMON", name_glob="x*")
+    assert filters.server_query() == {"status": "FINISHED", "type": "COMMON"}
+    assert filters.mismatch(record(status="FINISHED", type="COMMON", name="xy")) is None
+    assert "status" in (filters.mismatch(record(status="finished", type="COMMON", name="x")) or "")
+    assert filters.mismatch(record(status="FINISHED", type="COMMON", name="yx")) is not None
+
+
+def test_name_glob_regex_and_user_name_select_by_name_and_owner() -> None:
+    assert Filters(name_glob="diag-*").matches(record(name="diag-7"))
+    assert not Filters(name_glob="diag-*").matches(record(name="DIAG-7"))  # case-sensitive
+    assert Filters(name_regex=r"-0+7$").matches(record(name="diag-007"))
+    assert not Filters(name_regex=r"^x").matches(record(name=None))  # no name: no match
+    assert Filters(user_name="bob").matches(record(user_name="bob"))
+    assert not Filters(user_name="bob").matches(record(user_name="bobby"))
+
+
+def test_age_window_is_strict_and_reads_the_chosen_time_field() -> None:
+    cut = datetime(2026, 5, 1, tzinfo=UTC)
+    ms = int(cut.timestamp() * 1000)
+    older = Filters(older_than=cut)
+    assert older.matches(record(create_at=ms - 1))
+    assert not older.matches(record(create_at=ms))  # the instant itself is not "older"
+    assert not older.matches(record())  # unknown time: not a match
+    on_update = Filters(older_than=cut, time_field="update_at")
+    assert not on_update.matches(record(create_at=ms - 10, update_at=ms + 10))
+    newer = Filters(newer_than=cut)
+    assert newer.matches(record(create_at=ms + 1)) and not newer.matches(record(create_at=ms))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [({"name_regex": "("}, "regular expression"), ({"status": " "}, "blank"),
+     ({"id": "bad id"}, "id must be"), ({"time_field": "created"}, "time_field"),
+     ({"older_than": datetime(2026, 1, 1, tzinfo=UTC),
+       "newer_than": datetime(2026, 2, 1, tzinfo=UTC)}, "empty"),
+     ({"older_than": datetime(2026, 1, 1)}, "time zone")],
+)  # fmt: skip
+def test_filters_that_cannot_mean_anything_are_refused(
+    fields: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        Filters(**fields)
+
+
+instants = st.datetimes(
+    min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+).map(lambda d: d.replace(microsecond=d.microsecond // 1000 * 1000))
+words = st.none() | st.text(st.characters(codec="utf-8"), min_size=1).filter(str.strip)
+
+
+@given(
+    status=words, type_=words, glob=words, user=words, older=st.none() | instants,
+    field=st.sampled_from(["create_at", "update_at"]),
+)  # fmt: skip
+def test_filters_survive_their_json_form_unchanged(
+    status: str | None, type_: str | None, glob: str | None, user: str | None,
+    older: datetime | None, field: Any,
+) -> None:  # fmt: skip
+    filters = Filters(status=status, type=type_, name_glob=glob, user_name=user,
+                      older_than=older, time_field=field)  # fmt: skip
+    assert Filters.from_json(orjson.loads(orjson.dumps(filters.to_json()))) == filters
+
+
+def test_filters_json_with_an_unknown_member_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown"):
+        Filters.from_json({"status": "FINISHED", "colour": "red"})
+
+
+# -- paging ----------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def reader_for(url: str, *, attempts: int = 4) -> AsyncIterator[PacedReader]:
+    async with make_session(concurrency=2, connect_timeout=2, read_timeout=5) as session:
+        api = ApiClient(
+            session=session,
+            endpoint=url,
+            project_id=SIM_PROJECT,
+            credentials=StaticCredentials(Credentials(ak=SIM_AK, sk=SIM_SK)),
+        )
+        yield PacedReader(
+            api=api,
+            limiter=UnlimitedRateLimiter(),
+            policy=RetryPolicy(max_attempts=attempts, rng=random.Random(1)),
+            clock=FakeClock(),
+        )
+
+
+@pytest.mark.anyio
+async def test_scan_reads_every_page_and_each_job_once() -> None:
+    async with run_simulator(SimulatorConfig(jobs=1050, seed=3)) as sim:
+        async with reader_for(sim.url) as reader:
+            scan = await scan_jobs(reader, {}, page_size=100)
+        assert scan.complete and scan.pages == 11
+        assert sorted(r.id for r in scan.records) == sorted(sim.job_ids())
+        assert sim.stats.list_calls == 11
+        assert reader.calls == 11
+
+
+@pytest.mark.anyio
+async def test_scan_passes_server_filters_on_every_page() -> None:
+    async with run_simulator(SimulatorConfig(jobs=600, seed=4)) as sim:
+        finished = {j.id for j in sim.store.jobs.values() if j.status == "FINISHED"}
+        async with reader_for(sim.url) as reader:
+            scan = await scan_jobs(reader, {"status": "FINISHED"}, page_size=50)
+        assert {r.id for r in scan.records} == finished
+        assert scan.pages == -(-len(finished) // 50)
+
+
+def _job_record(n: int) -> dict[str, Any]:
+    return {"id": f"job-{n}", "name": f"n{n}", "status": "FINISHED", "type": "COMMON"}
+
+
+@asynccontextmanager
+async def scripted_api(answers: list[tuple[int, dict[str, Any]]]) -> AsyncIterator[str]:
+    """A list endpoint that answers from a script (the last answer repeats); not signed."""
+    seen: list[dict[str, str]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(dict(request.query))
+        status, body = answers[min(len(seen), len(answers)) - 1]
+        return web.json_response(body, status=status, headers={"X-Request-Id": f"r{len(seen)}"})
+
+    app = web.Application()
+    app.router.add_get("/v1/{project}/dev-servers/jobs", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.anyio
+async def test_a_server_that_ignores_paging_stops_the_scan_with_a_warning() -> None:
+    """It keeps answering page 1 of 3: two calls, not an endless loop, and said out loud."""
+    page = {"current": 1, "pages": 3, "size": 2, "total": 6,
+            "data": [_job_record(1), _job_record(2)]}  # fmt: skip
+    warnings: list[tuple[str, dict[str, Any]]] = []
+    async with scripted_api([(200, page)]) as url, reader_for(url) as reader:
+        scan = await scan_jobs(reader, {}, warn=lambda event, **f: warnings.append((event, f)))
+    assert not scan.complete
+    assert [r.id for r in scan.records] == ["job-1", "job-2"]
+    assert reader.calls == 2
+    assert warnings == [("discover.paging_ignored", {"asked": 2, "answered": 1, "pages": 3})]
+
+
+@pytest.mark.anyio
+async def test_a_server_that_never_stops_paging_hits_the_hard_stop() -> None:
+    def page(n: int) -> dict[str, Any]:
+        return {"current": n, "pages": 10**9, "data": [_job_record(n)]}
+
+    script = [(200, page(n)) for n in range(1, 6)]
+    warnings: list[str] = []
+    async with scripted_api(script) as url, reader_for(url) as reader:
+        scan = await scan_jobs(reader, {}, max_pages=3, warn=lambda e, **f: warnings.append(e))
+    assert scan.pages == 3 and not scan.complete
+    assert warnings == ["discover.too_many_pages"]
+
+
+@pytest.mark.anyio
+async def test_list_calls_are_retried_on_transient_errors_and_give_up_as_unavailable() -> None:
+    ok = {"current": 1, "pages": 1, "data": [_job_record(1)]}
+    busy = {"error_code": "APIGW.0202", "error_msg": "unavailable"}
+    async with scripted_api([(503, busy), (429, busy), (200, ok)]) as url, reader_for(url) as r:
+        scan = await scan_jobs(r, {})
+    assert [x.id for x in scan.records] == ["job-1"] and r.retries == 2
+    async with scripted_api([(503, busy)]) as url, reader_for(url, attempts=3) as r:
+        with pytest.raises(ApiUnavailable):
+            await scan_jobs(r, {})
+    assert r.calls == 3
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def expected(jobs: list[Job], **want: Any) -> set[str]:
+    """The selection, computed straight from the simulator's jobs (not through Filters)."""
+    out = set()
+    for job in jobs:
+        if "status" in want and job.status != want["status"]:
+            continue
+        if "type" in want and job.type != want["type"]:
+            continue
+        if "before_ms" in want and not job.create_at < want["before_ms"]:
+            continue
+        if "user" in want and job.user_name != want["user"]:
+            continue
+        if "regex" in want and not re.search(want["regex"], job.name):
+            continue
+        out.add(job.id)
+    return out
+
+
+@pytest.mark.anyio
+async def test_discover_prints_exactly_the_matching_ids_and_logs_to_stderr() -> None:
+    """Every FINISHED diagnosis job older than 30 days (counted from the seeded epoch)."""
+    async with run_simulator(SimulatorConfig(jobs=1200, seed=8)) as sim:
+        cutoff = EPOCH - timedelta(days=30)
+        before_ms = JOBS_EPOCH_MS - 30 * 86400_000
+        jobs = list(sim.store.jobs.values())
+        want = expected(jobs, status="FINISHED", type="ASCEND_DIAGNOSIS", before_ms=before_ms)
+        done = await reaper(
+            ["discover", "--status", "FINISHED", "--type", "ASCEND_DIAGNOSIS",
+             "--older-than", cutoff.isoformat(), "--page-size", "40"],
+            reaper_env(sim.url),
+        )  # fmt: skip
+        assert done.code == 0, done.stderr
+        assert set(done.stdout.split()) == want and len(done.stdout.split()) == len(want)
+        assert 20 < len(want) < 1200
+        summary = [orjson.loads(x) for x in done.stderr.splitlines() if "discover.summary" in x]
+        assert summary[0]["selected"] == len(want) and summary[0]["inventory_size"] == 1200
+        assert sim.stats.delete_calls == 0
+
+
+@pytest.mark.anyio
+async def test_discover_jsonl_holds_full_records_selected_by_regex_and_user() -> None:
+    async with run_simulator(SimulatorConfig(jobs=400, seed=9)) as sim:
+        want = expected(list(sim.store.jobs.values()), user="bob", regex=r"^common-0000[0-9]")
+        done = await reaper(
+            ["discover", "--user-name", "bob", "--name-regex", "^common-0000[0-9]",
+             "--output", "jsonl"],
+            reaper_env(sim.url),
+        )  # fmt: skip
+        assert done.code == 0, done.stderr
+        rows = [orjson.loads(line) for line in done.stdout.splitlines()]
+        assert {row["id"] for row in rows} == want and want
+        job = sim.store.jobs[rows[0]["id"]]
+        assert rows[0]["name"] == job.name and rows[0]["user_name"] == "bob"
+        assert rows[0]["create_at"].endswith("Z")
+
+
+@pytest.mark.anyio
+async def test_discover_without_any_filter_is_refused_unless_all_is_given() -> None:
+    async with run_simulator(SimulatorConfig(jobs=30, seed=1)) as sim:
+        refused = await reaper(["discover"], reaper_env(sim.url))
+        assert refused.code == 64 and "--all" in refused.stderr
+        assert sim.stats.list_calls == 0
+        everything = await reaper(["discover", "--all"], reaper_env(sim.url))
+        assert everything.code == 0 and set(everything.stdout.split()) == set(sim.job_ids())
+
+
+@pytest.mark.anyio
+async def test_discover_refuses_a_selection_over_max_fraction_and_writes_no_plan(
+    tmp_path: Path,
+) -> None:
+    async with run_simulator(SimulatorConfig(jobs=100, seed=2)) as sim:
+        plan = tmp_path / "plan.json"
+        done = await reaper(
+            ["discover", "--status", "FINISHED", "--plan", str(plan), "--max-fraction", "0.2"],
+            reaper_env(sim.url),
+        )
+        assert done.code == 64, done.stderr
+        assert "max_fraction" in done.stderr and not plan.exists()
+        assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--older-than", "yesterday"], ["--status", "X", "--plan-ttl", "90d"],
+     ["--name-regex", "("], ["--status", "X", "--page-size", "0"]],
+)  # fmt: skip
+def test_discover_usage_errors_exit_64_before_any_call(argv: list[str]) -> None:
+    import subprocess
+    import sys
+
+    env = reaper_env("http://127.0.0.1:9")  # nothing listens: a call would fail differently
+    done = subprocess.run([sys.executable, "-m", "worker", "discover", *argv], env=env,
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 64, done.stderr
