@@ -125,5 +125,10 @@ class InFlight:
                             del self._waiters[other]
         return dropped
 
+    def clear(self) -> None:
+        """Forget everything (a new round re-reads its pending entries from Redis)."""
+        self._entries.clear()
+        self._waiters.clear()
+
     def __repr__(self) -> str:
         return f"InFlight(entries={len(self._entries)}, open_ids={len(self._waiters)})"

@@ -1,0 +1,381 @@
+"""serve, in-process: entry decoding, in-flight tracking, acks, dead letters, health, metrics.
+
+Real Redis (under the test's own key prefix) and the simulator on loopback; the service
+itself runs through ``worker.commands.serve.serve`` with a stop event instead of a signal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import anyio
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
+
+from tests.conftest import REDIS_URL
+from tests.fakes import FakeClock
+from worker.commands.serve import serve
+from worker.errors import ApiTimeout, AuthError, ServerError, ThrottledError
+from worker.service.health import Health, build_app
+from worker.service.inflight import InFlight
+from worker.service.layout import Message, StreamLayout, decode_entry
+from worker.service.metrics import (
+    CALLS,
+    DEAD_REASONS,
+    RETRY_REASONS,
+    ServiceMetrics,
+    status_class,
+)
+from worker.settings import Settings
+from worker.simulator import Simulator, SimulatorConfig, run_simulator
+from worker.types import Outcome, Result
+
+pytestmark = pytest.mark.usefixtures("clean_env")
+
+
+# -- pure pieces ----------------------------------------------------------------------------
+
+
+def test_an_entry_with_id_ids_or_both_yields_its_valid_ids_once_in_order() -> None:
+    message = decode_entry("1-0", {b"id": b"a", b"ids": b'["b", "a", "c"]'})
+    assert message.ids == ("a", "b", "c")
+    assert message.rejections == () and message.problem is None
+
+
+def test_invalid_ids_are_rejections_with_reasons_and_never_ids() -> None:
+    message = decode_entry("1-0", {b"ids": b'["ok", "no way", 7, ""]'})
+    assert message.ids == ("ok",)
+    assert [(r.raw, r.line) for r in message.rejections] == [("no way", 2), ("7", 3), ("", 4)]
+    assert "invalid character" in message.rejections[0].reason
+    assert message.rejections[1].reason == "not a string but int"
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({b"other": b"x"}, "entry has neither id nor ids"),
+        ({b"ids": b"[not json"}, "ids is not valid JSON"),
+        ({b"ids": b'{"a": 1}'}, "ids is not a JSON list"),
+        ({b"ids": orjson.dumps([f"i{n}" for n in range(1001)])}, "entry names 1001 ids"),
+    ],
+)
+def test_an_unreadable_entry_says_why_and_carries_no_ids(
+    fields: dict[bytes, bytes], problem: str
+) -> None:
+    message = decode_entry("1-0", fields)
+    assert message.ids == ()
+    assert message.problem is not None and message.problem.startswith(problem)
+
+
+def test_the_payload_kept_for_the_dead_letter_stream_is_escaped_text() -> None:
+    message = decode_entry("1-0", {b"id": b"\x1b[31mred\xff"})
+    assert "\\x1b" in message.payload and "\x1b" not in message.payload
+
+
+def test_layout_names_every_key_after_the_stream() -> None:
+    layout = StreamLayout("q", "g")
+    assert (layout.dead, layout.outcomes, layout.ratelimit, layout.last_error) == (
+        "q:dead", "q:outcomes", "q:ratelimit", "q:lasterror",
+    )  # fmt: skip
+
+
+def _result(job_id: str, outcome: Outcome = Outcome.DELETED) -> Result:
+    return Result(job_id=job_id, outcome=outcome)
+
+
+def test_an_entry_finishes_only_when_all_its_ids_have_an_outcome() -> None:
+    inflight = InFlight()
+    assert inflight.add(Message("1-0", ("a", "b")), 1).send == ("a", "b")
+    assert inflight.settle([_result("a")]) == []
+    done = inflight.settle([_result("b")])
+    assert [d.entry_id for d in done] == ["1-0"] and done[0].failures == ()
+    assert len(inflight) == 0 and inflight.open_ids == 0
+
+
+def test_an_id_in_two_entries_is_sent_once_and_settles_both() -> None:
+    inflight = InFlight()
+    inflight.add(Message("1-0", ("a",)), 1)
+    assert inflight.add(Message("2-0", ("a", "b")), 1).send == ("b",)
+    assert inflight.entries_of("a") == ("1-0", "2-0")
+    assert [d.entry_id for d in inflight.settle([_result("a")])] == ["1-0"]
+    failed = inflight.settle([_result("b", Outcome.FAILED)])
+    assert [d.entry_id for d in failed] == ["2-0"]
+    assert [f.job_id for f in failed[0].failures] == ["b"]
+
+
+def test_an_entry_without_valid_ids_is_finished_on_admission_and_repeats_are_no_ops() -> None:
+    inflight = InFlight()
+    admission = inflight.add(Message("1-0", (), problem="bad"), 2)
+    assert admission.send == () and admission.finished is not None
+    assert admission.finished.deliveries == 2
+    inflight.add(Message("2-0", ("a",)), 1)
+    assert inflight.add(Message("2-0", ("a",)), 1).send == ()  # a reclaim of our own entry
+
+
+def test_released_entries_are_forgotten_without_an_outcome() -> None:
+    inflight = InFlight()
+    inflight.add(Message("1-0", ("a", "b")), 1)
+    inflight.add(Message("2-0", ("c",)), 1)
+    assert inflight.release(["a"]) == ["1-0"]
+    assert inflight.settle([_result("b")]) == []  # nobody waits on b any more
+    assert len(inflight) == 1 and "2-0" in inflight
+    assert repr(inflight) == "InFlight(entries=1, open_ids=1)"
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (None, "2xx"),
+        (ThrottledError("429", http_status=429), "4xx"),
+        (AuthError("401", http_status=401), "4xx"),
+        (ServerError("503", http_status=503), "5xx"),
+        (ApiTimeout("slow"), "timeout"),
+    ],
+)
+def test_status_class_comes_from_the_status_else_the_error_type(error: Any, expected: str) -> None:
+    assert status_class(error) == expected
+
+
+def series(text: str) -> int:
+    return sum(len(family.samples) for family in text_string_to_metric_families(text))
+
+
+def test_metrics_series_do_not_grow_with_traffic() -> None:
+    """Every label value exists from the start: 100,000 observations add no series."""
+    from prometheus_client import generate_latest
+
+    metrics = ServiceMetrics()
+    before = series(generate_latest(metrics.registry).decode())
+    errors = [None, ThrottledError("t", http_status=429), ServerError("s", http_status=500),
+              ApiTimeout("x"), AuthError("a", http_status=403)]  # fmt: skip
+    for n in range(100_000):
+        metrics.outcome(list(Outcome)[n % 5])
+        metrics.call(CALLS[n % 2], errors[n % 5], (n % 700) / 10, 1.7e9 + n)
+        metrics.retry(RETRY_REASONS[n % len(RETRY_REASONS)])
+        metrics.dead(DEAD_REASONS[n % 3])
+        metrics.batch_size.observe(n % 1000 + 1)
+    text = generate_latest(metrics.registry).decode()
+    assert series(text) == before
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert "devserver_reaper_throttled" in families
+    ids = {s.labels["outcome"]: s.value for s in families["devserver_reaper_ids"].samples
+           if s.name.endswith("_total")}  # fmt: skip
+    assert ids == {o.value: 20_000 for o in Outcome}
+    assert families["devserver_reaper_last_success_timestamp_seconds"].samples[0].value >= 1.7e9
+
+
+@pytest.mark.anyio
+async def test_probes_say_live_and_ready_for_the_right_reasons() -> None:
+    clock = FakeClock(autojump=False)
+    health = Health(clock, stale_after=5)
+    redis_up = True
+
+    async def ping() -> object:
+        if not redis_up:
+            raise ConnectionError("down")
+        return True
+
+    app = build_app(health, ServiceMetrics(), ping=ping)
+    runner = aiohttp.web.AppRunner(app)
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+
+            async def status(path: str) -> int:
+                async with http.get(path) as response:
+                    return response.status
+
+            assert await status("/healthz") == 503  # the loop has not started
+            health.loop_running = True
+            assert await status("/healthz") == 200
+            clock.advance(6)
+            assert await status("/healthz") == 503  # no progress for longer than stale_after
+            health.progress()
+            assert await status("/healthz") == 200
+            assert await status("/readyz") == 200
+            health.observe_call(AuthError("refused", http_status=401))
+            assert await status("/readyz") == 503
+            assert await status("/healthz") == 200  # unready is not dead
+            health.observe_call(ServerError("later", http_status=500))  # keys were accepted
+            assert await status("/readyz") == 200
+            redis_up = False
+            assert await status("/readyz") == 503
+            redis_up = True
+            health.draining = True
+            assert await status("/readyz") == 503
+    finally:
+        await runner.cleanup()
+
+
+# -- the service, in-process -----------------------------------------------------------------
+
+
+@dataclass
+class Running:
+    sim: Simulator
+    settings: Settings
+    redis: aioredis.Redis
+    layout: StreamLayout
+    stop: anyio.Event
+    port: int = 0
+    code: int | None = None
+    logs: list[MutableMapping[str, Any]] = field(default_factory=list)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def enqueue(self, ids: list[str]) -> list[str]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.xadd(self.layout.stream, {"id": job_id})
+            return [e.decode() for e in await pipe.execute()]
+
+    async def pending(self) -> int:
+        info = await self.redis.xpending(self.layout.stream, self.layout.group)
+        return int(info["pending"])
+
+    async def until(self, check: Callable[[], Any], timeout: float = 15) -> None:
+        with anyio.fail_after(timeout):
+            while not await check():
+                await anyio.sleep(0.05)
+
+    def events(self, name: str) -> list[MutableMapping[str, Any]]:
+        return [e for e in self.logs if e.get("event") == name]
+
+
+@asynccontextmanager
+async def running(
+    prefix: str, sim_config: SimulatorConfig, **overrides: Any
+) -> AsyncIterator[Running]:
+    async with run_simulator(sim_config) as sim:
+        values: dict[str, Any] = {
+            "endpoint": sim.url,
+            "project_id": sim.config.project_id,
+            "ak": sim.config.ak,
+            "sk": sim.config.sk,
+            "stream": prefix + "ids",
+            "group": "reapers",
+            "consumer": "c1",
+            "http_port": 0,
+            "rate": 200.0,
+            "burst": 5,
+            "batch_size": 20,
+            "grace": 2.0,
+        } | overrides
+        settings = Settings(**values)
+        client = aioredis.Redis.from_url(REDIS_URL)
+        state = Running(sim, settings, client, StreamLayout(settings.stream, settings.group),
+                        anyio.Event())  # fmt: skip
+        ready = anyio.Event()
+
+        def on_ready(port: int) -> None:
+            state.port = port
+            ready.set()
+
+        async def service() -> None:
+            state.code = await serve(
+                settings, sim.url, stop=state.stop, on_ready=on_ready, http_host="127.0.0.1"
+            )
+
+        try:
+            with capture_logs() as logs:
+                state.logs = logs
+                async with anyio.create_task_group() as group:
+                    group.start_soon(service)
+                    with anyio.fail_after(10):
+                        await ready.wait()
+                    yield state
+                    state.stop.set()
+        finally:
+            await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_ids_are_deleted_outcomes_written_and_entries_acked(redis_prefix: str) -> None:
+    async with running(redis_prefix, SimulatorConfig(jobs=120)) as svc:
+        ids = svc.sim.job_ids()
+        await svc.enqueue(ids[:100])
+        await svc.redis.xadd(svc.layout.stream, {"ids": orjson.dumps([*ids[100:], "bad id!"])})
+        await svc.until(lambda: _true(len(svc.sim.deleted) == 120))
+        await svc.until(lambda: _zero(svc.pending()))
+        outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
+        dead: Any = await svc.redis.xrange(svc.layout.dead)
+    assert svc.code == 0
+    assert set(svc.sim.delete_counts) == set(ids)
+    rows = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in outcomes]
+    assert sorted(r["job_id"] for r in rows if r["outcome"] == "deleted") == sorted(ids)
+    assert [r["job_id"] for r in rows if r["outcome"] == "rejected"] == ["bad id!"]
+    assert all(r["entry"] and r["batch_id"] for r in rows if r["outcome"] == "deleted")
+    assert len(dead) == 1 and dead[0][1][b"reason"] == b"invalid ids"
+    assert "bad id!" not in svc.sim.sent_counts
+    assert len(svc.events("job.deleted")) == 120
+    assert svc.events("serve.stopped")[0]["acked"] == 101
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _zero(value: Any) -> bool:
+    return bool(await value == 0)
+
+
+@pytest.mark.anyio
+async def test_refused_credentials_make_it_unready_and_pause_without_exiting(
+    redis_prefix: str,
+) -> None:
+    """A 401: /readyz 503, /healthz still 200, the entries stay pending, and the service is
+    still running (paused) until told to stop; then it exits 0."""
+    async with running(redis_prefix, SimulatorConfig(jobs=5), sk="not-the-secret") as svc:
+        await svc.enqueue(svc.sim.job_ids())
+        await svc.until(lambda: _true(bool(svc.events("serve.paused"))))
+        async with aiohttp.ClientSession() as http:
+            async with http.get(svc.url("/readyz")) as response:
+                assert response.status == 503
+                assert (await response.json())["credentials"] is False
+            async with http.get(svc.url("/healthz")) as response:
+                assert response.status == 200
+        assert await svc.pending() == 5
+        assert svc.code is None  # still running
+        calls = svc.sim.stats.calls
+        await anyio.sleep(0.3)
+        assert svc.sim.stats.calls == calls  # paused: no calls in a loop
+    assert svc.code == 0
+    assert "not-the-secret" not in repr(svc.logs)
+
+
+@pytest.mark.anyio
+async def test_metrics_parse_and_count_the_real_path(redis_prefix: str) -> None:
+    """1,000 ids through the real path: the exposition parses, counts them, and has the
+    same number of series as a registry that saw nothing (so traffic adds none)."""
+    from prometheus_client import generate_latest
+
+    async with running(redis_prefix, SimulatorConfig(jobs=1000), rate=1000.0,
+                       batch_size=50) as svc:  # fmt: skip
+        await svc.enqueue(svc.sim.job_ids())
+        await svc.until(lambda: _true(len(svc.sim.deleted) == 1000), timeout=30)
+        await svc.until(lambda: _zero(svc.pending()))
+        async with aiohttp.ClientSession() as http, http.get(svc.url("/metrics")) as response:
+            assert response.status == 200
+            text = await response.text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    ids = {s.labels["outcome"]: s.value for s in families["devserver_reaper_ids"].samples
+           if s.name.endswith("_total")}  # fmt: skip
+    assert ids["deleted"] == 1000
+    calls = {(s.labels["call"], s.labels["status_class"]): s.value
+             for s in families["devserver_reaper_api_calls"].samples
+             if s.name.endswith("_total")}  # fmt: skip
+    assert calls[("delete", "2xx")] == 20
+    assert families["devserver_reaper_pending_entries"].samples[0].value == 0
+    assert families["devserver_reaper_consumer_lag"].samples[0].value == 0
+    assert series(text) == series(generate_latest(ServiceMetrics().registry).decode())

@@ -1,0 +1,129 @@
+"""``devserver-reaper enqueue``: add the ids read from ``--input`` to the stream serve reads.
+
+Reads the same formats as ``run`` (``worker.sources``), streamed, so memory stays flat
+however long the input. Each valid id becomes one stream entry (field ``id``): one id per
+entry keeps redelivery and dead-lettering exact (a poison id never drags healthy ids into
+the dead-letter stream) and spreads work evenly over replicas, at the price of a larger
+stream than lists would make. Entries go out in pipelined chunks of ``CHUNK`` (one round
+trip each). Invalid ids are never enqueued: each is a ``job.rejected`` event on stderr.
+Ids are not de-duplicated across the input (that would need memory growing with it); a
+repeat is deleted once and then answered ``absent``.
+
+stdout is data: one JSON summary line. Exit codes: 0 all enqueued, 1 some rejected, 66 the
+input cannot be read, 69 Redis unreachable, 78 bad settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import IO, Any
+
+import anyio
+import anyio.to_thread
+import orjson
+import structlog
+
+from worker.errors import ConfigError, InputUnreadable
+from worker.exit_codes import ExitCode
+from worker.settings import Settings
+
+CHUNK = 500
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import logsetup
+
+    logsetup.configure(fmt=settings.log_format, level=settings.log_level, stream=sys.stderr)
+    structlog.contextvars.bind_contextvars(
+        run_id="enqueue-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    )
+    return execute(args.input, args.input_format, settings)
+
+
+def execute(path: str, fmt: str, settings: Settings, *, stdin: IO[bytes] | None = None) -> int:
+    log = structlog.get_logger("devserver_reaper")
+    try:
+        return anyio.run(enqueue, path, fmt, settings, stdin)
+    except ConfigError as exc:
+        log.error("enqueue.config_error", error=str(exc))
+        return ExitCode.CONFIG
+    except InputUnreadable as exc:
+        log.error("enqueue.input_unreadable", error=str(exc))
+        return ExitCode.NO_INPUT
+
+
+async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | None) -> int:
+    import redis.asyncio as aioredis
+    import redis.exceptions
+
+    from worker.events import EventLog
+    from worker.sources import read_chunks, read_entries
+    from worker.types import Candidate
+
+    events = EventLog()
+    try:
+        client = aioredis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=5.0, socket_timeout=30.0
+        )
+    except ValueError as exc:
+        raise ConfigError(f"redis_url is not a Redis URL: {exc}") from None
+    enqueued = rejected = 0
+    first: str | None = None
+    last: str | None = None
+    try:
+        try:
+            await client.ping()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            events.error("enqueue.redis_unavailable", error=type(exc).__name__)
+            return ExitCode.UNAVAILABLE
+        entries = read_entries(path, fmt, stdin=stdin)
+        with entries:
+            chunks = read_chunks(entries, CHUNK)
+            while True:
+                chunk = await anyio.to_thread.run_sync(next, chunks, None)
+                if chunk is None:
+                    break
+                ids: list[str] = []
+                for entry in chunk:
+                    if isinstance(entry, Candidate):
+                        ids.append(entry.job_id)
+                    else:
+                        rejected += 1
+                        events.rejected(entry)
+                if not ids:
+                    continue
+                async with client.pipeline(transaction=False) as pipe:
+                    for job_id in ids:
+                        pipe.xadd(settings.stream, {"id": job_id})
+                    added: list[Any] = await pipe.execute()
+                enqueued += len(added)
+                first = first or _text(added[0])
+                last = _text(added[-1])
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        events.error("enqueue.redis_unavailable", error=type(exc).__name__, enqueued=enqueued)
+        _summary(settings.stream, enqueued, rejected, first, last)
+        return ExitCode.UNAVAILABLE
+    finally:
+        await client.aclose()
+    _summary(settings.stream, enqueued, rejected, first, last)
+    return ExitCode.SOME_FAILED if rejected else ExitCode.OK
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _summary(
+    stream: str, enqueued: int, rejected: int, first: str | None, last: str | None
+) -> None:
+    line = {
+        "stream": stream,
+        "enqueued": enqueued,
+        "rejected": rejected,
+        "first_entry": first,
+        "last_entry": last,
+    }
+    sys.stdout.buffer.write(orjson.dumps(line) + b"\n")
+    sys.stdout.flush()

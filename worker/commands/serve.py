@@ -1,0 +1,235 @@
+"""``devserver-reaper serve``: consume ids from a Redis Stream until SIGTERM; serve health.
+
+The edge: settings become collaborators here (Redis client, API client, the shared rate
+limiter, the dispatcher, the service loop, the HTTP port), signals become a stop event, and
+how it ended becomes an exit code: 0 after a clean drain, 78 for bad settings, 69 when Redis
+cannot be reached at start-up (Kubernetes restarts us with back-off). Once running, neither
+a Redis outage nor refused credentials make it exit: it waits, unready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import structlog
+
+from worker import wiring
+from worker.errors import AuthError, ConfigError, TransientError
+from worker.exit_codes import ExitCode
+from worker.settings import Settings
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STARTUP_WAIT_S = 30.0
+"""How long start-up waits for Redis to answer before exiting 69."""
+HTTP_HOST = "0.0.0.0"
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import logsetup
+
+    del args
+    logsetup.configure(fmt=settings.log_format, level=settings.log_level)
+    structlog.contextvars.bind_contextvars(run_id=f"serve-{settings.consumer}")
+    log = structlog.get_logger("devserver_reaper")
+    try:
+        if not settings.dry_run:
+            settings.require_api()
+        endpoint = settings.api_endpoint if not settings.dry_run else "dry-run"
+        if not settings.dry_run:
+            wiring.project_id(settings)  # before any call: a missing project is exit 78
+        return anyio.run(serve, settings, endpoint)
+    except ConfigError as exc:
+        log.error("serve.config_error", error=str(exc))
+        return ExitCode.CONFIG
+    except AuthError as exc:  # a credential service refused us at start-up
+        log.error("serve.credentials_refused", error=str(exc))
+        return ExitCode.NO_PERMISSION
+    except TransientError as exc:  # a credential service that does not answer
+        log.error("serve.credentials_unavailable", error=str(exc))
+        return ExitCode.UNAVAILABLE
+
+
+async def serve(
+    settings: Settings,
+    endpoint: str,
+    *,
+    stop: anyio.Event | None = None,
+    on_ready: Callable[[int], None] | None = None,
+    http_host: str = HTTP_HOST,
+) -> int:
+    """Run the service until ``stop`` is set or a signal arrives; return the exit code."""
+    import redis.asyncio as aioredis
+    from aiohttp import web
+
+    from worker.batcher import DeletionBudget
+    from worker.clock import MonotonicClock
+    from worker.dispatcher import Dispatcher
+    from worker.events import EventLog
+    from worker.service.consumer import REDIS_ERRORS, StreamConsumer
+    from worker.service.health import Health, build_app
+    from worker.service.inflight import InFlight
+    from worker.service.journal import ServeJournal
+    from worker.service.layout import StreamLayout
+    from worker.service.metrics import MeteredTransport, ServiceMetrics
+    from worker.service.service import Service, ServiceConfig
+
+    stop = stop if stop is not None else anyio.Event()
+    clock = MonotonicClock()
+    events = EventLog()
+    config = ServiceConfig(
+        batch_size=settings.batch_size,
+        concurrency=settings.concurrency,
+        max_deliveries=settings.max_deliveries,
+        reclaim_after=settings.reclaim_after,
+        grace=settings.grace,
+    )
+    try:
+        client = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=config.block + 10.0,
+            socket_connect_timeout=5.0,
+            health_check_interval=30,
+        )
+        reader = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=config.block + 10.0,
+            socket_connect_timeout=5.0,
+            single_connection_client=True,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"redis_url is not a Redis URL: {exc}") from None
+    session = None
+    runner: web.AppRunner | None = None
+    try:
+        if not await _redis_answers(client, REDIS_ERRORS, events):
+            return ExitCode.UNAVAILABLE
+        layout = StreamLayout(settings.stream, settings.group)
+        consumer = StreamConsumer(client, layout, settings.consumer, reader=reader)
+        metrics = ServiceMetrics()
+        health = Health(clock, stale_after=config.stale_after)
+        inflight = InFlight()
+        journal = ServeJournal(
+            events=events, metrics=metrics, inflight=inflight, consumer=consumer, clock=clock
+        )
+        transport: Any = None
+        if not settings.dry_run:
+            session = wiring.session(settings)
+            api = await wiring.api_client(settings, session)
+            transport = MeteredTransport(api, metrics, clock, observe=health.observe_call)
+        dispatcher = Dispatcher(
+            transport=transport,
+            limiter=_limiter(settings, client, layout.ratelimit, clock, events),
+            policy=wiring.retry_policy(settings),
+            journal=journal,
+            clock=clock,
+            budget=DeletionBudget(settings.max_deletions),
+            max_attempts=settings.max_attempts,
+            dry_run=settings.dry_run,
+            stopping=stop.is_set,
+        )
+        service = Service(
+            consumer=consumer,
+            inflight=inflight,
+            journal=journal,
+            dispatcher=dispatcher,
+            metrics=metrics,
+            health=health,
+            events=events,
+            clock=clock,
+            config=config,
+            stop=stop,
+        )
+        app = build_app(health, metrics, ping=consumer.ping, refresh=service.refresh_gauges)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, http_host, settings.http_port)
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(f"http_port {settings.http_port}: {exc.strerror or exc}") from None
+        port = _bound_port(site, settings.http_port)
+        events.note(
+            "serve.started",
+            consumer=settings.consumer,
+            stream=settings.stream,
+            group=settings.group,
+            endpoint=endpoint,
+            project_id=settings.project_id,
+            http_port=port,
+            batch_size=settings.batch_size,
+            concurrency=settings.concurrency,
+            rate=settings.rate,
+            dry_run=settings.dry_run,
+        )
+        if on_ready is not None:
+            on_ready(port)
+        async with anyio.create_task_group() as group:
+            group.start_soon(_watch_signals, stop, events)
+            await service.run()
+            group.cancel_scope.cancel()
+        events.note(
+            "serve.stopped",
+            read=service.read,
+            batches=service.batches,
+            reclaimed=service.reclaimed,
+            acked=consumer.acked,
+            dead_lettered=consumer.dead_lettered,
+            outcomes=journal.outcomes,
+            left_pending=len(inflight),
+        )
+        return ExitCode.OK
+    finally:
+        with anyio.CancelScope(shield=True):
+            if runner is not None:
+                await runner.cleanup()
+            if session is not None:
+                await session.close()
+            await reader.aclose()
+            await client.aclose()
+
+
+def _limiter(settings: Settings, client: Any, key: str, clock: Any, events: Any) -> Any:
+    """The rate limit every replica shares, kept in Redis at ``key``.
+
+    ``--rate auto`` learns the quota per replica (``worker.adaptive``): that limit is not
+    shared, which the ``serve.rate_not_shared`` event says at start-up.
+    """
+    from worker.service.shared_limit import RedisRateLimiter
+
+    if settings.rate == "auto":
+        events.warn("serve.rate_not_shared", reason="rate auto adapts per replica")
+        return wiring.limiter(settings, clock)
+    return RedisRateLimiter(client, key, rate=settings.rate, burst=settings.burst, clock=clock)
+
+
+async def _redis_answers(client: Any, errors: tuple[type[BaseException], ...], events: Any) -> bool:
+    """PING until Redis answers, for at most ``STARTUP_WAIT_S``."""
+    delay = 0.2
+    with anyio.move_on_after(STARTUP_WAIT_S):
+        while True:
+            try:
+                await client.ping()
+                return True
+            except errors as exc:
+                events.warn("serve.redis_unreachable", error=type(exc).__name__)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    events.error("serve.redis_unavailable", waited_s=STARTUP_WAIT_S)
+    return False
+
+
+def _bound_port(site: Any, asked: int) -> int:
+    server = getattr(site, "_server", None)
+    sockets = list(getattr(server, "sockets", None) or ())
+    return int(sockets[0].getsockname()[1]) if sockets else asked
+
+
+async def _watch_signals(stop: anyio.Event, events: Any) -> None:
+    with anyio.open_signal_receiver(*SIGNALS) as received:
+        async for signum in received:
+            events.warn("serve.interrupted", signal=signal.Signals(signum).name)
+            stop.set()

@@ -1,0 +1,273 @@
+"""The Redis Streams calls of one consumer in one group: read, reclaim, ack, dead-letter.
+
+Only Redis I/O lives here; what to do with an entry is the service's business. Entries come
+back as ``(entry_id, fields)``, ``fields`` being ``None`` for an entry that was trimmed from
+the stream while it sat pending (nothing left to do but acknowledge it).
+
+Acknowledging and dead-lettering are each one ``MULTI`` transaction, so a crash between the
+two steps cannot leave an entry both dead-lettered and pending (or acked and lost).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import orjson
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from worker.intake import escape
+from worker.service.inflight import Finished
+from worker.service.layout import DEAD_MAXLEN, OUTCOMES_MAXLEN, StreamLayout
+from worker.types import Outcome, Result
+
+Entry = tuple[str, dict[bytes, bytes] | None]
+Fields = dict[Any, Any]
+
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+"""Failures of Redis itself (not of a command): wait and try again."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """``XINFO GROUPS`` for our group: entries not yet read (``lag``) and not yet acked."""
+
+    lag: int | None
+    pending: int
+
+
+def _id(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entries(raw: Any) -> list[Entry]:
+    return [(_id(entry_id), dict(fields) if fields else None) for entry_id, fields in raw or ()]
+
+
+def outcome_fields(result: Result, entries: Sequence[str]) -> dict[str, str]:
+    """One entry of the outcomes stream (absent values as empty strings: streams hold text)."""
+    return {
+        "job_id": result.job_id
+        if result.outcome is not Outcome.REJECTED
+        else escape(result.job_id),
+        "outcome": result.outcome.value,
+        "batch_id": result.batch_id or "",
+        "http_status": "" if result.http_status is None else str(result.http_status),
+        "error_code": result.error_code or "",
+        "error_msg": result.error_msg or result.reason or "",
+        "request_id": result.request_id or "",
+        "entry": ",".join(entries),
+    }
+
+
+def last_error(failures: Sequence[Result]) -> str:
+    """What the dead-letter stream keeps of why an entry kept failing."""
+    last = failures[-1]
+    return orjson.dumps(
+        {
+            "ids": [f.job_id for f in failures],
+            "http_status": last.http_status,
+            "error_code": last.error_code,
+            "error_msg": last.error_msg,
+            "request_id": last.request_id,
+        }
+    ).decode()
+
+
+class StreamConsumer:
+    """``consumer`` in ``layout.group``, reading ``layout.stream``."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        layout: StreamLayout,
+        consumer: str,
+        *,
+        reader: aioredis.Redis | None = None,
+    ) -> None:
+        self._r = client
+        self._reader = reader if reader is not None else client
+        self.layout = layout
+        self.consumer = consumer
+        self.acked = 0
+        self.dead_lettered = 0
+
+    async def ensure_group(self) -> None:
+        """Create the group (and the stream) if missing; an existing group is kept as it is."""
+        try:
+            await self._r.xgroup_create(
+                self.layout.stream, self.layout.group, id="0", mkstream=True
+            )
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def ping(self) -> object:
+        return await self._r.ping()
+
+    async def read_own(self, after: str, count: int) -> list[Entry]:
+        """Our own pending entries after ``after`` (``"0"`` from the start): no blocking."""
+        reply: Any = await self._r.xreadgroup(
+            self.layout.group, self.consumer, {self.layout.stream: after}, count=count
+        )
+        return _entries(reply[0][1]) if reply else []
+
+    async def read_new(self, count: int, block_ms: int) -> list[Entry]:
+        """Entries never delivered to anyone, waiting up to ``block_ms`` (at least 1) for some.
+
+        This is the call a shutdown cancels. A connection cancelled mid-reply cannot be
+        reused (the reply would answer the next command) and a pooled one may never make
+        it back to its pool, so blocking reads go over ``reader``, a single-connection
+        client, and a cancelled read closes that connection (it reconnects when next used).
+        """
+        try:
+            reply: Any = await self._reader.xreadgroup(
+                self.layout.group,
+                self.consumer,
+                {self.layout.stream: ">"},
+                count=count,
+                block=max(1, block_ms),
+            )
+        except BaseException:
+            connection = self._reader.connection
+            if connection is not None:
+                with anyio.CancelScope(shield=True):
+                    await connection.disconnect(nowait=True)
+            raise
+        return _entries(reply[0][1]) if reply else []
+
+    async def reclaim(self, min_idle_ms: int, cursor: str, count: int) -> tuple[str, list[Entry]]:
+        """``XAUTOCLAIM``: take over entries idle longer than ``min_idle_ms``, from anyone.
+
+        Returns the cursor for the next call (``"0-0"`` once the whole list was scanned).
+        Entries trimmed from the stream are dropped from the pending list by Redis itself.
+        """
+        reply = await self._r.xautoclaim(
+            self.layout.stream,
+            self.layout.group,
+            self.consumer,
+            min_idle_time=min_idle_ms,
+            start_id=cursor,
+            count=count,
+        )
+        return _id(reply[0]), _entries(reply[1])
+
+    async def deliveries(self, entry_ids: Sequence[str]) -> dict[str, int]:
+        """How many times each entry has been delivered (``XPENDING``, one round trip)."""
+        if not entry_ids:
+            return {}
+        async with self._r.pipeline(transaction=False) as pipe:
+            for entry_id in entry_ids:
+                pipe.xpending_range(self.layout.stream, self.layout.group, entry_id, entry_id, 1)
+            replies = await pipe.execute()
+        counts: dict[str, int] = {}
+        for entry_id, reply in zip(entry_ids, replies, strict=True):
+            counts[entry_id] = int(reply[0]["times_delivered"]) if reply else 0
+        return counts
+
+    async def last_errors(self, entry_ids: Sequence[str]) -> dict[str, str]:
+        if not entry_ids:
+            return {}
+        values = await self._r.hmget(self.layout.last_error, list(entry_ids))
+        return {e: _id(v) for e, v in zip(entry_ids, values, strict=True) if v is not None}
+
+    async def write_outcomes(self, rows: Sequence[dict[str, str]]) -> None:
+        """Append to the outcomes stream, trimmed approximately to ``OUTCOMES_MAXLEN``."""
+        if not rows:
+            return
+        async with self._r.pipeline(transaction=False) as pipe:
+            for row in rows:
+                pipe.xadd(
+                    self.layout.outcomes,
+                    dict[Any, Any](row),
+                    maxlen=OUTCOMES_MAXLEN,
+                    approximate=True,
+                )
+            await pipe.execute()
+
+    async def ack(self, entry_ids: Sequence[str]) -> None:
+        """Acknowledge entries that need nothing more (their ids all done, or nothing in them)."""
+        if not entry_ids:
+            return
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.xack(self.layout.stream, self.layout.group, *entry_ids)
+            pipe.hdel(self.layout.last_error, *entry_ids)
+            await pipe.execute()
+        self.acked += len(entry_ids)
+
+    async def finish(self, finished: Finished) -> bool:
+        """Settle one entry: ack it (dead-lettering its invalid ids with it), or, when some of
+        its ids failed, keep it pending with the last error for a later delivery. Returns
+        whether it was acknowledged."""
+        message = finished.message
+        if finished.failures:
+            await self._r.hset(
+                self.layout.last_error, message.entry_id, last_error(finished.failures)
+            )
+            return False
+        async with self._r.pipeline(transaction=True) as pipe:
+            if message.rejections or message.problem:
+                dead = self._dead_fields(finished)
+                pipe.xadd(self.layout.dead, dead, maxlen=DEAD_MAXLEN, approximate=True)
+                self.dead_lettered += 1
+            pipe.xack(self.layout.stream, self.layout.group, message.entry_id)
+            pipe.hdel(self.layout.last_error, message.entry_id)
+            await pipe.execute()
+        self.acked += 1
+        return True
+
+    async def dead_letter(
+        self, entry_id: str, payload: str, reason: str, deliveries: int, error: str = ""
+    ) -> None:
+        """Move an entry to the dead-letter stream and acknowledge it, in one transaction."""
+        fields: Fields = {
+            "entry": entry_id,
+            "payload": payload,
+            "reason": reason,
+            "deliveries": str(deliveries),
+            "consumer": self.consumer,
+            "last_error": error,
+        }
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.layout.dead, fields, maxlen=DEAD_MAXLEN, approximate=True)
+            pipe.xack(self.layout.stream, self.layout.group, entry_id)
+            pipe.hdel(self.layout.last_error, entry_id)
+            await pipe.execute()
+        self.dead_lettered += 1
+        self.acked += 1
+
+    def _dead_fields(self, finished: Finished) -> Fields:
+        message = finished.message
+        rejected = [
+            {"job_id": escape(r.raw), "position": r.line, "reason": r.reason}
+            for r in message.rejections
+        ]
+        return {
+            "entry": message.entry_id,
+            "payload": message.payload,
+            "reason": message.problem or "invalid ids",
+            "deliveries": str(finished.deliveries),
+            "consumer": self.consumer,
+            "last_error": "",
+            "rejected": orjson.dumps(rejected).decode(),
+        }
+
+    async def group_info(self) -> GroupInfo | None:
+        """Our group's lag and pending count, or ``None`` if the group is gone."""
+        for group in await self._r.xinfo_groups(self.layout.stream):
+            name = group.get("name")
+            if name is not None and _id(name) == self.layout.group:
+                lag = group.get("lag")
+                return GroupInfo(
+                    lag=None if lag is None else int(lag), pending=int(group["pending"])
+                )
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"StreamConsumer(stream={self.layout.stream!r}, group={self.layout.group!r}, "
+            f"consumer={self.consumer!r}, acked={self.acked}, dead_lettered={self.dead_lettered})"
+        )

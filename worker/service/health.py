@@ -1,0 +1,104 @@
+"""``/healthz``, ``/readyz`` and ``/metrics`` on serve's HTTP port (aiohttp.web).
+
+Two questions Kubernetes asks, kept apart on purpose:
+
+- **live** (``/healthz``): is the loop turning? The consumer marks progress whenever a read
+  returns (even empty: ``BLOCK`` bounds every read), a batch finishes, or a deliberate pause
+  ticks. No progress for ``stale_after`` seconds means a wedged loop: restart it.
+- **ready** (``/readyz``): should this replica get work? Redis answers ``PING``, the last
+  API call was not refused for credentials (401/403), and it is not draining after SIGTERM.
+  Unready is not unhealthy: a replica paused on a 401 is alive and is not restarted in a
+  loop; it waits, unready, until the credentials work again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+
+import anyio
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from worker.clock import Clock
+from worker.errors import ApiError, AuthError
+from worker.service.metrics import ServiceMetrics
+
+
+class Health:
+    """What the probes report. The service and the transport write it; handlers read it."""
+
+    def __init__(self, clock: Clock, *, stale_after: float) -> None:
+        self._clock = clock
+        self.stale_after = stale_after
+        self.last_progress = clock.now()
+        self.auth_refused = False
+        self.draining = False
+        self.loop_running = False
+
+    def progress(self) -> None:
+        self.last_progress = self._clock.now()
+
+    def observe_call(self, error: ApiError | None) -> None:
+        """Every API call's outcome: a 401/403 makes us unready; any answer that is not one
+        (a success, or another error from a server that accepted the keys) clears it."""
+        if isinstance(error, AuthError):
+            self.auth_refused = True
+        elif error is None or error.http_status is not None:
+            self.auth_refused = False
+
+    @property
+    def live(self) -> bool:
+        return self.loop_running and self._clock.now() - self.last_progress <= self.stale_after
+
+    def __repr__(self) -> str:
+        idle = self._clock.now() - self.last_progress
+        return (
+            f"Health(live={self.live}, idle_s={idle:.1f}, auth_refused={self.auth_refused}, "
+            f"draining={self.draining})"
+        )
+
+
+def build_app(
+    health: Health,
+    metrics: ServiceMetrics,
+    *,
+    ping: Callable[[], Awaitable[object]],
+    refresh: Callable[[], Awaitable[None]] | None = None,
+    ping_timeout: float = 1.0,
+) -> web.Application:
+    """The three endpoints. ``ping`` checks Redis; ``refresh`` updates gauges before a scrape."""
+
+    async def healthz(request: web.Request) -> web.Response:
+        status = 200 if health.live else 503
+        return web.json_response({"live": health.live}, status=status)
+
+    async def readyz(request: web.Request) -> web.Response:
+        redis_ok = False
+        with anyio.move_on_after(ping_timeout):
+            try:
+                await ping()
+                redis_ok = True
+            except Exception:  # noqa: BLE001 - any failure to answer is "not reachable"
+                redis_ok = False
+        body = {
+            "redis": redis_ok,
+            "credentials": not health.auth_refused,
+            "draining": health.draining,
+        }
+        ready = redis_ok and not health.auth_refused and not health.draining
+        return web.json_response(body | {"ready": ready}, status=200 if ready else 503)
+
+    async def metrics_handler(request: web.Request) -> web.Response:
+        if refresh is not None:
+            # Stale gauges beat a failed scrape: any failure to refresh keeps the last values.
+            with anyio.move_on_after(ping_timeout), contextlib.suppress(Exception):
+                await refresh()
+        body = generate_latest(metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz, allow_head=False)
+    app.router.add_get("/readyz", readyz, allow_head=False)
+    app.router.add_get("/metrics", metrics_handler, allow_head=False)
+    return app

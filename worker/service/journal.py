@@ -1,0 +1,120 @@
+"""serve's outcome sink: the dispatcher's ``Journal``, ending in the outcomes stream and acks.
+
+For every outcome, in this order: the SPEC event (the same ``EventLog`` as ``run``, so the
+two commands log identically), the metrics, the outcomes stream; only then are the entries
+this completes acknowledged. An entry is therefore never acked before its ids' outcomes are
+written (at-least-once: a crash in between means a redelivery, and DELETE is idempotent).
+
+Redis being away does not lose an outcome: writes are retried until Redis answers (or the
+service is cancelled, leaving the entry pending for a later delivery).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import anyio
+import structlog
+
+from worker.clock import Clock
+from worker.events import EventLog
+from worker.service.consumer import REDIS_ERRORS, StreamConsumer, outcome_fields
+from worker.service.inflight import Finished, InFlight
+from worker.service.layout import Message
+from worker.service.metrics import ServiceMetrics
+from worker.types import Outcome, Result
+
+_T = TypeVar("_T")
+
+SETTLE_TIMEOUT_S = 5.0
+
+
+async def persist(
+    operation: Callable[[], Awaitable[_T]], clock: Clock, *, what: str, max_delay: float = 5.0
+) -> _T:
+    """Run a Redis operation until it succeeds, backing off while Redis does not answer."""
+    delay = 0.1
+    log = structlog.get_logger("devserver_reaper")
+    while True:
+        try:
+            return await operation()
+        except REDIS_ERRORS as exc:
+            log.warning("serve.redis_error", operation=what, error=type(exc).__name__)
+            await clock.sleep(delay)
+            delay = min(max_delay, delay * 2)
+
+
+class ServeJournal:
+    """Implements ``worker.dispatcher.Journal`` for serve."""
+
+    def __init__(
+        self,
+        *,
+        events: EventLog,
+        metrics: ServiceMetrics,
+        inflight: InFlight,
+        consumer: StreamConsumer,
+        clock: Clock,
+        on_finished: Callable[[Finished, bool], None] | None = None,
+    ) -> None:
+        self._events = events
+        self._metrics = metrics
+        self._inflight = inflight
+        self._consumer = consumer
+        self._clock = clock
+        self._on_finished = on_finished
+        self.outcomes = 0
+        self.kept = 0
+
+    async def sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
+        """Nothing to record: the stream entry itself says the ids are not done."""
+
+    async def retrying(self, batch_id: str, attempt: int, delay_s: float, reason: str) -> None:
+        self._metrics.retry(reason)
+        self._events.retry(batch_id, attempt, delay_s, reason)
+
+    async def finished(self, results: Sequence[Result]) -> None:
+        for result in results:
+            self._events.result(result)
+            self._metrics.outcome(result.outcome)
+        rows = [outcome_fields(r, self._inflight.entries_of(r.job_id)) for r in results]
+        # Shielded (briefly): an outcome reached on the API is recorded and acked even when a
+        # shutdown is cancelling the dispatchers, instead of being redone by another replica.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(SETTLE_TIMEOUT_S):
+            await persist(lambda: self._consumer.write_outcomes(rows), self._clock, what="outcomes")
+            self.outcomes += len(rows)
+            for done in self._inflight.settle(results):
+                await self.settle(done)
+
+    async def rejected(self, message: Message) -> None:
+        """Invalid ids of an entry: events, metrics and outcomes now; dead-lettered on ack."""
+        results = [
+            Result(job_id=r.raw, outcome=Outcome.REJECTED, reason=r.reason, line=r.line)
+            for r in message.rejections
+        ]
+        for rejection in message.rejections:
+            self._events.rejected(rejection)
+        self._metrics.outcome(Outcome.REJECTED, len(results))
+        rows = [outcome_fields(r, (message.entry_id,)) for r in results]
+        await persist(lambda: self._consumer.write_outcomes(rows), self._clock, what="outcomes")
+        self.outcomes += len(rows)
+
+    async def settle(self, done: Finished) -> None:
+        """Ack a finished entry, or keep it pending when some of its ids failed."""
+        acked = await persist(lambda: self._consumer.finish(done), self._clock, what="ack")
+        if not acked:
+            self.kept += 1
+            self._events.warn(
+                "serve.entry_kept",
+                entry=done.entry_id,
+                failed=len(done.failures),
+                deliveries=done.deliveries,
+            )
+        elif done.message.rejections or done.message.problem:
+            self._metrics.dead("unreadable" if done.message.problem else "invalid")
+        if self._on_finished is not None:
+            self._on_finished(done, acked)
+
+    def __repr__(self) -> str:
+        return f"ServeJournal(outcomes={self.outcomes}, kept={self.kept}, {self._inflight!r})"

@@ -1,0 +1,327 @@
+"""The serve loop: read entries, batch them by size or linger, dispatch, settle, shut down.
+
+One *round* is one task group: an intake task (the only reader of Redis, so reading, the
+in-flight map and the batcher need no locks) feeding ``concurrency`` dispatcher tasks over a
+bounded stream. A round starts by re-reading this consumer's own pending entries (``0``),
+then reads new ones (``>``), and every ``reclaim_interval`` takes over entries idle longer
+than ``reclaim_after`` from anyone (``XAUTOCLAIM``, which also retries our own entries kept
+pending after a failure). An entry delivered more than ``max_deliveries`` times is
+dead-lettered instead of processed.
+
+A round ends on stop (SIGTERM: intake is cancelled at once, even mid ``XREADGROUP``; calls in
+flight get ``grace`` seconds; batches not started are left pending) or when the API refuses
+the credentials (401/403) or the TLS certificate: then the round is cancelled, the replica
+turns unready and waits (doubling pauses) before a new round tries again. It never exits on
+its own, so Kubernetes does not restart it in a loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import anyio
+import redis.exceptions
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from worker.batcher import Batcher
+from worker.clock import Clock
+from worker.errors import ApiUnavailable, AuthError, TlsError
+from worker.events import EventLog
+from worker.service.consumer import Entry, StreamConsumer
+from worker.service.health import Health
+from worker.service.inflight import InFlight
+from worker.service.journal import ServeJournal, persist
+from worker.service.layout import decode_entry
+from worker.service.metrics import ServiceMetrics
+from worker.types import Batch
+
+_T = TypeVar("_T")
+
+
+class BatchProcessor(Protocol):
+    """The dispatcher as the service sees it (``worker.dispatcher.Dispatcher``)."""
+
+    async def process(self, batch: Batch) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """How the loop behaves. ``linger``/``block``/pauses are seconds."""
+
+    batch_size: int
+    concurrency: int
+    max_deliveries: int
+    reclaim_after: float
+    grace: float
+    linger: float = 0.2
+    block: float = 1.0
+    auth_pause: float = 30.0
+    auth_pause_max: float = 600.0
+
+    @property
+    def reclaim_interval(self) -> float:
+        """How often to look for idle entries: often enough to keep ``reclaim_after``."""
+        return max(0.05, min(self.reclaim_after / 2, 30.0))
+
+    @property
+    def stale_after(self) -> float:
+        """No progress for this long means the loop is wedged (``/healthz`` 503)."""
+        return max(30.0, 10 * self.block)
+
+
+class Service:
+    """Consumes one stream until ``stop`` is set. Build it, then ``await run()``."""
+
+    def __init__(
+        self,
+        *,
+        consumer: StreamConsumer,
+        inflight: InFlight,
+        journal: ServeJournal,
+        dispatcher: BatchProcessor,
+        metrics: ServiceMetrics,
+        health: Health,
+        events: EventLog,
+        clock: Clock,
+        config: ServiceConfig,
+        stop: anyio.Event,
+    ) -> None:
+        self._consumer = consumer
+        self._inflight = inflight
+        self._journal = journal
+        self._dispatcher = dispatcher
+        self._metrics = metrics
+        self._health = health
+        self._events = events
+        self._clock = clock
+        self._config = config
+        self._stop = stop
+        self._blocked: BaseException | None = None
+        self._round_scope: anyio.CancelScope | None = None
+        self.rounds = 0
+        self.read = 0
+        self.batches = 0
+        self.reclaimed = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"Service(consumer={self._consumer.consumer!r}, rounds={self.rounds}, "
+            f"read={self.read}, batches={self.batches}, reclaimed={self.reclaimed}, "
+            f"{self._inflight!r}, {self._health!r})"
+        )
+
+    # -- the outer loop ------------------------------------------------------------------
+    async def run(self) -> None:
+        await persist(self._consumer.ensure_group, self._clock, what="group")
+        self._health.loop_running = True
+        self._health.progress()
+        pause = self._config.auth_pause
+        while not self._stop.is_set():
+            blocked = await self._round()
+            if blocked is None:
+                break
+            self._events.error(
+                "serve.paused",
+                reason=type(blocked).__name__,
+                error=str(blocked),
+                resume_in_s=pause,
+            )
+            await self._pause(pause)
+            pause = min(pause * 2, self._config.auth_pause_max)
+        self._health.draining = True
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait, alive (progress ticks) but unready, until the pause ends or we stop."""
+        end = self._clock.now() + seconds
+        while not self._stop.is_set() and self._clock.now() < end:
+            self._health.progress()
+            with anyio.move_on_after(min(self._config.block, end - self._clock.now())):
+                await self._stop.wait()
+
+    async def refresh_gauges(self) -> None:
+        """Lag and pending count from ``XINFO GROUPS`` (called before each scrape)."""
+        info = await self._consumer.group_info()
+        if info is not None:
+            self._metrics.pending.set(info.pending)
+            if info.lag is not None:
+                self._metrics.consumer_lag.set(info.lag)
+
+    # -- one round -----------------------------------------------------------------------
+    async def _round(self) -> BaseException | None:
+        """Consume until stop (returns None) or a refusal that pauses us (returns it)."""
+        self.rounds += 1
+        self._blocked = None
+        self._inflight.clear()
+        send, receive = anyio.create_memory_object_stream[Batch](1)
+        async with anyio.create_task_group() as outer:
+            intake_scope = anyio.CancelScope()
+            dispatch_scope = anyio.CancelScope()
+            outer.start_soon(self._watch_stop, intake_scope, dispatch_scope)
+            with dispatch_scope:
+                async with anyio.create_task_group() as group:
+                    self._round_scope = group.cancel_scope
+                    group.start_soon(self._intake, send, intake_scope)
+                    for _ in range(self._config.concurrency):
+                        group.start_soon(self._dispatch, receive.clone())
+                    receive.close()
+            outer.cancel_scope.cancel()
+        return self._blocked
+
+    async def _watch_stop(
+        self, intake_scope: anyio.CancelScope, dispatch_scope: anyio.CancelScope
+    ) -> None:
+        await self._stop.wait()
+        self._health.draining = True
+        intake_scope.cancel()
+        self._events.note(
+            "serve.draining", grace_s=self._config.grace, in_flight=len(self._inflight)
+        )
+        await anyio.sleep(self._config.grace)
+        dispatch_scope.cancel()
+
+    async def _dispatch(self, receive: MemoryObjectReceiveStream[Batch]) -> None:
+        async with receive:
+            async for batch in receive:
+                if self._stop.is_set():
+                    self._inflight.release(batch.ids)  # not started: left pending
+                    continue
+                try:
+                    await self._dispatcher.process(batch)
+                except ApiUnavailable as exc:
+                    dropped = self._inflight.release(batch.ids)
+                    self._events.error(
+                        "serve.api_unavailable", batch_id=batch.batch_id, error=str(exc),
+                        entries_left_pending=len(dropped),
+                    )  # fmt: skip
+                except (AuthError, TlsError) as exc:
+                    self._blocked = exc
+                    if self._round_scope is not None:
+                        self._round_scope.cancel()
+                    return
+                self._health.progress()
+
+    # -- intake --------------------------------------------------------------------------
+    async def _intake(self, send: MemoryObjectSendStream[Batch], scope: anyio.CancelScope) -> None:
+        config = self._config
+        batcher = Batcher(config.batch_size, prefix=f"{self._consumer.consumer}-r{self.rounds}")
+        own: str | None = "0"
+        cursor = "0-0"
+        next_reclaim = self._clock.now()
+        first_at: float | None = None
+        count = config.batch_size
+        with scope:
+            async with send:
+                while True:
+                    now = self._clock.now()
+                    if own is not None:
+                        after = own
+                        entries = await self._redis(self._consumer.read_own, after, count)
+                        own = entries[-1][0] if entries else None
+                        ids = await self._admit(entries, redelivered=True)
+                    elif now >= next_reclaim:
+                        start = cursor
+                        min_idle = int(config.reclaim_after * 1000)
+                        cursor, entries = await self._redis(
+                            self._consumer.reclaim, min_idle, start, count
+                        )
+                        if cursor == "0-0" or not entries:
+                            cursor = "0-0"
+                            next_reclaim = now + config.reclaim_interval
+                        ids = await self._admit(entries, redelivered=True, claimed=True)
+                    else:
+                        wait = config.block
+                        if first_at is not None:
+                            wait = max(0.001, first_at + config.linger - now)
+                        wait = min(wait, max(0.001, next_reclaim - now))
+                        entries = await self._redis(
+                            self._consumer.read_new, count, int(wait * 1000)
+                        )
+                        ids = await self._admit(entries, redelivered=False)
+                    self._health.progress()
+                    for job_id in ids:
+                        if first_at is None:
+                            first_at = self._clock.now()
+                        batch = batcher.add(job_id)
+                        if batch is not None:
+                            first_at = None
+                            await self._send(send, batch)
+                    if first_at is not None and (
+                        not entries or self._clock.now() >= first_at + config.linger
+                    ):
+                        batch = batcher.flush()
+                        first_at = None
+                        if batch is not None:
+                            await self._send(send, batch)
+
+    async def _send(self, send: MemoryObjectSendStream[Batch], batch: Batch) -> None:
+        self.batches += 1
+        self._metrics.batch_size.observe(len(batch))
+        await send.send(batch)
+
+    async def _redis(self, operation: Callable[..., Awaitable[_T]], *args: object) -> _T:
+        """A read, retried while Redis is away; a group deleted under us is created again."""
+
+        async def attempt() -> _T:
+            try:
+                return await operation(*args)
+            except redis.exceptions.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self._events.warn("serve.group_recreated", group=self._consumer.layout.group)
+                await self._consumer.ensure_group()
+                return await operation(*args)
+
+        return await persist(attempt, self._clock, what="read")
+
+    async def _admit(
+        self, entries: list[Entry], *, redelivered: bool, claimed: bool = False
+    ) -> list[str]:
+        """Hold the entries read; dead-letter the over-delivered; return the ids to send."""
+        if not entries:
+            return []
+        self.read += len(entries)
+        if claimed:
+            entries = [(e, f) for e, f in entries if e not in self._inflight]
+            self.reclaimed += len(entries)
+        gone = [entry_id for entry_id, fields in entries if fields is None]
+        if gone:
+            await persist(lambda: self._consumer.ack(gone), self._clock, what="ack")
+        live = [(entry_id, fields) for entry_id, fields in entries if fields is not None]
+        counts = {entry_id: 1 for entry_id, _ in live}
+        if redelivered and live:
+            ids = [entry_id for entry_id, _ in live]
+            counts = await persist(lambda: self._consumer.deliveries(ids), self._clock,
+                                   what="xpending")  # fmt: skip
+        over = [e for e, _ in live if counts.get(e, 1) > self._config.max_deliveries]
+        errors = await self._consumer.last_errors(over) if over else {}
+        send: list[str] = []
+        for entry_id, fields in live:
+            assert fields is not None
+            message = decode_entry(entry_id, fields)
+            deliveries = counts.get(entry_id, 1)
+            if deliveries > self._config.max_deliveries:
+                await self._give_up(entry_id, message.payload, deliveries, errors.get(entry_id, ""))
+                continue
+            if message.rejections:
+                await self._journal.rejected(message)
+            admission = self._inflight.add(message, deliveries)
+            if admission.finished is not None:
+                await self._journal.settle(admission.finished)
+            send.extend(admission.send)
+        return send
+
+    async def _give_up(self, entry_id: str, payload: str, deliveries: int, error: str) -> None:
+        """Dead-letter an entry delivered too often, with the last error it met."""
+        limit = self._config.max_deliveries
+        reason = f"delivered {deliveries} times (max_deliveries {limit})"
+        await persist(
+            lambda: self._consumer.dead_letter(entry_id, payload, reason, deliveries, error),
+            self._clock,
+            what="dead-letter",
+        )
+        self._metrics.dead("max_deliveries")
+        self._events.warn(
+            "serve.dead_lettered", entry=entry_id, reason=reason, deliveries=deliveries
+        )
