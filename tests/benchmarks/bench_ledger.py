@@ -76,6 +76,7 @@ def one_run(path: Path, ids: list[str]) -> dict[str, float]:
     return spent
 
 
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("kind", [sequential, random_uuids], ids=["sequential", "uuid"])
 def test_ledger_throughput(tmp_path: Path, kind: Callable[[int], list[str]]) -> None:
     ids = kind(N)
