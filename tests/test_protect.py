@@ -1,0 +1,279 @@
+"""Protection: rules, the Guard around a dispatcher, and protected jobs surviving every path."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import SIM_AK, SIM_PROJECT, SIM_SK, reaper, reaper_env, results, write_ids
+from tests.fakes import FakeClock
+from worker.client import ApiClient, make_session
+from worker.credentials import Credentials, StaticCredentials
+from worker.discover import Filters
+from worker.errors import ConfigError
+from worker.guard import Guard, PacedReader, PlanCheck, Protection, load_protection
+from worker.ratelimit import UnlimitedRateLimiter
+from worker.retry import RetryPolicy
+from worker.settings import load_settings
+from worker.simulator import SimulatorConfig, run_simulator
+from worker.types import Batch, JobRecord, Outcome, Result
+
+UUID = "3f2c9a7e-0000-4000-8000-000000000001"
+
+
+# -- rules -------------------------------------------------------------------------------------
+
+
+def test_rules_parse_into_ids_and_name_patterns() -> None:
+    p = Protection.parse(
+        [f"id:{UUID}", "name:prod-*", "keep-?", "nightly-train", " ", "name:exact"],
+        types=["service_deploy"],
+        statuses=["PROCESSING"],
+    )
+    assert p.ids == {UUID, "nightly-train"}
+    assert p.names == ("prod-*", "keep-?", "nightly-train", "exact")
+    assert p.types == {"SERVICE_DEPLOY"} and p.statuses == {"PROCESSING"}
+    assert p.needs_record and p.active
+    only_ids = Protection.parse([f"id:{UUID}"])
+    assert only_ids.active and not only_ids.needs_record
+    assert not Protection.parse([]).active
+
+
+@pytest.mark.parametrize("rule", ["id:bad id", "id:", "name:"])
+def test_rules_that_name_nothing_valid_are_refused(rule: str) -> None:
+    with pytest.raises(ValueError, match="protect rule"):
+        Protection.parse([rule])
+
+
+def test_a_record_is_protected_by_id_type_status_or_name_and_says_which() -> None:
+    p = Protection.parse(["id:job-1", "prod-*"], types=["SERVICE_DEPLOY"], statuses=["processing"])
+
+    def why(**fields: object) -> str | None:
+        return p.reason(JobRecord.from_api({"id": "job-9", **fields}))
+
+    assert p.reason(JobRecord.from_api({"id": "job-1"})) == "id"
+    assert why(type="SERVICE_DEPLOY") == "type SERVICE_DEPLOY"
+    assert why(status="PROCESSING") == "status PROCESSING"
+    assert why(name="prod-api") == "name prod-*"
+    assert why(name="Prod-api", status="FINISHED", type="COMMON") is None
+
+
+def test_protect_file_rules_join_the_flag_rules_and_an_unreadable_file_is_config(
+    tmp_path: Path,
+) -> None:
+    rules = tmp_path / "protect.txt"
+    rules.write_text(f"# keep these\nid:{UUID}\n\nprod-*   # the live ones\n", encoding="utf-8")
+    p = load_protection(["id:job-1"], rules, [], [])
+    assert p.ids == {UUID, "job-1"} and p.names == ("prod-*",)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_protection([], tmp_path / "missing.txt", [], [])
+    rules.write_text("id:not valid!\n")
+    with pytest.raises(ConfigError, match="not a valid job id"):
+        load_protection([], rules, [], [])
+
+
+def test_settings_take_comma_separated_rules_from_the_environment(
+    clean_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REAPER_PROTECT", f"id:{UUID}, prod-*")
+    monkeypatch.setenv("REAPER_PROTECTED_STATUSES", "processing")
+    settings = load_settings()
+    assert settings.protect == [f"id:{UUID}", "prod-*"]
+    assert settings.protected_statuses == ["PROCESSING"]
+    monkeypatch.setenv("REAPER_PROTECTED_TYPES", "not a type")
+    with pytest.raises(ConfigError, match="protected_types") as refused:
+        load_settings()
+    assert "not a type" not in str(refused.value)
+
+
+# -- the guard, in process against the simulator -------------------------------------------------
+
+
+class Recorder:
+    """The wrapped processor and the outcome sink: remembers what reached each."""
+
+    def __init__(self) -> None:
+        self.batches: list[Batch] = []
+        self.results: list[Result] = []
+
+    async def process(self, batch: Batch) -> None:
+        self.batches.append(batch)
+
+    async def finished(self, results: Sequence[Result]) -> None:
+        self.results.extend(results)
+
+    @property
+    def passed(self) -> list[str]:
+        return [i for b in self.batches for i in b.ids]
+
+
+@asynccontextmanager
+async def guarded(
+    url: str, protection: Protection, plan: PlanCheck | None = None
+) -> AsyncIterator[tuple[Guard, Recorder]]:
+    async with make_session(concurrency=2, connect_timeout=2, read_timeout=5) as session:
+        api = ApiClient(
+            session=session,
+            endpoint=url,
+            project_id=SIM_PROJECT,
+            credentials=StaticCredentials(Credentials(ak=SIM_AK, sk=SIM_SK)),
+        )
+        reader = PacedReader(
+            api=api,
+            limiter=UnlimitedRateLimiter(),
+            policy=RetryPolicy(max_attempts=3, rng=random.Random(0)),
+            clock=FakeClock(),
+        )
+        recorder = Recorder()
+        guard = Guard(
+            inner=recorder, outcomes=recorder, protection=protection, reader=reader, plan=plan
+        )
+        yield guard, recorder
+
+
+@pytest.mark.anyio
+async def test_id_rules_cost_no_call_and_pass_the_rest_on_in_one_batch() -> None:
+    async with run_simulator(SimulatorConfig(jobs=10, seed=5)) as sim:
+        ids = sim.job_ids()
+        async with guarded(sim.url, Protection.parse([f"id:{ids[0]}", f"id:{ids[3]}"])) as (
+            guard,
+            rec,
+        ):
+            await guard.process(Batch("b1", tuple(ids)))
+        assert sim.stats.calls == 0
+        assert rec.batches == [Batch("b1", tuple(i for i in ids if i not in (ids[0], ids[3])))]
+        assert {(r.job_id, r.outcome, r.reason) for r in rec.results} == {
+            (ids[0], Outcome.SKIPPED, "protected"),
+            (ids[3], Outcome.SKIPPED, "protected"),
+        }
+        assert "skipped={'protected': 2}" in repr(guard)
+
+
+@pytest.mark.anyio
+async def test_record_rules_read_each_job_just_before_its_batch() -> None:
+    async with run_simulator(SimulatorConfig(jobs=60, seed=6)) as sim:
+        jobs = sim.store.jobs
+        ids = sim.job_ids()
+        gone = ids[-1]
+        sim.store.delete([gone])
+        protection = Protection.parse(["ascend-*"], statuses=["PROCESSING"])
+        async with guarded(sim.url, protection) as (guard, rec):
+            await guard.process(Batch("b1", tuple(ids)))
+        kept = {i for i in ids[:-1] if jobs[i].status == "PROCESSING"}
+        kept |= {i for i in ids[:-1] if jobs[i].name.startswith("ascend-")}
+        assert kept and set(rec.passed) == set(ids[:-1]) - kept
+        outcomes = {r.job_id: (r.outcome, r.reason) for r in rec.results}
+        assert {i for i, o in outcomes.items() if o == (Outcome.SKIPPED, "protected")} == kept
+        assert outcomes[gone][0] is Outcome.ABSENT
+        assert sim.stats.show_calls == len(ids)
+
+
+@pytest.mark.anyio
+async def test_under_a_plan_only_planned_jobs_that_still_match_go_on() -> None:
+    async with run_simulator(SimulatorConfig(jobs=20, seed=7)) as sim:
+        sim.add_jobs(4, status="FINISHED")
+        finished = [i for i, j in sim.store.jobs.items() if j.status == "FINISHED"]
+        planned, stranger = finished[:-1], finished[-1]
+        sim.set_status(planned[0], "FAILED")
+        check = PlanCheck(frozenset(planned), Filters(status="FINISHED"))
+        async with guarded(sim.url, Protection(), check) as (guard, rec):
+            await guard.process(Batch("b1", (*planned, stranger)))
+        assert rec.passed == planned[1:]
+        reasons = {r.job_id: r.reason for r in rec.results}
+        assert reasons == {planned[0]: "plan_mismatch", stranger: "not_in_plan"}
+
+
+# -- every path, end to end --------------------------------------------------------------------
+
+
+def _outcomes(path: Path) -> dict[str, tuple[str, str | None]]:
+    return {row["job_id"]: (row["outcome"], row["reason"]) for row in results(path)}
+
+
+FAST = ["--yes", "--rate", "1000", "--burst", "50"]
+
+
+@pytest.mark.anyio
+async def test_protected_ids_survive_a_run_by_id_and_a_dry_run_without_any_read(
+    tmp_path: Path,
+) -> None:
+    async with run_simulator(SimulatorConfig(jobs=50, seed=31)) as sim:
+        ids = sim.job_ids()
+        keep = ids[:5]
+        src = write_ids(tmp_path / "ids.txt", ids)
+        protect = [arg for i in keep for arg in ("--protect", i)]
+        dry = tmp_path / "dry.jsonl"
+        done = await reaper(["run", "-i", str(src), "--dry-run", "--results", str(dry), *protect],
+                            reaper_env(sim.url))  # fmt: skip
+        assert done.code == 0, done.stderr
+        assert {i for i, o in _outcomes(dry).items() if o == ("skipped", "protected")} == set(keep)
+        out = tmp_path / "results.jsonl"
+        by_id = [arg for i in keep for arg in ("--protect", f"id:{i}")]  # id: rules need no read
+        done = await reaper(["run", "-i", str(src), "--results", str(out), *by_id, *FAST],
+                            reaper_env(sim.url))  # fmt: skip
+        assert done.code == 0, done.stderr
+        assert sim.job_ids() == keep
+        assert {i for i, o in _outcomes(out).items() if o == ("skipped", "protected")} == set(keep)
+        assert sim.stats.show_calls == 0 and keep[0] not in sim.sent_counts
+
+
+@pytest.mark.anyio
+async def test_name_patterns_types_and_statuses_protect_in_a_run_by_id(tmp_path: Path) -> None:
+    """Rules from a flag, a protect file, and the environment all apply together."""
+    async with run_simulator(SimulatorConfig(jobs=120, seed=32)) as sim:
+        jobs = dict(sim.store.jobs)
+        rules = tmp_path / "protect.txt"
+        rules.write_text("# live services\nname:common-00001*\n", encoding="utf-8")
+        src = write_ids(tmp_path / "ids.txt", list(jobs))
+        out = tmp_path / "results.jsonl"
+        env = reaper_env(sim.url, REAPER_PROTECTED_STATUSES="PROCESSING",
+                         REAPER_PROTECTED_TYPES="SERVICE_DEPLOY")  # fmt: skip
+        done = await reaper(
+            ["run", "-i", str(src), "--results", str(out), "--protect", "ascend-diagnosis-*",
+             "--protect-file", str(rules), *FAST],
+            env,
+        )  # fmt: skip
+        assert done.code == 0, done.stderr
+        keep = {i for i, j in jobs.items()
+                if j.status == "PROCESSING" or j.type in ("SERVICE_DEPLOY", "ASCEND_DIAGNOSIS")
+                or j.name.startswith("common-00001")}  # fmt: skip
+        assert keep and len(keep) < len(jobs)
+        assert set(sim.job_ids()) == keep
+        assert {i for i, o in _outcomes(out).items() if o == ("skipped", "protected")} == keep
+        assert not keep & set(sim.sent_counts)
+
+
+@pytest.mark.anyio
+async def test_protection_holds_under_a_plan_and_discover_leaves_protected_jobs_out(
+    tmp_path: Path,
+) -> None:
+    async with run_simulator(SimulatorConfig(jobs=200, seed=33)) as sim:
+        plan = tmp_path / "plan.json"
+        env = reaper_env(sim.url)
+        done = await reaper(["discover", "--status", "FINISHED", "--plan", str(plan)], env)
+        assert done.code == 0, done.stderr
+        from worker.plan import read_plan
+
+        planned = read_plan(plan).ids
+        # Protected after the plan was made: the run must still keep them.
+        late = planned[:4]
+        out = tmp_path / "results.jsonl"
+        protect = [arg for i in late for arg in ("--protect", f"id:{i}")]
+        done = await reaper(["run", "--plan", str(plan), "--results", str(out), *protect,
+                             "--protect", "common-*", *FAST], env)  # fmt: skip
+        assert done.code == 0, done.stderr
+        jobs_left = sim.store.jobs
+        protected = {i for i, o in _outcomes(out).items() if o == ("skipped", "protected")}
+        by_name = {i for i in planned if i not in late and i in jobs_left
+                   and jobs_left[i].name.startswith("common-")}  # fmt: skip
+        assert protected == set(late) | by_name and by_name
+        assert set(planned) - protected <= sim.deleted
+        # discover itself never selects a protected job.
+        again = await reaper(["discover", "--all", "--protect", "common-*"], env)
+        assert again.code == 0, again.stderr
+        listed = again.stdout.split()
+        assert listed and not any(jobs_left[i].name.startswith("common-") for i in listed)
