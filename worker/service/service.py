@@ -176,7 +176,10 @@ class Service:
         self._health.draining = True
         intake_scope.cancel()
         self._events.note(
-            "serve.draining", grace_s=self._config.grace, in_flight=len(self._inflight)
+            "serve.draining",
+            grace_s=self._config.grace,
+            in_flight=len(self._inflight),
+            read=self.read,
         )
         await anyio.sleep(self._config.grace)
         dispatch_scope.cancel()

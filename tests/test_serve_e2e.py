@@ -1,0 +1,297 @@
+"""serve as it runs in production: real ``python -m worker serve`` processes, real Redis,
+the simulator on loopback (in this process, so the test reads its truth directly).
+
+Nothing here sleeps to let something happen: each test waits for a state (ids deleted,
+nothing pending, an event printed) with a deadline, and asserts on counts and events.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from tests.conftest import REDIS_URL
+from worker.simulator import FaultConfig, Simulator, SimulatorConfig, run_simulator
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
+
+GROUP = "reapers"
+
+
+@dataclass
+class Replica:
+    name: str
+    process: anyio.abc.Process
+    events: list[dict[str, Any]] = field(default_factory=list)
+    started: anyio.Event = field(default_factory=anyio.Event)
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == event]
+
+
+@dataclass
+class Queue:
+    sim: Simulator
+    redis: aioredis.Redis
+    stream: str
+    tmp: Path
+    group: anyio.abc.TaskGroup
+    replicas: list[Replica] = field(default_factory=list)
+
+    async def enqueue(self, ids: list[str]) -> None:
+        """Through the real ``enqueue`` command."""
+        source = self.tmp / "ids.txt"
+        source.write_text("".join(f"{i}\n" for i in ids))
+        result = await anyio.run_process(
+            [sys.executable, "-m", "worker", "enqueue", "--input", str(source),
+             "--stream", self.stream, "--redis-url", REDIS_URL],
+            env=_env(), check=False,
+        )  # fmt: skip
+        summary = orjson.loads(result.stdout.splitlines()[-1])
+        assert summary["enqueued"] == sum(1 for i in ids if " " not in i), result.stderr
+
+    async def start(self, name: str, *flags: str) -> Replica:
+        command = [
+            sys.executable, "-m", "worker", "serve",
+            "--endpoint", self.sim.url, "--project-id", self.sim.config.project_id,
+            "--ak", self.sim.config.ak, "--stream", self.stream, "--group", GROUP,
+            "--consumer", name, "--redis-url", REDIS_URL, "--http-port", "0",
+            "--log-format", "json", *flags,
+        ]  # fmt: skip
+        env = _env() | {"REAPER_SK": self.sim.config.sk}
+        with (self.tmp / f"{name}.err").open("wb") as errors:
+            process = await anyio.open_process(command, env=env, stderr=errors)
+        replica = Replica(name, process)
+        self.replicas.append(replica)
+        self.group.start_soon(_collect, replica)
+        with anyio.fail_after(20):
+            await replica.started.wait()
+        return replica
+
+    async def pending(self, consumer: str | None = None) -> int:
+        info: Any = await self.redis.xpending(self.stream, GROUP)
+        if consumer is None:
+            return int(info["pending"])
+        by_name = {c["name"].decode(): int(c["pending"]) for c in info["consumers"]}
+        return by_name.get(consumer, 0)
+
+    async def entries_read(self) -> int:
+        groups: Any = await self.redis.xinfo_groups(self.stream)
+        return int(next(g for g in groups if g["name"].decode() == GROUP)["entries-read"] or 0)
+
+    async def stream_rows(self, key: str) -> list[dict[str, str]]:
+        rows: Any = await self.redis.xrange(key)
+        return [{k.decode(): v.decode() for k, v in f.items()} | {"_id": i.decode()}
+                for i, f in rows]  # fmt: skip
+
+    async def stop_all(self) -> None:
+        for replica in self.replicas:
+            if replica.process.returncode is None:
+                replica.process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(20):
+            for replica in self.replicas:
+                await replica.process.wait()
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("REAPER_", "HUAWEICLOUD_"))}
+
+
+async def _collect(replica: Replica) -> None:
+    assert replica.process.stdout is not None
+    lines = BufferedByteReceiveStream(replica.process.stdout)
+    while True:
+        try:
+            line = await lines.receive_until(b"\n", 1 << 20)
+        except (anyio.EndOfStream, anyio.IncompleteRead):
+            return
+        event = orjson.loads(line)
+        replica.events.append(event)
+        if event.get("event") == "serve.started":
+            replica.started.set()
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 25) -> None:
+    with anyio.fail_after(timeout):
+        while not await check():
+            await anyio.sleep(0.05)
+
+
+@asynccontextmanager
+async def queue(prefix: str, tmp: Path, config: SimulatorConfig) -> AsyncIterator[Queue]:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        async with run_simulator(config) as sim, anyio.create_task_group() as group:
+            q = Queue(sim, client, prefix + "ids", tmp, group)
+            try:
+                yield q
+            finally:
+                with anyio.CancelScope(shield=True):
+                    for replica in q.replicas:
+                        if replica.process.returncode is None:
+                            replica.process.kill()
+                            await replica.process.wait()
+                        await replica.process.aclose()
+    finally:
+        await client.aclose()
+
+
+def _at(event: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+
+
+@pytest.mark.anyio
+async def test_three_replicas_share_one_stream_and_one_quota(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """Each replica is told --rate 20 and the API allows 22/s: together they keep to it
+    (the limit is shared), every id is deleted once, and every entry is acknowledged."""
+    config = SimulatorConfig(jobs=3000, quota=22, burst=3)
+    async with queue(redis_prefix, tmp_path, config) as q:
+        ids = q.sim.job_ids()
+        await q.enqueue(ids)
+        flags = ("--rate", "20", "--burst", "1", "--batch-size", "20", "--concurrency", "4")
+        async with anyio.create_task_group() as starting:
+            for name in ("r1", "r2", "r3"):
+                starting.start_soon(q.start, name, *flags)
+
+        async def all_deleted() -> bool:
+            return len(q.sim.deleted) == len(ids)
+
+        async def nothing_pending() -> bool:
+            return await q.pending() == 0
+
+        await until(all_deleted)
+        await until(nothing_pending, 10)
+        await q.stop_all()
+        outcomes = await q.stream_rows(q.stream + ":outcomes")
+    assert [r.process.returncode for r in q.replicas] == [0, 0, 0]
+    assert set(q.sim.delete_counts) == set(ids)
+    assert max(q.sim.sent_counts.values()) == 1  # no id was sent twice by anyone
+    stats = q.sim.stats
+    assert stats.throttled <= 0.02 * stats.calls, stats
+    assert sorted(r["job_id"] for r in outcomes if r["outcome"] == "deleted") == sorted(ids)
+    stopped = [r.named("serve.stopped")[0] for r in q.replicas]
+    assert sum(s["acked"] for s in stopped) == len(ids)
+    assert sum(1 for s in stopped if s["batches"] > 0) >= 2  # the work was shared
+
+
+@pytest.mark.anyio
+async def test_a_replica_killed_mid_stream_has_its_entries_reclaimed(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    config = SimulatorConfig(jobs=1500, faults=FaultConfig(latency_ms=20))
+    async with queue(redis_prefix, tmp_path, config) as q:
+        ids = q.sim.job_ids()
+        await q.enqueue(ids)
+        flags = ("--rate", "30", "--batch-size", "10", "--concurrency", "4",
+                 "--reclaim-after", "1")  # fmt: skip
+        async with anyio.create_task_group() as starting:
+            for name in ("victim", "s1", "s2"):
+                starting.start_soon(q.start, name, *flags)
+        victim = q.replicas[[r.name for r in q.replicas].index("victim")]
+
+        async def victim_mid_work() -> bool:
+            return len(q.sim.deleted) >= 100 and await q.pending("victim") > 0
+
+        await until(victim_mid_work)
+        held = await q.pending("victim")
+        victim.process.kill()  # SIGKILL: no drain, no acks
+        await victim.process.wait()
+        assert held > 0
+
+        async def all_deleted() -> bool:
+            return len(q.sim.deleted) == len(ids)
+
+        async def nothing_pending() -> bool:
+            return await q.pending() == 0
+
+        await until(all_deleted)
+        await until(nothing_pending, 10)
+        await q.stop_all()
+    assert set(q.sim.deleted) == set(ids)
+    survivors = [r for r in q.replicas if r is not victim]
+    assert sum(r.named("serve.stopped")[0]["reclaimed"] for r in survivors) >= 1
+    assert [r.process.returncode for r in survivors] == [0, 0]
+    assert max(q.sim.delete_counts.values()) == 1
+
+
+@pytest.mark.anyio
+async def test_a_poison_id_is_dead_lettered_after_max_deliveries_while_others_flow(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    config = SimulatorConfig(jobs=100, reject_ids=frozenset({"poison-1"}))
+    async with queue(redis_prefix, tmp_path, config) as q:
+        ids = q.sim.job_ids()
+        await q.enqueue([*ids[:50], "poison-1", "not valid", *ids[50:]])
+        await q.start("r1", "--batch-size", "10", "--rate", "100", "--max-deliveries", "2",
+                      "--reclaim-after", "0.3")  # fmt: skip
+
+        async def settled() -> bool:
+            dead: Any = await q.redis.xlen(q.stream + ":dead")
+            return dead == 1 and await q.pending() == 0 and len(q.sim.deleted) == len(ids)
+
+        await until(settled, 20)
+        await q.stop_all()
+        dead = await q.stream_rows(q.stream + ":dead")
+        outcomes = await q.stream_rows(q.stream + ":outcomes")
+    assert set(q.sim.deleted) == set(ids)  # the healthy ids all went through
+    (entry,) = dead
+    assert "poison-1" in entry["payload"]
+    assert entry["deliveries"] == "3" and "max_deliveries 2" in entry["reason"]
+    assert orjson.loads(entry["last_error"])["http_status"] == 400
+    failed = [r for r in outcomes if r["outcome"] == "failed"]
+    assert {r["job_id"] for r in failed} == {"poison-1"} and len(failed) == 2
+    assert "not valid" not in q.sim.sent_counts  # invalid ids are never sent...
+    # ... and enqueue refused it, so it never reached the stream either.
+    assert not [r for r in outcomes if r["outcome"] == "rejected"]
+    assert q.replicas[0].process.returncode == 0
+
+
+@pytest.mark.anyio
+async def test_sigterm_stops_intake_at_once_and_acks_everything_finished(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    config = SimulatorConfig(jobs=2000, faults=FaultConfig(latency_ms=300, latency_jitter=False))
+    async with queue(redis_prefix, tmp_path, config) as q:
+        ids = q.sim.job_ids()
+        await q.enqueue(ids)
+        replica = await q.start("r1", "--batch-size", "10", "--rate", "100",
+                                "--concurrency", "4", "--grace", "5")  # fmt: skip
+
+        async def working() -> bool:
+            return len(q.sim.deleted) >= 100
+
+        await until(working)
+        replica.process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(15):
+            await replica.process.wait()
+        read_after = await q.entries_read()
+        pending: Any = await q.redis.xpending_range(q.stream, GROUP, "-", "+", 10_000)
+        pending_ids = {p["message_id"].decode() for p in pending}
+        outcomes = await q.stream_rows(q.stream + ":outcomes")
+    assert replica.process.returncode == 0
+    (interrupted,) = replica.named("serve.interrupted")
+    (draining,) = replica.named("serve.draining")
+    assert (_at(draining) - _at(interrupted)).total_seconds() < 1.0
+    (stopped,) = replica.named("serve.stopped")
+    assert stopped["read"] == draining["read"]  # nothing was taken in after the signal
+    assert read_after - draining["read"] <= 10  # Redis served at most the read it cancelled
+    finished_entries = {r["entry"] for r in outcomes}
+    assert finished_entries and not finished_entries & pending_ids  # finished => acked
+    assert len(q.sim.deleted) < len(ids)  # it really stopped part-way
+    assert len(finished_entries) + len(pending_ids) == read_after
