@@ -1,0 +1,81 @@
+"""enqueue: one stream entry per valid id, a summary line on stdout, SPEC exit codes."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import REDIS_URL
+
+pytestmark = pytest.mark.usefixtures("clean_env")
+
+
+def _command(args: tuple[str, ...]) -> list[str]:
+    return [sys.executable, "-m", "worker", "enqueue", "--log-format", "json", *args]
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("REAPER_")}
+
+
+def enqueue(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(_command(args), env=_env(), capture_output=True, timeout=60, check=False)
+
+
+async def enqueue_async(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return await anyio.run_process(_command(args), env=_env(), check=False)
+
+
+@pytest.mark.anyio
+async def test_valid_ids_become_one_entry_each_and_invalid_ones_are_rejected_on_stderr(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    source = tmp_path / "ids.jsonl.gz"
+    lines = [orjson.dumps(x) for x in ("a-1", {"id": "b_2"}, "bad id", {"job_id": "c3"})]
+    source.write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
+    stream = redis_prefix + "ids"
+    done = await enqueue_async("--input", str(source), "--stream", stream, "--redis-url", REDIS_URL)
+    assert done.returncode == 1  # some rejected
+    summary = orjson.loads(done.stdout)
+    assert summary["enqueued"] == 3 and summary["rejected"] == 1 and summary["stream"] == stream
+    events = [orjson.loads(line) for line in done.stderr.splitlines()]
+    (rejected,) = [e for e in events if e["event"] == "job.rejected"]
+    assert rejected["job_id"] == "bad id" and rejected["line"] == 3 and rejected["run_id"]
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        entries: Any = await client.xrange(stream)
+    finally:
+        await client.aclose()
+    assert [f for _, f in entries] == [{b"id": b"a-1"}, {b"id": b"b_2"}, {b"id": b"c3"}]
+    assert summary["first_entry"] == entries[0][0].decode()
+    assert summary["last_entry"] == entries[-1][0].decode()
+
+
+def test_a_missing_input_is_66_and_enqueues_nothing(tmp_path: Path) -> None:
+    done = enqueue("--input", str(tmp_path / "nope.txt"))
+    assert done.returncode == 66
+    assert b"no such file" in done.stderr.lower() or b"nope.txt" in done.stderr
+
+
+def test_redis_that_does_not_answer_is_69(tmp_path: Path) -> None:
+    source = tmp_path / "ids.txt"
+    source.write_text("a\n")
+    done = enqueue("--input", str(source), "--redis-url", "redis://127.0.0.1:1/0")
+    assert done.returncode == 69
+    assert b"enqueue.redis_unavailable" in done.stderr
+
+
+def test_a_redis_url_that_is_not_one_is_78(tmp_path: Path) -> None:
+    source = tmp_path / "ids.txt"
+    source.write_text("a\n")
+    done = enqueue("--input", str(source), "--redis-url", "http://example.invalid/")
+    assert done.returncode == 78
