@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import signal
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -285,3 +286,28 @@ def test_simulator_constants_match_the_demo() -> None:
     from worker.commands import demo
 
     assert (demo.DEMO_AK, demo.DEMO_SK, demo.DEMO_PROJECT) == (SIM_AK, SIM_SK, SIM_PROJECT)
+
+
+async def test_sigterm_stops_a_run_waiting_on_a_quiet_stdin() -> None:
+    """Reading is abandoned on a signal: a pipe that never closes cannot hold the run open."""
+    async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+        process = await anyio.open_process(
+            [sys.executable, "-m", "worker", "run", "-i", "-", "--yes"],
+            env=reaper_env(sim.url),
+        )
+        async with process:
+            assert process.stdin is not None
+            assert process.stdout is not None
+            await process.stdin.send("\n".join(sim.job_ids()).encode() + b"\n")
+            seen = b""
+            with anyio.fail_after(30):
+                async for chunk in process.stdout:  # wait until the run is under way ...
+                    seen += chunk
+                    if b"run.started" in seen:
+                        break
+            process.send_signal(signal.SIGTERM)  # ... while stdin stays open and silent
+            with anyio.fail_after(20):
+                stdout, stderr = await read_all(process)
+        assert process.returncode == 75, stderr
+        assert '"run.summary"' in stdout
+        assert sim.stats.delete_calls == 0  # nothing was batched yet: all left for the next run

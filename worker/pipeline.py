@@ -136,7 +136,10 @@ class Pipeline:
 
     async def _read_all(self, send: MemoryObjectSendStream[Batch]) -> None:
         while not self.state.stopping:
-            chunk = await anyio.to_thread.run_sync(_next_chunk, self._entries, self._chunk_size)
+            # Abandoned on cancel: a read from a quiet stdin must not hold up a stop.
+            chunk = await anyio.to_thread.run_sync(
+                _next_chunk, self._entries, self._chunk_size, abandon_on_cancel=True
+            )
             if not chunk:
                 break
             self._tally.read += len(chunk)

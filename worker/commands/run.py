@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +21,7 @@ from typing import IO, Any
 
 import anyio
 import structlog
+from anyio.abc import TaskGroup, TaskStatus
 
 from worker import wiring
 from worker.batcher import Batcher, DeletionBudget
@@ -188,7 +189,29 @@ async def run_async(
 ) -> int:
     """The run itself, inside an event loop (``demo`` calls this beside its simulator)."""
     structlog.contextvars.bind_contextvars(run_id=run_id)
+    state = RunState()
+    events = EventLog()
+    async with anyio.create_task_group() as group:
+        # Signals first: from here on SIGTERM/SIGINT stop the run cleanly, even during set-up.
+        await group.start(_watch_signals, state, events)
+        if settings.deadline is not None:
+            group.start_soon(_deadline, state, settings.deadline, events)
+        code = await _run(request, settings, run_id, endpoint, stdin, plan, state, events, group)
+        group.cancel_scope.cancel()
+    return code
 
+
+async def _run(
+    request: RunRequest,
+    settings: Settings,
+    run_id: str,
+    endpoint: str,
+    stdin: IO[bytes] | None,
+    plan: Plan | None,
+    state: RunState,
+    events: EventLog,
+    group: TaskGroup,
+) -> int:
     clock = MonotonicClock()
     project = (
         (settings.project_id or "dry-run") if settings.dry_run else wiring.project_id(settings)
@@ -197,9 +220,7 @@ async def run_async(
         settings.protect, settings.protect_file, settings.protected_types,
         settings.protected_statuses,
     )  # fmt: skip
-    events = EventLog()
     tally = Tally()
-    state = RunState()
     started = time.monotonic()
     with ExitStack() as stack:
         ledger = Ledger.open(
@@ -271,17 +292,15 @@ async def run_async(
                 grace=settings.grace,
                 state=state,
             )
-            async with anyio.create_task_group() as group:
-                group.start_soon(_watch_signals, state, events)
-                if settings.deadline is not None:
-                    group.start_soon(_deadline, state, settings.deadline, events)
+            with anyio.CancelScope() as progress_scope:
                 if _show_progress(request.progress):
                     from worker.progress import Progress, count_lines
 
                     total = len(plan.jobs) if plan is not None else count_lines(request.input)
-                    group.start_soon(Progress(tally, total=total, clock=time.monotonic).run)
+                    progress = Progress(tally, total=total, clock=time.monotonic)
+                    group.start_soon(_in_scope, progress_scope, progress.run)
                 await pipeline.run()
-                group.cancel_scope.cancel()
+                progress_scope.cancel()
         finally:
             if session is not None:
                 await session.close()
@@ -296,8 +315,16 @@ def _show_progress(mode: str) -> bool:
     return mode == "on" or (mode == "auto" and sys.stderr.isatty())
 
 
-async def _watch_signals(state: RunState, events: EventLog) -> None:
+async def _in_scope(scope: anyio.CancelScope, task: Callable[[], Awaitable[None]]) -> None:
+    with scope:
+        await task()
+
+
+async def _watch_signals(
+    state: RunState, events: EventLog, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
     with anyio.open_signal_receiver(*SIGNALS) as received:
+        task_status.started()
         count = 0
         async for signum in received:
             count += 1
