@@ -174,3 +174,25 @@ async def test_a_stopping_run_gives_up_waiting_without_sending() -> None:
             await transport.delete_jobs(["a"])
     assert len(api.calls) == sent_before
     assert "BreakerTransport(CircuitBreaker(state=open" in repr(transport)
+
+
+@pytest.mark.anyio
+async def test_after_give_up_after_seconds_down_waiting_calls_fail_at_once() -> None:
+    """So the dispatcher's retry budget, not the breaker, decides when the run ends (69)."""
+    clock = FakeClock()
+    api = FlakyApi(clock, up_at=1e9)
+    breaker = CircuitBreaker(BreakerConfig(give_up_after=60.0, max_cooldown=8.0))
+    transport = BreakerTransport(api, clock=clock, breaker=breaker)
+    _open(breaker, start=clock.now())
+    assert not breaker.given_up(clock.now())
+    failures = 0
+    while True:
+        try:
+            await transport.delete_jobs(["a"])
+        except CircuitOpenError:
+            break
+        except ServerError:
+            failures += 1
+    assert clock.now() >= 60.0
+    assert breaker.given_up(clock.now())
+    assert 3 <= failures <= 10  # the probes sent while waiting

@@ -19,7 +19,11 @@ refused, so waiting spends none of the batch's retry budget); half-open, one cal
 is let through. A probe that fails is an attempt of its batch like any other, so an outage
 that outlasts ``max_attempts`` probes still ends the run with ``ApiUnavailable`` (exit 69).
 When the run is stopping (a signal or the deadline) a waiting call gives up with
-``CircuitOpenError`` (transient, nothing sent), so its ids stay open for the next run.
+``CircuitOpenError`` (transient, nothing sent), so its ids stay open for the next run. After
+``give_up_after`` seconds down, waiting calls fail the same way at once: the dispatcher
+spends its retry budget in a few back-offs and stops the run with ``ApiUnavailable`` (exit
+69), the ids left open, instead of probing for as long as the batches' budgets last. Probes
+still go through meanwhile, so an API that comes back is still noticed.
 """
 
 from __future__ import annotations
@@ -66,11 +70,12 @@ class BreakerConfig:
     min_failure_span: float = 2.0  # ... spread over at least this many seconds
     cooldown: float = 1.0  # first open period
     max_cooldown: float = 30.0
+    give_up_after: float = 120.0  # down this long: waiting calls fail instead of waiting
 
     def __post_init__(self) -> None:
         if self.failure_threshold < 1:
             raise ValueError("failure_threshold must be >= 1")
-        for name in ("min_failure_span", "cooldown", "max_cooldown"):
+        for name in ("min_failure_span", "cooldown", "max_cooldown", "give_up_after"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
@@ -93,6 +98,7 @@ class CircuitBreaker:
     __slots__ = (
         "_config",
         "_cooldown",
+        "_down_since",
         "_failures",
         "_first_failure",
         "_open_until",
@@ -109,6 +115,7 @@ class CircuitBreaker:
         self._cooldown = self._config.cooldown
         self._open_until = -math.inf
         self._probing = False
+        self._down_since: float | None = None
         self.opened = 0
         """How many times the circuit has opened (shown in ``repr``)."""
 
@@ -120,6 +127,11 @@ class CircuitBreaker:
     @property
     def open_until(self) -> float:
         return self._open_until
+
+    def given_up(self, now: float) -> bool:
+        """Down (open or half-open, no probe answered) for ``give_up_after`` seconds."""
+        since = self._down_since
+        return since is not None and now - since >= self._config.give_up_after
 
     def admit(self, now: float) -> Admission:
         """May a call start now? Half-open admits one probe at a time."""
@@ -163,12 +175,15 @@ class CircuitBreaker:
             self._open(now)
 
     def _open(self, now: float) -> None:
+        if self._down_since is None:
+            self._down_since = now
         self._state = CircuitState.OPEN
         self._open_until = now + self._cooldown
         self._failures = 0
         self.opened += 1
 
     def _success(self) -> None:
+        self._down_since = None
         self._state = CircuitState.CLOSED
         self._failures = 0
         self._cooldown = self._config.cooldown
@@ -224,7 +239,7 @@ class BreakerTransport:
             admission = self.breaker.admit(self._clock.now())
             if admission.go:
                 return admission.probe
-            if self._stopping():
+            if self._stopping() or self.breaker.given_up(self._clock.now()):
                 raise CircuitOpenError(
                     "the API kept failing and the circuit is open; nothing was sent"
                 )

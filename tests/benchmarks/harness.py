@@ -87,6 +87,8 @@ def simulator(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
         ids_file.unlink(missing_ok=True)
 
 
@@ -266,3 +268,63 @@ def record(name: str, **figures: Any) -> None:
     print(json.dumps(row))
     with RESULTS.open("a") as out:
         out.write(json.dumps(row) + "\n")
+
+
+class BotocoreCubic:
+    """botocore's adaptive retry mode (``botocore/retries/adaptive.py`` and ``bucket.py``),
+    ported to ``RateController``'s interface so the same limiter runs it: the peer that
+    ``--rate auto`` is measured against. Unlimited until the first throttle; then CUBIC on
+    the rate (scale 0.4, beta 0.7), capped at twice the measured send rate (0.5 s buckets,
+    smoothing 0.8); it does not pause for Retry-After."""
+
+    UNLIMITED = 10_000.0
+
+    def __init__(self, now: float) -> None:
+        self.enabled = False
+        self.rate = self.UNLIMITED
+        self.last_max_rate = 0.0
+        self.last_throttle = now
+        self.k = 0.0
+        self.measured = 0.0
+        self.bucket_start = math.floor(now * 2) / 2
+        self.count = 0
+
+    def pause_until(self) -> float:
+        return -math.inf
+
+    def rate_at(self, now: float) -> float:
+        return self.rate
+
+    def on_sent(self, now: float) -> None:
+        pass
+
+    def _measure(self, now: float) -> None:
+        bucket = math.floor(now * 2) / 2
+        self.count += 1
+        if bucket > self.bucket_start:
+            current = self.count / (bucket - self.bucket_start)
+            self.measured = current * 0.8 + self.measured * 0.2
+            self.count = 0
+            self.bucket_start = bucket
+
+    def on_success(self, now: float, latency: float | None = None) -> float:
+        self._measure(now)
+        if self.enabled:
+            cubic = 0.4 * (now - self.last_throttle - self.k) ** 3 + self.last_max_rate
+            self.rate = max(0.5, min(cubic, 2 * self.measured))
+        return self.rate
+
+    def on_throttle(
+        self, now: float, retry_after: float | None = None, latency: float | None = None
+    ) -> float:
+        self._measure(now)
+        base = min(self.measured, self.rate) if not self.enabled else self.rate
+        self.last_max_rate = base
+        self.k = (base * (1 - 0.7) / 0.4) ** (1 / 3)
+        self.last_throttle = now
+        self.enabled = True
+        self.rate = max(0.5, min(base * 0.7, 2 * self.measured))
+        return self.rate
+
+    def on_overload(self, now: float, latency: float | None = None) -> float:
+        return self.on_success(now, latency)

@@ -1,0 +1,200 @@
+"""Issue 7's rate figures: how much of a quota ``--rate N`` and ``--rate auto`` use, and the
+picture of ``auto`` finding a quota and following it down.
+
+    uv run pytest -m benchmark tests/benchmarks/bench_rate.py -s -p no:randomly
+
+The simulator runs in its own process (``devserver-reaper simulate``) with a token-bucket
+quota of ``q`` calls/s and a burst of ``BURST``; our side is the real dispatcher, client and
+limiter with concurrency 8. Utilisation is calls the server accepted per second over a steady
+window, divided by the quota; "throttled" is the share of calls in that window refused with
+a 429. ``BENCH_REPEATS`` (default 3) runs per figure; the median is reported.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.benchmarks.harness import (
+    BotocoreCubic,
+    Trace,
+    drive,
+    machine,
+    median,
+    record,
+    repeats,
+    simulator,
+)
+from worker.adaptive import AdaptiveRateLimiter, build_limiter
+from worker.clock import Clock
+from worker.ratelimit import RateLimiter
+
+pytestmark = pytest.mark.benchmark
+
+BURST = 5
+"""Our burst for ``--rate N`` (the ``burst`` setting's default)."""
+
+
+def server_burst(quota: float) -> int:
+    """The simulator's burst: 100 ms of quota, at least 5. A gateway with less slack than
+    that refuses calls for the jitter of a loaded 2-core machine alone (see the report)."""
+    return max(5, round(quota / 10))
+
+
+BATCH = 5
+CONCURRENCY = 8
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def _limiter(rate: float | str, clock: Clock) -> RateLimiter:
+    if rate == "botocore":
+        peer: Any = BotocoreCubic(clock.now())
+        return AdaptiveRateLimiter(clock, controller=peer)
+    return build_limiter(rate, BURST, clock)  # type: ignore[arg-type]
+
+
+def _run(
+    tmp: Path,
+    quota: float,
+    rate: float | str,
+    duration: float,
+    *,
+    quota_at: Any = None,
+) -> Trace:
+    jobs = int(quota * duration * 1.3 * BATCH) + 1000
+    with simulator(tmp, jobs=jobs, quota=quota, burst=server_burst(quota)) as sim:
+        on_second = None
+        if quota_at is not None:
+            current = [quota]
+
+            def on_second(elapsed: float) -> None:
+                wanted = quota_at(elapsed)
+                if wanted != current[0]:
+                    sim.set_quota(wanted)
+                    current[0] = wanted
+
+        async def go() -> Trace:
+            return await drive(
+                sim.url,
+                sim.ids,
+                lambda clock: _limiter(rate, clock),
+                duration=duration,
+                concurrency=CONCURRENCY,
+                batch_size=BATCH,
+                on_second=on_second,
+            )
+
+        return anyio.run(go)
+
+
+def _figures(trace: Trace, quota: float, start: float, end: float) -> tuple[float, float]:
+    ok, throttled, _ = trace.window(start, end)
+    return ok / ((end - start) * quota), throttled / max(1, ok + throttled)
+
+
+@pytest.mark.parametrize("quota", [50.0, 500.0])
+def test_fixed_rate_uses_the_known_quota(quota: float, tmp_path: Path) -> None:
+    """``--rate q --burst 5`` against a server enforcing q calls/s with a burst of 5."""
+    utils, shares = [], []
+    for _ in range(repeats(3)):
+        trace = _run(tmp_path, quota, quota, duration=14.0)
+        util, share = _figures(trace, quota, 2.0, 14.0)
+        utils.append(util)
+        shares.append(share)
+    record(
+        "rate_fixed",
+        quota=quota,
+        utilisation=round(median(utils), 3),
+        throttled=round(median(shares), 4),
+        runs=[round(u, 3) for u in utils],
+        machine=machine(),
+    )
+    assert median(utils) >= 0.97
+    assert median(shares) <= 0.01
+
+
+@pytest.mark.parametrize("controller", ["auto", "botocore"])
+@pytest.mark.parametrize("quota", [5.0, 50.0, 500.0])
+def test_auto_rate_finds_an_unknown_quota(controller: str, quota: float, tmp_path: Path) -> None:
+    """``--rate auto`` from 2 calls/s, and botocore's adaptive mode (ported: see
+    ``harness.BotocoreCubic``) as the peer; measured from 10 s after the start to 40 s."""
+    duration = float(os.environ.get("BENCH_AUTO_SECONDS", "40"))
+    utils, shares = [], []
+    for _ in range(repeats(3)):
+        trace = _run(tmp_path, quota, controller, duration=duration)
+        util, share = _figures(trace, quota, 10.0, duration)
+        utils.append(util)
+        shares.append(share)
+    record(
+        "rate_auto" if controller == "auto" else "rate_botocore",
+        quota=quota,
+        utilisation=round(median(utils), 3),
+        throttled=round(median(shares), 4),
+        runs=[round(u, 3) for u in utils],
+        machine=machine(),
+    )
+    if controller == "auto":
+        assert median(utils) >= 0.90
+        assert median(shares) <= 0.02
+
+
+def test_auto_rate_picture(tmp_path: Path) -> None:
+    """calls/s over time against the quota: 50 throughout, and 50 dropping to 20 at 30 s."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    duration = 60.0
+
+    def flat(t: float) -> float:
+        return 50.0
+
+    def falls(t: float) -> float:
+        return 50.0 if t < 30 else 20.0
+
+    steady = _run(tmp_path, 50.0, "auto", duration)
+    drop = _run(tmp_path, 50.0, "auto", duration, quota_at=falls)
+    fig, axes = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
+    for ax, trace, quota_at, title in (
+        (axes[0], steady, flat, "quota 50 calls/s"),
+        (axes[1], drop, falls, "quota 50, then 20 from 30 s"),
+    ):
+        seconds = trace.per_second(duration)
+        xs = [i + 0.5 for i in range(len(seconds))]
+        ax.step(
+            [0, 30, 30, duration],
+            [quota_at(0), quota_at(29.9), quota_at(30), quota_at(duration)],
+            where="post",
+            color="black",
+            linestyle="--",
+            label="server quota",
+        )
+        ax.plot(xs, [ok for ok, _ in seconds], marker="o", ms=3, label="accepted calls/s")
+        ax.bar(xs, [thr for _, thr in seconds], width=0.8, color="tab:red", label="429s/s")
+        ax.plot(
+            [t for t, _ in trace.rates],
+            [r for _, r in trace.rates],
+            color="tab:green",
+            alpha=0.6,
+            label="limiter rate",
+        )
+        ax.set_ylim(0, 75)
+        ax.set_ylabel("calls per second")
+        ax.set_title(f"--rate auto, {title}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right", fontsize=8)
+    axes[1].set_xlabel("seconds since start")
+    fig.tight_layout()
+    DOCS.mkdir(exist_ok=True)
+    out = DOCS / "rate-auto.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    util, share = _figures(drop, 20.0, 45.0, duration)
+    record("rate_auto_picture", png=str(out), after_drop_utilisation=round(util, 3),
+           after_drop_throttled=round(share, 4))  # fmt: skip
+    assert out.stat().st_size > 10_000
+    assert share <= 0.02
