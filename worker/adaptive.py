@@ -37,7 +37,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, Protocol
 
 import anyio
 import anyio.lowlevel
@@ -75,6 +75,8 @@ class AdaptiveConfig:
     latency_floor_s: float = 0.1
     latency_samples: int = 50
     max_pause: float = 30.0  # longest Retry-After pause honoured
+    cap_to_sent: bool = True  # grow and probe only when really sending at the rate (False
+    # when the rate is shared by replicas: each one sends only its share)
 
     def __post_init__(self) -> None:
         positive = ("initial_rate", "min_rate", "max_rate", "startup_interval", "step",
@@ -227,13 +229,19 @@ class RateController:
                 grown = s.rate * 2.0 ** ((now - since) / c.startup_interval)
                 # One more call than counted: at 2 calls/s a one-second window holds one or
                 # two, and that quantisation alone must not stall the growth.
-                cap = max(2.0 * (self._sent_rate(now) + 1.0 / c.window), s.rate)
+                cap = c.max_rate
+                if c.cap_to_sent:
+                    cap = max(2.0 * (self._sent_rate(now) + 1.0 / c.window), s.rate)
                 rate = min(grown, cap, c.max_rate)
                 s = replace(s, rate=rate, level=rate, since=now)
         elif s.phase is Phase.CRUISE:
             if now - since >= s.hold:
                 # Probe, unless we do not even send at the level (then nothing is learnt).
-                if self._sent_rate(now) >= 0.5 * s.level or s.level <= c.min_rate:
+                if (
+                    not c.cap_to_sent
+                    or self._sent_rate(now) >= 0.5 * s.level
+                    or s.level <= c.min_rate
+                ):
                     s = replace(s, phase=Phase.PROBE, rate=self._probe_rate(s), since=now, cuts=0)
                 else:
                     s = replace(s, since=now)
@@ -429,6 +437,94 @@ class AdaptiveRateLimiter:
             f"AdaptiveRateLimiter({self._controller!r}, burst={self._burst}, "
             f"throttles={self.throttles})"
         )
+
+
+class SharedPacer(Protocol):
+    """A limiter shared by replicas whose rate can be changed: ``RedisRateLimiter`` with a
+    ``set_rate`` (its Lua script already takes the spacing with every reservation)."""
+
+    @property
+    def rate(self) -> float: ...
+
+    def set_rate(self, rate: float) -> None: ...
+
+    async def acquire(self) -> None: ...
+
+
+class SharedAdaptiveLimiter:
+    """``--rate auto`` for replicas sharing one quota: each replica runs its own controller on
+    the answers it gets and paces through the shared bucket at the controller's rate.
+
+    The fleet's calls are spaced by the shared bucket, so the fleet sends at the rate the
+    replicas set; a replica that is refused cuts, pauses for ``Retry-After`` and sets the
+    lower rate, which every replica's next reservation is spaced by until it sets its own.
+    Replicas see the same server, so their controllers agree within a probe or two. The
+    controllers do not cap the rate to what their replica sends (``cap_to_sent=False``):
+    one replica only sends its share of the fleet's calls.
+    """
+
+    __slots__ = ("_clock", "_controller", "_shared", "throttles")
+
+    def __init__(
+        self,
+        shared: SharedPacer,
+        clock: Clock,
+        *,
+        config: AdaptiveConfig | None = None,
+    ) -> None:
+        self._shared = shared
+        self._clock = clock
+        self._controller = RateController(
+            clock.now(), replace(config or AdaptiveConfig(), cap_to_sent=False)
+        )
+        self._shared.set_rate(self._controller.rate)
+        self.throttles = 0
+
+    @property
+    def rate(self) -> float:
+        return self._controller.rate
+
+    @property
+    def controller(self) -> RateController:
+        return self._controller
+
+    async def acquire(self) -> None:
+        while True:
+            now = self._clock.now()
+            pause = self._controller.pause_until()
+            if now < pause:
+                await self._clock.sleep(pause - now)
+                continue
+            rate = self._controller.rate_at(now)
+            if rate != self._shared.rate:
+                self._shared.set_rate(rate)
+            await self._shared.acquire()
+            if self._clock.now() >= self._controller.pause_until():
+                self._controller.on_sent(self._clock.now())
+                return
+
+    def feedback(
+        self,
+        *,
+        throttled: bool,
+        latency_s: float | None = None,
+        retry_after: float | None = None,
+        overloaded: bool = False,
+    ) -> None:
+        now = self._clock.now()
+        if throttled:
+            self.throttles += 1
+            self._controller.on_throttle(now, retry_after, latency_s)
+        elif overloaded:
+            self._controller.on_overload(now, latency_s)
+        else:
+            self._controller.on_success(now, latency_s)
+        rate = self._controller.rate_at(now)
+        if rate < self._shared.rate:
+            self._shared.set_rate(rate)
+
+    def __repr__(self) -> str:
+        return f"SharedAdaptiveLimiter({self._controller!r}, throttles={self.throttles})"
 
 
 def build_limiter(
