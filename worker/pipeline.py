@@ -10,12 +10,15 @@ grace period and are cancelled after it; whatever was not finished stays open in
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
-import anyio.to_thread
+import anyio.from_thread
+import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from worker.batcher import Batcher
@@ -60,6 +63,41 @@ def _next_chunk(entries: Iterator[Entry], size: int) -> list[Entry]:
         if len(chunk) >= size:
             break
     return chunk
+
+
+Chunk = list[Entry] | BaseException
+
+
+def _read_in_background(entries: Iterator[Entry], size: int) -> MemoryObjectReceiveStream[Chunk]:
+    """Read the source in a daemon thread of its own, a chunk at a time, with back-pressure.
+
+    Not an anyio worker thread: a read blocked on a quiet stdin would keep the interpreter
+    from exiting after a stop. A daemon thread is simply left behind. The reader's own
+    errors (an unreadable file midway) arrive as items, raised by the receiving side.
+    """
+    send, receive = anyio.create_memory_object_stream[Chunk](1)
+    token = anyio.lowlevel.current_token()
+
+    def produce() -> None:
+        try:
+            while True:
+                item: Chunk
+                try:
+                    item = _next_chunk(entries, size)
+                except ReaperError as exc:
+                    item = exc
+                if isinstance(item, list) and not item:
+                    break
+                anyio.from_thread.run(send.send, item, token=token)
+                if isinstance(item, BaseException):
+                    break
+        except (anyio.RunFinishedError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return  # the run is over or stopped reading: nothing is waiting for more
+        with contextlib.suppress(anyio.RunFinishedError):
+            anyio.from_thread.run_sync(send.close, token=token)
+
+    threading.Thread(target=produce, name="reaper-input", daemon=True).start()
+    return receive
 
 
 class Pipeline:
@@ -135,29 +173,32 @@ class Pipeline:
             self.state.intake_done = True
 
     async def _read_all(self, send: MemoryObjectSendStream[Batch]) -> None:
-        while not self.state.stopping:
-            # Abandoned on cancel: a read from a quiet stdin must not hold up a stop.
-            chunk = await anyio.to_thread.run_sync(
-                _next_chunk, self._entries, self._chunk_size, abandon_on_cancel=True
-            )
-            if not chunk:
-                break
-            self._tally.read += len(chunk)
-            rejections = [entry for entry in chunk if isinstance(entry, Rejection)]
-            candidates = [entry for entry in chunk if isinstance(entry, Candidate)]
-            if rejections:
-                await self._journal.rejected(rejections)
-            if candidates:
-                admission = await self._ledger.admit(candidates)
-                self._tally.repeated += len(admission.repeated)
-                self._tally.already_done += len(admission.done)
-                self._tally.resent += admission.resent
-                for batch in self._batcher.extend(c.job_id for c in admission.new):
-                    await send.send(batch)
+        chunks = _read_in_background(self._entries, self._chunk_size)
+        async with chunks:
+            async for chunk in chunks:
+                if isinstance(chunk, BaseException):
+                    raise chunk
+                if self.state.stopping:
+                    return
+                await self._admit(chunk, send)
         if not self.state.stopping:
             last = self._batcher.flush()
             if last is not None:
                 await send.send(last)
+
+    async def _admit(self, chunk: list[Entry], send: MemoryObjectSendStream[Batch]) -> None:
+        self._tally.read += len(chunk)
+        rejections = [entry for entry in chunk if isinstance(entry, Rejection)]
+        candidates = [entry for entry in chunk if isinstance(entry, Candidate)]
+        if rejections:
+            await self._journal.rejected(rejections)
+        if candidates:
+            admission = await self._ledger.admit(candidates)
+            self._tally.repeated += len(admission.repeated)
+            self._tally.already_done += len(admission.done)
+            self._tally.resent += admission.resent
+            for batch in self._batcher.extend(c.job_id for c in admission.new):
+                await send.send(batch)
 
     async def _dispatch(self, receive: MemoryObjectReceiveStream[Batch]) -> None:
         async with receive:

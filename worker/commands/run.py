@@ -33,6 +33,7 @@ from worker.errors import (
     AuthError,
     ConfigError,
     InputUnreadable,
+    ReaperError,
     TlsError,
     UsageError,
 )
@@ -105,6 +106,10 @@ def execute(request: RunRequest, settings: Settings, *, stdin: IO[bytes] | None 
         print(f"devserver-reaper: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     try:
+        if request.input == "-" and stdin is None:
+            # Unbuffered: the reading thread may be left blocked on a quiet pipe after a stop,
+            # and a BufferedReader's lock held by it would abort the interpreter at exit.
+            stdin = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)  # noqa: SIM115
         return anyio.run(partial(run_async, plan=plan), request, settings, run_id, endpoint, stdin)
     except ConfigError as exc:
         log.error("run.config_error", error=str(exc))
@@ -191,13 +196,22 @@ async def run_async(
     structlog.contextvars.bind_contextvars(run_id=run_id)
     state = RunState()
     events = EventLog()
+    failure: ReaperError | None = None
+    code: int = ExitCode.OK
     async with anyio.create_task_group() as group:
         # Signals first: from here on SIGTERM/SIGINT stop the run cleanly, even during set-up.
         await group.start(_watch_signals, state, events)
         if settings.deadline is not None:
             group.start_soon(_deadline, state, settings.deadline, events)
-        code = await _run(request, settings, run_id, endpoint, stdin, plan, state, events, group)
+        try:
+            code = await _run(
+                request, settings, run_id, endpoint, stdin, plan, state, events, group
+            )
+        except ReaperError as exc:  # raised as itself, not wrapped in the group's ExceptionGroup
+            failure = exc
         group.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
     return code
 
 
@@ -292,14 +306,16 @@ async def _run(
                 grace=settings.grace,
                 state=state,
             )
-            with anyio.CancelScope() as progress_scope:
-                if _show_progress(request.progress):
-                    from worker.progress import Progress, count_lines
+            progress_scope = anyio.CancelScope()  # entered by the progress task, if any
+            if _show_progress(request.progress):
+                from worker.progress import Progress, count_lines
 
-                    total = len(plan.jobs) if plan is not None else count_lines(request.input)
-                    progress = Progress(tally, total=total, clock=time.monotonic)
-                    group.start_soon(_in_scope, progress_scope, progress.run)
+                total = len(plan.jobs) if plan is not None else count_lines(request.input)
+                progress = Progress(tally, total=total, clock=time.monotonic)
+                group.start_soon(_in_scope, progress_scope, progress.run)
+            try:
                 await pipeline.run()
+            finally:
                 progress_scope.cancel()
         finally:
             if session is not None:
