@@ -379,3 +379,24 @@ async def test_metrics_parse_and_count_the_real_path(redis_prefix: str) -> None:
     assert families["devserver_reaper_pending_entries"].samples[0].value == 0
     assert families["devserver_reaper_consumer_lag"].samples[0].value == 0
     assert series(text) == series(generate_latest(ServiceMetrics().registry).decode())
+
+
+@pytest.mark.anyio
+async def test_protected_jobs_survive_serve_whatever_the_queue_says(redis_prefix: str) -> None:
+    """Protection holds in serve too: by id (no call) and by status (one show call)."""
+    async with running(
+        redis_prefix, SimulatorConfig(jobs=30, seed=4), protected_statuses="PROCESSING"
+    ) as svc:
+        ids = svc.sim.job_ids()
+        busy = [i for i in ids if svc.sim.store.jobs[i].status == "PROCESSING"]
+        assert busy, "the seeded inventory has PROCESSING jobs"
+        await svc.enqueue(ids)
+        await svc.until(lambda: _true(len(svc.events("job.skipped")) == len(busy)))
+        await svc.until(lambda: _true(len(svc.sim.deleted) == len(ids) - len(busy)))
+        await svc.until(lambda: _zero(svc.pending()))
+    assert svc.code == 0
+    assert set(busy).isdisjoint(svc.sim.sent_counts)
+    assert set(svc.sim.job_ids()) == set(busy)
+    skipped = svc.events("job.skipped")
+    assert {e["job_id"] for e in skipped} == set(busy)
+    assert {e["reason"] for e in skipped} == {"protected"}

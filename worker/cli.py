@@ -105,7 +105,7 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
         *_PROTECT,
         *_LOG,
     ),
-    "serve": _API + _DISPATCH + _QUEUE + _LOG,
+    "serve": _API + _DISPATCH + _QUEUE + _PROTECT[:-1] + _LOG,
     "enqueue": ("--redis-url", "--stream", *_LOG),
     "check": _API + _LOG,
     "demo": ("--batch-size", "--concurrency", "--rate", "--burst", "--log-format", "--log-level"),

@@ -69,6 +69,8 @@ async def serve(
     from worker.clock import MonotonicClock
     from worker.dispatcher import Dispatcher
     from worker.events import EventLog
+    from worker.guard import Guard, PacedReader, load_protection
+    from worker.pipeline import BatchProcessor
     from worker.service.consumer import REDIS_ERRORS, StreamConsumer
     from worker.service.health import Health, build_app
     from worker.service.inflight import InFlight
@@ -78,6 +80,10 @@ async def serve(
     from worker.service.service import Service, ServiceConfig
 
     stop = stop if stop is not None else anyio.Event()
+    protection = load_protection(  # before Redis or the API: a bad rule or file is 78
+        settings.protect, settings.protect_file, settings.protected_types,
+        settings.protected_statuses,
+    )  # fmt: skip
     clock = MonotonicClock()
     events = EventLog()
     config = ServiceConfig(
@@ -120,10 +126,12 @@ async def serve(
             session = wiring.session(settings)
             api = await wiring.api_client(settings, session)
             transport = MeteredTransport(api, metrics, clock, observe=health.observe_call)
-        dispatcher = Dispatcher(
+        limiter = _limiter(settings, client, layout.ratelimit, clock, events)
+        policy = wiring.retry_policy(settings)
+        dispatcher: BatchProcessor = Dispatcher(
             transport=transport,
-            limiter=_limiter(settings, client, layout.ratelimit, clock, events),
-            policy=wiring.retry_policy(settings),
+            limiter=limiter,
+            policy=policy,
             journal=journal,
             clock=clock,
             budget=DeletionBudget(settings.max_deletions),
@@ -131,6 +139,13 @@ async def serve(
             dry_run=settings.dry_run,
             stopping=stop.is_set,
         )
+        if protection.active:  # protected jobs end skipped here too, whatever the queue says
+            paced = None
+            if transport is not None:
+                paced = PacedReader(api=transport, limiter=limiter, policy=policy, clock=clock,
+                                    stopping=stop.is_set)  # fmt: skip
+            dispatcher = Guard(inner=dispatcher, outcomes=journal, protection=protection,
+                               reader=paced, plan=None)  # fmt: skip
         service = Service(
             consumer=consumer,
             inflight=inflight,
