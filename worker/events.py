@@ -18,7 +18,8 @@ class EventLog:
     """
 
     def __init__(self, logger: Any | None = None) -> None:
-        self._log = logger if logger is not None else structlog.get_logger("devserver_reaper")
+        # bind() resolves structlog's lazy proxy once, instead of on every event of a run.
+        self._log = logger if logger is not None else structlog.get_logger().bind()
 
     def result(self, result: Result) -> None:
         log = self._log
