@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -140,6 +140,16 @@ class _Call:
 
     def describe(self) -> str:
         return f"{self.method} {self.path}"
+
+
+class Api(Protocol):
+    """The three calls, as ``ApiClient`` makes them: what decorators of it implement."""
+
+    async def delete_jobs(self, ids: Sequence[str]) -> DeleteResult: ...
+
+    async def get_job(self, job_id: str) -> JobRecord: ...
+
+    async def list_jobs(self, **filters: str | int | bool) -> JobPage: ...
 
 
 class ApiClient:

@@ -52,10 +52,13 @@ class Journal(Protocol):
     async def finished(self, results: Sequence[Result]) -> None: ...
 
 
-def _failed(job_id: str, batch_id: str, attempts: int, error: ApiError) -> Result:
+def _answered(
+    outcome: Outcome, job_id: str, batch_id: str, attempts: int, error: ApiError
+) -> Result:
+    """An outcome decided by an error answer (``failed``, or ``absent`` from a 404)."""
     return Result(
         job_id=job_id,
-        outcome=Outcome.FAILED,
+        outcome=outcome,
         attempts=attempts,
         batch_id=batch_id,
         http_status=error.http_status,
@@ -63,6 +66,10 @@ def _failed(job_id: str, batch_id: str, attempts: int, error: ApiError) -> Resul
         error_msg=error.error_msg or str(error),
         request_id=error.request_id,
     )
+
+
+def _failed(job_id: str, batch_id: str, attempts: int, error: ApiError) -> Result:
+    return _answered(Outcome.FAILED, job_id, batch_id, attempts, error)
 
 
 class Dispatcher:
@@ -206,16 +213,7 @@ class Dispatcher:
         if not exists:
             return  # absent, or left open by a stop: _exists has seen to it
         if isinstance(exc, NotFound):
-            absent = Result(
-                job_id=ids[0],
-                outcome=Outcome.ABSENT,
-                attempts=attempt,
-                batch_id=batch_id,
-                http_status=exc.http_status,
-                error_code=exc.error_code,
-                error_msg=exc.error_msg,
-                request_id=exc.request_id,
-            )
+            absent = _answered(Outcome.ABSENT, ids[0], batch_id, attempt, exc)
             await self._journal.finished([absent])
             return
         await self._journal.finished([_failed(ids[0], batch_id, attempt, exc)])
@@ -261,20 +259,8 @@ class Dispatcher:
                 await self._transport.get_job(job_id)
             except NotFound as exc:
                 self._feedback(exc, started)
-                await self._journal.finished(
-                    [
-                        Result(
-                            job_id=job_id,
-                            outcome=Outcome.ABSENT,
-                            attempts=attempt,
-                            batch_id=batch_id,
-                            http_status=exc.http_status,
-                            error_code=exc.error_code,
-                            error_msg=exc.error_msg,
-                            request_id=exc.request_id,
-                        )
-                    ]
-                )
+                absent = _answered(Outcome.ABSENT, job_id, batch_id, attempt, exc)
+                await self._journal.finished([absent])
                 return False
             except TransientError as exc:
                 self._feedback(exc, started)

@@ -8,13 +8,18 @@ it builds never do.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import aiohttp
 
-from worker.client import ApiClient, make_session
+from worker.batcher import DeletionBudget
+from worker.client import Api, ApiClient, make_session
 from worker.clock import Clock
 from worker.credentials import CredentialSource, read_profile, resolve_credentials
+from worker.dispatcher import Dispatcher, Journal
 from worker.errors import ConfigError
+from worker.guard import Guard, PacedReader, PlanCheck, Protection
+from worker.pipeline import BatchProcessor
 from worker.ratelimit import RateLimiter
 from worker.retry import RetryPolicy
 from worker.settings import Settings
@@ -73,3 +78,42 @@ def limiter(settings: Settings, clock: Clock) -> RateLimiter:
 
 def retry_policy(settings: Settings) -> RetryPolicy:
     return RetryPolicy(max_attempts=settings.max_attempts, max_retry_after=settings.max_retry_after)
+
+
+def processor(
+    settings: Settings,
+    *,
+    transport: Api | None,
+    limiter: RateLimiter,
+    journal: Journal,
+    clock: Clock,
+    stopping: Callable[[], bool],
+    protection: Protection,
+    plan: PlanCheck | None = None,
+) -> BatchProcessor:
+    """The dispatcher, wrapped in the guard when jobs are protected or a plan binds the run.
+
+    ``transport`` is None in a dry run: nothing is read or sent then.
+    """
+    policy = retry_policy(settings)
+    dispatcher: BatchProcessor = Dispatcher(
+        transport=transport,  # type: ignore[arg-type]  # None only in a dry run: never called
+        limiter=limiter,
+        policy=policy,
+        journal=journal,
+        clock=clock,
+        budget=DeletionBudget(settings.max_deletions),
+        max_attempts=settings.max_attempts,
+        dry_run=settings.dry_run,
+        stopping=stopping,
+    )
+    if not protection.active and plan is None:
+        return dispatcher
+    reader = None
+    if transport is not None:
+        reader = PacedReader(
+            api=transport, limiter=limiter, policy=policy, clock=clock, stopping=stopping
+        )
+    return Guard(
+        inner=dispatcher, outcomes=journal, protection=protection, reader=reader, plan=plan
+    )

@@ -24,9 +24,8 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from worker import wiring
-from worker.batcher import Batcher, DeletionBudget
+from worker.batcher import Batcher
 from worker.clock import MonotonicClock
-from worker.dispatcher import Dispatcher
 from worker.errors import (
     ApiError,
     ApiUnavailable,
@@ -39,10 +38,10 @@ from worker.errors import (
 )
 from worker.events import EventLog
 from worker.exit_codes import ExitCode
-from worker.guard import Guard, PacedReader, PlanCheck, load_protection
+from worker.guard import PlanCheck, load_protection
 from worker.journal import LedgerPort, ResultsWriter, RunJournal, Tally
 from worker.ledger import Ledger
-from worker.pipeline import BatchProcessor, Pipeline, RunState
+from worker.pipeline import Pipeline, RunState
 from worker.plan import Plan
 from worker.settings import Settings
 from worker.sources import read_entries
@@ -275,26 +274,16 @@ async def _run(
             if not settings.dry_run:
                 session = wiring.session(settings)
                 transport = await wiring.api_client(settings, session)
-            limiter, policy = wiring.limiter(settings, clock), wiring.retry_policy(settings)
-            dispatcher: BatchProcessor = Dispatcher(
+            dispatcher = wiring.processor(
+                settings,
                 transport=transport,
-                limiter=limiter,
-                policy=policy,
+                limiter=wiring.limiter(settings, clock),
                 journal=journal,
                 clock=clock,
-                budget=DeletionBudget(settings.max_deletions),
-                max_attempts=settings.max_attempts,
-                dry_run=settings.dry_run,
                 stopping=lambda: state.stopping,
+                protection=protection,
+                plan=None if plan is None else PlanCheck(frozenset(plan.ids), plan.filters),
             )
-            if protection.active or plan is not None:
-                reader = None
-                if transport is not None:
-                    reader = PacedReader(api=transport, limiter=limiter, policy=policy,
-                                         clock=clock, stopping=lambda: state.stopping)  # fmt: skip
-                check = None if plan is None else PlanCheck(frozenset(plan.ids), plan.filters)
-                dispatcher = Guard(inner=dispatcher, outcomes=journal, protection=protection,
-                                   reader=reader, plan=check)  # fmt: skip
             pipeline = Pipeline(
                 entries=entries,
                 ledger=LedgerPort(ledger),

@@ -65,12 +65,9 @@ async def serve(
     import redis.asyncio as aioredis
     from aiohttp import web
 
-    from worker.batcher import DeletionBudget
     from worker.clock import MonotonicClock
-    from worker.dispatcher import Dispatcher
     from worker.events import EventLog
-    from worker.guard import Guard, PacedReader, load_protection
-    from worker.pipeline import BatchProcessor
+    from worker.guard import load_protection
     from worker.service.consumer import REDIS_ERRORS, StreamConsumer
     from worker.service.health import Health, build_app
     from worker.service.inflight import InFlight
@@ -126,26 +123,15 @@ async def serve(
             session = wiring.session(settings)
             api = await wiring.api_client(settings, session)
             transport = MeteredTransport(api, metrics, clock, observe=health.observe_call)
-        limiter = _limiter(settings, client, layout.ratelimit, clock, events)
-        policy = wiring.retry_policy(settings)
-        dispatcher: BatchProcessor = Dispatcher(
+        dispatcher = wiring.processor(
+            settings,
             transport=transport,
-            limiter=limiter,
-            policy=policy,
+            limiter=_limiter(settings, client, layout.ratelimit, clock, events),
             journal=journal,
             clock=clock,
-            budget=DeletionBudget(settings.max_deletions),
-            max_attempts=settings.max_attempts,
-            dry_run=settings.dry_run,
             stopping=stop.is_set,
+            protection=protection,  # protected jobs end skipped here too, whatever the queue says
         )
-        if protection.active:  # protected jobs end skipped here too, whatever the queue says
-            paced = None
-            if transport is not None:
-                paced = PacedReader(api=transport, limiter=limiter, policy=policy, clock=clock,
-                                    stopping=stop.is_set)  # fmt: skip
-            dispatcher = Guard(inner=dispatcher, outcomes=journal, protection=protection,
-                               reader=paced, plan=None)  # fmt: skip
         service = Service(
             consumer=consumer,
             inflight=inflight,

@@ -12,8 +12,8 @@ call without touching the client: the error type says the status class.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -28,8 +28,13 @@ from worker.errors import (
 )
 from worker.types import DeleteResult, JobRecord, Outcome
 
+if TYPE_CHECKING:
+    from worker.client import Api, JobPage
+
+T = TypeVar("T")
+
 PREFIX = "devserver_reaper_"
-CALLS = ("delete", "show")
+CALLS = ("delete", "show", "list")
 STATUS_CLASSES = ("2xx", "4xx", "5xx", "timeout", "network", "malformed", "tls", "other")
 RETRY_REASONS = ("throttled", "server_error", "network", "timeout", "malformed", "transient")
 DEAD_REASONS = ("invalid", "unreadable", "max_deliveries")
@@ -124,14 +129,8 @@ class ServiceMetrics:
         return f"ServiceMetrics(series={sum(len(m.samples) for m in self.registry.collect())})"
 
 
-class Transport(Protocol):
-    async def delete_jobs(self, ids: Sequence[str]) -> DeleteResult: ...
-
-    async def get_job(self, job_id: str) -> JobRecord: ...
-
-
 class MeteredTransport:
-    """The dispatcher's ``Transport``, timed and counted; ``observe`` hears every outcome.
+    """The API client, timed and counted; ``observe`` hears every outcome.
 
     ``observe`` lets the health state learn that the credentials were refused (or work
     again) from the calls themselves, without the dispatcher knowing about health.
@@ -139,7 +138,7 @@ class MeteredTransport:
 
     def __init__(
         self,
-        inner: Transport,
+        inner: Api,
         metrics: ServiceMetrics,
         clock: Clock,
         *,
@@ -154,30 +153,26 @@ class MeteredTransport:
         self.calls = 0
 
     async def delete_jobs(self, ids: Sequence[str]) -> DeleteResult:
-        started = self._start()
-        try:
-            result = await self._inner.delete_jobs(ids)
-        except ApiError as exc:
-            self._end("delete", started, exc)
-            raise
-        except BaseException:
-            self._metrics.inflight.dec()
-            raise
-        self._end("delete", started, None)
-        return result
+        return await self._timed("delete", lambda: self._inner.delete_jobs(ids))
 
     async def get_job(self, job_id: str) -> JobRecord:
+        return await self._timed("show", lambda: self._inner.get_job(job_id))
+
+    async def list_jobs(self, **filters: str | int | bool) -> JobPage:
+        return await self._timed("list", lambda: self._inner.list_jobs(**filters))
+
+    async def _timed(self, call: str, send: Callable[[], Awaitable[T]]) -> T:
         started = self._start()
         try:
-            record = await self._inner.get_job(job_id)
+            answer = await send()
         except ApiError as exc:
-            self._end("show", started, exc)
+            self._end(call, started, exc)
             raise
         except BaseException:
             self._metrics.inflight.dec()
             raise
-        self._end("show", started, None)
-        return record
+        self._end(call, started, None)
+        return answer
 
     def _start(self) -> float:
         self.calls += 1
