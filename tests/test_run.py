@@ -311,3 +311,23 @@ async def test_sigterm_stops_a_run_waiting_on_a_quiet_stdin() -> None:
         assert process.returncode == 75, stderr
         assert '"run.summary"' in stdout
         assert sim.stats.delete_calls == 0  # nothing was batched yet: all left for the next run
+
+
+async def test_a_deadline_while_the_api_is_down_exits_69_with_the_ids_open(
+    tmp_path: Path,
+) -> None:
+    """The circuit breaker waits out an outage instead of spending the retry budget; a
+    deadline that strikes while the API is still down is 'unavailable' (69), not 75."""
+    config = SimulatorConfig(jobs=40, faults=FaultConfig(unavailable=1.0))
+    async with run_simulator(config) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        done = await reaper(
+            ["run", "-i", str(src), "--yes", "--batch-size", "10", "--concurrency", "4",
+             "--max-attempts", "50", "--deadline", "4", "--grace", "1"],
+            reaper_env(sim.url),
+        )  # fmt: skip
+        assert done.code == 69, done.stderr
+        summary = done.summary()
+        assert summary["open"] == 40
+        assert summary["stop_reason"] == "deadline"
+        assert sim.deleted == set()

@@ -32,7 +32,7 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import anyio
 
@@ -46,6 +46,9 @@ from worker.errors import (
     TransientError,
 )
 from worker.types import DeleteResult, JobRecord
+
+if TYPE_CHECKING:
+    from worker.client import JobPage
 
 T = TypeVar("T")
 
@@ -202,6 +205,8 @@ class _Inner(Protocol):
 
     async def get_job(self, job_id: str) -> JobRecord: ...
 
+    async def list_jobs(self, **filters: str | int | bool) -> JobPage: ...
+
 
 class BreakerTransport:
     """A ``Transport`` that waits while the circuit is open and probes when half-open.
@@ -233,6 +238,14 @@ class BreakerTransport:
 
     async def get_job(self, job_id: str) -> JobRecord:
         return await self._call(lambda: self._inner.get_job(job_id))
+
+    async def list_jobs(self, **filters: str | int | bool) -> JobPage:
+        return await self._call(lambda: self._inner.list_jobs(**filters))
+
+    @property
+    def api_down(self) -> bool:
+        """The circuit is not closed: the API was failing when last heard from."""
+        return self.breaker.state(self._clock.now()) is not CircuitState.CLOSED
 
     async def _admit(self) -> bool:
         while True:

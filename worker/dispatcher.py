@@ -26,6 +26,7 @@ from worker.errors import (
     ClientError,
     NotFound,
     PermanentError,
+    ServerError,
     ThrottledError,
     TransientError,
 )
@@ -169,6 +170,8 @@ class Dispatcher:
             throttled=isinstance(error, ThrottledError),
             latency_s=self._clock.now() - started,
             retry_after=retry_after,
+            # A 503 is the server saying it is overloaded: an adaptive limiter slows down.
+            overloaded=isinstance(error, ServerError) and error.http_status == 503,
         )
 
     async def _backoff(

@@ -40,6 +40,7 @@ class RunState:
     stop_reason: str | None = None
     fatal: BaseException | None = None
     intake_done: bool = False
+    api_down: bool = False  # the API was failing when the run stopped (circuit open)
     stop_requested: anyio.Event = field(default_factory=anyio.Event)
     stop_now: anyio.Event = field(default_factory=anyio.Event)
 

@@ -38,7 +38,12 @@ class RateLimiter(Protocol):
         ...
 
     def feedback(
-        self, *, throttled: bool, latency_s: float | None = None, retry_after: float | None = None
+        self,
+        *,
+        throttled: bool,
+        latency_s: float | None = None,
+        retry_after: float | None = None,
+        overloaded: bool = False,
     ) -> None:
         """Tell the limiter how a call ended. Fixed limiters ignore it; an adaptive one won't."""
         ...
@@ -195,7 +200,12 @@ class LocalRateLimiter:
             raise
 
     def feedback(
-        self, *, throttled: bool, latency_s: float | None = None, retry_after: float | None = None
+        self,
+        *,
+        throttled: bool,
+        latency_s: float | None = None,
+        retry_after: float | None = None,
+        overloaded: bool = False,
     ) -> None:
         """A fixed rate: nothing to learn."""
 
@@ -222,7 +232,12 @@ class UnlimitedRateLimiter:
         self.acquired += 1
 
     def feedback(
-        self, *, throttled: bool, latency_s: float | None = None, retry_after: float | None = None
+        self,
+        *,
+        throttled: bool,
+        latency_s: float | None = None,
+        retry_after: float | None = None,
+        overloaded: bool = False,
     ) -> None:
         """Nothing to learn."""
 

@@ -25,6 +25,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from worker import wiring
 from worker.batcher import Batcher
+from worker.breaker import BreakerTransport
 from worker.clock import MonotonicClock
 from worker.errors import (
     ApiError,
@@ -270,10 +271,16 @@ async def _run(
         )
         session = None
         try:
-            transport: Any = None
+            transport: BreakerTransport | None = None
             if not settings.dry_run:
                 session = wiring.session(settings)
-                transport = await wiring.api_client(settings, session)
+                # The breaker stops hammering an API that keeps failing, and tells the exit
+                # code whether a deadline struck while the API was down (69, not 75).
+                transport = BreakerTransport(
+                    await wiring.api_client(settings, session),
+                    clock=clock,
+                    stopping=lambda: state.stopping,
+                )
             dispatcher = wiring.processor(
                 settings,
                 transport=transport,
@@ -306,6 +313,7 @@ async def _run(
                 await pipeline.run()
             finally:
                 progress_scope.cancel()
+            state.api_down = transport is not None and transport.api_down
         finally:
             if session is not None:
                 await session.close()
@@ -357,9 +365,10 @@ def exit_code(state: RunState, tally: Tally) -> int:
         return ExitCode.USAGE
     if fatal is not None:
         return ExitCode.UNAVAILABLE
-    if state.stop_reason in ("signal", "deadline") and (
-        not state.intake_done or open_ids(tally) > 0
-    ):
+    work_left = not state.intake_done or open_ids(tally) > 0
+    if state.stop_reason == "deadline" and work_left and state.api_down:
+        return ExitCode.UNAVAILABLE  # no progress could be made: the API was down
+    if state.stop_reason in ("signal", "deadline") and work_left:
         return ExitCode.INTERRUPTED
     counts = tally.counts()
     if counts["failed"] or counts["rejected"] or tally.skip_reasons["max_deletions"]:

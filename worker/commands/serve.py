@@ -65,6 +65,7 @@ async def serve(
     import redis.asyncio as aioredis
     from aiohttp import web
 
+    from worker.breaker import BreakerTransport
     from worker.clock import MonotonicClock
     from worker.events import EventLog
     from worker.guard import load_protection
@@ -122,7 +123,9 @@ async def serve(
         if not settings.dry_run:
             session = wiring.session(settings)
             api = await wiring.api_client(settings, session)
-            transport = MeteredTransport(api, metrics, clock, observe=health.observe_call)
+            metered = MeteredTransport(api, metrics, clock, observe=health.observe_call)
+            # An API that keeps failing is probed, not hammered, by every replica.
+            transport = BreakerTransport(metered, clock=clock, stopping=stop.is_set)
         dispatcher = wiring.processor(
             settings,
             transport=transport,

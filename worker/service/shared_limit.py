@@ -166,7 +166,12 @@ class RedisRateLimiter:
             raise
 
     def feedback(
-        self, *, throttled: bool, latency_s: float | None = None, retry_after: float | None = None
+        self,
+        *,
+        throttled: bool,
+        latency_s: float | None = None,
+        retry_after: float | None = None,
+        overloaded: bool = False,
     ) -> None:
         """A fixed, shared rate: nothing to learn here."""
 
