@@ -16,6 +16,7 @@ from worker.breaker import (
     CircuitOpenError,
     CircuitState,
 )
+from worker.client import JobPage
 from worker.errors import ApiTimeout, ClientError, NetworkError, ServerError, ThrottledError
 from worker.types import DeleteResult, JobRecord
 
@@ -120,6 +121,9 @@ class FlakyApi:
         return DeleteResult(records=(), http_status=200, request_id="r")
 
     async def get_job(self, job_id: str) -> JobRecord:
+        raise NotImplementedError
+
+    async def list_jobs(self, **filters: str | int | bool) -> JobPage:
         raise NotImplementedError
 
 

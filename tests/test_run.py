@@ -219,7 +219,7 @@ async def test_exit_0_when_all_deleted_or_absent(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_a_signal_stops_intake_and_exits_75_with_work_left(
-    tmp_path: Path, signum: int
+    tmp_path: Path, signum: signal.Signals
 ) -> None:
     config = SimulatorConfig(jobs=2000, faults=FaultConfig(latency_ms=30.0, latency_jitter=False))
     async with run_simulator(config) as sim:
