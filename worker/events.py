@@ -1,14 +1,67 @@
-"""The structured events of SPEC.md, one method each, so their fields live in one place."""
+"""The structured events of SPEC.md, one method each, so their fields live in one place.
+
+A run writes one ``job.*`` event per id, so :meth:`EventLog.results` and
+:meth:`EventLog.rejections` take a whole batch: while ``logsetup.configure``'s JSON output is
+in force they write it themselves (one timestamp, ``orjson`` per event, one write), in the
+same bytes structlog would write; otherwise (console, ``capture_logs``, a logger of the
+caller's) each event goes through structlog as before.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
 import structlog
 
+from worker import logsetup
 from worker.intake import escape
 from worker.types import Outcome, Rejection, Result
+
+_INFO, _WARNING = logging.INFO, logging.WARNING
+_LEVEL_NAMES = {_INFO: "info", _WARNING: "warning"}
+
+
+def result_event(result: Result) -> tuple[str, int, dict[str, Any]]:
+    """``(event, level, fields)`` of one terminal outcome."""
+    outcome = result.outcome
+    if outcome is Outcome.DELETED:
+        record = result.record
+        fields: dict[str, Any] = (
+            record.event_fields() if record is not None else {"job_id": result.job_id}
+        )
+        fields["batch_id"] = result.batch_id
+        fields["request_id"] = result.request_id
+        return "job.deleted", _INFO, fields
+    if outcome is Outcome.ABSENT:
+        return "job.absent", _INFO, {"job_id": result.job_id, "batch_id": result.batch_id}
+    if outcome is Outcome.FAILED:
+        return (
+            "job.failed",
+            _WARNING,
+            {
+                "job_id": result.job_id,
+                "http_status": result.http_status,
+                "error_code": result.error_code,
+                "error_msg": result.error_msg,
+                "request_id": result.request_id,
+                "attempts": result.attempts,
+                "batch_id": result.batch_id,
+            },
+        )
+    if outcome is Outcome.SKIPPED:
+        return "job.skipped", _INFO, {"job_id": result.job_id, "reason": result.reason}
+    return "job.rejected", _WARNING, {
+        "job_id": escape(result.job_id), "line": result.line, "reason": result.reason,
+    }  # fmt: skip
+
+
+def rejection_event(rejection: Rejection) -> tuple[str, int, dict[str, Any]]:
+    return "job.rejected", _WARNING, {
+        "job_id": escape(rejection.raw), "line": rejection.line, "reason": rejection.reason,
+    }  # fmt: skip
 
 
 class EventLog:
@@ -20,42 +73,21 @@ class EventLog:
     def __init__(self, logger: Any | None = None) -> None:
         # bind() resolves structlog's lazy proxy once, instead of on every event of a run.
         self._log = logger if logger is not None else structlog.get_logger().bind()
+        self._own_logger = logger is None  # a caller's logger always gets every event
+        self.fast_batches = 0  # batches written by the fast path (for tests and repr)
 
     def result(self, result: Result) -> None:
-        log = self._log
-        outcome = result.outcome
-        if outcome is Outcome.DELETED:
-            fields = result.record.event_fields() if result.record else {"job_id": result.job_id}
-            log.info(
-                "job.deleted", **fields, batch_id=result.batch_id, request_id=result.request_id
-            )
-        elif outcome is Outcome.ABSENT:
-            log.info("job.absent", job_id=result.job_id, batch_id=result.batch_id)
-        elif outcome is Outcome.FAILED:
-            log.warning(
-                "job.failed",
-                job_id=result.job_id,
-                http_status=result.http_status,
-                error_code=result.error_code,
-                error_msg=result.error_msg,
-                request_id=result.request_id,
-                attempts=result.attempts,
-                batch_id=result.batch_id,
-            )
-        elif outcome is Outcome.SKIPPED:
-            log.info("job.skipped", job_id=result.job_id, reason=result.reason)
-        else:
-            log.warning(
-                "job.rejected", job_id=escape(result.job_id), line=result.line, reason=result.reason
-            )
+        self._emit(*result_event(result))
+
+    def results(self, results: Sequence[Result]) -> None:
+        """Every outcome of a batch, in order."""
+        self._many([result_event(result) for result in results])
 
     def rejected(self, rejection: Rejection) -> None:
-        self._log.warning(
-            "job.rejected",
-            job_id=escape(rejection.raw),
-            line=rejection.line,
-            reason=rejection.reason,
-        )
+        self._emit(*rejection_event(rejection))
+
+    def rejections(self, rejections: Sequence[Rejection]) -> None:
+        self._many([rejection_event(rejection) for rejection in rejections])
 
     def retry(self, batch_id: str, attempt: int, delay_s: float, reason: str) -> None:
         self._log.info(
@@ -75,3 +107,48 @@ class EventLog:
 
     def error(self, event: str, **fields: Any) -> None:
         self._log.error(event, **fields)
+
+    def _emit(self, event: str, level: int, fields: dict[str, Any]) -> None:
+        method = self._log.info if level == _INFO else self._log.warning
+        method(event, **fields)
+
+    def _many(self, events: list[tuple[str, int, dict[str, Any]]]) -> None:
+        sink = logsetup.json_sink() if self._own_logger and events else None
+        if sink is None:
+            for name, level, fields in events:
+                self._emit(name, level, fields)
+            return
+        # The keys in structlog's order: the fields, event, context (a field of the same
+        # name wins), level, timestamp; one timestamp for the batch.
+        context = list(structlog.contextvars.get_contextvars().items())
+        stamp = logsetup.timestamp()
+        lines: list[bytes] = []
+        for name, level, fields in events:
+            if level < sink.min_level:
+                continue
+            fields["event"] = name
+            for key, value in context:
+                fields.setdefault(key, value)
+            fields["level"] = _LEVEL_NAMES[level]
+            fields["timestamp"] = stamp
+            try:
+                lines.append(orjson.dumps(fields, default=str))
+            except orjson.JSONEncodeError:  # let structlog fail (or not) exactly as it would
+                if lines:
+                    sink.write(b"\n".join(lines) + b"\n")
+                    lines = []
+                self._emit(name, level, _original(fields))
+        if lines:
+            sink.write(b"\n".join(lines) + b"\n")
+        self.fast_batches += 1
+
+    def __repr__(self) -> str:
+        return f"EventLog(fast_batches={self.fast_batches}, own_logger={self._own_logger})"
+
+
+def _original(fields: dict[str, Any]) -> dict[str, Any]:
+    """The event's own fields again, without what the fast path added."""
+    out = dict(fields)
+    for key in ("event", "level", "timestamp"):
+        out.pop(key, None)
+    return out

@@ -36,6 +36,9 @@ class AdmissionLike(Protocol):
 class LedgerLike(Protocol):
     """The synchronous ledger (``worker.ledger.Ledger``)."""
 
+    @property
+    def temporary(self) -> bool: ...
+
     def admit(self, candidates: Sequence[Candidate]) -> AdmissionLike: ...
     def mark_sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None: ...
     def record(self, results: Sequence[Result]) -> None: ...
@@ -43,16 +46,25 @@ class LedgerLike(Protocol):
 
 
 class LedgerPort:
-    """The ledger, off the event loop: one thread, one call at a time."""
+    """The ledger, off the event loop: one thread, one call at a time.
+
+    A temporary ledger (no ``--ledger``) is deleted when the run ends, so nothing can ever
+    resume from it: ``mark_sent``, which exists only to tell a later run what may already
+    be deleted, is skipped for it (one thread hop and one transaction per batch saved).
+    ``record`` is kept: it is where "exactly one outcome per id" is enforced at any scale.
+    """
 
     def __init__(self, ledger: LedgerLike) -> None:
         self._ledger = ledger
         self._one = anyio.CapacityLimiter(1)
+        self._track_sent = not ledger.temporary
 
     async def admit(self, candidates: Sequence[Candidate]) -> AdmissionLike:
         return await anyio.to_thread.run_sync(self._ledger.admit, candidates, limiter=self._one)
 
     async def mark_sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
+        if not self._track_sent:
+            return
         await anyio.to_thread.run_sync(
             self._ledger.mark_sent, batch_id, ids, attempt, limiter=self._one
         )
@@ -64,7 +76,7 @@ class LedgerPort:
         await anyio.to_thread.run_sync(self._ledger.record_rejected, rejections, limiter=self._one)
 
     def __repr__(self) -> str:
-        return f"LedgerPort({self._ledger!r})"
+        return f"LedgerPort({self._ledger!r}, track_sent={self._track_sent})"
 
 
 @dataclass(slots=True)
@@ -130,19 +142,19 @@ class RunJournal:
 
     async def finished(self, results: Sequence[Result]) -> None:
         await self._ledger.record(results)
+        outcomes, skipped = self._tally.outcomes, Outcome.SKIPPED
         for result in results:
-            self._tally.outcomes[result.outcome.value] += 1
-            if result.outcome is Outcome.SKIPPED:
+            outcomes[result.outcome.value] += 1
+            if result.outcome is skipped:
                 self._tally.skip_reasons[result.reason or ""] += 1
-            self._events.result(result)
+        self._events.results(results)
         if self._results is not None:
             self._results.write([result.row() for result in results])
 
     async def rejected(self, rejections: Sequence[Rejection]) -> None:
         await self._ledger.record_rejected(rejections)
         self._tally.outcomes[Outcome.REJECTED.value] += len(rejections)
-        for rejection in rejections:
-            self._events.rejected(rejection)
+        self._events.rejections(rejections)
         if self._results is not None:
             self._results.write(
                 [

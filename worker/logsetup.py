@@ -3,13 +3,24 @@
 Events are written with ``print``-free byte loggers; every event carries ``timestamp``
 (ISO-8601 UTC), ``level`` and the ``run_id`` bound by the command. Tracebacks are rendered
 without local variables, so a secret held in a frame can never reach the log.
+
+Why :class:`JsonSink` exists: a run writes one ``job.*`` event per id, and structlog's
+processor chain costs several times what the event's JSON does. ``configure`` remembers what
+it installed for JSON output, and :func:`json_sink` hands that to ``EventLog`` only while
+it is still the configuration in force (not the console renderer, not
+``structlog.testing.capture_logs``, not someone else's ``structlog.configure``), so a batch
+of events can be written with one timestamp and one write, in exactly the bytes structlog
+would have produced.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import IO, Literal, TextIO, cast
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import IO, Any, Literal, TextIO, cast
 
 import orjson
 import structlog
@@ -24,17 +35,69 @@ def _orjson_dumps(event: object, **_: object) -> bytes:
     return orjson.dumps(event, default=str)
 
 
+def _orjson_text(event: object, **_: object) -> str:
+    return orjson.dumps(event, default=str).decode()
+
+
+def timestamp() -> str:
+    """What ``TimeStamper(fmt="iso", utc=True)`` writes: ISO-8601 UTC with a ``Z``."""
+    return datetime.now(tz=UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class JsonSink:
+    """The JSON output ``configure`` installed: where lines go and which levels pass.
+
+    ``processors`` is the very list handed to structlog (``capture_logs`` edits that list in
+    place, so its contents are compared too, against ``chain``)."""
+
+    processors: list[structlog.typing.Processor]
+    chain: tuple[structlog.typing.Processor, ...]
+    wrapper_class: type[Any]
+    logger_factory: Any
+    min_level: int
+    write: Callable[[bytes], None]
+
+    def active(self) -> bool:
+        """Is this still structlog's configuration, untouched?"""
+        config = structlog.get_config()
+        processors = config["processors"]
+        if processors is not self.processors or len(processors) != len(self.chain):
+            return False
+        if any(now is not then for now, then in zip(processors, self.chain, strict=True)):
+            return False
+        return (
+            config["wrapper_class"] is self.wrapper_class
+            and config["logger_factory"] is self.logger_factory
+        )
+
+    def __repr__(self) -> str:
+        return f"JsonSink(min_level={logging.getLevelName(self.min_level)}, active={self.active()})"
+
+
+_sink: JsonSink | None = None
+
+
+def json_sink() -> JsonSink | None:
+    """The JSON sink while ``configure``'s JSON set-up is the one in force, else ``None``."""
+    sink = _sink
+    return sink if sink is not None and sink.active() else None
+
+
 def configure(
     *, fmt: LogFormat = "auto", level: str = "info", stream: IO[str] | None = None
 ) -> None:
     """Send events to ``stream`` (stdout by default) as JSON lines, or rendered on a terminal."""
+    global _sink
     out = stream if stream is not None else sys.stdout
     console = fmt == "console" or (fmt == "auto" and out.isatty())
+    min_level = _LEVELS.get(level, logging.INFO)
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    write: Callable[[bytes], None] | None = None
     if console:
         processors: list[structlog.typing.Processor] = [
             *shared,
@@ -42,35 +105,56 @@ def configure(
                 exception_formatter=structlog.dev.plain_traceback, colors=out.isatty()
             ),
         ]
-        factory: structlog.typing.WrappedLogger = structlog.PrintLoggerFactory(cast(TextIO, out))
+        factory: Any = structlog.PrintLoggerFactory(cast(TextIO, out))
     else:
+        binary = getattr(out, "buffer", None)
+        if binary is not None:
+            serializer: Callable[..., str | bytes] = _orjson_dumps
+            factory = structlog.BytesLoggerFactory(binary)
+            write = _binary_writer(binary)
+        else:  # a text stream with no bytes underneath (io.StringIO): the renderer makes str
+            serializer = _orjson_text
+            factory = structlog.PrintLoggerFactory(cast(TextIO, out))
+            write = _text_writer(out)
         processors = [
             *shared,
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(serializer=_orjson_dumps),
+            structlog.processors.JSONRenderer(serializer=serializer),
         ]
-        binary = getattr(out, "buffer", None)
-        factory = (
-            structlog.BytesLoggerFactory(binary)
-            if binary is not None
-            else structlog.PrintLoggerFactory(cast(TextIO, _BytesToText(out)))
-        )
+    wrapper = structlog.make_filtering_bound_logger(min_level)
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
+        wrapper_class=wrapper,
         logger_factory=factory,
         cache_logger_on_first_use=False,
     )
+    # structlog.configure keeps the list object itself: that identity is what active() checks.
+    installed = structlog.get_config()["processors"]
+    _sink = (
+        None
+        if write is None
+        else JsonSink(
+            processors=installed,
+            chain=tuple(installed),
+            wrapper_class=wrapper,
+            logger_factory=factory,
+            min_level=min_level,
+            write=write,
+        )
+    )
 
 
-class _BytesToText:
-    """Lets the JSON renderer's bytes reach a text stream (pytest's capture, for one)."""
+def _binary_writer(binary: IO[bytes]) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        binary.write(data)
+        binary.flush()  # as structlog's BytesLogger does after every event
 
-    def __init__(self, stream: IO[str]) -> None:
-        self._stream = stream
+    return write
 
-    def write(self, data: str | bytes) -> None:
-        self._stream.write(data.decode() if isinstance(data, bytes) else data)
 
-    def flush(self) -> None:
-        self._stream.flush()
+def _text_writer(out: IO[str]) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        out.write(data.decode())
+        out.flush()
+
+    return write
