@@ -185,6 +185,23 @@ class RateController:
             return self._state.rate
         return self._cut(now)
 
+    def on_answer(
+        self,
+        now: float,
+        *,
+        throttled: bool,
+        latency_s: float | None,
+        retry_after: float | None,
+        overloaded: bool,
+    ) -> None:
+        """One answer, as the limiters report it: a 429, a 503, or anything else."""
+        if throttled:
+            self.on_throttle(now, retry_after, latency_s)
+        elif overloaded:
+            self.on_overload(now, latency_s)
+        else:
+            self.on_success(now, latency_s)
+
     def on_overload(self, now: float, latency: float | None = None) -> float:
         """A 503: the service is overloaded. A throttle without Retry-After."""
         return self.on_throttle(now, None, latency)
@@ -423,13 +440,11 @@ class AdaptiveRateLimiter:
     ) -> None:
         """Fold one answer in; ``overloaded`` is a 503 (the dispatcher may pass it)."""
         now = self._clock.now()
-        if throttled:
-            self.throttles += 1
-            self._controller.on_throttle(now, retry_after, latency_s)
-        elif overloaded:
-            self._controller.on_overload(now, latency_s)
-        else:
-            self._controller.on_success(now, latency_s)
+        self.throttles += throttled
+        self._controller.on_answer(
+            now, throttled=throttled, latency_s=latency_s, retry_after=retry_after,
+            overloaded=overloaded,
+        )  # fmt: skip
         self._sync(now)
 
     def __repr__(self) -> str:
@@ -512,13 +527,11 @@ class SharedAdaptiveLimiter:
         overloaded: bool = False,
     ) -> None:
         now = self._clock.now()
-        if throttled:
-            self.throttles += 1
-            self._controller.on_throttle(now, retry_after, latency_s)
-        elif overloaded:
-            self._controller.on_overload(now, latency_s)
-        else:
-            self._controller.on_success(now, latency_s)
+        self.throttles += throttled
+        self._controller.on_answer(
+            now, throttled=throttled, latency_s=latency_s, retry_after=retry_after,
+            overloaded=overloaded,
+        )  # fmt: skip
         rate = self._controller.rate_at(now)
         if rate < self._shared.rate:
             self._shared.set_rate(rate)
