@@ -5,15 +5,18 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import orjson
 import pytest
 import structlog
+from hypothesis import given
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from worker import logsetup
 from worker.events import EventLog
-from worker.types import JobRecord, Outcome, Rejection, Result
+from worker.types import JobRecord, Outcome, Rejection, Result, _parse_time, iso
 
 _STAMP = re.compile(rb'"timestamp":"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"')
 
@@ -200,3 +203,49 @@ def test_repr_shows_the_fast_path_state() -> None:
     events.results(RESULTS[:2])
     assert repr(events) == "EventLog(fast_batches=1, own_logger=True)"
     assert repr(logsetup.json_sink()) == "JsonSink(min_level=INFO, active=True)"
+
+
+# -- job records: times kept as given, rendered like iso(datetime) ------------------------
+
+
+_TIMES = st.one_of(
+    st.integers(min_value=-(2**33) * 1000, max_value=2**33 * 1000),
+    st.integers(min_value=0, max_value=2**33 * 1000).map(str),
+    st.integers().map(lambda n: f" {n} "),
+    st.floats(allow_nan=False, min_value=-1e14, max_value=1e14),
+    st.datetimes(timezones=st.just(UTC)).map(lambda d: d.isoformat().replace("+00:00", "Z")),
+    st.sampled_from(["", None, True, "1.5", "\u00b2", "2025-06-10", "soon", 2**70, [1]]),
+)
+
+
+def _old(value: object) -> tuple[str | None, datetime | None] | type[Exception]:
+    try:
+        when = _parse_time(value)
+    except (ValueError, TypeError, OverflowError, OSError) as exc:
+        return type(exc)
+    return iso(when), when
+
+
+def _new(value: object) -> tuple[str | None, datetime | None] | type[Exception]:
+    try:
+        record = JobRecord.from_api({"id": "job", "create_at": value})
+    except (ValueError, TypeError, OverflowError, OSError) as exc:
+        return type(exc)
+    return record.event_fields()["create_at"], record.create_at
+
+
+@given(_TIMES)
+def test_a_record_time_renders_and_validates_exactly_as_a_parsed_datetime_did(
+    value: object,
+) -> None:
+    """create_at kept as epoch ms: the same ISO string, datetime and rejections as before."""
+    assert _new(value) == _old(value)
+
+
+def test_epoch_milliseconds_stay_ints_until_asked() -> None:
+    record = JobRecord.from_api({"id": "j", "create_at": 1749536420547, "update_at": "-1"[1:]})
+    assert record.create_stamp == 1749536420547 and record.update_stamp == 1
+    assert record.create_at == datetime(2025, 6, 10, 6, 20, 20, 547000, tzinfo=UTC)
+    assert record.event_fields()["update_at"] == "1970-01-01T00:00:00.001Z"
+    before_1970 = JobRecord.from_api({"id": "j", "create_at": -1})
+    assert before_1970.event_fields()["create_at"] == "1969-12-31T23:59:59.999Z"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -75,9 +75,72 @@ def iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# Epoch milliseconds whose seconds stay below 2**32 (1833 to 2106) are kept as ints: there
+# ``datetime.fromtimestamp(ms / 1000)`` is exact to the millisecond (the float's error is
+# under half a microsecond), so the integer arithmetic of :func:`_ms_iso` gives the very
+# string ``iso(_parse_time(ms))`` gives. Anything else is parsed to a datetime at once.
+_EXACT_MS = 2**32 * 1000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_DAYS: dict[int, str] = {}  # day number -> "YYYY-MM-DD"; a run's jobs span few days
+_DAYS_KEPT = 4096
+_MINUTES = tuple(f"T{h:02d}:{m:02d}:" for h in range(24) for m in range(60))
+
+Stamp = int | datetime | None
+"""A job time as kept in a :class:`JobRecord`: epoch milliseconds, or a parsed datetime."""
+
+
+def _stamp(value: object) -> Stamp:
+    """Validate a time as :func:`_parse_time` does, without building a datetime for the
+    common case (epoch milliseconds, as int or digits); raises what it raises."""
+    if type(value) is int:
+        if -_EXACT_MS < value < _EXACT_MS:
+            return value
+    elif type(value) is str:
+        text = value.strip()
+        if text.isascii() and text.isdigit() and len(text) <= 13 and int(text) < _EXACT_MS:
+            return int(text)
+    return _parse_time(value)
+
+
+def _ms_iso(ms: int) -> str:
+    """``iso(datetime.fromtimestamp(ms / 1000, UTC))`` in integer arithmetic."""
+    seconds, millis = divmod(ms, 1000)
+    day, second = divmod(seconds, 86400)
+    date = _DAYS.get(day)
+    if date is None:
+        if len(_DAYS) >= _DAYS_KEPT:
+            _DAYS.clear()
+        date = _DAYS[day] = (_EPOCH + timedelta(days=day)).date().isoformat()
+    minute, second = divmod(second, 60)
+    return f"{date}{_MINUTES[minute]}{second:02d}.{millis:03d}Z"
+
+
+def stamp_iso(value: Stamp) -> str | None:
+    """A kept job time as ISO-8601 UTC with milliseconds and a ``Z`` (what :func:`iso` gives)."""
+    if value is None:
+        return None
+    if type(value) is int:
+        return _ms_iso(value)
+    return iso(value)  # type: ignore[arg-type]
+
+
+def stamp_datetime(value: Stamp) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromtimestamp(value / 1000, tz=UTC)
+
+
+def _text(value: object) -> str | None:
+    return value if value is None or type(value) is str else str(value)
+
+
 @dataclass(frozen=True, slots=True)
 class JobRecord:
-    """One job as the API returns it."""
+    """One job as the API returns it.
+
+    The two times are kept as given when they are epoch milliseconds (``create_stamp``,
+    ``update_stamp``) and turned into a datetime (``create_at``) or an ISO string only when
+    asked: a run renders hundreds of thousands of them and never compares one."""
 
     id: str
     name: str | None = None
@@ -86,33 +149,37 @@ class JobRecord:
     type: str | None = None
     status: str | None = None
     abnormal_count: int | None = None
-    create_at: datetime | None = None
-    update_at: datetime | None = None
+    create_stamp: Stamp = None
+    update_stamp: Stamp = None
+
+    @property
+    def create_at(self) -> datetime | None:
+        return stamp_datetime(self.create_stamp)
+
+    @property
+    def update_at(self) -> datetime | None:
+        return stamp_datetime(self.update_stamp)
 
     @classmethod
     def from_api(cls, data: Mapping[str, Any]) -> JobRecord:
         """Parse an API record; ``ValueError`` when it has no usable id or a bad field."""
-        job_id = data.get("id")
+        get = data.get
+        job_id = get("id")
         if not isinstance(job_id, str) or not job_id:
             raise ValueError("job record without an id")
-        count = data.get("abnormal_count")
+        count = get("abnormal_count")
         if count is not None and (isinstance(count, bool) or not isinstance(count, int)):
             raise ValueError(f"abnormal_count is not an integer: {count!r}")
-
-        def text(key: str) -> str | None:
-            value = data.get(key)
-            return None if value is None else str(value)
-
         return cls(
-            id=job_id,
-            name=text("name"),
-            user_name=text("user_name"),
-            description=text("description"),
-            type=text("type"),
-            status=text("status"),
-            abnormal_count=count,
-            create_at=_parse_time(data.get("create_at")),
-            update_at=_parse_time(data.get("update_at")),
+            job_id,
+            _text(get("name")),
+            _text(get("user_name")),
+            _text(get("description")),
+            _text(get("type")),
+            _text(get("status")),
+            count,
+            _stamp(get("create_at")),
+            _stamp(get("update_at")),
         )
 
     def event_fields(self) -> dict[str, Any]:
@@ -125,8 +192,8 @@ class JobRecord:
             "type": self.type,
             "status": self.status,
             "abnormal_count": self.abnormal_count,
-            "create_at": iso(self.create_at),
-            "update_at": iso(self.update_at),
+            "create_at": stamp_iso(self.create_stamp),
+            "update_at": stamp_iso(self.update_stamp),
         }
 
 
