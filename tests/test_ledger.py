@@ -379,6 +379,37 @@ def test_a_temporary_ledger_is_deleted_on_close() -> None:
     assert not where.parent.exists()
 
 
+@pytest.fixture
+def temporary() -> Iterator[Ledger]:
+    with open_ledger(None, "tmp-run", clock=FakeClock()) as opened:
+        yield opened
+
+
+def test_a_temporary_ledger_still_refuses_a_second_outcome_for_an_id(temporary: Ledger) -> None:
+    """Its cheap settle keeps only state and outcome, but one outcome per id still holds."""
+    temporary.admit(cands("a", "b", "c"))
+    temporary.record([Result("a", Outcome.DELETED, 1, "b-1"), Result("b", Outcome.ABSENT)])
+    with pytest.raises(OutcomeConflict, match=r"1 ids .* e\.g\. a \(kept deleted\)"):
+        temporary.record([Result("a", Outcome.FAILED, 2, "b-2"), Result("c", Outcome.SKIPPED)])
+    assert {r.job_id: r.outcome for r in temporary.results()} == {
+        "a": Outcome.DELETED,
+        "b": Outcome.ABSENT,
+        "c": Outcome.SKIPPED,
+    }
+    assert temporary.counts()["open"] == 0
+
+
+def test_a_temporary_ledger_keeps_an_outcome_for_an_id_never_admitted(temporary: Ledger) -> None:
+    temporary.admit(cands("a"))
+    temporary.record([Result("a", Outcome.DELETED), Result("stray", Outcome.ABSENT, 1, "b-1")])
+    assert {r.job_id: r.outcome for r in temporary.results()} == {
+        "a": Outcome.DELETED,
+        "stray": Outcome.ABSENT,
+    }
+    with pytest.raises(OutcomeConflict, match="twice"):
+        temporary.record([Result("a", Outcome.DELETED)] * 2)
+
+
 def test_a_file_that_is_not_a_ledger_is_a_config_error(tmp_path: Path) -> None:
     other = tmp_path / "other.sqlite"
     with sqlite3.connect(other) as conn:
@@ -474,3 +505,18 @@ def test_memory_stays_flat_from_200k_to_2m_admitted_ids(tmp_path: Path) -> None:
     large = _admit_peak(tmp_path / "large.sqlite", 2_000_000)
     assert large / small < 1.3, (small, large)
     assert large < 5_000_000  # a chunk's worth, not the 2M ids (~150 MB as Python strings)
+
+
+@pytest.mark.anyio
+async def test_the_port_marks_ids_sent_in_a_durable_ledger_only(
+    ledger: Ledger, temporary: Ledger
+) -> None:
+    """Nothing resumes from a temporary ledger, so the port skips its mark_sent."""
+    from worker.journal import LedgerPort
+
+    for opened in (ledger, temporary):
+        opened.admit(cands("a"))
+        await LedgerPort(opened).mark_sent("b-1", ["a"], 1)
+    assert list(ledger.open_ids()) == [("a", "sent")]
+    assert list(temporary.open_ids()) == [("a", "read")]
+    assert "track_sent=False" in repr(LedgerPort(temporary))

@@ -127,6 +127,14 @@ FROM json_each(?3) AS r
 WHERE ids.job_id = r.value ->> 0
   AND (ids.state != 'done' OR (?4 AND ids.outcome = 'failed' AND ids.last_run != ?1))
 """
+# record()'s fast path on a temporary ledger, one statement per outcome in the call: nothing
+# will ever read a temporary ledger's details (it is deleted on close, and no run resumes from
+# it), but its state column still refuses a second outcome for an id. Measured on 20k ids in
+# calls of 50: 3.6 us per id, against about 12 for _SETTLE.
+_SETTLE_STATE = """
+UPDATE ids SET state = 'done', outcome = ?1, last_run = ?2
+WHERE state != 'done' AND job_id IN (SELECT value FROM json_each(?3))
+"""
 # The slow path: also inserts ids that were never admitted.
 _RECORD = """
 INSERT INTO ids (job_id, outcome, attempts, batch_id, http_status, error_code, error_msg,
@@ -380,7 +388,8 @@ class Ledger(LedgerView):
     """The writer: admits ids, marks them sent, records their outcomes. One per run.
 
     Holds an exclusive lock on the ledger for its whole life; ``close`` releases it and
-    deletes a temporary ledger."""
+    deletes a temporary ledger. A temporary ledger records each id's state and outcome but
+    not the details of the outcome (attempts, batch, errors): nothing ever reads them."""
 
     def __init__(
         self,
@@ -535,15 +544,18 @@ class Ledger(LedgerView):
                 f"{escape(duplicates[0])}; nothing of the call was recorded"
             )
         run, now, retry = self._run_no, self._clock(), self._retry_failed
-        payload = _outcome_rows(results)
         conflicts: list[tuple[str, str]] = []
         with self._transaction() as conn:
             # Optimistic: the update refuses a second outcome by itself. Only when some id
             # was not settled (never admitted, or a caller's bug) is the call redone slowly.
             conn.execute("SAVEPOINT record")
-            written = conn.execute(_SETTLE, (run, now, payload, retry)).rowcount
+            if self.temporary:
+                written = self._settle_state(conn, results)
+            else:
+                written = conn.execute(_SETTLE, (run, now, _outcome_rows(results), retry)).rowcount
             if written != len(results):
                 conn.execute("ROLLBACK TO record")
+                payload = _outcome_rows(results)
                 rows = [(*row, run, run, now, retry) for row in orjson.loads(payload)]
                 conflicts = self._conflicts(conn, rows)
                 refused = {job_id for job_id, _ in conflicts}
@@ -558,6 +570,16 @@ class Ledger(LedgerView):
                 f"again, e.g. {escape(job_id)} (kept {kept}); the other {written} outcomes "
                 "of the call were recorded"
             )
+
+    def _settle_state(self, conn: sqlite3.Connection, results: Sequence[Result]) -> int:
+        """A temporary ledger keeps only ``state`` and ``outcome`` (see :data:`_SETTLE_STATE`)."""
+        by_outcome: dict[str, list[str]] = {}
+        for result in results:
+            by_outcome.setdefault(result.outcome.value, []).append(result.job_id)
+        return sum(
+            conn.execute(_SETTLE_STATE, (outcome, self._run_no, orjson.dumps(ids))).rowcount
+            for outcome, ids in by_outcome.items()
+        )
 
     def _conflicts(
         self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]
