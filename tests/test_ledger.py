@@ -520,3 +520,19 @@ async def test_the_port_marks_ids_sent_in_a_durable_ledger_only(
     assert list(ledger.open_ids()) == [("a", "sent")]
     assert list(temporary.open_ids()) == [("a", "read")]
     assert "track_sent=False" in repr(LedgerPort(temporary))
+
+
+def test_only_a_durable_ledger_pays_for_the_wal_and_syncs(
+    ledger: Ledger, temporary: Ledger
+) -> None:
+    """A temporary ledger is never reopened, so it needs no crash safety."""
+
+    def pragmas(opened: Ledger) -> tuple[str, int]:
+        conn = opened._conn
+        return (
+            conn.execute("PRAGMA journal_mode").fetchone()[0],
+            conn.execute("PRAGMA synchronous").fetchone()[0],
+        )
+
+    assert pragmas(ledger) == ("wal", 1)
+    assert pragmas(temporary) == ("memory", 0)
