@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -93,10 +92,6 @@ async def read_all(process: Process) -> tuple[str, str]:
         group.start_soon(drain, process.stderr, err)
     await process.wait()
     return out.decode(), err.decode()
-
-
-def interrupt(process: Process, signum: int = signal.SIGTERM) -> None:
-    process.send_signal(signum)
 
 
 def write_ids(path: Path, ids: Sequence[str]) -> Path:
