@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -158,3 +160,8 @@ def _text_writer(out: IO[str]) -> Callable[[bytes], None]:
         out.flush()
 
     return write
+
+
+def new_run_id() -> str:
+    """A run's id: sortable by time, unique enough to tell runs apart in one ledger or log."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]

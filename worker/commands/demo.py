@@ -42,7 +42,8 @@ def write_demo_input(path: Path, job_ids: list[str]) -> dict[str, int]:
 
 
 async def demo(jobs: int, settings: Settings) -> int:
-    from worker.commands.run import RunRequest, new_run_id, run_async
+    from worker.commands.run import RunRequest, run_async
+    from worker.logsetup import new_run_id
     from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
 
     faults = FaultConfig(

@@ -160,6 +160,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     from worker import logsetup
 
     logsetup.configure(fmt=settings.log_format, level=settings.log_level, stream=sys.stderr)
+    structlog.contextvars.bind_contextvars(run_id=logsetup.new_run_id())
     log = structlog.get_logger("devserver_reaper")
     try:
         settings.require_api()

@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from worker.exit_codes import ExitCode
 from worker.guard import PlanCheck, load_protection
 from worker.journal import LedgerPort, ResultsWriter, RunJournal, Tally
 from worker.ledger import Ledger
+from worker.logsetup import new_run_id
 from worker.pipeline import Pipeline, RunState
 from worker.plan import Plan
 from worker.settings import Settings
@@ -61,10 +61,6 @@ class RunRequest:
     retry_failed: bool = False
     progress: str = "auto"
     plan: bool = False  # ``input`` is a plan file written by ``discover --plan``
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
