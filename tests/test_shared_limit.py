@@ -145,3 +145,51 @@ async def test_acquire_waits_out_a_redis_outage_instead_of_failing(redis_prefix:
         assert limiter.redis_errors >= 2
     finally:
         await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_set_rate_respaces_the_next_reservations(redis_prefix: str) -> None:
+    """What --rate auto in serve relies on: the spacing travels with each reservation."""
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        limiter = RedisRateLimiter(client, redis_prefix + "rl", rate=10, burst=1, clock=FakeClock())
+        slow = [await limiter.reserve() for _ in range(3)]
+        limiter.set_rate(40)
+        fast = [await limiter.reserve() for _ in range(3)]
+        assert limiter.rate == 40
+        assert [b.start_us - a.start_us for a, b in itertools.pairwise(slow)] == [100_000] * 2
+        assert [b.start_us - a.start_us for a, b in itertools.pairwise(fast)] == [25_000] * 2
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_adaptive_replicas_pace_through_one_shared_bucket(redis_prefix: str) -> None:
+    """Two --rate auto replicas on one key: no two calls of the fleet start closer than the
+    spacing of the learnt rate (with a bucket each, their first calls would coincide)."""
+    from worker.adaptive import SharedAdaptiveLimiter
+    from worker.clock import MonotonicClock
+
+    client = aioredis.Redis.from_url(REDIS_URL)
+    clock = MonotonicClock()
+    key = redis_prefix + "auto"
+    try:
+        pacers = [RedisRateLimiter(client, key, rate=1.0, burst=1, clock=clock) for _ in range(2)]
+        replicas = [SharedAdaptiveLimiter(pacer, clock) for pacer in pacers]
+        starts: list[float] = []
+
+        async def replica(limiter: SharedAdaptiveLimiter) -> None:
+            for _ in range(4):
+                await limiter.acquire()
+                starts.append(clock.now())
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as group:
+                for limiter in replicas:
+                    group.start_soon(replica, limiter)
+        fastest = max(r.rate for r in replicas)  # no 429s here: the rates only grew
+        starts.sort()
+        assert len(starts) == 8
+        assert min(b - a for a, b in itertools.pairwise(starts)) >= 0.9 / fastest
+    finally:
+        await client.aclose()

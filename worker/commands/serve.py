@@ -129,7 +129,7 @@ async def serve(
         dispatcher = wiring.processor(
             settings,
             transport=transport,
-            limiter=_limiter(settings, client, layout.ratelimit, clock, events),
+            limiter=_limiter(settings, client, layout.ratelimit, clock),
             journal=journal,
             clock=clock,
             stopping=stop.is_set,
@@ -196,17 +196,19 @@ async def serve(
             await client.aclose()
 
 
-def _limiter(settings: Settings, client: Any, key: str, clock: Any, events: Any) -> Any:
+def _limiter(settings: Settings, client: Any, key: str, clock: Any) -> Any:
     """The rate limit every replica shares, kept in Redis at ``key``.
 
-    ``--rate auto`` learns the quota per replica (``worker.adaptive``): that limit is not
-    shared, which the ``serve.rate_not_shared`` event says at start-up.
+    With ``--rate auto`` each replica learns the quota from its own answers and paces
+    through the same shared bucket at the rate it learnt, so the fleet together, not each
+    replica, converges on the quota.
     """
+    from worker.adaptive import SharedAdaptiveLimiter
     from worker.service.shared_limit import RedisRateLimiter
 
     if settings.rate == "auto":
-        events.warn("serve.rate_not_shared", reason="rate auto adapts per replica")
-        return wiring.limiter(settings, clock)
+        shared = RedisRateLimiter(client, key, rate=1.0, burst=1, clock=clock)
+        return SharedAdaptiveLimiter(shared, clock)
     return RedisRateLimiter(client, key, rate=settings.rate, burst=settings.burst, clock=clock)
 
 

@@ -129,6 +129,15 @@ class RedisRateLimiter:
     def burst(self) -> int:
         return self._burst
 
+    def set_rate(self, rate: float) -> None:
+        """Space the next reservations at ``rate``: the adaptive controller moves it.
+
+        The spacing travels with each reservation, so every replica's next call is spaced
+        by the rate the last one set (``worker.adaptive.SharedAdaptiveLimiter``).
+        """
+        self._interval = interval_us(rate)
+        self._rate = float(rate)
+
     async def reserve(self) -> Reservation:
         """Reserve the next start time (one round trip); the caller waits ``wait_s``."""
         start, now, token = await self._reserve(
