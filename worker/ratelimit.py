@@ -155,7 +155,23 @@ class TokenBucket:
         )
 
 
-class LocalRateLimiter:
+class FixedRate:
+    """For limiters with nothing to learn: answers do not change their rate."""
+
+    __slots__ = ()
+
+    def feedback(
+        self,
+        *,
+        throttled: bool,
+        latency_s: float | None = None,
+        retry_after: float | None = None,
+        overloaded: bool = False,
+    ) -> None:
+        """A fixed rate: nothing to learn."""
+
+
+class LocalRateLimiter(FixedRate):
     """A ``TokenBucket`` in one process, waited on with an injected ``Clock``.
 
     ``acquire`` is a checkpoint: it raises at once if already cancelled (taking no token)
@@ -199,23 +215,13 @@ class LocalRateLimiter:
             self._bucket.refund(version)
             raise
 
-    def feedback(
-        self,
-        *,
-        throttled: bool,
-        latency_s: float | None = None,
-        retry_after: float | None = None,
-        overloaded: bool = False,
-    ) -> None:
-        """A fixed rate: nothing to learn."""
-
     def __repr__(self) -> str:
         return (
             f"LocalRateLimiter(rate={self.rate:g}, burst={self.burst}, tokens={self.tokens():.3f})"
         )
 
 
-class UnlimitedRateLimiter:
+class UnlimitedRateLimiter(FixedRate):
     """Never waits: for dry runs and tests that are not about pacing. Counts its grants."""
 
     __slots__ = ("acquired",)
@@ -230,16 +236,6 @@ class UnlimitedRateLimiter:
     async def acquire(self) -> None:
         await anyio.lowlevel.checkpoint()
         self.acquired += 1
-
-    def feedback(
-        self,
-        *,
-        throttled: bool,
-        latency_s: float | None = None,
-        retry_after: float | None = None,
-        overloaded: bool = False,
-    ) -> None:
-        """Nothing to learn."""
 
     def __repr__(self) -> str:
         return f"UnlimitedRateLimiter(acquired={self.acquired})"

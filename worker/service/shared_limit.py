@@ -37,6 +37,7 @@ import redis.exceptions
 import structlog
 
 from worker.clock import Clock
+from worker.ratelimit import FixedRate
 
 _RESERVE = """
 local t = redis.call('TIME')
@@ -93,7 +94,7 @@ def interval_us(rate: float) -> int:
     return max(1, math.ceil(1_000_000 / rate))
 
 
-class RedisRateLimiter:
+class RedisRateLimiter(FixedRate):
     """A ``worker.ratelimit.RateLimiter`` whose bucket lives in Redis at ``key``."""
 
     def __init__(
@@ -173,16 +174,6 @@ class RedisRateLimiter:
             ):
                 await self._refund(keys=[self._key], args=[reservation.token, self._interval])
             raise
-
-    def feedback(
-        self,
-        *,
-        throttled: bool,
-        latency_s: float | None = None,
-        retry_after: float | None = None,
-        overloaded: bool = False,
-    ) -> None:
-        """A fixed, shared rate: nothing to learn here."""
 
     def __repr__(self) -> str:
         return (
