@@ -32,7 +32,7 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 
@@ -48,7 +48,7 @@ from worker.errors import (
 from worker.types import DeleteResult, JobRecord
 
 if TYPE_CHECKING:
-    from worker.client import JobPage
+    from worker.client import Api, JobPage
 
 T = TypeVar("T")
 
@@ -198,16 +198,6 @@ class CircuitBreaker:
         )
 
 
-class _Inner(Protocol):
-    """The ``Transport`` shape: declared here so the breaker does not import the dispatcher."""
-
-    async def delete_jobs(self, ids: Sequence[str]) -> DeleteResult: ...
-
-    async def get_job(self, job_id: str) -> JobRecord: ...
-
-    async def list_jobs(self, **filters: str | int | bool) -> JobPage: ...
-
-
 class BreakerTransport:
     """A ``Transport`` that waits while the circuit is open and probes when half-open.
 
@@ -219,7 +209,7 @@ class BreakerTransport:
 
     def __init__(
         self,
-        inner: _Inner,
+        inner: Api,
         *,
         clock: Clock,
         breaker: CircuitBreaker | None = None,
