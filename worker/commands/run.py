@@ -7,7 +7,6 @@ This is the edge: it turns settings into the pipeline's collaborators, handles t
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -125,15 +124,10 @@ def _endpoint_or_placeholder(settings: Settings) -> str:
 
 
 def _check_input(path: str) -> None:
-    if path == "-":
-        return
-    target = Path(path)
-    if not target.exists():
-        raise InputUnreadable(f"input {path}: no such file")
-    if target.is_dir():
-        raise InputUnreadable(f"input {path}: is a directory")
-    if not os.access(target, os.R_OK):
-        raise InputUnreadable(f"input {path}: permission denied")
+    """Fail before any prompt or call when the input cannot be opened (66): the source's own
+    checks, applied early."""
+    if path != "-":
+        read_entries(path).close()
 
 
 def _load_plan(path: str, settings: Settings) -> Plan:
