@@ -17,13 +17,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.errors import ConfigError
+from worker.errors import ConfigError, OutcomeConflict
 from worker.ledger import (
     Admission,
     Ledger,
     LedgerBusy,
     LedgerMismatch,
-    OutcomeConflict,
     escape,
     open_readonly,
 )
@@ -508,18 +507,22 @@ def test_memory_stays_flat_from_200k_to_2m_admitted_ids(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_the_port_marks_ids_sent_in_a_durable_ledger_only(
+async def test_the_port_marks_and_records_ids_in_a_durable_ledger_only(
     ledger: Ledger, temporary: Ledger
 ) -> None:
-    """Nothing resumes from a temporary ledger, so the port skips its mark_sent."""
+    """Nothing resumes from or reports on a temporary ledger: the port only admits to it."""
     from worker.journal import LedgerPort
 
     for opened in (ledger, temporary):
-        opened.admit(cands("a"))
-        await LedgerPort(opened).mark_sent("b-1", ["a"], 1)
+        opened.admit(cands("a", "b"))
+        port = LedgerPort(opened)
+        await port.mark_sent("b-1", ["a", "b"], 1)
+        await port.record([Result("b", Outcome.DELETED, 1, "b-1")])
     assert list(ledger.open_ids()) == [("a", "sent")]
-    assert list(temporary.open_ids()) == [("a", "read")]
-    assert "track_sent=False" in repr(LedgerPort(temporary))
+    assert ledger.counts()["deleted"] == 1
+    assert list(temporary.open_ids()) == [("a", "read"), ("b", "read")]
+    assert temporary.counts()["deleted"] == 0
+    assert "durable=False" in repr(LedgerPort(temporary))
 
 
 def test_only_a_durable_ledger_pays_for_the_wal_and_syncs(

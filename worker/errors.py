@@ -23,6 +23,11 @@ class InputUnreadable(ReaperError):
     """The input file does not exist or cannot be read (exit 66)."""
 
 
+class OutcomeConflict(ReaperError):
+    """An id was given a second terminal outcome, or one it was never due: a bug in the
+    caller, never ignored."""
+
+
 class ApiError(ReaperError):
     """An API call did not succeed. Carries what the server said, never a secret."""
 

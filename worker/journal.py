@@ -17,6 +17,7 @@ import anyio
 import anyio.to_thread
 import orjson
 
+from worker.errors import OutcomeConflict
 from worker.events import EventLog
 from worker.intake import escape
 from worker.types import Candidate, Outcome, Rejection, Result
@@ -49,34 +50,39 @@ class LedgerPort:
     """The ledger, off the event loop: one thread, one call at a time.
 
     A temporary ledger (no ``--ledger``) is deleted when the run ends, so nothing can ever
-    resume from it: ``mark_sent``, which exists only to tell a later run what may already
-    be deleted, is skipped for it (one thread hop and one transaction per batch saved).
-    ``record`` is kept: it is where "exactly one outcome per id" is enforced at any scale.
+    resume from it or report on it: it only de-duplicates (``admit``). ``mark_sent`` and
+    ``record``, which exist to tell a later run what was sent and settled, are skipped for
+    it: two thread hops and two transactions per batch saved. "Exactly one outcome per id"
+    does not rest on them: :class:`RunJournal` enforces it for every run.
     """
 
     def __init__(self, ledger: LedgerLike) -> None:
         self._ledger = ledger
         self._one = anyio.CapacityLimiter(1)
-        self._track_sent = not ledger.temporary
+        self._durable = not ledger.temporary
 
     async def admit(self, candidates: Sequence[Candidate]) -> AdmissionLike:
         return await anyio.to_thread.run_sync(self._ledger.admit, candidates, limiter=self._one)
 
     async def mark_sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
-        if not self._track_sent:
+        if not self._durable:
             return
         await anyio.to_thread.run_sync(
             self._ledger.mark_sent, batch_id, ids, attempt, limiter=self._one
         )
 
     async def record(self, results: Sequence[Result]) -> None:
+        if not self._durable:
+            return
         await anyio.to_thread.run_sync(self._ledger.record, results, limiter=self._one)
 
     async def record_rejected(self, rejections: Sequence[Rejection]) -> None:
+        if not self._durable:
+            return
         await anyio.to_thread.run_sync(self._ledger.record_rejected, rejections, limiter=self._one)
 
     def __repr__(self) -> str:
-        return f"LedgerPort({self._ledger!r}, track_sent={self._track_sent})"
+        return f"LedgerPort({self._ledger!r}, durable={self._durable})"
 
 
 @dataclass(slots=True)
@@ -118,7 +124,13 @@ class ResultsWriter:
 
 
 class RunJournal:
-    """Implements the dispatcher's ``Journal`` and the intake's reporting."""
+    """Implements the dispatcher's ``Journal`` and the intake's reporting.
+
+    It also holds the run's invariant in memory: an id may get an outcome only after the
+    pipeline has handed it to the dispatcher (:meth:`dispatching`), and only once. The
+    ledger's admission already lets each id into one batch only, so the set of ids handed
+    over and not yet settled is bounded by the calls in flight, whatever the input's size.
+    """
 
     def __init__(
         self,
@@ -132,6 +144,31 @@ class RunJournal:
         self._events = events
         self._tally = tally
         self._results = results
+        self._unsettled: set[str] = set()
+
+    def dispatching(self, ids: Sequence[str]) -> None:
+        """The ids of a batch handed to the dispatcher: each is now due one outcome."""
+        self._unsettled.update(ids)
+
+    @property
+    def unsettled(self) -> int:
+        """Ids handed to the dispatcher without an outcome yet (left open by a stop)."""
+        return len(self._unsettled)
+
+    def _settle(self, results: Sequence[Result]) -> None:
+        """Take the results' ids off the unsettled set; ``OutcomeConflict`` (and nothing
+        taken, nothing written) when an id is not due an outcome or appears twice."""
+        ids = [result.job_id for result in results]
+        unique = set(ids)
+        if len(unique) != len(ids) or not unique <= self._unsettled:
+            stray = [i for i in unique if i not in self._unsettled]
+            example = stray[0] if stray else _first_repeat(ids)
+            raise OutcomeConflict(
+                f"an outcome for {escape(example)}, which is not due one (never handed to "
+                "the dispatcher, already settled, or twice in one report); nothing of the "
+                "report was recorded"
+            )
+        self._unsettled -= unique
 
     async def sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
         await self._ledger.mark_sent(batch_id, ids, attempt)
@@ -141,6 +178,7 @@ class RunJournal:
         self._events.retry(batch_id, attempt, delay_s, reason)
 
     async def finished(self, results: Sequence[Result]) -> None:
+        self._settle(results)
         await self._ledger.record(results)
         outcomes, skipped = self._tally.outcomes, Outcome.SKIPPED
         for result in results:
@@ -165,4 +203,16 @@ class RunJournal:
             )
 
     def __repr__(self) -> str:
-        return f"RunJournal(tally={self._tally!r}, results={self._results!r})"
+        return (
+            f"RunJournal(tally={self._tally!r}, unsettled={len(self._unsettled)}, "
+            f"results={self._results!r})"
+        )
+
+
+def _first_repeat(ids: Sequence[str]) -> str:
+    seen: set[str] = set()
+    for job_id in ids:
+        if job_id in seen:
+            return job_id
+        seen.add(job_id)
+    return ids[0]

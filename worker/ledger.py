@@ -46,7 +46,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
-from worker.errors import ConfigError, InputUnreadable, ReaperError
+from worker.errors import ConfigError, InputUnreadable, OutcomeConflict, ReaperError
 from worker.types import Candidate, Outcome, Rejection, Result
 
 SCHEMA_VERSION = "1"
@@ -157,10 +157,6 @@ class LedgerBusy(ConfigError):
 
 class LedgerMismatch(ConfigError):
     """The ledger was started for another project or endpoint; its ids mean nothing here."""
-
-
-class OutcomeConflict(ReaperError):
-    """An id was given a second terminal outcome: a bug in the caller, never ignored."""
 
 
 @dataclass(frozen=True, slots=True)

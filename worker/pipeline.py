@@ -206,6 +206,7 @@ class Pipeline:
             async for batch in receive:
                 if self.state.stopping:
                     return
+                self._journal.dispatching(batch.ids)
                 try:
                     await self._dispatcher.process(batch)
                 except ReaperError as exc:  # 401/403, TLS, API unavailable: the run stops

@@ -240,7 +240,8 @@ async def _run(
             # Opened once, before any call; the writes are small buffered appends.
             handle = stack.enter_context(open(request.results, "wb"))  # noqa: ASYNC230
             results = ResultsWriter(handle)
-        journal = RunJournal(ledger=LedgerPort(ledger), events=events, tally=tally, results=results)
+        port = LedgerPort(ledger)  # one port: one thread at a time on the connection
+        journal = RunJournal(ledger=port, events=events, tally=tally, results=results)
         entries: Iterator[Any] = (
             iter([Candidate(job_id, n) for n, job_id in enumerate(plan.ids, 1)])
             if plan is not None
@@ -283,7 +284,7 @@ async def _run(
             )
             pipeline = Pipeline(
                 entries=entries,
-                ledger=LedgerPort(ledger),
+                ledger=port,
                 journal=journal,
                 dispatcher=dispatcher,
                 batcher=Batcher(settings.batch_size, prefix=run_id[-6:]),

@@ -1,0 +1,91 @@
+"""RunJournal: the run's "exactly one outcome per id" held in memory, for every ledger."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from structlog.testing import capture_logs
+
+from worker.errors import OutcomeConflict
+from worker.events import EventLog
+from worker.journal import LedgerPort, ResultsWriter, RunJournal, Tally
+from worker.ledger import Ledger
+from worker.types import Candidate, Outcome, Result
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["temporary", "durable"])
+def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
+    path = None if request.param == "temporary" else tmp_path / "ledger.sqlite"
+    opened = Ledger.open(path, project_id="p", endpoint="http://127.0.0.1:1", run_id="r")
+    opened.admit([Candidate(job_id, n) for n, job_id in enumerate("abcd", 1)])
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def _journal(ledger: Ledger) -> tuple[RunJournal, Tally, io.BytesIO]:
+    tally, out = Tally(), io.BytesIO()
+    journal = RunJournal(
+        ledger=LedgerPort(ledger), events=EventLog(), tally=tally, results=ResultsWriter(out)
+    )
+    return journal, tally, out
+
+
+def _deleted(*ids: str) -> list[Result]:
+    return [Result(i, Outcome.DELETED, 1, "b-1", http_status=200) for i in ids]
+
+
+async def test_ids_handed_to_the_dispatcher_get_their_outcomes(ledger: Ledger) -> None:
+    journal, tally, out = _journal(ledger)
+    journal.dispatching(["a", "b", "c"])
+    with capture_logs() as events:
+        await journal.finished(_deleted("a", "b"))
+    assert journal.unsettled == 1  # c: left open, as a stop would leave it
+    assert tally.outcomes["deleted"] == 2
+    assert [e["job_id"] for e in events] == ["a", "b"]
+    assert [orjson.loads(line)["job_id"] for line in out.getvalue().splitlines()] == ["a", "b"]
+    # A durable ledger has them too; a temporary one only de-duplicates.
+    assert ledger.counts()["deleted"] == (0 if ledger.temporary else 2)
+
+
+@pytest.mark.parametrize(
+    ("handed", "first", "second"),
+    [
+        ([], [], ["a"]),  # never handed to the dispatcher
+        (["a", "b"], ["a"], ["a"]),  # a second outcome
+        (["a", "b"], [], ["a", "b", "a"]),  # twice in one report
+    ],
+    ids=["never-dispatched", "second-outcome", "twice-in-one-report"],
+)
+async def test_an_outcome_an_id_is_not_due_is_refused_and_nothing_of_it_is_written(
+    ledger: Ledger, handed: list[str], first: list[str], second: list[str]
+) -> None:
+    journal, tally, out = _journal(ledger)
+    journal.dispatching(handed)
+    if first:
+        await journal.finished(_deleted(*first))
+    before = (dict(tally.outcomes), out.getvalue(), journal.unsettled, ledger.counts())
+    with capture_logs() as events, pytest.raises(OutcomeConflict, match="for a, which is not due"):
+        await journal.finished(_deleted(*second))
+    assert events == []
+    assert (dict(tally.outcomes), out.getvalue(), journal.unsettled, ledger.counts()) == before
+
+
+async def test_the_unsettled_set_stays_the_size_of_the_calls_in_flight(ledger: Ledger) -> None:
+    journal, _, _ = _journal(ledger)
+    for n in range(1000):
+        batch = [f"id-{n}-{i}" for i in range(50)]
+        journal.dispatching(batch)
+        await journal.finished(
+            [Result(i, Outcome.SKIPPED, reason="dry_run") for i in batch[:25]]
+            + [Result(i, Outcome.ABSENT, 1, "b") for i in batch[25:]]
+        )
+        assert journal.unsettled == 0
+    assert "unsettled=0" in repr(journal)
