@@ -1,4 +1,10 @@
-"""The values that pass between stages: frozen, slotted, and free of I/O."""
+"""The values that pass between stages: slotted, free of I/O, and never changed once made.
+
+Most are frozen. The three made once per id per stage (:class:`Candidate`, :class:`JobRecord`,
+:class:`Result`) are not: a frozen dataclass's ``__init__`` sets each field through
+``object.__setattr__``, measured at 1.3 us against 0.4 us for eleven fields, and a run of a
+million ids makes three million of them. Nothing assigns to them after they are made.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ class Outcome(StrEnum):
     SKIPPED = "skipped"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Candidate:
     """A valid id read from the input, with where it was read."""
 
@@ -84,6 +90,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DAYS: dict[int, str] = {}  # day number -> "YYYY-MM-DD"; a run's jobs span few days
 _DAYS_KEPT = 4096
 _MINUTES = tuple(f"T{h:02d}:{m:02d}:" for h in range(24) for m in range(60))
+_SECONDS = tuple(f"{s:02d}." for s in range(60))
+_MILLIS = tuple(f"{ms:03d}Z" for ms in range(1000))  # joining these beats format specs 2:1
 
 Stamp = int | datetime | None
 """A job time as kept in a :class:`JobRecord`: epoch milliseconds, or a parsed datetime."""
@@ -112,7 +120,7 @@ def _ms_iso(ms: int) -> str:
             _DAYS.clear()
         date = _DAYS[day] = (_EPOCH + timedelta(days=day)).date().isoformat()
     minute, second = divmod(second, 60)
-    return f"{date}{_MINUTES[minute]}{second:02d}.{millis:03d}Z"
+    return date + _MINUTES[minute] + _SECONDS[second] + _MILLIS[millis]
 
 
 def stamp_iso(value: Stamp) -> str | None:
@@ -134,7 +142,7 @@ def _text(value: object) -> str | None:
     return value if value is None or type(value) is str else str(value)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JobRecord:
     """One job as the API returns it.
 
@@ -206,7 +214,7 @@ class DeleteResult:
     http_status: int = 200
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Result:
     """The terminal outcome of one id, as written to ``--results`` and the ledger."""
 
