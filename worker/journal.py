@@ -181,10 +181,14 @@ class RunJournal:
         self._settle(results)
         await self._ledger.record(results)
         outcomes, skipped = self._tally.outcomes, Outcome.SKIPPED
-        for result in results:
-            outcomes[result.outcome.value] += 1
-            if result.outcome is skipped:
-                self._tally.skip_reasons[result.reason or ""] += 1
+        first = results[0].outcome if results else skipped
+        if first is not skipped and all(result.outcome is first for result in results):
+            outcomes[first.value] += len(results)  # a batch's usual report: one outcome
+        else:
+            for result in results:
+                outcomes[result.outcome.value] += 1
+                if result.outcome is skipped:
+                    self._tally.skip_reasons[result.reason or ""] += 1
         self._events.results(results)
         if self._results is not None:
             self._results.write([result.row() for result in results])
