@@ -720,6 +720,62 @@ async def test_max_in_flight_counts_concurrent_deletes(session: aiohttp.ClientSe
         assert sim.job_ids() == []
 
 
+@pytest.mark.anyio
+async def test_stats_sum_the_latency_applied_to_calls_that_reach_the_latency_step(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Fixed 2 ms: every call past the gateway (a 400 too) is delayed; 401s and 429s are not."""
+    time = FakeTime()
+    faults = FaultConfig(latency_ms=2, latency_jitter=False)
+    config = SimulatorConfig(jobs=3, quota=0.25, burst=6, faults=faults)
+    async with run_simulator(config, clock=time.clock, wall=time.wall) as sim:
+        ids = sim.job_ids()
+        other = "/v1/other-project/dev-servers/jobs"
+        statuses = [
+            (await call(session, sim, "GET", JOBS, when=NOW)).status,
+            (await call(session, sim, "GET", f"{JOBS}/{ids[0]}", when=NOW)).status,
+            (await call(session, sim, "POST", JOBS, payload={"name": "n"}, when=NOW)).status,
+            (await call(session, sim, "DELETE", JOBS, payload={"job_ids": ids}, when=NOW)).status,
+            (await call(session, sim, "DELETE", JOBS, payload={"job_ids": []}, when=NOW)).status,
+            (await call(session, sim, "GET", JOBS, sk="wrong", when=NOW)).status,
+            (await call(session, sim, "GET", other, when=NOW)).status,
+            (await call(session, sim, "GET", JOBS, when=NOW)).status,
+        ]
+        assert statuses == [200, 200, 200, 200, 400, 401, 404, 429]
+        async with session.get(sim.url + "/_sim/stats") as r:
+            stats = await r.json()
+    expected = 0.0
+    for _ in range(5):
+        expected += 0.002
+    assert (stats["latency_calls"], stats["latency_s"]) == (5, expected)
+    assert (sim.stats.latency_calls, sim.stats.latency_s) == (5, expected)
+
+
+@pytest.mark.anyio
+async def test_stats_sum_exactly_the_exponential_latencies_drawn(
+    session: aiohttp.ClientSession,
+) -> None:
+    """The sum is of the seeded draws themselves, not the nominal mean times the calls."""
+    faults = FaultConfig(latency_ms=2)
+    async with run_simulator(SimulatorConfig(jobs=40, seed=7, faults=faults)) as sim:
+        ids = sim.job_ids()
+        for index in range(0, 40, 4):
+            answer = await delete(session, sim, ids[index : index + 4])
+            assert answer.status == 200
+        async with session.get(sim.url + "/_sim/stats") as r:
+            stats = await r.json()
+    plan = FaultPlan(faults, seed=7)
+    expected = 0.0
+    for _ in range(10):
+        expected += plan.latency()
+    assert stats["latency_calls"] == 10
+    assert stats["latency_s"] == expected
+    assert stats["latency_s"] != pytest.approx(10 * 0.002, rel=1e-6)
+    async with run_simulator(SimulatorConfig(jobs=2)) as idle:
+        assert (await delete(session, idle, idle.job_ids())).status == 200
+        assert (idle.stats.latency_calls, idle.stats.latency_s) == (0, 0.0)
+
+
 def test_fault_draws_are_seeded_and_follow_the_probabilities() -> None:
     config = FaultConfig(error_before=0.1, reset_after=0.2, truncated=0.3)
     first = [FaultPlan(config, seed=3).draw() for _ in range(1)]

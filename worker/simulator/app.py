@@ -153,6 +153,8 @@ class _Api:
             raise _Refused(_no_such_api(sim))
         delay = sim.faults.latency()
         if delay > 0:
+            sim.stats.latency_calls += 1
+            sim.stats.latency_s += delay
             await anyio.sleep(delay)
         return body
 

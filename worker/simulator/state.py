@@ -38,6 +38,10 @@ class SimStats:
     faults: Counter[str] = field(default_factory=Counter)
     in_flight: int = 0  # DELETE calls being handled now
     max_in_flight: int = 0  # the most DELETE calls ever handled at once
+    # The latency actually drawn, over every API call that reached the latency step with a
+    # delay: benchmarks divide by these instead of trusting the nominal mean.
+    latency_calls: int = 0
+    latency_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready counters; ``faults`` lists every kind, 0 when it never fired."""
