@@ -482,6 +482,45 @@ async def test_max_batch_ids_exactly_are_accepted(session: aiohttp.ClientSession
         assert answer.json()["total"] == 5
 
 
+def _old_envelope(
+    records: list[dict[str, Any]], current: int = 1, pages: int = 1, total: int | None = None
+) -> bytes:
+    """How the list and delete answers were made before the records were serialised once."""
+    return orjson.dumps({
+        "current": current, "data": records, "pages": pages, "size": len(records),
+        "total": len(records) if total is None else total,
+    })  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_delete_and_list_answer_byte_for_byte_what_serialising_the_records_gives(
+    session: aiohttp.ClientSession,
+) -> None:
+    async with run_simulator(SimulatorConfig(jobs=1100)) as sim:
+        odd = sim.add_jobs(2, name='quo"te\\ \u00e9\u65e5 \U0001f600', description="a\nb\t</>",
+                           abnormal_count=7, create_at=0, update_at=2**53)  # fmt: skip
+        sim.set_status(odd[1], "STOPPED")  # a replaced job: its record is made again
+        ids = sim.job_ids()
+        records = {job_id: sim.store.jobs[job_id].record() for job_id in ids}
+        assert records[odd[1]]["status"] == "STOPPED"
+
+        listed = await call(session, sim, "GET", JOBS, query=[("current", "2")])
+        assert listed.body == _old_envelope(
+            [records[i] for i in ids[500:1000]], current=2, pages=3, total=1102
+        )
+        one = await call(session, sim, "GET", JOBS, query=[("id", odd[0])])
+        assert one.body == _old_envelope([records[odd[0]]])
+        empty = await call(session, sim, "GET", JOBS, query=[("current", "9")])
+        assert empty.body == _old_envelope([], current=9, pages=3, total=1102)
+
+        wanted = [ids[3], "never-existed", *odd, ids[3], ids[1099]]
+        deleted = await delete(session, sim, wanted)
+        assert deleted.status == 200
+        assert deleted.body == _old_envelope([records[i] for i in (ids[3], *odd, ids[1099])])
+        again = await delete(session, sim, wanted)
+        assert again.body == _old_envelope([])
+
+
 # -- list, show, create ------------------------------------------------------------------
 
 

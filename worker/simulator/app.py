@@ -11,7 +11,7 @@ from __future__ import annotations
 import email.utils
 import functools
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -71,10 +71,11 @@ def _answers_refusals_method(handler: _Method[_Self]) -> _Method[_Self]:
 
 
 def _json(sim: Simulator, status: int, payload: Any, **headers: str) -> web.Response:
+    """A JSON answer; ``payload`` is serialised unless it is ``bytes`` already."""
     headers["X-Request-Id"] = sim.next_request_id()
     return web.Response(
         status=status,
-        body=orjson.dumps(payload),
+        body=payload if isinstance(payload, bytes) else orjson.dumps(payload),
         content_type="application/json",
         charset="utf-8",
         headers=headers,
@@ -88,15 +89,18 @@ def _error(sim: Simulator, status: int, code: str, msg: str, **headers: str) -> 
 
 
 def _envelope(
-    records: list[dict[str, Any]], *, current: int = 1, pages: int = 1, total: int | None = None
-) -> dict[str, Any]:
-    return {
-        "current": current,
-        "data": records,
-        "pages": pages,
-        "size": len(records),
-        "total": len(records) if total is None else total,
-    }
+    jobs: Sequence[Job], *, current: int = 1, pages: int = 1, total: int | None = None
+) -> bytes:
+    """The paged answer of the list and delete calls, byte for byte what ``orjson.dumps``
+    makes of ``{"current", "data": [records], "pages", "size", "total"}``, but joined from
+    each job's ``record_json``: serialising 50 records per call was about a tenth of the
+    simulator's CPU per delete call (py-spy), now spent once, when the job is made."""
+    size = len(jobs)
+    return b"".join((
+        b'{"current":%d,"data":[' % current,
+        b",".join([job.record_json for job in jobs]),
+        b'],"pages":%d,"size":%d,"total":%d}' % (pages, size, size if total is None else total),
+    ))  # fmt: skip
 
 
 def _drop_connection(request: web.Request) -> web.Response:
@@ -193,7 +197,7 @@ class _Api:
             return _error(sim, 500, INTERNAL_ERROR, "Internal server error")
         if fault is Fault.RESET_AFTER:
             return _drop_connection(request)
-        response = _json(sim, 200, _envelope([job.record() for job in removed]))
+        response = _json(sim, 200, _envelope(removed))
         if fault is Fault.TRUNCATED:
             # Same status and Content-Type, body cut mid-JSON; Content-Length follows the cut,
             # so the client reads it all and then fails to decode, instead of hanging.
@@ -241,7 +245,7 @@ class _Api:
             sim,
             200,
             _envelope(
-                [job.record() for job in page],
+                page,
                 current=current,
                 pages=max(1, math.ceil(len(found) / limit)),
                 total=len(found),

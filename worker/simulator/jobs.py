@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import orjson
+
 JOB_TYPES = ("COMMON", "SERVICE_DEPLOY", "ASCEND_SOFTWARE_UPGRADE", "ASCEND_DIAGNOSIS")
 JOB_STATUSES = ("FINISHED", "FAILED", "PROCESSING")
 _STATUS_TABLE = ("FINISHED",) * 6 + ("FAILED",) * 2 + ("PROCESSING",) * 2  # 60/20/20
@@ -51,6 +53,12 @@ class Job:
     server_ids: tuple[str, ...] = ()
     items: tuple[Any, ...] = ()
     template_id: str | None = None
+    # ``record()`` as JSON, made once when the job is made (``replace`` makes it again):
+    # the delete and list answers join these instead of serialising every job per call.
+    record_json: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "record_json", orjson.dumps(self.record()))
 
     def record(self) -> dict[str, Any]:
         """The job as the list and delete calls return it."""
