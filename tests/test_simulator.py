@@ -788,6 +788,7 @@ async def test_stats_sum_the_latency_applied_to_calls_that_reach_the_latency_ste
         expected += 0.002
     assert (stats["latency_calls"], stats["latency_s"]) == (5, expected)
     assert (sim.stats.latency_calls, sim.stats.latency_s) == (5, expected)
+    assert stats["latency_slept_s"] >= expected - 1e-6  # a sleep never ends early
 
 
 @pytest.mark.anyio
@@ -809,10 +810,12 @@ async def test_stats_sum_exactly_the_exponential_latencies_drawn(
         expected += plan.latency()
     assert stats["latency_calls"] == 10
     assert stats["latency_s"] == expected
+    assert stats["latency_slept_s"] >= expected - 1e-6
     assert stats["latency_s"] != pytest.approx(10 * 0.002, rel=1e-6)
     async with run_simulator(SimulatorConfig(jobs=2)) as idle:
         assert (await delete(session, idle, idle.job_ids())).status == 200
         assert (idle.stats.latency_calls, idle.stats.latency_s) == (0, 0.0)
+        assert idle.stats.latency_slept_s == 0.0
 
 
 def test_fault_draws_are_seeded_and_follow_the_probabilities() -> None:

@@ -159,7 +159,9 @@ class _Api:
         if delay > 0:
             sim.stats.latency_calls += 1
             sim.stats.latency_s += delay
+            asleep = anyio.current_time()
             await anyio.sleep(delay)
+            sim.stats.latency_slept_s += anyio.current_time() - asleep
         return body
 
     def _bad(self, msg: str) -> _Refused:

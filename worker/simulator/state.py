@@ -42,6 +42,9 @@ class SimStats:
     # delay: benchmarks divide by these instead of trusting the nominal mean.
     latency_calls: int = 0
     latency_s: float = 0.0
+    # How long those sleeps really took (event-loop clock, sleeps that ended): never less
+    # than the draws; the event loop's timer granularity makes it a little more.
+    latency_slept_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready counters; ``faults`` lists every kind, 0 when it never fired."""
