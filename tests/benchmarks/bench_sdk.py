@@ -1,46 +1,104 @@
 """Issue 7's peer figures: ``devserver-reaper run`` against the official SDK, deleting the
 same 20,000 ids in batches of 50 with 8 calls in flight.
 
-    uv run pytest -m benchmark tests/benchmarks/bench_sdk.py -s -p no:randomly
+    uv sync --group bench
+    BENCH_REPEATS=3 uv run pytest -m benchmark tests/benchmarks/bench_sdk.py -s -p no:randomly
 
 Each side runs in its own child process against a fresh simulator in another process, so
 its CPU (``getrusage`` of the child) is its own. The SDK runs as its thread-pool "async"
 client and as 8 threads around its blocking client (``sdk_peer.py``); ours is the real
 ``run`` command, writing its events to a file as in production, with no rate limit
-(``--rate 10000``).
+(``--rate 10000``). The children share one bytecode cache (``PYTHONPYCACHEPREFIX``, warmed
+before anything is measured), as an installed package has its ``.pyc`` files: where
+``PYTHONDONTWRITEBYTECODE`` is set, every child would otherwise compile every module it
+imports, a start-up cost that is the environment's and no client's.
 
-- at 20 ms mean simulated latency (exponential), the share of the latency ceiling:
-  achieved calls/s ÷ (concurrency ÷ mean latency) = 400 calls/s here;
+- at 20 ms mean simulated latency (exponential), the share of the latency ceiling. The
+  ceiling is what a client that costs nothing would reach: 8 calls always in flight, each
+  taking exactly the latency the simulator applied to it, so the run cannot take less than
+  (the latency the simulator drew over the run, summed) ÷ 8. The simulator reports that sum
+  (``latency_s`` in ``/_sim/stats``), and the **realised** share is that time ÷ the side's
+  measured seconds. The **nominal** share divides by 400 calls/s (8 ÷ 20 ms) instead, and
+  is recorded too, but it is not a fair target: the draws are seeded, and for seed 0 the
+  400 calls' draws average about 21.2 ms, not 20, so even a free client would score about
+  0.94 against it. The assertion (ours >= 0.95) is on the realised share: it is the one
+  figure that charges the client for nothing it does not control in the latency drawn.
+  Below 1 are still, besides the client's own time per call: the tail (the last calls,
+  when fewer than 8 are left to fill the slots), recorded as ``share_a_free_client_gets``
+  (the same draws in the same order on 8 slots that never wait: about 0.967 for seed 0);
+  and the simulator's sleeps ending late (asyncio wakes on whole milliseconds), recorded as
+  ``sim_sleep_overshoot_ms`` per call (``latency_slept_s`` in its stats) and as
+  ``shares_of_slept_ceiling`` (the ceiling from the time it really slept).
 - at zero latency, where the client's own cost decides: ids/s, and CPU seconds per 1,000
-  ids (gross: the whole child; net: minus the same child's start-up and imports).
+  ids (gross: the whole child; net: minus a baseline child that does everything but the
+  calls). Ours' baseline is the same ``run`` command, keys and flags against a simulator,
+  with an empty input: it imports what a real run imports and builds the session, client
+  and credentials, and sends nothing; the SDK's is ``sdk_peer.py`` in ``async-setup`` /
+  ``threads-setup`` mode with an empty ids file: it imports the SDK and builds the config,
+  credentials and client, and sends nothing. Both baselines are checked to send no call.
+  The simulator's own CPU during each run is recorded (``sim_busy_share``: its CPU seconds
+  ÷ the run's seconds) to show it had CPU to spare.
+- the simulator's own capacity (``test_simulator_is_not_the_bottleneck``): a raw aiohttp
+  client that signs each call with ``worker.signer`` and reads the body without parsing it,
+  at the same concurrency and batch size; the simulator's CPU per call (``/proc/<pid>/stat``)
+  gives the calls/s it could serve on one whole CPU.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.benchmarks.harness import AK, PROJECT, SK, machine, median, record, repeats, simulator
+from tests.benchmarks.harness import (
+    AK,
+    PROJECT,
+    SK,
+    SimProcess,
+    machine,
+    median,
+    record,
+    repeats,
+    simulator,
+)
+from worker.simulator import FaultConfig
+from worker.simulator.faults import FaultPlan
 
 pytestmark = pytest.mark.benchmark
 
 IDS = 20_000
+SIM_IDS = 5 * IDS  # the simulator's capacity run
 BATCH = 50
 CONCURRENCY = 8
+LATENCY_S = 0.020
 PEER = Path(__file__).with_name("sdk_peer.py")
 SIDES = ("ours", "sdk_async", "sdk_threads")
+PYCACHE = Path(tempfile.gettempdir()) / "devserver-reaper-bench-pycache"
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
+    return env
 
 
 def _child(args: list[str], stdout: Any = subprocess.PIPE) -> tuple[str, float]:
     """Run a child to the end: (its stdout, its CPU seconds)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(args, stdout=stdout, stderr=subprocess.PIPE, text=True, check=False)
+    done = subprocess.run(
+        args, stdout=stdout, stderr=subprocess.PIPE, text=True, check=False, env=_child_env()
+    )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if done.returncode != 0:
@@ -48,7 +106,7 @@ def _child(args: list[str], stdout: Any = subprocess.PIPE) -> tuple[str, float]:
     return done.stdout or "", cpu
 
 
-def _ours(url: str, ids_file: Path, tmp: Path) -> dict[str, float]:
+def _ours(url: str, ids_file: Path, tmp: Path, *, expect: int = IDS) -> dict[str, float]:
     events = tmp / "events.jsonl"
     args = [sys.executable, "-m", "worker", "run", "--input", str(ids_file), "--yes",
             "--endpoint", url, "--project-id", PROJECT, "--ak", AK, "--sk", SK,
@@ -58,77 +116,206 @@ def _ours(url: str, ids_file: Path, tmp: Path) -> dict[str, float]:
     with events.open("w") as out:
         _, cpu = _child(args, stdout=out)
     summary = json.loads(events.read_text().splitlines()[-1])
-    assert summary["event"] == "run.summary" and summary["deleted"] == IDS, summary
+    assert summary["event"] == "run.summary" and summary["deleted"] == expect, summary
     return {"seconds": summary["duration_s"], "cpu": cpu}
 
 
-def _sdk(url: str, ids_file: Path, mode: str) -> dict[str, float]:
+def _sdk(url: str, ids_file: Path, mode: str, *, expect: int = IDS) -> dict[str, float]:
     out, cpu = _child([sys.executable, str(PEER), url, PROJECT, AK, SK, str(ids_file), mode,
                        str(BATCH), str(CONCURRENCY)])  # fmt: skip
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["errors"] == 0, result
+    assert result["errors"] == 0 and result["ids"] == expect, result
     return {"seconds": result["seconds"], "cpu": cpu}
 
 
-def _baseline(side: str, tmp: Path) -> float:
-    """CPU seconds of the child's start-up alone (interpreter, imports), to subtract."""
+def _run_side(
+    side: str, url: str, ids_file: Path, tmp: Path, *, baseline: bool = False
+) -> dict[str, float]:
+    """One side's child on ``ids_file``; a ``baseline`` is given an empty file."""
+    expect = 0 if baseline else IDS
     if side == "ours":
-        empty = tmp / "empty.txt"
-        empty.write_text("")
-        _, cpu = _child([sys.executable, "-m", "worker", "run", "--input", str(empty),
-                         "--dry-run", "--log-format", "json", "--progress", "off"])  # fmt: skip
-        return cpu
-    _, cpu = _child([sys.executable, str(PEER), "-", "-", "-", "-", "-", "import"])
+        return _ours(url, ids_file, tmp, expect=expect)
+    mode = side.removeprefix("sdk_")
+    return _sdk(url, ids_file, f"{mode}-setup" if baseline else mode, expect=expect)
+
+
+def _baseline(side: str, tmp: Path) -> float:
+    """CPU seconds of a child that does everything the side's real run does but the calls
+    (interpreter, imports, settings, session, credentials, client), to subtract."""
+    empty = tmp / "empty.txt"
+    empty.write_text("")
+    with simulator(tmp, jobs=0) as sim:
+        cpu = _run_side(side, sim.url, empty, tmp, baseline=True)["cpu"]
+        assert sim.stats()["calls"] == 0, f"{side}'s baseline sent a call"
     return cpu
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _warm_bytecode_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One unmeasured baseline per side first, so no measured child compiles a module."""
+    tmp = tmp_path_factory.mktemp("warm")
+    for side in SIDES:
+        _baseline(side, tmp)
+    return
+
+
 def _measure(tmp: Path, latency_ms: float) -> dict[str, dict[str, float]]:
-    """Median seconds and CPU per side over ``BENCH_REPEATS`` runs, sides interleaved."""
+    """Per side, medians over ``BENCH_REPEATS`` runs (sides interleaved) of: seconds, CPU,
+    the realised and nominal shares of the latency ceiling, the realised mean latency, and
+    the simulator's busy share."""
     runs: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
     for _ in range(repeats(3)):
         for side in SIDES:
             with simulator(tmp, jobs=IDS, latency_ms=latency_ms) as sim:
+                assert len(sim.ids) == IDS
                 ids_file = tmp / "ids.txt"
                 ids_file.write_text("".join(f"{i}\n" for i in sim.ids))
-                if side == "ours":
-                    figures = _ours(sim.url, ids_file, tmp)
-                else:
-                    figures = _sdk(sim.url, ids_file, side.removeprefix("sdk_"))
-                assert len(sim.ids) == IDS
-                assert sim.stats()["deleted"] == IDS
+                sim_cpu = sim.cpu_seconds()
+                figures = _run_side(side, sim.url, ids_file, tmp)
+                figures["sim_busy_share"] = (sim.cpu_seconds() - sim_cpu) / figures["seconds"]
+                figures.update(_latency_figures(sim, figures["seconds"]))
                 runs[side].append(figures)
     return {
-        side: {
-            "seconds": median([r["seconds"] for r in values]),
-            "cpu": median([r["cpu"] for r in values]),
-        }
+        side: {key: median([r[key] for r in values]) for key in values[0]}
         for side, values in runs.items()
     }
 
 
+def _latency_figures(sim: SimProcess, seconds: float) -> dict[str, float]:
+    """What the simulator says it delayed, turned into ceiling shares of ``seconds``."""
+    stats = sim.stats()
+    assert stats["deleted"] == IDS
+    calls = stats["latency_calls"]
+    if calls == 0:
+        return {}
+    assert calls == stats["calls"] == IDS / BATCH, stats  # every call was delayed, none retried
+    ceiling = stats["latency_s"] / CONCURRENCY
+    return {
+        "realised_share": ceiling / seconds,
+        "nominal_share": calls * LATENCY_S / CONCURRENCY / seconds,
+        "mean_latency_ms": stats["latency_s"] / calls * 1000,
+        "slept_share": stats["latency_slept_s"] / CONCURRENCY / seconds,
+        "free_client_share": ceiling / _free_client_seconds(calls, stats["latency_s"]),
+        "sleep_overshoot_ms": (stats["latency_slept_s"] - stats["latency_s"]) / calls * 1000,
+    }
+
+
+def _free_client_seconds(calls: int, drawn_s: float) -> float:
+    """How long a client that costs nothing takes on the simulator's draws (seed 0, drawn in
+    the order the calls arrive): each of the ``CONCURRENCY`` slots sends the next call the
+    moment its last one ends. More than ``drawn_s / CONCURRENCY`` by the tail alone: at the
+    end, fewer calls are left than slots."""
+    plan = FaultPlan(FaultConfig(latency_ms=LATENCY_S * 1000), seed=0)
+    draws = [plan.latency() for _ in range(calls)]
+    assert sum(draws) == drawn_s  # the very draws the simulator made
+    slots = [0.0] * CONCURRENCY
+    for draw in draws:
+        heapq.heappush(slots, heapq.heappop(slots) + draw)
+    return max(slots)
+
+
+def _by_side(figures: dict[str, dict[str, float]], key: str, digits: int = 3) -> dict[str, float]:
+    return {side: round(f[key], digits) for side, f in figures.items()}
+
+
 def test_share_of_the_latency_ceiling_at_20ms(tmp_path: Path) -> None:
-    latency = 0.020
-    ceiling = CONCURRENCY / latency  # calls per second
-    calls = IDS / BATCH
-    figures = _measure(tmp_path, latency * 1000)
-    shares = {side: round(calls / f["seconds"] / ceiling, 3) for side, f in figures.items()}
-    record("sdk_latency_share", latency_ms=20, ceiling_calls_per_s=ceiling, shares=shares,
-           seconds={s: round(f["seconds"], 3) for s, f in figures.items()},
+    figures = _measure(tmp_path, LATENCY_S * 1000)
+    realised = _by_side(figures, "realised_share")
+    record("sdk_latency_share", latency_ms=LATENCY_S * 1000,
+           nominal_ceiling_calls_per_s=CONCURRENCY / LATENCY_S,
+           shares_realised=realised, shares_nominal=_by_side(figures, "nominal_share"),
+           mean_latency_ms_realised=_by_side(figures, "mean_latency_ms", 2),
+           share_a_free_client_gets=_by_side(figures, "free_client_share"),
+           sim_sleep_overshoot_ms=_by_side(figures, "sleep_overshoot_ms"),
+           shares_of_slept_ceiling=_by_side(figures, "slept_share"),
+           seconds=_by_side(figures, "seconds"),
+           sim_busy_share=_by_side(figures, "sim_busy_share"),
            machine=machine())  # fmt: skip
-    assert shares["ours"] >= 0.95
+    assert realised["ours"] >= 0.95
 
 
 def test_client_cost_at_zero_latency(tmp_path: Path) -> None:
     figures = _measure(tmp_path, 0.0)
-    base = {side: _baseline(side if side == "ours" else "sdk", tmp_path) for side in SIDES}
+    base = {side: median([_baseline(side, tmp_path) for _ in range(repeats(3))]) for side in SIDES}
     ids_per_s = {side: round(IDS / f["seconds"]) for side, f in figures.items()}
     gross = {side: round(f["cpu"] / IDS * 1000, 4) for side, f in figures.items()}
     net = {side: round((f["cpu"] - base[side]) / IDS * 1000, 4) for side, f in figures.items()}
     best_sdk = max(ids_per_s["sdk_async"], ids_per_s["sdk_threads"])
     cheapest_sdk = min(net["sdk_async"], net["sdk_threads"])
+    busy = _by_side(figures, "sim_busy_share")
     record("sdk_zero_latency", ids_per_s=ids_per_s, cpu_s_per_1000_ids_gross=gross,
            cpu_s_per_1000_ids_net=net, startup_cpu_s={k: round(v, 3) for k, v in base.items()},
            speedup=round(ids_per_s["ours"] / best_sdk, 2),
-           cpu_ratio=round(net["ours"] / cheapest_sdk, 3), machine=machine())  # fmt: skip
+           cpu_ratio=round(net["ours"] / cheapest_sdk, 3), sim_busy_share=busy,
+           machine=machine())  # fmt: skip
+    assert max(busy.values()) < 0.5  # the simulator had at least half a CPU to spare
     assert ids_per_s["ours"] >= 3 * best_sdk
     assert net["ours"] <= cheapest_sdk / 4
+
+
+async def _raw_deletes(url: str, ids: list[str]) -> tuple[float, int]:
+    """Delete ``ids`` with the cheapest client we can write: raw aiohttp, ``CONCURRENCY``
+    workers, each request signed with ``worker.signer.sign`` just before it is sent (a
+    signature carries its date, so none can be made in advance); the body is read, not
+    parsed. Returns (seconds, calls that were not a 200)."""
+    import aiohttp
+    import anyio
+    import orjson
+    import yarl
+
+    from worker.signer import sign
+
+    path = f"/v1/{PROJECT}/dev-servers/jobs"
+    host = yarl.URL(url).raw_authority
+    target = yarl.URL(url + path, encoded=True)
+    headers = {"Content-Type": "application/json;charset=UTF-8", "X-Project-Id": PROJECT}
+    batches = iter([ids[i : i + BATCH] for i in range(0, len(ids), BATCH)])
+    failed = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal failed
+        for batch in batches:
+            body = orjson.dumps({"job_ids": batch})
+            signed = sign(method="DELETE", host=host, path=path, headers=headers, body=body,
+                          ak=AK, sk=SK, when=datetime.now(UTC))  # fmt: skip
+            async with session.delete(target, data=body, headers=signed.headers) as answer:
+                await answer.read()
+                failed += answer.status != 200
+
+    connector = aiohttp.TCPConnector(limit=CONCURRENCY)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        started = time.perf_counter()
+        async with anyio.create_task_group() as group:
+            for _ in range(CONCURRENCY):
+                group.start_soon(worker, session)
+        seconds = time.perf_counter() - started
+    return seconds, failed
+
+
+def test_simulator_is_not_the_bottleneck(tmp_path: Path) -> None:
+    """The simulator's own capacity: a raw client deletes 100,000 ids (five times the others'
+    20,000, so the CPU clock's 10 ms ticks matter less) at concurrency 8, batches of 50, and
+    the simulator child's CPU (``/proc/<pid>/stat``) is read around it."""
+    import anyio
+
+    runs: list[dict[str, float]] = []
+    for _ in range(repeats(3)):
+        with simulator(tmp_path, jobs=SIM_IDS) as sim:
+            cpu_before = sim.cpu_seconds()
+            seconds, failed = anyio.run(_raw_deletes, sim.url, sim.ids)
+            cpu = sim.cpu_seconds() - cpu_before
+            assert failed == 0
+            assert sim.stats()["deleted"] == SIM_IDS
+            runs.append({"seconds": seconds, "cpu": cpu})
+    calls = SIM_IDS / BATCH
+    seconds = median([r["seconds"] for r in runs])
+    cpu = median([r["cpu"] for r in runs])
+    cpu_per_call = cpu / calls
+    capacity = 1 / cpu_per_call  # calls/s the simulator could serve on one whole CPU
+    record("sdk_simulator_capacity", calls_per_s=round(calls / seconds),
+           ids_per_s=round(SIM_IDS / seconds), sim_cpu_ms_per_call=round(cpu_per_call * 1000, 3),
+           sim_cpu_s_per_1000_ids=round(cpu / SIM_IDS * 1000, 4),
+           sim_busy_share=round(cpu / seconds, 3), sim_cpu_capacity_calls_per_s=round(capacity),
+           machine=machine())  # fmt: skip
+    # At the 20 ms figure's 400 calls/s the simulator is busy a quarter of a CPU at most.
+    assert capacity >= 4 * CONCURRENCY / LATENCY_S

@@ -60,6 +60,16 @@ class SimProcess:
             payload["burst"] = burst
         self.control("/_sim/quota", payload)
 
+    def cpu_seconds(self) -> float:
+        """The simulator process's CPU so far (user + system), from ``/proc/<pid>/stat``.
+
+        Clock ticks (10 ms on Linux): read it before and after a run of at least a second.
+        """
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)"; comm may hold spaces
+        utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+        return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
 
 @contextmanager
 def simulator(

@@ -4,8 +4,10 @@
 
 MODE ``async``: the SDK's ``ModelArtsAsyncClient`` (its own pool of 8 threads around
 blocking ``requests``), every batch submitted at once. MODE ``threads``: a pool of
-``THREADS`` (8) threads around the blocking ``ModelArtsClient``. MODE ``import``: import
-the SDK and stop (the CPU baseline). Prints one JSON line: seconds, calls, ids, errors.
+``THREADS`` (8) threads around the blocking ``ModelArtsClient``. MODE ``async-setup`` or
+``threads-setup``: everything that mode does but the calls (import the SDK, read the ids,
+build the config, credentials and client), then stop without a call: the CPU
+baseline, run with an empty ids file. Prints one JSON line: seconds, calls, ids, errors.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ def main(argv: list[str]) -> int:
         ServerJobDeleteRequest,
     )
 
-    if mode == "import":
-        print(json.dumps({"seconds": 0.0, "calls": 0, "ids": 0, "errors": 0}))
-        return 0
+    mode, _, setup = mode.partition("-")
+    if mode not in ("async", "threads") or setup not in ("", "setup"):
+        raise SystemExit(f"unknown mode {argv[5]!r}")
     with open(ids_file, encoding="ascii") as handle:
         ids = handle.read().split()
     batches = [ids[i : i + batch] for i in range(0, len(ids), batch)]
@@ -56,7 +58,9 @@ def main(argv: list[str]) -> int:
 
     errors = 0
     started = time.perf_counter()
-    if mode == "async":
+    if setup:
+        pass  # the baseline stops here: everything but the calls is done
+    elif mode == "async":
         futures = [client.delete_dev_server_jobs_async(request(b)) for b in batches]
         for future in futures:
             try:
