@@ -792,6 +792,30 @@ async def test_stats_sum_the_latency_applied_to_calls_that_reach_the_latency_ste
 
 
 @pytest.mark.anyio
+async def test_stats_time_the_span_from_the_first_delete_to_the_last_answer(
+    session: aiohttp.ClientSession,
+) -> None:
+    """The same clock for every client: benchmarks time each side by the simulator's view."""
+    time = FakeTime()
+    async with run_simulator(SimulatorConfig(jobs=4), clock=time.clock, wall=time.wall) as sim:
+        ids = sim.job_ids()
+        assert sim.stats.as_dict()["delete_span_s"] == 0.0
+        assert (await call(session, sim, "GET", JOBS, when=NOW)).status == 200
+        time.advance(5.0)  # a list call before the first DELETE does not count
+        # at 1005.0, 1006.5 and 1006.75; the refused one (400) is answered too, so it counts
+        for batch, status, pause in ((ids[:2], 200, 1.5), (ids[2:], 200, 0.25), ([], 400, 0)):
+            answer = await call(session, sim, "DELETE", JOBS, payload={"job_ids": batch}, when=NOW)
+            assert answer.status == status
+            time.advance(pause)
+        time.advance(9.0)
+        assert (await call(session, sim, "GET", JOBS, when=NOW)).status == 200
+        async with session.get(sim.url + "/_sim/stats") as r:
+            stats = await r.json()
+    assert stats["delete_span_s"] == pytest.approx(1.75)
+    assert stats["first_delete_at"] == pytest.approx(1005.0)
+
+
+@pytest.mark.anyio
 async def test_stats_sum_exactly_the_exponential_latencies_drawn(
     session: aiohttp.ClientSession,
 ) -> None:

@@ -170,6 +170,8 @@ class _Api:
     # -- DELETE /v1/{project_id}/dev-servers/jobs ---------------------------------------
     async def delete(self, request: web.Request) -> web.Response:
         stats = self.sim.stats
+        if stats.first_delete_at is None:
+            stats.first_delete_at = self.sim.clock()
         stats.delete_calls += 1
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
@@ -179,6 +181,7 @@ class _Api:
             return refused.response
         finally:
             stats.in_flight -= 1
+            stats.last_delete_at = self.sim.clock()
 
     async def _delete(self, request: web.Request) -> web.Response:
         sim = self.sim

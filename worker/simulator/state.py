@@ -45,11 +45,23 @@ class SimStats:
     # How long those sleeps really took (event-loop clock, sleeps that ended): never less
     # than the draws; the event loop's timer granularity makes it a little more.
     latency_slept_s: float = 0.0
+    # When the first DELETE arrived and the last one was answered (the simulator's clock):
+    # how long a client kept it busy deleting, timed the same way for every client.
+    first_delete_at: float | None = None
+    last_delete_at: float | None = None
+
+    @property
+    def delete_span_s(self) -> float:
+        """Seconds from the first DELETE's arrival to the last DELETE's answer (0 if none)."""
+        if self.first_delete_at is None or self.last_delete_at is None:
+            return 0.0
+        return self.last_delete_at - self.first_delete_at
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready counters; ``faults`` lists every kind, 0 when it never fired."""
         out = asdict(self)
         out["faults"] = {kind: self.faults[kind] for kind in FAULT_KINDS}
+        out["delete_span_s"] = self.delete_span_s
         return out
 
 
