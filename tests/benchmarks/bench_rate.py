@@ -96,6 +96,7 @@ def _figures(trace: Trace, quota: float, start: float, end: float) -> tuple[floa
     return ok / ((end - start) * quota), throttled / max(1, ok + throttled)
 
 
+@pytest.mark.timeout(repeats(3) * 40 + 60)
 @pytest.mark.parametrize("quota", [50.0, 500.0])
 def test_fixed_rate_uses_the_known_quota(quota: float, tmp_path: Path) -> None:
     """``--rate q --burst 5`` against a server enforcing q calls/s with a burst of 5."""
@@ -117,12 +118,16 @@ def test_fixed_rate_uses_the_known_quota(quota: float, tmp_path: Path) -> None:
     assert median(shares) <= 0.01
 
 
+AUTO_SECONDS = float(os.environ.get("BENCH_AUTO_SECONDS", "40"))
+
+
+@pytest.mark.timeout(repeats(3) * (AUTO_SECONDS + 20) + 60)
 @pytest.mark.parametrize("controller", ["auto", "botocore"])
 @pytest.mark.parametrize("quota", [5.0, 50.0, 500.0])
 def test_auto_rate_finds_an_unknown_quota(controller: str, quota: float, tmp_path: Path) -> None:
     """``--rate auto`` from 2 calls/s, and botocore's adaptive mode (ported: see
     ``harness.BotocoreCubic``) as the peer; measured from 10 s after the start to 40 s."""
-    duration = float(os.environ.get("BENCH_AUTO_SECONDS", "40"))
+    duration = AUTO_SECONDS
     utils, shares = [], []
     for _ in range(repeats(3)):
         trace = _run(tmp_path, quota, controller, duration=duration)
@@ -142,6 +147,7 @@ def test_auto_rate_finds_an_unknown_quota(controller: str, quota: float, tmp_pat
         assert median(shares) <= 0.02
 
 
+@pytest.mark.timeout(240)
 def test_auto_rate_picture(tmp_path: Path) -> None:
     """calls/s over time against the quota: 50 throughout, and 50 dropping to 20 at 30 s."""
     matplotlib = pytest.importorskip("matplotlib")  # a benchmark-only dependency

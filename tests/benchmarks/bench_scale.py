@@ -51,6 +51,7 @@ def measure(args: list[str]) -> tuple[float, float]:
     return elapsed, usage.ru_maxrss / 1024
 
 
+@pytest.mark.timeout(3600)  # ten million ids take minutes
 def test_rss_and_throughput_at_scale(tmp_path_factory: pytest.TempPathFactory) -> None:
     data = tmp_path_factory.mktemp("scale")
     rows: list[tuple[str, int, float, float]] = []

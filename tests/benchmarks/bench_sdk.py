@@ -332,3 +332,51 @@ def test_simulator_is_not_the_bottleneck(tmp_path: Path) -> None:
            machine=machine())  # fmt: skip
     # At the 20 ms figure's 400 calls/s the simulator is busy a quarter of a CPU at most.
     assert capacity >= 4 * CONCURRENCY / LATENCY_S
+
+
+async def _client_deletes(url: str, ids: list[str]) -> tuple[float, float]:
+    """Delete ``ids`` through our ``ApiClient`` alone (sign, send, read, parse and validate
+    every record), ``CONCURRENCY`` workers, nothing else: no intake, ledger, journal, events.
+    Returns (seconds, this process's CPU seconds over them)."""
+    import anyio
+
+    from worker.client import ApiClient
+    from worker.credentials import Credentials, StaticCredentials
+    from worker.http import make_session
+
+    batches = iter([ids[i : i + BATCH] for i in range(0, len(ids), BATCH)])
+    session = make_session(concurrency=CONCURRENCY, connect_timeout=10, read_timeout=30)
+    try:
+        client = ApiClient(session=session, endpoint=url, project_id=PROJECT,
+                           credentials=StaticCredentials(Credentials(ak=AK, sk=SK)))  # fmt: skip
+
+        async def worker() -> None:
+            for batch in batches:
+                answer = await client.delete_jobs(batch)
+                assert len(answer.records) == len(batch)
+
+        started, cpu = time.perf_counter(), time.process_time()
+        async with anyio.create_task_group() as group:
+            for _ in range(CONCURRENCY):
+                group.start_soon(worker)
+        return time.perf_counter() - started, time.process_time() - cpu
+    finally:
+        await session.close()
+
+
+def test_what_the_http_client_alone_costs(tmp_path: Path) -> None:
+    """The floor under ours' zero-latency figures: the same 20,000 ids through ``ApiClient``
+    alone, in this process, against the same simulator. The rest of ``run``'s cost is the
+    per-id work SPEC.md asks for (validate, de-duplicate, one outcome and one event per id)."""
+    import anyio
+
+    runs: list[tuple[float, float]] = []
+    for _ in range(repeats(3)):
+        with simulator(tmp_path, jobs=IDS) as sim:
+            runs.append(anyio.run(_client_deletes, sim.url, sim.ids))
+            assert sim.stats()["deleted"] == IDS
+    seconds = median([r[0] for r in runs])
+    cpu = median([r[1] for r in runs])
+    record("sdk_client_alone", ids_per_s=round(IDS / seconds),
+           cpu_s_per_1000_ids=round(cpu / IDS * 1000, 4),
+           cpu_ms_per_call=round(cpu / (IDS / BATCH) * 1000, 3), machine=machine())  # fmt: skip

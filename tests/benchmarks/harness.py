@@ -338,3 +338,20 @@ class BotocoreCubic:
 
     def on_overload(self, now: float, latency: float | None = None) -> float:
         return self.on_success(now, latency)
+
+    def on_answer(
+        self,
+        now: float,
+        *,
+        throttled: bool,
+        latency_s: float | None,
+        retry_after: float | None,
+        overloaded: bool,
+    ) -> None:
+        """What ``AdaptiveRateLimiter`` calls (``RateController.on_answer``'s signature)."""
+        if throttled:
+            self.on_throttle(now, retry_after, latency_s)
+        elif overloaded:
+            self.on_overload(now, latency_s)
+        else:
+            self.on_success(now, latency_s)
