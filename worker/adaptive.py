@@ -32,6 +32,7 @@ process folds its answers in and stores the state; every replica paces itself wi
 
 from __future__ import annotations
 
+import abc
 import math
 import statistics
 from collections import deque
@@ -109,7 +110,44 @@ class ControllerState:
     pause_until: float  # no call starts before this (Retry-After)
 
 
-class RateController:
+class AnswerEvents(abc.ABC):
+    """A controller's three events, and ``on_answer``: one answer as the limiters report it.
+
+    Shared by :class:`RateController` and any other controller run under the same limiter
+    (the benchmarks run a port of botocore's this way)."""
+
+    __slots__ = ()
+
+    @abc.abstractmethod
+    def on_success(self, now: float, latency: float | None = None) -> float: ...
+
+    @abc.abstractmethod
+    def on_throttle(
+        self, now: float, retry_after: float | None = None, latency: float | None = None
+    ) -> float: ...
+
+    @abc.abstractmethod
+    def on_overload(self, now: float, latency: float | None = None) -> float: ...
+
+    def on_answer(
+        self,
+        now: float,
+        *,
+        throttled: bool,
+        latency_s: float | None,
+        retry_after: float | None,
+        overloaded: bool,
+    ) -> None:
+        """A 429, a 503, or anything else."""
+        if throttled:
+            self.on_throttle(now, retry_after, latency_s)
+        elif overloaded:
+            self.on_overload(now, latency_s)
+        else:
+            self.on_success(now, latency_s)
+
+
+class RateController(AnswerEvents):
     """Pure arithmetic: events with their times in, the rate to use out.
 
     Call ``on_sent`` when a call starts, and ``on_success``, ``on_throttle`` or
@@ -184,23 +222,6 @@ class RateController:
         if sent < self._state.cut_at:
             return self._state.rate
         return self._cut(now)
-
-    def on_answer(
-        self,
-        now: float,
-        *,
-        throttled: bool,
-        latency_s: float | None,
-        retry_after: float | None,
-        overloaded: bool,
-    ) -> None:
-        """One answer, as the limiters report it: a 429, a 503, or anything else."""
-        if throttled:
-            self.on_throttle(now, retry_after, latency_s)
-        elif overloaded:
-            self.on_overload(now, latency_s)
-        else:
-            self.on_success(now, latency_s)
 
     def on_overload(self, now: float, latency: float | None = None) -> float:
         """A 503: the service is overloaded. A throttle without Retry-After."""

@@ -25,6 +25,7 @@ from typing import Any
 
 import anyio
 
+from worker.adaptive import AnswerEvents
 from worker.batcher import DeletionBudget
 from worker.clock import Clock, MonotonicClock
 from worker.errors import ApiError, ThrottledError
@@ -280,7 +281,7 @@ def record(name: str, **figures: Any) -> None:
         out.write(json.dumps(row) + "\n")
 
 
-class BotocoreCubic:
+class BotocoreCubic(AnswerEvents):
     """botocore's adaptive retry mode (``botocore/retries/adaptive.py`` and ``bucket.py``),
     ported to ``RateController``'s interface so the same limiter runs it: the peer that
     ``--rate auto`` is measured against. Unlimited until the first throttle; then CUBIC on
@@ -338,20 +339,3 @@ class BotocoreCubic:
 
     def on_overload(self, now: float, latency: float | None = None) -> float:
         return self.on_success(now, latency)
-
-    def on_answer(
-        self,
-        now: float,
-        *,
-        throttled: bool,
-        latency_s: float | None,
-        retry_after: float | None,
-        overloaded: bool,
-    ) -> None:
-        """What ``AdaptiveRateLimiter`` calls (``RateController.on_answer``'s signature)."""
-        if throttled:
-            self.on_throttle(now, retry_after, latency_s)
-        elif overloaded:
-            self.on_overload(now, latency_s)
-        else:
-            self.on_success(now, latency_s)
