@@ -10,19 +10,20 @@ import sys
 import tempfile
 import textwrap
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.errors import ConfigError, OutcomeConflict
+from worker.errors import ConfigError, OutcomeConflict, ReaperError
 from worker.ledger import (
     Admission,
     Ledger,
     LedgerBusy,
     LedgerMismatch,
+    TemporaryLedger,
     escape,
     open_readonly,
 )
@@ -367,7 +368,7 @@ def test_a_kill_9d_holder_does_not_block_and_its_commits_survive(path: Path) -> 
 
 
 def test_a_temporary_ledger_is_deleted_on_close() -> None:
-    ledger = open_ledger(None, "tmp-run")
+    ledger = TemporaryLedger.open()
     where = ledger.path
     ledger.admit(cands("a"))
     assert where.exists()
@@ -376,37 +377,58 @@ def test_a_temporary_ledger_is_deleted_on_close() -> None:
     ledger.close()  # idempotent
     assert not where.exists()
     assert not where.parent.exists()
+    with pytest.raises(ReaperError, match="closed"):
+        ledger.admit(cands("b"))
 
 
 @pytest.fixture
-def temporary() -> Iterator[Ledger]:
-    with open_ledger(None, "tmp-run", clock=FakeClock()) as opened:
+def temporary() -> Iterator[TemporaryLedger]:
+    with TemporaryLedger.open() as opened:
         yield opened
 
 
-def test_a_temporary_ledger_still_refuses_a_second_outcome_for_an_id(temporary: Ledger) -> None:
-    """Its cheap settle keeps only state and outcome, but one outcome per id still holds."""
-    temporary.admit(cands("a", "b", "c"))
-    temporary.record([Result("a", Outcome.DELETED, 1, "b-1"), Result("b", Outcome.ABSENT)])
-    with pytest.raises(OutcomeConflict, match=r"1 ids .* e\.g\. a \(kept deleted\)"):
-        temporary.record([Result("a", Outcome.FAILED, 2, "b-2"), Result("c", Outcome.SKIPPED)])
-    assert {r.job_id: r.outcome for r in temporary.results()} == {
-        "a": Outcome.DELETED,
-        "b": Outcome.ABSENT,
-        "c": Outcome.SKIPPED,
-    }
-    assert temporary.counts()["open"] == 0
+def test_a_temporary_ledger_admits_each_id_once_across_chunks_and_within_one(
+    temporary: TemporaryLedger,
+) -> None:
+    first = temporary.admit(cands("a", "b", "a", "c"))
+    assert ids_of(first.new) == ["a", "b", "c"]
+    assert ids_of(first.repeated) == ["a"]
+    assert [c.line for c in first.repeated] == [3]  # the second copy, not the first
+    second = temporary.admit(cands("c", "d", "b"))
+    assert ids_of(second.new) == ["d"]
+    assert ids_of(second.repeated) == ["c", "b"]
+    assert (second.done, second.resent) == ([], 0)
+    assert "admitted=4" in repr(temporary)
 
 
-def test_a_temporary_ledger_keeps_an_outcome_for_an_id_never_admitted(temporary: Ledger) -> None:
+@given(st.lists(st.lists(st.sampled_from("abcdefgh"), max_size=12), max_size=6))
+def test_a_temporary_ledger_admits_like_a_set(chunks: list[list[str]]) -> None:
+    """Whatever the chunks, the ids admitted are the first copies, in input order."""
+    seen: set[str] = set()
+    with TemporaryLedger.open() as ledger:
+        for chunk in chunks:
+            admission = ledger.admit(cands(*chunk))
+            expected_new = []
+            for job_id in chunk:
+                if job_id not in seen:
+                    seen.add(job_id)
+                    expected_new.append(job_id)
+            assert ids_of(admission.new) == expected_new
+            assert len(admission.new) + len(admission.repeated) == len(chunk)
+
+
+def test_a_temporary_ledger_keeps_no_sends_outcomes_or_rejected_lines(
+    temporary: TemporaryLedger,
+) -> None:
     temporary.admit(cands("a"))
-    temporary.record([Result("a", Outcome.DELETED), Result("stray", Outcome.ABSENT, 1, "b-1")])
-    assert {r.job_id: r.outcome for r in temporary.results()} == {
-        "a": Outcome.DELETED,
-        "stray": Outcome.ABSENT,
-    }
-    with pytest.raises(OutcomeConflict, match="twice"):
-        temporary.record([Result("a", Outcome.DELETED)] * 2)
+    temporary.mark_sent("b-1", ["a"], 1)
+    temporary.record([Result("a", Outcome.DELETED, 1, "b-1")])
+    temporary.record_rejected([Rejection("bad id", 2, "invalid character")])
+    with sqlite3.connect(temporary.path) as conn:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        assert tables == {"seen"}
+        assert conn.execute("SELECT job_id FROM seen").fetchall() == [("a",)]
+    assert ids_of(temporary.admit(cands("a")).repeated) == ["a"]
 
 
 def test_a_file_that_is_not_a_ledger_is_a_config_error(tmp_path: Path) -> None:
@@ -508,34 +530,42 @@ def test_memory_stays_flat_from_200k_to_2m_admitted_ids(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_the_port_marks_and_records_ids_in_a_durable_ledger_only(
-    ledger: Ledger, temporary: Ledger
+    ledger: Ledger, temporary: TemporaryLedger
 ) -> None:
     """Nothing resumes from or reports on a temporary ledger: the port only admits to it."""
     from worker.journal import LedgerPort
 
-    for opened in (ledger, temporary):
+    calls: list[str] = []
+
+    class Watched(TemporaryLedger):
+        def mark_sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
+            calls.append("mark_sent")
+
+        def record(self, results: Sequence[Result]) -> None:
+            calls.append("record")
+
+    watched = Watched(temporary._conn, temporary._directory)
+    for opened in (ledger, watched):
         opened.admit(cands("a", "b"))
         port = LedgerPort(opened)
         await port.mark_sent("b-1", ["a", "b"], 1)
         await port.record([Result("b", Outcome.DELETED, 1, "b-1")])
     assert list(ledger.open_ids()) == [("a", "sent")]
     assert ledger.counts()["deleted"] == 1
-    assert list(temporary.open_ids()) == [("a", "read"), ("b", "read")]
-    assert temporary.counts()["deleted"] == 0
-    assert "durable=False" in repr(LedgerPort(temporary))
+    assert calls == []  # not even a thread hop for a temporary ledger
+    assert "durable=False" in repr(LedgerPort(watched))
 
 
 def test_only_a_durable_ledger_pays_for_the_wal_and_syncs(
-    ledger: Ledger, temporary: Ledger
+    ledger: Ledger, temporary: TemporaryLedger
 ) -> None:
     """A temporary ledger is never reopened, so it needs no crash safety."""
 
-    def pragmas(opened: Ledger) -> tuple[str, int]:
-        conn = opened._conn
+    def pragmas(conn: sqlite3.Connection) -> tuple[str, int]:
         return (
             conn.execute("PRAGMA journal_mode").fetchone()[0],
             conn.execute("PRAGMA synchronous").fetchone()[0],
         )
 
-    assert pragmas(ledger) == ("wal", 1)
-    assert pragmas(temporary) == ("memory", 0)
+    assert pragmas(ledger._conn) == ("wal", 1)
+    assert pragmas(temporary._conn) == ("memory", 0)

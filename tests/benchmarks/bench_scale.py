@@ -17,6 +17,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,13 +42,17 @@ def measure(args: list[str]) -> tuple[float, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REAPER_")}
     env["REAPER_LOG_FORMAT"] = "json"
     started = time.perf_counter()
-    with open(os.devnull, "wb") as sink:
+    # stderr to a file, not a pipe: nothing reads it while the child runs (os.wait4 reaps it
+    # for its rusage), and a pipe left open would be a ResourceWarning.
+    with open(os.devnull, "wb") as sink, tempfile.TemporaryFile() as errors:
         child = subprocess.Popen(
-            [sys.executable, "-m", "worker", *args], stdout=sink, stderr=subprocess.PIPE, env=env
+            [sys.executable, "-m", "worker", *args], stdout=sink, stderr=errors, env=env
         )
         _, status, usage = os.wait4(child.pid, 0)
-    elapsed = time.perf_counter() - started
-    assert os.waitstatus_to_exitcode(status) == 0, child.stderr.read() if child.stderr else ""
+        child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        elapsed = time.perf_counter() - started
+        errors.seek(0)
+        assert child.returncode == 0, errors.read().decode(errors="replace")[-2000:]
     return elapsed, usage.ru_maxrss / 1024
 
 

@@ -39,7 +39,7 @@ from worker.events import EventLog
 from worker.exit_codes import ExitCode
 from worker.guard import PlanCheck, load_protection
 from worker.journal import LedgerPort, ResultsWriter, RunJournal, Tally
-from worker.ledger import Ledger
+from worker.ledger import Ledger, TemporaryLedger
 from worker.logsetup import new_run_id
 from worker.pipeline import Pipeline, RunState
 from worker.plan import Plan
@@ -227,12 +227,16 @@ async def _run(
     tally = Tally()
     started = time.monotonic()
     with ExitStack() as stack:
-        ledger = Ledger.open(
-            settings.ledger,
-            project_id=project,
-            endpoint=endpoint,
-            run_id=run_id,
-            retry_failed=request.retry_failed,
+        ledger: Ledger | TemporaryLedger = (
+            TemporaryLedger.open()
+            if settings.ledger is None
+            else Ledger.open(
+                settings.ledger,
+                project_id=project,
+                endpoint=endpoint,
+                run_id=run_id,
+                retry_failed=request.retry_failed,
+            )
         )
         stack.callback(ledger.close)
         results = None
