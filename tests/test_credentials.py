@@ -32,7 +32,7 @@ from worker.errors import AuthError, ConfigError, TransientError
 SK_CANARY = "CANARY-SK-7f3a"
 TOKEN_CANARY = "CANARY-TOKEN-91bd"
 POD_TOKEN_CANARY = "CANARY-POD-JWT-55e1"
-T0 = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
+T0 = datetime(2021, 5, 17, 3, 0, tzinfo=UTC)  # long past: a test on the wall clock fails
 
 
 class FakeClock:
@@ -171,8 +171,9 @@ async def test_settings_keys_win_over_environment_profile_and_services(
 
 @pytest.mark.anyio
 async def test_sources_are_tried_in_the_sdk_order_each_one_shadowing_the_next(
-    tmp_path: Path, service: FakeCredentialService, session: aiohttp.ClientSession
-) -> None:
+    tmp_path: Path, service: FakeCredentialService, session: aiohttp.ClientSession,
+    clock: FakeClock,
+) -> None:  # fmt: skip
     """With every source present, take the first away one at a time: the next one answers."""
     token_file = tmp_path / "pod-token"
     token_file.write_text(POD_TOKEN_CANARY)
@@ -193,7 +194,7 @@ async def test_sources_are_tried_in_the_sdk_order_each_one_shadowing_the_next(
             environ.update(values)
         source = await resolve_credentials(
             ak=None, sk=None, security_token=None, environ=environ, session=session,
-            metadata_url=service.url,
+            metadata_url=service.url, utcnow=clock,
         )  # fmt: skip
         names.append(source.name)
         keys = await source.current()
@@ -262,12 +263,13 @@ async def test_profile_is_found_in_home_by_default(
 
 @pytest.mark.anyio
 async def test_profile_without_basic_section_falls_through_to_metadata(
-    tmp_path: Path, service: FakeCredentialService, session: aiohttp.ClientSession
-) -> None:
+    tmp_path: Path, service: FakeCredentialService, session: aiohttp.ClientSession,
+    clock: FakeClock,
+) -> None:  # fmt: skip
     path = write_profile(tmp_path / "creds.ini", "[global]\nak = GLOBALAK\nsk = g\n")
     source = await resolve_credentials(
         ak=None, sk=None, security_token=None, session=session, metadata_url=service.url,
-        environ={"HUAWEICLOUD_SDK_CREDENTIALS_FILE": str(path)},
+        environ={"HUAWEICLOUD_SDK_CREDENTIALS_FILE": str(path)}, utcnow=clock,
     )  # fmt: skip
     assert source.name == "metadata"
     assert (await source.current()).ak == "TEMPAK1"
