@@ -216,7 +216,10 @@ class Service:
         count = config.batch_size
         with scope:
             async with send:
-                while True:
+                # Checked before each read too: a cancelled scope reaches this task only at
+                # its next wait, and by then redis-py has already sent the next XREADGROUP,
+                # which Redis would answer into our pending list after the stop.
+                while not self._stop.is_set():
                     now = self._clock.now()
                     if own is not None:
                         after = own
@@ -281,8 +284,12 @@ class Service:
     async def _admit(
         self, entries: list[Entry], *, redelivered: bool, claimed: bool = False
     ) -> list[str]:
-        """Hold the entries read; dead-letter the over-delivered; return the ids to send."""
-        if not entries:
+        """Hold the entries read; dead-letter the over-delivered; return the ids to send.
+
+        Entries whose read returned after the stop signal (the read was already answered
+        when the intake was cancelled) are not taken in: they stay pending in Redis, for
+        this consumer's next start or another replica's reclaim."""
+        if not entries or self._stop.is_set():
             return []
         self.read += len(entries)
         if claimed:
