@@ -10,7 +10,7 @@ import sys
 import tempfile
 import textwrap
 import tracemalloc
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -372,7 +372,6 @@ def test_a_temporary_ledger_is_deleted_on_close() -> None:
     where = ledger.path
     ledger.admit(cands("a"))
     assert where.exists()
-    assert ledger.temporary
     ledger.close()
     ledger.close()  # idempotent
     assert not where.exists()
@@ -417,13 +416,8 @@ def test_a_temporary_ledger_admits_like_a_set(chunks: list[list[str]]) -> None:
             assert len(admission.new) + len(admission.repeated) == len(chunk)
 
 
-def test_a_temporary_ledger_keeps_no_sends_outcomes_or_rejected_lines(
-    temporary: TemporaryLedger,
-) -> None:
+def test_a_temporary_ledger_holds_only_the_ids_seen(temporary: TemporaryLedger) -> None:
     temporary.admit(cands("a"))
-    temporary.mark_sent("b-1", ["a"], 1)
-    temporary.record([Result("a", Outcome.DELETED, 1, "b-1")])
-    temporary.record_rejected([Rejection("bad id", 2, "invalid character")])
     with sqlite3.connect(temporary.path) as conn:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         assert tables == {"seen"}
@@ -532,28 +526,22 @@ def test_memory_stays_flat_from_200k_to_2m_admitted_ids(tmp_path: Path) -> None:
 async def test_the_port_marks_and_records_ids_in_a_durable_ledger_only(
     ledger: Ledger, temporary: TemporaryLedger
 ) -> None:
-    """Nothing resumes from or reports on a temporary ledger: the port only admits to it."""
+    """Nothing resumes from or reports on a temporary ledger: the port only admits to it
+    (a temporary ledger has no ``mark_sent``, ``record`` or ``record_rejected`` to call)."""
     from worker.journal import LedgerPort
 
-    calls: list[str] = []
-
-    class Watched(TemporaryLedger):
-        def mark_sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
-            calls.append("mark_sent")
-
-        def record(self, results: Sequence[Result]) -> None:
-            calls.append("record")
-
-    watched = Watched(temporary._conn, temporary._directory)
-    for opened in (ledger, watched):
-        opened.admit(cands("a", "b"))
+    for opened in (ledger, temporary):
         port = LedgerPort(opened)
+        await port.admit(cands("a", "b"))
         await port.mark_sent("b-1", ["a", "b"], 1)
         await port.record([Result("b", Outcome.DELETED, 1, "b-1")])
+        await port.record_rejected([Rejection("bad id", 3, "invalid character")])
     assert list(ledger.open_ids()) == [("a", "sent")]
     assert ledger.counts()["deleted"] == 1
-    assert calls == []  # not even a thread hop for a temporary ledger
-    assert "durable=False" in repr(LedgerPort(watched))
+    assert ledger.counts()["rejected_lines"] == 1
+    assert ids_of(temporary.admit(cands("a", "b")).repeated) == ["a", "b"]
+    assert "durable=False" in repr(LedgerPort(temporary))
+    assert "durable=True" in repr(LedgerPort(ledger))
 
 
 def test_only_a_durable_ledger_pays_for_the_wal_and_syncs(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, runtime_checkable
 
 import anyio
 import anyio.to_thread
@@ -34,13 +34,16 @@ class AdmissionLike(Protocol):
     def resent(self) -> int: ...
 
 
-class LedgerLike(Protocol):
-    """The synchronous ledger (``worker.ledger.Ledger``)."""
-
-    @property
-    def temporary(self) -> bool: ...
+class SeenLike(Protocol):
+    """What de-duplicates a run's ids (``worker.ledger.TemporaryLedger`` does only this)."""
 
     def admit(self, candidates: Sequence[Candidate]) -> AdmissionLike: ...
+
+
+@runtime_checkable
+class LedgerLike(SeenLike, Protocol):
+    """The durable ledger (``worker.ledger.Ledger``): also what was sent and settled."""
+
     def mark_sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None: ...
     def record(self, results: Sequence[Result]) -> None: ...
     def record_rejected(self, rejections: Sequence[Rejection]) -> None: ...
@@ -49,40 +52,39 @@ class LedgerLike(Protocol):
 class LedgerPort:
     """The ledger, off the event loop: one thread, one call at a time.
 
-    A temporary ledger (no ``--ledger``) is deleted when the run ends, so nothing can ever
-    resume from it or report on it: it only de-duplicates (``admit``). ``mark_sent`` and
-    ``record``, which exist to tell a later run what was sent and settled, are skipped for
-    it: two thread hops and two transactions per batch saved. "Exactly one outcome per id"
-    does not rest on them: :class:`RunJournal` enforces it for every run.
+    A run without ``--ledger`` de-duplicates through a temporary ledger that can only
+    ``admit``: nothing can resume from it or report on it, so there is nothing to tell it
+    about sends and outcomes, and ``mark_sent``, ``record`` and ``record_rejected`` cost
+    nothing (no thread hop). "Exactly one outcome per id" does not rest on them either:
+    :class:`RunJournal` enforces it for every run.
     """
 
-    def __init__(self, ledger: LedgerLike) -> None:
-        self._ledger = ledger
+    def __init__(self, ledger: SeenLike) -> None:
+        self._seen = ledger
+        self._durable = ledger if isinstance(ledger, LedgerLike) else None
         self._one = anyio.CapacityLimiter(1)
-        self._durable = not ledger.temporary
 
     async def admit(self, candidates: Sequence[Candidate]) -> AdmissionLike:
-        return await anyio.to_thread.run_sync(self._ledger.admit, candidates, limiter=self._one)
+        return await anyio.to_thread.run_sync(self._seen.admit, candidates, limiter=self._one)
 
     async def mark_sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
-        if not self._durable:
-            return
-        await anyio.to_thread.run_sync(
-            self._ledger.mark_sent, batch_id, ids, attempt, limiter=self._one
-        )
+        if self._durable is not None:
+            await anyio.to_thread.run_sync(
+                self._durable.mark_sent, batch_id, ids, attempt, limiter=self._one
+            )
 
     async def record(self, results: Sequence[Result]) -> None:
-        if not self._durable:
-            return
-        await anyio.to_thread.run_sync(self._ledger.record, results, limiter=self._one)
+        if self._durable is not None:
+            await anyio.to_thread.run_sync(self._durable.record, results, limiter=self._one)
 
     async def record_rejected(self, rejections: Sequence[Rejection]) -> None:
-        if not self._durable:
-            return
-        await anyio.to_thread.run_sync(self._ledger.record_rejected, rejections, limiter=self._one)
+        if self._durable is not None:
+            await anyio.to_thread.run_sync(
+                self._durable.record_rejected, rejections, limiter=self._one
+            )
 
     def __repr__(self) -> str:
-        return f"LedgerPort({self._ledger!r}, durable={self._durable})"
+        return f"LedgerPort({self._seen!r}, durable={self._durable is not None})"
 
 
 @dataclass(slots=True)

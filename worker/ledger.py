@@ -454,10 +454,6 @@ class Ledger(LedgerView):
     def run_id(self) -> str:
         return self._run_id
 
-    @property
-    def temporary(self) -> bool:
-        return False
-
     def admit(self, candidates: Sequence[Candidate]) -> Admission:
         """Decide, for one chunk, which candidates this run must process; one transaction.
 
@@ -632,10 +628,9 @@ class TemporaryLedger(_Closing):
 
     De-duplication must not hold every id in memory, so the ids go to an SQLite file in a
     private temporary directory, removed on close. Nothing can resume from it or report on
-    it, so it keeps no sends and no outcomes (:meth:`mark_sent`, :meth:`record` and
-    :meth:`record_rejected` do nothing; "exactly one outcome per id" is the journal's, see
-    ``worker.journal.RunJournal``), no lock (the directory is the run's own), and no crash
-    safety (a new run makes a new one)."""
+    it, so it can only :meth:`admit` ("exactly one outcome per id" is the journal's, see
+    ``worker.journal.RunJournal``), and it needs no lock (the directory is the run's own)
+    and no crash safety (a new run makes a new one)."""
 
     def __init__(self, conn: sqlite3.Connection, directory: Path) -> None:
         self._conn = conn
@@ -662,10 +657,6 @@ class TemporaryLedger(_Closing):
         return cls(conn, directory)
 
     @property
-    def temporary(self) -> bool:
-        return True
-
-    @property
     def path(self) -> Path:
         return self._directory / "seen.sqlite"
 
@@ -675,13 +666,8 @@ class TemporaryLedger(_Closing):
         with self._guard:
             if self._closed:
                 raise ReaperError("the temporary ledger is closed")
-            self._conn.execute("BEGIN")
-            try:
-                fresh = {row[0] for row in self._conn.execute(_SEE, (orjson.dumps(unique),))}
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+            # One statement, so one transaction of its own (autocommit mode).
+            fresh = {row[0] for row in self._conn.execute(_SEE, (orjson.dumps(unique),))}
         new: list[Candidate] = []
         repeated: list[Candidate] = []
         for candidate in candidates:
@@ -692,15 +678,6 @@ class TemporaryLedger(_Closing):
                 repeated.append(candidate)
         self._admitted += len(new)
         return Admission(new=new, repeated=repeated, done=[], resent=0)
-
-    def mark_sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
-        """Nothing: no later run resumes from a temporary ledger."""
-
-    def record(self, results: Sequence[Result]) -> None:
-        """Nothing: no one reads a temporary ledger's outcomes."""
-
-    def record_rejected(self, rejections: Sequence[Rejection]) -> None:
-        """Nothing: no report is made from a temporary ledger."""
 
     def close(self) -> None:
         """Close and remove the file. Idempotent."""
