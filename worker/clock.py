@@ -1,8 +1,9 @@
 """The one source of time: a protocol, so tests advance virtual time instead of sleeping.
 
 Everything that waits or measures (the rate limiter, retry back-off, deadlines, latency)
-receives a ``Clock`` in its constructor. Production uses ``MonotonicClock``, which is the
-event loop's own monotonic clock; tests use ``tests.fakes.FakeClock``.
+receives a ``Clock`` in its constructor. Production uses ``MonotonicClock`` (the process's
+monotonic clock, which is also what the asyncio loop reads); tests use
+``tests.fakes.FakeClock``.
 """
 
 from __future__ import annotations

@@ -182,18 +182,23 @@ class RunJournal:
     async def finished(self, results: Sequence[Result]) -> None:
         self._settle(results)
         await self._ledger.record(results)
-        outcomes, skipped = self._tally.outcomes, Outcome.SKIPPED
-        first = results[0].outcome if results else skipped
-        if first is not skipped and all(result.outcome is first for result in results):
-            outcomes[first.value] += len(results)  # a batch's usual report: one outcome
-        else:
-            for result in results:
-                outcomes[result.outcome.value] += 1
-                if result.outcome is skipped:
-                    self._tally.skip_reasons[result.reason or ""] += 1
+        self._count(results)
         self._events.results(results)
         if self._results is not None:
             self._results.write([result.row() for result in results])
+
+    def _count(self, results: Sequence[Result]) -> None:
+        outcomes, skipped = self._tally.outcomes, Outcome.SKIPPED
+        if not results:
+            return
+        first = results[0].outcome
+        if first is not skipped and all(result.outcome is first for result in results):
+            outcomes[first.value] += len(results)  # a batch's usual report: one outcome
+            return
+        for result in results:
+            outcomes[result.outcome.value] += 1
+            if result.outcome is skipped:  # skips are counted by reason too
+                self._tally.skip_reasons[result.reason or ""] += 1
 
     async def rejected(self, rejections: Sequence[Rejection]) -> None:
         await self._ledger.record_rejected(rejections)

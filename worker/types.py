@@ -125,11 +125,9 @@ def _ms_iso(ms: int) -> str:
 
 def stamp_iso(value: Stamp) -> str | None:
     """A kept job time as ISO-8601 UTC with milliseconds and a ``Z`` (what :func:`iso` gives)."""
-    if value is None:
-        return None
-    if type(value) is int:
-        return _ms_iso(value)
-    return iso(value)  # type: ignore[arg-type]
+    if value is None or isinstance(value, datetime):
+        return iso(value)
+    return _ms_iso(value)
 
 
 def stamp_datetime(value: Stamp) -> datetime | None:
