@@ -9,8 +9,9 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -400,11 +401,15 @@ def test_a_temporary_ledger_admits_each_id_once_across_chunks_and_within_one(
     assert "admitted=4" in repr(temporary)
 
 
-@given(st.lists(st.lists(st.sampled_from("abcdefgh"), max_size=12), max_size=6))
-def test_a_temporary_ledger_admits_like_a_set(chunks: list[list[str]]) -> None:
-    """Whatever the chunks, the ids admitted are the first copies, in input order."""
+@given(
+    st.lists(st.lists(st.sampled_from("abcdefgh"), max_size=12), max_size=6),
+    st.sampled_from([0, 1, 5, 100]),
+)
+def test_a_temporary_ledger_admits_like_a_set(chunks: list[list[str]], memory_ids: int) -> None:
+    """Whatever the chunks, the ids admitted are the first copies, in input order: in memory,
+    on disk, and across the move from one to the other."""
     seen: set[str] = set()
-    with TemporaryLedger.open() as ledger:
+    with TemporaryLedger.open(memory_ids=memory_ids) as ledger:
         for chunk in chunks:
             admission = ledger.admit(cands(*chunk))
             expected_new = []
@@ -416,13 +421,32 @@ def test_a_temporary_ledger_admits_like_a_set(chunks: list[list[str]]) -> None:
             assert len(admission.new) + len(admission.repeated) == len(chunk)
 
 
-def test_a_temporary_ledger_holds_only_the_ids_seen(temporary: TemporaryLedger) -> None:
-    temporary.admit(cands("a"))
-    with sqlite3.connect(temporary.path) as conn:
+def _seen_on_disk(ledger: TemporaryLedger) -> list[str]:
+    with sqlite3.connect(ledger.path) as conn:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         assert tables == {"seen"}
-        assert conn.execute("SELECT job_id FROM seen").fetchall() == [("a",)]
-    assert ids_of(temporary.admit(cands("a")).repeated) == ["a"]
+        rows = sorted(row[0] for row in conn.execute("SELECT job_id FROM seen"))
+    conn.close()
+    return rows
+
+
+def test_a_temporary_ledger_keeps_few_ids_in_memory_and_moves_them_to_disk_past_a_limit() -> None:
+    with TemporaryLedger.open(memory_ids=3) as ledger:
+        assert ids_of(ledger.admit(cands("a", "b")).new) == ["a", "b"]
+        assert ledger.admits_in_memory(1)
+        assert not ledger.admits_in_memory(2)
+        assert _seen_on_disk(ledger) == []
+        assert "in memory" in repr(ledger)
+        # Two more would make four: everything moves to the file first, then this chunk.
+        admission = ledger.admit(cands("b", "c", "d", "c"))
+        assert ids_of(admission.new) == ["c", "d"]
+        assert ids_of(admission.repeated) == ["b", "c"]
+        assert ledger.spilled
+        assert not ledger.admits_in_memory(0)
+        assert _seen_on_disk(ledger) == ["a", "b", "c", "d"]
+        assert ids_of(ledger.admit(cands("a", "e")).repeated) == ["a"]
+        assert _seen_on_disk(ledger) == ["a", "b", "c", "d", "e"]
+        assert "on disk" in repr(ledger)
 
 
 def test_a_file_that_is_not_a_ledger_is_a_config_error(tmp_path: Path) -> None:
@@ -520,6 +544,47 @@ def test_memory_stays_flat_from_200k_to_2m_admitted_ids(tmp_path: Path) -> None:
     large = _admit_peak(tmp_path / "large.sqlite", 2_000_000)
     assert large / small < 1.3, (small, large)
     assert large < 5_000_000  # a chunk's worth, not the 2M ids (~150 MB as Python strings)
+
+
+def _temporary_admit_peak(count: int, memory_ids: int) -> int:
+    with TemporaryLedger.open(memory_ids=memory_ids) as ledger:
+        tracemalloc.start()
+        try:
+            for start in range(0, count, 1000):
+                ledger.admit([Candidate(f"job-{n:012d}", n) for n in range(start, start + 1000)])
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.slow
+def test_a_temporary_ledger_holds_no_more_than_its_memory_limit_in_memory() -> None:
+    """Past ``memory_ids`` the ids live on disk: the peak at 200k ids is the peak at 20k."""
+    small = _temporary_admit_peak(20_000, memory_ids=5_000)
+    large = _temporary_admit_peak(200_000, memory_ids=5_000)
+    assert large / small < 1.3, (small, large)
+    assert large < 4_000_000  # 5k ids and a chunk, not the 200k ids (~18 MB)
+
+
+@pytest.mark.anyio
+async def test_the_port_admits_on_the_event_loop_only_while_the_ids_fit_in_memory() -> None:
+    from worker.journal import LedgerPort
+
+    threads: list[int] = []
+
+    class Watched(TemporaryLedger):
+        def admit(self, candidates: Sequence[Candidate]) -> Admission:
+            threads.append(threading.get_ident())
+            return super().admit(candidates)
+
+    with Watched.open(memory_ids=2) as ledger:
+        port = LedgerPort(ledger)
+        assert ids_of((await port.admit(cands("a", "b"))).new) == ["a", "b"]
+        assert ids_of((await port.admit(cands("b", "c"))).new) == ["c"]
+    loop_thread = threading.get_ident()
+    assert threads[0] == loop_thread  # a set look-up: no thread hop
+    assert threads[1] != loop_thread  # SQLite: off the loop
 
 
 @pytest.mark.anyio

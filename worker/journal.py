@@ -39,6 +39,11 @@ class SeenLike(Protocol):
 
     def admit(self, candidates: Sequence[Candidate]) -> AdmissionLike: ...
 
+    def admits_in_memory(self, n: int) -> bool:
+        """Whether admitting ``n`` more ids touches no disk (the port then admits them on the
+        event loop instead of hopping to a thread)."""
+        ...
+
 
 @runtime_checkable
 class LedgerLike(SeenLike, Protocol):
@@ -65,6 +70,8 @@ class LedgerPort:
         self._one = anyio.CapacityLimiter(1)
 
     async def admit(self, candidates: Sequence[Candidate]) -> AdmissionLike:
+        if self._seen.admits_in_memory(len(candidates)):
+            return self._seen.admit(candidates)
         return await anyio.to_thread.run_sync(self._seen.admit, candidates, limiter=self._one)
 
     async def mark_sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:

@@ -5,7 +5,7 @@ millions), and a run that dies must be resumable without deleting anything twice
 an id. So every id the pipeline reads goes through :meth:`Ledger.admit` and every terminal
 outcome through :meth:`Ledger.record`; memory stays at one chunk, whatever the scale. A run
 without ``--ledger`` de-duplicates through a :class:`TemporaryLedger` instead: the ids seen,
-in a file removed at the end, and nothing else.
+in a set while there are few and in a file removed at the end past that, and nothing else.
 
 Durability: WAL journal with ``synchronous=NORMAL``. A committed transaction survives a
 crash of the process (``kill -9``, OOM kill): it is in the WAL file, which SQLite replays on
@@ -454,6 +454,10 @@ class Ledger(LedgerView):
     def run_id(self) -> str:
         return self._run_id
 
+    def admits_in_memory(self, n: int) -> bool:
+        """Never: every admission is a transaction on the ledger file."""
+        return False
+
     def admit(self, candidates: Sequence[Candidate]) -> Admission:
         """Decide, for one chunk, which candidates this run must process; one transaction.
 
@@ -621,26 +625,38 @@ _SEE = """
 INSERT INTO seen (job_id) SELECT value FROM json_each(?) WHERE true
 ON CONFLICT (job_id) DO NOTHING RETURNING job_id
 """
+_SPILL = "INSERT INTO seen (job_id) SELECT value FROM json_each(?)"
+
+MEMORY_IDS = 100_000
+"""Ids a temporary ledger keeps in a set before it moves them to SQLite: about 12 MB of
+UUIDs. Most runs are smaller and never touch the disk; a set look-up costs a tenth of a
+SQLite insert (0.5 against 5.8 us per id on the benchmark machine)."""
 
 
 class TemporaryLedger(_Closing):
     """The ledger of a run without ``--ledger``: the ids it has read, and nothing else.
 
-    De-duplication must not hold every id in memory, so the ids go to an SQLite file in a
-    private temporary directory, removed on close. Nothing can resume from it or report on
-    it, so it can only :meth:`admit` ("exactly one outcome per id" is the journal's, see
-    ``worker.journal.RunJournal``), and it needs no lock (the directory is the run's own)
-    and no crash safety (a new run makes a new one)."""
+    The first :data:`MEMORY_IDS` ids are kept in a set. De-duplication must not hold every
+    id in memory, so past that the set is moved to an SQLite file in a private temporary
+    directory (made when the ledger is opened, so a bad ``TMPDIR`` fails the run before it
+    reads anything) and every later id goes there; the file is removed on close. Nothing
+    can resume from it or report on it, so it can only :meth:`admit` ("exactly one outcome
+    per id" is the journal's, see ``worker.journal.RunJournal``), and it needs no lock (the
+    directory is the run's own) and no crash safety (a new run makes a new one)."""
 
-    def __init__(self, conn: sqlite3.Connection, directory: Path) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, directory: Path, memory_ids: int = MEMORY_IDS
+    ) -> None:
         self._conn = conn
         self._directory = directory
         self._guard = threading.Lock()
         self._closed = False
         self._admitted = 0
+        self._memory_ids = memory_ids
+        self._memory: set[str] | None = set()  # None once the ids are in SQLite
 
     @classmethod
-    def open(cls) -> TemporaryLedger:
+    def open(cls, memory_ids: int = MEMORY_IDS) -> TemporaryLedger:
         directory = Path(tempfile.mkdtemp(prefix="devserver-reaper-ledger-"))
         try:
             conn = sqlite3.connect(
@@ -654,30 +670,61 @@ class TemporaryLedger(_Closing):
         except sqlite3.Error as exc:
             _remove(directory)
             raise ConfigError(f"temporary ledger in {directory} cannot be made: {exc}") from None
-        return cls(conn, directory)
+        return cls(conn, directory, memory_ids)
 
     @property
     def path(self) -> Path:
         return self._directory / "seen.sqlite"
 
+    @property
+    def spilled(self) -> bool:
+        """Whether the ids have moved from memory to the SQLite file."""
+        return self._memory is None
+
+    def admits_in_memory(self, n: int) -> bool:
+        """Whether admitting ``n`` more ids is only set look-ups: cheap enough for the event
+        loop, where a thread hop would cost more than the work."""
+        memory = self._memory
+        return memory is not None and len(memory) + n <= self._memory_ids
+
     def admit(self, candidates: Sequence[Candidate]) -> Admission:
-        """``new``: first seen in this run; ``repeated``: seen before. One transaction."""
-        unique = list(dict.fromkeys(c.job_id for c in candidates))
+        """``new``: first seen in this run; ``repeated``: seen before (a second copy within
+        the chunk too). On disk, one transaction."""
         with self._guard:
             if self._closed:
                 raise ReaperError("the temporary ledger is closed")
-            # One statement, so one transaction of its own (autocommit mode).
-            fresh = {row[0] for row in self._conn.execute(_SEE, (orjson.dumps(unique),))}
-        new: list[Candidate] = []
-        repeated: list[Candidate] = []
-        for candidate in candidates:
-            if candidate.job_id in fresh:
-                fresh.discard(candidate.job_id)  # a second copy in the chunk is repeated
-                new.append(candidate)
+            if not self.admits_in_memory(len(candidates)):
+                self._spill()
+            new: list[Candidate] = []
+            repeated: list[Candidate] = []
+            memory = self._memory
+            if memory is None:
+                unique = list(dict.fromkeys(c.job_id for c in candidates))
+                # One statement, so one transaction of its own (autocommit mode).
+                fresh = {row[0] for row in self._conn.execute(_SEE, (orjson.dumps(unique),))}
+                for candidate in candidates:
+                    if candidate.job_id in fresh:
+                        fresh.discard(candidate.job_id)  # a second copy in the chunk is repeated
+                        new.append(candidate)
+                    else:
+                        repeated.append(candidate)
             else:
-                repeated.append(candidate)
+                for candidate in candidates:
+                    if candidate.job_id in memory:
+                        repeated.append(candidate)
+                    else:
+                        memory.add(candidate.job_id)
+                        new.append(candidate)
         self._admitted += len(new)
         return Admission(new=new, repeated=repeated, done=[], resent=0)
+
+    def _spill(self) -> None:
+        """Move the ids kept in memory to the SQLite file, in one statement."""
+        if self._memory is None:
+            return
+        if self._memory:
+            self._conn.execute(_SPILL, (orjson.dumps(list(self._memory)),))
+        self._memory = None
 
     def close(self) -> None:
         """Close and remove the file. Idempotent."""
@@ -692,7 +739,11 @@ class TemporaryLedger(_Closing):
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"TemporaryLedger({str(self._directory)!r}, {state}, admitted={self._admitted})"
+        where = "on disk" if self.spilled else "in memory"
+        return (
+            f"TemporaryLedger({str(self._directory)!r}, {state}, {where}, "
+            f"admitted={self._admitted})"
+        )
 
 
 def _prepare(
