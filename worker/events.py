@@ -119,25 +119,31 @@ class EventLog:
                 self._emit(name, level, fields)
             return
         # The keys in structlog's order: the fields, event, context (a field of the same
-        # name wins), level, timestamp; one timestamp for the batch.
-        context = list(structlog.contextvars.get_contextvars().items())
+        # name wins), level, timestamp; one timestamp for the batch. Everything after the
+        # fields is the same for every event of one name in the batch, so it is serialised
+        # once (a "tail") and joined onto each event's serialised fields.
+        context = structlog.contextvars.get_contextvars()
+        reserved = context.keys() | _ADDED
         stamp = logsetup.timestamp()
+        tails: dict[str, bytes] = {}
         lines: list[bytes] = []
         for name, level, fields in events:
             if level < sink.min_level:
                 continue
-            fields["event"] = name
-            for key, value in context:
-                fields.setdefault(key, value)
-            fields["level"] = _LEVEL_NAMES[level]
-            fields["timestamp"] = stamp
             try:
-                lines.append(orjson.dumps(fields, default=str))
+                if fields.keys() & reserved:  # a field shadows a context variable
+                    lines.append(_whole(name, level, fields, context, stamp))
+                    continue
+                tail = tails.get(name)
+                if tail is None:
+                    tail = tails[name] = _tail(name, level, context, stamp)
+                head = orjson.dumps(fields, default=str)
+                lines.append(head[:-1] + tail if len(head) > 2 else b"{" + tail[1:])
             except orjson.JSONEncodeError:  # let structlog fail (or not) exactly as it would
                 if lines:
                     sink.write(b"\n".join(lines) + b"\n")
                     lines = []
-                self._emit(name, level, _original(fields))
+                self._emit(name, level, fields)
         if lines:
             sink.write(b"\n".join(lines) + b"\n")
         self.fast_batches += 1
@@ -146,9 +152,24 @@ class EventLog:
         return f"EventLog(fast_batches={self.fast_batches}, own_logger={self._own_logger})"
 
 
-def _original(fields: dict[str, Any]) -> dict[str, Any]:
-    """The event's own fields again, without what the fast path added."""
-    out = dict(fields)
-    for key in ("event", "level", "timestamp"):
-        out.pop(key, None)
-    return out
+_ADDED = frozenset({"event", "level", "timestamp"})
+
+
+def _tail(name: str, level: int, context: dict[str, Any], stamp: str) -> bytes:
+    """``,"event":...,<context>,"level":...,"timestamp":...}`` for events without a field
+    of those names."""
+    rest = {"event": name, **context, "level": _LEVEL_NAMES[level], "timestamp": stamp}
+    return b"," + orjson.dumps(rest, default=str)[1:]
+
+
+def _whole(
+    name: str, level: int, fields: dict[str, Any], context: dict[str, Any], stamp: str
+) -> bytes:
+    """One event serialised whole, for fields that shadow a context variable."""
+    line = dict(fields)
+    line["event"] = name
+    for key, value in context.items():
+        line.setdefault(key, value)
+    line["level"] = _LEVEL_NAMES[level]
+    line["timestamp"] = stamp
+    return orjson.dumps(line, default=str)
