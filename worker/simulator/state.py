@@ -42,9 +42,10 @@ class SimStats:
     # delay: benchmarks divide by these instead of trusting the nominal mean.
     latency_calls: int = 0
     latency_s: float = 0.0
-    # How long those sleeps really took (event-loop clock, sleeps that ended): never less
-    # than the draws; the event loop's timer granularity makes it a little more.
-    latency_slept_s: float = 0.0
+    # How long those calls really took, from arrival at the handler to the answer leaving it
+    # (event-loop clock, calls that ended): the latency a client was served. Never less than
+    # the draws; the event loop's timer granularity, or work longer than a draw, add to it.
+    latency_served_s: float = 0.0
     # When the first DELETE arrived and the last one was answered (the simulator's clock):
     # how long a client kept it busy deleting, timed the same way for every client.
     first_delete_at: float | None = None
