@@ -129,6 +129,22 @@ def test_a_field_wins_over_a_context_variable_of_the_same_name_in_both_paths() -
     assert orjson.loads(fast)["batch_id"] == "b-1"
 
 
+@pytest.mark.parametrize("name", ["level", "timestamp", "event", "job_id"])
+def test_a_context_variable_named_like_an_added_key_or_a_field_renders_as_structlog_does(
+    name: str,
+) -> None:
+    _, binary = _json_stream()
+    structlog.contextvars.bind_contextvars(run_id="r", **{name: "from-context"})
+    events = EventLog()
+    for result in RESULTS:
+        events.result(result)
+    slow = binary.getvalue()
+    events.results(RESULTS)
+    fast = binary.getvalue()[len(slow) :]
+    assert events.fast_batches == 1
+    assert _lines(fast) == _lines(slow)
+
+
 def test_a_batch_is_one_write_with_one_timestamp() -> None:
     _, binary = _json_stream()
     events = EventLog()

@@ -125,18 +125,20 @@ class EventLog:
         context = structlog.contextvars.get_contextvars()
         reserved = context.keys() | _ADDED
         stamp = logsetup.timestamp()
-        tails: dict[str, bytes] = {}
+        tails: dict[tuple[str, int], bytes] = {}
         lines: list[bytes] = []
         for name, level, fields in events:
             if level < sink.min_level:
                 continue
             try:
-                if fields.keys() & reserved:  # a field shadows a context variable
-                    lines.append(_whole(name, level, fields, context, stamp))
+                if fields.keys() & reserved:  # a field shadows what is added: all in one go
+                    whole = _added(dict(fields), name, level, context, stamp)
+                    lines.append(orjson.dumps(whole, default=str))
                     continue
-                tail = tails.get(name)
+                tail = tails.get((name, level))
                 if tail is None:
-                    tail = tails[name] = _tail(name, level, context, stamp)
+                    rest = orjson.dumps(_added({}, name, level, context, stamp), default=str)
+                    tail = tails[name, level] = b"," + rest[1:]
                 head = orjson.dumps(fields, default=str)
                 lines.append(head[:-1] + tail if len(head) > 2 else b"{" + tail[1:])
             except orjson.JSONEncodeError:  # let structlog fail (or not) exactly as it would
@@ -155,21 +157,14 @@ class EventLog:
 _ADDED = frozenset({"event", "level", "timestamp"})
 
 
-def _tail(name: str, level: int, context: dict[str, Any], stamp: str) -> bytes:
-    """``,"event":...,<context>,"level":...,"timestamp":...}`` for events without a field
-    of those names."""
-    rest = {"event": name, **context, "level": _LEVEL_NAMES[level], "timestamp": stamp}
-    return b"," + orjson.dumps(rest, default=str)[1:]
-
-
-def _whole(
-    name: str, level: int, fields: dict[str, Any], context: dict[str, Any], stamp: str
-) -> bytes:
-    """One event serialised whole, for fields that shadow a context variable."""
-    line = dict(fields)
+def _added(
+    line: dict[str, Any], name: str, level: int, context: dict[str, Any], stamp: str
+) -> dict[str, Any]:
+    """What structlog's chain adds after an event's own fields, as it adds it: the event,
+    the context (a field of the same name wins), the level, the timestamp."""
     line["event"] = name
     for key, value in context.items():
         line.setdefault(key, value)
     line["level"] = _LEVEL_NAMES[level]
     line["timestamp"] = stamp
-    return orjson.dumps(line, default=str)
+    return line
