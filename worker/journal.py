@@ -61,7 +61,8 @@ class LedgerPort:
     ``admit``: nothing can resume from it or report on it, so there is nothing to tell it
     about sends and outcomes, and ``mark_sent``, ``record`` and ``record_rejected`` cost
     nothing (no thread hop). "Exactly one outcome per id" does not rest on them either:
-    :class:`RunJournal` enforces it for every run.
+    :class:`RunJournal` enforces it for every run. While its ids still fit in memory it
+    admits on the event loop too: a set look-up per id costs less than the hop.
     """
 
     def __init__(self, ledger: SeenLike) -> None:
