@@ -66,6 +66,8 @@ async def test_fault_matrix_every_id_ends_with_exactly_one_outcome(tmp_path: Pat
         assert summary["rejected"] == len(INVALID)
         assert summary["repeated"] == 100
         assert summary["exit_code"] == 1
+        assert isinstance(summary["cpu_s"], float)
+        assert summary["cpu_s"] > 0  # this process's CPU over the run, for sizing
         deleted_events = done.events("job.deleted")
         assert {e["job_id"] for e in deleted_events} == {r for r in real if outcome[r] == "deleted"}
         sample = deleted_events[0]

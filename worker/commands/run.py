@@ -225,7 +225,7 @@ async def _run(
         settings.protected_statuses,
     )  # fmt: skip
     tally = Tally()
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     with ExitStack() as stack:
         ledger: Ledger | TemporaryLedger = (
             TemporaryLedger.open()
@@ -315,7 +315,8 @@ async def _run(
             if results is not None:
                 results.flush()
         code = exit_code(state, tally)
-        _summarise(events, tally, state, code, time.monotonic() - started, settings)
+        duration, cpu = time.monotonic() - started, time.process_time() - cpu_started
+        _summarise(events, tally, state, code, duration, cpu, settings)
         return code
 
 
@@ -380,7 +381,13 @@ def open_ids(tally: Tally) -> int:
 
 
 def _summarise(
-    events: EventLog, tally: Tally, state: RunState, code: int, duration: float, settings: Settings
+    events: EventLog,
+    tally: Tally,
+    state: RunState,
+    code: int,
+    duration: float,
+    cpu: float,
+    settings: Settings,
 ) -> None:
     counts = tally.counts()
     fields: dict[str, Any] = dict(counts)
@@ -391,6 +398,7 @@ def _summarise(
         retries=tally.retries,
         duration_s=round(duration, 3),
         ids_per_s=round(tally.finished / duration, 1) if duration > 0 else 0.0,
+        cpu_s=round(cpu, 3),  # this process, every thread, over duration_s: for sizing
         dry_run=settings.dry_run,
         stop_reason=state.stop_reason,
         exit_code=int(code),
