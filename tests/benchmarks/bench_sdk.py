@@ -36,14 +36,21 @@ built) counts for no one. Each side's own clock is recorded too (``client_second
   ends, outside the simulator's timing, recorded as ``share_raw_aiohttp_gets``: the
   cheapest client we can write (``_raw_deletes``: sign, send, read, parse nothing).
 - at zero latency, where the client's own cost decides: ids/s, and CPU seconds per 1,000
-  ids (gross: the whole child; net: minus a baseline child that does everything but the
-  calls). Ours' baseline is the same ``run`` command, keys and flags against a simulator,
-  with an empty input: it imports what a real run imports and builds the session, client
-  and credentials, and sends nothing; the SDK's is ``sdk_peer.py`` in ``async-setup`` /
-  ``threads-setup`` mode with an empty ids file: it imports the SDK and builds the config,
-  credentials and client, and sends nothing. Both baselines are checked to send no call.
-  The simulator's own CPU during each run is recorded (``sim_busy_share``: its CPU seconds
-  ÷ the run's seconds) to show it had CPU to spare.
+  ids. The goal's figure is **net**: the child's CPU less that of a baseline child of the
+  same side, run just before it, that does everything but the calls. Ours' baseline is the
+  same ``run`` command, keys and flags against a simulator, with an empty input: it
+  imports what a real run imports and builds the session, client and credentials, and
+  sends nothing; the SDK's is ``sdk_peer.py`` in ``async-setup`` / ``threads-setup`` mode
+  with an empty ids file: it imports the SDK and builds the config, credentials and
+  client, and sends nothing. Both baselines are checked to send no call. Start-up is about
+  1 s of CPU on every side against 0.5-2 s of work, so on a noisy machine the net figure
+  moves a lot; two more are recorded beside it: gross (the whole child) and **in-run**
+  (each process's own CPU, every thread, read inside it: ``cpu_s`` of ours'
+  ``run.summary``, which also covers opening the ledger and the session, so it charges
+  ours for set-up that the SDK peer's, from its first call on, does not). The ratios are
+  recorded per repeat too (``by_repeat``), to show how far the noise goes. The simulator's
+  own CPU during each run is recorded (``sim_busy_share``: its CPU seconds ÷ the run's
+  seconds) to show it had CPU to spare.
 - the simulator's own capacity (``test_simulator_is_not_the_bottleneck``): a raw aiohttp
   client that signs each call with ``worker.signer`` and reads the body without parsing it,
   at the same concurrency and batch size; the simulator's CPU per call (``/proc/<pid>/stat``)
@@ -123,7 +130,7 @@ def _ours(url: str, ids_file: Path, tmp: Path, *, expect: int = IDS) -> dict[str
         _, cpu = _child(args, stdout=out)
     summary = json.loads(events.read_text().splitlines()[-1])
     assert summary["event"] == "run.summary" and summary["deleted"] == expect, summary
-    return {"seconds": summary["duration_s"], "cpu": cpu}
+    return {"seconds": summary["duration_s"], "cpu": cpu, "run_cpu": summary["cpu_s"]}
 
 
 def _sdk(url: str, ids_file: Path, mode: str, *, expect: int = IDS) -> dict[str, float]:
@@ -131,7 +138,7 @@ def _sdk(url: str, ids_file: Path, mode: str, *, expect: int = IDS) -> dict[str,
                        str(BATCH), str(CONCURRENCY)])  # fmt: skip
     result = json.loads(out.strip().splitlines()[-1])
     assert result["errors"] == 0 and result["ids"] == expect, result
-    return {"seconds": result["seconds"], "cpu": cpu}
+    return {"seconds": result["seconds"], "cpu": cpu, "run_cpu": result["cpu"]}
 
 
 def _run_side(
@@ -165,13 +172,18 @@ def _warm_bytecode_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     return
 
 
-def _measure(tmp: Path, latency_ms: float) -> dict[str, dict[str, float]]:
+def _measure(
+    tmp: Path, latency_ms: float, *, net: bool = False
+) -> tuple[dict[str, dict[str, float]], dict[str, list[dict[str, float]]]]:
     """Per side, medians over ``BENCH_REPEATS`` runs (sides interleaved) of: seconds, CPU,
     the realised and nominal shares of the latency ceiling, the realised mean latency, and
-    the simulator's busy share."""
+    the simulator's busy share; and the runs themselves. With ``net``, each run is paired
+    with a baseline child of its own side just before it (``net_cpu``: the run's CPU less
+    that baseline's), so a machine that drifts between runs moves both alike."""
     runs: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
     for _ in range(repeats(3)):
         for side in SIDES:
+            baseline = _baseline(side, tmp) if net else 0.0
             with simulator(tmp, jobs=IDS, latency_ms=latency_ms) as sim:
                 assert len(sim.ids) == IDS
                 ids_file = tmp / "ids.txt"
@@ -186,11 +198,15 @@ def _measure(tmp: Path, latency_ms: float) -> dict[str, dict[str, float]]:
                 figures["seconds"] = sim.stats()["delete_span_s"]
                 figures["sim_busy_share"] = (sim.cpu_seconds() - sim_cpu) / figures["seconds"]
                 figures.update(_latency_figures(sim, figures["seconds"]))
+                if net:
+                    figures["baseline_cpu"] = baseline
+                    figures["net_cpu"] = figures["cpu"] - baseline
                 runs[side].append(figures)
-    return {
+    medians = {
         side: {key: median([r[key] for r in values]) for key in values[0]}
         for side, values in runs.items()
     }
+    return medians, runs
 
 
 def _latency_figures(sim: SimProcess, seconds: float) -> dict[str, float]:
@@ -232,7 +248,7 @@ def _by_side(figures: dict[str, dict[str, float]], key: str, digits: int = 3) ->
 
 @pytest.mark.timeout(1800)  # every side, BENCH_REPEATS times, plus baselines
 def test_share_of_the_latency_ceiling_at_20ms(tmp_path: Path) -> None:
-    figures = _measure(tmp_path, LATENCY_S * 1000)
+    figures, _ = _measure(tmp_path, LATENCY_S * 1000)
     realised = _by_side(figures, "realised_share")
     record("sdk_latency_share", latency_ms=LATENCY_S * 1000,
            nominal_ceiling_calls_per_s=CONCURRENCY / LATENCY_S,
@@ -266,23 +282,36 @@ def _raw_share(tmp: Path) -> float:
 
 @pytest.mark.timeout(1800)  # every side, BENCH_REPEATS times, plus baselines
 def test_client_cost_at_zero_latency(tmp_path: Path) -> None:
-    figures = _measure(tmp_path, 0.0)
-    base = {side: median([_baseline(side, tmp_path) for _ in range(repeats(3))]) for side in SIDES}
+    figures, runs = _measure(tmp_path, 0.0, net=True)
     ids_per_s = {side: round(IDS / f["seconds"]) for side, f in figures.items()}
-    gross = {side: round(f["cpu"] / IDS * 1000, 4) for side, f in figures.items()}
-    net = {side: round((f["cpu"] - base[side]) / IDS * 1000, 4) for side, f in figures.items()}
+    per_1000 = {
+        name: {side: round(f[key] / IDS * 1000, 4) for side, f in figures.items()}
+        for name, key in (("in_run", "run_cpu"), ("net", "net_cpu"), ("gross", "cpu"))
+    }
+    cpu = per_1000["net"]
     best_sdk = max(ids_per_s["sdk_async"], ids_per_s["sdk_threads"])
-    cheapest_sdk = min(net["sdk_async"], net["sdk_threads"])
+    cheapest_sdk = min(cpu["sdk_async"], cpu["sdk_threads"])
     busy = _by_side(figures, "sim_busy_share")
-    record("sdk_zero_latency", ids_per_s=ids_per_s, cpu_s_per_1000_ids_gross=gross,
-           cpu_s_per_1000_ids_net=net, startup_cpu_s={k: round(v, 3) for k, v in base.items()},
+    # The same ratios within each repeat, sides side by side: how far the noise goes.
+    by_repeat: dict[str, list[float]] = {"speedup": [], "in_run": [], "net": []}
+    for ours, *sdks in zip(runs["ours"], runs["sdk_async"], runs["sdk_threads"], strict=True):
+        by_repeat["speedup"].append(round(min(s["seconds"] for s in sdks) / ours["seconds"], 2))
+        for name, key in (("in_run", "run_cpu"), ("net", "net_cpu")):
+            by_repeat[name].append(round(ours[key] / min(s[key] for s in sdks), 3))
+    in_run = per_1000["in_run"]
+    record("sdk_zero_latency", ids_per_s=ids_per_s, cpu_s_per_1000_ids_net=cpu,
+           cpu_s_per_1000_ids_in_run=in_run, cpu_s_per_1000_ids_gross=per_1000["gross"],
+           startup_cpu_s=_by_side(figures, "baseline_cpu"),
            speedup=round(ids_per_s["ours"] / best_sdk, 2),
-           cpu_ratio=round(net["ours"] / cheapest_sdk, 3), sim_busy_share=busy,
+           cpu_ratio=round(cpu["ours"] / cheapest_sdk, 3),
+           cpu_ratio_in_run=round(
+               in_run["ours"] / min(in_run["sdk_async"], in_run["sdk_threads"]), 3),
+           by_repeat=by_repeat, sim_busy_share=busy,
            client_seconds=_by_side(figures, "client_seconds"),
            machine=machine())  # fmt: skip
     assert max(busy.values()) < 0.5  # the simulator had at least half a CPU to spare
     assert ids_per_s["ours"] >= 3 * best_sdk
-    assert net["ours"] <= cheapest_sdk / 4
+    assert cpu["ours"] <= cheapest_sdk / 4
 
 
 async def _raw_deletes(url: str, ids: list[str]) -> tuple[float, int]:
