@@ -204,9 +204,22 @@ def public_endpoint(endpoint: str) -> str:
 
 
 class _Closing:
-    """``with`` closes it on the way out."""
+    """A connection-holder: ``close`` releases it once, under its guard, whoever calls it
+    and however often; ``with`` closes it on the way out."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._closed = False
 
     def close(self) -> None:
+        """Release what is held. Idempotent."""
+        with self._guard:
+            if self._closed:
+                return
+            self._closed = True
+            self._release()
+
+    def _release(self) -> None:
         raise NotImplementedError
 
     def __enter__(self) -> Self:
@@ -225,9 +238,9 @@ class LedgerView(_Closing):
     """The read side of a ledger; :class:`Ledger` adds the writes, ``report`` uses this alone."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        super().__init__()
         self._conn = conn
         self._path = path
-        self._guard = threading.Lock()
         self._counts: dict[str, int] | None = None
 
     @property
@@ -314,9 +327,8 @@ class LedgerView(_Closing):
         finally:
             cursor.close()
 
-    def close(self) -> None:
-        with self._guard:
-            self._conn.close()
+    def _release(self) -> None:
+        self._conn.close()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(path={str(self._path)!r}, counts={self._counts!r})"
@@ -404,7 +416,6 @@ class Ledger(LedgerView):
         self._run_no = run_no
         self._retry_failed = retry_failed
         self._clock = clock
-        self._closed = False
         self._admitted = 0
         self._recorded = 0
 
@@ -593,20 +604,15 @@ class Ledger(LedgerView):
                 raise
             self._conn.execute("COMMIT")
 
-    def close(self) -> None:
-        """Note the run's end and release the lock. Idempotent."""
-        with self._guard:
-            if self._closed:
-                return
-            self._closed = True
-            try:
-                self._conn.execute(
-                    "UPDATE runs SET ended_at = ? WHERE run_no = ?",
-                    (self._clock(), self._run_no),
-                )
-            finally:
-                self._conn.close()
-                self._lock.release()
+    def _release(self) -> None:
+        """Note the run's end and release the lock."""
+        try:
+            self._conn.execute(
+                "UPDATE runs SET ended_at = ? WHERE run_no = ?", (self._clock(), self._run_no)
+            )
+        finally:
+            self._conn.close()
+            self._lock.release()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -641,16 +647,15 @@ class TemporaryLedger(_Closing):
     directory (made when the ledger is opened, so a bad ``TMPDIR`` fails the run before it
     reads anything) and every later id goes there; the file is removed on close. Nothing
     can resume from it or report on it, so it can only :meth:`admit` ("exactly one outcome
-    per id" is the journal's, see ``worker.journal.RunJournal``), and it needs no lock (the
-    directory is the run's own) and no crash safety (a new run makes a new one)."""
+    per id" is the journal's, see ``worker.journal.RunJournal``), and it needs no file lock
+    (the directory is the run's own) and no crash safety (a new run makes a new one)."""
 
     def __init__(
         self, conn: sqlite3.Connection, directory: Path, memory_ids: int = MEMORY_IDS
     ) -> None:
+        super().__init__()
         self._conn = conn
         self._directory = directory
-        self._guard = threading.Lock()
-        self._closed = False
         self._admitted = 0
         self._memory_ids = memory_ids
         self._memory: set[str] | None = set()  # None once the ids are in SQLite
@@ -715,7 +720,7 @@ class TemporaryLedger(_Closing):
                     else:
                         memory.add(candidate.job_id)
                         new.append(candidate)
-        self._admitted += len(new)
+            self._admitted += len(new)
         return Admission(new=new, repeated=repeated, done=[], resent=0)
 
     def _spill(self) -> None:
@@ -726,16 +731,12 @@ class TemporaryLedger(_Closing):
             self._conn.execute(_SPILL, (orjson.dumps(list(self._memory)),))
         self._memory = None
 
-    def close(self) -> None:
-        """Close and remove the file. Idempotent."""
-        with self._guard:
-            if self._closed:
-                return
-            self._closed = True
-            try:
-                self._conn.close()
-            finally:
-                _remove(self._directory)
+    def _release(self) -> None:
+        """Close and remove the file."""
+        try:
+            self._conn.close()
+        finally:
+            _remove(self._directory)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -838,6 +839,5 @@ def _duplicates(job_ids: Iterable[str]) -> list[str]:
     return twice
 
 
-def _remove(directory: Path | None) -> None:
-    if directory is not None:
-        shutil.rmtree(directory, ignore_errors=True)
+def _remove(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
