@@ -80,8 +80,14 @@ def main(argv: list[str]) -> int:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             errors = sum(not ok for ok in pool.map(one, batches))
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    line = {"seconds": seconds, "cpu": cpu, "calls": len(batches), "ids": len(ids)}
-    print(json.dumps(line | {"errors": errors}))
+    result = {
+        "seconds": seconds,
+        "cpu": cpu,
+        "calls": len(batches),
+        "ids": len(ids),
+        "errors": errors,
+    }
+    print(json.dumps(result))
     return 0
 
 
