@@ -13,6 +13,7 @@ a 429. ``BENCH_REPEATS`` (default 3) runs per figure; the median is reported.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 
 from tests.benchmarks.harness import (
     BotocoreCubic,
+    RclonePacer,
     Trace,
     drive,
     machine,
@@ -50,10 +52,22 @@ CONCURRENCY = 8
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
+RCLONE_MIN_SLEEP = 0.001
+"""The rclone peer's ``min_sleep``: its default (10 ms) would cap it at 100 calls/s."""
+
+PEERS: dict[str, Callable[[float], Any]] = {
+    "botocore": BotocoreCubic,
+    "rclone": lambda now: RclonePacer(min_sleep=RCLONE_MIN_SLEEP),
+    "rclone_no_retry_after": lambda now: RclonePacer(
+        min_sleep=RCLONE_MIN_SLEEP, honour_retry_after=False
+    ),
+}
+"""The controllers ``--rate auto`` is measured against, each run under the same limiter."""
+
+
 def _limiter(rate: float | str, clock: Clock) -> RateLimiter:
-    if rate == "botocore":
-        peer: Any = BotocoreCubic(clock.now())
-        return AdaptiveRateLimiter(clock, controller=peer)
+    if isinstance(rate, str) and rate in PEERS:
+        return AdaptiveRateLimiter(clock, controller=PEERS[rate](clock.now()))
     return build_limiter(rate, BURST, clock)  # type: ignore[arg-type]
 
 
@@ -122,11 +136,12 @@ AUTO_SECONDS = float(os.environ.get("BENCH_AUTO_SECONDS", "40"))
 
 
 @pytest.mark.timeout(repeats(3) * (AUTO_SECONDS + 20) + 60)
-@pytest.mark.parametrize("controller", ["auto", "botocore"])
+@pytest.mark.parametrize("controller", ["auto", *PEERS])
 @pytest.mark.parametrize("quota", [5.0, 50.0, 500.0])
 def test_auto_rate_finds_an_unknown_quota(controller: str, quota: float, tmp_path: Path) -> None:
-    """``--rate auto`` from 2 calls/s, and botocore's adaptive mode (ported: see
-    ``harness.BotocoreCubic``) as the peer; measured from 10 s after the start to 40 s."""
+    """``--rate auto`` from 2 calls/s, and its peers: botocore's adaptive mode and rclone's
+    pacer, with and without ``Retry-After`` (ported: see ``harness.BotocoreCubic`` and
+    ``harness.RclonePacer``); measured from 10 s after the start to 40 s."""
     duration = AUTO_SECONDS
     utils, shares = [], []
     for _ in range(repeats(3)):
@@ -135,7 +150,7 @@ def test_auto_rate_finds_an_unknown_quota(controller: str, quota: float, tmp_pat
         utils.append(util)
         shares.append(share)
     record(
-        "rate_auto" if controller == "auto" else "rate_botocore",
+        f"rate_{controller}",
         quota=quota,
         utilisation=round(median(utils), 3),
         throttled=round(median(shares), 4),
