@@ -4,7 +4,7 @@ Nobody documents the DevServer delete call's quota, so the rate is learnt from t
 Why not botocore's adaptive mode (CUBIC on the rate, cut to 0.7x on every throttle) or
 rclone's pacer (multiply the sleep on errors, shrink it on success): both probe past the
 limit at the same pace forever and cut far below it each time, so against a steady quota
-they pay a throttle, and here a ``Retry-After`` pause of every call, every few seconds.
+they pay a throttle every few seconds (and rclone, told ``Retry-After``, a second's spacing).
 This controller keeps a ``level`` it believes safe and only ever leaves it on purpose:
 
 - **startup**: from ``initial_rate`` (2 calls/s) the rate grows smoothly, doubling every
@@ -12,14 +12,20 @@ This controller keeps a ``level`` it believes safe and only ever leaves it on pu
   worker held back by its concurrency does not talk itself into a rate it never uses). The
   first throttle ends it: the level becomes ``1 - margin`` of the rate refused.
 - **cruise** at the level for ``hold`` seconds, then **probe**: ``step`` (3 %) above it for
-  ``probe_time`` seconds. A refused probe costs one pause and nothing else (the level was
-  never in doubt), and the next cruise lasts ``hold_growth`` times longer, so a steady quota
-  is probed rarely. A probe that passes raises the level and doubles the next step at once:
-  a quota that rose is found again in a few probes (3 %, 6 %, 12 %, ...).
+  ``probe_time`` seconds. A refused probe costs the refused calls and nothing else: the
+  level was never in doubt, so calls go back to it at once, with no pause; and the next
+  cruise lasts ``hold_growth`` times longer, so a steady quota is probed rarely. A probe
+  that passes raises the level and doubles the next step at once: a quota that rose is
+  found again in a few probes (3 %, 6 %, 12 %, ...). The raised level is provisional until
+  a whole cruise has passed at it: a refusal before then is the probe's, found late (a
+  server's burst absorbs a small overshoot for a while), and goes back to the level under
+  it as a refused probe does.
 - a throttle while cruising means the quota fell (or a server's burst hid an overshoot):
   the level is cut by ``beta``, again on each further throttle, until refusals stop.
 - a throttle for a call sent before the last cut says nothing new and is ignored.
-- ``Retry-After`` pauses every call (``AdaptiveRateLimiter`` waits on ``pause_until``).
+- ``Retry-After`` on a refusal at the level (startup or cruise) pauses every call
+  (``AdaptiveRateLimiter`` waits on ``pause_until``); on a refused probe only the refused
+  call waits it (the dispatcher's retry policy always does).
 - 503s (``on_overload``) and clearly rising latency (the median of the last
   ``latency_samples`` calls above ``latency_factor`` times the fastest seen plus
   ``latency_floor_s``: a median, as one slow call or a GC pause is no signal) count as a
@@ -108,6 +114,8 @@ class ControllerState:
     refused: float  # the lowest rate refused since the quota last rose (inf: none),
     # forgotten ``max_hold`` after the last cut: the quota may have risen since
     pause_until: float  # no call starts before this (Retry-After)
+    below: float = 0.0  # the level before a probe last raised it ...
+    provisional: bool = False  # ... while no whole cruise at the raised level has passed
 
 
 class AnswerEvents(abc.ABC):
@@ -213,15 +221,26 @@ class RateController(AnswerEvents):
     def on_throttle(
         self, now: float, retry_after: float | None = None, latency: float | None = None
     ) -> float:
-        """A 429. ``latency`` dates the call: one sent before the last cut is old news."""
+        """A 429. ``latency`` dates the call: one sent before the last cut is old news.
+
+        Its ``Retry-After`` pauses every call, unless the controller was probing: a refused
+        probe says only that the probe went too high, while the level under it was being
+        accepted, so calls go on at the level at once (the refused call itself still waits
+        its ``Retry-After``: the retry policy sees to that).
+        """
+        sent = now - latency if latency is not None and latency >= 0 else now
+        if sent < self._state.cut_at:
+            return self._state.rate  # the cut it belongs to has been made, pause and all
+        self.rate_at(now)
+        if self._state.phase is not Phase.PROBE and not self._state.provisional:
+            self._pause(now, retry_after)
+        return self._cut(now)
+
+    def _pause(self, now: float, retry_after: float | None) -> None:
         if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
             until = now + min(retry_after, self._config.max_pause)
             if until > self._state.pause_until:
                 self._state = replace(self._state, pause_until=until)
-        sent = now - latency if latency is not None and latency >= 0 else now
-        if sent < self._state.cut_at:
-            return self._state.rate
-        return self._cut(now)
 
     def on_overload(self, now: float, latency: float | None = None) -> float:
         """A 503: the service is overloaded. A throttle without Retry-After."""
@@ -280,19 +299,23 @@ class RateController(AnswerEvents):
                     or self._sent_rate(now) >= 0.5 * s.level
                     or s.level <= c.min_rate
                 ):
-                    s = replace(s, phase=Phase.PROBE, rate=self._probe_rate(s), since=now, cuts=0)
+                    s = replace(
+                        s, phase=Phase.PROBE, rate=self._probe_rate(s), since=now, cuts=0,
+                        provisional=False,  # the level held for a whole cruise
+                    )  # fmt: skip
                 else:
                     s = replace(s, since=now)
         elif now - since >= self._probe_length(s.rate):
             # The probe passed: its rate is the new level, and the next probe goes twice as
             # far (never past halfway to a refusal: a bisection). Above every refusal seen,
             # the quota rose: the next probe follows at once, so it is found in a few steps.
-            # Inside the bracket, after a short cruise: each refused probe costs a pause.
+            # Inside the bracket, after a short cruise: each refused probe costs calls.
             step = min(2.0 * s.step, c.max_step)
+            raised = replace(s, level=s.rate, below=s.level, provisional=True, step=step)
             if s.rate < s.refused:
-                s = replace(s, level=s.rate, step=step, phase=Phase.CRUISE, since=now, cuts=0)
+                s = replace(raised, phase=Phase.CRUISE, since=now, cuts=0)
             else:
-                s = replace(s, level=s.rate, step=step, since=now, cuts=0, refused=math.inf)
+                s = replace(raised, since=now, cuts=0, refused=math.inf)
                 s = replace(s, rate=self._probe_rate(s), hold=c.hold)
         self._state = s
         return s.rate
@@ -314,6 +337,14 @@ class RateController(AnswerEvents):
             hold = c.hold
             step = c.step
             refused = s.rate
+        elif s.provisional:
+            # Refused at a level a probe raised, before a whole cruise there: the probe's
+            # refusal, found late (the server's burst hid its overshoot while it lasted).
+            # Back to the level under it, as for a refused probe.
+            level = s.below
+            hold = min(s.hold * c.hold_growth, c.max_hold)
+            step = max(s.step / 4.0, c.min_step)  # the pass doubled it; a refusal halves
+            refused = s.level
         else:
             # Refused at the level: a server's burst hid an overshoot (a mild cut is
             # enough), or the quota fell: each further refusal in a row cuts harder.
@@ -323,7 +354,8 @@ class RateController(AnswerEvents):
             step = c.step
             refused = s.level
         level = min(max(level, c.min_rate), c.max_rate)
-        cuts = (s.cuts + 1 if now - s.cut_at < c.hold else 1) if s.phase is Phase.CRUISE else 0
+        at_level = s.phase is Phase.CRUISE and not s.provisional
+        cuts = (s.cuts + 1 if now - s.cut_at < c.hold else 1) if at_level else 0
         self._state = replace(
             s,
             cuts=cuts,
@@ -335,6 +367,7 @@ class RateController(AnswerEvents):
             hold=hold,
             cut_at=now,
             refused=refused,
+            provisional=s.provisional and s.phase is Phase.PROBE,
         )
         return level
 
