@@ -197,8 +197,8 @@ def test_a_raised_level_is_provisional_until_a_whole_cruise_has_passed_at_it() -
         t += 1.0 / ctrl.rate_at(t)
     assert not ctrl.state.provisional  # 103 held for a whole cruise
     ctrl.restore(replace(ctrl.state, phase=Phase.CRUISE, rate=103.0, since=t))
-    assert ctrl.on_throttle(t, retry_after=1.0, latency=0.001) == pytest.approx(0.85 * 103.0)
-    assert ctrl.pause_until() == pytest.approx(t + 1.0)
+    assert ctrl.on_throttle(t, retry_after=1.0, latency=0.001) == pytest.approx(0.97 * 103.0)
+    assert ctrl.pause_until() == pytest.approx(t + 1.0)  # a refusal at the level: everyone
 
 
 def test_a_passed_probe_raises_the_level_and_the_next_step() -> None:
@@ -215,8 +215,25 @@ def test_a_passed_probe_raises_the_level_and_the_next_step() -> None:
 def test_503s_cut_like_a_throttle_without_a_pause() -> None:
     ctrl = RateController(0.0)
     ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
-    assert ctrl.on_overload(1.0, latency=0.01) == pytest.approx(85.0)
+    assert ctrl.on_overload(1.0, latency=0.01) == pytest.approx(97.0)
+    assert ctrl.on_overload(1.5, latency=0.01) == pytest.approx(0.85 * 97.0)
     assert ctrl.pause_until() < 1.0
+
+
+def test_refusals_at_the_level_step_down_once_then_cut_harder_each_time_in_a_row() -> None:
+    """The first refusal at a level that held is most often a hair's overshoot a server's
+    burst hid: 3 % down. More in a row mean the quota fell: 0.85, 0.85², ... each pausing
+    every call for the Retry-After."""
+    ctrl = RateController(0.0, AdaptiveConfig(hold=5.0, step=0.03, beta=0.85))
+    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
+    assert ctrl.on_throttle(10.0, retry_after=1.0, latency=0.001) == pytest.approx(97.0)
+    assert ctrl.pause_until() == 11.0
+    assert ctrl.on_throttle(12.0, retry_after=1.0, latency=0.001) == pytest.approx(82.45)
+    assert ctrl.on_throttle(14.0, retry_after=1.0, latency=0.001) == pytest.approx(0.85**2 * 82.45)
+    assert ctrl.pause_until() == 15.0
+    # A refusal after a quiet hold is a first one again.
+    level = ctrl.state.level
+    assert ctrl.on_throttle(30.0, retry_after=1.0, latency=0.001) == pytest.approx(0.97 * level)
 
 
 def test_clearly_rising_latency_cuts_but_one_slow_call_does_not() -> None:
@@ -449,3 +466,20 @@ async def test_replicas_sharing_a_bucket_find_the_quota_together() -> None:
     assert late_refused <= 0.02 * late_ok * 30.0
     assert all(r.controller.state.phase is not Phase.STARTUP for r in replicas)
     assert "SharedAdaptiveLimiter(" in repr(replicas[0])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("step", 1.0, "step < 1"),
+        ("beta", 1.0, "0 < beta < 1"),
+        ("hold", 0.0, "hold must be"),
+        ("initial_rate", math.inf, "initial_rate must be"),
+        ("min_rate", 5.0, "min_rate <= initial_rate"),
+    ],
+)
+def test_a_config_the_arithmetic_cannot_work_with_is_refused(
+    field: str, value: float, says: str
+) -> None:
+    with pytest.raises(ValueError, match=says):
+        AdaptiveConfig(**{field: value})  # type: ignore[arg-type]

@@ -20,8 +20,9 @@ This controller keeps a ``level`` it believes safe and only ever leaves it on pu
   a whole cruise has passed at it: a refusal before then is the probe's, found late (a
   server's burst absorbs a small overshoot for a while), and goes back to the level under
   it as a refused probe does.
-- a throttle while cruising means the quota fell (or a server's burst hid an overshoot):
-  the level is cut by ``beta``, again on each further throttle, until refusals stop.
+- a throttle while cruising means a server's burst hid a hair's overshoot, or the quota
+  fell: the level steps down by ``step`` (3 %), and each further throttle in a row (within
+  ``hold`` of the last) cuts it by ``beta``, ``beta**2`` and so on, until refusals stop.
 - a throttle for a call sent before the last cut says nothing new and is ignored.
 - ``Retry-After`` on a refusal at the level (startup or cruise) pauses every call
   (``AdaptiveRateLimiter`` waits on ``pause_until``); on a refused probe only the refused
@@ -76,7 +77,7 @@ class AdaptiveConfig:
     hold: float = 5.0  # first cruise before probing, seconds
     hold_growth: float = 3.0  # each refused probe makes the next cruise this much longer
     max_hold: float = 30.0  # ... up to this: the longest a rise of the quota goes unseen
-    beta: float = 0.85  # cut on a throttle while cruising
+    beta: float = 0.85  # cut on throttles in a row while cruising (the first steps ``step``)
     window: float = 1.0  # seconds of recent sends that say how fast we really send
     latency_factor: float = 3.0
     latency_floor_s: float = 0.1
@@ -97,6 +98,8 @@ class AdaptiveConfig:
             raise ValueError("need min_rate <= initial_rate <= max_rate")
         if not (0 < self.beta < 1 and 0 <= self.margin < 1 and self.hold_growth >= 1):
             raise ValueError("need 0 < beta < 1, 0 <= margin < 1 and hold_growth >= 1")
+        if self.step >= 1:
+            raise ValueError("need step < 1: a refusal at the level steps down by it")
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,13 +352,13 @@ class RateController(AnswerEvents):
             # Refused at the level: a server's burst hid an overshoot (a mild cut is
             # enough), or the quota fell: each further refusal in a row cuts harder.
             again = now - s.cut_at < c.hold  # refused again soon after a cut: harder
-            level = c.beta ** (s.cuts + 1 if again else 1) * s.level
+            level = c.beta ** (s.cuts + 1) * s.level if again else (1.0 - c.step) * s.level
             hold = c.hold
             step = c.step
             refused = s.level
         level = min(max(level, c.min_rate), c.max_rate)
         at_level = s.phase is Phase.CRUISE and not s.provisional
-        cuts = (s.cuts + 1 if now - s.cut_at < c.hold else 1) if at_level else 0
+        cuts = s.cuts + 1 if at_level and now - s.cut_at < c.hold else 0
         self._state = replace(
             s,
             cuts=cuts,
