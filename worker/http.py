@@ -84,6 +84,9 @@ def make_session(
         raise_for_status=False,
         auto_decompress=True,
         trust_env=False,
+        # No cookie jar: a cookie a gateway, load balancer or proxy sets would otherwise go
+        # back on every later call as a header the signer never saw.
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
     # aiohttp silently resends an idempotent request (GET, and DELETE too) once when the
     # connection drops, replaying the old signature. That attempt would be invisible to the
