@@ -117,8 +117,12 @@ class ControllerState:
     refused: float  # the lowest rate refused since the quota last rose (inf: none),
     # forgotten ``max_hold`` after the last cut: the quota may have risen since
     pause_until: float  # no call starts before this (Retry-After)
-    below: float = 0.0  # the level before a probe last raised it ...
-    provisional: bool = False  # ... while no whole cruise at the raised level has passed
+    below: float | None = None  # while a level a probe raised has not held for a whole
+    # cruise: the level before it, which a refusal goes back to (None: the level held)
+
+    @property
+    def provisional(self) -> bool:
+        return self.below is not None
 
 
 class AnswerEvents(abc.ABC):
@@ -225,25 +229,11 @@ class RateController(AnswerEvents):
         self, now: float, retry_after: float | None = None, latency: float | None = None
     ) -> float:
         """A 429. ``latency`` dates the call: one sent before the last cut is old news.
-
-        Its ``Retry-After`` pauses every call, unless the controller was probing: a refused
-        probe says only that the probe went too high, while the level under it was being
-        accepted, so calls go on at the level at once (the refused call itself still waits
-        its ``Retry-After``: the retry policy sees to that).
-        """
+        Its ``Retry-After`` pauses every call unless a probe was refused (see ``_cut``)."""
         sent = now - latency if latency is not None and latency >= 0 else now
         if sent < self._state.cut_at:
             return self._state.rate  # the cut it belongs to has been made, pause and all
-        self.rate_at(now)
-        if self._state.phase is not Phase.PROBE and not self._state.provisional:
-            self._pause(now, retry_after)
-        return self._cut(now)
-
-    def _pause(self, now: float, retry_after: float | None) -> None:
-        if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
-            until = now + min(retry_after, self._config.max_pause)
-            if until > self._state.pause_until:
-                self._state = replace(self._state, pause_until=until)
+        return self._cut(now, retry_after)
 
     def on_overload(self, now: float, latency: float | None = None) -> float:
         """A 503: the service is overloaded. A throttle without Retry-After."""
@@ -304,7 +294,7 @@ class RateController(AnswerEvents):
                 ):
                     s = replace(
                         s, phase=Phase.PROBE, rate=self._probe_rate(s), since=now, cuts=0,
-                        provisional=False,  # the level held for a whole cruise
+                        below=None,  # the level held for a whole cruise
                     )  # fmt: skip
                 else:
                     s = replace(s, since=now)
@@ -314,7 +304,7 @@ class RateController(AnswerEvents):
             # the quota rose: the next probe follows at once, so it is found in a few steps.
             # Inside the bracket, after a short cruise: each refused probe costs calls.
             step = min(2.0 * s.step, c.max_step)
-            raised = replace(s, level=s.rate, below=s.level, provisional=True, step=step)
+            raised = replace(s, level=s.rate, below=s.level, step=step)
             if s.rate < s.refused:
                 s = replace(raised, phase=Phase.CRUISE, since=now, cuts=0)
             else:
@@ -323,10 +313,16 @@ class RateController(AnswerEvents):
         self._state = s
         return s.rate
 
-    def _cut(self, now: float) -> float:
+    def _cut(self, now: float, retry_after: float | None = None) -> float:
+        """A refusal: the new level. ``retry_after`` pauses every call, but for a refused
+        probe (found at once, or late while its level is provisional): the level under it
+        was being accepted, so calls go back to it at once, and only the refused call waits
+        (the retry policy sees to that)."""
         self.rate_at(now)
         s = self._state
         c = self._config
+        probe = s.phase is Phase.PROBE or s.below is not None  # refused now, or found late
+        pause = s.pause_until
         if s.phase is Phase.PROBE:
             # The probe found the top: the level stands. Probe less often from now on, and
             # by half the step (down to ``min_step``), closing in on the quota from below.
@@ -340,7 +336,7 @@ class RateController(AnswerEvents):
             hold = c.hold
             step = c.step
             refused = s.rate
-        elif s.provisional:
+        elif s.below is not None:
             # Refused at a level a probe raised, before a whole cruise there: the probe's
             # refusal, found late (the server's burst hid its overshoot while it lasted).
             # Back to the level under it, as for a refused probe.
@@ -356,8 +352,10 @@ class RateController(AnswerEvents):
             hold = c.hold
             step = c.step
             refused = s.level
+        if not probe and retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
+            pause = max(pause, now + min(retry_after, c.max_pause))
         level = min(max(level, c.min_rate), c.max_rate)
-        at_level = s.phase is Phase.CRUISE and not s.provisional
+        at_level = s.phase is Phase.CRUISE and not probe
         cuts = s.cuts + 1 if at_level and now - s.cut_at < c.hold else 0
         self._state = replace(
             s,
@@ -370,7 +368,8 @@ class RateController(AnswerEvents):
             hold=hold,
             cut_at=now,
             refused=refused,
-            provisional=s.provisional and s.phase is Phase.PROBE,
+            pause_until=pause,
+            below=s.below if s.phase is Phase.PROBE else None,
         )
         return level
 
