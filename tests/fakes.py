@@ -1,4 +1,5 @@
-"""Fakes shared by the tests. ``FakeClock``: virtual time, so no test ever really sleeps."""
+"""Fakes shared by the tests. ``FakeClock``: virtual time, so no test ever really sleeps;
+``paced_sends``: calls through a limiter on that time."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import itertools
 from dataclasses import dataclass, field
 
 import anyio
+
+from worker.ratelimit import RateLimiter
 
 
 @dataclass(order=True, slots=True)
@@ -100,3 +103,23 @@ class FakeClock:
     def __repr__(self) -> str:
         mode = "" if self._autojump else ", autojump=False"
         return f"FakeClock(now={self._now:g}, pending={len(self._sleepers)}{mode})"
+
+
+async def paced_sends(
+    limiter: RateLimiter, clock: FakeClock, *, until: float, workers: int, latency: float
+) -> list[float]:
+    """When each call started: ``workers`` tasks send through ``limiter`` on virtual time
+    until ``until``, each call answered with a success ``latency`` after it starts."""
+    sends: list[float] = []
+
+    async def worker() -> None:
+        while clock.now() < until:
+            await limiter.acquire()
+            sends.append(clock.now())
+            await clock.sleep(latency)
+            limiter.feedback(throttled=False, latency_s=latency)
+
+    async with anyio.create_task_group() as group:
+        for _ in range(workers):
+            group.start_soon(worker)
+    return sends

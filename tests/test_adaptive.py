@@ -12,7 +12,7 @@ from dataclasses import replace
 import anyio
 import pytest
 
-from tests.fakes import FakeClock
+from tests.fakes import FakeClock, paced_sends
 from worker.adaptive import (
     AdaptiveConfig,
     AdaptiveRateLimiter,
@@ -307,18 +307,7 @@ async def test_a_rate_increase_reaches_callers_already_queued() -> None:
     """Slots handed out at 2 calls/s to eight waiters must not hold growth back for 4 s."""
     clock = FakeClock()
     limiter = AdaptiveRateLimiter(clock)
-    sends: list[float] = []
-
-    async def worker() -> None:
-        while clock.now() < 5.0:
-            await limiter.acquire()
-            sends.append(clock.now())
-            await clock.sleep(0.002)
-            limiter.feedback(throttled=False, latency_s=0.002)
-
-    async with anyio.create_task_group() as group:
-        for _ in range(8):
-            group.start_soon(worker)
+    sends = await paced_sends(limiter, clock, until=5.0, workers=8, latency=0.002)
     in_last_second = sum(4.0 <= t < 5.0 for t in sends)
     assert in_last_second >= 40  # 2 calls/s doubling every 0.75 s, minus the cap's lag
     gaps = [b - a for a, b in itertools.pairwise(sends)]

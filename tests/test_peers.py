@@ -8,11 +8,10 @@ from __future__ import annotations
 import itertools
 import math
 
-import anyio
 import pytest
 
 from tests.benchmarks.harness import BotocoreCubic, RclonePacer
-from tests.fakes import FakeClock
+from tests.fakes import FakeClock, paced_sends
 from worker.adaptive import AdaptiveRateLimiter
 
 
@@ -66,18 +65,7 @@ async def test_rclone_pacer_under_the_limiter_spaces_calls_by_its_sleep() -> Non
     clock = FakeClock()
     pacer = RclonePacer(min_sleep=0.050)
     limiter = AdaptiveRateLimiter(clock, controller=pacer)  # type: ignore[arg-type]
-    sends: list[float] = []
-
-    async def worker() -> None:
-        while clock.now() < 2.0:
-            await limiter.acquire()
-            sends.append(clock.now())
-            await clock.sleep(0.001)
-            limiter.feedback(throttled=False, latency_s=0.001)
-
-    async with anyio.create_task_group() as group:
-        for _ in range(4):
-            group.start_soon(worker)
+    sends = await paced_sends(limiter, clock, until=2.0, workers=4, latency=0.001)
     gaps = [b - a for a, b in itertools.pairwise(sends)]
     assert min(gaps) == pytest.approx(0.050)
     assert sum(t < 2.0 for t in sends) == 40  # 20 calls/s for 2 s, though 4 workers are ready
