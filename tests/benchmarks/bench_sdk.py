@@ -97,6 +97,9 @@ LATENCY_S = 0.020
 PEER = Path(__file__).with_name("sdk_peer.py")
 SIDES = ("ours", "sdk_async", "sdk_threads")
 PYCACHE = Path(tempfile.gettempdir()) / "devserver-reaper-bench-pycache"
+LONG = pytest.mark.timeout(1800)
+"""For each test here: ``BENCH_REPEATS`` runs of child processes (and, at zero latency, a
+baseline child before each) outlast pytest's default 120 s."""
 
 
 def _child_env() -> dict[str, str]:
@@ -246,7 +249,7 @@ def _by_side(figures: dict[str, dict[str, float]], key: str, digits: int = 3) ->
     return {side: round(f[key], digits) for side, f in figures.items()}
 
 
-@pytest.mark.timeout(1800)  # every side, BENCH_REPEATS times, plus baselines
+@LONG
 def test_share_of_the_latency_ceiling_at_20ms(tmp_path: Path) -> None:
     figures, _ = _measure(tmp_path, LATENCY_S * 1000)
     realised = _by_side(figures, "realised_share")
@@ -280,7 +283,7 @@ def _raw_share(tmp: Path) -> float:
     return median(shares)
 
 
-@pytest.mark.timeout(1800)  # every side, BENCH_REPEATS times, plus baselines
+@LONG
 def test_client_cost_at_zero_latency(tmp_path: Path) -> None:
     figures, runs = _measure(tmp_path, 0.0, net=True)
     ids_per_s = {side: round(IDS / f["seconds"]) for side, f in figures.items()}
@@ -353,7 +356,7 @@ async def _raw_deletes(url: str, ids: list[str]) -> tuple[float, int]:
     return seconds, failed
 
 
-@pytest.mark.timeout(1800)  # every side, BENCH_REPEATS times, plus baselines
+@LONG
 def test_simulator_is_not_the_bottleneck(tmp_path: Path) -> None:
     """The simulator's own capacity: a raw client deletes 100,000 ids (five times the others'
     20,000, so the CPU clock's 10 ms ticks matter less) at concurrency 8, batches of 50, and
@@ -413,7 +416,7 @@ async def _client_deletes(url: str, ids: list[str]) -> tuple[float, float]:
         await session.close()
 
 
-@pytest.mark.timeout(1800)  # every side, BENCH_REPEATS times, plus baselines
+@LONG
 def test_what_the_http_client_alone_costs(tmp_path: Path) -> None:
     """The floor under ours' zero-latency figures: the same 20,000 ids through ``ApiClient``
     alone, in this process, against the same simulator. The rest of ``run``'s cost is the
