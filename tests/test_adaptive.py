@@ -212,6 +212,21 @@ def test_a_passed_probe_raises_the_level_and_the_next_step() -> None:
     assert ctrl.state.step == pytest.approx(0.06)
 
 
+def test_a_refusal_of_a_call_sent_before_a_probe_began_is_not_that_probes() -> None:
+    """A probe passes a rate once refused (the quota rose): its rate becomes the level and
+    the next probe starts at once. Then a refusal arrives for a call the passed probe
+    sent. It refuses that probe's rate, now the provisional level: back to the level
+    under it, not a refusal of the new probe that leaves the refused rate standing."""
+    ctrl = RateController(0.0)
+    ctrl.restore(replace(ctrl.state, rate=10.3, level=10.0, phase=Phase.PROBE, since=0.0,
+                         cut_at=-100.0, refused=10.2))  # fmt: skip
+    ctrl.rate_at(2.5)  # the probe (2 s) passed 10.2: the next one follows at once
+    assert ctrl.state.phase is Phase.PROBE and ctrl.state.level == pytest.approx(10.3)
+    ctrl.on_throttle(2.6, retry_after=1.0, latency=0.7)  # sent at 1.9, by the passed probe
+    assert ctrl.state.level == pytest.approx(10.0)
+    assert ctrl.pause_until() < 2.6  # a refused probe: nobody waits but the refused call
+
+
 def test_503s_cut_like_a_throttle_without_a_pause() -> None:
     ctrl = RateController(0.0)
     ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))

@@ -15,11 +15,12 @@ This controller keeps a ``level`` it believes safe and only ever leaves it on pu
   ``probe_time`` seconds. A refused probe costs the refused calls and nothing else: the
   level was never in doubt, so calls go back to it at once, with no pause; and the next
   cruise lasts ``hold_growth`` times longer, so a steady quota is probed rarely. A probe
-  that passes raises the level and doubles the next step at once: a quota that rose is
-  found again in a few probes (3 %, 6 %, 12 %, ...). The raised level is provisional until
-  a whole cruise has passed at it: a refusal before then is the probe's, found late (a
-  server's burst absorbs a small overshoot for a while), and goes back to the level under
-  it as a refused probe does.
+  that passes raises the level and doubles the next step at once: a quota
+  that rose is found again in a few probes (3 %, 6 %, 12 %, ...). The raised level is
+  provisional until a whole cruise has passed at it: a refusal before then is the
+  probe's, found late (a server's burst absorbs a small overshoot for a while), and goes
+  back to the level under it as a refused probe does. A refusal belongs to the rate its
+  call was sent at: one sent before a probe began does not refuse that probe.
 - a throttle while cruising means a server's burst hid a hair's overshoot, or the quota
   fell: the level steps down by ``step`` (3 %), and each further throttle in a row (within
   ``hold`` of the last) cuts it by ``beta``, ``beta**2`` and so on, until refusals stop.
@@ -222,7 +223,7 @@ class RateController(AnswerEvents):
             self._min_latency = min(self._min_latency, latency)
             if self._latency_rising() and now - latency >= self._state.cut_at:
                 self._latencies.clear()
-                return self._cut(now)
+                return self._cut(now, now - latency)
         return self.rate_at(now)
 
     def on_throttle(
@@ -233,7 +234,7 @@ class RateController(AnswerEvents):
         sent = now - latency if latency is not None and latency >= 0 else now
         if sent < self._state.cut_at:
             return self._state.rate  # the cut it belongs to has been made, pause and all
-        return self._cut(now, retry_after)
+        return self._cut(now, sent, retry_after)
 
     def on_overload(self, now: float, latency: float | None = None) -> float:
         """A 503: the service is overloaded. A throttle without Retry-After."""
@@ -313,17 +314,20 @@ class RateController(AnswerEvents):
         self._state = s
         return s.rate
 
-    def _cut(self, now: float, retry_after: float | None = None) -> float:
-        """A refusal: the new level. ``retry_after`` pauses every call, but for a refused
-        probe (found at once, or late while its level is provisional): the level under it
-        was being accepted, so calls go back to it at once, and only the refused call waits
-        (the retry policy sees to that)."""
+    def _cut(self, now: float, sent: float, retry_after: float | None = None) -> float:
+        """A refusal of a call sent at ``sent``: the new level.
+        ``retry_after`` pauses every call, but for a refused probe (found at once, or late
+        while its level is provisional): the level under it was being accepted, so calls go
+        back to it at once, and only the refused call waits (the retry policy sees to that)."""
         self.rate_at(now)
         s = self._state
         c = self._config
-        probe = s.phase is Phase.PROBE or s.below is not None  # refused now, or found late
+        # A probe is refused only by a call it sent: one sent before it began was sent at
+        # the level (or at the probe before, which has just passed and made the level).
+        this_probe = s.phase is Phase.PROBE and sent >= s.since
+        probe = this_probe or s.below is not None  # refused now, or found late
         pause = s.pause_until
-        if s.phase is Phase.PROBE:
+        if this_probe:
             # The probe found the top: the level stands. Probe less often from now on, and
             # by half the step (down to ``min_step``), closing in on the quota from below.
             level = s.level
@@ -355,7 +359,7 @@ class RateController(AnswerEvents):
         if not probe and retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
             pause = max(pause, now + min(retry_after, c.max_pause))
         level = min(max(level, c.min_rate), c.max_rate)
-        at_level = s.phase is Phase.CRUISE and not probe
+        at_level = s.phase is not Phase.STARTUP and not probe
         cuts = s.cuts + 1 if at_level and now - s.cut_at < c.hold else 0
         self._state = replace(
             s,
@@ -369,7 +373,7 @@ class RateController(AnswerEvents):
             cut_at=now,
             refused=refused,
             pause_until=pause,
-            below=s.below if s.phase is Phase.PROBE else None,
+            below=s.below if this_probe else None,
         )
         return level
 
