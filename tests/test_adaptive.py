@@ -227,6 +227,16 @@ def test_a_refusal_of_a_call_sent_before_a_probe_began_is_not_that_probes() -> N
     assert ctrl.pause_until() < 2.6  # a refused probe: nobody waits but the refused call
 
 
+def test_a_probe_rises_at_most_twice_as_far_as_the_last_one_went() -> None:
+    """Probes kept under halfway to a refusal go up by 1-2 %; once that refusal is
+    forgotten (``max_hold``), the next probe doubles the last height, not a step that
+    kept doubling unseen behind the cap (it reached +96 %: twice the quota at once)."""
+    quota = 500.0
+    run = simulate(lambda t: quota, duration=120.0, burst=50)
+    assert max(rate for t, rate in run.rates if t >= 20.0) <= 1.15 * quota
+    assert run.accepted_per_s(40.0, 120.0) >= 0.93 * quota
+
+
 def test_503s_cut_like_a_throttle_without_a_pause() -> None:
     ctrl = RateController(0.0)
     ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))

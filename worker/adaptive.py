@@ -15,7 +15,7 @@ This controller keeps a ``level`` it believes safe and only ever leaves it on pu
   ``probe_time`` seconds. A refused probe costs the refused calls and nothing else: the
   level was never in doubt, so calls go back to it at once, with no pause; and the next
   cruise lasts ``hold_growth`` times longer, so a steady quota is probed rarely. A probe
-  that passes raises the level and doubles the next step at once: a quota
+  that passes raises the level and makes the next step twice its own height: a quota
   that rose is found again in a few probes (3 %, 6 %, 12 %, ...). The raised level is
   provisional until a whole cruise has passed at it: a refusal before then is the
   probe's, found late (a server's burst absorbs a small overshoot for a while), and goes
@@ -304,7 +304,10 @@ class RateController(AnswerEvents):
             # far (never past halfway to a refusal: a bisection). Above every refusal seen,
             # the quota rose: the next probe follows at once, so it is found in a few steps.
             # Inside the bracket, after a short cruise: each refused probe costs calls.
-            step = min(2.0 * s.step, c.max_step)
+            # Twice as far as this one went: a probe held under halfway to a refusal went
+            # less than ``step``, and a step doubled behind that cap would jump once the
+            # refusal is forgotten.
+            step = min(max(2.0 * (s.rate / s.level - 1.0), c.min_step), c.max_step)
             raised = replace(s, level=s.rate, below=s.level, step=step)
             if s.rate < s.refused:
                 s = replace(raised, phase=Phase.CRUISE, since=now, cuts=0)
