@@ -237,6 +237,13 @@ def test_a_probe_rises_at_most_twice_as_far_as_the_last_one_went() -> None:
     assert run.accepted_per_s(40.0, 120.0) >= 0.93 * quota
 
 
+def test_probes_under_one_call_per_second() -> None:
+    """Below one call per ``window`` a window just before a send holds no call; the check
+    that calls really go out at the level must span a few calls, or it never probes."""
+    run = simulate(lambda t: 1.0, duration=120.0, burst=5)
+    assert run.accepted_per_s(40.0, 120.0) >= 0.9
+
+
 def test_503s_cut_like_a_throttle_without_a_pause() -> None:
     ctrl = RateController(0.0)
     ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))

@@ -241,13 +241,15 @@ class RateController(AnswerEvents):
         return self.on_throttle(now, None, latency)
 
     # -- arithmetic ----------------------------------------------------------------------
-    def _sent_rate(self, now: float) -> float:
-        """Calls started per second over the last ``window``."""
+    def _sent_rate(self, now: float, span: float | None = None) -> float:
+        """Calls started per second over the last ``span`` seconds (``window`` by default).
+        Sends older than that are forgotten."""
+        span = self._config.window if span is None else span
         sends = self._sends
-        horizon = now - self._config.window
+        horizon = now - span
         while sends and sends[0] < horizon:
             sends.popleft()
-        return len(sends) / self._config.window
+        return len(sends) / span
 
     def _latency_rising(self) -> bool:
         c = self._config
@@ -288,9 +290,12 @@ class RateController(AnswerEvents):
         elif s.phase is Phase.CRUISE:
             if now - since >= s.hold:
                 # Probe, unless we do not even send at the level (then nothing is learnt).
+                # Over a span that holds a few calls at the level: under one call per
+                # ``window``, a window just before a send holds none.
+                span = max(c.window, 4.0 / s.level)
                 if (
                     not c.cap_to_sent
-                    or self._sent_rate(now) >= 0.5 * s.level
+                    or self._sent_rate(now, span) >= 0.5 * s.level
                     or s.level <= c.min_rate
                 ):
                     s = replace(
