@@ -1,15 +1,21 @@
 """Fakes shared by the tests. ``FakeClock``: virtual time, so no test ever really sleeps;
-``paced_sends``: calls through a limiter on that time."""
+``paced_sends``: calls through a limiter on that time; ``simulate``: a rate controller
+against a server's token bucket, on virtual time (the controller's tests and the sweep of
+quotas in ``tests/benchmarks/bench_rate.py``)."""
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
 
+from worker.adaptive import RateController
 from worker.ratelimit import RateLimiter
+from worker.simulator.quota import TokenBucket as ServerQuota
+from worker.simulator.quota import retry_after_seconds
 
 
 @dataclass(order=True, slots=True)
@@ -123,3 +129,69 @@ async def paced_sends(
         for _ in range(workers):
             group.start_soon(worker)
     return sends
+
+
+class Run:
+    """What a simulated run saw: send times of accepted and refused calls, and the rates."""
+
+    def __init__(self) -> None:
+        self.ok: list[float] = []
+        self.refused: list[float] = []
+        self.rates: list[tuple[float, float]] = []
+
+    def accepted_per_s(self, start: float, end: float) -> float:
+        return sum(start <= t < end for t in self.ok) / (end - start)
+
+    def refused_share(self, start: float, end: float) -> float:
+        ok = sum(start <= t < end for t in self.ok)
+        refused = sum(start <= t < end for t in self.refused)
+        return refused / max(1, ok + refused)
+
+    def rate_at(self, when: float) -> float:
+        return [rate for t, rate in self.rates if t <= when][-1]
+
+
+def simulate(
+    quota: Callable[[float], float],
+    *,
+    duration: float,
+    burst: int = 1,
+    latency: float = 0.002,
+    concurrency: int = 8,
+    controller: RateController | None = None,
+) -> Run:
+    """Calls paced at the controller's rate against a token-bucket server (as the
+    simulator's), answered ``latency`` later; 429s carry Retry-After in whole seconds."""
+    ctrl = controller or RateController(0.0)
+    server = ServerQuota(quota(0.0), burst, 0.0)
+    current = quota(0.0)
+    run = Run()
+    now = next_slot = 0.0
+    in_flight: list[tuple[float, bool, float]] = []
+    while now < duration:
+        if quota(now) != current:
+            current = quota(now)
+            server = ServerQuota(current, burst, now)
+        while in_flight and in_flight[0][0] <= now:
+            done, ok, retry_after = heapq.heappop(in_flight)
+            if ok:
+                ctrl.on_success(done, latency)
+            else:
+                ctrl.on_throttle(done, retry_after, latency)
+        rate = ctrl.rate_at(now)
+        if now < ctrl.pause_until():
+            now = next_slot = max(next_slot, ctrl.pause_until())
+            continue
+        if len(in_flight) >= concurrency or now < next_slot:
+            candidates = [next_slot] if now < next_slot else []
+            if in_flight:
+                candidates.append(in_flight[0][0])
+            now = max(now, min(candidates))
+            continue
+        ctrl.on_sent(now)
+        wait = server.try_acquire(now)
+        (run.ok if wait <= 0 else run.refused).append(now)
+        heapq.heappush(in_flight, (now + latency, wait <= 0, float(retry_after_seconds(wait))))
+        run.rates.append((now, rate))
+        next_slot = now + 1.0 / rate
+    return run
