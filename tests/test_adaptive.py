@@ -95,9 +95,36 @@ def test_a_refused_probe_pauses_nothing_but_a_refusal_at_the_level_pauses_every_
     # The same probe's other refused calls, answered later, are old news: still no pause.
     ctrl.on_throttle(6.01, retry_after=1.0, latency=0.02)
     assert ctrl.pause_until() < 6.0 and ctrl.rate == 100.0
-    # Refused at the level, while cruising: cut, and every call waits the Retry-After.
-    assert ctrl.on_throttle(8.0, retry_after=1.0, latency=0.001) == pytest.approx(85.0)
-    assert ctrl.pause_until() == 9.0
+    # Refused at the level, while cruising: step down, and every call waits.
+    assert ctrl.on_throttle(20.0, retry_after=1.0, latency=0.001) == pytest.approx(97.0)
+    assert ctrl.pause_until() == 21.0
+
+
+def test_a_refusal_soon_after_a_refused_probe_measures_the_quota() -> None:
+    """A refused probe empties the server's bucket, and paused nobody: at the level since,
+    the next refusal comes when the server has accepted its quota's worth and not one call
+    more. So the level goes just under what it accepted (every call sent since the cut but
+    this one), with no pause; never further than the cut in a row would have gone."""
+    ctrl = RateController(0.0, AdaptiveConfig(hold=5.0, step=0.03, probe_time=2.0))
+    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
+    for k in range(600):
+        ctrl.on_sent(k / 100)
+    ctrl.rate_at(5.5)  # probing at 103
+    assert ctrl.on_throttle(6.0, retry_after=1.0, latency=0.001) == 100.0
+    # 2 s at 100 calls/s, and one refused: the server accepts 99.5 calls/s.
+    assert ctrl.on_throttle(8.001, retry_after=1.0, latency=0.001) == pytest.approx(0.97 * 99.5)
+    assert ctrl.pause_until() < 8.0
+    # Again 0.1 s later: the same measure over a shorter time, (96.5 * 0.1 - 1) / 0.1.
+    level = ctrl.rate
+    assert ctrl.on_throttle(8.102, retry_after=1.0, latency=0.001) == pytest.approx(
+        0.97 * (level - 10.0)
+    )
+    assert ctrl.pause_until() < 8.0
+    # Again at once: a measure over 1 ms says nothing. The cut in a row, and a pause.
+    level = ctrl.rate
+    cut = ctrl.on_throttle(8.104, retry_after=1.0, latency=0.001)
+    assert cut == pytest.approx(0.85**3 * level)
+    assert ctrl.pause_until() == pytest.approx(9.104)
 
 
 def test_a_raised_level_is_provisional_until_a_whole_cruise_has_passed_at_it() -> None:
@@ -106,7 +133,10 @@ def test_a_raised_level_is_provisional_until_a_whole_cruise_has_passed_at_it() -
     no pause. Once a whole cruise has passed at the raised level, it is the level."""
     config = AdaptiveConfig(hold=1.0, step=0.03, probe_time=1.0, hold_growth=3.0)
     ctrl = RateController(0.0, config)
-    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
+    # A refusal remembered (110 calls/s): the probes cruise between them.
+    cruising = replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE, refused=110.0,
+                       cut_at=0.0)  # fmt: skip
+    ctrl.restore(cruising)
     t = 0.0
     while t < 2.5:
         ctrl.on_sent(t)
@@ -119,7 +149,7 @@ def test_a_raised_level_is_provisional_until_a_whole_cruise_has_passed_at_it() -
     assert not ctrl.state.provisional
 
     ctrl = RateController(0.0, config)
-    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
+    ctrl.restore(cruising)
     t = 0.0
     while ctrl.state.phase is not Phase.PROBE or ctrl.state.level < 103.0:  # the next probe
         ctrl.on_sent(t)
@@ -131,14 +161,30 @@ def test_a_raised_level_is_provisional_until_a_whole_cruise_has_passed_at_it() -
 
 
 def test_a_passed_probe_raises_the_level_and_the_next_step() -> None:
+    """Under a refusal still remembered, the next probe comes after a cruise."""
     ctrl = RateController(0.0, AdaptiveConfig(hold=1.0, step=0.03, probe_time=1.0))
-    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
+    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE,
+                         refused=110.0, cut_at=0.0))  # fmt: skip
     t = 0.0
     while t < 3.5:
         ctrl.on_sent(t)
         t += 1.0 / ctrl.rate_at(t)
     assert ctrl.state.level == pytest.approx(103.0)
     assert ctrl.state.step == pytest.approx(0.06)
+    assert ctrl.state.since > 2.9  # the next probe began after a cruise (1 s) at 103
+
+
+def test_with_no_refusal_remembered_passed_probes_follow_each_other() -> None:
+    """Nothing refused for ``max_hold``, or ever: the quota may be far above. Each passed
+    probe is followed at once by one twice as high, until one is refused."""
+    ctrl = RateController(0.0, AdaptiveConfig(hold=1.0, step=0.03, probe_time=1.0))
+    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
+    t = 0.0
+    while t < 4.5:  # a cruise (1 s), then probes of 1 s each: 3, 6 and 12 % up
+        ctrl.on_sent(t)
+        t += 1.0 / ctrl.rate_at(t)
+    assert ctrl.state.phase is Phase.PROBE
+    assert ctrl.state.level == pytest.approx(100.0 * 1.03 * 1.06 * 1.12)
 
 
 def test_a_refusal_of_a_call_sent_before_a_probe_began_is_not_that_probes() -> None:
@@ -148,7 +194,7 @@ def test_a_refusal_of_a_call_sent_before_a_probe_began_is_not_that_probes() -> N
     under it, not a refusal of the new probe that leaves the refused rate standing."""
     ctrl = RateController(0.0)
     ctrl.restore(replace(ctrl.state, rate=10.3, level=10.0, phase=Phase.PROBE, since=0.0,
-                         cut_at=-100.0, refused=10.2))  # fmt: skip
+                         cut_at=0.0, refused=10.2))  # fmt: skip
     ctrl.rate_at(2.5)  # the probe (2 s) passed 10.2: the next one follows at once
     assert ctrl.state.phase is Phase.PROBE and ctrl.state.level == pytest.approx(10.3)
     ctrl.on_throttle(2.6, retry_after=1.0, latency=0.7)  # sent at 1.9, by the passed probe

@@ -231,14 +231,20 @@ class RateController(AnswerEvents):
     ) -> float:
         """A 429. ``latency`` dates the call: one sent before the last cut is old news.
         Its ``Retry-After`` pauses every call unless a probe was refused (see ``_cut``)."""
+        return self._refusal(now, latency, retry_after, quota=True)
+
+    def on_overload(self, now: float, latency: float | None = None) -> float:
+        """A 503: the service is overloaded. A throttle without Retry-After, and not a
+        quota's: no rate can be learnt from when it comes."""
+        return self._refusal(now, latency, None, quota=False)
+
+    def _refusal(
+        self, now: float, latency: float | None, retry_after: float | None, *, quota: bool
+    ) -> float:
         sent = now - latency if latency is not None and latency >= 0 else now
         if sent < self._state.cut_at:
             return self._state.rate  # the cut it belongs to has been made, pause and all
-        return self._cut(now, sent, retry_after)
-
-    def on_overload(self, now: float, latency: float | None = None) -> float:
-        """A 503: the service is overloaded. A throttle without Retry-After."""
-        return self.on_throttle(now, None, latency)
+        return self._cut(now, sent, retry_after, quota=quota)
 
     # -- arithmetic ----------------------------------------------------------------------
     def _sent_rate(self, now: float, span: float | None = None) -> float:
@@ -263,9 +269,15 @@ class RateController(AnswerEvents):
         rate (a bisection), and at least ``min_step`` above the level."""
         c = self._config
         rate = s.level * (1.0 + s.step)
-        if math.isfinite(s.refused) and s.since - s.cut_at <= c.max_hold:
-            rate = max(s.level * (1.0 + c.min_step), min(rate, (s.level + s.refused) / 2.0))
+        refused = self._refused(s)
+        if math.isfinite(refused):
+            rate = max(s.level * (1.0 + c.min_step), min(rate, (s.level + refused) / 2.0))
         return min(rate, c.max_rate)
+
+    def _refused(self, s: ControllerState) -> float:
+        """The lowest rate refused while it still counts (inf: none): ``max_hold`` after
+        the last cut, the quota may have risen since."""
+        return s.refused if s.since - s.cut_at <= self._config.max_hold else math.inf
 
     def _probe_length(self, rate: float) -> float:
         return max(self._config.probe_time, self._config.probe_calls / rate)
@@ -306,15 +318,14 @@ class RateController(AnswerEvents):
                     s = replace(s, since=now)
         elif now - since >= self._probe_length(s.rate):
             # The probe passed: its rate is the new level, and the next probe goes twice as
-            # far (never past halfway to a refusal: a bisection). Above every refusal seen,
-            # the quota rose: the next probe follows at once, so it is found in a few steps.
-            # Inside the bracket, after a short cruise: each refused probe costs calls.
-            # Twice as far as this one went: a probe held under halfway to a refusal went
-            # less than ``step``, and a step doubled behind that cap would jump once the
-            # refusal is forgotten.
+            # far as this one went (never past halfway to a refusal: a bisection; a step
+            # doubled behind that cap would jump once the refusal is forgotten). Under a
+            # refusal that still counts, after a cruise: each refused probe costs calls.
+            # Above every refusal, or with none remembered, the quota rose: the next probe
+            # follows at once, and the next, so it is found in a few steps.
             step = min(max(2.0 * (s.rate / s.level - 1.0), c.min_step), c.max_step)
             raised = replace(s, level=s.rate, below=s.level, step=step)
-            if s.rate < s.refused:
+            if s.rate < self._refused(s) < math.inf:
                 s = replace(raised, phase=Phase.CRUISE, since=now, cuts=0)
             else:
                 s = replace(raised, since=now, cuts=0, refused=math.inf)
@@ -322,8 +333,10 @@ class RateController(AnswerEvents):
         self._state = s
         return s.rate
 
-    def _cut(self, now: float, sent: float, retry_after: float | None = None) -> float:
-        """A refusal of a call sent at ``sent``: the new level.
+    def _cut(
+        self, now: float, sent: float, retry_after: float | None = None, *, quota: bool = False
+    ) -> float:
+        """A refusal of a call sent at ``sent`` (``quota``: a 429): the new level.
         ``retry_after`` pauses every call, but for a refused probe (found at once, or late
         while its level is provisional): the level under it was being accepted, so calls go
         back to it at once, and only the refused call waits (the retry policy sees to that)."""
@@ -335,6 +348,7 @@ class RateController(AnswerEvents):
         this_probe = s.phase is Phase.PROBE and sent >= s.since
         probe = this_probe or s.below is not None  # refused now, or found late
         pause = s.pause_until
+        measured = False  # the level comes from the rate the server was seen to accept
         if this_probe:
             # The probe found the top: the level stands. Probe less often from now on, and
             # by half the step (down to ``min_step``), closing in on the quota from below.
@@ -361,10 +375,26 @@ class RateController(AnswerEvents):
             # enough), or the quota fell: each further refusal in a row cuts harder.
             again = now - s.cut_at < c.hold  # refused again soon after a cut: harder
             level = c.beta ** (s.cuts + 1) * s.level if again else (1.0 - c.step) * s.level
+            if again and quota and s.pause_until <= s.cut_at < sent:
+                # The cut before paused nobody (a refused probe, a provisional level given
+                # up, a measure like this one): the server's bucket was empty then, and at
+                # the level since it has stayed so. What it accepted in between, every
+                # call but this one, is its quota: go just under that, and nobody need
+                # wait. Unless the measure, over too short a time, says less than the cut
+                # in a row would.
+                measure = (1.0 - c.step) * (s.level - 1.0 / (sent - s.cut_at))
+                if measure >= level:
+                    level = min(measure, (1.0 - c.step) * s.level)
+                    measured = True
             hold = c.hold
             step = c.step
             refused = s.level
-        if not probe and retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
+        if (
+            not (probe or measured)
+            and retry_after is not None
+            and math.isfinite(retry_after)
+            and retry_after > 0
+        ):
             pause = max(pause, now + min(retry_after, c.max_pause))
         level = min(max(level, c.min_rate), c.max_rate)
         at_level = s.phase is not Phase.STARTUP and not probe
