@@ -127,6 +127,21 @@ def test_a_refusal_soon_after_a_refused_probe_measures_the_quota() -> None:
     assert ctrl.pause_until() == pytest.approx(9.104)
 
 
+def test_a_controller_that_sees_only_its_share_of_refusals_does_not_measure() -> None:
+    """Replicas sharing a rate each see only their own refusals: the time between two of
+    them says too little about the server, so such a controller (``measure=False``, as
+    ``SharedAdaptiveLimiter`` builds it) cuts in a row and pauses, as before."""
+    config = AdaptiveConfig(hold=5.0, step=0.03, probe_time=2.0, measure=False)
+    ctrl = RateController(0.0, config)
+    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
+    for k in range(600):
+        ctrl.on_sent(k / 100)
+    ctrl.rate_at(5.5)
+    assert ctrl.on_throttle(6.0, retry_after=1.0, latency=0.001) == 100.0
+    assert ctrl.on_throttle(8.001, retry_after=1.0, latency=0.001) == pytest.approx(85.0)
+    assert ctrl.pause_until() == pytest.approx(9.001)
+
+
 def test_a_raised_level_is_provisional_until_a_whole_cruise_has_passed_at_it() -> None:
     """A server's burst can hide a probe's small overshoot until after the probe passed: a
     refusal before the next probe is the probe's, and goes back to the level under it with

@@ -86,6 +86,8 @@ class AdaptiveConfig:
     max_pause: float = 30.0  # longest Retry-After pause honoured
     cap_to_sent: bool = True  # grow and probe only when really sending at the rate (False
     # when the rate is shared by replicas: each one sends only its share)
+    measure: bool = True  # learn the quota from the time between two refusals: only when
+    # this controller sees every refusal (False when replicas share the rate)
 
     def __post_init__(self) -> None:
         positive = ("initial_rate", "min_rate", "max_rate", "startup_interval", "step",
@@ -375,7 +377,7 @@ class RateController(AnswerEvents):
             # enough), or the quota fell: each further refusal in a row cuts harder.
             again = now - s.cut_at < c.hold  # refused again soon after a cut: harder
             level = c.beta ** (s.cuts + 1) * s.level if again else (1.0 - c.step) * s.level
-            if again and quota and s.pause_until <= s.cut_at < sent:
+            if again and quota and c.measure and s.pause_until <= s.cut_at < sent:
                 # The cut before paused nobody (a refused probe, a provisional level given
                 # up, a measure like this one): the server's bucket was empty then, and at
                 # the level since it has stayed so. What it accepted in between, every
@@ -573,7 +575,9 @@ class SharedAdaptiveLimiter:
     lower rate, which every replica's next reservation is spaced by until it sets its own.
     Replicas see the same server, so their controllers agree within a probe or two. The
     controllers do not cap the rate to what their replica sends (``cap_to_sent=False``):
-    one replica only sends its share of the fleet's calls.
+    one replica only sends its share of the fleet's calls. Nor do they measure the quota
+    from the time between two refusals (``measure=False``): one replica sees only its
+    share of the fleet's refusals, and would measure too high.
     """
 
     __slots__ = ("_clock", "_controller", "_shared", "throttles")
@@ -588,7 +592,7 @@ class SharedAdaptiveLimiter:
         self._shared = shared
         self._clock = clock
         self._controller = RateController(
-            clock.now(), replace(config or AdaptiveConfig(), cap_to_sent=False)
+            clock.now(), replace(config or AdaptiveConfig(), cap_to_sent=False, measure=False)
         )
         self._shared.set_rate(self._controller.rate)
         self.throttles = 0
