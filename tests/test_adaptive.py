@@ -234,6 +234,34 @@ def test_probes_under_one_call_per_second() -> None:
     assert run.accepted_per_s(40.0, 120.0) >= 0.9
 
 
+def test_close_under_a_refusal_the_probe_goes_just_past_it() -> None:
+    """Halving a gap of 1 % gains little: the probe tests the refused rate itself. Refused,
+    the refusal stands (not the probe's higher rate); passed, the quota has risen, and the
+    probes that follow come at once."""
+    config = AdaptiveConfig(hold=1.0, step=0.03, probe_time=1.0)
+    ctrl = RateController(0.0, config)
+    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE,
+                         refused=101.0, cut_at=0.0))  # fmt: skip
+    t = 0.0
+    while ctrl.state.phase is not Phase.PROBE:
+        ctrl.on_sent(t)
+        t += 1.0 / ctrl.rate_at(t)
+    assert ctrl.rate == pytest.approx(101.0 * 1.01)
+    probing = ctrl.state
+
+    ctrl.on_throttle(t + 0.01, retry_after=1.0, latency=0.005)
+    assert ctrl.state.level == 100.0
+    assert ctrl.state.refused == 101.0
+
+    ctrl = RateController(0.0, config)
+    ctrl.restore(probing)
+    while t < probing.since + 1.5:  # the probe (1 s) passes
+        ctrl.on_sent(t)
+        t += 1.0 / ctrl.rate_at(t)
+    assert ctrl.state.level == pytest.approx(101.0 * 1.01)
+    assert ctrl.state.phase is Phase.PROBE  # the next one at once: the quota rose
+
+
 def test_503s_cut_like_a_throttle_without_a_pause() -> None:
     ctrl = RateController(0.0)
     ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))

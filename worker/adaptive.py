@@ -12,10 +12,13 @@ This controller keeps a ``level`` it believes safe and only ever leaves it on pu
   worker held back by its concurrency does not talk itself into a rate it never uses). The
   first throttle ends it: the level becomes ``1 - margin`` of the rate refused.
 - **cruise** at the level for ``hold`` seconds, then **probe**: ``step`` (3 %) above it for
-  ``probe_time`` seconds. A refused probe costs the refused calls and nothing else: the
-  level was never in doubt, so calls go back to it at once, with no pause; and the next
-  cruise lasts ``hold_growth`` times longer, so a steady quota is probed rarely. A probe
-  that passes raises the level and makes the next step twice its own height: a quota
+  ``probe_time`` seconds, never past halfway to the lowest rate refused; within half a
+  step under that rate, just past it (to confirm it, or to find the quota has risen). A
+  refused probe costs the refused calls and nothing else: the level was never in doubt,
+  so calls go back to it at once, with no pause; and the next cruise lasts
+  ``hold_growth`` times longer, so a steady quota is probed rarely. A probe that passes
+  raises the level and makes the next step twice its own height. With no refusal
+  remembered (none in ``max_hold``), passed probes follow each other at once: a quota
   that rose is found again in a few probes (3 %, 6 %, 12 %, ...). The raised level is
   provisional until a whole cruise has passed at it: a refusal before then is the
   probe's, found late (a server's burst absorbs a small overshoot for a while), and goes
@@ -24,10 +27,15 @@ This controller keeps a ``level`` it believes safe and only ever leaves it on pu
 - a throttle while cruising means a server's burst hid a hair's overshoot, or the quota
   fell: the level steps down by ``step`` (3 %), and each further throttle in a row (within
   ``hold`` of the last) cuts it by ``beta``, ``beta**2`` and so on, until refusals stop.
+  But soon after a cut that paused nobody (a refused probe, a provisional level given
+  up), the server's bucket is known to be empty: what it accepted since, every call sent
+  but the refused one, is its quota, and the level goes ``step`` under that (``measure``;
+  not for replicas sharing a rate, which see only their share of the refusals).
 - a throttle for a call sent before the last cut says nothing new and is ignored.
 - ``Retry-After`` on a refusal at the level (startup or cruise) pauses every call
-  (``AdaptiveRateLimiter`` waits on ``pause_until``); on a refused probe only the refused
-  call waits it (the dispatcher's retry policy always does).
+  (``AdaptiveRateLimiter`` waits on ``pause_until``); on a refused probe, or a refusal
+  measured as above, only the refused call waits it (the dispatcher's retry policy always
+  does).
 - 503s (``on_overload``) and clearly rising latency (the median of the last
   ``latency_samples`` calls above ``latency_factor`` times the fastest seen plus
   ``latency_floor_s``: a median, as one slow call or a GC pause is no signal) count as a
@@ -268,11 +276,16 @@ class RateController(AnswerEvents):
 
     def _probe_rate(self, s: ControllerState) -> float:
         """``step`` above the level, but no further than halfway to the lowest refused
-        rate (a bisection), and at least ``min_step`` above the level."""
+        rate (a bisection), and at least ``min_step`` above the level; within half a
+        ``step`` under that rate, just past it."""
         c = self._config
         rate = s.level * (1.0 + s.step)
         refused = self._refused(s)
-        if math.isfinite(refused):
+        if refused <= s.level * (1.0 + c.step / 2.0):
+            # So close under a refusal that halving the gap gains little: go just past the
+            # refused rate, to confirm it, or to find that the quota has risen since.
+            rate = refused * (1.0 + c.min_step)
+        elif math.isfinite(refused):
             rate = max(s.level * (1.0 + c.min_step), min(rate, (s.level + refused) / 2.0))
         return min(rate, c.max_rate)
 
@@ -358,7 +371,7 @@ class RateController(AnswerEvents):
             wide = s.step > c.step  # a big step refused: the quota is still far above
             hold = c.hold if wide else min(s.hold * c.hold_growth, c.max_hold)
             step = max(s.step / 2.0, c.min_step)
-            refused = s.rate
+            refused = min(s.rate, self._refused(s))  # a probe past a refusal confirms it
         elif s.phase is Phase.STARTUP:
             level = (1.0 - c.margin) * s.rate
             hold = c.hold
