@@ -286,6 +286,20 @@ def test_refusals_at_the_level_step_down_once_then_cut_harder_each_time_in_a_row
     assert ctrl.on_throttle(30.0, retry_after=1.0, latency=0.001) == pytest.approx(0.97 * level)
 
 
+@pytest.mark.parametrize(("level", "hold"), [(100.0, 2.0), (10.0, 4.851), (2.0, 5.0)])
+def test_after_a_cut_in_a_row_the_climb_back_starts_soon(level: float, hold: float) -> None:
+    """A cut in a row leaves the level well under the rate refused: the cruise before the
+    next probe is ``rebound_hold`` (2 s), or long enough for ``rebound_calls`` (40) at the
+    new level, but never longer than ``hold`` (5 s)."""
+    ctrl = RateController(0.0)
+    ctrl.restore(replace(ctrl.state, rate=level, level=level, phase=Phase.CRUISE))
+    ctrl.on_throttle(10.0, retry_after=1.0, latency=0.001)  # at the level: 3 % down, a pause
+    assert ctrl.state.hold == 5.0
+    ctrl.on_throttle(11.5, retry_after=1.0, latency=0.001)  # again, after the pause: 0.85
+    assert ctrl.rate == pytest.approx(0.97 * 0.85 * level)
+    assert ctrl.state.hold == pytest.approx(hold, rel=1e-3)
+
+
 def test_clearly_rising_latency_cuts_but_one_slow_call_does_not() -> None:
     config = AdaptiveConfig(latency_samples=10, latency_factor=3.0, latency_floor_s=0.05)
     ctrl = RateController(0.0, config)
@@ -339,7 +353,7 @@ def test_stays_stable_when_the_quota_falls() -> None:
     run = simulate(lambda t: 50.0 if t < 20 else 20.0, duration=60.0, burst=2, controller=ctrl)
     assert run.accepted_per_s(40.0, 60.0) >= 0.85 * 20.0
     assert run.refused_share(40.0, 60.0) <= 0.02
-    assert ctrl.state.level <= 20.0
+    assert ctrl.state.level <= 20.0 * (1 + ctrl.config.min_step)  # a probe's resolution
 
 
 def test_a_burst_hiding_the_overshoot_costs_throttles_but_not_stability() -> None:

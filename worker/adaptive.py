@@ -85,6 +85,8 @@ class AdaptiveConfig:
     probe_calls: int = 10
     hold: float = 5.0  # first cruise before probing, seconds
     hold_growth: float = 3.0  # each refused probe makes the next cruise this much longer
+    rebound_hold: float = 2.0  # the cruise after a cut in a row (never longer than hold) ...
+    rebound_calls: int = 40  # ... or this many calls at the level, if longer
     max_hold: float = 30.0  # ... up to this: the longest a rise of the quota goes unseen
     beta: float = 0.85  # cut on throttles in a row while cruising (the first steps ``step``)
     window: float = 1.0  # seconds of recent sends that say how fast we really send
@@ -100,7 +102,7 @@ class AdaptiveConfig:
     def __post_init__(self) -> None:
         positive = ("initial_rate", "min_rate", "max_rate", "startup_interval", "step",
                     "min_step", "max_step", "probe_time", "hold", "max_hold", "window",
-                    "max_pause")  # fmt: skip
+                    "max_pause", "rebound_hold")  # fmt: skip
         for name in positive:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -401,7 +403,11 @@ class RateController(AnswerEvents):
                 if measure >= level:
                     level = min(measure, (1.0 - c.step) * s.level)
                     measured = True
+            # After a cut in a row the level is well under the rate refused: the cruise
+            # before climbing back is short, but long enough for a few dozen calls.
             hold = c.hold
+            if again and not measured:
+                hold = min(c.hold, max(c.rebound_hold, c.rebound_calls / level))
             step = c.step
             refused = s.level
         if (
