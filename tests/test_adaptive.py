@@ -9,6 +9,8 @@ from dataclasses import replace
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.fakes import FakeClock, paced_sends, simulate
 from worker.adaptive import (
@@ -323,6 +325,53 @@ def test_state_is_a_value_another_controller_can_adopt() -> None:
     assert other.rate == one.rate and other.state == one.state
     with pytest.raises(AttributeError):
         one.state.rate = 1.0  # type: ignore[misc]
+
+
+_ANSWERS = st.lists(
+    st.tuples(
+        st.floats(min_value=0, max_value=3, allow_nan=False),  # seconds of sending at the rate
+        st.sampled_from(["ok", "429", "429", "503"]),  # then an answer
+        st.one_of(st.none(), st.floats(min_value=0, max_value=2, allow_nan=False)),  # latency
+        st.sampled_from([None, 0.0, 1.0, 2.0, 60.0]),  # Retry-After
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(answers=_ANSWERS, measure=st.booleans())
+def test_whatever_the_answers_the_rate_stays_in_bounds_and_moves_the_right_way(
+    answers: list[tuple[float, str, float | None, float | None]], measure: bool
+) -> None:
+    """Calls sent at the rate, and answers in any order: the rate stays finite, within
+    ``min_rate`` and ``max_rate``; between refusals it never falls; a 429 or a 503 never
+    raises it; no pause outlasts ``max_pause``."""
+    ctrl = RateController(0.0, AdaptiveConfig(max_rate=100.0, measure=measure))
+    c = ctrl.config
+    now, last = 0.0, ctrl.rate
+    for gap, kind, latency, retry_after in answers:
+        end = now + gap
+        while now < end:  # the worker sends at the rate; a pause holds it back
+            now = max(now, ctrl.pause_until())
+            rate = ctrl.rate_at(now)
+            assert rate >= last  # no refusal since the last look
+            last = rate
+            ctrl.on_sent(now)
+            now += 1.0 / rate
+        before = ctrl.rate_at(now)
+        assert before >= last
+        if kind == "ok":
+            after = ctrl.on_success(now)  # no latency given: no latency signal either
+            assert after >= before
+        else:
+            if kind == "429":
+                after = ctrl.on_throttle(now, retry_after, latency)
+            else:
+                after = ctrl.on_overload(now, latency)
+            assert after <= before
+        assert math.isfinite(after) and c.min_rate <= after <= c.max_rate
+        assert ctrl.pause_until() <= now + c.max_pause
+        last = after
 
 
 # --- the controller against a simulated quota ---------------------------------------------
