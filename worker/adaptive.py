@@ -286,7 +286,7 @@ class RateController(AnswerEvents):
         if refused <= s.level * (1.0 + c.step / 2.0):
             # So close under a refusal that halving the gap gains little: go just past the
             # refused rate, to confirm it, or to find that the quota has risen since.
-            rate = refused * (1.0 + c.min_step)
+            rate = max(refused, s.level) * (1.0 + c.min_step)
         elif math.isfinite(refused):
             rate = max(s.level * (1.0 + c.min_step), min(rate, (s.level + refused) / 2.0))
         return min(rate, c.max_rate)
@@ -355,8 +355,9 @@ class RateController(AnswerEvents):
     ) -> float:
         """A refusal of a call sent at ``sent`` (``quota``: a 429): the new level.
         ``retry_after`` pauses every call, but for a refused probe (found at once, or late
-        while its level is provisional): the level under it was being accepted, so calls go
-        back to it at once, and only the refused call waits (the retry policy sees to that)."""
+        while its level is provisional), whose level was being accepted, and for a refusal
+        whose level is measured from what the server accepted: calls go on at once, and
+        only the refused call waits (the retry policy sees to that)."""
         self.rate_at(now)
         s = self._state
         c = self._config
