@@ -13,14 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fakes import FakeClock, paced_sends, simulate
-from worker.adaptive import (
-    AdaptiveConfig,
-    AdaptiveRateLimiter,
-    Phase,
-    RateController,
-    SharedAdaptiveLimiter,
-    build_limiter,
-)
+from worker.adaptive import AdaptiveConfig, Phase, RateController
+from worker.adaptive_limit import AdaptiveRateLimiter, SharedAdaptiveLimiter, build_limiter
 from worker.clock import MonotonicClock
 from worker.ratelimit import LocalRateLimiter, RateLimiter
 from worker.simulator.quota import TokenBucket as ServerQuota

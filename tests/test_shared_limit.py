@@ -171,7 +171,7 @@ async def test_adaptive_replicas_pace_through_one_shared_bucket(
     """Two --rate auto replicas on one key: on the Redis server's clock, each start of the
     fleet comes at least one spacing (the one the earlier call carried) after the one
     before; with a bucket each, the two replicas' first calls would start together."""
-    from worker.adaptive import SharedAdaptiveLimiter
+    from worker.adaptive_limit import SharedAdaptiveLimiter
 
     granted: list[tuple[int, int]] = []  # (start on the server's clock, spacing it carried)
 

@@ -71,7 +71,7 @@ async def api_client(settings: Settings, http: aiohttp.ClientSession) -> ApiClie
 
 def limiter(settings: Settings, clock: Clock) -> RateLimiter:
     """``--rate N``: exact pacing at N calls/s; ``--rate auto``: find the quota."""
-    from worker.adaptive import build_limiter
+    from worker.adaptive_limit import build_limiter
 
     return build_limiter(settings.rate, settings.burst, clock)
 

@@ -32,7 +32,8 @@ from tests.benchmarks.harness import (
     simulator,
 )
 from tests.fakes import simulate
-from worker.adaptive import AdaptiveRateLimiter, RateController, build_limiter
+from worker.adaptive import RateController
+from worker.adaptive_limit import AdaptiveRateLimiter, build_limiter
 from worker.clock import Clock
 from worker.ratelimit import RateLimiter
 

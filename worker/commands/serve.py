@@ -203,7 +203,7 @@ def _limiter(settings: Settings, client: Any, key: str, clock: Any) -> Any:
     through the same shared bucket at the rate it learnt, so the fleet together, not each
     replica, converges on the quota.
     """
-    from worker.adaptive import SharedAdaptiveLimiter
+    from worker.adaptive_limit import SharedAdaptiveLimiter
     from worker.service.shared_limit import RedisRateLimiter
 
     if settings.rate == "auto":

@@ -134,7 +134,7 @@ class RedisRateLimiter(FixedRate):
         """Space the next reservations at ``rate``: the adaptive controller moves it.
 
         The spacing travels with each reservation, so every replica's next call is spaced
-        by the rate the last one set (``worker.adaptive.SharedAdaptiveLimiter``).
+        by the rate the last one set (``worker.adaptive_limit.SharedAdaptiveLimiter``).
         """
         self._interval = interval_us(rate)
         self._rate = float(rate)

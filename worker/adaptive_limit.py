@@ -1,0 +1,256 @@
+"""The limiters ``--rate auto`` runs: a ``RateController`` (``worker.adaptive``) sets their
+rate from the calls' answers.
+
+- ``AdaptiveRateLimiter``: one process. Calls are spaced by a token bucket at the
+  controller's rate; a cut re-slots the waiters, and a ``Retry-After`` pause holds every
+  call back.
+- ``SharedAdaptiveLimiter``: replicas sharing one quota through Redis. Each runs its own
+  controller on its own answers and paces through the shared bucket at its rate.
+- ``build_limiter``: a fixed ``--rate N`` or ``auto``, for one process.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Literal, Protocol
+
+import anyio
+import anyio.lowlevel
+
+from worker.adaptive import AdaptiveConfig, RateController
+from worker.clock import Clock
+from worker.ratelimit import LocalRateLimiter, RateLimiter, TokenBucket
+
+SLICE_S = 0.05
+"""Waiters look at the rate at least this often."""
+
+RESLOT = 0.05
+"""A rate change larger than this fraction re-slots every waiter."""
+
+
+class AdaptiveRateLimiter:
+    """A ``RateLimiter`` whose rate a ``RateController`` sets from the calls' answers.
+
+    Calls are spaced by a ``TokenBucket`` with a burst of 1 by default: the server's burst is
+    as unknown as its rate, and a burst it does not allow would be refused at once. When the
+    controller cuts the rate, waiters that reserved at the old rate reserve again at the new
+    one (their slots were too close together); a ``Retry-After`` pause holds every call back.
+    """
+
+    __slots__ = (
+        "_bucket",
+        "_burst",
+        "_clock",
+        "_controller",
+        "_generation",
+        "_last_sent",
+        "_slotted",
+        "throttles",
+    )
+
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        burst: int = 1,
+        config: AdaptiveConfig | None = None,
+        controller: RateController | None = None,
+    ) -> None:
+        self._clock = clock
+        self._burst = burst
+        self._controller = controller or RateController(clock.now(), config)
+        self._bucket = TokenBucket(self._controller.rate, burst, clock.now())
+        self._slotted = self._controller.rate  # the rate the waiters' slots were given at
+        self._last_sent = -math.inf
+        self._generation = 0
+        self.throttles = 0
+
+    @property
+    def rate(self) -> float:
+        return self._controller.rate
+
+    @property
+    def controller(self) -> RateController:
+        return self._controller
+
+    def _sync(self, now: float) -> None:
+        """Bring the bucket to the controller's rate. A change of more than ``RESLOT`` starts
+        a fresh bucket, and every waiter takes a new slot at the new rate: slots handed out
+        at 2 calls/s to eight waiters would otherwise hold a rate increase back for 4 s, and
+        slots handed out before a cut would overrun the server."""
+        rate = self._controller.rate_at(now)
+        if rate == self._bucket.rate:
+            return
+        slotted = self._slotted
+        if abs(rate - slotted) > RESLOT * slotted:
+            # The fresh bucket's first slot is one interval after the last call that went,
+            # so re-slotting never lets two calls start closer together than the new rate.
+            self._generation += 1
+            self._slotted = rate
+            self._bucket = TokenBucket(rate, self._burst, max(now, self._last_sent + 1.0 / rate))
+        else:
+            self._bucket.set_rate(rate, now)
+
+    async def acquire(self) -> None:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        clock = self._clock
+        while True:
+            now = clock.now()
+            pause = self._controller.pause_until()
+            if now < pause:
+                await clock.sleep(pause - now)
+                continue
+            self._sync(now)
+            generation = self._generation
+            start = now + self._bucket.reserve(now)
+            version = self._bucket.version
+            if start <= now:
+                await anyio.lowlevel.cancel_shielded_checkpoint()
+            else:
+                # Sleep in slices, so a new rate reaches waiters that are already queued.
+                try:
+                    while generation == self._generation and clock.now() < start:
+                        self._sync(clock.now())
+                        if generation != self._generation:
+                            break
+                        await clock.sleep(min(start - clock.now(), SLICE_S))
+                except BaseException:
+                    if generation == self._generation:
+                        self._bucket.refund(version)
+                    raise
+                if generation != self._generation:
+                    continue  # the rate changed a lot while we waited: take a new slot
+                if clock.now() < self._controller.pause_until():
+                    continue
+            self._last_sent = clock.now()
+            self._controller.on_sent(self._last_sent)
+            return
+
+    def feedback(
+        self,
+        *,
+        throttled: bool,
+        latency_s: float | None = None,
+        retry_after: float | None = None,
+        overloaded: bool = False,
+    ) -> None:
+        """Fold one answer in; ``overloaded`` is a 503 (the dispatcher may pass it)."""
+        now = self._clock.now()
+        self.throttles += throttled
+        self._controller.on_answer(
+            now, throttled=throttled, latency_s=latency_s, retry_after=retry_after,
+            overloaded=overloaded,
+        )  # fmt: skip
+        self._sync(now)
+
+    def __repr__(self) -> str:
+        return (
+            f"AdaptiveRateLimiter({self._controller!r}, burst={self._burst}, "
+            f"throttles={self.throttles})"
+        )
+
+
+class SharedPacer(Protocol):
+    """A limiter shared by replicas whose rate can be changed: ``RedisRateLimiter`` with a
+    ``set_rate`` (its Lua script already takes the spacing with every reservation)."""
+
+    @property
+    def rate(self) -> float: ...
+
+    def set_rate(self, rate: float) -> None: ...
+
+    async def acquire(self) -> None: ...
+
+
+class SharedAdaptiveLimiter:
+    """``--rate auto`` for replicas sharing one quota: each replica runs its own controller on
+    the answers it gets and paces through the shared bucket at the controller's rate.
+
+    The fleet's calls are spaced by the shared bucket, so the fleet sends at the rate the
+    replicas set; a replica that is refused cuts, pauses for ``Retry-After`` and sets the
+    lower rate, which every replica's next reservation is spaced by until it sets its own.
+    Replicas see the same server, so their controllers agree within a probe or two. The
+    controllers do not cap the rate to what their replica sends (``cap_to_sent=False``):
+    one replica only sends its share of the fleet's calls. Nor do they measure the quota
+    from the time between two refusals (``measure=False``): one replica sees only its
+    share of the fleet's refusals, and would measure too high.
+    """
+
+    __slots__ = ("_clock", "_controller", "_shared", "throttles")
+
+    def __init__(
+        self,
+        shared: SharedPacer,
+        clock: Clock,
+        *,
+        config: AdaptiveConfig | None = None,
+    ) -> None:
+        self._shared = shared
+        self._clock = clock
+        self._controller = RateController(
+            clock.now(), replace(config or AdaptiveConfig(), cap_to_sent=False, measure=False)
+        )
+        self._shared.set_rate(self._controller.rate)
+        self.throttles = 0
+
+    @property
+    def rate(self) -> float:
+        return self._controller.rate
+
+    @property
+    def controller(self) -> RateController:
+        return self._controller
+
+    async def acquire(self) -> None:
+        while True:
+            now = self._clock.now()
+            pause = self._controller.pause_until()
+            if now < pause:
+                await self._clock.sleep(pause - now)
+                continue
+            rate = self._controller.rate_at(now)
+            if rate != self._shared.rate:
+                self._shared.set_rate(rate)
+            await self._shared.acquire()
+            if self._clock.now() >= self._controller.pause_until():
+                self._controller.on_sent(self._clock.now())
+                return
+
+    def feedback(
+        self,
+        *,
+        throttled: bool,
+        latency_s: float | None = None,
+        retry_after: float | None = None,
+        overloaded: bool = False,
+    ) -> None:
+        now = self._clock.now()
+        self.throttles += throttled
+        self._controller.on_answer(
+            now, throttled=throttled, latency_s=latency_s, retry_after=retry_after,
+            overloaded=overloaded,
+        )  # fmt: skip
+        rate = self._controller.rate_at(now)
+        if rate < self._shared.rate:
+            self._shared.set_rate(rate)
+
+    def __repr__(self) -> str:
+        return f"SharedAdaptiveLimiter({self._controller!r}, throttles={self.throttles})"
+
+
+def build_limiter(
+    rate: float | Literal["auto"],
+    burst: int,
+    clock: Clock,
+    *,
+    config: AdaptiveConfig | None = None,
+) -> RateLimiter:
+    """The limiter ``--rate`` asks for: a fixed ``LocalRateLimiter`` or the adaptive one.
+
+    With ``auto`` the configured burst is not used: the server's burst is unknown and may
+    be 1, so calls are evenly spaced (burst 1).
+    """
+    if rate == "auto":
+        return AdaptiveRateLimiter(clock, burst=1, config=config)
+    return LocalRateLimiter(rate=float(rate), burst=burst, clock=clock)
