@@ -29,7 +29,29 @@ RESLOT = 0.05
 """A rate change larger than this fraction re-slots every waiter."""
 
 
-class AdaptiveRateLimiter:
+class _Answered:
+    """What both limiters do with an answer: count the throttles, and fold it into their
+    controller."""
+
+    __slots__ = ("_clock", "_controller", "throttles")
+    _clock: Clock
+    _controller: RateController
+    throttles: int
+
+    def _fold(
+        self, throttled: bool, latency_s: float | None, retry_after: float | None, overloaded: bool
+    ) -> float:
+        """Fold one answer in; the time it was folded at."""
+        now = self._clock.now()
+        self.throttles += throttled
+        self._controller.on_answer(
+            now, throttled=throttled, latency_s=latency_s, retry_after=retry_after,
+            overloaded=overloaded,
+        )  # fmt: skip
+        return now
+
+
+class AdaptiveRateLimiter(_Answered):
     """A ``RateLimiter`` whose rate a ``RateController`` sets from the calls' answers.
 
     Calls are spaced by a ``TokenBucket`` with a burst of 1 by default: the server's burst is
@@ -38,16 +60,7 @@ class AdaptiveRateLimiter:
     one (their slots were too close together); a ``Retry-After`` pause holds every call back.
     """
 
-    __slots__ = (
-        "_bucket",
-        "_burst",
-        "_clock",
-        "_controller",
-        "_generation",
-        "_last_sent",
-        "_slotted",
-        "throttles",
-    )
+    __slots__ = ("_bucket", "_burst", "_generation", "_last_sent", "_slotted")
 
     def __init__(
         self,
@@ -136,13 +149,7 @@ class AdaptiveRateLimiter:
         overloaded: bool = False,
     ) -> None:
         """Fold one answer in; ``overloaded`` is a 503 (the dispatcher may pass it)."""
-        now = self._clock.now()
-        self.throttles += throttled
-        self._controller.on_answer(
-            now, throttled=throttled, latency_s=latency_s, retry_after=retry_after,
-            overloaded=overloaded,
-        )  # fmt: skip
-        self._sync(now)
+        self._sync(self._fold(throttled, latency_s, retry_after, overloaded))
 
     def __repr__(self) -> str:
         return (
@@ -163,7 +170,7 @@ class SharedPacer(Protocol):
     async def acquire(self) -> None: ...
 
 
-class SharedAdaptiveLimiter:
+class SharedAdaptiveLimiter(_Answered):
     """``--rate auto`` for replicas sharing one quota: each replica runs its own controller on
     the answers it gets and paces through the shared bucket at the controller's rate.
 
@@ -177,7 +184,7 @@ class SharedAdaptiveLimiter:
     share of the fleet's refusals, and would measure too high.
     """
 
-    __slots__ = ("_clock", "_controller", "_shared", "throttles")
+    __slots__ = ("_shared",)
 
     def __init__(
         self,
@@ -225,12 +232,7 @@ class SharedAdaptiveLimiter:
         retry_after: float | None = None,
         overloaded: bool = False,
     ) -> None:
-        now = self._clock.now()
-        self.throttles += throttled
-        self._controller.on_answer(
-            now, throttled=throttled, latency_s=latency_s, retry_after=retry_after,
-            overloaded=overloaded,
-        )  # fmt: skip
+        now = self._fold(throttled, latency_s, retry_after, overloaded)
         rate = self._controller.rate_at(now)
         if rate < self._shared.rate:
             self._shared.set_rate(rate)
