@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from worker.adaptive import RateController
+from worker.adaptive_limit import PacedController
 from worker.ratelimit import RateLimiter
 from worker.simulator.quota import TokenBucket as ServerQuota
 from worker.simulator.quota import retry_after_seconds
@@ -158,7 +159,7 @@ def simulate(
     burst: int = 1,
     latency: float = 0.002,
     concurrency: int = 8,
-    controller: RateController | None = None,
+    controller: PacedController | None = None,
 ) -> Run:
     """Calls paced at the controller's rate against a token-bucket server (as the
     simulator's), answered ``latency`` later; 429s carry Retry-After in whole seconds."""
@@ -174,10 +175,10 @@ def simulate(
             server = ServerQuota(current, burst, now)
         while in_flight and in_flight[0][0] <= now:
             done, ok, retry_after = heapq.heappop(in_flight)
-            if ok:
-                ctrl.on_success(done, latency)
-            else:
-                ctrl.on_throttle(done, retry_after, latency)
+            ctrl.on_answer(
+                done, throttled=not ok, latency_s=latency, retry_after=retry_after,
+                overloaded=False,
+            )  # fmt: skip
         rate = ctrl.rate_at(now)
         if now < ctrl.pause_until():
             now = next_slot = max(next_slot, ctrl.pause_until())

@@ -424,9 +424,9 @@ async def test_a_rate_increase_reaches_callers_already_queued() -> None:
 @pytest.mark.anyio
 async def test_a_cut_respaces_the_queue_and_retry_after_holds_every_call() -> None:
     clock = FakeClock()
-    limiter = AdaptiveRateLimiter(clock)
-    controller = limiter.controller
+    controller = RateController(clock.now())
     controller.restore(replace(controller.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
+    limiter = AdaptiveRateLimiter(clock, controller=controller)
     sends: list[float] = []
 
     async def worker() -> None:
@@ -475,7 +475,8 @@ async def test_finds_the_simulators_quota_over_real_http() -> None:
     clock = MonotonicClock()
     config = SimulatorConfig(project_id=PROJECT, ak=AK, sk=SK, jobs=400, quota=20, burst=2)
     async with run_simulator(config) as sim:
-        limiter = AdaptiveRateLimiter(clock)
+        controller = RateController(clock.now())
+        limiter = AdaptiveRateLimiter(clock, controller=controller)
         session = make_session(concurrency=4, connect_timeout=5, read_timeout=5)
         try:
             client = ApiClient(
@@ -513,7 +514,7 @@ async def test_finds_the_simulators_quota_over_real_http() -> None:
                         group.start_soon(worker)
         finally:
             await session.close()
-        state = limiter.controller.state
+        state = controller.state
         assert limiter.throttles >= 1 and sim.stats.throttled >= 1
         assert state.phase is not Phase.STARTUP and not math.isinf(state.cut_at)
         calls, throttled = seen[0]

@@ -64,7 +64,7 @@ async def test_rclone_pacer_under_the_limiter_spaces_calls_by_its_sleep() -> Non
     """As rclone's pacer token does: the starts of calls are ``sleep`` apart, burst 1."""
     clock = FakeClock()
     pacer = RclonePacer(min_sleep=0.050)
-    limiter = AdaptiveRateLimiter(clock, controller=pacer)  # type: ignore[arg-type]
+    limiter = AdaptiveRateLimiter(clock, controller=pacer)
     sends = await paced_sends(limiter, clock, until=2.0, workers=4, latency=0.001)
     gaps = [b - a for a, b in itertools.pairwise(sends)]
     assert min(gaps) == pytest.approx(0.050)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Literal, Protocol
+from typing import Generic, Literal, Protocol, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -29,14 +29,49 @@ RESLOT = 0.05
 """A rate change larger than this fraction re-slots every waiter."""
 
 
-class _Answered:
+class PacedController(Protocol):
+    """What a limiter needs of the controller that sets its rate: ``RateController``, or a
+    port of another project's (the benchmarks' peers)."""
+
+    @property
+    def rate(self) -> float: ...
+
+    def pause_until(self) -> float: ...
+
+    def rate_at(self, now: float) -> float: ...
+
+    def on_sent(self, now: float) -> None: ...
+
+    def on_answer(
+        self,
+        now: float,
+        *,
+        throttled: bool,
+        latency_s: float | None,
+        retry_after: float | None,
+        overloaded: bool,
+    ) -> None: ...
+
+
+C = TypeVar("C", bound=PacedController)
+
+
+class _Answered(Generic[C]):
     """What both limiters do with an answer: count the throttles, and fold it into their
     controller."""
 
     __slots__ = ("_clock", "_controller", "throttles")
     _clock: Clock
-    _controller: RateController
+    _controller: C
     throttles: int
+
+    @property
+    def rate(self) -> float:
+        return self._controller.rate
+
+    @property
+    def controller(self) -> C:
+        return self._controller
 
     def _fold(
         self, throttled: bool, latency_s: float | None, retry_after: float | None, overloaded: bool
@@ -51,7 +86,7 @@ class _Answered:
         return now
 
 
-class AdaptiveRateLimiter(_Answered):
+class AdaptiveRateLimiter(_Answered[PacedController]):
     """A ``RateLimiter`` whose rate a ``RateController`` sets from the calls' answers.
 
     Calls are spaced by a ``TokenBucket`` with a burst of 1 by default: the server's burst is
@@ -68,7 +103,7 @@ class AdaptiveRateLimiter(_Answered):
         *,
         burst: int = 1,
         config: AdaptiveConfig | None = None,
-        controller: RateController | None = None,
+        controller: PacedController | None = None,
     ) -> None:
         self._clock = clock
         self._burst = burst
@@ -78,14 +113,6 @@ class AdaptiveRateLimiter(_Answered):
         self._last_sent = -math.inf
         self._generation = 0
         self.throttles = 0
-
-    @property
-    def rate(self) -> float:
-        return self._controller.rate
-
-    @property
-    def controller(self) -> RateController:
-        return self._controller
 
     def _sync(self, now: float) -> None:
         """Bring the bucket to the controller's rate. A change of more than ``RESLOT`` starts
@@ -170,7 +197,7 @@ class SharedPacer(Protocol):
     async def acquire(self) -> None: ...
 
 
-class SharedAdaptiveLimiter(_Answered):
+class SharedAdaptiveLimiter(_Answered[RateController]):
     """``--rate auto`` for replicas sharing one quota: each replica runs its own controller on
     the answers it gets and paces through the shared bucket at the controller's rate.
 
@@ -200,14 +227,6 @@ class SharedAdaptiveLimiter(_Answered):
         )
         self._shared.set_rate(self._controller.rate)
         self.throttles = 0
-
-    @property
-    def rate(self) -> float:
-        return self._controller.rate
-
-    @property
-    def controller(self) -> RateController:
-        return self._controller
 
     async def acquire(self) -> None:
         while True:

@@ -33,7 +33,7 @@ from tests.benchmarks.harness import (
 )
 from tests.fakes import simulate
 from worker.adaptive import RateController
-from worker.adaptive_limit import AdaptiveRateLimiter, build_limiter
+from worker.adaptive_limit import AdaptiveRateLimiter, PacedController, build_limiter
 from worker.clock import Clock
 from worker.ratelimit import RateLimiter
 
@@ -57,7 +57,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 RCLONE_MIN_SLEEP = 0.001
 """The rclone peer's ``min_sleep``: its default (10 ms) would cap it at 100 calls/s."""
 
-PEERS: dict[str, Callable[[float], Any]] = {
+PEERS: dict[str, Callable[[float], PacedController]] = {
     "botocore": BotocoreCubic,
     "rclone": lambda now: RclonePacer(min_sleep=RCLONE_MIN_SLEEP),
     "rclone_no_retry_after": lambda now: RclonePacer(
@@ -234,7 +234,7 @@ def _quota(before: float, after: float | None = None) -> Callable[[float], float
     return lambda t: before if t < 30.0 else later
 
 
-def _swept(make: Callable[[float], Any], quota_at: Callable[[float], float], burst: int,
+def _swept(make: Callable[[float], PacedController], quota_at: Callable[[float], float], burst: int,
            windows: tuple[tuple[float, float], ...]) -> list[tuple[float, float]]:  # fmt: skip
     """(share of the quota accepted, share of calls refused) per window, 120 s simulated."""
     run = simulate(quota_at, duration=120.0, burst=burst, controller=make(0.0))
@@ -252,7 +252,7 @@ def test_auto_rate_across_quotas() -> None:
     quota that falls or rises at 30 s: what the runs over loopback cannot cover in
     minutes. Calls answered in 2 ms, 8 in flight. Windows: 10-40 s (as the loopback runs),
     40-120 s (long after start-up); for a change, 35-50 s and 50-120 s."""
-    controllers: dict[str, Callable[[float], Any]] = {"auto": RateController, **PEERS}
+    controllers: dict[str, Callable[[float], PacedController]] = {"auto": RateController, **PEERS}
     steady: dict[str, dict[float, list[tuple[float, float]]]] = {}
     changed: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for name, make in controllers.items():
