@@ -358,9 +358,7 @@ class RateController(AnswerEvents):
         # A probe is refused only by a call it sent: one sent before it began was sent at
         # the level (or at the probe before, which has just passed and made the level).
         this_probe = s.phase is Phase.PROBE and sent >= s.since
-        probe = this_probe or s.below is not None  # refused now, or found late
-        pause = s.pause_until
-        measured = False  # the level comes from the rate the server was seen to accept
+        cuts = 0  # refusals in a row at the level, this one included
         if this_probe:
             # The probe found the top: the level stands. Probe less often from now on, and
             # by half the step (down to ``min_step``), closing in on the quota from below.
@@ -369,11 +367,13 @@ class RateController(AnswerEvents):
             hold = c.hold if wide else min(s.hold * c.hold_growth, c.max_hold)
             step = max(s.step / 2.0, c.min_step)
             refused = min(s.rate, self._refused(s))  # a probe past a refusal confirms it
+            pause_all = False  # the level under it was being accepted
         elif s.phase is Phase.STARTUP:
             level = (1.0 - c.margin) * s.rate
             hold = c.hold
             step = c.step
             refused = s.rate
+            pause_all = True
         elif s.below is not None:
             # Refused at a level a probe raised, before a whole cruise there: the probe's
             # refusal, found late (the server's burst hid its overshoot while it lasted).
@@ -382,11 +382,15 @@ class RateController(AnswerEvents):
             hold = min(s.hold * c.hold_growth, c.max_hold)
             step = max(s.step / 4.0, c.min_step)  # the pass doubled it; a refusal halves
             refused = s.level
+            pause_all = False
         else:
             # Refused at the level: a server's burst hid an overshoot (a mild cut is
             # enough), or the quota fell: each further refusal in a row cuts harder.
             again = now - s.cut_at < c.hold  # refused again soon after a cut: harder
             level = c.beta ** (s.cuts + 1) * s.level if again else (1.0 - c.step) * s.level
+            cuts = s.cuts + 1 if again else 0
+            hold = c.hold
+            pause_all = True
             if again and quota and c.measure and s.pause_until <= s.cut_at < sent:
                 # The cut before paused nobody (a refused probe, a provisional level given
                 # up, a measure like this one): the server's bucket was empty then, and at
@@ -397,24 +401,17 @@ class RateController(AnswerEvents):
                 measure = (1.0 - c.step) * (s.level - 1.0 / (sent - s.cut_at))
                 if measure >= level:
                     level = min(measure, (1.0 - c.step) * s.level)
-                    measured = True
-            # After a cut in a row the level is well under the rate refused: the cruise
-            # before climbing back is short, but long enough for a few dozen calls.
-            hold = c.hold
-            if again and not measured:
+                    pause_all = False
+            if again and pause_all:
+                # After a cut in a row the level is well under the rate refused: the cruise
+                # before climbing back is short, but long enough for a few dozen calls.
                 hold = min(c.hold, max(c.rebound_hold, c.rebound_calls / level))
             step = c.step
             refused = s.level
-        if (
-            not (probe or measured)
-            and retry_after is not None
-            and math.isfinite(retry_after)
-            and retry_after > 0
-        ):
+        pause = s.pause_until
+        if pause_all and retry_after is not None and 0 < retry_after < math.inf:
             pause = max(pause, now + min(retry_after, c.max_pause))
         level = min(max(level, c.min_rate), c.max_rate)
-        at_level = s.phase is not Phase.STARTUP and not probe
-        cuts = s.cuts + 1 if at_level and now - s.cut_at < c.hold else 0
         self._state = replace(
             s,
             cuts=cuts,
