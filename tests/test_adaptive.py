@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import replace
 
 import anyio
@@ -21,6 +22,25 @@ from worker.simulator.quota import TokenBucket as ServerQuota
 from worker.simulator.quota import retry_after_seconds
 
 # --- the controller: known answers ---------------------------------------------------------
+
+
+def _cruising(
+    config: AdaptiveConfig | None = None, *, refused: float = math.inf, cut_at: float = -math.inf
+) -> RateController:
+    """A controller cruising at a level of 100 calls/s; by default nothing was ever refused,
+    else ``refused`` calls/s was, at ``cut_at``."""
+    ctrl = RateController(0.0, config)
+    cruising = replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE)
+    ctrl.restore(replace(cruising, refused=refused, cut_at=cut_at))
+    return ctrl
+
+
+def _send_while(ctrl: RateController, t: float, going: Callable[[float], bool]) -> float:
+    """Calls start at the controller's rate from ``t`` while ``going(t)``; the time after."""
+    while going(t):
+        ctrl.on_sent(t)
+        t += 1.0 / ctrl.rate_at(t)
+    return t
 
 
 def test_startup_doubles_every_interval_while_calls_succeed() -> None:
@@ -63,9 +83,7 @@ def test_retry_after_pauses_every_call_and_old_news_is_ignored() -> None:
 
 
 def test_refused_probe_keeps_the_level_and_probes_less_often() -> None:
-    config = AdaptiveConfig(hold=5.0, hold_growth=3.0, step=0.03, probe_time=2.0)
-    ctrl = RateController(0.0, config)
-    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
+    ctrl = _cruising(AdaptiveConfig(hold=5.0, hold_growth=3.0, step=0.03, probe_time=2.0))
     for t in range(1, 7):
         ctrl.on_sent(float(t))
         for k in range(100):
@@ -80,10 +98,8 @@ def test_refused_probe_keeps_the_level_and_probes_less_often() -> None:
 def test_a_refused_probe_pauses_nothing_but_a_refusal_at_the_level_pauses_every_call() -> None:
     """The level under a probe was being accepted: calls go back to it at once. A refusal
     at the level is the quota falling (or a burst hiding an overshoot): everyone waits."""
-    ctrl = RateController(0.0, AdaptiveConfig(hold=5.0, step=0.03, probe_time=2.0))
-    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
-    for k in range(600):
-        ctrl.on_sent(k / 100)
+    ctrl = _cruising(AdaptiveConfig(hold=5.0, step=0.03, probe_time=2.0))
+    _send_while(ctrl, 0.0, lambda t: t < 6.0)
     assert ctrl.rate_at(5.5) == pytest.approx(103.0)
     assert ctrl.on_throttle(6.0, retry_after=1.0, latency=0.001) == 100.0
     assert ctrl.pause_until() < 6.0
@@ -101,10 +117,8 @@ def test_a_refusal_soon_after_a_refused_probe_measures_the_quota() -> None:
     the next refusal comes when the server has accepted its quota's worth and not one call
     more. So the level goes just under what it accepted (every call sent since the cut but
     this one), with no pause; never further than the cut in a row would have gone."""
-    ctrl = RateController(0.0, AdaptiveConfig(hold=5.0, step=0.03, probe_time=2.0))
-    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
-    for k in range(600):
-        ctrl.on_sent(k / 100)
+    ctrl = _cruising(AdaptiveConfig(hold=5.0, step=0.03, probe_time=2.0))
+    _send_while(ctrl, 0.0, lambda t: t < 6.0)
     ctrl.rate_at(5.5)  # probing at 103
     assert ctrl.on_throttle(6.0, retry_after=1.0, latency=0.001) == 100.0
     # 2 s at 100 calls/s, and one refused: the server accepts 99.5 calls/s.
@@ -127,11 +141,8 @@ def test_a_controller_that_sees_only_its_share_of_refusals_does_not_measure() ->
     """Replicas sharing a rate each see only their own refusals: the time between two of
     them says too little about the server, so such a controller (``measure=False``, as
     ``SharedAdaptiveLimiter`` builds it) cuts in a row and pauses, as before."""
-    config = AdaptiveConfig(hold=5.0, step=0.03, probe_time=2.0, measure=False)
-    ctrl = RateController(0.0, config)
-    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
-    for k in range(600):
-        ctrl.on_sent(k / 100)
+    ctrl = _cruising(AdaptiveConfig(hold=5.0, step=0.03, probe_time=2.0, measure=False))
+    _send_while(ctrl, 0.0, lambda t: t < 6.0)
     ctrl.rate_at(5.5)
     assert ctrl.on_throttle(6.0, retry_after=1.0, latency=0.001) == 100.0
     assert ctrl.on_throttle(8.001, retry_after=1.0, latency=0.001) == pytest.approx(85.0)
@@ -143,15 +154,9 @@ def test_a_raised_level_is_provisional_until_a_whole_cruise_has_passed_at_it() -
     refusal before the next probe is the probe's, and goes back to the level under it with
     no pause. Once a whole cruise has passed at the raised level, it is the level."""
     config = AdaptiveConfig(hold=1.0, step=0.03, probe_time=1.0, hold_growth=3.0)
-    ctrl = RateController(0.0, config)
     # A refusal remembered (110 calls/s): the probes cruise between them.
-    cruising = replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE, refused=110.0,
-                       cut_at=0.0)  # fmt: skip
-    ctrl.restore(cruising)
-    t = 0.0
-    while t < 2.5:
-        ctrl.on_sent(t)
-        t += 1.0 / ctrl.rate_at(t)
+    ctrl = _cruising(config, refused=110.0, cut_at=0.0)
+    t = _send_while(ctrl, 0.0, lambda t: t < 2.5)
     assert ctrl.state.level == pytest.approx(103.0)  # the probe (1 s to 2 s) passed
     assert ctrl.state.provisional
     assert ctrl.on_throttle(t, retry_after=1.0, latency=0.001) == pytest.approx(100.0)
@@ -159,12 +164,10 @@ def test_a_raised_level_is_provisional_until_a_whole_cruise_has_passed_at_it() -
     assert ctrl.state.hold == 3.0  # probed less often, as after a refused probe
     assert not ctrl.state.provisional
 
-    ctrl = RateController(0.0, config)
-    ctrl.restore(cruising)
-    t = 0.0
-    while ctrl.state.phase is not Phase.PROBE or ctrl.state.level < 103.0:  # the next probe
-        ctrl.on_sent(t)
-        t += 1.0 / ctrl.rate_at(t)
+    ctrl = _cruising(config, refused=110.0, cut_at=0.0)
+    t = _send_while(  # to the next probe
+        ctrl, 0.0, lambda t: ctrl.state.phase is not Phase.PROBE or ctrl.state.level < 103.0
+    )
     assert not ctrl.state.provisional  # 103 held for a whole cruise
     ctrl.restore(replace(ctrl.state, phase=Phase.CRUISE, rate=103.0, since=t))
     assert ctrl.on_throttle(t, retry_after=1.0, latency=0.001) == pytest.approx(0.97 * 103.0)
@@ -173,13 +176,9 @@ def test_a_raised_level_is_provisional_until_a_whole_cruise_has_passed_at_it() -
 
 def test_a_passed_probe_raises_the_level_and_the_next_step() -> None:
     """Under a refusal still remembered, the next probe comes after a cruise."""
-    ctrl = RateController(0.0, AdaptiveConfig(hold=1.0, step=0.03, probe_time=1.0))
-    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE,
-                         refused=110.0, cut_at=0.0))  # fmt: skip
-    t = 0.0
-    while t < 3.5:
-        ctrl.on_sent(t)
-        t += 1.0 / ctrl.rate_at(t)
+    ctrl = _cruising(AdaptiveConfig(hold=1.0, step=0.03, probe_time=1.0), refused=110.0,
+                     cut_at=0.0)  # fmt: skip
+    _send_while(ctrl, 0.0, lambda t: t < 3.5)
     assert ctrl.state.level == pytest.approx(103.0)
     assert ctrl.state.step == pytest.approx(0.06)
     assert ctrl.state.since > 2.9  # the next probe began after a cruise (1 s) at 103
@@ -188,12 +187,9 @@ def test_a_passed_probe_raises_the_level_and_the_next_step() -> None:
 def test_with_no_refusal_remembered_passed_probes_follow_each_other() -> None:
     """Nothing refused for ``max_hold``, or ever: the quota may be far above. Each passed
     probe is followed at once by one twice as high, until one is refused."""
-    ctrl = RateController(0.0, AdaptiveConfig(hold=1.0, step=0.03, probe_time=1.0))
-    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
-    t = 0.0
-    while t < 4.5:  # a cruise (1 s), then probes of 1 s each: 3, 6 and 12 % up
-        ctrl.on_sent(t)
-        t += 1.0 / ctrl.rate_at(t)
+    ctrl = _cruising(AdaptiveConfig(hold=1.0, step=0.03, probe_time=1.0))
+    # A cruise (1 s), then probes of 1 s each: 3, 6 and 12 % up.
+    _send_while(ctrl, 0.0, lambda t: t < 4.5)
     assert ctrl.state.phase is Phase.PROBE
     assert ctrl.state.level == pytest.approx(100.0 * 1.03 * 1.06 * 1.12)
 
@@ -235,13 +231,8 @@ def test_close_under_a_refusal_the_probe_goes_just_past_it() -> None:
     the refusal stands (not the probe's higher rate); passed, the quota has risen, and the
     probes that follow come at once."""
     config = AdaptiveConfig(hold=1.0, step=0.03, probe_time=1.0)
-    ctrl = RateController(0.0, config)
-    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE,
-                         refused=101.0, cut_at=0.0))  # fmt: skip
-    t = 0.0
-    while ctrl.state.phase is not Phase.PROBE:
-        ctrl.on_sent(t)
-        t += 1.0 / ctrl.rate_at(t)
+    ctrl = _cruising(config, refused=101.0, cut_at=0.0)
+    t = _send_while(ctrl, 0.0, lambda t: ctrl.state.phase is not Phase.PROBE)
     assert ctrl.rate == pytest.approx(101.0 * 1.01)
     probing = ctrl.state
 
@@ -251,16 +242,13 @@ def test_close_under_a_refusal_the_probe_goes_just_past_it() -> None:
 
     ctrl = RateController(0.0, config)
     ctrl.restore(probing)
-    while t < probing.since + 1.5:  # the probe (1 s) passes
-        ctrl.on_sent(t)
-        t += 1.0 / ctrl.rate_at(t)
+    _send_while(ctrl, t, lambda t: t < probing.since + 1.5)  # the probe (1 s) passes
     assert ctrl.state.level == pytest.approx(101.0 * 1.01)
     assert ctrl.state.phase is Phase.PROBE  # the next one at once: the quota rose
 
 
 def test_503s_cut_like_a_throttle_without_a_pause() -> None:
-    ctrl = RateController(0.0)
-    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
+    ctrl = _cruising()
     assert ctrl.on_overload(1.0, latency=0.01) == pytest.approx(97.0)
     assert ctrl.on_overload(1.5, latency=0.01) == pytest.approx(0.85 * 97.0)
     assert ctrl.pause_until() < 1.0
@@ -270,8 +258,7 @@ def test_refusals_at_the_level_step_down_once_then_cut_harder_each_time_in_a_row
     """The first refusal at a level that held is most often a hair's overshoot a server's
     burst hid: 3 % down. More in a row mean the quota fell: 0.85, 0.85², ... each pausing
     every call for the Retry-After."""
-    ctrl = RateController(0.0, AdaptiveConfig(hold=5.0, step=0.03, beta=0.85))
-    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
+    ctrl = _cruising(AdaptiveConfig(hold=5.0, step=0.03, beta=0.85))
     assert ctrl.on_throttle(10.0, retry_after=1.0, latency=0.001) == pytest.approx(97.0)
     assert ctrl.pause_until() == 11.0
     assert ctrl.on_throttle(12.0, retry_after=1.0, latency=0.001) == pytest.approx(82.45)
@@ -297,9 +284,7 @@ def test_after_a_cut_in_a_row_the_climb_back_starts_soon(level: float, hold: flo
 
 
 def test_clearly_rising_latency_cuts_but_one_slow_call_does_not() -> None:
-    config = AdaptiveConfig(latency_samples=10, latency_factor=3.0, latency_floor_s=0.05)
-    ctrl = RateController(0.0, config)
-    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
+    ctrl = _cruising(AdaptiveConfig(latency_samples=10, latency_factor=3.0, latency_floor_s=0.05))
     for i in range(10):
         ctrl.on_success(1.0 + i / 100, 0.01)
     ctrl.on_success(1.2, 2.0)  # one GC pause
