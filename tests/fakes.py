@@ -148,9 +148,6 @@ class Run:
         refused = sum(start <= t < end for t in self.refused)
         return refused / max(1, ok + refused)
 
-    def rate_at(self, when: float) -> float:
-        return [rate for t, rate in self.rates if t <= when][-1]
-
 
 def simulate(
     quota: Callable[[float], float],
