@@ -139,9 +139,9 @@ def test_a_refusal_soon_after_a_refused_probe_measures_the_quota() -> None:
 
 def test_a_controller_that_sees_only_its_share_of_refusals_does_not_measure() -> None:
     """Replicas sharing a rate each see only their own refusals: the time between two of
-    them says too little about the server, so such a controller (``measure=False``, as
+    them says too little about the server, so such a controller (``shared``, as
     ``SharedAdaptiveLimiter`` builds it) cuts in a row and pauses, as before."""
-    ctrl = _cruising(AdaptiveConfig(hold=5.0, step=0.03, probe_time=2.0, measure=False))
+    ctrl = _cruising(AdaptiveConfig(hold=5.0, step=0.03, probe_time=2.0, shared=True))
     _send_while(ctrl, 0.0, lambda t: t < 6.0)
     ctrl.rate_at(5.5)
     assert ctrl.on_throttle(6.0, retry_after=1.0, latency=0.001) == 100.0
@@ -318,14 +318,14 @@ _ANSWERS = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(answers=_ANSWERS, measure=st.booleans())
+@given(answers=_ANSWERS, shared=st.booleans())
 def test_whatever_the_answers_the_rate_stays_in_bounds_and_moves_the_right_way(
-    answers: list[tuple[float, str, float | None, float | None]], measure: bool
+    answers: list[tuple[float, str, float | None, float | None]], shared: bool
 ) -> None:
     """Calls sent at the rate, and answers in any order: the rate stays finite, within
     ``min_rate`` and ``max_rate``; between refusals it never falls; a 429 or a 503 never
     raises it; no pause outlasts ``max_pause``."""
-    ctrl = RateController(0.0, AdaptiveConfig(max_rate=100.0, measure=measure))
+    ctrl = RateController(0.0, AdaptiveConfig(max_rate=100.0, shared=shared))
     c = ctrl.config
     now, last = 0.0, ctrl.rate
     for gap, kind, latency, retry_after in answers:

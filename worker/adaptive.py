@@ -29,8 +29,8 @@ This controller keeps a ``level`` it believes safe and only ever leaves it on pu
   ``hold`` of the last) cuts it by ``beta``, ``beta**2`` and so on, until refusals stop.
   But soon after a cut that paused nobody (a refused probe, a provisional level given
   up), the server's bucket is known to be empty: what it accepted since, every call sent
-  but the refused one, is its quota, and the level goes ``step`` under that (``measure``;
-  not for replicas sharing a rate, which see only their share of the refusals).
+  but the refused one, is its quota, and the level goes ``step`` under that (not for
+  replicas sharing a rate, ``shared``: each sees only its share of the refusals).
 - a throttle for a call sent before the last cut says nothing new and is ignored.
 - ``Retry-After`` on a refusal at the level (startup or cruise) pauses every call
   (``AdaptiveRateLimiter`` waits on ``pause_until``); on a refused probe, or a refusal
@@ -88,10 +88,9 @@ class AdaptiveConfig:
     latency_floor_s: float = 0.1
     latency_samples: int = 50
     max_pause: float = 30.0  # longest Retry-After pause honoured
-    cap_to_sent: bool = True  # grow and probe only when really sending at the rate (False
-    # when the rate is shared by replicas: each one sends only its share)
-    measure: bool = True  # learn the quota from the time between two refusals: only when
-    # this controller sees every refusal (False when replicas share the rate)
+    shared: bool = False  # replicas share the rate: each sends only its share of the
+    # calls and sees only its share of the refusals, so growth and probes do not wait for
+    # it to send at the rate, and it does not measure the quota between two refusals
 
     def __post_init__(self) -> None:
         positive = ("initial_rate", "min_rate", "max_rate", "startup_interval", "step",
@@ -306,7 +305,7 @@ class RateController(AnswerEvents):
                 # One more call than counted: at 2 calls/s a one-second window holds one or
                 # two, and that quantisation alone must not stall the growth.
                 cap = c.max_rate
-                if c.cap_to_sent:
+                if not c.shared:
                     cap = max(2.0 * (self._sent_rate(now) + 1.0 / c.window), s.rate)
                 rate = min(grown, cap, c.max_rate)
                 s = replace(s, rate=rate, level=rate, since=now)
@@ -316,11 +315,7 @@ class RateController(AnswerEvents):
                 # Over a span that holds a few calls at the level: under one call per
                 # ``window``, a window just before a send holds none.
                 span = max(c.window, 4.0 / s.level)
-                if (
-                    not c.cap_to_sent
-                    or self._sent_rate(now, span) >= 0.5 * s.level
-                    or s.level <= c.min_rate
-                ):
+                if c.shared or self._sent_rate(now, span) >= 0.5 * s.level or s.level <= c.min_rate:
                     s = replace(
                         s, phase=Phase.PROBE, rate=self._probe_rate(s), since=now, cuts=0,
                         below=None,  # the level held for a whole cruise
@@ -391,7 +386,7 @@ class RateController(AnswerEvents):
             cuts = s.cuts + 1 if again else 0
             hold = c.hold
             pause_all = True
-            if again and quota and c.measure and s.pause_until <= s.cut_at < sent:
+            if again and quota and not c.shared and s.pause_until <= s.cut_at < sent:
                 # The cut before paused nobody (a refused probe, a provisional level given
                 # up, a measure like this one): the server's bucket was empty then, and at
                 # the level since it has stayed so. What it accepted in between, every

@@ -205,10 +205,10 @@ class SharedAdaptiveLimiter(_Answered[RateController]):
     replicas set; a replica that is refused cuts, pauses for ``Retry-After`` and sets the
     lower rate, which every replica's next reservation is spaced by until it sets its own.
     Replicas see the same server, so their controllers agree within a probe or two. The
-    controllers do not cap the rate to what their replica sends (``cap_to_sent=False``):
-    one replica only sends its share of the fleet's calls. Nor do they measure the quota
-    from the time between two refusals (``measure=False``): one replica sees only its
-    share of the fleet's refusals, and would measure too high.
+    controllers are ``shared``: they do not cap the rate to what their replica sends (one
+    replica only sends its share of the fleet's calls), nor measure the quota from the
+    time between two refusals (one replica sees only its share of the fleet's refusals,
+    and would measure too high).
     """
 
     __slots__ = ("_shared",)
@@ -223,7 +223,7 @@ class SharedAdaptiveLimiter(_Answered[RateController]):
         self._shared = shared
         self._clock = clock
         self._controller = RateController(
-            clock.now(), replace(config or AdaptiveConfig(), cap_to_sent=False, measure=False)
+            clock.now(), replace(config or AdaptiveConfig(), shared=True)
         )
         self._shared.set_rate(self._controller.rate)
         self.throttles = 0
