@@ -6,6 +6,7 @@ itself runs through ``worker.commands.serve.serve`` with a stop event instead of
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -13,16 +14,19 @@ from typing import Any
 
 import aiohttp
 import anyio
+import anyio.abc
 import orjson
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
+from yarl import URL
 
 from tests.conftest import REDIS_URL
 from tests.fakes import FakeClock
 from worker.commands.serve import serve
 from worker.errors import ApiTimeout, AuthError, ServerError, ThrottledError
+from worker.service import journal as journal_module
 from worker.service.health import Health, build_app
 from worker.service.inflight import InFlight
 from worker.service.layout import Message, StreamLayout, decode_entry
@@ -34,7 +38,7 @@ from worker.service.metrics import (
     status_class,
 )
 from worker.settings import Settings
-from worker.simulator import Simulator, SimulatorConfig, run_simulator
+from worker.simulator import FaultConfig, Simulator, SimulatorConfig, run_simulator
 from worker.types import Outcome, Result
 
 pytestmark = pytest.mark.usefixtures("clean_env")
@@ -400,3 +404,79 @@ async def test_protected_jobs_survive_serve_whatever_the_queue_says(redis_prefix
     skipped = svc.events("job.skipped")
     assert {e["job_id"] for e in skipped} == set(busy)
     assert {e["reason"] for e in skipped} == {"protected"}
+
+
+class RedisProxy:
+    """A TCP relay to the real Redis that can be cut: while cut, every connection through it
+    is closed and new ones are closed on arrival, as when Redis goes away."""
+
+    def __init__(self, target: str) -> None:
+        url = URL(target)
+        self._host, self._port, self._db = url.host or "127.0.0.1", url.port or 6379, url.path
+        self._streams: set[anyio.abc.ByteStream] = set()
+        self.cut = False
+        self.url = ""
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610
+        self.url = f"redis://127.0.0.1:{port}{self._db}"
+        task_status.started()
+        async with listener:
+            await listener.serve(self._relay)
+
+    async def _relay(self, client: anyio.abc.SocketStream) -> None:
+        if self.cut:
+            await client.aclose()
+            return
+        upstream = await anyio.connect_tcp(self._host, self._port)
+        self._streams |= {client, upstream}
+
+        async def pump(source: anyio.abc.ByteStream, sink: anyio.abc.ByteStream) -> None:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError,
+                                     anyio.ClosedResourceError, OSError):  # fmt: skip
+                async for chunk in source:
+                    await sink.send(chunk)
+            await source.aclose()
+            await sink.aclose()
+
+        async with client, upstream, anyio.create_task_group() as group:
+            group.start_soon(pump, client, upstream)
+            group.start_soon(pump, upstream, client)
+        self._streams -= {client, upstream}
+
+    async def go_away(self) -> None:
+        self.cut = True
+        for stream in list(self._streams):
+            await stream.aclose()
+
+
+@pytest.mark.anyio
+async def test_outcomes_wait_out_a_redis_outage_and_every_entry_is_settled(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis goes away for longer than a shutdown would wait for it, while deletes are in
+    flight: the outcomes reached meanwhile are written once it is back, and every entry is
+    acknowledged. (Giving up on them left their entries held in memory for good: never
+    settled, never sent again, and skipped by the service's own reclaim.)"""
+    monkeypatch.setattr(journal_module, "SETTLE_TIMEOUT_S", 0.2)
+    proxy = RedisProxy(REDIS_URL)
+    config = SimulatorConfig(jobs=80, faults=FaultConfig(latency_ms=150, latency_jitter=False))
+    async with anyio.create_task_group() as relay:
+        await relay.start(proxy.serve)
+        async with running(redis_prefix, config, redis_url=proxy.url, batch_size=5,
+                           concurrency=4, rate=1000.0) as svc:  # fmt: skip
+            ids = svc.sim.job_ids()
+            await svc.enqueue(ids)
+            await svc.until(lambda: _true(len(svc.sim.deleted) >= 10))
+            await proxy.go_away()
+            await svc.until(lambda: _true(bool(svc.events("serve.redis_error"))))
+            await anyio.sleep(1.5)  # outcomes reached in flight now wait for Redis
+            proxy.cut = False
+            await svc.until(lambda: _true(len(svc.sim.deleted) == len(ids)), timeout=30)
+            await svc.until(lambda: _zero(svc.pending()), timeout=30)
+            outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
+        relay.cancel_scope.cancel()
+    assert svc.code == 0
+    rows = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in outcomes]
+    assert {r["job_id"] for r in rows if r["outcome"] in ("deleted", "absent")} == set(ids)

@@ -5,12 +5,16 @@ two commands log identically), the metrics, the outcomes stream; only then are t
 this completes acknowledged. An entry is therefore never acked before its ids' outcomes are
 written (at-least-once: a crash in between means a redelivery, and DELETE is idempotent).
 
-Redis being away does not lose an outcome: writes are retried until Redis answers (or the
-service is cancelled, leaving the entry pending for a later delivery).
+Redis being away does not lose an outcome: writes are retried until Redis answers, however
+long that takes, and a shutdown does not cut them short either, for a while: once the
+service drains (:meth:`ServeJournal.drain`), a write still waiting for Redis is given up
+``SETTLE_TIMEOUT_S`` after the grace period, leaving its entries pending for a later
+delivery.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -28,6 +32,7 @@ from worker.types import Outcome, Result
 _T = TypeVar("_T")
 
 SETTLE_TIMEOUT_S = 5.0
+"""How long past the grace period a shutdown waits for Redis to take the last outcomes."""
 
 
 async def persist(
@@ -66,6 +71,8 @@ class ServeJournal:
         self._on_finished = on_finished
         self.outcomes = 0
         self.kept = 0
+        self._settle_deadline = math.inf
+        self._settling: set[anyio.CancelScope] = set()
 
     async def sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
         """Nothing to record: the stream entry itself says the ids are not done."""
@@ -79,13 +86,28 @@ class ServeJournal:
             self._events.result(result)
             self._metrics.outcome(result.outcome)
         rows = [outcome_fields(r, self._inflight.entries_of(r.job_id)) for r in results]
-        # Shielded (briefly): an outcome reached on the API is recorded and acked even when a
-        # shutdown is cancelling the dispatchers, instead of being redone by another replica.
-        with anyio.CancelScope(shield=True), anyio.move_on_after(SETTLE_TIMEOUT_S):
-            await persist(lambda: self._consumer.write_outcomes(rows), self._clock, what="outcomes")
-            self.outcomes += len(rows)
-            for done in self._inflight.settle(results):
-                await self.settle(done)
+        # Shielded: an outcome reached on the API is recorded and acked even when a shutdown
+        # is cancelling the dispatchers, instead of being redone by another replica. Only a
+        # drain puts a deadline on it; before that, an outcome waits for Redis as long as it
+        # takes (giving up would leave its entries held in memory, never settled or sent).
+        with anyio.CancelScope(shield=True, deadline=self._settle_deadline) as scope:
+            self._settling.add(scope)
+            try:
+                await persist(
+                    lambda: self._consumer.write_outcomes(rows), self._clock, what="outcomes"
+                )
+                self.outcomes += len(rows)
+                for done in self._inflight.settle(results):
+                    await self.settle(done)
+            finally:
+                self._settling.discard(scope)
+
+    def drain(self, grace: float) -> None:
+        """The service is stopping: outcomes still waiting for Redis ``grace`` +
+        ``SETTLE_TIMEOUT_S`` from now are given up (their entries stay pending)."""
+        self._settle_deadline = anyio.current_time() + grace + SETTLE_TIMEOUT_S
+        for scope in self._settling:
+            scope.deadline = self._settle_deadline
 
     async def rejected(self, message: Message) -> None:
         """Invalid ids of an entry: events, metrics and outcomes now; dead-lettered on ack."""

@@ -174,6 +174,7 @@ class Service:
     ) -> None:
         await self._stop.wait()
         self._health.draining = True
+        self._journal.drain(self._config.grace)
         intake_scope.cancel()
         self._events.note(
             "serve.draining",
