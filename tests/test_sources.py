@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,17 @@ def test_jsonl_rejects_each_bad_line_with_its_reason(line: bytes, reason: str) -
     ]
 
 
+def test_jsonl_values_the_parser_refuses_are_rejected_not_fatal() -> None:
+    """Nesting past the recursion limit makes Python's parser raise RecursionError, not
+    JSONDecodeError: it once killed the reader thread and left the run waiting for ever."""
+    data = b'"ok-1"\n' + b"[" * 2000 + b"]" * 2000 + b'\n"ok-2"\n'
+    assert [(e.line, getattr(e, "reason", None)) for e in read(data, "jsonl")] == [
+        (1, None),
+        (2, "not JSON: nested too deeply"),
+        (3, None),
+    ]
+
+
 def test_jsonl_string_ids_are_validated_exactly_as_written() -> None:
     """Inside JSON quotes the spaces are part of the value: rejected, not stripped."""
     assert shown(read(b'" job-1"\n', "jsonl")) == [
@@ -328,6 +340,19 @@ def test_json_array_bad_elements_are_rejected_and_parsing_resumes() -> None:
         (5, "{'id': 1}", "not JSON: Expecting property name enclosed in double quotes"),
         (6, "ok 2", "invalid character ' ' at position 3"),
         (7, "ok-3"),
+    ]
+
+
+def test_json_array_elements_the_parser_refuses_are_rejected_and_parsing_resumes() -> None:
+    """Too deep a nesting (RecursionError), and an integer of over 4,300 digits (ValueError:
+    an element is parsed before its length is checked): rejected, and the array goes on."""
+    deep, long_number = b"[" * 1500 + b"]" * 1500, b"7" * 4400
+    data = b'["ok-1", ' + deep + b", " + long_number + b', "ok-2"]'
+    assert [(e.line, getattr(e, "reason", None)) for e in read(data, "json")] == [
+        (1, None),
+        (2, "not JSON: nested too deeply"),
+        (3, "element longer than 4096 characters"),
+        (4, None),
     ]
 
 
@@ -699,3 +724,29 @@ def test_a_json_array_reads_like_the_same_values_as_json_lines(
     entries = read_entries("-", "json", stdin=Trickle(data, step))  # type: ignore[arg-type]
     got = [(e.line, e.job_id if isinstance(e, Candidate) else e.reason) for e in entries]
     assert got == json_oracle(values)
+
+
+@pytest.mark.anyio
+async def test_a_reader_that_fails_unexpectedly_ends_the_input_it_never_hangs() -> None:
+    """The pipeline reads in a thread of its own; an exception no source expected (a bug)
+    still reaches the run, as the input being unreadable, after the chunks read before it."""
+    import anyio
+
+    from worker.pipeline import _read_in_background
+
+    def entries() -> Iterator[Entry]:
+        yield Candidate("job-1", 1)
+        yield Candidate("job-2", 2)
+        raise RuntimeError("a bug in a reader")
+
+    items: list[object] = []
+    with anyio.fail_after(10):
+        async with _read_in_background(entries(), size=1) as chunks:
+            items = [item async for item in chunks]
+    assert [item for item in items if isinstance(item, list)] == [
+        [Candidate("job-1", 1)],
+        [Candidate("job-2", 2)],
+    ]
+    (error,) = [item for item in items if isinstance(item, BaseException)]
+    assert isinstance(error, InputUnreadable)
+    assert "RuntimeError: a bug in a reader" in str(error)

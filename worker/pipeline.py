@@ -22,7 +22,8 @@ import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from worker.batcher import Batcher
-from worker.errors import ReaperError
+from worker.errors import InputUnreadable, ReaperError
+from worker.intake import escape
 from worker.journal import LedgerPort, RunJournal, Tally
 from worker.types import Batch, Candidate, Rejection
 
@@ -74,7 +75,9 @@ def _read_in_background(entries: Iterator[Entry], size: int) -> MemoryObjectRece
 
     Not an anyio worker thread: a read blocked on a quiet stdin would keep the interpreter
     from exiting after a stop. A daemon thread is simply left behind. The reader's own
-    errors (an unreadable file midway) arrive as items, raised by the receiving side.
+    errors (an unreadable file midway) arrive as items, raised by the receiving side; so
+    does any other exception, as ``InputUnreadable``: a reader that died without a word
+    would leave the run waiting for ever for input that never comes.
     """
     send, receive = anyio.create_memory_object_stream[Chunk](1)
     token = anyio.lowlevel.current_token()
@@ -87,6 +90,10 @@ def _read_in_background(entries: Iterator[Entry], size: int) -> MemoryObjectRece
                     item = _next_chunk(entries, size)
                 except ReaperError as exc:
                     item = exc
+                except Exception as exc:  # noqa: BLE001 - a bug of ours, but never a hang
+                    item = InputUnreadable(
+                        f"the input could not be read: {type(exc).__name__}: {escape(str(exc))}"
+                    )
                 if isinstance(item, list) and not item:
                     break
                 anyio.from_thread.run(send.send, item, token=token)

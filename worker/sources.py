@@ -315,8 +315,8 @@ class _Parse:
                 continue
             try:
                 value = json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield Rejection(text, lines.number, f"not JSON: {exc.msg}")
+            except (ValueError, RecursionError) as exc:
+                yield Rejection(text, lines.number, _not_json(exc))
                 continue
             yield _from_json(value, text, lines.number)
 
@@ -411,6 +411,16 @@ def _json_type(value: object) -> str:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return "a number"
     return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _not_json(exc: ValueError | RecursionError) -> str:
+    """Why a JSON text was refused. Beyond syntax errors, the parser refuses values nested
+    deeper than the interpreter's recursion limit and integers of over 4,300 digits."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not JSON: {exc.msg}"
+    if isinstance(exc, RecursionError):
+        return "not JSON: nested too deeply"
+    return "not JSON: a number too long to read"
 
 
 def _from_json(value: object, raw: str, line: int) -> Entry:
@@ -640,6 +650,8 @@ class _JsonArray:
                 if len(self._buf) - self._pos <= self._limit and self._fill():
                     continue
                 return self._skip_bad(exc.msg)
+            except (ValueError, RecursionError) as exc:  # more input cannot help these
+                return self._skip_bad(_not_json(exc).removeprefix("not JSON: "))
             # A number may go on in the next read ("0" of "0.5"); or what follows is
             # garbage, which the caller reports once reading more cannot help.
             if (
