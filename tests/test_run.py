@@ -163,6 +163,46 @@ async def test_exit_66_when_the_input_does_not_exist(tmp_path: Path) -> None:
         assert sim.stats.calls == 0
 
 
+@pytest.mark.parametrize("where", ["the input", "a missing directory", "a directory"])
+async def test_exit_64_before_any_call_when_results_cannot_be_the_file_asked(
+    tmp_path: Path, where: str
+) -> None:
+    """--results is truncated when the run starts: naming the input wiped it (and the run
+    read nothing and exited 0); an unopenable path crashed with a traceback (exit 1)."""
+    async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        target = {"the input": tmp_path / "." / "ids.txt",
+                  "a missing directory": tmp_path / "nope" / "results.jsonl",
+                  "a directory": tmp_path}[where]  # fmt: skip
+        done = await reaper(
+            ["run", "-i", str(src), "--yes", "--results", str(target)], reaper_env(sim.url)
+        )
+        assert done.code == 64, done.stderr
+        assert "--results" in done.stderr and "Traceback" not in done.stderr
+        assert sim.stats.calls == 0
+        assert src.read_text().split() == sim.job_ids()  # the input is untouched
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+async def test_a_results_file_that_fails_midway_stops_the_run_with_every_record_logged(
+    tmp_path: Path,
+) -> None:
+    """The disk fills under --results: the run stops (75, not a traceback and 1), and the
+    calls in flight finish first, so every job the API deleted still has its event."""
+    async with run_simulator(SimulatorConfig(jobs=2000)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        done = await reaper(
+            ["run", "-i", str(src), "--yes", "--results", "/dev/full", "--rate", "1000"],
+            reaper_env(sim.url),
+        )
+        assert done.code == 75, done.stderr
+        assert "Traceback" not in done.stderr
+        summary = done.summary()
+        assert "/dev/full cannot be written" in summary["error"]
+        assert 0 < summary["deleted"] < 2000
+        assert {e["job_id"] for e in done.events("job.deleted")} == sim.deleted
+
+
 async def test_exit_77_on_a_wrong_secret_and_nothing_deleted(tmp_path: Path) -> None:
     async with run_simulator(SimulatorConfig(jobs=30)) as sim:
         src = write_ids(tmp_path / "ids.txt", sim.job_ids())

@@ -6,9 +6,15 @@ policy decides by type alone.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class ReaperError(Exception):
     """Root of every error this package raises on purpose."""
+
+    stops_at_once: ClassVar[bool] = True
+    """When it ends a run: cancel the calls in flight (True), or let them finish within the
+    grace period so the outcomes they reach are recorded (False)."""
 
 
 class ConfigError(ReaperError):
@@ -21,6 +27,14 @@ class UsageError(ReaperError):
 
 class InputUnreadable(ReaperError):
     """The input file does not exist or cannot be read (exit 66)."""
+
+
+class ResultsUnwritable(ReaperError):
+    """``--results`` could not be written midway: the run stops (exit 75), its outcomes so
+    far kept in the ledger and the events. The calls in flight finish first: their jobs are
+    deleted either way, and their records must reach the events."""
+
+    stops_at_once = False
 
 
 class OutcomeConflict(ReaperError):

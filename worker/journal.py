@@ -17,7 +17,7 @@ import anyio
 import anyio.to_thread
 import orjson
 
-from worker.errors import OutcomeConflict
+from worker.errors import OutcomeConflict, ResultsUnwritable
 from worker.events import EventLog
 from worker.intake import escape
 from worker.types import Candidate, Outcome, Rejection, Result
@@ -123,11 +123,21 @@ class ResultsWriter:
         self.written = 0
 
     def write(self, rows: Sequence[dict[str, Any]]) -> None:
-        self._stream.write(b"".join(orjson.dumps(row) + b"\n" for row in rows))
+        try:
+            self._stream.write(b"".join(orjson.dumps(row) + b"\n" for row in rows))
+        except OSError as exc:
+            raise self._unwritable(exc) from None
         self.written += len(rows)
 
     def flush(self) -> None:
-        self._stream.flush()
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise self._unwritable(exc) from None
+
+    def _unwritable(self, exc: OSError) -> ResultsUnwritable:
+        name = getattr(self._stream, "name", "the results file")
+        return ResultsUnwritable(f"results file {name} cannot be written: {exc.strerror or exc}")
 
     def __repr__(self) -> str:
         return f"ResultsWriter(written={self.written})"

@@ -219,5 +219,5 @@ class Pipeline:
                 except ReaperError as exc:  # 401/403, TLS, API unavailable: the run stops
                     if self.state.fatal is None:
                         self.state.fatal = exc
-                    self.state.request_stop("fatal", immediate=True)
+                    self.state.request_stop("fatal", immediate=exc.stops_at_once)
                     return

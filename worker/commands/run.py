@@ -7,6 +7,7 @@ This is the edge: it turns settings into the pipeline's collaborators, handles t
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -32,6 +33,7 @@ from worker.errors import (
     ConfigError,
     InputUnreadable,
     ReaperError,
+    ResultsUnwritable,
     TlsError,
     UsageError,
 )
@@ -87,6 +89,8 @@ def execute(request: RunRequest, settings: Settings, *, stdin: IO[bytes] | None 
             settings.require_api()
         endpoint = _endpoint_or_placeholder(settings)
         _check_input(request.input)
+        if request.results:
+            _check_results(Path(request.results), request.input, settings.ledger)
         plan = _load_plan(request.input, settings) if request.plan else None
         if not settings.dry_run and not settings.yes:
             _confirm(request, settings, endpoint, plan)
@@ -109,6 +113,10 @@ def execute(request: RunRequest, settings: Settings, *, stdin: IO[bytes] | None 
     except ConfigError as exc:
         log.error("run.config_error", error=str(exc))
         return ExitCode.CONFIG
+    except UsageError as exc:  # --results that could not be opened after all
+        log.error("run.usage_error", error=str(exc))
+        print(f"devserver-reaper: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     except ApiError as exc:  # credentials that could not be had: refused (77) or unreachable
         log.error("run.credentials_error", error=str(exc))
         return ExitCode.NO_PERMISSION if isinstance(exc, AuthError) else ExitCode.UNAVAILABLE
@@ -128,6 +136,25 @@ def _check_input(path: str) -> None:
     checks, applied early."""
     if path != "-":
         read_entries(path).close()
+
+
+def _check_results(results: Path, source: str, ledger: Path | None) -> None:
+    """``--results`` is truncated when the run starts, so before any prompt or call (64): it
+    must not be the input (or plan) or the ledger, and it must be a file we can write."""
+    for other, what in ((source, "the input"), (ledger, "the ledger")):
+        if other is None or other == "-":
+            continue
+        if results.resolve() == Path(other).resolve() or (
+            results.exists() and Path(other).exists() and results.samefile(other)
+        ):
+            raise UsageError(f"--results {results} is {what}: it would be overwritten")
+    if results.is_dir():
+        raise UsageError(f"--results {results} is a directory")
+    target = results if results.exists() else results.parent
+    if not target.is_dir() and not results.exists():
+        raise UsageError(f"--results {results}: the directory {results.parent} does not exist")
+    if not os.access(target, os.W_OK):
+        raise UsageError(f"--results {results} cannot be written (permission denied)")
 
 
 def _load_plan(path: str, settings: Settings) -> Plan:
@@ -242,7 +269,12 @@ async def _run(
         results = None
         if request.results:
             # Opened once, before any call; the writes are small buffered appends.
-            handle = stack.enter_context(open(request.results, "wb"))  # noqa: ASYNC230
+            try:
+                handle = stack.enter_context(open(request.results, "wb"))  # noqa: ASYNC230
+            except OSError as exc:
+                reason = exc.strerror or type(exc).__name__
+                message = f"--results {request.results} cannot be opened: {reason}"
+                raise UsageError(message) from None
             results = ResultsWriter(handle)
         port = LedgerPort(ledger)  # one port: one thread at a time on the connection
         journal = RunJournal(ledger=port, events=events, tally=tally, results=results)
@@ -313,7 +345,10 @@ async def _run(
             if session is not None:
                 await session.close()
             if results is not None:
-                results.flush()
+                try:
+                    results.flush()
+                except ResultsUnwritable as exc:
+                    state.fatal = state.fatal or exc
         code = exit_code(state, tally)
         duration, cpu = time.monotonic() - started, time.process_time() - cpu_started
         _summarise(events, tally, state, code, duration, cpu, settings)
@@ -359,6 +394,8 @@ def exit_code(state: RunState, tally: Tally) -> int:
         return ExitCode.NO_INPUT
     if isinstance(fatal, UsageError):
         return ExitCode.USAGE
+    if isinstance(fatal, ResultsUnwritable):
+        return ExitCode.INTERRUPTED  # stopped with work unrecorded: run again (with --ledger)
     if fatal is not None:
         return ExitCode.UNAVAILABLE
     work_left = not state.intake_done or open_ids(tally) > 0
