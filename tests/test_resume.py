@@ -79,13 +79,16 @@ async def test_kill_9_at_random_points_then_resume_loses_and_repeats_nothing(
 
 
 async def test_sigterm_then_resume_exits_75_then_0(tmp_path: Path) -> None:
+    """Interrupted, then the same command again: every id done once, in the ledger and in
+    the results file the two runs share."""
     config = SimulatorConfig(jobs=600, faults=FaultConfig(latency_ms=10.0, latency_jitter=False))
     async with run_simulator(config) as sim:
         real = sim.job_ids()
         src = write_ids(tmp_path / "ids.txt", real)
-        ledger = tmp_path / "ledger.db"
+        ledger, results = tmp_path / "ledger.db", tmp_path / "results.jsonl"
         env = reaper_env(sim.url)
-        process = await start_reaper(run_args(src, ledger), env)
+        args = [*run_args(src, ledger), "--results", str(results)]
+        process = await start_reaper(args, env)
         async with process:
             with anyio.fail_after(30):
                 while sim.stats.delete_calls < 5:
@@ -96,10 +99,14 @@ async def test_sigterm_then_resume_exits_75_then_0(tmp_path: Path) -> None:
         assert process.returncode == 75, stderr
         first = set(sim.deleted)
         assert 0 < len(first) < len(real)
-        done = await reaper(run_args(src, ledger), env)
+        done = await reaper(args, env)
         assert done.code == 0, done.stderr
         summary = done.summary()
         assert summary["already_done"] >= len(first) - WINDOW
+        # The second run appended to the first one's results: one line per id between them
+        # (it truncated them, keeping only the ids it settled itself).
+        lines = [orjson.loads(line) for line in results.read_text().splitlines()]
+        assert sorted(str(row["job_id"]) for row in lines) == sorted(real)
         assert sim.deleted == set(real)
         assert max(sim.delete_counts.values()) == 1
         rows = await ledger_outcomes(ledger, env)
@@ -140,7 +147,9 @@ async def test_a_ledger_for_another_project_refuses_to_start(tmp_path: Path) -> 
 
 
 async def test_retry_failed_gives_failed_ids_another_chance(tmp_path: Path) -> None:
-    """An id the API refused ends failed; a later run skips it unless --retry-failed."""
+    """An id the API refused ends failed; a later run skips it unless --retry-failed, and
+    exits 1 while it stays failed (a run resumed after an interruption exited 0 and hid
+    the failures of the run before it)."""
     src_ids: list[str] = []
     ledger = tmp_path / "ledger.db"
     refusing = SimulatorConfig(jobs=20, seed=5, reject_ids=frozenset({"stubborn-1"}))
@@ -155,10 +164,34 @@ async def test_retry_failed_gives_failed_ids_another_chance(tmp_path: Path) -> N
     async with run_simulator(SimulatorConfig(jobs=0, seed=5), port=port) as sim:
         env = reaper_env(sim.url)
         plain = await reaper(run_args(src, ledger), env)
-        assert plain.code == 0, plain.stderr
+        assert plain.code == 1, plain.stderr  # the id is still failed: a rerun says so
         assert plain.summary()["already_done"] == len(src_ids)
+        assert plain.summary()["already_failed"] == 1
         assert sim.stats.delete_calls == 0
         again = await reaper([*run_args(src, ledger), "--retry-failed"], env)
         assert again.code == 0, again.stderr
         assert again.summary()["absent"] == 1
         assert again.summary()["already_done"] == len(src_ids) - 1
+
+
+async def test_skipped_ids_are_decided_again_by_the_next_run(tmp_path: Path) -> None:
+    """A dry run, then the same command for real on the same ledger, deletes; a run capped
+    by --max-deletions is followed by one that deletes the next ids. (skipped was final in
+    the ledger: the real run found every id already_done, deleted nothing and exited 0.)"""
+    ledger = tmp_path / "ledger.db"
+    async with run_simulator(SimulatorConfig(jobs=30, seed=6)) as sim:
+        ids = sim.job_ids()
+        src = write_ids(tmp_path / "ids.txt", ids)
+        env = reaper_env(sim.url)
+        dry = await reaper([*run_args(src, ledger), "--dry-run"], env)
+        assert dry.code == 0, dry.stderr
+        assert dry.summary()["skipped"] == 30 and sim.stats.delete_calls == 0
+        capped = await reaper([*run_args(src, ledger), "--max-deletions", "10"], env)
+        assert capped.code == 1, capped.stderr  # the cap left work undone on purpose
+        assert capped.summary()["deleted"] == 10 and capped.summary()["skipped"] == 20
+        rest = await reaper(run_args(src, ledger), env)
+        assert rest.code == 0, rest.stderr
+        assert rest.summary()["deleted"] == 20
+        assert rest.summary()["already_done"] == 10
+        assert sim.deleted == set(ids)
+        assert max(sim.delete_counts.values()) == 1

@@ -104,6 +104,7 @@ class Tally:
     read: int = 0
     repeated: int = 0
     already_done: int = 0
+    already_failed: int = 0  # of already_done: ids an earlier run left failed
     resent: int = 0
     retries: int = 0
 
@@ -125,6 +126,7 @@ class ResultsWriter:
     def write(self, rows: Sequence[dict[str, Any]]) -> None:
         try:
             self._stream.write(b"".join(orjson.dumps(row) + b"\n" for row in rows))
+            self._stream.flush()  # a batch's lines out with its events: a kill loses none
         except OSError as exc:
             raise self._unwritable(exc) from None
         self.written += len(rows)

@@ -465,6 +465,11 @@ class Ledger(LedgerView):
     def run_id(self) -> str:
         return self._run_id
 
+    @property
+    def resuming(self) -> bool:
+        """An earlier run used this ledger: this one continues its work."""
+        return self._run_no > 1
+
     def admits_in_memory(self, n: int) -> bool:
         """Never: every admission is a transaction on the ledger file."""
         return False
@@ -473,8 +478,14 @@ class Ledger(LedgerView):
         """Decide, for one chunk, which candidates this run must process; one transaction.
 
         ``new``: first seen, open from an earlier run (``resent`` counts those that were
-        sent when it died), or failed earlier and ``retry_failed``. ``repeated``: already
-        admitted in this run. ``done``: settled by an earlier run; skipped."""
+        sent when it died), skipped by an earlier run, or failed earlier and
+        ``retry_failed``. ``repeated``: already admitted in this run. ``done``: deleted,
+        absent or failed in an earlier run; skipped.
+
+        ``skipped`` is final for its run only: a dry run, a ``--max-deletions`` cap, a
+        protection rule or a plan that no longer matched decided nothing about the job, so
+        the next run decides again under its own settings (a real run after a dry run on
+        the same ledger deletes)."""
         new: list[Candidate] = []
         repeated: list[Candidate] = []
         done: list[tuple[Candidate, Outcome]] = []
@@ -500,7 +511,11 @@ class Ledger(LedgerView):
                 state, outcome, last_run = row
                 if last_run == self._run_no:
                     repeated.append(candidate)
-                elif state != "done" or (self._retry_failed and outcome == Outcome.FAILED):
+                elif (
+                    state != "done"
+                    or outcome == Outcome.SKIPPED
+                    or (self._retry_failed and outcome == Outcome.FAILED)
+                ):
                     new.append(candidate)
                     reopen.append(job_id)
                     resent += state == "sent"

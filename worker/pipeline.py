@@ -25,7 +25,7 @@ from worker.batcher import Batcher
 from worker.errors import InputUnreadable, ReaperError
 from worker.intake import escape
 from worker.journal import LedgerPort, RunJournal, Tally
-from worker.types import Batch, Candidate, Rejection
+from worker.types import Batch, Candidate, Outcome, Rejection
 
 Entry = Candidate | Rejection
 
@@ -204,6 +204,9 @@ class Pipeline:
             admission = await self._ledger.admit(candidates)
             self._tally.repeated += len(admission.repeated)
             self._tally.already_done += len(admission.done)
+            self._tally.already_failed += sum(
+                outcome is Outcome.FAILED for _, outcome in admission.done
+            )
             self._tally.resent += admission.resent
             for batch in self._batcher.extend(c.job_id for c in admission.new):
                 await send.send(batch)

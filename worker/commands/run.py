@@ -268,9 +268,12 @@ async def _run(
         stack.callback(ledger.close)
         results = None
         if request.results:
-            # Opened once, before any call; the writes are small buffered appends.
+            # Opened once, before any call. A run that resumes a ledger appends: the ids the
+            # runs before it settled are not written again, so together the runs' lines
+            # hold one per id.
+            mode = "ab" if isinstance(ledger, Ledger) and ledger.resuming else "wb"
             try:
-                handle = stack.enter_context(open(request.results, "wb"))  # noqa: ASYNC230
+                handle = stack.enter_context(open(request.results, mode))  # noqa: ASYNC230
             except OSError as exc:
                 reason = exc.strerror or type(exc).__name__
                 message = f"--results {request.results} cannot be opened: {reason}"
@@ -404,7 +407,10 @@ def exit_code(state: RunState, tally: Tally) -> int:
     if state.stop_reason in ("signal", "deadline") and work_left:
         return ExitCode.INTERRUPTED
     counts = tally.counts()
-    if counts["failed"] or counts["rejected"] or tally.skip_reasons["max_deletions"]:
+    # Ids of this input that an earlier run on the ledger left failed count too: a run
+    # resumed after an interruption must not hide them behind a 0.
+    failed = counts["failed"] + tally.already_failed
+    if failed or counts["rejected"] or tally.skip_reasons["max_deletions"]:
         return ExitCode.SOME_FAILED
     if open_ids(tally) > 0:
         return ExitCode.INTERRUPTED
@@ -432,6 +438,7 @@ def _summarise(
         open=open_ids(tally),
         repeated=tally.repeated,
         already_done=tally.already_done,
+        already_failed=tally.already_failed,
         retries=tally.retries,
         duration_s=round(duration, 3),
         ids_per_s=round(tally.finished / duration, 1) if duration > 0 else 0.0,
@@ -450,7 +457,7 @@ def _summarise(
 def _print_summary(fields: dict[str, Any]) -> None:
     lines = ["", "devserver-reaper run summary"]
     for key in ("deleted", "absent", "failed", "rejected", "skipped", "open", "repeated",
-                "already_done", "retries"):  # fmt: skip
+                "already_done", "already_failed", "retries"):  # fmt: skip
         if fields.get(key):
             lines.append(f"  {key:<13}{fields[key]:>12,}")
     lines.append(f"  {'duration':<13}{fields['duration_s']:>11.1f}s")
