@@ -13,6 +13,7 @@ import anyio
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from yarl import URL
 
 from tests.conftest import REDIS_URL
 
@@ -79,3 +80,15 @@ def test_a_redis_url_that_is_not_one_is_78(tmp_path: Path) -> None:
     source.write_text("a\n")
     done = enqueue("--input", str(source), "--redis-url", "http://example.invalid/")
     assert done.returncode == 78
+
+
+@pytest.mark.anyio
+async def test_a_database_redis_refuses_is_78_without_a_traceback(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    source = tmp_path / "ids.txt"
+    source.write_text("a\n")
+    url = str(URL(REDIS_URL).with_path("/99999"))  # the real Redis, a database it lacks
+    done = await enqueue_async("--input", str(source), "--redis-url", url)
+    assert done.returncode == 78, done.stderr
+    assert b"DB index is out of range" in done.stderr and b"Traceback" not in done.stderr

@@ -480,3 +480,21 @@ async def test_outcomes_wait_out_a_redis_outage_and_every_entry_is_settled(
     assert svc.code == 0
     rows = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in outcomes]
     assert {r["job_id"] for r in rows if r["outcome"] in ("deleted", "absent")} == set(ids)
+
+
+@pytest.mark.anyio
+async def test_every_dead_lettered_entry_is_logged_with_its_reason(redis_prefix: str) -> None:
+    """Entries with invalid ids or none readable go to the dead-letter stream at once; each
+    says so in a serve.dead_lettered event, as the over-delivered ones do (they were
+    counted in the metrics but logged nothing)."""
+    async with running(redis_prefix, SimulatorConfig(jobs=2)) as svc:
+        await svc.redis.xadd(svc.layout.stream, {"foo": "bar"})
+        await svc.redis.xadd(svc.layout.stream, {"ids": orjson.dumps(["bad id!"])})
+        await svc.enqueue(svc.sim.job_ids())
+        await svc.until(lambda: _true(len(svc.sim.deleted) == 2))
+        await svc.until(lambda: _zero(svc.pending()))
+        dead: Any = await svc.redis.xrange(svc.layout.dead)
+    logged = svc.events("serve.dead_lettered")
+    assert sorted(e["entry"] for e in logged) == sorted(f[b"entry"].decode() for _, f in dead)
+    reasons = {e["reason"] for e in logged}
+    assert "invalid ids" in reasons and len(reasons) == 2

@@ -287,6 +287,35 @@ def test_an_unsafe_or_malformed_endpoint_is_refused(url: str, reason: str) -> No
     assert reason in message
 
 
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        (f"redis://:{CANARY}@127.0.0.1:6379/abc", "database must be a number"),
+        ("redis://127.0.0.1:6379/0?db=one", "database must be a number"),
+        ("redis://127.0.0.1:6379/٣", "database must be a number"),  # a digit, not ASCII
+        (f"http://:{CANARY}@127.0.0.1:6379/0", "redis://"),
+        ("redis://127.0.0.1:99999/0", "port"),
+    ],
+)
+def test_a_redis_url_redis_py_would_misread_is_refused_without_echoing_it(
+    url: str, reason: str
+) -> None:
+    """redis-py reads a database it cannot parse as database 0: work would go to the wrong
+    database, silently."""
+    message = config_error(redis_url=url)
+    assert "redis_url" in message and reason in message
+    assert CANARY not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://127.0.0.1:6379", "redis://127.0.0.1:6379/", "rediss://r.example:6380/15",
+     "redis://127.0.0.1/3?db=3", "unix:///run/redis.sock?db=2"],
+)  # fmt: skip
+def test_redis_urls_in_every_documented_shape_are_accepted(url: str) -> None:
+    assert load_settings(redis_url=url).redis_url == url
+
+
 def test_an_endpoint_with_a_password_is_refused_without_echoing_it() -> None:
     message = config_error(endpoint=f"https://user:{CANARY}@modelarts.example.com")
     assert "user name or password" in message

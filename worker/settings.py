@@ -19,7 +19,7 @@ import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
@@ -204,6 +204,25 @@ class Settings(BaseSettings):
         except ValueError:
             raise ValueError("has an invalid port") from None
         return value.rstrip("/")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        # Never repeats the URL: it may carry a password.
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        databases = parse_qs(parts.query).get("db", [])
+        if parts.scheme != "unix" and parts.path.strip("/"):
+            databases.append(parts.path.strip("/"))
+        if not all(db.isascii() and db.isdigit() for db in databases):
+            # redis-py would quietly use database 0 instead.
+            raise ValueError("the database must be a number, as in redis://host:6379/0")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise ValueError("has an invalid port") from None
+        return value
 
     @field_validator("metadata_url")
     @classmethod

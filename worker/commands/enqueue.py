@@ -78,6 +78,8 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
             events.error("enqueue.redis_unavailable", error=type(exc).__name__)
             return ExitCode.UNAVAILABLE
+        except redis.exceptions.ResponseError as exc:  # e.g. a database out of range
+            raise ConfigError(f"redis_url: Redis refused it: {exc}") from None
         entries = read_entries(path, fmt, stdin=stdin)
         with entries:
             chunks = read_chunks(entries, CHUNK)

@@ -213,7 +213,10 @@ def _limiter(settings: Settings, client: Any, key: str, clock: Any) -> Any:
 
 
 async def _redis_answers(client: Any, errors: tuple[type[BaseException], ...], events: Any) -> bool:
-    """PING until Redis answers, for at most ``STARTUP_WAIT_S``."""
+    """PING until Redis answers, for at most ``STARTUP_WAIT_S``; ``ConfigError`` when it
+    answers with a refusal of the connection's set-up (a database out of range)."""
+    import redis.exceptions
+
     delay = 0.2
     with anyio.move_on_after(STARTUP_WAIT_S):
         while True:
@@ -222,6 +225,8 @@ async def _redis_answers(client: Any, errors: tuple[type[BaseException], ...], e
                 return True
             except errors as exc:
                 events.warn("serve.redis_unreachable", error=type(exc).__name__)
+            except redis.exceptions.ResponseError as exc:  # e.g. a database out of range
+                raise ConfigError(f"redis_url: Redis refused it: {exc}") from None
             await anyio.sleep(delay)
             delay = min(delay * 2, 5.0)
     events.error("serve.redis_unavailable", waited_s=STARTUP_WAIT_S)

@@ -134,7 +134,14 @@ class ServeJournal:
                 deliveries=done.deliveries,
             )
         elif done.message.rejections or done.message.problem:
-            self._metrics.dead("unreadable" if done.message.problem else "invalid")
+            reason = "unreadable" if done.message.problem else "invalid"
+            self._metrics.dead(reason)
+            self._events.warn(
+                "serve.dead_lettered",
+                entry=done.entry_id,
+                reason=done.message.problem or "invalid ids",
+                deliveries=done.deliveries,
+            )
         if self._on_finished is not None:
             self._on_finished(done, acked)
 
