@@ -498,3 +498,30 @@ async def test_every_dead_lettered_entry_is_logged_with_its_reason(redis_prefix:
     assert sorted(e["entry"] for e in logged) == sorted(f[b"entry"].decode() for _, f in dead)
     reasons = {e["reason"] for e in logged}
     assert "invalid ids" in reasons and len(reasons) == 2
+
+
+@pytest.mark.anyio
+async def test_ids_the_api_is_never_up_for_end_failed_once_with_the_error_kept(
+    redis_prefix: str,
+) -> None:
+    """Every call 503: each delivery's batch ends ApiUnavailable and its entry is left
+    pending. Once delivered more than max_deliveries times, the entry is dead-lettered
+    with that error and its ids end failed, one outcome each (they were dead-lettered with
+    no outcome and an empty last_error)."""
+    config = SimulatorConfig(jobs=4, faults=FaultConfig(unavailable=1.0))
+    async with running(redis_prefix, config, max_attempts=1, max_deliveries=2,
+                       reclaim_after=0.2, batch_size=2) as svc:  # fmt: skip
+        ids = svc.sim.job_ids()
+        await svc.enqueue(ids)
+        await svc.until(lambda: _true(len(svc.events("serve.dead_lettered")) == 4), timeout=30)
+        await svc.until(lambda: _zero(svc.pending()))
+        outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
+        dead: Any = await svc.redis.xrange(svc.layout.dead)
+    rows = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in outcomes]
+    assert sorted(r["job_id"] for r in rows) == sorted(ids)
+    assert {r["outcome"] for r in rows} == {"failed"}
+    assert {r["http_status"] for r in rows} == {"503"}
+    assert sorted(e["job_id"] for e in svc.events("job.failed")) == sorted(ids)
+    for _, fields in dead:
+        assert orjson.loads(fields[b"last_error"])["http_status"] == 503
+        assert b"max_deliveries 2" in fields[b"reason"]

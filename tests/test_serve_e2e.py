@@ -252,10 +252,14 @@ async def test_a_poison_id_is_dead_lettered_after_max_deliveries_while_others_fl
     assert set(q.sim.deleted) == set(ids)  # the healthy ids all went through
     (entry,) = dead
     assert "poison-1" in entry["payload"]
-    assert entry["deliveries"] == "3" and "max_deliveries 2" in entry["reason"]
+    # Refused on the first delivery: kept pending, no outcome yet; refused on the second and
+    # last: failed, once (job.failed means it will not be tried again), and dead-lettered.
+    assert entry["deliveries"] == "2" and "max_deliveries 2" in entry["reason"]
     assert orjson.loads(entry["last_error"])["http_status"] == 400
     failed = [r for r in outcomes if r["outcome"] == "failed"]
-    assert {r["job_id"] for r in failed} == {"poison-1"} and len(failed) == 2
+    assert {r["job_id"] for r in failed} == {"poison-1"} and len(failed) == 1
+    assert len(q.replicas[0].named("job.failed")) == 1
+    assert len(q.replicas[0].named("serve.entry_kept")) == 1
     assert "not valid" not in q.sim.sent_counts  # invalid ids are never sent...
     # ... and enqueue refused it, so it never reached the stream either.
     assert not [r for r in outcomes if r["outcome"] == "rejected"]

@@ -117,8 +117,9 @@ async def serve(
         health = Health(clock, stale_after=config.stale_after)
         inflight = InFlight()
         journal = ServeJournal(
-            events=events, metrics=metrics, inflight=inflight, consumer=consumer, clock=clock
-        )
+            events=events, metrics=metrics, inflight=inflight, consumer=consumer, clock=clock,
+            max_deliveries=config.max_deliveries,
+        )  # fmt: skip
         transport: Any = None
         if not settings.dry_run:
             session = wiring.session(settings)

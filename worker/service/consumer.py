@@ -19,6 +19,7 @@ import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from worker.errors import ApiError
 from worker.intake import escape
 from worker.service.inflight import Finished
 from worker.service.layout import DEAD_MAXLEN, OUTCOMES_MAXLEN, StreamLayout
@@ -66,15 +67,27 @@ def outcome_fields(result: Result, entries: Sequence[str]) -> dict[str, str]:
 def last_error(failures: Sequence[Result]) -> str:
     """What the dead-letter stream keeps of why an entry kept failing."""
     last = failures[-1]
+    return _error_text([f.job_id for f in failures], last.http_status, last.error_code,
+                       last.error_msg, last.request_id)  # fmt: skip
+
+
+def error_json(ids: Sequence[str], error: ApiError, message: str) -> str:
+    """The same, for ids the API was unavailable for (the error its retries ended on)."""
+    return _error_text(list(ids), error.http_status, error.error_code,
+                       error.error_msg or message, error.request_id)  # fmt: skip
+
+
+def _error_text(
+    ids: list[str],
+    http_status: int | None,
+    error_code: str | None,
+    error_msg: str | None,
+    request_id: str | None,
+) -> str:
     return orjson.dumps(
-        {
-            "ids": [f.job_id for f in failures],
-            "http_status": last.http_status,
-            "error_code": last.error_code,
-            "error_msg": last.error_msg,
-            "request_id": last.request_id,
-        }
-    ).decode()
+        {"ids": ids, "http_status": http_status, "error_code": error_code,
+         "error_msg": error_msg, "request_id": request_id}
+    ).decode()  # fmt: skip
 
 
 class StreamConsumer:
@@ -173,6 +186,11 @@ class StreamConsumer:
             return {}
         values = await self._r.hmget(self.layout.last_error, list(entry_ids))
         return {e: _id(v) for e, v in zip(entry_ids, values, strict=True) if v is not None}
+
+    async def keep_error(self, entry_ids: Sequence[str], error: str) -> None:
+        """Remember why entries left pending did not finish (``{stream}:lasterror``)."""
+        if entry_ids:
+            await self._r.hset(self.layout.last_error, mapping=dict.fromkeys(entry_ids, error))
 
     async def write_outcomes(self, rows: Sequence[dict[str, str]]) -> None:
         """Append to the outcomes stream, trimmed approximately to ``OUTCOMES_MAXLEN``."""

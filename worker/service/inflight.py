@@ -64,6 +64,12 @@ class InFlight:
     def open_ids(self) -> int:
         return len(self._waiters)
 
+    def last_delivery(self, job_id: str, limit: int) -> bool:
+        """Is every entry waiting on ``job_id`` on its last allowed delivery (so an outcome
+        for it now is its last)?"""
+        waiting = [self._entries[e] for e in self._waiters.get(job_id, ()) if e in self._entries]
+        return all(w.deliveries >= limit for w in waiting)
+
     def entries_of(self, job_id: str) -> tuple[str, ...]:
         """The entries waiting on ``job_id`` (for the outcomes stream's ``entry`` field)."""
         return tuple(self._waiters.get(job_id, ()))

@@ -16,20 +16,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
+import orjson
 import structlog
 
 from worker.clock import Clock
 from worker.events import EventLog
-from worker.service.consumer import REDIS_ERRORS, StreamConsumer, outcome_fields
+from worker.service.consumer import REDIS_ERRORS, StreamConsumer, last_error, outcome_fields
 from worker.service.inflight import Finished, InFlight
 from worker.service.layout import Message
 from worker.service.metrics import ServiceMetrics
 from worker.types import Outcome, Result
 
 _T = TypeVar("_T")
+
+
+def _error_of(error: str) -> dict[str, Any]:
+    """The last error kept for an entry (``{stream}:lasterror``), as a dict; ``{}`` when
+    none was kept or it does not parse."""
+    try:
+        said = orjson.loads(error) if error else {}
+    except orjson.JSONDecodeError:
+        return {}
+    return said if isinstance(said, dict) else {}
+
 
 SETTLE_TIMEOUT_S = 5.0
 """How long past the grace period a shutdown waits for Redis to take the last outcomes."""
@@ -61,8 +73,10 @@ class ServeJournal:
         inflight: InFlight,
         consumer: StreamConsumer,
         clock: Clock,
+        max_deliveries: int,
         on_finished: Callable[[Finished, bool], None] | None = None,
     ) -> None:
+        self._max_deliveries = max_deliveries
         self._events = events
         self._metrics = metrics
         self._inflight = inflight
@@ -82,10 +96,19 @@ class ServeJournal:
         self._events.retry(batch_id, attempt, delay_s, reason)
 
     async def finished(self, results: Sequence[Result]) -> None:
-        for result in results:
+        # A failure is terminal only on the last delivery its entries are allowed: before
+        # that they are kept pending and the id is tried again, so its job.failed ("will not
+        # be retried") and its outcome row wait for that last delivery.
+        final = [
+            r
+            for r in results
+            if r.outcome is not Outcome.FAILED
+            or self._inflight.last_delivery(r.job_id, self._max_deliveries)
+        ]
+        for result in final:
             self._events.result(result)
             self._metrics.outcome(result.outcome)
-        rows = [outcome_fields(r, self._inflight.entries_of(r.job_id)) for r in results]
+        rows = [outcome_fields(r, self._inflight.entries_of(r.job_id)) for r in final]
         # Shielded: an outcome reached on the API is recorded and acked even when a shutdown
         # is cancelling the dispatchers, instead of being redone by another replica. Only a
         # drain puts a deadline on it; before that, an outcome waits for Redis as long as it
@@ -101,6 +124,48 @@ class ServeJournal:
                     await self.settle(done)
             finally:
                 self._settling.discard(scope)
+
+    async def give_up(self, message: Message, deliveries: int, error: str) -> None:
+        """An entry read after more than ``max_deliveries`` deliveries with no outcome (its
+        holders died, or the API was unavailable every time): its ids end ``failed`` with
+        the last error it met, and it goes to the dead-letter stream."""
+        said = _error_of(error)
+        reason = f"delivered {deliveries} times (max_deliveries {self._max_deliveries})"
+        failed = [
+            Result(
+                job_id=job_id,
+                outcome=Outcome.FAILED,
+                attempts=deliveries,
+                http_status=said.get("http_status"),
+                error_code=said.get("error_code"),
+                error_msg=said.get("error_msg") or f"no outcome after {reason}",
+                request_id=said.get("request_id"),
+            )
+            for job_id in message.ids
+            if not self._inflight.entries_of(job_id)  # another entry is on it right now
+        ]
+        for result in failed:
+            self._events.result(result)
+            self._metrics.outcome(result.outcome)
+        rows = [outcome_fields(r, (message.entry_id,)) for r in failed]
+        await persist(lambda: self._consumer.write_outcomes(rows), self._clock, what="outcomes")
+        self.outcomes += len(rows)
+        await self._dead_letter(message, deliveries, reason, error)
+
+    async def _dead_letter(
+        self, message: Message, deliveries: int, reason: str, error: str
+    ) -> None:
+        await persist(
+            lambda: self._consumer.dead_letter(
+                message.entry_id, message.payload, reason, deliveries, error
+            ),
+            self._clock,
+            what="dead-letter",
+        )
+        self._metrics.dead("max_deliveries")
+        self._events.warn(
+            "serve.dead_lettered", entry=message.entry_id, reason=reason, deliveries=deliveries
+        )
 
     def drain(self, grace: float) -> None:
         """The service is stopping: outcomes still waiting for Redis ``grace`` +
@@ -123,7 +188,17 @@ class ServeJournal:
         self.outcomes += len(rows)
 
     async def settle(self, done: Finished) -> None:
-        """Ack a finished entry, or keep it pending when some of its ids failed."""
+        """Ack a finished entry; when some of its ids failed, keep it pending for another
+        delivery, or dead-letter it if this was its last."""
+        if done.failures and done.deliveries >= self._max_deliveries:
+            reason = f"failed on its last delivery ({done.deliveries} of max_deliveries "
+            await self._dead_letter(
+                done.message, done.deliveries, f"{reason}{self._max_deliveries})",
+                last_error(done.failures),
+            )  # fmt: skip
+            if self._on_finished is not None:
+                self._on_finished(done, True)
+            return
         acked = await persist(lambda: self._consumer.finish(done), self._clock, what="ack")
         if not acked:
             self.kept += 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol, TypeVar
 
 import anyio
@@ -29,7 +30,7 @@ from worker.batcher import Batcher
 from worker.clock import Clock
 from worker.errors import ApiUnavailable, AuthError, TlsError
 from worker.events import EventLog
-from worker.service.consumer import Entry, StreamConsumer
+from worker.service.consumer import Entry, StreamConsumer, error_json
 from worker.service.health import Health
 from worker.service.inflight import InFlight
 from worker.service.journal import ServeJournal, persist
@@ -195,6 +196,11 @@ class Service:
                     await self._dispatcher.process(batch)
                 except ApiUnavailable as exc:
                     dropped = self._inflight.release(batch.ids)
+                    # Kept with the entries: if they are never delivered with the API up,
+                    # the dead-letter stream and the ids' job.failed say why.
+                    error = error_json(batch.ids, exc.cause, str(exc))
+                    await persist(partial(self._consumer.keep_error, dropped, error),
+                                  self._clock, what="last error")  # fmt: skip
                     self._events.error(
                         "serve.api_unavailable", batch_id=batch.batch_id, error=str(exc),
                         entries_left_pending=len(dropped),
@@ -313,7 +319,7 @@ class Service:
             message = decode_entry(entry_id, fields)
             deliveries = counts.get(entry_id, 1)
             if deliveries > self._config.max_deliveries:
-                await self._give_up(entry_id, message.payload, deliveries, errors.get(entry_id, ""))
+                await self._journal.give_up(message, deliveries, errors.get(entry_id, ""))
                 continue
             if message.rejections:
                 await self._journal.rejected(message)
@@ -322,17 +328,3 @@ class Service:
                 await self._journal.settle(admission.finished)
             send.extend(admission.send)
         return send
-
-    async def _give_up(self, entry_id: str, payload: str, deliveries: int, error: str) -> None:
-        """Dead-letter an entry delivered too often, with the last error it met."""
-        limit = self._config.max_deliveries
-        reason = f"delivered {deliveries} times (max_deliveries {limit})"
-        await persist(
-            lambda: self._consumer.dead_letter(entry_id, payload, reason, deliveries, error),
-            self._clock,
-            what="dead-letter",
-        )
-        self._metrics.dead("max_deliveries")
-        self._events.warn(
-            "serve.dead_lettered", entry=entry_id, reason=reason, deliveries=deliveries
-        )
