@@ -227,6 +227,26 @@ async def test_exit_69_when_the_api_stays_unavailable(tmp_path: Path) -> None:
         assert summary["failed"] == 0
 
 
+async def test_when_the_api_gives_out_the_calls_in_flight_finish_and_are_logged(
+    tmp_path: Path,
+) -> None:
+    """One batch runs out of retries (69) while others' calls are on the wire: those calls
+    finish within the grace period, so every job the API deleted has its job.deleted event
+    (they were cancelled at once: deleted, and their records never logged)."""
+    faults = FaultConfig(unavailable=0.3, latency_ms=200, latency_jitter=False)
+    async with run_simulator(SimulatorConfig(jobs=400, seed=3, faults=faults)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        done = await reaper(
+            ["run", "-i", str(src), "--yes", "--max-attempts", "1", "--batch-size", "10",
+             "--concurrency", "8", "--rate", "1000", "--burst", "50"],
+            reaper_env(sim.url),
+        )  # fmt: skip
+        assert done.code == 69, done.stderr
+        assert sim.deleted, "some calls were answered 200"
+        assert {e["job_id"] for e in done.events("job.deleted")} == sim.deleted
+        assert done.summary()["open"] == 400 - len(sim.deleted)
+
+
 async def test_exit_69_when_nothing_listens(tmp_path: Path) -> None:
     src = write_ids(tmp_path / "ids.txt", ["a", "b"])
     done = await reaper(

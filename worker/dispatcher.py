@@ -34,6 +34,10 @@ from worker.ratelimit import RateLimiter
 from worker.retry import RetryPolicy
 from worker.types import Batch, DeleteResult, JobRecord, Outcome, Result
 
+STOP_CHECK_S = 0.25
+"""How often a backoff looks whether the run is stopping: a SIGTERM during a long
+``Retry-After`` ends the run in about this long, not when the wait would have ended."""
+
 
 class Transport(Protocol):
     """The two API calls the dispatcher needs (``worker.client.ApiClient`` is one)."""
@@ -134,6 +138,8 @@ class Dispatcher:
         while remaining:
             attempt += 1
             await self._limiter.acquire()
+            if self._stopping():
+                return  # the run began stopping while we waited for a token: send nothing
             await self._journal.sent(batch_id, remaining, attempt)
             started = self._clock.now()
             self.calls += 1
@@ -187,7 +193,17 @@ class Dispatcher:
         if not decision.retry:
             raise ApiUnavailable(exc, batch_id=batch_id, open_ids=n)
         await self._journal.retrying(batch_id, attempt + 1, decision.delay_s, decision.reason)
-        await self._clock.sleep(decision.delay_s)
+        return await self._wait(decision.delay_s)
+
+    async def _wait(self, seconds: float) -> bool:
+        """Sleep ``seconds`` (a backoff, a ``Retry-After``), or only until the run starts
+        stopping: nothing is in flight, so there is nothing to wait for. True if the whole
+        wait passed and the run goes on."""
+        end = self._clock.now() + seconds
+        while (left := end - self._clock.now()) > 0:
+            if self._stopping():
+                return False
+            await self._clock.sleep(min(left, STOP_CHECK_S))
         return not self._stopping()
 
     async def _refused(

@@ -125,6 +125,10 @@ class ApiUnavailable(ReaperError):
     The ids of the batch stay open: nothing is known about them, so a later run finishes them.
     """
 
+    stops_at_once = False
+    """The calls of other batches already on the wire finish first (within the grace
+    period): a DELETE the API applies is gone either way, and its records must be logged."""
+
     def __init__(self, cause: ApiError, *, batch_id: str, open_ids: int) -> None:
         super().__init__(f"API unavailable after retries (batch {batch_id}): {cause}")
         self.cause = cause
