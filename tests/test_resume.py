@@ -107,6 +107,11 @@ async def test_sigterm_then_resume_exits_75_then_0(tmp_path: Path) -> None:
         # (it truncated them, keeping only the ids it settled itself).
         lines = [orjson.loads(line) for line in results.read_text().splitlines()]
         assert sorted(str(row["job_id"]) for row in lines) == sorted(real)
+        # A run with nothing left open to resume starts the file afresh (a nightly CronJob's
+        # results do not pile up): here, every id already done, it writes no line.
+        again = await reaper(args, env)
+        assert again.code == 0, again.stderr
+        assert results.read_text() == ""
         assert sim.deleted == set(real)
         assert max(sim.delete_counts.values()) == 1
         rows = await ledger_outcomes(ledger, env)

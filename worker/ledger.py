@@ -467,8 +467,11 @@ class Ledger(LedgerView):
 
     @property
     def resuming(self) -> bool:
-        """An earlier run used this ledger: this one continues its work."""
-        return self._run_no > 1
+        """An earlier run left ids open (read or sent, no outcome): this one continues its
+        work. Ask before this run admits anything."""
+        with self._guard:
+            row = self._conn.execute("SELECT 1 FROM ids WHERE state != 'done' LIMIT 1").fetchone()
+        return row is not None
 
     def admits_in_memory(self, n: int) -> bool:
         """Never: every admission is a transaction on the ledger file."""

@@ -268,9 +268,9 @@ async def _run(
         stack.callback(ledger.close)
         results = None
         if request.results:
-            # Opened once, before any call. A run that resumes a ledger appends: the ids the
-            # runs before it settled are not written again, so together the runs' lines
-            # hold one per id.
+            # Opened once, before any call. A run that resumes work a ledger holds open
+            # appends: the ids the run before it settled are not written again, so
+            # together their lines hold one per id. Any other run starts the file afresh.
             mode = "ab" if isinstance(ledger, Ledger) and ledger.resuming else "wb"
             try:
                 handle = stack.enter_context(open(request.results, mode))  # noqa: ASYNC230
