@@ -1,0 +1,130 @@
+"""What a deleted id costs in ``run``, stage by stage, on the real functions in this process:
+
+    uv run pytest -m benchmark tests/benchmarks/bench_hotpath.py -s -p no:randomly
+
+A 50-record answer as the simulator writes it is parsed (``parse_deleted``), its outcomes
+are made as the dispatcher makes them, and the journal settles them with their events
+(``RunJournal.finished`` over a temporary ledger, JSON events to ``/dev/null``); the input
+stage reads, validates, admits and batches a file of 100,000 ids. Each figure is the best of
+7 rounds, in microseconds per id: the floor under ``bench_sdk``'s zero-latency figures that
+HTTP and the event loop add to.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from tests.benchmarks.harness import machine, record
+from worker import logsetup
+from worker.answers import Answer, Call, parse_deleted
+from worker.batcher import Batcher
+from worker.events import EventLog
+from worker.journal import LedgerPort, RunJournal, Tally
+from worker.ledger import TemporaryLedger
+from worker.pipeline import _next_chunk
+from worker.simulator.jobs import JobStore
+from worker.sources import read_entries
+from worker.types import Candidate, DeleteResult, Outcome, Result
+
+pytestmark = pytest.mark.benchmark
+
+BATCH = 50
+ROUNDS = 7
+
+
+def _best(step: Callable[[], object], repeat: int, ids: int) -> float:
+    """Microseconds per id of ``step`` (run ``repeat`` times a round), best of the rounds."""
+    best = float("inf")
+    for _ in range(ROUNDS):
+        started = time.process_time()
+        for _ in range(repeat):
+            step()
+        best = min(best, time.process_time() - started)
+    return best / (repeat * ids) * 1e6
+
+
+def _outcomes(answer: DeleteResult, ids: list[str]) -> list[Result]:
+    """What ``Dispatcher._settle`` makes of a 200."""
+    wanted = set(ids)
+    deleted = {record.id: record for record in answer.records if record.id in wanted}
+    return [
+        Result(job_id=job_id, outcome=Outcome.DELETED, attempts=1, batch_id="b-000001",
+               http_status=answer.http_status, request_id=answer.request_id, record=record)
+        for job_id, record in deleted.items()
+    ]  # fmt: skip
+
+
+def _run(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Drive a coroutine that never suspends (the temporary ledger records nothing)."""
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return
+    raise AssertionError("the journal suspended")
+
+
+def test_what_a_deleted_id_costs_stage_by_stage(tmp_path: Path) -> None:
+    # pytest's own objects out of the collector's way: a run's process has a small heap,
+    # and a large one makes every collection the per-id objects trigger slower.
+    gc.collect()
+    gc.freeze()
+    try:
+        _measure(tmp_path)
+    finally:
+        gc.unfreeze()
+
+
+def _measure(tmp_path: Path) -> None:
+    store = JobStore()
+    ids = store.generate(BATCH)
+    body = b'{"data":[' + b",".join(store.jobs[i].record_json for i in ids) + b"]}"
+    answer = Answer(status=200, reason="OK", headers=CIMultiDictProxy(CIMultiDict()),
+                    body=body, request_id="req-1")  # fmt: skip
+    call = Call(method="DELETE", path="/v1/p/dev-servers/jobs", secrets=("AK", "SK"))
+    parsed = parse_deleted(answer, call)
+    results = _outcomes(parsed, ids)
+    assert len(parsed.records) == len(results) == BATCH
+
+    with open(os.devnull, "w") as sink, TemporaryLedger.open() as ledger:
+        logsetup.configure(fmt="json", stream=sink)
+        structlog.contextvars.bind_contextvars(run_id="20261127T000000Z-000000")
+        events = EventLog()
+        journal = RunJournal(ledger=LedgerPort(ledger), events=events, tally=Tally())
+
+        def settle() -> None:
+            journal.dispatching(ids)
+            _run(journal.finished(results))
+
+        figures = {
+            "parse_records": _best(lambda: parse_deleted(answer, call), 2000, BATCH),
+            "make_outcomes": _best(lambda: _outcomes(parsed, ids), 2000, BATCH),
+            "journal_and_events": _best(settle, 2000, BATCH),
+        }
+        assert events.fast_batches >= 2000 * ROUNDS  # every batch went the JSON fast path
+    structlog.contextvars.clear_contextvars()
+
+    source = tmp_path / "ids.txt"
+    source.write_text("".join(f"job-{n:012d}\n" for n in range(100_000)))
+
+    def intake() -> int:
+        batches = 0
+        with read_entries(str(source), "auto") as entries, TemporaryLedger.open() as seen:
+            batcher = Batcher(BATCH, prefix="b")
+            while chunk := _next_chunk(entries, 2000):
+                admitted = seen.admit([e for e in chunk if isinstance(e, Candidate)])
+                batches += sum(1 for _ in batcher.extend(c.job_id for c in admitted.new))
+        assert batches == 100_000 // BATCH
+        return batches
+
+    figures["read_validate_admit_batch"] = _best(intake, 1, 100_000)
+    record("hotpath_us_per_id", **{k: round(v, 2) for k, v in figures.items()},
+           total=round(sum(figures.values()), 2), machine=machine())  # fmt: skip
