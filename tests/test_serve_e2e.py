@@ -299,3 +299,30 @@ async def test_sigterm_stops_intake_at_once_and_acks_everything_finished(
     assert finished_entries and not finished_entries & pending_ids  # finished => acked
     assert len(q.sim.deleted) < len(ids)  # it really stopped part-way
     assert len(finished_entries) + len(pending_ids) == read_after
+
+
+@pytest.mark.anyio
+async def test_entries_in_progress_longer_than_reclaim_after_are_not_taken_over(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """Every call takes 1.5 s and reclaim_after is 0.5 s: the replica doing the work keeps
+    its entries fresh, so the other never takes them over and sends them again (each was
+    deleted by one and found absent by the other, two outcomes for one id)."""
+    faults = FaultConfig(latency_ms=1500, latency_jitter=False)
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=30, faults=faults)) as q:
+        ids = q.sim.job_ids()
+        await q.enqueue(ids)
+        flags = ("--batch-size", "5", "--concurrency", "2", "--rate", "100",
+                 "--reclaim-after", "0.5")  # fmt: skip
+        await q.start("r1", *flags)
+        await q.start("r2", *flags)
+
+        async def settled() -> bool:
+            return len(q.sim.deleted) == len(ids) and await q.pending() == 0
+
+        await until(settled, 40)
+        await q.stop_all()
+        outcomes = await q.stream_rows(q.stream + ":outcomes")
+    assert max(q.sim.sent_counts.values()) == 1  # no id was sent twice
+    assert sorted(r["job_id"] for r in outcomes) == sorted(ids)
+    assert {r["outcome"] for r in outcomes} == {"deleted"}

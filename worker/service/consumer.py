@@ -168,6 +168,28 @@ class StreamConsumer:
         )
         return _id(reply[0]), _entries(reply[1])
 
+    async def keep_alive(self, entry_ids: Sequence[str]) -> int:
+        """Reset the idle time of those of ``entry_ids`` this consumer still holds, so no
+        replica's reclaim takes over work in progress. ``XCLAIM ... JUSTID`` does not count
+        a delivery; the owner is checked first (``XPENDING``), so an entry another replica
+        has taken over is left to it. Returns how many were refreshed."""
+        if not entry_ids:
+            return 0
+        async with self._r.pipeline(transaction=False) as pipe:
+            for entry_id in entry_ids:
+                pipe.xpending_range(self.layout.stream, self.layout.group, entry_id, entry_id, 1)
+            replies = await pipe.execute()
+        mine: list[Any] = [
+            entry_id
+            for entry_id, reply in zip(entry_ids, replies, strict=True)
+            if reply and _id(reply[0]["consumer"]) == self.consumer
+        ]
+        if mine:
+            await self._r.xclaim(
+                self.layout.stream, self.layout.group, self.consumer, 0, mine, justid=True
+            )
+        return len(mine)
+
     async def deliveries(self, entry_ids: Sequence[str]) -> dict[str, int]:
         """How many times each entry has been delivered (``XPENDING``, one round trip)."""
         if not entry_ids:

@@ -64,6 +64,10 @@ class InFlight:
     def open_ids(self) -> int:
         return len(self._waiters)
 
+    def entry_ids(self) -> list[str]:
+        """The entries held, oldest first."""
+        return list(self._entries)
+
     def last_delivery(self, job_id: str, limit: int) -> bool:
         """Is every entry waiting on ``job_id`` on its last allowed delivery (so an outcome
         for it now is its last)?"""

@@ -30,7 +30,7 @@ from worker.batcher import Batcher
 from worker.clock import Clock
 from worker.errors import ApiUnavailable, AuthError, TlsError
 from worker.events import EventLog
-from worker.service.consumer import Entry, StreamConsumer, error_json
+from worker.service.consumer import REDIS_ERRORS, Entry, StreamConsumer, error_json
 from worker.service.health import Health
 from worker.service.inflight import InFlight
 from worker.service.journal import ServeJournal, persist
@@ -160,6 +160,7 @@ class Service:
             intake_scope = anyio.CancelScope()
             dispatch_scope = anyio.CancelScope()
             outer.start_soon(self._watch_stop, intake_scope, dispatch_scope)
+            outer.start_soon(self._keep_alive)
             with dispatch_scope:
                 async with anyio.create_task_group() as group:
                     self._round_scope = group.cancel_scope
@@ -169,6 +170,20 @@ class Service:
                     receive.close()
             outer.cancel_scope.cancel()
         return self._blocked
+
+    async def _keep_alive(self) -> None:
+        """Every ``reclaim_interval``, refresh the entries in progress here: a batch slower
+        than ``reclaim_after`` (retries, a long Retry-After) must not have its entries
+        taken over and sent again by another replica, nor count deliveries that did not
+        happen when this one's own reclaim meets them."""
+        while True:
+            await self._clock.sleep(self._config.reclaim_interval)
+            held = self._inflight.entry_ids()
+            try:
+                await self._consumer.keep_alive(held)
+            except REDIS_ERRORS as exc:  # the next beat tries again
+                self._events.warn("serve.redis_error", operation="keep-alive",
+                                  error=type(exc).__name__)  # fmt: skip
 
     async def _watch_stop(
         self, intake_scope: anyio.CancelScope, dispatch_scope: anyio.CancelScope
