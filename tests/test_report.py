@@ -73,7 +73,8 @@ def test_summary_of_a_running_ledger_shows_counts_open_ids_rejected_and_runs(
         running.close()
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    for outcome, count in (("deleted", 1), ("absent", 1), ("failed", 1), ("skipped", 1)):
+    for outcome, count in (("deleted", 1), ("absent", 1), ("failed", 1), ("skipped", 1),
+                           ("rejected", 1), ("total", 5)):  # fmt: skip
         assert f"  {outcome:<10}{count:>12}" in out
     assert "open (read or sent, no outcome yet): 25" in out
     assert "open-000  read" in out

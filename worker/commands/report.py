@@ -108,8 +108,11 @@ def summary(ledger: LedgerView) -> str:
         "",
         "outcomes",
     ]
-    lines += [f"  {outcome.value:<10}{counts.get(outcome.value, 0):>12}" for outcome in Outcome]
-    total = sum(counts.get(outcome.value, 0) for outcome in Outcome)
+    per_outcome = {outcome.value: counts.get(outcome.value, 0) for outcome in Outcome}
+    # Rejected input is kept per line, apart from the ids (it never had a valid id).
+    per_outcome[Outcome.REJECTED.value] = counts["rejected_lines"]
+    lines += [f"  {outcome:<10}{count:>12}" for outcome, count in per_outcome.items()]
+    total = sum(per_outcome.values())
     lines += [f"  {'total':<10}{total:>12}", ""]
     lines.append(f"open (read or sent, no outcome yet): {counts['open']}")
     lines += [f"  {job_id}  {state}" for job_id, state in ledger.open_ids(limit=OPEN_SHOWN)]
