@@ -163,7 +163,10 @@ async def test_exit_66_when_the_input_does_not_exist(tmp_path: Path) -> None:
         assert sim.stats.calls == 0
 
 
-@pytest.mark.parametrize("where", ["the input", "a missing directory", "a directory"])
+@pytest.mark.parametrize(
+    "where",
+    ["the input", "the ledger", "the ledger's WAL", "a missing directory", "a directory"],
+)
 async def test_exit_64_before_any_call_when_results_cannot_be_the_file_asked(
     tmp_path: Path, where: str
 ) -> None:
@@ -171,11 +174,15 @@ async def test_exit_64_before_any_call_when_results_cannot_be_the_file_asked(
     read nothing and exited 0); an unopenable path crashed with a traceback (exit 1)."""
     async with run_simulator(SimulatorConfig(jobs=3)) as sim:
         src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        ledger = tmp_path / "ledger.db"
         target = {"the input": tmp_path / "." / "ids.txt",
+                  "the ledger": ledger,
+                  "the ledger's WAL": tmp_path / "ledger.db-wal",  # SQLite's, beside it
                   "a missing directory": tmp_path / "nope" / "results.jsonl",
                   "a directory": tmp_path}[where]  # fmt: skip
         done = await reaper(
-            ["run", "-i", str(src), "--yes", "--results", str(target)], reaper_env(sim.url)
+            ["run", "-i", str(src), "--yes", "--ledger", str(ledger), "--results", str(target)],
+            reaper_env(sim.url),
         )
         assert done.code == 64, done.stderr
         assert "--results" in done.stderr and "Traceback" not in done.stderr
@@ -184,12 +191,15 @@ async def test_exit_64_before_any_call_when_results_cannot_be_the_file_asked(
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("jobs", [2000, 3])
 async def test_a_results_file_that_fails_midway_stops_the_run_with_every_record_logged(
-    tmp_path: Path,
+    tmp_path: Path, jobs: int
 ) -> None:
     """The disk fills under --results: the run stops (75, not a traceback and 1), and the
-    calls in flight finish first, so every job the API deleted still has its event."""
-    async with run_simulator(SimulatorConfig(jobs=2000)) as sim:
+    calls in flight finish first, so every job the API deleted still has its event. With
+    3 ids the failure comes with the first batch, and closing the file must not raise it
+    a second time."""
+    async with run_simulator(SimulatorConfig(jobs=jobs)) as sim:
         src = write_ids(tmp_path / "ids.txt", sim.job_ids())
         done = await reaper(
             ["run", "-i", str(src), "--yes", "--results", "/dev/full", "--rate", "1000"],
@@ -199,7 +209,7 @@ async def test_a_results_file_that_fails_midway_stops_the_run_with_every_record_
         assert "Traceback" not in done.stderr
         summary = done.summary()
         assert "/dev/full cannot be written" in summary["error"]
-        assert 0 < summary["deleted"] < 2000
+        assert 0 < summary["deleted"] <= jobs
         assert {e["job_id"] for e in done.events("job.deleted")} == sim.deleted
 
 

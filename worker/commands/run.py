@@ -7,6 +7,7 @@ This is the edge: it turns settings into the pipeline's collaborators, handles t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -140,8 +141,13 @@ def _check_input(path: str) -> None:
 
 def _check_results(results: Path, source: str, ledger: Path | None) -> None:
     """``--results`` is truncated when the run starts, so before any prompt or call (64): it
-    must not be the input (or plan) or the ledger, and it must be a file we can write."""
-    for other, what in ((source, "the input"), (ledger, "the ledger")):
+    must not be the input (or plan) or one of the ledger's files, and it must be a file we
+    can write."""
+    others: list[tuple[str | Path | None, str]] = [(source, "the input")]
+    if ledger is not None:  # SQLite keeps a ledger in up to three files, plus our lock
+        others += [(ledger.with_name(ledger.name + suffix), "the ledger")
+                   for suffix in ("", "-wal", "-shm", "-journal", ".lock")]  # fmt: skip
+    for other, what in others:
         if other is None or other == "-":
             continue
         if results.resolve() == Path(other).resolve() or (
@@ -273,11 +279,14 @@ async def _run(
             # together their lines hold one per id. Any other run starts the file afresh.
             mode = "ab" if isinstance(ledger, Ledger) and ledger.resuming else "wb"
             try:
-                handle = stack.enter_context(open(request.results, mode))  # noqa: ASYNC230
+                handle = open(request.results, mode)  # noqa: ASYNC230, SIM115
             except OSError as exc:
                 reason = exc.strerror or type(exc).__name__
                 message = f"--results {request.results} cannot be opened: {reason}"
                 raise UsageError(message) from None
+            # Flushed after every batch and once more at the end, where a failure is
+            # reported (ResultsUnwritable); closing must not raise the same failure again.
+            stack.callback(_close_quietly, handle)
             results = ResultsWriter(handle)
         port = LedgerPort(ledger)  # one port: one thread at a time on the connection
         journal = RunJournal(ledger=port, events=events, tally=tally, results=results)
@@ -356,6 +365,11 @@ async def _run(
         duration, cpu = time.monotonic() - started, time.process_time() - cpu_started
         _summarise(events, tally, state, code, duration, cpu, settings)
         return code
+
+
+def _close_quietly(handle: IO[bytes]) -> None:
+    with contextlib.suppress(OSError):
+        handle.close()
 
 
 def _show_progress(mode: str) -> bool:
