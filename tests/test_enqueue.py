@@ -92,3 +92,17 @@ async def test_a_database_redis_refuses_is_78_without_a_traceback(
     done = await enqueue_async("--input", str(source), "--redis-url", url)
     assert done.returncode == 78, done.stderr
     assert b"DB index is out of range" in done.stderr and b"Traceback" not in done.stderr
+
+
+@pytest.mark.anyio
+async def test_credentials_redis_refuses_are_78_and_never_echoed(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """Bad settings, not an outage: it was 69 (serve even waited 30 s for it first)."""
+    source = tmp_path / "ids.txt"
+    source.write_text("a\n")
+    url = str(URL(REDIS_URL).with_user("nobody").with_password("s3cr3t-canary"))
+    done = await enqueue_async("--input", str(source), "--redis-url", url)
+    assert done.returncode == 78, done.stderr
+    assert b"refused the user name or password" in done.stderr
+    assert b"s3cr3t-canary" not in done.stderr + done.stdout

@@ -75,6 +75,8 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
     try:
         try:
             await client.ping()
+        except redis.exceptions.AuthenticationError:  # before the next: a ConnectionError
+            raise ConfigError("redis_url: Redis refused the user name or password") from None
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
             events.error("enqueue.redis_unavailable", error=type(exc).__name__)
             return ExitCode.UNAVAILABLE

@@ -224,6 +224,8 @@ async def _redis_answers(client: Any, errors: tuple[type[BaseException], ...], e
             try:
                 await client.ping()
                 return True
+            except redis.exceptions.AuthenticationError:  # before errors: a ConnectionError
+                raise ConfigError("redis_url: Redis refused the user name or password") from None
             except errors as exc:
                 events.warn("serve.redis_unreachable", error=type(exc).__name__)
             except redis.exceptions.ResponseError as exc:  # e.g. a database out of range
