@@ -523,5 +523,7 @@ async def test_ids_the_api_is_never_up_for_end_failed_once_with_the_error_kept(
     assert {r["http_status"] for r in rows} == {"503"}
     assert sorted(e["job_id"] for e in svc.events("job.failed")) == sorted(ids)
     for _, fields in dead:
-        assert orjson.loads(fields[b"last_error"])["http_status"] == 503
+        error = orjson.loads(fields[b"last_error"])
+        assert error["http_status"] == 503
+        assert error["ids"] == [orjson.loads(fields[b"payload"])["id"]]  # its own id only
         assert b"max_deliveries 2" in fields[b"reason"]

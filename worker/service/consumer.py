@@ -10,7 +10,7 @@ two steps cannot leave an entry both dead-lettered and pending (or acked and los
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,10 +209,11 @@ class StreamConsumer:
         values = await self._r.hmget(self.layout.last_error, list(entry_ids))
         return {e: _id(v) for e, v in zip(entry_ids, values, strict=True) if v is not None}
 
-    async def keep_error(self, entry_ids: Sequence[str], error: str) -> None:
-        """Remember why entries left pending did not finish (``{stream}:lasterror``)."""
-        if entry_ids:
-            await self._r.hset(self.layout.last_error, mapping=dict.fromkeys(entry_ids, error))
+    async def keep_errors(self, errors: Mapping[str, str]) -> None:
+        """Remember why entries left pending did not finish (``{stream}:lasterror``), by
+        entry id."""
+        if errors:
+            await self._r.hset(self.layout.last_error, mapping=dict[Any, Any](errors))
 
     async def write_outcomes(self, rows: Sequence[dict[str, str]]) -> None:
         """Append to the outcomes stream, trimmed approximately to ``OUTCOMES_MAXLEN``."""

@@ -210,11 +210,16 @@ class Service:
                 try:
                     await self._dispatcher.process(batch)
                 except ApiUnavailable as exc:
+                    # Kept with each entry, naming its own ids of the batch: if it is never
+                    # delivered with the API up, its dead letter and job.failed say why.
+                    held: dict[str, list[str]] = {}
+                    for job_id in batch.ids:
+                        for entry_id in self._inflight.entries_of(job_id):
+                            held.setdefault(entry_id, []).append(job_id)
                     dropped = self._inflight.release(batch.ids)
-                    # Kept with the entries: if they are never delivered with the API up,
-                    # the dead-letter stream and the ids' job.failed say why.
-                    error = error_json(batch.ids, exc.cause, str(exc))
-                    await persist(partial(self._consumer.keep_error, dropped, error),
+                    errors = {entry: error_json(held.get(entry, ()), exc.cause, str(exc))
+                              for entry in dropped}  # fmt: skip
+                    await persist(partial(self._consumer.keep_errors, errors),
                                   self._clock, what="last error")  # fmt: skip
                     self._events.error(
                         "serve.api_unavailable", batch_id=batch.batch_id, error=str(exc),
