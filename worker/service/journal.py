@@ -191,11 +191,11 @@ class ServeJournal:
         """Ack a finished entry; when some of its ids failed, keep it pending for another
         delivery, or dead-letter it if this was its last."""
         if done.failures and done.deliveries >= self._max_deliveries:
-            reason = f"failed on its last delivery ({done.deliveries} of max_deliveries "
+            limit = self._max_deliveries
+            reason = f"failed on its last delivery ({done.deliveries}, max_deliveries {limit})"
             await self._dead_letter(
-                done.message, done.deliveries, f"{reason}{self._max_deliveries})",
-                last_error(done.failures),
-            )  # fmt: skip
+                done.message, done.deliveries, reason, last_error(done.failures)
+            )
             if self._on_finished is not None:
                 self._on_finished(done, True)
             return
