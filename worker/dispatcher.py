@@ -14,7 +14,8 @@ The policy, by error class:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Protocol
 
 from worker.batcher import DeletionBudget
@@ -37,6 +38,37 @@ from worker.types import Batch, DeleteResult, JobRecord, Outcome, Result
 STOP_CHECK_S = 0.25
 """How often a backoff looks whether the run is stopping: a SIGTERM during a long
 ``Retry-After`` ends the run in about this long, not when the wait would have ended."""
+
+
+class Working:
+    """How many dispatchers are working on a batch right now: a call on the wire, or an
+    answer being settled. A stopping run waits for those, and for nothing else: a
+    dispatcher waiting for a token or sitting out a backoff can be cancelled at once."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Inside ``busy``: not working for a while (a token, a backoff)."""
+        self.count -= 1
+        try:
+            yield
+        finally:
+            self.count += 1
+
+    def __repr__(self) -> str:
+        return f"Working(count={self.count})"
 
 
 class Transport(Protocol):
@@ -92,6 +124,7 @@ class Dispatcher:
         max_attempts: int,
         dry_run: bool = False,
         stopping: Callable[[], bool] = lambda: False,
+        working: Working | None = None,
     ) -> None:
         self._transport = transport
         self._limiter = limiter
@@ -102,6 +135,7 @@ class Dispatcher:
         self._max_attempts = max_attempts
         self._dry_run = dry_run
         self._stopping = stopping
+        self._working = working if working is not None else Working()
         self.calls = 0
         self.splits = 0
         self.reconciled = 0
@@ -121,7 +155,8 @@ class Dispatcher:
         if granted < len(batch.ids):
             await self._skip(batch.batch_id, batch.ids[granted:], "max_deletions")
         if granted:
-            await self._delete(batch.batch_id, batch.ids[:granted])
+            with self._working.busy():
+                await self._delete(batch.batch_id, batch.ids[:granted])
 
     async def _skip(self, batch_id: str, ids: Sequence[str], reason: str) -> None:
         await self._journal.finished(
@@ -137,7 +172,8 @@ class Dispatcher:
         attempt = throttled = 0
         while remaining:
             attempt += 1
-            await self._limiter.acquire()
+            with self._working.waiting():
+                await self._limiter.acquire()
             if self._stopping():
                 return  # the run began stopping while we waited for a token: send nothing
             await self._journal.sent(batch_id, remaining, attempt)
@@ -200,10 +236,11 @@ class Dispatcher:
         stopping: nothing is in flight, so there is nothing to wait for. True if the whole
         wait passed and the run goes on."""
         end = self._clock.now() + seconds
-        while (left := end - self._clock.now()) > 0:
-            if self._stopping():
-                return False
-            await self._clock.sleep(min(left, STOP_CHECK_S))
+        with self._working.waiting():
+            while (left := end - self._clock.now()) > 0:
+                if self._stopping():
+                    return False
+                await self._clock.sleep(min(left, STOP_CHECK_S))
         return not self._stopping()
 
     async def _refused(
@@ -271,7 +308,8 @@ class Dispatcher:
         check = throttled = 0
         while True:
             check += 1
-            await self._limiter.acquire()
+            with self._working.waiting():
+                await self._limiter.acquire()
             started = self._clock.now()
             self.calls += 1
             try:

@@ -22,12 +22,16 @@ import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from worker.batcher import Batcher
+from worker.dispatcher import Working
 from worker.errors import InputUnreadable, ReaperError
 from worker.intake import escape
 from worker.journal import LedgerPort, RunJournal, Tally
 from worker.types import Batch, Candidate, Outcome, Rejection
 
 Entry = Candidate | Rejection
+
+STOP_POLL_S = 0.05
+"""How often a stopping run looks whether any dispatcher is still working."""
 
 
 class BatchProcessor(Protocol):
@@ -124,6 +128,7 @@ class Pipeline:
         grace: float,
         chunk_size: int = 2000,
         state: RunState | None = None,
+        working: Working | None = None,
     ) -> None:
         self._entries = entries
         self._ledger = ledger
@@ -135,6 +140,7 @@ class Pipeline:
         self._grace = grace
         self._chunk_size = chunk_size
         self.state = state if state is not None else RunState()
+        self._working = working
 
     def __repr__(self) -> str:
         return (
@@ -162,8 +168,16 @@ class Pipeline:
     ) -> None:
         await self.state.stop_requested.wait()
         intake_scope.cancel()
+        # The grace period is for calls on the wire and answers being settled. Dispatchers
+        # only waiting (for a token, out a backoff) are cancelled as soon as no other is
+        # working: their batches stay open, and nothing they could do would be sent.
+        working = self._working
         with anyio.move_on_after(self._grace):
-            await self.state.stop_now.wait()
+            while working is None or working.count > 0:
+                with anyio.move_on_after(STOP_POLL_S):
+                    await self.state.stop_now.wait()
+                if self.state.stop_now.is_set():
+                    break
         dispatch_scope.cancel()
 
     async def _intake(self, send: MemoryObjectSendStream[Batch], scope: anyio.CancelScope) -> None:

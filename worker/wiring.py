@@ -16,7 +16,7 @@ from worker.batcher import DeletionBudget
 from worker.client import Api, ApiClient, make_session
 from worker.clock import Clock
 from worker.credentials import CredentialSource, read_profile, resolve_credentials
-from worker.dispatcher import Dispatcher, Journal
+from worker.dispatcher import Dispatcher, Journal, Working
 from worker.errors import ConfigError
 from worker.guard import Guard, PacedReader, PlanCheck, Protection
 from worker.pipeline import BatchProcessor
@@ -90,10 +90,12 @@ def processor(
     stopping: Callable[[], bool],
     protection: Protection,
     plan: PlanCheck | None = None,
+    working: Working | None = None,
 ) -> BatchProcessor:
     """The dispatcher, wrapped in the guard when jobs are protected or a plan binds the run.
 
-    ``transport`` is None in a dry run: nothing is read or sent then.
+    ``transport`` is None in a dry run: nothing is read or sent then. ``working`` counts
+    the dispatchers at work, for a stopping run to wait on (``Pipeline``).
     """
     policy = retry_policy(settings)
     dispatcher: BatchProcessor = Dispatcher(
@@ -106,6 +108,7 @@ def processor(
         max_attempts=settings.max_attempts,
         dry_run=settings.dry_run,
         stopping=stopping,
+        working=working,
     )
     if not protection.active and plan is None:
         return dispatcher

@@ -27,6 +27,7 @@ from worker import wiring
 from worker.batcher import Batcher
 from worker.breaker import BreakerTransport
 from worker.clock import MonotonicClock
+from worker.dispatcher import Working
 from worker.errors import (
     ApiError,
     ApiUnavailable,
@@ -320,6 +321,7 @@ async def _run(
                     clock=clock,
                     stopping=lambda: state.stopping,
                 )
+            working = Working()  # what a stop waits for: calls on the wire, answers settling
             dispatcher = wiring.processor(
                 settings,
                 transport=transport,
@@ -329,6 +331,7 @@ async def _run(
                 stopping=lambda: state.stopping,
                 protection=protection,
                 plan=None if plan is None else PlanCheck(frozenset(plan.ids), plan.filters),
+                working=working,
             )
             pipeline = Pipeline(
                 entries=entries,
@@ -340,6 +343,7 @@ async def _run(
                 concurrency=settings.concurrency,
                 grace=settings.grace,
                 state=state,
+                working=working,
             )
             progress_scope = anyio.CancelScope()  # entered by the progress task, if any
             if _show_progress(request.progress):
