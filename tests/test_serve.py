@@ -527,3 +527,22 @@ async def test_ids_the_api_is_never_up_for_end_failed_once_with_the_error_kept(
         assert error["http_status"] == 503
         assert error["ids"] == [orjson.loads(fields[b"payload"])["id"]]  # its own id only
         assert b"max_deliveries 2" in fields[b"reason"]
+
+
+@pytest.mark.anyio
+async def test_a_stop_does_not_wait_out_the_grace_period_for_dispatchers_waiting_for_a_token(
+    redis_prefix: str,
+) -> None:
+    """One call every 100 s and a minute of grace: after the first id, both dispatchers
+    wait for tokens with nothing on the wire, so a stop ends the service at once, their
+    entries left pending (it used to wait the whole grace period)."""
+    async with running(redis_prefix, SimulatorConfig(jobs=5), rate=0.01, burst=1,
+                       batch_size=1, concurrency=2, grace=60.0) as svc:  # fmt: skip
+        await svc.enqueue(svc.sim.job_ids())
+        await svc.until(lambda: _true(len(svc.sim.deleted) == 1))
+        await anyio.sleep(0.2)  # both dispatchers now wait for a token
+        svc.stop.set()
+        await svc.until(lambda: _true(svc.code is not None), timeout=20)
+        assert await svc.pending() == 4
+    assert svc.code == 0
+    assert len(svc.sim.deleted) == 1

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
+import anyio
+
 from worker.batcher import DeletionBudget
 from worker.clock import Clock
 from worker.errors import (
@@ -45,10 +47,11 @@ class Working:
     answer being settled. A stopping run waits for those, and for nothing else: a
     dispatcher waiting for a token or sitting out a backoff can be cancelled at once."""
 
-    __slots__ = ("count",)
+    __slots__ = ("_idle", "count")
 
     def __init__(self) -> None:
         self.count = 0
+        self._idle: anyio.Event | None = None
 
     @contextmanager
     def busy(self) -> Iterator[None]:
@@ -56,16 +59,27 @@ class Working:
         try:
             yield
         finally:
-            self.count -= 1
+            self._less()
 
     @contextmanager
     def waiting(self) -> Iterator[None]:
         """Inside ``busy``: not working for a while (a token, a backoff)."""
-        self.count -= 1
+        self._less()
         try:
             yield
         finally:
             self.count += 1
+
+    async def idle(self) -> None:
+        """Return once no dispatcher is working."""
+        while self.count > 0:
+            self._idle = anyio.Event()
+            await self._idle.wait()
+
+    def _less(self) -> None:
+        self.count -= 1
+        if self.count == 0 and self._idle is not None:
+            self._idle.set()
 
     def __repr__(self) -> str:
         return f"Working(count={self.count})"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,9 +29,6 @@ from worker.journal import LedgerPort, RunJournal, Tally
 from worker.types import Batch, Candidate, Outcome, Rejection
 
 Entry = Candidate | Rejection
-
-STOP_POLL_S = 0.05
-"""How often a stopping run looks whether any dispatcher is still working."""
 
 
 class BatchProcessor(Protocol):
@@ -171,13 +168,16 @@ class Pipeline:
         # The grace period is for calls on the wire and answers being settled. Dispatchers
         # only waiting (for a token, out a backoff) are cancelled as soon as no other is
         # working: their batches stay open, and nothing they could do would be sent.
-        working = self._working
         with anyio.move_on_after(self._grace):
-            while working is None or working.count > 0:
-                with anyio.move_on_after(STOP_POLL_S):
-                    await self.state.stop_now.wait()
-                if self.state.stop_now.is_set():
-                    break
+            async with anyio.create_task_group() as first:
+
+                async def then_stop(wait: Callable[[], Awaitable[None]]) -> None:
+                    await wait()
+                    first.cancel_scope.cancel()
+
+                first.start_soon(then_stop, self.state.stop_now.wait)  # a second signal
+                if self._working is not None:
+                    first.start_soon(then_stop, self._working.idle)
         dispatch_scope.cancel()
 
     async def _intake(self, send: MemoryObjectSendStream[Batch], scope: anyio.CancelScope) -> None:

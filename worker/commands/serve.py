@@ -67,6 +67,7 @@ async def serve(
 
     from worker.breaker import BreakerTransport
     from worker.clock import MonotonicClock
+    from worker.dispatcher import Working
     from worker.events import EventLog
     from worker.guard import load_protection
     from worker.service.consumer import REDIS_ERRORS, StreamConsumer
@@ -127,6 +128,7 @@ async def serve(
             metered = MeteredTransport(api, metrics, clock, observe=health.observe_call)
             # An API that keeps failing is probed, not hammered, by every replica.
             transport = BreakerTransport(metered, clock=clock, stopping=stop.is_set)
+        working = Working()  # what a stop waits for: calls on the wire, answers settling
         dispatcher = wiring.processor(
             settings,
             transport=transport,
@@ -135,6 +137,7 @@ async def serve(
             clock=clock,
             stopping=stop.is_set,
             protection=protection,  # protected jobs end skipped here too, whatever the queue says
+            working=working,
         )
         service = Service(
             consumer=consumer,
@@ -147,6 +150,7 @@ async def serve(
             clock=clock,
             config=config,
             stop=stop,
+            working=working,
         )
         app = build_app(health, metrics, ping=consumer.ping, refresh=service.refresh_gauges)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)

@@ -28,6 +28,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from worker.batcher import Batcher
 from worker.clock import Clock
+from worker.dispatcher import Working
 from worker.errors import ApiUnavailable, AuthError, TlsError
 from worker.events import EventLog
 from worker.service.consumer import REDIS_ERRORS, Entry, StreamConsumer, error_json
@@ -88,6 +89,7 @@ class Service:
         clock: Clock,
         config: ServiceConfig,
         stop: anyio.Event,
+        working: Working | None = None,
     ) -> None:
         self._consumer = consumer
         self._inflight = inflight
@@ -99,6 +101,7 @@ class Service:
         self._clock = clock
         self._config = config
         self._stop = stop
+        self._working = working if working is not None else Working()
         self._blocked: BaseException | None = None
         self._round_scope: anyio.CancelScope | None = None
         self.rounds = 0
@@ -198,7 +201,11 @@ class Service:
             in_flight=len(self._inflight),
             read=self.read,
         )
-        await anyio.sleep(self._config.grace)
+        # Calls on the wire and answers settling get the grace period; dispatchers only
+        # waiting (a token, a backoff) are cancelled as soon as none is working, their
+        # entries left pending.
+        with anyio.move_on_after(self._config.grace):
+            await self._working.idle()
         dispatch_scope.cancel()
 
     async def _dispatch(self, receive: MemoryObjectReceiveStream[Batch]) -> None:
