@@ -43,9 +43,10 @@ STOP_CHECK_S = 0.25
 
 
 class Working:
-    """How many dispatchers are working on a batch right now: a call on the wire, or an
-    answer being settled. A stopping run waits for those, and for nothing else: a
-    dispatcher waiting for a token or sitting out a backoff can be cancelled at once."""
+    """How many batches are being worked on right now: a call on the wire, an answer or a
+    skip being settled, a protection lookup. A stopping run waits for those, and for
+    nothing else: a dispatcher waiting for a token or sitting out a backoff (``waiting``,
+    inside the caller's ``busy``) can be cancelled at once, its batch left open."""
 
     __slots__ = ("_idle", "count")
 
@@ -169,8 +170,7 @@ class Dispatcher:
         if granted < len(batch.ids):
             await self._skip(batch.batch_id, batch.ids[granted:], "max_deletions")
         if granted:
-            with self._working.busy():
-                await self._delete(batch.batch_id, batch.ids[:granted])
+            await self._delete(batch.batch_id, batch.ids[:granted])
 
     async def _skip(self, batch_id: str, ids: Sequence[str], reason: str) -> None:
         await self._journal.finished(

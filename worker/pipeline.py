@@ -137,7 +137,7 @@ class Pipeline:
         self._grace = grace
         self._chunk_size = chunk_size
         self.state = state if state is not None else RunState()
-        self._working = working
+        self._working = working if working is not None else Working()
 
     def __repr__(self) -> str:
         return (
@@ -176,8 +176,7 @@ class Pipeline:
                     first.cancel_scope.cancel()
 
                 first.start_soon(then_stop, self.state.stop_now.wait)  # a second signal
-                if self._working is not None:
-                    first.start_soon(then_stop, self._working.idle)
+                first.start_soon(then_stop, self._working.idle)
         dispatch_scope.cancel()
 
     async def _intake(self, send: MemoryObjectSendStream[Batch], scope: anyio.CancelScope) -> None:
@@ -232,7 +231,8 @@ class Pipeline:
                     return
                 self._journal.dispatching(batch.ids)
                 try:
-                    await self._dispatcher.process(batch)
+                    with self._working.busy():
+                        await self._dispatcher.process(batch)
                 except ReaperError as exc:  # 401/403, TLS, API unavailable: the run stops
                     if self.state.fatal is None:
                         self.state.fatal = exc

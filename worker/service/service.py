@@ -215,7 +215,8 @@ class Service:
                     self._inflight.release(batch.ids)  # not started: left pending
                     continue
                 try:
-                    await self._dispatcher.process(batch)
+                    with self._working.busy():
+                        await self._dispatcher.process(batch)
                 except ApiUnavailable as exc:
                     # Kept with each entry, naming its own ids of the batch: if it is never
                     # delivered with the API up, its dead letter and job.failed say why.
