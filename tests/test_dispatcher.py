@@ -102,9 +102,7 @@ def make(
     max_attempts: int = 5,
     budget: int | None = None,
     dry_run: bool = False,
-    stop_at: float | None = None,
 ) -> tuple[Dispatcher, Journal, FakeClock]:
-    """``stop_at``: the run starts stopping at that virtual time."""
     journal = Journal()
     clock = FakeClock()
     dispatcher = Dispatcher(
@@ -116,7 +114,6 @@ def make(
         budget=DeletionBudget(budget),
         max_attempts=max_attempts,
         dry_run=dry_run,
-        stopping=lambda: stop_at is not None and clock.now() >= stop_at,
     )
     return dispatcher, journal, clock
 
@@ -231,20 +228,6 @@ async def test_auth_failure_stops_at_once() -> None:
         await dispatcher.process(Batch("b1", tuple(ids(5))))
     assert journal.results == []
     assert len(api.delete_calls) == 1
-
-
-@pytest.mark.anyio
-async def test_a_stop_ends_a_long_retry_after_wait_at_once_and_sends_nothing_more() -> None:
-    """A SIGTERM 1 s into a 60 s Retry-After: the batch is left open within a quarter of a
-    second (it used to sleep the whole wait, holding the run's exit until the grace ran
-    out), and no call goes out after the stop."""
-    api = FakeApi(ids(5))
-    api.script = [ThrottledError("slow down", http_status=429, retry_after=60.0)]
-    dispatcher, journal, clock = make(api, stop_at=1.0)
-    await dispatcher.process(Batch("b1", tuple(ids(5))))
-    assert 1.0 <= clock.now() <= 1.25
-    assert len(api.delete_calls) == 1
-    assert journal.results == []  # left open: the next run finishes it
 
 
 @pytest.mark.anyio

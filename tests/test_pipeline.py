@@ -8,48 +8,58 @@ from collections.abc import Sequence
 import anyio
 import pytest
 
+from tests.fakes import FakeClock
 from worker.batcher import Batcher, DeletionBudget
-from worker.clock import MonotonicClock
 from worker.dispatcher import Dispatcher, Working
+from worker.errors import ThrottledError
 from worker.events import EventLog
 from worker.journal import LedgerPort, RunJournal, Tally
 from worker.ledger import TemporaryLedger
 from worker.pipeline import Pipeline, RunState
-from worker.ratelimit import LocalRateLimiter
+from worker.ratelimit import LocalRateLimiter, RateLimiter, UnlimitedRateLimiter
 from worker.retry import RetryPolicy
 from worker.types import Candidate, DeleteResult, JobRecord, Outcome
 
 pytestmark = pytest.mark.anyio
 
 
-class Deleting:
-    """Deletes whatever it is asked to, at once; never asked to show a job here."""
+class FirstCallOnly:
+    """Deletes what the first call asks for; every later call is refused with a 429 and a
+    minute of Retry-After."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, ...]] = []
 
     async def delete_jobs(self, ids: Sequence[str]) -> DeleteResult:
         self.calls.append(tuple(ids))
+        if len(self.calls) > 1:
+            raise ThrottledError("slow down", http_status=429, retry_after=60.0)
         return DeleteResult(records=tuple(JobRecord(i) for i in ids), request_id="req")
 
     async def get_job(self, job_id: str) -> JobRecord:
         raise AssertionError("no show call expected")
 
 
-async def test_a_stop_does_not_wait_out_the_grace_period_for_dispatchers_waiting_for_a_token() -> (
-    None
-):
-    """A rate of one call in 1,000 s: the first batch goes at once (the burst), the others
-    wait for tokens. On a stop, nobody has a call on the wire, so the run ends now, not
-    when the hour of grace is over (it used to wait it out: QA measured 18 s of 20)."""
-    clock = MonotonicClock()
+@pytest.mark.parametrize("waiting_for", ["a token", "a Retry-After"])
+async def test_a_stop_does_not_wait_out_the_grace_period_for_dispatchers_only_waiting(
+    waiting_for: str,
+) -> None:
+    """After the first batch, both dispatchers wait: for a token (one call a second) or
+    out a minute's Retry-After. Their clock never moves by itself, so only the stop can
+    end those waits. Nobody has a call on the wire, so the run ends at once, not when the
+    hour of grace is over (it used to wait it out: QA measured 18 s of a 20 s grace), the
+    waiting batches left open and nothing sent after the stop."""
+    clock = FakeClock(autojump=False)
     state, tally, working = RunState(), Tally(), Working()
-    api = Deleting()
+    api = FirstCallOnly()
+    limiter: RateLimiter = (
+        LocalRateLimiter(1.0, 1, clock) if waiting_for == "a token" else UnlimitedRateLimiter()
+    )
     with TemporaryLedger.open() as ledger:
         port = LedgerPort(ledger)
         journal = RunJournal(ledger=port, events=EventLog(), tally=tally)
         dispatcher = Dispatcher(
-            transport=api, limiter=LocalRateLimiter(0.001, 1, clock),
+            transport=api, limiter=limiter,
             policy=RetryPolicy(max_attempts=3, rng=random.Random(1)), journal=journal,
             clock=clock, budget=DeletionBudget(None), max_attempts=3,
             stopping=lambda: state.stopping, working=working,
@@ -63,10 +73,14 @@ async def test_a_stop_does_not_wait_out_the_grace_period_for_dispatchers_waiting
         with anyio.fail_after(30):
             async with anyio.create_task_group() as group:
                 group.start_soon(pipeline.run)
-                while not tally.outcomes:  # the first batch is through
+                # The first batch is through, and the dispatchers wait (after a 429 each,
+                # in the Retry-After case).
+                waited = 1 if waiting_for == "a token" else 3
+                while not (tally.outcomes and working.count == 0 and len(api.calls) >= waited):
                     await anyio.sleep(0.01)
-                await anyio.sleep(0.2)  # the other dispatcher is waiting for a token
+                calls = len(api.calls)
                 state.request_stop("signal")
-    assert len(api.calls) == 1
     assert tally.outcomes[Outcome.DELETED.value] == 10
+    assert tally.finished == 10  # the waiting batches have no outcome: open
+    assert len(api.calls) == calls  # nothing sent after the stop
     assert working.count == 0

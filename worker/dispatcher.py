@@ -37,10 +37,6 @@ from worker.ratelimit import RateLimiter
 from worker.retry import RetryPolicy
 from worker.types import Batch, DeleteResult, JobRecord, Outcome, Result
 
-STOP_CHECK_S = 0.25
-"""How often a backoff looks whether the run is stopping: a SIGTERM during a long
-``Retry-After`` ends the run in about this long, not when the wait would have ended."""
-
 
 class Working:
     """How many batches are being worked on right now: a call on the wire, an answer or a
@@ -243,18 +239,10 @@ class Dispatcher:
         if not decision.retry:
             raise ApiUnavailable(exc, batch_id=batch_id, open_ids=n)
         await self._journal.retrying(batch_id, attempt + 1, decision.delay_s, decision.reason)
-        return await self._wait(decision.delay_s)
-
-    async def _wait(self, seconds: float) -> bool:
-        """Sleep ``seconds`` (a backoff, a ``Retry-After``), or only until the run starts
-        stopping: nothing is in flight, so there is nothing to wait for. True if the whole
-        wait passed and the run goes on."""
-        end = self._clock.now() + seconds
+        # Waiting, not working: a stopping run cancels this sleep as soon as no dispatcher
+        # has a call on the wire (the batch stays open), however long the Retry-After.
         with self._working.waiting():
-            while (left := end - self._clock.now()) > 0:
-                if self._stopping():
-                    return False
-                await self._clock.sleep(min(left, STOP_CHECK_S))
+            await self._clock.sleep(decision.delay_s)
         return not self._stopping()
 
     async def _refused(
