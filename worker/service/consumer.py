@@ -173,17 +173,8 @@ class StreamConsumer:
         replica's reclaim takes over work in progress. ``XCLAIM ... JUSTID`` does not count
         a delivery; the owner is checked first (``XPENDING``), so an entry another replica
         has taken over is left to it. Returns how many were refreshed."""
-        if not entry_ids:
-            return 0
-        async with self._r.pipeline(transaction=False) as pipe:
-            for entry_id in entry_ids:
-                pipe.xpending_range(self.layout.stream, self.layout.group, entry_id, entry_id, 1)
-            replies = await pipe.execute()
-        mine: list[Any] = [
-            entry_id
-            for entry_id, reply in zip(entry_ids, replies, strict=True)
-            if reply and _id(reply[0]["consumer"]) == self.consumer
-        ]
+        pending = await self._pending(entry_ids)
+        mine: list[Any] = [e for e, p in pending.items() if _id(p["consumer"]) == self.consumer]
         if mine:
             await self._r.xclaim(
                 self.layout.stream, self.layout.group, self.consumer, 0, mine, justid=True
@@ -191,17 +182,19 @@ class StreamConsumer:
         return len(mine)
 
     async def deliveries(self, entry_ids: Sequence[str]) -> dict[str, int]:
-        """How many times each entry has been delivered (``XPENDING``, one round trip)."""
+        """How many times each entry has been delivered (0: no longer pending)."""
+        pending = await self._pending(entry_ids)
+        return {e: int(pending[e]["times_delivered"]) if e in pending else 0 for e in entry_ids}
+
+    async def _pending(self, entry_ids: Sequence[str]) -> dict[str, Any]:
+        """``XPENDING`` of each entry still pending (owner, deliveries), one round trip."""
         if not entry_ids:
             return {}
         async with self._r.pipeline(transaction=False) as pipe:
             for entry_id in entry_ids:
                 pipe.xpending_range(self.layout.stream, self.layout.group, entry_id, entry_id, 1)
             replies = await pipe.execute()
-        counts: dict[str, int] = {}
-        for entry_id, reply in zip(entry_ids, replies, strict=True):
-            counts[entry_id] = int(reply[0]["times_delivered"]) if reply else 0
-        return counts
+        return {e: r[0] for e, r in zip(entry_ids, replies, strict=True) if r}
 
     async def last_errors(self, entry_ids: Sequence[str]) -> dict[str, str]:
         if not entry_ids:
