@@ -316,7 +316,7 @@ class _Parse:
             try:
                 value = json.loads(text)
             except (ValueError, RecursionError) as exc:
-                yield Rejection(text, lines.number, _not_json(exc))
+                yield Rejection(text, lines.number, f"not JSON: {_json_problem(exc)}")
                 continue
             yield _from_json(value, text, lines.number)
 
@@ -413,14 +413,14 @@ def _json_type(value: object) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-def _not_json(exc: ValueError | RecursionError) -> str:
-    """Why a JSON text was refused. Beyond syntax errors, the parser refuses values nested
+def _json_problem(exc: ValueError | RecursionError) -> str:
+    """Why the parser refused a JSON text. Beyond syntax errors, it refuses values nested
     deeper than the interpreter's recursion limit and integers of over 4,300 digits."""
     if isinstance(exc, json.JSONDecodeError):
-        return f"not JSON: {exc.msg}"
+        return exc.msg
     if isinstance(exc, RecursionError):
-        return "not JSON: nested too deeply"
-    return "not JSON: a number too long to read"
+        return "nested too deeply"
+    return "a number too long to read"
 
 
 def _from_json(value: object, raw: str, line: int) -> Entry:
@@ -645,13 +645,13 @@ class _JsonArray:
         while True:
             try:
                 value, end = _DECODE(self._buf, self._pos)
-            except json.JSONDecodeError as exc:
-                # Maybe the element is only cut by the buffer: read on while that can help.
-                if len(self._buf) - self._pos <= self._limit and self._fill():
+            except (ValueError, RecursionError) as exc:
+                # A syntax error may only be the buffer cutting the element: read on while
+                # that can help. Nesting and overlong numbers more input cannot help.
+                cut = isinstance(exc, json.JSONDecodeError)
+                if cut and len(self._buf) - self._pos <= self._limit and self._fill():
                     continue
-                return self._skip_bad(exc.msg)
-            except (ValueError, RecursionError) as exc:  # more input cannot help these
-                return self._skip_bad(_not_json(exc).removeprefix("not JSON: "))
+                return self._skip_bad(_json_problem(exc))
             # A number may go on in the next read ("0" of "0.5"); or what follows is
             # garbage, which the caller reports once reading more cannot help.
             if (
