@@ -11,6 +11,7 @@ rate from the calls' answers.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import replace
 from typing import Generic, Literal, Protocol, TypeVar
@@ -56,9 +57,9 @@ class PacedController(Protocol):
 C = TypeVar("C", bound=PacedController)
 
 
-class _Answered(Generic[C]):
-    """What both limiters do with an answer: count the throttles, and fold it into their
-    controller."""
+class _Answered(abc.ABC, Generic[C]):
+    """What both limiters do with an answer: count the throttles, fold it into their
+    controller, and take up the rate it sets (``_answered``, each its own way)."""
 
     __slots__ = ("_clock", "_controller", "throttles")
     _clock: Clock
@@ -73,17 +74,26 @@ class _Answered(Generic[C]):
     def controller(self) -> C:
         return self._controller
 
-    def _fold(
-        self, throttled: bool, latency_s: float | None, retry_after: float | None, overloaded: bool
-    ) -> float:
-        """Fold one answer in; the time it was folded at."""
+    def feedback(
+        self,
+        *,
+        throttled: bool,
+        latency_s: float | None = None,
+        retry_after: float | None = None,
+        overloaded: bool = False,
+    ) -> None:
+        """Fold one answer into the controller (``overloaded``: a 503), then let the
+        limiter take up its new rate."""
         now = self._clock.now()
         self.throttles += throttled
         self._controller.on_answer(
             now, throttled=throttled, latency_s=latency_s, retry_after=retry_after,
             overloaded=overloaded,
         )  # fmt: skip
-        return now
+        self._answered(now)
+
+    @abc.abstractmethod
+    def _answered(self, now: float) -> None: ...
 
 
 class AdaptiveRateLimiter(_Answered[PacedController]):
@@ -167,16 +177,8 @@ class AdaptiveRateLimiter(_Answered[PacedController]):
             self._controller.on_sent(self._last_sent)
             return
 
-    def feedback(
-        self,
-        *,
-        throttled: bool,
-        latency_s: float | None = None,
-        retry_after: float | None = None,
-        overloaded: bool = False,
-    ) -> None:
-        """Fold one answer in; ``overloaded`` is a 503 (the dispatcher may pass it)."""
-        self._sync(self._fold(throttled, latency_s, retry_after, overloaded))
+    def _answered(self, now: float) -> None:
+        self._sync(now)
 
     def __repr__(self) -> str:
         return (
@@ -243,15 +245,7 @@ class SharedAdaptiveLimiter(_Answered[RateController]):
                 self._controller.on_sent(self._clock.now())
                 return
 
-    def feedback(
-        self,
-        *,
-        throttled: bool,
-        latency_s: float | None = None,
-        retry_after: float | None = None,
-        overloaded: bool = False,
-    ) -> None:
-        now = self._fold(throttled, latency_s, retry_after, overloaded)
+    def _answered(self, now: float) -> None:
         rate = self._controller.rate_at(now)
         if rate < self._shared.rate:
             self._shared.set_rate(rate)
