@@ -59,6 +59,7 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
     import redis.exceptions
 
     from worker.events import EventLog
+    from worker.service.consumer import REDIS_ERRORS, ping
     from worker.sources import read_chunks, read_entries
     from worker.types import Candidate
 
@@ -74,14 +75,10 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
     last: str | None = None
     try:
         try:
-            await client.ping()
-        except redis.exceptions.AuthenticationError:  # before the next: a ConnectionError
-            raise ConfigError("redis_url: Redis refused the user name or password") from None
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            await ping(client)
+        except REDIS_ERRORS as exc:
             events.error("enqueue.redis_unavailable", error=type(exc).__name__)
             return ExitCode.UNAVAILABLE
-        except redis.exceptions.ResponseError as exc:  # e.g. a database out of range
-            raise ConfigError(f"redis_url: Redis refused it: {exc}") from None
         entries = read_entries(path, fmt, stdin=stdin)
         with entries:
             chunks = read_chunks(entries, CHUNK)

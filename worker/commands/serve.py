@@ -219,21 +219,17 @@ def _limiter(settings: Settings, client: Any, key: str, clock: Any) -> Any:
 
 async def _redis_answers(client: Any, errors: tuple[type[BaseException], ...], events: Any) -> bool:
     """PING until Redis answers, for at most ``STARTUP_WAIT_S``; ``ConfigError`` when it
-    answers with a refusal of the connection's set-up (a database out of range)."""
-    import redis.exceptions
+    refuses our settings (``worker.service.consumer.ping``)."""
+    from worker.service.consumer import ping
 
     delay = 0.2
     with anyio.move_on_after(STARTUP_WAIT_S):
         while True:
             try:
-                await client.ping()
+                await ping(client)
                 return True
-            except redis.exceptions.AuthenticationError:  # before errors: a ConnectionError
-                raise ConfigError("redis_url: Redis refused the user name or password") from None
             except errors as exc:
                 events.warn("serve.redis_unreachable", error=type(exc).__name__)
-            except redis.exceptions.ResponseError as exc:  # e.g. a database out of range
-                raise ConfigError(f"redis_url: Redis refused it: {exc}") from None
             await anyio.sleep(delay)
             delay = min(delay * 2, 5.0)
     events.error("serve.redis_unavailable", waited_s=STARTUP_WAIT_S)

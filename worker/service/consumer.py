@@ -19,7 +19,7 @@ import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from worker.errors import ApiError
+from worker.errors import ApiError, ConfigError
 from worker.intake import escape
 from worker.service.inflight import Finished
 from worker.service.layout import DEAD_MAXLEN, OUTCOMES_MAXLEN, StreamLayout
@@ -30,6 +30,18 @@ Fields = dict[Any, Any]
 
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 """Failures of Redis itself (not of a command): wait and try again."""
+
+
+async def ping(client: aioredis.Redis) -> None:
+    """``PING``. A Redis that refuses our settings (the user name or password, a database it
+    does not have) is ``ConfigError`` (78); one that cannot be reached raises one of
+    :data:`REDIS_ERRORS`."""
+    try:
+        await client.ping()
+    except redis.exceptions.AuthenticationError:  # before the caller's: a ConnectionError
+        raise ConfigError("redis_url: Redis refused the user name or password") from None
+    except redis.exceptions.ResponseError as exc:  # e.g. a database out of range
+        raise ConfigError(f"redis_url: Redis refused it: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
