@@ -465,10 +465,10 @@ class Ledger(LedgerView):
     def run_id(self) -> str:
         return self._run_id
 
-    @property
-    def resuming(self) -> bool:
-        """An earlier run left ids open (read or sent, no outcome): this one continues its
-        work. Ask before this run admits anything."""
+    def holds_open_ids(self) -> bool:
+        """Did an earlier run leave ids open (read or sent, no outcome)? Then this run
+        continues its work. A query on the ledger: ask once, before this run admits
+        anything."""
         with self._guard:
             row = self._conn.execute("SELECT 1 FROM ids WHERE state != 'done' LIMIT 1").fetchone()
         return row is not None

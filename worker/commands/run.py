@@ -278,7 +278,7 @@ async def _run(
             # Opened once, before any call. A run that resumes work a ledger holds open
             # appends: the ids the run before it settled are not written again, so
             # together their lines hold one per id. Any other run starts the file afresh.
-            mode = "ab" if isinstance(ledger, Ledger) and ledger.resuming else "wb"
+            mode = "ab" if isinstance(ledger, Ledger) and ledger.holds_open_ids() else "wb"
             try:
                 handle = open(request.results, mode)  # noqa: ASYNC230, SIM115
             except OSError as exc:
