@@ -126,9 +126,9 @@ class ResultsWriter:
     def write(self, rows: Sequence[dict[str, Any]]) -> None:
         try:
             self._stream.write(b"".join(orjson.dumps(row) + b"\n" for row in rows))
-            self._stream.flush()  # a batch's lines out with its events: a kill loses none
         except OSError as exc:
             raise self._unwritable(exc) from None
+        self.flush()  # a batch's lines out with its events: a kill loses none
         self.written += len(rows)
 
     def flush(self) -> None:
