@@ -9,7 +9,7 @@ that name it all settle when its one outcome arrives.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from worker.service.layout import Message
@@ -117,16 +117,18 @@ class InFlight:
                     )
         return done
 
-    def release(self, job_ids: Iterable[str]) -> list[str]:
+    def release(self, job_ids: Sequence[str]) -> dict[str, list[str]]:
         """Forget the entries waiting on ``job_ids`` without an outcome (left pending in
-        Redis for a later delivery); return their entry ids."""
-        dropped: list[str] = []
+        Redis for a later delivery); return each entry's id with those of ``job_ids`` it
+        held."""
+        wanted = set(job_ids)
+        dropped: dict[str, list[str]] = {}
         for job_id in job_ids:
             for entry_id in list(self._waiters.get(job_id, ())):
                 waiting = self._entries.pop(entry_id, None)
                 if waiting is None:
                     continue
-                dropped.append(entry_id)
+                dropped[entry_id] = [i for i in waiting.message.ids if i in wanted]
                 for other in waiting.open:
                     holders = self._waiters.get(other)
                     if holders is not None and entry_id in holders:

@@ -220,13 +220,9 @@ class Service:
                 except ApiUnavailable as exc:
                     # Kept with each entry, naming its own ids of the batch: if it is never
                     # delivered with the API up, its dead letter and job.failed say why.
-                    held: dict[str, list[str]] = {}
-                    for job_id in batch.ids:
-                        for entry_id in self._inflight.entries_of(job_id):
-                            held.setdefault(entry_id, []).append(job_id)
                     dropped = self._inflight.release(batch.ids)
-                    errors = {entry: error_json(held.get(entry, ()), exc.cause, str(exc))
-                              for entry in dropped}  # fmt: skip
+                    errors = {entry: error_json(ids, exc.cause, str(exc))
+                              for entry, ids in dropped.items()}  # fmt: skip
                     await persist(partial(self._consumer.keep_errors, errors),
                                   self._clock, what="last error")  # fmt: skip
                     self._events.error(
