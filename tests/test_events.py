@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from worker import logsetup
-from worker.events import EventLog
+from worker.events import EventLog, rejection_event, result_event
 from worker.types import JobRecord, Outcome, Rejection, Result, _parse_time, iso
 
 _STAMP = re.compile(rb'"timestamp":"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"')
@@ -129,7 +129,13 @@ def test_a_field_wins_over_a_context_variable_of_the_same_name_in_both_paths() -
     assert orjson.loads(fast)["batch_id"] == "b-1"
 
 
-@pytest.mark.parametrize("name", ["level", "timestamp", "event", "job_id"])
+_EVERY_FIELD = sorted(
+    {key for result in RESULTS for key in result_event(result)[2]}
+    | {key for rejection in REJECTIONS for key in rejection_event(rejection)[2]}
+)
+
+
+@pytest.mark.parametrize("name", ["level", "timestamp", "event", *_EVERY_FIELD])
 def test_a_context_variable_named_like_an_added_key_or_a_field_renders_as_structlog_does(
     name: str,
 ) -> None:

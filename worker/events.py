@@ -29,11 +29,12 @@ def result_event(result: Result) -> tuple[str, int, dict[str, Any]]:
     outcome = result.outcome
     if outcome is Outcome.DELETED:
         record = result.record
-        fields: dict[str, Any] = (
-            record.event_fields() if record is not None else {"job_id": result.job_id}
-        )
-        fields["batch_id"] = result.batch_id
-        fields["request_id"] = result.request_id
+        if record is None:
+            return "job.deleted", _INFO, {
+                "job_id": result.job_id, "batch_id": result.batch_id,
+                "request_id": result.request_id,
+            }  # fmt: skip
+        fields = record.event_fields(batch_id=result.batch_id, request_id=result.request_id)
         return "job.deleted", _INFO, fields
     if outcome is Outcome.ABSENT:
         return "job.absent", _INFO, {"job_id": result.job_id, "batch_id": result.batch_id}
@@ -124,6 +125,7 @@ class EventLog:
         # once (a "tail") and joined onto each event's serialised fields.
         context = structlog.contextvars.get_contextvars()
         reserved = context.keys() | _ADDED
+        shadows = not reserved.isdisjoint(EVENT_FIELDS)  # else no event's field can
         stamp = logsetup.timestamp()
         tails: dict[tuple[str, int], bytes] = {}
         lines: list[bytes] = []
@@ -131,7 +133,7 @@ class EventLog:
             if level < sink.min_level:
                 continue
             try:
-                if fields.keys() & reserved:  # a field shadows what is added: all in one go
+                if shadows and fields.keys() & reserved:  # a field shadows what is added
                     whole = _added(dict(fields), name, level, context, stamp)
                     lines.append(orjson.dumps(whole, default=str))
                     continue
@@ -155,6 +157,13 @@ class EventLog:
 
 
 _ADDED = frozenset({"event", "level", "timestamp"})
+EVENT_FIELDS = frozenset({
+    "job_id", "name", "user_name", "description", "type", "status", "abnormal_count",
+    "create_at", "update_at", "batch_id", "request_id", "http_status", "error_code",
+    "error_msg", "attempts", "reason", "line",
+})  # fmt: skip
+"""Every field :func:`result_event` and :func:`rejection_event` can write: a context that
+binds none of them (and none of event, level, timestamp) cannot be shadowed by an event."""
 
 
 def _added(

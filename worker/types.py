@@ -188,8 +188,9 @@ class JobRecord:
             _stamp(get("update_at")),
         )
 
-    def event_fields(self) -> dict[str, Any]:
-        """The fields of a ``job.deleted`` event, times as ISO-8601 UTC."""
+    def event_fields(self, **more: Any) -> dict[str, Any]:
+        """The fields of a ``job.deleted`` event, times as ISO-8601 UTC, then ``more``."""
+        create, update = self.create_stamp, self.update_stamp
         return {
             "job_id": self.id,
             "name": self.name,
@@ -198,8 +199,9 @@ class JobRecord:
             "type": self.type,
             "status": self.status,
             "abnormal_count": self.abnormal_count,
-            "create_at": stamp_iso(self.create_stamp),
-            "update_at": stamp_iso(self.update_stamp),
+            "create_at": _ms_iso(create) if type(create) is int else stamp_iso(create),
+            "update_at": _ms_iso(update) if type(update) is int else stamp_iso(update),
+            **more,
         }
 
 
