@@ -22,7 +22,8 @@ Instructions are not seconds (C code such as orjson's does more per cycle than t
 interpreter), but a count that is the same in every run settles what the noise of
 ``bench_sdk`` cannot: how far ours is from the SDK and from the floor, and how much of
 issue 7's "a quarter of the SDK's CPU" the work ``run`` must do per id leaves for anything
-else. Needs valgrind; skipped where it is missing.
+else. ``test_instructions_per_id_by_stage`` counts where ours' instructions go, stage by
+stage in one process (``stages.py``). Needs valgrind; skipped where it is missing.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.benchmarks import stages
 from tests.benchmarks.harness import AK, PROJECT, SK, machine, record, simulator
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(900)]
@@ -106,3 +108,33 @@ def test_instructions_per_deleted_id(tmp_path: Path) -> None:
     )
     assert abs(again - per_id["ours"]) < 0.02 * per_id["ours"]  # a count, not a timing
     assert per_id["raw"] < per_id["least"] < per_id["ours"] < sdk
+
+
+def _stage_instructions(stage: str, rounds: int) -> int:
+    done = subprocess.run(
+        ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+         sys.executable, "-m", "tests.benchmarks.stages", stage, str(rounds)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = _REFS.search(done.stderr)
+    assert found is not None, done.stderr[-2000:]
+    return int(found.group(1).replace(",", ""))
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_instructions_per_id_by_stage() -> None:
+    """Where ours' count goes (``stages.py``): two rounds of a stage, less set-up."""
+    per_id = {
+        stage: (_stage_instructions(stage, 3) - _stage_instructions(stage, 1)) / (2 * stages.IDS)
+        for stage in ("settle", "quiet", "intake")
+    }
+    record(
+        "instructions_per_id_by_stage",
+        parse_settle_and_events=round(per_id["settle"]),
+        of_which_events=round(per_id["settle"] - per_id["quiet"]),
+        read_validate_admit_batch=round(per_id["intake"]),
+        machine=machine(),
+    )
+    assert 0 < per_id["quiet"] < per_id["settle"]
+    assert per_id["intake"] > 0
