@@ -18,6 +18,7 @@ import anyio.abc
 import orjson
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 from yarl import URL
@@ -27,6 +28,7 @@ from tests.fakes import FakeClock
 from worker.commands.serve import serve
 from worker.errors import ApiTimeout, AuthError, ServerError, ThrottledError
 from worker.service import journal as journal_module
+from worker.service.consumer import StreamConsumer
 from worker.service.health import Health, build_app
 from worker.service.inflight import InFlight
 from worker.service.layout import Message, StreamLayout, decode_entry
@@ -330,6 +332,14 @@ async def _true(value: bool) -> bool:
     return value
 
 
+async def _equal(value: Any, expected: int) -> bool:
+    return bool(await value == expected)
+
+
+def _refused_writes(svc: Running, operation: str) -> list[MutableMapping[str, Any]]:
+    return [e for e in svc.events("serve.redis_error") if e["operation"] == operation]
+
+
 async def _zero(value: Any) -> bool:
     return bool(await value == 0)
 
@@ -465,13 +475,15 @@ async def test_outcomes_wait_out_a_redis_outage_and_every_entry_is_settled(
     async with anyio.create_task_group() as relay:
         await relay.start(proxy.serve)
         async with running(redis_prefix, config, redis_url=proxy.url, batch_size=5,
-                           concurrency=4, rate=1000.0) as svc:  # fmt: skip
+                           concurrency=4, rate=1000.0, reclaim_after=0.5) as svc:  # fmt: skip
             ids = svc.sim.job_ids()
             await svc.enqueue(ids)
             await svc.until(lambda: _true(len(svc.sim.deleted) >= 10))
             await proxy.go_away()
-            await svc.until(lambda: _true(bool(svc.events("serve.redis_error"))))
-            await anyio.sleep(1.5)  # outcomes reached in flight now wait for Redis
+            # An outcome reached in flight is refused by Redis; the outage then lasts five
+            # times what a shutdown would wait for it (a longer one only tests more).
+            await svc.until(lambda: _true(bool(_refused_writes(svc, "outcomes"))))
+            await anyio.sleep(5 * journal_module.SETTLE_TIMEOUT_S)
             proxy.cut = False
             await svc.until(lambda: _true(len(svc.sim.deleted) == len(ids)), timeout=30)
             await svc.until(lambda: _zero(svc.pending()), timeout=30)
@@ -479,7 +491,42 @@ async def test_outcomes_wait_out_a_redis_outage_and_every_entry_is_settled(
         relay.cancel_scope.cancel()
     assert svc.code == 0
     rows = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in outcomes]
-    assert {r["job_id"] for r in rows if r["outcome"] in ("deleted", "absent")} == set(ids)
+    assert sorted(r["job_id"] for r in rows) == sorted(ids)  # one outcome each
+    assert {r["outcome"] for r in rows} == {"deleted"}
+    assert set(svc.sim.sent_counts) == set(ids) and set(svc.sim.sent_counts.values()) == {1}
+
+
+@pytest.mark.anyio
+async def test_an_entry_settled_here_and_still_being_acked_is_not_reclaimed_and_sent_again(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Acks cannot get through for a while (reads can) and entries idle past
+    ``reclaim_after``: the reclaim that meets them takes back none of those this replica
+    has settled and is still acking. They had left the in-flight map, so it used to send
+    their ids again, for a second outcome ("absent") beside the first."""
+    finish = StreamConsumer.finish
+    refused: list[str] = []
+    until = anyio.current_time() + 2.0
+
+    async def unreachable_for_a_while(self: StreamConsumer, done: Any) -> bool:
+        if anyio.current_time() < until:
+            refused.append(done.entry_id)
+            raise redis.exceptions.ConnectionError("ack refused for the test")
+        return await finish(self, done)
+
+    monkeypatch.setattr(StreamConsumer, "finish", unreachable_for_a_while)
+    async with running(redis_prefix, SimulatorConfig(jobs=10), batch_size=5,
+                       reclaim_after=0.3) as svc:  # fmt: skip
+        ids = svc.sim.job_ids()
+        await svc.enqueue(ids)
+        await svc.until(lambda: _true(len(svc.sim.deleted) == len(ids)))
+        await svc.until(lambda: _zero(svc.pending()))
+        outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
+    assert svc.code == 0
+    assert refused  # acks were refused while the reclaim ran
+    assert set(svc.sim.sent_counts.values()) == {1}, svc.sim.sent_counts
+    rows = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in outcomes]
+    assert sorted(r["job_id"] for r in rows) == sorted(ids)
 
 
 @pytest.mark.anyio
@@ -540,7 +587,8 @@ async def test_a_stop_does_not_wait_out_the_grace_period_for_dispatchers_waiting
                        batch_size=1, concurrency=2, grace=60.0) as svc:  # fmt: skip
         await svc.enqueue(svc.sim.job_ids())
         await svc.until(lambda: _true(len(svc.sim.deleted) == 1))
-        await anyio.sleep(0.2)  # both dispatchers now wait for a token
+        # Every entry is read: both dispatchers hold one and wait for a token, two wait.
+        await svc.until(lambda: _equal(svc.pending(), 4))
         svc.stop.set()
         await svc.until(lambda: _true(svc.code is not None), timeout=20)
         assert await svc.pending() == 4

@@ -87,6 +87,13 @@ class ServeJournal:
         self.kept = 0
         self._settle_deadline = math.inf
         self._settling: set[anyio.CancelScope] = set()
+        self._acking: set[str] = set()
+
+    def acking(self, entry_id: str) -> bool:
+        """Is the entry settled here, its ack or dead-lettering not yet through to Redis?
+        It has left the in-flight map but is still pending in Redis, and a reclaim that met
+        it (after an outage longer than ``reclaim_after``) would send its ids again."""
+        return entry_id in self._acking
 
     async def sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
         """Nothing to record: the stream entry itself says the ids are not done."""
@@ -120,8 +127,14 @@ class ServeJournal:
                     lambda: self._consumer.write_outcomes(rows), self._clock, what="outcomes"
                 )
                 self.outcomes += len(rows)
-                for done in self._inflight.settle(results):
-                    await self.settle(done)
+                finished = self._inflight.settle(results)
+                # All of them ours until acked, the later ones too while the first is acked.
+                self._acking.update(done.entry_id for done in finished)
+                try:
+                    for done in finished:
+                        await self.settle(done)
+                finally:
+                    self._acking.difference_update(done.entry_id for done in finished)
             finally:
                 self._settling.discard(scope)
 
@@ -190,6 +203,13 @@ class ServeJournal:
     async def settle(self, done: Finished) -> None:
         """Ack a finished entry; when some of its ids failed, keep it pending for another
         delivery, or dead-letter it if this was its last."""
+        self._acking.add(done.entry_id)
+        try:
+            await self._settle(done)
+        finally:
+            self._acking.discard(done.entry_id)
+
+    async def _settle(self, done: Finished) -> None:
         if done.failures and done.deliveries >= self._max_deliveries:
             limit = self._max_deliveries
             reason = f"failed on its last delivery ({done.deliveries}, max_deliveries {limit})"

@@ -323,8 +323,12 @@ class Service:
         if not entries or self._stop.is_set():
             return []
         self.read += len(entries)
-        if claimed:
-            entries = [(e, f) for e, f in entries if e not in self._inflight]
+        if claimed:  # not those still ours: in flight, or settled and being acked
+            entries = [
+                (e, f)
+                for e, f in entries
+                if e not in self._inflight and not self._journal.acking(e)
+            ]
             self.reclaimed += len(entries)
         gone = [entry_id for entry_id, fields in entries if fields is None]
         if gone:
