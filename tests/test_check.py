@@ -61,6 +61,13 @@ async def test_check_exits_77_on_a_wrong_secret_and_never_prints_it() -> None:
     assert CANARY_SK not in done.stdout + done.stderr
 
 
+async def test_check_exits_78_when_the_project_id_is_not_the_servers() -> None:
+    async with simulator_process() as url:
+        done = await reaper(["check"], reaper_env(url, REAPER_PROJECT_ID="other-project"))
+    assert done.code == 78, done.stdout + done.stderr
+    assert "NO SUCH API" in done.stdout and "APIGW.0101" in done.stdout
+
+
 async def test_check_finds_keys_in_the_profile_file(tmp_path: Path) -> None:
     profile = tmp_path / "credentials"
     profile.write_text(f"[basic]\nak = DEMOAK\nsk = {SIM_SK}\nproject_id = demo-project\n")

@@ -41,6 +41,7 @@ from worker.errors import (
     ClientError,
     MalformedResponse,
     NetworkError,
+    NoSuchApi,
     NotFound,
     ServerError,
     ThrottledError,
@@ -493,6 +494,19 @@ async def test_get_job_404_raises_not_found_with_the_server_fields(
         "req-404",
     )
     assert "ModelArts.4104" in str(error)
+
+
+@pytest.mark.anyio
+async def test_a_404_from_the_gateway_is_no_such_api_not_a_missing_job(
+    fake: FakeApi, client: ApiClient
+) -> None:
+    """A wrong project id or endpoint path gets the gateway's 404 (``APIGW.0101``): it says
+    nothing about the job, so it must never be read as "absent"."""
+    fake.then(reply(404, {"error_code": "APIGW.0101", "error_msg": "The API does not exist"}))
+    with pytest.raises(NoSuchApi) as caught:
+        await client.get_job("job-1")
+    assert not isinstance(caught.value, NotFound)
+    assert caught.value.error_code == "APIGW.0101"
 
 
 @pytest.mark.anyio

@@ -322,6 +322,16 @@ async def test_discover_without_any_filter_is_refused_unless_all_is_given() -> N
 
 
 @pytest.mark.anyio
+async def test_discover_exits_78_when_the_gateway_does_not_know_the_project() -> None:
+    async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+        done = await reaper(
+            ["discover", "--all"], reaper_env(sim.url, REAPER_PROJECT_ID="other-project")
+        )
+    assert done.code == 78, done.stderr
+    assert done.stdout == ""
+
+
+@pytest.mark.anyio
 async def test_discover_refuses_a_selection_over_max_fraction_and_writes_no_plan(
     tmp_path: Path,
 ) -> None:

@@ -224,6 +224,25 @@ async def test_exit_77_on_a_wrong_secret_and_nothing_deleted(tmp_path: Path) -> 
         assert sim.stats.signature_failures >= 1
 
 
+async def test_a_wrong_project_id_exits_78_with_every_id_left_open(tmp_path: Path) -> None:
+    """The gateway's 404 for a project it does not know is not "the job is absent": the run
+    stops (78) with nothing settled, and a rerun with the right project deletes them all.
+    (Every id used to end ``absent`` with exit 0, and a ledger kept them as done.)"""
+    async with run_simulator(SimulatorConfig(jobs=20)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        args = ["run", "-i", str(src), "--yes", "--batch-size", "5"]
+        wrong = await reaper(args, reaper_env(sim.url, REAPER_PROJECT_ID="other-project"))
+        assert wrong.code == 78, wrong.stderr
+        assert not wrong.events("job.absent") and not wrong.events("job.deleted")
+        summary = wrong.summary()
+        assert summary["absent"] == 0 and summary["deleted"] == 0
+        assert "APIGW.0101" in summary["error"]
+        right = await reaper(args, reaper_env(sim.url))
+        assert right.code == 0, right.stderr
+        assert right.summary()["deleted"] == 20
+        assert len(sim.deleted) == 20
+
+
 async def test_exit_69_when_the_api_stays_unavailable(tmp_path: Path) -> None:
     config = SimulatorConfig(jobs=10, faults=FaultConfig(unavailable=1.0))
     async with run_simulator(config) as sim:

@@ -369,6 +369,24 @@ async def test_refused_credentials_make_it_unready_and_pause_without_exiting(
 
 
 @pytest.mark.anyio
+async def test_a_project_the_gateway_does_not_know_pauses_it_unready_with_entries_pending(
+    redis_prefix: str,
+) -> None:
+    """The gateway's 404 (a wrong project id) is no answer about any job: nothing is
+    settled "absent", the entries stay pending, and the service pauses, unready."""
+    async with running(redis_prefix, SimulatorConfig(jobs=5), project_id="other-project") as svc:
+        await svc.enqueue(svc.sim.job_ids())
+        await svc.until(lambda: _true(bool(svc.events("serve.paused"))))
+        async with aiohttp.ClientSession() as http, http.get(svc.url("/readyz")) as response:
+            assert response.status == 503
+        assert await svc.pending() == 5
+        assert svc.events("serve.paused")[0]["reason"] == "NoSuchApi"
+        outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
+    assert outcomes == [] and not svc.events("job.absent")
+    assert svc.sim.deleted == set()
+
+
+@pytest.mark.anyio
 async def test_metrics_parse_and_count_the_real_path(redis_prefix: str) -> None:
     """1,000 ids through the real path: the exposition parses, counts them, and has the
     same number of series as a registry that saw nothing (so traffic adds none)."""

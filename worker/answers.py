@@ -27,6 +27,7 @@ from worker.errors import (
     ClientError,
     MalformedResponse,
     NetworkError,
+    NoSuchApi,
     NotFound,
     ServerError,
     ThrottledError,
@@ -35,6 +36,7 @@ from worker.errors import (
 from worker.types import DeleteResult, JobRecord
 
 _ERROR_TEXT_LIMIT = 200
+_GATEWAY = "APIGW."  # the API gateway's own codes: its 404 is "no such API", not "no such job"
 _SECONDS_RE = re.compile(r"\d+(?:\.\d+)?")
 _UNPRINTABLE_RE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]+")
 _ERROR_KEYS = (("error_code", "error_msg"), ("errorCode", "errorMsg"), ("code", "message"))
@@ -155,6 +157,8 @@ def raise_for_status(answer: Answer, call: Call, utcnow: Callable[[], datetime])
     if status in (401, 403):
         raise AuthError(message, **fields)
     if status == 404:
+        if error_code is not None and error_code.startswith(_GATEWAY):
+            raise NoSuchApi(message, **fields)
         raise NotFound(message, **fields)
     # Other 4xx, and 1xx/3xx that should never reach us (redirects are not followed: they
     # would replay a signed request elsewhere).

@@ -104,7 +104,13 @@ class AuthError(PermanentError):
 
 
 class NotFound(PermanentError):
-    """404: the job (or the path) does not exist."""
+    """404 from the service: the job does not exist."""
+
+
+class NoSuchApi(PermanentError):
+    """404 from the API gateway (an ``APIGW.*`` code): the call itself does not exist there,
+    for a wrong project id, region or endpoint path. No job can be found absent through it,
+    so it stops the whole run (exit 78) with every id left open."""
 
 
 class ClientError(PermanentError):

@@ -12,7 +12,7 @@ import sys
 import anyio
 
 from worker.client import ApiClient
-from worker.errors import ApiError, AuthError, ConfigError, TlsError
+from worker.errors import ApiError, AuthError, ConfigError, NoSuchApi, TlsError
 from worker.exit_codes import ExitCode
 from worker.settings import Settings
 
@@ -57,6 +57,10 @@ async def check(settings: Settings) -> int:
         except AuthError as exc:
             out.write(f"result       REJECTED: {_describe(exc)}\n")
             return ExitCode.NO_PERMISSION
+        except NoSuchApi as exc:
+            out.write(f"result       NO SUCH API (check the project id and endpoint): "
+                      f"{_describe(exc)}\n")  # fmt: skip
+            return ExitCode.CONFIG
         except TlsError as exc:
             out.write(f"result       TLS REFUSED: {exc}\n")
             return ExitCode.UNAVAILABLE

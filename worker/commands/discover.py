@@ -37,6 +37,7 @@ from worker.errors import (
     AuthError,
     ConfigError,
     InputUnreadable,
+    NoSuchApi,
     UsageError,
 )
 from worker.exit_codes import ExitCode
@@ -184,6 +185,9 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     except AuthError as exc:
         log.error("discover.auth_error", error=str(exc))
         return ExitCode.NO_PERMISSION
+    except NoSuchApi as exc:
+        log.error("discover.config_error", error=str(exc))
+        return ExitCode.CONFIG
     except (ApiError, ApiUnavailable) as exc:
         log.error("discover.unavailable", error=str(exc))
         return ExitCode.UNAVAILABLE

@@ -34,6 +34,7 @@ from worker.errors import (
     AuthError,
     ConfigError,
     InputUnreadable,
+    NoSuchApi,
     ReaperError,
     ResultsUnwritable,
     TlsError,
@@ -409,6 +410,8 @@ def exit_code(state: RunState, tally: Tally) -> int:
     fatal = state.fatal
     if isinstance(fatal, AuthError):
         return ExitCode.NO_PERMISSION
+    if isinstance(fatal, NoSuchApi):
+        return ExitCode.CONFIG
     if isinstance(fatal, ApiUnavailable | TlsError):
         return ExitCode.UNAVAILABLE
     if isinstance(fatal, InputUnreadable):

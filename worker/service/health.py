@@ -21,7 +21,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from worker.clock import Clock
-from worker.errors import ApiError, AuthError
+from worker.errors import ApiError, AuthError, NoSuchApi
 from worker.service.metrics import ServiceMetrics
 
 
@@ -40,9 +40,10 @@ class Health:
         self.last_progress = self._clock.now()
 
     def observe_call(self, error: ApiError | None) -> None:
-        """Every API call's outcome: a 401/403 makes us unready; any answer that is not one
-        (a success, or another error from a server that accepted the keys) clears it."""
-        if isinstance(error, AuthError):
+        """Every API call's outcome: a 401/403, or the gateway's 404 for a project or path it
+        does not know, makes us unready; any other answer (a success, or another error from
+        a server that accepted the keys and the project) clears it."""
+        if isinstance(error, AuthError | NoSuchApi):
             self.auth_refused = True
         elif error is None or error.http_status is not None:
             self.auth_refused = False

@@ -29,7 +29,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from worker.batcher import Batcher
 from worker.clock import Clock
 from worker.dispatcher import Working
-from worker.errors import ApiUnavailable, AuthError, TlsError
+from worker.errors import ApiUnavailable, AuthError, NoSuchApi, TlsError
 from worker.events import EventLog
 from worker.service.consumer import REDIS_ERRORS, Entry, StreamConsumer, error_json
 from worker.service.health import Health
@@ -229,7 +229,7 @@ class Service:
                         "serve.api_unavailable", batch_id=batch.batch_id, error=str(exc),
                         entries_left_pending=len(dropped),
                     )  # fmt: skip
-                except (AuthError, TlsError) as exc:
+                except (AuthError, NoSuchApi, TlsError) as exc:
                     self._blocked = exc
                     if self._round_scope is not None:
                         self._round_scope.cancel()
