@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,9 +11,9 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from worker.errors import OutcomeConflict
+from worker.errors import OutcomeConflict, ResultsUnwritable
 from worker.events import EventLog
-from worker.journal import LedgerPort, ResultsWriter, RunJournal, Tally
+from worker.journal import LedgerPort, ResultsWriter, RunJournal, Tally, rewrite_results
 from worker.ledger import Ledger, TemporaryLedger
 from worker.types import Candidate, Outcome, Result
 
@@ -102,3 +103,42 @@ async def test_the_unsettled_set_stays_the_size_of_the_calls_in_flight(ledger: A
         )
         assert journal.unsettled == 0
     assert "unsettled=0" in repr(journal)
+
+
+_REWRITTEN = [
+    Result("job-1", Outcome.DELETED, attempts=1, batch_id="b-1"),
+    Result("bad id!", Outcome.REJECTED, reason="invalid character", line=7),
+]
+
+
+def test_rewrite_results_replaces_the_file_and_keeps_a_symlink_a_symlink(tmp_path: Path) -> None:
+    real = tmp_path / "real.jsonl"
+    real.write_text("stale\n" * 5)
+    link = tmp_path / "results.jsonl"
+    link.symlink_to(real)
+    assert rewrite_results(iter(_REWRITTEN), link) == 2
+    assert link.is_symlink()
+    rows = [orjson.loads(line) for line in real.read_text().splitlines()]
+    assert rows == [r.results_row() for r in _REWRITTEN]
+    assert rows[1]["line"] == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["real.jsonl", "results.jsonl"]
+
+
+def test_rewrite_results_leaves_a_pipe_or_a_device_alone(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert rewrite_results(iter(_REWRITTEN), fifo) == 0
+    assert rewrite_results(iter(_REWRITTEN), Path("/dev/null")) == 0
+    assert Path("/dev/null").is_char_device()
+    assert [p.name for p in tmp_path.iterdir()] == ["fifo"]
+
+
+def test_rewrite_results_that_cannot_be_written_raises_and_leaves_the_file(
+    tmp_path: Path,
+) -> None:
+    results = tmp_path / "results.jsonl"
+    results.write_text("kept\n")
+    (tmp_path / ".results.jsonl.partial").mkdir()  # where the new file would be written
+    with pytest.raises(ResultsUnwritable, match="cannot be written"):
+        rewrite_results(iter(_REWRITTEN), results)
+    assert results.read_text() == "kept\n"

@@ -8,9 +8,11 @@ anyone else hears of it.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
 import anyio
@@ -145,6 +147,35 @@ class ResultsWriter:
         return f"ResultsWriter(written={self.written})"
 
 
+def rewrite_results(results: Iterable[Result], path: Path) -> int:
+    """Replace the results file at ``path`` with a line for each of ``results`` (from the
+    ledger: every id the run read, whichever run settled it), atomically: written beside
+    it, then renamed over it. Returns the lines written (none to a file that is not a
+    regular one, which is left as it is). ``ResultsUnwritable`` when it cannot be.
+
+    What a run writes batch by batch can miss lines (a kill between the ledger's commit and
+    the file's write; a run that found nothing left open and started the file afresh; a
+    rejected line written again on each resumption); the ledger cannot, so a run that has
+    one ends by writing the file from it."""
+    target = path.resolve()  # a symlink stays one: the file it names is replaced
+    if not target.is_file():
+        return 0  # a pipe or a device (/dev/stdout): what was written to it is all it gets
+    partial = target.with_name(f".{target.name}.partial")
+    written = 0
+    try:
+        with partial.open("wb") as out:
+            for result in results:
+                out.write(orjson.dumps(result.results_row()) + b"\n")
+                written += 1
+        partial.replace(target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        reason = exc.strerror or str(exc)
+        raise ResultsUnwritable(f"results file {path} cannot be written: {reason}") from None
+    return written
+
+
 class RunJournal:
     """Implements the dispatcher's ``Journal`` and the intake's reporting.
 
@@ -227,8 +258,9 @@ class RunJournal:
         if self._results is not None:
             self._results.write(
                 [
-                    Result(job_id=escape(r.raw), outcome=Outcome.REJECTED, reason=r.reason).row()
-                    | {"line": r.line}
+                    Result(
+                        job_id=escape(r.raw), outcome=Outcome.REJECTED, reason=r.reason, line=r.line
+                    ).results_row()
                     for r in rejections
                 ]
             )

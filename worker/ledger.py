@@ -116,7 +116,7 @@ WHERE state != 'done' AND job_id IN (SELECT value FROM json_each(?))
 _RESULTS = """
 SELECT job_id, outcome, attempts, batch_id, http_status, error_code, error_msg, request_id,
     reason
-FROM ids WHERE state = 'done' ORDER BY seq
+FROM ids WHERE state = 'done' AND (?1 IS NULL OR last_run = ?1) ORDER BY seq
 """
 # record()'s fast path: ids admitted and still open, the outcomes as one JSON array of rows
 # (measured about twice as fast as the upsert below, which must try an INSERT first).
@@ -276,10 +276,11 @@ class LedgerView(_Closing):
         query = "SELECT job_id, state FROM ids WHERE state != 'done' ORDER BY seq LIMIT ?"
         yield from self._stream(query, (-1 if limit is None else limit,))
 
-    def results(self) -> Iterator[Result]:
+    def results(self, run_no: int | None = None) -> Iterator[Result]:
         """Every terminal outcome: the ids, then the rejected input lines (outcome
-        ``rejected``, ``job_id`` the escaped line text, ``line`` and ``reason`` set)."""
-        for row in self._stream(_RESULTS, ()):
+        ``rejected``, ``job_id`` the escaped line text, ``line`` and ``reason`` set). With
+        ``run_no``, only those of the ids and lines that run read."""
+        for row in self._stream(_RESULTS, (run_no,)):
             job_id, outcome, attempts, batch_id, status, code, msg, request_id, reason = row
             yield Result(
                 job_id=job_id,
@@ -292,7 +293,7 @@ class LedgerView(_Closing):
                 request_id=request_id,
                 reason=reason,
             )
-        for rejected in self.rejected():
+        for rejected in self.rejected(run_no=run_no):
             yield Result(
                 job_id=rejected.raw,
                 outcome=Outcome.REJECTED,
@@ -300,10 +301,17 @@ class LedgerView(_Closing):
                 line=rejected.line,
             )
 
-    def rejected(self, limit: int | None = None) -> Iterator[RejectedLine]:
-        """The invalid input lines kept by :meth:`Ledger.record_rejected`, by line number."""
-        query = "SELECT line, raw, reason FROM rejected ORDER BY line, raw LIMIT ?"
-        for line, raw, reason in self._stream(query, (-1 if limit is None else limit,)):
+    def rejected(
+        self, limit: int | None = None, *, run_no: int | None = None
+    ) -> Iterator[RejectedLine]:
+        """The invalid input lines kept by :meth:`Ledger.record_rejected`, by line number
+        (with ``run_no``, those that run read)."""
+        query = (
+            "SELECT line, raw, reason FROM rejected WHERE (?1 IS NULL OR run = ?1) "
+            "ORDER BY line, raw LIMIT ?2"
+        )
+        params = (run_no, -1 if limit is None else limit)
+        for line, raw, reason in self._stream(query, params):
             yield RejectedLine(line=line, raw=raw, reason=reason)
 
     def runs(self) -> list[RunInfo]:
@@ -534,6 +542,11 @@ class Ledger(LedgerView):
                 conn.execute(_TOUCH, (run, orjson.dumps(touch)))
         self._admitted += len(new)
         return Admission(new=new, repeated=repeated, done=done, resent=resent)
+
+    def run_results(self) -> Iterator[Result]:
+        """The terminal outcome of every id and invalid line this run read, whichever run
+        settled it: what ``--results`` holds when the run ends."""
+        return self.results(self._run_no)
 
     def mark_sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
         """The ids are about to be sent in ``batch_id``: if the run dies now, the next run

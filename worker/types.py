@@ -230,6 +230,13 @@ class Result:
     line: int | None = None
     record: JobRecord | None = None
 
+    def results_row(self) -> dict[str, Any]:
+        """One line of ``--results``: :meth:`row`, and a rejected line's number."""
+        row = self.row()
+        if self.line is not None:
+            row["line"] = self.line
+        return row
+
     def row(self) -> dict[str, Any]:
         """One line of the results file (SPEC.md's fields, plus ``reason``)."""
         return {

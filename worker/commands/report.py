@@ -74,9 +74,9 @@ def _open_output(output: str | None) -> Iterator[IO[bytes]]:
 
 
 def write_jsonl(ledger: LedgerView, out: IO[bytes]) -> None:
-    """One JSON line per terminal outcome, the fields of ``run --results``."""
+    """One JSON line per terminal outcome, as ``run --results`` writes it."""
     for result in ledger.results():
-        out.write(orjson.dumps(result.row()) + b"\n")
+        out.write(orjson.dumps(result.results_row()) + b"\n")
 
 
 def write_csv(ledger: LedgerView, out: IO[bytes]) -> None:

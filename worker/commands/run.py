@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import anyio
+import anyio.to_thread
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
@@ -43,7 +44,7 @@ from worker.errors import (
 from worker.events import EventLog
 from worker.exit_codes import ExitCode
 from worker.guard import PlanCheck, load_protection
-from worker.journal import LedgerPort, ResultsWriter, RunJournal, Tally
+from worker.journal import LedgerPort, ResultsWriter, RunJournal, Tally, rewrite_results
 from worker.ledger import Ledger, TemporaryLedger
 from worker.logsetup import new_run_id
 from worker.pipeline import Pipeline, RunState
@@ -364,6 +365,11 @@ async def _run(
             if results is not None:
                 try:
                     results.flush()
+                    if isinstance(ledger, Ledger) and request.results:  # made whole from it
+                        with anyio.CancelScope(shield=True):
+                            await anyio.to_thread.run_sync(
+                                rewrite_results, ledger.run_results(), Path(request.results)
+                            )
                 except ResultsUnwritable as exc:
                     state.fatal = state.fatal or exc
         code = exit_code(state, tally)
