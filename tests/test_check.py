@@ -93,3 +93,38 @@ async def test_check_exits_78_on_bad_settings() -> None:
     )
     assert done.code == 78
     assert "endpoint" in done.stderr
+
+
+@pytest.mark.parametrize("problem", ["missing", "directory", "not pem"])
+async def test_check_exits_78_on_a_ca_bundle_it_cannot_load(tmp_path: Path, problem: str) -> None:
+    bundle = {"missing": tmp_path / "nope.pem", "directory": tmp_path}.get(problem)
+    if bundle is None:
+        bundle = tmp_path / "garbage.pem"
+        bundle.write_text("not a certificate\n")
+    done = await reaper(["check", "--ca-bundle", str(bundle)], reaper_env("https://127.0.0.1:9"))
+    assert done.code == 78, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "ca" in done.stderr.lower()
+
+
+@pytest.mark.parametrize(
+    ("variable", "content"),
+    [
+        ("HUAWEICLOUD_SDK_CREDENTIALS_FILE", b"[basic]\nak = AK\nsk = \xff\xfe\n"),
+        ("REAPER_SK_FILE", b"line-one\nline-two\n"),
+    ],
+)
+async def test_check_exits_78_on_keys_it_could_not_send(
+    tmp_path: Path, variable: str, content: bytes
+) -> None:
+    """A profile that is not UTF-8, or a secret file of two lines (a line break cannot go
+    into a header): a clear 78, not a traceback."""
+    source = tmp_path / "keys"
+    source.write_bytes(content)
+    env = reaper_env("http://127.0.0.1:9", **{variable: str(source)})
+    for name in ("REAPER_AK", "REAPER_SK"):
+        if variable == "HUAWEICLOUD_SDK_CREDENTIALS_FILE":
+            env.pop(name)
+    done = await reaper(["check"], env)
+    assert done.code == 78, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "line-two" not in done.stdout + done.stderr

@@ -130,6 +130,21 @@ def test_csv_export_to_a_file_matches_the_ledger(ledger_path: Path, tmp_path: Pa
     assert rows[0]["error_code"] == ""
 
 
+@pytest.mark.parametrize("suffix", ["", "-wal"])
+def test_an_output_that_is_the_ledgers_own_file_exits_64_and_leaves_it(
+    ledger_path: Path, suffix: str
+) -> None:
+    """``--output`` is truncated: pointed at the ledger, it used to wipe it, then fail."""
+    fill(ledger_path).close()
+    target = ledger_path.with_name(ledger_path.name + suffix)
+    before = target.read_bytes() if target.exists() else None
+    proc = report("--ledger", str(ledger_path), "--format", "jsonl", "--output", str(target))
+    assert proc.returncode == 64, proc.stderr
+    assert "is the ledger" in proc.stderr and "Traceback" not in proc.stderr
+    assert (target.read_bytes() if target.exists() else None) == before
+    assert report("--ledger", str(ledger_path)).returncode == 0  # still a ledger
+
+
 def test_a_missing_ledger_exits_66_naming_it(tmp_path: Path) -> None:
     missing = tmp_path / "nope.sqlite"
     proc = report("--ledger", str(missing))

@@ -243,6 +243,28 @@ async def test_a_wrong_project_id_exits_78_with_every_id_left_open(tmp_path: Pat
         assert len(sim.deleted) == 20
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "code"),
+    [
+        (["--results", ""], {}, 64),
+        (["--ledger", ""], {}, 78),
+        ([], {"REAPER_LEDGER": " "}, 78),
+        ([], {"REAPER_AK": "AK\r\nX-Injected: 1"}, 78),
+    ],
+)
+async def test_empty_paths_and_control_characters_are_refused_before_any_call(
+    tmp_path: Path, args: list[str], env: dict[str, str], code: int
+) -> None:
+    """Each used to be dropped in silence (no results file), crash (an empty ledger path
+    is ``.``), or reach aiohttp as a header it refuses, as a traceback."""
+    async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        done = await reaper(["run", "-i", str(src), "--yes", *args], reaper_env(sim.url, **env))
+        assert done.code == code, done.stdout + done.stderr
+        assert "Traceback" not in done.stdout + done.stderr
+        assert sim.stats.calls == 0 and sim.deleted == set()
+
+
 async def test_exit_69_when_the_api_stays_unavailable(tmp_path: Path) -> None:
     config = SimulatorConfig(jobs=10, faults=FaultConfig(unavailable=1.0))
     async with run_simulator(config) as sim:

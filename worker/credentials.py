@@ -413,7 +413,7 @@ def read_profile(environ: Mapping[str, str]) -> Profile | None:
             parser.read_file(handle)
     except FileNotFoundError:
         return None
-    except (OSError, configparser.Error) as exc:
+    except (OSError, configparser.Error, UnicodeDecodeError) as exc:
         raise ConfigError(f"profile {path} cannot be read: {type(exc).__name__}") from None
     if not parser.has_section("basic"):
         return None
@@ -421,6 +421,8 @@ def read_profile(environ: Mapping[str, str]) -> Profile | None:
 
     def get(key: str) -> str | None:
         value = section.get(key, "").strip()
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise ConfigError(f"profile {path}: {key} holds a control character (a line break?)")
         return value or None
 
     return Profile(path, get("ak"), get("sk"), get("project_id"), get("security_token"))

@@ -9,6 +9,7 @@ anyone else hears of it.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import anyio
 import anyio.to_thread
 import orjson
 
-from worker.errors import OutcomeConflict, ResultsUnwritable
+from worker.errors import OutcomeConflict, ResultsUnwritable, UsageError
 from worker.events import EventLog
 from worker.intake import escape
 from worker.types import Candidate, Outcome, Rejection, Result
@@ -145,6 +146,33 @@ class ResultsWriter:
 
     def __repr__(self) -> str:
         return f"ResultsWriter(written={self.written})"
+
+
+def check_output(name: str, flag: str, source: str | None, ledger: Path | None) -> None:
+    """A file about to be truncated (``--results``, ``report --output``), checked before
+    anything is done (``UsageError``, 64): it must be named, must not be the input (or
+    plan) or one of the ledger's files, and must be a file we can write."""
+    if not name.strip():
+        raise UsageError(f"{flag} needs a file path, not an empty one")
+    path = Path(name)
+    others: list[tuple[str | Path | None, str]] = [(source, "the input")]
+    if ledger is not None:  # SQLite keeps a ledger in up to three files, plus our lock
+        others += [(ledger.with_name(ledger.name + suffix), "the ledger")
+                   for suffix in ("", "-wal", "-shm", "-journal", ".lock")]  # fmt: skip
+    for other, what in others:
+        if other is None or other == "-":
+            continue
+        if path.resolve() == Path(other).resolve() or (
+            path.exists() and Path(other).exists() and path.samefile(other)
+        ):
+            raise UsageError(f"{flag} {path} is {what}: it would be overwritten")
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory")
+    target = path if path.exists() else path.parent
+    if not target.is_dir() and not path.exists():
+        raise UsageError(f"{flag} {path}: the directory {path.parent} does not exist")
+    if not os.access(target, os.W_OK):
+        raise UsageError(f"{flag} {path} cannot be written (permission denied)")
 
 
 def rewrite_results(results: Iterable[Result], path: Path) -> int:

@@ -140,6 +140,21 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @field_validator("ak", "sk", "security_token")
+    @classmethod
+    def _printable(cls, value: str | SecretStr | None) -> str | SecretStr | None:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text is not None and any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+            raise ValueError("must not hold a control character (a line break in a file?)")
+        return value
+
+    @field_validator("ledger", mode="before")
+    @classmethod
+    def _ledger_path(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must be a file path, not empty")
+        return value
+
     @field_validator("project_id")
     @classmethod
     def _project_id(cls, value: str | None) -> str | None:

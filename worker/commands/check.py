@@ -22,10 +22,10 @@ SKEW_WARNING_S = 300.0
 def main(args: argparse.Namespace, settings: Settings) -> int:
     try:
         settings.require_api()
-    except ConfigError as exc:
+        return anyio.run(check, settings)
+    except ConfigError as exc:  # settings, or a CA bundle the session cannot load
         print(f"devserver-reaper check: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
-    return anyio.run(check, settings)
 
 
 async def check(settings: Settings) -> int:

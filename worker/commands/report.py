@@ -19,8 +19,9 @@ from typing import IO
 
 import orjson
 
-from worker.errors import InputUnreadable
+from worker.errors import InputUnreadable, UsageError
 from worker.exit_codes import ExitCode
+from worker.journal import check_output
 from worker.ledger import LedgerView, escape, open_readonly
 from worker.settings import Settings
 from worker.types import Outcome, Result, iso
@@ -35,13 +36,18 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     if settings.ledger is None:
         print("devserver-reaper report: give --ledger PATH (or REAPER_LEDGER)", file=sys.stderr)
         return ExitCode.USAGE
+    fmt: str = getattr(args, "format", "summary")
+    output: str | None = getattr(args, "output", None)
     try:
+        if output not in (None, "-"):  # truncated below: never the ledger's own files
+            check_output(output, "--output", None, settings.ledger)
         ledger = open_readonly(settings.ledger)
+    except UsageError as exc:
+        print(f"devserver-reaper report: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     except InputUnreadable as exc:
         print(f"devserver-reaper report: {exc}", file=sys.stderr)
         return ExitCode.NO_INPUT
-    fmt: str = getattr(args, "format", "summary")
-    output: str | None = getattr(args, "output", None)
     with ledger:
         try:
             with _open_output(output) as out:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import signal
 import sys
 import time
@@ -44,7 +43,14 @@ from worker.errors import (
 from worker.events import EventLog
 from worker.exit_codes import ExitCode
 from worker.guard import PlanCheck, load_protection
-from worker.journal import LedgerPort, ResultsWriter, RunJournal, Tally, rewrite_results
+from worker.journal import (
+    LedgerPort,
+    ResultsWriter,
+    RunJournal,
+    Tally,
+    check_output,
+    rewrite_results,
+)
 from worker.ledger import Ledger, TemporaryLedger
 from worker.logsetup import new_run_id
 from worker.pipeline import Pipeline, RunState
@@ -93,8 +99,8 @@ def execute(request: RunRequest, settings: Settings, *, stdin: IO[bytes] | None 
             settings.require_api()
         endpoint = _endpoint_or_placeholder(settings)
         _check_input(request.input)
-        if request.results:
-            _check_results(Path(request.results), request.input, settings.ledger)
+        if request.results is not None:
+            check_output(request.results, "--results", request.input, settings.ledger)
         plan = _load_plan(request.input, settings) if request.plan else None
         if not settings.dry_run and not settings.yes:
             _confirm(request, settings, endpoint, plan)
@@ -140,30 +146,6 @@ def _check_input(path: str) -> None:
     checks, applied early."""
     if path != "-":
         read_entries(path).close()
-
-
-def _check_results(results: Path, source: str, ledger: Path | None) -> None:
-    """``--results`` is truncated when the run starts, so before any prompt or call (64): it
-    must not be the input (or plan) or one of the ledger's files, and it must be a file we
-    can write."""
-    others: list[tuple[str | Path | None, str]] = [(source, "the input")]
-    if ledger is not None:  # SQLite keeps a ledger in up to three files, plus our lock
-        others += [(ledger.with_name(ledger.name + suffix), "the ledger")
-                   for suffix in ("", "-wal", "-shm", "-journal", ".lock")]  # fmt: skip
-    for other, what in others:
-        if other is None or other == "-":
-            continue
-        if results.resolve() == Path(other).resolve() or (
-            results.exists() and Path(other).exists() and results.samefile(other)
-        ):
-            raise UsageError(f"--results {results} is {what}: it would be overwritten")
-    if results.is_dir():
-        raise UsageError(f"--results {results} is a directory")
-    target = results if results.exists() else results.parent
-    if not target.is_dir() and not results.exists():
-        raise UsageError(f"--results {results}: the directory {results.parent} does not exist")
-    if not os.access(target, os.W_OK):
-        raise UsageError(f"--results {results} cannot be written (permission denied)")
 
 
 def _load_plan(path: str, settings: Settings) -> Plan:
