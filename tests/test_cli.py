@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -248,3 +249,25 @@ def test_config_is_read_whether_given_before_or_after_the_command(tmp_path: Path
         done = run_worker(*argv, cwd=tmp_path)
         assert done.returncode == 78, argv
         assert "batch_size" in done.stderr
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_during_start_up_exits_75_without_a_traceback(stop: signal.Signals) -> None:
+    """The signal arrives while the settings load, before ``run`` has its own handling:
+    it used to kill the process (143) or raise KeyboardInterrupt with a traceback."""
+    child = (
+        "import os, signal, sys, worker.settings as s\n"
+        "load = s.load_settings\n"
+        "def stopped(*a, **k):\n"
+        f"    os.kill(os.getpid(), {int(stop)})\n"
+        "    return load(*a, **k)\n"
+        "s.load_settings = stopped\n"
+        "from worker.cli import main\n"
+        "main(['run', '-i', '-', '--yes', '--endpoint', 'http://127.0.0.1:9',\n"
+        "      '--project-id', 'p1', '--ak', 'AK', '--sk', 'SK'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 75, done.stderr
+    assert "Traceback" not in done.stderr

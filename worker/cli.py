@@ -7,6 +7,7 @@ command imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -274,8 +275,18 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, _stopped_before_start)
     args = build_parser().parse_args(argv)
     sys.exit(dispatch(args))
+
+
+def _stopped_before_start(signum: int, frame: object) -> None:
+    """SIGTERM or SIGINT before the command has its own handling in place (``run`` and
+    ``serve`` install theirs once their event loop runs; start-up imports take a second or
+    more): nothing was done, so exit as interrupted (75), not killed by the signal (143,
+    which no CronJob policy expects) or with a KeyboardInterrupt traceback."""
+    raise SystemExit(ExitCode.INTERRUPTED)
 
 
 def dispatch(args: argparse.Namespace) -> int:
