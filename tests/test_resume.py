@@ -187,6 +187,25 @@ async def test_retry_failed_gives_failed_ids_another_chance(tmp_path: Path) -> N
         assert again.summary()["already_done"] == len(src_ids) - 1
 
 
+async def test_a_dry_run_without_endpoint_or_project_leaves_the_ledger_to_the_real_run(
+    tmp_path: Path,
+) -> None:
+    """A dry run needs no endpoint, project or keys; its ledger records placeholders for
+    them, which the real run takes over (it was refused: "belongs to another project")."""
+    ledger = tmp_path / "ledger.db"
+    async with run_simulator(SimulatorConfig(jobs=12, seed=7)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        unset = ("REAPER_ENDPOINT", "REAPER_PROJECT_ID", "REAPER_AK", "REAPER_SK")
+        bare = {k: v for k, v in reaper_env(sim.url).items() if k not in unset}
+        dry = await reaper([*run_args(src, ledger), "--dry-run"], bare)
+        assert dry.code == 0, dry.stderr
+        real = await reaper(run_args(src, ledger), reaper_env(sim.url))
+        assert real.code == 0, real.stdout + real.stderr
+        assert real.summary()["deleted"] == 12 and len(sim.deleted) == 12
+        other = await reaper(run_args(src, ledger), reaper_env(sim.url, REAPER_PROJECT_ID="p2"))
+        assert other.code == 78  # now bound to the real project, as any ledger is
+
+
 async def test_skipped_ids_are_decided_again_by_the_next_run(tmp_path: Path) -> None:
     """A dry run, then the same command for real on the same ledger, deletes; a run capped
     by --max-deletions is followed by one that deletes the next ids. (skipped was final in

@@ -195,6 +195,11 @@ def escape(raw: str, limit: int = RAW_LIMIT) -> str:
     return text if len(raw) <= limit else f"{text}...(+{len(raw) - limit} chars)"
 
 
+UNBOUND = "dry-run"
+"""What a dry run given no endpoint or project id records for them: a placeholder that binds
+the ledger to neither, so the real run that follows on it takes it over."""
+
+
 def public_endpoint(endpoint: str) -> str:
     """The endpoint as stored and shown: no user info, query or trailing slash."""
     parts = urlsplit(endpoint.strip())
@@ -807,6 +812,10 @@ def _prepare(
             "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
             [*wanted.items(), ("created_at", repr(clock()))],
         )
+        conn.executemany(  # a dry run's placeholders give way to a real run's settings
+            "UPDATE meta SET value = ? WHERE key = ? AND value = ?",
+            [(value, key, UNBOUND) for key, value in wanted.items() if value != UNBOUND],
+        )
         conn.execute(
             "INSERT INTO runs (run_id, started_at, pid, retry_failed) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (run_id) DO NOTHING",
@@ -851,7 +860,7 @@ def _check_meta(path: Path, stored: dict[str, str], wanted: dict[str, str]) -> N
     differs = [
         f"{key}: the ledger has {stored[key]!r}, the settings say {value!r}"
         for key, value in wanted.items()
-        if key in stored and stored[key] != value
+        if key in stored and stored[key] != value and UNBOUND not in (stored[key], value)
     ]
     if differs:
         raise LedgerMismatch(

@@ -51,7 +51,7 @@ from worker.journal import (
     check_output,
     rewrite_results,
 )
-from worker.ledger import Ledger, TemporaryLedger
+from worker.ledger import UNBOUND, Ledger, TemporaryLedger
 from worker.logsetup import new_run_id
 from worker.pipeline import Pipeline, RunState
 from worker.plan import Plan
@@ -137,7 +137,7 @@ def _endpoint_or_placeholder(settings: Settings) -> str:
         return settings.api_endpoint
     except ConfigError:
         if settings.dry_run:
-            return "dry-run"
+            return UNBOUND
         raise
 
 
@@ -235,9 +235,7 @@ async def _run(
     group: TaskGroup,
 ) -> int:
     clock = MonotonicClock()
-    project = (
-        (settings.project_id or "dry-run") if settings.dry_run else wiring.project_id(settings)
-    )
+    project = (settings.project_id or UNBOUND) if settings.dry_run else wiring.project_id(settings)
     protection = load_protection(  # before anything is opened: a bad protect_file is 78
         settings.protect, settings.protect_file, settings.protected_types,
         settings.protected_statuses,
