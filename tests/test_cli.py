@@ -271,3 +271,24 @@ def test_a_stop_during_start_up_exits_75_without_a_traceback(stop: signal.Signal
     )
     assert done.returncode == 75, done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["simulate", "--jobs", "99999999999"],
+        ["simulate", "--jobs", "-5"],
+        ["simulate", "--port", "70000"],
+        ["simulate", "--port", "-1"],
+        ["demo", "--jobs", "-1"],
+    ],
+)
+def test_simulator_sizes_out_of_range_are_usage_errors(args: list[str]) -> None:
+    """They used to crash (OverflowError, ValueError) or, for a huge --jobs, fill memory
+    (24 GB within seconds) before the first request could be served."""
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert "must be from" in done.stderr and "Traceback" not in done.stderr

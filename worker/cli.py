@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from worker import __version__
@@ -236,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = command("simulate", "run the built-in ModelArts DevServer jobs simulator")
     sim.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    sim.add_argument("--port", type=int, default=8443, help="port (0 = any free port)")
-    sim.add_argument("--jobs", type=int, default=1000, help="jobs to create at start")
+    sim.add_argument("--port", type=_port, default=8443, help="port (0 = any free port)")
+    sim.add_argument("--jobs", type=_jobs, default=1000, help="jobs to create at start")
     sim.add_argument("--seed", type=int, default=0, help="seed for jobs and faults")
     sim.add_argument("--project-id", default="demo-project", help="project id the server holds")
     sim.add_argument("--ak", default="DEMOAK", help="access key it accepts")
@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--ids-file", help="write the created job ids here, one per line")
 
     demo = command("demo", "a complete tour against the built-in simulator; no account needed")
-    demo.add_argument("--jobs", type=int, default=300, help="jobs the simulator creates")
+    demo.add_argument("--jobs", type=_jobs, default=300, help="jobs the simulator creates")
 
     check = command("check", "verify settings and credentials with one read-only call")
     del check
@@ -272,6 +272,27 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
         for key, value in vars(args).items()
         if key.startswith("setting_") and value is not None
     }
+
+
+MAX_SIMULATED_JOBS = 5_000_000
+"""The simulator keeps every job in memory, about a kilobyte each: more is a typo."""
+
+
+def _bounded(name: str, low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{name} must be from {low:,} to {high:,}")
+        return value
+
+    return parse
+
+
+_port = _bounded("a port", 0, 65_535)
+_jobs = _bounded("the number of jobs", 0, MAX_SIMULATED_JOBS)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
