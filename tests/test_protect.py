@@ -43,10 +43,17 @@ def test_rules_parse_into_ids_and_name_patterns() -> None:
     assert not Protection.parse([]).active
 
 
-@pytest.mark.parametrize("rule", ["id:bad id", "id:", "name:"])
+@pytest.mark.parametrize("rule", ["id:bad id", "id:", "name:", "nmae:prod-*", "ID:x", "type:X"])
 def test_rules_that_name_nothing_valid_are_refused(rule: str) -> None:
+    """A mistyped kind (``nmae:prod-*``) used to become a name glob that matched nothing:
+    the jobs meant to be kept were deleted."""
     with pytest.raises(ValueError, match="protect rule"):
         Protection.parse([rule])
+
+
+def test_a_name_that_holds_a_colon_is_protected_through_name() -> None:
+    assert Protection.parse(["name:team:prod-*"]).names == ("team:prod-*",)
+    assert Protection.parse(["v2:prod-*"]).names == ("v2:prod-*",)  # not a word before the colon
 
 
 def test_a_record_is_protected_by_id_type_status_or_name_and_says_which() -> None:

@@ -86,6 +86,11 @@ class Protection:
             if not rule:
                 continue
             kind, sep, value = rule.partition(":")
+            if sep and kind.isalpha() and kind not in ("id", "name"):
+                raise ValueError(
+                    f"protect rule {rule!r}: {kind!r} is not a kind of rule (id:ID or "
+                    f"name:GLOB; for a name that holds a colon, name:{rule})"
+                )
             if sep and kind in ("id", "name"):
                 if not value:
                     raise ValueError(f"protect rule {rule!r} names nothing")
