@@ -279,6 +279,8 @@ def test_https_anywhere_and_plain_http_on_loopback_are_accepted(url: str) -> Non
         ("https://", "http(s) URL"),
         ("https://host.example/?x=1", "query"),
         ("https://host.example:99999", "port"),
+        ("https://exa mple.com", "spaces"),  # went on to a DNS failure: 69, not 78
+        ("https://example.com/\x1b[2J", "control characters"),
     ],
 )
 def test_an_unsafe_or_malformed_endpoint_is_refused(url: str, reason: str) -> None:

@@ -203,6 +203,8 @@ class Settings(BaseSettings):
     def _endpoint(cls, value: str | None) -> str | None:
         if value is None:
             return None
+        if any(c.isspace() or not c.isprintable() for c in value):
+            raise ValueError("must not hold spaces or control characters")
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(
