@@ -52,7 +52,12 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--concurrency", int, "DELETE calls in flight at most (default 8)"),
     ("--rate", str, "API calls per second allowed, or 'auto' to find the quota (default 10)"),
     ("--burst", int, "calls allowed at once on top of the rate (default 5)"),
-    ("--max-attempts", int, "attempts per batch before its ids fail (default 6)"),
+    (
+        "--max-attempts",
+        int,
+        "attempts per batch on 5xx and network errors before the API counts as unavailable "
+        "(exit 69, its ids left open; default 6)",
+    ),
     ("--deadline", float, "wall-clock limit for the whole run, in seconds"),
     ("--connect-timeout", float, "seconds to connect (default 10)"),
     ("--read-timeout", float, "seconds to wait for an answer (default 60)"),
