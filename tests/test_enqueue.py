@@ -67,6 +67,12 @@ def test_a_missing_input_is_66_and_enqueues_nothing(tmp_path: Path) -> None:
     assert b"no such file" in done.stderr.lower() or b"nope.txt" in done.stderr
 
 
+def test_a_missing_input_is_66_even_with_redis_down(tmp_path: Path) -> None:
+    """The input is opened before Redis is asked: a typo in the path is 66, not 69."""
+    done = enqueue("--input", str(tmp_path / "nope.txt"), "--redis-url", "redis://127.0.0.1:1/0")
+    assert done.returncode == 66, done.stderr
+
+
 def test_redis_that_does_not_answer_is_69(tmp_path: Path) -> None:
     source = tmp_path / "ids.txt"
     source.write_text("a\n")

@@ -74,13 +74,13 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
     first: str | None = None
     last: str | None = None
     try:
-        try:
-            await ping(client)
-        except REDIS_ERRORS as exc:
-            events.error("enqueue.redis_unavailable", error=type(exc).__name__)
-            return ExitCode.UNAVAILABLE
-        entries = read_entries(path, fmt, stdin=stdin)
+        entries = read_entries(path, fmt, stdin=stdin)  # an input it cannot open: 66 first
         with entries:
+            try:
+                await ping(client)
+            except REDIS_ERRORS as exc:
+                events.error("enqueue.redis_unavailable", error=type(exc).__name__)
+                return ExitCode.UNAVAILABLE
             chunks = read_chunks(entries, CHUNK)
             while True:
                 chunk = await anyio.to_thread.run_sync(next, chunks, None)
