@@ -163,6 +163,17 @@ def test_a_secret_file_counts_where_it_was_named(
     assert sk(config=other) == "from-file"
 
 
+def test_a_secret_file_below_the_flag_that_decides_is_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--sk decides, so a broken REAPER_SK_FILE under it no longer fails the run (78);
+    without the flag, the broken file is still an error."""
+    monkeypatch.setenv("REAPER_SK_FILE", str(tmp_path / "missing"))
+    settings = load_settings(sk="from-flag")
+    assert settings.sk is not None and settings.sk.get_secret_value() == "from-flag"
+    assert "sk_file" in config_error()
+
+
 def test_at_one_level_the_secret_file_wins_over_the_value_beside_it(tmp_path: Path) -> None:
     secret = tmp_path / "sk"
     secret.write_text("from-file", encoding="utf-8")

@@ -290,7 +290,8 @@ class Settings(BaseSettings):
         config_file = _CONFIG_FILE.get() or os.environ.get("REAPER_CONFIG")
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
-        return tuple(_SecretFiles(source) for source in sources)
+        decided: set[str] = set()  # secrets a source of higher precedence has given
+        return tuple(_SecretFiles(source, decided) for source in sources)
 
 
 # The --config path, handed to the source hook above (which pydantic calls with no arguments).
@@ -316,12 +317,15 @@ class _SecretFiles(PydanticBaseSettingsSource):
 
     Resolving per source keeps precedence for the secret itself (``--sk`` beats
     ``REAPER_SK_FILE``). Within one source the file, the deliberate choice (a mounted
-    Secret), wins over a value given beside it.
+    Secret), wins over a value given beside it. A file is not even read when a source of
+    higher precedence (called first, sharing ``decided``) has given that secret: a broken
+    ``REAPER_SK_FILE`` cannot fail a run that ``--sk`` decides.
     """
 
-    def __init__(self, inner: PydanticBaseSettingsSource) -> None:
+    def __init__(self, inner: PydanticBaseSettingsSource, decided: set[str]) -> None:
         super().__init__(inner.settings_cls)
         self._inner = inner
+        self._decided = decided
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False
@@ -330,9 +334,12 @@ class _SecretFiles(PydanticBaseSettingsSource):
         data = dict(self._inner())
         for name in SECRETS:
             path = data.get(f"{name}_file")
-            if not isinstance(path, str | os.PathLike) or not str(path):
-                continue  # absent, or not a path: the field's own validation says so
-            data[name] = read_secret_file(f"{name}_file", Path(path))
+            if name in self._decided:
+                continue
+            if isinstance(path, str | os.PathLike) and str(path):
+                data[name] = read_secret_file(f"{name}_file", Path(path))
+            if data.get(name) is not None:  # absent, or not a path: its validation says so
+                self._decided.add(name)
         return data
 
 
