@@ -332,6 +332,18 @@ async def test_discover_exits_78_when_the_gateway_does_not_know_the_project() ->
 
 
 @pytest.mark.anyio
+async def test_a_plan_path_that_cannot_be_written_is_64_before_any_listing(
+    tmp_path: Path,
+) -> None:
+    async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+        for plan in (tmp_path / "missing" / "plan.json", tmp_path, ""):
+            done = await reaper(["discover", "--all", "--plan", str(plan)], reaper_env(sim.url))
+            assert done.code == 64, done.stderr
+            assert "--plan" in done.stderr and "Traceback" not in done.stderr
+        assert sim.stats.list_calls == 0  # it used to list the whole inventory first
+
+
+@pytest.mark.anyio
 async def test_discover_refuses_a_selection_over_max_fraction_and_writes_no_plan(
     tmp_path: Path,
 ) -> None:

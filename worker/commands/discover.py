@@ -42,6 +42,7 @@ from worker.errors import (
 )
 from worker.exit_codes import ExitCode
 from worker.guard import PacedReader, Protection, load_protection
+from worker.journal import check_output
 from worker.plan import MAX_TTL, Plan, check_fraction, write_plan
 from worker.settings import Settings
 from worker.types import JobRecord
@@ -101,6 +102,8 @@ class DiscoverRequest:
             raise UsageError(f"--plan-ttl: at most {MAX_TTL.days}d")
         if args.page_size is not None and not 1 <= args.page_size <= MAX_PAGE_SIZE:
             raise UsageError(f"--page-size: 1 to {MAX_PAGE_SIZE}")
+        if args.plan is not None:  # before the listing, not after it: a wrong path is 64 now
+            check_output(args.plan, "--plan", None, None)
         return cls(
             filters=filters,
             output=args.output,
