@@ -35,6 +35,7 @@ import aiohttp
 import anyio
 
 from worker.errors import AuthError, ConfigError, ReaperError, TransientError
+from worker.types import holds_control
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,7 +422,7 @@ def read_profile(environ: Mapping[str, str]) -> Profile | None:
 
     def get(key: str) -> str | None:
         value = section.get(key, "").strip()
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        if holds_control(value):
             raise ConfigError(f"profile {path}: {key} holds a control character (a line break?)")
         return value or None
 

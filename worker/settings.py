@@ -32,7 +32,7 @@ from pydantic_settings import (
 )
 
 from worker.errors import ConfigError
-from worker.types import PROJECT_ID_RE
+from worker.types import PROJECT_ID_RE, holds_control
 
 MAX_BATCH_SIZE = 1000
 DEFAULT_BATCH_SIZE = 50
@@ -144,7 +144,7 @@ class Settings(BaseSettings):
     @classmethod
     def _printable(cls, value: str | SecretStr | None) -> str | SecretStr | None:
         text = value.get_secret_value() if isinstance(value, SecretStr) else value
-        if text is not None and any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        if text is not None and holds_control(text):
             raise ValueError("must not hold a control character (a line break in a file?)")
         return value
 

@@ -17,6 +17,12 @@ from typing import Any
 
 JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 PROJECT_ID_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def holds_control(text: str) -> bool:
+    """Does ``text`` hold a control character (C0 or DEL), which no HTTP header carries?"""
+    return _CONTROL_RE.search(text) is not None
 
 
 class Outcome(StrEnum):
