@@ -121,9 +121,8 @@ async def test_check_exits_78_on_keys_it_could_not_send(
     source = tmp_path / "keys"
     source.write_bytes(content)
     env = reaper_env("http://127.0.0.1:9", **{variable: str(source)})
-    for name in ("REAPER_AK", "REAPER_SK"):
-        if variable == "HUAWEICLOUD_SDK_CREDENTIALS_FILE":
-            env.pop(name)
+    if variable == "HUAWEICLOUD_SDK_CREDENTIALS_FILE":  # the keys come from the profile
+        del env["REAPER_AK"], env["REAPER_SK"]
     done = await reaper(["check"], env)
     assert done.code == 78, done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
