@@ -6,7 +6,8 @@ Two questions Kubernetes asks, kept apart on purpose:
   returns (even empty: ``BLOCK`` bounds every read), a batch finishes, or a deliberate pause
   ticks. No progress for ``stale_after`` seconds means a wedged loop: restart it.
 - **ready** (``/readyz``): should this replica get work? Redis answers ``PING``, the last
-  API call was not refused for credentials (401/403), and it is not draining after SIGTERM.
+  API call was not refused for credentials (401/403) or for a project or path the gateway
+  does not know (its 404, ``NoSuchApi``), and it is not draining after SIGTERM.
   Unready is not unhealthy: a replica paused on a 401 is alive and is not restarted in a
   loop; it waits, unready, until the credentials work again.
 """
