@@ -15,29 +15,27 @@ from __future__ import annotations
 import gc
 import os
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from tests.benchmarks.harness import machine, record
+from tests.benchmarks.stages import NoCalls, drive, read_admit_batch
 from worker import logsetup
 from worker.answers import Answer, Call, parse_deleted
-from worker.batcher import Batcher, DeletionBudget
+from worker.batcher import DeletionBudget
 from worker.clock import MonotonicClock
 from worker.dispatcher import Dispatcher
 from worker.events import EventLog
 from worker.journal import LedgerPort, RunJournal, Tally
 from worker.ledger import TemporaryLedger
-from worker.pipeline import _next_chunk
 from worker.ratelimit import UnlimitedRateLimiter
 from worker.retry import RetryPolicy
 from worker.simulator.jobs import JobStore
-from worker.sources import read_entries
-from worker.types import Candidate, DeleteResult, JobRecord, Result
+from worker.types import Result
 
 pytestmark = pytest.mark.benchmark
 
@@ -56,16 +54,6 @@ def _best(step: Callable[[], object], repeat: int, ids: int) -> float:
     return best / (repeat * ids) * 1e6
 
 
-class _NoCalls:
-    """Every id is in the answer: the dispatcher calls nobody."""
-
-    async def delete_jobs(self, ids: Sequence[str]) -> DeleteResult:
-        raise AssertionError("no call expected")
-
-    async def get_job(self, job_id: str) -> JobRecord:
-        raise AssertionError("no call expected")
-
-
 class _Kept:
     """A journal that only keeps the outcomes it is given: the dispatcher's own work, timed
     apart from the journal's."""
@@ -81,15 +69,6 @@ class _Kept:
 
     async def finished(self, results: Sequence[Result]) -> None:
         self.results = list(results)
-
-
-def _run(coroutine: Coroutine[Any, Any, object]) -> None:
-    """Drive a coroutine that never suspends (the temporary ledger records nothing)."""
-    try:
-        coroutine.send(None)
-    except StopIteration:
-        return
-    raise AssertionError("the journal suspended")
 
 
 def test_what_a_deleted_id_costs_stage_by_stage(tmp_path: Path) -> None:
@@ -114,12 +93,12 @@ def _measure(tmp_path: Path) -> None:
     kept = _Kept()
     clock = MonotonicClock()
     dispatcher = Dispatcher(
-        transport=_NoCalls(), limiter=UnlimitedRateLimiter(), policy=RetryPolicy(max_attempts=5),
+        transport=NoCalls(), limiter=UnlimitedRateLimiter(), policy=RetryPolicy(max_attempts=5),
         journal=kept, clock=clock, budget=DeletionBudget(None), max_attempts=5,
     )  # fmt: skip
 
     def make_outcomes() -> None:  # what the dispatcher does with a 200 (all ids returned)
-        _run(dispatcher._settle("b-000001", ids, 1, parsed))
+        drive(dispatcher._settle("b-000001", ids, 1, parsed))
 
     make_outcomes()
     results = kept.results
@@ -133,7 +112,7 @@ def _measure(tmp_path: Path) -> None:
 
         def settle() -> None:
             journal.dispatching(ids)
-            _run(journal.finished(results))
+            drive(journal.finished(results))
 
         figures = {
             "parse_records": _best(lambda: parse_deleted(answer, call), 2000, BATCH),
@@ -147,12 +126,7 @@ def _measure(tmp_path: Path) -> None:
     source.write_text("".join(f"job-{n:012d}\n" for n in range(100_000)))
 
     def intake() -> int:
-        batches = 0
-        with read_entries(str(source), "auto") as entries, TemporaryLedger.open() as seen:
-            batcher = Batcher(BATCH, prefix="b")
-            while chunk := _next_chunk(entries, 2000):
-                admitted = seen.admit([e for e in chunk if isinstance(e, Candidate)])
-                batches += sum(1 for _ in batcher.extend(c.job_id for c in admitted.new))
+        batches = read_admit_batch(source)
         assert batches == 100_000 // BATCH
         return batches
 

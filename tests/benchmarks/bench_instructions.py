@@ -66,37 +66,44 @@ def _command(side: str, url: str, ids_file: Path, tmp: Path) -> list[str]:
     return [sys.executable, str(HERE / "raw_peer.py"), *common, "least", *shape, events]
 
 
-def _instructions(side: str, ids: int, tmp: Path) -> int:
-    """Instructions the side's child ran to delete ``ids`` ids (all of them, checked)."""
-    with simulator(tmp, jobs=ids) as sim:
-        ids_file = tmp / "ids.txt"
-        ids_file.write_text("".join(f"{i}\n" for i in sim.ids))
-        valgrind = ["valgrind", "--tool=cachegrind", "--cache-sim=no",
-                    "--cachegrind-out-file=/dev/null"]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        done = subprocess.run(
-            [*valgrind, *_command(side, sim.url, ids_file, tmp)],
-            capture_output=True, text=True, check=False, env=env,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert sim.stats()["deleted"] == ids, f"{side} left jobs undeleted"
+def _counted(args: list[str]) -> int:
+    """Instructions the child ``args`` ran under valgrind (which must succeed)."""
+    valgrind = ["valgrind", "--tool=cachegrind", "--cache-sim=no",
+                "--cachegrind-out-file=/dev/null"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    done = subprocess.run([*valgrind, *args], capture_output=True, text=True, check=False, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
     found = _REFS.search(done.stderr)
     assert found is not None, done.stderr[-2000:]
     return int(found.group(1).replace(",", ""))
 
 
-@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def _instructions(side: str, ids: int, tmp: Path) -> int:
+    """Instructions the side's child ran to delete ``ids`` ids (all of them, checked)."""
+    with simulator(tmp, jobs=ids) as sim:
+        ids_file = tmp / "ids.txt"
+        ids_file.write_text("".join(f"{i}\n" for i in sim.ids))
+        count = _counted(_command(side, sim.url, ids_file, tmp))
+        assert sim.stats()["deleted"] == ids, f"{side} left jobs undeleted"
+    return count
+
+
+def _per_id(side: str, tmp: Path) -> float:
+    """The instructions of one more deleted id: start-up and set-up cancel out."""
+    return (_instructions(side, LARGE, tmp) - _instructions(side, SMALL, tmp)) / (LARGE - SMALL)
+
+
+NEEDS_VALGRIND = pytest.mark.skipif(
+    shutil.which("valgrind") is None, reason="valgrind is not installed"
+)
+
+
+@NEEDS_VALGRIND
 def test_instructions_per_deleted_id(tmp_path: Path) -> None:
     for side in SIDES:  # unmeasured: every module compiled to bytecode once
         _instructions(side, BATCH, tmp_path)
-    per_id = {
-        side: (_instructions(side, LARGE, tmp_path) - _instructions(side, SMALL, tmp_path))
-        / (LARGE - SMALL)
-        for side in SIDES
-    }
-    again = (_instructions("ours", LARGE, tmp_path) - _instructions("ours", SMALL, tmp_path)) / (
-        LARGE - SMALL
-    )
+    per_id = {side: _per_id(side, tmp_path) for side in SIDES}
+    again = _per_id("ours", tmp_path)
     sdk = per_id["sdk_threads"]
     record(
         "instructions_per_id",
@@ -111,18 +118,10 @@ def test_instructions_per_deleted_id(tmp_path: Path) -> None:
 
 
 def _stage_instructions(stage: str, rounds: int) -> int:
-    done = subprocess.run(
-        ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
-         sys.executable, "-m", "tests.benchmarks.stages", stage, str(rounds)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    found = _REFS.search(done.stderr)
-    assert found is not None, done.stderr[-2000:]
-    return int(found.group(1).replace(",", ""))
+    return _counted([sys.executable, "-m", "tests.benchmarks.stages", stage, str(rounds)])
 
 
-@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+@NEEDS_VALGRIND
 def test_instructions_per_id_by_stage() -> None:
     """Where ours' count goes (``stages.py``): two rounds of a stage, less set-up."""
     per_id = {

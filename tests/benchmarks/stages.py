@@ -35,7 +35,7 @@ from worker.ratelimit import UnlimitedRateLimiter
 from worker.retry import RetryPolicy
 from worker.simulator.jobs import JobStore
 from worker.sources import read_entries
-from worker.types import Candidate, Result
+from worker.types import Candidate, DeleteResult, JobRecord, Result
 
 IDS = 10_000
 BATCH = 50
@@ -46,13 +46,35 @@ class _Unwritten(EventLog):
         return
 
 
-def _drive(coroutine: Coroutine[Any, Any, object]) -> None:
+class NoCalls:
+    """The transport of a dispatcher whose every id is in its answer: it calls nobody."""
+
+    async def delete_jobs(self, ids: Sequence[str]) -> DeleteResult:
+        raise AssertionError("no call expected")
+
+    async def get_job(self, job_id: str) -> JobRecord:
+        raise AssertionError("no call expected")
+
+
+def drive(coroutine: Coroutine[Any, Any, object]) -> None:
     """Run a coroutine that never suspends (the temporary ledger records nothing)."""
     try:
         coroutine.send(None)
     except StopIteration:
         return
     raise AssertionError("the journal suspended")
+
+
+def read_admit_batch(source: Path) -> int:
+    """What ``run`` does with its input before any call: read and validate the ids,
+    admit them through a temporary ledger, batch them. Returns the batches made."""
+    batches = 0
+    with read_entries(str(source), "auto") as entries, TemporaryLedger.open() as seen:
+        batcher = Batcher(BATCH, prefix="b")
+        while chunk := _next_chunk(entries, 2000):
+            admitted = seen.admit([e for e in chunk if isinstance(e, Candidate)])
+            batches += sum(1 for _ in batcher.extend(c.job_id for c in admitted.new))
+    return batches
 
 
 def settle(rounds: int, events: EventLog) -> None:
@@ -74,7 +96,7 @@ def settle(rounds: int, events: EventLog) -> None:
         with TemporaryLedger.open() as ledger:
             journal = RunJournal(ledger=LedgerPort(ledger), events=events, tally=Tally())
             dispatcher = Dispatcher(
-                transport=None,  # type: ignore[arg-type]  # every id is in its answer
+                transport=NoCalls(),
                 limiter=UnlimitedRateLimiter(), policy=RetryPolicy(max_attempts=5),
                 journal=journal, clock=MonotonicClock(), budget=DeletionBudget(None),
                 max_attempts=5,
@@ -82,7 +104,7 @@ def settle(rounds: int, events: EventLog) -> None:
             for number, (answer, batch) in enumerate(zip(answers, batches, strict=True)):
                 journal.dispatching(batch)
                 parsed = parse_deleted(answer, call)
-                _drive(dispatcher._settle(f"b-{number:06d}", batch, 1, parsed))
+                drive(dispatcher._settle(f"b-{number:06d}", batch, 1, parsed))
             assert journal.unsettled == 0
 
 
@@ -90,13 +112,7 @@ def intake(rounds: int) -> None:
     source = Path(tempfile.mkdtemp()) / "ids.txt"
     source.write_text("".join(f"{n:08x}-5711-447c-b125-597f4d5a7c78\n" for n in range(IDS)))
     for _ in range(rounds):
-        batches = 0
-        with read_entries(str(source), "auto") as entries, TemporaryLedger.open() as seen:
-            batcher = Batcher(BATCH, prefix="b")
-            while chunk := _next_chunk(entries, 2000):
-                admitted = seen.admit([e for e in chunk if isinstance(e, Candidate)])
-                batches += sum(1 for _ in batcher.extend(c.job_id for c in admitted.new))
-        assert batches == IDS // BATCH
+        assert read_admit_batch(source) == IDS // BATCH
     source.unlink()
     source.parent.rmdir()
 
