@@ -439,6 +439,24 @@ def test_build_limiter_gives_a_fixed_or_an_adaptive_limiter() -> None:
     assert auto.rate == AdaptiveConfig().initial_rate
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("max_retry_after", [2.0, 45.0])
+async def test_auto_pauses_no_longer_than_max_retry_after(max_retry_after: float) -> None:
+    """``--max-retry-after`` caps the pause a ``Retry-After`` puts on every call, as it caps
+    the refused call's own wait (``RetryPolicy``): one 429 saying ``Retry-After: 3000``
+    must not stop a run told ``--max-retry-after 2`` for longer than 2 s, and a cap above
+    the controller's own default (30 s) is the one honoured."""
+    from worker import wiring
+    from worker.settings import Settings
+
+    clock = FakeClock()
+    limiter = wiring.limiter(Settings(rate="auto", max_retry_after=max_retry_after), clock)
+    assert isinstance(limiter, AdaptiveRateLimiter)
+    limiter.feedback(throttled=True, latency_s=0.0, retry_after=3000.0)
+    await limiter.acquire()
+    assert clock.now() == pytest.approx(max_retry_after)
+
+
 # --- one real run over loopback -----------------------------------------------------------
 
 

@@ -260,12 +260,17 @@ def build_limiter(
     clock: Clock,
     *,
     config: AdaptiveConfig | None = None,
+    max_retry_after: float | None = None,
 ) -> RateLimiter:
     """The limiter ``--rate`` asks for: a fixed ``LocalRateLimiter`` or the adaptive one.
 
     With ``auto`` the configured burst is not used: the server's burst is unknown and may
-    be 1, so calls are evenly spaced (burst 1).
+    be 1, so calls are evenly spaced (burst 1). ``max_retry_after`` (the setting) caps the
+    ``Retry-After`` pause that holds every call back, as the retry policy caps the refused
+    call's own wait: ``--max-retry-after 2`` must not let one header stop the run for 30 s.
     """
     if rate == "auto":
+        if max_retry_after is not None:
+            config = replace(config or AdaptiveConfig(), max_pause=max_retry_after)
         return AdaptiveRateLimiter(clock, burst=1, config=config)
     return LocalRateLimiter(rate=float(rate), burst=burst, clock=clock)

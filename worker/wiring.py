@@ -70,10 +70,13 @@ async def api_client(settings: Settings, http: aiohttp.ClientSession) -> ApiClie
 
 
 def limiter(settings: Settings, clock: Clock) -> RateLimiter:
-    """``--rate N``: exact pacing at N calls/s; ``--rate auto``: find the quota."""
+    """``--rate N``: exact pacing at N calls/s; ``--rate auto``: find the quota, pausing
+    every call for a ``Retry-After`` no longer than ``max_retry_after``."""
     from worker.adaptive_limit import build_limiter
 
-    return build_limiter(settings.rate, settings.burst, clock)
+    return build_limiter(
+        settings.rate, settings.burst, clock, max_retry_after=settings.max_retry_after
+    )
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
