@@ -33,6 +33,8 @@ _UNITS = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
 _DURATION_RE = re.compile(r"(?:(\d{1,9})([wdhms]))+")
 _PART_RE = re.compile(r"(\d{1,9})([wdhms])")
 _REGEX_LIMIT = 512
+MAX_SPAN_S = 100 * 366 * 86400
+"""The longest duration taken: longer ones overflow date arithmetic, and mean nothing here."""
 SERVER_FIELDS = ("id", "name", "type", "status")
 
 
@@ -42,7 +44,14 @@ def parse_duration(text: str) -> timedelta:
     Units: w(eeks), d(ays), h(ours), m(inutes), s(econds). Months and years are refused on
     purpose: their length depends on the calendar, and a deletion filter must not.
     """
-    value = text.strip().lower()
+    value = text.strip()
+    if "M" in value or "Y" in value.upper():
+        # "6M" is six months to some and six minutes to others: neither is guessed.
+        raise ValueError(
+            f"not a duration: {text!r} (months and years are not units; use d or w, and a "
+            "lower-case m for minutes)"
+        )
+    value = value.lower()
     if not _DURATION_RE.fullmatch(value):
         raise ValueError(
             f"not a duration: {text!r} (use a number and a unit w, d, h, m or s, e.g. 30d, 12h)"
@@ -50,6 +59,8 @@ def parse_duration(text: str) -> timedelta:
     seconds = sum(int(n) * _UNITS[unit] for n, unit in _PART_RE.findall(value))
     if seconds <= 0:
         raise ValueError(f"not a positive duration: {text!r}")
+    if seconds > MAX_SPAN_S:
+        raise ValueError(f"not a duration: {text!r} is longer than 100 years")
     return timedelta(seconds=seconds)
 
 
