@@ -43,7 +43,11 @@ def test_rules_parse_into_ids_and_name_patterns() -> None:
     assert not Protection.parse([]).active
 
 
-@pytest.mark.parametrize("rule", ["id:bad id", "id:", "name:", "nmae:prod-*", "ID:x", "type:X"])
+@pytest.mark.parametrize(
+    "rule",
+    ["id:bad id", "id:", "name:", "nmae:prod-*", "ID:x", "type:X", "job_name:keep", "nam3:x",
+     "job-name:x", "name :", "id: "],
+)  # fmt: skip
 def test_rules_that_name_nothing_valid_are_refused(rule: str) -> None:
     """A mistyped kind (``nmae:prod-*``) used to become a name glob that matched nothing:
     the jobs meant to be kept were deleted."""
@@ -51,9 +55,18 @@ def test_rules_that_name_nothing_valid_are_refused(rule: str) -> None:
         Protection.parse([rule])
 
 
+def test_spaces_around_a_rule_s_kind_and_value_are_not_part_of_them() -> None:
+    """``name: prod-a`` was the glob " prod-a", which no name matches: prod-a was deleted."""
+    p = Protection.parse(["name: prod-a", "id : job-1", " name :prod-* "])
+    assert p.names == ("prod-a", "prod-*") and p.ids == {"job-1"}
+    assert p.protects(JobRecord.from_api({"id": "job-9", "name": "prod-a"}))
+
+
 def test_a_name_that_holds_a_colon_is_protected_through_name() -> None:
     assert Protection.parse(["name:team:prod-*"]).names == ("team:prod-*",)
-    assert Protection.parse(["v2:prod-*"]).names == ("v2:prod-*",)  # not a word before the colon
+    assert Protection.parse(["*:prod-*"]).names == ("*:prod-*",)  # not a word before the colon
+    with pytest.raises(ValueError, match="name:v2:prod"):  # a word: a kind, or a mistake
+        Protection.parse(["v2:prod-*"])
 
 
 def test_a_record_is_protected_by_id_type_status_or_name_and_says_which() -> None:
@@ -81,6 +94,17 @@ def test_protect_file_rules_join_the_flag_rules_and_an_unreadable_file_is_config
     rules.write_text("id:not valid!\n")
     with pytest.raises(ConfigError, match="not a valid job id"):
         load_protection([], rules, [], [])
+
+
+def test_a_protect_file_keeps_a_hash_inside_a_rule_and_drops_a_byte_order_mark(
+    tmp_path: Path,
+) -> None:
+    """``name:team#1`` was cut to ``name:team``, and a file saved with a byte-order mark lost
+    its first rule to it: both jobs were deleted."""
+    rules = tmp_path / "protect.txt"
+    rules.write_bytes("\ufeffname:prod-b\nname:team#1 # the team's\n#id:job-1\n".encode())
+    p = load_protection([], rules, [], [])
+    assert p.names == ("prod-b", "team#1") and not p.ids
 
 
 def test_settings_take_comma_separated_rules_from_the_environment(

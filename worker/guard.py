@@ -22,6 +22,7 @@ wait); the API offers no conditional delete to close it.
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,12 @@ if TYPE_CHECKING:
 
 _T = TypeVar("_T")
 _GLOB_CHARS = frozenset("*?[")
+_KIND_RE = re.compile(r"[\w -]+")
+"""What reads as a kind before a colon (``nmae``, ``job_name``, ``id ``): anything else there
+(``*:x``) is part of a bare glob."""
+_COMMENT_RE = re.compile(r"(?:^|\s)#.*")
+"""A ``#`` comment in a protect file: at the start of a line or after a space, so that
+``name:team#1`` stays whole."""
 PROTECT_FILE_LIMIT = 4 * 1024 * 1024
 
 
@@ -86,7 +93,8 @@ class Protection:
             if not rule:
                 continue
             kind, sep, value = rule.partition(":")
-            if sep and kind.isalpha() and kind not in ("id", "name"):
+            kind, value = kind.strip(), value.strip()
+            if sep and _KIND_RE.fullmatch(kind) and kind not in ("id", "name"):
                 raise ValueError(
                     f"protect rule {rule!r}: {kind!r} is not a kind of rule (id:ID or "
                     f"name:GLOB; for a name that holds a colon, name:{rule})"
@@ -150,7 +158,8 @@ class Protection:
 
 
 def read_protect_file(path: Path) -> list[str]:
-    """Rules one per line; blank lines and ``#`` comments ignored. ``ConfigError`` if unreadable."""
+    """Rules one per line; blank lines and ``#`` comments (at a line's start or after a space)
+    ignored. ``ConfigError`` if unreadable."""
     try:
         with path.open("rb") as handle:
             raw = handle.read(PROTECT_FILE_LIMIT + 1)
@@ -161,10 +170,10 @@ def read_protect_file(path: Path) -> list[str]:
     if len(raw) > PROTECT_FILE_LIMIT:
         raise ConfigError(f"protect_file {path} is larger than {PROTECT_FILE_LIMIT} bytes")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Notepad's) is not part of a rule
     except UnicodeDecodeError:
         raise ConfigError(f"protect_file {path} is not UTF-8 text") from None
-    return [s for line in text.splitlines() if (s := line.split("#", 1)[0].strip())]
+    return [s for line in text.splitlines() if (s := _COMMENT_RE.sub("", line).strip())]
 
 
 def load_protection(
