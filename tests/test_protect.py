@@ -87,13 +87,13 @@ def test_protect_file_rules_join_the_flag_rules_and_an_unreadable_file_is_config
 ) -> None:
     rules = tmp_path / "protect.txt"
     rules.write_text(f"# keep these\nid:{UUID}\n\nprod-*   # the live ones\n", encoding="utf-8")
-    p = load_protection(["id:job-1"], rules, [], [])
+    p = load_protection(["id:job-1"], [rules], [], [])
     assert p.ids == {UUID, "job-1"} and p.names == ("prod-*",)
     with pytest.raises(ConfigError, match="cannot be read"):
-        load_protection([], tmp_path / "missing.txt", [], [])
+        load_protection([], [tmp_path / "missing.txt"], [], [])
     rules.write_text("id:not valid!\n")
     with pytest.raises(ConfigError, match="not a valid job id"):
-        load_protection([], rules, [], [])
+        load_protection([], [rules], [], [])
 
 
 def test_a_protect_file_keeps_a_hash_inside_a_rule_and_drops_a_byte_order_mark(
@@ -103,7 +103,7 @@ def test_a_protect_file_keeps_a_hash_inside_a_rule_and_drops_a_byte_order_mark(
     its first rule to it: both jobs were deleted."""
     rules = tmp_path / "protect.txt"
     rules.write_bytes("\ufeffname:prod-b\nname:team#1 # the team's\n#id:job-1\n".encode())
-    p = load_protection([], rules, [], [])
+    p = load_protection([], [rules], [], [])
     assert p.names == ("prod-b", "team#1") and not p.ids
 
 
@@ -276,6 +276,49 @@ async def test_name_patterns_types_and_statuses_protect_in_a_run_by_id(tmp_path:
         assert set(sim.job_ids()) == keep
         assert {i for i, o in _outcomes(out).items() if o == ("skipped", "protected")} == keep
         assert not keep & set(sim.sent_counts)
+
+
+@pytest.mark.anyio
+async def test_protection_from_a_flag_adds_to_the_config_file_s_and_the_environment_s(
+    tmp_path: Path,
+) -> None:
+    """A flag's ``--protect`` used to replace the config file's rules (and the environment's
+    the file's): one extra rule on the command line deleted every job the team protected."""
+    async with run_simulator(SimulatorConfig(jobs=120, seed=33)) as sim:
+        jobs = dict(sim.store.jobs)
+        team_file, mine = tmp_path / "team-protect.txt", tmp_path / "mine.txt"
+        team_file.write_text("name:common-00002*\n", encoding="utf-8")
+        mine.write_text("name:common-00003*\n", encoding="utf-8")
+        config = tmp_path / "team.toml"
+        config.write_text(
+            'protect = ["ascend-diagnosis-*"]\nprotected_statuses = ["PROCESSING"]\n'
+            f'protect_file = "{team_file}"\n',
+            encoding="utf-8",
+        )
+        first = next(i for i, j in jobs.items() if j.status != "PROCESSING")
+        env = reaper_env(sim.url, REAPER_CONFIG=str(config), REAPER_PROTECT="name:common-00001*")
+        out = tmp_path / "results.jsonl"
+        src = write_ids(tmp_path / "ids.txt", list(jobs))
+        done = await reaper(
+            ["run", "-i", str(src), "--results", str(out), "--protect", f"id:{first}",
+             "--protected-statuses", "FAILED", "--protect-file", str(mine), *FAST],
+            env,
+        )  # fmt: skip
+        assert done.code == 0, done.stderr
+        keep = {i for i, j in jobs.items()
+                if i == first or j.status in ("PROCESSING", "FAILED")
+                or j.type == "ASCEND_DIAGNOSIS" or j.name.startswith(
+                    ("common-00001", "common-00002", "common-00003"))}  # fmt: skip
+        assert keep and len(keep) < len(jobs)
+        assert set(sim.job_ids()) == keep
+        assert {i for i, o in _outcomes(out).items() if o == ("skipped", "protected")} == keep
+
+
+def test_a_comma_inside_brackets_is_part_of_a_glob(
+    clean_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REAPER_PROTECT", "prod-[ab,c]*, id:job-1")
+    assert load_settings().protect == ["prod-[ab,c]*", "id:job-1"]
 
 
 @pytest.mark.anyio

@@ -178,13 +178,13 @@ def read_protect_file(path: Path) -> list[str]:
 
 def load_protection(
     rules: Sequence[str],
-    protect_file: Path | None,
+    protect_files: Sequence[Path],
     types: Sequence[str],
     statuses: Sequence[str],
 ) -> Protection:
     """Protection from the settings' values, for the commands (the edge) to call."""
     everything = list(rules)
-    if protect_file is not None:
+    for protect_file in protect_files:
         everything += read_protect_file(protect_file)
     try:
         return Protection.parse(everything, types=types, statuses=statuses)

@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -126,6 +134,7 @@ class Settings(BaseSettings):
     protected_types: Annotated[list[str], NoDecode] = Field(default_factory=list)
     protected_statuses: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_fraction: float | None = Field(default=None, gt=0, le=1)
+    _protect_files: tuple[Path, ...] = PrivateAttr(default=())
 
     # -- serve / enqueue ------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -165,10 +174,26 @@ class Settings(BaseSettings):
     @field_validator("protect", "protected_types", "protected_statuses", mode="before")
     @classmethod
     def _word_list(cls, value: object) -> object:
-        """A list (TOML), or one string of comma-separated words (a flag, the environment)."""
-        if isinstance(value, str):
-            return [word.strip() for word in re.split(r"[,\n]", value) if word.strip()]
-        return value
+        return word_list(value)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _protection_adds_up(cls, data: Any, handler: ModelWrapValidatorHandler[Settings]) -> Any:
+        """Each source's protection joins the others' (see ``ADDED_UP``)."""
+        layers = data.pop(_LAYERS_KEY, None) if isinstance(data, dict) else None
+        for name in ("protect", "protected_types", "protected_statuses"):
+            given = [value for layer in layers or () if (value := layer.get(name)) is not None]
+            if len(given) > 1:
+                merged: list[object] = []
+                for value in given:
+                    words = word_list(value)
+                    merged += words if isinstance(words, list) else [words]
+                data[name] = merged
+        settings = handler(data)
+        named = [layer.get("protect_file") for layer in layers or ()] or [settings.protect_file]
+        files = (Path(name) for name in named if name not in (None, ""))
+        settings._protect_files = tuple(dict.fromkeys(files))
+        return settings
 
     @field_validator("protected_types", "protected_statuses")
     @classmethod
@@ -251,6 +276,11 @@ class Settings(BaseSettings):
         return value.rstrip("/")
 
     @property
+    def protect_files(self) -> tuple[Path, ...]:
+        """Every ``protect_file`` named, by any source (``protect_file`` is the first)."""
+        return self._protect_files
+
+    @property
     def api_endpoint(self) -> str:
         """The endpoint in force; ``ConfigError`` when neither it nor a region is set."""
         if self.endpoint:
@@ -291,11 +321,49 @@ class Settings(BaseSettings):
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
         decided: set[str] = set()  # secrets a source of higher precedence has given
-        return tuple(_SecretFiles(source, decided) for source in sources)
+        layers: list[dict[str, Any]] = []  # what each source says of ADDED_UP, in order
+        return tuple(_Layer(_SecretFiles(source, decided), layers) for source in sources)
 
 
 # The --config path, handed to the source hook above (which pydantic calls with no arguments).
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("reaper_config_file", default=None)
+
+ADDED_UP = ("protect", "protect_file", "protected_types", "protected_statuses")
+"""Settings whose sources add up instead of the highest one winning: protection. A team's
+config file protects ``prod-*``; a flag's ``--protect id:x`` must add to that, not quietly
+replace it (and with it, every rule the team relies on)."""
+
+_LAYERS_KEY = "__layers__"
+"""Where the sources hand the validator what each gave for ADDED_UP, highest first."""
+
+
+def word_list(value: object) -> object:
+    """A list (TOML), or one string of comma-separated words (a flag, the environment).
+
+    A comma inside brackets is part of a glob (``prod-[ab,c]*``), not a separator."""
+    if isinstance(value, str):
+        return [word.strip() for word in _WORD_SEP.split(value) if word.strip()]
+    return value
+
+
+_WORD_SEP = re.compile(r"\n|,(?![^\[]*\])")
+
+
+class _Layer(PydanticBaseSettingsSource):
+    """Passes a source's values through, noting what it gave for ``ADDED_UP``."""
+
+    def __init__(self, inner: PydanticBaseSettingsSource, layers: list[dict[str, Any]]) -> None:
+        super().__init__(inner.settings_cls)
+        self._inner = inner
+        self._layers = layers
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        data = self._inner()
+        self._layers.append({k: data[k] for k in ADDED_UP if data.get(k) is not None})
+        return {**data, _LAYERS_KEY: self._layers}
 
 
 class _SdkEnvironment(PydanticBaseSettingsSource):

@@ -170,7 +170,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         settings.require_api()
         request = DiscoverRequest.from_args(args, datetime.now(UTC))
         protection = load_protection(
-            settings.protect, settings.protect_file, settings.protected_types,
+            settings.protect, settings.protect_files, settings.protected_types,
             settings.protected_statuses,
         )  # fmt: skip
         return anyio.run(discover, request, settings, protection, sys.stdout.buffer)

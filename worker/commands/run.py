@@ -237,7 +237,7 @@ async def _run(
     clock = MonotonicClock()
     project = (settings.project_id or UNBOUND) if settings.dry_run else wiring.project_id(settings)
     protection = load_protection(  # before anything is opened: a bad protect_file is 78
-        settings.protect, settings.protect_file, settings.protected_types,
+        settings.protect, settings.protect_files, settings.protected_types,
         settings.protected_statuses,
     )  # fmt: skip
     tally = Tally()

@@ -80,7 +80,7 @@ async def serve(
 
     stop = stop if stop is not None else anyio.Event()
     protection = load_protection(  # before Redis or the API: a bad rule or file is 78
-        settings.protect, settings.protect_file, settings.protected_types,
+        settings.protect, settings.protect_files, settings.protected_types,
         settings.protected_statuses,
     )  # fmt: skip
     clock = MonotonicClock()
