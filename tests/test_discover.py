@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections.abc import AsyncIterator
@@ -294,6 +295,35 @@ async def test_discover_prints_exactly_the_matching_ids_and_logs_to_stderr() -> 
         assert summary[0]["selected"] == len(want) and summary[0]["inventory_size"] == 1200
         assert summary[0]["run_id"]  # every event carries the run's id, as SPEC says
         assert sim.stats.delete_calls == 0
+
+
+@pytest.mark.anyio
+async def test_an_id_the_api_lists_that_run_would_refuse_is_left_out_with_a_warning(
+    tmp_path: Path,
+) -> None:
+    """Printed, ``old-1\\nvictim-1`` piped into ``run`` deleted ``victim-1``, which nobody
+    selected; written into a plan, it made ``run --plan`` refuse the whole plan."""
+    async with run_simulator(SimulatorConfig(jobs=5, seed=9)) as sim:
+        first = next(iter(sim.store.jobs.values()))
+        for bad in ("old-1\nvictim-1", "has space", "x" * 65):
+            sim.store.jobs[bad] = dataclasses.replace(first, id=bad, name="diag-a")
+        sim.store.jobs["victim-1"] = dataclasses.replace(first, id="victim-1", name="prod-db")
+        done = await reaper(["discover", "--name", "diag-a"], reaper_env(sim.url))
+        assert done.code == 0, done.stderr
+        assert done.stdout == ""
+        events = [orjson.loads(x) for x in done.stderr.splitlines()]
+        warned = [e for e in events if e["event"] == "discover.invalid_id"]
+        assert sorted(w["job_id"] for w in warned) == sorted(["old-1\\nvictim-1", "has space",
+                                                              "x" * 65])  # fmt: skip
+        summary = [e for e in events if e["event"] == "discover.summary"]
+        assert summary[0]["invalid_ids"] == 3 and summary[0]["selected"] == 0
+        plan = tmp_path / "plan.json"
+        done = await reaper(["discover", "--all", "--plan", str(plan)], reaper_env(sim.url))
+        assert done.code == 0, done.stderr
+        planned = {job["id"] for job in orjson.loads(plan.read_bytes())["jobs"]}
+        assert planned == set(sim.store.jobs) - {"old-1\nvictim-1", "has space", "x" * 65}
+        applied = await reaper(["run", "--plan", str(plan), "--dry-run"], reaper_env(sim.url))
+        assert applied.code == 0, applied.stderr
 
 
 @pytest.mark.anyio

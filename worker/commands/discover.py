@@ -42,10 +42,11 @@ from worker.errors import (
 )
 from worker.exit_codes import ExitCode
 from worker.guard import PacedReader, Protection, load_protection
+from worker.intake import escape
 from worker.journal import check_output
 from worker.plan import MAX_TTL, Plan, check_fraction, write_plan
 from worker.settings import Settings
-from worker.types import JobRecord
+from worker.types import JOB_ID_RE, JobRecord
 
 MAX_PAGES = 10_000
 """A hard stop: a server that keeps saying "more pages" cannot keep discover listing forever."""
@@ -223,10 +224,17 @@ async def discover(
             inventory = max(everything.total or 0, len(everything.records))
     matched = [r for r in scan.records if filters.matches(r)]
     selected: list[JobRecord] = []
-    protected = 0
+    protected = invalid = 0
     for record in matched:
         rule = protection.reason(record)
-        if rule is None:
+        if not JOB_ID_RE.fullmatch(record.id):
+            # Printed, "old-1\nvictim-2" would be two ids to the run it is piped to, the second
+            # one nobody selected; a plan holding it would be refused whole.
+            invalid += 1
+            log.warning("discover.invalid_id", job_id=escape(record.id),
+                        reason="the API listed a job whose id is not 1 to 64 letters, digits, "
+                               "'-' or '_': left out, since run would refuse it")  # fmt: skip
+        elif rule is None:
             selected.append(record)
         else:
             protected += 1
@@ -240,6 +248,7 @@ async def discover(
         complete=scan.complete,
         matched=len(matched),
         protected=protected,
+        invalid_ids=invalid,
         selected=len(selected),
         inventory_size=inventory,
         reader_calls=reader.calls,
