@@ -612,3 +612,55 @@ async def test_a_stop_does_not_wait_out_the_grace_period_for_dispatchers_waiting
         assert await svc.pending() == 4
     assert svc.code == 0
     assert len(svc.sim.deleted) == 1
+
+
+def _short_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pauses on refused credentials of 50-100 ms instead of 30 s and more."""
+    from functools import partial
+
+    from worker.service import service as service_module
+
+    short = partial(service_module.ServiceConfig, auth_pause=0.05, auth_pause_max=0.1)
+    monkeypatch.setattr(service_module, "ServiceConfig", short)
+
+
+@pytest.mark.anyio
+async def test_pauses_on_refused_credentials_count_no_deliveries_and_fail_nothing(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Credentials refused through many more pauses than max_deliveries: each new round
+    read its own pending entries again with XREADGROUP ... 0, which counted a delivery,
+    so the entries were dead-lettered and their ids ended job.failed, never tried with
+    working credentials. The entries stay pending, delivered once."""
+    _short_pauses(monkeypatch)
+    async with running(redis_prefix, SimulatorConfig(jobs=5), sk="not-the-secret",
+                       max_deliveries=2) as svc:  # fmt: skip
+        await svc.enqueue(svc.sim.job_ids())
+        await svc.until(lambda: _true(len(svc.events("serve.paused")) >= 6))
+        pending: Any = await svc.redis.xpending_range(
+            svc.layout.stream, svc.layout.group, "-", "+", 10
+        )
+        dead = await svc.redis.xlen(svc.layout.dead)
+    assert svc.code == 0
+    assert not svc.events("job.failed") and not svc.events("serve.dead_lettered")
+    assert dead == 0
+    assert len(pending) == 5 and {p["times_delivered"] for p in pending} == {1}
+
+
+@pytest.mark.anyio
+async def test_a_round_after_a_pause_reads_nothing_new_before_its_own_entries_are_answered(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries enqueued during an outage of the credentials are not read (and held) by a
+    replica that tries its own entries again after each pause and is refused again."""
+    _short_pauses(monkeypatch)
+    async with running(redis_prefix, SimulatorConfig(jobs=10), sk="not-the-secret",
+                       batch_size=5) as svc:  # fmt: skip
+        ids = svc.sim.job_ids()
+        await svc.enqueue(ids[:5])
+        await svc.until(lambda: _true(bool(svc.events("serve.paused"))))
+        await svc.enqueue(ids[5:])
+        paused = len(svc.events("serve.paused"))
+        await svc.until(lambda: _true(len(svc.events("serve.paused")) >= paused + 4))
+        assert await svc.pending() == 5
+    assert svc.code == 0

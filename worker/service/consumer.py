@@ -140,6 +140,37 @@ class StreamConsumer:
         )
         return _entries(reply[0][1]) if reply else []
 
+    async def reread_own(self, after: str, count: int) -> tuple[list[Entry], dict[str, int]]:
+        """Our own pending entries after ``after`` (``"-"`` from the start) *without counting
+        a delivery*, with the deliveries each has had: ``XPENDING`` for this consumer, then
+        ``XRANGE`` for the fields, then ``XCLAIM ... JUSTID`` (which does not count one
+        either) to reset their idle time, so no reclaim takes them while they are re-sent.
+
+        For entries this process read itself in an earlier round (a pause on refused
+        credentials ended it): reading them again with ``XREADGROUP ... 0`` would count a
+        delivery per pause, and a long enough outage would dead-letter ids never tried.
+        """
+        start = after if after == "-" else f"({after}"
+        pending: Any = await self._r.xpending_range(
+            self.layout.stream, self.layout.group, start, "+", count, consumername=self.consumer
+        )
+        if not pending:
+            return [], {}
+        ids = [_id(p["message_id"]) for p in pending]
+        counts = {_id(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        async with self._r.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.xrange(self.layout.stream, entry_id, entry_id, count=1)
+            replies = await pipe.execute()
+        entries: list[Entry] = [
+            (entry_id, dict(reply[0][1]) if reply else None)
+            for entry_id, reply in zip(ids, replies, strict=True)
+        ]
+        await self._r.xclaim(
+            self.layout.stream, self.layout.group, self.consumer, 0, list[Any](ids), justid=True
+        )
+        return entries, counts
+
     async def read_new(self, count: int, block_ms: int) -> list[Entry]:
         """Entries never delivered to anyone, waiting up to ``block_ms`` (at least 1) for some.
 

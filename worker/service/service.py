@@ -2,11 +2,12 @@
 
 One *round* is one task group: an intake task (the only reader of Redis, so reading, the
 in-flight map and the batcher need no locks) feeding ``concurrency`` dispatcher tasks over a
-bounded stream. A round starts by re-reading this consumer's own pending entries (``0``),
-then reads new ones (``>``), and every ``reclaim_interval`` takes over entries idle longer
-than ``reclaim_after`` from anyone (``XAUTOCLAIM``, which also retries our own entries kept
-pending after a failure). An entry delivered more than ``max_deliveries`` times is
-dead-lettered instead of processed.
+bounded stream. A round starts by re-reading this consumer's own pending entries (``0``;
+after a pause, without counting a delivery, and reading nothing new until one of their
+batches has an answer), then reads new ones (``>``), and every ``reclaim_interval`` takes
+over entries idle longer than ``reclaim_after`` from anyone (``XAUTOCLAIM``, which also
+retries our own entries kept pending after a failure). An entry delivered more than
+``max_deliveries`` times is dead-lettered instead of processed.
 
 A round ends on stop (SIGTERM: intake is cancelled at once, even mid ``XREADGROUP``; calls in
 flight get ``grace`` seconds; batches not started are left pending) or when the API refuses
@@ -104,6 +105,7 @@ class Service:
         self._working = working if working is not None else Working()
         self._blocked: BaseException | None = None
         self._round_scope: anyio.CancelScope | None = None
+        self._answered = anyio.Event()  # a batch of this round got an answer from the API
         self.rounds = 0
         self.read = 0
         self.batches = 0
@@ -157,6 +159,7 @@ class Service:
         """Consume until stop (returns None) or a refusal that pauses us (returns it)."""
         self.rounds += 1
         self._blocked = None
+        self._answered = anyio.Event()
         self._inflight.clear()
         send, receive = anyio.create_memory_object_stream[Batch](1)
         async with anyio.create_task_group() as outer:
@@ -217,7 +220,9 @@ class Service:
                 try:
                     with self._working.busy():
                         await self._dispatcher.process(batch)
+                    self._answered.set()
                 except ApiUnavailable as exc:
+                    self._answered.set()
                     # Kept with each entry, naming its own ids of the batch: if it is never
                     # delivered with the API up, its dead letter and job.failed say why.
                     dropped = self._inflight.release(batch.ids)
@@ -240,7 +245,14 @@ class Service:
     async def _intake(self, send: MemoryObjectSendStream[Batch], scope: anyio.CancelScope) -> None:
         config = self._config
         batcher = Batcher(config.batch_size, prefix=f"{self._consumer.consumer}-r{self.rounds}")
-        own: str | None = "0"
+        # After a pause, our own pending entries are entries this process read before: read
+        # again without counting a delivery (a pause is not one), and nothing new is read
+        # until one of their batches gets an answer, so refused credentials do not pull in
+        # more entries each round. At start-up, ``XREADGROUP ... 0`` counts one: a previous
+        # process may have died on them.
+        resumed = self.rounds > 1
+        own: str | None = "-" if resumed else "0"
+        held = False
         cursor = "0-0"
         next_reclaim = self._clock.now()
         first_at: float | None = None
@@ -254,9 +266,23 @@ class Service:
                     now = self._clock.now()
                     if own is not None:
                         after = own
-                        entries = await self._redis(self._consumer.read_own, after, count)
+                        if resumed:
+                            entries, counts = await self._redis(
+                                self._consumer.reread_own, after, count
+                            )
+                        else:
+                            entries = await self._redis(self._consumer.read_own, after, count)
+                            counts = None
                         own = entries[-1][0] if entries else None
-                        ids = await self._admit(entries, redelivered=True)
+                        ids = await self._admit(entries, redelivered=True, counts=counts)
+                        held = held or bool(ids)
+                    elif resumed and held and not self._answered.is_set():
+                        batch = batcher.flush()
+                        first_at = None
+                        if batch is not None:
+                            await self._send(send, batch)
+                        await self._answered.wait()
+                        continue
                     elif now >= next_reclaim:
                         start = cursor
                         min_idle = int(config.reclaim_after * 1000)
@@ -313,7 +339,12 @@ class Service:
         return await persist(attempt, self._clock, what="read")
 
     async def _admit(
-        self, entries: list[Entry], *, redelivered: bool, claimed: bool = False
+        self,
+        entries: list[Entry],
+        *,
+        redelivered: bool,
+        claimed: bool = False,
+        counts: dict[str, int] | None = None,
     ) -> list[str]:
         """Hold the entries read; dead-letter the over-delivered; return the ids to send.
 
@@ -334,11 +365,12 @@ class Service:
         if gone:
             await persist(lambda: self._consumer.ack(gone), self._clock, what="ack")
         live = [(entry_id, fields) for entry_id, fields in entries if fields is not None]
-        counts = {entry_id: 1 for entry_id, _ in live}
-        if redelivered and live:
-            ids = [entry_id for entry_id, _ in live]
-            counts = await persist(lambda: self._consumer.deliveries(ids), self._clock,
-                                   what="xpending")  # fmt: skip
+        if counts is None:  # unless the read said already
+            counts = {entry_id: 1 for entry_id, _ in live}
+            if redelivered and live:
+                ids = [entry_id for entry_id, _ in live]
+                counts = await persist(lambda: self._consumer.deliveries(ids), self._clock,
+                                       what="xpending")  # fmt: skip
         over = [e for e, _ in live if counts.get(e, 1) > self._config.max_deliveries]
         errors = await self._consumer.last_errors(over) if over else {}
         send: list[str] = []
