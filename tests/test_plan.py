@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import stat
 from datetime import UTC, datetime, timedelta
@@ -228,6 +229,38 @@ async def test_a_plan_applied_after_changes_deletes_the_rest_and_skips_what_chan
         assert extra in sim.store.jobs
         # No changed or gone id was ever sent (the test's own delete of ``gone`` counts once).
         assert set(sim.sent_counts) == rest | {gone} and sim.sent_counts[gone] == 1
+
+
+@pytest.mark.anyio
+async def test_a_job_that_changed_outside_the_plan_s_filters_is_not_deleted(
+    tmp_path: Path,
+) -> None:
+    """A plan made with ``--all`` (or filters that do not look at the status) used to delete
+    a job that had become PROCESSING since the review: it still "matched"."""
+    async with run_simulator(SimulatorConfig(jobs=30, seed=22)) as sim:
+        path = tmp_path / "plan.json"
+        done = await reaper(["discover", "--all", "--plan", str(path)], reaper_env(sim.url))
+        assert done.code == 0, done.stderr
+        planned = list(read_plan(path).ids)
+        restarted, renamed, reowned = planned[:3]
+        was = sim.store.jobs[restarted].status
+        sim.set_status(restarted, "RESTARTING" if was != "RESTARTING" else "PROCESSING")
+        sim.store.jobs[renamed] = dataclasses.replace(sim.store.jobs[renamed], name="prod-db")
+        sim.store.jobs[reowned] = dataclasses.replace(sim.store.jobs[reowned], user_name="eve")
+        out = tmp_path / "results.jsonl"
+        done = await reaper(
+            ["run", "--plan", str(path), "--yes", "--results", str(out), "--rate", "1000",
+             "--burst", "50"],
+            reaper_env(sim.url),
+        )  # fmt: skip
+        assert done.code == 0, done.stderr
+        rows = {row["job_id"]: row for row in results(out)}
+        for job_id, field in ((restarted, "status"), (renamed, "name"), (reowned, "user_name")):
+            row = rows[job_id]
+            assert (row["outcome"], row["reason"]) == ("skipped", "plan_mismatch")
+            assert rows[job_id]["error_msg"].startswith(f"{field} was ")
+        assert set(sim.store.jobs) == {restarted, renamed, reowned}
+        assert {rows[i]["outcome"] for i in planned[3:]} == {"deleted"}
 
 
 @pytest.mark.anyio

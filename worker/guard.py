@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -296,10 +296,41 @@ class Outcomes(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class PlanCheck:
-    """What a job must still be to be deleted under a plan: one of its ids, matching its filters."""
+    """What a job must still be to be deleted under a plan: one of its ids, matching its
+    filters, and what the reviewer saw of it (``reviewed``: id -> the plan's fields)."""
 
     ids: frozenset[str]
     filters: Filters
+    reviewed: Mapping[str, Reviewed] = field(default_factory=dict)
+
+    def changed(self, record: JobRecord) -> str | None:
+        """Which field the job no longer has as reviewed (``status was ... , now ...``).
+
+        The plan's filters may not cover it (``--all``, or a name filter when the status
+        changed): what is deleted must be what somebody looked at, not merely what still
+        matches. Times are left out: ``update_at`` moves with no change a reviewer cares about.
+        """
+        seen = self.reviewed.get(record.id)
+        if seen is None:
+            return None
+        for name in ("type", "status", "name", "user_name"):
+            then, now = getattr(seen, name), getattr(record, name)
+            if then != now:
+                return f"{name} was {then!r} when reviewed, now {now!r}"
+        return None
+
+
+class Reviewed(Protocol):
+    """A job as a plan recorded it (``worker.plan.PlanJob``)."""
+
+    @property
+    def type(self) -> str | None: ...
+    @property
+    def status(self) -> str | None: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def user_name(self) -> str | None: ...
 
 
 @dataclass(slots=True)
@@ -386,7 +417,7 @@ class Guard:
                 ended.append(self._skip(job_id, batch, "protected", why))
                 continue
             if self._plan is not None:
-                mismatch = self._plan.filters.mismatch(record)
+                mismatch = self._plan.filters.mismatch(record) or self._plan.changed(record)
                 if mismatch is not None:
                     ended.append(self._skip(job_id, batch, "plan_mismatch", mismatch))
                     continue
