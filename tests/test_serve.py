@@ -664,3 +664,58 @@ async def test_a_round_after_a_pause_reads_nothing_new_before_its_own_entries_ar
         await svc.until(lambda: _true(len(svc.events("serve.paused")) >= paused + 4))
         assert await svc.pending() == 5
     assert svc.code == 0
+
+
+def _stale_after(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """/healthz turns 503 after ``seconds`` without a heartbeat instead of 30 s."""
+    from worker.service.service import ServiceConfig
+
+    monkeypatch.setattr(ServiceConfig, "stale_after", property(lambda self: seconds))
+
+
+async def _status(svc: Running, path: str) -> int:
+    async with aiohttp.ClientSession() as http, http.get(svc.url(path)) as response:
+        return response.status
+
+
+@pytest.mark.anyio
+async def test_a_replica_waiting_for_the_rate_limit_stays_live(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One call every 100 s: after the first id the dispatcher waits for a token and the
+    intake for room in the dispatch queue, so no id moves for far longer than stale_after.
+    That is a known, bounded wait, not a hang: /healthz stays 200 (it went 503, and the
+    liveness probe restarted a healthy pod)."""
+    _stale_after(monkeypatch, 0.5)
+    async with running(redis_prefix, SimulatorConfig(jobs=5), rate=0.01, burst=1,
+                       batch_size=1, concurrency=1) as svc:  # fmt: skip
+        await svc.enqueue(svc.sim.job_ids())
+        await svc.until(lambda: _true(len(svc.sim.deleted) == 1))
+        await anyio.sleep(2.0)  # four times stale_after with nothing moving
+        assert await _status(svc, "/healthz") == 200
+        assert len(svc.sim.deleted) == 1  # still waiting
+    assert svc.code == 0
+
+
+@pytest.mark.anyio
+async def test_a_redis_outage_leaves_it_live_and_unready(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis away for longer than stale_after: the replica waits it out unready, not
+    dead (it went 503 on /healthz too, a restart loop for an outage of Redis)."""
+    _stale_after(monkeypatch, 0.5)
+    proxy = RedisProxy(REDIS_URL)
+    async with anyio.create_task_group() as relay:
+        await relay.start(proxy.serve)
+        async with running(redis_prefix, SimulatorConfig(jobs=5),
+                           redis_url=proxy.url) as svc:  # fmt: skip
+            await svc.enqueue(svc.sim.job_ids())
+            await svc.until(lambda: _true(len(svc.sim.deleted) == 5))
+            await proxy.go_away()
+            await anyio.sleep(2.0)  # four times stale_after
+            assert await _status(svc, "/healthz") == 200
+            assert await _status(svc, "/readyz") == 503
+            proxy.cut = False
+            await svc.until(lambda: _zero(svc.pending()))
+        relay.cancel_scope.cancel()
+    assert svc.code == 0

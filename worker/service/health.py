@@ -2,9 +2,11 @@
 
 Two questions Kubernetes asks, kept apart on purpose:
 
-- **live** (``/healthz``): is the loop turning? The consumer marks progress whenever a read
-  returns (even empty: ``BLOCK`` bounds every read), a batch finishes, or a deliberate pause
-  ticks. No progress for ``stale_after`` seconds means a wedged loop: restart it.
+- **live** (``/healthz``): is the event loop turning? A heartbeat task of the service marks
+  progress every second or so, whatever the loop is waiting for: a Retry-After, a backoff,
+  the rate limit, a Redis outage or a pause on refused credentials are waits it knows the
+  end of (or waits out unready), not hangs, and a restart would not shorten them. No
+  heartbeat for ``stale_after`` seconds means the event loop is stuck: restart it.
 - **ready** (``/readyz``): should this replica get work? Redis answers ``PING``, the last
   API call was not refused for credentials (401/403) or for a project or path the gateway
   does not know (its 404, ``NoSuchApi``), and it is not draining after SIGTERM.

@@ -70,8 +70,13 @@ class ServiceConfig:
 
     @property
     def stale_after(self) -> float:
-        """No progress for this long means the loop is wedged (``/healthz`` 503)."""
+        """No heartbeat for this long means the event loop is stuck (``/healthz`` 503)."""
         return max(30.0, 10 * self.block)
+
+    @property
+    def heartbeat(self) -> float:
+        """How often the heartbeat ticks: a few times per ``stale_after``."""
+        return min(self.block, self.stale_after / 4)
 
 
 class Service:
@@ -120,9 +125,24 @@ class Service:
 
     # -- the outer loop ------------------------------------------------------------------
     async def run(self) -> None:
-        await persist(self._consumer.ensure_group, self._clock, what="group")
+        """Until stopped. Liveness is a heartbeat task beside the loop, not ids flowing: a
+        Retry-After, a backoff, a rate limit, a full dispatch queue, a Redis outage or a
+        pause are bounded waits the service knows about, not a hang, and restarting the
+        replica would not end any of them sooner. What the heartbeat catches is an event
+        loop that no longer turns (a blocking call, a busy loop)."""
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._heartbeat)
+            await self._run()
+            group.cancel_scope.cancel()
+
+    async def _heartbeat(self) -> None:
         self._health.loop_running = True
-        self._health.progress()
+        while True:
+            self._health.progress()
+            await self._clock.sleep(self._config.heartbeat)
+
+    async def _run(self) -> None:
+        await persist(self._consumer.ensure_group, self._clock, what="group")
         pause = self._config.auth_pause
         while not self._stop.is_set():
             blocked = await self._round()
