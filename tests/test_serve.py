@@ -719,3 +719,26 @@ async def test_a_redis_outage_leaves_it_live_and_unready(
             await svc.until(lambda: _zero(svc.pending()))
         relay.cancel_scope.cancel()
     assert svc.code == 0
+
+
+@pytest.mark.anyio
+async def test_deleting_the_stream_key_while_it_runs_is_survived_and_calls_in_flight_settle(
+    redis_prefix: str,
+) -> None:
+    """DEL of the stream while the intake blocks in XREADGROUP and calls are in flight: the
+    read answers UNBLOCKED, which crashed serve (exit 1, a traceback) and lost the events
+    of the ids being deleted. The group and stream are created again, the calls on the
+    wire settle and log their outcome, and entries added afterwards are consumed."""
+    config = SimulatorConfig(jobs=13, faults=FaultConfig(latency_ms=1000, latency_jitter=False))
+    async with running(redis_prefix, config, batch_size=5, concurrency=2) as svc:
+        ids = svc.sim.job_ids()
+        await svc.enqueue(ids[:10])
+        await svc.until(lambda: _equal(svc.pending(), 10))  # all read, the calls in flight
+        await svc.redis.delete(svc.layout.stream)
+        await svc.until(lambda: _true(bool(svc.events("serve.group_recreated"))))
+        await svc.until(lambda: _true(len(svc.events("job.deleted")) == 10))
+        await svc.enqueue(ids[10:])
+        await svc.until(lambda: _true(len(svc.sim.deleted) == 13))
+        await svc.until(lambda: _zero(svc.pending()))
+    assert svc.code == 0
+    assert sorted(e["job_id"] for e in svc.events("job.deleted")) == sorted(ids)

@@ -233,10 +233,17 @@ class StreamConsumer:
         """``XPENDING`` of each entry still pending (owner, deliveries), one round trip."""
         if not entry_ids:
             return {}
-        async with self._r.pipeline(transaction=False) as pipe:
-            for entry_id in entry_ids:
-                pipe.xpending_range(self.layout.stream, self.layout.group, entry_id, entry_id, 1)
-            replies = await pipe.execute()
+        try:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for entry_id in entry_ids:
+                    pipe.xpending_range(
+                        self.layout.stream, self.layout.group, entry_id, entry_id, 1
+                    )
+                replies = await pipe.execute()
+        except redis.exceptions.ResponseError as exc:
+            if not str(exc).startswith("NOGROUP"):
+                raise
+            return {}  # the stream or the group was deleted: nothing is pending any more
         return {e: r[0] for e, r in zip(entry_ids, replies, strict=True) if r}
 
     async def last_errors(self, entry_ids: Sequence[str]) -> dict[str, str]:

@@ -344,15 +344,19 @@ class Service:
         await send.send(batch)
 
     async def _redis(self, operation: Callable[..., Awaitable[_T]], *args: object) -> _T:
-        """A read, retried while Redis is away; a group deleted under us is created again."""
+        """A read, retried while Redis is away; a group deleted under us is created again,
+        and so is the stream: a blocked ``XREADGROUP`` whose stream key was deleted answers
+        ``UNBLOCKED``, any later call ``NOGROUP``. Calls already on the wire go on and
+        settle (acking an entry of a deleted stream is a no-op)."""
 
         async def attempt() -> _T:
             try:
                 return await operation(*args)
             except redis.exceptions.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                     raise
-                self._events.warn("serve.group_recreated", group=self._consumer.layout.group)
+                self._events.warn("serve.group_recreated", group=self._consumer.layout.group,
+                                  reason=str(exc).split(" ", 1)[0])  # fmt: skip
                 await self._consumer.ensure_group()
                 return await operation(*args)
 
