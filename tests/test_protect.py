@@ -82,6 +82,22 @@ def test_a_record_is_protected_by_id_type_status_or_name_and_says_which() -> Non
     assert why(name="Prod-api", status="FINISHED", type="COMMON") is None
 
 
+def test_a_record_missing_a_field_a_rule_reads_is_protected() -> None:
+    """A record with no status was deleted under ``--protected-statuses PROCESSING``: a job
+    whose status we cannot see may be the one the rule is for."""
+    p = Protection.parse(["prod-*"], types=["SERVICE_DEPLOY"], statuses=["PROCESSING"])
+    full = {"name": "diag", "status": "FINISHED", "type": "COMMON"}
+
+    def why(**fields: object) -> str | None:
+        return p.reason(JobRecord.from_api({"id": "job-9", **fields}))
+
+    assert why(**full) is None
+    assert why(**{**full, "status": None}) == "status unknown"
+    assert why(**{**full, "type": None}) == "type unknown"
+    assert why(**{**full, "name": None}) == "name unknown"
+    assert Protection.parse(["id:x"]).reason(JobRecord.from_api({"id": "j"})) is None
+
+
 def test_protect_file_rules_join_the_flag_rules_and_an_unreadable_file_is_config(
     tmp_path: Path,
 ) -> None:

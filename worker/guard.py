@@ -145,6 +145,12 @@ class Protection:
             for pattern in self.names:
                 if fnmatch.fnmatchcase(record.name, pattern):
                     return f"name {pattern}"
+        # A field a rule reads that the record lacks protects it: unknown is not a no.
+        for rules, value, what in ((self.types, record.type, "type"),
+                                   (self.statuses, record.status, "status"),
+                                   (self.names, record.name, "name")):  # fmt: skip
+            if rules and value is None:
+                return f"{what} unknown"
         return None
 
     def protects(self, record: JobRecord) -> bool:
