@@ -144,6 +144,18 @@ def test_a_well_sealed_plan_with_a_bad_id_is_still_refused(tmp_path: Path) -> No
         read_plan(path)
 
 
+def test_a_re_sealed_plan_that_lives_past_the_cap_is_refused(tmp_path: Path) -> None:
+    """The 30-day cap was checked only when a plan was made: a year, re-sealed, passed."""
+    path = tmp_path / "plan.json"
+    write_plan(path, make_plan())
+    data = orjson.loads(path.read_bytes())
+    data["expires_at"] = data["created_at"].replace(str(NOW.year), str(NOW.year + 1), 1)
+    data["digest"] = digest_of(data)
+    path.write_bytes(orjson.dumps(data))
+    with pytest.raises(PlanRefused, match="longer than 30 days"):
+        read_plan(path)
+
+
 # -- verify ------------------------------------------------------------------------------------
 
 

@@ -290,6 +290,8 @@ def _parse(data: Mapping[str, Any]) -> Plan:
     expires = _instant(data["expires_at"])
     if not expires > created:
         raise ValueError("it expires before it was made")
+    if expires - created > MAX_TTL:  # re-sealed by hand: the cap holds for every plan
+        raise ValueError(f"it lives longer than {MAX_TTL.days} days")
     for key in ("project_id", "endpoint"):
         if not isinstance(data[key], str) or not data[key]:
             raise ValueError(f"{key} is missing")
