@@ -112,3 +112,25 @@ async def test_credentials_redis_refuses_are_78_and_never_echoed(
     assert done.returncode == 78, done.stderr
     assert b"refused the user name or password" in done.stderr
     assert b"s3cr3t-canary" not in done.stderr + done.stdout
+
+
+@pytest.mark.anyio
+async def test_a_stream_name_of_a_key_of_another_type_is_a_settings_error(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """--stream naming a string key: Redis answers WRONGTYPE, which was a traceback and
+    exit 1; it is a setting to fix: 78, one clear error, no traceback."""
+    stream = redis_prefix + "wt"
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await client.set(stream, "hello")
+    finally:
+        await client.aclose()
+    source = tmp_path / "ids.txt"
+    source.write_text("a-1\n")
+    done = await enqueue_async("--input", str(source), "--stream", stream, "--redis-url", REDIS_URL)
+    assert done.returncode == 78, done.stderr
+    assert b"Traceback" not in done.stderr
+    events = [orjson.loads(line) for line in done.stderr.splitlines()]
+    (error,) = [e for e in events if e["event"] == "enqueue.config_error"]
+    assert stream in error["error"] and "not a stream" in error["error"]

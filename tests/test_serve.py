@@ -742,3 +742,35 @@ async def test_deleting_the_stream_key_while_it_runs_is_survived_and_calls_in_fl
         await svc.until(lambda: _zero(svc.pending()))
     assert svc.code == 0
     assert sorted(e["job_id"] for e in svc.events("job.deleted")) == sorted(ids)
+
+
+@pytest.mark.anyio
+async def test_serve_on_a_key_of_another_type_exits_78_without_a_traceback(
+    redis_prefix: str,
+) -> None:
+    """--stream naming a string key: XGROUP CREATE answers WRONGTYPE, which was a traceback
+    and exit 1; it is a setting to fix (78), said in one serve.config_error event."""
+    import os
+    import sys
+
+    stream = redis_prefix + "wt"
+    await _set(stream, "hello")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REAPER_", "HUAWEICLOUD_"))}
+    done = await anyio.run_process(
+        [sys.executable, "-m", "worker", "serve", "--dry-run", "--stream", stream,
+         "--redis-url", REDIS_URL, "--http-port", "0", "--log-format", "json"],
+        env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == 78, done.stderr
+    assert b"Traceback" not in done.stderr + done.stdout
+    events = [orjson.loads(line) for line in (done.stderr + done.stdout).splitlines()]
+    (error,) = [e for e in events if e["event"] == "serve.config_error"]
+    assert stream in error["error"] and "not a stream" in error["error"]
+
+
+async def _set(key: str, value: str) -> None:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await client.set(key, value)
+    finally:
+        await client.aclose()

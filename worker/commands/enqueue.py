@@ -10,7 +10,8 @@ Ids are not de-duplicated across the input (that would need memory growing with 
 repeat is deleted once and then answered ``absent``.
 
 stdout is data: one JSON summary line. Exit codes: 0 all enqueued, 1 some rejected, 66 the
-input cannot be read, 69 Redis unreachable, 78 bad settings.
+input cannot be read, 69 Redis unreachable, 78 bad settings (among them a ``--stream`` naming a
+Redis key that is not a stream).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
     import redis.exceptions
 
     from worker.events import EventLog
-    from worker.service.consumer import REDIS_ERRORS, ping
+    from worker.service.consumer import REDIS_ERRORS, not_a_stream, ping
     from worker.sources import read_chunks, read_entries
     from worker.types import Candidate
 
@@ -95,10 +96,15 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
                         events.rejected(entry)
                 if not ids:
                     continue
-                async with client.pipeline(transaction=False) as pipe:
-                    for job_id in ids:
-                        pipe.xadd(settings.stream, {"id": job_id})
-                    added: list[Any] = await pipe.execute()
+                try:
+                    async with client.pipeline(transaction=False) as pipe:
+                        for job_id in ids:
+                            pipe.xadd(settings.stream, {"id": job_id})
+                        added: list[Any] = await pipe.execute()
+                except redis.exceptions.ResponseError as exc:
+                    if "WRONGTYPE" not in str(exc):
+                        raise
+                    raise not_a_stream(settings.stream) from None
                 enqueued += len(added)
                 first = first or _text(added[0])
                 last = _text(added[-1])

@@ -73,7 +73,7 @@ async def serve(
     from worker.service.consumer import REDIS_ERRORS, StreamConsumer
     from worker.service.health import Health, build_app
     from worker.service.inflight import InFlight
-    from worker.service.journal import ServeJournal
+    from worker.service.journal import ServeJournal, persist
     from worker.service.layout import StreamLayout
     from worker.service.metrics import MeteredTransport, ServiceMetrics
     from worker.service.service import Service, ServiceConfig
@@ -114,6 +114,9 @@ async def serve(
             return ExitCode.UNAVAILABLE
         layout = StreamLayout(settings.stream, settings.group)
         consumer = StreamConsumer(client, layout, settings.consumer, reader=reader)
+        # Here, not in the loop's task group: a --stream naming a key of another type is a
+        # ConfigError (78) that reaches main() unwrapped.
+        await persist(consumer.ensure_group, clock, what="group")
         metrics = ServiceMetrics()
         health = Health(clock, stale_after=config.stale_after)
         inflight = InFlight()

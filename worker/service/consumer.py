@@ -44,6 +44,12 @@ async def ping(client: aioredis.Redis) -> None:
         raise ConfigError(f"redis_url: Redis refused it: {exc}") from None
 
 
+def not_a_stream(stream: str) -> ConfigError:
+    """The error for a ``--stream`` naming a Redis key that holds something else
+    (``WRONGTYPE``): a setting to fix, exit 78."""
+    return ConfigError(f"stream {stream!r}: that Redis key holds another type, not a stream")
+
+
 @dataclass(frozen=True, slots=True)
 class GroupInfo:
     """``XINFO GROUPS`` for our group: entries not yet read (``lag``) and not yet acked."""
@@ -127,6 +133,8 @@ class StreamConsumer:
                 self.layout.stream, self.layout.group, id="0", mkstream=True
             )
         except redis.exceptions.ResponseError as exc:
+            if "WRONGTYPE" in str(exc):
+                raise not_a_stream(self.layout.stream) from None
             if "BUSYGROUP" not in str(exc):
                 raise
 
