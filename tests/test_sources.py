@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from worker.errors import InputUnreadable, UsageError
@@ -468,6 +468,22 @@ def test_dash_reads_sys_stdin_buffer_as_text_by_default(monkeypatch: pytest.Monk
     assert shown(list(read_entries("-"))) == [(1, "job-1"), (3, "job-2")]
 
 
+@pytest.mark.parametrize(
+    ("data", "fmt"),
+    [(b'{"id": "job-1"}\n{"job_id": "job-2"}\n', "jsonl"), (b'\n  "job-1"\n"job-2"\n', "jsonl"),
+     (b' ["job-1", {"id": "job-2"}]', "json"), (b"job-1\njob-2\n", "text")],
+)  # fmt: skip
+def test_stdin_with_no_format_named_is_read_as_its_first_bytes_say(data: bytes, fmt: str) -> None:
+    """``discover --output jsonl | run --input -`` rejected every line, read as text."""
+    named = shown(list(read_entries("-", fmt, stdin=io.BytesIO(data))))
+    assert [entry[1] for entry in named] == ["job-1", "job-2"]
+    for packed in (data, gzip.compress(data)):
+        for stdin in (io.BytesIO(packed), Trickle(packed, 3)):
+            assert shown(list(read_entries("-", stdin=stdin))) == named  # type: ignore[arg-type]
+    as_text = list(read_entries("-", "text", stdin=io.BytesIO(b'{"id": "job-1"}\n')))
+    assert not isinstance(as_text[0], Candidate)  # a format named is never second-guessed
+
+
 def test_stdin_is_not_closed_by_the_reader() -> None:
     stdin = io.BytesIO(b"job-1\n")
     with read_entries("-", stdin=stdin) as entries:
@@ -691,7 +707,8 @@ def test_text_lines_match_the_simple_reading_however_the_reads_fall(
 ) -> None:
     lines = [line.replace(b"\n", b"") for line in lines]
     data = newline.join(lines) + (newline if final and lines else b"")
-    reader = read_entries("-", stdin=Trickle(data, step), max_line_bytes=limit)  # type: ignore[arg-type]
+    assume(not data.startswith(b"\x1f\x8b"))  # gzip's magic: read as gzip, tested apart
+    reader = read_entries("-", "text", stdin=Trickle(data, step), max_line_bytes=limit)  # type: ignore[arg-type]
     assert shown(list(reader)) == text_oracle(data, limit)
 
 

@@ -78,7 +78,8 @@ _STRING_BODY = re.compile(r'(?:[^"\\]++|\\.)*+', re.DOTALL)
 def detect_format(name: str, explicit: str = "auto") -> Format:
     """The input format: ``explicit`` unless it is ``auto``, else from the file name.
 
-    ``.txt``, ``.ids``, no suffix and stdin (``-``) are text; ``.jsonl``/``.ndjson`` JSON
+    ``.txt``, ``.ids`` and no suffix are text (stdin, ``-``, is text until its first bytes
+    say otherwise: see :func:`_sniffed`); ``.jsonl``/``.ndjson`` JSON
     Lines; ``.csv`` CSV; ``.json`` a JSON array; a trailing ``.gz`` is looked through. Any
     other suffix is read as text: the strictest reading, where anything that is not an id is
     rejected line by line, visibly. Compression is independent of the format and is detected
@@ -121,7 +122,7 @@ def read_entries(
     kind = detect_format(path, fmt)
     if path == "-":
         source = stdin if stdin is not None else sys.stdin.buffer
-        return EntryReader(path, kind, source, False, max_line_bytes)
+        return EntryReader(path, kind, source, False, max_line_bytes, sniff=fmt == "auto")
     return EntryReader(path, kind, _open(path), True, max_line_bytes)
 
 
@@ -162,9 +163,17 @@ class EntryReader:
     __slots__ = ("_entries", "_parse")
 
     def __init__(
-        self, path: str, fmt: Format, source: IO[bytes], owned: bool, max_line_bytes: int
+        self,
+        path: str,
+        fmt: Format,
+        source: IO[bytes],
+        owned: bool,
+        max_line_bytes: int,
+        *,
+        sniff: bool = False,
     ) -> None:
         self._parse = _Parse(path, fmt, source, owned, max_line_bytes)
+        self._parse.sniff = sniff
         self._entries = self._parse.generate()
 
     def __iter__(self) -> EntryReader:
@@ -209,6 +218,7 @@ class _Parse:
         self._owned = owned
         self._limit = max_line_bytes
         self._progress: _Lines | _JsonArray | None = None
+        self.sniff = False  # stdin with no format named: decided by its first bytes
 
     def release(self) -> None:
         if self._owned:
@@ -227,6 +237,11 @@ class _Parse:
         layers: list[io.BufferedIOBase] = []
         try:
             stream = self._decompressed(layers)
+            if self.sniff:
+                head = _head(stream)
+                self.format = _sniffed(head)
+                stream = io.BufferedReader(_Rewound(head, stream), _READ_SIZE)  # type: ignore[arg-type]
+                layers.append(stream)
             if self.format == "json":
                 self._progress = _JsonArray(stream, self._limit, self._name())
                 yield from self._progress
@@ -516,6 +531,28 @@ class _Lines:
         if overlong is not None or carry:
             self.number += 1
             yield overlong if overlong is not None else self._line(carry)
+
+
+def _head(stream: io.BufferedIOBase) -> bytes:
+    """Bytes read up to the first that is not white space (or the end, or 64 KiB)."""
+    head = b""
+    while not head.strip() and len(head) < 65536:
+        more = stream.read1(_READ_SIZE)
+        if not more:
+            break
+        head += more
+    return head
+
+
+def _sniffed(head: bytes) -> Format:
+    """Stdin's format from its first bytes: ``[`` a JSON array, ``{`` or ``"`` JSON Lines
+    (``discover --output jsonl``), anything else text. None of the three can start an id."""
+    head = head.lstrip()
+    if head.startswith(b"["):
+        return "json"
+    if head.startswith((b"{", b'"')):
+        return "jsonl"
+    return "text"
 
 
 class _Rewound(io.RawIOBase):
