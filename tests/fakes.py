@@ -154,26 +154,27 @@ def simulate(
     *,
     duration: float,
     burst: int = 1,
-    latency: float = 0.002,
+    latency: float | Callable[[float], float] = 0.002,
     concurrency: int = 8,
     controller: PacedController | None = None,
 ) -> Run:
     """Calls paced at the controller's rate against a token-bucket server (as the
-    simulator's), answered ``latency`` later; 429s carry Retry-After in whole seconds."""
+    simulator's), answered ``latency`` later (or ``latency(rate)`` later: a draw for a
+    call sent at that rate); 429s carry Retry-After in whole seconds."""
     ctrl = controller or RateController(0.0)
     server = ServerQuota(quota(0.0), burst, 0.0)
     current = quota(0.0)
     run = Run()
     now = next_slot = 0.0
-    in_flight: list[tuple[float, bool, float]] = []
+    in_flight: list[tuple[float, bool, float, float]] = []
     while now < duration:
         if quota(now) != current:
             current = quota(now)
             server = ServerQuota(current, burst, now)
         while in_flight and in_flight[0][0] <= now:
-            done, ok, retry_after = heapq.heappop(in_flight)
+            done, ok, retry_after, took = heapq.heappop(in_flight)
             ctrl.on_answer(
-                done, throttled=not ok, latency_s=latency, retry_after=retry_after,
+                done, throttled=not ok, latency_s=took, retry_after=retry_after,
                 overloaded=False,
             )  # fmt: skip
         rate = ctrl.rate_at(now)
@@ -189,7 +190,8 @@ def simulate(
         ctrl.on_sent(now)
         wait = server.try_acquire(now)
         (run.ok if wait <= 0 else run.refused).append(now)
-        heapq.heappush(in_flight, (now + latency, wait <= 0, float(retry_after_seconds(wait))))
+        took = latency(rate) if callable(latency) else latency
+        heapq.heappush(in_flight, (now + took, wait <= 0, float(retry_after_seconds(wait)), took))
         run.rates.append((now, rate))
         next_slot = now + 1.0 / rate
     return run

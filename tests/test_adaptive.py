@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
+import statistics
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -283,15 +285,110 @@ def test_after_a_cut_in_a_row_the_climb_back_starts_soon(level: float, hold: flo
     assert ctrl.state.hold == pytest.approx(hold, rel=1e-3)
 
 
-def test_clearly_rising_latency_cuts_but_one_slow_call_does_not() -> None:
-    ctrl = _cruising(AdaptiveConfig(latency_samples=10, latency_factor=3.0, latency_floor_s=0.05))
-    for i in range(10):
-        ctrl.on_success(1.0 + i / 100, 0.01)
-    ctrl.on_success(1.2, 2.0)  # one GC pause
+def test_a_sustained_rise_of_latency_cuts_but_one_slow_call_or_window_does_not() -> None:
+    """The baseline learnt at 50 calls/s; at 100 (a probe passed, say) latency rises."""
+    ctrl = _cruising(AdaptiveConfig(latency_samples=10, latency_factor=1.4, latency_floor_s=0.05))
+    ctrl.restore(replace(ctrl.state, rate=50.0, level=50.0))
+    t = 1.0
+
+    def answers(latencies: list[float]) -> None:
+        nonlocal t
+        for latency in latencies:
+            t += 0.01
+            ctrl.on_success(t, latency)
+
+    answers([0.01] * 30)  # the baseline: three windows
+    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0))
+    answers([0.01] * 9 + [2.0])  # one GC pause
+    answers([0.2] * 10)  # one slow window, then back to usual
+    answers([0.01] * 10)
     assert ctrl.rate == 100.0
-    for i in range(10):
-        ctrl.on_success(2.0 + i / 100, 0.2)
+    answers([0.2] * 20)  # two in a row
     assert ctrl.rate < 100.0
+
+
+def _exponential(rng: random.Random, mean: float) -> Callable[[float], float]:
+    return lambda rate: rng.expovariate(1.0 / mean)
+
+
+def _bimodal(rng: random.Random) -> Callable[[float], float]:
+    """Half the calls fast (jobs already deleted), half slow (real deletes): the median of
+    any window of them lands in one mode or the other by chance."""
+    return lambda rate: rng.uniform(0.005, 0.02) if rng.random() < 0.5 else rng.uniform(0.3, 0.6)
+
+
+_STEADY_LATENCIES: dict[str, Callable[[random.Random], Callable[[float], float]]] = {
+    "exponential 200 ms": lambda rng: _exponential(rng, 0.2),
+    "exponential 2 s": lambda rng: _exponential(rng, 2.0),
+    "bimodal 10 ms / 450 ms": _bimodal,
+}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("spread", list(_STEADY_LATENCIES))
+def test_a_wide_but_steady_latency_never_cuts_the_rate(spread: str, seed: int) -> None:
+    """Latencies drawn from one distribution however wide, and nothing ever refused: the
+    rate never falls, over a quarter of an hour. (Measured against the fastest call seen,
+    such latencies looked like a rise every 50 calls, and the rate sank to 4 calls/s.)"""
+    rng = random.Random(seed)
+    ctrl = RateController(0.0, AdaptiveConfig(max_rate=100.0))
+    run = simulate(lambda t: 1e6, duration=900.0, latency=_STEADY_LATENCIES[spread](rng),
+                   concurrency=10_000, controller=ctrl)  # fmt: skip
+    rates = [rate for _, rate in run.rates]
+    assert all(b >= a for a, b in itertools.pairwise(rates))
+    assert rates[-1] == 100.0
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("spread", list(_STEADY_LATENCIES))
+def test_a_wide_but_steady_latency_leaves_the_quota_in_use(spread: str, seed: int) -> None:
+    """The QA run: quota 50 calls/s (burst 5), answers that take 200 ms on average, and
+    ``--rate auto`` sank 34 -> 17 -> 12 -> 9.5 -> 7.5 calls/s in 40 s. Over ten minutes of
+    such answers, every minute after the first uses nearly all of the quota."""
+    rng = random.Random(seed)
+    quota = 50.0
+    run = simulate(lambda t: quota, duration=600.0, burst=5,
+                   latency=_STEADY_LATENCIES[spread](rng), concurrency=1_000)  # fmt: skip
+    for start in range(60, 600, 60):
+        assert run.accepted_per_s(start, start + 60) >= 0.85 * quota
+    assert run.accepted_per_s(60.0, 600.0) >= 0.95 * quota
+    assert run.refused_share(60.0, 600.0) <= 0.02
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_latency_that_doubles_past_the_servers_capacity_keeps_the_rate_under_it(
+    seed: int,
+) -> None:
+    """No quota, but a server that slows down past 40 calls/s: its answers take twice as
+    long (exponential, 200 ms then 400 ms) once calls come faster. Cruising at 20 calls/s,
+    the probes climb past 40: the rise cuts, and cuts again while it lasts; the rate keeps
+    close under the capacity, probing past it now and then, where without the signal it
+    would climb to ``max_rate``."""
+    rng = random.Random(seed)
+    capacity = 40.0
+
+    def latency(rate: float) -> float:
+        return rng.expovariate(1.0 / (0.2 if rate <= capacity else 0.4))
+
+    ctrl = _cruising(AdaptiveConfig(max_rate=1_000.0))
+    ctrl.restore(replace(ctrl.state, rate=20.0, level=20.0))
+    run = simulate(lambda t: 1e6, duration=600.0, latency=latency, concurrency=10_000,
+                   controller=ctrl)  # fmt: skip
+    late = [rate for t, rate in run.rates if t >= 120.0]
+    assert statistics.median(late) <= 1.02 * capacity
+    assert run.accepted_per_s(120.0, 600.0) >= 0.8 * capacity
+    assert sum(rate > 1.2 * capacity for rate in late) <= 0.05 * len(late)
+
+
+def test_latency_that_stays_high_at_a_rate_once_calm_is_learnt_not_cut() -> None:
+    """The server slows down for its own reasons while the rate holds at a level that had
+    the usual latency: cutting would not cure it. The higher latency becomes the baseline
+    and the rate stands."""
+    config = AdaptiveConfig(latency_samples=10, latency_factor=1.4, latency_floor_s=0.05)
+    ctrl = _cruising(config)
+    for i in range(200):  # calm, then slow from the 100th answer on, all at the level
+        ctrl.on_success(1.0 + i / 100, 0.01 if i < 100 else 0.3)
+    assert ctrl.rate == 100.0
 
 
 def test_state_is_a_value_another_controller_can_adopt() -> None:

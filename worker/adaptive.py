@@ -36,10 +36,23 @@ This controller keeps a ``level`` it believes safe and only ever leaves it on pu
   (``AdaptiveRateLimiter`` waits on ``pause_until``); on a refused probe, or a refusal
   measured as above, only the refused call waits it (the dispatcher's retry policy always
   does).
-- 503s (``on_overload``) and clearly rising latency (the median of the last
-  ``latency_samples`` calls above ``latency_factor`` times the fastest seen plus
-  ``latency_floor_s``: a median, as one slow call or a GC pause is no signal) count as a
-  throttle without ``Retry-After``.
+- 503s (``on_overload``) and a sustained rise of latency count as a throttle without
+  ``Retry-After``. Latency is read in windows of ``latency_samples`` answers, each summed
+  up by its mean without its slowest tenth (one slow call or a GC pause is no signal; a
+  median is no good either: with answers in two modes, already-deleted jobs fast and real
+  deletes slow, it jumps from one mode to the other by chance). The baseline is the median
+  of the last ``latency_baseline`` windows that were not high: the same statistic, robust
+  to one odd window. A window is high above ``latency_factor`` times the baseline plus
+  ``latency_floor_s``, and joins the baseline only under ``latency_join`` of that rise
+  (else the baseline would creep up a rise a window at a time). ``latency_windows`` high
+  windows in a row cut, and go on cutting (in a row: harder) while latency stays high,
+  but only while the rate is above the lowest rate a baseline window was sent at: latency
+  that stays high at a rate that had the baseline's latency all along is not ours to
+  cure, and becomes the new baseline. Answers that come soon after a cut or a pause (the
+  slow ones of calls sent before it) and while starting up (the fast ones of calls sent
+  since the rate doubled) are not a fair sample: see ``_cut`` and ``_latency_rising``.
+  Never compared to the fastest call seen: with a wide spread of latencies that tends to
+  nothing, and every window looked like a rise.
 
 ``RateController`` is pure arithmetic over the times passed in, and what it has learnt is
 the frozen ``ControllerState``: a value another controller can adopt (``restore``). The
@@ -84,9 +97,12 @@ class AdaptiveConfig:
     max_hold: float = 30.0  # ... up to this: the longest a rise of the quota goes unseen
     beta: float = 0.85  # cut on throttles in a row while cruising (the first steps ``step``)
     window: float = 1.0  # seconds of recent sends that say how fast we really send
-    latency_factor: float = 3.0
-    latency_floor_s: float = 0.1
-    latency_samples: int = 50
+    latency_samples: int = 50  # answers per latency window
+    latency_factor: float = 1.4  # a window is high above this times the baseline ...
+    latency_floor_s: float = 0.05  # ... plus this
+    latency_join: float = 0.25  # a window joins the baseline under this share of that rise
+    latency_windows: int = 2  # high windows in a row that cut
+    latency_baseline: int = 9  # the baseline: the median of this many windows, not high
     max_pause: float = 30.0  # longest Retry-After pause honoured
     shared: bool = False  # replicas share the rate: each sends only its share of the
     # calls and sees only its share of the refusals, so growth and probes do not wait for
@@ -106,6 +122,14 @@ class AdaptiveConfig:
             raise ValueError("need 0 < beta < 1, 0 <= margin < 1 and hold_growth >= 1")
         if self.step >= 1:
             raise ValueError("need step < 1: a refusal at the level steps down by it")
+        counts = ("latency_samples", "latency_windows", "latency_baseline")
+        for name in counts:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        if not (self.latency_factor >= 1 and self.latency_floor_s >= 0):
+            raise ValueError("need latency_factor >= 1 and latency_floor_s >= 0")
+        if not 0 <= self.latency_join <= 1:
+            raise ValueError("need 0 <= latency_join <= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +200,9 @@ class RateController(AnswerEvents):
     the phases along between events. Times passed in must not go backwards.
     """
 
-    __slots__ = ("_config", "_latencies", "_min_latency", "_sends", "_state")
+    __slots__ = ("_baseline", "_config", "_high", "_latencies", "_sends", "_settle_until",
+                 "_slowest", "_state", "_window_rate")  # fmt: skip
+    _baseline: deque[tuple[float, float]]  # windows not high: (latency, the rate then)
 
     def __init__(self, now: float, config: AdaptiveConfig | None = None) -> None:
         self._config = config or AdaptiveConfig()
@@ -194,8 +220,12 @@ class RateController(AnswerEvents):
             pause_until=-math.inf,
         )
         self._sends: deque[float] = deque()
-        self._latencies: deque[float] = deque(maxlen=c.latency_samples)
-        self._min_latency = math.inf
+        self._latencies: list[float] = []  # the latency window being filled ...
+        self._window_rate = c.initial_rate  # ... from answers at this rate on
+        self._baseline = deque(maxlen=c.latency_baseline)
+        self._high = 0  # high latency windows in a row
+        self._slowest = 0.0  # the slowest answer in the last window
+        self._settle_until = -math.inf  # answers before this say nothing (see ``_cut``)
 
     @property
     def config(self) -> AdaptiveConfig:
@@ -223,11 +253,16 @@ class RateController(AnswerEvents):
 
     def on_success(self, now: float, latency: float | None = None) -> float:
         """A call was answered (any answer but a throttle or a 503)."""
-        if latency is not None and latency >= 0:
+        if latency is not None and latency >= 0 and now >= self._settle_until:
+            # Windows are answers in the order they come, whenever their calls were sent:
+            # counting only calls sent since a cut would fill the next window with the
+            # ones that came back first, the fast ones.
+            rate = self.rate_at(now)
+            if not self._latencies:
+                self._window_rate = rate
             self._latencies.append(latency)
-            self._min_latency = min(self._min_latency, latency)
-            if self._latency_rising() and now - latency >= self._state.cut_at:
-                self._latencies.clear()
+            # A call sent before the last cut went out at the rate cut: no cut again for it.
+            if self._latency_rising(rate) and now - latency >= self._state.cut_at:
                 return self._cut(now, now - latency)
         return self.rate_at(now)
 
@@ -262,12 +297,43 @@ class RateController(AnswerEvents):
             sends.popleft()
         return len(sends) / span
 
-    def _latency_rising(self) -> bool:
+    def _latency_rising(self, rate: float) -> bool:
+        """Whether a window of latencies has just filled, at ``rate``, and made
+        ``latency_windows`` high ones in a row against the baseline, at a rate above the
+        baseline's (see the module's docstring): then the rate is to be cut. A window not
+        high joins the baseline with the rate it began at (startup grows while it fills:
+        the lower rate is the one known to get the baseline's latency)."""
         c = self._config
-        if len(self._latencies) < c.latency_samples or not math.isfinite(self._min_latency):
+        window = self._latencies
+        if len(window) < c.latency_samples:
             return False
-        middle = statistics.median(self._latencies)
-        return middle > c.latency_factor * self._min_latency + c.latency_floor_s
+        window.sort()
+        typical = statistics.fmean(window[: len(window) - len(window) // 10])
+        self._slowest = window[-1]
+        window.clear()
+        baseline = self._baseline
+        if baseline:
+            usual = statistics.median(latency for latency, _ in baseline)
+            rise = (c.latency_factor - 1.0) * usual + c.latency_floor_s
+            if typical > usual + rise:
+                self._high += 1
+                if self._high < c.latency_windows:
+                    return False
+                self._high = 0
+                if rate > min(sent_at for _, sent_at in baseline):
+                    return True  # windows sent from now on say whether the cut was enough
+                baseline.clear()  # high at a rate that was once calm: not our doing
+            elif typical > usual + c.latency_join * rise:
+                # Neither high nor the baseline's: a baseline that took in every window
+                # under the bar would creep up a rise it is there to see.
+                self._high = 0
+                return False
+        self._high = 0
+        if self._state.phase is not Phase.STARTUP:
+            # Not while starting up: as the rate doubles, the answers that come back first
+            # are the fast ones, and a window of them says less than the latency is.
+            baseline.append((typical, min(rate, self._window_rate)))
+        return False
 
     def _probe_rate(self, s: ControllerState) -> float:
         """``step`` above the level, but no further than halfway to the lowest refused
@@ -407,6 +473,13 @@ class RateController(AnswerEvents):
         if pause_all and retry_after is not None and 0 < retry_after < math.inf:
             pause = max(pause, now + min(retry_after, c.max_pause))
         level = min(max(level, c.min_rate), c.max_rate)
+        # Answers that come in soon after a cut, or a pause, are those of calls sent before
+        # it, the slow ones most of all (the fast came back already): a window of them
+        # would look like a rise. Latency is read again once the slowest answer of the
+        # last window has had time to come back for calls sent since.
+        self._latencies.clear()
+        self._high = 0
+        self._settle_until = max(now, pause) + self._slowest
         self._state = replace(
             s,
             cuts=cuts,
