@@ -774,3 +774,32 @@ async def _set(key: str, value: str) -> None:
         await client.set(key, value)
     finally:
         await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_redelivered_entry_sends_again_only_its_ids_without_an_outcome(
+    redis_prefix: str,
+) -> None:
+    """An ids entry with one id the API refuses (400): the entry is kept pending for it and
+    delivered again, until dead-lettered. Its good ids were sent again on every delivery
+    and logged and written again (deleted, then absent, absent). Now each has one outcome,
+    one call, and only the refused id is tried again."""
+    async with run_simulator(SimulatorConfig(jobs=3)) as probe:  # the seeded ids
+        poison = probe.job_ids()[1]
+    config = SimulatorConfig(jobs=3, reject_ids=frozenset({poison}))
+    async with running(redis_prefix, config, max_deliveries=3, reclaim_after=0.2) as svc:
+        ids = svc.sim.job_ids()
+        assert poison in ids
+        await svc.redis.xadd(svc.layout.stream, {"ids": orjson.dumps(ids)})
+        await svc.until(lambda: _true(bool(svc.events("serve.dead_lettered"))), timeout=30)
+        outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
+    assert svc.code == 0
+    rows = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in outcomes]
+    assert sorted((r["job_id"], r["outcome"]) for r in rows) == sorted(
+        [(i, "deleted") for i in ids if i != poison] + [(poison, "failed")]
+    )
+    assert not svc.events("job.absent")
+    good = [i for i in ids if i != poison]
+    assert all(svc.sim.sent_counts[i] == 1 for i in good), svc.sim.sent_counts
+    assert [e["job_id"] for e in svc.events("job.failed")] == [poison]
+    assert len(svc.events("job.deleted")) == 2

@@ -82,11 +82,25 @@ def outcome_fields(result: Result, entries: Sequence[str]) -> dict[str, str]:
     }
 
 
-def last_error(failures: Sequence[Result]) -> str:
-    """What the dead-letter stream keeps of why an entry kept failing."""
+def last_error(failures: Sequence[Result], done: Sequence[str] = ()) -> str:
+    """What the dead-letter stream keeps of why an entry kept failing; ``done`` names the
+    entry's ids that have their (terminal) outcome already, not to be sent again when the
+    entry is delivered again for its failed ones."""
     last = failures[-1]
     return _error_text([f.job_id for f in failures], last.http_status, last.error_code,
-                       last.error_msg, last.request_id)  # fmt: skip
+                       last.error_msg, last.request_id, done)  # fmt: skip
+
+
+def settled_ids(error: str) -> frozenset[str]:
+    """The ``done`` ids a kept entry's last error names (none when it names none)."""
+    try:
+        said = orjson.loads(error) if error else {}
+    except orjson.JSONDecodeError:
+        return frozenset()
+    done = said.get("done") if isinstance(said, dict) else None
+    if not isinstance(done, list):
+        return frozenset()
+    return frozenset(i for i in done if isinstance(i, str))
 
 
 def error_json(ids: Sequence[str], error: ApiError, message: str) -> str:
@@ -101,11 +115,13 @@ def _error_text(
     error_code: str | None,
     error_msg: str | None,
     request_id: str | None,
+    done: Sequence[str] = (),
 ) -> str:
-    return orjson.dumps(
-        {"ids": ids, "http_status": http_status, "error_code": error_code,
-         "error_msg": error_msg, "request_id": request_id}
-    ).decode()  # fmt: skip
+    said: dict[str, Any] = {"ids": ids, "http_status": http_status, "error_code": error_code,
+                            "error_msg": error_msg, "request_id": request_id}  # fmt: skip
+    if done:
+        said["done"] = list(done)
+    return orjson.dumps(said).decode()
 
 
 class StreamConsumer:
@@ -296,8 +312,10 @@ class StreamConsumer:
         whether it was acknowledged."""
         message = finished.message
         if finished.failures:
+            failed = {f.job_id for f in finished.failures}
+            done = [*message.settled, *(i for i in message.ids if i not in failed)]
             await self._r.hset(
-                self.layout.last_error, message.entry_id, last_error(finished.failures)
+                self.layout.last_error, message.entry_id, last_error(finished.failures, done)
             )
             return False
         async with self._r.pipeline(transaction=True) as pipe:

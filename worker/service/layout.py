@@ -58,7 +58,8 @@ class Message:
 
     ``ids`` are the valid ids, de-duplicated in order; ``rejections`` the invalid ones (never
     sent). ``problem`` is set when the entry cannot be read at all; it then carries no ids.
-    ``payload`` is the entry's fields as text, for the dead-letter stream.
+    ``payload`` is the entry's fields as text, for the dead-letter stream. ``settled`` are
+    ids of the entry that had their outcome on an earlier delivery (taken out of ``ids``).
     """
 
     entry_id: str
@@ -66,6 +67,7 @@ class Message:
     rejections: tuple[Rejection, ...] = ()
     problem: str | None = None
     payload: str = "{}"
+    settled: tuple[str, ...] = ()
 
 
 def _text(value: bytes | str) -> str:

@@ -19,7 +19,7 @@ its own, so Kubernetes does not restart it in a loop.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Protocol, TypeVar
 
@@ -32,7 +32,13 @@ from worker.clock import Clock
 from worker.dispatcher import Working
 from worker.errors import ApiUnavailable, AuthError, NoSuchApi, TlsError
 from worker.events import EventLog
-from worker.service.consumer import REDIS_ERRORS, Entry, StreamConsumer, error_json
+from worker.service.consumer import (
+    REDIS_ERRORS,
+    Entry,
+    StreamConsumer,
+    error_json,
+    settled_ids,
+)
 from worker.service.health import Health
 from worker.service.inflight import InFlight
 from worker.service.journal import ServeJournal, persist
@@ -395,17 +401,27 @@ class Service:
                 ids = [entry_id for entry_id, _ in live]
                 counts = await persist(lambda: self._consumer.deliveries(ids), self._clock,
                                        what="xpending")  # fmt: skip
-        over = [e for e, _ in live if counts.get(e, 1) > self._config.max_deliveries]
-        errors = await self._consumer.last_errors(over) if over else {}
+        # A redelivered entry kept pending for some failed ids names, in its last error, the
+        # ids that have their outcome already: only the others are sent (and failed) again.
+        errors: dict[str, str] = {}
+        if redelivered and live:
+            held = [entry_id for entry_id, _ in live]
+            errors = await persist(lambda: self._consumer.last_errors(held), self._clock,
+                                   what="last error")  # fmt: skip
         send: list[str] = []
         for entry_id, fields in live:
             assert fields is not None
             message = decode_entry(entry_id, fields)
+            done = settled_ids(errors.get(entry_id, ""))
+            if done:
+                remaining = tuple(i for i in message.ids if i not in done)
+                settled = tuple(i for i in message.ids if i in done)
+                message = replace(message, ids=remaining, settled=settled)
             deliveries = counts.get(entry_id, 1)
             if deliveries > self._config.max_deliveries:
                 await self._journal.give_up(message, deliveries, errors.get(entry_id, ""))
                 continue
-            if message.rejections:
+            if message.rejections and not done:  # else recorded with those done
                 await self._journal.rejected(message)
             admission = self._inflight.add(message, deliveries)
             if admission.finished is not None:
