@@ -52,6 +52,15 @@ def test_defaults_with_nothing_set() -> None:
     assert settings.dry_run is False
 
 
+@pytest.mark.parametrize(
+    ("given", "rate"), [(" auto", "auto"), ("AUTO ", "auto"), (" 12.5 ", 12.5)]
+)
+def test_rate_takes_auto_in_any_case_and_spaces_around(given: str, rate: object) -> None:
+    assert load_settings(rate=given).rate == rate
+    with pytest.raises(ConfigError, match="rate"):
+        load_settings(rate="au to")
+
+
 def test_flag_beats_env_beats_config_file_beats_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

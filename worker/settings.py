@@ -157,6 +157,12 @@ class Settings(BaseSettings):
             raise ValueError("must not hold a control character (a line break in a file?)")
         return value
 
+    @field_validator("rate", mode="before")
+    @classmethod
+    def _rate_word(cls, value: object) -> object:
+        """``auto`` as people type it: `` Auto`` from a YAML manifest is still auto."""
+        return value.strip().lower() if isinstance(value, str) else value
+
     @field_validator("ledger", mode="before")
     @classmethod
     def _ledger_path(cls, value: object) -> object:
