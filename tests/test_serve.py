@@ -757,7 +757,7 @@ async def test_serve_on_a_key_of_another_type_exits_78_without_a_traceback(
     await _set(stream, "hello")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REAPER_", "HUAWEICLOUD_"))}
     done = await anyio.run_process(
-        [sys.executable, "-m", "worker", "serve", "--dry-run", "--stream", stream,
+        [sys.executable, "-m", "worker", "serve", "--stream", stream, *NO_API,
          "--redis-url", REDIS_URL, "--http-port", "0", "--log-format", "json"],
         env=env, check=False,
     )  # fmt: skip
@@ -766,6 +766,65 @@ async def test_serve_on_a_key_of_another_type_exits_78_without_a_traceback(
     events = [orjson.loads(line) for line in (done.stderr + done.stdout).splitlines()]
     (error,) = [e for e in events if e["event"] == "serve.config_error"]
     assert stream in error["error"] and "not a stream" in error["error"]
+
+
+NO_API = ["--endpoint", "http://127.0.0.1:9", "--project-id", "p1", "--ak", "AK", "--sk", "SK"]
+"""Settings that pass serve's checks; nothing listens there, and no test here calls it."""
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("flag", "word"), [(["--dry-run"], "dry_run"), (["--max-deletions", "5"], "max_deletions")]
+)
+async def test_serve_refuses_settings_only_a_run_can_keep(
+    redis_prefix: str, flag: list[str], word: str
+) -> None:
+    """``serve --dry-run`` acknowledged every entry as skipped (the queue drained, nothing
+    deleted); ``--max-deletions`` was a cap per replica, spent ids acknowledged as skipped.
+    Both are 78, before Redis is touched."""
+    import os
+    import sys
+
+    stream = redis_prefix + "runonly"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REAPER_", "HUAWEICLOUD_"))}
+    with anyio.fail_after(60):  # a serve that took the flag would run until killed
+        done = await anyio.run_process(
+            [sys.executable, "-m", "worker", "serve", "--stream", stream, *NO_API, *flag,
+             "--redis-url", REDIS_URL, "--http-port", "0", "--log-format", "json"],
+            env=env, check=False,
+        )  # fmt: skip
+    assert done.returncode == 78, done.stderr
+    events = [orjson.loads(line) for line in (done.stderr + done.stdout).splitlines()]
+    (error,) = [e for e in events if e["event"] == "serve.config_error"]
+    assert error["error"].startswith(f"{word} is for run")
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        assert not await client.exists(stream)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_the_shared_auto_rate_pauses_no_longer_than_max_retry_after(
+    redis_prefix: str,
+) -> None:
+    """One 429 saying ``Retry-After: 3000`` held every replica for 30 s whatever
+    ``--max-retry-after`` said: serve built its shared limiter without it."""
+    from tests.fakes import FakeClock
+    from worker.commands.serve import _limiter
+    from worker.settings import Settings
+
+    clock = FakeClock()
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        settings = Settings(rate="auto", max_retry_after=2.0)
+        limiter = _limiter(settings, client, redis_prefix + "ratelimit", clock)
+        limiter.feedback(throttled=True, latency_s=0.0, retry_after=3000.0)
+        await limiter.acquire()
+        assert clock.now() == pytest.approx(2.0, abs=0.01)
+    finally:
+        await client.delete(redis_prefix + "ratelimit")
+        await client.aclose()
 
 
 async def _set(key: str, value: str) -> None:

@@ -36,11 +36,10 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     structlog.contextvars.bind_contextvars(run_id=f"serve-{settings.consumer}")
     log = structlog.get_logger("devserver_reaper")
     try:
-        if not settings.dry_run:
-            settings.require_api()
-        endpoint = settings.api_endpoint if not settings.dry_run else "dry-run"
-        if not settings.dry_run:
-            wiring.project_id(settings)  # before any call: a missing project is exit 78
+        refuse_run_only(settings)
+        settings.require_api()
+        endpoint = settings.api_endpoint
+        wiring.project_id(settings)  # before any call: a missing project is exit 78
         return anyio.run(serve, settings, endpoint)
     except ConfigError as exc:
         log.error("serve.config_error", error=str(exc))
@@ -51,6 +50,25 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     except TransientError as exc:  # a credential service that does not answer
         log.error("serve.credentials_unavailable", error=str(exc))
         return ExitCode.UNAVAILABLE
+
+
+def refuse_run_only(settings: Settings) -> None:
+    """Settings that make sense for one run only, refused (78) rather than half-honoured.
+
+    A dry run settles every id ``skipped`` and acknowledges it: on a shared stream it would
+    take ids off the queue with nothing deleted. ``max_deletions`` caps one run; ``serve``
+    never ends, and its replicas (and its restarts) share no count.
+    """
+    if settings.dry_run:
+        raise ConfigError(
+            "dry_run is for run: serve acknowledges what it settles, so a dry run would take "
+            "ids off the queue with nothing deleted (try them with run --dry-run)"
+        )
+    if settings.max_deletions is not None:
+        raise ConfigError(
+            "max_deletions is for run: serve never ends and its replicas share no count, so "
+            "it could not keep the cap (bound serve with --rate instead)"
+        )
 
 
 async def serve(
@@ -211,12 +229,14 @@ def _limiter(settings: Settings, client: Any, key: str, clock: Any) -> Any:
     through the same shared bucket at the rate it learnt, so the fleet together, not each
     replica, converges on the quota.
     """
+    from worker.adaptive import AdaptiveConfig
     from worker.adaptive_limit import SharedAdaptiveLimiter
     from worker.service.shared_limit import RedisRateLimiter
 
     if settings.rate == "auto":
         shared = RedisRateLimiter(client, key, rate=1.0, burst=1, clock=clock)
-        return SharedAdaptiveLimiter(shared, clock)
+        config = AdaptiveConfig(max_pause=settings.max_retry_after)  # as run's limiter
+        return SharedAdaptiveLimiter(shared, clock, config=config)
     return RedisRateLimiter(client, key, rate=settings.rate, burst=settings.burst, clock=clock)
 
 
