@@ -354,6 +354,26 @@ async def test_discover_without_any_filter_is_refused_unless_all_is_given() -> N
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    "filters",
+    [["--name-regex", "."], ["--older-than", "2099-01-01"], ["--newer-than", "1970-01-01"]],
+)
+async def test_filters_that_match_every_job_need_all_too(
+    tmp_path: Path, filters: list[str]
+) -> None:
+    """``--name-regex .`` is no filter at all, spelt another way: it selected every job
+    without ``--all``."""
+    async with run_simulator(SimulatorConfig(jobs=30, seed=1)) as sim:
+        plan = tmp_path / "plan.json"
+        refused = await reaper(["discover", *filters, "--plan", str(plan)], reaper_env(sim.url))
+        assert refused.code == 64, refused.stderr
+        assert "match every job the project holds (30)" in refused.stderr
+        assert refused.stdout == "" and not plan.exists()
+        meant = await reaper(["discover", *filters, "--all"], reaper_env(sim.url))
+        assert meant.code == 0 and set(meant.stdout.split()) == set(sim.job_ids())
+
+
+@pytest.mark.anyio
 async def test_discover_exits_78_when_the_gateway_does_not_know_the_project() -> None:
     async with run_simulator(SimulatorConfig(jobs=3)) as sim:
         done = await reaper(

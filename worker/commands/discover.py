@@ -62,6 +62,7 @@ class DiscoverRequest:
     plan: Path | None = None
     plan_ttl: timedelta = timedelta(hours=24)
     page_size: int | None = None
+    everything: bool = False  # --all: selecting every job is meant
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, now: datetime) -> DiscoverRequest:
@@ -111,6 +112,7 @@ class DiscoverRequest:
             plan=Path(args.plan) if args.plan else None,
             plan_ttl=ttl,
             page_size=args.page_size,
+            everything=bool(args.all),
         )
 
 
@@ -254,6 +256,13 @@ async def discover(
         reader_calls=reader.calls,
     )
     check_fraction(len(selected), inventory, settings.max_fraction)
+    if len(matched) == inventory > 1 and not request.everything:
+        # Filters that match everything (--name-regex ., --older-than 2099-01-01) are the
+        # "no filter" that --all guards, spelt another way.
+        raise UsageError(
+            f"the filters match every job the project holds ({inventory}): pass --all if "
+            "that is meant"
+        )
     if request.plan is not None:
         now = datetime.now(UTC)
         plan = Plan.create(
