@@ -107,6 +107,18 @@ def test_age_window_is_strict_and_reads_the_chosen_time_field() -> None:
     assert newer.matches(record(create_at=ms + 1)) and not newer.matches(record(create_at=ms))
 
 
+def test_a_job_time_before_2010_is_broken_and_matches_no_age_window() -> None:
+    """``create_at: 0``, or seconds where milliseconds belong, read as 1970: such jobs were
+    "older than" any cut-off and selected."""
+    older = Filters(older_than=datetime(2026, 5, 1, tzinfo=UTC))
+    seconds = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp())
+    for broken in (0, seconds, 1):
+        assert not older.matches(record(create_at=broken))
+        assert "not a plausible job time" in (older.mismatch(record(create_at=broken)) or "")
+    assert older.matches(record(create_at=seconds * 1000))
+    assert not Filters(newer_than=datetime(2000, 1, 1, tzinfo=UTC)).matches(record(create_at=0))
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [({"name_regex": "("}, "regular expression"), ({"status": " "}, "blank"),

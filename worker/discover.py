@@ -33,6 +33,9 @@ _UNITS = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
 _DURATION_RE = re.compile(r"(?:(\d{1,9})([wdhms]))+")
 _PART_RE = re.compile(r"(\d{1,9})([wdhms])")
 _REGEX_LIMIT = 512
+PLAUSIBLE_SINCE = datetime(2010, 1, 1, tzinfo=UTC)
+"""No DevServer job was made before this (ModelArts dates from 2018): a job time before it is
+a time the API got wrong (0, or seconds read as milliseconds) and matches no age window."""
 MAX_SPAN_S = 100 * 366 * 86400
 """The longest duration taken: longer ones overflow date arithmetic, and mean nothing here."""
 SERVER_FIELDS = ("id", "name", "type", "status")
@@ -167,6 +170,9 @@ class Filters:
             when = getattr(record, self.time_field)
             if when is None:
                 return f"{self.time_field} is unknown"
+            if when < PLAUSIBLE_SINCE:
+                # 0, or seconds read as milliseconds: a broken time, not an old job.
+                return f"{self.time_field} {iso(when)} is not a plausible job time"
             if self.older_than is not None and not when < self.older_than:
                 return f"{self.time_field} {iso(when)} is not before {iso(self.older_than)}"
             if self.newer_than is not None and not when > self.newer_than:
