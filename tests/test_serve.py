@@ -28,9 +28,9 @@ from tests.fakes import FakeClock
 from worker.commands.serve import serve
 from worker.errors import ApiTimeout, AuthError, ServerError, ThrottledError
 from worker.service import journal as journal_module
-from worker.service.consumer import StreamConsumer
+from worker.service.consumer import StreamConsumer, error_json, settled_ids
 from worker.service.health import Health, build_app
-from worker.service.inflight import InFlight
+from worker.service.inflight import InFlight, Released
 from worker.service.layout import Message, StreamLayout, decode_entry
 from worker.service.metrics import (
     CALLS,
@@ -129,10 +129,24 @@ def test_released_entries_are_forgotten_without_an_outcome() -> None:
     inflight = InFlight()
     inflight.add(Message("1-0", ("a", "b")), 1)
     inflight.add(Message("2-0", ("c",)), 1)
-    assert inflight.release(["a"]) == {"1-0": ["a"]}  # b, not in the batch, is not named
+    assert inflight.release(["a"]) == {"1-0": Released(["a"], [])}  # b is not in the batch
     assert inflight.settle([_result("b")]) == []  # nobody waits on b any more
     assert len(inflight) == 1 and "2-0" in inflight
     assert repr(inflight) == "InFlight(entries=1, open_ids=1)"
+
+
+def test_an_entry_released_for_the_api_says_which_of_its_ids_are_done() -> None:
+    """An entry kept pending once for a refused id, then released when the API gave out:
+    its last error lost the ids already done, so its next delivery sent them again."""
+    inflight = InFlight()
+    message = Message("1-0", ("b", "c", "d", "e"), settled=("a",))
+    inflight.add(message, 2)
+    assert inflight.settle([_result("b"), _result("e", Outcome.FAILED)]) == []
+    released = inflight.release(["c"])
+    assert released == {"1-0": Released(ids=["c"], done=["a", "b"])}
+    cause = ServerError("503", http_status=503)
+    kept = error_json(released["1-0"].ids, cause, "API unavailable", released["1-0"].done)
+    assert settled_ids(kept) == {"a", "b"}
 
 
 @pytest.mark.parametrize(

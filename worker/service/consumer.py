@@ -103,10 +103,10 @@ def settled_ids(error: str) -> frozenset[str]:
     return frozenset(i for i in done if isinstance(i, str))
 
 
-def error_json(ids: Sequence[str], error: ApiError, message: str) -> str:
+def error_json(ids: Sequence[str], error: ApiError, message: str, done: Sequence[str] = ()) -> str:
     """The same, for ids the API was unavailable for (the error its retries ended on)."""
     return _error_text(list(ids), error.http_status, error.error_code,
-                       error.error_msg or message, error.request_id)  # fmt: skip
+                       error.error_msg or message, error.request_id, done)  # fmt: skip
 
 
 def _error_text(

@@ -45,6 +45,14 @@ class Admission:
     finished: Finished | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Released:
+    """An entry let go without an outcome: the ids it held of the batch, and its ids done."""
+
+    ids: list[str]
+    done: list[str]
+
+
 class InFlight:
     """The entries this consumer holds and the ids they wait on."""
 
@@ -117,18 +125,23 @@ class InFlight:
                     )
         return done
 
-    def release(self, job_ids: Sequence[str]) -> dict[str, list[str]]:
+    def release(self, job_ids: Sequence[str]) -> dict[str, Released]:
         """Forget the entries waiting on ``job_ids`` without an outcome (left pending in
-        Redis for a later delivery); return each entry's id with those of ``job_ids`` it
-        held."""
+        Redis for a later delivery); return, by entry, those of ``job_ids`` it held and its
+        ids that already have an outcome (not to be sent again on its next delivery)."""
         wanted = set(job_ids)
-        dropped: dict[str, list[str]] = {}
+        dropped: dict[str, Released] = {}
         for job_id in job_ids:
             for entry_id in list(self._waiters.get(job_id, ())):
                 waiting = self._entries.pop(entry_id, None)
                 if waiting is None:
                     continue
-                dropped[entry_id] = [i for i in waiting.message.ids if i in wanted]
+                message, failed = waiting.message, {r.job_id for r in waiting.failures}
+                dropped[entry_id] = Released(
+                    ids=[i for i in message.ids if i in wanted],
+                    done=[*message.settled, *(i for i in message.ids
+                                              if i not in waiting.open and i not in failed)],
+                )  # fmt: skip
                 for other in waiting.open:
                     holders = self._waiters.get(other)
                     if holders is not None and entry_id in holders:

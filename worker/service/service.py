@@ -252,8 +252,8 @@ class Service:
                     # Kept with each entry, naming its own ids of the batch: if it is never
                     # delivered with the API up, its dead letter and job.failed say why.
                     dropped = self._inflight.release(batch.ids)
-                    errors = {entry: error_json(ids, exc.cause, str(exc))
-                              for entry, ids in dropped.items()}  # fmt: skip
+                    errors = {entry: error_json(held.ids, exc.cause, str(exc), held.done)
+                              for entry, held in dropped.items()}  # fmt: skip
                     await persist(partial(self._consumer.keep_errors, errors),
                                   self._clock, what="last error")  # fmt: skip
                     self._events.error(
