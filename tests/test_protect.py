@@ -96,6 +96,10 @@ def test_a_record_missing_a_field_a_rule_reads_is_protected() -> None:
     assert why(**{**full, "type": None}) == "type unknown"
     assert why(**{**full, "name": None}) == "name unknown"
     assert Protection.parse(["id:x"]).reason(JobRecord.from_api({"id": "j"})) is None
+    # Spaces around a record's type or status do not hide it, and blank is unknown.
+    assert why(**{**full, "status": " processing\t"}) == "status  processing\t"
+    assert why(**{**full, "type": "SERVICE_DEPLOY "}) == "type SERVICE_DEPLOY "
+    assert why(**{**full, "status": "  "}) == "status unknown"
 
 
 def test_protect_file_rules_join_the_flag_rules_and_an_unreadable_file_is_config(
@@ -328,6 +332,20 @@ async def test_protection_from_a_flag_adds_to_the_config_file_s_and_the_environm
         assert keep and len(keep) < len(jobs)
         assert set(sim.job_ids()) == keep
         assert {i for i, o in _outcomes(out).items() if o == ("skipped", "protected")} == keep
+
+
+def test_rules_in_any_list_shape_are_read_as_rules_and_an_empty_file_name_is_refused(
+    clean_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``protect = ["a, b"]`` in TOML was the one name "a, b", and REAPER_PROTECT as a JSON
+    list one glob: both protected nothing. An empty protect_file was quietly no file."""
+    config = tmp_path / "team.toml"
+    config.write_text('protect = ["prod-a, prod-b"]\n', encoding="utf-8")
+    monkeypatch.setenv("REAPER_PROTECT", '["common-*", "id:job-1"]')
+    assert load_settings(config).protect == ["common-*", "id:job-1", "prod-a", "prod-b"]
+    for empty in ("", " "):
+        with pytest.raises(ConfigError, match="protect_file must be a file path"):
+            load_settings(config, protect_file=empty)
 
 
 def test_a_comma_inside_brackets_is_part_of_a_glob(

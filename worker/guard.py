@@ -137,17 +137,18 @@ class Protection:
         """Which rule protects ``record``, or ``None``."""
         if record.id in self.ids:
             return "id"
-        if record.type is not None and record.type.upper() in self.types:
+        job_type, status = _word(record.type), _word(record.status)
+        if job_type is not None and job_type in self.types:
             return f"type {record.type}"
-        if record.status is not None and record.status.upper() in self.statuses:
+        if status is not None and status in self.statuses:
             return f"status {record.status}"
         if record.name is not None:
             for pattern in self.names:
                 if fnmatch.fnmatchcase(record.name, pattern):
                     return f"name {pattern}"
         # A field a rule reads that the record lacks protects it: unknown is not a no.
-        for rules, value, what in ((self.types, record.type, "type"),
-                                   (self.statuses, record.status, "status"),
+        for rules, value, what in ((self.types, job_type, "type"),
+                                   (self.statuses, status, "status"),
                                    (self.names, record.name, "name")):  # fmt: skip
             if rules and value is None:
                 return f"{what} unknown"
@@ -161,6 +162,12 @@ class Protection:
             f"Protection(ids={len(self.ids)}, names={list(self.names)!r}, "
             f"types={sorted(self.types)!r}, statuses={sorted(self.statuses)!r})"
         )
+
+
+def _word(value: str | None) -> str | None:
+    """A type or status as the rules hold them (stripped, upper case); blank is unknown."""
+    word = None if value is None else value.strip().upper()
+    return word or None
 
 
 def read_protect_file(path: Path) -> list[str]:

@@ -12,6 +12,7 @@ Secrets are ``SecretStr`` and never appear in ``repr``, logs or validation error
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -195,6 +196,8 @@ class Settings(BaseSettings):
                     words = word_list(value)
                     merged += words if isinstance(words, list) else [words]
                 data[name] = merged
+        if any(str(layer.get("protect_file", "-")).strip() == "" for layer in layers or ()):
+            raise ValueError("protect_file must be a file path, not empty")
         settings = handler(data)
         named = [layer.get("protect_file") for layer in layers or ()] or [settings.protect_file]
         files = (Path(name) for name in named if name not in (None, ""))
@@ -344,12 +347,34 @@ _LAYERS_KEY = "__layers__"
 
 
 def word_list(value: object) -> object:
-    """A list (TOML), or one string of comma-separated words (a flag, the environment).
+    """A list (TOML), or one string of comma-separated words (a flag, the environment), or a
+    JSON list in that string (``'["a", "b"]'``, pydantic-settings' form for a list).
 
-    A comma inside brackets is part of a glob (``prod-[ab,c]*``), not a separator."""
+    A comma inside brackets is part of a glob (``prod-[ab,c]*``), not a separator, and an
+    item of a list is split like a string: ``["a, b"]`` is two words, not one that matches
+    nothing."""
     if isinstance(value, str):
-        return [word.strip() for word in _WORD_SEP.split(value) if word.strip()]
+        listed = _json_list(value)
+        if listed is None:
+            return [word.strip() for word in _WORD_SEP.split(value) if word.strip()]
+        value = listed
+    if isinstance(value, list | tuple):
+        words: list[object] = []
+        for item in value:
+            split = word_list(item) if isinstance(item, str) else [item]
+            words += split if isinstance(split, list) else [split]
+        return words
     return value
+
+
+def _json_list(text: str) -> list[object] | None:
+    if not text.strip().startswith("["):
+        return None
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return None  # a glob such as [ab]*
+    return parsed if isinstance(parsed, list) else None
 
 
 _WORD_SEP = re.compile(r"\n|,(?![^\[]*\])")
