@@ -427,6 +427,7 @@ async def test_discover_refuses_a_selection_over_max_fraction_and_writes_no_plan
     [["--older-than", "yesterday"], ["--status", "X", "--plan-ttl", "90d"],
      ["--name-regex", "("], ["--status", "X", "--page-size", "0"],
      ["--older-than", "6M"], ["--older-than", "200000w"],
+     ["--older-than", "0001-01-01T00:00:00+01:00"], ["--newer-than", "9999-12-31T23:59:59-01:00"],
      ["--status", "X", "--plan", "p.json", "--plan-ttl", "999999999w"]],
 )  # fmt: skip
 def test_discover_usage_errors_exit_64_before_any_call(argv: list[str]) -> None:

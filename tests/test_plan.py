@@ -169,6 +169,10 @@ def test_verify_refuses_another_project_endpoint_an_expired_plan_and_one_over_th
         plan.verify(**{**ok, "endpoint": "https://modelarts.cn-east-3.myhuaweicloud.com"})  # type: ignore[arg-type]
     with pytest.raises(PlanRefused, match="expired"):
         plan.verify(**{**ok, "now": NOW + timedelta(hours=24)})  # type: ignore[arg-type]
+    # Made "in the future" (re-sealed by hand to outlive the 30-day cap): refused.
+    plan.verify(**{**ok, "now": NOW - timedelta(minutes=9)})  # type: ignore[arg-type]
+    with pytest.raises(PlanRefused, match="still to come"):
+        plan.verify(**{**ok, "now": NOW - timedelta(minutes=11)})  # type: ignore[arg-type]
     plan.verify(**ok, max_fraction=0.3)  # type: ignore[arg-type]
     with pytest.raises(PlanRefused, match="max_fraction"):
         plan.verify(**ok, max_fraction=0.29)  # type: ignore[arg-type]

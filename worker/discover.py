@@ -83,7 +83,11 @@ def parse_instant(text: str, now: datetime) -> datetime:
             f"not a duration or an ISO-8601 date: {text!r} (e.g. 30d, 12h, 2026-01-31, "
             "2026-01-31T12:00:00Z)"
         ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+01:00 is before the first instant there is
+        raise ValueError(f"not a date that can be compared: {text!r} is out of range") from None
 
 
 def _nonblank(value: str | None, what: str) -> str | None:

@@ -41,6 +41,8 @@ DIGEST_PREFIX = "sha256:"
 _DOMAIN = b"devserver-reaper plan v1\n"
 PLAN_SIZE_LIMIT = 512 * 1024 * 1024
 MAX_TTL = timedelta(days=30)
+CLOCK_SKEW = timedelta(minutes=10)
+"""How far ahead of this machine's clock the machine that made a plan may have been."""
 _JOB_FIELDS = ("id", "type", "status", "name", "user_name", "create_at", "update_at")
 _TOP_FIELDS = frozenset(
     {"version", "project_id", "endpoint", "filters", "created_at", "expires_at",
@@ -171,6 +173,11 @@ class Plan:
         if _normal_endpoint(self.endpoint) != _normal_endpoint(endpoint):
             raise PlanRefused(
                 f"plan is for endpoint {self.endpoint}, not {endpoint}: refusing to apply it"
+            )
+        if self.created_at > now + CLOCK_SKEW:
+            raise PlanRefused(
+                f"plan says it was made at {iso(self.created_at)}, which is still to come: "
+                "a plan re-sealed by hand is not applied"
             )
         if now >= self.expires_at:
             raise PlanRefused(
