@@ -480,8 +480,27 @@ def test_stdin_with_no_format_named_is_read_as_its_first_bytes_say(data: bytes, 
     for packed in (data, gzip.compress(data)):
         for stdin in (io.BytesIO(packed), Trickle(packed, 3)):
             assert shown(list(read_entries("-", stdin=stdin))) == named  # type: ignore[arg-type]
+    for marked in (b"\xef\xbb\xbf" + data, gzip.compress(b"\xef\xbb\xbf" + data)):
+        assert shown(list(read_entries("-", stdin=Trickle(marked, 1)))) == named  # type: ignore[arg-type]
     as_text = list(read_entries("-", "text", stdin=io.BytesIO(b'{"id": "job-1"}\n')))
     assert not isinstance(as_text[0], Candidate)  # a format named is never second-guessed
+
+
+def test_a_byte_order_mark_that_arrives_alone_does_not_end_the_input() -> None:
+    """A pipe that delivered the mark in a read of its own ended the text reader there:
+    every id after it was silently dropped, exit 0 with nothing read."""
+    data = b"\xef\xbb\xbfjob-1\njob-2\n"
+    for step in (1, 3):
+        entries = read_entries("-", "text", stdin=Trickle(data, step))  # type: ignore[arg-type]
+        assert shown(list(entries)) == [(1, "job-1"), (2, "job-2")]
+
+
+def test_a_json_array_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """The gzip check reads two bytes first, so the array reader's first read ended inside
+    the mark, which it then never stripped: the file was "not a JSON array" (66)."""
+    source = tmp_path / "ids.json"
+    source.write_bytes(b'\xef\xbb\xbf["job-1", "job-2"]')
+    assert [e.job_id for e in read_entries(str(source))] == ["job-1", "job-2"]  # type: ignore[union-attr]
 
 
 def test_stdin_is_not_closed_by_the_reader() -> None:

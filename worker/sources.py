@@ -503,7 +503,7 @@ class _Lines:
         block = read(_READ_SIZE)
         while len(block) < len(_BOM) and _BOM.startswith(block) and (more := read(_READ_SIZE)):
             block += more  # a byte order mark cut by a short read
-        block = block.removeprefix(_BOM)
+        block = block.removeprefix(_BOM) or read(_READ_SIZE)  # the mark may be a read alone
         while block:
             lines = block.split(b"\n")
             tail = lines.pop()
@@ -534,9 +534,15 @@ class _Lines:
 
 
 def _head(stream: io.BufferedIOBase) -> bytes:
-    """Bytes read up to the first that is not white space (or the end, or 64 KiB)."""
+    """Bytes read up to the first that is not white space or part of a byte order mark (or
+    the end, or 64 KiB)."""
     head = b""
-    while not head.strip() and len(head) < 65536:
+    while len(head) < 65536:
+        if _BOM.startswith(head[: len(_BOM)]):  # all or part of a byte order mark
+            if head[len(_BOM) :].strip():
+                break
+        elif head.strip():
+            break
         more = stream.read1(_READ_SIZE)
         if not more:
             break
@@ -547,7 +553,7 @@ def _head(stream: io.BufferedIOBase) -> bytes:
 def _sniffed(head: bytes) -> Format:
     """Stdin's format from its first bytes: ``[`` a JSON array, ``{`` or ``"`` JSON Lines
     (``discover --output jsonl``), anything else text. None of the three can start an id."""
-    head = head.lstrip()
+    head = head.removeprefix(_BOM).lstrip()
     if head.startswith(b"["):
         return "json"
     if head.startswith((b"{", b'"')):
@@ -626,7 +632,7 @@ class _JsonArray:
             self._buf += self._text.decode(b"", final=True)
             return False
         text = self._text.decode(data)
-        if not self._started:
+        if not self._started and text:  # a first read may end inside the byte order mark
             self._started = True
             text = text.removeprefix("\ufeff")
         self._buf += text
