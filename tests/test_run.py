@@ -78,6 +78,24 @@ async def test_fault_matrix_every_id_ends_with_exactly_one_outcome(tmp_path: Pat
         assert sample["create_at"].endswith("Z")
 
 
+async def test_a_batch_limit_the_api_keeps_to_itself_is_learnt_once(tmp_path: Path) -> None:
+    """The API takes at most 7 ids a call (it documents no limit). Every batch of 50 used to
+    find that out again by splitting: 15 calls, 7 of them refused, for each batch. The first
+    batch still does; the others go out in pieces of 7 (8 calls each, none refused)."""
+    async with run_simulator(SimulatorConfig(jobs=500, seed=12, max_batch=7)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        out = tmp_path / "results.jsonl"
+        done = await reaper(
+            ["run", "-i", str(src), "--yes", "--results", str(out), "--batch-size", "50",
+             "--concurrency", "1", "--rate", "1000", "--burst", "50"],
+            reaper_env(sim.url),
+        )  # fmt: skip
+        assert done.code == 0, done.stderr
+        assert {row["outcome"] for row in results(out)} == {"deleted"}
+        assert len(results(out)) == 500 and sim.job_ids() == []
+        assert (sim.stats.delete_calls, sim.stats.bad_requests) == (15 + 9 * 8, 7)
+
+
 async def test_dry_run_sends_no_delete(tmp_path: Path) -> None:
     async with run_simulator(SimulatorConfig(jobs=50)) as sim:
         src = write_ids(tmp_path / "ids.txt", sim.job_ids())

@@ -8,7 +8,9 @@ The policy, by error class:
   policy's delay, with a fresh signature. When the budget runs out the API is unavailable:
   the run stops (``ApiUnavailable``) and the ids stay open for the next run.
 - any other 4xx on more than one id: split in halves until the offending ids stand alone;
-  they end ``failed``, the rest proceed. A single id answered 404 is ``absent``.
+  they end ``failed``, the rest proceed. A single id answered 404 is ``absent``. When both
+  halves of a refused batch are then accepted whole, the refusal was the batch's size (the
+  API documents no limit): later batches go out in pieces no larger than the halves were.
 - 401/403 and TLS refusals: raised at once; nothing more is sent by anyone.
 """
 
@@ -121,7 +123,8 @@ def _failed(job_id: str, batch_id: str, attempts: int, error: ApiError) -> Resul
 
 
 class Dispatcher:
-    """Deletes batches. Stateless between batches but for counters shown in ``repr``."""
+    """Deletes batches. Stateless between batches but for counters shown in ``repr`` and the
+    largest batch the API is known to take (``size_cap``)."""
 
     def __init__(
         self,
@@ -150,6 +153,10 @@ class Dispatcher:
         self.calls = 0
         self.splits = 0
         self.reconciled = 0
+        self.size_cap: int | None = None
+        """The most ids the API took in one call after refusing more: learnt, not set."""
+        self._fewest_refused = 0
+        self._most_taken = 0
 
     def __repr__(self) -> str:
         return (
@@ -166,7 +173,12 @@ class Dispatcher:
         if granted < len(batch.ids):
             await self._skip(batch.batch_id, batch.ids[granted:], "max_deletions")
         if granted:
-            await self._delete(batch.batch_id, batch.ids[:granted])
+            ids, cap = batch.ids[:granted], self.size_cap
+            if cap is None or len(ids) <= cap:
+                await self._delete(batch.batch_id, ids)
+                return
+            for number, start in enumerate(range(0, len(ids), cap), start=1):
+                await self._delete(f"{batch.batch_id}.{number}", ids[start : start + cap])
 
     async def _skip(self, batch_id: str, ids: Sequence[str], reason: str) -> None:
         await self._journal.finished(
@@ -176,8 +188,10 @@ class Dispatcher:
             ]
         )
 
-    async def _delete(self, batch_id: str, ids: Sequence[str], *, ambiguous: bool = False) -> None:
-        """``ambiguous``: an earlier attempt on these ids may have been applied unseen."""
+    async def _delete(self, batch_id: str, ids: Sequence[str], *, ambiguous: bool = False) -> bool:
+        """``ambiguous``: an earlier attempt on these ids may have been applied unseen.
+
+        True when the API took the ids as one call (no 4xx made them split)."""
         remaining = tuple(ids)
         attempt = throttled = 0
         while remaining:
@@ -185,7 +199,7 @@ class Dispatcher:
             with self._working.waiting():
                 await self._limiter.acquire()
             if self._stopping():
-                return  # the run began stopping while we waited for a token: send nothing
+                return True  # the run began stopping while we waited: send nothing
             await self._journal.sent(batch_id, remaining, attempt)
             started = self._clock.now()
             self.calls += 1
@@ -196,12 +210,12 @@ class Dispatcher:
                 throttled += isinstance(exc, ThrottledError)
                 ambiguous = ambiguous or isinstance(exc, AMBIGUOUS)
                 if not await self._backoff(exc, batch_id, attempt, throttled, len(remaining)):
-                    return  # the run is stopping: the ids stay open for the next run
+                    return True  # the run is stopping: the ids stay open for the next run
                 continue
             except (ClientError, NotFound) as exc:
                 self._feedback(exc, started)
                 await self._refused(batch_id, remaining, attempt, exc, ambiguous=ambiguous)
-                return
+                return False
             self._feedback(None, started)
             remaining = await self._settle(batch_id, remaining, attempt, answer)
             if remaining and attempt >= self._max_attempts:
@@ -214,7 +228,8 @@ class Dispatcher:
                 await self._journal.finished(
                     [_failed(i, batch_id, attempt, error) for i in remaining]
                 )
-                return
+                return True
+        return True
 
     def _feedback(self, error: ApiError | None, started: float) -> None:
         retry_after = error.retry_after if isinstance(error, ThrottledError) else None
@@ -245,6 +260,13 @@ class Dispatcher:
             await self._clock.sleep(decision.delay_s)
         return not self._stopping()
 
+    def _learn_size(self, *, refused: int, taken: int) -> None:
+        """``refused`` ids in one call were refused whole, and ``taken`` then went through:
+        the cap is the most ids taken that is still under the fewest refused."""
+        self._fewest_refused = min(refused, self._fewest_refused or refused)
+        self._most_taken = max(taken, self._most_taken)
+        self.size_cap = min(self._most_taken, self._fewest_refused - 1)
+
     async def _refused(
         self,
         batch_id: str,
@@ -262,8 +284,10 @@ class Dispatcher:
         if len(ids) > 1:
             self.splits += 1
             half = len(ids) // 2
-            await self._delete(f"{batch_id}.1", ids[:half], ambiguous=ambiguous)
-            await self._delete(f"{batch_id}.2", ids[half:], ambiguous=ambiguous)
+            first = await self._delete(f"{batch_id}.1", ids[:half], ambiguous=ambiguous)
+            second = await self._delete(f"{batch_id}.2", ids[half:], ambiguous=ambiguous)
+            if first and second and isinstance(exc, ClientError) and exc.http_status in (400, 413):
+                self._learn_size(refused=len(ids), taken=len(ids) - half)
             return
         exists = True
         if ambiguous and isinstance(exc, ClientError):
