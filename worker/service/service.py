@@ -165,12 +165,9 @@ class Service:
         self._health.draining = True
 
     async def _pause(self, seconds: float) -> None:
-        """Wait, alive (progress ticks) but unready, until the pause ends or we stop."""
-        end = self._clock.now() + seconds
-        while not self._stop.is_set() and self._clock.now() < end:
-            self._health.progress()
-            with anyio.move_on_after(min(self._config.block, end - self._clock.now())):
-                await self._stop.wait()
+        """Wait, unready (the heartbeat keeps it live), until the pause ends or we stop."""
+        with anyio.move_on_after(seconds):
+            await self._stop.wait()
 
     async def refresh_gauges(self) -> None:
         """Lag and pending count from ``XINFO GROUPS`` (called before each scrape)."""
@@ -265,7 +262,6 @@ class Service:
                     if self._round_scope is not None:
                         self._round_scope.cancel()
                     return
-                self._health.progress()
 
     # -- intake --------------------------------------------------------------------------
     async def _intake(self, send: MemoryObjectSendStream[Batch], scope: anyio.CancelScope) -> None:
@@ -328,7 +324,6 @@ class Service:
                             self._consumer.read_new, count, int(wait * 1000)
                         )
                         ids = await self._admit(entries, redelivered=False)
-                    self._health.progress()
                     for job_id in ids:
                         if first_at is None:
                             first_at = self._clock.now()
