@@ -312,8 +312,7 @@ class StreamConsumer:
         whether it was acknowledged."""
         message = finished.message
         if finished.failures:
-            failed = {f.job_id for f in finished.failures}
-            done = [*message.settled, *(i for i in message.ids if i not in failed)]
+            done = message.done_besides({f.job_id for f in finished.failures})
             await self._r.hset(
                 self.layout.last_error, message.entry_id, last_error(finished.failures, done)
             )

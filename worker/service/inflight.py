@@ -136,12 +136,12 @@ class InFlight:
                 waiting = self._entries.pop(entry_id, None)
                 if waiting is None:
                     continue
-                message, failed = waiting.message, {r.job_id for r in waiting.failures}
+                message = waiting.message
+                failed = {r.job_id for r in waiting.failures}
                 dropped[entry_id] = Released(
                     ids=[i for i in message.ids if i in wanted],
-                    done=[*message.settled, *(i for i in message.ids
-                                              if i not in waiting.open and i not in failed)],
-                )  # fmt: skip
+                    done=message.done_besides(waiting.open | failed),
+                )
                 for other in waiting.open:
                     holders = self._waiters.get(other)
                     if holders is not None and entry_id in holders:

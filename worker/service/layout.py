@@ -15,6 +15,7 @@ The keys all derive from ``settings.stream`` so that one setting names a whole q
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import orjson
@@ -68,6 +69,11 @@ class Message:
     problem: str | None = None
     payload: str = "{}"
     settled: tuple[str, ...] = ()
+
+    def done_besides(self, not_done: Collection[str]) -> list[str]:
+        """The ids with an outcome: those settled before, and those of ``ids`` but
+        ``not_done`` (still open, or failed and to be tried again)."""
+        return [*self.settled, *(i for i in self.ids if i not in not_done)]
 
 
 def _text(value: bytes | str) -> str:
