@@ -187,21 +187,17 @@ class Settings(BaseSettings):
     @classmethod
     def _protection_adds_up(cls, data: Any, handler: ModelWrapValidatorHandler[Settings]) -> Any:
         """Each source's protection joins the others' (see ``ADDED_UP``)."""
-        layers = data.pop(_LAYERS_KEY, None) if isinstance(data, dict) else None
+        layers = (data.pop(_LAYERS_KEY, None) if isinstance(data, dict) else None) or []
         for name in ("protect", "protected_types", "protected_statuses"):
-            given = [value for layer in layers or () if (value := layer.get(name)) is not None]
+            given = [value for layer in layers if (value := layer.get(name)) is not None]
             if len(given) > 1:
-                merged: list[object] = []
-                for value in given:
-                    words = word_list(value)
-                    merged += words if isinstance(words, list) else [words]
-                data[name] = merged
-        if any(str(layer.get("protect_file", "-")).strip() == "" for layer in layers or ()):
+                data[name] = word_list(given)  # each source's words, in one list
+        named = [layer["protect_file"] for layer in layers if "protect_file" in layer]
+        if any(not str(name).strip() for name in named):
             raise ValueError("protect_file must be a file path, not empty")
         settings = handler(data)
-        named = [layer.get("protect_file") for layer in layers or ()] or [settings.protect_file]
-        files = (Path(name) for name in named if name not in (None, ""))
-        settings._protect_files = tuple(dict.fromkeys(files))
+        files: list[Path | None] = [Path(name) for name in named] or [settings.protect_file]
+        settings._protect_files = tuple(dict.fromkeys(f for f in files if f is not None))
         return settings
 
     @field_validator("protected_types", "protected_statuses")
@@ -360,8 +356,8 @@ def word_list(value: object) -> object:
         value = listed
     if isinstance(value, list | tuple):
         words: list[object] = []
-        for item in value:
-            split = word_list(item) if isinstance(item, str) else [item]
+        for item in value:  # a string, or one source's list when sources add up
+            split = word_list(item)
             words += split if isinstance(split, list) else [split]
         return words
     return value
@@ -380,16 +376,27 @@ def _json_list(text: str) -> list[object] | None:
 _WORD_SEP = re.compile(r"\n|,(?![^\[]*\])")
 
 
-class _Layer(PydanticBaseSettingsSource):
-    """Passes a source's values through, noting what it gave for ``ADDED_UP``."""
-
-    def __init__(self, inner: PydanticBaseSettingsSource, layers: list[dict[str, Any]]) -> None:
-        super().__init__(inner.settings_cls)
-        self._inner = inner
-        self._layers = layers
+class _Whole(PydanticBaseSettingsSource):
+    """A source that gives all its values at once (``__call__``), none field by field."""
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False
+
+
+class _Wrapping(_Whole):
+    """A source made of another one's values."""
+
+    def __init__(self, inner: PydanticBaseSettingsSource) -> None:
+        super().__init__(inner.settings_cls)
+        self._inner = inner
+
+
+class _Layer(_Wrapping):
+    """Passes a source's values through, noting what it gave for ``ADDED_UP``."""
+
+    def __init__(self, inner: PydanticBaseSettingsSource, layers: list[dict[str, Any]]) -> None:
+        super().__init__(inner)
+        self._layers = layers
 
     def __call__(self) -> dict[str, Any]:
         data = self._inner()
@@ -397,11 +404,8 @@ class _Layer(PydanticBaseSettingsSource):
         return {**data, _LAYERS_KEY: self._layers}
 
 
-class _SdkEnvironment(PydanticBaseSettingsSource):
+class _SdkEnvironment(_Whole):
     """``HUAWEICLOUD_SDK_*``: honoured, but the more specific ``REAPER_*`` wins over them."""
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
         return {
@@ -411,7 +415,7 @@ class _SdkEnvironment(PydanticBaseSettingsSource):
         }
 
 
-class _SecretFiles(PydanticBaseSettingsSource):
+class _SecretFiles(_Wrapping):
     """Reads ``ak_file``, ``sk_file`` and ``security_token_file`` within one source.
 
     Resolving per source keeps precedence for the secret itself (``--sk`` beats
@@ -422,12 +426,8 @@ class _SecretFiles(PydanticBaseSettingsSource):
     """
 
     def __init__(self, inner: PydanticBaseSettingsSource, decided: set[str]) -> None:
-        super().__init__(inner.settings_cls)
-        self._inner = inner
+        super().__init__(inner)
         self._decided = decided
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
         data = dict(self._inner())
