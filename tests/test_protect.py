@@ -229,8 +229,9 @@ async def test_under_a_plan_only_planned_jobs_that_still_match_go_on() -> None:
         sim.add_jobs(4, status="FINISHED")
         finished = [i for i, j in sim.store.jobs.items() if j.status == "FINISHED"]
         planned, stranger = finished[:-1], finished[-1]
+        reviewed = {i: JobRecord.from_api(sim.store.jobs[i].record()) for i in planned}
         sim.set_status(planned[0], "FAILED")
-        check = PlanCheck(frozenset(planned), Filters(status="FINISHED"))
+        check = PlanCheck(Filters(status="FINISHED"), reviewed)
         async with guarded(sim.url, Protection(), check) as (guard, rec):
             await guard.process(Batch("b1", (*planned, stranger)))
         assert rec.passed == planned[1:]

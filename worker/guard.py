@@ -46,6 +46,7 @@ from worker.types import JOB_ID_RE, Batch, JobRecord, Outcome, Result
 
 if TYPE_CHECKING:
     from worker.client import JobPage
+    from worker.plan import Plan
 
 _T = TypeVar("_T")
 _GLOB_CHARS = frozenset("*?[")
@@ -309,12 +310,15 @@ class Outcomes(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class PlanCheck:
-    """What a job must still be to be deleted under a plan: one of its ids, matching its
-    filters, and what the reviewer saw of it (``reviewed``: id -> the plan's fields)."""
+    """What a job must still be to be deleted under a plan: one of its jobs (``reviewed``:
+    id -> what the reviewer saw of it), matching its filters, and as it was reviewed."""
 
-    ids: frozenset[str]
     filters: Filters
-    reviewed: Mapping[str, Reviewed] = field(default_factory=dict)
+    reviewed: Mapping[str, Reviewed]
+
+    @classmethod
+    def of(cls, plan: Plan) -> PlanCheck:
+        return cls(plan.filters, {job.id: job for job in plan.jobs})
 
     def changed(self, record: JobRecord) -> str | None:
         """Which field the job no longer has as reviewed (``status was ... , now ...``).
@@ -324,8 +328,8 @@ class PlanCheck:
         matches. Times are left out: ``update_at`` moves with no change a reviewer cares about.
         """
         seen = self.reviewed.get(record.id)
-        if seen is None:
-            return None
+        if seen is None:  # the show call answered with another job than the one asked for
+            return f"id {record.id!r} is not one the plan holds"
         for name in ("type", "status", "name", "user_name"):
             then, now = getattr(seen, name), getattr(record, name)
             if then != now:
@@ -391,7 +395,7 @@ class Guard:
         for job_id in batch.ids:
             if self._protection.protects_id(job_id):
                 ended.append(self._skip(job_id, batch, "protected", "id"))
-            elif self._plan is not None and job_id not in self._plan.ids:
+            elif self._plan is not None and job_id not in self._plan.reviewed:
                 ended.append(self._skip(job_id, batch, "not_in_plan", None))
             else:
                 remaining.append(job_id)

@@ -33,7 +33,6 @@ import orjson
 
 from worker.discover import Filters, matched_fields
 from worker.errors import InputUnreadable, UsageError
-from worker.guard import PlanCheck
 from worker.types import JOB_ID_RE, JobRecord, iso
 
 PLAN_VERSION = 1
@@ -136,10 +135,6 @@ class Plan:
     @property
     def ids(self) -> tuple[str, ...]:
         return tuple(job.id for job in self.jobs)
-
-    def check(self) -> PlanCheck:
-        """What the guard re-checks of each job just before its batch goes out."""
-        return PlanCheck(frozenset(self.ids), self.filters, {job.id: job for job in self.jobs})
 
     def to_json(self) -> dict[str, Any]:
         body = _body(

@@ -42,7 +42,7 @@ from worker.errors import (
 )
 from worker.events import EventLog
 from worker.exit_codes import ExitCode
-from worker.guard import load_protection
+from worker.guard import PlanCheck, load_protection
 from worker.journal import (
     LedgerPort,
     ResultsWriter,
@@ -312,7 +312,7 @@ async def _run(
                 clock=clock,
                 stopping=lambda: state.stopping,
                 protection=protection,
-                plan=None if plan is None else plan.check(),
+                plan=None if plan is None else PlanCheck.of(plan),
                 working=working,
             )
             pipeline = Pipeline(
