@@ -153,10 +153,15 @@ class Dispatcher:
         self.calls = 0
         self.splits = 0
         self.reconciled = 0
-        self.size_cap: int | None = None
+        self._fewest_refused = 0  # ids in the smallest call refused whole for its size
+        self._most_taken = 0  # ids in the largest call taken after such a refusal
+
+    @property
+    def size_cap(self) -> int | None:
         """The most ids the API took in one call after refusing more: learnt, not set."""
-        self._fewest_refused = 0
-        self._most_taken = 0
+        if not self._most_taken:
+            return None
+        return min(self._most_taken, self._fewest_refused - 1)
 
     def __repr__(self) -> str:
         return (
@@ -261,11 +266,9 @@ class Dispatcher:
         return not self._stopping()
 
     def _learn_size(self, *, refused: int, taken: int) -> None:
-        """``refused`` ids in one call were refused whole, and ``taken`` then went through:
-        the cap is the most ids taken that is still under the fewest refused."""
+        """``refused`` ids in one call were refused whole, and ``taken`` then went through."""
         self._fewest_refused = min(refused, self._fewest_refused or refused)
         self._most_taken = max(taken, self._most_taken)
-        self.size_cap = min(self._most_taken, self._fewest_refused - 1)
 
     async def _refused(
         self,
