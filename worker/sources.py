@@ -172,8 +172,7 @@ class EntryReader:
         *,
         sniff: bool = False,
     ) -> None:
-        self._parse = _Parse(path, fmt, source, owned, max_line_bytes)
-        self._parse.sniff = sniff
+        self._parse = _Parse(path, fmt, source, owned, max_line_bytes, sniff)
         self._entries = self._parse.generate()
 
     def __iter__(self) -> EntryReader:
@@ -210,7 +209,13 @@ class _Parse:
     """The state of one read: the source, the format, and the progress for messages."""
 
     def __init__(
-        self, path: str, fmt: Format, source: IO[bytes], owned: bool, max_line_bytes: int
+        self,
+        path: str,
+        fmt: Format,
+        source: IO[bytes],
+        owned: bool,
+        max_line_bytes: int,
+        sniff: bool,
     ) -> None:
         self.path = path
         self.format: Format = fmt
@@ -218,7 +223,7 @@ class _Parse:
         self._owned = owned
         self._limit = max_line_bytes
         self._progress: _Lines | _JsonArray | None = None
-        self.sniff = False  # stdin with no format named: decided by its first bytes
+        self.sniff = sniff  # stdin with no format named: decided by its first bytes
 
     def release(self) -> None:
         if self._owned:
