@@ -228,7 +228,6 @@ async def discover(
     selected: list[JobRecord] = []
     protected = invalid = 0
     for record in matched:
-        rule = protection.reason(record)
         if not JOB_ID_RE.fullmatch(record.id):
             # Printed, "old-1\nvictim-2" would be two ids to the run it is piped to, the second
             # one nobody selected; a plan holding it would be refused whole.
@@ -236,7 +235,9 @@ async def discover(
             log.warning("discover.invalid_id", job_id=escape(record.id),
                         reason="the API listed a job whose id is not 1 to 64 letters, digits, "
                                "'-' or '_': left out, since run would refuse it")  # fmt: skip
-        elif rule is None:
+            continue
+        rule = protection.reason(record)
+        if rule is None:
             selected.append(record)
         else:
             protected += 1
