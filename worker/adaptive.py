@@ -253,18 +253,18 @@ class RateController(AnswerEvents):
 
     def on_success(self, now: float, latency: float | None = None) -> float:
         """A call was answered (any answer but a throttle or a 503)."""
+        rate = self.rate_at(now)
         if latency is not None and latency >= 0 and now >= self._settle_until:
             # Windows are answers in the order they come, whenever their calls were sent:
             # counting only calls sent since a cut would fill the next window with the
             # ones that came back first, the fast ones.
-            rate = self.rate_at(now)
             if not self._latencies:
                 self._window_rate = rate
             self._latencies.append(latency)
             # A call sent before the last cut went out at the rate cut: no cut again for it.
             if self._latency_rising(rate) and now - latency >= self._state.cut_at:
                 return self._cut(now, now - latency)
-        return self.rate_at(now)
+        return rate
 
     def on_throttle(
         self, now: float, retry_after: float | None = None, latency: float | None = None
