@@ -209,6 +209,17 @@ async def discover_plan(url: str, path: Path, *extra: str) -> None:
     assert done.stdout == ""
 
 
+async def apply_plan(url: str, path: Path, out: Path) -> dict[str, dict[str, Any]]:
+    """``run --plan`` to the end (exit 0): its results file's rows, by id."""
+    done = await reaper(
+        ["run", "--plan", str(path), "--yes", "--results", str(out), "--rate", "1000",
+         "--burst", "50"],
+        reaper_env(url),
+    )  # fmt: skip
+    assert done.code == 0, done.stderr
+    return {row["job_id"]: row for row in results(out)}
+
+
 @pytest.mark.anyio
 async def test_a_plan_applied_after_changes_deletes_the_rest_and_skips_what_changed(
     tmp_path: Path,
@@ -225,14 +236,7 @@ async def test_a_plan_applied_after_changes_deletes_the_rest_and_skips_what_chan
             sim.set_status(job_id, "PROCESSING")
         sim.store.delete([gone])
         extra = sim.add_jobs(5, status="FINISHED", name="common-late")[0]  # not in the plan
-        out = tmp_path / "results.jsonl"
-        done = await reaper(
-            ["run", "--plan", str(path), "--yes", "--results", str(out), "--rate", "1000",
-             "--burst", "50"],
-            reaper_env(sim.url),
-        )  # fmt: skip
-        assert done.code == 0, done.stderr
-        rows = {row["job_id"]: row for row in results(out)}
+        rows = await apply_plan(sim.url, path, tmp_path / "results.jsonl")
         assert set(rows) == set(planned)
         for job_id in changed:
             assert rows[job_id]["outcome"] == "skipped"
@@ -263,14 +267,7 @@ async def test_a_job_that_changed_outside_the_plan_s_filters_is_not_deleted(
         sim.set_status(restarted, "RESTARTING" if was != "RESTARTING" else "PROCESSING")
         sim.store.jobs[renamed] = dataclasses.replace(sim.store.jobs[renamed], name="prod-db")
         sim.store.jobs[reowned] = dataclasses.replace(sim.store.jobs[reowned], user_name="eve")
-        out = tmp_path / "results.jsonl"
-        done = await reaper(
-            ["run", "--plan", str(path), "--yes", "--results", str(out), "--rate", "1000",
-             "--burst", "50"],
-            reaper_env(sim.url),
-        )  # fmt: skip
-        assert done.code == 0, done.stderr
-        rows = {row["job_id"]: row for row in results(out)}
+        rows = await apply_plan(sim.url, path, tmp_path / "results.jsonl")
         for job_id, field in ((restarted, "status"), (renamed, "name"), (reowned, "user_name")):
             row = rows[job_id]
             assert (row["outcome"], row["reason"]) == ("skipped", "plan_mismatch")

@@ -764,26 +764,34 @@ async def test_serve_on_a_key_of_another_type_exits_78_without_a_traceback(
 ) -> None:
     """--stream naming a string key: XGROUP CREATE answers WRONGTYPE, which was a traceback
     and exit 1; it is a setting to fix (78), said in one serve.config_error event."""
-    import os
-    import sys
-
     stream = redis_prefix + "wt"
     await _set(stream, "hello")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REAPER_", "HUAWEICLOUD_"))}
-    done = await anyio.run_process(
-        [sys.executable, "-m", "worker", "serve", "--stream", stream, *NO_API,
-         "--redis-url", REDIS_URL, "--http-port", "0", "--log-format", "json"],
-        env=env, check=False,
-    )  # fmt: skip
-    assert done.returncode == 78, done.stderr
-    assert b"Traceback" not in done.stderr + done.stdout
-    events = [orjson.loads(line) for line in (done.stderr + done.stdout).splitlines()]
-    (error,) = [e for e in events if e["event"] == "serve.config_error"]
-    assert stream in error["error"] and "not a stream" in error["error"]
+    error = await _serve_config_error(stream)
+    assert stream in error and "not a stream" in error
 
 
 NO_API = ["--endpoint", "http://127.0.0.1:9", "--project-id", "p1", "--ak", "AK", "--sk", "SK"]
 """Settings that pass serve's checks; nothing listens there, and no test here calls it."""
+
+
+async def _serve_config_error(stream: str, *flags: str) -> str:
+    """``serve`` as a process that must exit 78 with one ``serve.config_error`` and no
+    traceback; the error it gives."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REAPER_", "HUAWEICLOUD_"))}
+    with anyio.fail_after(60):  # a serve that took the settings would run until killed
+        done = await anyio.run_process(
+            [sys.executable, "-m", "worker", "serve", "--stream", stream, *NO_API, *flags,
+             "--redis-url", REDIS_URL, "--http-port", "0", "--log-format", "json"],
+            env=env, check=False,
+        )  # fmt: skip
+    assert done.returncode == 78, done.stderr
+    assert b"Traceback" not in done.stderr + done.stdout
+    events = [orjson.loads(line) for line in (done.stderr + done.stdout).splitlines()]
+    (error,) = [e for e in events if e["event"] == "serve.config_error"]
+    return str(error["error"])
 
 
 @pytest.mark.anyio
@@ -796,21 +804,9 @@ async def test_serve_refuses_settings_only_a_run_can_keep(
     """``serve --dry-run`` acknowledged every entry as skipped (the queue drained, nothing
     deleted); ``--max-deletions`` was a cap per replica, spent ids acknowledged as skipped.
     Both are 78, before Redis is touched."""
-    import os
-    import sys
-
     stream = redis_prefix + "runonly"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REAPER_", "HUAWEICLOUD_"))}
-    with anyio.fail_after(60):  # a serve that took the flag would run until killed
-        done = await anyio.run_process(
-            [sys.executable, "-m", "worker", "serve", "--stream", stream, *NO_API, *flag,
-             "--redis-url", REDIS_URL, "--http-port", "0", "--log-format", "json"],
-            env=env, check=False,
-        )  # fmt: skip
-    assert done.returncode == 78, done.stderr
-    events = [orjson.loads(line) for line in (done.stderr + done.stdout).splitlines()]
-    (error,) = [e for e in events if e["event"] == "serve.config_error"]
-    assert error["error"].startswith(f"{word} is for run")
+    error = await _serve_config_error(stream, *flag)
+    assert error.startswith(f"{word} is for run")
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
         assert not await client.exists(stream)
@@ -824,9 +820,7 @@ async def test_the_shared_auto_rate_pauses_no_longer_than_max_retry_after(
 ) -> None:
     """One 429 saying ``Retry-After: 3000`` held every replica for 30 s whatever
     ``--max-retry-after`` said: serve built its shared limiter without it."""
-    from tests.fakes import FakeClock
     from worker.commands.serve import _limiter
-    from worker.settings import Settings
 
     clock = FakeClock()
     client = aioredis.Redis.from_url(REDIS_URL)
