@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from worker.adaptive import RateController
-from worker.adaptive_limit import PacedController
-from worker.ratelimit import RateLimiter
+from worker.pacing.adaptive import PacedController
+from worker.pacing.bucket import RateLimiter
+from worker.pacing.controller import RateController
 from worker.simulator.quota import TokenBucket as ServerQuota
 from worker.simulator.quota import retry_after_seconds
 

@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fakes import FakeClock, paced_sends, simulate
-from worker.adaptive import AdaptiveConfig, Phase, RateController
-from worker.adaptive_limit import AdaptiveRateLimiter, SharedAdaptiveLimiter, build_limiter
 from worker.clock import MonotonicClock
-from worker.ratelimit import LocalRateLimiter, RateLimiter
+from worker.pacing.adaptive import AdaptiveRateLimiter, SharedAdaptiveLimiter, build_limiter
+from worker.pacing.bucket import LocalRateLimiter, RateLimiter
+from worker.pacing.controller import AdaptiveConfig, Phase, RateController
 from worker.simulator.quota import TokenBucket as ServerQuota
 from worker.simulator.quota import retry_after_seconds
 
@@ -563,12 +563,12 @@ async def test_finds_the_simulators_quota_over_real_http() -> None:
     first 429, and a few seconds later the server accepts nearly the quota and refuses
     at most one call a second."""
     from tests.benchmarks.harness import AK, PROJECT, SK, NullJournal
+    from worker.api.client import ApiClient
+    from worker.api.credentials import Credentials, StaticCredentials
+    from worker.api.session import make_session
     from worker.batcher import DeletionBudget
-    from worker.client import ApiClient
-    from worker.credentials import Credentials, StaticCredentials
     from worker.dispatcher import Dispatcher
-    from worker.http import make_session
-    from worker.retry import RetryPolicy
+    from worker.pacing.retry import RetryPolicy
     from worker.simulator import SimulatorConfig, run_simulator
     from worker.types import Batch
 

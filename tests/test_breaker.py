@@ -9,15 +9,15 @@ import anyio
 import pytest
 
 from tests.fakes import FakeClock
-from worker.breaker import (
+from worker.api.client import JobPage
+from worker.errors import ApiTimeout, ClientError, NetworkError, ServerError, ThrottledError
+from worker.pacing.breaker import (
     BreakerConfig,
     BreakerTransport,
     CircuitBreaker,
     CircuitOpenError,
     CircuitState,
 )
-from worker.client import JobPage
-from worker.errors import ApiTimeout, ClientError, NetworkError, ServerError, ThrottledError
 from worker.types import DeleteResult, JobRecord
 
 

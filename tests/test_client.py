@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from worker.client import (
+from worker.api.client import (
     USER_AGENT,
     ApiClient,
     JobPage,
@@ -32,7 +32,9 @@ from worker.client import (
     make_session,
     parse_retry_after,
 )
-from worker.credentials import Credentials, StaticCredentials
+from worker.api.credentials import Credentials, StaticCredentials
+from worker.api.session import SHOW_HEADROOM
+from worker.api.signer import parse_authorization, parse_sdk_date, verify
 from worker.errors import (
     AMBIGUOUS,
     ApiError,
@@ -46,8 +48,6 @@ from worker.errors import (
     ServerError,
     ThrottledError,
 )
-from worker.http import SHOW_HEADROOM
-from worker.signer import parse_authorization, parse_sdk_date, verify
 from worker.simulator import FaultConfig, Simulator, SimulatorConfig, run_simulator
 from worker.types import DeleteResult
 

@@ -18,7 +18,7 @@ import anyio
 import pytest
 from aiohttp import web
 
-from worker.credentials import (
+from worker.api.credentials import (
     Credentials,
     CredentialsRefused,
     CredentialsUnavailable,
@@ -635,7 +635,7 @@ async def test_repr_and_str_of_sources_keys_and_errors_never_show_secrets(
 
 
 def test_parse_of_a_malformed_answer_names_fields_not_values() -> None:
-    from worker.credentials import parse_temporary
+    from worker.api.credentials import parse_temporary
 
     body = json.dumps({"credential": {"access": "A", "securitytoken": TOKEN_CANARY}}).encode()
     with pytest.raises(CredentialsUnavailable, match="secret, expires_at") as caught:

@@ -19,14 +19,14 @@ from hypothesis import strategies as st
 
 from tests.e2e import SIM_AK, SIM_PROJECT, SIM_SK, reaper, reaper_env
 from tests.fakes import FakeClock
-from worker.client import ApiClient, make_session
+from worker.api.client import ApiClient, make_session
+from worker.api.credentials import Credentials, StaticCredentials
 from worker.commands.discover import scan_jobs
-from worker.credentials import Credentials, StaticCredentials
-from worker.discover import Filters, parse_duration, parse_instant
+from worker.discovery.filters import Filters, parse_duration, parse_instant
+from worker.discovery.guard import PacedReader
 from worker.errors import ApiUnavailable
-from worker.guard import PacedReader
-from worker.ratelimit import UnlimitedRateLimiter
-from worker.retry import RetryPolicy
+from worker.pacing.bucket import UnlimitedRateLimiter
+from worker.pacing.retry import RetryPolicy
 from worker.simulator import JOBS_EPOCH_MS, Job, SimulatorConfig, run_simulator
 from worker.types import JobRecord
 

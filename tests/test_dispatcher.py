@@ -24,8 +24,8 @@ from worker.errors import (
     ServerError,
     ThrottledError,
 )
-from worker.ratelimit import UnlimitedRateLimiter
-from worker.retry import RetryPolicy
+from worker.pacing.bucket import UnlimitedRateLimiter
+from worker.pacing.retry import RetryPolicy
 from worker.types import Batch, DeleteResult, JobRecord, Outcome, Result
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from worker import logsetup
-from worker.events import EventLog, rejection_event, result_event
+from worker.outcomes.events import EventLog, rejection_event, result_event
 from worker.types import JobRecord, Outcome, Rejection, Result, _parse_time, iso
 
 _STAMP = re.compile(rb'"timestamp":"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"')

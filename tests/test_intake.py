@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.intake import Deduper, Deduplicator, escape, validate
+from worker.input.intake import Deduper, Deduplicator, escape, validate
 from worker.types import JOB_ID_RE, Candidate, Rejection
 
 VALID_CHARS = string.ascii_letters + string.digits + "-_"

@@ -12,9 +12,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from worker.errors import OutcomeConflict, ResultsUnwritable
-from worker.events import EventLog
-from worker.journal import LedgerPort, ResultsWriter, RunJournal, Tally, rewrite_results
 from worker.ledger import Ledger, TemporaryLedger
+from worker.outcomes.events import EventLog
+from worker.outcomes.journal import LedgerPort, ResultsWriter, RunJournal, Tally, rewrite_results
 from worker.types import Candidate, Outcome, Result
 
 pytestmark = pytest.mark.anyio

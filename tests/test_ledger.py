@@ -569,7 +569,7 @@ def test_a_temporary_ledger_holds_no_more_than_its_memory_limit_in_memory() -> N
 
 @pytest.mark.anyio
 async def test_the_port_admits_on_the_event_loop_only_while_the_ids_fit_in_memory() -> None:
-    from worker.journal import LedgerPort
+    from worker.outcomes.journal import LedgerPort
 
     threads: list[int] = []
 
@@ -593,7 +593,7 @@ async def test_the_port_marks_and_records_ids_in_a_durable_ledger_only(
 ) -> None:
     """Nothing resumes from or reports on a temporary ledger: the port only admits to it
     (a temporary ledger has no ``mark_sent``, ``record`` or ``record_rejected`` to call)."""
-    from worker.journal import LedgerPort
+    from worker.outcomes.journal import LedgerPort
 
     for opened in (ledger, temporary):
         port = LedgerPort(opened)

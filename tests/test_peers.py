@@ -12,7 +12,7 @@ import pytest
 
 from tests.benchmarks.harness import BotocoreCubic, RclonePacer
 from tests.fakes import FakeClock, paced_sends
-from worker.adaptive_limit import AdaptiveRateLimiter
+from worker.pacing.adaptive import AdaptiveRateLimiter
 
 
 def test_rclone_pacer_starts_at_its_minimum_sleep_and_never_decays_below_it() -> None:

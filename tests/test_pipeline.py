@@ -12,12 +12,12 @@ from tests.fakes import FakeClock
 from worker.batcher import Batcher, DeletionBudget
 from worker.dispatcher import Dispatcher, Working
 from worker.errors import ThrottledError
-from worker.events import EventLog
-from worker.journal import LedgerPort, RunJournal, Tally
 from worker.ledger import TemporaryLedger
+from worker.outcomes.events import EventLog
+from worker.outcomes.journal import LedgerPort, RunJournal, Tally
+from worker.pacing.bucket import LocalRateLimiter, RateLimiter, UnlimitedRateLimiter
+from worker.pacing.retry import RetryPolicy
 from worker.pipeline import Pipeline, RunState
-from worker.ratelimit import LocalRateLimiter, RateLimiter, UnlimitedRateLimiter
-from worker.retry import RetryPolicy
 from worker.types import Candidate, DeleteResult, JobRecord, Outcome
 
 pytestmark = pytest.mark.anyio

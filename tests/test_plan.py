@@ -15,9 +15,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.e2e import SIM_PROJECT, reaper, reaper_env, results
-from worker.discover import Filters
+from worker.discovery.filters import Filters
+from worker.discovery.plan import (
+    Plan,
+    PlanRefused,
+    check_fraction,
+    digest_of,
+    read_plan,
+    write_plan,
+)
 from worker.errors import InputUnreadable
-from worker.plan import Plan, PlanRefused, check_fraction, digest_of, read_plan, write_plan
 from worker.simulator import SimulatorConfig, run_simulator
 from worker.types import JobRecord
 

@@ -11,13 +11,13 @@ import pytest
 
 from tests.e2e import SIM_AK, SIM_PROJECT, SIM_SK, reaper, reaper_env, results, write_ids
 from tests.fakes import FakeClock
-from worker.client import ApiClient, make_session
-from worker.credentials import Credentials, StaticCredentials
-from worker.discover import Filters
+from worker.api.client import ApiClient, make_session
+from worker.api.credentials import Credentials, StaticCredentials
+from worker.discovery.filters import Filters
+from worker.discovery.guard import Guard, PacedReader, PlanCheck, Protection, load_protection
 from worker.errors import ConfigError
-from worker.guard import Guard, PacedReader, PlanCheck, Protection, load_protection
-from worker.ratelimit import UnlimitedRateLimiter
-from worker.retry import RetryPolicy
+from worker.pacing.bucket import UnlimitedRateLimiter
+from worker.pacing.retry import RetryPolicy
 from worker.settings import load_settings
 from worker.simulator import SimulatorConfig, run_simulator
 from worker.types import Batch, JobRecord, Outcome, Result
@@ -365,7 +365,7 @@ async def test_protection_holds_under_a_plan_and_discover_leaves_protected_jobs_
         env = reaper_env(sim.url)
         done = await reaper(["discover", "--status", "FINISHED", "--plan", str(plan)], env)
         assert done.code == 0, done.stderr
-        from worker.plan import read_plan
+        from worker.discovery.plan import read_plan
 
         planned = read_plan(plan).ids
         # Protected after the plan was made: the run must still keep them.

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tests.fakes import FakeClock
 from worker.clock import Clock, MonotonicClock
-from worker.ratelimit import LocalRateLimiter, RateLimiter, TokenBucket, UnlimitedRateLimiter
+from worker.pacing.bucket import LocalRateLimiter, RateLimiter, TokenBucket, UnlimitedRateLimiter
 
 # --- TokenBucket: known answers ---------------------------------------------------------
 

@@ -23,7 +23,7 @@ from worker.errors import (
     TlsError,
     TransientError,
 )
-from worker.retry import RetryDecision, RetryPolicy, full_jitter
+from worker.pacing.retry import RetryDecision, RetryPolicy, full_jitter
 
 
 class _Top:

@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 
 from tests.conftest import REDIS_URL
 from tests.fakes import FakeClock
-from worker.ratelimit import RateLimiter
-from worker.service.shared_limit import RedisRateLimiter, Reservation, interval_us
+from worker.pacing.bucket import RateLimiter
+from worker.pacing.shared import RedisRateLimiter, Reservation, interval_us
 
 
 def most_in_window(starts_us: list[int], window_us: int) -> int:
@@ -171,7 +171,7 @@ async def test_adaptive_replicas_pace_through_one_shared_bucket(
     """Two --rate auto replicas on one key: on the Redis server's clock, each start of the
     fleet comes at least one spacing (the one the earlier call carried) after the one
     before; with a bucket each, the two replicas' first calls would start together."""
-    from worker.adaptive_limit import SharedAdaptiveLimiter
+    from worker.pacing.adaptive import SharedAdaptiveLimiter
 
     granted: list[tuple[int, int]] = []  # (start on the server's clock, spacing it carried)
 

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.signer import (
+from worker.api.signer import (
     ALGORITHM,
     QueryValue,
     Signed,

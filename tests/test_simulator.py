@@ -24,7 +24,7 @@ import pytest
 import yarl
 from multidict import CIMultiDict
 
-from worker.signer import sign
+from worker.api.signer import sign
 from worker.simulator import (
     FAULT_KINDS,
     JOB_STATUSES,
@@ -98,7 +98,7 @@ async def call(
     security_token: str | None = None,
     sent_body: bytes | None = None,
 ) -> Answer:
-    """One request signed with ``worker.signer.sign``; ``sent_body`` tampers after signing."""
+    """One request signed with ``worker.api.signer.sign``; ``sent_body`` tampers after signing."""
     if body is None:
         body = b"" if payload is None else orjson.dumps(payload)
     host = yarl.URL(sim.url).raw_authority

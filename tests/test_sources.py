@@ -19,8 +19,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from worker.errors import InputUnreadable, UsageError
-from worker.intake import validate
-from worker.sources import Entry, detect_format, read_chunks, read_entries
+from worker.input.intake import validate
+from worker.input.sources import Entry, detect_format, read_chunks, read_entries
 from worker.types import JOB_ID_RE, Candidate, Rejection
 
 FORMATS = ("text", "jsonl", "csv", "json")

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from tests.e2e import reaper_env, write_ids
-from worker.journal import Tally
+from worker.outcomes.journal import Tally
 from worker.progress import Progress, count_lines
 from worker.simulator import SimulatorConfig, run_simulator
 

@@ -13,10 +13,10 @@ import pytest
 import trustme
 from aiohttp import web
 
-from worker.client import ApiClient, make_session
-from worker.credentials import Credentials, StaticCredentials
+from worker.api.client import ApiClient, make_session
+from worker.api.credentials import Credentials, StaticCredentials
+from worker.api.signer import parse_authorization, verify
 from worker.errors import ConfigError, PermanentError, TlsError, TransientError
-from worker.signer import parse_authorization, verify
 
 AK = "AK-TLS-TEST"
 SK = "sk-tls-test-secret"

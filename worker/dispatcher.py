@@ -35,8 +35,8 @@ from worker.errors import (
     ThrottledError,
     TransientError,
 )
-from worker.ratelimit import RateLimiter
-from worker.retry import RetryPolicy
+from worker.pacing.bucket import RateLimiter
+from worker.pacing.retry import RetryPolicy
 from worker.types import Batch, DeleteResult, JobRecord, Outcome, Result
 
 
@@ -85,7 +85,7 @@ class Working:
 
 
 class Transport(Protocol):
-    """The two API calls the dispatcher needs (``worker.client.ApiClient`` is one)."""
+    """The two API calls the dispatcher needs (``worker.api.client.ApiClient`` is one)."""
 
     async def delete_jobs(self, ids: Sequence[str]) -> DeleteResult: ...
 

@@ -1,6 +1,6 @@
 """One root exception and a small tree that tells transient failures from permanent ones.
 
-aiohttp's exceptions are translated into these in one place (``worker.client``); the retry
+aiohttp's exceptions are translated into these in one place (``worker.api.client``); the retry
 policy decides by type alone.
 """
 

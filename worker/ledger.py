@@ -683,7 +683,7 @@ class TemporaryLedger(_Closing):
     directory (made when the ledger is opened, so a bad ``TMPDIR`` fails the run before it
     reads anything) and every later id goes there; the file is removed on close. Nothing
     can resume from it or report on it, so it can only :meth:`admit` ("exactly one outcome
-    per id" is the journal's, see ``worker.journal.RunJournal``), and it needs no file lock
+    per id" is the journal's, see ``worker.outcomes.journal.RunJournal``), and it needs no file lock
     (the directory is the run's own) and no crash safety (a new run makes a new one)."""
 
     def __init__(

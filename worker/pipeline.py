@@ -24,8 +24,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from worker.batcher import Batcher
 from worker.dispatcher import Working
 from worker.errors import InputUnreadable, ReaperError
-from worker.intake import escape
-from worker.journal import LedgerPort, RunJournal, Tally
+from worker.input.intake import escape
+from worker.outcomes.journal import LedgerPort, RunJournal, Tally
 from worker.types import Batch, Candidate, Outcome, Rejection
 
 Entry = Candidate | Rejection

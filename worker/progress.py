@@ -8,7 +8,7 @@ from typing import IO
 
 import anyio
 
-from worker.journal import Tally
+from worker.outcomes.journal import Tally
 
 
 def count_lines(path: str) -> int | None:

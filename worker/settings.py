@@ -129,7 +129,7 @@ class Settings(BaseSettings):
     yes: bool = False
     max_deletions: int | None = Field(default=None, ge=0)
 
-    # -- protection and plans (see worker.guard, worker.plan) ---------------------------------
+    # -- protection and plans (see worker.discovery.guard and worker.discovery.plan) ---------
     protect: Annotated[list[str], NoDecode] = Field(default_factory=list)
     protect_file: Path | None = None
     protected_types: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -213,7 +213,7 @@ class Settings(BaseSettings):
     @field_validator("protect")
     @classmethod
     def _protect_rules(cls, value: list[str]) -> list[str]:
-        from worker.guard import Protection
+        from worker.discovery.guard import Protection
 
         try:
             Protection.parse(value)
@@ -298,7 +298,7 @@ class Settings(BaseSettings):
         """Check what a command that calls the API needs before any call, naming what is missing.
 
         Keys may come from the environment, a profile file, pod identity or ECS metadata
-        (``worker.credentials``), so they are required here only when ``credential_source``
+        (``worker.api.credentials``), so they are required here only when ``credential_source``
         says they must be in the settings.
         """
         missing = []

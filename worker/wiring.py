@@ -12,16 +12,16 @@ from collections.abc import Callable
 
 import aiohttp
 
+from worker.api.client import Api, ApiClient, make_session
+from worker.api.credentials import CredentialSource, read_profile, resolve_credentials
 from worker.batcher import DeletionBudget
-from worker.client import Api, ApiClient, make_session
 from worker.clock import Clock
-from worker.credentials import CredentialSource, read_profile, resolve_credentials
+from worker.discovery.guard import Guard, PacedReader, PlanCheck, Protection
 from worker.dispatcher import Dispatcher, Journal, Working
 from worker.errors import ConfigError
-from worker.guard import Guard, PacedReader, PlanCheck, Protection
+from worker.pacing.bucket import RateLimiter
+from worker.pacing.retry import RetryPolicy
 from worker.pipeline import BatchProcessor
-from worker.ratelimit import RateLimiter
-from worker.retry import RetryPolicy
 from worker.settings import Settings
 
 
@@ -72,7 +72,7 @@ async def api_client(settings: Settings, http: aiohttp.ClientSession) -> ApiClie
 def limiter(settings: Settings, clock: Clock) -> RateLimiter:
     """``--rate N``: exact pacing at N calls/s; ``--rate auto``: find the quota, pausing
     every call for a ``Retry-After`` no longer than ``max_retry_after``."""
-    from worker.adaptive_limit import build_limiter
+    from worker.pacing.adaptive import build_limiter
 
     return build_limiter(
         settings.rate, settings.burst, clock, max_retry_after=settings.max_retry_after

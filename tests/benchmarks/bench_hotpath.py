@@ -25,15 +25,15 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from tests.benchmarks.harness import machine, record
 from tests.benchmarks.stages import NoCalls, drive, read_admit_batch
 from worker import logsetup
-from worker.answers import Answer, Call, parse_deleted
+from worker.api.answers import Answer, Call, parse_deleted
 from worker.batcher import DeletionBudget
 from worker.clock import MonotonicClock
 from worker.dispatcher import Dispatcher
-from worker.events import EventLog
-from worker.journal import LedgerPort, RunJournal, Tally
 from worker.ledger import TemporaryLedger
-from worker.ratelimit import UnlimitedRateLimiter
-from worker.retry import RetryPolicy
+from worker.outcomes.events import EventLog
+from worker.outcomes.journal import LedgerPort, RunJournal, Tally
+from worker.pacing.bucket import UnlimitedRateLimiter
+from worker.pacing.retry import RetryPolicy
 from worker.simulator.jobs import JobStore
 from worker.types import Result
 

@@ -32,10 +32,10 @@ from tests.benchmarks.harness import (
     simulator,
 )
 from tests.fakes import simulate
-from worker.adaptive import RateController
-from worker.adaptive_limit import AdaptiveRateLimiter, PacedController, build_limiter
 from worker.clock import Clock
-from worker.ratelimit import RateLimiter
+from worker.pacing.adaptive import AdaptiveRateLimiter, PacedController, build_limiter
+from worker.pacing.bucket import RateLimiter
+from worker.pacing.controller import RateController
 
 pytestmark = pytest.mark.benchmark
 

@@ -52,7 +52,7 @@ built) counts for no one. Each side's own clock is recorded too (``client_second
   own CPU during each run is recorded (``sim_busy_share``: its CPU seconds ÷ the run's
   seconds) to show it had CPU to spare.
 - the simulator's own capacity (``test_simulator_is_not_the_bottleneck``): a raw aiohttp
-  client that signs each call with ``worker.signer`` and reads the body without parsing it,
+  client that signs each call with ``worker.api.signer`` and reads the body without parsing it,
   at the same concurrency and batch size; the simulator's CPU per call (``/proc/<pid>/stat``)
   gives the calls/s it could serve on one whole CPU.
 """
@@ -359,9 +359,9 @@ async def _client_deletes(url: str, ids: list[str]) -> tuple[float, float]:
     Returns (seconds, this process's CPU seconds over them)."""
     import anyio
 
-    from worker.client import ApiClient
-    from worker.credentials import Credentials, StaticCredentials
-    from worker.http import make_session
+    from worker.api.client import ApiClient
+    from worker.api.credentials import Credentials, StaticCredentials
+    from worker.api.session import make_session
 
     batches = iter([ids[i : i + BATCH] for i in range(0, len(ids), BATCH)])
     session = make_session(concurrency=CONCURRENCY, connect_timeout=10, read_timeout=30)

@@ -25,12 +25,12 @@ from typing import Any
 
 import anyio
 
-from worker.adaptive import AnswerEvents
 from worker.batcher import DeletionBudget
 from worker.clock import Clock, MonotonicClock
 from worker.errors import ApiError, ThrottledError
-from worker.ratelimit import RateLimiter
-from worker.retry import RetryPolicy
+from worker.pacing.bucket import RateLimiter
+from worker.pacing.controller import AnswerEvents
+from worker.pacing.retry import RetryPolicy
 from worker.types import Batch, DeleteResult, JobRecord, Result
 
 PROJECT = "bench-project"
@@ -193,10 +193,10 @@ async def drive(
 
     ``on_second(t)`` is called about once a second (t = seconds since start): a quota change.
     """
-    from worker.client import ApiClient
-    from worker.credentials import Credentials, StaticCredentials
+    from worker.api.client import ApiClient
+    from worker.api.credentials import Credentials, StaticCredentials
+    from worker.api.session import make_session
     from worker.dispatcher import Dispatcher
-    from worker.http import make_session
 
     clock = MonotonicClock()
     trace = Trace(t0=clock.now())

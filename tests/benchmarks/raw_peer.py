@@ -5,7 +5,7 @@ script, as ``sdk_peer.py`` is:
         [EVENTS_FILE]
 
 MODE ``raw``: raw aiohttp, ``CONCURRENCY`` (8) workers, each request signed with
-``worker.signer.sign`` just before it is sent (a signature carries its date, so none can be
+``worker.api.signer.sign`` just before it is sent (a signature carries its date, so none can be
 made in advance); the body is read, not parsed, and nothing is logged or recorded. MODE
 ``raw-setup``: everything but the calls (imports, the ids, the session), the CPU baseline,
 run with an empty ids file. MODE ``least``: ``raw`` plus the least per-id work ``run`` is
@@ -32,9 +32,9 @@ import anyio
 import orjson
 import yarl
 
-from worker.intake import validate
+from worker.api.signer import sign
+from worker.input.intake import validate
 from worker.logsetup import timestamp
-from worker.signer import sign
 from worker.types import Candidate, stamp_iso
 
 Handler = Callable[[bytes, int], None]

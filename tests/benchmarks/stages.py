@@ -23,18 +23,18 @@ import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from worker import logsetup
-from worker.answers import Answer, Call, parse_deleted
+from worker.api.answers import Answer, Call, parse_deleted
 from worker.batcher import Batcher, DeletionBudget
 from worker.clock import MonotonicClock
 from worker.dispatcher import Dispatcher
-from worker.events import EventLog
-from worker.journal import LedgerPort, RunJournal, Tally
+from worker.input.sources import read_entries
 from worker.ledger import TemporaryLedger
+from worker.outcomes.events import EventLog
+from worker.outcomes.journal import LedgerPort, RunJournal, Tally
+from worker.pacing.bucket import UnlimitedRateLimiter
+from worker.pacing.retry import RetryPolicy
 from worker.pipeline import _next_chunk
-from worker.ratelimit import UnlimitedRateLimiter
-from worker.retry import RetryPolicy
 from worker.simulator.jobs import JobStore
-from worker.sources import read_entries
 from worker.types import Candidate, DeleteResult, JobRecord, Result
 
 IDS = 10_000

@@ -11,7 +11,7 @@ import sys
 
 import anyio
 
-from worker.client import ApiClient
+from worker.api.client import ApiClient
 from worker.errors import ApiError, AuthError, ConfigError, NoSuchApi, TlsError
 from worker.exit_codes import ExitCode
 from worker.settings import Settings

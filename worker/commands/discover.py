@@ -2,7 +2,7 @@
 
 Stdout is data (ids one per line, ready for ``run --input -``, or JSON lines with
 ``--output jsonl``); events go to stderr. With ``--plan PATH`` the selection is sealed into a
-plan file instead (see :mod:`worker.plan`), to review and then apply with ``run --plan``.
+plan file instead (see :mod:`worker.discovery.plan`), to review and then apply with ``run --plan``.
 
 Paging: the API reference documents no paging parameters, but the answer carries
 ``current/pages/size/total``. The first page is asked for with none (any server answers
@@ -30,7 +30,9 @@ import structlog
 
 from worker import wiring
 from worker.clock import MonotonicClock
-from worker.discover import Filters, parse_duration, parse_instant
+from worker.discovery.filters import Filters, parse_duration, parse_instant
+from worker.discovery.guard import PacedReader, Protection, load_protection
+from worker.discovery.plan import MAX_TTL, Plan, check_fraction, write_plan
 from worker.errors import (
     ApiError,
     ApiUnavailable,
@@ -41,10 +43,8 @@ from worker.errors import (
     UsageError,
 )
 from worker.exit_codes import ExitCode
-from worker.guard import PacedReader, Protection, load_protection
-from worker.intake import escape
-from worker.journal import check_output
-from worker.plan import MAX_TTL, Plan, check_fraction, write_plan
+from worker.input.intake import escape
+from worker.outcomes.journal import check_output
 from worker.settings import Settings
 from worker.types import JOB_ID_RE, JobRecord
 

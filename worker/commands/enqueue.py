@@ -1,6 +1,6 @@
 """``devserver-reaper enqueue``: add the ids read from ``--input`` to the stream serve reads.
 
-Reads the same formats as ``run`` (``worker.sources``), streamed, so memory stays flat
+Reads the same formats as ``run`` (``worker.input.sources``), streamed, so memory stays flat
 however long the input. Each valid id becomes one stream entry (field ``id``): one id per
 entry keeps redelivery and dead-lettering exact (a poison id never drags healthy ids into
 the dead-letter stream) and spreads work evenly over replicas, at the price of a larger
@@ -59,9 +59,9 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
     import redis.asyncio as aioredis
     import redis.exceptions
 
-    from worker.events import EventLog
+    from worker.input.sources import read_chunks, read_entries
+    from worker.outcomes.events import EventLog
     from worker.service.consumer import REDIS_ERRORS, not_a_stream, ping
-    from worker.sources import read_chunks, read_entries
     from worker.types import Candidate
 
     events = EventLog()

@@ -21,8 +21,8 @@ import orjson
 
 from worker.errors import InputUnreadable, UsageError
 from worker.exit_codes import ExitCode
-from worker.journal import check_output
 from worker.ledger import LedgerView, escape, open_readonly
+from worker.outcomes.journal import check_output
 from worker.settings import Settings
 from worker.types import Outcome, Result, iso
 

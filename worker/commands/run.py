@@ -25,8 +25,9 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from worker import wiring
 from worker.batcher import Batcher
-from worker.breaker import BreakerTransport
 from worker.clock import MonotonicClock
+from worker.discovery.guard import PlanCheck, load_protection
+from worker.discovery.plan import Plan
 from worker.dispatcher import Working
 from worker.errors import (
     ApiError,
@@ -40,10 +41,12 @@ from worker.errors import (
     TlsError,
     UsageError,
 )
-from worker.events import EventLog
 from worker.exit_codes import ExitCode
-from worker.guard import PlanCheck, load_protection
-from worker.journal import (
+from worker.input.sources import read_entries
+from worker.ledger import UNBOUND, Ledger, TemporaryLedger
+from worker.logsetup import new_run_id
+from worker.outcomes.events import EventLog
+from worker.outcomes.journal import (
     LedgerPort,
     ResultsWriter,
     RunJournal,
@@ -51,12 +54,9 @@ from worker.journal import (
     check_output,
     rewrite_results,
 )
-from worker.ledger import UNBOUND, Ledger, TemporaryLedger
-from worker.logsetup import new_run_id
+from worker.pacing.breaker import BreakerTransport
 from worker.pipeline import Pipeline, RunState
-from worker.plan import Plan
 from worker.settings import Settings
-from worker.sources import read_entries
 from worker.types import Candidate
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -153,7 +153,7 @@ def _load_plan(path: str, settings: Settings) -> Plan:
     expired, for another project or endpoint, or over ``max_fraction``."""
     from datetime import UTC, datetime
 
-    from worker.plan import read_plan
+    from worker.discovery.plan import read_plan
 
     plan = read_plan(Path(path))
     plan.verify(

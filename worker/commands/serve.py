@@ -83,11 +83,11 @@ async def serve(
     import redis.asyncio as aioredis
     from aiohttp import web
 
-    from worker.breaker import BreakerTransport
     from worker.clock import MonotonicClock
+    from worker.discovery.guard import load_protection
     from worker.dispatcher import Working
-    from worker.events import EventLog
-    from worker.guard import load_protection
+    from worker.outcomes.events import EventLog
+    from worker.pacing.breaker import BreakerTransport
     from worker.service.consumer import REDIS_ERRORS, StreamConsumer
     from worker.service.health import Health, build_app
     from worker.service.inflight import InFlight
@@ -229,9 +229,9 @@ def _limiter(settings: Settings, client: Any, key: str, clock: Any) -> Any:
     through the same shared bucket at the rate it learnt, so the fleet together, not each
     replica, converges on the quota.
     """
-    from worker.adaptive import AdaptiveConfig
-    from worker.adaptive_limit import SharedAdaptiveLimiter
-    from worker.service.shared_limit import RedisRateLimiter
+    from worker.pacing.adaptive import SharedAdaptiveLimiter
+    from worker.pacing.controller import AdaptiveConfig
+    from worker.pacing.shared import RedisRateLimiter
 
     if settings.rate == "auto":
         shared = RedisRateLimiter(client, key, rate=1.0, burst=1, clock=clock)

@@ -3,7 +3,6 @@
 - ``layout``: the stream keys and what one stream entry means (pure).
 - ``inflight``: which entries wait on which ids, and when an entry is done (pure).
 - ``consumer``: the Redis Streams calls (read, reclaim, ack, dead-letter, group info).
-- ``shared_limit``: the rate limit all replicas share, kept atomically in Redis.
 - ``journal``: serve's outcome sink (events, metrics, the outcomes stream, then acks).
 - ``metrics``: the Prometheus registry and a transport wrapper that counts API calls.
 - ``health``: ``/healthz``, ``/readyz``, ``/metrics``.

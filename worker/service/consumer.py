@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from worker.errors import ApiError, ConfigError
-from worker.intake import escape
+from worker.input.intake import escape
 from worker.service.inflight import Finished
 from worker.service.layout import DEAD_MAXLEN, OUTCOMES_MAXLEN, StreamLayout
 from worker.types import Outcome, Result

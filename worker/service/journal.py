@@ -23,7 +23,7 @@ import orjson
 import structlog
 
 from worker.clock import Clock
-from worker.events import EventLog
+from worker.outcomes.events import EventLog
 from worker.service.consumer import REDIS_ERRORS, StreamConsumer, last_error, outcome_fields
 from worker.service.inflight import Finished, InFlight
 from worker.service.layout import Message

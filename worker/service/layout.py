@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from worker.intake import escape, validate
+from worker.input.intake import escape, validate
 from worker.types import Candidate, Rejection
 
 OUTCOMES_MAXLEN = 1_000_000

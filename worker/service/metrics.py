@@ -29,7 +29,7 @@ from worker.errors import (
 from worker.types import DeleteResult, JobRecord, Outcome
 
 if TYPE_CHECKING:
-    from worker.client import Api, JobPage
+    from worker.api.client import Api, JobPage
 
 T = TypeVar("T")
 

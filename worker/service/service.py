@@ -31,7 +31,7 @@ from worker.batcher import Batcher
 from worker.clock import Clock
 from worker.dispatcher import Working
 from worker.errors import ApiUnavailable, AuthError, NoSuchApi, TlsError
-from worker.events import EventLog
+from worker.outcomes.events import EventLog
 from worker.service.consumer import (
     REDIS_ERRORS,
     Entry,

@@ -10,7 +10,7 @@ import functools
 from collections.abc import Mapping
 from urllib.parse import parse_qsl
 
-from worker.signer import parse_authorization, parse_sdk_date, verify
+from worker.api.signer import parse_authorization, parse_sdk_date, verify
 
 
 @functools.lru_cache(maxsize=256)

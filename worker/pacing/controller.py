@@ -56,7 +56,7 @@ This controller keeps a ``level`` it believes safe and only ever leaves it on pu
 
 ``RateController`` is pure arithmetic over the times passed in, and what it has learnt is
 the frozen ``ControllerState``: a value another controller can adopt (``restore``). The
-limiters that run it are in ``worker.adaptive_limit``; replicas sharing a quota each run
+limiters that run it are in ``worker.pacing.adaptive``; replicas sharing a quota each run
 their own controller there and pace through one bucket in Redis.
 """
 

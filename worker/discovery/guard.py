@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from worker.clock import Clock
-from worker.discover import Filters
+from worker.discovery.filters import Filters
 from worker.errors import (
     ApiError,
     ApiUnavailable,
@@ -40,13 +40,13 @@ from worker.errors import (
     ThrottledError,
     TransientError,
 )
-from worker.ratelimit import RateLimiter
-from worker.retry import RetryPolicy
+from worker.pacing.bucket import RateLimiter
+from worker.pacing.retry import RetryPolicy
 from worker.types import JOB_ID_RE, Batch, JobRecord, Outcome, Result
 
 if TYPE_CHECKING:
-    from worker.client import JobPage
-    from worker.plan import Plan
+    from worker.api.client import JobPage
+    from worker.discovery.plan import Plan
 
 _T = TypeVar("_T")
 _GLOB_CHARS = frozenset("*?[")
@@ -210,7 +210,7 @@ def load_protection(
 
 
 class ReadApi(Protocol):
-    """The read calls (``worker.client.ApiClient`` is one)."""
+    """The read calls (``worker.api.client.ApiClient`` is one)."""
 
     async def get_job(self, job_id: str) -> JobRecord: ...
 
@@ -338,7 +338,7 @@ class PlanCheck:
 
 
 class Reviewed(Protocol):
-    """A job as a plan recorded it (``worker.plan.PlanJob``)."""
+    """A job as a plan recorded it (``worker.discovery.plan.PlanJob``)."""
 
     @property
     def type(self) -> str | None: ...

@@ -1,6 +1,6 @@
 """Whether to send a failed batch again, and after how long: decided by the error's type.
 
-Pure logic, no clock and no I/O: ``worker.client`` has already translated every failure into
+Pure logic, no clock and no I/O: ``worker.api.client`` has already translated every failure into
 the tree in ``worker.errors``, so the policy never looks at status codes or messages.
 
 - ``ThrottledError`` (429): the server is asking us to slow down, not failing. We wait its

@@ -45,7 +45,7 @@ from pathlib import PurePath
 from typing import IO, TYPE_CHECKING, Literal, TypeAlias
 
 from worker.errors import InputUnreadable, UsageError
-from worker.intake import NOT_UTF8, escape, line_too_long, validate
+from worker.input.intake import NOT_UTF8, escape, line_too_long, validate
 from worker.types import Candidate, Rejection
 
 if TYPE_CHECKING:

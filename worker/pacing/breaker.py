@@ -48,7 +48,7 @@ from worker.errors import (
 from worker.types import DeleteResult, JobRecord
 
 if TYPE_CHECKING:
-    from worker.client import Api, JobPage
+    from worker.api.client import Api, JobPage
 
 T = TypeVar("T")
 

@@ -17,7 +17,7 @@ import orjson
 import structlog
 
 from worker import logsetup
-from worker.intake import escape
+from worker.input.intake import escape
 from worker.types import Outcome, Rejection, Result
 
 _INFO, _WARNING = logging.INFO, logging.WARNING

@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from worker.discover import Filters, matched_fields
+from worker.discovery.filters import Filters, matched_fields
 from worker.errors import InputUnreadable, UsageError
 from worker.types import JOB_ID_RE, JobRecord, iso
 

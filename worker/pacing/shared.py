@@ -4,7 +4,7 @@ N replicas each with their own ``LocalRateLimiter(rate)`` would send N x ``rate`
 second. Here the limiter's whole state is one number in Redis, the *theoretical arrival
 time* (``tat``: when the bucket will be full again, in microseconds of the Redis server's
 clock), and a Lua script reserves a start time atomically. It is the same arithmetic as
-``worker.ratelimit.TokenBucket`` (``burst`` calls at once after an idle spell, then exactly
+``worker.pacing.bucket.TokenBucket`` (``burst`` calls at once after an idle spell, then exactly
 ``1 / rate`` apart), so a fleet behaves like one process with a ``LocalRateLimiter``.
 
 Why this shape:
@@ -37,7 +37,7 @@ import redis.exceptions
 import structlog
 
 from worker.clock import Clock
-from worker.ratelimit import FixedRate
+from worker.pacing.bucket import FixedRate
 
 _RESERVE = """
 local t = redis.call('TIME')
@@ -95,7 +95,7 @@ def interval_us(rate: float) -> int:
 
 
 class RedisRateLimiter(FixedRate):
-    """A ``worker.ratelimit.RateLimiter`` whose bucket lives in Redis at ``key``."""
+    """A ``worker.pacing.bucket.RateLimiter`` whose bucket lives in Redis at ``key``."""
 
     def __init__(
         self,
@@ -134,7 +134,7 @@ class RedisRateLimiter(FixedRate):
         """Space the next reservations at ``rate``: the adaptive controller moves it.
 
         The spacing travels with each reservation, so every replica's next call is spaced
-        by the rate the last one set (``worker.adaptive_limit.SharedAdaptiveLimiter``).
+        by the rate the last one set (``worker.pacing.adaptive.SharedAdaptiveLimiter``).
         """
         self._interval = interval_us(rate)
         self._rate = float(rate)

@@ -1,4 +1,4 @@
-"""The limiters ``--rate auto`` runs: a ``RateController`` (``worker.adaptive``) sets their
+"""The limiters ``--rate auto`` runs: a ``RateController`` (``worker.pacing.controller``) sets their
 rate from the calls' answers.
 
 - ``AdaptiveRateLimiter``: one process. Calls are spaced by a token bucket at the
@@ -19,9 +19,9 @@ from typing import Generic, Literal, Protocol, TypeVar
 import anyio
 import anyio.lowlevel
 
-from worker.adaptive import AdaptiveConfig, RateController
 from worker.clock import Clock
-from worker.ratelimit import LocalRateLimiter, RateLimiter, TokenBucket
+from worker.pacing.bucket import LocalRateLimiter, RateLimiter, TokenBucket
+from worker.pacing.controller import AdaptiveConfig, RateController
 
 SLICE_S = 0.05
 """Waiters look at the rate at least this often."""

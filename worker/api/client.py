@@ -3,7 +3,7 @@
 One call is one attempt. Retrying is the dispatcher's business; this module's job is to
 make every attempt correct: signed afresh with the keys valid *now*, sent with exactly the
 headers that were signed, its body read to the end so the connection is reused. What
-happened is classified by :mod:`worker.answers`, into the types of :mod:`worker.errors`.
+happened is classified by :mod:`worker.api.answers`, into the types of :mod:`worker.errors`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from worker.answers import (
+from worker.api.answers import (
     Answer,
     Call,
     JobPage,
@@ -36,12 +36,12 @@ from worker.answers import (
     request_id_of,
     secrets_of,
 )
-from worker.credentials import Credentials, CredentialSource
+from worker.api.credentials import Credentials, CredentialSource
+from worker.api.session import USER_AGENT, make_session
+from worker.api.signer import QueryValue, sign
 from worker.errors import (
     ApiError,
 )
-from worker.http import USER_AGENT, make_session
-from worker.signer import QueryValue, sign
 from worker.types import DeleteResult, JobRecord
 
 __all__ = [

@@ -19,7 +19,7 @@ import aiohttp
 import orjson
 from multidict import CIMultiDictProxy
 
-from worker.credentials import Credentials
+from worker.api.credentials import Credentials
 from worker.errors import (
     ApiError,
     ApiTimeout,

@@ -21,8 +21,8 @@ import anyio.to_thread
 import orjson
 
 from worker.errors import OutcomeConflict, ResultsUnwritable, UsageError
-from worker.events import EventLog
-from worker.intake import escape
+from worker.input.intake import escape
+from worker.outcomes.events import EventLog
 from worker.types import Candidate, Outcome, Rejection, Result
 
 

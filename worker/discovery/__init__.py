@@ -1,0 +1,1 @@
+"""Choosing what to delete: discovery filters, sealed plans, and protection re-checks."""
