@@ -305,7 +305,7 @@ async def test_discover_prints_exactly_the_matching_ids_and_logs_to_stderr() -> 
         assert 20 < len(want) < 1200
         summary = [orjson.loads(x) for x in done.stderr.splitlines() if "discover.summary" in x]
         assert summary[0]["selected"] == len(want) and summary[0]["inventory_size"] == 1200
-        assert summary[0]["run_id"]  # every event carries the run's id, as SPEC says
+        assert summary[0]["run_id"]  # every event carries the run's id, as the reference says
         assert sim.stats.delete_calls == 0
 
 

@@ -1,4 +1,4 @@
-"""enqueue: one stream entry per valid id, a summary line on stdout, SPEC exit codes."""
+"""enqueue: one stream entry per valid id, a summary line on stdout, the documented exit codes."""
 
 from __future__ import annotations
 

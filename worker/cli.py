@@ -121,7 +121,7 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error exits 64 as SPEC.md says, not 2, and echoes no secret.
+    """argparse, but a usage error exits 64 as docs/reference.md says, not 2, and echoes no secret.
 
     argparse repeats unrecognised arguments verbatim: ``enqueue --sk KEY`` (a command that
     takes no ``--sk``) would print the key. Only the flag names are shown. Abbreviations

@@ -1,4 +1,4 @@
-"""Exit codes, as SPEC.md fixes them. Scripts and Kubernetes podFailurePolicies rely on these."""
+"""Exit codes, as docs/reference.md fixes them. Scripts and podFailurePolicies rely on them."""
 
 from enum import IntEnum
 

@@ -86,7 +86,7 @@ SECRETS = ("ak", "sk", "security_token")
 
 
 class Settings(BaseSettings):
-    """Every setting of SPEC.md. Field names are the flag names with ``_`` for ``-``."""
+    """Every setting of docs/reference.md. Field names are the flag names with ``_`` for ``-``."""
 
     model_config = SettingsConfigDict(
         env_prefix="REAPER_",

@@ -244,7 +244,7 @@ class Result:
         return row
 
     def row(self) -> dict[str, Any]:
-        """One line of the results file (SPEC.md's fields, plus ``reason``)."""
+        """One line of the results file (docs/reference.md's fields, plus ``reason``)."""
         return {
             "job_id": self.job_id,
             "outcome": self.outcome.value,

@@ -296,7 +296,7 @@ def test_client_cost_at_zero_latency(tmp_path: Path) -> None:
             by_repeat[name].append(round(ours[key] / min(s[key] for s in sdks), 3))
     in_run = per_1000["in_run"]
     # The floor: what the cheapest client of this stack (raw) gets against the SDK, and what
-    # ours gets against it. The per-id work SPEC.md asks of ours has to fit between the two.
+    # ours gets against it. The per-id work run is asked to do has to fit between the two.
     floor = {
         "raw_speedup": round(ids_per_s["raw"] / best_sdk, 2),
         "raw_cpu_ratio": round(cpu["raw"] / cheapest_sdk, 3),
@@ -387,7 +387,7 @@ async def _client_deletes(url: str, ids: list[str]) -> tuple[float, float]:
 def test_what_the_http_client_alone_costs(tmp_path: Path) -> None:
     """The floor under ours' zero-latency figures: the same 20,000 ids through ``ApiClient``
     alone, in this process, against the same simulator. The rest of ``run``'s cost is the
-    per-id work SPEC.md asks for (validate, de-duplicate, one outcome and one event per id)."""
+    per-id work run is asked to do (validate, de-duplicate, one outcome and one event per id)."""
     import anyio
 
     runs: list[tuple[float, float]] = []

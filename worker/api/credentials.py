@@ -5,7 +5,7 @@ explicit settings, the ``HUAWEICLOUD_SDK_*`` environment, the profile file, CCE 
 ECS metadata. The last two hand out temporary keys, which ``RefreshingCredentials`` renews
 before they expire.
 
-Failure policy, so that exit codes mean what SPEC.md says:
+Failure policy, so that exit codes mean what docs/reference.md says:
 
 * nothing found, or a source half configured (an AK without its SK): ``ConfigError`` (78),
   naming every place tried and why it did not apply, never a value;

@@ -1,7 +1,7 @@
 """AK/SK request signing, ``SDK-HMAC-SHA256``, exactly as Huawei Cloud's SDK does it.
 
 A pure function: no clock, no I/O. The caller passes the time, so every attempt is signed
-afresh and tests can pin it. The steps follow ``API-NOTES.md`` one to one; the differential
+afresh and tests can pin it. The steps follow the SDK's signer one to one; the differential
 test in ``tests/test_signer.py`` holds us to the official signer byte for byte.
 """
 

@@ -168,7 +168,7 @@ def _load_plan(path: str, settings: Settings) -> Plan:
 def _confirm(
     request: RunRequest, settings: Settings, endpoint: str, plan: Plan | None = None
 ) -> None:
-    """On a terminal, ask; anywhere else, insist on --yes (SPEC: exit 64 before any call)."""
+    """On a terminal, ask; anywhere else, insist on --yes (exit 64 before any call)."""
     interactive = request.input != "-" and sys.stdin.isatty() and sys.stderr.isatty()
     if not interactive:
         raise UsageError(
@@ -392,7 +392,7 @@ async def _deadline(state: RunState, seconds: float, events: EventLog) -> None:
 
 
 def exit_code(state: RunState, tally: Tally) -> int:
-    """How the run ended, as SPEC.md's exit codes, most serious first."""
+    """How the run ended, as docs/reference.md gives the exit codes, most serious first."""
     fatal = state.fatal
     if isinstance(fatal, AuthError):
         return ExitCode.NO_PERMISSION

@@ -1,7 +1,7 @@
 """Id validation and de-duplication: pure logic, no I/O.
 
 Everything read from the input passes through :func:`validate` exactly once, so the rules of
-SPEC.md ("1 to 64 characters of letters, digits, ``-`` and ``_``") live in one place and every
+the reference ("1 to 64 characters of letters, digits, ``-`` and ``_``") live in one place and every
 invalid entry comes out as a :class:`~worker.types.Rejection` with a reason a person can act on,
 never as an exception and never silently dropped.
 """

@@ -1,4 +1,4 @@
-"""Read candidate ids from a file or stdin, streamed, in every input format SPEC.md lists.
+"""Read candidate ids from a file or stdin, streamed, in every input format docs/reference.md lists.
 
 Memory does not grow with the input: lines are read in pieces of at most ``max_line_bytes``
 (a longer line is rejected and skipped to its newline without ever being held whole), a JSON

@@ -1,4 +1,4 @@
-"""The structured events of SPEC.md, one method each, so their fields live in one place.
+"""The structured events of docs/reference.md, one method each, so their fields live in one place.
 
 A run writes one ``job.*`` event per id, so :meth:`EventLog.results` and
 :meth:`EventLog.rejections` take a whole batch: while ``logsetup.configure``'s JSON output is

@@ -1,6 +1,6 @@
 """serve's outcome sink: the dispatcher's ``Journal``, ending in the outcomes stream and acks.
 
-For every outcome, in this order: the SPEC event (the same ``EventLog`` as ``run``, so the
+For every outcome, in this order: the documented event (the same ``EventLog`` as ``run``, so the
 two commands log identically), the metrics, the outcomes stream; only then are the entries
 this completes acknowledged. An entry is therefore never acked before its ids' outcomes are
 written (at-least-once: a crash in between means a redelivery, and DELETE is idempotent).
