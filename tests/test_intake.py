@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.input.intake import Deduper, Deduplicator, escape, validate
+from worker.input.intake import escape, validate
 from worker.types import JOB_ID_RE, Candidate, Rejection
 
 VALID_CHARS = string.ascii_letters + string.digits + "-_"
@@ -113,26 +113,3 @@ def test_escape_is_printable_encodable_and_within_the_limit(raw: str, limit: int
 def test_escape_refuses_a_limit_below_one() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         escape("abc", 0)
-
-
-def test_deduplicator_says_first_time_once_per_id_and_counts_in_its_repr() -> None:
-    dedup = Deduplicator()
-    answers = [dedup.first_time(job_id) for job_id in ["a", "b", "a", "A", "b", "a"]]
-    assert answers == [True, True, False, True, False, False]
-    assert (dedup.seen, dedup.repeats) == (3, 3)
-    assert repr(dedup) == "Deduplicator(seen=3, repeats=3)"
-
-
-def test_deduplicator_fits_the_deduper_protocol() -> None:
-    deduper: Deduper = Deduplicator()
-    assert deduper.first_time("x") is True
-
-
-@given(st.lists(st.text(alphabet=VALID_CHARS, min_size=1, max_size=5)))
-def test_deduplicator_passes_each_distinct_id_exactly_once_in_first_seen_order(
-    ids: list[str],
-) -> None:
-    dedup = Deduplicator()
-    passed = [job_id for job_id in ids if dedup.first_time(job_id)]
-    assert passed == list(dict.fromkeys(ids))
-    assert dedup.repeats == len(ids) - len(passed)

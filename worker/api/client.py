@@ -8,7 +8,6 @@ happened is classified by :mod:`worker.api.answers`, into the types of :mod:`wor
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,10 +57,6 @@ PROBE_JOB_ID = "devserver-reaper-check"
 """A valid id that names no job: ``check`` lists it to prove the keys work, deleting nothing."""
 
 _T = TypeVar("_T")
-_ERROR_TEXT_LIMIT = 200
-_SECONDS_RE = re.compile(r"\d+(?:\.\d+)?")
-_UNPRINTABLE_RE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]+")
-_ERROR_KEYS = (("error_code", "error_msg"), ("errorCode", "errorMsg"), ("code", "message"))
 
 
 @dataclass(frozen=True, slots=True)

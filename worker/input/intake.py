@@ -1,4 +1,4 @@
-"""Id validation and de-duplication: pure logic, no I/O.
+"""Id validation: pure logic, no I/O. (De-duplication is the ledger's: ``worker.ledger``.)
 
 Everything read from the input passes through :func:`validate` exactly once, so the rules of
 the reference ("1 to 64 characters of letters, digits, ``-`` and ``_``") live in one place and every
@@ -9,7 +9,6 @@ never as an exception and never silently dropped.
 from __future__ import annotations
 
 from itertools import islice
-from typing import Protocol
 
 from worker.types import JOB_ID_RE, Candidate, Rejection
 
@@ -90,46 +89,3 @@ def _escape_char(char: str) -> str:
     if code < 0x10000:
         return f"\\u{code:04x}"
     return f"\\U{code:08x}"
-
-
-class Deduper(Protocol):
-    """Remembers which ids were seen. The in-memory one below, and later one on the ledger."""
-
-    def first_time(self, job_id: str) -> bool:
-        """True the first time ``job_id`` is offered, False every time after."""
-        ...
-
-
-class Deduplicator:
-    """In-memory :class:`Deduper`: a set of the ids seen.
-
-    Its memory grows with the number of *distinct* ids (roughly 100 bytes each), which is the
-    price of "repeated ids are processed once" without a ledger; a ledger-backed deduper keeps
-    that on disk instead.
-    """
-
-    __slots__ = ("_repeats", "_seen")
-
-    def __init__(self) -> None:
-        self._seen: set[str] = set()
-        self._repeats = 0
-
-    def first_time(self, job_id: str) -> bool:
-        if job_id in self._seen:
-            self._repeats += 1
-            return False
-        self._seen.add(job_id)
-        return True
-
-    @property
-    def seen(self) -> int:
-        """Distinct ids offered so far."""
-        return len(self._seen)
-
-    @property
-    def repeats(self) -> int:
-        """Offers of an id that had been seen before."""
-        return self._repeats
-
-    def __repr__(self) -> str:
-        return f"Deduplicator(seen={len(self._seen)}, repeats={self._repeats})"
