@@ -1,24 +1,29 @@
-"""The circuit breaker: its state machine on scripted times, and the transport that waits
-while it is open, on virtual time."""
+"""The circuit breaker: its state machine on scripted times, and the gate calls wait at
+while it is open (through the paced call), on virtual time."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
 
 import anyio
 import pytest
 
 from tests.fakes import FakeClock
-from worker.api.client import JobPage
-from worker.errors import ApiTimeout, ClientError, NetworkError, ServerError, ThrottledError
-from worker.pacing.breaker import (
-    BreakerConfig,
-    BreakerTransport,
-    CircuitBreaker,
-    CircuitOpenError,
-    CircuitState,
+from worker.errors import (
+    ApiTimeout,
+    ApiUnavailable,
+    ClientError,
+    NetworkError,
+    ServerError,
+    ThrottledError,
+    TransientError,
 )
-from worker.types import DeleteResult, JobRecord
+from worker.pacing.breaker import BreakerConfig, BreakerGate, CircuitBreaker, CircuitState
+from worker.pacing.bucket import UnlimitedRateLimiter
+from worker.pacing.paced import PacedCall, Stopped
+from worker.pacing.retry import RetryPolicy
+from worker.types import DeleteResult
 
 
 def _open(breaker: CircuitBreaker, start: float = 0.0, n: int = 8) -> float:
@@ -102,7 +107,7 @@ async def test_a_cancelled_probe_lets_another_one_go() -> None:
     assert breaker.state(t) is CircuitState.HALF_OPEN
 
 
-# --- the transport on virtual time --------------------------------------------------------
+# --- the gate, through the paced call, on virtual time -------------------------------------
 
 
 class FlakyApi:
@@ -120,11 +125,19 @@ class FlakyApi:
             raise ServerError("503", http_status=503)
         return DeleteResult(records=(), http_status=200, request_id="r")
 
-    async def get_job(self, job_id: str) -> JobRecord:
-        raise NotImplementedError
 
-    async def list_jobs(self, **filters: str | int | bool) -> JobPage:
-        raise NotImplementedError
+def _paced(
+    clock: FakeClock,
+    gate: BreakerGate,
+    *,
+    max_attempts: int = 50,
+    stopping: Callable[[], bool] = lambda: False,
+) -> PacedCall:
+    policy = RetryPolicy(max_attempts=max_attempts, base_delay=0.1, max_delay=0.1,
+                         rng=random.Random(3))  # fmt: skip
+    return PacedCall(
+        limiter=UnlimitedRateLimiter(), policy=policy, clock=clock, gate=gate, stopping=stopping
+    )
 
 
 @pytest.mark.anyio
@@ -133,20 +146,13 @@ async def test_an_outage_is_probed_at_a_low_rate_and_calls_resume_after_it() -> 
     breaker open they send a handful of probes, and all of them succeed once it is up."""
     clock = FakeClock()
     api = FlakyApi(clock, up_at=20.0)
-    transport = BreakerTransport(
-        api, clock=clock, breaker=CircuitBreaker(BreakerConfig(max_cooldown=8.0))
-    )
+    gate = BreakerGate(clock=clock, breaker=CircuitBreaker(BreakerConfig(max_cooldown=8.0)))
+    paced = _paced(clock, gate)
     done: list[float] = []
 
     async def caller() -> None:
-        while True:
-            try:
-                await transport.delete_jobs(["a"])
-            except ServerError:
-                await clock.sleep(0.1)
-                continue
-            done.append(clock.now())
-            return
+        await paced(lambda: api.delete_jobs(["a"]), what="b")
+        done.append(clock.now())
 
     async with anyio.create_task_group() as group:
         for _ in range(8):
@@ -154,8 +160,8 @@ async def test_an_outage_is_probed_at_a_low_rate_and_calls_resume_after_it() -> 
     during = [t for t in api.calls if 3.0 <= t < 20.0]
     assert len(during) <= 6  # probes at 1, 2, 4, 8, 8 s intervals, one at a time
     assert len(done) == 8
-    assert max(done) - 20.0 <= 8.0 + 0.1  # resumed within one cooldown of recovery
-    assert transport.breaker.state(clock.now()) is CircuitState.CLOSED
+    assert max(done) - 20.0 <= 8.0 + 0.2  # resumed within one cooldown of recovery
+    assert gate.breaker.state(clock.now()) is CircuitState.CLOSED
 
 
 @pytest.mark.anyio
@@ -163,8 +169,9 @@ async def test_a_stopping_run_gives_up_waiting_without_sending() -> None:
     clock = FakeClock()
     api = FlakyApi(clock, up_at=1e9)
     stop = False
-    transport = BreakerTransport(api, clock=clock, stopping=lambda: stop)
-    _open(transport.breaker, start=clock.now())
+    gate = BreakerGate(clock=clock)
+    _open(gate.breaker, start=clock.now())
+    paced = _paced(clock, gate, stopping=lambda: stop)
     sent_before = len(api.calls)
 
     async def stop_soon() -> None:
@@ -174,29 +181,32 @@ async def test_a_stopping_run_gives_up_waiting_without_sending() -> None:
 
     async with anyio.create_task_group() as group:
         group.start_soon(stop_soon)
-        with pytest.raises(CircuitOpenError):
-            await transport.delete_jobs(["a"])
+        with pytest.raises(Stopped):
+            await paced(lambda: api.delete_jobs(["a"]), what="b")
     assert len(api.calls) == sent_before
-    assert "BreakerTransport(CircuitBreaker(state=open" in repr(transport)
+    assert "BreakerGate(CircuitBreaker(state=open" in repr(gate)
 
 
 @pytest.mark.anyio
-async def test_after_give_up_after_seconds_down_waiting_calls_fail_at_once() -> None:
-    """So the dispatcher's retry budget, not the breaker, decides when the run ends (69)."""
+async def test_a_failed_probe_is_an_attempt_of_every_call_that_waited_on_it() -> None:
+    """So an outage ends the run after ``max_attempts`` probes, whatever the cool-downs:
+    the waiters' own retries are told ``circuit_open`` and nothing of theirs was sent."""
     clock = FakeClock()
     api = FlakyApi(clock, up_at=1e9)
-    breaker = CircuitBreaker(BreakerConfig(give_up_after=60.0, max_cooldown=8.0))
-    transport = BreakerTransport(api, clock=clock, breaker=breaker)
-    _open(breaker, start=clock.now())
-    assert not breaker.given_up(clock.now())
-    failures = 0
-    while True:
-        try:
-            await transport.delete_jobs(["a"])
-        except CircuitOpenError:
-            break
-        except ServerError:
-            failures += 1
-    assert clock.now() >= 60.0
-    assert breaker.given_up(clock.now())
-    assert 3 <= failures <= 10  # the probes sent while waiting
+    gate = BreakerGate(clock=clock)
+    _open(gate.breaker, start=clock.now())
+    paced = _paced(clock, gate, max_attempts=3)
+    reasons: list[str] = []
+
+    async def retrying(error: TransientError, attempt: int, delay: float, reason: str) -> None:
+        reasons.append(reason)
+
+    async def caller() -> None:
+        with pytest.raises(ApiUnavailable):
+            await paced(lambda: api.delete_jobs(["a"]), what="b", retrying=retrying)
+
+    async with anyio.create_task_group() as group:
+        for _ in range(4):
+            group.start_soon(caller)
+    assert len(api.calls) <= 3 + 1  # the probes, one per round: not one per caller
+    assert "circuit_open" in reasons

@@ -16,72 +16,29 @@ The policy, by error class:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Protocol
-
-import anyio
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Protocol
 
 from worker.batcher import DeletionBudget
 from worker.clock import Clock
 from worker.errors import (
     AMBIGUOUS,
     ApiError,
-    ApiUnavailable,
     ClientError,
     NotFound,
     PermanentError,
-    ServerError,
-    ThrottledError,
     TransientError,
 )
 from worker.pacing.bucket import RateLimiter
+from worker.pacing.paced import PacedCall, Stopped, Tries, Working
 from worker.pacing.retry import RetryPolicy
 from worker.types import Batch, DeleteResult, JobRecord, Outcome, Result
 
+if TYPE_CHECKING:
+    from worker.pacing.breaker import BreakerGate
 
-class Working:
-    """How many batches are being worked on right now: a call on the wire, an answer or a
-    skip being settled, a protection lookup. A stopping run waits for those, and for
-    nothing else: a dispatcher waiting for a token or sitting out a backoff (``waiting``,
-    inside the caller's ``busy``) can be cancelled at once, its batch left open."""
-
-    __slots__ = ("_idle", "count")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._idle: anyio.Event | None = None
-
-    @contextmanager
-    def busy(self) -> Iterator[None]:
-        self.count += 1
-        try:
-            yield
-        finally:
-            self._less()
-
-    @contextmanager
-    def waiting(self) -> Iterator[None]:
-        """Inside ``busy``: not working for a while (a token, a backoff)."""
-        self._less()
-        try:
-            yield
-        finally:
-            self.count += 1
-
-    async def idle(self) -> None:
-        """Return once no dispatcher is working."""
-        while self.count > 0:
-            self._idle = anyio.Event()
-            await self._idle.wait()
-
-    def _less(self) -> None:
-        self.count -= 1
-        if self.count == 0 and self._idle is not None:
-            self._idle.set()
-
-    def __repr__(self) -> str:
-        return f"Working(count={self.count})"
+__all__ = ["Dispatcher", "Journal", "Transport", "Working"]
 
 
 class Transport(Protocol):
@@ -139,17 +96,19 @@ class Dispatcher:
         dry_run: bool = False,
         stopping: Callable[[], bool] = lambda: False,
         working: Working | None = None,
+        gate: BreakerGate | None = None,
     ) -> None:
+        """``gate``: the breaker every call asks before it takes a token (none: no breaker).
+        The calls go through one ``PacedCall`` (see ``paced``, to share it with readers)."""
         self._transport = transport
-        self._limiter = limiter
-        self._policy = policy
         self._journal = journal
-        self._clock = clock
         self._budget = budget
         self._max_attempts = max_attempts
         self._dry_run = dry_run
-        self._stopping = stopping
-        self._working = working if working is not None else Working()
+        self.paced = PacedCall(
+            limiter=limiter, policy=policy, clock=clock, gate=gate, stopping=stopping,
+            working=working if working is not None else Working(),
+        )  # fmt: skip
         self.calls = 0
         self.splits = 0
         self.reconciled = 0
@@ -198,30 +157,29 @@ class Dispatcher:
 
         True when the API took the ids as one call (no 4xx made them split)."""
         remaining = tuple(ids)
-        attempt = throttled = 0
-        while remaining:
-            attempt += 1
-            with self._working.waiting():
-                await self._limiter.acquire()
-            if self._stopping():
-                return True  # the run began stopping while we waited: send nothing
+        tries = Tries()
+
+        async def sending(attempt: int) -> None:
             await self._journal.sent(batch_id, remaining, attempt)
-            started = self._clock.now()
-            self.calls += 1
+
+        async def retrying(exc: TransientError, attempt: int, delay_s: float, why: str) -> None:
+            nonlocal ambiguous
+            ambiguous = ambiguous or isinstance(exc, AMBIGUOUS)
+            await self._journal.retrying(batch_id, attempt, delay_s, why)
+
+        while remaining:
             try:
-                answer = await self._transport.delete_jobs(remaining)
-            except TransientError as exc:
-                self._feedback(exc, started)
-                throttled += isinstance(exc, ThrottledError)
-                ambiguous = ambiguous or isinstance(exc, AMBIGUOUS)
-                if not await self._backoff(exc, batch_id, attempt, throttled, len(remaining)):
-                    return True  # the run is stopping: the ids stay open for the next run
-                continue
+                answer = await self.paced(
+                    partial(self._send_delete, remaining),
+                    what=batch_id, open_ids=len(remaining), tries=tries, sending=sending,
+                    retrying=retrying,
+                )  # fmt: skip
+            except Stopped:
+                return True  # the run is stopping: the ids stay open for the next run
             except (ClientError, NotFound) as exc:
-                self._feedback(exc, started)
-                await self._refused(batch_id, remaining, attempt, exc, ambiguous=ambiguous)
+                await self._refused(batch_id, remaining, tries.attempt, exc, ambiguous=ambiguous)
                 return False
-            self._feedback(None, started)
+            attempt = tries.attempt
             remaining = await self._settle(batch_id, remaining, attempt, answer)
             if remaining and attempt >= self._max_attempts:
                 error = ApiError(
@@ -235,35 +193,6 @@ class Dispatcher:
                 )
                 return True
         return True
-
-    def _feedback(self, error: ApiError | None, started: float) -> None:
-        retry_after = error.retry_after if isinstance(error, ThrottledError) else None
-        self._limiter.feedback(
-            throttled=isinstance(error, ThrottledError),
-            latency_s=self._clock.now() - started,
-            retry_after=retry_after,
-            # A 503 is the server saying it is overloaded: an adaptive limiter slows down.
-            overloaded=isinstance(error, ServerError) and error.http_status == 503,
-        )
-
-    async def _backoff(
-        self, exc: TransientError, batch_id: str, attempt: int, throttled: int, n: int
-    ) -> bool:
-        """Wait before the next attempt. False when the run is stopping instead.
-
-        Raises ``ApiUnavailable`` when the retry budget is spent.
-        """
-        if self._stopping():
-            return False
-        decision = self._policy.decide(exc, attempt, throttled=throttled)
-        if not decision.retry:
-            raise ApiUnavailable(exc, batch_id=batch_id, open_ids=n)
-        await self._journal.retrying(batch_id, attempt + 1, decision.delay_s, decision.reason)
-        # Waiting, not working: a stopping run cancels this sleep as soon as no dispatcher
-        # has a call on the wire (the batch stays open), however long the Retry-After.
-        with self._working.waiting():
-            await self._clock.sleep(decision.delay_s)
-        return not self._stopping()
 
     def _learn_size(self, *, refused: int, taken: int) -> None:
         """``refused`` ids in one call were refused whole, and ``taken`` then went through."""
@@ -334,31 +263,32 @@ class Dispatcher:
     async def _exists(self, batch_id: str, job_id: str, attempt: int) -> bool:
         """The show call: does the job still exist? A 404 ends it ``absent``."""
         self.reconciled += 1
-        check = throttled = 0
-        while True:
-            check += 1
-            with self._working.waiting():
-                await self._limiter.acquire()
-            started = self._clock.now()
-            self.calls += 1
-            try:
-                await self._transport.get_job(job_id)
-            except NotFound as exc:
-                self._feedback(exc, started)
-                absent = _answered(Outcome.ABSENT, job_id, batch_id, attempt, exc)
-                await self._journal.finished([absent])
-                return False
-            except TransientError as exc:
-                self._feedback(exc, started)
-                throttled += isinstance(exc, ThrottledError)
-                if not await self._backoff(exc, batch_id, check, throttled, 1):
-                    return False  # the run is stopping: left open
-                continue
-            except PermanentError as exc:
-                if not isinstance(exc, ClientError):
-                    raise
-                self._feedback(exc, started)
-                await self._journal.finished([_failed(job_id, batch_id, attempt, exc)])
-                return False
-            self._feedback(None, started)
-            return True
+
+        async def retrying(exc: TransientError, check: int, delay_s: float, why: str) -> None:
+            await self._journal.retrying(batch_id, check, delay_s, why)
+
+        try:
+            await self.paced(
+                partial(self._send_show, job_id), what=batch_id,
+                retrying=retrying,
+            )  # fmt: skip
+        except NotFound as exc:
+            absent = _answered(Outcome.ABSENT, job_id, batch_id, attempt, exc)
+            await self._journal.finished([absent])
+            return False
+        except Stopped:
+            return False  # the run is stopping: left open
+        except PermanentError as exc:
+            if not isinstance(exc, ClientError):
+                raise
+            await self._journal.finished([_failed(job_id, batch_id, attempt, exc)])
+            return False
+        return True
+
+    async def _send_delete(self, ids: Sequence[str]) -> DeleteResult:
+        self.calls += 1
+        return await self._transport.delete_jobs(ids)
+
+    async def _send_show(self, job_id: str) -> JobRecord:
+        self.calls += 1
+        return await self._transport.get_job(job_id)

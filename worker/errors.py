@@ -95,6 +95,11 @@ class MalformedResponse(TransientError):
     """The answer was cut short or is not the JSON the API documents."""
 
 
+class CircuitOpenError(TransientError):
+    """Nothing was sent: the API kept failing and the circuit breaker held the call back
+    (its probe failed, or the run began to stop while it waited)."""
+
+
 class PermanentError(ApiError):
     """Sending the same request again cannot help."""
 

@@ -16,10 +16,12 @@ from worker.api.client import Api, ApiClient, make_session
 from worker.api.credentials import CredentialSource, read_profile, resolve_credentials
 from worker.batcher import DeletionBudget
 from worker.clock import Clock
-from worker.discovery.guard import Guard, PacedReader, PlanCheck, Protection
+from worker.discovery.guard import Guard, PlanCheck, Protection
 from worker.dispatcher import Dispatcher, Journal, Working
 from worker.errors import ConfigError
+from worker.pacing.breaker import BreakerGate
 from worker.pacing.bucket import RateLimiter
+from worker.pacing.paced import PacedReader
 from worker.pacing.retry import RetryPolicy
 from worker.pipeline import BatchProcessor
 from worker.settings import Settings
@@ -94,14 +96,16 @@ def processor(
     protection: Protection,
     plan: PlanCheck | None = None,
     working: Working | None = None,
+    gate: BreakerGate | None = None,
 ) -> BatchProcessor:
     """The dispatcher, wrapped in the guard when jobs are protected or a plan binds the run.
 
     ``transport`` is None in a dry run: nothing is read or sent then. ``working`` counts
-    the dispatchers at work, for a stopping run to wait on (``Pipeline``).
+    the dispatchers at work, for a stopping run to wait on (``Pipeline``). ``gate``: the
+    circuit breaker every call, read or delete, asks before it takes a rate token.
     """
     policy = retry_policy(settings)
-    dispatcher: BatchProcessor = Dispatcher(
+    dispatcher = Dispatcher(
         transport=transport,  # type: ignore[arg-type]  # None only in a dry run: never called
         limiter=limiter,
         policy=policy,
@@ -112,14 +116,14 @@ def processor(
         dry_run=settings.dry_run,
         stopping=stopping,
         working=working,
+        gate=gate,
     )
     if not protection.active and plan is None:
         return dispatcher
     reader = None
     if transport is not None:
-        reader = PacedReader(
-            api=transport, limiter=limiter, policy=policy, clock=clock, stopping=stopping
-        )
+        # The dispatcher's paced call: one breaker, one limiter, one count of who is working.
+        reader = PacedReader(api=transport, paced=dispatcher.paced)
     return Guard(
         inner=dispatcher, outcomes=journal, protection=protection, reader=reader, plan=plan
     )

@@ -24,6 +24,7 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from worker import wiring
+from worker.api.client import ApiClient
 from worker.batcher import Batcher
 from worker.clock import MonotonicClock
 from worker.discovery.guard import PlanCheck, load_protection
@@ -54,7 +55,7 @@ from worker.outcomes.journal import (
     check_output,
     rewrite_results,
 )
-from worker.pacing.breaker import BreakerTransport
+from worker.pacing.breaker import BreakerGate
 from worker.pipeline import Pipeline, RunState
 from worker.settings import Settings
 from worker.types import Candidate
@@ -293,16 +294,13 @@ async def _run(
         )
         session = None
         try:
-            transport: BreakerTransport | None = None
+            transport: ApiClient | None = None
+            # The breaker stops hammering an API that keeps failing, and tells the exit
+            # code whether a deadline struck while the API was down (69, not 75).
+            gate = BreakerGate(clock=clock)
             if not settings.dry_run:
                 session = wiring.session(settings)
-                # The breaker stops hammering an API that keeps failing, and tells the exit
-                # code whether a deadline struck while the API was down (69, not 75).
-                transport = BreakerTransport(
-                    await wiring.api_client(settings, session),
-                    clock=clock,
-                    stopping=lambda: state.stopping,
-                )
+                transport = await wiring.api_client(settings, session)
             working = Working()  # what a stop waits for: calls on the wire, answers settling
             dispatcher = wiring.processor(
                 settings,
@@ -314,6 +312,7 @@ async def _run(
                 protection=protection,
                 plan=None if plan is None else PlanCheck.of(plan),
                 working=working,
+                gate=gate,
             )
             pipeline = Pipeline(
                 entries=entries,
@@ -338,7 +337,7 @@ async def _run(
                 await pipeline.run()
             finally:
                 progress_scope.cancel()
-            state.api_down = transport is not None and transport.api_down
+            state.api_down = transport is not None and gate.api_down
         finally:
             if session is not None:
                 await session.close()

@@ -87,7 +87,7 @@ async def serve(
     from worker.discovery.guard import load_protection
     from worker.dispatcher import Working
     from worker.outcomes.events import EventLog
-    from worker.pacing.breaker import BreakerTransport
+    from worker.pacing.breaker import BreakerGate
     from worker.service.consumer import REDIS_ERRORS, StreamConsumer
     from worker.service.health import Health, build_app
     from worker.service.inflight import InFlight
@@ -146,9 +146,7 @@ async def serve(
         if not settings.dry_run:
             session = wiring.session(settings)
             api = await wiring.api_client(settings, session)
-            metered = MeteredTransport(api, metrics, clock, observe=health.observe_call)
-            # An API that keeps failing is probed, not hammered, by every replica.
-            transport = BreakerTransport(metered, clock=clock, stopping=stop.is_set)
+            transport = MeteredTransport(api, metrics, clock, observe=health.observe_call)
         working = Working()  # what a stop waits for: calls on the wire, answers settling
         dispatcher = wiring.processor(
             settings,
@@ -159,6 +157,7 @@ async def serve(
             stopping=stop.is_set,
             protection=protection,  # protected jobs end skipped here too, whatever the queue says
             working=working,
+            gate=BreakerGate(clock=clock),  # an API that keeps failing is probed, not hammered
         )
         service = Service(
             consumer=consumer,

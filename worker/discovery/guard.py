@@ -8,10 +8,11 @@ dispatcher) and ends the rest itself:
    (``not_in_plan``): the plan is the whole of what was reviewed;
 3. when a rule needs the job itself (a protected name pattern, type or status, or the plan's
    filters), the job is read with the show call just before its batch goes out, through the
-   same rate limiter as the DELETEs and retried like them. A job that is gone ends
-   ``absent``; a protected one ``skipped`` (``protected``); one that no longer matches the
-   plan's filters ``skipped`` (``plan_mismatch``); one that cannot be read (a 4xx) ``failed``,
-   because a job we cannot check is a job we do not delete.
+   same paced call as the DELETEs (``worker.pacing.paced``: the same breaker, limiter and
+   retries). A job that is gone ends ``absent``; a protected one ``skipped``
+   (``protected``); one that no longer matches the plan's filters ``skipped``
+   (``plan_mismatch``); one that cannot be read (a 4xx) ``failed``, because a job we cannot
+   check is a job we do not delete.
 
 Whatever reaches the dispatcher has passed every rule, whatever the input said. Because it is
 a wrapper, ``run``, ``run --plan`` and ``serve`` share it: ``Guard(inner=dispatcher, ...)``.
@@ -23,32 +24,20 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol
 
-from worker.clock import Clock
 from worker.discovery.filters import Filters
-from worker.errors import (
-    ApiError,
-    ApiUnavailable,
-    ClientError,
-    ConfigError,
-    NotFound,
-    ReaperError,
-    ThrottledError,
-    TransientError,
-)
-from worker.pacing.bucket import RateLimiter
-from worker.pacing.retry import RetryPolicy
+from worker.errors import ClientError, ConfigError
+from worker.pacing.paced import PacedReader, Stopped
 from worker.types import JOB_ID_RE, Batch, JobRecord, Outcome, Result
 
 if TYPE_CHECKING:
-    from worker.api.client import JobPage
     from worker.discovery.plan import Plan
 
-_T = TypeVar("_T")
+__all__ = ["Guard", "PacedReader", "PlanCheck", "Protection", "Stopped", "load_protection"]
 _GLOB_CHARS = frozenset("*?[")
 _KIND_RE = re.compile(r"[\w -]+")
 """What reads as a kind before a colon (``nmae``, ``job_name``, ``id ``): anything else there
@@ -204,95 +193,6 @@ def load_protection(
         return Protection.parse(everything, types=types, statuses=statuses)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-
-
-# -- paced reads -------------------------------------------------------------------------------
-
-
-class ReadApi(Protocol):
-    """The read calls (``worker.api.client.ApiClient`` is one)."""
-
-    async def get_job(self, job_id: str) -> JobRecord: ...
-
-    async def list_jobs(self, **filters: str | int | bool) -> JobPage: ...
-
-
-class Stopped(ReaperError):
-    """The run is stopping: the read was abandoned and its ids stay open."""
-
-
-class PacedReader:
-    """Show and list calls through the rate limiter, retried on transient errors.
-
-    The same limiter as the DELETEs, so reads and deletes together stay within the quota;
-    the same retry policy, so a 429 or a 5xx on a read is handled like one on a DELETE.
-    When the budget runs out the API is unavailable (``ApiUnavailable``, exit 69).
-    """
-
-    def __init__(
-        self,
-        *,
-        api: ReadApi,
-        limiter: RateLimiter,
-        policy: RetryPolicy,
-        clock: Clock,
-        stopping: Callable[[], bool] = lambda: False,
-    ) -> None:
-        self._api = api
-        self._limiter = limiter
-        self._policy = policy
-        self._clock = clock
-        self._stopping = stopping
-        self.calls = 0
-        self.retries = 0
-
-    def __repr__(self) -> str:
-        return f"PacedReader(calls={self.calls}, retries={self.retries})"
-
-    async def show(self, job_id: str) -> JobRecord | None:
-        """The job, or ``None`` when it does not exist (404)."""
-        try:
-            return await self._call(lambda: self._api.get_job(job_id), job_id)
-        except NotFound:
-            return None
-
-    async def list_page(self, **query: str | int | bool) -> JobPage:
-        return await self._call(lambda: self._api.list_jobs(**query), "list")
-
-    async def _call(self, make: Callable[[], Awaitable[_T]], what: str) -> _T:
-        attempt = throttled = 0
-        while True:
-            attempt += 1
-            await self._limiter.acquire()
-            started = self._clock.now()
-            self.calls += 1
-            try:
-                result = await make()
-            except TransientError as exc:
-                self._feedback(exc, started)
-                throttled += isinstance(exc, ThrottledError)
-                if self._stopping():
-                    raise Stopped("stopping") from None
-                decision = self._policy.decide(exc, attempt, throttled=throttled)
-                if not decision.retry:
-                    raise ApiUnavailable(exc, batch_id=what, open_ids=1) from None
-                self.retries += 1
-                await self._clock.sleep(decision.delay_s)
-                if self._stopping():
-                    raise Stopped("stopping") from None
-                continue
-            except ApiError as exc:
-                self._feedback(exc, started)
-                raise
-            self._feedback(None, started)
-            return result
-
-    def _feedback(self, error: ApiError | None, started: float) -> None:
-        self._limiter.feedback(
-            throttled=isinstance(error, ThrottledError),
-            latency_s=self._clock.now() - started,
-            retry_after=error.retry_after if isinstance(error, ThrottledError) else None,
-        )
 
 
 # -- the guard ---------------------------------------------------------------------------------

@@ -13,44 +13,37 @@ What counts: server errors, network errors, timeouts and cut-short bodies are fa
 429s are neither (the rate limiter's business: a throttling API is up); any other answer,
 4xx included, proves the API is up.
 
-``CircuitBreaker`` is the pure state machine over times passed in. ``BreakerTransport``
-wraps the dispatcher's ``Transport``: while the circuit is open a call waits (it is not
-refused, so waiting spends none of the batch's retry budget); half-open, one call at a time
-is let through. A probe that fails is an attempt of its batch like any other, so an outage
-that outlasts ``max_attempts`` probes still ends the run with ``ApiUnavailable`` (exit 69).
-When the run is stopping (a signal or the deadline) a waiting call gives up with
-``CircuitOpenError`` (transient, nothing sent), so its ids stay open for the next run. After
-``give_up_after`` seconds down, waiting calls fail the same way at once: the dispatcher
-spends its retry budget in a few back-offs and stops the run with ``ApiUnavailable`` (exit
-69), the ids left open, instead of probing for as long as the batches' budgets last. Probes
-still go through meanwhile, so an API that comes back is still noticed.
+``CircuitBreaker`` is the pure state machine over times passed in. ``BreakerGate`` is how
+calls meet it: ``worker.pacing.paced.PacedCall`` asks the gate *before* taking a rate token,
+so a call waiting out the cool-down holds no token, and when the API recovers the waiting
+calls take tokens in turn (a strict gateway would refuse them all at once) and none of them
+is timed for the outage. While the circuit is open a call waits (it is not refused, so
+waiting spends none of the batch's retry budget); half-open, one call at a time goes as the
+probe. A probe that fails is an attempt of its batch, and of every batch that waited on it:
+the retry budget the user set (``--max-attempts``), not the breaker, decides when an outage
+ends the run with ``ApiUnavailable`` (exit 69), the ids left open. When the run is stopping
+(a signal or the deadline) a waiting call gives up with ``CircuitOpenError`` (transient,
+nothing sent), so its ids stay open for the next run.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 
 from worker.clock import Clock
 from worker.errors import (
     ApiError,
+    CircuitOpenError,
     MalformedResponse,
     NetworkError,
     ServerError,
     ThrottledError,
-    TransientError,
 )
-from worker.types import DeleteResult, JobRecord
-
-if TYPE_CHECKING:
-    from worker.api.client import Api, JobPage
-
-T = TypeVar("T")
 
 FAILURES: tuple[type[ApiError], ...] = (ServerError, NetworkError, MalformedResponse)
 """The answers (or their absence) that say the API is down. ``ApiTimeout`` is a
@@ -63,22 +56,17 @@ class CircuitState(StrEnum):
     HALF_OPEN = "half_open"
 
 
-class CircuitOpenError(TransientError):
-    """No call was made: the circuit was open when the run began to stop."""
-
-
 @dataclass(frozen=True, slots=True)
 class BreakerConfig:
     failure_threshold: int = 8  # failures in a row ...
     min_failure_span: float = 2.0  # ... spread over at least this many seconds
     cooldown: float = 1.0  # first open period
     max_cooldown: float = 30.0
-    give_up_after: float = 120.0  # down this long: waiting calls fail instead of waiting
 
     def __post_init__(self) -> None:
         if self.failure_threshold < 1:
             raise ValueError("failure_threshold must be >= 1")
-        for name in ("min_failure_span", "cooldown", "max_cooldown", "give_up_after"):
+        for name in ("min_failure_span", "cooldown", "max_cooldown"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
@@ -101,7 +89,6 @@ class CircuitBreaker:
     __slots__ = (
         "_config",
         "_cooldown",
-        "_down_since",
         "_failures",
         "_first_failure",
         "_open_until",
@@ -118,7 +105,6 @@ class CircuitBreaker:
         self._cooldown = self._config.cooldown
         self._open_until = -math.inf
         self._probing = False
-        self._down_since: float | None = None
         self.opened = 0
         """How many times the circuit has opened (shown in ``repr``)."""
 
@@ -131,11 +117,6 @@ class CircuitBreaker:
     def open_until(self) -> float:
         return self._open_until
 
-    def given_up(self, now: float) -> bool:
-        """Down (open or half-open, no probe answered) for ``give_up_after`` seconds."""
-        since = self._down_since
-        return since is not None and now - since >= self._config.give_up_after
-
     def admit(self, now: float) -> Admission:
         """May a call start now? Half-open admits one probe at a time."""
         state = self.state(now)
@@ -147,6 +128,10 @@ class CircuitBreaker:
             return Admission(go=False, wait_s=math.inf)
         self._probing = True
         return Admission(go=True, probe=True)
+
+    def release(self) -> None:
+        """The probe admitted did not go (cancelled, stopping): another call may probe."""
+        self._probing = False
 
     def record(self, now: float, error: BaseException | None, *, probe: bool = False) -> None:
         """How a call ended: ``None`` for an answer, else the error it raised."""
@@ -178,15 +163,12 @@ class CircuitBreaker:
             self._open(now)
 
     def _open(self, now: float) -> None:
-        if self._down_since is None:
-            self._down_since = now
         self._state = CircuitState.OPEN
         self._open_until = now + self._cooldown
         self._failures = 0
         self.opened += 1
 
     def _success(self) -> None:
-        self._down_since = None
         self._state = CircuitState.CLOSED
         self._failures = 0
         self._cooldown = self._config.cooldown
@@ -198,80 +180,102 @@ class CircuitBreaker:
         )
 
 
-class BreakerTransport:
-    """A ``Transport`` that waits while the circuit is open and probes when half-open.
+class _Round:
+    """One probe's verdict, for the calls that wait on it."""
 
-    ``stopping`` is polled while waiting (every ``poll_s``): once it says yes, a waiting
-    call raises ``CircuitOpenError`` instead of sending.
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.error: BaseException | None = None
+
+
+class BreakerGate:
+    """The breaker as a gate a call passes before it takes a rate token
+    (``worker.pacing.paced.PacedCall``).
+
+    Closed: every call goes. Open: calls wait for the cool-down to end, holding no token.
+    Half-open: one call goes as the probe; the others wait for its verdict. A probe that
+    fails is the failure of every call that waited on it: ``admit`` raises the probe's
+    error for each of them, with nothing sent, so an outage spends the batches' retry
+    budgets at the pace of the probes and the run ends (``ApiUnavailable``, 69) after
+    ``--max-attempts`` of them, whatever the cool-downs. When the run is stopping a
+    waiting call gives up with ``CircuitOpenError`` (nothing sent).
     """
 
-    __slots__ = ("_changed", "_clock", "_inner", "_poll_s", "_stopping", "breaker")
+    __slots__ = ("_clock", "_poll_s", "_round", "breaker")
 
     def __init__(
         self,
-        inner: Api,
         *,
         clock: Clock,
         breaker: CircuitBreaker | None = None,
-        stopping: Callable[[], bool] = lambda: False,
         poll_s: float = 0.5,
     ) -> None:
-        self._inner = inner
         self._clock = clock
         self.breaker = breaker or CircuitBreaker()
-        self._stopping = stopping
         self._poll_s = poll_s
-        self._changed = anyio.Event()
-
-    async def delete_jobs(self, ids: Sequence[str]) -> DeleteResult:
-        return await self._call(lambda: self._inner.delete_jobs(ids))
-
-    async def get_job(self, job_id: str) -> JobRecord:
-        return await self._call(lambda: self._inner.get_job(job_id))
-
-    async def list_jobs(self, **filters: str | int | bool) -> JobPage:
-        return await self._call(lambda: self._inner.list_jobs(**filters))
+        self._round = _Round()  # the probe out now, and its verdict once it comes
 
     @property
     def api_down(self) -> bool:
         """The circuit is not closed: the API was failing when last heard from."""
         return self.breaker.state(self._clock.now()) is not CircuitState.CLOSED
 
-    async def _admit(self) -> bool:
+    def closed_for(self) -> float:
+        """Seconds until the circuit lets a call (a probe) through again: 0 unless open."""
+        now = self._clock.now()
+        if self.breaker.state(now) is not CircuitState.OPEN:
+            return 0.0
+        return max(0.0, self.breaker.open_until - now)
+
+    async def admit(self, stopping: Callable[[], bool]) -> bool:
+        """Wait until a call may go; whether it goes as the probe."""
         while True:
             admission = self.breaker.admit(self._clock.now())
             if admission.go:
                 return admission.probe
-            if self._stopping() or self.breaker.given_up(self._clock.now()):
+            if stopping():
                 raise CircuitOpenError(
                     "the API kept failing and the circuit is open; nothing was sent"
                 )
             if math.isinf(admission.wait_s):
                 # A probe is out: wait for its verdict (or poll for a stop).
-                changed = self._changed
+                probe = self._round
                 with anyio.move_on_after(self._poll_s):
-                    await changed.wait()
+                    await probe.done.wait()
+                if isinstance(probe.error, FAILURES):
+                    # The probe failed: so did this attempt, with nothing sent.
+                    raise CircuitOpenError(
+                        f"nothing was sent: the probe of the API failed ({probe.error})",
+                        http_status=probe.error.http_status,
+                        error_code=probe.error.error_code,
+                        error_msg=probe.error.error_msg,
+                        request_id=probe.error.request_id,
+                    )
             else:
                 await self._clock.sleep(min(admission.wait_s, self._poll_s))
 
-    async def _call(self, send: Callable[[], Awaitable[T]]) -> T:
-        probe = await self._admit()
-        try:
-            result = await send()
-        except BaseException as exc:
-            # A cancellation or a bug says nothing about the API; a probe is released.
-            self.breaker.record(self._clock.now(), exc, probe=probe)
-            if probe:
-                self._notify()
-            raise
-        self.breaker.record(self._clock.now(), None, probe=probe)
+    def release(self, probe: bool) -> None:
+        """A call admitted did not go after all (cancelled, stopping): let another probe."""
         if probe:
-            self._notify()
-        return result
+            self.breaker.release()
+            self._notify(None)
 
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+    def record(self, error: BaseException | None, *, probe: bool) -> None:
+        """How a call that went ended: ``None`` for an answer, else its error."""
+        self.breaker.record(self._clock.now(), error, probe=probe)
+        if probe:
+            self._notify(error)
+
+    def _notify(self, verdict: BaseException | None) -> None:
+        done, self._round = self._round, _Round()
+        done.error = verdict
+        done.done.set()
 
     def __repr__(self) -> str:
-        return f"BreakerTransport({self.breaker!r})"
+        return f"BreakerGate({self.breaker!r})"
+
+
+__all__ = ["Admission", "BreakerConfig", "BreakerGate", "CircuitBreaker", "CircuitOpenError",
+           "CircuitState"]  # fmt: skip

@@ -30,6 +30,7 @@ from worker.errors import (
     ApiError,
     ApiTimeout,
     AuthError,
+    CircuitOpenError,
     MalformedResponse,
     NetworkError,
     PermanentError,
@@ -47,7 +48,8 @@ class RetryDecision:
     """``retry`` with ``delay_s`` to wait first, or not; ``reason`` names the case for events.
 
     Reasons when retrying: ``throttled``, ``server_error``, ``network``, ``timeout``,
-    ``malformed``. When not: ``permanent``, ``auth``, ``attempts_exhausted``, ``unexpected``
+    ``malformed``, ``circuit_open`` (nothing was sent: the breaker's probe failed).
+    When not: ``permanent``, ``auth``, ``attempts_exhausted``, ``unexpected``
     (not an API error at all: a bug, or cancellation).
     """
 
@@ -70,6 +72,8 @@ def full_jitter(attempt: int, base: float, cap: float, rng: random.Random) -> fl
 
 
 def _transient_reason(error: TransientError) -> str:
+    if isinstance(error, CircuitOpenError):
+        return "circuit_open"
     if isinstance(error, ApiTimeout):
         return "timeout"
     if isinstance(error, NetworkError):

@@ -1,0 +1,212 @@
+"""The paced call (``worker.pacing.paced``): one order for every call, on virtual time.
+
+Each test pins a bug of the three copies the paced call replaced: show calls that never
+told the limiter about a 503, a guard read waiting on the limiter that a stop sat out, and
+the breaker asked after the rate token, so calls that waited out an outage went out in one
+burst and were timed for it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import anyio
+import pytest
+
+from tests.fakes import FakeClock
+from worker import wiring
+from worker.api.client import JobPage
+from worker.batcher import Batcher
+from worker.discovery.guard import Protection
+from worker.dispatcher import Working
+from worker.errors import ServerError
+from worker.ledger import TemporaryLedger
+from worker.outcomes.events import EventLog
+from worker.outcomes.journal import LedgerPort, RunJournal, Tally
+from worker.pacing.breaker import BreakerConfig, BreakerGate, CircuitBreaker
+from worker.pacing.bucket import LocalRateLimiter, RateLimiter
+from worker.pacing.paced import PacedCall, PacedReader
+from worker.pacing.retry import RetryPolicy
+from worker.pipeline import Pipeline, RunState
+from worker.settings import Settings
+from worker.types import Candidate, DeleteResult, JobRecord, Outcome
+
+pytestmark = pytest.mark.anyio
+
+
+@dataclass(frozen=True, slots=True)
+class Fed:
+    throttled: bool
+    latency_s: float | None
+    overloaded: bool
+
+
+class Recorded:
+    """A limiter that records what it is told, around a real one."""
+
+    def __init__(self, inner: RateLimiter) -> None:
+        self.inner = inner
+        self.fed: list[Fed] = []
+
+    @property
+    def rate(self) -> float:
+        return self.inner.rate
+
+    async def acquire(self) -> None:
+        await self.inner.acquire()
+
+    def feedback(
+        self,
+        *,
+        throttled: bool,
+        latency_s: float | None = None,
+        retry_after: float | None = None,
+        overloaded: bool = False,
+    ) -> None:
+        self.fed.append(Fed(throttled, latency_s, overloaded))
+        self.inner.feedback(
+            throttled=throttled, latency_s=latency_s, retry_after=retry_after,
+            overloaded=overloaded,
+        )  # fmt: skip
+
+
+class Jobs:
+    """Every job exists and is named ``job-N``; ``overloaded`` show calls answer 503 first;
+    every call takes ``took`` seconds of virtual time."""
+
+    def __init__(self, clock: FakeClock, *, overloaded: int = 0, took: float = 0.05) -> None:
+        self.clock = clock
+        self.overloaded = overloaded
+        self.took = took
+        self.sent: list[float] = []
+        self.deletes: list[tuple[str, ...]] = []
+
+    async def get_job(self, job_id: str) -> JobRecord:
+        self.sent.append(self.clock.now())
+        await self.clock.sleep(self.took)
+        if self.overloaded:
+            self.overloaded -= 1
+            raise ServerError("busy", http_status=503)
+        return JobRecord(id=job_id, name=f"name-{job_id}", status="FINISHED")
+
+    async def delete_jobs(self, ids: Sequence[str]) -> DeleteResult:
+        self.sent.append(self.clock.now())
+        self.deletes.append(tuple(ids))
+        await self.clock.sleep(self.took)
+        return DeleteResult(records=tuple(JobRecord(id=i) for i in ids), request_id="r")
+
+    async def list_jobs(self, **filters: str | int | bool) -> JobPage:
+        raise AssertionError("no list call expected")
+
+
+def _policy() -> RetryPolicy:
+    return RetryPolicy(max_attempts=5, base_delay=0.1, rng=random.Random(2))
+
+
+async def test_a_503_on_a_show_call_tells_the_limiter_the_api_is_overloaded() -> None:
+    """The guard's reads used to feed the limiter ``throttled`` only: a 503 on a show call
+    never slowed ``--rate auto``."""
+    clock = FakeClock()
+    limiter = Recorded(LocalRateLimiter(100.0, 1, clock))
+    reader = PacedReader(api=Jobs(clock, overloaded=1), limiter=limiter, policy=_policy(),
+                         clock=clock)  # fmt: skip
+    record = await reader.show("job-1")
+    assert record is not None and record.id == "job-1"
+    assert [f.overloaded for f in limiter.fed] == [True, False]
+    assert reader.calls == 2 and reader.retries == 1
+
+
+async def test_a_stop_does_not_sit_out_the_grace_period_for_a_guard_read_waiting() -> None:
+    """With a name rule every id is read before its batch goes. Both dispatchers' reads
+    wait for a token (one a second, on a clock that moves only by hand): nobody is
+    working, so a stop ends the run at once, not after the hour of grace (the guard's
+    reads waited on the limiter as if working)."""
+    clock = FakeClock(autojump=False)
+    state, tally, working = RunState(), Tally(), Working()
+    api = Jobs(clock, took=0.0)
+    settings = Settings(rate=1.0, burst=1, max_attempts=3)
+    with TemporaryLedger.open() as ledger:
+        port = LedgerPort(ledger)
+        journal = RunJournal(ledger=port, events=EventLog(), tally=tally)
+        processor = wiring.processor(
+            settings, transport=api,
+            limiter=LocalRateLimiter(1.0, 1, clock), journal=journal, clock=clock,
+            stopping=lambda: state.stopping, protection=Protection.parse(["name:keep-*"]),
+            working=working,
+        )  # fmt: skip
+        pipeline = Pipeline(
+            entries=iter([Candidate(f"job-{n:03d}", n) for n in range(1, 41)]),
+            ledger=port, journal=journal, dispatcher=processor,
+            batcher=Batcher(10, prefix="t"), tally=tally, concurrency=2, grace=3600.0,
+            state=state, working=working,
+        )  # fmt: skip
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as group:
+                group.start_soon(pipeline.run)
+                # The first read took the one token there was; now both wait for the next.
+                while not (api.sent and clock.pending >= 2):
+                    await anyio.sleep(0.01)
+                assert working.count == 0
+                sent = len(api.sent)
+                state.request_stop("signal")
+    assert tally.finished == 0  # every batch left open: none had been read whole
+    assert len(api.sent) == sent  # nothing sent after the stop
+    assert working.count == 0
+
+
+async def test_the_breaker_is_asked_before_a_token_and_only_the_call_is_timed() -> None:
+    """Five calls meet an open circuit (5 s cool-down) at a rate of 10 calls/s. They used
+    to take their tokens first and wait out the cool-down inside the call: when the probe
+    came back the four others went out within milliseconds (a burst a strict gateway
+    refuses) and the limiter was fed 5 s latencies. Now they wait before the token, go
+    out at least 1/rate apart after the probe, and each is timed for its own 50 ms."""
+    clock = FakeClock()
+    limiter = Recorded(LocalRateLimiter(10.0, 1, clock))
+    gate = BreakerGate(clock=clock, breaker=CircuitBreaker(BreakerConfig(cooldown=5.0)))
+    for i in range(8):  # eight failures over 3.5 s: the circuit opens at t = 3.5
+        gate.breaker.record(i * 0.5, ServerError("down", http_status=500))
+    clock.advance(3.5)
+    api = Jobs(clock, took=0.05)
+    paced = PacedCall(limiter=limiter, policy=_policy(), clock=clock, gate=gate)
+
+    async def one(job_id: str) -> None:
+        await paced(lambda: api.delete_jobs([job_id]), what="b")
+
+    async with anyio.create_task_group() as group:
+        for n in range(5):
+            group.start_soon(one, f"job-{n}")
+    assert len(api.sent) == 5
+    assert min(api.sent) >= 8.5  # nobody went before the cool-down ended
+    gaps = [b - a for a, b in zip(sorted(api.sent), sorted(api.sent)[1:], strict=False)]
+    assert min(gaps) >= 0.1 - 1e-9
+    assert max(f.latency_s or 0.0 for f in limiter.fed) == pytest.approx(0.05)
+    assert not any(f.throttled or f.overloaded for f in limiter.fed)
+
+
+async def test_feedback_and_outcomes_of_a_run_through_the_paced_call_are_one_per_call() -> None:
+    """Every call sent is fed back exactly once: deletes and show calls alike."""
+    clock = FakeClock()
+    limiter = Recorded(LocalRateLimiter(50.0, 1, clock))
+    api = Jobs(clock, overloaded=2)
+    settings = Settings(rate=50.0, burst=1, max_attempts=3)
+    tally = Tally()
+    with TemporaryLedger.open() as ledger:
+        port = LedgerPort(ledger)
+        journal = RunJournal(ledger=port, events=EventLog(), tally=tally)
+        processor = wiring.processor(
+            settings, transport=api,
+            limiter=limiter, journal=journal, clock=clock, stopping=lambda: False,
+            protection=Protection.parse(["name:keep-*"]), gate=BreakerGate(clock=clock),
+        )  # fmt: skip
+        pipeline = Pipeline(
+            entries=iter([Candidate(f"job-{n:03d}", n) for n in range(1, 21)]),
+            ledger=port, journal=journal, dispatcher=processor,
+            batcher=Batcher(5, prefix="t"), tally=tally, concurrency=2, grace=1.0,
+            state=RunState(),
+        )  # fmt: skip
+        await pipeline.run()
+    assert tally.outcomes[Outcome.DELETED.value] == 20
+    assert len(limiter.fed) == len(api.sent) == 20 + 4 + 2  # reads, deletes, two 503s
+    assert sum(f.overloaded for f in limiter.fed) == 2

@@ -1,0 +1,308 @@
+"""One paced call: ask the breaker, take a rate token, send, tell the limiter and the breaker
+how it went, and on a transient failure wait and send again.
+
+Every API call of a run goes through :class:`PacedCall`: the DELETEs and show calls of the
+dispatcher, the show and list calls of the guard and of ``discover`` (:class:`PacedReader`).
+So they all share one order of things, which is what keeps a strict gateway content:
+
+1. the breaker first (``BreakerGate.admit``): while the API is down a call waits here,
+   holding no rate token, so that when the API comes back the waiting calls take tokens in
+   turn and go out paced, not in one burst behind the probe;
+2. a rate token (``RateLimiter.acquire``);
+3. the call, and only the call, timed: the limiter is fed its latency, not the time spent
+   waiting for the breaker or a token;
+4. the answer fed to the limiter (throttled, overloaded: a 503, latency, ``Retry-After``)
+   and to the breaker, whatever kind of call it was;
+5. a transient failure: the retry policy decides, and the wait is the longer of its delay
+   and what is left of the breaker's cool-down, so a ``retrying`` hook reports the wait
+   really sat out. A throttle never spends the budget that ends a run: the server is up.
+
+Waiting for the breaker, a token or a back-off is *waiting*, not working (``Working``): a
+stopping run cancels it at once and the ids stay open. Once the run is stopping, nothing
+more is sent: the call raises :class:`Stopped`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+import anyio
+
+from worker.clock import Clock
+from worker.errors import (
+    ApiError,
+    ApiUnavailable,
+    NotFound,
+    ReaperError,
+    ServerError,
+    ThrottledError,
+    TransientError,
+)
+from worker.pacing.bucket import RateLimiter
+from worker.pacing.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from worker.api.client import JobPage
+    from worker.pacing.breaker import BreakerGate
+    from worker.types import JobRecord
+
+T = TypeVar("T")
+
+
+class Stopped(ReaperError):
+    """The run is stopping: nothing more was sent, and the work stays open."""
+
+
+class Working:
+    """How many tasks are working right now: a call on the wire, an answer or a skip being
+    settled, a protection lookup. A stopping run waits for those, and for nothing else: a
+    task waiting for the breaker, a token or a back-off (``waiting``, inside the caller's
+    ``busy``) can be cancelled at once, its batch left open."""
+
+    __slots__ = ("_idle", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle: anyio.Event | None = None
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        self.count += 1
+        try:
+            yield
+        finally:
+            self._less()
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Inside ``busy``: not working for a while (the breaker, a token, a back-off)."""
+        self._less()
+        try:
+            yield
+        finally:
+            self.count += 1
+
+    async def idle(self) -> None:
+        """Return once nobody is working."""
+        while self.count > 0:
+            self._idle = anyio.Event()
+            await self._idle.wait()
+
+    def _less(self) -> None:
+        self.count -= 1
+        if self.count == 0 and self._idle is not None:
+            self._idle.set()
+
+    def __repr__(self) -> str:
+        return f"Working(count={self.count})"
+
+
+@dataclass(slots=True)
+class Tries:
+    """The attempts spent on one piece of work, across its calls: the retry budget.
+
+    A batch whose 200 left ids behind is sent again on the same ``Tries``, so its budget is
+    the batch's, not the call's."""
+
+    attempt: int = 0
+    throttled: int = 0
+    sent: int = 0  # attempts that went out (one stopped or failed at the breaker did not)
+
+
+Sending = Callable[[int], Awaitable[None]]
+"""Attempt number ``n`` is about to be sent (the ledger marks its ids sent)."""
+
+Retrying = Callable[[TransientError, int, float, str], Awaitable[None]]
+"""``(error, n, delay_s, reason)``: an attempt failed with ``error``; attempt ``n`` follows
+after ``delay_s``, the wait really sat out; ``reason`` as the retry policy names it."""
+
+
+class PacedCall:
+    """Calls through the breaker and the rate limiter, retried on transient failures.
+
+    One per run, shared by every caller: the dispatchers and the guard's reads take tokens
+    from the same limiter, so together they keep to the quota.
+    """
+
+    __slots__ = ("_clock", "_gate", "_limiter", "_policy", "_stopping", "_working", "calls",
+                 "retries")  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        limiter: RateLimiter,
+        policy: RetryPolicy,
+        clock: Clock,
+        gate: BreakerGate | None = None,
+        stopping: Callable[[], bool] = lambda: False,
+        working: Working | None = None,
+    ) -> None:
+        self._limiter = limiter
+        self._policy = policy
+        self._clock = clock
+        self._gate = gate
+        self._stopping = stopping
+        self._working = working
+        self.calls = 0
+        self.retries = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"PacedCall(calls={self.calls}, retries={self.retries}, limiter={self._limiter!r}, "
+            f"gate={self._gate!r})"
+        )
+
+    @property
+    def working(self) -> Working | None:
+        return self._working
+
+    def _waiting(self) -> AbstractContextManager[None]:
+        return self._working.waiting() if self._working is not None else nullcontext()
+
+    async def __call__(
+        self,
+        send: Callable[[], Awaitable[T]],
+        *,
+        what: str,
+        open_ids: int = 1,
+        tries: Tries | None = None,
+        sending: Sending | None = None,
+        retrying: Retrying | None = None,
+    ) -> T:
+        """``send()`` until it answers; its answer, or the ``PermanentError`` it raised.
+
+        Raises ``Stopped`` when the run is stopping (nothing more is sent), and
+        ``ApiUnavailable`` (naming ``what`` and its ``open_ids``) when the budget is spent.
+        """
+        tries = tries if tries is not None else Tries()
+        while True:
+            try:
+                return await self._attempt(send, tries, sending)
+            except TransientError as exc:
+                tries.throttled += isinstance(exc, ThrottledError)
+                if self._stopping():
+                    raise Stopped("stopping") from None
+                decision = self._policy.decide(exc, tries.attempt, throttled=tries.throttled)
+                if not decision.retry:
+                    raise ApiUnavailable(exc, batch_id=what, open_ids=open_ids) from None
+                wait = decision.delay_s
+                if self._gate is not None:
+                    wait = max(wait, self._gate.closed_for())
+                self.retries += 1
+                if retrying is not None:
+                    await retrying(exc, tries.attempt + 1, wait, decision.reason)
+                with self._waiting():
+                    await self._clock.sleep(wait)
+                if self._stopping():
+                    raise Stopped("stopping") from None
+
+    async def _attempt(
+        self, send: Callable[[], Awaitable[T]], tries: Tries, sending: Sending | None
+    ) -> T:
+        """One attempt: the breaker, a token, the call. A failed probe the attempt waited
+        on is the attempt's failure: it raises that probe's error without sending."""
+        tries.attempt += 1
+        gate = self._gate
+        with self._waiting():
+            probe = False if gate is None else await gate.admit(self._stopping)
+        try:
+            with self._waiting():
+                await self._limiter.acquire()
+            stopping = self._stopping()  # then nothing more is sent
+            if not stopping and sending is not None:
+                await sending(tries.attempt)
+        except BaseException:
+            if gate is not None:
+                gate.release(probe)
+            raise
+        if stopping:
+            if gate is not None:
+                gate.release(probe)
+            raise Stopped("stopping")
+        started = self._clock.now()
+        self.calls += 1
+        tries.sent += 1
+        try:
+            result = await send()
+        except BaseException as exc:
+            if gate is not None:
+                gate.record(exc, probe=probe)
+            if isinstance(exc, ApiError):
+                self._feedback(exc, self._clock.now() - started)
+            raise
+        if gate is not None:
+            gate.record(None, probe=probe)
+        self._feedback(None, self._clock.now() - started)
+        return result
+
+    def _feedback(self, error: ApiError | None, latency_s: float) -> None:
+        throttled = isinstance(error, ThrottledError)
+        self._limiter.feedback(
+            throttled=throttled,
+            latency_s=latency_s,
+            retry_after=error.retry_after if isinstance(error, ThrottledError) else None,
+            # A 503 is the server saying it is overloaded: an adaptive limiter weighs it.
+            overloaded=isinstance(error, ServerError) and error.http_status == 503,
+        )
+
+
+class ReadApi(Protocol):
+    """The read calls (``worker.api.client.ApiClient`` is one)."""
+
+    async def get_job(self, job_id: str) -> JobRecord: ...
+
+    async def list_jobs(self, **filters: str | int | bool) -> JobPage: ...
+
+
+class PacedReader:
+    """Show and list calls through a ``PacedCall``: the same breaker, limiter and retry
+    policy as the DELETEs, so reads and deletes together stay within the quota, and a 429
+    or a 5xx on a read is handled like one on a DELETE. When the budget runs out the API is
+    unavailable (``ApiUnavailable``, exit 69); when the run stops, ``Stopped``.
+    """
+
+    __slots__ = ("_api", "_paced", "calls", "retries")
+
+    def __init__(
+        self,
+        *,
+        api: ReadApi,
+        limiter: RateLimiter | None = None,
+        policy: RetryPolicy | None = None,
+        clock: Clock | None = None,
+        stopping: Callable[[], bool] = lambda: False,
+        paced: PacedCall | None = None,
+    ) -> None:
+        """Either ``paced`` (shared with the dispatcher), or the parts to build one."""
+        if paced is None:
+            if limiter is None or policy is None or clock is None:
+                raise TypeError("PacedReader needs paced=, or limiter=, policy= and clock=")
+            paced = PacedCall(limiter=limiter, policy=policy, clock=clock, stopping=stopping)
+        self._api = api
+        self._paced = paced
+        self.calls = 0
+        self.retries = 0
+
+    def __repr__(self) -> str:
+        return f"PacedReader(calls={self.calls}, retries={self.retries})"
+
+    async def show(self, job_id: str) -> JobRecord | None:
+        """The job, or ``None`` when it does not exist (404)."""
+        try:
+            return await self._read(lambda: self._api.get_job(job_id), job_id)
+        except NotFound:
+            return None
+
+    async def list_page(self, **query: str | int | bool) -> JobPage:
+        return await self._read(lambda: self._api.list_jobs(**query), "list")
+
+    async def _read(self, send: Callable[[], Awaitable[T]], what: str) -> T:
+        tries = Tries()
+        try:
+            return await self._paced(send, what=what, tries=tries)
+        finally:
+            self.calls += tries.sent
+            self.retries += max(0, tries.attempt - 1)
