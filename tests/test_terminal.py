@@ -13,7 +13,7 @@ import pytest
 
 from tests.e2e import reaper_env, write_ids
 from worker.outcomes.journal import Tally
-from worker.progress import Progress, count_lines
+from worker.terminal.progress import Progress, count_lines
 from worker.simulator import SimulatorConfig, run_simulator
 
 

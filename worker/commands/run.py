@@ -176,7 +176,7 @@ def _confirm(
             "refusing to delete without confirmation: not on a terminal, so pass --yes "
             "(or set REAPER_YES=true), or try --dry-run first"
         )
-    from worker.progress import count_lines
+    from worker.terminal.progress import count_lines
 
     lines = len(plan.jobs) if plan is not None else count_lines(request.input)
     amount = f"up to {lines:,} job ids" if lines is not None else "the job ids"
@@ -328,7 +328,7 @@ async def _run(
             )
             progress_scope = anyio.CancelScope()  # entered by the progress task, if any
             if _show_progress(request.progress):
-                from worker.progress import Progress, count_lines
+                from worker.terminal.progress import Progress, count_lines
 
                 total = len(plan.jobs) if plan is not None else count_lines(request.input)
                 progress = Progress(tally, total=total, clock=time.monotonic)
