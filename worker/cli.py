@@ -204,6 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="progress display on stderr (default: when stderr is a terminal)",
     )
+    run.add_argument(
+        "--verbose", "-v", action="count", default=0,
+        help="on a terminal, also a line for every id (DRY-RUN delete <id> in a dry run)",
+    )  # fmt: skip
+    run.add_argument(
+        "--quiet", "-q", action="count", default=0,
+        help="on a terminal, only the summary: no progress, no warnings",
+    )  # fmt: skip
+    run.add_argument(
+        "--events", metavar="FILE",
+        help="append every event to FILE as JSON lines (instead of stdout)",
+    )  # fmt: skip
 
     discover = command(
         "discover", "list jobs matching filters; print their ids, or write a plan to review"

@@ -146,6 +146,54 @@ def configure(
     )
 
 
+class _LineLogger:
+    """structlog's logger for people: the rendered line goes to ``write``, whatever the level."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self._write = write
+
+    def msg(self, message: str) -> None:
+        self._write(message)
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+
+def configure_for_people(
+    *,
+    render: structlog.typing.Processor,
+    write: Callable[[str], None],
+    level: str = "info",
+    events: IO[bytes] | None = None,
+) -> None:
+    """Events for a person at a terminal: ``render`` turns each into one line (or drops it,
+    raising ``DropEvent``) and ``write`` shows it. With ``events``, every event is first
+    written there as a JSON line, as ``configure`` would write it (``--events FILE``)."""
+    global _sink
+    processors: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if events is not None:
+        processors += [structlog.processors.format_exc_info, _tee(_binary_writer(events))]
+    processors.append(render)
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
+        logger_factory=lambda *_: _LineLogger(write),
+        cache_logger_on_first_use=False,
+    )
+    _sink = None  # one event at a time: each is filtered for the person
+
+
+def _tee(write: Callable[[bytes], None]) -> structlog.typing.Processor:
+    def tee(logger: Any, method: str, event: Any) -> Any:
+        write(orjson.dumps(event, default=str) + b"\n")
+        return event
+
+    return tee
+
+
 def _binary_writer(binary: IO[bytes]) -> Callable[[bytes], None]:
     def write(data: bytes) -> None:
         binary.write(data)

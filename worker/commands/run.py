@@ -58,6 +58,7 @@ from worker.outcomes.journal import (
 from worker.pacing.breaker import BreakerGate
 from worker.pipeline import Pipeline, RunState
 from worker.settings import Settings
+from worker.terminal.output import Output
 from worker.types import Candidate
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -76,9 +77,22 @@ class RunRequest:
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
-    from worker import logsetup
+    from worker.terminal import output as terminal
 
-    logsetup.configure(fmt=settings.log_format, level=settings.log_level)
+    try:
+        if args.events is not None:
+            source = args.plan or args.input
+            check_output(args.events, "--events", source, settings.ledger)
+        output = terminal.for_run(
+            log_format=settings.log_format,
+            log_level=settings.log_level,
+            progress=args.progress,
+            verbosity=args.verbose - args.quiet,
+            events=args.events,
+        )
+    except UsageError as exc:
+        print(f"devserver-reaper run: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     request = RunRequest(
         input=args.plan or args.input,
         plan=args.plan is not None,
@@ -87,11 +101,21 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         retry_failed=args.retry_failed,
         progress=args.progress,
     )
-    return execute(request, settings)
+    try:
+        return execute(request, settings, output=output)
+    finally:
+        output.close()
 
 
-def execute(request: RunRequest, settings: Settings, *, stdin: IO[bytes] | None = None) -> int:
+def execute(
+    request: RunRequest,
+    settings: Settings,
+    *,
+    stdin: IO[bytes] | None = None,
+    output: Output | None = None,
+) -> int:
     """Check what can be checked before any call, confirm, then run the pipeline."""
+    output = output if output is not None else Output()
     run_id = new_run_id()
     structlog.contextvars.bind_contextvars(run_id=run_id)
     log = structlog.get_logger("devserver_reaper")
@@ -103,6 +127,8 @@ def execute(request: RunRequest, settings: Settings, *, stdin: IO[bytes] | None 
         if request.results is not None:
             check_output(request.results, "--results", request.input, settings.ledger)
         plan = _load_plan(request.input, settings) if request.plan else None
+        if plan is not None:
+            output.name_jobs({job.id: job.name for job in plan.jobs if job.name})
         if not settings.dry_run and not settings.yes:
             _confirm(request, settings, endpoint, plan)
     except ConfigError as exc:
@@ -120,7 +146,8 @@ def execute(request: RunRequest, settings: Settings, *, stdin: IO[bytes] | None 
             # Unbuffered: the reading thread may be left blocked on a quiet pipe after a stop,
             # and a BufferedReader's lock held by it would abort the interpreter at exit.
             stdin = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)  # noqa: SIM115
-        return anyio.run(partial(run_async, plan=plan), request, settings, run_id, endpoint, stdin)
+        run = partial(run_async, plan=plan, output=output)
+        return anyio.run(run, request, settings, run_id, endpoint, stdin)
     except ConfigError as exc:
         log.error("run.config_error", error=str(exc))
         return ExitCode.CONFIG
@@ -200,8 +227,10 @@ async def run_async(
     stdin: IO[bytes] | None = None,
     *,
     plan: Plan | None = None,
+    output: Output | None = None,
 ) -> int:
     """The run itself, inside an event loop (``demo`` calls this beside its simulator)."""
+    output = output if output is not None else Output()
     structlog.contextvars.bind_contextvars(run_id=run_id)
     state = RunState()
     events = EventLog()
@@ -214,7 +243,7 @@ async def run_async(
             group.start_soon(_deadline, state, settings.deadline, events)
         try:
             code = await _run(
-                request, settings, run_id, endpoint, stdin, plan, state, events, group
+                request, settings, run_id, endpoint, stdin, plan, state, events, group, output
             )
         except ReaperError as exc:  # raised as itself, not wrapped in the group's ExceptionGroup
             failure = exc
@@ -234,6 +263,7 @@ async def _run(
     state: RunState,
     events: EventLog,
     group: TaskGroup,
+    output: Output,
 ) -> int:
     clock = MonotonicClock()
     project = (settings.project_id or UNBOUND) if settings.dry_run else wiring.project_id(settings)
@@ -327,16 +357,19 @@ async def _run(
                 working=working,
             )
             progress_scope = anyio.CancelScope()  # entered by the progress task, if any
-            if _show_progress(request.progress):
+            display = output.display if output.progress else None
+            if display is not None:
                 from worker.terminal.progress import Progress, count_lines
 
                 total = len(plan.jobs) if plan is not None else count_lines(request.input)
                 progress = Progress(tally, total=total, clock=time.monotonic)
-                group.start_soon(_in_scope, progress_scope, progress.run)
+                group.start_soon(_in_scope, progress_scope, partial(display.show, progress))
             try:
                 await pipeline.run()
             finally:
                 progress_scope.cancel()
+                if display is not None:
+                    display.stop()
             state.api_down = transport is not None and gate.api_down
         finally:
             if session is not None:
@@ -353,17 +386,13 @@ async def _run(
                     state.fatal = state.fatal or exc
         code = exit_code(state, tally)
         duration, cpu = time.monotonic() - started, time.process_time() - cpu_started
-        _summarise(events, tally, state, code, duration, cpu, settings)
+        _summarise(events, tally, state, code, duration, cpu, settings, output)
         return code
 
 
 def _close_quietly(handle: IO[bytes]) -> None:
     with contextlib.suppress(OSError):
         handle.close()
-
-
-def _show_progress(mode: str) -> bool:
-    return mode == "on" or (mode == "auto" and sys.stderr.isatty())
 
 
 async def _in_scope(scope: anyio.CancelScope, task: Callable[[], Awaitable[None]]) -> None:
@@ -437,6 +466,7 @@ def _summarise(
     duration: float,
     cpu: float,
     settings: Settings,
+    output: Output,
 ) -> None:
     counts = tally.counts()
     fields: dict[str, Any] = dict(counts)
@@ -456,11 +486,13 @@ def _summarise(
     if state.fatal is not None:
         fields["error"] = str(state.fatal)
     events.summary(fields)
-    if sys.stderr.isatty():
-        _print_summary(fields)
+    if output.display is not None:
+        if output.lines is not None and (note := output.lines.held_back_note()):
+            output.say(note, "dim")
+        output.display.print(_summary_text(fields))
 
 
-def _print_summary(fields: dict[str, Any]) -> None:
+def _summary_text(fields: dict[str, Any]) -> str:
     lines = ["", "devserver-reaper run summary"]
     for key in ("deleted", "absent", "failed", "rejected", "skipped", "open", "repeated",
                 "already_done", "already_failed", "retries"):  # fmt: skip
@@ -471,4 +503,4 @@ def _print_summary(fields: dict[str, Any]) -> None:
     lines.append(f"  {'exit code':<13}{fields['exit_code']:>12}")
     if "error" in fields:
         lines.append(f"  error: {fields['error']}")
-    sys.stderr.write("\n".join(lines) + "\n")
+    return "\n".join(lines)

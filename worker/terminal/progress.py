@@ -1,12 +1,9 @@
-"""A progress line for people at a terminal: done, rate, ETA when the total is known."""
+"""How far a run has got: done, total, rate, ETA, counts by outcome. Pure figures, no drawing."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from typing import IO
-
-import anyio
+from dataclasses import dataclass
 
 from worker.outcomes.journal import Tally
 
@@ -22,42 +19,75 @@ def count_lines(path: str) -> int | None:
         return None
 
 
-class Progress:
-    """Redraws one status line on stderr twice a second; cleared when the run ends."""
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The run at one moment, as a person reads it."""
 
-    def __init__(
-        self, tally: Tally, *, total: int | None, clock: Callable[[], float],
-        stream: IO[str] | None = None,
-    ) -> None:  # fmt: skip
+    done: int  # ids with an outcome, repeats and ids an earlier run finished included
+    total: int | None  # ids expected, when the input's size is known
+    ids_per_s: float
+    eta_s: float | None
+    counts: tuple[tuple[str, int], ...]  # outcome -> ids, only those with any
+    retries: int
+
+    @property
+    def share(self) -> float | None:
+        return None if not self.total else min(self.done / self.total, 1.0)
+
+    def figures(self) -> str:
+        """``1,200 / 2,000 · 98 ids/s · ETA 8s``, as much of it as is known."""
+        parts = [f"{self.done:,}" + (f" / {self.total:,}" if self.total else " done")]
+        parts.append(f"{self.ids_per_s:,.0f} ids/s")
+        if self.eta_s is not None:
+            parts.append(f"ETA {_duration(self.eta_s)}")
+        return " · ".join(parts)
+
+    def outcomes(self) -> str:
+        """``deleted 1,150  absent 40  failed 2 · retries 12``."""
+        text = "  ".join(f"{name} {n:,}" for name, n in self.counts)
+        if self.retries:
+            text += f"{' · ' if text else ''}retries {self.retries:,}"
+        return text
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+class Progress:
+    """Reads a run's tally against the clock: what the display shows."""
+
+    def __init__(self, tally: Tally, *, total: int | None, clock: Callable[[], float]) -> None:
         self._tally = tally
         self._total = total
         self._clock = clock
-        self._stream = stream if stream is not None else sys.stderr
         self._started = clock()
 
-    def line(self) -> str:
+    def snapshot(self) -> Snapshot:
         tally = self._tally
         done = tally.finished + tally.repeated + tally.already_done
         elapsed = max(self._clock() - self._started, 1e-9)
         rate = tally.finished / elapsed
-        parts = [f"{done:,} done", f"{rate:,.0f} ids/s"]
-        counts = tally.counts()
-        parts.append(", ".join(f"{name} {n:,}" for name, n in counts.items() if n))
-        if self._total:
-            share = min(done / self._total, 1.0)
-            parts.insert(0, f"{share:6.1%}")
-            if rate > 0 and done < self._total:
-                parts.append(f"ETA {(self._total - done) / rate:,.0f}s")
-        if tally.retries:
-            parts.append(f"retries {tally.retries:,}")
-        return " | ".join(part for part in parts if part)
+        eta = None
+        if self._total and rate > 0 and done < self._total:
+            eta = (self._total - done) / rate
+        counts = tuple((name, n) for name, n in tally.counts().items() if n)
+        return Snapshot(done, self._total, rate, eta, counts, tally.retries)
 
-    async def run(self) -> None:
-        try:
-            while True:
-                self._stream.write("\r\x1b[2K" + self.line())
-                self._stream.flush()
-                await anyio.sleep(0.5)
-        finally:
-            self._stream.write("\r\x1b[2K")
-            self._stream.flush()
+    def line(self) -> str:
+        """One plain line, for a log that is not a terminal."""
+        snap = self.snapshot()
+        share = f"{snap.share:6.1%} " if snap.share is not None else ""
+        rest = snap.outcomes()
+        return f"{share}{snap.figures()}" + (f" | {rest}" if rest else "")
+
+    def __repr__(self) -> str:
+        snap = self.snapshot()
+        return f"Progress(done={snap.done}, total={snap.total}, retries={snap.retries})"

@@ -1,0 +1,133 @@
+"""Which events a person at a terminal sees, each as one short line.
+
+A run writes an event per id: 20,000 ids are 20,000 events, which a terminal cannot show
+and a person cannot read. On a terminal the counts live in the progress display instead, and
+the events shown are those that need a person: warnings and errors, and the first few
+failed or rejected ids (their reasons usually repeat). ``-v`` shows one line per id; ``-q``
+shows none (the summary still comes); ``--events FILE`` keeps every event as JSON.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import orjson
+import structlog
+
+PER_ID = frozenset({"job.deleted", "job.absent", "job.skipped", "job.failed", "job.rejected"})
+QUIET_UNLESS_VERBOSE = PER_ID | {"batch.retry", "run.started"}
+NEVER = frozenset({"run.summary"})  # the summary is printed as a table of its own
+"""Shown in full by other means, or said better by the command itself."""
+
+_COMMON = ("event", "level", "timestamp", "run_id")
+
+
+class EventLines:
+    """A structlog processor: the event as one line for a person, or ``DropEvent``.
+
+    ``verbosity``: -1 (``-q``) nothing, 0 warnings and errors (and the first ``first`` ids
+    of each of ``job.failed`` and ``job.rejected``), 1 (``-v``) every event. ``names`` gives
+    a job's name where the run knows it without asking (a plan), for ``DRY-RUN`` lines.
+    ``as_json``: the line is the event as JSON (``--log-format json`` on a terminal).
+    """
+
+    def __init__(
+        self,
+        verbosity: int = 0,
+        *,
+        names: Mapping[str, str] | None = None,
+        as_json: bool = False,
+        first: int = 5,
+        silent: frozenset[str] = frozenset(),
+    ) -> None:
+        self._verbosity = verbosity
+        self._names = names or {}
+        self._json = as_json
+        self._first = first
+        self._silent = NEVER | silent
+        self.shown: Counter[str] = Counter()
+        self.held_back: Counter[str] = Counter()
+
+    def name_jobs(self, names: Mapping[str, str]) -> None:
+        self._names = names
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
+        name = str(event.get("event", ""))
+        if not self._wanted(name, event):
+            raise structlog.DropEvent
+        self.shown[name] += 1
+        if self._json:
+            return orjson.dumps(dict(event), default=str).decode()
+        return self.line(event)
+
+    def _wanted(self, name: str, event: Mapping[str, Any]) -> bool:
+        if self._verbosity < 0 or name in self._silent:
+            return False
+        if self._verbosity > 0:
+            return True
+        if name in ("job.failed", "job.rejected"):
+            if self.shown[name] < self._first:
+                return True
+            self.held_back[name] += 1
+            return False
+        return name not in QUIET_UNLESS_VERBOSE and event.get("level") != "info"
+
+    def line(self, event: Mapping[str, Any]) -> str:
+        """One line: what happened to which id, or the event and what it says."""
+        name = str(event.get("event", ""))
+        job = event.get("job_id", "")
+        label = str(self._names.get(job) or event.get("name") or "")
+        if name == "job.deleted":
+            return f"deleted   {job}  {label}".rstrip()
+        if name == "job.absent":
+            return f"absent    {job}  (already gone)"
+        if name == "job.skipped":
+            if event.get("reason") == "dry_run":
+                return f"DRY-RUN delete {job} {label}".rstrip()
+            return f"skipped   {job}  ({event.get('reason')})"
+        if name == "job.failed":
+            code = " ".join(str(event[k]) for k in ("http_status", "error_code") if event.get(k))
+            request = event.get("request_id")
+            why = f"{code}: {event.get('error_msg') or 'no message'}"
+            return f"FAILED    {job}  {why}" + (f" (request id {request})" if request else "")
+        if name == "job.rejected":
+            return f"rejected  line {event.get('line')}: {job} ({event.get('reason')})"
+        if name == "batch.retry":
+            return (
+                f"retry     batch {event.get('batch_id')} attempt {event.get('attempt')} "
+                f"in {event.get('delay_s')}s ({event.get('reason')})"
+            )
+        level = str(event.get("level", "info"))
+        head = f"{level}: " if level in ("warning", "error", "critical") else ""
+        if "error" in event and len(event) - len(_present(event)) == 1:
+            return f"{head}{event['error']}"
+        rest = " ".join(f"{k}={v}" for k, v in event.items() if k not in _COMMON)
+        return f"{head}{name}" + (f"  {rest}" if rest else "")
+
+    def held_back_note(self) -> str | None:
+        """What was not shown, and how to see it; None when everything was."""
+        if not self.held_back:
+            return None
+        parts = [f"{n:,} more {name.removeprefix('job.')}" for name, n in self.held_back.items()]
+        return (
+            f"({', '.join(parts)} ids not shown: -v shows each, --events FILE or --results "
+            "FILE keeps them)"
+        )
+
+    def __repr__(self) -> str:
+        return f"EventLines(verbosity={self._verbosity}, shown={dict(self.shown)})"
+
+
+def _present(event: Mapping[str, Any]) -> list[str]:
+    return [key for key in _COMMON if key in event]
+
+
+def style(line: str) -> str | None:
+    """The colour of a line: failures red, warnings yellow."""
+    if line.startswith(("FAILED", "error:", "critical:")):
+        return "red"
+    if line.startswith(("warning:", "rejected")):
+        return "yellow"
+    return None

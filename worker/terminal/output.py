@@ -1,0 +1,110 @@
+"""Where a run's events and its display go, decided once, from what stdout and stderr are.
+
+- stdout is a terminal: a person reads it. Events become short lines (``EventLines``: no
+  line per id unless ``-v``) printed above a progress display pinned at the bottom, both
+  through one :class:`~worker.terminal.screen.Screen` on stderr, so nothing interleaves.
+  ``--events FILE`` keeps every event as a JSON line as well.
+- stdout is not a terminal (a pipe, a file, a container's log): every event as a JSON line
+  on stdout (or in ``--events FILE``), as before; the progress display, if stderr is a
+  terminal, stays on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import IO, TextIO, cast
+
+from worker import logsetup
+from worker.errors import UsageError
+from worker.terminal.lines import EventLines, style
+from worker.terminal.screen import Display, PlainScreen
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """What a person sees of a run: ``display`` (None: nobody is watching), whether it shows
+    progress, the events it shows, and the ``--events`` file if any."""
+
+    display: Display | None = None
+    progress: bool = False
+    lines: EventLines | None = None
+    events: TextIO | None = None
+    quiet: bool = False
+
+    def name_jobs(self, names: Mapping[str, str]) -> None:
+        """Job names the run knows without asking (a plan's), for ``DRY-RUN`` lines."""
+        if self.lines is not None:
+            self.lines.name_jobs(names)
+
+    def say(self, text: str, style: str | None = None) -> None:
+        """A line for the person, if one is watching (and did not ask for quiet)."""
+        if self.display is not None and not self.quiet:
+            self.display.print(text, style)
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Output(display={self.display!r}, progress={self.progress}, "
+            f"events={'file' if self.events else None}, quiet={self.quiet})"
+        )
+
+
+def for_run(
+    *,
+    log_format: str,
+    log_level: str,
+    progress: str = "auto",
+    verbosity: int = 0,
+    events: str | None = None,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+) -> Output:
+    """Configure logging for a run and say where its display goes."""
+    out = stdout if stdout is not None else sys.stdout
+    err = stderr if stderr is not None else sys.stderr
+    handle = _open_events(events)
+    people = out.isatty() and log_format != "console"
+    if people:
+        screen = _screen(err if err.isatty() else out)
+        lines = EventLines(verbosity, as_json=log_format == "json")
+        logsetup.configure_for_people(
+            render=lines,
+            write=lambda line: screen.print(line, style(line)),
+            level=log_level,
+            events=None if handle is None else handle.buffer,
+        )
+        shown = progress == "on" or (progress == "auto" and verbosity >= 0)
+        return Output(screen, shown, lines, handle, quiet=verbosity < 0)
+    if handle is not None:
+        logsetup.configure(fmt="json", level=log_level, stream=handle)
+    else:
+        logsetup.configure(fmt=cast(logsetup.LogFormat, log_format), level=log_level, stream=out)
+    if err.isatty() and progress != "off" and verbosity >= 0:
+        return Output(_screen(err), True, None, handle, quiet=False)
+    if err.isatty():
+        return Output(_screen(err), False, None, handle, quiet=verbosity < 0)
+    if progress == "on":
+        return Output(PlainScreen(err), True, None, handle)
+    return Output(None, False, None, handle)
+
+
+def _screen(file: IO[str]) -> Display:
+    from worker.terminal.screen import Screen
+
+    return Screen(file)
+
+
+def _open_events(path: str | None) -> TextIO | None:
+    """The ``--events`` file, appended to: events of earlier runs are never lost."""
+    if path is None:
+        return None
+    try:
+        return open(path, "a", encoding="utf-8")  # closed by Output.close
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UsageError(f"--events {path} cannot be opened: {reason}") from None

@@ -1,0 +1,130 @@
+"""One terminal, shared by everything a command shows: lines scroll above, progress stays below.
+
+Writing to a terminal from two places at once is what garbles it (a ``\\r`` progress line
+overwritten by an event, an event cut in half by a redraw). So on a terminal everything goes
+through one :class:`Screen`: :meth:`Screen.print` puts a line above the live display, and
+:meth:`Screen.show` keeps a progress display pinned at the bottom while a run lasts. rich
+draws it (imported here, and this module only when a display is shown, so ``--help`` stays
+fast). Where no terminal is (``--progress on`` into a log file), :class:`PlainScreen` writes
+a plain progress line every few seconds instead of redrawing one.
+"""
+
+from __future__ import annotations
+
+from typing import IO, TYPE_CHECKING, Protocol
+
+import anyio
+
+from worker.terminal.progress import Progress, Snapshot
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+    from rich.live import Live
+
+
+class Display(Protocol):
+    """Somewhere a person reads: lines, and while a run lasts, its progress."""
+
+    def print(self, text: str, style: str | None = None) -> None: ...
+
+    async def show(self, progress: Progress) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class Screen:
+    """A terminal: lines above, and while :meth:`live` runs, a progress display below."""
+
+    REFRESH_S = 0.2
+
+    def __init__(self, file: IO[str]) -> None:
+        from rich.console import Console
+
+        self._console: Console = Console(file=file, highlight=False, emoji=False)
+        self._live: Live | None = None
+
+    @property
+    def width(self) -> int:
+        return self._console.width
+
+    def print(self, text: str, style: str | None = None) -> None:
+        """A line above the display (or simply a line, when none is shown)."""
+        self._console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+
+    async def show(self, progress: Progress) -> None:
+        """Keep ``progress`` pinned at the bottom, redrawn on the event loop (no thread),
+        until cancelled or :meth:`stop`."""
+        from rich.live import Live
+
+        live = Live(
+            _render(progress.snapshot(), self.width),
+            console=self._console,
+            auto_refresh=False,
+            transient=True,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        self._live = live
+        live.start(refresh=True)
+        try:
+            while self._live is live:
+                await anyio.sleep(self.REFRESH_S)
+                if self._live is live:
+                    live.update(_render(progress.snapshot(), self.width), refresh=True)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Remove the display at once (the summary comes next); lines go on as lines."""
+        live, self._live = self._live, None
+        if live is not None:
+            live.stop()
+
+    def __repr__(self) -> str:
+        return f"Screen(width={self.width}, live={self._live is not None})"
+
+
+def _render(snap: Snapshot, width: int) -> RenderableType:
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column(no_wrap=True)
+    bar_width = max(10, min(40, width - 50))
+    share = f"{snap.share:4.0%}" if snap.share is not None else ""
+    bar = ProgressBar(total=snap.total, completed=snap.done, width=bar_width)
+    grid.add_row(bar, Text(f"{share} {snap.figures()}".strip()))
+    outcomes = snap.outcomes()
+    if outcomes:
+        grid.add_row(Text(""), Text(outcomes, style="dim"))
+    return grid
+
+
+class PlainScreen:
+    """Not a terminal (``--progress on`` into a file or a CI log): lines, and every
+    ``every_s`` seconds one progress line of its own, never redrawn."""
+
+    def __init__(self, file: IO[str], every_s: float = 5.0) -> None:
+        self._file = file
+        self._every = every_s
+        self._showing = False
+
+    def print(self, text: str, style: str | None = None) -> None:
+        del style
+        self._file.write(text + "\n")
+        self._file.flush()
+
+    async def show(self, progress: Progress) -> None:
+        self._showing = True
+        while self._showing:
+            await anyio.sleep(self._every)
+            if self._showing:
+                self.print("progress: " + progress.line())
+
+    def stop(self) -> None:
+        self._showing = False
+
+    def __repr__(self) -> str:
+        return f"PlainScreen(every_s={self._every})"
