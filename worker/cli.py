@@ -68,6 +68,12 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--yes", _BOOL, "delete without asking (needed when not on a terminal)"),
     ("--max-deletions", int, "never delete more than this many jobs in this run"),
     (
+        "--shard",
+        str,
+        "take only shard I of N of the ids (I/N, 0-based; auto/N reads I from an Indexed "
+        "Job's JOB_COMPLETION_INDEX)",
+    ),
+    (
         "--protect",
         rules,
         "never delete these: id:ID, name:GLOB, a glob, or an id-or-name "
@@ -101,7 +107,7 @@ _LOG = ("--log-format", "--log-level")
 _PROTECT = ("--protect", "--protect-file", "--protected-types", "--protected-statuses",
             "--max-fraction")  # fmt: skip
 COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
-    "run": _API + _DISPATCH + ("--deadline", "--ledger") + _PROTECT + _LOG,
+    "run": _API + _DISPATCH + ("--deadline", "--ledger", "--shard") + _PROTECT + _LOG,
     "discover": (
         *_API,
         "--rate",
@@ -277,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     del check
 
     report = command("report", "what a ledger holds: counts, open ids, export")
+    report.add_argument(
+        "ledgers",
+        nargs="*",
+        metavar="LEDGER",
+        help="ledger files to read together, e.g. every shard's of a sharded run",
+    )
     report.add_argument("--format", choices=("summary", "jsonl", "csv"), default="summary")
     report.add_argument("--output", "-o", help="write the export here (default stdout)")
     return parser

@@ -199,6 +199,9 @@ UNBOUND = "dry-run"
 """What a dry run given no endpoint or project id records for them: a placeholder that binds
 the ledger to neither, so the real run that follows on it takes it over."""
 
+WHOLE = "all"
+"""The shard a ledger of a run that is not sharded is for: the whole input."""
+
 
 def public_endpoint(endpoint: str) -> str:
     """The endpoint as stored and shown: no user info, query or trailing slash."""
@@ -441,10 +444,11 @@ class Ledger(LedgerView):
         endpoint: str,
         run_id: str,
         retry_failed: bool = False,
+        shard: str = WHOLE,
         clock: Callable[[], float] = time.time,
     ) -> Ledger:
         """Open (creating if needed) and lock the ledger at ``path``. ``clock`` gives the
-        epoch seconds stored in rows."""
+        epoch seconds stored in rows; ``shard`` is the part of the input it is for (``I/N``)."""
         if not path.parent.is_dir():
             raise ConfigError(f"ledger {path}: directory {path.parent} does not exist")
         try:
@@ -454,7 +458,9 @@ class Ledger(LedgerView):
         try:
             conn = _connect(path)
             try:
-                run_no = _prepare(conn, path, project_id, endpoint, run_id, retry_failed, clock)
+                run_no = _prepare(
+                    conn, path, project_id, endpoint, shard, run_id, retry_failed, clock
+                )
             except BaseException:
                 conn.close()
                 raise
@@ -788,6 +794,7 @@ def _prepare(
     path: Path,
     project_id: str,
     endpoint: str,
+    shard: str,
     run_id: str,
     retry_failed: bool,
     clock: Callable[[], float],
@@ -800,6 +807,7 @@ def _prepare(
         "schema_version": SCHEMA_VERSION,
         "project_id": project_id,
         "endpoint": public_endpoint(endpoint),
+        "shard": shard,  # a ledger holds one shard's ids: another shard would misread it
     }
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -864,8 +872,8 @@ def _check_meta(path: Path, stored: dict[str, str], wanted: dict[str, str]) -> N
     ]
     if differs:
         raise LedgerMismatch(
-            f"ledger {path} belongs to another project or endpoint ({'; '.join(differs)}); "
-            "use another --ledger"
+            f"ledger {path} belongs to another project, endpoint or shard "
+            f"({'; '.join(differs)}); use another --ledger"
         )
 
 

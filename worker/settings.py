@@ -128,6 +128,7 @@ class Settings(BaseSettings):
     dry_run: bool = False
     yes: bool = False
     max_deletions: int | None = Field(default=None, ge=0)
+    shard: str | None = Field(default=None, min_length=1)  # "I/N" or "auto/N": worker.input.shard
 
     # -- protection and plans (see worker.discovery.guard and worker.discovery.plan) ---------
     protect: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -43,8 +44,9 @@ from worker.errors import (
     UsageError,
 )
 from worker.exit_codes import ExitCode
+from worker.input.shard import INDEX_VARIABLE, Shard, ShardFilter
 from worker.input.sources import read_entries
-from worker.ledger import UNBOUND, Ledger, TemporaryLedger
+from worker.ledger import UNBOUND, WHOLE, Ledger, TemporaryLedger
 from worker.logsetup import new_run_id
 from worker.outcomes.events import EventLog
 from worker.outcomes.journal import (
@@ -124,6 +126,7 @@ def execute(
             settings.require_api()
         endpoint = _endpoint_or_placeholder(settings)
         _check_input(request.input)
+        shard_of(settings)
         if request.results is not None:
             check_output(request.results, "--results", request.input, settings.ledger)
         plan = _load_plan(request.input, settings) if request.plan else None
@@ -158,6 +161,19 @@ def execute(
     except ApiError as exc:  # credentials that could not be had: refused (77) or unreachable
         log.error("run.credentials_error", error=str(exc))
         return ExitCode.NO_PERMISSION if isinstance(exc, AuthError) else ExitCode.UNAVAILABLE
+
+
+def shard_of(settings: Settings) -> Shard | None:
+    """The shard this run takes, if sharded; ``ConfigError`` (78) for a bad ``--shard``, or
+    for a pod of an Indexed Job given none: every pod would then take every id."""
+    if settings.shard is not None:
+        return Shard.parse(settings.shard)
+    if (index := os.environ.get(INDEX_VARIABLE)) is not None:
+        raise ConfigError(
+            f"{INDEX_VARIABLE}={index[:8]!r}: this looks like a pod of an Indexed Job, where "
+            "every pod would take every id of the input; give --shard auto/COUNT"
+        )
+    return None
 
 
 def _endpoint_or_placeholder(settings: Settings) -> str:
@@ -271,6 +287,7 @@ async def _run(
         settings.protect, settings.protect_files, settings.protected_types,
         settings.protected_statuses,
     )  # fmt: skip
+    shard = shard_of(settings)
     tally = Tally()
     started, cpu_started = time.monotonic(), time.process_time()
     with ExitStack() as stack:
@@ -283,6 +300,7 @@ async def _run(
                 endpoint=endpoint,
                 run_id=run_id,
                 retry_failed=request.retry_failed,
+                shard=WHOLE if shard is None else str(shard),
             )
         )
         stack.callback(ledger.close)
@@ -309,6 +327,10 @@ async def _run(
             if plan is not None
             else read_entries(request.input, request.input_format, stdin=stdin)
         )
+        sharding = None
+        if shard is not None:
+            sharding = ShardFilter(shard)
+            entries = sharding.select(entries)
         events.note(
             "run.started",
             input=request.input,
@@ -386,7 +408,12 @@ async def _run(
                     state.fatal = state.fatal or exc
         code = exit_code(state, tally)
         duration, cpu = time.monotonic() - started, time.process_time() - cpu_started
-        _summarise(events, tally, state, code, duration, cpu, settings, output)
+        sharded = (
+            {}
+            if sharding is None
+            else {"shard": str(sharding.shard), "other_shards": sharding.others}
+        )
+        _summarise(events, tally, state, code, duration, cpu, settings, output, sharded)
         return code
 
 
@@ -467,6 +494,7 @@ def _summarise(
     cpu: float,
     settings: Settings,
     output: Output,
+    sharded: dict[str, Any],
 ) -> None:
     counts = tally.counts()
     fields: dict[str, Any] = dict(counts)
@@ -482,6 +510,7 @@ def _summarise(
         dry_run=settings.dry_run,
         stop_reason=state.stop_reason,
         exit_code=int(code),
+        **sharded,  # "shard": "I/N", and "other_shards": the ids read and left to the others
     )
     if state.fatal is not None:
         fields["error"] = str(state.fatal)
