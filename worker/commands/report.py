@@ -12,16 +12,17 @@ import csv
 import io
 import os
 import sys
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import orjson
 
 from worker.errors import InputUnreadable, UsageError
 from worker.exit_codes import ExitCode
-from worker.ledger import LedgerView, escape, open_readonly
+from worker.ledger import WHOLE, LedgerView, escape, open_readonly
 from worker.outcomes.journal import check_output
 from worker.settings import Settings
 from worker.types import Outcome, Result, iso
@@ -33,30 +34,40 @@ RESULT_FIELDS = tuple(Result(job_id="", outcome=Outcome.DELETED).row())
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
-    if settings.ledger is None:
-        print("devserver-reaper report: give --ledger PATH (or REAPER_LEDGER)", file=sys.stderr)
+    paths = list(dict.fromkeys([*(p for p in [settings.ledger] if p), *map(Path, args.ledgers)]))
+    if not paths:
+        print(
+            "devserver-reaper report: give --ledger PATH (or REAPER_LEDGER), or the ledgers of "
+            "a sharded run: report ledger-0.db ledger-1.db ...",
+            file=sys.stderr,
+        )
         return ExitCode.USAGE
     fmt: str = getattr(args, "format", "summary")
     output: str | None = getattr(args, "output", None)
-    try:
-        if output not in (None, "-"):  # truncated below: never the ledger's own files
-            check_output(output, "--output", None, settings.ledger)
-        ledger = open_readonly(settings.ledger)
-    except UsageError as exc:
-        print(f"devserver-reaper report: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
-    except InputUnreadable as exc:
-        print(f"devserver-reaper report: {exc}", file=sys.stderr)
-        return ExitCode.NO_INPUT
-    with ledger:
+    with contextlib.ExitStack() as stack:
+        try:
+            ledgers = []
+            for path in paths:
+                if output not in (None, "-"):  # truncated below: never a ledger's own files
+                    check_output(output, "--output", None, path)
+                ledgers.append(stack.enter_context(open_readonly(path)))
+            _check_same_project(ledgers)
+        except UsageError as exc:
+            print(f"devserver-reaper report: {exc}", file=sys.stderr)
+            return ExitCode.USAGE
+        except InputUnreadable as exc:
+            print(f"devserver-reaper report: {exc}", file=sys.stderr)
+            return ExitCode.NO_INPUT
         try:
             with _open_output(output) as out:
                 if fmt == "jsonl":
-                    write_jsonl(ledger, out)
+                    for ledger in ledgers:
+                        write_jsonl(ledger, out)
                 elif fmt == "csv":
-                    write_csv(ledger, out)
+                    for n, ledger in enumerate(ledgers):
+                        write_csv(ledger, out, header=n == 0)
                 else:
-                    out.write(summary(ledger).encode())
+                    out.write(summary(*ledgers).encode())
         except BrokenPipeError:  # `report | head`: the reader has seen enough
             with contextlib.suppress(OSError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -67,6 +78,27 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             )
             return ExitCode.USAGE
     return ExitCode.OK
+
+
+def _check_same_project(ledgers: Sequence[LedgerView]) -> None:
+    """Ledgers merged into one view are the shards of one clean-up: one project, one endpoint,
+    and no shard twice. ``UsageError`` naming what differs otherwise."""
+    if len(ledgers) < 2:
+        return
+    first = ledgers[0].meta()
+    shards: dict[str, Path] = {}
+    for ledger in ledgers:
+        meta = ledger.meta()
+        for key in ("project_id", "endpoint"):
+            if meta.get(key) != first.get(key):
+                raise UsageError(
+                    f"{ledger.path} is for {key} {meta.get(key)!r}, {ledgers[0].path} for "
+                    f"{first.get(key)!r}: only the ledgers of one clean-up merge into one report"
+                )
+        shard = meta.get("shard", WHOLE)
+        if shard != WHOLE and shard in shards:
+            raise UsageError(f"{ledger.path} and {shards[shard]} are both shard {shard}")
+        shards[shard] = ledger.path
 
 
 @contextlib.contextmanager
@@ -85,12 +117,13 @@ def write_jsonl(ledger: LedgerView, out: IO[bytes]) -> None:
         out.write(orjson.dumps(result.results_row()) + b"\n")
 
 
-def write_csv(ledger: LedgerView, out: IO[bytes]) -> None:
+def write_csv(ledger: LedgerView, out: IO[bytes], *, header: bool = True) -> None:
     """The same rows as CSV with a header; empty cells for missing values."""
     text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
     try:
         writer = csv.DictWriter(text, fieldnames=RESULT_FIELDS)
-        writer.writeheader()
+        if header:
+            writer.writeheader()
         for result in ledger.results():
             writer.writerow(result.row())
     finally:
@@ -103,12 +136,15 @@ def _when(epoch: float | None) -> str:
     return iso(datetime.fromtimestamp(epoch, tz=UTC)) or "-"
 
 
-def summary(ledger: LedgerView) -> str:
-    """Counts per outcome, open ids (the first few), rejected lines, and the runs."""
-    meta = ledger.meta()
-    counts = ledger.counts()
-    lines = [
-        f"ledger      {ledger.path}",
+def summary(*ledgers: LedgerView) -> str:
+    """Counts per outcome, open ids (the first few), rejected lines, and the runs: of one
+    ledger, or of the ledgers of a sharded run added up."""
+    meta = ledgers[0].meta()
+    counts: Counter[str] = Counter()
+    for ledger in ledgers:
+        counts.update(ledger.counts())
+    lines = [f"ledger      {ledger.path}" + _shard_of(ledger) for ledger in ledgers]
+    lines += [
         f"project_id  {meta.get('project_id', '-')}",
         f"endpoint    {meta.get('endpoint', '-')}",
         "",
@@ -121,17 +157,17 @@ def summary(ledger: LedgerView) -> str:
     total = sum(per_outcome.values())
     lines += [f"  {'total':<10}{total:>12}", ""]
     lines.append(f"open (read or sent, no outcome yet): {counts['open']}")
-    lines += [f"  {job_id}  {state}" for job_id, state in ledger.open_ids(limit=OPEN_SHOWN)]
+    lines += [f"  {job_id}  {state}" for job_id, state in _first(ledgers, "open_ids", OPEN_SHOWN)]
     if counts["open"] > OPEN_SHOWN:
         lines.append(f"  ... and {counts['open'] - OPEN_SHOWN} more")
     lines += ["", f"rejected input lines: {counts['rejected_lines']}"]
     lines += [
         f"  line {row.line}: {escape(row.raw)}  ({row.reason})"
-        for row in ledger.rejected(limit=REJECTED_SHOWN)
+        for row in _first(ledgers, "rejected", REJECTED_SHOWN)
     ]
     if counts["rejected_lines"] > REJECTED_SHOWN:
         lines.append(f"  ... and {counts['rejected_lines'] - REJECTED_SHOWN} more")
-    runs = ledger.runs()
+    runs = [run for ledger in ledgers for run in ledger.runs()]
     lines += ["", f"runs: {len(runs)}"]
     for run in runs:
         end = _when(run.ended_at) if run.ended_at is not None else "no end (crashed or running)"
@@ -140,3 +176,18 @@ def summary(ledger: LedgerView) -> str:
             f"  {run.run_id}  started {_when(run.started_at)}  ended {end}  pid {run.pid}{retry}"
         )
     return "\n".join(lines) + "\n"
+
+
+def _shard_of(ledger: LedgerView) -> str:
+    shard = ledger.meta().get("shard", WHOLE)
+    return "" if shard == WHOLE else f"  (shard {shard})"
+
+
+def _first(ledgers: Sequence[LedgerView], rows: str, limit: int) -> list[Any]:
+    """The first ``limit`` rows of ``ledger.<rows>(limit=...)`` across the ledgers, in order."""
+    found: list[Any] = []
+    for ledger in ledgers:
+        found += list(getattr(ledger, rows)(limit=limit - len(found)))
+        if len(found) >= limit:
+            break
+    return found
