@@ -20,6 +20,7 @@ from worker.clock import MonotonicClock
 from worker.pacing.adaptive import AdaptiveRateLimiter, SharedAdaptiveLimiter, build_limiter
 from worker.pacing.bucket import LocalRateLimiter, RateLimiter
 from worker.pacing.controller import AdaptiveConfig, Phase, RateController
+from worker.pacing.slowdown import SlowingLimiter
 from worker.simulator.quota import TokenBucket as ServerQuota
 from worker.simulator.quota import retry_after_seconds
 
@@ -530,7 +531,8 @@ async def test_a_cut_respaces_the_queue_and_retry_after_holds_every_call() -> No
 def test_build_limiter_gives_a_fixed_or_an_adaptive_limiter() -> None:
     clock = FakeClock()
     fixed = build_limiter(25.0, 5, clock)
-    assert isinstance(fixed, LocalRateLimiter) and fixed.rate == 25.0 and fixed.burst == 5
+    assert isinstance(fixed, SlowingLimiter) and fixed.rate == 25.0
+    assert "LocalRateLimiter(rate=25, burst=5" in repr(fixed)
     auto = build_limiter("auto", 5, clock)
     assert isinstance(auto, AdaptiveRateLimiter) and isinstance(auto, RateLimiter)
     assert auto.rate == AdaptiveConfig().initial_rate

@@ -11,27 +11,29 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import pytest
 
+from tests.e2e import reaper, reaper_env, write_ids
 from tests.fakes import FakeClock
 from worker import wiring
 from worker.api.client import JobPage
-from worker.batcher import Batcher
+from worker.batcher import Batcher, DeletionBudget
 from worker.discovery.guard import Protection
-from worker.dispatcher import Working
-from worker.errors import ServerError
+from worker.dispatcher import Dispatcher, Working
+from worker.errors import ApiUnavailable, NetworkError, ServerError
 from worker.ledger import TemporaryLedger
 from worker.outcomes.events import EventLog
 from worker.outcomes.journal import LedgerPort, RunJournal, Tally
 from worker.pacing.breaker import BreakerConfig, BreakerGate, CircuitBreaker
-from worker.pacing.bucket import LocalRateLimiter, RateLimiter
+from worker.pacing.bucket import LocalRateLimiter, RateLimiter, UnlimitedRateLimiter
 from worker.pacing.paced import PacedCall, PacedReader
 from worker.pacing.retry import RetryPolicy
 from worker.pipeline import Pipeline, RunState
 from worker.settings import Settings
-from worker.types import Candidate, DeleteResult, JobRecord, Outcome
+from worker.types import Batch, Candidate, DeleteResult, JobRecord, Outcome, Result
 
 pytestmark = pytest.mark.anyio
 
@@ -210,3 +212,101 @@ async def test_feedback_and_outcomes_of_a_run_through_the_paced_call_are_one_per
     assert tally.outcomes[Outcome.DELETED.value] == 20
     assert len(limiter.fed) == len(api.sent) == 20 + 4 + 2  # reads, deletes, two 503s
     assert sum(f.overloaded for f in limiter.fed) == 2
+
+
+class Down:
+    """Nothing answers: every call fails at once with a network error."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.sent: list[float] = []
+
+    async def delete_jobs(self, ids: Sequence[str]) -> DeleteResult:
+        self.sent.append(self.clock.now())
+        await self.clock.sleep(0.001)
+        raise NetworkError("refused")
+
+    async def get_job(self, job_id: str) -> JobRecord:
+        raise AssertionError("no show call expected")
+
+
+async def _until_unavailable(
+    max_attempts: int, batches: int, breaker: BreakerConfig | None = None
+) -> tuple[float, Journal, Down]:
+    """Batches against an API that is down, through the breaker: when the run gives up
+    (virtual time), what the journal heard, and what was sent."""
+    clock = FakeClock()
+    journal, api = Journal(), Down(clock)
+    dispatcher = Dispatcher(
+        transport=api, limiter=UnlimitedRateLimiter(),
+        policy=RetryPolicy(max_attempts=max_attempts, rng=random.Random(5)), journal=journal,
+        clock=clock, budget=DeletionBudget(None), max_attempts=max_attempts,
+        gate=BreakerGate(clock=clock, breaker=CircuitBreaker(breaker)),
+    )  # fmt: skip
+
+    async def all_batches() -> None:
+        async with anyio.create_task_group() as group:
+            for n in range(batches):
+                group.start_soon(dispatcher.process, Batch(f"b{n}", (f"job-{n}",)))
+
+    with pytest.raises(ExceptionGroup) as caught:
+        await all_batches()
+    assert caught.group_contains(ApiUnavailable)
+    return clock.now(), journal, api
+
+
+async def test_retry_events_say_the_wait_really_sat_out_cool_downs_included() -> None:
+    """One batch opens the breaker by itself (threshold 3): its later waits are the
+    cool-downs, longer than the policy's delays, and its ``batch.retry`` events say so: the
+    run lasted exactly their sum and the calls."""
+    ended, journal, api = await _until_unavailable(
+        6, 1, BreakerConfig(failure_threshold=3, min_failure_span=0.0)
+    )
+    waits = [r[2] for r in journal.retries]
+    assert [r[1] for r in journal.retries] == [2, 3, 4, 5, 6]
+    assert ended == pytest.approx(sum(waits) + 0.001 * len(api.sent))
+    assert waits[-1] >= 4.0  # the fourth cool-down (1, 2, 4, 8 s); the policy says <= 4 s
+
+
+async def test_time_to_unavailable_follows_max_attempts_not_the_breaker() -> None:
+    """Eight batches open the breaker; waiting out its cool-down spends no budget, but a
+    failed probe is an attempt of every batch that waited on it (``circuit_open``, nothing
+    sent): so the run gives up after ``max_attempts`` rounds, not after two minutes."""
+    short, _, _ = await _until_unavailable(3, 8)
+    long, journal, api = await _until_unavailable(6, 8)
+    assert short < long < 20.0
+    assert any(r[3] == "circuit_open" for r in journal.retries)
+    assert len(api.sent) < 8 * 6  # the waiters' attempts failed with the probe, unsent
+
+
+class Journal:
+    def __init__(self) -> None:
+        self.retries: list[tuple[str, int, float, str]] = []
+
+    async def sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
+        pass
+
+    async def retrying(self, batch_id: str, attempt: int, delay_s: float, reason: str) -> None:
+        self.retries.append((batch_id, attempt, delay_s, reason))
+
+    async def finished(self, results: Sequence[Result]) -> None:
+        raise AssertionError("an API that is down decides no outcome")
+
+
+async def test_a_run_against_a_closed_port_gives_up_after_its_retries(tmp_path: Path) -> None:
+    """Through the real command: exit 69 once each batch has spent ``--max-attempts``,
+    and the slowest batch's ``batch.retry`` waits make up most of the run (the breaker's
+    own 120 s used to: 122 s whatever the setting)."""
+    src = write_ids(tmp_path / "ids.txt", [f"job-{n}" for n in range(16)])
+    done = await reaper(
+        ["run", "-i", str(src), "--yes", "--max-attempts", "6", "--batch-size", "1",
+         "--concurrency", "8"],
+        reaper_env("http://127.0.0.1:9"),
+    )  # fmt: skip
+    assert done.code == 69, done.stderr
+    retries = done.events("batch.retry")
+    per_batch: dict[str, float] = {}
+    for event in retries:
+        assert event["attempt"] <= 6
+        per_batch[event["batch_id"]] = per_batch.get(event["batch_id"], 0.0) + event["delay_s"]
+    assert max(per_batch.values()) >= 0.5 * done.summary()["duration_s"]

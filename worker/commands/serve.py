@@ -228,15 +228,20 @@ def _limiter(settings: Settings, client: Any, key: str, clock: Any) -> Any:
     through the same shared bucket at the rate it learnt, so the fleet together, not each
     replica, converges on the quota.
     """
+    import structlog
+
     from worker.pacing.adaptive import SharedAdaptiveLimiter
     from worker.pacing.controller import AdaptiveConfig
     from worker.pacing.shared import RedisRateLimiter
+    from worker.pacing.slowdown import SlowingLimiter
 
     if settings.rate == "auto":
         shared = RedisRateLimiter(client, key, rate=1.0, burst=1, clock=clock)
         config = AdaptiveConfig(max_pause=settings.max_retry_after)  # as run's limiter
         return SharedAdaptiveLimiter(shared, clock, config=config)
-    return RedisRateLimiter(client, key, rate=settings.rate, burst=settings.burst, clock=clock)
+    fixed = RedisRateLimiter(client, key, rate=settings.rate, burst=settings.burst, clock=clock)
+    # A replica the server refuses slows its own share of the calls down for a while.
+    return SlowingLimiter(fixed, clock, notify=structlog.get_logger().warning)
 
 
 async def _redis_answers(client: Any, errors: tuple[type[BaseException], ...], events: Any) -> bool:

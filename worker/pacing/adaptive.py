@@ -6,7 +6,8 @@ rate from the calls' answers.
   call back.
 - ``SharedAdaptiveLimiter``: replicas sharing one quota through Redis. Each runs its own
   controller on its own answers and paces through the shared bucket at its rate.
-- ``build_limiter``: a fixed ``--rate N`` or ``auto``, for one process.
+- ``build_limiter``: a fixed ``--rate N`` (which slows while refused,
+  ``worker.pacing.slowdown``) or ``auto``, for one process.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Generic, Literal, Protocol, TypeVar
 
 import anyio
 import anyio.lowlevel
+import structlog
 
 from worker.clock import Clock
 from worker.pacing.bucket import LocalRateLimiter, RateLimiter, TokenBucket
 from worker.pacing.controller import AdaptiveConfig, RateController
+from worker.pacing.slowdown import Notify, SlowingLimiter
 
 SLICE_S = 0.05
 """Waiters look at the rate at least this often."""
@@ -261,8 +264,11 @@ def build_limiter(
     *,
     config: AdaptiveConfig | None = None,
     max_retry_after: float | None = None,
+    notify: Notify | None = None,
 ) -> RateLimiter:
-    """The limiter ``--rate`` asks for: a fixed ``LocalRateLimiter`` or the adaptive one.
+    """The limiter ``--rate`` asks for: a fixed rate (a ``LocalRateLimiter`` that slows
+    itself while the server refuses it, saying so through ``notify``: ``rate.slowed``
+    events, structlog's by default) or the adaptive one.
 
     With ``auto`` the configured burst is not used: the server's burst is unknown and may
     be 1, so calls are evenly spaced (burst 1). ``max_retry_after`` (the setting) caps the
@@ -273,4 +279,5 @@ def build_limiter(
         if max_retry_after is not None:
             config = replace(config or AdaptiveConfig(), max_pause=max_retry_after)
         return AdaptiveRateLimiter(clock, burst=1, config=config)
-    return LocalRateLimiter(rate=float(rate), burst=burst, clock=clock)
+    fixed = LocalRateLimiter(rate=float(rate), burst=burst, clock=clock)
+    return SlowingLimiter(fixed, clock, notify=notify or structlog.get_logger().warning)

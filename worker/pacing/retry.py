@@ -5,11 +5,13 @@ the tree in ``worker.errors``, so the policy never looks at status codes or mess
 
 - ``ThrottledError`` (429): the server is asking us to slow down, not failing. We wait its
   ``retry_after`` (capped at ``max_retry_after``, so a hostile or mistaken header cannot
-  park a worker for hours), else back off with full jitter. Throttles get their own budget,
-  ``max_throttled`` (default ``max(max_attempts, 10)``), so that a run of 429s while the
-  adaptive limiter finds the right rate does not end a batch that never failed. When the
-  caller says how many attempts were throttled (``decide(..., throttled=n)``), throttles and
-  other failures are counted apart; when it does not, every attempt counts against both.
+  park a worker for hours) plus up to half of it again at random, so the workers refused
+  together do not wake together; else back off with full jitter. A throttle never spends
+  the budget that makes the API unavailable: the server is up, and the limiter slows down
+  instead (``--rate auto`` learns the quota, a fixed rate slows for a while). A budget of
+  throttles, ``max_throttled``, can be set (default: none). When the caller says how many
+  attempts were throttled (``decide(..., throttled=n)``), throttles and other failures are
+  counted apart; when it does not, every attempt counts against both.
 - Other ``TransientError`` (5xx, network, timeout, a cut-short body): full-jitter back-off
   until ``max_attempts`` (reason ``transient`` for a bare ``TransientError``).
 - ``PermanentError`` (401/403, 404, other 4xx, TLS): never; sending it again cannot help.
@@ -110,7 +112,7 @@ class RetryPolicy:
         if isinstance(max_attempts, bool) or max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, not {max_attempts!r}")
         if max_throttled is not None and max_throttled < 1:
-            raise ValueError(f"max_throttled must be >= 1, not {max_throttled!r}")
+            raise ValueError(f"max_throttled must be >= 1 or None, not {max_throttled!r}")
         for name, value in (
             ("base_delay", base_delay),
             ("max_delay", max_delay),
@@ -119,7 +121,7 @@ class RetryPolicy:
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
         self.max_attempts = max_attempts
-        self.max_throttled = max(max_attempts, 10) if max_throttled is None else max_throttled
+        self.max_throttled = max_throttled
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.max_retry_after = max_retry_after
@@ -141,7 +143,7 @@ class RetryPolicy:
             raise ValueError(f"throttled must be within 0..{attempt}, not {throttled!r}")
         if isinstance(error, ThrottledError):
             spent = attempt if throttled is None else max(throttled, 1)
-            if spent >= self.max_throttled:
+            if self.max_throttled is not None and spent >= self.max_throttled:
                 return RetryDecision(False, 0.0, "attempts_exhausted")
             return RetryDecision(True, self._throttle_delay(error, spent), "throttled")
         if isinstance(error, TransientError):
@@ -157,15 +159,18 @@ class RetryPolicy:
         return RetryDecision(False, 0.0, "unexpected")
 
     def _throttle_delay(self, error: ThrottledError, spent: int) -> float:
-        """The server's hint, capped; our own full-jitter back-off when it gave none.
+        """The server's hint, capped, and up to half of it again at random; our own
+        full-jitter back-off when it gave none.
 
-        The hint is used as is, not jittered: the retried batch goes back through the rate
-        limiter, which already spaces the workers that were throttled together.
+        Never shorter than the hint: a call sent before it is up is refused again. The
+        jitter spreads the workers refused together, which would otherwise all wake at
+        once (a fixed rate's bucket lets its burst out together).
         """
         hint = error.retry_after
         if hint is None or math.isnan(hint):
             return full_jitter(spent, self.base_delay, self.max_delay, self._rng)
-        return min(max(hint, 0.0), self.max_retry_after)
+        wait = min(max(hint, 0.0), self.max_retry_after)
+        return wait + self._rng.uniform(0.0, wait / 2.0)
 
     def __repr__(self) -> str:
         return (
