@@ -40,6 +40,7 @@ class FakeApi:
         self.show_calls: list[str] = []
         self.deleted: Counter[str] = Counter()
         self.resist: Counter[str] = Counter()  # job -> DELETE calls it survives (answered 200)
+        self.unlisted: set[str] = set()  # deleted by a 200 that did not list them
 
     async def delete_jobs(self, ids: Sequence[str]) -> DeleteResult:
         self.delete_calls.append(tuple(ids))
@@ -60,7 +61,8 @@ class FakeApi:
                 records.append(JobRecord(id=job_id, status="DELETED"))
         if isinstance(fault, BaseException):  # applied, then failed: the ambiguous kind
             raise fault
-        if fault == "drop-records":
+        if fault == "drop-records":  # a readable 200 that does not list what it deleted
+            self.unlisted.update(record.id for record in records)
             records = []
         return DeleteResult(records=tuple(records), request_id=f"req-{len(self.delete_calls)}")
 
@@ -199,14 +201,51 @@ async def test_transient_failures_are_retried_then_succeed(fault: BaseException)
     await dispatcher.process(Batch("b1", tuple(ids(5))))
     outcomes = journal.outcomes()
     assert len(outcomes) == 5
-    # After an ambiguous failure the first attempt may already have deleted the jobs: then
-    # they are absent, never lost and never deleted twice.
-    assert set(outcomes.values()) <= {Outcome.DELETED, Outcome.ABSENT}
+    # After an ambiguous failure the first attempt may already have deleted the jobs (this
+    # fake applies a 5xx or a reset before failing): they are deleted all the same, by that
+    # attempt, unconfirmed; never absent, never lost and never deleted twice.
+    assert set(outcomes.values()) == {Outcome.DELETED}
+    applied_unseen = isinstance(fault, ServerError | NetworkError)
+    assert {r.confirmed for r in journal.results} == {not applied_unseen}
     assert max(api.deleted.values()) == 1
     assert [r[1] for r in journal.retries] == [2, 3]
     if isinstance(fault, ThrottledError):
         assert all(delay >= 2.0 for *_, delay, _ in journal.retries)
         assert clock.now() >= 4.0
+
+
+@pytest.mark.anyio
+async def test_a_lost_answer_ends_deleted_unconfirmed_with_the_record_read_before() -> None:
+    """A 500 after the DELETE was applied: the retry finds the jobs gone. They end
+    ``deleted`` with ``confirmed`` false, carrying the record a look-up had read, not
+    ``absent`` as if somebody else had removed them."""
+    api = FakeApi(ids(3))
+    api.script = [ServerError("boom", http_status=500)]
+    dispatcher, journal, _ = make(api)
+    seen = JobRecord(id="job-0001", name="nightly", status="FINISHED")
+    await dispatcher.process(Batch("b1", tuple(ids(3)), known={"job-0001": seen}))
+    assert journal.outcomes() == dict.fromkeys(ids(3), Outcome.DELETED)
+    by_id = {r.job_id: r for r in journal.results}
+    assert {r.confirmed for r in by_id.values()} == {False}
+    assert {r.reason for r in by_id.values()} == {"answer_lost"}
+    assert by_id["job-0001"].record is seen and by_id["job-0000"].record is None
+    assert by_id["job-0000"].row()["confirmed"] is False
+    assert api.deleted == dict.fromkeys(ids(3), 1)
+
+
+@pytest.mark.anyio
+async def test_an_id_an_earlier_run_sent_unanswered_ends_deleted_unconfirmed() -> None:
+    """The batch names ids a dead run had in flight: those found gone are its deletions;
+    a ghost it never sent is still ``absent``."""
+    api = FakeApi(["job-0001"])  # job-0000 went with the dead run's call
+    dispatcher, journal, _ = make(api)
+    batch = Batch("b1", ("job-0000", "job-0001", "ghost"), unsure=frozenset({"job-0000"}))
+    await dispatcher.process(batch)
+    by_id = {r.job_id: r for r in journal.results}
+    assert (by_id["job-0000"].outcome, by_id["job-0000"].confirmed) == (Outcome.DELETED, False)
+    assert (by_id["job-0001"].outcome, by_id["job-0001"].confirmed) == (Outcome.DELETED, True)
+    assert by_id["ghost"].outcome is Outcome.ABSENT
+    assert by_id["ghost"].row()["confirmed"] is None
 
 
 @pytest.mark.anyio
@@ -270,7 +309,10 @@ faults = st.lists(
 def test_every_id_gets_exactly_one_outcome_whatever_fails(
     script: list[str], n: int, size: int, ghosts: int
 ) -> None:
-    """The invariant, over random fault scripts: each id once, never deleted twice."""
+    """The invariant, over random fault scripts: each id once, never deleted twice, and
+    every job the API deleted ends ``deleted`` (unconfirmed when its answer was lost), not
+    ``absent``. A ghost (never a job) sent in an attempt without an answer cannot be told
+    from a job that attempt deleted: it may end ``deleted`` too, but never confirmed."""
     real = ids(n)
     wanted = real + [f"ghost-{g}" for g in range(ghosts)]
     api = FakeApi(real, poison=frozenset({"ghost-0"}) if ghosts > 2 else frozenset())
@@ -295,7 +337,11 @@ def test_every_id_gets_exactly_one_outcome_whatever_fails(
     outcomes = journal.outcomes()
     assert set(outcomes) == set(wanted)
     assert max(api.deleted.values(), default=0) <= 1
-    assert set(api.deleted) == {i for i, o in outcomes.items() if o is Outcome.DELETED} | {
-        i for i, o in outcomes.items() if o is Outcome.ABSENT and i in real
-    }
+    deleted = {i for i, o in outcomes.items() if o is Outcome.DELETED}
+    # A 200 that leaves a deleted job out of its records says "not by this call": only
+    # then may one of our deletions read ``absent``.
+    assert set(api.deleted) - api.unlisted == (deleted & set(real)) - api.unlisted
+    confirmed = {r.job_id for r in journal.results if r.outcome is Outcome.DELETED and r.confirmed}
+    assert confirmed <= set(api.deleted)
+    assert {i for i, o in outcomes.items() if o is Outcome.ABSENT} & set(real) <= api.unlisted
     assert api.jobs == {i for i, o in outcomes.items() if o is Outcome.FAILED and i in real}

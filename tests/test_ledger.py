@@ -129,6 +129,42 @@ def test_ids_open_when_a_run_died_are_new_again_and_sent_ones_counted_resent(pat
         assert admission.done == [(Candidate("settled", 4), Outcome.DELETED)]
 
 
+def test_ids_sent_unanswered_stay_unsure_across_runs_that_die_before_sending_them(
+    path: Path,
+) -> None:
+    """Run 1 dies with "sent-1" in flight; run 2 reads it and dies before sending it; run 3
+    must still know the job may be gone by run 1's hand."""
+    with open_ledger(path, "run-1") as first:
+        first.admit(cands("sent-1", "read-only"))
+        first.mark_sent("b-1", ["sent-1"], attempt=1)
+    with open_ledger(path, "run-2") as second:
+        assert second.admit(cands("sent-1", "read-only")).unsure == {"sent-1"}
+    with open_ledger(path, "run-3") as third:
+        admission = third.admit(cands("sent-1", "read-only"))
+        assert (set(admission.unsure), admission.resent) == ({"sent-1"}, 1)
+        third.record([Result("sent-1", Outcome.DELETED, 1, "b-3", 404, confirmed=False)])
+    with open_ledger(path, "run-4") as fourth:
+        assert fourth.admit(cands("sent-1")).done == [(Candidate("sent-1", 1), Outcome.DELETED)]
+        assert next(fourth.results()).confirmed is False
+
+
+def test_a_ledger_from_before_unconfirmed_deletions_is_read_and_taken_over(path: Path) -> None:
+    with open_ledger(path, "run-1") as first:
+        first.admit(cands("a", "b"))
+        first.record([Result("a", Outcome.DELETED, 1, "b-1", 200)])
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE ids DROP COLUMN confirmed")  # as the older version made it
+    conn.commit()
+    conn.close()
+    with open_readonly(path) as view:
+        assert [(r.job_id, r.confirmed) for r in view.results()] == [("a", True)]
+        assert view.counts()["unconfirmed"] == 0
+    with open_ledger(path, "run-2") as second:
+        second.admit(cands("b"))
+        second.record([Result("b", Outcome.DELETED, 1, "b-2", 404, confirmed=False)])
+        assert [(r.job_id, r.confirmed) for r in second.results()] == [("a", True), ("b", False)]
+
+
 def test_retry_failed_admits_failed_ids_again_but_not_other_outcomes(path: Path) -> None:
     with open_ledger(path, "run-1") as first:
         first.admit(cands("gone", "broken"))
@@ -232,18 +268,23 @@ def test_counts_open_ids_and_rejected_lines(ledger: Ledger) -> None:
     ledger.admit(cands(*(f"id-{n}" for n in range(30))))
     ledger.mark_sent("b-1", ["id-3"], attempt=1)
     ledger.record([Result("id-0", Outcome.DELETED), Result("id-1", Outcome.SKIPPED)])
+    ledger.record([Result("id-5", Outcome.DELETED, confirmed=False)])
     ledger.record_rejected([Rejection("bad id", 40, "invalid character ' '")])
     assert ledger.counts() == {
-        "deleted": 1,
+        "deleted": 2,
         "absent": 0,
         "failed": 0,
         "rejected": 0,
         "skipped": 1,
-        "open": 28,
+        "open": 27,
         "rejected_lines": 1,
+        "unconfirmed": 1,
     }
+    assert [(r.job_id, r.confirmed) for r in ledger.results()] == [
+        ("id-0", True), ("id-1", True), ("id-5", False), ("bad id", True),
+    ]  # fmt: skip
     assert list(ledger.open_ids(limit=3)) == [("id-2", "read"), ("id-3", "sent"), ("id-4", "read")]
-    assert len(list(ledger.open_ids())) == 28
+    assert len(list(ledger.open_ids())) == 27
 
 
 def test_rejected_lines_are_kept_escaped_bounded_and_once(path: Path) -> None:

@@ -3,7 +3,10 @@
 The policy, by error class:
 
 - 200: each returned record is ``deleted``; an id asked for but not returned is checked
-  with the show call: 404 makes it ``absent``, a job still there is sent again.
+  with the show call: 404 makes it ``absent``, a job still there is sent again. An id that
+  went out in an attempt without a readable answer (a 5xx, a reset, a cut-off body, here or
+  in a run that died with it in flight) and is then found gone ends ``deleted`` with
+  ``confirmed`` false: that attempt is the likeliest hand that removed it.
 - throttled, 5xx, network errors, timeouts, cut-short bodies: sent again after the retry
   policy's delay, with a fresh signature. When the budget runs out the API is unavailable:
   the run stops (``ApiUnavailable``) and the ids stay open for the next run.
@@ -16,7 +19,7 @@ The policy, by error class:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
@@ -33,12 +36,12 @@ from worker.errors import (
 from worker.pacing.bucket import RateLimiter
 from worker.pacing.paced import PacedCall, Stopped, Tries, Working
 from worker.pacing.retry import RetryPolicy
-from worker.types import Batch, DeleteResult, JobRecord, Outcome, Result
+from worker.types import Batch, DeleteResult, JobRecord, Outcome, Result, gone
 
 if TYPE_CHECKING:
     from worker.pacing.breaker import BreakerGate
 
-__all__ = ["Dispatcher", "Journal", "Transport", "Working"]
+__all__ = ["Dispatcher", "Doubt", "Journal", "Transport", "Working"]
 
 
 class Transport(Protocol):
@@ -59,13 +62,11 @@ class Journal(Protocol):
     async def finished(self, results: Sequence[Result]) -> None: ...
 
 
-def _answered(
-    outcome: Outcome, job_id: str, batch_id: str, attempts: int, error: ApiError
-) -> Result:
-    """An outcome decided by an error answer (``failed``, or ``absent`` from a 404)."""
+def _failed(job_id: str, batch_id: str, attempts: int, error: ApiError) -> Result:
+    """An id the API refused: the job is still there."""
     return Result(
         job_id=job_id,
-        outcome=outcome,
+        outcome=Outcome.FAILED,
         attempts=attempts,
         batch_id=batch_id,
         http_status=error.http_status,
@@ -75,8 +76,30 @@ def _answered(
     )
 
 
-def _failed(job_id: str, batch_id: str, attempts: int, error: ApiError) -> Result:
-    return _answered(Outcome.FAILED, job_id, batch_id, attempts, error)
+class Doubt:
+    """What one batch knows about ids that may be gone by its own hand: those sent in an
+    attempt without a readable answer (``unsure``, growing as such attempts happen) and
+    the records read of its jobs before (``known``)."""
+
+    __slots__ = ("known", "unsure")
+
+    def __init__(self, batch: Batch) -> None:
+        self.unsure: set[str] = set(batch.unsure)
+        self.known: Mapping[str, JobRecord] = batch.known
+
+    def gone(self, job_id: str, batch_id: str, attempts: int, error: ApiError) -> Result:
+        """A 404 for ``job_id``: ``absent``, or ``deleted`` unconfirmed if we may have."""
+        return gone(
+            job_id,
+            unsure=self.unsure,
+            known=self.known,
+            batch_id=batch_id,
+            attempts=attempts,
+            http_status=error.http_status,
+            request_id=error.request_id,
+            error_code=error.error_code,
+            error_msg=error.error_msg or str(error),
+        )
 
 
 class Dispatcher:
@@ -137,12 +160,12 @@ class Dispatcher:
         if granted < len(batch.ids):
             await self._skip(batch.batch_id, batch.ids[granted:], "max_deletions")
         if granted:
-            ids, cap = batch.ids[:granted], self.size_cap
+            ids, cap, doubt = batch.ids[:granted], self.size_cap, Doubt(batch)
             if cap is None or len(ids) <= cap:
-                await self._delete(batch.batch_id, ids)
+                await self._delete(batch.batch_id, ids, doubt)
                 return
             for number, start in enumerate(range(0, len(ids), cap), start=1):
-                await self._delete(f"{batch.batch_id}.{number}", ids[start : start + cap])
+                await self._delete(f"{batch.batch_id}.{number}", ids[start : start + cap], doubt)
 
     async def _skip(self, batch_id: str, ids: Sequence[str], reason: str) -> None:
         await self._journal.finished(
@@ -152,10 +175,8 @@ class Dispatcher:
             ]
         )
 
-    async def _delete(self, batch_id: str, ids: Sequence[str], *, ambiguous: bool = False) -> bool:
-        """``ambiguous``: an earlier attempt on these ids may have been applied unseen.
-
-        True when the API took the ids as one call (no 4xx made them split)."""
+    async def _delete(self, batch_id: str, ids: Sequence[str], doubt: Doubt) -> bool:
+        """True when the API took the ids as one call (no 4xx made them split)."""
         remaining = tuple(ids)
         tries = Tries()
 
@@ -163,8 +184,8 @@ class Dispatcher:
             await self._journal.sent(batch_id, remaining, attempt)
 
         async def retrying(exc: TransientError, attempt: int, delay_s: float, why: str) -> None:
-            nonlocal ambiguous
-            ambiguous = ambiguous or isinstance(exc, AMBIGUOUS)
+            if isinstance(exc, AMBIGUOUS):  # it may have been applied unseen
+                doubt.unsure.update(remaining)
             await self._journal.retrying(batch_id, attempt, delay_s, why)
 
         while remaining:
@@ -177,10 +198,10 @@ class Dispatcher:
             except Stopped:
                 return True  # the run is stopping: the ids stay open for the next run
             except (ClientError, NotFound) as exc:
-                await self._refused(batch_id, remaining, tries.attempt, exc, ambiguous=ambiguous)
+                await self._refused(batch_id, remaining, tries.attempt, exc, doubt)
                 return False
             attempt = tries.attempt
-            remaining = await self._settle(batch_id, remaining, attempt, answer)
+            remaining = await self._settle(batch_id, remaining, attempt, answer, doubt)
             if remaining and attempt >= self._max_attempts:
                 error = ApiError(
                     "the API answered 200 without these jobs, and they still exist",
@@ -205,35 +226,33 @@ class Dispatcher:
         ids: Sequence[str],
         attempt: int,
         exc: ClientError | NotFound,
-        *,
-        ambiguous: bool,
+        doubt: Doubt,
     ) -> None:
         """A 4xx that is not about credentials: isolate the ids the API objects to.
 
         An id refused after an ambiguous failure may already be gone: the show call decides
-        between ``absent`` and ``failed``, so ``failed`` always means the job is still there.
+        between gone and ``failed``, so ``failed`` always means the job is still there.
         """
         if len(ids) > 1:
             self.splits += 1
             half = len(ids) // 2
-            first = await self._delete(f"{batch_id}.1", ids[:half], ambiguous=ambiguous)
-            second = await self._delete(f"{batch_id}.2", ids[half:], ambiguous=ambiguous)
+            first = await self._delete(f"{batch_id}.1", ids[:half], doubt)
+            second = await self._delete(f"{batch_id}.2", ids[half:], doubt)
             if first and second and isinstance(exc, ClientError) and exc.http_status in (400, 413):
                 self._learn_size(refused=len(ids), taken=len(ids) - half)
             return
         exists = True
-        if ambiguous and isinstance(exc, ClientError):
-            exists = await self._exists(batch_id, ids[0], attempt)
+        if ids[0] in doubt.unsure and isinstance(exc, ClientError):
+            exists = await self._exists(batch_id, ids[0], attempt, doubt)
         if not exists:
-            return  # absent, or left open by a stop: _exists has seen to it
+            return  # gone, or left open by a stop: _exists has seen to it
         if isinstance(exc, NotFound):
-            absent = _answered(Outcome.ABSENT, ids[0], batch_id, attempt, exc)
-            await self._journal.finished([absent])
+            await self._journal.finished([doubt.gone(ids[0], batch_id, attempt, exc)])
             return
         await self._journal.finished([_failed(ids[0], batch_id, attempt, exc)])
 
     async def _settle(
-        self, batch_id: str, ids: Sequence[str], attempt: int, answer: DeleteResult
+        self, batch_id: str, ids: Sequence[str], attempt: int, answer: DeleteResult, doubt: Doubt
     ) -> tuple[str, ...]:
         """Record what a 200 says was deleted; check the rest; return the ids still there."""
         wanted = set(ids)
@@ -256,12 +275,12 @@ class Dispatcher:
         missing = [job_id for job_id in ids if job_id not in deleted]
         still_there: list[str] = []
         for job_id in missing:
-            if await self._exists(batch_id, job_id, attempt):
+            if await self._exists(batch_id, job_id, attempt, doubt):
                 still_there.append(job_id)
         return tuple(still_there)
 
-    async def _exists(self, batch_id: str, job_id: str, attempt: int) -> bool:
-        """The show call: does the job still exist? A 404 ends it ``absent``."""
+    async def _exists(self, batch_id: str, job_id: str, attempt: int, doubt: Doubt) -> bool:
+        """The show call: does the job still exist? A 404 ends it gone (``doubt.gone``)."""
         self.reconciled += 1
 
         async def retrying(exc: TransientError, check: int, delay_s: float, why: str) -> None:
@@ -273,8 +292,7 @@ class Dispatcher:
                 retrying=retrying,
             )  # fmt: skip
         except NotFound as exc:
-            absent = _answered(Outcome.ABSENT, job_id, batch_id, attempt, exc)
-            await self._journal.finished([absent])
+            await self._journal.finished([doubt.gone(job_id, batch_id, attempt, exc)])
             return False
         except Stopped:
             return False  # the run is stopping: left open

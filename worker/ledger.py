@@ -80,6 +80,7 @@ CREATE TABLE IF NOT EXISTS ids (
     error_msg TEXT,
     request_id TEXT,
     reason TEXT,
+    confirmed INTEGER,
     first_run INTEGER NOT NULL,
     last_run INTEGER NOT NULL,
     updated_at REAL NOT NULL
@@ -102,10 +103,12 @@ _INSERT = """
 INSERT INTO ids (job_id, state, first_run, last_run, updated_at)
 SELECT value, 'read', ?, ?, ? FROM json_each(?)
 """
+# An id an earlier run sent and never settled stays 'sent': if this run dies before sending
+# it again, the next one must still know that the job may be gone by our hand.
 _REOPEN = """
-UPDATE ids SET state = 'read', outcome = NULL, attempts = 0, batch_id = NULL,
-    http_status = NULL, error_code = NULL, error_msg = NULL, request_id = NULL, reason = NULL,
-    last_run = ?, updated_at = ?
+UPDATE ids SET state = iif(state = 'sent', 'sent', 'read'), outcome = NULL, attempts = 0,
+    batch_id = NULL, http_status = NULL, error_code = NULL, error_msg = NULL, request_id = NULL,
+    reason = NULL, confirmed = NULL, last_run = ?, updated_at = ?
 WHERE job_id IN (SELECT value FROM json_each(?))
 """
 _TOUCH = "UPDATE ids SET last_run = ? WHERE job_id IN (SELECT value FROM json_each(?))"
@@ -115,16 +118,17 @@ WHERE state != 'done' AND job_id IN (SELECT value FROM json_each(?))
 """
 _RESULTS = """
 SELECT job_id, outcome, attempts, batch_id, http_status, error_code, error_msg, request_id,
-    reason
+    reason, {confirmed}
 FROM ids WHERE state = 'done' AND (?1 IS NULL OR last_run = ?1) ORDER BY seq
 """
+_UNCONFIRMED = "SELECT count(*) FROM ids WHERE outcome = 'deleted' AND {} = 0"
 # record()'s fast path: ids admitted and still open, the outcomes as one JSON array of rows
 # (measured about twice as fast as the upsert below, which must try an INSERT first).
 _SETTLE = """
 UPDATE ids SET state = 'done', outcome = r.value ->> 1, attempts = r.value ->> 2,
     batch_id = r.value ->> 3, http_status = r.value ->> 4, error_code = r.value ->> 5,
     error_msg = r.value ->> 6, request_id = r.value ->> 7, reason = r.value ->> 8,
-    last_run = ?1, updated_at = ?2
+    confirmed = r.value ->> 9, last_run = ?1, updated_at = ?2
 FROM json_each(?3) AS r
 WHERE ids.job_id = r.value ->> 0
   AND (ids.state != 'done' OR (?4 AND ids.outcome = 'failed' AND ids.last_run != ?1))
@@ -132,14 +136,14 @@ WHERE ids.job_id = r.value ->> 0
 # The slow path: also inserts ids that were never admitted.
 _RECORD = """
 INSERT INTO ids (job_id, outcome, attempts, batch_id, http_status, error_code, error_msg,
-    request_id, reason, state, first_run, last_run, updated_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'done', ?, ?, ?)
+    request_id, reason, confirmed, state, first_run, last_run, updated_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'done', ?, ?, ?)
 ON CONFLICT (job_id) DO UPDATE SET
     state = 'done', outcome = excluded.outcome, attempts = excluded.attempts,
     batch_id = excluded.batch_id, http_status = excluded.http_status,
     error_code = excluded.error_code, error_msg = excluded.error_msg,
     request_id = excluded.request_id, reason = excluded.reason,
-    last_run = excluded.last_run, updated_at = excluded.updated_at
+    confirmed = excluded.confirmed, last_run = excluded.last_run, updated_at = excluded.updated_at
 WHERE ids.state != 'done'
    OR (? AND ids.outcome = 'failed' AND ids.last_run != excluded.last_run)
 """
@@ -161,6 +165,9 @@ class Admission:
     repeated: list[Candidate]
     done: list[tuple[Candidate, Outcome]]
     resent: int
+    unsure: frozenset[str] = frozenset()
+    """Of ``new``: the ids an earlier run sent and never heard back about (``resent`` of
+    them): their jobs may already be gone by that run's hand."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +257,9 @@ class LedgerView(_Closing):
         self._conn = conn
         self._path = path
         self._counts: dict[str, int] | None = None
+        # A ledger written before deletions could be unconfirmed has no such column: read
+        # read-only, it is not added, and every deletion in it was confirmed.
+        self._confirmed = "confirmed" if _has_confirmed(conn) else "NULL"
 
     @property
     def path(self) -> Path:
@@ -260,7 +270,8 @@ class LedgerView(_Closing):
             return dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
 
     def counts(self) -> dict[str, int]:
-        """Ids per terminal outcome, ``open`` (read or sent, no outcome), ``rejected_lines``.
+        """Ids per terminal outcome, ``open`` (read or sent, no outcome), ``rejected_lines``,
+        ``unconfirmed`` (of the deleted, those whose record the API never returned).
 
         A full scan: call it at the end of a run or for a report, not per chunk."""
         counts = {outcome.value: 0 for outcome in Outcome}
@@ -270,10 +281,12 @@ class LedgerView(_Closing):
                 "SELECT state = 'done', outcome, count(*) FROM ids GROUP BY 1, 2"
             ).fetchall()
             (rejected,) = self._conn.execute("SELECT count(*) FROM rejected").fetchone()
+            (unconfirmed,) = self._conn.execute(_UNCONFIRMED.format(self._confirmed)).fetchone()
         for terminal, outcome, count in rows:
             key = outcome if terminal else "open"
             counts[key] = counts.get(key, 0) + count
         counts["rejected_lines"] = rejected
+        counts["unconfirmed"] = unconfirmed  # of the deleted: known only by their absence
         self._counts = counts
         return dict(counts)
 
@@ -288,8 +301,9 @@ class LedgerView(_Closing):
         """Every terminal outcome: the ids, then the rejected input lines (outcome
         ``rejected``, ``job_id`` the escaped line text, ``line`` and ``reason`` set). With
         ``run_no``, only those of the ids and lines that run read."""
-        for row in self._stream(_RESULTS, (run_no,)):
-            job_id, outcome, attempts, batch_id, status, code, msg, request_id, reason = row
+        query = _RESULTS.format(confirmed=self._confirmed)
+        for row in self._stream(query, (run_no,)):
+            job_id, outcome, attempts, batch_id, status, code, msg, request_id, reason = row[:9]
             yield Result(
                 job_id=job_id,
                 outcome=Outcome(outcome),
@@ -300,6 +314,7 @@ class LedgerView(_Closing):
                 error_msg=msg,
                 request_id=request_id,
                 reason=reason,
+                confirmed=row[9] != 0,  # NULL (not a deletion, or an older ledger) or 1
             )
         for rejected in self.rejected(run_no=run_no):
             yield Result(
@@ -511,7 +526,7 @@ class Ledger(LedgerView):
         new: list[Candidate] = []
         repeated: list[Candidate] = []
         done: list[tuple[Candidate, Outcome]] = []
-        resent = 0
+        unsure: list[str] = []
         unique = list(dict.fromkeys(c.job_id for c in candidates))
         with self._transaction() as conn:
             existing = {row[0]: row[1:] for row in conn.execute(_LOOKUP, (orjson.dumps(unique),))}
@@ -540,7 +555,8 @@ class Ledger(LedgerView):
                 ):
                     new.append(candidate)
                     reopen.append(job_id)
-                    resent += state == "sent"
+                    if state == "sent":
+                        unsure.append(job_id)
                 else:
                     done.append((candidate, Outcome(outcome)))
                     touch.append(job_id)
@@ -552,7 +568,9 @@ class Ledger(LedgerView):
             if touch:  # so a second copy later in this run counts as repeated, not done
                 conn.execute(_TOUCH, (run, orjson.dumps(touch)))
         self._admitted += len(new)
-        return Admission(new=new, repeated=repeated, done=done, resent=resent)
+        return Admission(
+            new=new, repeated=repeated, done=done, resent=len(unsure), unsure=frozenset(unsure)
+        )
 
     def run_results(self) -> Iterator[Result]:
         """The terminal outcome of every id and invalid line this run read, whichever run
@@ -816,6 +834,8 @@ def _prepare(
             conn.execute(statement)
         stored = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         _check_meta(path, stored, wanted)
+        if not _has_confirmed(conn):  # a ledger from before unconfirmed deletions
+            conn.execute("ALTER TABLE ids ADD COLUMN confirmed INTEGER")
         conn.executemany(
             "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
             [*wanted.items(), ("created_at", repr(clock()))],
@@ -837,6 +857,10 @@ def _prepare(
     return int(run_no)
 
 
+def _has_confirmed(conn: sqlite3.Connection) -> bool:
+    return any(row[1] == "confirmed" for row in conn.execute("PRAGMA table_info(ids)"))
+
+
 def _outcome_rows(results: Sequence[Result]) -> bytes:
     """The results as one JSON array of rows, the parameter of :data:`_SETTLE`."""
     rows = [
@@ -850,6 +874,7 @@ def _outcome_rows(results: Sequence[Result]) -> bytes:
             r.error_msg,
             r.request_id,
             r.reason,
+            None if r.outcome is not Outcome.DELETED else int(r.confirmed),
         ]
         for r in results
     ]

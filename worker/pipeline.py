@@ -138,6 +138,9 @@ class Pipeline:
         self._chunk_size = chunk_size
         self.state = state if state is not None else RunState()
         self._working = working if working is not None else Working()
+        # Ids an earlier run sent without hearing back, until their batch is cut: a few
+        # batches' worth per run that died, never the input.
+        self._unsure: set[str] = set()
 
     def __repr__(self) -> str:
         return (
@@ -205,7 +208,7 @@ class Pipeline:
         if not self.state.stopping:
             last = self._batcher.flush()
             if last is not None:
-                await send.send(last)
+                await send.send(self._doubted(last))
 
     async def _admit(self, chunk: list[Entry], send: MemoryObjectSendStream[Batch]) -> None:
         self._tally.read += len(chunk)
@@ -221,8 +224,19 @@ class Pipeline:
                 outcome is Outcome.FAILED for _, outcome in admission.done
             )
             self._tally.resent += admission.resent
+            self._unsure |= admission.unsure
             for batch in self._batcher.extend(c.job_id for c in admission.new):
-                await send.send(batch)
+                await send.send(self._doubted(batch))
+
+    def _doubted(self, batch: Batch) -> Batch:
+        """The batch, naming its ids an earlier run may have deleted unseen."""
+        if not self._unsure:
+            return batch
+        unsure = self._unsure.intersection(batch.ids)
+        if not unsure:
+            return batch
+        self._unsure -= unsure
+        return Batch(batch.batch_id, batch.ids, frozenset(unsure))
 
     async def _dispatch(self, receive: MemoryObjectReceiveStream[Batch]) -> None:
         async with receive:

@@ -9,8 +9,8 @@ million ids makes three million of them. Nothing assigns to them after they are 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Container, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -54,10 +54,17 @@ class Rejection:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """Ids to delete in one call. ``batch_id`` names it in events and the ledger."""
+    """Ids to delete in one call. ``batch_id`` names it in events and the ledger.
+
+    ``unsure``: ids an earlier run on the ledger sent without hearing the answer (it died
+    with them in flight), so the job may be gone by our own hand. ``known``: records of
+    its jobs already read (a protection or plan look-up), for a deletion whose answer is
+    lost to still say what was deleted."""
 
     batch_id: str
     ids: tuple[str, ...]
+    unsure: frozenset[str] = frozenset()
+    known: Mapping[str, JobRecord] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -235,6 +242,9 @@ class Result:
     reason: str | None = None
     line: int | None = None
     record: JobRecord | None = None
+    confirmed: bool = True
+    """For ``deleted``: False when the API never returned the job's record (the answer to
+    the DELETE that removed it was lost), so the deletion is known only by its absence."""
 
     def results_row(self) -> dict[str, Any]:
         """One line of ``--results``: :meth:`row`, and a rejected line's number."""
@@ -255,4 +265,43 @@ class Result:
             "error_msg": self.error_msg,
             "request_id": self.request_id,
             "reason": self.reason,
+            "confirmed": self.confirmed if self.outcome is Outcome.DELETED else None,
         }
+
+
+ANSWER_LOST = "answer_lost"
+"""The ``reason`` of a deletion known only by the job's absence (``confirmed`` false)."""
+
+
+def gone(
+    job_id: str,
+    *,
+    unsure: Container[str],
+    known: Mapping[str, JobRecord],
+    batch_id: str | None,
+    attempts: int,
+    http_status: int | None = 404,
+    request_id: str | None = None,
+    error_code: str | None = None,
+    error_msg: str | None = None,
+    reason: str | None = None,
+) -> Result:
+    """The outcome of a job found gone. ``deleted`` (unconfirmed) when it was ``unsure``:
+    sent in an attempt whose answer never arrived whole, here or in a run that died, so
+    the likeliest hand that removed it is ours; ``absent`` otherwise. An unconfirmed
+    deletion carries the record when one was read before (``known``), not the 404 that
+    found it gone: it is not an error."""
+    ours = job_id in unsure
+    return Result(
+        job_id=job_id,
+        outcome=Outcome.DELETED if ours else Outcome.ABSENT,
+        attempts=attempts,
+        batch_id=batch_id,
+        http_status=http_status,
+        error_code=None if ours else error_code,
+        error_msg=None if ours else error_msg,
+        request_id=request_id,
+        reason=ANSWER_LOST if ours else reason,
+        record=known.get(job_id) if ours else None,
+        confirmed=not ours,
+    )

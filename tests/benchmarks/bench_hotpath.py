@@ -28,14 +28,14 @@ from worker import logsetup
 from worker.api.answers import Answer, Call, parse_deleted
 from worker.batcher import DeletionBudget
 from worker.clock import MonotonicClock
-from worker.dispatcher import Dispatcher
+from worker.dispatcher import Dispatcher, Doubt
 from worker.ledger import TemporaryLedger
 from worker.outcomes.events import EventLog
 from worker.outcomes.journal import LedgerPort, RunJournal, Tally
 from worker.pacing.bucket import UnlimitedRateLimiter
 from worker.pacing.retry import RetryPolicy
 from worker.simulator.jobs import JobStore
-from worker.types import Result
+from worker.types import Batch, Result
 
 pytestmark = pytest.mark.benchmark
 
@@ -98,7 +98,7 @@ def _measure(tmp_path: Path) -> None:
     )  # fmt: skip
 
     def make_outcomes() -> None:  # what the dispatcher does with a 200 (all ids returned)
-        drive(dispatcher._settle("b-000001", ids, 1, parsed))
+        drive(dispatcher._settle("b-000001", ids, 1, parsed, Doubt(Batch("b", ()))))
 
     make_outcomes()
     results = kept.results

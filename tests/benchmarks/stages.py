@@ -26,7 +26,7 @@ from worker import logsetup
 from worker.api.answers import Answer, Call, parse_deleted
 from worker.batcher import Batcher, DeletionBudget
 from worker.clock import MonotonicClock
-from worker.dispatcher import Dispatcher
+from worker.dispatcher import Dispatcher, Doubt
 from worker.input.sources import read_entries
 from worker.ledger import TemporaryLedger
 from worker.outcomes.events import EventLog
@@ -35,7 +35,7 @@ from worker.pacing.bucket import UnlimitedRateLimiter
 from worker.pacing.retry import RetryPolicy
 from worker.pipeline import _next_chunk
 from worker.simulator.jobs import JobStore
-from worker.types import Candidate, DeleteResult, JobRecord, Result
+from worker.types import Batch, Candidate, DeleteResult, JobRecord, Result
 
 IDS = 10_000
 BATCH = 50
@@ -101,10 +101,11 @@ def settle(rounds: int, events: EventLog) -> None:
                 journal=journal, clock=MonotonicClock(), budget=DeletionBudget(None),
                 max_attempts=5,
             )  # fmt: skip
+            doubt = Doubt(Batch("b", ()))  # no id of these batches is in doubt
             for number, (answer, batch) in enumerate(zip(answers, batches, strict=True)):
                 journal.dispatching(batch)
                 parsed = parse_deleted(answer, call)
-                drive(dispatcher._settle(f"b-{number:06d}", batch, 1, parsed))
+                drive(dispatcher._settle(f"b-{number:06d}", batch, 1, parsed, doubt))
             assert journal.unsettled == 0
 
 

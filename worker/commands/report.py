@@ -156,6 +156,12 @@ def summary(*ledgers: LedgerView) -> str:
     lines += [f"  {outcome:<10}{count:>12}" for outcome, count in per_outcome.items()]
     total = sum(per_outcome.values())
     lines += [f"  {'total':<10}{total:>12}", ""]
+    if counts["unconfirmed"]:
+        lines += [
+            f"of the deleted, unconfirmed: {counts['unconfirmed']} (gone after a call whose "
+            "answer was lost; the API never returned their records)",
+            "",
+        ]
     lines.append(f"open (read or sent, no outcome yet): {counts['open']}")
     lines += [f"  {job_id}  {state}" for job_id, state in _first(ledgers, "open_ids", OPEN_SHOWN)]
     if counts["open"] > OPEN_SHOWN:

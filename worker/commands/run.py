@@ -499,6 +499,7 @@ def _summarise(
     counts = tally.counts()
     fields: dict[str, Any] = dict(counts)
     fields.update(
+        unconfirmed=tally.unconfirmed,  # of the deleted: gone, the API's answer lost
         open=open_ids(tally),
         repeated=tally.repeated,
         already_done=tally.already_done,
@@ -523,8 +524,8 @@ def _summarise(
 
 def _summary_text(fields: dict[str, Any]) -> str:
     lines = ["", "devserver-reaper run summary"]
-    for key in ("deleted", "absent", "failed", "rejected", "skipped", "open", "repeated",
-                "already_done", "already_failed", "retries"):  # fmt: skip
+    for key in ("deleted", "unconfirmed", "absent", "failed", "rejected", "skipped", "open",
+                "repeated", "already_done", "already_failed", "retries"):  # fmt: skip
         if fields.get(key):
             lines.append(f"  {key:<13}{fields[key]:>12,}")
     lines.append(f"  {'duration':<13}{fields['duration_s']:>11.1f}s")

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Protocol
 from worker.discovery.filters import Filters
 from worker.errors import ClientError, ConfigError
 from worker.pacing.paced import PacedReader, Stopped
-from worker.types import JOB_ID_RE, Batch, JobRecord, Outcome, Result
+from worker.types import JOB_ID_RE, Batch, JobRecord, Outcome, Result, gone
 
 if TYPE_CHECKING:
     from worker.discovery.plan import Plan
@@ -302,17 +302,21 @@ class Guard:
         if ended:
             await self._outcomes.finished(ended)
             ended = []
+        known: dict[str, JobRecord] = {}
         if remaining and self.needs_record and self._reader is not None:
-            remaining, ended = await self._check_records(batch, remaining)
+            remaining, ended = await self._check_records(batch, remaining, known)
             if ended:
                 await self._outcomes.finished(ended)
         self.counts.passed += len(remaining)
         if remaining:
-            await self._inner.process(Batch(batch.batch_id, tuple(remaining)))
+            passed = tuple(remaining)
+            unsure = batch.unsure.intersection(passed)
+            await self._inner.process(Batch(batch.batch_id, passed, unsure, known))
 
     async def _check_records(
-        self, batch: Batch, ids: Sequence[str]
+        self, batch: Batch, ids: Sequence[str], known: dict[str, JobRecord]
     ) -> tuple[list[str], list[Result]]:
+        """Read each job; those that pass go on, their records kept in ``known``."""
         assert self._reader is not None
         passed: list[str] = []
         ended: list[Result] = []
@@ -325,9 +329,10 @@ class Guard:
             except ClientError as exc:
                 ended.append(_unverified(job_id, batch, exc))
                 continue
-            if record is None:
-                ended.append(Result(job_id=job_id, outcome=Outcome.ABSENT, batch_id=batch.batch_id,
-                                    http_status=404, reason="gone before delete"))  # fmt: skip
+            if record is None:  # gone: by an earlier run's hand, if it sent it unanswered
+                ended.append(gone(job_id, unsure=batch.unsure, known={}, attempts=0,
+                                  batch_id=batch.batch_id,
+                                  reason="gone before delete"))  # fmt: skip
                 continue
             why = self._protection.reason(record)
             if why is not None:
@@ -339,6 +344,7 @@ class Guard:
                     ended.append(self._skip(job_id, batch, "plan_mismatch", mismatch))
                     continue
             passed.append(job_id)
+            known[job_id] = record
         return passed, ended
 
     def _skip(self, job_id: str, batch: Batch, reason: str, detail: str | None) -> Result:

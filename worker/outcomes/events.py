@@ -28,13 +28,15 @@ def result_event(result: Result) -> tuple[str, int, dict[str, Any]]:
     """``(event, level, fields)`` of one terminal outcome."""
     outcome = result.outcome
     if outcome is Outcome.DELETED:
-        record = result.record
+        record, confirmed = result.record, result.confirmed
         if record is None:
             return "job.deleted", _INFO, {
                 "job_id": result.job_id, "batch_id": result.batch_id,
-                "request_id": result.request_id,
+                "request_id": result.request_id, "confirmed": confirmed,
             }  # fmt: skip
-        fields = record.event_fields(batch_id=result.batch_id, request_id=result.request_id)
+        fields = record.event_fields(
+            batch_id=result.batch_id, request_id=result.request_id, confirmed=confirmed
+        )
         return "job.deleted", _INFO, fields
     if outcome is Outcome.ABSENT:
         return "job.absent", _INFO, {"job_id": result.job_id, "batch_id": result.batch_id}
@@ -160,7 +162,7 @@ _ADDED = frozenset({"event", "level", "timestamp"})
 EVENT_FIELDS = frozenset({
     "job_id", "name", "user_name", "description", "type", "status", "abnormal_count",
     "create_at", "update_at", "batch_id", "request_id", "http_status", "error_code",
-    "error_msg", "attempts", "reason", "line",
+    "error_msg", "attempts", "reason", "line", "confirmed",
 })  # fmt: skip
 """Every field :func:`result_event` and :func:`rejection_event` can write: a context that
 binds none of them (and none of event, level, timestamp) cannot be shadowed by an event."""

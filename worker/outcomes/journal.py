@@ -35,6 +35,8 @@ class AdmissionLike(Protocol):
     def done(self) -> list[tuple[Candidate, Outcome]]: ...
     @property
     def resent(self) -> int: ...
+    @property
+    def unsure(self) -> frozenset[str]: ...
 
 
 class SeenLike(Protocol):
@@ -110,6 +112,7 @@ class Tally:
     already_failed: int = 0  # of already_done: ids an earlier run left failed
     resent: int = 0
     retries: int = 0
+    unconfirmed: int = 0  # of outcomes["deleted"]: known gone, the API's answer lost
 
     @property
     def finished(self) -> int:
@@ -270,6 +273,7 @@ class RunJournal:
         outcomes, skipped = self._tally.outcomes, Outcome.SKIPPED
         if not results:
             return
+        self._tally.unconfirmed += sum(not result.confirmed for result in results)
         first = results[0].outcome
         if first is not skipped and all(result.outcome is first for result in results):
             outcomes[first.value] += len(results)  # a batch's usual report: one outcome

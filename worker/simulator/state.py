@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from worker.simulator.config import FAULT_KINDS, SimulatorConfig
+from worker.simulator.config import FAULT_KINDS, FaultConfig, SimulatorConfig
 from worker.simulator.faults import FaultPlan
 from worker.simulator.jobs import JobStore
 from worker.simulator.quota import TokenBucket
@@ -132,6 +132,11 @@ class Simulator:
             self.config, quota=quota, burst=self.config.burst if burst is None else burst
         )
         self.bucket = TokenBucket(self.config.quota, self.config.burst, self.clock())
+
+    def set_faults(self, faults: FaultConfig) -> None:
+        """Change the faults and latency at once (a fresh draw, from the same seed)."""
+        self.config = replace(self.config, faults=faults)
+        self.faults = FaultPlan(faults, self.config.seed)
 
     def set_status(self, job_id: str, status: str) -> None:
         self.store.set_status(job_id, status)

@@ -1,0 +1,97 @@
+"""What the audit trail says is what happened, whatever failed around the run: the real
+command in a subprocess, against the simulator over loopback HTTP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.e2e import reaper, reaper_env, results, start_reaper, write_ids
+from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
+from worker.simulator.config import FAULT_KINDS
+
+pytestmark = pytest.mark.anyio
+
+
+def fast(src: Path, *more: str) -> list[str]:
+    return ["run", "-i", str(src), "--yes", "--batch-size", "10", "--concurrency", "4",
+            "--rate", "2000", "--burst", "50", "--max-attempts", "30", *more]  # fmt: skip
+
+
+fault_mixes = st.tuples(*(st.sampled_from([0.0, 0.05, 0.1]) for _ in FAULT_KINDS)).map(
+    lambda shares: FaultConfig(**dict(zip(FAULT_KINDS, shares, strict=True)))
+)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(faults=fault_mixes, seed=st.integers(min_value=0, max_value=2**16))
+async def test_the_summary_counts_as_deleted_exactly_what_the_api_deleted(
+    tmp_path_factory: pytest.TempPathFactory, faults: FaultConfig, seed: int
+) -> None:
+    """Under a random fault script (500s and resets after the delete was applied, bodies
+    cut short, ...), ``deleted`` in the summary, the results file and the ``job.deleted``
+    events is the simulator's deleted set: a job whose answer was lost is ``deleted`` with
+    ``confirmed`` false, never ``absent``."""
+    tmp = tmp_path_factory.mktemp("faults")
+    async with run_simulator(SimulatorConfig(jobs=300, seed=seed, faults=faults)) as sim:
+        src = write_ids(tmp / "ids.txt", sim.job_ids())
+        out = tmp / "results.jsonl"
+        done = await reaper(fast(src, "--results", str(out)), reaper_env(sim.url))
+        assert done.code == 0, done.stderr
+        summary = done.summary()
+        rows = results(out)
+        deleted = {row["job_id"] for row in rows if row["outcome"] == "deleted"}
+        unconfirmed = {row["job_id"] for row in rows if row["confirmed"] is False}
+        assert summary["deleted"] == len(sim.deleted) == len(deleted)
+        assert deleted == sim.deleted
+        assert summary["absent"] == 0
+        assert summary["unconfirmed"] == len(unconfirmed)
+        events = done.events("job.deleted")
+        assert {e["job_id"] for e in events} == sim.deleted
+        assert {e["job_id"] for e in events if e["confirmed"] is False} == unconfirmed
+        if faults.error_after or faults.reset_after or faults.truncated:
+            applied_unseen = sum(sim.stats.faults[kind] for kind in
+                                 ("error_after", "reset_after", "truncated"))  # fmt: skip
+            assert bool(unconfirmed) == bool(applied_unseen)
+
+
+async def test_ids_in_flight_when_a_run_was_killed_end_deleted_unconfirmed_on_resume(
+    tmp_path: Path,
+) -> None:
+    """kill -9 while the simulator holds the answers of DELETEs it has applied; the run
+    resumed on the ledger finds those jobs gone and calls them deleted (unconfirmed), and
+    the ledger's report counts every deletion."""
+    faults = FaultConfig(latency_ms=3000.0, latency_jitter=False)
+    async with run_simulator(SimulatorConfig(jobs=60, seed=3, faults=faults)) as sim:
+        real = sim.job_ids()
+        src = write_ids(tmp_path / "ids.txt", [*real, "ghost-1"])
+        ledger = tmp_path / "ledger.db"
+        env = reaper_env(sim.url)
+        process = await start_reaper(fast(src, "--ledger", str(ledger)), env)
+        async with process:
+            with anyio.fail_after(30):
+                while len(sim.deleted) < 20:  # two batches applied, their answers held
+                    await anyio.sleep(0.01)
+            process.kill()
+            await process.wait()
+        in_flight = set(sim.deleted)
+        sim.set_faults(FaultConfig())  # the answers without the held latency, for the resume
+        out = tmp_path / "results.jsonl"
+        done = await reaper(fast(src, "--ledger", str(ledger), "--results", str(out)), env)
+        assert done.code == 0, done.stderr
+        by_id = {row["job_id"]: row for row in results(out)}
+        assert {i for i, row in by_id.items() if row["confirmed"] is False} == in_flight
+        assert {i for i, row in by_id.items() if row["outcome"] == "deleted"} == set(real)
+        assert by_id["ghost-1"]["outcome"] == "absent"
+        assert sim.deleted == set(real)
+        assert done.summary()["unconfirmed"] == len(in_flight)
+        report = await reaper(["report", "--ledger", str(ledger)], env)
+        assert f"of the deleted, unconfirmed: {len(in_flight)}" in report.stdout
+        export = await reaper(["report", "--ledger", str(ledger), "--format", "jsonl"], env)
+        exported = [orjson.loads(line) for line in export.stdout.splitlines()]
+        assert sum(row["confirmed"] is False for row in exported) == len(in_flight)
