@@ -510,6 +510,39 @@ async def test_a_404_from_the_gateway_is_no_such_api_not_a_missing_job(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    "body",
+    [b"<html><body>404 Not Found</body></html>", b"", b'{"code": "Common.0404", "message": "x"}'],
+)
+async def test_a_404_with_no_modelarts_error_is_no_such_api_on_delete_and_list(
+    fake: FakeApi, client: ApiClient, body: bytes
+) -> None:
+    """A proxy's page, an empty body, another service's code: a 404 that no ModelArts
+    error explains says nothing about the jobs, whichever call gets it."""
+    fake.then(reply(404, raw=body), reply(404, raw=body))
+    with pytest.raises(NoSuchApi) as caught:
+        await client.delete_jobs(["job-1"])
+    assert "check the endpoint" in str(caught.value)
+    with pytest.raises(NoSuchApi):
+        await client.list_jobs(id="job-1")
+
+
+@pytest.mark.anyio
+async def test_a_bare_404_on_the_show_call_means_absent_only_once_the_api_has_answered(
+    fake: FakeApi, client: ApiClient
+) -> None:
+    """Before any 2xx, a bare 404 to the show call may be a wrong endpoint's page; after
+    one, the path is the API's and the 404 is about the job."""
+    page = b"<html>Not Found</html>"
+    fake.then(reply(404, raw=page), reply(200, envelope()), reply(404, raw=page))
+    with pytest.raises(NoSuchApi):
+        await client.get_job("job-1")
+    await client.list_jobs(id="job-1")
+    with pytest.raises(NotFound):
+        await client.get_job("job-1")
+
+
+@pytest.mark.anyio
 async def test_endpoint_with_a_path_prefix_and_trailing_slash_is_honoured(fake: FakeApi) -> None:
     async with make_session(concurrency=1, connect_timeout=2, read_timeout=2) as session:
         client = ApiClient(

@@ -95,3 +95,26 @@ async def test_ids_in_flight_when_a_run_was_killed_end_deleted_unconfirmed_on_re
         export = await reaper(["report", "--ledger", str(ledger), "--format", "jsonl"], env)
         exported = [orjson.loads(line) for line in export.stdout.splitlines()]
         assert sum(row["confirmed"] is False for row in exported) == len(in_flight)
+
+
+async def test_a_bare_404_from_a_wrong_endpoint_path_stops_78_with_every_id_open(
+    tmp_path: Path,
+) -> None:
+    """``--endpoint`` with a path prefix the server does not know, answered by a web
+    server's HTML 404 with no error code: no id is ``absent``, the run stops 78 with every
+    id open in the ledger, and ``check`` on the same endpoint says why (78 too)."""
+    async with run_simulator(SimulatorConfig(jobs=30, unknown_path="html")) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        ledger = tmp_path / "ledger.db"
+        env = reaper_env(sim.url + "/modelarts")
+        done = await reaper(fast(src, "--ledger", str(ledger)), env)
+        assert done.code == 78, done.stderr
+        summary = done.summary()
+        assert (summary["absent"], summary["deleted"], summary["open"]) == (0, 0, 30)
+        assert not done.events("job.absent")
+        assert "not an answer of the ModelArts API" in summary["error"]
+        report = await reaper(["report", "--ledger", str(ledger)], env)
+        assert "open (read or sent, no outcome yet): 30" in report.stdout
+        check = await reaper(["check"], env)
+        assert check.code == 78 and "NO SUCH API" in check.stdout
+        assert sim.deleted == set()

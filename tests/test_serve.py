@@ -275,11 +275,12 @@ class Running:
 
 @asynccontextmanager
 async def running(
-    prefix: str, sim_config: SimulatorConfig, **overrides: Any
+    prefix: str, sim_config: SimulatorConfig, *, path: str = "", **overrides: Any
 ) -> AsyncIterator[Running]:
+    """``path``: appended to the simulator's URL in the endpoint (a prefix it does not know)."""
     async with run_simulator(sim_config) as sim:
         values: dict[str, Any] = {
-            "endpoint": sim.url,
+            "endpoint": sim.url + path,
             "project_id": sim.config.project_id,
             "ak": sim.config.ak,
             "sk": sim.config.sk,
@@ -389,6 +390,25 @@ async def test_a_project_the_gateway_does_not_know_pauses_it_unready_with_entrie
     """The gateway's 404 (a wrong project id) is no answer about any job: nothing is
     settled "absent", the entries stay pending, and the service pauses, unready."""
     async with running(redis_prefix, SimulatorConfig(jobs=5), project_id="other-project") as svc:
+        await svc.enqueue(svc.sim.job_ids())
+        await svc.until(lambda: _true(bool(svc.events("serve.paused"))))
+        async with aiohttp.ClientSession() as http, http.get(svc.url("/readyz")) as response:
+            assert response.status == 503
+        assert await svc.pending() == 5
+        assert svc.events("serve.paused")[0]["reason"] == "NoSuchApi"
+        outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
+    assert outcomes == [] and not svc.events("job.absent")
+    assert svc.sim.deleted == set()
+
+
+@pytest.mark.anyio
+async def test_a_bare_404_from_a_wrong_endpoint_path_pauses_it_unready_with_entries_pending(
+    redis_prefix: str,
+) -> None:
+    """A web server's HTML 404 for a path prefix it does not know carries no error code:
+    it is no answer about any job either. Nothing is acknowledged as absent."""
+    config = SimulatorConfig(jobs=5, unknown_path="html")
+    async with running(redis_prefix, config, path="/modelarts") as svc:
         await svc.enqueue(svc.sim.job_ids())
         await svc.until(lambda: _true(bool(svc.events("serve.paused"))))
         async with aiohttp.ClientSession() as http, http.get(svc.url("/readyz")) as response:

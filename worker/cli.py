@@ -274,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--max-batch", type=int, default=1000, help="largest job_ids list accepted")
     sim.add_argument("--latency-ms", type=float, default=0, help="mean latency per call")
     sim.add_argument("--fault-rate", type=float, default=0, help="share of calls that fail")
+    sim.add_argument(
+        "--unknown-path", choices=("gateway", "html"), default="gateway",
+        help="answer to a path that is not the API: the gateway's JSON 404, or a bare HTML 404",
+    )  # fmt: skip
     sim.add_argument("--ids-file", help="write the created job ids here, one per line")
 
     demo = command("demo", "a complete tour against the built-in simulator; no account needed")

@@ -37,6 +37,7 @@ from worker.types import DeleteResult, JobRecord
 
 _ERROR_TEXT_LIMIT = 200
 _GATEWAY = "APIGW."  # the API gateway's own codes: its 404 is "no such API", not "no such job"
+_SERVICE = "ModelArts."  # the service's codes: its 404 is about a job
 _SECONDS_RE = re.compile(r"\d+(?:\.\d+)?")
 _UNPRINTABLE_RE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]+")
 _ERROR_KEYS = (("error_code", "error_msg"), ("errorCode", "errorMsg"), ("code", "message"))
@@ -133,8 +134,15 @@ def raise_transport(
     raise error_type(message, http_status=status, error_msg=detail, request_id=request_id) from None
 
 
-def raise_for_status(answer: Answer, call: Call, utcnow: Callable[[], datetime]) -> None:
-    """Raise the error an HTTP status means; return quietly on 2xx."""
+def raise_for_status(
+    answer: Answer, call: Call, utcnow: Callable[[], datetime], *, names_job: bool = False
+) -> None:
+    """Raise the error an HTTP status means; return quietly on 2xx.
+
+    A 404 is ``NotFound`` (no such job) only when its body carries a ModelArts error, or
+    ``names_job``: the call is the show call of one job, to an API that has answered this
+    client before. Any other 404 (the gateway's ``APIGW.*``, a proxy's HTML page, a path
+    prefix the server does not know) says nothing about any job: ``NoSuchApi``."""
     status = answer.status
     if 200 <= status < 300:
         return
@@ -157,9 +165,15 @@ def raise_for_status(answer: Answer, call: Call, utcnow: Callable[[], datetime])
     if status in (401, 403):
         raise AuthError(message, **fields)
     if status == 404:
-        if error_code is not None and error_code.startswith(_GATEWAY):
-            raise NoSuchApi(message, **fields)
-        raise NotFound(message, **fields)
+        code = error_code or ""
+        if code.startswith(_SERVICE) or (names_job and not code.startswith(_GATEWAY)):
+            raise NotFound(message, **fields)
+        if not code.startswith(_GATEWAY):
+            message += (
+                ": not an answer of the ModelArts API (no ModelArts error code); check the "
+                "endpoint, its path and the project id"
+            )
+        raise NoSuchApi(message, **fields)
     # Other 4xx, and 1xx/3xx that should never reach us (redirects are not followed: they
     # would replay a signed request elsewhere).
     raise ClientError(message, **fields)

@@ -107,6 +107,7 @@ class ApiClient:
         self._credentials = credentials
         self._utcnow = utcnow
         self._outcomes: Counter[str] = Counter()
+        self._answered = False  # has the API answered a call with a 2xx yet?
 
     @property
     def calls(self) -> int:
@@ -140,9 +141,12 @@ class ApiClient:
         return await self._request("GET", self._jobs_path(), tuple(filters.items()), parse_page)
 
     async def get_job(self, job_id: str) -> JobRecord:
-        """Show one job; :class:`~worker.errors.NotFound` when it does not exist."""
+        """Show one job; :class:`~worker.errors.NotFound` when it does not exist.
+
+        A 404 without a ModelArts error code means that too, but only once the API has
+        answered this client: before, it may be a proxy's page for a wrong endpoint path."""
         path = f"{self._jobs_path()}/{quote(job_id, safe='')}"
-        return await self._request("GET", path, (), parse_shown)
+        return await self._request("GET", path, (), parse_shown, names_job=self._answered)
 
     async def probe(self) -> ProbeResult:
         """One signed read-only call, for ``check``: proves the keys and measures clock skew.
@@ -178,6 +182,8 @@ class ApiClient:
         query: Sequence[tuple[str, QueryValue]],
         parse: Callable[[Answer, Call], _T],
         body: bytes = b"",
+        *,
+        names_job: bool = False,
     ) -> _T:
         """One attempt: sign afresh, send, read to the end, classify, parse.
 
@@ -187,12 +193,13 @@ class ApiClient:
         call = Call(method=method, path=path, secrets=secrets_of(credentials))
         try:
             answer = await self._send(method, path, query, body, credentials, call)
-            raise_for_status(answer, call, self._utcnow)
+            raise_for_status(answer, call, self._utcnow, names_job=names_job)
             result = parse(answer, call)
         except ApiError as exc:
             self._outcomes[type(exc).__name__] += 1
             raise
         self._outcomes["ok"] += 1
+        self._answered = True
         return result
 
     async def _send(

@@ -29,6 +29,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         retry_after=args.retry_after,
         max_batch=args.max_batch,
         faults=FaultConfig.spread(args.fault_rate, latency_ms=args.latency_ms),
+        unknown_path=args.unknown_path,
     )
 
 

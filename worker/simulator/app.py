@@ -366,6 +366,9 @@ class _Api:
         )
 
 
+_NOT_FOUND_PAGE = "<html><head><title>404 Not Found</title></head><body>Not Found</body></html>"
+
+
 def _no_such_api(sim: Simulator) -> web.Response:
     msg = "The API does not exist or has not been published in the environment"
     return _error(sim, 404, NO_SUCH_API, msg)
@@ -454,6 +457,8 @@ def build_app(sim: Simulator) -> web.Application:
     control = _Control(sim)
 
     async def unknown(request: web.Request) -> web.Response:
+        if sim.config.unknown_path == "html":  # a web server's page: no error code at all
+            return web.Response(status=404, text=_NOT_FOUND_PAGE, content_type="text/html")
         return _no_such_api(sim)
 
     router = app.router

@@ -14,6 +14,10 @@ from worker.types import PROJECT_ID_RE
 
 RetryAfterMode = Literal["off", "seconds", "date"]
 RETRY_AFTER_MODES: tuple[RetryAfterMode, ...] = ("off", "seconds", "date")
+UnknownPathMode = Literal["gateway", "html"]
+UNKNOWN_PATH_MODES: tuple[UnknownPathMode, ...] = ("gateway", "html")
+"""How a path that is not the API is answered: the API gateway's JSON 404 (``APIGW.0101``),
+or a web server's bare HTML 404 page with no error code (a proxy, a path prefix)."""
 
 # The fault kinds in the order their probabilities are stacked on one uniform draw.
 FAULT_KINDS: tuple[str, ...] = (
@@ -91,6 +95,7 @@ class SimulatorConfig:
     max_batch: int = 1000  # more job_ids than this -> 400 for the whole batch
     faults: FaultConfig = FaultConfig()
     reject_ids: frozenset[str] = frozenset()  # any DELETE naming one -> 400, naming no id
+    unknown_path: UnknownPathMode = "gateway"  # see UNKNOWN_PATH_MODES
     check_signature: bool = True
     max_skew_s: float = 900.0
 
@@ -107,6 +112,8 @@ class SimulatorConfig:
             raise ValueError(f"burst must be >= 1, got {self.burst}")
         if self.retry_after not in RETRY_AFTER_MODES:
             raise ValueError(f"retry_after must be one of {RETRY_AFTER_MODES}")
+        if self.unknown_path not in UNKNOWN_PATH_MODES:
+            raise ValueError(f"unknown_path must be one of {UNKNOWN_PATH_MODES}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if not self.max_skew_s > 0:
