@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import os
+import random
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import orjson
+from aiohttp import web
 from anyio.abc import Process
+
+from tests.fakes import FakeClock
+from worker.api.client import ApiClient, make_session
+from worker.api.credentials import Credentials, StaticCredentials
+from worker.discovery.guard import PacedReader
+from worker.pacing.bucket import UnlimitedRateLimiter
+from worker.pacing.retry import RetryPolicy
 
 SIM_AK = "DEMOAK"
 SIM_SK = "demo-secret-key"
@@ -101,3 +111,43 @@ def write_ids(path: Path, ids: Sequence[str]) -> Path:
 
 def results(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+@asynccontextmanager
+async def paced_reader(
+    url: str, *, clock: FakeClock | None = None, attempts: int = 4
+) -> AsyncIterator[PacedReader]:
+    """Show and list calls to the simulator at ``url``, signed, unpaced, retried on virtual
+    time (``attempts`` per call)."""
+    async with make_session(concurrency=2, connect_timeout=2, read_timeout=5) as session:
+        api = ApiClient(
+            session=session,
+            endpoint=url,
+            project_id=SIM_PROJECT,
+            credentials=StaticCredentials(Credentials(ak=SIM_AK, sk=SIM_SK)),
+        )
+        yield PacedReader(
+            api=api,
+            limiter=UnlimitedRateLimiter(),
+            policy=RetryPolicy(max_attempts=attempts, rng=random.Random(1)),
+            clock=clock or FakeClock(),
+        )
+
+
+ListHandler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+@asynccontextmanager
+async def list_endpoint(handler: ListHandler) -> AsyncIterator[str]:
+    """A bare list endpoint (not signed) answered by ``handler``, on a free loopback port."""
+    app = web.Application()
+    app.router.add_get("/v1/{project}/dev-servers/jobs", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import random
 import re
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,16 +16,11 @@ from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.e2e import SIM_AK, SIM_PROJECT, SIM_SK, reaper, reaper_env
-from tests.fakes import FakeClock
-from worker.api.client import ApiClient, make_session
-from worker.api.credentials import Credentials, StaticCredentials
+from tests.e2e import list_endpoint, paced_reader, reaper, reaper_env
 from worker.commands.discover import scan_jobs
 from worker.discovery.filters import Filters, parse_duration, parse_instant
 from worker.discovery.guard import PacedReader
 from worker.errors import ApiUnavailable
-from worker.pacing.bucket import UnlimitedRateLimiter
-from worker.pacing.retry import RetryPolicy
 from worker.simulator import JOBS_EPOCH_MS, Job, SimulatorConfig, run_simulator
 from worker.types import JobRecord
 
@@ -161,21 +155,8 @@ def test_filters_json_with_an_unknown_member_is_refused() -> None:
 # -- paging ----------------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def reader_for(url: str, *, attempts: int = 4) -> AsyncIterator[PacedReader]:
-    async with make_session(concurrency=2, connect_timeout=2, read_timeout=5) as session:
-        api = ApiClient(
-            session=session,
-            endpoint=url,
-            project_id=SIM_PROJECT,
-            credentials=StaticCredentials(Credentials(ak=SIM_AK, sk=SIM_SK)),
-        )
-        yield PacedReader(
-            api=api,
-            limiter=UnlimitedRateLimiter(),
-            policy=RetryPolicy(max_attempts=attempts, rng=random.Random(1)),
-            clock=FakeClock(),
-        )
+def reader_for(url: str, *, attempts: int = 4) -> AbstractAsyncContextManager[PacedReader]:
+    return paced_reader(url, attempts=attempts)
 
 
 @pytest.mark.anyio
@@ -213,17 +194,8 @@ async def scripted_api(answers: list[tuple[int, dict[str, Any]]]) -> AsyncIterat
         status, body = answers[min(len(seen), len(answers)) - 1]
         return web.json_response(body, status=status, headers={"X-Request-Id": f"r{len(seen)}"})
 
-    app = web.Application()
-    app.router.add_get("/v1/{project}/dev-servers/jobs", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with list_endpoint(handler) as url:
+        yield url
 
 
 @pytest.mark.anyio

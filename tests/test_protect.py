@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.e2e import SIM_AK, SIM_PROJECT, SIM_SK, reaper, reaper_env, results, write_ids
-from tests.fakes import FakeClock
-from worker.api.client import ApiClient, make_session
-from worker.api.credentials import Credentials, StaticCredentials
+from tests.e2e import paced_reader, reaper, reaper_env, results, write_ids
 from worker.discovery.filters import Filters
-from worker.discovery.guard import Guard, PacedReader, PlanCheck, Protection, load_protection
+from worker.discovery.guard import Guard, PlanCheck, Protection, load_protection
 from worker.errors import ConfigError
-from worker.pacing.bucket import UnlimitedRateLimiter
-from worker.pacing.retry import RetryPolicy
 from worker.settings import load_settings
 from worker.simulator import SimulatorConfig, run_simulator
 from worker.types import Batch, JobRecord, Outcome, Result
@@ -151,8 +145,9 @@ class Recorder:
         self.batches: list[Batch] = []
         self.results: list[Result] = []
 
-    async def process(self, batch: Batch) -> None:
+    async def delete_checked(self, batch: Batch) -> tuple[str, ...]:
         self.batches.append(batch)
+        return ()
 
     async def finished(self, results: Sequence[Result]) -> None:
         self.results.extend(results)
@@ -166,19 +161,7 @@ class Recorder:
 async def guarded(
     url: str, protection: Protection, plan: PlanCheck | None = None
 ) -> AsyncIterator[tuple[Guard, Recorder]]:
-    async with make_session(concurrency=2, connect_timeout=2, read_timeout=5) as session:
-        api = ApiClient(
-            session=session,
-            endpoint=url,
-            project_id=SIM_PROJECT,
-            credentials=StaticCredentials(Credentials(ak=SIM_AK, sk=SIM_SK)),
-        )
-        reader = PacedReader(
-            api=api,
-            limiter=UnlimitedRateLimiter(),
-            policy=RetryPolicy(max_attempts=3, rng=random.Random(0)),
-            clock=FakeClock(),
-        )
+    async with paced_reader(url) as reader:
         recorder = Recorder()
         guard = Guard(
             inner=recorder, outcomes=recorder, protection=protection, reader=reader, plan=plan

@@ -73,5 +73,14 @@ class DeletionBudget:
     def taken(self) -> int:
         return self._taken
 
+    def give_back(self, count: int) -> None:
+        """``count`` ids taken were not sent after all: they may be taken again."""
+        self._taken -= min(count, self._taken)
+
+    @property
+    def spent(self) -> bool:
+        """Nothing more may be sent: the cap is reached."""
+        return self._limit is not None and self._taken >= self._limit
+
     def __repr__(self) -> str:
         return f"DeletionBudget(limit={self._limit}, taken={self._taken})"

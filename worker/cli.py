@@ -83,6 +83,11 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--protected-types", str, "comma-separated job types never to delete"),
     ("--protected-statuses", str, "comma-separated job statuses never to delete, e.g. PROCESSING"),
     ("--max-fraction", float, "refuse a plan selecting more than this share (0-1] of the jobs"),
+    (
+        "--recheck-max-age",
+        float,
+        "seconds a job's re-check (plan, protection) holds before its DELETE (default 60)",
+    ),
     ("--redis-url", str, "Redis for serve/enqueue (default redis://127.0.0.1:6379/0)"),
     ("--stream", str, "Redis Stream of ids (default devserver-reaper:ids)"),
     ("--group", str, "consumer group (default devserver-reaper)"),
@@ -105,7 +110,7 @@ _QUEUE = ("--redis-url", "--stream", "--group", "--consumer", "--max-deliveries"
           "--reclaim-after", "--http-port")  # fmt: skip
 _LOG = ("--log-format", "--log-level")
 _PROTECT = ("--protect", "--protect-file", "--protected-types", "--protected-statuses",
-            "--max-fraction")  # fmt: skip
+            "--max-fraction", "--recheck-max-age")  # fmt: skip
 COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "run": _API + _DISPATCH + ("--deadline", "--ledger", "--shard") + _PROTECT + _LOG,
     "discover": (
@@ -114,10 +119,10 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
         "--burst",
         "--max-attempts",
         "--max-retry-after",
-        *_PROTECT,
+        *_PROTECT[:-1],
         *_LOG,
     ),
-    "serve": _API + _DISPATCH + _QUEUE + _PROTECT[:-1] + _LOG,
+    "serve": _API + _DISPATCH + _QUEUE + tuple(f for f in _PROTECT if f != "--max-fraction") + _LOG,
     "enqueue": ("--redis-url", "--stream", *_LOG),
     "check": _API + _LOG,
     "demo": ("--batch-size", "--concurrency", "--rate", "--burst", "--log-format", "--log-level"),

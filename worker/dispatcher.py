@@ -76,16 +76,25 @@ def _failed(job_id: str, batch_id: str, attempts: int, error: ApiError) -> Resul
     )
 
 
+class _StaleCheck(Exception):
+    """Raised before an attempt goes out: the guard's check of its ids is too old."""
+
+
 class Doubt:
     """What one batch knows about ids that may be gone by its own hand: those sent in an
     attempt without a readable answer (``unsure``, growing as such attempts happen) and
-    the records read of its jobs before (``known``)."""
+    the records read of its jobs before (``known``). And until when the guard's check of
+    its jobs holds (``until``), with the ids it no longer covered when their turn to be
+    sent came (``stale``; ``unsent`` of them never sent at all)."""
 
-    __slots__ = ("known", "unsure")
+    __slots__ = ("known", "stale", "unsent", "unsure", "until")
 
     def __init__(self, batch: Batch) -> None:
         self.unsure: set[str] = set(batch.unsure)
         self.known: Mapping[str, JobRecord] = batch.known
+        self.until = batch.fresh_until
+        self.stale: list[str] = []
+        self.unsent = 0
 
     def gone(self, job_id: str, batch_id: str, attempts: int, error: ApiError) -> Result:
         """A 404 for ``job_id``: ``absent``, or ``deleted`` unconfirmed if we may have."""
@@ -128,6 +137,7 @@ class Dispatcher:
         self._budget = budget
         self._max_attempts = max_attempts
         self._dry_run = dry_run
+        self._clock = clock
         self.paced = PacedCall(
             limiter=limiter, policy=policy, clock=clock, gate=gate, stopping=stopping,
             working=working if working is not None else Working(),
@@ -153,19 +163,30 @@ class Dispatcher:
 
     async def process(self, batch: Batch) -> None:
         """Give every id of ``batch`` an outcome, or leave it open when the run stops."""
+        await self.delete_checked(batch)
+
+    async def delete_checked(self, batch: Batch) -> tuple[str, ...]:
+        """``process``, for a batch the guard checked: the ids whose check was past
+        ``batch.fresh_until`` when their DELETE's turn came are not sent, and are returned
+        (without an outcome) to be checked again."""
         if self._dry_run:
             await self._skip(batch.batch_id, batch.ids, "dry_run")
-            return
+            return ()
         granted = self._budget.take(len(batch.ids))
         if granted < len(batch.ids):
             await self._skip(batch.batch_id, batch.ids[granted:], "max_deletions")
+        doubt = Doubt(batch)
         if granted:
-            ids, cap, doubt = batch.ids[:granted], self.size_cap, Doubt(batch)
+            ids, cap = batch.ids[:granted], self.size_cap
             if cap is None or len(ids) <= cap:
                 await self._delete(batch.batch_id, ids, doubt)
-                return
-            for number, start in enumerate(range(0, len(ids), cap), start=1):
-                await self._delete(f"{batch.batch_id}.{number}", ids[start : start + cap], doubt)
+            else:
+                for number, start in enumerate(range(0, len(ids), cap), start=1):
+                    piece = ids[start : start + cap]
+                    await self._delete(f"{batch.batch_id}.{number}", piece, doubt)
+        # Never sent: the budget they took is theirs again when they come back re-checked.
+        self._budget.give_back(doubt.unsent)
+        return tuple(doubt.stale)
 
     async def _skip(self, batch_id: str, ids: Sequence[str], reason: str) -> None:
         await self._journal.finished(
@@ -181,6 +202,8 @@ class Dispatcher:
         tries = Tries()
 
         async def sending(attempt: int) -> None:
+            if doubt.until is not None and self._clock.now() > doubt.until:
+                raise _StaleCheck  # the token came too late for the check these ids passed
             await self._journal.sent(batch_id, remaining, attempt)
 
         async def retrying(exc: TransientError, attempt: int, delay_s: float, why: str) -> None:
@@ -197,6 +220,10 @@ class Dispatcher:
                 )  # fmt: skip
             except Stopped:
                 return True  # the run is stopping: the ids stay open for the next run
+            except _StaleCheck:
+                doubt.stale.extend(remaining)
+                doubt.unsent += len(remaining) if tries.sent == 0 else 0
+                return True
             except (ClientError, NotFound) as exc:
                 await self._refused(batch_id, remaining, tries.attempt, exc, doubt)
                 return False

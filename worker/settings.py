@@ -136,6 +136,7 @@ class Settings(BaseSettings):
     protected_types: Annotated[list[str], NoDecode] = Field(default_factory=list)
     protected_statuses: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_fraction: float | None = Field(default=None, gt=0, le=1)
+    recheck_max_age: float = Field(default=60.0, ge=1, le=3600)
     _protect_files: tuple[Path, ...] = PrivateAttr(default=())
 
     # -- serve / enqueue ------------------------------------------------------------------

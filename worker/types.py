@@ -59,12 +59,15 @@ class Batch:
     ``unsure``: ids an earlier run on the ledger sent without hearing the answer (it died
     with them in flight), so the job may be gone by our own hand. ``known``: records of
     its jobs already read (a protection or plan look-up), for a deletion whose answer is
-    lost to still say what was deleted."""
+    lost to still say what was deleted. ``fresh_until``: when the guard checked the jobs
+    (read and found them deletable), the clock time after which that check is too old for
+    their DELETE to go out on it."""
 
     batch_id: str
     ids: tuple[str, ...]
     unsure: frozenset[str] = frozenset()
     known: Mapping[str, JobRecord] = field(default_factory=dict)
+    fresh_until: float | None = None
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -8,7 +8,7 @@ it builds never do.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import aiohttp
 
@@ -17,6 +17,7 @@ from worker.api.credentials import CredentialSource, read_profile, resolve_crede
 from worker.batcher import DeletionBudget
 from worker.clock import Clock
 from worker.discovery.guard import Guard, PlanCheck, Protection
+from worker.discovery.recheck import ListingRecheck
 from worker.dispatcher import Dispatcher, Journal, Working
 from worker.errors import ConfigError
 from worker.pacing.breaker import BreakerGate
@@ -97,21 +98,26 @@ def processor(
     plan: PlanCheck | None = None,
     working: Working | None = None,
     gate: BreakerGate | None = None,
+    listing: Sequence[Mapping[str, str]] | None = None,
+    warn: Callable[..., None] = lambda event, **fields: None,
 ) -> BatchProcessor:
     """The dispatcher, wrapped in the guard when jobs are protected or a plan binds the run.
 
     ``transport`` is None in a dry run: nothing is read or sent then. ``working`` counts
     the dispatchers at work, for a stopping run to wait on (``Pipeline``). ``gate``: the
     circuit breaker every call, read or delete, asks before it takes a rate token.
+    ``listing``: the list calls' queries whose pages re-check the jobs before their DELETE
+    (see ``worker.discovery.recheck``); ``None`` checks each job with a show call.
     """
     policy = retry_policy(settings)
+    budget = DeletionBudget(settings.max_deletions)
     dispatcher = Dispatcher(
         transport=transport,  # type: ignore[arg-type]  # None only in a dry run: never called
         limiter=limiter,
         policy=policy,
         journal=journal,
         clock=clock,
-        budget=DeletionBudget(settings.max_deletions),
+        budget=budget,
         max_attempts=settings.max_attempts,
         dry_run=settings.dry_run,
         stopping=stopping,
@@ -124,6 +130,25 @@ def processor(
     if transport is not None:
         # The dispatcher's paced call: one breaker, one limiter, one count of who is working.
         reader = PacedReader(api=transport, paced=dispatcher.paced)
+    recheck = None
+    if reader is not None and listing is not None:
+        recheck = ListingRecheck(
+            reader=reader,
+            queries=listing,
+            clock=clock,
+            # Handed out only while fresh for half the bound: the other half is for the
+            # DELETE to wait its turn at the rate limiter.
+            accept_age=settings.recheck_max_age / 2,
+            warn=warn,
+        )
     return Guard(
-        inner=dispatcher, outcomes=journal, protection=protection, reader=reader, plan=plan
+        inner=dispatcher,
+        outcomes=journal,
+        protection=protection,
+        reader=reader,
+        plan=plan,
+        recheck=recheck,
+        clock=clock,
+        max_age=settings.recheck_max_age,
+        budget=budget,
     )

@@ -77,6 +77,8 @@ class JobPage:
     size: int | None
     total: int | None
     request_id: str | None
+    offset: int | None = None  # a server that pages by offset/limit says where it started
+    limit: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +327,8 @@ def parse_page(answer: Answer, call: Call) -> JobPage:
         size=number("size"),
         total=number("total"),
         request_id=answer.request_id,
+        offset=number("offset"),
+        limit=number("limit"),
     )
 
 

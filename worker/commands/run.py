@@ -28,7 +28,7 @@ from worker import wiring
 from worker.api.client import ApiClient
 from worker.batcher import Batcher
 from worker.clock import MonotonicClock
-from worker.discovery.guard import PlanCheck, load_protection
+from worker.discovery.guard import Guard, PlanCheck, load_protection
 from worker.discovery.plan import Plan
 from worker.dispatcher import Working
 from worker.errors import (
@@ -365,6 +365,10 @@ async def _run(
                 plan=None if plan is None else PlanCheck.of(plan),
                 working=working,
                 gate=gate,
+                # Re-checked by listing: a plan's jobs with its server-side filters, a
+                # protected input's jobs with none (protection reads every job's record).
+                listing=[plan.filters.server_query()] if plan is not None else [{}],
+                warn=events.warn,
             )
             pipeline = Pipeline(
                 entries=entries,
@@ -413,7 +417,8 @@ async def _run(
             if sharding is None
             else {"shard": str(sharding.shard), "other_shards": sharding.others}
         )
-        _summarise(events, tally, state, code, duration, cpu, settings, output, sharded)
+        checks = dispatcher.checks() if isinstance(dispatcher, Guard) else None
+        _summarise(events, tally, state, code, duration, cpu, settings, output, sharded, checks)
         return code
 
 
@@ -495,6 +500,7 @@ def _summarise(
     settings: Settings,
     output: Output,
     sharded: dict[str, Any],
+    checks: dict[str, int] | None = None,
 ) -> None:
     counts = tally.counts()
     fields: dict[str, Any] = dict(counts)
@@ -513,6 +519,10 @@ def _summarise(
         exit_code=int(code),
         **sharded,  # "shard": "I/N", and "other_shards": the ids read and left to the others
     )
+    if tally.skip_reasons:
+        fields["skipped_by_reason"] = dict(sorted(tally.skip_reasons.items()))
+    if checks is not None:
+        fields["checks"] = checks
     if state.fatal is not None:
         fields["error"] = str(state.fatal)
     events.summary(fields)

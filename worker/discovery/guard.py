@@ -7,17 +7,21 @@ dispatcher) and ends the rest itself:
 2. when a plan is being applied, an id the plan does not hold ends ``skipped``
    (``not_in_plan``): the plan is the whole of what was reviewed;
 3. when a rule needs the job itself (a protected name pattern, type or status, or the plan's
-   filters), the job is read with the show call just before its batch goes out, through the
+   filters), the job is read just before its batch goes out: on a page of the list call read
+   ahead of the batches (``worker.discovery.recheck``), else with the show call, through the
    same paced call as the DELETEs (``worker.pacing.paced``: the same breaker, limiter and
    retries). A job that is gone ends ``absent``; a protected one ``skipped``
    (``protected``); one that no longer matches the plan's filters ``skipped``
    (``plan_mismatch``); one that cannot be read (a 4xx) ``failed``, because a job we cannot
-   check is a job we do not delete.
+   check is a job we do not delete;
+4. once ``--max-deletions`` is spent, the rest end ``skipped`` (``max_deletions``) unread.
 
 Whatever reaches the dispatcher has passed every rule, whatever the input said. Because it is
 a wrapper, ``run``, ``run --plan`` and ``serve`` share it: ``Guard(inner=dispatcher, ...)``.
-There is a window between the read and the DELETE (milliseconds, plus the rate limiter's
-wait); the API offers no conditional delete to close it.
+A check holds ``max_age`` seconds (``--recheck-max-age``, 60) from the read it rests on: the
+dispatcher sends no attempt past that (``Batch.fresh_until``) and hands the ids back to be
+read again. Within that bound there is a window between the read and the DELETE; the API
+offers no conditional delete to close it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from worker.batcher import DeletionBudget
+from worker.clock import Clock, MonotonicClock
 from worker.discovery.filters import Filters
 from worker.errors import ClientError, ConfigError
 from worker.pacing.paced import PacedReader, Stopped
@@ -36,6 +42,12 @@ from worker.types import JOB_ID_RE, Batch, JobRecord, Outcome, Result, gone
 
 if TYPE_CHECKING:
     from worker.discovery.plan import Plan
+    from worker.discovery.recheck import ListingRecheck
+
+DEFAULT_MAX_AGE = 60.0
+"""Seconds a job's check holds: its DELETE goes out no later than this after the read."""
+STALE_ROUNDS = 3
+"""Times a job whose check expired before its DELETE went out is checked again."""
 
 __all__ = ["Guard", "PacedReader", "PlanCheck", "Protection", "Stopped", "load_protection"]
 _GLOB_CHARS = frozenset("*?[")
@@ -198,8 +210,12 @@ def load_protection(
 # -- the guard ---------------------------------------------------------------------------------
 
 
-class BatchProcessor(Protocol):
-    async def process(self, batch: Batch) -> None: ...
+class CheckedProcessor(Protocol):
+    """What the guard hands checked batches to (``worker.dispatcher.Dispatcher``)."""
+
+    async def delete_checked(self, batch: Batch) -> Sequence[str]:
+        """Delete ``batch``; the ids not sent because ``batch.fresh_until`` had passed."""
+        ...
 
 
 class Outcomes(Protocol):
@@ -253,6 +269,9 @@ class Reviewed(Protocol):
 @dataclass(slots=True)
 class GuardCounts:
     checked: int = 0
+    listed: int = 0  # checked on a listing's record
+    shown: int = 0  # checked on a show call's
+    stale: int = 0  # passed, but their check expired before their DELETE could go out
     passed: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
 
@@ -263,72 +282,142 @@ class Guard:
     def __init__(
         self,
         *,
-        inner: BatchProcessor,
+        inner: CheckedProcessor,
         outcomes: Outcomes,
         protection: Protection,
         reader: PacedReader | None,
         plan: PlanCheck | None = None,
+        recheck: ListingRecheck | None = None,
+        clock: Clock | None = None,
+        max_age: float = DEFAULT_MAX_AGE,
+        budget: DeletionBudget | None = None,
     ) -> None:
-        """``reader=None`` (a dry run: no API) applies only the rules that need no call."""
+        """``reader=None`` (a dry run: no API) applies only the rules that need no call.
+
+        ``recheck`` answers for most jobs by listing; the show call reads the rest. A job's
+        check holds for ``max_age`` seconds on ``clock`` from the read it rests on: its
+        DELETE goes out within that or not on that check. Once ``budget`` (the run's
+        ``--max-deletions``) is spent, ids are skipped at once, with no look-up.
+        """
         self._inner = inner
         self._outcomes = outcomes
         self._protection = protection
         self._reader = reader
         self._plan = plan
+        self._recheck = recheck
+        self._clock = clock or MonotonicClock()
+        self._max_age = max_age
+        self._budget = budget
         self.counts = GuardCounts()
 
     def __repr__(self) -> str:
         c = self.counts
         return (
-            f"Guard(checked={c.checked}, passed={c.passed}, skipped={c.skipped!r}, "
-            f"plan={self._plan is not None}, protection={self._protection!r}, "
-            f"reader={self._reader!r})"
+            f"Guard(checked={c.checked}, listed={c.listed}, shown={c.shown}, "
+            f"passed={c.passed}, skipped={c.skipped!r}, plan={self._plan is not None}, "
+            f"protection={self._protection!r}, reader={self._reader!r}, "
+            f"recheck={self._recheck!r})"
         )
 
     @property
     def needs_record(self) -> bool:
         return self._plan is not None or self._protection.needs_record
 
+    def checks(self) -> dict[str, int]:
+        """How the jobs were checked, for the run's summary."""
+        recheck = self._recheck
+        return {
+            "checked": self.counts.checked,
+            "by_listing": self.counts.listed,
+            "by_show": self.counts.shown,
+            "expired": self.counts.stale,
+            "list_calls": 0 if recheck is None else recheck.pages,
+        }
+
     async def process(self, batch: Batch) -> None:
         ended: list[Result] = []
         remaining: list[str] = []
+        spent = self._budget is not None and self._budget.spent
         for job_id in batch.ids:
             if self._protection.protects_id(job_id):
                 ended.append(self._skip(job_id, batch, "protected", "id"))
             elif self._plan is not None and job_id not in self._plan.reviewed:
                 ended.append(self._skip(job_id, batch, "not_in_plan", None))
+            elif spent:  # past --max-deletions: nothing to look up, nothing to send
+                ended.append(self._skip(job_id, batch, "max_deletions", None))
             else:
                 remaining.append(job_id)
         if ended:
             await self._outcomes.finished(ended)
             ended = []
         known: dict[str, JobRecord] = {}
+        fresh_until = None
         if remaining and self.needs_record and self._reader is not None:
-            remaining, ended = await self._check_records(batch, remaining, known)
+            remaining, ended, fresh_until = await self._check_records(batch, remaining, known)
             if ended:
                 await self._outcomes.finished(ended)
-        self.counts.passed += len(remaining)
-        if remaining:
+        rounds = 0
+        while remaining:
+            self.counts.passed += len(remaining)
+            if self._recheck is not None:
+                self._recheck.passed(remaining)
             passed = tuple(remaining)
+            name = batch.batch_id if not rounds else f"{batch.batch_id}.r{rounds}"
             unsure = batch.unsure.intersection(passed)
-            await self._inner.process(Batch(batch.batch_id, passed, unsure, known))
+            stale = await self._inner.delete_checked(
+                Batch(name, passed, unsure, known, fresh_until)
+            )
+            if self._recheck is not None:
+                unsent = set(stale)
+                self._recheck.settled(i for i in passed if i not in unsent)
+            if not stale:
+                return
+            # Their DELETE's turn came after their check had expired: checked again, or, when
+            # that keeps happening, not deleted on a check that old.
+            rounds += 1
+            self.counts.passed -= len(stale)
+            self.counts.stale += len(stale)
+            if rounds > STALE_ROUNDS:
+                await self._outcomes.finished([self._skip(i, batch, "stale_check", (
+                    f"its check could not be kept within {self._max_age:g}s of its DELETE "
+                    f"({STALE_ROUNDS} times): not deleted")) for i in stale])  # fmt: skip
+                return
+            known = {}
+            remaining, ended, fresh_until = await self._check_records(batch, stale, known)
+            if ended:
+                await self._outcomes.finished(ended)
 
     async def _check_records(
         self, batch: Batch, ids: Sequence[str], known: dict[str, JobRecord]
-    ) -> tuple[list[str], list[Result]]:
-        """Read each job; those that pass go on, their records kept in ``known``."""
+    ) -> tuple[list[str], list[Result], float | None]:
+        """Read each job (on a fresh listing's page, else with a show call): the ids that
+        pass, their records kept in ``known``; the outcomes of those that do not; and until
+        when the check of the passing ones holds (``max_age`` after the oldest read)."""
         assert self._reader is not None
         passed: list[str] = []
         ended: list[Result] = []
+        oldest: float | None = None
+        try:
+            listed = await self._recheck.listed(ids) if self._recheck is not None else {}
+        except Stopped:
+            return [], ended, None  # nothing goes on: the unchecked ids stay open
         for job_id in ids:
             self.counts.checked += 1
-            try:
-                record = await self._reader.show(job_id)
-            except Stopped:
-                return [], ended  # nothing goes on: the unchecked ids stay open
-            except ClientError as exc:
-                ended.append(_unverified(job_id, batch, exc))
-                continue
+            seen = listed.get(job_id)
+            if seen is not None:
+                record: JobRecord | None = seen.record
+                read_at = seen.read_at
+                self.counts.listed += 1
+            else:
+                read_at = self._clock.now()
+                self.counts.shown += 1
+                try:
+                    record = await self._reader.show(job_id)
+                except Stopped:
+                    return [], ended, None
+                except ClientError as exc:
+                    ended.append(_unverified(job_id, batch, exc))
+                    continue
             if record is None:  # gone: by an earlier run's hand, if it sent it unanswered
                 ended.append(gone(job_id, unsure=batch.unsure, known={}, attempts=0,
                                   batch_id=batch.batch_id,
@@ -345,7 +434,8 @@ class Guard:
                     continue
             passed.append(job_id)
             known[job_id] = record
-        return passed, ended
+            oldest = read_at if oldest is None else min(oldest, read_at)
+        return passed, ended, None if oldest is None else oldest + self._max_age
 
     def _skip(self, job_id: str, batch: Batch, reason: str, detail: str | None) -> Result:
         self.counts.skipped[reason] = self.counts.skipped.get(reason, 0) + 1
