@@ -3,6 +3,8 @@ command in a subprocess, against the simulator over loopback HTTP."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import anyio
@@ -118,3 +120,70 @@ async def test_a_bare_404_from_a_wrong_endpoint_path_stops_78_with_every_id_open
         check = await reaper(["check"], env)
         assert check.code == 78 and "NO SUCH API" in check.stdout
         assert sim.deleted == set()
+
+
+async def test_a_reader_that_closes_the_pipe_stops_the_run_75_with_every_outcome_kept(
+    tmp_path: Path,
+) -> None:
+    """``run ... | head -1``: the event stream breaks after its first line. The run stops
+    as on SIGTERM (75), with no traceback; every job the API deleted has its outcome in
+    the ledger and the results file, and a resume finishes the rest."""
+    faults = FaultConfig(latency_ms=40.0, latency_jitter=False)
+    async with run_simulator(SimulatorConfig(jobs=400, seed=5, faults=faults)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        ledger, out = tmp_path / "ledger.db", tmp_path / "results.jsonl"
+        env = reaper_env(sim.url)
+        args = ["run", "-i", str(src), "--yes", "--ledger", str(ledger), "--results", str(out),
+                "--batch-size", "10", "--concurrency", "2", "--rate", "100"]  # fmt: skip
+        read_end, write_end = os.pipe()  # a real pipe, its reader closed as `head` closes it
+        process = await anyio.open_process(
+            [sys.executable, "-m", "worker", *args], env=env, stdin=None, stdout=write_end
+        )
+        os.close(write_end)
+        async with process:
+            assert process.stderr is not None
+            first = b""
+            with anyio.fail_after(30):
+                while b"\n" not in first:
+                    first += await anyio.to_thread.run_sync(os.read, read_end, 1)
+                while sim.stats.deletions == 0:  # the run is deleting when the pipe closes
+                    await anyio.sleep(0.01)
+            os.close(read_end)  # what `head -1` does once it has its line
+            stderr = b""
+            with anyio.fail_after(30):
+                async for chunk in process.stderr:
+                    stderr += chunk
+                code = await process.wait()
+        assert code == 75, stderr.decode()
+        assert b"Traceback" not in stderr and b"Error" not in stderr
+        assert b"cannot be written to stdout (Broken pipe)" in stderr
+        assert 0 < len(sim.deleted) < 400
+        rows = results(out)
+        assert {row["job_id"] for row in rows if row["outcome"] == "deleted"} == sim.deleted
+        again = await reaper(fast(src, "--ledger", str(ledger), "--results", str(out)), env)
+        assert again.code == 0, again.stderr
+        assert {row["job_id"] for row in results(out)} == set(sim.job_ids()) | sim.deleted
+        assert sim.job_ids() == [] and max(sim.delete_counts.values()) == 1
+
+
+async def test_a_full_disk_under_the_event_stream_stops_75_before_any_call(
+    tmp_path: Path,
+) -> None:
+    """Events to ``/dev/full``: the first write fails (ENOSPC). Nothing is deleted whose
+    record could not be logged: the run stops 75 before any call, every id open."""
+    async with run_simulator(SimulatorConfig(jobs=30)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        ledger = tmp_path / "ledger.db"
+        with open("/dev/full", "wb") as full:
+            done = await anyio.run_process(
+                [sys.executable, "-m", "worker", *fast(src, "--ledger", str(ledger))],
+                env=reaper_env(sim.url), stdout=full, check=False,
+            )  # fmt: skip
+        stderr = done.stderr.decode()
+        assert done.returncode == 75, stderr
+        assert "Traceback" not in stderr
+        assert "cannot be written to stdout (No space left on device)" in stderr
+        assert sim.stats.delete_calls == 0
+        export = await reaper(["report", "--ledger", str(ledger), "--format", "jsonl"],
+                              reaper_env(sim.url))  # fmt: skip
+        assert export.code == 0 and export.stdout == ""  # nothing settled, nothing lost

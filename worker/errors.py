@@ -37,6 +37,15 @@ class ResultsUnwritable(ReaperError):
     stops_at_once = False
 
 
+class EventsUnwritable(ReaperError):
+    """The event stream was closed (``| head``) or filled (a full disk) midway: the run
+    stops as on SIGTERM (exit 75). The calls in flight finish first, and their outcomes
+    reach the ledger and ``--results``; the events of what is done from then on are lost,
+    and the records of deleted jobs are in no other place, so nothing more is sent."""
+
+    stops_at_once = False
+
+
 class OutcomeConflict(ReaperError):
     """An id was given a second terminal outcome, or one it was never due: a bug in the
     caller, never ignored."""

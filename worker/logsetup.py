@@ -15,14 +15,16 @@ would have produced.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import IO, Any, Literal, TextIO, cast
+from typing import IO, Any, BinaryIO, Literal, TextIO, cast
 
 import orjson
 import structlog
@@ -80,6 +82,77 @@ class JsonSink:
 _sink: JsonSink | None = None
 
 
+class Unwritable:
+    """The event stream, made safe to lose: ``| head -1`` closes it (EPIPE), a full disk
+    fills it (ENOSPC). The first ``OSError`` of ``write`` or ``flush`` turns it into a sink
+    that drops everything, points its descriptor at ``/dev/null`` (so no later flush, the
+    interpreter's at exit included, fails again), and calls the handler of
+    :func:`when_lost` once. Events are never worth a traceback; losing them is for the
+    command to decide (``run`` stops as on SIGTERM)."""
+
+    __slots__ = ("__weakref__", "_stream", "error", "name")  # structlog keys a lock by it
+
+    def __init__(self, stream: IO[Any], name: str) -> None:
+        self._stream = stream
+        self.name = name
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        if self.error is None:
+            try:
+                return int(self._stream.write(data) or 0)
+            except OSError as exc:
+                self._lose(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._stream.flush()
+            except OSError as exc:
+                self._lose(exc)
+
+    def isatty(self) -> bool:
+        return self.error is None and self._stream.isatty()
+
+    def _lose(self, exc: OSError) -> None:
+        self.error = exc
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        if _on_lost is not None:
+            _on_lost(self.name, exc)
+
+    def __repr__(self) -> str:
+        return f"Unwritable({self.name!r}, error={self.error!r})"
+
+
+_on_lost: Callable[[str, OSError], None] | None = None
+
+
+def when_lost(handler: Callable[[str, OSError], None] | None) -> None:
+    """Call ``handler(name, error)`` when an event stream can no longer be written."""
+    global _on_lost
+    _on_lost = handler
+
+
+def tell(text: str) -> None:
+    """One line for a person on stderr, if stderr can still take it. Never raises: when it
+    cannot, stderr is pointed at ``/dev/null`` so nothing later fails on it either."""
+    stream = sys.stderr
+    if stream is None:
+        return
+    try:
+        stream.write(text + "\n")
+        stream.flush()
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+
+
 def json_sink() -> JsonSink | None:
     """The JSON sink while ``configure``'s JSON set-up is the one in force, else ``None``."""
     sink = _sink
@@ -107,14 +180,16 @@ def configure(
                 exception_formatter=structlog.dev.plain_traceback, colors=out.isatty()
             ),
         ]
-        factory: Any = structlog.PrintLoggerFactory(cast(TextIO, out))
+        factory: Any = structlog.PrintLoggerFactory(cast(TextIO, Unwritable(out, _name(out))))
     else:
-        binary = getattr(out, "buffer", None)
-        if binary is not None:
+        buffer = getattr(out, "buffer", None)
+        if buffer is not None:
+            binary = cast(BinaryIO, Unwritable(buffer, _name(out)))
             serializer: Callable[..., str | bytes] = _orjson_dumps
             factory = structlog.BytesLoggerFactory(binary)
             write = _binary_writer(binary)
         else:  # a text stream with no bytes underneath (io.StringIO): the renderer makes str
+            out = cast(IO[str], Unwritable(out, _name(out)))
             serializer = _orjson_text
             factory = structlog.PrintLoggerFactory(cast(TextIO, out))
             write = _text_writer(out)
@@ -175,7 +250,8 @@ def configure_for_people(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if events is not None:
-        processors += [structlog.processors.format_exc_info, _tee(_binary_writer(events))]
+        safe = cast(IO[bytes], Unwritable(events, _name(events)))
+        processors += [structlog.processors.format_exc_info, _tee(_binary_writer(safe))]
     processors.append(render)
     structlog.configure(
         processors=processors,
@@ -184,6 +260,16 @@ def configure_for_people(
         cache_logger_on_first_use=False,
     )
     _sink = None  # one event at a time: each is filtered for the person
+
+
+def _name(stream: IO[Any]) -> str:
+    """How a person knows the stream: ``stdout``, ``stderr`` or its file's name."""
+    name = getattr(stream, "name", None)
+    if name in ("<stdout>", 1):
+        return "stdout"
+    if name in ("<stderr>", 2):
+        return "stderr"
+    return str(name) if name is not None else "the event stream"
 
 
 def _tee(write: Callable[[bytes], None]) -> structlog.typing.Processor:

@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack
@@ -20,11 +21,13 @@ from pathlib import Path
 from typing import IO, Any
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
-from worker import wiring
+from worker import logsetup, wiring
 from worker.api.client import ApiClient
 from worker.batcher import Batcher
 from worker.clock import MonotonicClock
@@ -36,6 +39,7 @@ from worker.errors import (
     ApiUnavailable,
     AuthError,
     ConfigError,
+    EventsUnwritable,
     InputUnreadable,
     NoSuchApi,
     ReaperError,
@@ -257,16 +261,44 @@ async def run_async(
         await group.start(_watch_signals, state, events)
         if settings.deadline is not None:
             group.start_soon(_deadline, state, settings.deadline, events)
+        logsetup.when_lost(_stop_when_lost(state))
         try:
             code = await _run(
                 request, settings, run_id, endpoint, stdin, plan, state, events, group, output
             )
         except ReaperError as exc:  # raised as itself, not wrapped in the group's ExceptionGroup
             failure = exc
+        finally:
+            logsetup.when_lost(None)
         group.cancel_scope.cancel()
     if failure is not None:
         raise failure
     return code
+
+
+def _stop_when_lost(state: RunState) -> Callable[[str, OSError], None]:
+    """What a run does when its event stream is closed or full: stop as on SIGTERM (75),
+    said once on stderr if stderr can still take it."""
+    token, loop_thread = anyio.lowlevel.current_token(), threading.get_ident()
+
+    def stop(error: EventsUnwritable) -> None:
+        state.fatal = state.fatal or error
+        state.request_stop("fatal")
+
+    def lost(name: str, exc: OSError) -> None:
+        reason = exc.strerror or type(exc).__name__
+        error = EventsUnwritable(f"the events cannot be written to {name} ({reason})")
+        if threading.get_ident() == loop_thread:
+            stop(error)
+        else:
+            anyio.from_thread.run_sync(stop, error, token=token)
+        if name != "stderr":
+            logsetup.tell(
+                f"devserver-reaper: {error}; stopping as on SIGTERM: the calls in flight "
+                "finish and their outcomes go to the ledger and the results file (exit 75)"
+            )
+
+    return lost
 
 
 async def _run(
@@ -464,7 +496,7 @@ def exit_code(state: RunState, tally: Tally) -> int:
         return ExitCode.NO_INPUT
     if isinstance(fatal, UsageError):
         return ExitCode.USAGE
-    if isinstance(fatal, ResultsUnwritable):
+    if isinstance(fatal, ResultsUnwritable | EventsUnwritable):
         return ExitCode.INTERRUPTED  # stopped with work unrecorded: run again (with --ledger)
     if fatal is not None:
         return ExitCode.UNAVAILABLE
