@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 from collections.abc import Iterator
@@ -111,17 +112,40 @@ _REWRITTEN = [
 ]
 
 
-def test_rewrite_results_replaces_the_file_and_keeps_a_symlink_a_symlink(tmp_path: Path) -> None:
+def test_rewrite_results_never_follows_a_symlink_to_the_file_it_leads_to(tmp_path: Path) -> None:
+    """A link planted where the results go (``results.jsonl -> someone's file``): the file it
+    leads to is neither truncated nor rewritten, and the link stays as it was."""
     real = tmp_path / "real.jsonl"
-    real.write_text("stale\n" * 5)
+    real.write_text("someone else's\n")
     link = tmp_path / "results.jsonl"
     link.symlink_to(real)
-    assert rewrite_results(iter(_REWRITTEN), link) == 2
+    assert rewrite_results(iter(_REWRITTEN), link) == 0
     assert link.is_symlink()
-    rows = [orjson.loads(line) for line in real.read_text().splitlines()]
+    assert real.read_text() == "someone else's\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["real.jsonl", "results.jsonl"]
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o644])
+def test_rewrite_results_keeps_the_mode_of_the_file_it_replaces(tmp_path: Path, mode: int) -> None:
+    results = tmp_path / "results.jsonl"
+    results.write_text("stale\n" * 5)
+    results.chmod(mode)
+    assert rewrite_results(iter(_REWRITTEN), results) == 2
+    rows = [orjson.loads(line) for line in results.read_text().splitlines()]
     assert rows == [r.results_row() for r in _REWRITTEN]
     assert rows[1]["line"] == 7
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["real.jsonl", "results.jsonl"]
+    assert results.stat().st_mode & 0o777 == mode
+    assert [p.name for p in tmp_path.iterdir()] == ["results.jsonl"]  # no temporary left
+
+
+def test_rewrite_results_makes_a_missing_file_private(tmp_path: Path) -> None:
+    results = tmp_path / "results.jsonl"
+    old = os.umask(0)  # the widest umask: the mode is the code's, not the umask's
+    try:
+        assert rewrite_results(iter(_REWRITTEN), results) == 2
+    finally:
+        os.umask(old)
+    assert results.stat().st_mode & 0o777 == 0o600
 
 
 def test_rewrite_results_leaves_a_pipe_or_a_device_alone(tmp_path: Path) -> None:
@@ -138,7 +162,12 @@ def test_rewrite_results_that_cannot_be_written_raises_and_leaves_the_file(
 ) -> None:
     results = tmp_path / "results.jsonl"
     results.write_text("kept\n")
-    (tmp_path / ".results.jsonl.partial").mkdir()  # where the new file would be written
-    with pytest.raises(ResultsUnwritable, match="cannot be written"):
-        rewrite_results(iter(_REWRITTEN), results)
+
+    def disk_fills() -> Iterator[Result]:
+        yield _REWRITTEN[0]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ResultsUnwritable, match="cannot be written: No space left"):
+        rewrite_results(disk_fills(), results)
     assert results.read_text() == "kept\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.jsonl"]  # the temporary is gone

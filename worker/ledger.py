@@ -49,6 +49,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 from worker.errors import ConfigError, InputUnreadable, OutcomeConflict, ReaperError
+from worker.private_files import claim_private, open_private_fd
 from worker.types import Candidate, Outcome, Rejection, Result
 
 SCHEMA_VERSION = "1"
@@ -391,7 +392,7 @@ class _FileLock:
     lock two different files of the same name."""
 
     def __init__(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_private_fd(path)  # 0600, never through a planted link
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -470,6 +471,12 @@ class Ledger(LedgerView):
             lock = _FileLock(path.with_name(path.name + ".lock"))
         except OSError as exc:
             raise ConfigError(f"ledger {path} cannot be locked: {exc.strerror}") from None
+        try:
+            for name in (path.name, path.name + "-wal", path.name + "-shm"):
+                claim_private(path.with_name(name))  # SQLite would follow a link to the db
+        except OSError as exc:
+            lock.release()
+            raise ConfigError(f"ledger {exc.filename} cannot be used: {exc.strerror}") from None
         try:
             conn = _connect(path)
             try:

@@ -24,6 +24,7 @@ from worker.errors import InputUnreadable, UsageError
 from worker.exit_codes import ExitCode
 from worker.ledger import WHOLE, LedgerView, escape, open_readonly
 from worker.outcomes.journal import check_output
+from worker.private_files import open_output
 from worker.settings import Settings
 from worker.types import Outcome, Result, iso
 
@@ -107,7 +108,7 @@ def _open_output(output: str | None) -> Iterator[IO[bytes]]:
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
         return
-    with Path(output).open("wb") as handle:
+    with open_output(Path(output)) as handle:  # private, never through a planted link
         yield handle
 
 

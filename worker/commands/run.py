@@ -63,6 +63,7 @@ from worker.outcomes.journal import (
 )
 from worker.pacing.breaker import BreakerGate
 from worker.pipeline import Pipeline, RunState
+from worker.private_files import open_output
 from worker.settings import Settings
 from worker.terminal.output import Output
 from worker.types import Candidate
@@ -341,9 +342,10 @@ async def _run(
             # Opened once, before any call. A run that resumes work a ledger holds open
             # appends: the ids the run before it settled are not written again, so
             # together their lines hold one per id. Any other run starts the file afresh.
-            mode = "ab" if isinstance(ledger, Ledger) and ledger.holds_open_ids() else "wb"
+            # Private, and never through a link another user planted (worker.private_files).
+            append = isinstance(ledger, Ledger) and ledger.holds_open_ids()
             try:
-                handle = open(request.results, mode)  # noqa: ASYNC230, SIM115
+                handle = open_output(Path(request.results), append=append)
             except OSError as exc:
                 reason = exc.strerror or type(exc).__name__
                 message = f"--results {request.results} cannot be opened: {reason}"

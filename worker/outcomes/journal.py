@@ -8,7 +8,6 @@ anyone else hears of it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -23,6 +22,7 @@ import orjson
 from worker.errors import OutcomeConflict, ResultsUnwritable, UsageError
 from worker.input.intake import escape
 from worker.outcomes.events import EventLog
+from worker.private_files import replacing
 from worker.types import Candidate, Outcome, Rejection, Result
 
 
@@ -181,27 +181,23 @@ def check_output(name: str, flag: str, source: str | None, ledger: Path | None) 
 def rewrite_results(results: Iterable[Result], path: Path) -> int:
     """Replace the results file at ``path`` with a line for each of ``results`` (from the
     ledger: every id the run read, whichever run settled it), atomically: written beside
-    it, then renamed over it. Returns the lines written (none to a file that is not a
-    regular one, which is left as it is). ``ResultsUnwritable`` when it cannot be.
+    it in a private temporary file that takes its mode, then renamed over it (see
+    ``worker.private_files.replacing``). Returns the lines written (none to a file that is
+    not a regular one, which is left as it is). ``ResultsUnwritable`` when it cannot be.
 
     What a run writes batch by batch can miss lines (a kill between the ledger's commit and
     the file's write; a run that found nothing left open and started the file afresh; a
     rejected line written again on each resumption); the ledger cannot, so a run that has
     one ends by writing the file from it."""
-    target = path.resolve()  # a symlink stays one: the file it names is replaced
-    if not target.is_file():
-        return 0  # a pipe or a device (/dev/stdout): what was written to it is all it gets
-    partial = target.with_name(f".{target.name}.partial")
     written = 0
     try:
-        with partial.open("wb") as out:
+        with replacing(path) as out:
+            if out is None:
+                return 0  # a pipe or a device (/dev/stdout): what was written to it is all it gets
             for result in results:
                 out.write(orjson.dumps(result.results_row()) + b"\n")
                 written += 1
-        partial.replace(target)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            partial.unlink(missing_ok=True)
         reason = exc.strerror or str(exc)
         raise ResultsUnwritable(f"results file {path} cannot be written: {reason}") from None
     return written

@@ -1,0 +1,167 @@
+"""Output files never follow a link another user planted, and are private (issue 24, point 1).
+
+Two Unix users, as the attack needs: the attacker step runs as ``nobody`` through ``setpriv``
+and plants links in a shared sticky directory (owned by the attacker, as a team's shared
+folder is owned by whoever made it, so the kernel's ``protected_symlinks`` would not save
+us either); then a real ``run`` subprocess, as root, writes its results and ledger there.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import reaper, reaper_env, results, write_ids
+from worker.ledger import Ledger
+from worker.private_files import claim_private, open_output
+from worker.simulator import SimulatorConfig, run_simulator
+
+SETPRIV = shutil.which("setpriv")
+two_users = pytest.mark.skipif(
+    os.geteuid() != 0 or SETPRIV is None, reason="needs root and setpriv to act as two users"
+)
+
+
+def as_nobody(*argv: str) -> None:
+    """Run ``argv`` as the attacker: ``nobody``, with no supplementary groups."""
+    assert SETPRIV is not None
+    subprocess.run(
+        [SETPRIV, "--reuid", "nobody", "--regid", "nogroup", "--clear-groups", *argv],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A sticky, world-writable directory owned by the attacker, reachable by everyone."""
+    base = Path(tempfile.mkdtemp(prefix="reaper-shared-"))
+    base.chmod(0o755)
+    folder = base / "shared"
+    folder.mkdir()
+    nobody = pwd.getpwnam("nobody")
+    os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+    folder.chmod(0o1777)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(base)
+
+
+@pytest.fixture
+def victims(tmp_path: Path) -> dict[str, Path]:
+    """Root's private files that the links lead to."""
+    found = {}
+    for name in ("shadow", "keys"):
+        path = tmp_path / name
+        path.write_text(f"{name}: precious\n")
+        path.chmod(0o600)
+        found[name] = path
+    return found
+
+
+PLANTED = {
+    "results.jsonl": 64,  # --results: a usage error, before any call
+    "ledger.sqlite": 78,  # the ledger and its files: a configuration error
+    "ledger.sqlite-wal": 78,
+    "ledger.sqlite-shm": 78,
+    "ledger.sqlite.lock": 78,
+}
+
+
+@two_users
+@pytest.mark.anyio
+@pytest.mark.parametrize("planted", sorted(PLANTED))
+async def test_a_run_as_root_never_writes_through_a_link_another_user_planted(
+    shared: Path, victims: dict[str, Path], tmp_path: Path, planted: str
+) -> None:
+    as_nobody("ln", "-s", str(victims["shadow"]), str(shared / planted))
+    async with run_simulator(SimulatorConfig(jobs=5)) as sim:
+        ids = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        done = await reaper(
+            ["run", "-i", str(ids), "--yes", "--results", str(shared / "results.jsonl"),
+             "--ledger", str(shared / "ledger.sqlite")],
+            reaper_env(sim.url),
+        )  # fmt: skip
+        assert done.code == PLANTED[planted], done.stderr + done.stdout
+        assert "symbolic link" in done.stderr + done.stdout
+        assert sim.deleted == set()  # refused before any call
+    assert victims["shadow"].read_text() == "shadow: precious\n"
+    assert stat.S_IMODE(victims["shadow"].stat().st_mode) == 0o600
+    assert (shared / planted).is_symlink()  # left for the operator to look at
+
+
+@two_users
+@pytest.mark.anyio
+async def test_files_a_run_creates_in_a_shared_directory_are_private_and_keep_their_mode(
+    shared: Path, tmp_path: Path
+) -> None:
+    """Created 0600 whatever the umask; a results file the owner opened up (0640) is still
+    0640 after the run rewrote it from the ledger; the attacker can read none of them."""
+    out, ledger = shared / "results.jsonl", shared / "ledger.sqlite"
+    async with run_simulator(SimulatorConfig(jobs=6)) as sim:
+        ids = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        args = ["run", "-i", str(ids), "--yes", "--results", str(out), "--ledger", str(ledger)]
+        done = await reaper(args, reaper_env(sim.url))
+        assert done.code == 0, done.stderr
+        for path in shared.iterdir():
+            assert stat.S_IMODE(path.lstat().st_mode) == 0o600, path.name
+        with pytest.raises(subprocess.CalledProcessError):
+            as_nobody("cat", str(out))
+        out.chmod(0o640)
+        again = await reaper(args, reaper_env(sim.url))
+        assert again.code == 0, again.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert {row["job_id"] for row in results(out)} == set(ids.read_text().split())
+
+
+def test_a_hard_link_to_another_file_is_refused_not_truncated(tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.write_text("keep me\n")
+    (tmp_path / "results.jsonl").hardlink_to(precious)
+    with pytest.raises(OSError, match="other hard links"):
+        open_output(tmp_path / "results.jsonl")
+    with pytest.raises(OSError, match="other hard links"):
+        claim_private(tmp_path / "results.jsonl")
+    assert precious.read_text() == "keep me\n"
+
+
+def test_a_link_root_or_we_made_is_followed_to_what_exists(tmp_path: Path) -> None:
+    """``--results /dev/stdout`` (root's link, to a pipe, a terminal or a redirected file)
+    still works; our own link too; neither creates the file it names."""
+    with open_output(Path("/dev/stdout"), append=True) as handle:
+        assert handle.fileno() > 2
+    mine = tmp_path / "to-null"
+    mine.symlink_to("/dev/null")
+    with open_output(mine) as handle:
+        handle.write(b"gone\n")
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError):
+        open_output(dangling)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_ledger_opened_in_a_directory_is_private_even_under_a_wide_umask(
+    tmp_path: Path,
+) -> None:
+    old = os.umask(0)
+    try:
+        ledger = Ledger.open(
+            tmp_path / "l.sqlite", project_id="p", endpoint="https://x", run_id="r1"
+        )
+        try:
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+        finally:
+            ledger.close()
+    finally:
+        os.umask(old)
+    assert set(modes) >= {"l.sqlite", "l.sqlite.lock", "l.sqlite-wal", "l.sqlite-shm"}
+    assert set(modes.values()) == {0o600}

@@ -1,0 +1,135 @@
+"""Files the worker writes (``--results``, its rewrite, the ledger and its lock): private, and
+never reached through a link another user planted.
+
+A run often writes into a shared directory, sometimes as root. Another user who can write
+there can plant ``results.jsonl -> /etc/shadow`` or a hard link to a file of ours, and a
+plain ``open(path, "wb")`` truncates the file it leads to. So every output is opened here:
+
+* with ``O_NOFOLLOW``: a symbolic link another user made is refused (``ELOOP``); one that
+  root or we made (``/dev/stdout``) is followed to what already exists, never created;
+* refused when it is not a regular file or when it has other hard links;
+* created ``0600`` (job data is nobody else's business); an existing file keeps its mode;
+* truncated only once opened and checked, never by ``O_TRUNC`` on a path we have not looked at;
+* replaced atomically through a ``mkstemp`` file (``O_EXCL``, ``0600``) that takes the mode
+  and owner of the file it replaces.
+
+The errors are ``OSError`` with a ``strerror`` fit for the user, so callers report them as they
+report any file that cannot be opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+PRIVATE = 0o600
+_NEW = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _refusal(code: int, path: Path, why: str) -> OSError:
+    return OSError(code, why, str(path))
+
+
+def _own_link(path: Path) -> bool:
+    """A link made by root or by us (``/dev/stdout``, ``/proc/self/fd/1``, the user's own):
+    the kernel's ``protected_symlinks`` rule, applied in every directory."""
+    try:
+        return os.lstat(path).st_uid in (0, os.geteuid())
+    except OSError:
+        return False
+
+
+def open_private_fd(path: Path, flags: int = os.O_RDWR, *, streams: bool = False) -> int:
+    """Open (creating ``0600`` if needed) the regular file at ``path`` without following a
+    link; ``flags`` is ``O_RDWR`` or ``O_WRONLY``, plus ``O_APPEND`` if wanted. With
+    ``streams``, a pipe or a device found there is fine too (``/dev/full``). Raises
+    ``OSError`` (``ELOOP``: a link; ``EMLINK``: other hard links; ``EINVAL``: not a file)."""
+    try:
+        fd = os.open(path, flags | _NEW, PRIVATE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _refusal(
+                errno.ELOOP, path, "is a symbolic link, which is never followed (name the file)"
+            ) from None
+        raise
+    try:
+        _check_regular(fd, path, streams)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_regular(fd: int, path: Path, streams: bool = False) -> None:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        if streams and (stat.S_ISFIFO(info.st_mode) or stat.S_ISCHR(info.st_mode)):
+            return
+        raise _refusal(errno.EINVAL, path, "is not a regular file")
+    if info.st_nlink > 1:
+        raise _refusal(errno.EMLINK, path, "has other hard links, so it is refused")
+
+
+def claim_private(path: Path) -> None:
+    """Make sure ``path`` is our regular file (created ``0600`` if missing), not a link."""
+    os.close(open_private_fd(path))
+
+
+def open_output(path: Path, *, append: bool = False) -> IO[bytes]:
+    """An output stream for ``path``: a private regular file, truncated unless ``append``.
+    A link is followed only when root or we made it (``--results /dev/stdout``), and then
+    only to something that already exists."""
+    more = os.O_APPEND if append else 0
+    try:
+        fd = open_private_fd(path, os.O_WRONLY | more, streams=True)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP or not _own_link(path):
+            raise
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | more)
+    try:
+        _check_regular(fd, path, streams=True)
+        if stat.S_ISREG(os.fstat(fd).st_mode) and not append:
+            os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    # Through ``open`` so the stream's ``name`` is the path, for messages; the opener hands
+    # over the descriptor already checked (its flags, O_TRUNC among them, are not used).
+    return open(path, "ab" if append else "wb", opener=lambda _name, _flags: fd)
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[IO[bytes] | None]:
+    """Write a new version of the regular file at ``path``: yields a stream to a ``mkstemp``
+    file beside it that takes the old file's mode (and owner, when we may), and renames it
+    over ``path`` when the block ends without an error. ``rename`` replaces the name itself,
+    so even a link planted meanwhile is replaced, not followed. Yields ``None`` when
+    ``path`` is not a regular file (a link, ``/dev/stdout``, a pipe): it is left alone."""
+    try:
+        old = os.lstat(path)
+    except FileNotFoundError:
+        old = None
+    if old is not None and not stat.S_ISREG(old.st_mode):
+        yield None
+        return
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    out = os.fdopen(fd, "wb")
+    try:
+        with out:
+            if old is not None:
+                os.fchmod(fd, stat.S_IMODE(old.st_mode))
+                if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+                    with contextlib.suppress(OSError):  # only root may give a file away
+                        os.fchown(fd, old.st_uid, old.st_gid)
+            yield out
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
