@@ -151,3 +151,20 @@ async def list_endpoint(handler: ListHandler) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+def mount_secret(folder: Path, **keys: str) -> dict[str, Path]:
+    """Key files as the kubelet mounts a Secret, and rotates it: each file is a link through
+    ``..data``, which a rotation points at a new version directory in one rename."""
+    version = folder / f"..v{len(list(folder.glob('..v*')))}"
+    version.mkdir()
+    for name, value in keys.items():
+        (version / name).write_text(value + "\n")
+        (version / name).chmod(0o400)
+    staging = folder / "..data_tmp"
+    staging.symlink_to(version.name)
+    staging.replace(folder / "..data")
+    for name in keys:
+        if not (folder / name).is_symlink():
+            (folder / name).symlink_to(f"..data/{name}")
+    return {name: folder / name for name in keys}

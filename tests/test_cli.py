@@ -292,3 +292,50 @@ def test_simulator_sizes_out_of_range_are_usage_errors(args: list[str]) -> None:
     )  # fmt: skip
     assert done.returncode == ExitCode.USAGE, done.stderr
     assert "must be from" in done.stderr and "Traceback" not in done.stderr
+
+
+# -- issue 24: secrets on the command line, core dumps ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--sk", CANARY], "--sk"),
+        (["--security-token", CANARY], "--security-token"),
+        (["--redis-url", f"redis://user:{CANARY}@127.0.0.1:1/0"], "--redis-url"),
+    ],
+)
+def test_a_secret_given_as_a_flag_is_warned_about_once_and_never_printed(
+    tmp_path: Path, flags: list[str], named: str
+) -> None:
+    """Every user of the machine reads flags in ``ps``: say so and name the *_file setting;
+    a password-less --redis-url and secrets from the environment raise no warning."""
+    rest = (
+        ["enqueue", "--input", "x"]
+        if named == "--redis-url"
+        else ["check", "--region", "cn-north-4"]
+    )
+    done = run_worker(*rest[:1], *flags, *rest[1:], cwd=tmp_path)
+    warnings = [line for line in done.stderr.splitlines() if "every user" in line]
+    assert len(warnings) == 1, done.stderr
+    assert named in warnings[0]
+    assert CANARY not in done.stderr + done.stdout
+    quiet = run_worker("enqueue", "--redis-url", "redis://127.0.0.1:1/0", "--input", "x",
+                       env={"REAPER_SK": CANARY}, cwd=tmp_path)  # fmt: skip
+    assert "every user" not in quiet.stderr
+
+
+def test_the_process_makes_no_core_dump_that_would_hold_its_keys(tmp_path: Path) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-m", "worker", "simulate", "--port", "0", "--jobs", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=tmp_path,
+    ) as process:  # fmt: skip
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline()  # started: its limits are set by now
+            limits = Path(f"/proc/{process.pid}/limits").read_text()
+        finally:
+            process.terminate()
+            process.wait(timeout=20)
+    core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"], core

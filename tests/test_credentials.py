@@ -7,6 +7,7 @@ is a fake clock the tests move by hand.
 from __future__ import annotations
 
 import json
+import re
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,8 +19,10 @@ import anyio
 import pytest
 from aiohttp import web
 
+from tests.e2e import mount_secret
 from worker.api.credentials import (
     Credentials,
+    CredentialSource,
     CredentialsRefused,
     CredentialsUnavailable,
     RefreshingCredentials,
@@ -641,3 +644,226 @@ def test_parse_of_a_malformed_answer_names_fields_not_values() -> None:
     with pytest.raises(CredentialsUnavailable, match="secret, expires_at") as caught:
         parse_temporary(body, "test")
     no_secrets(str(caught.value))
+
+
+# -- issue 24: one source per pair, checked places, rotation -----------------------------------
+
+
+@pytest.mark.anyio
+async def test_an_sdk_secret_key_is_never_paired_with_an_access_key_from_the_settings(
+    session: aiohttp.ClientSession, closed_port_url: str
+) -> None:
+    """``REAPER_AK`` with ``HUAWEICLOUD_SDK_SK`` was one mismatched pair; now the settings'
+    half-pair is an error that says so, and the SDK's half is not looked at."""
+    environ = {"HUAWEICLOUD_SDK_SK": SK_CANARY}
+    with pytest.raises(ConfigError, match="the AK is set but the SK is not") as caught:
+        await resolve_credentials(
+            ak="SETAK", sk=None, security_token=None, environ=environ, session=session,
+            metadata_url=closed_port_url,
+        )  # fmt: skip
+    no_secrets(str(caught.value))
+
+
+@pytest.mark.anyio
+async def test_an_sdk_security_token_never_rides_along_on_permanent_keys_from_elsewhere(
+    session: aiohttp.ClientSession, closed_port_url: str
+) -> None:
+    environ = {"HUAWEICLOUD_SDK_SECURITY_TOKEN": TOKEN_CANARY}
+    source = await resolve_credentials(
+        ak="SETAK", sk="set-sk", security_token=None, environ=environ, session=session,
+        metadata_url=closed_port_url,
+    )  # fmt: skip
+    assert (await source.current()).security_token is None
+    environ |= {"HUAWEICLOUD_SDK_AK": "ENVAK", "HUAWEICLOUD_SDK_SK": "env-sk"}
+    from_env = await resolve_credentials(
+        ak=None, sk=None, security_token=None, environ=environ, session=session,
+        metadata_url=closed_port_url,
+    )  # fmt: skip
+    assert (await from_env.current()).security_token == TOKEN_CANARY  # its own pair's token
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("where", ["settings", "env", "profile"])
+async def test_an_access_key_not_shaped_like_one_is_refused_before_it_is_sent(
+    where: str, tmp_path: Path, session: aiohttp.ClientSession, closed_port_url: str
+) -> None:
+    """A 40-character secret key (an ``ak_file`` pointed at the SK's file) is no access key."""
+    wrong = "k" * 40
+    environ = {"HOME": str(tmp_path)}
+    ak = sk = None
+    if where == "settings":
+        ak, sk = wrong, "s"
+    elif where == "env":
+        environ |= {"HUAWEICLOUD_SDK_AK": wrong, "HUAWEICLOUD_SDK_SK": "s"}
+    else:
+        write_profile(tmp_path / ".huaweicloud" / "credentials", f"[basic]\nak={wrong}\nsk=s\n")
+    with pytest.raises(ConfigError, match="is not an access key") as caught:
+        await resolve_credentials(
+            ak=ak, sk=sk, security_token=None, environ=environ, session=session,
+            metadata_url=closed_port_url,
+        )  # fmt: skip
+    assert wrong not in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_a_federated_profile_is_refused_by_name_not_skipped(
+    tmp_path: Path, service: FakeCredentialService, session: aiohttp.ClientSession
+) -> None:
+    write_profile(
+        tmp_path / ".huaweicloud" / "credentials",
+        "[basic]\nidp_id=my-idp\nid_token_file=/var/run/token\nproject_id=p1\n",
+    )
+    with pytest.raises(ConfigError, match=r"federated profile \(idp_id, id_token_file\)"):
+        await resolve_credentials(
+            ak=None, sk=None, security_token=None, environ={"HOME": str(tmp_path)},
+            session=session, metadata_url=service.url,
+        )  # fmt: skip
+    assert service.calls == []  # not skipped on to the node's agency
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("uri", "allowed"),
+    [
+        ("http://attacker.example/creds", False),
+        ("http://10.0.0.7/creds", False),
+        ("http://user:pw@127.0.0.1:9/creds", False),
+        ("CLOSED", True),
+        ("https://pod-identity.invalid/creds", True),
+    ],
+)
+async def test_the_pod_token_goes_only_to_link_local_loopback_or_https(
+    uri: str, allowed: bool, tmp_path: Path, session: aiohttp.ClientSession,
+    closed_port_url: str,
+) -> None:  # fmt: skip
+    uri = closed_port_url + "/creds" if uri == "CLOSED" else uri
+    token = tmp_path / "token"
+    token.write_text(POD_TOKEN_CANARY)
+    environ = {"HC_CONTAINER_CREDENTIALS_FULL_URI": uri,
+               "HC_CONTAINER_AUTHORIZATION_TOKEN_FILE": str(token)}  # fmt: skip
+    expected = CredentialsUnavailable if allowed else ConfigError  # allowed: nothing listens
+    with pytest.raises(expected) as caught:
+        await resolve_credentials(
+            ak=None, sk=None, security_token=None, environ=environ, session=session,
+            source="pod-identity", timeout=0.2, attempts=1,
+        )  # fmt: skip
+    if not allowed:
+        assert re.search("link-local or loopback|user name or password", str(caught.value))
+    assert ":pw@" not in str(caught.value)
+    no_secrets(str(caught.value))
+
+
+@pytest.mark.anyio
+async def test_auto_inside_a_pod_never_falls_back_to_the_nodes_metadata_agency(
+    tmp_path: Path, service: FakeCredentialService, session: aiohttp.ClientSession,
+    clock: FakeClock,
+) -> None:  # fmt: skip
+    environ = {"HOME": str(tmp_path), "KUBERNETES_SERVICE_HOST": "10.96.0.1"}
+    with pytest.raises(ConfigError, match="not used by auto inside a Kubernetes pod"):
+        await resolve_credentials(
+            ak=None, sk=None, security_token=None, environ=environ, session=session,
+            metadata_url=service.url,
+        )  # fmt: skip
+    assert service.calls == []
+    named = await resolve_credentials(
+        ak=None, sk=None, security_token=None, environ=environ, session=session,
+        metadata_url=service.url, source="metadata", utcnow=clock,
+    )  # fmt: skip
+    assert named.name == "metadata"
+
+
+@pytest.mark.anyio
+async def test_a_metadata_outage_in_auto_is_unavailable_69_not_a_config_error_78(
+    tmp_path: Path, service: FakeCredentialService, session: aiohttp.ClientSession,
+    closed_port_url: str,
+) -> None:  # fmt: skip
+    """Reached and failing (5xx) is an outage: run again later. Nothing there at all (not on
+    ECS) is still one line of "no credentials found"."""
+    service.key_status = 503
+    with pytest.raises(CredentialsUnavailable, match="HTTP 503"):
+        await resolve_credentials(
+            ak=None, sk=None, security_token=None, environ={"HOME": str(tmp_path)},
+            session=session, metadata_url=service.url, attempts=2,
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match="no credentials found"):
+        await resolve_credentials(
+            ak=None, sk=None, security_token=None, environ={"HOME": str(tmp_path)},
+            session=session, metadata_url=closed_port_url, attempts=1,
+        )  # fmt: skip
+
+
+async def _from_mounted_secret(
+    folder: Path, session: aiohttp.ClientSession, metadata_url: str
+) -> tuple[dict[str, Path], CredentialSource]:
+    """Keys the settings read from a mounted Secret (OLDAK / old-sk), and their source."""
+    files = mount_secret(folder, ak="OLDAK", sk="old-sk")
+    source = await resolve_credentials(
+        ak="OLDAK", sk="old-sk", security_token=None, environ={}, session=session,
+        metadata_url=metadata_url, files=files,
+    )  # fmt: skip
+    return files, source
+
+
+@pytest.mark.anyio
+async def test_key_files_are_read_again_when_the_secret_rotates_and_when_keys_are_refused(
+    tmp_path: Path, session: aiohttp.ClientSession, closed_port_url: str
+) -> None:
+    from structlog.testing import capture_logs
+
+    from worker.api.credentials import FileCredentials, Reloadable
+
+    files, source = await _from_mounted_secret(tmp_path, session, closed_port_url)
+    assert isinstance(source, FileCredentials) and isinstance(source, Reloadable)
+    old = await source.current()
+    assert (await source.current()) is old  # nothing changed: nothing read
+    with capture_logs() as logs:
+        mount_secret(tmp_path, ak="NEWAK", sk="new-sk")
+        new = await source.current()
+        assert (new.ak, new.sk) == ("NEWAK", "new-sk")
+        assert await source.refused(old)  # the refused keys are not the ones in force
+        assert not await source.refused(new)  # nothing new to be had: do not try again
+    reloaded = [e for e in logs if e["event"] == "credentials.reloaded"]
+    assert len(reloaded) == 1
+    assert reloaded[0]["reason"] == "changed"
+    assert set(reloaded[0]["files"]) == {f"ak_file {files['ak']}", f"sk_file {files['sk']}"}
+    assert "new-sk" not in repr(logs) + repr(source)
+
+
+@pytest.mark.anyio
+async def test_a_key_file_caught_half_rotated_keeps_the_old_keys_until_it_is_whole(
+    tmp_path: Path, session: aiohttp.ClientSession, closed_port_url: str
+) -> None:
+    from structlog.testing import capture_logs
+
+    files, source = await _from_mounted_secret(tmp_path, session, closed_port_url)
+    version = files["sk"].resolve()
+    version.chmod(0o600)
+    version.write_text("")  # emptied in place
+    with capture_logs() as logs:
+        kept = await source.current()
+    assert kept.sk == "old-sk"
+    assert [e["event"] for e in logs] == ["credentials.reload_failed"]
+    version.write_text("fixed-sk")
+    assert (await source.current()).sk == "fixed-sk"
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("http://169.254.169.254", True),
+        ("http://[fe80::a9fe:a9fe]", True),
+        ("http://127.0.0.1:8080", True),
+        ("http://localhost", True),
+        ("https://metadata.example", True),
+        ("http://metadata.example", False),
+        ("http://192.168.1.1", False),
+        ("ftp://169.254.169.254", False),
+        ("https://user:pw@metadata.example", False),
+    ],
+)
+def test_credential_service_urls_are_https_or_link_local_or_loopback(
+    url: str, allowed: bool
+) -> None:
+    from worker.api.secrets import service_url_problem
+
+    assert (service_url_problem(url) is None) == allowed

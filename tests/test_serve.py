@@ -790,7 +790,7 @@ async def test_serve_on_a_key_of_another_type_exits_78_without_a_traceback(
     assert stream in error and "not a stream" in error
 
 
-NO_API = ["--endpoint", "http://127.0.0.1:9", "--project-id", "p1", "--ak", "AK", "--sk", "SK"]
+NO_API = ["--endpoint", "http://127.0.0.1:9", "--project-id", "p1", "--ak", "TESTAK"]
 """Settings that pass serve's checks; nothing listens there, and no test here calls it."""
 
 
@@ -801,6 +801,7 @@ async def _serve_config_error(stream: str, *flags: str) -> str:
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REAPER_", "HUAWEICLOUD_"))}
+    env["REAPER_SK"] = "SK"  # not --sk: a flag is visible in ps, and says so
     with anyio.fail_after(60):  # a serve that took the settings would run until killed
         done = await anyio.run_process(
             [sys.executable, "-m", "worker", "serve", "--stream", stream, *NO_API, *flags,

@@ -7,17 +7,18 @@ the level where the file was named.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from worker.api.secrets import SECRET_FILE_LIMIT
 from worker.errors import ConfigError
 from worker.settings import (
     DEFAULT_BATCH_SIZE,
     MAX_BATCH_SIZE,
     SDK_ENVIRONMENT,
-    SECRET_FILE_LIMIT,
     Settings,
     endpoint_for,
     load_settings,
@@ -141,11 +142,16 @@ def test_reaper_yes_true_is_yes(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_secret_is_read_from_its_file_stripped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
+    value = "CANARYAK7F1E9B" if name == "ak" else CANARY  # an access key has its own shape
     secret = tmp_path / name
-    secret.write_text(f"  {CANARY}\n", encoding="utf-8")
+    secret.write_text(f"  {value}\n", encoding="utf-8")
+    secret.chmod(0o600)
     monkeypatch.setenv(f"REAPER_{name.upper()}_FILE", str(secret))
-    got = getattr(load_settings(), name)
-    assert (got if isinstance(got, str) else got.get_secret_value()) == CANARY
+    settings = load_settings()
+    got = getattr(settings, name)
+    assert (got if isinstance(got, str) else got.get_secret_value()) == value
+    assert settings.secret_files == {name: secret}  # remembered, to be read again on rotation
+    assert settings.warnings == ()
 
 
 def test_a_secret_file_counts_where_it_was_named(
@@ -196,7 +202,7 @@ def _unreadable(tmp_path: Path, kind: str) -> tuple[Path, str]:
     path = tmp_path / f"secret-{kind}"
     if kind == "directory":
         path.mkdir()
-        return path, "cannot be read"
+        return path, "is not a regular file"
     if kind == "missing":
         return path, "cannot be read"
     if kind == "not-utf8":
@@ -427,7 +433,7 @@ def test_require_api_names_what_is_missing_not_what_is_set() -> None:
     assert "--ak" in message
     assert "--sk" not in message
     assert CANARY not in message
-    load_settings(sk=CANARY, ak="AK", project_id="p1", region="cn-north-4").require_api()
+    load_settings(sk=CANARY, ak="DEMOAK", project_id="p1", region="cn-north-4").require_api()
 
 
 def test_require_api_leaves_keys_to_the_credential_chain_by_default() -> None:
@@ -435,3 +441,76 @@ def test_require_api_leaves_keys_to_the_credential_chain_by_default() -> None:
     load_settings(region="cn-north-4").require_api()
     with pytest.raises(ConfigError, match="endpoint or region"):
         load_settings().require_api()
+
+
+# -- issue 24: where keys come from, checked ------------------------------------------------
+
+
+def test_the_sdk_region_variable_is_not_read_as_the_region(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the SDK, ``HUAWEICLOUD_SDK_REGION`` prefixes endpoint overrides; it names no region."""
+    monkeypatch.setenv("HUAWEICLOUD_SDK_REGION", "cn-north-4")
+    assert load_settings().region is None
+
+
+def test_the_sdk_keys_are_a_source_of_their_own_not_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``REAPER_AK`` beside ``HUAWEICLOUD_SDK_SK`` no longer makes one mismatched pair."""
+    monkeypatch.setenv("REAPER_AK", "REAPERAK")
+    monkeypatch.setenv("HUAWEICLOUD_SDK_SK", CANARY)
+    monkeypatch.setenv("HUAWEICLOUD_SDK_SECURITY_TOKEN", CANARY)
+    settings = load_settings()
+    assert (settings.ak, settings.sk, settings.security_token) == ("REAPERAK", None, None)
+
+
+def test_a_fifo_as_a_key_file_fails_at_once_instead_of_hanging(tmp_path: Path) -> None:
+    fifo = tmp_path / "sk"
+    os.mkfifo(fifo)
+    assert "is not a regular file" in config_error(sk_file=str(fifo))
+
+
+@pytest.mark.parametrize(("mode", "group", "warned"), [
+    (0o600, "ours", False), (0o640, "ours", False), (0o640, "theirs", True),
+    (0o604, "ours", True), (0o644, "ours", True),
+])  # fmt: skip
+def test_a_key_file_others_can_read_is_warned_about_as_ssh_does(
+    tmp_path: Path, mode: int, group: str, warned: bool
+) -> None:
+    """Readable by a group we are in is fine (``fsGroup`` makes a mounted Secret 0440)."""
+    secret = tmp_path / "sk"
+    secret.write_text(CANARY)
+    if group == "theirs":
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give the file to another group")
+        os.chown(secret, -1, 65534)
+    secret.chmod(mode)
+    settings = load_settings(sk_file=str(secret))
+    assert bool(settings.warnings) == warned
+    for warning in settings.warnings:
+        assert "readable by others" in warning and str(secret) in warning
+        assert CANARY not in warning
+
+
+def test_an_ak_file_pointed_at_another_file_is_refused_not_sent(tmp_path: Path) -> None:
+    """The secret key's file, or any file, given as ``ak_file``: refused by its shape; the
+    content is never repeated."""
+    wrong = tmp_path / "sk-by-mistake"
+    wrong.write_text("Zx9" * 13 + "Q\n")  # 40 characters: a secret key
+    message = config_error(ak_file=str(wrong))
+    assert "ak: is not an access key" in message
+    assert "Zx9" not in message
+    passwd = tmp_path / "passwd"
+    passwd.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    assert "is not an access key" in config_error(ak_file=str(passwd))
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [("http://169.254.169.254", True), ("https://meta.example", True),
+     ("http://127.0.0.1:9000", True), ("http://meta.example", False), ("http://10.1.2.3", False)],
+)  # fmt: skip
+def test_metadata_url_is_link_local_loopback_or_https(url: str, allowed: bool) -> None:
+    if allowed:
+        assert load_settings(metadata_url=url).metadata_url == url
+    else:
+        assert "link-local or loopback" in config_error(metadata_url=url)

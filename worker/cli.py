@@ -7,6 +7,7 @@ command imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -336,8 +337,63 @@ _jobs = _bounded("the number of jobs", 0, MAX_SIMULATED_JOBS)
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     for stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop, _stopped_before_start)
+    no_core_dumps()
     args = build_parser().parse_args(argv)
     sys.exit(dispatch(args))
+
+
+def no_core_dumps() -> None:
+    """A core dump holds the secret key and the pod's token: the process makes none."""
+    import resource
+
+    with contextlib.suppress(OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+VISIBLE_SECRETS = {
+    "sk": "--sk (use --sk-file, REAPER_SK_FILE or REAPER_SK)",
+    "security_token": "--security-token (use --security-token-file or REAPER_SECURITY_TOKEN)",
+}
+
+
+def command_line_secrets(overrides: dict[str, Any]) -> list[str]:
+    """Secrets given as flags, which every user of the machine can read in ``ps`` and
+    ``/proc/PID/cmdline``: one line each, naming the flag and where to put it instead."""
+    found = [text for key, text in VISIBLE_SECRETS.items() if overrides.get(key)]
+    url = overrides.get("redis_url")
+    if isinstance(url, str) and _has_password(url):
+        found.append("--redis-url with a password (use REAPER_REDIS_URL or redis_url in --config)")
+    return found
+
+
+def _warn(exposed: list[str], warnings: Sequence[str], settings: Any) -> None:
+    """Once, before the command runs, on stderr (stdout may be a command's output), in the
+    log's own format so a JSON log stays JSON."""
+    if not exposed and not warnings:
+        return
+    import structlog
+
+    from worker import logsetup
+
+    logsetup.configure(fmt=settings.log_format, level=settings.log_level, stream=sys.stderr)
+    log = structlog.get_logger("devserver_reaper")
+    if exposed:
+        log.warning(
+            "settings.secret_on_command_line",
+            flags=exposed,
+            why="every user of this machine can read them (ps, /proc/PID/cmdline)",
+        )
+    for warning in warnings:
+        log.warning("settings.key_file_exposed", error=warning)
+
+
+def _has_password(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).password is not None
+    except ValueError:
+        return False
 
 
 def _stopped_before_start(signum: int, frame: object) -> None:
@@ -353,11 +409,13 @@ def dispatch(args: argparse.Namespace) -> int:
     from worker.settings import load_settings
 
     config = getattr(args, "sub_config", None) or args.config
+    overrides = settings_overrides(args)
     try:
-        settings = load_settings(config, **settings_overrides(args))
+        settings = load_settings(config, **overrides)
     except ConfigError as exc:
         print(f"devserver-reaper: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
+    _warn(command_line_secrets(overrides), settings.warnings, settings)
 
     import importlib
 

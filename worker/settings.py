@@ -1,9 +1,15 @@
 """Settings: flags over ``REAPER_*`` environment over a TOML config file over defaults.
 
-The Huawei Cloud SDK's own variables (``HUAWEICLOUD_SDK_AK`` ...) sit just below the more
-specific ``REAPER_*`` ones and above the config file. A secret can be read from a file
-(``--sk-file``, ``REAPER_SK_FILE``, ``sk_file`` in the config): the file counts at the level
-where it was named, so ``--sk`` still beats ``REAPER_SK_FILE``.
+``HUAWEICLOUD_SDK_PROJECT_ID`` sits just below ``REAPER_PROJECT_ID`` and above the config
+file. The SDK's keys (``HUAWEICLOUD_SDK_AK``, ``_SK``, ``_SECURITY_TOKEN``) are not settings:
+they are one credential source of their own (``worker.api.credentials``), used whole, so an
+access key from here is never paired with a secret key from there. ``HUAWEICLOUD_SDK_REGION``
+is not read: in the SDK it prefixes endpoint overrides, it does not name the region.
+
+A secret can be read from a file (``--sk-file``, ``REAPER_SK_FILE``, ``sk_file`` in the
+config): the file counts at the level where it was named, so ``--sk`` still beats
+``REAPER_SK_FILE``. The files that gave the keys are remembered (``secret_files``) so that
+a rotated Secret can be read again.
 
 This module sits at the edge with the command line; the pipeline stages never import it.
 Secrets are ``SecretStr`` and never appear in ``repr``, logs or validation errors.
@@ -40,6 +46,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from worker.api.secrets import access_key_problem, read_key_file, service_url_problem
 from worker.errors import ConfigError
 from worker.types import PROJECT_ID_RE, holds_control
 
@@ -72,15 +79,11 @@ def is_loopback(host: str) -> bool:
 
 
 REGION_RE = re.compile(r"[a-z]{2}(?:-[a-z0-9]+)+")
-SECRET_FILE_LIMIT = 64 * 1024
 
-# The SDK's variable -> our setting. Below REAPER_*, above the config file.
+# The SDK's variable -> our setting. Below REAPER_*, above the config file. Its keys are a
+# credential source of their own (see the module docstring), and its REGION is not a region.
 SDK_ENVIRONMENT = {
-    "HUAWEICLOUD_SDK_AK": "ak",
-    "HUAWEICLOUD_SDK_SK": "sk",
-    "HUAWEICLOUD_SDK_SECURITY_TOKEN": "security_token",
     "HUAWEICLOUD_SDK_PROJECT_ID": "project_id",
-    "HUAWEICLOUD_SDK_REGION": "region",
 }
 SECRETS = ("ak", "sk", "security_token")
 
@@ -138,6 +141,8 @@ class Settings(BaseSettings):
     max_fraction: float | None = Field(default=None, gt=0, le=1)
     recheck_max_age: float = Field(default=60.0, ge=1, le=3600)
     _protect_files: tuple[Path, ...] = PrivateAttr(default=())
+    _secret_files: dict[str, Path] = PrivateAttr(default_factory=dict)
+    _warnings: tuple[str, ...] = PrivateAttr(default=())
 
     # -- serve / enqueue ------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -158,6 +163,14 @@ class Settings(BaseSettings):
         text = value.get_secret_value() if isinstance(value, SecretStr) else value
         if text is not None and holds_control(text):
             raise ValueError("must not hold a control character (a line break in a file?)")
+        return value
+
+    @field_validator("ak")
+    @classmethod
+    def _access_key(cls, value: str | None) -> str | None:
+        problem = None if value is None else access_key_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("rate", mode="before")
@@ -190,6 +203,7 @@ class Settings(BaseSettings):
     def _protection_adds_up(cls, data: Any, handler: ModelWrapValidatorHandler[Settings]) -> Any:
         """Each source's protection joins the others' (see ``ADDED_UP``)."""
         layers = (data.pop(_LAYERS_KEY, None) if isinstance(data, dict) else None) or []
+        read = (data.pop(_FILES_KEY, None) if isinstance(data, dict) else None) or _FilesRead()
         for name in ("protect", "protected_types", "protected_statuses"):
             given = [value for layer in layers if (value := layer.get(name)) is not None]
             if len(given) > 1:
@@ -200,6 +214,8 @@ class Settings(BaseSettings):
         settings = handler(data)
         files: list[Path | None] = [Path(name) for name in named] or [settings.protect_file]
         settings._protect_files = tuple(dict.fromkeys(f for f in files if f is not None))
+        settings._secret_files = dict(read.files)
+        settings._warnings = tuple(read.warnings)
         return settings
 
     @field_validator("protected_types", "protected_statuses")
@@ -276,11 +292,22 @@ class Settings(BaseSettings):
     @field_validator("metadata_url")
     @classmethod
     def _metadata_url(cls, value: str) -> str:
-        # The ECS metadata service is plain http on a link-local address by design.
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http(s) URL such as http://169.254.169.254")
+        # The ECS metadata service is plain http on a link-local address by design; plain
+        # http anywhere else would hand its keys to whoever is on the way.
+        problem = service_url_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value.rstrip("/")
+
+    @property
+    def secret_files(self) -> dict[str, Path]:
+        """The files the keys in force were read from: ``{"sk": Path(...)}`` and so on."""
+        return dict(self._secret_files)
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What a person should hear about these settings (a key file others can read)."""
+        return self._warnings
 
     @property
     def protect_files(self) -> tuple[Path, ...]:
@@ -327,9 +354,9 @@ class Settings(BaseSettings):
         config_file = _CONFIG_FILE.get() or os.environ.get("REAPER_CONFIG")
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
-        decided: set[str] = set()  # secrets a source of higher precedence has given
+        read = _FilesRead()  # secrets a source of higher precedence has given, and from where
         layers: list[dict[str, Any]] = []  # what each source says of ADDED_UP, in order
-        return tuple(_Layer(_SecretFiles(source, decided), layers) for source in sources)
+        return tuple(_Layer(_SecretFiles(source, read), layers, read) for source in sources)
 
 
 # The --config path, handed to the source hook above (which pydantic calls with no arguments).
@@ -342,6 +369,19 @@ replace it (and with it, every rule the team relies on)."""
 
 _LAYERS_KEY = "__layers__"
 """Where the sources hand the validator what each gave for ADDED_UP, highest first."""
+
+_FILES_KEY = "__secret_files__"
+"""Where the sources hand the validator the key files they read (a ``_FilesRead``)."""
+
+
+class _FilesRead:
+    """Shared by one load's sources: which secrets are decided, from which file, and what
+    the files' checks had to say."""
+
+    def __init__(self) -> None:
+        self.decided: set[str] = set()
+        self.files: dict[str, Path] = {}
+        self.warnings: list[str] = []
 
 
 def word_list(value: object) -> object:
@@ -396,14 +436,17 @@ class _Wrapping(_Whole):
 class _Layer(_Wrapping):
     """Passes a source's values through, noting what it gave for ``ADDED_UP``."""
 
-    def __init__(self, inner: PydanticBaseSettingsSource, layers: list[dict[str, Any]]) -> None:
+    def __init__(
+        self, inner: PydanticBaseSettingsSource, layers: list[dict[str, Any]], read: _FilesRead
+    ) -> None:
         super().__init__(inner)
         self._layers = layers
+        self._read = read
 
     def __call__(self) -> dict[str, Any]:
         data = self._inner()
         self._layers.append({k: data[k] for k in ADDED_UP if data.get(k) is not None})
-        return {**data, _LAYERS_KEY: self._layers}
+        return {**data, _LAYERS_KEY: self._layers, _FILES_KEY: self._read}
 
 
 class _SdkEnvironment(_Whole):
@@ -427,40 +470,25 @@ class _SecretFiles(_Wrapping):
     ``REAPER_SK_FILE`` cannot fail a run that ``--sk`` decides.
     """
 
-    def __init__(self, inner: PydanticBaseSettingsSource, decided: set[str]) -> None:
+    def __init__(self, inner: PydanticBaseSettingsSource, read: _FilesRead) -> None:
         super().__init__(inner)
-        self._decided = decided
+        self._read = read
 
     def __call__(self) -> dict[str, Any]:
         data = dict(self._inner())
         for name in SECRETS:
             path = data.get(f"{name}_file")
-            if name in self._decided:
+            if name in self._read.decided:
                 continue
             if isinstance(path, str | os.PathLike) and str(path):
-                data[name] = read_secret_file(f"{name}_file", Path(path))
+                key_file = read_key_file(f"{name}_file", Path(path))
+                data[name] = key_file.text
+                self._read.files[name] = Path(path)
+                if key_file.warning:
+                    self._read.warnings.append(key_file.warning)
             if data.get(name) is not None:  # absent, or not a path: its validation says so
-                self._decided.add(name)
+                self._read.decided.add(name)
         return data
-
-
-def read_secret_file(setting: str, path: Path) -> str:
-    """A secret from a file (a mounted Kubernetes Secret), stripped; errors never quote it."""
-    try:
-        with path.open("rb") as handle:
-            raw = handle.read(SECRET_FILE_LIMIT + 1)
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise ConfigError(f"{setting} {path} cannot be read: {reason}") from None
-    if len(raw) > SECRET_FILE_LIMIT:
-        raise ConfigError(f"{setting} {path} is larger than {SECRET_FILE_LIMIT} bytes")
-    try:
-        text = raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise ConfigError(f"{setting} {path} is not UTF-8 text") from None
-    if not text:
-        raise ConfigError(f"{setting} {path} is empty")
-    return text
 
 
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:

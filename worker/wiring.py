@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 
 import aiohttp
+import structlog
 
 from worker.api.client import Api, ApiClient, make_session
 from worker.api.credentials import CredentialSource, read_profile, resolve_credentials
@@ -49,8 +50,9 @@ def session(settings: Settings, *, concurrency: int | None = None) -> aiohttp.Cl
 
 
 async def credentials(settings: Settings, http: aiohttp.ClientSession) -> CredentialSource:
-    """Keys from the first place that has them (settings, env, profile, pod, metadata)."""
-    return await resolve_credentials(
+    """Keys from the first place that has them (settings, env, profile, pod, metadata), and
+    an event saying which place that was: ``auto`` must never pick one silently."""
+    found = await resolve_credentials(
         ak=settings.ak,
         sk=settings.sk.get_secret_value() if settings.sk else None,
         security_token=(
@@ -60,7 +62,16 @@ async def credentials(settings: Settings, http: aiohttp.ClientSession) -> Creden
         session=http,
         metadata_url=settings.metadata_url,
         source=settings.credential_source,
+        files=settings.secret_files,
     )
+    files = sorted(f"{key}_file {path}" for key, path in settings.secret_files.items())
+    structlog.get_logger("devserver_reaper").info(
+        "credentials.source",
+        source=found.name,
+        asked=settings.credential_source,
+        files=files if found.name == "settings" and files else None,
+    )
+    return found
 
 
 async def api_client(settings: Settings, http: aiohttp.ClientSession) -> ApiClient:

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Protocol, TypeVar
 from urllib.parse import quote
 
@@ -35,12 +36,10 @@ from worker.api.answers import (
     request_id_of,
     secrets_of,
 )
-from worker.api.credentials import Credentials, CredentialSource
+from worker.api.credentials import Credentials, CredentialSource, Reloadable
 from worker.api.session import USER_AGENT, make_session
 from worker.api.signer import QueryValue, sign
-from worker.errors import (
-    ApiError,
-)
+from worker.errors import ApiError, AuthError
 from worker.types import DeleteResult, JobRecord
 
 __all__ = [
@@ -190,10 +189,15 @@ class ApiClient:
         Counted by outcome class, a malformed 200 included.
         """
         credentials = await self._credentials.current()
-        call = Call(method=method, path=path, secrets=secrets_of(credentials))
+        attempt = partial(self._attempt, method, path, query, body, names_job=names_job)
         try:
-            answer = await self._send(method, path, query, body, credentials, call)
-            raise_for_status(answer, call, self._utcnow, names_job=names_job)
+            try:
+                answer, call = await attempt(credentials)
+            except AuthError as exc:
+                if not await self._keys_replaced(exc, credentials):
+                    raise
+                self._outcomes[type(exc).__name__] += 1
+                answer, call = await attempt(await self._credentials.current())
             result = parse(answer, call)
         except ApiError as exc:
             self._outcomes[type(exc).__name__] += 1
@@ -201,6 +205,30 @@ class ApiClient:
         self._outcomes["ok"] += 1
         self._answered = True
         return result
+
+    async def _attempt(
+        self,
+        method: str,
+        path: str,
+        query: Sequence[tuple[str, QueryValue]],
+        body: bytes,
+        credentials: Credentials,
+        *,
+        names_job: bool,
+    ) -> tuple[Answer, Call]:
+        """Sign with ``credentials``, send, and raise for the status."""
+        call = Call(method=method, path=path, secrets=secrets_of(credentials))
+        answer = await self._send(method, path, query, body, credentials, call)
+        raise_for_status(answer, call, self._utcnow, names_job=names_job)
+        return answer, call
+
+    async def _keys_replaced(self, refusal: AuthError, used: Credentials) -> bool:
+        """Keys refused (401/403) by a source that can look again (a rotated Secret), which
+        found others: the refused call did nothing on the server, so it goes once more."""
+        source = self._credentials
+        if refusal.http_status not in (401, 403) or not isinstance(source, Reloadable):
+            return False
+        return await source.refused(used)
 
     async def _send(
         self,

@@ -1,9 +1,33 @@
 """Where signing keys come from. The client asks a ``CredentialSource`` before every attempt.
 
-``resolve_credentials`` looks in the places the Huawei Cloud SDK looks, in the SDK's order:
-explicit settings, the ``HUAWEICLOUD_SDK_*`` environment, the profile file, CCE pod identity,
-ECS metadata. The last two hand out temporary keys, which ``RefreshingCredentials`` renews
-before they expire.
+``resolve_credentials`` looks in these places, in this order (``auto``), or only in the one
+``credential_source`` names:
+
+1. ``settings``: ``--ak``/``--sk``/``--security-token``, ``REAPER_*``, the config file, and
+   the ``*_file`` settings (a mounted Secret). Keys read from files are read again when a
+   file changes and when the API refuses them (401/403): a rotated Secret reaches a running
+   ``serve`` without a restart (``credentials.reloaded`` says which file).
+2. ``env``: ``HUAWEICLOUD_SDK_AK``, ``_SK`` and ``_SECURITY_TOKEN``, taken together or not at
+   all.
+3. ``profile``: the ``[basic]`` section of ``HUAWEICLOUD_SDK_CREDENTIALS_FILE`` or
+   ``~/.huaweicloud/credentials``. A federated profile (``idp_id``, ``id_token_file``) is
+   refused by name rather than skipped.
+4. ``pod-identity``: CCE pod identity (``HC_CONTAINER_CREDENTIALS_FULL_URI`` and its token file).
+5. ``metadata``: the ECS metadata service, the node's agency, which every pod on the node
+   could use: inside a Kubernetes pod ``auto`` never falls back to it; name it to use it.
+
+How this differs from the SDK, and why: the SDK's chain is environment, profile, metadata,
+with explicit arguments outside the chain. Here the settings come first because they are the
+operator's explicit choice for this tool; each place gives an access key and its secret key
+together (the SDK variables are never mixed with ``REAPER_*`` into a mismatched pair, and a
+``HUAWEICLOUD_SDK_SECURITY_TOKEN`` never rides along on permanent keys from elsewhere); pod
+identity is tried before the node's metadata, and not at all by the SDK's older versions;
+``HUAWEICLOUD_SDK_REGION`` is not read (the SDK uses it for endpoint overrides).
+
+Checks on every place: an access key must have an access key's shape (a file of something
+else is refused, not sent in the ``Authorization`` header); a key file must be a regular file
+(a FIFO does not hang the run) and gets a warning when others can read it; the metadata and
+pod-identity URLs must be ``https`` or a link-local or loopback address (``worker.api.secrets``).
 
 Failure policy, so that exit codes mean what docs/reference.md says:
 
@@ -16,8 +40,8 @@ Failure policy, so that exit codes mean what docs/reference.md says:
   ``CredentialsRefused``, an ``AuthError`` (77).
 
 In ``auto`` mode the metadata service is only a last guess (the process may not run on ECS at
-all), so its failures there become one line of the ``ConfigError``; asked for by name
-(``source="metadata"``), they are raised as above.
+all): when no connection to it can be made, that is one line of the ``ConfigError``; once it
+was reached, a timeout or a 5xx is an outage (69), as when it is asked for by name.
 """
 
 from __future__ import annotations
@@ -28,12 +52,19 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
+import structlog
 
+from worker.api.secrets import (
+    access_key_problem,
+    file_identity,
+    read_key_file,
+    service_url_problem,
+)
 from worker.errors import AuthError, ConfigError, ReaperError, TransientError
 from worker.types import holds_control
 
@@ -59,6 +90,16 @@ class CredentialSource(Protocol):
     async def current(self) -> Credentials: ...
 
 
+@runtime_checkable
+class Reloadable(Protocol):
+    """A source that can look again when the API refuses its keys (a rotated key file)."""
+
+    async def refused(self, used: Credentials) -> bool:
+        """The API refused ``used`` (401/403): look again. True when the keys are now
+        different, so the refused call is worth one more try."""
+        ...
+
+
 class StaticCredentials:
     """Keys given once, in settings or the environment."""
 
@@ -77,11 +118,97 @@ class StaticCredentials:
         return f"StaticCredentials(name={self._name!r}, ak={self._credentials.ak!r})"
 
 
+KEY_NAMES = ("ak", "sk", "security_token")
+
+
+class FileCredentials:
+    """Keys of which some were read from files (``ak_file``, ``sk_file`` ...): a mounted Secret.
+
+    Kubernetes rotates a Secret by swapping the link its files are reached through, so a file
+    is read again when what it names changes (device, inode, size, time: one ``stat`` per
+    file per call) and whenever the API refuses the keys. Each reload that changes the keys is
+    a ``credentials.reloaded`` event naming the files; a file caught half rotated (missing,
+    empty, not yet an access key) keeps the old keys and is tried again at the next call.
+    """
+
+    def __init__(
+        self,
+        values: Mapping[str, str | None],
+        files: Mapping[str, Path],
+        *,
+        name: str = "settings",
+    ) -> None:
+        self._values = {key: values.get(key) for key in KEY_NAMES}
+        self._files = {key: Path(path) for key, path in files.items() if key in KEY_NAMES}
+        self._seen = {key: file_identity(path) for key, path in self._files.items()}
+        self._name = name
+        self._credentials = self._build(self._values)
+        self._log = structlog.get_logger("devserver_reaper")
+        self.reloads = 0
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @staticmethod
+    def _build(values: Mapping[str, str | None]) -> Credentials:
+        ak, sk = values["ak"], values["sk"]
+        if not ak or not sk:
+            raise ConfigError("settings: an access key and its secret key are both needed")
+        problem = access_key_problem(ak)
+        if problem:
+            raise ConfigError(f"settings: the AK {problem}")
+        return Credentials(ak, sk, values["security_token"] or None)
+
+    async def current(self) -> Credentials:
+        if any(file_identity(path) != self._seen[key] for key, path in self._files.items()):
+            self._reload("changed")
+        return self._credentials
+
+    async def refused(self, used: Credentials) -> bool:
+        self._reload("refused")
+        return self._credentials != used
+
+    def _reload(self, why: str) -> None:
+        values = dict(self._values)
+        seen = dict(self._seen)
+        try:
+            for key, path in self._files.items():
+                seen[key] = file_identity(path)
+                values[key] = read_key_file(f"{key}_file", path).text
+            fresh = self._build(values)
+        except ConfigError as exc:
+            self._log.warning("credentials.reload_failed", reason=why, error=str(exc))
+            return  # the old keys, until the files are whole again
+        self._seen = seen
+        if fresh == self._credentials:
+            return
+        changed = [
+            f"{key}_file {path}" for key, path in self._files.items()
+            if values[key] != self._values[key]
+        ]  # fmt: skip
+        self._values, self._credentials = values, fresh
+        self.reloads += 1
+        self._log.info("credentials.reloaded", source=self._name, files=changed, reason=why)
+
+    def __repr__(self) -> str:
+        files = ", ".join(f"{key}_file={str(path)!r}" for key, path in self._files.items())
+        return (
+            f"FileCredentials(name={self._name!r}, ak={self._credentials.ak!r}, {files}, "
+            f"reloads={self.reloads})"
+        )
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 
 class CredentialsUnavailable(TransientError):
-    """A credential service could not be reached or failed: worth trying again later (69)."""
+    """A credential service could not be reached or failed: worth trying again later (69).
+
+    ``reached`` says whether a connection was ever made: a metadata service that answered
+    5xx or went quiet is having an outage; one that nothing answers is likely not there."""
+
+    reached: bool = True
 
 
 class CredentialsRefused(AuthError):
@@ -246,6 +373,7 @@ class _Http:
         """
         timeout = aiohttp.ClientTimeout(total=self.timeout, sock_connect=min(self.timeout, 1.0))
         why = "no attempt"
+        reached = False
         for attempt in range(1, self.attempts + 1):
             try:
                 async with self.session.request(
@@ -257,25 +385,33 @@ class _Http:
                     allow_redirects=False,
                 ) as response:
                     content = await response.read()
+            except aiohttp.ConnectionTimeoutError:
+                why = "cannot connect (no answer to the connection)"
             except TimeoutError:
                 why = f"no answer within {self.timeout:g} s"
+                reached = True
             except aiohttp.ClientConnectorError as exc:
                 why = f"cannot connect ({exc.strerror or type(exc).__name__})"
             except aiohttp.ClientError as exc:
                 why = type(exc).__name__
+                reached = True
             else:
                 if response.status < 500:
                     return response.status, content
                 why = f"HTTP {response.status}"
+                reached = True
             if attempt < self.attempts:
                 await anyio.sleep(self.retry_delay * attempt)
-        raise CredentialsUnavailable(f"{origin}: {why} (after {self.attempts} attempts)")
+        error = CredentialsUnavailable(f"{origin}: {why} (after {self.attempts} attempts)")
+        error.reached = reached
+        raise error
 
 
 def _origin(url: str) -> str:
     """A URL fit for an error message: scheme, host and path, never a query."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+    host = parts.netloc.rpartition("@")[2]  # never a user name or password
+    return f"{parts.scheme}://{host}{parts.path}"
 
 
 def parse_temporary(body: bytes, origin: str) -> Credentials:
@@ -391,6 +527,7 @@ class Profile:
     sk: str | None = field(repr=False)
     project_id: str | None
     security_token: str | None = field(default=None, repr=False)
+    federated: tuple[str, ...] = ()  # idp_id, id_token_file: what this tool does not do
 
 
 def profile_path(environ: Mapping[str, str]) -> Path:
@@ -426,7 +563,11 @@ def read_profile(environ: Mapping[str, str]) -> Profile | None:
             raise ConfigError(f"profile {path}: {key} holds a control character (a line break?)")
         return value or None
 
-    return Profile(path, get("ak"), get("sk"), get("project_id"), get("security_token"))
+    federated = tuple(key for key in FEDERATED_KEYS if get(key))
+    return Profile(path, get("ak"), get("sk"), get("project_id"), get("security_token"), federated)
+
+
+FEDERATED_KEYS = ("idp_id", "id_token_file")
 
 
 # -- resolving --------------------------------------------------------------------------------
@@ -435,7 +576,8 @@ AUTO_ORDER: tuple[SourceName, ...] = ("settings", "env", "profile", "pod-identit
 
 
 def _pair(ak: str | None, sk: str | None, token: str | None, where: str) -> Credentials | None:
-    """Keys from a static place; ``ConfigError`` when only half of them are there."""
+    """Keys from a static place, whole; ``ConfigError`` when only half of them are there or
+    the access key is not one."""
     if not ak and not sk:
         if token:
             raise ConfigError(f"{where}: a security token is set without an AK and SK")
@@ -443,7 +585,22 @@ def _pair(ak: str | None, sk: str | None, token: str | None, where: str) -> Cred
     if not ak or not sk:
         have, lack = ("AK", "SK") if ak else ("SK", "AK")
         raise ConfigError(f"{where}: the {have} is set but the {lack} is not")
+    problem = access_key_problem(ak)
+    if problem:
+        raise ConfigError(f"{where}: the AK {problem}")
     return Credentials(ak, sk, token or None)
+
+
+def in_kubernetes(environ: Mapping[str, str]) -> bool:
+    """A pod: the kubelet gives every container ``KUBERNETES_SERVICE_HOST``."""
+    return bool(environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+def _service_url(url: str, what: str) -> str:
+    problem = service_url_problem(url)
+    if problem:
+        raise ConfigError(f"{what} {_origin(url)}: {problem}")
+    return url
 
 
 async def resolve_credentials(
@@ -455,17 +612,21 @@ async def resolve_credentials(
     session: aiohttp.ClientSession,
     metadata_url: str = "http://169.254.169.254",
     source: SourceName = "auto",
+    files: Mapping[str, Path] | None = None,
+    settings_name: str = "settings",
     timeout: float = 5.0,  # noqa: ASYNC109 - per call to a credential service, not overall
     attempts: int = 2,
     utcnow: Clock = utc_now,
     refresh_before: timedelta = timedelta(minutes=40),
     min_validity: timedelta = timedelta(seconds=60),
 ) -> CredentialSource:
-    """Find keys where the SDK would, in its order (or only in ``source``), and return a source.
+    """Find keys in the order of the module docstring (or only in ``source``), and return a
+    source whose ``name`` says where they came from.
 
-    Temporary keys are fetched once here, so a broken service shows at start-up, not at the
-    first DELETE. Raises ``ConfigError`` naming what was tried when nothing is found; see the
-    module docstring for the other errors.
+    ``files`` names the key files the settings' keys were read from: those are read again
+    on rotation (``FileCredentials``). Temporary keys are fetched once here, so a broken
+    service shows at start-up, not at the first DELETE. Raises ``ConfigError`` naming what
+    was tried when nothing is found; see the module docstring for the other errors.
     """
     http = _Http(session, timeout, max(1, attempts))
     tried: list[str] = []
@@ -486,8 +647,11 @@ async def resolve_credentials(
     for kind in order:
         if kind == "settings":
             found = _pair(ak, sk, security_token, "settings (--ak/--sk, REAPER_AK/REAPER_SK)")
+            if found and files:
+                values = {"ak": found.ak, "sk": found.sk, "security_token": found.security_token}
+                return FileCredentials(values, files, name=settings_name)
             if found:
-                return StaticCredentials(found, "settings")
+                return StaticCredentials(found, settings_name)
             tried.append("settings: no ak/sk")
         elif kind == "env":
             found = _pair(
@@ -503,6 +667,11 @@ async def resolve_credentials(
             profile = read_profile(environ)
             where = f"profile {profile_path(environ)}"
             found = None
+            if profile is not None and profile.federated:
+                raise ConfigError(
+                    f"{where} [basic]: a federated profile ({', '.join(profile.federated)}) is "
+                    "not supported; give an AK/SK, or use pod identity or the ECS agency"
+                )
             if profile is not None:
                 found = _pair(profile.ak, profile.sk, profile.security_token, f"{where} [basic]")
             if found:
@@ -512,6 +681,7 @@ async def resolve_credentials(
             uri = environ.get("HC_CONTAINER_CREDENTIALS_FULL_URI")
             token_file = environ.get("HC_CONTAINER_AUTHORIZATION_TOKEN_FILE")
             if uri and token_file:
+                uri = _service_url(uri, "pod identity: HC_CONTAINER_CREDENTIALS_FULL_URI")
                 pod = _PodIdentity(http, uri, Path(token_file))
                 return await refreshing(pod.fetch, "pod-identity", await pod.fetch())
             if uri or token_file:
@@ -521,10 +691,20 @@ async def resolve_credentials(
                 )
             tried.append("pod identity: HC_CONTAINER_CREDENTIALS_FULL_URI not set")
         elif kind == "metadata":
-            metadata = _Metadata(http, metadata_url)
+            if source == "auto" and in_kubernetes(environ):
+                tried.append(
+                    "ECS metadata: not used by auto inside a Kubernetes pod (it is the node's "
+                    "agency, open to every pod there); set credential_source=metadata to use it"
+                )
+                continue
+            metadata = _Metadata(http, _service_url(metadata_url, "metadata_url"))
             try:
                 first = await metadata.fetch()
-            except (CredentialsUnavailable, CredentialsRefused) as exc:
+            except CredentialsUnavailable as exc:
+                if source != "auto" or exc.reached:
+                    raise  # reached, then failed: an outage, worth trying again later (69)
+                tried.append(str(exc))
+            except CredentialsRefused as exc:
                 if source != "auto":
                     raise
                 tried.append(str(exc))

@@ -1,0 +1,120 @@
+"""A rotated Secret reaches a running ``serve`` (issue 24, point 4): the real ``serve`` process
+reads its keys from files mounted as the kubelet mounts a Secret; the simulator's keys and the
+files change together, as an operator rotating the keys does; the replica keeps deleting
+without a restart, and says which files it read again."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.conftest import REDIS_URL
+from tests.e2e import SIM_AK, SIM_SK, mount_secret
+from tests.test_serve_e2e import GROUP, Queue, Replica, _collect, _env, queue, until
+from worker.simulator import SimulatorConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
+
+
+async def start_with_key_files(q: Queue, name: str, files: dict[str, Path]) -> Replica:
+    command = [
+        sys.executable, "-m", "worker", "serve",
+        "--endpoint", q.sim.url, "--project-id", q.sim.config.project_id,
+        "--stream", q.stream, "--group", GROUP, "--consumer", name,
+        "--redis-url", REDIS_URL, "--http-port", "0", "--log-format", "json",
+        "--credential-source", "settings",
+    ]  # fmt: skip
+    env = _env() | {"REAPER_AK_FILE": str(files["ak"]), "REAPER_SK_FILE": str(files["sk"])}
+    with (q.tmp / f"{name}.err").open("wb") as errors:
+        process = await anyio.open_process(command, env=env, stderr=errors)
+    replica = Replica(name, process)
+    q.replicas.append(replica)
+    q.group.start_soon(_collect, replica)
+    with anyio.fail_after(20):
+        await replica.started.wait()
+    return replica
+
+
+@pytest.mark.anyio
+async def test_serve_deletes_with_the_rotated_keys_without_a_restart(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    files = mount_secret(secret, ak=SIM_AK, sk=SIM_SK)
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=40)) as q:
+        replica = await start_with_key_files(q, "rotating", files)
+        ids = q.sim.job_ids()
+        await q.enqueue(ids[:20])
+
+        async def deleted(n: int) -> bool:
+            return len(q.sim.deleted) == n
+
+        await until(lambda: deleted(20))
+        # The operator rotates: the API takes only the new keys, the Secret is updated.
+        q.sim.config = replace(q.sim.config, ak="ROTATEDAK2026", sk="rotated-secret-key")
+        mount_secret(secret, ak="ROTATEDAK2026", sk="rotated-secret-key")
+        await q.enqueue(ids[20:])
+        await until(lambda: deleted(40))
+        await q.stop_all()
+    assert replica.process.returncode == 0
+    assert q.sim.stats.signature_failures == 0  # the change was seen before any call
+    source = replica.named("credentials.source")
+    assert [(e["source"], e["asked"]) for e in source] == [("settings", "settings")]
+    assert set(source[0]["files"]) == {f"ak_file {files['ak']}", f"sk_file {files['sk']}"}
+    reloaded = replica.named("credentials.reloaded")
+    assert len(reloaded) == 1
+    assert set(reloaded[0]["files"]) == set(source[0]["files"])
+    assert replica.named("serve.paused") == []
+    printed = repr(replica.events) + (tmp_path / "rotating.err").read_text()
+    assert "rotated-secret-key" not in printed and SIM_SK not in printed
+
+
+@pytest.mark.anyio
+async def test_a_refused_call_reads_the_key_files_again_and_goes_once_more(
+    tmp_path: Path,
+) -> None:
+    """A key file rewritten in place within one timestamp looks unchanged to ``stat``: the
+    API's 401 is what makes the source read it again, and the refused call (which did
+    nothing on the server) goes once more with the new key. Refused keys with nothing new
+    to read are an ``AuthError`` after one attempt, not a loop."""
+    import os
+
+    import aiohttp
+
+    from worker.api.client import ApiClient
+    from worker.api.credentials import FileCredentials
+    from worker.errors import AuthError
+    from worker.simulator import run_simulator
+
+    ak, sk = tmp_path / "ak", tmp_path / "sk"
+    ak.write_text(SIM_AK)
+    sk.write_text(SIM_SK + "\n")
+    source = FileCredentials(
+        {"ak": SIM_AK, "sk": SIM_SK, "security_token": None}, {"ak": ak, "sk": sk}
+    )
+    async with run_simulator(SimulatorConfig(jobs=3)) as sim, aiohttp.ClientSession() as http:
+        ids = sim.job_ids()
+        client = ApiClient(
+            session=http, endpoint=sim.url, project_id=sim.config.project_id, credentials=source
+        )
+        await client.delete_jobs([ids[0]])
+        stamp = os.stat(sk).st_mtime_ns
+        rotated = "rotated-key-015"
+        assert len(rotated) == len(SIM_SK)  # same size, same inode, same time: stat is blind
+        sim.config = replace(sim.config, sk=rotated)
+        sk.write_text(rotated + "\n")
+        os.utime(sk, ns=(stamp, stamp))
+        await client.delete_jobs([ids[1]])
+        assert sim.deleted == set(ids[:2])
+        assert sim.stats.signature_failures == 1
+        assert client.outcomes == {"ok": 2, "AuthError": 1}
+        assert source.reloads == 1
+        sim.config = replace(sim.config, sk="nobody-has-this")
+        with pytest.raises(AuthError):
+            await client.delete_jobs([ids[2]])
+        assert sim.stats.signature_failures == 2  # one attempt: nothing new to try
