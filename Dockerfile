@@ -11,14 +11,14 @@
 FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
 
 # -- builder: resolve from the lock file into /opt/venv -----------------------------------------
-FROM python:3.11.7-slim-bookworm AS builder
+FROM python:3.12.12-slim-bookworm AS builder
 COPY --from=uv /uv /uvx /bin/
 # Bytecode is compiled here, so nothing writes .pyc at run time on a read-only root; copy
 # (not hard-link) out of the cache mount; use the image's Python, never download one.
 ENV UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
     UV_PYTHON_DOWNLOADS=never \
-    UV_PYTHON=/usr/local/bin/python3.11 \
+    UV_PYTHON=/usr/local/bin/python3.12 \
     UV_PROJECT_ENVIRONMENT=/opt/venv
 WORKDIR /src
 # Dependencies first, in their own layer: it is rebuilt only when the lock file changes.
@@ -32,7 +32,7 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --locked --no-dev --no-editable
 
 # -- runtime --------------------------------------------------------------------------------------
-FROM python:3.11.7-slim-bookworm AS runtime
+FROM python:3.12.12-slim-bookworm AS runtime
 LABEL org.opencontainers.image.title="devserver-reaper" \
       org.opencontainers.image.description="Bulk deletion of Huawei Cloud ModelArts DevServer jobs" \
       org.opencontainers.image.licenses="Apache-2.0"
