@@ -249,6 +249,23 @@ async def test_an_id_an_earlier_run_sent_unanswered_ends_deleted_unconfirmed() -
 
 
 @pytest.mark.anyio
+async def test_ids_an_earlier_run_sent_are_sent_again_without_taking_from_the_cap() -> None:
+    """The dead run counted them against ``--max-deletions`` (``spent``): resending them
+    costs nothing more, and the fresh ids get what is left."""
+    api = FakeApi(ids(6))
+    dispatcher, journal, _ = make(api, budget=4)
+    dispatcher._budget = DeletionBudget(4, spent=2)  # the dead run sent job-0004, job-0005
+    batch = Batch("b1", tuple(ids(6)), unsure=frozenset({"job-0004", "job-0005"}))
+    await dispatcher.process(batch)
+    outcomes = journal.outcomes()
+    assert {i for i, o in outcomes.items() if o is Outcome.DELETED} == {
+        "job-0000", "job-0001", "job-0004", "job-0005",
+    }  # fmt: skip
+    assert {i for i, o in outcomes.items() if o is Outcome.SKIPPED} == {"job-0002", "job-0003"}
+    assert dispatcher._budget.left == 0
+
+
+@pytest.mark.anyio
 async def test_exhausted_retries_mean_the_api_is_unavailable_and_ids_stay_open() -> None:
     api = FakeApi(ids(5))
     api.script = [ServerError("down", http_status=503)] * 10

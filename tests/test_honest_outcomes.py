@@ -187,3 +187,36 @@ async def test_a_full_disk_under_the_event_stream_stops_75_before_any_call(
         export = await reaper(["report", "--ledger", str(ledger), "--format", "jsonl"],
                               reaper_env(sim.url))  # fmt: skip
         assert export.code == 0 and export.stdout == ""  # nothing settled, nothing lost
+
+
+async def test_the_deletion_cap_holds_over_a_kill_9_and_a_resume_on_one_ledger(
+    tmp_path: Path,
+) -> None:
+    """``--max-deletions 50``, killed after 20 or more deletions, resumed on the same
+    ledger with the same cap: 50 jobs deleted in all, not 50 more. The resumed run's
+    summary says how much of the cap is left (none) and what the dead run spent of it."""
+    faults = FaultConfig(latency_ms=150.0, latency_jitter=False)
+    async with run_simulator(SimulatorConfig(jobs=200, seed=8, faults=faults)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        ledger = tmp_path / "ledger.db"
+        env = reaper_env(sim.url)
+        args = fast(src, "--ledger", str(ledger), "--max-deletions", "50")
+        process = await start_reaper(args, env)
+        async with process:
+            with anyio.fail_after(30):
+                while len(sim.deleted) < 20:
+                    await anyio.sleep(0.01)
+            process.kill()
+            await process.wait()
+        first = len(sim.deleted)
+        assert 20 <= first < 50
+        sim.set_faults(FaultConfig())
+        done = await reaper(args, env)
+        assert done.code == 1, done.stderr  # 1: ids left skipped by the cap
+        summary = done.summary()
+        assert len(sim.deleted) == 50
+        assert summary["max_deletions_left"] == 0
+        assert summary["sent_by_earlier_runs"] >= first
+        assert summary["skipped_by_reason"] == {"max_deletions": 150}
+        again = await reaper(args, env)  # a third run on the ledger deletes nothing more
+        assert len(sim.deleted) == 50 and again.summary()["max_deletions_left"] == 0

@@ -148,6 +148,25 @@ def test_ids_sent_unanswered_stay_unsure_across_runs_that_die_before_sending_the
         assert next(fourth.results()).confirmed is False
 
 
+def test_sent_before_counts_what_earlier_runs_sent_for_the_cap(path: Path) -> None:
+    """In flight when a run died, or settled after a DELETE: counted. Read only, or settled
+    without a call (skipped, gone before the DELETE): not. Failed ones only when this run
+    will not send them again itself."""
+    with open_ledger(path, "run-1") as first:
+        first.admit(cands("inflight", "deleted", "failed", "skipped", "unread", "gone"))
+        first.mark_sent("b-1", ["inflight", "deleted", "failed"], attempt=1)
+        first.record([
+            Result("deleted", Outcome.DELETED, 1, "b-1", 200),
+            Result("failed", Outcome.FAILED, 2, "b-1", 400),
+            Result("skipped", Outcome.SKIPPED, 0, "b-1", reason="max_deletions"),
+            Result("gone", Outcome.ABSENT, 0, "b-1", 404),
+        ])  # fmt: skip
+    with open_ledger(path, "run-2") as second:
+        assert second.sent_before() == 3
+    with open_ledger(path, "run-3", retry_failed=True) as third:
+        assert third.sent_before() == 2
+
+
 def test_a_ledger_from_before_unconfirmed_deletions_is_read_and_taken_over(path: Path) -> None:
     with open_ledger(path, "run-1") as first:
         first.admit(cands("a", "b"))

@@ -49,16 +49,17 @@ class Batcher:
 
 
 class DeletionBudget:
-    """``--max-deletions``: at most ``limit`` ids are ever sent for deletion in one run.
+    """``--max-deletions``: at most ``limit`` ids are ever sent for deletion, in one run or,
+    with a ledger, over every run on it (``spent``: the ids earlier runs sent).
 
     Taking is synchronous, with no await between the check and the decrement, so the cap
     holds however many dispatchers run at once. It counts ids *sent*, an upper bound on ids
     deleted, so the cap can never be exceeded even when a reply is lost.
     """
 
-    def __init__(self, limit: int | None) -> None:
+    def __init__(self, limit: int | None, *, spent: int = 0) -> None:
         self._limit = limit
-        self._taken = 0
+        self._taken = spent
 
     def take(self, wanted: int) -> int:
         """Reserve up to ``wanted`` deletions; return how many were granted."""
@@ -81,6 +82,11 @@ class DeletionBudget:
     def spent(self) -> bool:
         """Nothing more may be sent: the cap is reached."""
         return self._limit is not None and self._taken >= self._limit
+
+    @property
+    def left(self) -> int | None:
+        """Ids that may still be sent (None: no cap)."""
+        return None if self._limit is None else max(0, self._limit - self._taken)
 
     def __repr__(self) -> str:
         return f"DeletionBudget(limit={self._limit}, taken={self._taken})"

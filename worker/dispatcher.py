@@ -87,9 +87,10 @@ class Doubt:
     its jobs holds (``until``), with the ids it no longer covered when their turn to be
     sent came (``stale``; ``unsent`` of them never sent at all)."""
 
-    __slots__ = ("known", "stale", "unsent", "unsure", "until")
+    __slots__ = ("charged", "known", "stale", "unsent", "unsure", "until")
 
     def __init__(self, batch: Batch) -> None:
+        self.charged = batch.unsure  # counted against the cap by the run that sent them
         self.unsure: set[str] = set(batch.unsure)
         self.known: Mapping[str, JobRecord] = batch.known
         self.until = batch.fresh_until
@@ -172,12 +173,18 @@ class Dispatcher:
         if self._dry_run:
             await self._skip(batch.batch_id, batch.ids, "dry_run")
             return ()
-        granted = self._budget.take(len(batch.ids))
-        if granted < len(batch.ids):
-            await self._skip(batch.batch_id, batch.ids[granted:], "max_deletions")
+        ids = batch.ids
+        if batch.unsure:  # sent by a run that died: counted against the cap by it already
+            ids = (
+                *[i for i in ids if i in batch.unsure],
+                *[i for i in ids if i not in batch.unsure],
+            )
+        granted = len(batch.unsure) + self._budget.take(len(ids) - len(batch.unsure))
+        if granted < len(ids):
+            await self._skip(batch.batch_id, ids[granted:], "max_deletions")
         doubt = Doubt(batch)
         if granted:
-            ids, cap = batch.ids[:granted], self.size_cap
+            ids, cap = ids[:granted], self.size_cap
             if cap is None or len(ids) <= cap:
                 await self._delete(batch.batch_id, ids, doubt)
             else:
@@ -222,7 +229,8 @@ class Dispatcher:
                 return True  # the run is stopping: the ids stay open for the next run
             except _StaleCheck:
                 doubt.stale.extend(remaining)
-                doubt.unsent += len(remaining) if tries.sent == 0 else 0
+                if tries.sent == 0:  # never sent: what they took of the cap is given back
+                    doubt.unsent += sum(i not in doubt.charged for i in remaining)
                 return True
             except (ClientError, NotFound) as exc:
                 await self._refused(batch_id, remaining, tries.attempt, exc, doubt)

@@ -122,6 +122,10 @@ SELECT job_id, outcome, attempts, batch_id, http_status, error_code, error_msg, 
     reason, {confirmed}
 FROM ids WHERE state = 'done' AND (?1 IS NULL OR last_run = ?1) ORDER BY seq
 """
+_SENT_BEFORE = """
+SELECT count(*) FROM ids
+WHERE state = 'sent' OR (state = 'done' AND attempts > 0 AND NOT (?1 AND outcome = 'failed'))
+"""
 _UNCONFIRMED = "SELECT count(*) FROM ids WHERE outcome = 'deleted' AND {} = 0"
 # record()'s fast path: ids admitted and still open, the outcomes as one JSON array of rows
 # (measured about twice as fast as the upsert below, which must try an INSERT first).
@@ -513,6 +517,15 @@ class Ledger(LedgerView):
         with self._guard:
             row = self._conn.execute("SELECT 1 FROM ids WHERE state != 'done' LIMIT 1").fetchone()
         return row is not None
+
+    def sent_before(self) -> int:
+        """Ids earlier runs sent for deletion, which ``--max-deletions`` counts over every
+        run on the ledger: those a run died with in flight (``sent``) and those settled
+        after a DELETE went out, but for ``failed`` ones this run may send again
+        (``retry_failed``: it counts them when it does). Ask before this run admits any."""
+        with self._guard:
+            (count,) = self._conn.execute(_SENT_BEFORE, (self._retry_failed,)).fetchone()
+        return int(count)
 
     def admits_in_memory(self, n: int) -> bool:
         """Never: every admission is a transaction on the ledger file."""

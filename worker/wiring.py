@@ -111,6 +111,7 @@ def processor(
     gate: BreakerGate | None = None,
     listing: Sequence[Mapping[str, str]] | None = None,
     warn: Callable[..., None] = lambda event, **fields: None,
+    budget: DeletionBudget | None = None,
 ) -> BatchProcessor:
     """The dispatcher, wrapped in the guard when jobs are protected or a plan binds the run.
 
@@ -119,9 +120,11 @@ def processor(
     circuit breaker every call, read or delete, asks before it takes a rate token.
     ``listing``: the list calls' queries whose pages re-check the jobs before their DELETE
     (see ``worker.discovery.recheck``); ``None`` checks each job with a show call.
+    ``budget``: ``--max-deletions`` with what earlier runs on the ledger spent of it.
     """
     policy = retry_policy(settings)
-    budget = DeletionBudget(settings.max_deletions)
+    if budget is None:
+        budget = DeletionBudget(settings.max_deletions)
     dispatcher = Dispatcher(
         transport=transport,  # type: ignore[arg-type]  # None only in a dry run: never called
         limiter=limiter,

@@ -29,7 +29,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from worker import logsetup, wiring
 from worker.api.client import ApiClient
-from worker.batcher import Batcher
+from worker.batcher import Batcher, DeletionBudget
 from worker.clock import MonotonicClock
 from worker.discovery.guard import Guard, PlanCheck, load_protection
 from worker.discovery.plan import Plan
@@ -337,6 +337,10 @@ async def _run(
             )
         )
         stack.callback(ledger.close)
+        # The cap is on the job, not on each process: what earlier runs on the ledger sent
+        # counts (a kill -9 and a resume must not reach twice the cap).
+        spent = ledger.sent_before() if isinstance(ledger, Ledger) else 0
+        budget = DeletionBudget(settings.max_deletions, spent=spent)
         results = None
         if request.results:
             # Opened once, before any call. A run that resumes work a ledger holds open
@@ -403,6 +407,7 @@ async def _run(
                 # protected input's jobs with none (protection reads every job's record).
                 listing=[plan.filters.server_query()] if plan is not None else [{}],
                 warn=events.warn,
+                budget=budget,
             )
             pipeline = Pipeline(
                 entries=entries,
@@ -451,6 +456,12 @@ async def _run(
             if sharding is None
             else {"shard": str(sharding.shard), "other_shards": sharding.others}
         )
+        if settings.max_deletions is not None:
+            sharded.update(
+                max_deletions=settings.max_deletions,
+                max_deletions_left=budget.left,
+                sent_by_earlier_runs=spent,
+            )
         checks = dispatcher.checks() if isinstance(dispatcher, Guard) else None
         _summarise(events, tally, state, code, duration, cpu, settings, output, sharded, checks)
         return code
@@ -551,7 +562,9 @@ def _summarise(
         dry_run=settings.dry_run,
         stop_reason=state.stop_reason,
         exit_code=int(code),
-        **sharded,  # "shard": "I/N", and "other_shards": the ids read and left to the others
+        # "shard": "I/N", and "other_shards": the ids read and left to the others; the cap,
+        # what is left of it, and what earlier runs on the ledger spent of it
+        **sharded,
     )
     if tally.skip_reasons:
         fields["skipped_by_reason"] = dict(sorted(tally.skip_reasons.items()))
@@ -572,6 +585,9 @@ def _summary_text(fields: dict[str, Any]) -> str:
                 "repeated", "already_done", "already_failed", "retries"):  # fmt: skip
         if fields.get(key):
             lines.append(f"  {key:<13}{fields[key]:>12,}")
+    if "max_deletions_left" in fields:
+        cap, left = fields["max_deletions"], fields["max_deletions_left"]
+        lines.append(f"  {'cap left':<13}{left:>12,} of {cap:,}")
     lines.append(f"  {'duration':<13}{fields['duration_s']:>11.1f}s")
     lines.append(f"  {'rate':<13}{fields['ids_per_s']:>8,.0f} ids/s")
     lines.append(f"  {'exit code':<13}{fields['exit_code']:>12}")
