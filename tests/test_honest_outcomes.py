@@ -4,6 +4,7 @@ command in a subprocess, against the simulator over loopback HTTP."""
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -220,3 +221,33 @@ async def test_the_deletion_cap_holds_over_a_kill_9_and_a_resume_on_one_ledger(
         assert summary["skipped_by_reason"] == {"max_deletions": 150}
         again = await reaper(args, env)  # a third run on the ledger deletes nothing more
         assert len(sim.deleted) == 50 and again.summary()["max_deletions_left"] == 0
+
+
+@pytest.mark.parametrize(
+    ("redirect", "code", "said_on", "words"),
+    [
+        (">&-", 64, "stderr", "stdout (>&-) is closed"),
+        ("2>&-", 64, "stdout", "stderr (2>&-) is closed"),
+        (">&- 2>&-", 64, None, ""),
+        ("<&-", 66, "stdout", "stdin is closed (<&-)"),  # with --input -
+    ],
+)
+async def test_a_standard_stream_closed_at_start_is_refused_in_words_not_a_traceback(
+    tmp_path: Path, redirect: str, code: int, said_on: str | None, words: str
+) -> None:
+    """Nothing is sent: the simulator sees no call. A closed descriptor is occupied at
+    once, so the ledger opened later never takes its number."""
+    async with run_simulator(SimulatorConfig(jobs=5)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        source = "-" if redirect == "<&-" else str(src)
+        line = shlex.join([sys.executable, "-m", "worker", "run", "-i", source, "--yes",
+                           "--ledger", str(tmp_path / "ledger.db")])  # fmt: skip
+        done = await anyio.run_process(
+            ["bash", "-c", f"exec {line} {redirect}"], env=reaper_env(sim.url), check=False
+        )
+        out, err = done.stdout.decode(), done.stderr.decode()
+        assert done.returncode == code, (out, err)
+        assert "Traceback" not in out + err
+        if said_on is not None:
+            assert words in (out if said_on == "stdout" else err)
+        assert sim.stats.calls == 0

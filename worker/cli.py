@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from worker import __version__
+from worker import __version__, stdio
 from worker.exit_codes import ExitCode
 
 
@@ -335,9 +335,12 @@ _jobs = _bounded("the number of jobs", 0, MAX_SIMULATED_JOBS)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
+    closed = stdio.occupy_closed()  # first: before anything opens a file on fd 0, 1 or 2
     for stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop, _stopped_before_start)
     no_core_dumps()
+    if stdio.refused(closed):
+        sys.exit(ExitCode.USAGE)
     args = build_parser().parse_args(argv)
     sys.exit(dispatch(args))
 

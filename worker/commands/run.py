@@ -193,6 +193,8 @@ def _endpoint_or_placeholder(settings: Settings) -> str:
 def _check_input(path: str) -> None:
     """Fail before any prompt or call when the input cannot be opened (66): the source's own
     checks, applied early."""
+    if path == "-" and sys.stdin is None:  # closed at start (<&-): not an empty input
+        raise InputUnreadable("--input -: stdin is closed (<&-), so there is nothing to read")
     if path != "-":
         read_entries(path).close()
 
@@ -218,7 +220,12 @@ def _confirm(
     request: RunRequest, settings: Settings, endpoint: str, plan: Plan | None = None
 ) -> None:
     """On a terminal, ask; anywhere else, insist on --yes (exit 64 before any call)."""
-    interactive = request.input != "-" and sys.stdin.isatty() and sys.stderr.isatty()
+    interactive = (
+        request.input != "-"
+        and sys.stdin is not None  # None: closed at start (<&-)
+        and sys.stdin.isatty()
+        and sys.stderr.isatty()
+    )
     if not interactive:
         raise UsageError(
             "refusing to delete without confirmation: not on a terminal, so pass --yes "

@@ -1,0 +1,56 @@
+"""Standard streams closed when the process starts (``<&-``, ``>&-``, ``2>&-``).
+
+A closed descriptor 0, 1 or 2 is a trap: the next file the process opens takes its number
+(the ledger, the results file, a SQLite journal), and whatever is then written to stdout or
+stderr lands in it. So each closed one is occupied by ``/dev/null`` at once, before anything
+is opened, and its name is returned for the command line to refuse the run: events and
+messages would go nowhere. stdin stays ``None`` in ``sys`` (Python's own mark for a closed
+one), so ``--input -`` can tell "closed" from "empty".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+_STREAMS = ((0, "stdin"), (1, "stdout"), (2, "stderr"))
+
+
+def occupy_closed() -> tuple[str, ...]:
+    """Open ``/dev/null`` on each closed standard descriptor; return their names."""
+    closed: list[str] = []
+    for fd, name in _STREAMS:
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: ``fd`` itself
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            closed.append(name)
+            if name != "stdin":  # writes to it go nowhere, and fail nothing
+                setattr(sys, name, open(fd, "w", encoding="utf-8", closefd=False))  # noqa: SIM115
+    return tuple(closed)
+
+
+def refused(closed: tuple[str, ...]) -> bool:
+    """Whether stdout or stderr is among ``closed``: then say so on the other one, if it is
+    open, and the command exits 64."""
+    shut = [name for name in closed if name != "stdin"]
+    if not shut:
+        return False
+    symbol = {"stdout": ">&-", "stderr": "2>&-"}
+    what = " and ".join(f"{name} ({symbol[name]})" for name in shut)
+    message = (
+        f"devserver-reaper: {what} is closed: what the command says would go nowhere; "
+        "redirect it to a file or /dev/null instead\n"
+    )
+    for name in ("stderr", "stdout"):
+        if name not in shut:
+            with contextlib.suppress(OSError, ValueError):
+                stream = getattr(sys, name)
+                stream.write(message)
+                stream.flush()
+            break
+    return True
