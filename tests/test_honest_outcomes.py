@@ -251,3 +251,14 @@ async def test_a_standard_stream_closed_at_start_is_refused_in_words_not_a_trace
         if said_on is not None:
             assert words in (out if said_on == "stdout" else err)
         assert sim.stats.calls == 0
+
+
+async def test_an_empty_protect_file_stops_the_run_78_before_any_call(tmp_path: Path) -> None:
+    async with run_simulator(SimulatorConfig(jobs=5)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        (tmp_path / "protect.txt").write_bytes(b"")
+        env = reaper_env(sim.url, REAPER_PROTECT_FILE=str(tmp_path / "protect.txt"))
+        done = await reaper(fast(src), env)
+        assert done.code == 78, done.stderr
+        assert "is empty: it protects nothing" in done.stdout + done.stderr
+        assert sim.stats.calls == 0 and sim.deleted == set()

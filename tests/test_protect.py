@@ -110,6 +110,22 @@ def test_protect_file_rules_join_the_flag_rules_and_an_unreadable_file_is_config
         load_protection([], [rules], [], [])
 
 
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [(b"", "is empty"), (b"\n  \n", "is empty"), (b"\xef\xbb\xbf", "is empty"),
+     (b"# id:job-1\n\n   # nothing else\n", "holds only comments")],
+)  # fmt: skip
+def test_a_protect_file_with_no_rule_is_refused_not_taken_as_no_protection(
+    tmp_path: Path, content: bytes, what: str
+) -> None:
+    """An empty ConfigMap mount gives a file of 0 bytes: it must not switch protection off
+    without a word."""
+    rules = tmp_path / "protect.txt"
+    rules.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"protect_file {rules} {what}"):
+        load_protection(["id:job-1"], [rules], [], [])
+
+
 def test_a_protect_file_keeps_a_hash_inside_a_rule_and_drops_a_byte_order_mark(
     tmp_path: Path,
 ) -> None:

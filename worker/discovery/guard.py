@@ -174,7 +174,8 @@ def _word(value: str | None) -> str | None:
 
 def read_protect_file(path: Path) -> list[str]:
     """Rules one per line; blank lines and ``#`` comments (at a line's start or after a space)
-    ignored. ``ConfigError`` if unreadable."""
+    ignored. ``ConfigError`` if unreadable, or if it holds no rule: an empty file (an empty
+    ConfigMap mount, a truncated copy) must not turn protection off without a word."""
     try:
         with path.open("rb") as handle:
             raw = handle.read(PROTECT_FILE_LIMIT + 1)
@@ -188,7 +189,14 @@ def read_protect_file(path: Path) -> list[str]:
         text = raw.decode("utf-8-sig")  # a byte-order mark (Notepad's) is not part of a rule
     except UnicodeDecodeError:
         raise ConfigError(f"protect_file {path} is not UTF-8 text") from None
-    return [s for line in text.splitlines() if (s := _COMMENT_RE.sub("", line).strip())]
+    rules = [s for line in text.splitlines() if (s := _COMMENT_RE.sub("", line).strip())]
+    if not rules:
+        what = "is empty" if not text.strip() else "holds only comments and blank lines"
+        raise ConfigError(
+            f"protect_file {path} {what}: it protects nothing; give it the rules it should "
+            "hold, or leave protect_file unset"
+        )
+    return rules
 
 
 def load_protection(
