@@ -130,6 +130,38 @@ def test_csv_export_to_a_file_matches_the_ledger(ledger_path: Path, tmp_path: Pa
     assert rows[0]["error_code"] == ""
 
 
+def test_csv_has_the_columns_of_jsonl_and_no_cell_a_spreadsheet_would_run(
+    ledger_path: Path,
+) -> None:
+    """The rejected line's number was missing from the CSV; and a rejected line, an id or a
+    server's message starting with = + - @ tab or CR is a formula to a spreadsheet (OWASP
+    CSV injection): quoted away with a leading '."""
+    hostile = [
+        Result("-job-dash", Outcome.ABSENT, 1, "b-1", 404, error_msg='=HYPERLINK("x")'),
+        Result("job-at", Outcome.FAILED, 1, "b-1", 400, "ModelArts.1", "@SUM(A1)"),
+        Result("job-plus", Outcome.DELETED, 1, "b-1", 404, confirmed=False, reason="answer_lost"),
+    ]
+    with Ledger.open(ledger_path, project_id="p", endpoint="http://127.0.0.1:1", run_id="r") as a:
+        a.admit([Candidate(r.job_id, n) for n, r in enumerate(hostile, 1)])
+        a.record(hostile)
+        a.record_rejected([Rejection("+cmd|' /C calc'!A0", 7, "invalid characters"),
+                           Rejection("\tx", 8, "invalid characters")])  # fmt: skip
+    jsonl = report("--ledger", str(ledger_path), "--format", "jsonl")
+    keys = set().union(*(orjson.loads(line) for line in jsonl.stdout.splitlines()))
+    proc = report("--ledger", str(ledger_path), "--format", "csv")
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    assert set(rows[0]) == keys and "line" in keys
+    by_id = {row["job_id"]: row for row in rows}
+    assert by_id["'-job-dash"]["error_msg"] == '\'=HYPERLINK("x")'
+    assert by_id["job-at"]["error_msg"] == "'@SUM(A1)"
+    assert by_id["job-plus"]["confirmed"] == "false"
+    assert by_id["'+cmd|' /C calc'!A0"]["line"] == "7"
+    assert by_id["\\tx"]["line"] == "8"  # the ledger keeps a tab escaped: no tab starts it
+    for row in rows:
+        assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in row.values())
+
+
 @pytest.mark.parametrize("suffix", ["", "-wal"])
 def test_an_output_that_is_the_ledgers_own_file_exits_64_and_leaves_it(
     ledger_path: Path, suffix: str

@@ -31,7 +31,10 @@ from worker.types import Outcome, Result, iso
 OPEN_SHOWN = 20  # open ids listed in the summary; the count is always exact
 REJECTED_SHOWN = 20
 
-RESULT_FIELDS = tuple(Result(job_id="", outcome=Outcome.DELETED).row())
+RESULT_FIELDS = (*Result(job_id="", outcome=Outcome.DELETED).row(), "line")
+"""The columns of ``--format csv``: every key a ``--format jsonl`` line can hold."""
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""What a spreadsheet may run as a formula at a cell's start (OWASP, CSV injection)."""
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
@@ -119,16 +122,28 @@ def write_jsonl(ledger: LedgerView, out: IO[bytes]) -> None:
 
 
 def write_csv(ledger: LedgerView, out: IO[bytes], *, header: bool = True) -> None:
-    """The same rows as CSV with a header; empty cells for missing values."""
+    """The rows of ``--format jsonl`` as CSV with a header, in the same columns (``line``
+    empty but for rejected input); empty cells for missing values. A text cell a
+    spreadsheet would run as a formula is neutralised with a leading ``'``: an id, a
+    rejected line or a server's message is data, never a command."""
     text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
     try:
         writer = csv.DictWriter(text, fieldnames=RESULT_FIELDS)
         if header:
             writer.writeheader()
         for result in ledger.results():
-            writer.writerow(result.row())
+            writer.writerow({key: csv_cell(value) for key, value in result.results_row().items()})
     finally:
         text.detach()  # leave `out` open: the caller owns it
+
+
+def csv_cell(value: object) -> object:
+    """One cell: booleans as JSON spells them, text that starts a formula quoted away."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def _when(epoch: float | None) -> str:
