@@ -250,11 +250,37 @@ def test_close_under_a_refusal_the_probe_goes_just_past_it() -> None:
     assert ctrl.state.phase is Phase.PROBE  # the next one at once: the quota rose
 
 
-def test_503s_cut_like_a_throttle_without_a_pause() -> None:
+def test_503s_that_are_a_share_of_the_answers_cut_like_a_throttle_without_a_pause() -> None:
+    """Ten 503s in the last fifty answers: the service is overloaded."""
     ctrl = _cruising()
-    assert ctrl.on_overload(1.0, latency=0.01) == pytest.approx(97.0)
-    assert ctrl.on_overload(1.5, latency=0.01) == pytest.approx(0.85 * 97.0)
+    t = 1.0
+    for _ in range(40):
+        t += 0.01
+        ctrl.on_success(t, latency=0.01)
+    rates = []
+    for _ in range(10):
+        t += 0.01
+        rates.append(ctrl.on_overload(t, latency=0.01))
+    assert rates[:9] == [100.0] * 9
+    assert rates[9] == pytest.approx(97.0)
     assert ctrl.pause_until() < 1.0
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_503s_at_a_steady_rate_are_faults_not_overload(seed: int) -> None:
+    """2 % of the answers 503 at random: the rate stays (each used to cut it, and held
+    ``--rate auto`` near 11 calls/s)."""
+    rng = random.Random(seed)
+    ctrl = _cruising()
+    t, rates = 1.0, []
+    for _ in range(20_000):
+        t += 0.01
+        if rng.random() < 0.02:
+            rates.append(ctrl.on_overload(t, latency=0.01))
+        else:
+            rates.append(ctrl.on_success(t, latency=0.01))
+    assert statistics.fmean(rates) >= 95.0
+    assert min(rates) >= 85.0
 
 
 def test_refusals_at_the_level_step_down_once_then_cut_harder_each_time_in_a_row() -> None:

@@ -1,63 +1,11 @@
 """``--rate auto``: find the API's undocumented quota, use nearly all of it, and keep to it.
 
-Nobody documents the DevServer delete call's quota, so the rate is learnt from the answers.
-Why not botocore's adaptive mode (CUBIC on the rate, cut to 0.7x on every throttle) or
-rclone's pacer (multiply the sleep on errors, shrink it on success): both probe past the
-limit at the same pace forever and cut far below it each time, so against a steady quota
-they pay a throttle every few seconds (and rclone, told ``Retry-After``, a second's spacing).
-This controller keeps a ``level`` it believes safe and only ever leaves it on purpose:
-
-- **startup**: from ``initial_rate`` (2 calls/s) the rate grows smoothly, doubling every
-  ``startup_interval``, while calls succeed (never past twice the rate really sent, so a
-  worker held back by its concurrency does not talk itself into a rate it never uses). The
-  first throttle ends it: the level becomes ``1 - margin`` of the rate refused.
-- **cruise** at the level for ``hold`` seconds, then **probe**: ``step`` (3 %) above it for
-  ``probe_time`` seconds, never past halfway to the lowest rate refused; within half a
-  step under that rate, just past it (to confirm it, or to find the quota has risen). A
-  refused probe costs the refused calls and nothing else: the level was never in doubt,
-  so calls go back to it at once, with no pause; and the next cruise lasts
-  ``hold_growth`` times longer, so a steady quota is probed rarely. A probe that passes
-  raises the level and makes the next step twice its own height. With no refusal
-  remembered (none in ``max_hold``), passed probes follow each other at once: a quota
-  that rose is found again in a few probes (3 %, 6 %, 12 %, ...). The raised level is
-  provisional until a whole cruise has passed at it: a refusal before then is the
-  probe's, found late (a server's burst absorbs a small overshoot for a while), and goes
-  back to the level under it as a refused probe does. A refusal belongs to the rate its
-  call was sent at: one sent before a probe began does not refuse that probe.
-- a throttle while cruising means a server's burst hid a hair's overshoot, or the quota
-  fell: the level steps down by ``step`` (3 %), and each further throttle in a row (within
-  ``hold`` of the last) cuts it by ``beta``, ``beta**2`` and so on, until refusals stop.
-  But soon after a cut that paused nobody (a refused probe, a provisional level given
-  up), the server's bucket is known to be empty: what it accepted since, every call sent
-  but the refused one, is its quota, and the level goes ``step`` under that (not for
-  replicas sharing a rate, ``shared``: each sees only its share of the refusals).
-- a throttle for a call sent before the last cut says nothing new and is ignored.
-- ``Retry-After`` on a refusal at the level (startup or cruise) pauses every call
-  (``AdaptiveRateLimiter`` waits on ``pause_until``); on a refused probe, or a refusal
-  measured as above, only the refused call waits it (the dispatcher's retry policy always
-  does).
-- 503s (``on_overload``) and a sustained rise of latency count as a throttle without
-  ``Retry-After``. Latency is read in windows of ``latency_samples`` answers, each summed
-  up by its mean without its slowest tenth (one slow call or a GC pause is no signal; a
-  median is no good either: with answers in two modes, already-deleted jobs fast and real
-  deletes slow, it jumps from one mode to the other by chance). The baseline is the median
-  of the last ``latency_baseline`` windows that were not high: the same statistic, robust
-  to one odd window. A window is high above ``latency_factor`` times the baseline plus
-  ``latency_floor_s``, and joins the baseline only under ``latency_join`` of that rise
-  (else the baseline would creep up a rise a window at a time). ``latency_windows`` high
-  windows in a row cut, and go on cutting (in a row: harder) while latency stays high,
-  but only while the rate is above the lowest rate a baseline window was sent at: latency
-  that stays high at a rate that had the baseline's latency all along is not ours to
-  cure, and becomes the new baseline. Answers that come soon after a cut or a pause (the
-  slow ones of calls sent before it) and while starting up (the fast ones of calls sent
-  since the rate doubled) are not a fair sample: see ``_cut`` and ``_latency_rising``.
-  Never compared to the fastest call seen: with a wide spread of latencies that tends to
-  nothing, and every window looked like a rise.
-
-``RateController`` is pure arithmetic over the times passed in, and what it has learnt is
-the frozen ``ControllerState``: a value another controller can adopt (``restore``). The
-limiters that run it are in ``worker.pacing.adaptive``; replicas sharing a quota each run
-their own controller there and pace through one bucket in Redis.
+``RateController`` is pure arithmetic over the times passed in (events in, the rate out; no
+clock, no I/O), and what it has learnt is the frozen ``ControllerState``, a value another
+controller can adopt (``restore``). The limiters that run it are in
+``worker.pacing.adaptive``. How it moves, and why (startup, cruise and probes, refusals at
+the level and measured quotas, 503s and latency), is in ``docs/rate-auto.md``; the names
+of the constants below are the ones used there.
 """
 
 from __future__ import annotations
@@ -103,6 +51,8 @@ class AdaptiveConfig:
     latency_join: float = 0.25  # a window joins the baseline under this share of that rise
     latency_windows: int = 2  # high windows in a row that cut
     latency_baseline: int = 9  # the baseline: the median of this many windows, not high
+    overload_answers: int = 50  # 503s are overload when they are ...
+    overload_share: float = 0.2  # ... this share of the last answers (random ones are not)
     max_pause: float = 30.0  # longest Retry-After pause honoured
     shared: bool = False  # replicas share the rate: each sends only its share of the
     # calls and sees only its share of the refusals, so growth and probes do not wait for
@@ -122,7 +72,7 @@ class AdaptiveConfig:
             raise ValueError("need 0 < beta < 1, 0 <= margin < 1 and hold_growth >= 1")
         if self.step >= 1:
             raise ValueError("need step < 1: a refusal at the level steps down by it")
-        counts = ("latency_samples", "latency_windows", "latency_baseline")
+        counts = ("latency_samples", "latency_windows", "latency_baseline", "overload_answers")
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
@@ -130,6 +80,8 @@ class AdaptiveConfig:
             raise ValueError("need latency_factor >= 1 and latency_floor_s >= 0")
         if not 0 <= self.latency_join <= 1:
             raise ValueError("need 0 <= latency_join <= 1")
+        if not 0 < self.overload_share <= 1:
+            raise ValueError("need 0 < overload_share <= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +152,8 @@ class RateController(AnswerEvents):
     the phases along between events. Times passed in must not go backwards.
     """
 
-    __slots__ = ("_baseline", "_config", "_high", "_latencies", "_sends", "_settle_until",
-                 "_slowest", "_state", "_window_rate")  # fmt: skip
+    __slots__ = ("_answers", "_baseline", "_config", "_high", "_latencies", "_sends",
+                 "_settle_until", "_slowest", "_state", "_window_rate")  # fmt: skip
     _baseline: deque[tuple[float, float]]  # windows not high: (latency, the rate then)
 
     def __init__(self, now: float, config: AdaptiveConfig | None = None) -> None:
@@ -226,6 +178,7 @@ class RateController(AnswerEvents):
         self._high = 0  # high latency windows in a row
         self._slowest = 0.0  # the slowest answer in the last window
         self._settle_until = -math.inf  # answers before this say nothing (see ``_cut``)
+        self._answers: deque[bool] = deque(maxlen=c.overload_answers)  # True: a 503
 
     @property
     def config(self) -> AdaptiveConfig:
@@ -254,6 +207,7 @@ class RateController(AnswerEvents):
     def on_success(self, now: float, latency: float | None = None) -> float:
         """A call was answered (any answer but a throttle or a 503)."""
         rate = self.rate_at(now)
+        self._answers.append(False)
         if latency is not None and latency >= 0 and now >= self._settle_until:
             # Windows are answers in the order they come, whenever their calls were sent:
             # counting only calls sent since a cut would fill the next window with the
@@ -274,8 +228,16 @@ class RateController(AnswerEvents):
         return self._refusal(now, latency, retry_after, quota=True)
 
     def on_overload(self, now: float, latency: float | None = None) -> float:
-        """A 503: the service is overloaded. A throttle without Retry-After, and not a
-        quota's: no rate can be learnt from when it comes."""
+        """A 503. Random ones, at a steady rate, are faults to retry, not a reason to slow
+        down: only when 503s are ``overload_share`` of the last ``overload_answers``
+        answers is the service overloaded, and that counts as a throttle without
+        Retry-After, and not a quota's (no rate can be learnt from when it comes)."""
+        answers = self._answers
+        answers.append(True)
+        c = self._config
+        if sum(answers) < max(2.0, c.overload_share * c.overload_answers):
+            return self.rate_at(now)
+        answers.clear()  # the next cut needs as many again, sent at the new rate
         return self._refusal(now, latency, None, quota=False)
 
     def _refusal(
