@@ -262,3 +262,20 @@ async def test_an_empty_protect_file_stops_the_run_78_before_any_call(tmp_path: 
         assert done.code == 78, done.stderr
         assert "is empty: it protects nothing" in done.stdout + done.stderr
         assert sim.stats.calls == 0 and sim.deleted == set()
+
+
+async def test_an_https_endpoint_answering_plain_http_is_said_to_not_speak_tls(
+    tmp_path: Path,
+) -> None:
+    """Not "TLS certificate refused": no certificate was ever shown. One attempt, no
+    retry, nothing deleted; ``check`` says the same."""
+    async with run_simulator(SimulatorConfig(jobs=5)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        env = reaper_env(sim.url.replace("http://", "https://"))
+        done = await reaper(fast(src), env)
+        assert done.code == 69, done.stderr
+        error = done.summary()["error"]
+        assert "the server did not speak TLS" in error and "certificate" not in error
+        check = await reaper(["check"], env)
+        assert check.code == 69 and "NOT TLS" in check.stdout
+        assert sim.stats.calls == 0 and sim.deleted == set()

@@ -135,6 +135,10 @@ class TlsError(PermanentError):
     """The server's certificate was refused. Reported at once, never retried."""
 
 
+class NotTls(TlsError):
+    """An ``https://`` endpoint answered in plain HTTP: it does not speak TLS at all."""
+
+
 AMBIGUOUS: tuple[type[ApiError], ...] = (ServerError, NetworkError, MalformedResponse)
 """Failures after which a DELETE may have been applied: reconcile before trusting them."""
 

@@ -29,6 +29,7 @@ from worker.errors import (
     NetworkError,
     NoSuchApi,
     NotFound,
+    NotTls,
     ServerError,
     ThrottledError,
     TlsError,
@@ -118,7 +119,9 @@ def raise_transport(
     chained cause would carry the ``Authorization`` header into any traceback.
     """
     error_type: type[ApiError]
-    if isinstance(
+    if _not_tls(exc):
+        error_type, what = NotTls, "the server did not speak TLS (is the endpoint http://?)"
+    elif isinstance(
         exc,
         aiohttp.ClientSSLError | ssl.SSLCertVerificationError | aiohttp.ServerFingerprintMismatch,
     ):
@@ -134,6 +137,17 @@ def raise_transport(
     detail = call.scrub(_printable(f"{type(exc).__name__}: {exc}"))
     message = f"{call.describe()}: {what} ({detail})"
     raise error_type(message, http_status=status, error_msg=detail, request_id=request_id) from None
+
+
+_NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "UNKNOWN_PROTOCOL",
+                      "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"})  # fmt: skip
+"""OpenSSL's reasons when the first bytes back are not a TLS record: a plain-HTTP answer."""
+
+
+def _not_tls(exc: BaseException) -> bool:
+    """Did an https:// call meet a server answering in plain HTTP?"""
+    error = getattr(exc, "os_error", None) if isinstance(exc, aiohttp.ClientSSLError) else exc
+    return isinstance(error, ssl.SSLError) and getattr(error, "reason", None) in _NOT_TLS
 
 
 def raise_for_status(

@@ -12,7 +12,7 @@ import sys
 import anyio
 
 from worker.api.client import ApiClient
-from worker.errors import ApiError, AuthError, ConfigError, NoSuchApi, TlsError
+from worker.errors import ApiError, AuthError, ConfigError, NoSuchApi, NotTls, TlsError
 from worker.exit_codes import ExitCode
 from worker.settings import Settings
 
@@ -61,6 +61,9 @@ async def check(settings: Settings) -> int:
             out.write(f"result       NO SUCH API (check the project id and endpoint): "
                       f"{_describe(exc)}\n")  # fmt: skip
             return ExitCode.CONFIG
+        except NotTls as exc:
+            out.write(f"result       NOT TLS: {exc}\n")
+            return ExitCode.UNAVAILABLE
         except TlsError as exc:
             out.write(f"result       TLS REFUSED: {exc}\n")
             return ExitCode.UNAVAILABLE
