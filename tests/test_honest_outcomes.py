@@ -279,3 +279,35 @@ async def test_an_https_endpoint_answering_plain_http_is_said_to_not_speak_tls(
         check = await reaper(["check"], env)
         assert check.code == 69 and "NOT TLS" in check.stdout
         assert sim.stats.calls == 0 and sim.deleted == set()
+
+
+def profile_env(tmp_path: Path, project_id: str) -> dict[str, str]:
+    """The SDK's profile file names the project; no setting does."""
+    profile = tmp_path / "credentials"
+    profile.write_text(f"[basic]\nak = DEMOAK\nsk = demo-secret-key\nproject_id = {project_id}\n")
+    env = reaper_env("http://127.0.0.1:9", HUAWEICLOUD_SDK_CREDENTIALS_FILE=str(profile))
+    for key in ("REAPER_PROJECT_ID", "REAPER_AK", "REAPER_SK"):
+        env.pop(key)
+    return env
+
+
+def test_the_confirmation_names_the_project_the_profile_file_gives(tmp_path: Path) -> None:
+    """It read ``project None`` when the project id came from the profile file."""
+    from tests.tty import Terminal
+
+    src = write_ids(tmp_path / "ids.txt", ["job-1"])
+    term = Terminal(["run", "-i", str(src)], profile_env(tmp_path, "proj-from-profile"))
+    term.expect("Type 'yes'")
+    term.type(b"no\n")
+    assert term.wait() == 64
+    assert "proj-from-profile" in term.text() and "None" not in term.text()
+
+
+@pytest.mark.parametrize("project_id", ["a/b", "x" * 65, "proj id", "p%2Fq"])
+async def test_a_bad_project_id_in_the_profile_file_is_refused_78_like_the_setting(
+    tmp_path: Path, project_id: str
+) -> None:
+    src = write_ids(tmp_path / "ids.txt", ["job-1"])
+    done = await reaper(fast(src), profile_env(tmp_path, project_id))
+    assert done.code == 78, done.stderr
+    assert "project_id must be 1 to 64 letters, digits and hyphens" in done.stdout + done.stderr

@@ -27,14 +27,20 @@ from worker.pacing.paced import PacedReader
 from worker.pacing.retry import RetryPolicy
 from worker.pipeline import BatchProcessor
 from worker.settings import Settings
+from worker.types import PROJECT_ID_RE
 
 
 def project_id(settings: Settings) -> str:
-    """The project: the setting, else the profile file's ``project_id`` (as the SDK does)."""
+    """The project: the setting, else the profile file's ``project_id`` (as the SDK does),
+    held to the same rule as the setting: it goes into every URL and the ledger."""
     if settings.project_id:
         return settings.project_id
     profile = read_profile(os.environ)
     if profile is not None and profile.project_id:
+        if not PROJECT_ID_RE.fullmatch(profile.project_id):
+            raise ConfigError(
+                f"profile {profile.path}: project_id must be 1 to 64 letters, digits and hyphens"
+            )
         return profile.project_id
     raise ConfigError("missing settings: --project-id (or REAPER_PROJECT_ID)")
 

@@ -238,7 +238,7 @@ def _confirm(
     cap = f" (at most {settings.max_deletions:,})" if settings.max_deletions is not None else ""
     sys.stderr.write(
         f"Delete {amount}{cap} from {request.input}\n"
-        f"  project  {settings.project_id}\n  endpoint {endpoint}\n"
+        f"  project  {wiring.project_id(settings)}\n  endpoint {endpoint}\n"
         "This cannot be undone. Type 'yes' to continue: "
     )
     sys.stderr.flush()
