@@ -96,6 +96,11 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--max-deliveries", int, "deliveries before an entry goes to the dead-letter stream"),
     ("--reclaim-after", float, "seconds before another consumer's idle entry is taken over"),
     ("--http-port", int, "port of /healthz, /readyz, /metrics (0 = any free port)"),
+    ("--outcomes-max-len", int, "entries the outcomes stream keeps (default 1,000,000)"),
+    ("--outcomes-max-age", float, "seconds outcomes are kept (default 7 days; 0 = no limit)"),
+    ("--dead-max-len", int, "entries the dead-letter stream keeps (default 1,000,000)"),
+    ("--dead-max-age", float, "seconds dead letters are kept (default 7 days; 0 = no limit)"),
+    ("--stats-interval", float, "seconds between stats events (default 60; 0 = off)"),
     ("--log-format", str, "auto, json or console (default auto: console on a terminal)"),
     ("--log-level", str, "debug, info, warning or error"),
 )
@@ -108,7 +113,8 @@ _API = ("--region", "--endpoint", "--project-id", "--ak", "--sk", "--security-to
 _DISPATCH = ("--batch-size", "--concurrency", "--rate", "--burst", "--max-attempts",
              "--max-retry-after", "--grace", "--dry-run", "--yes", "--max-deletions")  # fmt: skip
 _QUEUE = ("--redis-url", "--stream", "--group", "--consumer", "--max-deliveries",
-          "--reclaim-after", "--http-port")  # fmt: skip
+          "--reclaim-after", "--http-port", "--outcomes-max-len", "--outcomes-max-age",
+          "--dead-max-len", "--dead-max-age", "--stats-interval")  # fmt: skip
 _LOG = ("--log-format", "--log-level")
 _PROTECT = ("--protect", "--protect-file", "--protected-types", "--protected-statuses",
             "--max-fraction", "--recheck-max-age")  # fmt: skip

@@ -152,6 +152,11 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(default=5, ge=1, le=1000)
     reclaim_after: float = Field(default=300.0, gt=0)
     http_port: int = Field(default=8080, ge=0, le=65535)
+    outcomes_max_len: int = Field(default=1_000_000, ge=1)
+    outcomes_max_age: float = Field(default=7 * 24 * 3600.0, ge=0)
+    dead_max_len: int = Field(default=1_000_000, ge=1)
+    dead_max_age: float = Field(default=7 * 24 * 3600.0, ge=0)
+    stats_interval: float = Field(default=60.0, ge=0)
 
     # -- output ---------------------------------------------------------------------------
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -92,8 +92,9 @@ async def serve(
     from worker.service.health import Health, build_app
     from worker.service.inflight import InFlight
     from worker.service.journal import ServeJournal, persist
-    from worker.service.layout import StreamLayout
+    from worker.service.layout import Retention, StreamLayout
     from worker.service.metrics import MeteredTransport, ServiceMetrics
+    from worker.service.retention import Keeper
     from worker.service.service import Service, ServiceConfig
 
     stop = stop if stop is not None else anyio.Event()
@@ -131,7 +132,15 @@ async def serve(
         if not await _redis_answers(client, REDIS_ERRORS, events):
             return ExitCode.UNAVAILABLE
         layout = StreamLayout(settings.stream, settings.group)
-        consumer = StreamConsumer(client, layout, settings.consumer, reader=reader)
+        retention = Retention(
+            outcomes_max_len=settings.outcomes_max_len,
+            outcomes_max_age_s=settings.outcomes_max_age,
+            dead_max_len=settings.dead_max_len,
+            dead_max_age_s=settings.dead_max_age,
+        )
+        consumer = StreamConsumer(
+            client, layout, settings.consumer, reader=reader, retention=retention
+        )
         # Here, not in the loop's task group: a --stream naming a key of another type is a
         # ConfigError (78) that reaches main() unwrapped.
         await persist(consumer.ensure_group, clock, what="group")
@@ -171,6 +180,7 @@ async def serve(
             config=config,
             stop=stop,
             working=working,
+            keeper=Keeper(client, layout, retention),
         )
         app = build_app(health, metrics, ping=consumer.ping, refresh=service.refresh_gauges)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)

@@ -22,7 +22,8 @@ import redis.exceptions
 from worker.errors import ApiError, ConfigError
 from worker.input.intake import escape
 from worker.service.inflight import Finished
-from worker.service.layout import DEAD_MAXLEN, OUTCOMES_MAXLEN, StreamLayout
+from worker.service.layout import Retention, StreamLayout
+from worker.service.retention import kept_position
 from worker.types import Outcome, Result
 
 Entry = tuple[str, dict[bytes, bytes] | None]
@@ -134,45 +135,49 @@ class StreamConsumer:
         consumer: str,
         *,
         reader: aioredis.Redis | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self._r = client
+        self.retention = retention if retention is not None else Retention()
         self._reader = reader if reader is not None else client
         self.layout = layout
         self.consumer = consumer
         self.acked = 0
         self.dead_lettered = 0
 
-    async def ensure_group(self) -> None:
-        """Create the group (and the stream) if missing; an existing group is kept as it is."""
+    async def ensure_group(self) -> str | None:
+        """Create the group (and the stream) if missing; an existing group is kept as it is.
+
+        A group created again (it was destroyed, or Redis restored without it) starts at the
+        position kept for it (``worker.service.retention``), not at ``0``: it reads again what
+        was pending or unread when it was lost, not every entry ever written. Returns that
+        position when it was used, else ``None``."""
+        position = await kept_position(self._r, self.layout)
         try:
             await self._r.xgroup_create(
-                self.layout.stream, self.layout.group, id="0", mkstream=True
+                self.layout.stream, self.layout.group, id=position or "0", mkstream=True
             )
         except redis.exceptions.ResponseError as exc:
             if "WRONGTYPE" in str(exc):
                 raise not_a_stream(self.layout.stream) from None
             if "BUSYGROUP" not in str(exc):
                 raise
+            return None
+        return position
 
     async def ping(self) -> object:
         return await self._r.ping()
 
-    async def read_own(self, after: str, count: int) -> list[Entry]:
-        """Our own pending entries after ``after`` (``"0"`` from the start): no blocking."""
-        reply: Any = await self._r.xreadgroup(
-            self.layout.group, self.consumer, {self.layout.stream: after}, count=count
-        )
-        return _entries(reply[0][1]) if reply else []
-
-    async def reread_own(self, after: str, count: int) -> tuple[list[Entry], dict[str, int]]:
+    async def read_own(self, after: str, count: int) -> tuple[list[Entry], dict[str, int]]:
         """Our own pending entries after ``after`` (``"-"`` from the start) *without counting
         a delivery*, with the deliveries each has had: ``XPENDING`` for this consumer, then
         ``XRANGE`` for the fields, then ``XCLAIM ... JUSTID`` (which does not count one
         either) to reset their idle time, so no reclaim takes them while they are re-sent.
 
-        For entries this process read itself in an earlier round (a pause on refused
-        credentials ended it): reading them again with ``XREADGROUP ... 0`` would count a
-        delivery per pause, and a long enough outage would dead-letter ids never tried.
+        For entries read under this consumer name before: by this process in an earlier
+        round (a pause on refused credentials ended it), or by the process before a restart.
+        Reading them again with ``XREADGROUP ... 0`` would count a delivery per pause or per
+        restart, and a crash-looping pod or a long outage would dead-letter ids never tried.
         """
         start = after if after == "-" else f"({after}"
         pending: Any = await self._r.xpending_range(
@@ -283,7 +288,7 @@ class StreamConsumer:
             await self._r.hset(self.layout.last_error, mapping=dict[Any, Any](errors))
 
     async def write_outcomes(self, rows: Sequence[dict[str, str]]) -> None:
-        """Append to the outcomes stream, trimmed approximately to ``OUTCOMES_MAXLEN``."""
+        """Append to the outcomes stream, trimmed approximately to ``outcomes_max_len``."""
         if not rows:
             return
         async with self._r.pipeline(transaction=False) as pipe:
@@ -291,7 +296,7 @@ class StreamConsumer:
                 pipe.xadd(
                     self.layout.outcomes,
                     dict[Any, Any](row),
-                    maxlen=OUTCOMES_MAXLEN,
+                    maxlen=self.retention.outcomes_max_len,
                     approximate=True,
                 )
             await pipe.execute()
@@ -320,7 +325,8 @@ class StreamConsumer:
         async with self._r.pipeline(transaction=True) as pipe:
             if message.rejections or message.problem:
                 dead = self._dead_fields(finished)
-                pipe.xadd(self.layout.dead, dead, maxlen=DEAD_MAXLEN, approximate=True)
+                pipe.xadd(self.layout.dead, dead, maxlen=self.retention.dead_max_len,
+                      approximate=True)  # fmt: skip
                 self.dead_lettered += 1
             pipe.xack(self.layout.stream, self.layout.group, message.entry_id)
             pipe.hdel(self.layout.last_error, message.entry_id)
@@ -341,7 +347,8 @@ class StreamConsumer:
             "last_error": error,
         }
         async with self._r.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.layout.dead, fields, maxlen=DEAD_MAXLEN, approximate=True)
+            pipe.xadd(self.layout.dead, fields, maxlen=self.retention.dead_max_len,
+                      approximate=True)  # fmt: skip
             pipe.xack(self.layout.stream, self.layout.group, entry_id)
             pipe.hdel(self.layout.last_error, entry_id)
             await pipe.execute()

@@ -5,12 +5,18 @@ The keys all derive from ``settings.stream`` so that one setting names a whole q
 - ``{stream}``: the ids to delete. An entry has a field ``id`` (one id) or ``ids`` (a JSON
   list of ids), or both.
 - ``{stream}:dead``: entries given up on (invalid ids, unreadable payloads, too many
-  deliveries), with the reason. Capped (approximately) at ``DEAD_MAXLEN``.
-- ``{stream}:outcomes``: one entry per id per outcome, for producers to follow. Capped
-  (approximately) at ``OUTCOMES_MAXLEN`` so it cannot grow without end.
+  deliveries), with the reason. Kept to ``Retention.dead_max_len`` entries and
+  ``Retention.dead_max_age_s`` seconds, whichever is fewer.
+- ``{stream}:outcomes``: one entry per id per outcome, for producers to follow. Kept the
+  same way (``outcomes_max_len``, ``outcomes_max_age_s``) so it cannot grow without end.
 - ``{stream}:ratelimit``: the shared rate limiter's state (one number).
 - ``{stream}:lasterror``: a hash, stream entry id -> the last failure of an entry that is
   left pending to be tried again; removed when the entry is acknowledged or dead-lettered.
+- ``{stream}:position``: a hash, group -> the last entry id below which that group has
+  acknowledged everything: where a lost group is created again (``worker.service.retention``).
+
+The ids stream itself is trimmed below the oldest entry any group still needs
+(``worker.service.retention``).
 """
 
 from __future__ import annotations
@@ -23,10 +29,24 @@ import orjson
 from worker.input.intake import escape, validate
 from worker.types import Candidate, Rejection
 
-OUTCOMES_MAXLEN = 1_000_000
-DEAD_MAXLEN = 1_000_000
 MAX_IDS_PER_ENTRY = 1000
 """An entry naming more ids than this is dead-lettered whole: a producer bug, not a batch."""
+MAX_ENTRY_BYTES = 128 * 1024
+"""An entry whose fields hold more bytes than this is dead-lettered unread: 1,000 ids of 64
+characters fit in 67 KB, and parsing a 4 MB list of a million ids takes a replica from 75 to
+165 MB, past a pod's memory limit, so it is refused before anything parses it."""
+WEEK_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How much of the outcomes and dead-letter streams is kept: at most ``*_max_len``
+    entries and none older than ``*_max_age_s`` seconds (0: no age limit)."""
+
+    outcomes_max_len: int = 1_000_000
+    outcomes_max_age_s: float = WEEK_S
+    dead_max_len: int = 1_000_000
+    dead_max_age_s: float = WEEK_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +71,10 @@ class StreamLayout:
     @property
     def last_error(self) -> str:
         return f"{self.stream}:lasterror"
+
+    @property
+    def position(self) -> str:
+        return f"{self.stream}:position"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,13 +106,25 @@ def _text(value: bytes | str) -> str:
 
 def payload_text(fields: dict[bytes, bytes] | dict[str, str]) -> str:
     """The entry's fields as a JSON object of (escaped, bounded) text: safe to log or store."""
-    shown = {escape(_text(k), 64): escape(_text(v), 2000) for k, v in fields.items()}
+    # Only the head of a value is decoded: escape looks at no more than 2,001 characters.
+    shown = {escape(_text(k[:256]), 64): escape(_text(v[:8004]), 2000) for k, v in fields.items()}
     return orjson.dumps(shown).decode()
 
 
+def entry_size(fields: dict[bytes, bytes] | dict[str, str]) -> int:
+    """The bytes an entry's fields hold (their lengths only: nothing is decoded)."""
+    return sum(len(k) + len(v) for k, v in fields.items())
+
+
 def decode_entry(entry_id: str, fields: dict[bytes, bytes] | dict[str, str]) -> Message:
-    """Read the ids out of one entry; never raises (a bad entry says why in ``problem``)."""
+    """Read the ids out of one entry; never raises (a bad entry says why in ``problem``).
+
+    An entry larger than ``MAX_ENTRY_BYTES`` is refused before anything parses it."""
     payload = payload_text(fields)
+    size = entry_size(fields)
+    if size > MAX_ENTRY_BYTES:
+        problem = f"entry holds {size} bytes; at most {MAX_ENTRY_BYTES}"
+        return Message(entry_id, (), problem=problem, payload=payload)
     values = {_text(k): v for k, v in fields.items()}
     raw: list[object] = []
     if "id" in values:

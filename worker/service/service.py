@@ -2,9 +2,10 @@
 
 One *round* is one task group: an intake task (the only reader of Redis, so reading, the
 in-flight map and the batcher need no locks) feeding ``concurrency`` dispatcher tasks over a
-bounded stream. A round starts by re-reading this consumer's own pending entries (``0``;
-after a pause, without counting a delivery, and reading nothing new until one of their
-batches has an answer), then reads new ones (``>``), and every ``reclaim_interval`` takes
+bounded stream. A round starts by re-reading this consumer's own pending entries without
+counting a delivery (neither a restart nor a pause is one; after a pause it reads nothing
+new until one of their batches has an answer), then reads new ones (``>``), and every
+``reclaim_interval`` takes
 over entries idle longer than ``reclaim_after`` from anyone (``XAUTOCLAIM``, which also
 retries our own entries kept pending after a failure). An entry delivered more than
 ``max_deliveries`` times is dead-lettered instead of processed.
@@ -18,6 +19,7 @@ its own, so Kubernetes does not restart it in a loop.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -44,6 +46,7 @@ from worker.service.inflight import InFlight
 from worker.service.journal import ServeJournal, persist
 from worker.service.layout import decode_entry
 from worker.service.metrics import ServiceMetrics
+from worker.service.retention import Keeper
 from worker.types import Batch
 
 _T = TypeVar("_T")
@@ -68,6 +71,8 @@ class ServiceConfig:
     block: float = 1.0
     auth_pause: float = 30.0
     auth_pause_max: float = 600.0
+    trim_every: float = 1.0
+    """How often the retention pass runs (``worker.service.retention``)."""
 
     @property
     def reclaim_interval(self) -> float:
@@ -102,6 +107,7 @@ class Service:
         config: ServiceConfig,
         stop: anyio.Event,
         working: Working | None = None,
+        keeper: Keeper | None = None,
     ) -> None:
         self._consumer = consumer
         self._inflight = inflight
@@ -114,6 +120,7 @@ class Service:
         self._config = config
         self._stop = stop
         self._working = working if working is not None else Working()
+        self._keeper = keeper
         self._blocked: BaseException | None = None
         self._round_scope: anyio.CancelScope | None = None
         self._answered = anyio.Event()  # a batch of this round got an answer from the API
@@ -138,8 +145,21 @@ class Service:
         loop that no longer turns (a blocking call, a busy loop)."""
         async with anyio.create_task_group() as group:
             group.start_soon(self._heartbeat)
+            if self._keeper is not None:
+                group.start_soon(self._retain, self._keeper)
             await self._run()
             group.cancel_scope.cancel()
+
+    async def _retain(self, keeper: Keeper) -> None:
+        """Every ``trim_every``, trim what no group needs any more (``retention``)."""
+        while True:
+            await self._clock.sleep(self._config.trim_every)
+            # Shielded: a call cancelled mid-reply leaves its pooled connection unusable and
+            # out of the pool. The pass is one short script; a Redis that does not answer
+            # ends it within the client's socket timeout.
+            # Redis away: the intake's reads say so, and the next pass tries again.
+            with anyio.CancelScope(shield=True), contextlib.suppress(*REDIS_ERRORS):
+                await keeper.trim()
 
     async def _heartbeat(self) -> None:
         self._health.loop_running = True
@@ -267,13 +287,12 @@ class Service:
     async def _intake(self, send: MemoryObjectSendStream[Batch], scope: anyio.CancelScope) -> None:
         config = self._config
         batcher = Batcher(config.batch_size, prefix=f"{self._consumer.consumer}-r{self.rounds}")
-        # After a pause, our own pending entries are entries this process read before: read
-        # again without counting a delivery (a pause is not one), and nothing new is read
-        # until one of their batches gets an answer, so refused credentials do not pull in
-        # more entries each round. At start-up, ``XREADGROUP ... 0`` counts one: a previous
-        # process may have died on them.
+        # Our own pending entries were read under this name before (by this process before a
+        # pause, or by the one before a restart): read again without counting a delivery.
+        # After a pause nothing new is read until one of their batches gets an answer, so
+        # refused credentials do not pull in more entries each round.
         resumed = self.rounds > 1
-        own: str | None = "-" if resumed else "0"
+        own: str | None = "-"
         held = False
         cursor = "0-0"
         next_reclaim = self._clock.now()
@@ -287,14 +306,7 @@ class Service:
                 while not self._stop.is_set():
                     now = self._clock.now()
                     if own is not None:
-                        after = own
-                        if resumed:
-                            entries, counts = await self._redis(
-                                self._consumer.reread_own, after, count
-                            )
-                        else:
-                            entries = await self._redis(self._consumer.read_own, after, count)
-                            counts = None
+                        entries, counts = await self._redis(self._consumer.read_own, own, count)
                         own = entries[-1][0] if entries else None
                         ids = await self._admit(entries, redelivered=True, counts=counts)
                         held = held or bool(ids)
@@ -356,9 +368,12 @@ class Service:
             except redis.exceptions.ResponseError as exc:
                 if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                     raise
-                self._events.warn("serve.group_recreated", group=self._consumer.layout.group,
-                                  reason=str(exc).split(" ", 1)[0])  # fmt: skip
-                await self._consumer.ensure_group()
+                position = await self._consumer.ensure_group()
+                self._events.warn(
+                    "serve.group_recreated", group=self._consumer.layout.group,
+                    reason=str(exc).split(" ", 1)[0], position=position or "0",
+                    replays="pending and unread entries" if position else "the whole stream",
+                )  # fmt: skip
                 return await operation(*args)
 
         return await persist(attempt, self._clock, what="read")
