@@ -122,7 +122,7 @@ async def test_a_million_ids_through_two_replicas_leave_redis_bounded(
             done = 0
             while done < IDS:
                 n = min(WAVE, IDS - done)
-                ids = await anyio.to_thread.run_sync(lambda n=n: sim.add_jobs(n))
+                ids = sim.add_jobs(n)
                 source = tmp_path / "wave.txt"
                 source.write_text("".join(f"{i}\n" for i in ids))
                 enqueued = await anyio.run_process(
