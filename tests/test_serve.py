@@ -891,3 +891,47 @@ async def test_a_redelivered_entry_sends_again_only_its_ids_without_an_outcome(
     assert all(svc.sim.sent_counts[i] == 1 for i in good), svc.sim.sent_counts
     assert [e["job_id"] for e in svc.events("job.failed")] == [poison]
     assert len(svc.events("job.deleted")) == 2
+
+
+def _million_ids_entry() -> dict[bytes, bytes]:
+    """A producer's bug: one entry of a million ids, about 4 MB."""
+    return {b"ids": orjson.dumps([f"job-{n:07d}" for n in range(1_000_000)])}
+
+
+def test_an_entry_above_the_size_bound_is_refused_without_being_parsed() -> None:
+    """Parsing a 4 MB entry took a replica from 75 to 165 MB, past the pod's limit, on every
+    start. It is refused on its size now; decoding it allocates next to nothing."""
+    import tracemalloc
+
+    from worker.service.layout import MAX_ENTRY_BYTES
+
+    fields = _million_ids_entry()
+    assert len(fields[b"ids"]) > 4_000_000
+    tracemalloc.start()
+    try:
+        message = decode_entry("1-0", fields)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert message.ids == () and message.problem is not None
+    assert message.problem.startswith("entry holds") and str(MAX_ENTRY_BYTES) in message.problem
+    assert peak < 1_000_000, peak  # parsing it took over 60 MB
+    assert len(message.payload) < 3000  # what the dead letter keeps of it is bounded too
+
+
+@pytest.mark.anyio
+async def test_a_four_megabyte_entry_is_dead_lettered_while_other_ids_flow(
+    redis_prefix: str,
+) -> None:
+    async with running(redis_prefix, SimulatorConfig(jobs=5)) as svc:
+        await svc.redis.xadd(svc.layout.stream, _million_ids_entry())
+        await svc.enqueue(svc.sim.job_ids())
+        await svc.until(lambda: _true(len(svc.sim.deleted) == 5))
+        await svc.until(lambda: _zero(svc.pending()))
+        dead: Any = await svc.redis.xrange(svc.layout.dead)
+    assert svc.code == 0
+    (entry,) = dead
+    assert entry[1][b"reason"].startswith(b"entry holds")
+    assert [e["reason"] for e in svc.events("serve.dead_lettered")] == [
+        entry[1][b"reason"].decode()
+    ]

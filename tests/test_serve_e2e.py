@@ -326,3 +326,42 @@ async def test_entries_in_progress_longer_than_reclaim_after_are_not_taken_over(
     assert max(q.sim.sent_counts.values()) == 1  # no id was sent twice
     assert sorted(r["job_id"] for r in outcomes) == sorted(ids)
     assert {r["outcome"] for r in outcomes} == {"deleted"}
+
+
+@pytest.mark.anyio
+async def test_a_crash_looping_replica_counts_no_delivery_per_restart(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """Killed with its entries in flight, four times over, with --max-deliveries 2: each
+    start read its own entries again with XREADGROUP ... 0, which counted a delivery, so
+    healthy ids were dead-lettered (job.failed) after two restarts. They are not now."""
+    config = SimulatorConfig(jobs=10, faults=FaultConfig(latency_ms=1500, latency_jitter=False))
+    async with queue(redis_prefix, tmp_path, config) as q:
+        ids = q.sim.job_ids()
+        await q.enqueue(ids)
+        flags = ("--batch-size", "5", "--concurrency", "2", "--rate", "100",
+                 "--max-deliveries", "2")  # fmt: skip
+        for _ in range(4):
+            calls = q.sim.stats.calls
+            replica = await q.start("looping", *flags)
+
+            async def both_batches_sent(before: int = calls) -> bool:
+                return q.sim.stats.calls >= before + 2
+
+            await until(both_batches_sent)
+            replica.process.kill()
+            await replica.process.wait()
+        pending: Any = await q.redis.xpending_range(q.stream, GROUP, "-", "+", 100)
+        assert len(pending) == len(ids)  # one entry per id, each still delivered once
+        assert {p["times_delivered"] for p in pending} == {1}
+        last = await q.start("looping", *flags)
+
+        async def settled() -> bool:
+            return await q.pending() == 0
+
+        await until(settled)
+        await q.stop_all()
+        dead: Any = await q.redis.xlen(q.stream + ":dead")
+    assert dead == 0
+    assert not last.named("job.failed") and not last.named("serve.dead_lettered")
+    assert set(q.sim.deleted) == set(ids)

@@ -421,13 +421,16 @@ class Service:
         send: list[str] = []
         for entry_id, fields in live:
             assert fields is not None
+            # The delivery is counted (by the read) and known before anything is decoded, and
+            # decoding refuses an entry too large to parse: an entry that killed the process
+            # while it was parsed could not otherwise ever reach its dead letter.
+            deliveries = counts.get(entry_id, 1)
             message = decode_entry(entry_id, fields)
             done = settled_ids(errors.get(entry_id, ""))
             if done:
                 remaining = tuple(i for i in message.ids if i not in done)
                 settled = tuple(i for i in message.ids if i in done)
                 message = replace(message, ids=remaining, settled=settled)
-            deliveries = counts.get(entry_id, 1)
             if deliveries > self._config.max_deliveries:
                 await self._journal.give_up(message, deliveries, errors.get(entry_id, ""))
                 continue
