@@ -352,7 +352,8 @@ async def _equal(value: Any, expected: int) -> bool:
 
 
 def _refused_writes(svc: Running, operation: str) -> list[MutableMapping[str, Any]]:
-    return [e for e in svc.events("serve.redis_error") if e["operation"] == operation]
+    said = svc.events("serve.redis_unreachable") + svc.events("serve.redis_error")
+    return [e for e in said if e["operation"] == operation]
 
 
 async def _zero(value: Any) -> bool:
@@ -893,7 +894,7 @@ async def test_a_redelivered_entry_sends_again_only_its_ids_without_an_outcome(
     assert len(svc.events("job.deleted")) == 2
 
 
-def _million_ids_entry() -> dict[bytes, bytes]:
+def _million_ids_entry() -> dict[Any, Any]:
     """A producer's bug: one entry of a million ids, about 4 MB."""
     return {b"ids": orjson.dumps([f"job-{n:07d}" for n in range(1_000_000)])}
 
@@ -935,3 +936,94 @@ async def test_a_four_megabyte_entry_is_dead_lettered_while_other_ids_flow(
     assert [e["reason"] for e in svc.events("serve.dead_lettered")] == [
         entry[1][b"reason"].decode()
     ]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:hunter2@r.example:6380/3", "redis://r.example:6380/3"),
+        ("rediss://reaper:hunter2@r.example/0?db=1", "rediss://reaper@r.example/0"),
+        ("unix:///run/redis.sock?db=2&password=hunter2", "unix:///run/redis.sock"),
+    ],
+)
+def test_the_redis_named_in_events_never_carries_its_password(url: str, shown: str) -> None:
+    from worker.service.outage import redis_where
+
+    assert redis_where(url) == shown
+
+
+@pytest.mark.anyio
+async def test_a_redis_outage_is_said_once_then_counted_quietly(redis_prefix: str) -> None:
+    """Redis away for a second and a half: one serve.redis_unreachable naming the Redis,
+    the failed calls counted in the metrics and said only at debug level, and one
+    serve.redis_back when it answers again. It was a warning per failed call (several a
+    second), naming no Redis."""
+    from worker.service.outage import redis_where
+
+    proxy = RedisProxy(REDIS_URL)
+    async with anyio.create_task_group() as relay:
+        await relay.start(proxy.serve)
+        async with running(redis_prefix, SimulatorConfig(jobs=5), redis_url=proxy.url) as svc:
+            await svc.enqueue(svc.sim.job_ids())
+            await svc.until(lambda: _zero(svc.pending()))
+            await proxy.go_away()
+            await anyio.sleep(1.5)
+            proxy.cut = False
+            await svc.until(lambda: _true(bool(svc.events("serve.redis_back"))))
+            async with aiohttp.ClientSession() as http, http.get(svc.url("/metrics")) as answer:
+                text = await answer.text()
+        relay.cancel_scope.cancel()
+    # One outage, said once (a pooled connection the outage broke may fail once more when
+    # next used, after Redis is back: a second, true, short outage).
+    down = svc.events("serve.redis_unreachable")
+    assert 1 <= len(down) <= 2
+    assert {e["redis"] for e in down} == {redis_where(proxy.url)} == {proxy.url}
+    failed = svc.events("serve.redis_error")
+    assert {e["log_level"] for e in failed} == {"debug"} and len(failed) >= 2
+    counted = sum(e["failed_calls"] for e in svc.events("serve.redis_back"))
+    assert counted == len(down) + len(failed)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["devserver_reaper_redis_errors"].samples[0].value == counted
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("replaced", ["stream", "outcomes"])
+async def test_a_queue_key_replaced_by_another_type_pauses_it_unready_until_mended(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch, replaced: str
+) -> None:
+    """The stream (or the outcomes stream) replaced by a string while serve runs: a read or
+    a write answered WRONGTYPE, a traceback and exit 1 (then 78 on every restart). Now the
+    replica pauses, unready (/readyz says which check fails), with an event naming the key,
+    and takes up work again once the key is a stream again."""
+    _short_pauses(monkeypatch)
+    async with running(redis_prefix, SimulatorConfig(jobs=6)) as svc:
+        ids = svc.sim.job_ids()
+        await svc.enqueue(ids[:2])
+        await svc.until(lambda: _zero(svc.pending()))
+        await svc.until(lambda: _true(len(svc.sim.deleted) == 2))
+        key = svc.layout.stream if replaced == "stream" else svc.layout.outcomes
+        await svc.redis.delete(key)
+        await svc.redis.set(key, "not a stream")
+        if replaced == "outcomes":
+            await svc.enqueue(ids[2:4])  # their outcomes cannot be written
+        await svc.until(lambda: _true(bool(svc.events("serve.paused"))))
+        async with aiohttp.ClientSession() as http, http.get(svc.url("/readyz")) as answer:
+            assert answer.status == 503
+            assert (await answer.json())["stream"] is False
+        assert await _status(svc, "/healthz") == 200
+        assert svc.code is None  # paused, not ended
+        await svc.redis.delete(key)  # mended: the service makes the stream again itself
+        await svc.until(lambda: _true(len(svc.sim.deleted) >= 2))
+        if replaced == "stream":
+            await svc.until(lambda: _true(bool(svc.events("serve.group_recreated"))))
+        await svc.enqueue(ids[4:])
+        await svc.until(lambda: _true(set(ids[4:]) <= svc.sim.deleted), timeout=20)
+        await svc.until(lambda: _ready(svc), timeout=5)
+    assert svc.code == 0
+    paused = svc.events("serve.paused")[0]
+    assert paused["reason"] == "NotAStream" and paused["keys"] == [key]
+    assert not [e for e in svc.logs if e.get("exc_info")]
+
+
+async def _ready(svc: Running) -> bool:
+    return await _status(svc, "/readyz") == 200

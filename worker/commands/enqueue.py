@@ -61,7 +61,8 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
 
     from worker.input.sources import read_chunks, read_entries
     from worker.outcomes.events import EventLog
-    from worker.service.consumer import REDIS_ERRORS, not_a_stream, ping
+    from worker.service.consumer import not_a_stream, ping
+    from worker.service.outage import REDIS_ERRORS, redis_where
     from worker.types import Candidate
 
     events = EventLog()
@@ -80,7 +81,8 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
             try:
                 await ping(client)
             except REDIS_ERRORS as exc:
-                events.error("enqueue.redis_unavailable", error=type(exc).__name__)
+                events.error("enqueue.redis_unavailable", redis=redis_where(settings.redis_url),
+                             error=type(exc).__name__)  # fmt: skip
                 return ExitCode.UNAVAILABLE
             chunks = read_chunks(entries, CHUNK)
             while True:
@@ -109,7 +111,8 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
                 first = first or _text(added[0])
                 last = _text(added[-1])
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        events.error("enqueue.redis_unavailable", error=type(exc).__name__, enqueued=enqueued)
+        events.error("enqueue.redis_unavailable", redis=redis_where(settings.redis_url),
+                     error=type(exc).__name__, enqueued=enqueued)  # fmt: skip
         _summary(settings.stream, enqueued, rejected, first, last)
         return ExitCode.UNAVAILABLE
     finally:

@@ -88,12 +88,13 @@ async def serve(
     from worker.dispatcher import Working
     from worker.outcomes.events import EventLog
     from worker.pacing.breaker import BreakerGate
-    from worker.service.consumer import REDIS_ERRORS, StreamConsumer
+    from worker.service.consumer import StreamConsumer
     from worker.service.health import Health, build_app
     from worker.service.inflight import InFlight
-    from worker.service.journal import ServeJournal, persist
+    from worker.service.journal import ServeJournal
     from worker.service.layout import Retention, StreamLayout
     from worker.service.metrics import MeteredTransport, ServiceMetrics
+    from worker.service.outage import Outage, redis_where
     from worker.service.retention import Keeper
     from worker.service.service import Service, ServiceConfig
 
@@ -128,8 +129,11 @@ async def serve(
         raise ConfigError(f"redis_url is not a Redis URL: {exc}") from None
     session = None
     runner: web.AppRunner | None = None
+    metrics = ServiceMetrics()
+    outage = Outage(events, clock, where=redis_where(settings.redis_url),
+                    count=metrics.redis_errors.inc)  # fmt: skip
     try:
-        if not await _redis_answers(client, REDIS_ERRORS, events):
+        if not await _redis_answers(client, outage, events):
             return ExitCode.UNAVAILABLE
         layout = StreamLayout(settings.stream, settings.group)
         retention = Retention(
@@ -143,13 +147,12 @@ async def serve(
         )
         # Here, not in the loop's task group: a --stream naming a key of another type is a
         # ConfigError (78) that reaches main() unwrapped.
-        await persist(consumer.ensure_group, clock, what="group")
-        metrics = ServiceMetrics()
+        await outage.persist(consumer.ensure_group, what="group")
         health = Health(clock, stale_after=config.stale_after)
         inflight = InFlight()
         journal = ServeJournal(
             events=events, metrics=metrics, inflight=inflight, consumer=consumer, clock=clock,
-            max_deliveries=config.max_deliveries,
+            outage=outage, max_deliveries=config.max_deliveries,
         )  # fmt: skip
         transport: Any = None
         if not settings.dry_run:
@@ -180,6 +183,7 @@ async def serve(
             config=config,
             stop=stop,
             working=working,
+            outage=outage,
             keeper=Keeper(client, layout, retention),
         )
         app = build_app(health, metrics, ping=consumer.ping, refresh=service.refresh_gauges)
@@ -254,22 +258,17 @@ def _limiter(settings: Settings, client: Any, key: str, clock: Any) -> Any:
     return SlowingLimiter(fixed, clock, notify=structlog.get_logger().warning)
 
 
-async def _redis_answers(client: Any, errors: tuple[type[BaseException], ...], events: Any) -> bool:
-    """PING until Redis answers, for at most ``STARTUP_WAIT_S``; ``ConfigError`` when it
+async def _redis_answers(client: Any, outage: Any, events: Any) -> bool:
+    """PING until Redis answers, for at most ``STARTUP_WAIT_S`` (the first failure names the
+    Redis, the others are counted: ``worker.service.outage``); ``ConfigError`` when it
     refuses our settings (``worker.service.consumer.ping``)."""
     from worker.service.consumer import ping
 
-    delay = 0.2
     with anyio.move_on_after(STARTUP_WAIT_S):
-        while True:
-            try:
-                await ping(client)
-                return True
-            except errors as exc:
-                events.warn("serve.redis_unreachable", error=type(exc).__name__)
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-    events.error("serve.redis_unavailable", waited_s=STARTUP_WAIT_S)
+        await outage.persist(lambda: ping(client), what="ping")
+        return True
+    events.error("serve.redis_unavailable", waited_s=STARTUP_WAIT_S,
+                 failed_calls=outage.failures)  # fmt: skip
     return False
 
 

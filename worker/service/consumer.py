@@ -23,14 +23,12 @@ from worker.errors import ApiError, ConfigError
 from worker.input.intake import escape
 from worker.service.inflight import Finished
 from worker.service.layout import Retention, StreamLayout
+from worker.service.outage import NotAStream
 from worker.service.retention import kept_position
 from worker.types import Outcome, Result
 
 Entry = tuple[str, dict[bytes, bytes] | None]
 Fields = dict[Any, Any]
-
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-"""Failures of Redis itself (not of a command): wait and try again."""
 
 
 async def ping(client: aioredis.Redis) -> None:
@@ -45,10 +43,10 @@ async def ping(client: aioredis.Redis) -> None:
         raise ConfigError(f"redis_url: Redis refused it: {exc}") from None
 
 
-def not_a_stream(stream: str) -> ConfigError:
+def not_a_stream(stream: str) -> NotAStream:
     """The error for a ``--stream`` naming a Redis key that holds something else
     (``WRONGTYPE``): a setting to fix, exit 78."""
-    return ConfigError(f"stream {stream!r}: that Redis key holds another type, not a stream")
+    return NotAStream(f"stream {stream!r}: that Redis key holds another type, not a stream")
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,6 +368,15 @@ class StreamConsumer:
             "last_error": "",
             "rejected": orjson.dumps(rejected).decode(),
         }
+
+    async def not_streams(self) -> list[str]:
+        """The keys of the queue that hold another type than a stream (missing ones are fine)."""
+        keys = [self.layout.stream, self.layout.outcomes, self.layout.dead]
+        async with self._r.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.type(key)
+            types = await pipe.execute()
+        return [k for k, t in zip(keys, types, strict=True) if _id(t) not in ("stream", "none")]
 
     async def group_info(self) -> GroupInfo | None:
         """Our group's lag and pending count, or ``None`` if the group is gone."""

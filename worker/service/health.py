@@ -9,7 +9,8 @@ Two questions Kubernetes asks, kept apart on purpose:
   heartbeat for ``stale_after`` seconds means the event loop is stuck: restart it.
 - **ready** (``/readyz``): should this replica get work? Redis answers ``PING``, the last
   API call was not refused for credentials (401/403) or for a project or path the gateway
-  does not know (its 404, ``NoSuchApi``), and it is not draining after SIGTERM.
+  does not know (its 404, ``NoSuchApi``), the queue's keys are streams (not replaced by
+  another type while it ran), and it is not draining after SIGTERM.
   Unready is not unhealthy: a replica paused on a 401 is alive and is not restarted in a
   loop; it waits, unready, until the credentials work again.
 """
@@ -36,6 +37,7 @@ class Health:
         self.stale_after = stale_after
         self.last_progress = clock.now()
         self.auth_refused = False
+        self.queue_ok = True
         self.draining = False
         self.loop_running = False
 
@@ -59,7 +61,7 @@ class Health:
         idle = self._clock.now() - self.last_progress
         return (
             f"Health(live={self.live}, idle_s={idle:.1f}, auth_refused={self.auth_refused}, "
-            f"draining={self.draining})"
+            f"queue_ok={self.queue_ok}, draining={self.draining})"
         )
 
 
@@ -88,9 +90,10 @@ def build_app(
         body = {
             "redis": redis_ok,
             "credentials": not health.auth_refused,
+            "stream": health.queue_ok,
             "draining": health.draining,
         }
-        ready = redis_ok and not health.auth_refused and not health.draining
+        ready = redis_ok and not health.auth_refused and health.queue_ok and not health.draining
         return web.json_response(body | {"ready": ready}, status=200 if ready else 503)
 
     async def metrics_handler(request: web.Request) -> web.Response:

@@ -15,19 +15,19 @@ delivery.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio
 import orjson
-import structlog
 
 from worker.clock import Clock
 from worker.outcomes.events import EventLog
-from worker.service.consumer import REDIS_ERRORS, StreamConsumer, last_error, outcome_fields
+from worker.service.consumer import StreamConsumer, last_error, outcome_fields
 from worker.service.inflight import Finished, InFlight
 from worker.service.layout import Message
 from worker.service.metrics import ServiceMetrics
+from worker.service.outage import Outage
 from worker.types import Outcome, Result
 
 _T = TypeVar("_T")
@@ -47,21 +47,6 @@ SETTLE_TIMEOUT_S = 5.0
 """How long past the grace period a shutdown waits for Redis to take the last outcomes."""
 
 
-async def persist(
-    operation: Callable[[], Awaitable[_T]], clock: Clock, *, what: str, max_delay: float = 5.0
-) -> _T:
-    """Run a Redis operation until it succeeds, backing off while Redis does not answer."""
-    delay = 0.1
-    log = structlog.get_logger("devserver_reaper")
-    while True:
-        try:
-            return await operation()
-        except REDIS_ERRORS as exc:
-            log.warning("serve.redis_error", operation=what, error=type(exc).__name__)
-            await clock.sleep(delay)
-            delay = min(max_delay, delay * 2)
-
-
 class ServeJournal:
     """Implements ``worker.dispatcher.Journal`` for serve."""
 
@@ -73,6 +58,7 @@ class ServeJournal:
         inflight: InFlight,
         consumer: StreamConsumer,
         clock: Clock,
+        outage: Outage,
         max_deliveries: int,
         on_finished: Callable[[Finished, bool], None] | None = None,
     ) -> None:
@@ -82,6 +68,7 @@ class ServeJournal:
         self._inflight = inflight
         self._consumer = consumer
         self._clock = clock
+        self._outage = outage
         self._on_finished = on_finished
         self.outcomes = 0
         self.kept = 0
@@ -123,8 +110,8 @@ class ServeJournal:
         with anyio.CancelScope(shield=True, deadline=self._settle_deadline) as scope:
             self._settling.add(scope)
             try:
-                await persist(
-                    lambda: self._consumer.write_outcomes(rows), self._clock, what="outcomes"
+                await self._outage.persist(
+                    lambda: self._consumer.write_outcomes(rows), what="outcomes"
                 )
                 self.outcomes += len(rows)
                 finished = self._inflight.settle(results)
@@ -161,18 +148,17 @@ class ServeJournal:
             self._events.result(result)
             self._metrics.outcome(result.outcome)
         rows = [outcome_fields(r, (message.entry_id,)) for r in failed]
-        await persist(lambda: self._consumer.write_outcomes(rows), self._clock, what="outcomes")
+        await self._outage.persist(lambda: self._consumer.write_outcomes(rows), what="outcomes")
         self.outcomes += len(rows)
         await self._dead_letter(message, deliveries, reason, error)
 
     async def _dead_letter(
         self, message: Message, deliveries: int, reason: str, error: str
     ) -> None:
-        await persist(
+        await self._outage.persist(
             lambda: self._consumer.dead_letter(
                 message.entry_id, message.payload, reason, deliveries, error
             ),
-            self._clock,
             what="dead-letter",
         )
         self._metrics.dead("max_deliveries")
@@ -197,7 +183,7 @@ class ServeJournal:
             self._events.rejected(rejection)
         self._metrics.outcome(Outcome.REJECTED, len(results))
         rows = [outcome_fields(r, (message.entry_id,)) for r in results]
-        await persist(lambda: self._consumer.write_outcomes(rows), self._clock, what="outcomes")
+        await self._outage.persist(lambda: self._consumer.write_outcomes(rows), what="outcomes")
         self.outcomes += len(rows)
 
     async def settle(self, done: Finished) -> None:
@@ -219,7 +205,7 @@ class ServeJournal:
             if self._on_finished is not None:
                 self._on_finished(done, True)
             return
-        acked = await persist(lambda: self._consumer.finish(done), self._clock, what="ack")
+        acked = await self._outage.persist(lambda: self._consumer.finish(done), what="ack")
         if not acked:
             self.kept += 1
             self._events.warn(

@@ -93,6 +93,10 @@ class ServiceMetrics:
         self.pending = Gauge(
             PREFIX + "pending_entries", "Entries read by the group but not acknowledged", registry=r
         )
+        self.redis_errors = Counter(
+            PREFIX + "redis_errors", "Redis calls that failed for want of Redis (then retried)",
+            registry=r,
+        )  # fmt: skip
         self.last_success = Gauge(
             PREFIX + "last_success_timestamp_seconds", "Unix time of the last successful API call",
             registry=r,

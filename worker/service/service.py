@@ -35,7 +35,6 @@ from worker.dispatcher import Working
 from worker.errors import ApiUnavailable, AuthError, NoSuchApi, TlsError
 from worker.outcomes.events import EventLog
 from worker.service.consumer import (
-    REDIS_ERRORS,
     Entry,
     StreamConsumer,
     error_json,
@@ -43,9 +42,10 @@ from worker.service.consumer import (
 )
 from worker.service.health import Health
 from worker.service.inflight import InFlight
-from worker.service.journal import ServeJournal, persist
+from worker.service.journal import ServeJournal
 from worker.service.layout import decode_entry
 from worker.service.metrics import ServiceMetrics
+from worker.service.outage import REDIS_ERRORS, NotAStream, Outage, wrong_type
 from worker.service.retention import Keeper
 from worker.types import Batch
 
@@ -107,6 +107,7 @@ class Service:
         config: ServiceConfig,
         stop: anyio.Event,
         working: Working | None = None,
+        outage: Outage,
         keeper: Keeper | None = None,
     ) -> None:
         self._consumer = consumer
@@ -121,6 +122,7 @@ class Service:
         self._stop = stop
         self._working = working if working is not None else Working()
         self._keeper = keeper
+        self._outage = outage
         self._blocked: BaseException | None = None
         self._round_scope: anyio.CancelScope | None = None
         self._answered = anyio.Event()  # a batch of this round got an answer from the API
@@ -157,9 +159,8 @@ class Service:
             # Shielded: a call cancelled mid-reply leaves its pooled connection unusable and
             # out of the pool. The pass is one short script; a Redis that does not answer
             # ends it within the client's socket timeout.
-            # Redis away: the intake's reads say so, and the next pass tries again.
-            with anyio.CancelScope(shield=True), contextlib.suppress(*REDIS_ERRORS):
-                await keeper.trim()
+            with anyio.CancelScope(shield=True):
+                await self._beat("trim", keeper.trim)
 
     async def _heartbeat(self) -> None:
         self._health.loop_running = True
@@ -168,17 +169,22 @@ class Service:
             await self._clock.sleep(self._config.heartbeat)
 
     async def _run(self) -> None:
-        await persist(self._consumer.ensure_group, self._clock, what="group")
+        await self._outage.persist(self._consumer.ensure_group, what="group")
         pause = self._config.auth_pause
         while not self._stop.is_set():
             blocked = await self._round()
             if blocked is None:
                 break
+            said: dict[str, object] = {}
+            if isinstance(blocked, NotAStream):
+                with contextlib.suppress(Exception):  # naming the keys is a courtesy
+                    said["keys"] = await self._consumer.not_streams()
             self._events.error(
                 "serve.paused",
                 reason=type(blocked).__name__,
                 error=str(blocked),
                 resume_in_s=pause,
+                **said,
             )
             await self._pause(pause)
             pause = min(pause * 2, self._config.auth_pause_max)
@@ -228,11 +234,19 @@ class Service:
         while True:
             await self._clock.sleep(self._config.reclaim_interval)
             held = self._inflight.entry_ids()
-            try:
-                await self._consumer.keep_alive(held)
-            except REDIS_ERRORS as exc:  # the next beat tries again
-                self._events.warn("serve.redis_error", operation="keep-alive",
-                                  error=type(exc).__name__)  # fmt: skip
+            await self._beat("keep-alive", partial(self._consumer.keep_alive, held))
+
+    async def _beat(self, what: str, call: Callable[[], Awaitable[object]]) -> None:
+        """One call of a periodic task: Redis away is counted (the next beat tries again), a
+        key of the queue holding another type ends the round (``_block``)."""
+        try:
+            await call()
+        except REDIS_ERRORS as exc:
+            self._outage.failed(what, exc)
+        except redis.exceptions.ResponseError as exc:
+            if not wrong_type(exc):
+                raise
+            self._block(NotAStream(f"{what}: a key of the queue holds another type"))
 
     async def _watch_stop(
         self, intake_scope: anyio.CancelScope, dispatch_scope: anyio.CancelScope
@@ -271,20 +285,35 @@ class Service:
                     dropped = self._inflight.release(batch.ids)
                     errors = {entry: error_json(held.ids, exc.cause, str(exc), held.done)
                               for entry, held in dropped.items()}  # fmt: skip
-                    await persist(partial(self._consumer.keep_errors, errors),
-                                  self._clock, what="last error")  # fmt: skip
+                    await self._outage.persist(
+                        partial(self._consumer.keep_errors, errors), what="last error"
+                    )
                     self._events.error(
                         "serve.api_unavailable", batch_id=batch.batch_id, error=str(exc),
                         entries_left_pending=len(dropped),
                     )  # fmt: skip
-                except (AuthError, NoSuchApi, TlsError) as exc:
-                    self._blocked = exc
-                    if self._round_scope is not None:
-                        self._round_scope.cancel()
+                except (AuthError, NoSuchApi, TlsError, NotAStream) as exc:
+                    self._block(exc)
                     return
+
+    def _block(self, exc: BaseException) -> None:
+        """End the round for a refusal a pause may outlast (credentials, the TLS certificate,
+        a key of the queue replaced by another type); the first one is the one said."""
+        if self._blocked is None:
+            self._blocked = exc
+        if isinstance(exc, NotAStream):
+            self._health.queue_ok = False
+        if self._round_scope is not None:
+            self._round_scope.cancel()
 
     # -- intake --------------------------------------------------------------------------
     async def _intake(self, send: MemoryObjectSendStream[Batch], scope: anyio.CancelScope) -> None:
+        try:
+            await self._take_in(send, scope)
+        except NotAStream as exc:
+            self._block(exc)
+
+    async def _take_in(self, send: MemoryObjectSendStream[Batch], scope: anyio.CancelScope) -> None:
         config = self._config
         batcher = Batcher(config.batch_size, prefix=f"{self._consumer.consumer}-r{self.rounds}")
         # Our own pending entries were read under this name before (by this process before a
@@ -376,7 +405,9 @@ class Service:
                 )  # fmt: skip
                 return await operation(*args)
 
-        return await persist(attempt, self._clock, what="read")
+        answer = await self._outage.persist(attempt, what="read")
+        self._health.queue_ok = True
+        return answer
 
     async def _admit(
         self,
@@ -403,21 +434,23 @@ class Service:
             self.reclaimed += len(entries)
         gone = [entry_id for entry_id, fields in entries if fields is None]
         if gone:
-            await persist(lambda: self._consumer.ack(gone), self._clock, what="ack")
+            await self._outage.persist(lambda: self._consumer.ack(gone), what="ack")
         live = [(entry_id, fields) for entry_id, fields in entries if fields is not None]
         if counts is None:  # unless the read said already
             counts = {entry_id: 1 for entry_id, _ in live}
             if redelivered and live:
                 ids = [entry_id for entry_id, _ in live]
-                counts = await persist(lambda: self._consumer.deliveries(ids), self._clock,
-                                       what="xpending")  # fmt: skip
+                counts = await self._outage.persist(
+                    lambda: self._consumer.deliveries(ids), what="xpending"
+                )
         # A redelivered entry kept pending for some failed ids names, in its last error, the
         # ids that have their outcome already: only the others are sent (and failed) again.
         errors: dict[str, str] = {}
         if redelivered and live:
             held = [entry_id for entry_id, _ in live]
-            errors = await persist(lambda: self._consumer.last_errors(held), self._clock,
-                                   what="last error")  # fmt: skip
+            errors = await self._outage.persist(
+                lambda: self._consumer.last_errors(held), what="last error"
+            )
         send: list[str] = []
         for entry_id, fields in live:
             assert fields is not None

@@ -1,0 +1,129 @@
+"""Redis being away, said once and counted: the retry loop every Redis call of serve uses.
+
+An outage of Redis used to log one bare ``ConnectionError`` line per failed call (ten a
+second across the loops), none saying which Redis. Now the first failure of an outage is
+one ``serve.redis_unreachable`` event naming the Redis (its URL without the password); the
+calls that keep failing back off quietly (a ``debug`` event each) and are counted
+(``devserver_reaper_redis_errors_total``); the first success after it is one
+``serve.redis_back`` event with how long it lasted and how many calls failed meanwhile.
+
+A key of the queue replaced by another type while serve runs (``WRONGTYPE``) is not an
+outage: it is :class:`NotAStream`, a setting to fix, which the service answers by pausing
+unready (``worker.service.service``) and ``serve`` at start-up by exiting 78.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import redis.exceptions
+import structlog
+
+from worker.clock import Clock
+from worker.errors import ConfigError
+
+_T = TypeVar("_T")
+
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+"""Failures of Redis itself (not of a command): wait and try again."""
+
+
+class NotAStream(ConfigError):
+    """A key serve reads or writes as a stream holds another type (Redis said ``WRONGTYPE``)."""
+
+
+def wrong_type(error: BaseException) -> bool:
+    return isinstance(error, redis.exceptions.ResponseError) and "WRONGTYPE" in str(error)
+
+
+def redis_where(url: str) -> str:
+    """The Redis a URL names, fit for a log line: scheme, user, host, port and database, never
+    the password (nor anything else the query may carry)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return f"unix://{parts.path}"
+    user = f"{parts.username}@" if parts.username else ""
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme}://{user}{parts.hostname or ''}{port}{parts.path}"
+
+
+class Outage:
+    """Whether Redis answers, as the calls that use it find out."""
+
+    def __init__(
+        self,
+        events: Any,
+        clock: Clock,
+        *,
+        where: str,
+        count: Callable[[], None] | None = None,
+    ) -> None:
+        self._events = events
+        self._clock = clock
+        self._where = where
+        self._count = count
+        self._since: float | None = None
+        self._failed_now = 0
+        self.failures = 0
+        self.outages = 0
+
+    @property
+    def down(self) -> bool:
+        return self._since is not None
+
+    def failed(self, operation: str, error: BaseException) -> None:
+        """A call failed for want of Redis: said once per outage, counted every time."""
+        self.failures += 1
+        self._failed_now += 1
+        if self._count is not None:
+            self._count()
+        if self._since is None:
+            self._since = self._clock.now()
+            self.outages += 1
+            self._events.error("serve.redis_unreachable", redis=self._where,
+                               operation=operation, error=type(error).__name__)  # fmt: skip
+        else:
+            structlog.get_logger("devserver_reaper").debug(
+                "serve.redis_error", operation=operation, error=type(error).__name__
+            )
+
+    def answered(self) -> None:
+        """A call got its answer: an outage, if there was one, is over."""
+        if self._since is None:
+            return
+        self._events.note("serve.redis_back", redis=self._where,
+                          down_s=round(self._clock.now() - self._since, 3),
+                          failed_calls=self._failed_now)  # fmt: skip
+        self._since = None
+        self._failed_now = 0
+
+    async def persist(
+        self, operation: Callable[[], Awaitable[_T]], *, what: str, max_delay: float = 5.0
+    ) -> _T:
+        """Run a Redis operation until it succeeds, backing off while Redis does not answer."""
+        delay = 0.1
+        while True:
+            try:
+                answer = await operation()
+            except REDIS_ERRORS as exc:
+                self.failed(what, exc)
+                await self._clock.sleep(delay)
+                delay = min(max_delay, delay * 2)
+                continue
+            except redis.exceptions.ResponseError as exc:
+                if wrong_type(exc):
+                    raise NotAStream(f"{what}: a key of the queue holds another type") from None
+                raise
+            self.answered()
+            return answer
+
+    def __repr__(self) -> str:
+        return (
+            f"Outage(redis={self._where!r}, down={self.down}, outages={self.outages}, "
+            f"failures={self.failures})"
+        )
