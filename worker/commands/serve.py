@@ -33,6 +33,11 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 
     del args
     logsetup.configure(fmt=settings.log_format, level=settings.log_level)
+    # A service carries on without its event output (its outcomes are in Redis), said once.
+    logsetup.when_lost(lambda name, exc: logsetup.tell(
+        f"devserver-reaper serve: the events cannot be written to {name} "
+        f"({exc.strerror or type(exc).__name__}); carrying on without them"
+    ))  # fmt: skip
     structlog.contextvars.bind_contextvars(run_id=f"serve-{settings.consumer}")
     log = structlog.get_logger("devserver_reaper")
     try:
