@@ -57,8 +57,15 @@ async def test_check_exits_77_on_a_wrong_secret_and_never_prints_it() -> None:
     async with simulator_process() as url:
         done = await reaper(["check"], reaper_env(url, REAPER_SK=CANARY_SK))
     assert done.code == 77
-    assert "REJECTED" in done.stdout
     assert CANARY_SK not in done.stdout + done.stderr
+    result, request, fix = done.stdout.splitlines()[3:]
+    assert result == (
+        "result       REJECTED: HTTP 401 APIGW.0301: Incorrect IAM authentication "
+        "information: the signature does not match"
+    )
+    assert re.fullmatch(r"request id   \w+", request)  # said once, on a line of its own
+    assert done.stdout.count(request.split()[-1]) == 1
+    assert fix.startswith("fix          check the access key and secret key")
 
 
 async def test_check_exits_78_when_the_project_id_is_not_the_servers() -> None:

@@ -1,12 +1,12 @@
-"""People at a terminal: `run` asks before deleting, and shows progress and a summary."""
+"""People at a terminal: `run` asks before deleting, shows progress, explains a stop, and
+sums up; each on a real pseudo-terminal, read back as a screen (``tests/tty.py``)."""
 
 from __future__ import annotations
 
-import os
-import pty
 import re
-import subprocess
-import sys
+import shlex
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,63 +17,119 @@ import pytest
 from tests.e2e import reaper_env, write_ids
 from tests.tty import Terminal
 from worker.outcomes.journal import Tally
-from worker.simulator import SimulatorConfig, run_simulator
+from worker.simulator import Simulator, SimulatorConfig, run_simulator
 from worker.terminal.progress import Progress, count_lines
+from worker.terminal.prompt import Proposal, tally
+
+PROMPT = "to delete them: "
 
 
-def _run_on_a_terminal(args: list[str], env: dict[str, str], answer: bytes) -> tuple[int, str]:
-    """Run the CLI with stdin and stderr on a pseudo-terminal; type ``answer`` at the prompt."""
-    main, secondary = pty.openpty()
-    child = subprocess.Popen(
-        [sys.executable, "-m", "worker", *args],
-        stdin=secondary,
-        stderr=secondary,
-        stdout=subprocess.DEVNULL,
-        env=env,
-        close_fds=True,
-    )
-    os.close(secondary)
-    seen = b""
-    while b"continue:" not in seen:
-        try:
-            chunk = os.read(main, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-    os.write(main, answer)
-    while True:
-        try:
-            chunk = os.read(main, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-    os.close(main)
-    return child.wait(timeout=60), seen.decode(errors="replace")
+@asynccontextmanager
+async def _project(
+    tmp_path: Path, jobs: int, *more_lines: str, **env: str
+) -> AsyncIterator[tuple[Simulator, Path, dict[str, str]]]:
+    """A simulated project of ``jobs`` jobs, a file of their ids (and ``more_lines``), and
+    the environment that points the CLI at it, rendering for people."""
+    async with run_simulator(SimulatorConfig(jobs=jobs)) as sim:
+        src = write_ids(tmp_path / "ids.txt", [*sim.job_ids(), *more_lines])
+        yield sim, src, reaper_env(sim.url, REAPER_LOG_FORMAT="auto", **env)
+
+
+def _answer(args: list[str], env: dict[str, str], keys: bytes) -> tuple[int, Terminal]:
+    """Run ``run ARGS`` on a terminal, wait for the prompt, type ``keys``."""
+    term = Terminal(["run", *args], env)
+    term.expect(PROMPT)
+    term.type(keys)
+    return term.wait(), term
+
+
+def _after_prompt(term: Terminal) -> list[str]:
+    lines = term.lines()
+    asked = next(n for n, line in enumerate(lines) if PROMPT.strip() in line)
+    return [line for line in lines[asked + 1 :] if line]
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize(("answer", "code"), [(b"yes\n", 0), (b"no\n", 64)])
-async def test_run_asks_on_a_terminal_naming_project_endpoint_and_count(
-    tmp_path: Path, answer: bytes, code: int
+@pytest.mark.parametrize(
+    ("keys", "code", "said"),
+    [
+        (b"yes\n", 0, None),
+        (
+            b"no\n",
+            64,
+            "devserver-reaper run: not confirmed: nothing was sent (the prompt asks "
+            "for 'yes' exactly)",
+        ),
+        (
+            b"y\n",
+            64,
+            "devserver-reaper run: not confirmed: nothing was sent (the prompt asks "
+            "for 'yes' exactly)",
+        ),
+        (b"\n", 64, "devserver-reaper run: not confirmed: nothing was sent"),
+        (b"\x03", 75, "interrupted at the prompt: nothing was sent"),
+    ],
+    ids=["yes", "no", "y-is-not-yes", "empty", "ctrl-c"],
+)
+async def test_the_prompt_accepts_exactly_yes_and_says_once_that_nothing_was_sent(
+    tmp_path: Path, keys: bytes, code: int, said: str | None
 ) -> None:
-    async with run_simulator(SimulatorConfig(jobs=12)) as sim:
-        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
-        env = reaper_env(sim.url)
-        returned, screen = await anyio.to_thread.run_sync(
-            _run_on_a_terminal, ["run", "-i", str(src)], env, answer
+    async with _project(tmp_path, 12) as (sim, src, env):
+        returned, term = await anyio.to_thread.run_sync(
+            lambda: _answer(["-i", str(src)], env, keys)
         )
-        assert "demo-project" in screen
-        assert sim.url in screen
-        assert "up to 12 job ids" in screen
-        assert returned == code, screen
+        assert returned == code, term.screen_text()
         assert len(sim.deleted) == (12 if code == 0 else 0)
-        if code == 0:
-            assert "run summary" in screen  # the readable summary on the terminal
-            assert "deleted" in screen
+    lines = term.lines()
+    assert lines[0] == f"About to delete up to 12 jobs from {src}"
+    assert "  project     demo-project" in lines
+    assert f"  endpoint    {sim.url}" in lines
+    assert "  protected   nothing (no rule)" in lines
+    assert "  duration    about a second at 10 calls/s" in lines
+    after = _after_prompt(term)
+    if said is None:
+        assert "devserver-reaper run summary" in after
+    else:
+        assert after == [said]  # one line, not an event and a line
+
+
+@pytest.mark.anyio
+async def test_above_the_threshold_the_project_id_must_be_typed(tmp_path: Path) -> None:
+    async with _project(tmp_path, 12, REAPER_CONFIRM_PROJECT_OVER="5") as (sim, src, env):
+        refused, term = await anyio.to_thread.run_sync(
+            lambda: _answer(["-i", str(src)], env, b"yes\n")
+        )
+        assert refused == 64
+        asked = "This cannot be undone. Type the project id (demo-project) to delete them: yes"
+        assert asked in term.lines()
+        assert len(sim.deleted) == 0
+        accepted, _ = await anyio.to_thread.run_sync(
+            lambda: _answer(["-i", str(src)], env, b"demo-project\n")
+        )
+        assert accepted == 0
+        assert len(sim.deleted) == 12
+
+
+def test_a_plans_proposal_counts_by_type_and_status_and_estimates_the_time() -> None:
+    proposal = Proposal(
+        source="plan.json", project="p-1", endpoint="https://e", count=300, exact=True,
+        by_type=tally(["COMMON"] * 200 + ["ASCEND_DIAGNOSIS"] * 100),
+        by_status=tally(["FINISHED"] * 300), protection=("name prod-*", "status PROCESSING"),
+        already_done=40, calls_per_id=1.0, batch_size=50, rate=10.0,
+    )  # fmt: skip
+    assert proposal.lines() == [
+        "About to delete 300 jobs from plan.json",
+        "  project     p-1",
+        "  endpoint    https://e",
+        "  by type     COMMON 200, ASCEND_DIAGNOSIS 100",
+        "  by status   FINISHED 300",
+        "  protected   name prod-*; status PROCESSING",
+        "  ledger      40 ids already done there (resuming): those are not sent again",
+        "  duration    about 31 s at 10 calls/s (with a read of each job first)",
+    ]
+    capped = Proposal(source="ids.txt", project="p", endpoint="e", count=None, cap=7, rate="auto")
+    assert capped.lines()[0] == "About to delete up to 7 jobs from ids.txt"
+    assert capped.lines()[-1] == "  duration    unknown yet: --rate auto finds the quota as it goes"
 
 
 def test_progress_figures_show_done_rate_eta_and_outcomes() -> None:
@@ -120,10 +176,8 @@ async def test_run_on_a_terminal_shows_progress_and_warnings_but_no_line_per_id(
     """2,000 ids on a real pseudo-terminal: the progress display is drawn, the invalid line
     is a warning above it, and nothing else is on the screen at the end but the summary:
     no line per id, no JSON, no leftover of the progress display."""
-    async with run_simulator(SimulatorConfig(jobs=2000)) as sim:
+    async with _project(tmp_path, 2000, "not a job id!") as (sim, src, env):
         ids = sim.job_ids()
-        src = write_ids(tmp_path / "ids.txt", [*ids, "not a job id!"])
-        env = reaper_env(sim.url, REAPER_LOG_FORMAT="auto")
         args = ["-i", str(src), "--yes", "--rate", "40", "--batch-size", "50"]
         code, term = await anyio.to_thread.run_sync(lambda: _run_on_a_pty(args, env))
         assert len(sim.deleted) == 2000
@@ -142,10 +196,8 @@ async def test_run_on_a_terminal_shows_progress_and_warnings_but_no_line_per_id(
 
 @pytest.mark.anyio
 async def test_verbose_shows_a_line_per_id_and_quiet_only_the_summary(tmp_path: Path) -> None:
-    async with run_simulator(SimulatorConfig(jobs=30)) as sim:
+    async with _project(tmp_path, 30) as (sim, src, env):
         ids = sim.job_ids()
-        src = write_ids(tmp_path / "ids.txt", ids)
-        env = reaper_env(sim.url, REAPER_LOG_FORMAT="auto")
         _, verbose = await anyio.to_thread.run_sync(
             lambda: _run_on_a_pty(["-i", str(src), "--dry-run", "-v"], env)
         )
@@ -200,3 +252,77 @@ async def test_not_a_terminal_every_event_still_goes_to_stdout_as_json(tmp_path:
     assert sorted(e["job_id"] for e in events if e["event"] == "job.deleted") == sorted(ids)
     assert "━" in term.text()
     assert "devserver-reaper run summary" in term.lines()
+
+
+@pytest.mark.anyio
+async def test_ctrl_c_explains_itself_and_the_summary_prints_the_command_that_resumes(
+    tmp_path: Path,
+) -> None:
+    """A first Ctrl-C says what the stop waits for; the summary says how much of the input
+    is left and the exact command to finish it, which then finishes it."""
+    async with _project(tmp_path, 600) as (sim, src, env):
+        ledger = tmp_path / "reaper.db"
+        args = ["run", "-i", str(src), "--yes", "--ledger", str(ledger), "--rate", "2",
+                "--batch-size", "10", "--burst", "1"]  # fmt: skip
+
+        def interrupted() -> tuple[int, Terminal]:
+            term = Terminal(args, env, columns=400)  # the command on one line, to compare
+            term.expect("ids/s")  # the run is under way
+            term.type(b"\x03")
+            return term.wait(), term
+
+        code, term = await anyio.to_thread.run_sync(interrupted)
+        assert code == 75, term.screen_text()
+        deleted_first = len(sim.deleted)
+        lines = [line for line in term.lines() if line]
+        assert re.fullmatch(
+            r"Ctrl-C: stopping; (finishing \d calls? in flight \(up to 20 s\)|no call in "
+            r"flight); Ctrl-C again to stop now",
+            lines[0],
+        ), lines
+        left = 600 - deleted_first
+        assert f"stopped with work left: up to {left:,} ids of the input are not done" in lines
+        resume = next(line for line in lines if line.startswith("resume: "))
+        assert resume == "resume: devserver-reaper " + shlex.join(args)
+        again = await anyio.to_thread.run_sync(
+            lambda: _run_on_a_pty([*args[1:6], "--rate", "1000"], env)
+        )
+        assert again[0] == 0, again[1].screen_text()
+        assert len(sim.deleted) == 600
+
+
+@pytest.mark.anyio
+async def test_a_dry_run_says_what_it_would_delete_not_what_it_skipped(tmp_path: Path) -> None:
+    async with _project(tmp_path, 40) as (sim, src, env):
+        args = ["-i", str(src), "--dry-run", "--protect", f"id:{sim.job_ids()[0]}"]
+        code, term = await anyio.to_thread.run_sync(lambda: _run_on_a_pty(args, env))
+    assert code == 0
+    lines = [line for line in term.lines() if line]
+    assert lines[1:3] == ["  would delete           39", "  skipped                 1"]
+    assert not any("ids/s" in line for line in lines)
+    assert lines[-1] == "dry run: nothing was sent; a real run would delete up to 39 jobs"
+
+
+@pytest.mark.anyio
+async def test_an_error_before_any_call_is_said_once_with_nothing_else(tmp_path: Path) -> None:
+    env = reaper_env("http://127.0.0.1:9", REAPER_LOG_FORMAT="auto")
+    code, term = await anyio.to_thread.run_sync(
+        lambda: _run_on_a_pty(["-i", str(tmp_path / "gone.txt"), "--yes"], env, columns=300)
+    )
+    assert code == 66
+    assert [line for line in term.lines() if line] == [
+        f"devserver-reaper run: cannot read input {tmp_path / 'gone.txt'}: no such file"
+    ]
+
+
+@pytest.mark.anyio
+async def test_refused_credentials_are_said_once_with_the_fix(tmp_path: Path) -> None:
+    async with _project(tmp_path, 20, REAPER_SK="not-the-key") as (_, src, env):
+        code, term = await anyio.to_thread.run_sync(
+            lambda: _run_on_a_pty(["-i", str(src), "--yes"], env)
+        )
+    assert code == 77
+    text = term.screen_text()
+    assert text.count("APIGW.0301") == 1, text
+    assert "fix:   check the access key and secret key" in text
+    assert "not-the-key" not in term.text()

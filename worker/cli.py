@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from worker import __version__, stdio
@@ -75,6 +76,12 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
         "Job's JOB_COMPLETION_INDEX)",
     ),
     (
+        "--confirm-project-over",
+        int,
+        "on a terminal, ask for the project id to be typed, not 'yes', above this many jobs "
+        "(default 1000)",
+    ),
+    (
         "--protect",
         rules,
         "never delete these: id:ID, name:GLOB, a glob, or an id-or-name "
@@ -119,7 +126,11 @@ _LOG = ("--log-format", "--log-level")
 _PROTECT = ("--protect", "--protect-file", "--protected-types", "--protected-statuses",
             "--max-fraction", "--recheck-max-age")  # fmt: skip
 COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
-    "run": _API + _DISPATCH + ("--deadline", "--ledger", "--shard") + _PROTECT + _LOG,
+    "run": _API
+    + _DISPATCH
+    + ("--deadline", "--ledger", "--shard", "--confirm-project-over")
+    + _PROTECT
+    + _LOG,
     "discover": (
         *_API,
         "--rate",
@@ -138,6 +149,24 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 
 
+USAGE = {
+    "run": "%(prog)s (--input FILE | --plan FILE) [--dry-run | --yes] [options]",
+    "discover": "%(prog)s FILTER... [--all] [--plan FILE | --output ids|jsonl] [options]",
+    "serve": "%(prog)s [--redis-url URL] [--rate CALLS/S] [options]",
+    "enqueue": "%(prog)s --input FILE [--redis-url URL] [options]",
+    "simulate": "%(prog)s [--port PORT] [--jobs N] [--quota CALLS/S] [options]",
+    "demo": "%(prog)s [--jobs N]",
+    "check": "%(prog)s [--region REGION | --endpoint URL] [--project-id ID] [options]",
+    "report": "%(prog)s --ledger FILE [--format summary|jsonl|csv] [--output FILE]",
+}
+"""What each command's usage line says: its shape, not every one of its flags."""
+
+
+_MEANT = {"--secret-key": "--sk", "--access-key": "--ak", "--project": "--project-id",
+          "--dryrun": "--dry-run", "--input-file": "--input", "--file": "--input"}  # fmt: skip
+"""Flags people type from other tools, and ours they mean."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error exits 64 as docs/reference.md says, not 2, and echoes no secret.
 
@@ -149,22 +178,65 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self.argv: list[str] = []  # what was typed, for errors that explain themselves
+        self.siblings: Mapping[str, _Parser] = {}
+        self._commands: dict[str, _Parser] = {}
 
     def parse_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> argparse.Namespace:
-        parsed, extras = self.parse_known_args(args, namespace)
+        words = list(sys.argv[1:] if args is None else args)
+        self.argv = words
+        for sub in self.commands.values():
+            sub.argv, sub.siblings = words, self.commands
+        parsed, extras = self.parse_known_args(words, namespace)
         if extras:
-            flags = [word.split("=", 1)[0] for word in extras if word.startswith("-")]
-            hidden = sum(1 for word in extras if not word.startswith("-") or "=" in word)
-            if hidden:
-                flags.append(f"{hidden} value{'s' if hidden > 1 else ''} not shown")
-            self.error(f"unrecognized arguments: {', '.join(flags)}")
+            # Said by the command they were typed for, with its usage, not by the top level.
+            command = self.commands.get(getattr(parsed, "command", None) or "", self)
+            command.error(command.unknown(extras, self.commands))
         return parsed
 
+    @property
+    def commands(self) -> dict[str, _Parser]:
+        return self._commands
+
+    def unknown(self, extras: Sequence[str], commands: Mapping[str, _Parser]) -> str:
+        """``unknown flag --inptu (did you mean --input?)``: flag names only, never a value."""
+        flags = [word.split("=", 1)[0] for word in extras if word.startswith("-")]
+        hidden = sum(1 for word in extras if not word.startswith("-") or "=" in word)
+        mine = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        said = []
+        for flag in flags:
+            close = [_MEANT[flag]] if _MEANT.get(flag) in mine else []
+            close = close or difflib.get_close_matches(flag, mine, n=1, cutoff=0.6)
+            elsewhere = [name for name, sub in commands.items() if sub is not self
+                         and flag in sub._option_string_actions]  # fmt: skip
+            if elsewhere:
+                where = ", ".join(elsewhere[:-1]) + " and " if len(elsewhere) > 1 else ""
+                said.append(f"{flag} is a flag of {where}{elsewhere[-1]}, not of this command")
+            elif close:
+                said.append(f"unknown flag {flag} (did you mean {close[0]}?)")
+            else:
+                said.append(f"unknown flag {flag}")
+        if hidden and not flags:
+            said.append(f"unexpected argument{'s' if hidden > 1 else ''} (not shown)")
+        return "; ".join(said) + f"; see {self.prog} --help"
+
     def error(self, message: str) -> NoReturn:
+        # argparse stops at the first problem, often one a mistyped flag caused ("--input
+        # is required" for --inptu): the mistyped flag is the news.
+        words = self.argv
+        strays = [w for w in words if w.startswith("--") and w != "--"
+                  and w.split("=", 1)[0] not in self._option_string_actions]  # fmt: skip
+        if strays and not self.commands:  # a command's parser, not the top level's
+            message = self.unknown(strays, self.siblings)
+        elif message.startswith("argument COMMAND: invalid choice"):
+            typed = next((w for w in words if not w.startswith("-")), "")
+            close = difflib.get_close_matches(typed, self.commands, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            message = f"unknown command {typed!r}{hint}; commands: {', '.join(self.commands)}"
         self.print_usage(sys.stderr)
-        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
+        self.exit(ExitCode.USAGE, f"{self.prog}: {message}\n")
 
 
 def _add_settings(parser: argparse.ArgumentParser, flags: Sequence[str]) -> None:
@@ -194,8 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="TOML settings file (env REAPER_CONFIG)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    known = parser.commands
+
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=text, description=text)
+        sub = commands.add_parser(name, help=text, description=text, usage=USAGE[name])
+        known[name] = sub
         sub.add_argument("--config", dest="sub_config", help="TOML settings file")
         _add_settings(sub, COMMAND_SETTINGS[name])
         return sub

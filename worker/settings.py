@@ -23,6 +23,7 @@ import os
 import re
 import socket
 import tomllib
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -132,6 +133,7 @@ class Settings(BaseSettings):
     yes: bool = False
     max_deletions: int | None = Field(default=None, ge=0)
     shard: str | None = Field(default=None, min_length=1)  # "I/N" or "auto/N": worker.input.shard
+    confirm_project_over: int = Field(default=1000, ge=0)  # above: type the project id
 
     # -- protection and plans (see worker.discovery.guard and worker.discovery.plan) ---------
     protect: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -513,7 +515,7 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
     try:
         return Settings(**given)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc)) from None
+        raise ConfigError(describe_validation_error(exc, given)) from None
     except tomllib.TOMLDecodeError as exc:
         # Only where: tomllib's message may quote a character of the value (of a secret).
         where = re.search(r"\(at ([^)]*)\)$", str(exc))
@@ -525,11 +527,53 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
         _CONFIG_FILE.reset(token)
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line per field, naming the field and the rule, never the value given."""
-    lines = ["invalid settings:"]
+_IN_WORDS = {
+    "rate": "must be a number of calls per second (more than 0, at most 10,000) or 'auto'",
+}
+"""Settings whose type is a union, where pydantic reports one failure per branch."""
+
+
+def _rule(error: Mapping[str, Any]) -> str:
+    """What the value must be, in words, from pydantic's error type and its limits."""
+    kind, ctx = error["type"], error.get("ctx") or {}
+    limits = {
+        "greater_than_equal": "must be at least {ge}",
+        "greater_than": "must be more than {gt}",
+        "less_than_equal": "must be at most {le}",
+        "less_than": "must be less than {lt}",
+        "too_short": "must not be empty",
+        "int_parsing": "must be a whole number",
+        "int_from_float": "must be a whole number",
+        "float_parsing": "must be a number",
+        "bool_parsing": "must be true or false",
+        "literal_error": "must be one of {expected}",
+    }
+    if kind in limits:
+        try:
+            return limits[kind].format(**ctx)
+        except KeyError:
+            pass
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def describe_validation_error(exc: ValidationError, given: Iterable[str] = ()) -> str:
+    """One line per setting, naming it as it was given (``--rate`` for a flag, else the
+    setting with its variable) and what it must be, never the value given."""
+    flags = set(given)
+    rules: dict[str, list[str]] = {}
     for error in exc.errors(include_input=False, include_url=False):
-        field = ".".join(str(part) for part in error["loc"]) or "settings"
-        message = error["msg"].removeprefix("Value error, ")
-        lines.append(f"  {field}: {message}")
-    return "\n".join(lines)
+        field = str(error["loc"][0]) if error["loc"] else "settings"
+        rules.setdefault(field, []).append(_rule(error))
+    lines = []
+    for field, said in rules.items():
+        rule = _IN_WORDS.get(field) or "; ".join(dict.fromkeys(said))
+        if field in flags:
+            name = "--" + field.replace("_", "-")
+        elif field in Settings.model_fields:
+            name = f"{field} (REAPER_{field.upper()} or the config file)"
+        else:
+            name = field
+        lines.append(f"{name} {rule}")
+    if len(lines) == 1:
+        return lines[0]
+    return "invalid settings:\n" + "\n".join(f"  {line}" for line in lines)

@@ -58,8 +58,7 @@ async def check(settings: Settings) -> int:
             out.write(f"result       REJECTED: {_describe(exc)}\n")
             return ExitCode.NO_PERMISSION
         except NoSuchApi as exc:
-            out.write(f"result       NO SUCH API (check the project id and endpoint): "
-                      f"{_describe(exc)}\n")  # fmt: skip
+            out.write(f"result       NO SUCH API: {_describe(exc)}\n")
             return ExitCode.CONFIG
         except NotTls as exc:
             out.write(f"result       NOT TLS: {exc}\n")
@@ -87,11 +86,16 @@ def _mask(ak: str) -> str:
 
 
 def _describe(exc: ApiError) -> str:
-    parts = [str(exc)]
-    if exc.http_status:
-        parts.append(f"HTTP {exc.http_status}")
-    if exc.error_code:
-        parts.append(exc.error_code)
+    """What the API said, each part once: ``HTTP 401 APIGW.0301: <its message>`` and the
+    request id on a line of its own (to quote to support), then the usual fix."""
+    from worker.terminal.failure import fix_for
+
+    if exc.http_status is not None:
+        said = " ".join(str(part) for part in (exc.http_status, exc.error_code) if part)
+        text = f"HTTP {said}: {exc.error_msg or 'no message'}"
+    else:
+        text = str(exc)
     if exc.request_id:
-        parts.append(f"request id {exc.request_id}")
-    return "; ".join(parts)
+        text += f"\nrequest id   {exc.request_id}"
+    fix = fix_for(exc, "check")
+    return text + (f"\nfix          {fix}" if fix else "")

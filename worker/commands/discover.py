@@ -40,6 +40,7 @@ from worker.errors import (
     ConfigError,
     InputUnreadable,
     NoSuchApi,
+    ReaperError,
     UsageError,
 )
 from worker.exit_codes import ExitCode
@@ -177,26 +178,24 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             settings.protected_statuses,
         )  # fmt: skip
         return anyio.run(discover, request, settings, protection, sys.stdout.buffer)
-    except ConfigError as exc:
-        log.error("discover.config_error", error=str(exc))
-        print(f"devserver-reaper discover: {exc}", file=sys.stderr)
-        return ExitCode.CONFIG
+    except (ConfigError, NoSuchApi) as exc:
+        return _said(log, "discover.config_error", exc, ExitCode.CONFIG)
     except UsageError as exc:
-        log.error("discover.usage_error", error=str(exc))
-        print(f"devserver-reaper discover: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+        return _said(log, "discover.usage_error", exc, ExitCode.USAGE)
     except InputUnreadable as exc:
-        print(f"devserver-reaper discover: {exc}", file=sys.stderr)
-        return ExitCode.NO_INPUT
+        return _said(log, "discover.input_unreadable", exc, ExitCode.NO_INPUT)
     except AuthError as exc:
-        log.error("discover.auth_error", error=str(exc))
-        return ExitCode.NO_PERMISSION
-    except NoSuchApi as exc:
-        log.error("discover.config_error", error=str(exc))
-        return ExitCode.CONFIG
+        return _said(log, "discover.auth_error", exc, ExitCode.NO_PERMISSION)
     except (ApiError, ApiUnavailable) as exc:
-        log.error("discover.unavailable", error=str(exc))
-        return ExitCode.UNAVAILABLE
+        return _said(log, "discover.unavailable", exc, ExitCode.UNAVAILABLE)
+
+
+def _said(log: Any, event: str, exc: ReaperError, code: int) -> int:
+    """Once: a line for a person at the terminal, else the event (both go to stderr)."""
+    from worker.terminal.failure import say_error
+
+    say_error(log, event, exc, command="discover", events=sys.stderr)
+    return code
 
 
 async def discover(

@@ -47,12 +47,13 @@ def execute(path: str, fmt: str, settings: Settings, *, stdin: IO[bytes] | None 
     log = structlog.get_logger("devserver_reaper")
     try:
         return anyio.run(enqueue, path, fmt, settings, stdin)
-    except ConfigError as exc:
-        log.error("enqueue.config_error", error=str(exc))
-        return ExitCode.CONFIG
-    except InputUnreadable as exc:
-        log.error("enqueue.input_unreadable", error=str(exc))
-        return ExitCode.NO_INPUT
+    except (ConfigError, InputUnreadable) as exc:
+        from worker.terminal.failure import say_error
+
+        config = isinstance(exc, ConfigError)
+        event = "enqueue.config_error" if config else "enqueue.input_unreadable"
+        say_error(log, event, exc, command="enqueue", events=sys.stderr)
+        return ExitCode.CONFIG if config else ExitCode.NO_INPUT
 
 
 async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | None) -> int:

@@ -66,6 +66,7 @@ from worker.pipeline import Pipeline, RunState
 from worker.private_files import open_output
 from worker.settings import Settings
 from worker.terminal.output import Output
+from worker.terminal.prompt import InterruptedAtPrompt, Proposal
 from worker.types import Candidate
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -85,6 +86,7 @@ class RunRequest:
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
     from worker.terminal import output as terminal
+    from worker.terminal.summary import command_line
 
     try:
         if args.events is not None:
@@ -96,6 +98,10 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             progress=args.progress,
             verbosity=args.verbose - args.quiet,
             events=args.events,
+            silent=frozenset(
+                {"run.interrupted", "run.deadline", *(event for _, event, _ in STOPPED_BEFORE)}
+            ),
+            command=command_line(sys.argv[1:]),
         )
     except UsageError as exc:
         print(f"devserver-reaper run: {exc}", file=sys.stderr)
@@ -139,16 +145,11 @@ def execute(
             output.name_jobs({job.id: job.name for job in plan.jobs if job.name})
         if not settings.dry_run and not settings.yes:
             _confirm(request, settings, endpoint, plan)
-    except ConfigError as exc:
-        log.error("run.config_error", error=str(exc))
-        return ExitCode.CONFIG
-    except InputUnreadable as exc:
-        log.error("run.input_unreadable", error=str(exc))
-        return ExitCode.NO_INPUT
-    except UsageError as exc:
-        log.error("run.usage_error", error=str(exc))
-        print(f"devserver-reaper: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+    except (ConfigError, InputUnreadable, UsageError) as exc:
+        return _stopped_before_any_call(log, exc, output)
+    except InterruptedAtPrompt as exc:
+        sys.stderr.write(f"\n{exc}\n")
+        return ExitCode.INTERRUPTED
     try:
         if request.input == "-" and stdin is None:
             # Unbuffered: the reading thread may be left blocked on a quiet pipe after a stop,
@@ -156,16 +157,29 @@ def execute(
             stdin = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)  # noqa: SIM115
         run = partial(run_async, plan=plan, output=output)
         return anyio.run(run, request, settings, run_id, endpoint, stdin)
-    except ConfigError as exc:
-        log.error("run.config_error", error=str(exc))
-        return ExitCode.CONFIG
-    except UsageError as exc:  # --results that could not be opened after all
-        log.error("run.usage_error", error=str(exc))
-        print(f"devserver-reaper: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
-    except ApiError as exc:  # credentials that could not be had: refused (77) or unreachable
-        log.error("run.credentials_error", error=str(exc))
-        return ExitCode.NO_PERMISSION if isinstance(exc, AuthError) else ExitCode.UNAVAILABLE
+    except (ConfigError, UsageError, ApiError) as exc:  # ApiError: credentials not to be had
+        return _stopped_before_any_call(log, exc, output)
+
+
+STOPPED_BEFORE = (
+    (ConfigError, "run.config_error", ExitCode.CONFIG),
+    (InputUnreadable, "run.input_unreadable", ExitCode.NO_INPUT),
+    (UsageError, "run.usage_error", ExitCode.USAGE),  # --results that could not be opened
+    (AuthError, "run.credentials_error", ExitCode.NO_PERMISSION),  # credentials refused
+    (ApiError, "run.credentials_error", ExitCode.UNAVAILABLE),  # or their service unreachable
+)
+"""Errors that end a run before any call: the event that says so, and the exit code."""
+
+
+def _stopped_before_any_call(log: Any, exc: ReaperError, output: Output) -> int:
+    """Said once: the event for the events' readers, one line (and the fix) on stderr. On
+    a terminal the event is not shown (``silent``), only kept in ``--events``."""
+    from worker.terminal.failure import say_error
+
+    event, code = next((e, c) for kind, e, c in STOPPED_BEFORE if isinstance(exc, kind))
+    events = None if output.lines is not None else sys.stdout
+    say_error(log, event, exc, command="run", events=events)
+    return code
 
 
 def shard_of(settings: Settings) -> Shard | None:
@@ -231,20 +245,52 @@ def _confirm(
             "refusing to delete without confirmation: not on a terminal, so pass --yes "
             "(or set REAPER_YES=true), or try --dry-run first"
         )
-    from worker.terminal.progress import count_lines
+    from worker.terminal.prompt import confirm
 
-    lines = len(plan.jobs) if plan is not None else count_lines(request.input)
-    amount = f"up to {lines:,} job ids" if lines is not None else "the job ids"
-    cap = f" (at most {settings.max_deletions:,})" if settings.max_deletions is not None else ""
-    sys.stderr.write(
-        f"Delete {amount}{cap} from {request.input}\n"
-        f"  project  {wiring.project_id(settings)}\n  endpoint {endpoint}\n"
-        "This cannot be undone. Type 'yes' to continue: "
+    confirm(
+        _proposal(request, settings, endpoint, plan), project_over=settings.confirm_project_over
     )
-    sys.stderr.flush()
-    answer = sys.stdin.readline().strip().lower()
-    if answer not in ("y", "yes"):
-        raise UsageError("not confirmed; nothing was deleted")
+
+
+def _proposal(
+    request: RunRequest, settings: Settings, endpoint: str, plan: Plan | None
+) -> Proposal:
+    """What the prompt shows: everything known before any call."""
+    from worker.ledger import open_readonly
+    from worker.terminal.progress import count_lines
+    from worker.terminal.prompt import Proposal, tally
+
+    protection = load_protection(
+        settings.protect, settings.protect_files, settings.protected_types,
+        settings.protected_statuses,
+    )  # fmt: skip
+    rules = [f"{len(protection.ids):,} id{'s' if len(protection.ids) != 1 else ''}"] * bool(
+        protection.ids
+    )
+    rules += [f"name {name}" for name in protection.names]
+    rules += [f"type {kind}" for kind in sorted(protection.types)]
+    rules += [f"status {status}" for status in sorted(protection.statuses)]
+    done = None
+    if settings.ledger is not None and settings.ledger.is_file():
+        with contextlib.suppress(InputUnreadable), open_readonly(settings.ledger) as view:
+            counts = view.counts()
+            done = counts["deleted"] + counts["absent"]
+            done += 0 if request.retry_failed else counts["failed"]
+    return Proposal(
+        source=request.input,
+        project=wiring.project_id(settings),
+        endpoint=endpoint,
+        count=len(plan.jobs) if plan is not None else count_lines(request.input),
+        exact=plan is not None,
+        cap=settings.max_deletions,
+        by_type=tally(job.type for job in plan.jobs) if plan is not None else (),
+        by_status=tally(job.status for job in plan.jobs) if plan is not None else (),
+        protection=tuple(rules),
+        already_done=done,
+        calls_per_id=1.0 if plan is not None or protection.needs_record else 0.0,
+        batch_size=settings.batch_size,
+        rate=settings.rate,
+    )
 
 
 async def run_async(
@@ -264,16 +310,19 @@ async def run_async(
     events = EventLog()
     failure: ReaperError | None = None
     code: int = ExitCode.OK
+    working = Working()  # what a stop waits for: calls on the wire, answers settling
+    say = partial(_say_stopping, output, working, settings.grace)
     async with anyio.create_task_group() as group:
         # Signals first: from here on SIGTERM/SIGINT stop the run cleanly, even during set-up.
-        await group.start(_watch_signals, state, events)
+        await group.start(_watch_signals, state, events, say)
         if settings.deadline is not None:
-            group.start_soon(_deadline, state, settings.deadline, events)
+            group.start_soon(_deadline, state, settings.deadline, events, say)
         logsetup.when_lost(_stop_when_lost(state))
         try:
             code = await _run(
-                request, settings, run_id, endpoint, stdin, plan, state, events, group, output
-            )
+                request, settings, run_id, endpoint, stdin, plan, state, events, group, output,
+                working,
+            )  # fmt: skip
         except ReaperError as exc:  # raised as itself, not wrapped in the group's ExceptionGroup
             failure = exc
         finally:
@@ -320,8 +369,10 @@ async def _run(
     events: EventLog,
     group: TaskGroup,
     output: Output,
+    working: Working,
 ) -> int:
     clock = MonotonicClock()
+    total: int | None = None  # ids (a plan) or lines (a file) of the input, when shown
     project = (settings.project_id or UNBOUND) if settings.dry_run else wiring.project_id(settings)
     protection = load_protection(  # before anything is opened: a bad protect_file is 78
         settings.protect, settings.protect_files, settings.protected_types,
@@ -398,7 +449,6 @@ async def _run(
             if not settings.dry_run:
                 session = wiring.session(settings)
                 transport = await wiring.api_client(settings, session)
-            working = Working()  # what a stop waits for: calls on the wire, answers settling
             dispatcher = wiring.processor(
                 settings,
                 transport=transport,
@@ -430,10 +480,13 @@ async def _run(
             )
             progress_scope = anyio.CancelScope()  # entered by the progress task, if any
             display = output.display if output.progress else None
-            if display is not None:
-                from worker.terminal.progress import Progress, count_lines
+            if output.display is not None:
+                from worker.terminal.progress import count_lines
 
                 total = len(plan.jobs) if plan is not None else count_lines(request.input)
+            if display is not None:
+                from worker.terminal.progress import Progress
+
                 progress = Progress(tally, total=total, clock=time.monotonic)
                 group.start_soon(_in_scope, progress_scope, partial(display.show, progress))
             try:
@@ -470,7 +523,10 @@ async def _run(
                 sent_by_earlier_runs=spent,
             )
         checks = dispatcher.checks() if isinstance(dispatcher, Guard) else None
-        _summarise(events, tally, state, code, duration, cpu, settings, output, sharded, checks)
+        _summarise(
+            events, tally, state, code, duration, cpu, settings, output, sharded, checks,
+            total, plan,
+        )  # fmt: skip
         return code
 
 
@@ -485,7 +541,11 @@ async def _in_scope(scope: anyio.CancelScope, task: Callable[[], Awaitable[None]
 
 
 async def _watch_signals(
-    state: RunState, events: EventLog, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    state: RunState,
+    events: EventLog,
+    say: Callable[[str, bool], None],
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     with anyio.open_signal_receiver(*SIGNALS) as received:
         task_status.started()
@@ -494,13 +554,32 @@ async def _watch_signals(
             count += 1
             name = signal.Signals(signum).name
             events.warn("run.interrupted", signal=name, immediate=count > 1)
+            say("Ctrl-C" if signum == signal.SIGINT else name, count > 1)
             state.request_stop("signal", immediate=count > 1)
 
 
-async def _deadline(state: RunState, seconds: float, events: EventLog) -> None:
+async def _deadline(
+    state: RunState, seconds: float, events: EventLog, say: Callable[[str, bool], None]
+) -> None:
     await anyio.sleep(seconds)
     events.warn("run.deadline", deadline_s=seconds)
+    say(f"deadline of {seconds:g} s reached", False)
     state.request_stop("deadline")
+
+
+def _say_stopping(output: Output, working: Working, grace: float, why: str, now: bool) -> None:
+    """What a stop does, said to the person who asked for it (``run.interrupted`` is for
+    programs): a first one lets the calls in flight finish, a second cancels them."""
+    if now:
+        output.say(f"{why} again: stopping now; the ids of calls in flight stay open", "yellow")
+        return
+    calls = working.count
+    finishing = (
+        f"finishing {calls} call{'s' if calls != 1 else ''} in flight (up to {grace:g} s)"
+        if calls
+        else "no call in flight"
+    )
+    output.say(f"{why}: stopping; {finishing}; Ctrl-C again to stop now", "yellow")
 
 
 def exit_code(state: RunState, tally: Tally) -> int:
@@ -553,6 +632,8 @@ def _summarise(
     output: Output,
     sharded: dict[str, Any],
     checks: dict[str, int] | None = None,
+    total: int | None = None,
+    plan: Plan | None = None,
 ) -> None:
     counts = tally.counts()
     fields: dict[str, Any] = dict(counts)
@@ -581,23 +662,17 @@ def _summarise(
         fields["error"] = str(state.fatal)
     events.summary(fields)
     if output.display is not None:
+        from worker.terminal.summary import RunEnd
+
         if output.lines is not None and (note := output.lines.held_back_note()):
             output.say(note, "dim")
-        output.display.print(_summary_text(fields))
-
-
-def _summary_text(fields: dict[str, Any]) -> str:
-    lines = ["", "devserver-reaper run summary"]
-    for key in ("deleted", "unconfirmed", "absent", "failed", "rejected", "skipped", "open",
-                "repeated", "already_done", "already_failed", "retries"):  # fmt: skip
-        if fields.get(key):
-            lines.append(f"  {key:<13}{fields[key]:>12,}")
-    if "max_deletions_left" in fields:
-        cap, left = fields["max_deletions"], fields["max_deletions_left"]
-        lines.append(f"  {'cap left':<13}{left:>12,} of {cap:,}")
-    lines.append(f"  {'duration':<13}{fields['duration_s']:>11.1f}s")
-    lines.append(f"  {'rate':<13}{fields['ids_per_s']:>8,.0f} ids/s")
-    lines.append(f"  {'exit code':<13}{fields['exit_code']:>12}")
-    if "error" in fields:
-        lines.append(f"  error: {fields['error']}")
-    return "\n".join(lines)
+        end = RunEnd(
+            fields,
+            total=total,
+            exact_total=plan is not None,
+            would_delete=tally.skip_reasons["dry_run"],
+            command=output.command,
+            ledger=settings.ledger is not None,
+            error=state.fatal,
+        )
+        output.display.print(end.text())

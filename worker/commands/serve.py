@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,7 @@ import anyio
 import structlog
 
 from worker import wiring
-from worker.errors import AuthError, ConfigError, TransientError
+from worker.errors import AuthError, ConfigError, ReaperError, TransientError
 from worker.exit_codes import ExitCode
 from worker.settings import Settings
 
@@ -47,14 +48,19 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         wiring.project_id(settings)  # before any call: a missing project is exit 78
         return anyio.run(serve, settings, endpoint)
     except ConfigError as exc:
-        log.error("serve.config_error", error=str(exc))
-        return ExitCode.CONFIG
+        return _said(log, "serve.config_error", exc, ExitCode.CONFIG)
     except AuthError as exc:  # a credential service refused us at start-up
-        log.error("serve.credentials_refused", error=str(exc))
-        return ExitCode.NO_PERMISSION
+        return _said(log, "serve.credentials_refused", exc, ExitCode.NO_PERMISSION)
     except TransientError as exc:  # a credential service that does not answer
-        log.error("serve.credentials_unavailable", error=str(exc))
-        return ExitCode.UNAVAILABLE
+        return _said(log, "serve.credentials_unavailable", exc, ExitCode.UNAVAILABLE)
+
+
+def _said(log: Any, event: str, exc: ReaperError, code: int) -> int:
+    """Once to each reader: the event to the log (stdout), one line and the fix to stderr."""
+    from worker.terminal.failure import say_error
+
+    say_error(log, event, exc, command="serve", events=sys.stdout)
+    return code
 
 
 def refuse_run_only(settings: Settings) -> None:

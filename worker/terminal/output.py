@@ -32,6 +32,7 @@ class Output:
     lines: EventLines | None = None
     events: TextIO | None = None
     quiet: bool = False
+    command: str | None = None  # what was typed, secrets hidden: to run it again
 
     def name_jobs(self, names: Mapping[str, str]) -> None:
         """Job names the run knows without asking (a plan's), for ``DRY-RUN`` lines."""
@@ -63,15 +64,18 @@ def for_run(
     events: str | None = None,
     stdout: IO[str] | None = None,
     stderr: IO[str] | None = None,
+    silent: frozenset[str] = frozenset(),
+    command: str | None = None,
 ) -> Output:
-    """Configure logging for a run and say where its display goes."""
+    """Configure logging for a run and say where its display goes. ``silent``: events the
+    command says to a person in its own words (not shown as lines, kept in ``--events``)."""
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
     handle = _open_events(events)
     people = out.isatty() and log_format != "console"
     if people:
         screen = _screen(err if err.isatty() else out)
-        lines = EventLines(verbosity, as_json=log_format == "json")
+        lines = EventLines(verbosity, as_json=log_format == "json", silent=silent)
         logsetup.configure_for_people(
             render=lines,
             write=lambda line: screen.print(line, style(line)),
@@ -79,17 +83,17 @@ def for_run(
             events=None if handle is None else handle.buffer,
         )
         shown = progress == "on" or (progress == "auto" and verbosity >= 0)
-        return Output(screen, shown, lines, handle, quiet=verbosity < 0)
+        return Output(screen, shown, lines, handle, quiet=verbosity < 0, command=command)
     if handle is not None:
         logsetup.configure(fmt="json", level=log_level, stream=handle)
     else:
         logsetup.configure(fmt=cast(logsetup.LogFormat, log_format), level=log_level, stream=out)
     if err.isatty() and progress != "off" and verbosity >= 0:
-        return Output(_screen(err), True, None, handle, quiet=False)
+        return Output(_screen(err), True, None, handle, command=command)
     if err.isatty():
-        return Output(_screen(err), False, None, handle, quiet=verbosity < 0)
+        return Output(_screen(err), False, None, handle, quiet=verbosity < 0, command=command)
     if progress == "on":
-        return Output(PlainScreen(err), True, None, handle)
+        return Output(PlainScreen(err), True, None, handle, command=command)
     return Output(None, False, None, handle)
 
 

@@ -1,0 +1,158 @@
+"""Asking before deleting: say what is about to happen, and accept exactly what was asked.
+
+As aws-nuke does, the prompt shows what will go (how many, by type and status where a plan
+says), what protects jobs from it, what an earlier run on the ledger already did, and how
+long it should take; then asks for ``yes``, or, above ``confirm_project_over`` jobs, for the
+project id itself to be typed. Anything else (``y`` included), an empty line, end of input
+or Ctrl-C is a no, and nothing is sent.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import IO
+
+from worker.errors import UsageError
+
+
+class Declined(UsageError):
+    """The person did not confirm (exit 64): nothing was sent."""
+
+
+class InterruptedAtPrompt(Exception):
+    """Ctrl-C at the prompt: nothing was sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    """What ``run`` is about to do, as far as it is known before any call."""
+
+    source: str  # the input file or plan
+    project: str
+    endpoint: str
+    count: int | None  # jobs (a plan) or lines (a file); None when unknown
+    exact: bool = False  # a plan's count is exact; a file's lines may hold comments
+    cap: int | None = None  # --max-deletions
+    by_type: tuple[tuple[str, int], ...] = ()
+    by_status: tuple[tuple[str, int], ...] = ()
+    protection: tuple[str, ...] = ()  # the rules in force, in words
+    already_done: int | None = None  # ids the ledger holds settled (None: no ledger)
+    calls_per_id: float = 0.0  # show calls per id (plan re-check, protection by record)
+    batch_size: int = 50
+    rate: float | str = 10.0
+
+    @property
+    def jobs(self) -> int | None:
+        if self.count is None:
+            return self.cap
+        return self.count if self.cap is None else min(self.count, self.cap)
+
+    def estimate_s(self) -> float | None:
+        """Seconds the calls take at ``rate``: deletes in batches, plus one read per id
+        where a plan or a protection rule reads the job first. None when unknown."""
+        jobs = self.jobs
+        if jobs is None or isinstance(self.rate, str) or self.rate <= 0:
+            return None
+        calls = math.ceil(jobs / self.batch_size) + jobs * self.calls_per_id
+        return calls / self.rate
+
+    def lines(self) -> list[str]:
+        jobs = self.jobs
+        if jobs is None:
+            head = f"About to delete the jobs listed in {self.source}"
+        else:
+            exact = (
+                ""
+                if self.exact and (self.cap is None or self.cap >= (self.count or 0))
+                else "up to "
+            )
+            head = (
+                f"About to delete {exact}{jobs:,} job{'s' if jobs != 1 else ''} from {self.source}"
+            )
+        rows = [head, f"  project     {self.project}", f"  endpoint    {self.endpoint}"]
+        if self.by_type:
+            rows.append(f"  by type     {_counts(self.by_type)}")
+        if self.by_status:
+            rows.append(f"  by status   {_counts(self.by_status)}")
+        rows.append(
+            "  protected   "
+            + ("; ".join(self.protection) if self.protection else "nothing (no rule)")
+        )
+        if self.already_done is not None:
+            rows.append(
+                f"  ledger      {self.already_done:,} ids already done there (resuming): "
+                "those are not sent again"
+            )
+        if self.cap is not None:
+            rows.append(f"  cap         at most {self.cap:,} this run (--max-deletions)")
+        rows.append(f"  duration    {self._duration()}")
+        return rows
+
+    def _duration(self) -> str:
+        if isinstance(self.rate, str):
+            return "unknown yet: --rate auto finds the quota as it goes"
+        seconds = self.estimate_s()
+        if seconds is None:
+            return f"unknown (the number of ids is), at {self.rate:g} calls/s"
+        reads = " (with a read of each job first)" if self.calls_per_id else ""
+        return f"about {_span(seconds)} at {self.rate:g} calls/s{reads}"
+
+
+def _counts(pairs: Iterable[tuple[str, int]]) -> str:
+    return ", ".join(f"{name} {n:,}" for name, n in pairs)
+
+
+def _span(seconds: float) -> str:
+    if seconds < 1:
+        return "a second"
+    seconds = round(seconds)
+    if seconds < 90:
+        return f"{seconds} s"
+    minutes = round(seconds / 60)
+    if minutes < 90:
+        return f"{minutes} min"
+    return f"{minutes / 60:.1f} h"
+
+
+def tally(values: Iterable[str | None]) -> tuple[tuple[str, int], ...]:
+    """``[("FINISHED", 300), ("PROCESSING", 13)]``, most first; a missing value is ``?``."""
+    return tuple(Counter(value or "?" for value in values).most_common())
+
+
+def confirm(
+    proposal: Proposal,
+    *,
+    project_over: int,
+    stdin: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+) -> None:
+    """Show ``proposal`` and ask. Returns when confirmed; ``Declined`` (64) or
+    ``InterruptedAtPrompt`` otherwise, having said that nothing was sent."""
+    into = stdin if stdin is not None else sys.stdin
+    out = stderr if stderr is not None else sys.stderr
+    jobs = proposal.jobs
+    typed = proposal.project if jobs is None or jobs > project_over else "yes"
+    ask = (
+        f"Type the project id ({proposal.project}) to delete them"
+        if typed != "yes"
+        else "Type 'yes' to delete them"
+    )
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # before it is seen
+    try:
+        out.write("\n".join(proposal.lines()) + f"\nThis cannot be undone. {ask}: ")
+        out.flush()
+        answer = into.readline()
+    except KeyboardInterrupt:
+        raise InterruptedAtPrompt("interrupted at the prompt: nothing was sent") from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if answer.strip() != typed:
+        raise Declined(
+            "not confirmed: nothing was sent"
+            + (f" (the prompt asks for {typed!r} exactly)" if answer.strip() else "")
+        )

@@ -1,0 +1,126 @@
+"""The end of a run, for a person: counts, what is left, why it stopped, and what to type next.
+
+The ``run.summary`` event is for programs; this is the same run in a person's words. A run
+stopped with work left says how much of the input is left (not only the ids that were in
+flight) and prints the exact command that resumes it; a dry run says what it would delete.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from worker.terminal.failure import fix_for
+
+SECRET_FLAGS = frozenset({"--sk", "--security-token", "--ak"})
+"""Flags whose value is never printed back, even in a command to copy."""
+
+_ROWS = ("deleted", "unconfirmed", "absent", "failed", "rejected", "skipped", "open",
+         "repeated", "already_done", "already_failed", "retries")  # fmt: skip
+"""Counts of ``run.summary``, in this order, shown when not 0 (``unconfirmed`` is of the
+deleted: gone, the API's answer lost)."""
+
+
+def command_line(argv: Sequence[str], prog: str = "devserver-reaper") -> str:
+    """``argv`` as a command to paste, with the value of every secret flag replaced."""
+    words: list[str] = []
+    hide = False
+    for word in argv:
+        flag, eq, _ = word.partition("=")
+        if hide:
+            words.append("...")
+            hide = False
+        elif flag in SECRET_FLAGS and eq:
+            words.append(f"{flag}=...")
+        else:
+            words.append(word)
+            hide = word in SECRET_FLAGS
+    return shlex.join([prog, *words])
+
+
+@dataclass(frozen=True, slots=True)
+class RunEnd:
+    """What the summary says, beyond ``run.summary``'s fields."""
+
+    fields: Mapping[str, Any]  # run.summary's
+    total: int | None = None  # ids the input holds (a plan), or lines (a file), if known
+    exact_total: bool = False  # a plan's count is exact; a file's lines include comments
+    would_delete: int = 0  # a dry run's ids that a real run would send
+    command: str | None = None  # the command that was run, to run again
+    ledger: bool = False
+    error: BaseException | None = None
+
+    @property
+    def done(self) -> int:
+        f = self.fields
+        finished = sum(f.get(k, 0) for k in ("deleted", "absent", "failed", "rejected", "skipped"))
+        return int(finished + f.get("repeated", 0) + f.get("already_done", 0))
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.fields.get("exit_code") in (69, 75) or bool(self.fields.get("open"))
+
+    def left(self) -> int | None:
+        """Ids of the input not done: those open, and those never read. None: unknown."""
+        if self.total is None:
+            return None
+        return max(self.total - self.done, int(self.fields.get("open", 0)))
+
+    def text(self) -> str:
+        f = self.fields
+        dry = bool(f.get("dry_run"))
+        lines = ["", "devserver-reaper run summary"]
+        if dry:
+            lines.append(f"  {'would delete':<13}{self.would_delete:>12,}")
+        for key in _ROWS:
+            value = f.get(key, 0)
+            if key == "skipped" and dry:
+                value -= self.would_delete
+            if value:
+                lines.append(f"  {key:<13}{value:>12,}")
+        if "max_deletions_left" in f:
+            cap, left = f["max_deletions"], f["max_deletions_left"]
+            lines.append(f"  {'cap left':<13}{left:>12,} of {cap:,}")
+        lines.append(f"  {'duration':<13}{f['duration_s']:>11.1f}s")
+        if not dry:
+            lines.append(f"  {'rate':<13}{f['ids_per_s']:>8,.0f} ids/s")
+        lines.append(f"  {'exit code':<13}{f['exit_code']:>12}")
+        lines += self._after()
+        return "\n".join(lines)
+
+    def _after(self) -> list[str]:
+        said: list[str] = []
+        if "error" in self.fields:
+            said.append(f"error: {self.fields['error']}")
+            fix = fix_for(self.error) if self.error is not None else None
+            if fix:
+                said.append(f"fix:   {fix}")
+        if self.fields.get("dry_run"):
+            said.append(f"dry run: nothing was sent; a real run would delete up to "
+                        f"{self.would_delete:,} jobs")  # fmt: skip
+        if self.stopped_early:
+            said += self._resume()
+        return said
+
+    def _resume(self) -> list[str]:
+        left = self.left()
+        if left is None:
+            amount = "part of the input is not done"
+        elif self.exact_total:
+            amount = f"{left:,} ids of the input are not done"
+        else:
+            amount = f"up to {left:,} ids of the input are not done"
+        said = [f"stopped with work left: {amount}"]
+        if self.command is None:
+            return said
+        if self.ledger:
+            said.append(f"resume: {self.command}")
+        else:
+            said.append(f"run again: {self.command}")
+            said.append(
+                "  (no --ledger: every id is sent again, and those deleted already come "
+                "back absent; give --ledger FILE to resume where a run stops)"
+            )
+        return said
