@@ -58,7 +58,7 @@ async def test_check_exits_77_on_a_wrong_secret_and_never_prints_it() -> None:
         done = await reaper(["check"], reaper_env(url, REAPER_SK=CANARY_SK))
     assert done.code == 77
     assert CANARY_SK not in done.stdout + done.stderr
-    result, request, fix = done.stdout.splitlines()[3:]
+    result, request, fix = done.stdout.splitlines()[3:]  # no event in the middle of it
     assert result == (
         "result       REJECTED: HTTP 401 APIGW.0301: Incorrect IAM authentication "
         "information: the signature does not match"

@@ -20,6 +20,11 @@ SKEW_WARNING_S = 300.0
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.terminal.output import for_people_on
+
+    # The report is stdout's; events (which credential source answered, a warning) go to
+    # stderr, so they never land in the middle of it.
+    for_people_on(sys.stderr, log_format=settings.log_format, log_level=settings.log_level)
     try:
         settings.require_api()
         return anyio.run(check, settings)

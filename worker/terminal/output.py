@@ -112,3 +112,20 @@ def _open_events(path: str | None) -> TextIO | None:
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise UsageError(f"--events {path} cannot be opened: {reason}") from None
+
+
+def for_people_on(stream: IO[str], *, log_format: str, log_level: str) -> None:
+    """Events of a command whose own output is for people (``check``): on a terminal, as
+    short lines (warnings and errors only); elsewhere as ``configure`` writes them."""
+    if stream.isatty() and log_format == "auto":
+        lines = EventLines(0)
+        logsetup.configure_for_people(
+            render=lines, write=lambda line: _say(stream, line), level=log_level
+        )
+    else:
+        logsetup.configure(fmt=cast(logsetup.LogFormat, log_format), level=log_level, stream=stream)
+
+
+def _say(stream: IO[str], line: str) -> None:
+    stream.write(line + "\n")
+    stream.flush()
