@@ -336,7 +336,10 @@ async def test_exit_78_on_invalid_settings(tmp_path: Path) -> None:
         reaper_env("http://127.0.0.1:9"),
     )
     assert done.code == 78
-    assert "project_id" in done.stderr
+    assert (
+        done.stderr
+        == "devserver-reaper: --project-id must be 1 to 64 letters, digits and hyphens\n"
+    )
 
 
 async def test_exit_64_on_a_usage_error() -> None:

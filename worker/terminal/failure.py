@@ -1,13 +1,15 @@
 """An error that ends a command, said once to each reader, in one or two lines with the fix.
 
-Two readers may be watching: a program reading the events, and a person at a terminal.
-Each hears it once: the person a line on stderr, the program the event; where the events
-are shown on that same terminal, only the line. A line never carries a traceback, and names
-the fix when there is a usual one.
+Two readers may be watching: a program reading the events, and a person (or a log of its
+own) reading stderr. Each hears it once: the line on stderr, the event in the events; where
+both end in one place (one terminal, or ``2>&1``), only one of them. A line never carries
+a traceback, and names the fix when there is a usual one.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 from typing import IO, Any
 
@@ -50,15 +52,27 @@ def say_error(
     events: IO[Any] | None = None,
     stderr: IO[str] | None = None,
 ) -> None:
-    """Report an error that ends ``command``, once to each reader: one line (two with the
-    fix) on stderr when a person is there (a terminal), and the event ``event`` through
-    ``log`` unless the events are that same person's terminal. ``events``: where ``log``
-    writes (None: somewhere a program reads)."""
+    """Report an error that ends ``command``, once to each reader: the event ``event``
+    through ``log``, and one line (two with the fix) on stderr. Where the events and stderr
+    end in one place, only one of them: the line on a terminal, else the event. ``events``:
+    where ``log`` writes (None: somewhere else than stderr)."""
     err = stderr if stderr is not None else sys.stderr
     person = err.isatty()
-    if not person or events is None or not events.isatty():
+    same = events is not None and _same_place(events, err)
+    if not (same and person):  # a program reads the events (unless a person reads them here)
         log.error(event, error=str(exc))
-    if person:
+    if not same or person:  # a person, or a log of its own, reads stderr
         fix = fix_for(exc, command) if isinstance(exc, ReaperError) else None
         err.write(f"devserver-reaper {command}: {exc}\n" + (f"  fix: {fix}\n" if fix else ""))
         err.flush()
+
+
+def _same_place(one: IO[Any], other: IO[Any]) -> bool:
+    """Do both streams end in one place (one terminal, one file: ``2>&1``)?"""
+    if one is other:
+        return True
+    try:
+        a, b = os.fstat(one.fileno()), os.fstat(other.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
