@@ -88,6 +88,15 @@ async def start_reaper(args: Sequence[str], env: Mapping[str, str]) -> Process:
     )
 
 
+async def kill_when(process: Process, ready: Callable[[], bool], *, within: float = 30) -> None:
+    """``kill -9`` the process as soon as ``ready()`` holds, and reap it."""
+    with anyio.fail_after(within):
+        while not ready():
+            await anyio.sleep(0.01)
+    process.kill()
+    await process.wait()
+
+
 async def read_all(process: Process) -> tuple[str, str]:
     out, err = bytearray(), bytearray()
 
@@ -142,6 +151,13 @@ async def list_endpoint(handler: ListHandler) -> AsyncIterator[str]:
     """A bare list endpoint (not signed) answered by ``handler``, on a free loopback port."""
     app = web.Application()
     app.router.add_get("/v1/{project}/dev-servers/jobs", handler)
+    async with serve_app(app) as url:
+        yield url
+
+
+@asynccontextmanager
+async def serve_app(app: web.Application) -> AsyncIterator[str]:
+    """``app`` on a free loopback port; yields its base URL."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -124,7 +124,8 @@ FROM ids WHERE state = 'done' AND (?1 IS NULL OR last_run = ?1) ORDER BY seq
 """
 _SENT_BEFORE = """
 SELECT count(*) FROM ids
-WHERE state = 'sent' OR (state = 'done' AND attempts > 0 AND NOT (?1 AND outcome = 'failed'))
+WHERE state = 'sent' OR outcome = 'deleted'
+   OR (state = 'done' AND attempts > 0 AND NOT (?1 AND outcome = 'failed'))
 """
 _UNCONFIRMED = "SELECT count(*) FROM ids WHERE outcome = 'deleted' AND {} = 0"
 # record()'s fast path: ids admitted and still open, the outcomes as one JSON array of rows
@@ -520,8 +521,10 @@ class Ledger(LedgerView):
 
     def sent_before(self) -> int:
         """Ids earlier runs sent for deletion, which ``--max-deletions`` counts over every
-        run on the ledger: those a run died with in flight (``sent``) and those settled
-        after a DELETE went out, but for ``failed`` ones this run may send again
+        run on the ledger: those a run died with in flight (``sent``), those settled
+        after a DELETE went out, and every ``deleted`` one (a job a dead run sent, found
+        gone by the guard's look-up before it was sent again, settles with no attempt of
+        its own), but for ``failed`` ones this run may send again
         (``retry_failed``: it counts them when it does). Ask before this run admits any."""
         with self._guard:
             (count,) = self._conn.execute(_SENT_BEFORE, (self._retry_failed,)).fetchone()

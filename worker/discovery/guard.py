@@ -351,7 +351,9 @@ class Guard:
                 ended.append(self._skip(job_id, batch, "protected", "id"))
             elif self._plan is not None and job_id not in self._plan.reviewed:
                 ended.append(self._skip(job_id, batch, "not_in_plan", None))
-            elif spent:  # past --max-deletions: nothing to look up, nothing to send
+            elif spent and job_id not in batch.unsure:  # past --max-deletions: nothing to
+                # look up, nothing to send. Not an id a dead run sent: it may be gone by that
+                # run's hand, which counted it against the cap; it goes on to be settled.
                 ended.append(self._skip(job_id, batch, "max_deletions", None))
             else:
                 remaining.append(job_id)

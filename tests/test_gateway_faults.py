@@ -1,0 +1,47 @@
+"""The real command against an independent fake of the API (``tests.gateway``), which fails
+as a gateway in trouble might rather than as our simulator does: what the audit trail says
+must still be what the fake did."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import kill_when, reaper, reaper_env, results, start_reaper, write_ids
+from tests.gateway import Gateway, serve_gateway
+
+pytestmark = pytest.mark.anyio
+
+
+def fast(src: Path, *more: str) -> list[str]:
+    return ["run", "-i", str(src), "--yes", "--batch-size", "10", "--concurrency", "2",
+            "--rate", "2000", "--burst", "50", "--max-attempts", "6", *more]  # fmt: skip
+
+
+async def test_the_cap_holds_over_kills_when_a_guard_rechecks_the_jobs(tmp_path: Path) -> None:
+    """``--max-deletions 20`` with a protection rule that reads each job: killed with two
+    DELETEs applied and their answers held, then run twice more on the ledger. The jobs
+    the dead run deleted end ``deleted`` (unconfirmed), not ``skipped`` for the cap, and
+    the fake deletes 20 jobs in all, not 20 more each time the count is lost."""
+    gateway = Gateway.with_jobs(60, script=lambda n, ids: "hold" if n <= 2 else "ok")
+    async with serve_gateway(gateway) as url:
+        src = write_ids(tmp_path / "ids.txt", gateway.job_ids())
+        ledger, out = tmp_path / "ledger.db", tmp_path / "results.jsonl"
+        env = reaper_env(url)
+        args = fast(src, "--ledger", str(ledger), "--max-deletions", "20",
+                    "--protect", "name:keep-*")  # fmt: skip
+        async with await start_reaper(args, env) as process:
+            await kill_when(process, lambda: len(gateway.deleted) >= 20)
+        in_flight = set(gateway.deleted)
+        gateway.hold.set()
+        done = await reaper([*args, "--results", str(out)], env)
+        assert done.code == 1, done.stderr  # the rest skipped by the cap
+        rows = {row["job_id"]: row for row in results(out)}
+        assert {i for i, r in rows.items() if r["outcome"] == "deleted"} == in_flight
+        assert all(rows[i]["confirmed"] is False for i in in_flight)
+        assert done.summary()["deleted"] == 20
+        for _ in range(2):
+            again = await reaper(args, env)
+            assert again.summary()["max_deletions_left"] == 0, again.stdout
+        assert gateway.deleted == in_flight and len(gateway.deleted) == 20
