@@ -1032,3 +1032,35 @@ async def test_a_queue_key_replaced_by_another_type_pauses_it_unready_until_mend
 
 async def _ready(svc: Running) -> bool:
     return await _status(svc, "/readyz") == 200
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("interval", [0.3, 0.0])
+async def test_serve_says_where_it_stands_every_stats_interval(
+    redis_prefix: str, interval: float
+) -> None:
+    """A log reader saw per-id lines but never the whole: serve.stats now says the ids by
+    outcome (in the interval and since start), ids/s, lag, pending, dead letters and the
+    rate; a stats_interval of 0 switches it off."""
+    async with running(redis_prefix, SimulatorConfig(jobs=30), stats_interval=interval) as svc:
+        await svc.enqueue(svc.sim.job_ids())
+        await svc.redis.xadd(svc.layout.stream, {"ids": "not json"})
+        await svc.until(lambda: _true(len(svc.sim.deleted) == 30))
+        await svc.until(lambda: _zero(svc.pending()))
+        if interval:
+            await svc.until(lambda: _true(_said_all(svc, 30)))
+        else:
+            await anyio.sleep(0.6)
+    said = svc.events("serve.stats")
+    if not interval:
+        assert said == []
+        return
+    last = said[-1]
+    assert sum(e["deleted"] for e in said) == last["deleted_total"] == 30
+    assert (last["lag"], last["pending"], last["dead_lettered_total"]) == (0, 0, 1)
+    assert last["rate"] == 200.0 and last["in_flight"] == 0
+
+
+def _said_all(svc: Running, n: int) -> bool:
+    said = svc.events("serve.stats")
+    return bool(said) and said[-1]["deleted_total"] == n and said[-1]["pending"] == 0

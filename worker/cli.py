@@ -128,7 +128,7 @@ _PROTECT = ("--protect", "--protect-file", "--protected-types", "--protected-sta
 COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "run": _API
     + _DISPATCH
-    + ("--deadline", "--ledger", "--shard", "--confirm-project-over")
+    + ("--deadline", "--ledger", "--shard", "--confirm-project-over", "--stats-interval")
     + _PROTECT
     + _LOG,
     "discover": (

@@ -452,7 +452,7 @@ async def _run(
             dispatcher = wiring.processor(
                 settings,
                 transport=transport,
-                limiter=wiring.limiter(settings, clock),
+                limiter=(limiter := wiring.limiter(settings, clock)),
                 journal=journal,
                 clock=clock,
                 stopping=lambda: state.stopping,
@@ -489,6 +489,9 @@ async def _run(
 
                 progress = Progress(tally, total=total, clock=time.monotonic)
                 group.start_soon(_in_scope, progress_scope, partial(display.show, progress))
+            else:
+                stats = partial(_log_stats, settings.stats_interval, tally, limiter, clock, events)
+                group.start_soon(_in_scope, progress_scope, stats)
             try:
                 await pipeline.run()
             finally:
@@ -533,6 +536,22 @@ async def _run(
 def _close_quietly(handle: IO[bytes]) -> None:
     with contextlib.suppress(OSError):
         handle.close()
+
+
+async def _log_stats(
+    interval: float, tally: Tally, limiter: Any, clock: MonotonicClock, events: EventLog
+) -> None:
+    """``run.stats`` every ``interval`` seconds (0: never) when no progress line is shown:
+    a CronJob's log says where the run stands, not only each id (``worker.stats``)."""
+    from worker.stats import StatsWindow, every
+
+    window = StatsWindow(clock.now())
+
+    async def report() -> None:
+        fields = window.close(clock.now(), tally.counts())
+        events.note("run.stats", **fields, read=tally.read, rate=round(float(limiter.rate), 3))
+
+    await every(interval, clock, report)
 
 
 async def _in_scope(scope: anyio.CancelScope, task: Callable[[], Awaitable[None]]) -> None:

@@ -122,6 +122,7 @@ async def serve(
         max_deliveries=settings.max_deliveries,
         reclaim_after=settings.reclaim_after,
         grace=settings.grace,
+        stats_interval=settings.stats_interval,
     )
     try:
         client = aioredis.Redis.from_url(
@@ -171,10 +172,11 @@ async def serve(
             api = await wiring.api_client(settings, session)
             transport = MeteredTransport(api, metrics, clock, observe=health.observe_call)
         working = Working()  # what a stop waits for: calls on the wire, answers settling
+        limiter = _limiter(settings, client, layout.ratelimit, clock)
         dispatcher = wiring.processor(
             settings,
             transport=transport,
-            limiter=_limiter(settings, client, layout.ratelimit, clock),
+            limiter=limiter,
             journal=journal,
             clock=clock,
             stopping=stop.is_set,
@@ -196,6 +198,7 @@ async def serve(
             working=working,
             outage=outage,
             keeper=Keeper(client, layout, retention),
+            rate=lambda: float(limiter.rate),
         )
         app = build_app(health, metrics, ping=consumer.ping, refresh=service.refresh_gauges)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)

@@ -12,6 +12,7 @@ call without touching the client: the error type says the status class.
 from __future__ import annotations
 
 import time
+from collections import Counter as CountOf
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
@@ -65,6 +66,8 @@ class ServiceMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.by_outcome: CountOf[str] = CountOf()
+        """Ids by outcome since start, as plain numbers (for ``serve.stats``)."""
         r = self.registry
         self.ids = Counter(PREFIX + "ids", "Ids by terminal outcome", ["outcome"], registry=r)
         self.api_calls = Counter(
@@ -114,6 +117,7 @@ class ServiceMetrics:
 
     def outcome(self, outcome: Outcome, n: int = 1) -> None:
         self.ids.labels(outcome.value).inc(n)
+        self.by_outcome[outcome.value] += n
 
     def retry(self, reason: str) -> None:
         self.retries.labels(reason if reason in RETRY_REASONS else "transient").inc()

@@ -36,6 +36,7 @@ from worker.errors import ApiUnavailable, AuthError, NoSuchApi, TlsError
 from worker.outcomes.events import EventLog
 from worker.service.consumer import (
     Entry,
+    GroupInfo,
     StreamConsumer,
     error_json,
     settled_ids,
@@ -47,6 +48,7 @@ from worker.service.layout import decode_entry
 from worker.service.metrics import ServiceMetrics
 from worker.service.outage import REDIS_ERRORS, NotAStream, Outage, wrong_type
 from worker.service.retention import Keeper
+from worker.stats import StatsWindow, every
 from worker.types import Batch
 
 _T = TypeVar("_T")
@@ -73,6 +75,8 @@ class ServiceConfig:
     auth_pause_max: float = 600.0
     trim_every: float = 1.0
     """How often the retention pass runs (``worker.service.retention``)."""
+    stats_interval: float = 60.0
+    """How often ``serve.stats`` is said; 0: never."""
 
     @property
     def reclaim_interval(self) -> float:
@@ -109,6 +113,7 @@ class Service:
         working: Working | None = None,
         outage: Outage,
         keeper: Keeper | None = None,
+        rate: Callable[[], float] | None = None,
     ) -> None:
         self._consumer = consumer
         self._inflight = inflight
@@ -123,6 +128,8 @@ class Service:
         self._working = working if working is not None else Working()
         self._keeper = keeper
         self._outage = outage
+        self._rate = rate
+        self._window = StatsWindow(clock.now())
         self._blocked: BaseException | None = None
         self._round_scope: anyio.CancelScope | None = None
         self._answered = anyio.Event()  # a batch of this round got an answer from the API
@@ -149,6 +156,7 @@ class Service:
             group.start_soon(self._heartbeat)
             if self._keeper is not None:
                 group.start_soon(self._retain, self._keeper)
+            group.start_soon(every, self._config.stats_interval, self._clock, self.report_stats)
             await self._run()
             group.cancel_scope.cancel()
 
@@ -194,6 +202,23 @@ class Service:
         """Wait, unready (the heartbeat keeps it live), until the pause ends or we stop."""
         with anyio.move_on_after(seconds):
             await self._stop.wait()
+
+    async def report_stats(self) -> None:
+        """``serve.stats``: ids by outcome in the interval and since start, ids/s, the
+        group's lag and pending entries (``None`` while Redis does not say), entries
+        dead-lettered, ids in flight, and the rate the limiter allows now."""
+        fields = self._window.close(self._clock.now(), self._metrics.by_outcome)
+        info: GroupInfo | None = None
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            info = await self._consumer.group_info()  # a figure of a log line: best effort
+        self._events.note(
+            "serve.stats", **fields,
+            lag=None if info is None else info.lag,
+            pending=None if info is None else info.pending,
+            dead_lettered_total=self._consumer.dead_lettered,
+            in_flight=self._inflight.open_ids,
+            rate=None if self._rate is None else round(self._rate(), 3),
+        )  # fmt: skip
 
     async def refresh_gauges(self) -> None:
         """Lag and pending count from ``XINFO GROUPS`` (called before each scrape)."""

@@ -1,0 +1,51 @@
+"""Periodic progress in the logs (``worker.stats``): the window's arithmetic, and ``run.stats``
+from a real run whose output is not a terminal. serve's ``serve.stats`` is pinned in
+``tests/test_serve.py``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import reaper, reaper_env, write_ids
+from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
+
+
+def test_a_stats_window_says_what_each_interval_added_and_the_totals() -> None:
+    from worker.stats import StatsWindow
+
+    window = StatsWindow(100.0, {"deleted": 5})
+    first = window.close(160.0, {"deleted": 65, "absent": 3})
+    assert (first["deleted"], first["absent"], first["failed"]) == (60, 3, 0)
+    assert (first["deleted_total"], first["ids"], first["ids_total"]) == (65, 63, 68)
+    assert (first["ids_per_s"], first["interval_s"], first["elapsed_s"]) == (1.05, 60.0, 60.0)
+    second = window.close(220.0, {"deleted": 65, "absent": 3})
+    assert (second["ids"], second["ids_per_s"], second["elapsed_s"]) == (0, 0.0, 120.0)
+
+
+@pytest.mark.anyio
+async def test_a_run_without_a_terminal_says_where_it_stands_every_stats_interval(
+    tmp_path: Path,
+) -> None:
+    """A CronJob's log showed one line per id and never where the run stood: run.stats now
+    says it every --stats-interval seconds (the ids by outcome, ids/s, the limiter's rate)."""
+    config = SimulatorConfig(jobs=40, faults=FaultConfig(latency_ms=100, latency_jitter=False))
+    async with run_simulator(config) as sim:
+        source = write_ids(tmp_path / "ids.txt", [*sim.job_ids(), "not an id!"])
+        done = await reaper(
+            ["run", "-i", str(source), "--yes", "--batch-size", "2", "--concurrency", "1",
+             "--rate", "50", "--stats-interval", "0.2"],
+            reaper_env(sim.url),
+        )  # fmt: skip
+        quiet = await reaper(
+            ["run", "-i", str(source), "--yes", "--stats-interval", "0"], reaper_env(sim.url)
+        )
+    assert done.code == 1  # the invalid line
+    said = done.events("run.stats")
+    assert len(said) >= 3
+    assert all(e["rate"] == 50.0 for e in said)
+    assert [e["deleted_total"] for e in said] == sorted(e["deleted_total"] for e in said)
+    assert sum(e["deleted"] for e in said) == said[-1]["deleted_total"] <= 40
+    assert said[-1]["read"] <= 41 and said[-1]["rejected_total"] <= 1
+    assert quiet.events("run.stats") == []
