@@ -365,3 +365,42 @@ async def test_a_crash_looping_replica_counts_no_delivery_per_restart(
     assert dead == 0
     assert not last.named("job.failed") and not last.named("serve.dead_lettered")
     assert set(q.sim.deleted) == set(ids)
+
+
+@pytest.mark.anyio
+async def test_a_draining_replica_hands_its_pending_entries_over_within_seconds(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """SIGTERM to a replica holding entries it has not started: they waited reclaim_after
+    (300 s by default) before the other replica took them. They are marked idle on the way
+    out, so the other takes them at its next look; a replica leaving with nothing pending
+    takes its consumer name out of the group."""
+    config = SimulatorConfig(jobs=40, faults=FaultConfig(latency_ms=200, latency_jitter=False))
+    async with queue(redis_prefix, tmp_path, config) as q:
+        ids = q.sim.job_ids()
+        await q.enqueue(ids)
+        first = await q.start("first", "--batch-size", "2", "--concurrency", "1",
+                              "--rate", "100", "--grace", "1")  # fmt: skip
+
+        async def holding() -> bool:
+            return await q.pending("first") >= 4
+
+        await until(holding)
+        first.process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(15):
+            await first.process.wait()
+        (handed,) = first.named("serve.handed_over")
+        assert handed["entries"] >= 2 and handed["consumer_removed"] is False
+        second = await q.start("second", "--batch-size", "10", "--rate", "100")
+
+        async def settled() -> bool:
+            return len(q.sim.deleted) == len(ids) and await q.pending() == 0
+
+        await until(settled, 30)  # reclaim_after is 300 s
+        await q.stop_all()
+        consumers: Any = await q.redis.xinfo_consumers(q.stream, GROUP)
+    assert second.named("serve.stopped")[0]["reclaimed"] >= handed["entries"]
+    assert second.named("serve.handed_over")[0] == second.named("serve.handed_over")[0] | {
+        "entries": 0, "consumer_removed": True
+    }
+    assert "second" not in {c["name"].decode() for c in consumers}

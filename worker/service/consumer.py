@@ -123,6 +123,12 @@ def _error_text(
     return orjson.dumps(said).decode()
 
 
+_LEAVE = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return -1 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
 class StreamConsumer:
     """``consumer`` in ``layout.group``, reading ``layout.stream``."""
 
@@ -142,6 +148,7 @@ class StreamConsumer:
         self.consumer = consumer
         self.acked = 0
         self.dead_lettered = 0
+        self._leave = client.register_script(_LEAVE)
 
     async def ensure_group(self) -> str | None:
         """Create the group (and the stream) if missing; an existing group is kept as it is.
@@ -368,6 +375,33 @@ class StreamConsumer:
             "last_error": "",
             "rejected": orjson.dumps(rejected).decode(),
         }
+
+    async def hand_over(self, idle_ms: int, count: int = 10_000) -> int:
+        """Leaving: mark the entries still pending under our name idle for ``idle_ms``
+        (``XCLAIM ... IDLE ... JUSTID``, which counts no delivery), so another replica's
+        next ``XAUTOCLAIM`` takes them at once instead of ``reclaim_after`` later. An entry
+        another replica has taken meanwhile is idle for less than any of ours was, and
+        ``XCLAIM``'s minimum idle time leaves it to that replica. Returns how many."""
+        pending: Any = await self._r.xpending_range(
+            self.layout.stream, self.layout.group, "-", "+", count, consumername=self.consumer
+        )
+        if not pending:
+            return 0
+        ids: list[Any] = [_id(p["message_id"]) for p in pending]
+        least = min(int(p["time_since_delivered"]) for p in pending)
+        claimed: Any = await self._r.xclaim(
+            self.layout.stream, self.layout.group, self.consumer, least, ids,
+            idle=idle_ms, justid=True,
+        )  # fmt: skip
+        return len(claimed)
+
+    async def leave(self) -> bool:
+        """Remove our consumer name from the group if nothing is pending under it (one
+        script: nothing can become ours between the check and the removal)."""
+        removed: Any = await self._leave(
+            keys=[self.layout.stream], args=[self.layout.group, self.consumer]
+        )
+        return int(removed) >= 0
 
     async def not_streams(self) -> list[str]:
         """The keys of the queue that hold another type than a stream (missing ones are fine)."""

@@ -43,7 +43,7 @@ from worker.service.consumer import (
 )
 from worker.service.health import Health
 from worker.service.inflight import InFlight
-from worker.service.journal import ServeJournal
+from worker.service.journal import SETTLE_TIMEOUT_S, ServeJournal
 from worker.service.layout import decode_entry
 from worker.service.metrics import ServiceMetrics
 from worker.service.outage import REDIS_ERRORS, NotAStream, Outage, wrong_type
@@ -80,8 +80,9 @@ class ServiceConfig:
 
     @property
     def reclaim_interval(self) -> float:
-        """How often to look for idle entries: often enough to keep ``reclaim_after``."""
-        return max(0.05, min(self.reclaim_after / 2, 30.0))
+        """How often to look for idle entries: often enough to keep ``reclaim_after``, and
+        to take within seconds what a draining replica hands over (``_leave``)."""
+        return max(0.05, min(self.reclaim_after / 2, 5.0))
 
     @property
     def stale_after(self) -> float:
@@ -197,6 +198,23 @@ class Service:
             await self._pause(pause)
             pause = min(pause * 2, self._config.auth_pause_max)
         self._health.draining = True
+        await self._leave()
+
+    async def _leave(self) -> None:
+        """Stopping: the entries left pending under our name are marked idle for longer than
+        ``reclaim_after``, so another replica's next reclaim (within ``reclaim_interval``)
+        takes them instead of ``reclaim_after`` later (a rolling update held them five
+        minutes); with nothing left pending, our consumer name leaves the group."""
+        idle_ms = int(self._config.reclaim_after * 1000) + 60_000
+        handed, removed = 0, False
+        with anyio.CancelScope(shield=True), anyio.move_on_after(SETTLE_TIMEOUT_S):
+            try:
+                handed = await self._consumer.hand_over(idle_ms)
+                removed = await self._consumer.leave()
+            except (*REDIS_ERRORS, redis.exceptions.ResponseError) as exc:
+                self._events.warn("serve.hand_over_failed", error=type(exc).__name__)
+                return
+        self._events.note("serve.handed_over", entries=handed, consumer_removed=removed)
 
     async def _pause(self, seconds: float) -> None:
         """Wait, unready (the heartbeat keeps it live), until the pause ends or we stop."""
