@@ -938,6 +938,10 @@ async def test_a_four_megabyte_entry_is_dead_lettered_while_other_ids_flow(
     ]
 
 
+def _outages_over(svc: Running) -> bool:
+    return len(svc.events("serve.redis_back")) == len(svc.events("serve.redis_unreachable"))
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
@@ -946,10 +950,6 @@ async def test_a_four_megabyte_entry_is_dead_lettered_while_other_ids_flow(
         ("unix:///run/redis.sock?db=2&password=hunter2", "unix:///run/redis.sock"),
     ],
 )
-def _outages_over(svc: Running) -> bool:
-    return len(svc.events("serve.redis_back")) == len(svc.events("serve.redis_unreachable"))
-
-
 def test_the_redis_named_in_events_never_carries_its_password(url: str, shown: str) -> None:
     from worker.service.outage import redis_where
 
