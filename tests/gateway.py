@@ -72,7 +72,14 @@ class Gateway:
         self.delete_calls += 1
         ids = list(orjson.loads(await request.read())["job_ids"])
         self.asked.update(ids)
-        behaviour = self.script(self.delete_calls, ids)
+        call = self.delete_calls
+        behaviour = self.script(call, ids)
+        if behaviour.startswith("late-"):  # answered once the next DELETE is on the wire
+            behaviour = behaviour.removeprefix("late-")
+            while self.delete_calls == call:
+                await asyncio.sleep(0.01)
+        if behaviour == "401":
+            return _error(401, "APIGW.0301", "Incorrect IAM authentication information")
         if behaviour == "html404":
             return web.Response(status=404, text="<html><body>Not Found</body></html>",
                                 content_type="text/html")  # fmt: skip
@@ -88,6 +95,9 @@ class Gateway:
         removed = self._apply(ids)
         if behaviour == "hold":  # applied; the answer waits until the test lets it go
             await self.hold.wait()
+            return _envelope(removed)
+        if behaviour == "slow":  # applied; answered a second later
+            await asyncio.sleep(1.0)
             return _envelope(removed)
         if behaviour == "partial":
             return _envelope(removed[: len(removed) // 2])

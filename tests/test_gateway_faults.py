@@ -45,3 +45,24 @@ async def test_the_cap_holds_over_kills_when_a_guard_rechecks_the_jobs(tmp_path:
             again = await reaper(args, env)
             assert again.summary()["max_deletions_left"] == 0, again.stdout
         assert gateway.deleted == in_flight and len(gateway.deleted) == 20
+
+
+@pytest.mark.parametrize(("refusal", "code"), [("html404", 78), ("apigw404", 78), ("401", 77)])
+async def test_a_run_stopped_by_a_refusal_keeps_the_outcome_of_a_delete_on_the_wire(
+    tmp_path: Path, refusal: str, code: int
+) -> None:
+    """One DELETE is refused (a bare 404, the gateway's 404, a 401) while another is on
+    the wire and applied: the run stops with nothing more sent, but the jobs that DELETE
+    removed end ``deleted`` with their records, not open with nothing said of them."""
+    gateway = Gateway.with_jobs(40, script=lambda n, ids: f"late-{refusal}" if n == 1 else "slow")
+    async with serve_gateway(gateway) as url:
+        src = write_ids(tmp_path / "ids.txt", gateway.job_ids())
+        out = tmp_path / "results.jsonl"
+        done = await reaper(fast(src, "--results", str(out)), reaper_env(url))
+        assert done.code == code, done.stderr
+        assert len(gateway.deleted) == 10 and gateway.delete_calls == 2
+        deleted = {row["job_id"] for row in results(out) if row["outcome"] == "deleted"}
+        assert deleted == gateway.deleted
+        assert {event["job_id"] for event in done.events("job.deleted")} == gateway.deleted
+        summary = done.summary()
+        assert (summary["deleted"], summary["open"]) == (10, 30)

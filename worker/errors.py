@@ -54,6 +54,11 @@ class OutcomeConflict(ReaperError):
 class ApiError(ReaperError):
     """An API call did not succeed. Carries what the server said, never a secret."""
 
+    stops_at_once = False
+    """One call refused (a 401, a gateway's 404, a certificate) says nothing of the DELETEs
+    of other batches already on the wire: the API may apply them, so they finish within the
+    grace period and their outcomes are recorded. Nothing more is sent."""
+
     def __init__(
         self,
         message: str,
