@@ -96,6 +96,15 @@ class ServiceMetrics:
         self.pending = Gauge(
             PREFIX + "pending_entries", "Entries read by the group but not acknowledged", registry=r
         )
+        self.ready = Gauge(
+            PREFIX + "ready", "1 when this replica takes work (what /readyz says, Redis as last "
+            "found)", registry=r,
+        )  # fmt: skip
+        self.credentials_refused = Gauge(
+            PREFIX + "credentials_refused",
+            "1 while the API refuses the credentials (401/403) or the project (its 404)",
+            registry=r,
+        )
         self.redis_errors = Counter(
             PREFIX + "redis_errors", "Redis calls that failed for want of Redis (then retried)",
             registry=r,

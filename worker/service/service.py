@@ -239,7 +239,12 @@ class Service:
         )  # fmt: skip
 
     async def refresh_gauges(self) -> None:
-        """Lag and pending count from ``XINFO GROUPS`` (called before each scrape)."""
+        """Readiness as last found, then lag and pending count from ``XINFO GROUPS`` (called
+        before each scrape)."""
+        health = self._health
+        self._metrics.credentials_refused.set(int(health.auth_refused))
+        ready = not (health.auth_refused or health.draining or self._outage.down)
+        self._metrics.ready.set(int(ready and health.queue_ok))
         info = await self._consumer.group_info()
         if info is not None:
             self._metrics.pending.set(info.pending)
