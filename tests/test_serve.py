@@ -375,6 +375,12 @@ async def test_refused_credentials_make_it_unready_and_pause_without_exiting(
                 assert (await response.json())["credentials"] is False
             async with http.get(svc.url("/healthz")) as response:
                 assert response.status == 200
+            async with http.get(svc.url("/metrics")) as response:  # what the alerts read
+                families = {
+                    f.name: f for f in text_string_to_metric_families(await response.text())
+                }
+            assert families["devserver_reaper_ready"].samples[0].value == 0
+            assert families["devserver_reaper_credentials_refused"].samples[0].value == 1
         assert await svc.pending() == 5
         assert svc.code is None  # still running
         calls = svc.sim.stats.calls
@@ -445,6 +451,7 @@ async def test_metrics_parse_and_count_the_real_path(redis_prefix: str) -> None:
     assert calls[("delete", "2xx")] == 20
     assert families["devserver_reaper_pending_entries"].samples[0].value == 0
     assert families["devserver_reaper_consumer_lag"].samples[0].value == 0
+    assert families["devserver_reaper_ready"].samples[0].value == 1
     assert series(text) == series(generate_latest(ServiceMetrics().registry).decode())
 
 
