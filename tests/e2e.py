@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -184,3 +185,17 @@ def mount_secret(folder: Path, **keys: str) -> dict[str, Path]:
         if not (folder / name).is_symlink():
             (folder / name).symlink_to(f"..data/{name}")
     return {name: folder / name for name in keys}
+
+
+async def stop_and_drain(process: Process, signum: signal.Signals = signal.SIGTERM) -> bytes:
+    """SIGTERM (or ``signum``) a running worker, read what is left of its stdout, wait for
+    it to exit and close it: the rest of its output."""
+    process.send_signal(signum)
+    rest = b""
+    with anyio.fail_after(30):
+        if process.stdout is not None:
+            async for chunk in process.stdout:
+                rest += chunk
+        await process.wait()
+    await process.aclose()
+    return rest

@@ -108,6 +108,7 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--dead-max-len", int, "entries the dead-letter stream keeps (default 1,000,000)"),
     ("--dead-max-age", float, "seconds dead letters are kept (default 7 days; 0 = no limit)"),
     ("--stats-interval", float, "seconds between stats events (default 60; 0 = off)"),
+    ("--http-host", str, "address /healthz, /readyz, /metrics listen on (default 0.0.0.0)"),
     ("--log-format", str, "auto, json or console (default auto: console on a terminal)"),
     ("--log-level", str, "debug, info, warning or error"),
 )
@@ -121,7 +122,7 @@ _DISPATCH = ("--batch-size", "--concurrency", "--rate", "--burst", "--max-attemp
              "--max-retry-after", "--grace", "--dry-run", "--yes", "--max-deletions")  # fmt: skip
 _QUEUE = ("--redis-url", "--stream", "--group", "--consumer", "--max-deliveries",
           "--reclaim-after", "--http-port", "--outcomes-max-len", "--outcomes-max-age",
-          "--dead-max-len", "--dead-max-age", "--stats-interval")  # fmt: skip
+          "--dead-max-len", "--dead-max-age", "--stats-interval", "--http-host")  # fmt: skip
 _LOG = ("--log-format", "--log-level")
 _PROTECT = ("--protect", "--protect-file", "--protected-types", "--protected-statuses",
             "--max-fraction", "--recheck-max-age")  # fmt: skip

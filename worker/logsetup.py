@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import IO, Any, BinaryIO, Literal, TextIO, cast
+from typing import IO, Any, BinaryIO, ClassVar, Literal, TextIO, cast
 
 import orjson
 import structlog
@@ -219,6 +219,45 @@ def configure(
             write=write,
         )
     )
+    _route_library_logs(min_level)
+
+
+class _ToStructlog(logging.Handler):
+    """The standard library's records of a library (aiohttp's server errors) as our events:
+    one line in the log's own format, with the error's type and message and no traceback
+    (a malformed request from a client is not our bug, and a traceback is not JSON)."""
+
+    EVENTS: ClassVar[dict[str, str]] = {"aiohttp.server": "http.error", "aiohttp.web": "http.error"}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields: dict[str, Any] = {"message": record.getMessage(), "logger": record.name}
+        level = record.levelno
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None:
+            # The type and the HTTP status only: aiohttp's message quotes the bytes the
+            # client sent, which may hold its own secrets (an Authorization header).
+            fields["error"] = type(error).__name__
+            status = getattr(error, "code", None)
+            if isinstance(status, int) and 400 <= status < 500:
+                fields["status"] = status
+                level = min(level, logging.WARNING)  # the client's mistake, not ours
+        event = self.EVENTS.get(record.name, f"{record.name}.log")
+        log = structlog.get_logger("devserver_reaper")
+        with contextlib.suppress(Exception):  # logging must never raise into the library
+            log.log(level, event, **fields)
+
+
+_BRIDGE = _ToStructlog()
+
+
+def _route_library_logs(min_level: int) -> None:
+    """aiohttp logs through the standard library; without a handler its errors reach stderr
+    as plain text with a traceback (Python's last-resort handler). Route them to structlog."""
+    library = logging.getLogger("aiohttp")
+    if _BRIDGE not in library.handlers:
+        library.addHandler(_BRIDGE)
+    library.propagate = False
+    library.setLevel(min_level)
 
 
 class _LineLogger:

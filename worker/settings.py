@@ -159,6 +159,7 @@ class Settings(BaseSettings):
     dead_max_len: int = Field(default=1_000_000, ge=1)
     dead_max_age: float = Field(default=7 * 24 * 3600.0, ge=0)
     stats_interval: float = Field(default=60.0, ge=0)
+    http_host: str = "0.0.0.0"
 
     # -- output ---------------------------------------------------------------------------
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -295,6 +296,20 @@ class Settings(BaseSettings):
         except ValueError:
             raise ValueError("has an invalid port") from None
         return value
+
+    @field_validator("http_host")
+    @classmethod
+    def _http_host(cls, value: str) -> str:
+        """An address to listen on: an IP address (``0.0.0.0``, ``::``, ``127.0.0.1``, the
+        pod's own) or ``localhost``."""
+        if value == "localhost":
+            return value
+        try:
+            return str(ipaddress.ip_address(value.strip("[]")))
+        except ValueError:
+            raise ValueError(
+                "must be an IP address to listen on, such as 0.0.0.0 or 127.0.0.1"
+            ) from None
 
     @field_validator("metadata_url")
     @classmethod

@@ -62,7 +62,7 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
 
     from worker.input.sources import read_chunks, read_entries
     from worker.outcomes.events import EventLog
-    from worker.service.consumer import not_a_stream, ping
+    from worker.service.consumer import not_a_stream, not_permitted, ping
     from worker.service.outage import REDIS_ERRORS, redis_where
     from worker.types import Candidate
 
@@ -104,6 +104,8 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
                         for job_id in ids:
                             pipe.xadd(settings.stream, {"id": job_id})
                         added: list[Any] = await pipe.execute()
+                except redis.exceptions.NoPermissionError as exc:
+                    raise not_permitted(settings.stream, exc) from None
                 except redis.exceptions.ResponseError as exc:
                     if "WRONGTYPE" not in str(exc):
                         raise

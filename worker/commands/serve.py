@@ -26,7 +26,6 @@ from worker.settings import Settings
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STARTUP_WAIT_S = 30.0
 """How long start-up waits for Redis to answer before exiting 69."""
-HTTP_HOST = "0.0.0.0"
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
@@ -41,12 +40,25 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     ))  # fmt: skip
     structlog.contextvars.bind_contextvars(run_id=f"serve-{settings.consumer}")
     log = structlog.get_logger("devserver_reaper")
+    import redis.exceptions
+
+    from worker.service.consumer import not_permitted
+
     try:
         refuse_run_only(settings)
         settings.require_api()
         endpoint = settings.api_endpoint
         wiring.project_id(settings)  # before any call: a missing project is exit 78
-        return anyio.run(serve, settings, endpoint)
+        try:
+            return anyio.run(serve, settings, endpoint)
+        except (redis.exceptions.NoPermissionError, BaseExceptionGroup) as exc:
+            denied: BaseException | None = exc  # an ACL short of a right, in a task maybe
+            while isinstance(denied, BaseExceptionGroup):
+                found = denied.subgroup(redis.exceptions.NoPermissionError)
+                denied = None if found is None else found.exceptions[0]
+            if denied is None:
+                raise
+            raise not_permitted(settings.stream, denied) from None
     except ConfigError as exc:
         return _said(log, "serve.config_error", exc, ExitCode.CONFIG)
     except AuthError as exc:  # a credential service refused us at start-up
@@ -88,7 +100,7 @@ async def serve(
     *,
     stop: anyio.Event | None = None,
     on_ready: Callable[[int], None] | None = None,
-    http_host: str = HTTP_HOST,
+    http_host: str | None = None,
 ) -> int:
     """Run the service until ``stop`` is set or a signal arrives; return the exit code."""
     import redis.asyncio as aioredis
@@ -100,7 +112,7 @@ async def serve(
     from worker.outcomes.events import EventLog
     from worker.pacing.breaker import BreakerGate
     from worker.service.consumer import StreamConsumer
-    from worker.service.health import Health, build_app
+    from worker.service.health import Health, build_app, http_runner
     from worker.service.inflight import InFlight
     from worker.service.journal import ServeJournal
     from worker.service.layout import Retention, StreamLayout
@@ -201,10 +213,11 @@ async def serve(
             rate=lambda: float(limiter.rate),
         )
         app = build_app(health, metrics, ping=consumer.ping, refresh=service.refresh_gauges)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        runner = http_runner(app)
         await runner.setup()
+        host = http_host or settings.http_host
         try:
-            site = web.TCPSite(runner, http_host, settings.http_port)
+            site = web.TCPSite(runner, host, settings.http_port)
             await site.start()
         except OSError as exc:
             raise ConfigError(f"http_port {settings.http_port}: {exc.strerror or exc}") from None
@@ -216,6 +229,7 @@ async def serve(
             group=settings.group,
             endpoint=endpoint,
             project_id=settings.project_id,
+            http_host=host,
             http_port=port,
             batch_size=settings.batch_size,
             concurrency=settings.concurrency,

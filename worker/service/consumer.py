@@ -43,6 +43,15 @@ async def ping(client: aioredis.Redis) -> None:
         raise ConfigError(f"redis_url: Redis refused it: {exc}") from None
 
 
+def not_permitted(stream: str, exc: BaseException) -> ConfigError:
+    """The error for a Redis ACL user without a right the worker needs (``NOPERM``): a
+    setting to fix, exit 78. Redis's message names the command or the key, never a secret."""
+    return ConfigError(
+        f"stream {stream!r}: the Redis user may not do what the worker needs ({exc}); "
+        "give it the ACL in docs/security.md"
+    )
+
+
 def not_a_stream(stream: str) -> NotAStream:
     """The error for a ``--stream`` naming a Redis key that holds something else
     (``WRONGTYPE``): a setting to fix, exit 78."""

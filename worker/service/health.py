@@ -21,7 +21,9 @@ import contextlib
 from collections.abc import Awaitable, Callable
 
 import anyio
+import structlog
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from worker.clock import Clock
@@ -65,6 +67,51 @@ class Health:
         )
 
 
+HEADER_TIMEOUT = 10.0
+"""Seconds a connection has to send a whole request's headers, from its start or from the
+answer before: a client sending one header line a second is dropped, not kept forever."""
+
+LIMITS = {"max_line_size": 4096, "max_field_size": 4096, "max_headers": 32}
+"""Request line, header size and header count: the probes and a scraper send a few short
+headers; anything bigger is refused (400) before a handler runs."""
+
+BODY_LIMIT = 1024
+"""Bytes of body a request may carry: the three endpoints are GETs and read none."""
+
+
+class AccessLog(AbstractAccessLogger):
+    """One ``http.access`` event per request, at debug level (the probes call every few
+    seconds), in the log's own format."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        structlog.get_logger("devserver_reaper").debug(
+            "http.access",
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            duration_s=round(time, 4),
+            remote=request.remote,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+
+def http_runner(app: web.Application) -> web.AppRunner:
+    """The runner of the health server, with its limits: the header timeout (through
+    aiohttp's keep-alive timer, which also runs before the first request is complete), the
+    header and body sizes, and access and error logs through structlog."""
+    return web.AppRunner(
+        app,
+        handle_signals=False,
+        shutdown_timeout=1.0,
+        access_log_class=AccessLog,
+        keepalive_timeout=HEADER_TIMEOUT,
+        **LIMITS,
+    )
+
+
 def build_app(
     health: Health,
     metrics: ServiceMetrics,
@@ -104,7 +151,7 @@ def build_app(
         body = generate_latest(metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app = web.Application()
+    app = web.Application(client_max_size=BODY_LIMIT)
     app.router.add_get("/healthz", healthz, allow_head=False)
     app.router.add_get("/readyz", readyz, allow_head=False)
     app.router.add_get("/metrics", metrics_handler, allow_head=False)

@@ -1,0 +1,195 @@
+"""Redis as production runs it (issue 24, point 8): a password (``requirepass``), an ACL user
+with only the rights docs/security.md gives the worker, and TLS (``rediss://``). Each test
+starts its own ``redis-server`` and puts the real ``enqueue`` and ``serve`` through it; the
+simulator is the API. The password never shows in anything they print."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+import trustme
+
+from tests.e2e import SIM_AK, SIM_SK, stop_and_drain
+from worker.simulator import SimulatorConfig, run_simulator
+
+REDIS_SERVER = shutil.which("redis-server")
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "pw-CANARY-5f2a9c"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.usefixtures("clean_env"),
+    pytest.mark.skipif(REDIS_SERVER is None, reason="needs redis-server"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def redis_server(
+    folder: Path, config: Sequence[str], *, tls: bool = False
+) -> AsyncIterator[int]:
+    """A private redis-server configured by ``config`` lines, on a free port (TLS-only when
+    ``tls``), for the length of the block."""
+    port = _free_port()
+    listen = ["port 0", f"tls-port {port}"] if tls else [f"port {port}"]
+    conf = folder / "redis.conf"
+    conf.write_text("\n".join(["bind 127.0.0.1", *listen, 'save ""', "appendonly no",
+                               f"dir {folder}", *config]) + "\n")  # fmt: skip
+    assert REDIS_SERVER is not None
+    process = await anyio.open_process([REDIS_SERVER, str(conf)], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        with anyio.fail_after(10):
+            while True:
+                try:
+                    probe = await anyio.connect_tcp("127.0.0.1", port)
+                    await probe.aclose()
+                    break
+                except OSError:
+                    await anyio.sleep(0.05)
+        yield port
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # it may have refused its config
+            process.kill()
+        await process.wait()
+        await process.aclose()
+
+
+def worker_acl() -> str:
+    """The ACL line docs/security.md gives for the worker, as the operator copies it."""
+    text = (ROOT / "docs" / "security.md").read_text(encoding="utf-8")
+    found = re.findall(r"^ *user devserver-reaper .*$", text, re.M)
+    lines: list[str] = [line.strip() for line in found]
+    assert len(lines) == 1, "docs/security.md gives one ACL line for the worker"
+    return lines[0]
+
+
+async def _reaper(*args: str) -> tuple[int, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REAPER_", "HUAWEICLOUD_"))}
+    done = await anyio.run_process([sys.executable, "-m", "worker", *args],
+                                   env=env | {"REAPER_SK": SIM_SK}, check=False)  # fmt: skip
+    return done.returncode, done.stdout.decode() + done.stderr.decode()
+
+
+async def delete_through(url: str, tmp_path: Path) -> str:
+    """Enqueue a simulator's jobs through ``url`` and let one ``serve`` delete them all;
+    returns everything both printed."""
+    async with run_simulator(SimulatorConfig(jobs=30)) as sim:
+        ids = tmp_path / "ids.txt"
+        ids.write_text("\n".join(sim.job_ids()) + "\n")
+        stream = ["--stream", "devserver-reaper:ids"]
+        code, printed = await _reaper("enqueue", "--input", str(ids), "--redis-url", url, *stream)
+        assert code == 0, printed
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REAPER_")}
+        command = [sys.executable, "-m", "worker", "serve", "--endpoint", sim.url,
+                   "--project-id", sim.config.project_id, "--ak", SIM_AK, "--redis-url", url,
+                   *stream, "--http-port", "0", "--log-format", "json"]  # fmt: skip
+        errors = tmp_path / "serve.err"
+        with errors.open("wb") as err:
+            process = await anyio.open_process(command, env=env | {"REAPER_SK": SIM_SK},
+                                               stderr=err)  # fmt: skip
+        try:
+            with anyio.fail_after(30):
+                while sim.job_ids():
+                    await anyio.sleep(0.05)
+        finally:
+            out = await stop_and_drain(process)
+        assert process.returncode == 0, errors.read_text()
+        stopped = [e for e in map(orjson.loads, out.splitlines()) if e["event"] == "serve.stopped"]
+        assert stopped and stopped[0]["acked"] == 30
+        return printed + out.decode() + errors.read_text()
+
+
+@pytest.mark.anyio
+async def test_a_password_protected_redis_is_used_and_its_password_never_printed(
+    tmp_path: Path,
+) -> None:
+    async with redis_server(tmp_path, [f"requirepass {PASSWORD}"]) as port:
+        printed = await delete_through(f"redis://:{PASSWORD}@127.0.0.1:{port}/0", tmp_path)
+        assert PASSWORD not in printed
+        wrong_url = f"redis://:wrong-{PASSWORD}@127.0.0.1:{port}/0"
+        code, wrong = await _reaper(
+            "enqueue", "--input", str(tmp_path / "ids.txt"), "--redis-url", wrong_url
+        )
+        assert code == 78, wrong  # refused: a setting to fix, not an outage to wait out
+        assert PASSWORD not in wrong
+
+
+@pytest.mark.anyio
+async def test_the_acl_user_the_docs_give_the_worker_is_enough_to_enqueue_and_serve(
+    tmp_path: Path,
+) -> None:
+    """The default user is off; the worker's user may touch only its own keys and only the
+    commands the line in docs/security.md allows, and that is all enqueue and serve need."""
+    acl = worker_acl().replace(">CHANGE-ME", f">{PASSWORD}")
+    async with redis_server(tmp_path, [acl, "user default off"]) as port:
+        url = f"redis://devserver-reaper:{PASSWORD}@127.0.0.1:{port}/0"
+        printed = await delete_through(url, tmp_path)
+        assert PASSWORD not in printed
+        assert "NOPERM" not in printed
+        code, refused = await _reaper("enqueue", "--input", str(tmp_path / "ids.txt"),
+                                      "--redis-url", url, "--stream", "other-team:ids")  # fmt: skip
+        assert code == 78, refused  # another's keys: not this user's, a setting to fix
+        assert "may not do what the worker needs" in refused and "Traceback" not in refused
+
+
+@pytest.mark.anyio
+async def test_an_acl_short_of_a_right_stops_serve_with_78_and_no_traceback(
+    tmp_path: Path,
+) -> None:
+    acl = worker_acl().replace(">CHANGE-ME", f">{PASSWORD}").replace(" +hdel", "")
+    async with redis_server(tmp_path, [acl, "user default off"]) as port:
+        url = f"redis://devserver-reaper:{PASSWORD}@127.0.0.1:{port}/0"
+        async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+            ids = tmp_path / "ids.txt"
+            ids.write_text("\n".join(sim.job_ids()) + "\n")
+            code, printed = await _reaper("enqueue", "--input", str(ids), "--redis-url", url)
+            assert code == 0, printed
+            with anyio.fail_after(60):
+                code, printed = await _reaper(
+                    "serve", "--endpoint", sim.url, "--project-id", sim.config.project_id,
+                    "--ak", SIM_AK, "--redis-url", url, "--http-port", "0", "--log-format", "json",
+                )  # fmt: skip
+    assert code == 78, printed
+    assert "Traceback" not in printed
+    assert "may not do what the worker needs" in printed and "hdel" in printed
+    assert PASSWORD not in printed
+
+
+@pytest.mark.anyio
+async def test_rediss_with_a_private_ca_works_end_to_end(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_pem, cert_pem, key_pem = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    cert.cert_chain_pems[0].write_to_path(str(cert_pem))
+    cert.private_key_pem.write_to_path(str(key_pem))
+    tls = [f"tls-cert-file {cert_pem}", f"tls-key-file {key_pem}", f"tls-ca-cert-file {ca_pem}",
+           "tls-auth-clients no", f"requirepass {PASSWORD}"]  # fmt: skip
+    async with redis_server(tmp_path, tls, tls=True) as port:
+        url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_ca_certs={ca_pem}"
+        printed = await delete_through(url, tmp_path)
+        assert PASSWORD not in printed
+        other = trustme.CA()
+        (tmp_path / "other.pem").write_bytes(other.cert_pem.bytes())
+        untrusted = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_ca_certs={tmp_path / 'other.pem'}"
+        code, refused = await _reaper("enqueue", "--input", str(tmp_path / "ids.txt"),
+                                      "--redis-url", untrusted)  # fmt: skip
+        assert code != 0, refused  # a certificate no trusted CA signed is never accepted
+        assert PASSWORD not in refused
