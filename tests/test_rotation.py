@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import REDIS_URL
 from tests.e2e import SIM_AK, SIM_SK, mount_secret
 from tests.test_serve_e2e import GROUP, Queue, Replica, _collect, _env, queue, until
-from worker.simulator import SimulatorConfig
+from worker.simulator import SimulatorConfig, run_simulator
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
 
@@ -89,7 +89,6 @@ async def test_a_refused_call_reads_the_key_files_again_and_goes_once_more(
     from worker.api.client import ApiClient
     from worker.api.credentials import FileCredentials
     from worker.errors import AuthError
-    from worker.simulator import run_simulator
 
     ak, sk = tmp_path / "ak", tmp_path / "sk"
     ak.write_text(SIM_AK)
@@ -118,3 +117,50 @@ async def test_a_refused_call_reads_the_key_files_again_and_goes_once_more(
         with pytest.raises(AuthError):
             await client.delete_jobs([ids[2]])
         assert sim.stats.signature_failures == 2  # one attempt: nothing new to try
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("in_a_pod", [False, True])
+async def test_run_in_auto_exits_69_on_a_metadata_outage_and_78_in_a_pod_without_asking_it(
+    in_a_pod: bool, tmp_path: Path
+) -> None:
+    """No keys anywhere but the node's metadata service, which answers 503: on a VM that is
+    an outage (69, the CronJob tries again), not a configuration error (78, which fails the
+    Job); in a pod, auto never asks the node's agency at all, and says so (78)."""
+    from aiohttp import web
+
+    from tests.e2e import reaper, reaper_env, write_ids
+
+    calls: list[str] = []
+
+    async def outage(request: web.Request) -> web.Response:
+        calls.append(request.path)
+        return web.Response(status=503, text="metadata down")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", outage)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+            env = reaper_env(sim.url, REAPER_METADATA_URL=f"http://127.0.0.1:{port}",
+                             HOME=str(tmp_path))  # fmt: skip
+            del env["REAPER_AK"], env["REAPER_SK"]
+            if in_a_pod:
+                env["KUBERNETES_SERVICE_HOST"] = "10.96.0.1"
+            ids = write_ids(tmp_path / "ids.txt", sim.job_ids())
+            done = await reaper(["run", "-i", str(ids), "--yes"], env)
+            assert sim.deleted == set()
+    finally:
+        await runner.cleanup()
+    if in_a_pod:
+        assert done.code == 78, done.stderr + done.stdout
+        assert "not used by auto inside a Kubernetes pod" in done.stdout
+        assert calls == []
+    else:
+        assert done.code == 69, done.stderr + done.stdout
+        assert "HTTP 503" in done.stdout
+        assert calls
