@@ -684,6 +684,15 @@ def test_prometheus_scrapes_the_serve_pods_metrics_port() -> None:
     assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
 
 
+def test_the_alert_rules_ship_as_a_prometheus_rule_equal_to_the_rule_file() -> None:
+    """One set of rules: the PrometheusRule is config/alerts/reaper-rules.yaml, unchanged."""
+    rule = one("PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    rules = yaml.safe_load((ROOT / "config" / "alerts" / "reaper-rules.yaml").read_text())
+    assert rule["spec"] == rules, "regenerate prometheusrule.yaml: see the command in its head"
+    assert [r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]]
+
+
 def test_keda_scales_serve_on_pending_entries_and_on_lag_of_the_workers_stream() -> None:
     scaled = one("ScaledObject")
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
