@@ -4,14 +4,21 @@ must still be what the fake did."""
 
 from __future__ import annotations
 
+import random
+from functools import partial
 from pathlib import Path
 
+import orjson
 import pytest
 
 from tests.e2e import kill_when, reaper, reaper_env, results, start_reaper, write_ids
 from tests.gateway import Gateway, serve_gateway
 
 pytestmark = pytest.mark.anyio
+
+
+def deleted_at_least(gateway: Gateway, count: int) -> bool:
+    return len(gateway.deleted) >= count
 
 
 def fast(src: Path, *more: str) -> list[str]:
@@ -66,3 +73,42 @@ async def test_a_run_stopped_by_a_refusal_keeps_the_outcome_of_a_delete_on_the_w
         assert {event["job_id"] for event in done.events("job.deleted")} == gateway.deleted
         summary = done.summary()
         assert (summary["deleted"], summary["open"]) == (10, 30)
+
+
+@pytest.mark.parametrize(("cap", "protect"), [(None, False), (70, False), (70, True)])
+async def test_kill_9_three_times_then_resume_each_id_one_true_outcome(
+    tmp_path: Path, cap: int | None, protect: bool
+) -> None:
+    """DELETEs that are applied and then answered slowly, with a 502, a reset or a cut
+    body; the run killed three times in a row as the fake deletes, then resumed to the end.
+    The results file holds one line per id; ``deleted`` is exactly what the fake deleted
+    (the lost answers unconfirmed), nothing outside the input is touched, and the cap
+    holds over every run, with or without a guard reading each job first."""
+    faults = ["slow", "slow", "error_after", "reset_after", "cut", "ok"]
+    rng = random.Random(18)
+    gateway = Gateway.with_jobs(150, script=lambda n, ids: rng.choice(faults))
+    gateway.jobs.update(Gateway.with_jobs(20, prefix="other").jobs)  # never in the input
+    async with serve_gateway(gateway) as url:
+        ids = [i for i in gateway.job_ids() if i.startswith("job-")]
+        src = write_ids(tmp_path / "ids.txt", ids)
+        ledger, out = tmp_path / "ledger.db", tmp_path / "results.jsonl"
+        env = reaper_env(url)
+        more = [] if cap is None else ["--max-deletions", str(cap)]
+        more += ["--protect", "name:keep-*"] if protect else []  # a look-up before each DELETE
+        args = fast(src, "--ledger", str(ledger), "--results", str(out), *more)
+        for enough in (15, 30, 45):
+            async with await start_reaper(args, env) as process:
+                await kill_when(process, partial(deleted_at_least, gateway, enough))
+        done = await reaper(args, env)
+        assert done.code == (0 if cap is None else 1), done.stderr
+        rows = results(out)
+        assert sorted(row["job_id"] for row in rows) == ids
+        deleted = {row["job_id"] for row in rows if row["outcome"] == "deleted"}
+        assert deleted == gateway.deleted
+        assert gateway.asked <= set(ids)
+        assert len(gateway.deleted) == (150 if cap is None else cap)
+        unconfirmed = {row["job_id"] for row in rows if row["confirmed"] is False}
+        report = await reaper(["report", "--ledger", str(ledger), "--format", "jsonl"], env)
+        exported = [orjson.loads(line) for line in report.stdout.splitlines()]
+        assert {row["job_id"] for row in exported if row.get("confirmed") is False} == unconfirmed
+        assert sum(row["outcome"] == "deleted" for row in exported) == len(gateway.deleted)
