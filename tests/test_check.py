@@ -134,3 +134,34 @@ async def test_check_exits_78_on_keys_it_could_not_send(
     assert done.code == 78, done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
     assert "line-two" not in done.stdout + done.stderr
+
+
+async def test_simulate_prints_a_block_that_points_every_command_at_it_when_pasted() -> None:
+    """A newcomer pastes what ``simulate`` printed into a shell, and ``check`` passes."""
+    process = await anyio.open_process(
+        [sys.executable, "-m", "worker", "simulate", "--port", "0", "--jobs", "3"]
+    )
+    async with process:
+        assert process.stdout is not None
+        printed = b""
+        with anyio.fail_after(20):
+            async for chunk in process.stdout:
+                printed += chunk
+                if b"# then:" in printed:
+                    break
+        try:
+            block = printed.decode()
+            export = next(line for line in block.splitlines() if line.startswith("export "))
+            env = {k: v for k, v in reaper_env("unused").items() if not k.startswith("REAPER_")}
+            done = await anyio.run_process(
+                ["bash", "-c", f'{export}\n"$0" -m worker check', sys.executable],
+                env=env,
+                check=False,
+            )
+        finally:
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(20):
+                await process.wait()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert b"result       OK" in done.stdout
+    assert "not a secret" in block

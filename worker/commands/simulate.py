@@ -1,6 +1,8 @@
 """``devserver-reaper simulate``: serve the built-in simulator until SIGTERM or SIGINT.
 
-Prints one ready line (scripts and tests wait for it) and never the secret key.
+Prints one ready line first (scripts and tests wait for it), then a block to paste into a
+shell that points every command at it. The simulator is a local fake: the key it accepts is
+not a secret, so it is printed; nothing else in the tool ever prints a secret key.
 """
 
 from __future__ import annotations
@@ -37,6 +39,22 @@ def ready_line(sim: Simulator) -> str:
     return f"simulator listening on {sim.url} project={sim.config.project_id} ak={sim.config.ak}"
 
 
+def export_block(sim: Simulator) -> str:
+    """Settings that point every command at ``sim``, ready to paste into a shell."""
+    import shlex
+
+    config = sim.config
+    pairs = {"REAPER_ENDPOINT": sim.url, "REAPER_PROJECT_ID": config.project_id,
+             "REAPER_AK": config.ak, "REAPER_SK": config.sk}  # fmt: skip
+    exports = " ".join(f"{name}={shlex.quote(value)}" for name, value in pairs.items())
+    return (
+        "# a local fake: its key is not a secret. To point every command at it, paste:\n"
+        f"export {exports}\n"
+        "# then: devserver-reaper check; devserver-reaper discover --status FINISHED --plan "
+        "plan.json; devserver-reaper run --plan plan.json --dry-run"
+    )
+
+
 async def serve(config: SimulatorConfig, host: str, port: int, ids_file: str | None) -> None:
     """Serve until a signal; the ids file is written before the ready line is printed."""
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -45,6 +63,7 @@ async def serve(config: SimulatorConfig, host: str, port: int, ids_file: str | N
                 lines = "".join(f"{job_id}\n" for job_id in sim.job_ids())
                 await anyio.Path(ids_file).write_text(lines)
             print(ready_line(sim), flush=True)
+            print(export_block(sim), flush=True)
             async for _ in signals:
                 break
             stats = sim.stats
