@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -373,3 +375,80 @@ def test_rate_that_is_not_a_number_says_what_it_must_be_in_one_line() -> None:
         "devserver-reaper: --rate must be a number of calls per second "
         "(more than 0, at most 10,000) or 'auto'\n"
     )
+
+
+# -- help in the user's words -------------------------------------------------------------------
+
+
+def _help(command: str) -> str:
+    done = run_worker(command, "--help")
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _sections(text: str) -> dict[str, str]:
+    """``--help``'s sections by title (``options``, ``safety: ...``, ``examples``)."""
+    parts = re.split(r"^(\S[^\n]*):\n", text, flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_SETTINGS))
+def test_every_command_has_examples_and_names_values_in_the_users_words(command: str) -> None:
+    """Placeholders say what to type (FILE, N, SECONDS), never a field name (SUB_CONFIG,
+    FILTER_STATUS), and every command shows examples of itself."""
+    sections = _sections(_help(command))
+    assert f"devserver-reaper {command}" in sections["examples"]
+    for action in _subcommands()[command]._actions:
+        if action.option_strings and action.nargs != 0 and not action.choices:
+            assert action.metavar is not None, action.option_strings
+            assert re.fullmatch(r"[A-Z]+(?:[/|][A-Z]+)*", str(action.metavar)), action.metavar
+
+
+def test_run_groups_its_flags_and_keeps_the_safety_flags_apart() -> None:
+    sections = _sections(_help("run"))
+    safety = sections["safety: what may be deleted, and when"]
+    for flag in ("--dry-run", "--yes", "--max-deletions", "--protect", "--protected-statuses"):
+        assert re.search(rf"^  {flag}\b", safety, re.MULTILINE), flag
+    assert "--rate" not in safety and "--input" not in safety
+    assert re.search(r"^  --input FILE", sections["input"], re.MULTILINE)
+    assert re.search(r"^  --rate CALLS/S", sections["rate, retries and time limits"], re.M)
+
+
+def test_serve_does_not_offer_the_flags_it_refuses() -> None:
+    text = _help("serve")
+    for refused in ("--dry-run", "--yes", "--max-deletions", "--confirm-project-over"):
+        assert refused not in text
+
+
+def test_simulate_help_shows_every_default() -> None:
+    section = _sections(_help("simulate"))["the simulated project [defaults in brackets]"]
+    for default in ("[127.0.0.1]", "[8443]", "[1000]", "[demo-project]", "[DEMOAK]", "[0]"):
+        assert default in section, default
+    assert "--log-format" not in _help("simulate")  # it reads no settings: it offers none
+
+
+@pytest.mark.parametrize(
+    ("words", "offered"),
+    [
+        (["ru"], ["run"]),
+        (["run", "--dry"], ["--dry-run"]),
+        (["run", "--input-format", "js"], ["json", "jsonl"]),
+        (["discover", "--time-field", ""], ["create_at", "update_at"]),
+        (["serve", "--dry"], []),
+        (["run", "--plan", "pl"], ["plan.json"]),
+    ],
+)
+def test_bash_completion_offers_commands_flags_values_and_files(
+    tmp_path: Path, words: list[str], offered: list[str]
+) -> None:
+    script = run_worker("completion", "bash").stdout
+    (tmp_path / "plan.json").write_text("{}")
+    line = " ".join(shlex.quote(word) for word in ["devserver-reaper", *words])
+    probe = (
+        f"{script}\nCOMP_WORDS=({line}); COMP_CWORD={len(words)}; _devserver_reaper\n"
+        'printf "%s\\n" "${COMPREPLY[@]}"'
+    )
+    done = subprocess.run(
+        ["bash", "-c", probe], capture_output=True, text=True, cwd=tmp_path, check=True
+    )
+    assert sorted(done.stdout.split()) == offered

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
-from worker import __version__, stdio
+from worker import __version__, helptext, stdio
 from worker.exit_codes import ExitCode
 
 
@@ -141,26 +141,19 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
         *_PROTECT[:-1],
         *_LOG,
     ),
-    "serve": _API + _DISPATCH + _QUEUE + tuple(f for f in _PROTECT if f != "--max-fraction") + _LOG,
+    # serve refuses --dry-run and --max-deletions, and never asks: it does not offer them
+    "serve": _API
+    + tuple(f for f in _DISPATCH if f not in ("--dry-run", "--yes", "--max-deletions"))
+    + _QUEUE
+    + tuple(f for f in _PROTECT if f != "--max-fraction")
+    + _LOG,
     "enqueue": ("--redis-url", "--stream", *_LOG),
     "check": _API + _LOG,
     "demo": ("--batch-size", "--concurrency", "--rate", "--burst", "--log-format", "--log-level"),
-    "simulate": ("--log-format", "--log-level"),
+    "simulate": (),  # configured by its own flags only
+    "completion": (),
     "report": ("--ledger",),
 }
-
-
-USAGE = {
-    "run": "%(prog)s (--input FILE | --plan FILE) [--dry-run | --yes] [options]",
-    "discover": "%(prog)s FILTER... [--all] [--plan FILE | --output ids|jsonl] [options]",
-    "serve": "%(prog)s [--redis-url URL] [--rate CALLS/S] [options]",
-    "enqueue": "%(prog)s --input FILE [--redis-url URL] [options]",
-    "simulate": "%(prog)s [--port PORT] [--jobs N] [--quota CALLS/S] [options]",
-    "demo": "%(prog)s [--jobs N]",
-    "check": "%(prog)s [--region REGION | --endpoint URL] [--project-id ID] [options]",
-    "report": "%(prog)s --ledger FILE [--format summary|jsonl|csv] [--output FILE]",
-}
-"""What each command's usage line says: its shape, not every one of its flags."""
 
 
 _MEANT = {"--secret-key": "--sk", "--access-key": "--ak", "--project": "--project-id",
@@ -240,11 +233,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(ExitCode.USAGE, f"{self.prog}: {message}\n")
 
 
-def _add_settings(parser: argparse.ArgumentParser, flags: Sequence[str]) -> None:
-    group = parser.add_argument_group("settings (flags override REAPER_* env, then --config)")
+_LATE = frozenset(
+    flag
+    for flag, group in helptext.SETTING_GROUP.items()
+    if group in (helptext.INPUT, helptext.OUTPUT)
+)
+"""Setting flags shown after a command's own flags of their group (--input before --ledger)."""
+
+
+def _groups(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The command's flag groups, in ``helptext.GROUPS`` order (empty ones are not shown)."""
+    return {title: parser.add_argument_group(title) for title in helptext.GROUPS}
+
+
+def _add_settings(groups: dict[str, Any], flags: Sequence[str]) -> None:
     table = {flag: (kind, text) for flag, kind, text in SETTING_FLAGS}
     for flag in flags:
         kind, text = table[flag]
+        group = groups[helptext.SETTING_GROUP.get(flag, helptext.QUEUE)]
         dest = "setting_" + flag.removeprefix("--").replace("-", "_")
         if kind == _BOOL:
             group.add_argument(flag, dest=dest, action="store_const", const=True, help=text)
@@ -253,7 +259,8 @@ def _add_settings(parser: argparse.ArgumentParser, flags: Sequence[str]) -> None
                 flag, dest=dest, type=str, action=_JoinAction, help=text, metavar="RULE"
             )
         else:
-            group.add_argument(flag, dest=dest, type=kind, help=text, metavar=flag[2:].upper())
+            metavar = helptext.METAVAR.get(flag, "VALUE")
+            group.add_argument(flag, dest=dest, type=kind, help=text, metavar=metavar)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,49 +271,67 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--config", help="TOML settings file (env REAPER_CONFIG)")
+    parser.add_argument("--config", metavar="FILE", help="TOML settings file (env REAPER_CONFIG)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     known = parser.commands
 
+    flags: dict[str, dict[str, Any]] = {}
+
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=text, description=text, usage=USAGE[name])
+        sub = commands.add_parser(
+            name,
+            help=text,
+            description=text,
+            usage=helptext.USAGE[name],
+            epilog=helptext.EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         known[name] = sub
-        sub.add_argument("--config", dest="sub_config", help="TOML settings file")
-        _add_settings(sub, COMMAND_SETTINGS[name])
+        groups = flags[name] = _groups(sub)
+        _add_settings(groups, [f for f in COMMAND_SETTINGS[name] if f not in _LATE])
+        if name not in ("completion", "simulate"):  # neither reads the settings
+            groups[helptext.SETTINGS].add_argument(
+                "--config", dest="sub_config", metavar="FILE",
+                help="TOML settings file (env REAPER_CONFIG); flags and REAPER_* win over it",
+            )  # fmt: skip
         return sub
 
-    run = command("run", "delete the job ids read from --input (or a --plan), print a summary")
-    source = run.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", "-i", help="file of ids, or - for stdin")
+    command("run", "delete the job ids read from --input (or a --plan), print a summary")
+    into, shown = flags["run"][helptext.INPUT], flags["run"][helptext.OUTPUT]
+    source = into.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", "-i", metavar="FILE", help="file of ids, or - for stdin")
     source.add_argument(
-        "--plan", help="apply a plan written by discover --plan (refused if altered or expired)"
-    )
-    run.add_argument(
+        "--plan", metavar="FILE",
+        help="apply a plan written by discover --plan (refused if altered or expired)",
+    )  # fmt: skip
+    into.add_argument(
         "--input-format",
         choices=("auto", "text", "jsonl", "csv", "json"),
         default="auto",
         help="format of --input (default: from the file name; text for stdin)",
     )
-    run.add_argument("--results", help="write one JSON line per id with its outcome here")
-    run.add_argument(
+    into.add_argument(
         "--retry-failed", action="store_true", help="with --ledger: try failed ids again"
     )
-    run.add_argument(
+    shown.add_argument(
+        "--results", metavar="FILE", help="write one JSON line per id with its outcome here"
+    )
+    shown.add_argument(
         "--progress",
         choices=("auto", "on", "off"),
         default="auto",
         help="progress display on stderr (default: when stderr is a terminal)",
     )
-    run.add_argument(
+    shown.add_argument(
         "--verbose", "-v", action="count", default=0,
         help="on a terminal, also a line for every id (DRY-RUN delete <id> in a dry run)",
     )  # fmt: skip
-    run.add_argument(
+    shown.add_argument(
         "--quiet", "-q", action="count", default=0,
         help="on a terminal, only the summary: no progress, no warnings",
     )  # fmt: skip
-    run.add_argument(
+    shown.add_argument(
         "--events", metavar="FILE",
         help="append every event to FILE as JSON lines (instead of stdout)",
     )  # fmt: skip
@@ -316,63 +341,73 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server = discover.add_argument_group("filters the server applies (exact match)")
     for name in ("status", "type", "name", "id"):
-        server.add_argument(f"--{name}", dest=f"filter_{name}", help=f"job {name}")
+        server.add_argument(
+            f"--{name}", dest=f"filter_{name}", metavar=name.upper(), help=f"job {name}"
+        )
     local = discover.add_argument_group("filters applied to each record")
-    local.add_argument("--name-glob", help="name matches this shell pattern, e.g. 'diag-*'")
-    local.add_argument("--name-regex", help="name contains a match of this regular expression")
-    local.add_argument("--user-name", help="created by this user")
-    local.add_argument("--older-than", help="time field before: a duration (30d, 12h) or a date")
-    local.add_argument("--newer-than", help="time field after: a duration (7d) or a date")
+    local.add_argument(
+        "--name-glob", metavar="PATTERN", help="name matches this shell pattern, e.g. 'diag-*'"
+    )
+    local.add_argument(
+        "--name-regex", metavar="REGEX", help="name contains a match of this regular expression"
+    )
+    local.add_argument("--user-name", metavar="USER", help="created by this user")
+    local.add_argument(
+        "--older-than", metavar="AGE|DATE",
+        help="time field before: a duration (30d, 12h) or a date",
+    )  # fmt: skip
+    local.add_argument(
+        "--newer-than", metavar="AGE|DATE", help="time field after: a duration (7d) or a date"
+    )
     local.add_argument(
         "--time-field", choices=("create_at", "update_at"), default="create_at",
         help="the time --older-than/--newer-than look at (default create_at)",
     )  # fmt: skip
     local.add_argument("--all", action="store_true", help="allow no filter at all (every job)")
-    out = discover.add_argument_group("output")
+    out = flags["discover"][helptext.OUTPUT]
     out.add_argument(
         "--output", choices=("ids", "jsonl"), default="ids",
         help="ids one per line (for run --input -), or full records as JSON lines",
     )  # fmt: skip
-    out.add_argument("--plan", help="write a plan file here, to review and apply with run --plan")
-    out.add_argument("--plan-ttl", default="24h", help="how long the plan stays valid (24h)")
-    out.add_argument("--page-size", type=int, help="ask the server for pages of this size")
-
-    serve = command("serve", "consume ids from a Redis Stream and delete them; serve health")
-    del serve
-    enqueue = command("enqueue", "add the ids read from --input to the Redis Stream")
-    enqueue.add_argument("--input", "-i", required=True, help="file of ids, or - for stdin")
-    enqueue.add_argument(
-        "--input-format", choices=("auto", "text", "jsonl", "csv", "json"), default="auto"
+    out.add_argument(
+        "--plan", metavar="FILE", help="write a plan here, to review and apply with run --plan"
+    )
+    out.add_argument(
+        "--plan-ttl", metavar="DURATION", default="24h",
+        help="how long the plan stays valid (default 24h, at most 30d)",
+    )  # fmt: skip
+    out.add_argument(
+        "--page-size", type=int, metavar="N", help="ask the server for pages of this size"
     )
 
-    sim = command("simulate", "run the built-in ModelArts DevServer jobs simulator")
-    sim.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    sim.add_argument("--port", type=_port, default=8443, help="port (0 = any free port)")
-    sim.add_argument("--jobs", type=_jobs, default=1000, help="jobs to create at start")
-    sim.add_argument("--seed", type=int, default=0, help="seed for jobs and faults")
-    sim.add_argument("--project-id", default="demo-project", help="project id the server holds")
-    sim.add_argument("--ak", default="DEMOAK", help="access key it accepts")
-    sim.add_argument("--sk", default="demo-secret-key", help="secret key it accepts")
-    sim.add_argument("--quota", type=float, default=0, help="calls/s allowed (0 = unlimited)")
-    sim.add_argument("--burst", type=int, default=1, help="burst on top of the quota")
-    sim.add_argument(
-        "--retry-after", choices=("off", "seconds", "date"), default="seconds",
-        help="Retry-After on 429",
+    command("serve", "consume ids from a Redis Stream and delete them; serve health")
+    command("enqueue", "add the ids read from --input to the Redis Stream")
+    queued = flags["enqueue"][helptext.INPUT]
+    queued.add_argument(
+        "--input", "-i", metavar="FILE", required=True, help="file of ids, or - for stdin"
+    )
+    queued.add_argument(
+        "--input-format", choices=("auto", "text", "jsonl", "csv", "json"), default="auto",
+        help="format of --input (default: from the file name; sniffed on stdin)",
     )  # fmt: skip
-    sim.add_argument("--max-batch", type=int, default=1000, help="largest job_ids list accepted")
-    sim.add_argument("--latency-ms", type=float, default=0, help="mean latency per call")
-    sim.add_argument("--fault-rate", type=float, default=0, help="share of calls that fail")
-    sim.add_argument(
-        "--unknown-path", choices=("gateway", "html"), default="gateway",
-        help="answer to a path that is not the API: the gateway's JSON 404, or a bare HTML 404",
-    )  # fmt: skip
-    sim.add_argument("--ids-file", help="write the created job ids here, one per line")
+
+    command("simulate", "run the built-in ModelArts DevServer jobs simulator")
+    sim = known["simulate"].add_argument_group("the simulated project [defaults in brackets]")
+    for flag, kind, default, metavar, text in _SIMULATOR_FLAGS:
+        choices = metavar if isinstance(metavar, tuple) else None
+        sim.add_argument(
+            flag, type=kind, default=default, choices=choices,
+            metavar=None if choices else metavar,
+            help=text + ("" if default is None else " [%(default)s]"),
+        )  # fmt: skip
 
     demo = command("demo", "a complete tour against the built-in simulator; no account needed")
-    demo.add_argument("--jobs", type=_jobs, default=300, help="jobs the simulator creates")
+    demo.add_argument(
+        "--jobs", type=_jobs, default=300, metavar="N",
+        help="jobs the simulator holds (default %(default)s)",
+    )  # fmt: skip
 
-    check = command("check", "verify settings and credentials with one read-only call")
-    del check
+    command("check", "verify settings and credentials with one read-only call")
 
     report = command("report", "what a ledger holds: counts, open ids, export")
     report.add_argument(
@@ -381,8 +416,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LEDGER",
         help="ledger files to read together, e.g. every shard's of a sharded run",
     )
-    report.add_argument("--format", choices=("summary", "jsonl", "csv"), default="summary")
-    report.add_argument("--output", "-o", help="write the export here (default stdout)")
+    report.add_argument(
+        "--format", choices=("summary", "jsonl", "csv"), default="summary",
+        help="a summary for people, or every outcome as JSON lines or CSV (default summary)",
+    )  # fmt: skip
+    report.add_argument(
+        "--output", "-o", metavar="FILE", help="write the export here (default stdout)"
+    )
+
+    completion = command("completion", "print a shell completion script (bash or zsh)")
+    completion.add_argument("shell", choices=("bash", "zsh"), help="the shell to complete in")
+    for name, groups in flags.items():  # after each command's own input and output flags
+        _add_settings(groups, [f for f in COMMAND_SETTINGS[name] if f in _LATE])
     return parser
 
 
@@ -414,6 +459,28 @@ def _bounded(name: str, low: int, high: int) -> Callable[[str], int]:
 
 _port = _bounded("a port", 0, 65_535)
 _jobs = _bounded("the number of jobs", 0, MAX_SIMULATED_JOBS)
+
+
+_SIMULATOR_FLAGS: tuple[tuple[str, Callable[[str], Any], Any, str | tuple[str, ...], str], ...]
+_SIMULATOR_FLAGS = (  # flag, type, default, metavar or choices, help
+    ("--host", str, "127.0.0.1", "HOST", "address to listen on"),
+    ("--port", _port, 8443, "PORT", "port; 0 picks any free one"),
+    ("--jobs", _jobs, 1000, "N", "jobs it holds at start"),
+    ("--seed", int, 0, "N", "seed for jobs and faults"),
+    ("--project-id", str, "demo-project", "ID", "project id it serves"),
+    ("--ak", str, "DEMOAK", "KEY", "access key it accepts"),
+    ("--sk", str, "demo-secret-key", "KEY", "secret key it accepts (a fake's: not a secret)"),
+    ("--quota", float, 0, "CALLS/S", "calls per second it allows; 0 for no limit"),
+    ("--burst", int, 1, "N", "burst on top of the quota"),
+    ("--retry-after", str, "seconds", ("off", "seconds", "date"), "Retry-After on a 429"),
+    ("--max-batch", int, 1000, "N", "most ids a DELETE may carry"),
+    ("--latency-ms", float, 0, "MS", "mean latency of a call"),
+    ("--fault-rate", float, 0, "SHARE", "share of calls that fail, 0 to 1"),
+    ("--unknown-path", str, "gateway", ("gateway", "html"),
+     "answer to a path that is not the API: the gateway's JSON 404, or a bare HTML 404"),
+    ("--ids-file", str, None, "FILE", "write the ids of its jobs here, one per line"),
+)  # fmt: skip
+"""``simulate``'s own flags: it is configured by these alone."""
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -17,6 +17,9 @@ from worker.exit_codes import ExitCode
 from worker.settings import Settings
 from worker.simulator import FaultConfig, Simulator, SimulatorConfig, run_simulator
 
+DEMO_SK = SimulatorConfig().sk
+"""The key the simulator accepts unless told another: a fake's, not a secret."""
+
 
 def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
     """The simulator the flags describe; ``ValueError`` when they make no sense."""
@@ -44,8 +47,11 @@ def export_block(sim: Simulator) -> str:
     import shlex
 
     config = sim.config
+    # The built-in key is a fake's, printed; a key given with --sk is the user's own choice,
+    # and (as everywhere else) never printed back.
+    sk = config.sk if config.sk == DEMO_SK else "<the --sk you gave>"
     pairs = {"REAPER_ENDPOINT": sim.url, "REAPER_PROJECT_ID": config.project_id,
-             "REAPER_AK": config.ak, "REAPER_SK": config.sk}  # fmt: skip
+             "REAPER_AK": config.ak, "REAPER_SK": sk}  # fmt: skip
     exports = " ".join(f"{name}={shlex.quote(value)}" for name, value in pairs.items())
     return (
         "# a local fake: its key is not a secret. To point every command at it, paste:\n"

@@ -1,0 +1,122 @@
+"""What ``--help`` says, in the user's words: usage lines, flag groups, placeholders, examples.
+
+Data only, and the standard library only, so ``--help`` stays fast. ``worker.cli`` builds the
+parser from it; ``worker.completion`` reads the parser it builds.
+"""
+
+from __future__ import annotations
+
+USAGE = {
+    "run": "%(prog)s (--input FILE | --plan FILE) [--dry-run | --yes] [options]",
+    "discover": "%(prog)s FILTER... [--all] [--plan FILE | --output ids|jsonl] [options]",
+    "serve": "%(prog)s [--redis-url URL] [--rate CALLS/S] [options]",
+    "enqueue": "%(prog)s --input FILE [--redis-url URL] [options]",
+    "simulate": "%(prog)s [--port PORT] [--jobs N] [--quota CALLS/S] [options]",
+    "demo": "%(prog)s [--jobs N]",
+    "check": "%(prog)s [--region REGION | --endpoint URL] [--project-id ID] [options]",
+    "report": "%(prog)s --ledger FILE [--format summary|jsonl|csv] [--output FILE]",
+    "completion": "%(prog)s bash|zsh",
+}
+"""What each command's usage line says: its shape, not every one of its flags."""
+
+INPUT = "input"
+SAFETY = "safety: what may be deleted, and when"
+RATE = "rate, retries and time limits"
+OUTPUT = "output"
+CONNECTION = "connection and credentials"
+QUEUE = "queue (Redis) and health"
+SETTINGS = "settings file"
+GROUPS = (INPUT, SAFETY, RATE, OUTPUT, CONNECTION, QUEUE, SETTINGS)
+"""Flag groups, in the order ``--help`` shows them; safety flags stand on their own."""
+
+_CONNECTION_FLAGS = (
+    "--region", "--endpoint", "--project-id", "--ak", "--sk", "--security-token", "--ak-file",
+    "--sk-file", "--security-token-file", "--ca-bundle", "--credential-source", "--metadata-url",
+    "--connect-timeout", "--read-timeout",
+)  # fmt: skip
+_RATE_FLAGS = ("--batch-size", "--concurrency", "--rate", "--burst", "--max-attempts",
+               "--max-retry-after", "--grace", "--deadline")  # fmt: skip
+_SAFETY_FLAGS = ("--dry-run", "--yes", "--max-deletions", "--confirm-project-over", "--protect",
+                 "--protect-file", "--protected-types", "--protected-statuses",
+                 "--max-fraction", "--recheck-max-age")  # fmt: skip
+
+SETTING_GROUP = {
+    **dict.fromkeys(_CONNECTION_FLAGS, CONNECTION),
+    **dict.fromkeys(_RATE_FLAGS, RATE),
+    **dict.fromkeys(_SAFETY_FLAGS, SAFETY),
+    **dict.fromkeys(("--ledger", "--shard"), INPUT),
+    **dict.fromkeys(("--log-format", "--log-level"), OUTPUT),
+}
+"""The group of each setting flag; a flag not named here is a queue one."""
+
+METAVAR = {
+    "--region": "REGION", "--endpoint": "URL", "--project-id": "ID", "--ak": "KEY",
+    "--sk": "KEY", "--security-token": "TOKEN", "--ak-file": "FILE", "--sk-file": "FILE",
+    "--security-token-file": "FILE", "--ca-bundle": "FILE", "--credential-source": "SOURCE",
+    "--metadata-url": "URL", "--batch-size": "N", "--concurrency": "N", "--rate": "CALLS/S",
+    "--burst": "N", "--max-attempts": "N", "--deadline": "SECONDS",
+    "--connect-timeout": "SECONDS", "--read-timeout": "SECONDS", "--max-retry-after": "SECONDS",
+    "--grace": "SECONDS", "--ledger": "FILE", "--max-deletions": "N", "--shard": "I/N",
+    "--confirm-project-over": "N", "--protect": "RULE", "--protect-file": "FILE",
+    "--protected-types": "TYPES", "--protected-statuses": "STATUSES", "--max-fraction": "SHARE",
+    "--recheck-max-age": "SECONDS", "--redis-url": "URL", "--stream": "KEY", "--group": "NAME",
+    "--consumer": "NAME", "--max-deliveries": "N", "--reclaim-after": "SECONDS",
+    "--http-port": "PORT", "--outcomes-max-len": "N", "--outcomes-max-age": "SECONDS",
+    "--dead-max-len": "N", "--dead-max-age": "SECONDS", "--stats-interval": "SECONDS",
+    "--log-format": "FORMAT", "--log-level": "LEVEL",
+}  # fmt: skip
+"""What each setting flag's value is called in ``--help``: what to type, not a field name."""
+
+EXAMPLES = {
+    "run": """\
+examples:
+  # the recommended flow: a reviewed plan, a dry run, then the real run
+  devserver-reaper run --plan plan.json --dry-run
+  devserver-reaper run --plan plan.json --ledger reaper.db --results results.jsonl
+
+  # a file of ids, no prompt, resumable, capped, running jobs kept
+  devserver-reaper run -i stale-jobs.txt --yes --ledger reaper.db --max-deletions 5000 \\
+      --protected-statuses PROCESSING
+
+  # straight from discover (small, obvious clean-ups)
+  devserver-reaper discover --name-glob 'diag-*' | devserver-reaper run -i - --yes""",
+    "discover": """\
+examples:
+  # seal what would go into a plan, to review and apply with run --plan
+  devserver-reaper discover --status FINISHED --type ASCEND_DIAGNOSIS --older-than 30d \\
+      --plan plan.json
+
+  # full records of one user's old jobs, as JSON lines
+  devserver-reaper discover --user-name alice --older-than 2026-01-01 --output jsonl""",
+    "serve": """\
+examples:
+  devserver-reaper serve --redis-url redis://redis:6379/0 --rate 20 --http-port 8080
+  devserver-reaper serve --rate auto --protected-statuses PROCESSING""",
+    "enqueue": """\
+examples:
+  devserver-reaper enqueue -i ids.txt.gz --redis-url redis://redis:6379/0
+  devserver-reaper discover --status FINISHED | devserver-reaper enqueue -i -""",
+    "simulate": """\
+examples:
+  # a project of 20,000 jobs with a quota and some faults; paste the block it prints
+  devserver-reaper simulate --jobs 20000 --quota 50 --fault-rate 0.05
+  devserver-reaper simulate --port 0 --ids-file ids.txt   # any free port; the ids, to try run""",
+    "demo": """\
+examples:
+  devserver-reaper demo
+  devserver-reaper demo --jobs 1000""",
+    "check": """\
+examples:
+  devserver-reaper check                                  # settings from REAPER_* or a profile
+  devserver-reaper check --region cn-north-4 --project-id 0123456789abcdef0123456789abcdef""",
+    "report": """\
+examples:
+  devserver-reaper report --ledger reaper.db
+  devserver-reaper report --ledger reaper.db --format csv -o outcomes.csv
+  devserver-reaper report shard-0.db shard-1.db shard-2.db   # every shard of a sharded run""",
+    "completion": """\
+examples:
+  source <(devserver-reaper completion bash)     # in ~/.bashrc
+  source <(devserver-reaper completion zsh)      # in ~/.zshrc""",
+}
+"""An Examples section for every command's ``--help``."""
