@@ -317,7 +317,9 @@ async def run_async(
         await group.start(_watch_signals, state, events, say)
         if settings.deadline is not None:
             group.start_soon(_deadline, state, settings.deadline, events, say)
-        logsetup.when_lost(_stop_when_lost(state))
+        records = (("the ledger", settings.ledger), ("the results file", request.results))
+        kept = [name for name, given in records if given]
+        logsetup.when_lost(_stop_when_lost(state, kept))
         try:
             code = await _run(
                 request, settings, run_id, endpoint, stdin, plan, state, events, group, output,
@@ -333,9 +335,15 @@ async def run_async(
     return code
 
 
-def _stop_when_lost(state: RunState) -> Callable[[str, OSError], None]:
+def _stop_when_lost(state: RunState, kept: list[str]) -> Callable[[str, OSError], None]:
     """What a run does when its event stream is closed or full: stop as on SIGTERM (75),
-    said once on stderr if stderr can still take it."""
+    said once on stderr if stderr can still take it, with where the outcomes still go
+    (``kept``: the ledger, the results file, or neither)."""
+    where = (
+        f"their outcomes go to {' and '.join(kept)}"
+        if kept
+        else "nothing else records their outcomes (give --ledger or --results)"
+    )
     token, loop_thread = anyio.lowlevel.current_token(), threading.get_ident()
 
     def stop(error: EventsUnwritable) -> None:
@@ -352,7 +360,7 @@ def _stop_when_lost(state: RunState) -> Callable[[str, OSError], None]:
         if name != "stderr":
             logsetup.tell(
                 f"devserver-reaper: {error}; stopping as on SIGTERM: the calls in flight "
-                "finish and their outcomes go to the ledger and the results file (exit 75)"
+                f"finish and {where} (exit 75)"
             )
 
     return lost
