@@ -849,13 +849,13 @@ async def test_the_shared_auto_rate_pauses_no_longer_than_max_retry_after(
 ) -> None:
     """One 429 saying ``Retry-After: 3000`` held every replica for 30 s whatever
     ``--max-retry-after`` said: serve built its shared limiter without it."""
-    from worker.commands.serve import _limiter
+    from worker.wiring import shared_limiter
 
     clock = FakeClock()
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
         settings = Settings(rate="auto", max_retry_after=2.0)
-        limiter = _limiter(settings, client, redis_prefix + "ratelimit", clock)
+        limiter = shared_limiter(settings, client, redis_prefix + "ratelimit", clock)
         limiter.feedback(throttled=True, latency_s=0.0, retry_after=3000.0)
         await limiter.acquire()
         assert clock.now() == pytest.approx(2.0, abs=0.01)

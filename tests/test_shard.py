@@ -182,3 +182,50 @@ async def test_a_pod_of_an_indexed_job_takes_its_shard_and_must_say_it_is_sharde
         assert done.code == 0, done.stderr
         assert done.summary()["shard"] == "1/3"
         assert sim.deleted == {job for job in real if Shard(1, 3).owns(job)}
+
+
+@pytest.mark.anyio
+async def test_shards_given_a_redis_url_share_one_rate_limit(
+    tmp_path: Path, redis_prefix: str
+) -> None:
+    """Two shards at --rate 20 against a quota of 22 calls/s: apart they would ask 40 calls/s;
+    through one limit in Redis they ask 20 together."""
+    from tests.conftest import REDIS_URL
+
+    config = SimulatorConfig(jobs=600, quota=22, burst=2)
+    async with run_simulator(config) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        env = reaper_env(sim.url, REAPER_REDIS_URL=REDIS_URL, REAPER_STREAM=redis_prefix + "ids")
+
+        async def one(i: int) -> None:
+            done = await reaper(
+                ["run", "-i", str(src), "--yes", "--shard", f"{i}/2", "--batch-size", "5",
+                 "--rate", "20", "--burst", "1", "--concurrency", "4"],
+                env,
+            )  # fmt: skip
+            assert done.code == 0, done.stderr
+
+        async with anyio.create_task_group() as group:
+            for i in range(2):
+                group.start_soon(one, i)
+        assert sim.deleted == set(sim_ids := src.read_text().split())
+        assert len(sim_ids) == 600
+        # Apart, each slows itself after refusals but is still refused (5 of 126 calls when
+        # tried); together they never ask more than the quota.
+        assert sim.stats.throttled <= 1, sim.stats
+
+
+@pytest.mark.anyio
+async def test_a_run_whose_shared_limit_redis_does_not_answer_sends_nothing_and_exits_69(
+    tmp_path: Path,
+) -> None:
+    async with run_simulator(SimulatorConfig(jobs=20)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        url = "redis://user:hunter2@127.0.0.1:1/0"  # nothing listens on port 1
+        done = await reaper(
+            ["run", "-i", str(src), "--yes"], reaper_env(sim.url, REAPER_REDIS_URL=url)
+        )
+        assert done.code == 69, done.stderr
+        assert "redis://user@127.0.0.1:1/0" in done.stderr
+        assert "hunter2" not in done.stdout + done.stderr
+        assert sim.deleted == set()

@@ -163,3 +163,8 @@ class ApiUnavailable(ReaperError):
         self.cause = cause
         self.batch_id = batch_id
         self.open_ids = open_ids
+
+
+class RedisUnavailable(ReaperError):
+    """The Redis a run paces through (the rate limit it shares with other processes) did not
+    answer at the start (exit 69): nothing was sent, every id stays open."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import aiohttp
 import structlog
@@ -20,7 +21,7 @@ from worker.clock import Clock
 from worker.discovery.guard import Guard, PlanCheck, Protection
 from worker.discovery.recheck import ListingRecheck
 from worker.dispatcher import Dispatcher, Journal, Working
-from worker.errors import ConfigError
+from worker.errors import ConfigError, RedisUnavailable
 from worker.pacing.breaker import BreakerGate
 from worker.pacing.bucket import RateLimiter
 from worker.pacing.paced import PacedReader
@@ -97,6 +98,64 @@ def limiter(settings: Settings, clock: Clock) -> RateLimiter:
     return build_limiter(
         settings.rate, settings.burst, clock, max_retry_after=settings.max_retry_after
     )
+
+
+def shares_rate(settings: Settings) -> bool:
+    """Whether ``run`` paces through the rate limit kept in Redis: when a ``redis_url`` is
+    given (flag, environment or config file), as ``serve`` always does. Shards of one
+    clean-up, and ``serve`` replicas on the same ``stream``, then share one quota."""
+    return "redis_url" in settings.model_fields_set
+
+
+async def rate_redis(settings: Settings) -> Any:
+    """A Redis client for the shared rate limit, once it has answered a ``PING``.
+
+    ``ConfigError`` (78) for a URL or credentials Redis refuses; ``RedisUnavailable`` (69)
+    for a Redis that does not answer, named without its password."""
+    import redis.asyncio as aioredis
+
+    from worker.service.consumer import ping
+    from worker.service.outage import REDIS_ERRORS, redis_where
+
+    try:
+        client = aioredis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=5.0, socket_timeout=10.0
+        )
+    except ValueError as exc:
+        raise ConfigError(f"redis_url is not a Redis URL: {exc}") from None
+    try:
+        await ping(client)
+    except REDIS_ERRORS as exc:
+        await client.aclose()
+        raise RedisUnavailable(
+            f"Redis at {redis_where(settings.redis_url)}, where the shared rate limit is kept, "
+            f"does not answer ({type(exc).__name__}); nothing was sent"
+        ) from None
+    except BaseException:
+        await client.aclose()
+        raise
+    return client
+
+
+def shared_limiter(settings: Settings, client: Any, key: str, clock: Clock) -> RateLimiter:
+    """The rate limit every process on ``key`` shares, kept in Redis.
+
+    With ``--rate auto`` each process learns the quota from its own answers and paces
+    through the same shared bucket at the rate it learnt, so the fleet together, not each
+    process, converges on the quota. With a fixed rate, a process the server refuses slows
+    its own share of the calls down for a while.
+    """
+    from worker.pacing.adaptive import SharedAdaptiveLimiter
+    from worker.pacing.controller import AdaptiveConfig
+    from worker.pacing.shared import RedisRateLimiter
+    from worker.pacing.slowdown import SlowingLimiter
+
+    if settings.rate == "auto":
+        shared = RedisRateLimiter(client, key, rate=1.0, burst=1, clock=clock)
+        config = AdaptiveConfig(max_pause=settings.max_retry_after)  # as run's limiter
+        return SharedAdaptiveLimiter(shared, clock, config=config)
+    fixed = RedisRateLimiter(client, key, rate=settings.rate, burst=settings.burst, clock=clock)
+    return SlowingLimiter(fixed, clock, notify=structlog.get_logger().warning)
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:

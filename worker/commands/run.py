@@ -43,6 +43,7 @@ from worker.errors import (
     InputUnreadable,
     NoSuchApi,
     ReaperError,
+    RedisUnavailable,
     ResultsUnwritable,
     TlsError,
     UsageError,
@@ -64,6 +65,7 @@ from worker.outcomes.journal import (
 from worker.pacing.breaker import BreakerGate
 from worker.pipeline import Pipeline, RunState
 from worker.private_files import open_output
+from worker.service.layout import StreamLayout
 from worker.settings import Settings
 from worker.terminal.output import Output
 from worker.terminal.prompt import InterruptedAtPrompt, Proposal
@@ -157,7 +159,7 @@ def execute(
             stdin = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)  # noqa: SIM115
         run = partial(run_async, plan=plan, output=output)
         return anyio.run(run, request, settings, run_id, endpoint, stdin)
-    except (ConfigError, UsageError, ApiError) as exc:  # ApiError: credentials not to be had
+    except (ConfigError, UsageError, ApiError, RedisUnavailable) as exc:  # before any call
         return _stopped_before_any_call(log, exc, output)
 
 
@@ -167,6 +169,7 @@ STOPPED_BEFORE = (
     (UsageError, "run.usage_error", ExitCode.USAGE),  # --results that could not be opened
     (AuthError, "run.credentials_error", ExitCode.NO_PERMISSION),  # credentials refused
     (ApiError, "run.credentials_error", ExitCode.UNAVAILABLE),  # or their service unreachable
+    (RedisUnavailable, "run.redis_unavailable", ExitCode.UNAVAILABLE),  # the shared rate limit's
 )
 """Errors that end a run before any call: the event that says so, and the exit code."""
 
@@ -448,7 +451,7 @@ async def _run(
             plan=plan.digest if plan is not None else None,
             protection=repr(protection) if protection.active else None,
         )
-        session = None
+        session = redis = None
         try:
             transport: ApiClient | None = None
             # The breaker stops hammering an API that keeps failing, and tells the exit
@@ -457,10 +460,15 @@ async def _run(
             if not settings.dry_run:
                 session = wiring.session(settings)
                 transport = await wiring.api_client(settings, session)
+            limiter = wiring.limiter(settings, clock)
+            if wiring.shares_rate(settings) and not settings.dry_run:
+                redis = await wiring.rate_redis(settings)
+                key = StreamLayout(settings.stream, settings.group).ratelimit
+                limiter = wiring.shared_limiter(settings, redis, key, clock)
             dispatcher = wiring.processor(
                 settings,
                 transport=transport,
-                limiter=(limiter := wiring.limiter(settings, clock)),
+                limiter=limiter,
                 journal=journal,
                 clock=clock,
                 stopping=lambda: state.stopping,
@@ -492,6 +500,7 @@ async def _run(
                 from worker.terminal.progress import count_lines
 
                 total = len(plan.jobs) if plan is not None else count_lines(request.input)
+                total = None if sharding is not None else total  # its part is not known
             if display is not None:
                 from worker.terminal.progress import Progress
 
@@ -510,6 +519,8 @@ async def _run(
         finally:
             if session is not None:
                 await session.close()
+            if redis is not None:
+                await redis.aclose()
             if results is not None:
                 try:
                     results.flush()

@@ -184,7 +184,7 @@ async def serve(
             api = await wiring.api_client(settings, session)
             transport = MeteredTransport(api, metrics, clock, observe=health.observe_call)
         working = Working()  # what a stop waits for: calls on the wire, answers settling
-        limiter = _limiter(settings, client, layout.ratelimit, clock)
+        limiter = wiring.shared_limiter(settings, client, layout.ratelimit, clock)
         dispatcher = wiring.processor(
             settings,
             transport=transport,
@@ -261,29 +261,6 @@ async def serve(
                 await session.close()
             await reader.aclose()
             await client.aclose()
-
-
-def _limiter(settings: Settings, client: Any, key: str, clock: Any) -> Any:
-    """The rate limit every replica shares, kept in Redis at ``key``.
-
-    With ``--rate auto`` each replica learns the quota from its own answers and paces
-    through the same shared bucket at the rate it learnt, so the fleet together, not each
-    replica, converges on the quota.
-    """
-    import structlog
-
-    from worker.pacing.adaptive import SharedAdaptiveLimiter
-    from worker.pacing.controller import AdaptiveConfig
-    from worker.pacing.shared import RedisRateLimiter
-    from worker.pacing.slowdown import SlowingLimiter
-
-    if settings.rate == "auto":
-        shared = RedisRateLimiter(client, key, rate=1.0, burst=1, clock=clock)
-        config = AdaptiveConfig(max_pause=settings.max_retry_after)  # as run's limiter
-        return SharedAdaptiveLimiter(shared, clock, config=config)
-    fixed = RedisRateLimiter(client, key, rate=settings.rate, burst=settings.burst, clock=clock)
-    # A replica the server refuses slows its own share of the calls down for a while.
-    return SlowingLimiter(fixed, clock, notify=structlog.get_logger().warning)
 
 
 async def _redis_answers(client: Any, outage: Any, events: Any) -> bool:
