@@ -1015,7 +1015,9 @@ async def test_a_queue_key_replaced_by_another_type_pauses_it_unready_until_mend
         await svc.until(lambda: _true(len(svc.sim.deleted) == 2))
         key = svc.layout.stream if replaced == "stream" else svc.layout.outcomes
         await svc.redis.delete(key)
-        await svc.redis.set(key, "not a stream")
+        if replaced == "stream":  # the blocked read is answered UNBLOCKED, the stream made
+            await svc.until(lambda: _true(bool(svc.events("serve.group_recreated"))))
+        await svc.redis.set(key, "not a stream")  # and UNBLOCKED again: it was a traceback
         if replaced == "outcomes":
             await svc.enqueue(ids[2:4])  # their outcomes cannot be written
         await svc.until(lambda: _true(bool(svc.events("serve.paused"))))
@@ -1027,7 +1029,7 @@ async def test_a_queue_key_replaced_by_another_type_pauses_it_unready_until_mend
         await svc.redis.delete(key)  # mended: the service makes the stream again itself
         await svc.until(lambda: _true(len(svc.sim.deleted) >= 2))
         if replaced == "stream":
-            await svc.until(lambda: _true(bool(svc.events("serve.group_recreated"))))
+            await svc.until(lambda: _true(len(svc.events("serve.group_recreated")) >= 2))
         await svc.enqueue(ids[4:])
         await svc.until(lambda: _true(set(ids[4:]) <= svc.sim.deleted), timeout=20)
         await svc.until(lambda: _ready(svc), timeout=5)

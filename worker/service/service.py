@@ -440,18 +440,21 @@ class Service:
         settle (acking an entry of a deleted stream is a no-op)."""
 
         async def attempt() -> _T:
-            try:
-                return await operation(*args)
-            except redis.exceptions.ResponseError as exc:
-                if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
-                    raise
-                position = await self._consumer.ensure_group()
-                self._events.warn(
-                    "serve.group_recreated", group=self._consumer.layout.group,
-                    reason=str(exc).split(" ", 1)[0], position=position or "0",
-                    replays="pending and unread entries" if position else "the whole stream",
-                )  # fmt: skip
-                return await operation(*args)
+            # Until the read is answered: the key may be deleted again (or replaced, which
+            # deletes it first) between making the group and reading, and each time Redis
+            # says so. Every turn is a round trip; a key of another type ends it (NotAStream).
+            while True:
+                try:
+                    return await operation(*args)
+                except redis.exceptions.ResponseError as exc:
+                    if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                        raise
+                    position = await self._consumer.ensure_group()
+                    self._events.warn(
+                        "serve.group_recreated", group=self._consumer.layout.group,
+                        reason=str(exc).split(" ", 1)[0], position=position or "0",
+                        replays="pending and unread entries" if position else "the whole stream",
+                    )  # fmt: skip
 
         answer = await self._outage.persist(attempt, what="read")
         self._health.queue_ok = True
