@@ -114,6 +114,32 @@ async def test_outcomes_and_dead_letters_go_by_age_and_by_count(
 
 
 @pytest.mark.anyio
+async def test_consumer_names_idle_with_nothing_pending_leave_the_group(
+    redis_prefix: str, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica killed, or leaving with entries it handed over, cannot remove its own name;
+    pods get new names, so the group's consumers grew with every rollout. A name idle past
+    CONSUMER_IDLE_S with nothing pending goes; one with entries pending stays."""
+    from worker.service import retention
+
+    client = redis_client
+    monkeypatch.setattr(retention, "CONSUMER_IDLE_S", 1.0)
+    layout = StreamLayout(redis_prefix + "ids", "ours")
+    for n in range(3):
+        await client.xadd(layout.stream, {"id": f"j{n}"})
+    await client.xgroup_create(layout.stream, "ours", id="0")
+    gone: Any = await client.xreadgroup("ours", "gone", {layout.stream: ">"}, count=1)
+    await client.xack(layout.stream, "ours", gone[0][1][0][0])
+    await client.xreadgroup("ours", "holding", {layout.stream: ">"}, count=1)
+    await anyio.sleep(1.3)  # Redis's own idle clock: past the limit, with room to spare
+    await client.xreadgroup("ours", "live", {layout.stream: ">"}, count=1)
+    trimmed = await Keeper(client, layout, Retention()).trim()
+    consumers: Any = await client.xinfo_consumers(layout.stream, "ours")
+    assert trimmed.consumers == 1
+    assert sorted(c["name"].decode() for c in consumers) == ["holding", "live"]
+
+
+@pytest.mark.anyio
 async def test_a_key_that_is_not_a_stream_is_a_wrongtype_error_not_a_trim(
     redis_prefix: str, redis_client: Any
 ) -> None:

@@ -17,6 +17,10 @@ which everything was acknowledged; it is kept in ``{stream}:position`` (a hash b
 When the group is lost (``XGROUP DESTROY``, a Redis restored without it) it is created again
 there instead of at ``0``, so it replays what was pending or unread, not the whole stream.
 
+**Consumer names** of our group with nothing pending and idle for ``CONSUMER_IDLE_S`` go
+too: pods have new names, and a replica killed or leaving with entries pending (handed over
+to the others) cannot remove its own.
+
 **Outcomes and dead letters** are capped by count on every ``XADD`` (approximately, which
 Redis does cheaply) and trimmed here by age, ``XTRIM MINID`` at Redis's own clock minus
 the age (stream ids are Redis's clock in milliseconds); exactly, so what is older goes.
@@ -35,6 +39,12 @@ import redis.asyncio as aioredis
 
 from worker.service.layout import Retention, StreamLayout
 
+CONSUMER_IDLE_S = 3600.0
+"""A consumer name with nothing pending and no read for this long is removed from the group
+(a replica that left holding entries, or was killed): harmless, since a replica reading
+again under that name is added back by Redis, and it keeps the group's list of consumers
+to the replicas that exist."""
+
 _SCRIPT = """
 local function parse(id)
   return string.match(id, '^(%d+)-(%d+)$')
@@ -50,7 +60,7 @@ local function id_less(a, b)
   return num_less(as, bs)
 end
 
-local trimmed, floor, position = 0, false, false
+local trimmed, floor, position, gone = 0, false, false, 0
 if redis.call('EXISTS', KEYS[1]) == 1 then
   for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
     local info = {}
@@ -61,6 +71,16 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
       bound = redis.call('XPENDING', KEYS[1], info['name'])[2]
       local before = redis.call('XREVRANGE', KEYS[1], '(' .. bound, '-', 'COUNT', 1)
       done = before[1] and before[1][1] or false
+    end
+    if info['name'] == ARGV[1] then
+      for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+        local c = {}
+        for i = 1, #consumer, 2 do c[consumer[i]] = consumer[i + 1] end
+        if tonumber(c['pending']) == 0 and tonumber(c['idle']) > tonumber(ARGV[4]) then
+          redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], c['name'])
+          gone = gone + 1
+        end
+      end
     end
     if info['name'] == ARGV[1] and done and done ~= '0-0' then
       local kept = redis.call('HGET', KEYS[2], ARGV[1])
@@ -85,7 +105,7 @@ for i = 1, 2 do
     aged[i] = redis.call('XTRIM', KEYS[i + 2], 'MINID', minid)
   end
 end
-return {trimmed, floor, position, aged[1], aged[2]}
+return {trimmed, floor, position, aged[1], aged[2], gone}
 """
 
 
@@ -97,6 +117,8 @@ class Trimmed:
     outcomes: int
     dead: int
     position: str | None
+    consumers: int = 0
+    """Consumer names removed: nothing pending, idle longer than ``CONSUMER_IDLE_S``."""
 
 
 def _text(value: Any) -> str | None:
@@ -124,11 +146,11 @@ class Keeper:
         reply: Any = await self._script(
             keys=[layout.stream, layout.position, layout.outcomes, layout.dead],
             args=[layout.group, int(keep.outcomes_max_age_s * 1000),
-                  int(keep.dead_max_age_s * 1000)],
+                  int(keep.dead_max_age_s * 1000), int(CONSUMER_IDLE_S * 1000)],
         )  # fmt: skip
         self.passes += 1
         self.trimmed += int(reply[0])
-        return Trimmed(int(reply[0]), int(reply[3]), int(reply[4]), _text(reply[2]))
+        return Trimmed(int(reply[0]), int(reply[3]), int(reply[4]), _text(reply[2]), int(reply[5]))
 
     def __repr__(self) -> str:
         stream = self._layout.stream
