@@ -802,14 +802,15 @@ NO_API = ["--endpoint", "http://127.0.0.1:9", "--project-id", "p1", "--ak", "TES
 """Settings that pass serve's checks; nothing listens there, and no test here calls it."""
 
 
-async def _serve_config_error(stream: str, *flags: str) -> str:
+async def _serve_config_error(stream: str, *flags: str, **variables: str) -> str:
     """``serve`` as a process that must exit 78 with one ``serve.config_error`` and no
-    traceback; the error it gives."""
+    traceback; the error it gives (the event's; stderr says it once more to a person)."""
     import os
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REAPER_", "HUAWEICLOUD_"))}
     env["REAPER_SK"] = "SK"  # not --sk: a flag is visible in ps, and says so
+    env.update(variables)
     with anyio.fail_after(60):  # a serve that took the settings would run until killed
         done = await anyio.run_process(
             [sys.executable, "-m", "worker", "serve", "--stream", stream, *NO_API, *flags,
@@ -818,23 +819,26 @@ async def _serve_config_error(stream: str, *flags: str) -> str:
         )  # fmt: skip
     assert done.returncode == 78, done.stderr
     assert b"Traceback" not in done.stderr + done.stdout
-    events = [orjson.loads(line) for line in (done.stderr + done.stdout).splitlines()]
+    lines = (done.stderr + done.stdout).splitlines()
+    events = [orjson.loads(line) for line in lines if line.startswith(b"{")]
     (error,) = [e for e in events if e["event"] == "serve.config_error"]
+    assert f"devserver-reaper serve: {error['error']}".encode() in done.stderr
     return str(error["error"])
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    ("flag", "word"), [(["--dry-run"], "dry_run"), (["--max-deletions", "5"], "max_deletions")]
+    ("variable", "word"), [("REAPER_DRY_RUN", "dry_run"), ("REAPER_MAX_DELETIONS", "max_deletions")]
 )
 async def test_serve_refuses_settings_only_a_run_can_keep(
-    redis_prefix: str, flag: list[str], word: str
+    redis_prefix: str, variable: str, word: str
 ) -> None:
     """``serve --dry-run`` acknowledged every entry as skipped (the queue drained, nothing
     deleted); ``--max-deletions`` was a cap per replica, spent ids acknowledged as skipped.
-    Both are 78, before Redis is touched."""
+    The flags are not serve's (a usage error); set any other way (here the environment, as
+    a ConfigMap shared with the CronJob would) they are 78, before Redis is touched."""
     stream = redis_prefix + "runonly"
-    error = await _serve_config_error(stream, *flag)
+    error = await _serve_config_error(stream, **{variable: "5" if "MAX" in variable else "true"})
     assert error.startswith(f"{word} is for run")
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
