@@ -100,6 +100,30 @@ async def test_a_run_as_root_never_writes_through_a_link_another_user_planted(
 
 @two_users
 @pytest.mark.anyio
+async def test_the_events_file_is_not_written_through_a_planted_link_either(
+    shared: Path, victims: dict[str, Path], tmp_path: Path
+) -> None:
+    as_nobody("ln", "-s", str(victims["keys"]), str(shared / "events.jsonl"))
+    async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+        ids = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        done = await reaper(
+            ["run", "-i", str(ids), "--yes", "--events", str(shared / "events.jsonl")],
+            reaper_env(sim.url),
+        )
+        assert done.code == 64, done.stderr + done.stdout
+        assert sim.deleted == set()
+    assert victims["keys"].read_text() == "keys: precious\n"
+    mine = tmp_path / "events.jsonl"
+    async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+        ids = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        done = await reaper(["run", "-i", str(ids), "--yes", "--events", str(mine)],
+                            reaper_env(sim.url))  # fmt: skip
+        assert done.code == 0, done.stderr
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o600  # job names and users: nobody else's
+
+
+@two_users
+@pytest.mark.anyio
 async def test_files_a_run_creates_in_a_shared_directory_are_private_and_keep_their_mode(
     shared: Path, tmp_path: Path
 ) -> None:

@@ -11,13 +11,16 @@
 
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, TextIO, cast
 
 from worker import logsetup
 from worker.errors import UsageError
+from worker.private_files import open_output
 from worker.terminal.lines import EventLines, style
 from worker.terminal.screen import Display, PlainScreen
 
@@ -107,8 +110,8 @@ def _open_events(path: str | None) -> TextIO | None:
     """The ``--events`` file, appended to: events of earlier runs are never lost."""
     if path is None:
         return None
-    try:
-        return open(path, "a", encoding="utf-8")  # closed by Output.close
+    try:  # private, and never through a link another user planted (worker.private_files)
+        return io.TextIOWrapper(open_output(Path(path), append=True), encoding="utf-8")
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise UsageError(f"--events {path} cannot be opened: {reason}") from None
