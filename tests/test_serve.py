@@ -25,6 +25,7 @@ from yarl import URL
 
 from tests.conftest import REDIS_URL
 from tests.fakes import FakeClock
+from tests.gateway import Gateway, serve_gateway
 from worker.commands.serve import serve
 from worker.errors import ApiTimeout, AuthError, ServerError, ThrottledError
 from worker.service import journal as journal_module
@@ -425,6 +426,30 @@ async def test_a_bare_404_from_a_wrong_endpoint_path_pauses_it_unready_with_entr
         outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
     assert outcomes == [] and not svc.events("job.absent")
     assert svc.sim.deleted == set()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("refusal", ["html404", "401"])
+async def test_a_refusal_pauses_it_only_once_the_delete_on_the_wire_is_settled(
+    redis_prefix: str, refusal: str
+) -> None:
+    """One batch's DELETE is refused (a bare 404, a 401) while another's is on the wire and
+    applied, on an independent fake of the API: the pause lets that one finish, so its
+    jobs are settled ``deleted`` with their records and their entries acknowledged; the
+    refused batch's entries stay pending."""
+    gateway = Gateway.with_jobs(40, script=lambda n, ids: f"late-{refusal}" if n == 1 else "slow")
+    async with (
+        serve_gateway(gateway) as url,
+        running(redis_prefix, SimulatorConfig(jobs=1), endpoint=url) as svc,
+    ):
+        await svc.enqueue(gateway.job_ids())
+        await svc.until(lambda: _true(bool(svc.events("serve.paused"))))
+        await svc.until(lambda: _equal(svc.pending(), 20))
+        outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
+        assert gateway.delete_calls == 2 and len(gateway.deleted) == 20
+    rows = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in outcomes]
+    assert {r["job_id"] for r in rows if r["outcome"] == "deleted"} == gateway.deleted
+    assert {e["job_id"] for e in svc.events("job.deleted")} == gateway.deleted
 
 
 @pytest.mark.anyio

@@ -191,7 +191,7 @@ async def serve(
             limiter=limiter,
             journal=journal,
             clock=clock,
-            stopping=stop.is_set,
+            stopping=lambda: service.halting,  # the service is made next, and asked later
             protection=protection,  # protected jobs end skipped here too, whatever the queue says
             working=working,
             gate=BreakerGate(clock=clock),  # an API that keeps failing is probed, not hammered

@@ -12,9 +12,10 @@ retries our own entries kept pending after a failure). An entry delivered more t
 
 A round ends on stop (SIGTERM: intake is cancelled at once, even mid ``XREADGROUP``; calls in
 flight get ``grace`` seconds; batches not started are left pending) or when the API refuses
-the credentials (401/403) or the TLS certificate: then the round is cancelled, the replica
-turns unready and waits (doubling pauses) before a new round tries again. It never exits on
-its own, so Kubernetes does not restart it in a loop.
+the credentials (401/403), the call (a 404 no job explains) or the TLS certificate: then the
+round ends as on a stop (the DELETEs on the wire are settled first: the API may have applied
+them), the replica turns unready and waits (doubling pauses) before a new round tries
+again. It never exits on its own, so Kubernetes does not restart it in a loop.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class Service:
         self._rate = rate
         self._window = StatsWindow(clock.now())
         self._blocked: BaseException | None = None
-        self._round_scope: anyio.CancelScope | None = None
+        self._halt = anyio.Event()  # the round ends: stop, or a refusal that pauses us
         self._answered = anyio.Event()  # a batch of this round got an answer from the API
         self.rounds = 0
         self.read = 0
@@ -256,6 +257,7 @@ class Service:
         """Consume until stop (returns None) or a refusal that pauses us (returns it)."""
         self.rounds += 1
         self._blocked = None
+        self._halt = anyio.Event()
         self._answered = anyio.Event()
         self._inflight.clear()
         send, receive = anyio.create_memory_object_stream[Batch](1)
@@ -266,7 +268,6 @@ class Service:
             outer.start_soon(self._keep_alive)
             with dispatch_scope:
                 async with anyio.create_task_group() as group:
-                    self._round_scope = group.cancel_scope
                     group.start_soon(self._intake, send, intake_scope)
                     for _ in range(self._config.concurrency):
                         group.start_soon(self._dispatch, receive.clone())
@@ -299,19 +300,28 @@ class Service:
     async def _watch_stop(
         self, intake_scope: anyio.CancelScope, dispatch_scope: anyio.CancelScope
     ) -> None:
-        await self._stop.wait()
-        self._health.draining = True
-        self._journal.drain(self._config.grace)
+        async with anyio.create_task_group() as either:
+
+            async def then_end(wait: Callable[[], Awaitable[object]]) -> None:
+                await wait()
+                either.cancel_scope.cancel()
+
+            either.start_soon(then_end, self._stop.wait)
+            either.start_soon(then_end, self._halt.wait)
         intake_scope.cancel()
-        self._events.note(
-            "serve.draining",
-            grace_s=self._config.grace,
-            in_flight=len(self._inflight),
-            read=self.read,
-        )
-        # Calls on the wire and answers settling get the grace period; dispatchers only
-        # waiting (a token, a backoff) are cancelled as soon as none is working, their
-        # entries left pending.
+        if self._stop.is_set():
+            self._health.draining = True
+            self._journal.drain(self._config.grace)
+            self._events.note(
+                "serve.draining",
+                grace_s=self._config.grace,
+                in_flight=len(self._inflight),
+                read=self.read,
+            )
+        # Calls on the wire and answers settling get the grace period, on a stop as on a
+        # refusal (the API may apply a DELETE another batch has on the wire, and its jobs
+        # must be settled); dispatchers only waiting (a token, a backoff) are cancelled as
+        # soon as none is working, their entries left pending.
         with anyio.move_on_after(self._config.grace):
             await self._working.idle()
         dispatch_scope.cancel()
@@ -319,7 +329,7 @@ class Service:
     async def _dispatch(self, receive: MemoryObjectReceiveStream[Batch]) -> None:
         async with receive:
             async for batch in receive:
-                if self._stop.is_set():
+                if self.halting:
                     self._inflight.release(batch.ids)  # not started: left pending
                     continue
                 try:
@@ -346,13 +356,19 @@ class Service:
 
     def _block(self, exc: BaseException) -> None:
         """End the round for a refusal a pause may outlast (credentials, the TLS certificate,
-        a key of the queue replaced by another type); the first one is the one said."""
+        a key of the queue replaced by another type); the first one is the one said. The
+        round ends as on a stop: nothing more is sent, what is on the wire settles."""
         if self._blocked is None:
             self._blocked = exc
         if isinstance(exc, NotAStream):
             self._health.queue_ok = False
-        if self._round_scope is not None:
-            self._round_scope.cancel()
+        self._halt.set()
+
+    @property
+    def halting(self) -> bool:
+        """Nothing more may be sent: the service stops, or a refusal ends the round. What
+        the dispatcher asks before each call (``stopping``)."""
+        return self._stop.is_set() or self._halt.is_set()
 
     # -- intake --------------------------------------------------------------------------
     async def _intake(self, send: MemoryObjectSendStream[Batch], scope: anyio.CancelScope) -> None:
