@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import signal
 import sys
 from collections import Counter
@@ -424,6 +425,27 @@ def test_simulator_constants_match_the_demo() -> None:
     from worker.commands import demo
 
     assert (demo.DEMO_AK, demo.DEMO_SK, demo.DEMO_PROJECT) == (SIM_AK, SIM_SK, SIM_PROJECT)
+
+
+async def test_the_demo_tours_every_step_and_ends_with_0() -> None:
+    """``demo`` as a newcomer runs it: eight narrated steps (check, discover into a plan, the
+    plan, a dry run, a run interrupted by Ctrl-C and resumed, a file with bad lines on
+    purpose, the ledger), each with what came of it, and exit 0."""
+    done = await reaper(["demo"], reaper_env("http://127.0.0.1:9"))
+    assert done.code == 0, done.stderr
+    lines = done.stderr.splitlines()
+    steps = [line for line in lines if re.match(r"\[\d/8\] ", line)]
+    assert [step[:5] for step in steps] == [f"[{n}/8]" for n in range(1, 9)]
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    said = "\n".join(lines)
+    assert "→ result OK (HTTP 200" in said
+    assert re.search(r"→ would delete (\d+); the simulator still holds 300 jobs", said)
+    first = re.search(r"→ first: deleted (\d+); open (\d+); exit 75", said)
+    again = re.search(r"→ again: deleted (\d+), already_done (\d+); open 0; exit 0", said)
+    assert first and again, said
+    assert first.group(1) == again.group(2)  # what the first run did is not done again
+    assert "rejected 3" in said and "exit 1, as meant" in said
+    assert lines[-1].startswith("demo: done, every job deleted")
 
 
 async def test_sigterm_stops_a_run_waiting_on_a_quiet_stdin() -> None:

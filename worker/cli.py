@@ -149,7 +149,7 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     + _LOG,
     "enqueue": ("--redis-url", "--stream", *_LOG),
     "check": _API + _LOG,
-    "demo": ("--batch-size", "--concurrency", "--rate", "--burst", "--log-format", "--log-level"),
+    "demo": ("--batch-size", "--concurrency", "--rate", "--burst"),  # it narrates: no events
     "simulate": (),  # configured by its own flags only
     "completion": (),
     "report": ("--ledger",),
