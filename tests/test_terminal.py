@@ -326,3 +326,18 @@ async def test_refused_credentials_are_said_once_with_the_fix(tmp_path: Path) ->
     assert text.count("APIGW.0301") == 1, text
     assert "fix:   check the access key and secret key" in text
     assert "not-the-key" not in term.text()
+
+
+@pytest.mark.anyio
+async def test_a_secret_flag_is_one_warning_line_for_a_person(tmp_path: Path) -> None:
+    async with _project(tmp_path, 5) as (_, src, env):
+        args = ["-i", str(src), "--dry-run", "--sk", "typed-secret"]
+        code, term = await anyio.to_thread.run_sync(lambda: _run_on_a_pty(args, env, columns=300))
+    assert code == 0
+    lines = [line for line in term.lines() if line]
+    assert lines[0] == (
+        "warning: --sk (use --sk-file, REAPER_SK_FILE or REAPER_SK): every user of this "
+        "machine can read it (ps, /proc/PID/cmdline)"
+    )
+    assert lines[1] == "devserver-reaper run summary"
+    assert "typed-secret" not in "\n".join(lines[1:])

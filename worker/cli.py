@@ -523,6 +523,13 @@ def _warn(exposed: list[str], warnings: Sequence[str], settings: Any) -> None:
     log's own format so a JSON log stays JSON."""
     if not exposed and not warnings:
         return
+    if sys.stderr.isatty() and settings.log_format == "auto":  # a person: a line each
+        for flag in exposed:
+            sys.stderr.write(f"warning: {flag}: every user of this machine can read it "
+                             "(ps, /proc/PID/cmdline)\n")  # fmt: skip
+        for warning in warnings:
+            sys.stderr.write(f"warning: {warning}\n")
+        return
     import structlog
 
     from worker import logsetup
