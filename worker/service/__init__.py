@@ -6,5 +6,8 @@
 - ``journal``: serve's outcome sink (events, metrics, the outcomes stream, then acks).
 - ``metrics``: the Prometheus registry and a transport wrapper that counts API calls.
 - ``health``: ``/healthz``, ``/readyz``, ``/metrics``.
-- ``service``: the loop that wires them (intake, linger batching, dispatchers, shutdown).
+- ``intake``: what the read loop does next, and when a batch is due (pure).
+- ``retention``: what is kept in Redis (the trim pass) and where a lost group starts.
+- ``outage``: Redis away said once and counted; a key of another type.
+- ``service``: the loop that wires them (reads, dispatchers, shutdown, hand-over).
 """

@@ -44,6 +44,7 @@ from worker.service.consumer import (
 )
 from worker.service.health import Health
 from worker.service.inflight import InFlight
+from worker.service.intake import AwaitAnswer, IntakePlan, LingerBatcher, ReadOwn, Reclaim
 from worker.service.journal import SETTLE_TIMEOUT_S, ServeJournal
 from worker.service.layout import decode_entry
 from worker.service.metrics import ServiceMetrics
@@ -182,7 +183,7 @@ class Service:
         await self._outage.persist(self._consumer.ensure_group, what="group")
         pause = self._config.auth_pause
         while not self._stop.is_set():
-            blocked = await self._round()
+            blocked = await self._queue_mended() or await self._round()
             if blocked is None:
                 break
             said: dict[str, object] = {}
@@ -216,6 +217,17 @@ class Service:
                 self._events.warn("serve.hand_over_failed", error=type(exc).__name__)
                 return
         self._events.note("serve.handed_over", entries=handed, consumer_removed=removed)
+
+    async def _queue_mended(self) -> NotAStream | None:
+        """After a key of the queue was found of another type: is every key a stream (or
+        absent) again? Until then no round starts and the replica stays unready."""
+        if self._health.queue_ok:
+            return None
+        wrong = await self._outage.persist(self._consumer.not_streams, what="type")
+        if wrong:
+            return NotAStream(f"keys of the queue hold another type: {', '.join(wrong)}")
+        self._health.queue_ok = True
+        return None
 
     async def _pause(self, seconds: float) -> None:
         """Wait, unready (the heartbeat keeps it live), until the pause ends or we stop."""
@@ -378,18 +390,12 @@ class Service:
             self._block(exc)
 
     async def _take_in(self, send: MemoryObjectSendStream[Batch], scope: anyio.CancelScope) -> None:
-        config = self._config
-        batcher = Batcher(config.batch_size, prefix=f"{self._consumer.consumer}-r{self.rounds}")
-        # Our own pending entries were read under this name before (by this process before a
-        # pause, or by the one before a restart): read again without counting a delivery.
-        # After a pause nothing new is read until one of their batches gets an answer, so
-        # refused credentials do not pull in more entries each round.
-        resumed = self.rounds > 1
-        own: str | None = "-"
-        held = False
-        cursor = "0-0"
-        next_reclaim = self._clock.now()
-        first_at: float | None = None
+        """Carry out what the plan decides (``worker.service.intake``): read, admit, batch."""
+        config, clock = self._config, self._clock
+        prefix = f"{self._consumer.consumer}-r{self.rounds}"
+        batcher = LingerBatcher(Batcher(config.batch_size, prefix=prefix), config.linger)
+        plan = IntakePlan(clock.now(), resumed=self.rounds > 1, reclaim_after=config.reclaim_after,
+                          reclaim_interval=config.reclaim_interval, block=config.block)  # fmt: skip
         count = config.batch_size
         with scope:
             async with send:
@@ -397,54 +403,35 @@ class Service:
                 # its next wait, and by then redis-py has already sent the next XREADGROUP,
                 # which Redis would answer into our pending list after the stop.
                 while not self._stop.is_set():
-                    now = self._clock.now()
-                    if own is not None:
-                        entries, counts = await self._redis(self._consumer.read_own, own, count)
-                        own = entries[-1][0] if entries else None
+                    now = clock.now()
+                    action = plan.next(now, answered=self._answered.is_set(),
+                                       linger_until=batcher.due_at)  # fmt: skip
+                    if isinstance(action, ReadOwn):
+                        entries, counts = await self._redis(
+                            self._consumer.read_own, action.after, count
+                        )
                         ids = await self._admit(entries, redelivered=True, counts=counts)
-                        held = held or bool(ids)
-                    elif resumed and held and not self._answered.is_set():
-                        batch = batcher.flush()
-                        first_at = None
-                        if batch is not None:
-                            await self._send(send, batch)
+                        plan.read_own(entries[-1][0] if entries else None, took_ids=bool(ids))
+                    elif isinstance(action, AwaitAnswer):
+                        await self._send(send, batcher.flush())
                         await self._answered.wait()
                         continue
-                    elif now >= next_reclaim:
-                        start = cursor
-                        min_idle = int(config.reclaim_after * 1000)
+                    elif isinstance(action, Reclaim):
                         cursor, entries = await self._redis(
-                            self._consumer.reclaim, min_idle, start, count
+                            self._consumer.reclaim, action.min_idle_ms, action.cursor, count
                         )
-                        if cursor == "0-0" or not entries:
-                            cursor = "0-0"
-                            next_reclaim = now + config.reclaim_interval
+                        plan.reclaimed(now, cursor, found=bool(entries))
                         ids = await self._admit(entries, redelivered=True, claimed=True)
                     else:
-                        wait = config.block
-                        if first_at is not None:
-                            wait = max(0.001, first_at + config.linger - now)
-                        wait = min(wait, max(0.001, next_reclaim - now))
-                        entries = await self._redis(
-                            self._consumer.read_new, count, int(wait * 1000)
-                        )
+                        entries = await self._redis(self._consumer.read_new, count, action.block_ms)
                         ids = await self._admit(entries, redelivered=False)
                     for job_id in ids:
-                        if first_at is None:
-                            first_at = self._clock.now()
-                        batch = batcher.add(job_id)
-                        if batch is not None:
-                            first_at = None
-                            await self._send(send, batch)
-                    if first_at is not None and (
-                        not entries or self._clock.now() >= first_at + config.linger
-                    ):
-                        batch = batcher.flush()
-                        first_at = None
-                        if batch is not None:
-                            await self._send(send, batch)
+                        await self._send(send, batcher.add(job_id, clock.now()))
+                    await self._send(send, batcher.settle(clock.now(), idle=not entries))
 
-    async def _send(self, send: MemoryObjectSendStream[Batch], batch: Batch) -> None:
+    async def _send(self, send: MemoryObjectSendStream[Batch], batch: Batch | None) -> None:
+        if batch is None:
+            return
         self.batches += 1
         self._metrics.batch_size.observe(len(batch))
         await send.send(batch)
@@ -472,9 +459,7 @@ class Service:
                         replays="pending and unread entries" if position else "the whole stream",
                     )  # fmt: skip
 
-        answer = await self._outage.persist(attempt, what="read")
-        self._health.queue_ok = True
-        return answer
+        return await self._outage.persist(attempt, what="read")
 
     async def _admit(
         self,
