@@ -25,7 +25,8 @@ built) counts for no one. Each side's own clock is recorded too (``client_second
   arrival at the handler to its answer, its own work included (a server's latency as its
   clients see it; see ``worker.simulator.app._api_call``), and reports the sum
   (``latency_served_s`` in ``/_sim/stats``); the **realised** share is that ceiling ÷ the
-  side's measured seconds, and the assertion (ours >= 0.95) is on it. Recorded beside it:
+  side's measured seconds, and the guard (ours >= 0.95 of raw's, in the same run) is on
+  it. Recorded beside it:
   the **drawn** share (the ceiling from the latencies drawn, ``latency_s``: the served
   ones are longer by the event loop's late timer wake-ups, ``sim_timer_lateness_ms`` per
   call), and the **nominal** share (400 calls/s, 8 ÷ 20 ms: not a fair target, since the
@@ -273,7 +274,9 @@ def test_share_of_the_latency_ceiling_at_20ms(tmp_path: Path) -> None:
            client_seconds=_by_side(figures, "client_seconds"),
            sim_busy_share=_by_side(figures, "sim_busy_share"),
            machine=machine())  # fmt: skip
-    assert realised["ours"] >= 0.95
+    # Issue 23's regression guard (the goal of 0.95 of the ceiling itself is retired: the
+    # floor does not reach it here): ours keeps 0.95 of what the floor gets in the same run.
+    assert realised["ours"] >= 0.95 * realised["raw"]
 
 
 @LONG
@@ -317,8 +320,10 @@ def test_client_cost_at_zero_latency(tmp_path: Path) -> None:
     # The simulator had at least half a CPU to spare for every contender (raw, the floor,
     # outruns it: it sends the next call the moment an answer is read).
     assert max(busy[side] for side in ("ours", "sdk_async", "sdk_threads")) < 0.5
-    assert ids_per_s["ours"] >= 3 * best_sdk
-    assert cpu["ours"] <= cheapest_sdk / 4
+    # Issue 23's regression guards (issue 7's 3x and 1/4 are retired: the per-id work the
+    # tool exists to do costs the rest): 2x the SDK's ids/s at half its CPU per id.
+    assert ids_per_s["ours"] >= 2 * best_sdk
+    assert cpu["ours"] <= cheapest_sdk / 2
 
 
 @LONG
