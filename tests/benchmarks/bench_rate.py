@@ -12,6 +12,7 @@ a 429. ``BENCH_REPEATS`` (default 3) runs per figure; the median is reported.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -282,3 +283,87 @@ def test_auto_rate_across_quotas() -> None:
     for quota, (_, (used, refused)) in steady["auto"].items():
         assert used >= (0.95 if quota >= 5 else 0.9), quota
         assert refused <= (0.02 if quota >= 5 else 0.04), quota
+
+
+MATRIX_SECONDS = float(os.environ.get("BENCH_MATRIX_SECONDS", "25"))
+MATRIX = tuple(itertools.product((5.0, 50.0, 500.0), (1, 2, 10), (5.0, 50.0, 300.0), (8, 32)))
+"""Issue 23's matrix: quota (calls/s), gateway burst, mean latency (ms), calls in flight."""
+
+
+@pytest.mark.timeout(len(MATRIX) * (MATRIX_SECONDS + 15) + 120)
+def test_auto_rate_matrix_over_real_http(tmp_path: Path) -> None:
+    """``--rate auto`` across issue 23's matrix over loopback, once per cell (a single run:
+    54 cells take ~25 min), the simulator in its own process with latency drawn
+    exponential around the mean. Per cell: calls accepted per second from 10 s on, over
+    what can be reached (the quota, or calls in flight over the latency if less), and the
+    share throttled. The machine's load average is recorded beside the figures: the other
+    tenants of a shared machine move them. Draws ``docs/rate-auto-matrix.png``."""
+    load_before = os.getloadavg()
+    rows = []
+    traces: dict[tuple[float, int, float, int], Trace] = {}
+    for quota, burst, latency_ms, concurrency in MATRIX:
+        jobs = int(quota * MATRIX_SECONDS * 1.3) + 500
+        with simulator(tmp_path, jobs=jobs, quota=quota, burst=burst,
+                       latency_ms=latency_ms) as sim:  # fmt: skip
+
+            async def go(sim: Any = sim, concurrency: int = concurrency) -> Trace:
+                return await drive(sim.url, sim.ids, lambda clock: _limiter("auto", clock),
+                                   duration=MATRIX_SECONDS, concurrency=concurrency,
+                                   batch_size=1)  # fmt: skip
+
+            trace = anyio.run(go)
+        reachable = min(quota, concurrency / (latency_ms / 1000.0))
+        ok, throttled, _ = trace.window(10.0, MATRIX_SECONDS)
+        used = ok / ((MATRIX_SECONDS - 10.0) * reachable)
+        share = throttled / max(1, ok + throttled)
+        traces[quota, burst, latency_ms, concurrency] = trace
+        rows.append((quota, burst, latency_ms, concurrency, round(used, 3), round(share, 4)))
+        record("rate_auto_matrix", quota=quota, burst=burst, latency_ms=latency_ms,
+               concurrency=concurrency, used=round(used, 3), throttled=round(share, 4))  # fmt: skip
+    load_after = os.getloadavg()
+    met = sum(used >= 0.90 and share <= 0.02 for *_, used, share in rows)
+    record("rate_auto_matrix_summary", cells=len(rows), met=met, seconds=MATRIX_SECONDS,
+           load_before=load_before, load_after=load_after, machine=machine())  # fmt: skip
+    _draw_matrix(traces, load_before, load_after)
+
+
+def _draw_matrix(
+    traces: dict[tuple[float, int, float, int], Trace],
+    load_before: tuple[float, float, float],
+    load_after: tuple[float, float, float],
+) -> None:
+    matplotlib = pytest.importorskip("matplotlib")  # a benchmark-only dependency
+    matplotlib.use("Agg")
+    plt = pytest.importorskip("matplotlib.pyplot")
+    quotas = sorted({q for q, *_ in traces})
+    bursts = sorted({b for _, b, *_ in traces})
+    fig, axes = plt.subplots(len(bursts), len(quotas), figsize=(12, 8.5), sharex=True,
+                             sharey=True)  # fmt: skip
+    for (quota, burst, latency_ms, concurrency), trace in traces.items():
+        ax = axes[bursts.index(burst)][quotas.index(quota)]
+        reachable = min(quota, concurrency / (latency_ms / 1000.0))
+        seconds = trace.per_second(MATRIX_SECONDS)
+        ax.plot([i + 0.5 for i in range(len(seconds))], [ok / reachable for ok, _ in seconds],
+                lw=1, alpha=0.8, label=f"{latency_ms:g} ms, {concurrency} in flight")  # fmt: skip
+    for row, burst in enumerate(bursts):
+        for col, quota in enumerate(quotas):
+            ax = axes[row][col]
+            ax.axhline(0.9, color="black", ls="--", lw=0.8)
+            ax.axvline(10.0, color="grey", ls=":", lw=0.8)
+            ax.set_ylim(0, 1.3)
+            ax.set_title(f"quota {quota:g}/s, gateway burst {burst}", fontsize=9)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6, loc="lower right")
+    for ax in axes[-1]:
+        ax.set_xlabel("seconds since start")
+    for row in axes:
+        row[0].set_ylabel("accepted ÷ reachable")
+    fig.suptitle(
+        "--rate auto over loopback, accepted calls/s per second ÷ what can be reached; "
+        f"load average {load_before[0]:.1f} → {load_after[0]:.1f} on {os.cpu_count()} CPUs",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    out = DOCS / "rate-auto-matrix.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
