@@ -1102,3 +1102,27 @@ async def test_serve_says_where_it_stands_every_stats_interval(
 def _said_all(svc: Running, n: int) -> bool:
     said = svc.events("serve.stats")
     return bool(said) and said[-1]["deleted_total"] == n and said[-1]["pending"] == 0
+
+
+@pytest.mark.anyio
+async def test_a_redis_that_never_answers_at_start_up_is_named_once_then_exit_69(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Start-up waits STARTUP_WAIT_S for Redis: one serve.redis_unreachable naming it, the
+    failed pings counted, then serve.redis_unavailable and 69 (a warning per ping before)."""
+    from worker.commands import serve as serve_module
+
+    monkeypatch.setattr(serve_module, "STARTUP_WAIT_S", 1.0)
+    values: dict[str, Any] = {
+        "endpoint": "http://127.0.0.1:9", "project_id": "p1", "ak": "TESTAK", "sk": "SK",
+        "redis_url": "redis://127.0.0.1:1/0", "http_port": 0,
+    }  # fmt: skip
+    settings = Settings(**values)
+    with capture_logs() as logs:
+        code = await serve(settings, "http://127.0.0.1:9", http_host="127.0.0.1")
+    assert code == 69
+    (said,) = [e for e in logs if e["event"] == "serve.redis_unreachable"]
+    assert said["redis"] == "redis://127.0.0.1:1/0" and said["operation"] == "ping"
+    (gave_up,) = [e for e in logs if e["event"] == "serve.redis_unavailable"]
+    quiet = [e for e in logs if e["event"] == "serve.redis_error"]
+    assert gave_up["failed_calls"] == len(quiet) + 1 >= 2
