@@ -78,6 +78,8 @@ class Gateway:
             behaviour = behaviour.removeprefix("late-")
             while self.delete_calls == call:
                 await asyncio.sleep(0.01)
+        if behaviour == "unavailable":  # nothing applied
+            return _error(503, "ModelArts.0503", "The backend service is unavailable")
         if behaviour == "401":
             return _error(401, "APIGW.0301", "Incorrect IAM authentication information")
         if behaviour == "html404":

@@ -453,6 +453,33 @@ async def test_a_refusal_pauses_it_only_once_the_delete_on_the_wire_is_settled(
 
 
 @pytest.mark.anyio
+async def test_jobs_a_lost_answer_deleted_before_the_api_gave_out_end_deleted_on_redelivery(
+    redis_prefix: str,
+) -> None:
+    """A DELETE applied and answered 502, then 503 until the retries run out: the entries
+    stay pending. Delivered again once the API is back, the jobs are gone by our own
+    hand: they end ``deleted`` (unconfirmed), not ``absent``."""
+    script = {1: "error_after", 2: "unavailable"}
+    gateway = Gateway.with_jobs(10, script=lambda n, ids: script.get(n, "ok"))
+    settings: dict[str, Any] = {
+        "max_attempts": 2, "reclaim_after": 0.2, "batch_size": 10, "concurrency": 1,
+    }  # fmt: skip
+    async with (
+        serve_gateway(gateway) as url,
+        running(redis_prefix, SimulatorConfig(jobs=1), endpoint=url, **settings) as svc,
+    ):
+        await svc.enqueue(gateway.job_ids())
+        await svc.until(lambda: _equal(svc.redis.xlen(svc.layout.outcomes), 10), timeout=30)
+        outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
+    rows = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in outcomes]
+    assert gateway.delete_calls >= 3 and len(gateway.deleted) == 10
+    assert {r["job_id"]: r["outcome"] for r in rows} == dict.fromkeys(gateway.deleted, "deleted")
+    assert {e["job_id"] for e in svc.events("job.deleted") if e["confirmed"] is False} == (
+        gateway.deleted
+    )
+
+
+@pytest.mark.anyio
 async def test_metrics_parse_and_count_the_real_path(redis_prefix: str) -> None:
     """1,000 ids through the real path: the exposition parses, counts them, and has the
     same number of series as a registry that saw nothing (so traffic adds none)."""

@@ -28,6 +28,7 @@ from worker.clock import Clock
 from worker.errors import (
     AMBIGUOUS,
     ApiError,
+    ApiUnavailable,
     ClientError,
     NotFound,
     PermanentError,
@@ -185,12 +186,16 @@ class Dispatcher:
         doubt = Doubt(batch)
         if granted:
             ids, cap = ids[:granted], self.size_cap
-            if cap is None or len(ids) <= cap:
-                await self._delete(batch.batch_id, ids, doubt)
-            else:
-                for number, start in enumerate(range(0, len(ids), cap), start=1):
-                    piece = ids[start : start + cap]
-                    await self._delete(f"{batch.batch_id}.{number}", piece, doubt)
+            try:
+                if cap is None or len(ids) <= cap:
+                    await self._delete(batch.batch_id, ids, doubt)
+                else:
+                    for number, start in enumerate(range(0, len(ids), cap), start=1):
+                        piece = ids[start : start + cap]
+                        await self._delete(f"{batch.batch_id}.{number}", piece, doubt)
+            except ApiUnavailable as exc:  # the ids stay open: say which may be gone by us
+                exc.unsure = frozenset(doubt.unsure)
+                raise
         # Never sent: the budget they took is theirs again when they come back re-checked.
         self._budget.give_back(doubt.unsent)
         return tuple(doubt.stale)

@@ -163,6 +163,10 @@ class ApiUnavailable(ReaperError):
         self.cause = cause
         self.batch_id = batch_id
         self.open_ids = open_ids
+        self.unsure: frozenset[str] = frozenset()
+        """Of the open ids: those sent in an attempt without a readable answer, whose jobs
+        may be gone by that attempt (set by the dispatcher; ``serve`` keeps them with the
+        entry, so its next delivery does not call them absent)."""
 
 
 class RedisUnavailable(ReaperError):

@@ -26,7 +26,7 @@ from worker.dispatcher import Working
 from worker.errors import InputUnreadable, ReaperError
 from worker.input.intake import escape
 from worker.outcomes.journal import LedgerPort, RunJournal, Tally
-from worker.types import Batch, Candidate, Outcome, Rejection
+from worker.types import Batch, Candidate, Outcome, Rejection, doubted
 
 Entry = Candidate | Rejection
 
@@ -230,13 +230,7 @@ class Pipeline:
 
     def _doubted(self, batch: Batch) -> Batch:
         """The batch, naming its ids an earlier run may have deleted unseen."""
-        if not self._unsure:
-            return batch
-        unsure = self._unsure.intersection(batch.ids)
-        if not unsure:
-            return batch
-        self._unsure -= unsure
-        return Batch(batch.batch_id, batch.ids, frozenset(unsure))
+        return doubted(batch, self._unsure)
 
     async def _dispatch(self, receive: MemoryObjectReceiveStream[Batch]) -> None:
         async with receive:

@@ -272,6 +272,19 @@ class Result:
         }
 
 
+def doubted(batch: Batch, unsure: set[str]) -> Batch:
+    """``batch`` naming those of its ids in ``unsure`` (sent by an earlier run or delivery
+    without a readable answer), which are taken out of ``unsure``: each is named once."""
+    if not unsure:
+        return batch
+    named = unsure.intersection(batch.ids)
+    if not named:
+        return batch
+    unsure -= named
+    return Batch(batch.batch_id, batch.ids, frozenset(named | batch.unsure), batch.known,
+                 batch.fresh_until)  # fmt: skip
+
+
 ANSWER_LOST = "answer_lost"
 """The ``reason`` of a deletion known only by the job's absence (``confirmed`` false)."""
 

@@ -99,22 +99,30 @@ def last_error(failures: Sequence[Result], done: Sequence[str] = ()) -> str:
                        last.error_msg, last.request_id, done)  # fmt: skip
 
 
-def settled_ids(error: str) -> frozenset[str]:
-    """The ``done`` ids a kept entry's last error names (none when it names none)."""
+def settled_ids(error: str, key: str = "done") -> frozenset[str]:
+    """The ``done`` ids a kept entry's last error names (none when it names none); with
+    ``key="unsure"``, those sent without a readable answer before the API gave out."""
     try:
         said = orjson.loads(error) if error else {}
     except orjson.JSONDecodeError:
         return frozenset()
-    done = said.get("done") if isinstance(said, dict) else None
-    if not isinstance(done, list):
+    listed = said.get(key) if isinstance(said, dict) else None
+    if not isinstance(listed, list):
         return frozenset()
-    return frozenset(i for i in done if isinstance(i, str))
+    return frozenset(i for i in listed if isinstance(i, str))
 
 
-def error_json(ids: Sequence[str], error: ApiError, message: str, done: Sequence[str] = ()) -> str:
-    """The same, for ids the API was unavailable for (the error its retries ended on)."""
+def error_json(
+    ids: Sequence[str],
+    error: ApiError,
+    message: str,
+    done: Sequence[str] = (),
+    unsure: Sequence[str] = (),
+) -> str:
+    """The same, for ids the API was unavailable for (the error its retries ended on);
+    ``unsure``: those of them sent in an attempt whose answer was lost."""
     return _error_text(list(ids), error.http_status, error.error_code,
-                       error.error_msg or message, error.request_id, done)  # fmt: skip
+                       error.error_msg or message, error.request_id, done, unsure)  # fmt: skip
 
 
 def _error_text(
@@ -124,11 +132,14 @@ def _error_text(
     error_msg: str | None,
     request_id: str | None,
     done: Sequence[str] = (),
+    unsure: Sequence[str] = (),
 ) -> str:
     said: dict[str, Any] = {"ids": ids, "http_status": http_status, "error_code": error_code,
                             "error_msg": error_msg, "request_id": request_id}  # fmt: skip
     if done:
         said["done"] = list(done)
+    if unsure:
+        said["unsure"] = list(unsure)
     return orjson.dumps(said).decode()
 
 

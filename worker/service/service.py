@@ -51,7 +51,7 @@ from worker.service.metrics import ServiceMetrics
 from worker.service.outage import REDIS_ERRORS, NotAStream, Outage, wrong_type
 from worker.service.retention import Keeper
 from worker.stats import StatsWindow, every
-from worker.types import Batch
+from worker.types import Batch, doubted
 
 _T = TypeVar("_T")
 
@@ -135,6 +135,9 @@ class Service:
         self._window = StatsWindow(clock.now())
         self._blocked: BaseException | None = None
         self._halt = anyio.Event()  # the round ends: stop, or a refusal that pauses us
+        # Ids a delivery sent without a readable answer before the API gave out, read from
+        # their entries' last error, until their batch is cut: few, never the queue.
+        self._unsure: set[str] = set()
         self._answered = anyio.Event()  # a batch of this round got an answer from the API
         self.rounds = 0
         self.read = 0
@@ -353,7 +356,9 @@ class Service:
                     # Kept with each entry, naming its own ids of the batch: if it is never
                     # delivered with the API up, its dead letter and job.failed say why.
                     dropped = self._inflight.release(batch.ids)
-                    errors = {entry: error_json(held.ids, exc.cause, str(exc), held.done)
+                    unsure = exc.unsure | batch.unsure  # a next delivery must not say absent
+                    errors = {entry: error_json(held.ids, exc.cause, str(exc), held.done,
+                                                [i for i in held.ids if i in unsure])
                               for entry, held in dropped.items()}  # fmt: skip
                     await self._outage.persist(
                         partial(self._consumer.keep_errors, errors), what="last error"
@@ -432,6 +437,7 @@ class Service:
     async def _send(self, send: MemoryObjectSendStream[Batch], batch: Batch | None) -> None:
         if batch is None:
             return
+        batch = doubted(batch, self._unsure)
         self.batches += 1
         self._metrics.batch_size.observe(len(batch))
         await send.send(batch)
@@ -512,6 +518,7 @@ class Service:
             deliveries = counts.get(entry_id, 1)
             message = decode_entry(entry_id, fields)
             done = settled_ids(errors.get(entry_id, ""))
+            self._unsure |= settled_ids(errors.get(entry_id, ""), "unsure") - done
             if done:
                 remaining = tuple(i for i in message.ids if i not in done)
                 settled = tuple(i for i in message.ids if i in done)
