@@ -290,3 +290,31 @@ async def _all_deleted(f: Fleet, n: int) -> bool:
 
 async def _no_pending(f: Fleet) -> bool:
     return await f.pending() == 0
+
+
+@pytest.mark.anyio
+async def test_a_lost_group_keeps_what_it_had_not_finished_from_the_other_groups_trim(
+    redis_prefix: str, redis_client: Any
+) -> None:
+    """Our group destroyed (or lost to a restore) while an audit group has read everything:
+    until a replica makes it again (a paused replica reads nothing for up to ten minutes),
+    each pass trimmed below the audit group alone, so the entries our group had pending or
+    unread were gone when it was made again at its kept position: work lost. The kept
+    position now bounds the trim while the group is away."""
+    from worker.service.consumer import StreamConsumer
+
+    client = redis_client
+    layout = StreamLayout(redis_prefix + "ids", "ours")
+    written = [(await client.xadd(layout.stream, {"id": f"j{n}"})).decode() for n in range(10)]
+    await client.xgroup_create(layout.stream, "ours", id="0")
+    await client.xgroup_create(layout.stream, "audit", id="0")
+    ours = await _read(client, layout.stream, "ours", 5)
+    await client.xack(layout.stream, "ours", *ours[:3])  # 3 and 4 pending, 5..9 unread
+    await client.xack(layout.stream, "audit", *await _read(client, layout.stream, "audit", 10))
+    keeper = Keeper(client, layout, Retention())
+    assert (await keeper.trim()).position == written[2]
+    await client.xgroup_destroy(layout.stream, "ours")
+    await keeper.trim()  # a pass of any replica before ours is made again
+    assert await StreamConsumer(client, layout, "c").ensure_group() == written[2]
+    again = await _read(client, layout.stream, "ours", 10)
+    assert again == written[3:]

@@ -16,6 +16,8 @@ position, so remove it (``XGROUP DESTROY``) when it is retired.
 which everything was acknowledged; it is kept in ``{stream}:position`` (a hash by group).
 When the group is lost (``XGROUP DESTROY``, a Redis restored without it) it is created again
 there instead of at ``0``, so it replays what was pending or unread, not the whole stream.
+Until then the kept position bounds the trim as the group did: the other groups' passes
+must not take what it had not finished.
 
 **Consumer names** of our group with nothing pending and idle for ``CONSUMER_IDLE_S`` go
 too: pods have new names, and a replica killed or leaving with entries pending (handed over
@@ -60,7 +62,7 @@ local function id_less(a, b)
   return num_less(as, bs)
 end
 
-local trimmed, floor, position, gone = 0, false, false, 0
+local trimmed, floor, position, gone, seen = 0, false, false, 0, false
 if redis.call('EXISTS', KEYS[1]) == 1 then
   for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
     local info = {}
@@ -82,6 +84,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
         end
       end
     end
+    if info['name'] == ARGV[1] then seen = true end
     if info['name'] == ARGV[1] and done and done ~= '0-0' then
       local kept = redis.call('HGET', KEYS[2], ARGV[1])
       if not kept or id_less(kept, done) then
@@ -92,6 +95,10 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
     end
     if not floor or id_less(bound, floor) then floor = bound end
   end
+  -- Our group lost (destroyed, or a restore without it) until a replica makes it again at
+  -- its kept position: what lies above that position is still ours to read.
+  local kept = not seen and redis.call('HGET', KEYS[2], ARGV[1])
+  if floor and kept and id_less(kept, floor) then floor = kept end
   if floor then trimmed = redis.call('XTRIM', KEYS[1], 'MINID', floor) end
 end
 
