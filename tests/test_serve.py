@@ -1055,27 +1055,34 @@ async def test_a_redis_outage_is_said_once_then_counted_quietly(redis_prefix: st
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("replaced", ["stream", "outcomes"])
+@pytest.mark.parametrize("replaced", ["stream", "outcomes", "ratelimit", "position"])
 async def test_a_queue_key_replaced_by_another_type_pauses_it_unready_until_mended(
     redis_prefix: str, monkeypatch: pytest.MonkeyPatch, replaced: str
 ) -> None:
     """The stream (or the outcomes stream) replaced by a string while serve runs: a read or
     a write answered WRONGTYPE, a traceback and exit 1 (then 78 on every restart). Now the
     replica pauses, unready (/readyz says which check fails), with an event naming the key,
-    and takes up work again once the key is a stream again."""
+    and takes up work again once the key is a stream again. The same for the rate limit's
+    string (a hash there was a traceback too) and the position's hash (a list there paused
+    it naming no key at all)."""
     _short_pauses(monkeypatch)
     async with running(redis_prefix, SimulatorConfig(jobs=6)) as svc:
         ids = svc.sim.job_ids()
         await svc.enqueue(ids[:2])
         await svc.until(lambda: _zero(svc.pending()))
         await svc.until(lambda: _true(len(svc.sim.deleted) == 2))
-        key = svc.layout.stream if replaced == "stream" else svc.layout.outcomes
+        key = getattr(svc.layout, replaced)
         await svc.redis.delete(key)
         if replaced == "stream":  # the blocked read is answered UNBLOCKED, the stream made
             await svc.until(lambda: _true(bool(svc.events("serve.group_recreated"))))
-        await svc.redis.set(key, "not a stream")  # and UNBLOCKED again: it was a traceback
-        if replaced == "outcomes":
-            await svc.enqueue(ids[2:4])  # their outcomes cannot be written
+        if replaced == "ratelimit":
+            await svc.redis.hset(key, "a", "hash")
+        elif replaced == "position":
+            await svc.redis.rpush(key, "a list")
+        else:
+            await svc.redis.set(key, "not a stream")  # and UNBLOCKED again: a traceback
+        if replaced != "stream":
+            await svc.enqueue(ids[2:4])  # their outcomes cannot be written, or no call paced
         await svc.until(lambda: _true(bool(svc.events("serve.paused"))))
         async with aiohttp.ClientSession() as http, http.get(svc.url("/readyz")) as answer:
             assert answer.status == 503

@@ -424,13 +424,19 @@ class StreamConsumer:
         return int(removed) >= 0
 
     async def not_streams(self) -> list[str]:
-        """The keys of the queue that hold another type than a stream (missing ones are fine)."""
-        keys = [self.layout.stream, self.layout.outcomes, self.layout.dead]
+        """The keys of the queue that hold another type than serve keeps there (missing ones
+        are fine): the streams, the hashes of positions and last errors, the rate limit's
+        string."""
+        layout = self.layout
+        kinds = {layout.stream: "stream", layout.outcomes: "stream", layout.dead: "stream",
+                 layout.position: "hash", layout.last_error: "hash",
+                 layout.ratelimit: "string"}  # fmt: skip
         async with self._r.pipeline(transaction=False) as pipe:
-            for key in keys:
+            for key in kinds:
                 pipe.type(key)
             types = await pipe.execute()
-        return [k for k, t in zip(keys, types, strict=True) if _id(t) not in ("stream", "none")]
+        return [k for (k, kind), t in zip(kinds.items(), types, strict=True)
+                if _id(t) not in (kind, "none")]  # fmt: skip
 
     async def group_info(self) -> GroupInfo | None:
         """Our group's lag and pending count, or ``None`` if the group is gone."""

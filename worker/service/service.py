@@ -370,6 +370,13 @@ class Service:
                 except (AuthError, NoSuchApi, TlsError, NotAStream) as exc:
                     self._block(exc)
                     return
+                except redis.exceptions.ResponseError as exc:
+                    if not wrong_type(exc):
+                        raise
+                    # The shared rate limit's key replaced by another type: its entries
+                    # stay pending, read again when the pause ends.
+                    self._block(NotAStream("rate limit: a key of the queue holds another type"))
+                    return
 
     def _block(self, exc: BaseException) -> None:
         """End the round for a refusal a pause may outlast (credentials, the TLS certificate,
