@@ -6,18 +6,20 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import anyio
 import orjson
 import pytest
+import structlog
 
 from tests.e2e import reaper_env, write_ids
 from tests.tty import Terminal
 from worker.outcomes.journal import Tally
 from worker.simulator import Simulator, SimulatorConfig, run_simulator
+from worker.terminal.lines import EventLines
 from worker.terminal.progress import Progress, count_lines
 from worker.terminal.prompt import Proposal, tally
 
@@ -341,3 +343,23 @@ async def test_a_secret_flag_is_one_warning_line_for_a_person(tmp_path: Path) ->
     )
     assert lines[1] == "devserver-reaper run summary"
     assert "typed-secret" not in "\n".join(lines[1:])
+
+
+def test_event_lines_name_the_job_where_a_plan_gives_it_and_hold_back_repeats() -> None:
+    lines = EventLines(1)
+    lines.name_jobs({"job-1": "diag-0412"})
+    skipped = {"event": "job.skipped", "job_id": "job-1", "reason": "dry_run", "level": "info"}
+    assert lines.line(skipped) == "DRY-RUN delete job-1 diag-0412"
+    failed = {"event": "job.failed", "job_id": "job-2", "http_status": 400,
+              "error_code": "ModelArts.0001", "error_msg": "bad", "request_id": "r-1",
+              "level": "warning"}  # fmt: skip
+    assert lines.line(failed) == "FAILED    job-2  400 ModelArts.0001: bad (request id r-1)"
+    quiet = EventLines(0, first=2)
+    shown = []
+    for n in range(5):
+        with suppress(structlog.DropEvent):
+            shown.append(quiet(None, "warning", {**failed, "job_id": f"job-{n}"}))
+    assert len(shown) == 2
+    assert quiet.held_back_note() == (
+        "(3 more failed ids not shown: -v shows each, --events FILE or --results FILE keeps them)"
+    )
