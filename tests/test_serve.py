@@ -70,6 +70,7 @@ def test_invalid_ids_are_rejections_with_reasons_and_never_ids() -> None:
         ({b"other": b"x"}, "entry has neither id nor ids"),
         ({b"ids": b"[not json"}, "ids is not valid JSON"),
         ({b"ids": b'{"a": 1}'}, "ids is not a JSON list"),
+        ({b"ids": b"[]"}, "entry names no ids"),
         ({b"ids": orjson.dumps([f"i{n}" for n in range(1001)])}, "entry names 1001 ids"),
     ],
 )
@@ -645,10 +646,12 @@ async def test_an_entry_settled_here_and_still_being_acked_is_not_reclaimed_and_
 async def test_every_dead_lettered_entry_is_logged_with_its_reason(redis_prefix: str) -> None:
     """Entries with invalid ids or none readable go to the dead-letter stream at once; each
     says so in a serve.dead_lettered event, as the over-delivered ones do (they were
-    counted in the metrics but logged nothing)."""
+    counted in the metrics but logged nothing). An entry naming no id at all (``[]``) was
+    acknowledged without a trace."""
     async with running(redis_prefix, SimulatorConfig(jobs=2)) as svc:
         await svc.redis.xadd(svc.layout.stream, {"foo": "bar"})
         await svc.redis.xadd(svc.layout.stream, {"ids": orjson.dumps(["bad id!"])})
+        await svc.redis.xadd(svc.layout.stream, {"ids": "[]"})
         await svc.enqueue(svc.sim.job_ids())
         await svc.until(lambda: _true(len(svc.sim.deleted) == 2))
         await svc.until(lambda: _zero(svc.pending()))
@@ -656,7 +659,7 @@ async def test_every_dead_lettered_entry_is_logged_with_its_reason(redis_prefix:
     logged = svc.events("serve.dead_lettered")
     assert sorted(e["entry"] for e in logged) == sorted(f[b"entry"].decode() for _, f in dead)
     reasons = {e["reason"] for e in logged}
-    assert "invalid ids" in reasons and len(reasons) == 2
+    assert "invalid ids" in reasons and "entry names no ids" in reasons and len(reasons) == 3
 
 
 @pytest.mark.anyio

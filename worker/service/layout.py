@@ -139,6 +139,8 @@ def decode_entry(entry_id: str, fields: dict[bytes, bytes] | dict[str, str]) -> 
         raw.extend(listed)
     if "id" not in values and "ids" not in values:
         return Message(entry_id, (), problem="entry has neither id nor ids", payload=payload)
+    if not raw:  # a producer's bug: acknowledged silently, nobody would learn of it
+        return Message(entry_id, (), problem="entry names no ids", payload=payload)
     if len(raw) > MAX_IDS_PER_ENTRY:
         problem = f"entry names {len(raw)} ids; at most {MAX_IDS_PER_ENTRY}"
         return Message(entry_id, (), problem=problem, payload=payload)
