@@ -113,7 +113,7 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
                 enqueued += len(added)
                 first = first or _text(added[0])
                 last = _text(added[-1])
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+    except REDIS_ERRORS as exc:  # away, or full (OOM): try again later
         events.error("enqueue.redis_unavailable", redis=redis_where(settings.redis_url),
                      error=type(exc).__name__, enqueued=enqueued)  # fmt: skip
         _summary(settings.stream, enqueued, rejected, first, last)

@@ -67,7 +67,12 @@ redis.call('SET', KEYS[1], string.format('%.0f', back),
 return 1
 """
 
-_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+_REDIS_ERRORS = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+    redis.exceptions.OutOfMemoryError,  # at its maxmemory: no write until memory is freed
+)
 
 
 @dataclass(frozen=True, slots=True)

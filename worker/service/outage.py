@@ -26,8 +26,14 @@ from worker.errors import ConfigError
 
 _T = TypeVar("_T")
 
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-"""Failures of Redis itself (not of a command): wait and try again."""
+REDIS_ERRORS = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+    redis.exceptions.OutOfMemoryError,
+)
+"""Failures of Redis itself (not of a command): wait and try again. A Redis at its
+``maxmemory`` (``OOM``) refuses writes until memory is freed, much as an absent one does."""
 
 
 class NotAStream(ConfigError):

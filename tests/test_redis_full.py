@@ -1,0 +1,116 @@
+"""Redis out of memory (``maxmemory`` reached, ``noeviction``): it refuses writes with
+``OOM`` while it answers everything else. A service waits that out as it waits out Redis
+being away, and ``enqueue`` says so and exits 69 (try again later); neither prints a
+traceback. A private ``redis-server`` per test: the limit is set on it, not on the shared one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from tests.e2e import SIM_AK, SIM_SK
+from tests.test_redis_auth import REDIS_SERVER, _reaper, redis_server
+from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.usefixtures("clean_env"),
+    pytest.mark.skipif(REDIS_SERVER is None, reason="needs redis-server"),
+]
+STREAM = "devserver-reaper:ids"
+
+
+@pytest.mark.anyio
+async def test_a_redis_out_of_memory_is_waited_out_by_serve_and_refused_by_enqueue(
+    tmp_path: Path,
+) -> None:
+    """maxmemory reached while serve held batches: the outcome write answered OOM, which
+    was a traceback and exit 1 (and a crash loop while Redis stayed full), and enqueue's
+    was a traceback too. Now serve says it once and finishes every id once memory is back."""
+    config = SimulatorConfig(jobs=30, faults=FaultConfig(latency_ms=300, latency_jitter=False))
+    async with redis_server(tmp_path, []) as port, run_simulator(config) as sim:
+        url = f"redis://127.0.0.1:{port}/0"
+        ids = tmp_path / "ids.txt"
+        ids.write_text("\n".join(sim.job_ids()) + "\n")
+        code, printed = await _reaper("enqueue", "--input", str(ids), "--redis-url", url)
+        assert code == 0, printed
+        admin = aioredis.Redis.from_url(url)
+        command = [sys.executable, "-m", "worker", "serve", "--endpoint", sim.url,
+                   "--project-id", sim.config.project_id, "--ak", SIM_AK, "--redis-url", url,
+                   "--http-port", "0", "--log-format", "json", "--batch-size", "5",
+                   "--concurrency", "2", "--rate", "100"]  # fmt: skip
+        errors = tmp_path / "serve.err"
+        events: list[dict[str, Any]] = []
+        with errors.open("wb") as err:
+            process = await anyio.open_process(command, env={"REAPER_SK": SIM_SK} | _env(),
+                                               stderr=err)  # fmt: skip
+
+        async def collect() -> None:
+            assert process.stdout is not None
+            lines = BufferedByteReceiveStream(process.stdout)
+            while True:
+                try:
+                    events.append(orjson.loads(await lines.receive_until(b"\n", 1 << 20)))
+                except (anyio.EndOfStream, anyio.IncompleteRead):
+                    return
+
+        def said(name: str) -> list[dict[str, Any]]:
+            return [e for e in events if e.get("event") == name]
+
+        async def until(check: Any, timeout: float = 30) -> None:
+            with anyio.fail_after(timeout):
+                while not await check():
+                    await anyio.sleep(0.05)
+
+        async def calls_made() -> bool:
+            return sim.stats.calls >= 1
+
+        async def out_of_memory_said() -> bool:
+            return bool(said("serve.redis_unreachable")) or process.returncode is not None
+
+        async def all_deleted() -> bool:
+            info: Any = await admin.xpending(STREAM, "devserver-reaper")
+            return not sim.job_ids() and int(info["pending"]) == 0
+
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(collect)
+                await until(calls_made)
+                await admin.config_set("maxmemory", "1")
+                await until(out_of_memory_said)
+                assert process.returncode is None, errors.read_text()
+                code, refused = await _reaper("enqueue", "--input", str(ids), "--redis-url", url)
+                await admin.config_set("maxmemory", "0")
+                await until(all_deleted)
+                process.send_signal(signal.SIGTERM)
+                with anyio.fail_after(30):
+                    await process.wait()
+            outcomes: Any = await admin.xrange(STREAM + ":outcomes")
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await process.aclose()
+            await admin.aclose()
+    assert process.returncode == 0, errors.read_text()
+    assert "Traceback" not in errors.read_text()
+    assert said("serve.redis_unreachable")[0]["error"] == "OutOfMemoryError"
+    assert said("serve.redis_back")
+    assert sorted(f[b"job_id"].decode() for _, f in outcomes) == sorted(
+        ids.read_text().split()
+    )  # each id once: nothing sent again, nothing lost
+    assert code == 69 and "Traceback" not in refused and "enqueue.redis_unavailable" in refused
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("REAPER_", "HUAWEICLOUD_"))}
