@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from tests.e2e import reaper, reaper_env, results, write_ids
@@ -189,3 +190,44 @@ def test_a_ledger_opened_in_a_directory_is_private_even_under_a_wide_umask(
         os.umask(old)
     assert set(modes) >= {"l.sqlite", "l.sqlite.lock", "l.sqlite-wal", "l.sqlite-shm"}
     assert set(modes.values()) == {0o600}
+
+
+@two_users
+@pytest.mark.anyio
+async def test_a_fifo_another_user_planted_gets_no_job_data_and_does_not_hang_the_run(
+    shared: Path, tmp_path: Path
+) -> None:
+    """``mkfifo results.jsonl`` in the shared folder: with a reader, root's results (job ids,
+    names, users) would flow to the attacker; without one, the run would wait forever."""
+    as_nobody("mkfifo", "-m", "666", str(shared / "results.jsonl"))
+    as_nobody("mkfifo", "-m", "666", str(shared / "events.jsonl"))
+    stolen = shared / "stolen"
+    reader = subprocess.Popen(
+        [SETPRIV or "setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
+         "sh", "-c", f"cat {shared / 'results.jsonl'} > {stolen}"],
+    )  # fmt: skip
+    try:
+        async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+            ids = write_ids(tmp_path / "ids.txt", sim.job_ids())
+            for flag in ("--results", "--events"):  # events: no reader, a hang today
+                with anyio.fail_after(60):
+                    done = await reaper(
+                        ["run", "-i", str(ids), "--yes", flag, str(shared / f"{flag[2:]}.jsonl")],
+                        reaper_env(sim.url),
+                    )
+                assert done.code == 64, done.stderr + done.stdout
+                assert "another user" in done.stderr, done.stderr
+            assert sim.deleted == set()
+    finally:
+        reader.kill()
+        reader.wait()
+    assert not stolen.exists() or stolen.read_bytes() == b""
+    mine = tmp_path / "mine.fifo"
+    os.mkfifo(mine)  # the user's own pipe is still a fine place for results
+    reader_end = os.open(mine, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with open_output(mine) as handle:
+            handle.write(b"ok\n")
+        assert os.read(reader_end, 16) == b"ok\n"
+    finally:
+        os.close(reader_end)

@@ -7,7 +7,9 @@ plain ``open(path, "wb")`` truncates the file it leads to. So every output is op
 
 * with ``O_NOFOLLOW``: a symbolic link another user made is refused (``ELOOP``); one that
   root or we made (``/dev/stdout``) is followed to what already exists, never created;
-* refused when it is not a regular file or when it has other hard links;
+* refused when it is not a regular file or when it has other hard links; where a stream is
+  fine (``--results``, ``--events``), a named pipe is refused unless root or we made it (one
+  another user planted would hand them our job data, or hold the run forever with no reader);
 * created ``0600`` (job data is nobody else's business); an existing file keeps its mode;
 * truncated only once opened and checked, never by ``O_TRUNC`` on a path we have not looked at;
 * replaced atomically through a ``mkstemp`` file (``O_EXCL``, ``0600``) that takes the mode
@@ -36,34 +38,60 @@ def _refusal(code: int, path: Path, why: str) -> OSError:
     return OSError(code, why, str(path))
 
 
-def _own_link(path: Path) -> bool:
-    """A link made by root or by us (``/dev/stdout``, ``/proc/self/fd/1``, the user's own):
-    the kernel's ``protected_symlinks`` rule, applied in every directory."""
+def _trusted(uid: int) -> bool:
+    """Root or we: the kernel's ``protected_symlinks`` rule, applied in every directory."""
+    return uid in (0, os.geteuid())
+
+
+def _owned(path: Path) -> bool:
+    """The name itself (not what a link leads to) was made by root or by us: a link such as
+    ``/dev/stdout`` or ``/proc/self/fd/1``, or the user's own named pipe."""
     try:
-        return os.lstat(path).st_uid in (0, os.geteuid())
+        return _trusted(os.lstat(path).st_uid)
     except OSError:
         return False
+
+
+def _planted_pipe(path: Path) -> OSError:
+    return _refusal(errno.EPERM, path, "is a named pipe another user made, never written to")
 
 
 def open_private_fd(path: Path, flags: int = os.O_RDWR, *, streams: bool = False) -> int:
     """Open (creating ``0600`` if needed) the regular file at ``path`` without following a
     link; ``flags`` is ``O_RDWR`` or ``O_WRONLY``, plus ``O_APPEND`` if wanted. With
     ``streams``, a pipe or a device found there is fine too (``/dev/full``). Raises
-    ``OSError`` (``ELOOP``: a link; ``EMLINK``: other hard links; ``EINVAL``: not a file)."""
+    ``OSError`` (``ELOOP``: a link; ``EMLINK``: other hard links; ``EINVAL``: not a file;
+    ``EPERM``: a named pipe another user made)."""
+    # Non-blocking, so a named pipe with no reader is looked at before we wait on it.
+    waiting = os.O_NONBLOCK if streams else 0
     try:
-        fd = os.open(path, flags | _NEW, PRIVATE)
+        fd = os.open(path, flags | _NEW | waiting, PRIVATE)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise _refusal(
                 errno.ELOOP, path, "is a symbolic link, which is never followed (name the file)"
             ) from None
-        raise
+        if exc.errno != errno.ENXIO:
+            raise
+        if not _owned(path):  # a pipe with no reader yet: ours is waited on, no one else's
+            raise _planted_pipe(path) from None
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         _check_regular(fd, path, streams)
+        _check_pipe_owner(fd, path)
+        os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _check_pipe_owner(fd: int, path: Path) -> None:
+    """A named pipe the path itself names (not one reached through root's ``/dev/stdout``,
+    which may be the pipe of a shell that ran ``sudo``) must be root's or ours."""
+    info = os.fstat(fd)
+    if stat.S_ISFIFO(info.st_mode) and not _trusted(info.st_uid):
+        raise _planted_pipe(path)
 
 
 def _check_regular(fd: int, path: Path, streams: bool = False) -> None:
@@ -89,7 +117,7 @@ def open_output(path: Path, *, append: bool = False) -> IO[bytes]:
     try:
         fd = open_private_fd(path, os.O_WRONLY | more, streams=True)
     except OSError as exc:
-        if exc.errno != errno.ELOOP or not _own_link(path):
+        if exc.errno != errno.ELOOP or not _owned(path):
             raise
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | more)
     try:
