@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakes import simulate
+from tests.fakes import Run, simulate
 
 QUOTAS = (5.0, 50.0, 500.0)
 BURSTS = (1, 2, 10)
@@ -58,3 +58,31 @@ def test_auto_uses_nearly_all_it_can_from_ten_seconds_on(
     reachable = min(quota, concurrency / latency)
     assert run.accepted_per_s(10.0, 40.0) >= 0.90 * reachable
     assert run.refused_share(10.0, 40.0) <= 0.02
+
+
+def _falls_and_rises(t: float) -> float:
+    return 50.0 if t < 30.0 or t >= 60.0 else 20.0
+
+
+def _within(run: Run, start: float, end: float, quota: float) -> bool:
+    """Every rate the controller paced at in [start, end) within 10 % of ``quota``."""
+    rates = [rate for t, rate in run.rates if start <= t < end]
+    return bool(rates) and all(abs(rate - quota) <= 0.1 * quota for rate in rates)
+
+
+@pytest.mark.xfail(strict=True, reason="a known gap: the climb back after a rise is slow")
+@pytest.mark.parametrize("burst", list(BURSTS))
+@pytest.mark.parametrize("latency", [0.005, 0.05])
+def test_a_quota_that_falls_and_rises_is_followed_within_ten_seconds_each_way(
+    burst: int, latency: float
+) -> None:
+    """50 calls/s, 20 from 30 s, 50 again from 60 s: within 10 % of the new quota from
+    10 s after each change on, and at most 2 % throttled after its first 2 s. Not met
+    yet (strict xfail below): the climb back after the rise takes 21-30 s, probes of 3 %
+    after cruises of 5 s; after the fall, 3-22 s."""
+    run = simulate(_falls_and_rises, duration=90.0, burst=burst, latency=latency,
+                   concurrency=8)  # fmt: skip
+    assert run.refused_share(32.0, 60.0) <= 0.02
+    assert run.refused_share(62.0, 90.0) <= 0.02
+    assert _within(run, 40.0, 60.0, 20.0)
+    assert _within(run, 70.0, 90.0, 50.0)
