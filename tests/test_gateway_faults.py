@@ -112,3 +112,28 @@ async def test_kill_9_three_times_then_resume_each_id_one_true_outcome(
         exported = [orjson.loads(line) for line in report.stdout.splitlines()]
         assert {row["job_id"] for row in exported if row.get("confirmed") is False} == unconfirmed
         assert sum(row["outcome"] == "deleted" for row in exported) == len(gateway.deleted)
+
+
+async def test_a_dry_run_between_a_kill_and_the_resume_forgets_nothing(tmp_path: Path) -> None:
+    """Killed with two DELETEs applied and their answers held; a dry run on the same ledger
+    to see what is left; then the resume. The dry run sends nothing and settles nothing
+    for good: the resume still calls the dead run's jobs ``deleted`` (unconfirmed), not
+    ``absent``, and the cap still counts them."""
+    gateway = Gateway.with_jobs(60, script=lambda n, ids: "hold" if n <= 2 else "ok")
+    async with serve_gateway(gateway) as url:
+        src = write_ids(tmp_path / "ids.txt", gateway.job_ids())
+        ledger, out = tmp_path / "ledger.db", tmp_path / "results.jsonl"
+        env = reaper_env(url)
+        args = fast(src, "--ledger", str(ledger), "--max-deletions", "30")
+        async with await start_reaper(args, env) as process:
+            await kill_when(process, partial(deleted_at_least, gateway, 20))
+        in_flight = set(gateway.deleted)
+        gateway.hold.set()
+        calls = gateway.calls
+        dry = await reaper([*args, "--dry-run"], env)
+        assert dry.code == 0, dry.stderr
+        assert gateway.calls == calls
+        done = await reaper([*args, "--results", str(out)], env)
+        rows = {row["job_id"]: row for row in results(out)}
+        assert {i for i, r in rows.items() if r["confirmed"] is False} == in_flight
+        assert len(gateway.deleted) == 30, done.summary()

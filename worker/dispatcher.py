@@ -37,7 +37,7 @@ from worker.errors import (
 from worker.pacing.bucket import RateLimiter
 from worker.pacing.paced import PacedCall, Stopped, Tries, Working
 from worker.pacing.retry import RetryPolicy
-from worker.types import Batch, DeleteResult, JobRecord, Outcome, Result, gone
+from worker.types import Batch, DeleteResult, JobRecord, Outcome, Result, gone, skipped
 
 if TYPE_CHECKING:
     from worker.pacing.breaker import BreakerGate
@@ -172,7 +172,7 @@ class Dispatcher:
         ``batch.fresh_until`` when their DELETE's turn came are not sent, and are returned
         (without an outcome) to be checked again."""
         if self._dry_run:
-            await self._skip(batch.batch_id, batch.ids, "dry_run")
+            await self._skip(batch, batch.ids, "dry_run")
             return ()
         ids = batch.ids
         if batch.unsure:  # sent by a run that died: counted against the cap by it already
@@ -182,7 +182,7 @@ class Dispatcher:
             )
         granted = len(batch.unsure) + self._budget.take(len(ids) - len(batch.unsure))
         if granted < len(ids):
-            await self._skip(batch.batch_id, ids[granted:], "max_deletions")
+            await self._skip(batch, ids[granted:], "max_deletions")
         doubt = Doubt(batch)
         if granted:
             ids, cap = ids[:granted], self.size_cap
@@ -200,13 +200,8 @@ class Dispatcher:
         self._budget.give_back(doubt.unsent)
         return tuple(doubt.stale)
 
-    async def _skip(self, batch_id: str, ids: Sequence[str], reason: str) -> None:
-        await self._journal.finished(
-            [
-                Result(job_id=i, outcome=Outcome.SKIPPED, batch_id=batch_id, reason=reason)
-                for i in ids
-            ]
-        )
+    async def _skip(self, batch: Batch, ids: Sequence[str], reason: str) -> None:
+        await self._journal.finished([skipped(i, batch=batch, reason=reason) for i in ids])
 
     async def _delete(self, batch_id: str, ids: Sequence[str], doubt: Doubt) -> bool:
         """True when the API took the ids as one call (no 4xx made them split)."""

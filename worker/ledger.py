@@ -97,17 +97,19 @@ CREATE TABLE IF NOT EXISTS rejected (
 
 # A chunk of ids travels as one JSON array parameter: one statement per chunk, not per id.
 _LOOKUP = """
-SELECT job_id, state, outcome, last_run FROM ids
+SELECT job_id, state, outcome, last_run, attempts FROM ids
 WHERE job_id IN (SELECT value FROM json_each(?))
 """
 _INSERT = """
 INSERT INTO ids (job_id, state, first_run, last_run, updated_at)
 SELECT value, 'read', ?, ?, ? FROM json_each(?)
 """
-# An id an earlier run sent and never settled stays 'sent': if this run dies before sending
-# it again, the next one must still know that the job may be gone by our hand.
+# An id an earlier run sent and never settled stays 'sent' (so does one a later run then only
+# skipped: a dry run, a protection rule, which keeps an attempt for it): if this run dies
+# before sending it again, the next one must still know that the job may be gone by our hand.
 _REOPEN = """
-UPDATE ids SET state = iif(state = 'sent', 'sent', 'read'), outcome = NULL, attempts = 0,
+UPDATE ids SET state = iif(state = 'sent' OR (outcome = 'skipped' AND attempts > 0), 'sent',
+    'read'), outcome = NULL, attempts = 0,
     batch_id = NULL, http_status = NULL, error_code = NULL, error_msg = NULL, request_id = NULL,
     reason = NULL, confirmed = NULL, last_run = ?, updated_at = ?
 WHERE job_id IN (SELECT value FROM json_each(?))
@@ -568,7 +570,7 @@ class Ledger(LedgerView):
                     new.append(candidate)
                     inserts.append(job_id)
                     continue
-                state, outcome, last_run = row
+                state, outcome, last_run, attempts = row
                 if last_run == self._run_no:
                     repeated.append(candidate)
                 elif (
@@ -578,8 +580,8 @@ class Ledger(LedgerView):
                 ):
                     new.append(candidate)
                     reopen.append(job_id)
-                    if state == "sent":
-                        unsure.append(job_id)
+                    if state == "sent" or (outcome == Outcome.SKIPPED and attempts > 0):
+                        unsure.append(job_id)  # sent by a run that never heard back
                 else:
                     done.append((candidate, Outcome(outcome)))
                     touch.append(job_id)
@@ -654,7 +656,7 @@ class Ledger(LedgerView):
         }
         refused = []
         for row in rows:
-            state, outcome, last_run = stored.get(row[0], ("read", None, None))
+            state, outcome, last_run, _ = stored.get(row[0], ("read", None, None, 0))
             replaceable = self._retry_failed and outcome == Outcome.FAILED
             if state == "done" and not (replaceable and last_run != self._run_no):
                 refused.append((row[0], outcome))

@@ -285,6 +285,21 @@ def doubted(batch: Batch, unsure: set[str]) -> Batch:
                  batch.fresh_until)  # fmt: skip
 
 
+def skipped(job_id: str, *, batch: Batch, reason: str, detail: str | None = None) -> Result:
+    """An id let go unsent (a dry run, the cap, a protection or plan rule). One an earlier
+    run sent without hearing back (``batch.unsure``) keeps an attempt: its job may be gone by
+    that run's hand, and the next run on the ledger must still know it (and count it
+    against ``--max-deletions``)."""
+    return Result(
+        job_id=job_id,
+        outcome=Outcome.SKIPPED,
+        attempts=int(job_id in batch.unsure),
+        batch_id=batch.batch_id,
+        reason=reason,
+        error_msg=detail,
+    )
+
+
 ANSWER_LOST = "answer_lost"
 """The ``reason`` of a deletion known only by the job's absence (``confirmed`` false)."""
 

@@ -38,7 +38,7 @@ from worker.clock import Clock, MonotonicClock
 from worker.discovery.filters import Filters
 from worker.errors import ClientError, ConfigError
 from worker.pacing.paced import PacedReader, Stopped
-from worker.types import JOB_ID_RE, Batch, JobRecord, Outcome, Result, gone
+from worker.types import JOB_ID_RE, Batch, JobRecord, Outcome, Result, gone, skipped
 
 if TYPE_CHECKING:
     from worker.discovery.plan import Plan
@@ -449,13 +449,7 @@ class Guard:
 
     def _skip(self, job_id: str, batch: Batch, reason: str, detail: str | None) -> Result:
         self.counts.skipped[reason] = self.counts.skipped.get(reason, 0) + 1
-        return Result(
-            job_id=job_id,
-            outcome=Outcome.SKIPPED,
-            batch_id=batch.batch_id,
-            reason=reason,
-            error_msg=detail,
-        )
+        return skipped(job_id, batch=batch, reason=reason, detail=detail)
 
 
 def _unverified(job_id: str, batch: Batch, exc: ClientError) -> Result:
