@@ -318,3 +318,26 @@ async def test_a_lost_group_keeps_what_it_had_not_finished_from_the_other_groups
     assert await StreamConsumer(client, layout, "c").ensure_group() == written[2]
     again = await _read(client, layout.stream, "ours", 10)
     assert again == written[3:]
+
+
+@pytest.mark.anyio
+async def test_a_kept_position_ahead_of_the_stream_is_not_where_the_group_starts(
+    redis_prefix: str, redis_client: Any
+) -> None:
+    """The stream deleted (cleared by hand, or lost with a restore) while the position stays:
+    the group was made again at the kept position, so an entry whose id lies below it (a
+    Redis clock behind the old one, after a fail-over) was never read, and nobody was told.
+    A position past every entry of the stream belongs to another stream: start at 0."""
+    from worker.service.consumer import StreamConsumer
+
+    client = redis_client
+    layout = StreamLayout(redis_prefix + "ids", "ours")
+    for n in range(3):
+        await client.xadd(layout.stream, {"id": f"j{n}"})
+    await client.xgroup_create(layout.stream, "ours", id="0")
+    await client.xack(layout.stream, "ours", *await _read(client, layout.stream, "ours", 3))
+    assert (await Keeper(client, layout, Retention()).trim()).position is not None
+    await client.delete(layout.stream)
+    behind = (await client.xadd(layout.stream, {"id": "new"}, id="1000-0")).decode()
+    assert await StreamConsumer(client, layout, "c").ensure_group() is None
+    assert await _read(client, layout.stream, "ours", 10) == [behind]

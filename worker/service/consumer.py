@@ -70,6 +70,12 @@ def _id(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as what it sorts by (milliseconds, sequence)."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _entries(raw: Any) -> list[Entry]:
     return [(_id(entry_id), dict(fields) if fields else None) for entry_id, fields in raw or ()]
 
@@ -176,9 +182,18 @@ class StreamConsumer:
         A group created again (it was destroyed, or Redis restored without it) starts at the
         position kept for it (``worker.service.retention``), not at ``0``: it reads again what
         was pending or unread when it was lost, not every entry ever written. Returns that
-        position when it was used, else ``None``."""
+        position when it was used, else ``None``.
+
+        A position past the stream's last entry was kept for another stream (this one was
+        deleted and made again, or lost with a restore; retention never trims above it):
+        entries there may lie below it (a Redis clock behind the old one), so the group
+        starts at ``0`` instead of skipping them unread."""
         position = await kept_position(self._r, self.layout)
         try:
+            if position is not None:
+                last: Any = await self._r.xrevrange(self.layout.stream, count=1)
+                if not last or _order(_id(last[0][0])) < _order(position):
+                    position = None
             await self._r.xgroup_create(
                 self.layout.stream, self.layout.group, id=position or "0", mkstream=True
             )
