@@ -76,7 +76,8 @@ def test_every_setting_flag_is_offered_by_some_command_and_every_command_is_list
 def test_each_settings_flag_reaches_the_setting_of_its_name(command: str) -> None:
     """``--batch-size 3`` arrives as ``batch_size=3``, typed as the table says."""
     kinds = {flag: kind for flag, kind, _ in SETTING_FLAGS}
-    required = ["--input", "-"] if command in ("run", "enqueue") else []
+    needs = {"run": ["--input", "-"], "enqueue": ["--input", "-"], "plan": ["show", "p"]}
+    required = needs.get(command, [])
     for flag in COMMAND_SETTINGS[command]:
         kind = kinds[flag]
         argv = [command, *required, flag] if kind == "bool" else [command, *required, flag, "7"]

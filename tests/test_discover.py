@@ -17,9 +17,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.e2e import list_endpoint, paced_reader, reaper, reaper_env
-from worker.commands.discover import scan_jobs
+from tests.fakes import FakeClock
 from worker.discovery.filters import Filters, parse_duration, parse_instant
 from worker.discovery.guard import PacedReader
+from worker.discovery.plan import open_plan
+from worker.discovery.scan import Scan, scan_jobs
 from worker.errors import ApiUnavailable
 from worker.simulator import JOBS_EPOCH_MS, Job, SimulatorConfig, run_simulator
 from worker.types import JobRecord
@@ -71,12 +73,33 @@ def test_a_cut_off_is_a_duration_before_now_or_a_date_taken_as_utc() -> None:
 # -- filters -------------------------------------------------------------------------------
 
 
-def test_server_side_filters_become_the_query_and_are_checked_again_exactly() -> None:
+def test_server_side_filters_become_the_query_and_are_checked_again() -> None:
     filters = Filters(status="FINISHED", type="COMMON", name_glob="x*")
-    assert filters.server_query() == {"status": "FINISHED", "type": "COMMON"}
+    assert filters.server_queries() == [{"status": "FINISHED", "type": "COMMON"}]
     assert filters.mismatch(record(status="FINISHED", type="COMMON", name="xy")) is None
-    assert "status" in (filters.mismatch(record(status="finished", type="COMMON", name="x")) or "")
+    assert "status" in (filters.mismatch(record(status="FAILED", type="COMMON", name="x")) or "")
     assert filters.mismatch(record(status="FINISHED", type="COMMON", name="yx")) is not None
+
+
+def test_status_and_type_ignore_case_and_several_words_mean_any_of_them() -> None:
+    """``--status finished`` matched nothing, ``--status A --status B`` kept only B, and
+    ``--status A,B`` matched nothing at all."""
+    assert Filters(status="finished").status == ("FINISHED",)
+    several = Filters(status=("finished", "FAILED,failed"), type=" common ")
+    assert several.status == ("FINISHED", "FAILED") and several.type == ("COMMON",)
+    assert several.server_queries() == [
+        {"status": "FINISHED", "type": "COMMON"},
+        {"status": "FAILED", "type": "COMMON"},
+    ]
+    for status in ("FINISHED", "failed", " Failed "):
+        assert several.matches(record(status=status, type="Common"))
+    why = several.mismatch(record(status="PROCESSING", type="COMMON"))
+    assert why is not None and "not 'FINISHED' or 'FAILED'" in why
+    assert Filters.from_json(several.to_json()) == several
+    with pytest.raises(ValueError, match="not a job status"):
+        Filters(status="FINISHED;DROP")
+    with pytest.raises(ValueError, match="blank"):
+        Filters(status=" , ")
 
 
 def test_name_glob_regex_and_user_name_select_by_name_and_owner() -> None:
@@ -132,10 +155,13 @@ instants = st.datetimes(
     min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
 ).map(lambda d: d.replace(microsecond=d.microsecond // 1000 * 1000))
 words = st.none() | st.text(st.characters(codec="utf-8"), min_size=1).filter(str.strip)
+job_words = st.none() | st.lists(
+    st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,10}", fullmatch=True), min_size=1, max_size=3
+).map(",".join)
 
 
 @given(
-    status=words, type_=words, glob=words, user=words, older=st.none() | instants,
+    status=job_words, type_=job_words, glob=words, user=words, older=st.none() | instants,
     field=st.sampled_from(["create_at", "update_at"]),
 )  # fmt: skip
 def test_filters_survive_their_json_form_unchanged(
@@ -159,13 +185,37 @@ def reader_for(url: str, *, attempts: int = 4) -> AbstractAsyncContextManager[Pa
     return paced_reader(url, attempts=attempts)
 
 
+class Collect:
+    """A scan's sink: what one pass handed over."""
+
+    def __init__(self) -> None:
+        self.records: list[JobRecord] = []
+
+    def add(self, record: JobRecord) -> None:
+        self.records.append(record)
+
+
+async def scan(
+    reader: PacedReader, queries: list[dict[str, str]] | None = None, **kw: Any
+) -> tuple[Scan, list[JobRecord]]:
+    """``scan_jobs`` with a fresh ``Collect`` per pass: the scan and the last pass's jobs."""
+    passes: list[Collect] = []
+
+    def sink() -> Collect:
+        passes.append(Collect())
+        return passes[-1]
+
+    found = await scan_jobs(reader, queries or [{}], clock=FakeClock(), new_sink=sink, **kw)
+    return found, passes[-1].records
+
+
 @pytest.mark.anyio
 async def test_scan_reads_every_page_and_each_job_once() -> None:
     async with run_simulator(SimulatorConfig(jobs=1050, seed=3)) as sim:
         async with reader_for(sim.url) as reader:
-            scan = await scan_jobs(reader, {}, page_size=100)
-        assert scan.complete and scan.pages == 11
-        assert sorted(r.id for r in scan.records) == sorted(sim.job_ids())
+            found, records = await scan(reader, page_size=100)
+        assert found.complete and found.pages == 11 and found.passes == 1
+        assert sorted(r.id for r in records) == sorted(sim.job_ids())
         assert sim.stats.list_calls == 11
         assert reader.calls == 11
 
@@ -175,9 +225,9 @@ async def test_scan_passes_server_filters_on_every_page() -> None:
     async with run_simulator(SimulatorConfig(jobs=600, seed=4)) as sim:
         finished = {j.id for j in sim.store.jobs.values() if j.status == "FINISHED"}
         async with reader_for(sim.url) as reader:
-            scan = await scan_jobs(reader, {"status": "FINISHED"}, page_size=50)
-        assert {r.id for r in scan.records} == finished
-        assert scan.pages == -(-len(finished) // 50)
+            found, records = await scan(reader, [{"status": "FINISHED"}], page_size=50)
+        assert {r.id for r in records} == finished
+        assert found.pages == -(-len(finished) // 50)
 
 
 def _job_record(n: int) -> dict[str, Any]:
@@ -200,16 +250,17 @@ async def scripted_api(answers: list[tuple[int, dict[str, Any]]]) -> AsyncIterat
 
 @pytest.mark.anyio
 async def test_a_server_that_ignores_paging_stops_the_scan_with_a_warning() -> None:
-    """It keeps answering page 1 of 3: two calls, not an endless loop, and said out loud."""
+    """It keeps answering page 1 of 3, to current= and to offset= alike: three calls, not an
+    endless loop, and said out loud."""
     page = {"current": 1, "pages": 3, "size": 2, "total": 6,
             "data": [_job_record(1), _job_record(2)]}  # fmt: skip
     warnings: list[tuple[str, dict[str, Any]]] = []
     async with scripted_api([(200, page)]) as url, reader_for(url) as reader:
-        scan = await scan_jobs(reader, {}, warn=lambda event, **f: warnings.append((event, f)))
-    assert not scan.complete
-    assert [r.id for r in scan.records] == ["job-1", "job-2"]
-    assert reader.calls == 2
-    assert warnings == [("discover.paging_ignored", {"asked": 2, "answered": 1, "pages": 3})]
+        found, records = await scan(reader, warn=lambda event, **f: warnings.append((event, f)))
+    assert not found.complete and "ignored paging" in (found.reason or "")
+    assert [r.id for r in records] == ["job-1", "job-2"]
+    assert reader.calls == 3
+    assert [event for event, _ in warnings] == ["discover.paging_ignored"]
 
 
 @pytest.mark.anyio
@@ -220,8 +271,8 @@ async def test_a_server_that_never_stops_paging_hits_the_hard_stop() -> None:
     script = [(200, page(n)) for n in range(1, 6)]
     warnings: list[str] = []
     async with scripted_api(script) as url, reader_for(url) as reader:
-        scan = await scan_jobs(reader, {}, max_pages=3, warn=lambda e, **f: warnings.append(e))
-    assert scan.pages == 3 and not scan.complete
+        found, _ = await scan(reader, max_pages=3, warn=lambda e, **f: warnings.append(e))
+    assert found.pages == 3 and not found.complete
     assert warnings == ["discover.too_many_pages"]
 
 
@@ -230,12 +281,57 @@ async def test_list_calls_are_retried_on_transient_errors_and_give_up_as_unavail
     ok = {"current": 1, "pages": 1, "data": [_job_record(1)]}
     busy = {"error_code": "APIGW.0202", "error_msg": "unavailable"}
     async with scripted_api([(503, busy), (429, busy), (200, ok)]) as url, reader_for(url) as r:
-        scan = await scan_jobs(r, {})
-    assert [x.id for x in scan.records] == ["job-1"] and r.retries == 2
+        _, records = await scan(r)
+    assert [x.id for x in records] == ["job-1"] and r.retries == 2
     async with scripted_api([(503, busy)]) as url, reader_for(url, attempts=3) as r:
         with pytest.raises(ApiUnavailable):
-            await scan_jobs(r, {})
+            await scan(r)
     assert r.calls == 3
+
+
+@asynccontextmanager
+async def shrinking_listing(
+    jobs: int, *, delete: int, every_pass: bool
+) -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    """Offset paging over ``jobs`` jobs, pages of 50; right after the first page of the first
+    pass (of every pass, with ``every_pass``), ``delete`` jobs from the front go away."""
+    listing = [_job_record(n) for n in range(jobs)]
+    firsts = 0
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal firsts
+        start = (int(request.query.get("current", "1")) - 1) * 50
+        body = {"current": start // 50 + 1, "pages": -(-len(listing) // 50), "size": 50,
+                "total": len(listing), "data": listing[start : start + 50]}  # fmt: skip
+        if start == 0:
+            firsts += 1
+            if firsts == 1 or every_pass:
+                del listing[:delete]
+        return web.json_response(body, headers={"X-Request-Id": "r"})
+
+    async with list_endpoint(handler) as url:
+        yield url, listing
+
+
+@pytest.mark.anyio
+async def test_a_listing_that_moved_under_the_scan_is_read_again_until_it_holds_still() -> None:
+    """300 of 2,600 jobs deleted mid-scan at pages of 50: offset paging skipped 300 jobs and
+    the scan still said complete. Now the moved pass is thrown away and read again."""
+    async with shrinking_listing(2600, delete=300, every_pass=False) as (url, listing):
+        warnings: list[str] = []
+        async with reader_for(url) as reader:
+            found, records = await scan(reader, warn=lambda e, **f: warnings.append(e))
+        assert found.complete and found.passes == 2 and warnings == ["discover.listing_moved"]
+        assert [r.id for r in records] == [job["id"] for job in listing]  # none missed
+
+
+@pytest.mark.anyio
+async def test_a_listing_that_never_holds_still_is_reported_incomplete_with_why() -> None:
+    async with shrinking_listing(2600, delete=30, every_pass=True) as (url, _):
+        async with reader_for(url) as reader:
+            found, _records = await scan(reader, max_passes=3)
+        assert not found.complete and found.passes == 3
+        assert "kept changing over 3 passes" in (found.reason or "")
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -304,7 +400,8 @@ async def test_an_id_the_api_lists_that_run_would_refuse_is_left_out_with_a_warn
         plan = tmp_path / "plan.json"
         done = await reaper(["discover", "--all", "--plan", str(plan)], reaper_env(sim.url))
         assert done.code == 0, done.stderr
-        planned = {job["id"] for job in orjson.loads(plan.read_bytes())["jobs"]}
+        with open_plan(plan, key=None) as sealed:
+            planned = set(sealed.ids())
         assert planned == set(sim.store.jobs) - {"old-1\nvictim-1", "has space", "x" * 65}
         applied = await reaper(["run", "--plan", str(plan), "--dry-run"], reaper_env(sim.url))
         assert applied.code == 0, applied.stderr
@@ -339,19 +436,20 @@ async def test_discover_without_any_filter_is_refused_unless_all_is_given() -> N
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    "filters",
-    [["--name-regex", "."], ["--older-than", "2099-01-01"], ["--newer-than", "1970-01-01"]],
-)
+    ("filters", "jobs"),
+    [(["--name-regex", "."], 30), (["--older-than", "2099-01-01"], 30),
+     (["--newer-than", "1970-01-01"], 30), (["--name-regex", "."], 1)],
+)  # fmt: skip
 async def test_filters_that_match_every_job_need_all_too(
-    tmp_path: Path, filters: list[str]
+    tmp_path: Path, filters: list[str], jobs: int
 ) -> None:
     """``--name-regex .`` is no filter at all, spelt another way: it selected every job
-    without ``--all``."""
-    async with run_simulator(SimulatorConfig(jobs=30, seed=1)) as sim:
+    without ``--all`` (in a project of one job too)."""
+    async with run_simulator(SimulatorConfig(jobs=jobs, seed=1)) as sim:
         plan = tmp_path / "plan.json"
         refused = await reaper(["discover", *filters, "--plan", str(plan)], reaper_env(sim.url))
         assert refused.code == 64, refused.stderr
-        assert "match every job the project holds (30)" in refused.stderr
+        assert f"match every job the project holds ({jobs})" in refused.stderr
         assert refused.stdout == "" and not plan.exists()
         meant = await reaper(["discover", *filters, "--all"], reaper_env(sim.url))
         assert meant.code == 0 and set(meant.stdout.split()) == set(sim.job_ids())

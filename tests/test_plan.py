@@ -1,10 +1,12 @@
-"""Plans: the canonical digest, tamper/expiry/foreign refusals, and run --plan end to end."""
+"""Plans: the seal (keyed and not), tamper/expiry/foreign refusals, and run --plan end to end."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import stat
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,60 +19,20 @@ from hypothesis import strategies as st
 from tests.e2e import SIM_PROJECT, reaper, reaper_env, results
 from worker.discovery.filters import Filters
 from worker.discovery.plan import (
-    Plan,
+    PlanHeader,
     PlanRefused,
+    PlanWriter,
     check_fraction,
-    digest_of,
-    read_plan,
-    write_plan,
+    open_plan,
 )
-from worker.errors import InputUnreadable
+from worker.errors import ConfigError, InputUnreadable
+from worker.settings import read_plan_key
 from worker.simulator import SimulatorConfig, run_simulator
 from worker.types import JobRecord
 
 NOW = datetime(2026, 6, 1, 12, tzinfo=UTC)
 ENDPOINT = "https://modelarts.cn-north-4.myhuaweicloud.com"
-
-
-def make_plan(n: int = 3, **kw: Any) -> Plan:
-    records = make_records(n)
-    args: dict[str, Any] = {
-        "project_id": "proj-1", "endpoint": ENDPOINT, "filters": Filters(status="FINISHED"),
-        "records": records, "inventory_size": 10, "now": NOW, "ttl": timedelta(hours=24),
-    }  # fmt: skip
-    args.update(kw)
-    return Plan.create(**args)
-
-
-# -- the digest --------------------------------------------------------------------------------
-
-
-def test_digest_is_sha256_of_the_sorted_compact_body_without_the_digest() -> None:
-    body = {"b": [1, "x"], "a": None, "digest": "ignored"}
-    raw = b'devserver-reaper plan v1\n{"a":null,"b":[1,"x"]}'
-    assert digest_of(body) == "sha256:" + hashlib.sha256(raw).hexdigest()
-
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                max_size=3),
-    max_leaves=10,
-)  # fmt: skip
-
-
-@given(st.dictionaries(st.text(max_size=6), json_values, max_size=6), st.randoms())
-def test_digest_ignores_member_order_but_not_content(body: dict[str, Any], rng: Any) -> None:
-    items = list(body.items())
-    rng.shuffle(items)
-    assert digest_of(dict(items)) == digest_of(body)
-    assert digest_of({**body, "extra-member": 1}) != digest_of(body)
-
-
-def test_same_selection_in_another_order_makes_the_same_plan() -> None:
-    plan = make_plan(5)
-    shuffled = make_plan(5, records=list(reversed(make_records(5))))
-    assert plan.digest == shuffled.digest and plan.ids == tuple(sorted(plan.ids))
+KEY = b"0123456789abcdef0123456789abcdef"
 
 
 def make_records(n: int) -> list[JobRecord]:
@@ -88,101 +50,217 @@ def make_records(n: int) -> list[JobRecord]:
     ]
 
 
-# -- files -----------------------------------------------------------------------------------
+def write(path: Path, n: int = 3, *, key: bytes | None = None, **kw: Any) -> PlanHeader:
+    args: dict[str, Any] = {
+        "project_id": "proj-1", "endpoint": ENDPOINT, "filters": Filters(status="FINISHED"),
+        "inventory_size": 10, "now": NOW, "ttl": timedelta(hours=24),
+    }  # fmt: skip
+    args.update(kw)
+    with PlanWriter(path, key=key) as writer:
+        for record in make_records(n):
+            writer.add(record)
+        return writer.seal(**args)
 
 
-def test_a_written_plan_reads_back_equal_and_is_private(tmp_path: Path) -> None:
-    plan = make_plan()
-    path = tmp_path / "plan.json"
-    write_plan(path, plan)
+def ids_of(path: Path, key: bytes | None = None) -> list[str]:
+    with open_plan(path, key=key) as plan:
+        return list(plan.ids())
+
+
+# -- the seal ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["digest", "hmac"])
+def test_the_seal_covers_every_byte_before_it(tmp_path: Path, key: bytes | None) -> None:
+    path = tmp_path / "plan"
+    header = write(path, key=key)
+    lines = path.read_bytes().splitlines(keepends=True)
+    body, seal = b"".join(lines[:-1]), lines[-1].decode().strip()
+    assert lines[0] == b"devserver-reaper plan v2\n" and len(lines) == 1 + 1 + 3 + 1
+    if key is None:
+        assert seal == "seal sha256:" + hashlib.sha256(body).hexdigest()
+    else:
+        assert seal == "seal hmac-sha256:" + hmac.new(key, body, hashlib.sha256).hexdigest()
+    assert header.seal == seal.removeprefix("seal ") and header.keyed is (key is not None)
+
+
+def test_a_written_plan_reads_back_in_its_order_and_is_private(tmp_path: Path) -> None:
+    path = tmp_path / "plan"
+    written = write(path, 5)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    back = read_plan(path)
-    assert back.to_json() == plan.to_json()
-    assert back.ids == ("job-0", "job-1", "job-2")
-    assert back.filters == Filters(status="FINISHED")
-    assert "job-0" not in repr(back) and "jobs=3" in repr(back)
+    with open_plan(path, key=None) as plan:
+        assert list(plan.ids()) == [f"job-{i}" for i in range(5)]  # as listed, not sorted
+        assert plan.header == written and len(plan) == 5
+        assert plan.filters == Filters(status="FINISHED")
+        assert "job-0" in plan.reviewed and "job-9" not in plan.reviewed
+        job = plan.reviewed.get("job-1")
+        assert job is not None and (job.status, job.name) == ("FINISHED", "n1")
+        assert plan.reviewed.names()["job-2"] == "n2"
+        copy = plan._folder
+    assert not copy.exists()  # the private copy goes with the plan
+    assert "job-0" not in repr(written) and "jobs=5" in repr(written)
 
 
-def _edit(path: Path, change: Any) -> None:
-    data = orjson.loads(path.read_bytes())
-    change(data)
-    path.write_bytes(orjson.dumps(data))
+def _edit_line(number: int, change: Callable[[dict[str, Any]], None]) -> Callable[[bytes], bytes]:
+    def edit(raw: bytes) -> bytes:
+        lines = raw.splitlines(keepends=True)
+        data = orjson.loads(lines[number])
+        change(data)
+        lines[number] = orjson.dumps(data, option=orjson.OPT_SORT_KEYS) + b"\n"
+        return b"".join(lines)
+
+    return edit
 
 
-@pytest.mark.parametrize(
-    "change",
-    [lambda d: d["jobs"][0].update(id="job-9"), lambda d: d["filters"].update(status="FAILED"),
-     lambda d: d.update(expires_at="2099-01-01T00:00:00.000Z"), lambda d: d.update(note="hi"),
-     lambda d: d["jobs"].pop(), lambda d: d.update(project_id="proj-2"), lambda d: d.pop("digest")],
-    ids=["id", "filter", "expiry", "added-member", "dropped-job", "project", "no-digest"],
-)  # fmt: skip
-def test_any_edit_to_a_plan_is_refused_as_altered(tmp_path: Path, change: Any) -> None:
-    path = tmp_path / "plan.json"
-    write_plan(path, make_plan())
-    _edit(path, change)
+EDITS: dict[str, Callable[[bytes], bytes]] = {
+    "id": _edit_line(2, lambda d: d.update(id="job-9")),
+    "filter": _edit_line(1, lambda d: d["filters"].update(status=None)),
+    "expiry": _edit_line(1, lambda d: d.update(expires_at="2026-06-20T00:00:00.000Z")),
+    "inventory": _edit_line(1, lambda d: d.update(inventory_size=10**6)),
+    "added-job": lambda raw: raw.replace(b"\nseal ", b'\n{"create_at":null,"id":"job-x",'
+                                         b'"name":null,"status":null,"type":null,'
+                                         b'"update_at":null,"user_name":null}\nseal '),
+    "dropped-job": lambda raw: b"".join(
+        line for line in raw.splitlines(keepends=True) if b'"job-1"' not in line),
+    "project": _edit_line(1, lambda d: d.update(project_id="proj-2")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("edit", list(EDITS), ids=list(EDITS))
+@pytest.mark.parametrize("key", [None, KEY], ids=["digest", "hmac"])
+def test_any_edit_to_a_plan_is_refused_as_altered(
+    tmp_path: Path, edit: str, key: bytes | None
+) -> None:
+    path = tmp_path / "plan"
+    write(path, key=key)
+    path.write_bytes(EDITS[edit](path.read_bytes()))
     with pytest.raises(PlanRefused, match="altered"):
-        read_plan(path)
+        open_plan(path, key=key)
 
 
-def test_a_cut_short_or_foreign_file_is_refused_and_a_missing_one_is_unreadable(
+def reseal(raw: bytes, key: bytes | None) -> bytes:
+    """What someone who can write the plan does after editing it: seal it again."""
+    body = raw[: raw.rindex(b"seal ")]
+    if key is None:
+        return body + b"seal sha256:" + hashlib.sha256(body).hexdigest().encode() + b"\n"
+    mac = hmac.new(key, body, hashlib.sha256).hexdigest().encode()
+    return body + b"seal hmac-sha256:" + mac + b"\n"
+
+
+@pytest.mark.parametrize("edit", ["filter", "inventory", "added-job", "expiry"])
+def test_a_widened_plan_re_sealed_without_the_key_is_refused(tmp_path: Path, edit: str) -> None:
+    """Issue 24: anyone who could write the plan widened it and recomputed the digest."""
+    path = tmp_path / "plan"
+    write(path, key=KEY)
+    widened = EDITS[edit](path.read_bytes())
+    if edit == "added-job":  # a careful forger counts the job it adds
+        widened = _edit_line(1, lambda d: d.update(jobs=4))(widened)
+    for forged in (reseal(widened, None), reseal(widened, b"another key, 32 bytes long......")):
+        path.write_bytes(forged)
+        with pytest.raises(PlanRefused, match=r"without a plan key|altered"):
+            open_plan(path, key=KEY)
+    # Without a key the same forgery passes: that is what "checked for accidents" means.
+    path.write_bytes(reseal(widened, None))
+    with open_plan(path, key=None):
+        pass
+
+
+def test_a_keyed_plan_needs_its_key_and_an_unkeyed_one_is_refused_by_a_keyed_run(
     tmp_path: Path,
 ) -> None:
-    path = tmp_path / "plan.json"
-    write_plan(path, make_plan())
-    path.write_bytes(path.read_bytes()[:-20])
-    with pytest.raises(PlanRefused, match="not JSON"):
-        read_plan(path)
-    path.write_text("[1, 2]")
-    with pytest.raises(PlanRefused, match="not a JSON object"):
-        read_plan(path)
+    keyed, plain = tmp_path / "keyed", tmp_path / "plain"
+    write(keyed, key=KEY)
+    write(plain)
+    with pytest.raises(PlanRefused, match="no plan_key_file is set"):
+        open_plan(keyed, key=None)
+    with pytest.raises(PlanRefused, match="sealed without a plan key, and this run has one"):
+        open_plan(plain, key=KEY)
+    assert ids_of(keyed, KEY) == ids_of(plain) == ["job-0", "job-1", "job-2"]
+
+
+def test_a_plan_key_file_is_read_stripped_and_one_too_short_is_refused(tmp_path: Path) -> None:
+    good = tmp_path / "key"
+    good.write_bytes(KEY + b"\n")
+    assert read_plan_key(good) == KEY
+    short = tmp_path / "short"
+    short.write_bytes(b"hunter2\n")
+    with pytest.raises(ConfigError, match="fewer than 16 bytes") as refused:
+        read_plan_key(short)
+    assert "hunter2" not in str(refused.value)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        read_plan_key(tmp_path / "nope")
+
+
+def test_the_old_format_a_cut_short_or_foreign_file_is_refused_a_missing_one_unreadable(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "plan"
+    path.write_bytes(b'{"version": 1, "jobs": [], "digest": "sha256:00"}')
+    with pytest.raises(PlanRefused, match=r"old format.*run discover again"):
+        open_plan(path, key=None)
+    write(path)
+    path.write_bytes(path.read_bytes()[:-90])
+    with pytest.raises(PlanRefused, match=r"cut short|altered"):
+        open_plan(path, key=None)
+    path.write_text("id-1\nid-2\n")
+    with pytest.raises(PlanRefused, match="not a devserver-reaper plan"):
+        open_plan(path, key=None)
     with pytest.raises(InputUnreadable):
-        read_plan(tmp_path / "nope.json")
+        open_plan(tmp_path / "nope", key=None)
 
 
-def test_a_well_sealed_plan_with_a_bad_id_is_still_refused(tmp_path: Path) -> None:
+def test_a_well_sealed_plan_with_a_bad_id_or_a_job_twice_is_still_refused(
+    tmp_path: Path,
+) -> None:
     """A careless tool that re-seals what it edits cannot smuggle an invalid id in."""
-    path = tmp_path / "plan.json"
-    write_plan(path, make_plan())
-    data = orjson.loads(path.read_bytes())
-    data["jobs"][0]["id"] = "bad id!"
-    data["digest"] = digest_of(data)
-    path.write_bytes(orjson.dumps(data))
-    with pytest.raises(PlanRefused, match="not a valid plan"):
-        read_plan(path)
+    path = tmp_path / "plan"
+    write(path)
+    path.write_bytes(reseal(EDITS["id"](path.read_bytes()).replace(b"job-9", b"bad id!"), None))
+    with pytest.raises(PlanRefused, match="not 1 to 64"):
+        open_plan(path, key=None)
+    write(path)
+    twice = _edit_line(3, lambda d: d.update(id="job-0"))(path.read_bytes())
+    path.write_bytes(reseal(twice, None))
+    with pytest.raises(PlanRefused, match="twice"):
+        open_plan(path, key=None)
 
 
 def test_a_re_sealed_plan_that_lives_past_the_cap_is_refused(tmp_path: Path) -> None:
     """The 30-day cap was checked only when a plan was made: a year, re-sealed, passed."""
-    path = tmp_path / "plan.json"
-    write_plan(path, make_plan())
-    data = orjson.loads(path.read_bytes())
-    data["expires_at"] = data["created_at"].replace(str(NOW.year), str(NOW.year + 1), 1)
-    data["digest"] = digest_of(data)
-    path.write_bytes(orjson.dumps(data))
+    path = tmp_path / "plan"
+    write(path)
+    longer = _edit_line(1, lambda d: d.update(expires_at="2027-06-01T12:00:00.000Z"))
+    path.write_bytes(reseal(longer(path.read_bytes()), None))
     with pytest.raises(PlanRefused, match="longer than 30 days"):
-        read_plan(path)
+        open_plan(path, key=None)
 
 
 # -- verify ------------------------------------------------------------------------------------
 
 
-def test_verify_refuses_another_project_endpoint_an_expired_plan_and_one_over_the_cap() -> None:
-    plan = make_plan()
-    ok = {"project_id": "proj-1", "endpoint": ENDPOINT + "/", "now": NOW + timedelta(hours=23)}
-    plan.verify(**ok)  # type: ignore[arg-type]
+def test_verify_refuses_another_project_endpoint_an_expired_plan_and_one_over_the_cap(
+    tmp_path: Path,
+) -> None:
+    plan = write(tmp_path / "plan")
+    ok: dict[str, Any] = {"project_id": "proj-1", "endpoint": ENDPOINT + "/",
+                          "now": NOW + timedelta(hours=23)}  # fmt: skip
+    plan.verify(**ok)
     with pytest.raises(PlanRefused, match="project proj-1, not proj-2"):
-        plan.verify(**{**ok, "project_id": "proj-2"})  # type: ignore[arg-type]
+        plan.verify(**{**ok, "project_id": "proj-2"})
     with pytest.raises(PlanRefused, match="endpoint"):
-        plan.verify(**{**ok, "endpoint": "https://modelarts.cn-east-3.myhuaweicloud.com"})  # type: ignore[arg-type]
+        plan.verify(**{**ok, "endpoint": "https://modelarts.cn-east-3.myhuaweicloud.com"})
     with pytest.raises(PlanRefused, match="expired"):
-        plan.verify(**{**ok, "now": NOW + timedelta(hours=24)})  # type: ignore[arg-type]
+        plan.verify(**{**ok, "now": NOW + timedelta(hours=24)})
     # Made "in the future" (re-sealed by hand to outlive the 30-day cap): refused.
-    plan.verify(**{**ok, "now": NOW - timedelta(minutes=9)})  # type: ignore[arg-type]
+    plan.verify(**{**ok, "now": NOW - timedelta(minutes=9)})
     with pytest.raises(PlanRefused, match="still to come"):
-        plan.verify(**{**ok, "now": NOW - timedelta(minutes=11)})  # type: ignore[arg-type]
-    plan.verify(**ok, max_fraction=0.3)  # type: ignore[arg-type]
+        plan.verify(**{**ok, "now": NOW - timedelta(minutes=11)})
+    plan.verify(**ok, max_fraction=0.3)
     with pytest.raises(PlanRefused, match="max_fraction"):
-        plan.verify(**ok, max_fraction=0.29)  # type: ignore[arg-type]
+        plan.verify(**ok, max_fraction=0.29)
+    # Counted again at apply time: the smaller of the two inventories is the one that holds.
+    with pytest.raises(PlanRefused, match="3 of 5 jobs"):
+        plan.verify(**ok, max_fraction=0.3, inventory=5)
 
 
 @given(st.integers(0, 1000), st.integers(0, 1000), st.floats(0.001, 1.0))
@@ -198,9 +276,10 @@ def test_fraction_check_refuses_exactly_when_the_share_is_exceeded(
         assert not over
 
 
-def test_a_time_to_live_beyond_thirty_days_is_refused() -> None:
+def test_a_time_to_live_beyond_thirty_days_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="time to live"):
-        make_plan(ttl=timedelta(days=31))
+        write(tmp_path / "plan", ttl=timedelta(days=31))
+    assert [p.name for p in tmp_path.iterdir()] == []  # nothing left behind
 
 
 # -- run --plan end to end ----------------------------------------------------------------------
@@ -234,7 +313,7 @@ async def test_a_plan_applied_after_changes_deletes_the_rest_and_skips_what_chan
     async with run_simulator(SimulatorConfig(jobs=400, seed=21)) as sim:
         path = tmp_path / "plan.json"
         await discover_plan(sim.url, path)
-        planned = list(read_plan(path).ids)
+        planned = ids_of(path)
         want = {j.id for j in sim.store.jobs.values()
                 if j.status == "FINISHED" and j.name.startswith("common-")}  # fmt: skip
         assert set(planned) == want and len(want) > 20
@@ -268,7 +347,7 @@ async def test_a_job_that_changed_outside_the_plan_s_filters_is_not_deleted(
         path = tmp_path / "plan.json"
         done = await reaper(["discover", "--all", "--plan", str(path)], reaper_env(sim.url))
         assert done.code == 0, done.stderr
-        planned = list(read_plan(path).ids)
+        planned = ids_of(path)
         restarted, renamed, reowned = planned[:3]
         was = sim.store.jobs[restarted].status
         sim.set_status(restarted, "RESTARTING" if was != "RESTARTING" else "PROCESSING")
@@ -294,20 +373,17 @@ async def test_a_plan_that_may_not_be_applied_is_refused_before_any_delete(
         await discover_plan(sim.url, path)
         extra: list[str] = []
         if how == "tampered-id":
-            _edit(path, lambda d: d["jobs"][0].update(id=sim.job_ids()[-1]))
+            other = sim.job_ids()[-1]
+            path.write_bytes(_edit_line(2, lambda d: d.update(id=other))(path.read_bytes()))
         elif how == "tampered-filter":
-            _edit(path, lambda d: d["filters"].update(name_glob="*"))
+            path.write_bytes(EDITS["filter"](path.read_bytes()))
         elif how in ("expired", "other-project"):
-            plan = read_plan(path)
-            records = [JobRecord.from_api({"id": i, "status": "FINISHED", "name": "common-x"})
-                       for i in plan.ids]  # fmt: skip
-            write_plan(path, Plan.create(
-                project_id="other-project" if how == "other-project" else SIM_PROJECT,
-                endpoint=sim.url, filters=plan.filters, records=records,
-                inventory_size=plan.inventory_size,
-                now=datetime.now(UTC) - timedelta(hours=2 if how == "expired" else 0),
-                ttl=timedelta(hours=1),
-            ))  # fmt: skip
+            write(
+                path, 5, project_id="other-project" if how == "other-project" else SIM_PROJECT,
+                endpoint=sim.url, now=datetime.now(UTC) - timedelta(hours=2 if how == "expired"
+                                                                     else 0),
+                ttl=timedelta(hours=1), inventory_size=200,
+            )  # fmt: skip
         else:
             extra = ["--max-fraction", "0.05"]
         before = sim.stats.calls
@@ -326,3 +402,141 @@ def test_plan_and_input_are_mutually_exclusive() -> None:
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args(["run", "--plan", "p.json", "--input", "ids.txt"])
     assert exited.value.code == 64
+
+
+# -- keys, exclusions, policies and the review, end to end --------------------------------------
+
+
+@pytest.mark.anyio
+async def test_max_fraction_is_checked_against_the_jobs_the_project_holds_at_apply_time(
+    tmp_path: Path,
+) -> None:
+    """A plan sealed without a key cannot vouch for its ``inventory_size``: the run counts
+    the project again, and 100 planned jobs out of 150 left is over 0.5, whatever it says."""
+    async with run_simulator(SimulatorConfig(jobs=400, seed=23)) as sim:
+        path = tmp_path / "plan"
+        done = await reaper(["discover", "--type", "COMMON", "--plan", str(path)],
+                            reaper_env(sim.url))  # fmt: skip
+        assert done.code == 0, done.stderr
+        planned = set(ids_of(path))
+        others = [i for i in sim.job_ids() if i not in planned]
+        sim.store.delete(others[: len(others) - len(planned) // 2])
+        refused = await reaper(["run", "--plan", str(path), "--max-fraction", "0.5", *FAST_RUN],
+                               reaper_env(sim.url))  # fmt: skip
+        assert refused.code == 64, refused.stderr
+        assert "exceeds max_fraction 0.5" in refused.stderr
+        assert sim.stats.delete_calls == 0
+
+
+FAST_RUN = ["--yes", "--rate", "1000", "--burst", "50"]
+
+
+@pytest.mark.anyio
+async def test_a_plan_sealed_with_a_key_is_applied_only_with_that_key(tmp_path: Path) -> None:
+    key, other = tmp_path / "plan.key", tmp_path / "other.key"
+    key.write_bytes(KEY)
+    other.write_bytes(b"x" * 32)
+    async with run_simulator(SimulatorConfig(jobs=60, seed=24)) as sim:
+        path = tmp_path / "plan"
+        env = reaper_env(sim.url)
+        done = await reaper(["discover", "--status", "FINISHED", "--plan", str(path),
+                             "--plan-key-file", str(key)], env)  # fmt: skip
+        assert done.code == 0, done.stderr
+        assert "plan.unkeyed" not in done.stderr
+        for extra in ([], ["--plan-key-file", str(other)]):
+            refused = await reaper(["run", "--plan", str(path), *FAST_RUN, *extra], env)
+            assert refused.code == 64, refused.stderr
+        assert sim.stats.delete_calls == 0
+        applied = await reaper(["run", "--plan", str(path), *FAST_RUN, "--plan-key-file",
+                                str(key)], env)  # fmt: skip
+        assert applied.code == 0, applied.stderr
+        assert applied.summary()["deleted"] == len(ids_of(path, KEY)) > 0
+        unkeyed = await reaper(["discover", "--all", "--plan", str(path)], env)
+        assert "plan.unkeyed" in unkeyed.stderr  # said out loud: checked for accidents only
+
+
+@pytest.mark.anyio
+async def test_exclude_drops_ids_after_review_and_says_so_in_the_summary_and_results(
+    tmp_path: Path,
+) -> None:
+    async with run_simulator(SimulatorConfig(jobs=80, seed=25)) as sim:
+        path, out = tmp_path / "plan", tmp_path / "results.jsonl"
+        env = reaper_env(sim.url)
+        assert (
+            await reaper(["discover", "--status", "FINISHED", "--plan", str(path)], env)
+        ).code == 0
+        planned = ids_of(path)
+        struck = planned[1::7]
+        (tmp_path / "keep.txt").write_text("# kept after review\n" + "\n".join(struck) + "\n")
+        done = await reaper(["run", "--plan", str(path), "--exclude", str(tmp_path / "keep.txt"),
+                             "--results", str(out), *FAST_RUN], env)  # fmt: skip
+        assert done.code == 0, done.stderr
+        rows = {row["job_id"]: row for row in results(out)}
+        assert {i for i, r in rows.items() if r["reason"] == "excluded"} == set(struck)
+        assert set(struck) <= set(sim.store.jobs) and set(planned) - set(struck) <= sim.deleted
+        assert done.summary()["skipped_by_reason"] == {"excluded": len(struck)}
+        assert done.events("run.started")[0]["excluded"] == len(struck)
+        bad = tmp_path / "bad.txt"
+        bad.write_text("not an id!\n")
+        refused = await reaper(["run", "--plan", str(path), "--exclude", str(bad), *FAST_RUN],
+                               env)  # fmt: skip
+        assert refused.code == 64 and "line 1" in refused.stderr
+
+
+@pytest.mark.anyio
+async def test_run_with_discover_s_filters_selects_seals_and_applies_in_one_go(
+    tmp_path: Path,
+) -> None:
+    """The nightly policy: ``run --status FINISHED --older-than ...`` with protection, a cap
+    and max_fraction, no list of ids anywhere."""
+    async with run_simulator(SimulatorConfig(jobs=300, seed=26)) as sim:
+        env = reaper_env(sim.url)
+        jobs = sim.store.jobs
+        want = {i for i, j in jobs.items() if j.status in ("FINISHED", "FAILED")
+                and not j.name.startswith("common-")}  # fmt: skip
+        out = tmp_path / "results.jsonl"
+        done = await reaper(["run", "--status", "finished", "--status", "FAILED", "--protect",
+                             "common-*", "--max-fraction", "0.9", "--results", str(out),
+                             *FAST_RUN], env)  # fmt: skip
+        assert done.code == 0, done.stderr
+        assert {r["job_id"] for r in results(out) if r["outcome"] == "deleted"} == want
+        assert done.events("run.selected")[0]["jobs"] == len(want)
+        assert not any(j.name.startswith("common-") for i, j in jobs.items() if i in sim.deleted)
+        capped = await reaper(["run", "--status", "PROCESSING", "--max-deletions", "5",
+                               *FAST_RUN], env)  # fmt: skip
+        assert capped.summary()["deleted"] == 5
+        over = await reaper(["run", "--all", "--max-fraction", "0.5", *FAST_RUN], env)
+        assert over.code == 64 and "max_fraction" in over.stderr
+        mixed = await reaper(["run", "--status", "FAILED", "--input", "-", *FAST_RUN], env)
+        assert mixed.code == 64
+
+
+@pytest.mark.anyio
+async def test_plan_show_and_discover_on_a_table_give_the_review_and_the_next_command(
+    tmp_path: Path,
+) -> None:
+    async with run_simulator(SimulatorConfig(jobs=120, seed=27)) as sim:
+        env = reaper_env(sim.url)
+        finished = [j for j in sim.store.jobs.values() if j.status == "FINISHED"]
+        path = tmp_path / "plan"
+        done = await reaper(["discover", "--status", "FINISHED", "--plan", str(path),
+                             "--protect", "common-*", "-o", "table"], env)  # fmt: skip
+        assert done.code == 0, done.stderr
+        shown = await reaper(["plan", "show", str(path)], env)
+        assert shown.code == 0, shown.stderr
+        assert shown.stdout == done.stdout  # discover on a terminal shows what plan show does
+        kept = [j for j in finished if not j.name.startswith("common-")]
+        assert f"{len(kept):,} jobs planned" in shown.stdout
+        for user in {j.user_name for j in kept}:
+            count = sum(j.user_name == user for j in kept)
+            assert any(line.split() == [user, f"{count:,}"] for line in shown.stdout.splitlines())
+        protected = len(finished) - len(kept)
+        assert f"left out by protection: {protected:,}" in shown.stdout
+        assert f"devserver-reaper run --plan {path}" in shown.stdout
+        assert "no plan key" in shown.stdout and "estimated time to delete" in shown.stdout
+        path.write_bytes(path.read_bytes().replace(b'"FINISHED"', b'"FAILED"', 1))
+        altered = await reaper(["plan", "show", str(path)], env)
+        assert altered.code == 64 and "altered" in altered.stderr
+        table = await reaper(["discover", "--status", "FINISHED", "-o", "table"], env)
+        assert table.code == 0 and table.stdout.startswith("ID ")
+        assert f"{len(finished):,} jobs selected" in table.stdout and "next:" in table.stdout

@@ -364,9 +364,10 @@ async def test_protection_holds_under_a_plan_and_discover_leaves_protected_jobs_
         env = reaper_env(sim.url)
         done = await reaper(["discover", "--status", "FINISHED", "--plan", str(plan)], env)
         assert done.code == 0, done.stderr
-        from worker.discovery.plan import read_plan
+        from worker.discovery.plan import open_plan
 
-        planned = read_plan(plan).ids
+        with open_plan(plan, key=None) as sealed:
+            planned = list(sealed.ids())
         # Protected after the plan was made: the run must still keep them.
         late = planned[:4]
         out = tmp_path / "results.jsonl"

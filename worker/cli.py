@@ -91,6 +91,7 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--protected-types", str, "comma-separated job types never to delete"),
     ("--protected-statuses", str, "comma-separated job statuses never to delete, e.g. PROCESSING"),
     ("--max-fraction", float, "refuse a plan selecting more than this share (0-1] of the jobs"),
+    ("--plan-key-file", str, "file holding the key plans are sealed and checked with"),
     (
         "--recheck-max-age",
         float,
@@ -125,7 +126,7 @@ _QUEUE = ("--redis-url", "--stream", "--group", "--consumer", "--max-deliveries"
           "--dead-max-len", "--dead-max-age", "--stats-interval", "--http-host")  # fmt: skip
 _LOG = ("--log-format", "--log-level")
 _PROTECT = ("--protect", "--protect-file", "--protected-types", "--protected-statuses",
-            "--max-fraction", "--recheck-max-age")  # fmt: skip
+            "--max-fraction", "--plan-key-file", "--recheck-max-age")  # fmt: skip
 COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "run": _API
     + _DISPATCH
@@ -145,7 +146,7 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "serve": _API
     + tuple(f for f in _DISPATCH if f not in ("--dry-run", "--yes", "--max-deletions"))
     + _QUEUE
-    + tuple(f for f in _PROTECT if f != "--max-fraction")
+    + tuple(f for f in _PROTECT if f not in ("--max-fraction", "--plan-key-file"))
     + _LOG,
     "enqueue": ("--redis-url", "--stream", *_LOG),
     "check": _API + _LOG,
@@ -153,6 +154,7 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "simulate": (),  # configured by its own flags only
     "completion": (),
     "report": ("--ledger",),
+    "plan": ("--plan-key-file", "--rate", "--batch-size"),
 }
 
 
@@ -188,6 +190,13 @@ class _Parser(argparse.ArgumentParser):
             # Said by the command they were typed for, with its usage, not by the top level.
             command = self.commands.get(getattr(parsed, "command", None) or "", self)
             command.error(command.unknown(extras, self.commands))
+        run = getattr(parsed, "run_parser", None)
+        if run is not None and parsed.input is None and parsed.plan is None:
+            from worker.discovery.filters import filters_given
+
+            if not filters_given(vars(parsed)):
+                run.error("say what to delete: --input FILE, --plan PLAN, or discover's "
+                          "filters (--status, --older-than ...)")  # fmt: skip
         return parsed
 
     @property
@@ -297,14 +306,24 @@ def build_parser() -> argparse.ArgumentParser:
             )  # fmt: skip
         return sub
 
-    command("run", "delete the job ids read from --input (or a --plan), print a summary")
+    run = command(
+        "run",
+        "delete the job ids read from --input, a --plan, or the jobs discover's filters "
+        "select; print a summary",
+    )
     into, shown = flags["run"][helptext.INPUT], flags["run"][helptext.OUTPUT]
-    source = into.add_mutually_exclusive_group(required=True)
+    source = into.add_mutually_exclusive_group()
     source.add_argument("--input", "-i", metavar="FILE", help="file of ids, or - for stdin")
     source.add_argument(
         "--plan", metavar="FILE",
         help="apply a plan written by discover --plan (refused if altered or expired)",
     )  # fmt: skip
+    into.add_argument(
+        "--exclude", metavar="FILE",
+        help="with --plan: ids (one a line) not to delete after all; recorded as skipped",
+    )  # fmt: skip
+    _add_filters(run, "instead of --input or --plan: select, seal and apply in one go")
+    run.set_defaults(run_parser=run)  # which the parse checks for a source of ids
     into.add_argument(
         "--input-format",
         choices=("auto", "text", "jsonl", "csv", "json"),
@@ -339,35 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     discover = command(
         "discover", "list jobs matching filters; print their ids, or write a plan to review"
     )
-    server = discover.add_argument_group("filters the server applies (exact match)")
-    for name in ("status", "type", "name", "id"):
-        server.add_argument(
-            f"--{name}", dest=f"filter_{name}", metavar=name.upper(), help=f"job {name}"
-        )
-    local = discover.add_argument_group("filters applied to each record")
-    local.add_argument(
-        "--name-glob", metavar="PATTERN", help="name matches this shell pattern, e.g. 'diag-*'"
-    )
-    local.add_argument(
-        "--name-regex", metavar="REGEX", help="name contains a match of this regular expression"
-    )
-    local.add_argument("--user-name", metavar="USER", help="created by this user")
-    local.add_argument(
-        "--older-than", metavar="AGE|DATE",
-        help="time field before: a duration (30d, 12h) or a date",
-    )  # fmt: skip
-    local.add_argument(
-        "--newer-than", metavar="AGE|DATE", help="time field after: a duration (7d) or a date"
-    )
-    local.add_argument(
-        "--time-field", choices=("create_at", "update_at"), default="create_at",
-        help="the time --older-than/--newer-than look at (default create_at)",
-    )  # fmt: skip
-    local.add_argument("--all", action="store_true", help="allow no filter at all (every job)")
+    _add_filters(discover, None)
     out = flags["discover"][helptext.OUTPUT]
     out.add_argument(
-        "--output", choices=("ids", "jsonl"), default="ids",
-        help="ids one per line (for run --input -), or full records as JSON lines",
+        "--output", "-o", choices=("table", "ids", "jsonl"),
+        help="a table with a review of the selection (the default on a terminal), ids one per "
+        "line (for run --input -; the default elsewhere), or full records as JSON lines",
     )  # fmt: skip
     out.add_argument(
         "--plan", metavar="FILE", help="write a plan here, to review and apply with run --plan"
@@ -376,9 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--plan-ttl", metavar="DURATION", default="24h",
         help="how long the plan stays valid (default 24h, at most 30d)",
     )  # fmt: skip
-    out.add_argument(
-        "--page-size", type=int, metavar="N", help="ask the server for pages of this size"
-    )
+
+    plan = command(
+        "plan", "plan show PLAN: check a plan's seal and show what it holds (counts by type, "
+        "status, user and age, what protection left out) and the next command",
+    )  # fmt: skip
+    plan.add_argument("action", choices=("show",), help="what to do with the plan")
+    plan.add_argument("path", metavar="PLAN", help="the plan file")
 
     command("serve", "consume ids from a Redis Stream and delete them; serve health")
     command("enqueue", "add the ids read from --input to the Redis Stream")
@@ -429,6 +429,46 @@ def build_parser() -> argparse.ArgumentParser:
     for name, groups in flags.items():  # after each command's own input and output flags
         _add_settings(groups, [f for f in COMMAND_SETTINGS[name] if f in _LATE])
     return parser
+
+
+def _add_filters(parser: argparse.ArgumentParser, title: str | None) -> None:
+    """discover's filter flags, for discover and for run (the same names on both)."""
+    server = parser.add_argument_group(
+        "filters the server applies" + (f" ({title})" if title else ""),
+        "--status and --type ignore case; repeat them or separate words with commas for "
+        "any of several",
+    )
+    for name, example in (("status", "FINISHED,FAILED"), ("type", "COMMON")):
+        server.add_argument(
+            f"--{name}", dest=f"filter_{name}", action="append", metavar=name.upper(),
+            help=f"job {name}, e.g. {example}",
+        )  # fmt: skip
+    for name in ("name", "id"):
+        server.add_argument(f"--{name}", dest=f"filter_{name}", metavar=name.upper(),
+                            help=f"job {name}, exactly")  # fmt: skip
+    local = parser.add_argument_group("filters applied to each record")
+    local.add_argument(
+        "--name-glob", metavar="PATTERN", help="name matches this shell pattern, e.g. 'diag-*'"
+    )
+    local.add_argument(
+        "--name-regex", metavar="REGEX", help="name contains a match of this regular expression"
+    )
+    local.add_argument("--user-name", metavar="USER", help="created by this user")
+    local.add_argument(
+        "--older-than", metavar="AGE|DATE",
+        help="time field before: a duration (30d, 12h) or a date",
+    )  # fmt: skip
+    local.add_argument(
+        "--newer-than", metavar="AGE|DATE", help="time field after: a duration (7d) or a date"
+    )
+    local.add_argument(
+        "--time-field", choices=("create_at", "update_at"), default="create_at",
+        help="the time --older-than/--newer-than look at (default create_at)",
+    )  # fmt: skip
+    local.add_argument("--all", action="store_true", help="allow no filter at all (every job)")
+    local.add_argument(
+        "--page-size", type=int, metavar="N", help="ask the server for pages of this size"
+    )
 
 
 def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -7,8 +7,10 @@ parser from it; ``worker.completion`` reads the parser it builds.
 from __future__ import annotations
 
 USAGE = {
-    "run": "%(prog)s (--input FILE | --plan FILE) [--dry-run | --yes] [options]",
-    "discover": "%(prog)s FILTER... [--all] [--plan FILE | --output ids|jsonl] [options]",
+    "run": "%(prog)s (--input FILE | --plan FILE [--exclude FILE] | FILTER... [--all]) "
+    "[--dry-run | --yes] [options]",
+    "discover": "%(prog)s FILTER... [--all] [--plan FILE | -o table|ids|jsonl] [options]",
+    "plan": "%(prog)s show PLAN [--plan-key-file FILE]",
     "serve": "%(prog)s [--redis-url URL] [--rate CALLS/S] [options]",
     "enqueue": "%(prog)s --input FILE [--redis-url URL] [options]",
     "simulate": "%(prog)s [--port PORT] [--jobs N] [--quota CALLS/S] [options]",
@@ -38,7 +40,7 @@ _RATE_FLAGS = ("--batch-size", "--concurrency", "--rate", "--burst", "--max-atte
                "--max-retry-after", "--grace", "--deadline")  # fmt: skip
 _SAFETY_FLAGS = ("--dry-run", "--yes", "--max-deletions", "--confirm-project-over", "--protect",
                  "--protect-file", "--protected-types", "--protected-statuses",
-                 "--max-fraction", "--recheck-max-age")  # fmt: skip
+                 "--max-fraction", "--plan-key-file", "--recheck-max-age")  # fmt: skip
 
 SETTING_GROUP = {
     **dict.fromkeys(_CONNECTION_FLAGS, CONNECTION),
@@ -59,7 +61,8 @@ METAVAR = {
     "--grace": "SECONDS", "--ledger": "FILE", "--max-deletions": "N", "--shard": "I/N",
     "--confirm-project-over": "N", "--protect": "RULE", "--protect-file": "FILE",
     "--protected-types": "TYPES", "--protected-statuses": "STATUSES", "--max-fraction": "SHARE",
-    "--recheck-max-age": "SECONDS", "--redis-url": "URL", "--stream": "KEY", "--group": "NAME",
+    "--recheck-max-age": "SECONDS", "--plan-key-file": "FILE", "--redis-url": "URL",
+    "--stream": "KEY", "--group": "NAME",
     "--consumer": "NAME", "--max-deliveries": "N", "--reclaim-after": "SECONDS",
     "--http-port": "PORT", "--outcomes-max-len": "N", "--outcomes-max-age": "SECONDS",
     "--dead-max-len": "N", "--dead-max-age": "SECONDS", "--stats-interval": "SECONDS",
@@ -78,6 +81,13 @@ examples:
   devserver-reaper run -i stale-jobs.txt --yes --ledger reaper.db --max-deletions 5000 \\
       --protected-statuses PROCESSING
 
+  # strike ids out of a reviewed plan without discovering again
+  devserver-reaper run --plan plan.json --exclude keep.txt
+
+  # a policy, not a list (a nightly CronJob): select with discover's filters, seal, apply
+  devserver-reaper run --status FINISHED,FAILED --older-than 30d --max-fraction 0.5 \\
+      --max-deletions 20000 --protected-statuses PROCESSING --yes
+
   # straight from discover (small, obvious clean-ups)
   devserver-reaper discover --name-glob 'diag-*' | devserver-reaper run -i - --yes""",
     "discover": """\
@@ -86,8 +96,15 @@ examples:
   devserver-reaper discover --status FINISHED --type ASCEND_DIAGNOSIS --older-than 30d \\
       --plan plan.json
 
+  # any of several statuses, in any case; a table and a review on a terminal
+  devserver-reaper discover --status finished,failed --type COMMON
+
   # full records of one user's old jobs, as JSON lines
   devserver-reaper discover --user-name alice --older-than 2026-01-01 --output jsonl""",
+    "plan": """\
+examples:
+  devserver-reaper plan show plan.json
+  devserver-reaper plan show plan.json --plan-key-file /run/secrets/plan.key""",
     "serve": """\
 examples:
   devserver-reaper serve --redis-url redis://redis:6379/0 --rate 20 --http-port 8080

@@ -23,7 +23,7 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -142,6 +142,7 @@ class Settings(BaseSettings):
     protected_statuses: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_fraction: float | None = Field(default=None, gt=0, le=1)
     recheck_max_age: float = Field(default=60.0, ge=1, le=3600)
+    plan_key_file: Path | None = None
     _protect_files: tuple[Path, ...] = PrivateAttr(default=())
     _secret_files: dict[str, Path] = PrivateAttr(default_factory=dict)
     _warnings: tuple[str, ...] = PrivateAttr(default=())
@@ -511,6 +512,25 @@ class _SecretFiles(_Wrapping):
             if data.get(name) is not None:  # absent, or not a path: its validation says so
                 self._read.decided.add(name)
         return data
+
+
+MIN_PLAN_KEY = 16
+
+
+def read_plan_key(path: Path, warn: Callable[[str], None] = lambda text: None) -> bytes:
+    """The plan key (``plan_key_file``): a secret file like the others (``warn`` is told when
+    others may read it), and at least 16 bytes, or it is no key (``ConfigError``, 78; the
+    message never quotes it)."""
+    read = read_key_file("plan_key_file", path)
+    if read.warning is not None:
+        warn(read.warning)
+    key = read.text.encode()
+    if len(key) < MIN_PLAN_KEY:
+        raise ConfigError(
+            f"plan_key_file {path} holds fewer than {MIN_PLAN_KEY} bytes: not a key "
+            "(make one with: head -c 32 /dev/urandom | base64 > plan.key)"
+        )
+    return key
 
 
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:

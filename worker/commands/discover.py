@@ -1,38 +1,38 @@
-"""``devserver-reaper discover``: list jobs, keep those matching the filters, print or plan them.
+"""``devserver-reaper discover``: list jobs, keep those matching the filters, show or plan them.
 
-Stdout is data (ids one per line, ready for ``run --input -``, or JSON lines with
-``--output jsonl``); events go to stderr. With ``--plan PATH`` the selection is sealed into a
-plan file instead (see :mod:`worker.discovery.plan`), to review and then apply with ``run --plan``.
+Output (``-o``): ``table`` (the default on a terminal) shows the jobs, the review of the
+selection (counts by type, status, user and age, what protection left out, the time it
+would take) and the command to run next; ``ids`` (the default elsewhere) prints one id a
+line, ready for ``run --input -``; ``jsonl`` full records. Events go to stderr. With
+``--plan PATH`` the selection is sealed into a plan file (see
+:mod:`worker.discovery.plan`), to review and then apply with ``run --plan``; on a terminal
+the review and the next command are shown.
 
-Paging: the API reference documents no paging parameters, but the answer carries
-``current/pages/size/total``. The first page is asked for with none (any server answers
-that); while ``pages`` says there are more, page ``current=2, 3, ...`` is asked for. A server
-that ignores ``current`` (it answers another page number, or the same ids again) stops the
-scan with a ``discover.paging_ignored`` warning rather than looping: what was seen is still
-filtered exactly, only the inventory is incomplete. Ids seen twice (the listing shifts while
-jobs come and go) are kept once. Every call goes through the rate limiter and is retried on
-transient errors, exactly like the DELETEs of ``run``.
+Nothing is printed or written until the listing is read to its end and the selection
+passes its checks (``--all``, ``max_fraction``): the jobs wait in a private spool meanwhile,
+so the memory a discovery takes does not grow with the project. Listing, paging and a
+listing that moves under the scan: :mod:`worker.discovery.scan`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
 import anyio
-import orjson
 import structlog
 
 from worker import wiring
 from worker.clock import MonotonicClock
 from worker.discovery.filters import Filters, parse_duration, parse_instant
-from worker.discovery.guard import PacedReader, Protection, load_protection
-from worker.discovery.plan import MAX_TTL, Plan, check_fraction, write_plan
+from worker.discovery.guard import Protection, load_protection
+from worker.discovery.plan import MAX_TTL, PlanHeader, PlanWriter, check_fraction
+from worker.discovery.review import estimate_s, render
+from worker.discovery.select import Selected, Spool, select
 from worker.errors import (
     ApiError,
     ApiUnavailable,
@@ -44,14 +44,55 @@ from worker.errors import (
     UsageError,
 )
 from worker.exit_codes import ExitCode
-from worker.input.intake import escape
 from worker.outcomes.journal import check_output
-from worker.settings import Settings
-from worker.types import JOB_ID_RE, JobRecord
+from worker.pacing.paced import PacedReader
+from worker.settings import Settings, read_plan_key
 
-MAX_PAGES = 10_000
-"""A hard stop: a server that keeps saying "more pages" cannot keep discover listing forever."""
 MAX_PAGE_SIZE = 1000
+TABLE_ROWS = 50
+"""Jobs a table shows before "... N more" (all of them: ``-o ids`` or ``-o jsonl``)."""
+
+
+def filters_from_args(args: argparse.Namespace, now: datetime) -> Filters:
+    """discover's filter flags (``run`` takes the same), parsed; ``UsageError`` (64) naming
+    the flag when one does not parse, or when none is given without ``--all``."""
+
+    def instant(flag: str, value: str | None) -> datetime | None:
+        if value is None:
+            return None
+        try:
+            return parse_instant(value, now)
+        except ValueError as exc:
+            raise UsageError(f"{flag}: {exc}") from None
+
+    try:
+        filters = Filters(
+            status=args.filter_status,
+            type=args.filter_type,
+            name=args.filter_name,
+            id=args.filter_id,
+            name_glob=args.name_glob,
+            name_regex=args.name_regex,
+            user_name=args.user_name,
+            older_than=instant("--older-than", args.older_than),
+            newer_than=instant("--newer-than", args.newer_than),
+            time_field=args.time_field,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if filters.empty and not args.all:
+        raise UsageError(
+            "no filter given: that selects every job in the project. Pass filters "
+            "(--status, --type, --name-glob, --older-than ...) or --all if you mean it"
+        )
+    return filters
+
+
+def page_size_of(args: argparse.Namespace) -> int | None:
+    if args.page_size is not None and not 1 <= args.page_size <= MAX_PAGE_SIZE:
+        raise UsageError(f"--page-size: 1 to {MAX_PAGE_SIZE}")
+    page_size: int | None = args.page_size
+    return page_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,100 +109,24 @@ class DiscoverRequest:
     @classmethod
     def from_args(cls, args: argparse.Namespace, now: datetime) -> DiscoverRequest:
         """``UsageError`` (64) naming the flag when a value does not parse."""
-
-        def instant(flag: str, value: str | None) -> datetime | None:
-            if value is None:
-                return None
-            try:
-                return parse_instant(value, now)
-            except ValueError as exc:
-                raise UsageError(f"{flag}: {exc}") from None
-
-        try:
-            filters = Filters(
-                status=args.filter_status,
-                type=args.filter_type,
-                name=args.filter_name,
-                id=args.filter_id,
-                name_glob=args.name_glob,
-                name_regex=args.name_regex,
-                user_name=args.user_name,
-                older_than=instant("--older-than", args.older_than),
-                newer_than=instant("--newer-than", args.newer_than),
-                time_field=args.time_field,
-            )
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        if filters.empty and not args.all:
-            raise UsageError(
-                "no filter given: that selects every job in the project. Pass filters "
-                "(--status, --type, --name-glob, --older-than ...) or --all if you mean it"
-            )
+        filters = filters_from_args(args, now)
         try:
             ttl = parse_duration(args.plan_ttl)
         except ValueError as exc:
             raise UsageError(f"--plan-ttl: {exc}") from None
         if ttl > MAX_TTL:
             raise UsageError(f"--plan-ttl: at most {MAX_TTL.days}d")
-        if args.page_size is not None and not 1 <= args.page_size <= MAX_PAGE_SIZE:
-            raise UsageError(f"--page-size: 1 to {MAX_PAGE_SIZE}")
         if args.plan is not None:  # before the listing, not after it: a wrong path is 64 now
             check_output(args.plan, "--plan", None, None)
+        output = args.output or ("table" if sys.stdout.isatty() else "ids")
         return cls(
             filters=filters,
-            output=args.output,
+            output=output,
             plan=Path(args.plan) if args.plan else None,
             plan_ttl=ttl,
-            page_size=args.page_size,
+            page_size=page_size_of(args),
             everything=bool(args.all),
         )
-
-
-@dataclass(frozen=True, slots=True)
-class Scan:
-    """What the listing saw: every distinct job, how many pages, whether it was cut short."""
-
-    records: tuple[JobRecord, ...]
-    pages: int
-    total: int | None
-    complete: bool
-
-
-async def scan_jobs(
-    reader: PacedReader,
-    query: Mapping[str, str],
-    *,
-    page_size: int | None = None,
-    max_pages: int = MAX_PAGES,
-    warn: Callable[..., None] = lambda event, **fields: None,
-) -> Scan:
-    """Every job the list call returns for ``query``, page after page while there are more."""
-    paging: dict[str, int] = {} if page_size is None else {"size": page_size}
-    seen: dict[str, JobRecord] = {}
-    page = await reader.list_page(**query, **paging)
-    seen.update((r.id, r) for r in page.records)
-    previous = tuple(r.id for r in page.records)
-    last, read, complete, total = page.pages or 1, 1, True, page.total
-    while read < last:
-        if read >= max_pages:
-            warn("discover.too_many_pages", pages=last, read=read, max_pages=max_pages)
-            complete = False
-            break
-        current = read + 1
-        page = await reader.list_page(**query, current=current, **paging)
-        ids = tuple(r.id for r in page.records)
-        if (page.current is not None and page.current != current) or (ids and ids == previous):
-            warn("discover.paging_ignored", asked=current, answered=page.current, pages=last)
-            complete = False
-            break
-        read += 1
-        if not ids:
-            break
-        seen.update((r.id, r) for r in page.records)
-        previous = ids
-        last = page.pages or last
-        total = page.total if page.total is not None else total
-    return Scan(records=tuple(seen.values()), pages=read, total=total, complete=complete)
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
@@ -177,7 +142,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             settings.protect, settings.protect_files, settings.protected_types,
             settings.protected_statuses,
         )  # fmt: skip
-        return anyio.run(discover, request, settings, protection, sys.stdout.buffer)
+        key = plan_key(settings, log.warning) if request.plan is not None else None
+        return anyio.run(discover, request, settings, protection, sys.stdout, key)
     except (ConfigError, NoSuchApi) as exc:
         return _said(log, "discover.config_error", exc, ExitCode.CONFIG)
     except UsageError as exc:
@@ -198,15 +164,90 @@ def _said(log: Any, event: str, exc: ReaperError, code: int) -> int:
     return code
 
 
+def plan_key(settings: Settings, warn: Any) -> bytes | None:
+    """The plan key, or ``None`` with a warning that a plan is then only checked for accidents."""
+    if settings.plan_key_file is not None:
+        return read_plan_key(
+            settings.plan_key_file, lambda text: warn("settings.key_file_exposed", error=text)
+        )
+    warn("plan.unkeyed", reason="no plan_key_file: the plan's seal is a plain SHA-256 digest, "
+         "which catches accidents, not someone who can write the file and re-seal it")  # fmt: skip
+    return None
+
+
 async def discover(
-    request: DiscoverRequest, settings: Settings, protection: Protection, out: IO[bytes]
+    request: DiscoverRequest,
+    settings: Settings,
+    protection: Protection,
+    out: IO[str],
+    key: bytes | None = None,
 ) -> int:
-    """List, filter, leave out protected jobs, check the cap, then print or write the plan."""
+    """List, filter, leave out protected jobs, check the caps, then show or write the plan."""
     log = structlog.get_logger("devserver_reaper")
-    clock = MonotonicClock()
     project = wiring.project_id(settings)
     endpoint = settings.api_endpoint
-    filters = request.filters
+    now = datetime.now(UTC)
+    writers: list[PlanWriter] = []
+
+    def new_sink() -> PlanWriter | Spool:
+        if request.plan is None:
+            return Spool()
+        writers[:] = [PlanWriter(request.plan, key=key)]
+        return writers[0]
+
+    selected = await select_jobs(
+        settings, request.filters, protection, now=now, new_sink=new_sink,
+        page_size=request.page_size,
+    )  # fmt: skip
+    selection, scan = selected.selection, selected.scan
+    try:
+        log.info(
+            "discover.summary", project_id=project, endpoint=endpoint, listed=selection.listed,
+            pages=scan.pages, passes=scan.passes, complete=scan.complete,
+            incomplete_reason=scan.reason, matched=selection.matched,
+            protected=selection.protected, invalid_ids=selection.invalid,
+            selected=selection.selected, inventory_size=selected.inventory,
+        )  # fmt: skip
+        check_selection(selected, settings, everything=request.everything)
+        review = selection.review.to_json()
+        if request.plan is not None:
+            header = writers[0].seal(
+                project_id=project, endpoint=endpoint, filters=request.filters, now=now,
+                ttl=request.plan_ttl, inventory_size=selected.inventory,
+                complete=scan.complete, review=review,
+            )  # fmt: skip
+            log.info("discover.plan_written", path=str(request.plan), jobs=header.jobs,
+                     seal=header.seal, expires_at=header.to_json()["expires_at"])  # fmt: skip
+            if request.output == "table":
+                out.write(plan_review(header, settings, request.plan) + "\n")
+            return ExitCode.OK
+        assert isinstance(selection.sink, Spool)
+        _write(out, selection.sink, request.output)
+        if request.output == "table":
+            estimate = estimate_s(selection.selected, rate=settings.rate,
+                                  batch_size=settings.batch_size)  # fmt: skip
+            out.write("\n" + render(review, heading=f"{selection.selected:,} jobs selected",
+                                    estimate=estimate) + "\n")  # fmt: skip
+            out.write("\nnext: add --plan PLAN to seal this selection for review, then: "
+                      "devserver-reaper run --plan PLAN\n")  # fmt: skip
+        out.flush()
+        return ExitCode.OK
+    finally:
+        selection.sink.close()
+
+
+async def select_jobs(
+    settings: Settings,
+    filters: Filters,
+    protection: Protection,
+    *,
+    now: datetime,
+    new_sink: Any,
+    page_size: int | None,
+) -> Selected:
+    """The selection, listed through its own session at the configured rate."""
+    log = structlog.get_logger("devserver_reaper")
+    clock = MonotonicClock()
     async with wiring.session(settings, concurrency=1) as session:
         api = await wiring.api_client(settings, session)
         reader = PacedReader(
@@ -215,88 +256,78 @@ async def discover(
             policy=wiring.retry_policy(settings),
             clock=clock,
         )
-        query = filters.server_query()
-        scan = await scan_jobs(reader, query, page_size=request.page_size, warn=log.warning)
-        inventory = max(len(scan.records), scan.total or 0)
-        if query:  # the listing was narrowed by the server: count the whole project apart
-            everything = await reader.list_page(
-                **({} if request.page_size is None else {"size": request.page_size})
-            )
-            inventory = max(everything.total or 0, len(everything.records))
-    matched = [r for r in scan.records if filters.matches(r)]
-    selected: list[JobRecord] = []
-    protected = invalid = 0
-    for record in matched:
-        if not JOB_ID_RE.fullmatch(record.id):
-            # Printed, "old-1\nvictim-2" would be two ids to the run it is piped to, the second
-            # one nobody selected; a plan holding it would be refused whole.
-            invalid += 1
-            log.warning("discover.invalid_id", job_id=escape(record.id),
-                        reason="the API listed a job whose id is not 1 to 64 letters, digits, "
-                               "'-' or '_': left out, since run would refuse it")  # fmt: skip
-            continue
-        rule = protection.reason(record)
-        if rule is None:
-            selected.append(record)
-        else:
-            protected += 1
-            log.info("discover.protected", job_id=record.id, rule=rule)
-    log.info(
-        "discover.summary",
-        project_id=project,
-        endpoint=endpoint,
-        listed=len(scan.records),
-        pages=scan.pages,
-        complete=scan.complete,
-        matched=len(matched),
-        protected=protected,
-        invalid_ids=invalid,
-        selected=len(selected),
-        inventory_size=inventory,
-        reader_calls=reader.calls,
-    )
-    check_fraction(len(selected), inventory, settings.max_fraction)
-    if len(matched) == inventory > 1 and not request.everything:
+        return await select(
+            reader, filters, protection, clock=clock, now=now, new_sink=new_sink,
+            page_size=page_size, warn=log.warning, note=log.info,
+        )  # fmt: skip
+
+
+def check_selection(selected: Selected, settings: Settings, *, everything: bool) -> None:
+    """``max_fraction`` and ``--all``: ``PlanRefused``/``UsageError`` (64) when over."""
+    selection, inventory = selected.selection, selected.inventory
+    check_fraction(selection.selected, inventory, settings.max_fraction)
+    if selection.matched == inventory >= 1 and not everything:
         # Filters that match everything (--name-regex ., --older-than 2099-01-01) are the
-        # "no filter" that --all guards, spelt another way.
+        # "no filter" that --all guards, spelt another way: in a project of one job too.
         raise UsageError(
             f"the filters match every job the project holds ({inventory}): pass --all if "
             "that is meant"
         )
-    if request.plan is not None:
-        now = datetime.now(UTC)
-        plan = Plan.create(
-            project_id=project,
-            endpoint=endpoint,
-            filters=filters,
-            records=selected,
-            inventory_size=inventory,
-            now=now,
-            ttl=request.plan_ttl,
-        )
-        try:
-            write_plan(request.plan, plan)
-        except OSError as exc:
-            raise UsageError(
-                f"plan {request.plan} cannot be written: {exc.strerror or type(exc).__name__}"
-            ) from None
-        log.info("discover.plan_written", path=str(request.plan), jobs=len(plan.jobs),
-                 digest=plan.digest, expires_at=plan.to_json()["expires_at"])  # fmt: skip
-        return ExitCode.OK
-    _write(out, selected, request.output)
-    return ExitCode.OK
 
 
-def _write(out: IO[bytes], records: list[JobRecord], output: str) -> None:
+def plan_review(header: PlanHeader, settings: Settings, path: Path | str) -> str:
+    """What ``plan show`` prints and ``discover --plan`` shows on a terminal."""
+    estimate = estimate_s(header.jobs, rate=settings.rate, batch_size=settings.batch_size)
+    seal = "a plan key (HMAC-SHA256)" if header.keyed else "no plan key: checked for accidents only"
+    lines = [
+        f"plan {path}",
+        f"  project  {header.project_id}",
+        f"  endpoint {header.endpoint}",
+        f"  made     {header.to_json()['created_at']}   expires {header.to_json()['expires_at']}",
+        f"  sealed   with {seal}",
+        f"  filters  {filters_text(header.filters)}",
+        f"  inventory {header.inventory_size:,} jobs"
+        + ("" if header.complete else "   (listing incomplete)"),
+        "",
+        render(header.review, heading=f"{header.jobs:,} jobs planned", estimate=estimate),
+        "",
+        f"next: devserver-reaper run --plan {path} --dry-run   (checks every job, deletes none)",
+        f"      devserver-reaper run --plan {path}",
+    ]
+    return "\n".join(lines)
+
+
+def filters_text(filters: Filters) -> str:
+    given = {k: v for k, v in filters.to_json().items() if v is not None and k != "time_field"}
+    if filters.older_than is not None or filters.newer_than is not None:
+        given["time_field"] = filters.time_field
+    words = [f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in given.items()]
+    return " ".join(words) or "none (--all)"
+
+
+def _write(out: IO[str], spool: Spool, output: str) -> None:
+    import orjson
+
     if output == "jsonl":
-        lines = [orjson.dumps(_jsonl(r)) + b"\n" for r in records]
+        for row in spool.rows():
+            out.write(orjson.dumps(row).decode() + "\n")
+    elif output == "ids":
+        for row in spool.rows():
+            out.write(row["id"] + "\n")
     else:
-        lines = [r.id.encode() + b"\n" for r in records]
-    out.write(b"".join(lines))
-    out.flush()
+        _table(out, spool)
 
 
-def _jsonl(record: JobRecord) -> dict[str, Any]:
-    fields = record.event_fields()
-    fields.pop("job_id")
-    return {"id": record.id, **fields}
+def _table(out: IO[str], spool: Spool) -> None:
+    columns = ("id", "name", "type", "status", "user_name", "create_at")
+    shown: list[list[str]] = []
+    for row in spool.rows():
+        if len(shown) >= TABLE_ROWS:
+            break
+        shown.append([str(row.get(c) or "") for c in columns])
+    widths = [max([len(c)] + [len(r[i]) for r in shown]) for i, c in enumerate(columns)]
+    out.write("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)) + "\n")
+    for r in shown:
+        out.write("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    if spool.jobs > len(shown):
+        out.write(f"... {spool.jobs - len(shown):,} more (-o ids or -o jsonl lists them all)\n")

@@ -30,9 +30,10 @@ from anyio.abc import TaskGroup, TaskStatus
 from worker import logsetup, wiring
 from worker.api.client import ApiClient
 from worker.batcher import Batcher, DeletionBudget
-from worker.clock import MonotonicClock
+from worker.clock import Clock, MonotonicClock
+from worker.commands.planned import Selecting
 from worker.discovery.guard import Guard, PlanCheck, load_protection
-from worker.discovery.plan import Plan
+from worker.discovery.plan import SealedPlan
 from worker.dispatcher import Working
 from worker.errors import (
     ApiError,
@@ -84,6 +85,8 @@ class RunRequest:
     retry_failed: bool = False
     progress: str = "auto"
     plan: bool = False  # ``input`` is a plan file written by ``discover --plan``
+    exclude: str | None = None  # ids not to delete after all (with a plan)
+    selecting: Selecting | None = None  # discover's filters: select, seal, apply
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
@@ -108,13 +111,21 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     except UsageError as exc:
         print(f"devserver-reaper run: {exc}", file=sys.stderr)
         return ExitCode.USAGE
+    try:
+        selecting = _selecting(args)
+    except UsageError as exc:
+        print(f"devserver-reaper run: {exc}", file=sys.stderr)
+        output.close()
+        return ExitCode.USAGE
     request = RunRequest(
-        input=args.plan or args.input,
-        plan=args.plan is not None,
+        input=selecting.describe() if selecting is not None else args.plan or args.input,
+        plan=args.plan is not None or selecting is not None,
         input_format=args.input_format,
         results=args.results,
         retry_failed=args.retry_failed,
         progress=args.progress,
+        exclude=args.exclude,
+        selecting=selecting,
     )
     try:
         return execute(request, settings, output=output)
@@ -130,6 +141,17 @@ def execute(
     output: Output | None = None,
 ) -> int:
     """Check what can be checked before any call, confirm, then run the pipeline."""
+    with ExitStack() as cleanup:  # a plan's private copy, whatever happens
+        return _execute(request, settings, cleanup, stdin, output)
+
+
+def _execute(
+    request: RunRequest,
+    settings: Settings,
+    cleanup: ExitStack,
+    stdin: IO[bytes] | None,
+    output: Output | None,
+) -> int:
     output = output if output is not None else Output()
     run_id = new_run_id()
     structlog.contextvars.bind_contextvars(run_id=run_id)
@@ -138,16 +160,23 @@ def execute(
         if not settings.dry_run:
             settings.require_api()
         endpoint = _endpoint_or_placeholder(settings)
-        _check_input(request.input)
+        if not request.plan:
+            _check_input(request.input)
         shard_of(settings)
         if request.results is not None:
             check_output(request.results, "--results", request.input, settings.ledger)
-        plan = _load_plan(request.input, settings) if request.plan else None
+        excluded = frozenset[str]()
+        if request.exclude is not None:
+            from worker.commands.planned import read_excluded
+
+            excluded = read_excluded(request.exclude)
+        plan = _load_plan(request, settings) if request.plan else None
         if plan is not None:
-            output.name_jobs({job.id: job.name for job in plan.jobs if job.name})
+            cleanup.callback(plan.close)
+            output.name_jobs(plan.reviewed.names())
         if not settings.dry_run and not settings.yes:
             _confirm(request, settings, endpoint, plan)
-    except (ConfigError, InputUnreadable, UsageError) as exc:
+    except (ConfigError, InputUnreadable, UsageError, ApiError, ApiUnavailable) as exc:
         return _stopped_before_any_call(log, exc, output)
     except InterruptedAtPrompt as exc:
         sys.stderr.write(f"\n{exc}\n")
@@ -157,13 +186,15 @@ def execute(
             # Unbuffered: the reading thread may be left blocked on a quiet pipe after a stop,
             # and a BufferedReader's lock held by it would abort the interpreter at exit.
             stdin = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)  # noqa: SIM115
-        run = partial(run_async, plan=plan, output=output)
+        run = partial(run_async, plan=plan, excluded=excluded, output=output)
         return anyio.run(run, request, settings, run_id, endpoint, stdin)
     except (ConfigError, UsageError, ApiError, RedisUnavailable) as exc:  # before any call
         return _stopped_before_any_call(log, exc, output)
 
 
 STOPPED_BEFORE = (
+    (NoSuchApi, "run.config_error", ExitCode.CONFIG),  # selecting: the API is not there
+    (ApiUnavailable, "run.unavailable", ExitCode.UNAVAILABLE),  # selecting: the API gave out
     (ConfigError, "run.config_error", ExitCode.CONFIG),
     (InputUnreadable, "run.input_unreadable", ExitCode.NO_INPUT),
     (UsageError, "run.usage_error", ExitCode.USAGE),  # --results that could not be opened
@@ -216,25 +247,45 @@ def _check_input(path: str) -> None:
         read_entries(path).close()
 
 
-def _load_plan(path: str, settings: Settings) -> Plan:
-    """Read and verify a plan before anything is sent: ``PlanRefused`` (64) when it is altered,
-    expired, for another project or endpoint, or over ``max_fraction``."""
+def _selecting(args: argparse.Namespace) -> Selecting | None:
+    """discover's filters given to run, or ``None``; ``UsageError`` (64) when they are mixed
+    with another source, or when no source is given at all."""
     from datetime import UTC, datetime
 
-    from worker.discovery.plan import read_plan
+    from worker.commands.discover import filters_from_args, page_size_of
+    from worker.discovery.filters import filters_given
 
-    plan = read_plan(Path(path))
-    plan.verify(
-        project_id=wiring.project_id(settings),
-        endpoint=settings.api_endpoint,
-        now=datetime.now(UTC),
-        max_fraction=settings.max_fraction,
-    )
-    return plan
+    if not filters_given(vars(args)):
+        if args.input is None and args.plan is None:
+            raise UsageError("say what to delete: --input FILE, --plan PLAN, or discover's "
+                             "filters (--status, --older-than ...)")  # fmt: skip
+        if args.exclude is not None and args.plan is None:
+            raise UsageError("--exclude goes with --plan or discover's filters")
+        return None
+    if args.input is not None or args.plan is not None:
+        raise UsageError("discover's filters select the jobs themselves: give them, or "
+                         "--input, or --plan, not both")  # fmt: skip
+    filters = filters_from_args(args, datetime.now(UTC))
+    return Selecting(filters, everything=bool(args.all), page_size=page_size_of(args))
+
+
+def _load_plan(request: RunRequest, settings: Settings) -> SealedPlan:
+    """Read and verify a plan before anything is sent (``PlanRefused``, 64, when it is
+    altered, expired, for another project or endpoint, or over ``max_fraction``), or select
+    and seal one with discover's filters."""
+    from worker.commands.planned import open_file_plan, select_and_seal
+
+    if request.selecting is None:
+        return open_file_plan(request.input, settings)
+    protection = load_protection(
+        settings.protect, settings.protect_files, settings.protected_types,
+        settings.protected_statuses,
+    )  # fmt: skip
+    return select_and_seal(request.selecting, settings, protection)
 
 
 def _confirm(
-    request: RunRequest, settings: Settings, endpoint: str, plan: Plan | None = None
+    request: RunRequest, settings: Settings, endpoint: str, plan: SealedPlan | None = None
 ) -> None:
     """On a terminal, ask; anywhere else, insist on --yes (exit 64 before any call)."""
     interactive = (
@@ -255,13 +306,21 @@ def _confirm(
     )
 
 
+def _counted(plan: SealedPlan | None, key: str) -> tuple[tuple[str, int], ...]:
+    """A plan's jobs counted by type or status, as its review recorded them, most first."""
+    if plan is None:
+        return ()
+    counts = plan.header.review.get(key) or {}
+    return tuple(sorted(((str(k), int(v)) for k, v in counts.items()), key=lambda kv: -kv[1]))
+
+
 def _proposal(
-    request: RunRequest, settings: Settings, endpoint: str, plan: Plan | None
+    request: RunRequest, settings: Settings, endpoint: str, plan: SealedPlan | None
 ) -> Proposal:
     """What the prompt shows: everything known before any call."""
     from worker.ledger import open_readonly
     from worker.terminal.progress import count_lines
-    from worker.terminal.prompt import Proposal, tally
+    from worker.terminal.prompt import Proposal
 
     protection = load_protection(
         settings.protect, settings.protect_files, settings.protected_types,
@@ -283,11 +342,11 @@ def _proposal(
         source=request.input,
         project=wiring.project_id(settings),
         endpoint=endpoint,
-        count=len(plan.jobs) if plan is not None else count_lines(request.input),
+        count=len(plan) if plan is not None else count_lines(request.input),
         exact=plan is not None,
         cap=settings.max_deletions,
-        by_type=tally(job.type for job in plan.jobs) if plan is not None else (),
-        by_status=tally(job.status for job in plan.jobs) if plan is not None else (),
+        by_type=_counted(plan, "by_type"),
+        by_status=_counted(plan, "by_status"),
         protection=tuple(rules),
         already_done=done,
         calls_per_id=1.0 if plan is not None or protection.needs_record else 0.0,
@@ -303,7 +362,8 @@ async def run_async(
     endpoint: str,
     stdin: IO[bytes] | None = None,
     *,
-    plan: Plan | None = None,
+    plan: SealedPlan | None = None,
+    excluded: frozenset[str] = frozenset(),
     output: Output | None = None,
 ) -> int:
     """The run itself, inside an event loop (``demo`` calls this beside its simulator)."""
@@ -326,7 +386,7 @@ async def run_async(
         try:
             code = await _run(
                 request, settings, run_id, endpoint, stdin, plan, state, events, group, output,
-                working,
+                working, excluded,
             )  # fmt: skip
         except ReaperError as exc:  # raised as itself, not wrapped in the group's ExceptionGroup
             failure = exc
@@ -375,12 +435,13 @@ async def _run(
     run_id: str,
     endpoint: str,
     stdin: IO[bytes] | None,
-    plan: Plan | None,
+    plan: SealedPlan | None,
     state: RunState,
     events: EventLog,
     group: TaskGroup,
     output: Output,
     working: Working,
+    excluded: frozenset[str] = frozenset(),
 ) -> int:
     clock = MonotonicClock()
     total: int | None = None  # ids (a plan) or lines (a file) of the input, when shown
@@ -430,7 +491,7 @@ async def _run(
         port = LedgerPort(ledger)  # one port: one thread at a time on the connection
         journal = RunJournal(ledger=port, events=events, tally=tally, results=results)
         entries: Iterator[Any] = (
-            iter([Candidate(job_id, n) for n, job_id in enumerate(plan.ids, 1)])
+            (Candidate(job_id, n) for n, job_id in enumerate(plan.ids(), 1))
             if plan is not None
             else read_entries(request.input, request.input_format, stdin=stdin)
         )
@@ -448,7 +509,8 @@ async def _run(
             concurrency=settings.concurrency,
             rate=settings.rate,
             ledger=str(settings.ledger) if settings.ledger else None,
-            plan=plan.digest if plan is not None else None,
+            plan=plan.header.seal if plan is not None else None,
+            excluded=len(excluded) if request.exclude else None,
             protection=repr(protection) if protection.active else None,
         )
         session = redis = None
@@ -473,15 +535,17 @@ async def _run(
                 clock=clock,
                 stopping=lambda: state.stopping,
                 protection=protection,
-                plan=None if plan is None else PlanCheck.of(plan),
+                plan=None if plan is None else PlanCheck.of(plan, excluded),
                 working=working,
                 gate=gate,
                 # Re-checked by listing: a plan's jobs with its server-side filters, a
                 # protected input's jobs with none (protection reads every job's record).
-                listing=[plan.filters.server_query()] if plan is not None else [{}],
+                listing=plan.filters.server_queries() if plan is not None else [{}],
                 warn=events.warn,
                 budget=budget,
             )
+            if plan is not None and isinstance(dispatcher, Guard):
+                await _recount(plan, dispatcher, settings, clock)
             pipeline = Pipeline(
                 entries=entries,
                 ledger=port,
@@ -499,7 +563,7 @@ async def _run(
             if output.display is not None:
                 from worker.terminal.progress import count_lines
 
-                total = len(plan.jobs) if plan is not None else count_lines(request.input)
+                total = len(plan) if plan is not None else count_lines(request.input)
                 total = None if sharding is not None else total  # its part is not known
             if display is not None:
                 from worker.terminal.progress import Progress
@@ -550,6 +614,18 @@ async def _run(
             total, plan,
         )  # fmt: skip
         return code
+
+
+async def _recount(plan: SealedPlan, guard: Guard, settings: Settings, clock: Clock) -> None:
+    """``max_fraction`` against the jobs the project holds now, not only the count the plan
+    recorded (which a plan sealed without a key cannot vouch for): ``PlanRefused`` (64)."""
+    if settings.max_fraction is None or guard.reader is None:
+        return
+    from worker.discovery.listing import count_listing
+    from worker.discovery.plan import check_fraction
+
+    inventory = await count_listing(guard.reader, clock=clock)
+    check_fraction(len(plan), min(inventory, plan.header.inventory_size), settings.max_fraction)
 
 
 def _close_quietly(handle: IO[bytes]) -> None:
@@ -671,7 +747,7 @@ def _summarise(
     sharded: dict[str, Any],
     checks: dict[str, int] | None = None,
     total: int | None = None,
-    plan: Plan | None = None,
+    plan: SealedPlan | None = None,
 ) -> None:
     counts = tally.counts()
     fields: dict[str, Any] = dict(counts)

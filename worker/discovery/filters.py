@@ -1,12 +1,13 @@
 """Which jobs a discovery selects: durations, cut-offs and filters. Pure: no clock, no I/O.
 
 A filter set is split in two. The server-side part (``status``, ``type``, ``name``, ``id``)
-becomes the list call's query, so the server sends less; the client-side part (a name glob
-or regex, an age window on ``create_at`` or ``update_at``, a user name) is applied to each
-record. :meth:`Filters.mismatch` re-checks *every* filter, the server-side ones included
-(exactly, case-sensitively), because the API documents neither how it matches ``name`` nor
-whether it honours every parameter: a record is selected only when we have seen for
-ourselves that it matches.
+becomes the list calls' queries, so the server sends less (one query per status or type
+word: the server matches one value, exactly); the client-side part (a name glob or regex,
+an age window on ``create_at`` or ``update_at``, a user name) is applied to each record.
+:meth:`Filters.mismatch` re-checks *every* filter, the server-side ones included (statuses
+and types without regard to case, as protection compares them; name and id exactly),
+because the API documents neither how it matches ``name`` nor whether it honours every
+parameter: a record is selected only when we have seen for ourselves that it matches.
 
 Age windows are stored as absolute instants (``older_than`` is "created before this UTC
 time"), computed once from the duration the user typed and the time of discovery. A plan
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -39,6 +40,16 @@ a time the API got wrong (0, or seconds read as milliseconds) and matches no age
 MAX_SPAN_S = 100 * 366 * 86400
 """The longest duration taken: longer ones overflow date arithmetic, and mean nothing here."""
 SERVER_FIELDS = ("id", "name", "type", "status")
+
+
+FILTER_DESTS = ("filter_status", "filter_type", "filter_name", "filter_id", "name_glob",
+                "name_regex", "user_name", "older_than", "newer_than", "all")  # fmt: skip
+"""The command line's names (argparse ``dest``) of discover's filter flags, ``--all`` last."""
+
+
+def filters_given(values: Mapping[str, object]) -> bool:
+    """Whether any of discover's filter flags (or ``--all``) is among ``values``."""
+    return any(values.get(name) not in (None, False) for name in FILTER_DESTS)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -98,12 +109,37 @@ def _nonblank(value: str | None, what: str) -> str | None:
     return value
 
 
+Words = tuple[str, ...]
+
+
+def any_of(value: str | Iterable[str] | None, what: str) -> Words | None:
+    """``FINISHED``, ``finished,failed`` or ``["FINISHED", "failed"]``: the words, upper case,
+    stripped, each once, in the order given; ``None`` for nothing given."""
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else [p for v in value for p in v.split(",")]
+    words = tuple(dict.fromkeys(word.strip().upper() for word in parts if word.strip()))
+    if not words:
+        raise ValueError(f"{what} must not be blank")
+    for word in words:
+        if not _WORD_RE.fullmatch(word):
+            raise ValueError(f"{what} {word!r} is not a job {what} such as FINISHED or COMMON")
+    return words
+
+
+_WORD_RE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+
+
 @dataclass(frozen=True, slots=True)
 class Filters:
-    """One discovery's filters. ``None`` means "not filtered on"."""
+    """One discovery's filters. ``None`` means "not filtered on".
 
-    status: str | None = None
-    type: str | None = None
+    ``status`` and ``type`` are sets of words, any of which matches, compared without regard
+    to case (``finished,failed``); given as one string they are split on commas.
+    """
+
+    status: Words | str | None = None  # a string is split on commas: a tuple once made
+    type: Words | str | None = None
     name: str | None = None
     id: str | None = None
     name_glob: str | None = None
@@ -114,7 +150,10 @@ class Filters:
     time_field: TimeField = "create_at"
 
     def __post_init__(self) -> None:
-        for field_name in ("status", "type", "name", "name_glob", "name_regex", "user_name"):
+        for field_name in ("status", "type"):
+            words = any_of(getattr(self, field_name), field_name)
+            object.__setattr__(self, field_name, words)
+        for field_name in ("name", "name_glob", "name_regex", "user_name"):
             _nonblank(getattr(self, field_name), field_name)
         if self.id is not None and not JOB_ID_RE.fullmatch(self.id):
             raise ValueError("id must be 1 to 64 letters, digits, '-' and '_'")
@@ -145,16 +184,29 @@ class Filters:
         """No filter at all: every job matches. ``discover`` refuses this without ``--all``."""
         return all(getattr(self, name) is None for name in _FILTER_FIELDS)
 
-    def server_query(self) -> dict[str, str]:
-        """The list call's query parameters: the filters the server can apply itself."""
-        return {key: value for key in SERVER_FIELDS if (value := getattr(self, key)) is not None}
+    def server_queries(self) -> list[dict[str, str]]:
+        """The list calls' queries: the filters the server can apply itself. The server
+        matches one value exactly, so a status or type of several words is one query per
+        word (per pair, for both), each in the upper case the API uses."""
+        fixed = {key: value for key in ("name", "id") if (value := getattr(self, key))}
+        queries = [fixed]
+        for key in ("status", "type"):
+            words = getattr(self, key)
+            if words:
+                queries = [{**query, key: word} for query in queries for word in words]
+        return queries
 
     def mismatch(self, record: JobRecord) -> str | None:
         """Why ``record`` does not match, in words; ``None`` when it matches every filter.
 
         A record that lacks a field a filter needs does not match: unknown is not a yes.
         """
-        for key in SERVER_FIELDS:
+        for key in ("status", "type"):
+            wanted = getattr(self, key)
+            have = getattr(record, key)
+            if wanted is not None and (have or "").strip().upper() not in wanted:
+                return f"{key} is {have!r}, not {_either(wanted)}"
+        for key in ("name", "id"):
             wanted = getattr(self, key)
             have = getattr(record, key)
             if wanted is not None and have != wanted:
@@ -187,8 +239,10 @@ class Filters:
         return self.mismatch(record) is None
 
     def to_json(self) -> dict[str, Any]:
-        """Every field, times as ISO-8601 UTC: what a plan records and hashes."""
+        """Every field, times as ISO-8601 UTC, words as lists: what a plan records."""
         out: dict[str, Any] = {name: getattr(self, name) for name in _FILTER_FIELDS}
+        for key in ("status", "type"):
+            out[key] = None if out[key] is None else list(out[key])
         out["older_than"] = iso(self.older_than)
         out["newer_than"] = iso(self.newer_than)
         out["time_field"] = self.time_field
@@ -204,7 +258,11 @@ class Filters:
         values: dict[str, Any] = {}
         for name in _FILTER_FIELDS:
             value = data.get(name)
-            if value is not None and not isinstance(value, str):
+            if name in ("status", "type") and isinstance(value, list):
+                if not all(isinstance(word, str) for word in value):
+                    raise ValueError(f"filter {name} is not a list of words")
+                value = tuple(value)
+            elif value is not None and not isinstance(value, str):
                 raise ValueError(f"filter {name} is not a string")
             values[name] = value
         for name in ("older_than", "newer_than"):
@@ -220,6 +278,10 @@ _FILTER_FIELDS = (
     "status", "type", "name", "id", "name_glob", "name_regex", "user_name", "older_than",
     "newer_than",
 )  # fmt: skip
+
+
+def _either(words: Words) -> str:
+    return " or ".join(repr(word) for word in words)
 
 
 def matched_fields(record: JobRecord) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -41,7 +41,7 @@ from worker.pacing.paced import PacedReader, Stopped
 from worker.types import JOB_ID_RE, Batch, JobRecord, Outcome, Result, gone, skipped
 
 if TYPE_CHECKING:
-    from worker.discovery.plan import Plan
+    from worker.discovery.plan import SealedPlan
     from worker.discovery.recheck import ListingRecheck
 
 DEFAULT_MAX_AGE = 60.0
@@ -235,14 +235,16 @@ class Outcomes(Protocol):
 @dataclass(frozen=True, slots=True)
 class PlanCheck:
     """What a job must still be to be deleted under a plan: one of its jobs (``reviewed``:
-    id -> what the reviewer saw of it), matching its filters, and as it was reviewed."""
+    id -> what the reviewer saw of it), not excluded after the review (``--exclude``),
+    matching its filters, and as it was reviewed."""
 
     filters: Filters
-    reviewed: Mapping[str, Reviewed]
+    reviewed: ReviewedJobs
+    excluded: frozenset[str] = frozenset()
 
     @classmethod
-    def of(cls, plan: Plan) -> PlanCheck:
-        return cls(plan.filters, {job.id: job for job in plan.jobs})
+    def of(cls, plan: SealedPlan, excluded: frozenset[str] = frozenset()) -> PlanCheck:
+        return cls(plan.filters, plan.reviewed, excluded)
 
     def changed(self, record: JobRecord) -> str | None:
         """Which field the job no longer has as reviewed (``status was ... , now ...``).
@@ -259,6 +261,14 @@ class PlanCheck:
             if then != now:
                 return f"{name} was {then!r} when reviewed, now {now!r}"
         return None
+
+
+class ReviewedJobs(Protocol):
+    """A plan's jobs by id (``worker.discovery.plan.PlanJobs``, or a dict)."""
+
+    def __contains__(self, job_id: object, /) -> bool: ...
+
+    def get(self, job_id: str, /) -> Reviewed | None: ...
 
 
 class Reviewed(Protocol):
@@ -331,6 +341,11 @@ class Guard:
     def needs_record(self) -> bool:
         return self._plan is not None or self._protection.needs_record
 
+    @property
+    def reader(self) -> PacedReader | None:
+        """The paced reads the guard checks with (``None`` in a dry run)."""
+        return self._reader
+
     def checks(self) -> dict[str, int]:
         """How the jobs were checked, for the run's summary."""
         recheck = self._recheck
@@ -349,6 +364,8 @@ class Guard:
         for job_id in batch.ids:
             if self._protection.protects_id(job_id):
                 ended.append(self._skip(job_id, batch, "protected", "id"))
+            elif self._plan is not None and job_id in self._plan.excluded:
+                ended.append(self._skip(job_id, batch, "excluded", "excluded after review"))
             elif self._plan is not None and job_id not in self._plan.reviewed:
                 ended.append(self._skip(job_id, batch, "not_in_plan", None))
             elif spent and job_id not in batch.unsure:  # past --max-deletions: nothing to

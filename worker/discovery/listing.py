@@ -139,3 +139,17 @@ class Pager:
         else:
             more = len(answer.records) >= self._length
         return Page(answer.records, start, answer.total, more, at)
+
+
+async def count_listing(reader: PageReader, *, clock: Clock, page_size: int | None = None) -> int:
+    """How many jobs the whole (unfiltered) listing holds: its stated ``total``, else its
+    pages counted one by one."""
+    pager = Pager(reader, {}, clock=clock, page_size=page_size)
+    page = await pager.read(0)
+    if page.total is not None:
+        return max(page.total, len(page.records))
+    count = len(page.records)
+    while page.more and pager.paged:
+        page = await pager.read(page.end)
+        count += len(page.records)
+    return count

@@ -1,0 +1,39 @@
+"""``devserver-reaper plan show PLAN``: check a plan's seal and show what it holds.
+
+The same review ``discover`` shows on a terminal (counts by type, status, user and age, what
+protection left out, the time the deletion would take at the configured rate) and the next
+command, read from the plan's header once its seal is checked (with ``plan_key_file`` when
+the plan was sealed with a plan key). Exit 64 for a plan that is not one or was altered, 66
+for a file that cannot be read, 78 for a plan key that cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from worker.errors import ConfigError, InputUnreadable, UsageError
+from worker.exit_codes import ExitCode
+from worker.settings import Settings
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.commands.discover import plan_review
+    from worker.discovery.plan import read_header
+    from worker.settings import read_plan_key
+
+    try:
+        key = None if settings.plan_key_file is None else read_plan_key(settings.plan_key_file)
+        header = read_header(Path(args.path), key=key)
+    except ConfigError as exc:
+        print(f"devserver-reaper plan: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    except InputUnreadable as exc:
+        print(f"devserver-reaper plan: {exc}", file=sys.stderr)
+        return ExitCode.NO_INPUT
+    except UsageError as exc:
+        print(f"devserver-reaper plan: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    print(plan_review(header, settings, args.path))
+    return ExitCode.OK

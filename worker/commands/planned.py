@@ -1,0 +1,136 @@
+"""What ``run`` applies when it applies a plan: a plan file, or discover's filters sealed here.
+
+``run --plan PLAN`` opens the plan (its seal checked with ``plan_key_file``, its jobs copied
+aside: :func:`worker.discovery.plan.open_plan`) and verifies it before anything is sent:
+project, endpoint, expiry, ``max_fraction``. ``--exclude FILE`` names ids the review struck
+out; they end ``skipped`` (``excluded``), in the summary and the results.
+
+``run`` with discover's filters (``--status FINISHED --older-than 30d`` ...) selects exactly
+as ``discover`` does (protection, ``--all``, ``max_fraction``), seals the selection into a
+private plan under a key made for this process alone, and applies that: a nightly policy,
+reviewed as a command line instead of as a list.
+"""
+
+from __future__ import annotations
+
+import secrets
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+import structlog
+
+from worker import wiring
+from worker.discovery.filters import Filters
+from worker.discovery.guard import Protection
+from worker.discovery.plan import PlanWriter, SealedPlan, open_plan
+from worker.errors import UsageError
+from worker.input.sources import read_entries
+from worker.settings import Settings, read_plan_key
+from worker.types import Candidate
+
+EXCLUDE_LIMIT = 1_000_000
+"""Ids an exclusion file may hold: struck out by a person after a review, not a second input."""
+
+
+@dataclass(frozen=True, slots=True)
+class Selecting:
+    """discover's filter flags, given to ``run``."""
+
+    filters: Filters
+    everything: bool = False
+    page_size: int | None = None
+
+    def describe(self) -> str:
+        from worker.commands.discover import filters_text
+
+        return f"filters: {filters_text(self.filters)}"
+
+
+def open_file_plan(path: str, settings: Settings) -> SealedPlan:
+    """A plan file, its seal checked and its header verified (``PlanRefused``, 64)."""
+    log = structlog.get_logger("devserver_reaper")
+    key = None
+    if settings.plan_key_file is not None:
+        key = read_plan_key(
+            settings.plan_key_file,
+            lambda text: log.warning("settings.key_file_exposed", error=text),
+        )
+    plan = open_plan(Path(path), key=key)
+    try:
+        plan.header.verify(
+            project_id=wiring.project_id(settings),
+            endpoint=settings.api_endpoint,
+            now=datetime.now(UTC),
+            max_fraction=settings.max_fraction,
+        )
+    except BaseException:
+        plan.close()
+        raise
+    return plan
+
+
+def select_and_seal(selecting: Selecting, settings: Settings, protection: Protection) -> SealedPlan:
+    """Select with discover's filters and seal the selection into a private plan."""
+    from worker.commands.discover import check_selection, select_jobs
+
+    key = secrets.token_bytes(32)  # this process's own: nothing else can seal for it
+    folder = Path(tempfile.mkdtemp(prefix="devserver-reaper-select-"))
+    path = folder / "plan"
+    now = datetime.now(UTC)
+    writers: list[PlanWriter] = []
+
+    def new_sink() -> PlanWriter:
+        writers[:] = [PlanWriter(path, key=key)]
+        return writers[0]
+
+    async def selected() -> None:
+        found = await select_jobs(
+            settings, selecting.filters, protection, now=now, new_sink=new_sink,
+            page_size=selecting.page_size,
+        )  # fmt: skip
+        try:
+            check_selection(found, settings, everything=selecting.everything)
+            header = writers[0].seal(
+                project_id=wiring.project_id(settings), endpoint=settings.api_endpoint,
+                filters=selecting.filters, now=now, ttl=timedelta(days=1),
+                inventory_size=found.inventory, complete=found.scan.complete,
+                review=found.selection.review.to_json(),
+            )  # fmt: skip
+        finally:
+            found.selection.sink.close()
+        structlog.get_logger("devserver_reaper").info(
+            "run.selected", jobs=header.jobs, listed=found.selection.listed,
+            protected=found.selection.protected, inventory_size=found.inventory,
+            complete=found.scan.complete, incomplete_reason=found.scan.reason,
+        )  # fmt: skip
+
+    try:
+        anyio.run(selected)
+        plan = open_plan(path, key=key)
+    finally:
+        path.unlink(missing_ok=True)
+        folder.rmdir()
+    return plan
+
+
+def read_excluded(path: str) -> frozenset[str]:
+    """``--exclude FILE``: the ids in it (any input format ``run`` reads); ``UsageError`` (64)
+    for a line that is not an id, ``InputUnreadable`` (66) when it cannot be read (raised by
+    the reader)."""
+    ids: set[str] = set()
+    entries = read_entries(path)
+    try:
+        for entry in entries:
+            if not isinstance(entry, Candidate):
+                raise UsageError(
+                    f"--exclude {path}, line {entry.line}: not a job id ({entry.reason})"
+                )
+            ids.add(entry.job_id)
+            if len(ids) > EXCLUDE_LIMIT:
+                raise UsageError(f"--exclude {path} holds more than {EXCLUDE_LIMIT:,} ids")
+    finally:
+        entries.close()
+    return frozenset(ids)
