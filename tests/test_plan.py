@@ -540,3 +540,32 @@ async def test_plan_show_and_discover_on_a_table_give_the_review_and_the_next_co
         table = await reaper(["discover", "--status", "FINISHED", "-o", "table"], env)
         assert table.code == 0 and table.stdout.startswith("ID ")
         assert f"{len(finished):,} jobs selected" in table.stdout and "next:" in table.stdout
+
+
+@pytest.mark.anyio
+async def test_a_dry_run_of_a_plan_checks_the_live_jobs_and_sends_no_delete(
+    tmp_path: Path,
+) -> None:
+    """As ``kubectl --dry-run=server``: would delete N, would skip M, and why."""
+    async with run_simulator(SimulatorConfig(jobs=200, seed=28)) as sim:
+        path, out = tmp_path / "plan", tmp_path / "results.jsonl"
+        env = reaper_env(sim.url)
+        made = await reaper(["discover", "--status", "FINISHED", "--plan", str(path)], env)
+        assert made.code == 0, made.stderr
+        planned = ids_of(path)
+        changed, gone, kept = planned[3], planned[9], planned[20]
+        sim.set_status(changed, "PROCESSING")
+        sim.store.delete([gone])
+        done = await reaper(["run", "--plan", str(path), "--dry-run", "--results", str(out),
+                             "--protect", f"id:{kept}"], env)  # fmt: skip
+        assert done.code == 0, done.stderr
+        assert sim.stats.delete_calls == 0 and set(sim.store.jobs) >= set(planned) - {gone}
+        summary = done.summary()
+        assert summary["would_delete"] == len(planned) - 3 and summary["absent"] == 1
+        assert summary["skipped_by_reason"] == {
+            "dry_run": len(planned) - 3, "plan_mismatch": 1, "protected": 1}  # fmt: skip
+        rows = {row["job_id"]: row for row in results(out)}
+        assert rows[changed]["reason"] == "plan_mismatch" and rows[gone]["outcome"] == "absent"
+        # Checked on listing pages, but the two no fresh page held (the id rule reads none).
+        assert summary["checks"]["by_listing"] == len(planned) - 3
+        assert summary["checks"]["by_show"] == 2 == sim.stats.show_calls

@@ -180,7 +180,8 @@ def processor(
 ) -> BatchProcessor:
     """The dispatcher, wrapped in the guard when jobs are protected or a plan binds the run.
 
-    ``transport`` is None in a dry run: nothing is read or sent then. ``working`` counts
+    ``transport`` is None in a dry run of ids: nothing is read or sent then (a dry run of
+    a plan reads, and its dispatcher sends nothing). ``working`` counts
     the dispatchers at work, for a stopping run to wait on (``Pipeline``). ``gate``: the
     circuit breaker every call, read or delete, asks before it takes a rate token.
     ``listing``: the list calls' queries whose pages re-check the jobs before their DELETE

@@ -157,7 +157,7 @@ def _execute(
     structlog.contextvars.bind_contextvars(run_id=run_id)
     log = structlog.get_logger("devserver_reaper")
     try:
-        if not settings.dry_run:
+        if not settings.dry_run or request.plan:  # a plan's dry run reads the live jobs
             settings.require_api()
         endpoint = _endpoint_or_placeholder(settings)
         if not request.plan:
@@ -445,7 +445,8 @@ async def _run(
 ) -> int:
     clock = MonotonicClock()
     total: int | None = None  # ids (a plan) or lines (a file) of the input, when shown
-    project = (settings.project_id or UNBOUND) if settings.dry_run else wiring.project_id(settings)
+    reads = not settings.dry_run or plan is not None  # a plan's dry run reads the live jobs
+    project = wiring.project_id(settings) if reads else (settings.project_id or UNBOUND)
     protection = load_protection(  # before anything is opened: a bad protect_file is 78
         settings.protect, settings.protect_files, settings.protected_types,
         settings.protected_statuses,
@@ -519,7 +520,7 @@ async def _run(
             # The breaker stops hammering an API that keeps failing, and tells the exit
             # code whether a deadline struck while the API was down (69, not 75).
             gate = BreakerGate(clock=clock)
-            if not settings.dry_run:
+            if reads:  # in a dry run, reads only: the dispatcher sends no DELETE
                 session = wiring.session(settings)
                 transport = await wiring.api_client(settings, session)
             limiter = wiring.limiter(settings, clock)
@@ -770,6 +771,8 @@ def _summarise(
     )
     if tally.skip_reasons:
         fields["skipped_by_reason"] = dict(sorted(tally.skip_reasons.items()))
+    if settings.dry_run:  # checked and found deletable: what the run would have sent
+        fields["would_delete"] = tally.skip_reasons["dry_run"]
     if checks is not None:
         fields["checks"] = checks
     if state.fatal is not None:
