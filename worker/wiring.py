@@ -231,4 +231,5 @@ def processor(
         clock=clock,
         max_age=settings.recheck_max_age,
         budget=budget,
+        deletes=not settings.dry_run,
     )

@@ -37,10 +37,11 @@ def make_input(path: Path, n: int) -> Path:
     return path
 
 
-def measure(args: list[str]) -> tuple[float, float]:
+def measure(args: list[str], extra_env: dict[str, str] | None = None) -> tuple[float, float]:
     """(seconds, peak RSS in MB) of one run of the CLI in a child process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("REAPER_")}
     env["REAPER_LOG_FORMAT"] = "json"
+    env.update(extra_env or {})
     started = time.perf_counter()
     # stderr to a file, not a pipe: nothing reads it while the child runs (os.wait4 reaps it
     # for its rusage), and a pipe left open would be a ResourceWarning.

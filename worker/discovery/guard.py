@@ -309,8 +309,10 @@ class Guard:
         clock: Clock | None = None,
         max_age: float = DEFAULT_MAX_AGE,
         budget: DeletionBudget | None = None,
+        deletes: bool = True,
     ) -> None:
-        """``reader=None`` (a dry run: no API) applies only the rules that need no call.
+        """``reader=None`` (a dry run: no API) applies only the rules that need no call;
+        ``deletes=False`` (a dry run that reads) tells ``recheck`` no job goes away.
 
         ``recheck`` answers for most jobs by listing; the show call reads the rest. A job's
         check holds for ``max_age`` seconds on ``clock`` from the read it rests on: its
@@ -326,6 +328,7 @@ class Guard:
         self._clock = clock or MonotonicClock()
         self._max_age = max_age
         self._budget = budget
+        self._moves = recheck if deletes else None  # whom deletions move the listing for
         self.counts = GuardCounts()
 
     def __repr__(self) -> str:
@@ -386,17 +389,17 @@ class Guard:
         rounds = 0
         while remaining:
             self.counts.passed += len(remaining)
-            if self._recheck is not None:
-                self._recheck.passed(remaining)
+            if self._moves is not None:
+                self._moves.passed(remaining)
             passed = tuple(remaining)
             name = batch.batch_id if not rounds else f"{batch.batch_id}.r{rounds}"
             unsure = batch.unsure.intersection(passed)
             stale = await self._inner.delete_checked(
                 Batch(name, passed, unsure, known, fresh_until)
             )
-            if self._recheck is not None:
+            if self._moves is not None:
                 unsent = set(stale)
-                self._recheck.settled(i for i in passed if i not in unsent)
+                self._moves.settled(i for i in passed if i not in unsent)
             if not stale:
                 return
             # Their DELETE's turn came after their check had expired: checked again, or, when

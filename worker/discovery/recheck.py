@@ -35,6 +35,9 @@ from worker.discovery.listing import Pager, PageReader
 from worker.types import JobRecord
 
 MIN_SAMPLE = 4
+STALE_SWEEP_PAGES = 16
+"""Every so many pages, records read longer ago than they are handed out are let go: what
+the reading holds is what it read within ``accept_age``, however long the run."""
 """List calls made before listing is judged on what it answered (and maybe turned off)."""
 
 
@@ -69,7 +72,9 @@ class ListingRecheck:
         self._gap = gap
         self._warn = warn
         self._found: dict[str, Fresh] = {}
-        self._seen: dict[str, int] = {}  # id -> query index, for the jobs of this sweep
+        # The jobs of this sweep: id -> its query's index, times two, plus one once it was
+        # handed out (not held again when a page overlaps). One dict: it holds every job.
+        self._seen: dict[str, int] = {}
         self._query = 0  # the query whose pages are being read
         self._next = 0  # where its next page starts, in positions before any delete
         self._settled = 0  # its jobs, this sweep, whose DELETE was answered
@@ -104,6 +109,7 @@ class ListingRecheck:
             for job_id in ids:
                 if self._fresh(job_id):
                     out[job_id] = self._found.pop(job_id)
+                    self._seen[job_id] = self._seen.get(job_id, 0) | 1
             self.answered += len(out)
             if self.enabled and not self._worth_it():
                 self._turn_off()
@@ -111,13 +117,18 @@ class ListingRecheck:
 
     def passed(self, ids: Iterable[str]) -> None:
         """These ids go on to their DELETE: the jobs listed after them will move forward."""
-        self._in_flight += sum(self._seen.get(job_id) == self._query for job_id in ids)
+        self._in_flight += sum(self._ours(job_id) for job_id in ids)
 
     def settled(self, ids: Iterable[str]) -> None:
         """These ids' DELETE was answered: the jobs listed after them have moved forward."""
-        ours = sum(self._seen.get(job_id) == self._query for job_id in ids)
+        ours = sum(self._ours(job_id) for job_id in ids)
         self._settled += ours
         self._in_flight = max(0, self._in_flight - ours)
+
+    def _ours(self, job_id: str) -> bool:
+        """Listed on the pages of the query now being read, this sweep."""
+        seen = self._seen.get(job_id)
+        return seen is not None and seen >> 1 == self._query
 
     def _fresh(self, job_id: str) -> bool:
         seen = self._found.get(job_id)
@@ -156,6 +167,9 @@ class ListingRecheck:
         self._query = self._next = self._settled = self._in_flight = self._stalled = 0
         self._complete = False
         now = self._clock.now()
+        self._drop_stale(now)
+
+    def _drop_stale(self, now: float) -> None:
         for job_id in [i for i, f in self._found.items() if now - f.read_at > self._accept_age]:
             del self._found[job_id]
 
@@ -172,9 +186,14 @@ class ListingRecheck:
             0 if any(r.id not in self._seen for r in page.records) else self._stalled + 1
         )
         for record in page.records:
+            was = self._seen.get(record.id, 0)
+            self._seen[record.id] = self._query * 2 | (was & 1)
+            if was & 1:
+                continue  # read again (the page overlapped): decided on already
             self._found[record.id] = Fresh(record, page.read_at)
-            self._seen[record.id] = self._query
             held.add(record.id)
+        if self.pages % STALE_SWEEP_PAGES == 0:  # what nobody asked for in time goes
+            self._drop_stale(self._clock.now())
         # Positions are kept as they were before this sweep's deletes took effect.
         self._next = max(self._next, page.end + self._settled)
         if not pager.paged and not self._told:
