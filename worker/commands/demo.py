@@ -97,11 +97,10 @@ async def demo(jobs: int, settings: Settings, summaries: Summaries | None = None
     from worker.commands import check, discover
     from worker.commands.run import RunRequest, run_async
     from worker.discovery.guard import Protection
-    from worker.discovery.plan import read_plan
+    from worker.discovery.plan import open_plan
     from worker.ledger import open_readonly
     from worker.logsetup import new_run_id
     from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
-    from worker.terminal.prompt import tally
 
     seen = summaries if summaries is not None else Summaries()
     faults = FaultConfig(
@@ -125,7 +124,10 @@ async def demo(jobs: int, settings: Settings, summaries: Summaries | None = None
                 "max_attempts": max(settings.max_attempts, 8),
             }
         )  # fmt: skip
-        with tempfile.TemporaryDirectory(prefix="reaper-demo-") as tmp:
+        with (
+            tempfile.TemporaryDirectory(prefix="reaper-demo-") as tmp,
+            contextlib.ExitStack() as stack,
+        ):
             here = Path(tmp)
             plan_path, ledger = here / "plan.json", here / "reaper.db"
             _say(1, f"simulate: a fake ModelArts project of {jobs} jobs at {sim.url}, quota "
@@ -152,25 +154,26 @@ async def demo(jobs: int, settings: Settings, summaries: Summaries | None = None
             request = discover.DiscoverRequest.from_args(
                 build_parser().parse_args(argv), datetime.now(UTC)
             )
-            code = await discover.discover(request, tour, Protection(), io.BytesIO())
+            code = await discover.discover(request, tour, Protection(), io.StringIO())
             found = seen.last.get("discover.summary", {})
             _came(f"{found.get('selected', 0):,} of the project's "
                   f"{found.get('inventory_size', 0):,} jobs selected")  # fmt: skip
             if code != ExitCode.OK:
                 return code
 
-            plan = read_plan(plan_path)
-            _say(4, "review the plan: plain JSON, sealed with a digest; run --plan refuses it "
-                    "edited, expired or for another project")  # fmt: skip
-            types = ", ".join(f"{t} {n}" for t, n in tally(j.type for j in plan.jobs))
-            hours = (plan.expires_at - datetime.now(UTC)).total_seconds() / 3600
-            _came(f"{len(plan.jobs):,} jobs: {types}; valid for {hours:.0f} h")
+            plan = stack.enter_context(open_plan(plan_path, key=None))
+            _say(4, "plan show plan.json: the review (by type, status, user, age); run --plan "
+                    "refuses the plan edited, expired or for another project")  # fmt: skip
+            by_type = plan.header.review.get("by_type", {})
+            types = ", ".join(f"{t} {n}" for t, n in sorted(by_type.items(), key=lambda x: -x[1]))
+            hours = (plan.header.expires_at - datetime.now(UTC)).total_seconds() / 3600
+            _came(f"{len(plan):,} jobs: {types}; valid for {hours:.0f} h")
 
             _say(5, "run --plan plan.json --dry-run: what would go; sends nothing")
             dry = tour.model_copy(update={"dry_run": True})
             await run_async(RunRequest(str(plan_path), plan=True), dry, new_run_id(), sim.url,
                             plan=plan)  # fmt: skip
-            _came(f"would delete {seen.last['run.summary'].get('skipped', 0):,}; the "
+            _came(f"would delete {seen.last['run.summary'].get('would_delete', 0):,}; the "
                   f"simulator still holds {len(sim.job_ids()):,} jobs")  # fmt: skip
 
             _say(6, "run --plan plan.json --ledger reaper.db, interrupted by Ctrl-C once 40 "
