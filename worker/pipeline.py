@@ -3,16 +3,17 @@
 One task group for the run. The intake reads the source in a worker thread, chunk by
 chunk, admits ids through the ledger (which de-duplicates them at any scale) and cuts
 batches; a bounded stream carries batches to ``concurrency`` dispatchers, so reading never
-runs ahead of deleting by more than a few batches. Stopping (a signal, the deadline, a
-fatal error) closes the intake at once; dispatchers finish the batch in hand within the
-grace period and are cancelled after it; whatever was not finished stays open in the ledger.
+runs ahead of deleting by more than a few batches. The pool and its stop are ``serve``'s
+too (``worker.pool``): stopping (a signal, the deadline, a fatal error) closes the intake at
+once; dispatchers finish the batch in hand within the grace period and are cancelled after
+it; whatever was not finished stays open in the ledger.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,6 +27,7 @@ from worker.dispatcher import Working
 from worker.errors import InputUnreadable, ReaperError
 from worker.input.intake import escape
 from worker.outcomes.journal import LedgerPort, RunJournal, Tally
+from worker.pool import DispatchPool
 from worker.types import Batch, Candidate, Outcome, Rejection, doubted
 
 Entry = Candidate | Rejection
@@ -149,50 +151,23 @@ class Pipeline:
         )
 
     async def run(self) -> RunState:
-        send, receive = anyio.create_memory_object_stream[Batch](self._concurrency)
-        async with anyio.create_task_group() as outer:
-            dispatch_scope = anyio.CancelScope()
-            intake_scope = anyio.CancelScope()
-            outer.start_soon(self._watch_stop, intake_scope, dispatch_scope)
-            with dispatch_scope:
-                async with anyio.create_task_group() as run_group:
-                    run_group.start_soon(self._intake, send, intake_scope)
-                    for _ in range(self._concurrency):
-                        run_group.start_soon(self._dispatch, receive.clone())
-                    receive.close()
-            outer.cancel_scope.cancel()
+        """Read, batch and dispatch until the input ends or a stop (``worker.pool``)."""
+        pool = DispatchPool(concurrency=self._concurrency, grace=self._grace,
+                            buffer=self._concurrency, working=self._working)  # fmt: skip
+        await pool.run(self._intake, self._dispatch, stop=self.state.stop_requested,
+                       stop_now=self.state.stop_now)  # fmt: skip
         return self.state
 
-    async def _watch_stop(
-        self, intake_scope: anyio.CancelScope, dispatch_scope: anyio.CancelScope
-    ) -> None:
-        await self.state.stop_requested.wait()
-        intake_scope.cancel()
-        # The grace period is for calls on the wire and answers being settled. Dispatchers
-        # only waiting (for a token, out a backoff) are cancelled as soon as no other is
-        # working: their batches stay open, and nothing they could do would be sent.
-        with anyio.move_on_after(self._grace):
-            async with anyio.create_task_group() as first:
-
-                async def then_stop(wait: Callable[[], Awaitable[None]]) -> None:
-                    await wait()
-                    first.cancel_scope.cancel()
-
-                first.start_soon(then_stop, self.state.stop_now.wait)  # a second signal
-                first.start_soon(then_stop, self._working.idle)
-        dispatch_scope.cancel()
-
-    async def _intake(self, send: MemoryObjectSendStream[Batch], scope: anyio.CancelScope) -> None:
-        with scope:
-            async with send:
-                try:
-                    await self._read_all(send)
-                except anyio.BrokenResourceError:
-                    return
-                except ReaperError as exc:  # the source failed midway (unreadable, usage)
-                    self.state.fatal = exc
-                    self.state.request_stop("input")
-                    return
+    async def _intake(self, send: MemoryObjectSendStream[Batch]) -> None:
+        async with send:
+            try:
+                await self._read_all(send)
+            except anyio.BrokenResourceError:
+                pass
+            except ReaperError as exc:  # the source failed midway (unreadable, usage)
+                self.state.fatal = exc
+                self.state.request_stop("input")
+                return
         if not self.state.stopping:
             self.state.intake_done = True
 

@@ -9,5 +9,6 @@
 - ``intake``: what the read loop does next, and when a batch is due (pure).
 - ``retention``: what is kept in Redis (the trim pass) and where a lost group starts.
 - ``outage``: Redis away said once and counted; a key of another type.
-- ``service``: the loop that wires them (reads, dispatchers, shutdown, hand-over).
+- ``service``: the loop that wires them (reads, the dispatch pool of ``worker.pool``,
+  pauses, hand-over).
 """

@@ -35,6 +35,7 @@ from worker.clock import Clock
 from worker.dispatcher import Working
 from worker.errors import ApiUnavailable, AuthError, NoSuchApi, TlsError
 from worker.outcomes.events import EventLog
+from worker.pool import DispatchPool
 from worker.service.consumer import (
     Entry,
     GroupInfo,
@@ -129,6 +130,10 @@ class Service:
         self._config = config
         self._stop = stop
         self._working = working if working is not None else Working()
+        # One batch waiting beside those in the dispatchers' hands: entries read ahead stay
+        # few, so a stop leaves little read and not started.
+        self._pool = DispatchPool(concurrency=config.concurrency, grace=config.grace, buffer=1,
+                                  working=self._working)  # fmt: skip
         self._keeper = keeper
         self._outage = outage
         self._rate = rate
@@ -269,26 +274,33 @@ class Service:
 
     # -- one round -----------------------------------------------------------------------
     async def _round(self) -> BaseException | None:
-        """Consume until stop (returns None) or a refusal that pauses us (returns it)."""
+        """Consume until stop (returns None) or a refusal that pauses us (returns it). The
+        pool and its graceful stop are ``run``'s too (``worker.pool``); a refusal ends the
+        round as a stop does (``_halt``), without the drain."""
         self.rounds += 1
         self._blocked = None
         self._halt = anyio.Event()
         self._answered = anyio.Event()
         self._inflight.clear()
-        send, receive = anyio.create_memory_object_stream[Batch](1)
-        async with anyio.create_task_group() as outer:
-            intake_scope = anyio.CancelScope()
-            dispatch_scope = anyio.CancelScope()
-            outer.start_soon(self._watch_stop, intake_scope, dispatch_scope)
-            outer.start_soon(self._keep_alive)
-            with dispatch_scope:
-                async with anyio.create_task_group() as group:
-                    group.start_soon(self._intake, send, intake_scope)
-                    for _ in range(self._config.concurrency):
-                        group.start_soon(self._dispatch, receive.clone())
-                    receive.close()
-            outer.cancel_scope.cancel()
+        await self._pool.run(self._intake, self._dispatch, stop=self._halt, on_stop=self._ending,
+                             beside=(self._keep_alive, self._halt_on_stop))  # fmt: skip
         return self._blocked
+
+    async def _halt_on_stop(self) -> None:
+        await self._stop.wait()
+        self._halt.set()
+
+    def _ending(self) -> None:
+        """The round ends: on a stop, the replica turns unready and its drain starts."""
+        if self._stop.is_set():
+            self._health.draining = True
+            self._journal.drain(self._config.grace)
+            self._events.note(
+                "serve.draining",
+                grace_s=self._config.grace,
+                in_flight=len(self._inflight),
+                read=self.read,
+            )
 
     async def _keep_alive(self) -> None:
         """Every ``reclaim_interval``, refresh the entries in progress here: a batch slower
@@ -311,35 +323,6 @@ class Service:
             if not wrong_type(exc):
                 raise
             self._block(NotAStream(f"{what}: a key of the queue holds another type"))
-
-    async def _watch_stop(
-        self, intake_scope: anyio.CancelScope, dispatch_scope: anyio.CancelScope
-    ) -> None:
-        async with anyio.create_task_group() as either:
-
-            async def then_end(wait: Callable[[], Awaitable[object]]) -> None:
-                await wait()
-                either.cancel_scope.cancel()
-
-            either.start_soon(then_end, self._stop.wait)
-            either.start_soon(then_end, self._halt.wait)
-        intake_scope.cancel()
-        if self._stop.is_set():
-            self._health.draining = True
-            self._journal.drain(self._config.grace)
-            self._events.note(
-                "serve.draining",
-                grace_s=self._config.grace,
-                in_flight=len(self._inflight),
-                read=self.read,
-            )
-        # Calls on the wire and answers settling get the grace period, on a stop as on a
-        # refusal (the API may apply a DELETE another batch has on the wire, and its jobs
-        # must be settled); dispatchers only waiting (a token, a backoff) are cancelled as
-        # soon as none is working, their entries left pending.
-        with anyio.move_on_after(self._config.grace):
-            await self._working.idle()
-        dispatch_scope.cancel()
 
     async def _dispatch(self, receive: MemoryObjectReceiveStream[Batch]) -> None:
         async with receive:
@@ -395,13 +378,13 @@ class Service:
         return self._stop.is_set() or self._halt.is_set()
 
     # -- intake --------------------------------------------------------------------------
-    async def _intake(self, send: MemoryObjectSendStream[Batch], scope: anyio.CancelScope) -> None:
+    async def _intake(self, send: MemoryObjectSendStream[Batch]) -> None:
         try:
-            await self._take_in(send, scope)
+            await self._take_in(send)
         except NotAStream as exc:
             self._block(exc)
 
-    async def _take_in(self, send: MemoryObjectSendStream[Batch], scope: anyio.CancelScope) -> None:
+    async def _take_in(self, send: MemoryObjectSendStream[Batch]) -> None:
         """Carry out what the plan decides (``worker.service.intake``): read, admit, batch."""
         config, clock = self._config, self._clock
         prefix = f"{self._consumer.consumer}-r{self.rounds}"
@@ -409,37 +392,36 @@ class Service:
         plan = IntakePlan(clock.now(), resumed=self.rounds > 1, reclaim_after=config.reclaim_after,
                           reclaim_interval=config.reclaim_interval, block=config.block)  # fmt: skip
         count = config.batch_size
-        with scope:
-            async with send:
-                # Checked before each read too: a cancelled scope reaches this task only at
-                # its next wait, and by then redis-py has already sent the next XREADGROUP,
-                # which Redis would answer into our pending list after the stop.
-                while not self._stop.is_set():
-                    now = clock.now()
-                    action = plan.next(now, answered=self._answered.is_set(),
-                                       linger_until=batcher.due_at)  # fmt: skip
-                    if isinstance(action, ReadOwn):
-                        entries, counts = await self._redis(
-                            self._consumer.read_own, action.after, count
-                        )
-                        ids = await self._admit(entries, redelivered=True, counts=counts)
-                        plan.read_own(entries[-1][0] if entries else None, took_ids=bool(ids))
-                    elif isinstance(action, AwaitAnswer):
-                        await self._send(send, batcher.flush())
-                        await self._answered.wait()
-                        continue
-                    elif isinstance(action, Reclaim):
-                        cursor, entries = await self._redis(
-                            self._consumer.reclaim, action.min_idle_ms, action.cursor, count
-                        )
-                        plan.reclaimed(now, cursor, found=bool(entries))
-                        ids = await self._admit(entries, redelivered=True, claimed=True)
-                    else:
-                        entries = await self._redis(self._consumer.read_new, count, action.block_ms)
-                        ids = await self._admit(entries, redelivered=False)
-                    for job_id in ids:
-                        await self._send(send, batcher.add(job_id, clock.now()))
-                    await self._send(send, batcher.settle(clock.now(), idle=not entries))
+        async with send:
+            # Checked before each read too: a cancelled scope reaches this task only at
+            # its next wait, and by then redis-py has already sent the next XREADGROUP,
+            # which Redis would answer into our pending list after the stop.
+            while not self._stop.is_set():
+                now = clock.now()
+                action = plan.next(now, answered=self._answered.is_set(),
+                                   linger_until=batcher.due_at)  # fmt: skip
+                if isinstance(action, ReadOwn):
+                    entries, counts = await self._redis(
+                        self._consumer.read_own, action.after, count
+                    )
+                    ids = await self._admit(entries, redelivered=True, counts=counts)
+                    plan.read_own(entries[-1][0] if entries else None, took_ids=bool(ids))
+                elif isinstance(action, AwaitAnswer):
+                    await self._send(send, batcher.flush())
+                    await self._answered.wait()
+                    continue
+                elif isinstance(action, Reclaim):
+                    cursor, entries = await self._redis(
+                        self._consumer.reclaim, action.min_idle_ms, action.cursor, count
+                    )
+                    plan.reclaimed(now, cursor, found=bool(entries))
+                    ids = await self._admit(entries, redelivered=True, claimed=True)
+                else:
+                    entries = await self._redis(self._consumer.read_new, count, action.block_ms)
+                    ids = await self._admit(entries, redelivered=False)
+                for job_id in ids:
+                    await self._send(send, batcher.add(job_id, clock.now()))
+                await self._send(send, batcher.settle(clock.now(), idle=not entries))
 
     async def _send(self, send: MemoryObjectSendStream[Batch], batch: Batch | None) -> None:
         if batch is None:
