@@ -403,3 +403,36 @@ async def test_a_draining_replica_hands_its_pending_entries_over_within_seconds(
     (left,) = second.named("serve.handed_over")
     assert (left["entries"], left["consumer_removed"]) == (0, True)
     assert "second" not in {c["name"].decode() for c in consumers}
+
+
+@pytest.mark.anyio
+async def test_a_second_sigterm_cuts_the_grace_period_short(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """Calls taking 20 s and a minute of grace: a first SIGTERM waits for them, a second
+    ends the replica at once (run did so; serve waited the whole grace), the entries left
+    pending and handed over."""
+    faults = FaultConfig(latency_ms=20_000, latency_jitter=False)
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=10, faults=faults)) as q:
+        await q.enqueue(q.sim.job_ids())
+        replica = await q.start("r1", "--batch-size", "5", "--concurrency", "2",
+                                "--rate", "100", "--grace", "60")  # fmt: skip
+
+        async def on_the_wire() -> bool:
+            return q.sim.stats.calls >= 2
+
+        await until(on_the_wire)
+        replica.process.send_signal(signal.SIGTERM)
+
+        async def draining() -> bool:
+            return bool(replica.named("serve.draining"))
+
+        await until(draining)
+        replica.process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(15):  # far less than the grace period
+            await replica.process.wait()
+        pending = await q.pending()
+    assert replica.process.returncode == 0
+    assert [e["immediate"] for e in replica.named("serve.interrupted")] == [False, True]
+    assert pending == 10
+    assert replica.named("serve.handed_over")[0]["entries"] == 10

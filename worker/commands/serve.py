@@ -122,6 +122,7 @@ async def serve(
     from worker.service.service import Service, ServiceConfig
 
     stop = stop if stop is not None else anyio.Event()
+    stop_now = anyio.Event()  # a second signal: no grace
     protection = load_protection(  # before Redis or the API: a bad rule or file is 78
         settings.protect, settings.protect_files, settings.protected_types,
         settings.protected_statuses,
@@ -207,6 +208,7 @@ async def serve(
             clock=clock,
             config=config,
             stop=stop,
+            stop_now=stop_now,
             working=working,
             outage=outage,
             keeper=Keeper(client, layout, retention),
@@ -239,7 +241,7 @@ async def serve(
         if on_ready is not None:
             on_ready(port)
         async with anyio.create_task_group() as group:
-            group.start_soon(_watch_signals, stop, events)
+            group.start_soon(_watch_signals, stop, stop_now, events)
             await service.run()
             group.cancel_scope.cancel()
         events.note(
@@ -283,8 +285,12 @@ def _bound_port(site: Any, asked: int) -> int:
     return int(sockets[0].getsockname()[1]) if sockets else asked
 
 
-async def _watch_signals(stop: anyio.Event, events: Any) -> None:
+async def _watch_signals(stop: anyio.Event, stop_now: anyio.Event, events: Any) -> None:
+    """The first signal drains (``grace``); a second one cuts the grace short, as in ``run``:
+    calls on the wire are cancelled, their entries left pending for another replica."""
     with anyio.open_signal_receiver(*SIGNALS) as received:
         async for signum in received:
-            events.warn("serve.interrupted", signal=signal.Signals(signum).name)
-            stop.set()
+            immediate = stop.is_set()
+            events.warn("serve.interrupted", signal=signal.Signals(signum).name,
+                        immediate=immediate)  # fmt: skip
+            (stop_now if immediate else stop).set()

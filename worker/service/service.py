@@ -116,6 +116,7 @@ class Service:
         stop: anyio.Event,
         working: Working | None = None,
         outage: Outage,
+        stop_now: anyio.Event | None = None,
         keeper: Keeper | None = None,
         rate: Callable[[], float] | None = None,
     ) -> None:
@@ -129,6 +130,7 @@ class Service:
         self._clock = clock
         self._config = config
         self._stop = stop
+        self._stop_now = stop_now
         self._working = working if working is not None else Working()
         # One batch waiting beside those in the dispatchers' hands: entries read ahead stay
         # few, so a stop leaves little read and not started.
@@ -283,6 +285,7 @@ class Service:
         self._answered = anyio.Event()
         self._inflight.clear()
         await self._pool.run(self._intake, self._dispatch, stop=self._halt, on_stop=self._ending,
+                             stop_now=self._stop_now,
                              beside=(self._keep_alive, self._halt_on_stop))  # fmt: skip
         return self._blocked
 
