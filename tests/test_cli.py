@@ -306,6 +306,9 @@ def test_simulator_sizes_out_of_range_are_usage_errors(args: list[str]) -> None:
         (["--sk", CANARY], "--sk"),
         (["--security-token", CANARY], "--security-token"),
         (["--redis-url", f"redis://user:{CANARY}@127.0.0.1:1/0"], "--redis-url"),
+        # redis-py takes any query argument as a connection setting, the password too
+        (["--redis-url", f"redis://127.0.0.1:1/0?password={CANARY}"], "--redis-url"),
+        (["--redis-url", f"rediss://127.0.0.1:1/0?username=u&password={CANARY}"], "--redis-url"),
     ],
 )
 def test_a_secret_given_as_a_flag_is_warned_about_once_and_never_printed(

@@ -587,10 +587,12 @@ def _warn(exposed: list[str], warnings: Sequence[str], settings: Any) -> None:
 
 
 def _has_password(url: str) -> bool:
-    from urllib.parse import urlsplit
+    """In the user part or in the query: redis-py takes ``?password=`` as a setting too."""
+    from urllib.parse import parse_qs, urlsplit
 
     try:
-        return urlsplit(url).password is not None
+        parts = urlsplit(url)
+        return parts.password is not None or "password" in parse_qs(parts.query)
     except ValueError:
         return False
 
