@@ -644,7 +644,28 @@ def test_the_disruption_budget_lets_a_drain_evict_unready_replicas() -> None:
     assert budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     template = one("Deployment")["spec"]["template"]["metadata"]["labels"]
     assert budget["spec"]["selector"]["matchLabels"].items() <= template.items()
-    assert budget["spec"]["minAvailable"] < one("Deployment")["spec"]["replicas"]
+    assert budget["spec"]["maxUnavailable"] == 1  # one at a time, at any replica count
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_drain_can_evict_a_healthy_replica_at_the_fewest_replicas_the_overlay_runs(
+    overlay: str,
+) -> None:
+    """KEDA may scale serve down to ``minReplicaCount``; a budget that keeps more than that
+    many (or all of them) leaves a drain no healthy pod to evict, and a CCE node-pool upgrade
+    hangs on the node that holds one."""
+    deployment = one("Deployment", overlay=overlay)
+    fewest = deployment["spec"].get("replicas", 1)
+    for scaled in (d for d in render(overlay) if d["kind"] == "ScaledObject"):
+        if scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]:
+            fewest = min(fewest, scaled["spec"].get("minReplicaCount", 0))
+    budget = one("PodDisruptionBudget", overlay=overlay)["spec"]
+    for healthy in range(max(fewest, 1), deployment["spec"].get("replicas", 1) + 1):
+        if "maxUnavailable" in budget:
+            allowed = int(budget["maxUnavailable"])
+        else:
+            allowed = healthy - int(budget["minAvailable"])
+        assert allowed >= 1, f"{overlay}: {healthy} healthy replicas, none may be evicted"
 
 
 def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
