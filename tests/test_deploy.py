@@ -515,13 +515,11 @@ def test_cronjob_fails_at_once_on_permanent_exit_codes_and_retries_transient_one
     cronjob = one("CronJob")
     job = cronjob["spec"]["jobTemplate"]["spec"]
     rules = job["podFailurePolicy"]["rules"]
-    container = job["template"]["spec"]["containers"][0]["name"]
-    assert rules == [
+    assert rules == [  # no containerName: select's exit code counts as reaper's does
         {"action": "FailJob",
-         "onExitCodes": {"containerName": container, "operator": "In",
-                         "values": [1, 64, 66, 77, 78]}},
+         "onExitCodes": {"operator": "In", "values": [1, 64, 66, 77, 78]}},
         {"action": "Count",
-         "onExitCodes": {"containerName": container, "operator": "In", "values": [69, 75]}},
+         "onExitCodes": {"operator": "In", "values": [69, 75]}},
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]  # fmt: skip
     assert job["template"]["spec"]["restartPolicy"] == "Never"
@@ -555,18 +553,6 @@ def test_kubernetes_time_limits_leave_the_worker_room_to_exit_75_on_its_own() ->
     assert deployment["terminationGracePeriodSeconds"] > float(serve_env["REAPER_GRACE"])
 
 
-def _run_flags() -> set[str]:
-    import argparse
-
-    from worker.cli import build_parser
-
-    commands = next(
-        action for action in build_parser()._actions
-        if isinstance(action, argparse._SubParsersAction)
-    )  # fmt: skip
-    return {flag for action in commands.choices["run"]._actions for flag in action.option_strings}
-
-
 def _expanded(args: list[str], env: dict[str, str]) -> list[str]:
     """The kubelet's ``$(VAR)`` expansion of a container's args."""
     return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg) for arg in args]
@@ -575,19 +561,22 @@ def _expanded(args: list[str], env: dict[str, str]) -> list[str]:
 def test_the_nightly_cronjob_runs_a_policy_with_its_brakes_and_a_ledger_per_job(
     clean_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """No list of ids: ``run`` selects by discover's filters, under --max-fraction, the
-    protection and --max-deletions; its ledger is named after the Job, so the pods of one
-    night resume it and the next night starts afresh (failed ids are tried again)."""
+    """No list of ids: discover selects by the policy's filters under --max-fraction and the
+    protection, into a plan named after the Job, which ``run --plan`` applies under
+    --max-deletions; its ledger too is named after the Job, so the pods of one night resume
+    it and the next night starts afresh (failed ids are tried again)."""
     from worker.cli import build_parser
 
-    run_flags = _run_flags()
-    if "--older-than" not in run_flags:
-        pytest.skip("run takes no discover filters yet: the policy CronJob waits for them")
     pod = cronjob_pod()
+    [select] = pod["initContainers"]
     [container] = pod["containers"]
+    assert select["args"][0] == "discover" and "--older-than" in select["args"]
     args = container["args"]
-    assert args[0] == "run" and "--yes" in args
-    assert "--input" not in args and "--plan" not in args
+    assert args[0] == "run" and "--yes" in args and "--input" not in args
+    plan = args[args.index("--plan") + 1]
+    assert select["args"][select["args"].index("--plan") + 1] == plan
+    assert "$(JOB_NAME)" in plan
+    assert build_parser().parse_args(_expanded(select["args"], {"JOB_NAME": "j"}))
     job_name = next(e for e in container["env"] if e["name"] == "JOB_NAME")
     assert job_name["valueFrom"]["fieldRef"]["fieldPath"] == (
         "metadata.labels['batch.kubernetes.io/job-name']"
@@ -842,3 +831,39 @@ def test_example_settings_file_with_every_commented_setting_enabled_still_loads(
     settings = load_settings(config=enabled)
     assert settings.endpoint == "https://modelarts.cn-north-4.myhuaweicloud.com"
     assert settings.sk is not None and settings.sk.get_secret_value() == "placeholder"
+
+
+@pytest.mark.anyio
+async def test_the_nightly_cronjobs_containers_as_the_kubelet_runs_them_delete_by_policy(
+    tmp_path: Path,
+) -> None:
+    """Each container of the policy CronJob, in order, its args expanded as the kubelet does,
+    with its ConfigMap and env, run by the real CLI against the simulator: the night deletes
+    the old FINISHED jobs and nothing else, and the next night finds nothing to do (0)."""
+    from tests.e2e import reaper, reaper_env
+    from worker.simulator import SimulatorConfig, run_simulator
+
+    pod = cronjob_pod()
+    containers = pod.get("initContainers", []) + pod["containers"]
+    claim = "/var/lib/devserver-reaper"
+    now_ms = int(time.time() * 1000)
+    day_ms = 86_400_000
+    async with run_simulator(SimulatorConfig(jobs=0)) as sim:
+        old_finished = set(sim.add_jobs(8, status="FINISHED", create_at=now_ms - 40 * day_ms))
+        sim.add_jobs(6, status="FINISHED", create_at=now_ms - 2 * day_ms)  # too young
+        sim.add_jobs(6, status="RUNNING", create_at=now_ms - 40 * day_ms)
+        for night in ("devserver-reaper-29412345", "devserver-reaper-29413785"):
+            for container in containers:
+                env = reaper_env(sim.url, **{
+                    key: value for key, value in container_env(container).items()
+                    if key.startswith("REAPER_") and key not in ("REAPER_REGION",)
+                })  # fmt: skip
+                env.update(
+                    REAPER_CREDENTIAL_SOURCE="settings",  # the simulator's keys, not an agency
+                    REAPER_ENDPOINT=sim.url, REAPER_PROJECT_ID="demo-project",
+                )  # fmt: skip
+                env.pop("REAPER_REDIS_URL", None)
+                args = [a.replace(claim, str(tmp_path)) for a in container["args"]]
+                done = await reaper(_expanded(args, {"JOB_NAME": night}), env)
+                assert done.code == 0, f"{night} {container['name']}: {done.stderr}{done.stdout}"
+            assert sim.deleted == old_finished
