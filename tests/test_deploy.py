@@ -561,22 +561,19 @@ def _expanded(args: list[str], env: dict[str, str]) -> list[str]:
 def test_the_nightly_cronjob_runs_a_policy_with_its_brakes_and_a_ledger_per_job(
     clean_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """No list of ids: discover selects by the policy's filters under --max-fraction and the
-    protection, into a plan named after the Job, which ``run --plan`` applies under
-    --max-deletions; its ledger too is named after the Job, so the pods of one night resume
-    it and the next night starts afresh (failed ids are tried again)."""
+    """No list of ids and no plan file: ``run`` selects by discover's filters, seals them in
+    memory and applies them in one process, under --max-fraction, the protection and
+    --max-deletions; its ledger is named after the Job, so the pods of one night resume it
+    and the next night starts afresh (failed ids are tried again)."""
     from worker.cli import build_parser
 
     pod = cronjob_pod()
-    [select] = pod["initContainers"]
+    assert not pod.get("initContainers"), "one process: no plan on the claim in between"
     [container] = pod["containers"]
-    assert select["args"][0] == "discover" and "--older-than" in select["args"]
     args = container["args"]
-    assert args[0] == "run" and "--yes" in args and "--input" not in args
-    plan = args[args.index("--plan") + 1]
-    assert select["args"][select["args"].index("--plan") + 1] == plan
-    assert "$(JOB_NAME)" in plan
-    assert build_parser().parse_args(_expanded(select["args"], {"JOB_NAME": "j"}))
+    assert args[0] == "run" and "--yes" in args
+    assert "--input" not in args and "--plan" not in args
+    assert "--older-than" in args and "--status" in args
     job_name = next(e for e in container["env"] if e["name"] == "JOB_NAME")
     assert job_name["valueFrom"]["fieldRef"]["fieldPath"] == (
         "metadata.labels['batch.kubernetes.io/job-name']"
