@@ -80,14 +80,18 @@ def test_flag_beats_env_beats_config_file_beats_default(
     assert load_settings(config, batch_size=None).batch_size == 7  # None = flag not given
 
 
-def test_reaper_config_names_the_file_and_config_flag_beats_it(
+def test_reaper_config_names_the_file_and_another_config_flag_beside_it_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The flag used to win and REAPER_CONFIG's file was dropped unsaid, its protection
+    rules with it (issue 20): now two files named is 78, and one named twice is read."""
     from_env = toml(tmp_path, "batch_size = 11\n", "env.toml")
     from_flag = toml(tmp_path, "batch_size = 12\n", "flag.toml")
     monkeypatch.setenv("REAPER_CONFIG", str(from_env))
     assert load_settings().batch_size == 11
-    assert load_settings(from_flag).batch_size == 12
+    assert load_settings(from_env).batch_size == 11
+    with pytest.raises(ConfigError, match="two config files"):
+        load_settings(from_flag)
 
 
 @pytest.mark.parametrize("via_env", [False, True], ids=["--config", "REAPER_CONFIG"])
@@ -514,3 +518,27 @@ def test_metadata_url_is_link_local_loopback_or_https(url: str, allowed: bool) -
         assert load_settings(metadata_url=url).metadata_url == url
     else:
         assert "link-local or loopback" in config_error(metadata_url=url)
+
+
+def test_two_config_files_at_once_are_refused_never_one_dropped(
+    tmp_path: Path, clean_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--config before and after the command, or REAPER_CONFIG and --config: one was read
+    and the other dropped without a word, its protection rules with it."""
+    import subprocess
+    import sys
+
+    team, mine = tmp_path / "team.toml", tmp_path / "mine.toml"
+    team.write_text('protected_statuses = ["PROCESSING"]\n')
+    mine.write_text("rate = 5\n")
+    argv = [sys.executable, "-m", "worker", "--config", str(team), "check", "--config", str(mine)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert done.returncode == 78 and "two config files" in done.stderr
+    env = {**os.environ, "REAPER_CONFIG": str(team)}
+    done = subprocess.run([sys.executable, "-m", "worker", "check", "--config", str(mine)],
+                          capture_output=True, text=True, check=False, env=env)  # fmt: skip
+    assert done.returncode == 78 and "REAPER_CONFIG" in done.stderr
+    monkeypatch.setenv("REAPER_CONFIG", str(team))
+    with pytest.raises(ConfigError, match="two config files"):
+        load_settings(mine)
+    assert load_settings(team).protected_statuses == ["PROCESSING"]  # the same one: read

@@ -786,3 +786,32 @@ async def test_a_reader_that_fails_unexpectedly_ends_the_input_it_never_hangs() 
     (error,) = [item for item in items if isinstance(item, BaseException)]
     assert isinstance(error, InputUnreadable)
     assert "RuntimeError: a bug in a reader" in str(error)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"id,name\njob-1,a\njob-2,b\n", b"JOB_ID\njob-1\njob-2\n", b" Id \njob-1\njob-2\n",
+     b"\n\n name , id \n a,job-1\nb,job-2\n"],
+)  # fmt: skip
+def test_csv_on_stdin_is_read_as_csv_and_its_header_is_not_an_id(data: bytes) -> None:
+    """Piped CSV was read as text: its header line went to the API as an id."""
+    for stdin in (io.BytesIO(data), Trickle(data, 2)):
+        entries = list(read_entries("-", stdin=stdin))  # type: ignore[arg-type]
+        assert [e.job_id for e in entries if isinstance(e, Candidate)] == ["job-1", "job-2"]
+        assert all(isinstance(e, Candidate) for e in entries)
+
+
+def test_more_than_64_kib_of_leading_white_space_does_not_end_the_sniff() -> None:
+    """The sniff gave up after 64 KiB of blank lines, and a JSON array after them was read
+    as text: every element a rejected line."""
+    blank = b"\n" * 70_000 + b" \t\r\n" * 20_000
+    for data, fmt in ((blank + b'["job-1", "job-2"]', "json"),
+                      (b"\xef\xbb\xbf" + blank + b'{"id": "job-1"}\n{"id": "job-2"}\n', "jsonl"),
+                      (blank + b"job-1\njob-2\n", "text")):  # fmt: skip
+        entries = list(read_entries("-", stdin=Trickle(data, 4096)))  # type: ignore[arg-type]
+        assert [e.job_id for e in entries if isinstance(e, Candidate)] == ["job-1", "job-2"], fmt
+        assert all(isinstance(e, Candidate) for e in entries)
+    text = list(read_entries("-", stdin=io.BytesIO(b"\n" * 70_000 + b"job-1\nbad id!\n")))
+    assert [e.line for e in text] == [70_001, 70_002]  # line numbers still true
+    wide = b'["' + b'", "'.join(b"job-%d" % n for n in range(20_000)) + b'"]'  # one long line
+    assert len(list(read_entries("-", stdin=Trickle(wide, 1000)))) == 20_000  # type: ignore[arg-type]

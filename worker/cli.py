@@ -610,6 +610,10 @@ def dispatch(args: argparse.Namespace) -> int:
     from worker.settings import load_settings
 
     config = getattr(args, "sub_config", None) or args.config
+    if args.config is not None and config != args.config:  # before and after the command
+        print(f"devserver-reaper: two config files named: --config {args.config} before the "
+              f"command and --config {config} after it; name one", file=sys.stderr)  # fmt: skip
+        return ExitCode.CONFIG
     overrides = settings_overrides(args)
     try:
         settings = load_settings(config, **overrides)

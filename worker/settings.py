@@ -542,7 +542,14 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
     """
     given = {key: value for key, value in overrides.items() if value is not None}
     named_by = "--config" if config is not None else "REAPER_CONFIG"
-    config = config if config is not None else os.environ.get("REAPER_CONFIG") or None
+    also = os.environ.get("REAPER_CONFIG") or None
+    if config is not None and also is not None and Path(also) != Path(config):
+        # One would be dropped, and with it its protection rules: refused, never guessed.
+        raise ConfigError(
+            f"two config files named: --config {config} and REAPER_CONFIG={also}; name one "
+            "(unset REAPER_CONFIG, or drop --config)"
+        )
+    config = config if config is not None else also
     path = None if config is None else Path(config)
     if path is not None and not path.is_file():
         raise ConfigError(f"config file {path} ({named_by}) does not exist")

@@ -243,9 +243,10 @@ class _Parse:
         try:
             stream = self._decompressed(layers)
             if self.sniff:
-                head = _head(stream)
+                head, dropped = _head(stream)
                 self.format = _sniffed(head)
-                stream = io.BufferedReader(_Rewound(head, stream), _READ_SIZE)  # type: ignore[arg-type]
+                rewound = _Rewound(head, stream, blank_lines=dropped)  # type: ignore[arg-type]
+                stream = io.BufferedReader(rewound, _READ_SIZE)
                 layers.append(stream)
             if self.format == "json":
                 self._progress = _JsonArray(stream, self._limit, self._name())
@@ -538,31 +539,48 @@ class _Lines:
             yield overlong if overlong is not None else self._line(carry)
 
 
-def _head(stream: io.BufferedIOBase) -> bytes:
-    """Bytes read up to the first that is not white space or part of a byte order mark (or
-    the end, or 64 KiB)."""
-    head = b""
-    while len(head) < 65536:
-        if _BOM.startswith(head[: len(_BOM)]):  # all or part of a byte order mark
-            if head[len(_BOM) :].strip():
-                break
-        elif head.strip():
+def _head(stream: io.BufferedIOBase) -> tuple[bytes, int]:
+    """Bytes read up to the end of the first line that is not white space (or the end of the
+    input), and how many line breaks of leading white space were let go on the way.
+
+    White space before the first entry may be of any length: past ``_HEAD_LIMIT`` it is
+    counted (its line breaks, so line numbers stay true) instead of kept."""
+    head, dropped = b"", 0
+    while True:
+        mark = _BOM if head.startswith(_BOM) else b""
+        if _BOM.startswith(head[: len(_BOM)]) and not mark:  # part of a mark, or none yet
+            content = head[len(_BOM) :].lstrip()
+        else:
+            content = head[len(mark) :].lstrip()
+        if b"\n" in content or len(content) > _FIRST_LINE:  # the first line, for CSV
             break
+        if not content and len(head) > _HEAD_LIMIT:  # white space only: keep its line breaks
+            dropped += head.count(b"\n", len(mark))
+            head = mark
         more = stream.read1(_READ_SIZE)
         if not more:
             break
         head += more
-    return head
+    return head, dropped
+
+
+_HEAD_LIMIT = 64 * 1024
+_FIRST_LINE = 4096
+_CSV_HEADERS = frozenset({"id", "job_id", "jobid", "job id"})
 
 
 def _sniffed(head: bytes) -> Format:
     """Stdin's format from its first bytes: ``[`` a JSON array, ``{`` or ``"`` JSON Lines
-    (``discover --output jsonl``), anything else text. None of the three can start an id."""
+    (``discover --output jsonl``), a first line holding a comma or naming an id column
+    (``id``, ``job_id``) CSV, anything else text. None of these can start or be an id."""
     head = head.removeprefix(_BOM).lstrip()
     if head.startswith(b"["):
         return "json"
     if head.startswith((b"{", b'"')):
         return "jsonl"
+    first = head.split(b"\n", 1)[0].strip()
+    if b"," in first or first.decode("utf-8", "replace").strip().lower() in _CSV_HEADERS:
+        return "csv"
     return "text"
 
 
@@ -573,9 +591,12 @@ class _Rewound(io.RawIOBase):
     instead of after a full buffer. Closing it leaves the source open.
     """
 
-    def __init__(self, head: bytes, source: IO[bytes]) -> None:
+    def __init__(self, head: bytes, source: IO[bytes], *, blank_lines: int = 0) -> None:
+        """``blank_lines``: line breaks let go while sniffing, given back after a leading
+        byte order mark (so line numbers stay true), however many."""
         super().__init__()
-        self._head = head
+        mark = _BOM if head.startswith(_BOM) else b""
+        self._mark, self._blank, self._head = mark, blank_lines, head[len(mark) :]
         self._source = source
         self._read = getattr(source, "read1", source.read)
 
@@ -584,6 +605,16 @@ class _Rewound(io.RawIOBase):
 
     def readinto(self, buffer: WriteableBuffer) -> int:
         view = memoryview(buffer).cast("B")
+        if self._mark:
+            count = min(len(view), len(self._mark))
+            view[:count] = self._mark[:count]
+            self._mark = self._mark[count:]
+            return count
+        if self._blank:
+            count = min(len(view), self._blank)
+            view[:count] = b"\n" * count
+            self._blank -= count
+            return count
         if self._head:
             count = min(len(view), len(self._head))
             view[:count] = self._head[:count]
