@@ -231,3 +231,40 @@ async def test_a_fifo_another_user_planted_gets_no_job_data_and_does_not_hang_th
         assert os.read(reader_end, 16) == b"ok\n"
     finally:
         os.close(reader_end)
+
+
+OWNED_BY_ATTACKER = {
+    "results.jsonl": 64,
+    "events.jsonl": 64,
+    "ledger.sqlite": 78,
+    "ledger.sqlite-wal": 78,
+    "ledger.sqlite-shm": 78,
+    "ledger.sqlite.lock": 78,
+}
+
+
+@two_users
+@pytest.mark.anyio
+@pytest.mark.parametrize("planted", sorted(OWNED_BY_ATTACKER))
+async def test_a_file_another_user_made_in_advance_is_not_written_into(
+    shared: Path, tmp_path: Path, planted: str
+) -> None:
+    """No link at all: nobody ``touch``es the name first and opens it up (0666). Written into,
+    the file stays the attacker's, who reads the job data (or edits the ledger) at will."""
+    as_nobody("sh", "-c", f"umask 0; touch {shared / planted}")
+    async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+        ids = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        done = await reaper(
+            ["run", "-i", str(ids), "--yes", "--results", str(shared / "results.jsonl"),
+             "--events", str(shared / "events.jsonl"), "--ledger", str(shared / "ledger.sqlite")],
+            reaper_env(sim.url),
+        )  # fmt: skip
+        assert done.code == OWNED_BY_ATTACKER[planted], done.stderr + done.stdout
+        assert "another user" in done.stderr, done.stderr
+        assert sim.deleted == set()  # refused before any call
+    leaked = subprocess.run(
+        [SETPRIV or "setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
+         "cat", str(shared / planted)],
+        capture_output=True, check=False, timeout=30,
+    ).stdout  # fmt: skip
+    assert not any(job_id.encode() in leaked for job_id in ids.read_text().split())

@@ -8,8 +8,9 @@ plain ``open(path, "wb")`` truncates the file it leads to. So every output is op
 * with ``O_NOFOLLOW``: a symbolic link another user made is refused (``ELOOP``); one that
   root or we made (``/dev/stdout``) is followed to what already exists, never created;
 * refused when it is not a regular file or when it has other hard links; where a stream is
-  fine (``--results``, ``--events``), a named pipe is refused unless root or we made it (one
-  another user planted would hand them our job data, or hold the run forever with no reader);
+  fine (``--results``, ``--events``), a named pipe is too;
+* refused when another user made it (a file or a named pipe planted in advance: they would
+  read our job data or change the ledger, and a pipe with no reader would hold the run);
 * created ``0600`` (job data is nobody else's business); an existing file keeps its mode;
 * truncated only once opened and checked, never by ``O_TRUNC`` on a path we have not looked at;
 * replaced atomically through a ``mkstemp`` file (``O_EXCL``, ``0600``) that takes the mode
@@ -61,7 +62,7 @@ def open_private_fd(path: Path, flags: int = os.O_RDWR, *, streams: bool = False
     link; ``flags`` is ``O_RDWR`` or ``O_WRONLY``, plus ``O_APPEND`` if wanted. With
     ``streams``, a pipe or a device found there is fine too (``/dev/full``). Raises
     ``OSError`` (``ELOOP``: a link; ``EMLINK``: other hard links; ``EINVAL``: not a file;
-    ``EPERM``: a named pipe another user made)."""
+    ``EPERM``: a file or named pipe another user made)."""
     # Non-blocking, so a named pipe with no reader is looked at before we wait on it.
     waiting = os.O_NONBLOCK if streams else 0
     try:
@@ -78,7 +79,7 @@ def open_private_fd(path: Path, flags: int = os.O_RDWR, *, streams: bool = False
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         _check_regular(fd, path, streams)
-        _check_pipe_owner(fd, path)
+        _check_owner(fd, path)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -86,12 +87,20 @@ def open_private_fd(path: Path, flags: int = os.O_RDWR, *, streams: bool = False
     return fd
 
 
-def _check_pipe_owner(fd: int, path: Path) -> None:
-    """A named pipe the path itself names (not one reached through root's ``/dev/stdout``,
-    which may be the pipe of a shell that ran ``sudo``) must be root's or ours."""
+def _check_owner(fd: int, path: Path) -> None:
+    """A file or named pipe the path itself names (not one reached through root's
+    ``/dev/stdout``, which may be what the shell that ran ``sudo`` made) must be root's or
+    ours: another user who made it in advance keeps reading, or changing, what we write."""
     info = os.fstat(fd)
-    if stat.S_ISFIFO(info.st_mode) and not _trusted(info.st_uid):
+    if stat.S_ISCHR(info.st_mode) or _trusted(info.st_uid):
+        return
+    if stat.S_ISFIFO(info.st_mode):
         raise _planted_pipe(path)
+    raise _refusal(
+        errno.EPERM, path,
+        f"belongs to another user (uid {info.st_uid}), who could read or change what is "
+        "written to it: remove it or name another file",
+    )  # fmt: skip
 
 
 def _check_regular(fd: int, path: Path, streams: bool = False) -> None:
