@@ -436,3 +436,40 @@ async def test_a_second_sigterm_cuts_the_grace_period_short(
     assert [e["immediate"] for e in replica.named("serve.interrupted")] == [False, True]
     assert pending == 10
     assert replica.named("serve.handed_over")[0]["entries"] == 10
+
+
+@pytest.mark.anyio
+async def test_entries_handed_over_through_a_rolling_update_count_no_delivery_per_hop(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """Replicas drained one after another (a rolling update while the rate limit holds a
+    backlog): each hand-over's XAUTOCLAIM counted a delivery, so with --max-deliveries 2
+    entries never sent were dead-lettered and their ids ended failed after two hops. A
+    hand-over gives the delivery back (XCLAIM ... RETRYCOUNT): no hop counts."""
+    config = SimulatorConfig(jobs=40, faults=FaultConfig(latency_ms=200, latency_jitter=False))
+    async with queue(redis_prefix, tmp_path, config) as q:
+        ids = q.sim.job_ids()
+        await q.enqueue(ids)
+        slow = ("--batch-size", "2", "--concurrency", "1", "--rate", "2", "--grace", "1",
+                "--max-deliveries", "2")  # fmt: skip
+        for hop in range(3):
+            replica = await q.start(f"hop{hop}", *slow)
+
+            async def holding(name: str = replica.name) -> bool:
+                return await q.pending(name) >= 4
+
+            await until(holding)
+            replica.process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(15):
+                await replica.process.wait()
+        await q.start("last", "--batch-size", "10", "--rate", "100", "--max-deliveries", "2")
+
+        async def settled() -> bool:
+            return await q.pending() == 0 and await q.entries_read() == len(ids)
+
+        await until(settled, 30)
+        await q.stop_all()
+        dead: Any = await q.redis.xlen(q.stream + ":dead")
+    failed = [e["job_id"] for r in q.replicas for e in r.named("job.failed")]
+    assert (dead, failed) == (0, [])
+    assert set(q.sim.deleted) == set(ids)

@@ -226,7 +226,8 @@ class StreamConsumer:
         if not pending:
             return [], {}
         ids = [_id(p["message_id"]) for p in pending]
-        counts = {_id(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        # At least 1: an entry this name handed over before a restart gave its delivery back.
+        counts = {_id(p["message_id"]): max(1, int(p["times_delivered"])) for p in pending}
         async with self._r.pipeline(transaction=False) as pipe:
             for entry_id in ids:
                 pipe.xrange(self.layout.stream, entry_id, entry_id, count=1)
@@ -414,21 +415,28 @@ class StreamConsumer:
     async def hand_over(self, idle_ms: int, count: int = 10_000) -> int:
         """Leaving: mark the entries still pending under our name idle for ``idle_ms``
         (``XCLAIM ... IDLE ... JUSTID``, which counts no delivery), so another replica's
-        next ``XAUTOCLAIM`` takes them at once instead of ``reclaim_after`` later. An entry
-        another replica has taken meanwhile is idle for less than any of ours was, and
-        ``XCLAIM``'s minimum idle time leaves it to that replica. Returns how many."""
+        next ``XAUTOCLAIM`` takes them at once instead of ``reclaim_after`` later, with the
+        delivery this replica had of each given back (``RETRYCOUNT``): the taker's counts it.
+        An entry another replica has taken meanwhile is idle for less than any of ours was,
+        and ``XCLAIM``'s minimum idle time leaves it to that replica. Returns how many."""
         pending: Any = await self._r.xpending_range(
             self.layout.stream, self.layout.group, "-", "+", count, consumername=self.consumer
         )
         if not pending:
             return 0
-        ids: list[Any] = [_id(p["message_id"]) for p in pending]
         least = min(int(p["time_since_delivered"]) for p in pending)
-        claimed: Any = await self._r.xclaim(
-            self.layout.stream, self.layout.group, self.consumer, least, ids,
-            idle=idle_ms, justid=True,
-        )  # fmt: skip
-        return len(claimed)
+        # The taker's XAUTOCLAIM counts a delivery: ours is given back first (RETRYCOUNT, one
+        # call per count), so entries passed along a rolling update are not dead-lettered
+        # for hops, never having been tried.
+        by_count: dict[int, list[Any]] = {}
+        for p in pending:
+            by_count.setdefault(int(p["times_delivered"]), []).append(_id(p["message_id"]))
+        async with self._r.pipeline(transaction=False) as pipe:
+            for count, ids in by_count.items():
+                pipe.xclaim(self.layout.stream, self.layout.group, self.consumer, least, ids,
+                            idle=idle_ms, retrycount=max(count - 1, 0), justid=True)  # fmt: skip
+            claimed: list[Any] = await pipe.execute()
+        return sum(len(c) for c in claimed)
 
     async def leave(self) -> bool:
         """Remove our consumer name from the group if nothing is pending under it (one
