@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -864,3 +865,30 @@ async def test_the_nightly_cronjobs_containers_as_the_kubelet_runs_them_delete_b
                 done = await reaper(_expanded(args, {"JOB_NAME": night}), env)
                 assert done.code == 0, f"{night} {container['name']}: {done.stderr}{done.stdout}"
             assert sim.deleted == old_finished
+
+
+def test_the_deploy_pages_patch_for_a_redis_without_pods_renders_and_opens_its_address(
+    tmp_path: Path,
+) -> None:
+    """DCS (or any Redis outside the cluster) matches no pod selector: the page's patch, as a
+    user pastes it into an overlay, renders and lets the worker reach that address."""
+    page = (ROOT / "docs" / "deploy.md").read_text()
+    block = page[page.index("DCS has no pods") :]
+    snippet = block[
+        block.index("```yaml") + len("```yaml") : block.index("```", block.index("```yaml") + 7)
+    ]
+    overlay = tmp_path / "mine"
+    overlay.mkdir()
+    kustomization = yaml.safe_load(textwrap.dedent(snippet))
+    kustomization["resources"] = [os.path.relpath(K8S / "overlays" / "cce", overlay)]
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    result = subprocess.run([kubectl(), "kustomize", str(overlay)],
+                            capture_output=True, text=True, check=False, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    policies = [d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "NetworkPolicy"]
+    [worker] = [d for d in policies if d["metadata"]["name"] == "devserver-reaper"]
+    kubernetes_validate.validate(worker, K8S_VERSION, strict=True)
+    opened = [rule for rule in worker["spec"]["egress"]
+              if any("ipBlock" in peer and "except" not in peer["ipBlock"] for peer in rule["to"])
+              and rule.get("ports") == [{"port": 6379, "protocol": "TCP"}]]  # fmt: skip
+    assert opened
