@@ -1004,6 +1004,28 @@ async def test_a_four_megabyte_entry_is_dead_lettered_while_other_ids_flow(
     ]
 
 
+@pytest.mark.anyio
+async def test_an_entry_of_many_small_fields_is_dead_lettered_with_its_head_only(
+    redis_prefix: str,
+) -> None:
+    """3 MB in 400,000 fields of one byte: the bound refused it, but only after every field
+    was escaped into the payload kept with the dead letter, which took a replica from 78 to
+    245 MB and wrote a 5.5 MB payload, larger than the entry, into the dead-letter stream.
+    Now the payload shows the first fields and says how many more there were."""
+    fields: dict[Any, Any] = {f"f{n}": "x" for n in range(400_000)}
+    async with running(redis_prefix, SimulatorConfig(jobs=2)) as svc:
+        await svc.redis.xadd(svc.layout.stream, fields)
+        await svc.enqueue(svc.sim.job_ids())
+        await svc.until(lambda: _true(len(svc.sim.deleted) == 2))
+        await svc.until(lambda: _zero(svc.pending()))
+        dead: Any = await svc.redis.xrange(svc.layout.dead)
+    (entry,) = dead
+    assert entry[1][b"reason"].startswith(b"entry holds")
+    payload = orjson.loads(entry[1][b"payload"])
+    assert len(entry[1][b"payload"]) < 64 * 1024
+    assert payload["f0"] == "x" and payload["..."] == f"{400_000 - len(payload) + 1} more fields"
+
+
 def _outages_over(svc: Running) -> bool:
     return len(svc.events("serve.redis_back")) == len(svc.events("serve.redis_unreachable"))
 

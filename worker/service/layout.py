@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from itertools import islice
 
 import orjson
 
@@ -35,6 +36,8 @@ MAX_ENTRY_BYTES = 128 * 1024
 """An entry whose fields hold more bytes than this is dead-lettered unread: 1,000 ids of 64
 characters fit in 67 KB, and parsing a 4 MB list of a million ids takes a replica from 75 to
 165 MB, past a pod's memory limit, so it is refused before anything parses it."""
+PAYLOAD_FIELDS = 16
+"""The fields of an entry shown in its dead letter and log lines (an entry has one or two)."""
 WEEK_S = 7 * 24 * 3600
 
 
@@ -105,9 +108,16 @@ def _text(value: bytes | str) -> str:
 
 
 def payload_text(fields: dict[bytes, bytes] | dict[str, str]) -> str:
-    """The entry's fields as a JSON object of (escaped, bounded) text: safe to log or store."""
+    """The entry's fields as a JSON object of (escaped, bounded) text: safe to log or store.
+
+    At most ``PAYLOAD_FIELDS`` fields are shown, then ``"..."`` says how many more there
+    were: an entry of 400,000 one-byte fields would otherwise be escaped whole (to 5.5 MB,
+    more than the entry) before the size bound refused it."""
     # Only the head of a value is decoded: escape looks at no more than 2,001 characters.
-    shown = {escape(_text(k[:256]), 64): escape(_text(v[:8004]), 2000) for k, v in fields.items()}
+    head: list[tuple[bytes | str, bytes | str]] = list(islice(fields.items(), PAYLOAD_FIELDS))
+    shown = {escape(_text(k[:256]), 64): escape(_text(v[:8004]), 2000) for k, v in head}
+    if len(fields) > PAYLOAD_FIELDS:
+        shown["..."] = f"{len(fields) - PAYLOAD_FIELDS} more fields"
     return orjson.dumps(shown).decode()
 
 
