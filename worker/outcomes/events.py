@@ -1,4 +1,5 @@
-"""The structured events of docs/reference.md, one method each, so their fields live in one place.
+"""The structured events of docs/reference.md, one method each; the per-job events' fields are
+:mod:`worker.outcomes.schema`'s.
 
 A run writes one ``job.*`` event per id, so :meth:`EventLog.results` and
 :meth:`EventLog.rejections` take a whole batch: while ``logsetup.configure``'s JSON output is
@@ -18,6 +19,7 @@ import structlog
 
 from worker import logsetup
 from worker.input.intake import escape
+from worker.outcomes.schema import ADDED, DELETED_WITHOUT_RECORD, EVENT_FIELDS, JOB_EVENTS
 from worker.types import Outcome, Rejection, Result
 
 _INFO, _WARNING = logging.INFO, logging.WARNING
@@ -30,41 +32,32 @@ def result_event(result: Result) -> tuple[str, int, dict[str, Any]]:
     if outcome is Outcome.DELETED:
         record, confirmed = result.record, result.confirmed
         if record is None:
-            return "job.deleted", _INFO, {
-                "job_id": result.job_id, "batch_id": result.batch_id,
-                "request_id": result.request_id, "confirmed": confirmed,
-            }  # fmt: skip
+            values = (result.job_id, result.batch_id, result.request_id, confirmed)
+            return "job.deleted", _INFO, dict(zip(DELETED_WITHOUT_RECORD, values, strict=True))
         fields = record.event_fields(
             batch_id=result.batch_id, request_id=result.request_id, confirmed=confirmed
         )
         return "job.deleted", _INFO, fields
     if outcome is Outcome.ABSENT:
-        return "job.absent", _INFO, {"job_id": result.job_id, "batch_id": result.batch_id}
+        return _event("job.absent", _INFO, result.job_id, result.batch_id)
     if outcome is Outcome.FAILED:
-        return (
-            "job.failed",
-            _WARNING,
-            {
-                "job_id": result.job_id,
-                "http_status": result.http_status,
-                "error_code": result.error_code,
-                "error_msg": result.error_msg,
-                "request_id": result.request_id,
-                "attempts": result.attempts,
-                "batch_id": result.batch_id,
-            },
-        )
+        r = result
+        return _event(
+            "job.failed", _WARNING, r.job_id, r.http_status, r.error_code, r.error_msg,
+            r.request_id, r.attempts, r.batch_id,
+        )  # fmt: skip
     if outcome is Outcome.SKIPPED:
-        return "job.skipped", _INFO, {"job_id": result.job_id, "reason": result.reason}
-    return "job.rejected", _WARNING, {
-        "job_id": escape(result.job_id), "line": result.line, "reason": result.reason,
-    }  # fmt: skip
+        return _event("job.skipped", _INFO, result.job_id, result.reason)
+    return _event("job.rejected", _WARNING, escape(result.job_id), result.line, result.reason)
+
+
+def _event(name: str, level: int, *values: Any) -> tuple[str, int, dict[str, Any]]:
+    """An event of :data:`~worker.outcomes.schema.JOB_EVENTS` from its values, in its order."""
+    return name, level, dict(zip(JOB_EVENTS[name], values, strict=True))
 
 
 def rejection_event(rejection: Rejection) -> tuple[str, int, dict[str, Any]]:
-    return "job.rejected", _WARNING, {
-        "job_id": escape(rejection.raw), "line": rejection.line, "reason": rejection.reason,
-    }  # fmt: skip
+    return _event("job.rejected", _WARNING, escape(rejection.raw), rejection.line, rejection.reason)
 
 
 class EventLog:
@@ -158,14 +151,7 @@ class EventLog:
         return f"EventLog(fast_batches={self.fast_batches}, own_logger={self._own_logger})"
 
 
-_ADDED = frozenset({"event", "level", "timestamp"})
-EVENT_FIELDS = frozenset({
-    "job_id", "name", "user_name", "description", "type", "status", "abnormal_count",
-    "create_at", "update_at", "batch_id", "request_id", "http_status", "error_code",
-    "error_msg", "attempts", "reason", "line", "confirmed",
-})  # fmt: skip
-"""Every field :func:`result_event` and :func:`rejection_event` can write: a context that
-binds none of them (and none of event, level, timestamp) cannot be shadowed by an event."""
+_ADDED = frozenset(ADDED)
 
 
 def _added(

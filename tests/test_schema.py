@@ -1,0 +1,76 @@
+"""The per-job events' fields are declared once (worker.outcomes.schema): what a real run
+writes, and what docs/reference.md says, are both held to that declaration."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import reaper, reaper_env, write_ids
+from worker.outcomes.schema import ADDED, DELETED_WITHOUT_RECORD, EVENT_FIELDS, JOB_EVENTS
+from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
+
+REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "reference.md"
+
+
+def test_the_schema_declares_each_field_once_per_event_and_a_record_less_deletion_fits_it() -> None:
+    for fields in JOB_EVENTS.values():
+        assert len(set(fields)) == len(fields)
+    deleted = JOB_EVENTS["job.deleted"]
+    assert [f for f in deleted if f in DELETED_WITHOUT_RECORD] == list(DELETED_WITHOUT_RECORD)
+    assert EVENT_FIELDS.isdisjoint(ADDED)
+
+
+@pytest.mark.anyio
+async def test_every_per_job_event_a_run_writes_carries_the_schemas_fields_in_its_order(
+    tmp_path: Path,
+) -> None:
+    """A run that meets every outcome: deleted (confirmed or not), absent, failed, skipped
+    (protected, and by the cap) and rejected."""
+    faults = FaultConfig(error_after=0.1, reset_after=0.05)  # deleted, confirmed or not
+    poison = frozenset({"poison-1"})  # any DELETE naming it is refused: it ends failed
+    config = SimulatorConfig(jobs=300, seed=5, faults=faults, reject_ids=poison)
+    events = []
+    async with run_simulator(config) as sim:
+        real = sim.job_ids()
+        src = write_ids(tmp_path / "ids.txt", ["poison-1", *real, "not valid!"])
+        done = await reaper(
+            ["run", "-i", str(src), "--yes", "--batch-size", "10", "--rate", "500",
+             "--burst", "50", "--max-deletions", "250", "--protect", f"id:{real[0]}"],
+            reaper_env(sim.url),
+        )  # fmt: skip
+        events += done.events()
+    async with run_simulator(SimulatorConfig(jobs=0)) as sim:  # no fault: ghosts end absent
+        src = write_ids(tmp_path / "ghosts.txt", ["ghost-1", "ghost-2"])
+        events += (await reaper(["run", "-i", str(src), "--yes"], reaper_env(sim.url))).events()
+    seen: set[str] = set()
+    for event in events:
+        name = event["event"]
+        if name not in JOB_EVENTS:
+            continue
+        seen.add(name)
+        own = [key for key in event if key not in (*ADDED, "run_id")]
+        schema = JOB_EVENTS[name]
+        assert set(own) <= set(schema), (name, own)
+        assert own == [key for key in schema if key in own], (name, own)  # in its order
+        if name != "job.deleted":
+            assert own == list(schema), (name, own)  # every field, always
+    assert seen == set(JOB_EVENTS), seen
+
+
+def _documented_fields(name: str) -> list[str]:
+    """The fields the reference's events table gives ``name``: the backticked words of its
+    row's last cell before any parenthesis."""
+    row = next(
+        line for line in REFERENCE.read_text(encoding="utf-8").splitlines()
+        if line.startswith(f"| `{name}` |")
+    )  # fmt: skip
+    cell = row.rstrip(" |").rsplit(" | ", 1)[1]
+    return re.findall(r"`([a-z_]+)`", re.sub(r"\([^)]*\)", "", cell))
+
+
+@pytest.mark.parametrize("name", sorted(JOB_EVENTS))
+def test_the_reference_lists_each_per_job_events_fields_as_the_schema_does(name: str) -> None:
+    assert _documented_fields(name) == list(JOB_EVENTS[name])
