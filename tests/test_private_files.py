@@ -240,6 +240,7 @@ OWNED_BY_ATTACKER = {
     "ledger.sqlite-wal": 78,
     "ledger.sqlite-shm": 78,
     "ledger.sqlite.lock": 78,
+    "ledger.sqlite-journal": 78,  # SQLite would play a "hot" journal back into the ledger
 }
 
 

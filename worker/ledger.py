@@ -49,7 +49,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 from worker.errors import ConfigError, InputUnreadable, OutcomeConflict, ReaperError
-from worker.private_files import claim_private, open_private_fd
+from worker.private_files import check_existing, claim_private, open_private_fd
 from worker.types import Candidate, Outcome, Rejection, Result
 
 SCHEMA_VERSION = "1"
@@ -481,6 +481,7 @@ class Ledger(LedgerView):
         try:
             for name in (path.name, path.name + "-wal", path.name + "-shm"):
                 claim_private(path.with_name(name))  # SQLite would follow a link to the db
+            check_existing(path.with_name(path.name + "-journal"))  # played back if "hot"
         except OSError as exc:
             lock.release()
             raise ConfigError(f"ledger {exc.filename} cannot be used: {exc.strerror}") from None

@@ -118,6 +118,26 @@ def claim_private(path: Path) -> None:
     os.close(open_private_fd(path))
 
 
+def check_existing(path: Path) -> None:
+    """A file SQLite may read if it is there (a rollback ``-journal`` it would play back into
+    the ledger): absent is fine, present must be ours as ``claim_private`` says; never created."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _refusal(
+                errno.ELOOP, path, "is a symbolic link, which is never followed"
+            ) from None
+        raise
+    try:
+        _check_regular(fd, path)
+        _check_owner(fd, path)
+    finally:
+        os.close(fd)
+
+
 def open_output(path: Path, *, append: bool = False) -> IO[bytes]:
     """An output stream for ``path``: a private regular file, truncated unless ``append``.
     A link is followed only when root or we made it (``--results /dev/stdout``), and then
