@@ -1127,6 +1127,29 @@ async def test_a_queue_key_replaced_by_another_type_pauses_it_unready_until_mend
     assert not [e for e in svc.logs if e.get("exc_info")]
 
 
+@pytest.mark.anyio
+async def test_a_dead_letter_stream_of_another_type_loses_no_dead_letter(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dead-letter key a string when an unreadable entry comes: the XADD and the XACK
+    were one MULTI, which does not roll back, so the entry was acknowledged and its dead
+    letter never written, with no event to say it. Now the entry stays pending until the
+    key is mended, then is dead-lettered."""
+    _short_pauses(monkeypatch)
+    async with running(redis_prefix, SimulatorConfig(jobs=2)) as svc:
+        await svc.redis.set(svc.layout.dead, "not a stream")
+        await svc.redis.xadd(svc.layout.stream, {"ids": "[not json"})
+        await svc.until(lambda: _true(bool(svc.events("serve.paused"))))
+        assert await svc.pending() == 1
+        await svc.redis.delete(svc.layout.dead)
+        await svc.enqueue(svc.sim.job_ids())
+        await svc.until(lambda: _true(len(svc.sim.deleted) == 2))
+        await svc.until(lambda: _zero(svc.pending()))
+        dead: Any = await svc.redis.xrange(svc.layout.dead)
+    assert [f[b"reason"] for _, f in dead] == [b"ids is not valid JSON"]
+    assert len(svc.events("serve.dead_lettered")) == 1
+
+
 async def _ready(svc: Running) -> bool:
     return await _status(svc, "/readyz") == 200
 

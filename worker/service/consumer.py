@@ -149,6 +149,17 @@ def _error_text(
     return orjson.dumps(said).decode()
 
 
+_BURY = """
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
+redis.call('XACK', KEYS[1], ARGV[2], ARGV[4])
+redis.call('HDEL', KEYS[3], ARGV[4])
+return 1
+"""
+"""Dead-letter an entry and acknowledge it. A script, not a ``MULTI``: a transaction does
+not roll back, so a dead-letter key of another type (``WRONGTYPE`` on the ``XADD``) left
+the entry acknowledged with no dead letter; the script stops at the failing ``XADD``.
+``ARGV``: the cap, the group, then the dead letter's fields and values, ``entry`` first."""
+
 _LEAVE = """
 if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return -1 end
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
@@ -175,6 +186,7 @@ class StreamConsumer:
         self.acked = 0
         self.dead_lettered = 0
         self._leave = client.register_script(_LEAVE)
+        self._bury = client.register_script(_BURY)
 
     async def ensure_group(self) -> str | None:
         """Create the group (and the stream) if missing; an existing group is kept as it is.
@@ -363,12 +375,10 @@ class StreamConsumer:
                 self.layout.last_error, message.entry_id, last_error(finished.failures, done)
             )
             return False
+        if message.rejections or message.problem:
+            await self._buried(self._dead_fields(finished))
+            return True
         async with self._r.pipeline(transaction=True) as pipe:
-            if message.rejections or message.problem:
-                dead = self._dead_fields(finished)
-                pipe.xadd(self.layout.dead, dead, maxlen=self.retention.dead_max_len,
-                      approximate=True)  # fmt: skip
-                self.dead_lettered += 1
             pipe.xack(self.layout.stream, self.layout.group, message.entry_id)
             pipe.hdel(self.layout.last_error, message.entry_id)
             await pipe.execute()
@@ -387,12 +397,15 @@ class StreamConsumer:
             "consumer": self.consumer,
             "last_error": error,
         }
-        async with self._r.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.layout.dead, fields, maxlen=self.retention.dead_max_len,
-                      approximate=True)  # fmt: skip
-            pipe.xack(self.layout.stream, self.layout.group, entry_id)
-            pipe.hdel(self.layout.last_error, entry_id)
-            await pipe.execute()
+        await self._buried(fields)
+
+    async def _buried(self, fields: Fields) -> None:
+        """The dead letter written and its entry (``fields["entry"]``) acknowledged, or,
+        when the ``XADD`` fails, neither (``_BURY``)."""
+        flat = [item for pair in fields.items() for item in pair]
+        layout = self.layout
+        await self._bury(keys=[layout.stream, layout.dead, layout.last_error],
+                         args=[self.retention.dead_max_len, layout.group, *flat])  # fmt: skip
         self.dead_lettered += 1
         self.acked += 1
 
