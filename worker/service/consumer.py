@@ -4,8 +4,9 @@ Only Redis I/O lives here; what to do with an entry is the service's business. E
 back as ``(entry_id, fields)``, ``fields`` being ``None`` for an entry that was trimmed from
 the stream while it sat pending (nothing left to do but acknowledge it).
 
-Acknowledging and dead-lettering are each one ``MULTI`` transaction, so a crash between the
-two steps cannot leave an entry both dead-lettered and pending (or acked and lost).
+Acknowledging is one ``MULTI`` transaction and dead-lettering one script (``_BURY``), so a
+crash between the steps cannot leave an entry both dead-lettered and pending, nor a
+dead-letter key of another type an entry acknowledged with no dead letter.
 """
 
 from __future__ import annotations
