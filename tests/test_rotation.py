@@ -75,6 +75,38 @@ async def test_serve_deletes_with_the_rotated_keys_without_a_restart(
 
 
 @pytest.mark.anyio
+async def test_a_replica_paused_on_old_keys_resumes_when_the_secret_catches_up(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """The usual order on a cluster: the old key is deleted in IAM first, and the kubelet
+    brings the Secret's new files up to a minute later. Meanwhile the API refuses, the files
+    have nothing new and the replica pauses, unready; when the files change it must take
+    them and go on, with no restart (liveness is green, Kubernetes would never give one)."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    files = mount_secret(secret, ak=SIM_AK, sk=SIM_SK)
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=20)) as q:
+        replica = await start_with_key_files(q, "late", files)
+        q.sim.config = replace(q.sim.config, ak="ROTATEDAK2026", sk="rotated-secret-key")
+        await q.enqueue(q.sim.job_ids())
+
+        async def paused() -> bool:
+            return bool(replica.named("serve.paused"))
+
+        await until(paused)
+        assert q.sim.deleted == set()
+        mount_secret(secret, ak="ROTATEDAK2026", sk="rotated-secret-key")
+
+        async def all_deleted() -> bool:
+            return len(q.sim.deleted) == 20
+
+        await until(all_deleted, timeout=60)
+        await q.stop_all()
+    assert replica.process.returncode == 0
+    assert replica.named("credentials.reloaded")
+
+
+@pytest.mark.anyio
 async def test_a_refused_call_reads_the_key_files_again_and_goes_once_more(
     tmp_path: Path,
 ) -> None:
