@@ -114,3 +114,30 @@ async def test_a_redis_out_of_memory_is_waited_out_by_serve_and_refused_by_enque
 
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("REAPER_", "HUAWEICLOUD_"))}
+
+
+@pytest.mark.anyio
+async def test_a_redis_that_may_evict_the_queue_is_said_at_start(tmp_path: Path) -> None:
+    """A Redis whose maxmemory-policy is allkeys-* drops any key when full: the ids stream,
+    its group, the position, so ids are lost unread with nothing said. serve says so at
+    start (it cannot be fixed from here: the platform's Redis setting)."""
+    async with redis_server(tmp_path, ["maxmemory 64mb", "maxmemory-policy allkeys-lru"]) as port:
+        url = f"redis://127.0.0.1:{port}/0"
+        command = [sys.executable, "-m", "worker", "serve", "--endpoint", "http://127.0.0.1:9",
+                   "--project-id", "p", "--ak", SIM_AK, "--redis-url", url,
+                   "--http-port", "0", "--log-format", "json"]  # fmt: skip
+        process = await anyio.open_process(command, env={"REAPER_SK": SIM_SK} | _env())
+        said: list[dict[str, Any]] = []
+        try:
+            assert process.stdout is not None
+            lines = BufferedByteReceiveStream(process.stdout)
+            with anyio.fail_after(30):
+                while not any(e.get("event") == "serve.started" for e in said):
+                    said.append(orjson.loads(await lines.receive_until(b"\n", 1 << 20)))
+        finally:
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(30):
+                await process.wait()
+            await process.aclose()
+    (warned,) = [e for e in said if e.get("event") == "serve.redis_may_evict"]
+    assert warned["policy"] == "allkeys-lru" and warned["level"] == "warning"

@@ -111,7 +111,7 @@ async def serve(
     from worker.dispatcher import Working
     from worker.outcomes.events import EventLog
     from worker.pacing.breaker import BreakerGate
-    from worker.service.consumer import StreamConsumer
+    from worker.service.consumer import StreamConsumer, eviction_policy
     from worker.service.health import Health, build_app, http_runner
     from worker.service.inflight import InFlight
     from worker.service.journal import ServeJournal
@@ -160,6 +160,15 @@ async def serve(
     try:
         if not await _redis_answers(client, outage, events):
             return ExitCode.UNAVAILABLE
+        policy = await eviction_policy(client)
+        if policy is not None and policy.startswith("allkeys"):
+            events.warn(
+                "serve.redis_may_evict",
+                policy=policy,
+                redis=redis_where(settings.redis_url),
+                why="when full, Redis drops any key, the ids stream and its group among them: "
+                "ids lost unread; use maxmemory-policy noeviction (or volatile-*)",
+            )
         layout = StreamLayout(settings.stream, settings.group)
         retention = Retention(
             outcomes_max_len=settings.outcomes_max_len,

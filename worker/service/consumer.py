@@ -44,6 +44,17 @@ async def ping(client: aioredis.Redis) -> None:
         raise ConfigError(f"redis_url: Redis refused it: {exc}") from None
 
 
+async def eviction_policy(client: aioredis.Redis) -> str | None:
+    """Redis's ``maxmemory-policy`` (``INFO memory``), or ``None`` when it does not say (a
+    managed Redis or an ACL may refuse ``INFO``: the check is a courtesy)."""
+    try:
+        info: Any = await client.info("memory")
+    except redis.exceptions.RedisError:
+        return None
+    policy = info.get("maxmemory_policy") if isinstance(info, dict) else None
+    return None if policy is None else _id(policy)
+
+
 def not_permitted(stream: str, exc: BaseException) -> ConfigError:
     """The error for a Redis ACL user without a right the worker needs (``NOPERM``): a
     setting to fix, exit 78. Redis's message names the command or the key, never a secret."""
