@@ -791,7 +791,8 @@ async def test_a_reader_that_fails_unexpectedly_ends_the_input_it_never_hangs() 
 @pytest.mark.parametrize(
     "data",
     [b"id,name\njob-1,a\njob-2,b\n", b"JOB_ID\njob-1\njob-2\n", b" Id \njob-1\njob-2\n",
-     b"\n\n name , id \n a,job-1\nb,job-2\n"],
+     b"\n\n name , id \n a,job-1\nb,job-2\n", b'"id"\n"job-1"\n"job-2"\n',
+     b'"job_id","name"\n"job-1","a"\n"job-2","b"\n'],
 )  # fmt: skip
 def test_csv_on_stdin_is_read_as_csv_and_its_header_is_not_an_id(data: bytes) -> None:
     """Piped CSV was read as text: its header line went to the API as an id."""

@@ -572,16 +572,17 @@ _CSV_HEADERS = frozenset({"id", "job_id", "jobid", "job id"})
 def _sniffed(head: bytes) -> Format:
     """Stdin's format from its first bytes: ``[`` a JSON array, ``{`` or ``"`` JSON Lines
     (``discover --output jsonl``), a first line holding a comma or naming an id column
-    (``id``, ``job_id``) CSV, anything else text. None of these can start or be an id."""
+    (``id``, ``job_id``, quoted or not) CSV, anything else text. None of these can start or
+    be an id; a quoted header (``"id"``) is CSV's, never a JSON Lines id."""
     head = head.removeprefix(_BOM).lstrip()
     if head.startswith(b"["):
         return "json"
-    if head.startswith((b"{", b'"')):
-        return "jsonl"
     first = head.split(b"\n", 1)[0].strip()
-    if b"," in first or first.decode("utf-8", "replace").strip().lower() in _CSV_HEADERS:
-        return "csv"
-    return "text"
+    column = first.strip(b'"').decode("utf-8", "replace").strip().lower()
+    header = b"," in first or column in _CSV_HEADERS
+    if head.startswith(b"{") or (head.startswith(b'"') and not header):
+        return "jsonl"
+    return "csv" if header else "text"
 
 
 class _Rewound(io.RawIOBase):
