@@ -853,6 +853,18 @@ async def test_serve_on_a_key_of_another_type_exits_78_without_a_traceback(
     assert stream in error and "not a stream" in error
 
 
+@pytest.mark.anyio
+async def test_serve_on_a_position_key_of_another_type_names_it_in_its_78(
+    redis_prefix: str,
+) -> None:
+    """``{stream}:position`` a string at start: exit 78 said only "group: a key of the queue
+    holds another type", not which key to mend."""
+    stream = redis_prefix + "pk"
+    await _set(stream + ":position", "hello")
+    error = await _serve_config_error(stream)
+    assert f"{stream}:position" in error and "not a hash" in error
+
+
 NO_API = ["--endpoint", "http://127.0.0.1:9", "--project-id", "p1", "--ak", "TESTAK"]
 """Settings that pass serve's checks; nothing listens there, and no test here calls it."""
 

@@ -212,7 +212,13 @@ class StreamConsumer:
         deleted and made again, or lost with a restore; retention never trims above it):
         entries there may lie below it (a Redis clock behind the old one), so the group
         starts at ``0`` instead of skipping them unread."""
-        position = await kept_position(self._r, self.layout)
+        try:
+            position = await kept_position(self._r, self.layout)
+        except redis.exceptions.ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            key = self.layout.position
+            raise NotAStream(f"{key!r}: that Redis key holds another type, not a hash") from None
         try:
             if position is not None:
                 last: Any = await self._r.xrevrange(self.layout.stream, count=1)
