@@ -604,7 +604,7 @@ def test_deployment_serves_probes_and_metrics_on_the_named_port() -> None:
     deployment = one("Deployment")
     template = deployment["spec"]["template"]
     [container] = template["spec"]["containers"]
-    assert deployment["spec"]["replicas"] == 3
+    assert one("Deployment", overlay="static-keys")["spec"]["replicas"] == 3
     assert container["args"] == ["serve"]
     [port] = container["ports"]
     assert (port["name"], port["containerPort"]) == ("metrics", 8080)
@@ -634,6 +634,28 @@ def test_the_disruption_budget_lets_a_drain_evict_unready_replicas() -> None:
     assert budget["spec"]["maxUnavailable"] == 1  # one at a time, at any replica count
 
 
+def _scalers(overlay: str) -> list[dict[str, Any]]:
+    """The ScaledObjects that set the serve Deployment's replica count."""
+    name = one("Deployment", overlay=overlay)["metadata"]["name"]
+    return [
+        doc for doc in render(overlay)
+        if doc["kind"] == "ScaledObject" and doc["spec"]["scaleTargetRef"]["name"] == name
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_where_keda_scales_serve_the_deployment_leaves_the_replica_count_to_it(
+    overlay: str,
+) -> None:
+    """A ``replicas`` in the applied Deployment resets what KEDA's HPA chose on every
+    ``kubectl apply`` (a GitOps sync: every few minutes), stopping replicas mid-work."""
+    spec = one("Deployment", overlay=overlay)["spec"]
+    if _scalers(overlay):
+        assert "replicas" not in spec
+    else:
+        assert spec["replicas"] >= 2
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_a_drain_can_evict_a_healthy_replica_at_the_fewest_replicas_the_overlay_runs(
     overlay: str,
@@ -642,12 +664,11 @@ def test_a_drain_can_evict_a_healthy_replica_at_the_fewest_replicas_the_overlay_
     many (or all of them) leaves a drain no healthy pod to evict, and a CCE node-pool upgrade
     hangs on the node that holds one."""
     deployment = one("Deployment", overlay=overlay)
-    fewest = deployment["spec"].get("replicas", 1)
-    for scaled in (d for d in render(overlay) if d["kind"] == "ScaledObject"):
-        if scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]:
-            fewest = min(fewest, scaled["spec"].get("minReplicaCount", 0))
+    fewest = most = deployment["spec"].get("replicas", 1)
+    for scaled in _scalers(overlay):
+        fewest, most = scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]
     budget = one("PodDisruptionBudget", overlay=overlay)["spec"]
-    for healthy in range(max(fewest, 1), deployment["spec"].get("replicas", 1) + 1):
+    for healthy in range(max(fewest, 1), most + 1):
         if "maxUnavailable" in budget:
             allowed = int(budget["maxUnavailable"])
         else:
