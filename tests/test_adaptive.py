@@ -27,14 +27,10 @@ from worker.simulator.quota import retry_after_seconds
 # --- the controller: known answers ---------------------------------------------------------
 
 
-def _cruising(
-    config: AdaptiveConfig | None = None, *, refused: float = math.inf, cut_at: float = -math.inf
-) -> RateController:
-    """A controller cruising at a level of 100 calls/s; by default nothing was ever refused,
-    else ``refused`` calls/s was, at ``cut_at``."""
+def _cruising(config: AdaptiveConfig | None = None) -> RateController:
+    """A controller cruising at a level of 100 calls/s, nothing ever refused."""
     ctrl = RateController(0.0, config)
-    cruising = replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE)
-    ctrl.restore(replace(cruising, refused=refused, cut_at=cut_at))
+    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
     return ctrl
 
 
@@ -66,188 +62,108 @@ def test_startup_never_grows_past_twice_what_is_really_sent() -> None:
     assert ctrl.rate <= 2 * (5 + 1) + 1e-9  # one call more than counted: see rate_at
 
 
-def test_first_throttle_ends_startup_just_under_the_refused_rate() -> None:
-    ctrl = RateController(0.0)
-    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0))
-    rate = ctrl.on_throttle(1.0, retry_after=None, latency=0.001)
-    assert rate == pytest.approx(95.0)
+def test_first_throttle_ends_startup_just_under_the_rate_the_call_was_sent_at() -> None:
+    """Startup doubles on: by the time a refusal comes back the rate has grown; the level
+    goes just under the rate its call was sent at, not under the rate of now."""
+    ctrl = RateController(0.0, AdaptiveConfig(startup_interval=0.5))
+    _send_while(ctrl, 0.0, lambda t: t < 3.0)
+    sent_at = ctrl.rate_sent_at(2.9)
+    assert sent_at < 0.9 * ctrl.rate_at(3.0)
+    rate = ctrl.on_throttle(3.0, retry_after=1.0, latency=0.1)
+    assert rate == pytest.approx(0.97 * sent_at, rel=0.01)
     assert ctrl.state.phase is Phase.CRUISE
+    assert ctrl.pause_until() == pytest.approx(4.0)  # the first refusal: every call waits
 
 
-def test_retry_after_pauses_every_call_and_old_news_is_ignored() -> None:
-    ctrl = RateController(0.0)
-    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0))
-    ctrl.on_throttle(10.0, retry_after=2.0, latency=0.01)
-    assert ctrl.pause_until() == 12.0
-    level = ctrl.rate
-    # A 429 for a call sent before that cut says nothing new: no second cut.
-    assert ctrl.on_throttle(10.005, retry_after=None, latency=0.5) == level
-    assert ctrl.rate_at(11.0) == level  # no growth during the pause
+def test_only_a_refusal_that_is_news_pauses_every_call() -> None:
+    """The first refusal holds every call for its Retry-After; one soon after it (the quota
+    is known by then) moves the rate, and only the refused call waits."""
+    ctrl = _cruising()
+    ctrl.on_throttle(1.0, retry_after=1.0, latency=0.0)
+    assert ctrl.pause_until() == pytest.approx(2.0)
+    t = _send_while(ctrl, 2.0, lambda t: t < 4.0)
+    ctrl.on_throttle(t, retry_after=1.0, latency=0.0)
+    assert ctrl.pause_until() == pytest.approx(2.0)
 
 
-def test_refused_probe_keeps_the_level_and_probes_less_often() -> None:
-    ctrl = _cruising(AdaptiveConfig(hold=5.0, hold_growth=3.0, step=0.03, probe_time=2.0))
-    for t in range(1, 7):
-        ctrl.on_sent(float(t))
-        for k in range(100):
-            ctrl.on_sent(t + k / 100)
-    assert ctrl.rate_at(5.5) == pytest.approx(103.0)  # probing 3 % above the level
-    assert ctrl.state.phase is Phase.PROBE
-    assert ctrl.on_throttle(6.0, None, 0.001) == 100.0
-    assert ctrl.state.hold == 15.0
-    assert ctrl.state.step == pytest.approx(0.015)  # next time half as far: closing in
+def test_a_refusal_of_a_call_sent_before_the_last_cut_cuts_nothing() -> None:
+    ctrl = _cruising()
+    level = ctrl.on_throttle(10.0, retry_after=None, latency=0.01)
+    assert level == pytest.approx(97.0)
+    # In flight at the cut, sent at the old rate: old news, however many of them.
+    for k in range(5):
+        assert ctrl.on_throttle(10.01 + k / 100, retry_after=None, latency=0.5) == level
 
 
-def test_a_refused_probe_pauses_nothing_but_a_refusal_at_the_level_pauses_every_call() -> None:
-    """The level under a probe was being accepted: calls go back to it at once. A refusal
-    at the level is the quota falling (or a burst hiding an overshoot): everyone waits."""
-    ctrl = _cruising(AdaptiveConfig(hold=5.0, step=0.03, probe_time=2.0))
-    _send_while(ctrl, 0.0, lambda t: t < 6.0)
-    assert ctrl.rate_at(5.5) == pytest.approx(103.0)
-    assert ctrl.on_throttle(6.0, retry_after=1.0, latency=0.001) == 100.0
-    assert ctrl.pause_until() < 6.0
-    assert ctrl.rate_at(6.001) == 100.0
-    # The same probe's other refused calls, answered later, are old news: still no pause.
-    ctrl.on_throttle(6.01, retry_after=1.0, latency=0.02)
-    assert ctrl.pause_until() < 6.0 and ctrl.rate == 100.0
-    # Refused at the level, while cruising: step down, and every call waits.
-    assert ctrl.on_throttle(20.0, retry_after=1.0, latency=0.001) == pytest.approx(97.0)
-    assert ctrl.pause_until() == 21.0
+def test_between_two_refused_calls_the_gateway_accepted_its_quota() -> None:
+    """A refused call means the gateway's bucket was empty when it arrived: between two,
+    it accepted its quota times the time between them. Here 89 calls in 1.5 s: the level
+    goes 3 % under 59.3 calls/s at once, where stepping 3 % at a time would take a dozen
+    refusals."""
+    ctrl = _cruising()
+    sends = [1.0 + k / 60 for k in range(91)]
+    for t in sends:
+        ctrl.on_sent(t)
+    assert ctrl.on_throttle(1.0, latency=0.0) == pytest.approx(97.0)  # nothing to measure
+    for t in sends[1:-1]:
+        ctrl.on_success(t, latency=0.0)
+    level = ctrl.on_throttle(2.5, latency=0.0)
+    assert ctrl.measured == 1
+    assert ctrl.state.quota == pytest.approx(89 / 1.5)
+    assert level == pytest.approx(0.97 * 89 / 1.5)
 
 
-def test_a_refusal_soon_after_a_refused_probe_measures_the_quota() -> None:
-    """A refused probe empties the server's bucket, and paused nobody: at the level since,
-    the next refusal comes when the server has accepted its quota's worth and not one call
-    more. So the level goes just under what it accepted (every call sent since the cut but
-    this one), with no pause; never further than the cut in a row would have gone."""
-    ctrl = _cruising(AdaptiveConfig(hold=5.0, step=0.03, probe_time=2.0))
-    _send_while(ctrl, 0.0, lambda t: t < 6.0)
-    ctrl.rate_at(5.5)  # probing at 103
-    assert ctrl.on_throttle(6.0, retry_after=1.0, latency=0.001) == 100.0
-    # 2 s at 100 calls/s, and one refused: the server accepts 99.5 calls/s.
-    assert ctrl.on_throttle(8.001, retry_after=1.0, latency=0.001) == pytest.approx(0.97 * 99.5)
-    assert ctrl.pause_until() < 8.0
-    # Again 0.1 s later: the same measure over a shorter time, (96.5 * 0.1 - 1) / 0.1.
-    level = ctrl.rate
-    assert ctrl.on_throttle(8.102, retry_after=1.0, latency=0.001) == pytest.approx(
-        0.97 * (level - 10.0)
-    )
-    assert ctrl.pause_until() < 8.0
-    # Again at once: a measure over 1 ms says nothing. The cut in a row, and a pause.
-    level = ctrl.rate
-    cut = ctrl.on_throttle(8.104, retry_after=1.0, latency=0.001)
-    assert cut == pytest.approx(0.85**3 * level)
-    assert ctrl.pause_until() == pytest.approx(9.104)
+def test_a_measure_waits_for_the_answers_still_out() -> None:
+    """Calls sent between the two refused ones whose answers have not come back would
+    count: no measure until they have."""
+    ctrl = _cruising()
+    for k in range(100):
+        ctrl.on_sent(1.0 + k / 100)
+    ctrl.on_throttle(1.001, latency=0.001)
+    for k in range(1, 50):
+        ctrl.on_success(1.0 + k / 100 + 0.001, latency=0.001)
+    assert ctrl.measure(1.99) is None  # 1.5-1.99 still out
+    assert ctrl.measure(1.49) == pytest.approx(48 / 0.49)
 
 
-def test_a_controller_that_sees_only_its_share_of_refusals_does_not_measure() -> None:
-    """Replicas sharing a rate each see only their own refusals: the time between two of
-    them says too little about the server, so such a controller (``shared``, as
-    ``SharedAdaptiveLimiter`` builds it) cuts in a row and pauses, as before."""
-    ctrl = _cruising(AdaptiveConfig(hold=5.0, step=0.03, probe_time=2.0, shared=True))
-    _send_while(ctrl, 0.0, lambda t: t < 6.0)
-    ctrl.rate_at(5.5)
-    assert ctrl.on_throttle(6.0, retry_after=1.0, latency=0.001) == 100.0
-    assert ctrl.on_throttle(8.001, retry_after=1.0, latency=0.001) == pytest.approx(85.0)
-    assert ctrl.pause_until() == pytest.approx(9.001)
+def test_a_shared_controller_does_not_measure() -> None:
+    """A replica sees only its share of the fleet's calls and refusals."""
+    ctrl = _cruising(AdaptiveConfig(shared=True))
+    for k in range(100):
+        ctrl.on_sent(1.0 + k / 100)
+        ctrl.on_success(1.0 + k / 100, latency=0.0)
+    ctrl.on_throttle(1.0, latency=0.0)
+    ctrl.on_throttle(2.0, latency=0.0)
+    assert ctrl.measure(2.0) is None
 
 
-def test_a_raised_level_is_provisional_until_a_whole_cruise_has_passed_at_it() -> None:
-    """A server's burst can hide a probe's small overshoot until after the probe passed: a
-    refusal before the next probe is the probe's, and goes back to the level under it with
-    no pause. Once a whole cruise has passed at the raised level, it is the level."""
-    config = AdaptiveConfig(hold=1.0, step=0.03, probe_time=1.0, hold_growth=3.0)
-    # A refusal remembered (110 calls/s): the probes cruise between them.
-    ctrl = _cruising(config, refused=110.0, cut_at=0.0)
-    t = _send_while(ctrl, 0.0, lambda t: t < 2.5)
-    assert ctrl.state.level == pytest.approx(103.0)  # the probe (1 s to 2 s) passed
-    assert ctrl.state.provisional
-    assert ctrl.on_throttle(t, retry_after=1.0, latency=0.001) == pytest.approx(100.0)
-    assert ctrl.pause_until() < t  # no pause: the level under it was never in doubt
-    assert ctrl.state.hold == 3.0  # probed less often, as after a refused probe
-    assert not ctrl.state.provisional
-
-    ctrl = _cruising(config, refused=110.0, cut_at=0.0)
-    t = _send_while(  # to the next probe
-        ctrl, 0.0, lambda t: ctrl.state.phase is not Phase.PROBE or ctrl.state.level < 103.0
-    )
-    assert not ctrl.state.provisional  # 103 held for a whole cruise
-    ctrl.restore(replace(ctrl.state, phase=Phase.CRUISE, rate=103.0, since=t))
-    assert ctrl.on_throttle(t, retry_after=1.0, latency=0.001) == pytest.approx(0.97 * 103.0)
-    assert ctrl.pause_until() == pytest.approx(t + 1.0)  # a refusal at the level: everyone
-
-
-def test_a_passed_probe_raises_the_level_and_the_next_step() -> None:
-    """Under a refusal still remembered, the next probe comes after a cruise."""
-    ctrl = _cruising(AdaptiveConfig(hold=1.0, step=0.03, probe_time=1.0), refused=110.0,
-                     cut_at=0.0)  # fmt: skip
-    _send_while(ctrl, 0.0, lambda t: t < 3.5)
-    assert ctrl.state.level == pytest.approx(103.0)
-    assert ctrl.state.step == pytest.approx(0.06)
-    assert ctrl.state.since > 2.9  # the next probe began after a cruise (1 s) at 103
-
-
-def test_with_no_refusal_remembered_passed_probes_follow_each_other() -> None:
-    """Nothing refused for ``max_hold``, or ever: the quota may be far above. Each passed
-    probe is followed at once by one twice as high, until one is refused."""
-    ctrl = _cruising(AdaptiveConfig(hold=1.0, step=0.03, probe_time=1.0))
-    # A cruise (1 s), then probes of 1 s each: 3, 6 and 12 % up.
+def test_after_a_hold_the_probe_grows_faster_and_faster() -> None:
+    """A cruise of ``hold`` (at least ``hold_calls`` calls), then +2 % in the first second
+    of the probe, +6 % after two, +14 % after three: back to a stable quota in a second,
+    and a risen one found in a few."""
+    ctrl = _cruising(AdaptiveConfig(hold=1.0, hold_calls=100, probe_growth=0.02))
     _send_while(ctrl, 0.0, lambda t: t < 4.5)
+    assert ctrl.rate_sent_at(0.99) == 100.0
+    growth = [ctrl.rate_sent_at(1.0 + t) / 100.0 for t in (1.0, 2.0, 3.0)]
+    expected = [math.exp(0.02 * (2**t - 1) / math.log(2)) for t in (1, 2, 3)]
+    assert growth == pytest.approx(expected, rel=0.01)
     assert ctrl.state.phase is Phase.PROBE
-    assert ctrl.state.level == pytest.approx(100.0 * 1.03 * 1.06 * 1.12)
 
 
-def test_a_refusal_of_a_call_sent_before_a_probe_began_is_not_that_probes() -> None:
-    """A probe passes a rate once refused (the quota rose): its rate becomes the level and
-    the next probe starts at once. Then a refusal arrives for a call the passed probe
-    sent. It refuses that probe's rate, now the provisional level: back to the level
-    under it, not a refusal of the new probe that leaves the refused rate standing."""
-    ctrl = RateController(0.0)
-    ctrl.restore(replace(ctrl.state, rate=10.3, level=10.0, phase=Phase.PROBE, since=0.0,
-                         cut_at=0.0, refused=10.2))  # fmt: skip
-    ctrl.rate_at(2.5)  # the probe (2 s) passed 10.2: the next one follows at once
-    assert ctrl.state.phase is Phase.PROBE and ctrl.state.level == pytest.approx(10.3)
-    ctrl.on_throttle(2.6, retry_after=1.0, latency=0.7)  # sent at 1.9, by the passed probe
-    assert ctrl.state.level == pytest.approx(10.0)
-    assert ctrl.pause_until() < 2.6  # a refused probe: nobody waits but the refused call
-
-
-def test_a_probe_rises_at_most_twice_as_far_as_the_last_one_went() -> None:
-    """Probes kept under halfway to a refusal go up by 1-2 %; once that refusal is
-    forgotten (``max_hold``), the next probe doubles the last height, not a step that
-    kept doubling unseen behind the cap (it reached +96 %: twice the quota at once)."""
-    quota = 500.0
-    run = simulate(lambda t: quota, duration=120.0, burst=50)
-    assert max(rate for t, rate in run.rates if t >= 20.0) <= 1.15 * quota
-    assert run.accepted_per_s(40.0, 120.0) >= 0.93 * quota
-
-
-def test_probes_under_one_call_per_second() -> None:
-    """Below one call per ``window`` a window just before a send holds no call; the check
-    that calls really go out at the level must span a few calls, or it never probes."""
-    run = simulate(lambda t: 1.0, duration=120.0, burst=5)
-    assert run.accepted_per_s(40.0, 120.0) >= 0.9
-
-
-def test_close_under_a_refusal_the_probe_goes_just_past_it() -> None:
-    """Halving a gap of 1 % gains little: the probe tests the refused rate itself. Refused,
-    the refusal stands (not the probe's higher rate); passed, the quota has risen, and the
-    probes that follow come at once."""
-    config = AdaptiveConfig(hold=1.0, step=0.03, probe_time=1.0)
-    ctrl = _cruising(config, refused=101.0, cut_at=0.0)
-    t = _send_while(ctrl, 0.0, lambda t: ctrl.state.phase is not Phase.PROBE)
-    assert ctrl.rate == pytest.approx(101.0 * 1.01)
-    probing = ctrl.state
-
-    ctrl.on_throttle(t + 0.01, retry_after=1.0, latency=0.005)
-    assert ctrl.state.level == 100.0
-    assert ctrl.state.refused == 101.0
-
-    ctrl = RateController(0.0, config)
-    ctrl.restore(probing)
-    _send_while(ctrl, t, lambda t: t < probing.since + 1.5)  # the probe (1 s) passes
-    assert ctrl.state.level == pytest.approx(101.0 * 1.01)
-    assert ctrl.state.phase is Phase.PROBE  # the next one at once: the quota rose
+def test_a_refused_probe_goes_back_under_the_quota_measured_and_a_risen_one_is_kept() -> None:
+    """Refused a second into the probe: back to 3 % under the quota measured. Refused after
+    holding well past it for two seconds (longer than a burst hides an overshoot): the
+    quota rose, so back to 3 % under what the probe held, the old measure forgotten."""
+    ctrl = _cruising()
+    ctrl.restore(replace(ctrl.state, quota=100.0, level=97.0, rate=97.0, since=0.0))
+    _send_while(ctrl, 0.0, lambda t: t < 2.5)
+    assert ctrl.state.phase is Phase.PROBE and 97.0 < ctrl.rate < 104.0
+    assert ctrl.on_throttle(2.5, latency=0.0) == pytest.approx(97.0)
+    _send_while(ctrl, 2.5, lambda t: t < 8.0)
+    held = ctrl.rate_sent_at(6.0)
+    assert held > 103.0
+    assert ctrl.on_throttle(8.0, latency=0.0) == pytest.approx(0.97 * held)
+    assert ctrl.state.quota == math.inf
 
 
 def test_503s_that_are_a_share_of_the_answers_cut_like_a_throttle_without_a_pause() -> None:
@@ -281,35 +197,6 @@ def test_random_503s_at_a_steady_rate_are_faults_not_overload(seed: int) -> None
             rates.append(ctrl.on_success(t, latency=0.01))
     assert statistics.fmean(rates) >= 95.0
     assert min(rates) >= 85.0
-
-
-def test_refusals_at_the_level_step_down_once_then_cut_harder_each_time_in_a_row() -> None:
-    """The first refusal at a level that held is most often a hair's overshoot a server's
-    burst hid: 3 % down. More in a row mean the quota fell: 0.85, 0.85², ... each pausing
-    every call for the Retry-After."""
-    ctrl = _cruising(AdaptiveConfig(hold=5.0, step=0.03, beta=0.85))
-    assert ctrl.on_throttle(10.0, retry_after=1.0, latency=0.001) == pytest.approx(97.0)
-    assert ctrl.pause_until() == 11.0
-    assert ctrl.on_throttle(12.0, retry_after=1.0, latency=0.001) == pytest.approx(82.45)
-    assert ctrl.on_throttle(14.0, retry_after=1.0, latency=0.001) == pytest.approx(0.85**2 * 82.45)
-    assert ctrl.pause_until() == 15.0
-    # A refusal after a quiet hold is a first one again.
-    level = ctrl.state.level
-    assert ctrl.on_throttle(30.0, retry_after=1.0, latency=0.001) == pytest.approx(0.97 * level)
-
-
-@pytest.mark.parametrize(("level", "hold"), [(100.0, 2.0), (10.0, 4.851), (2.0, 5.0)])
-def test_after_a_cut_in_a_row_the_climb_back_starts_soon(level: float, hold: float) -> None:
-    """A cut in a row leaves the level well under the rate refused: the cruise before the
-    next probe is ``rebound_hold`` (2 s), or long enough for ``rebound_calls`` (40) at the
-    new level, but never longer than ``hold`` (5 s)."""
-    ctrl = RateController(0.0)
-    ctrl.restore(replace(ctrl.state, rate=level, level=level, phase=Phase.CRUISE))
-    ctrl.on_throttle(10.0, retry_after=1.0, latency=0.001)  # at the level: 3 % down, a pause
-    assert ctrl.state.hold == 5.0
-    ctrl.on_throttle(11.5, retry_after=1.0, latency=0.001)  # again, after the pause: 0.85
-    assert ctrl.rate == pytest.approx(0.97 * 0.85 * level)
-    assert ctrl.state.hold == pytest.approx(hold, rel=1e-3)
 
 
 def test_a_sustained_rise_of_latency_cuts_but_one_slow_call_or_window_does_not() -> None:
@@ -448,10 +335,10 @@ def test_whatever_the_answers_the_rate_stays_in_bounds_and_moves_the_right_way(
 ) -> None:
     """Calls sent at the rate, and answers in any order: the rate stays finite, within
     ``min_rate`` and ``max_rate``; between refusals it never falls; a 429 or a 503 never
-    raises it; no pause outlasts ``max_pause``."""
+    raises it; a pause lasts no longer than a Retry-After given (nor ``max_pause``)."""
     ctrl = RateController(0.0, AdaptiveConfig(max_rate=100.0, shared=shared))
     c = ctrl.config
-    now, last = 0.0, ctrl.rate
+    now, last, allowed = 0.0, ctrl.rate, -math.inf
     for gap, kind, latency, retry_after in answers:
         end = now + gap
         while now < end:  # the worker sends at the rate; a pause holds it back
@@ -469,11 +356,13 @@ def test_whatever_the_answers_the_rate_stays_in_bounds_and_moves_the_right_way(
         else:
             if kind == "429":
                 after = ctrl.on_throttle(now, retry_after, latency)
+                if retry_after is not None:
+                    allowed = max(allowed, now + min(retry_after, c.max_pause))
             else:
                 after = ctrl.on_overload(now, latency)
             assert after <= before
         assert math.isfinite(after) and c.min_rate <= after <= c.max_rate
-        assert ctrl.pause_until() <= now + c.max_pause
+        assert ctrl.pause_until() <= allowed
         last = after
 
 
@@ -484,12 +373,9 @@ def test_whatever_the_answers_the_rate_stays_in_bounds_and_moves_the_right_way(
 def test_converges_to_the_quota_and_stays_under_it(quota: float) -> None:
     ctrl = RateController(0.0)
     run = simulate(lambda t: quota, duration=40.0, burst=2, controller=ctrl)
-    assert 0.8 * quota <= run.accepted_per_s(10.0, 40.0) <= quota * 1.01
+    assert 0.9 * quota <= run.accepted_per_s(10.0, 40.0) <= quota * 1.01
     assert run.refused_share(10.0, 40.0) <= 0.02
-    # Within a probe's resolution: a probe less than ``min_step`` over the quota can pass
-    # while the server's burst absorbs its overshoot; the next refusal at the level finds
-    # it out (the accepted rate above stays under the quota all the same).
-    assert 0.85 * quota <= ctrl.state.level <= quota * (1 + ctrl.config.min_step)
+    assert 0.9 * quota <= ctrl.state.level <= quota
 
 
 def test_recovers_when_the_quota_rises() -> None:
@@ -505,7 +391,7 @@ def test_stays_stable_when_the_quota_falls() -> None:
     run = simulate(lambda t: 50.0 if t < 20 else 20.0, duration=60.0, burst=2, controller=ctrl)
     assert run.accepted_per_s(40.0, 60.0) >= 0.85 * 20.0
     assert run.refused_share(40.0, 60.0) <= 0.02
-    assert ctrl.state.level <= 20.0 * (1 + ctrl.config.min_step)  # a probe's resolution
+    assert ctrl.state.level <= 20.0
 
 
 def test_a_burst_hiding_the_overshoot_costs_throttles_but_not_stability() -> None:
@@ -696,8 +582,8 @@ async def test_replicas_sharing_a_bucket_find_the_quota_together() -> None:
 @pytest.mark.parametrize(
     ("field", "value", "says"),
     [
-        ("step", 1.0, "step < 1"),
-        ("beta", 1.0, "0 < beta < 1"),
+        ("margin", 1.0, "0 < margin < 1"),
+        ("overload_cut", 1.0, "0 < overload_cut < 1"),
         ("hold", 0.0, "hold must be"),
         ("initial_rate", math.inf, "initial_rate must be"),
         ("min_rate", 5.0, "min_rate <= initial_rate"),

@@ -23,15 +23,10 @@ LATENCIES = (0.005, 0.05, 0.3)
 CONCURRENCY = (8, 32)
 
 MISSED = {
-    # At 5 calls/s start-up's refusals in a row land 13-16 % under the quota, and probes
-    # of 3 % after 5 s cruises climb back too slowly to average 0.90 over 10-40 s.
-    (5.0, 1, 0.005, 8), (5.0, 1, 0.005, 32), (5.0, 1, 0.05, 8), (5.0, 1, 0.05, 32),
-    (5.0, 1, 0.3, 8), (5.0, 1, 0.3, 32), (5.0, 2, 0.005, 8), (5.0, 2, 0.005, 32),
-    (5.0, 2, 0.05, 8), (5.0, 2, 0.05, 32),
-    # A refusal at the level cuts 15 % (in a row) and pauses every call for Retry-After;
-    # the climb back takes 20 s.
-    (50.0, 1, 0.3, 32), (500.0, 1, 0.05, 32), (500.0, 10, 0.05, 32),
-}  # fmt: skip
+    # 300 ms answers, 32 in flight, burst 1: refusals come a third of a second late and
+    # the quota can seldom be measured between two of them; the rate ends 0.74 of it.
+    (50.0, 1, 0.3, 32),
+}
 
 
 def _cells() -> list[Any]:
@@ -70,7 +65,7 @@ def _within(run: Run, start: float, end: float, quota: float) -> bool:
     return bool(rates) and all(abs(rate - quota) <= 0.1 * quota for rate in rates)
 
 
-@pytest.mark.xfail(strict=True, reason="a known gap: the climb back after a rise is slow")
+@pytest.mark.xfail(strict=True, reason="a known gap: neither change is followed within 10 s")
 @pytest.mark.parametrize("burst", list(BURSTS))
 @pytest.mark.parametrize("latency", [0.005, 0.05])
 def test_a_quota_that_falls_and_rises_is_followed_within_ten_seconds_each_way(
@@ -78,8 +73,8 @@ def test_a_quota_that_falls_and_rises_is_followed_within_ten_seconds_each_way(
 ) -> None:
     """50 calls/s, 20 from 30 s, 50 again from 60 s: within 10 % of the new quota from
     10 s after each change on, and at most 2 % throttled after its first 2 s. Not met
-    yet (strict xfail below): the climb back after the rise takes 21-30 s, probes of 3 %
-    after cruises of 5 s; after the fall, 3-22 s."""
+    yet (strict xfail above): at most 0.9 % is throttled after either change, but the
+    rate is not within 10 % of 20 over 40-60 s, nor of 50 over 70-90 s."""
     run = simulate(_falls_and_rises, duration=90.0, burst=burst, latency=latency,
                    concurrency=8)  # fmt: skip
     assert run.refused_share(32.0, 60.0) <= 0.02

@@ -1,21 +1,39 @@
-"""``--rate auto``: find the API's undocumented quota, use nearly all of it, and keep to it.
+"""``--rate auto``: the arithmetic that finds an undocumented quota and keeps just under it.
 
-``RateController`` is pure arithmetic over the times passed in (events in, the rate out; no
-clock, no I/O), and what it has learnt is the frozen ``ControllerState``, a value another
-controller can adopt (``restore``). The limiters that run it are in
-``worker.pacing.adaptive``. How it moves, and why (startup, cruise and probes, refusals at
-the level and measured quotas, 503s and latency), is in ``docs/rate-auto.md``; the names
-of the constants below are the ones used there.
+Pure: events with their times in, the rate to use out; no clock, no I/O. The design, and
+why it measures the quota between refusals rather than halving on each, is in
+``docs/rate-auto.md``. In short:
+
+- **startup** doubles the rate every ``startup_interval`` (never past twice what is really
+  sent) until the first refusal;
+- a refusal of a call sent since the last cut (older ones say nothing new) sets the rate
+  ``margin`` under the quota **measured**: a refusal means the gateway's bucket was empty
+  when that call arrived, so between two refused calls it accepted exactly its quota times
+  the time between them: ``accepted / span``. When no earlier refusal is near enough to
+  measure from, the rate steps ``margin`` under the rate refused (an isolated refusal: a
+  burst refusal, or the first of a fall), or, above a quota measured before, back to just
+  under it;
+- **cruise** at that level for ``hold`` (at least ``hold_calls`` calls), then **probe**: the
+  rate grows by ``probe_growth`` in the first second and twice as fast each second after,
+  until a refusal: it returns to just under a stable quota within a second, and finds a
+  quota that rose in a few;
+- 503s count only when they are ``overload_share`` of the last ``overload_answers``
+  answers (isolated ones are faults to retry), and latency only when it rises with the
+  rate (``LatencyWatch``): then the rate is cut by ``overload_cut``.
 """
 
 from __future__ import annotations
 
 import abc
+import bisect
 import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, replace
 from enum import StrEnum
+
+DELAY_WEIGHT = 0.02
+"""Each answer's share of the smoothed latency the probe's growth is timed by."""
 
 
 class Phase(StrEnum):
@@ -31,48 +49,41 @@ class AdaptiveConfig:
     initial_rate: float = 2.0
     min_rate: float = 0.2
     max_rate: float = 10_000.0
-    startup_interval: float = 0.75  # seconds per doubling while starting up
-    margin: float = 0.05  # the level after startup: this far under the rate refused
-    step: float = 0.03  # a probe goes this far above the level ...
-    min_step: float = 0.01
-    max_step: float = 1.0
-    probe_time: float = 2.0  # ... for this long (or ``probe_calls`` calls, if longer)
-    probe_calls: int = 10
-    hold: float = 5.0  # first cruise before probing, seconds
-    hold_growth: float = 3.0  # each refused probe makes the next cruise this much longer
-    rebound_hold: float = 2.0  # the cruise after a cut in a row (never longer than hold) ...
-    rebound_calls: int = 40  # ... or this many calls at the level, if longer
-    max_hold: float = 30.0  # ... up to this: the longest a rise of the quota goes unseen
-    beta: float = 0.85  # cut on throttles in a row while cruising (the first steps ``step``)
-    window: float = 1.0  # seconds of recent sends that say how fast we really send
+    startup_interval: float = 0.5  # seconds per doubling while starting up
+    margin: float = 0.03  # the level: this far under the quota measured (or the rate refused)
+    window: float = 2.0  # how far back a refusal is measured from, seconds
+    measure_s: float = 0.25  # a measure spans at least this long ...
+    measure_calls: int = 8  # ... and this many accepted calls
+    hold: float = 1.0  # cruise at the level at least this long ...
+    hold_calls: int = 100  # ... and this many calls, before probing
+    forget: float = 30.0  # a refused rate caps the probes for this long
+    probe_growth: float = 0.02  # the probe's growth in its first second, doubling each second
+    max_pause: float = 30.0  # longest Retry-After pause honoured (every call waits it)
+    overload_answers: int = 50  # 503s are overload when they are ...
+    overload_share: float = 0.2  # ... this share of the last answers (random ones are not)
+    overload_cut: float = 0.85  # a rise of latency with the rate multiplies it by this
     latency_samples: int = 50  # answers per latency window
     latency_factor: float = 1.4  # a window is high above this times the baseline ...
     latency_floor_s: float = 0.05  # ... plus this
     latency_join: float = 0.25  # a window joins the baseline under this share of that rise
     latency_windows: int = 2  # high windows in a row that cut
     latency_baseline: int = 9  # the baseline: the median of this many windows, not high
-    overload_answers: int = 50  # 503s are overload when they are ...
-    overload_share: float = 0.2  # ... this share of the last answers (random ones are not)
-    max_pause: float = 30.0  # longest Retry-After pause honoured
-    shared: bool = False  # replicas share the rate: each sends only its share of the
-    # calls and sees only its share of the refusals, so growth and probes do not wait for
-    # it to send at the rate, and it does not measure the quota between two refusals
+    shared: bool = False  # replicas share the rate and each sees only its share of the
+    # calls: growth is not capped by what this one sends, and it does not measure
 
     def __post_init__(self) -> None:
-        positive = ("initial_rate", "min_rate", "max_rate", "startup_interval", "step",
-                    "min_step", "max_step", "probe_time", "hold", "max_hold", "window",
-                    "max_pause", "rebound_hold")  # fmt: skip
+        positive = ("initial_rate", "min_rate", "max_rate", "startup_interval", "window",
+                    "measure_s", "hold", "probe_growth", "forget", "max_pause")  # fmt: skip
         for name in positive:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, not {value!r}")
         if not self.min_rate <= self.initial_rate <= self.max_rate:
             raise ValueError("need min_rate <= initial_rate <= max_rate")
-        if not (0 < self.beta < 1 and 0 <= self.margin < 1 and self.hold_growth >= 1):
-            raise ValueError("need 0 < beta < 1, 0 <= margin < 1 and hold_growth >= 1")
-        if self.step >= 1:
-            raise ValueError("need step < 1: a refusal at the level steps down by it")
-        counts = ("latency_samples", "latency_windows", "latency_baseline", "overload_answers")
+        if not (0 < self.margin < 1 and 0 < self.overload_cut < 1 and self.overload_share > 0):
+            raise ValueError("need 0 < margin < 1, 0 < overload_cut < 1, overload_share > 0")
+        counts = ("measure_calls", "hold_calls", "overload_answers", "latency_samples",
+                  "latency_windows", "latency_baseline")  # fmt: skip
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
@@ -80,31 +91,23 @@ class AdaptiveConfig:
             raise ValueError("need latency_factor >= 1 and latency_floor_s >= 0")
         if not 0 <= self.latency_join <= 1:
             raise ValueError("need 0 <= latency_join <= 1")
-        if not 0 < self.overload_share <= 1:
-            raise ValueError("need 0 < overload_share <= 1")
 
 
 @dataclass(frozen=True, slots=True)
 class ControllerState:
-    """What the controller has learnt: small, immutable, storable (in Redis, say)."""
+    """What the controller has learnt: small, immutable, comparable in tests."""
 
     rate: float  # calls/s to use now
-    level: float  # the rate believed safe (startup: the rate reached so far)
+    level: float  # where the probe starts (startup: the rate reached so far)
     phase: Phase
     since: float  # when the phase began (startup: the last growth step)
-    step: float  # the next probe's height over the level, as a fraction
-    hold: float  # how long the next cruise lasts
-    cut_at: float  # the last cut: throttles for calls sent before it are old news
-    cuts: int  # refusals in a row at the level (each cuts harder)
-    refused: float  # the lowest rate refused since the quota last rose (inf: none),
-    # forgotten ``max_hold`` after the last cut: the quota may have risen since
-    pause_until: float  # no call starts before this (Retry-After)
-    below: float | None = None  # while a level a probe raised has not held for a whole
-    # cruise: the level before it, which a refusal goes back to (None: the level held)
-
-    @property
-    def provisional(self) -> bool:
-        return self.below is not None
+    cut_at: float  # the last cut: refusals of calls sent before it are old news
+    quota: float  # the quota last measured (inf: none yet)
+    refused: float  # the lowest rate refused lately (inf: none), the probes' ceiling
+    refused_at: float  # when
+    pause_until: float = -math.inf  # no call starts before this (a Retry-After)
+    streak: int = 0  # shared: refusals in a row, each cutting harder
+    overload: bool = False  # ``refused`` is a rate latency (or 503s) rose at: a hard cap
 
 
 class AnswerEvents(abc.ABC):
@@ -144,129 +147,53 @@ class AnswerEvents(abc.ABC):
             self.on_success(now, latency_s)
 
 
-class RateController(AnswerEvents):
-    """Pure arithmetic: events with their times in, the rate to use out.
+class LatencyWatch:
+    """Whether latency rises with the rate.
 
-    Call ``on_sent`` when a call starts, and ``on_success``, ``on_throttle`` or
-    ``on_overload`` when it ends; each returns the rate from then on. ``rate_at(now)`` moves
-    the phases along between events. Times passed in must not go backwards.
+    Latency is read in windows of ``latency_samples`` answers, each summed up by its mean
+    without its slowest tenth (one slow call or a GC pause is no signal; a median is no
+    good either: with answers in two modes, already-deleted jobs fast and real deletes
+    slow, it jumps from one mode to the other by chance). The baseline is the median of the
+    last ``latency_baseline`` windows that were not high. A window is high above
+    ``latency_factor`` times the baseline plus ``latency_floor_s``, and joins the baseline
+    only under ``latency_join`` of that rise (else the baseline would creep up a rise a
+    window at a time). ``latency_windows`` high windows in a row are a rise, but only at a
+    rate above the lowest rate a baseline window was read at: latency that stays high at a
+    rate that had the baseline's latency all along is not ours to cure, and becomes the
+    baseline. After a cut, answers are not read until the slowest of the last window has
+    had time to come back for calls sent since (``settle``).
     """
 
-    __slots__ = ("_answers", "_baseline", "_config", "_high", "_latencies", "_sends",
-                 "_settle_until", "_slowest", "_state", "_window_rate")  # fmt: skip
-    _baseline: deque[tuple[float, float]]  # windows not high: (latency, the rate then)
+    __slots__ = ("_baseline", "_config", "_high", "_rate", "_settle_until", "_slowest",
+                 "_window", "rose_at")  # fmt: skip
 
-    def __init__(self, now: float, config: AdaptiveConfig | None = None) -> None:
-        self._config = config or AdaptiveConfig()
+    def __init__(self, config: AdaptiveConfig) -> None:
+        self._config = config
+        self._window: list[float] = []
+        self._rate = config.initial_rate  # the rate the window being filled began at
+        self._baseline: deque[tuple[float, float]] = deque(maxlen=config.latency_baseline)
+        self._high = 0
+        self._slowest = 0.0  # the slowest answer of the last window
+        self._settle_until = -math.inf
+        self.rose_at = math.inf  # the rate the first high window of a rise began at
+
+    def settle(self, now: float) -> None:
+        """After a cut: answers that come soon are those of calls sent before it, the slow
+        ones most of all, and a window of them would look like a rise."""
+        self._window.clear()
+        self._high = 0
+        self._settle_until = now + self._slowest
+
+    def rising(self, now: float, latency: float, rate: float, *, learn: bool) -> bool:
+        """One answer at ``rate``; ``learn``: a window may join the baseline (not while
+        starting up: as the rate doubles the fast answers come back first)."""
         c = self._config
-        self._state = ControllerState(
-            rate=c.initial_rate,
-            level=c.initial_rate,
-            phase=Phase.STARTUP,
-            since=now,
-            step=c.step,
-            hold=c.hold,
-            cut_at=-math.inf,
-            cuts=0,
-            refused=math.inf,
-            pause_until=-math.inf,
-        )
-        self._sends: deque[float] = deque()
-        self._latencies: list[float] = []  # the latency window being filled ...
-        self._window_rate = c.initial_rate  # ... from answers at this rate on
-        self._baseline = deque(maxlen=c.latency_baseline)
-        self._high = 0  # high latency windows in a row
-        self._slowest = 0.0  # the slowest answer in the last window
-        self._settle_until = -math.inf  # answers before this say nothing (see ``_cut``)
-        self._answers: deque[bool] = deque(maxlen=c.overload_answers)  # True: a 503
-
-    @property
-    def config(self) -> AdaptiveConfig:
-        return self._config
-
-    @property
-    def state(self) -> ControllerState:
-        return self._state
-
-    def restore(self, state: ControllerState) -> None:
-        """Adopt a state learnt elsewhere (another replica's, through Redis)."""
-        self._state = state
-
-    @property
-    def rate(self) -> float:
-        return self._state.rate
-
-    def pause_until(self) -> float:
-        return self._state.pause_until
-
-    # -- events --------------------------------------------------------------------------
-    def on_sent(self, now: float) -> None:
-        """A call starts: the measure of how fast we really send."""
-        self._sends.append(now)
-
-    def on_success(self, now: float, latency: float | None = None) -> float:
-        """A call was answered (any answer but a throttle or a 503)."""
-        rate = self.rate_at(now)
-        self._answers.append(False)
-        if latency is not None and latency >= 0 and now >= self._settle_until:
-            # Windows are answers in the order they come, whenever their calls were sent:
-            # counting only calls sent since a cut would fill the next window with the
-            # ones that came back first, the fast ones.
-            if not self._latencies:
-                self._window_rate = rate
-            self._latencies.append(latency)
-            # A call sent before the last cut went out at the rate cut: no cut again for it.
-            if self._latency_rising(rate) and now - latency >= self._state.cut_at:
-                return self._cut(now, now - latency)
-        return rate
-
-    def on_throttle(
-        self, now: float, retry_after: float | None = None, latency: float | None = None
-    ) -> float:
-        """A 429. ``latency`` dates the call: one sent before the last cut is old news.
-        Its ``Retry-After`` pauses every call unless a probe was refused (see ``_cut``)."""
-        return self._refusal(now, latency, retry_after, quota=True)
-
-    def on_overload(self, now: float, latency: float | None = None) -> float:
-        """A 503. Random ones, at a steady rate, are faults to retry, not a reason to slow
-        down: only when 503s are ``overload_share`` of the last ``overload_answers``
-        answers is the service overloaded, and that counts as a throttle without
-        Retry-After, and not a quota's (no rate can be learnt from when it comes)."""
-        answers = self._answers
-        answers.append(True)
-        c = self._config
-        if sum(answers) < max(2.0, c.overload_share * c.overload_answers):
-            return self.rate_at(now)
-        answers.clear()  # the next cut needs as many again, sent at the new rate
-        return self._refusal(now, latency, None, quota=False)
-
-    def _refusal(
-        self, now: float, latency: float | None, retry_after: float | None, *, quota: bool
-    ) -> float:
-        sent = now - latency if latency is not None and latency >= 0 else now
-        if sent < self._state.cut_at:
-            return self._state.rate  # the cut it belongs to has been made, pause and all
-        return self._cut(now, sent, retry_after, quota=quota)
-
-    # -- arithmetic ----------------------------------------------------------------------
-    def _sent_rate(self, now: float, span: float | None = None) -> float:
-        """Calls started per second over the last ``span`` seconds (``window`` by default).
-        Sends older than that are forgotten."""
-        span = self._config.window if span is None else span
-        sends = self._sends
-        horizon = now - span
-        while sends and sends[0] < horizon:
-            sends.popleft()
-        return len(sends) / span
-
-    def _latency_rising(self, rate: float) -> bool:
-        """Whether a window of latencies has just filled, at ``rate``, and made
-        ``latency_windows`` high ones in a row against the baseline, at a rate above the
-        baseline's (see the module's docstring): then the rate is to be cut. A window not
-        high joins the baseline with the rate it began at (startup grows while it fills:
-        the lower rate is the one known to get the baseline's latency)."""
-        c = self._config
-        window = self._latencies
+        if now < self._settle_until:
+            return False
+        window = self._window
+        if not window:
+            self._rate = rate
+        window.append(latency)
         if len(window) < c.latency_samples:
             return False
         window.sort()
@@ -278,189 +205,315 @@ class RateController(AnswerEvents):
             usual = statistics.median(latency for latency, _ in baseline)
             rise = (c.latency_factor - 1.0) * usual + c.latency_floor_s
             if typical > usual + rise:
+                if not self._high:
+                    self.rose_at = self._rate
                 self._high += 1
                 if self._high < c.latency_windows:
                     return False
                 self._high = 0
-                if rate > min(sent_at for _, sent_at in baseline):
-                    return True  # windows sent from now on say whether the cut was enough
+                if rate > min(at for _, at in baseline):
+                    return True
                 baseline.clear()  # high at a rate that was once calm: not our doing
             elif typical > usual + c.latency_join * rise:
-                # Neither high nor the baseline's: a baseline that took in every window
-                # under the bar would creep up a rise it is there to see.
                 self._high = 0
                 return False
         self._high = 0
-        if self._state.phase is not Phase.STARTUP:
-            # Not while starting up: as the rate doubles, the answers that come back first
-            # are the fast ones, and a window of them says less than the latency is.
-            baseline.append((typical, min(rate, self._window_rate)))
+        if learn:
+            baseline.append((typical, min(rate, self._rate)))
         return False
 
-    def _probe_rate(self, s: ControllerState) -> float:
-        """``step`` above the level, but no further than halfway to the lowest refused
-        rate (a bisection), and at least ``min_step`` above the level; within half a
-        ``step`` under that rate, just past it."""
+
+class RateController(AnswerEvents):
+    """Pure arithmetic: events with their times in, the rate to use out.
+
+    Call ``on_sent`` when a call starts, and ``on_success``, ``on_throttle`` or
+    ``on_overload`` when it ends (with its latency, which dates its sending); each returns
+    the rate from then on. ``rate_at(now)`` moves the phases along between events. Times
+    passed in must not go backwards.
+    """
+
+    __slots__ = ("_accepted", "_answers", "_config", "_delay", "_history", "_latency",
+                 "_refused", "_sends", "_state", "cuts", "measured")  # fmt: skip
+
+    def __init__(self, now: float, config: AdaptiveConfig | None = None) -> None:
+        self._config = c = config or AdaptiveConfig()
+        self._state = ControllerState(
+            rate=c.initial_rate, level=c.initial_rate, phase=Phase.STARTUP, since=now,
+            cut_at=-math.inf, quota=math.inf, refused=math.inf, refused_at=-math.inf,
+        )  # fmt: skip
+        self._sends: deque[float] = deque()  # when calls started (how fast we really send)
+        self._accepted: list[float] = []  # when the accepted calls were sent, in order
+        self._refused: list[float] = []  # when the refused calls were sent, in order
+        self._answers: deque[bool] = deque(maxlen=c.overload_answers)  # True: a 503
+        self._latency = LatencyWatch(c)
+        self._delay = 0.0  # the answers' mean latency, smoothed: how late a refusal comes
+        self._history: deque[tuple[float, float]] = deque()  # (from when, rate) changes
+        self.cuts = 0
+        self.measured = 0  # refusals that measured the quota
+
+    @property
+    def config(self) -> AdaptiveConfig:
+        return self._config
+
+    @property
+    def state(self) -> ControllerState:
+        return self._state
+
+    def restore(self, state: ControllerState) -> None:
+        """Adopt a state learnt elsewhere (a test's, or another replica's): its rate holds
+        from its ``since`` on."""
+        self._state = state
+        self._history = deque([(state.since, state.rate)])
+
+    @property
+    def rate(self) -> float:
+        return self._state.rate
+
+    def pause_until(self) -> float:
+        """No call starts before this: the ``Retry-After`` (at most ``max_pause``) of a
+        refusal that is news, the first with no other remembered (``forget``): the end of
+        startup, or a quota that fell after a quiet while. Later refusals pause nobody: the
+        rate moves to just under the quota they tell of, and only the refused call waits
+        its ``Retry-After`` (a gateway's is a whole second, rounded up: pausing every call
+        for each would cost a second's quota per refusal)."""
+        return self._state.pause_until
+
+    # -- events --------------------------------------------------------------------------
+    def on_sent(self, now: float) -> None:
+        """A call starts: the measure of how fast we really send."""
+        self._sends.append(now)
+
+    def on_success(self, now: float, latency: float | None = None) -> float:
+        """A call was answered (any answer but a throttle or a 503)."""
+        rate = self.rate_at(now)
+        sent = self._sent_at(now, latency)
+        self._remember(self._accepted, sent, now)
+        self._answers.append(False)
+        if latency is not None and latency >= 0:
+            self._delay += DELAY_WEIGHT * (latency - self._delay)
+            learn = self._state.phase is not Phase.STARTUP
+            rising = self._latency.rising(now, latency, rate, learn=learn)
+            if rising and sent >= self._state.cut_at:
+                # The rise began a window or more before it was seen: the probes' cap is
+                # the rate the first high window began at.
+                sent_rate = self._overloaded_at(sent, min(rate, self._latency.rose_at))
+                return self._cut(now, sent_rate * self._config.overload_cut)
+        return rate
+
+    def on_throttle(
+        self, now: float, retry_after: float | None = None, latency: float | None = None
+    ) -> float:
+        """A 429. ``latency`` dates the call: one sent before the last cut is old news
+        (though it still marks the gateway's bucket empty, for the next measure)."""
+        rate = self.rate_at(now)
+        sent = self._sent_at(now, latency)
+        self._remember(self._refused, sent, now)
+        if sent < self._state.cut_at:
+            return rate
+        # Replicas cannot measure: each refusal that cuts holds the fleet back (not a
+        # probe's, whose level is known to be accepted).
+        news = math.isinf(self._refused_lately(sent)) or (
+            self._config.shared and self._state.phase is not Phase.PROBE
+        )
+        level = self._cut(now, self._level_after_refusal(sent, rate))
+        if retry_after is not None and news:
+            pause = now + min(max(retry_after, 0.0), self._config.max_pause)
+            self._state = replace(self._state, pause_until=pause, since=max(now, pause))
+        return level
+
+    def on_overload(self, now: float, latency: float | None = None) -> float:
+        """A 503. Random ones, at a steady rate, are faults to retry, not a reason to slow
+        down: only when 503s are ``overload_share`` of the last ``overload_answers``
+        answers is the service overloaded, and the rate steps ``margin`` under the rate
+        its call was sent at (no quota can be learnt from when it comes)."""
+        rate = self.rate_at(now)
+        answers = self._answers
+        answers.append(True)
         c = self._config
-        rate = s.level * (1.0 + s.step)
-        refused = self._refused(s)
-        if refused <= s.level * (1.0 + c.step / 2.0):
-            # So close under a refusal that halving the gap gains little: go just past the
-            # refused rate, to confirm it, or to find that the quota has risen since.
-            rate = max(refused, s.level) * (1.0 + c.min_step)
-        elif math.isfinite(refused):
-            rate = max(s.level * (1.0 + c.min_step), min(rate, (s.level + refused) / 2.0))
-        return min(rate, c.max_rate)
+        sent = self._sent_at(now, latency)
+        if sum(answers) < max(2.0, c.overload_share * c.overload_answers):
+            return rate
+        if sent < self._state.cut_at:
+            return rate
+        answers.clear()  # the next cut needs as many again, sent at the new rate
+        self._overloaded_at(sent, rate)
+        return self._cut(now, (1.0 - c.margin) * min(self.rate_sent_at(sent), rate))
 
-    def _refused(self, s: ControllerState) -> float:
-        """The lowest rate refused while it still counts (inf: none): ``max_hold`` after
-        the last cut, the quota may have risen since."""
-        return s.refused if s.since - s.cut_at <= self._config.max_hold else math.inf
+    # -- arithmetic ----------------------------------------------------------------------
+    def _overloaded_at(self, sent: float, rate: float) -> float:
+        """An overload of a call sent at ``sent``: its rate (returned) caps the probes, as
+        a refused one does."""
+        s = self._state
+        sent_rate = min(self.rate_sent_at(sent), rate)
+        refused = min(sent_rate, self._refused_lately(sent))
+        self._state = replace(s, refused=refused, refused_at=sent, overload=True)
+        return sent_rate
 
-    def _probe_length(self, rate: float) -> float:
-        return max(self._config.probe_time, self._config.probe_calls / rate)
+    @staticmethod
+    def _sent_at(now: float, latency: float | None) -> float:
+        return now - latency if latency is not None and latency >= 0 else now
+
+    def _remember(self, times: list[float], sent: float, now: float) -> None:
+        bisect.insort(times, sent)
+        horizon = now - 2.0 * self._config.window
+        if times[0] < horizon:
+            del times[: bisect.bisect_left(times, horizon)]
+
+    def measure(self, sent: float) -> float | None:
+        """The quota, from the accepted calls sent between the earliest refused call of the
+        last ``window`` and the one refused at ``sent`` (the gateway's bucket was empty at
+        both, and calls went at least as fast in between); ``None`` when that is too short,
+        holds too few calls, or spans a pause, to say."""
+        c = self._config
+        if c.shared:
+            return None
+        # Not from before a pause's end: nobody sent while it lasted, and the gateway's
+        # bucket filled up again.
+        first = bisect.bisect_left(self._refused, max(sent - c.window, self._state.pause_until))
+        if first >= len(self._refused) or self._refused[first] >= sent:
+            return None
+        start = self._refused[first]
+        span = sent - start
+        accepted = bisect.bisect_left(self._accepted, sent) - bisect.bisect_left(
+            self._accepted, start
+        )
+        refused = bisect.bisect_left(self._refused, sent) - first
+        if span < c.measure_s or accepted < c.measure_calls:
+            return None
+        sends = sum(1 for t in self._sends if start <= t < sent)
+        if accepted + refused < sends:
+            return None  # calls sent in between are still out: their answers would count
+        return accepted / span
+
+    def rate_sent_at(self, sent: float) -> float:
+        """The rate calls were paced at, at ``sent``."""
+        history = self._history
+        index = bisect.bisect_right(history, sent, key=lambda change: change[0]) - 1
+        return history[index][1] if index >= 0 else self._state.rate
+
+    def _level_after_refusal(self, sent: float, rate: float) -> float:
+        """Where a refusal of a call sent at ``sent`` sends the rate (never up): just under
+        the quota measured, if it can be (``measure``); else, for a probe past the quota
+        measured before, back to just under that; else just under the rate refused."""
+        c = self._config
+        refused_rate = min(self.rate_sent_at(sent), rate)
+        self._state = s = replace(
+            self._state,
+            refused=min(refused_rate, self._refused_lately(sent)),
+            refused_at=sent,
+            overload=False,
+        )
+        quota = self.measure(sent)
+        if quota is not None:
+            self.measured += 1
+            self._state = replace(s, quota=quota)
+            return min(rate, (1.0 - c.margin) * quota)
+        if s.phase is Phase.PROBE and rate > s.quota:
+            back = sent - 2.0 * c.hold  # long enough ago that a burst no longer hides it
+            held = self.rate_sent_at(back) if back >= s.since else s.level
+            if held > (1.0 + 2.0 * c.margin) * s.quota:
+                # The probe held well past the quota measured before: it rose since. Back
+                # to just under what the probe held, and find the rest from there.
+                self._state = replace(s, quota=math.inf)
+                return max(s.level, (1.0 - c.margin) * held)
+            return (1.0 - c.margin) * s.quota
+        if c.shared:
+            # A replica cannot measure; refusals in a row (each of a call sent since the
+            # last cut, within ``window`` of it) cut by ``overload_cut``, its square, and so
+            # on: a fleet that started up far past the quota comes down in a few.
+            in_a_row = s.phase is not Phase.STARTUP and sent - s.cut_at <= c.window
+            streak = s.streak + 1 if in_a_row else 0
+            self._state = replace(s, streak=streak)
+            if streak:
+                return rate * c.overload_cut**streak
+        return (1.0 - c.margin) * refused_rate
+
+    def _refused_lately(self, now: float) -> float:
+        """The lowest rate refused, while it still says something (``forget`` seconds)."""
+        s = self._state
+        return s.refused if now - s.refused_at <= self._config.forget else math.inf
+
+    def _sent_rate(self, now: float, span: float) -> float:
+        """Calls started per second over the last ``span`` seconds."""
+        sends = self._sends
+        while sends and sends[0] < now - max(span, self._config.window):
+            sends.popleft()
+        return sum(1 for t in sends if t >= now - span) / span
 
     def rate_at(self, now: float) -> float:
-        """The rate at ``now``: startup grows, cruise holds, probes start and pass."""
+        """The rate at ``now``: startup grows, cruise holds, the probe grows faster and
+        faster."""
         s = self._state
         c = self._config
-        if now < s.pause_until:
-            return s.rate
-        since = max(s.since, s.pause_until)
         if s.phase is Phase.STARTUP:
-            if now > since:
-                grown = s.rate * 2.0 ** ((now - since) / c.startup_interval)
-                # One more call than counted: at 2 calls/s a one-second window holds one or
-                # two, and that quantisation alone must not stall the growth.
+            if now > s.since:
+                grown = s.rate * 2.0 ** ((now - s.since) / c.startup_interval)
                 cap = c.max_rate
                 if not c.shared:
-                    cap = max(2.0 * (self._sent_rate(now) + 1.0 / c.window), s.rate)
+                    # One more call than counted: at 2 calls/s a second's window holds one
+                    # or two, and that alone must not stall the growth.
+                    cap = max(2.0 * (self._sent_rate(now, 1.0) + 1.0), s.rate)
                 rate = min(grown, cap, c.max_rate)
-                s = replace(s, rate=rate, level=rate, since=now)
-        elif s.phase is Phase.CRUISE:
-            if now - since >= s.hold:
-                # Probe, unless we do not even send at the level (then nothing is learnt).
-                # Over a span that holds a few calls at the level: under one call per
-                # ``window``, a window just before a send holds none.
-                span = max(c.window, 4.0 / s.level)
-                if c.shared or self._sent_rate(now, span) >= 0.5 * s.level or s.level <= c.min_rate:
-                    s = replace(
-                        s, phase=Phase.PROBE, rate=self._probe_rate(s), since=now, cuts=0,
-                        below=None,  # the level held for a whole cruise
-                    )  # fmt: skip
-                else:
-                    s = replace(s, since=now)
-        elif now - since >= self._probe_length(s.rate):
-            # The probe passed: its rate is the new level, and the next probe goes twice as
-            # far as this one went (never past halfway to a refusal: a bisection; a step
-            # doubled behind that cap would jump once the refusal is forgotten). Under a
-            # refusal that still counts, after a cruise: each refused probe costs calls.
-            # Above every refusal, or with none remembered, the quota rose: the next probe
-            # follows at once, and the next, so it is found in a few steps.
-            step = min(max(2.0 * (s.rate / s.level - 1.0), c.min_step), c.max_step)
-            raised = replace(s, level=s.rate, below=s.level, step=step)
-            if s.rate < self._refused(s) < math.inf:
-                s = replace(raised, phase=Phase.CRUISE, since=now, cuts=0)
-            else:
-                s = replace(raised, since=now, cuts=0, refused=math.inf)
-                s = replace(s, rate=self._probe_rate(s), hold=c.hold)
-        self._state = s
-        return s.rate
+                return self._set(replace(s, rate=rate, level=rate, since=now), now)
+            return s.rate
+        hold = max(c.hold, c.hold_calls / s.level)
+        if s.phase is Phase.CRUISE:
+            if now - s.since < hold:
+                return s.rate
+            s = self._state = replace(s, phase=Phase.PROBE, since=s.since + hold)
+        # The probe grows by the second, or by the answers' latency if that is longer: a
+        # refusal of its calls comes that late, and by then it must not have grown far.
+        t = min((now - s.since) / max(1.0, self._delay), 10.0)  # past that: at its cap
+        start = s.level
+        ceiling = self._refused_lately(now)
+        if not s.overload and s.level * (1.0 + 4.0 * c.margin) < ceiling < math.inf:
+            # Far under the rate refused lately (a measure in a burst of 1 says less than
+            # the quota): halfway back to it at once. Not to a rate latency rose at: that
+            # rise is seen a hundred answers late, far past where it began.
+            start = (s.level + ceiling) / 2.0
+        grown = start * math.exp(c.probe_growth * (2.0**t - 1.0) / math.log(2.0))
+        if not c.shared:
+            # Not past twice what is really sent: a worker held back by its concurrency
+            # does not talk itself into a rate it never uses.
+            grown = min(grown, max(2.0 * (self._sent_rate(now, 1.0) + 1.0), s.level))
+            if s.refused < math.inf:
+                # Past the rate last refused (or overloaded) only by ``probe_growth`` a
+                # second, even once it is forgotten: a refusal, or a rise of latency, of the
+                # calls sent there comes late.
+                # Timed from the probe's start, or for a rate overloaded (a hard cap while
+                # remembered) from when it was forgotten; not capped at 10 s.
+                start_soft = s.refused_at + c.forget if s.overload else s.since
+                soft = max(0.0, now - max(s.since, start_soft)) / max(1.0, self._delay)
+                grown = min(grown, max(s.level, s.refused * (1.0 + c.probe_growth * soft)))
+        if ceiling < math.inf and (c.shared or s.overload):
+            # Replicas probe each on its own schedule, so the fleet probes as often as all
+            # of them together; a rise of latency takes a hundred answers to see: a probe
+            # stops just under the rate refused (or overloaded) lately, and a quota that
+            # rose is found once that is forgotten.
+            grown = min(grown, max(s.level, (1.0 - c.margin / 2.0) * ceiling))
+        return self._set(replace(s, rate=min(max(grown, s.rate), c.max_rate)), now)
 
-    def _cut(
-        self, now: float, sent: float, retry_after: float | None = None, *, quota: bool = False
-    ) -> float:
-        """A refusal of a call sent at ``sent`` (``quota``: a 429): the new level.
-        ``retry_after`` pauses every call, but for a refused probe (found at once, or late
-        while its level is provisional), whose level was being accepted, and for a refusal
-        whose level is measured from what the server accepted: calls go on at once, and
-        only the refused call waits (the retry policy sees to that)."""
-        self.rate_at(now)
-        s = self._state
+    def _set(self, state: ControllerState, now: float) -> float:
+        if state.rate != self._state.rate or not self._history:
+            self._history.append((now, state.rate))
+            while len(self._history) > 1 and self._history[1][0] < now - 2.0 * self._config.window:
+                self._history.popleft()
+        self._state = state
+        return state.rate
+
+    def _cut(self, now: float, rate: float) -> float:
         c = self._config
-        # A probe is refused only by a call it sent: one sent before it began was sent at
-        # the level (or at the probe before, which has just passed and made the level).
-        this_probe = s.phase is Phase.PROBE and sent >= s.since
-        cuts = 0  # refusals in a row at the level, this one included
-        if this_probe:
-            # The probe found the top: the level stands. Probe less often from now on, and
-            # by half the step (down to ``min_step``), closing in on the quota from below.
-            level = s.level
-            wide = s.step > c.step  # a big step refused: the quota is still far above
-            hold = c.hold if wide else min(s.hold * c.hold_growth, c.max_hold)
-            step = max(s.step / 2.0, c.min_step)
-            refused = min(s.rate, self._refused(s))  # a probe past a refusal confirms it
-            pause_all = False  # the level under it was being accepted
-        elif s.phase is Phase.STARTUP:
-            level = (1.0 - c.margin) * s.rate
-            hold = c.hold
-            step = c.step
-            refused = s.rate
-            pause_all = True
-        elif s.below is not None:
-            # Refused at a level a probe raised, before a whole cruise there: the probe's
-            # refusal, found late (the server's burst hid its overshoot while it lasted).
-            # Back to the level under it, as for a refused probe.
-            level = s.below
-            hold = min(s.hold * c.hold_growth, c.max_hold)
-            step = max(s.step / 4.0, c.min_step)  # the pass doubled it; a refusal halves
-            refused = s.level
-            pause_all = False
-        else:
-            # Refused at the level: a server's burst hid an overshoot (a mild cut is
-            # enough), or the quota fell: each further refusal in a row cuts harder.
-            again = now - s.cut_at < c.hold  # refused again soon after a cut: harder
-            level = c.beta ** (s.cuts + 1) * s.level if again else (1.0 - c.step) * s.level
-            cuts = s.cuts + 1 if again else 0
-            hold = c.hold
-            pause_all = True
-            if again and quota and not c.shared and s.pause_until <= s.cut_at < sent:
-                # The cut before paused nobody (a refused probe, a provisional level given
-                # up, a measure like this one): the server's bucket was empty then, and at
-                # the level since it has stayed so. What it accepted in between, every
-                # call but this one, is its quota: go just under that, and nobody need
-                # wait. Unless the measure, over too short a time, says less than the cut
-                # in a row would.
-                measure = (1.0 - c.step) * (s.level - 1.0 / (sent - s.cut_at))
-                if measure >= level:
-                    level = min(measure, (1.0 - c.step) * s.level)
-                    pause_all = False
-            if again and pause_all:
-                # After a cut in a row the level is well under the rate refused: the cruise
-                # before climbing back is short, but long enough for a few dozen calls.
-                hold = min(c.hold, max(c.rebound_hold, c.rebound_calls / level))
-            step = c.step
-            refused = s.level
-        pause = s.pause_until
-        if pause_all and retry_after is not None and 0 < retry_after < math.inf:
-            pause = max(pause, now + min(retry_after, c.max_pause))
-        level = min(max(level, c.min_rate), c.max_rate)
-        # Answers that come in soon after a cut, or a pause, are those of calls sent before
-        # it, the slow ones most of all (the fast came back already): a window of them
-        # would look like a rise. Latency is read again once the slowest answer of the
-        # last window has had time to come back for calls sent since.
-        self._latencies.clear()
-        self._high = 0
-        self._settle_until = max(now, pause) + self._slowest
-        self._state = replace(
-            s,
-            cuts=cuts,
-            rate=level,
-            level=level,
-            phase=Phase.CRUISE,
-            since=now,
-            step=step,
-            hold=hold,
-            cut_at=now,
-            refused=refused,
-            pause_until=pause,
-            below=s.below if this_probe else None,
+        level = min(max(rate, c.min_rate), c.max_rate)
+        self.cuts += 1
+        self._latency.settle(now)
+        state = replace(
+            self._state, rate=level, level=level, phase=Phase.CRUISE, since=now, cut_at=now
         )
-        return level
+        return self._set(state, now)
 
     def __repr__(self) -> str:
         s = self._state
         return (
-            f"RateController(rate={s.rate:.4g}, level={s.level:.4g}, phase={s.phase.value}, "
-            f"hold={s.hold:g})"
+            f"RateController(rate={s.rate:.4g}, phase={s.phase.value}, quota={s.quota:.4g}, "
+            f"cuts={self.cuts}, measured={self.measured})"
         )
