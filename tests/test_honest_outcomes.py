@@ -31,6 +31,7 @@ fault_mixes = st.tuples(*(st.sampled_from([0.0, 0.05, 0.1]) for _ in FAULT_KINDS
 )
 
 
+@pytest.mark.timeout(900)  # six real runs: 20 s each on a loaded 2-core machine
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 @given(faults=fault_mixes, seed=st.integers(min_value=0, max_value=2**16))
 async def test_the_summary_counts_as_deleted_exactly_what_the_api_deleted(
