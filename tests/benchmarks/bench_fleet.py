@@ -93,7 +93,7 @@ async def _fleet(url: str, tmp_path: Path, rate: str) -> tuple[float, float]:
         "fixed",
         pytest.param("auto", marks=pytest.mark.xfail(strict=True, reason=(
             "no shared estimate yet: each replica's controller sees a third of the refusals "
-            "(0.51 of the quota, 14 % throttled on 2026-12-06)"))),
+            "(0.58 of the quota, 14.5 % throttled on 2026-12-06)"))),
     ],
 )  # fmt: skip
 async def test_three_replicas_share_one_quota(
