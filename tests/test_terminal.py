@@ -363,3 +363,19 @@ def test_event_lines_name_the_job_where_a_plan_gives_it_and_hold_back_repeats() 
     assert quiet.held_back_note() == (
         "(3 more failed ids not shown: -v shows each, --events FILE or --results FILE keeps them)"
     )
+
+
+@pytest.mark.anyio
+async def test_discover_on_a_terminal_shows_its_table_and_review_without_event_lines(
+    tmp_path: Path,
+) -> None:
+    """The table and the review are what a person reads; info events (credentials.source,
+    discover.summary) were printed above them as key=value lines."""
+    async with _project(tmp_path, 40) as (_sim, _src, env):
+        term = Terminal(["discover", "--all"], env)
+        assert await anyio.to_thread.run_sync(term.wait) == 0
+        shown = term.screen_text()
+    assert "jobs selected" in shown
+    assert "credentials.source" not in shown
+    assert "discover.summary" not in shown
+    assert "[info" not in shown

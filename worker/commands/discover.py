@@ -132,7 +132,11 @@ class DiscoverRequest:
 def main(args: argparse.Namespace, settings: Settings) -> int:
     from worker import logsetup
 
-    logsetup.configure(fmt=settings.log_format, level=settings.log_level, stream=sys.stderr)
+    # A person at a terminal reads the table and its review: the info events (which keys,
+    # the summary the review already shows) are for logs, so only warnings are shown there.
+    quiet = sys.stderr.isatty() and "log_level" not in settings.model_fields_set
+    level = "warning" if quiet and settings.log_level == "info" else settings.log_level
+    logsetup.configure(fmt=settings.log_format, level=level, stream=sys.stderr)
     structlog.contextvars.bind_contextvars(run_id=logsetup.new_run_id())
     log = structlog.get_logger("devserver_reaper")
     try:
