@@ -13,10 +13,10 @@ import io
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TypeVar
 
 import orjson
 
@@ -30,6 +30,8 @@ from worker.types import Outcome, Result, iso
 
 OPEN_SHOWN = 20  # open ids listed in the summary; the count is always exact
 REJECTED_SHOWN = 20
+
+_Row = TypeVar("_Row")
 
 RESULT_FIELDS = (*Result(job_id="", outcome=Outcome.DELETED).row(), "line")
 """The columns of ``--format csv``: every key a ``--format jsonl`` line can hold."""
@@ -179,13 +181,14 @@ def summary(*ledgers: LedgerView) -> str:
             "",
         ]
     lines.append(f"open (read or sent, no outcome yet): {counts['open']}")
-    lines += [f"  {job_id}  {state}" for job_id, state in _first(ledgers, "open_ids", OPEN_SHOWN)]
+    open_rows = _first([ledger.open_ids for ledger in ledgers], OPEN_SHOWN)
+    lines += [f"  {job_id}  {state}" for job_id, state in open_rows]
     if counts["open"] > OPEN_SHOWN:
         lines.append(f"  ... and {counts['open'] - OPEN_SHOWN} more")
     lines += ["", f"rejected input lines: {counts['rejected_lines']}"]
     lines += [
         f"  line {row.line}: {escape(row.raw)}  ({row.reason})"
-        for row in _first(ledgers, "rejected", REJECTED_SHOWN)
+        for row in _first([ledger.rejected for ledger in ledgers], REJECTED_SHOWN)
     ]
     if counts["rejected_lines"] > REJECTED_SHOWN:
         lines.append(f"  ... and {counts['rejected_lines'] - REJECTED_SHOWN} more")
@@ -205,11 +208,11 @@ def _shard_of(ledger: LedgerView) -> str:
     return "" if shard == WHOLE else f"  (shard {shard})"
 
 
-def _first(ledgers: Sequence[LedgerView], rows: str, limit: int) -> list[Any]:
-    """The first ``limit`` rows of ``ledger.<rows>(limit=...)`` across the ledgers, in order."""
-    found: list[Any] = []
-    for ledger in ledgers:
-        found += list(getattr(ledger, rows)(limit=limit - len(found)))
+def _first(readers: Sequence[Callable[..., Iterable[_Row]]], limit: int) -> list[_Row]:
+    """The first ``limit`` rows of ``reader(limit=...)`` across the readers, in order."""
+    found: list[_Row] = []
+    for read in readers:
+        found += list(read(limit=limit - len(found)))
         if len(found) >= limit:
             break
     return found
