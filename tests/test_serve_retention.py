@@ -274,7 +274,12 @@ async def test_a_destroyed_group_is_created_again_where_it_stood_not_at_the_star
             return len(f.sim.deleted) == 50 and await f.pending() == 0 and kept is not None
 
         await f.until(done, 30)
-        await anyio.sleep(1.2)  # a retention pass after the last ack
+
+        async def kept_at_the_end() -> bool:  # a retention pass after the last ack
+            newest: Any = await f.redis.xrevrange(f.layout.stream, count=1)
+            return bool(await f.redis.hget(f.layout.position, f.layout.group) == newest[0][0])
+
+        await f.until(kept_at_the_end, 10)
         await f.redis.xgroup_destroy(f.layout.stream, f.layout.group)
         await f.enqueue(ids[50:])
         await f.until(lambda: _all_deleted(f, len(ids)), 30)
