@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.benchmarks.bench_serve_soak import redis_url  # noqa: F401  (the fixture)
-from tests.benchmarks.harness import machine, record
+from tests.benchmarks.harness import clean_env, enqueue, machine, record
 from worker.simulator import SimulatorConfig, run_simulator
 
 pytestmark = pytest.mark.benchmark
@@ -33,11 +33,6 @@ QUOTA = float(os.environ.get("FLEET_QUOTA", "30"))
 BURST = 2
 START, END = 15.0, 45.0
 REPLICAS = 3
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REAPER_", "HUAWEICLOUD_"))}
-    return env | {"PYTHONUNBUFFERED": "1"}
 
 
 async def _fleet(url: str, tmp_path: Path, rate: str) -> tuple[float, float]:
@@ -49,21 +44,14 @@ async def _fleet(url: str, tmp_path: Path, rate: str) -> tuple[float, float]:
     replicas: list[subprocess.Popen[bytes]] = []
     async with run_simulator(config) as sim:
         ids = sim.add_jobs(int(QUOTA * END * 1.5) + 100)
-        source = tmp_path / "ids.txt"
-        source.write_text("".join(f"{i}\n" for i in ids))
-        enqueued = await anyio.run_process(
-            [sys.executable, "-m", "worker", "enqueue", "--input", str(source),
-             "--stream", stream, "--redis-url", url],
-            env=_env(), check=False,
-        )  # fmt: skip
-        assert enqueued.returncode == 0, enqueued.stderr.decode()[-2000:]
+        await enqueue(tmp_path / "ids.txt", ids, stream=stream, redis_url=url)
         flags = [
             "--endpoint", sim.url, "--project-id", sim.config.project_id, "--ak", sim.config.ak,
             "--stream", stream, "--group", "fleet", "--redis-url", url,
             "--http-port", "0", "--log-format", "json", "--rate", rate, "--burst", "1",
             "--batch-size", "1", "--concurrency", "8",
         ]  # fmt: skip
-        env = _env() | {"REAPER_SK": sim.config.sk}
+        env = clean_env() | {"REAPER_SK": sim.config.sk}
         try:
             for n in range(REPLICAS):
                 command = [sys.executable, "-m", "worker", "serve", "--consumer", f"r{n}", *flags]

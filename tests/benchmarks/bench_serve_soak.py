@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.benchmarks.harness import clean_env, enqueue
 from worker.simulator import SimulatorConfig, run_simulator
 
 pytestmark = pytest.mark.benchmark
@@ -81,11 +82,6 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
         process.wait(10)
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REAPER_", "HUAWEICLOUD_"))}
-    return env | {"PYTHONUNBUFFERED": "1"}
-
-
 def _mb(n: float) -> float:
     return n / (1024 * 1024)
 
@@ -111,7 +107,7 @@ async def test_a_million_ids_through_two_replicas_leave_redis_bounded(
             "--batch-size", "100", "--concurrency", "8",
             "--outcomes-max-len", str(OUTCOMES_CAP),
         ]  # fmt: skip
-        env = _env() | {"REAPER_SK": sim.config.sk}
+        env = clean_env() | {"REAPER_SK": sim.config.sk}
         for name in ("soak-1", "soak-2"):
             command = [sys.executable, "-m", "worker", "serve", "--consumer", name, *flags]
             with open(tmp_path / f"{name}.log", "wb") as log:
@@ -123,14 +119,7 @@ async def test_a_million_ids_through_two_replicas_leave_redis_bounded(
             while done < IDS:
                 n = min(WAVE, IDS - done)
                 ids = sim.add_jobs(n)
-                source = tmp_path / "wave.txt"
-                source.write_text("".join(f"{i}\n" for i in ids))
-                enqueued = await anyio.run_process(
-                    [sys.executable, "-m", "worker", "enqueue", "--input", str(source),
-                     "--stream", STREAM, "--redis-url", redis_url],
-                    env=_env(), check=False,
-                )  # fmt: skip
-                assert enqueued.returncode == 0, enqueued.stderr.decode()[-2000:]
+                await enqueue(tmp_path / "wave.txt", ids, stream=STREAM, redis_url=redis_url)
                 done += n
                 while len(sim.deleted) < done:
                     longest = max(longest, int(client.xlen(STREAM)))

@@ -72,6 +72,23 @@ class SimProcess:
         return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment without any REAPER_ or HUAWEICLOUD_ setting, unbuffered."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REAPER_", "HUAWEICLOUD_"))}
+    return env | {"PYTHONUNBUFFERED": "1"}
+
+
+async def enqueue(path: Path, ids: Sequence[str], *, stream: str, redis_url: str) -> None:
+    """Write ``ids`` to ``path`` and add them to ``stream`` with the real ``enqueue``."""
+    path.write_text("".join(f"{i}\n" for i in ids))
+    done = await anyio.run_process(
+        [sys.executable, "-m", "worker", "enqueue", "--input", str(path),
+         "--stream", stream, "--redis-url", redis_url],
+        env=clean_env(), check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+
 @contextmanager
 def simulator(
     tmp: Path, *, jobs: int, quota: float = 0, burst: int = 1, latency_ms: float = 0
