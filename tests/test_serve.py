@@ -393,31 +393,22 @@ async def test_refused_credentials_make_it_unready_and_pause_without_exiting(
 
 
 @pytest.mark.anyio
-async def test_a_project_the_gateway_does_not_know_pauses_it_unready_with_entries_pending(
-    redis_prefix: str,
+@pytest.mark.parametrize(
+    ("config", "given"),
+    [
+        # The gateway's 404 (a wrong project id): an APIGW code, no job error.
+        (SimulatorConfig(jobs=5), {"project_id": "other-project"}),
+        # A web server's HTML 404 for a path prefix it does not know: no error code at all.
+        (SimulatorConfig(jobs=5, unknown_path="html"), {"path": "/modelarts"}),
+    ],
+    ids=["gateway-404", "bare-html-404"],
+)
+async def test_a_404_that_names_no_job_pauses_it_unready_with_entries_pending(
+    redis_prefix: str, config: SimulatorConfig, given: dict[str, str]
 ) -> None:
-    """The gateway's 404 (a wrong project id) is no answer about any job: nothing is
+    """A 404 that carries no ModelArts job error is no answer about any job: nothing is
     settled "absent", the entries stay pending, and the service pauses, unready."""
-    async with running(redis_prefix, SimulatorConfig(jobs=5), project_id="other-project") as svc:
-        await svc.enqueue(svc.sim.job_ids())
-        await svc.until(lambda: _true(bool(svc.events("serve.paused"))))
-        async with aiohttp.ClientSession() as http, http.get(svc.url("/readyz")) as response:
-            assert response.status == 503
-        assert await svc.pending() == 5
-        assert svc.events("serve.paused")[0]["reason"] == "NoSuchApi"
-        outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
-    assert outcomes == [] and not svc.events("job.absent")
-    assert svc.sim.deleted == set()
-
-
-@pytest.mark.anyio
-async def test_a_bare_404_from_a_wrong_endpoint_path_pauses_it_unready_with_entries_pending(
-    redis_prefix: str,
-) -> None:
-    """A web server's HTML 404 for a path prefix it does not know carries no error code:
-    it is no answer about any job either. Nothing is acknowledged as absent."""
-    config = SimulatorConfig(jobs=5, unknown_path="html")
-    async with running(redis_prefix, config, path="/modelarts") as svc:
+    async with running(redis_prefix, config, **given) as svc:
         await svc.enqueue(svc.sim.job_ids())
         await svc.until(lambda: _true(bool(svc.events("serve.paused"))))
         async with aiohttp.ClientSession() as http, http.get(svc.url("/readyz")) as response:
