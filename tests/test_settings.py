@@ -20,9 +20,9 @@ from worker.settings import (
     MAX_BATCH_SIZE,
     SDK_ENVIRONMENT,
     Settings,
-    endpoint_for,
     load_settings,
 )
+from worker.targets import endpoint_for
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 

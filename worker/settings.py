@@ -49,7 +49,14 @@ from pydantic_settings import (
 
 from worker.api.secrets import access_key_problem, read_key_file, service_url_problem
 from worker.errors import ConfigError
-from worker.types import PROJECT_ID_RE, holds_control
+from worker.targets import (
+    endpoint_for,
+    endpoint_problem,
+    normal_endpoint,
+    project_problem,
+    region_problem,
+)
+from worker.types import holds_control
 
 MAX_BATCH_SIZE = 1000
 DEFAULT_BATCH_SIZE = 50
@@ -62,24 +69,6 @@ REGIONS = (
     "sa-brazil-1",
 )  # fmt: skip
 
-
-def endpoint_for(region: str) -> str:
-    """The ModelArts endpoint of a region (``ap-southeast-1`` lives under ``.cn``)."""
-    if region == "ap-southeast-1":
-        return "https://modelarts.ap-southeast-1.myhuaweicloud.cn"
-    return f"https://modelarts.{region}.myhuaweicloud.com"
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-REGION_RE = re.compile(r"[a-z]{2}(?:-[a-z0-9]+)+")
 
 # The SDK's variable -> our setting. Below REAPER_*, above the config file. Its keys are a
 # credential source of their own (see the module docstring), and its REGION is not a region.
@@ -103,6 +92,7 @@ class Settings(BaseSettings):
     region: str | None = None
     endpoint: str | None = None
     project_id: str | None = None
+    allowed_projects: Annotated[list[str], NoDecode] = Field(default_factory=list)
     ak: str | None = None
     sk: SecretStr | None = None
     security_token: SecretStr | None = None
@@ -198,9 +188,22 @@ class Settings(BaseSettings):
     @field_validator("project_id")
     @classmethod
     def _project_id(cls, value: str | None) -> str | None:
-        if value is not None and not PROJECT_ID_RE.fullmatch(value):
-            raise ValueError("must be 1 to 64 letters, digits and hyphens")
+        if value is not None and (problem := project_problem(value)) is not None:
+            raise ValueError(problem)
         return value
+
+    @field_validator("allowed_projects", mode="before")
+    @classmethod
+    def _project_list(cls, value: object) -> object:
+        return word_list(value)
+
+    @field_validator("allowed_projects")
+    @classmethod
+    def _allowed_projects(cls, value: list[str]) -> list[str]:
+        for project in value:
+            if (problem := project_problem(project)) is not None:
+                raise ValueError(f"{project!r}: each entry {problem}")
+        return list(dict.fromkeys(value))
 
     @field_validator("protect", "protected_types", "protected_statuses", mode="before")
     @classmethod
@@ -251,8 +254,8 @@ class Settings(BaseSettings):
     @field_validator("region")
     @classmethod
     def _region(cls, value: str | None) -> str | None:
-        if value is not None and not REGION_RE.fullmatch(value):
-            raise ValueError("must look like cn-north-4 (lower-case letters, digits, hyphens)")
+        if value is not None and (problem := region_problem(value)) is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("endpoint")
@@ -260,24 +263,9 @@ class Settings(BaseSettings):
     def _endpoint(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        if any(c.isspace() or not c.isprintable() for c in value):
-            raise ValueError("must not hold spaces or control characters")
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(
-                "must be an http(s) URL such as https://modelarts.cn-north-4.myhuaweicloud.com"
-            )
-        if parts.scheme == "http" and not is_loopback(parts.hostname):
-            raise ValueError("plain http:// is accepted only for loopback hosts; use https://")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError("must not carry a user name or password")
-        if parts.query or parts.fragment:
-            raise ValueError("must not carry a query or a fragment")
-        try:
-            _ = parts.port
-        except ValueError:
-            raise ValueError("has an invalid port") from None
-        return value.rstrip("/")
+        if (problem := endpoint_problem(value)) is not None:
+            raise ValueError(problem)
+        return normal_endpoint(value)
 
     @field_validator("redis_url")
     @classmethod

@@ -1,0 +1,142 @@
+"""Targets (issue 25): where a line's call goes, and the rules its project, region and
+endpoint are held to, which are the settings' own."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from worker.settings import Settings
+from worker.targets import (
+    Address,
+    Target,
+    Unresolved,
+    address,
+    endpoint_for,
+    resolve,
+)
+
+pytestmark = pytest.mark.usefixtures("clean_env")
+
+DEFAULT = Target("proj-a", "https://modelarts.cn-north-4.myhuaweicloud.com", "cn-north-4")
+SIMULATED = Target("proj-a", "http://127.0.0.1:8001", "cn-north-4")
+
+
+def test_a_line_naming_nothing_goes_to_the_default_target() -> None:
+    assert resolve(Address(), DEFAULT) is DEFAULT
+
+
+def test_a_project_alone_is_that_project_at_the_default_endpoint() -> None:
+    assert resolve(Address(project_id="proj-b"), DEFAULT) == Target(
+        "proj-b", DEFAULT.endpoint, "cn-north-4"
+    )
+
+
+def test_the_default_region_keeps_the_default_endpoint_an_override_included() -> None:
+    """A line naming the default's region goes where the settings send it (the simulator,
+    a private endpoint), not to the region's public endpoint."""
+    named = Address(project_id="proj-b", region="cn-north-4")
+    assert resolve(named, SIMULATED) == Target("proj-b", "http://127.0.0.1:8001", "cn-north-4")
+    assert resolve(Address(region="cn-north-4"), SIMULATED) == SIMULATED
+
+
+def test_another_region_goes_to_its_public_endpoint() -> None:
+    named = Address(project_id="proj-b", region="ap-southeast-1")
+    assert resolve(named, DEFAULT) == Target(
+        "proj-b", "https://modelarts.ap-southeast-1.myhuaweicloud.cn", "ap-southeast-1"
+    )
+
+
+def test_an_endpoint_named_is_where_the_call_goes_the_region_its_label() -> None:
+    named = Address(project_id="proj-b", region="cn-east-3", endpoint="http://127.0.0.1:9")
+    assert resolve(named, DEFAULT) == Target("proj-b", "http://127.0.0.1:9", "cn-east-3")
+    # the default endpoint named alone keeps the default's region as its label
+    assert resolve(Address(endpoint=DEFAULT.endpoint), DEFAULT) == DEFAULT
+
+
+def test_another_place_without_a_project_is_unresolved_with_a_reason() -> None:
+    found = resolve(Address(region="cn-east-3"), DEFAULT)
+    assert found == Unresolved(endpoint_for("cn-east-3"), "cn-east-3")
+    assert isinstance(found, Unresolved)
+    assert found.reason == (
+        "names region cn-east-3 but no project_id (a project id belongs to one region)"
+    )
+    by_endpoint = resolve(Address(endpoint="http://127.0.0.1:9"), DEFAULT)
+    assert isinstance(by_endpoint, Unresolved)
+    assert "endpoint http://127.0.0.1:9" in by_endpoint.reason
+
+
+def test_without_a_default_every_line_must_name_its_project_and_place() -> None:
+    assert resolve(Address(), None) == "names no project_id and no default project is set"
+    assert resolve(Address(project_id="p"), None) == (
+        "names no region or endpoint and no default is set"
+    )
+    assert isinstance(resolve(Address(region="cn-east-3"), None), Unresolved)
+    assert resolve(Address(project_id="p", region="cn-east-3"), None) == Target(
+        "p", endpoint_for("cn-east-3"), "cn-east-3"
+    )
+
+
+def test_a_project_outside_the_allowed_list_is_refused_default_included() -> None:
+    allowed = ("proj-a",)
+    assert resolve(Address(project_id="proj-a"), DEFAULT, allowed=allowed) == DEFAULT
+    assert resolve(Address(project_id="proj-b"), DEFAULT, allowed=allowed) == (
+        "project proj-b is not in allowed_projects"
+    )
+    assert resolve(Address(), DEFAULT, allowed=("proj-z",)) == (
+        "project proj-a is not in allowed_projects"
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"project_id": "a/b"}, "project_id must be 1 to 64 letters, digits and hyphens"),
+        ({"project_id": "x" * 65}, "project_id must be 1 to 64 letters, digits and hyphens"),
+        ({"region": "CN-North-4"}, "region must look like cn-north-4"),
+        ({"endpoint": "ftp://x"}, "endpoint must be an http(s) URL"),
+        ({"endpoint": "http://example.com"}, "endpoint plain http:// is accepted only"),
+        ({"endpoint": "https://u:p@example.com"}, "endpoint must not carry a user name"),
+        ({"endpoint": "https://h/?q=1"}, "endpoint must not carry a query"),
+    ],
+)
+def test_a_bad_field_is_named_with_the_rule_it_breaks(fields: dict[str, str], reason: str) -> None:
+    found = address(dict(fields))
+    assert isinstance(found, str)
+    assert found.startswith(reason)
+
+
+def test_empty_fields_are_not_named_and_an_endpoint_loses_its_slash() -> None:
+    assert address({"project_id": "", "region": None}) == Address()
+    assert address({"endpoint": "http://127.0.0.1:8/"}) == Address(endpoint="http://127.0.0.1:8")
+
+
+_TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=80) | st.sampled_from(
+    ["cn-north-4", "a", "ab-c", "https://h.example", "http://127.0.0.1:80", "p-1", ""]
+)
+
+
+@given(_TEXT, st.sampled_from(["project_id", "region", "endpoint"]))
+def test_a_line_field_is_accepted_exactly_when_the_setting_would_be(value: str, name: str) -> None:
+    """One rule for both: a value the settings refuse is refused on a line, and back."""
+    try:
+        Settings.model_validate({name: value})
+        setting_ok = True
+    except ValidationError:
+        setting_ok = False
+    line_ok = not isinstance(address({name: value}), str)
+    assert line_ok == (setting_ok or value == ""), (name, value)
+
+
+def test_allowed_projects_is_a_word_list_of_project_ids_each_held_to_the_rule() -> None:
+    assert Settings.model_validate(
+        {"allowed_projects": "proj-a, proj-b,proj-a"}
+    ).allowed_projects == [
+        "proj-a",
+        "proj-b",
+    ]
+    assert Settings(allowed_projects=["proj-a"]).allowed_projects == ["proj-a"]
+    with pytest.raises(ValidationError, match="each entry must be 1 to 64 letters"):
+        Settings.model_validate({"allowed_projects": "proj-a, bad/one"})

@@ -1,0 +1,205 @@
+"""Where an API call is addressed: a project at an endpoint (issue 25, many projects).
+
+A :class:`Target` is the unit every DevServer jobs call goes to: ``/v1/{project_id}/...`` at
+``endpoint``, signed with the account's one AK/SK pair (the project travels in the path and
+in ``X-Project-Id``, so one pair serves every project of the account). ``region`` is its
+name for people (events, ledger, report); ``None`` when only an endpoint was given.
+
+:class:`Address` is what one input line (or stream entry) names beside its id: any of
+``project_id``, ``region``, ``endpoint``, each optional. :func:`resolve` fills in the rest
+from the settings' default target and returns the :class:`Target`, or a reason a person can
+act on (the line is then rejected, never sent). The rules each field is held to are the
+settings' own (``project_problem``, ``region_problem``, ``endpoint_problem``): the settings
+module calls the same functions.
+
+Pure logic: no I/O. A project named by region alone (no ``project_id``, another region than
+the default's) cannot be resolved here; that is IAM's (``GET /v3/projects?name={region}``),
+which :func:`resolve` leaves to its caller by returning :class:`Unresolved`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import urlsplit
+
+from worker.types import PROJECT_ID_RE
+
+REGION_RE = re.compile(r"[a-z]{2}(?:-[a-z0-9]+)+")
+MAX_REGION_LENGTH = 64
+MAX_ENDPOINT_LENGTH = 256
+
+
+def endpoint_for(region: str) -> str:
+    """The ModelArts endpoint of a region (``ap-southeast-1`` lives under ``.cn``)."""
+    if region == "ap-southeast-1":
+        return "https://modelarts.ap-southeast-1.myhuaweicloud.cn"
+    return f"https://modelarts.{region}.myhuaweicloud.com"
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def project_problem(value: str) -> str | None:
+    """Why ``value`` is not a project id (None: it is one)."""
+    if PROJECT_ID_RE.fullmatch(value):
+        return None
+    return "must be 1 to 64 letters, digits and hyphens"
+
+
+def region_problem(value: str) -> str | None:
+    """Why ``value`` is not a region name (None: it is one)."""
+    if len(value) <= MAX_REGION_LENGTH and REGION_RE.fullmatch(value):
+        return None
+    return "must look like cn-north-4 (lower-case letters, digits, hyphens)"
+
+
+def endpoint_problem(value: str) -> str | None:
+    """Why ``value`` is not an endpoint the API may be called at (None: it is one)."""
+    if len(value) > MAX_ENDPOINT_LENGTH:
+        return f"must be at most {MAX_ENDPOINT_LENGTH} characters"
+    if any(c.isspace() or not c.isprintable() for c in value):
+        return "must not hold spaces or control characters"
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http(s) URL such as https://modelarts.cn-north-4.myhuaweicloud.com"
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        return "plain http:// is accepted only for loopback hosts; use https://"
+    if parts.username is not None or parts.password is not None:
+        return "must not carry a user name or password"
+    if parts.query or parts.fragment:
+        return "must not carry a query or a fragment"
+    try:
+        _ = parts.port
+    except ValueError:
+        return "has an invalid port"
+    return None
+
+
+def normal_endpoint(value: str) -> str:
+    """An endpoint as kept and compared: without a trailing ``/``."""
+    return value.rstrip("/")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One project at one endpoint: where a call goes, and what its quota is kept per.
+
+    Equal targets are one target: a rate limiter is kept per target, a circuit breaker per
+    ``endpoint``. ``region`` names it for people and does not take part in where calls go.
+    """
+
+    project_id: str
+    endpoint: str
+    region: str | None = None
+
+    @property
+    def where(self) -> str:
+        """The region, else the endpoint: how events and the summary name its place."""
+        return self.region or self.endpoint
+
+    def __str__(self) -> str:
+        return f"{self.project_id}@{self.where}"
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """What an input line names beside its id; each field already held to its rule."""
+
+    project_id: str | None = None
+    region: str | None = None
+    endpoint: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.project_id or self.region or self.endpoint)
+
+
+@dataclass(frozen=True, slots=True)
+class Unresolved:
+    """:func:`resolve`'s answer for a place other than the default's named without a
+    project id: the project must be looked up (IAM, by ``region``), or the line rejected
+    with :attr:`reason`."""
+
+    endpoint: str
+    region: str | None
+
+    @property
+    def reason(self) -> str:
+        where = f"region {self.region}" if self.region else f"endpoint {self.endpoint}"
+        return f"names {where} but no project_id (a project id belongs to one region)"
+
+
+FIELDS: Final = ("project_id", "region", "endpoint")
+"""The names an input line may give beside the id, in this order."""
+
+
+def address(fields: dict[str, str | None]) -> Address | str:
+    """The :class:`Address` of a line's fields (absent or empty: not named), or the reason
+    the first bad one is refused, naming the field."""
+    named: dict[str, str] = {}
+    for name in FIELDS:
+        value = fields.get(name)
+        if value is None or value == "":
+            continue
+        check = {"project_id": project_problem, "region": region_problem,
+                 "endpoint": endpoint_problem}[name]  # fmt: skip
+        problem = check(value)
+        if problem is not None:
+            return f"{name} {problem}"
+        named[name] = normal_endpoint(value) if name == "endpoint" else value
+    return Address(**named)
+
+
+def resolve(
+    named: Address, default: Target | None, *, allowed: Collection[str] = ()
+) -> Target | Unresolved | str:
+    """The target of a line that names ``named``, else the reason it cannot be sent.
+
+    - nothing named: the default target;
+    - a ``project_id`` alone: that project at the default endpoint (a project id belongs to
+      one region, so a project elsewhere must name its region or endpoint too);
+    - a ``region`` (and no ``endpoint``): the default endpoint when it is the default's
+      region, else the region's public endpoint;
+    - an ``endpoint``: that endpoint, the region (if named) as its label;
+    - a place other than the default's without a ``project_id``: :class:`Unresolved`.
+
+    ``allowed``: when not empty, the only project ids a target may have; any other is
+    refused with a reason. ``default`` is None when the settings name no project: then every
+    line must name its project and place.
+    """
+    if not named:
+        if default is None:
+            return "names no project_id and no default project is set"
+        return _allowed(default, allowed)
+    endpoint = named.endpoint
+    region = named.region
+    if endpoint is None:
+        if region is None or (default is not None and region == default.region):
+            if default is None:
+                return "names no region or endpoint and no default is set"
+            endpoint, region = default.endpoint, default.region
+        else:
+            endpoint = endpoint_for(region)
+    elif region is None and default is not None and endpoint == default.endpoint:
+        region = default.region
+    project = named.project_id
+    if project is None:
+        if default is None or endpoint != default.endpoint:
+            return Unresolved(endpoint, region)
+        project = default.project_id
+    return _allowed(Target(project, endpoint, region), allowed)
+
+
+def _allowed(target: Target, allowed: Collection[str]) -> Target | str:
+    if allowed and target.project_id not in allowed:
+        return f"project {target.project_id} is not in allowed_projects"
+    return target
