@@ -30,7 +30,7 @@ def test_batches_never_exceed_the_limit_and_keep_every_id_in_order(
 def test_batcher_repr_shows_its_state() -> None:
     batcher = Batcher(2, prefix="r")
     list(batcher.extend(["a", "b", "c"]))
-    assert repr(batcher) == "Batcher(size=2, made=1, pending=1)"
+    assert repr(batcher) == "Batcher(size=2, made=1, pending=1, targets=1)"
 
 
 def test_zero_batch_size_is_refused() -> None:

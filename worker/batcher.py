@@ -7,45 +7,62 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+from worker.targets import Target
 from worker.types import Batch
 
 
 class Batcher:
-    """Cuts a stream of ids into batches of at most ``size``, naming each one."""
+    """Cuts a stream of ids into batches of at most ``size``, naming each one.
+
+    A batch holds the ids of one target only (a DELETE goes to one project at one
+    endpoint): ids are held per target (``None``: the settings' default) until their
+    target's batch is full. The batch numbers run across targets."""
 
     def __init__(self, size: int, *, prefix: str) -> None:
         if size < 1:
             raise ValueError("batch size must be at least 1")
         self._size = size
         self._prefix = prefix
-        self._pending: list[str] = []
+        self._pending: dict[Target | None, list[str]] = {}
         self._made = 0
 
-    def add(self, job_id: str) -> Batch | None:
+    def add(self, job_id: str, target: Target | None = None) -> Batch | None:
         """Take one id; return a full batch when this id completes one."""
-        self._pending.append(job_id)
-        if len(self._pending) >= self._size:
-            return self._cut()
+        pending = self._pending.get(target)
+        if pending is None:
+            pending = self._pending[target] = []
+        pending.append(job_id)
+        if len(pending) >= self._size:
+            return self._cut(target)
         return None
 
-    def extend(self, job_ids: Iterable[str]) -> Iterator[Batch]:
+    def extend(self, job_ids: Iterable[str], target: Target | None = None) -> Iterator[Batch]:
         for job_id in job_ids:
-            batch = self.add(job_id)
+            batch = self.add(job_id, target)
             if batch is not None:
                 yield batch
 
     def flush(self) -> Batch | None:
-        """The partial batch left at the end of the input, if any."""
-        return self._cut() if self._pending else None
+        """A partial batch left at the end of the input, if any: the oldest target's first.
+        Call it until it returns None to have them all."""
+        for target in self._pending:
+            return self._cut(target)
+        return None
 
-    def _cut(self) -> Batch:
+    def _cut(self, target: Target | None) -> Batch:
         self._made += 1
-        batch = Batch(batch_id=f"{self._prefix}-{self._made:06d}", ids=tuple(self._pending))
-        self._pending = []
-        return batch
+        ids = tuple(self._pending.pop(target))
+        return Batch(batch_id=f"{self._prefix}-{self._made:06d}", ids=ids, target=target)
+
+    @property
+    def pending(self) -> int:
+        return sum(len(ids) for ids in self._pending.values())
 
     def __repr__(self) -> str:
-        return f"Batcher(size={self._size}, made={self._made}, pending={len(self._pending)})"
+        return (
+            f"Batcher(size={self._size}, made={self._made}, pending={self.pending}, "
+            f"targets={len(self._pending)})"
+        )
 
 
 class DeletionBudget:

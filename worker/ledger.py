@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -50,6 +50,7 @@ import orjson
 
 from worker.errors import ConfigError, InputUnreadable, OutcomeConflict, ReaperError
 from worker.private_files import check_existing, claim_private, open_private_fd
+from worker.targets import Target
 from worker.types import Candidate, Outcome, Rejection, Result
 
 SCHEMA_VERSION = "1"
@@ -82,9 +83,17 @@ CREATE TABLE IF NOT EXISTS ids (
     request_id TEXT,
     reason TEXT,
     confirmed INTEGER,
+    target INTEGER,
     first_run INTEGER NOT NULL,
     last_run INTEGER NOT NULL,
     updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS targets (
+    target INTEGER PRIMARY KEY,
+    project_id TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    region TEXT NOT NULL,
+    UNIQUE (project_id, endpoint, region)
 );
 CREATE TABLE IF NOT EXISTS rejected (
     line INTEGER NOT NULL,
@@ -97,12 +106,12 @@ CREATE TABLE IF NOT EXISTS rejected (
 
 # A chunk of ids travels as one JSON array parameter: one statement per chunk, not per id.
 _LOOKUP = """
-SELECT job_id, state, outcome, last_run, attempts FROM ids
+SELECT job_id, state, outcome, last_run, attempts, target FROM ids
 WHERE job_id IN (SELECT value FROM json_each(?))
 """
 _INSERT = """
-INSERT INTO ids (job_id, state, first_run, last_run, updated_at)
-SELECT value, 'read', ?, ?, ? FROM json_each(?)
+INSERT INTO ids (job_id, state, first_run, last_run, updated_at, target)
+SELECT value, 'read', ?, ?, ?, ? FROM json_each(?)
 """
 # An id an earlier run sent and never settled stays 'sent' (so does one a later run then only
 # skipped: a dry run, a protection rule, which keeps an attempt for it): if this run dies
@@ -121,7 +130,7 @@ WHERE state != 'done' AND job_id IN (SELECT value FROM json_each(?))
 """
 _RESULTS = """
 SELECT job_id, outcome, attempts, batch_id, http_status, error_code, error_msg, request_id,
-    reason, {confirmed}
+    reason, {confirmed}, {target}
 FROM ids WHERE state = 'done' AND (?1 IS NULL OR last_run = ?1) ORDER BY seq
 """
 _SENT_BEFORE = """
@@ -157,6 +166,9 @@ WHERE ids.state != 'done'
 """
 
 
+_UNSEEN = -1  # not a target number: SQLite numbers rows from 1
+
+
 class LedgerBusy(ConfigError):
     """Another process holds the ledger: two runs on one ledger would process ids twice."""
 
@@ -176,6 +188,9 @@ class Admission:
     unsure: frozenset[str] = frozenset()
     """Of ``new``: the ids an earlier run sent and never heard back about (``resent`` of
     them): their jobs may already be gone by that run's hand."""
+    conflicts: list[Rejection] = field(default_factory=list)
+    """Candidates whose id was read before for another project or endpoint: one id is one
+    job, so the later line is rejected with the reason, never sent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +282,15 @@ class LedgerView(_Closing):
         self._counts: dict[str, int] | None = None
         # A ledger written before deletions could be unconfirmed has no such column: read
         # read-only, it is not added, and every deletion in it was confirmed.
-        self._confirmed = "confirmed" if _has_confirmed(conn) else "NULL"
+        self._confirmed = "confirmed" if _has_column(conn, "confirmed") else "NULL"
+        # Nor has one from before many projects a target: every id in it is the default's.
+        self._target = "target" if _has_column(conn, "target") else "NULL"
+        self._targets: dict[int, Target] = {}
+        if self._target != "NULL":
+            for number, project, endpoint, region in conn.execute(
+                "SELECT target, project_id, endpoint, region FROM targets"
+            ):
+                self._targets[number] = Target(project, endpoint, region or None)
 
     @property
     def path(self) -> Path:
@@ -309,7 +332,7 @@ class LedgerView(_Closing):
         """Every terminal outcome: the ids, then the rejected input lines (outcome
         ``rejected``, ``job_id`` the escaped line text, ``line`` and ``reason`` set). With
         ``run_no``, only those of the ids and lines that run read."""
-        query = _RESULTS.format(confirmed=self._confirmed)
+        query = _RESULTS.format(confirmed=self._confirmed, target=self._target)
         for row in self._stream(query, (run_no,)):
             job_id, outcome, attempts, batch_id, status, code, msg, request_id, reason = row[:9]
             yield Result(
@@ -323,6 +346,7 @@ class LedgerView(_Closing):
                 request_id=request_id,
                 reason=reason,
                 confirmed=row[9] != 0,  # NULL (not a deletion, or an older ledger) or 1
+                target=None if row[10] is None else self._targets[row[10]],
             )
         for rejected in self.rejected(run_no=run_no):
             yield Result(
@@ -448,8 +472,13 @@ class Ledger(LedgerView):
         run_no: int,
         retry_failed: bool,
         clock: Callable[[], float],
+        default: tuple[str, str] = ("", ""),
     ) -> None:
+        """``default``: the project and endpoint of the settings, where the ids whose line
+        named no target go."""
         super().__init__(conn, path)
+        self._default = default[0], public_endpoint(default[1])
+        self._numbers = {target: number for number, target in self._targets.items()}
         self._lock = lock
         self._run_id = run_id
         self._run_no = run_no
@@ -508,6 +537,7 @@ class Ledger(LedgerView):
             run_no=run_no,
             retry_failed=retry_failed,
             clock=clock,
+            default=(project_id, endpoint),
         )
 
     @property
@@ -552,27 +582,36 @@ class Ledger(LedgerView):
         new: list[Candidate] = []
         repeated: list[Candidate] = []
         done: list[tuple[Candidate, Outcome]] = []
+        conflicts: list[Rejection] = []
         unsure: list[str] = []
         unique = list(dict.fromkeys(c.job_id for c in candidates))
         with self._transaction() as conn:
             existing = {row[0]: row[1:] for row in conn.execute(_LOOKUP, (orjson.dumps(unique),))}
-            inserts: list[str] = []
+            inserts: dict[int | None, list[str]] = {}
             reopen: list[str] = []
             touch: list[str] = []
-            seen: set[str] = set()
+            seen: dict[str, int | None] = {}  # id -> the target it was first read for
             for candidate in candidates:
                 job_id = candidate.job_id
-                if job_id in seen:
-                    repeated.append(candidate)
+                number = self._number(conn, candidate.target)
+                first = seen.get(job_id, _UNSEEN)
+                if first is not _UNSEEN:
+                    if self._same_place(first, number):
+                        repeated.append(candidate)
+                    else:
+                        conflicts.append(self._conflict(candidate, first))
                     continue
-                seen.add(job_id)
                 row = existing.get(job_id)
                 if row is None:
+                    seen[job_id] = number
                     new.append(candidate)
-                    inserts.append(job_id)
+                    inserts.setdefault(number, []).append(job_id)
                     continue
-                state, outcome, last_run, attempts = row
-                if last_run == self._run_no:
+                state, outcome, last_run, attempts, stored = row
+                seen[job_id] = stored
+                if not self._same_place(stored, number):
+                    conflicts.append(self._conflict(candidate, stored))
+                elif last_run == self._run_no:
                     repeated.append(candidate)
                 elif (
                     state != "done"
@@ -587,15 +626,56 @@ class Ledger(LedgerView):
                     done.append((candidate, Outcome(outcome)))
                     touch.append(job_id)
             run, now = self._run_no, self._clock()
-            if inserts:
-                conn.execute(_INSERT, (run, run, now, orjson.dumps(inserts)))
+            for number, ids in inserts.items():
+                conn.execute(_INSERT, (run, run, now, number, orjson.dumps(ids)))
             if reopen:
                 conn.execute(_REOPEN, (run, now, orjson.dumps(reopen)))
             if touch:  # so a second copy later in this run counts as repeated, not done
                 conn.execute(_TOUCH, (run, orjson.dumps(touch)))
         self._admitted += len(new)
         return Admission(
-            new=new, repeated=repeated, done=done, resent=len(unsure), unsure=frozenset(unsure)
+            new=new,
+            repeated=repeated,
+            done=done,
+            resent=len(unsure),
+            unsure=frozenset(unsure),
+            conflicts=conflicts,
+        )
+
+    def _number(self, conn: sqlite3.Connection, target: Target | None) -> int | None:
+        """The ledger's number for ``target`` (None: the default), added when new."""
+        if target is None:
+            return None
+        number = self._numbers.get(target)
+        if number is None:
+            key = (target.project_id, public_endpoint(target.endpoint), target.region or "")
+            conn.execute(
+                "INSERT INTO targets (project_id, endpoint, region) VALUES (?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                key,
+            )
+            (number,) = conn.execute(
+                "SELECT target FROM targets WHERE project_id = ? AND endpoint = ? AND region = ?",
+                key,
+            ).fetchone()
+            self._numbers[target] = number
+            self._targets[number] = Target(key[0], key[1], target.region)
+        return number
+
+    def _place(self, number: int | None) -> tuple[str, str]:
+        """Where the calls of a target numbered so go: its project and endpoint."""
+        if number is None:
+            return self._default
+        target = self._targets[number]
+        return target.project_id, public_endpoint(target.endpoint)
+
+    def _same_place(self, one: int | None, other: int | None) -> bool:
+        return one == other or self._place(one) == self._place(other)
+
+    def _conflict(self, candidate: Candidate, first: int | None) -> Rejection:
+        project, endpoint = self._place(first)
+        return conflict(
+            candidate, Target(project, endpoint) if first is None else self._targets[first]
         )
 
     def run_results(self) -> Iterator[Result]:
@@ -657,7 +737,7 @@ class Ledger(LedgerView):
         }
         refused = []
         for row in rows:
-            state, outcome, last_run, _ = stored.get(row[0], ("read", None, None, 0))
+            state, outcome, last_run, *_ = stored.get(row[0], ("read", None, None, 0))
             replaceable = self._retry_failed and outcome == Outcome.FAILED
             if state == "done" and not (replaceable and last_run != self._run_no):
                 refused.append((row[0], outcome))
@@ -712,12 +792,15 @@ class Ledger(LedgerView):
 # The temporary ledger's one table and one statement: a chunk of ids in, the new ones out.
 # One B-tree keyed by the id (a rowid table with a unique index would be two), and no
 # look-up before the insert: measured on 300k random UUIDs, 2.8 us per id against 4.2.
-_SEEN_SCHEMA = "CREATE TABLE seen (job_id TEXT PRIMARY KEY) WITHOUT ROWID"
+_SEEN_SCHEMA = (
+    "CREATE TABLE seen (job_id TEXT PRIMARY KEY, place INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID"
+)
 _SEE = """
-INSERT INTO seen (job_id) SELECT value FROM json_each(?) WHERE true
+INSERT INTO seen (job_id, place) SELECT value, ? FROM json_each(?) WHERE true
 ON CONFLICT (job_id) DO NOTHING RETURNING job_id
 """
-_SPILL = "INSERT INTO seen (job_id) SELECT value FROM json_each(?)"
+_SPILL = "INSERT INTO seen (job_id, place) SELECT value ->> 0, value ->> 1 FROM json_each(?)"
+_PLACES = "SELECT job_id, place FROM seen WHERE job_id IN (SELECT value FROM json_each(?))"
 
 MEMORY_IDS = 100_000
 """Ids a temporary ledger keeps in a set before it moves them to SQLite: about 12 MB of
@@ -737,17 +820,25 @@ class TemporaryLedger(_Closing):
     (the directory is the run's own) and no crash safety (a new run makes a new one)."""
 
     def __init__(
-        self, conn: sqlite3.Connection, directory: Path, memory_ids: int = MEMORY_IDS
+        self,
+        conn: sqlite3.Connection,
+        directory: Path,
+        memory_ids: int = MEMORY_IDS,
+        default: Target | None = None,
     ) -> None:
         super().__init__()
         self._conn = conn
         self._directory = directory
         self._admitted = 0
         self._memory_ids = memory_ids
-        self._memory: set[str] | None = set()  # None once the ids are in SQLite
+        # id -> the place it was read for (0: the default); None once the ids are in SQLite
+        self._memory: dict[str, int] | None = {}
+        self._places = _Places(default)
 
     @classmethod
-    def open(cls, memory_ids: int = MEMORY_IDS) -> TemporaryLedger:
+    def open(cls, memory_ids: int = MEMORY_IDS, default: Target | None = None) -> TemporaryLedger:
+        """``default``: the settings' target, where the ids whose line named none go (an id
+        read for it and again for the same project named on its line is one id)."""
         directory = Path(tempfile.mkdtemp(prefix="devserver-reaper-ledger-"))
         try:
             conn = sqlite3.connect(
@@ -761,7 +852,7 @@ class TemporaryLedger(_Closing):
         except sqlite3.Error as exc:
             _remove(directory)
             raise ConfigError(f"temporary ledger in {directory} cannot be made: {exc}") from None
-        return cls(conn, directory, memory_ids)
+        return cls(conn, directory, memory_ids, default)
 
     @property
     def path(self) -> Path:
@@ -788,33 +879,56 @@ class TemporaryLedger(_Closing):
                 self._spill()
             new: list[Candidate] = []
             repeated: list[Candidate] = []
+            conflicts: list[Rejection] = []
+            places = self._places
             memory = self._memory
-            if memory is None:
+            if memory is None and not places.many and all(c.target is None for c in candidates):
                 unique = list(dict.fromkeys(c.job_id for c in candidates))
                 # One statement, so one transaction of its own (autocommit mode).
-                fresh = {row[0] for row in self._conn.execute(_SEE, (orjson.dumps(unique),))}
+                fresh = {row[0] for row in self._conn.execute(_SEE, (0, orjson.dumps(unique)))}
                 for candidate in candidates:
                     if candidate.job_id in fresh:
                         fresh.discard(candidate.job_id)  # a second copy in the chunk is repeated
                         new.append(candidate)
                     else:
                         repeated.append(candidate)
-            else:
+            elif memory is None:  # many places: where each id was read first decides
+                unique = list(dict.fromkeys(c.job_id for c in candidates))
+                seen = dict(self._conn.execute(_PLACES, (orjson.dumps(unique),)).fetchall())
+                added: dict[int, list[str]] = {}
                 for candidate in candidates:
-                    if candidate.job_id in memory:
+                    place = places.number(candidate.target)
+                    first = seen.get(candidate.job_id)
+                    if first is None:
+                        seen[candidate.job_id] = place
+                        added.setdefault(place, []).append(candidate.job_id)
+                        new.append(candidate)
+                    elif places.same(first, place):
                         repeated.append(candidate)
                     else:
-                        memory.add(candidate.job_id)
+                        conflicts.append(places.conflict(candidate, first))
+                for place, ids in added.items():
+                    self._conn.execute(_SEE, (place, orjson.dumps(ids)))
+            else:
+                for candidate in candidates:
+                    place = places.number(candidate.target)
+                    earlier = memory.get(candidate.job_id)
+                    if earlier is None:
+                        memory[candidate.job_id] = place
                         new.append(candidate)
+                    elif places.same(earlier, place):
+                        repeated.append(candidate)
+                    else:
+                        conflicts.append(places.conflict(candidate, earlier))
             self._admitted += len(new)
-        return Admission(new=new, repeated=repeated, done=[], resent=0)
+        return Admission(new=new, repeated=repeated, done=[], resent=0, conflicts=conflicts)
 
     def _spill(self) -> None:
         """Move the ids kept in memory to the SQLite file, in one statement."""
         if self._memory is None:
             return
         if self._memory:
-            self._conn.execute(_SPILL, (orjson.dumps(list(self._memory)),))
+            self._conn.execute(_SPILL, (orjson.dumps(list(self._memory.items())),))
         self._memory = None
 
     def _release(self) -> None:
@@ -831,6 +945,52 @@ class TemporaryLedger(_Closing):
             f"TemporaryLedger({str(self._directory)!r}, {state}, {where}, "
             f"admitted={self._admitted})"
         )
+
+
+class _Places:
+    """A temporary ledger's numbers for the targets its ids were read for (0: the default)
+    and the place each stands for, where its calls go: its project and endpoint."""
+
+    def __init__(self, default: Target | None) -> None:
+        self._default = default
+        self._numbers: dict[Target, int] = {}
+        self._targets: dict[int, Target | None] = {0: default}
+
+    @property
+    def many(self) -> bool:
+        return bool(self._numbers)
+
+    def number(self, target: Target | None) -> int:
+        if target is None:
+            return 0
+        number = self._numbers.get(target)
+        if number is None:
+            number = self._numbers[target] = len(self._numbers) + 1
+            self._targets[number] = target
+        return number
+
+    def _place(self, number: int) -> tuple[str, str] | None:
+        target = self._targets[number]
+        return None if target is None else (target.project_id, public_endpoint(target.endpoint))
+
+    def same(self, one: int, other: int) -> bool:
+        return one == other or self._place(one) == self._place(other)
+
+    def conflict(self, candidate: Candidate, first: int) -> Rejection:
+        return conflict(candidate, self._targets[first])
+
+
+def conflict(candidate: Candidate, first: Target | None) -> Rejection:
+    """The rejection of a line naming an id read before for another project or endpoint."""
+    where = (
+        "the default project" if first is None else f"project {first.project_id} at {first.where}"
+    )
+    return Rejection(
+        candidate.job_id,
+        candidate.line,
+        f"id read before for {where}: one id is one job, and it is not sent to two "
+        "projects (give each project's copy a run of its own)",
+    )
 
 
 def _prepare(
@@ -860,8 +1020,10 @@ def _prepare(
             conn.execute(statement)
         stored = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         _check_meta(path, stored, wanted)
-        if not _has_confirmed(conn):  # a ledger from before unconfirmed deletions
+        if not _has_column(conn, "confirmed"):  # a ledger from before unconfirmed deletions
             conn.execute("ALTER TABLE ids ADD COLUMN confirmed INTEGER")
+        if not _has_column(conn, "target"):  # from before many projects: all the default's
+            conn.execute("ALTER TABLE ids ADD COLUMN target INTEGER")
         conn.executemany(
             "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
             [*wanted.items(), ("created_at", repr(clock()))],
@@ -883,8 +1045,8 @@ def _prepare(
     return int(run_no)
 
 
-def _has_confirmed(conn: sqlite3.Connection) -> bool:
-    return any(row[1] == "confirmed" for row in conn.execute("PRAGMA table_info(ids)"))
+def _has_column(conn: sqlite3.Connection, name: str) -> bool:
+    return any(row[1] == name for row in conn.execute("PRAGMA table_info(ids)"))
 
 
 def _outcome_rows(results: Sequence[Result]) -> bytes:

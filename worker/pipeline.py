@@ -28,9 +28,30 @@ from worker.errors import InputUnreadable, ReaperError
 from worker.input.intake import escape
 from worker.outcomes.journal import LedgerPort, RunJournal, Tally
 from worker.pool import DispatchPool
+from worker.targets import Targets
 from worker.types import Batch, Candidate, Outcome, Rejection, doubted
 
 Entry = Candidate | Rejection
+
+
+ONE_PROJECT = "names a project, region or endpoint, and this run sends to one project only"
+
+
+def targeted(
+    candidates: list[Candidate], targets: Targets | None, rejections: list[Rejection]
+) -> list[Candidate]:
+    """The candidates whose line's project, region or endpoint resolved, each given its
+    target; the others added to ``rejections`` with the reason (never sent)."""
+    kept: list[Candidate] = []
+    for candidate in candidates:
+        if candidate.address is not None:
+            found = ONE_PROJECT if targets is None else targets.of(candidate.address)
+            if isinstance(found, str):
+                rejections.append(Rejection(candidate.job_id, candidate.line, found))
+                continue
+            candidate.target = found
+        kept.append(candidate)
+    return kept
 
 
 class BatchProcessor(Protocol):
@@ -128,8 +149,13 @@ class Pipeline:
         chunk_size: int = 2000,
         state: RunState | None = None,
         working: Working | None = None,
+        targets: Targets | None = None,
     ) -> None:
+        """``targets``: resolves the project, region or endpoint a line names; None: this
+        run sends to one project only (its dispatcher is not a ``worker.routing.Router``),
+        and a line naming any is rejected with the reason, never sent."""
         self._entries = entries
+        self._targets = targets
         self._ledger = ledger
         self._journal = journal
         self._dispatcher = dispatcher
@@ -180,19 +206,21 @@ class Pipeline:
                 if self.state.stopping:
                     return
                 await self._admit(chunk, send)
-        if not self.state.stopping:
-            last = self._batcher.flush()
-            if last is not None:
-                await send.send(self._doubted(last))
+        while not self.state.stopping and (last := self._batcher.flush()) is not None:
+            await send.send(self._doubted(last))
 
     async def _admit(self, chunk: list[Entry], send: MemoryObjectSendStream[Batch]) -> None:
         self._tally.read += len(chunk)
         rejections = [entry for entry in chunk if isinstance(entry, Rejection)]
         candidates = [entry for entry in chunk if isinstance(entry, Candidate)]
+        if any(c.address is not None for c in candidates):
+            candidates = targeted(candidates, self._targets, rejections)
         if rejections:
             await self._journal.rejected(rejections)
         if candidates:
             admission = await self._ledger.admit(candidates)
+            if admission.conflicts:
+                await self._journal.rejected(admission.conflicts)
             self._tally.repeated += len(admission.repeated)
             self._tally.already_done += len(admission.done)
             self._tally.already_failed += sum(
@@ -200,8 +228,10 @@ class Pipeline:
             )
             self._tally.resent += admission.resent
             self._unsure |= admission.unsure
-            for batch in self._batcher.extend(c.job_id for c in admission.new):
-                await send.send(self._doubted(batch))
+            for candidate in admission.new:
+                batch = self._batcher.add(candidate.job_id, candidate.target)
+                if batch is not None:
+                    await send.send(self._doubted(batch))
 
     def _doubted(self, batch: Batch) -> Batch:
         """The batch, naming its ids an earlier run may have deleted unseen."""

@@ -203,3 +203,53 @@ def _allowed(target: Target, allowed: Collection[str]) -> Target | str:
     if allowed and target.project_id not in allowed:
         return f"project {target.project_id} is not in allowed_projects"
     return target
+
+
+class Targets:
+    """The targets of one run: each line's :class:`Address` resolved once (:func:`resolve`),
+    every equal target one object, and the targets met so far in the order met."""
+
+    def __init__(self, default: Target | None, *, allowed: Collection[str] = ()) -> None:
+        self.default = default
+        self.allowed = frozenset(allowed)
+        self._resolved: dict[Address, Target | str] = {}
+        self._met: dict[Target, Target] = {}
+
+    def of(self, named: Address) -> Target | str:
+        """The target of a line naming ``named``, else the reason it is rejected."""
+        found = self._resolved.get(named)
+        if found is None:
+            if len(self._resolved) >= _KEPT:
+                self._resolved.clear()  # hostile input naming a new place on every line
+            answer = resolve(named, self.default, allowed=self.allowed)
+            if isinstance(answer, Unresolved):
+                found = answer.reason
+            elif isinstance(answer, Target):
+                found = self._met.setdefault(answer, answer)
+            else:
+                found = answer
+            self._resolved[named] = found
+        return found
+
+    @property
+    def met(self) -> list[Target]:
+        """Every target a line resolved to, in the order first met."""
+        return list(self._met)
+
+    def __repr__(self) -> str:
+        return f"Targets(default={self.default}, allowed={len(self.allowed)}, met={len(self._met)})"
+
+
+_KEPT = 4096
+
+
+def limit_key(base: str, target: Target, default: Target | None) -> str:
+    """The Redis key of ``target``'s shared rate limit: ``base`` for the default's place (so
+    a one-project fleet keeps its key), else ``base`` with the project and endpoint, since
+    a quota is per project and API."""
+    if default is not None and (target.project_id, target.endpoint) == (
+        default.project_id,
+        default.endpoint,
+    ):
+        return base
+    return f"{base}:{target.project_id}@{target.endpoint}"

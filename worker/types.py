@@ -13,7 +13,10 @@ from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from worker.targets import Address, Target
 
 JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 PROJECT_ID_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
@@ -37,10 +40,15 @@ class Outcome(StrEnum):
 
 @dataclass(slots=True)
 class Candidate:
-    """A valid id read from the input, with where it was read."""
+    """A valid id read from the input, with where it was read.
+
+    ``address``: the project, region or endpoint its line named (None: none, the settings'
+    default); ``target``: where its calls go once that is resolved (None: the default)."""
 
     job_id: str
     line: int
+    address: Address | None = None
+    target: Target | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +76,8 @@ class Batch:
     unsure: frozenset[str] = frozenset()
     known: Mapping[str, JobRecord] = field(default_factory=dict)
     fresh_until: float | None = None
+    target: Target | None = None
+    """Where its ids' calls go; None: the settings' default (its lines named none)."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -248,6 +258,9 @@ class Result:
     confirmed: bool = True
     """For ``deleted``: False when the API never returned the job's record (the answer to
     the DELETE that removed it was lost), so the deletion is known only by its absence."""
+    target: Target | None = None
+    """The project its line named (None: the default, and no ``project_id``/``region``
+    fields in its row or event). Set by the journal of its target, once, as it is settled."""
 
     def results_row(self) -> dict[str, Any]:
         """One line of ``--results``: :meth:`row`, and a rejected line's number."""
@@ -269,7 +282,16 @@ class Result:
             "request_id": self.request_id,
             "reason": self.reason,
             "confirmed": self.confirmed if self.outcome is Outcome.DELETED else None,
+            **target_fields(self.target),
         }
+
+
+def target_fields(target: Target | None) -> dict[str, str | None]:
+    """``project_id`` and ``region`` of an outcome whose line named a target; nothing for
+    the default's, so a single-project run's rows and events are as they always were."""
+    if target is None:
+        return {}
+    return {"project_id": target.project_id, "region": target.region}
 
 
 def doubted(batch: Batch, unsure: set[str]) -> Batch:
@@ -282,7 +304,7 @@ def doubted(batch: Batch, unsure: set[str]) -> Batch:
         return batch
     unsure -= named
     return Batch(batch.batch_id, batch.ids, frozenset(named | batch.unsure), batch.known,
-                 batch.fresh_until)  # fmt: skip
+                 batch.fresh_until, batch.target)  # fmt: skip
 
 
 def skipped(job_id: str, *, batch: Batch, reason: str, detail: str | None = None) -> Result:

@@ -46,6 +46,7 @@ from typing import IO, TYPE_CHECKING, Literal, TypeAlias
 
 from worker.errors import InputUnreadable, UsageError
 from worker.input.intake import NOT_UTF8, escape, line_too_long, validate
+from worker.targets import FIELDS, address
 from worker.types import Candidate, Rejection
 
 if TYPE_CHECKING:
@@ -368,6 +369,7 @@ class _Parse:
         reader = csv.reader(feed())
         columns: list[int] = []
         names: list[str] = []
+        places: dict[str, int] = {}
         while True:
             waiting = True
             try:
@@ -389,12 +391,20 @@ class _Parse:
             if not names:
                 names = [field.strip() for field in row]
                 columns = _id_columns(names, self._name())
+                places = _place_columns(names)
                 continue
-            yield self._csv_row(row, start, columns, names)
+            yield self._csv_row(row, start, columns, names, places)
 
-    def _csv_row(self, row: list[str], line: int, columns: list[int], names: list[str]) -> Entry:
+    def _csv_row(
+        self,
+        row: list[str],
+        line: int,
+        columns: list[int],
+        names: list[str],
+        places: dict[str, int],
+    ) -> Entry:
         values = []
-        for column in columns:
+        for column in (*columns, *places.values()):
             if column >= len(row):
                 return Rejection(
                     ",".join(row),
@@ -403,9 +413,14 @@ class _Parse:
                     f"the header has {len(names)})",
                 )
             values.append(row[column].strip())
+        values = values[: len(columns)]
         if len(set(values)) > 1:
             return Rejection(",".join(row), line, "the 'id' and 'job_id' fields differ")
-        return validate(values[0], line)
+        entry = validate(values[0], line)
+        if not places:
+            return entry
+        named: dict[str, str | None] = {name: row[i].strip() for name, i in places.items()}
+        return _addressed(entry, named, ",".join(row))
 
 
 def _id_columns(names: list[str], source: str) -> list[int]:
@@ -421,6 +436,12 @@ def _id_columns(names: list[str], source: str) -> list[int]:
             f"(columns found: {found}); CSV input needs a header row naming the id column"
         )
     return columns
+
+
+def _place_columns(names: list[str]) -> dict[str, int]:
+    """Where ``project_id``, ``region`` and ``endpoint`` are in a CSV header, if anywhere."""
+    lowered = [name.lower() for name in names]
+    return {name: lowered.index(name) for name in FIELDS if name in lowered}
 
 
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
@@ -465,7 +486,25 @@ def _from_json(value: object, raw: str, line: int) -> Entry:
     job_id = value[keys[0]]
     if not isinstance(job_id, str):
         return Rejection(raw, line, f"{keys[0]!r} is not a string (got {_json_type(job_id)})")
-    return validate(job_id, line)
+    named: dict[str, str | None] = {}
+    for name in FIELDS:
+        given = value.get(name)
+        if given is not None and not isinstance(given, str):
+            return Rejection(raw, line, f"{name!r} is not a string (got {_json_type(given)})")
+        named[name] = given
+    return _addressed(validate(job_id, line), named, raw)
+
+
+def _addressed(entry: Entry, named: dict[str, str | None], raw: str) -> Entry:
+    """``entry`` with the project, region or endpoint its line named (``FIELDS``), or the
+    line rejected for the first bad one, named with the rule it breaks."""
+    if isinstance(entry, Rejection) or not any(named.values()):
+        return entry
+    found = address(named)
+    if isinstance(found, str):
+        return Rejection(raw, entry.line, found)
+    entry.address = found
+    return entry
 
 
 class _Overlong:

@@ -20,14 +20,23 @@ import structlog
 from worker import logsetup
 from worker.input.intake import escape
 from worker.outcomes.schema import ADDED, DELETED_WITHOUT_RECORD, EVENT_FIELDS, JOB_EVENTS
-from worker.types import Outcome, Rejection, Result
+from worker.types import Outcome, Rejection, Result, target_fields
 
 _INFO, _WARNING = logging.INFO, logging.WARNING
 _LEVEL_NAMES = {_INFO: "info", _WARNING: "warning"}
 
 
 def result_event(result: Result) -> tuple[str, int, dict[str, Any]]:
-    """``(event, level, fields)`` of one terminal outcome."""
+    """``(event, level, fields)`` of one terminal outcome; its project and region after its
+    own fields when its line named them (``schema.TARGET``)."""
+    if result.target is None:
+        return _result_event(result)
+    name, level, fields = _result_event(result)
+    fields.update(target_fields(result.target))
+    return name, level, fields
+
+
+def _result_event(result: Result) -> tuple[str, int, dict[str, Any]]:
     outcome = result.outcome
     if outcome is Outcome.DELETED:
         record, confirmed = result.record, result.confirmed

@@ -34,8 +34,12 @@ DELETED_WITHOUT_RECORD = ("job_id", "batch_id", "request_id", "confirmed")
 """What ``job.deleted`` carries when no record of the job is known (an unconfirmed deletion
 no look-up read): the fields of ``job.deleted`` that are not the record's, and the id."""
 
+TARGET = ("project_id", "region")
+"""What every per-job event carries after its own fields when its input line named a project,
+region or endpoint (``Result.target``); an event of the default project carries neither."""
+
 ADDED = ("event", "level", "timestamp")
 """What structlog's chain adds to every event, besides the bound context."""
 
-EVENT_FIELDS = frozenset(field for fields in JOB_EVENTS.values() for field in fields)
+EVENT_FIELDS = frozenset(field for fields in (*JOB_EVENTS.values(), TARGET) for field in fields)
 """Every field a per-job event can carry."""

@@ -1,0 +1,352 @@
+"""Many projects in one run (issue 25), stage by stage: an input line naming its project,
+region or endpoint; batches of one target each; the ledger keeping each id's target (and
+refusing an id named for two projects); outcomes carrying the target; lanes per target."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.fakes import FakeClock
+from worker.batcher import Batcher
+from worker.errors import ApiUnavailable, ServerError
+from worker.input.sources import Entry, read_entries
+from worker.lanes import Lanes
+from worker.ledger import Ledger, TemporaryLedger, open_readonly
+from worker.outcomes.events import result_event
+from worker.outcomes.schema import EVENT_FIELDS, TARGET
+from worker.pipeline import ONE_PROJECT, targeted
+from worker.routing import Router, Stamped
+from worker.settings import Settings
+from worker.targets import Address, Target, Targets, limit_key
+from worker.types import Batch, Candidate, Outcome, Rejection, Result
+
+pytestmark = [pytest.mark.usefixtures("clean_env"), pytest.mark.anyio]
+
+HOME = Target("proj-a", "http://127.0.0.1:8001", "cn-north-4")
+AWAY = Target("proj-b", "http://127.0.0.1:8002", "cn-east-3")
+
+
+def read(data: str, fmt: str) -> list[Entry]:
+    return list(read_entries("-", fmt, stdin=io.BytesIO(data.encode())))
+
+
+def where(entry: Entry) -> tuple[object, ...]:
+    if isinstance(entry, Rejection):
+        return (entry.line, "rejected", entry.reason)
+    return (entry.line, entry.job_id, entry.address)
+
+
+# -- input ------------------------------------------------------------------------------------
+
+
+def test_a_json_line_may_name_project_region_and_endpoint_beside_the_id() -> None:
+    entries = read(
+        '{"id": "j1"}\n'
+        '{"id": "j2", "project_id": "proj-b", "region": "cn-east-3"}\n'
+        '{"job_id": "j3", "endpoint": "http://127.0.0.1:9/", "project_id": "p"}\n'
+        '"j4"\n'
+        '{"id": "j5", "project_id": "", "region": null}\n',
+        "jsonl",
+    )
+    assert [where(e) for e in entries] == [
+        (1, "j1", None),
+        (2, "j2", Address(project_id="proj-b", region="cn-east-3")),
+        (3, "j3", Address(project_id="p", endpoint="http://127.0.0.1:9")),
+        (4, "j4", None),
+        (5, "j5", None),
+    ]
+
+
+def test_a_bad_project_region_or_endpoint_on_a_line_rejects_it_with_the_rule() -> None:
+    entries = read(
+        '{"id": "j1", "project_id": "a/b"}\n'
+        '{"id": "j2", "region": "North"}\n'
+        '{"id": "j3", "endpoint": "http://example.com"}\n'
+        '{"id": "j4", "project_id": 7}\n'
+        '{"id": "bad id", "project_id": "p"}\n',
+        "jsonl",
+    )
+    assert [where(e) for e in entries] == [
+        (1, "rejected", "project_id must be 1 to 64 letters, digits and hyphens"),
+        (2, "rejected", "region must look like cn-north-4 (lower-case letters, digits, hyphens)"),
+        (3, "rejected", "endpoint plain http:// is accepted only for loopback hosts; use https://"),
+        (4, "rejected", "'project_id' is not a string (got a number)"),
+        (5, "rejected", "invalid character ' ' at position 4"),
+    ]
+
+
+def test_csv_columns_name_the_target_and_an_empty_field_names_none() -> None:
+    entries = read("id,Project_ID,region\nj1,proj-b,cn-east-3\nj2,,\nj3,bad/p,\nj4,proj-c\n", "csv")
+    assert [where(e) for e in entries] == [
+        (2, "j1", Address(project_id="proj-b", region="cn-east-3")),
+        (3, "j2", None),
+        (4, "rejected", "project_id must be 1 to 64 letters, digits and hyphens"),
+        (5, "rejected", "row has no 'region' field (it has 2; the header has 3)"),
+    ]
+
+
+def test_plain_ids_and_an_id_only_csv_are_read_as_they_always_were() -> None:
+    assert [where(e) for e in read("j1\nj2\n", "text")] == [(1, "j1", None), (2, "j2", None)]
+    assert [where(e) for e in read("job_id,name\nj1,x\n", "csv")] == [(2, "j1", None)]
+
+
+def test_resolving_rejects_an_unknown_place_and_a_project_outside_the_list() -> None:
+    targets = Targets(HOME, allowed=("proj-a", "proj-b"))
+    candidates = [
+        Candidate("j1", 1),
+        Candidate("j2", 2, Address(project_id="proj-b", endpoint=AWAY.endpoint)),
+        Candidate("j3", 3, Address(project_id="proj-z")),
+        Candidate("j4", 4, Address(region="cn-east-3")),
+    ]
+    rejections: list[Rejection] = []
+    kept = targeted(candidates, targets, rejections)
+    assert [(c.job_id, c.target) for c in kept] == [
+        ("j1", None),
+        ("j2", Target("proj-b", AWAY.endpoint, None)),
+    ]
+    assert rejections == [
+        Rejection("j3", 3, "project proj-z is not in allowed_projects"),
+        Rejection(
+            "j4", 4, "names region cn-east-3 but no project_id (a project id belongs to one region)"
+        ),
+    ]
+
+
+# -- batching ---------------------------------------------------------------------------------
+
+
+@given(st.lists(st.tuples(st.integers(0, 40), st.sampled_from([None, HOME, AWAY])), max_size=200),
+       st.integers(1, 7))  # fmt: skip
+def test_a_batch_holds_one_target_only_and_every_id_lands_in_exactly_one(
+    items: list[tuple[int, Target | None]], size: int
+) -> None:
+    batcher = Batcher(size, prefix="t")
+    batches: list[Batch] = []
+    for number, target in items:
+        batch = batcher.add(f"j{number}", target)
+        if batch is not None:
+            batches.append(batch)
+    while (last := batcher.flush()) is not None:
+        batches.append(last)
+    got = sorted((job_id, str(b.target)) for b in batches for job_id in b.ids)
+    assert got == sorted((f"j{n}", str(t)) for n, t in items)
+    for batch in batches:
+        assert 1 <= len(batch) <= size
+    assert len({b.batch_id for b in batches}) == len(batches)
+
+
+# -- the ledger -------------------------------------------------------------------------------
+
+
+def _ledger(path: Path, run_id: str) -> Ledger:
+    return Ledger.open(path, project_id=HOME.project_id, endpoint=HOME.endpoint, run_id=run_id)
+
+
+def test_the_ledger_keeps_each_ids_target_and_refuses_an_id_named_for_two_projects(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ledger.db"
+    with _ledger(path, "run-1") as ledger:
+        admission = ledger.admit(
+            [
+                Candidate("j1", 1),
+                Candidate("j2", 2, target=AWAY),
+                Candidate("j2", 3, target=AWAY),  # the same line again: repeated
+                Candidate("j1", 4, target=AWAY),  # the default's id, for another project
+                Candidate("j3", 5, target=HOME),  # the default named: the same place
+                Candidate("j3", 6),
+            ]
+        )
+        assert [c.job_id for c in admission.new] == ["j1", "j2", "j3"]
+        assert [c.line for c in admission.repeated] == [3, 6]
+        assert [(r.raw, r.line) for r in admission.conflicts] == [("j1", 4)]
+        assert admission.conflicts[0].reason.startswith(
+            "id read before for project proj-a at http://127.0.0.1:8001: one id is one job"
+        )
+        ledger.record(
+            [
+                Result("j1", Outcome.DELETED, 1, "b-1", 200),
+                Result("j2", Outcome.ABSENT, 1, "b-2", 404, target=AWAY),
+            ]
+        )
+    with _ledger(path, "run-2") as again:  # a later run: the same rule, from the file
+        admission = again.admit([Candidate("j2", 1), Candidate("j3", 2, target=HOME)])
+        assert admission.conflicts[0].reason.startswith(
+            "id read before for project proj-b at cn-east-3"
+        )
+        assert [c.job_id for c in admission.new] == ["j3"]
+    with open_readonly(path) as view:
+        assert [(r.job_id, r.target) for r in view.results()] == [
+            ("j1", None),
+            ("j2", AWAY),
+        ]
+
+
+def test_a_ledger_from_before_many_projects_is_read_and_taken_over(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with _ledger(path, "run-1") as ledger:
+        ledger.admit([Candidate("j1", 1), Candidate("j2", 2)])
+        ledger.record([Result("j1", Outcome.DELETED, 1, "b-1", 200)])
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE ids DROP COLUMN target")  # as the older version made it
+    conn.execute("DROP TABLE targets")
+    conn.commit()
+    conn.close()
+    with open_readonly(path) as view:  # read as it is: every id the default's
+        assert [(r.job_id, r.target) for r in view.results()] == [("j1", None)]
+    with _ledger(path, "run-2") as ledger:  # the writer adds the column and the table
+        admission = ledger.admit([Candidate("j2", 1), Candidate("j9", 2, target=AWAY)])
+        assert [c.job_id for c in admission.new] == ["j2", "j9"]
+        ledger.record([Result("j9", Outcome.DELETED, 1, "b-2", 200, target=AWAY)])
+    with open_readonly(path) as view:
+        assert [(r.job_id, r.target) for r in view.results()] == [("j1", None), ("j9", AWAY)]
+
+
+@pytest.mark.parametrize("memory_ids", [100, 2])
+def test_without_a_ledger_an_id_named_for_two_projects_is_refused_too(memory_ids: int) -> None:
+    """In memory, and once the temporary ledger has moved its ids to disk."""
+    with TemporaryLedger.open(memory_ids=memory_ids, default=HOME) as ledger:
+        first = ledger.admit([Candidate("j1", 1), Candidate("j2", 2, target=AWAY)])
+        assert [c.job_id for c in first.new] == ["j1", "j2"]
+        second = ledger.admit(
+            [
+                Candidate("j1", 3, target=HOME),  # the default, named: the same place
+                Candidate("j2", 4),  # read for proj-b, now for the default: refused
+                Candidate("j3", 5, target=AWAY),
+                Candidate("j3", 6),  # within the chunk
+            ]
+        )
+        assert [c.line for c in second.new] == [5]
+        assert [c.line for c in second.repeated] == [3]
+        assert [(r.line, r.reason[:39]) for r in second.conflicts] == [
+            (4, "id read before for project proj-b at cn"),
+            (6, "id read before for project proj-b at cn"),
+        ]
+
+
+# -- outcomes ---------------------------------------------------------------------------------
+
+
+def test_an_outcome_carries_project_and_region_only_when_its_line_named_them() -> None:
+    plain = Result("j1", Outcome.ABSENT, 1, "b-1", 404)
+    named = Result("j2", Outcome.ABSENT, 1, "b-1", 404, target=AWAY)
+    assert "project_id" not in plain.row()
+    assert "project_id" not in result_event(plain)[2]
+    assert named.row()["project_id"] == "proj-b"
+    assert named.row()["region"] == "cn-east-3"
+    assert result_event(named)[2] == {
+        "job_id": "j2",
+        "batch_id": "b-1",
+        "project_id": "proj-b",
+        "region": "cn-east-3",
+    }
+    assert set(TARGET) <= EVENT_FIELDS
+
+
+class _Journal:
+    def __init__(self) -> None:
+        self.settled: list[Result] = []
+
+    async def sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
+        pass
+
+    async def retrying(self, batch_id: str, attempt: int, delay_s: float, reason: str) -> None:
+        pass
+
+    async def finished(self, results: Sequence[Result]) -> None:
+        self.settled.extend(results)
+
+
+async def test_a_named_targets_journal_stamps_its_outcomes() -> None:
+    inner = _Journal()
+    await Stamped(inner, AWAY).finished([Result("j1", Outcome.ABSENT)])
+    assert [r.target for r in inner.settled] == [AWAY]
+
+
+# -- routing ----------------------------------------------------------------------------------
+
+
+class _Lane:
+    """Ends every id absent, or raises ``ApiUnavailable`` when its endpoint is down."""
+
+    def __init__(self, target: Target | None, down: set[str], journal: _Journal) -> None:
+        self.target = target
+        self._down = down
+        self._journal = journal
+        self.batches: list[str] = []
+
+    async def process(self, batch: Batch) -> None:
+        self.batches.append(batch.batch_id)
+        endpoint = (self.target or HOME).endpoint
+        if endpoint in self._down:
+            cause = ServerError(f"{endpoint} gave out", http_status=503)
+            raise ApiUnavailable(cause, batch_id=batch.batch_id, open_ids=len(batch))
+        await self._journal.finished([Result(i, Outcome.ABSENT) for i in batch.ids])
+
+
+async def test_an_endpoint_that_gives_out_stops_its_own_batches_only() -> None:
+    down: set[str] = {AWAY.endpoint}
+    journal = _Journal()
+    lanes: dict[Target | None, _Lane] = {}
+    said: list[str] = []
+
+    def lane(target: Target | None) -> _Lane:
+        return lanes.setdefault(target, _Lane(target, down, journal))
+
+    router = Router(default=HOME, lane=lane, on_down=lambda endpoint, exc: said.append(endpoint))
+    await router.process(Batch("b1", ("h1",)))
+    await router.process(Batch("b2", ("a1", "a2"), target=AWAY))
+    await router.process(Batch("b3", ("a3",), target=AWAY))  # not sent: its endpoint is down
+    await router.process(Batch("b4", ("h2",), target=HOME))
+    assert [r.job_id for r in journal.settled] == ["h1", "h2"]
+    assert lanes[AWAY].batches == ["b2"]
+    assert said == [AWAY.endpoint]
+    assert router.left_open == 1
+    assert list(router.down) == [AWAY.endpoint]
+    assert "down=[http://127.0.0.1:8002]" in repr(router)
+    # the default's endpoint too: nothing the run has met answers, so the run stops
+    down.add(HOME.endpoint)
+    with pytest.raises(ApiUnavailable):
+        await router.process(Batch("b5", ("h3",)))
+
+
+async def test_a_one_endpoint_run_stops_at_its_outage_as_it_always_did() -> None:
+    journal = _Journal()
+    router = Router(default=HOME, lane=lambda t: _Lane(t, {HOME.endpoint}, journal))
+    with pytest.raises(ApiUnavailable):
+        await router.process(Batch("b1", ("h1",)))
+
+
+def test_lanes_keep_a_limiter_per_project_and_endpoint_and_a_breaker_per_endpoint() -> None:
+    settings = Settings.model_validate({"rate": 7})
+    lanes = Lanes(settings, default=HOME, clock=FakeClock())
+    twin = Target("proj-c", HOME.endpoint, "cn-north-4")  # another project, same endpoint
+    assert lanes.limiter(None) is lanes.limiter(HOME)
+    assert lanes.limiter(twin) is not lanes.limiter(HOME)
+    assert lanes.limiter(AWAY) is not lanes.limiter(HOME)
+    assert lanes.gate(twin) is lanes.gate(HOME)
+    assert lanes.gate(AWAY) is not lanes.gate(HOME)
+    assert lanes.rate == pytest.approx(21)
+    assert lanes.transport(AWAY) is None  # no session: a dry run reads nothing
+
+
+def test_the_shared_limit_key_is_the_old_one_for_the_default_and_per_place_else() -> None:
+    assert limit_key("s:ratelimit", Target("proj-a", HOME.endpoint, None), HOME) == "s:ratelimit"
+    assert limit_key("s:ratelimit", AWAY, HOME) == "s:ratelimit:proj-b@http://127.0.0.1:8002"
+    assert limit_key("s:ratelimit", HOME, None) == "s:ratelimit:proj-a@http://127.0.0.1:8001"
+
+
+def test_a_run_of_one_project_rejects_a_line_naming_a_project_never_sending_it() -> None:
+    """Until the run routes by target (no ``Targets`` given), a named project is refused:
+    sent to the default project it would delete in the wrong place."""
+    rejections: list[Rejection] = []
+    kept = targeted([Candidate("j1", 1, Address(project_id="p"))], None, rejections)
+    assert kept == []
+    assert rejections == [Rejection("j1", 1, ONE_PROJECT)]
