@@ -4,11 +4,15 @@ refusing an id named for two projects); outcomes carrying the target; lanes per 
 
 from __future__ import annotations
 
+import csv
 import io
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -29,6 +33,7 @@ from worker.types import Batch, Candidate, Outcome, Rejection, Result
 
 pytestmark = [pytest.mark.usefixtures("clean_env"), pytest.mark.anyio]
 
+REPO = Path(__file__).resolve().parent.parent
 HOME = Target("proj-a", "http://127.0.0.1:8001", "cn-north-4")
 AWAY = Target("proj-b", "http://127.0.0.1:8002", "cn-east-3")
 
@@ -350,3 +355,69 @@ def test_a_run_of_one_project_rejects_a_line_naming_a_project_never_sending_it()
     kept = targeted([Candidate("j1", 1, Address(project_id="p"))], None, rejections)
     assert kept == []
     assert rejections == [Rejection("j1", 1, ONE_PROJECT)]
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def _report(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", "report", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_report_merges_the_ledgers_of_two_projects_counting_each_under_its_own(
+    tmp_path: Path,
+) -> None:
+    """Once refused (64); now each project's ids are counted and exported under it."""
+    first, second = tmp_path / "a.db", tmp_path / "b.db"
+    with Ledger.open(first, project_id="proj-a", endpoint=HOME.endpoint, run_id="r1",
+                     region="cn-north-4") as ledger:  # fmt: skip
+        ledger.admit([Candidate("j1", 1), Candidate("j2", 2, target=AWAY)])
+        ledger.record(
+            [
+                Result("j1", Outcome.DELETED, 1, "b-1", 200),
+                Result("j2", Outcome.FAILED, 6, "b-2", 503, target=AWAY),
+            ]
+        )
+    with Ledger.open(second, project_id="proj-c", endpoint=AWAY.endpoint, run_id="r2") as ledger:
+        ledger.admit([Candidate("j3", 1), Candidate("j4", 2)])
+        ledger.record([Result("j3", Outcome.ABSENT, 1, "b-1", 404)])
+    summary = _report(str(first), str(second))
+    assert summary.returncode == 0, summary.stderr
+    assert "project_id  several: see by project" in summary.stdout
+    assert "  proj-a  cn-north-4  deleted 1 absent 0 failed 0 skipped 0 open 0" in summary.stdout
+    assert "  proj-b  cn-east-3  deleted 0 absent 0 failed 1 skipped 0 open 0" in summary.stdout
+    assert f"  proj-c  {AWAY.endpoint}  deleted 0 absent 1 failed 0 skipped 0 open 1" in (
+        summary.stdout
+    )
+    rows = [orjson.loads(line) for line in _report(str(first), str(second), "--format", "jsonl")
+            .stdout.splitlines()]  # fmt: skip
+    assert [(r["job_id"], r["project_id"], r["region"]) for r in rows] == [
+        ("j1", "proj-a", "cn-north-4"),
+        ("j2", "proj-b", "cn-east-3"),
+        ("j3", "proj-c", None),
+    ]
+    table = _report(str(first), str(second), "--format", "csv").stdout
+    assert list(csv.DictReader(io.StringIO(table)))[1]["project_id"] == "proj-b"
+
+
+def test_report_of_one_projects_ledger_is_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "one.db"
+    with _ledger(path, "r1") as ledger:
+        ledger.admit([Candidate("j1", 1)])
+        ledger.record([Result("j1", Outcome.DELETED, 1, "b-1", 200)])
+    assert "by project" not in _report(str(path)).stdout
+    assert "project_id" not in orjson.loads(_report(str(path), "--format", "jsonl").stdout)
+    assert "project_id" not in _report(str(path), "--format", "csv").stdout.splitlines()[0]
+
+
+def test_two_copies_of_one_projects_shard_are_still_refused(tmp_path: Path) -> None:
+    paths = [tmp_path / "s0.db", tmp_path / "s0-again.db"]
+    for n, path in enumerate(paths):
+        Ledger.open(path, project_id="proj-a", endpoint=HOME.endpoint, run_id=f"r{n}",
+                    shard="0/2").close()  # fmt: skip
+    refused = _report(*map(str, paths))
+    assert refused.returncode == 64
+    assert "are both shard 0/2" in refused.stderr

@@ -321,6 +321,27 @@ class LedgerView(_Closing):
         self._counts = counts
         return dict(counts)
 
+    @property
+    def targets(self) -> list[Target]:
+        """The targets its lines named, in the order first met (none: one project's)."""
+        return list(self._targets.values())
+
+    def counts_by_target(self) -> dict[Target | None, dict[str, int]]:
+        """:meth:`counts`' outcomes and ``open``, per target (None: the ids whose line named
+        none, the ledger's default project), targets in the order first met. A full scan."""
+        found: dict[Target | None, dict[str, int]] = {}
+        with self._guard:
+            rows = self._conn.execute(
+                f"SELECT {self._target}, state = 'done', outcome, count(*) FROM ids "
+                "GROUP BY 1, 2, 3 ORDER BY 1"
+            ).fetchall()
+        for number, terminal, outcome, count in rows:
+            target = None if number is None else self._targets[number]
+            counts = found.setdefault(target, {o.value: 0 for o in Outcome} | {"open": 0})
+            key = outcome if terminal else "open"
+            counts[key] = counts.get(key, 0) + count
+        return found
+
     def open_ids(self, limit: int | None = None) -> Iterator[tuple[str, str]]:
         """``(job_id, state)`` of ids without an outcome, in the order they were first read.
 
@@ -498,9 +519,11 @@ class Ledger(LedgerView):
         retry_failed: bool = False,
         shard: str = WHOLE,
         clock: Callable[[], float] = time.time,
+        region: str | None = None,
     ) -> Ledger:
         """Open (creating if needed) and lock the ledger at ``path``. ``clock`` gives the
-        epoch seconds stored in rows; ``shard`` is the part of the input it is for (``I/N``)."""
+        epoch seconds stored in rows; ``shard`` is the part of the input it is for (``I/N``);
+        ``region``: the default project's, kept for the report to name it."""
         if not path.parent.is_dir():
             raise ConfigError(f"ledger {path}: directory {path.parent} does not exist")
         try:
@@ -520,6 +543,12 @@ class Ledger(LedgerView):
                 run_no = _prepare(
                     conn, path, project_id, endpoint, shard, run_id, retry_failed, clock
                 )
+                if region is not None:  # a label for the report, not checked: the endpoint is
+                    conn.execute(
+                        "INSERT INTO meta (key, value) VALUES ('region', ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        (region,),
+                    )
             except BaseException:
                 conn.close()
                 raise

@@ -22,10 +22,12 @@ import orjson
 
 from worker.errors import InputUnreadable, UsageError
 from worker.exit_codes import ExitCode
-from worker.ledger import WHOLE, LedgerView, escape, open_readonly
+from worker.ledger import UNBOUND, WHOLE, LedgerView, escape, open_readonly
 from worker.outcomes.journal import check_output
+from worker.outcomes.schema import TARGET
 from worker.private_files import open_output
 from worker.settings import Settings
+from worker.targets import Target
 from worker.types import Outcome, Result, iso
 
 OPEN_SHOWN = 20  # open ids listed in the summary; the count is always exact
@@ -57,21 +59,28 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                 if output not in (None, "-"):  # truncated below: never a ledger's own files
                     check_output(output, "--output", None, path)
                 ledgers.append(stack.enter_context(open_readonly(path)))
-            _check_same_project(ledgers)
+            _check_shards(ledgers)
         except UsageError as exc:
             print(f"devserver-reaper report: {exc}", file=sys.stderr)
             return ExitCode.USAGE
         except InputUnreadable as exc:
             print(f"devserver-reaper report: {exc}", file=sys.stderr)
             return ExitCode.NO_INPUT
+        several = len({_place(ledger) for ledger in ledgers}) > 1
+        targeted = several or any(ledger.targets for ledger in ledgers)
         try:
             with _open_output(output) as out:
                 if fmt == "jsonl":
                     for ledger in ledgers:
-                        write_jsonl(ledger, out)
+                        write_jsonl(
+                            ledger, out, default=default_target(ledger) if several else None
+                        )
                 elif fmt == "csv":
                     for n, ledger in enumerate(ledgers):
-                        write_csv(ledger, out, header=n == 0)
+                        write_csv(
+                            ledger, out, header=n == 0, targeted=targeted,
+                            default=default_target(ledger) if several else None,
+                        )  # fmt: skip
                 else:
                     out.write(summary(*ledgers).encode())
         except BrokenPipeError:  # `report | head`: the reader has seen enough
@@ -86,25 +95,32 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     return ExitCode.OK
 
 
-def _check_same_project(ledgers: Sequence[LedgerView]) -> None:
-    """Ledgers merged into one view are the shards of one clean-up: one project, one endpoint,
-    and no shard twice. ``UsageError`` naming what differs otherwise."""
-    if len(ledgers) < 2:
-        return
-    first = ledgers[0].meta()
-    shards: dict[str, Path] = {}
+def _place(ledger: LedgerView) -> tuple[str | None, str | None]:
+    meta = ledger.meta()
+    return meta.get("project_id"), meta.get("endpoint")
+
+
+def default_target(ledger: LedgerView) -> Target | None:
+    """The project a ledger's run was for (its settings'), where its ids that named none
+    went; None for a dry run's ledger bound to none."""
+    meta = ledger.meta()
+    project, endpoint = meta.get("project_id"), meta.get("endpoint")
+    if not project or not endpoint or UNBOUND in (project, endpoint):
+        return None
+    return Target(project, endpoint, meta.get("region"))
+
+
+def _check_shards(ledgers: Sequence[LedgerView]) -> None:
+    """Ledgers merged into one view: the shards of one clean-up, or the runs of several
+    projects (each counted under its own). No shard of one project's clean-up twice:
+    ``UsageError`` naming both files."""
+    shards: dict[tuple[tuple[str | None, str | None], str], Path] = {}
     for ledger in ledgers:
-        meta = ledger.meta()
-        for key in ("project_id", "endpoint"):
-            if meta.get(key) != first.get(key):
-                raise UsageError(
-                    f"{ledger.path} is for {key} {meta.get(key)!r}, {ledgers[0].path} for "
-                    f"{first.get(key)!r}: only the ledgers of one clean-up merge into one report"
-                )
-        shard = meta.get("shard", WHOLE)
-        if shard != WHOLE and shard in shards:
-            raise UsageError(f"{ledger.path} and {shards[shard]} are both shard {shard}")
-        shards[shard] = ledger.path
+        shard = ledger.meta().get("shard", WHOLE)
+        key = (_place(ledger), shard)
+        if shard != WHOLE and key in shards:
+            raise UsageError(f"{ledger.path} and {shards[key]} are both shard {shard}")
+        shards[key] = ledger.path
 
 
 @contextlib.contextmanager
@@ -117,23 +133,40 @@ def _open_output(output: str | None) -> Iterator[IO[bytes]]:
         yield handle
 
 
-def write_jsonl(ledger: LedgerView, out: IO[bytes]) -> None:
-    """One JSON line per terminal outcome, as ``run --results`` writes it."""
-    for result in ledger.results():
+def write_jsonl(ledger: LedgerView, out: IO[bytes], *, default: Target | None = None) -> None:
+    """One JSON line per terminal outcome, as ``run --results`` writes it; with ``default``
+    (ledgers of several projects merged), the ids that named no project carry it."""
+    for result in _results(ledger, default):
         out.write(orjson.dumps(result.results_row()) + b"\n")
 
 
-def write_csv(ledger: LedgerView, out: IO[bytes], *, header: bool = True) -> None:
+def _results(ledger: LedgerView, default: Target | None) -> Iterator[Result]:
+    for result in ledger.results():
+        if default is not None and result.target is None and result.outcome is not Outcome.REJECTED:
+            result.target = default
+        yield result
+
+
+def write_csv(
+    ledger: LedgerView,
+    out: IO[bytes],
+    *,
+    header: bool = True,
+    targeted: bool = False,
+    default: Target | None = None,
+) -> None:
     """The rows of ``--format jsonl`` as CSV with a header, in the same columns (``line``
     empty but for rejected input); empty cells for missing values. A text cell a
     spreadsheet would run as a formula is neutralised with a leading ``'``: an id, a
-    rejected line or a server's message is data, never a command."""
+    rejected line or a server's message is data, never a command. ``targeted``: the
+    ``project_id`` and ``region`` columns too (a ledger of many projects)."""
     text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
     try:
-        writer = csv.DictWriter(text, fieldnames=RESULT_FIELDS)
+        fields = (*RESULT_FIELDS, *TARGET) if targeted or default else RESULT_FIELDS
+        writer = csv.DictWriter(text, fieldnames=fields)
         if header:
             writer.writeheader()
-        for result in ledger.results():
+        for result in _results(ledger, default):
             writer.writerow({key: csv_cell(value) for key, value in result.results_row().items()})
     finally:
         text.detach()  # leave `out` open: the caller owns it
@@ -161,10 +194,11 @@ def summary(*ledgers: LedgerView) -> str:
     counts: Counter[str] = Counter()
     for ledger in ledgers:
         counts.update(ledger.counts())
+    several = len({_place(ledger) for ledger in ledgers}) > 1
     lines = [f"ledger      {ledger.path}" + _shard_of(ledger) for ledger in ledgers]
     lines += [
-        f"project_id  {meta.get('project_id', '-')}",
-        f"endpoint    {meta.get('endpoint', '-')}",
+        f"project_id  {'several: see by project' if several else meta.get('project_id', '-')}",
+        f"endpoint    {'several: see by project' if several else meta.get('endpoint', '-')}",
         "",
         "outcomes",
     ]
@@ -174,6 +208,8 @@ def summary(*ledgers: LedgerView) -> str:
     lines += [f"  {outcome:<10}{count:>12}" for outcome, count in per_outcome.items()]
     total = sum(per_outcome.values())
     lines += [f"  {'total':<10}{total:>12}", ""]
+    if several or any(ledger.targets for ledger in ledgers):
+        lines += _by_project(ledgers)
     if counts["unconfirmed"]:
         lines += [
             f"of the deleted, unconfirmed: {counts['unconfirmed']} (gone after a call whose "
@@ -201,6 +237,23 @@ def summary(*ledgers: LedgerView) -> str:
             f"  {run.run_id}  started {_when(run.started_at)}  ended {end}  pid {run.pid}{retry}"
         )
     return "\n".join(lines) + "\n"
+
+
+def _by_project(ledgers: Sequence[LedgerView]) -> list[str]:
+    """Outcomes and open ids per project and place, the ledgers added up."""
+    per: dict[tuple[str, str], Counter[str]] = {}
+    for ledger in ledgers:
+        default = default_target(ledger)
+        for target, counts in ledger.counts_by_target().items():
+            place = target if target is not None else default
+            key = ("-", "-") if place is None else (place.project_id, place.where)
+            per.setdefault(key, Counter()).update(counts)
+    shown = [o.value for o in Outcome if o is not Outcome.REJECTED] + ["open"]
+    lines = ["by project (project_id, region or endpoint: " + ", ".join(shown) + ")"]
+    for (project, where), counts in per.items():
+        figures = " ".join(f"{name} {counts[name]}" for name in shown)
+        lines.append(f"  {project}  {where}  {figures}")
+    return [*lines, ""]
 
 
 def _shard_of(ledger: LedgerView) -> str:
