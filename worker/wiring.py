@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 import structlog
@@ -18,7 +18,7 @@ from worker.api.client import Api, ApiClient, make_session
 from worker.api.credentials import CredentialSource, read_profile, resolve_credentials
 from worker.batcher import DeletionBudget
 from worker.clock import Clock
-from worker.discovery.guard import Guard, PlanCheck, Protection
+from worker.discovery.guard import Guard, PlanCheck, Protection, load_protection
 from worker.discovery.recheck import ListingRecheck
 from worker.dispatcher import Dispatcher, Journal, Working
 from worker.errors import ConfigError, RedisUnavailable
@@ -29,6 +29,9 @@ from worker.pacing.retry import RetryPolicy
 from worker.pipeline import BatchProcessor
 from worker.settings import Settings
 from worker.types import PROJECT_ID_RE
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 
 def project_id(settings: Settings) -> str:
@@ -44,6 +47,15 @@ def project_id(settings: Settings) -> str:
             )
         return profile.project_id
     raise ConfigError("missing settings: --project-id (or REAPER_PROJECT_ID)")
+
+
+def protection(settings: Settings) -> Protection:
+    """The jobs never to delete, from the settings' rules and files (``ConfigError``, 78, for
+    a bad rule or a file that cannot be read): loaded before anything is opened or sent."""
+    return load_protection(
+        settings.protect, settings.protect_files, settings.protected_types,
+        settings.protected_statuses,
+    )  # fmt: skip
 
 
 def session(settings: Settings, *, concurrency: int | None = None) -> aiohttp.ClientSession:
@@ -107,22 +119,34 @@ def shares_rate(settings: Settings) -> bool:
     return "redis_url" in settings.model_fields_set
 
 
-async def rate_redis(settings: Settings) -> Any:
+def redis_client(
+    url: str, *, timeout: float, health_check_interval: int = 0, single_connection: bool = False
+) -> aioredis.Redis:
+    """A Redis client for ``url`` (``ConfigError``, 78, for one that is not a Redis URL);
+    nothing is sent until it is used. ``timeout``: for each command's answer."""
+    import redis.asyncio as aioredis
+
+    try:
+        return aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=5.0,
+            health_check_interval=health_check_interval,
+            single_connection_client=single_connection,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"redis_url is not a Redis URL: {exc}") from None
+
+
+async def rate_redis(settings: Settings) -> aioredis.Redis:
     """A Redis client for the shared rate limit, once it has answered a ``PING``.
 
     ``ConfigError`` (78) for a URL or credentials Redis refuses; ``RedisUnavailable`` (69)
     for a Redis that does not answer, named without its password."""
-    import redis.asyncio as aioredis
-
     from worker.service.consumer import ping
     from worker.service.outage import REDIS_ERRORS, redis_where
 
-    try:
-        client = aioredis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=5.0, socket_timeout=10.0
-        )
-    except ValueError as exc:
-        raise ConfigError(f"redis_url is not a Redis URL: {exc}") from None
+    client = redis_client(settings.redis_url, timeout=10.0)
     try:
         await ping(client)
     except REDIS_ERRORS as exc:
@@ -137,7 +161,9 @@ async def rate_redis(settings: Settings) -> Any:
     return client
 
 
-def shared_limiter(settings: Settings, client: Any, key: str, clock: Clock) -> RateLimiter:
+def shared_limiter(
+    settings: Settings, client: aioredis.Redis, key: str, clock: Clock
+) -> RateLimiter:
     """The rate limit every process on ``key`` shares, kept in Redis.
 
     With ``--rate auto`` each process learns the quota from its own answers and paces

@@ -29,7 +29,7 @@ import structlog
 from worker import wiring
 from worker.clock import MonotonicClock
 from worker.discovery.filters import Filters, parse_duration, parse_instant
-from worker.discovery.guard import Protection, load_protection
+from worker.discovery.guard import Protection
 from worker.discovery.plan import MAX_TTL, PlanHeader, PlanWriter, check_fraction
 from worker.discovery.review import estimate_s, render
 from worker.discovery.select import Selected, Spool, select
@@ -142,10 +142,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     try:
         settings.require_api()
         request = DiscoverRequest.from_args(args, datetime.now(UTC))
-        protection = load_protection(
-            settings.protect, settings.protect_files, settings.protected_types,
-            settings.protected_statuses,
-        )  # fmt: skip
+        protection = wiring.protection(settings)
         key = plan_key(settings, log.warning) if request.plan is not None else None
         return anyio.run(discover, request, settings, protection, sys.stdout, key)
     except (ConfigError, NoSuchApi) as exc:

@@ -26,6 +26,7 @@ import anyio.to_thread
 import orjson
 import structlog
 
+from worker import wiring
 from worker.errors import ConfigError, InputUnreadable
 from worker.exit_codes import ExitCode
 from worker.settings import Settings
@@ -57,7 +58,6 @@ def execute(path: str, fmt: str, settings: Settings, *, stdin: IO[bytes] | None 
 
 
 async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | None) -> int:
-    import redis.asyncio as aioredis
     import redis.exceptions
 
     from worker.input.sources import read_chunks, read_entries
@@ -67,12 +67,7 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
     from worker.types import Candidate
 
     events = EventLog()
-    try:
-        client = aioredis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=5.0, socket_timeout=30.0
-        )
-    except ValueError as exc:
-        raise ConfigError(f"redis_url is not a Redis URL: {exc}") from None
+    client = wiring.redis_client(settings.redis_url, timeout=30.0)
     enqueued = rejected = 0
     first: str | None = None
     last: str | None = None

@@ -13,8 +13,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import ExitStack
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,13 +26,13 @@ import anyio.lowlevel
 import anyio.to_thread
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
+from structlog.typing import FilteringBoundLogger
 
 from worker import logsetup, wiring
-from worker.api.client import ApiClient
-from worker.batcher import Batcher, DeletionBudget
+from worker.assembly import RunCalls, RunRecords, build_calls, build_records, started_fields
 from worker.clock import Clock, MonotonicClock
 from worker.commands.planned import Selecting
-from worker.discovery.guard import Guard, PlanCheck, load_protection
+from worker.discovery.guard import Guard
 from worker.discovery.plan import SealedPlan
 from worker.dispatcher import Working
 from worker.errors import (
@@ -50,27 +50,21 @@ from worker.errors import (
     UsageError,
 )
 from worker.exit_codes import ExitCode
-from worker.input.shard import INDEX_VARIABLE, Shard, ShardFilter
+from worker.input.shard import INDEX_VARIABLE, Shard
 from worker.input.sources import read_entries
-from worker.ledger import UNBOUND, WHOLE, Ledger, TemporaryLedger
+from worker.ledger import UNBOUND, Ledger
 from worker.logsetup import new_run_id
 from worker.outcomes.events import EventLog
 from worker.outcomes.journal import (
-    LedgerPort,
-    ResultsWriter,
-    RunJournal,
     Tally,
     check_output,
     rewrite_results,
 )
-from worker.pacing.breaker import BreakerGate
-from worker.pipeline import Pipeline, RunState
-from worker.private_files import open_output
-from worker.service.layout import StreamLayout
+from worker.pacing.bucket import RateLimiter
+from worker.pipeline import RunState
 from worker.settings import Settings
 from worker.terminal.output import Output
 from worker.terminal.prompt import InterruptedAtPrompt, Proposal
-from worker.types import Candidate
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -205,7 +199,7 @@ STOPPED_BEFORE = (
 """Errors that end a run before any call: the event that says so, and the exit code."""
 
 
-def _stopped_before_any_call(log: Any, exc: ReaperError, output: Output) -> int:
+def _stopped_before_any_call(log: FilteringBoundLogger, exc: ReaperError, output: Output) -> int:
     """Said once: the event for the events' readers, one line (and the fix) on stderr. On
     a terminal the event is not shown (``silent``), only kept in ``--events``."""
     from worker.terminal.failure import say_error
@@ -277,10 +271,7 @@ def _load_plan(request: RunRequest, settings: Settings) -> SealedPlan:
 
     if request.selecting is None:
         return open_file_plan(request.input, settings)
-    protection = load_protection(
-        settings.protect, settings.protect_files, settings.protected_types,
-        settings.protected_statuses,
-    )  # fmt: skip
+    protection = wiring.protection(settings)
     return select_and_seal(request.selecting, settings, protection)
 
 
@@ -322,10 +313,7 @@ def _proposal(
     from worker.terminal.progress import count_lines
     from worker.terminal.prompt import Proposal
 
-    protection = load_protection(
-        settings.protect, settings.protect_files, settings.protected_types,
-        settings.protected_statuses,
-    )  # fmt: skip
+    protection = wiring.protection(settings)
     rules = [f"{len(protection.ids):,} id{'s' if len(protection.ids) != 1 else ''}"] * bool(
         protection.ids
     )
@@ -444,177 +432,115 @@ async def _run(
     excluded: frozenset[str] = frozenset(),
 ) -> int:
     clock = MonotonicClock()
-    total: int | None = None  # ids (a plan) or lines (a file) of the input, when shown
     reads = not settings.dry_run or plan is not None  # a plan's dry run reads the live jobs
     project = wiring.project_id(settings) if reads else (settings.project_id or UNBOUND)
-    protection = load_protection(  # before anything is opened: a bad protect_file is 78
-        settings.protect, settings.protect_files, settings.protected_types,
-        settings.protected_statuses,
-    )  # fmt: skip
+    protection = wiring.protection(settings)  # before anything is opened: a bad file is 78
     shard = shard_of(settings)
     tally = Tally()
     started, cpu_started = time.monotonic(), time.process_time()
-    with ExitStack() as stack:
-        ledger: Ledger | TemporaryLedger = (
-            TemporaryLedger.open()
-            if settings.ledger is None
-            else Ledger.open(
-                settings.ledger,
-                project_id=project,
-                endpoint=endpoint,
-                run_id=run_id,
-                retry_failed=request.retry_failed,
-                shard=WHOLE if shard is None else str(shard),
-            )
-        )
-        stack.callback(ledger.close)
-        # The cap is on the job, not on each process: what earlier runs on the ledger sent
-        # counts (a kill -9 and a resume must not reach twice the cap).
-        spent = ledger.sent_before() if isinstance(ledger, Ledger) else 0
-        budget = DeletionBudget(settings.max_deletions, spent=spent)
-        results = None
-        if request.results:
-            # Opened once, before any call. A run that resumes work a ledger holds open
-            # appends: the ids the run before it settled are not written again, so
-            # together their lines hold one per id. Any other run starts the file afresh.
-            # Private, and never through a link another user planted (worker.private_files).
-            append = isinstance(ledger, Ledger) and ledger.holds_open_ids()
-            try:
-                handle = open_output(Path(request.results), append=append)
-            except OSError as exc:
-                reason = exc.strerror or type(exc).__name__
-                message = f"--results {request.results} cannot be opened: {reason}"
-                raise UsageError(message) from None
-            # Flushed after every batch and once more at the end, where a failure is
-            # reported (ResultsUnwritable); closing must not raise the same failure again.
-            stack.callback(_close_quietly, handle)
-            results = ResultsWriter(handle)
-        port = LedgerPort(ledger)  # one port: one thread at a time on the connection
-        journal = RunJournal(ledger=port, events=events, tally=tally, results=results)
-        entries: Iterator[Any] = (
-            (Candidate(job_id, n) for n, job_id in enumerate(plan.ids(), 1))
-            if plan is not None
-            else read_entries(request.input, request.input_format, stdin=stdin)
-        )
-        sharding = None
-        if shard is not None:
-            sharding = ShardFilter(shard)
-            entries = sharding.select(entries)
+    async with AsyncExitStack() as stack:
+        records = build_records(
+            stack, settings, source=request.input, fmt=request.input_format,
+            results=request.results, retry_failed=request.retry_failed, project=project,
+            endpoint=endpoint, run_id=run_id, shard=shard, plan=plan, stdin=stdin,
+            events=events, tally=tally,
+        )  # fmt: skip
         events.note(
             "run.started",
             input=request.input,
-            endpoint=endpoint,
-            project_id=project,
-            dry_run=settings.dry_run,
-            batch_size=settings.batch_size,
-            concurrency=settings.concurrency,
-            rate=settings.rate,
+            **started_fields(settings, endpoint=endpoint, project=project),
             ledger=str(settings.ledger) if settings.ledger else None,
             plan=plan.header.seal if plan is not None else None,
             excluded=len(excluded) if request.exclude else None,
             protection=repr(protection) if protection.active else None,
         )
-        session = redis = None
         try:
-            transport: ApiClient | None = None
-            # The breaker stops hammering an API that keeps failing, and tells the exit
-            # code whether a deadline struck while the API was down (69, not 75).
-            gate = BreakerGate(clock=clock)
-            if reads:  # in a dry run, reads only: the dispatcher sends no DELETE
-                session = wiring.session(settings)
-                transport = await wiring.api_client(settings, session)
-            limiter = wiring.limiter(settings, clock)
-            if wiring.shares_rate(settings) and not settings.dry_run:
-                redis = await wiring.rate_redis(settings)
-                key = StreamLayout(settings.stream, settings.group).ratelimit
-                limiter = wiring.shared_limiter(settings, redis, key, clock)
-            dispatcher = wiring.processor(
-                settings,
-                transport=transport,
-                limiter=limiter,
-                journal=journal,
-                clock=clock,
-                stopping=lambda: state.stopping,
-                protection=protection,
-                plan=None if plan is None else PlanCheck.of(plan, excluded),
-                working=working,
-                gate=gate,
-                # Re-checked by listing: a plan's jobs with its server-side filters, a
-                # protected input's jobs with none (protection reads every job's record).
-                listing=plan.filters.server_queries() if plan is not None else [{}],
-                warn=events.warn,
-                budget=budget,
+            calls = await build_calls(
+                stack, settings, records, reads=reads, clock=clock, run_id=run_id,
+                state=state, working=working, protection=protection, plan=plan,
+                excluded=excluded, events=events, tally=tally,
+            )  # fmt: skip
+            if plan is not None and calls.guard is not None:
+                await _recount(plan, calls.guard, settings, clock)
+            total = await _watch_progress(
+                calls, request, settings, plan, records, tally, clock, events, group, output
             )
-            if plan is not None and isinstance(dispatcher, Guard):
-                await _recount(plan, dispatcher, settings, clock)
-            pipeline = Pipeline(
-                entries=entries,
-                ledger=port,
-                journal=journal,
-                dispatcher=dispatcher,
-                batcher=Batcher(settings.batch_size, prefix=run_id[-6:]),
-                tally=tally,
-                concurrency=settings.concurrency,
-                grace=settings.grace,
-                state=state,
-                working=working,
-            )
-            progress_scope = anyio.CancelScope()  # entered by the progress task, if any
-            display = output.display if output.progress else None
-            if output.display is not None:
-                from worker.terminal.progress import count_lines
-
-                total = len(plan) if plan is not None else count_lines(request.input)
-                total = None if sharding is not None else total  # its part is not known
-            if display is not None:
-                from worker.terminal.progress import Progress
-
-                progress = Progress(tally, total=total, clock=time.monotonic)
-                group.start_soon(_in_scope, progress_scope, partial(display.show, progress))
-            else:
-                stats = partial(_log_stats, settings.stats_interval, tally, limiter, clock, events)
-                group.start_soon(_in_scope, progress_scope, stats)
-            try:
-                await pipeline.run()
-            finally:
-                progress_scope.cancel()
-                if display is not None:
-                    display.stop()
-            state.api_down = transport is not None and gate.api_down
+            state.api_down = calls.transport is not None and calls.gate.api_down
         finally:
-            if session is not None:
-                await session.close()
-            if redis is not None:
-                await redis.aclose()
-            if results is not None:
-                try:
-                    results.flush()
-                    if isinstance(ledger, Ledger) and request.results:  # made whole from it
-                        with anyio.CancelScope(shield=True):
-                            await anyio.to_thread.run_sync(
-                                rewrite_results, ledger.run_results(), Path(request.results)
-                            )
-                except ResultsUnwritable as exc:
-                    state.fatal = state.fatal or exc
+            await _finish_results(records, request.results, state)
         code = exit_code(state, tally)
         duration, cpu = time.monotonic() - started, time.process_time() - cpu_started
-        sharded = (
+        sharded: dict[str, Any] = (
             {}
-            if sharding is None
-            else {"shard": str(sharding.shard), "other_shards": sharding.others}
+            if records.sharding is None
+            else {"shard": str(records.sharding.shard), "other_shards": records.sharding.others}
         )
         if settings.max_deletions is not None:
             sharded.update(
                 max_deletions=settings.max_deletions,
-                max_deletions_left=budget.left,
-                sent_by_earlier_runs=spent,
+                max_deletions_left=records.budget.left,
+                sent_by_earlier_runs=records.spent,
             )
-        checks = dispatcher.checks() if isinstance(dispatcher, Guard) else None
+        checks = calls.guard.checks() if calls.guard is not None else None
         _summarise(
             events, tally, state, code, duration, cpu, settings, output, sharded, checks,
             total, plan,
         )  # fmt: skip
         return code
+
+
+async def _watch_progress(
+    calls: RunCalls,
+    request: RunRequest,
+    settings: Settings,
+    plan: SealedPlan | None,
+    records: RunRecords,
+    tally: Tally,
+    clock: MonotonicClock,
+    events: EventLog,
+    group: TaskGroup,
+    output: Output,
+) -> int | None:
+    """Run the pipeline with the progress line on a terminal, else ``run.stats``; return the
+    total the progress line counted to (ids of a plan, lines of a file), when one is shown."""
+    total: int | None = None
+    if output.display is not None and records.sharding is None:  # a shard's part is not known
+        from worker.terminal.progress import count_lines
+
+        total = len(plan) if plan is not None else count_lines(request.input)
+    progress_scope = anyio.CancelScope()  # entered by the progress task
+    display = output.display if output.progress else None
+    if display is not None:
+        from worker.terminal.progress import Progress
+
+        progress = Progress(tally, total=total, clock=time.monotonic)
+        group.start_soon(_in_scope, progress_scope, partial(display.show, progress))
+    else:
+        stats = partial(_log_stats, settings.stats_interval, tally, calls.limiter, clock, events)
+        group.start_soon(_in_scope, progress_scope, stats)
+    try:
+        await calls.pipeline.run()
+    finally:
+        progress_scope.cancel()
+        if display is not None:
+            display.stop()
+    return total
+
+
+async def _finish_results(records: RunRecords, path: str | None, state: RunState) -> None:
+    """The results file flushed and, with a ledger, made whole from it; a failure to write
+    it is the run's (``ResultsUnwritable``, 75), said once."""
+    if records.results is None or path is None:
+        return
+    try:
+        records.results.flush()
+        if isinstance(records.ledger, Ledger):
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(
+                    rewrite_results, records.ledger.run_results(), Path(path)
+                )
+    except ResultsUnwritable as exc:
+        state.fatal = state.fatal or exc
 
 
 async def _recount(plan: SealedPlan, guard: Guard, settings: Settings, clock: Clock) -> None:
@@ -629,13 +555,8 @@ async def _recount(plan: SealedPlan, guard: Guard, settings: Settings, clock: Cl
     check_fraction(len(plan), min(inventory, plan.header.inventory_size), settings.max_fraction)
 
 
-def _close_quietly(handle: IO[bytes]) -> None:
-    with contextlib.suppress(OSError):
-        handle.close()
-
-
 async def _log_stats(
-    interval: float, tally: Tally, limiter: Any, clock: MonotonicClock, events: EventLog
+    interval: float, tally: Tally, limiter: RateLimiter, clock: MonotonicClock, events: EventLog
 ) -> None:
     """``run.stats`` every ``interval`` seconds (0: never) when no progress line is shown:
     a CronJob's log says where the run stands, not only each id (``worker.stats``)."""

@@ -1,10 +1,10 @@
 """``devserver-reaper serve``: consume ids from a Redis Stream until SIGTERM; serve health.
 
-The edge: settings become collaborators here (Redis client, API client, the shared rate
-limiter, the dispatcher, the service loop, the HTTP port), signals become a stop event, and
-how it ended becomes an exit code: 0 after a clean drain, 78 for bad settings, 69 when Redis
-cannot be reached at start-up (Kubernetes restarts us with back-off). Once running, neither
-a Redis outage nor refused credentials make it exit: it waits, unready.
+The edge: the service is built by :mod:`worker.assembly` (Redis clients, API client, the
+shared rate limiter, the dispatcher, the service loop, the HTTP port); here signals become a
+stop event, and how it ended becomes an exit code: 0 after a clean drain, 78 for bad
+settings, 69 when Redis cannot be reached at start-up (Kubernetes restarts us with back-off).
+Once running, neither a Redis outage nor refused credentials make it exit: it waits, unready.
 """
 
 from __future__ import annotations
@@ -13,15 +13,30 @@ import argparse
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 from worker import wiring
+from worker.assembly import (
+    build_service,
+    build_service_redis,
+    service_config,
+    start_http,
+    started_fields,
+)
 from worker.errors import AuthError, ConfigError, ReaperError, TransientError
 from worker.exit_codes import ExitCode
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from worker.outcomes.events import EventLog
+    from worker.service.outage import Outage
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STARTUP_WAIT_S = 30.0
@@ -67,7 +82,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         return _said(log, "serve.credentials_unavailable", exc, ExitCode.UNAVAILABLE)
 
 
-def _said(log: Any, event: str, exc: ReaperError, code: int) -> int:
+def _said(log: FilteringBoundLogger, event: str, exc: ReaperError, code: int) -> int:
     """Once to each reader: the event to the log (stdout), one line and the fix to stderr."""
     from worker.terminal.failure import say_error
 
@@ -103,178 +118,61 @@ async def serve(
     http_host: str | None = None,
 ) -> int:
     """Run the service until ``stop`` is set or a signal arrives; return the exit code."""
-    import redis.asyncio as aioredis
-    from aiohttp import web
-
     from worker.clock import MonotonicClock
-    from worker.discovery.guard import load_protection
-    from worker.dispatcher import Working
     from worker.outcomes.events import EventLog
-    from worker.pacing.breaker import BreakerGate
-    from worker.service.consumer import StreamConsumer, eviction_policy
-    from worker.service.health import Health, build_app, http_runner
-    from worker.service.inflight import InFlight
-    from worker.service.journal import ServeJournal
-    from worker.service.layout import Retention, StreamLayout
-    from worker.service.metrics import MeteredTransport, ServiceMetrics
+    from worker.service.metrics import ServiceMetrics
     from worker.service.outage import Outage, redis_where
-    from worker.service.retention import Keeper
-    from worker.service.service import Service, ServiceConfig
 
     stop = stop if stop is not None else anyio.Event()
     stop_now = anyio.Event()  # a second signal: no grace
-    protection = load_protection(  # before Redis or the API: a bad rule or file is 78
-        settings.protect, settings.protect_files, settings.protected_types,
-        settings.protected_statuses,
-    )  # fmt: skip
+    protection = wiring.protection(settings)  # before Redis or the API: a bad rule is 78
     clock = MonotonicClock()
     events = EventLog()
-    config = ServiceConfig(
-        batch_size=settings.batch_size,
-        concurrency=settings.concurrency,
-        max_deliveries=settings.max_deliveries,
-        reclaim_after=settings.reclaim_after,
-        grace=settings.grace,
-        stats_interval=settings.stats_interval,
-    )
-    try:
-        client = aioredis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=config.block + 10.0,
-            socket_connect_timeout=5.0,
-            health_check_interval=30,
-        )
-        reader = aioredis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=config.block + 10.0,
-            socket_connect_timeout=5.0,
-            single_connection_client=True,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"redis_url is not a Redis URL: {exc}") from None
-    session = None
-    runner: web.AppRunner | None = None
+    config = service_config(settings)
     metrics = ServiceMetrics()
     outage = Outage(events, clock, where=redis_where(settings.redis_url),
                     count=metrics.redis_errors.inc)  # fmt: skip
-    try:
+    async with AsyncExitStack() as stack:
+        client, reader = build_service_redis(stack, settings, config)
         if not await _redis_answers(client, outage, events):
             return ExitCode.UNAVAILABLE
-        policy = await eviction_policy(client)
-        if policy is not None and policy.startswith("allkeys"):
-            events.warn(
-                "serve.redis_may_evict",
-                policy=policy,
-                redis=redis_where(settings.redis_url),
-                why="when full, Redis drops any key, the ids stream and its group among them: "
-                "ids lost unread; use maxmemory-policy noeviction (or volatile-*)",
-            )
-        layout = StreamLayout(settings.stream, settings.group)
-        retention = Retention(
-            outcomes_max_len=settings.outcomes_max_len,
-            outcomes_max_age_s=settings.outcomes_max_age,
-            dead_max_len=settings.dead_max_len,
-            dead_max_age_s=settings.dead_max_age,
-        )
-        consumer = StreamConsumer(
-            client, layout, settings.consumer, reader=reader, retention=retention
-        )
-        # Here, not in the loop's task group: a --stream naming a key of another type is a
-        # ConfigError (78) that reaches main() unwrapped.
-        await outage.persist(consumer.ensure_group, what="group")
-        health = Health(clock, stale_after=config.stale_after)
-        inflight = InFlight()
-        journal = ServeJournal(
-            events=events, metrics=metrics, inflight=inflight, consumer=consumer, clock=clock,
-            outage=outage, max_deliveries=config.max_deliveries,
-        )  # fmt: skip
-        transport: Any = None
-        if not settings.dry_run:
-            session = wiring.session(settings)
-            api = await wiring.api_client(settings, session)
-            transport = MeteredTransport(api, metrics, clock, observe=health.observe_call)
-        working = Working()  # what a stop waits for: calls on the wire, answers settling
-        limiter = wiring.shared_limiter(settings, client, layout.ratelimit, clock)
-        dispatcher = wiring.processor(
-            settings,
-            transport=transport,
-            limiter=limiter,
-            journal=journal,
-            clock=clock,
-            stopping=lambda: service.halting,  # the service is made next, and asked later
-            protection=protection,  # protected jobs end skipped here too, whatever the queue says
-            working=working,
-            gate=BreakerGate(clock=clock),  # an API that keeps failing is probed, not hammered
-        )
-        service = Service(
-            consumer=consumer,
-            inflight=inflight,
-            journal=journal,
-            dispatcher=dispatcher,
-            metrics=metrics,
-            health=health,
-            events=events,
-            clock=clock,
-            config=config,
-            stop=stop,
+        await _warn_if_evicting(client, settings, events)
+        parts = await build_service(
+            stack, settings, config, client=client, reader=reader, metrics=metrics,
+            outage=outage, events=events, clock=clock, protection=protection, stop=stop,
             stop_now=stop_now,
-            working=working,
-            outage=outage,
-            keeper=Keeper(client, layout, retention),
-            rate=lambda: float(limiter.rate),
-        )
-        app = build_app(health, metrics, ping=consumer.ping, refresh=service.refresh_gauges)
-        runner = http_runner(app)
-        await runner.setup()
+        )  # fmt: skip
         host = http_host or settings.http_host
-        try:
-            site = web.TCPSite(runner, host, settings.http_port)
-            await site.start()
-        except OSError as exc:
-            raise ConfigError(f"http_port {settings.http_port}: {exc.strerror or exc}") from None
-        port = _bound_port(site, settings.http_port)
+        port = await start_http(stack, parts, host, settings.http_port)
         events.note(
             "serve.started",
             consumer=settings.consumer,
             stream=settings.stream,
             group=settings.group,
-            endpoint=endpoint,
-            project_id=settings.project_id,
             http_host=host,
             http_port=port,
-            batch_size=settings.batch_size,
-            concurrency=settings.concurrency,
-            rate=settings.rate,
-            dry_run=settings.dry_run,
+            **started_fields(settings, endpoint=endpoint, project=wiring.project_id(settings)),
         )
         if on_ready is not None:
             on_ready(port)
         async with anyio.create_task_group() as group:
             group.start_soon(_watch_signals, stop, stop_now, events)
-            await service.run()
+            await parts.service.run()
             group.cancel_scope.cancel()
         events.note(
             "serve.stopped",
-            read=service.read,
-            batches=service.batches,
-            reclaimed=service.reclaimed,
-            acked=consumer.acked,
-            dead_lettered=consumer.dead_lettered,
-            outcomes=journal.outcomes,
-            left_pending=len(inflight),
+            read=parts.service.read,
+            batches=parts.service.batches,
+            reclaimed=parts.service.reclaimed,
+            acked=parts.consumer.acked,
+            dead_lettered=parts.consumer.dead_lettered,
+            outcomes=parts.journal.outcomes,
+            left_pending=len(parts.inflight),
         )
         return ExitCode.OK
-    finally:
-        with anyio.CancelScope(shield=True):
-            if runner is not None:
-                await runner.cleanup()
-            if session is not None:
-                await session.close()
-            await reader.aclose()
-            await client.aclose()
 
 
-async def _redis_answers(client: Any, outage: Any, events: Any) -> bool:
+async def _redis_answers(client: Redis, outage: Outage, events: EventLog) -> bool:
     """PING until Redis answers, for at most ``STARTUP_WAIT_S`` (the first failure names the
     Redis, the others are counted: ``worker.service.outage``); ``ConfigError`` when it
     refuses our settings (``worker.service.consumer.ping``)."""
@@ -288,13 +186,23 @@ async def _redis_answers(client: Any, outage: Any, events: Any) -> bool:
     return False
 
 
-def _bound_port(site: Any, asked: int) -> int:
-    server = getattr(site, "_server", None)
-    sockets = list(getattr(server, "sockets", None) or ())
-    return int(sockets[0].getsockname()[1]) if sockets else asked
+async def _warn_if_evicting(client: Redis, settings: Settings, events: EventLog) -> None:
+    """``serve.redis_may_evict`` when Redis, once full, may drop any key."""
+    from worker.service.consumer import eviction_policy
+    from worker.service.outage import redis_where
+
+    policy = await eviction_policy(client)
+    if policy is not None and policy.startswith("allkeys"):
+        events.warn(
+            "serve.redis_may_evict",
+            policy=policy,
+            redis=redis_where(settings.redis_url),
+            why="when full, Redis drops any key, the ids stream and its group among them: "
+            "ids lost unread; use maxmemory-policy noeviction (or volatile-*)",
+        )
 
 
-async def _watch_signals(stop: anyio.Event, stop_now: anyio.Event, events: Any) -> None:
+async def _watch_signals(stop: anyio.Event, stop_now: anyio.Event, events: EventLog) -> None:
     """The first signal drains (``grace``); a second one cuts the grace short, as in ``run``:
     calls on the wire are cancelled, their entries left pending for another replica."""
     with anyio.open_signal_receiver(*SIGNALS) as received:

@@ -1,0 +1,440 @@
+"""Put ``run`` and ``serve`` together: typed ``build_*`` functions over :mod:`worker.wiring`.
+
+:mod:`worker.wiring` turns settings into one collaborator each (the API client, a limiter,
+the dispatcher); here those are assembled into what a command runs: the records a run
+writes to and the pipeline that fills them, or the service over its stream. The commands
+keep their lifecycle (signals, the deadline, progress, how it ended and its exit code).
+
+Every resource built here is closed by the exit stack the caller passes in, in the reverse
+order of building: the command decides how long they live, and what happens after the run
+(flushing the results, the summary) sees them still open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import anyio
+
+from worker import wiring
+from worker.batcher import Batcher, DeletionBudget
+from worker.clock import Clock
+from worker.discovery.guard import Guard, PlanCheck, Protection
+from worker.dispatcher import Working
+from worker.errors import ConfigError, UsageError
+from worker.input.shard import Shard, ShardFilter
+from worker.input.sources import read_entries
+from worker.ledger import WHOLE, Ledger, TemporaryLedger
+from worker.outcomes.events import EventLog
+from worker.outcomes.journal import LedgerPort, ResultsWriter, RunJournal, Tally
+from worker.pacing.breaker import BreakerGate
+from worker.pacing.bucket import RateLimiter
+from worker.pipeline import BatchProcessor, Entry, Pipeline, RunState
+from worker.private_files import open_output
+from worker.settings import Settings
+from worker.types import Candidate
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+    from aiohttp import web
+
+    from worker.api.client import Api, ApiClient
+    from worker.discovery.plan import SealedPlan
+    from worker.service.consumer import StreamConsumer
+    from worker.service.health import Health
+    from worker.service.inflight import InFlight
+    from worker.service.journal import ServeJournal
+    from worker.service.metrics import ServiceMetrics
+    from worker.service.outage import Outage
+    from worker.service.service import Service, ServiceConfig
+
+
+def started_fields(settings: Settings, *, endpoint: str, project: str) -> dict[str, object]:
+    """What ``run.started`` and ``serve.started`` both say of the settings, besides their own."""
+    return {
+        "endpoint": endpoint,
+        "project_id": project,
+        "dry_run": settings.dry_run,
+        "batch_size": settings.batch_size,
+        "concurrency": settings.concurrency,
+        "rate": settings.rate,
+    }
+
+
+async def _shielded(close: Callable[[], Awaitable[object]]) -> None:
+    """Close even while the scope around is cancelled (a stop, a deadline)."""
+    with anyio.CancelScope(shield=True):
+        await close()
+
+
+def _close_quietly(handle: IO[bytes]) -> None:
+    with contextlib.suppress(OSError):
+        handle.close()
+
+
+# ``run``
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecords:
+    """What a run reads and where its outcomes go, all opened before any call."""
+
+    ledger: Ledger | TemporaryLedger
+    port: LedgerPort  # one port: one thread at a time on the ledger's connection
+    journal: RunJournal
+    results: ResultsWriter | None
+    budget: DeletionBudget
+    spent: int  # of the budget, by earlier runs on the ledger
+    entries: Iterator[Entry]
+    sharding: ShardFilter | None
+
+
+def build_ledger(
+    settings: Settings,
+    *,
+    project: str,
+    endpoint: str,
+    run_id: str,
+    retry_failed: bool,
+    shard: Shard | None,
+) -> Ledger | TemporaryLedger:
+    """The ledger of ``--ledger`` (resumable), or a temporary one for this run alone."""
+    if settings.ledger is None:
+        return TemporaryLedger.open()
+    return Ledger.open(
+        settings.ledger,
+        project_id=project,
+        endpoint=endpoint,
+        run_id=run_id,
+        retry_failed=retry_failed,
+        shard=WHOLE if shard is None else str(shard),
+    )
+
+
+def build_results(
+    stack: AsyncExitStack, path: str | None, ledger: Ledger | TemporaryLedger
+) -> ResultsWriter | None:
+    """``--results``, opened once, before any call (``UsageError``, 64, when it cannot be).
+
+    A run that resumes work a ledger holds open appends: the ids the run before it settled
+    are not written again, so together their lines hold one per id. Any other run starts the
+    file afresh. Private, and never through a link another user planted
+    (``worker.private_files``).
+    """
+    if not path:
+        return None
+    append = isinstance(ledger, Ledger) and ledger.holds_open_ids()
+    try:
+        handle = open_output(Path(path), append=append)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UsageError(f"--results {path} cannot be opened: {reason}") from None
+    # Flushed after every batch and once more at the end, where a failure is reported
+    # (ResultsUnwritable); closing must not raise the same failure again.
+    stack.callback(_close_quietly, handle)
+    return ResultsWriter(handle)
+
+
+def build_entries(
+    source: str,
+    fmt: str,
+    *,
+    stdin: IO[bytes] | None,
+    plan: SealedPlan | None,
+    shard: Shard | None,
+) -> tuple[Iterator[Entry], ShardFilter | None]:
+    """The entries to read, a plan's ids or the input's lines, and this shard's filter."""
+    entries: Iterator[Entry] = (
+        (Candidate(job_id, n) for n, job_id in enumerate(plan.ids(), 1))
+        if plan is not None
+        else read_entries(source, fmt, stdin=stdin)
+    )
+    if shard is None:
+        return entries, None
+    sharding = ShardFilter(shard)
+    return sharding.select(entries), sharding
+
+
+def build_records(
+    stack: AsyncExitStack,
+    settings: Settings,
+    *,
+    source: str,
+    fmt: str,
+    results: str | None,
+    retry_failed: bool,
+    project: str,
+    endpoint: str,
+    run_id: str,
+    shard: Shard | None,
+    plan: SealedPlan | None,
+    stdin: IO[bytes] | None,
+    events: EventLog,
+    tally: Tally,
+) -> RunRecords:
+    ledger = build_ledger(
+        settings, project=project, endpoint=endpoint, run_id=run_id,
+        retry_failed=retry_failed, shard=shard,
+    )  # fmt: skip
+    stack.callback(ledger.close)
+    # The cap is on the job, not on each process: what earlier runs on the ledger sent
+    # counts (a kill -9 and a resume must not reach twice the cap).
+    spent = ledger.sent_before() if isinstance(ledger, Ledger) else 0
+    writer = build_results(stack, results, ledger)
+    port = LedgerPort(ledger)
+    entries, sharding = build_entries(source, fmt, stdin=stdin, plan=plan, shard=shard)
+    return RunRecords(
+        ledger=ledger,
+        port=port,
+        journal=RunJournal(ledger=port, events=events, tally=tally, results=writer),
+        results=writer,
+        budget=DeletionBudget(settings.max_deletions, spent=spent),
+        spent=spent,
+        entries=entries,
+        sharding=sharding,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RunCalls:
+    """What makes a run's calls: the API client (none in a dry run of ids), the breaker, the
+    limiter, the dispatcher (``guard`` too when it is a :class:`Guard`) and the pipeline."""
+
+    transport: ApiClient | None
+    gate: BreakerGate
+    limiter: RateLimiter
+    dispatcher: BatchProcessor
+    guard: Guard | None
+    pipeline: Pipeline
+
+
+async def build_limiter(stack: AsyncExitStack, settings: Settings, clock: Clock) -> RateLimiter:
+    """``run``'s own limiter, or the one kept in Redis when a ``redis_url`` is given (a dry
+    run sends nothing, so it takes no share of it)."""
+    if not (wiring.shares_rate(settings) and not settings.dry_run):
+        return wiring.limiter(settings, clock)
+    from worker.service.layout import StreamLayout
+
+    redis = await wiring.rate_redis(settings)
+    stack.push_async_callback(_shielded, redis.aclose)
+    key = StreamLayout(settings.stream, settings.group).ratelimit
+    return wiring.shared_limiter(settings, redis, key, clock)
+
+
+async def build_transport(stack: AsyncExitStack, settings: Settings) -> ApiClient:
+    """The process's one HTTP session (closed by ``stack``) and the API client over it."""
+    session = wiring.session(settings)
+    stack.push_async_callback(_shielded, session.close)
+    return await wiring.api_client(settings, session)
+
+
+async def build_calls(
+    stack: AsyncExitStack,
+    settings: Settings,
+    records: RunRecords,
+    *,
+    reads: bool,
+    clock: Clock,
+    run_id: str,
+    state: RunState,
+    working: Working,
+    protection: Protection,
+    plan: SealedPlan | None,
+    excluded: frozenset[str],
+    events: EventLog,
+    tally: Tally,
+) -> RunCalls:
+    # The breaker stops hammering an API that keeps failing, and tells the exit code
+    # whether a deadline struck while the API was down (69, not 75).
+    gate = BreakerGate(clock=clock)
+    # In a dry run, reads only: the dispatcher sends no DELETE. A dry run of ids reads none.
+    transport = await build_transport(stack, settings) if reads else None
+    limiter = await build_limiter(stack, settings, clock)
+    dispatcher = wiring.processor(
+        settings,
+        transport=transport,
+        limiter=limiter,
+        journal=records.journal,
+        clock=clock,
+        stopping=lambda: state.stopping,
+        protection=protection,
+        plan=None if plan is None else PlanCheck.of(plan, excluded),
+        working=working,
+        gate=gate,
+        # Re-checked by listing: a plan's jobs with its server-side filters, a protected
+        # input's jobs with none (protection reads every job's record).
+        listing=plan.filters.server_queries() if plan is not None else [{}],
+        warn=events.warn,
+        budget=records.budget,
+    )
+    pipeline = Pipeline(
+        entries=records.entries,
+        ledger=records.port,
+        journal=records.journal,
+        dispatcher=dispatcher,
+        batcher=Batcher(settings.batch_size, prefix=run_id[-6:]),
+        tally=tally,
+        concurrency=settings.concurrency,
+        grace=settings.grace,
+        state=state,
+        working=working,
+    )
+    guard = dispatcher if isinstance(dispatcher, Guard) else None
+    return RunCalls(transport, gate, limiter, dispatcher, guard, pipeline)
+
+
+# ``serve``
+
+
+def service_config(settings: Settings) -> ServiceConfig:
+    from worker.service.service import ServiceConfig
+
+    return ServiceConfig(
+        batch_size=settings.batch_size,
+        concurrency=settings.concurrency,
+        max_deliveries=settings.max_deliveries,
+        reclaim_after=settings.reclaim_after,
+        grace=settings.grace,
+        stats_interval=settings.stats_interval,
+    )
+
+
+def build_service_redis(
+    stack: AsyncExitStack, settings: Settings, config: ServiceConfig
+) -> tuple[aioredis.Redis, aioredis.Redis]:
+    """``serve``'s two Redis clients: one for everything but the blocking read, and one
+    connection of its own for that read (``worker.service.consumer``), each answering within
+    the read's block and a margin. Closed by ``stack``; nothing is sent yet."""
+    client = wiring.redis_client(
+        settings.redis_url, timeout=config.block + 10.0, health_check_interval=30
+    )
+    stack.push_async_callback(_shielded, client.aclose)
+    reader = wiring.redis_client(
+        settings.redis_url, timeout=config.block + 10.0, single_connection=True
+    )
+    stack.push_async_callback(_shielded, reader.aclose)
+    return client, reader
+
+
+@dataclass(frozen=True, slots=True)
+class ServeParts:
+    """The service and what ``serve`` reports of it when it stops."""
+
+    service: Service
+    consumer: StreamConsumer
+    journal: ServeJournal
+    inflight: InFlight
+    health: Health
+    metrics: ServiceMetrics
+
+
+async def build_service(
+    stack: AsyncExitStack,
+    settings: Settings,
+    config: ServiceConfig,
+    *,
+    client: aioredis.Redis,
+    reader: aioredis.Redis,
+    metrics: ServiceMetrics,
+    outage: Outage,
+    events: EventLog,
+    clock: Clock,
+    protection: Protection,
+    stop: anyio.Event,
+    stop_now: anyio.Event,
+) -> ServeParts:
+    """The service over a Redis that has answered: its group made sure of, the API client,
+    the shared limiter and the dispatcher. ``serve`` never runs dry (``refuse_run_only``)."""
+    from worker.service.consumer import StreamConsumer
+    from worker.service.health import Health
+    from worker.service.inflight import InFlight
+    from worker.service.journal import ServeJournal
+    from worker.service.layout import Retention, StreamLayout
+    from worker.service.metrics import MeteredTransport
+    from worker.service.retention import Keeper
+    from worker.service.service import Service
+
+    layout = StreamLayout(settings.stream, settings.group)
+    retention = Retention(
+        outcomes_max_len=settings.outcomes_max_len,
+        outcomes_max_age_s=settings.outcomes_max_age,
+        dead_max_len=settings.dead_max_len,
+        dead_max_age_s=settings.dead_max_age,
+    )
+    consumer = StreamConsumer(client, layout, settings.consumer, reader=reader, retention=retention)
+    # Here, not in the loop's task group: a --stream naming a key of another type is a
+    # ConfigError (78) that reaches main() unwrapped.
+    await outage.persist(consumer.ensure_group, what="group")
+    health = Health(clock, stale_after=config.stale_after)
+    inflight = InFlight()
+    journal = ServeJournal(
+        events=events, metrics=metrics, inflight=inflight, consumer=consumer, clock=clock,
+        outage=outage, max_deliveries=config.max_deliveries,
+    )  # fmt: skip
+    api: Api = MeteredTransport(
+        await build_transport(stack, settings), metrics, clock, observe=health.observe_call
+    )
+    working = Working()  # what a stop waits for: calls on the wire, answers settling
+    limiter = wiring.shared_limiter(settings, client, layout.ratelimit, clock)
+    dispatcher = wiring.processor(
+        settings,
+        transport=api,
+        limiter=limiter,
+        journal=journal,
+        clock=clock,
+        stopping=lambda: service.halting,  # the service is made next, and asked later
+        protection=protection,  # protected jobs end skipped here too, whatever the queue says
+        working=working,
+        gate=BreakerGate(clock=clock),  # an API that keeps failing is probed, not hammered
+    )
+    service = Service(
+        consumer=consumer,
+        inflight=inflight,
+        journal=journal,
+        dispatcher=dispatcher,
+        metrics=metrics,
+        health=health,
+        events=events,
+        clock=clock,
+        config=config,
+        stop=stop,
+        stop_now=stop_now,
+        working=working,
+        outage=outage,
+        keeper=Keeper(client, layout, retention),
+        rate=lambda: float(limiter.rate),
+    )
+    return ServeParts(service, consumer, journal, inflight, health, metrics)
+
+
+async def start_http(stack: AsyncExitStack, parts: ServeParts, host: str, port: int) -> int:
+    """The health and metrics port (``ConfigError``, 78, when it cannot be bound); the port
+    it is bound to, which is the one asked unless that was 0."""
+    from aiohttp import web
+
+    from worker.service.health import build_app, http_runner
+
+    app = build_app(
+        parts.health, parts.metrics, ping=parts.consumer.ping, refresh=parts.service.refresh_gauges
+    )
+    runner: web.AppRunner = http_runner(app)
+    await runner.setup()
+    stack.push_async_callback(_shielded, runner.cleanup)
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        raise ConfigError(f"http_port {port}: {exc.strerror or exc}") from None
+    return bound_port(runner.addresses, port)
+
+
+def bound_port(addresses: Sequence[object], asked: int) -> int:
+    """The port of the first address a runner is bound to (``AppRunner.addresses``)."""
+    for address in addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return asked
