@@ -9,7 +9,7 @@ happened is classified by :mod:`worker.api.answers`, into the types of :mod:`wor
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -194,7 +194,7 @@ class ApiClient:
             try:
                 answer, call = await attempt(credentials)
             except AuthError as exc:
-                if not await self._keys_replaced(exc, credentials):
+                if not await keys_replaced(self._credentials, exc, credentials):
                     raise
                 self._outcomes[type(exc).__name__] += 1
                 answer, call = await attempt(await self._credentials.current())
@@ -222,14 +222,6 @@ class ApiClient:
         raise_for_status(answer, call, self._utcnow, names_job=names_job)
         return answer, call
 
-    async def _keys_replaced(self, refusal: AuthError, used: Credentials) -> bool:
-        """Keys refused (401/403) by a source that can look again (a rotated Secret), which
-        found others: the refused call did nothing on the server, so it goes once more."""
-        source = self._credentials
-        if refusal.http_status not in (401, 403) or not isinstance(source, Reloadable):
-            return False
-        return await source.refused(used)
-
     async def _send(
         self,
         method: str,
@@ -242,42 +234,84 @@ class ApiClient:
         headers = {"X-Project-Id": self._project_id, "User-Agent": USER_AGENT}
         if body:
             headers["Content-Type"] = JSON_CONTENT_TYPE
-        signed = sign(
-            method=method,
-            host=self._host,
-            path=path,
-            query=query,
-            headers=headers,
-            body=body,
-            ak=credentials.ak,
-            sk=credentials.sk,
-            when=self._utcnow(),
-            security_token=credentials.security_token,
+        return await send_signed(
+            self._session,
+            SignedRequest(method, self._origin, self._host, path, query, headers, body),
+            credentials,
+            call,
+            self._utcnow(),
         )
-        target = self._origin + path + (f"?{signed.query}" if signed.query else "")
-        url = URL(target, encoded=True)
-        status: int | None = None
-        request_id: str | None = None
-        try:
-            async with self._session.request(
-                method,
-                url,
-                headers=signed.headers,
-                data=body or None,
-                allow_redirects=False,
-            ) as response:
-                status = response.status
-                request_id = request_id_of(response.headers, call)
-                data = await response.read()
-                return Answer(
-                    status=status,
-                    reason=response.reason,
-                    headers=response.headers,
-                    body=data,
-                    request_id=request_id,
-                )
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise_transport(exc, call, status, request_id)
+
+
+async def keys_replaced(source: CredentialSource, refusal: AuthError, used: Credentials) -> bool:
+    """Keys refused (401/403) by a source that can look again (a rotated Secret), which
+    found others: the refused call did nothing on the server, so it goes once more."""
+    if refusal.http_status not in (401, 403) or not isinstance(source, Reloadable):
+        return False
+    return await source.refused(used)
+
+
+@dataclass(frozen=True, slots=True)
+class SignedRequest:
+    """One request to sign and send: ``origin`` is ``scheme://host[:port]``, ``host`` the
+    ``Host`` header's value, ``path`` already percent-encoded as it goes on the wire."""
+
+    method: str
+    origin: str
+    host: str
+    path: str
+    query: Sequence[tuple[str, QueryValue]]
+    headers: Mapping[str, str]
+    body: bytes = b""
+
+
+async def send_signed(
+    session: aiohttp.ClientSession,
+    request: SignedRequest,
+    credentials: Credentials,
+    call: Call,
+    when: datetime,
+) -> Answer:
+    """Sign ``request`` with ``credentials`` at ``when``, send it, and read the answer to
+    the end; a transport failure is raised as the error tree's (``raise_transport``).
+
+    Every signed call goes through here: the DevServer jobs API and IAM's project list."""
+    signed = sign(
+        method=request.method,
+        host=request.host,
+        path=request.path,
+        query=request.query,
+        headers=request.headers,
+        body=request.body,
+        ak=credentials.ak,
+        sk=credentials.sk,
+        when=when,
+        security_token=credentials.security_token,
+    )
+    target = request.origin + request.path + (f"?{signed.query}" if signed.query else "")
+    url = URL(target, encoded=True)
+    status: int | None = None
+    request_id: str | None = None
+    try:
+        async with session.request(
+            request.method,
+            url,
+            headers=signed.headers,
+            data=request.body or None,
+            allow_redirects=False,
+        ) as response:
+            status = response.status
+            request_id = request_id_of(response.headers, call)
+            data = await response.read()
+            return Answer(
+                status=status,
+                reason=response.reason,
+                headers=response.headers,
+                body=data,
+                request_id=request_id,
+            )
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise_transport(exc, call, status, request_id)
 
 
 # -- classification: the one place aiohttp and the OS become worker.errors ---------------
