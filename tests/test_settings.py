@@ -123,12 +123,17 @@ def test_the_sdk_variables_are_honoured_below_reaper_and_above_the_file(
         got = getattr(settings, field)
         return got if got is None or isinstance(got, str) else got.get_secret_value()
 
-    config = toml(tmp_path, f'{field} = "cn-south-1"\n')
-    monkeypatch.setenv(variable, "cn-north-4")
-    assert value(load_settings(config)) == "cn-north-4"
-    monkeypatch.setenv("REAPER_" + field.upper(), "cn-east-3")
-    assert value(load_settings(config)) == "cn-east-3"
-    assert value(load_settings(config, **{field: "ap-southeast-1"})) == "ap-southeast-1"
+    file, sdk, ours, flag = (
+        [f"https://iam.{region}.example" for region in ("file", "sdk", "ours", "flag")]
+        if field == "iam_endpoint"
+        else ["cn-south-1", "cn-north-4", "cn-east-3", "ap-southeast-1"]
+    )
+    config = toml(tmp_path, f'{field} = "{file}"\n')
+    monkeypatch.setenv(variable, sdk)
+    assert value(load_settings(config)) == sdk
+    monkeypatch.setenv("REAPER_" + field.upper(), ours)
+    assert value(load_settings(config)) == ours
+    assert value(load_settings(config, **{field: flag})) == flag
 
 
 def test_reaper_yes_true_is_yes(monkeypatch: pytest.MonkeyPatch) -> None:

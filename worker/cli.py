@@ -37,6 +37,12 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--region", str, "Huawei Cloud region, e.g. cn-north-4 (env REAPER_REGION)"),
     ("--endpoint", str, "API base URL; default derived from --region"),
     ("--project-id", str, "project id (env REAPER_PROJECT_ID or HUAWEICLOUD_SDK_PROJECT_ID)"),
+    (
+        "--iam-endpoint",
+        str,
+        "IAM URL where a --region's project id is looked up when no --project-id is set "
+        "(default: the region's IAM)",
+    ),
     ("--ak", str, "access key (env REAPER_AK or HUAWEICLOUD_SDK_AK)"),
     ("--sk", str, "secret key; prefer env REAPER_SK / HUAWEICLOUD_SDK_SK or --sk-file"),
     ("--security-token", str, "temporary-credential token; prefer the env or a file"),
@@ -115,8 +121,8 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
 )
 
 # Which settings each command shows in --help; all are accepted by the settings loader.
-_API = ("--region", "--endpoint", "--project-id", "--ak", "--sk", "--security-token",
-        "--ak-file", "--sk-file", "--security-token-file", "--ca-bundle",
+_API = ("--region", "--endpoint", "--project-id", "--iam-endpoint", "--ak", "--sk",
+        "--security-token", "--ak-file", "--sk-file", "--security-token-file", "--ca-bundle",
         "--credential-source", "--metadata-url",
         "--connect-timeout", "--read-timeout")  # fmt: skip
 _DISPATCH = ("--batch-size", "--concurrency", "--rate", "--burst", "--max-attempts",
@@ -400,6 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=None if choices else metavar,
             help=text + ("" if default is None else " [%(default)s]"),
         )  # fmt: skip
+    sim.add_argument(
+        "--iam-project", action="append", default=[], metavar="PROJECT",
+        help="one more project IAM knows, as NAME=ID (repeatable; a NAME twice is two of it)",
+    )  # fmt: skip
+    sim.add_argument(
+        "--iam-forbidden", action="store_true",
+        help="IAM answers 403 to the project list, as to keys without iam:projects:listProjects",
+    )  # fmt: skip
 
     demo = command("demo", "a complete tour against the built-in simulator; no account needed")
     demo.add_argument(
@@ -508,6 +522,8 @@ _SIMULATOR_FLAGS = (  # flag, type, default, metavar or choices, help
     ("--jobs", _jobs, 1000, "N", "jobs it holds at start"),
     ("--seed", int, 0, "N", "seed for jobs and faults"),
     ("--project-id", str, "demo-project", "ID", "project id it serves"),
+    ("--region", str, "cn-north-4", "REGION",
+     "region IAM names its project after (GET /v3/projects?name=REGION)"),
     ("--ak", str, "DEMOAK", "KEY", "access key it accepts"),
     ("--sk", str, "demo-secret-key", "KEY", "secret key it accepts (a fake's: not a secret)"),
     ("--quota", float, 0, "CALLS/S", "calls per second it allows; 0 for no limit"),

@@ -1,9 +1,10 @@
 """Settings: flags over ``REAPER_*`` environment over a TOML config file over defaults.
 
-``HUAWEICLOUD_SDK_PROJECT_ID`` sits just below ``REAPER_PROJECT_ID`` and above the config
-file. The SDK's keys (``HUAWEICLOUD_SDK_AK``, ``_SK``, ``_SECURITY_TOKEN``) are not settings:
-they are one credential source of their own (``worker.api.credentials``), used whole, so an
-access key from here is never paired with a secret key from there. ``HUAWEICLOUD_SDK_REGION``
+``HUAWEICLOUD_SDK_PROJECT_ID`` and ``HUAWEICLOUD_SDK_IAM_ENDPOINT`` sit just below
+``REAPER_PROJECT_ID`` and ``REAPER_IAM_ENDPOINT`` and above the config file. The SDK's keys
+(``HUAWEICLOUD_SDK_AK``, ``_SK``, ``_SECURITY_TOKEN``) are not settings: they are one
+credential source of their own (``worker.api.credentials``), used whole, so an access key
+from here is never paired with a secret key from there. ``HUAWEICLOUD_SDK_REGION``
 is not read: in the SDK it prefixes endpoint overrides, it does not name the region.
 
 A secret can be read from a file (``--sk-file``, ``REAPER_SK_FILE``, ``sk_file`` in the
@@ -35,6 +36,7 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -74,6 +76,7 @@ REGIONS = (
 # credential source of their own (see the module docstring), and its REGION is not a region.
 SDK_ENVIRONMENT = {
     "HUAWEICLOUD_SDK_PROJECT_ID": "project_id",
+    "HUAWEICLOUD_SDK_IAM_ENDPOINT": "iam_endpoint",
 }
 SECRETS = ("ak", "sk", "security_token")
 
@@ -93,6 +96,7 @@ class Settings(BaseSettings):
     endpoint: str | None = None
     project_id: str | None = None
     allowed_projects: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    iam_endpoint: str | None = None  # where a region's project id is looked up (api/projects)
     ak: str | None = None
     sk: SecretStr | None = None
     security_token: SecretStr | None = None
@@ -258,12 +262,14 @@ class Settings(BaseSettings):
             raise ValueError(problem)
         return value
 
-    @field_validator("endpoint")
+    @field_validator("endpoint", "iam_endpoint")
     @classmethod
-    def _endpoint(cls, value: str | None) -> str | None:
+    def _endpoint(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
         if (problem := endpoint_problem(value)) is not None:
+            if info.field_name == "iam_endpoint":  # its example is IAM's, not the API's
+                problem = problem.replace("https://modelarts.", "https://iam.")
             raise ValueError(problem)
         return normal_endpoint(value)
 

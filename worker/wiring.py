@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
+import anyio
 import structlog
 
 from worker.api.client import Api, ApiClient, make_session
 from worker.api.credentials import CredentialSource, read_profile, resolve_credentials
+from worker.api.projects import PROCESS_CACHE, FoundProject
 from worker.batcher import DeletionBudget
 from worker.clock import Clock
 from worker.discovery.guard import Guard, PlanCheck, Protection, load_protection
@@ -28,25 +31,110 @@ from worker.pacing.paced import PacedReader
 from worker.pacing.retry import RetryPolicy
 from worker.pipeline import BatchProcessor
 from worker.settings import Settings
+from worker.targets import endpoint_problem, normal_endpoint
 from worker.types import PROJECT_ID_RE
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
 
-def project_id(settings: Settings) -> str:
+@dataclass(frozen=True, slots=True)
+class ProjectChoice:
+    """The project in force and where it came from (``check`` says so)."""
+
+    project_id: str
+    source: str  # "settings", "profile PATH", or "IAM URL" (looked up by region)
+
+
+def project_choice(settings: Settings) -> ProjectChoice:
     """The project: the setting, else the profile file's ``project_id`` (as the SDK does),
-    held to the same rule as the setting: it goes into every URL and the ledger."""
+    held to the same rule as the setting (it goes into every URL and the ledger), else the
+    id IAM gave for ``region`` earlier in this process (:func:`ensure_project`)."""
     if settings.project_id:
-        return settings.project_id
+        return ProjectChoice(settings.project_id, "settings")
     profile = read_profile(os.environ)
     if profile is not None and profile.project_id:
         if not PROJECT_ID_RE.fullmatch(profile.project_id):
             raise ConfigError(
                 f"profile {profile.path}: project_id must be 1 to 64 letters, digits and hyphens"
             )
-        return profile.project_id
-    raise ConfigError("missing settings: --project-id (or REAPER_PROJECT_ID)")
+        return ProjectChoice(profile.project_id, f"profile {profile.path}")
+    if settings.region:
+        found = PROCESS_CACHE.get(settings.region, iam_endpoint(settings))
+        if found is not None:
+            return ProjectChoice(found.project_id, _from_iam(found))
+    raise ConfigError(
+        "missing settings: --project-id (or REAPER_PROJECT_ID), or --region with keys to look "
+        "it up in IAM"
+    )
+
+
+def project_id(settings: Settings) -> str:
+    return project_choice(settings).project_id
+
+
+def iam_endpoint(settings: Settings) -> str | None:
+    """Where a region's project id is looked up: the setting (``REAPER_IAM_ENDPOINT``, the
+    SDK's ``HUAWEICLOUD_SDK_IAM_ENDPOINT``, the config file), else the profile file's
+    ``iam_endpoint`` (the SDK reads it there too), else None: the region's own IAM."""
+    if settings.iam_endpoint:
+        return settings.iam_endpoint
+    profile = read_profile(os.environ)
+    if profile is None or profile.iam_endpoint is None:
+        return None
+    problem = endpoint_problem(profile.iam_endpoint)
+    if problem is not None:
+        raise ConfigError(f"profile {profile.path}: iam_endpoint {problem}")
+    return normal_endpoint(profile.iam_endpoint)
+
+
+def _from_iam(found: FoundProject) -> str:
+    return f"IAM {found.iam_endpoint}: the project named {found.region}"
+
+
+def _looks_up(settings: Settings) -> bool:
+    """Whether the project must come from IAM: none set anywhere, and a region to ask for."""
+    try:
+        project_choice(settings)
+    except ConfigError:
+        return settings.region is not None and not settings.project_id
+    return False
+
+
+async def resolve_project(
+    settings: Settings, http: aiohttp.ClientSession, keys: CredentialSource
+) -> ProjectChoice:
+    """:func:`project_choice`, looking the region's project up in IAM (signed with ``keys``,
+    once a process) when no setting or profile names one. Errors: ``worker.api.projects``."""
+    if not _looks_up(settings) or settings.region is None:
+        return project_choice(settings)
+    found = await PROCESS_CACHE.resolve(
+        session=http, credentials=keys, region=settings.region, iam_endpoint=iam_endpoint(settings)
+    )
+    structlog.get_logger("devserver_reaper").info(
+        "project.resolved",
+        region=found.region,
+        project_id=found.project_id,
+        iam_endpoint=found.iam_endpoint,
+        trace_id=found.trace_id,
+    )
+    return ProjectChoice(found.project_id, _from_iam(found))
+
+
+def ensure_project(settings: Settings) -> ProjectChoice:
+    """:func:`resolve_project` before a command's own event loop (``run``, ``serve``), so
+    that everything after it, the prompt and the ledger included, knows the project. Asks
+    IAM only when needed, with its own session and keys (temporary keys are fetched once
+    more for this)."""
+    if not _looks_up(settings):
+        return project_choice(settings)
+
+    async def look_up() -> ProjectChoice:
+        async with session(settings, concurrency=1) as http:
+            keys = await credentials(settings, http, announce=False)
+            return await resolve_project(settings, http, keys)
+
+    return anyio.run(look_up)
 
 
 def protection(settings: Settings) -> Protection:
@@ -68,9 +156,12 @@ def session(settings: Settings, *, concurrency: int | None = None) -> aiohttp.Cl
     )
 
 
-async def credentials(settings: Settings, http: aiohttp.ClientSession) -> CredentialSource:
+async def credentials(
+    settings: Settings, http: aiohttp.ClientSession, *, announce: bool = True
+) -> CredentialSource:
     """Keys from the first place that has them (settings, env, profile, pod, metadata), and
-    an event saying which place that was: ``auto`` must never pick one silently."""
+    an event saying which place that was: ``auto`` must never pick one silently (``announce``
+    False: keys only for a look-up before the command's own, which says it)."""
     found = await resolve_credentials(
         ak=settings.ak,
         sk=settings.sk.get_secret_value() if settings.sk else None,
@@ -83,6 +174,8 @@ async def credentials(settings: Settings, http: aiohttp.ClientSession) -> Creden
         source=settings.credential_source,
         files=settings.secret_files,
     )
+    if not announce:
+        return found
     files = sorted(f"{key}_file {path}" for key, path in settings.secret_files.items())
     structlog.get_logger("devserver_reaper").info(
         "credentials.source",
@@ -94,11 +187,13 @@ async def credentials(settings: Settings, http: aiohttp.ClientSession) -> Creden
 
 
 async def api_client(settings: Settings, http: aiohttp.ClientSession) -> ApiClient:
+    """The client of the project in force, looked up in IAM first if it must be."""
+    keys = await credentials(settings, http)
     return ApiClient(
         session=http,
         endpoint=settings.api_endpoint,
-        project_id=project_id(settings),
-        credentials=await credentials(settings, http),
+        project_id=(await resolve_project(settings, http, keys)).project_id,
+        credentials=keys,
     )
 
 

@@ -528,6 +528,7 @@ class Profile:
     project_id: str | None
     security_token: str | None = field(default=None, repr=False)
     federated: tuple[str, ...] = ()  # idp_id, id_token_file: what this tool does not do
+    iam_endpoint: str | None = None  # where the SDK looks a region's project id up
 
 
 def profile_path(environ: Mapping[str, str]) -> Path:
@@ -564,7 +565,15 @@ def read_profile(environ: Mapping[str, str]) -> Profile | None:
         return value or None
 
     federated = tuple(key for key in FEDERATED_KEYS if get(key))
-    return Profile(path, get("ak"), get("sk"), get("project_id"), get("security_token"), federated)
+    return Profile(
+        path,
+        get("ak"),
+        get("sk"),
+        get("project_id"),
+        get("security_token"),
+        federated,
+        get("iam_endpoint"),
+    )
 
 
 FEDERATED_KEYS = ("idp_id", "id_token_file")

@@ -12,6 +12,7 @@ import sys
 import anyio
 
 from worker.api.client import ApiClient
+from worker.api.projects import ProjectLookupFailed
 from worker.errors import ApiError, AuthError, ConfigError, NoSuchApi, NotTls, TlsError
 from worker.exit_codes import ExitCode
 from worker.settings import Settings
@@ -40,8 +41,12 @@ async def check(settings: Settings) -> int:
     endpoint = settings.api_endpoint
     async with wiring.session(settings, concurrency=1) as session:
         try:
-            project = wiring.project_id(settings)
             credentials = await wiring.credentials(settings, session)
+            choice = await wiring.resolve_project(settings, session, credentials)
+        except ProjectLookupFailed as exc:  # the keys are fine; IAM could not say the project
+            heading, code = _lookup_failed(exc)
+            out.write(f"result       {heading}: {exc}\nfix          {exc.fix}\n")
+            return code
         except ConfigError as exc:
             out.write(f"result       NOT CONFIGURED: {exc}\n")
             return ExitCode.CONFIG
@@ -52,11 +57,13 @@ async def check(settings: Settings) -> int:
             out.write(f"result       CREDENTIALS UNAVAILABLE: {_describe(exc)}\n")
             return ExitCode.UNAVAILABLE
         keys = await credentials.current()
-        out.write(f"endpoint     {endpoint}\nproject      {project}\n")
+        out.write(f"endpoint     {endpoint}\n")
+        out.write(f"project      {choice.project_id} (from {choice.source})\n")
         out.write(f"credentials  {credentials.name} (access key {_mask(keys.ak)})\n")
         client = ApiClient(
-            session=session, endpoint=endpoint, project_id=project, credentials=credentials
-        )
+            session=session, endpoint=endpoint, project_id=choice.project_id,
+            credentials=credentials,
+        )  # fmt: skip
         try:
             probe = await client.probe()
         except AuthError as exc:
@@ -83,6 +90,15 @@ async def check(settings: Settings) -> int:
             note = "  WARNING: requests more than 15 min off are rejected; fix the clock"
         out.write(f"clock skew   {probe.skew_s:+.1f}s (server minus local){note}\n")
     return ExitCode.OK
+
+
+def _lookup_failed(exc: ProjectLookupFailed) -> tuple[str, int]:
+    """What ``check`` calls a failed look-up of the project in IAM, and its exit code."""
+    if isinstance(exc, ConfigError):
+        return "PROJECT NOT FOUND", ExitCode.CONFIG
+    if isinstance(exc, AuthError):
+        return "IAM REFUSED", ExitCode.NO_PERMISSION
+    return "IAM UNREACHABLE", ExitCode.UNAVAILABLE
 
 
 def _mask(ak: str) -> str:

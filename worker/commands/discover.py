@@ -185,7 +185,6 @@ async def discover(
 ) -> int:
     """List, filter, leave out protected jobs, check the caps, then show or write the plan."""
     log = structlog.get_logger("devserver_reaper")
-    project = wiring.project_id(settings)
     endpoint = settings.api_endpoint
     now = datetime.now(UTC)
     writers: list[PlanWriter] = []
@@ -201,6 +200,7 @@ async def discover(
         page_size=request.page_size,
     )  # fmt: skip
     selection, scan = selected.selection, selected.scan
+    project = wiring.project_id(settings)  # looked up in IAM by now, if it had to be
     try:
         log.info(
             "discover.summary", project_id=project, endpoint=endpoint, listed=selection.listed,

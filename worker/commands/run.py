@@ -153,6 +153,7 @@ def _execute(
     try:
         if not settings.dry_run or request.plan:  # a plan's dry run reads the live jobs
             settings.require_api()
+            wiring.ensure_project(settings)  # from IAM, by region, if no setting names it
         endpoint = _endpoint_or_placeholder(settings)
         if not request.plan:
             _check_input(request.input)

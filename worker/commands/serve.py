@@ -63,7 +63,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         refuse_run_only(settings)
         settings.require_api()
         endpoint = settings.api_endpoint
-        wiring.project_id(settings)  # before any call: a missing project is exit 78
+        wiring.ensure_project(settings)  # before any call: a missing project is exit 78
         try:
             return anyio.run(serve, settings, endpoint)
         except (redis.exceptions.NoPermissionError, BaseExceptionGroup) as exc:

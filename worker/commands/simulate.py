@@ -35,7 +35,18 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         max_batch=args.max_batch,
         faults=FaultConfig.spread(args.fault_rate, latency_ms=args.latency_ms),
         unknown_path=args.unknown_path,
+        region=args.region,
+        iam_projects=tuple(_named(pair) for pair in args.iam_project),
+        iam_forbidden=args.iam_forbidden,
     )
+
+
+def _named(pair: str) -> tuple[str, str]:
+    """``--iam-project NAME=ID`` as (name, id)."""
+    name, sep, project_id = pair.partition("=")
+    if not sep or not name.strip() or not project_id.strip():
+        raise ValueError(f"--iam-project {pair!r}: give NAME=ID, e.g. cn-south-1=0a1b2c")
+    return name.strip(), project_id.strip()
 
 
 def ready_line(sim: Simulator) -> str:
@@ -56,6 +67,9 @@ def export_block(sim: Simulator) -> str:
     return (
         "# a local fake: its key is not a secret. To point every command at it, paste:\n"
         f"export {exports}\n"
+        f"# or, to have the project id looked up in its IAM by region: unset REAPER_PROJECT_ID; "
+        f"export REAPER_REGION={shlex.quote(config.region)} "
+        f"REAPER_IAM_ENDPOINT={shlex.quote(sim.url)}\n"
         "# then: devserver-reaper check; devserver-reaper discover --status FINISHED --plan "
         "plan.json; devserver-reaper run --plan plan.json --dry-run"
     )

@@ -19,7 +19,7 @@ import anyio
 import orjson
 from aiohttp import web
 
-from worker.simulator.auth import check_request
+from worker.simulator import iam
 from worker.simulator.faults import Fault
 from worker.simulator.jobs import JOB_TYPES, Job
 from worker.simulator.quota import retry_after_seconds
@@ -157,21 +157,10 @@ class _Api:
         config = sim.config
         sim.stats.calls += 1
         body = await request.read()
-        if config.check_signature:
-            reason = check_request(
-                method=request.method,
-                raw_path=request.raw_path,
-                headers=request.headers,
-                body=body,
-                ak=config.ak,
-                sk=config.sk,
-                now=sim.wall(),
-                max_skew_s=config.max_skew_s,
-            )
-            if reason is not None:
-                sim.stats.signature_failures += 1
-                msg = f"Incorrect IAM authentication information: {reason}"
-                raise _Refused(_error(sim, 401, AUTH_FAILED, msg))
+        reason = sim.signature_refused(request.method, request.raw_path, request.headers, body)
+        if reason is not None:
+            msg = f"Incorrect IAM authentication information: {reason}"
+            raise _Refused(_error(sim, 401, AUTH_FAILED, msg))
         wait = sim.bucket.try_acquire(sim.clock())
         if wait > 0:
             sim.stats.throttled += 1
@@ -450,7 +439,8 @@ class _Control:
 
 
 def build_app(sim: Simulator) -> web.Application:
-    """The aiohttp application serving ``sim``: the four job calls and ``/_sim/`` controls."""
+    """The aiohttp application serving ``sim``: the four job calls, IAM's project list
+    (``worker.simulator.iam``) and ``/_sim/`` controls."""
     app = web.Application()
     app[SIMULATOR_KEY] = sim
     api = _Api(sim)
@@ -466,6 +456,7 @@ def build_app(sim: Simulator) -> web.Application:
     router.add_get(JOBS_PATH, api.list, allow_head=False)
     router.add_post(JOBS_PATH, api.create)
     router.add_get(JOBS_PATH + "/{job_id}", api.show, allow_head=False)
+    router.add_get(iam.PROJECTS_PATH, iam.list_projects, allow_head=False)
     router.add_get("/_sim/stats", control.stats, allow_head=False)
     router.add_get("/_sim/deleted", control.deleted, allow_head=False)
     router.add_get("/_sim/jobs", control.jobs, allow_head=False)

@@ -98,6 +98,11 @@ class SimulatorConfig:
     unknown_path: UnknownPathMode = "gateway"  # see UNKNOWN_PATH_MODES
     check_signature: bool = True
     max_skew_s: float = 900.0
+    # IAM's project list (worker.simulator.iam): the region whose project this is, more
+    # (name, id) pairs IAM knows, and a 403 for keys without iam:projects:listProjects.
+    region: str = "cn-north-4"
+    iam_projects: tuple[tuple[str, str], ...] = ()
+    iam_forbidden: bool = False
 
     def __post_init__(self) -> None:
         if not PROJECT_ID_RE.fullmatch(self.project_id):
@@ -118,5 +123,9 @@ class SimulatorConfig:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if not self.max_skew_s > 0:
             raise ValueError(f"max_skew_s must be > 0, got {self.max_skew_s!r}")
+        if not self.region or not all(name for name, _ in self.iam_projects):
+            raise ValueError("a project IAM knows needs a name (a region such as cn-north-4)")
+        if not all(PROJECT_ID_RE.fullmatch(known) for _, known in self.iam_projects):
+            raise ValueError("a project id IAM knows must be 1 to 64 letters, digits and hyphens")
         if not isinstance(self.reject_ids, frozenset):
             object.__setattr__(self, "reject_ids", frozenset(self.reject_ids))

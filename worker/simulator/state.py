@@ -10,10 +10,11 @@ import itertools
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from worker.simulator.auth import check_request
 from worker.simulator.config import FAULT_KINDS, FaultConfig, SimulatorConfig
 from worker.simulator.faults import FaultPlan
 from worker.simulator.jobs import JobStore
@@ -32,6 +33,7 @@ class SimStats:
     deletions: int = 0  # jobs actually deleted
     throttled: int = 0  # 429s
     signature_failures: int = 0  # 401s
+    iam_calls: int = 0  # IAM's project list (not in calls: another service)
     bad_requests: int = 0  # 400s
     # Only the kinds that fired, so ``assert stats.faults`` means "some fault happened";
     # a Counter answers 0 for the others.
@@ -142,5 +144,26 @@ class Simulator:
         self.store.set_status(job_id, status)
 
     # -- used by the handlers -----------------------------------------------------------
+    def signature_refused(
+        self, method: str, raw_path: str, headers: Mapping[str, str], body: bytes
+    ) -> str | None:
+        """Why a request's signature is refused (401), or None: accepted, or not checked."""
+        config = self.config
+        if not config.check_signature:
+            return None
+        reason = check_request(
+            method=method,
+            raw_path=raw_path,
+            headers=headers,
+            body=body,
+            ak=config.ak,
+            sk=config.sk,
+            now=self.wall(),
+            max_skew_s=config.max_skew_s,
+        )
+        if reason is not None:
+            self.stats.signature_failures += 1
+        return reason
+
     def next_request_id(self) -> str:
         return f"{self._request_prefix}{next(self._request_seq):010x}"

@@ -25,7 +25,11 @@ from worker.errors import (
 
 def fix_for(exc: BaseException, command: str = "run") -> str | None:
     """What usually cures ``exc``, in one line; None when the message says it already."""
+    from worker.api.projects import ProjectLookupFailed
+
     check = "" if command == "check" else ": `devserver-reaper check` shows what the API says"
+    if isinstance(exc, ProjectLookupFailed):  # IAM, not the API: its own cure
+        return exc.fix or None
     if isinstance(exc, AuthError):
         return (
             "check the access key and secret key (--ak/--sk, REAPER_AK/REAPER_SK, --sk-file or "
