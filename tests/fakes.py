@@ -42,10 +42,19 @@ class FakeClock:
     autojump clock: virtual time only promises an order, not a relation to real time.
     ``advance(s)`` moves time by hand and wakes whoever is due; with ``autojump=False`` it
     is the only thing that moves time, for tests that act on a task while it sleeps.
+    ``busy``: while it says so (a test's calls to a real Redis are out), time does not jump.
     """
 
-    def __init__(self, start: float = 0.0, *, autojump: bool = True, settle: int = 5) -> None:
+    def __init__(
+        self,
+        start: float = 0.0,
+        *,
+        autojump: bool = True,
+        settle: int = 5,
+        busy: Callable[[], bool] = lambda: False,
+    ) -> None:
         self._now = float(start)
+        self._busy = busy
         self._autojump = autojump
         self._settle = settle
         self._sleepers: list[_Sleeper] = []
@@ -82,7 +91,12 @@ class FakeClock:
                     seen = self._generation
                     for _ in range(self._settle):
                         await anyio.sleep(0)
-                    if not me.fired and self._generation == seen and self._sleepers[0] is me:
+                    if (
+                        not me.fired
+                        and self._generation == seen
+                        and self._sleepers[0] is me
+                        and not self._busy()
+                    ):
                         self._fire_until(me.deadline)
                 else:
                     me.wake = anyio.Event()

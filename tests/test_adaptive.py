@@ -17,12 +17,10 @@ from hypothesis import strategies as st
 
 from tests.fakes import FakeClock, paced_sends, simulate
 from worker.clock import MonotonicClock
-from worker.pacing.adaptive import AdaptiveRateLimiter, SharedAdaptiveLimiter, build_limiter
-from worker.pacing.bucket import LocalRateLimiter, RateLimiter
+from worker.pacing.adaptive import AdaptiveRateLimiter, build_limiter
+from worker.pacing.bucket import RateLimiter
 from worker.pacing.controller import AdaptiveConfig, Phase, RateController
 from worker.pacing.slowdown import SlowingLimiter
-from worker.simulator.quota import TokenBucket as ServerQuota
-from worker.simulator.quota import retry_after_seconds
 
 # --- the controller: known answers ---------------------------------------------------------
 
@@ -538,45 +536,6 @@ async def test_finds_the_simulators_quota_over_real_http() -> None:
 
 
 # --- replicas sharing one quota -----------------------------------------------------------
-
-
-@pytest.mark.anyio
-async def test_replicas_sharing_a_bucket_find_the_quota_together() -> None:
-    """Three replicas, each with its own controller, pacing through one shared bucket (a
-    ``LocalRateLimiter`` standing in for ``RedisRateLimiter``): the fleet, not each
-    replica, converges on the server's 40 calls/s."""
-    clock = FakeClock()
-    shared = LocalRateLimiter(rate=2.0, burst=1, clock=clock)
-    replicas = [SharedAdaptiveLimiter(shared, clock) for _ in range(3)]
-    server = ServerQuota(40.0, 2, 0.0)
-    ok: list[float] = []
-    refused: list[float] = []
-
-    async def worker(limiter: SharedAdaptiveLimiter) -> None:
-        while clock.now() < 60.0:
-            await limiter.acquire()
-            sent = clock.now()
-            wait = server.try_acquire(sent)
-            await clock.sleep(0.005)
-            if wait > 0:
-                refused.append(sent)
-                limiter.feedback(
-                    throttled=True, latency_s=0.005, retry_after=retry_after_seconds(wait)
-                )
-            else:
-                ok.append(sent)
-                limiter.feedback(throttled=False, latency_s=0.005)
-
-    async with anyio.create_task_group() as group:
-        for limiter in replicas:
-            for _ in range(3):
-                group.start_soon(worker, limiter)
-    late_ok = sum(30.0 <= t < 60.0 for t in ok) / 30.0
-    late_refused = sum(30.0 <= t < 60.0 for t in refused)
-    assert 0.8 * 40.0 <= late_ok <= 40.0 * 1.01
-    assert late_refused <= 0.02 * late_ok * 30.0
-    assert all(r.controller.state.phase is not Phase.STARTUP for r in replicas)
-    assert "SharedAdaptiveLimiter(" in repr(replicas[0])
 
 
 @pytest.mark.parametrize(

@@ -21,18 +21,24 @@ from worker.simulator import SimulatorConfig, run_simulator
 
 def test_a_refusal_cuts_the_pace_and_refusals_of_calls_sent_before_it_do_not() -> None:
     s = Slowdown(50.0)
-    assert s.refused(1.0, sent=0.99)
-    assert s.pace == pytest.approx(35.0)
-    # Calls in flight when the pace was cut were sent at the old pace: nothing new.
+    # The first for a while is a clump a loaded machine sent, as likely as a rate too
+    # high: it only marks the time.
+    assert not s.refused(1.0, sent=0.99)
+    assert s.pace == 50.0
+    # Calls in flight then were sent before it: nothing new.
     assert not s.refused(1.01, sent=0.995)
     assert not s.refused(1.2, sent=0.999)
-    assert s.pace == pytest.approx(35.0)
-    assert s.refused(1.3, sent=1.25)  # sent at the new pace, and refused: cut again
-    assert s.pace == pytest.approx(24.5)
+    assert s.refused(1.3, sent=1.25)  # sent since, and refused within a second: cut
+    assert s.pace == pytest.approx(42.5)
+    assert not s.refused(1.35, sent=1.29)
+    assert s.refused(2.0, sent=1.5)  # again
+    assert s.pace == pytest.approx(36.125)
+    assert not s.refused(9.0, sent=8.9)  # a while later: a mark, after the climb back
+    assert s.pace == pytest.approx(36.125 * 1.1**3)
 
 
 def test_the_pace_climbs_back_to_the_rate_asked_after_refusals_stop() -> None:
-    s = Slowdown(10.0, SlowdownConfig(cut=0.5, hold=10.0, growth=1.5))
+    s = Slowdown(10.0, SlowdownConfig(cut=0.5, first_cut=0.5, hold=10.0, growth=1.5))
     s.refused(0.0, sent=0.0)
     assert s.pace_at(9.9) == 5.0
     assert s.pace_at(10.0) == pytest.approx(7.5)
@@ -47,7 +53,11 @@ def test_the_pace_never_falls_below_the_floor() -> None:
     assert s.pace == 0.2
 
 
-@pytest.mark.parametrize("bad", [{"cut": 1.0}, {"growth": 1.0}, {"min_rate": 0.0}, {"hold": 0}])
+@pytest.mark.parametrize(
+    "bad",
+    [{"cut": 1.0}, {"first_cut": 1.1}, {"cut": 0.9, "first_cut": 0.8}, {"growth": 1.0},
+     {"min_rate": 0.0}, {"hold": 0}, {"window": -1.0}],
+)  # fmt: skip
 def test_nonsense_configs_are_refused(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="need"):
         SlowdownConfig(**bad)
@@ -59,7 +69,7 @@ async def test_the_limiter_paces_at_the_slowed_rate_and_says_so() -> None:
     said: list[tuple[str, dict[str, Any]]] = []
     limiter = SlowingLimiter(
         LocalRateLimiter(20.0, 1, clock), clock, notify=lambda e, **f: said.append((e, f)),
-        config=SlowdownConfig(cut=0.5, hold=5.0, growth=2.0),
+        config=SlowdownConfig(cut=0.5, first_cut=0.5, hold=5.0, growth=2.0),
     )  # fmt: skip
     await limiter.acquire()
     limiter.feedback(throttled=True, latency_s=0.0, retry_after=1.0)

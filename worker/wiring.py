@@ -259,24 +259,21 @@ async def rate_redis(settings: Settings) -> aioredis.Redis:
 def shared_limiter(
     settings: Settings, client: aioredis.Redis, key: str, clock: Clock
 ) -> RateLimiter:
-    """The rate limit every process on ``key`` shares, kept in Redis.
+    """The rate limit every process on ``key`` shares, kept in Redis with the fleet's one
+    rate (``worker.pacing.shared``, ``worker.pacing.fleet``).
 
-    With ``--rate auto`` each process learns the quota from its own answers and paces
-    through the same shared bucket at the rate it learnt, so the fleet together, not each
-    process, converges on the quota. With a fixed rate, a process the server refuses slows
-    its own share of the calls down for a while.
+    With ``--rate auto`` one process, the leader, runs the fleet's controller on every
+    process's answers, and every process paces at its rate. With a fixed rate the fleet
+    sends N calls/s together, and slows together while the server refuses them.
     """
-    from worker.pacing.adaptive import SharedAdaptiveLimiter
     from worker.pacing.controller import AdaptiveConfig
+    from worker.pacing.fleet import FleetRateController
     from worker.pacing.shared import RedisRateLimiter
-    from worker.pacing.slowdown import SlowingLimiter
 
     if settings.rate == "auto":
-        shared = RedisRateLimiter(client, key, rate=1.0, burst=1, clock=clock)
         config = AdaptiveConfig(max_pause=settings.max_retry_after)  # as run's limiter
-        return SharedAdaptiveLimiter(shared, clock, config=config)
-    fixed = RedisRateLimiter(client, key, rate=settings.rate, burst=settings.burst, clock=clock)
-    return SlowingLimiter(fixed, clock, notify=structlog.get_logger().warning)
+        return FleetRateController(client, key, clock, config=config)
+    return RedisRateLimiter(client, key, rate=settings.rate, burst=settings.burst, clock=clock)
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:

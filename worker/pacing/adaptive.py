@@ -4,8 +4,8 @@ rate from the calls' answers.
 - ``AdaptiveRateLimiter``: one process. Calls are spaced by a token bucket at the
   controller's rate; a cut re-slots the waiters, and a ``Retry-After`` pause holds every
   call back.
-- ``SharedAdaptiveLimiter``: replicas sharing one quota through Redis. Each runs its own
-  controller on its own answers and paces through the shared bucket at its rate.
+- Replicas sharing one quota through Redis run one controller for the fleet:
+  ``worker.pacing.fleet.FleetRateController``.
 - ``build_limiter``: a fixed ``--rate N`` (which slows while refused,
   ``worker.pacing.slowdown``) or ``auto``, for one process.
 """
@@ -188,73 +188,6 @@ class AdaptiveRateLimiter(_Answered[PacedController]):
             f"AdaptiveRateLimiter({self._controller!r}, burst={self._burst}, "
             f"throttles={self.throttles})"
         )
-
-
-class SharedPacer(Protocol):
-    """A limiter shared by replicas whose rate can be changed: ``RedisRateLimiter`` with a
-    ``set_rate`` (its Lua script already takes the spacing with every reservation)."""
-
-    @property
-    def rate(self) -> float: ...
-
-    def set_rate(self, rate: float) -> None: ...
-
-    async def acquire(self) -> None: ...
-
-
-class SharedAdaptiveLimiter(_Answered[RateController]):
-    """``--rate auto`` for replicas sharing one quota: each replica runs its own controller on
-    the answers it gets and paces through the shared bucket at the controller's rate.
-
-    The fleet's calls are spaced by the shared bucket, so the fleet sends at the rate the
-    replicas set; a replica that is refused cuts, pauses for ``Retry-After`` and sets the
-    lower rate, which every replica's next reservation is spaced by until it sets its own.
-    Replicas see the same server, so their controllers agree within a probe or two. The
-    controllers are ``shared``: they do not cap the rate to what their replica sends (one
-    replica only sends its share of the fleet's calls), nor measure the quota from the
-    time between two refusals (one replica sees only its share of the fleet's refusals,
-    and would measure too high).
-    """
-
-    __slots__ = ("_shared",)
-
-    def __init__(
-        self,
-        shared: SharedPacer,
-        clock: Clock,
-        *,
-        config: AdaptiveConfig | None = None,
-    ) -> None:
-        self._shared = shared
-        self._clock = clock
-        self._controller = RateController(
-            clock.now(), replace(config or AdaptiveConfig(), shared=True)
-        )
-        self._shared.set_rate(self._controller.rate)
-        self.throttles = 0
-
-    async def acquire(self) -> None:
-        while True:
-            now = self._clock.now()
-            pause = self._controller.pause_until()
-            if now < pause:
-                await self._clock.sleep(pause - now)
-                continue
-            rate = self._controller.rate_at(now)
-            if rate != self._shared.rate:
-                self._shared.set_rate(rate)
-            await self._shared.acquire()
-            if self._clock.now() >= self._controller.pause_until():
-                self._controller.on_sent(self._clock.now())
-                return
-
-    def _answered(self, now: float) -> None:
-        rate = self._controller.rate_at(now)
-        if rate < self._shared.rate:
-            self._shared.set_rate(rate)
-
-    def __repr__(self) -> str:
-        return f"SharedAdaptiveLimiter({self._controller!r}, throttles={self.throttles})"
 
 
 def build_limiter(

@@ -1,23 +1,43 @@
-"""One rate limit for every replica: GCRA kept atomically in Redis.
+"""One rate limit for every process that shares a quota: GCRA kept atomically in Redis, at
+the fleet's one rate.
 
 N replicas each with their own ``LocalRateLimiter(rate)`` would send N x ``rate`` calls per
-second. Here the limiter's whole state is one number in Redis, the *theoretical arrival
-time* (``tat``: when the bucket will be full again, in microseconds of the Redis server's
-clock), and a Lua script reserves a start time atomically. It is the same arithmetic as
-``worker.pacing.bucket.TokenBucket`` (``burst`` calls at once after an idle spell, then exactly
-``1 / rate`` apart), so a fleet behaves like one process with a ``LocalRateLimiter``.
+second. Here the bucket is one number in Redis, the *theoretical arrival time* (``tat``:
+when the bucket will be full again, in microseconds of the Redis server's clock), and a Lua
+script reserves a start time atomically. It is the same arithmetic as
+``worker.pacing.bucket.TokenBucket`` (``burst`` calls at once after an idle spell, then
+exactly ``1 / rate`` apart), so a fleet behaves like one process with a ``LocalRateLimiter``.
+
+The *rate* the bucket is spaced by is fleet state too, next to it, so that what one process
+learns from a refusal paces every process, once:
+
+- ``RedisRateLimiter`` (``--rate N``): the pace is a factor of N kept in Redis. A refusal of
+  a call sent since the last cut cuts it atomically, once for the fleet (``Slowdown``'s
+  arithmetic, the same in Lua); the factor climbs back by the Redis clock, computed by
+  whichever reservation comes next, so no process keeps a timer of its own.
+- ``worker.pacing.fleet.FleetRateController`` (``--rate auto``): one controller for the
+  fleet, run by a leader, whose rate every reservation is spaced by.
 
 Why this shape:
 
 - The script reads ``TIME`` on the Redis server, so replicas whose clocks disagree still
   agree on the schedule; each caller only sleeps the *relative* wait it is handed.
-- It reserves (and returns how long to wait) rather than refusing: no polling, strict
-  FIFO across replicas, one round trip per call.
+- It reserves (and returns how long to wait) rather than refusing: strict FIFO across
+  replicas, one round trip per call. But never more than ``horizon`` ahead: a caller
+  further back is told when to come back, and its process's other callers queue behind
+  it, so a new pace reaches every process within ``horizon`` rather than behind a queue of
+  every waiting worker's slot (eight workers in each of three replicas at 2 calls/s held
+  12 s of start times, and start-up's growth waited that long).
 - All arithmetic is in integer microseconds (exact in Lua's doubles) with the spacing
   rounded up, so rounding can only make the fleet slower than ``rate``, never faster.
 - A waiter cancelled while sleeping gives its slot back only when it holds the latest
   reservation (compare-and-set on ``tat``), as the local bucket does.
-- The key expires once the bucket is full again, so an idle queue leaves nothing behind.
+- The keys expire once nothing needs them, so an idle queue leaves nothing behind.
+
+Keys, all derived from the bucket's ``key`` (a parameter: one per endpoint and project):
+``key`` (the ``tat``), ``key:pace`` (a hash: the fixed rate's factor, or the leader's
+interval, pause and state), ``key:lead`` (the leader's lease: who, until when),
+``key:answers`` (a list of answers and reservations for the leader, capped).
 
 When Redis does not answer, ``acquire`` waits and asks again: a call not made is always
 safe, and the service is unready meanwhile anyway.
@@ -25,8 +45,10 @@ safe, and the service is unready meanwhile anyway.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,24 +60,69 @@ import structlog
 
 from worker.clock import Clock
 from worker.pacing.bucket import FixedRate
+from worker.pacing.slowdown import Notify, SlowdownConfig
 
-_RESERVE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local new_tat = tat + interval
-local start = new_tat - burst * interval
-if start < now then start = now end
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat),
-           'PX', math.floor((new_tat - now) / 1000) + 1000)
-return {string.format('%.0f', start), string.format('%.0f', now),
-        string.format('%.0f', new_tat)}
+GCRA = """
+local function clock()
+  if ARGV[1] ~= '' then return tonumber(ARGV[1]) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function us(x) return string.format('%.0f', x) end
+-- The next start time on the bucket at KEYS[1], not before ``floor`` (a pause); none when
+-- it is more than ``horizon`` away: then the second value says in how long to come back.
+local function reserve(now, interval, burst, floor, horizon)
+  local base = math.max(now, floor)
+  local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if tat < base then tat = base end
+  local new_tat = tat + interval
+  local start = math.max(new_tat - burst * interval, base)
+  if start - now > horizon then return nil, start - now - horizon end
+  redis.call('SET', KEYS[1], us(new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1000)
+  return start, new_tat
+end
 """
 
-_REFUND = """
+_FIXED = (
+    GCRA
+    + """
+-- ARGV: now ('' for the server's), interval asked, burst, ttl ms, cut, first cut, window,
+-- least factor, hold, growth, horizon, then how long ago each refused call was sent (us).
+local now = clock()
+local hold, growth = tonumber(ARGV[9]), tonumber(ARGV[10])
+local p = redis.call('HMGET', KEYS[2], 'factor', 'since', 'cut_at')
+local factor, since, cut_at = tonumber(p[1]) or 1, tonumber(p[2]) or now, tonumber(p[3])
+local event, changed = '', false
+if factor < 1 and now - since >= hold then
+  local steps = math.floor((now - since) / hold)
+  factor = math.min(1, factor * growth ^ steps)
+  since = since + steps * hold
+  changed = true
+  if factor >= 1 then event = 'restored' end
+end
+for i = 12, #ARGV do
+  if cut_at == nil or now - tonumber(ARGV[i]) >= cut_at then
+    local cut = tonumber(ARGV[6])
+    if cut_at ~= nil and now - cut_at <= tonumber(ARGV[7]) then cut = tonumber(ARGV[5]) end
+    local was = factor
+    factor = math.max(tonumber(ARGV[8]), math.min(1, factor * cut))
+    if factor < was then event = 'slowed' end
+    cut_at, since, changed = now, now, true
+  end
+end
+if changed then
+  redis.call('HSET', KEYS[2], 'factor', string.format('%.17g', factor), 'since', us(since),
+             'cut_at', us(cut_at))
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+local interval = math.ceil(tonumber(ARGV[2]) / factor)
+local start, new_tat = reserve(now, interval, tonumber(ARGV[3]), 0, tonumber(ARGV[11]))
+if not start then start = '' else start = us(start) end
+return {start, us(now), us(new_tat), event, string.format('%.17g', factor)}
+"""
+)
+
+REFUND = """
 local tat = redis.call('GET', KEYS[1])
 if tat ~= ARGV[1] then return 0 end
 local t = redis.call('TIME')
@@ -67,12 +134,38 @@ redis.call('SET', KEYS[1], string.format('%.0f', back),
 return 1
 """
 
-_REDIS_ERRORS = (
+REDIS_ERRORS = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     OSError,
     redis.exceptions.OutOfMemoryError,  # at its maxmemory: no write until memory is freed
 )
+
+
+PACE_TTL_S = 600.0
+"""How long the fleet's pace outlives its last change: a fleet restarted within it starts
+from what it had learnt."""
+
+
+@dataclass(frozen=True, slots=True)
+class FleetKeys:
+    """The keys of one fleet rate, derived from the bucket's."""
+
+    tat: str
+    pace: str
+    lead: str
+    answers: str
+
+    @classmethod
+    def of(cls, key: str) -> FleetKeys:
+        return cls(key, f"{key}:pace", f"{key}:lead", f"{key}:answers")
+
+    def all(self) -> list[str]:
+        return [self.tat, self.pace, self.lead, self.answers]
+
+
+def text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +192,102 @@ def interval_us(rate: float) -> int:
     return max(1, math.ceil(1_000_000 / rate))
 
 
-class RedisRateLimiter(FixedRate):
-    """A ``worker.pacing.bucket.RateLimiter`` whose bucket lives in Redis at ``key``."""
+class RedisPacer(abc.ABC):
+    """What both fleet limiters do: one caller of this process at a time reserves (one
+    script call, retried while Redis does not answer; told to come back when the next start
+    is more than ``horizon`` away), then sleeps to its start; its slot is given back when it
+    is cancelled while it holds the latest."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        key: str,
+        clock: Clock,
+        *,
+        horizon_s: float,
+        retry_s: float,
+        redis_now: Callable[[], float] | None,
+    ) -> None:
+        self._keys = FleetKeys.of(key)
+        self._clock = clock
+        self._turn = anyio.Lock()
+        self._horizon_us = int(horizon_s * 1e6)
+        self._retry_s = retry_s
+        self._redis_now = redis_now
+        self._refund: Any = client.register_script(REFUND)
+        self._log = structlog.get_logger("devserver_reaper")
+        self.granted = 0
+        self.waited_s = 0.0
+        self.redis_errors = 0
+        self.throttles = 0
+
+    def _now_arg(self) -> str:
+        """The time the scripts use: the Redis server's, or a test's clock (microseconds)."""
+        return "" if self._redis_now is None else f"{self._redis_now() * 1e6:.0f}"
+
+    @abc.abstractmethod
+    async def reserve(self) -> Reservation | float:
+        """A start time, or how many seconds to come back in."""
+
+    def _held_s(self) -> float:
+        """How long the fleet's pause, as this process knows it, still holds every call
+        (a pause learnt after the reservation was made, or not yet in Redis)."""
+        return 0.0
+
+    async def acquire(self) -> None:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            async with self._turn:
+                reservation = await self._reserve_retrying()
+                while not isinstance(reservation, Reservation):
+                    await self._clock.sleep(reservation)
+                    reservation = await self._reserve_retrying()
+            self.granted += 1
+            wait = max(reservation.wait_s, self._held_s())
+            if wait > 0:
+                self.waited_s += wait
+                try:
+                    await self._clock.sleep(wait)
+                except BaseException:
+                    # On failure the slot goes unused once: slower, never faster.
+                    with (
+                        anyio.CancelScope(shield=True),
+                        anyio.move_on_after(1.0),
+                        contextlib.suppress(*REDIS_ERRORS),
+                    ):
+                        await self._refund(
+                            keys=[self._keys.tat], args=[reservation.token, self._spacing]
+                        )
+                    raise
+            if self._held_s() <= 0:
+                return
+            # Paused while it waited: its start was handed out before the pause, and calls
+            # must be spaced from the pause's end, not sent at it together.
+
+    async def _reserve_retrying(self) -> Reservation | float:
+        while True:
+            try:
+                return await self.reserve()
+            except REDIS_ERRORS as exc:
+                self.redis_errors += 1
+                self._log.warning("ratelimit.redis_error", error=type(exc).__name__)
+                await self._clock.sleep(self._retry_s)
+
+    @property
+    @abc.abstractmethod
+    def _spacing(self) -> int:
+        """The interval (us) of the last reservation, to refund it."""
+
+
+class RedisRateLimiter(RedisPacer, FixedRate):
+    """``--rate N`` for a fleet: N calls/s together, slowed together while the server refuses.
+
+    The arithmetic is ``worker.pacing.slowdown.Slowdown``'s, run in the reservation script
+    on the fleet's factor: a refusal is reported with this process's next reservation (how
+    long ago its call was sent), and cuts only when that call was sent since the last cut;
+    the process whose report cut says so (``rate.slowed``), and the one whose reservation
+    brought the pace back to N (``rate.restored``): one event per change, for the fleet.
+    """
 
     def __init__(
         self,
@@ -110,78 +297,77 @@ class RedisRateLimiter(FixedRate):
         rate: float,
         burst: int,
         clock: Clock,
+        notify: Notify | None = None,
+        config: SlowdownConfig | None = None,
+        horizon_s: float = 0.1,
         retry_s: float = 0.5,
+        redis_now: Callable[[], float] | None = None,
     ) -> None:
-        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
-            raise ValueError(f"burst must be an integer >= 1, not {burst!r}")
+        super().__init__(
+            client, key, clock, horizon_s=horizon_s, retry_s=retry_s, redis_now=redis_now
+        )
+        self._asked = float(rate)
         self._interval = interval_us(rate)
-        self._rate = float(rate)
         self._burst = burst
-        self._key = key
-        self._clock = clock
-        self._retry_s = retry_s
-        self._reserve: Any = client.register_script(_RESERVE)
-        self._refund: Any = client.register_script(_REFUND)
-        self.granted = 0
-        self.waited_s = 0.0
-        self.redis_errors = 0
-        self._log = structlog.get_logger("devserver_reaper")
+        self._config = config or SlowdownConfig()
+        self._notify = notify or structlog.get_logger("devserver_reaper").warning
+        self._script: Any = client.register_script(_FIXED)
+        self._refused: list[float] = []  # when refused calls were sent, on our clock
+        self.factor = 1.0
+        self._last_spacing = self._interval
 
     @property
     def rate(self) -> float:
-        return self._rate
+        """The fleet's pace as this process last saw it."""
+        return self._asked * self.factor
 
     @property
-    def burst(self) -> int:
-        return self._burst
+    def asked(self) -> float:
+        return self._asked
 
-    def set_rate(self, rate: float) -> None:
-        """Space the next reservations at ``rate``: the adaptive controller moves it.
+    @property
+    def _spacing(self) -> int:
+        return self._last_spacing
 
-        The spacing travels with each reservation, so every replica's next call is spaced
-        by the rate the last one set (``worker.pacing.adaptive.SharedAdaptiveLimiter``).
-        """
-        self._interval = interval_us(rate)
-        self._rate = float(rate)
+    def feedback(
+        self,
+        *,
+        throttled: bool,
+        latency_s: float | None = None,
+        retry_after: float | None = None,
+        overloaded: bool = False,
+    ) -> None:
+        if throttled:
+            self.throttles += 1
+            self._refused.append(self._clock.now() - (latency_s or 0.0))
 
-    async def reserve(self) -> Reservation:
-        """Reserve the next start time (one round trip); the caller waits ``wait_s``."""
-        start, now, token = await self._reserve(
-            keys=[self._key], args=[self._interval, self._burst]
+    async def reserve(self) -> Reservation | float:
+        c = self._config
+        refused, now = self._refused, self._clock.now()
+        args: list[Any] = [
+            self._now_arg(), self._interval, self._burst, int(PACE_TTL_S * 1000), c.cut,
+            c.first_cut, int(c.window * 1e6), c.min_rate / self._asked, int(c.hold * 1e6),
+            c.growth, self._horizon_us, *(f"{(now - sent) * 1e6:.0f}" for sent in refused),
+        ]  # fmt: skip
+        start, server_now, token, event, factor = await self._script(
+            keys=self._keys.all(), args=args
         )
-        return Reservation(
-            int(start), int(now), token.decode() if isinstance(token, bytes) else token
-        )
-
-    async def acquire(self) -> None:
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        while True:
-            try:
-                reservation = await self.reserve()
-                break
-            except _REDIS_ERRORS as exc:
-                self.redis_errors += 1
-                self._log.warning("ratelimit.redis_error", error=type(exc).__name__)
-                await self._clock.sleep(self._retry_s)
-        self.granted += 1
-        wait = reservation.wait_s
-        if wait <= 0:
-            return
-        self.waited_s += wait
-        try:
-            await self._clock.sleep(wait)
-        except BaseException:
-            # On failure the slot goes unused once: slower, never faster.
-            with (
-                anyio.CancelScope(shield=True),
-                anyio.move_on_after(1.0),
-                contextlib.suppress(*_REDIS_ERRORS),
-            ):
-                await self._refund(keys=[self._key], args=[reservation.token, self._interval])
-            raise
+        del refused[: len(args) - 11]  # reported; later ones wait for the next reservation
+        self.factor = float(text(factor))
+        self._last_spacing = math.ceil(self._interval / self.factor)
+        if (event := text(event)) == "slowed":
+            self._notify(
+                "rate.slowed", rate=round(self.rate, 3), asked=self._asked, reason="throttled"
+            )
+        elif event == "restored":
+            self._notify("rate.restored", rate=round(self.rate, 3))
+        if not (start := text(start)):
+            return int(token) / 1e6
+        return Reservation(int(start), int(server_now), text(token))
 
     def __repr__(self) -> str:
         return (
-            f"RedisRateLimiter(key={self._key!r}, rate={self._rate:g}, burst={self._burst}, "
-            f"granted={self.granted}, waited_s={self.waited_s:.3f})"
+            f"RedisRateLimiter(key={self._keys.tat!r}, rate={self.rate:.4g}, "
+            f"asked={self._asked:g}, burst={self._burst}, throttles={self.throttles}, "
+            f"granted={self.granted})"
         )

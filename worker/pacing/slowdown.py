@@ -3,14 +3,21 @@
 ``--rate N`` is a promise to pace at N calls/s, made by someone who believed the quota was
 at least N. When the server says otherwise (429s), sending at N anyway only collects
 refusals until every batch has spent its retries. So a fixed rate behaves like a polite
-client: each refusal of a call sent since the last cut multiplies the pace by ``cut``
-(refusals of calls sent before it were sent at the old pace and say nothing new); after
-``hold`` seconds without a refusal the pace climbs back by ``growth`` per ``hold``, up to
-the rate asked. Each change is an event (``rate.slowed``, ``rate.restored``), so the
-operator learns that the quota is lower than the setting.
+client: a refusal of a call sent since the last cut (refusals of calls sent before it were
+sent at the old pace and say nothing new) that comes within ``window`` of the last one
+multiplies the pace by ``cut``; one that is the first for a while only marks the time
+(``first_cut`` is 1). After ``hold`` seconds without a refusal the pace climbs back by
+``growth`` per ``hold``, up to the rate asked. The first refusal does not cut because at a
+quota the rate asked matches, a call that a loaded machine sends late arrives in a clump
+with the next ones, and the gateway refuses one of them: that says "a clump", not "too
+fast" (shared by a fleet, each such refusal cut to 0.7 cost it a tenth of its quota over
+the next 20 s). A rate really over the quota is refused again within a second. Each
+change is an event (``rate.slowed``, ``rate.restored``), so the operator learns that the
+quota is lower than the setting.
 
 ``Slowdown`` is the arithmetic, pure, over times passed in; ``SlowingLimiter`` applies it to
-a limiter whose rate can be set (``LocalRateLimiter``, or ``RedisRateLimiter`` for replicas).
+a limiter whose rate can be set (``LocalRateLimiter``). For processes sharing a quota the
+same arithmetic runs in Redis, on the fleet's pace (``worker.pacing.shared``).
 """
 
 from __future__ import annotations
@@ -26,14 +33,18 @@ from worker.pacing.bucket import FixedRate
 
 @dataclass(frozen=True, slots=True)
 class SlowdownConfig:
-    cut: float = 0.7  # a refusal multiplies the pace by this ...
+    cut: float = 0.85  # a refusal within ``window`` s of the last multiplies the pace by
+    window: float = 1.0  # this, the first for a while by ``first_cut`` ...
+    first_cut: float = 1.0
     min_rate: float = 0.2  # ... never below this
-    hold: float = 5.0  # seconds without a refusal before the pace climbs ...
+    hold: float = 2.0  # seconds without a refusal before the pace climbs ...
     growth: float = 1.1  # ... by this factor, each ``hold``, up to the rate asked
 
     def __post_init__(self) -> None:
-        if not (0 < self.cut < 1 and self.growth > 1):
-            raise ValueError("need 0 < cut < 1 and growth > 1")
+        if not (0 < self.cut < 1 and self.cut <= self.first_cut <= 1 and self.growth > 1):
+            raise ValueError("need 0 < cut < 1, cut <= first_cut <= 1 and growth > 1")
+        if not self.window >= 0:
+            raise ValueError("need window >= 0")
         if not (self.min_rate > 0 and self.hold > 0):
             raise ValueError("need min_rate > 0 and hold > 0")
 
@@ -47,7 +58,7 @@ class Slowdown:
         self._config = config or SlowdownConfig()
         self.asked = float(rate)
         self.pace = float(rate)
-        self._cut_at = -math.inf  # the last cut: refusals of calls sent before it are old
+        self._cut_at = -math.inf  # the last refusal that was news: ones sent before are old
         self._since = -math.inf  # the last change of pace
 
     @property
@@ -55,12 +66,16 @@ class Slowdown:
         return self.pace < self.asked
 
     def refused(self, now: float, sent: float) -> bool:
-        """A 429 for a call sent at ``sent``: whether the pace was cut."""
+        """A 429 for a call sent at ``sent``: whether the pace was cut. A refusal that is
+        news marks the time even when it does not cut: the next within ``window`` does."""
         if sent < self._cut_at:
             return False
-        self.pace = max(self._config.min_rate, min(self.asked, self.pace * self._config.cut))
+        was = self.pace_at(now)  # the climb back since the last cut comes first
+        c = self._config
+        factor = c.cut if now - self._cut_at <= c.window else c.first_cut
+        self.pace = max(c.min_rate, min(self.asked, was * factor))
         self._cut_at = self._since = now
-        return True
+        return self.pace < was
 
     def pace_at(self, now: float) -> float:
         """The pace at ``now``: it climbs back a step each ``hold`` without a refusal."""

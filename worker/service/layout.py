@@ -9,7 +9,10 @@ The keys all derive from ``settings.stream`` so that one setting names a whole q
   ``Retention.dead_max_age_s`` seconds, whichever is fewer.
 - ``{stream}:outcomes``: one entry per id per outcome, for producers to follow. Kept the
   same way (``outcomes_max_len``, ``outcomes_max_age_s``) so it cannot grow without end.
-- ``{stream}:ratelimit``: the shared rate limiter's state (one number).
+- ``{stream}:ratelimit``: the shared rate limiter's bucket (one number), and beside it
+  ``:pace`` (the fleet's rate), ``:lead`` (the lease of the process that runs ``--rate
+  auto``'s controller) and ``:answers`` (what the others report to it): see
+  ``worker.pacing.shared``.
 - ``{stream}:lasterror``: a hash, stream entry id -> the last failure of an entry that is
   left pending to be tried again; removed when the entry is acknowledged or dead-lettered.
 - ``{stream}:position``: a hash, group -> the last entry id below which that group has

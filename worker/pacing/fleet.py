@@ -1,0 +1,322 @@
+"""``--rate auto`` for a fleet: ONE ``RateController`` for every process sharing a quota.
+
+Each process running its own controller on its third of the answers, and setting the
+shared bucket's spacing to its own rate, made three controllers fight over one quota (0.58
+of it used, 14.5 % of calls refused). Here the process holding a short lease in Redis
+(renewed with each of its reservations) is the leader: every process reports its answers
+with its reservations, the leader drains them, with the start time of every reservation,
+into its controller, which so sees the whole fleet's calls as one process would, and writes
+the interval and the ``Retry-After`` pause every reservation uses, and the controller's
+state. A leader that stops is replaced when its lease lapses, by a process that starts from
+the stored state, not from scratch. The bucket, its keys and the waiting are
+``worker.pacing.shared``'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from worker.clock import Clock
+from worker.pacing.controller import AdaptiveConfig, ControllerState, Phase, RateController
+from worker.pacing.shared import (
+    GCRA,
+    PACE_TTL_S,
+    REDIS_ERRORS,
+    RedisPacer,
+    Reservation,
+    interval_us,
+    text,
+)
+
+_AUTO = (
+    GCRA
+    + """
+-- ARGV: now ('' for the server's), initial interval, burst, ttl ms, me, lease ms, most
+-- answers kept, the leader's interval, pause and state to publish ('' for none), horizon,
+-- then answers in fours: how long ago it came (us), latency (us, -1: none), t/o/-, Retry-After
+-- (ms, -1: none).
+local now = clock()
+-- The lease: who holds it, and until when (on the scripts' clock; the key's own expiry only
+-- clears it away once the fleet is gone).
+local lead = redis.call('HMGET', KEYS[3], 'who', 'until')
+local leader = 0
+if (not lead[1]) or lead[1] == ARGV[5] or tonumber(lead[2]) < now then
+  redis.call('HSET', KEYS[3], 'who', ARGV[5], 'until', us(now + tonumber(ARGV[6]) * 1000))
+  redis.call('PEXPIRE', KEYS[3], ARGV[4])
+  leader = 1
+  if ARGV[8] ~= '' then
+    redis.call('HSET', KEYS[2], 'interval', ARGV[8], 'pause_until', ARGV[9], 'state', ARGV[10])
+    redis.call('PEXPIRE', KEYS[2], ARGV[4])
+  end
+end
+local p = redis.call('HMGET', KEYS[2], 'interval', 'pause_until', 'state')
+local interval, pause = tonumber(p[1]) or tonumber(ARGV[2]), tonumber(p[2]) or 0
+local start, new_tat = reserve(now, interval, tonumber(ARGV[3]), pause, tonumber(ARGV[11]))
+for i = 12, #ARGV, 4 do
+  redis.call('RPUSH', KEYS[4], table.concat({'a', us(now - tonumber(ARGV[i])), ARGV[i + 1],
+             ARGV[i + 2], ARGV[i + 3]}, ' '))
+end
+if start then
+  redis.call('RPUSH', KEYS[4], 's ' .. us(start))
+  start = us(start)
+else
+  start = ''
+end
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('LTRIM', KEYS[4], -tonumber(ARGV[7]), -1)
+  redis.call('PEXPIRE', KEYS[4], ARGV[4])
+end
+local out = {start, us(now), us(new_tat), us(interval), us(pause), leader, p[3] or ''}
+if leader == 1 then
+  for _, e in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do out[#out + 1] = e end
+  redis.call('DEL', KEYS[4])
+end
+return out
+"""
+)
+
+_PUBLISH = """
+if redis.call('HGET', KEYS[2], 'who') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'interval', ARGV[2], 'pause_until', ARGV[3], 'state', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+RESLOT = 0.02
+"""A change of the leader's rate larger than this share is published at once; smaller ones
+go with its next reservation."""
+
+
+def encode_state(state: ControllerState) -> str:
+    """The controller's state as JSON (infinities as strings), for the next leader."""
+    return orjson.dumps(
+        {
+            f.name: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+            for f in dataclasses.fields(state)
+            if (v := getattr(state, f.name)) is not None
+        }
+    ).decode()
+
+
+def decode_state(stored: str) -> ControllerState | None:
+    """The state a leader stored, or ``None`` when there is none (or it does not read as
+    one: written by another version)."""
+    if not stored:
+        return None
+    try:
+        raw = orjson.loads(stored)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(ControllerState):
+            if f.name not in raw:
+                continue
+            v = raw[f.name]
+            if f.name == "phase":
+                values[f.name] = Phase(v)
+            elif isinstance(v, bool) or f.type in ("int", "bool"):
+                values[f.name] = v
+            else:
+                values[f.name] = float(v)
+        return ControllerState(**values)
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    at: float  # when it came, on this process's clock
+    latency_s: float | None
+    flag: str  # "t" throttled, "o" overloaded, "-" anything else
+    retry_after: float | None
+
+
+class FleetRateController(RedisPacer):
+    """``--rate auto`` for a fleet: one ``RateController``, run by the process that holds the
+    lease, on every process's answers; every reservation is spaced by its rate.
+
+    A process that is not the leader only reports: its answers go to Redis with its next
+    reservation. The leader feeds the reservations' start times (``on_sent``) and the
+    answers, in the order they came (``on_answer``, on the Redis clock), to its controller,
+    and publishes its interval, its ``Retry-After`` pause and its state: a slowdown or a
+    pause at once (one more script call), a rise with its next reservation. The controller
+    runs unshared (``AdaptiveConfig.shared`` off): it sees all the fleet's calls, so it
+    measures the quota between refusals and caps its growth at what the fleet really sends.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        key: str,
+        clock: Clock,
+        *,
+        config: AdaptiveConfig | None = None,
+        lease_s: float = 2.0,
+        horizon_s: float = 0.1,
+        retry_s: float = 0.5,
+        max_answers: int = 10_000,
+        me: str | None = None,
+        redis_now: Callable[[], float] | None = None,
+    ) -> None:
+        super().__init__(
+            client, key, clock, horizon_s=horizon_s, retry_s=retry_s, redis_now=redis_now
+        )
+        self._config = dataclasses.replace(config or AdaptiveConfig(), shared=False)
+        self._me = me or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._lease_ms = int(lease_s * 1000)
+        self._max_answers = max_answers
+        self._script: Any = client.register_script(_AUTO)
+        self._publish_script: Any = client.register_script(_PUBLISH)
+        self._answers: list[_Answer] = []
+        self._interval = interval_us(self._config.initial_rate)  # the fleet's, as last seen
+        self._pause_us = 0  # the fleet's pause, as last seen
+        self._offset = 0.0  # the Redis clock minus ours, seconds
+        self._controller: RateController | None = None
+        self._led_at = -math.inf  # our clock, at our last reservation as the leader
+        self._t = -math.inf  # the controller's time: the last answer fed, Redis clock
+        self._published: tuple[int, int, ControllerState | None] | None = None
+        self._pending: tuple[int, int, str] | None = None  # to publish with the next
+        self._pending_state: tuple[int, int, ControllerState | None] | None = None
+        self.leads = 0  # times this process became the leader
+
+    @property
+    def rate(self) -> float:
+        """The fleet's rate as this process last saw it (the leader's: its controller's)."""
+        return 1e6 / self._interval
+
+    @property
+    def leading(self) -> bool:
+        return self._controller is not None
+
+    @property
+    def controller(self) -> RateController | None:
+        """The fleet's controller while this process leads, else ``None``."""
+        return self._controller
+
+    @property
+    def _spacing(self) -> int:
+        return self._interval
+
+    def feedback(
+        self,
+        *,
+        throttled: bool,
+        latency_s: float | None = None,
+        retry_after: float | None = None,
+        overloaded: bool = False,
+    ) -> None:
+        """Keep the answer for the next reservation to report."""
+        self.throttles += throttled
+        flag = "t" if throttled else "o" if overloaded else "-"
+        self._answers.append(_Answer(self._clock.now(), latency_s, flag, retry_after))
+        if len(self._answers) > self._max_answers:
+            del self._answers[0]
+
+    def _held_s(self) -> float:
+        return max(0.0, self._pause_us / 1e6 - (self._clock.now() + self._offset))
+
+    async def reserve(self) -> Reservation | float:
+        answers, now = self._answers, self._clock.now()
+        reported: list[Any] = []
+        for a in answers:
+            reported += [
+                f"{(now - a.at) * 1e6:.0f}",
+                -1 if a.latency_s is None else f"{a.latency_s * 1e6:.0f}",
+                a.flag,
+                -1 if a.retry_after is None else f"{a.retry_after * 1e3:.0f}",
+            ]
+        publish = self._pending or ("", "", "")
+        reply = await self._script(
+            keys=self._keys.all(),
+            args=[
+                self._now_arg(), self._interval, 1, int(PACE_TTL_S * 1000), self._me,
+                self._lease_ms, self._max_answers, *publish, self._horizon_us, *reported,
+            ],
+        )  # fmt: skip
+        del answers[: len(reported) // 4]
+        start, server_now, token, interval, pause, leader, state, *events = reply
+        server_now = int(server_now)
+        self._offset = server_now / 1e6 - self._clock.now()
+        self._interval, self._pause_us = int(interval), int(pause)
+        if int(leader):
+            if self._pending is not None:
+                self._published, self._pending = self._pending_state, None
+            await self._lead(server_now, text(state), [text(e) for e in events])
+        else:
+            self._controller, self._pending = None, None
+        if not (start := text(start)):
+            return int(token) / 1e6
+        return Reservation(int(start), server_now, text(token))
+
+    async def _lead(self, server_now: int, stored_state: str, events: list[str]) -> None:
+        """Feed the fleet's reservations and answers to the controller, and publish."""
+        if self._controller is None or self._clock.now() - self._led_at > self._lease_ms / 1e3:
+            # Newly the leader (or again, after another may have led): from the stored state.
+            self._controller = RateController(server_now / 1e6, self._config)
+            stored = decode_state(stored_state)
+            if stored is not None:
+                self._controller.restore(stored)
+            self._t = -math.inf
+            self._published = (self._interval, self._pause_us, stored)
+            self.leads += 1
+            self._log.info("rate.leader", rate=round(self.rate, 3), restored=stored is not None)
+        self._led_at = self._clock.now()
+        ctrl = self._controller
+        answers: list[tuple[int, int, str, int]] = []
+        for event in events:
+            kind, *fields = event.split(" ")
+            if kind == "s":
+                ctrl.on_sent(int(fields[0]) / 1e6)
+            elif kind == "a" and len(fields) == 4:
+                answers.append((int(fields[0]), int(fields[1]), fields[2], int(fields[3])))
+        for at_us, latency_us, flag, retry_ms in sorted(answers):
+            at = at_us / 1e6
+            latency = None if latency_us < 0 else latency_us / 1e6
+            if at < self._t:
+                # Reported after a later answer of another process: at the controller's
+                # time, sent when it was.
+                latency = None if latency is None else latency + (self._t - at)
+                at = self._t
+            self._t = at
+            ctrl.on_answer(
+                at, throttled=flag == "t", latency_s=latency,
+                retry_after=None if retry_ms < 0 else retry_ms / 1e3, overloaded=flag == "o",
+            )  # fmt: skip
+        if self._t > -math.inf:
+            ctrl.rate_at(self._t)
+        pause = ctrl.pause_until()
+        pause_us = round(pause * 1e6) if math.isfinite(pause) and pause > 0 else 0
+        interval, state = interval_us(ctrl.rate), ctrl.state
+        last = self._published
+        if last is not None and (interval, pause_us, state) == last:
+            return
+        self._interval, self._pause_us = interval, max(pause_us, self._pause_us)
+        publish = (interval, pause_us, encode_state(state))
+        if last is None or abs(interval - last[0]) > RESLOT * last[0] or pause_us > last[1]:
+            # A pause, or a new rate: at once, not with our next reservation, which may be
+            # a second away when the rate is low.
+            with contextlib.suppress(*REDIS_ERRORS):
+                done = await self._publish_script(
+                    keys=[self._keys.pace, self._keys.lead],
+                    args=[self._me, *publish, int(PACE_TTL_S * 1000)],
+                )
+                if int(done):
+                    self._published, self._pending = (interval, pause_us, state), None
+                    return
+        self._pending = publish
+        self._pending_state = (interval, pause_us, state)
+
+    def __repr__(self) -> str:
+        return (
+            f"FleetRateController(key={self._keys.tat!r}, rate={self.rate:.4g}, "
+            f"leading={self.leading}, throttles={self.throttles}, granted={self.granted}, "
+            f"{self._controller!r})"
+        )
