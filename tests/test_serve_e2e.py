@@ -191,6 +191,43 @@ async def test_three_replicas_share_one_stream_and_one_quota(
 
 
 @pytest.mark.anyio
+async def test_three_replicas_on_auto_run_one_estimate_kept_in_redis(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """--rate auto in three replicas against a gateway quota they are not told: one of them
+    takes the lease and runs the fleet's controller (one ``rate.leader`` in all), the others
+    pace at the rate it stores in Redis, and the estimate stays there for the next leader.
+    (Each replica used to run a controller of its own on a third of the answers.)"""
+    from worker.pacing.controller import Phase
+    from worker.pacing.fleet import decode_state
+    from worker.pacing.shared import FleetKeys
+
+    config = SimulatorConfig(jobs=600, quota=40, burst=2)
+    async with queue(redis_prefix, tmp_path, config) as q:
+        ids = q.sim.job_ids()
+        await q.enqueue(ids)
+        flags = ("--rate", "auto", "--batch-size", "2", "--concurrency", "4")
+        async with anyio.create_task_group() as starting:
+            for name in ("r1", "r2", "r3"):
+                starting.start_soon(q.start, name, *flags)
+
+        async def all_deleted() -> bool:
+            return len(q.sim.deleted) == len(ids)
+
+        await until(all_deleted, 60)
+        keys = FleetKeys.of(q.stream + ":ratelimit")
+        stored: Any = await q.redis.hget(keys.pace, "state")
+        await q.stop_all()
+    assert [r.process.returncode for r in q.replicas] == [0, 0, 0]
+    assert max(q.sim.sent_counts.values()) == 1
+    leaders = [e for r in q.replicas for e in r.named("rate.leader")]
+    assert len(leaders) == 1, leaders
+    state = decode_state(stored.decode())
+    assert state is not None and state.phase is not Phase.STARTUP  # it found the quota
+    assert sum(1 for r in q.replicas if r.named("serve.stopped")[0]["batches"] > 0) >= 2
+
+
+@pytest.mark.anyio
 async def test_a_replica_killed_mid_stream_has_its_entries_reclaimed(
     redis_prefix: str, tmp_path: Path
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import anyio
 import orjson
@@ -213,6 +214,38 @@ async def test_shards_given_a_redis_url_share_one_rate_limit(
         # Apart, each slows itself after refusals but is still refused (5 of 126 calls when
         # tried); together they never ask more than the quota.
         assert sim.stats.throttled <= 1, sim.stats
+
+
+@pytest.mark.anyio
+async def test_shards_on_auto_share_one_estimate_and_a_later_leader_starts_from_it(
+    tmp_path: Path, redis_prefix: str
+) -> None:
+    """Two shards on --rate auto with a redis_url: one runs the controller for both (a
+    ``rate.leader``); when it ends first, the other takes the lease over from the estimate
+    stored in Redis (``restored``), never from scratch."""
+    from tests.conftest import REDIS_URL
+
+    config = SimulatorConfig(jobs=300, quota=30, burst=2)
+    async with run_simulator(config) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        env = reaper_env(sim.url, REAPER_REDIS_URL=REDIS_URL, REAPER_STREAM=redis_prefix + "ids")
+        leaders: list[dict[str, Any]] = []
+
+        async def one(i: int) -> None:
+            done = await reaper(
+                ["run", "-i", str(src), "--yes", "--shard", f"{i}/2", "--batch-size", "2",
+                 "--rate", "auto", "--concurrency", "4"],
+                env,
+            )  # fmt: skip
+            assert done.code == 0, done.stderr
+            leaders.extend(done.events("rate.leader"))
+
+        async with anyio.create_task_group() as group:
+            for i in range(2):
+                group.start_soon(one, i)
+        assert sim.deleted == set(src.read_text().split())
+    assert leaders, "no shard ran the controller"
+    assert sum(not e["restored"] for e in leaders) == 1, leaders  # learnt from scratch once
 
 
 @pytest.mark.anyio
