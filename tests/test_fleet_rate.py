@@ -170,14 +170,16 @@ async def test_a_new_leader_starts_from_the_stored_estimate_not_from_scratch(
     replicas = [_auto(client, key, time, me=f"r{n}") for n in range(3)]
     await run_fleet(list(replicas), clock, Gateway(30.0, 2, 0.0), until=20.0)
     first = next(r for r in replicas if r.leading)
-    assert first.controller is not None
-    learnt = first.controller.rate
-    assert 25.0 <= learnt <= 31.0
-    await client.delete(FleetKeys.of(key).lead)
+    keys = FleetKeys.of(key)
+    raw: Any = await client.hget(keys.pace, "state")
+    stored = decode_state(raw.decode() if raw else "")
+    assert stored is not None and stored.phase is not Phase.STARTUP, (stored, first)
+    assert stored.rate > 15.0, stored  # learnt: far from the 2 calls/s it starts from
+    await client.delete(keys.lead)
     successor = next(r for r in replicas if r is not first)
     await successor.acquire()
     assert successor.leading and successor.controller is not None
-    assert successor.controller.rate == pytest.approx(learnt, rel=0.02)
+    assert successor.controller.rate == pytest.approx(stored.rate, rel=0.05)
     assert successor.controller.state.phase is not Phase.STARTUP
     await first.acquire()
     assert not first.leading  # the lease is the successor's now
