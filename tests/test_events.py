@@ -78,7 +78,7 @@ def _lines(data: bytes) -> list[bytes]:
 def _structlog_then_fast(level: str = "info") -> tuple[list[bytes], list[bytes], EventLog]:
     _, binary = _json_stream(level)
     structlog.contextvars.bind_contextvars(run_id="run-42", worker="w\u00e9")
-    events = EventLog()
+    events = EventLog(sink=logsetup.json_sink())
     for result in RESULTS:
         events.result(result)  # one event at a time: structlog's processor chain
     for rejection in REJECTIONS:
@@ -120,7 +120,7 @@ def test_fast_path_keeps_level_filtering() -> None:
 def test_a_field_wins_over_a_context_variable_of_the_same_name_in_both_paths() -> None:
     _, binary = _json_stream()
     structlog.contextvars.bind_contextvars(batch_id="from-context", run_id="r")
-    events = EventLog()
+    events = EventLog(sink=logsetup.json_sink())
     events.result(RESULTS[2])
     slow = binary.getvalue()
     events.results([RESULTS[2]])
@@ -141,7 +141,7 @@ def test_a_context_variable_named_like_an_added_key_or_a_field_renders_as_struct
 ) -> None:
     _, binary = _json_stream()
     structlog.contextvars.bind_contextvars(run_id="r", **{name: "from-context"})
-    events = EventLog()
+    events = EventLog(sink=logsetup.json_sink())
     for result in RESULTS:
         events.result(result)
     slow = binary.getvalue()
@@ -153,7 +153,7 @@ def test_a_context_variable_named_like_an_added_key_or_a_field_renders_as_struct
 
 def test_a_batch_is_one_write_with_one_timestamp() -> None:
     _, binary = _json_stream()
-    events = EventLog()
+    events = EventLog(sink=logsetup.json_sink())
     before = binary.writes
     events.results(RESULTS)
     assert binary.writes == before + 1
@@ -163,7 +163,7 @@ def test_a_batch_is_one_write_with_one_timestamp() -> None:
 
 def test_capture_logs_sees_every_event_of_a_batch() -> None:
     _json_stream()
-    events = EventLog()
+    events = EventLog(sink=logsetup.json_sink())
     with capture_logs() as captured:
         events.results(RESULTS)
         events.rejections(REJECTIONS)
@@ -179,7 +179,7 @@ def test_capture_logs_sees_every_event_of_a_batch() -> None:
 def test_console_output_and_foreign_configurations_go_through_structlog() -> None:
     out = io.StringIO()
     logsetup.configure(fmt="console", stream=out)
-    events = EventLog()
+    events = EventLog(sink=logsetup.json_sink())
     events.results(RESULTS[:1])
     assert events.fast_batches == 0 and "job.deleted" in out.getvalue()
     assert logsetup.json_sink() is None
@@ -200,7 +200,7 @@ def test_a_logger_of_the_callers_gets_every_event() -> None:
 
         warning = info
 
-    events = EventLog(logger=Recorder())
+    events = EventLog(logger=Recorder(), sink=logsetup.json_sink())
     events.results(RESULTS)
     assert events.fast_batches == 0
     assert [job for _, f in seen for job in [f["job_id"]]][:3] == ["job-1", "job-2", "job-3"]
@@ -209,7 +209,7 @@ def test_a_logger_of_the_callers_gets_every_event() -> None:
 def test_a_text_stream_without_bytes_gets_json_lines_on_both_paths() -> None:
     out = io.StringIO()
     logsetup.configure(fmt="json", stream=out)
-    events = EventLog()
+    events = EventLog(sink=logsetup.json_sink())
     events.result(RESULTS[0])
     slow = out.getvalue()
     events.results(RESULTS[:1])
@@ -219,11 +219,23 @@ def test_a_text_stream_without_bytes_gets_json_lines_on_both_paths() -> None:
     assert _lines(fast.encode()) == _lines(slow.encode())
 
 
+def test_the_fast_path_is_the_sink_the_log_is_given_not_a_global() -> None:
+    """An ``EventLog`` given no sink writes every event through structlog even while the
+    JSON output is configured: the sink is passed in by the command, never looked up."""
+    _, binary = _json_stream()
+    given, unsunk = EventLog(sink=logsetup.json_sink()), EventLog()
+    given.results(RESULTS[:2])
+    through_sink = binary.getvalue()
+    unsunk.results(RESULTS[:2])
+    assert (given.fast_batches, unsunk.fast_batches) == (1, 0)
+    assert _lines(binary.getvalue()[len(through_sink) :]) == _lines(through_sink)
+
+
 def test_repr_shows_the_fast_path_state() -> None:
     _json_stream()
-    events = EventLog()
+    events = EventLog(sink=logsetup.json_sink())
     events.results(RESULTS[:2])
-    assert repr(events) == "EventLog(fast_batches=1, own_logger=True)"
+    assert repr(events) == "EventLog(fast_batches=1, sink=JsonSink(min_level=INFO, active=True))"
     assert repr(logsetup.json_sink()) == "JsonSink(min_level=INFO, active=True)"
 
 

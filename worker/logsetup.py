@@ -6,11 +6,11 @@ without local variables, so a secret held in a frame can never reach the log.
 
 Why :class:`JsonSink` exists: a run writes one ``job.*`` event per id, and structlog's
 processor chain costs several times what the event's JSON does. ``configure`` remembers what
-it installed for JSON output, and :func:`json_sink` hands that to ``EventLog`` only while
-it is still the configuration in force (not the console renderer, not
-``structlog.testing.capture_logs``, not someone else's ``structlog.configure``), so a batch
-of events can be written with one timestamp and one write, in exactly the bytes structlog
-would have produced.
+it installed for JSON output, and :func:`json_sink` hands that to the commands, which give
+it to their ``EventLog``; the log writes through it only while it is still the
+configuration in force (not the console renderer, not ``structlog.testing.capture_logs``,
+not someone else's ``structlog.configure``), so a batch of events can be written with one
+timestamp and one write, in exactly the bytes structlog would have produced.
 """
 
 from __future__ import annotations
@@ -74,6 +74,9 @@ class JsonSink:
             config["wrapper_class"] is self.wrapper_class
             and config["logger_factory"] is self.logger_factory
         )
+
+    def timestamp(self) -> str:
+        return timestamp()
 
     def __repr__(self) -> str:
         return f"JsonSink(min_level={logging.getLevelName(self.min_level)}, active={self.active()})"

@@ -107,7 +107,7 @@ def _measure(tmp_path: Path) -> None:
     with open(os.devnull, "w") as sink, TemporaryLedger.open() as ledger:
         logsetup.configure(fmt="json", stream=sink)
         structlog.contextvars.bind_contextvars(run_id="20261127T000000Z-000000")
-        events = EventLog()
+        events = EventLog(sink=logsetup.json_sink())
         journal = RunJournal(ledger=LedgerPort(ledger), events=events, tally=Tally())
 
         def settle() -> None:

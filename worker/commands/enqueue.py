@@ -26,7 +26,7 @@ import anyio.to_thread
 import orjson
 import structlog
 
-from worker import wiring
+from worker import logsetup, wiring
 from worker.errors import ConfigError, InputUnreadable
 from worker.exit_codes import ExitCode
 from worker.settings import Settings
@@ -35,8 +35,6 @@ CHUNK = 500
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
-    from worker import logsetup
-
     logsetup.configure(fmt=settings.log_format, level=settings.log_level, stream=sys.stderr)
     structlog.contextvars.bind_contextvars(
         run_id="enqueue-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -66,7 +64,7 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
     from worker.service.outage import REDIS_ERRORS, redis_where
     from worker.types import Candidate
 
-    events = EventLog()
+    events = EventLog(sink=logsetup.json_sink())
     client = wiring.redis_client(settings.redis_url, timeout=30.0)
     enqueued = rejected = 0
     first: str | None = None

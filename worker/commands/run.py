@@ -359,7 +359,7 @@ async def run_async(
     output = output if output is not None else Output()
     structlog.contextvars.bind_contextvars(run_id=run_id)
     state = RunState()
-    events = EventLog()
+    events = EventLog(sink=logsetup.json_sink())
     failure: ReaperError | None = None
     code: int = ExitCode.OK
     working = Working()  # what a stop waits for: calls on the wire, answers settling

@@ -20,7 +20,7 @@ import anyio
 import structlog
 from structlog.typing import FilteringBoundLogger
 
-from worker import wiring
+from worker import logsetup, wiring
 from worker.assembly import (
     build_service,
     build_service_redis,
@@ -44,8 +44,6 @@ STARTUP_WAIT_S = 30.0
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
-    from worker import logsetup
-
     del args
     logsetup.configure(fmt=settings.log_format, level=settings.log_level)
     # A service carries on without its event output (its outcomes are in Redis), said once.
@@ -127,7 +125,7 @@ async def serve(
     stop_now = anyio.Event()  # a second signal: no grace
     protection = wiring.protection(settings)  # before Redis or the API: a bad rule is 78
     clock = MonotonicClock()
-    events = EventLog()
+    events = EventLog(sink=logsetup.json_sink())
     config = service_config(settings)
     metrics = ServiceMetrics()
     outage = Outage(events, clock, where=redis_where(settings.redis_url),

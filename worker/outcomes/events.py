@@ -2,22 +2,22 @@
 :mod:`worker.outcomes.schema`'s.
 
 A run writes one ``job.*`` event per id, so :meth:`EventLog.results` and
-:meth:`EventLog.rejections` take a whole batch: while ``logsetup.configure``'s JSON output is
-in force they write it themselves (one timestamp, ``orjson`` per event, one write), in the
-same bytes structlog would write; otherwise (console, ``capture_logs``, a logger of the
-caller's) each event goes through structlog as before.
+:meth:`EventLog.rejections` take a whole batch: given a :class:`LineSink` (the command passes
+``logsetup.json_sink()``), and while that JSON output is still in force, they write it
+themselves (one timestamp, ``orjson`` per event, one write), in the same bytes structlog
+would write; otherwise (console, ``capture_logs``, a logger of the caller's, no sink) each
+event goes through structlog as before.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import structlog
 
-from worker import logsetup
 from worker.input.intake import escape
 from worker.outcomes.schema import ADDED, DELETED_WITHOUT_RECORD, EVENT_FIELDS, JOB_EVENTS
 from worker.types import Outcome, Rejection, Result, target_fields
@@ -69,16 +69,40 @@ def rejection_event(rejection: Rejection) -> tuple[str, int, dict[str, Any]]:
     return _event("job.rejected", _WARNING, escape(rejection.raw), rejection.line, rejection.reason)
 
 
+class LineSink(Protocol):
+    """Where structlog's JSON lines go, for a batch of events to be written there at once
+    (``logsetup.JsonSink``)."""
+
+    @property
+    def min_level(self) -> int:
+        """The lowest level written (``logging.INFO`` ...)."""
+        ...
+
+    def active(self) -> bool:
+        """Is this output still structlog's configuration, untouched?"""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Write whole lines."""
+        ...
+
+    def timestamp(self) -> str:
+        """The ``timestamp`` structlog would add now."""
+        ...
+
+
 class EventLog:
     """Writes ``job.*``, ``batch.retry`` and ``run.summary`` through structlog.
 
     ``run_id`` (and anything else the command binds) comes from structlog's context.
+    ``sink``: where a batch of per-job events may be written at once, while it is active.
     """
 
-    def __init__(self, logger: Any | None = None) -> None:
+    def __init__(self, logger: Any | None = None, *, sink: LineSink | None = None) -> None:
         # bind() resolves structlog's lazy proxy once, instead of on every event of a run.
         self._log = logger if logger is not None else structlog.get_logger().bind()
-        self._own_logger = logger is None  # a caller's logger always gets every event
+        # A caller's logger always gets every event: the sink is for structlog's own output.
+        self._sink = sink if logger is None else None
         self.fast_batches = 0  # batches written by the fast path (for tests and repr)
 
     def result(self, result: Result) -> None:
@@ -118,8 +142,8 @@ class EventLog:
         method(event, **fields)
 
     def _many(self, events: list[tuple[str, int, dict[str, Any]]]) -> None:
-        sink = logsetup.json_sink() if self._own_logger and events else None
-        if sink is None:
+        sink = self._sink
+        if sink is None or not events or not sink.active():
             for name, level, fields in events:
                 self._emit(name, level, fields)
             return
@@ -130,7 +154,7 @@ class EventLog:
         context = structlog.contextvars.get_contextvars()
         reserved = context.keys() | _ADDED
         shadows = not reserved.isdisjoint(EVENT_FIELDS)  # else no event's field can
-        stamp = logsetup.timestamp()
+        stamp = sink.timestamp()
         tails: dict[tuple[str, int], bytes] = {}
         lines: list[bytes] = []
         for name, level, fields in events:
@@ -157,7 +181,7 @@ class EventLog:
         self.fast_batches += 1
 
     def __repr__(self) -> str:
-        return f"EventLog(fast_batches={self.fast_batches}, own_logger={self._own_logger})"
+        return f"EventLog(fast_batches={self.fast_batches}, sink={self._sink!r})"
 
 
 _ADDED = frozenset(ADDED)
