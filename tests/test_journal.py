@@ -132,7 +132,7 @@ def test_rewrite_results_keeps_the_mode_of_the_file_it_replaces(tmp_path: Path, 
     results.chmod(mode)
     assert rewrite_results(iter(_REWRITTEN), results) == 2
     rows = [orjson.loads(line) for line in results.read_text().splitlines()]
-    assert rows == [r.results_row() for r in _REWRITTEN]
+    assert rows == [r.row() for r in _REWRITTEN]
     assert rows[1]["line"] == 7
     assert results.stat().st_mode & 0o777 == mode
     assert [p.name for p in tmp_path.iterdir()] == ["results.jsonl"]  # no temporary left

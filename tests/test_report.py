@@ -20,12 +20,14 @@ REPO = Path(__file__).resolve().parent.parent
 FIELDS = [
     "job_id",
     "outcome",
-    "attempts",
     "batch_id",
+    "request_id",
+    "confirmed",
     "http_status",
     "error_code",
     "error_msg",
-    "request_id",
+    "attempts",
+    "reason",
 ]
 OUTCOMES = [
     Result("job-del", Outcome.DELETED, 1, "b-1", 200, request_id="req-1"),

@@ -13,7 +13,10 @@ from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
+
+from worker.outcomes.schema import RESULT_COLUMNS
 
 if TYPE_CHECKING:
     from worker.targets import Address, Target
@@ -262,28 +265,22 @@ class Result:
     """The project its line named (None: the default, and no ``project_id``/``region``
     fields in its row or event). Set by the journal of its target, once, as it is settled."""
 
-    def results_row(self) -> dict[str, Any]:
-        """One line of ``--results``: :meth:`row`, and a rejected line's number."""
-        row = self.row()
+    def row(self) -> dict[str, Any]:
+        """One line of ``--results`` and of ``report``: ``schema.RESULT_COLUMNS`` (``line``
+        for a rejected line only), then its project and region if its line named them."""
+        row = dict(zip(_ROW_COLUMNS, _row_values(self), strict=True))
+        row["outcome"] = self.outcome.value
+        if self.outcome is not Outcome.DELETED:
+            row["confirmed"] = None
         if self.line is not None:
             row["line"] = self.line
+        if self.target is not None:
+            row.update(target_fields(self.target))
         return row
 
-    def row(self) -> dict[str, Any]:
-        """One line of the results file (docs/reference.md's fields, plus ``reason``)."""
-        return {
-            "job_id": self.job_id,
-            "outcome": self.outcome.value,
-            "attempts": self.attempts,
-            "batch_id": self.batch_id,
-            "http_status": self.http_status,
-            "error_code": self.error_code,
-            "error_msg": self.error_msg,
-            "request_id": self.request_id,
-            "reason": self.reason,
-            "confirmed": self.confirmed if self.outcome is Outcome.DELETED else None,
-            **target_fields(self.target),
-        }
+
+_ROW_COLUMNS = tuple(column for column in RESULT_COLUMNS if column != "line")
+_row_values = attrgetter(*_ROW_COLUMNS)  # a column is a Result's attribute of the same name
 
 
 def target_fields(target: Target | None) -> dict[str, str | None]:

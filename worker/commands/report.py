@@ -24,7 +24,7 @@ from worker.errors import InputUnreadable, UsageError
 from worker.exit_codes import ExitCode
 from worker.ledger import UNBOUND, WHOLE, LedgerView, escape, open_readonly
 from worker.outcomes.journal import check_output
-from worker.outcomes.schema import TARGET
+from worker.outcomes.schema import RESULT_COLUMNS, TARGET
 from worker.private_files import open_output
 from worker.settings import Settings
 from worker.targets import Target
@@ -35,8 +35,6 @@ REJECTED_SHOWN = 20
 
 _Row = TypeVar("_Row")
 
-RESULT_FIELDS = (*Result(job_id="", outcome=Outcome.DELETED).row(), "line")
-"""The columns of ``--format csv``: every key a ``--format jsonl`` line can hold."""
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 """What a spreadsheet may run as a formula at a cell's start (OWASP, CSV injection)."""
 
@@ -137,7 +135,7 @@ def write_jsonl(ledger: LedgerView, out: IO[bytes], *, default: Target | None = 
     """One JSON line per terminal outcome, as ``run --results`` writes it; with ``default``
     (ledgers of several projects merged), the ids that named no project carry it."""
     for result in _results(ledger, default):
-        out.write(orjson.dumps(result.results_row()) + b"\n")
+        out.write(orjson.dumps(result.row()) + b"\n")
 
 
 def _results(ledger: LedgerView, default: Target | None) -> Iterator[Result]:
@@ -162,12 +160,12 @@ def write_csv(
     ``project_id`` and ``region`` columns too (a ledger of many projects)."""
     text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
     try:
-        fields = (*RESULT_FIELDS, *TARGET) if targeted or default else RESULT_FIELDS
+        fields = (*RESULT_COLUMNS, *TARGET) if targeted or default else RESULT_COLUMNS
         writer = csv.DictWriter(text, fieldnames=fields)
         if header:
             writer.writeheader()
         for result in _results(ledger, default):
-            writer.writerow({key: csv_cell(value) for key, value in result.results_row().items()})
+            writer.writerow({key: csv_cell(value) for key, value in result.row().items()})
     finally:
         text.detach()  # leave `out` open: the caller owns it
 

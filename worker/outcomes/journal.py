@@ -197,7 +197,7 @@ def rewrite_results(results: Iterable[Result], path: Path) -> int:
             if out is None:
                 return 0  # a pipe or a device (/dev/stdout): what was written to it is all it gets
             for result in results:
-                out.write(orjson.dumps(result.results_row()) + b"\n")
+                out.write(orjson.dumps(result.row()) + b"\n")
                 written += 1
     except OSError as exc:
         reason = exc.strerror or str(exc)
@@ -290,7 +290,7 @@ class RunJournal:
                 [
                     Result(
                         job_id=escape(r.raw), outcome=Outcome.REJECTED, reason=r.reason, line=r.line
-                    ).results_row()
+                    ).row()
                     for r in rejections
                 ]
             )

@@ -1,8 +1,9 @@
 """The fields of each per-job event, declared once.
 
-The event writer (:mod:`worker.outcomes.events`) builds its events from these tuples, a test
-checks every event a real run writes against them, and another holds the events table of
-docs/reference.md to them. A field is added here, or nowhere.
+The event writer (:mod:`worker.outcomes.events`) builds its events from these tuples, the
+results file and ``report`` take their columns from them (``RESULT_COLUMNS``), a test checks
+every event and results line a real run writes against them, and another holds the events
+table of docs/reference.md to them. A field is added here, or nowhere.
 
 Each tuple is the fields an event may carry, in the order they are written; structlog then
 adds ``event``, the bound context (``run_id``) and ``level`` and ``timestamp`` (``ADDED``).
@@ -37,6 +38,18 @@ no look-up read): the fields of ``job.deleted`` that are not the record's, and t
 TARGET = ("project_id", "region")
 """What every per-job event carries after its own fields when its input line named a project,
 region or endpoint (``Result.target``); an event of the default project carries neither."""
+
+RESULT_COLUMNS = (
+    "job_id",
+    "outcome",
+    *dict.fromkeys(
+        field for fields in JOB_EVENTS.values() for field in fields if field not in RECORD
+    ),
+)
+"""The columns of ``--results`` and ``report``: the id, its outcome, then every field of the
+per-job events that is not the job's record, in the order the events first declare them.
+Every line carries each of them (``null`` where its outcome has none) but ``line``, which
+only a rejected line has; ``TARGET`` follows when its input line named one."""
 
 ADDED = ("event", "level", "timestamp")
 """What structlog's chain adds to every event, besides the bound context."""
