@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from worker.pacing.adaptive import PacedController
 from worker.pacing.bucket import RateLimiter
-from worker.pacing.controller import RateController
+from worker.pacing.controller import PacedController, RateController, answer
 from worker.simulator.quota import TokenBucket as ServerQuota
 from worker.simulator.quota import retry_after_seconds
 
@@ -187,8 +186,8 @@ def simulate(
             server = ServerQuota(current, burst, now)
         while in_flight and in_flight[0][0] <= now:
             done, ok, retry_after, took = heapq.heappop(in_flight)
-            ctrl.on_answer(
-                done, throttled=not ok, latency_s=took, retry_after=retry_after,
+            answer(
+                ctrl, done, throttled=not ok, latency_s=took, retry_after=retry_after,
                 overloaded=False,
             )  # fmt: skip
         rate = ctrl.rate_at(now)

@@ -34,9 +34,9 @@ from tests.benchmarks.harness import (
 )
 from tests.fakes import simulate
 from worker.clock import Clock
-from worker.pacing.adaptive import AdaptiveRateLimiter, PacedController, build_limiter
+from worker.pacing.adaptive import AdaptiveRateLimiter, build_limiter
 from worker.pacing.bucket import RateLimiter
-from worker.pacing.controller import RateController
+from worker.pacing.controller import PacedController, RateController
 
 pytestmark = pytest.mark.benchmark
 

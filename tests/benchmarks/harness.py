@@ -29,7 +29,6 @@ from worker.batcher import DeletionBudget
 from worker.clock import Clock, MonotonicClock
 from worker.errors import ApiError, ThrottledError
 from worker.pacing.bucket import RateLimiter
-from worker.pacing.controller import AnswerEvents
 from worker.pacing.retry import RetryPolicy
 from worker.types import Batch, DeleteResult, JobRecord, Result
 
@@ -298,7 +297,7 @@ def record(name: str, **figures: Any) -> None:
         out.write(json.dumps(row) + "\n")
 
 
-class BotocoreCubic(AnswerEvents):
+class BotocoreCubic:
     """botocore's adaptive retry mode (``botocore/retries/adaptive.py`` and ``bucket.py``),
     ported to ``RateController``'s interface so the same limiter runs it: the peer that
     ``--rate auto`` is measured against. Unlimited until the first throttle; then CUBIC on
@@ -358,7 +357,7 @@ class BotocoreCubic(AnswerEvents):
         return self.on_success(now, latency)
 
 
-class RclonePacer(AnswerEvents):
+class RclonePacer:
     """rclone's default pacer (``lib/pacer``: ``Pacer`` with the ``Default`` calculator),
     ported to ``RateController``'s interface: the other peer ``--rate auto`` is measured
     against. rclone spaces the starts of calls by a sleep time (its pacer token comes back

@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import replace
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Generic, Literal, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -23,7 +23,7 @@ import structlog
 
 from worker.clock import Clock
 from worker.pacing.bucket import LocalRateLimiter, RateLimiter, TokenBucket
-from worker.pacing.controller import AdaptiveConfig, RateController
+from worker.pacing.controller import AdaptiveConfig, PacedController, RateController, answer
 from worker.pacing.slowdown import Notify, SlowingLimiter
 
 SLICE_S = 0.05
@@ -31,30 +31,6 @@ SLICE_S = 0.05
 
 RESLOT = 0.05
 """A rate change larger than this fraction re-slots every waiter."""
-
-
-class PacedController(Protocol):
-    """What a limiter needs of the controller that sets its rate: ``RateController``, or a
-    port of another project's (the benchmarks' peers)."""
-
-    @property
-    def rate(self) -> float: ...
-
-    def pause_until(self) -> float: ...
-
-    def rate_at(self, now: float) -> float: ...
-
-    def on_sent(self, now: float) -> None: ...
-
-    def on_answer(
-        self,
-        now: float,
-        *,
-        throttled: bool,
-        latency_s: float | None,
-        retry_after: float | None,
-        overloaded: bool,
-    ) -> None: ...
 
 
 C = TypeVar("C", bound=PacedController)
@@ -89,9 +65,9 @@ class _Answered(abc.ABC, Generic[C]):
         limiter take up its new rate."""
         now = self._clock.now()
         self.throttles += throttled
-        self._controller.on_answer(
-            now, throttled=throttled, latency_s=latency_s, retry_after=retry_after,
-            overloaded=overloaded,
+        answer(
+            self._controller, now, throttled=throttled, latency_s=latency_s,
+            retry_after=retry_after, overloaded=overloaded,
         )  # fmt: skip
         self._answered(now)
 

@@ -24,13 +24,13 @@ why it measures the quota between refusals rather than halving on each, is in
 
 from __future__ import annotations
 
-import abc
 import bisect
 import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import Protocol
 
 DELAY_WEIGHT = 0.02
 """Each answer's share of the smoothed latency the probe's growth is timed by."""
@@ -110,41 +110,46 @@ class ControllerState:
     overload: bool = False  # ``refused`` is a rate latency (or 503s) rose at: a hard cap
 
 
-class AnswerEvents(abc.ABC):
-    """A controller's three events, and ``on_answer``: one answer as the limiters report it.
+class PacedController(Protocol):
+    """What a limiter needs of the controller that sets its rate: :class:`RateController`,
+    or a port of another project's (the benchmarks' botocore and rclone peers), by shape
+    alone. Each event returns the rate from then on."""
 
-    Shared by :class:`RateController` and any other controller run under the same limiter
-    (the benchmarks run a port of botocore's this way)."""
+    @property
+    def rate(self) -> float: ...
 
-    __slots__ = ()
+    def pause_until(self) -> float: ...
 
-    @abc.abstractmethod
+    def rate_at(self, now: float) -> float: ...
+
+    def on_sent(self, now: float) -> None: ...
+
     def on_success(self, now: float, latency: float | None = None) -> float: ...
 
-    @abc.abstractmethod
     def on_throttle(
         self, now: float, retry_after: float | None = None, latency: float | None = None
     ) -> float: ...
 
-    @abc.abstractmethod
     def on_overload(self, now: float, latency: float | None = None) -> float: ...
 
-    def on_answer(
-        self,
-        now: float,
-        *,
-        throttled: bool,
-        latency_s: float | None,
-        retry_after: float | None,
-        overloaded: bool,
-    ) -> None:
-        """A 429, a 503, or anything else."""
-        if throttled:
-            self.on_throttle(now, retry_after, latency_s)
-        elif overloaded:
-            self.on_overload(now, latency_s)
-        else:
-            self.on_success(now, latency_s)
+
+def answer(
+    controller: PacedController,
+    now: float,
+    *,
+    throttled: bool,
+    latency_s: float | None,
+    retry_after: float | None,
+    overloaded: bool,
+) -> None:
+    """One answer, as the limiters report it, as the controller's event: a 429, a 503, or
+    anything else."""
+    if throttled:
+        controller.on_throttle(now, retry_after, latency_s)
+    elif overloaded:
+        controller.on_overload(now, latency_s)
+    else:
+        controller.on_success(now, latency_s)
 
 
 class LatencyWatch:
@@ -223,7 +228,7 @@ class LatencyWatch:
         return False
 
 
-class RateController(AnswerEvents):
+class RateController:
     """Pure arithmetic: events with their times in, the rate to use out.
 
     Call ``on_sent`` when a call starts, and ``on_success``, ``on_throttle`` or

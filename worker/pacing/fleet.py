@@ -27,7 +27,13 @@ import orjson
 import redis.asyncio as aioredis
 
 from worker.clock import Clock
-from worker.pacing.controller import AdaptiveConfig, ControllerState, Phase, RateController
+from worker.pacing.controller import (
+    AdaptiveConfig,
+    ControllerState,
+    Phase,
+    RateController,
+    answer,
+)
 from worker.pacing.shared import (
     GCRA,
     PACE_TTL_S,
@@ -145,7 +151,7 @@ class FleetRateController(RedisPacer):
 
     A process that is not the leader only reports: its answers go to Redis with its next
     reservation. The leader feeds the reservations' start times (``on_sent``) and the
-    answers, in the order they came (``on_answer``, on the Redis clock), to its controller,
+    answers, in the order they came (``answer``, on the Redis clock), to its controller,
     and publishes its interval, its ``Retry-After`` pause and its state: a slowdown or a
     pause at once (one more script call), a rise with its next reservation. The controller
     runs unshared (``AdaptiveConfig.shared`` off): it sees all the fleet's calls, so it
@@ -286,8 +292,8 @@ class FleetRateController(RedisPacer):
                 latency = None if latency is None else latency + (self._t - at)
                 at = self._t
             self._t = at
-            ctrl.on_answer(
-                at, throttled=flag == "t", latency_s=latency,
+            answer(
+                ctrl, at, throttled=flag == "t", latency_s=latency,
                 retry_after=None if retry_ms < 0 else retry_ms / 1e3, overloaded=flag == "o",
             )  # fmt: skip
         if self._t > -math.inf:
