@@ -243,8 +243,13 @@ class PlanCheck:
     excluded: frozenset[str] = frozenset()
 
     @classmethod
-    def of(cls, plan: SealedPlan, excluded: frozenset[str] = frozenset()) -> PlanCheck:
-        return cls(plan.filters, plan.reviewed, excluded)
+    def of(
+        cls, plan: SealedPlan, excluded: frozenset[str] = frozenset(), section: int | None = None
+    ) -> PlanCheck:
+        """The check of ``plan``'s jobs: all of them, or those of ``section`` alone (a plan
+        of several projects: a job is deleted only in the project it was planned in)."""
+        reviewed = plan.reviewed if section is None else plan.reviewed_in(section)
+        return cls(plan.filters, reviewed, excluded)
 
     def changed(self, record: JobRecord) -> str | None:
         """Which field the job no longer has as reviewed (``status was ... , now ...``).

@@ -29,6 +29,15 @@ Reading (:func:`open_plan`) checks the seal while copying the jobs into a privat
 file, and only then hands them out: what is applied is the copy that was verified, never
 the file as it may be rewritten afterwards. A plan of the first format (one JSON object) is
 refused with a message that says to discover again.
+
+A plan of several projects (``discover --project``, format v3) names its projects: its
+header holds, instead of one project, endpoint, inventory and review, a list of *sections*
+(``projects``), one per project, each with its project id, endpoint, region, inventory,
+job count, completeness and review; the job lines are those of v2, each section's in a run,
+in the order of the list (the counts, under the seal, say where each section ends). It is
+applied to the projects it names, each job sent only to its own section's project
+(:meth:`SealedPlan.entries`), and ``max_fraction`` holds per project. A plan made without
+``--project`` is a v2 plan, byte for byte as before, and applies to the run's own project.
 """
 
 from __future__ import annotations
@@ -39,8 +48,9 @@ import os
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -49,10 +59,14 @@ import orjson
 
 from worker.discovery.filters import Filters, matched_fields
 from worker.errors import InputUnreadable, UsageError
+from worker.targets import endpoint_problem, project_problem, region_problem
 from worker.types import JOB_ID_RE, JobRecord, iso
 
 PLAN_VERSION = 2
+NAMED_VERSION = 3
+"""A plan that names its projects, one section each (``discover --project``)."""
 MAGIC = b"devserver-reaper plan v2\n"
+MAGIC_NAMED = b"devserver-reaper plan v3\n"
 SEAL_PREFIX = b"seal "
 HMAC_SCHEME = "hmac-sha256"
 DIGEST_SCHEME = "sha256"
@@ -66,10 +80,19 @@ _HEADER_FIELDS = frozenset(
     {"version", "project_id", "endpoint", "filters", "created_at", "expires_at",
      "inventory_size", "jobs", "complete", "review"}
 )  # fmt: skip
+_NAMED_FIELDS = frozenset({"version", "filters", "created_at", "expires_at", "jobs", "projects"})
+_SECTION_FIELDS = frozenset(
+    {"project_id", "endpoint", "region", "inventory_size", "jobs", "complete", "review"}
+)
+MAX_SECTIONS = 1000
+"""Projects one plan may name: an account's projects, not a list to scan the world with."""
 _CHUNK = 5000
 _SELECT_JOB = (
-    "SELECT id, type, status, name, user_name, create_at, update_at FROM jobs WHERE id = ?"
+    "SELECT id, type, status, name, user_name, create_at, update_at FROM jobs "
+    "WHERE id = ? AND seq > ? AND seq <= ?"
 )
+_HAS_JOB = "SELECT 1 FROM jobs WHERE id = ? AND seq > ? AND seq <= ?"
+_IDS_IN = "SELECT id FROM jobs WHERE seq > ? AND seq <= ? ORDER BY seq"
 _INSERT_JOB = (
     "INSERT INTO jobs (id, type, status, name, user_name, create_at, update_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -130,61 +153,151 @@ class PlanJob:
         return {name: getattr(self, name) for name in _JOB_FIELDS}
 
 
+def project_place(project_id: str, region: str | None, endpoint: str) -> str:
+    """How people are told which project: ``ID (REGION)``, else ``ID at ENDPOINT``."""
+    return f"{project_id} ({region})" if region else f"{project_id} at {endpoint}"
+
+
 @dataclass(frozen=True, slots=True)
-class PlanHeader:
-    """Everything a plan says but its jobs: what ``plan show`` prints and ``run`` checks."""
+class PlanSection:
+    """One project's part of a plan: where its jobs go, what the project held, what was
+    selected in it (its review)."""
 
     project_id: str
     endpoint: str
-    filters: Filters
-    created_at: datetime
-    expires_at: datetime
     inventory_size: int
     jobs: int
     complete: bool = True
     review: Mapping[str, Any] = field(default_factory=dict)
-    seal: str = ""  # the seal line's value, SCHEME:HEX, once read or written
+    region: str | None = None
 
     @property
-    def keyed(self) -> bool:
-        return self.seal.startswith(HMAC_SCHEME + ":")
+    def where(self) -> str:
+        return project_place(self.project_id, self.region, self.endpoint)
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "version": PLAN_VERSION,
             "project_id": self.project_id,
             "endpoint": self.endpoint,
-            "filters": self.filters.to_json(),
-            "created_at": iso(self.created_at),
-            "expires_at": iso(self.expires_at),
+            "region": self.region,
             "inventory_size": self.inventory_size,
             "jobs": self.jobs,
             "complete": self.complete,
             "review": dict(self.review),
         }
 
+
+@dataclass(frozen=True, slots=True)
+class PlanHeader:
+    """Everything a plan says but its jobs: what ``plan show`` prints and ``run`` checks.
+
+    ``sections``: one per project, in the order of their jobs in the file. A plan made
+    without ``--project`` has one, and is not ``named``: it applies to the run's project.
+    """
+
+    filters: Filters
+    created_at: datetime
+    expires_at: datetime
+    sections: tuple[PlanSection, ...]
+    named: bool = False
+    seal: str = ""  # the seal line's value, SCHEME:HEX, once read or written
+
+    @property
+    def keyed(self) -> bool:
+        return self.seal.startswith(HMAC_SCHEME + ":")
+
+    @property
+    def jobs(self) -> int:
+        return sum(section.jobs for section in self.sections)
+
+    @property
+    def only(self) -> PlanSection:
+        """The section of a plan of one project; ``ValueError`` for a plan of several."""
+        if len(self.sections) != 1:
+            raise ValueError(f"the plan names {len(self.sections)} projects, not one")
+        return self.sections[0]
+
+    @property
+    def project_id(self) -> str:
+        return self.only.project_id
+
+    @property
+    def endpoint(self) -> str:
+        return self.only.endpoint
+
+    @property
+    def inventory_size(self) -> int:
+        return self.only.inventory_size
+
+    @property
+    def complete(self) -> bool:
+        return all(section.complete for section in self.sections)
+
+    @property
+    def review(self) -> Mapping[str, Any]:
+        """The review of the one project, or the counts of every section added up."""
+        if len(self.sections) == 1:
+            return self.sections[0].review
+        return merged_review([section.review for section in self.sections])
+
+    def to_json(self) -> dict[str, Any]:
+        times = {"created_at": iso(self.created_at), "expires_at": iso(self.expires_at)}
+        if self.named:
+            return {
+                "version": NAMED_VERSION,
+                "filters": self.filters.to_json(),
+                **times,
+                "jobs": self.jobs,
+                "projects": [section.to_json() for section in self.sections],
+            }
+        only = self.only
+        return {
+            "version": PLAN_VERSION,
+            "project_id": only.project_id,
+            "endpoint": only.endpoint,
+            "filters": self.filters.to_json(),
+            **times,
+            "inventory_size": only.inventory_size,
+            "jobs": only.jobs,
+            "complete": only.complete,
+            "review": dict(only.review),
+        }
+
     def verify(
         self,
         *,
-        project_id: str,
-        endpoint: str,
+        project_id: str | None,
+        endpoint: str | None,
         now: datetime,
         max_fraction: float | None = None,
         inventory: int | None = None,
+        allowed: Collection[str] = (),
     ) -> None:
         """Refuse a plan for another project or endpoint, an expired one, or one over the cap
         (of the inventory it recorded, or of ``inventory`` counted now, whichever is less).
 
+        A plan that names its projects is applied to those, not to ``project_id`` and
+        ``endpoint`` (the run's own): each of them must be in ``allowed`` when that is not
+        empty (``allowed_projects``), and ``max_fraction`` holds for each.
+
         The seal itself is checked by :func:`open_plan`, before the plan exists as an object.
         """
-        if self.project_id != project_id:
-            raise PlanRefused(
-                f"plan is for project {self.project_id}, not {project_id}: refusing to apply it"
-            )
-        if _normal_endpoint(self.endpoint) != _normal_endpoint(endpoint):
-            raise PlanRefused(
-                f"plan is for endpoint {self.endpoint}, not {endpoint}: refusing to apply it"
-            )
+        if self.named:
+            for section in self.sections:
+                if allowed and section.project_id not in allowed:
+                    raise PlanRefused(
+                        f"plan names project {section.project_id}, which is not in "
+                        "allowed_projects: refusing to apply it"
+                    )
+        else:
+            if project_id is None or self.project_id != project_id:
+                raise PlanRefused(
+                    f"plan is for project {self.project_id}, not {project_id}: refusing to apply it"
+                )
+            if endpoint is None or _normal_endpoint(self.endpoint) != _normal_endpoint(endpoint):
+                raise PlanRefused(
+                    f"plan is for endpoint {self.endpoint}, not {endpoint}: refusing to apply it"
+                )
         if self.created_at > now + CLOCK_SKEW:
             raise PlanRefused(
                 f"plan says it was made at {iso(self.created_at)}, which is still to come: "
@@ -195,25 +308,47 @@ class PlanHeader:
                 f"plan expired at {iso(self.expires_at)} (made {iso(self.created_at)}): "
                 "run discover again and review the new plan"
             )
-        counted = self.inventory_size if inventory is None else min(inventory, self.inventory_size)
-        check_fraction(self.jobs, counted, max_fraction)
+        for section in self.sections:
+            counted = section.inventory_size
+            if inventory is not None and not self.named:
+                counted = min(inventory, counted)
+            within = section.where if self.named else None
+            check_fraction(section.jobs, counted, max_fraction, project=within)
 
     def __repr__(self) -> str:
+        projects = ", ".join(section.project_id for section in self.sections)
         return (
-            f"PlanHeader(project_id={self.project_id!r}, jobs={self.jobs}, "
-            f"inventory_size={self.inventory_size}, expires_at={iso(self.expires_at)!r}, "
-            f"seal={self.seal[:24]!r}...)"
+            f"PlanHeader(projects=[{projects}], jobs={self.jobs}, "
+            f"expires_at={iso(self.expires_at)!r}, seal={self.seal[:24]!r}...)"
         )
 
 
-def check_fraction(selected: int, inventory: int, max_fraction: float | None) -> None:
-    """``max_fraction``: refuse a selection larger than that share of the inventory."""
+def merged_review(reviews: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Several sections' reviews as one: counts added up, the oldest and newest of all."""
+    out: dict[str, Any] = {"selected": sum(int(r.get("selected") or 0) for r in reviews)}
+    for key in ("by_type", "by_status", "by_user", "by_age", "protected"):
+        total: Counter[str] = Counter()
+        for review in reviews:
+            total.update({str(k): int(v) for k, v in (review.get(key) or {}).items()})
+        out[key] = dict(total.most_common())
+    # ISO-8601 times of one format: their text sorts as their time
+    out["oldest"] = min((str(r["oldest"]) for r in reviews if r.get("oldest")), default=None)
+    out["newest"] = max((str(r["newest"]) for r in reviews if r.get("newest")), default=None)
+    return out
+
+
+def check_fraction(
+    selected: int, inventory: int, max_fraction: float | None, *, project: str | None = None
+) -> None:
+    """``max_fraction``: refuse a selection larger than that share of the inventory (of
+    ``project``, named in the refusal, when a plan holds several)."""
     if max_fraction is None:
         return
     if selected > max_fraction * inventory:
         share = f"{selected / inventory:.1%}" if inventory else "all"
+        where = f"in project {project}: " if project else ""
         raise PlanRefused(
-            f"{selected} of {inventory} jobs selected ({share}) exceeds max_fraction "
+            f"{where}{selected} of {inventory} jobs selected ({share}) exceeds max_fraction "
             f"{max_fraction:g}: narrow the filters or raise --max-fraction"
         )
 
@@ -273,41 +408,63 @@ class PlanWriter:
         complete: bool = True,
         review: Mapping[str, Any] | None = None,
     ) -> PlanHeader:
-        """Write the plan (mode 0600, renamed over the path) and return its header."""
-        if not timedelta(0) < ttl <= MAX_TTL:
-            raise ValueError(f"a plan's time to live must be within 1s..{MAX_TTL.days}d")
-        header = PlanHeader(
-            project_id=project_id, endpoint=endpoint, filters=filters, created_at=now,
-            expires_at=now + ttl, inventory_size=inventory_size, jobs=self.jobs,
-            complete=complete, review=dict(review or {}),
-        )  # fmt: skip
-        sealer = _Sealer(self._key)
-        fd, temporary = tempfile.mkstemp(prefix=f".{self._path.name}.", dir=self._folder)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                os.chmod(temporary, 0o600)
-                head = MAGIC + orjson.dumps(header.to_json(), option=orjson.OPT_SORT_KEYS) + b"\n"
-                out.write(head)
-                sealer.update(head)
-                self._spool.flush()
-                self._spool.seek(0)
-                while chunk := self._spool.read(1 << 20):
-                    out.write(chunk)
-                    sealer.update(chunk)
-                seal = sealer.line()
-                out.write(seal)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, self._path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        value = seal[len(SEAL_PREFIX) :].decode().strip()
-        return PlanHeader(**{**_fields(header), "seal": value})
+        """Write the plan of one project (mode 0600, renamed over the path); its header."""
+        section = PlanSection(project_id, endpoint, inventory_size, self.jobs, complete,
+                              dict(review or {}))  # fmt: skip
+        return write_plan(
+            self._path, key=self._key, filters=filters, now=now, ttl=ttl, parts=[(section, self)]
+        )
+
+    def copy_into(self, out: IO[bytes], sealer: _Sealer) -> None:
+        """The spooled job lines, onto ``out`` and into the seal."""
+        self._spool.flush()
+        self._spool.seek(0)
+        while chunk := self._spool.read(1 << 20):
+            out.write(chunk)
+            sealer.update(chunk)
 
 
-def _fields(header: PlanHeader) -> dict[str, Any]:
-    return {name: getattr(header, name) for name in PlanHeader.__slots__}
+def write_plan(
+    path: Path,
+    *,
+    key: bytes | None,
+    filters: Filters,
+    now: datetime,
+    ttl: timedelta,
+    parts: Sequence[tuple[PlanSection, PlanWriter]],
+    named: bool = False,
+) -> PlanHeader:
+    """Write a plan (mode 0600, renamed over ``path``): the header, each part's jobs in
+    order, the seal; its header. ``named``: a plan of the projects its sections name (v3),
+    else of one project, the run's own (v2, ``parts`` holds one). A section's job count is
+    its writer's."""
+    if not timedelta(0) < ttl <= MAX_TTL:
+        raise ValueError(f"a plan's time to live must be within 1s..{MAX_TTL.days}d")
+    if not named and len(parts) != 1:
+        raise ValueError("a plan that does not name its projects holds one")
+    sections = tuple(replace(section, jobs=writer.jobs) for section, writer in parts)
+    header = PlanHeader(filters, now, now + ttl, sections, named)
+    sealer = _Sealer(key)
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            os.chmod(temporary, 0o600)
+            magic = MAGIC_NAMED if named else MAGIC
+            head = magic + orjson.dumps(header.to_json(), option=orjson.OPT_SORT_KEYS) + b"\n"
+            out.write(head)
+            sealer.update(head)
+            for _, writer in parts:
+                writer.copy_into(out, sealer)
+            seal = sealer.line()
+            out.write(seal)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return replace(header, seal=seal[len(SEAL_PREFIX) :].decode().strip())
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -317,7 +474,9 @@ class SealedPlan:
     """A plan whose seal held, its jobs in a private SQLite copy (deleted on :meth:`close`).
 
     ``ids()`` hands the jobs out in the plan's order (from any thread: each call opens its
-    own connection); ``reviewed`` answers "is this job in the plan, and as what".
+    own connection), ``entries()`` each with the index of its section (its project);
+    ``reviewed`` answers "is this job in the plan, and as what", ``reviewed_in(section)``
+    the same of one project's jobs alone.
     """
 
     def __init__(self, header: PlanHeader, folder: Path) -> None:
@@ -325,6 +484,13 @@ class SealedPlan:
         self._folder = folder
         self._db = folder / "plan.sqlite"
         self.reviewed = PlanJobs(self._db)
+        self._parts: dict[int, PlanJobs] = {}
+        # Each section's jobs are the rows after the sections before it (seq counts from 1).
+        self._bounds: list[tuple[int, int]] = []
+        low = 0
+        for section in header.sections:
+            self._bounds.append((low, low + section.jobs))
+            low += section.jobs
 
     def __enter__(self) -> SealedPlan:
         return self
@@ -334,7 +500,30 @@ class SealedPlan:
 
     def close(self) -> None:
         self.reviewed.close()
+        for part in self._parts.values():
+            part.close()
         shutil.rmtree(self._folder, ignore_errors=True)
+
+    def section_of(self, project_id: str, endpoint: str) -> int | None:
+        """The index of the section of ``project_id`` at ``endpoint``; None: none of them."""
+        for index, section in enumerate(self.header.sections):
+            same = _normal_endpoint(section.endpoint) == _normal_endpoint(endpoint)
+            if section.project_id == project_id and same:
+                return index
+        return None
+
+    def reviewed_in(self, section: int) -> PlanJobs:
+        """The jobs of section ``section`` alone: a job of another project is not in it."""
+        found = self._parts.get(section)
+        if found is None:
+            found = self._parts[section] = PlanJobs(self._db, self._bounds[section])
+        return found
+
+    def entries(self) -> Iterator[tuple[str, int]]:
+        """Every job id in the plan's order, with the index of its section."""
+        for section in range(len(self._bounds)):
+            for job_id in self.ids(section):
+                yield job_id, section
 
     @property
     def filters(self) -> Filters:
@@ -343,10 +532,12 @@ class SealedPlan:
     def __len__(self) -> int:
         return self.header.jobs
 
-    def ids(self) -> Iterator[str]:
+    def ids(self, section: int | None = None) -> Iterator[str]:
+        """The job ids in the plan's order: all of them, or those of ``section``."""
+        bounds = (0, 2**62) if section is None else self._bounds[section]
         db = sqlite3.connect(self._db)
         try:
-            cursor = db.execute("SELECT id FROM jobs ORDER BY seq")
+            cursor = db.execute(_IDS_IN, bounds)
             while rows := cursor.fetchmany(_CHUNK):
                 for (job_id,) in rows:
                     yield job_id
@@ -358,21 +549,25 @@ class SealedPlan:
 
 
 class PlanJobs:
-    """The plan's jobs by id, read from the verified copy: ``job_id in jobs``, ``jobs.get``."""
+    """The plan's jobs by id, read from the verified copy: ``job_id in jobs``, ``jobs.get``;
+    of one section only when ``rows`` bounds them (``low < seq <= high``)."""
 
-    def __init__(self, db: Path) -> None:
+    def __init__(self, db: Path, rows: tuple[int, int] | None = None) -> None:
         self._conn = sqlite3.connect(db, check_same_thread=False)
+        self._rows = rows if rows is not None else (0, 2**62)
 
     def close(self) -> None:
         self._conn.close()
 
     def __contains__(self, job_id: object) -> bool:
-        row = self._conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return row is not None
+        return self._row(_HAS_JOB, job_id) is not None
 
     def get(self, job_id: str) -> PlanJob | None:
-        row = self._conn.execute(_SELECT_JOB, (job_id,)).fetchone()
+        row = self._row(_SELECT_JOB, job_id)
         return None if row is None else PlanJob(*row)
+
+    def _row(self, query: str, job_id: object) -> Any:
+        return self._conn.execute(query, (job_id, *self._rows)).fetchone()
 
     def names(self) -> PlanNames:
         """The planned jobs' names by id, looked up as asked (``DRY-RUN`` lines)."""
@@ -433,7 +628,8 @@ def _copy_verified(path: Path, handle: IO[bytes], db_path: Path, key: bytes | No
             f"plan {path} is in the old format (one JSON object), which this version no "
             "longer applies: run discover again and review the new plan"
         )
-    if first != MAGIC:
+    named = first == MAGIC_NAMED
+    if first != MAGIC and not named:
         raise PlanRefused(f"plan {path} is not a devserver-reaper plan (its first line is not "
                           f"{MAGIC.decode().strip()!r})")  # fmt: skip
     sealer = _Sealer(key)
@@ -461,13 +657,12 @@ def _copy_verified(path: Path, handle: IO[bytes], db_path: Path, key: bytes | No
         scheme = stated[len(SEAL_PREFIX) :].split(b":", 1)[0].decode(errors="replace")
         raise PlanRefused(_seal_refusal(path, scheme, key))
     try:
-        header = _parse_header(fields)
+        header = _parse_named(fields) if named else _parse_header(fields)
     except (ValueError, TypeError, KeyError) as exc:
         raise PlanRefused(f"plan {path} is not a valid plan: {exc}") from None
     if header.jobs != count:
         raise PlanRefused(f"plan {path} says it holds {header.jobs} jobs but holds {count}")
-    value = stated[len(SEAL_PREFIX) :].decode().strip()
-    return PlanHeader(**{**_fields(header), "seal": value})
+    return replace(header, seal=stated[len(SEAL_PREFIX) :].decode().strip())
 
 
 def _copy_jobs(
@@ -529,42 +724,92 @@ def _seal_refusal(path: Path, scheme: str, key: bytes | None) -> str:
 
 
 def _parse_header(data: object) -> PlanHeader:
+    """A v2 header: one project, the run's own."""
+    data = _members(data, _HEADER_FIELDS, PLAN_VERSION)
+    for key in ("project_id", "endpoint"):
+        if not isinstance(data[key], str) or not data[key]:
+            raise ValueError(f"{key} is missing")
+    section = _section(data, PLAN_VERSION)
+    created, expires = _lifetime(data)
+    return PlanHeader(Filters.from_json(data["filters"]), created, expires, (section,))
+
+
+def _parse_named(data: object) -> PlanHeader:
+    """A v3 header: the projects it names, one section each, each held to the settings'
+    own rules (the plan's endpoints are where its jobs' DELETEs will go)."""
+    data = _members(data, _NAMED_FIELDS, NAMED_VERSION)
+    raw = data["projects"]
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_SECTIONS:
+        raise ValueError(f"projects is not a list of 1 to {MAX_SECTIONS} projects")
+    sections: list[PlanSection] = []
+    for entry in raw:
+        if not isinstance(entry, dict) or set(entry) != _SECTION_FIELDS:
+            raise ValueError("a project of projects does not have the planned fields")
+        for key, problem in (("project_id", project_problem), ("endpoint", endpoint_problem)):
+            if not isinstance(entry[key], str) or (said := problem(entry[key])) is not None:
+                raise ValueError(f"a project's {key} {said or 'is missing'}")
+        region = entry["region"]
+        if region is not None and (not isinstance(region, str) or region_problem(region)):
+            raise ValueError("a project's region is not a region")
+        sections.append(_section(entry, NAMED_VERSION))
+    places = [(section.project_id, _normal_endpoint(section.endpoint)) for section in sections]
+    if len(set(places)) != len(places):
+        raise ValueError("it names one project at one endpoint twice")
+    total = data["jobs"]
+    if (
+        isinstance(total, bool)
+        or not isinstance(total, int)
+        or total != sum(section.jobs for section in sections)
+    ):
+        raise ValueError("jobs is not the sum of its projects' jobs")
+    created, expires = _lifetime(data)
+    return PlanHeader(Filters.from_json(data["filters"]), created, expires, tuple(sections), True)
+
+
+def _members(data: object, allowed: frozenset[str], version: int) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError("the header is not a JSON object")
-    unknown = set(data) - _HEADER_FIELDS
+    unknown = set(data) - allowed
     if unknown:
         raise ValueError(f"unknown members {sorted(unknown)}")
-    if data["version"] != PLAN_VERSION:
-        raise ValueError(f"version {data['version']!r}; this worker reads version {PLAN_VERSION}")
+    if data["version"] != version:
+        raise ValueError(f"version {data['version']!r}; this worker reads version {version}")
+    if not isinstance(data["filters"], dict):
+        raise ValueError("filters is not an object")
+    return data
+
+
+def _section(data: Mapping[str, Any], version: int) -> PlanSection:
+    """The project part of a v2 header, or one entry of a v3 header's ``projects``."""
     for key in ("inventory_size", "jobs"):
         value = data[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{key} is not a count")
+    review = data.get("review")
+    if review is not None and not isinstance(review, dict):
+        raise ValueError("review is not an object")
+    complete = data.get("complete", True)
+    if version == NAMED_VERSION and not isinstance(complete, bool):
+        raise ValueError("complete is not true or false")
+    return PlanSection(
+        project_id=data["project_id"],
+        endpoint=data["endpoint"],
+        inventory_size=data["inventory_size"],
+        jobs=data["jobs"],
+        complete=bool(complete),
+        review=review or {},
+        region=data.get("region"),
+    )
+
+
+def _lifetime(data: Mapping[str, Any]) -> tuple[datetime, datetime]:
     created = _instant(data["created_at"])
     expires = _instant(data["expires_at"])
     if not expires > created:
         raise ValueError("it expires before it was made")
     if expires - created > MAX_TTL:  # re-sealed by hand: the cap holds for every plan
         raise ValueError(f"it lives longer than {MAX_TTL.days} days")
-    for key in ("project_id", "endpoint"):
-        if not isinstance(data[key], str) or not data[key]:
-            raise ValueError(f"{key} is missing")
-    if not isinstance(data["filters"], dict):
-        raise ValueError("filters is not an object")
-    review = data.get("review")
-    if review is not None and not isinstance(review, dict):
-        raise ValueError("review is not an object")
-    return PlanHeader(
-        project_id=data["project_id"],
-        endpoint=data["endpoint"],
-        filters=Filters.from_json(data["filters"]),
-        created_at=created,
-        expires_at=expires,
-        inventory_size=data["inventory_size"],
-        jobs=data["jobs"],
-        complete=bool(data.get("complete", True)),
-        review=review or {},
-    )
+    return created, expires
 
 
 def _instant(value: object) -> datetime:
