@@ -365,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
         "discover", "list jobs matching filters; print their ids, or write a plan to review"
     )
     _add_filters(discover, None)
+    discover.add_argument(
+        "--project", action="append", metavar="PROJECT",
+        help="scan this project instead of the settings' one: REGION (its project from IAM), "
+        "ID, ID@REGION, ID@URL or REGION@URL; repeat it (or separate with commas) to scan "
+        "several into one plan naming each",
+    )  # fmt: skip
     out = flags["discover"][helptext.OUTPUT]
     out.add_argument(
         "--output", "-o", choices=("table", "ids", "jsonl"),

@@ -108,17 +108,29 @@ async def resolve_project(
     once a process) when no setting or profile names one. Errors: ``worker.api.projects``."""
     if not _looks_up(settings) or settings.region is None:
         return project_choice(settings)
-    found = await PROCESS_CACHE.resolve(
-        session=http, credentials=keys, region=settings.region, iam_endpoint=iam_endpoint(settings)
-    )
-    structlog.get_logger("devserver_reaper").info(
-        "project.resolved",
-        region=found.region,
-        project_id=found.project_id,
-        iam_endpoint=found.iam_endpoint,
-        trace_id=found.trace_id,
-    )
+    found = await project_of_region(settings, http, keys, settings.region)
     return ProjectChoice(found.project_id, _from_iam(found))
+
+
+async def project_of_region(
+    settings: Settings, http: aiohttp.ClientSession, keys: CredentialSource, region: str
+) -> FoundProject:
+    """The project IAM names after ``region`` (once a process: ``project.resolved`` says so
+    when IAM is asked). Errors: ``worker.api.projects``."""
+    where = iam_endpoint(settings)
+    asked = PROCESS_CACHE.get(region, where) is None
+    found = await PROCESS_CACHE.resolve(
+        session=http, credentials=keys, region=region, iam_endpoint=where
+    )
+    if asked:
+        structlog.get_logger("devserver_reaper").info(
+            "project.resolved",
+            region=found.region,
+            project_id=found.project_id,
+            iam_endpoint=found.iam_endpoint,
+            trace_id=found.trace_id,
+        )
+    return found
 
 
 def ensure_project(settings: Settings) -> ProjectChoice:

@@ -31,6 +31,7 @@ from worker.clock import MonotonicClock
 from worker.discovery.filters import Filters, parse_duration, parse_instant
 from worker.discovery.guard import Protection
 from worker.discovery.plan import MAX_TTL, PlanHeader, PlanWriter, check_fraction
+from worker.discovery.projects import ProjectSpec, parse_specs
 from worker.discovery.review import estimate_s, render
 from worker.discovery.select import Selected, Spool, select
 from worker.errors import (
@@ -105,11 +106,19 @@ class DiscoverRequest:
     plan_ttl: timedelta = timedelta(hours=24)
     page_size: int | None = None
     everything: bool = False  # --all: selecting every job is meant
+    projects: tuple[ProjectSpec, ...] = ()  # --project: these, each in its turn
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, now: datetime) -> DiscoverRequest:
         """``UsageError`` (64) naming the flag when a value does not parse."""
         filters = filters_from_args(args, now)
+        projects = parse_specs(args.project or [])
+        if projects and args.output == "ids":
+            raise UsageError(
+                "-o ids prints ids alone, which do not say their project: with --project, "
+                "use -o jsonl (each line names its project_id, region and endpoint, which "
+                "run --input reads) or --plan"
+            )
         try:
             ttl = parse_duration(args.plan_ttl)
         except ValueError as exc:
@@ -118,7 +127,8 @@ class DiscoverRequest:
             raise UsageError(f"--plan-ttl: at most {MAX_TTL.days}d")
         if args.plan is not None:  # before the listing, not after it: a wrong path is 64 now
             check_output(args.plan, "--plan", None, None)
-        output = args.output or ("table" if sys.stdout.isatty() else "ids")
+        elsewhere = "jsonl" if projects else "ids"
+        output = args.output or ("table" if sys.stdout.isatty() else elsewhere)
         return cls(
             filters=filters,
             output=output,
@@ -126,6 +136,7 @@ class DiscoverRequest:
             plan_ttl=ttl,
             page_size=page_size_of(args),
             everything=bool(args.all),
+            projects=projects,
         )
 
 
@@ -140,8 +151,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     structlog.contextvars.bind_contextvars(run_id=logsetup.new_run_id())
     log = structlog.get_logger("devserver_reaper")
     try:
-        settings.require_api()
         request = DiscoverRequest.from_args(args, datetime.now(UTC))
+        settings.require_api(endpoint=not request.projects)
         protection = wiring.protection(settings)
         key = plan_key(settings, log.warning) if request.plan is not None else None
         return anyio.run(discover, request, settings, protection, sys.stdout, key)
@@ -184,6 +195,10 @@ async def discover(
     key: bytes | None = None,
 ) -> int:
     """List, filter, leave out protected jobs, check the caps, then show or write the plan."""
+    if request.projects:
+        from worker.commands.scanned import discover_named
+
+        return await discover_named(request, settings, protection, out, key)
     log = structlog.get_logger("devserver_reaper")
     endpoint = settings.api_endpoint
     now = datetime.now(UTC)
@@ -263,16 +278,19 @@ async def select_jobs(
         )  # fmt: skip
 
 
-def check_selection(selected: Selected, settings: Settings, *, everything: bool) -> None:
-    """``max_fraction`` and ``--all``: ``PlanRefused``/``UsageError`` (64) when over."""
+def check_selection(
+    selected: Selected, settings: Settings, *, everything: bool, project: str | None = None
+) -> None:
+    """``max_fraction`` and ``--all``: ``PlanRefused``/``UsageError`` (64) when over, naming
+    ``project`` when a discovery scans several."""
     selection, inventory = selected.selection, selected.inventory
-    check_fraction(selection.selected, inventory, settings.max_fraction)
+    check_fraction(selection.selected, inventory, settings.max_fraction, project=project)
     if selection.matched == inventory >= 1 and not everything:
         # Filters that match everything (--name-regex ., --older-than 2099-01-01) are the
         # "no filter" that --all guards, spelt another way: in a project of one job too.
+        which = f"project {project}" if project else "the project"
         raise UsageError(
-            f"the filters match every job the project holds ({inventory}): pass --all if "
-            "that is meant"
+            f"the filters match every job {which} holds ({inventory}): pass --all if that is meant"
         )
 
 
@@ -280,17 +298,29 @@ def plan_review(header: PlanHeader, settings: Settings, path: Path | str) -> str
     """What ``plan show`` prints and ``discover --plan`` shows on a terminal."""
     estimate = estimate_s(header.jobs, rate=settings.rate, batch_size=settings.batch_size)
     seal = "a plan key (HMAC-SHA256)" if header.keyed else "no plan key: checked for accidents only"
-    lines = [
-        f"plan {path}",
-        f"  project  {header.project_id}",
-        f"  endpoint {header.endpoint}",
-        f"  made     {header.to_json()['created_at']}   expires {header.to_json()['expires_at']}",
-        f"  sealed   with {seal}",
-        f"  filters  {filters_text(header.filters)}",
-        f"  inventory {header.inventory_size:,} jobs"
-        + ("" if header.complete else "   (listing incomplete)"),
-        "",
-        render(header.review, heading=f"{header.jobs:,} jobs planned", estimate=estimate),
+    made = f"  made     {header.to_json()['created_at']}   expires {header.to_json()['expires_at']}"
+    shared = [made, f"  sealed   with {seal}", f"  filters  {filters_text(header.filters)}"]
+    if header.named:
+        from worker.commands.scanned import named_review
+
+        lines = [
+            f"plan {path}: {header.jobs:,} jobs in {len(header.sections)} projects, each sent "
+            "only to its own",
+            *shared,
+            *named_review(header, settings),
+        ]
+    else:
+        lines = [
+            f"plan {path}",
+            f"  project  {header.project_id}",
+            f"  endpoint {header.endpoint}",
+            *shared,
+            f"  inventory {header.inventory_size:,} jobs"
+            + ("" if header.complete else "   (listing incomplete)"),
+            "",
+            render(header.review, heading=f"{header.jobs:,} jobs planned", estimate=estimate),
+        ]
+    lines += [
         "",
         f"next: devserver-reaper run --plan {path} --dry-run   (checks every job, deletes none)",
         f"      devserver-reaper run --plan {path}",
@@ -316,10 +346,10 @@ def _write(out: IO[str], spool: Spool, output: str) -> None:
         for row in spool.rows():
             out.write(row["id"] + "\n")
     else:
-        _table(out, spool)
+        table(out, spool)
 
 
-def _table(out: IO[str], spool: Spool) -> None:
+def table(out: IO[str], spool: Spool) -> None:
     columns = ("id", "name", "type", "status", "user_name", "create_at")
     shown: list[list[str]] = []
     for row in spool.rows():

@@ -25,7 +25,7 @@ import structlog
 from worker import wiring
 from worker.discovery.filters import Filters
 from worker.discovery.guard import Protection
-from worker.discovery.plan import PlanWriter, SealedPlan, open_plan
+from worker.discovery.plan import PlanRefused, PlanWriter, SealedPlan, open_plan
 from worker.errors import UsageError
 from worker.input.sources import read_entries
 from worker.settings import Settings, read_plan_key
@@ -60,6 +60,7 @@ def open_file_plan(path: str, settings: Settings) -> SealedPlan:
         )
     plan = open_plan(Path(path), key=key)
     try:
+        _routable(plan, path)
         plan.header.verify(
             project_id=wiring.project_id(settings),
             endpoint=settings.api_endpoint,
@@ -70,6 +71,17 @@ def open_file_plan(path: str, settings: Settings) -> SealedPlan:
         plan.close()
         raise
     return plan
+
+
+def _routable(plan: SealedPlan, path: str) -> None:
+    """A plan of several projects is refused (64): each job must go to its own project, and
+    this run sends every id to one."""
+    if plan.header.named:
+        raise PlanRefused(
+            f"plan {path} names {len(plan.header.sections)} projects (discover --project), "
+            "which this run does not apply yet: discover each project into a plan of its own, "
+            "without --project"
+        )
 
 
 def select_and_seal(selecting: Selecting, settings: Settings, protection: Protection) -> SealedPlan:

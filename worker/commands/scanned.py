@@ -1,0 +1,233 @@
+"""``discover --project``: several projects scanned in one discovery, one plan naming each.
+
+Each project named (``worker.discovery.projects``: a region, an id, either at an endpoint)
+is listed in turn, through its own client at its own endpoint and its own rate limiter (the
+quota is the project's), with the same filters and protection. Every check a one-project
+discovery makes holds per project: ``max_fraction`` of that project's jobs, ``--all`` when
+the filters match every job that project holds. Nothing is written unless every project
+passes.
+
+The selection goes to a plan that names its projects (format v3, ``worker.discovery.plan``:
+one section per project, ``run --plan`` sends each job only to its own), or to stdout as
+JSON Lines whose rows carry ``project_id``, ``region`` and ``endpoint`` (which ``run
+--input`` reads as each line's target), or as a table per project. Bare ids (``-o ids``) are
+refused: they would not say which project they are of.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import IO, TYPE_CHECKING
+
+import orjson
+import structlog
+
+from worker import wiring
+from worker.api.client import ApiClient
+from worker.clock import MonotonicClock
+from worker.discovery.guard import Protection
+from worker.discovery.plan import (
+    PlanHeader,
+    PlanSection,
+    PlanWriter,
+    project_place,
+    write_plan,
+)
+from worker.discovery.projects import Defaults, resolve_targets
+from worker.discovery.review import estimate_s, render
+from worker.discovery.select import JobSink, Selected, Spool, select
+from worker.exit_codes import ExitCode
+from worker.pacing.paced import PacedReader
+from worker.settings import Settings
+from worker.targets import Target
+
+if TYPE_CHECKING:
+    from worker.commands.discover import DiscoverRequest
+
+
+@dataclass(slots=True)
+class Scanned:
+    """One project's selection: where it was listed, and what was selected there."""
+
+    target: Target
+    selected: Selected
+
+    @property
+    def where(self) -> str:
+        return project_place(self.target.project_id, self.target.region, self.target.endpoint)
+
+
+async def discover_named(
+    request: DiscoverRequest,
+    settings: Settings,
+    protection: Protection,
+    out: IO[str],
+    key: bytes | None = None,
+) -> int:
+    """discover over ``request.projects``: select in each, check each, then write."""
+    from worker.commands.discover import check_selection
+
+    log = structlog.get_logger("devserver_reaper")
+    now = datetime.now(UTC)
+    scanned: list[Scanned] = []
+
+    def new_sink() -> PlanWriter | Spool:
+        return Spool() if request.plan is None else PlanWriter(request.plan, key=key)
+
+    try:
+        scanned = await select_each(request, settings, protection, now=now, new_sink=new_sink)
+        for part in scanned:
+            selection, scan = part.selected.selection, part.selected.scan
+            log.info(
+                "discover.summary", project_id=part.target.project_id,
+                region=part.target.region, endpoint=part.target.endpoint,
+                listed=selection.listed, pages=scan.pages, passes=scan.passes,
+                complete=scan.complete, incomplete_reason=scan.reason,
+                matched=selection.matched, protected=selection.protected,
+                invalid_ids=selection.invalid, selected=selection.selected,
+                inventory_size=part.selected.inventory,
+            )  # fmt: skip
+        for part in scanned:
+            check_selection(part.selected, settings, everything=request.everything,
+                            project=part.where)  # fmt: skip
+        if request.plan is not None:
+            header = write_plan(
+                request.plan, key=key, filters=request.filters, now=now, ttl=request.plan_ttl,
+                parts=[(section_of(part), _writer(part)) for part in scanned], named=True,
+            )  # fmt: skip
+            log.info("discover.plan_written", path=str(request.plan), jobs=header.jobs,
+                     seal=header.seal, expires_at=header.to_json()["expires_at"],
+                     projects=len(header.sections))  # fmt: skip
+            if request.output == "table":
+                from worker.commands.discover import plan_review
+
+                out.write(plan_review(header, settings, request.plan) + "\n")
+            return ExitCode.OK
+        write_rows(out, scanned, request.output, settings)
+        out.flush()
+        return ExitCode.OK
+    finally:
+        for part in scanned:
+            part.selected.selection.sink.close()
+
+
+async def select_each(
+    request: DiscoverRequest,
+    settings: Settings,
+    protection: Protection,
+    *,
+    now: datetime,
+    new_sink: Callable[[], JobSink],
+) -> list[Scanned]:
+    """Each project's selection, one project after another, through one session and keys."""
+    log = structlog.get_logger("devserver_reaper")
+    clock = MonotonicClock()
+    scanned: list[Scanned] = []
+    async with wiring.session(settings, concurrency=1) as session:
+        keys = await wiring.credentials(settings, session)
+
+        async def look_up(region: str) -> str:
+            return (await wiring.project_of_region(settings, session, keys, region)).project_id
+
+        targets = await resolve_targets(
+            request.projects, project_defaults(settings), look_up,
+            allowed=settings.allowed_projects,
+        )  # fmt: skip
+        try:
+            for target in targets:
+                api = ApiClient(session=session, endpoint=target.endpoint,
+                                project_id=target.project_id, credentials=keys)  # fmt: skip
+                reader = PacedReader(api=api, limiter=wiring.limiter(settings, clock),
+                                     policy=wiring.retry_policy(settings), clock=clock)  # fmt: skip
+                selected = await select(
+                    reader, request.filters, protection, clock=clock, now=now,
+                    new_sink=new_sink, page_size=request.page_size, warn=log.warning,
+                    note=log.info,
+                )  # fmt: skip
+                scanned.append(Scanned(target, selected))
+        except BaseException:
+            for part in scanned:
+                part.selected.selection.sink.close()
+            raise
+    return scanned
+
+
+def project_defaults(settings: Settings) -> Defaults:
+    """The settings' endpoint, region and project, for what a ``--project`` leaves out; the
+    project only when no IAM call is needed for it (the settings or the profile name it)."""
+    from worker.errors import ConfigError
+
+    endpoint = settings.endpoint or (settings.region and settings.api_endpoint) or None
+    try:
+        project: str | None = wiring.project_choice(settings).project_id
+    except ConfigError:
+        project = None
+    return Defaults(endpoint, settings.region, project)
+
+
+def section_of(part: Scanned) -> PlanSection:
+    selected = part.selected
+    return PlanSection(
+        project_id=part.target.project_id,
+        endpoint=part.target.endpoint,
+        inventory_size=selected.inventory,
+        jobs=selected.selection.selected,
+        complete=selected.scan.complete,
+        review=selected.selection.review.to_json(),
+        region=part.target.region,
+    )
+
+
+def _writer(part: Scanned) -> PlanWriter:
+    sink = part.selected.selection.sink
+    assert isinstance(sink, PlanWriter)
+    return sink
+
+
+# -- stdout --------------------------------------------------------------------------------
+
+
+def write_rows(out: IO[str], scanned: list[Scanned], output: str, settings: Settings) -> None:
+    """JSON Lines naming each job's project, or a table and review per project."""
+    from worker.commands.discover import table
+
+    for part in scanned:
+        spool = part.selected.selection.sink
+        assert isinstance(spool, Spool)
+        place = {"project_id": part.target.project_id, "region": part.target.region,
+                 "endpoint": part.target.endpoint}  # fmt: skip
+        if output == "jsonl":
+            for row in spool.rows():
+                out.write(orjson.dumps({**row, **place}).decode() + "\n")
+            continue
+        selection = part.selected.selection
+        out.write(f"project {part.where}: {selection.selected:,} of "
+                  f"{part.selected.inventory:,} jobs selected\n")  # fmt: skip
+        table(out, spool)
+        estimate = estimate_s(selection.selected, rate=settings.rate,
+                              batch_size=settings.batch_size)  # fmt: skip
+        out.write("\n" + render(selection.review.to_json(),
+                                heading=f"{selection.selected:,} jobs selected in {part.where}",
+                                estimate=estimate) + "\n\n")  # fmt: skip
+    if output == "table":
+        out.write("next: add --plan PLAN to seal this selection for review, then: "
+                  "devserver-reaper run --plan PLAN\n")  # fmt: skip
+
+
+def named_review(header: PlanHeader, settings: Settings) -> list[str]:
+    """The lines of ``plan show`` for each project a named plan holds."""
+    lines: list[str] = []
+    for section in header.sections:
+        estimate = estimate_s(section.jobs, rate=settings.rate, batch_size=settings.batch_size)
+        lines += [
+            "",
+            f"  project  {section.where}",
+            f"  endpoint {section.endpoint}",
+            f"  inventory {section.inventory_size:,} jobs"
+            + ("" if section.complete else "   (listing incomplete)"),
+            render(section.review, heading=f"{section.jobs:,} jobs planned in "
+                   f"{section.project_id}", estimate=estimate),
+        ]  # fmt: skip
+    return lines
