@@ -8,13 +8,16 @@ version before this one still open and verify.
 
 from __future__ import annotations
 
+import shlex
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 
@@ -375,3 +378,20 @@ async def test_run_refuses_a_plan_of_several_projects_it_cannot_route(tmp_path: 
         assert (home.stats.show_calls, away.stats.show_calls) == (0, 0)
     assert done.code == 64, done.stderr
     assert "names 2 projects (discover --project)" in done.stderr
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("named", [False, True], ids=["one-project", "projects"])
+async def test_discover_into_a_pipe_closed_early_ends_quietly(tmp_path: Path, named: bool) -> None:
+    """``discover | head -1``: the reader has seen enough; exit 0, no traceback (it was a
+    BrokenPipeError's traceback and exit 1 before)."""
+    async with run_simulator(SimulatorConfig(jobs=3000, seed=1)) as sim:
+        which = ["--project", f"{SIM_PROJECT}@{sim.url}"] if named else []
+        command = [sys.executable, "-m", "worker", "discover", "--all", "-o", "jsonl", *which]
+        script = f'{shlex.join(command)} 2>"$0" | head -1 >/dev/null; echo "${{PIPESTATUS[0]}}"'
+        done = await anyio.run_process(
+            ["bash", "-c", script, str(tmp_path / "stderr")], env=reaper_env(sim.url),
+            check=False,
+        )  # fmt: skip
+    assert done.stdout.decode().strip() == "0"
+    assert "Traceback" not in (tmp_path / "stderr").read_text()

@@ -17,6 +17,8 @@ listing that moves under the scan: :mod:`worker.discovery.scan`.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -156,6 +158,10 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         protection = wiring.protection(settings)
         key = plan_key(settings, log.warning) if request.plan is not None else None
         return anyio.run(discover, request, settings, protection, sys.stdout, key)
+    except BrokenPipeError:  # `discover | head`: the reader has seen enough
+        with contextlib.suppress(OSError):  # and the interpreter's last flush must not fail
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.OK
     except (ConfigError, NoSuchApi) as exc:
         return _said(log, "discover.config_error", exc, ExitCode.CONFIG)
     except UsageError as exc:
