@@ -11,12 +11,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.e2e import SIM_PROJECT, reaper, reaper_env, results
+from tests.e2e import SIM_PROJECT, kill_when, reaper, reaper_env, results, start_reaper
 from worker.discovery.filters import Filters
 from worker.discovery.plan import (
     PlanHeader,
@@ -27,7 +28,7 @@ from worker.discovery.plan import (
 )
 from worker.errors import ConfigError, InputUnreadable
 from worker.settings import read_plan_key
-from worker.simulator import SimulatorConfig, run_simulator
+from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
 from worker.types import JobRecord
 
 NOW = datetime(2026, 6, 1, 12, tzinfo=UTC)
@@ -96,7 +97,7 @@ def test_a_written_plan_reads_back_in_its_order_and_is_private(tmp_path: Path) -
         job = plan.reviewed.get("job-1")
         assert job is not None and (job.status, job.name) == ("FINISHED", "n1")
         assert plan.reviewed.names()["job-2"] == "n2"
-        copy = plan._folder
+        copy = plan._scratch.path
     assert not copy.exists()  # the private copy goes with the plan
     assert "job-0" not in repr(written) and "jobs=5" in repr(written)
 
@@ -569,3 +570,43 @@ async def test_a_dry_run_of_a_plan_checks_the_live_jobs_and_sends_no_delete(
         # Checked on listing pages, but the two no fresh page held (the id rule reads none).
         assert summary["checks"]["by_listing"] == len(planned) - 3
         assert summary["checks"]["by_show"] == 2 == sim.stats.show_calls
+
+
+@pytest.mark.anyio
+async def test_the_copy_of_a_plan_a_kill_9_left_is_removed_by_the_next_not_a_live_one(
+    tmp_path: Path,
+) -> None:
+    """``kill -9`` during ``run --plan`` leaves the run's private copy of the plan (every
+    job it names) in the temporary directory. The next ``run --plan`` removes it; a copy a
+    living run still holds is left alone by another command that opens a plan."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+
+    def copies() -> set[Path]:
+        return set(scratch.glob("devserver-reaper-plan*"))
+
+    async with run_simulator(SimulatorConfig(jobs=60, seed=21)) as sim:
+        path = tmp_path / "plan"
+        await discover_plan(sim.url, path)
+        # Every call now waits 10 s: each run is caught at its first reads, its copy made.
+        sim.set_faults(FaultConfig(latency_ms=10_000.0, latency_jitter=False))
+        env = reaper_env(sim.url, TMPDIR=str(scratch))
+        args = ["run", "--plan", str(path), "--yes", "--rate", "1000"]
+        killed = await start_reaper(args, env)
+        async with killed:
+            await kill_when(killed, lambda: bool(copies()) and sim.stats.calls > 0)
+        (stale,) = copies()
+        assert (stale / "plan.sqlite").exists()  # what the bug left behind
+        living = await start_reaper(args, env)
+        async with living:
+            with anyio.fail_after(30):
+                while not copies() - {stale} or sim.stats.calls < 2:
+                    await anyio.sleep(0.01)
+            assert stale not in copies()  # the next run removed the dead one's copy
+            (held,) = copies()
+            shown = await reaper(["plan", "show", str(path)], env)
+            assert shown.code == 0, shown.stderr
+            assert living.returncode is None and copies() == {held}  # its copy is kept
+            living.kill()
+            await living.wait()
+        assert sim.deleted == set()

@@ -269,3 +269,30 @@ async def test_a_file_another_user_made_in_advance_is_not_written_into(
         capture_output=True, check=False, timeout=30,
     ).stdout  # fmt: skip
     assert not any(job_id.encode() in leaked for job_id in ids.read_text().split())
+
+
+def test_a_scratch_folder_is_swept_only_once_no_process_holds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``worker.scratch``: a folder whose lock went with its process (closed here, as the
+    kernel closes it on ``kill -9``) is removed by the next maker of its kind; one still
+    held, one of another kind, one of a version that held no lock and a link are not."""
+    from worker.scratch import Scratch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = Scratch("plan")
+    (dead.path / "plan.sqlite").write_bytes(b"jobs")
+    os.close(dead._lock or -1)  # its process died: the lock is gone, the folder is not
+    dead._lock = None
+    held, other = Scratch("plan"), Scratch("ledger")
+    older = tmp_path / "devserver-reaper-plan-abcdefgh"  # made by a version without locks
+    older.mkdir()
+    (tmp_path / "devserver-reaper-plan.link").symlink_to(older)
+    fresh = Scratch("plan")
+    assert not dead.path.exists()
+    assert held.path.is_dir() and other.path.is_dir() and older.is_dir() and fresh.path.is_dir()
+    assert stat.S_IMODE(fresh.path.stat().st_mode) == 0o700
+    for scratch in (held, other, fresh):
+        scratch.remove()
+        assert not scratch.path.exists()
+    assert "removed" in repr(fresh)

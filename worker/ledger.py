@@ -34,9 +34,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -50,6 +48,7 @@ import orjson
 
 from worker.errors import ConfigError, InputUnreadable, OutcomeConflict, ReaperError
 from worker.private_files import check_existing, claim_private, open_private_fd
+from worker.scratch import Scratch
 from worker.targets import Target
 from worker.types import Candidate, Outcome, Rejection, Result
 
@@ -849,13 +848,13 @@ class TemporaryLedger(_Closing):
     def __init__(
         self,
         conn: sqlite3.Connection,
-        directory: Path,
+        scratch: Scratch,
         memory_ids: int = MEMORY_IDS,
         default: Target | None = None,
     ) -> None:
         super().__init__()
         self._conn = conn
-        self._directory = directory
+        self._scratch = scratch
         self._admitted = 0
         self._memory_ids = memory_ids
         # id -> the place it was read for (0: the default); None once the ids are in SQLite
@@ -866,7 +865,11 @@ class TemporaryLedger(_Closing):
     def open(cls, memory_ids: int = MEMORY_IDS, default: Target | None = None) -> TemporaryLedger:
         """``default``: the settings' target, where the ids whose line named none go (an id
         read for it and again for the same project named on its line is one id)."""
-        directory = Path(tempfile.mkdtemp(prefix="devserver-reaper-ledger-"))
+        try:
+            scratch = Scratch("ledger")  # removed by a later run's if this process is killed
+        except OSError as exc:
+            raise ConfigError(f"temporary ledger cannot be made: {exc}") from None
+        directory = scratch.path
         try:
             conn = sqlite3.connect(
                 directory / "seen.sqlite", isolation_level=None, check_same_thread=False
@@ -877,13 +880,13 @@ class TemporaryLedger(_Closing):
                 conn.execute(f"PRAGMA {pragma}")
             conn.execute(_SEEN_SCHEMA)
         except sqlite3.Error as exc:
-            _remove(directory)
+            scratch.remove()
             raise ConfigError(f"temporary ledger in {directory} cannot be made: {exc}") from None
-        return cls(conn, directory, memory_ids, default)
+        return cls(conn, scratch, memory_ids, default)
 
     @property
     def path(self) -> Path:
-        return self._directory / "seen.sqlite"
+        return self._scratch.path / "seen.sqlite"
 
     @property
     def spilled(self) -> bool:
@@ -963,13 +966,13 @@ class TemporaryLedger(_Closing):
         try:
             self._conn.close()
         finally:
-            _remove(self._directory)
+            self._scratch.remove()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         where = "on disk" if self.spilled else "in memory"
         return (
-            f"TemporaryLedger({str(self._directory)!r}, {state}, {where}, "
+            f"TemporaryLedger({str(self._scratch.path)!r}, {state}, {where}, "
             f"admitted={self._admitted})"
         )
 
@@ -1125,7 +1128,3 @@ def _duplicates(job_ids: Iterable[str]) -> list[str]:
             twice.append(job_id)
         seen.add(job_id)
     return twice
-
-
-def _remove(directory: Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)

@@ -14,7 +14,6 @@ reviewed as a command line instead of as a list.
 from __future__ import annotations
 
 import secrets
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,6 +27,7 @@ from worker.discovery.guard import Protection
 from worker.discovery.plan import PlanRefused, PlanWriter, SealedPlan, open_plan
 from worker.errors import UsageError
 from worker.input.sources import read_entries
+from worker.scratch import Scratch
 from worker.settings import Settings, read_plan_key
 from worker.types import Candidate
 
@@ -89,8 +89,8 @@ def select_and_seal(selecting: Selecting, settings: Settings, protection: Protec
     from worker.commands.discover import check_selection, select_jobs
 
     key = secrets.token_bytes(32)  # this process's own: nothing else can seal for it
-    folder = Path(tempfile.mkdtemp(prefix="devserver-reaper-select-"))
-    path = folder / "plan"
+    scratch = Scratch("select")  # removed by a later run's if this process is killed
+    path = scratch.path / "plan"
     now = datetime.now(UTC)
     writers: list[PlanWriter] = []
 
@@ -123,8 +123,7 @@ def select_and_seal(selecting: Selecting, settings: Settings, protection: Protec
         anyio.run(selected)
         plan = open_plan(path, key=key)
     finally:
-        path.unlink(missing_ok=True)
-        folder.rmdir()
+        scratch.remove()
     return plan
 
 

@@ -27,8 +27,10 @@ sealed with a key cannot be checked, so is refused, without it.
 
 Reading (:func:`open_plan`) checks the seal while copying the jobs into a private SQLite
 file, and only then hands them out: what is applied is the copy that was verified, never
-the file as it may be rewritten afterwards. A plan of the first format (one JSON object) is
-refused with a message that says to discover again.
+the file as it may be rewritten afterwards. The copy is in a ``worker.scratch`` folder: a
+run killed with ``kill -9`` leaves it, and the next plan this user opens removes it.
+A plan of the first format (one JSON object) is refused with a message that says to
+discover again.
 
 A plan of several projects (``discover --project``, format v3) names its projects: its
 header holds, instead of one project, endpoint, inventory and review, a list of *sections*
@@ -45,7 +47,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import shutil
 import sqlite3
 import tempfile
 from collections import Counter
@@ -58,7 +59,8 @@ from typing import IO, Any
 import orjson
 
 from worker.discovery.filters import Filters, matched_fields
-from worker.errors import InputUnreadable, UsageError
+from worker.errors import ConfigError, InputUnreadable, UsageError
+from worker.scratch import Scratch
 from worker.targets import endpoint_problem, project_problem, region_problem
 from worker.types import JOB_ID_RE, JobRecord, iso
 
@@ -479,10 +481,10 @@ class SealedPlan:
     the same of one project's jobs alone.
     """
 
-    def __init__(self, header: PlanHeader, folder: Path) -> None:
+    def __init__(self, header: PlanHeader, scratch: Scratch) -> None:
         self.header = header
-        self._folder = folder
-        self._db = folder / "plan.sqlite"
+        self._scratch = scratch
+        self._db = scratch.path / "plan.sqlite"
         self.reviewed = PlanJobs(self._db)
         self._parts: dict[int, PlanJobs] = {}
         # Each section's jobs are the rows after the sections before it (seq counts from 1).
@@ -502,7 +504,7 @@ class SealedPlan:
         self.reviewed.close()
         for part in self._parts.values():
             part.close()
-        shutil.rmtree(self._folder, ignore_errors=True)
+        self._scratch.remove()
 
     def section_of(self, project_id: str, endpoint: str) -> int | None:
         """The index of the section of ``project_id`` at ``endpoint``; None: none of them."""
@@ -605,13 +607,19 @@ def open_plan(path: Path, *, key: bytes | None) -> SealedPlan:
         handle = path.open("rb")
     except OSError as exc:
         raise InputUnreadable(f"plan {path}: {exc.strerror or type(exc).__name__}") from None
-    folder = Path(tempfile.mkdtemp(prefix="devserver-reaper-plan-"))
+    try:
+        scratch = Scratch("plan")  # removed by a later run's if this process is killed
+    except OSError as exc:
+        handle.close()
+        raise ConfigError(f"plan {path}: its private copy cannot be made in the temporary "
+                          f"directory ({exc.strerror or type(exc).__name__}): set TMPDIR to a "
+                          "folder this user may write") from None  # fmt: skip
     try:
         with handle:
-            header = _copy_verified(path, handle, folder / "plan.sqlite", key)
-        return SealedPlan(header, folder)
+            header = _copy_verified(path, handle, scratch.path / "plan.sqlite", key)
+        return SealedPlan(header, scratch)
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        scratch.remove()
         raise
 
 

@@ -1,0 +1,91 @@
+"""Scratch folders in the temporary directory that a ``kill -9`` does not leave behind.
+
+A run keeps private copies there: a sealed plan's verified jobs, the selection ``run
+--select`` seals, the ids a run without a ledger has seen. Each is removed when the process
+ends, but a process killed outright (``SIGKILL``, the OOM killer) removes nothing, and a
+plan's copy names every job it holds. So a folder is made holding an exclusive ``flock``
+on itself, which the kernel lets go however the process ends; and each new folder's maker
+first removes the folders of its kind (same prefix, same user) whose lock it can take,
+since their process is gone. A folder still in use is never touched: its lock is held.
+
+The names end ``.XXXXXXXX`` (a dot, not the dash of versions that held no lock), so the
+folder of a running process of such a version is never taken for a stale one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Scratch:
+    """A private folder (``0700``, from ``mkdtemp``) and the lock that says it is in use."""
+
+    def __init__(self, kind: str) -> None:
+        """Make a folder ``devserver-reaper-<kind>.XXXXXXXX`` in the temporary directory,
+        after removing those of the same kind whose process is gone. ``OSError`` when the
+        temporary directory cannot take it."""
+        prefix = f"devserver-reaper-{kind}."
+        sweep(prefix)
+        while True:
+            path = Path(tempfile.mkdtemp(prefix=prefix))
+            fd = os.open(path, _DIRECTORY)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits while a sweep that opened it decides
+            if _still_there(path, fd):  # else that sweep took it for a dead one's
+                break
+            os.close(fd)
+        self.path = path
+        self._lock: int | None = fd
+
+    def remove(self) -> None:
+        """Remove the folder and what is in it; then let go of the lock. Idempotent."""
+        if self._lock is None:
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._lock)
+        self._lock = None
+
+    def __repr__(self) -> str:
+        return f"Scratch({str(self.path)!r}, {'held' if self._lock is not None else 'removed'})"
+
+
+def _still_there(path: Path, fd: int) -> bool:
+    """The folder ``fd`` holds is still the one at ``path`` (not removed meanwhile)."""
+    held = os.fstat(fd)
+    try:
+        named = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return held.st_nlink > 0 and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def sweep(prefix: str, where: Path | None = None) -> list[Path]:
+    """Remove the folders named ``prefix...`` in ``where`` (the temporary directory) that are
+    ours and not locked by a living process; returns those removed. Never raises: a folder
+    that cannot be looked at or removed is left."""
+    folder = Path(where if where is not None else tempfile.gettempdir())
+    removed: list[Path] = []
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                continue
+            fd = os.open(entry.path, _DIRECTORY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: in use
+                shutil.rmtree(entry.path)
+                removed.append(Path(entry.path))
+            finally:
+                os.close(fd)
+    return removed
