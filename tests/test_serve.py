@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -987,6 +987,98 @@ def test_an_entry_above_the_size_bound_is_refused_without_being_parsed() -> None
     assert message.problem.startswith("entry holds") and str(MAX_ENTRY_BYTES) in message.problem
     assert peak < 1_000_000, peak  # parsing it took over 60 MB
     assert len(message.payload) < 3000  # what the dead letter keeps of it is bounded too
+
+
+def _serve_s_reader(stack: contextlib.AsyncExitStack) -> Any:
+    """The client ``serve`` reads entries with, as it builds it."""
+    from worker.assembly import build_service_redis, service_config
+
+    settings = Settings(redis_url=REDIS_URL)
+    config = replace(service_config(settings), block=30.0)  # traced reads: slow under load
+    return build_service_redis(stack, settings, config)[1]
+
+
+async def _read_each_way(
+    client: Any, consumer: StreamConsumer, fields: dict[Any, Any]
+) -> list[tuple[Message, int]]:
+    """Write one entry; read it as new, as our own pending one, and reclaimed. For each
+    read: the entry decoded, and the peak of the memory Python allocated for it."""
+    import tracemalloc
+
+    async def new() -> list[Any]:
+        return await consumer.read_new(10, 100)
+
+    async def own() -> list[Any]:
+        return (await consumer.read_own("-", 10))[0]
+
+    async def reclaimed() -> list[Any]:
+        return (await consumer.reclaim(0, "0-0", 10))[1]
+
+    await consumer.ensure_group()
+    written = (await client.xadd(consumer.layout.stream, fields)).decode()
+    del fields
+    seen: list[tuple[Message, int]] = []
+    for read in (new, own, reclaimed):
+        tracemalloc.start()
+        try:
+            ((entry_id, got),) = await read()
+            assert entry_id == written and got is not None
+            message = decode_entry(entry_id, got)
+            del got
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        seen.append((message, peak))
+    await client.delete(consumer.layout.stream)
+    return seen
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "entry",
+    [  # entries of about n bytes
+        lambda n: {b"ids": b"[" + b'"job-0000001",' * (n // 14) + b'"job-0000002"]'},
+        lambda n: {b"id": b"job-1", **{b"f%07d" % i: b"x" * 100 for i in range(n // 108)}},
+    ],
+    ids=["one huge field", "many small fields"],
+)
+async def test_serve_reads_an_entry_past_the_bound_in_memory_that_does_not_grow_with_it(
+    redis_client: Any, redis_prefix: str, entry: Callable[[int], dict[Any, Any]]
+) -> None:
+    """redis-py read an entry whole before ``decode_entry`` refused it: 16 times the entry
+    took 16 times the memory. Read as serve reads (``entry_reader``), new, pending and
+    reclaimed, an entry eight times larger costs about the same, is refused with its true
+    size, and its dead letter says what it said when it was read whole."""
+    from worker.service.layout import MAX_ENTRY_BYTES, entry_size
+
+    layout = StreamLayout(redis_prefix + "ids", "g")
+    async with contextlib.AsyncExitStack() as stack:
+        consumer = StreamConsumer(redis_client, layout, "c1", reader=_serve_s_reader(stack))
+        small = await _read_each_way(redis_client, consumer, entry(256 * 1024))
+        large = await _read_each_way(redis_client, consumer, entry(2048 * 1024))
+    whole = entry(2048 * 1024)
+    said = f"entry holds {entry_size(whole)} bytes; at most {MAX_ENTRY_BYTES}"
+    for (message, peak), (_, small_peak) in zip(large, small, strict=True):
+        assert message == decode_entry(message.entry_id, whole)  # the same refusal, payload
+        assert message.problem == said
+        assert peak < 2 * small_peak, (peak, small_peak)  # read whole: 8 times
+
+
+@pytest.mark.anyio
+async def test_an_entry_within_the_bound_is_read_whole_by_the_bounded_reader(
+    redis_client: Any, redis_prefix: str
+) -> None:
+    """1,000 ids of 64 characters (the most an entry may name) come through intact."""
+    layout = StreamLayout(redis_prefix + "ids", "g")
+    ids = [f"{n:064d}" for n in range(1000)]
+    fields = {b"ids": orjson.dumps(ids), b"note": b"n" * 60_000}
+    async with contextlib.AsyncExitStack() as stack:
+        consumer = StreamConsumer(redis_client, layout, "c1", reader=_serve_s_reader(stack))
+        await consumer.ensure_group()
+        await redis_client.xadd(layout.stream, fields)
+        ((_, got),) = await consumer.read_new(10, 100)
+    assert got == fields
+    assert decode_entry("1-0", got).ids == tuple(ids)
 
 
 @pytest.mark.anyio

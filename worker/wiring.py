@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import anyio
@@ -227,12 +227,22 @@ def shares_rate(settings: Settings) -> bool:
 
 
 def redis_client(
-    url: str, *, timeout: float, health_check_interval: int = 0, single_connection: bool = False
+    url: str,
+    *,
+    timeout: float,
+    health_check_interval: int = 0,
+    single_connection: bool = False,
+    entries: bool = False,
 ) -> aioredis.Redis:
     """A Redis client for ``url`` (``ConfigError``, 78, for one that is not a Redis URL);
-    nothing is sent until it is used. ``timeout``: for each command's answer."""
+    nothing is sent until it is used. ``timeout``: for each command's answer. ``entries``:
+    a client only for the calls that read stream entries, which keeps no more of one than
+    the entry size limit (``worker.service.bounded``)."""
     import redis.asyncio as aioredis
 
+    from worker.service.bounded import BoundedParser
+
+    bounded: dict[str, Any] = {"parser_class": BoundedParser} if entries else {}
     try:
         return aioredis.Redis.from_url(
             url,
@@ -240,6 +250,7 @@ def redis_client(
             socket_connect_timeout=5.0,
             health_check_interval=health_check_interval,
             single_connection_client=single_connection,
+            **bounded,
         )
     except ValueError as exc:
         raise ConfigError(f"redis_url is not a Redis URL: {exc}") from None

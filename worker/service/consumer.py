@@ -179,7 +179,9 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 
 
 class StreamConsumer:
-    """``consumer`` in ``layout.group``, reading ``layout.stream``."""
+    """``consumer`` in ``layout.group``, reading ``layout.stream``. The calls that return
+    entries go over ``reader`` (``worker.service.bounded.entry_reader`` in ``serve``, so a
+    huge entry costs no more memory than the size limit), the others over ``client``."""
 
     def __init__(
         self,
@@ -258,7 +260,7 @@ class StreamConsumer:
         ids = [_id(p["message_id"]) for p in pending]
         # At least 1: an entry this name handed over before a restart gave its delivery back.
         counts = {_id(p["message_id"]): max(1, int(p["times_delivered"])) for p in pending}
-        async with self._r.pipeline(transaction=False) as pipe:
+        async with self._reader.pipeline(transaction=False) as pipe:  # entries: bounded
             for entry_id in ids:
                 pipe.xrange(self.layout.stream, entry_id, entry_id, count=1)
             replies = await pipe.execute()
@@ -301,7 +303,7 @@ class StreamConsumer:
         Returns the cursor for the next call (``"0-0"`` once the whole list was scanned).
         Entries trimmed from the stream are dropped from the pending list by Redis itself.
         """
-        reply = await self._r.xautoclaim(
+        reply = await self._reader.xautoclaim(  # entries: bounded
             self.layout.stream,
             self.layout.group,
             self.consumer,

@@ -119,14 +119,37 @@ def payload_text(fields: dict[bytes, bytes] | dict[str, str]) -> str:
     # Only the head of a value is decoded: escape looks at no more than 2,001 characters.
     head: list[tuple[bytes | str, bytes | str]] = list(islice(fields.items(), PAYLOAD_FIELDS))
     shown = {escape(_text(k[:256]), 64): escape(_text(v[:8004]), 2000) for k, v in head}
-    if len(fields) > PAYLOAD_FIELDS:
-        shown["..."] = f"{len(fields) - PAYLOAD_FIELDS} more fields"
+    count = _field_count(fields)
+    if count > PAYLOAD_FIELDS:
+        shown["..."] = f"{count - PAYLOAD_FIELDS} more fields"
     return orjson.dumps(shown).decode()
+
+
+class Unread(bytes):
+    """What the bounded reader (``worker.service.bounded``) kept of a string it did not
+    read whole: its first bytes; ``size``, the bytes it held; and ``fields``, how many
+    fields of the entry it stands for (the pair ``...`` stands for all those not kept)."""
+
+    size: int
+    fields: int
+
+    def __new__(cls, head: bytes, size: int, fields: int = 1) -> Unread:
+        value = super().__new__(cls, head)
+        value.size, value.fields = size, fields
+        return value
+
+
+def _size(value: bytes | str) -> int:
+    return value.size if isinstance(value, Unread) else len(value)
 
 
 def entry_size(fields: dict[bytes, bytes] | dict[str, str]) -> int:
     """The bytes an entry's fields hold (their lengths only: nothing is decoded)."""
-    return sum(len(k) + len(v) for k, v in fields.items())
+    return sum(_size(k) + _size(v) for k, v in fields.items())
+
+
+def _field_count(fields: dict[bytes, bytes] | dict[str, str]) -> int:
+    return sum(k.fields if isinstance(k, Unread) else 1 for k in fields)
 
 
 def decode_entry(entry_id: str, fields: dict[bytes, bytes] | dict[str, str]) -> Message:
