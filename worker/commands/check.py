@@ -8,19 +8,54 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import IO
 
 import anyio
 
 from worker.api.client import ApiClient
 from worker.api.projects import ProjectLookupFailed
-from worker.errors import ApiError, AuthError, ConfigError, NoSuchApi, NotTls, TlsError
+from worker.errors import (
+    ApiError,
+    AuthError,
+    ConfigError,
+    NoSuchApi,
+    NotTls,
+    ReaperError,
+    TlsError,
+)
 from worker.exit_codes import ExitCode
 from worker.settings import Settings
 
 SKEW_WARNING_S = 300.0
 
+Failures = tuple[tuple[type[ReaperError], str, ExitCode], ...]
+"""What ``check`` says when a step fails: a kind of error, its heading, its exit code; the
+first kind that matches wins."""
+
+LOOKUP_FAILED: Failures = (
+    (ConfigError, "PROJECT NOT FOUND", ExitCode.CONFIG),
+    (AuthError, "IAM REFUSED", ExitCode.NO_PERMISSION),
+    (ReaperError, "IAM UNREACHABLE", ExitCode.UNAVAILABLE),
+)
+"""The project of a region, looked up in IAM: the keys are fine, IAM could not say it."""
+
+CREDENTIALS_FAILED: Failures = (
+    (ConfigError, "NOT CONFIGURED", ExitCode.CONFIG),
+    (AuthError, "CREDENTIALS REFUSED", ExitCode.NO_PERMISSION),
+    (ApiError, "CREDENTIALS UNAVAILABLE", ExitCode.UNAVAILABLE),
+)
+
+PROBE_FAILED: Failures = (
+    (AuthError, "REJECTED", ExitCode.NO_PERMISSION),
+    (NoSuchApi, "NO SUCH API", ExitCode.CONFIG),
+    (NotTls, "NOT TLS", ExitCode.UNAVAILABLE),
+    (TlsError, "TLS REFUSED", ExitCode.UNAVAILABLE),
+    (ApiError, "UNREACHABLE", ExitCode.UNAVAILABLE),
+)
+
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.terminal.failure import refused
     from worker.terminal.output import for_people_on
 
     # The report is stdout's; events (which credential source answered, a warning) go to
@@ -30,8 +65,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         settings.require_api()
         return anyio.run(check, settings)
     except ConfigError as exc:  # settings, or a CA bundle the session cannot load
-        print(f"devserver-reaper check: {exc}", file=sys.stderr)
-        return ExitCode.CONFIG
+        return refused("check", exc)
 
 
 async def check(settings: Settings) -> int:
@@ -44,18 +78,9 @@ async def check(settings: Settings) -> int:
             credentials = await wiring.credentials(settings, session)
             choice = await wiring.resolve_project(settings, session, credentials)
         except ProjectLookupFailed as exc:  # the keys are fine; IAM could not say the project
-            heading, code = _lookup_failed(exc)
-            out.write(f"result       {heading}: {exc}\nfix          {exc.fix}\n")
-            return code
-        except ConfigError as exc:
-            out.write(f"result       NOT CONFIGURED: {exc}\n")
-            return ExitCode.CONFIG
-        except AuthError as exc:
-            out.write(f"result       CREDENTIALS REFUSED: {_describe(exc)}\n")
-            return ExitCode.NO_PERMISSION
-        except ApiError as exc:
-            out.write(f"result       CREDENTIALS UNAVAILABLE: {_describe(exc)}\n")
-            return ExitCode.UNAVAILABLE
+            return _result(out, exc, LOOKUP_FAILED, f"{exc}\nfix          {exc.fix}")
+        except (ConfigError, ApiError) as exc:
+            return _result(out, exc, CREDENTIALS_FAILED)
         keys = await credentials.current()
         out.write(f"endpoint     {endpoint}\n")
         out.write(f"project      {choice.project_id} (from {choice.source})\n")
@@ -66,21 +91,8 @@ async def check(settings: Settings) -> int:
         )  # fmt: skip
         try:
             probe = await client.probe()
-        except AuthError as exc:
-            out.write(f"result       REJECTED: {_describe(exc)}\n")
-            return ExitCode.NO_PERMISSION
-        except NoSuchApi as exc:
-            out.write(f"result       NO SUCH API: {_describe(exc)}\n")
-            return ExitCode.CONFIG
-        except NotTls as exc:
-            out.write(f"result       NOT TLS: {exc}\n")
-            return ExitCode.UNAVAILABLE
-        except TlsError as exc:
-            out.write(f"result       TLS REFUSED: {exc}\n")
-            return ExitCode.UNAVAILABLE
         except ApiError as exc:
-            out.write(f"result       UNREACHABLE: {_describe(exc)}\n")
-            return ExitCode.UNAVAILABLE
+            return _result(out, exc, PROBE_FAILED)
     out.write(f"result       OK (HTTP {probe.http_status}, request id {probe.request_id})\n")
     if probe.skew_s is None:
         out.write("clock skew   unknown (no Date header)\n")
@@ -92,13 +104,12 @@ async def check(settings: Settings) -> int:
     return ExitCode.OK
 
 
-def _lookup_failed(exc: ProjectLookupFailed) -> tuple[str, int]:
-    """What ``check`` calls a failed look-up of the project in IAM, and its exit code."""
-    if isinstance(exc, ConfigError):
-        return "PROJECT NOT FOUND", ExitCode.CONFIG
-    if isinstance(exc, AuthError):
-        return "IAM REFUSED", ExitCode.NO_PERMISSION
-    return "IAM UNREACHABLE", ExitCode.UNAVAILABLE
+def _result(out: IO[str], exc: ReaperError, table: Failures, text: str | None = None) -> int:
+    """The ``result`` row for ``exc``: the heading of its first kind in ``table``, then
+    ``text`` (by default :func:`_describe`'s); return the exit code of that kind."""
+    heading, code = next((h, c) for kind, h, c in table if isinstance(exc, kind))
+    out.write(f"result       {heading}: {_describe(exc) if text is None else text}\n")
+    return code
 
 
 def _mask(ak: str) -> str:
@@ -106,11 +117,14 @@ def _mask(ak: str) -> str:
     return ak[:4] + "…" if len(ak) > 4 else "…"
 
 
-def _describe(exc: ApiError) -> str:
+def _describe(exc: ReaperError) -> str:
     """What the API said, each part once: ``HTTP 401 APIGW.0301: <its message>`` and the
-    request id on a line of its own (to quote to support), then the usual fix."""
+    request id on a line of its own (to quote to support), then the usual fix. A TLS error,
+    or one of the settings, says it all in its own words."""
     from worker.terminal.failure import fix_for
 
+    if not isinstance(exc, ApiError) or isinstance(exc, TlsError):
+        return str(exc)
     if exc.http_status is not None:
         said = " ".join(str(part) for part in (exc.http_status, exc.error_code) if part)
         text = f"HTTP {said}: {exc.error_msg or 'no message'}"

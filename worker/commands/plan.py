@@ -10,7 +10,6 @@ for a file that cannot be read, 78 for a plan key that cannot be read.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from worker.errors import ConfigError, InputUnreadable, UsageError
@@ -22,18 +21,12 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     from worker.commands.discover import plan_review
     from worker.discovery.plan import read_header
     from worker.settings import read_plan_key
+    from worker.terminal.failure import refused
 
     try:
         key = None if settings.plan_key_file is None else read_plan_key(settings.plan_key_file)
         header = read_header(Path(args.path), key=key)
-    except ConfigError as exc:
-        print(f"devserver-reaper plan: {exc}", file=sys.stderr)
-        return ExitCode.CONFIG
-    except InputUnreadable as exc:
-        print(f"devserver-reaper plan: {exc}", file=sys.stderr)
-        return ExitCode.NO_INPUT
-    except UsageError as exc:
-        print(f"devserver-reaper plan: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+    except (ConfigError, InputUnreadable, UsageError) as exc:
+        return refused("plan", exc)
     print(plan_review(header, settings, args.path))
     return ExitCode.OK

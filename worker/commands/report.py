@@ -28,6 +28,7 @@ from worker.outcomes.schema import RESULT_COLUMNS, TARGET
 from worker.private_files import open_output
 from worker.settings import Settings
 from worker.targets import Target
+from worker.terminal.failure import refused
 from worker.types import Outcome, Result, iso
 
 OPEN_SHOWN = 20  # open ids listed in the summary; the count is always exact
@@ -42,12 +43,10 @@ _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 def main(args: argparse.Namespace, settings: Settings) -> int:
     paths = list(dict.fromkeys([*(p for p in [settings.ledger] if p), *map(Path, args.ledgers)]))
     if not paths:
-        print(
-            "devserver-reaper report: give --ledger PATH (or REAPER_LEDGER), or the ledgers of "
-            "a sharded run: report ledger-0.db ledger-1.db ...",
-            file=sys.stderr,
-        )
-        return ExitCode.USAGE
+        return refused("report", UsageError(
+            "give --ledger PATH (or REAPER_LEDGER), or the ledgers of a sharded run: "
+            "report ledger-0.db ledger-1.db ..."
+        ))  # fmt: skip
     fmt: str = getattr(args, "format", "summary")
     output: str | None = getattr(args, "output", None)
     with contextlib.ExitStack() as stack:
@@ -58,12 +57,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                     check_output(output, "--output", None, path)
                 ledgers.append(stack.enter_context(open_readonly(path)))
             _check_shards(ledgers)
-        except UsageError as exc:
-            print(f"devserver-reaper report: {exc}", file=sys.stderr)
-            return ExitCode.USAGE
-        except InputUnreadable as exc:
-            print(f"devserver-reaper report: {exc}", file=sys.stderr)
-            return ExitCode.NO_INPUT
+        except (UsageError, InputUnreadable) as exc:
+            return refused("report", exc)
         several = len({_place(ledger) for ledger in ledgers}) > 1
         targeted = several or any(ledger.targets for ledger in ledgers)
         try:

@@ -85,6 +85,7 @@ class RunRequest:
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
     from worker.terminal import output as terminal
+    from worker.terminal.failure import refused
     from worker.terminal.summary import command_line
 
     try:
@@ -103,14 +104,12 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             command=command_line(sys.argv[1:]),
         )
     except UsageError as exc:
-        print(f"devserver-reaper run: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+        return refused("run", exc)
     try:
         selecting = _selecting(args)
     except UsageError as exc:
-        print(f"devserver-reaper run: {exc}", file=sys.stderr)
         output.close()
-        return ExitCode.USAGE
+        return refused("run", exc)
     request = RunRequest(
         input=selecting.describe() if selecting is not None else args.plan or args.input,
         plan=args.plan is not None or selecting is not None,

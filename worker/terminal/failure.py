@@ -16,11 +16,26 @@ from typing import IO, Any
 from worker.errors import (
     ApiUnavailable,
     AuthError,
+    ConfigError,
+    InputUnreadable,
     NoSuchApi,
     ReaperError,
     TlsError,
     TransientError,
+    UsageError,
 )
+from worker.exit_codes import ExitCode
+
+REFUSED = ((UsageError, ExitCode.USAGE), (InputUnreadable, ExitCode.NO_INPUT),
+           (ConfigError, ExitCode.CONFIG))  # fmt: skip
+"""What a command refuses before it does anything, and the exit code of each."""
+
+
+def refused(command: str, exc: UsageError | InputUnreadable | ConfigError) -> int:
+    """A flag, a setting or an input refused before anything was done: one line on stderr
+    (no event: nothing has started), and the exit code of its kind (:data:`REFUSED`)."""
+    print(f"devserver-reaper {command}: {exc}", file=sys.stderr)
+    return next(code for kind, code in REFUSED if isinstance(exc, kind))
 
 
 def fix_for(exc: BaseException, command: str = "run") -> str | None:
