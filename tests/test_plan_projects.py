@@ -395,3 +395,40 @@ async def test_discover_into_a_pipe_closed_early_ends_quietly(tmp_path: Path, na
         )  # fmt: skip
     assert done.stdout.decode().strip() == "0"
     assert "Traceback" not in (tmp_path / "stderr").read_text()
+
+
+def test_a_named_plans_ids_carry_their_project_and_are_checked_there_alone(
+    tmp_path: Path,
+) -> None:
+    from worker.commands.planned import plan_candidates, plan_check, plan_default
+    from worker.targets import Targets
+
+    path = tmp_path / "plan"
+    ids = write_named(path, (3, 2))
+    with open_plan(path, key=None) as plan:
+        default = plan_default(plan)
+        targets = Targets(default)
+        routed = [(c.job_id, c.line, targets.of(c.address)) for c in plan_candidates(plan)]  # type: ignore[arg-type]
+        south = Target("proj-1", SOUTH, "cn-south-1")
+        assert default == Target("proj-0", ENDPOINT, "cn-north-4")
+        assert routed == [(job, n, default) for n, job in enumerate(ids[:3], 1)] + [
+            (job, n, south) for n, job in enumerate(ids[3:], 4)
+        ]
+        held = {
+            name: [job for job in ids if job in plan_check(plan, frozenset(), target).reviewed]
+            for name, target in (("own", None), ("south", south),
+                                 ("other", Target("proj-9", SOUTH, None)))
+        }  # fmt: skip
+    assert held == {"own": ids[:3], "south": ids[3:], "other": []}
+
+
+def test_a_plan_of_one_projects_ids_name_no_project(tmp_path: Path) -> None:
+    from worker.commands.planned import plan_candidates, plan_check
+
+    path = tmp_path / "plan"
+    write(path, 3)
+    with open_plan(path, key=None) as plan:
+        assert [(c.job_id, c.line, c.address) for c in plan_candidates(plan)] == [
+            ("job-0", 1, None), ("job-1", 2, None), ("job-2", 3, None),
+        ]  # fmt: skip
+        assert "job-2" in plan_check(plan, frozenset(), Target("x", SOUTH)).reviewed
