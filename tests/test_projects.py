@@ -515,3 +515,14 @@ async def test_simulate_refuses_an_iam_project_that_is_not_name_equals_id() -> N
     done = await reaper(["simulate", "--port", "0", "--iam-project", "cn-south-1"], {})
     assert done.code == 64
     assert "--iam-project 'cn-south-1': give NAME=ID" in done.stderr
+
+
+async def test_check_says_when_the_project_came_from_the_profile(tmp_path: Path) -> None:
+    profile = tmp_path / "credentials"
+    profile.write_text("[basic]\nproject_id = demo-project\n")
+    async with run_simulator(SimulatorConfig(jobs=1)) as sim:
+        env = by_region(sim.url, HUAWEICLOUD_SDK_CREDENTIALS_FILE=str(profile))
+        done = await reaper(["check"], env)
+        assert sim.stats.iam_calls == 0  # the profile names it: IAM is not asked
+    assert done.code == 0, done.stdout + done.stderr
+    assert f"project      demo-project (from profile {profile})\n" in done.stdout
