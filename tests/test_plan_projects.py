@@ -432,3 +432,15 @@ def test_a_plan_of_one_projects_ids_name_no_project(tmp_path: Path) -> None:
             ("job-0", 1, None), ("job-1", 2, None), ("job-2", 3, None),
         ]  # fmt: skip
         assert "job-2" in plan_check(plan, frozenset(), Target("x", SOUTH)).reviewed
+
+
+@pytest.mark.anyio
+async def test_the_table_of_each_project_says_what_lists_them_all() -> None:
+    async with run_simulator(SimulatorConfig(jobs=60, seed=1)) as sim:
+        done = await reaper(
+            ["discover", "--all", "-o", "table", "--project", f"{SIM_PROJECT}@{sim.url}"],
+            reaper_env(sim.url),
+        )
+    assert done.code == 0, done.stderr
+    assert f"project {SIM_PROJECT} at {sim.url}: 60 of 60 jobs selected\n" in done.stdout
+    assert "... 10 more (-o jsonl lists them all)\n" in done.stdout  # -o ids is refused here

@@ -355,7 +355,8 @@ def _write(out: IO[str], spool: Spool, output: str) -> None:
         table(out, spool)
 
 
-def table(out: IO[str], spool: Spool) -> None:
+def table(out: IO[str], spool: Spool, *, listed_by: str = "-o ids or -o jsonl") -> None:
+    """The first jobs as a table, and how many more ``listed_by`` would print."""
     columns = ("id", "name", "type", "status", "user_name", "create_at")
     shown: list[list[str]] = []
     for row in spool.rows():
@@ -367,4 +368,4 @@ def table(out: IO[str], spool: Spool) -> None:
     for r in shown:
         out.write("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() + "\n")
     if spool.jobs > len(shown):
-        out.write(f"... {spool.jobs - len(shown):,} more (-o ids or -o jsonl lists them all)\n")
+        out.write(f"... {spool.jobs - len(shown):,} more ({listed_by} lists them all)\n")

@@ -205,7 +205,7 @@ def write_rows(out: IO[str], scanned: list[Scanned], output: str, settings: Sett
         selection = part.selected.selection
         out.write(f"project {part.where}: {selection.selected:,} of "
                   f"{part.selected.inventory:,} jobs selected\n")  # fmt: skip
-        table(out, spool)
+        table(out, spool, listed_by="-o jsonl")
         estimate = estimate_s(selection.selected, rate=settings.rate,
                               batch_size=settings.batch_size)  # fmt: skip
         out.write("\n" + render(selection.review.to_json(),
