@@ -1175,7 +1175,7 @@ async def test_a_redis_outage_is_said_once_then_counted_quietly(redis_prefix: st
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("replaced", ["stream", "outcomes", "ratelimit", "position"])
+@pytest.mark.parametrize("replaced", ["stream", "outcomes", "ratelimit", "pace", "position"])
 async def test_a_queue_key_replaced_by_another_type_pauses_it_unready_until_mended(
     redis_prefix: str, monkeypatch: pytest.MonkeyPatch, replaced: str
 ) -> None:
@@ -1183,15 +1183,18 @@ async def test_a_queue_key_replaced_by_another_type_pauses_it_unready_until_mend
     a write answered WRONGTYPE, a traceback and exit 1 (then 78 on every restart). Now the
     replica pauses, unready (/readyz says which check fails), with an event naming the key,
     and takes up work again once the key is a stream again. The same for the rate limit's
-    string (a hash there was a traceback too) and the position's hash (a list there paused
-    it naming no key at all)."""
+    string (a hash there was a traceback too), the fleet's pace beside it, and the
+    position's hash (a list there paused it naming no key at all)."""
     _short_pauses(monkeypatch)
     async with running(redis_prefix, SimulatorConfig(jobs=6)) as svc:
         ids = svc.sim.job_ids()
         await svc.enqueue(ids[:2])
         await svc.until(lambda: _zero(svc.pending()))
         await svc.until(lambda: _true(len(svc.sim.deleted) == 2))
-        key = getattr(svc.layout, replaced)
+        if replaced == "pace":  # the fleet's rate, beside the bucket
+            key = svc.layout.ratelimit + ":pace"
+        else:
+            key = getattr(svc.layout, replaced)
         await svc.redis.delete(key)
         if replaced == "stream":  # the blocked read is answered UNBLOCKED, the stream made
             await svc.until(lambda: _true(bool(svc.events("serve.group_recreated"))))

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from tests.conftest import REDIS_URL
 from tests.fakes import FakeClock
 from worker.pacing.bucket import RateLimiter
+from worker.pacing.fleet import FleetRateController
 from worker.pacing.shared import RedisRateLimiter, Reservation, interval_us
 
 
@@ -169,15 +170,26 @@ async def test_a_cancelled_waiter_with_the_latest_slot_gives_it_back(
 
 
 @pytest.mark.anyio
-async def test_acquire_waits_out_a_redis_outage_instead_of_failing(redis_prefix: str) -> None:
-    """A limiter pointed at a port with no Redis keeps asking (a call not made is safe)."""
+@pytest.mark.parametrize("rate", ["fixed", "auto"])
+async def test_acquire_waits_out_a_redis_outage_instead_of_failing(
+    redis_prefix: str, rate: str
+) -> None:
+    """A limiter pointed at a port with no Redis keeps asking (a call not made is safe),
+    and so does ``--rate auto``'s, its answers kept for when Redis is back."""
     client = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
     clock = FakeClock()
     try:
-        limiter = RedisRateLimiter(client, redis_prefix + "rl", rate=1, burst=1, clock=clock)
+        limiter: RedisRateLimiter | FleetRateController
+        if rate == "fixed":
+            limiter = RedisRateLimiter(client, redis_prefix + "rl", rate=1, burst=1, clock=clock)
+        else:
+            limiter = FleetRateController(client, redis_prefix + "rl", clock)
+            limiter.feedback(throttled=True, latency_s=0.01, retry_after=1.0)
         with anyio.move_on_after(1.0):
             await limiter.acquire()
         assert limiter.granted == 0
         assert limiter.redis_errors >= 2
+        if isinstance(limiter, FleetRateController):
+            assert limiter.reported == 0 and "throttles=1" in repr(limiter)
     finally:
         await client.aclose()

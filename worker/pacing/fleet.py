@@ -192,6 +192,7 @@ class FleetRateController(RedisPacer):
         self._pending: tuple[int, int, str] | None = None  # to publish with the next
         self._pending_state: tuple[int, int, ControllerState | None] | None = None
         self.leads = 0  # times this process became the leader
+        self.reported = 0  # answers sent to Redis for the leader
 
     @property
     def rate(self) -> float:
@@ -248,6 +249,7 @@ class FleetRateController(RedisPacer):
             ],
         )  # fmt: skip
         del answers[: len(reported) // 4]
+        self.reported += len(reported) // 4
         start, server_now, token, interval, pause, leader, state, *events = reply
         server_now = int(server_now)
         self._offset = server_now / 1e6 - self._clock.now()
@@ -324,5 +326,6 @@ class FleetRateController(RedisPacer):
         return (
             f"FleetRateController(key={self._keys.tat!r}, rate={self.rate:.4g}, "
             f"leading={self.leading}, throttles={self.throttles}, granted={self.granted}, "
+            f"reported={self.reported}, "
             f"{self._controller!r})"
         )

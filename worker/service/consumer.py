@@ -22,6 +22,7 @@ import redis.exceptions
 
 from worker.errors import ApiError, ConfigError
 from worker.input.intake import escape
+from worker.pacing.shared import FleetKeys
 from worker.service.inflight import Finished
 from worker.service.layout import Retention, StreamLayout
 from worker.service.outage import NotAStream
@@ -482,11 +483,13 @@ class StreamConsumer:
     async def not_streams(self) -> list[str]:
         """The keys of the queue that hold another type than serve keeps there (missing ones
         are fine): the streams, the hashes of positions and last errors, the rate limit's
-        string."""
+        string and the fleet's pace, lease and answers beside it."""
         layout = self.layout
+        fleet = FleetKeys.of(layout.ratelimit)
         kinds = {layout.stream: "stream", layout.outcomes: "stream", layout.dead: "stream",
                  layout.position: "hash", layout.last_error: "hash",
-                 layout.ratelimit: "string"}  # fmt: skip
+                 layout.ratelimit: "string", fleet.pace: "hash", fleet.lead: "hash",
+                 fleet.answers: "list"}  # fmt: skip
         async with self._r.pipeline(transaction=False) as pipe:
             for key in kinds:
                 pipe.type(key)
