@@ -170,5 +170,10 @@ class ApiUnavailable(ReaperError):
 
 
 class RedisUnavailable(ReaperError):
-    """The Redis a run paces through (the rate limit it shares with other processes) did not
-    answer at the start (exit 69): nothing was sent, every id stays open."""
+    """The Redis a run paces through (the rate limit it shares with other processes), or the
+    one ``enqueue`` writes to, did not answer at the start (exit 69): nothing was sent.
+    ``cause``: the kind of failure (``ConnectionError``, ``TimeoutError`` ...)."""
+
+    def __init__(self, message: str, *, cause: str = "") -> None:
+        super().__init__(message)
+        self.cause = cause

@@ -256,23 +256,28 @@ def redis_client(
         raise ConfigError(f"redis_url is not a Redis URL: {exc}") from None
 
 
-async def rate_redis(settings: Settings) -> aioredis.Redis:
-    """A Redis client for the shared rate limit, once it has answered a ``PING``.
-
-    ``ConfigError`` (78) for a URL or credentials Redis refuses; ``RedisUnavailable`` (69)
-    for a Redis that does not answer, named without its password."""
+async def answering(client: aioredis.Redis, url: str, *, kept: str) -> None:
+    """``PING`` once: ``ConfigError`` (78) for a URL or credentials Redis refuses,
+    ``RedisUnavailable`` (69) for a Redis that does not answer, named without its password
+    (``kept``: what is kept there, for the message). The caller closes ``client``."""
     from worker.service.consumer import ping
     from worker.service.outage import REDIS_ERRORS, redis_where
 
-    client = redis_client(settings.redis_url, timeout=10.0)
     try:
         await ping(client)
     except REDIS_ERRORS as exc:
-        await client.aclose()
         raise RedisUnavailable(
-            f"Redis at {redis_where(settings.redis_url)}, where the shared rate limit is kept, "
-            f"does not answer ({type(exc).__name__}); nothing was sent"
+            f"Redis at {redis_where(url)}, where {kept} is kept, does not answer "
+            f"({type(exc).__name__}); nothing was sent",
+            cause=type(exc).__name__,
         ) from None
+
+
+async def rate_redis(settings: Settings) -> aioredis.Redis:
+    """A Redis client for the shared rate limit, once it has answered (:func:`answering`)."""
+    client = redis_client(settings.redis_url, timeout=10.0)
+    try:
+        await answering(client, settings.redis_url, kept="the shared rate limit")
     except BaseException:
         await client.aclose()
         raise

@@ -27,7 +27,7 @@ import orjson
 import structlog
 
 from worker import logsetup, wiring
-from worker.errors import ConfigError, InputUnreadable
+from worker.errors import ConfigError, InputUnreadable, RedisUnavailable
 from worker.exit_codes import ExitCode
 from worker.settings import Settings
 
@@ -60,7 +60,7 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
 
     from worker.input.sources import read_chunks, read_entries
     from worker.outcomes.events import EventLog
-    from worker.service.consumer import not_a_stream, not_permitted, ping
+    from worker.service.consumer import not_a_stream, not_permitted
     from worker.service.outage import REDIS_ERRORS, redis_where
     from worker.types import Candidate
 
@@ -73,10 +73,10 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
         entries = read_entries(path, fmt, stdin=stdin)  # an input it cannot open: 66 first
         with entries:
             try:
-                await ping(client)
-            except REDIS_ERRORS as exc:
+                await wiring.answering(client, settings.redis_url, kept="the ids stream")
+            except RedisUnavailable as exc:
                 events.error("enqueue.redis_unavailable", redis=redis_where(settings.redis_url),
-                             error=type(exc).__name__)  # fmt: skip
+                             error=exc.cause)  # fmt: skip
                 return ExitCode.UNAVAILABLE
             chunks = read_chunks(entries, CHUNK)
             while True:
