@@ -38,6 +38,12 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--endpoint", str, "API base URL; default derived from --region"),
     ("--project-id", str, "project id (env REAPER_PROJECT_ID or HUAWEICLOUD_SDK_PROJECT_ID)"),
     (
+        "--allowed-projects",
+        str,
+        "comma-separated project ids a line or stream entry may name (serve: default the "
+        "--project-id only)",
+    ),
+    (
         "--iam-endpoint",
         str,
         "IAM URL where a --region's project id is looked up when no --project-id is set "
@@ -136,7 +142,14 @@ _PROTECT = ("--protect", "--protect-file", "--protected-types", "--protected-sta
 COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "run": _API
     + _DISPATCH
-    + ("--deadline", "--ledger", "--shard", "--confirm-project-over", "--stats-interval")
+    + (
+        "--deadline",
+        "--ledger",
+        "--shard",
+        "--confirm-project-over",
+        "--stats-interval",
+        "--allowed-projects",
+    )
     + _PROTECT
     + _LOG,
     "discover": (
@@ -151,6 +164,7 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     # serve refuses --dry-run and --max-deletions, and never asks: it does not offer them
     "serve": _API
     + tuple(f for f in _DISPATCH if f not in ("--dry-run", "--yes", "--max-deletions"))
+    + ("--allowed-projects",)
     + _QUEUE
     + tuple(f for f in _PROTECT if f not in ("--max-fraction", "--plan-key-file"))
     + _LOG,
