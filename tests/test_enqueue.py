@@ -61,6 +61,38 @@ async def test_valid_ids_become_one_entry_each_and_invalid_ones_are_rejected_on_
     assert summary["last_entry"] == entries[-1][0].decode()
 
 
+@pytest.mark.anyio
+async def test_csv_columns_naming_project_and_region_go_into_the_entries_and_bad_ones_are_not(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """A line's project_id, region and endpoint ride in its entry for serve to route; an
+    empty cell names nothing; a bad region is the line's rejection, never enqueued."""
+    source = tmp_path / "ids.csv"
+    source.write_text(
+        "id,Project_ID,region,endpoint\n"
+        "a-1,,,\n"
+        "b-2,project-b,cn-south-1,\n"
+        "c-3,project-c,,http://127.0.0.1:9/\n"
+        "d-4,project-d,North 4,\n"
+    )
+    stream = redis_prefix + "ids"
+    done = await enqueue_async("--input", str(source), "--stream", stream, "--redis-url", REDIS_URL)
+    assert done.returncode == 1, done.stderr
+    events = [orjson.loads(line) for line in done.stderr.splitlines()]
+    (rejected,) = [e for e in events if e["event"] == "job.rejected"]
+    assert rejected["line"] == 5 and rejected["reason"].startswith("region must")
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        entries: Any = await client.xrange(stream)
+    finally:
+        await client.aclose()
+    assert [f for _, f in entries] == [
+        {b"id": b"a-1"},
+        {b"id": b"b-2", b"project_id": b"project-b", b"region": b"cn-south-1"},
+        {b"id": b"c-3", b"project_id": b"project-c", b"endpoint": b"http://127.0.0.1:9"},
+    ]
+
+
 def test_a_missing_input_is_66_and_enqueues_nothing(tmp_path: Path) -> None:
     done = enqueue("--input", str(tmp_path / "nope.txt"))
     assert done.returncode == 66

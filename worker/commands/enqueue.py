@@ -4,10 +4,13 @@ Reads the same formats as ``run`` (``worker.input.sources``), streamed, so memor
 however long the input. Each valid id becomes one stream entry (field ``id``): one id per
 entry keeps redelivery and dead-lettering exact (a poison id never drags healthy ids into
 the dead-letter stream) and spreads work evenly over replicas, at the price of a larger
-stream than lists would make. Entries go out in pipelined chunks of ``CHUNK`` (one round
-trip each). Invalid ids are never enqueued: each is a ``job.rejected`` event on stderr.
-Ids are not de-duplicated across the input (that would need memory growing with it); a
-repeat is deleted once and then answered ``absent``.
+stream than lists would make. A line naming its ``project_id``, ``region`` or ``endpoint``
+(JSON Lines keys, CSV columns: ``worker.targets``) carries them into its entry, held to the
+same rules as ``run``'s lines; which projects may be sent to is ``serve``'s to decide.
+Entries go out in pipelined chunks of ``CHUNK`` (one round trip each). Invalid ids are
+never enqueued: each is a ``job.rejected`` event on stderr. Ids are not de-duplicated
+across the input (that would need memory growing with it); a repeat is deleted once and
+then answered ``absent``.
 
 stdout is data: one JSON summary line. Exit codes: 0 all enqueued, 1 some rejected, 66 the
 input cannot be read, 69 Redis unreachable, 78 bad settings (among them a ``--stream`` naming a
@@ -30,6 +33,8 @@ from worker import logsetup, wiring
 from worker.errors import ConfigError, InputUnreadable, RedisUnavailable
 from worker.exit_codes import ExitCode
 from worker.settings import Settings
+from worker.targets import FIELDS
+from worker.types import Candidate
 
 CHUNK = 500
 
@@ -62,7 +67,6 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
     from worker.outcomes.events import EventLog
     from worker.service.consumer import not_a_stream, not_permitted
     from worker.service.outage import REDIS_ERRORS, redis_where
-    from worker.types import Candidate
 
     events = EventLog(sink=logsetup.json_sink())
     client = wiring.redis_client(settings.redis_url, timeout=30.0)
@@ -83,10 +87,10 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
                 chunk = await anyio.to_thread.run_sync(next, chunks, None)
                 if chunk is None:
                     break
-                ids: list[str] = []
+                ids: list[dict[str, str]] = []
                 for entry in chunk:
                     if isinstance(entry, Candidate):
-                        ids.append(entry.job_id)
+                        ids.append(_fields(entry))
                     else:
                         rejected += 1
                         events.rejected(entry)
@@ -94,8 +98,8 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
                     continue
                 try:
                     async with client.pipeline(transaction=False) as pipe:
-                        for job_id in ids:
-                            pipe.xadd(settings.stream, {"id": job_id})
+                        for fields in ids:
+                            pipe.xadd(settings.stream, dict[Any, Any](fields))
                         added: list[Any] = await pipe.execute()
                 except redis.exceptions.NoPermissionError as exc:
                     raise not_permitted(settings.stream, exc) from None
@@ -115,6 +119,18 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
         await client.aclose()
     _summary(settings.stream, enqueued, rejected, first, last)
     return ExitCode.SOME_FAILED if rejected else ExitCode.OK
+
+
+def _fields(candidate: Candidate) -> dict[str, str]:
+    """The stream entry of one id: ``id``, and the place its line named, if any."""
+    fields = {"id": candidate.job_id}
+    named = candidate.address
+    if named is not None:
+        for name in FIELDS:
+            value = getattr(named, name)
+            if value is not None:
+                fields[name] = value
+    return fields
 
 
 def _text(value: bytes | str) -> str:
