@@ -28,7 +28,7 @@ RULE_TESTS = ROOT / "tests" / "alerts" / "reaper-rules.test.yaml"
 DASHBOARD = ROOT / "config" / "dashboards" / "reaper.json"
 ALERTS = {
     "ReaperReplicaNotReady", "ReaperLagGrowing", "ReaperDeadLettered", "ReaperThrottled",
-    "ReaperStalled", "ReaperCredentialsRefused",
+    "ReaperStalled", "ReaperCredentialsRefused", "ReaperRegionApiDown",
 }  # fmt: skip
 
 
@@ -51,7 +51,7 @@ def test_promtool_accepts_the_rules() -> None:
         [_promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 6 rules found" in done.stdout
+    assert "SUCCESS: 7 rules found" in done.stdout
 
 
 def test_each_alert_fires_on_its_series_and_not_before(tmp_path: Path) -> None:

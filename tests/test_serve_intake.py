@@ -15,6 +15,7 @@ from worker.service.intake import (
     ReadOwn,
     Reclaim,
 )
+from worker.targets import Target
 
 
 def _plan(*, resumed: bool = False, now: float = 100.0) -> IntakePlan:
@@ -65,16 +66,16 @@ def test_a_batch_is_cut_when_full_and_lingers_no_longer_than_asked() -> None:
     assert batcher.due_at is None
     assert batcher.add("a", 10.0) is None
     assert batcher.due_at == 10.2
-    assert batcher.settle(10.1, idle=False) is None  # not due, more may come
+    assert batcher.settle(10.1, idle=False) == []  # not due, more may come
     assert batcher.add("b", 10.15) is None
     full = batcher.add("c", 10.16)
     assert full is not None and full.ids == ("a", "b", "c") and batcher.due_at is None
     batcher.add("d", 11.0)
-    assert batcher.settle(11.0, idle=True) is not None  # the read came back empty
+    assert batcher.settle(11.0, idle=True) != []  # the read came back empty
     batcher.add("e", 12.0)
     late = batcher.settle(12.2, idle=False)
-    assert late is not None and late.ids == ("e",)
-    assert batcher.settle(13.0, idle=True) is None  # nothing batched
+    assert [b.ids for b in late] == [("e",)]
+    assert batcher.settle(13.0, idle=True) == []  # nothing batched
 
 
 @given(
@@ -92,11 +93,25 @@ def test_every_id_leaves_once_in_order_in_batches_no_larger_than_the_size(
             sent.append(f"{n}-{i}")
             batch = batcher.add(sent[-1], now)
             out.extend([] if batch is None else [batch])
-        settled = batcher.settle(now, idle=idle)
-        out.extend([] if settled is None else [settled])
+        out.extend(batcher.settle(now, idle=idle))
         due = batcher.due_at
         assert due is None or due > now or not idle  # nothing left overdue after settling
-    last = batcher.flush()
-    out.extend([] if last is None else [last])
+    out.extend(batcher.flush())
     assert [i for batch in out for i in batch.ids] == sent
     assert all(0 < len(batch.ids) <= size for batch in out)
+
+
+def test_ids_of_two_targets_leave_in_batches_of_their_own_and_a_flush_gives_them_all() -> None:
+    """A batch holds one target's ids (one DELETE goes to one project at one endpoint); a
+    due linger cuts every target's partial batch, none left behind until the next id."""
+    other = Target("project-b", "http://127.0.0.1:1", "cn-north-9")
+    batcher = LingerBatcher(Batcher(2, prefix="t"), linger=0.2)
+    assert batcher.add("a", 10.0) is None
+    assert batcher.add("x", 10.0, other) is None
+    full = batcher.add("b", 10.1)
+    assert full is not None and full.ids == ("a", "b") and full.target is None
+    assert batcher.due_at == 10.2  # "x" still waits, as it has since 10.0
+    assert batcher.add("y", 10.15, None) is None
+    due = batcher.settle(10.3, idle=False)
+    assert sorted((b.target is None, b.ids) for b in due) == [(False, ("x",)), (True, ("y",))]
+    assert batcher.due_at is None and batcher.flush() == []

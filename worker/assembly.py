@@ -29,6 +29,7 @@ from worker.dispatcher import Working
 from worker.errors import ConfigError, UsageError
 from worker.input.shard import Shard, ShardFilter
 from worker.input.sources import read_entries
+from worker.lanes import Lanes
 from worker.ledger import WHOLE, Ledger, TemporaryLedger
 from worker.outcomes.events import EventLog
 from worker.outcomes.journal import LedgerPort, ResultsWriter, RunJournal, Tally
@@ -36,7 +37,9 @@ from worker.pacing.breaker import BreakerGate
 from worker.pacing.bucket import RateLimiter
 from worker.pipeline import BatchProcessor, Entry, Pipeline, RunState
 from worker.private_files import open_output
+from worker.routing import Stamped
 from worker.settings import Settings
+from worker.targets import Target, Targets, normal_endpoint
 from worker.types import Candidate
 
 if TYPE_CHECKING:
@@ -49,7 +52,7 @@ if TYPE_CHECKING:
     from worker.service.health import Health
     from worker.service.inflight import InFlight
     from worker.service.journal import ServeJournal
-    from worker.service.metrics import ServiceMetrics
+    from worker.service.metrics import Places, ServiceMetrics
     from worker.service.outage import Outage
     from worker.service.service import Service, ServiceConfig
 
@@ -304,6 +307,25 @@ def service_config(settings: Settings) -> ServiceConfig:
     )
 
 
+def serve_targets(settings: Settings) -> Targets:
+    """Where ``serve`` may send: the settings' project at their endpoint by default, and the
+    projects of ``allowed_projects``; none listed: the default project only (a queue anyone
+    can write to must not widen what a replica deletes)."""
+    default = Target(
+        wiring.project_id(settings), normal_endpoint(settings.api_endpoint), settings.region
+    )
+    return Targets(default, allowed=settings.allowed_projects or [default.project_id])
+
+
+def serve_places(targets: Targets) -> Places:
+    """The metrics' ``project_id`` and ``region`` labels: the configured projects and the
+    known regions, never what an entry says."""
+    from worker.service.metrics import Places
+    from worker.settings import REGIONS
+
+    return Places(targets.default, targets.allowed, REGIONS)
+
+
 def build_service_redis(
     stack: AsyncExitStack, settings: Settings, config: ServiceConfig
 ) -> tuple[aioredis.Redis, aioredis.Redis]:
@@ -347,6 +369,7 @@ async def build_service(
     protection: Protection,
     stop: anyio.Event,
     stop_now: anyio.Event,
+    targets: Targets | None = None,
 ) -> ServeParts:
     """The service over a Redis that has answered: its group made sure of, the API client,
     the shared limiter and the dispatcher. ``serve`` never runs dry (``refuse_run_only``)."""
@@ -356,6 +379,7 @@ async def build_service(
     from worker.service.journal import ServeJournal
     from worker.service.layout import Retention, StreamLayout
     from worker.service.metrics import MeteredTransport
+    from worker.service.regions import RegionRouter
     from worker.service.retention import Keeper
     from worker.service.service import Service
 
@@ -376,27 +400,52 @@ async def build_service(
         events=events, metrics=metrics, inflight=inflight, consumer=consumer, clock=clock,
         outage=outage, max_deliveries=config.max_deliveries,
     )  # fmt: skip
-    api: Api = MeteredTransport(
-        await build_transport(stack, settings), metrics, clock, observe=health.observe_call
-    )
     working = Working()  # what a stop waits for: calls on the wire, answers settling
-    limiter = wiring.shared_limiter(settings, client, layout.ratelimit, clock)
-    dispatcher = wiring.processor(
-        settings,
-        transport=api,
-        limiter=limiter,
-        journal=journal,
-        clock=clock,
-        stopping=lambda: service.halting,  # the service is made next, and asked later
-        protection=protection,  # protected jobs end skipped here too, whatever the queue says
-        working=working,
-        gate=BreakerGate(clock=clock),  # an API that keeps failing is probed, not hammered
-    )
+    targets = targets if targets is not None else serve_targets(settings)
+    session = wiring.session(settings)
+    stack.push_async_callback(_shielded, session.close)
+    # One limiter per project and endpoint, shared through Redis (the default's on the key
+    # of one project's fleet), one breaker per endpoint: worker.lanes.
+    lanes = Lanes(settings, default=targets.default, clock=clock, session=session,
+                  credentials=await wiring.credentials(settings, session), redis=client,
+                  limit_base=layout.ratelimit)  # fmt: skip
+
+    def lane(target: Target | None) -> BatchProcessor:
+        transport = lanes.transport(target)
+        assert transport is not None  # serve always has a session and keys
+        api: Api = MeteredTransport(transport, metrics, clock, observe=health.observe_call,
+                                    target=target)  # fmt: skip
+        return wiring.processor(
+            settings,
+            transport=api,
+            limiter=lanes.limiter(target),
+            journal=journal if target is None else Stamped(journal, target),
+            clock=clock,
+            stopping=lambda: service.halting,  # the service is made next, and asked later
+            protection=protection,  # protected jobs end skipped here too, whatever the queue says
+            working=working,
+            gate=lanes.gate(target),  # an API that keeps failing is probed, not hammered
+        )
+
+    router = RegionRouter(
+        lane=lane, gate=lanes.gate, place=lanes.place,
+        on_pause=lambda target, error: events.error(
+            "serve.region_paused", project_id=target.project_id, region=target.region,
+            endpoint=target.endpoint, error=str(error)),
+        on_resume=lambda target: events.note(
+            "serve.region_resumed", project_id=target.project_id, region=target.region,
+            endpoint=target.endpoint),
+    )  # fmt: skip
+
+    def gauges() -> None:
+        for target, down in router.down():
+            metrics.api_down.labels(*metrics.place(target)).set(int(down))
+
     service = Service(
         consumer=consumer,
         inflight=inflight,
         journal=journal,
-        dispatcher=dispatcher,
+        dispatcher=router,
         metrics=metrics,
         health=health,
         events=events,
@@ -407,7 +456,9 @@ async def build_service(
         working=working,
         outage=outage,
         keeper=Keeper(client, layout, retention),
-        rate=lambda: float(limiter.rate),
+        rate=lambda: lanes.rate,
+        targets=targets,
+        gauges=gauges,
     )
     return ServeParts(service, consumer, journal, inflight, health, metrics)
 

@@ -24,6 +24,8 @@ from worker import logsetup, wiring
 from worker.assembly import (
     build_service,
     build_service_redis,
+    serve_places,
+    serve_targets,
     service_config,
     start_http,
     started_fields,
@@ -127,7 +129,8 @@ async def serve(
     clock = MonotonicClock()
     events = EventLog(sink=logsetup.json_sink())
     config = service_config(settings)
-    metrics = ServiceMetrics()
+    targets = serve_targets(settings)
+    metrics = ServiceMetrics(places=serve_places(targets))
     outage = Outage(events, clock, where=redis_where(settings.redis_url),
                     count=metrics.redis_errors.inc)  # fmt: skip
     async with AsyncExitStack() as stack:
@@ -138,7 +141,7 @@ async def serve(
         parts = await build_service(
             stack, settings, config, client=client, reader=reader, metrics=metrics,
             outage=outage, events=events, clock=clock, protection=protection, stop=stop,
-            stop_now=stop_now,
+            stop_now=stop_now, targets=targets,
         )  # fmt: skip
         host = http_host or settings.http_host
         port = await start_http(stack, parts, host, settings.http_port)
@@ -149,6 +152,7 @@ async def serve(
             group=settings.group,
             http_host=host,
             http_port=port,
+            allowed_projects=sorted(targets.allowed),
             **started_fields(settings, endpoint=endpoint, project=wiring.project_id(settings)),
         )
         if on_ready is not None:

@@ -27,7 +27,7 @@ from worker.service.inflight import Finished
 from worker.service.layout import Retention, StreamLayout
 from worker.service.outage import NotAStream
 from worker.service.retention import kept_position
-from worker.types import Outcome, Result
+from worker.types import Outcome, Result, target_fields
 
 Entry = tuple[str, dict[bytes, bytes] | None]
 Fields = dict[Any, Any]
@@ -94,7 +94,8 @@ def _entries(raw: Any) -> list[Entry]:
 
 
 def outcome_fields(result: Result, entries: Sequence[str]) -> dict[str, str]:
-    """One entry of the outcomes stream (absent values as empty strings: streams hold text)."""
+    """One entry of the outcomes stream (absent values as empty strings: streams hold text);
+    ``project_id`` and ``region`` when its entry named a target other than the default."""
     return {
         "job_id": result.job_id
         if result.outcome is not Outcome.REJECTED
@@ -106,6 +107,7 @@ def outcome_fields(result: Result, entries: Sequence[str]) -> dict[str, str]:
         "error_msg": result.error_msg or result.reason or "",
         "request_id": result.request_id or "",
         "entry": ",".join(entries),
+        **{k: v or "" for k, v in target_fields(result.target).items()},
     }
 
 
@@ -456,6 +458,20 @@ class StreamConsumer:
         pending: Any = await self._r.xpending_range(
             self.layout.stream, self.layout.group, "-", "+", count, consumername=self.consumer
         )
+        return await self._give_back(list(pending), idle_ms)
+
+    async def give_back(self, entry_ids: Sequence[str]) -> int:
+        """The delivery of entries handed back unsent (their endpoint paused: nothing was
+        tried) given back, as :meth:`hand_over` does, so an outage of one region does not
+        spend its entries' ``max_deliveries``. They stay pending under our name, for a
+        reclaim to take ``reclaim_after`` from now. Returns how many."""
+        pending = await self._pending(entry_ids)
+        mine = [p for p in pending.values() if _id(p["consumer"]) == self.consumer]
+        return await self._give_back(mine, 0)
+
+    async def _give_back(self, pending: list[Any], idle_ms: int) -> int:
+        """``XCLAIM ... IDLE idle_ms RETRYCOUNT n-1 JUSTID`` of our ``pending`` entries (each
+        an ``XPENDING`` row): one delivery fewer each, and idle for ``idle_ms``."""
         if not pending:
             return 0
         least = min(int(p["time_since_delivered"]) for p in pending)

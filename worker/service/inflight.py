@@ -5,6 +5,9 @@ service needs the many-to-many map between entries and ids: one entry may carry 
 and one id may arrive in several entries (a producer that enqueued it twice, a redelivery
 beside a fresh copy). An id already waiting for an answer is not sent again; the entries
 that name it all settle when its one outcome arrives.
+
+An id is waited on per target (``Message.target``, ``Result.target``; None: the default):
+the same id named for two projects is two jobs, each sent to its own.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from worker.service.layout import Message
+from worker.targets import Target
 from worker.types import Outcome, Result
+
+Key = tuple[Target | None, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +41,10 @@ class _Waiting:
     deliveries: int
     open: set[str]
     failures: list[Result] = field(default_factory=list)
+
+    @property
+    def target(self) -> Target | None:
+        return self.message.target
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +70,7 @@ class InFlight:
 
     def __init__(self) -> None:
         self._entries: dict[str, _Waiting] = {}
-        self._waiters: dict[str, list[str]] = {}
+        self._waiters: dict[Key, list[str]] = {}
 
     def __contains__(self, entry_id: object) -> bool:
         return entry_id in self._entries
@@ -76,15 +86,17 @@ class InFlight:
         """The entries held, oldest first."""
         return list(self._entries)
 
-    def last_delivery(self, job_id: str, limit: int) -> bool:
-        """Is every entry waiting on ``job_id`` on its last allowed delivery (so an outcome
-        for it now is its last)?"""
-        waiting = [self._entries[e] for e in self._waiters.get(job_id, ()) if e in self._entries]
+    def last_delivery(self, job_id: str, limit: int, target: Target | None = None) -> bool:
+        """Is every entry waiting on ``job_id`` (of ``target``) on its last allowed delivery
+        (so an outcome for it now is its last)?"""
+        held = self._waiters.get((target, job_id), ())
+        waiting = [self._entries[e] for e in held if e in self._entries]
         return all(w.deliveries >= limit for w in waiting)
 
-    def entries_of(self, job_id: str) -> tuple[str, ...]:
-        """The entries waiting on ``job_id`` (for the outcomes stream's ``entry`` field)."""
-        return tuple(self._waiters.get(job_id, ()))
+    def entries_of(self, job_id: str, target: Target | None = None) -> tuple[str, ...]:
+        """The entries waiting on ``job_id`` of ``target`` (for the outcomes stream's
+        ``entry`` field)."""
+        return tuple(self._waiters.get((target, job_id), ()))
 
     def add(self, message: Message, deliveries: int) -> Admission:
         """Hold ``message``; return the ids nobody is waiting on yet (to send).
@@ -98,10 +110,11 @@ class InFlight:
             return Admission((), Finished(message, deliveries))
         self._entries[message.entry_id] = _Waiting(message, deliveries, set(message.ids))
         send: list[str] = []
+        target = message.target
         for job_id in message.ids:
-            waiting = self._waiters.get(job_id)
+            waiting = self._waiters.get((target, job_id))
             if waiting is None:
-                self._waiters[job_id] = [message.entry_id]
+                self._waiters[target, job_id] = [message.entry_id]
                 send.append(job_id)
             else:
                 waiting.append(message.entry_id)
@@ -111,7 +124,7 @@ class InFlight:
         """Record outcomes; return the entries this completes, in the order they complete."""
         done: list[Finished] = []
         for result in results:
-            for entry_id in self._waiters.pop(result.job_id, ()):
+            for entry_id in self._waiters.pop((result.target, result.job_id), ()):
                 waiting = self._entries.get(entry_id)
                 if waiting is None:
                     continue
@@ -125,14 +138,15 @@ class InFlight:
                     )
         return done
 
-    def release(self, job_ids: Sequence[str]) -> dict[str, Released]:
-        """Forget the entries waiting on ``job_ids`` without an outcome (left pending in
-        Redis for a later delivery); return, by entry, those of ``job_ids`` it held and its
-        ids that already have an outcome (not to be sent again on its next delivery)."""
+    def release(self, job_ids: Sequence[str], target: Target | None = None) -> dict[str, Released]:
+        """Forget the entries waiting on ``job_ids`` of ``target`` without an outcome (left
+        pending in Redis for a later delivery); return, by entry, those of ``job_ids`` it
+        held and its ids that already have an outcome (not to be sent again on its next
+        delivery)."""
         wanted = set(job_ids)
         dropped: dict[str, Released] = {}
         for job_id in job_ids:
-            for entry_id in list(self._waiters.get(job_id, ())):
+            for entry_id in list(self._waiters.get((target, job_id), ())):
                 waiting = self._entries.pop(entry_id, None)
                 if waiting is None:
                     continue
@@ -143,11 +157,12 @@ class InFlight:
                     done=message.done_besides(waiting.open | failed),
                 )
                 for other in waiting.open:
-                    holders = self._waiters.get(other)
+                    key = (waiting.target, other)
+                    holders = self._waiters.get(key)
                     if holders is not None and entry_id in holders:
                         holders.remove(entry_id)
                         if not holders:
-                            del self._waiters[other]
+                            del self._waiters[key]
         return dropped
 
     def clear(self) -> None:

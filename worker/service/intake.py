@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from worker.batcher import Batcher
+from worker.targets import Target
 from worker.types import Batch
 
 
@@ -126,27 +127,28 @@ class LingerBatcher:
         """When the batch being filled is due (``None``: nothing is batched)."""
         return None if self._first_at is None else self._first_at + self._linger
 
-    def add(self, job_id: str, now: float) -> Batch | None:
-        """Take one id; a full batch when it completes one."""
+    def add(self, job_id: str, now: float, target: Target | None = None) -> Batch | None:
+        """Take one id (of ``target``; None: the default); a full batch when it completes
+        one."""
         if self._first_at is None:
             self._first_at = now
-        batch = self._batcher.add(job_id)
-        if batch is not None:
+        batch = self._batcher.add(job_id, target)
+        if batch is not None and not self._batcher.pending:  # else other targets' ids wait
             self._first_at = None
         return batch
 
-    def settle(self, now: float, *, idle: bool) -> Batch | None:
-        """After a read: the partial batch if it is due, or the read came back ``idle``
+    def settle(self, now: float, *, idle: bool) -> list[Batch]:
+        """After a read: the partial batches if they are due, or the read came back ``idle``
         (empty: waiting for more would only delay these)."""
         due = self.due_at
         if due is None or not (idle or now >= due):
-            return None
+            return []
         return self.flush()
 
-    def flush(self) -> Batch | None:
-        """Whatever is batched, now."""
+    def flush(self) -> list[Batch]:
+        """Whatever is batched, now: a partial batch per target."""
         self._first_at = None
-        return self._batcher.flush()
+        return list(iter(self._batcher.flush, None))
 
     def __repr__(self) -> str:
         return f"LingerBatcher(due_at={self.due_at}, {self._batcher!r})"

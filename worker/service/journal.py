@@ -97,12 +97,12 @@ class ServeJournal:
             r
             for r in results
             if r.outcome is not Outcome.FAILED
-            or self._inflight.last_delivery(r.job_id, self._max_deliveries)
+            or self._inflight.last_delivery(r.job_id, self._max_deliveries, r.target)
         ]
         for result in final:
             self._events.result(result)
-            self._metrics.outcome(result.outcome)
-        rows = [outcome_fields(r, self._inflight.entries_of(r.job_id)) for r in final]
+            self._metrics.outcome(result.outcome, target=result.target)
+        rows = [outcome_fields(r, self._inflight.entries_of(r.job_id, r.target)) for r in final]
         # Shielded: an outcome reached on the API is recorded and acked even when a shutdown
         # is cancelling the dispatchers, instead of being redone by another replica. Only a
         # drain puts a deadline on it; before that, an outcome waits for Redis as long as it
@@ -140,13 +140,15 @@ class ServeJournal:
                 error_code=said.get("error_code"),
                 error_msg=said.get("error_msg") or f"no outcome after {reason}",
                 request_id=said.get("request_id"),
+                target=message.target,
             )
             for job_id in message.ids
-            if not self._inflight.entries_of(job_id)  # another entry is on it right now
+            # another entry is on it right now
+            if not self._inflight.entries_of(job_id, message.target)
         ]
         for result in failed:
             self._events.result(result)
-            self._metrics.outcome(result.outcome)
+            self._metrics.outcome(result.outcome, target=result.target)
         rows = [outcome_fields(r, (message.entry_id,)) for r in failed]
         await self._outage.persist(lambda: self._consumer.write_outcomes(rows), what="outcomes")
         self.outcomes += len(rows)
@@ -181,7 +183,7 @@ class ServeJournal:
         ]
         for rejection in message.rejections:
             self._events.rejected(rejection)
-        self._metrics.outcome(Outcome.REJECTED, len(results))
+        self._metrics.rejected(len(results))
         rows = [outcome_fields(r, (message.entry_id,)) for r in results]
         await self._outage.persist(lambda: self._consumer.write_outcomes(rows), what="outcomes")
         self.outcomes += len(rows)
@@ -216,6 +218,8 @@ class ServeJournal:
             )
         elif done.message.rejections or done.message.problem:
             reason = "unreadable" if done.message.problem else "invalid"
+            if done.message.refused:
+                reason = "target"
             self._metrics.dead(reason)
             self._events.warn(
                 "serve.dead_lettered",

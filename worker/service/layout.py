@@ -3,7 +3,9 @@
 The keys all derive from ``settings.stream`` so that one setting names a whole queue:
 
 - ``{stream}``: the ids to delete. An entry has a field ``id`` (one id) or ``ids`` (a JSON
-  list of ids), or both.
+  list of ids), or both; and may name where they are, ``project_id`` and ``region`` (or
+  ``endpoint``), held to the settings' own rules (``worker.targets``). An entry naming a
+  place serve may not send to is dead-lettered with the reason (:func:`aimed`).
 - ``{stream}:dead``: entries given up on (invalid ids, unreadable payloads, too many
   deliveries), with the reason. Kept to ``Retention.dead_max_len`` entries and
   ``Retention.dead_max_age_s`` seconds, whichever is fewer.
@@ -24,13 +26,14 @@ The ids stream itself is trimmed below the oldest entry any group still needs
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, replace
 from itertools import islice
 
 import orjson
 
 from worker.input.intake import escape, validate
+from worker.targets import FIELDS, Address, Target, Targets, address
 from worker.types import Candidate, Rejection
 
 MAX_IDS_PER_ENTRY = 1000
@@ -91,6 +94,11 @@ class Message:
     sent). ``problem`` is set when the entry cannot be read at all; it then carries no ids.
     ``payload`` is the entry's fields as text, for the dead-letter stream. ``settled`` are
     ids of the entry that had their outcome on an earlier delivery (taken out of ``ids``).
+
+    ``address``: the project, region or endpoint the entry names (None: none); ``target``:
+    where its ids' calls go once that is resolved (None: the settings' default).
+    ``refused``: the entry names a place serve may not send to (``problem`` says why; its
+    ids are ``rejections`` with that reason, never sent).
     """
 
     entry_id: str
@@ -99,6 +107,9 @@ class Message:
     problem: str | None = None
     payload: str = "{}"
     settled: tuple[str, ...] = ()
+    address: Address | None = None
+    target: Target | None = None
+    refused: bool = False
 
     def done_besides(self, not_done: Collection[str]) -> list[str]:
         """The ids with an outcome: those settled before, and those of ``ids`` but
@@ -180,6 +191,9 @@ def decode_entry(entry_id: str, fields: dict[bytes, bytes] | dict[str, str]) -> 
     if len(raw) > MAX_IDS_PER_ENTRY:
         problem = f"entry names {len(raw)} ids; at most {MAX_IDS_PER_ENTRY}"
         return Message(entry_id, (), problem=problem, payload=payload)
+    named = _address(values)
+    if isinstance(named, str):
+        return Message(entry_id, (), problem=named, payload=payload)
     ids: dict[str, None] = {}
     rejections: list[Rejection] = []
     for position, value in enumerate(raw, start=1):
@@ -192,4 +206,46 @@ def decode_entry(entry_id: str, fields: dict[bytes, bytes] | dict[str, str]) -> 
             ids.setdefault(checked.job_id)
         else:
             rejections.append(checked)
-    return Message(entry_id, tuple(ids), tuple(rejections), payload=payload)
+    return Message(entry_id, tuple(ids), tuple(rejections), payload=payload, address=named)
+
+
+def _address(values: Mapping[str, bytes | str]) -> Address | str | None:
+    """The place an entry's ``project_id``/``region``/``endpoint`` fields name (None: none),
+    or why one is refused (the rule it breaks, as for an input line)."""
+    given: dict[str, str | None] = {}
+    for name in FIELDS:
+        value = values.get(name)
+        if value is not None:
+            text = _text(value)
+            if len(text) > 512:  # the rules allow far less; escape keeps the reason short
+                return f"{name} is {len(text)} characters long"
+            given[name] = text
+    if not any(given.values()):
+        return None
+    found = address(given)
+    if isinstance(found, str):
+        return escape(found, 200)
+    return found
+
+
+ONE_PROJECT = "names a project, region or endpoint, and this service sends to one project only"
+
+
+def aimed(message: Message, targets: Targets | None) -> Message:
+    """``message`` with the target of the place it names, or, when serve may not send
+    there (a project outside the allowed ones, a region named without its project id),
+    refused: its ids become rejections with the reason and it is dead-lettered on ack."""
+    if message.address is None or message.problem is not None:
+        return message
+    if targets is None:
+        return _refused(message, ONE_PROJECT)
+    found = targets.of(message.address)
+    if isinstance(found, Target):
+        return replace(message, target=None if found == targets.default else found)
+    return _refused(message, found)
+
+
+def _refused(message: Message, found: str) -> Message:
+    refusals = tuple(Rejection(job_id, n, found) for n, job_id in enumerate(message.ids, 1))
+    return replace(message, ids=(), rejections=(*message.rejections, *refusals),
+                   problem=found, refused=True)  # fmt: skip

@@ -2,8 +2,15 @@
 
 A registry of our own (not prometheus_client's global one) keeps the exposition to what we
 define, and lets tests build as many as they like. Every label takes values from a small
-fixed set, and each series is created at start-up, so the number of series never changes
-with traffic: a dashboard sees zeros instead of gaps, and no id ever becomes a label.
+fixed set, and each series of a place is created when the place is first met (the
+default's at start-up), so the number of series never grows with traffic: a dashboard sees
+zeros instead of gaps, and no id ever becomes a label.
+
+The ``project_id`` and ``region`` labels (ids, API calls, throttled calls, an endpoint's
+outage) take their values from the settings, never from what a stream entry says
+(:class:`Places`): a project outside ``allowed_projects`` and the default is never sent to
+(its entry is dead-lettered), and a region is one of the known regions, the default's, or
+``other``. An entry naming a thousand projects or regions adds no series.
 
 ``MeteredTransport`` wraps the dispatcher's ``Transport`` to time and classify every API
 call without touching the client: the error type says the status class.
@@ -13,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter as CountOf
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -27,6 +34,7 @@ from worker.errors import (
     ThrottledError,
     TlsError,
 )
+from worker.targets import Target
 from worker.types import DeleteResult, JobRecord, Outcome
 
 if TYPE_CHECKING:
@@ -38,7 +46,9 @@ PREFIX = "devserver_reaper_"
 CALLS = ("delete", "show", "list")
 STATUS_CLASSES = ("2xx", "4xx", "5xx", "timeout", "network", "malformed", "tls", "other")
 RETRY_REASONS = ("throttled", "server_error", "network", "timeout", "malformed", "transient")
-DEAD_REASONS = ("invalid", "unreadable", "max_deliveries")
+DEAD_REASONS = ("invalid", "unreadable", "max_deliveries", "target")
+OTHER = "other"
+"""The label value of a project or region outside the configured ones."""
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
@@ -61,18 +71,62 @@ def status_class(error: ApiError | None) -> str:
     return "other"
 
 
+class Places:
+    """The ``project_id`` and ``region`` label values of a target: bounded by the settings.
+
+    ``projects``: the projects serve may send to (``allowed_projects``, and the default's);
+    ``regions``: the region names a label may take (the known regions and the default's).
+    Anything else is ``other``; a target named by endpoint alone has region ``""``."""
+
+    __slots__ = ("default", "projects", "regions")
+
+    def __init__(
+        self, default: Target | None, projects: Collection[str] = (),
+        regions: Collection[str] = (),
+    ) -> None:  # fmt: skip
+        self.default = default
+        mine = () if default is None else (default.project_id,)
+        self.projects = frozenset((*projects, *mine))
+        here = () if default is None or default.region is None else (default.region,)
+        self.regions = frozenset((*regions, *here))
+
+    def of(self, target: Target | None) -> tuple[str, str]:
+        """``(project_id, region)`` of ``target`` (None: the default)."""
+        place = target if target is not None else self.default
+        if place is None:
+            return "", ""
+        project = place.project_id if place.project_id in self.projects else OTHER
+        region = place.region or ""
+        if region and region not in self.regions:
+            region = OTHER
+        return project, region
+
+    def __repr__(self) -> str:
+        return f"Places(default={self.default}, projects={len(self.projects)})"
+
+
+NOWHERE = ("", "")
+"""The labels of ids that belong to no project: rejected ones (an invalid id is no job)."""
+
+
 class ServiceMetrics:
     """The metric objects. Methods take label values from the fixed sets above."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, places: Places | None = None
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.places = places if places is not None else Places(None)
         self.by_outcome: CountOf[str] = CountOf()
         """Ids by outcome since start, as plain numbers (for ``serve.stats``)."""
         r = self.registry
-        self.ids = Counter(PREFIX + "ids", "Ids by terminal outcome", ["outcome"], registry=r)
+        where = ["project_id", "region"]
+        self.ids = Counter(
+            PREFIX + "ids", "Ids by terminal outcome", ["outcome", *where], registry=r
+        )
         self.api_calls = Counter(
             PREFIX + "api_calls", "API calls by call and status class",
-            ["call", "status_class"], registry=r,
+            ["call", "status_class", *where], registry=r,
         )  # fmt: skip
         self.api_duration = Histogram(
             PREFIX + "api_call_duration_seconds", "API call duration",
@@ -81,7 +135,13 @@ class ServiceMetrics:
         self.retries = Counter(
             PREFIX + "retries", "Batch retries by reason", ["reason"], registry=r
         )
-        self.throttled = Counter(PREFIX + "throttled", "API calls answered 429", registry=r)
+        self.throttled = Counter(PREFIX + "throttled", "API calls answered 429", where, registry=r)
+        self.api_down = Gauge(
+            PREFIX + "api_down",
+            "1 while the circuit breaker of the project's endpoint is not closed (its API was "
+            "failing when last heard from); its entries wait, the others are served",
+            where, registry=r,
+        )  # fmt: skip
         self.dead_lettered = Counter(
             PREFIX + "dead_lettered", "Stream entries dead-lettered by reason", ["reason"],
             registry=r,
@@ -113,20 +173,41 @@ class ServiceMetrics:
             PREFIX + "last_success_timestamp_seconds", "Unix time of the last successful API call",
             registry=r,
         )  # fmt: skip
-        for outcome in Outcome:
-            self.ids.labels(outcome.value)
+        self._placed: set[tuple[str, str]] = set()
+        self.place(None)
+        self.ids.labels(Outcome.REJECTED.value, *NOWHERE)
         for call in CALLS:
             self.api_duration.labels(call)
-            for cls in STATUS_CLASSES:
-                self.api_calls.labels(call, cls)
         for reason in RETRY_REASONS:
             self.retries.labels(reason)
         for reason in DEAD_REASONS:
             self.dead_lettered.labels(reason)
 
-    def outcome(self, outcome: Outcome, n: int = 1) -> None:
-        self.ids.labels(outcome.value).inc(n)
+    def place(self, target: Target | None) -> tuple[str, str]:
+        """The labels of ``target``, its series made (at zero) the first time it is met:
+        a dashboard sees zeros instead of gaps."""
+        labels = self.places.of(target)
+        if labels not in self._placed:
+            self._placed.add(labels)
+            for outcome in Outcome:
+                if outcome is not Outcome.REJECTED:
+                    self.ids.labels(outcome.value, *labels)
+            for call in CALLS:
+                for cls in STATUS_CLASSES:
+                    self.api_calls.labels(call, cls, *labels)
+            self.throttled.labels(*labels)
+            self.api_down.labels(*labels)
+        return labels
+
+    def outcome(self, outcome: Outcome, n: int = 1, *, target: Target | None = None) -> None:
+        self.ids.labels(outcome.value, *self.place(target)).inc(n)
         self.by_outcome[outcome.value] += n
+
+    def rejected(self, n: int = 1) -> None:
+        """Invalid ids, and those of an entry naming a place serve may not send to: they
+        belong to no project, and count under empty labels."""
+        self.ids.labels(Outcome.REJECTED.value, *NOWHERE).inc(n)
+        self.by_outcome[Outcome.REJECTED.value] += n
 
     def retry(self, reason: str) -> None:
         self.retries.labels(reason if reason in RETRY_REASONS else "transient").inc()
@@ -134,11 +215,15 @@ class ServiceMetrics:
     def dead(self, reason: str) -> None:
         self.dead_lettered.labels(reason).inc()
 
-    def call(self, call: str, error: ApiError | None, duration_s: float, wall: float) -> None:
-        self.api_calls.labels(call, status_class(error)).inc()
+    def call(
+        self, call: str, error: ApiError | None, duration_s: float, wall: float,
+        target: Target | None = None,
+    ) -> None:  # fmt: skip
+        labels = self.place(target)
+        self.api_calls.labels(call, status_class(error), *labels).inc()
         self.api_duration.labels(call).observe(max(0.0, duration_s))
         if isinstance(error, ThrottledError):
-            self.throttled.inc()
+            self.throttled.labels(*labels).inc()
         if error is None:
             self.last_success.set(wall)
 
@@ -161,7 +246,10 @@ class MeteredTransport:
         *,
         observe: Callable[[ApiError | None], None] | None = None,
         wall: Callable[[], float] = time.time,
+        target: Target | None = None,
     ) -> None:
+        """``target``: the project its calls go to, for the labels (None: the default)."""
+        self._target = target
         self._inner = inner
         self._metrics = metrics
         self._clock = clock
@@ -198,7 +286,7 @@ class MeteredTransport:
 
     def _end(self, call: str, started: float, error: ApiError | None) -> None:
         self._metrics.inflight.dec()
-        self._metrics.call(call, error, self._clock.now() - started, self._wall())
+        self._metrics.call(call, error, self._clock.now() - started, self._wall(), self._target)
         if self._observe is not None:
             self._observe(error)
 

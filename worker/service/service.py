@@ -47,11 +47,13 @@ from worker.service.health import Health
 from worker.service.inflight import InFlight
 from worker.service.intake import AwaitAnswer, IntakePlan, LingerBatcher, ReadOwn, Reclaim
 from worker.service.journal import SETTLE_TIMEOUT_S, ServeJournal
-from worker.service.layout import decode_entry
+from worker.service.layout import aimed, decode_entry
 from worker.service.metrics import ServiceMetrics
 from worker.service.outage import REDIS_ERRORS, NotAStream, Outage, wrong_type
+from worker.service.regions import Paused
 from worker.service.retention import Keeper
 from worker.stats import StatsWindow, every
+from worker.targets import Target, Targets
 from worker.types import Batch, doubted
 
 _T = TypeVar("_T")
@@ -119,7 +121,14 @@ class Service:
         stop_now: anyio.Event | None = None,
         keeper: Keeper | None = None,
         rate: Callable[[], float] | None = None,
+        targets: Targets | None = None,
+        gauges: Callable[[], None] | None = None,
     ) -> None:
+        """``targets``: where an entry naming a project, region or endpoint is sent, and
+        which it may name (None: an entry naming one is dead-lettered, as for one project
+        only); ``gauges``: sets the per-target gauges before a scrape."""
+        self._targets = targets
+        self._gauges = gauges
         self._consumer = consumer
         self._inflight = inflight
         self._journal = journal
@@ -268,6 +277,8 @@ class Service:
         self._metrics.credentials_refused.set(int(health.auth_refused))
         ready = not (health.auth_refused or health.draining or self._outage.down)
         self._metrics.ready.set(int(ready and health.queue_ok))
+        if self._gauges is not None:
+            self._gauges()
         info = await self._consumer.group_info()
         if info is not None:
             self._metrics.pending.set(info.pending)
@@ -331,17 +342,18 @@ class Service:
         async with receive:
             async for batch in receive:
                 if self.halting:
-                    self._inflight.release(batch.ids)  # not started: left pending
+                    self._inflight.release(batch.ids, batch.target)  # not started: pending
                     continue
                 try:
                     with self._working.busy():
                         await self._dispatcher.process(batch)
                     self._answered.set()
                 except ApiUnavailable as exc:
-                    self._answered.set()
+                    if not isinstance(exc, Paused):  # a handed-back batch met no API
+                        self._answered.set()
                     # Kept with each entry, naming its own ids of the batch: if it is never
                     # delivered with the API up, its dead letter and job.failed say why.
-                    dropped = self._inflight.release(batch.ids)
+                    dropped = self._inflight.release(batch.ids, batch.target)
                     unsure = exc.unsure | batch.unsure  # a next delivery must not say absent
                     errors = {entry: error_json(held.ids, exc.cause, str(exc), held.done,
                                                 [i for i in held.ids if i in unsure])
@@ -349,6 +361,11 @@ class Service:
                     await self._outage.persist(
                         partial(self._consumer.keep_errors, errors), what="last error"
                     )
+                    if isinstance(exc, Paused):  # nothing was tried: not a delivery
+                        await self._outage.persist(
+                            partial(self._consumer.give_back, list(dropped)), what="give back"
+                        )
+                        continue
                     self._events.error(
                         "serve.api_unavailable", batch_id=batch.batch_id, error=str(exc),
                         entries_left_pending=len(dropped),
@@ -410,7 +427,7 @@ class Service:
                     ids = await self._admit(entries, redelivered=True, counts=counts)
                     plan.read_own(entries[-1][0] if entries else None, took_ids=bool(ids))
                 elif isinstance(action, AwaitAnswer):
-                    await self._send(send, batcher.flush())
+                    await self._send(send, *batcher.flush())
                     await self._answered.wait()
                     continue
                 elif isinstance(action, Reclaim):
@@ -422,17 +439,18 @@ class Service:
                 else:
                     entries = await self._redis(self._consumer.read_new, count, action.block_ms)
                     ids = await self._admit(entries, redelivered=False)
-                for job_id in ids:
-                    await self._send(send, batcher.add(job_id, clock.now()))
-                await self._send(send, batcher.settle(clock.now(), idle=not entries))
+                for job_id, target in ids:
+                    await self._send(send, batcher.add(job_id, clock.now(), target))
+                await self._send(send, *batcher.settle(clock.now(), idle=not entries))
 
-    async def _send(self, send: MemoryObjectSendStream[Batch], batch: Batch | None) -> None:
-        if batch is None:
-            return
-        batch = doubted(batch, self._unsure)
-        self.batches += 1
-        self._metrics.batch_size.observe(len(batch))
-        await send.send(batch)
+    async def _send(self, send: MemoryObjectSendStream[Batch], *batches: Batch | None) -> None:
+        for batch in batches:
+            if batch is None:
+                continue
+            batch = doubted(batch, self._unsure)
+            self.batches += 1
+            self._metrics.batch_size.observe(len(batch))
+            await send.send(batch)
 
     async def _redis(self, operation: Callable[..., Awaitable[_T]], *args: object) -> _T:
         """A read, retried while Redis is away; a group deleted under us is created again,
@@ -466,7 +484,7 @@ class Service:
         redelivered: bool,
         claimed: bool = False,
         counts: dict[str, int] | None = None,
-    ) -> list[str]:
+    ) -> list[tuple[str, Target | None]]:
         """Hold the entries read; dead-letter the over-delivered; return the ids to send.
 
         Entries whose read returned after the stop signal (the read was already answered
@@ -501,14 +519,14 @@ class Service:
             errors = await self._outage.persist(
                 lambda: self._consumer.last_errors(held), what="last error"
             )
-        send: list[str] = []
+        send: list[tuple[str, Target | None]] = []
         for entry_id, fields in live:
             assert fields is not None
             # The delivery is counted (by the read) and known before anything is decoded, and
             # decoding refuses an entry too large to parse: an entry that killed the process
             # while it was parsed could not otherwise ever reach its dead letter.
             deliveries = counts.get(entry_id, 1)
-            message = decode_entry(entry_id, fields)
+            message = aimed(decode_entry(entry_id, fields), self._targets)
             done = settled_ids(errors.get(entry_id, ""))
             self._unsure |= settled_ids(errors.get(entry_id, ""), "unsure") - done
             if done:
@@ -523,5 +541,5 @@ class Service:
             admission = self._inflight.add(message, deliveries)
             if admission.finished is not None:
                 await self._journal.settle(admission.finished)
-            send.extend(admission.send)
+            send.extend((job_id, message.target) for job_id in admission.send)
         return send

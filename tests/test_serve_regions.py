@@ -1,0 +1,381 @@
+"""serve for many projects and regions, as it runs: two ``devserver-reaper simulate``
+processes (two regions, each one project), real Redis, ids put on the stream by the real
+``enqueue`` from JSON Lines naming their project and region, and a real ``serve``
+subprocess.
+
+What is pinned: each entry's ids go to its own project at its own endpoint (each simulator
+knows one project id, and 404s any other in the path); an entry naming a project outside
+``allowed_projects`` is dead-lettered with the reason and nothing is sent for it; one
+region stopped leaves the other served and its own entries pending (not acknowledged, no
+outcome), then served when it comes back; and the metrics' project and region labels are
+bounded by the settings, however many an entry names.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import anyio.abc
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from anyio.streams.buffered import BufferedByteReceiveStream
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import REDIS_URL
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
+
+AK, SK = "AKSIMREGIONS0000000A", "sim-regions-secret-key"
+GROUP = "reapers"
+
+
+@dataclass
+class Region:
+    """One simulator process: one project in one region."""
+
+    project: str
+    region: str
+    seed: int
+    tmp: Path
+    url: str = ""
+    ids: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[str] | None = None
+
+    def start(self, port: int = 0) -> None:
+        ids_file = self.tmp / f"{self.project}-ids.txt"
+        args = [sys.executable, "-m", "worker", "simulate", "--port", str(port), "--jobs", "40",
+                "--seed", str(self.seed), "--project-id", self.project, "--region", self.region,
+                "--ak", AK, "--sk", SK, "--ids-file", str(ids_file)]  # fmt: skip
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env()
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert "listening on" in line, line
+        self.url = line.split("listening on ", 1)[1].split()[0]
+        self.ids = ids_file.read_text().split()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    async def control(self, what: str) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as http, http.get(f"{self.url}/_sim/{what}") as r:
+            return await r.json()  # type: ignore[no-any-return]
+
+
+@contextmanager
+def regions(tmp: Path) -> Iterator[tuple[Region, Region]]:
+    north = Region("project-a", "cn-north-4", 1, tmp)
+    south = Region("project-b", "cn-south-1", 2, tmp)
+    try:
+        north.start()
+        south.start()
+        yield north, south
+    finally:
+        north.stop()
+        south.stop()
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("REAPER_", "HUAWEICLOUD_"))}
+
+
+@dataclass
+class Serve:
+    process: anyio.abc.Process
+    events: list[dict[str, Any]] = field(default_factory=list)
+    started: anyio.Event = field(default_factory=anyio.Event)
+    port: int = 0
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == event]
+
+    async def metrics(self) -> str:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{self.port}/metrics") as r,
+        ):
+            return await r.text()
+
+
+async def _collect(serve: Serve) -> None:
+    assert serve.process.stdout is not None
+    lines = BufferedByteReceiveStream(serve.process.stdout)
+    while True:
+        try:
+            line = await lines.receive_until(b"\n", 1 << 20)
+        except (anyio.EndOfStream, anyio.IncompleteRead):
+            return
+        event = orjson.loads(line)
+        serve.events.append(event)
+        if event.get("event") == "serve.started":
+            serve.port = int(event["http_port"])
+            serve.started.set()
+
+
+@asynccontextmanager
+async def serving(stream: str, home: Region, tmp: Path, *flags: str) -> AsyncIterator[Serve]:
+    """``serve`` with ``home`` as its default target, until the block ends (SIGTERM)."""
+    command = [sys.executable, "-m", "worker", "serve", "--endpoint", home.url,
+               "--project-id", home.project, "--region", home.region, "--ak", AK,
+               "--stream", stream, "--group", GROUP, "--consumer", "r1",
+               "--redis-url", REDIS_URL, "--http-port", "0", "--http-host", "127.0.0.1",
+               "--log-format", "json", "--reclaim-after", "1", "--max-deliveries", "1000",
+               "--max-attempts", "2", "--connect-timeout", "1", "--read-timeout", "2",
+               "--batch-size", "5", *flags]  # fmt: skip
+    with (tmp / "serve.err").open("wb") as errors:
+        process = await anyio.open_process(command, env=_env() | {"REAPER_SK": SK}, stderr=errors)
+    serve = Serve(process)
+    async with anyio.create_task_group() as group:
+        group.start_soon(_collect, serve)
+        try:
+            with anyio.fail_after(20):
+                await serve.started.wait()
+            yield serve
+        finally:
+            with anyio.CancelScope(shield=True):
+                if process.returncode is None:
+                    process.send_signal(signal.SIGTERM)
+                    with anyio.move_on_after(20):
+                        await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+                await process.aclose()
+
+
+async def enqueue(stream: str, tmp: Path, lines: list[dict[str, str]]) -> dict[str, Any]:
+    """Through the real ``enqueue``, from a JSON Lines file."""
+    source = tmp / f"in-{len(list(tmp.glob('in-*')))}.jsonl"
+    source.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    done = await anyio.run_process(
+        [sys.executable, "-m", "worker", "enqueue", "--input", str(source),
+         "--stream", stream, "--redis-url", REDIS_URL],
+        env=_env(), check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    return orjson.loads(done.stdout.splitlines()[-1])  # type: ignore[no-any-return]
+
+
+async def rows(client: aioredis.Redis, key: str) -> list[dict[str, str]]:
+    found: Any = await client.xrange(key)
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in found]
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 40) -> None:
+    with anyio.fail_after(timeout):
+        while not await check():
+            await anyio.sleep(0.1)
+
+
+def named(region: Region, ids: list[str], **extra: str) -> list[dict[str, str]]:
+    """JSON Lines naming ``region``'s project, region and endpoint beside each id."""
+    place = {"project_id": region.project, "region": region.region, "endpoint": region.url}
+    return [{"id": i, **place, **extra} for i in ids]
+
+
+@pytest.mark.anyio
+async def test_entries_of_two_projects_go_to_their_own_regions_and_another_is_dead_lettered(
+    redis_prefix: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Plain ids go to the default project, ids naming project-b to project-b's simulator
+    (which 404s any other project in the path: a deletion there is proof of the path); an
+    entry naming a project outside allowed_projects is dead-lettered with the reason, its
+    job untouched, and no call goes out for it."""
+    stream = redis_prefix + "ids"
+    with regions(tmp_path) as (north, south):
+        plain = north.ids[:8]
+        theirs = south.ids[:8]
+        kept = south.ids[8]  # named for a project serve may not touch
+        lines = [{"id": i} for i in plain] + named(south, theirs)
+        lines += [{"id": kept, "project_id": "project-z", "endpoint": south.url}]
+        summary = await enqueue(stream, tmp_path, lines)
+        assert summary["enqueued"] == 17
+        entry: Any = await redis_client.xrange(stream, count=20)
+        assert {k.decode(): v.decode() for k, v in entry[8][1].items()} == {
+            "id": theirs[0], "project_id": "project-b", "region": "cn-south-1",
+            "endpoint": south.url,
+        }  # fmt: skip
+        async with serving(stream, north, tmp_path, "--allowed-projects",
+                           "project-a,project-b") as serve:  # fmt: skip
+
+            async def settled() -> bool:
+                info: Any = await redis_client.xpending(stream, GROUP)
+                done = await rows(redis_client, stream + ":outcomes")
+                return len(done) == 17 and int(info["pending"]) == 0
+
+            await until(settled)
+            text = await serve.metrics()
+
+        outcomes = {r["job_id"]: r for r in await rows(redis_client, stream + ":outcomes")}
+        assert {outcomes[i]["outcome"] for i in plain + theirs} == {"deleted"}
+        assert all("project_id" not in outcomes[i] for i in plain)  # as one project's were
+        assert {(outcomes[i]["project_id"], outcomes[i]["region"]) for i in theirs} == {
+            ("project-b", "cn-south-1")
+        }
+        assert sorted((await north.control("deleted"))["ids"]) == sorted(plain)
+        assert sorted((await south.control("deleted"))["ids"]) == sorted(theirs)
+        assert kept in (await south.control("jobs"))["ids"]
+
+        refused = outcomes[kept]
+        assert refused["outcome"] == "rejected"
+        assert refused["error_msg"] == "project project-z is not in allowed_projects"
+        dead = await rows(redis_client, stream + ":dead")
+        assert [d["reason"] for d in dead] == ["project project-z is not in allowed_projects"]
+        assert orjson.loads(dead[0]["payload"])["id"] == kept
+        warned = serve.named("serve.dead_lettered")
+        assert [w["reason"] for w in warned] == [dead[0]["reason"]]
+        events = {e["job_id"]: e for e in serve.events if e.get("event") == "job.deleted"}
+        assert {events[i]["project_id"] for i in theirs} == {"project-b"}
+        assert all("project_id" not in events[i] for i in plain)
+
+        # Every call project-b's simulator had was counted under project-b: none for z.
+        calls = _samples(text, "devserver_reaper_api_calls_total")
+        to_south = sum(v for labels, v in calls if labels["project_id"] == "project-b")
+        assert to_south == (await south.control("stats"))["calls"] > 0
+        assert not [labels for labels, v in calls if labels["project_id"] not in
+                    ("project-a", "project-b")]  # fmt: skip
+        dead_by = {lb["reason"]: v for lb, v in
+                   _samples(text, "devserver_reaper_dead_lettered_total")}  # fmt: skip
+        assert dead_by["target"] == 1
+
+
+@pytest.mark.anyio
+async def test_a_stopped_region_leaves_the_other_served_and_its_own_entries_pending(
+    redis_prefix: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """project-b's simulator killed: project-a's entries are still deleted while
+    project-b's stay pending, acknowledged by no one and given no outcome (not absent, not
+    failed); project-b's simulator back on its port, they are deleted."""
+    stream = redis_prefix + "ids"
+    with regions(tmp_path) as (north, south):
+        async with serving(stream, north, tmp_path, "--allowed-projects",
+                           "project-a,project-b") as serve:  # fmt: skip
+            port = south.port
+            south.stop()
+            waiting = south.ids[:10]
+            await enqueue(stream, tmp_path, named(south, waiting))
+            served = north.ids[:20]
+            # Behind project-b's: each of project-a's must pass a region that is down.
+            await enqueue(stream, tmp_path, [{"id": i} for i in served])
+
+            async def north_done() -> bool:
+                return len((await north.control("deleted"))["ids"]) == len(served)
+
+            await until(north_done)
+            outcomes = await rows(redis_client, stream + ":outcomes")
+            assert sorted(r["job_id"] for r in outcomes) == sorted(served)
+            info: Any = await redis_client.xpending(stream, GROUP)
+            assert int(info["pending"]) == len(waiting)
+            paused = serve.named("serve.region_paused")
+            assert [(p["project_id"], p["region"]) for p in paused] == [("project-b", "cn-south-1")]
+            down = {
+                (lb["project_id"], lb["region"]): v
+                for lb, v in _samples(await serve.metrics(), "devserver_reaper_api_down")
+            }
+            assert down[("project-b", "cn-south-1")] == 1
+            assert down[("project-a", "cn-north-4")] == 0
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{serve.port}/readyz") as ready,
+            ):
+                assert ready.status == 200  # still doing work: one region's outage is not ours
+
+            south.start(port)
+
+            async def south_done() -> bool:
+                info: Any = await redis_client.xpending(stream, GROUP)
+                return int(info["pending"]) == 0
+
+            await until(south_done, timeout=60)
+            last = {r["job_id"]: r for r in await rows(redis_client, stream + ":outcomes")}
+            assert {last[i]["outcome"] for i in waiting} == {"deleted"}
+            assert sorted((await south.control("deleted"))["ids"]) == sorted(waiting)
+            assert serve.named("serve.region_resumed")
+
+
+@pytest.mark.anyio
+async def test_a_thousand_projects_and_a_hundred_regions_named_by_entries_add_no_series(
+    redis_prefix: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """The project_id and region labels take values from the settings only: entries naming
+    1,000 projects serve may not touch, and 100 regions of an allowed one, leave /metrics
+    with the series of the two configured projects (regions outside the known ones are
+    'other')."""
+    stream = redis_prefix + "ids"
+    with regions(tmp_path) as (north, south):
+        async with serving(stream, north, tmp_path, "--allowed-projects", "project-a,project-b",
+                           "--rate", "200", "--burst", "20") as serve:  # fmt: skip
+            before = await serve.metrics()
+            lines = [{"id": f"job-{n}", "project_id": f"stranger-{n}", "endpoint": south.url}
+                     for n in range(1000)]  # fmt: skip
+            lines += [{"id": south.ids[n % 40], "project_id": "project-b",
+                       "region": f"zz-nowhere{n}", "endpoint": south.url}
+                      for n in range(100)]  # fmt: skip
+            await enqueue(stream, tmp_path, lines)
+
+            async def settled() -> bool:
+                info: Any = await redis_client.xpending(stream, GROUP)
+                groups: Any = await redis_client.xinfo_groups(stream)
+                return int(info["pending"]) == 0 and int(groups[0]["entries-read"] or 0) == 1100
+
+            await until(settled, timeout=90)
+            after = await serve.metrics()
+        values = _label_values(after)
+        assert values["project_id"] <= {"project-a", "project-b", ""}
+        assert values["region"] <= {"cn-north-4", "other", ""}
+        assert "other" in values["region"]  # the zz- regions were served, under one label
+        grown = _series(after) - _series(before)
+        # project-b met under one region label: its 4 outcomes but rejected, 3 calls by 8
+        # status classes, throttled and api_down.
+        assert len(grown) == 4 + 3 * 8 + 1 + 1, sorted(grown)
+        assert {(dict(labels)["project_id"], dict(labels)["region"]) for _, labels in grown} == {
+            ("project-b", "other")
+        }
+
+
+def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+def _series(text: str) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items())))
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.name.endswith("_created")  # a counter's start time, one per series
+    }
+
+
+def _label_values(text: str) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {"project_id": set(), "region": set()}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for name in found:
+                if name in sample.labels:
+                    found[name].add(sample.labels[name])
+    return found

@@ -1,0 +1,185 @@
+"""serve's pieces for many projects, without I/O: what an entry names, where it is sent,
+which entries wait on which (project, id), the pause of one endpoint, and the bounded
+labels. The whole path (processes, Redis, two simulators) is tests/test_serve_regions.py."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from tests.fakes import FakeClock
+from worker.errors import ApiUnavailable, ServerError
+from worker.pacing.breaker import BreakerGate
+from worker.service.inflight import InFlight
+from worker.service.layout import ONE_PROJECT, aimed, decode_entry
+from worker.service.metrics import OTHER, Places, ServiceMetrics
+from worker.service.regions import Paused, RegionRouter
+from worker.targets import Address, Target, Targets
+from worker.types import Batch, Outcome, Result
+
+HOME = Target("project-a", "https://modelarts.cn-north-4.myhuaweicloud.com", "cn-north-4")
+AWAY = Target("project-b", "https://modelarts.cn-south-1.myhuaweicloud.com", "cn-south-1")
+
+
+def test_an_entry_may_name_project_and_region_each_held_to_its_rule() -> None:
+    message = decode_entry("1-0", {b"id": b"job-1", b"project_id": b"project-b",
+                                   b"region": b"cn-south-1"})  # fmt: skip
+    assert message.ids == ("job-1",) and message.problem is None
+    assert message.address == Address(project_id="project-b", region="cn-south-1")
+    plain = decode_entry("2-0", {b"id": b"job-1"})
+    assert plain.address is None and plain.ids == ("job-1",)
+    bad = decode_entry("3-0", {b"id": b"job-1", b"region": b"North 4"})
+    assert bad.ids == () and bad.problem is not None and bad.problem.startswith("region must")
+    plain_http = decode_entry("4-0", {b"id": b"job-1", b"project_id": b"p",
+                                      b"endpoint": b"http://example.com"})  # fmt: skip
+    assert plain_http.problem is not None and "loopback" in plain_http.problem
+    huge = decode_entry("5-0", {b"id": b"job-1", b"project_id": b"p" * 100_000})
+    assert huge.problem == "project_id is 100000 characters long"
+
+
+def test_an_entry_is_sent_to_its_project_or_refused_with_the_reason() -> None:
+    targets = Targets(HOME, allowed=["project-a", "project-b"])
+    named = decode_entry("1-0", {"id": "job-1", "project_id": "project-b",
+                                 "region": "cn-south-1"})  # fmt: skip
+    assert aimed(named, targets).target == AWAY
+    # Naming the default's own place is the default: its events and labels as before.
+    own = decode_entry("2-0", {"id": "job-1", "project_id": "project-a"})
+    assert aimed(own, targets).target is None and not aimed(own, targets).refused
+    stranger = aimed(decode_entry("3-0", {"ids": '["job-1", "job-2"]',
+                                          "project_id": "project-z"}), targets)  # fmt: skip
+    assert stranger.refused and stranger.ids == ()
+    assert stranger.problem == "project project-z is not in allowed_projects"
+    assert [(r.raw, r.reason) for r in stranger.rejections] == [
+        ("job-1", stranger.problem), ("job-2", stranger.problem)
+    ]  # fmt: skip
+    nowhere = aimed(decode_entry("4-0", {"id": "job-1", "region": "cn-east-3"}), targets)
+    assert nowhere.refused and nowhere.problem == (
+        "names region cn-east-3 but no project_id (a project id belongs to one region)"
+    )
+    alone = aimed(decode_entry("5-0", {"id": "job-1", "project_id": "project-b"}), None)
+    assert alone.refused and alone.problem == ONE_PROJECT
+
+
+def test_with_no_allowed_projects_serve_sends_to_the_default_only() -> None:
+    """What assembly.serve_targets builds from an empty allowed_projects."""
+    targets = Targets(HOME, allowed=[HOME.project_id])
+    assert aimed(decode_entry("1-0", {"id": "job-1"}), targets).target is None
+    other = aimed(decode_entry("2-0", {"id": "job-1", "project_id": "project-b"}), targets)
+    assert other.refused
+
+
+def test_the_same_id_for_two_projects_is_two_jobs_each_waited_on_alone() -> None:
+    inflight = InFlight()
+    home = aimed(decode_entry("1-0", {"id": "job-1"}), Targets(HOME, allowed=["project-a"]))
+    away = aimed(decode_entry("2-0", {"id": "job-1", "project_id": "project-b",
+                                      "region": "cn-south-1"}),
+                 Targets(HOME, allowed=["project-a", "project-b"]))  # fmt: skip
+    assert inflight.add(home, 1).send == ("job-1",)
+    assert inflight.add(away, 1).send == ("job-1",)  # not folded into the default's
+    done = inflight.settle([Result("job-1", Outcome.DELETED, target=AWAY)])
+    assert [d.entry_id for d in done] == ["2-0"] and "1-0" in inflight
+    assert inflight.entries_of("job-1") == ("1-0",) and inflight.entries_of("job-1", AWAY) == ()
+    assert list(inflight.release(["job-1"], None)) == ["1-0"] and len(inflight) == 0
+
+
+class _Lane:
+    """A lane whose endpoint is down until ``up`` is set; counts the batches it was given."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.up = False
+        self.seen: list[str] = []
+        self.release = anyio.Event()
+        self.gate = BreakerGate(clock=clock)
+
+    async def process(self, batch: Batch) -> None:
+        self.seen.append(batch.batch_id)
+        await self.release.wait()
+        if not self.up:
+            raise ApiUnavailable(ServerError("503"), batch_id=batch.batch_id, open_ids=len(batch))
+
+
+@pytest.mark.anyio
+async def test_a_paused_endpoint_sends_one_batch_at_a_time_and_hands_back_the_rest() -> None:
+    clock = FakeClock()
+    lanes = {None: _Lane(clock), AWAY: _Lane(clock)}
+    lanes[None].up = True
+    lanes[None].release.set()
+    said: list[str] = []
+    router = RegionRouter(
+        lane=lambda target: lanes[target], gate=lambda target: lanes[target].gate,
+        place=lambda target: target or HOME,
+        on_pause=lambda target, error: said.append(f"paused {target}"),
+        on_resume=lambda target: said.append(f"resumed {target}"),
+    )  # fmt: skip
+    await router.process(Batch("h1", ("a",)))
+    away = lanes[AWAY]
+    away.release.set()
+    with pytest.raises(ApiUnavailable) as first:
+        await router.process(Batch("b1", ("x",), target=AWAY))
+    assert not isinstance(first.value, Paused) and said == [f"paused {AWAY}"]
+    away.release = anyio.Event()  # the probe hangs while others come
+    handed: list[BaseException] = []
+
+    async def send(batch: Batch) -> None:
+        try:
+            await router.process(batch)
+        except ApiUnavailable as exc:
+            handed.append(exc)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(send, Batch("b2", ("y",), target=AWAY))
+        await anyio.wait_all_tasks_blocked()
+        await send(Batch("b3", ("z",), target=AWAY))
+        assert [type(e) for e in handed] == [Paused] and away.seen == ["b1", "b2"]
+        await router.process(Batch("h2", ("c",)))  # the other endpoint is served meanwhile
+        away.up = True
+        away.release.set()
+    assert dict(router.down()) == {None: False, AWAY: False}
+    assert said == [f"paused {AWAY}", f"resumed {AWAY}"] and router.handed_back == 1
+    assert lanes[None].seen == ["h1", "h2"]
+
+
+@pytest.mark.anyio
+async def test_with_one_endpoint_met_its_batches_wait_for_it_as_before() -> None:
+    """One project's serve is unchanged: no batch is handed back, however its API fares."""
+    clock = FakeClock()
+    lane = _Lane(clock)
+    router = RegionRouter(lane=lambda target: lane, gate=lambda target: lane.gate,
+                          place=lambda target: HOME)  # fmt: skip
+    lane.release.set()
+    with pytest.raises(ApiUnavailable):
+        await router.process(Batch("b1", ("x",)))
+    lane.release = anyio.Event()
+    failed: list[BaseException] = []
+
+    async def send(batch: Batch) -> None:
+        try:
+            await router.process(batch)
+        except ApiUnavailable as exc:
+            failed.append(exc)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(send, Batch("b2", ("y",)))
+        await anyio.wait_all_tasks_blocked()
+        group.start_soon(send, Batch("b3", ("z",)))
+        await anyio.wait_all_tasks_blocked()
+        assert lane.seen == ["b1", "b2", "b3"]  # both went in, none handed back
+        lane.release.set()
+    assert not [e for e in failed if isinstance(e, Paused)] and router.handed_back == 0
+
+
+def test_labels_come_from_the_settings_never_from_what_an_entry_names() -> None:
+    places = Places(HOME, ["project-b"], ["cn-south-1"])
+    assert places.of(None) == ("project-a", "cn-north-4")
+    assert places.of(AWAY) == ("project-b", "cn-south-1")
+    assert places.of(Target("project-b", "https://x.example", "zz-made-up")) == (
+        "project-b", OTHER
+    )  # fmt: skip
+    assert places.of(Target("project-z", "https://x.example")) == (OTHER, "")
+    metrics = ServiceMetrics(places=places)
+    before = len(next(iter(metrics.registry.collect())).samples)
+    for n in range(300):
+        metrics.outcome(Outcome.DELETED, target=Target("project-b", "https://x.example",
+                                                       f"zz-r{n}"))  # fmt: skip
+    samples = next(iter(metrics.registry.collect())).samples  # ids_total
+    assert len(samples) - before == 2 * 4  # one place met: its 4 outcomes, _total and _created

@@ -1,0 +1,102 @@
+"""serve's batches of many projects and regions: each to its target's lane, an endpoint's
+outage its own.
+
+A batch holds the ids of one target (``Message.target``; None: the settings' default). Its
+lane is a dispatcher (wrapped in the guard when jobs are protected) built with the target's
+rate limiter (one per project and endpoint, shared through Redis) and its endpoint's circuit
+breaker (``worker.lanes.Lanes``), and a journal that stamps each outcome with the target
+(``worker.routing.Stamped``).
+
+An endpoint whose API gives out (a batch ends ``ApiUnavailable``, or its circuit is open)
+is *paused* while the service has met another endpoint: one batch of it at a time still
+goes, as the probe of its recovery; every other batch of it is handed back at once with
+:class:`Paused`, nothing sent (and no delivery counted), so the dispatchers stay free for
+the other endpoints' batches. With one endpoint met, its batches wait for its breaker as a
+one-project service's always have. The service leaves a handed-back
+batch's entries pending with the error, never acknowledged: they are read again (reclaimed)
+and sent once the endpoint answers. The first batch it answers resumes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from worker.errors import ApiError, ApiUnavailable, CircuitOpenError
+from worker.pacing.breaker import BreakerGate
+from worker.pipeline import BatchProcessor
+from worker.routing import Router
+from worker.targets import Target
+from worker.types import Batch
+
+
+class Paused(ApiUnavailable):
+    """A batch of a paused endpoint, handed back unsent: another batch of it is probing."""
+
+
+class RegionRouter:
+    """The service's ``BatchProcessor``: a lane per target, a pause per endpoint.
+
+    ``lane(target)`` makes the processor of a target's batches; ``gate(target)`` is the
+    circuit breaker of its endpoint; ``place(target)`` the target itself (None: the
+    default). ``on_pause(target, error)`` and ``on_resume(target)`` are told when an
+    endpoint pauses and resumes (the service's events)."""
+
+    def __init__(
+        self,
+        *,
+        lane: Callable[[Target | None], BatchProcessor],
+        gate: Callable[[Target | None], BreakerGate],
+        place: Callable[[Target | None], Target],
+        on_pause: Callable[[Target, ApiError], None] = lambda target, error: None,
+        on_resume: Callable[[Target], None] = lambda target: None,
+    ) -> None:
+        # Its lanes, one per target, made on first use; its stop on an outage is run's, and
+        # serve pauses the endpoint instead (``process``).
+        self._lanes = Router(default=None, lane=lane)
+        self._gate = gate
+        self._place = place
+        self._on_pause = on_pause
+        self._on_resume = on_resume
+        self._busy: dict[str, int] = {}  # endpoint -> its batches being processed
+        self._met: set[str] = set()
+        self.paused: dict[str, ApiError] = {}
+        """The endpoints paused, with the error their last batch ended on."""
+        self.handed_back = 0
+
+    async def process(self, batch: Batch) -> None:
+        place = self._place(batch.target)
+        endpoint = place.endpoint
+        busy = self._busy.get(endpoint, 0)
+        self._met.add(endpoint)
+        others = len(self._met) > 1
+        if busy and others and (endpoint in self.paused or self._gate(batch.target).api_down):
+            self.handed_back += 1
+            cause = self.paused.get(endpoint) or CircuitOpenError(
+                f"the API at {place.where} is failing; another batch probes it"
+            )
+            raise Paused(cause, batch_id=batch.batch_id, open_ids=len(batch))
+        self._busy[endpoint] = busy + 1
+        try:
+            await self._lanes.lane(batch.target).process(batch)
+        except ApiUnavailable as exc:
+            if endpoint not in self.paused:
+                self._on_pause(place, exc.cause)
+            self.paused[endpoint] = exc.cause
+            raise
+        finally:
+            self._busy[endpoint] -= 1
+        if self.paused.pop(endpoint, None) is not None:
+            self._on_resume(place)
+
+    def down(self) -> Iterator[tuple[Target | None, bool]]:
+        """Each target met, and whether its endpoint is paused or its circuit not closed."""
+        for target in self._lanes.lanes:
+            endpoint = self._place(target).endpoint
+            yield target, endpoint in self.paused or self._gate(target).api_down
+
+    def __repr__(self) -> str:
+        paused = ", ".join(self.paused) or "none"
+        return (
+            f"RegionRouter(lanes={len(self._lanes.lanes)}, paused=[{paused}], "
+            f"handed_back={self.handed_back})"
+        )
