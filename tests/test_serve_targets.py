@@ -29,7 +29,9 @@ def test_an_entry_may_name_project_and_region_each_held_to_its_rule() -> None:
     plain = decode_entry("2-0", {b"id": b"job-1"})
     assert plain.address is None and plain.ids == ("job-1",)
     bad = decode_entry("3-0", {b"id": b"job-1", b"region": b"North 4"})
-    assert bad.ids == () and bad.problem is not None and bad.problem.startswith("region must")
+    assert bad.ids == () and bad.refused
+    assert bad.problem is not None and bad.problem.startswith("region must")
+    assert [(r.raw, r.reason) for r in bad.rejections] == [("job-1", bad.problem)]
     plain_http = decode_entry("4-0", {b"id": b"job-1", b"project_id": b"p",
                                       b"endpoint": b"http://example.com"})  # fmt: skip
     assert plain_http.problem is not None and "loopback" in plain_http.problem

@@ -192,8 +192,6 @@ def decode_entry(entry_id: str, fields: dict[bytes, bytes] | dict[str, str]) -> 
         problem = f"entry names {len(raw)} ids; at most {MAX_IDS_PER_ENTRY}"
         return Message(entry_id, (), problem=problem, payload=payload)
     named = _address(values)
-    if isinstance(named, str):
-        return Message(entry_id, (), problem=named, payload=payload)
     ids: dict[str, None] = {}
     rejections: list[Rejection] = []
     for position, value in enumerate(raw, start=1):
@@ -206,6 +204,8 @@ def decode_entry(entry_id: str, fields: dict[bytes, bytes] | dict[str, str]) -> 
             ids.setdefault(checked.job_id)
         else:
             rejections.append(checked)
+    if isinstance(named, str):  # its ids end rejected with the rule, as a line's would
+        return _refused(Message(entry_id, tuple(ids), tuple(rejections), payload=payload), named)
     return Message(entry_id, tuple(ids), tuple(rejections), payload=payload, address=named)
 
 
