@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import IN_CI
 from worker.cli import COMMAND_SETTINGS, SETTING_FLAGS, build_parser, settings_overrides
 from worker.exit_codes import ExitCode
 from worker.settings import Settings
@@ -456,3 +458,41 @@ def test_bash_completion_offers_commands_flags_values_and_files(
         ["bash", "-c", probe], capture_output=True, text=True, cwd=tmp_path, check=True
     )
     assert sorted(done.stdout.split()) == offered
+
+
+ZSH = shutil.which("zsh")
+
+
+@pytest.mark.skipif(ZSH is None and not IN_CI, reason="needs zsh (CI installs it)")
+def test_zsh_loads_the_completion_and_completes_a_command_and_a_flag_value_at_tab(
+    tmp_path: Path,
+) -> None:
+    """In a real zsh on a pseudo-terminal (no rc files, a home of its own), as a person
+    sets it up: ``source <(devserver-reaper completion zsh)``, then TAB after ``ru`` gives
+    ``run``, after ``run --input-format js`` lists ``json`` and ``jsonl``, and the script
+    loaded without a word on the screen. zsh read the bash script's ``${COMP_WORDS[@]:1:
+    COMP_CWORD-1}`` as a history modifier: every TAB said ``unrecognized modifier `C'``."""
+    from tests.tty import Terminal
+
+    assert ZSH is not None, "zsh is needed under CI=true"
+    bin_dir = str(Path(sys.executable).parent)  # where devserver-reaper is installed
+    env = {"PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}", "HOME": str(tmp_path),
+           "ZDOTDIR": str(tmp_path), "PS1": "ready> "}  # fmt: skip
+    term = Terminal(["-f", "-i"], env, program=[ZSH])
+    try:
+        term.expect("ready> ")
+        term.type(b"source <(devserver-reaper completion zsh); echo loaded-$?\n")
+        term.expect("loaded-0")
+        term.type(b"devserver-reaper ru\t")
+        term.expect_on_screen("ready> devserver-reaper run")
+        term.type(b" --input-format js\t")
+        term.expect_on_screen("--input-format json")  # the two choices' common part
+        term.type(b"\t")  # a second TAB lists them
+        term.expect_on_screen("jsonl")
+    finally:
+        term.process.kill()
+        term.wait(timeout=30)
+    screen = term.screen_text()
+    assert re.search(r"^json +jsonl *$", screen, re.MULTILINE), screen
+    for noise in ("not found", "parse error", "insecure", "compinit:"):
+        assert noise not in screen, screen

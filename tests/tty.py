@@ -31,7 +31,8 @@ def _controlling_terminal() -> None:  # runs in the child, before exec
 
 
 class Terminal:
-    """``python -m worker ARGS`` on a pseudo-terminal of ``columns`` × ``rows``."""
+    """``python -m worker ARGS`` on a pseudo-terminal of ``columns`` × ``rows`` (or, given
+    ``program``, that command line: a shell, say)."""
 
     def __init__(
         self,
@@ -41,6 +42,7 @@ class Terminal:
         columns: int = COLUMNS,
         rows: int = ROWS,
         stdout_to: int | None = None,
+        program: Sequence[str] | None = None,
     ) -> None:
         self.columns, self.rows = columns, rows
         main, secondary = pty.openpty()
@@ -49,7 +51,7 @@ class Terminal:
         self._raw = bytearray()
         self._lock = threading.Lock()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "worker", *args],
+            [*(program or (sys.executable, "-m", "worker")), *args],
             stdin=secondary,
             stdout=secondary if stdout_to is None else stdout_to,
             stderr=secondary,
@@ -93,6 +95,15 @@ class Terminal:
             if time.monotonic() > deadline:
                 raise AssertionError(f"no {marker!r} within {timeout}s:\n{self.screen_text()}")
             time.sleep(0.02)
+
+    def expect_on_screen(self, marker: str, timeout: float = 60.0) -> None:
+        """Wait until ``marker`` is on the screen a person sees (what a line editor redrew,
+        not the bytes it wrote to get there)."""
+        deadline = time.monotonic() + timeout
+        while marker not in self.screen_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no {marker!r} on the screen:\n{self.screen_text()}")
+            time.sleep(0.05)
 
     def type(self, keys: bytes) -> None:
         os.write(self._main, keys)

@@ -43,7 +43,7 @@ def bash(parser: argparse.ArgumentParser, prog: str = "devserver-reaper") -> str
 {function}() {{
     local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="${{COMP_WORDS[COMP_CWORD-1]}}"
     local commands={_words(commands)} command="" opts="" choices="" word
-    for word in "${{COMP_WORDS[@]:1:COMP_CWORD-1}}"; do
+    for word in "${{COMP_WORDS[@]:1:$((COMP_CWORD-1))}}"; do
         case " $commands " in *" $word "*) command="$word"; break ;; esac
     done
     if [[ -z "$command" ]]; then
