@@ -183,8 +183,9 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 
 class StreamConsumer:
     """``consumer`` in ``layout.group``, reading ``layout.stream``. The calls that return
-    entries go over ``reader`` (``worker.service.bounded.entry_reader`` in ``serve``, so a
-    huge entry costs no more memory than the size limit), the others over ``client``."""
+    entries go over ``reader`` (in ``serve`` one parsing with ``worker.service.bounded``'s
+    ``BoundedParser``, so a huge entry costs no more memory than the size limit), the others
+    over ``client``."""
 
     def __init__(
         self,
