@@ -228,6 +228,49 @@ async def test_three_replicas_on_auto_run_one_estimate_kept_in_redis(
 
 
 @pytest.mark.anyio
+async def test_the_leader_killed_is_replaced_from_the_estimate_it_stored(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """kill -9 the replica that runs the fleet's controller: once its lease lapses another
+    replica takes it over from the state stored in Redis (``restored``), the work goes on,
+    and every id is still deleted exactly once."""
+    config = SimulatorConfig(jobs=700, quota=50, burst=2)
+    async with queue(redis_prefix, tmp_path, config) as q:
+        ids = q.sim.job_ids()
+        await q.enqueue(ids)
+        flags = ("--rate", "auto", "--batch-size", "1", "--concurrency", "4",
+                 "--reclaim-after", "1")  # fmt: skip
+        async with anyio.create_task_group() as starting:
+            for name in ("r1", "r2", "r3"):
+                starting.start_soon(q.start, name, *flags)
+
+        async def learnt() -> bool:  # a leader, and calls well past start-up's
+            return any(r.named("rate.leader") for r in q.replicas) and len(q.sim.deleted) >= 250
+
+        await until(learnt, 60)
+        (leader,) = [r for r in q.replicas if r.named("rate.leader")]
+        leader.process.kill()  # SIGKILL: its lease is left to lapse
+        await leader.process.wait()
+        survivors = [r for r in q.replicas if r is not leader]
+
+        async def taken_over() -> bool:
+            return any(r.named("rate.leader") for r in survivors)
+
+        await until(taken_over, 20)
+
+        async def all_deleted() -> bool:
+            return len(q.sim.deleted) == len(ids)
+
+        await until(all_deleted, 90)
+        await q.stop_all()
+    (successor,) = [e for r in survivors for e in r.named("rate.leader")]
+    assert successor["restored"] is True
+    assert successor["rate"] > 10.0  # the fleet's rate, not start-up's 2 calls/s
+    assert max(q.sim.delete_counts.values()) == 1
+    assert [r.process.returncode for r in survivors] == [0, 0]
+
+
+@pytest.mark.anyio
 async def test_a_replica_killed_mid_stream_has_its_entries_reclaimed(
     redis_prefix: str, tmp_path: Path
 ) -> None:
