@@ -9,12 +9,15 @@ the machine.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.fakes import FakeClock
 from worker.pacing.bucket import RateLimiter
@@ -296,3 +299,36 @@ async def test_the_fleets_slowdown_is_the_pure_arithmetic(
             pure.refused(when, when - ago)
         await limiter.acquire()
         assert limiter.rate == pytest.approx(pure.pace_at(when), rel=1e-9)
+
+
+steps = st.lists(
+    st.tuples(
+        st.floats(min_value=0.0, max_value=6.0),  # seconds since the step before
+        st.one_of(st.none(), st.floats(min_value=0.0, max_value=0.5)),  # a refusal's age
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@pytest.mark.anyio
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(script=steps)
+async def test_the_fleets_slowdown_is_the_pure_arithmetic_whatever_the_refusals(
+    client: aioredis.Redis, redis_prefix: str, script: list[tuple[float, float | None]]
+) -> None:
+    """Any refusals, at any times: the pace in Redis is ``Slowdown``'s, and never outside
+    [min_rate, the rate asked]."""
+    time = RedisTime()
+    clock = time.clock
+    limiter = _fixed(client, f"{redis_prefix}{uuid.uuid4().hex[:8]}", time, 50.0, [])
+    pure = Slowdown(50.0)
+    for gap, ago in script:
+        clock.advance(gap)
+        when = clock.now()
+        if ago is not None:
+            limiter.feedback(throttled=True, latency_s=ago)
+            pure.refused(when, when - ago)
+        await limiter.acquire()
+        assert limiter.rate == pytest.approx(pure.pace_at(when), rel=1e-9)
+        assert 0.2 - 1e-9 <= limiter.rate <= 50.0
