@@ -314,6 +314,47 @@ async def test_a_stopped_region_leaves_the_other_served_and_its_own_entries_pend
 
 
 @pytest.mark.anyio
+async def test_an_allowed_project_named_at_the_wrong_region_fails_alone_the_replica_stays_ready(
+    redis_prefix: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """project-c is allowed but named at project-b's endpoint, whose gateway 404s it: its
+    entry ends failed and dead-lettered after max_deliveries with the 404, while the other
+    projects' entries are deleted and /readyz stays 200 (a producer's mistake must not stop
+    the others; on the old code the whole replica paused, unready)."""
+    stream = redis_prefix + "ids"
+    with regions(tmp_path) as (north, south):
+        allowed = "project-a,project-b,project-c"
+        async with serving(stream, north, tmp_path, "--allowed-projects", allowed,
+                           "--max-deliveries", "2") as serve:  # fmt: skip
+            stray = south.ids[30]
+            lines = [{"id": stray, "project_id": "project-c", "endpoint": south.url}]
+            lines += named(south, south.ids[:5]) + [{"id": i} for i in north.ids[:5]]
+            await enqueue(stream, tmp_path, lines)
+
+            async def settled() -> bool:
+                info: Any = await redis_client.xpending(stream, GROUP)
+                done = await rows(redis_client, stream + ":outcomes")
+                return len(done) == 11 and int(info["pending"]) == 0
+
+            await until(settled, timeout=60)
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{serve.port}/readyz") as ready,
+            ):
+                assert ready.status == 200
+        assert not serve.named("serve.paused")
+        outcomes = {r["job_id"]: r for r in await rows(redis_client, stream + ":outcomes")}
+        assert {outcomes[i]["outcome"] for i in south.ids[:5] + north.ids[:5]} == {"deleted"}
+        failed = outcomes[stray]
+        assert (failed["outcome"], failed["http_status"], failed["project_id"]) == (
+            "failed", "404", "project-c"
+        )  # fmt: skip
+        dead = await rows(redis_client, stream + ":dead")
+        assert len(dead) == 1 and orjson.loads(dead[0]["payload"])["id"] == stray
+        assert stray in (await south.control("jobs"))["ids"]
+
+
+@pytest.mark.anyio
 async def test_a_thousand_projects_and_a_hundred_regions_named_by_entries_add_no_series(
     redis_prefix: str, redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:

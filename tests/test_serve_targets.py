@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 from tests.fakes import FakeClock
-from worker.errors import ApiUnavailable, ServerError
+from worker.errors import ApiUnavailable, NoSuchApi, ServerError
 from worker.pacing.breaker import BreakerGate
 from worker.service.inflight import InFlight
 from worker.service.layout import ONE_PROJECT, aimed, decode_entry
@@ -100,6 +100,14 @@ class _Lane:
             raise ApiUnavailable(ServerError("503"), batch_id=batch.batch_id, open_ids=len(batch))
 
 
+async def _send(router: RegionRouter, batch: Batch, into: list[BaseException]) -> None:
+    """``batch`` through ``router``; an ``ApiUnavailable`` (or ``Paused``) kept in ``into``."""
+    try:
+        await router.process(batch)
+    except ApiUnavailable as exc:
+        into.append(exc)
+
+
 @pytest.mark.anyio
 async def test_a_paused_endpoint_sends_one_batch_at_a_time_and_hands_back_the_rest() -> None:
     clock = FakeClock()
@@ -122,16 +130,10 @@ async def test_a_paused_endpoint_sends_one_batch_at_a_time_and_hands_back_the_re
     away.release = anyio.Event()  # the probe hangs while others come
     handed: list[BaseException] = []
 
-    async def send(batch: Batch) -> None:
-        try:
-            await router.process(batch)
-        except ApiUnavailable as exc:
-            handed.append(exc)
-
     async with anyio.create_task_group() as group:
-        group.start_soon(send, Batch("b2", ("y",), target=AWAY))
+        group.start_soon(_send, router, Batch("b2", ("y",), target=AWAY), handed)
         await anyio.wait_all_tasks_blocked()
-        await send(Batch("b3", ("z",), target=AWAY))
+        await _send(router, Batch("b3", ("z",), target=AWAY), handed)
         assert [type(e) for e in handed] == [Paused] and away.seen == ["b1", "b2"]
         await router.process(Batch("h2", ("c",)))  # the other endpoint is served meanwhile
         away.up = True
@@ -154,20 +156,65 @@ async def test_with_one_endpoint_met_its_batches_wait_for_it_as_before() -> None
     lane.release = anyio.Event()
     failed: list[BaseException] = []
 
-    async def send(batch: Batch) -> None:
-        try:
-            await router.process(batch)
-        except ApiUnavailable as exc:
-            failed.append(exc)
-
     async with anyio.create_task_group() as group:
-        group.start_soon(send, Batch("b2", ("y",)))
+        group.start_soon(_send, router, Batch("b2", ("y",)), failed)
         await anyio.wait_all_tasks_blocked()
-        group.start_soon(send, Batch("b3", ("z",)))
+        group.start_soon(_send, router, Batch("b3", ("z",)), failed)
         await anyio.wait_all_tasks_blocked()
         assert lane.seen == ["b1", "b2", "b3"]  # both went in, none handed back
         lane.release.set()
     assert not [e for e in failed if isinstance(e, Paused)] and router.handed_back == 0
+
+
+class _Refusing:
+    """A lane whose gateway does not know the project: the 404 of a wrong region."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self.release = anyio.Event()
+
+    async def process(self, batch: Batch) -> None:
+        self.seen.append(batch.batch_id)
+        await self.release.wait()
+        raise NoSuchApi("404 APIGW.0101", http_status=404)
+
+
+@pytest.mark.anyio
+async def test_a_named_project_its_endpoint_refuses_pauses_that_project_not_the_replica() -> None:
+    """An entry naming an allowed project at the wrong region must not stop the others: its
+    404 becomes its own pause (entries pending, one probe at a time); the default project's
+    404 still goes up to pause the replica, as it always has."""
+    clock = FakeClock()
+    stray = Target("project-b", HOME.endpoint, "cn-north-4")  # project-b is not there
+    home, refusing = _Lane(clock), _Refusing()
+    home.up = True
+    home.release.set()
+    said: list[str] = []
+    router = RegionRouter(
+        lane=lambda target: refusing if target == stray else home,
+        gate=lambda target: home.gate, place=lambda target: target or HOME,
+        on_pause=lambda target, error: said.append(f"paused {target}"),
+    )  # fmt: skip
+    refusing.release.set()
+    with pytest.raises(ApiUnavailable) as first:
+        await router.process(Batch("s1", ("x",), target=stray))
+    assert isinstance(first.value.cause, NoSuchApi) and said == [f"paused {stray}"]
+    refusing.release = anyio.Event()
+    handed: list[BaseException] = []
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(_send, router, Batch("s2", ("y",), target=stray), handed)
+        await anyio.wait_all_tasks_blocked()
+        await _send(router, Batch("s3", ("z",), target=stray), handed)
+        assert [type(e) for e in handed] == [Paused] and refusing.seen == ["s1", "s2"]
+        await router.process(Batch("h1", ("a",)))  # the same endpoint's default: served
+        await router.process(Batch("h2", ("b",)))
+        refusing.release.set()
+    assert home.seen == ["h1", "h2"] and dict(router.down())[stray] is True
+    home_refused = RegionRouter(lane=lambda target: refusing, gate=lambda target: home.gate,
+                                place=lambda target: HOME)  # fmt: skip
+    with pytest.raises(NoSuchApi):
+        await home_refused.process(Batch("d1", ("a",)))
 
 
 def test_labels_come_from_the_settings_never_from_what_an_entry_names() -> None:

@@ -413,7 +413,11 @@ async def build_service(
     def lane(target: Target | None) -> BatchProcessor:
         transport = lanes.transport(target)
         assert transport is not None  # serve always has a session and keys
-        api: Api = MeteredTransport(transport, metrics, clock, observe=health.observe_call,
+        # Readiness hears the default project's calls only: another project's refusal
+        # pauses that project alone (worker.service.regions), and its answers must not
+        # clear a refusal of the deployment's own.
+        observe = health.observe_call if target is None else None
+        api: Api = MeteredTransport(transport, metrics, clock, observe=observe,
                                     target=target)  # fmt: skip
         return wiring.processor(
             settings,

@@ -12,16 +12,24 @@ is *paused* while the service has met another endpoint: one batch of it at a tim
 goes, as the probe of its recovery; every other batch of it is handed back at once with
 :class:`Paused`, nothing sent (and no delivery counted), so the dispatchers stay free for
 the other endpoints' batches. With one endpoint met, its batches wait for its breaker as a
-one-project service's always have. The service leaves a handed-back
-batch's entries pending with the error, never acknowledged: they are read again (reclaimed)
-and sent once the endpoint answers. The first batch it answers resumes it.
+one-project service's always have. The service leaves a handed-back batch's entries
+pending with the error, never acknowledged: they are read again (reclaimed) and sent once
+the endpoint answers. The first batch it answers resumes it.
+
+A project an entry named that its endpoint refuses (a 401/403 for the keys, or the
+gateway's 404 for a project it does not know there: a producer that named the wrong
+region) pauses that project at that endpoint alike, never the replica: an entry must not
+be able to stop the work of the others. Its entries stay pending with the refusal, probed
+one batch at a time, and end ``failed`` after ``max_deliveries`` if it lasts. The default
+project's refusal pauses the whole replica, unready, as it always has (the service's
+``AuthError`` and ``NoSuchApi``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from worker.errors import ApiError, ApiUnavailable, CircuitOpenError
+from worker.errors import ApiError, ApiUnavailable, AuthError, CircuitOpenError, NoSuchApi
 from worker.pacing.breaker import BreakerGate
 from worker.pipeline import BatchProcessor
 from worker.routing import Router
@@ -60,39 +68,57 @@ class RegionRouter:
         self._busy: dict[str, int] = {}  # endpoint -> its batches being processed
         self._met: set[str] = set()
         self.paused: dict[str, ApiError] = {}
-        """The endpoints paused, with the error their last batch ended on."""
+        """The endpoints paused (and the places ``project@endpoint`` refused), with the
+        error their last batch ended on."""
         self.handed_back = 0
 
     async def process(self, batch: Batch) -> None:
         place = self._place(batch.target)
         endpoint = place.endpoint
+        refusal = f"{place.project_id}@{endpoint}"  # a project refused there
         busy = self._busy.get(endpoint, 0)
         self._met.add(endpoint)
         others = len(self._met) > 1
-        if busy and others and (endpoint in self.paused or self._gate(batch.target).api_down):
+        down = endpoint in self.paused or self._gate(batch.target).api_down
+        refused = refusal in self.paused and self._busy.get(refusal, 0) > 0
+        if (busy and others and down) or refused:
             self.handed_back += 1
-            cause = self.paused.get(endpoint) or CircuitOpenError(
-                f"the API at {place.where} is failing; another batch probes it"
+            cause = (
+                self.paused.get(refusal)
+                or self.paused.get(endpoint)
+                or CircuitOpenError(f"the API at {place.where} is failing; another batch probes it")
             )
             raise Paused(cause, batch_id=batch.batch_id, open_ids=len(batch))
         self._busy[endpoint] = busy + 1
+        self._busy[refusal] = self._busy.get(refusal, 0) + 1
         try:
             await self._lanes.lane(batch.target).process(batch)
         except ApiUnavailable as exc:
-            if endpoint not in self.paused:
-                self._on_pause(place, exc.cause)
-            self.paused[endpoint] = exc.cause
+            self._pause(endpoint, place, exc.cause)
             raise
+        except (AuthError, NoSuchApi) as exc:
+            if batch.target is None:
+                raise  # the deployment's own project: the replica pauses, unready
+            self._pause(refusal, place, exc)
+            raise ApiUnavailable(exc, batch_id=batch.batch_id, open_ids=len(batch)) from exc
         finally:
             self._busy[endpoint] -= 1
-        if self.paused.pop(endpoint, None) is not None:
-            self._on_resume(place)
+            self._busy[refusal] -= 1
+        for key in (endpoint, refusal):
+            if self.paused.pop(key, None) is not None:
+                self._on_resume(place)
+
+    def _pause(self, key: str, place: Target, error: ApiError) -> None:
+        if key not in self.paused:
+            self._on_pause(place, error)
+        self.paused[key] = error
 
     def down(self) -> Iterator[tuple[Target | None, bool]]:
         """Each target met, and whether its endpoint is paused or its circuit not closed."""
         for target in self._lanes.lanes:
-            endpoint = self._place(target).endpoint
-            yield target, endpoint in self.paused or self._gate(target).api_down
+            place = self._place(target)
+            paused = {place.endpoint, f"{place.project_id}@{place.endpoint}"} & set(self.paused)
+            yield target, bool(paused) or self._gate(target).api_down
 
     def __repr__(self) -> str:
         paused = ", ".join(self.paused) or "none"
