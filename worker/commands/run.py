@@ -18,7 +18,7 @@ from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import anyio
 import anyio.from_thread
@@ -470,7 +470,7 @@ async def _run(
             await _finish_results(records, request.results, state)
         code = exit_code(state, tally)
         duration, cpu = time.monotonic() - started, time.process_time() - cpu_started
-        sharded: dict[str, Any] = (
+        sharded: dict[str, object] = (
             {}
             if records.sharding is None
             else {"shard": str(records.sharding.shard), "other_shards": records.sharding.others}
@@ -666,13 +666,13 @@ def _summarise(
     cpu: float,
     settings: Settings,
     output: Output,
-    sharded: dict[str, Any],
+    sharded: dict[str, object],
     checks: dict[str, int] | None = None,
     total: int | None = None,
     plan: SealedPlan | None = None,
 ) -> None:
     counts = tally.counts()
-    fields: dict[str, Any] = dict(counts)
+    fields: dict[str, object] = dict(counts)
     fields.update(
         unconfirmed=tally.unconfirmed,  # of the deleted: gone, the API's answer lost
         open=open_ids(tally),
