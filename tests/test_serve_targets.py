@@ -1,8 +1,11 @@
-"""serve's pieces for many projects, without I/O: what an entry names, where it is sent,
-which entries wait on which (project, id), the pause of one endpoint, and the bounded
-labels. The whole path (processes, Redis, two simulators) is tests/test_serve_regions.py."""
+"""serve's pieces for many projects: what an entry names, where it is sent, which entries
+wait on which (project, id), the pause of one endpoint, the bounded labels (no I/O), and a
+handed-back entry's delivery given back (real Redis). The whole path (processes, Redis,
+two simulators) is tests/test_serve_regions.py."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import anyio
 import pytest
@@ -10,8 +13,9 @@ import pytest
 from tests.fakes import FakeClock
 from worker.errors import ApiUnavailable, NoSuchApi, ServerError
 from worker.pacing.breaker import BreakerGate
+from worker.service.consumer import StreamConsumer
 from worker.service.inflight import InFlight
-from worker.service.layout import ONE_PROJECT, aimed, decode_entry
+from worker.service.layout import ONE_PROJECT, StreamLayout, aimed, decode_entry
 from worker.service.metrics import OTHER, Places, ServiceMetrics
 from worker.service.regions import Paused, RegionRouter
 from worker.targets import Address, Target, Targets
@@ -232,3 +236,23 @@ def test_labels_come_from_the_settings_never_from_what_an_entry_names() -> None:
                                                        f"zz-r{n}"))  # fmt: skip
     samples = next(iter(metrics.registry.collect())).samples  # ids_total
     assert len(samples) - before == 2 * 4  # one place met: its 4 outcomes, _total and _created
+
+
+@pytest.mark.anyio
+async def test_an_entry_handed_back_unsent_has_its_delivery_given_back(
+    redis_client: Any, redis_prefix: str
+) -> None:
+    """A paused region's entries are handed back with nothing tried: the reclaim that takes
+    them up again must not count a delivery more, or a long outage of one region would
+    dead-letter ids never sent. Given back, the reclaim counts the one it makes."""
+    layout = StreamLayout(redis_prefix + "ids", "g")
+    consumer = StreamConsumer(redis_client, layout, "c1")
+    await consumer.ensure_group()
+    await redis_client.xadd(layout.stream, {"id": "job-1"})
+    await redis_client.xadd(layout.stream, {"id": "job-2"})
+    (first, _), (second, _) = await consumer.read_new(10, 100)
+    assert await consumer.give_back([first]) == 1
+    assert await consumer.deliveries([first, second]) == {first: 0, second: 1}
+    _, taken = await consumer.reclaim(0, "0-0", 10)
+    assert [e for e, _ in taken] == [first, second]
+    assert await consumer.deliveries([first, second]) == {first: 1, second: 2}
