@@ -49,14 +49,19 @@ _AUTO = (
     + """
 -- ARGV: now ('' for the server's), initial interval, burst, ttl ms, me, lease ms, most
 -- answers kept, the leader's interval, pause and state to publish ('' for none), horizon,
--- then answers in fours: how long ago it came (us), latency (us, -1: none), t/o/-, Retry-After
+-- the least and most interval and the longest pause (us) a stored pace may hold, then
+-- answers in fours: how long ago it came (us), latency (us, -1: none), t/o/-, Retry-After
 -- (ms, -1: none).
 local now = clock()
+own(KEYS[2], 'hash')
+own(KEYS[3], 'hash')
+own(KEYS[4], 'list')
 -- The lease: who holds it, and until when (on the scripts' clock; the key's own expiry only
--- clears it away once the fleet is gone).
+-- clears it away once the fleet is gone). One further off than a lease is long is not one.
 local lead = redis.call('HMGET', KEYS[3], 'who', 'until')
+local held = within(lead[2], -math.huge, now + tonumber(ARGV[6]) * 1000)
 local leader = 0
-if (not lead[1]) or lead[1] == ARGV[5] or tonumber(lead[2]) < now then
+if (not lead[1]) or lead[1] == ARGV[5] or held == nil or held < now then
   redis.call('HSET', KEYS[3], 'who', ARGV[5], 'until', us(now + tonumber(ARGV[6]) * 1000))
   redis.call('PEXPIRE', KEYS[3], ARGV[4])
   leader = 1
@@ -66,9 +71,12 @@ if (not lead[1]) or lead[1] == ARGV[5] or tonumber(lead[2]) < now then
   end
 end
 local p = redis.call('HMGET', KEYS[2], 'interval', 'pause_until', 'state')
-local interval, pause = tonumber(p[1]) or tonumber(ARGV[2]), tonumber(p[2]) or 0
-local start, new_tat = reserve(now, interval, tonumber(ARGV[3]), pause, tonumber(ARGV[11]))
-for i = 12, #ARGV, 4 do
+local least, most = tonumber(ARGV[12]), tonumber(ARGV[13])
+local interval = within(p[1], least, most) or tonumber(ARGV[2])
+local pause = within(p[2], -math.huge, now + tonumber(ARGV[14])) or 0
+local horizon = tonumber(ARGV[11])
+local start, new_tat = reserve(now, interval, tonumber(ARGV[3]), pause, horizon, horizon + most)
+for i = 15, #ARGV, 4 do
   redis.call('RPUSH', KEYS[4], table.concat({'a', us(now - tonumber(ARGV[i])), ARGV[i + 1],
              ARGV[i + 2], ARGV[i + 3]}, ' '))
 end
@@ -137,6 +145,25 @@ def decode_state(stored: str) -> ControllerState | None:
         return None
 
 
+def sane_state(
+    state: ControllerState | None, config: AdaptiveConfig, now: float
+) -> ControllerState | None:
+    """``state`` if a controller of ``config`` could have stored it by ``now`` (Redis
+    clock), else ``None``: a rate out of its bounds or a pause longer than it allows was
+    written by someone else, and starting from scratch is safe where adopting it is not."""
+    if state is None:
+        return None
+    times = (state.since, state.cut_at, state.refused_at, state.pause_until)
+    if not (
+        config.min_rate <= state.rate <= config.max_rate
+        and config.min_rate <= state.level <= config.max_rate
+        and not any(math.isnan(t) for t in (*times, state.quota, state.refused))
+        and state.pause_until <= now + config.max_pause
+    ):
+        return None
+    return state
+
+
 @dataclass(frozen=True, slots=True)
 class _Answer:
     at: float  # when it came, on this process's clock
@@ -179,6 +206,8 @@ class FleetRateController(RedisPacer):
         self._me = me or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._lease_ms = int(lease_s * 1000)
         self._max_answers = max_answers
+        c = self._config  # what a stored pace may hold: anything else is not a leader's
+        self._bounds = (interval_us(c.max_rate), interval_us(c.min_rate), round(c.max_pause * 1e6))
         self._script: Any = client.register_script(_AUTO)
         self._publish_script: Any = client.register_script(_PUBLISH)
         self._answers: list[_Answer] = []
@@ -245,7 +274,8 @@ class FleetRateController(RedisPacer):
             keys=self._keys.all(),
             args=[
                 self._now_arg(), self._interval, 1, int(PACE_TTL_S * 1000), self._me,
-                self._lease_ms, self._max_answers, *publish, self._horizon_us, *reported,
+                self._lease_ms, self._max_answers, *publish, self._horizon_us,
+                *self._bounds, *reported,
             ],
         )  # fmt: skip
         del answers[: len(reported) // 4]
@@ -269,7 +299,7 @@ class FleetRateController(RedisPacer):
         if self._controller is None or self._clock.now() - self._led_at > self._lease_ms / 1e3:
             # Newly the leader (or again, after another may have led): from the stored state.
             self._controller = RateController(server_now / 1e6, self._config)
-            stored = decode_state(stored_state)
+            stored = sane_state(decode_state(stored_state), self._config, server_now / 1e6)
             if stored is not None:
                 self._controller.restore(stored)
             self._t = -math.inf

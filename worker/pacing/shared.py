@@ -33,6 +33,10 @@ Why this shape:
 - A waiter cancelled while sleeping gives its slot back only when it holds the latest
   reservation (compare-and-set on ``tat``), as the local bucket does.
 - The keys expire once nothing needs them, so an idle queue leaves nothing behind.
+- What no process of the fleet could have written there (a key of another type, a word, a
+  factor or an interval out of the settings' bounds, a time further ahead than a
+  reservation or a pause can be) is read as missing: never a faster pace, a stop for good,
+  or a script error that ends the run.
 
 Keys, all derived from the bucket's ``key`` (a parameter: one per endpoint and project):
 ``key`` (the ``tat``), ``key:pace`` (a hash: the fixed rate's factor, or the leader's
@@ -69,11 +73,24 @@ local function clock()
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local function us(x) return string.format('%.0f', x) end
+-- What another wrote where the fleet's state belongs (a key of another type, a word, a
+-- number out of reach) is not trusted: the key is dropped, the value read as missing.
+local function own(key, kind)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= kind and t ~= 'none' then redis.call('DEL', key) end
+end
+local function within(x, lo, hi)
+  x = tonumber(x)
+  if x == nil or x ~= x or x < lo or x > hi then return nil end
+  return x
+end
 -- The next start time on the bucket at KEYS[1], not before ``floor`` (a pause); none when
 -- it is more than ``horizon`` away: then the second value says in how long to come back.
-local function reserve(now, interval, burst, floor, horizon)
+-- No reservation leaves the bucket more than ``far`` ahead of now: a later one is not ours.
+local function reserve(now, interval, burst, floor, horizon, far)
   local base = math.max(now, floor)
-  local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+  own(KEYS[1], 'string')
+  local tat = within(redis.call('GET', KEYS[1]), -math.huge, now + far) or 0
   if tat < base then tat = base end
   local new_tat = tat + interval
   local start = math.max(new_tat - burst * interval, base)
@@ -89,9 +106,11 @@ _FIXED = (
 -- ARGV: now ('' for the server's), interval asked, burst, ttl ms, cut, first cut, window,
 -- least factor, hold, growth, horizon, then how long ago each refused call was sent (us).
 local now = clock()
-local hold, growth = tonumber(ARGV[9]), tonumber(ARGV[10])
+local hold, growth, least = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[8])
+own(KEYS[2], 'hash')
 local p = redis.call('HMGET', KEYS[2], 'factor', 'since', 'cut_at')
-local factor, since, cut_at = tonumber(p[1]) or 1, tonumber(p[2]) or now, tonumber(p[3])
+local factor = math.max(within(p[1], 0, 1) or 1, least)
+local since, cut_at = within(p[2], -math.huge, now) or now, within(p[3], -math.huge, now)
 local event, changed = '', false
 if factor < 1 and now - since >= hold then
   local steps = math.floor((now - since) / hold)
@@ -105,7 +124,7 @@ for i = 12, #ARGV do
     local cut = tonumber(ARGV[6])
     if cut_at ~= nil and now - cut_at <= tonumber(ARGV[7]) then cut = tonumber(ARGV[5]) end
     local was = factor
-    factor = math.max(tonumber(ARGV[8]), math.min(1, factor * cut))
+    factor = math.max(least, math.min(1, factor * cut))
     if factor < was then event = 'slowed' end
     cut_at, since, changed = now, now, true
   end
@@ -116,7 +135,9 @@ if changed then
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
 local interval = math.ceil(tonumber(ARGV[2]) / factor)
-local start, new_tat = reserve(now, interval, tonumber(ARGV[3]), 0, tonumber(ARGV[11]))
+local burst, horizon = tonumber(ARGV[3]), tonumber(ARGV[11])
+local far = horizon + burst * math.ceil(tonumber(ARGV[2]) / least)
+local start, new_tat = reserve(now, interval, burst, 0, horizon, far)
 if not start then start = '' else start = us(start) end
 return {start, us(now), us(new_tat), event, string.format('%.17g', factor)}
 """

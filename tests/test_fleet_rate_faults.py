@@ -1,0 +1,171 @@
+"""The fleet's rate in Redis (``worker.pacing.shared``, ``worker.pacing.fleet``) when its
+keys hold what no process of the fleet wrote: another tool's key of another type, a word, a
+negative or zero interval, a time years ahead.
+
+Whatever is there, a process neither paces faster than its own settings allow (a negative
+interval or factor once let every call start at once) nor stops for good (a ``tat`` or a
+pause years ahead), nor fails with the script's error (a word where a number belongs, a
+zero factor, a key of another type: each ended ``run`` with a traceback).
+
+Real Redis holds the keys; time is virtual (``FakeClock``, passed to the scripts as their
+clock), so no figure here depends on the machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from tests.fakes import FakeClock
+from worker.pacing.controller import AdaptiveConfig, ControllerState, Phase
+from worker.pacing.fleet import FleetRateController, encode_state, sane_state
+from worker.pacing.shared import FleetKeys, RedisRateLimiter
+
+CALLS = 12
+LEASE_S = 2.0
+
+# What someone else writes, again and again while the fleet runs: (key, value). A dict is a
+# hash's fields; a str replaces the key with a string. The bucket (``tat``) is spoilt once:
+# one that someone keeps emptying is one someone keeps deleting, which no bucket survives.
+GARBAGE: dict[str, tuple[str, Any]] = {
+    "negative interval": ("pace", {"interval": -1000}),
+    "zero interval": ("pace", {"interval": 0}),
+    "one microsecond": ("pace", {"interval": 1}),
+    "word interval": ("pace", {"interval": "fast"}),
+    "nan interval": ("pace", {"interval": "nan"}),
+    "interval of years": ("pace", {"interval": 10**15}),
+    "pause of years": ("pace", {"pause_until": 10**18}),
+    "negative factor": ("pace", {"factor": -1}),
+    "zero factor": ("pace", {"factor": 0}),
+    "word factor": ("pace", {"factor": "x", "since": "y", "cut_at": "z"}),
+    "cut in the future": ("pace", {"factor": 0.5, "since": 10**18, "cut_at": 10**18}),
+    "word tat": ("tat", "soon"),
+    "tat of years": ("tat", str(10**18)),
+    "pace not a hash": ("pace", "x"),
+    "answers not a list": ("answers", "x"),
+    "lead not a hash": ("lead", "x"),
+    "word lease": ("lead", {"who": "other", "until": "later"}),
+    "negative stored rate": ("pace", {"state": '{"rate": -5, "level": -5}'}),
+}
+
+
+async def _spoil(client: aioredis.Redis, keys: FleetKeys, which: str, value: Any) -> None:
+    key = {"pace": keys.pace, "tat": keys.tat, "answers": keys.answers, "lead": keys.lead}[which]
+    if isinstance(value, dict):
+        if await client.type(key) not in (b"hash", b"none"):
+            await client.delete(key)
+        await client.hset(key, mapping=value)
+    else:
+        await client.set(key, value)
+
+
+async def _paced(limiter: Any, clock: FakeClock, spoil: Any) -> list[float]:
+    """When each of ``CALLS`` calls may start, the keys spoilt before each (another process
+    holding the lease too, for a follower)."""
+    starts: list[float] = []
+    for n in range(CALLS):
+        await spoil(n)
+        with anyio.fail_after(10):  # real seconds: a script error or a hang fails here
+            await limiter.acquire()
+        starts.append(clock.now())
+    return starts
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("garbage", sorted(GARBAGE))
+async def test_a_fixed_rate_paces_within_its_settings_whatever_its_keys_hold(
+    redis_client: aioredis.Redis, redis_prefix: str, garbage: str
+) -> None:
+    """``--rate 5 --burst 1``: never faster than 5 calls/s, never slower than the least
+    rate the slowdown goes to (0.2 calls/s), and no script error."""
+    clock = FakeClock()
+    key = redis_prefix + "rl"
+    keys = FleetKeys.of(key)
+    limiter = RedisRateLimiter(
+        redis_client, key, rate=5.0, burst=1, clock=clock, redis_now=clock.now
+    )
+    which, value = GARBAGE[garbage]
+
+    async def spoil(n: int) -> None:
+        if which != "tat" or n == 1:
+            await _spoil(redis_client, keys, which, value)
+
+    starts = await _paced(limiter, clock, spoil)
+    span = starts[-1] - starts[0]
+    assert span >= (CALLS - 2) * 0.2 * 0.99, (garbage, starts)  # burst 1: one may be early
+    assert span <= CALLS * 5.0 + 1.0, (garbage, starts)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("garbage", sorted(GARBAGE))
+@pytest.mark.parametrize("role", ["follower", "leader"])
+async def test_auto_paces_within_its_bounds_whatever_its_keys_hold(
+    redis_client: aioredis.Redis, redis_prefix: str, garbage: str, role: str
+) -> None:
+    """``--rate auto``, as a follower (another process holds the lease throughout) and as
+    the leader: the interval a stored pace can impose is the controller's own bounds, the
+    pause at most ``max_pause``, and a follower keeps the rate it last saw (2 calls/s, the
+    start-up rate) rather than one written by someone else."""
+    clock = FakeClock()
+    key = redis_prefix + "rl"
+    keys = FleetKeys.of(key)
+    limiter = FleetRateController(
+        redis_client, key, clock, lease_s=LEASE_S, me="me", redis_now=clock.now
+    )
+    which, value = GARBAGE[garbage]
+
+    async def spoil(n: int) -> None:
+        if role == "follower":  # another process renews its lease all along
+            until = f"{(clock.now() + LEASE_S) * 1e6:.0f}"
+            await redis_client.delete(keys.lead)
+            await redis_client.hset(keys.lead, mapping={"who": "other", "until": until})
+        if not (role == "follower" and which == "lead") and (which != "tat" or n == 1):
+            await _spoil(redis_client, keys, which, value)
+
+    starts = await _paced(limiter, clock, spoil)
+    span = starts[-1] - starts[0]
+    if role == "follower":
+        assert not limiter.leading
+        assert span >= (CALLS - 2) * 0.5 * 0.99, (garbage, starts, limiter)
+    else:
+        assert limiter.leading
+        assert span >= (CALLS - 2) / AdaptiveConfig().max_rate, (garbage, starts, limiter)
+    assert span <= CALLS * 5.0 + AdaptiveConfig().max_pause, (garbage, starts, limiter)
+    assert 0.2 <= limiter.rate <= AdaptiveConfig().max_rate, limiter
+
+
+@pytest.mark.anyio
+async def test_a_new_leader_does_not_adopt_a_stored_state_no_controller_could_store(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """A stored estimate with a rate out of the controller's bounds, or a pause longer than
+    ``max_pause``, is not taken up (the leader starts from scratch, at 2 calls/s): a
+    negative rate ended the leader's ``run`` with a ValueError, a rate of a million calls/s
+    let every call start at once."""
+    config = AdaptiveConfig()
+    good = ControllerState(
+        rate=30.0, level=30.0, phase=Phase.CRUISE, since=0.0, cut_at=0.0, quota=31.0,
+        refused=32.0, refused_at=0.0,
+    )  # fmt: skip
+    assert sane_state(good, config, 0.0) == good
+    for bad in (
+        replace(good, rate=-5.0),
+        replace(good, rate=1e6),
+        replace(good, level=float("nan")),
+        replace(good, pause_until=1e12),
+    ):
+        assert sane_state(bad, config, 0.0) is None, bad
+        clock = FakeClock()
+        key = f"{redis_prefix}rl{bad.rate}{bad.pause_until}"
+        await redis_client.hset(f"{key}:pace", mapping={"state": encode_state(bad)})
+        limiter = FleetRateController(redis_client, key, clock, redis_now=clock.now)
+        with anyio.fail_after(10):
+            for _ in range(3):
+                await limiter.acquire()
+        assert limiter.leading and limiter.rate == config.initial_rate, (bad, limiter)
+        assert clock.now() < config.max_pause, (bad, clock.now())
+        await redis_client.delete(*FleetKeys.of(key).all())
