@@ -296,19 +296,29 @@ async def test_the_fleets_slowdown_is_the_pure_arithmetic(
         when = clock.now()
         if ago is not None:
             limiter.feedback(throttled=True, latency_s=ago)
-            pure.refused(when, when - ago)
+        pace = _on_the_scripts_clock(pure, when, ago)
         await limiter.acquire()
-        assert limiter.rate == pytest.approx(pure.pace_at(when), rel=1e-9)
+        assert limiter.rate == pytest.approx(pace, rel=1e-9)
 
 
+# Times on a millisecond grid: the scripts keep whole microseconds, and a refusal sent
+# within a microsecond of the last cut is old news or not by rounding alone.
 steps = st.lists(
     st.tuples(
-        st.floats(min_value=0.0, max_value=6.0),  # seconds since the step before
-        st.one_of(st.none(), st.floats(min_value=0.0, max_value=0.5)),  # a refusal's age
+        st.integers(min_value=0, max_value=6000).map(lambda ms: ms / 1000),  # since the last
+        st.one_of(st.none(), st.integers(min_value=0, max_value=500).map(lambda ms: ms / 1000)),
     ),
     min_size=1,
     max_size=25,
 )
+
+
+def _on_the_scripts_clock(pure: Slowdown, when: float, ago: float | None) -> float:
+    """``pure`` told what the script is told, in whole microseconds: the pace at ``when``."""
+    now_us = round(when * 1e6)
+    if ago is not None:
+        pure.refused(now_us / 1e6, (now_us - round(ago * 1e6)) / 1e6)
+    return pure.pace_at(now_us / 1e6)
 
 
 @pytest.mark.anyio
@@ -328,7 +338,7 @@ async def test_the_fleets_slowdown_is_the_pure_arithmetic_whatever_the_refusals(
         when = clock.now()
         if ago is not None:
             limiter.feedback(throttled=True, latency_s=ago)
-            pure.refused(when, when - ago)
+        pace = _on_the_scripts_clock(pure, when, ago)
         await limiter.acquire()
-        assert limiter.rate == pytest.approx(pure.pace_at(when), rel=1e-9)
+        assert limiter.rate == pytest.approx(pace, rel=1e-9)
         assert 0.2 - 1e-9 <= limiter.rate <= 50.0
