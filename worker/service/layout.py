@@ -235,11 +235,13 @@ def aimed(message: Message, targets: Targets | None) -> Message:
     """``message`` with the target of the place it names, or, when serve may not send
     there (a project outside the allowed ones, a region named without its project id),
     refused: its ids become rejections with the reason and it is dead-lettered on ack."""
-    if message.address is None or message.problem is not None:
+    if message.problem is not None or (message.address is None and targets is None):
         return message
     if targets is None:
         return _refused(message, ONE_PROJECT)
-    found = targets.of(message.address)
+    # An entry naming nothing is the default's, held to allowed_projects as well: a list
+    # that leaves out the default project refuses it too.
+    found = targets.of(message.address or Address())
     if isinstance(found, Target):
         return replace(message, target=None if found == targets.default else found)
     return _refused(message, found)
