@@ -136,6 +136,11 @@ class ClientError(PermanentError):
     """Any other 4xx: the request itself is wrong (an invalid id, too large a batch ...)."""
 
 
+class AnswerTooLarge(PermanentError):
+    """The answer ran past what the caller reads of it (IAM's project list, a few hundred
+    bytes, is read up to a limit): not the answer it asked for."""
+
+
 class TlsError(PermanentError):
     """The server's certificate was refused. Reported at once, never retried."""
 

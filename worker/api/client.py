@@ -39,7 +39,7 @@ from worker.api.answers import (
 from worker.api.credentials import Credentials, CredentialSource, Reloadable
 from worker.api.session import USER_AGENT, make_session
 from worker.api.signer import QueryValue, sign
-from worker.errors import ApiError, AuthError
+from worker.errors import AnswerTooLarge, ApiError, AuthError
 from worker.types import DeleteResult, JobRecord
 
 __all__ = [
@@ -271,9 +271,12 @@ async def send_signed(
     credentials: Credentials,
     call: Call,
     when: datetime,
+    *,
+    limit: int | None = None,
 ) -> Answer:
     """Sign ``request`` with ``credentials`` at ``when``, send it, and read the answer to
     the end; a transport failure is raised as the error tree's (``raise_transport``).
+    ``limit``: read no more than this many bytes of the body (``AnswerTooLarge`` past it).
 
     Every signed call goes through here: the DevServer jobs API and IAM's project list."""
     signed = sign(
@@ -302,7 +305,13 @@ async def send_signed(
         ) as response:
             status = response.status
             request_id = request_id_of(response.headers, call)
-            data = await response.read()
+            data = await (response.read() if limit is None else _read_at_most(response, limit))
+            if data is None:
+                said = f"an answer larger than {limit} bytes"
+                raise AnswerTooLarge(
+                    f"{call.describe()}: HTTP {status}: {said}",
+                    http_status=status, error_msg=said, request_id=request_id,
+                )  # fmt: skip
             return Answer(
                 status=status,
                 reason=response.reason,
@@ -312,6 +321,18 @@ async def send_signed(
             )
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise_transport(exc, call, status, request_id)
+
+
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body, or None (nothing more read) once it is longer than ``limit`` bytes."""
+    if (response.content_length or 0) > limit:
+        return None
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
 
 
 # -- classification: the one place aiohttp and the OS become worker.errors ---------------

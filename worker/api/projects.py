@@ -38,12 +38,14 @@ from yarl import URL
 
 from worker.api.answers import Answer, Call, raise_for_status, secrets_of
 from worker.api.client import SignedRequest, keys_replaced, send_signed
-from worker.api.credentials import CredentialSource
+from worker.api.credentials import Credentials, CredentialSource
 from worker.api.session import USER_AGENT
 from worker.errors import (
     ApiError,
+    ApiTimeout,
     AuthError,
     ConfigError,
+    NotTls,
     PermanentError,
     ReaperError,
     ThrottledError,
@@ -70,6 +72,12 @@ IAM_REGIONS = frozenset({
 ATTEMPTS = 3
 MAX_WAIT_S = 10.0
 """The longest a throttled look-up waits for IAM's ``Retry-After`` before its next attempt."""
+ATTEMPT_S = 30.0
+"""The longest one attempt may take, its whole answer read (the session's read timeout is
+between two reads: an answer that trickles in would hold the command before it began)."""
+MAX_ANSWER_BYTES = 1 << 20
+"""The most of an answer read: IAM's project list of one name is a few hundred bytes, and
+a URL that serves a file instead must not fill the memory (400 MB took 9 GB)."""
 
 
 def iam_endpoint_for(region: str) -> str:
@@ -143,13 +151,14 @@ async def lookup_project(
     iam_endpoint: str | None = None,
     utcnow: Callable[[], datetime] = lambda: datetime.now(UTC),
     attempts: int = ATTEMPTS,
+    attempt_s: float = ATTEMPT_S,
     sleep: Sleep = anyio.sleep,
 ) -> FoundProject:
     """Ask IAM for the project named ``region`` and return its id (see the module docstring).
 
     ``iam_endpoint``: an override; None takes the SDK's endpoint for the region. Transient
     failures (network, timeouts, 429, 5xx) are tried ``attempts`` times in all, a short
-    back-off apart (``sleep`` is injectable for tests)."""
+    back-off apart (``sleep`` is injectable for tests), each within ``attempt_s``."""
     attempts = max(1, attempts)
     endpoint = (iam_endpoint or iam_endpoint_for(region)).rstrip("/")
     base = URL(endpoint)
@@ -172,17 +181,22 @@ async def lookup_project(
         keys = await credentials.current()
         call = Call(method="GET", path=request.path, secrets=secrets_of(keys))
         try:
-            answer = await send_signed(session, request, keys, call, utcnow())
+            answer = await _send_within(attempt_s, session, request, keys, call, utcnow())
             raise_for_status(answer, call, utcnow)
         except AuthError as exc:
             if not retried_keys and await keys_replaced(credentials, exc, keys):
                 retried_keys, attempt = True, attempt - 1  # the new keys get a try of their own
                 continue
             raise _refused(exc, asked, region) from None
-        except TlsError as exc:
+        except TlsError as exc:  # exit 69, as the API's own TLS failures
+            fix = (
+                f"check iam_endpoint (REAPER_IAM_ENDPOINT): {endpoint} answers in plain HTTP, "
+                "not TLS (a wrong port, or a proxy)"
+                if isinstance(exc, NotTls)
+                else f"give the CA of {endpoint} with --ca-bundle FILE"
+            )
             raise _failed(
-                IamUnavailable, f"{asked}: {exc}",
-                f"give the CA of {endpoint} with --ca-bundle FILE, {_SET_PROJECT}",
+                IamUnavailable, f"{asked}: {exc}", f"{fix}, {_SET_PROJECT}",
                 http_status=exc.http_status,
             ) from None  # fmt: skip
         except PermanentError as exc:  # a 404 or another 4xx: not IAM's project list here
@@ -204,6 +218,22 @@ async def lookup_project(
         f"and iam_endpoint, {_SET_PROJECT}",
         http_status=None if last is None else last.http_status,
     )
+
+
+async def _send_within(
+    seconds: float,
+    session: aiohttp.ClientSession,
+    request: SignedRequest,
+    keys: Credentials,
+    call: Call,
+    when: datetime,
+) -> Answer:
+    """One attempt, its answer read whole (at most ``MAX_ANSWER_BYTES``) within ``seconds``."""
+    try:
+        with anyio.fail_after(seconds):
+            return await send_signed(session, request, keys, call, when, limit=MAX_ANSWER_BYTES)
+    except TimeoutError:
+        raise ApiTimeout(f"{call.describe()}: no whole answer within {seconds:g} s") from None
 
 
 def _wait(exc: ApiError, attempt: int) -> float:
@@ -256,7 +286,7 @@ def _project_of(answer: Answer, asked: str, region: str, endpoint: str) -> Found
         )  # fmt: skip
     named = [
         p for p in projects
-        if isinstance(p, dict) and p.get("name", region) == region and isinstance(p.get("id"), str)
+        if isinstance(p, dict) and p.get("name") == region and isinstance(p.get("id"), str)
     ]  # fmt: skip
     if not named:
         raise _failed(

@@ -13,7 +13,7 @@ from typing import IO
 import anyio
 
 from worker.api.client import ApiClient
-from worker.api.projects import ProjectLookupFailed
+from worker.api.projects import IamNotThere, ProjectLookupFailed
 from worker.errors import (
     ApiError,
     AuthError,
@@ -33,6 +33,7 @@ Failures = tuple[tuple[type[ReaperError], str, ExitCode], ...]
 first kind that matches wins."""
 
 LOOKUP_FAILED: Failures = (
+    (IamNotThere, "NOT IAM", ExitCode.CONFIG),  # what answered is not IAM's project list
     (ConfigError, "PROJECT NOT FOUND", ExitCode.CONFIG),
     (AuthError, "IAM REFUSED", ExitCode.NO_PERMISSION),
     (ReaperError, "IAM UNREACHABLE", ExitCode.UNAVAILABLE),
