@@ -5,6 +5,9 @@ trickles in, a project without a name, TLS asked of a plain HTTP server.
 
 from __future__ import annotations
 
+from typing import cast
+
+import aiohttp
 import anyio
 import pytest
 from aiohttp import web
@@ -48,8 +51,13 @@ class Streamed:
         return response
 
 
+def as_handler(streamed: Streamed) -> ScriptedIam:
+    """``look_up_from`` only calls ``handle``: a ``Streamed`` serves as well."""
+    return cast(ScriptedIam, streamed)
+
+
 async def test_an_answer_larger_than_a_project_list_is_not_read_whole(
-    session: object,
+    session: aiohttp.ClientSession,
 ) -> None:
     """A URL that serves a large file (here 8 MiB of projects of other names, the region's
     at the end) is not IAM's project list: refused as such (78) once a MiB is read, not read
@@ -57,18 +65,18 @@ async def test_an_answer_larger_than_a_project_list_is_not_read_whole(
     chunk = b'{"name": "elsewhere", "id": "x"},' * 2048  # 64 KiB
     handler = Streamed(128, chunk)
     with pytest.raises(IamNotThere) as caught:
-        await look_up_from(session, handler)  # type: ignore[arg-type]
+        await look_up_from(session, as_handler(handler))
     assert f"larger than {MAX_ANSWER_BYTES} bytes" in str(caught.value)
     assert handler.calls == 1  # not asked again: it will not change its mind
     assert handler.written < 4 * MAX_ANSWER_BYTES, handler.written
 
     sized = ScriptedIam(web.json_response({"projects": [], "pad": "x" * MAX_ANSWER_BYTES}))
     with pytest.raises(IamNotThere, match="larger than"):  # its Content-Length says so
-        await look_up_from(session, sized)  # type: ignore[arg-type]
+        await look_up_from(session, sized)
 
 
 async def test_an_answer_that_trickles_in_is_given_up_after_each_attempts_time(
-    session: object,
+    session: aiohttp.ClientSession,
 ) -> None:
     """A byte every 50 ms never trips the session's read timeout (between two reads), so
     the look-up held the command before it began, for ever, saying nothing. Each attempt now
@@ -78,28 +86,28 @@ async def test_an_answer_that_trickles_in_is_given_up_after_each_attempts_time(
     with anyio.fail_after(30):  # the old look-up never returns
         with pytest.raises(IamUnavailable) as caught:
             await look_up_from(
-                session,  # type: ignore[arg-type]
-                handler, attempts=2, attempt_s=0.5, sleep=lambda s: anyio.sleep(0),
+                session, as_handler(handler), attempts=2, attempt_s=0.5,
+                sleep=lambda s: anyio.sleep(0),
             )  # fmt: skip
     assert handler.calls == 2
     assert "no whole answer within 0.5 s" in str(caught.value)
 
 
-async def test_a_project_without_a_name_is_not_the_regions(session: object) -> None:
+async def test_a_project_without_a_name_is_not_the_regions(session: aiohttp.ClientSession) -> None:
     """Only a project named after the region is the region's: one without a name (a proxy's
     list, an IAM that ignored ``?name=``) was taken as it."""
     nameless = web.json_response({"projects": [{"id": "nameless"}]})
     with pytest.raises(ProjectNotFound):
-        await look_up_from(session, ScriptedIam(nameless))  # type: ignore[arg-type]
+        await look_up_from(session, ScriptedIam(nameless))
     both = web.json_response(
         {"projects": [{"id": "nameless"}, {"name": "cn-north-4", "id": "named"}]}
     )
-    found = await look_up_from(session, ScriptedIam(both))  # type: ignore[arg-type]
+    found = await look_up_from(session, ScriptedIam(both))
     assert getattr(found, "project_id", None) == "named"
 
 
 async def test_an_https_iam_endpoint_that_answers_plain_http_is_told_so(
-    session: object,
+    session: aiohttp.ClientSession,
 ) -> None:
     """TLS asked of a plain HTTP server: the fix names the wrong scheme or port, not a CA
     bundle (no certificate was ever seen)."""
@@ -108,7 +116,7 @@ async def test_an_https_iam_endpoint_that_answers_plain_http_is_told_so(
     async with serve_app(app) as url:
         with pytest.raises(IamUnavailable) as caught:
             await lookup_project(
-                session=session,  # type: ignore[arg-type]
+                session=session,
                 credentials=KEYS, region="cn-north-4",
                 iam_endpoint=url.replace("http://", "https://"),
             )  # fmt: skip
