@@ -11,15 +11,19 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import anyio
 import orjson
 import pytest
+from anyio.streams.memory import MemoryObjectReceiveStream
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.fakes import FakeClock
 from worker.batcher import Batcher
-from worker.errors import ApiUnavailable, ServerError
+from worker.clock import MonotonicClock
+from worker.errors import ApiUnavailable, ConfigError, ServerError
 from worker.input.sources import Entry, read_entries
 from worker.lanes import Lanes
 from worker.ledger import Ledger, TemporaryLedger, open_readonly
@@ -28,7 +32,7 @@ from worker.outcomes.schema import EVENT_FIELDS, TARGET
 from worker.pipeline import ONE_PROJECT, targeted
 from worker.routing import Router, Stamped
 from worker.settings import Settings
-from worker.targets import Address, Target, Targets, limit_key
+from worker.targets import Address, Target, Targets, endpoint_for, limit_key
 from worker.types import Batch, Candidate, Outcome, Rejection, Result
 
 pytestmark = [pytest.mark.usefixtures("clean_env"), pytest.mark.anyio]
@@ -102,7 +106,7 @@ def test_plain_ids_and_an_id_only_csv_are_read_as_they_always_were() -> None:
     assert [where(e) for e in read("job_id,name\nj1,x\n", "csv")] == [(2, "j1", None)]
 
 
-def test_resolving_rejects_an_unknown_place_and_a_project_outside_the_list() -> None:
+async def test_resolving_rejects_an_unknown_place_and_a_project_outside_the_list() -> None:
     targets = Targets(HOME, allowed=("proj-a", "proj-b"))
     candidates = [
         Candidate("j1", 1),
@@ -111,7 +115,7 @@ def test_resolving_rejects_an_unknown_place_and_a_project_outside_the_list() -> 
         Candidate("j4", 4, Address(region="cn-east-3")),
     ]
     rejections: list[Rejection] = []
-    kept = targeted(candidates, targets, rejections)
+    kept = await targeted(candidates, targets, rejections)
     assert [(c.job_id, c.target) for c in kept] == [
         ("j1", None),
         ("j2", Target("proj-b", AWAY.endpoint, None)),
@@ -305,7 +309,7 @@ async def test_an_endpoint_that_gives_out_stops_its_own_batches_only() -> None:
     def lane(target: Target | None) -> _Lane:
         return lanes.setdefault(target, _Lane(target, down, journal))
 
-    router = Router(default=HOME, lane=lane, on_down=lambda endpoint, exc: said.append(endpoint))
+    router = Router(default=HOME, lane=lane, on_out=lambda place, exc: said.append(place.endpoint))
     await router.process(Batch("b1", ("h1",)))
     await router.process(Batch("b2", ("a1", "a2"), target=AWAY))
     await router.process(Batch("b3", ("a3",), target=AWAY))  # not sent: its endpoint is down
@@ -348,11 +352,11 @@ def test_the_shared_limit_key_is_the_old_one_for_the_default_and_per_place_else(
     assert limit_key("s:ratelimit", HOME, None) == "s:ratelimit:proj-a@http://127.0.0.1:8001"
 
 
-def test_a_run_of_one_project_rejects_a_line_naming_a_project_never_sending_it() -> None:
+async def test_a_run_of_one_project_rejects_a_line_naming_a_project_never_sending_it() -> None:
     """Until the run routes by target (no ``Targets`` given), a named project is refused:
     sent to the default project it would delete in the wrong place."""
     rejections: list[Rejection] = []
-    kept = targeted([Candidate("j1", 1, Address(project_id="p"))], None, rejections)
+    kept = await targeted([Candidate("j1", 1, Address(project_id="p"))], None, rejections)
     assert kept == []
     assert rejections == [Rejection("j1", 1, ONE_PROJECT)]
 
@@ -421,3 +425,143 @@ def test_two_copies_of_one_projects_shard_are_still_refused(tmp_path: Path) -> N
     refused = _report(*map(str, paths))
     assert refused.returncode == 64
     assert "are both shard 0/2" in refused.stderr
+
+
+class _Hanging:
+    """A lane whose calls hang until released (a region whose API stopped answering)."""
+
+    def __init__(self, journal: _Journal) -> None:
+        self.release = anyio.Event()
+        self.started = 0
+        self._journal = journal
+
+    async def process(self, batch: Batch) -> None:
+        self.started += 1
+        await self.release.wait()
+        await self._journal.finished([Result(i, Outcome.ABSENT) for i in batch.ids])
+
+
+async def test_a_hanging_region_holds_its_share_of_the_dispatchers_and_no_more() -> None:
+    """Four dispatchers, two regions, the hanging one's batches first: they hold three of
+    them, never the fourth, and the rest wait in the router; the other region's batches all
+    go through meanwhile, and once the hanging region answers, every batch it held back is
+    sent too."""
+    journal = _Journal()
+    hanging = _Hanging(journal)
+    home = _Lane(None, set(), journal)
+
+    def lane(target: Target | None) -> _Lane | _Hanging:
+        return hanging if target == AWAY else home
+
+    router = Router(default=HOME, lane=lane, concurrency=4)
+    batches = [Batch(f"a{n}", (f"a{n}",), target=AWAY) for n in range(6)]
+    batches += [Batch(f"h{n}", (f"h{n}",)) for n in range(20)]
+    send, receive = anyio.create_memory_object_stream[Batch](1)
+
+    async def dispatcher(mine: MemoryObjectReceiveStream[Batch]) -> None:
+        async with mine:
+            async for batch in mine:
+                await router.process(batch)
+
+    async with anyio.create_task_group() as group:
+        for _ in range(4):
+            group.start_soon(dispatcher, receive.clone())
+        receive.close()
+        async with send:
+            for batch in batches:
+                await send.send(batch)
+        with anyio.fail_after(5):
+            while len(journal.settled) < 20:  # every home batch, while away hangs
+                await anyio.sleep(0.01)
+        assert hanging.started == 3  # all but the last dispatcher, before home came
+        assert router.deferred == 3
+        hanging.release.set()
+    assert sorted(r.job_id for r in journal.settled) == sorted(b.ids[0] for b in batches)
+    assert hanging.started == 6
+
+
+async def test_a_region_past_its_waiting_room_makes_its_dispatcher_wait() -> None:
+    """Back-pressure: past ``defer_ids`` waiting ids of one endpoint, the dispatcher that
+    brings one more waits for room instead of the router holding ever more."""
+    journal = _Journal()
+    hanging = _Hanging(journal)
+    router = Router(default=HOME, lane=lambda target: hanging, concurrency=1, defer_ids=2)
+    async with anyio.create_task_group() as group:
+        group.start_soon(router.process, Batch("a0", ("a0",), target=AWAY))
+        await anyio.sleep(0.01)
+        await router.process(Batch("a1", ("a1",), target=AWAY))  # waits in the router
+        await router.process(Batch("a2", ("a2",), target=AWAY))
+        with anyio.move_on_after(0.2) as waited:
+            await router.process(Batch("a3", ("a3",), target=AWAY))
+        assert waited.cancelled_caught  # no room: it waited
+        hanging.release.set()
+    assert [r.job_id for r in journal.settled] == ["a0", "a1", "a2"]
+
+
+async def test_a_one_project_run_keeps_every_dispatcher_for_its_project() -> None:
+    """No line named a project: nothing is held back, as before many projects."""
+    journal = _Journal()
+    hanging = _Hanging(journal)
+    router = Router(default=HOME, lane=lambda target: hanging, concurrency=4)
+    async with anyio.create_task_group() as group:
+        for n in range(4):
+            group.start_soon(router.process, Batch(f"h{n}", (f"h{n}",)))
+        with anyio.fail_after(5):
+            while hanging.started < 4:
+                await anyio.sleep(0.01)
+        assert router.deferred == 0
+        hanging.release.set()
+    assert len(journal.settled) == 4
+
+
+async def test_with_redis_each_project_paces_through_a_shared_limit_of_its_own(
+    redis_prefix: str, redis_client: Any
+) -> None:
+    """The settings' project keeps the key a one-project fleet shares; another project at
+    another endpoint gets a key of its own, so replicas share each quota, never one
+    project's with another's (real Redis)."""
+    base = f"{redis_prefix}ids:ratelimit"
+    settings = Settings.model_validate({"rate": 0.5, "burst": 1})
+    lanes = Lanes(settings, default=HOME, clock=MonotonicClock(), redis=redis_client,
+                  limit_base=base)  # fmt: skip
+    assert lanes.limiter(None) is lanes.limiter(HOME)
+    await lanes.limiter(None).acquire()
+    await lanes.limiter(AWAY).acquire()
+    away_key = f"{base}:proj-b@http://127.0.0.1:8002"
+    assert await redis_client.exists(base) == 1  # taken from: held until it refills (2 s)
+    assert await redis_client.exists(away_key) == 1
+    keys = [key.decode() async for key in redis_client.scan_iter(match=redis_prefix + "*")]
+    assert sorted(keys) == [base, away_key]
+
+
+async def test_a_line_naming_a_region_alone_gets_its_project_from_the_lookup_once() -> None:
+    """IAM's answer for a region, asked once a run; a failure is the lines' reason."""
+    asked: list[str] = []
+
+    async def lookup(region: str) -> str:
+        asked.append(region)
+        if region == "cn-south-1":
+            raise ConfigError("IAM knows no project named cn-south-1")
+        return f"proj-{region}"
+
+    targets = Targets(HOME, lookup=lookup)
+    candidates = [
+        Candidate("j1", 1, Address(region="cn-east-3")),
+        Candidate("j2", 2, Address(region="cn-east-3")),
+        Candidate("j3", 3, Address(region="cn-south-1")),
+        Candidate("j4", 4, Address(region="cn-south-1")),
+        Candidate("j5", 5, Address(endpoint="http://127.0.0.1:9")),  # no region to look up
+    ]
+    rejections: list[Rejection] = []
+    kept = await targeted(candidates, targets, rejections)
+    east = Target("proj-cn-east-3", endpoint_for("cn-east-3"), "cn-east-3")
+    assert [(c.job_id, c.target) for c in kept] == [("j1", east), ("j2", east)]
+    assert [(r.line, r.reason) for r in rejections] == [
+        (3, "the project of region cn-south-1 was not found in IAM: IAM knows no project "
+            "named cn-south-1"),
+        (4, "the project of region cn-south-1 was not found in IAM: IAM knows no project "
+            "named cn-south-1"),
+        (5, "names endpoint http://127.0.0.1:9 but no project_id (a project id belongs to one "
+            "region)"),
+    ]  # fmt: skip
+    assert asked == ["cn-east-3", "cn-south-1"]

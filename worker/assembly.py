@@ -26,27 +26,27 @@ from worker.batcher import Batcher, DeletionBudget
 from worker.clock import Clock
 from worker.discovery.guard import Guard, PlanCheck, Protection
 from worker.dispatcher import Working
-from worker.errors import ConfigError, UsageError
+from worker.errors import ConfigError, NoSuchApi, ReaperError, UsageError
 from worker.input.shard import Shard, ShardFilter
 from worker.input.sources import read_entries
 from worker.lanes import Lanes
-from worker.ledger import WHOLE, Ledger, TemporaryLedger
+from worker.ledger import UNBOUND, WHOLE, Ledger, TemporaryLedger
 from worker.outcomes.events import EventLog
 from worker.outcomes.journal import LedgerPort, ResultsWriter, RunJournal, Tally
-from worker.pacing.breaker import BreakerGate
-from worker.pacing.bucket import RateLimiter
 from worker.pipeline import BatchProcessor, Entry, Pipeline, RunState
 from worker.private_files import open_output
-from worker.routing import Stamped
+from worker.routing import Router, Stamped
 from worker.settings import Settings
 from worker.targets import Target, Targets, normal_endpoint
 from worker.types import Candidate
 
 if TYPE_CHECKING:
+    import aiohttp
     import redis.asyncio as aioredis
     from aiohttp import web
 
     from worker.api.client import Api, ApiClient
+    from worker.api.credentials import CredentialSource
     from worker.discovery.plan import SealedPlan
     from worker.service.consumer import StreamConsumer
     from worker.service.health import Health
@@ -87,6 +87,7 @@ def _close_quietly(handle: IO[bytes]) -> None:
 class RunRecords:
     """What a run reads and where its outcomes go, all opened before any call."""
 
+    default: Target  # the settings' project, where the ids whose line names none go
     ledger: Ledger | TemporaryLedger
     port: LedgerPort  # one port: one thread at a time on the ledger's connection
     journal: RunJournal
@@ -100,23 +101,37 @@ class RunRecords:
 def build_ledger(
     settings: Settings,
     *,
-    project: str,
-    endpoint: str,
+    default: Target,
     run_id: str,
     retry_failed: bool,
     shard: Shard | None,
 ) -> Ledger | TemporaryLedger:
-    """The ledger of ``--ledger`` (resumable), or a temporary one for this run alone."""
+    """The ledger of ``--ledger`` (resumable), or a temporary one for this run alone; made
+    for the ``default`` target, the settings' project (an id's line may name another)."""
     if settings.ledger is None:
-        return TemporaryLedger.open()
+        return TemporaryLedger.open(default=default)
     return Ledger.open(
         settings.ledger,
-        project_id=project,
-        endpoint=endpoint,
+        project_id=default.project_id,
+        endpoint=default.endpoint,
         run_id=run_id,
         retry_failed=retry_failed,
         shard=WHOLE if shard is None else str(shard),
+        region=default.region,
     )
+
+
+def build_default_target(settings: Settings, *, project: str, endpoint: str) -> Target:
+    """Where the ids whose line names no project go: the settings' project and endpoint.
+    ``ConfigError`` (78) when ``allowed_projects`` leaves it out: every such line would be
+    refused. (In a dry run given none, placeholders: nothing is sent.)"""
+    allowed = settings.allowed_projects
+    if allowed and project != UNBOUND and project not in allowed:
+        raise ConfigError(
+            f"project_id {project} is not in allowed_projects: every id whose line names "
+            "no project would be refused; add it, or set another project_id"
+        )
+    return Target(project, endpoint, settings.region)
 
 
 def build_results(
@@ -180,10 +195,10 @@ def build_records(
     events: EventLog,
     tally: Tally,
 ) -> RunRecords:
+    default = build_default_target(settings, project=project, endpoint=endpoint)
     ledger = build_ledger(
-        settings, project=project, endpoint=endpoint, run_id=run_id,
-        retry_failed=retry_failed, shard=shard,
-    )  # fmt: skip
+        settings, default=default, run_id=run_id, retry_failed=retry_failed, shard=shard
+    )
     stack.callback(ledger.close)
     # The cap is on the job, not on each process: what earlier runs on the ledger sent
     # counts (a kill -9 and a resume must not reach twice the cap).
@@ -192,6 +207,7 @@ def build_records(
     port = LedgerPort(ledger)
     entries, sharding = build_entries(source, fmt, stdin=stdin, plan=plan, shard=shard)
     return RunRecords(
+        default=default,
         ledger=ledger,
         port=port,
         journal=RunJournal(ledger=port, events=events, tally=tally, results=writer),
@@ -205,28 +221,36 @@ def build_records(
 
 @dataclass(frozen=True, slots=True)
 class RunCalls:
-    """What makes a run's calls: the API client (none in a dry run of ids), the breaker, the
-    limiter, the dispatcher (``guard`` too when it is a :class:`Guard`) and the pipeline."""
+    """What makes a run's calls: per target a lane (``worker.routing``) built from
+    ``lanes`` (an API client and rate limiter per project and endpoint, a breaker per
+    endpoint), the router the pipeline sends every batch to, the settings' project's guard
+    (when its lane is a :class:`Guard`: a plan's recount reads through it), the targets
+    the lines named, and the pipeline."""
 
-    transport: ApiClient | None
-    gate: BreakerGate
-    limiter: RateLimiter
-    dispatcher: BatchProcessor
+    lanes: Lanes
+    router: Router
     guard: Guard | None
+    targets: Targets
     pipeline: Pipeline
 
+    @property
+    def guards(self) -> list[Guard]:
+        """Every lane's guard, when jobs are protected or a plan binds the run."""
+        return [lane for lane in self.router.lanes.values() if isinstance(lane, Guard)]
 
-async def build_limiter(stack: AsyncExitStack, settings: Settings, clock: Clock) -> RateLimiter:
-    """``run``'s own limiter, or the one kept in Redis when a ``redis_url`` is given (a dry
-    run sends nothing, so it takes no share of it)."""
+
+async def build_rate_redis(
+    stack: AsyncExitStack, settings: Settings
+) -> tuple[aioredis.Redis | None, str | None]:
+    """The Redis client and the key of the shared rate limit, when a ``redis_url`` is given
+    and the run sends (closed by ``stack``); ``(None, None)`` otherwise."""
     if not (wiring.shares_rate(settings) and not settings.dry_run):
-        return wiring.limiter(settings, clock)
+        return None, None
     from worker.service.layout import StreamLayout
 
     redis = await wiring.rate_redis(settings)
     stack.push_async_callback(_shielded, redis.aclose)
-    key = StreamLayout(settings.stream, settings.group).ratelimit
-    return wiring.shared_limiter(settings, redis, key, clock)
+    return redis, StreamLayout(settings.stream, settings.group).ratelimit
 
 
 async def build_transport(stack: AsyncExitStack, settings: Settings) -> ApiClient:
@@ -234,6 +258,16 @@ async def build_transport(stack: AsyncExitStack, settings: Settings) -> ApiClien
     session = wiring.session(settings)
     stack.push_async_callback(_shielded, session.close)
     return await wiring.api_client(settings, session)
+
+
+async def build_keys(
+    stack: AsyncExitStack, settings: Settings
+) -> tuple[aiohttp.ClientSession, CredentialSource]:
+    """The process's one HTTP session (closed by ``stack``) and the keys every project's
+    calls are signed with (one AK/SK pair serves all the projects of an account)."""
+    session = wiring.session(settings)
+    stack.push_async_callback(_shielded, session.close)
+    return session, await wiring.credentials(settings, session)
 
 
 async def build_calls(
@@ -252,43 +286,75 @@ async def build_calls(
     events: EventLog,
     tally: Tally,
 ) -> RunCalls:
-    # The breaker stops hammering an API that keeps failing, and tells the exit code
-    # whether a deadline struck while the API was down (69, not 75).
-    gate = BreakerGate(clock=clock)
     # In a dry run, reads only: the dispatcher sends no DELETE. A dry run of ids reads none.
-    transport = await build_transport(stack, settings) if reads else None
-    limiter = await build_limiter(stack, settings, clock)
-    dispatcher = wiring.processor(
-        settings,
-        transport=transport,
-        limiter=limiter,
-        journal=records.journal,
-        clock=clock,
-        stopping=lambda: state.stopping,
-        protection=protection,
-        plan=None if plan is None else PlanCheck.of(plan, excluded),
-        working=working,
-        gate=gate,
-        # Re-checked by listing: a plan's jobs with its server-side filters, a protected
-        # input's jobs with none (protection reads every job's record).
-        listing=plan.filters.server_queries() if plan is not None else [{}],
-        warn=events.warn,
-        budget=records.budget,
-    )
+    session, keys = await build_keys(stack, settings) if reads else (None, None)
+    redis, key = await build_rate_redis(stack, settings)
+    # Per target: a rate limiter per project and endpoint (shared in Redis under a key of its
+    # own), and per endpoint a breaker, which stops hammering an API that keeps failing and
+    # tells the exit code whether a deadline struck while the API was down (69, not 75).
+    lanes = Lanes(settings, default=records.default, clock=clock, session=session,
+                  credentials=keys, redis=redis, limit_base=key)  # fmt: skip
+    check = None if plan is None else PlanCheck.of(plan, excluded)
+
+    def lane(target: Target | None) -> BatchProcessor:
+        return wiring.processor(
+            settings,
+            transport=lanes.transport(target),
+            limiter=lanes.limiter(target),
+            journal=records.journal if target is None else Stamped(records.journal, target),
+            clock=clock,
+            stopping=lambda: state.stopping,
+            protection=protection,
+            plan=check,
+            working=working,
+            gate=lanes.gate(target),
+            # Re-checked by listing: a plan's jobs with its server-side filters, a protected
+            # input's jobs with none (protection reads every job's record).
+            listing=plan.filters.server_queries() if plan is not None else [{}],
+            warn=events.warn,
+            budget=records.budget,
+        )
+
+    def out(place: Target, exc: ReaperError) -> None:
+        whole = not isinstance(exc, NoSuchApi)  # else: that project, not the endpoint
+        events.warn(
+            "run.endpoint_down" if whole else "run.project_refused",
+            project_id=None if whole else place.project_id, region=place.region,
+            endpoint=place.endpoint, error=str(exc),
+            note="its ids stay open, never sent; the others go on",
+        )  # fmt: skip
+
+    router = Router(default=records.default, lane=lane, concurrency=settings.concurrency,
+                    stopping=lambda: state.stopping, working=working, on_out=out)  # fmt: skip
+    lookup = None
+    if session is not None and keys is not None:
+        from worker.api.projects import PROCESS_CACHE
+
+        iam = wiring.iam_endpoint(settings)
+
+        async def lookup(region: str) -> str:  # a line's region, as the settings' own
+            found = await PROCESS_CACHE.resolve(
+                session=session, credentials=keys, region=region, iam_endpoint=iam
+            )
+            return found.project_id
+
+    targets = Targets(records.default, allowed=settings.allowed_projects, lookup=lookup)
     pipeline = Pipeline(
         entries=records.entries,
         ledger=records.port,
         journal=records.journal,
-        dispatcher=dispatcher,
+        dispatcher=router,
         batcher=Batcher(settings.batch_size, prefix=run_id[-6:]),
         tally=tally,
         concurrency=settings.concurrency,
         grace=settings.grace,
         state=state,
         working=working,
+        targets=targets,
     )
-    guard = dispatcher if isinstance(dispatcher, Guard) else None
-    return RunCalls(transport, gate, limiter, dispatcher, guard, pipeline)
+    default_lane = router.lane(None)  # the settings' project's: a plan's, and the first made
+    guard = default_lane if isinstance(default_lane, Guard) else None
+    return RunCalls(lanes, router, guard, targets, pipeline)
 
 
 # ``serve``

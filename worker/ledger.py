@@ -696,7 +696,9 @@ class Ledger(LedgerView):
         return target.project_id, public_endpoint(target.endpoint)
 
     def _same_place(self, one: int | None, other: int | None) -> bool:
-        return one == other or self._place(one) == self._place(other)
+        """Read for the same project? A project id names one project, whichever endpoint
+        (public, private, a proxy) its calls go through."""
+        return one == other or self._place(one)[0] == self._place(other)[0]
 
     def _conflict(self, candidate: Candidate, first: int | None) -> Rejection:
         project, endpoint = self._place(first)
@@ -1004,7 +1006,11 @@ class _Places:
         return None if target is None else (target.project_id, public_endpoint(target.endpoint))
 
     def same(self, one: int, other: int) -> bool:
-        return one == other or self._place(one) == self._place(other)
+        """Read for the same project (``Ledger._same_place``)."""
+        if one == other:
+            return True
+        first, second = self._place(one), self._place(other)
+        return first is not None and second is not None and first[0] == second[0]
 
     def conflict(self, candidate: Candidate, first: int) -> Rejection:
         return conflict(candidate, self._targets[first])

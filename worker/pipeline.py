@@ -37,7 +37,7 @@ Entry = Candidate | Rejection
 ONE_PROJECT = "names a project, region or endpoint, and this run sends to one project only"
 
 
-def targeted(
+async def targeted(
     candidates: list[Candidate], targets: Targets | None, rejections: list[Rejection]
 ) -> list[Candidate]:
     """The candidates whose line's project, region or endpoint resolved, each given its
@@ -45,7 +45,7 @@ def targeted(
     kept: list[Candidate] = []
     for candidate in candidates:
         if candidate.address is not None:
-            found = ONE_PROJECT if targets is None else targets.of(candidate.address)
+            found = ONE_PROJECT if targets is None else await targets.find(candidate.address)
             if isinstance(found, str):
                 rejections.append(Rejection(candidate.job_id, candidate.line, found))
                 continue
@@ -214,7 +214,7 @@ class Pipeline:
         rejections = [entry for entry in chunk if isinstance(entry, Rejection)]
         candidates = [entry for entry in chunk if isinstance(entry, Candidate)]
         if any(c.address is not None for c in candidates):
-            candidates = targeted(candidates, self._targets, rejections)
+            candidates = await targeted(candidates, self._targets, rejections)
         if rejections:
             await self._journal.rejected(rejections)
         if candidates:

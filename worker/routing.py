@@ -8,10 +8,12 @@ limiter, since the quota is the project's; the lanes of one endpoint share one c
 breaker, since an outage is the endpoint's (``Lanes``, made by ``worker.wiring``).
 
 An endpoint whose API gives out (``ApiUnavailable``: its breaker's probes and the batch's
-attempts spent) stops only its own lanes while another endpoint the run has met still
-answers: that batch's ids and every later batch's for that endpoint stay open, never sent,
-and the other endpoints go on. When every endpoint the run has met is down, the error
-goes up and the run stops as a one-project run always has. Either way the run ends 69.
+attempts spent; or a refused certificate) stops only its own lanes while another place the
+run has met still answers: that batch's ids and every later batch's for that endpoint stay
+open, never sent, and the others go on. So does a project the gateway does not know
+(``NoSuchApi``, a wrong project id on some lines), for that project alone. When every place
+the run has met is out, the error goes up and the run stops as a one-project run always
+has. Either way the run ends as that error says (78 for an unknown project, else 69).
 
 The outcome of an id whose line named its target carries it (``Result.target``):
 :class:`Stamped` sets it as the outcome is settled, so the dispatcher and the guard need not
@@ -20,10 +22,13 @@ know about targets at all.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 
-from worker.dispatcher import Journal
-from worker.errors import ApiUnavailable
+import anyio
+
+from worker.dispatcher import Journal, Working
+from worker.errors import ApiUnavailable, NoSuchApi, ReaperError, TlsError
 from worker.pipeline import BatchProcessor
 from worker.targets import Target
 from worker.types import Batch, Result
@@ -58,29 +63,92 @@ class Stamped:
 Lane = Callable[[Target | None], BatchProcessor]
 """Makes the processor of the batches of a target (None: the settings' default)."""
 
+ENDPOINT_OUT = (ApiUnavailable, TlsError)
+"""What takes a whole endpoint out: its API gave out, or its certificate was refused."""
+TARGET_OUT = (NoSuchApi,)
+"""What takes one project at an endpoint out: the gateway does not know its path (a wrong
+project id); other projects at that endpoint may still be right."""
+
+
+DEFER_IDS = 20_000
+"""Ids of one endpoint's batches the router holds back, waiting for a dispatcher of their
+endpoint's share, before a dispatcher that brings it another waits for room (back-pressure):
+about 2 MB, and at 500 ids/s for the others what a detection window of 40 s needs."""
+
+
+class _Endpoint:
+    """One endpoint's dispatchers at work and the batches waiting for one of them."""
+
+    __slots__ = ("deferred", "ids", "in_lane", "room")
+
+    def __init__(self) -> None:
+        self.in_lane = 0
+        self.deferred: deque[Batch] = deque()
+        self.ids = 0  # in ``deferred``
+        self.room = anyio.Event()
+
+    def defer(self, batch: Batch) -> None:
+        self.deferred.append(batch)
+        self.ids += len(batch)
+
+    def next(self) -> Batch | None:
+        if not self.deferred:
+            return None
+        batch = self.deferred.popleft()
+        self.ids -= len(batch)
+        self.room.set()
+        self.room = anyio.Event()
+        return batch
+
+    @property
+    def busy(self) -> bool:
+        return self.in_lane > 0 or bool(self.deferred)
+
 
 class Router:
-    """Sends each batch to its target's lane; keeps an endpoint's outage its own.
+    """Sends each batch to its target's lane; keeps an endpoint's outage, or a project the
+    API does not know, to its own ids.
 
-    ``down``: the endpoints that gave out, with the error; ``left_open``: the ids of the
-    later batches of those endpoints, not sent because of it. ``on_down(endpoint, error)``
-    is called once per endpoint that gives out while others still answer (the run's
-    warning event)."""
+    Once a batch of a named target has come, the ``concurrency`` dispatchers are shared
+    fairly between the endpoints that have work: an endpoint's batches hold at most its
+    share of them (``concurrency`` over the endpoints with batches at work or waiting,
+    rounded up, and never all of them), and a batch beyond its share waits in the router (up
+    to :data:`DEFER_IDS` ids an endpoint), not in a dispatcher. So a region whose
+    calls hang until they time out holds only its share while its breaker and the retries
+    decide it is down, and the others go on at their pace. A dispatcher that finishes a
+    batch of an endpoint takes that endpoint's next waiting one, so none is forgotten.
+
+    ``down``: the endpoints taken out, with the error; ``refused``: the places (project and
+    endpoint) taken out; ``left_open``: the ids of their later batches, not sent because
+    of it. ``on_out(place, error)`` is called once per endpoint or place taken out while
+    another still answers (the run's warning event)."""
 
     def __init__(
         self,
         *,
         default: Target | None,
         lane: Lane,
-        on_down: Callable[[str, ApiUnavailable], None] = lambda endpoint, error: None,
+        concurrency: int = 1,
+        stopping: Callable[[], bool] = lambda: False,
+        working: Working | None = None,
+        on_out: Callable[[Target, ReaperError], None] = lambda place, error: None,
+        defer_ids: int = DEFER_IDS,
     ) -> None:
         self._default = default
         self._make = lane
+        self._concurrency = concurrency
+        self._stopping = stopping
+        self._working = working if working is not None else Working()
+        self._defer_ids = defer_ids
         self._lanes: dict[Target | None, BatchProcessor] = {}
-        self._met: dict[str, None] = {}
-        self._on_down = on_down
-        self.down: dict[str, ApiUnavailable] = {}
+        self._met: dict[tuple[str, str], None] = {}
+        self._endpoints: dict[str, _Endpoint] = {}
+        self._on_out = on_out
+        self.down: dict[str, ReaperError] = {}
+        self.refused: dict[tuple[str, str], ReaperError] = {}
         self.left_open = 0
+        self.deferred = 0  # batches that waited for their endpoint's share
+        self._several = False  # has a batch of a named target come?
 
     def lane(self, target: Target | None) -> BatchProcessor:
         """The processor of ``target``'s batches, made on first use."""
@@ -93,28 +161,78 @@ class Router:
     def lanes(self) -> dict[Target | None, BatchProcessor]:
         return dict(self._lanes)
 
-    async def process(self, batch: Batch) -> None:
-        place = batch.target if batch.target is not None else self._default
-        if place is None:  # the pipeline sends no such batch: every line resolved
+    @property
+    def failure(self) -> ReaperError | None:
+        """The error to end the run with when something was taken out: a project the API
+        does not know (78) before an endpoint that gave out (69)."""
+        return next(iter(self.refused.values()), None) or next(iter(self.down.values()), None)
+
+    def _target(self, batch: Batch) -> Target:
+        target = batch.target if batch.target is not None else self._default
+        if target is None:  # the pipeline sends no such batch: every line resolved
             raise ValueError(f"batch {batch.batch_id} has no target and no default is set")
-        endpoint = place.endpoint
-        if endpoint in self.down:
+        return target
+
+    def _out(self, target: Target) -> bool:
+        return (target.project_id, target.endpoint) in self.refused or target.endpoint in self.down
+
+    def _share(self, endpoint: str) -> int:
+        """The dispatchers ``endpoint``'s batches may hold now: all of them while no line
+        has named a target (one project's run, as it always was); else a fair share, and
+        never the last one, which must stay free to bring in the others' batches."""
+        if not self._several:
+            return self._concurrency
+        busy = sum(state.busy for name, state in self._endpoints.items() if name != endpoint)
+        share = -(-self._concurrency // (busy + 1))
+        return max(1, min(share, self._concurrency - 1))
+
+    async def process(self, batch: Batch) -> None:
+        if batch.target is not None:
+            self._several = True
+        endpoint = self._target(batch).endpoint
+        state = self._endpoints.get(endpoint)
+        if state is None:
+            state = self._endpoints[endpoint] = _Endpoint()
+        while state.in_lane >= self._share(endpoint) and not self._stopping():
+            if state.ids + len(batch) <= self._defer_ids or not state.deferred:
+                self.deferred += 1
+                state.defer(batch)  # a dispatcher of its share takes it: this one is free
+                return
+            with self._working.waiting():  # not working: a stop need not wait for this
+                await state.room.wait()  # back-pressure: as many ids wait as may
+        state.in_lane += 1
+        try:
+            next_batch: Batch | None = batch
+            while next_batch is not None:
+                await self._send(next_batch)
+                next_batch = None if self._stopping() else state.next()
+        finally:
+            state.in_lane -= 1
+
+    async def _send(self, batch: Batch) -> None:
+        target = self._target(batch)
+        if self._out(target):
             self.left_open += len(batch)
             return
-        self._met[endpoint] = None
+        place = (target.project_id, target.endpoint)
+        self._met[place] = None
         try:
             await self.lane(batch.target).process(batch)
-        except ApiUnavailable as exc:
-            first = endpoint not in self.down
-            self.down.setdefault(endpoint, exc)
-            if all(met in self.down for met in self._met):
+        except (*ENDPOINT_OUT, *TARGET_OUT) as exc:
+            first = not self._out(target)
+            if isinstance(exc, TARGET_OUT):
+                self.refused.setdefault(place, exc)
+            else:
+                self.down.setdefault(target.endpoint, exc)
+            if all(self._out(Target(*met)) for met in self._met):
                 raise  # nothing the run has met answers: it stops, as one project's does
             if first:
-                self._on_down(endpoint, exc)
+                self._on_out(target, exc)
 
     def __repr__(self) -> str:
         down = ", ".join(self.down) or "none"
+        waiting = sum(len(state.deferred) for state in self._endpoints.values())
         return (
-            f"Router(lanes={len(self._lanes)}, endpoints={len(self._met)}, down=[{down}], "
-            f"left_open={self.left_open})"
+            f"Router(lanes={len(self._lanes)}, places={len(self._met)}, down=[{down}], "
+            f"refused={len(self.refused)}, left_open={self.left_open}, waiting={waiting})"
         )

@@ -12,20 +12,22 @@ act on (the line is then rejected, never sent). The rules each field is held to 
 settings' own (``project_problem``, ``region_problem``, ``endpoint_problem``): the settings
 module calls the same functions.
 
-Pure logic: no I/O. A project named by region alone (no ``project_id``, another region than
-the default's) cannot be resolved here; that is IAM's (``GET /v3/projects?name={region}``),
-which :func:`resolve` leaves to its caller by returning :class:`Unresolved`.
+Pure logic, but for the one look-up :class:`Targets` is given: a project named by region
+alone (no ``project_id``, another region than the default's) is IAM's to find
+(``GET /v3/projects?name={region}``, ``worker.api.projects``), which :func:`resolve` leaves
+to its caller by returning :class:`Unresolved`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
 
+from worker.errors import ReaperError
 from worker.types import PROJECT_ID_RE
 
 REGION_RE = re.compile(r"[a-z]{2}(?:-[a-z0-9]+)+")
@@ -205,31 +207,71 @@ def _allowed(target: Target, allowed: Collection[str]) -> Target | str:
     return target
 
 
+ProjectLookup = Callable[[str], Awaitable[str]]
+"""The project id of a region (IAM's ``GET /v3/projects?name={region}``): raises a
+``worker.errors.ReaperError`` saying why when there is none to be had."""
+
+
 class Targets:
     """The targets of one run: each line's :class:`Address` resolved once (:func:`resolve`),
-    every equal target one object, and the targets met so far in the order met."""
+    every equal target one object, and the targets met so far in the order met.
 
-    def __init__(self, default: Target | None, *, allowed: Collection[str] = ()) -> None:
+    ``lookup``: how a region's project id is found when a line names a region (another than
+    the default's) without one; None: such a line is rejected (:class:`Unresolved`)."""
+
+    def __init__(
+        self,
+        default: Target | None,
+        *,
+        allowed: Collection[str] = (),
+        lookup: ProjectLookup | None = None,
+    ) -> None:
         self.default = default
         self.allowed = frozenset(allowed)
+        self._lookup = lookup
         self._resolved: dict[Address, Target | str] = {}
         self._met: dict[Target, Target] = {}
 
     def of(self, named: Address) -> Target | str:
-        """The target of a line naming ``named``, else the reason it is rejected."""
+        """The target of a line naming ``named``, else the reason it is rejected, without
+        looking a project up (see :meth:`find`)."""
         found = self._resolved.get(named)
         if found is None:
-            if len(self._resolved) >= _KEPT:
-                self._resolved.clear()  # hostile input naming a new place on every line
             answer = resolve(named, self.default, allowed=self.allowed)
-            if isinstance(answer, Unresolved):
-                found = answer.reason
-            elif isinstance(answer, Target):
-                found = self._met.setdefault(answer, answer)
-            else:
-                found = answer
-            self._resolved[named] = found
+            found = answer.reason if isinstance(answer, Unresolved) else self._keep(answer)
+            self._remember(named, found)
         return found
+
+    async def find(self, named: Address) -> Target | str:
+        """:meth:`of`, looking the project of a line's region up (``lookup``) when the line
+        names none: once a run for each place, a failure (no such project, IAM refused or
+        unreachable) kept as the reason its lines are rejected."""
+        found = self._resolved.get(named)
+        if found is not None:
+            return found
+        answer = resolve(named, self.default, allowed=self.allowed)
+        if not isinstance(answer, Unresolved):
+            found = self._keep(answer)
+        elif self._lookup is None or answer.region is None:
+            found = answer.reason
+        else:
+            try:
+                project = await self._lookup(answer.region)
+            except ReaperError as exc:
+                found = f"the project of region {answer.region} was not found in IAM: {exc}"
+            else:
+                found = self._keep(_allowed(Target(project, answer.endpoint, answer.region),
+                                            self.allowed))  # fmt: skip
+        self._remember(named, found)
+        return found
+
+    def _keep(self, answer: Target | str) -> Target | str:
+        return self._met.setdefault(answer, answer) if isinstance(answer, Target) else answer
+
+    def _remember(self, named: Address, found: Target | str) -> None:
+        if len(self._resolved) >= _KEPT:
+            self._resolved.clear()  # hostile input naming a new place on every line
+        self._resolved[named] = found
 
     @property
     def met(self) -> list[Target]:
@@ -237,7 +279,10 @@ class Targets:
         return list(self._met)
 
     def __repr__(self) -> str:
-        return f"Targets(default={self.default}, allowed={len(self.allowed)}, met={len(self._met)})"
+        return (
+            f"Targets(default={self.default}, allowed={len(self.allowed)}, met={len(self._met)}, "
+            f"lookup={self._lookup is not None})"
+        )
 
 
 _KEPT = 4096

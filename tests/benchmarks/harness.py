@@ -90,13 +90,23 @@ async def enqueue(path: Path, ids: Sequence[str], *, stream: str, redis_url: str
 
 @contextmanager
 def simulator(
-    tmp: Path, *, jobs: int, quota: float = 0, burst: int = 1, latency_ms: float = 0
+    tmp: Path,
+    *,
+    jobs: int,
+    quota: float = 0,
+    burst: int = 1,
+    latency_ms: float = 0,
+    project: str = PROJECT,
+    seed: int = 0,
+    region: str = "cn-north-4",
 ) -> Iterator[SimProcess]:
-    """``devserver-reaper simulate`` on a free loopback port, for the ``with`` block."""
+    """``devserver-reaper simulate`` on a free loopback port, for the ``with`` block.
+    ``project`` and ``seed``: for two simulators of two projects with ids of their own."""
     ids_file = tmp / f"ids-{time.monotonic_ns()}.txt"
     args = [sys.executable, "-m", "worker", "simulate", "--port", "0", "--jobs", str(jobs),
             "--quota", str(quota), "--burst", str(burst), "--latency-ms", str(latency_ms),
-            "--project-id", PROJECT, "--ak", AK, "--sk", SK,
+            "--project-id", project, "--region", region, "--ak", AK, "--sk", SK,
+            "--seed", str(seed),
             "--ids-file", str(ids_file)]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ from worker.errors import (
 from worker.exit_codes import ExitCode
 from worker.input.shard import INDEX_VARIABLE, Shard
 from worker.input.sources import read_entries
+from worker.lanes import Lanes
 from worker.ledger import UNBOUND, Ledger
 from worker.logsetup import new_run_id
 from worker.outcomes.events import EventLog
@@ -60,9 +62,10 @@ from worker.outcomes.journal import (
     check_output,
     rewrite_results,
 )
-from worker.pacing.bucket import RateLimiter
 from worker.pipeline import RunState
+from worker.routing import Router
 from worker.settings import Settings
+from worker.targets import Target
 from worker.terminal.output import Output
 from worker.terminal.prompt import InterruptedAtPrompt, Proposal
 
@@ -465,7 +468,9 @@ async def _run(
             total = await _watch_progress(
                 calls, request, settings, plan, records, tally, clock, events, group, output
             )
-            state.api_down = calls.transport is not None and calls.gate.api_down
+            state.api_down = reads and calls.lanes.api_down
+            if state.fatal is None:  # an endpoint or a project out, the others went on
+                state.fatal = calls.router.failure
         finally:
             await _finish_results(records, request.results, state)
         code = exit_code(state, tally)
@@ -481,7 +486,11 @@ async def _run(
                 max_deletions_left=records.budget.left,
                 sent_by_earlier_runs=records.spent,
             )
-        checks = calls.guard.checks() if calls.guard is not None else None
+        if calls.targets.met:  # some line named its project: the outcomes per project
+            sharded["projects"] = per_project(tally, records.default, calls.router,
+                                              calls.targets.met)  # fmt: skip
+        guards = calls.guards
+        checks = _added([guard.checks() for guard in guards]) if guards else None
         _summarise(
             events, tally, state, code, duration, cpu, settings, output, sharded, checks,
             total, plan,
@@ -516,7 +525,7 @@ async def _watch_progress(
         progress = Progress(tally, total=total, clock=time.monotonic)
         group.start_soon(_in_scope, progress_scope, partial(display.show, progress))
     else:
-        stats = partial(_log_stats, settings.stats_interval, tally, calls.limiter, clock, events)
+        stats = partial(_log_stats, settings.stats_interval, tally, calls.lanes, clock, events)
         group.start_soon(_in_scope, progress_scope, stats)
     try:
         await calls.pipeline.run()
@@ -556,7 +565,7 @@ async def _recount(plan: SealedPlan, guard: Guard, settings: Settings, clock: Cl
 
 
 async def _log_stats(
-    interval: float, tally: Tally, limiter: RateLimiter, clock: MonotonicClock, events: EventLog
+    interval: float, tally: Tally, limiter: Lanes, clock: MonotonicClock, events: EventLog
 ) -> None:
     """``run.stats`` every ``interval`` seconds (0: never) when no progress line is shown:
     a CronJob's log says where the run stands, not only each id (``worker.stats``)."""
@@ -616,6 +625,44 @@ def _say_stopping(output: Output, working: Working, grace: float, why: str, now:
         else "no call in flight"
     )
     output.say(f"{why}: stopping; {finishing}; Ctrl-C again to stop now", "yellow")
+
+
+PER_PROJECT = ("deleted", "absent", "failed", "skipped")
+
+
+def per_project(
+    tally: Tally, default: Target, router: Router, met: list[Target]
+) -> list[dict[str, Any]]:
+    """``run.summary``'s ``projects``: the settings' project first, then each one a line
+    named, with its outcomes (the settings' project's: those of the ids whose line named
+    none, and of those that named it), and whether its endpoint gave out or the API did not
+    know the project (``out``: its ids left open)."""
+    named: dict[Target, Counter[str]] = {target: Counter() for target in met} | tally.by_target
+    rest = Counter({name: tally.outcomes[name] for name in PER_PROJECT})
+    for counts in named.values():
+        rest.subtract({name: counts[name] for name in PER_PROJECT})
+    named[default] = named.get(default, Counter()) + rest
+    named = {default: named.pop(default), **named}  # the settings' project first, always
+    return [
+        {
+            "project_id": target.project_id,
+            "region": target.region,
+            "endpoint": target.endpoint,
+            **{name: counts[name] for name in PER_PROJECT},
+            "out": target.endpoint in router.down
+            or (target.project_id, target.endpoint) in router.refused,
+        }
+        for target, counts in named.items()
+    ]
+
+
+def _added(counts: list[dict[str, int]]) -> dict[str, int]:
+    """Counts of the same names added up (the guards of several targets)."""
+    total: dict[str, int] = {}
+    for each in counts:
+        for name, count in each.items():
+            total[name] = total.get(name, 0) + count
+    return total
 
 
 def exit_code(state: RunState, tally: Tally) -> int:

@@ -23,6 +23,7 @@ from worker.errors import OutcomeConflict, ResultsUnwritable, UsageError
 from worker.input.intake import escape
 from worker.outcomes.events import EventLog
 from worker.private_files import replacing
+from worker.targets import Target
 from worker.types import Candidate, Outcome, Rejection, Result
 
 
@@ -115,6 +116,9 @@ class Tally:
     resent: int = 0
     retries: int = 0
     unconfirmed: int = 0  # of outcomes["deleted"]: known gone, the API's answer lost
+    by_target: dict[Target, Counter[str]] = field(default_factory=dict)
+    """Of ``outcomes``: those of ids whose line named a target, per target (the rest are
+    the default project's)."""
 
     @property
     def finished(self) -> int:
@@ -272,6 +276,12 @@ class RunJournal:
         if not results:
             return
         self._tally.unconfirmed += sum(not result.confirmed for result in results)
+        target = results[0].target  # one call's results are one lane's: one target
+        if target is not None:
+            named = self._tally.by_target.get(target)
+            if named is None:
+                named = self._tally.by_target[target] = Counter()
+            named.update(result.outcome.value for result in results)
         first = results[0].outcome
         if first is not skipped and all(result.outcome is first for result in results):
             outcomes[first.value] += len(results)  # a batch's usual report: one outcome
