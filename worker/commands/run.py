@@ -632,7 +632,7 @@ PER_PROJECT = ("deleted", "absent", "failed", "skipped")
 
 def per_project(
     tally: Tally, default: Target, router: Router, met: list[Target]
-) -> list[dict[str, Any]]:
+) -> list[dict[str, object]]:
     """``run.summary``'s ``projects``: the settings' project first, then each one a line
     named, with its outcomes (the settings' project's: those of the ids whose line named
     none, and of those that named it), and whether its endpoint gave out or the API did not
