@@ -101,6 +101,37 @@ async def test_a_batch_limit_the_api_keeps_to_itself_is_learnt_once(tmp_path: Pa
         assert (sim.stats.delete_calls, sim.stats.bad_requests) == (15 + 9 * 8, 7)
 
 
+async def test_rate_auto_against_a_quota_deletes_every_id_once_and_says_what_it_met(
+    tmp_path: Path,
+) -> None:
+    """``run --rate auto`` in a real process against a quota of 10 calls/s it is not told:
+    it meets the quota (429s) and comes to no harm. Every id ends deleted, each sent once
+    in a call that was not refused; each refusal is a ``batch.retry`` that says so, as
+    many as the summary's retries and the simulator's refusals; ``run.stats`` gives the
+    pace the run learnt. A run on ``auto`` alone says no ``rate.slowed`` (that is a fixed
+    rate's) and no ``rate.leader`` (that is a fleet's, through Redis)."""
+    async with run_simulator(SimulatorConfig(jobs=200, seed=4, quota=10, burst=1)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        out = tmp_path / "results.jsonl"
+        done = await reaper(
+            ["run", "-i", str(src), "--yes", "--rate", "auto", "--results", str(out),
+             "--batch-size", "5", "--concurrency", "4", "--stats-interval", "1"],
+            reaper_env(sim.url),
+        )  # fmt: skip
+        assert done.code == 0, done.stderr
+        rows = results(out)
+        assert sorted(row["job_id"] for row in rows) == sorted(set(sim.deleted))
+        assert {row["outcome"] for row in rows} == {"deleted"} and len(rows) == 200
+        assert sim.job_ids() == [] and max(sim.delete_counts.values()) == 1
+        assert sim.stats.throttled >= 1, sim.stats  # it did meet the quota
+        retries = done.events("batch.retry")
+        assert len(retries) == done.summary()["retries"] == sim.stats.throttled
+        assert {r["reason"] for r in retries} == {"throttled"}, retries
+        stats = done.events("run.stats")
+        assert stats and all(s["rate"] > 0 for s in stats), stats
+        assert not [e for e in done.events() if e["event"].startswith("rate.")]
+
+
 async def test_dry_run_sends_no_delete(tmp_path: Path) -> None:
     async with run_simulator(SimulatorConfig(jobs=50)) as sim:
         src = write_ids(tmp_path / "ids.txt", sim.job_ids())
