@@ -5,15 +5,20 @@ deleted set."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from tests.benchmarks.harness import simulator
+from tests.test_multiregion import _env as run_env
 from tests.test_serve_regions import GROUP, Region, enqueue, rows, serving, until
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env"), pytest.mark.anyio]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
 
 
 def twins(tmp: Path) -> tuple[Region, Region]:
@@ -30,6 +35,7 @@ def twins(tmp: Path) -> tuple[Region, Region]:
     return north, south
 
 
+@pytest.mark.anyio
 async def test_serve_refuses_plain_entries_when_allowed_projects_leaves_out_the_default(
     redis_prefix: str, redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:
@@ -62,6 +68,100 @@ async def test_serve_refuses_plain_entries_when_allowed_projects_leaves_out_the_
         }
         dead = await rows(redis_client, stream + ":dead")
         assert len(dead) == 4
+    finally:
+        north.stop()
+        south.stop()
+
+
+def _run(tmp: Path, home_url: str, source: Path) -> tuple[int, list[dict[str, Any]], str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "run", "--input", str(source), "--yes",
+         "--batch-size", "5", "--rate", "200", "--max-attempts", "2"],
+        env=run_env(home_url), capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+    events = [orjson.loads(line) for line in done.stdout.splitlines() if line.startswith(b"{")]
+    return done.returncode, events, done.stderr.decode()
+
+
+def test_run_a_line_naming_its_project_under_another_spelling_is_rejected_not_sent_home(
+    tmp_path: Path,
+) -> None:
+    """``PROJECT_ID`` or ``projectId`` in a JSON line is not the ``project_id`` field: read
+    as it was, the key was ignored and the id deleted in the default project, which the
+    line did not name (the other project holds the same id: one seed). Now the line is
+    rejected with the field's right name, and neither project is sent it."""
+    with (
+        simulator(tmp_path, jobs=10, project="proj-home", seed=3) as home,
+        simulator(tmp_path, jobs=10, project="proj-away", seed=3, region="cn-east-3") as away,
+    ):
+        assert home.ids == away.ids
+        ids = home.ids
+        lines = [
+            {"id": ids[0], "PROJECT_ID": "proj-away"},
+            {"id": ids[1], "projectId": "proj-away", "Endpoint": away.url},
+            {"id": ids[2]},
+        ]
+        source = tmp_path / "in.jsonl"
+        source.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+        code, events, _ = _run(tmp_path, home.url, source)
+        assert home.control("/_sim/deleted")["ids"] == [ids[2]]
+        assert away.control("/_sim/deleted")["ids"] == []
+        assert code == 1
+        rejected = {e["line"]: e["reason"] for e in events if e.get("event") == "job.rejected"}
+        assert rejected == {
+            1: "names 'PROJECT_ID', which is not read: the field is 'project_id'",
+            2: "names 'projectId', which is not read: the field is 'project_id'",
+        }
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["id,project_id,PROJECT_ID", "id,projectId", "id,ID,project_id"],
+)
+def test_run_a_csv_header_naming_a_field_twice_or_misspelled_is_refused_before_a_call(
+    tmp_path: Path, header: str
+) -> None:
+    """A header with ``project_id`` twice (in any case) left the row's first column to
+    win, silently; ``projectId`` was ignored, every row going to the default project; a
+    second ``id`` column was never read. Each is refused (64) with nothing sent."""
+    with simulator(tmp_path, jobs=4, project="proj-home", seed=3) as home:
+        ids = home.ids
+        body = "".join(f"{ids[n]},proj-away,proj-home\n" for n in range(2))
+        source = tmp_path / "in.csv"
+        source.write_text(f"{header}\n{body}")
+        code, events, err = _run(tmp_path, home.url, source)
+        said = err + "".join(str(e) for e in events)
+        assert (code, home.stats()["calls"]) == (64, 0), said
+        assert "the CSV header" in said and "Traceback" not in said
+
+
+@pytest.mark.anyio
+async def test_serve_an_entry_naming_its_project_under_another_spelling_is_dead_lettered(
+    redis_prefix: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """A producer writing ``PROJECT_ID`` on the stream meant project-b: the field was
+    ignored and the id deleted in the default project-a. It is dead-lettered now."""
+    stream = redis_prefix + "ids"
+    north, south = twins(tmp_path)
+    try:
+        stray = north.ids[0]
+        await redis_client.xadd(stream, {"id": stray, "PROJECT_ID": "project-b"})
+        await redis_client.xadd(stream, {"id": north.ids[1]})
+        async with serving(stream, north, tmp_path, "--allowed-projects",
+                           "project-a,project-b"):  # fmt: skip
+
+            async def settled() -> bool:
+                info: Any = await redis_client.xpending(stream, GROUP)
+                done = await rows(redis_client, stream + ":outcomes")
+                return len(done) == 2 and int(info["pending"]) == 0
+
+            await until(settled)
+        assert (await north.control("deleted"))["ids"] == [north.ids[1]]
+        assert (await south.control("deleted"))["ids"] == []
+        dead = await rows(redis_client, stream + ":dead")
+        assert [d["reason"] for d in dead] == [
+            "names 'PROJECT_ID', which is not read: the field is 'project_id'"
+        ]
     finally:
         north.stop()
         south.stop()

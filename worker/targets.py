@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
@@ -142,6 +142,23 @@ class Unresolved:
 
 FIELDS: Final = ("project_id", "region", "endpoint")
 """The names an input line may give beside the id, in this order."""
+
+
+_SQUASHED: Final = {name.replace("_", ""): name for name in FIELDS}
+
+
+def misnamed(keys: Iterable[str]) -> str | None:
+    """Why a line (or stream entry, or CSV header) is refused for a key that is one of
+    :data:`FIELDS` spelled otherwise (``PROJECT_ID``, ``projectId``, ``Region``), else None.
+    Read as it is, that key would be ignored and the id sent to the default project: the
+    project the line names would not be the one it is deleted in."""
+    for key in keys:
+        if key in FIELDS or len(key) > 64:
+            continue
+        field = _SQUASHED.get(key.lower().replace("_", "").replace("-", ""))
+        if field is not None:
+            return f"names {key!r}, which is not read: the field is {field!r}"
+    return None
 
 
 def address(fields: dict[str, str | None]) -> Address | str:

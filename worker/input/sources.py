@@ -46,7 +46,7 @@ from typing import IO, TYPE_CHECKING, Literal, TypeAlias
 
 from worker.errors import InputUnreadable, UsageError
 from worker.input.intake import NOT_UTF8, escape, line_too_long, validate
-from worker.targets import FIELDS, address
+from worker.targets import FIELDS, address, misnamed
 from worker.types import Candidate, Rejection
 
 if TYPE_CHECKING:
@@ -391,7 +391,7 @@ class _Parse:
             if not names:
                 names = [field.strip() for field in row]
                 columns = _id_columns(names, self._name())
-                places = _place_columns(names)
+                places = _place_columns(names, self._name())
                 continue
             yield self._csv_row(row, start, columns, names, places)
 
@@ -438,9 +438,20 @@ def _id_columns(names: list[str], source: str) -> list[int]:
     return columns
 
 
-def _place_columns(names: list[str]) -> dict[str, int]:
-    """Where ``project_id``, ``region`` and ``endpoint`` are in a CSV header, if anywhere."""
+def _place_columns(names: list[str], source: str) -> dict[str, int]:
+    """Where ``project_id``, ``region`` and ``endpoint`` are in a CSV header, if anywhere;
+    ``UsageError`` for a header naming one twice (in any case), or one spelled otherwise
+    (``projectId``): which project a row means would be a guess."""
     lowered = [name.lower() for name in names]
+    for name in ("id", "job_id", *FIELDS):
+        if lowered.count(name) > 1:
+            raise UsageError(
+                f"input {source}: the CSV header names the {name!r} column "
+                f"{lowered.count(name)} times; which one a row means is not clear"
+            )
+    wrong = misnamed(name for name in names if name.lower() not in FIELDS)
+    if wrong is not None:
+        raise UsageError(f"input {source}: the CSV header {escape(wrong, 120)}")
     return {name: lowered.index(name) for name in FIELDS if name in lowered}
 
 
@@ -486,6 +497,9 @@ def _from_json(value: object, raw: str, line: int) -> Entry:
     job_id = value[keys[0]]
     if not isinstance(job_id, str):
         return Rejection(raw, line, f"{keys[0]!r} is not a string (got {_json_type(job_id)})")
+    wrong = misnamed(value)
+    if wrong is not None:
+        return Rejection(raw, line, wrong)
     named: dict[str, str | None] = {}
     for name in FIELDS:
         given = value.get(name)

@@ -33,7 +33,7 @@ from itertools import islice
 import orjson
 
 from worker.input.intake import escape, validate
-from worker.targets import FIELDS, Address, Target, Targets, address
+from worker.targets import FIELDS, Address, Target, Targets, address, misnamed
 from worker.types import Candidate, Rejection
 
 MAX_IDS_PER_ENTRY = 1000
@@ -212,6 +212,9 @@ def decode_entry(entry_id: str, fields: dict[bytes, bytes] | dict[str, str]) -> 
 def _address(values: Mapping[str, bytes | str]) -> Address | str | None:
     """The place an entry's ``project_id``/``region``/``endpoint`` fields name (None: none),
     or why one is refused (the rule it breaks, as for an input line)."""
+    wrong = misnamed(values)
+    if wrong is not None:
+        return escape(wrong, 200)
     given: dict[str, str | None] = {}
     for name in FIELDS:
         value = values.get(name)
