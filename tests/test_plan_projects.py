@@ -364,20 +364,88 @@ async def test_a_project_outside_allowed_projects_is_refused_before_any_listing(
     assert "project south-project is not in allowed_projects" in done.stderr
 
 
+def named_env(url: str, **extra: str) -> dict[str, str]:
+    """The run's environment with no project of its own: the plan names them."""
+    env = reaper_env(url, **extra)
+    del env["REAPER_PROJECT_ID"], env["REAPER_ENDPOINT"]
+    return env
+
+
 @pytest.mark.anyio
-async def test_run_refuses_a_plan_of_several_projects_it_cannot_route(tmp_path: Path) -> None:
-    """Every id of such a plan must go to its own project; sent to the run's one project,
-    the others' jobs would end ``absent`` (404) while they still exist."""
+async def test_run_applies_a_named_plan_each_job_in_its_own_project_alone(
+    tmp_path: Path,
+) -> None:
+    """The plan's FINISHED jobs go, each to its own project's endpoint; nothing else is sent
+    anywhere (no 404 for a job sent to the wrong project), and the same command resumes."""
+    plan, ledger, out = tmp_path / "plan", tmp_path / "run.db", tmp_path / "results.jsonl"
+    async with two_regions() as (home, away):
+        planned = [
+            {job.id for job in sim.store.jobs.values() if job.status == "FINISHED"}
+            for sim in (home, away)
+        ]
+        made = await reaper(["discover", "--status", "FINISHED", "--plan", str(plan),
+                             *both(home, away)], reaper_env(home.url))  # fmt: skip
+        assert made.code == 0, made.stderr
+        args = ["run", "--plan", str(plan), "--yes", "--ledger", str(ledger),
+                "--results", str(out)]  # fmt: skip
+        done = await reaper(args, named_env(home.url))
+        assert done.code == 0, done.stderr
+        assert [home.deleted, away.deleted] == planned
+        assert (home.stats.bad_requests, away.stats.bad_requests) == (0, 0)
+        assert all(count == 1 for sim in (home, away) for count in sim.sent_counts.values())
+        again = await reaper(args, named_env(home.url))
+        assert again.code == 0, again.stderr
+    summary = done.summary()
+    assert [(p["project_id"], p["deleted"]) for p in summary["projects"]] == [
+        (SIM_PROJECT, 3),
+        ("south-project", 3),
+    ]
+    rows = {row["job_id"]: row for row in map(orjson.loads, out.read_text().splitlines())}
+    assert {job for job, row in rows.items() if row["project_id"] == "south-project"} == planned[1]
+    assert again.summary()["already_done"] == 6
+
+
+@pytest.mark.anyio
+async def test_a_named_plan_is_recounted_per_project_when_it_is_applied(tmp_path: Path) -> None:
+    """FINISHED is 3 of 6 and 3 of 4 when discovered under a cap of 0.8; once the other job
+    of the south project is gone, its 3 are all it holds, and the run refuses (64) before
+    any DELETE, naming that project."""
+    plan = tmp_path / "plan"
+    async with two_regions() as (home, away):
+        made = await reaper(["discover", "--status", "FINISHED", "--plan", str(plan),
+                             "--max-fraction", "0.8", *both(home, away)],
+                            reaper_env(home.url))  # fmt: skip
+        assert made.code == 0, made.stderr
+        other = [job.id for job in away.store.jobs.values() if job.status != "FINISHED"]
+        gone = await reaper(
+            ["run", "-i", "-", "--yes"],
+            reaper_env(away.url, REAPER_PROJECT_ID="south-project"),
+            stdin="\n".join(other).encode(),
+        )
+        assert gone.code == 0, gone.stderr
+        deletes = away.stats.delete_calls
+        done = await reaper(["run", "--plan", str(plan), "--yes", "--max-fraction", "0.8"],
+                            named_env(home.url))  # fmt: skip
+        assert (home.stats.delete_calls, away.stats.delete_calls) == (0, deletes)
+    assert done.code == 64, done.stderr
+    assert "in project south-project (cn-south-1): 3 of 3 jobs selected" in done.stderr
+
+
+@pytest.mark.anyio
+async def test_a_named_plan_outside_allowed_projects_is_refused_before_any_call(
+    tmp_path: Path,
+) -> None:
     plan = tmp_path / "plan"
     async with two_regions() as (home, away):
         made = await reaper(["discover", "--all", "--plan", str(plan), *both(home, away)],
                             reaper_env(home.url))  # fmt: skip
         assert made.code == 0, made.stderr
-        done = await reaper(["run", "--plan", str(plan), "--yes"], reaper_env(home.url))
-        assert (home.stats.delete_calls, away.stats.delete_calls) == (0, 0)
-        assert (home.stats.show_calls, away.stats.show_calls) == (0, 0)
+        listed = home.stats.list_calls + away.stats.list_calls
+        env = named_env(home.url, REAPER_ALLOWED_PROJECTS=SIM_PROJECT)
+        done = await reaper(["run", "--plan", str(plan), "--yes"], env)
+        assert home.stats.calls + away.stats.calls == listed  # not one more
     assert done.code == 64, done.stderr
-    assert "names 2 projects (discover --project)" in done.stderr
+    assert "plan names project south-project, which is not in allowed_projects" in done.stderr
 
 
 @pytest.mark.anyio
@@ -400,7 +468,7 @@ async def test_discover_into_a_pipe_closed_early_ends_quietly(tmp_path: Path, na
 def test_a_named_plans_ids_carry_their_project_and_are_checked_there_alone(
     tmp_path: Path,
 ) -> None:
-    from worker.commands.planned import plan_candidates, plan_check, plan_default
+    from worker.discovery.applied import plan_candidates, plan_check, plan_default
     from worker.targets import Targets
 
     path = tmp_path / "plan"
@@ -423,7 +491,7 @@ def test_a_named_plans_ids_carry_their_project_and_are_checked_there_alone(
 
 
 def test_a_plan_of_one_projects_ids_name_no_project(tmp_path: Path) -> None:
-    from worker.commands.planned import plan_candidates, plan_check
+    from worker.discovery.applied import plan_candidates, plan_check
 
     path = tmp_path / "plan"
     write(path, 3)

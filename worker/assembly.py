@@ -24,7 +24,8 @@ import anyio
 from worker import wiring
 from worker.batcher import Batcher, DeletionBudget
 from worker.clock import Clock
-from worker.discovery.guard import Guard, PlanCheck, Protection
+from worker.discovery.applied import plan_candidates, plan_check, plan_default
+from worker.discovery.guard import Guard, Protection
 from worker.dispatcher import Working
 from worker.errors import ConfigError, NoSuchApi, ReaperError, UsageError
 from worker.input.shard import Shard, ShardFilter
@@ -38,7 +39,6 @@ from worker.private_files import open_output
 from worker.routing import Router, Stamped
 from worker.settings import Settings
 from worker.targets import Target, Targets, normal_endpoint
-from worker.types import Candidate
 
 if TYPE_CHECKING:
     import aiohttp
@@ -168,9 +168,7 @@ def build_entries(
 ) -> tuple[Iterator[Entry], ShardFilter | None]:
     """The entries to read, a plan's ids or the input's lines, and this shard's filter."""
     entries: Iterator[Entry] = (
-        (Candidate(job_id, n) for n, job_id in enumerate(plan.ids(), 1))
-        if plan is not None
-        else read_entries(source, fmt, stdin=stdin)
+        plan_candidates(plan) if plan is not None else read_entries(source, fmt, stdin=stdin)
     )
     if shard is None:
         return entries, None
@@ -195,7 +193,11 @@ def build_records(
     events: EventLog,
     tally: Tally,
 ) -> RunRecords:
-    default = build_default_target(settings, project=project, endpoint=endpoint)
+    default = (
+        plan_default(plan)  # a plan naming its projects: the first, checked against the list
+        if plan is not None and plan.header.named
+        else build_default_target(settings, project=project, endpoint=endpoint)
+    )
     ledger = build_ledger(
         settings, default=default, run_id=run_id, retry_failed=retry_failed, shard=shard
     )
@@ -294,7 +296,6 @@ async def build_calls(
     # tells the exit code whether a deadline struck while the API was down (69, not 75).
     lanes = Lanes(settings, default=records.default, clock=clock, session=session,
                   credentials=keys, redis=redis, limit_base=key)  # fmt: skip
-    check = None if plan is None else PlanCheck.of(plan, excluded)
 
     def lane(target: Target | None) -> BatchProcessor:
         return wiring.processor(
@@ -305,7 +306,7 @@ async def build_calls(
             clock=clock,
             stopping=lambda: state.stopping,
             protection=protection,
-            plan=check,
+            plan=None if plan is None else plan_check(plan, excluded, target),
             working=working,
             gate=lanes.gate(target),
             # Re-checked by listing: a plan's jobs with its server-side filters, a protected

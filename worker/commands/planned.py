@@ -14,7 +14,6 @@ reviewed as a command line instead of as a list.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,13 +23,12 @@ import structlog
 
 from worker import wiring
 from worker.discovery.filters import Filters
-from worker.discovery.guard import PlanCheck, Protection
-from worker.discovery.plan import PlanRefused, PlanWriter, SealedPlan, open_plan
+from worker.discovery.guard import Protection
+from worker.discovery.plan import PlanWriter, SealedPlan, open_plan
 from worker.errors import UsageError
 from worker.input.sources import read_entries
 from worker.scratch import Scratch
 from worker.settings import Settings, read_plan_key
-from worker.targets import Address, Target
 from worker.types import Candidate
 
 EXCLUDE_LIMIT = 1_000_000
@@ -62,63 +60,18 @@ def open_file_plan(path: str, settings: Settings) -> SealedPlan:
         )
     plan = open_plan(Path(path), key=key)
     try:
-        _routable(plan, path)
+        named = plan.header.named  # applied to the projects it names, not the run's own
         plan.header.verify(
-            project_id=wiring.project_id(settings),
-            endpoint=settings.api_endpoint,
+            project_id=None if named else wiring.project_id(settings),
+            endpoint=None if named else settings.api_endpoint,
             now=datetime.now(UTC),
             max_fraction=settings.max_fraction,
+            allowed=settings.allowed_projects,
         )
     except BaseException:
         plan.close()
         raise
     return plan
-
-
-def plan_candidates(plan: SealedPlan) -> Iterator[Candidate]:
-    """A plan's ids as the run reads them, in the plan's order. Those of a plan that names
-    its projects each carry their section's project, region and endpoint as the address its
-    line named: the run's routing sends each to its own project and nowhere else."""
-    if not plan.header.named:
-        yield from (Candidate(job_id, n) for n, job_id in enumerate(plan.ids(), 1))
-        return
-    addresses = [
-        Address(section.project_id, section.region, section.endpoint)
-        for section in plan.header.sections
-    ]
-    for n, (job_id, section) in enumerate(plan.entries(), 1):
-        yield Candidate(job_id, n, address=addresses[section])
-
-
-def plan_default(plan: SealedPlan) -> Target:
-    """The run's own project when it applies a plan that names its projects: the first of
-    them (so a ledger of such a run is bound to the same project whatever the settings say)."""
-    first = plan.header.sections[0]
-    return Target(first.project_id, first.endpoint, first.region)
-
-
-def plan_check(plan: SealedPlan, excluded: frozenset[str], target: Target | None) -> PlanCheck:
-    """What the jobs going to ``target`` (None: the run's own project) must still be: for a
-    plan that names its projects, jobs of that project's section alone; any other job is
-    not one the plan holds there, and is skipped, never deleted."""
-    if not plan.header.named:
-        return PlanCheck.of(plan, excluded)
-    place = target if target is not None else plan_default(plan)
-    section = plan.section_of(place.project_id, place.endpoint)
-    if section is None:
-        return PlanCheck(plan.filters, {}, excluded)
-    return PlanCheck.of(plan, excluded, section)
-
-
-def _routable(plan: SealedPlan, path: str) -> None:
-    """A plan of several projects is refused (64): each job must go to its own project, and
-    this run sends every id to one."""
-    if plan.header.named:
-        raise PlanRefused(
-            f"plan {path} names {len(plan.header.sections)} projects (discover --project), "
-            "which this run does not apply yet: discover each project into a plan of its own, "
-            "without --project"
-        )
 
 
 def select_and_seal(selecting: Selecting, settings: Settings, protection: Protection) -> SealedPlan:

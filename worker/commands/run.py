@@ -33,8 +33,9 @@ from worker import logsetup, wiring
 from worker.assembly import RunCalls, RunRecords, build_calls, build_records, started_fields
 from worker.clock import Clock, MonotonicClock
 from worker.commands.planned import Selecting
+from worker.discovery.applied import plan_default
 from worker.discovery.guard import Guard
-from worker.discovery.plan import SealedPlan
+from worker.discovery.plan import SealedPlan, names_projects
 from worker.dispatcher import Working
 from worker.errors import (
     ApiError,
@@ -153,10 +154,14 @@ def _execute(
     structlog.contextvars.bind_contextvars(run_id=run_id)
     log = structlog.get_logger("devserver_reaper")
     try:
+        # A plan that names its projects (discover --project) is sent there, not to the
+        # settings' project, which it does not need.
+        named = request.selecting is None and request.plan and names_projects(Path(request.input))
         if not settings.dry_run or request.plan:  # a plan's dry run reads the live jobs
-            settings.require_api()
-            wiring.ensure_project(settings)  # from IAM, by region, if no setting names it
-        endpoint = _endpoint_or_placeholder(settings)
+            settings.require_api(endpoint=not named)
+            if not named:
+                wiring.ensure_project(settings)  # from IAM, by region, if no setting names it
+        endpoint = UNBOUND if named else _endpoint_or_placeholder(settings)
         if not request.plan:
             _check_input(request.input)
         shard_of(settings)
@@ -171,6 +176,8 @@ def _execute(
         if plan is not None:
             cleanup.callback(plan.close)
             output.name_jobs(plan.reviewed.names())
+            if plan.header.named:  # the run's own project: the plan's first
+                endpoint = plan_default(plan).endpoint
         if not settings.dry_run and not settings.yes:
             _confirm(request, settings, endpoint, plan)
     except (ConfigError, InputUnreadable, UsageError, ApiError, ApiUnavailable) as exc:
@@ -329,9 +336,18 @@ def _proposal(
             counts = view.counts()
             done = counts["deleted"] + counts["absent"]
             done += 0 if request.retry_failed else counts["failed"]
+    typed = None
+    if plan is not None and plan.header.named:  # the projects it names, each its own jobs
+        sections = plan.header.sections
+        project = ", ".join(f"{s.where} {s.jobs:,}" for s in sections)
+        endpoint = ", ".join(dict.fromkeys(s.endpoint for s in sections))
+        typed = f"{len(sections)} project{'s' * (len(sections) != 1)}"
+    else:
+        project = wiring.project_id(settings)
     return Proposal(
         source=request.input,
-        project=wiring.project_id(settings),
+        project=project,
+        typed=typed,
         endpoint=endpoint,
         count=len(plan) if plan is not None else count_lines(request.input),
         exact=plan is not None,
@@ -436,7 +452,10 @@ async def _run(
 ) -> int:
     clock = MonotonicClock()
     reads = not settings.dry_run or plan is not None  # a plan's dry run reads the live jobs
-    project = wiring.project_id(settings) if reads else (settings.project_id or UNBOUND)
+    if plan is not None and plan.header.named:
+        project = plan_default(plan).project_id  # its ledger is bound to its first project
+    else:
+        project = wiring.project_id(settings) if reads else (settings.project_id or UNBOUND)
     protection = wiring.protection(settings)  # before anything is opened: a bad file is 78
     shard = shard_of(settings)
     tally = Tally()
@@ -463,8 +482,8 @@ async def _run(
                 state=state, working=working, protection=protection, plan=plan,
                 excluded=excluded, events=events, tally=tally,
             )  # fmt: skip
-            if plan is not None and calls.guard is not None:
-                await _recount(plan, calls.guard, settings, clock)
+            if plan is not None:
+                await _recount(plan, calls, settings, clock)
             total = await _watch_progress(
                 calls, request, settings, plan, records, tally, clock, events, group, output
             )
@@ -552,16 +571,23 @@ async def _finish_results(records: RunRecords, path: str | None, state: RunState
         state.fatal = state.fatal or exc
 
 
-async def _recount(plan: SealedPlan, guard: Guard, settings: Settings, clock: Clock) -> None:
-    """``max_fraction`` against the jobs the project holds now, not only the count the plan
-    recorded (which a plan sealed without a key cannot vouch for): ``PlanRefused`` (64)."""
-    if settings.max_fraction is None or guard.reader is None:
+async def _recount(plan: SealedPlan, calls: RunCalls, settings: Settings, clock: Clock) -> None:
+    """``max_fraction`` against the jobs each project holds now, not only the count the plan
+    recorded (which a plan sealed without a key cannot vouch for): ``PlanRefused`` (64),
+    naming the project when the plan names several."""
+    if settings.max_fraction is None:
         return
     from worker.discovery.listing import count_listing
     from worker.discovery.plan import check_fraction
 
-    inventory = await count_listing(guard.reader, clock=clock)
-    check_fraction(len(plan), min(inventory, plan.header.inventory_size), settings.max_fraction)
+    named = plan.header.named
+    for section in plan.header.sections:
+        lane = calls.router.lane(section.target) if named else calls.guard
+        if not isinstance(lane, Guard) or lane.reader is None:
+            continue
+        inventory = await count_listing(lane.reader, clock=clock)
+        check_fraction(section.jobs, min(inventory, section.inventory_size),
+                       settings.max_fraction, project=section.where if named else None)  # fmt: skip
 
 
 async def _log_stats(

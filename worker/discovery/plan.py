@@ -61,7 +61,7 @@ import orjson
 from worker.discovery.filters import Filters, matched_fields
 from worker.errors import ConfigError, InputUnreadable, UsageError
 from worker.scratch import Scratch
-from worker.targets import endpoint_problem, project_problem, region_problem
+from worker.targets import Target, endpoint_problem, project_problem, region_problem
 from worker.types import JOB_ID_RE, JobRecord, iso
 
 PLAN_VERSION = 2
@@ -176,6 +176,11 @@ class PlanSection:
     @property
     def where(self) -> str:
         return project_place(self.project_id, self.region, self.endpoint)
+
+    @property
+    def target(self) -> Target:
+        """Where its jobs go: the project at its endpoint."""
+        return Target(self.project_id, self.endpoint, self.region)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -621,6 +626,18 @@ def open_plan(path: Path, *, key: bytes | None) -> SealedPlan:
     except BaseException:
         scratch.remove()
         raise
+
+
+def names_projects(path: Path) -> bool:
+    """Whether the file at ``path`` looks like a plan that names its projects (v3), by its
+    first line alone: what to ask of the settings before the plan is read (its seal is
+    checked when it is, by :func:`open_plan`). False when it cannot be read: so it fails
+    there, saying why."""
+    try:
+        with path.open("rb") as handle:
+            return handle.readline(len(MAGIC_NAMED) + 1) == MAGIC_NAMED
+    except OSError:
+        return False
 
 
 def read_header(path: Path, *, key: bytes | None) -> PlanHeader:

@@ -45,6 +45,7 @@ class Proposal:
     calls_per_id: float = 0.0  # show calls per id (plan re-check, protection by record)
     batch_size: int = 50
     rate: float | str = 10.0
+    typed: str | None = None  # what to type above project_over (None: the project id)
 
     @property
     def jobs(self) -> int | None:
@@ -136,12 +137,14 @@ def confirm(
     into = stdin if stdin is not None else sys.stdin
     out = stderr if stderr is not None else sys.stderr
     jobs = proposal.jobs
-    typed = proposal.project if jobs is None or jobs > project_over else "yes"
-    ask = (
-        f"Type the project id ({proposal.project}) to delete them"
-        if typed != "yes"
-        else "Type 'yes' to delete them"
-    )
+    asked = proposal.typed or proposal.project
+    typed = asked if jobs is None or jobs > project_over else "yes"
+    if typed == "yes":
+        ask = "Type 'yes' to delete them"
+    elif proposal.typed is not None:  # several projects: how many, as the plan names them
+        ask = f"Type '{typed}' to delete them in each of them"
+    else:
+        ask = f"Type the project id ({proposal.project}) to delete them"
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # before it is seen
     try:
         out.write("\n".join(proposal.lines()) + f"\nThis cannot be undone. {ask}: ")
