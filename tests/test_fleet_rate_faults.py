@@ -13,19 +13,28 @@ clock), so no figure here depends on the machine.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
 import redis.asyncio as aioredis
 
 from tests.fakes import FakeClock
+from tests.test_fleet_rate import RedisTime, run_fleet
+from worker.pacing.bucket import RateLimiter
 from worker.pacing.controller import AdaptiveConfig, ControllerState, Phase
 from worker.pacing.fleet import FleetRateController, encode_state, sane_state
 from worker.pacing.shared import FleetKeys, RedisRateLimiter
+from worker.simulator.quota import TokenBucket as Gateway
 
 CALLS = 12
+CRUISING = ControllerState(
+    rate=30.0, level=30.0, phase=Phase.CRUISE, since=0.0, cut_at=0.0, quota=31.0,
+    refused=32.0, refused_at=0.0,
+)  # fmt: skip
+"""What a leader that has found a quota of 31 calls/s stores."""
 LEASE_S = 2.0
 
 # What someone else writes, again and again while the fleet runs: (key, value). A dict is a
@@ -147,10 +156,7 @@ async def test_a_new_leader_does_not_adopt_a_stored_state_no_controller_could_st
     negative rate ended the leader's ``run`` with a ValueError, a rate of a million calls/s
     let every call start at once."""
     config = AdaptiveConfig()
-    good = ControllerState(
-        rate=30.0, level=30.0, phase=Phase.CRUISE, since=0.0, cut_at=0.0, quota=31.0,
-        refused=32.0, refused_at=0.0,
-    )  # fmt: skip
+    good = CRUISING
     assert sane_state(good, config, 0.0) == good
     for bad in (
         replace(good, rate=-5.0),
@@ -169,3 +175,86 @@ async def test_a_new_leader_does_not_adopt_a_stored_state_no_controller_could_st
         assert limiter.leading and limiter.rate == config.initial_rate, (bad, limiter)
         assert clock.now() < config.max_pause, (bad, clock.now())
         await redis_client.delete(*FleetKeys.of(key).all())
+
+
+class Killable:
+    """A replica that may be killed (kill -9): from ``dead_at`` on its workers start nothing
+    and report nothing."""
+
+    def __init__(self, limiter: FleetRateController, clock: FakeClock) -> None:
+        self.limiter, self.clock = limiter, clock
+        self.dead_at = math.inf
+
+    async def acquire(self) -> None:
+        if self.clock.now() < self.dead_at:
+            await self.limiter.acquire()
+        if self.clock.now() >= self.dead_at:
+            await self.clock.sleep(3600.0)
+
+    def feedback(self, **answer: Any) -> None:
+        if self.clock.now() < self.dead_at:
+            self.limiter.feedback(**answer)
+
+
+@pytest.mark.anyio
+async def test_a_fleet_whose_redis_lost_its_keys_and_its_leader_relearns_the_quota(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """Three replicas on auto at a quota of 30 calls/s; at 20 s Redis is flushed (or
+    restarted without persistence) and the leader is killed. A follower leads, with nothing
+    stored:
+    it takes up the estimate it last saw in Redis, so the refusals of calls sent just
+    before, at that estimate's pace, are read at it (a controller from scratch took them for
+    refusals of its start-up rate, 2 calls/s, and held the fleet there: 0.06 of the
+    quota)."""
+    time = RedisTime()
+    clock, key = time.clock, redis_prefix + "rl"
+    replicas = [
+        Killable(time.watch(FleetRateController(redis_client, key, clock, me=f"r{n}",
+                                                redis_now=clock.now)), clock)
+        for n in range(3)
+    ]  # fmt: skip
+
+    async def flush_and_kill() -> None:
+        await clock.sleep(20.0)
+        leader = next(r for r in replicas if r.limiter.leading)
+        leader.dead_at = clock.now()
+        await redis_client.delete(*FleetKeys.of(key).all())
+        for replica in replicas:  # answers on their way: refusals of calls sent just before
+            replica.feedback(throttled=True, latency_s=0.05, retry_after=1.0)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(flush_and_kill)
+        fleet = await run_fleet(
+            cast(list[RateLimiter], replicas), clock, Gateway(30.0, 2, 0.0), until=50.0
+        )
+    assert fleet.used(30.0, 10.0, 20.0) >= 0.9  # learnt before the flush
+    used, throttled = fleet.used(30.0, 30.0, 50.0), fleet.throttled(30.0, 50.0)
+    assert used >= 0.85, (used, throttled, [r.limiter for r in replicas])
+    assert throttled <= 0.03, (used, throttled, [r.limiter for r in replicas])
+
+
+@pytest.mark.anyio
+async def test_a_follower_that_leads_after_redis_lost_the_estimate_takes_up_the_one_it_saw(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """The leader stores its estimate (30 calls/s, cruising); a follower reserves at it.
+    Redis is flushed and the leader gone: the follower leads from the estimate it last saw
+    in Redis, not from the start-up rate (2 calls/s)."""
+    time = RedisTime()
+    clock, key = time.clock, redis_prefix + "rl"
+    make = FleetRateController
+    leader = time.watch(make(redis_client, key, clock, me="a", redis_now=clock.now))
+    other = time.watch(make(redis_client, key, clock, me="b", redis_now=clock.now))
+    await leader.acquire()
+    assert leader.controller is not None
+    leader.controller.restore(CRUISING)
+    leader.feedback(throttled=False, latency_s=0.001)
+    await leader.acquire()  # publishes 30 calls/s and its state
+    await other.acquire()  # sees them
+    assert other.rate == pytest.approx(30.0, rel=1e-3) and not other.leading
+    await redis_client.delete(*FleetKeys.of(key).all())  # FLUSHALL; the leader is gone
+    await other.acquire()
+    assert other.leading and other.controller is not None
+    assert other.controller.rate == pytest.approx(30.0, rel=1e-3), other
+    assert other.controller.state.phase is Phase.CRUISE

@@ -8,8 +8,8 @@ with its reservations, the leader drains them, with the start time of every rese
 into its controller, which so sees the whole fleet's calls as one process would, and writes
 the interval and the ``Retry-After`` pause every reservation uses, and the controller's
 state. A leader that stops is replaced when its lease lapses, by a process that starts from
-the stored state, not from scratch. The bucket, its keys and the waiting are
-``worker.pacing.shared``'s.
+the stored state, not from scratch (when Redis lost it, from the last state it saw there).
+The bucket, its keys and the waiting are ``worker.pacing.shared``'s.
 """
 
 from __future__ import annotations
@@ -221,6 +221,7 @@ class FleetRateController(RedisPacer):
         self._pending: tuple[int, int, str] | None = None  # to publish with the next
         self._pending_state: tuple[int, int, ControllerState | None] | None = None
         self.leads = 0  # times this process became the leader
+        self._seen_state = ""  # the last estimate a leader stored, as this process saw it
         self.reported = 0  # answers sent to Redis for the leader
 
     @property
@@ -284,10 +285,12 @@ class FleetRateController(RedisPacer):
         server_now = int(server_now)
         self._offset = server_now / 1e6 - self._clock.now()
         self._interval, self._pause_us = int(interval), int(pause)
+        if state := text(state):
+            self._seen_state = state
         if int(leader):
             if self._pending is not None:
                 self._published, self._pending = self._pending_state, None
-            await self._lead(server_now, text(state), [text(e) for e in events])
+            await self._lead(server_now, self._seen_state, [text(e) for e in events])
         else:
             self._controller, self._pending = None, None
         if not (start := text(start)):
@@ -297,11 +300,19 @@ class FleetRateController(RedisPacer):
     async def _lead(self, server_now: int, stored_state: str, events: list[str]) -> None:
         """Feed the fleet's reservations and answers to the controller, and publish."""
         if self._controller is None or self._clock.now() - self._led_at > self._lease_ms / 1e3:
-            # Newly the leader (or again, after another may have led): from the stored state.
+            # Newly the leader (or again, after another may have led): from the stored state,
+            # or, when Redis lost it (flushed, restarted), the last this process saw there.
             self._controller = RateController(server_now / 1e6, self._config)
             stored = sane_state(decode_state(stored_state), self._config, server_now / 1e6)
             if stored is not None:
                 self._controller.restore(stored)
+            else:
+                # Nothing stored (a first start, or Redis flushed or restarted under a
+                # running fleet): the calls sent before were paced by an estimate now lost,
+                # and their refusals say nothing of this one's rate. Taken as news, they held
+                # a fleet at 30 calls/s at the start-up rate, 2, for good.
+                fresh = self._controller.state
+                self._controller.restore(dataclasses.replace(fresh, cut_at=server_now / 1e6))
             self._t = -math.inf
             self._published = (self._interval, self._pause_us, stored)
             self.leads += 1
