@@ -26,9 +26,10 @@ from worker.pacing.slowdown import SlowingLimiter
 
 
 def _cruising(config: AdaptiveConfig | None = None) -> RateController:
-    """A controller cruising at a level of 100 calls/s, nothing ever refused."""
+    """A controller cruising at a level of 100 calls/s, nothing ever refused (a probe whose
+    time unit never ends: it holds the level)."""
     ctrl = RateController(0.0, config)
-    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE))
+    ctrl.restore(replace(ctrl.state, rate=100.0, level=100.0, phase=Phase.CRUISE, unit=math.inf))
     return ctrl
 
 
@@ -135,33 +136,72 @@ def test_a_shared_controller_does_not_measure() -> None:
     assert ctrl.measure(2.0) is None
 
 
-def test_after_a_hold_the_probe_grows_faster_and_faster() -> None:
-    """A cruise of ``hold`` (at least ``hold_calls`` calls), then +2 % in the first second
-    of the probe, +6 % after two, +14 % after three: back to a stable quota in a second,
-    and a risen one found in a few."""
-    ctrl = _cruising(AdaptiveConfig(hold=1.0, hold_calls=100, probe_growth=0.02))
-    _send_while(ctrl, 0.0, lambda t: t < 4.5)
-    assert ctrl.rate_sent_at(0.99) == 100.0
-    growth = [ctrl.rate_sent_at(1.0 + t) / 100.0 for t in (1.0, 2.0, 3.0)]
-    expected = [math.exp(0.02 * (2**t - 1) / math.log(2)) for t in (1, 2, 3)]
-    assert growth == pytest.approx(expected, rel=0.01)
+def _after_a_cut(target: float, level: float) -> RateController:
+    """A controller cut at 0 s to ``level``, its probe returning to ``target``."""
+    ctrl = RateController(0.0)
+    ctrl.restore(replace(ctrl.state, rate=level, level=level, phase=Phase.CRUISE, since=0.0,
+                         cut_at=0.0, target=target, unit=1.0))  # fmt: skip
+    return ctrl
+
+
+def test_after_a_cut_the_rate_returns_to_its_target_and_probes_past_it_as_cubic() -> None:
+    """CUBIC's window, on the rate: ``target * (1 + 0.0064 * (t - k)**3)``, k = 1.67 s for
+    a level 3 % under the target. Fast away from the target, within 1 % of it from 0.5 s
+    to 2.8 s (the cruise), then past it slowly and faster and faster: +10 % at 4.2 s (a
+    stable quota is refused long before), +125 % at 7.5 s (a quota that rose is found)."""
+    ctrl = _after_a_cut(100.0, 97.0)
+    k = (0.03 / 0.0064) ** (1 / 3)
+    times = (0.5, 1.0, k, 2.8, 4.2, 7.5)
+    rates, sent = [], 0.0
+    for t in times:
+        until = t
+        sent = _send_while(ctrl, sent, lambda now: now < until)  # noqa: B023
+        rates.append(ctrl.rate_at(t))
+    expected = [100.0 * (1.0 + 0.0064 * (t - k) ** 3) for t in times]
+    assert rates == pytest.approx(expected, rel=1e-6)
+    assert all(abs(rate - 100.0) <= 1.05 for rate in rates[:4])
+    assert rates[4] == pytest.approx(110.0, rel=0.01)
+    assert rates[5] == pytest.approx(225.0, rel=0.02)
     assert ctrl.state.phase is Phase.PROBE
 
 
 def test_a_refused_probe_goes_back_under_the_quota_measured_and_a_risen_one_is_kept() -> None:
-    """Refused a second into the probe: back to 3 % under the quota measured. Refused after
-    holding well past it for two seconds (longer than a burst hides an overshoot): the
-    quota rose, so back to 3 % under what the probe held, the old measure forgotten."""
-    ctrl = _cruising()
-    ctrl.restore(replace(ctrl.state, quota=100.0, level=97.0, rate=97.0, since=0.0))
+    """Refused just past the quota measured: back to 3 % under it, the probe returning to
+    just under the rate refused. Refused after holding well past it for two seconds
+    (longer than a burst hides an overshoot): the quota rose, so back to 3 % under what
+    the probe held, the old measure forgotten."""
+    ctrl = _after_a_cut(100.0, 97.0)
+    ctrl.restore(replace(ctrl.state, quota=100.0))
     _send_while(ctrl, 0.0, lambda t: t < 2.5)
-    assert ctrl.state.phase is Phase.PROBE and 97.0 < ctrl.rate < 104.0
+    assert ctrl.state.phase is Phase.PROBE and 100.0 < ctrl.rate < 101.0
+    refused = ctrl.rate
     assert ctrl.on_throttle(2.5, latency=0.0) == pytest.approx(97.0)
-    _send_while(ctrl, 2.5, lambda t: t < 8.0)
-    held = ctrl.rate_sent_at(6.0)
-    assert held > 103.0
-    assert ctrl.on_throttle(8.0, latency=0.0) == pytest.approx(0.97 * held)
+    assert ctrl.state.target == pytest.approx(0.99 * refused, rel=1e-3)
+    _send_while(ctrl, 2.5, lambda t: t < 9.0)
+    held = ctrl.rate_sent_at(7.0)
+    assert held > 106.0
+    assert ctrl.on_throttle(9.0, latency=0.0) == pytest.approx(0.97 * held)
     assert ctrl.state.quota == math.inf
+
+
+def test_a_probe_the_gateway_lets_past_its_target_finds_a_risen_quota_at_once() -> None:
+    """The gateway's bucket was empty when the last refused call was sent: since then it
+    accepted at most one call more than its quota allows, whatever its burst. A probe
+    whose calls it all accepted, more than the target allows, proves the quota rose: the
+    rate grows as at startup (doubling each time unit) instead of CUBIC's slow start."""
+    ctrl = _after_a_cut(100.0, 97.0)
+    ctrl.on_throttle(0.0, latency=0.0)  # the bucket was empty at 0 s
+    ctrl.restore(replace(ctrl.state, rate=97.0, level=97.0, target=100.0, unit=1.0))
+    t = 0.0
+    while ctrl.state.phase is not Phase.STARTUP and t < 10.0:
+        ctrl.on_sent(t)
+        ctrl.on_success(t, latency=0.0)
+        t += 1.0 / ctrl.rate_at(t)
+    assert ctrl.escalated == 1
+    assert 2.5 < t < 5.0  # past the target by 1 % on average since the refusal
+    rate = ctrl.rate
+    _send_while(ctrl, t, lambda now: now < t + 1.0)
+    assert ctrl.rate_at(t + 1.0) == pytest.approx(2.0 * rate, rel=0.05)
 
 
 def test_503s_that_are_a_share_of_the_answers_cut_like_a_throttle_without_a_pause() -> None:
@@ -283,7 +323,7 @@ def test_latency_that_doubles_past_the_servers_capacity_keeps_the_rate_under_it(
         return rng.expovariate(1.0 / (0.2 if rate <= capacity else 0.4))
 
     ctrl = _cruising(AdaptiveConfig(max_rate=1_000.0))
-    ctrl.restore(replace(ctrl.state, rate=20.0, level=20.0))
+    ctrl.restore(replace(ctrl.state, rate=20.0, level=20.0, unit=1.0))
     run = simulate(lambda t: 1e6, duration=600.0, latency=latency, concurrency=10_000,
                    controller=ctrl)  # fmt: skip
     late = [rate for t, rate in run.rates if t >= 120.0]

@@ -1,25 +1,26 @@
 """``--rate auto``: the arithmetic that finds an undocumented quota and keeps just under it.
 
-Pure: events with their times in, the rate to use out; no clock, no I/O. The design, and
-why it measures the quota between refusals rather than halving on each, is in
+Pure: events with their times in, the rate to use out; no clock, no I/O. The design is in
 ``docs/rate-auto.md``. In short:
 
 - **startup** doubles the rate every ``startup_interval`` (never past twice what is really
   sent) until the first refusal;
 - a refusal of a call sent since the last cut (older ones say nothing new) sets the rate
   ``margin`` under the quota **measured**: a refusal means the gateway's bucket was empty
-  when that call arrived, so between two refused calls it accepted exactly its quota times
-  the time between them: ``accepted / span``. When no earlier refusal is near enough to
-  measure from, the rate steps ``margin`` under the rate refused (an isolated refusal: a
-  burst refusal, or the first of a fall), or, above a quota measured before, back to just
-  under it;
-- **cruise** at that level for ``hold`` (at least ``hold_calls`` calls), then **probe**: the
-  rate grows by ``probe_growth`` in the first second and twice as fast each second after,
-  until a refusal: it returns to just under a stable quota within a second, and finds a
-  quota that rose in a few;
+  when that call arrived, so between two refused calls it accepted its quota times the
+  time between them. Never under the **floor**: since the last refused call the gateway
+  accepted at most one call more than its quota allows, whatever its burst. When nothing
+  can be measured, ``margin`` under the rate refused (or the quota measured before);
+- after a cut the rate moves as CUBIC's window (``probe``): back fast to its **target**
+  (the quota measured, or just under the rate refused), slow near it (the cruise), then
+  past it slowly and faster and faster; its time unit is ``hold`` or longer, so each
+  refusal a probe costs buys ``hold_calls`` calls. A probe the gateway lets past its
+  target by more than the target allows since the bucket was last empty proves the quota
+  rose: the rate grows as at startup until the next refusal measures it;
 - 503s count only when they are ``overload_share`` of the last ``overload_answers``
   answers (isolated ones are faults to retry), and latency only when it rises with the
-  rate (``LatencyWatch``): then the rate is cut by ``overload_cut``.
+  rate (``LatencyWatch``): then the rate is cut, and the probes stay under the rate
+  overloaded while it is remembered.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ from typing import Protocol
 
 DELAY_WEIGHT = 0.02
 """Each answer's share of the smoothed latency the probe's growth is timed by."""
+
+HALF = 0.55
+"""A measure at most this share of the rate refused: half the calls were refused."""
+
+SLOW_HALF = 0.8
+"""``HALF`` where answers take longer than two measures' spans."""
 
 
 class Phase(StrEnum):
@@ -54,10 +61,10 @@ class AdaptiveConfig:
     window: float = 2.0  # how far back a refusal is measured from, seconds
     measure_s: float = 0.25  # a measure spans at least this long ...
     measure_calls: int = 8  # ... and this many accepted calls
-    hold: float = 1.0  # cruise at the level at least this long ...
-    hold_calls: int = 100  # ... and this many calls, before probing
+    hold: float = 1.0  # the probe's time unit: at least this long ...
+    hold_calls: int = 30  # ... and this many calls per refusal of the last cut
+    cubic: float = 0.0064  # the probe: target * (1 + cubic * (units since - k) ** 3)
     forget: float = 30.0  # a refused rate caps the probes for this long
-    probe_growth: float = 0.02  # the probe's growth in its first second, doubling each second
     max_pause: float = 30.0  # longest Retry-After pause honoured (every call waits it)
     overload_answers: int = 50  # 503s are overload when they are ...
     overload_share: float = 0.2  # ... this share of the last answers (random ones are not)
@@ -73,7 +80,7 @@ class AdaptiveConfig:
 
     def __post_init__(self) -> None:
         positive = ("initial_rate", "min_rate", "max_rate", "startup_interval", "window",
-                    "measure_s", "hold", "probe_growth", "forget", "max_pause")  # fmt: skip
+                    "measure_s", "hold", "cubic", "forget", "max_pause")  # fmt: skip
         for name in positive:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -108,6 +115,28 @@ class ControllerState:
     pause_until: float = -math.inf  # no call starts before this (a Retry-After)
     streak: int = 0  # shared: refusals in a row, each cutting harder
     overload: bool = False  # ``refused`` is a rate latency (or 503s) rose at: a hard cap
+    target: float = math.inf  # the rate the probe returns to (the quota, or the rate refused)
+    unit: float = 1.0  # the probe's time unit, seconds
+    refusals: int = 0  # refusals the last cut cost (those in flight at it too)
+
+
+def probe(
+    state: ControllerState, now: float, cubic: float, margin: float, past: float
+) -> tuple[float, Phase]:
+    """The rate after a cut, as CUBIC grows its window: ``target * (1 + cubic * x**3)``,
+    ``x`` the time since the cut in the state's units less ``k``, the units it takes to
+    return from the level to the target: fast away from the target, slow near it (the
+    cruise). Past the target, ``x`` counts units of ``past`` seconds (the probe): slow,
+    then faster and faster, so a stable quota is refused a little past it, and one that
+    rose is found in a few seconds."""
+    target = state.target
+    if not state.level < target < math.inf:
+        target = state.level / (1.0 - margin)
+    k = ((1.0 - state.level / target) / cubic) ** (1.0 / 3.0)
+    x = (now - state.since) / state.unit - k
+    if x > 0:
+        x = min(x * state.unit / past, 100.0)
+    return target * (1.0 + cubic * x**3), Phase.PROBE if x > 0 else Phase.CRUISE
 
 
 class PacedController(Protocol):
@@ -237,14 +266,16 @@ class RateController:
     passed in must not go backwards.
     """
 
-    __slots__ = ("_accepted", "_answers", "_config", "_delay", "_history", "_latency",
-                 "_refused", "_sends", "_state", "cuts", "measured")  # fmt: skip
+    __slots__ = ("_accepted", "_answers", "_config", "_delay", "_empty", "_history",
+                 "_latency", "_refused", "_sends", "_since_empty", "_state", "cuts",
+                 "escalated", "measured")  # fmt: skip
 
     def __init__(self, now: float, config: AdaptiveConfig | None = None) -> None:
         self._config = c = config or AdaptiveConfig()
         self._state = ControllerState(
             rate=c.initial_rate, level=c.initial_rate, phase=Phase.STARTUP, since=now,
             cut_at=-math.inf, quota=math.inf, refused=math.inf, refused_at=-math.inf,
+            unit=c.startup_interval,
         )  # fmt: skip
         self._sends: deque[float] = deque()  # when calls started (how fast we really send)
         self._accepted: list[float] = []  # when the accepted calls were sent, in order
@@ -253,8 +284,13 @@ class RateController:
         self._latency = LatencyWatch(c)
         self._delay = 0.0  # the answers' mean latency, smoothed: how late a refusal comes
         self._history: deque[tuple[float, float]] = deque()  # (from when, rate) changes
+        # The gateway's bucket was empty when the last refused call was sent (``_empty``);
+        # accepted calls sent since: their count, and when the last of them was sent.
+        self._empty = -math.inf
+        self._since_empty = (0, -math.inf)
         self.cuts = 0
         self.measured = 0  # refusals that measured the quota
+        self.escalated = 0  # probes that found the quota had risen past their target
 
     @property
     def config(self) -> AdaptiveConfig:
@@ -294,6 +330,10 @@ class RateController:
         sent = self._sent_at(now, latency)
         self._remember(self._accepted, sent, now)
         self._answers.append(False)
+        if sent > self._empty:
+            count, last = self._since_empty
+            self._since_empty = (count + 1, max(last, sent))
+            rate = self._escalate(now, rate)
         if latency is not None and latency >= 0:
             self._delay += DELAY_WEIGHT * (latency - self._delay)
             learn = self._state.phase is not Phase.STARTUP
@@ -302,25 +342,38 @@ class RateController:
                 # The rise began a window or more before it was seen: the probes' cap is
                 # the rate the first high window began at.
                 sent_rate = self._overloaded_at(sent, min(rate, self._latency.rose_at))
-                return self._cut(now, sent_rate * self._config.overload_cut)
+                return self._cut(now, sent_rate * self._config.overload_cut, 0.0)
         return rate
 
     def on_throttle(
         self, now: float, retry_after: float | None = None, latency: float | None = None
     ) -> float:
         """A 429. ``latency`` dates the call: one sent before the last cut is old news
-        (though it still marks the gateway's bucket empty, for the next measure)."""
+        (though it still marks the gateway's bucket empty, for the next measure, and
+        slows the next probe: it was one more refusal that probe cost)."""
         rate = self.rate_at(now)
         sent = self._sent_at(now, latency)
         self._remember(self._refused, sent, now)
-        if sent < self._state.cut_at:
+        floor = self._floor()
+        if sent > self._empty:
+            self._empty = sent
+            after = len(self._accepted) - bisect.bisect_right(self._accepted, sent)
+            self._since_empty = (after, self._accepted[-1] if after else sent)
+        s = self._state
+        # Old news too: a call sent within one interval of the cut had its slot before it.
+        # Either cost the cut one more refusal: the probe takes longer to come back.
+        if sent < s.cut_at + 1.0 / s.level:
+            # At most six: with answers seconds long, a probe costs a hundred refusals
+            # in flight, and the next must still come within seconds.
+            unit = self._config.hold_calls * min(s.refusals + 1, 6) / max(s.target, s.level)
+            self._state = replace(s, refusals=s.refusals + 1, unit=max(s.unit, unit))
             return rate
         # Replicas cannot measure: each refusal that cuts holds the fleet back (not a
         # probe's, whose level is known to be accepted).
         news = math.isinf(self._refused_lately(sent)) or (
-            self._config.shared and self._state.phase is not Phase.PROBE
+            self._config.shared and s.phase is not Phase.PROBE
         )
-        level = self._cut(now, self._level_after_refusal(sent, rate))
+        level = self._cut(now, *self._level_after_refusal(sent, rate, floor))
         if retry_after is not None and news:
             pause = now + min(max(retry_after, 0.0), self._config.max_pause)
             self._state = replace(self._state, pause_until=pause, since=max(now, pause))
@@ -341,10 +394,37 @@ class RateController:
         if sent < self._state.cut_at:
             return rate
         answers.clear()  # the next cut needs as many again, sent at the new rate
-        self._overloaded_at(sent, rate)
-        return self._cut(now, (1.0 - c.margin) * min(self.rate_sent_at(sent), rate))
+        sent_rate = self._overloaded_at(sent, rate)
+        return self._cut(now, (1.0 - c.margin) * sent_rate, 0.0)
 
     # -- arithmetic ----------------------------------------------------------------------
+    def _escalate(self, now: float, rate: float) -> float:
+        """A probe past its target whose calls the gateway all accepted, more than its
+        target allows since the bucket was last seen empty: the quota rose past the target
+        (``(accepted - 1) / span`` is a floor under it, whatever the burst). Grow as at
+        startup until the next refusal, which measures the new quota."""
+        s = self._state
+        c = self._config
+        if c.shared or s.phase is not Phase.PROBE or math.isinf(s.target):
+            return rate
+        if self._floor() <= (1.0 + c.margin / 3.0) * s.target:
+            return rate
+        self.escalated += 1
+        state = replace(s, phase=Phase.STARTUP, level=rate, since=now, quota=math.inf,
+                        target=math.inf)  # fmt: skip
+        return self._set(state, now)
+
+    def _floor(self) -> float:
+        """The least the quota can be (0 if too little is known): the gateway's bucket was
+        empty when the last refused call was sent, so it accepted at most one call more than
+        its quota allowed since, whatever its burst: ``(accepted - 1) / span``."""
+        c = self._config
+        count, last = self._since_empty
+        span = last - self._empty
+        if c.shared or count < c.measure_calls or not c.measure_s <= span < math.inf:
+            return 0.0
+        return (count - 1) / span
+
     def _overloaded_at(self, sent: float, rate: float) -> float:
         """An overload of a call sent at ``sent``: its rate (returned) caps the probes, as
         a refused one does."""
@@ -365,30 +445,56 @@ class RateController:
             del times[: bisect.bisect_left(times, horizon)]
 
     def measure(self, sent: float) -> float | None:
-        """The quota, from the accepted calls sent between the earliest refused call of the
+        """The quota, from the accepted calls sent between an earlier refused call of the
         last ``window`` and the one refused at ``sent`` (the gateway's bucket was empty at
-        both, and calls went at least as fast in between); ``None`` when that is too short,
-        holds too few calls, or spans a pause, to say."""
+        both, and calls went at least as fast in between: it accepted its quota times the
+        time between them, give or take a call); ``None`` when that is too short, holds too
+        few calls, or spans a pause, to say. From the earliest such call (the longest span,
+        the finest measure), unless the latest one that spans enough says otherwise by more
+        than a call in its span: then the quota changed in between, and the latest says
+        what it is now."""
+        measured = self._measure(sent)
+        return None if measured is None else measured[0]
+
+    def _measure(self, sent: float) -> tuple[float, float] | None:
+        """``measure``, and when the span it is from began."""
         c = self._config
         if c.shared:
             return None
         # Not from before a pause's end: nobody sent while it lasted, and the gateway's
         # bucket filled up again.
         first = bisect.bisect_left(self._refused, max(sent - c.window, self._state.pause_until))
-        if first >= len(self._refused) or self._refused[first] >= sent:
+        end = bisect.bisect_left(self._refused, sent)
+        if first >= end:
             return None
-        start = self._refused[first]
-        span = sent - start
-        accepted = bisect.bisect_left(self._accepted, sent) - bisect.bisect_left(
-            self._accepted, start
-        )
-        refused = bisect.bisect_left(self._refused, sent) - first
-        if span < c.measure_s or accepted < c.measure_calls:
-            return None
-        sends = sum(1 for t in self._sends if start <= t < sent)
-        if accepted + refused < sends:
+        before = bisect.bisect_left(self._accepted, sent)
+        sends = sum(1 for t in self._sends if self._refused[first] <= t < sent)
+        if before - bisect.bisect_left(self._accepted, self._refused[first]) + end - first < sends:
             return None  # calls sent in between are still out: their answers would count
-        return accepted / span
+        latest = None
+        for index in range(end - 1, first - 1, -1):
+            start = self._refused[index]
+            span = sent - start
+            accepted = before - bisect.bisect_left(self._accepted, start)
+            if span < c.measure_s or accepted < c.measure_calls:
+                continue
+            if latest is None:
+                latest = (accepted / span, start)
+            if index == first:
+                quota = accepted / span
+                now, since = latest
+                return (
+                    (quota, start)
+                    if abs(quota - now) <= 1.0 / (sent - since) + 1.0 / span
+                    else latest
+                )
+        return latest
+
+    def _paced_under(self, rate: float, start: float, end: float) -> bool:
+        """Whether calls were paced slower than ``rate`` at some time between the two."""
+        if self.rate_sent_at(start) < rate:
+            return True
+        return any(start < when < end and paced < rate for when, paced in self._history)
 
     def rate_sent_at(self, sent: float) -> float:
         """The rate calls were paced at, at ``sent``."""
@@ -396,10 +502,13 @@ class RateController:
         index = bisect.bisect_right(history, sent, key=lambda change: change[0]) - 1
         return history[index][1] if index >= 0 else self._state.rate
 
-    def _level_after_refusal(self, sent: float, rate: float) -> float:
-        """Where a refusal of a call sent at ``sent`` sends the rate (never up): just under
-        the quota measured, if it can be (``measure``); else, for a probe past the quota
-        measured before, back to just under that; else just under the rate refused."""
+    def _level_after_refusal(
+        self, sent: float, rate: float, floor: float = 0.0
+    ) -> tuple[float, float]:
+        """Where a refusal of a call sent at ``sent`` sends the rate (never up), and the
+        target the probe returns to: just under the quota measured, if it can be
+        (``measure``); else, for a probe past the quota measured before, back to just
+        under that; else just under the rate refused, the target."""
         c = self._config
         refused_rate = min(self.rate_sent_at(sent), rate)
         self._state = s = replace(
@@ -408,11 +517,27 @@ class RateController:
             refused_at=sent,
             overload=False,
         )
-        quota = self.measure(sent)
-        if quota is not None:
+        measured = self._measure(sent)
+        if measured is not None:
             self.measured += 1
+            quota, start = measured
+            target = quota
+            # With answers slower than a measure's span, the calls in it went out before
+            # the gateway's answers to the ones before could say anything: a measure far
+            # under the rate refused is as suspect as one of half.
+            half = HALF if self._delay < c.measure_s * 2.0 else SLOW_HALF
+            if quota <= half * refused_rate or self._paced_under(quota, start, sent):
+                # The gateway's bucket may have filled up in between, and the tokens it
+                # got while full were lost: the measure says less than the quota. Calls
+                # were paced slower than it for a while, or half were refused: the rate
+                # was twice the quota, or a gateway with a burst of 1 refused every other
+                # call paced evenly a little over its quota. The probe returns to just
+                # under the rate refused.
+                target = (1.0 - c.margin / 3.0) * refused_rate
+            # Never under the floor.
+            quota = max(quota, floor)
             self._state = replace(s, quota=quota)
-            return min(rate, (1.0 - c.margin) * quota)
+            return min(rate, (1.0 - c.margin) * quota), max(target, quota)
         if s.phase is Phase.PROBE and rate > s.quota:
             back = sent - 2.0 * c.hold  # long enough ago that a burst no longer hides it
             held = self.rate_sent_at(back) if back >= s.since else s.level
@@ -420,8 +545,12 @@ class RateController:
                 # The probe held well past the quota measured before: it rose since. Back
                 # to just under what the probe held, and find the rest from there.
                 self._state = replace(s, quota=math.inf)
-                return max(s.level, (1.0 - c.margin) * held)
-            return (1.0 - c.margin) * s.quota
+                return max(s.level, (1.0 - c.margin) * held), refused_rate
+            # The probe returns to just under the rate refused: with a burst of 1 the
+            # quota can seldom be measured, and the floor is what the last cycle sent.
+            quota = max(s.quota, floor)
+            self._state = replace(s, quota=quota)
+            return (1.0 - c.margin) * quota, (1.0 - c.margin / 3.0) * refused_rate
         if c.shared:
             # A replica cannot measure; refusals in a row (each of a call sent since the
             # last cut, within ``window`` of it) cut by ``overload_cut``, its square, and so
@@ -430,8 +559,8 @@ class RateController:
             streak = s.streak + 1 if in_a_row else 0
             self._state = replace(s, streak=streak)
             if streak:
-                return rate * c.overload_cut**streak
-        return (1.0 - c.margin) * refused_rate
+                return rate * c.overload_cut**streak, refused_rate
+        return (1.0 - c.margin) * refused_rate, (1.0 - c.margin / 3.0) * refused_rate
 
     def _refused_lately(self, now: float) -> float:
         """The lowest rate refused, while it still says something (``forget`` seconds)."""
@@ -446,13 +575,13 @@ class RateController:
         return sum(1 for t in sends if t >= now - span) / span
 
     def rate_at(self, now: float) -> float:
-        """The rate at ``now``: startup grows, cruise holds, the probe grows faster and
-        faster."""
+        """The rate at ``now``: startup grows; after a cut the rate returns to its target
+        and grows past it as CUBIC's window does (``probe``)."""
         s = self._state
         c = self._config
         if s.phase is Phase.STARTUP:
             if now > s.since:
-                grown = s.rate * 2.0 ** ((now - s.since) / c.startup_interval)
+                grown = s.rate * 2.0 ** ((now - s.since) / s.unit)
                 cap = c.max_rate
                 if not c.shared:
                     # One more call than counted: at 2 calls/s a second's window holds one
@@ -461,42 +590,26 @@ class RateController:
                 rate = min(grown, cap, c.max_rate)
                 return self._set(replace(s, rate=rate, level=rate, since=now), now)
             return s.rate
-        hold = max(c.hold, c.hold_calls / s.level)
-        if s.phase is Phase.CRUISE:
-            if now - s.since < hold:
-                return s.rate
-            s = self._state = replace(s, phase=Phase.PROBE, since=s.since + hold)
-        # The probe grows by the second, or by the answers' latency if that is longer: a
-        # refusal of its calls comes that late, and by then it must not have grown far.
-        t = min((now - s.since) / max(1.0, self._delay), 10.0)  # past that: at its cap
-        start = s.level
-        ceiling = self._refused_lately(now)
-        if not s.overload and s.level * (1.0 + 4.0 * c.margin) < ceiling < math.inf:
-            # Far under the rate refused lately (a measure in a burst of 1 says less than
-            # the quota): halfway back to it at once. Not to a rate latency rose at: that
-            # rise is seen a hundred answers late, far past where it began.
-            start = (s.level + ceiling) / 2.0
-        grown = start * math.exp(c.probe_growth * (2.0**t - 1.0) / math.log(2.0))
+        grown, phase = probe(s, now, c.cubic, c.margin, s.unit)
         if not c.shared:
             # Not past twice what is really sent: a worker held back by its concurrency
             # does not talk itself into a rate it never uses.
             grown = min(grown, max(2.0 * (self._sent_rate(now, 1.0) + 1.0), s.level))
-            if s.refused < math.inf:
-                # Past the rate last refused (or overloaded) only by ``probe_growth`` a
-                # second, even once it is forgotten: a refusal, or a rise of latency, of the
-                # calls sent there comes late.
-                # Timed from the probe's start, or for a rate overloaded (a hard cap while
-                # remembered) from when it was forgotten; not capped at 10 s.
-                start_soft = s.refused_at + c.forget if s.overload else s.since
-                soft = max(0.0, now - max(s.since, start_soft)) / max(1.0, self._delay)
-                grown = min(grown, max(s.level, s.refused * (1.0 + c.probe_growth * soft)))
+        ceiling = self._refused_lately(now)
         if ceiling < math.inf and (c.shared or s.overload):
             # Replicas probe each on its own schedule, so the fleet probes as often as all
             # of them together; a rise of latency takes a hundred answers to see: a probe
             # stops just under the rate refused (or overloaded) lately, and a quota that
             # rose is found once that is forgotten.
             grown = min(grown, max(s.level, (1.0 - c.margin / 2.0) * ceiling))
-        return self._set(replace(s, rate=min(max(grown, s.rate), c.max_rate)), now)
+        elif s.overload:
+            # Forgotten: past the rate overloaded only slowly (as fast as CUBIC's growth
+            # at its target plus one unit): a rise of latency there is seen a hundred
+            # answers late, and by then the rate must not have gone far.
+            x = max(0.0, now - s.refused_at - c.forget) / s.unit
+            grown = min(grown, max(s.level, s.refused * (1.0 + 3.0 * c.cubic * x)))
+        state = replace(s, rate=min(max(grown, s.rate), c.max_rate), phase=phase)
+        return self._set(state, now)
 
     def _set(self, state: ControllerState, now: float) -> float:
         if state.rate != self._state.rate or not self._history:
@@ -506,14 +619,20 @@ class RateController:
         self._state = state
         return state.rate
 
-    def _cut(self, now: float, rate: float) -> float:
+    def _cut(self, now: float, rate: float, target: float) -> float:
+        """To ``rate``, the probe returning to ``target`` (0: none, for an overload, which
+        is seen too late to go back fast to where it began), its time unit ``hold`` (or longer:
+        ``hold_calls`` calls at the target, for each refusal this cut costs, and at least the
+        answers' latency, so a refusal of a call sent past the target comes back before the
+        probe is far past it)."""
         c = self._config
         level = min(max(rate, c.min_rate), c.max_rate)
         self.cuts += 1
         self._latency.settle(now)
-        state = replace(
-            self._state, rate=level, level=level, phase=Phase.CRUISE, since=now, cut_at=now
-        )
+        target = max(target, level)
+        unit = max(c.hold, self._delay, c.hold_calls / target)
+        state = replace(self._state, rate=level, level=level, phase=Phase.CRUISE, since=now,
+                        cut_at=now, target=target, unit=unit, refusals=1)  # fmt: skip
         return self._set(state, now)
 
     def __repr__(self) -> str:
