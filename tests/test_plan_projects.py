@@ -512,3 +512,39 @@ async def test_the_table_of_each_project_says_what_lists_them_all() -> None:
     assert done.code == 0, done.stderr
     assert f"project {SIM_PROJECT} at {sim.url}: 60 of 60 jobs selected\n" in done.stdout
     assert "... 10 more (-o jsonl lists them all)\n" in done.stdout  # -o ids is refused here
+
+
+@pytest.mark.anyio
+async def test_on_a_terminal_the_prompt_names_each_project_and_asks_for_their_number(
+    tmp_path: Path,
+) -> None:
+    """Above confirm_project_over a person types the number of projects the plan names, not
+    one project's id; 'yes' sends nothing."""
+    from tests.tty import Terminal
+
+    plan = tmp_path / "plan"
+
+    def answer(keys: bytes, env: dict[str, str]) -> tuple[int, list[str]]:
+        term = Terminal(["run", "--plan", str(plan)], env)
+        term.expect("This cannot be undone.")
+        term.type(keys)
+        return term.wait(), term.lines()
+
+    async with two_regions() as (home, away):
+        made = await reaper(["discover", "--all", "--plan", str(plan), *both(home, away)],
+                            reaper_env(home.url))  # fmt: skip
+        assert made.code == 0, made.stderr
+        env = named_env(home.url, REAPER_LOG_FORMAT="auto", REAPER_CONFIRM_PROJECT_OVER="5")
+        refused, seen = await anyio.to_thread.run_sync(answer, b"yes\n", env)
+        assert (len(home.deleted), len(away.deleted)) == (0, 0)
+        accepted, _ = await anyio.to_thread.run_sync(answer, b"2 projects\n", env)
+        assert (len(home.deleted), len(away.deleted)) == (6, 4)
+    assert refused == 64 and accepted == 0
+    assert (
+        f"  project     {SIM_PROJECT} at {home.url}: 6 jobs; south-project (cn-south-1): 4 jobs"
+        in seen
+    )
+    assert (
+        "This cannot be undone. Type '2 projects' to delete them, each in its own project: yes"
+        in seen
+    )

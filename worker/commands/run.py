@@ -339,7 +339,7 @@ def _proposal(
     typed = None
     if plan is not None and plan.header.named:  # the projects it names, each its own jobs
         sections = plan.header.sections
-        project = ", ".join(f"{s.where} {s.jobs:,}" for s in sections)
+        project = "; ".join(f"{s.where}: {s.jobs:,} jobs" for s in sections)
         endpoint = ", ".join(dict.fromkeys(s.endpoint for s in sections))
         typed = f"{len(sections)} project{'s' * (len(sections) != 1)}"
     else:

@@ -142,7 +142,7 @@ def confirm(
     if typed == "yes":
         ask = "Type 'yes' to delete them"
     elif proposal.typed is not None:  # several projects: how many, as the plan names them
-        ask = f"Type '{typed}' to delete them in each of them"
+        ask = f"Type '{typed}' to delete them, each in its own project"
     else:
         ask = f"Type the project id ({proposal.project}) to delete them"
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # before it is seen
