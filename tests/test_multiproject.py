@@ -33,6 +33,7 @@ from worker.pipeline import ONE_PROJECT, targeted
 from worker.routing import Router, Stamped
 from worker.settings import Settings
 from worker.targets import Address, Target, Targets, endpoint_for, limit_key
+from worker.terminal.summary import RunEnd
 from worker.types import Batch, Candidate, Outcome, Rejection, Result
 
 pytestmark = [pytest.mark.usefixtures("clean_env"), pytest.mark.anyio]
@@ -565,3 +566,20 @@ async def test_a_line_naming_a_region_alone_gets_its_project_from_the_lookup_onc
             "region)"),
     ]  # fmt: skip
     assert asked == ["cn-east-3", "cn-south-1"]
+
+
+def test_the_summary_a_person_sees_has_a_line_per_project_when_the_input_named_them() -> None:
+    fields = {
+        "deleted": 5, "absent": 1, "open": 3, "duration_s": 1.0, "ids_per_s": 5.0,
+        "exit_code": 69,
+        "projects": [
+            {"project_id": "proj-a", "region": "cn-north-4", "endpoint": HOME.endpoint,
+             "deleted": 5, "absent": 1, "failed": 0, "skipped": 0, "out": False},
+            {"project_id": "proj-b", "region": None, "endpoint": AWAY.endpoint,
+             "deleted": 0, "absent": 0, "failed": 0, "skipped": 0, "out": True},
+        ],
+    }  # fmt: skip
+    text = RunEnd(fields).text()
+    assert "  by project:\n    proj-a (cn-north-4): deleted 5, absent 1\n" in text
+    assert f"    proj-b ({AWAY.endpoint}): taken out: its ids left open\n" in text
+    assert "by project" not in RunEnd({**fields, "projects": None}).text()

@@ -87,8 +87,22 @@ class RunEnd:
         if not dry:
             lines.append(f"  {'rate':<13}{f['ids_per_s']:>8,.0f} ids/s")
         lines.append(f"  {'exit code':<13}{f['exit_code']:>12}")
+        lines += self._projects()
         lines += self._after()
         return "\n".join(lines)
+
+    def _projects(self) -> list[str]:
+        """A line per project when the input named projects (``run.summary``'s
+        ``projects``): its outcomes that are not zero, and whether it was taken out."""
+        projects = self.fields.get("projects") or []
+        lines = ["  by project:"] if projects else []
+        for project in projects:
+            counts = [f"{key} {project[key]:,}" for key in _ROWS if project.get(key)]
+            out = ["taken out: its ids left open"] if project.get("out") else []
+            where = project.get("region") or project.get("endpoint")
+            lines.append(f"    {project['project_id']} ({where}): "
+                         + (", ".join(counts + out) or "nothing done"))  # fmt: skip
+        return lines
 
     def _after(self) -> list[str]:
         said: list[str] = []
