@@ -548,3 +548,25 @@ async def test_on_a_terminal_the_prompt_names_each_project_and_asks_for_their_nu
         "This cannot be undone. Type '2 projects' to delete them, each in its own project: yes"
         in seen
     )
+
+
+@pytest.mark.anyio
+async def test_a_dry_run_of_a_named_plan_reads_each_project_and_deletes_nothing(
+    tmp_path: Path,
+) -> None:
+    plan = tmp_path / "plan"
+    async with two_regions() as (home, away):
+        made = await reaper(["discover", "--all", "--plan", str(plan), *both(home, away)],
+                            reaper_env(home.url))  # fmt: skip
+        assert made.code == 0, made.stderr
+        listed = (home.stats.list_calls, away.stats.list_calls)
+        done = await reaper(["run", "--plan", str(plan), "--dry-run"], named_env(home.url))
+        assert (home.stats.delete_calls, away.stats.delete_calls) == (0, 0)
+        assert home.stats.list_calls > listed[0] and away.stats.list_calls > listed[1]
+    assert done.code == 0, done.stderr
+    summary = done.summary()
+    assert summary["would_delete"] == 10
+    assert [(p["project_id"], p["skipped"]) for p in summary["projects"]] == [
+        (SIM_PROJECT, 6),
+        ("south-project", 4),
+    ]
