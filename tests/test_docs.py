@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 from pathlib import Path
@@ -83,3 +84,55 @@ def test_the_anchor_rule_is_githubs() -> None:
         "health-and-metrics---http-port-default-8080"
     )
     assert _anchor("Exit codes") == "exit-codes"
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    from worker.cli import build_parser
+
+    return next(
+        action for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    ).choices  # fmt: skip
+
+
+EXAMPLE = re.compile(r"devserver-reaper\s+([a-z]+)((?:[^\n`|;#]|\\\n)*)")
+FLAG = re.compile(r"(?<![\w-])(--?[a-zA-Z][\w-]*)")
+
+
+@pytest.mark.parametrize("page", [README, *PAGES], ids=lambda p: p.name)
+def test_every_flag_an_example_gives_is_one_its_command_takes(page: Path) -> None:
+    """``devserver-reaper CMD ... --flag`` in a page, fenced or inline: the flag is CMD's,
+    or the user pasting it gets a usage error (64) the page did not promise."""
+    commands = _commands()
+    text = page.read_text(encoding="utf-8")
+    wrong = []
+    for match in EXAMPLE.finditer(text):
+        if (command := commands.get(match.group(1))) is None:
+            continue
+        takes = set(command._option_string_actions)
+        for sub in command._actions:  # plan show
+            if isinstance(sub, argparse._SubParsersAction):
+                takes |= {f for p in sub.choices.values() for f in p._option_string_actions}
+        line = text.count("\n", 0, match.start()) + 1
+        wrong += [f"{page.name}:{line}: {match.group(1)} {flag}"
+                  for flag in FLAG.findall(match.group(2)) if flag not in takes]  # fmt: skip
+    assert not wrong, wrong
+
+
+def test_every_flag_in_a_commands_table_of_the_reference_is_one_it_takes() -> None:
+    """reference.md's ``### `run``` (or ``### `serve` and `enqueue```) rows name flags the
+    command accepts: ``--redis-url`` was documented for run, which refused it (64)."""
+    commands = _commands()
+    reference = (DOCS / "reference.md").read_text(encoding="utf-8")
+    sections = re.finditer(r"^### `([a-z` ]+)`[^\n]*\n(.*?)(?=^##)", reference, re.M | re.S)
+    wrong, seen = [], 0
+    for section in sections:
+        names = [n.split()[0] for n in re.split(r"`? and `?", section.group(1))]
+        parsers = [commands[name] for name in names if name in commands]
+        for row in re.findall(r"^\| (.*?) \|", section.group(2), re.M):
+            for flag in re.findall(r"`(--[\w-]+)", row):
+                seen += 1
+                if not any(flag in p._option_string_actions for p in parsers):
+                    wrong.append(f"{section.group(1)}: {flag}")
+    assert seen > 20  # the pattern still finds the tables' flags
+    assert not wrong, wrong

@@ -249,15 +249,20 @@ async def test_shards_on_auto_share_one_estimate_and_a_later_leader_starts_from_
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("given", ["environment", "flag"])
 async def test_a_run_whose_shared_limit_redis_does_not_answer_sends_nothing_and_exits_69(
-    tmp_path: Path,
+    tmp_path: Path, given: str
 ) -> None:
+    """As REAPER_REDIS_URL or as ``run --redis-url`` (reference.md and fleet.md offer both;
+    run refused the flag, 64, as serve's only)."""
     async with run_simulator(SimulatorConfig(jobs=20)) as sim:
         src = write_ids(tmp_path / "ids.txt", sim.job_ids())
         url = "redis://user:hunter2@127.0.0.1:1/0"  # nothing listens on port 1
-        done = await reaper(
-            ["run", "-i", str(src), "--yes"], reaper_env(sim.url, REAPER_REDIS_URL=url)
-        )
+        argv = ["run", "-i", str(src), "--yes"]
+        if given == "flag":
+            done = await reaper([*argv, "--redis-url", url], reaper_env(sim.url))
+        else:
+            done = await reaper(argv, reaper_env(sim.url, REAPER_REDIS_URL=url))
         assert done.code == 69, done.stderr
         assert "redis://user@127.0.0.1:1/0" in done.stderr
         assert "hunter2" not in done.stdout + done.stderr

@@ -109,8 +109,17 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
         float,
         "seconds a job's re-check (plan, protection) holds before its DELETE (default 60)",
     ),
-    ("--redis-url", str, "Redis for serve/enqueue (default redis://127.0.0.1:6379/0)"),
-    ("--stream", str, "Redis Stream of ids (default devserver-reaper:ids)"),
+    (
+        "--redis-url",
+        str,
+        "Redis for serve/enqueue, and for run the rate limit shared with them "
+        "(default redis://127.0.0.1:6379/0; run: none)",
+    ),
+    (
+        "--stream",
+        str,
+        "Redis Stream of ids; its rate limit is STREAM:ratelimit (default devserver-reaper:ids)",
+    ),
     ("--group", str, "consumer group (default devserver-reaper)"),
     ("--consumer", str, "consumer name (default: host name)"),
     ("--max-deliveries", int, "deliveries before an entry goes to the dead-letter stream"),
@@ -149,6 +158,8 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
         "--confirm-project-over",
         "--stats-interval",
         "--allowed-projects",
+        "--redis-url",  # the rate limit shared with the other shards and serve (fleet.md)
+        "--stream",  # whose key {stream}:ratelimit it is
     )
     + _PROTECT
     + _LOG,
