@@ -165,3 +165,21 @@ async def test_serve_an_entry_naming_its_project_under_another_spelling_is_dead_
     finally:
         north.stop()
         south.stop()
+
+
+def test_discover_refuses_one_project_named_at_two_endpoints(tmp_path: Path) -> None:
+    """One project reached through two endpoints (here 127.0.0.1 and localhost: a public
+    and a private endpoint in the cloud) was scanned twice into one plan: its jobs listed
+    twice and counted twice against max_fraction, and ``run --plan`` then refused the plan
+    as altered. Refused (64) before any listing, no plan written."""
+    with simulator(tmp_path, jobs=10, project="proj-home", seed=3) as home:
+        other = home.url.replace("127.0.0.1", "localhost")
+        plan = tmp_path / "p.plan"
+        done = subprocess.run(
+            [sys.executable, "-m", "worker", "discover", "--project", f"proj-home@{home.url}",
+             "--project", f"proj-home@{other}", "--all", "--plan", str(plan)],
+            env=run_env(home.url), capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        said = (done.stdout + done.stderr).decode()
+        assert (done.returncode, plan.exists(), home.stats()["calls"]) == (64, False, 0), said
+        assert "project proj-home is named twice" in said and "Traceback" not in said

@@ -16,7 +16,8 @@ several separated by commas):
 A word that looks like a region (``cn-north-4``) is one: a project id never does (ids are 32
 hexadecimal digits), and one that did would be named ``ID@REGION``. Each part is held to the
 rules an input line's ``project_id``, ``region`` and ``endpoint`` are (``worker.targets``).
-The same project at the same endpoint named twice is scanned once.
+The same project at the same endpoint named twice is scanned once; at two endpoints, it is
+refused (a project id names one project: its jobs would be listed twice).
 """
 
 from __future__ import annotations
@@ -110,7 +111,18 @@ async def resolve_targets(
             raise UsageError(
                 f"--project {spec.text!r}: project {target.project_id} is not in allowed_projects"
             )
-        found.setdefault((target.project_id, target.endpoint.lower()), target)
+        key = (target.project_id, target.endpoint.lower())
+        twice = next((t for (p, e), t in found.items() if p == key[0] and e != key[1]), None)
+        if twice is not None:
+            # One project through two endpoints (public and private, an address and a
+            # name): its jobs would be listed twice, counted twice against max_fraction,
+            # and the plan refused by run as altered.
+            raise UsageError(
+                f"--project {spec.text!r}: project {target.project_id} is named twice, at "
+                f"{twice.endpoint} and at {target.endpoint}; a project id names one "
+                "project: give it once"
+            )
+        found.setdefault(key, target)
     return list(found.values())
 
 
