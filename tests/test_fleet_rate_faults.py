@@ -7,6 +7,9 @@ interval or factor once let every call start at once) nor stops for good (a ``ta
 pause years ahead), nor fails with the script's error (a word where a number belongs, a
 zero factor, a key of another type: each ended ``run`` with a traceback).
 
+And when Redis loses the keys (flushed, restarted without persistence) with the leader
+gone, or is full: the fleet relearns from what it last saw, and an outage is said once.
+
 Real Redis holds the keys; time is virtual (``FakeClock``, passed to the scripts as their
 clock), so no figure here depends on the machine.
 """
@@ -15,14 +18,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, cast
 
 import anyio
 import pytest
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
 from tests.fakes import FakeClock
 from tests.test_fleet_rate import RedisTime, run_fleet
+from tests.test_redis_auth import REDIS_SERVER, redis_server
 from worker.pacing.bucket import RateLimiter
 from worker.pacing.controller import AdaptiveConfig, ControllerState, Phase
 from worker.pacing.fleet import FleetRateController, encode_state, sane_state
@@ -258,3 +264,32 @@ async def test_a_follower_that_leads_after_redis_lost_the_estimate_takes_up_the_
     assert other.leading and other.controller is not None
     assert other.controller.rate == pytest.approx(30.0, rel=1e-3), other
     assert other.controller.state.phase is Phase.CRUISE
+
+
+@pytest.mark.anyio
+@pytest.mark.slow
+@pytest.mark.skipif(REDIS_SERVER is None, reason="needs redis-server")
+async def test_a_full_redis_is_said_once_while_the_calls_wait_and_its_end_too(
+    tmp_path: Path,
+) -> None:
+    """Redis at its maxmemory refuses the reservation script (OOM): the call waits, asking
+    again every 0.5 s, and says so once, not twice a second for as long as Redis is full
+    (an hour's outage was 7,200 warnings per process); when memory is back it says so."""
+    async with redis_server(tmp_path, ["maxmemory-policy noeviction"]) as port:
+        client = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
+        try:
+            clock = FakeClock()
+            limiter = RedisRateLimiter(client, "rl", rate=5.0, burst=1, clock=clock)
+            await client.config_set("maxmemory", 1)
+            with capture_logs() as logs, anyio.fail_after(20):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(limiter.acquire)
+                    while limiter.redis_errors < 10:
+                        await anyio.sleep(0.01)
+                    await client.config_set("maxmemory", 0)
+            said = [e["event"] for e in logs if e["event"].startswith("ratelimit.")]
+            assert said == ["ratelimit.redis_error", "ratelimit.redis_recovered"], said
+            assert logs[0]["error"] == "OutOfMemoryError"
+            assert limiter.granted == 1 and clock.now() >= 10 * 0.5
+        finally:
+            await client.aclose()

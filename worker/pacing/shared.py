@@ -286,13 +286,24 @@ class RedisPacer(abc.ABC):
             # must be spaced from the pause's end, not sent at it together.
 
     async def _reserve_retrying(self) -> Reservation | float:
+        """``reserve``, asked again every ``retry_s`` while Redis does not answer: said once
+        an outage (``ratelimit.redis_error``), not twice a second while Redis is away or
+        full, and its end too (``ratelimit.redis_recovered``)."""
+        failing_since: float | None = None
         while True:
             try:
-                return await self.reserve()
+                reserved = await self.reserve()
             except REDIS_ERRORS as exc:
                 self.redis_errors += 1
-                self._log.warning("ratelimit.redis_error", error=type(exc).__name__)
+                if failing_since is None:
+                    failing_since = self._clock.now()
+                    self._log.warning("ratelimit.redis_error", error=type(exc).__name__)
                 await self._clock.sleep(self._retry_s)
+                continue
+            if failing_since is not None:
+                waited = round(self._clock.now() - failing_since, 3)
+                self._log.info("ratelimit.redis_recovered", waited_s=waited)
+            return reserved
 
     @property
     @abc.abstractmethod
