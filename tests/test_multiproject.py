@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from tests.fakes import FakeClock
 from worker.batcher import Batcher
 from worker.clock import MonotonicClock
-from worker.errors import ApiUnavailable, ConfigError, ServerError
+from worker.errors import ApiUnavailable, AuthError, ConfigError, ServerError
 from worker.input.sources import Entry, read_entries
 from worker.lanes import Lanes
 from worker.ledger import Ledger, TemporaryLedger, open_readonly
@@ -583,3 +583,35 @@ def test_the_summary_a_person_sees_has_a_line_per_project_when_the_input_named_t
     assert "  by project:\n    proj-a (cn-north-4): deleted 5, absent 1\n" in text
     assert f"    proj-b ({AWAY.endpoint}): taken out: its ids left open\n" in text
     assert "by project" not in RunEnd({**fields, "projects": None}).text()
+
+
+class _Refusing:
+    """A lane whose API answers every call with ``status`` (401 or 403)."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+    async def process(self, batch: Batch) -> None:
+        raise AuthError(f"HTTP {self.status}", http_status=self.status)
+
+
+async def test_a_403_takes_its_project_out_alone_and_a_401_stops_the_run() -> None:
+    """Permissions may be granted project by project: a 403 is the project's, and the run
+    ends 77 after the others finish; a 401 refuses the key, which signs for all."""
+    journal = _Journal()
+    home = _Lane(None, set(), journal)
+    said: list[str] = []
+    router = Router(default=HOME, lane=lambda t: _Refusing(403) if t == AWAY else home,
+                    on_out=lambda place, exc: said.append(place.project_id))  # fmt: skip
+    await router.process(Batch("h1", ("h1",)))
+    await router.process(Batch("a1", ("a1",), target=AWAY))
+    await router.process(Batch("a2", ("a2",), target=AWAY))  # not sent: its project is out
+    await router.process(Batch("h2", ("h2",)))
+    assert [r.job_id for r in journal.settled] == ["h1", "h2"]
+    assert said == ["proj-b"]
+    assert router.left_open == 1
+    assert isinstance(router.failure, AuthError)
+    key_refused = Router(default=HOME, lane=lambda t: _Refusing(401) if t == AWAY else home)
+    await key_refused.process(Batch("h3", ("h3",)))
+    with pytest.raises(AuthError):
+        await key_refused.process(Batch("a3", ("a3",), target=AWAY))

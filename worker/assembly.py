@@ -27,7 +27,7 @@ from worker.clock import Clock
 from worker.discovery.applied import plan_candidates, plan_check, plan_default
 from worker.discovery.guard import Guard, Protection
 from worker.dispatcher import Working
-from worker.errors import ConfigError, NoSuchApi, ReaperError, UsageError
+from worker.errors import AuthError, ConfigError, NoSuchApi, ReaperError, UsageError
 from worker.input.shard import Shard, ShardFilter
 from worker.input.sources import read_entries
 from worker.lanes import Lanes
@@ -317,7 +317,7 @@ async def build_calls(
         )
 
     def out(place: Target, exc: ReaperError) -> None:
-        whole = not isinstance(exc, NoSuchApi)  # else: that project, not the endpoint
+        whole = not isinstance(exc, NoSuchApi | AuthError)  # else: that project alone
         events.warn(
             "run.endpoint_down" if whole else "run.project_refused",
             project_id=None if whole else place.project_id, region=place.region,

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import anyio
 
 from worker.dispatcher import Journal, Working
-from worker.errors import ApiUnavailable, NoSuchApi, ReaperError, TlsError
+from worker.errors import ApiUnavailable, AuthError, NoSuchApi, ReaperError, TlsError
 from worker.pipeline import BatchProcessor
 from worker.targets import Target
 from worker.types import Batch, Result
@@ -65,9 +65,11 @@ Lane = Callable[[Target | None], BatchProcessor]
 
 ENDPOINT_OUT = (ApiUnavailable, TlsError)
 """What takes a whole endpoint out: its API gave out, or its certificate was refused."""
-TARGET_OUT = (NoSuchApi,)
+TARGET_OUT = (NoSuchApi, AuthError)
 """What takes one project at an endpoint out: the gateway does not know its path (a wrong
-project id); other projects at that endpoint may still be right."""
+project id), or a 403 (the keys' permissions may be granted project by project); other
+projects at that endpoint may still be right. A 401 is the key's own refusal, which no
+project escapes: it still stops the run."""
 
 
 DEFER_IDS = 20_000
@@ -163,9 +165,11 @@ class Router:
 
     @property
     def failure(self) -> ReaperError | None:
-        """The error to end the run with when something was taken out: a project the API
-        does not know (78) before an endpoint that gave out (69)."""
-        return next(iter(self.refused.values()), None) or next(iter(self.down.values()), None)
+        """The error to end the run with when something was taken out, the most serious
+        first as the exit codes go: a project refused (403: 77), a project the API does
+        not know (78), an endpoint that gave out (69)."""
+        refused = sorted(self.refused.values(), key=lambda exc: not isinstance(exc, AuthError))
+        return next(iter(refused), None) or next(iter(self.down.values()), None)
 
     def _target(self, batch: Batch) -> Target:
         target = batch.target if batch.target is not None else self._default
@@ -219,6 +223,8 @@ class Router:
         try:
             await self.lane(batch.target).process(batch)
         except (*ENDPOINT_OUT, *TARGET_OUT) as exc:
+            if isinstance(exc, AuthError) and exc.http_status != 403:
+                raise  # the key itself refused (401): it signs for every project
             first = not self._out(target)
             if isinstance(exc, TARGET_OUT):
                 self.refused.setdefault(place, exc)
