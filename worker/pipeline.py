@@ -28,7 +28,7 @@ from worker.errors import InputUnreadable, ReaperError
 from worker.input.intake import escape
 from worker.outcomes.journal import LedgerPort, RunJournal, Tally
 from worker.pool import DispatchPool
-from worker.targets import Targets
+from worker.targets import Target, Targets
 from worker.types import Batch, Candidate, Outcome, Rejection, doubted
 
 Entry = Candidate | Rejection
@@ -45,7 +45,12 @@ async def targeted(
     kept: list[Candidate] = []
     for candidate in candidates:
         if candidate.address is not None:
-            found = ONE_PROJECT if targets is None else await targets.find(candidate.address)
+            if targets is None:
+                found: Target | str = ONE_PROJECT
+            elif (known := targets.known(candidate.address)) is not None:
+                found = known  # the usual case: the place a line before named
+            else:
+                found = await targets.find(candidate.address)
             if isinstance(found, str):
                 rejections.append(Rejection(candidate.job_id, candidate.line, found))
                 continue

@@ -259,6 +259,10 @@ class Targets:
             self._remember(named, found)
         return found
 
+    def known(self, named: Address) -> Target | str | None:
+        """What ``named`` was resolved to before in this run, if it was: no await."""
+        return self._resolved.get(named)
+
     async def find(self, named: Address) -> Target | str:
         """:meth:`of`, looking the project of a line's region up (``lookup``) when the line
         names none: once a run for each place, a failure (no such project, IAM refused or
