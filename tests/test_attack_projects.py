@@ -10,11 +10,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 import redis.asyncio as aioredis
 
 from tests.benchmarks.harness import simulator
+from tests.conftest import REDIS_URL
 from tests.test_multiregion import _env as run_env
 from tests.test_serve_regions import GROUP, Region, enqueue, rows, serving, until
 
@@ -183,3 +185,36 @@ def test_discover_refuses_one_project_named_at_two_endpoints(tmp_path: Path) -> 
         said = (done.stdout + done.stderr).decode()
         assert (done.returncode, plan.exists(), home.stats()["calls"]) == (64, False, 0), said
         assert "project proj-home is named twice" in said and "Traceback" not in said
+
+
+@pytest.mark.anyio
+async def test_a_line_whose_endpoint_is_another_regions_is_rejected_not_mislabelled(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """A line naming region cn-north-4 and the public endpoint of cn-south-1 was sent to
+    cn-south-1 while its outcome named cn-north-4 (the endpoint wins, the region is a
+    label). The real ``enqueue`` now rejects it with both regions named, and puts nothing
+    on the stream; a private or loopback endpoint says nothing of its region and passes."""
+    stream = redis_prefix + "ids"
+    source = tmp_path / "in.jsonl"
+    lines = [
+        {"id": "job-1", "project_id": "p", "region": "cn-north-4",
+         "endpoint": "https://modelarts.cn-south-1.myhuaweicloud.com"},
+        {"id": "job-2", "project_id": "p", "region": "cn-north-4",
+         "endpoint": "https://modelarts.cn-north-4.myhuaweicloud.com/"},
+        {"id": "job-3", "project_id": "p", "region": "cn-south-1",
+         "endpoint": "http://127.0.0.1:9"},
+    ]  # fmt: skip
+    source.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    done = await anyio.run_process(
+        [sys.executable, "-m", "worker", "enqueue", "--input", str(source), "--stream", stream,
+         "--redis-url", REDIS_URL, "--log-format", "json"],
+        env=run_env("http://127.0.0.1:9"), check=False,
+    )  # fmt: skip
+    said = (done.stdout + done.stderr).decode()
+    summary = orjson.loads(done.stdout.splitlines()[-1])
+    assert (summary["enqueued"], summary["rejected"]) == (2, 1), said
+    assert (
+        "endpoint https://modelarts.cn-south-1.myhuaweicloud.com is region cn-south-1's, "
+        "not region cn-north-4's"
+    ) in said

@@ -175,7 +175,24 @@ def address(fields: dict[str, str | None]) -> Address | str:
         if problem is not None:
             return f"{name} {problem}"
         named[name] = normal_endpoint(value) if name == "endpoint" else value
+    region, endpoint = named.get("region"), named.get("endpoint")
+    if region is not None and endpoint is not None:
+        theirs = public_region(endpoint)
+        if theirs is not None and theirs != region:
+            # Sent there, its outcome would name a region its calls never went to.
+            return f"endpoint {endpoint} is region {theirs}'s, not region {region}'s"
     return Address(**named)
+
+
+_PUBLIC = re.compile(r"modelarts\.([a-z]{2}(?:-[a-z0-9]+)+)\.myhuaweicloud\.(?:com|cn)")
+
+
+def public_region(endpoint: str) -> str | None:
+    """The region whose public ModelArts endpoint ``endpoint`` is (:func:`endpoint_for`),
+    else None (a private, proxy or test endpoint says nothing of its region)."""
+    host = urlsplit(endpoint).hostname or ""
+    found = _PUBLIC.fullmatch(host)
+    return found.group(1) if found else None
 
 
 def resolve(
