@@ -293,3 +293,31 @@ async def test_a_full_redis_is_said_once_while_the_calls_wait_and_its_end_too(
             assert limiter.granted == 1 and clock.now() >= 10 * 0.5
         finally:
             await client.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.slow
+@pytest.mark.skipif(REDIS_SERVER is None, reason="needs redis-server")
+async def test_a_read_only_replica_is_waited_out_until_a_failover_promotes_it(
+    tmp_path: Path,
+) -> None:
+    """``redis_url`` at a replica (a failover under way: the name still points at the old
+    primary, now a replica) refuses the reservation script with READONLY: ``run`` ended with
+    a ReadOnlyError traceback and exit 1. The call waits, as for a Redis away, until the
+    server takes writes again."""
+    async with redis_server(tmp_path, ["replicaof 127.0.0.1 1"]) as port:
+        client = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
+        try:
+            clock = FakeClock()
+            limiter = RedisRateLimiter(client, "rl", rate=5.0, burst=1, clock=clock)
+            with capture_logs() as logs, anyio.fail_after(20):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(limiter.acquire)
+                    while limiter.redis_errors < 3:
+                        await anyio.sleep(0.01)
+                    await client.replicaof("NO", "ONE")  # promoted
+            said = [(e["event"], e.get("error")) for e in logs]
+            assert ("ratelimit.redis_error", "ReadOnlyError") in said, said
+            assert limiter.granted == 1
+        finally:
+            await client.aclose()

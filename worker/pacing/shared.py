@@ -160,6 +160,7 @@ REDIS_ERRORS = (
     redis.exceptions.TimeoutError,
     OSError,
     redis.exceptions.OutOfMemoryError,  # at its maxmemory: no write until memory is freed
+    redis.exceptions.ReadOnlyError,  # a replica, until a failover makes it (or DNS) a primary
 )
 
 
