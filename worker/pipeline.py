@@ -11,7 +11,6 @@ it; whatever was not finished stays open in the ledger.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -129,9 +128,11 @@ def _read_in_background(entries: Iterator[Entry], size: int) -> MemoryObjectRece
                 if isinstance(item, BaseException):
                     break
         except (anyio.RunFinishedError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            return  # the run is over or stopped reading: nothing is waiting for more
-        with contextlib.suppress(anyio.RunFinishedError):
+            pass  # the run is over or stopped reading: nothing is waiting for more
+        try:  # closed either way, or its finaliser warns (an unclosed stream) at exit
             anyio.from_thread.run_sync(send.close, token=token)
+        except anyio.RunFinishedError:
+            send.close()  # no loop is left to race with
 
     threading.Thread(target=produce, name="reaper-input", daemon=True).start()
     return receive
