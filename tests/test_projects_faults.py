@@ -15,10 +15,12 @@ from aiohttp import web
 from tests.e2e import reaper, serve_app
 from tests.test_projects import KEYS, ScriptedIam, by_region, listing, look_up_from
 from tests.test_projects import session as session  # the fixture
+from worker.api.credentials import Credentials, StaticCredentials
 from worker.api.projects import (
     MAX_ANSWER_BYTES,
     IamNotThere,
     IamUnavailable,
+    ProjectLookupFailed,
     ProjectNotFound,
     lookup_project,
 )
@@ -136,3 +138,46 @@ async def test_check_calls_an_answer_that_is_not_iams_list_not_iam() -> None:
     result, fix = done.stdout.splitlines()
     assert result.startswith("result       NOT IAM: "), result
     assert "not IAM's project list" in result and "iam_endpoint" in fix
+
+
+async def test_a_trace_id_that_echoes_the_request_never_carries_our_keys_out(
+    session: aiohttp.ClientSession,
+) -> None:
+    """IAM's ``X-IAM-Trace-Id`` is server text like any other: one that echoes what we sent
+    (the ``X-Security-Token`` of temporary keys, the access key in ``Authorization``) went
+    into the error, ``run.config_error`` and ``project.resolved`` as it came."""
+    token, sk, ak = "TOKEN-canary-4711", "SK-canary-4711", "AKcanary4711"
+    keys = StaticCredentials(Credentials(ak, sk, token))
+
+    def echo(answer: web.Response) -> ScriptedIam:
+        async def handle(request: web.Request) -> web.Response:
+            sent = f"token={request.headers.get('X-Security-Token')}; sk={sk}; " + "; ".join(
+                f"{k}={v}" for k, v in request.headers.items()
+            )
+            answer.headers["X-IAM-Trace-Id"] = sent
+            return answer
+
+        handler = ScriptedIam(answer)
+        handler.handle = handle  # type: ignore[method-assign]
+        return handler
+
+    async def look_up(handler: ScriptedIam) -> tuple[str, ...]:
+        app = web.Application()
+        app.router.add_get("/v3/projects", handler.handle)
+        async with serve_app(app) as url:
+            try:
+                found = await lookup_project(
+                    session=session, credentials=keys, region="cn-north-4", iam_endpoint=url
+                )
+            except ProjectLookupFailed as exc:
+                return (str(exc), exc.fix)
+        return (found.project_id, found.trace_id or "")
+
+    for answer in (
+        web.Response(text="<html>welcome</html>", content_type="text/html"),
+        web.json_response({"projects": [{"name": "cn-north-4", "id": "p-1"}]}),
+    ):
+        said = " ".join(await look_up(echo(answer)))
+        assert "token=" in said and "sk=" in said, said  # the echo is there, scrubbed
+        for secret in (token, sk, ak):
+            assert secret not in said, said

@@ -226,8 +226,12 @@ def _printable(text: str) -> str:
     return _UNPRINTABLE_RE.sub(" ", text)
 
 
-def request_id_of(headers: Mapping[str, str], call: Call) -> str | None:
-    value = headers.get("X-Request-Id")  # the proxy is case-insensitive: X-Request-ID too
+def request_id_of(
+    headers: Mapping[str, str], call: Call, header: str = "X-Request-Id"
+) -> str | None:
+    """The id the server gave the request (``header``: IAM's is ``X-IAM-Trace-Id``), made
+    safe to log as any server text is: a header can echo what we sent, keys included."""
+    value = headers.get(header)  # the proxy is case-insensitive: X-Request-ID too
     if not value:
         return None
     return call.scrub(_printable(value)).strip()[:128] or None

@@ -36,7 +36,7 @@ import anyio
 import orjson
 from yarl import URL
 
-from worker.api.answers import Answer, Call, raise_for_status, secrets_of
+from worker.api.answers import Answer, Call, raise_for_status, request_id_of, secrets_of
 from worker.api.client import SignedRequest, keys_replaced, send_signed
 from worker.api.credentials import Credentials, CredentialSource
 from worker.api.session import USER_AGENT
@@ -209,7 +209,7 @@ async def lookup_project(
             if attempt < attempts:
                 await sleep(_wait(exc, attempt))
             continue
-        return _project_of(answer, asked, region, endpoint)
+        return _project_of(answer, call, asked, region, endpoint)
     raise _failed(
         IamUnavailable,
         f"IAM did not answer the look-up of the project id of region {region} ({asked}, "
@@ -271,8 +271,8 @@ def _refused(exc: AuthError, asked: str, region: str) -> IamRefused:
     )  # fmt: skip
 
 
-def _project_of(answer: Answer, asked: str, region: str, endpoint: str) -> FoundProject:
-    trace = answer.headers.get("X-IAM-Trace-Id") or answer.request_id
+def _project_of(answer: Answer, call: Call, asked: str, region: str, endpoint: str) -> FoundProject:
+    trace = request_id_of(answer.headers, call, "X-IAM-Trace-Id") or answer.request_id
     where = f"{asked}" + (f", X-IAM-Trace-Id {trace}" if trace else "")
     try:
         data = orjson.loads(answer.body)
