@@ -115,3 +115,16 @@ def test_ids_of_two_targets_leave_in_batches_of_their_own_and_a_flush_gives_them
     due = batcher.settle(10.3, idle=False)
     assert sorted((b.target is None, b.ids) for b in due) == [(False, ("x",)), (True, ("y",))]
     assert batcher.due_at is None and batcher.flush() == []
+
+
+def test_a_reread_reads_our_own_pending_entries_again_before_anything_new() -> None:
+    """A paused region answers again: the entries handed back for it are ours and pending,
+    read again now (no delivery counted) rather than at a reclaim minutes later."""
+    plan = IntakePlan(100.0, resumed=False, reclaim_after=300, reclaim_interval=5, block=1)
+    plan.read_own(None, took_ids=False)
+    plan.reclaimed(100.0, "0-0", found=False)
+    assert isinstance(plan.next(100.1, answered=True, linger_until=None), ReadNew)
+    plan.reread()
+    assert plan.next(100.2, answered=True, linger_until=None) == ReadOwn("-")
+    plan.read_own("5-0", took_ids=True)
+    assert plan.next(100.3, answered=True, linger_until=None) == ReadOwn("5-0")

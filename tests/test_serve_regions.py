@@ -265,18 +265,20 @@ async def test_a_stopped_region_leaves_the_other_served_and_its_own_entries_pend
 ) -> None:
     """project-b's simulator killed: project-a's entries are still deleted while
     project-b's stay pending, acknowledged by no one and given no outcome (not absent, not
-    failed); project-b's simulator back on its port, they are deleted."""
+    failed); project-b's simulator back on its port, they are deleted at once: its probe is
+    answered and what was handed back is read again, not left for a reclaim (300 s)."""
     stream = redis_prefix + "ids"
     with regions(tmp_path) as (north, south):
         async with serving(stream, north, tmp_path, "--allowed-projects",
-                           "project-a,project-b") as serve:  # fmt: skip
+                           "project-a,project-b", "--reclaim-after", "300") as serve:  # fmt: skip
             port = south.port
             south.stop()
             waiting = south.ids[:10]
-            await enqueue(stream, tmp_path, named(south, waiting))
             served = north.ids[:20]
-            # Behind project-b's: each of project-a's must pass a region that is down.
-            await enqueue(stream, tmp_path, [{"id": i} for i in served])
+            # project-b's between project-a's: the later ones must pass a region that is down.
+            await enqueue(stream, tmp_path, [{"id": i} for i in served[:5]])
+            await enqueue(stream, tmp_path, named(south, waiting))
+            await enqueue(stream, tmp_path, [{"id": i} for i in served[5:]])
 
             async def north_done() -> bool:
                 return len((await north.control("deleted"))["ids"]) == len(served)
@@ -306,7 +308,7 @@ async def test_a_stopped_region_leaves_the_other_served_and_its_own_entries_pend
                 info: Any = await redis_client.xpending(stream, GROUP)
                 return int(info["pending"]) == 0
 
-            await until(south_done, timeout=60)
+            await until(south_done, timeout=50)  # the breaker's cool-down is 30 s at most
             last = {r["job_id"]: r for r in await rows(redis_client, stream + ":outcomes")}
             assert {last[i]["outcome"] for i in waiting} == {"deleted"}
             assert sorted((await south.control("deleted"))["ids"]) == sorted(waiting)

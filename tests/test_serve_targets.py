@@ -89,19 +89,30 @@ def test_the_same_id_for_two_projects_is_two_jobs_each_waited_on_alone() -> None
 
 
 class _Lane:
-    """A lane whose endpoint is down until ``up`` is set; counts the batches it was given."""
+    """A lane that answers each batch as the test says: ``answer(True)`` lets one through,
+    ``answer(False)`` ends one ``ApiUnavailable`` (naming ``unsure`` as sent unanswered)."""
 
     def __init__(self, clock: FakeClock) -> None:
-        self.up = False
-        self.seen: list[str] = []
-        self.release = anyio.Event()
+        self.seen: list[tuple[str, frozenset[str]]] = []
+        self._answers: list[bool] = []
+        self._given = anyio.Event()
         self.gate = BreakerGate(clock=clock)
+        self.unsure: frozenset[str] = frozenset()
+
+    def answer(self, *answers: bool) -> None:
+        self._answers.extend(answers)
+        self._given.set()
 
     async def process(self, batch: Batch) -> None:
-        self.seen.append(batch.batch_id)
-        await self.release.wait()
-        if not self.up:
-            raise ApiUnavailable(ServerError("503"), batch_id=batch.batch_id, open_ids=len(batch))
+        self.seen.append((batch.batch_id, batch.unsure))
+        while not self._answers:
+            if self._given.is_set():  # spent: wait for the next answer
+                self._given = anyio.Event()
+            await self._given.wait()
+        if not self._answers.pop(0):
+            exc = ApiUnavailable(ServerError("503"), batch_id=batch.batch_id, open_ids=len(batch))
+            exc.unsure = self.unsure
+            raise exc
 
 
 async def _send(router: RegionRouter, batch: Batch, into: list[BaseException]) -> None:
@@ -112,62 +123,83 @@ async def _send(router: RegionRouter, batch: Batch, into: list[BaseException]) -
         into.append(exc)
 
 
-@pytest.mark.anyio
-async def test_a_paused_endpoint_sends_one_batch_at_a_time_and_hands_back_the_rest() -> None:
-    clock = FakeClock()
-    lanes = {None: _Lane(clock), AWAY: _Lane(clock)}
-    lanes[None].up = True
-    lanes[None].release.set()
-    said: list[str] = []
-    router = RegionRouter(
+def _router(lanes: dict[Target | None, _Lane], said: list[str], **kw: Any) -> RegionRouter:
+    return RegionRouter(
         lane=lambda target: lanes[target], gate=lambda target: lanes[target].gate,
         place=lambda target: target or HOME,
         on_pause=lambda target, error: said.append(f"paused {target}"),
-        on_resume=lambda target: said.append(f"resumed {target}"),
+        on_resume=lambda target: said.append(f"resumed {target}"), **kw,
     )  # fmt: skip
-    await router.process(Batch("h1", ("a",)))
-    away = lanes[AWAY]
-    away.release.set()
-    with pytest.raises(ApiUnavailable) as first:
-        await router.process(Batch("b1", ("x",), target=AWAY))
-    assert not isinstance(first.value, Paused) and said == [f"paused {AWAY}"]
-    away.release = anyio.Event()  # the probe hangs while others come
-    handed: list[BaseException] = []
 
+
+@pytest.mark.anyio
+async def test_a_paused_endpoint_keeps_one_probe_and_hands_back_the_rest_the_others_served() -> (
+    None
+):
+    clock = FakeClock()
+    home, away = _Lane(clock), _Lane(clock)
+    said: list[str] = []
+    router = _router({None: home, AWAY: away}, said)
+    home.answer(True)
+    await router.process(Batch("h1", ("a",)))
+    handed: list[BaseException] = []
     async with anyio.create_task_group() as group:
-        group.start_soon(_send, router, Batch("b2", ("y",), target=AWAY), handed)
-        await anyio.wait_all_tasks_blocked()
-        await _send(router, Batch("b3", ("z",), target=AWAY), handed)
-        assert [type(e) for e in handed] == [Paused] and away.seen == ["b1", "b2"]
+        away.unsure = frozenset({"x"})  # its first try's answer was lost
+        away.answer(False)
+        group.start_soon(_send, router, Batch("b1", ("x",), target=AWAY), handed)
+        await anyio.wait_all_tasks_blocked()  # b1 failed, and waits to go again
+        assert said == [f"paused {AWAY}"] and router.probes == 1 and not handed
+        await _send(router, Batch("b2", ("y",), target=AWAY), handed)
+        assert [type(e) for e in handed] == [Paused]  # handed back unsent
+        home.answer(True)
         await router.process(Batch("h2", ("c",)))  # the other endpoint is served meanwhile
-        away.up = True
-        away.release.set()
-    assert dict(router.down()) == {None: False, AWAY: False}
+        away.answer(True)  # the region is back: the probe is answered
+    assert not [e for e in handed if not isinstance(e, Paused)]
+    assert away.seen == [("b1", frozenset()), ("b1", frozenset({"x"}))]  # never called absent
     assert said == [f"paused {AWAY}", f"resumed {AWAY}"] and router.handed_back == 1
-    assert lanes[None].seen == ["h1", "h2"]
+    assert [b for b, _ in home.seen] == ["h1", "h2"]
+    assert dict(router.down()) == {None: False, AWAY: False}
+
+
+@pytest.mark.anyio
+async def test_a_stop_ends_the_probe_with_its_ids_left_open_and_their_doubt_kept() -> None:
+    clock = FakeClock()
+    home, away = _Lane(clock), _Lane(clock)
+    stopping = False
+    router = _router({None: home, AWAY: away}, [], stopping=lambda: stopping)
+    home.answer(True)
+    await router.process(Batch("h1", ("a",)))
+    failed: list[BaseException] = []
+    async with anyio.create_task_group() as group:
+        away.unsure = frozenset({"x"})
+        away.answer(False)
+        group.start_soon(_send, router, Batch("b1", ("x",), target=AWAY), failed)
+        await anyio.wait_all_tasks_blocked()
+        stopping = True
+        away.unsure = frozenset()
+        away.answer(False)
+    (error,) = failed
+    assert isinstance(error, ApiUnavailable) and not isinstance(error, Paused)
+    assert error.unsure == {"x"}
 
 
 @pytest.mark.anyio
 async def test_with_one_endpoint_met_its_batches_wait_for_it_as_before() -> None:
-    """One project's serve is unchanged: no batch is handed back, however its API fares."""
-    clock = FakeClock()
-    lane = _Lane(clock)
-    router = RegionRouter(lane=lambda target: lane, gate=lambda target: lane.gate,
-                          place=lambda target: HOME)  # fmt: skip
-    lane.release.set()
-    with pytest.raises(ApiUnavailable):
-        await router.process(Batch("b1", ("x",)))
-    lane.release = anyio.Event()
+    """One project's serve is unchanged: no batch is handed back or held as a probe, however
+    its API fares; each ends ApiUnavailable when its attempts are spent."""
+    lane = _Lane(FakeClock())
+    router = _router({None: lane}, [])
     failed: list[BaseException] = []
-
+    lane.answer(False)
+    await _send(router, Batch("b1", ("x",)), failed)
     async with anyio.create_task_group() as group:
         group.start_soon(_send, router, Batch("b2", ("y",)), failed)
-        await anyio.wait_all_tasks_blocked()
         group.start_soon(_send, router, Batch("b3", ("z",)), failed)
         await anyio.wait_all_tasks_blocked()
-        assert lane.seen == ["b1", "b2", "b3"]  # both went in, none handed back
-        lane.release.set()
-    assert not [e for e in failed if isinstance(e, Paused)] and router.handed_back == 0
+        assert [b for b, _ in lane.seen] == ["b1", "b2", "b3"]  # both went in
+        lane.answer(False, False)
+    assert [type(e) for e in failed] == [ApiUnavailable] * 3
+    assert router.handed_back == 0 and router.probes == 0
 
 
 class _Refusing:
@@ -191,8 +223,6 @@ async def test_a_named_project_its_endpoint_refuses_pauses_that_project_not_the_
     clock = FakeClock()
     stray = Target("project-b", HOME.endpoint, "cn-north-4")  # project-b is not there
     home, refusing = _Lane(clock), _Refusing()
-    home.up = True
-    home.release.set()
     said: list[str] = []
     router = RegionRouter(
         lane=lambda target: refusing if target == stray else home,
@@ -205,16 +235,16 @@ async def test_a_named_project_its_endpoint_refuses_pauses_that_project_not_the_
     assert isinstance(first.value.cause, NoSuchApi) and said == [f"paused {stray}"]
     refusing.release = anyio.Event()
     handed: list[BaseException] = []
-
     async with anyio.create_task_group() as group:
         group.start_soon(_send, router, Batch("s2", ("y",), target=stray), handed)
         await anyio.wait_all_tasks_blocked()
         await _send(router, Batch("s3", ("z",), target=stray), handed)
         assert [type(e) for e in handed] == [Paused] and refusing.seen == ["s1", "s2"]
+        home.answer(True, True)
         await router.process(Batch("h1", ("a",)))  # the same endpoint's default: served
         await router.process(Batch("h2", ("b",)))
         refusing.release.set()
-    assert home.seen == ["h1", "h2"] and dict(router.down())[stray] is True
+    assert [b for b, _ in home.seen] == ["h1", "h2"] and dict(router.down())[stray] is True
     home_refused = RegionRouter(lane=lambda target: refusing, gate=lambda target: home.gate,
                                 place=lambda target: HOME)  # fmt: skip
     with pytest.raises(NoSuchApi):

@@ -27,7 +27,7 @@ from worker.clock import Clock
 from worker.discovery.applied import plan_candidates, plan_check, plan_default
 from worker.discovery.guard import Guard, Protection
 from worker.dispatcher import Working
-from worker.errors import AuthError, ConfigError, NoSuchApi, ReaperError, UsageError
+from worker.errors import ApiError, AuthError, ConfigError, NoSuchApi, ReaperError, UsageError
 from worker.input.shard import Shard, ShardFilter
 from worker.input.sources import read_entries
 from worker.lanes import Lanes
@@ -498,15 +498,18 @@ async def build_service(
             gate=lanes.gate(target),  # an API that keeps failing is probed, not hammered
         )
 
-    router = RegionRouter(
-        lane=lane, gate=lanes.gate, place=lanes.place,
-        on_pause=lambda target, error: events.error(
-            "serve.region_paused", project_id=target.project_id, region=target.region,
-            endpoint=target.endpoint, error=str(error)),
-        on_resume=lambda target: events.note(
-            "serve.region_resumed", project_id=target.project_id, region=target.region,
-            endpoint=target.endpoint),
-    )  # fmt: skip
+    def paused(target: Target, error: ApiError) -> None:
+        events.error("serve.region_paused", project_id=target.project_id,
+                     region=target.region, endpoint=target.endpoint, error=str(error))  # fmt: skip
+
+    def resumed(target: Target) -> None:
+        service.reread_own()  # what was handed back for it, now rather than at a reclaim
+        events.note("serve.region_resumed", project_id=target.project_id,
+                    region=target.region, endpoint=target.endpoint)  # fmt: skip
+
+    router = RegionRouter(lane=lane, gate=lanes.gate, place=lanes.place, on_pause=paused,
+                          on_resume=resumed, stopping=lambda: service.halting,
+                          clock=clock)  # fmt: skip
 
     def gauges() -> None:
         for target, down in router.down():

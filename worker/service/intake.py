@@ -4,7 +4,8 @@ no I/O, time passed in. The service's read loop carries out what these return.
 ``IntakePlan`` chooses the next read (as httpcore's pool chooses the next connection):
 
 1. ``ReadOwn``: this consumer's own pending entries first, page by page, without counting a
-   delivery (a restart and a pause are not deliveries).
+   delivery (a restart and a pause are not deliveries); again mid-round when asked
+   (``reread``: a paused region answers again, and the entries handed back for it wait).
 2. ``AwaitAnswer``: after a pause (``resumed``), while those entries have not had one answer
    from the API, nothing new is read: refused credentials must not pull in more entries
    each round.
@@ -89,6 +90,10 @@ class IntakePlan:
             wait = max(0.001, linger_until - now)
         wait = min(wait, max(0.001, self._next_reclaim - now))
         return ReadNew(int(wait * 1000))
+
+    def reread(self) -> None:
+        """Read our own pending entries again from the start, before anything new."""
+        self._own = "-"
 
     def read_own(self, last_entry: str | None, *, took_ids: bool) -> None:
         """A page of our own entries was read: ``last_entry`` of it (``None``: the page was

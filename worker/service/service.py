@@ -4,7 +4,8 @@ One *round* is one task group: an intake task (the only reader of Redis, so read
 in-flight map and the batcher need no locks) feeding ``concurrency`` dispatcher tasks over a
 bounded stream. A round starts by re-reading this consumer's own pending entries without
 counting a delivery (neither a restart nor a pause is one; after a pause it reads nothing
-new until one of their batches has an answer), then reads new ones (``>``), and every
+new until one of their batches has an answer; and again when a paused region answers,
+``worker.service.regions``), then reads new ones (``>``), and every
 ``reclaim_interval`` takes
 over entries idle longer than ``reclaim_after`` from anyone (``XAUTOCLAIM``, which also
 retries our own entries kept pending after a failure). An entry delivered more than
@@ -155,6 +156,7 @@ class Service:
         # their entries' last error, until their batch is cut: few, never the queue.
         self._unsure: set[str] = set()
         self._answered = anyio.Event()  # a batch of this round got an answer from the API
+        self._reread = False  # read our own pending entries again (``reread_own``)
         self.rounds = 0
         self.read = 0
         self.batches = 0
@@ -391,6 +393,11 @@ class Service:
             self._health.queue_ok = False
         self._halt.set()
 
+    def reread_own(self) -> None:
+        """A paused region answers again: the entries handed back for it, pending under our
+        name, are read again now (no delivery counted) instead of ``reclaim_after`` later."""
+        self._reread = True
+
     @property
     def halting(self) -> bool:
         """Nothing more may be sent: the service stops, or a refusal ends the round. What
@@ -417,6 +424,9 @@ class Service:
             # its next wait, and by then redis-py has already sent the next XREADGROUP,
             # which Redis would answer into our pending list after the stop.
             while not self._stop.is_set():
+                if self._reread:
+                    self._reread = False
+                    plan.reread()
                 now = clock.now()
                 action = plan.next(now, answered=self._answered.is_set(),
                                    linger_until=batcher.due_at)  # fmt: skip
@@ -493,12 +503,13 @@ class Service:
         if not entries or self._stop.is_set():
             return []
         self.read += len(entries)
-        if claimed:  # not those still ours: in flight, or settled and being acked
+        if redelivered:  # not those still ours: in flight, or settled and being acked
             entries = [
                 (e, f)
                 for e, f in entries
                 if e not in self._inflight and not self._journal.acking(e)
             ]
+        if claimed:
             self.reclaimed += len(entries)
         gone = [entry_id for entry_id, fields in entries if fields is None]
         if gone:
