@@ -5,6 +5,7 @@ deleted set."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +219,37 @@ async def test_a_line_whose_endpoint_is_another_regions_is_rejected_not_mislabel
         "endpoint https://modelarts.cn-south-1.myhuaweicloud.com is region cn-south-1's, "
         "not region cn-north-4's"
     ) in said
+
+
+def _schema(ledger: Path) -> str:
+    with sqlite3.connect(ledger) as conn:
+        (value,) = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return str(value)
+
+
+def test_a_ledger_whose_lines_named_projects_is_one_older_code_refuses(tmp_path: Path) -> None:
+    """Code from before many projects (03e2d18) resumed a ledger of mixed projects as its
+    own: it re-sent project B's open ids to its default project A (tried by hand: 6 ids
+    sent to A). It checks schema_version, so such a ledger now says 2 (03e2d18 then exits
+    78, nothing sent, tried by hand); one project's ledger stays 1, which it still opens.
+    Today's code resumes both."""
+    with (
+        simulator(tmp_path, jobs=6, project="proj-home", seed=3) as home,
+        simulator(tmp_path, jobs=6, project="proj-away", seed=4, region="cn-east-3") as away,
+    ):
+        plain = tmp_path / "plain.txt"
+        plain.write_text("\n".join(home.ids[:3]) + "\n")
+        mixed = tmp_path / "mixed.jsonl"
+        lines = [{"id": home.ids[3]}]
+        lines += [{"id": i, "project_id": "proj-away", "endpoint": away.url} for i in away.ids]
+        mixed.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+        for source, ledger, version in ((plain, "one.db", "1"), (mixed, "two.db", "2")):
+            for _ in range(2):  # made, then resumed by today's code
+                done = subprocess.run(
+                    [sys.executable, "-m", "worker", "run", "--input", str(source), "--yes",
+                     "--ledger", str(tmp_path / ledger)],
+                    env=run_env(home.url), capture_output=True, timeout=120, check=False,
+                )  # fmt: skip
+                assert done.returncode == 0, done.stderr.decode()[-800:]
+            assert _schema(tmp_path / ledger) == version
+        assert len(away.control("/_sim/deleted")["ids"]) == 6

@@ -53,6 +53,10 @@ from worker.targets import Target
 from worker.types import Candidate, Outcome, Rejection, Result
 
 SCHEMA_VERSION = "1"
+NAMED_SCHEMA = "2"
+"""The schema_version of a ledger once a line named its target (``ids.target``): code from
+before many projects checks schema_version and refuses it, where it would read every id as
+its default project's and send another project's open ids there."""
 RAW_LIMIT = 200  # characters of a rejected line kept (escaped); a 1 MB garbage line stays small
 _FETCH = 1000  # rows per fetch when streaming exports
 
@@ -680,6 +684,7 @@ class Ledger(LedgerView):
                 "ON CONFLICT DO NOTHING",
                 key,
             )
+            conn.execute(_NAMED, (NAMED_SCHEMA,))
             (number,) = conn.execute(
                 "SELECT target FROM targets WHERE project_id = ? AND endpoint = ? AND region = ?",
                 key,
@@ -1055,6 +1060,8 @@ def _prepare(
         for statement in filter(str.strip, _SCHEMA.split(";")):
             conn.execute(statement)
         stored = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        if stored.get("schema_version") == NAMED_SCHEMA:
+            wanted["schema_version"] = NAMED_SCHEMA
         _check_meta(path, stored, wanted)
         if not _has_column(conn, "confirmed"):  # a ledger from before unconfirmed deletions
             conn.execute("ALTER TABLE ids ADD COLUMN confirmed INTEGER")
@@ -1079,6 +1086,9 @@ def _prepare(
         raise
     conn.execute("COMMIT")
     return int(run_no)
+
+
+_NAMED = "UPDATE meta SET value = ? WHERE key = 'schema_version'"
 
 
 def _has_column(conn: sqlite3.Connection, name: str) -> bool:
