@@ -209,3 +209,25 @@ def test_report_reads_the_ledger_from_the_environment(
     proc = report("--format", "jsonl")
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 5
+
+
+def test_two_copies_of_one_whole_ledger_are_refused_not_counted_twice(tmp_path: Path) -> None:
+    """fleet.md: two copies of the same shard are refused (64). A ledger of no shard copied
+    (a backup beside the original) was merged, every deletion reported twice."""
+    ledger = tmp_path / "ledger.db"
+    fill(ledger).close()
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(ledger.read_bytes())
+    both = report(str(ledger), str(copy))
+    assert both.returncode == 64, both.stdout
+    assert "copies of one ledger" in both.stderr and "counted twice" in both.stderr
+    other = tmp_path / "other.db"  # another clean-up of the same project still merges
+    with Ledger.open(other, project_id="proj-1", endpoint="http://127.0.0.1:1", run_id="c") as c:
+        c.admit([Candidate("job-other", 1)])
+        c.record([Result("job-other", Outcome.DELETED, 1, "b-3", 200, request_id="req-3")])
+    merged = report(str(ledger), str(other), "--format", "jsonl")
+    assert merged.returncode == 0, merged.stderr
+    assert {orjson.loads(line)["job_id"] for line in merged.stdout.splitlines()} >= {
+        "job-del",
+        "job-other",
+    }

@@ -108,12 +108,23 @@ def _check_shards(ledgers: Sequence[LedgerView]) -> None:
     projects (each counted under its own). No shard of one project's clean-up twice:
     ``UsageError`` naming both files."""
     shards: dict[tuple[tuple[str | None, str | None], str], Path] = {}
+    made: dict[tuple[tuple[str | None, str | None], str, str], Path] = {}
     for ledger in ledgers:
-        shard = ledger.meta().get("shard", WHOLE)
+        meta = ledger.meta()
+        shard = meta.get("shard", WHOLE)
         key = (_place(ledger), shard)
         if shard != WHOLE and key in shards:
             raise UsageError(f"{ledger.path} and {shards[key]} are both shard {shard}")
         shards[key] = ledger.path
+        # A whole ledger may be one of several clean-ups of a project, but not a copy of
+        # another: the same creation, place and shard would count its every id twice.
+        copy = (*key, meta.get("created_at", ""))
+        if copy in made:
+            raise UsageError(
+                f"{ledger.path} and {made[copy]} are copies of one ledger (created at the "
+                "same instant, for the same project and shard): its ids would be counted twice"
+            )
+        made[copy] = ledger.path
 
 
 @contextlib.contextmanager
