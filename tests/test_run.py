@@ -522,3 +522,22 @@ async def test_a_deadline_while_the_api_is_down_exits_69_with_the_ids_open(
         assert summary["open"] == 40
         assert summary["stop_reason"] == "deadline"
         assert sim.deleted == set()
+
+
+async def test_one_file_for_events_and_results_is_refused_before_any_call(
+    tmp_path: Path,
+) -> None:
+    """``--events F --results F``: the results' writes went over the events appended there,
+    leaving one event of the run's; refused (64) before anything is sent, as the input or
+    the ledger is, whichever way the same file is named."""
+    async with run_simulator(SimulatorConfig(jobs=10)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        same = tmp_path / "out.jsonl"
+        done = await reaper(
+            ["run", "-i", str(src), "--yes", "--events", str(same),
+             "--results", str(tmp_path / "." / "out.jsonl")],
+            reaper_env(sim.url),
+        )  # fmt: skip
+        assert done.code == 64, done.stderr
+        assert "is the --results file: it would be overwritten" in done.stderr
+        assert sim.deleted == set() and sim.stats.delete_calls == 0

@@ -95,7 +95,9 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.events is not None:
             source = args.plan or args.input
-            check_output(args.events, "--events", source, settings.ledger)
+            # one file for both: the results' writes would overwrite the events
+            results = ((args.results, "the --results file"),)
+            check_output(args.events, "--events", source, settings.ledger, also=results)
         output = terminal.for_run(
             log_format=settings.log_format,
             log_level=settings.log_level,

@@ -157,14 +157,22 @@ class ResultsWriter:
         return f"ResultsWriter(written={self.written})"
 
 
-def check_output(name: str, flag: str, source: str | None, ledger: Path | None) -> None:
+def check_output(
+    name: str,
+    flag: str,
+    source: str | None,
+    ledger: Path | None,
+    *,
+    also: Sequence[tuple[str | None, str]] = (),
+) -> None:
     """A file about to be truncated (``--results``, ``report --output``), checked before
     anything is done (``UsageError``, 64): it must be named, must not be the input (or
-    plan) or one of the ledger's files, and must be a file we can write."""
+    plan), one of the ledger's files or another output (``also``: path and what it is),
+    and must be a file we can write."""
     if not name.strip():
         raise UsageError(f"{flag} needs a file path, not an empty one")
     path = Path(name)
-    others: list[tuple[str | Path | None, str]] = [(source, "the input")]
+    others: list[tuple[str | Path | None, str]] = [(source, "the input"), *also]
     if ledger is not None:  # SQLite keeps a ledger in up to three files, plus our lock
         others += [(ledger.with_name(ledger.name + suffix), "the ledger")
                    for suffix in ("", "-wal", "-shm", "-journal", ".lock")]  # fmt: skip
