@@ -310,9 +310,13 @@ class FleetRateController(RedisPacer):
                 # Nothing stored (a first start, or Redis flushed or restarted under a
                 # running fleet): the calls sent before were paced by an estimate now lost,
                 # and their refusals say nothing of this one's rate. Taken as news, they held
-                # a fleet at 30 calls/s at the start-up rate, 2, for good.
+                # a fleet at 30 calls/s at the start-up rate, 2, for good. A call sent from
+                # now on is news (its Retry-After pauses the fleet): a cut counts a call sent
+                # within one interval after it as sent before it, so the cut is put that
+                # much earlier (at server_now, the first refusal of a fresh fleet was ignored).
                 fresh = self._controller.state
-                self._controller.restore(dataclasses.replace(fresh, cut_at=server_now / 1e6))
+                cut_at = server_now / 1e6 - 1.0 / fresh.level
+                self._controller.restore(dataclasses.replace(fresh, cut_at=cut_at))
             self._t = -math.inf
             self._published = (self._interval, self._pause_us, stored)
             self.leads += 1
