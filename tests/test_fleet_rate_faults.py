@@ -5,7 +5,8 @@ negative or zero interval, a time years ahead.
 Whatever is there, a process neither paces faster than its own settings allow (a negative
 interval or factor once let every call start at once) nor stops for good (a ``tat`` or a
 pause years ahead), nor fails with the script's error (a word where a number belongs, a
-zero factor, a key of another type: each ended ``run`` with a traceback).
+zero factor: each ended ``run`` with a traceback). A key of another type is another tool's:
+it is named (``NotAStream``: serve pauses, run ends 78) and left as it is, not deleted.
 
 And when Redis loses the keys (flushed, restarted without persistence) with the leader
 gone, or is full: the fleet relearns from what it last saw, and an outage is said once.
@@ -17,22 +18,29 @@ clock), so no figure here depends on the machine.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
 import anyio
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
+from tests.conftest import REDIS_URL
+from tests.e2e import SIM_AK, SIM_SK
 from tests.fakes import FakeClock
 from tests.test_fleet_rate import RedisTime, run_fleet
 from tests.test_redis_auth import REDIS_SERVER, redis_server
+from worker.errors import NotAStream
 from worker.pacing.bucket import RateLimiter
 from worker.pacing.controller import AdaptiveConfig, ControllerState, Phase
 from worker.pacing.fleet import FleetRateController, encode_state, sane_state
 from worker.pacing.shared import FleetKeys, RedisRateLimiter
+from worker.simulator import SimulatorConfig, run_simulator
 from worker.simulator.quota import TokenBucket as Gateway
 
 CALLS = 12
@@ -60,9 +68,6 @@ GARBAGE: dict[str, tuple[str, Any]] = {
     "cut in the future": ("pace", {"factor": 0.5, "since": 10**18, "cut_at": 10**18}),
     "word tat": ("tat", "soon"),
     "tat of years": ("tat", str(10**18)),
-    "pace not a hash": ("pace", "x"),
-    "answers not a list": ("answers", "x"),
-    "lead not a hash": ("lead", "x"),
     "word lease": ("lead", {"who": "other", "until": "later"}),
     "negative stored rate": ("pace", {"state": '{"rate": -5, "level": -5}'}),
 }
@@ -151,6 +156,41 @@ async def test_auto_paces_within_its_bounds_whatever_its_keys_hold(
         assert span >= (CALLS - 2) / AdaptiveConfig().max_rate, (garbage, starts, limiter)
     assert span <= CALLS * 5.0 + AdaptiveConfig().max_pause, (garbage, starts, limiter)
     assert 0.2 <= limiter.rate <= AdaptiveConfig().max_rate, limiter
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("rate", "which"),
+    [("fixed", "tat"), ("fixed", "pace"), ("auto", "tat"), ("auto", "pace"),
+     ("auto", "lead"), ("auto", "answers")],
+)  # fmt: skip
+async def test_a_key_of_another_type_is_named_and_left_as_it_is(
+    redis_client: aioredis.Redis, redis_prefix: str, rate: str, which: str
+) -> None:
+    """A key of the fleet's rate holding another type is someone else's: the scripts
+    deleted it and made their own (an operator's key gone, and serve never paused naming
+    it as its docs say). Now the limiter stops with ``NotAStream`` naming the key, which is
+    still there as it was."""
+    clock = FakeClock()
+    key = redis_prefix + "rl"
+    foreign = getattr(FleetKeys.of(key), which)
+    if which == "tat":
+        await redis_client.hset(foreign, "someone", "else's")
+    else:
+        await redis_client.set(foreign, "someone else's")
+    limiter: RedisRateLimiter | FleetRateController
+    if rate == "fixed":
+        limiter = RedisRateLimiter(redis_client, key, rate=5.0, burst=1, clock=clock)
+    else:
+        limiter = FleetRateController(redis_client, key, clock)
+    with anyio.fail_after(10), pytest.raises(NotAStream, match=foreign):
+        await limiter.acquire()
+    if which == "tat":
+        assert await redis_client.hgetall(foreign) == {b"someone": b"else's"}
+    else:
+        assert await redis_client.get(foreign) == b"someone else's"
+    assert limiter.granted == 0
+    await redis_client.delete(*FleetKeys.of(key).all())
 
 
 @pytest.mark.anyio
@@ -321,3 +361,35 @@ async def test_a_read_only_replica_is_waited_out_until_a_failover_promotes_it(
             assert limiter.granted == 1
         finally:
             await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_run_stops_78_naming_a_rate_key_of_another_type_and_deletes_nothing(
+    redis_client: aioredis.Redis, redis_prefix: str, tmp_path: Path
+) -> None:
+    """``run`` sharing a rate through Redis whose ``:pace`` is another tool's string: a
+    traceback and exit 1 (later, the key silently deleted). Now 78 naming the key, every id
+    open, nothing sent, and the key as it was."""
+    stream = redis_prefix + "ids"
+    pace = f"{stream}:ratelimit:pace"
+    await redis_client.set(pace, "someone else's")
+    async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+        ids = tmp_path / "ids.txt"
+        ids.write_text("\n".join(sim.job_ids()) + "\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("REAPER_", "HUAWEI"))}
+        done = await anyio.run_process(
+            [sys.executable, "-m", "worker", "run", "-i", str(ids), "--yes", "--rate", "auto",
+             "--endpoint", sim.url, "--project-id", sim.config.project_id, "--ak", SIM_AK,
+             "--redis-url", REDIS_URL, "--stream", stream, "--log-format", "json",
+             "--ledger", str(tmp_path / "ledger.db")],
+            env=env | {"REAPER_SK": SIM_SK}, check=False,
+        )  # fmt: skip
+        deleted = set(sim.deleted)
+    said = (done.stdout + done.stderr).decode()
+    assert done.returncode == 78, said
+    assert "Traceback" not in said and pace in said
+    summary = orjson.loads(done.stdout.splitlines()[-1])
+    assert (summary["open"], summary["deleted"]) == (3, 0), summary
+    assert not deleted
+    assert await redis_client.get(pace) == b"someone else's"
+    await redis_client.delete(*FleetKeys.of(f"{stream}:ratelimit").all())

@@ -21,6 +21,12 @@ class ConfigError(ReaperError):
     """Settings are invalid or contradict each other (exit 78)."""
 
 
+class NotAStream(ConfigError):
+    """A key serve reads or writes as a stream, or the fleet's rate keeps beside it, holds
+    another type (Redis said ``WRONGTYPE``): someone else's key, left as it is. ``serve``
+    pauses unready naming it; ``run`` ends 78."""
+
+
 class UsageError(ReaperError):
     """The command line asks for something that cannot be done (exit 64)."""
 

@@ -698,8 +698,8 @@ def exit_code(state: RunState, tally: Tally) -> int:
     fatal = state.fatal
     if isinstance(fatal, AuthError):
         return ExitCode.NO_PERMISSION
-    if isinstance(fatal, NoSuchApi):
-        return ExitCode.CONFIG
+    if isinstance(fatal, NoSuchApi | ConfigError):  # ConfigError: a rate-limit key of
+        return ExitCode.CONFIG  # another type in Redis, met mid-run
     if isinstance(fatal, ApiUnavailable | TlsError):
         return ExitCode.UNAVAILABLE
     if isinstance(fatal, InputUnreadable):

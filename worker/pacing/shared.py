@@ -33,10 +33,11 @@ Why this shape:
 - A waiter cancelled while sleeping gives its slot back only when it holds the latest
   reservation (compare-and-set on ``tat``), as the local bucket does.
 - The keys expire once nothing needs them, so an idle queue leaves nothing behind.
-- What no process of the fleet could have written there (a key of another type, a word, a
-  factor or an interval out of the settings' bounds, a time further ahead than a
-  reservation or a pause can be) is read as missing: never a faster pace, a stop for good,
-  or a script error that ends the run.
+- What no process of the fleet could have written there (a word, a factor or an interval
+  out of the settings' bounds, a time further ahead than a reservation or a pause can be)
+  is read as missing: never a faster pace nor a stop for good. A key of another type is
+  not ours to delete: the script stops with ``WRONGTYPE`` naming it, which ``serve``
+  answers by pausing unready (as for any key of its queue) and ``run`` by ending 78.
 
 Keys, all derived from the bucket's ``key`` (a parameter: one per endpoint and project):
 ``key`` (the ``tat``), ``key:pace`` (a hash: the fixed rate's factor, or the leader's
@@ -63,6 +64,7 @@ import redis.exceptions
 import structlog
 
 from worker.clock import Clock
+from worker.errors import NotAStream
 from worker.pacing.bucket import FixedRate
 from worker.pacing.slowdown import Notify, SlowdownConfig
 
@@ -73,11 +75,15 @@ local function clock()
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local function us(x) return string.format('%.0f', x) end
--- What another wrote where the fleet's state belongs (a key of another type, a word, a
--- number out of reach) is not trusted: the key is dropped, the value read as missing.
+-- A key of another type where the fleet's state belongs is someone else's: the script
+-- stops with WRONGTYPE naming it and leaves it be (serve pauses naming it, run ends 78),
+-- since deleting another tool's key is no one's to decide here. A word or a number out of
+-- reach in a key of the fleet's own type is read as missing.
 local function own(key, kind)
   local t = redis.call('TYPE', key)['ok']
-  if t ~= kind and t ~= 'none' then redis.call('DEL', key) end
+  if t ~= kind and t ~= 'none' then
+    error({err = 'WRONGTYPE ' .. key .. ' holds a ' .. t .. ', where the fleet keeps a ' .. kind})
+  end
 end
 local function within(x, lo, hi)
   x = tonumber(x)
@@ -289,7 +295,8 @@ class RedisPacer(abc.ABC):
     async def _reserve_retrying(self) -> Reservation | float:
         """``reserve``, asked again every ``retry_s`` while Redis does not answer: said once
         an outage (``ratelimit.redis_error``), not twice a second while Redis is away or
-        full, and its end too (``ratelimit.redis_recovered``)."""
+        full, and its end too (``ratelimit.redis_recovered``). A key of another type where
+        the fleet's state belongs ends it (``NotAStream``: serve pauses, run ends 78)."""
         failing_since: float | None = None
         while True:
             try:
@@ -301,6 +308,14 @@ class RedisPacer(abc.ABC):
                     self._log.warning("ratelimit.redis_error", error=type(exc).__name__)
                 await self._clock.sleep(self._retry_s)
                 continue
+            except redis.exceptions.ResponseError as exc:
+                if "WRONGTYPE" not in str(exc):
+                    raise
+                said = str(exc).removeprefix("WRONGTYPE ").split(" script: ")[0]
+                raise NotAStream(
+                    f"rate limit: a Redis key of another type ({said}) is not the fleet's to "
+                    "delete: delete or rename it (redis-cli TYPE KEY)"
+                ) from None
             if failing_since is not None:
                 waited = round(self._clock.now() - failing_since, 3)
                 self._log.info("ratelimit.redis_recovered", waited_s=waited)

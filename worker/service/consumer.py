@@ -20,12 +20,11 @@ import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from worker.errors import ApiError, ConfigError
+from worker.errors import ApiError, ConfigError, NotAStream
 from worker.input.intake import escape
 from worker.pacing.shared import FleetKeys
 from worker.service.inflight import Finished
 from worker.service.layout import Retention, StreamLayout
-from worker.service.outage import NotAStream
 from worker.service.retention import kept_position
 from worker.types import Outcome, Result, target_fields
 

@@ -22,7 +22,7 @@ import redis.exceptions
 import structlog
 
 from worker.clock import Clock
-from worker.errors import ConfigError
+from worker.errors import NotAStream
 
 _T = TypeVar("_T")
 
@@ -34,10 +34,6 @@ REDIS_ERRORS = (
 )
 """Failures of Redis itself (not of a command): wait and try again. A Redis at its
 ``maxmemory`` (``OOM``) refuses writes until memory is freed, much as an absent one does."""
-
-
-class NotAStream(ConfigError):
-    """A key serve reads or writes as a stream holds another type (Redis said ``WRONGTYPE``)."""
 
 
 def wrong_type(error: BaseException) -> bool:

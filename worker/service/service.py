@@ -34,7 +34,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from worker.batcher import Batcher
 from worker.clock import Clock
 from worker.dispatcher import Working
-from worker.errors import ApiUnavailable, AuthError, NoSuchApi, TlsError
+from worker.errors import ApiUnavailable, AuthError, NoSuchApi, NotAStream, TlsError
 from worker.outcomes.events import EventLog
 from worker.pool import DispatchPool
 from worker.service.consumer import (
@@ -50,7 +50,7 @@ from worker.service.intake import AwaitAnswer, IntakePlan, LingerBatcher, ReadOw
 from worker.service.journal import SETTLE_TIMEOUT_S, ServeJournal
 from worker.service.layout import aimed, decode_entry
 from worker.service.metrics import ServiceMetrics
-from worker.service.outage import REDIS_ERRORS, NotAStream, Outage, wrong_type
+from worker.service.outage import REDIS_ERRORS, Outage, wrong_type
 from worker.service.regions import Paused
 from worker.service.retention import Keeper
 from worker.stats import StatsWindow, every
