@@ -51,12 +51,13 @@ class Region:
     url: str = ""
     ids: list[str] = field(default_factory=list)
     proc: subprocess.Popen[str] | None = None
+    flags: tuple[str, ...] = ()
 
     def start(self, port: int = 0) -> None:
         ids_file = self.tmp / f"{self.project}-ids.txt"
         args = [sys.executable, "-m", "worker", "simulate", "--port", str(port), "--jobs", "40",
                 "--seed", str(self.seed), "--project-id", self.project, "--region", self.region,
-                "--ak", AK, "--sk", SK, "--ids-file", str(ids_file)]  # fmt: skip
+                "--ak", AK, "--sk", SK, "--ids-file", str(ids_file), *self.flags]  # fmt: skip
         self.proc = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env()
         )
@@ -83,9 +84,11 @@ class Region:
 
 
 @contextmanager
-def regions(tmp: Path) -> Iterator[tuple[Region, Region]]:
+def regions(tmp: Path, *south_flags: str) -> Iterator[tuple[Region, Region]]:
+    """Two simulators; ``south_flags`` for project-b's, which answers IAM in the tests of
+    entries naming a region without its project id."""
     north = Region("project-a", "cn-north-4", 1, tmp)
-    south = Region("project-b", "cn-south-1", 2, tmp)
+    south = Region("project-b", "cn-south-1", 2, tmp, flags=south_flags)
     try:
         north.start()
         south.start()
@@ -394,6 +397,146 @@ async def test_a_thousand_projects_and_a_hundred_regions_named_by_entries_add_no
         assert {(dict(labels)["project_id"], dict(labels)["region"]) for _, labels in grown} == {
             ("project-b", "other")
         }
+
+
+def by_region(region: Region, ids: list[str], name: str = "") -> list[dict[str, str]]:
+    """JSON Lines naming a region (``name``, else ``region``'s) and its endpoint, but no
+    project id: serve asks IAM for it."""
+    return [{"id": i, "region": name or region.region, "endpoint": region.url} for i in ids]
+
+
+@pytest.mark.anyio
+async def test_an_entry_naming_a_region_alone_gets_its_project_from_iam_once_held_to_the_allowed(
+    redis_prefix: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Entries naming cn-south-1 and no project id are deleted in project-b, the project
+    IAM (project-b's simulator) names after it, with one IAM call for all of them; an entry
+    naming a region IAM has no project of is dead-lettered with IAM's answer, and one whose
+    region's project is not in allowed_projects with that reason; nothing is sent for them,
+    and the default project's entries are deleted meanwhile. (The old code dead-lettered
+    every entry naming a region alone.)"""
+    stream = redis_prefix + "ids"
+    with regions(tmp_path, "--iam-project", "cn-east-9=project-z") as (north, south):
+        async with serving(stream, north, tmp_path, "--allowed-projects", "project-a,project-b",
+                           "--iam-endpoint", south.url) as serve:  # fmt: skip
+            found = south.ids[:10]
+            plain = north.ids[:5]
+            nowhere, stranger = south.ids[20], south.ids[21]
+            await enqueue(
+                stream, tmp_path, by_region(south, found[:5]) + [{"id": i} for i in plain]
+            )
+            lines = by_region(south, found[5:]) + by_region(south, [nowhere], "cn-east-3")
+            await enqueue(stream, tmp_path, lines + by_region(south, [stranger], "cn-east-9"))
+
+            async def settled() -> bool:
+                info: Any = await redis_client.xpending(stream, GROUP)
+                done = await rows(redis_client, stream + ":outcomes")
+                return len(done) == 17 and int(info["pending"]) == 0
+
+            await until(settled)
+        outcomes = {r["job_id"]: r for r in await rows(redis_client, stream + ":outcomes")}
+        assert {outcomes[i]["outcome"] for i in found + plain} == {"deleted"}
+        assert {(outcomes[i]["project_id"], outcomes[i]["region"]) for i in found} == {
+            ("project-b", "cn-south-1")
+        }
+        assert sorted((await south.control("deleted"))["ids"]) == sorted(found)
+        assert sorted((await north.control("deleted"))["ids"]) == sorted(plain)
+        stats = await south.control("stats")
+        assert stats["iam_calls"] == 3  # cn-south-1 once for its 10 entries, and the two others
+        jobs = (await south.control("jobs"))["ids"]
+        assert nowhere in jobs and stranger in jobs
+        dead = {orjson.loads(d["payload"])["id"]: d["reason"]
+                for d in await rows(redis_client, stream + ":dead")}  # fmt: skip
+        assert dead[stranger] == "project project-z is not in allowed_projects"
+        assert dead[nowhere].startswith("the project of region cn-east-3 was not found in IAM")
+        assert "IAM has no project named cn-east-3" in dead[nowhere]
+        assert len(dead) == 2
+        assert outcomes[nowhere]["outcome"] == outcomes[stranger]["outcome"] == "rejected"
+        failed = serve.named("serve.project_lookup_failed")
+        assert [(f["region"], f["entries"]) for f in failed] == [("cn-east-3", "dead-lettered")]
+
+
+@pytest.mark.anyio
+async def test_iam_refusing_the_project_list_dead_letters_naming_the_permission_others_go_on(
+    redis_prefix: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """IAM answers 403: the entry naming a region alone is dead-lettered with the reason,
+    which names the permission to grant; the replica is not paused and stays ready, and
+    the other entries are deleted."""
+    stream = redis_prefix + "ids"
+    with regions(tmp_path, "--iam-forbidden") as (north, south):
+        async with serving(stream, north, tmp_path, "--allowed-projects", "project-a,project-b",
+                           "--iam-endpoint", south.url) as serve:  # fmt: skip
+            refused = south.ids[:2]
+            lines = by_region(south, refused) + named(south, south.ids[2:5])
+            await enqueue(stream, tmp_path, lines + [{"id": i} for i in north.ids[:5]])
+
+            async def settled() -> bool:
+                info: Any = await redis_client.xpending(stream, GROUP)
+                done = await rows(redis_client, stream + ":outcomes")
+                return len(done) == 10 and int(info["pending"]) == 0
+
+            await until(settled)
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{serve.port}/readyz") as ready,
+            ):
+                assert ready.status == 200
+        outcomes = {r["job_id"]: r for r in await rows(redis_client, stream + ":outcomes")}
+        assert {outcomes[i]["outcome"] for i in south.ids[2:5] + north.ids[:5]} == {"deleted"}
+        assert {outcomes[i]["outcome"] for i in refused} == {"rejected"}
+        dead = await rows(redis_client, stream + ":dead")
+        assert len(dead) == 2
+        assert all("iam:projects:listProjects" in d["reason"] for d in dead), dead
+        assert not serve.named("serve.paused")
+        assert sorted((await south.control("deleted"))["ids"]) == sorted(south.ids[2:5])
+
+
+@pytest.mark.anyio
+async def test_iam_unreachable_leaves_the_region_pending_not_the_others_then_serves_it(
+    redis_prefix: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """IAM (project-b's simulator) is down: the entries naming cn-south-1 alone stay
+    pending, no outcome, never dead-lettered, while the default project's are deleted; IAM
+    back on its port, they are looked up again and deleted in project-b."""
+    stream = redis_prefix + "ids"
+    with regions(tmp_path) as (north, south):
+        port = south.port
+        async with serving(stream, north, tmp_path, "--allowed-projects", "project-a,project-b",
+                           "--iam-endpoint", south.url) as serve:  # fmt: skip
+            south.stop()
+            waiting = south.ids[:6]
+            served = north.ids[:10]
+            await enqueue(stream, tmp_path, [{"id": i} for i in served[:5]])
+            await enqueue(stream, tmp_path, by_region(south, waiting))
+            await enqueue(stream, tmp_path, [{"id": i} for i in served[5:]])
+
+            async def north_done() -> bool:
+                return len((await north.control("deleted"))["ids"]) == len(served)
+
+            await until(north_done)
+            info: Any = await redis_client.xpending(stream, GROUP)
+            assert int(info["pending"]) == len(waiting)
+            outcomes = await rows(redis_client, stream + ":outcomes")
+            assert sorted(r["job_id"] for r in outcomes) == sorted(served)
+            assert not await rows(redis_client, stream + ":dead")
+            failed = serve.named("serve.project_lookup_failed")
+            assert failed and {(f["region"], f["entries"]) for f in failed} == {
+                ("cn-south-1", "left pending, read again later")
+            }
+
+            south.start(port)
+
+            async def south_done() -> bool:
+                info: Any = await redis_client.xpending(stream, GROUP)
+                return int(info["pending"]) == 0
+
+            await until(south_done)
+            last = {r["job_id"]: r for r in await rows(redis_client, stream + ":outcomes")}
+            assert {last[i]["outcome"] for i in waiting} == {"deleted"}
+            assert {last[i]["project_id"] for i in waiting} == {"project-b"}
+            assert sorted((await south.control("deleted"))["ids"]) == sorted(waiting)
+            assert not await rows(redis_client, stream + ":dead")
 
 
 def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:

@@ -11,14 +11,16 @@ import anyio
 import pytest
 
 from tests.fakes import FakeClock
+from worker.api.projects import IamUnavailable, ProjectNotFound
 from worker.errors import ApiUnavailable, NoSuchApi, ServerError
 from worker.pacing.breaker import BreakerGate
 from worker.service.consumer import StreamConsumer
 from worker.service.inflight import InFlight
 from worker.service.layout import ONE_PROJECT, StreamLayout, aimed, decode_entry
+from worker.service.lookups import RegionLookups
 from worker.service.metrics import OTHER, Places, ServiceMetrics
 from worker.service.regions import Paused, RegionRouter
-from worker.targets import Address, Target, Targets
+from worker.targets import Address, LookupFailed, Target, Targets, endpoint_for
 from worker.types import Batch, Outcome, Result
 
 HOME = Target("project-a", "https://modelarts.cn-north-4.myhuaweicloud.com", "cn-north-4")
@@ -286,3 +288,56 @@ async def test_an_entry_handed_back_unsent_has_its_delivery_given_back(
     _, taken = await consumer.reclaim(0, "0-0", 10)
     assert [e for e, _ in taken] == [first, second]
     assert await consumer.deliveries([first, second]) == {first: 1, second: 2}
+
+
+@pytest.mark.anyio
+async def test_a_region_alone_is_looked_up_once_a_failure_held_then_asked_again() -> None:
+    """serve's look-up of an entry's region (worker.service.lookups): IAM is asked once for a
+    region found, the project held to allowed_projects; a failure is held for the region
+    (no call for each entry) and asked again after the hold, IAM unreachable waking the
+    intake once to read the entries left pending."""
+    asked: list[str] = []
+    answers: dict[str, list[Exception | str]] = {
+        "cn-south-1": ["project-b"],
+        "cn-east-3": [ProjectNotFound("IAM has no project named cn-east-3")],
+        "cn-west-9": ["project-z"],
+        "eu-west-0": [IamUnavailable("IAM did not answer"), "project-b"],
+    }
+
+    async def lookup(region: str) -> str:
+        asked.append(region)
+        answer = answers[region].pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    clock = FakeClock()
+    failed: list[LookupFailed] = []
+    targets = Targets(HOME, allowed=["project-a", "project-b"])
+    targets.look_up_with(lookup)
+    lookups = RegionLookups(targets, clock, retry_s=30, on_failed=failed.append)
+    south = Address(region="cn-south-1", endpoint="http://127.0.0.1:1")
+    for _ in range(3):
+        assert await lookups.find(south) == Target("project-b", "http://127.0.0.1:1", "cn-south-1")
+    assert asked == ["cn-south-1"]
+
+    stranger = await lookups.find(Address(region="cn-west-9"))
+    assert stranger == "project project-z is not in allowed_projects"
+
+    nowhere = await lookups.find(Address(region="cn-east-3"))
+    assert isinstance(nowhere, LookupFailed) and not nowhere.later
+    assert nowhere.reason.endswith("IAM has no project named cn-east-3")
+    assert await lookups.find(Address(region="cn-east-3")) is nowhere  # held: IAM not asked
+    assert not lookups.due(clock.now())  # nothing waits on a refusal
+
+    down = await lookups.find(Address(region="eu-west-0"))
+    assert isinstance(down, LookupFailed) and down.later
+    assert await lookups.find(Address(region="eu-west-0")) is down
+    assert asked.count("eu-west-0") == 1
+    assert [f.region for f in failed] == ["cn-east-3", "eu-west-0"]
+    assert not lookups.due(clock.now())
+    await clock.sleep(30)
+    assert lookups.due(clock.now()) and not lookups.due(clock.now())  # once
+    found = await lookups.find(Address(region="eu-west-0"))
+    assert found == Target("project-b", endpoint_for("eu-west-0"), "eu-west-0")
+    assert asked.count("eu-west-0") == 2

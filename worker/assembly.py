@@ -38,7 +38,7 @@ from worker.pipeline import BatchProcessor, Entry, Pipeline, RunState
 from worker.private_files import open_output
 from worker.routing import Router, Stamped
 from worker.settings import Settings
-from worker.targets import Target, Targets, normal_endpoint
+from worker.targets import LookupFailed, Target, Targets, normal_endpoint
 
 if TYPE_CHECKING:
     import aiohttp
@@ -445,6 +445,7 @@ async def build_service(
     from worker.service.inflight import InFlight
     from worker.service.journal import ServeJournal
     from worker.service.layout import Retention, StreamLayout
+    from worker.service.lookups import RETRY_S, RegionLookups
     from worker.service.metrics import MeteredTransport
     from worker.service.regions import RegionRouter
     from worker.service.retention import Keeper
@@ -473,9 +474,22 @@ async def build_service(
     stack.push_async_callback(_shielded, session.close)
     # One limiter per project and endpoint, shared through Redis (the default's on the key
     # of one project's fleet), one breaker per endpoint: worker.lanes.
+    keys = await wiring.credentials(settings, session)
     lanes = Lanes(settings, default=targets.default, clock=clock, session=session,
-                  credentials=await wiring.credentials(settings, session), redis=client,
-                  limit_base=layout.ratelimit)  # fmt: skip
+                  credentials=keys, redis=client, limit_base=layout.ratelimit)  # fmt: skip
+
+    async def lookup(region: str) -> str:  # an entry's region, as the settings' own (run too)
+        return (await wiring.project_of_region(settings, session, keys, region)).project_id
+
+    def lookup_failed(failure: LookupFailed) -> None:
+        events.warn("serve.project_lookup_failed", region=failure.region,
+                    error=str(failure.error), entries="left pending, read again later"
+                    if failure.later else "dead-lettered")  # fmt: skip
+
+    targets.look_up_with(lookup)
+    # Held at most until its entries would be reclaimed anyway.
+    hold = min(RETRY_S, config.reclaim_after)
+    lookups = RegionLookups(targets, clock, retry_s=hold, on_failed=lookup_failed)
 
     def lane(target: Target | None) -> BatchProcessor:
         transport = lanes.transport(target)
@@ -533,6 +547,7 @@ async def build_service(
         rate=lambda: lanes.rate,
         targets=targets,
         gauges=gauges,
+        lookups=lookups,
     )
     return ServeParts(service, consumer, journal, inflight, health, metrics)
 

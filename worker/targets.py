@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
 
-from worker.errors import ReaperError
+from worker.errors import ReaperError, TransientError
 from worker.types import PROJECT_ID_RE
 
 REGION_RE = re.compile(r"[a-z]{2}(?:-[a-z0-9]+)+")
@@ -138,6 +138,22 @@ class Unresolved:
     def reason(self) -> str:
         where = f"region {self.region}" if self.region else f"endpoint {self.endpoint}"
         return f"names {where} but no project_id (a project id belongs to one region)"
+
+
+@dataclass(frozen=True, slots=True)
+class LookupFailed:
+    """:meth:`Targets.fresh`'s answer when IAM did not give the project of ``region``:
+    ``reason`` says why (as a line's rejection does), ``error`` is IAM's failure."""
+
+    region: str
+    reason: str
+    error: ReaperError
+
+    @property
+    def later(self) -> bool:
+        """IAM could not be reached, or kept failing (5xx, throttled): a later try may
+        succeed, so the entry waits rather than being refused."""
+        return isinstance(self.error, TransientError)
 
 
 FIELDS: Final = ("project_id", "region", "endpoint")
@@ -266,6 +282,11 @@ class Targets:
         self._resolved: dict[Address, Target | str] = {}
         self._met: dict[Target, Target] = {}
 
+    def look_up_with(self, lookup: ProjectLookup) -> None:
+        """Find a region's project with ``lookup`` from now on (the keys and the session
+        that sign IAM's calls are made after the targets)."""
+        self._lookup = lookup
+
     def of(self, named: Address) -> Target | str:
         """The target of a line naming ``named``, else the reason it is rejected, without
         looking a project up (see :meth:`find`)."""
@@ -285,23 +306,37 @@ class Targets:
         names none: once a run for each place, a failure (no such project, IAM refused or
         unreachable) kept as the reason its lines are rejected."""
         found = self._resolved.get(named)
-        if found is not None:
-            return found
+        if found is None:
+            answer = await self._find(named)
+            found = answer.reason if isinstance(answer, LookupFailed) else answer
+            self._remember(named, found)
+        return found
+
+    async def fresh(self, named: Address) -> Target | str | LookupFailed:
+        """:meth:`find` for a service that lives on: a failed look-up is not kept (IAM is
+        asked again for the next entry), and comes back as :class:`LookupFailed`, which
+        says whether a later try may succeed."""
+        found = self._resolved.get(named)
+        if found is None:
+            answer = await self._find(named)
+            if isinstance(answer, LookupFailed):
+                return answer
+            found = answer
+            self._remember(named, found)
+        return found
+
+    async def _find(self, named: Address) -> Target | str | LookupFailed:
         answer = resolve(named, self.default, allowed=self.allowed)
         if not isinstance(answer, Unresolved):
-            found = self._keep(answer)
-        elif self._lookup is None or answer.region is None:
-            found = answer.reason
-        else:
-            try:
-                project = await self._lookup(answer.region)
-            except ReaperError as exc:
-                found = f"the project of region {answer.region} was not found in IAM: {exc}"
-            else:
-                found = self._keep(_allowed(Target(project, answer.endpoint, answer.region),
-                                            self.allowed))  # fmt: skip
-        self._remember(named, found)
-        return found
+            return self._keep(answer)
+        if self._lookup is None or answer.region is None:
+            return answer.reason
+        try:
+            project = await self._lookup(answer.region)
+        except ReaperError as exc:
+            reason = f"the project of region {answer.region} was not found in IAM: {exc}"
+            return LookupFailed(answer.region, reason, exc)
+        return self._keep(_allowed(Target(project, answer.endpoint, answer.region), self.allowed))
 
     def _keep(self, answer: Target | str) -> Target | str:
         return self._met.setdefault(answer, answer) if isinstance(answer, Target) else answer

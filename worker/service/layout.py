@@ -234,17 +234,19 @@ def _address(values: Mapping[str, bytes | str]) -> Address | str | None:
 ONE_PROJECT = "names a project, region or endpoint, and this service sends to one project only"
 
 
-def aimed(message: Message, targets: Targets | None) -> Message:
+def aimed(message: Message, targets: Targets | None, found: Target | str | None = None) -> Message:
     """``message`` with the target of the place it names, or, when serve may not send
-    there (a project outside the allowed ones, a region named without its project id),
-    refused: its ids become rejections with the reason and it is dead-lettered on ack."""
+    there (a project outside the allowed ones, a region named without its project id that
+    IAM did not give), refused: its ids become rejections with the reason and it is
+    dead-lettered on ack. ``found``: what the place was resolved to already (a look-up)."""
     if message.problem is not None or (message.address is None and targets is None):
         return message
     if targets is None:
         return _refused(message, ONE_PROJECT)
     # An entry naming nothing is the default's, held to allowed_projects as well: a list
     # that leaves out the default project refuses it too.
-    found = targets.of(message.address or Address())
+    if found is None:
+        found = targets.of(message.address or Address())
     if isinstance(found, Target):
         return replace(message, target=None if found == targets.default else found)
     return _refused(message, found)

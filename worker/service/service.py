@@ -34,7 +34,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from worker.batcher import Batcher
 from worker.clock import Clock
 from worker.dispatcher import Working
-from worker.errors import ApiUnavailable, AuthError, NoSuchApi, NotAStream, TlsError
+from worker.errors import ApiError, ApiUnavailable, AuthError, NoSuchApi, NotAStream, TlsError
 from worker.outcomes.events import EventLog
 from worker.pool import DispatchPool
 from worker.service.consumer import (
@@ -48,13 +48,14 @@ from worker.service.health import Health
 from worker.service.inflight import InFlight
 from worker.service.intake import AwaitAnswer, IntakePlan, LingerBatcher, ReadOwn, Reclaim
 from worker.service.journal import SETTLE_TIMEOUT_S, ServeJournal
-from worker.service.layout import aimed, decode_entry
+from worker.service.layout import Message, aimed, decode_entry
+from worker.service.lookups import RegionLookups
 from worker.service.metrics import ServiceMetrics
 from worker.service.outage import REDIS_ERRORS, Outage, wrong_type
 from worker.service.regions import Paused
 from worker.service.retention import Keeper
 from worker.stats import StatsWindow, every
-from worker.targets import Target, Targets
+from worker.targets import LookupFailed, Target, Targets
 from worker.types import Batch, doubted
 
 _T = TypeVar("_T")
@@ -124,11 +125,14 @@ class Service:
         rate: Callable[[], float] | None = None,
         targets: Targets | None = None,
         gauges: Callable[[], None] | None = None,
+        lookups: RegionLookups | None = None,
     ) -> None:
         """``targets``: where an entry naming a project, region or endpoint is sent, and
         which it may name (None: an entry naming one is dead-lettered, as for one project
-        only); ``gauges``: sets the per-target gauges before a scrape."""
+        only); ``gauges``: sets the per-target gauges before a scrape; ``lookups``: finds the
+        project of an entry naming a region without one (None: such an entry is refused)."""
         self._targets = targets
+        self._lookups = lookups
         self._gauges = gauges
         self._consumer = consumer
         self._inflight = inflight
@@ -424,7 +428,7 @@ class Service:
             # its next wait, and by then redis-py has already sent the next XREADGROUP,
             # which Redis would answer into our pending list after the stop.
             while not self._stop.is_set():
-                if self._reread:
+                if self._reread or (self._lookups is not None and self._lookups.due(clock.now())):
                     self._reread = False
                     plan.reread()
                 now = clock.now()
@@ -531,19 +535,27 @@ class Service:
                 lambda: self._consumer.last_errors(held), what="last error"
             )
         send: list[tuple[str, Target | None]] = []
+        waiting: list[tuple[Message, LookupFailed]] = []
         for entry_id, fields in live:
             assert fields is not None
             # The delivery is counted (by the read) and known before anything is decoded, and
             # decoding refuses an entry too large to parse: an entry that killed the process
             # while it was parsed could not otherwise ever reach its dead letter.
             deliveries = counts.get(entry_id, 1)
-            message = aimed(decode_entry(entry_id, fields), self._targets)
+            message = decode_entry(entry_id, fields)
             done = settled_ids(errors.get(entry_id, ""))
             self._unsure |= settled_ids(errors.get(entry_id, ""), "unsure") - done
             if done:
                 remaining = tuple(i for i in message.ids if i not in done)
                 settled = tuple(i for i in message.ids if i in done)
                 message = replace(message, ids=remaining, settled=settled)
+            found = await self._place(message)
+            if isinstance(found, LookupFailed):
+                if found.later and deliveries <= self._config.max_deliveries:
+                    waiting.append((message, found))  # pending, as for a region down
+                    continue
+                found = found.reason
+            message = aimed(message, self._targets, found)
             if deliveries > self._config.max_deliveries:
                 await self._journal.give_up(message, deliveries, errors.get(entry_id, ""))
                 continue
@@ -553,4 +565,26 @@ class Service:
             if admission.finished is not None:
                 await self._journal.settle(admission.finished)
             send.extend((job_id, message.target) for job_id in admission.send)
+        if waiting:
+            await self._wait_for_iam(waiting)
         return send
+
+    async def _place(self, message: Message) -> Target | str | LookupFailed | None:
+        """Where an entry naming a place goes, its region's project looked up in IAM when
+        it names none (``lookups``); None: ``aimed`` resolves it without a look-up."""
+        if self._lookups is None or message.problem is not None or message.address is None:
+            return None
+        return await self._lookups.find(message.address)
+
+    async def _wait_for_iam(self, waiting: list[tuple[Message, LookupFailed]]) -> None:
+        """Entries whose region's project IAM could not give for now: left pending with
+        the error (their dead letter says it if it lasts) and their delivery given back,
+        as a paused region's are; read again when the region's hold is over."""
+        errors: dict[str, str] = {}
+        for message, failed in waiting:
+            cause = failed.error if isinstance(failed.error, ApiError) else ApiError(failed.reason)
+            errors[message.entry_id] = error_json(message.ids, cause, failed.reason,
+                                                  message.settled)  # fmt: skip
+        await self._outage.persist(partial(self._consumer.keep_errors, errors), what="last error")
+        await self._outage.persist(partial(self._consumer.give_back, list(errors)),
+                                   what="give back")  # fmt: skip
