@@ -539,6 +539,64 @@ async def test_iam_unreachable_leaves_the_region_pending_not_the_others_then_ser
             assert not await rows(redis_client, stream + ":dead")
 
 
+@asynccontextmanager
+async def hanging() -> AsyncIterator[str]:
+    """A region whose API accepts connections and never answers: each call lasts its read
+    timeout. Yields its URL."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610 (anyio's)
+
+    async def hold(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await anyio.sleep_forever()
+
+    async with listener, anyio.create_task_group() as group:
+        group.start_soon(listener.serve, hold)
+        yield f"http://127.0.0.1:{port}"
+        group.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_hanging_region_holds_its_share_of_the_dispatchers_while_the_others_are_served(
+    redis_prefix: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """project-b's region hangs (each call lasts the read timeout): its batches, read
+    first, hold one of the two dispatchers, never both, so project-a's entries are all
+    deleted before project-b's first batch has spent its attempts; its entries stay
+    pending, none with an outcome. (The old code gave project-b's batches both
+    dispatchers: none of project-a's was deleted before.)"""
+    stream = redis_prefix + "ids"
+    with regions(tmp_path) as (north, _south):
+        async with hanging() as url, serving(
+            stream, north, tmp_path, "--allowed-projects", "project-a,project-b",
+            "--concurrency", "2", "--read-timeout", "3", "--reclaim-after", "300",
+        ) as serve:  # fmt: skip
+            stuck = [f"job-{n}" for n in range(20)]
+            served = north.ids[:10]
+            place = {"project_id": "project-b", "region": "cn-south-1", "endpoint": url}
+            await enqueue(stream, tmp_path, [{"id": i, **place} for i in stuck]
+                          + [{"id": i} for i in served])  # fmt: skip
+
+            gave_out = ("serve.api_unavailable", "serve.region_paused")
+
+            def ended() -> list[dict[str, Any]]:
+                return [e for e in serve.events if e.get("event") in gave_out]
+
+            async def stuck_ended() -> bool:
+                return bool(ended())
+
+            await until(stuck_ended, timeout=60)
+            first = serve.events.index(ended()[0])
+            before = {e["job_id"] for e in serve.events[:first] if e.get("event") == "job.deleted"}
+            assert before == set(served)
+            info: Any = await redis_client.xpending(stream, GROUP)
+            assert int(info["pending"]) == len(stuck)
+        outcomes = {r["job_id"] for r in await rows(redis_client, stream + ":outcomes")}
+        assert outcomes == set(served)
+        info = await redis_client.xpending(stream, GROUP)
+        assert int(info["pending"]) == len(stuck)
+
+
 def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     return [
         (sample.labels, sample.value)

@@ -548,6 +548,7 @@ async def build_service(
         targets=targets,
         gauges=gauges,
         lookups=lookups,
+        down=router.down_for,
     )
     return ServeParts(service, consumer, journal, inflight, health, metrics)
 

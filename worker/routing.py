@@ -23,7 +23,7 @@ know about targets at all.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
@@ -107,18 +107,95 @@ class _Endpoint:
         return self.in_lane > 0 or bool(self.deferred)
 
 
+class FairShare:
+    """``concurrency`` dispatchers shared fairly between the endpoints that have work.
+
+    Once :attr:`several` is set (a batch of a named target has come), an endpoint's batches
+    hold at most its share of the dispatchers (``concurrency`` over the endpoints with
+    batches at work or waiting, rounded up, and never all of them), and a batch beyond its
+    share waits here (up to ``defer_ids`` ids an endpoint), not in a dispatcher. So a region
+    whose calls hang until they time out holds only its share while its breaker and the
+    retries decide it is down, and the others go on at their pace. A dispatcher that
+    finishes a batch of an endpoint takes that endpoint's next waiting one, so none is
+    forgotten, until ``stopping()``: what still waits then is :meth:`left`'s.
+
+    Used by ``run`` (:class:`Router`) and ``serve`` (``worker.service.service``); ``send``
+    is what a dispatcher does with one batch, and must settle that batch's own errors when
+    another dispatcher's batch may be sent by it."""
+
+    def __init__(
+        self,
+        concurrency: int,
+        *,
+        stopping: Callable[[], bool] = lambda: False,
+        working: Working | None = None,
+        defer_ids: int = DEFER_IDS,
+    ) -> None:
+        self._concurrency = concurrency
+        self._stopping = stopping
+        self._working = working if working is not None else Working()
+        self._defer_ids = defer_ids
+        self._endpoints: dict[str, _Endpoint] = {}
+        self.several = False
+        self.deferred = 0  # batches that waited for their endpoint's share
+
+    def share(self, endpoint: str) -> int:
+        """The dispatchers ``endpoint``'s batches may hold now: all of them while no batch
+        has named a target (one project's, as it always was); else a fair share, and never
+        the last one, which must stay free to bring in the others' batches."""
+        if not self.several:
+            return self._concurrency
+        busy = sum(state.busy for name, state in self._endpoints.items() if name != endpoint)
+        share = -(-self._concurrency // (busy + 1))
+        return max(1, min(share, self._concurrency - 1))
+
+    async def take(
+        self, endpoint: str, batch: Batch, send: Callable[[Batch], Awaitable[None]]
+    ) -> None:
+        """``send(batch)`` now if ``endpoint`` is within its share, else keep it for a
+        dispatcher of its share; then send that endpoint's waiting batches."""
+        state = self._endpoints.get(endpoint)
+        if state is None:
+            state = self._endpoints[endpoint] = _Endpoint()
+        while state.in_lane >= self.share(endpoint) and not self._stopping():
+            if state.ids + len(batch) <= self._defer_ids or not state.deferred:
+                self.deferred += 1
+                state.defer(batch)  # a dispatcher of its share takes it: this one is free
+                return
+            with self._working.waiting():  # not working: a stop need not wait for this
+                await state.room.wait()  # back-pressure: as many ids wait as may
+        state.in_lane += 1
+        try:
+            next_batch: Batch | None = batch
+            while next_batch is not None:
+                await send(next_batch)
+                next_batch = None if self._stopping() else state.next()
+        finally:
+            state.in_lane -= 1
+
+    def left(self) -> list[Batch]:
+        """The batches still waiting (none sent), taken out: after a stop."""
+        batches: list[Batch] = []
+        for state in self._endpoints.values():
+            while (batch := state.next()) is not None:
+                batches.append(batch)
+        return batches
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(state.deferred) for state in self._endpoints.values())
+
+    def __repr__(self) -> str:
+        return f"FairShare(concurrency={self._concurrency}, waiting={self.waiting})"
+
+
 class Router:
     """Sends each batch to its target's lane; keeps an endpoint's outage, or a project the
     API does not know, to its own ids.
 
     Once a batch of a named target has come, the ``concurrency`` dispatchers are shared
-    fairly between the endpoints that have work: an endpoint's batches hold at most its
-    share of them (``concurrency`` over the endpoints with batches at work or waiting,
-    rounded up, and never all of them), and a batch beyond its share waits in the router (up
-    to :data:`DEFER_IDS` ids an endpoint), not in a dispatcher. So a region whose
-    calls hang until they time out holds only its share while its breaker and the retries
-    decide it is down, and the others go on at their pace. A dispatcher that finishes a
-    batch of an endpoint takes that endpoint's next waiting one, so none is forgotten.
+    fairly between the endpoints that have work (:class:`FairShare`): a region whose calls
+    hang holds only its share while its breaker and the retries decide it is down.
 
     ``down``: the endpoints taken out, with the error; ``refused``: the places (project and
     endpoint) taken out; ``left_open``: the ids of their later batches, not sent because
@@ -138,19 +215,14 @@ class Router:
     ) -> None:
         self._default = default
         self._make = lane
-        self._concurrency = concurrency
-        self._stopping = stopping
-        self._working = working if working is not None else Working()
-        self._defer_ids = defer_ids
+        self._fair = FairShare(concurrency, stopping=stopping, working=working,
+                               defer_ids=defer_ids)  # fmt: skip
         self._lanes: dict[Target | None, BatchProcessor] = {}
         self._met: dict[tuple[str, str], None] = {}
-        self._endpoints: dict[str, _Endpoint] = {}
         self._on_out = on_out
         self.down: dict[str, ReaperError] = {}
         self.refused: dict[tuple[str, str], ReaperError] = {}
         self.left_open = 0
-        self.deferred = 0  # batches that waited for their endpoint's share
-        self._several = False  # has a batch of a named target come?
 
     def lane(self, target: Target | None) -> BatchProcessor:
         """The processor of ``target``'s batches, made on first use."""
@@ -180,38 +252,15 @@ class Router:
     def _out(self, target: Target) -> bool:
         return (target.project_id, target.endpoint) in self.refused or target.endpoint in self.down
 
-    def _share(self, endpoint: str) -> int:
-        """The dispatchers ``endpoint``'s batches may hold now: all of them while no line
-        has named a target (one project's run, as it always was); else a fair share, and
-        never the last one, which must stay free to bring in the others' batches."""
-        if not self._several:
-            return self._concurrency
-        busy = sum(state.busy for name, state in self._endpoints.items() if name != endpoint)
-        share = -(-self._concurrency // (busy + 1))
-        return max(1, min(share, self._concurrency - 1))
+    @property
+    def deferred(self) -> int:
+        """Batches that waited for their endpoint's share."""
+        return self._fair.deferred
 
     async def process(self, batch: Batch) -> None:
         if batch.target is not None:
-            self._several = True
-        endpoint = self._target(batch).endpoint
-        state = self._endpoints.get(endpoint)
-        if state is None:
-            state = self._endpoints[endpoint] = _Endpoint()
-        while state.in_lane >= self._share(endpoint) and not self._stopping():
-            if state.ids + len(batch) <= self._defer_ids or not state.deferred:
-                self.deferred += 1
-                state.defer(batch)  # a dispatcher of its share takes it: this one is free
-                return
-            with self._working.waiting():  # not working: a stop need not wait for this
-                await state.room.wait()  # back-pressure: as many ids wait as may
-        state.in_lane += 1
-        try:
-            next_batch: Batch | None = batch
-            while next_batch is not None:
-                await self._send(next_batch)
-                next_batch = None if self._stopping() else state.next()
-        finally:
-            state.in_lane -= 1
+            self._fair.several = True
+        await self._fair.take(self._target(batch).endpoint, batch, self._send)
 
     async def _send(self, batch: Batch) -> None:
         target = self._target(batch)
@@ -237,7 +286,7 @@ class Router:
 
     def __repr__(self) -> str:
         down = ", ".join(self.down) or "none"
-        waiting = sum(len(state.deferred) for state in self._endpoints.values())
+        waiting = self._fair.waiting
         return (
             f"Router(lanes={len(self._lanes)}, places={len(self._met)}, down=[{down}], "
             f"refused={len(self.refused)}, left_open={self.left_open}, waiting={waiting})"

@@ -149,12 +149,17 @@ class RegionRouter:
             self._on_pause(place, error)
         self.paused[key] = error
 
+    def down_for(self, target: Target | None) -> bool:
+        """``target``'s endpoint (or its project there) is paused, or its circuit not
+        closed: a batch of it now is handed back at once, or is the probe."""
+        place = self._place(target)
+        paused = {place.endpoint, f"{place.project_id}@{place.endpoint}"} & set(self.paused)
+        return bool(paused) or self._gate(target).api_down
+
     def down(self) -> Iterator[tuple[Target | None, bool]]:
         """Each target met, and whether its endpoint is paused or its circuit not closed."""
         for target in self._lanes.lanes:
-            place = self._place(target)
-            paused = {place.endpoint, f"{place.project_id}@{place.endpoint}"} & set(self.paused)
-            yield target, bool(paused) or self._gate(target).api_down
+            yield target, self.down_for(target)
 
     def __repr__(self) -> str:
         paused = ", ".join(self.paused) or "none"

@@ -37,6 +37,7 @@ from worker.dispatcher import Working
 from worker.errors import ApiError, ApiUnavailable, AuthError, NoSuchApi, NotAStream, TlsError
 from worker.outcomes.events import EventLog
 from worker.pool import DispatchPool
+from worker.routing import FairShare
 from worker.service.consumer import (
     Entry,
     GroupInfo,
@@ -126,11 +127,15 @@ class Service:
         targets: Targets | None = None,
         gauges: Callable[[], None] | None = None,
         lookups: RegionLookups | None = None,
+        down: Callable[[Target | None], bool] = lambda target: False,
     ) -> None:
         """``targets``: where an entry naming a project, region or endpoint is sent, and
         which it may name (None: an entry naming one is dead-lettered, as for one project
         only); ``gauges``: sets the per-target gauges before a scrape; ``lookups``: finds the
-        project of an entry naming a region without one (None: such an entry is refused)."""
+        project of an entry naming a region without one (None: such an entry is refused);
+        ``down(target)``: its endpoint is paused (a batch of it is handed back at once,
+        waiting for no share of the dispatchers)."""
+        self._down = down
         self._targets = targets
         self._lookups = lookups
         self._gauges = gauges
@@ -150,6 +155,7 @@ class Service:
         # few, so a stop leaves little read and not started.
         self._pool = DispatchPool(concurrency=config.concurrency, grace=config.grace, buffer=1,
                                   working=self._working)  # fmt: skip
+        self._fair = FairShare(config.concurrency)  # each round's: ``_round``
         self._keeper = keeper
         self._outage = outage
         self._rate = rate
@@ -301,9 +307,13 @@ class Service:
         self._halt = anyio.Event()
         self._answered = anyio.Event()
         self._inflight.clear()
+        self._fair = FairShare(self._config.concurrency, stopping=lambda: self.halting,
+                               working=self._working)  # fmt: skip
         await self._pool.run(self._intake, self._dispatch, stop=self._halt, on_stop=self._ending,
                              stop_now=self._stop_now,
                              beside=(self._keep_alive, self._halt_on_stop))  # fmt: skip
+        for batch in self._fair.left():  # waited for their endpoint's share: not started
+            self._inflight.release(batch.ids, batch.target)
         return self._blocked
 
     async def _halt_on_stop(self) -> None:
@@ -345,47 +355,73 @@ class Service:
             self._block(NotAStream(f"{what}: a key of the queue holds another type"))
 
     async def _dispatch(self, receive: MemoryObjectReceiveStream[Batch]) -> None:
+        """Each batch through the dispatcher, the dispatchers shared fairly between the
+        endpoints (``worker.routing.FairShare``, as ``run``'s): the batches of a region
+        whose calls hang until its breaker and their attempts say it is down hold only its
+        share, and the other regions' are served meanwhile."""
         async with receive:
             async for batch in receive:
-                if self.halting:
-                    self._inflight.release(batch.ids, batch.target)  # not started: pending
-                    continue
-                try:
-                    with self._working.busy():
-                        await self._dispatcher.process(batch)
-                    self._answered.set()
-                except ApiUnavailable as exc:
-                    if not isinstance(exc, Paused):  # a handed-back batch met no API
-                        self._answered.set()
-                    # Kept with each entry, naming its own ids of the batch: if it is never
-                    # delivered with the API up, its dead letter and job.failed say why.
-                    dropped = self._inflight.release(batch.ids, batch.target)
-                    unsure = exc.unsure | batch.unsure  # a next delivery must not say absent
-                    errors = {entry: error_json(held.ids, exc.cause, str(exc), held.done,
-                                                [i for i in held.ids if i in unsure])
-                              for entry, held in dropped.items()}  # fmt: skip
-                    await self._outage.persist(
-                        partial(self._consumer.keep_errors, errors), what="last error"
-                    )
-                    if isinstance(exc, Paused):  # nothing was tried: not a delivery
-                        await self._outage.persist(
-                            partial(self._consumer.give_back, list(dropped)), what="give back"
-                        )
-                        continue
-                    self._events.error(
-                        "serve.api_unavailable", batch_id=batch.batch_id, error=str(exc),
-                        entries_left_pending=len(dropped),
-                    )  # fmt: skip
-                except (AuthError, NoSuchApi, TlsError, NotAStream) as exc:
-                    self._block(exc)
+                ended = False
+
+                async def one(batch: Batch) -> None:
+                    nonlocal ended
+                    ended = await self._dispatch_one(batch) or ended
+
+                if batch.target is not None:
+                    self._fair.several = True
+                if self._down(batch.target):
+                    await one(batch)  # handed back at once: the region is paused
+                else:
+                    await self._fair.take(self._endpoint(batch), batch, one)
+                if ended:
                     return
-                except redis.exceptions.ResponseError as exc:
-                    if not wrong_type(exc):
-                        raise
-                    # The shared rate limit's key replaced by another type: its entries
-                    # stay pending, read again when the pause ends.
-                    self._block(NotAStream("rate limit: a key of the queue holds another type"))
-                    return
+
+    def _endpoint(self, batch: Batch) -> str:
+        target = batch.target or (self._targets.default if self._targets else None)
+        return "" if target is None else target.endpoint
+
+    async def _dispatch_one(self, batch: Batch) -> bool:
+        """One batch, its errors settled here; True: this dispatcher ends (a refusal)."""
+        if self.halting:
+            self._inflight.release(batch.ids, batch.target)  # not started: pending
+            return False
+        try:
+            with self._working.busy():
+                await self._dispatcher.process(batch)
+            self._answered.set()
+        except ApiUnavailable as exc:
+            if not isinstance(exc, Paused):  # a handed-back batch met no API
+                self._answered.set()
+            # Kept with each entry, naming its own ids of the batch: if it is never
+            # delivered with the API up, its dead letter and job.failed say why.
+            dropped = self._inflight.release(batch.ids, batch.target)
+            unsure = exc.unsure | batch.unsure  # a next delivery must not say absent
+            errors = {entry: error_json(held.ids, exc.cause, str(exc), held.done,
+                                        [i for i in held.ids if i in unsure])
+                      for entry, held in dropped.items()}  # fmt: skip
+            await self._outage.persist(
+                partial(self._consumer.keep_errors, errors), what="last error"
+            )
+            if isinstance(exc, Paused):  # nothing was tried: not a delivery
+                await self._outage.persist(
+                    partial(self._consumer.give_back, list(dropped)), what="give back"
+                )
+                return False
+            self._events.error(
+                "serve.api_unavailable", batch_id=batch.batch_id, error=str(exc),
+                entries_left_pending=len(dropped),
+            )  # fmt: skip
+        except (AuthError, NoSuchApi, TlsError, NotAStream) as exc:
+            self._block(exc)
+            return True
+        except redis.exceptions.ResponseError as exc:
+            if not wrong_type(exc):
+                raise
+            # The shared rate limit's key replaced by another type: its entries
+            # stay pending, read again when the pause ends.
+            self._block(NotAStream("rate limit: a key of the queue holds another type"))
+            return True
+        return False
 
     def _block(self, exc: BaseException) -> None:
         """End the round for a refusal a pause may outlast (credentials, the TLS certificate,
