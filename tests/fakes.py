@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anyio
 
@@ -17,6 +18,8 @@ from worker.pacing.controller import PacedController, RateController, answer
 from worker.simulator.quota import TokenBucket as ServerQuota
 from worker.simulator.quota import retry_after_seconds
 
+_T = TypeVar("_T")
+
 
 @dataclass(order=True, slots=True)
 class _Sleeper:
@@ -24,6 +27,25 @@ class _Sleeper:
     seq: int
     fired: bool = field(default=False, compare=False)
     wake: anyio.Event = field(default_factory=anyio.Event, compare=False)
+
+
+class OneAtATime:
+    """Real I/O (Redis, loopback HTTP) under a ``FakeClock``: calls go one at a time, first
+    come first served, and ``out`` says whether one is (the clock's ``busy``: virtual time
+    stands still meanwhile). Which of two calls made at one virtual instant is answered
+    first then does not depend on the machine's load: a run is the same every time."""
+
+    def __init__(self) -> None:
+        self.out = 0
+        self._turn = anyio.Lock()
+
+    async def call(self, make: Callable[[], Awaitable[_T]]) -> _T:
+        self.out += 1
+        try:
+            async with self._turn:
+                return await make()
+        finally:
+            self.out -= 1
 
 
 class FakeClock:

@@ -7,9 +7,8 @@ import itertools
 import math
 import random
 import statistics
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TypeVar
 
 import anyio
 import anyio.abc
@@ -17,15 +16,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.fakes import FakeClock, paced_sends, simulate
+from tests.fakes import FakeClock, OneAtATime, paced_sends, simulate
 from worker.dispatcher import Transport
 from worker.pacing.adaptive import AdaptiveRateLimiter, build_limiter
 from worker.pacing.bucket import RateLimiter
 from worker.pacing.controller import AdaptiveConfig, Phase, RateController
 from worker.pacing.slowdown import SlowingLimiter
 from worker.types import DeleteResult, JobRecord
-
-_T = TypeVar("_T")
 
 # --- the controller: known answers ---------------------------------------------------------
 
@@ -514,32 +511,18 @@ async def test_auto_pauses_no_longer_than_max_retry_after(max_retry_after: float
 # --- one real run over loopback -----------------------------------------------------------
 
 
-class _Counted:
-    """A transport that counts its calls out: while one is, virtual time stands still
-    (``FakeClock``'s ``busy``), so the simulator's quota sees each call at the virtual
-    instant it was sent, whatever the machine's load did to the loopback round trip. The
-    calls go one at a time, first come first served, so which of two calls sent at one
-    virtual instant is answered first does not depend on the load either: a run is the
-    same every time."""
+class _OneAtATime:
+    """A transport whose calls go one at a time, virtual time standing still while one is
+    out (``tests.fakes.OneAtATime``)."""
 
-    def __init__(self, inner: Transport) -> None:
-        self._inner = inner
-        self._turn = anyio.Lock()
-        self.out = 0
-
-    async def _one(self, call: Callable[[], Awaitable[_T]]) -> _T:
-        self.out += 1
-        try:
-            async with self._turn:
-                return await call()
-        finally:
-            self.out -= 1
+    def __init__(self, inner: Transport, io: OneAtATime) -> None:
+        self._inner, self._io = inner, io
 
     async def delete_jobs(self, ids: Sequence[str]) -> DeleteResult:
-        return await self._one(lambda: self._inner.delete_jobs(ids))
+        return await self._io.call(lambda: self._inner.delete_jobs(ids))
 
     async def get_job(self, job_id: str) -> JobRecord:
-        return await self._one(lambda: self._inner.get_job(job_id))
+        return await self._io.call(lambda: self._inner.get_job(job_id))
 
 
 @pytest.mark.anyio
@@ -560,21 +543,22 @@ async def test_finds_the_simulators_quota_over_real_http() -> None:
     from worker.simulator import SimulatorConfig, run_simulator
     from worker.types import Batch
 
-    transport: _Counted | None = None
-    clock = FakeClock(busy=lambda: transport is not None and transport.out > 0)
+    io = OneAtATime()
+    clock = FakeClock(busy=lambda: io.out > 0)
     config = SimulatorConfig(project_id=PROJECT, ak=AK, sk=SK, jobs=400, quota=20, burst=2)
     async with run_simulator(config, clock=clock.now) as sim:
         controller = RateController(clock.now())
         limiter = AdaptiveRateLimiter(clock, controller=controller)
         session = make_session(concurrency=4, connect_timeout=5, read_timeout=5)
         try:
-            transport = _Counted(
+            transport = _OneAtATime(
                 ApiClient(
                     session=session,
                     endpoint=sim.url,
                     project_id=PROJECT,
                     credentials=StaticCredentials(Credentials(ak=AK, sk=SK)),
-                )
+                ),
+                io,
             )
             dispatcher = Dispatcher(
                 transport=transport,

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fakes import FakeClock
+from tests.fakes import FakeClock, OneAtATime
 from worker.pacing.bucket import RateLimiter
 from worker.pacing.controller import AdaptiveConfig, ControllerState, Phase, RateController
 from worker.pacing.fleet import FleetRateController, decode_state, encode_state
@@ -86,30 +86,20 @@ async def run_fleet(
 
 class RedisTime:
     """Virtual time that stands still while a script call is out (``FakeClock``'s ``busy``):
-    what the scripts are told is now is then what it is when their answer comes.
-
-    The calls go to Redis one at a time, in the order the replicas make them (``anyio.Lock``
-    is first come, first served), as Redis runs them one at a time anyway: which of two
-    calls made at the same virtual instant reached Redis first, and which answer reached
-    its replica first, then no longer depends on the machine's load, so a run is the same
-    every time (at 5 calls/s, one refusal more or less moved the share refused from
-    1.3 % to 2.6 %)."""
+    what the scripts are told is now is then what it is when their answer comes. The calls
+    go to Redis one at a time (``OneAtATime``), as Redis runs them anyway: the order their
+    answers reach the replicas does not hang on the machine's load (at 5 calls/s it moved
+    the share refused from 1.3 % to 2.6 %), and a run is the same every time."""
 
     def __init__(self) -> None:
-        self.out = 0
-        self.clock = FakeClock(busy=lambda: self.out > 0)
-        self._turn = anyio.Lock()
+        self.io = OneAtATime()
+        self.clock = FakeClock(busy=lambda: self.io.out > 0)
 
     def watch(self, limiter: Any) -> Any:
         reserve = limiter.reserve
 
         async def counted() -> Any:
-            self.out += 1
-            try:
-                async with self._turn:
-                    return await reserve()
-            finally:
-                self.out -= 1
+            return await self.io.call(reserve)
 
         setattr(limiter, "reserve", counted)  # noqa: B010
         return limiter
