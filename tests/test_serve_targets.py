@@ -341,3 +341,30 @@ async def test_a_region_alone_is_looked_up_once_a_failure_held_then_asked_again(
     found = await lookups.find(Address(region="eu-west-0"))
     assert found == Target("project-b", endpoint_for("eu-west-0"), "eu-west-0")
     assert asked.count("eu-west-0") == 2
+
+
+@pytest.mark.anyio
+async def test_each_region_waiting_on_iam_wakes_the_intake_when_its_own_hold_is_over() -> None:
+    """Two regions' look-ups failing 10 s apart: the first hold's end woke the intake, and
+    the second region's entries, read again then and still held, were never woken for at
+    the end of their own hold (they waited for a reclaim instead)."""
+
+    async def lookup(region: str) -> str:
+        raise IamUnavailable("IAM did not answer")
+
+    clock = FakeClock()
+    targets = Targets(HOME, allowed=["project-a", "project-b"])
+    targets.look_up_with(lookup)
+    lookups = RegionLookups(targets, clock, retry_s=30)
+    first = await lookups.find(Address(region="eu-west-0"))
+    await clock.sleep(10)
+    second = await lookups.find(Address(region="cn-east-3"))
+    assert isinstance(first, LookupFailed) and isinstance(second, LookupFailed)
+    await clock.sleep(20)
+    assert lookups.due(clock.now()) and not lookups.due(clock.now())  # eu-west-0's hold
+    assert await lookups.find(Address(region="cn-east-3")) is second  # still held: read again
+    assert lookups.asked == 2  # held: IAM not asked again for it
+    await clock.sleep(9)
+    assert not lookups.due(clock.now())
+    await clock.sleep(1)
+    assert lookups.due(clock.now())  # cn-east-3's hold is over: its entries are read again

@@ -13,7 +13,8 @@ asked once a process for each region, and a failure is not kept there), held to
 A failure is held for its region :data:`RETRY_S` seconds on the service's clock: the entries
 of that region read meanwhile get the same answer without asking IAM again, so a burst of
 them (or a hostile producer) does not turn into a burst of IAM calls, and the intake does
-not wait on IAM for each. The entries of other regions and projects never wait on it.
+not wait on IAM for each. The end of each region's hold wakes the intake (``due``), and a
+hold over is let go. The entries of other regions and projects never wait on it.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ class RegionLookups:
         self._retry_s = retry_s
         self._on_failed = on_failed
         self._held: dict[str, tuple[float, LookupFailed]] = {}
-        self._wake: float | None = None
         self.asked = 0
 
     async def find(self, named: Address) -> Target | str | LookupFailed:
@@ -64,21 +64,19 @@ class RegionLookups:
         self.asked += 1
         found = await self._targets.fresh(named)
         if isinstance(found, LookupFailed):
-            until = self._clock.now() + self._retry_s
-            self._held[found.region] = (until, found)
-            if found.later:
-                self._wake = until if self._wake is None else min(self._wake, until)
+            self._held[found.region] = (self._clock.now() + self._retry_s, found)
             self._on_failed(found)
         return found
 
     def due(self, now: float) -> bool:
-        """True once when a region whose entries were left waiting on IAM may be asked
-        again: the service then reads its own pending entries again."""
-        if self._wake is None or now < self._wake:
-            return False
-        self._wake = None
-        return True
+        """True once each time the hold of a region whose entries were left waiting on IAM
+        is over (each region's own, however many were read again while it lasted): the
+        service then reads its own pending entries again. Holds that are over are let go."""
+        over = [(region, failed) for region, (until, failed) in self._held.items() if now >= until]
+        for region, _ in over:
+            del self._held[region]
+        return any(failed.later for _, failed in over)
 
     def __repr__(self) -> str:
         held = ", ".join(self._held) or "none"
-        return f"RegionLookups(asked={self.asked}, held=[{held}], wake={self._wake})"
+        return f"RegionLookups(asked={self.asked}, held=[{held}])"
