@@ -127,17 +127,6 @@ def test_a_measure_waits_for_the_answers_still_out() -> None:
     assert ctrl.measure(1.49) == pytest.approx(48 / 0.49)
 
 
-def test_a_shared_controller_does_not_measure() -> None:
-    """A replica sees only its share of the fleet's calls and refusals."""
-    ctrl = _cruising(AdaptiveConfig(shared=True))
-    for k in range(100):
-        ctrl.on_sent(1.0 + k / 100)
-        ctrl.on_success(1.0 + k / 100, latency=0.0)
-    ctrl.on_throttle(1.0, latency=0.0)
-    ctrl.on_throttle(2.0, latency=0.0)
-    assert ctrl.measure(2.0) is None
-
-
 def _after_a_cut(target: float, level: float) -> RateController:
     """A controller cut at 0 s to ``level``, its probe returning to ``target``."""
     ctrl = RateController(0.0)
@@ -369,14 +358,14 @@ _ANSWERS = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(answers=_ANSWERS, shared=st.booleans())
+@given(answers=_ANSWERS)
 def test_whatever_the_answers_the_rate_stays_in_bounds_and_moves_the_right_way(
-    answers: list[tuple[float, str, float | None, float | None]], shared: bool
+    answers: list[tuple[float, str, float | None, float | None]],
 ) -> None:
     """Calls sent at the rate, and answers in any order: the rate stays finite, within
     ``min_rate`` and ``max_rate``; between refusals it never falls; a 429 or a 503 never
     raises it; a pause lasts no longer than a Retry-After given (nor ``max_pause``)."""
-    ctrl = RateController(0.0, AdaptiveConfig(max_rate=100.0, shared=shared))
+    ctrl = RateController(0.0, AdaptiveConfig(max_rate=100.0))
     c = ctrl.config
     now, last, allowed = 0.0, ctrl.rate, -math.inf
     for gap, kind, latency, retry_after in answers:

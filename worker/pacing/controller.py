@@ -75,8 +75,6 @@ class AdaptiveConfig:
     latency_join: float = 0.25  # a window joins the baseline under this share of that rise
     latency_windows: int = 2  # high windows in a row that cut
     latency_baseline: int = 9  # the baseline: the median of this many windows, not high
-    shared: bool = False  # replicas share the rate and each sees only its share of the
-    # calls: growth is not capped by what this one sends, and it does not measure
 
     def __post_init__(self) -> None:
         positive = ("initial_rate", "min_rate", "max_rate", "startup_interval", "window",
@@ -113,7 +111,6 @@ class ControllerState:
     refused: float  # the lowest rate refused lately (inf: none), the probes' ceiling
     refused_at: float  # when
     pause_until: float = -math.inf  # no call starts before this (a Retry-After)
-    streak: int = 0  # shared: refusals in a row, each cutting harder
     overload: bool = False  # ``refused`` is a rate latency (or 503s) rose at: a hard cap
     target: float = math.inf  # the rate the probe returns to (the quota, or the rate refused)
     unit: float = 1.0  # the probe's time unit, seconds
@@ -368,11 +365,7 @@ class RateController:
             unit = self._config.hold_calls * min(s.refusals + 1, 6) / max(s.target, s.level)
             self._state = replace(s, refusals=s.refusals + 1, unit=max(s.unit, unit))
             return rate
-        # Replicas cannot measure: each refusal that cuts holds the fleet back (not a
-        # probe's, whose level is known to be accepted).
-        news = math.isinf(self._refused_lately(sent)) or (
-            self._config.shared and s.phase is not Phase.PROBE
-        )
+        news = math.isinf(self._refused_lately(sent))
         level = self._cut(now, *self._level_after_refusal(sent, rate, floor))
         if retry_after is not None and news:
             pause = now + min(max(retry_after, 0.0), self._config.max_pause)
@@ -405,7 +398,7 @@ class RateController:
         startup until the next refusal, which measures the new quota."""
         s = self._state
         c = self._config
-        if c.shared or s.phase is not Phase.PROBE or math.isinf(s.target):
+        if s.phase is not Phase.PROBE or math.isinf(s.target):
             return rate
         if self._floor() <= (1.0 + c.margin / 3.0) * s.target:
             return rate
@@ -421,7 +414,7 @@ class RateController:
         c = self._config
         count, last = self._since_empty
         span = last - self._empty
-        if c.shared or count < c.measure_calls or not c.measure_s <= span < math.inf:
+        if count < c.measure_calls or not c.measure_s <= span < math.inf:
             return 0.0
         return (count - 1) / span
 
@@ -459,8 +452,6 @@ class RateController:
     def _measure(self, sent: float) -> tuple[float, float] | None:
         """``measure``, and when the span it is from began."""
         c = self._config
-        if c.shared:
-            return None
         # Not from before a pause's end: nobody sent while it lasted, and the gateway's
         # bucket filled up again.
         first = bisect.bisect_left(self._refused, max(sent - c.window, self._state.pause_until))
@@ -551,15 +542,6 @@ class RateController:
             quota = max(s.quota, floor)
             self._state = replace(s, quota=quota)
             return (1.0 - c.margin) * quota, (1.0 - c.margin / 3.0) * refused_rate
-        if c.shared:
-            # A replica cannot measure; refusals in a row (each of a call sent since the
-            # last cut, within ``window`` of it) cut by ``overload_cut``, its square, and so
-            # on: a fleet that started up far past the quota comes down in a few.
-            in_a_row = s.phase is not Phase.STARTUP and sent - s.cut_at <= c.window
-            streak = s.streak + 1 if in_a_row else 0
-            self._state = replace(s, streak=streak)
-            if streak:
-                return rate * c.overload_cut**streak, refused_rate
         return (1.0 - c.margin) * refused_rate, (1.0 - c.margin / 3.0) * refused_rate
 
     def _refused_lately(self, now: float) -> float:
@@ -582,25 +564,21 @@ class RateController:
         if s.phase is Phase.STARTUP:
             if now > s.since:
                 grown = s.rate * 2.0 ** ((now - s.since) / s.unit)
-                cap = c.max_rate
-                if not c.shared:
-                    # One more call than counted: at 2 calls/s a second's window holds one
-                    # or two, and that alone must not stall the growth.
-                    cap = max(2.0 * (self._sent_rate(now, 1.0) + 1.0), s.rate)
+                # One more call than counted: at 2 calls/s a second's window holds one or
+                # two, and that alone must not stall the growth.
+                cap = max(2.0 * (self._sent_rate(now, 1.0) + 1.0), s.rate)
                 rate = min(grown, cap, c.max_rate)
                 return self._set(replace(s, rate=rate, level=rate, since=now), now)
             return s.rate
         grown, phase = probe(s, now, c.cubic, c.margin, s.unit)
-        if not c.shared:
-            # Not past twice what is really sent: a worker held back by its concurrency
-            # does not talk itself into a rate it never uses.
-            grown = min(grown, max(2.0 * (self._sent_rate(now, 1.0) + 1.0), s.level))
+        # Not past twice what is really sent: a worker held back by its concurrency does
+        # not talk itself into a rate it never uses.
+        grown = min(grown, max(2.0 * (self._sent_rate(now, 1.0) + 1.0), s.level))
         ceiling = self._refused_lately(now)
-        if ceiling < math.inf and (c.shared or s.overload):
-            # Replicas probe each on its own schedule, so the fleet probes as often as all
-            # of them together; a rise of latency takes a hundred answers to see: a probe
-            # stops just under the rate refused (or overloaded) lately, and a quota that
-            # rose is found once that is forgotten.
+        if ceiling < math.inf and s.overload:
+            # A rise of latency takes a hundred answers to see: a probe stops just under
+            # the rate overloaded lately, and a quota that rose is found once that is
+            # forgotten.
             grown = min(grown, max(s.level, (1.0 - c.margin / 2.0) * ceiling))
         elif s.overload:
             # Forgotten: past the rate overloaded only slowly (as fast as CUBIC's growth

@@ -181,8 +181,8 @@ class FleetRateController(RedisPacer):
     answers, in the order they came (``answer``, on the Redis clock), to its controller,
     and publishes its interval, its ``Retry-After`` pause and its state: a slowdown or a
     pause at once (one more script call), a rise with its next reservation. The controller
-    runs unshared (``AdaptiveConfig.shared`` off): it sees all the fleet's calls, so it
-    measures the quota between refusals and caps its growth at what the fleet really sends.
+    sees all the fleet's calls, so it measures the quota between refusals and caps its
+    growth at what the fleet really sends.
     """
 
     def __init__(
@@ -202,7 +202,7 @@ class FleetRateController(RedisPacer):
         super().__init__(
             client, key, clock, horizon_s=horizon_s, retry_s=retry_s, redis_now=redis_now
         )
-        self._config = dataclasses.replace(config or AdaptiveConfig(), shared=False)
+        self._config = config or AdaptiveConfig()
         self._me = me or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._lease_ms = int(lease_s * 1000)
         self._max_answers = max_answers
