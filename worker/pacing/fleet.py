@@ -218,8 +218,7 @@ class FleetRateController(RedisPacer):
         self._led_at = -math.inf  # our clock, at our last reservation as the leader
         self._t = -math.inf  # the controller's time: the last answer fed, Redis clock
         self._published: tuple[int, int, ControllerState | None] | None = None
-        self._pending: tuple[int, int, str] | None = None  # to publish with the next
-        self._pending_state: tuple[int, int, ControllerState | None] | None = None
+        self._pending: tuple[int, int, ControllerState] | None = None  # for the next
         self.leads = 0  # times this process became the leader
         self._seen_state = ""  # the last estimate a leader stored, as this process saw it
         self.reported = 0  # answers sent to Redis for the leader
@@ -270,7 +269,8 @@ class FleetRateController(RedisPacer):
                 a.flag,
                 -1 if a.retry_after is None else f"{a.retry_after * 1e3:.0f}",
             ]
-        publish = self._pending or ("", "", "")
+        pending = self._pending
+        publish = ("", "", "") if pending is None else (*pending[:2], encode_state(pending[2]))
         reply = await self._script(
             keys=self._keys.all(),
             args=[
@@ -288,8 +288,8 @@ class FleetRateController(RedisPacer):
         if state := text(state):
             self._seen_state = state
         if int(leader):
-            if self._pending is not None:
-                self._published, self._pending = self._pending_state, None
+            if pending is not None:
+                self._published, self._pending = pending, None
             await self._lead(server_now, self._seen_state, [text(e) for e in events])
         else:
             self._controller, self._pending = None, None
@@ -352,20 +352,25 @@ class FleetRateController(RedisPacer):
         if last is not None and (interval, pause_us, state) == last:
             return
         self._interval, self._pause_us = interval, max(pause_us, self._pause_us)
-        publish = (interval, pause_us, encode_state(state))
+        publish = (interval, pause_us, state)
         if last is None or abs(interval - last[0]) > RESLOT * last[0] or pause_us > last[1]:
             # A pause, or a new rate: at once, not with our next reservation, which may be
             # a second away when the rate is low.
             with contextlib.suppress(*REDIS_ERRORS):
                 done = await self._publish_script(
                     keys=[self._keys.pace, self._keys.lead],
-                    args=[self._me, *publish, int(PACE_TTL_S * 1000)],
+                    args=[
+                        self._me,
+                        interval,
+                        pause_us,
+                        encode_state(state),
+                        int(PACE_TTL_S * 1000),
+                    ],
                 )
                 if int(done):
-                    self._published, self._pending = (interval, pause_us, state), None
+                    self._published, self._pending = publish, None
                     return
         self._pending = publish
-        self._pending_state = (interval, pause_us, state)
 
     def __repr__(self) -> str:
         return (
