@@ -466,6 +466,23 @@ async def test_discover_exits_78_when_the_gateway_does_not_know_the_project() ->
 
 
 @pytest.mark.anyio
+async def test_a_listing_that_fails_leaves_no_spool_beside_the_plan(tmp_path: Path) -> None:
+    # The jobs go to a hidden spool beside the plan until it is sealed: a listing that
+    # fails (here 78, a project the gateway does not know) used to leave it there.
+    async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+        for argv, env in (
+            ([], {"REAPER_PROJECT_ID": "other-project"}),
+            (["--project", "other-project"], {}),
+        ):
+            plan = tmp_path / "plan.json"
+            done = await reaper(
+                ["discover", "--all", "--plan", str(plan), *argv], reaper_env(sim.url, **env)
+            )
+            assert done.code == 78, done.stderr
+            assert list(tmp_path.iterdir()) == [], argv
+
+
+@pytest.mark.anyio
 async def test_a_plan_path_that_cannot_be_written_is_64_before_any_listing(
     tmp_path: Path,
 ) -> None:

@@ -128,7 +128,8 @@ async def select(
     warn: Callable[..., None],
     note: Callable[..., None],
 ) -> Selected:
-    """List, select into a fresh sink per pass, and count the project's inventory."""
+    """List, select into a fresh sink per pass, and count the project's inventory. A
+    listing that fails closes the sink it was filling (a plan's spool is removed)."""
     kept: list[Selection] = []
 
     def fresh() -> Selection:
@@ -139,10 +140,15 @@ async def select(
         return kept[0]
 
     queries = filters.server_queries()
-    scan = await scan_jobs(
-        reader, queries, clock=clock, new_sink=fresh, page_size=page_size, warn=warn
-    )
-    inventory = max(scan.listed, scan.total or 0)
-    if queries != [{}]:  # the listing was narrowed by the server: count the whole project apart
-        inventory = await count_listing(reader, clock=clock, page_size=page_size)
+    try:
+        scan = await scan_jobs(
+            reader, queries, clock=clock, new_sink=fresh, page_size=page_size, warn=warn
+        )
+        inventory = max(scan.listed, scan.total or 0)
+        if queries != [{}]:  # narrowed by the server: count the whole project apart
+            inventory = await count_listing(reader, clock=clock, page_size=page_size)
+    except BaseException:  # the caller never sees this sink: a plan's spool must not stay
+        for old in kept:
+            old.sink.close()
+        raise
     return Selected(kept[0], scan, inventory)
