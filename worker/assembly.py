@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
     from aiohttp import web
 
-    from worker.api.client import Api, ApiClient
+    from worker.api.client import Api
     from worker.api.credentials import CredentialSource
     from worker.discovery.plan import SealedPlan
     from worker.service.consumer import StreamConsumer
@@ -253,13 +253,6 @@ async def build_rate_redis(
     redis = await wiring.rate_redis(settings)
     stack.push_async_callback(_shielded, redis.aclose)
     return redis, StreamLayout(settings.stream, settings.group).ratelimit
-
-
-async def build_transport(stack: AsyncExitStack, settings: Settings) -> ApiClient:
-    """The process's one HTTP session (closed by ``stack``) and the API client over it."""
-    session = wiring.session(settings)
-    stack.push_async_callback(_shielded, session.close)
-    return await wiring.api_client(settings, session)
 
 
 async def build_keys(
@@ -470,11 +463,9 @@ async def build_service(
     )  # fmt: skip
     working = Working()  # what a stop waits for: calls on the wire, answers settling
     targets = targets if targets is not None else serve_targets(settings)
-    session = wiring.session(settings)
-    stack.push_async_callback(_shielded, session.close)
+    session, keys = await build_keys(stack, settings)
     # One limiter per project and endpoint, shared through Redis (the default's on the key
     # of one project's fleet), one breaker per endpoint: worker.lanes.
-    keys = await wiring.credentials(settings, session)
     lanes = Lanes(settings, default=targets.default, clock=clock, session=session,
                   credentials=keys, redis=client, limit_base=layout.ratelimit)  # fmt: skip
 
