@@ -152,12 +152,19 @@ async def test_acquire_sleeps_the_wait_it_was_handed(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("on", ["server", "test"])
 async def test_a_cancelled_waiter_with_the_latest_slot_gives_it_back(
-    client: aioredis.Redis, redis_prefix: str
+    client: aioredis.Redis, redis_prefix: str, on: str
 ) -> None:
+    """On the Redis server's clock, and on a test's (``redis_now``): the refund reads the
+    time the reservation was made on (it read the server's, so on a test's clock it took
+    every reservation for past and deleted the bucket)."""
     clock = FakeClock(autojump=False)
     key = redis_prefix + "rl"
-    limiter = RedisRateLimiter(client, key, rate=1, burst=1, clock=clock, horizon_s=60.0)
+    now = clock.now if on == "test" else None
+    limiter = RedisRateLimiter(
+        client, key, rate=1, burst=1, clock=clock, horizon_s=60.0, redis_now=now
+    )
     await limiter.acquire()  # the burst token
     before = int(await client.get(key) or 0)
     with anyio.move_on_after(0.2):

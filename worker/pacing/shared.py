@@ -75,6 +75,10 @@ local function clock()
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local function us(x) return string.format('%.0f', x) end
+-- The bucket's tat, kept until it has passed (and a second more).
+local function put(tat, now)
+  redis.call('SET', KEYS[1], us(tat), 'PX', math.floor((tat - now) / 1000) + 1000)
+end
 -- A key of another type where the fleet's state belongs is someone else's: the script
 -- stops with WRONGTYPE naming it and leaves it be (serve pauses naming it, run ends 78),
 -- since deleting another tool's key is no one's to decide here. A word or a number out of
@@ -101,7 +105,7 @@ local function reserve(now, interval, burst, floor, horizon, far)
   local new_tat = tat + interval
   local start = math.max(new_tat - burst * interval, base)
   if start - now > horizon then return nil, start - now - horizon end
-  redis.call('SET', KEYS[1], us(new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1000)
+  put(new_tat, now)
   return start, new_tat
 end
 """
@@ -149,17 +153,17 @@ return {start, us(now), us(new_tat), event, string.format('%.17g', factor)}
 """
 )
 
-REFUND = """
-local tat = redis.call('GET', KEYS[1])
-if tat ~= ARGV[1] then return 0 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local back = tonumber(tat) - tonumber(ARGV[2])
-if back <= now then redis.call('DEL', KEYS[1]) return 1 end
-redis.call('SET', KEYS[1], string.format('%.0f', back),
-           'PX', math.floor((back - now) / 1000) + 1000)
+REFUND = (
+    GCRA
+    + """
+-- ARGV: now ('' for the server's), the reservation's token (the tat it left), its interval.
+if redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
+local now = clock()
+local back = tonumber(ARGV[2]) - tonumber(ARGV[3])
+if back <= now then redis.call('DEL', KEYS[1]) else put(back, now) end
 return 1
 """
+)
 
 REDIS_ERRORS = (
     redis.exceptions.ConnectionError,
@@ -284,7 +288,8 @@ class RedisPacer(abc.ABC):
                         contextlib.suppress(*REDIS_ERRORS),
                     ):
                         await self._refund(
-                            keys=[self._keys.tat], args=[reservation.token, self._spacing]
+                            keys=[self._keys.tat],
+                            args=[self._now_arg(), reservation.token, self._spacing],
                         )
                     raise
             if self._held_s() <= 0:
