@@ -96,6 +96,33 @@ async def test_the_prompt_accepts_exactly_yes_and_says_once_that_nothing_was_sen
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("allowed", "said"),
+    [
+        ("", "  project     demo-project, and any project a line names"),
+        ("demo-project,south", "  project     demo-project, and south where a line names it"),
+        ("demo-project", "  project     demo-project"),
+    ],
+    ids=["any", "listed", "only-the-default"],
+)
+async def test_the_prompt_says_a_line_of_json_may_send_ids_to_another_project(
+    tmp_path: Path, allowed: str, said: str
+) -> None:
+    """The prompt named only the settings' project while a JSON Lines input's lines may
+    each name another one, where its ids would be deleted: the person confirming was not
+    told. A file of bare ids cannot name one, and its prompt is unchanged (above)."""
+    async with _project(tmp_path, 3, REAPER_ALLOWED_PROJECTS=allowed) as (sim, _, env):
+        lines = [orjson.dumps({"id": job}).decode() for job in sim.job_ids()]
+        named = tmp_path / "ids.jsonl"
+        named.write_text("\n".join(lines) + "\n")
+        returned, term = await anyio.to_thread.run_sync(
+            lambda: _answer(["-i", str(named)], env, b"no\n")
+        )
+        assert returned == 64 and not sim.deleted
+    assert said in term.lines()
+
+
+@pytest.mark.anyio
 async def test_above_the_threshold_the_project_id_must_be_typed(tmp_path: Path) -> None:
     async with _project(tmp_path, 12, REAPER_CONFIRM_PROJECT_OVER="5") as (sim, src, env):
         refused, term = await anyio.to_thread.run_sync(

@@ -317,6 +317,21 @@ def _counted(plan: SealedPlan | None, key: str) -> tuple[tuple[str, int], ...]:
     return tuple(sorted(((str(k), int(v)) for k, v in counts.items()), key=lambda kv: -kv[1]))
 
 
+def _others_named(request: RunRequest, settings: Settings) -> str:
+    """What the prompt adds to the settings' project when the input's lines may name others
+    (JSON Lines, CSV and JSON can; a file of bare ids cannot): the prompt is shown before
+    the input is parsed, so it says which projects a line could send ids to."""
+    from worker.input.sources import detect_format
+
+    if request.input != "-" and detect_format(request.input, request.input_format) == "text":
+        return ""
+    default = wiring.project_id(settings)
+    others = [p for p in settings.allowed_projects if p != default]
+    if not settings.allowed_projects:
+        return ", and any project a line names"
+    return f", and {', '.join(others)} where a line names it" if others else ""
+
+
 def _proposal(
     request: RunRequest, settings: Settings, endpoint: str, plan: SealedPlan | None
 ) -> Proposal:
@@ -345,7 +360,7 @@ def _proposal(
         endpoint = ", ".join(dict.fromkeys(s.endpoint for s in sections))
         typed = f"{len(sections)} project{'s' * (len(sections) != 1)}"
     else:
-        project = wiring.project_id(settings)
+        project = wiring.project_id(settings) + _others_named(request, settings)
     return Proposal(
         source=request.input,
         project=project,
