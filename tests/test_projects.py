@@ -496,6 +496,9 @@ def test_the_profiles_iam_endpoint_is_used_and_checked(
     profile.write_text("[basic]\nak = DEMOAK\nsk = x\niam_endpoint = http://iam.corp.example\n")
     with pytest.raises(ConfigError, match=rf"profile {profile}: iam_endpoint plain http://"):
         wiring.iam_endpoint(load_settings())
+    profile.write_text("[basic]\nak = DEMOAK\nsk = x\niam_endpoint = iam.corp.example\n")
+    with pytest.raises(ConfigError, match=r"iam_endpoint must be .* such as https://iam\.cn-"):
+        wiring.iam_endpoint(load_settings())  # IAM's example, not the ModelArts API's
 
 
 @pytest.mark.usefixtures("clean_env")

@@ -267,9 +267,8 @@ class Settings(BaseSettings):
     def _endpoint(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
-        if (problem := endpoint_problem(value)) is not None:
-            if info.field_name == "iam_endpoint":  # its example is IAM's, not the API's
-                problem = problem.replace("https://modelarts.", "https://iam.")
+        service = "iam" if info.field_name == "iam_endpoint" else "modelarts"
+        if (problem := endpoint_problem(value, service=service)) is not None:
             raise ValueError(problem)
         return normal_endpoint(value)
 

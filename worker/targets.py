@@ -65,15 +65,16 @@ def region_problem(value: str) -> str | None:
     return "must look like cn-north-4 (lower-case letters, digits, hyphens)"
 
 
-def endpoint_problem(value: str) -> str | None:
-    """Why ``value`` is not an endpoint the API may be called at (None: it is one)."""
+def endpoint_problem(value: str, *, service: str = "modelarts") -> str | None:
+    """Why ``value`` is not an endpoint the API may be called at (None: it is one);
+    ``service`` names the example's host (``iam`` for an IAM endpoint)."""
     if len(value) > MAX_ENDPOINT_LENGTH:
         return f"must be at most {MAX_ENDPOINT_LENGTH} characters"
     if any(c.isspace() or not c.isprintable() for c in value):
         return "must not hold spaces or control characters"
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "must be an http(s) URL such as https://modelarts.cn-north-4.myhuaweicloud.com"
+        return f"must be an http(s) URL such as https://{service}.cn-north-4.myhuaweicloud.com"
     if parts.scheme == "http" and not is_loopback(parts.hostname):
         return "plain http:// is accepted only for loopback hosts; use https://"
     if parts.username is not None or parts.password is not None:

@@ -82,7 +82,7 @@ def iam_endpoint(settings: Settings) -> str | None:
     profile = read_profile(os.environ)
     if profile is None or profile.iam_endpoint is None:
         return None
-    problem = endpoint_problem(profile.iam_endpoint)
+    problem = endpoint_problem(profile.iam_endpoint, service="iam")
     if problem is not None:
         raise ConfigError(f"profile {profile.path}: iam_endpoint {problem}")
     return normal_endpoint(profile.iam_endpoint)
