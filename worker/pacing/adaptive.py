@@ -12,10 +12,9 @@ rate from the calls' answers.
 
 from __future__ import annotations
 
-import abc
 import math
 from dataclasses import replace
-from typing import Generic, Literal, TypeVar
+from typing import Literal
 
 import anyio
 import anyio.lowlevel
@@ -33,49 +32,7 @@ RESLOT = 0.05
 """A rate change larger than this fraction re-slots every waiter."""
 
 
-C = TypeVar("C", bound=PacedController)
-
-
-class _Answered(abc.ABC, Generic[C]):
-    """What both limiters do with an answer: count the throttles, fold it into their
-    controller, and take up the rate it sets (``_answered``, each its own way)."""
-
-    __slots__ = ("_clock", "_controller", "throttles")
-    _clock: Clock
-    _controller: C
-    throttles: int
-
-    @property
-    def rate(self) -> float:
-        return self._controller.rate
-
-    @property
-    def controller(self) -> C:
-        return self._controller
-
-    def feedback(
-        self,
-        *,
-        throttled: bool,
-        latency_s: float | None = None,
-        retry_after: float | None = None,
-        overloaded: bool = False,
-    ) -> None:
-        """Fold one answer into the controller (``overloaded``: a 503), then let the
-        limiter take up its new rate."""
-        now = self._clock.now()
-        self.throttles += throttled
-        answer(
-            self._controller, now, throttled=throttled, latency_s=latency_s,
-            retry_after=retry_after, overloaded=overloaded,
-        )  # fmt: skip
-        self._answered(now)
-
-    @abc.abstractmethod
-    def _answered(self, now: float) -> None: ...
-
-
-class AdaptiveRateLimiter(_Answered[PacedController]):
+class AdaptiveRateLimiter:
     """A ``RateLimiter`` whose rate a ``RateController`` sets from the calls' answers.
 
     Calls are spaced by a ``TokenBucket`` with a burst of 1 by default: the server's burst is
@@ -84,7 +41,10 @@ class AdaptiveRateLimiter(_Answered[PacedController]):
     one (their slots were too close together); a ``Retry-After`` pause holds every call back.
     """
 
-    __slots__ = ("_bucket", "_burst", "_generation", "_last_sent", "_slotted")
+    __slots__ = (
+        "_bucket", "_burst", "_clock", "_controller", "_generation", "_last_sent", "_slotted",
+        "throttles",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -156,7 +116,30 @@ class AdaptiveRateLimiter(_Answered[PacedController]):
             self._controller.on_sent(self._last_sent)
             return
 
-    def _answered(self, now: float) -> None:
+    @property
+    def rate(self) -> float:
+        return self._controller.rate
+
+    @property
+    def controller(self) -> PacedController:
+        return self._controller
+
+    def feedback(
+        self,
+        *,
+        throttled: bool,
+        latency_s: float | None = None,
+        retry_after: float | None = None,
+        overloaded: bool = False,
+    ) -> None:
+        """Fold one answer into the controller (``overloaded``: a 503), then take up the
+        rate it sets."""
+        now = self._clock.now()
+        self.throttles += throttled
+        answer(
+            self._controller, now, throttled=throttled, latency_s=latency_s,
+            retry_after=retry_after, overloaded=overloaded,
+        )  # fmt: skip
         self._sync(now)
 
     def __repr__(self) -> str:
