@@ -293,12 +293,7 @@ async def test_the_fleets_slowdown_is_the_pure_arithmetic(
     pure = Slowdown(50.0)
     for at, ago in script:
         clock.advance(max(0.0, at - clock.now()))
-        when = clock.now()
-        if ago is not None:
-            limiter.feedback(throttled=True, latency_s=ago)
-        pace = _on_the_scripts_clock(pure, when, ago)
-        await limiter.acquire()
-        assert limiter.rate == pytest.approx(pace, rel=1e-9)
+        await _reserves_as_pure(limiter, pure, clock.now(), ago)
 
 
 # Times on a millisecond grid: the scripts keep whole microseconds, and a refusal sent
@@ -313,12 +308,19 @@ steps = st.lists(
 )
 
 
-def _on_the_scripts_clock(pure: Slowdown, when: float, ago: float | None) -> float:
-    """``pure`` told what the script is told, in whole microseconds: the pace at ``when``."""
+async def _reserves_as_pure(
+    limiter: RedisRateLimiter, pure: Slowdown, when: float, ago: float | None
+) -> None:
+    """At ``when``, a refusal of a call sent ``ago`` seconds before (None: none), then a
+    reservation: the pace in Redis is ``pure``'s, told what the script is told (in whole
+    microseconds)."""
     now_us = round(when * 1e6)
     if ago is not None:
+        limiter.feedback(throttled=True, latency_s=ago)
         pure.refused(now_us / 1e6, (now_us - round(ago * 1e6)) / 1e6)
-    return pure.pace_at(now_us / 1e6)
+    pace = pure.pace_at(now_us / 1e6)
+    await limiter.acquire()
+    assert limiter.rate == pytest.approx(pace, rel=1e-9)
 
 
 @pytest.mark.anyio
@@ -335,10 +337,5 @@ async def test_the_fleets_slowdown_is_the_pure_arithmetic_whatever_the_refusals(
     pure = Slowdown(50.0)
     for gap, ago in script:
         clock.advance(gap)
-        when = clock.now()
-        if ago is not None:
-            limiter.feedback(throttled=True, latency_s=ago)
-        pace = _on_the_scripts_clock(pure, when, ago)
-        await limiter.acquire()
-        assert limiter.rate == pytest.approx(pace, rel=1e-9)
+        await _reserves_as_pure(limiter, pure, clock.now(), ago)
         assert 0.2 - 1e-9 <= limiter.rate <= 50.0
