@@ -18,7 +18,7 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import pyte
 
@@ -84,26 +84,27 @@ class Terminal:
 
     def expect(self, marker: str, timeout: float = 60.0) -> None:
         """Wait until ``marker`` has been written (as text, escape codes and all)."""
+        self._wait_for(marker, self.text, timeout)
+
+    def expect_on_screen(self, marker: str, timeout: float = 60.0) -> None:
+        """Wait until ``marker`` is on the screen a person sees (what a line editor redrew,
+        not the bytes it wrote to get there)."""
+        self._wait_for(marker, self.screen_text, timeout)
+
+    def _wait_for(self, marker: str, seen: Callable[[], str], timeout: float) -> None:
+        """Until ``marker`` is in ``seen()``; once the process has exited, only until what
+        it wrote has all been read."""
         deadline = time.monotonic() + timeout
-        while marker not in self.text():
-            if self.process.poll() is not None and marker not in self.text():
+        while marker not in seen():
+            if self.process.poll() is not None:
                 self._reader.join(timeout=5)
-                if marker in self.text():
+                if marker in seen():
                     return
                 raise AssertionError(f"exited {self.process.returncode} before {marker!r}:\n"
                                      f"{self.screen_text()}")  # fmt: skip
             if time.monotonic() > deadline:
                 raise AssertionError(f"no {marker!r} within {timeout}s:\n{self.screen_text()}")
             time.sleep(0.02)
-
-    def expect_on_screen(self, marker: str, timeout: float = 60.0) -> None:
-        """Wait until ``marker`` is on the screen a person sees (what a line editor redrew,
-        not the bytes it wrote to get there)."""
-        deadline = time.monotonic() + timeout
-        while marker not in self.screen_text():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"no {marker!r} on the screen:\n{self.screen_text()}")
-            time.sleep(0.05)
 
     def type(self, keys: bytes) -> None:
         os.write(self._main, keys)
