@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,7 +36,7 @@ from worker.discovery.guard import Protection
 from worker.discovery.plan import MAX_TTL, PlanHeader, PlanWriter, check_fraction
 from worker.discovery.projects import ProjectSpec, parse_specs
 from worker.discovery.review import estimate_s, render
-from worker.discovery.select import Selected, Spool, select
+from worker.discovery.select import JobSink, Selected, Spool, select
 from worker.errors import (
     ApiError,
     ApiUnavailable,
@@ -48,7 +49,7 @@ from worker.errors import (
 )
 from worker.exit_codes import ExitCode
 from worker.outcomes.journal import check_output
-from worker.pacing.paced import PacedReader
+from worker.pacing.paced import PacedReader, ReadApi
 from worker.settings import Settings, read_plan_key
 
 MAX_PAGE_SIZE = 1000
@@ -208,32 +209,18 @@ async def discover(
     log = structlog.get_logger("devserver_reaper")
     endpoint = settings.api_endpoint
     now = datetime.now(UTC)
-    writers: list[PlanWriter] = []
-
-    def new_sink() -> PlanWriter | Spool:
-        if request.plan is None:
-            return Spool()
-        writers[:] = [PlanWriter(request.plan, key=key)]
-        return writers[0]
-
     selected = await select_jobs(
-        settings, request.filters, protection, now=now, new_sink=new_sink,
+        settings, request.filters, protection, now=now, new_sink=sinks(request.plan, key),
         page_size=request.page_size,
     )  # fmt: skip
     selection, scan = selected.selection, selected.scan
     project = wiring.project_id(settings)  # looked up in IAM by now, if it had to be
     try:
-        log.info(
-            "discover.summary", project_id=project, endpoint=endpoint, listed=selection.listed,
-            pages=scan.pages, passes=scan.passes, complete=scan.complete,
-            incomplete_reason=scan.reason, matched=selection.matched,
-            protected=selection.protected, invalid_ids=selection.invalid,
-            selected=selection.selected, inventory_size=selected.inventory,
-        )  # fmt: skip
+        log_summary(log, selected, project_id=project, endpoint=endpoint)
         check_selection(selected, settings, everything=request.everything)
         review = selection.review.to_json()
         if request.plan is not None:
-            header = writers[0].seal(
+            header = plan_writer(selected).seal(
                 project_id=project, endpoint=endpoint, filters=request.filters, now=now,
                 ttl=request.plan_ttl, inventory_size=selected.inventory,
                 complete=scan.complete, review=review,
@@ -268,20 +255,60 @@ async def select_jobs(
     page_size: int | None,
 ) -> Selected:
     """The selection, listed through its own session at the configured rate."""
-    log = structlog.get_logger("devserver_reaper")
-    clock = MonotonicClock()
     async with wiring.session(settings, concurrency=1) as session:
         api = await wiring.api_client(settings, session)
-        reader = PacedReader(
-            api=api,
-            limiter=wiring.limiter(settings, clock),
-            policy=wiring.retry_policy(settings),
-            clock=clock,
-        )
-        return await select(
-            reader, filters, protection, clock=clock, now=now, new_sink=new_sink,
-            page_size=page_size, warn=log.warning, note=log.info,
+        return await select_in(
+            api, settings, filters, protection, clock=MonotonicClock(), now=now,
+            new_sink=new_sink, page_size=page_size,
         )  # fmt: skip
+
+
+async def select_in(
+    api: ReadApi,
+    settings: Settings,
+    filters: Filters,
+    protection: Protection,
+    *,
+    clock: MonotonicClock,
+    now: datetime,
+    new_sink: Callable[[], JobSink],
+    page_size: int | None,
+) -> Selected:
+    """The selection of ``api``'s project, listed at the configured rate (a limiter of its
+    own: the quota is the project's)."""
+    log = structlog.get_logger("devserver_reaper")
+    reader = PacedReader(
+        api=api, limiter=wiring.limiter(settings, clock), policy=wiring.retry_policy(settings),
+        clock=clock,
+    )  # fmt: skip
+    return await select(
+        reader, filters, protection, clock=clock, now=now, new_sink=new_sink,
+        page_size=page_size, warn=log.warning, note=log.info,
+    )  # fmt: skip
+
+
+def sinks(plan: Path | None, key: bytes | None) -> Callable[[], PlanWriter | Spool]:
+    """A fresh sink for each pass of the listing: the plan's writer, else a spool for stdout."""
+    return lambda: Spool() if plan is None else PlanWriter(plan, key=key)
+
+
+def plan_writer(selected: Selected) -> PlanWriter:
+    """The writer a selection for ``--plan`` went into."""
+    sink = selected.selection.sink
+    assert isinstance(sink, PlanWriter)
+    return sink
+
+
+def log_summary(log: Any, selected: Selected, **where: str | None) -> None:
+    """``discover.summary``: what the listing of one project (``where``) found and kept."""
+    selection, scan = selected.selection, selected.scan
+    log.info(
+        "discover.summary", **where, listed=selection.listed, pages=scan.pages,
+        passes=scan.passes, complete=scan.complete, incomplete_reason=scan.reason,
+        matched=selection.matched, protected=selection.protected,
+        invalid_ids=selection.invalid, selected=selection.selected,
+        inventory_size=selected.inventory,
+    )  # fmt: skip
 
 
 def check_selection(

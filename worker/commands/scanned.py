@@ -31,15 +31,13 @@ from worker.discovery.guard import Protection
 from worker.discovery.plan import (
     PlanHeader,
     PlanSection,
-    PlanWriter,
     project_place,
     write_plan,
 )
 from worker.discovery.projects import Defaults, resolve_targets
 from worker.discovery.review import estimate_s, render
-from worker.discovery.select import JobSink, Selected, Spool, select
+from worker.discovery.select import JobSink, Selected, Spool
 from worker.exit_codes import ExitCode
-from worker.pacing.paced import PacedReader
 from worker.settings import Settings
 from worker.targets import Target
 
@@ -67,35 +65,27 @@ async def discover_named(
     key: bytes | None = None,
 ) -> int:
     """discover over ``request.projects``: select in each, check each, then write."""
-    from worker.commands.discover import check_selection
+    from worker.commands.discover import check_selection, log_summary, plan_writer, sinks
 
     log = structlog.get_logger("devserver_reaper")
     now = datetime.now(UTC)
     scanned: list[Scanned] = []
-
-    def new_sink() -> PlanWriter | Spool:
-        return Spool() if request.plan is None else PlanWriter(request.plan, key=key)
-
     try:
-        scanned = await select_each(request, settings, protection, now=now, new_sink=new_sink)
+        scanned = await select_each(
+            request, settings, protection, now=now, new_sink=sinks(request.plan, key)
+        )
         for part in scanned:
-            selection, scan = part.selected.selection, part.selected.scan
-            log.info(
-                "discover.summary", project_id=part.target.project_id,
-                region=part.target.region, endpoint=part.target.endpoint,
-                listed=selection.listed, pages=scan.pages, passes=scan.passes,
-                complete=scan.complete, incomplete_reason=scan.reason,
-                matched=selection.matched, protected=selection.protected,
-                invalid_ids=selection.invalid, selected=selection.selected,
-                inventory_size=part.selected.inventory,
-            )  # fmt: skip
+            target = part.target
+            log_summary(log, part.selected, project_id=target.project_id,
+                        region=target.region, endpoint=target.endpoint)  # fmt: skip
         for part in scanned:
             check_selection(part.selected, settings, everything=request.everything,
                             project=part.where)  # fmt: skip
         if request.plan is not None:
             header = write_plan(
                 request.plan, key=key, filters=request.filters, now=now, ttl=request.plan_ttl,
-                parts=[(section_of(part), _writer(part)) for part in scanned], named=True,
+                parts=[(section_of(part), plan_writer(part.selected)) for part in scanned],
+                named=True,
             )  # fmt: skip
             log.info("discover.plan_written", path=str(request.plan), jobs=header.jobs,
                      seal=header.seal, expires_at=header.to_json()["expires_at"],
@@ -122,7 +112,8 @@ async def select_each(
     new_sink: Callable[[], JobSink],
 ) -> list[Scanned]:
     """Each project's selection, one project after another, through one session and keys."""
-    log = structlog.get_logger("devserver_reaper")
+    from worker.commands.discover import select_in
+
     clock = MonotonicClock()
     scanned: list[Scanned] = []
     async with wiring.session(settings, concurrency=1) as session:
@@ -139,12 +130,9 @@ async def select_each(
             for target in targets:
                 api = ApiClient(session=session, endpoint=target.endpoint,
                                 project_id=target.project_id, credentials=keys)  # fmt: skip
-                reader = PacedReader(api=api, limiter=wiring.limiter(settings, clock),
-                                     policy=wiring.retry_policy(settings), clock=clock)  # fmt: skip
-                selected = await select(
-                    reader, request.filters, protection, clock=clock, now=now,
-                    new_sink=new_sink, page_size=request.page_size, warn=log.warning,
-                    note=log.info,
+                selected = await select_in(
+                    api, settings, request.filters, protection, clock=clock, now=now,
+                    new_sink=new_sink, page_size=request.page_size,
                 )  # fmt: skip
                 scanned.append(Scanned(target, selected))
         except BaseException:
@@ -178,12 +166,6 @@ def section_of(part: Scanned) -> PlanSection:
         review=selected.selection.review.to_json(),
         region=part.target.region,
     )
-
-
-def _writer(part: Scanned) -> PlanWriter:
-    sink = part.selected.selection.sink
-    assert isinstance(sink, PlanWriter)
-    return sink
 
 
 # -- stdout --------------------------------------------------------------------------------
