@@ -481,6 +481,12 @@ async def test_a_hanging_region_holds_its_share_of_the_dispatchers_and_no_more()
     assert hanging.started == 6
 
 
+async def _cancel_once_blocked(scope: anyio.CancelScope) -> None:
+    """Cancel ``scope`` once every task waits: what it was doing then waited, not ran late."""
+    await anyio.wait_all_tasks_blocked()
+    scope.cancel()
+
+
 async def test_a_region_past_its_waiting_room_makes_its_dispatcher_wait() -> None:
     """Back-pressure: past ``defer_ids`` waiting ids of one endpoint, the dispatcher that
     brings one more waits for room instead of the router holding ever more."""
@@ -489,10 +495,11 @@ async def test_a_region_past_its_waiting_room_makes_its_dispatcher_wait() -> Non
     router = Router(default=HOME, lane=lambda target: hanging, concurrency=1, defer_ids=2)
     async with anyio.create_task_group() as group:
         group.start_soon(router.process, Batch("a0", ("a0",), target=AWAY))
-        await anyio.sleep(0.01)
+        await anyio.wait_all_tasks_blocked()  # a0 in its lane, which hangs
         await router.process(Batch("a1", ("a1",), target=AWAY))  # waits in the router
         await router.process(Batch("a2", ("a2",), target=AWAY))
-        with anyio.move_on_after(0.2) as waited:
+        with anyio.CancelScope() as waited:
+            group.start_soon(_cancel_once_blocked, waited)
             await router.process(Batch("a3", ("a3",), target=AWAY))
         assert waited.cancelled_caught  # no room: it waited
         hanging.release.set()
