@@ -31,8 +31,7 @@ from worker.pacing.paced import PacedReader
 from worker.pacing.retry import RetryPolicy
 from worker.pipeline import BatchProcessor
 from worker.settings import Settings
-from worker.targets import endpoint_problem, normal_endpoint
-from worker.types import PROJECT_ID_RE
+from worker.targets import endpoint_problem, normal_endpoint, project_problem
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -54,10 +53,8 @@ def project_choice(settings: Settings) -> ProjectChoice:
         return ProjectChoice(settings.project_id, "settings")
     profile = read_profile(os.environ)
     if profile is not None and profile.project_id:
-        if not PROJECT_ID_RE.fullmatch(profile.project_id):
-            raise ConfigError(
-                f"profile {profile.path}: project_id must be 1 to 64 letters, digits and hyphens"
-            )
+        if (problem := project_problem(profile.project_id)) is not None:
+            raise ConfigError(f"profile {profile.path}: project_id {problem}")
         return ProjectChoice(profile.project_id, f"profile {profile.path}")
     if settings.region:
         found = PROCESS_CACHE.get(settings.region, iam_endpoint(settings))
