@@ -397,15 +397,16 @@ class RedisRateLimiter(RedisPacer, FixedRate):
     async def reserve(self) -> Reservation | float:
         c = self._config
         refused, now = self._refused, self._clock.now()
+        ago = [f"{(now - sent) * 1e6:.0f}" for sent in refused]
         args: list[Any] = [
             self._now_arg(), self._interval, self._burst, int(PACE_TTL_S * 1000), c.cut,
             c.first_cut, int(c.window * 1e6), c.min_rate / self._asked, int(c.hold * 1e6),
-            c.growth, self._horizon_us, *(f"{(now - sent) * 1e6:.0f}" for sent in refused),
+            c.growth, self._horizon_us, *ago,
         ]  # fmt: skip
         start, server_now, token, event, factor = await self._script(
             keys=self._keys.all(), args=args
         )
-        del refused[: len(args) - 11]  # reported; later ones wait for the next reservation
+        del refused[: len(ago)]  # reported; later ones wait for the next reservation
         self.factor = float(text(factor))
         self._last_spacing = math.ceil(self._interval / self.factor)
         if (event := text(event)) == "slowed":
