@@ -54,7 +54,7 @@ class RateLimiter(Protocol):
         ...
 
 
-def _check_rate(rate: float) -> float:
+def check_rate(rate: float) -> float:
     if not (isinstance(rate, int | float) and math.isfinite(rate) and rate > 0):
         raise ValueError(f"rate must be a finite number of calls per second > 0, not {rate!r}")
     return float(rate)
@@ -73,7 +73,7 @@ class TokenBucket:
     def __init__(self, rate: float, burst: int, now: float) -> None:
         if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
             raise ValueError(f"burst must be an integer >= 1, not {burst!r}")
-        self._rate = _check_rate(rate)
+        self._rate = check_rate(rate)
         self._burst = burst
         self._anchor = float(now)
         self._count = 0.0
@@ -135,7 +135,7 @@ class TokenBucket:
         starts ``1 / rate`` (the new rate) after the last one handed out, so a rate increase
         never lets a newcomer overtake a waiter and a decrease takes effect at once.
         """
-        new = _check_rate(rate)
+        new = check_rate(rate)
         old = self._rate
         tat = self._tat()
         last_start = self._anchor + (self._count - self._burst) / old

@@ -65,7 +65,7 @@ import structlog
 
 from worker.clock import Clock
 from worker.errors import NotAStream
-from worker.pacing.bucket import FixedRate
+from worker.pacing.bucket import FixedRate, check_rate
 from worker.pacing.slowdown import Notify, SlowdownConfig
 
 GCRA = """
@@ -219,9 +219,7 @@ class Reservation:
 
 def interval_us(rate: float) -> int:
     """Microseconds between two calls at ``rate``, rounded up (never faster than ``rate``)."""
-    if not (math.isfinite(rate) and rate > 0):
-        raise ValueError(f"rate must be a finite number of calls per second > 0, not {rate!r}")
-    return max(1, math.ceil(1_000_000 / rate))
+    return max(1, math.ceil(1_000_000 / check_rate(rate)))
 
 
 class RedisPacer(abc.ABC):
