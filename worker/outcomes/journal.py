@@ -286,10 +286,8 @@ class RunJournal:
         self._tally.unconfirmed += sum(not result.confirmed for result in results)
         target = results[0].target  # one call's results are one lane's: one target
         if target is not None:
-            named = self._tally.by_target.get(target)
-            if named is None:
-                named = self._tally.by_target[target] = Counter()
-            named.update(result.outcome.value for result in results)
+            by_target = self._tally.by_target.setdefault(target, Counter())
+            by_target.update(result.outcome.value for result in results)
         first = results[0].outcome
         if first is not skipped and all(result.outcome is first for result in results):
             outcomes[first.value] += len(results)  # a batch's usual report: one outcome
