@@ -608,7 +608,7 @@ async def _recount(plan: SealedPlan, calls: RunCalls, settings: Settings, clock:
 
 
 async def _log_stats(
-    interval: float, tally: Tally, limiter: Lanes, clock: MonotonicClock, events: EventLog
+    interval: float, tally: Tally, lanes: Lanes, clock: MonotonicClock, events: EventLog
 ) -> None:
     """``run.stats`` every ``interval`` seconds (0: never) when no progress line is shown:
     a CronJob's log says where the run stands, not only each id (``worker.stats``)."""
@@ -618,7 +618,7 @@ async def _log_stats(
 
     async def report() -> None:
         fields = window.close(clock.now(), tally.counts())
-        events.note("run.stats", **fields, read=tally.read, rate=round(float(limiter.rate), 3))
+        events.note("run.stats", **fields, read=tally.read, rate=round(lanes.rate, 3))
 
     await every(interval, clock, report)
 
