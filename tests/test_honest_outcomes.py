@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.e2e import reaper, reaper_env, results, start_reaper, write_ids
+from tests.e2e import kill_when, reaper, reaper_env, results, start_reaper, write_ids
 from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
 from worker.simulator.config import FAULT_KINDS
 
@@ -78,11 +78,8 @@ async def test_ids_in_flight_when_a_run_was_killed_end_deleted_unconfirmed_on_re
         env = reaper_env(sim.url)
         process = await start_reaper(fast(src, "--ledger", str(ledger)), env)
         async with process:
-            with anyio.fail_after(30):
-                while len(sim.deleted) < 20:  # two batches applied, their answers held
-                    await anyio.sleep(0.01)
-            process.kill()
-            await process.wait()
+            # two batches applied, their answers held
+            await kill_when(process, lambda: len(sim.deleted) >= 20)
         in_flight = set(sim.deleted)
         sim.set_faults(FaultConfig())  # the answers without the held latency, for the resume
         out = tmp_path / "results.jsonl"
@@ -209,11 +206,7 @@ async def test_the_deletion_cap_holds_over_a_kill_9_and_a_resume_on_one_ledger(
         args = fast(src, "--ledger", str(ledger), "--max-deletions", "50")
         process = await start_reaper(args, env)
         async with process:
-            with anyio.fail_after(30):
-                while len(sim.deleted) < 20:
-                    await anyio.sleep(0.01)
-            process.kill()
-            await process.wait()
+            await kill_when(process, lambda: len(sim.deleted) >= 20)
         first = len(sim.deleted)
         assert 20 <= first < 50
         sim.set_faults(FaultConfig())
