@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import anyio
 import orjson
 from aiohttp import web
 from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from tests.fakes import FakeClock
 from worker.api.client import ApiClient, make_session
@@ -199,3 +200,37 @@ async def stop_and_drain(process: Process, signum: signal.Signals = signal.SIGTE
         await process.wait()
     await process.aclose()
     return rest
+
+
+@dataclass
+class Served:
+    """A ``serve`` subprocess printing JSON events, and those it has printed
+    (:func:`collect`)."""
+
+    process: Process
+    events: list[dict[str, Any]] = field(default_factory=list)
+    started: anyio.Event = field(default_factory=anyio.Event)
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == event]
+
+    @property
+    def port(self) -> int:
+        """The health and metrics port it said it bound (``serve.started``)."""
+        return int(self.named("serve.started")[0]["http_port"])
+
+
+async def collect(served: Served) -> None:
+    """Each line of ``served``'s stdout into its events, until it closes; ``started`` set
+    at ``serve.started``."""
+    assert served.process.stdout is not None
+    lines = BufferedByteReceiveStream(served.process.stdout)
+    while True:
+        try:
+            line = await lines.receive_until(b"\n", 1 << 20)
+        except (anyio.EndOfStream, anyio.IncompleteRead):
+            return
+        event = orjson.loads(line)
+        served.events.append(event)
+        if event.get("event") == "serve.started":
+            served.started.set()

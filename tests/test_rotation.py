@@ -9,12 +9,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import anyio
 import pytest
 
 from tests.conftest import REDIS_URL
 from tests.e2e import SIM_AK, SIM_SK, mount_secret
-from tests.test_serve_e2e import GROUP, Queue, Replica, _collect, _env, queue, until
+from tests.test_serve_e2e import GROUP, Queue, Replica, queue, until
 from worker.simulator import SimulatorConfig, run_simulator
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
@@ -28,15 +27,8 @@ async def start_with_key_files(q: Queue, name: str, files: dict[str, Path]) -> R
         "--redis-url", REDIS_URL, "--http-port", "0", "--log-format", "json",
         "--credential-source", "settings",
     ]  # fmt: skip
-    env = _env() | {"REAPER_AK_FILE": str(files["ak"]), "REAPER_SK_FILE": str(files["sk"])}
-    with (q.tmp / f"{name}.err").open("wb") as errors:
-        process = await anyio.open_process(command, env=env, stderr=errors)
-    replica = Replica(name, process)
-    q.replicas.append(replica)
-    q.group.start_soon(_collect, replica)
-    with anyio.fail_after(20):
-        await replica.started.wait()
-    return replica
+    env = {"REAPER_AK_FILE": str(files["ak"]), "REAPER_SK_FILE": str(files["sk"])}
+    return await q.launch(name, command, env)
 
 
 @pytest.mark.anyio

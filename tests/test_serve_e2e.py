@@ -7,7 +7,6 @@ nothing pending, an event printed) with a deadline, and asserts on counts and ev
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,9 +21,10 @@ import anyio.abc
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from anyio.streams.buffered import BufferedByteReceiveStream
 
+from tests.benchmarks import harness
 from tests.conftest import REDIS_URL
+from tests.e2e import Served, collect
 from worker.simulator import FaultConfig, Simulator, SimulatorConfig, run_simulator
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
@@ -33,14 +33,8 @@ GROUP = "reapers"
 
 
 @dataclass
-class Replica:
-    name: str
-    process: anyio.abc.Process
-    events: list[dict[str, Any]] = field(default_factory=list)
-    started: anyio.Event = field(default_factory=anyio.Event)
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("event") == event]
+class Replica(Served):
+    name: str = ""
 
 
 @dataclass
@@ -59,7 +53,7 @@ class Queue:
         result = await anyio.run_process(
             [sys.executable, "-m", "worker", "enqueue", "--input", str(source),
              "--stream", self.stream, "--redis-url", REDIS_URL],
-            env=_env(), check=False,
+            env=harness.clean_env(), check=False,
         )  # fmt: skip
         summary = orjson.loads(result.stdout.splitlines()[-1])
         assert summary["enqueued"] == sum(1 for i in ids if " " not in i), result.stderr
@@ -72,12 +66,25 @@ class Queue:
             "--consumer", name, "--redis-url", REDIS_URL, "--http-port", "0",
             "--log-format", "json", *flags,
         ]  # fmt: skip
-        env = _env() | {"REAPER_SK": self.sim.config.sk}
+        return await self.launch(name, command, {"REAPER_SK": self.sim.config.sk})
+
+    async def start_all(self, names: tuple[str, ...], *flags: str) -> dict[str, Replica]:
+        """Replicas ``names`` started together, each with ``flags``; by name."""
+        async with anyio.create_task_group() as starting:
+            for name in names:
+                starting.start_soon(self.start, name, *flags)
+        return {r.name: r for r in self.replicas if r.name in names}
+
+    async def launch(self, name: str, command: list[str], env: dict[str, str]) -> Replica:
+        """Start ``command`` (a ``serve``), with ``env`` beside a clean environment, as
+        replica ``name``; return once it has said ``serve.started``."""
         with (self.tmp / f"{name}.err").open("wb") as errors:
-            process = await anyio.open_process(command, env=env, stderr=errors)
-        replica = Replica(name, process)
+            process = await anyio.open_process(
+                command, env=harness.clean_env() | env, stderr=errors
+            )
+        replica = Replica(process, name=name)
         self.replicas.append(replica)
-        self.group.start_soon(_collect, replica)
+        self.group.start_soon(collect, replica)
         with anyio.fail_after(20):
             await replica.started.wait()
         return replica
@@ -105,24 +112,6 @@ class Queue:
         with anyio.fail_after(20):
             for replica in self.replicas:
                 await replica.process.wait()
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("REAPER_", "HUAWEICLOUD_"))}
-
-
-async def _collect(replica: Replica) -> None:
-    assert replica.process.stdout is not None
-    lines = BufferedByteReceiveStream(replica.process.stdout)
-    while True:
-        try:
-            line = await lines.receive_until(b"\n", 1 << 20)
-        except (anyio.EndOfStream, anyio.IncompleteRead):
-            return
-        event = orjson.loads(line)
-        replica.events.append(event)
-        if event.get("event") == "serve.started":
-            replica.started.set()
 
 
 async def until(check: Callable[[], Awaitable[bool]], timeout: float = 25) -> None:
@@ -165,9 +154,7 @@ async def test_three_replicas_share_one_stream_and_one_quota(
         ids = q.sim.job_ids()
         await q.enqueue(ids)
         flags = ("--rate", "20", "--burst", "1", "--batch-size", "20", "--concurrency", "4")
-        async with anyio.create_task_group() as starting:
-            for name in ("r1", "r2", "r3"):
-                starting.start_soon(q.start, name, *flags)
+        await q.start_all(("r1", "r2", "r3"), *flags)
 
         async def all_deleted() -> bool:
             return len(q.sim.deleted) == len(ids)
@@ -213,9 +200,7 @@ async def test_three_replicas_on_auto_run_one_estimate_kept_in_redis(
         ids = q.sim.job_ids()
         await q.enqueue(ids)
         flags = ("--rate", "auto", "--batch-size", "2", "--concurrency", "4")
-        async with anyio.create_task_group() as starting:
-            for name in ("r1", "r2", "r3"):
-                starting.start_soon(q.start, name, *flags)
+        await q.start_all(("r1", "r2", "r3"), *flags)
 
         async def all_deleted() -> bool:
             return len(q.sim.deleted) == len(ids)
@@ -250,9 +235,7 @@ async def test_the_leader_killed_is_replaced_from_the_estimate_it_stored(
         await q.enqueue(ids)
         flags = ("--rate", "auto", "--batch-size", "1", "--concurrency", "4",
                  "--reclaim-after", "1")  # fmt: skip
-        async with anyio.create_task_group() as starting:
-            for name in ("r1", "r2", "r3"):
-                starting.start_soon(q.start, name, *flags)
+        await q.start_all(("r1", "r2", "r3"), *flags)
 
         async def learnt() -> bool:  # a leader, and calls well past start-up's
             return any(r.named("rate.leader") for r in q.replicas) and len(q.sim.deleted) >= 250
@@ -290,10 +273,7 @@ async def test_a_replica_killed_mid_stream_has_its_entries_reclaimed(
         await q.enqueue(ids)
         flags = ("--rate", "30", "--batch-size", "10", "--concurrency", "4",
                  "--reclaim-after", "1")  # fmt: skip
-        async with anyio.create_task_group() as starting:
-            for name in ("victim", "s1", "s2"):
-                starting.start_soon(q.start, name, *flags)
-        victim = q.replicas[[r.name for r in q.replicas].index("victim")]
+        victim = (await q.start_all(("victim", "s1", "s2"), *flags))["victim"]
 
         async def victim_mid_work() -> bool:
             return len(q.sim.deleted) >= 100 and await q.pending("victim") > 0

@@ -13,7 +13,6 @@ bounded by the settings, however many an entry names.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -29,10 +28,11 @@ import anyio.abc
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from anyio.streams.buffered import BufferedByteReceiveStream
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.benchmarks import harness
 from tests.conftest import REDIS_URL
+from tests.e2e import Served, collect
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
 
@@ -59,7 +59,11 @@ class Region:
                 "--seed", str(self.seed), "--project-id", self.project, "--region", self.region,
                 "--ak", AK, "--sk", SK, "--ids-file", str(ids_file), *self.flags]  # fmt: skip
         self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env()
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=harness.clean_env(),
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -98,41 +102,13 @@ def regions(tmp: Path, *south_flags: str) -> Iterator[tuple[Region, Region]]:
         south.stop()
 
 
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("REAPER_", "HUAWEICLOUD_"))}
-
-
-@dataclass
-class Serve:
-    process: anyio.abc.Process
-    events: list[dict[str, Any]] = field(default_factory=list)
-    started: anyio.Event = field(default_factory=anyio.Event)
-    port: int = 0
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("event") == event]
-
+class Serve(Served):
     async def metrics(self) -> str:
         async with (
             aiohttp.ClientSession() as http,
             http.get(f"http://127.0.0.1:{self.port}/metrics") as r,
         ):
             return await r.text()
-
-
-async def _collect(serve: Serve) -> None:
-    assert serve.process.stdout is not None
-    lines = BufferedByteReceiveStream(serve.process.stdout)
-    while True:
-        try:
-            line = await lines.receive_until(b"\n", 1 << 20)
-        except (anyio.EndOfStream, anyio.IncompleteRead):
-            return
-        event = orjson.loads(line)
-        serve.events.append(event)
-        if event.get("event") == "serve.started":
-            serve.port = int(event["http_port"])
-            serve.started.set()
 
 
 @asynccontextmanager
@@ -146,10 +122,12 @@ async def serving(stream: str, home: Region, tmp: Path, *flags: str) -> AsyncIte
                "--max-attempts", "2", "--connect-timeout", "1", "--read-timeout", "2",
                "--batch-size", "5", *flags]  # fmt: skip
     with (tmp / "serve.err").open("wb") as errors:
-        process = await anyio.open_process(command, env=_env() | {"REAPER_SK": SK}, stderr=errors)
+        process = await anyio.open_process(
+            command, env=harness.clean_env() | {"REAPER_SK": SK}, stderr=errors
+        )
     serve = Serve(process)
     async with anyio.create_task_group() as group:
-        group.start_soon(_collect, serve)
+        group.start_soon(collect, serve)
         try:
             with anyio.fail_after(20):
                 await serve.started.wait()
@@ -173,7 +151,7 @@ async def enqueue(stream: str, tmp: Path, lines: list[dict[str, str]]) -> dict[s
     done = await anyio.run_process(
         [sys.executable, "-m", "worker", "enqueue", "--input", str(source),
          "--stream", stream, "--redis-url", REDIS_URL],
-        env=_env(), check=False,
+        env=harness.clean_env(), check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     return orjson.loads(done.stdout.splitlines()[-1])  # type: ignore[no-any-return]
