@@ -381,9 +381,7 @@ class PlanWriter:
     def __init__(self, path: Path, *, key: bytes | None) -> None:
         self._path = path
         self._key = key
-        folder = path.parent if str(path.parent) else Path(".")
-        self._folder = folder
-        fd, spool = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".jobs", dir=folder)
+        fd, spool = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".jobs", dir=path.parent)
         os.chmod(spool, 0o600)
         self._spool_path = Path(spool)
         self._spool: IO[bytes] = os.fdopen(fd, "w+b")
@@ -452,8 +450,7 @@ def write_plan(
     sections = tuple(replace(section, jobs=writer.jobs) for section, writer in parts)
     header = PlanHeader(filters, now, now + ttl, sections, named)
     sealer = _Sealer(key)
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as out:
             os.chmod(temporary, 0o600)
