@@ -275,6 +275,13 @@ def both(home: Simulator, away: Simulator) -> list[str]:
             "--iam-endpoint", away.url]  # fmt: skip
 
 
+async def plan_both(plan: Path, home: Simulator, away: Simulator, *filters: str) -> None:
+    """``discover`` of both projects into ``plan`` (``--all`` unless ``filters``): it must work."""
+    made = await reaper(["discover", *(filters or ("--all",)), "--plan", str(plan),
+                         *both(home, away)], reaper_env(home.url))  # fmt: skip
+    assert made.code == 0, made.stderr
+
+
 @pytest.mark.anyio
 async def test_discover_scans_each_project_into_one_plan_naming_each(tmp_path: Path) -> None:
     plan = tmp_path / "plan"
@@ -383,9 +390,7 @@ async def test_run_applies_a_named_plan_each_job_in_its_own_project_alone(
             {job.id for job in sim.store.jobs.values() if job.status == "FINISHED"}
             for sim in (home, away)
         ]
-        made = await reaper(["discover", "--status", "FINISHED", "--plan", str(plan),
-                             *both(home, away)], reaper_env(home.url))  # fmt: skip
-        assert made.code == 0, made.stderr
+        await plan_both(plan, home, away, "--status", "FINISHED")
         args = ["run", "--plan", str(plan), "--yes", "--ledger", str(ledger),
                 "--results", str(out)]  # fmt: skip
         done = await reaper(args, named_env(home.url))
@@ -412,10 +417,7 @@ async def test_a_named_plan_is_recounted_per_project_when_it_is_applied(tmp_path
     any DELETE, naming that project."""
     plan = tmp_path / "plan"
     async with two_regions() as (home, away):
-        made = await reaper(["discover", "--status", "FINISHED", "--plan", str(plan),
-                             "--max-fraction", "0.8", *both(home, away)],
-                            reaper_env(home.url))  # fmt: skip
-        assert made.code == 0, made.stderr
+        await plan_both(plan, home, away, "--status", "FINISHED", "--max-fraction", "0.8")
         other = [job.id for job in away.store.jobs.values() if job.status != "FINISHED"]
         gone = await reaper(
             ["run", "-i", "-", "--yes"],
@@ -437,9 +439,7 @@ async def test_a_named_plan_outside_allowed_projects_is_refused_before_any_call(
 ) -> None:
     plan = tmp_path / "plan"
     async with two_regions() as (home, away):
-        made = await reaper(["discover", "--all", "--plan", str(plan), *both(home, away)],
-                            reaper_env(home.url))  # fmt: skip
-        assert made.code == 0, made.stderr
+        await plan_both(plan, home, away)
         listed = home.stats.list_calls + away.stats.list_calls
         env = named_env(home.url, REAPER_ALLOWED_PROJECTS=SIM_PROJECT)
         done = await reaper(["run", "--plan", str(plan), "--yes"], env)
@@ -531,9 +531,7 @@ async def test_on_a_terminal_the_prompt_names_each_project_and_asks_for_their_nu
         return term.wait(), term.lines()
 
     async with two_regions() as (home, away):
-        made = await reaper(["discover", "--all", "--plan", str(plan), *both(home, away)],
-                            reaper_env(home.url))  # fmt: skip
-        assert made.code == 0, made.stderr
+        await plan_both(plan, home, away)
         env = named_env(home.url, REAPER_LOG_FORMAT="auto", REAPER_CONFIRM_PROJECT_OVER="5")
         refused, seen = await anyio.to_thread.run_sync(answer, b"yes\n", env)
         assert (len(home.deleted), len(away.deleted)) == (0, 0)
@@ -556,9 +554,7 @@ async def test_a_dry_run_of_a_named_plan_reads_each_project_and_deletes_nothing(
 ) -> None:
     plan = tmp_path / "plan"
     async with two_regions() as (home, away):
-        made = await reaper(["discover", "--all", "--plan", str(plan), *both(home, away)],
-                            reaper_env(home.url))  # fmt: skip
-        assert made.code == 0, made.stderr
+        await plan_both(plan, home, away)
         listed = (home.stats.list_calls, away.stats.list_calls)
         done = await reaper(["run", "--plan", str(plan), "--dry-run"], named_env(home.url))
         assert (home.stats.delete_calls, away.stats.delete_calls) == (0, 0)
