@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiohttp
 import anyio
@@ -16,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from tests.e2e import SIM_AK, SIM_SK, reaper, reaper_env, serve_app, write_ids
-from worker.api.credentials import Credentials, StaticCredentials
+from worker.api.credentials import Credentials, CredentialSource, StaticCredentials
 from worker.api.projects import (
     GLOBAL_IAM_ENDPOINT,
     LIST_PERMISSION,
@@ -25,6 +26,7 @@ from worker.api.projects import (
     IamUnavailable,
     ProjectAmbiguous,
     ProjectCache,
+    ProjectLookupFailed,
     ProjectNotFound,
     iam_endpoint_for,
     lookup_project,
@@ -32,7 +34,7 @@ from worker.api.projects import (
 from worker.api.session import make_session
 from worker.errors import AuthError, ConfigError, TransientError
 from worker.settings import REGIONS
-from worker.simulator import SimulatorConfig, run_simulator
+from worker.simulator import Simulator, SimulatorConfig, run_simulator
 
 pytestmark = pytest.mark.anyio
 
@@ -54,6 +56,26 @@ class Sleeps:
 
     async def __call__(self, seconds: float) -> None:
         self.asked.append(seconds)
+
+
+_E = TypeVar("_E", bound=ProjectLookupFailed)
+
+
+async def failed_lookup(
+    session: aiohttp.ClientSession,
+    kind: type[_E],
+    region: str,
+    keys: CredentialSource = KEYS,
+    **config: Any,
+) -> tuple[_E, Simulator]:
+    """The ``kind`` of failure a look-up of ``region`` in a simulator of ``config`` raises
+    (any other, or none, fails the test), and that simulator, stopped."""
+    async with run_simulator(SimulatorConfig(jobs=0, **config)) as sim:
+        with pytest.raises(kind) as caught:
+            await lookup_project(
+                session=session, credentials=keys, region=region, iam_endpoint=sim.url
+            )
+    return caught.value, sim
 
 
 # -- the IAM endpoint, as the SDK picks it ---------------------------------------------------------
@@ -96,39 +118,26 @@ async def test_a_region_resolves_to_the_one_project_iam_names_after_it(
 async def test_no_project_of_that_name_is_a_config_error_that_says_what_to_do(
     session: aiohttp.ClientSession,
 ) -> None:
-    async with run_simulator(SimulatorConfig(jobs=0, iam_projects=KNOWN)) as sim:
-        with pytest.raises(ProjectNotFound) as caught:
-            await lookup_project(
-                session=session, credentials=KEYS, region="cn-west-9", iam_endpoint=sim.url
-            )
-    assert isinstance(caught.value, ConfigError)  # exit 78
-    assert "IAM has no project named cn-west-9 for these keys" in str(caught.value)
-    assert "X-IAM-Trace-Id" in str(caught.value)
-    assert "--project-id" in caught.value.fix and "--region" in caught.value.fix
+    error, _ = await failed_lookup(session, ProjectNotFound, "cn-west-9", iam_projects=KNOWN)
+    assert isinstance(error, ConfigError)  # exit 78
+    assert "IAM has no project named cn-west-9 for these keys" in str(error)
+    assert "X-IAM-Trace-Id" in str(error)
+    assert "--project-id" in error.fix and "--region" in error.fix
 
 
 async def test_two_projects_of_one_name_are_refused_naming_both(
     session: aiohttp.ClientSession,
 ) -> None:
-    async with run_simulator(SimulatorConfig(jobs=0, iam_projects=KNOWN)) as sim:
-        with pytest.raises(ProjectAmbiguous) as caught:
-            await lookup_project(
-                session=session, credentials=KEYS, region="cn-east-3", iam_endpoint=sim.url
-            )
-    assert isinstance(caught.value, ConfigError)
-    assert "IAM has 2 projects named cn-east-3 (east-a, east-b;" in str(caught.value)
+    error, _ = await failed_lookup(session, ProjectAmbiguous, "cn-east-3", iam_projects=KNOWN)
+    assert isinstance(error, ConfigError)
+    assert "IAM has 2 projects named cn-east-3 (east-a, east-b;" in str(error)
 
 
 async def test_keys_without_the_iam_permission_are_told_which_permission(
     session: aiohttp.ClientSession,
 ) -> None:
-    async with run_simulator(SimulatorConfig(jobs=0, iam_forbidden=True)) as sim:
-        with pytest.raises(IamRefused) as caught:
-            await lookup_project(
-                session=session, credentials=KEYS, region="cn-north-4", iam_endpoint=sim.url
-            )
-        assert sim.stats.iam_calls == 1  # a refusal is not tried again
-    error = caught.value
+    error, sim = await failed_lookup(session, IamRefused, "cn-north-4", iam_forbidden=True)
+    assert sim.stats.iam_calls == 1  # a refusal is not tried again
     assert isinstance(error, AuthError) and error.http_status == 403  # exit 77
     assert f"the keys lack the permission {LIST_PERMISSION}" in str(error)
     assert "region cn-north-4" in str(error)
@@ -140,14 +149,10 @@ async def test_keys_iam_does_not_accept_are_refused_and_never_echoed(
 ) -> None:
     canary = "canary-iam-secret-7Q"
     keys = StaticCredentials(Credentials(SIM_AK, canary))
-    async with run_simulator(SimulatorConfig(jobs=0)) as sim:
-        with pytest.raises(IamRefused) as caught:
-            await lookup_project(
-                session=session, credentials=keys, region="cn-north-4", iam_endpoint=sim.url
-            )
-    assert caught.value.http_status == 401
-    assert "IAM refused the keys" in str(caught.value)
-    assert canary not in str(caught.value) + caught.value.fix
+    error, _ = await failed_lookup(session, IamRefused, "cn-north-4", keys=keys)
+    assert error.http_status == 401
+    assert "IAM refused the keys" in str(error)
+    assert canary not in str(error) + error.fix
 
 
 async def test_iam_that_does_not_answer_is_unavailable_after_three_attempts(
