@@ -309,3 +309,18 @@ async def test_a_bad_project_id_in_the_profile_file_is_refused_78_like_the_setti
     done = await reaper(fast(src), profile_env(tmp_path, project_id))
     assert done.code == 78, done.stderr
     assert "project_id must be 1 to 64 letters, digits and hyphens" in done.stdout + done.stderr
+
+
+async def test_a_bad_project_id_in_the_profile_file_is_refused_78_even_with_a_region(
+    tmp_path: Path,
+) -> None:
+    """With a ``region`` too, the profile's bad project id is still the error (78), said
+    before anything is asked: it was taken for no project at all, and IAM was asked for the
+    region's instead (here an IAM that does not answer: 69, naming IAM, not the profile)."""
+    src = write_ids(tmp_path / "ids.txt", ["job-1"])
+    env = profile_env(tmp_path, "a/b")
+    env.update(REAPER_REGION="cn-north-4", REAPER_IAM_ENDPOINT="http://127.0.0.1:9")
+    done = await reaper(fast(src), env)
+    assert done.code == 78, done.stderr
+    assert "project_id must be 1 to 64 letters, digits and hyphens" in done.stdout + done.stderr
+    assert "IAM" not in done.stderr, done.stderr

@@ -90,12 +90,15 @@ def _from_iam(found: FoundProject) -> str:
 
 
 def _looks_up(settings: Settings) -> bool:
-    """Whether the project must come from IAM: none set anywhere, and a region to ask for."""
-    try:
-        project_choice(settings)
-    except ConfigError:
-        return settings.region is not None and not settings.project_id
-    return False
+    """Whether the project must come from IAM: none set anywhere (a profile's that
+    :func:`project_choice` refuses is set: its error, not a look-up), a region to ask for,
+    and not asked yet in this process."""
+    if settings.project_id or settings.region is None:
+        return False
+    profile = read_profile(os.environ)
+    if profile is not None and profile.project_id:
+        return False
+    return PROCESS_CACHE.get(settings.region, iam_endpoint(settings)) is None
 
 
 async def resolve_project(
