@@ -21,6 +21,7 @@ from worker.api.credentials import Credentials, CredentialSource, StaticCredenti
 from worker.api.projects import (
     GLOBAL_IAM_ENDPOINT,
     LIST_PERMISSION,
+    FoundProject,
     IamNotThere,
     IamRefused,
     IamUnavailable,
@@ -191,14 +192,18 @@ def listing(*projects: tuple[str, str]) -> web.Response:
 
 
 async def look_up_from(
-    session: aiohttp.ClientSession, handler: ScriptedIam, **kw: object
-) -> object:
+    session: aiohttp.ClientSession,
+    handler: ScriptedIam,
+    credentials: CredentialSource = KEYS,
+    **kw: Any,
+) -> FoundProject:
+    """The project of cn-north-4, looked up in the IAM ``handler`` serves on loopback."""
     app = web.Application()
     app.router.add_get("/v3/projects", handler.handle)
     async with serve_app(app) as url:
         return await lookup_project(
-            session=session, credentials=KEYS, region="cn-north-4", iam_endpoint=url,
-            **kw,  # type: ignore[arg-type]
+            session=session, credentials=credentials, region="cn-north-4", iam_endpoint=url,
+            **kw,
         )  # fmt: skip
 
 
@@ -212,7 +217,7 @@ async def test_a_throttled_or_failing_iam_is_asked_again_as_it_says(
     )
     sleeps = Sleeps()
     found = await look_up_from(session, handler, sleep=sleeps)
-    assert getattr(found, "project_id", None) == "p-1"
+    assert found.project_id == "p-1"
     assert handler.calls == 3
     assert sleeps.asked == [3.0, 1.0]  # IAM's Retry-After, then the back-off's second step
 
@@ -225,7 +230,7 @@ async def test_a_project_of_another_name_is_never_taken(session: aiohttp.ClientS
     found = await look_up_from(
         session, ScriptedIam(listing(("cn-south-1", "south"), ("cn-north-4", "north")))
     )
-    assert getattr(found, "project_id", None) == "north"
+    assert found.project_id == "north"
 
 
 @pytest.mark.parametrize(

@@ -105,7 +105,7 @@ async def test_a_project_without_a_name_is_not_the_regions(session: aiohttp.Clie
         {"projects": [{"id": "nameless"}, {"name": "cn-north-4", "id": "named"}]}
     )
     found = await look_up_from(session, ScriptedIam(both))
-    assert getattr(found, "project_id", None) == "named"
+    assert found.project_id == "named"
 
 
 async def test_an_https_iam_endpoint_that_answers_plain_http_is_told_so(
@@ -162,15 +162,10 @@ async def test_a_trace_id_that_echoes_the_request_never_carries_our_keys_out(
         return handler
 
     async def look_up(handler: ScriptedIam) -> tuple[str, ...]:
-        app = web.Application()
-        app.router.add_get("/v3/projects", handler.handle)
-        async with serve_app(app) as url:
-            try:
-                found = await lookup_project(
-                    session=session, credentials=keys, region="cn-north-4", iam_endpoint=url
-                )
-            except ProjectLookupFailed as exc:
-                return (str(exc), exc.fix)
+        try:
+            found = await look_up_from(session, handler, keys)
+        except ProjectLookupFailed as exc:
+            return (str(exc), exc.fix)
         return (found.project_id, found.trace_id or "")
 
     for answer in (
