@@ -429,10 +429,11 @@ async def build_service(
     protection: Protection,
     stop: anyio.Event,
     stop_now: anyio.Event,
-    targets: Targets | None = None,
+    targets: Targets,
 ) -> ServeParts:
     """The service over a Redis that has answered: its group made sure of, the API client,
-    the shared limiter and the dispatcher. ``serve`` never runs dry (``refuse_run_only``)."""
+    the shared limiter and the dispatcher, sending where ``targets`` (:func:`serve_targets`)
+    allows. ``serve`` never runs dry (``refuse_run_only``)."""
     from worker.service.consumer import StreamConsumer
     from worker.service.health import Health
     from worker.service.inflight import InFlight
@@ -462,7 +463,6 @@ async def build_service(
         outage=outage, max_deliveries=config.max_deliveries,
     )  # fmt: skip
     working = Working()  # what a stop waits for: calls on the wire, answers settling
-    targets = targets if targets is not None else serve_targets(settings)
     session, keys = await build_keys(stack, settings)
     # One limiter per project and endpoint, shared through Redis (the default's on the key
     # of one project's fleet), one breaker per endpoint: worker.lanes.
