@@ -248,27 +248,14 @@ class PlanHeader:
         return merged_review([section.review for section in self.sections])
 
     def to_json(self) -> dict[str, Any]:
-        times = {"created_at": iso(self.created_at), "expires_at": iso(self.expires_at)}
+        shared = {"filters": self.filters.to_json(), "created_at": iso(self.created_at),
+                  "expires_at": iso(self.expires_at)}  # fmt: skip
         if self.named:
-            return {
-                "version": NAMED_VERSION,
-                "filters": self.filters.to_json(),
-                **times,
-                "jobs": self.jobs,
-                "projects": [section.to_json() for section in self.sections],
-            }
-        only = self.only
-        return {
-            "version": PLAN_VERSION,
-            "project_id": only.project_id,
-            "endpoint": only.endpoint,
-            "filters": self.filters.to_json(),
-            **times,
-            "inventory_size": only.inventory_size,
-            "jobs": only.jobs,
-            "complete": only.complete,
-            "review": dict(only.review),
-        }
+            projects = [section.to_json() for section in self.sections]
+            return {"version": NAMED_VERSION, **shared, "jobs": self.jobs, "projects": projects}
+        only = self.only.to_json()
+        del only["region"]  # a v2 header names no region: the run's own project is its
+        return {"version": PLAN_VERSION, **shared, **only}
 
     def verify(
         self,
