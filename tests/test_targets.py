@@ -15,6 +15,7 @@ from worker.targets import (
     Unresolved,
     address,
     endpoint_for,
+    misnamed,
     resolve,
 )
 
@@ -140,3 +141,17 @@ def test_allowed_projects_is_a_word_list_of_project_ids_each_held_to_the_rule() 
     assert Settings(allowed_projects=["proj-a"]).allowed_projects == ["proj-a"]
     with pytest.raises(ValidationError, match="each entry must be 1 to 64 letters"):
         Settings.model_validate({"allowed_projects": "proj-a, bad/one"})
+
+
+def test_a_misspelt_field_is_refused_on_every_line_however_many_clean_keys_came_before() -> None:
+    """``misnamed`` keeps the keys it found clean (one set operation a line): a key that
+    spells a field otherwise is never kept, so each line naming it is refused."""
+    reason = "names 'projectId', which is not read: the field is 'project_id'"
+    assert misnamed({"id": "j1", "name": "a"}) is None
+    for _ in range(2):
+        assert misnamed({"id": "j1", "name": "a", "projectId": "p"}) == reason
+    assert misnamed([f"key{n}" for n in range(2000)]) is None  # past what is kept
+    assert (
+        misnamed(["key1999", "Region"])
+        == "names 'Region', which is not read: the field is 'region'"
+    )

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
@@ -164,18 +164,26 @@ FIELDS: Final = ("project_id", "region", "endpoint")
 _SQUASHED: Final = {name.replace("_", ""): name for name in FIELDS}
 
 
-def misnamed(keys: Iterable[str]) -> str | None:
+def misnamed(keys: Collection[str]) -> str | None:
     """Why a line (or stream entry, or CSV header) is refused for a key that is one of
     :data:`FIELDS` spelled otherwise (``PROJECT_ID``, ``projectId``, ``Region``), else None.
     Read as it is, that key would be ignored and the id sent to the default project: the
     project the line names would not be the one it is deleted in."""
+    if _NOT_MISNAMED.issuperset(keys):  # each line of an input names the same few keys
+        return None
     for key in keys:
-        if key in FIELDS or len(key) > 64:
+        if key in _NOT_MISNAMED or len(key) > 64:
             continue
         field = _SQUASHED.get(key.lower().replace("_", "").replace("-", ""))
         if field is not None:
             return f"names {key!r}, which is not read: the field is {field!r}"
+        if len(_NOT_MISNAMED) < 1024:  # hostile input naming new keys on every line
+            _NOT_MISNAMED.add(key)
     return None
+
+
+_NOT_MISNAMED: set[str] = set(FIELDS)
+"""Keys found to spell no field otherwise: the check of a line is one set operation."""
 
 
 def address(fields: dict[str, str | None]) -> Address | str:

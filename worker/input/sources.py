@@ -449,7 +449,7 @@ def _place_columns(names: list[str], source: str) -> dict[str, int]:
                 f"input {source}: the CSV header names the {name!r} column "
                 f"{lowered.count(name)} times; which one a row means is not clear"
             )
-    wrong = misnamed(name for name in names if name.lower() not in FIELDS)
+    wrong = misnamed([name for name in names if name.lower() not in FIELDS])
     if wrong is not None:
         raise UsageError(f"input {source}: the CSV header {escape(wrong, 120)}")
     return {name: lowered.index(name) for name in FIELDS if name in lowered}
@@ -500,6 +500,8 @@ def _from_json(value: object, raw: str, line: int) -> Entry:
     wrong = misnamed(value)
     if wrong is not None:
         return Rejection(raw, line, wrong)
+    if _PLACE_FIELDS.isdisjoint(value):  # most lines: the default's, nothing more to read
+        return validate(job_id, line)
     named: dict[str, str | None] = {}
     for name in FIELDS:
         given = value.get(name)
@@ -507,6 +509,9 @@ def _from_json(value: object, raw: str, line: int) -> Entry:
             return Rejection(raw, line, f"{name!r} is not a string (got {_json_type(given)})")
         named[name] = given
     return _addressed(validate(job_id, line), named, raw)
+
+
+_PLACE_FIELDS = frozenset(FIELDS)
 
 
 def _addressed(entry: Entry, named: dict[str, str | None], raw: str) -> Entry:
