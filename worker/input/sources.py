@@ -404,16 +404,13 @@ class _Parse:
         places: dict[str, int],
     ) -> Entry:
         values = []
-        for column in (*columns, *places.values()):
+        for column in columns:
             if column >= len(row):
-                return Rejection(
-                    ",".join(row),
-                    line,
-                    f"row has no {names[column]!r} field (it has {len(row)}; "
-                    f"the header has {len(names)})",
-                )
+                return _short(row, line, names[column], len(names))
             values.append(row[column].strip())
-        values = values[: len(columns)]
+        for column in places.values():
+            if column >= len(row):
+                return _short(row, line, names[column], len(names))
         if len(set(values)) > 1:
             return Rejection(",".join(row), line, "the 'id' and 'job_id' fields differ")
         entry = validate(values[0], line)
@@ -421,6 +418,12 @@ class _Parse:
             return entry
         named: dict[str, str | None] = {name: row[i].strip() for name, i in places.items()}
         return _addressed(entry, named, ",".join(row))
+
+
+def _short(row: list[str], line: int, name: str, header: int) -> Rejection:
+    """The rejection of a CSV row that ends before the field ``name``."""
+    reason = f"row has no {name!r} field (it has {len(row)}; the header has {header})"
+    return Rejection(",".join(row), line, reason)
 
 
 def _id_columns(names: list[str], source: str) -> list[int]:
