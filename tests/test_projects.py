@@ -393,8 +393,10 @@ async def test_check_says_where_the_project_came_from() -> None:
          "result       IAM REFUSED: IAM refused to list the projects"),
         (SimulatorConfig(jobs=1), "cn-west-9", 78,
          "result       PROJECT NOT FOUND: IAM has no project named cn-west-9"),
+        (SimulatorConfig(jobs=1, iam_projects=KNOWN), "cn-east-3", 78,
+         "result       PROJECT AMBIGUOUS: IAM has 2 projects named cn-east-3 (east-a, east-b;"),
     ],
-    ids=["forbidden", "no-such-project"],
+    ids=["forbidden", "no-such-project", "two-projects"],
 )  # fmt: skip
 async def test_check_names_what_iam_said_and_the_fix(
     config: SimulatorConfig, region: str, code: int, said: str

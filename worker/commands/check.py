@@ -13,7 +13,7 @@ from typing import IO
 import anyio
 
 from worker.api.client import ApiClient
-from worker.api.projects import IamNotThere, ProjectLookupFailed
+from worker.api.projects import IamNotThere, ProjectAmbiguous, ProjectLookupFailed
 from worker.errors import (
     ApiError,
     AuthError,
@@ -34,6 +34,7 @@ first kind that matches wins."""
 
 LOOKUP_FAILED: Failures = (
     (IamNotThere, "NOT IAM", ExitCode.CONFIG),  # what answered is not IAM's project list
+    (ProjectAmbiguous, "PROJECT AMBIGUOUS", ExitCode.CONFIG),  # two or more of that name
     (ConfigError, "PROJECT NOT FOUND", ExitCode.CONFIG),
     (AuthError, "IAM REFUSED", ExitCode.NO_PERMISSION),
     (ReaperError, "IAM UNREACHABLE", ExitCode.UNAVAILABLE),
