@@ -110,6 +110,14 @@ class Serve(Served):
         ):
             return await r.text()
 
+    async def ready(self) -> int:
+        """The status of its ``/readyz``."""
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{self.port}/readyz") as r,
+        ):
+            return r.status
+
 
 @asynccontextmanager
 async def serving(stream: str, home: Region, tmp: Path, *flags: str) -> AsyncIterator[Serve]:
@@ -155,6 +163,32 @@ async def enqueue(stream: str, tmp: Path, lines: list[dict[str, str]]) -> dict[s
     )  # fmt: skip
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     return orjson.loads(done.stdout.splitlines()[-1])  # type: ignore[no-any-return]
+
+
+async def pending(client: aioredis.Redis, stream: str) -> int:
+    info: Any = await client.xpending(stream, GROUP)
+    return int(info["pending"])
+
+
+async def served_around(
+    client: aioredis.Redis, stream: str, tmp: Path, north: Region, lines: list[dict[str, str]],
+    served: int,
+) -> None:  # fmt: skip
+    """The first ``served`` of ``north``'s ids enqueued, ``lines`` (of a region that cannot
+    be served now) after its first 5, so the later ones must pass it: waits for them all
+    deleted, then checks they alone have outcomes and ``lines`` stay pending."""
+    ids = north.ids[:served]
+    await enqueue(stream, tmp, [{"id": i} for i in ids[:5]])
+    await enqueue(stream, tmp, lines)
+    await enqueue(stream, tmp, [{"id": i} for i in ids[5:]])
+
+    async def north_done() -> bool:
+        return len((await north.control("deleted"))["ids"]) == len(ids)
+
+    await until(north_done)
+    outcomes = await rows(client, stream + ":outcomes")
+    assert sorted(r["job_id"] for r in outcomes) == sorted(ids)
+    assert await pending(client, stream) == len(lines)
 
 
 async def rows(client: aioredis.Redis, key: str) -> list[dict[str, str]]:
@@ -255,20 +289,8 @@ async def test_a_stopped_region_leaves_the_other_served_and_its_own_entries_pend
             port = south.port
             south.stop()
             waiting = south.ids[:10]
-            served = north.ids[:20]
             # project-b's between project-a's: the later ones must pass a region that is down.
-            await enqueue(stream, tmp_path, [{"id": i} for i in served[:5]])
-            await enqueue(stream, tmp_path, named(south, waiting))
-            await enqueue(stream, tmp_path, [{"id": i} for i in served[5:]])
-
-            async def north_done() -> bool:
-                return len((await north.control("deleted"))["ids"]) == len(served)
-
-            await until(north_done)
-            outcomes = await rows(redis_client, stream + ":outcomes")
-            assert sorted(r["job_id"] for r in outcomes) == sorted(served)
-            info: Any = await redis_client.xpending(stream, GROUP)
-            assert int(info["pending"]) == len(waiting)
+            await served_around(redis_client, stream, tmp_path, north, named(south, waiting), 20)
             paused = serve.named("serve.region_paused")
             assert [(p["project_id"], p["region"]) for p in paused] == [("project-b", "cn-south-1")]
             down = {
@@ -277,17 +299,12 @@ async def test_a_stopped_region_leaves_the_other_served_and_its_own_entries_pend
             }
             assert down[("project-b", "cn-south-1")] == 1
             assert down[("project-a", "cn-north-4")] == 0
-            async with (
-                aiohttp.ClientSession() as http,
-                http.get(f"http://127.0.0.1:{serve.port}/readyz") as ready,
-            ):
-                assert ready.status == 200  # still doing work: one region's outage is not ours
+            assert await serve.ready() == 200  # still doing work: one region's outage is not ours
 
             south.start(port)
 
             async def south_done() -> bool:
-                info: Any = await redis_client.xpending(stream, GROUP)
-                return int(info["pending"]) == 0
+                return await pending(redis_client, stream) == 0
 
             await until(south_done, timeout=50)  # the breaker's cool-down is 30 s at most
             last = {r["job_id"]: r for r in await rows(redis_client, stream + ":outcomes")}
@@ -320,11 +337,7 @@ async def test_an_allowed_project_named_at_the_wrong_region_fails_alone_the_repl
                 return len(done) == 11 and int(info["pending"]) == 0
 
             await until(settled, timeout=60)
-            async with (
-                aiohttp.ClientSession() as http,
-                http.get(f"http://127.0.0.1:{serve.port}/readyz") as ready,
-            ):
-                assert ready.status == 200
+            assert await serve.ready() == 200
         assert not serve.named("serve.paused")
         outcomes = {r["job_id"]: r for r in await rows(redis_client, stream + ":outcomes")}
         assert {outcomes[i]["outcome"] for i in south.ids[:5] + north.ids[:5]} == {"deleted"}
@@ -455,11 +468,7 @@ async def test_iam_refusing_the_project_list_dead_letters_naming_the_permission_
                 return len(done) == 10 and int(info["pending"]) == 0
 
             await until(settled)
-            async with (
-                aiohttp.ClientSession() as http,
-                http.get(f"http://127.0.0.1:{serve.port}/readyz") as ready,
-            ):
-                assert ready.status == 200
+            assert await serve.ready() == 200
         outcomes = {r["job_id"]: r for r in await rows(redis_client, stream + ":outcomes")}
         assert {outcomes[i]["outcome"] for i in south.ids[2:5] + north.ids[:5]} == {"deleted"}
         assert {outcomes[i]["outcome"] for i in refused} == {"rejected"}
@@ -484,19 +493,9 @@ async def test_iam_unreachable_leaves_the_region_pending_not_the_others_then_ser
                            "--iam-endpoint", south.url) as serve:  # fmt: skip
             south.stop()
             waiting = south.ids[:6]
-            served = north.ids[:10]
-            await enqueue(stream, tmp_path, [{"id": i} for i in served[:5]])
-            await enqueue(stream, tmp_path, by_region(south, waiting))
-            await enqueue(stream, tmp_path, [{"id": i} for i in served[5:]])
-
-            async def north_done() -> bool:
-                return len((await north.control("deleted"))["ids"]) == len(served)
-
-            await until(north_done)
-            info: Any = await redis_client.xpending(stream, GROUP)
-            assert int(info["pending"]) == len(waiting)
-            outcomes = await rows(redis_client, stream + ":outcomes")
-            assert sorted(r["job_id"] for r in outcomes) == sorted(served)
+            await served_around(
+                redis_client, stream, tmp_path, north, by_region(south, waiting), 10
+            )
             assert not await rows(redis_client, stream + ":dead")
             failed = serve.named("serve.project_lookup_failed")
             assert failed and {(f["region"], f["entries"]) for f in failed} == {
@@ -506,8 +505,7 @@ async def test_iam_unreachable_leaves_the_region_pending_not_the_others_then_ser
             south.start(port)
 
             async def south_done() -> bool:
-                info: Any = await redis_client.xpending(stream, GROUP)
-                return int(info["pending"]) == 0
+                return await pending(redis_client, stream) == 0
 
             await until(south_done)
             last = {r["job_id"]: r for r in await rows(redis_client, stream + ":outcomes")}
