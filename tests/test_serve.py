@@ -1326,3 +1326,29 @@ async def test_a_redis_that_never_answers_at_start_up_is_named_once_then_exit_69
     (gave_up,) = [e for e in logs if e["event"] == "serve.redis_unavailable"]
     quiet = [e for e in logs if e["event"] == "serve.redis_error"]
     assert gave_up["failed_calls"] == len(quiet) + 1 >= 2
+
+
+@pytest.mark.anyio
+async def test_an_over_delivered_entry_naming_a_project_not_allowed_gives_its_ids_an_outcome(
+    redis_prefix: str, redis_client: aioredis.Redis
+) -> None:
+    """An entry past ``max_deliveries`` (its readers died) that names a project outside
+    ``allowed_projects`` (say the list was narrowed meanwhile): it was refused (its ids
+    taken out as rejections) and then given up, which writes ``failed`` for its ids, of
+    which none were left: dead-lettered with no outcome for any id. Now its ids end
+    ``rejected`` with the reason, as a refused entry's always do."""
+    stream = redis_prefix + "ids"
+    await redis_client.xgroup_create(stream, "reapers", id="0", mkstream=True)
+    entry = await redis_client.xadd(stream, {"id": "job-z1", "project_id": "project-z"})
+    await redis_client.xreadgroup("reapers", "ghost", {stream: ">"})
+    for _ in range(2):  # three deliveries to readers that died each time
+        await redis_client.xclaim(stream, "reapers", "ghost", 0, [entry])
+    async with running(redis_prefix, SimulatorConfig(jobs=1), max_deliveries=2,
+                       reclaim_after=0.2) as svc:  # fmt: skip
+        await svc.until(lambda: _true(bool(svc.events("serve.dead_lettered"))), timeout=30)
+        await svc.until(lambda: _zero(svc.pending()))
+        outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
+    rows = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in outcomes]
+    assert [(r["job_id"], r["outcome"]) for r in rows] == [("job-z1", "rejected")]
+    assert rows[0]["error_msg"] == "project project-z is not in allowed_projects"
+    assert svc.sim.deleted == set()

@@ -592,7 +592,9 @@ class Service:
                     continue
                 found = found.reason
             message = aimed(message, self._targets, found)
-            if deliveries > self._config.max_deliveries:
+            # A refused entry's ids are its rejections, each an outcome: giving it up would
+            # write ``failed`` for its ids, of which a refusal leaves none.
+            if deliveries > self._config.max_deliveries and not message.refused:
                 await self._journal.give_up(message, deliveries, errors.get(entry_id, ""))
                 continue
             if message.rejections and not done:  # else recorded with those done
