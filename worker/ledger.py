@@ -693,23 +693,17 @@ class Ledger(LedgerView):
             self._targets[number] = Target(key[0], key[1], target.region)
         return number
 
-    def _place(self, number: int | None) -> tuple[str, str]:
-        """Where the calls of a target numbered so go: its project and endpoint."""
-        if number is None:
-            return self._default
-        target = self._targets[number]
-        return target.project_id, public_endpoint(target.endpoint)
+    def _numbered(self, number: int | None) -> Target:
+        """The target numbered so (None: the default)."""
+        return Target(*self._default) if number is None else self._targets[number]
 
     def _same_place(self, one: int | None, other: int | None) -> bool:
         """Read for the same project? A project id names one project, whichever endpoint
         (public, private, a proxy) its calls go through."""
-        return one == other or self._place(one)[0] == self._place(other)[0]
+        return one == other or self._numbered(one).project_id == self._numbered(other).project_id
 
     def _conflict(self, candidate: Candidate, first: int | None) -> Rejection:
-        project, endpoint = self._place(first)
-        return conflict(
-            candidate, Target(project, endpoint) if first is None else self._targets[first]
-        )
+        return conflict(candidate, self._numbered(first))
 
     def run_results(self) -> Iterator[Result]:
         """The terminal outcome of every id and invalid line this run read, whichever run
@@ -1023,16 +1017,12 @@ class _Places:
             self._targets[number] = target
         return number
 
-    def _place(self, number: int) -> tuple[str, str] | None:
-        target = self._targets[number]
-        return None if target is None else (target.project_id, public_endpoint(target.endpoint))
-
     def same(self, one: int, other: int) -> bool:
         """Read for the same project (``Ledger._same_place``)."""
         if one == other:
             return True
-        first, second = self._place(one), self._place(other)
-        return first is not None and second is not None and first[0] == second[0]
+        first, second = self._targets[one], self._targets[other]
+        return first is not None and second is not None and first.project_id == second.project_id
 
     def conflict(self, candidate: Candidate, first: int) -> Rejection:
         return conflict(candidate, self._targets[first])
