@@ -188,9 +188,11 @@ async def test_a_stop_ends_the_probe_with_its_ids_left_open_and_their_doubt_kept
 @pytest.mark.anyio
 async def test_with_one_endpoint_met_its_batches_wait_for_it_as_before() -> None:
     """One project's serve is unchanged: no batch is handed back or held as a probe, however
-    its API fares; each ends ApiUnavailable when its attempts are spent."""
+    its API fares; each ends ApiUnavailable when its attempts are spent, and nothing says a
+    region paused (it said so, and resumed, though nothing was ever handed back)."""
     lane = _Lane(FakeClock())
-    router = _router({None: lane}, [])
+    said: list[str] = []
+    router = _router({None: lane}, said)
     failed: list[BaseException] = []
     lane.answer(False)
     await _send(router, Batch("b1", ("x",)), failed)
@@ -202,6 +204,9 @@ async def test_with_one_endpoint_met_its_batches_wait_for_it_as_before() -> None
         lane.answer(False, False)
     assert [type(e) for e in failed] == [ApiUnavailable] * 3
     assert router.handed_back == 0 and router.probes == 0
+    lane.answer(True)
+    await router.process(Batch("b4", ("w",)))
+    assert said == [] and not router.paused
 
 
 class _Refusing:

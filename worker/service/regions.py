@@ -133,12 +133,12 @@ class RegionRouter:
                 await lane.process(batch)
                 return
             except ApiUnavailable as exc:
-                self._pause(endpoint, place, exc.cause)
                 # Sent without a readable answer on any try: the next delivery, or the next
                 # try, must not call those jobs absent.
                 unsure = exc.unsure = exc.unsure | unsure
                 if len(self._met) < 2 or self._stopping():
-                    raise
+                    raise  # nothing paused: its batches wait for its breaker, as before
+                self._pause(endpoint, place, exc.cause)
             self.probes += 1
             batch = replace(batch, unsure=unsure)
             if self._clock is not None:  # never a busy loop, whatever the lane answers
