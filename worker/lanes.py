@@ -110,10 +110,6 @@ class Lanes:
         """The calls per second the limiters allow together."""
         return sum(float(limiter.rate) for limiter in self._limiters.values())
 
-    @property
-    def limiters(self) -> dict[tuple[str, str], RateLimiter]:
-        return dict(self._limiters)
-
     def __repr__(self) -> str:
         return (
             f"Lanes(default={self.default}, places={len(self._limiters)}, "
