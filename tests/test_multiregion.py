@@ -174,6 +174,35 @@ def test_stopping_a_region_mid_run_sends_it_nothing_more(tmp_path: Path) -> None
     assert all(outcomes.get(i) in {"deleted", "failed", None} for i in away.ids)
 
 
+def test_a_project_the_keys_may_not_touch_is_left_open_and_the_others_finish(
+    tmp_path: Path,
+) -> None:
+    """The away project answers every call 403 (the keys' IAM user has no ModelArts policy
+    there; policies may be granted project by project): its ids stay open, never called
+    deleted, the home project's are all deleted, and the run ends 77 naming the project."""
+    with (
+        simulator(tmp_path, jobs=JOBS, project=HOME, seed=1) as home,
+        simulator(tmp_path, jobs=JOBS, project=AWAY, seed=2, flags=["--forbidden"]) as away,
+    ):
+        source = _mixed(tmp_path / "mixed.jsonl", home.ids, away.ids, away.url)
+        code, events, rows = _run(tmp_path, _env(home.url), source)
+        assert _deletions(home) == JOBS
+        assert _deletions(away) == 0
+    assert code == 77
+    refused = [e for e in events if e["event"] == "run.project_refused"]
+    assert [(e["project_id"], e["endpoint"]) for e in refused] == [(AWAY, away.url)]
+    outcomes = {row["job_id"]: row["outcome"] for row in rows}
+    assert all(outcomes[i] == "deleted" for i in home.ids)
+    assert not any(outcomes.get(i) == "deleted" for i in away.ids)
+    summary = events[-1]
+    assert summary["deleted"] == JOBS
+    assert summary["open"] + summary["failed"] == JOBS
+    assert [(p["project_id"], p["out"]) for p in summary["projects"]] == [
+        (HOME, False),
+        (AWAY, True),
+    ]
+
+
 def test_a_region_named_without_its_project_id_gets_it_from_iam(tmp_path: Path) -> None:
     """The away lines name their region (and endpoint) only: the run asks IAM for the
     project named after the region, once, and sends them there."""

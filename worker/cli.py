@@ -445,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--iam-forbidden", action="store_true",
         help="IAM answers 403 to the project list, as to keys without iam:projects:listProjects",
     )  # fmt: skip
+    sim.add_argument(
+        "--forbidden", action="store_true",
+        help="every jobs API call answers 403, as to keys with no ModelArts policy on the project",
+    )  # fmt: skip
 
     demo = command("demo", "a complete tour against the built-in simulator; no account needed")
     demo.add_argument(

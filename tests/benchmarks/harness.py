@@ -99,15 +99,17 @@ def simulator(
     project: str = PROJECT,
     seed: int = 0,
     region: str = "cn-north-4",
+    flags: Sequence[str] = (),
 ) -> Iterator[SimProcess]:
     """``devserver-reaper simulate`` on a free loopback port, for the ``with`` block.
-    ``project`` and ``seed``: for two simulators of two projects with ids of their own."""
+    ``project`` and ``seed``: for two simulators of two projects with ids of their own;
+    ``flags``: more of the simulator's flags (``--forbidden``)."""
     ids_file = tmp / f"ids-{time.monotonic_ns()}.txt"
     args = [sys.executable, "-m", "worker", "simulate", "--port", "0", "--jobs", str(jobs),
             "--quota", str(quota), "--burst", str(burst), "--latency-ms", str(latency_ms),
             "--project-id", project, "--region", region, "--ak", AK, "--sk", SK,
             "--seed", str(seed),
-            "--ids-file", str(ids_file)]  # fmt: skip
+            "--ids-file", str(ids_file), *flags]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout is not None

@@ -38,6 +38,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         region=args.region,
         iam_projects=tuple(_named(pair) for pair in args.iam_project),
         iam_forbidden=args.iam_forbidden,
+        forbidden=args.forbidden,
     )
 
 

@@ -42,6 +42,7 @@ JOB_NOT_FOUND = "ModelArts.6305"
 INTERNAL_ERROR = "ModelArts.0001"
 UNAVAILABLE = "APIGW.0202"
 AUTH_FAILED = "APIGW.0301"
+FORBIDDEN = "APIGW.0302"  # the IAM user is not authorized to access the API
 THROTTLED = "APIGW.0308"
 NO_SUCH_API = "APIGW.0101"
 
@@ -172,6 +173,9 @@ class _Api:
                 headers["Retry-After"] = email.utils.formatdate(when, usegmt=True)
             msg = "The throttling threshold has been reached: policy user over ratelimit"
             raise _Refused(_error(sim, 429, THROTTLED, msg, **headers))
+        if config.forbidden:
+            msg = "The IAM user is not authorized to access the API."
+            raise _Refused(_error(sim, 403, FORBIDDEN, msg))
         if request.match_info["project_id"] != config.project_id:
             raise _Refused(_no_such_api(sim))
         delay = sim.faults.latency()

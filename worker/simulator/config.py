@@ -103,6 +103,9 @@ class SimulatorConfig:
     region: str = "cn-north-4"
     iam_projects: tuple[tuple[str, str], ...] = ()
     iam_forbidden: bool = False
+    # The keys' IAM user has no ModelArts policy on this project: every jobs API call with a
+    # good signature answers 403 APIGW.0302 (a policy may be granted project by project).
+    forbidden: bool = False
 
     def __post_init__(self) -> None:
         if not PROJECT_ID_RE.fullmatch(self.project_id):
