@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -93,6 +94,24 @@ async def test_the_prompt_accepts_exactly_yes_and_says_once_that_nothing_was_sen
         assert "devserver-reaper run summary" in after
     else:
         assert after == [said]  # one line, not an event and a line
+
+
+@pytest.mark.anyio
+async def test_sigterm_at_the_prompt_says_once_that_nothing_was_sent(tmp_path: Path) -> None:
+    """A `kill` of the process waiting at the prompt ended it 75 with nothing said, the
+    prompt's line left unfinished: it now ends as Ctrl-C does, with one line."""
+
+    def stopped(src: Path, env: dict[str, str]) -> tuple[int, Terminal]:
+        term = Terminal(["run", "-i", str(src)], env)
+        term.expect(PROMPT)
+        term.process.send_signal(signal.SIGTERM)
+        return term.wait(), term
+
+    async with _project(tmp_path, 5) as (sim, src, env):
+        returned, term = await anyio.to_thread.run_sync(lambda: stopped(src, env))
+        assert returned == 75, term.screen_text()
+        assert sim.deleted == set()
+    assert _after_prompt(term) == ["stopped by SIGTERM at the prompt: nothing was sent"]
 
 
 @pytest.mark.anyio

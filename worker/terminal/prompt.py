@@ -25,7 +25,15 @@ class Declined(UsageError):
 
 
 class InterruptedAtPrompt(Exception):
-    """Ctrl-C at the prompt: nothing was sent."""
+    """Ctrl-C or SIGTERM at the prompt: nothing was sent."""
+
+
+class _Terminated(Exception):
+    """SIGTERM while the prompt waits for its answer."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,15 +153,21 @@ def confirm(
         ask = f"Type '{typed}' to delete them, each in its own project"
     else:
         ask = f"Type the project id ({proposal.project}) to delete them"
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # before it is seen
+    # Before the prompt is seen: Ctrl-C and SIGTERM (a `kill`, a terminal closing) both end it
+    # with one line saying nothing was sent, not a silent exit on an unanswered prompt.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    terminated = signal.signal(signal.SIGTERM, _terminated)
     try:
         out.write("\n".join(proposal.lines()) + f"\nThis cannot be undone. {ask}: ")
         out.flush()
         answer = into.readline()
     except KeyboardInterrupt:
         raise InterruptedAtPrompt("interrupted at the prompt: nothing was sent") from None
+    except _Terminated:
+        raise InterruptedAtPrompt("stopped by SIGTERM at the prompt: nothing was sent") from None
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, terminated)
     if answer.strip() != typed:
         raise Declined(
             "not confirmed: nothing was sent"
