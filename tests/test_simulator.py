@@ -402,6 +402,27 @@ async def test_control_endpoint_changes_the_quota_at_once(
         assert (await call(session, sim, "GET", JOBS, when=NOW)).status == 200
 
 
+@pytest.mark.anyio
+async def test_arrivals_say_when_each_call_met_the_quota_and_whether_it_passed(
+    session: aiohttp.ClientSession,
+) -> None:
+    time = FakeTime()
+    config = SimulatorConfig(jobs=1, quota=1, burst=1)
+    async with run_simulator(config, clock=time.clock, wall=time.wall) as sim:
+        assert (await call(session, sim, "GET", JOBS, when=NOW)).status == 200
+        time.advance(0.5)
+        assert (await call(session, sim, "GET", JOBS, when=NOW)).status == 429
+        time.advance(0.5)
+        assert (await call(session, sim, "GET", JOBS, when=NOW)).status == 200
+        async with session.get(sim.url + "/_sim/arrivals") as r:
+            seen = await r.json()
+        assert seen["checked"] == [1000.0, 1000.5, 1001.0]  # the gateway's clock
+        assert seen["accepted"] == [True, False, True]
+        assert len(seen["arrived"]) == 3  # the handler's own (event-loop) time
+        async with session.get(sim.url + "/_sim/arrivals") as r:
+            assert await r.json() == {"arrived": [], "checked": [], "accepted": []}  # taken
+
+
 def test_token_bucket_known_answers() -> None:
     bucket = TokenBucket(rate=2.0, capacity=3, now=0.0)
     assert [bucket.try_acquire(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]

@@ -162,7 +162,9 @@ class _Api:
         if reason is not None:
             msg = f"Incorrect IAM authentication information: {reason}"
             raise _Refused(_error(sim, 401, AUTH_FAILED, msg))
-        wait = sim.bucket.try_acquire(sim.clock())
+        checked = sim.clock()
+        wait = sim.bucket.try_acquire(checked)
+        sim.arrivals.append((request[_ARRIVED], checked, wait <= 0))
         if wait > 0:
             sim.stats.throttled += 1
             headers: dict[str, str] = {}
@@ -429,6 +431,17 @@ class _Control:
         config = self.sim.config
         return _json(self.sim, 200, {"quota": config.quota, "burst": config.burst})
 
+    async def arrivals(self, request: web.Request) -> web.Response:
+        """The gateway's view of the calls since the last read (the read takes them): when
+        each reached its handler and when its quota was checked (the simulator's monotonic
+        clock, the same as a client's on this host), and whether it was accepted."""
+        taken = self.sim.take_arrivals()
+        return _json(self.sim, 200, {
+            "arrived": [a for a, _, _ in taken],
+            "checked": [c for _, c, _ in taken],
+            "accepted": [ok for _, _, ok in taken],
+        })  # fmt: skip
+
     @_answers_refusals_method
     async def status(self, request: web.Request) -> web.Response:
         """``{"id": ..., "status": ...}``: change one job's status (plan tests)."""
@@ -464,6 +477,7 @@ def build_app(sim: Simulator) -> web.Application:
     router.add_get("/_sim/stats", control.stats, allow_head=False)
     router.add_get("/_sim/deleted", control.deleted, allow_head=False)
     router.add_get("/_sim/jobs", control.jobs, allow_head=False)
+    router.add_get("/_sim/arrivals", control.arrivals, allow_head=False)
     router.add_post("/_sim/jobs", control.add_jobs)
     router.add_post("/_sim/quota", control.quota)
     router.add_post("/_sim/status", control.status)

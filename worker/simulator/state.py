@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -19,6 +19,9 @@ from worker.simulator.config import FAULT_KINDS, FaultConfig, SimulatorConfig
 from worker.simulator.faults import FaultPlan
 from worker.simulator.jobs import JobStore
 from worker.simulator.quota import TokenBucket
+
+ARRIVALS_KEPT = 200_000
+"""How many of the latest calls ``Simulator.arrivals`` keeps (about 10 MB at most)."""
 
 
 @dataclass(slots=True)
@@ -90,6 +93,9 @@ class Simulator:
         self.store = JobStore(seed=config.seed)
         self.faults = FaultPlan(config.faults, config.seed)
         self.bucket = TokenBucket(config.quota, config.burst, clock())
+        # The gateway's view of the last ARRIVALS_KEPT calls, for benchmarks of pacing:
+        # (reached the handler, quota checked, accepted), on ``clock``.
+        self.arrivals: deque[tuple[float, float, bool]] = deque(maxlen=ARRIVALS_KEPT)
         # Unique and cheap: a random prefix per simulator and a counter.
         self._request_prefix = os.urandom(6).hex()
         self._request_seq = itertools.count(1)
@@ -134,6 +140,12 @@ class Simulator:
             self.config, quota=quota, burst=self.config.burst if burst is None else burst
         )
         self.bucket = TokenBucket(self.config.quota, self.config.burst, self.clock())
+
+    def take_arrivals(self) -> list[tuple[float, float, bool]]:
+        """The calls the quota was checked for since the last take, oldest first."""
+        out = list(self.arrivals)
+        self.arrivals.clear()
+        return out
 
     def set_faults(self, faults: FaultConfig) -> None:
         """Change the faults and latency at once (a fresh draw, from the same seed)."""
