@@ -306,7 +306,7 @@ async def test_a_region_alone_is_looked_up_once_a_failure_held_then_asked_again(
         "cn-south-1": ["project-b"],
         "cn-east-3": [ProjectNotFound("IAM has no project named cn-east-3")],
         "cn-west-9": ["project-z"],
-        "eu-west-0": [IamUnavailable("IAM did not answer"), "project-b"],
+        "eu-west-0": [IamUnavailable("IAM did not answer"), "project-c"],
     }
 
     async def lookup(region: str) -> str:
@@ -318,7 +318,7 @@ async def test_a_region_alone_is_looked_up_once_a_failure_held_then_asked_again(
 
     clock = FakeClock()
     failed: list[LookupFailed] = []
-    targets = Targets(HOME, allowed=["project-a", "project-b"])
+    targets = Targets(HOME, allowed=["project-a", "project-b", "project-c"])
     targets.look_up_with(lookup)
     lookups = RegionLookups(targets, clock, retry_s=30, on_failed=failed.append)
     south = Address(region="cn-south-1", endpoint="http://127.0.0.1:1")
@@ -344,7 +344,7 @@ async def test_a_region_alone_is_looked_up_once_a_failure_held_then_asked_again(
     await clock.sleep(30)
     assert lookups.due(clock.now()) and not lookups.due(clock.now())  # once
     found = await lookups.find(Address(region="eu-west-0"))
-    assert found == Target("project-b", endpoint_for("eu-west-0"), "eu-west-0")
+    assert found == Target("project-c", endpoint_for("eu-west-0"), "eu-west-0")
     assert asked.count("eu-west-0") == 2
 
 
@@ -358,7 +358,7 @@ async def test_each_region_waiting_on_iam_wakes_the_intake_when_its_own_hold_is_
         raise IamUnavailable("IAM did not answer")
 
     clock = FakeClock()
-    targets = Targets(HOME, allowed=["project-a", "project-b"])
+    targets = Targets(HOME, allowed=["project-a", "project-b", "project-c"])
     targets.look_up_with(lookup)
     lookups = RegionLookups(targets, clock, retry_s=30)
     first = await lookups.find(Address(region="eu-west-0"))

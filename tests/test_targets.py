@@ -12,6 +12,7 @@ from worker.settings import Settings
 from worker.targets import (
     Address,
     Target,
+    Targets,
     Unresolved,
     address,
     endpoint_for,
@@ -155,3 +156,63 @@ def test_a_misspelt_field_is_refused_on_every_line_however_many_clean_keys_came_
         misnamed(["key1999", "Region"])
         == "names 'Region', which is not read: the field is 'region'"
     )
+
+
+# -- one place a project (issue 25's leftovers) -----------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_default_project_named_at_another_region_is_rejected_not_a_second_target() -> (
+    None
+):
+    """A job is its project and id: the default project labelled with another region at
+    the default endpoint (or at another endpoint) would be a second target, so the same id
+    could be sent twice, one outcome ``deleted`` and the other ``absent``."""
+    targets = Targets(SIMULATED)
+    assert targets.of(Address()) is SIMULATED
+    for named in (
+        Address(project_id="proj-a", region="cn-east-3", endpoint=SIMULATED.endpoint),
+        Address(project_id="proj-a", region="cn-east-3"),
+        Address(project_id="proj-a", endpoint="http://127.0.0.1:9"),
+    ):
+        found = targets.of(named)
+        assert isinstance(found, str), named
+        assert found.startswith("names project proj-a at ")
+        assert "but the settings have it at region cn-north-4, http://127.0.0.1:8001: a " \
+               "project is in one region" in found  # fmt: skip
+        assert await targets.find(named) == found
+    # the default's own place, however it is spelt, is the default
+    assert targets.of(Address(project_id="proj-a", region="cn-north-4")) == SIMULATED
+    assert targets.of(Address(project_id="proj-a", endpoint=SIMULATED.endpoint)) == SIMULATED
+    assert targets.met == [SIMULATED]
+
+
+def test_a_project_named_at_two_places_keeps_the_first_and_rejects_the_other() -> None:
+    targets = Targets(DEFAULT)
+    first = targets.of(Address(project_id="proj-b", region="cn-east-3"))
+    assert first == Target("proj-b", endpoint_for("cn-east-3"), "cn-east-3")
+    again = targets.of(Address(project_id="proj-b", region="cn-east-3", endpoint="http://[::1]:9"))
+    assert again == (
+        "names project proj-b at region cn-east-3, http://[::1]:9, but a line before named it "
+        "at region cn-east-3, https://modelarts.cn-east-3.myhuaweicloud.com: a project is in "
+        "one region, and its ids are not sent to two places"
+    )
+    assert isinstance(targets.of(Address(project_id="proj-b")), str)  # the default's place
+    assert targets.met == [first]
+
+
+@pytest.mark.anyio
+async def test_another_region_at_the_default_endpoint_without_a_project_is_its_regions() -> None:
+    """Not the default project under another region's label: the region's project, from
+    IAM, or rejected when there is no IAM to ask."""
+    named = Address(region="cn-east-3", endpoint=SIMULATED.endpoint)
+    assert resolve(named, SIMULATED) == Unresolved(SIMULATED.endpoint, "cn-east-3")
+
+    async def lookup(region: str) -> str:
+        return {"cn-east-3": "proj-east", "cn-south-1": "proj-a"}[region]
+
+    targets = Targets(SIMULATED, lookup=lookup)
+    assert await targets.find(named) == Target("proj-east", SIMULATED.endpoint, "cn-east-3")
+    # IAM naming the default project for another region: one project, two places
+    found = await targets.find(Address(region="cn-south-1", endpoint=SIMULATED.endpoint))
+    assert isinstance(found, str) and "a project is in one region" in found

@@ -231,7 +231,8 @@ def resolve(
     - a ``region`` (and no ``endpoint``): the default endpoint when it is the default's
       region, else the region's public endpoint;
     - an ``endpoint``: that endpoint, the region (if named) as its label;
-    - a place other than the default's without a ``project_id``: :class:`Unresolved`.
+    - a place other than the default's without a ``project_id`` (another region, even at
+      the default endpoint): :class:`Unresolved`.
 
     ``allowed``: when not empty, the only project ids a target may have; any other is
     refused with a reason. ``default`` is None when the settings name no project: then every
@@ -254,10 +255,28 @@ def resolve(
         region = default.region
     project = named.project_id
     if project is None:
-        if default is None or endpoint != default.endpoint:
+        if default is None or (endpoint, region) != (default.endpoint, default.region):
+            # Another region at the default's endpoint is that region's project, not the
+            # default's under another name: IAM's to find, as at any other endpoint.
             return Unresolved(endpoint, region)
         project = default.project_id
     return _allowed(Target(project, endpoint, region), allowed)
+
+
+def placed_twice(target: Target, first: Target, *, settings: bool = False) -> str:
+    """Why a line naming ``target`` is rejected when its project goes to ``first``: a
+    project is in one region, so the same id sent to both would be one job sent twice (one
+    outcome ``deleted``, the other ``absent``, and one of the two places a wrong label)."""
+    said = "the settings have it" if settings else "a line before named it"
+    return (
+        f"names project {target.project_id} at {_place(target)}, but {said} at "
+        f"{_place(first)}: a project is in one region, and its ids are not sent to two places"
+    )
+
+
+def _place(target: Target) -> str:
+    region = f"region {target.region}" if target.region else "no region"
+    return f"{region}, {target.endpoint}"
 
 
 def _allowed(target: Target, allowed: Collection[str]) -> Target | str:
@@ -275,6 +294,12 @@ class Targets:
     """The targets of one run: each line's :class:`Address` resolved once (:func:`resolve`),
     every equal target one object, and the targets met so far in the order met.
 
+    A project id goes to one place (endpoint and region) in a run: the default project to
+    the settings' own, any other to the first place a line named it at. A line naming it
+    elsewhere is rejected with the reason (:func:`placed_twice`), so a job, known by its
+    project and id, is never sent twice under two targets (the ledger's and serve's
+    de-duplication by target is then de-duplication by project).
+
     ``lookup``: how a region's project id is found when a line names a region (another than
     the default's) without one; None: such a line is rejected (:class:`Unresolved`)."""
 
@@ -290,6 +315,11 @@ class Targets:
         self._lookup = lookup
         self._resolved: dict[Address, Target | str] = {}
         self._met: dict[Target, Target] = {}
+        # A project is in one region: the one place each project id goes in this run (the
+        # default's from the settings, any other's from the first line that named it).
+        self._places: dict[str, Target] = {}
+        if default is not None:
+            self._places[default.project_id] = default
 
     def look_up_with(self, lookup: ProjectLookup) -> None:
         """Find a region's project with ``lookup`` from now on (the keys and the session
@@ -348,7 +378,17 @@ class Targets:
         return self._keep(_allowed(Target(project, answer.endpoint, answer.region), self.allowed))
 
     def _keep(self, answer: Target | str) -> Target | str:
-        return self._met.setdefault(answer, answer) if isinstance(answer, Target) else answer
+        """The one object of an equal target; a reason when its project goes elsewhere."""
+        if not isinstance(answer, Target):
+            return answer
+        kept = self._met.get(answer)
+        if kept is not None:
+            return kept
+        first = self._places.setdefault(answer.project_id, answer)
+        if first != answer:
+            return placed_twice(answer, first, settings=first is self.default)
+        self._met[answer] = answer
+        return answer
 
     def _remember(self, named: Address, found: Target | str) -> None:
         if len(self._resolved) >= _KEPT:
