@@ -7,6 +7,8 @@ plan's copy names every job it holds. So a folder is made holding an exclusive `
 on itself, which the kernel lets go however the process ends; and each new folder's maker
 first removes the folders of its kind (same prefix, same user) whose lock it can take,
 since their process is gone. A folder still in use is never touched: its lock is held.
+``discover --plan``'s spool of the jobs it lists, and the plan being written, are private
+files beside the plan, locked and swept the same way (``locked_file``).
 
 The names end ``.XXXXXXXX`` (a dot, not the dash of versions that held no lock), so the
 folder of a running process of such a version is never taken for a stale one.
@@ -23,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Scratch:
@@ -66,25 +69,46 @@ def _still_there(path: Path, fd: int) -> bool:
     return held.st_nlink > 0 and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
-def sweep(prefix: str, where: Path | None = None) -> list[Path]:
-    """Remove the folders named ``prefix...`` in ``where`` (the temporary directory) that are
-    ours and not locked by a living process; returns those removed. Never raises: a folder
-    that cannot be looked at or removed is left."""
+def locked_file(folder: Path, prefix: str, suffix: str) -> tuple[int, Path]:
+    """A private file (``0600``, from ``mkstemp``) named ``prefix...suffix`` in ``folder``,
+    after removing those of the same name whose process is gone; its descriptor holds the
+    lock that says it is in use until it is closed (or its process dies)."""
+    sweep(prefix, folder, suffix=suffix)
+    while True:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits while a sweep that opened it decides
+        if _still_there(Path(name), fd):  # else that sweep took it for a dead one's
+            return fd, Path(name)
+        os.close(fd)
+
+
+def sweep(prefix: str, where: Path | None = None, *, suffix: str | None = None) -> list[Path]:
+    """Remove the folders named ``prefix...`` in ``where`` (the temporary directory), or
+    with a ``suffix`` the files named ``prefix...suffix``, that are ours and not locked by a
+    living process; returns those removed. Never raises: one that cannot be looked at or
+    removed is left."""
     folder = Path(where if where is not None else tempfile.gettempdir())
     removed: list[Path] = []
     try:
-        entries = [e for e in os.scandir(folder) if e.name.startswith(prefix)]
+        entries = [
+            e for e in os.scandir(folder)
+            if e.name.startswith(prefix) and (suffix is None or e.name.endswith(suffix))
+        ]  # fmt: skip
     except OSError:
         return removed
+    kind, flags = (stat.S_ISDIR, _DIRECTORY) if suffix is None else (stat.S_ISREG, _FILE)
     for entry in entries:
         with contextlib.suppress(OSError):
             info = entry.stat(follow_symlinks=False)
-            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            if not kind(info.st_mode) or info.st_uid != os.geteuid():
                 continue
-            fd = os.open(entry.path, _DIRECTORY)
+            fd = os.open(entry.path, flags)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: in use
-                shutil.rmtree(entry.path)
+                if suffix is None:
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
                 removed.append(Path(entry.path))
             finally:
                 os.close(fd)

@@ -48,7 +48,6 @@ import hashlib
 import hmac
 import os
 import sqlite3
-import tempfile
 from collections import Counter
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -60,7 +59,7 @@ import orjson
 
 from worker.discovery.filters import Filters, matched_fields
 from worker.errors import ConfigError, InputUnreadable, UsageError
-from worker.scratch import Scratch
+from worker.scratch import Scratch, locked_file
 from worker.targets import Target, endpoint_problem, project_problem, region_problem
 from worker.types import JOB_ID_RE, JobRecord, iso
 
@@ -368,9 +367,9 @@ class PlanWriter:
     def __init__(self, path: Path, *, key: bytes | None) -> None:
         self._path = path
         self._key = key
-        fd, spool = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".jobs", dir=path.parent)
-        os.chmod(spool, 0o600)
-        self._spool_path = Path(spool)
+        # Locked while this process lives: the next writer of this plan removes the spool a
+        # kill -9 left (it names every job listed), never one in use.
+        fd, self._spool_path = locked_file(path.parent, f".{path.name}.", ".jobs")
         self._spool: IO[bytes] = os.fdopen(fd, "w+b")
         self.jobs = 0
 
@@ -437,10 +436,9 @@ def write_plan(
     sections = tuple(replace(section, jobs=writer.jobs) for section, writer in parts)
     header = PlanHeader(filters, now, now + ttl, sections, named)
     sealer = _Sealer(key)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, temporary = locked_file(path.parent, f".{path.name}.", ".part")  # 0600, as the spool
     try:
         with os.fdopen(fd, "wb") as out:
-            os.chmod(temporary, 0o600)
             magic = MAGIC_NAMED if named else MAGIC
             head = magic + orjson.dumps(header.to_json(), option=orjson.OPT_SORT_KEYS) + b"\n"
             out.write(head)
@@ -451,7 +449,7 @@ def write_plan(
             out.write(seal)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(temporary, path)
+            os.replace(temporary, path)  # still locked: no sweep takes it for a dead one's
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
