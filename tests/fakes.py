@@ -9,7 +9,7 @@ import heapq
 import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 
@@ -145,6 +145,22 @@ class FakeClock:
     def __repr__(self) -> str:
         mode = "" if self._autojump else ", autojump=False"
         return f"FakeClock(now={self._now:g}, pending={len(self._sleepers)}{mode})"
+
+
+class StalledClock(FakeClock):
+    """A ``FakeClock`` whose loop is descheduled from ``stall_from`` to ``stall_to``: every
+    sleep due in between wakes at ``stall_to``, as every timer of a process a loaded machine
+    did not run. What a late wake does to pacing, on virtual time."""
+
+    def __init__(self, stall_from: float, stall_to: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.stall = (stall_from, stall_to)
+
+    async def sleep(self, seconds: float) -> None:
+        due = self.now() + seconds
+        if self.stall[0] <= due < self.stall[1]:
+            seconds = self.stall[1] - self.now()
+        await super().sleep(seconds)
 
 
 async def paced_sends(

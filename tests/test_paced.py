@@ -8,6 +8,8 @@ burst and were timed for it.
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ import anyio
 import pytest
 
 from tests.e2e import reaper, reaper_env, write_ids
-from tests.fakes import FakeClock
+from tests.fakes import FakeClock, StalledClock
 from worker import wiring
 from worker.api.client import JobPage
 from worker.batcher import Batcher, DeletionBudget
@@ -27,8 +29,14 @@ from worker.errors import ApiUnavailable, NetworkError, ServerError
 from worker.ledger import TemporaryLedger
 from worker.outcomes.events import EventLog
 from worker.outcomes.journal import LedgerPort, RunJournal, Tally
+from worker.pacing.adaptive import AdaptiveRateLimiter
 from worker.pacing.breaker import BreakerConfig, BreakerGate, CircuitBreaker
-from worker.pacing.bucket import LocalRateLimiter, RateLimiter, UnlimitedRateLimiter
+from worker.pacing.bucket import (
+    APART_TOLERANCE,
+    LocalRateLimiter,
+    RateLimiter,
+    UnlimitedRateLimiter,
+)
 from worker.pacing.paced import PacedCall, PacedReader
 from worker.pacing.retry import RetryPolicy
 from worker.pipeline import Pipeline, RunState
@@ -185,6 +193,66 @@ async def test_the_breaker_is_asked_before_a_token_and_only_the_call_is_timed() 
     assert min(gaps) >= 0.1 - 1e-9
     assert max(f.latency_s or 0.0 for f in limiter.fed) == pytest.approx(0.05)
     assert not any(f.throttled or f.overloaded for f in limiter.fed)
+
+
+class SteadyController:
+    """A controller that keeps one rate whatever it is told: the pacing alone."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+
+    def pause_until(self) -> float:
+        return -math.inf
+
+    def rate_at(self, now: float) -> float:
+        return self.rate
+
+    def on_sent(self, now: float) -> None:
+        pass
+
+    def on_success(self, now: float, latency: float | None = None) -> float:
+        return self.rate
+
+    def on_throttle(
+        self, now: float, retry_after: float | None = None, latency: float | None = None
+    ) -> float:
+        return self.rate
+
+    def on_overload(self, now: float, latency: float | None = None) -> float:
+        return self.rate
+
+
+@pytest.mark.parametrize("stall_to", [0.13, 0.35])
+@pytest.mark.parametrize("make", ["fixed", "auto"])
+async def test_a_call_woken_late_is_not_followed_within_an_interval(
+    make: str, stall_to: float
+) -> None:
+    """The loop is descheduled from 0.1 s to 0.13 s, so the call due at 0.1 s goes out at
+    0.13 s. The limiter used to send the next one on its own slot, 0.2 s: 70 ms after the
+    late one, at 10 calls/s, which a gateway whose burst is 1 refuses. Both limiters that
+    pace with a burst of 1 (``--rate N --burst 1``, and ``--rate auto``) now start every
+    call at least an interval (less a hundredth) after the real start of the one before.
+    Stalled to 0.35 s, two calls wait for the same start: only one may go after it."""
+    clock = StalledClock(0.1, stall_to)
+    limiter: RateLimiter = (
+        LocalRateLimiter(10.0, 1, clock)
+        if make == "fixed"
+        else AdaptiveRateLimiter(clock, controller=SteadyController(10.0))
+    )
+    api = Jobs(clock, took=0.02)
+    paced = PacedCall(limiter=limiter, policy=_policy(), clock=clock)
+
+    async def one(job_id: str) -> None:
+        await paced(lambda: api.delete_jobs([job_id]), what="b")
+
+    async with anyio.create_task_group() as group:
+        for n in range(6):
+            group.start_soon(one, f"job-{n}")
+    sent = sorted(api.sent)
+    assert sent[1] == pytest.approx(stall_to)
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert min(gaps) >= (1 - APART_TOLERANCE) / 10.0 - 1e-9
+    assert sent[-1] <= stall_to + 4 * 0.1 + 1e-9  # what the stall cost is lost once
 
 
 async def test_feedback_and_outcomes_of_a_run_through_the_paced_call_are_one_per_call() -> None:

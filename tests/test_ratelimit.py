@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import anyio
@@ -9,9 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.fakes import FakeClock
+from tests.fakes import FakeClock, StalledClock
 from worker.clock import Clock, MonotonicClock
-from worker.pacing.bucket import LocalRateLimiter, RateLimiter, TokenBucket, UnlimitedRateLimiter
+from worker.pacing.bucket import (
+    APART_TOLERANCE,
+    LocalRateLimiter,
+    RateLimiter,
+    TokenBucket,
+    UnlimitedRateLimiter,
+)
 
 # --- TokenBucket: known answers ---------------------------------------------------------
 
@@ -305,6 +312,66 @@ async def test_limiter_set_rate_and_repr() -> None:
     await limiter.acquire()
     await limiter.acquire()
     assert clock.now() == 2.0  # one token left, then 1/0.5 s for the next
+
+
+def test_a_late_start_moves_the_next_slots_back_with_a_burst_of_one() -> None:
+    bucket = TokenBucket(rate=10, burst=1, now=0.0)
+    assert bucket.reserve(0.0) == 0.0
+    assert bucket.reserve(0.0) == pytest.approx(0.1)
+    bucket.started(0.13)  # the second call woke 30 ms late
+    assert bucket.reserve(0.13) == pytest.approx(0.1)  # 0.23, not 0.2: 1/rate after 0.13
+    bucket.started(0.23)  # on time: nothing moves
+    assert bucket.reserve(0.23) == pytest.approx(0.1)  # 0.33
+
+
+def test_a_late_start_moves_nothing_with_a_larger_burst() -> None:
+    bucket = TokenBucket(rate=10, burst=3, now=0.0)
+    for _ in range(4):
+        bucket.reserve(0.0)
+    bucket.started(0.25)  # the gateway's burst takes a late call in
+    assert bucket.reserve(0.25) == 0.0  # its own slot, 0.2, is past: not moved to 0.35
+
+
+async def _real_starts(limiter: RateLimiter, clock: FakeClock, callers: int) -> list[float]:
+    """When each of ``callers`` concurrent callers really started, in order."""
+    started: list[float] = []
+
+    async def caller() -> None:
+        await limiter.acquire()
+        started.append(clock.now())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(callers):
+            tg.start_soon(caller)
+    return sorted(started)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stall_to", [0.13, 0.35])
+async def test_a_caller_woken_late_is_not_followed_within_an_interval_with_a_burst_of_one(
+    stall_to: float,
+) -> None:
+    # The loop is descheduled from 0.1 s to ``stall_to``: the caller due at 0.1 starts then.
+    # GCRA alone starts the next one on its own slot, 0.2 s: 70 ms after the late one, and
+    # a gateway whose burst is 1 refuses it. Stalled to 0.35 s, the callers due at 0.2 and
+    # 0.3 wake together and wait for the same start: only one of them may go after it.
+    clock = StalledClock(0.1, stall_to)
+    limiter = LocalRateLimiter(rate=10, burst=1, clock=clock)
+    starts = await _real_starts(limiter, clock, 6)
+    assert starts[:2] == [0.0, stall_to]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) >= (1 - APART_TOLERANCE) / 10 - 1e-12
+    # what the late start lost is lost once, not per call: each later call takes back a
+    # hundredth of an interval
+    assert starts[-1] == pytest.approx(stall_to + 4 * 0.099)
+
+
+@pytest.mark.anyio
+async def test_a_caller_woken_late_may_be_followed_on_its_slot_with_a_larger_burst() -> None:
+    clock = StalledClock(0.1, 0.13)
+    limiter = LocalRateLimiter(rate=10, burst=2, clock=clock)
+    starts = await _real_starts(limiter, clock, 5)
+    assert starts == pytest.approx([0.0, 0.0, 0.13, 0.2, 0.3])
 
 
 @pytest.mark.anyio

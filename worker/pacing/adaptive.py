@@ -21,7 +21,7 @@ import anyio.lowlevel
 import structlog
 
 from worker.clock import Clock
-from worker.pacing.bucket import LocalRateLimiter, RateLimiter, TokenBucket
+from worker.pacing.bucket import LocalRateLimiter, RateLimiter, TokenBucket, start_apart
 from worker.pacing.controller import AdaptiveConfig, PacedController, RateController, answer
 from worker.pacing.slowdown import Notify, SlowingLimiter
 
@@ -112,7 +112,7 @@ class AdaptiveRateLimiter:
                     continue  # the rate changed a lot while we waited: take a new slot
                 if clock.now() < self._controller.pause_until():
                     continue
-            self._last_sent = clock.now()
+            self._last_sent = await start_apart(clock, self._bucket, lambda: self._last_sent)
             self._controller.on_sent(self._last_sent)
             return
 

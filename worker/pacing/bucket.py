@@ -16,11 +16,19 @@ computed from integer counts (``anchor + k / rate``), never by adding ``1 / rate
 over, so N callers that reserve at the same instant start exactly ``1 / rate`` apart after
 the burst, with no drift however long the queue. A server that enforces exactly ``rate`` calls
 per second (and a burst of ``burst``) therefore never has to refuse one of ours.
+
+Start times are where calls *should* start; a loaded machine wakes a caller late. With a
+burst of 1 a late start must push the next ones (``start_apart``): GCRA alone lets the
+caller after a late one keep its on-time slot, less than ``1 / rate`` after it, and a
+gateway whose burst is 1 refuses that call. So with a burst of 1 no call starts less than
+``(1 - APART_TOLERANCE) / rate`` after the real start of the one before it, and the
+bucket's later slots move back by what the late caller lost.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import anyio
@@ -52,6 +60,11 @@ class RateLimiter(Protocol):
     def rate(self) -> float:
         """Calls per second currently allowed (``inf`` when unlimited)."""
         ...
+
+
+APART_TOLERANCE = 0.01
+"""With a burst of 1, how much of an interval two real starts may lack: a caller a hundredth
+of an interval late does not push every later call back."""
 
 
 def check_rate(rate: float) -> float:
@@ -128,6 +141,19 @@ class TokenBucket:
         self._version += 1
         return True
 
+    def started(self, at: float) -> None:
+        """A call really started at ``at``: with a burst of 1, no slot handed out from now
+        on is less than ``1 / rate`` after it (a late start moves the later slots back by
+        what it lost; slots already handed out keep their times, ``start_apart`` holds
+        them). With a larger burst the bucket keeps its own times: the gateway's burst
+        takes in a late call."""
+        if self._burst != 1:
+            return
+        tat = self._tat()
+        due = at + 1.0 / self._rate
+        if tat < due:
+            self._anchor += due - tat
+
     def set_rate(self, rate: float, now: float) -> None:
         """Change the rate from ``now`` on, keeping every start time already handed out.
 
@@ -155,6 +181,22 @@ class TokenBucket:
         )
 
 
+async def start_apart(clock: Clock, bucket: TokenBucket, last: Callable[[], float]) -> float:
+    """Wait, with a burst of 1, until at least ``(1 - APART_TOLERANCE) / rate`` has passed
+    since ``last()`` (the real start of the call before, read again after every wait: two
+    callers waiting on the same start must not both go), tell the bucket, and return the
+    time this call starts; the caller stores it as ``last()`` before anything else runs. A
+    caller woken late is thus never followed by one on its own slot less than an interval
+    later. With a larger burst it returns at once."""
+    if bucket.burst != 1:
+        return clock.now()
+    while (wait := last() + (1.0 - APART_TOLERANCE) / bucket.rate - clock.now()) > 0.0:
+        await clock.sleep(wait)
+    now = clock.now()
+    bucket.started(now)
+    return now
+
+
 class FixedRate:
     """For limiters with nothing to learn: answers do not change their rate."""
 
@@ -180,11 +222,12 @@ class LocalRateLimiter(FixedRate):
     ``TokenBucket.refund``), which keeps the no-more-than-``rate`` promise to the server.
     """
 
-    __slots__ = ("_bucket", "_clock")
+    __slots__ = ("_bucket", "_clock", "_last")
 
     def __init__(self, rate: float, burst: int, clock: Clock) -> None:
         self._clock = clock
         self._bucket = TokenBucket(rate, burst, clock.now())
+        self._last = -math.inf  # the real start of the last call
 
     @property
     def rate(self) -> float:
@@ -207,13 +250,14 @@ class LocalRateLimiter(FixedRate):
         wait = self._bucket.reserve(self._clock.now())
         if wait <= 0.0:
             await anyio.lowlevel.cancel_shielded_checkpoint()
-            return
-        version = self._bucket.version
-        try:
-            await self._clock.sleep(wait)
-        except BaseException:
-            self._bucket.refund(version)
-            raise
+        else:
+            version = self._bucket.version
+            try:
+                await self._clock.sleep(wait)
+            except BaseException:
+                self._bucket.refund(version)
+                raise
+        self._last = await start_apart(self._clock, self._bucket, lambda: self._last)
 
     def __repr__(self) -> str:
         return (
