@@ -495,7 +495,7 @@ async def build_service(
             settings,
             transport=api,
             limiter=lanes.limiter(target),
-            journal=journal if target is None else Stamped(journal, target),
+            journal=journal.lane(target),
             clock=clock,
             stopping=lambda: service.halting,  # the service is made next, and asked later
             protection=protection,  # protected jobs end skipped here too, whatever the queue says

@@ -7,6 +7,12 @@ the stream while it sat pending (nothing left to do but acknowledge it).
 Acknowledging is one ``MULTI`` transaction and dead-lettering one script (``_BURY``), so a
 crash between the steps cannot leave an entry both dead-lettered and pending, nor a
 dead-letter key of another type an entry acknowledged with no dead letter.
+
+Before each DELETE the ids it carries are noted by entry (``{stream}:sending:{entry}``,
+``_MARK``, one round trip), and the ids an answer found not gone by us are struck off that
+note in the round trip that writes their outcomes; acknowledging or dead-lettering an entry
+deletes its note. A replica killed with a DELETE on the wire thus leaves behind which ids
+it may have removed, for the entry's next delivery (:meth:`StreamConsumer.redelivery`).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from worker.errors import ApiError, ConfigError, NotAStream
 from worker.input.intake import escape
 from worker.pacing.shared import FleetKeys
 from worker.service.inflight import Finished
-from worker.service.layout import Retention, StreamLayout
+from worker.service.layout import SENDING_TTL_S, Retention, StreamLayout
 from worker.service.retention import kept_position
 from worker.types import Outcome, Result, target_fields
 
@@ -167,12 +173,45 @@ _BURY = """
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
 redis.call('XACK', KEYS[1], ARGV[2], ARGV[4])
 redis.call('HDEL', KEYS[3], ARGV[4])
+redis.call('DEL', KEYS[4])
 return 1
 """
 """Dead-letter an entry and acknowledge it. A script, not a ``MULTI``: a transaction does
 not roll back, so a dead-letter key of another type (``WRONGTYPE`` on the ``XADD``) left
 the entry acknowledged with no dead letter; the script stops at the failing ``XADD``.
+``KEYS``: the stream, the dead letters, the last errors, the entry's note of ids sent.
 ``ARGV``: the cap, the group, then the dead letter's fields and values, ``entry`` first."""
+
+_MARK = """
+local only = ARGV[2] == '1'
+for i, key in ipairs(KEYS) do
+  local was = redis.call('GET', key)
+  if was or not only then
+    redis.call('SET', key, (was or '') .. ARGV[i + 2], 'EX', ARGV[1])
+  end
+end
+return #KEYS
+"""
+"""Append lines to the notes of ids sent (``KEYS``, one per entry): ``ARGV``: the notes'
+time to live, ``1`` to append only to notes that exist (striking ids off), then the lines
+for each key. ``GET`` and ``SET`` only: the string commands the documented ACL grants."""
+
+
+def sent_ids(note: bytes | str | None) -> frozenset[str]:
+    """The ids a note of ids sent (``_MARK``) still names: each ``+id`` line adds one, a
+    later ``-id`` line takes it off."""
+    ids: set[str] = set()
+    for line in _id(note or b"").splitlines():
+        if line.startswith("+"):
+            ids.add(line[1:])
+        elif line.startswith("-"):
+            ids.discard(line[1:])
+    return frozenset(ids)
+
+
+def _lines(sign: str, ids: Sequence[str]) -> str:
+    return "".join(f"{sign}{job_id}\n" for job_id in ids)
+
 
 _LEAVE = """
 if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return -1 end
@@ -204,6 +243,7 @@ class StreamConsumer:
         self.dead_lettered = 0
         self._leave = client.register_script(_LEAVE)
         self._bury = client.register_script(_BURY)
+        self._mark = client.register_script(_MARK)
 
     async def ensure_group(self) -> str | None:
         """Create the group (and the stream) if missing; an existing group is kept as it is.
@@ -351,21 +391,60 @@ class StreamConsumer:
             return {}  # the stream or the group was deleted: nothing is pending any more
         return {e: r[0] for e, r in zip(entry_ids, replies, strict=True) if r}
 
-    async def last_errors(self, entry_ids: Sequence[str]) -> dict[str, str]:
+    async def redelivery(
+        self, entry_ids: Sequence[str]
+    ) -> tuple[dict[str, str], dict[str, frozenset[str]]]:
+        """What earlier deliveries left of entries delivered again, one round trip: their
+        last errors (``{stream}:lasterror``) and the ids each had on the wire when its
+        holder stopped hearing back (``{stream}:sending:{entry}``), by entry id."""
         if not entry_ids:
-            return {}
-        values = await self._r.hmget(self.layout.last_error, list(entry_ids))
-        return {e: _id(v) for e, v in zip(entry_ids, values, strict=True) if v is not None}
+            return {}, {}
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.hmget(self.layout.last_error, list(entry_ids))
+            pipe.mget([self.layout.sending(e) for e in entry_ids])
+            errors, notes = await pipe.execute()
+        kept = {e: _id(v) for e, v in zip(entry_ids, errors, strict=True) if v is not None}
+        sent = {e: sent_ids(n) for e, n in zip(entry_ids, notes, strict=True) if n is not None}
+        return kept, {e: ids for e, ids in sent.items() if ids}
 
-    async def keep_errors(self, errors: Mapping[str, str]) -> None:
+    async def mark_sending(self, marks: Mapping[str, Sequence[str]]) -> None:
+        """Note, by entry, the ids a DELETE is about to carry (``_MARK``, one round trip):
+        if the process dies before their answer is recorded, the entry's next delivery
+        knows them sent."""
+        if marks:
+            lines = [_lines("+", ids) for ids in marks.values()]
+            keys = [self.layout.sending(e) for e in marks]
+            await self._mark(keys=keys, args=[SENDING_TTL_S, 0, *lines])
+
+    async def keep_errors(
+        self, errors: Mapping[str, str], unmark: Mapping[str, Sequence[str]] | None = None
+    ) -> None:
         """Remember why entries left pending did not finish (``{stream}:lasterror``), by
-        entry id."""
-        if errors:
-            await self._r.hset(self.layout.last_error, mapping=dict[Any, Any](errors))
+        entry id; ``unmark``: ids to strike off their notes of ids sent (not applied by us,
+        as far as their answers said), in the same round trip."""
+        if not errors:
+            return
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.hset(self.layout.last_error, mapping=dict[Any, Any](errors))
+            self._unmark(pipe, unmark)
+            await pipe.execute()
 
-    async def write_outcomes(self, rows: Sequence[dict[str, str]]) -> None:
-        """Append to the outcomes stream, trimmed approximately to ``outcomes_max_len``."""
-        if not rows:
+    def _unmark(self, pipe: Any, unmark: Mapping[str, Sequence[str]] | None) -> None:
+        """Queue on ``pipe`` the striking off of ids from their entries' notes of ids sent
+        (``EVAL``, not ``EVALSHA``: a pipeline would first ask whether Redis has the
+        script, a round trip of its own)."""
+        marks = {e: ids for e, ids in (unmark or {}).items() if ids}
+        if marks:
+            pipe.eval(_MARK, len(marks), *(self.layout.sending(e) for e in marks),
+                      SENDING_TTL_S, 1, *(_lines("-", i) for i in marks.values()))  # fmt: skip
+
+    async def write_outcomes(
+        self, rows: Sequence[dict[str, str]], unmark: Mapping[str, Sequence[str]] | None = None
+    ) -> None:
+        """Append to the outcomes stream, trimmed approximately to ``outcomes_max_len``;
+        ``unmark``: ids whose answer said they were not gone by us, struck off their
+        entries' notes of ids sent, in the same round trip."""
+        if not rows and not unmark:
             return
         async with self._r.pipeline(transaction=False) as pipe:
             for row in rows:
@@ -375,6 +454,7 @@ class StreamConsumer:
                     maxlen=self.retention.outcomes_max_len,
                     approximate=True,
                 )
+            self._unmark(pipe, unmark)
             await pipe.execute()
 
     async def ack(self, entry_ids: Sequence[str]) -> None:
@@ -384,6 +464,7 @@ class StreamConsumer:
         async with self._r.pipeline(transaction=True) as pipe:
             pipe.xack(self.layout.stream, self.layout.group, *entry_ids)
             pipe.hdel(self.layout.last_error, *entry_ids)
+            pipe.delete(*(self.layout.sending(e) for e in entry_ids))
             await pipe.execute()
         self.acked += len(entry_ids)
 
@@ -404,6 +485,7 @@ class StreamConsumer:
         async with self._r.pipeline(transaction=True) as pipe:
             pipe.xack(self.layout.stream, self.layout.group, message.entry_id)
             pipe.hdel(self.layout.last_error, message.entry_id)
+            pipe.delete(self.layout.sending(message.entry_id))
             await pipe.execute()
         self.acked += 1
         return True
@@ -427,7 +509,8 @@ class StreamConsumer:
         when the ``XADD`` fails, neither (``_BURY``)."""
         flat = [item for pair in fields.items() for item in pair]
         layout = self.layout
-        await self._bury(keys=[layout.stream, layout.dead, layout.last_error],
+        await self._bury(keys=[layout.stream, layout.dead, layout.last_error,
+                               layout.sending(fields["entry"])],
                          args=[self.retention.dead_max_len, layout.group, *flat])  # fmt: skip
         self.dead_lettered += 1
         self.acked += 1

@@ -5,6 +5,13 @@ two commands log identically), the metrics, the outcomes stream; only then are t
 this completes acknowledged. An entry is therefore never acked before its ids' outcomes are
 written (at-least-once: a crash in between means a redelivery, and DELETE is idempotent).
 
+Before each DELETE, :meth:`ServeJournal.sent` notes in Redis which ids of which entries it
+carries, and does not return (so the call does not go out) until Redis has taken the note:
+a replica killed with that call on the wire leaves it behind, and the entries' next
+delivery ends the jobs it finds gone ``deleted`` (unconfirmed, ``answer_lost``), not
+``absent``. An answer that finds an id not gone by us (``absent``, ``failed``, ``skipped``)
+strikes it off the note in the round trip that writes the outcomes.
+
 Redis being away does not lose an outcome: writes are retried until Redis answers, however
 long that takes, and a shutdown does not cut them short either, for a while: once the
 service drains (:meth:`ServeJournal.drain`), a write still waiting for Redis is given up
@@ -23,11 +30,13 @@ import orjson
 
 from worker.clock import Clock
 from worker.outcomes.events import EventLog
+from worker.routing import Stamped
 from worker.service.consumer import StreamConsumer, last_error, outcome_fields
 from worker.service.inflight import Finished, InFlight
 from worker.service.layout import Message
 from worker.service.metrics import ServiceMetrics
 from worker.service.outage import Outage
+from worker.targets import Target
 from worker.types import Outcome, Result
 
 _T = TypeVar("_T")
@@ -82,8 +91,24 @@ class ServeJournal:
         it (after an outage longer than ``reclaim_after``) would send its ids again."""
         return entry_id in self._acking
 
+    def lane(self, target: Target | None) -> ServeJournal | _Lane:
+        """The journal of the dispatcher of ``target``'s batches (None: the default's)."""
+        return self if target is None else _Lane(self, target)
+
     async def sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
-        """Nothing to record: the stream entry itself says the ids are not done."""
+        await self.sending(ids, None)
+
+    async def sending(self, ids: Sequence[str], target: Target | None) -> None:
+        """A DELETE of ``ids`` (of ``target``) is about to go out: note them by entry
+        first, waiting for Redis as long as it takes (a stop cancels the wait, and then
+        nothing is sent: the entries stay pending). An id no entry holds any more (let go
+        when the API gave out for another batch of its entry) has nothing to note."""
+        marks: dict[str, list[str]] = {}
+        for job_id in ids:
+            for entry_id in self._inflight.entries_of(job_id, target):
+                marks.setdefault(entry_id, []).append(job_id)
+        if marks:
+            await self._outage.persist(lambda: self._consumer.mark_sending(marks), what="sending")
 
     async def retrying(self, batch_id: str, attempt: int, delay_s: float, reason: str) -> None:
         self._metrics.retry(reason)
@@ -103,6 +128,14 @@ class ServeJournal:
             self._events.result(result)
             self._metrics.outcome(result.outcome, target=result.target)
         rows = [outcome_fields(r, self._inflight.entries_of(r.job_id, r.target)) for r in final]
+        # Not gone by our hand, as the answer says: struck off the notes of ids sent, so a
+        # later delivery does not take a 404 for them as a deletion of ours. A deletion stays
+        # noted until its entry is acked: sent again meanwhile, it is still ours.
+        unmark: dict[str, list[str]] = {}
+        for r in results:
+            if r.outcome is not Outcome.DELETED:
+                for entry_id in self._inflight.entries_of(r.job_id, r.target):
+                    unmark.setdefault(entry_id, []).append(r.job_id)
         # Shielded: an outcome reached on the API is recorded and acked even when a shutdown
         # is cancelling the dispatchers, instead of being redone by another replica. Only a
         # drain puts a deadline on it; before that, an outcome waits for Redis as long as it
@@ -111,7 +144,7 @@ class ServeJournal:
             self._settling.add(scope)
             try:
                 await self._outage.persist(
-                    lambda: self._consumer.write_outcomes(rows), what="outcomes"
+                    lambda: self._consumer.write_outcomes(rows, unmark), what="outcomes"
                 )
                 self.outcomes += len(rows)
                 finished = self._inflight.settle(results)
@@ -232,3 +265,17 @@ class ServeJournal:
 
     def __repr__(self) -> str:
         return f"ServeJournal(outcomes={self.outcomes}, kept={self.kept}, {self._inflight!r})"
+
+
+class _Lane(Stamped):
+    """The journal of the lane of one named target: its outcomes stamped with it, and the
+    ids it sends noted under that target's entries."""
+
+    __slots__ = ("_journal",)
+
+    def __init__(self, journal: ServeJournal, target: Target) -> None:
+        super().__init__(journal, target)
+        self._journal = journal
+
+    async def sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
+        await self._journal.sending(ids, self.target)

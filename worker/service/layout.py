@@ -17,6 +17,11 @@ The keys all derive from ``settings.stream`` so that one setting names a whole q
   ``worker.pacing.shared``.
 - ``{stream}:lasterror``: a hash, stream entry id -> the last failure of an entry that is
   left pending to be tried again; removed when the entry is acknowledged or dead-lettered.
+- ``{stream}:sending:{entry}``: a string, the ids of that entry sent in DELETEs whose
+  answer is not recorded yet (``+id`` lines, ``-id`` once an answer said it was not gone
+  by us); removed when the entry is acknowledged or dead-lettered, else expires after
+  ``SENDING_TTL_S``. What a redelivery of an entry whose holder died mid-call reads, so
+  the jobs that call removed end ``deleted`` (unconfirmed), never ``absent``.
 - ``{stream}:position``: a hash, group -> the last entry id below which that group has
   acknowledged everything: where a lost group is created again (``worker.service.retention``).
 
@@ -45,6 +50,10 @@ characters fit in 67 KB, and parsing a 4 MB list of a million ids takes a replic
 PAYLOAD_FIELDS = 16
 """The fields of an entry shown in its dead letter and log lines (an entry has one or two)."""
 WEEK_S = 7 * 24 * 3600
+SENDING_TTL_S = WEEK_S
+"""How long the note of ids on the wire outlives a replica that died with them: a week, as
+long as outcomes are kept by default, where a redelivery takes ``reclaim_after`` (or a
+restart); an entry not delivered again within it has those ids found gone ``absent``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +93,10 @@ class StreamLayout:
     @property
     def position(self) -> str:
         return f"{self.stream}:position"
+
+    def sending(self, entry_id: str) -> str:
+        """The ids of entry ``entry_id`` on the wire (or sent, their answer not recorded)."""
+        return f"{self.stream}:sending:{entry_id}"
 
 
 @dataclass(frozen=True, slots=True)

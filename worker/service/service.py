@@ -399,8 +399,11 @@ class Service:
             errors = {entry: error_json(held.ids, exc.cause, str(exc), held.done,
                                         [i for i in held.ids if i in unsure])
                       for entry, held in dropped.items()}  # fmt: skip
+            # The others had answers that say not applied (or were never sent): off the note.
+            sure = {entry: [i for i in held.ids if i not in unsure]
+                    for entry, held in dropped.items()}  # fmt: skip
             await self._outage.persist(
-                partial(self._consumer.keep_errors, errors), what="last error"
+                partial(self._consumer.keep_errors, errors, sure), what="last error"
             )
             if isinstance(exc, Paused):  # nothing was tried: not a delivery
                 await self._outage.persist(
@@ -564,11 +567,14 @@ class Service:
                 )
         # A redelivered entry kept pending for some failed ids names, in its last error, the
         # ids that have their outcome already: only the others are sent (and failed) again.
+        # Its note of ids sent names those a DELETE carried whose answer was never recorded
+        # (its holder died, or was stopped, with the call on the wire).
         errors: dict[str, str] = {}
+        sent: dict[str, frozenset[str]] = {}
         if redelivered and live:
             held = [entry_id for entry_id, _ in live]
-            errors = await self._outage.persist(
-                lambda: self._consumer.last_errors(held), what="last error"
+            errors, sent = await self._outage.persist(
+                lambda: self._consumer.redelivery(held), what="last error"
             )
         send: list[tuple[str, Target | None]] = []
         waiting: list[tuple[Message, LookupFailed]] = []
@@ -580,7 +586,8 @@ class Service:
             deliveries = counts.get(entry_id, 1)
             message = decode_entry(entry_id, fields)
             done = settled_ids(errors.get(entry_id, ""))
-            self._unsure |= settled_ids(errors.get(entry_id, ""), "unsure") - done
+            unsure = settled_ids(errors.get(entry_id, ""), "unsure") | sent.get(entry_id, set())
+            self._unsure |= unsure.intersection(message.ids) - done
             if done:
                 remaining = tuple(i for i in message.ids if i not in done)
                 settled = tuple(i for i in message.ids if i in done)

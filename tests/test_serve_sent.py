@@ -1,0 +1,158 @@
+"""serve killed (or cut short by a second SIGTERM) with a DELETE on the wire: the jobs that
+call removed end ``deleted`` (unconfirmed, ``answer_lost``) when their entries are delivered
+again, never ``absent``; and the note that makes it so is written before the call or the
+call waits (docs/serve.md, "A replica dies mid-call").
+
+Real ``serve`` subprocesses, real Redis, the simulator in this process. The simulator
+applies a DELETE as it arrives and holds its answer for a minute, so the test knows the call
+is on the wire (the jobs are gone in the simulator) before it kills the replica: a
+condition, not a sleep.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import REDIS_URL
+from tests.test_serve import RedisProxy
+from tests.test_serve_e2e import Queue, Replica, queue, until
+from worker.clock import MonotonicClock
+from worker.outcomes.events import EventLog
+from worker.service.consumer import StreamConsumer, sent_ids
+from worker.service.inflight import InFlight
+from worker.service.journal import ServeJournal
+from worker.service.layout import StreamLayout, decode_entry
+from worker.service.metrics import ServiceMetrics
+from worker.service.outage import Outage
+from worker.simulator import FaultConfig, SimulatorConfig
+from worker.types import Outcome, Result
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
+
+HELD = FaultConfig(latency_ms=60_000, latency_jitter=False)
+FLAGS = ("--batch-size", "5", "--concurrency", "2", "--rate", "100", "--reclaim-after", "1")
+
+
+async def _cut_mid_call(q: Queue, victim: Replica, how: str) -> None:
+    """Wait until both DELETEs are applied in the simulator (their answers held), then end
+    ``victim`` as ``how`` says."""
+
+    async def on_the_wire() -> bool:
+        return len(q.sim.deleted) == 10 and q.sim.stats.in_flight == 2
+
+    await until(on_the_wire)
+    if how == "kill":
+        victim.process.kill()
+    else:  # a second SIGTERM: no grace, the calls on the wire cancelled
+        victim.process.send_signal(signal.SIGTERM)
+
+        async def draining() -> bool:
+            return bool(victim.named("serve.draining"))
+
+        await until(draining)
+        victim.process.send_signal(signal.SIGTERM)
+    with anyio.fail_after(15):
+        await victim.process.wait()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("how", "heir"),
+    [("kill", "other"), ("kill", "victim"), ("sigterm-twice", "other")],
+    ids=["kill9-reclaimed", "kill9-restarted", "sigterm-twice-handed-over"],
+)
+async def test_jobs_a_replica_died_deleting_end_deleted_unconfirmed_never_absent(
+    redis_prefix: str, tmp_path: Path, how: str, heir: str
+) -> None:
+    """The heir (another replica reclaiming, or the same name restarted) finds the jobs
+    gone: each ends ``deleted`` with ``confirmed: false`` and ``reason: answer_lost``, none
+    ``absent``; the simulator applied each DELETE once; nothing is left pending."""
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=10, faults=HELD)) as q:
+        ids = q.sim.job_ids()
+        await q.enqueue(ids)
+        victim = await q.start("victim", *FLAGS)
+        await _cut_mid_call(q, victim, how)
+        q.sim.set_faults(FaultConfig())  # the heir's calls are answered at once
+        successor = await q.start(heir, *FLAGS)
+
+        async def settled() -> bool:
+            return len(successor.named("job.deleted") + successor.named("job.absent")) >= 10
+
+        await until(settled)
+
+        async def nothing_pending() -> bool:
+            return await q.pending() == 0
+
+        await until(nothing_pending, 10)
+        rows = await q.stream_rows(q.stream + ":outcomes")
+        notes: list[Any] = await q.redis.keys(q.stream + ":sending:*")
+        await q.stop_all()
+    assert successor.named("job.absent") == []
+    deleted = successor.named("job.deleted")
+    assert sorted(e["job_id"] for e in deleted) == sorted(ids)
+    assert {e["confirmed"] for e in deleted} == {False}
+    assert {r["job_id"]: (r["outcome"], r["error_msg"]) for r in rows} == dict.fromkeys(
+        ids, ("deleted", "answer_lost")
+    )
+    assert set(q.sim.delete_counts.values()) == {1} and set(q.sim.deleted) == set(ids)
+    assert notes == []  # every entry acked, its note with it
+
+
+@pytest.mark.anyio
+async def test_the_note_of_ids_sent_waits_for_redis_and_answers_strike_off_only_non_deletions(
+    redis_prefix: str,
+) -> None:
+    """Redis away when a DELETE is about to go out: the note is not skipped, the call waits
+    (``sending`` returns only once Redis took it). An answer ``absent`` or ``failed``
+    strikes its id off the note; a deletion stays noted until the entry is acked."""
+    proxy = RedisProxy(REDIS_URL)
+    layout = StreamLayout(redis_prefix + "ids", "reapers")
+    clock = MonotonicClock()
+    metrics = ServiceMetrics()
+    async with anyio.create_task_group() as relay:
+        await relay.start(proxy.serve)
+        client = aioredis.Redis.from_url(proxy.url, socket_timeout=2)
+        direct = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            consumer = StreamConsumer(client, layout, "c1")
+            events = EventLog()
+            outage = Outage(events, clock, where="test")
+            inflight = InFlight()
+            journal = ServeJournal(events=events, metrics=metrics, inflight=inflight,
+                                   consumer=consumer, clock=clock, outage=outage,
+                                   max_deliveries=3)  # fmt: skip
+            message = decode_entry("1-1", {b"ids": b'["job-a", "job-b", "job-c"]'})
+            inflight.add(message, 1)
+            await proxy.go_away()
+            noted = anyio.Event()
+
+            async def send() -> None:
+                await journal.sending(["job-a", "job-b", "job-c"], None)
+                noted.set()
+
+            relay.start_soon(send)
+            with anyio.fail_after(10):
+                while outage.failures < 2:
+                    await anyio.sleep(0.02)
+            assert not noted.is_set()
+            assert await direct.get(layout.sending("1-1")) is None
+            proxy.cut = False
+            with anyio.fail_after(10):
+                await noted.wait()
+            assert sent_ids(await direct.get(layout.sending("1-1"))) == {"job-a", "job-b", "job-c"}
+            assert await direct.ttl(layout.sending("1-1")) > 0
+            await journal.finished([Result("job-a", Outcome.DELETED),
+                                    Result("job-b", Outcome.ABSENT),
+                                    Result("job-c", Outcome.FAILED)])  # fmt: skip
+            assert sent_ids(await direct.get(layout.sending("1-1"))) == {"job-a"}
+            assert journal.kept == 1  # job-c failed: the entry stays pending, to be tried again
+        finally:
+            await client.aclose()
+            await direct.aclose()
+        relay.cancel_scope.cancel()
