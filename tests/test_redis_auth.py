@@ -42,11 +42,11 @@ def _free_port() -> int:
 
 @asynccontextmanager
 async def redis_server(
-    folder: Path, config: Sequence[str], *, tls: bool = False
+    folder: Path, config: Sequence[str], *, tls: bool = False, port: int | None = None
 ) -> AsyncIterator[int]:
-    """A private redis-server configured by ``config`` lines, on a free port (TLS-only when
-    ``tls``), for the length of the block."""
-    port = _free_port()
+    """A private redis-server configured by ``config`` lines, on ``port`` (a free one when
+    None; TLS-only when ``tls``), for the length of the block."""
+    port = _free_port() if port is None else port
     listen = ["port 0", f"tls-port {port}"] if tls else [f"port {port}"]
     conf = folder / "redis.conf"
     conf.write_text("\n".join(["bind 127.0.0.1", *listen, 'save ""', "appendonly no",

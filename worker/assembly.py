@@ -430,12 +430,12 @@ async def build_service(
     stop: anyio.Event,
     stop_now: anyio.Event,
     targets: Targets,
+    health: Health,
 ) -> ServeParts:
     """The service over a Redis that has answered: its group made sure of, the API client,
     the shared limiter and the dispatcher, sending where ``targets`` (:func:`serve_targets`)
     allows. ``serve`` never runs dry (``refuse_run_only``)."""
     from worker.service.consumer import StreamConsumer
-    from worker.service.health import Health
     from worker.service.inflight import InFlight
     from worker.service.journal import ServeJournal
     from worker.service.layout import Retention, StreamLayout
@@ -456,7 +456,6 @@ async def build_service(
     # Here, not in the loop's task group: a --stream naming a key of another type is a
     # ConfigError (78) that reaches main() unwrapped.
     await outage.persist(consumer.ensure_group, what="group")
-    health = Health(clock, stale_after=config.stale_after)
     inflight = InFlight()
     journal = ServeJournal(
         events=events, metrics=metrics, inflight=inflight, consumer=consumer, clock=clock,
@@ -544,16 +543,24 @@ async def build_service(
     return ServeParts(service, consumer, journal, inflight, health, metrics)
 
 
-async def start_http(stack: AsyncExitStack, parts: ServeParts, host: str, port: int) -> int:
+async def start_http(
+    stack: AsyncExitStack,
+    health: Health,
+    metrics: ServiceMetrics,
+    *,
+    ping: Callable[[], Awaitable[object]],
+    refresh: Callable[[], Awaitable[None]],
+    host: str,
+    port: int,
+) -> int:
     """The health and metrics port (``ConfigError``, 78, when it cannot be bound); the port
-    it is bound to, which is the one asked unless that was 0."""
+    it is bound to, which is the one asked unless that was 0. Started before Redis is
+    waited for: ``ping`` checks it, ``refresh`` sets the gauges before a scrape."""
     from aiohttp import web
 
     from worker.service.health import build_app, http_runner
 
-    app = build_app(
-        parts.health, parts.metrics, ping=parts.consumer.ping, refresh=parts.service.refresh_gauges
-    )
+    app = build_app(health, metrics, ping=ping, refresh=refresh)
     runner: web.AppRunner = http_runner(app)
     await runner.setup()
     stack.push_async_callback(_shielded, runner.cleanup)

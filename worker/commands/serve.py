@@ -22,6 +22,7 @@ from structlog.typing import FilteringBoundLogger
 
 from worker import logsetup, wiring
 from worker.assembly import (
+    ServeParts,
     build_service,
     build_service_redis,
     serve_places,
@@ -120,6 +121,7 @@ async def serve(
     """Run the service until ``stop`` is set or a signal arrives; return the exit code."""
     from worker.clock import MonotonicClock
     from worker.outcomes.events import EventLog
+    from worker.service.health import Health
     from worker.service.metrics import ServiceMetrics
     from worker.service.outage import Outage, redis_where
 
@@ -133,18 +135,32 @@ async def serve(
     metrics = ServiceMetrics(places=serve_places(targets))
     outage = Outage(events, clock, where=redis_where(settings.redis_url),
                     count=metrics.redis_errors.inc)  # fmt: skip
+    parts: ServeParts | None = None
+
+    async def refresh() -> None:  # the gauges before a scrape, once there is a service
+        if parts is not None:
+            await parts.service.refresh_gauges()
+
     async with AsyncExitStack() as stack:
         client, reader = build_service_redis(stack, settings, config)
+        # The probes are answered from here on: live while start-up waits for Redis, unready
+        # saying so (a port that refused connections had Kubernetes restart the wait).
+        health = Health(clock, stale_after=config.stale_after)
+        where = redis_where(settings.redis_url)
+        health.starting = f"waiting for Redis at {where}"
+        host = http_host or settings.http_host
+        port = await start_http(stack, health, metrics, ping=client.ping, refresh=refresh,
+                                host=host, port=settings.http_port)  # fmt: skip
+        events.note("serve.starting", http_host=host, http_port=port, redis=where)
         if not await _redis_answers(client, outage, events):
             return ExitCode.UNAVAILABLE
+        health.starting = f"setting up the queue on Redis at {where} and the API keys"
         await _warn_if_evicting(client, settings, events)
         parts = await build_service(
             stack, settings, config, client=client, reader=reader, metrics=metrics,
             outage=outage, events=events, clock=clock, protection=protection, stop=stop,
-            stop_now=stop_now, targets=targets,
+            stop_now=stop_now, targets=targets, health=health,
         )  # fmt: skip
-        host = http_host or settings.http_host
-        port = await start_http(stack, parts, host, settings.http_port)
         events.note(
             "serve.started",
             consumer=settings.consumer,

@@ -13,6 +13,10 @@ Two questions Kubernetes asks, kept apart on purpose:
   another type while it ran), and it is not draining after SIGTERM.
   Unready is not unhealthy: a replica paused on a 401 is alive and is not restarted in a
   loop; it waits, unready, until the credentials work again.
+
+The port is served from the start, before Redis has answered (``Health.starting`` says
+what start-up waits for): live, since answering at all is the loop turning, and unready
+with that reason, instead of refusing connections for the 30 s start-up may wait.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class Health:
         self.queue_ok = True
         self.draining = False
         self.loop_running = False
+        self.starting: str | None = None
+        """What start-up waits for (Redis), or None once the service runs."""
 
     def progress(self) -> None:
         self.last_progress = self._clock.now()
@@ -57,13 +63,15 @@ class Health:
 
     @property
     def live(self) -> bool:
+        if self.starting is not None:  # no heartbeat yet; that it answers is the loop turning
+            return True
         return self.loop_running and self._clock.now() - self.last_progress <= self.stale_after
 
     def __repr__(self) -> str:
         idle = self._clock.now() - self.last_progress
         return (
             f"Health(live={self.live}, idle_s={idle:.1f}, auth_refused={self.auth_refused}, "
-            f"queue_ok={self.queue_ok}, draining={self.draining})"
+            f"queue_ok={self.queue_ok}, draining={self.draining}, starting={self.starting!r})"
         )
 
 
@@ -134,13 +142,16 @@ def build_app(
                 redis_ok = True
             except Exception:  # noqa: BLE001 - any failure to answer is "not reachable"
                 redis_ok = False
-        body = {
+        body: dict[str, object] = {
             "redis": redis_ok,
             "credentials": not health.auth_refused,
             "stream": health.queue_ok,
             "draining": health.draining,
         }
         ready = redis_ok and not health.auth_refused and health.queue_ok and not health.draining
+        if health.starting is not None:
+            body["starting"] = health.starting
+            ready = False
         return web.json_response(body | {"ready": ready}, status=200 if ready else 503)
 
     async def metrics_handler(request: web.Request) -> web.Response:

@@ -206,6 +206,7 @@ class Service:
 
     async def _heartbeat(self) -> None:
         self._health.loop_running = True
+        self._health.starting = None  # from here on, liveness is the heartbeat's
         while True:
             self._health.progress()
             await self._clock.sleep(self._config.heartbeat)

@@ -1,0 +1,91 @@
+"""serve waiting for Redis at start-up answers its probes: ``/healthz`` 200 (alive: a
+Kubernetes liveness or startup probe must not see "connection refused" and restart it),
+``/readyz`` 503 naming the Redis it waits for; once a Redis answers on that port, it starts
+and turns ready. A real ``serve`` subprocess, and a ``redis-server`` of the test's own,
+started on the port serve was given only after serve said it is waiting.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import pytest
+
+from tests.benchmarks import harness
+from tests.e2e import Served, collect
+from tests.test_redis_auth import REDIS_SERVER, _free_port, redis_server
+from worker.simulator import SimulatorConfig, run_simulator
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.usefixtures("clean_env"),
+    pytest.mark.skipif(REDIS_SERVER is None, reason="needs redis-server"),
+]
+
+
+async def _probe(port: int, path: str) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}{path}") as r:
+        return r.status, await r.json()
+
+
+async def _until(check: Any, timeout: float = 20) -> None:
+    with anyio.fail_after(timeout):
+        while not await check():
+            await anyio.sleep(0.05)
+
+
+@pytest.mark.anyio
+async def test_probes_answer_while_it_waits_for_redis_and_it_starts_once_redis_does(
+    tmp_path: Path,
+) -> None:
+    redis_port = _free_port()  # nothing listens here until the test starts its Redis
+    port = _free_port()
+    async with run_simulator(SimulatorConfig(jobs=1)) as sim, anyio.create_task_group() as tg:
+        command = [
+            sys.executable, "-m", "worker", "serve", "--endpoint", sim.url,
+            "--project-id", sim.config.project_id, "--ak", sim.config.ak,
+            "--stream", "startup:ids", "--group", "reapers", "--consumer", "c1",
+            "--redis-url", f"redis://127.0.0.1:{redis_port}/0", "--http-port", str(port),
+            "--log-format", "json",
+        ]  # fmt: skip
+        process = await anyio.open_process(
+            command, env=harness.clean_env() | {"REAPER_SK": sim.config.sk}
+        )
+        served = Served(process)
+        tg.start_soon(collect, served)
+        try:
+
+            async def waiting() -> bool:  # its first PING refused
+                return bool(served.named("serve.redis_unreachable"))
+
+            await _until(waiting)
+            live, _ = await _probe(port, "/healthz")
+            ready, body = await _probe(port, "/readyz")
+            assert (live, ready) == (200, 503)
+            assert served.named("serve.starting")[0]["http_port"] == port
+            assert body["ready"] is False and body["redis"] is False
+            assert f"127.0.0.1:{redis_port}" in body["starting"]
+            async with redis_server(tmp_path, [], port=redis_port):
+
+                async def is_ready() -> bool:
+                    return (await _probe(port, "/readyz"))[0] == 200
+
+                await _until(is_ready)
+                assert served.started.is_set()  # serve.started: built, consuming
+                assert (await _probe(port, "/healthz"))[0] == 200
+                process.send_signal(signal.SIGTERM)
+                with anyio.fail_after(20):
+                    await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await process.aclose()
+    assert process.returncode == 0
+    assert served.named("serve.redis_unreachable")[0]["operation"] == "ping"
+    assert "serve.redis_back" in {e["event"] for e in served.events}
