@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 
 from worker.batcher import DeletionBudget
 from worker.clock import Clock, MonotonicClock
 from worker.errors import ApiError, ThrottledError
-from worker.pacing.bucket import RateLimiter
+from worker.pacing.bucket import FixedRate, RateLimiter, TokenBucket, start_apart
 from worker.pacing.retry import RetryPolicy
 from worker.types import Batch, DeleteResult, JobRecord, Result
 
@@ -53,6 +54,11 @@ class SimProcess:
 
     def stats(self) -> dict[str, Any]:
         return self.control("/_sim/stats")
+
+    def arrivals(self) -> Arrivals:
+        """The gateway's view of the calls since the last read (and the read takes them)."""
+        seen = self.control("/_sim/arrivals")
+        return Arrivals(seen["arrived"], seen["checked"], seen["accepted"])
 
     def set_quota(self, quota: float, burst: int | None = None) -> None:
         payload: dict[str, Any] = {"quota": quota}
@@ -132,6 +138,17 @@ def simulator(
 
 
 @dataclass(frozen=True, slots=True)
+class Arrivals:
+    """What the simulator's gateway saw, per call in order: when it reached its handler,
+    when its quota was checked (the time a token bucket judges), and whether it passed. The
+    simulator's ``time.monotonic``: the same clock as ours on one host."""
+
+    arrived: list[float]
+    checked: list[float]
+    accepted: list[bool]
+
+
+@dataclass(frozen=True, slots=True)
 class Call:
     start: float
     kind: str  # ok | throttled | error
@@ -142,6 +159,7 @@ class Trace:
     calls: list[Call] = field(default_factory=list)
     rates: list[tuple[float, float]] = field(default_factory=list)  # (time, limiter rate)
     t0: float = 0.0
+    writes: list[float] = field(default_factory=list)  # when each request's bytes were written
 
     def window(self, start: float, end: float) -> tuple[int, int, int]:
         """(ok, throttled, errors) among calls started in [start, end) seconds after t0."""
@@ -207,6 +225,49 @@ class NullJournal:
         pass
 
 
+def _writes_into(writes: list[float], clock: Clock) -> aiohttp.TraceConfig:
+    """An aiohttp trace that notes when each request's body is handed to the socket (the
+    headers go with it, in one write)."""
+
+    async def chunk_sent(*_: object) -> None:
+        writes.append(clock.now())
+
+    config = aiohttp.TraceConfig()
+    config.on_request_chunk_sent.append(chunk_sent)
+    config.freeze()
+    return config
+
+
+class EvenPacer(FixedRate):
+    """The oracle: a pacer told the rate to keep (``rate``, burst 1), with no adaptation, so
+    what it reaches is what any sender can on this host. ``apart``: the pacing rule of
+    ``worker.pacing.bucket.start_apart`` (no start less than an interval after the real
+    start before it); without it, plain GCRA. Notes each call's slot and real start."""
+
+    def __init__(self, rate: float, clock: Clock, *, apart: bool = True) -> None:
+        self._clock = clock
+        self._bucket = TokenBucket(rate, 1, clock.now())
+        self._apart = apart
+        self._last = -math.inf
+        self.slots: list[float] = []
+        self.starts: list[float] = []
+
+    @property
+    def rate(self) -> float:
+        return self._bucket.rate
+
+    async def acquire(self) -> None:
+        now = self._clock.now()
+        wait = self._bucket.reserve(now)
+        self.slots.append(now + wait)
+        await self._clock.sleep(wait)
+        if self._apart:
+            self._last = await start_apart(self._clock, self._bucket, lambda: self._last)
+        else:
+            self._last = self._clock.now()
+        self.starts.append(self._last)
+
+
 async def drive(
     url: str,
     ids: Sequence[str],
@@ -230,6 +291,7 @@ async def drive(
     trace = Trace(t0=clock.now())
     limiter = make_limiter(clock)
     session = make_session(concurrency=concurrency, connect_timeout=10, read_timeout=30)
+    session.trace_configs.append(_writes_into(trace.writes, clock))
     try:
         client = ApiClient(
             session=session,
@@ -279,6 +341,15 @@ async def drive(
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def percentiles(values: Sequence[float], *qs: float) -> list[float]:
+    """The ``qs`` quantiles (0-100) of ``values``, nearest rank; NaN for none."""
+    ordered = sorted(values)
+    if not ordered:
+        return [math.nan for _ in qs]
+    last = len(ordered) - 1
+    return [ordered[min(last, max(0, math.ceil(q / 100 * len(ordered)) - 1))] for q in qs]
 
 
 def machine() -> str:
