@@ -252,6 +252,8 @@ async def test_a_call_woken_late_is_not_followed_within_an_interval(
     assert sent[1] == pytest.approx(stall_to)
     gaps = [b - a for a, b in itertools.pairwise(sent)]
     assert min(gaps) >= (1 - APART_TOLERANCE) / 10.0 - 1e-9
+    for i, j in itertools.combinations(range(len(sent)), 2):  # no run faster than the rate
+        assert sent[j] - sent[i] >= (j - i - APART_TOLERANCE) / 10.0 - 1e-9
     assert sent[-1] <= stall_to + 4 * 0.1 + 1e-9  # what the stall cost is lost once
 
 

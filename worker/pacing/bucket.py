@@ -21,8 +21,9 @@ Start times are where calls *should* start; a loaded machine wakes a caller late
 burst of 1 a late start must push the next ones (``start_apart``): GCRA alone lets the
 caller after a late one keep its on-time slot, less than ``1 / rate`` after it, and a
 gateway whose burst is 1 refuses that call. So with a burst of 1 no call starts less than
-``(1 - APART_TOLERANCE) / rate`` after the real start of the one before it, and the
-bucket's later slots move back by what the late caller lost.
+``(1 - APART_TOLERANCE) / rate`` after the real start of the one before it (and no run of
+calls faster than the rate: GCRA again, over the real starts), and the bucket's later
+slots move back by what the late caller lost.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class TokenBucket:
     full again at ``tat = anchor + count / rate``.
     """
 
-    __slots__ = ("_anchor", "_burst", "_count", "_rate", "_version")
+    __slots__ = ("_anchor", "_burst", "_count", "_due", "_rate", "_version")
 
     def __init__(self, rate: float, burst: int, now: float) -> None:
         if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
@@ -91,6 +92,7 @@ class TokenBucket:
         self._anchor = float(now)
         self._count = 0.0
         self._version = 0
+        self._due = float(now)  # with a burst of 1: when the next call may really start
 
     @property
     def rate(self) -> float:
@@ -142,17 +144,25 @@ class TokenBucket:
         return True
 
     def started(self, at: float) -> None:
-        """A call really started at ``at``: with a burst of 1, no slot handed out from now
-        on is less than ``1 / rate`` after it (a late start moves the later slots back by
+        """A call really started at ``at``. With a burst of 1 the next may start one
+        interval after the later of ``at`` and when this one was due (GCRA over the real
+        starts: a call that starts early by the tolerance takes it from the next), and no
+        slot handed out from now on is earlier (a late start moves the later slots back by
         what it lost; slots already handed out keep their times, ``start_apart`` holds
         them). With a larger burst the bucket keeps its own times: the gateway's burst
         takes in a late call."""
         if self._burst != 1:
             return
+        self._due = max(self._due, at) + 1.0 / self._rate
         tat = self._tat()
-        due = at + 1.0 / self._rate
-        if tat < due:
-            self._anchor += due - tat
+        if tat < self._due:
+            self._anchor += self._due - tat
+
+    def start_due(self) -> float:
+        """With a burst of 1, the earliest the next call may really start: one interval
+        after the last real start, less ``APART_TOLERANCE`` of one, never more often than
+        the rate over any run of calls."""
+        return self._due - APART_TOLERANCE / self._rate
 
     def set_rate(self, rate: float, now: float) -> None:
         """Change the rate from ``now`` on, keeping every start time already handed out.
@@ -182,15 +192,20 @@ class TokenBucket:
 
 
 async def start_apart(clock: Clock, bucket: TokenBucket, last: Callable[[], float]) -> float:
-    """Wait, with a burst of 1, until at least ``(1 - APART_TOLERANCE) / rate`` has passed
+    """With a burst of 1, wait until the bucket says the next call may really start
+    (``TokenBucket.start_due``) and at least ``(1 - APART_TOLERANCE) / rate`` has passed
     since ``last()`` (the real start of the call before, read again after every wait: two
-    callers waiting on the same start must not both go), tell the bucket, and return the
-    time this call starts; the caller stores it as ``last()`` before anything else runs. A
-    caller woken late is thus never followed by one on its own slot less than an interval
-    later. With a larger burst it returns at once."""
+    callers waiting on the same start must not both go, and a limiter that took a new
+    bucket keeps its last start); tell the bucket, and return the time this call starts,
+    which the caller stores as ``last()`` before anything else runs. A caller woken late
+    is thus never followed by one on its own slot less than an interval later. With a
+    larger burst it returns at once."""
     if bucket.burst != 1:
         return clock.now()
-    while (wait := last() + (1.0 - APART_TOLERANCE) / bucket.rate - clock.now()) > 0.0:
+    while True:
+        due = max(bucket.start_due(), last() + (1.0 - APART_TOLERANCE) / bucket.rate)
+        if (wait := due - clock.now()) <= 0.0:
+            break
         await clock.sleep(wait)
     now = clock.now()
     bucket.started(now)
