@@ -37,6 +37,7 @@ from tests.benchmarks.harness import (
     percentiles,
     record,
     repeats,
+    run_queue_seconds,
     simulator,
 )
 from tests.fakes import simulate
@@ -529,6 +530,7 @@ def _jitter(sim: Any, quota: float, apart: bool) -> dict[str, Any]:
 
     sim.set_quota(quota)
     sim.arrivals()
+    queued = (sim.run_queue_seconds(), run_queue_seconds())
     middle = len(sim.ids) // 2
     half = {False: sim.ids[:middle], True: sim.ids[middle:]}
 
@@ -538,6 +540,8 @@ def _jitter(sim: Any, quota: float, apart: bool) -> dict[str, Any]:
 
     trace = anyio.run(go)
     seen = sim.arrivals()
+    sim_queued = sim.run_queue_seconds() - queued[0]
+    our_queued = run_queue_seconds() - queued[1]
     pacer = pacers[0]
     ok, throttled, _ = trace.window(1.0, JITTER_SECONDS)
     gateway = 1.0 / quota
@@ -552,6 +556,9 @@ def _jitter(sim: Any, quota: float, apart: bool) -> dict[str, Any]:
         "starts_gaps": _gaps(pacer.starts, gateway),
         "writes_gaps": _gaps(trace.writes, gateway),
         "checked_gaps": _gaps(seen.checked, gateway),
+        # the share of the run each process spent ready to run but waiting for a CPU
+        "sim_run_queue": round(sim_queued / JITTER_SECONDS, 4),
+        "our_run_queue": round(our_queued / JITTER_SECONDS, 4),
     }
 
 
@@ -574,3 +581,54 @@ def test_where_the_jitter_comes_from(quota: float, load: str, tmp_path: Path) ->
             for apart in (False, True):
                 record("rate_jitter", quota=quota, load=load, apart=apart,
                        **_jitter(sim, quota, apart), load_avg=load_before)  # fmt: skip
+
+
+APART_CELLS = _matrix(
+    os.environ.get(
+        "BENCH_APART_CELLS",
+        "q5-b1-50ms-c8,q50-b1-5ms-c8,q50-b1-50ms-c32,q50-b1-300ms-c32,q500-b1-5ms-c32,"
+        "q500-b1-50ms-c8",
+    )
+)
+"""The burst-1 cells ``test_the_pacing_rule_on_burst_one_gateways`` runs."""
+
+
+async def _gcra_alone(clock: Clock, bucket: Any, last: Callable[[], float]) -> float:
+    """``start_apart`` as it was not: a start on its slot, however late the one before."""
+    return clock.now()
+
+
+@pytest.mark.timeout(len(APART_CELLS) * 2 * (MATRIX_SECONDS + 20) + 120)
+def test_the_pacing_rule_on_burst_one_gateways(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--rate auto`` and the oracle at 0.90 on burst-1 cells, each with ``start_apart`` and
+    with GCRA alone (its slot however late the call before went), one after the other on
+    the same simulator: what the rule changes, in the same minute."""
+    load_before = os.getloadavg()
+    for quota, burst, latency_ms, concurrency in APART_CELLS:
+        cell = Cell(quota, concurrency, latency_ms)
+        oracle_s = _oracle_seconds(quota)
+        auto_ids = int(quota * MATRIX_SECONDS * 1.3) + 500
+        oracle_ids = int(cell.reachable * oracle_s * 1.3) + 100
+        each = auto_ids + oracle_ids
+        with simulator(tmp_path, jobs=2 * each, quota=quota, burst=burst,
+                       latency_ms=latency_ms) as sim:  # fmt: skip
+            row: dict[str, Any] = {}
+            for n, apart in enumerate((True, False)):
+                ids = sim.ids[n * each : (n + 1) * each]
+                with monkeypatch.context() as patch:
+                    if not apart:
+                        patch.setattr("worker.pacing.adaptive.start_apart", _gcra_alone)
+                    auto = _paced(sim, cell, ids[:auto_ids], lambda c: _limiter("auto", c),
+                                  seconds=MATRIX_SECONDS, measure_from=10.0)  # fmt: skip
+                oracle = _paced(sim, cell, ids[auto_ids:],
+                                functools.partial(EvenPacer, 0.9 * cell.reachable, apart=apart),
+                                seconds=oracle_s, measure_from=1.0)  # fmt: skip
+                name = "apart" if apart else "gcra"
+                row[f"auto_{name}"] = auto.figures()
+                row[f"oracle0.90_{name}"] = oracle.figures()
+        record("rate_pacing_rule", cell=_cell_name(quota, burst, latency_ms, concurrency), **row,
+               load=os.getloadavg()[0])  # fmt: skip
+    record("rate_pacing_rule_summary", load_before=load_before, load_after=os.getloadavg(),
+           machine=machine())  # fmt: skip

@@ -66,6 +66,12 @@ class SimProcess:
             payload["burst"] = burst
         self.control("/_sim/quota", payload)
 
+    def run_queue_seconds(self) -> float:
+        """How long the simulator's process has waited for a CPU while ready to run
+        (``/proc/<pid>/schedstat``'s second field, main thread): the scheduler's share of
+        its delays."""
+        return run_queue_seconds(self.proc.pid)
+
     def cpu_seconds(self) -> float:
         """The simulator process's CPU so far (user + system), from ``/proc/<pid>/stat``.
 
@@ -75,6 +81,12 @@ class SimProcess:
         fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)"; comm may hold spaces
         utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
         return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def run_queue_seconds(pid: int | None = None) -> float:
+    """Seconds process ``pid`` (ours when ``None``) has waited ready to run for a CPU."""
+    path = Path(f"/proc/{pid if pid is not None else 'self'}/schedstat")
+    return int(path.read_text().split()[1]) / 1e9
 
 
 def clean_env() -> dict[str, str]:
