@@ -156,11 +156,12 @@ def test_after_a_cut_the_rate_returns_to_its_target_and_probes_past_it_as_cubic(
     assert ctrl.state.phase is Phase.PROBE
 
 
-def test_a_refused_probe_goes_back_under_the_quota_measured_and_a_risen_one_is_kept() -> None:
+def test_a_refused_probe_goes_back_under_the_quota_measured_however_long_it_held() -> None:
     """Refused just past the quota measured: back to 3 % under it, the probe returning to
-    just under the rate refused. Refused after holding well past it for two seconds
-    (longer than a burst hides an overshoot): the quota rose, so back to 3 % under what
-    the probe held, the old measure forgotten."""
+    just under the rate refused. Refused after holding well past it for two seconds with
+    no answer that proves the gateway accepted that much (a burst hides such an
+    overshoot at low quotas): still back to 3 % under the quota measured, which is kept.
+    Only the floor proves a rise (the next test)."""
     ctrl = _after_a_cut(100.0, 97.0)
     ctrl.restore(replace(ctrl.state, quota=100.0))
     _send_while(ctrl, 0.0, lambda t: t < 2.5)
@@ -169,10 +170,47 @@ def test_a_refused_probe_goes_back_under_the_quota_measured_and_a_risen_one_is_k
     assert ctrl.on_throttle(2.5, latency=0.0) == pytest.approx(97.0)
     assert ctrl.state.target == pytest.approx(0.99 * refused, rel=1e-3)
     _send_while(ctrl, 2.5, lambda t: t < 9.0)
-    held = ctrl.rate_sent_at(7.0)
-    assert held > 106.0
-    assert ctrl.on_throttle(9.0, latency=0.0) == pytest.approx(0.97 * held)
-    assert ctrl.state.quota == math.inf
+    assert ctrl.rate_sent_at(7.0) > 106.0
+    assert ctrl.on_throttle(9.0, latency=0.0) == pytest.approx(97.0)
+    assert ctrl.state.quota == 100.0
+
+
+def test_a_refusal_mid_cruise_goes_under_the_quota_measured_not_a_step_under_its_rate() -> None:
+    """A quota of 5 calls/s measured, the probe returning to a target over it (just under
+    a rate refused before): a refusal on the way there, at 5.5 calls/s, says the target
+    was too high. The level goes 3 % under the quota measured, where stepping 3 % under
+    the rate refused took a refusal a step, a staircase of them at 5 calls/s."""
+    ctrl = _after_a_cut(6.5, 4.85)
+    ctrl.restore(replace(ctrl.state, quota=5.0))
+    t = _send_while(ctrl, 0.0, lambda now: ctrl.rate_at(now) < 5.5)
+    assert ctrl.state.phase is Phase.CRUISE
+    assert ctrl.on_throttle(t, latency=0.0) == pytest.approx(0.97 * 5.0)
+    assert ctrl.state.quota == 5.0
+
+
+def test_a_low_measure_refused_past_is_raised_to_the_floor_not_forgotten() -> None:
+    """A measure of 4.6 calls/s, low (the quota is 5), the probe returning to 5. The
+    gateway accepted every call since its bucket was last empty, at about 5 calls/s: the
+    floor, (accepted - 1) / time, says the quota is at least 4.88. The probe's refusal past
+    5 raises the measure to the floor and goes 3 % under it; it used to forget the
+    measure (the probe had held 6 % past it for two seconds, which a burst hides at 5
+    calls/s), and every refusal after stepped 3 % under its rate, a refusal a step."""
+    ctrl = _after_a_cut(5.0, 4.5)
+    ctrl.on_throttle(0.0, latency=0.0)  # the bucket was empty at 0 s
+    ctrl.restore(replace(ctrl.state, rate=4.5, level=4.5, target=5.0, quota=4.6, unit=6.0))
+    sent = []
+    t = 1.0 / 4.5
+    while t < 40.0 and not (ctrl.state.phase is Phase.PROBE and ctrl.rate_at(t) > 5.1):
+        ctrl.on_sent(t)
+        ctrl.on_success(t, latency=0.0)
+        sent.append(t)
+        t += 1.0 / ctrl.rate_at(t)
+    assert ctrl.escalated == 0
+    floor = (len(sent) - 1) / sent[-1]
+    assert 4.85 < floor < 5.0
+    assert ctrl.rate_sent_at(t - 2.0) > 1.06 * 4.6  # the probe held past the measure
+    assert ctrl.on_throttle(t, latency=0.0) == pytest.approx(0.97 * floor)
+    assert ctrl.state.quota == pytest.approx(floor)
 
 
 def test_a_probe_the_gateway_lets_past_its_target_finds_a_risen_quota_at_once() -> None:
@@ -193,6 +231,26 @@ def test_a_probe_the_gateway_lets_past_its_target_finds_a_risen_quota_at_once() 
     rate = ctrl.rate
     _send_while(ctrl, t, lambda now: now < t + 1.0)
     assert ctrl.rate_at(t + 1.0) == pytest.approx(2.0 * rate, rel=0.05)
+
+
+def test_a_probe_just_past_a_low_measure_moves_its_target_to_the_floor_not_to_startup() -> None:
+    """A measure of 4.67 calls/s (the quota is 5): the probe past it is let through, and
+    the floor passes the target by 1 %. That proves the measure low, not that the quota
+    rose (it rose only once the floor passes the measure by two margins, 6 %): the
+    target becomes the floor and the probe goes on. Growing as at startup there doubled
+    the rate past a burst of 10 and cost a run of refusals at 5 calls/s."""
+    ctrl = _after_a_cut(4.67, 4.53)
+    ctrl.on_throttle(0.0, latency=0.0)  # the bucket was empty at 0 s
+    ctrl.restore(replace(ctrl.state, rate=4.53, level=4.53, target=4.67, quota=4.67, unit=6.0))
+    t = 1.0 / 4.53
+    while t < 60.0 and ctrl.state.target == 4.67:
+        ctrl.on_sent(t)
+        ctrl.on_success(t, latency=0.0)
+        t += 1.0 / ctrl.rate_at(t)
+    assert ctrl.escalated == 0
+    assert ctrl.state.phase is Phase.PROBE
+    assert 1.01 * 4.67 < ctrl.state.target < 1.06 * 4.67
+    assert ctrl.state.quota == 4.67
 
 
 def test_503s_that_are_a_share_of_the_answers_cut_like_a_throttle_without_a_pause() -> None:

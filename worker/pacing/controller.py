@@ -395,13 +395,20 @@ class RateController:
         """A probe past its target whose calls the gateway all accepted, more than its
         target allows since the bucket was last seen empty: the quota rose past the target
         (``(accepted - 1) / span`` is a floor under it, whatever the burst). Grow as at
-        startup until the next refusal, which measures the new quota."""
+        startup until the next refusal, which measures the new quota. A floor past the
+        target but within two margins of the quota measured proves that measure low, not
+        a rise: the floor becomes the target."""
         s = self._state
         c = self._config
         if s.phase is not Phase.PROBE or math.isinf(s.target):
             return rate
-        if self._floor() <= (1.0 + c.margin / 3.0) * s.target:
+        floor = self._floor()
+        if floor <= (1.0 + c.margin / 3.0) * s.target:
             return rate
+        if floor <= (1.0 + 2.0 * c.margin) * s.quota < math.inf:
+            # Past a quota measured a little low, not proof that it rose: the probe's
+            # target is the floor (the probe is not as far past it as it was).
+            return self._set(replace(s, target=floor), now)
         self.escalated += 1
         state = replace(s, phase=Phase.STARTUP, level=rate, since=now, quota=math.inf,
                         target=math.inf)  # fmt: skip
@@ -529,17 +536,14 @@ class RateController:
             quota = max(quota, floor)
             self._state = replace(s, quota=quota)
             return min(rate, (1.0 - c.margin) * quota), max(target, quota)
-        if s.phase is Phase.PROBE and rate > s.quota:
-            back = sent - 2.0 * c.hold  # long enough ago that a burst no longer hides it
-            held = self.rate_sent_at(back) if back >= s.since else s.level
-            if held > (1.0 + 2.0 * c.margin) * s.quota:
-                # The probe held well past the quota measured before: it rose since. Back
-                # to just under what the probe held, and find the rest from there.
-                self._state = replace(s, quota=math.inf)
-                return max(s.level, (1.0 - c.margin) * held), refused_rate
-            # The probe returns to just under the rate refused: with a burst of 1 the
-            # quota can seldom be measured, and the floor is what the last cycle sent.
-            quota = max(s.quota, floor)
+        quota = max(s.quota, floor)
+        if rate > quota:
+            # Past the quota measured before (or under the target on the way back to it):
+            # back to just under that quota, never under the floor. Only the floor proves
+            # the quota rose (what the probe paced at for a while does not: a burst of 10
+            # hides 2 s of 10 calls/s from a quota of 5). The probe returns to just under
+            # the rate refused: with a burst of 1 the quota can seldom be measured, and the
+            # floor is what the last cycle sent.
             self._state = replace(s, quota=quota)
             return (1.0 - c.margin) * quota, (1.0 - c.margin / 3.0) * refused_rate
         return (1.0 - c.margin) * refused_rate, (1.0 - c.margin / 3.0) * refused_rate
