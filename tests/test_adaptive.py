@@ -492,6 +492,24 @@ def test_a_burst_hiding_the_overshoot_costs_throttles_but_not_stability() -> Non
 
 
 @pytest.mark.anyio
+async def test_a_single_process_auto_says_when_it_slows_and_when_it_is_back() -> None:
+    """``rate.slowed`` on a cut (the refusals of one second are one), ``rate.restored``
+    once the rate is back where it was before it: a single process's pace was only in
+    ``run.stats``, as a fixed rate's and a fleet's are not."""
+    told: list[tuple[str, dict[str, object]]] = []
+    clock = FakeClock(1.0)
+    limiter = AdaptiveRateLimiter(
+        clock, controller=_cruising(), notify=lambda event, **fields: told.append((event, fields))
+    )
+    limiter.feedback(throttled=True, latency_s=0.0)
+    limiter.feedback(throttled=True, latency_s=0.0)  # old news: no cut
+    assert told == [("rate.slowed", {"rate": 97.0, "asked": "auto", "reason": "throttled"})]
+    await paced_sends(limiter, clock, until=10.0, workers=8, latency=0.002)
+    assert [event for event, _ in told] == ["rate.slowed", "rate.restored"]
+    assert told[1][1]["asked"] == "auto" and float(str(told[1][1]["rate"])) >= 100.0
+
+
+@pytest.mark.anyio
 async def test_a_rate_increase_reaches_callers_already_queued() -> None:
     """Slots handed out at 2 calls/s to eight waiters must not hold growth back for 4 s."""
     clock = FakeClock()

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = (ROOT / "docs" / "reference.md").read_text(encoding="utf-8")
 DOCS = "".join(page.read_text(encoding="utf-8") for page in (ROOT / "docs").glob("*.md"))
 EMITTED = re.compile(
-    r"\b(?:info|warning|error|note|warn|debug|exception|critical)\(\s*\"([a-z_]+\.[a-z_]+)\""
+    r"\b_?(?:info|warning|error|note|notify|warn|debug|exception|critical)\(\s*\"([a-z_]+\.[a-z_]+)\""
 )
 
 

@@ -108,8 +108,8 @@ async def test_rate_auto_against_a_quota_deletes_every_id_once_and_says_what_it_
     it meets the quota (429s) and comes to no harm. Every id ends deleted, each sent once
     in a call that was not refused; each refusal is a ``batch.retry`` that says so, as
     many as the summary's retries and the simulator's refusals; ``run.stats`` gives the
-    pace the run learnt. A run on ``auto`` alone says no ``rate.slowed`` (that is a fixed
-    rate's) and no ``rate.leader`` (that is a fleet's, through Redis)."""
+    pace the run learnt, and ``rate.slowed`` (``asked: auto``) when its controller cut;
+    no ``rate.leader`` (that is a fleet's, through Redis)."""
     async with run_simulator(SimulatorConfig(jobs=200, seed=4, quota=10, burst=1)) as sim:
         src = write_ids(tmp_path / "ids.txt", sim.job_ids())
         out = tmp_path / "results.jsonl"
@@ -129,7 +129,10 @@ async def test_rate_auto_against_a_quota_deletes_every_id_once_and_says_what_it_
         assert {r["reason"] for r in retries} == {"throttled"}, retries
         stats = done.events("run.stats")
         assert stats and all(s["rate"] > 0 for s in stats), stats
-        assert not [e for e in done.events() if e["event"].startswith("rate.")]
+        slowed = done.events("rate.slowed")
+        assert slowed and {(e["asked"], e["reason"]) for e in slowed} == {("auto", "throttled")}
+        assert all(e["rate"] > 0 for e in slowed), slowed
+        assert not done.events("rate.leader")
 
 
 async def test_dry_run_sends_no_delete(tmp_path: Path) -> None:

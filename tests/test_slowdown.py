@@ -14,7 +14,8 @@ import pytest
 
 from tests.e2e import reaper, reaper_env, write_ids
 from tests.fakes import FakeClock
-from worker.pacing.bucket import LocalRateLimiter
+from worker.pacing.bucket import FixedRate, LocalRateLimiter, RateLimiter
+from worker.pacing.shared import RedisRateLimiter
 from worker.pacing.slowdown import Slowdown, SlowdownConfig, SlowingLimiter
 from worker.simulator import SimulatorConfig, run_simulator
 
@@ -108,3 +109,15 @@ async def test_a_fixed_rate_ten_times_the_quota_slows_down_and_finishes(tmp_path
     waits = [e["delay_s"] for e in done.events("batch.retry") if e["reason"] == "throttled"]
     assert waits and all(w >= 1.0 for w in waits)  # never shorter than the Retry-After ...
     assert len(set(waits)) > len(waits) // 2  # ... and spread, not all the same second
+
+
+def test_the_limiters_that_slow_while_refused_are_not_fixed_rates() -> None:
+    """``FixedRate`` is for limiters with nothing to learn; one that moves its pace on a
+    refusal, alone or shared through Redis, is a ``RateLimiter`` of its own."""
+    import redis.asyncio as aioredis
+
+    clock = FakeClock()
+    alone = SlowingLimiter(LocalRateLimiter(rate=5.0, burst=1, clock=clock), clock, notify=print)
+    shared = RedisRateLimiter(aioredis.Redis(), "rl", rate=5.0, burst=1, clock=clock)
+    for limiter in (alone, shared):
+        assert isinstance(limiter, RateLimiter) and not isinstance(limiter, FixedRate)

@@ -31,6 +31,9 @@ SLICE_S = 0.05
 RESLOT = 0.05
 """A rate change larger than this fraction re-slots every waiter."""
 
+NOTIFY_S = 1.0
+"""At most one ``rate.slowed`` this often: the cuts of a second are one slow-down."""
+
 
 class AdaptiveRateLimiter:
     """A ``RateLimiter`` whose rate a ``RateController`` sets from the calls' answers.
@@ -42,8 +45,8 @@ class AdaptiveRateLimiter:
     """
 
     __slots__ = (
-        "_bucket", "_burst", "_clock", "_controller", "_generation", "_last_sent", "_slotted",
-        "throttles",
+        "_bucket", "_burst", "_clock", "_controller", "_generation", "_last_sent", "_notify",
+        "_slotted", "_told_at", "slowed_from", "throttles",
     )  # fmt: skip
 
     def __init__(
@@ -53,8 +56,12 @@ class AdaptiveRateLimiter:
         burst: int = 1,
         config: AdaptiveConfig | None = None,
         controller: PacedController | None = None,
+        notify: Notify | None = None,
     ) -> None:
         self._clock = clock
+        self._notify = notify or structlog.get_logger().info
+        self.slowed_from = math.inf  # the rate before the cuts not yet climbed back from
+        self._told_at = -math.inf  # the last ``rate.slowed``
         self._burst = burst
         self._controller = controller or RateController(clock.now(), config)
         self._bucket = TokenBucket(self._controller.rate, burst, clock.now())
@@ -71,6 +78,9 @@ class AdaptiveRateLimiter:
         rate = self._controller.rate_at(now)
         if rate == self._bucket.rate:
             return
+        if rate >= self.slowed_from:
+            self.slowed_from = math.inf
+            self._notify("rate.restored", rate=round(rate, 3), asked="auto")
         slotted = self._slotted
         if abs(rate - slotted) > RESLOT * slotted:
             # The fresh bucket's first slot is one interval after the last call that went,
@@ -136,10 +146,18 @@ class AdaptiveRateLimiter:
         rate it sets."""
         now = self._clock.now()
         self.throttles += throttled
+        before = self._controller.rate_at(now)
         answer(
             self._controller, now, throttled=throttled, latency_s=latency_s,
             retry_after=retry_after, overloaded=overloaded,
         )  # fmt: skip
+        rate = self._controller.rate
+        if rate < before and now - self._told_at >= NOTIFY_S:
+            # At most one event a second: start-up's end cuts a dozen times in one.
+            self.slowed_from = min(self.slowed_from, before)
+            self._told_at = now
+            reason = "throttled" if throttled else "overloaded" if overloaded else "latency"
+            self._notify("rate.slowed", rate=round(rate, 3), asked="auto", reason=reason)
         self._sync(now)
 
     def __repr__(self) -> str:
@@ -170,6 +188,6 @@ def build_limiter(
     if rate == "auto":
         if max_retry_after is not None:
             config = replace(config or AdaptiveConfig(), max_pause=max_retry_after)
-        return AdaptiveRateLimiter(clock, burst=1, config=config)
+        return AdaptiveRateLimiter(clock, burst=1, config=config, notify=notify)
     fixed = LocalRateLimiter(rate=float(rate), burst=burst, clock=clock)
     return SlowingLimiter(fixed, clock, notify=notify or structlog.get_logger().warning)

@@ -65,7 +65,7 @@ import structlog
 
 from worker.clock import Clock
 from worker.errors import NotAStream
-from worker.pacing.bucket import FixedRate, check_rate
+from worker.pacing.bucket import check_rate
 from worker.pacing.slowdown import Notify, SlowdownConfig
 
 GCRA = """
@@ -330,7 +330,7 @@ class RedisPacer(abc.ABC):
         """The interval (us) of the last reservation, to refund it."""
 
 
-class RedisRateLimiter(RedisPacer, FixedRate):
+class RedisRateLimiter(RedisPacer):
     """``--rate N`` for a fleet: N calls/s together, slowed together while the server refuses.
 
     The arithmetic is ``worker.pacing.slowdown.Slowdown``'s, run in the reservation script
@@ -338,6 +338,7 @@ class RedisRateLimiter(RedisPacer, FixedRate):
     long ago its call was sent), and cuts only when that call was sent since the last cut;
     the process whose report cut says so (``rate.slowed``), and the one whose reservation
     brought the pace back to N (``rate.restored``): one event per change, for the fleet.
+    Not a ``FixedRate``: its answers move the pace.
     """
 
     def __init__(

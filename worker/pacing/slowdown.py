@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from worker.clock import Clock
-from worker.pacing.bucket import FixedRate
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +104,9 @@ Notify = Callable[..., Any]
 """``notify(event, **fields)``: where the ``rate.*`` events go (a structlog method)."""
 
 
-class SlowingLimiter(FixedRate):
-    """A fixed-rate ``RateLimiter`` that slows itself while the server refuses its pace."""
+class SlowingLimiter:
+    """A fixed-rate ``RateLimiter`` that slows itself while the server refuses its pace
+    (not a ``FixedRate``: its answers move the pace)."""
 
     __slots__ = ("_clock", "_inner", "_notify", "slowdown", "throttles")
 
