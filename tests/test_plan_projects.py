@@ -566,3 +566,44 @@ async def test_a_dry_run_of_a_named_plan_reads_each_project_and_deletes_nothing(
         (SIM_PROJECT, 6),
         ("south-project", 4),
     ]
+
+
+# -- two projects sharing a job id ----------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_plan_of_two_projects_sharing_a_job_id_is_refused_saying_so_not_altered(
+    tmp_path: Path,
+) -> None:
+    """Two projects may hold jobs of one id (two simulators of one seed do). discover lists
+    each in its own project; run cannot send one id to two projects in one run, and says
+    that, not that a plan discover wrote and sealed "was altered"."""
+    plan = tmp_path / "plan"
+    north = SimulatorConfig(jobs=3, seed=5)
+    south = SimulatorConfig(jobs=3, seed=5, project_id="south-project", region="cn-south-1")
+    async with run_simulator(north) as home, run_simulator(south) as away:
+        shared = sorted(set(home.store.jobs) & set(away.store.jobs))
+        assert shared
+        await plan_both(plan, home, away)
+        done = await reaper(["run", "--plan", str(plan), "--yes"], named_env(home.url))
+        shown = await reaper(["plan", "show", str(plan)], reaper_env(home.url))
+        assert (home.stats.delete_calls, away.stats.delete_calls) == (0, 0)
+    assert done.code == 64, done.stderr
+    said = (
+        f"lists job {shared[0]} in two projects, {SIM_PROJECT} at {home.url} and south-project "
+        "(cn-south-1): one run sends an id to one project, so it cannot apply this plan; "
+        "discover each project into a plan of its own (--project) and run each"
+    )
+    assert said in done.stderr and "altered" not in done.stderr
+    assert said in shown.stderr
+
+
+def test_a_plan_listing_a_job_twice_in_one_project_was_altered(tmp_path: Path) -> None:
+    path = tmp_path / "plan"
+    ids = write_named(path, (3, 2))
+    lines = path.read_bytes().split(b"\n")
+    lines[3] = lines[2]  # the second job of proj-0 made a copy of its first
+    path.write_bytes(reseal(b"\n".join(lines), None))
+    with pytest.raises(PlanRefused, match=f"lists job {ids[0]} twice in one project: it was "
+                                          "altered"):  # fmt: skip
+        open_plan(path, key=None)

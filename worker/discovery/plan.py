@@ -649,15 +649,18 @@ def _copy_verified(path: Path, handle: IO[bytes], db_path: Path, key: bytes | No
         raise PlanRefused(f"plan {path} was cut short or altered (its header is not JSON): "
                           "run discover again") from None  # fmt: skip
     db = sqlite3.connect(db_path)
+    twice: tuple[str, int, int] | None = None
     try:
         db.execute(
-            "CREATE TABLE jobs (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, type TEXT, "
+            "CREATE TABLE jobs (seq INTEGER PRIMARY KEY, id TEXT NOT NULL, type TEXT, "
             "status TEXT, name TEXT, user_name TEXT, create_at TEXT, update_at TEXT)"
         )
         count, stated = _copy_jobs(path, handle, db, sealer)
+        try:
+            db.execute("CREATE UNIQUE INDEX jobs_id ON jobs (id)")
+        except sqlite3.IntegrityError:
+            twice = db.execute(_LISTED_TWICE).fetchone()
         db.commit()
-    except sqlite3.IntegrityError:
-        raise PlanRefused(f"plan {path} lists a job twice: it was altered") from None
     finally:
         db.close()
     if not hmac.compare_digest(stated, sealer.line()):
@@ -669,7 +672,37 @@ def _copy_verified(path: Path, handle: IO[bytes], db_path: Path, key: bytes | No
         raise PlanRefused(f"plan {path} is not a valid plan: {exc}") from None
     if header.jobs != count:
         raise PlanRefused(f"plan {path} says it holds {header.jobs} jobs but holds {count}")
+    if twice is not None:
+        raise PlanRefused(_listed_twice(path, header, *twice))
     return replace(header, seal=stated[len(SEAL_PREFIX) :].decode().strip())
+
+
+_LISTED_TWICE = "SELECT id, min(seq), max(seq) FROM jobs GROUP BY id HAVING count(*) > 1 LIMIT 1"
+
+
+def _listed_twice(path: Path, header: PlanHeader, job_id: str, first: int, second: int) -> str:
+    """Why a sealed plan listing ``job_id`` at rows ``first`` and ``second`` is refused: in
+    two projects, two jobs sharing an id, which one run cannot tell apart (an id is sent to
+    one project in a run); in one project, a listing discover never writes."""
+    where = [_section_at(header, row) for row in (first, second)]
+    if where[0] is not where[1]:
+        one, other = (section.where for section in where)
+        return (
+            f"plan {path} lists job {job_id} in two projects, {one} and {other}: one run "
+            "sends an id to one project, so it cannot apply this plan; discover each project "
+            "into a plan of its own (--project) and run each"
+        )
+    return f"plan {path} lists job {job_id} twice in one project: it was altered"
+
+
+def _section_at(header: PlanHeader, row: int) -> PlanSection:
+    """The section whose jobs hold row ``row`` of the plan (rows count from 1)."""
+    low = 0
+    for section in header.sections:
+        low += section.jobs
+        if row <= low:
+            return section
+    return header.sections[-1]
 
 
 def _copy_jobs(
