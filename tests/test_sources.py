@@ -230,6 +230,45 @@ def test_jsonl_rejects_each_bad_line_with_its_reason(line: bytes, reason: str) -
     ]
 
 
+TWICE = "which one is meant is not clear (a JSON reader would keep the last)"
+
+
+@pytest.mark.parametrize(
+    ("line", "named"),
+    [
+        (b'{"id": "a", "id": "b"}', "'id' twice"),
+        (b'{"id": "a", "id": "a"}', "'id' twice"),
+        (b'{"job_id": "a", "x": 1, "job_id": "b", "job_id": "c"}', "'job_id' 3 times"),
+        (b'{"id": "a", "project_id": "p", "project_id": "q"}', "'project_id' twice"),
+        (b'{"id": "a", "region": "cn-north-4", "region": "cn-east-3"}', "'region' twice"),
+        (b'{"id": "a", "endpoint": "https://a", "endpoint": "https://b"}', "'endpoint' twice"),
+        (b'{"id": "a", "\\u0069d": "b"}', "'id' twice"),
+    ],
+)
+def test_jsonl_a_line_naming_a_field_it_is_read_for_twice_is_rejected(
+    line: bytes, named: str
+) -> None:
+    """Which id, or which project, a line means would be the parser's last-wins guess: for
+    a tool that deletes, the line is refused with the reason; in a JSON array too."""
+    reason = f"names {named}: {TWICE}"
+    assert shown(read(b'"ok"\n' + line + b'\n"ok2"\n', "jsonl")) == [
+        (1, "ok"),
+        (2, line.decode(), reason),
+        (3, "ok2"),
+    ]
+    assert shown(read(b"[" + line + b"]", "json")) == [(1, line.decode(), reason)]
+
+
+def test_jsonl_keys_named_twice_elsewhere_are_not_a_field_named_twice() -> None:
+    """Only the line's own fields count: the same name nested, as a value, or another key
+    repeated leaves the line as it was read."""
+    data = (
+        b'{"id": "a", "meta": {"id": "x", "id": "y"}}\n{"id": "b", "name": "id"}\n'
+        b'{"id": "c", "note": "n", "note": "m"}\n{"id": "d", "name": "\\"quoted\\""}\n'
+    )
+    assert shown(read(data, "jsonl")) == [(1, "a"), (2, "b"), (3, "c"), (4, "d")]
+
+
 def test_jsonl_values_the_parser_refuses_are_rejected_not_fatal() -> None:
     """Nesting past the recursion limit makes Python's parser raise RecursionError, not
     JSONDecodeError: it once killed the reader thread and left the run waiting for ever."""
@@ -296,6 +335,23 @@ def test_csv_rows_missing_the_field_or_with_bad_ids_are_rejected() -> None:
         (4, "", "empty"),
         (5, "job-9"),
     ]
+
+
+def test_csv_rows_with_more_fields_than_the_header_are_rejected_naming_them() -> None:
+    """An unquoted comma shifts every column after it, the project's included: the row is
+    refused, its line and its extra fields named, not read by position."""
+    data = b"id,name,project_id\nj1,x,p\nj2,a,b,proj-x\nj3,x,p,\nj4,x,p,1,2,3,4\nj5,x,p\n"
+    assert shown(read(data, "csv")) == [
+        (2, "j1"),
+        (3, "j2,a,b,proj-x", "row has 4 fields, the header 3: the fields beyond it ('proj-x') "
+                             "name no column (an unquoted comma shifts the columns after it)"),
+        (4, "j3,x,p,", "row has 4 fields, the header 3: the fields beyond it ('') name no "
+                       "column (an unquoted comma shifts the columns after it)"),
+        (5, "j4,x,p,1,2,3,4", "row has 7 fields, the header 3: the fields beyond it ('1', '2', "
+                              "'3', … (4 in all)) name no column (an unquoted comma shifts the "
+                              "columns after it)"),
+        (6, "j5"),
+    ]  # fmt: skip
 
 
 def test_csv_with_both_id_columns_rejects_rows_where_they_differ() -> None:

@@ -411,6 +411,8 @@ class _Parse:
         for column in places.values():
             if column >= len(row):
                 return _short(row, line, names[column], len(names))
+        if len(row) > len(names):
+            return _long(row, line, len(names))
         if len(set(values)) > 1:
             return Rejection(",".join(row), line, "the 'id' and 'job_id' fields differ")
         entry = validate(values[0], line)
@@ -423,6 +425,18 @@ class _Parse:
 def _short(row: list[str], line: int, name: str, header: int) -> Rejection:
     """The rejection of a CSV row that ends before the field ``name``."""
     reason = f"row has no {name!r} field (it has {len(row)}; the header has {header})"
+    return Rejection(",".join(row), line, reason)
+
+
+def _long(row: list[str], line: int, header: int) -> Rejection:
+    """The rejection of a CSV row with more fields than the header: an unquoted comma in a
+    field before shifts every column after it, the project's included."""
+    extra = ", ".join(repr(escape(field, 40)) for field in row[header : header + 3])
+    more = f", … ({len(row) - header} in all)" if len(row) - header > 3 else ""
+    reason = (
+        f"row has {len(row)} fields, the header {header}: the fields beyond it ({extra}{more}) "
+        "name no column (an unquoted comma shifts the columns after it)"
+    )
     return Rejection(",".join(row), line, reason)
 
 
@@ -495,6 +509,14 @@ def _from_json(value: object, raw: str, line: int) -> Entry:
     keys = [key for key in ("id", "job_id") if key in value]
     if not keys:
         return Rejection(raw, line, "object has no 'id' or 'job_id'")
+    if (
+        "\\" in raw
+        or raw.count(_QUOTED[keys[0]]) > 1
+        or (len(keys) > 1 and raw.count('"job_id"') > 1)
+    ):
+        twice = _named_twice(raw)  # a key's name twice, or an escape that may spell one
+        if twice is not None:
+            return Rejection(raw, line, twice)
     if len(keys) == 2 and value["id"] != value["job_id"]:
         return Rejection(raw, line, "the object's 'id' and 'job_id' differ")
     job_id = value[keys[0]]
@@ -510,11 +532,47 @@ def _from_json(value: object, raw: str, line: int) -> Entry:
         given = value.get(name)
         if given is not None and not isinstance(given, str):
             return Rejection(raw, line, f"{name!r} is not a string (got {_json_type(given)})")
+        if given is not None and raw.count(_QUOTED[name]) > 1:
+            twice = _named_twice(raw)
+            if twice is not None:
+                return Rejection(raw, line, twice)
         named[name] = given
     return _addressed(validate(job_id, line), named, raw)
 
 
 _PLACE_FIELDS = frozenset(FIELDS)
+_READ = ("id", "job_id", *FIELDS)
+_QUOTED = {key: f'"{key}"' for key in _READ}
+
+
+def _named_twice(raw: str) -> str | None:
+    """Why an object naming a field it is read for twice (``{"id": "a", "id": "b"}``, two
+    ``project_id``) is refused, else None. A JSON reader keeps the last (as jq does); for
+    a tool that deletes, which one was meant is a guess.
+
+    The parsed object has each key once, so its caller asks only of a line holding a read
+    key's quoted name twice, or a ``\\`` escape (which may spell one otherwise): the line
+    is parsed again, keeping every pair, to find out. A
+    clean line costs a count or two of its text."""
+    tops: list[list[str]] = []
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        tops.append([key for key, _ in items])  # the outermost object comes last
+        return dict(items)
+
+    try:
+        json.loads(raw, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):  # parsed once already: a failure here is not ours
+        return None
+    named = tops[-1] if tops else []
+    for key in _READ:
+        if (times := named.count(key)) > 1:
+            said = "twice" if times == 2 else f"{times} times"
+            return (
+                f"names {key!r} {said}: which one is meant is not clear (a JSON reader "
+                "would keep the last)"
+            )
+    return None
 
 
 def _addressed(entry: Entry, named: dict[str, str | None], raw: str) -> Entry:
