@@ -360,9 +360,15 @@ def test_the_process_makes_no_core_dump_that_would_hold_its_keys(tmp_path: Path)
         (["discover", "--statu", "X"], "discover: unknown flag --statu (did you mean --status?)"),
         (["check", "--concurrency", "2"], "check: --concurrency is a flag of run, serve and demo"),
         (["ru"], "unknown command 'ru' (did you mean run?)"),
+        (["run", "--status", "FINISHED", "--project", "cn-east-3", "--yes"],
+         "run: run takes no --project: its filters select in the settings' project "
+         "(--project-id, or --region for the project IAM names after it), and an --input line "
+         "names its own; to select in other or several projects, write a plan with discover "
+         "--project ... --plan FILE, review it (plan show FILE), then run --plan FILE"),
     ],
-    ids=["before-a-required-flag", "after-the-input", "discover", "another-commands", "command"],
-)
+    ids=["before-a-required-flag", "after-the-input", "discover", "another-commands", "command",
+         "run-project"],
+)  # fmt: skip
 def test_a_mistyped_flag_is_named_with_a_suggestion_and_the_commands_usage(
     argv: list[str], said: str
 ) -> None:

@@ -193,6 +193,16 @@ _MEANT = {"--secret-key": "--sk", "--access-key": "--ak", "--project": "--projec
           "--dryrun": "--dry-run", "--input-file": "--input", "--file": "--input"}  # fmt: skip
 """Flags people type from other tools, and ours they mean."""
 
+_NOT_HERE = {
+    ("run", "--project"): (
+        "run takes no --project: its filters select in the settings' project (--project-id, "
+        "or --region for the project IAM names after it), and an --input line names its own; "
+        "to select in other or several projects, write a plan with discover --project ... "
+        "--plan FILE, review it (plan show FILE), then run --plan FILE"
+    ),
+}
+"""A flag of another command that a command refuses with its own reason."""
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error exits 64 as docs/reference.md says, not 2, and echoes no secret.
@@ -240,7 +250,11 @@ class _Parser(argparse.ArgumentParser):
         hidden = sum(1 for word in extras if not word.startswith("-") or "=" in word)
         mine = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
         said = []
+        name = next((name for name, sub in commands.items() if sub is self), "")
         for flag in flags:
+            if (name, flag) in _NOT_HERE:
+                said.append(_NOT_HERE[name, flag])
+                continue
             close = [_MEANT[flag]] if _MEANT.get(flag) in mine else []
             close = close or difflib.get_close_matches(flag, mine, n=1, cutoff=0.6)
             elsewhere = [name for name, sub in commands.items() if sub is not self
