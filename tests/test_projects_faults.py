@@ -5,11 +5,13 @@ trickles in, a project without a name, TLS asked of a plain HTTP server.
 
 from __future__ import annotations
 
+import ssl
 from typing import cast
 
 import aiohttp
 import anyio
 import pytest
+import trustme
 from aiohttp import web
 
 from tests.e2e import reaper, serve_app
@@ -176,3 +178,45 @@ async def test_a_trace_id_that_echoes_the_request_never_carries_our_keys_out(
         assert "token=" in said and "sk=" in said, said  # the echo is there, scrubbed
         for secret in (token, sk, ak):
             assert secret not in said, said
+
+
+async def test_an_http_iam_endpoint_at_a_tls_port_is_told_to_use_https(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Plain HTTP asked of a TLS server gets no answer at all (the server hangs up): the
+    look-up said "run again later"; the port speaks TLS, so the fix names the scheme."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    iam = ScriptedIam(listing(("cn-north-4", "p")))
+    app = web.Application()
+    app.router.add_get("/v3/projects", iam.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        with pytest.raises(IamUnavailable) as caught:
+            await lookup_project(session=session, credentials=KEYS, region="cn-north-4",
+                                 iam_endpoint=f"http://127.0.0.1:{port}",
+                                 sleep=lambda s: anyio.sleep(0))  # fmt: skip
+    finally:
+        await runner.cleanup()
+    assert str(caught.value).endswith("the server speaks TLS (is the endpoint https://?)")
+    assert caught.value.fix.startswith(
+        f"check iam_endpoint (REAPER_IAM_ENDPOINT): http://127.0.0.1:{port} answers in TLS, "
+        "not plain HTTP (use https://)"
+    ), caught.value.fix
+    assert "later" not in caught.value.fix
+    assert iam.calls == 0  # nothing IAM could read reached it
+
+
+async def test_an_http_iam_endpoint_that_is_not_listening_is_still_asked_again_later(
+    session: aiohttp.ClientSession,
+) -> None:
+    with pytest.raises(IamUnavailable) as caught:
+        await lookup_project(session=session, credentials=KEYS, region="cn-north-4",
+                             iam_endpoint="http://127.0.0.1:9",
+                             sleep=lambda s: anyio.sleep(0))  # fmt: skip
+    assert caught.value.fix.startswith("run again later"), caught.value.fix

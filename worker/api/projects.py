@@ -26,6 +26,7 @@ caller asks again. The id of a region's project never changes, so nothing expire
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,6 +49,7 @@ from worker.errors import (
     NotTls,
     PermanentError,
     ReaperError,
+    ServerError,
     ThrottledError,
     TlsError,
     TransientError,
@@ -210,6 +212,20 @@ async def lookup_project(
                 await sleep(_wait(exc, attempt))
             continue
         return _project_of(answer, call, asked, region, endpoint)
+    # No HTTP answer at all: a TLS port spoken to in plain HTTP closes (or says nothing an
+    # HTTP client can read), which waiting will not mend.
+    no_answer = not isinstance(last, ThrottledError | ServerError)
+    if (
+        base.scheme == "http"
+        and no_answer
+        and await speaks_tls(base.raw_host or "", base.port or 80)
+    ):
+        raise _failed(
+            IamUnavailable,
+            f"{asked}: {_said(last)}: {SPEAKS_TLS}",
+            f"check iam_endpoint (REAPER_IAM_ENDPOINT): {endpoint} answers in TLS, not plain "
+            f"HTTP (use https://), {_SET_PROJECT}",
+        )
     raise _failed(
         IamUnavailable,
         f"IAM did not answer the look-up of the project id of region {region} ({asked}, "
@@ -218,6 +234,30 @@ async def lookup_project(
         f"and iam_endpoint, {_SET_PROJECT}",
         http_status=None if last is None else last.http_status,
     )
+
+
+SPEAKS_TLS = "the server speaks TLS (is the endpoint https://?)"
+"""The reverse of the client's "the server did not speak TLS (is the endpoint http://?)"."""
+PROBE_S = 2.0
+
+
+async def speaks_tls(host: str, port: int, *, within: float = PROBE_S) -> bool:
+    """Does ``host:port`` complete a TLS handshake? Asked only once plain HTTP there got no
+    answer: nothing is sent, and the certificate is not checked, since only whether the
+    port speaks TLS at all is asked."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with anyio.fail_after(within):
+            stream = await anyio.connect_tcp(
+                host.strip("[]"), port, tls=True, ssl_context=context,
+                tls_standard_compatible=False,
+            )  # fmt: skip
+            await stream.aclose()
+    except (OSError, ssl.SSLError, TimeoutError, anyio.BrokenResourceError):
+        return False
+    return True
 
 
 async def _send_within(
