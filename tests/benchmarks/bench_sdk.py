@@ -55,6 +55,9 @@ built) counts for no one. Each side's own clock is recorded too (``client_second
   recorded per repeat too (``by_repeat``), to show how far the noise goes. The simulator's
   own CPU during each run is recorded (``sim_busy_share``: its CPU seconds ÷ the run's
   seconds) to show it had CPU to spare.
+- where a slot waits at 20 ms (``test_where_a_slot_waits_at_20ms``): ours and raw alternated
+  under ``handoff.py``, the time from each answer read to the slot's next request, and for
+  ours the stages it passes (parse, settle, the next batch, the token, the request).
 - the simulator's own capacity (``test_simulator_is_not_the_bottleneck``): a raw aiohttp
   client that signs each call with ``worker.api.signer`` and reads the body without parsing it,
   at the same concurrency and batch size; the simulator's CPU per call (``/proc/<pid>/stat``)
