@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -198,6 +199,33 @@ class Run:
         ok = sum(start <= t < end for t in self.ok)
         refused = sum(start <= t < end for t in self.refused)
         return refused / max(1, ok + refused)
+
+
+class SteadyController:
+    """A controller that keeps one rate whatever it is told: the pacing alone."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+
+    def pause_until(self) -> float:
+        return -math.inf
+
+    def rate_at(self, now: float) -> float:
+        return self.rate
+
+    def on_sent(self, now: float) -> None:
+        pass
+
+    def on_success(self, now: float, latency: float | None = None) -> float:
+        return self.rate
+
+    def on_throttle(
+        self, now: float, retry_after: float | None = None, latency: float | None = None
+    ) -> float:
+        return self.rate
+
+    def on_overload(self, now: float, latency: float | None = None) -> float:
+        return self.rate
 
 
 def simulate(

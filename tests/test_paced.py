@@ -9,7 +9,6 @@ burst and were timed for it.
 from __future__ import annotations
 
 import itertools
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import anyio
 import pytest
 
 from tests.e2e import reaper, reaper_env, write_ids
-from tests.fakes import FakeClock, StalledClock
+from tests.fakes import FakeClock, StalledClock, SteadyController
 from worker import wiring
 from worker.api.client import JobPage
 from worker.batcher import Batcher, DeletionBudget
@@ -193,33 +192,6 @@ async def test_the_breaker_is_asked_before_a_token_and_only_the_call_is_timed() 
     assert min(gaps) >= 0.1 - 1e-9
     assert max(f.latency_s or 0.0 for f in limiter.fed) == pytest.approx(0.05)
     assert not any(f.throttled or f.overloaded for f in limiter.fed)
-
-
-class SteadyController:
-    """A controller that keeps one rate whatever it is told: the pacing alone."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-
-    def pause_until(self) -> float:
-        return -math.inf
-
-    def rate_at(self, now: float) -> float:
-        return self.rate
-
-    def on_sent(self, now: float) -> None:
-        pass
-
-    def on_success(self, now: float, latency: float | None = None) -> float:
-        return self.rate
-
-    def on_throttle(
-        self, now: float, retry_after: float | None = None, latency: float | None = None
-    ) -> float:
-        return self.rate
-
-    def on_overload(self, now: float, latency: float | None = None) -> float:
-        return self.rate
 
 
 @pytest.mark.parametrize("stall_to", [0.13, 0.35])
