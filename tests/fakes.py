@@ -236,15 +236,19 @@ def simulate(
     latency: float | Callable[[float], float] = 0.002,
     concurrency: int = 8,
     controller: PacedController | None = None,
+    jitter: Callable[[], float] | None = None,
 ) -> Run:
     """Calls paced at the controller's rate against a token-bucket server (as the
     simulator's), answered ``latency`` later (or ``latency(rate)`` later: a draw for a
-    call sent at that rate); 429s carry Retry-After in whole seconds."""
+    call sent at that rate); 429s carry Retry-After in whole seconds. ``jitter``: how
+    late each call leaves after its start (a draw: a loaded loop's send jitter), in the
+    order they started, so a late one and the next may leave back to back; its latency
+    is timed from its start."""
     ctrl = controller or RateController(0.0)
     server = ServerQuota(quota(0.0), burst, 0.0)
     current = quota(0.0)
     run = Run()
-    now = next_slot = 0.0
+    now = next_slot = left = 0.0
     in_flight: list[tuple[float, bool, float, float]] = []
     while now < duration:
         if quota(now) != current:
@@ -267,9 +271,10 @@ def simulate(
             now = max(now, min(candidates))
             continue
         ctrl.on_sent(now)
-        wait = server.try_acquire(now)
+        left = max(left, now + jitter()) if jitter else now
+        wait = server.try_acquire(left)
         (run.ok if wait <= 0 else run.refused).append(now)
-        took = latency(rate) if callable(latency) else latency
+        took = left - now + (latency(rate) if callable(latency) else latency)
         heapq.heappush(in_flight, (now + took, wait <= 0, float(retry_after_seconds(wait)), took))
         run.rates.append((now, rate))
         next_slot = now + 1.0 / rate

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakes import Run, simulate
+from tests.fakes import Run, SteadyController, simulate
 from worker.pacing.controller import RateController, answer
 from worker.simulator.quota import TokenBucket as ServerQuota
 
@@ -45,6 +45,89 @@ def test_auto_uses_nearly_all_it_can_from_ten_seconds_on(
     run = simulate(
         lambda t: quota, duration=40.0, burst=burst, latency=latency, concurrency=concurrency
     )
+    reachable = min(quota, concurrency / latency)
+    assert run.accepted_per_s(10.0, 40.0) >= 0.90 * reachable
+    assert run.refused_share(10.0, 40.0) <= 0.02
+
+
+def _jitter(seed: int, spread: float, tail: float, tail_s: float) -> Callable[[], float]:
+    """A loaded loop's send jitter, seeded: each call leaves up to ``spread`` late, and
+    ``tail`` of them an exponential ``tail_s`` later still; calls leave in order, so a late
+    one and the next may leave back to back (``simulate``)."""
+    rng = random.Random(seed)
+
+    def draw() -> float:
+        late = rng.uniform(0.0, spread)
+        return late + rng.expovariate(1.0 / tail_s) if rng.random() < tail else late
+
+    return draw
+
+
+LOADED = (0.001, 0.01, 0.005)
+"""Most calls within 1 ms of their start, 1 % a tail of 5 ms more on average."""
+
+FINE = (0.0002, 0.005, 0.002)
+"""Within 0.2 ms, 0.5 % a tail of 2 ms: about the most a burst of 1 at 500 calls/s (one
+call each 2 ms) allows the goal with."""
+
+
+def _fixed(share: float, quota: float, jitter: tuple[float, float, float]) -> tuple[float, float]:
+    """What a steady pace of ``share`` of the quota uses, and the share of it refused."""
+    steady = SteadyController(share * quota)
+    run = simulate(lambda t: quota, duration=20.0, burst=1, latency=0.005, concurrency=64,
+                   controller=steady, jitter=_jitter(1, *jitter))  # fmt: skip
+    return run.accepted_per_s(2.0, 20.0) / quota, run.refused_share(2.0, 20.0)
+
+
+def test_where_a_burst_of_one_under_send_jitter_allows_the_goal_at_all() -> None:
+    """A burst of 1 refuses any call less than 1/quota after the last it accepted, so a
+    late call and the next on time are a refusal, whatever the mean rate. At 500 calls/s
+    (2 ms apart) a loaded loop's jitter (``LOADED``) leaves no pace that keeps to 2 %
+    refused above 0.7 of the quota (the best is 0.61); ``FINE`` jitter lets 0.92 of it
+    through with 1.6 % refused. At 50 calls/s (20 ms apart) ``LOADED`` costs little."""
+    for share in (0.64, 0.7, 0.8, 0.9, 1.0):
+        used, refused = _fixed(share, 500.0, LOADED)
+        assert refused > 0.02 or used < 0.7, (share, used, refused)
+    used, refused = _fixed(0.92, 500.0, FINE)
+    assert used >= 0.90 and refused <= 0.02
+    used, refused = _fixed(0.94, 50.0, LOADED)
+    assert used >= 0.90 and refused <= 0.02
+
+
+def _jittered() -> list[Any]:
+    cells = []
+    for quota, latency, concurrency in itertools.product(QUOTAS, LATENCIES, CONCURRENCY):
+        reason = JITTER_MISSED.get((quota, latency, concurrency))
+        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        name = f"q{quota:g}-{latency * 1000:g}ms-c{concurrency}"
+        cells.append(pytest.param(quota, latency, concurrency, marks=marks, id=name))
+    return cells
+
+
+_JITTER_STAIRS = (
+    "jitter refusals at 300-370 calls/s, under the floor, are read as the quota: each "
+    "measures about the rate and steps 3 % under it (0.56-0.59 of the quota used)"
+)
+JITTER_MISSED = {
+    (5.0, 0.3, 8): "start-up's end at 5.5 calls/s, every other call refused, steps down "
+    "3 % a refusal past 10 s (2.7 % refused from 10 s)",
+    (5.0, 0.3, 32): "as at 8 in flight",
+    (500.0, 0.005, 8): _JITTER_STAIRS,
+    (500.0, 0.005, 32): _JITTER_STAIRS,
+    (500.0, 0.05, 32): _JITTER_STAIRS,
+}
+
+
+@pytest.mark.parametrize(("quota", "latency", "concurrency"), _jittered())
+def test_auto_on_a_burst_of_one_under_send_jitter(
+    quota: float, latency: float, concurrency: int
+) -> None:
+    """The matrix's burst-1 cells with calls leaving late as from a loaded loop
+    (``LOADED`` at 5 and 50 calls/s, ``FINE`` at 500, where ``LOADED`` leaves the goal out
+    of reach): the same goal, from 10 s on."""
+    jitter = _jitter(1, *(FINE if quota == 500.0 else LOADED))
+    run = simulate(lambda t: quota, duration=40.0, burst=1, latency=latency,
+                   concurrency=concurrency, jitter=jitter)  # fmt: skip
     reachable = min(quota, concurrency / latency)
     assert run.accepted_per_s(10.0, 40.0) >= 0.90 * reachable
     assert run.refused_share(10.0, 40.0) <= 0.02
