@@ -299,6 +299,32 @@ async def test_a_failed_look_up_is_not_kept(session: aiohttp.ClientSession) -> N
     assert handler.calls == 2
 
 
+async def test_the_cache_is_kept_per_access_key_which_it_never_shows(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Another account's keys see other projects: an answer found with one access key is
+    not another key's (the SDK keys its cache by access key and region too)."""
+    cache = ProjectCache()
+    other = StaticCredentials(Credentials("AKOTHERACCOUNT000001", "other-secret-key"))
+    handler = ScriptedIam(listing(("cn-north-4", "p-mine")), listing(("cn-north-4", "p-theirs")))
+    app = web.Application()
+    app.router.add_get("/v3/projects", handler.handle)
+    async with serve_app(app) as url:
+
+        async def resolve(keys: CredentialSource) -> str:
+            found = await cache.resolve(session=session, credentials=keys, region="cn-north-4",
+                                        iam_endpoint=url)  # fmt: skip
+            return found.project_id
+
+        assert [await resolve(KEYS), await resolve(other), await resolve(KEYS),
+                await resolve(other)] == ["p-mine", "p-theirs", "p-mine", "p-theirs"]  # fmt: skip
+    assert handler.calls == 2
+    found = cache.get("cn-north-4", url, (await KEYS.current()).ak)
+    assert found is not None and found.project_id == "p-mine"
+    assert cache.get("cn-north-4", url, "AKNEVERSEEN") is None
+    assert "AK" not in repr(cache) and "OTHER" not in repr(cache)
+
+
 # -- the official SDK, against the same simulator -------------------------------------------------
 
 

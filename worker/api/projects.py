@@ -20,7 +20,7 @@ AK/SK, and takes the one it gets. So does :func:`lookup_project`, with these dif
   client does for the API.
 
 :class:`ProjectCache` keeps each answer for the life of the process (one IAM call per IAM
-endpoint and region, shared by concurrent callers); a failure is not kept, so the next
+endpoint, region and access key, shared by concurrent callers); a failure is not kept, so the next
 caller asks again. The id of a region's project never changes, so nothing expires.
 """
 
@@ -355,22 +355,31 @@ def _project_of(answer: Answer, call: Call, asked: str, region: str, endpoint: s
 
 
 class ProjectCache:
-    """Each region's project id, looked up in IAM once per process (per IAM endpoint).
+    """Each region's project id, looked up in IAM once per process per IAM endpoint and
+    access key (as the SDK keys its cache by access key and region: another account's keys
+    see other projects). The access key is part of the key only, never shown.
 
     Concurrent callers for one region share one look-up; a failed look-up is not kept."""
 
     def __init__(self) -> None:
-        self._found: dict[tuple[str, str], FoundProject] = {}
-        self._locks: dict[tuple[str, str], anyio.Lock] = {}
+        self._found: dict[tuple[str, str, str], FoundProject] = {}
+        self._latest: dict[tuple[str, str], FoundProject] = {}
+        self._locks: dict[tuple[str, str, str], anyio.Lock] = {}
         self.lookups = 0
 
     @staticmethod
-    def _key(region: str, iam_endpoint: str | None) -> tuple[str, str]:
+    def _place(region: str, iam_endpoint: str | None) -> tuple[str, str]:
         return ((iam_endpoint or iam_endpoint_for(region)).rstrip("/"), region)
 
-    def get(self, region: str, iam_endpoint: str | None = None) -> FoundProject | None:
-        """What an earlier look-up found, without asking IAM."""
-        return self._found.get(self._key(region, iam_endpoint))
+    def get(
+        self, region: str, iam_endpoint: str | None = None, access_key: str | None = None
+    ) -> FoundProject | None:
+        """What an earlier look-up found, without asking IAM: for ``access_key``, or (None)
+        for the keys that asked last (the process's own, which the settings give)."""
+        place = self._place(region, iam_endpoint)
+        if access_key is None:
+            return self._latest.get(place)
+        return self._found.get((*place, access_key))
 
     async def resolve(
         self,
@@ -382,7 +391,8 @@ class ProjectCache:
         **options: Any,
     ) -> FoundProject:
         """The cached answer, or :func:`lookup_project`'s (``options`` are its own)."""
-        key = self._key(region, iam_endpoint)
+        place = self._place(region, iam_endpoint)
+        key = (*place, (await credentials.current()).ak)
         found = self._found.get(key)
         if found is not None:
             return found
@@ -395,15 +405,15 @@ class ProjectCache:
                     session=session,
                     credentials=credentials,
                     region=region,
-                    iam_endpoint=key[0],
+                    iam_endpoint=place[0],
                     **options,
                 )
-                self._found[key] = found
+                self._found[key] = self._latest[place] = found
         return found
 
     def __repr__(self) -> str:
         known = ", ".join(
-            f"{region}={found.project_id}" for (_, region), found in self._found.items()
+            f"{region}={found.project_id}" for (_, region), found in self._latest.items()
         )
         return f"ProjectCache(lookups={self.lookups}, known={{{known}}})"
 
