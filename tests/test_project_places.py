@@ -29,6 +29,15 @@ ELSEWHERE = "names project project-a at region cn-east-3, {url}, but the setting
             "to two places"  # fmt: skip
 
 
+def _env(home: Region, *, iam: Region) -> dict[str, str]:
+    """run's environment: ``home``'s project the default, IAM asked at ``iam``."""
+    return harness.clean_env() | {
+        "REAPER_ENDPOINT": home.url, "REAPER_PROJECT_ID": home.project,
+        "REAPER_REGION": home.region, "REAPER_IAM_ENDPOINT": iam.url,
+        "REAPER_AK": AK, "REAPER_SK": SK, "REAPER_LOG_FORMAT": "json",
+    }  # fmt: skip
+
+
 def _lines(north: Region) -> list[dict[str, str]]:
     """An id plain, then again naming the default project at another region (the
     settings' endpoint); another id named so alone; a third naming that region only."""
@@ -50,11 +59,7 @@ async def test_run_sends_a_job_once_and_rejects_its_project_named_at_another_reg
         source = tmp_path / "in.jsonl"
         source.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in _lines(north)))
         results = tmp_path / "results.jsonl"
-        env = harness.clean_env() | {
-            "REAPER_ENDPOINT": north.url, "REAPER_PROJECT_ID": "project-a",
-            "REAPER_REGION": "cn-north-4", "REAPER_IAM_ENDPOINT": north.url,
-            "REAPER_AK": AK, "REAPER_SK": SK, "REAPER_LOG_FORMAT": "json",
-        }  # fmt: skip
+        env = _env(north, iam=north)
         done = await anyio.run_process(
             [sys.executable, "-m", "worker", "run", "--input", str(source), "--yes",
              "--results", str(results), "--max-attempts", "1", "--batch-size", "1"],
@@ -117,3 +122,33 @@ async def test_serve_sends_a_job_once_and_dead_letters_its_project_named_at_anot
     assert sorted(d["reason"] for d in dead) == sorted(
         [reason, reason, "project project-e is not in allowed_projects"]
     )
+
+
+@pytest.mark.anyio
+async def test_run_says_project_resolved_for_a_lines_region_as_serve_does(tmp_path: Path) -> None:
+    """One door for a region's project: run's look-up of a line's region says
+    ``project.resolved`` (once) as serve's and the settings' own do."""
+    north = Region("project-a", "cn-north-4", 1, tmp_path)
+    east = Region("project-e", "cn-east-3", 2, tmp_path)
+    north.start()
+    east.start()
+    try:
+        source = tmp_path / "in.jsonl"
+        lines = [{"id": i, "region": "cn-east-3", "endpoint": east.url} for i in east.ids[:3]]
+        source.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+        env = _env(north, iam=east)
+        done = await anyio.run_process(
+            [sys.executable, "-m", "worker", "run", "--input", str(source), "--yes"],
+            env=env, check=False,
+        )  # fmt: skip
+        deleted = (await east.control("deleted"))["ids"]
+    finally:
+        north.stop()
+        east.stop()
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert sorted(deleted) == sorted(east.ids[:3])
+    events = [orjson.loads(line) for line in done.stdout.splitlines() if line.startswith(b"{")]
+    resolved = [e for e in events if e["event"] == "project.resolved"]
+    assert [(e["region"], e["project_id"], e["iam_endpoint"]) for e in resolved] == [
+        ("cn-east-3", "project-e", east.url)
+    ]

@@ -321,17 +321,8 @@ async def build_calls(
     router = Router(default=records.default, lane=lane, concurrency=settings.concurrency,
                     stopping=lambda: state.stopping, working=working, on_out=out)  # fmt: skip
     lookup = None
-    if session is not None and keys is not None:
-        from worker.api.projects import PROCESS_CACHE
-
-        iam = wiring.iam_endpoint(settings)
-
-        async def lookup(region: str) -> str:  # a line's region, as the settings' own
-            found = await PROCESS_CACHE.resolve(
-                session=session, credentials=keys, region=region, iam_endpoint=iam
-            )
-            return found.project_id
-
+    if session is not None and keys is not None:  # a line's region, as serve's entries'
+        lookup = wiring.region_lookup(settings, session, keys)
     targets = Targets(records.default, allowed=settings.allowed_projects, lookup=lookup)
     pipeline = Pipeline(
         entries=records.entries,
@@ -468,8 +459,7 @@ async def build_service(
     lanes = Lanes(settings, default=targets.default, clock=clock, session=session,
                   credentials=keys, redis=client, limit_base=layout.ratelimit)  # fmt: skip
 
-    async def lookup(region: str) -> str:  # an entry's region, as the settings' own (run too)
-        return (await wiring.project_of_region(settings, session, keys, region)).project_id
+    lookup = wiring.region_lookup(settings, session, keys)  # an entry's region (run's too)
 
     def lookup_failed(failure: LookupFailed) -> None:
         events.warn("serve.project_lookup_failed", region=failure.region,

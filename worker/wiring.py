@@ -8,7 +8,7 @@ it builds never do.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -118,7 +118,7 @@ async def project_of_region(
     """The project IAM names after ``region`` (once a process: ``project.resolved`` says so
     when IAM is asked). Errors: ``worker.api.projects``."""
     where = iam_endpoint(settings)
-    asked = PROCESS_CACHE.get(region, where) is None
+    asked = PROCESS_CACHE.get(region, where, (await keys.current()).ak) is None
     found = await PROCESS_CACHE.resolve(
         session=http, credentials=keys, region=region, iam_endpoint=where
     )
@@ -131,6 +131,19 @@ async def project_of_region(
             trace_id=found.trace_id,
         )
     return found
+
+
+def region_lookup(
+    settings: Settings, http: aiohttp.ClientSession, keys: CredentialSource
+) -> Callable[[str], Awaitable[str]]:
+    """How ``run`` (a line's region), ``serve`` (an entry's) and ``discover`` (a
+    ``--project`` of a region) find a region's project: one door, :func:`project_of_region`,
+    so each says ``project.resolved`` when IAM is asked, as the settings' own look-up does."""
+
+    async def lookup(region: str) -> str:
+        return (await project_of_region(settings, http, keys, region)).project_id
+
+    return lookup
 
 
 def ensure_project(settings: Settings) -> ProjectChoice:

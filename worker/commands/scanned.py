@@ -119,11 +119,9 @@ async def select_each(
     async with wiring.session(settings, concurrency=1) as session:
         keys = await wiring.credentials(settings, session)
 
-        async def look_up(region: str) -> str:
-            return (await wiring.project_of_region(settings, session, keys, region)).project_id
-
         targets = await resolve_targets(
-            request.projects, project_defaults(settings), look_up,
+            request.projects, project_defaults(settings),
+            wiring.region_lookup(settings, session, keys),
             allowed=settings.allowed_projects,
         )  # fmt: skip
         try:
