@@ -29,9 +29,9 @@ from tests.gateway import Gateway, serve_gateway
 from worker.commands.serve import serve
 from worker.errors import ApiTimeout, AuthError, ServerError, ThrottledError
 from worker.service import journal as journal_module
-from worker.service.consumer import StreamConsumer, error_json, settled_ids
+from worker.service.consumer import StreamConsumer, handed_back_error, settled_ids
 from worker.service.health import Health, build_app
-from worker.service.inflight import InFlight, Released
+from worker.service.inflight import HandBack, InFlight, Released
 from worker.service.layout import Message, StreamLayout, decode_entry
 from worker.service.metrics import (
     CALLS,
@@ -127,14 +127,20 @@ def test_an_entry_without_valid_ids_is_finished_on_admission_and_repeats_are_no_
     assert inflight.add(Message("2-0", ("a",)), 1).send == ()  # a reclaim of our own entry
 
 
-def test_released_entries_are_forgotten_without_an_outcome() -> None:
+def test_a_released_entry_is_forgotten_once_none_of_its_ids_is_in_flight() -> None:
+    """An entry whose batch is handed back while another of its ids is still in flight is
+    held until that id settles: its outcome is the entry's, and it says so in its ids done
+    (forgetting it at once sent that id again on the next delivery: two outcomes)."""
     inflight = InFlight()
     inflight.add(Message("1-0", ("a", "b")), 1)
     inflight.add(Message("2-0", ("c",)), 1)
-    assert inflight.release(["a"]) == {"1-0": Released(["a"], [])}  # b is not in the batch
-    assert inflight.settle([_result("b")]) == []  # nobody waits on b any more
+    assert inflight.release(["a"]) == {"1-0": Released(["a"], [], waiting=True)}
+    assert inflight.entries_of("b") == ("1-0",)  # b is not in the batch: still in flight
+    (late,) = inflight.settle([_result("b")])
+    assert late.entry_id == "1-0" and late.released == Released(["a"], ["b"], first=False)
     assert len(inflight) == 1 and "2-0" in inflight
-    assert repr(inflight) == "InFlight(entries=1, open_ids=1)"
+    assert inflight.release(["c"]) == {"2-0": Released(["c"], [])}
+    assert repr(inflight) == "InFlight(entries=0, open_ids=0)"
 
 
 def test_an_entry_released_for_the_api_says_which_of_its_ids_are_done() -> None:
@@ -144,11 +150,13 @@ def test_an_entry_released_for_the_api_says_which_of_its_ids_are_done() -> None:
     message = Message("1-0", ("b", "c", "d", "e"), settled=("a",))
     inflight.add(message, 2)
     assert inflight.settle([_result("b"), _result("e", Outcome.FAILED)]) == []
-    released = inflight.release(["c"])
-    assert released == {"1-0": Released(ids=["c"], done=["a", "b"])}
     cause = ServerError("503", http_status=503)
-    kept = error_json(released["1-0"].ids, cause, "API unavailable", released["1-0"].done)
+    why = HandBack(cause, "API unavailable")
+    released = inflight.release(["c", "d"], why=why)
+    assert released == {"1-0": Released(ids=["c", "d"], done=["a", "b"], why=why)}
+    kept = handed_back_error(released["1-0"])
     assert settled_ids(kept) == {"a", "b"}
+    assert orjson.loads(kept)["ids"] == ["c", "d"]
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ bounded by the settings, however many an entry names.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -571,6 +572,100 @@ async def test_a_hanging_region_holds_its_share_of_the_dispatchers_while_the_oth
         assert outcomes == set(served)
         info = await redis_client.xpending(stream, GROUP)
         assert int(info["pending"]) == len(stuck)
+
+
+@dataclass
+class Gate:
+    """A TCP front whose connections are accepted and held, nothing passed on, until
+    ``opened`` is set (``held`` counts them); then each is piped to the port behind."""
+
+    opened: anyio.Event = field(default_factory=anyio.Event)
+    held: int = 0
+
+
+@asynccontextmanager
+async def gated(port: int) -> AsyncIterator[tuple[str, Gate]]:
+    """A :class:`Gate` in front of ``127.0.0.1:port``; yields its URL and the gate."""
+    gate = Gate()
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    front = listener.extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610 (anyio's)
+
+    async def pipe(source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream) -> None:
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            async for chunk in source:
+                await sink.send(chunk)
+            await sink.send_eof()
+
+    async def hold(client: anyio.abc.SocketStream) -> None:
+        async with client:
+            gate.held += 1
+            await gate.opened.wait()
+            upstream = await anyio.connect_tcp("127.0.0.1", port)
+            async with upstream, anyio.create_task_group() as group:
+                group.start_soon(pipe, client, upstream)
+                await pipe(upstream, client)
+
+    async with listener, anyio.create_task_group() as group:
+        group.start_soon(listener.serve, hold)
+        yield f"http://127.0.0.1:{front}", gate
+        group.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_an_entry_handed_back_while_its_other_batch_probes_gets_one_outcome_per_id(
+    redis_prefix: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """One entry of ten project-b ids (two batches of five) while project-b's region is
+    down and both dispatchers are taken: its first batch fails and becomes the region's
+    probe, its second is handed back when a dispatcher frees up (the default project's
+    call, held at a gate, is let through). The region back, the probe deletes its five
+    and the entry, read again, sends only the other five: every id one outcome, deleted,
+    each row naming the entry. (The old code forgot the entry at the hand-back: the
+    probe's rows named no entry and its next delivery sent all ten again, five of them
+    ending absent.)"""
+    stream = redis_prefix + "ids"
+    with regions(tmp_path) as (north, south):
+        async with gated(north.port) as (front, gate), serving(
+            stream, north, tmp_path, "--allowed-projects", "project-a,project-b",
+            "--endpoint", front, "--concurrency", "2", "--read-timeout", "60",
+            "--reclaim-after", "300",
+        ) as serve:  # fmt: skip
+            await enqueue(stream, tmp_path, [{"id": north.ids[0]}])
+
+            async def north_held() -> bool:
+                return gate.held > 0
+
+            await until(north_held)  # one dispatcher waits on the default project's call
+            port = south.port
+            south.stop()
+            ids = south.ids[:10]
+            place = {"project_id": south.project, "region": south.region, "endpoint": south.url}
+            fields: dict[Any, Any] = {"ids": orjson.dumps(ids).decode(), **place}
+            added: Any = await redis_client.xadd(stream, fields)
+            entry = added.decode()
+
+            async def paused() -> bool:
+                return bool(serve.named("serve.region_paused"))
+
+            await until(paused)  # its first batch is the probe, its second waits
+            gate.opened.set()
+
+            async def handed_back() -> bool:
+                return bool(await redis_client.hexists(stream + ":lasterror", entry))
+
+            await until(handed_back)
+            south.start(port)
+
+            async def settled() -> bool:
+                return await pending(redis_client, stream) == 0
+
+            await until(settled, timeout=60)  # the breaker's cool-down is 30 s at most
+        found = await rows(redis_client, stream + ":outcomes")
+        mine = [r for r in found if r["job_id"] in ids]
+        assert sorted(r["job_id"] for r in mine) == sorted(ids), mine
+        assert {(r["outcome"], r["entry"]) for r in mine} == {("deleted", entry)}
+        assert sorted((await south.control("deleted"))["ids"]) == sorted(ids)
+        assert serve.named("serve.region_resumed")
 
 
 def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:

@@ -29,7 +29,7 @@ import redis.exceptions
 from worker.errors import ApiError, ConfigError, NotAStream
 from worker.input.intake import escape
 from worker.pacing.shared import FleetKeys
-from worker.service.inflight import Finished
+from worker.service.inflight import Finished, Released
 from worker.service.layout import SENDING_TTL_S, Retention, StreamLayout
 from worker.service.retention import kept_position
 from worker.types import Outcome, Result, target_fields
@@ -149,6 +149,18 @@ def error_json(
     ``unsure``: those of them sent in an attempt whose answer was lost."""
     return _error_text(list(ids), error.http_status, error.error_code,
                        error.error_msg or message, error.request_id, done, unsure)  # fmt: skip
+
+
+def handed_back_error(held: Released, failed: Sequence[str] = (), done: Sequence[str] = ()) -> str:
+    """The last error kept for an entry whose ids were handed back (``held``): why, which
+    ids (with ``failed``, those of its ids that failed and are to be tried again) and which
+    are done (``held.done`` and ``done``), so its next delivery sends only the others."""
+    why = held.why
+    error = why.error if why is not None else ApiError("handed back without an outcome")
+    text = why.text if why is not None else str(error)
+    unsure = why.unsure if why is not None else frozenset()
+    return error_json([*held.ids, *failed], error, text, [*held.done, *done],
+                      [i for i in held.ids if i in unsure])  # fmt: skip
 
 
 def _error_text(
@@ -439,14 +451,21 @@ class StreamConsumer:
                       SENDING_TTL_S, 1, *(_lines("-", i) for i in marks.values()))  # fmt: skip
 
     async def write_outcomes(
-        self, rows: Sequence[dict[str, str]], unmark: Mapping[str, Sequence[str]] | None = None
+        self,
+        rows: Sequence[dict[str, str]],
+        unmark: Mapping[str, Sequence[str]] | None = None,
+        errors: Mapping[str, str] | None = None,
     ) -> None:
         """Append to the outcomes stream, trimmed approximately to ``outcomes_max_len``;
         ``unmark``: ids whose answer said they were not gone by us, struck off their
-        entries' notes of ids sent, in the same round trip."""
-        if not rows and not unmark:
+        entries' notes of ids sent, in the same round trip; with ``errors``, keep those last
+        errors (by entry id) too, all in one transaction, so an entry handed back never has
+        outcomes written that its ids done do not name."""
+        if not rows and not unmark and not errors:
             return
-        async with self._r.pipeline(transaction=False) as pipe:
+        async with self._r.pipeline(transaction=bool(errors)) as pipe:
+            if errors:
+                pipe.hset(self.layout.last_error, mapping=dict[Any, Any](errors))
             for row in rows:
                 pipe.xadd(
                     self.layout.outcomes,

@@ -8,13 +8,22 @@ that name it all settle when its one outcome arrives.
 
 An id is waited on per target (``Message.target``, ``Result.target``; None: the default):
 the same id named for two projects is two jobs, each sent to its own.
+
+An entry some of whose ids are handed back without an outcome (``release``: their batch was
+not sent, or the API gave out) is kept here while its other ids are still in flight (the
+probe of a paused region, a sibling batch on the wire): their outcomes are its outcomes, so
+each time one of them settles the entry comes back from ``settle`` as handed back
+(``Finished.released``), its ids done brought up to date for its kept error, and it is
+never acknowledged here. Forgetting it at the first hand-back sent those ids again on its
+next delivery, where they ended ``absent``: two outcomes for one id.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from worker.errors import ApiError
 from worker.service.layout import Message
 from worker.targets import Target
 from worker.types import Outcome, Result
@@ -23,12 +32,44 @@ Key = tuple[Target | None, str]
 
 
 @dataclass(frozen=True, slots=True)
+class HandBack:
+    """Why ids of an entry were handed back without an outcome: the ``error`` their batch
+    ended on (and its text), those of them sent without a readable answer (``unsure``),
+    and whether nothing was tried (``give_back``: the delivery is not counted)."""
+
+    error: ApiError
+    text: str
+    unsure: frozenset[str] = frozenset()
+    give_back: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """An entry some of whose ids were handed back: those ``ids`` (all of them so far), its
+    ids ``done`` (an outcome recorded, not to be sent again on its next delivery), why
+    (``why``; None: no reason kept), whether this is its first hand-back of this delivery
+    (``first``: its delivery is given back once) and whether ids of it are still in flight
+    (``waiting``: it is still held, and comes back from ``settle`` as they settle)."""
+
+    ids: list[str]
+    done: list[str]
+    why: HandBack | None = None
+    first: bool = True
+    waiting: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
-    """An entry whose ids all have an outcome. ``failures`` decide whether it is acked."""
+    """An entry whose ids all have an outcome. ``failures`` decide whether it is acked.
+
+    With ``released``: an entry handed back (never acked here) one of whose ids in flight
+    settled: its kept error is to be written again with ``released.done``; it is still held
+    while ``released.waiting``."""
 
     message: Message
     deliveries: int
     failures: tuple[Result, ...] = ()
+    released: Released | None = None
 
     @property
     def entry_id(self) -> str:
@@ -41,10 +82,19 @@ class _Waiting:
     deliveries: int
     open: set[str]
     failures: list[Result] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+    why: HandBack | None = None
 
     @property
     def target(self) -> Target | None:
         return self.message.target
+
+    def handed_back(self, first: bool = False) -> Released:
+        not_done = self.open | set(self.released) | {r.job_id for r in self.failures}
+        ids = set(self.released)
+        return Released(ids=[i for i in self.message.ids if i in ids],
+                        done=self.message.done_besides(not_done), why=self.why,
+                        first=first, waiting=bool(self.open))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,14 +103,6 @@ class Admission:
 
     send: tuple[str, ...]
     finished: Finished | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Released:
-    """An entry let go without an outcome: the ids it held of the batch, and its ids done."""
-
-    ids: list[str]
-    done: list[str]
 
 
 class InFlight:
@@ -121,8 +163,10 @@ class InFlight:
         return Admission(tuple(send))
 
     def settle(self, results: Sequence[Result]) -> list[Finished]:
-        """Record outcomes; return the entries this completes, in the order they complete."""
+        """Record outcomes; return the entries this completes, in the order they complete,
+        and the entries handed back whose ids done these change (``Finished.released``)."""
         done: list[Finished] = []
+        handed: dict[str, _Waiting] = {}
         for result in results:
             for entry_id in self._waiters.pop((result.target, result.job_id), ()):
                 waiting = self._entries.get(entry_id)
@@ -131,38 +175,47 @@ class InFlight:
                 waiting.open.discard(result.job_id)
                 if result.outcome is Outcome.FAILED:
                     waiting.failures.append(result)
-                if not waiting.open:
+                if waiting.released:
+                    handed[entry_id] = waiting
+                elif not waiting.open:
                     del self._entries[entry_id]
                     done.append(
                         Finished(waiting.message, waiting.deliveries, tuple(waiting.failures))
                     )
+        for entry_id, waiting in handed.items():
+            if not waiting.open:
+                del self._entries[entry_id]
+            done.append(Finished(waiting.message, waiting.deliveries, tuple(waiting.failures),
+                                 released=waiting.handed_back()))  # fmt: skip
         return done
 
-    def release(self, job_ids: Sequence[str], target: Target | None = None) -> dict[str, Released]:
-        """Forget the entries waiting on ``job_ids`` of ``target`` without an outcome (left
-        pending in Redis for a later delivery); return, by entry, those of ``job_ids`` it
-        held and its ids that already have an outcome (not to be sent again on its next
-        delivery)."""
-        wanted = set(job_ids)
-        dropped: dict[str, Released] = {}
+    def release(
+        self, job_ids: Sequence[str], target: Target | None = None, why: HandBack | None = None
+    ) -> dict[str, Released]:
+        """Hand back ``job_ids`` of ``target`` without an outcome (their entries are left
+        pending in Redis for a later delivery, ``why`` kept with them); return, by entry,
+        its ids handed back so far and its ids that have an outcome (not to be sent again).
+
+        An entry with ids still in flight besides (``Released.waiting``) stays held until
+        they settle (``settle``); the others are forgotten."""
+        touched: dict[str, bool] = {}  # entry -> its first hand-back of this delivery
         for job_id in job_ids:
-            for entry_id in list(self._waiters.get((target, job_id), ())):
-                waiting = self._entries.pop(entry_id, None)
-                if waiting is None:
+            for entry_id in self._waiters.pop((target, job_id), ()):
+                waiting = self._entries.get(entry_id)
+                if waiting is None or job_id not in waiting.open:
                     continue
-                message = waiting.message
-                failed = {r.job_id for r in waiting.failures}
-                dropped[entry_id] = Released(
-                    ids=[i for i in message.ids if i in wanted],
-                    done=message.done_besides(waiting.open | failed),
-                )
-                for other in waiting.open:
-                    key = (waiting.target, other)
-                    holders = self._waiters.get(key)
-                    if holders is not None and entry_id in holders:
-                        holders.remove(entry_id)
-                        if not holders:
-                            del self._waiters[key]
+                touched.setdefault(entry_id, not waiting.released)
+                waiting.open.discard(job_id)
+                waiting.released.append(job_id)
+                if why is not None:
+                    doubt = waiting.why.unsure if waiting.why is not None else frozenset()
+                    waiting.why = replace(why, unsure=why.unsure | doubt)
+        dropped: dict[str, Released] = {}
+        for entry_id, first in touched.items():
+            waiting = self._entries[entry_id]
+            dropped[entry_id] = waiting.handed_back(first)
+            if not waiting.open:
+                del self._entries[entry_id]
         return dropped
 
     def clear(self) -> None:

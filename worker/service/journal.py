@@ -31,7 +31,12 @@ import orjson
 from worker.clock import Clock
 from worker.outcomes.events import EventLog
 from worker.routing import Stamped
-from worker.service.consumer import StreamConsumer, last_error, outcome_fields
+from worker.service.consumer import (
+    StreamConsumer,
+    handed_back_error,
+    last_error,
+    outcome_fields,
+)
 from worker.service.inflight import Finished, InFlight
 from worker.service.layout import Message
 from worker.service.metrics import ServiceMetrics
@@ -142,21 +147,35 @@ class ServeJournal:
         # takes (giving up would leave its entries held in memory, never settled or sent).
         with anyio.CancelScope(shield=True, deadline=self._settle_deadline) as scope:
             self._settling.add(scope)
+            finished = self._inflight.settle(results)
+            # All of them ours until their outcomes are written and they are acked: a read
+            # of our own entries meanwhile must not send their ids again.
+            self._acking.update(done.entry_id for done in finished)
             try:
+                # An entry handed back has its ids done written in the same transaction as
+                # these outcomes: never one without the other, whenever a crash comes.
+                handed = {done.entry_id: self._handed_back_error(done)
+                          for done in finished if done.released is not None}  # fmt: skip
                 await self._outage.persist(
-                    lambda: self._consumer.write_outcomes(rows, unmark), what="outcomes"
+                    lambda: self._consumer.write_outcomes(rows, unmark, handed),
+                    what="outcomes",
                 )
                 self.outcomes += len(rows)
-                finished = self._inflight.settle(results)
-                # All of them ours until acked, the later ones too while the first is acked.
-                self._acking.update(done.entry_id for done in finished)
-                try:
-                    for done in finished:
+                for done in finished:
+                    if done.released is None:
                         await self.settle(done)
-                finally:
-                    self._acking.difference_update(done.entry_id for done in finished)
             finally:
+                self._acking.difference_update(done.entry_id for done in finished)
                 self._settling.discard(scope)
+
+    def _handed_back_error(self, done: Finished) -> str:
+        """The last error of an entry handed back (``done.released``): its failed ids are
+        done too when this was its last delivery (their ``failed`` outcomes are written)."""
+        assert done.released is not None
+        failed = [f.job_id for f in done.failures]
+        if done.deliveries >= self._max_deliveries:
+            return handed_back_error(done.released, done=failed)
+        return handed_back_error(done.released, failed=failed)
 
     async def give_up(self, message: Message, deliveries: int, error: str) -> None:
         """An entry read after more than ``max_deliveries`` deliveries with no outcome (its

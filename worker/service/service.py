@@ -43,10 +43,11 @@ from worker.service.consumer import (
     GroupInfo,
     StreamConsumer,
     error_json,
+    handed_back_error,
     settled_ids,
 )
 from worker.service.health import Health
-from worker.service.inflight import InFlight
+from worker.service.inflight import HandBack, InFlight
 from worker.service.intake import AwaitAnswer, IntakePlan, LingerBatcher, ReadOwn, Reclaim
 from worker.service.journal import SETTLE_TIMEOUT_S, ServeJournal
 from worker.service.layout import Message, aimed, decode_entry
@@ -60,6 +61,9 @@ from worker.targets import LookupFailed, Target, Targets
 from worker.types import Batch, doubted
 
 _T = TypeVar("_T")
+
+_STOPPED = HandBack(ApiError("the service stopped before they were sent"), "not sent")
+"""Why a batch not started when the round ended was handed back."""
 
 
 class BatchProcessor(Protocol):
@@ -313,8 +317,11 @@ class Service:
         await self._pool.run(self._intake, self._dispatch, stop=self._halt, on_stop=self._ending,
                              stop_now=self._stop_now,
                              beside=(self._keep_alive, self._halt_on_stop))  # fmt: skip
-        for batch in self._fair.left():  # waited for their endpoint's share: not started
-            self._inflight.release(batch.ids, batch.target)
+        left = self._fair.left()  # waited for their endpoint's share: not started
+        if left:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(SETTLE_TIMEOUT_S):
+                for batch in left:
+                    await self._hand_back(batch, _STOPPED)
         return self._blocked
 
     async def _halt_on_stop(self) -> None:
@@ -384,7 +391,7 @@ class Service:
     async def _dispatch_one(self, batch: Batch) -> bool:
         """One batch, its errors settled here; True: this dispatcher ends (a refusal)."""
         if self.halting:
-            self._inflight.release(batch.ids, batch.target)  # not started: pending
+            await self._hand_back(batch, _STOPPED)  # not started: pending
             return False
         try:
             with self._working.busy():
@@ -393,23 +400,13 @@ class Service:
         except ApiUnavailable as exc:
             if not isinstance(exc, Paused):  # a handed-back batch met no API
                 self._answered.set()
-            # Kept with each entry, naming its own ids of the batch: if it is never
-            # delivered with the API up, its dead letter and job.failed say why.
-            dropped = self._inflight.release(batch.ids, batch.target)
-            unsure = exc.unsure | batch.unsure  # a next delivery must not say absent
-            errors = {entry: error_json(held.ids, exc.cause, str(exc), held.done,
-                                        [i for i in held.ids if i in unsure])
-                      for entry, held in dropped.items()}  # fmt: skip
-            # The others had answers that say not applied (or were never sent): off the note.
-            sure = {entry: [i for i in held.ids if i not in unsure]
-                    for entry, held in dropped.items()}  # fmt: skip
-            await self._outage.persist(
-                partial(self._consumer.keep_errors, errors, sure), what="last error"
-            )
-            if isinstance(exc, Paused):  # nothing was tried: not a delivery
-                await self._outage.persist(
-                    partial(self._consumer.give_back, list(dropped)), what="give back"
-                )
+            # Kept with each entry, naming its ids handed back: if it is never delivered
+            # with the API up, its dead letter and job.failed say why. An entry with other
+            # ids in flight stays held until they settle (``InFlight.release``).
+            why = HandBack(exc.cause, str(exc), frozenset(exc.unsure | batch.unsure),
+                           give_back=isinstance(exc, Paused))  # fmt: skip
+            dropped = await self._hand_back(batch, why)
+            if isinstance(exc, Paused):
                 return False
             self._events.error(
                 "serve.api_unavailable", batch_id=batch.batch_id, error=str(exc),
@@ -426,6 +423,25 @@ class Service:
             self._block(NotAStream("rate limit: a key of the queue holds another type"))
             return True
         return False
+
+    async def _hand_back(self, batch: Batch, why: HandBack) -> list[str]:
+        """``batch``'s ids handed back without an outcome: each entry holding some keeps, as
+        its last error, why and its ids done so far (its next delivery sends only the
+        others), and when nothing was tried, its first hand-back gives its delivery back.
+        Returns the entries."""
+        dropped = self._inflight.release(batch.ids, batch.target, why)
+        errors = {entry: handed_back_error(held) for entry, held in dropped.items()
+                  if why is not _STOPPED or held.done or held.waiting}  # fmt: skip
+        # Those of the batch with answers that say not applied (or never sent): off the note
+        # of ids sent; those sent without a readable answer stay on it.
+        ours = set(batch.ids) - why.unsure
+        sure = {entry: [i for i in held.ids if i in ours] for entry, held in dropped.items()}
+        await self._outage.persist(partial(self._consumer.keep_errors, errors, sure),
+                                   what="last error")  # fmt: skip
+        if why.give_back:  # nothing was tried: not a delivery
+            spent = [entry for entry, held in dropped.items() if held.first]
+            await self._outage.persist(partial(self._consumer.give_back, spent), what="give back")
+        return list(dropped)
 
     def _block(self, exc: BaseException) -> None:
         """End the round for a refusal a pause may outlast (credentials, the TLS certificate,
