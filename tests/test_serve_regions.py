@@ -668,6 +668,37 @@ async def test_an_entry_handed_back_while_its_other_batch_probes_gets_one_outcom
         assert serve.named("serve.region_resumed")
 
 
+@pytest.mark.anyio
+async def test_iam_that_never_answers_does_not_hold_the_other_entries(
+    redis_prefix: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """IAM accepts the connection and never answers (each attempt lasts its timeout, three
+    of them): the entries naming cn-south-1 alone wait for it, pending, while the default
+    project's entries, enqueued after them, are all deleted before IAM's call gives out
+    (no serve.project_lookup_failed yet). (The old code asked IAM inside the intake: it
+    read nothing more until IAM's attempts were spent.)"""
+    stream = redis_prefix + "ids"
+    with regions(tmp_path) as (north, south):
+        async with gated(south.port) as (iam, gate), serving(
+            stream, north, tmp_path, "--allowed-projects", "project-a,project-b",
+            "--iam-endpoint", iam, "--read-timeout", "60",
+        ) as serve:  # fmt: skip
+            waiting = south.ids[:3]
+            plain = north.ids[:10]
+            await enqueue(stream, tmp_path, by_region(south, waiting) + [{"id": i} for i in plain])
+
+            async def north_done() -> bool:
+                return len((await north.control("deleted"))["ids"]) == len(plain)
+
+            await until(north_done)
+            assert gate.held == 1  # IAM was asked once, and holds the call
+            assert not serve.named("serve.project_lookup_failed")  # it has not given out
+            assert await pending(redis_client, stream) == len(waiting)
+            outcomes = await rows(redis_client, stream + ":outcomes")
+            assert sorted(r["job_id"] for r in outcomes) == sorted(plain)
+        assert not (await south.control("deleted"))["ids"]
+
+
 def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     return [
         (sample.labels, sample.value)

@@ -17,7 +17,7 @@ from worker.pacing.breaker import BreakerGate
 from worker.service.consumer import StreamConsumer
 from worker.service.inflight import InFlight
 from worker.service.layout import ONE_PROJECT, StreamLayout, aimed, decode_entry
-from worker.service.lookups import RegionLookups
+from worker.service.lookups import Asking, RegionLookups
 from worker.service.metrics import OTHER, Places, ServiceMetrics
 from worker.service.regions import Paused, RegionRouter
 from worker.targets import Address, LookupFailed, Target, Targets, endpoint_for
@@ -295,12 +295,22 @@ async def test_an_entry_handed_back_unsent_has_its_delivery_given_back(
     assert await consumer.deliveries([first, second]) == {first: 1, second: 2}
 
 
+async def _answer(lookups: RegionLookups, named: Address) -> Target | str | LookupFailed:
+    """What ``lookups`` says of ``named`` once IAM has answered (it is asked beside)."""
+    found = await lookups.find(named)
+    while isinstance(found, LookupFailed) and isinstance(found.error, Asking):
+        await anyio.wait_all_tasks_blocked()
+        found = await lookups.find(named)
+    return found
+
+
 @pytest.mark.anyio
 async def test_a_region_alone_is_looked_up_once_a_failure_held_then_asked_again() -> None:
     """serve's look-up of an entry's region (worker.service.lookups): IAM is asked once for a
-    region found, the project held to allowed_projects; a failure is held for the region
-    (no call for each entry) and asked again after the hold, IAM unreachable waking the
-    intake once to read the entries left pending."""
+    region found, beside the caller (which is told to wait, and woken by the answer), the
+    project held to allowed_projects; a failure is held for the region (no call for each
+    entry) and asked again after the hold, IAM unreachable waking the intake once to read
+    the entries left pending."""
     asked: list[str] = []
     answers: dict[str, list[Exception | str]] = {
         "cn-south-1": ["project-b"],
@@ -321,31 +331,41 @@ async def test_a_region_alone_is_looked_up_once_a_failure_held_then_asked_again(
     targets = Targets(HOME, allowed=["project-a", "project-b", "project-c"])
     targets.look_up_with(lookup)
     lookups = RegionLookups(targets, clock, retry_s=30, on_failed=failed.append)
-    south = Address(region="cn-south-1", endpoint="http://127.0.0.1:1")
-    for _ in range(3):
-        assert await lookups.find(south) == Target("project-b", "http://127.0.0.1:1", "cn-south-1")
-    assert asked == ["cn-south-1"]
+    async with anyio.create_task_group() as group:
+        await group.start(lookups.run)
+        south = Address(region="cn-south-1", endpoint="http://127.0.0.1:1")
+        waiting = await lookups.find(south)
+        assert isinstance(waiting, LookupFailed) and waiting.later  # its entry waits
+        assert waiting.reason == "the project of region cn-south-1 is being looked up in IAM"
+        assert not lookups.due(clock.now())  # not answered yet
+        for _ in range(3):
+            found = await _answer(lookups, south)
+            assert found == Target("project-b", "http://127.0.0.1:1", "cn-south-1")
+        assert asked == ["cn-south-1"]
+        assert lookups.due(clock.now()) and not lookups.due(clock.now())  # the answer woke it
 
-    stranger = await lookups.find(Address(region="cn-west-9"))
-    assert stranger == "project project-z is not in allowed_projects"
+        stranger = await _answer(lookups, Address(region="cn-west-9"))
+        assert stranger == "project project-z is not in allowed_projects"
 
-    nowhere = await lookups.find(Address(region="cn-east-3"))
-    assert isinstance(nowhere, LookupFailed) and not nowhere.later
-    assert nowhere.reason.endswith("IAM has no project named cn-east-3")
-    assert await lookups.find(Address(region="cn-east-3")) is nowhere  # held: IAM not asked
-    assert not lookups.due(clock.now())  # nothing waits on a refusal
+        nowhere = await _answer(lookups, Address(region="cn-east-3"))
+        assert isinstance(nowhere, LookupFailed) and not nowhere.later
+        assert nowhere.reason.endswith("IAM has no project named cn-east-3")
+        assert await lookups.find(Address(region="cn-east-3")) is nowhere  # held: not asked
+        lookups.due(clock.now())
 
-    down = await lookups.find(Address(region="eu-west-0"))
-    assert isinstance(down, LookupFailed) and down.later
-    assert await lookups.find(Address(region="eu-west-0")) is down
-    assert asked.count("eu-west-0") == 1
-    assert [f.region for f in failed] == ["cn-east-3", "eu-west-0"]
-    assert not lookups.due(clock.now())
-    await clock.sleep(30)
-    assert lookups.due(clock.now()) and not lookups.due(clock.now())  # once
-    found = await lookups.find(Address(region="eu-west-0"))
-    assert found == Target("project-c", endpoint_for("eu-west-0"), "eu-west-0")
-    assert asked.count("eu-west-0") == 2
+        down = await _answer(lookups, Address(region="eu-west-0"))
+        assert isinstance(down, LookupFailed) and down.later
+        assert await lookups.find(Address(region="eu-west-0")) is down
+        assert asked.count("eu-west-0") == 1
+        assert [f.region for f in failed] == ["cn-east-3", "eu-west-0"]
+        assert lookups.due(clock.now())  # the answer (a failure) is an answer
+        assert not lookups.due(clock.now())
+        await clock.sleep(30)
+        assert lookups.due(clock.now()) and not lookups.due(clock.now())  # once
+        found = await _answer(lookups, Address(region="eu-west-0"))
+        assert found == Target("project-c", endpoint_for("eu-west-0"), "eu-west-0")
+        assert asked.count("eu-west-0") == 2
+        group.cancel_scope.cancel()
 
 
 @pytest.mark.anyio
@@ -361,15 +381,19 @@ async def test_each_region_waiting_on_iam_wakes_the_intake_when_its_own_hold_is_
     targets = Targets(HOME, allowed=["project-a", "project-b", "project-c"])
     targets.look_up_with(lookup)
     lookups = RegionLookups(targets, clock, retry_s=30)
-    first = await lookups.find(Address(region="eu-west-0"))
-    await clock.sleep(10)
-    second = await lookups.find(Address(region="cn-east-3"))
-    assert isinstance(first, LookupFailed) and isinstance(second, LookupFailed)
-    await clock.sleep(20)
-    assert lookups.due(clock.now()) and not lookups.due(clock.now())  # eu-west-0's hold
-    assert await lookups.find(Address(region="cn-east-3")) is second  # still held: read again
-    assert lookups.asked == 2  # held: IAM not asked again for it
-    await clock.sleep(9)
-    assert not lookups.due(clock.now())
-    await clock.sleep(1)
-    assert lookups.due(clock.now())  # cn-east-3's hold is over: its entries are read again
+    async with anyio.create_task_group() as group:
+        await group.start(lookups.run)
+        first = await _answer(lookups, Address(region="eu-west-0"))
+        await clock.sleep(10)
+        second = await _answer(lookups, Address(region="cn-east-3"))
+        assert isinstance(first, LookupFailed) and isinstance(second, LookupFailed)
+        assert lookups.due(clock.now())  # their answers
+        await clock.sleep(20)
+        assert lookups.due(clock.now()) and not lookups.due(clock.now())  # eu-west-0's hold
+        assert await lookups.find(Address(region="cn-east-3")) is second  # still held
+        assert lookups.asked == 2  # held: IAM not asked again for it
+        await clock.sleep(9)
+        assert not lookups.due(clock.now())
+        await clock.sleep(1)
+        assert lookups.due(clock.now())  # cn-east-3's hold is over: its entries are read again
+        group.cancel_scope.cancel()

@@ -51,7 +51,7 @@ from worker.service.inflight import HandBack, InFlight
 from worker.service.intake import AwaitAnswer, IntakePlan, LingerBatcher, ReadOwn, Reclaim
 from worker.service.journal import SETTLE_TIMEOUT_S, ServeJournal
 from worker.service.layout import Message, aimed, decode_entry
-from worker.service.lookups import RegionLookups
+from worker.service.lookups import Asking, RegionLookups
 from worker.service.metrics import ServiceMetrics
 from worker.service.outage import REDIS_ERRORS, Outage, wrong_type
 from worker.service.regions import Paused
@@ -195,6 +195,8 @@ class Service:
             if self._keeper is not None:
                 group.start_soon(self._retain, self._keeper)
             group.start_soon(every, self._config.stats_interval, self._clock, self.report_stats)
+            if self._lookups is not None:  # IAM is asked beside the intake, never in it
+                group.start_soon(self._lookups.run)
             await self._run()
             group.cancel_scope.cancel()
 
@@ -611,7 +613,9 @@ class Service:
                 message = replace(message, ids=remaining, settled=settled)
             found = await self._place(message)
             if isinstance(found, LookupFailed):
-                if found.later and deliveries <= self._config.max_deliveries:
+                # IAM being asked (``Asking``) is no answer, whatever the deliveries.
+                if found.later and (isinstance(found.error, Asking)
+                                    or deliveries <= self._config.max_deliveries):  # fmt: skip
                     waiting.append((message, found))  # pending, as for a region down
                     continue
                 found = found.reason
