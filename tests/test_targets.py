@@ -17,6 +17,7 @@ from worker.targets import (
     address,
     endpoint_for,
     misnamed,
+    normal_endpoint,
     resolve,
 )
 
@@ -216,3 +217,20 @@ async def test_another_region_at_the_default_endpoint_without_a_project_is_its_r
     # IAM naming the default project for another region: one project, two places
     found = await targets.find(Address(region="cn-south-1", endpoint=SIMULATED.endpoint))
     assert isinstance(found, str) and "a project is in one region" in found
+
+
+def test_an_endpoint_is_kept_in_one_normal_form_by_lines_settings_and_plans(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Scheme and host in lower case, the path as given without its trailing slash: the
+    settings' endpoint spelt otherwise on a line is the default's place, not another one
+    (which the one place a project has would reject), and a plan compares the same way."""
+    monkeypatch.setenv("REAPER_ENDPOINT", "HTTP://LocalHost:8001/Proxy/")
+    assert Settings().api_endpoint == "http://localhost:8001/Proxy"
+    default = Target("proj-a", "http://localhost:8001/Proxy", "cn-north-4")
+    named = address({"project_id": "proj-a", "endpoint": "http://LOCALHOST:8001/Proxy/"})
+    assert named == Address(project_id="proj-a", endpoint="http://localhost:8001/Proxy")
+    assert Targets(default).of(named) == default
+    other = address({"project_id": "proj-a", "endpoint": "http://localhost:8001/proxy"})
+    assert isinstance(other, Address) and isinstance(Targets(default).of(other), str)
+    assert normal_endpoint("https://[::1]:9/") == "https://[::1]:9"

@@ -25,7 +25,7 @@ import re
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from worker.errors import ReaperError, TransientError
 from worker.types import PROJECT_ID_RE
@@ -89,8 +89,12 @@ def endpoint_problem(value: str, *, service: str = "modelarts") -> str | None:
 
 
 def normal_endpoint(value: str) -> str:
-    """An endpoint as kept and compared: without a trailing ``/``."""
-    return value.rstrip("/")
+    """An endpoint as kept and compared, everywhere (settings, lines, plans): its scheme
+    and host in lower case (neither is case-sensitive), its path as given but without a
+    trailing ``/``."""
+    parts = urlsplit(value.strip())
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"),
+                       parts.query, parts.fragment))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,7 +60,13 @@ import orjson
 from worker.discovery.filters import Filters, matched_fields
 from worker.errors import ConfigError, InputUnreadable, UsageError
 from worker.scratch import Scratch, locked_file
-from worker.targets import Target, endpoint_problem, project_problem, region_problem
+from worker.targets import (
+    Target,
+    endpoint_problem,
+    normal_endpoint,
+    project_problem,
+    region_problem,
+)
 from worker.types import JOB_ID_RE, JobRecord, iso
 
 PLAN_VERSION = 2
@@ -287,7 +293,7 @@ class PlanHeader:
                 raise PlanRefused(
                     f"plan is for project {self.project_id}, not {project_id}: refusing to apply it"
                 )
-            if endpoint is None or _normal_endpoint(self.endpoint) != _normal_endpoint(endpoint):
+            if endpoint is None or normal_endpoint(self.endpoint) != normal_endpoint(endpoint):
                 raise PlanRefused(
                     f"plan is for endpoint {self.endpoint}, not {endpoint}: refusing to apply it"
                 )
@@ -344,10 +350,6 @@ def check_fraction(
             f"{where}{selected} of {inventory} jobs selected ({share}) exceeds max_fraction "
             f"{max_fraction:g}: narrow the filters or raise --max-fraction"
         )
-
-
-def _normal_endpoint(endpoint: str) -> str:
-    return endpoint.rstrip("/").lower()
 
 
 def _job_line(job: PlanJob) -> bytes:
@@ -496,7 +498,7 @@ class SealedPlan:
     def section_of(self, project_id: str, endpoint: str) -> int | None:
         """The index of the section of ``project_id`` at ``endpoint``; None: none of them."""
         for index, section in enumerate(self.header.sections):
-            same = _normal_endpoint(section.endpoint) == _normal_endpoint(endpoint)
+            same = normal_endpoint(section.endpoint) == normal_endpoint(endpoint)
             if section.project_id == project_id and same:
                 return index
         return None
@@ -792,7 +794,7 @@ def _parse_named(data: object) -> PlanHeader:
         if region is not None and (not isinstance(region, str) or region_problem(region)):
             raise ValueError("a project's region is not a region")
         sections.append(_section(entry, NAMED_VERSION))
-    places = [(section.project_id, _normal_endpoint(section.endpoint)) for section in sections]
+    places = [(section.project_id, normal_endpoint(section.endpoint)) for section in sections]
     if len(set(places)) != len(places):
         raise ValueError("it names one project at one endpoint twice")
     total = data["jobs"]
