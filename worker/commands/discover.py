@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,12 +30,21 @@ import structlog
 
 from worker import wiring
 from worker.clock import MonotonicClock
+from worker.commands.selection import (
+    check_selection,
+    log_summary,
+    plan_review,
+    plan_writer,
+    select_in,
+    sinks,
+    table,
+)
 from worker.discovery.filters import Filters, parse_duration, parse_instant
 from worker.discovery.guard import Protection
-from worker.discovery.plan import MAX_TTL, PlanHeader, PlanWriter, check_fraction
+from worker.discovery.plan import MAX_TTL
 from worker.discovery.projects import ProjectSpec, parse_specs
 from worker.discovery.review import estimate_s, render
-from worker.discovery.select import JobSink, Selected, Spool, select
+from worker.discovery.select import Selected, Spool
 from worker.errors import (
     ApiError,
     ApiUnavailable,
@@ -49,12 +57,9 @@ from worker.errors import (
 )
 from worker.exit_codes import ExitCode
 from worker.outcomes.journal import check_output
-from worker.pacing.paced import PacedReader, ReadApi
 from worker.settings import Settings, read_plan_key
 
 MAX_PAGE_SIZE = 1000
-TABLE_ROWS = 50
-"""Jobs a table shows before "... N more" (all of them: ``-o ids`` or ``-o jsonl``)."""
 
 
 def filters_from_args(args: argparse.Namespace, now: datetime) -> Filters:
@@ -263,112 +268,6 @@ async def select_jobs(
         )  # fmt: skip
 
 
-async def select_in(
-    api: ReadApi,
-    settings: Settings,
-    filters: Filters,
-    protection: Protection,
-    *,
-    clock: MonotonicClock,
-    now: datetime,
-    new_sink: Callable[[], JobSink],
-    page_size: int | None,
-) -> Selected:
-    """The selection of ``api``'s project, listed at the configured rate (a limiter of its
-    own: the quota is the project's)."""
-    log = structlog.get_logger("devserver_reaper")
-    reader = PacedReader(
-        api=api, limiter=wiring.limiter(settings, clock), policy=wiring.retry_policy(settings),
-        clock=clock,
-    )  # fmt: skip
-    return await select(
-        reader, filters, protection, clock=clock, now=now, new_sink=new_sink,
-        page_size=page_size, warn=log.warning, note=log.info,
-    )  # fmt: skip
-
-
-def sinks(plan: Path | None, key: bytes | None) -> Callable[[], PlanWriter | Spool]:
-    """A fresh sink for each pass of the listing: the plan's writer, else a spool for stdout."""
-    return lambda: Spool() if plan is None else PlanWriter(plan, key=key)
-
-
-def plan_writer(selected: Selected) -> PlanWriter:
-    """The writer a selection for ``--plan`` went into."""
-    sink = selected.selection.sink
-    assert isinstance(sink, PlanWriter)
-    return sink
-
-
-def log_summary(log: Any, selected: Selected, **where: str | None) -> None:
-    """``discover.summary``: what the listing of one project (``where``) found and kept."""
-    selection, scan = selected.selection, selected.scan
-    log.info(
-        "discover.summary", **where, listed=selection.listed, pages=scan.pages,
-        passes=scan.passes, complete=scan.complete, incomplete_reason=scan.reason,
-        matched=selection.matched, protected=selection.protected,
-        invalid_ids=selection.invalid, selected=selection.selected,
-        inventory_size=selected.inventory,
-    )  # fmt: skip
-
-
-def check_selection(
-    selected: Selected, settings: Settings, *, everything: bool, project: str | None = None
-) -> None:
-    """``max_fraction`` and ``--all``: ``PlanRefused``/``UsageError`` (64) when over, naming
-    ``project`` when a discovery scans several."""
-    selection, inventory = selected.selection, selected.inventory
-    check_fraction(selection.selected, inventory, settings.max_fraction, project=project)
-    if selection.matched == inventory >= 1 and not everything:
-        # Filters that match everything (--name-regex ., --older-than 2099-01-01) are the
-        # "no filter" that --all guards, spelt another way: in a project of one job too.
-        which = f"project {project}" if project else "the project"
-        raise UsageError(
-            f"the filters match every job {which} holds ({inventory}): pass --all if that is meant"
-        )
-
-
-def plan_review(header: PlanHeader, settings: Settings, path: Path | str) -> str:
-    """What ``plan show`` prints and ``discover --plan`` shows on a terminal."""
-    estimate = estimate_s(header.jobs, rate=settings.rate, batch_size=settings.batch_size)
-    seal = "a plan key (HMAC-SHA256)" if header.keyed else "no plan key: checked for accidents only"
-    made = f"  made     {header.to_json()['created_at']}   expires {header.to_json()['expires_at']}"
-    shared = [made, f"  sealed   with {seal}", f"  filters  {filters_text(header.filters)}"]
-    if header.named:
-        from worker.commands.scanned import named_review
-
-        lines = [
-            f"plan {path}: {header.jobs:,} jobs in {len(header.sections)} projects, each sent "
-            "only to its own",
-            *shared,
-            *named_review(header, settings),
-        ]
-    else:
-        lines = [
-            f"plan {path}",
-            f"  project  {header.project_id}",
-            f"  endpoint {header.endpoint}",
-            *shared,
-            f"  inventory {header.inventory_size:,} jobs"
-            + ("" if header.complete else "   (listing incomplete)"),
-            "",
-            render(header.review, heading=f"{header.jobs:,} jobs planned", estimate=estimate),
-        ]
-    lines += [
-        "",
-        f"next: devserver-reaper run --plan {path} --dry-run   (checks every job, deletes none)",
-        f"      devserver-reaper run --plan {path}",
-    ]
-    return "\n".join(lines)
-
-
-def filters_text(filters: Filters) -> str:
-    given = {k: v for k, v in filters.to_json().items() if v is not None and k != "time_field"}
-    if filters.older_than is not None or filters.newer_than is not None:
-        given["time_field"] = filters.time_field
-    words = [f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in given.items()]
-    return " ".join(words) or "none (--all)"
-
-
 def _write(out: IO[str], spool: Spool, output: str) -> None:
     import orjson
 
@@ -380,19 +279,3 @@ def _write(out: IO[str], spool: Spool, output: str) -> None:
             out.write(row["id"] + "\n")
     else:
         table(out, spool)
-
-
-def table(out: IO[str], spool: Spool, *, listed_by: str = "-o ids or -o jsonl") -> None:
-    """The first jobs as a table, and how many more ``listed_by`` would print."""
-    columns = ("id", "name", "type", "status", "user_name", "create_at")
-    shown: list[list[str]] = []
-    for row in spool.rows():
-        if len(shown) >= TABLE_ROWS:
-            break
-        shown.append([str(row.get(c) or "") for c in columns])
-    widths = [max([len(c)] + [len(r[i]) for r in shown]) for i, c in enumerate(columns)]
-    out.write("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)) + "\n")
-    for r in shown:
-        out.write("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() + "\n")
-    if spool.jobs > len(shown):
-        out.write(f"... {spool.jobs - len(shown):,} more ({listed_by} lists them all)\n")

@@ -18,7 +18,7 @@ from worker.settings import Settings
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.commands.discover import plan_review
+    from worker.commands.selection import plan_review
     from worker.discovery.plan import read_header
     from worker.settings import read_plan_key
     from worker.terminal.failure import refused

@@ -44,7 +44,7 @@ class Selecting:
     page_size: int | None = None
 
     def describe(self) -> str:
-        from worker.commands.discover import filters_text
+        from worker.commands.selection import filters_text
 
         return f"filters: {filters_text(self.filters)}"
 
@@ -76,7 +76,8 @@ def open_file_plan(path: str, settings: Settings) -> SealedPlan:
 
 def select_and_seal(selecting: Selecting, settings: Settings, protection: Protection) -> SealedPlan:
     """Select with discover's filters and seal the selection into a private plan."""
-    from worker.commands.discover import check_selection, select_jobs
+    from worker.commands.discover import select_jobs
+    from worker.commands.selection import check_selection
 
     key = secrets.token_bytes(32)  # this process's own: nothing else can seal for it
     scratch = Scratch("select")  # removed by a later run's if this process is killed

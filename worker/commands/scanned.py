@@ -27,9 +27,9 @@ import structlog
 from worker import wiring
 from worker.api.client import ApiClient
 from worker.clock import MonotonicClock
+from worker.commands import selection as shared  # what one project's discovery does too
 from worker.discovery.guard import Protection
 from worker.discovery.plan import (
-    PlanHeader,
     PlanSection,
     project_place,
     write_plan,
@@ -65,35 +65,32 @@ async def discover_named(
     key: bytes | None = None,
 ) -> int:
     """discover over ``request.projects``: select in each, check each, then write."""
-    from worker.commands.discover import check_selection, log_summary, plan_writer, sinks
 
     log = structlog.get_logger("devserver_reaper")
     now = datetime.now(UTC)
     scanned: list[Scanned] = []
     try:
         scanned = await select_each(
-            request, settings, protection, now=now, new_sink=sinks(request.plan, key)
+            request, settings, protection, now=now, new_sink=shared.sinks(request.plan, key)
         )
         for part in scanned:
             target = part.target
-            log_summary(log, part.selected, project_id=target.project_id,
+            shared.log_summary(log, part.selected, project_id=target.project_id,
                         region=target.region, endpoint=target.endpoint)  # fmt: skip
         for part in scanned:
-            check_selection(part.selected, settings, everything=request.everything,
+            shared.check_selection(part.selected, settings, everything=request.everything,
                             project=part.where)  # fmt: skip
         if request.plan is not None:
             header = write_plan(
                 request.plan, key=key, filters=request.filters, now=now, ttl=request.plan_ttl,
-                parts=[(section_of(part), plan_writer(part.selected)) for part in scanned],
+                parts=[(section_of(part), shared.plan_writer(part.selected)) for part in scanned],
                 named=True,
             )  # fmt: skip
             log.info("discover.plan_written", path=str(request.plan), jobs=header.jobs,
                      seal=header.seal, expires_at=header.to_json()["expires_at"],
                      projects=len(header.sections))  # fmt: skip
             if request.output == "table":
-                from worker.commands.discover import plan_review
-
-                out.write(plan_review(header, settings, request.plan) + "\n")
+                out.write(shared.plan_review(header, settings, request.plan) + "\n")
             return ExitCode.OK
         write_rows(out, scanned, request.output, settings)
         out.flush()
@@ -112,8 +109,6 @@ async def select_each(
     new_sink: Callable[[], JobSink],
 ) -> list[Scanned]:
     """Each project's selection, one project after another, through one session and keys."""
-    from worker.commands.discover import select_in
-
     clock = MonotonicClock()
     scanned: list[Scanned] = []
     async with wiring.session(settings, concurrency=1) as session:
@@ -128,7 +123,7 @@ async def select_each(
             for target in targets:
                 api = ApiClient(session=session, endpoint=target.endpoint,
                                 project_id=target.project_id, credentials=keys)  # fmt: skip
-                selected = await select_in(
+                selected = await shared.select_in(
                     api, settings, request.filters, protection, clock=clock, now=now,
                     new_sink=new_sink, page_size=request.page_size,
                 )  # fmt: skip
@@ -171,8 +166,6 @@ def section_of(part: Scanned) -> PlanSection:
 
 def write_rows(out: IO[str], scanned: list[Scanned], output: str, settings: Settings) -> None:
     """JSON Lines naming each job's project, or a table and review per project."""
-    from worker.commands.discover import table
-
     for part in scanned:
         spool = part.selected.selection.sink
         assert isinstance(spool, Spool)
@@ -185,7 +178,7 @@ def write_rows(out: IO[str], scanned: list[Scanned], output: str, settings: Sett
         selection = part.selected.selection
         out.write(f"project {part.where}: {selection.selected:,} of "
                   f"{part.selected.inventory:,} jobs selected\n")  # fmt: skip
-        table(out, spool, listed_by="-o jsonl")
+        shared.table(out, spool, listed_by="-o jsonl")
         estimate = estimate_s(selection.selected, rate=settings.rate,
                               batch_size=settings.batch_size)  # fmt: skip
         out.write("\n" + render(selection.review.to_json(),
@@ -194,20 +187,3 @@ def write_rows(out: IO[str], scanned: list[Scanned], output: str, settings: Sett
     if output == "table":
         out.write("next: add --plan PLAN to seal this selection for review, then: "
                   "devserver-reaper run --plan PLAN\n")  # fmt: skip
-
-
-def named_review(header: PlanHeader, settings: Settings) -> list[str]:
-    """The lines of ``plan show`` for each project a named plan holds."""
-    lines: list[str] = []
-    for section in header.sections:
-        estimate = estimate_s(section.jobs, rate=settings.rate, batch_size=settings.batch_size)
-        lines += [
-            "",
-            f"  project  {section.where}",
-            f"  endpoint {section.endpoint}",
-            f"  inventory {section.inventory_size:,} jobs"
-            + ("" if section.complete else "   (listing incomplete)"),
-            render(section.review, heading=f"{section.jobs:,} jobs planned in "
-                   f"{section.project_id}", estimate=estimate),
-        ]  # fmt: skip
-    return lines
