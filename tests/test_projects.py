@@ -453,6 +453,25 @@ async def test_run_by_region_deletes_in_the_project_iam_names(tmp_path: Path) ->
     assert again.code == 0, again.stderr  # the ledger was bound to the id IAM gave
 
 
+async def test_on_a_terminal_a_look_up_that_takes_a_while_says_so_then_the_line_goes(
+    tmp_path: Path,
+) -> None:
+    """A person at a terminal sees why nothing happens while IAM is asked: the simulator
+    (its IAM too) runs on this test's event loop, which waiting for the line holds, so IAM
+    cannot answer before the line is shown; once it has, the line is erased."""
+    from tests.tty import Terminal
+
+    async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+        ids = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        term = Terminal(["run", "-i", str(ids), "--yes"], by_region(sim.url))
+        said = f"looking up the project of region cn-north-4 in IAM ({sim.url})…"
+        term.expect_on_screen(said)  # holds the loop: IAM has not answered
+        code = await anyio.to_thread.run_sync(term.wait)
+        assert sim.job_ids() == []
+    assert code == 0, term.screen_text()
+    assert not any(said in line for line in term.lines())  # erased, not left above
+
+
 async def test_a_dry_run_of_ids_asks_iam_nothing(tmp_path: Path) -> None:
     async with run_simulator(SimulatorConfig(jobs=5)) as sim:
         ids = write_ids(tmp_path / "ids.txt", sim.job_ids())

@@ -18,7 +18,7 @@ import structlog
 
 from worker.api.client import Api, ApiClient, make_session
 from worker.api.credentials import CredentialSource, read_profile, resolve_credentials
-from worker.api.projects import PROCESS_CACHE, FoundProject
+from worker.api.projects import PROCESS_CACHE, FoundProject, iam_endpoint_for
 from worker.batcher import DeletionBudget
 from worker.clock import Clock
 from worker.discovery.guard import Guard, PlanCheck, Protection, load_protection
@@ -155,7 +155,11 @@ def ensure_project(settings: Settings) -> ProjectChoice:
         return project_choice(settings)
 
     async def look_up() -> ProjectChoice:
-        async with session(settings, concurrency=1) as http:
+        from worker.terminal.waiting import status_while
+
+        where = iam_endpoint(settings) or iam_endpoint_for(settings.region or "")
+        said = f"looking up the project of region {settings.region} in IAM ({where})"
+        async with status_while(said), session(settings, concurrency=1) as http:
             keys = await credentials(settings, http, announce=False)
             return await resolve_project(settings, http, keys)
 
