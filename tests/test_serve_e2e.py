@@ -30,6 +30,13 @@ from worker.simulator import FaultConfig, Simulator, SimulatorConfig, run_simula
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
 
 GROUP = "reapers"
+STARTUP_BOUND_S = 150
+"""How long a replica may take to say ``serve.started``: generous, for a machine whose two
+cores are shared by a dozen processes (importing the service there took over 20 s). A
+replica that exits first fails the wait at once, naming its exit code and stderr."""
+SEVERAL = pytest.mark.timeout(STARTUP_BOUND_S + 180)
+"""For tests that start several replicas: their start-up may take most of the bound, and
+the work after it its own share."""
 
 
 @dataclass
@@ -85,9 +92,21 @@ class Queue:
         replica = Replica(process, name=name)
         self.replicas.append(replica)
         self.group.start_soon(collect, replica)
-        with anyio.fail_after(20):
-            await replica.started.wait()
+        await self.wait_started(replica)
         return replica
+
+    async def wait_started(self, replica: Replica) -> None:
+        """Until ``replica`` says ``serve.started``; it exiting first fails at once."""
+        with anyio.fail_after(STARTUP_BOUND_S):
+            while not replica.started.is_set():
+                code = replica.process.returncode
+                if code is not None:
+                    said = (self.tmp / f"{replica.name}.err").read_text(errors="replace")
+                    pytest.fail(
+                        f"{replica.name} exited {code} before serve.started:\n{said[-2000:]}"
+                    )
+                with anyio.move_on_after(0.2):
+                    await replica.started.wait()
 
     async def pending(self, consumer: str | None = None) -> int:
         info: Any = await self.redis.xpending(self.stream, GROUP)
@@ -144,6 +163,7 @@ def _at(event: dict[str, Any]) -> datetime:
 
 
 @pytest.mark.anyio
+@SEVERAL
 async def test_three_replicas_share_one_stream_and_one_quota(
     redis_prefix: str, tmp_path: Path
 ) -> None:
@@ -152,9 +172,9 @@ async def test_three_replicas_share_one_stream_and_one_quota(
     config = SimulatorConfig(jobs=3000, quota=22, burst=3)
     async with queue(redis_prefix, tmp_path, config) as q:
         ids = q.sim.job_ids()
-        await q.enqueue(ids)
         flags = ("--rate", "20", "--burst", "1", "--batch-size", "20", "--concurrency", "4")
         await q.start_all(("r1", "r2", "r3"), *flags)
+        await q.enqueue(ids)  # once all are up: a slow start-up leaves none out
 
         async def all_deleted() -> bool:
             return len(q.sim.deleted) == len(ids)
@@ -178,6 +198,7 @@ async def test_three_replicas_share_one_stream_and_one_quota(
 
 
 @pytest.mark.anyio
+@SEVERAL
 async def test_three_replicas_on_auto_run_one_estimate_kept_in_redis(
     redis_prefix: str, tmp_path: Path
 ) -> None:
@@ -198,9 +219,9 @@ async def test_three_replicas_on_auto_run_one_estimate_kept_in_redis(
     config = SimulatorConfig(jobs=600, quota=40, burst=2)
     async with queue(redis_prefix, tmp_path, config) as q:
         ids = q.sim.job_ids()
-        await q.enqueue(ids)
         flags = ("--rate", "auto", "--batch-size", "2", "--concurrency", "4")
         await q.start_all(("r1", "r2", "r3"), *flags)
+        await q.enqueue(ids)  # once all are up: a slow start-up leaves none out
 
         async def all_deleted() -> bool:
             return len(q.sim.deleted) == len(ids)
@@ -223,6 +244,7 @@ async def test_three_replicas_on_auto_run_one_estimate_kept_in_redis(
 
 
 @pytest.mark.anyio
+@SEVERAL
 async def test_the_leader_killed_is_replaced_from_the_estimate_it_stored(
     redis_prefix: str, tmp_path: Path
 ) -> None:
@@ -232,10 +254,10 @@ async def test_the_leader_killed_is_replaced_from_the_estimate_it_stored(
     config = SimulatorConfig(jobs=700, quota=50, burst=2)
     async with queue(redis_prefix, tmp_path, config) as q:
         ids = q.sim.job_ids()
-        await q.enqueue(ids)
         flags = ("--rate", "auto", "--batch-size", "1", "--concurrency", "4",
                  "--reclaim-after", "1")  # fmt: skip
         await q.start_all(("r1", "r2", "r3"), *flags)
+        await q.enqueue(ids)  # once all are up: a slow start-up leaves none out
 
         async def learnt() -> bool:  # a leader, and calls well past start-up's
             return any(r.named("rate.leader") for r in q.replicas) and len(q.sim.deleted) >= 250
@@ -264,16 +286,17 @@ async def test_the_leader_killed_is_replaced_from_the_estimate_it_stored(
 
 
 @pytest.mark.anyio
+@SEVERAL
 async def test_a_replica_killed_mid_stream_has_its_entries_reclaimed(
     redis_prefix: str, tmp_path: Path
 ) -> None:
     config = SimulatorConfig(jobs=1500, faults=FaultConfig(latency_ms=20))
     async with queue(redis_prefix, tmp_path, config) as q:
         ids = q.sim.job_ids()
-        await q.enqueue(ids)
         flags = ("--rate", "30", "--batch-size", "10", "--concurrency", "4",
                  "--reclaim-after", "1")  # fmt: skip
         victim = (await q.start_all(("victim", "s1", "s2"), *flags))["victim"]
+        await q.enqueue(ids)  # once all are up: a slow start-up leaves none out
 
         async def victim_mid_work() -> bool:
             return len(q.sim.deleted) >= 100 and await q.pending("victim") > 0
