@@ -481,3 +481,21 @@ async def test_a_burst_of_one_reaches_its_rate_when_every_wake_is_up_to_a_millis
     for k, start in enumerate(starts):
         assert k / rate - start - behind <= tolerance + 1e-9
         behind = min(behind, k / rate - start)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("burst", [1, 2, 5])
+async def test_after_a_stall_the_held_calls_start_at_the_burst_and_the_rate_not_together(
+    burst: int,
+) -> None:
+    # The process is stopped from 0.5 s to 5 s (SIGSTOP, a laptop asleep, a long pause of
+    # the machine): 32 callers hold slots that all go by meanwhile. With a burst over 1,
+    # each started at once when the process woke: 34 calls in 100 ms at --rate 10 --burst 2,
+    # refused by the gateway past its burst. No window of real starts may hold more than
+    # the burst and the rate allow.
+    clock = StalledClock(0.5, 5.0)
+    limiter = LocalRateLimiter(rate=10, burst=burst, clock=clock)
+    starts = await paced_sends(limiter, clock, until=8.0, workers=32, latency=0.05)
+    for i, j in itertools.combinations(range(len(starts)), 2):
+        assert j - i + 1 <= burst + 10 * (starts[j] - starts[i]) + 0.01 + 1e-9
+    assert sum(5.0 <= s < 6.0 for s in starts) <= burst + 10

@@ -24,7 +24,9 @@ gateway whose burst is 1 refuses that call. So with a burst of 1 no call starts 
 an interval, less a ``tolerance`` (1 %, or the event loop's millisecond), after the real
 start of the one before it (and no run of
 calls faster than the rate: GCRA again, over the real starts), and the bucket's later
-slots move back by what the late caller lost.
+slots move back by what the late caller lost. With any burst the real starts keep to the
+burst and the rate: after a stall (a stopped process, a paused machine) the slots held
+meanwhile are all past, and the woken callers go at the rate, not together.
 """
 
 from __future__ import annotations
@@ -156,16 +158,18 @@ class TokenBucket:
         return True
 
     def started(self, at: float) -> None:
-        """A call really started at ``at``. With a burst of 1 the next may start one
-        interval after the later of ``at`` and when this one was due (GCRA over the real
-        starts: a call that starts early by the tolerance takes it from the next), and no
-        slot handed out from now on is earlier (a late start moves the later slots back by
-        what it lost; slots already handed out keep their times, ``start_apart`` holds
-        them). With a larger burst the bucket keeps its own times: the gateway's burst
-        takes in a late call."""
+        """A call really started at ``at``. The real starts follow GCRA too, with the
+        bucket's burst: the next may start one interval after the later of ``at`` and when
+        this one was due, less the burst's other intervals (``start_due``). Slots handed out
+        before a stall are all past when it ends, and a woken process would start every
+        held one at once: a larger burst takes in a late call, not the whole queue.
+
+        With a burst of 1 no slot handed out from now on is earlier either (a late start
+        moves the later slots back by what it lost; slots already handed out keep their
+        times, ``start_apart`` holds them)."""
+        self._due = max(self._due, at) + 1.0 / self._rate
         if self._burst != 1:
             return
-        self._due = max(self._due, at) + 1.0 / self._rate
         tat = self._tat()
         if tat < self._due:
             self._anchor += self._due - tat
@@ -177,10 +181,10 @@ class TokenBucket:
         return min(max(APART_TOLERANCE, WAKE_SLACK_S * self._rate), APART_MAX) / self._rate
 
     def start_due(self) -> float:
-        """With a burst of 1, the earliest the next call may really start: one interval
-        after the last real start, less the ``tolerance``, never more often than the rate
-        over any run of calls."""
-        return self._due - self.tolerance()
+        """The earliest the next call may really start: never more than the burst and the
+        rate allow over any run of real starts, less the ``tolerance`` once (with a burst
+        of 1, one interval after the last real start)."""
+        return self._due - (self._burst - 1) / self._rate - self.tolerance()
 
     def set_rate(self, rate: float, now: float) -> None:
         """Change the rate from ``now`` on, keeping every start time already handed out.
@@ -210,18 +214,19 @@ class TokenBucket:
 
 
 async def start_apart(clock: Clock, bucket: TokenBucket, last: Callable[[], float]) -> float:
-    """With a burst of 1, wait until the bucket says the next call may really start
-    (``TokenBucket.start_due``) and at least an interval less the bucket's ``tolerance`` has passed
-    since ``last()`` (the real start of the call before, read again after every wait: two
-    callers waiting on the same start must not both go, and a limiter that took a new
-    bucket keeps its last start); tell the bucket, and return the time this call starts,
-    which the caller stores as ``last()`` before anything else runs. A caller woken late
-    is thus never followed by one on its own slot less than an interval later. With a
-    larger burst it returns at once."""
-    if bucket.burst != 1:
-        return clock.now()
+    """Wait until the bucket says the next call may really start (``TokenBucket.start_due``:
+    after a stall, the calls whose slots went by meanwhile start at the burst and the rate,
+    not together) and, with a burst of 1, at least an interval less the bucket's
+    ``tolerance`` has passed since ``last()`` (the real start of the call before, read
+    again after every wait: two callers waiting on the same start must not both go, and a
+    limiter that took a new bucket keeps its last start); tell the bucket, and return the
+    time this call starts, which the caller stores as ``last()`` before anything else
+    runs. A caller woken late is thus never followed by one on its own slot less than an
+    interval later."""
     while True:
-        due = max(bucket.start_due(), last() + 1.0 / bucket.rate - bucket.tolerance())
+        due = bucket.start_due()
+        if bucket.burst == 1:
+            due = max(due, last() + 1.0 / bucket.rate - bucket.tolerance())
         if (wait := due - clock.now()) <= 0.0:
             break
         await clock.sleep(wait)
