@@ -24,6 +24,21 @@ from tests.test_serve_regions import GROUP, Region, enqueue, rows, serving, unti
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
 
 
+async def served_until_settled(
+    client: aioredis.Redis, stream: str, home: Region, tmp: Path, outcomes: int, *flags: str
+) -> None:
+    """``serve`` with ``home`` as its default until ``outcomes`` outcome rows are written
+    and no entry is pending, then stopped."""
+    async with serving(stream, home, tmp, *flags):
+
+        async def settled() -> bool:
+            info: Any = await client.xpending(stream, GROUP)
+            done = await rows(client, stream + ":outcomes")
+            return len(done) == outcomes and int(info["pending"]) == 0
+
+        await until(settled)
+
+
 def twins(tmp: Path) -> tuple[Region, Region]:
     """Two regions, one project each, holding the same ids (one seed)."""
     north = Region("project-a", "cn-north-4", 5, tmp)
@@ -54,14 +69,9 @@ async def test_serve_refuses_plain_entries_when_allowed_projects_leaves_out_the_
         lines: list[dict[str, str]] = [{"id": i} for i in ids]
         lines += [{"id": i, **place} for i in north.ids[10:12]]
         await enqueue(stream, tmp_path, lines)
-        async with serving(stream, north, tmp_path, "--allowed-projects", "project-b"):
-
-            async def settled() -> bool:
-                info: Any = await redis_client.xpending(stream, GROUP)
-                done = await rows(redis_client, stream + ":outcomes")
-                return len(done) == 6 and int(info["pending"]) == 0
-
-            await until(settled)
+        await served_until_settled(
+            redis_client, stream, north, tmp_path, 6, "--allowed-projects", "project-b"
+        )
         assert (await north.control("deleted"))["ids"] == []
         assert sorted((await south.control("deleted"))["ids"]) == sorted(north.ids[10:12])
         outcomes = {r["job_id"]: r for r in await rows(redis_client, stream + ":outcomes")}
@@ -119,14 +129,23 @@ def test_run_a_line_naming_its_project_under_another_spelling_is_rejected_not_se
 
 @pytest.mark.parametrize(
     "header",
-    ["id,project_id,PROJECT_ID", "id,projectId", "id,ID,project_id"],
+    [
+        "id,project_id,PROJECT_ID",
+        "id,projectId",
+        "id,ID,project_id",
+        "id,project id",
+        "id,Project ID",
+        "ID,Job ID",
+    ],
 )
 def test_run_a_csv_header_naming_a_field_twice_or_misspelled_is_refused_before_a_call(
     tmp_path: Path, header: str
 ) -> None:
     """A header with ``project_id`` twice (in any case) left the row's first column to
     win, silently; ``projectId`` was ignored, every row going to the default project; a
-    second ``id`` column was never read. Each is refused (64) with nothing sent."""
+    second ``id`` column was never read; a spreadsheet's ``Project ID`` (a space) was ignored
+    too, and ``Job ID`` beside ``ID`` was a second id column nobody read. Each is refused
+    (64) with nothing sent."""
     with simulator(tmp_path, jobs=4, project="proj-home", seed=3) as home:
         ids = home.ids
         body = "".join(f"{ids[n]},proj-away,proj-home\n" for n in range(2))
@@ -150,15 +169,9 @@ async def test_serve_an_entry_naming_its_project_under_another_spelling_is_dead_
         stray = north.ids[0]
         await redis_client.xadd(stream, {"id": stray, "PROJECT_ID": "project-b"})
         await redis_client.xadd(stream, {"id": north.ids[1]})
-        async with serving(stream, north, tmp_path, "--allowed-projects",
-                           "project-a,project-b"):  # fmt: skip
-
-            async def settled() -> bool:
-                info: Any = await redis_client.xpending(stream, GROUP)
-                done = await rows(redis_client, stream + ":outcomes")
-                return len(done) == 2 and int(info["pending"]) == 0
-
-            await until(settled)
+        await served_until_settled(
+            redis_client, stream, north, tmp_path, 2, "--allowed-projects", "project-a,project-b"
+        )
         assert (await north.control("deleted"))["ids"] == [north.ids[1]]
         assert (await south.control("deleted"))["ids"] == []
         dead = await rows(redis_client, stream + ":dead")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Final
@@ -165,29 +166,63 @@ FIELDS: Final = ("project_id", "region", "endpoint")
 """The names an input line may give beside the id, in this order."""
 
 
-_SQUASHED: Final = {name.replace("_", ""): name for name in FIELDS}
+def _squashed(key: str) -> str:
+    """A key as compared with the fields' names: NFKC (full-width letters are letters), case
+    folded, and without what separates words (``Project ID``, ``project_id ``, ``project.id``
+    and ``projectId`` are each ``projectid``)."""
+    return _SEPARATORS.sub("", unicodedata.normalize("NFKC", key).casefold())
 
 
-def misnamed(keys: Collection[str]) -> str | None:
+_SEPARATORS = re.compile(r"[\W_]+")
+
+
+def misnamed(keys: Collection[str], read: tuple[str, ...] = ()) -> str | None:
     """Why a line (or stream entry, or CSV header) is refused for a key that is one of
-    :data:`FIELDS` spelled otherwise (``PROJECT_ID``, ``projectId``, ``Region``), else None.
-    Read as it is, that key would be ignored and the id sent to the default project: the
-    project the line names would not be the one it is deleted in."""
-    if _NOT_MISNAMED.issuperset(keys):  # each line of an input names the same few keys
+    :data:`FIELDS`, or of the id fields its reader reads (``read``: ``id``, ``job_id``),
+    spelled otherwise (``PROJECT_ID``, ``projectId``, ``Region``, ``project id``, ``ID``),
+    else None. Read as it is, that key would be ignored and the id sent to the default
+    project (or another id read): the project the line names would not be the one it is
+    deleted in."""
+    fields = _SPELLINGS.get(read)
+    if fields is None:
+        fields = _SPELLINGS[read] = _Spellings((*FIELDS, *read))
+    clean = fields.clean
+    if clean.issuperset(keys):  # each line of an input names the same few keys
         return None
     for key in keys:
-        if key in _NOT_MISNAMED or len(key) > 64:
+        if key in clean or len(key) > 64:
             continue
-        field = _SQUASHED.get(key.lower().replace("_", "").replace("-", ""))
+        field = fields.squashed.get(_squashed(key))
         if field is not None:
             return f"names {key!r}, which is not read: the field is {field!r}"
-        if len(_NOT_MISNAMED) < 1024:  # hostile input naming new keys on every line
-            _NOT_MISNAMED.add(key)
+        if len(clean) < 1024:  # hostile input naming new keys on every line
+            clean.add(key)
     return None
 
 
-_NOT_MISNAMED: set[str] = set(FIELDS)
-"""Keys found to spell no field otherwise: the check of a line is one set operation."""
+def named_twice(keys: list[str], read: tuple[str, ...], keeps: str) -> str | None:
+    """Why a line or entry whose ``keys`` (every key, in order) name one of the fields
+    ``read`` more than once is refused, else None: which value was meant is a guess, and
+    ``keeps`` says what a reader would do (``a JSON reader would keep the last``)."""
+    for name in read:
+        if (times := keys.count(name)) > 1:
+            said = "twice" if times == 2 else f"{times} times"
+            return f"names {name!r} {said}: which one is meant is not clear ({keeps})"
+    return None
+
+
+class _Spellings:
+    """The fields one reader reads, and the keys found to spell none of them otherwise (the
+    check of a line is then one set operation)."""
+
+    __slots__ = ("clean", "squashed")
+
+    def __init__(self, fields: tuple[str, ...]) -> None:
+        self.squashed = {_squashed(name): name for name in fields}
+        self.clean: set[str] = set(fields)
+
+
+_SPELLINGS: dict[tuple[str, ...], _Spellings] = {}
 
 
 def address(fields: dict[str, str | None]) -> Address | str:

@@ -1,0 +1,55 @@
+"""Attacks on what an input line or a stream entry names (issue 25), through the real path:
+two simulator processes holding the *same* job ids (one seed) under two projects, the real
+``run``, ``enqueue`` and ``serve``, real Redis. A line or entry naming a field twice, or a
+field under a spelling no reader reads, must not have its id deleted in the default project
+(or another id deleted): each is rejected with the reason, and neither simulator sees a
+DELETE for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.benchmarks.harness import simulator
+from tests.test_attack_projects import _run
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
+
+
+def test_run_a_line_naming_a_field_twice_the_last_null_or_under_a_spaced_name_is_rejected(
+    tmp_path: Path,
+) -> None:
+    """``"project_id": "proj-away"`` then ``"project_id": null`` (a JSON reader keeps the
+    null) went to the default project: the duplicate check looked only at a value that was
+    not null. ``"project id"`` (a space) and ``"project_id "`` spelled no field the check
+    knew, so the key was ignored and the id deleted at home; ``"ID"`` beside ``"id"`` named
+    a second id nobody read. Each is rejected now; the home project deletes only the plain
+    line's id, the other project (same ids) nothing."""
+    with (
+        simulator(tmp_path, jobs=10, project="proj-home", seed=3) as home,
+        simulator(tmp_path, jobs=10, project="proj-away", seed=3, region="cn-east-3") as away,
+    ):
+        assert home.ids == away.ids
+        ids = home.ids
+        lines = [
+            f'{{"id": "{ids[0]}", "project_id": "proj-away", "project_id": null}}',
+            f'{{"id": "{ids[1]}", "project id": "proj-away"}}',
+            f'{{"id": "{ids[2]}", "project_id ": "proj-away"}}',
+            f'{{"id": "{ids[3]}", "ID": "{ids[5]}"}}',
+            f'{{"id": "{ids[4]}"}}',
+        ]
+        source = tmp_path / "in.jsonl"
+        source.write_text("\n".join(lines) + "\n")
+        code, events, err = _run(tmp_path, home.url, source)
+        assert home.control("/_sim/deleted")["ids"] == [ids[4]], err
+        assert away.control("/_sim/deleted")["ids"] == []
+        assert code == 1
+        rejected = {e["line"]: e["reason"] for e in events if e.get("event") == "job.rejected"}
+        assert rejected == {
+            1: "names 'project_id' twice: which one is meant is not clear (a JSON reader "
+            "would keep the last)",
+            2: "names 'project id', which is not read: the field is 'project_id'",
+            3: "names 'project_id ', which is not read: the field is 'project_id'",
+            4: "names 'ID', which is not read: the field is 'id'",
+        }
