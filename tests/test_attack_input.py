@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from tests.benchmarks.harness import simulator
-from tests.test_attack_projects import _run
+from tests.test_attack_projects import _run, served_until_settled, twins
+from tests.test_serve_regions import rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
 
@@ -53,3 +56,50 @@ def test_run_a_line_naming_a_field_twice_the_last_null_or_under_a_spaced_name_is
             3: "names 'project_id ', which is not read: the field is 'project_id'",
             4: "names 'ID', which is not read: the field is 'id'",
         }
+
+
+async def _xadd(client: aioredis.Redis, stream: str, *pairs: str | bytes) -> None:
+    """An entry holding its fields as given, a field twice included (``xadd`` takes a dict)."""
+    await client.execute_command("XADD", stream, "*", *pairs)  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.anyio
+async def test_serve_an_entry_naming_id_or_project_id_twice_is_dead_lettered_its_ids_rejected(
+    redis_prefix: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Redis keeps a field given twice (``XADD s * id a id b``); redis-py's reply was a dict
+    keeping the last, so ``b`` was deleted and ``a`` never had an outcome, and an entry
+    naming ``project_id`` twice was sent to whichever came last. Each such entry is
+    dead-lettered now, naming the field and showing both values, every id it names a
+    ``rejected`` outcome; neither simulator deletes any of them."""
+    stream = redis_prefix + "ids"
+    north, south = twins(tmp_path)
+    try:
+        ids = north.ids
+        await _xadd(redis_client, stream, "id", ids[0], "id", ids[1])
+        await _xadd(redis_client,
+            stream, "id", ids[2], "project_id", "project-a",
+            "project_id", "project-b", "region", south.region, "endpoint", south.url,
+        )  # fmt: skip
+        await _xadd(
+            redis_client, stream, "ids", orjson.dumps([ids[3]]), "ids", orjson.dumps([ids[4]])
+        )
+        await redis_client.xadd(stream, {"id": ids[5]})
+        await served_until_settled(
+            redis_client, stream, north, tmp_path, 6, "--allowed-projects", "project-a,project-b"
+        )
+        assert (await north.control("deleted"))["ids"] == [ids[5]]
+        assert (await south.control("deleted"))["ids"] == []
+        outcomes = {r["job_id"]: r for r in await rows(redis_client, stream + ":outcomes")}
+        assert {i: outcomes[i]["outcome"] for i in ids[:5]} == dict.fromkeys(ids[:5], "rejected")
+        said = "which one is meant is not clear (Redis keeps each, a reader the last)"
+        dead = await rows(redis_client, stream + ":dead")
+        assert [d["reason"] for d in dead] == [
+            f"names 'id' twice: {said}",
+            f"names 'project_id' twice: {said}",
+            f"names 'ids' twice: {said}",
+        ]
+        assert orjson.loads(dead[0]["payload"]) == {"id": ids[0], "id (2)": ids[1]}
+    finally:
+        north.stop()
+        south.stop()

@@ -31,6 +31,7 @@ from worker.input.intake import escape
 from worker.pacing.shared import FleetKeys
 from worker.service.inflight import Finished, Released
 from worker.service.layout import SENDING_TTL_S, Retention, StreamLayout
+from worker.service.layout import Fields as EntryFields
 from worker.service.retention import kept_position
 from worker.types import Outcome, Result, target_fields
 
@@ -95,7 +96,44 @@ def _order(entry_id: str) -> tuple[int, int]:
 
 
 def _entries(raw: Any) -> list[Entry]:
-    return [(_id(entry_id), dict(fields) if fields else None) for entry_id, fields in raw or ()]
+    return [(_id(entry_id), _kept(fields)) for entry_id, fields in raw or ()]
+
+
+def _kept(fields: Any) -> dict[bytes, bytes] | None:
+    """An entry's fields as read (:class:`Fields`, which says of a field there twice), or
+    None for an entry trimmed from the stream."""
+    if not fields:
+        return None
+    return fields if isinstance(fields, dict) else dict(fields)
+
+
+def _stream_list(response: Any) -> list[tuple[Any, Fields | None]] | None:
+    """redis-py's ``parse_stream_list``, but each entry's fields a :class:`Fields`: a dict
+    would keep the last of a field named twice and say nothing."""
+    if response is None:
+        return None
+    return [(r[0], EntryFields(r[1])) if r is not None else (None, None) for r in response]
+
+
+def _xreadgroup(response: Any, **options: Any) -> list[list[Any]]:
+    if not response:
+        return []
+    streams = response.items() if isinstance(response, dict) else response  # RESP3, RESP2
+    return [[stream, _stream_list(entries)] for stream, entries in streams]
+
+
+def _xautoclaim(response: Any, **options: Any) -> Any:
+    if options.get("parse_justid", False):
+        return response[1]
+    response[1] = _stream_list(response[1])
+    return response
+
+
+def _read_fields_whole(reader: aioredis.Redis) -> None:
+    """Have ``reader``'s replies of entries keep every field (:class:`Fields`)."""
+    reader.set_response_callback("XRANGE", lambda response, **_: _stream_list(response))
+    reader.set_response_callback("XREADGROUP", _xreadgroup)
+    reader.set_response_callback("XAUTOCLAIM", _xautoclaim)
 
 
 def outcome_fields(result: Result, entries: Sequence[str]) -> dict[str, str]:
@@ -249,6 +287,7 @@ class StreamConsumer:
         self._r = client
         self.retention = retention if retention is not None else Retention()
         self._reader = reader if reader is not None else client
+        _read_fields_whole(self._reader)
         self.layout = layout
         self.consumer = consumer
         self.acked = 0
@@ -320,7 +359,7 @@ class StreamConsumer:
                 pipe.xrange(self.layout.stream, entry_id, entry_id, count=1)
             replies = await pipe.execute()
         entries: list[Entry] = [
-            (entry_id, dict(reply[0][1]) if reply else None)
+            (entry_id, _kept(reply[0][1]) if reply else None)
             for entry_id, reply in zip(ids, replies, strict=True)
         ]
         await self._r.xclaim(

@@ -34,11 +34,12 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from itertools import islice
+from typing import Any
 
 import orjson
 
 from worker.input.intake import escape, validate
-from worker.targets import FIELDS, Address, Target, Targets, address, misnamed
+from worker.targets import FIELDS, Address, Target, Targets, address, misnamed, named_twice
 from worker.types import Candidate, Rejection
 
 MAX_IDS_PER_ENTRY = 1000
@@ -141,8 +142,16 @@ def payload_text(fields: dict[bytes, bytes] | dict[str, str]) -> str:
     were: an entry of 400,000 one-byte fields would otherwise be escaped whole (to 5.5 MB,
     more than the entry) before the size bound refused it."""
     # Only the head of a value is decoded: escape looks at no more than 2,001 characters.
-    head: list[tuple[bytes | str, bytes | str]] = list(islice(fields.items(), PAYLOAD_FIELDS))
-    shown = {escape(_text(k[:256]), 64): escape(_text(v[:8004]), 2000) for k, v in head}
+    # A field there twice (:class:`Fields`) is shown each time, the second as ``id (2)``.
+    items = getattr(fields, "pairs", ()) or fields.items()
+    head: list[tuple[bytes | str, bytes | str]] = list(islice(items, PAYLOAD_FIELDS))
+    shown: dict[str, str] = {}
+    for k, v in head:
+        key = escape(_text(k[:256]), 64)
+        if key in shown:
+            key = next(f"{key} ({n})" for n in range(2, PAYLOAD_FIELDS + 2)
+                       if f"{key} ({n})" not in shown)  # fmt: skip
+        shown[key] = escape(_text(v[:8004]), 2000)
     count = _field_count(fields)
     if count > PAYLOAD_FIELDS:
         shown["..."] = f"{count - PAYLOAD_FIELDS} more fields"
@@ -176,35 +185,71 @@ def _field_count(fields: dict[bytes, bytes] | dict[str, str]) -> int:
     return sum(k.fields if isinstance(k, Unread) else 1 for k in fields)
 
 
+class Fields(dict):  # type: ignore[type-arg]
+    """An entry's fields as a dict, as redis-py gives them, and beside it every pair as
+    Redis holds them when a field is there more than once (``XADD s * id a id b``): a
+    dict keeps the last, and which one the producer meant is then a guess."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self, flat: list[Any] | None = None) -> None:
+        flat = flat or []
+        super().__init__(zip(flat[::2], flat[1::2], strict=False))
+        self.pairs: tuple[tuple[Any, Any], ...] = ()
+        if 2 * len(self) < len(flat):
+            self.pairs = tuple(zip(flat[::2], flat[1::2], strict=False))
+
+
+_READ = ("id", "ids", *FIELDS)
+
+
+def _named_twice(fields: Mapping[Any, Any]) -> str | None:
+    """Why an entry naming a field it is read for more than once is refused, else None."""
+    pairs = getattr(fields, "pairs", ())
+    if not pairs:
+        return None
+    return named_twice([_text(k) for k, _ in pairs], _READ, "Redis keeps each, a reader the last")
+
+
 def decode_entry(entry_id: str, fields: dict[bytes, bytes] | dict[str, str]) -> Message:
     """Read the ids out of one entry; never raises (a bad entry says why in ``problem``).
 
-    An entry larger than ``MAX_ENTRY_BYTES`` is refused before anything parses it."""
+    An entry larger than ``MAX_ENTRY_BYTES`` is refused before anything parses it. An
+    entry naming ``id``, ``ids`` or a place field twice (:class:`Fields`) is refused, every
+    id it names, in any of them, a rejection with the reason."""
     payload = payload_text(fields)
     size = entry_size(fields)
     if size > MAX_ENTRY_BYTES:
         problem = f"entry holds {size} bytes; at most {MAX_ENTRY_BYTES}"
         return Message(entry_id, (), problem=problem, payload=payload)
+    twice = _named_twice(fields)
     values = {_text(k): v for k, v in fields.items()}
+    every = getattr(fields, "pairs", ()) if twice else ()  # each time a field is there
+    pairs = [(_text(k), v) for k, v in every] if every else list(values.items())
     raw: list[object] = []
-    if "id" in values:
-        raw.append(_text(values["id"]))
-    if "ids" in values:
-        try:
-            listed = orjson.loads(values["ids"])
-        except orjson.JSONDecodeError:
-            return Message(entry_id, (), problem="ids is not valid JSON", payload=payload)
-        if not isinstance(listed, list):
-            return Message(entry_id, (), problem="ids is not a JSON list", payload=payload)
-        raw.extend(listed)
+    for name, value in pairs:
+        if name == "id":
+            raw.append(_text(value))
+        elif name == "ids":
+            try:
+                listed = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                if twice:
+                    continue  # refused for the field named twice; these ids cannot be read
+                return Message(entry_id, (), problem="ids is not valid JSON", payload=payload)
+            if not isinstance(listed, list):
+                if twice:
+                    continue
+                return Message(entry_id, (), problem="ids is not a JSON list", payload=payload)
+            raw.extend(listed)
     if "id" not in values and "ids" not in values:
         return Message(entry_id, (), problem="entry has neither id nor ids", payload=payload)
-    if not raw:  # a producer's bug: acknowledged silently, nobody would learn of it
+    if not raw and twice is None:  # a producer's bug, which an ack would hide
         return Message(entry_id, (), problem="entry names no ids", payload=payload)
     if len(raw) > MAX_IDS_PER_ENTRY:
         problem = f"entry names {len(raw)} ids; at most {MAX_IDS_PER_ENTRY}"
         return Message(entry_id, (), problem=problem, payload=payload)
-    named = _address(values)
+    named = twice if twice is not None else _address(values)
     ids: dict[str, None] = {}
     rejections: list[Rejection] = []
     for position, value in enumerate(raw, start=1):
@@ -225,7 +270,7 @@ def decode_entry(entry_id: str, fields: dict[bytes, bytes] | dict[str, str]) -> 
 def _address(values: Mapping[str, bytes | str]) -> Address | str | None:
     """The place an entry's ``project_id``/``region``/``endpoint`` fields name (None: none),
     or why one is refused (the rule it breaks, as for an input line)."""
-    wrong = misnamed(values)
+    wrong = misnamed(values, ("id", "ids"))
     if wrong is not None:
         return escape(wrong, 200)
     given: dict[str, str | None] = {}
