@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -103,3 +104,31 @@ async def test_serve_an_entry_naming_id_or_project_id_twice_is_dead_lettered_its
     finally:
         north.stop()
         south.stop()
+
+
+@pytest.mark.anyio
+async def test_ctrl_c_while_iam_is_asked_for_the_settings_project_says_so(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C while the settings' project is looked up in IAM exited 75 with the status
+    line erased and nothing said; it says one line now, as Ctrl-C at the prompt does. The
+    simulator's IAM runs on this test's loop, held until the process has exited, so IAM
+    never answers."""
+    from tests.e2e import write_ids
+    from tests.test_projects import by_region
+    from tests.tty import Terminal
+    from worker.simulator import SimulatorConfig, run_simulator
+
+    async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+        ids = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        term = Terminal(["run", "-i", str(ids), "--yes"], by_region(sim.url))
+        term.expect_on_screen("looking up the project of region cn-north-4 in IAM")
+        term.type(b"\x03")
+        code = term.wait()  # on the loop: IAM cannot answer before the process is gone
+        await anyio.sleep(0)
+        assert len(sim.job_ids()) == 3
+    assert code == 75, term.screen_text()
+    assert (
+        "interrupted while IAM was asked for the project of region cn-north-4: nothing was sent"
+        in term.lines()
+    ), term.screen_text()

@@ -8,6 +8,7 @@ it builds never do.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from worker.discovery.guard import Guard, PlanCheck, Protection, load_protection
 from worker.discovery.recheck import ListingRecheck
 from worker.dispatcher import Dispatcher, Journal, Working
 from worker.errors import ConfigError, RedisUnavailable
+from worker.exit_codes import ExitCode
 from worker.pacing.breaker import BreakerGate
 from worker.pacing.bucket import RateLimiter
 from worker.pacing.paced import PacedReader
@@ -163,7 +165,15 @@ def ensure_project(settings: Settings) -> ProjectChoice:
             keys = await credentials(settings, http, announce=False)
             return await resolve_project(settings, http, keys)
 
-    return anyio.run(look_up)
+    try:
+        return anyio.run(look_up)
+    except SystemExit as exc:  # Ctrl-C or SIGTERM: the command's own handling is not yet in place
+        if exc.code == ExitCode.INTERRUPTED:
+            sys.stderr.write(
+                f"\ninterrupted while IAM was asked for the project of region {settings.region}:"
+                " nothing was sent\n"
+            )
+        raise
 
 
 def protection(settings: Settings) -> Protection:
