@@ -8,12 +8,19 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 import redis.asyncio as aioredis
+import structlog.testing
 
 from tests.conftest import REDIS_URL
 from tests.fakes import FakeClock
 from worker.pacing.bucket import RateLimiter
 from worker.pacing.fleet import FleetRateController
-from worker.pacing.shared import RedisRateLimiter, Reservation, interval_us
+from worker.pacing.shared import (
+    SPEC_EVERY_S,
+    SPEC_TTL_S,
+    RedisRateLimiter,
+    Reservation,
+    interval_us,
+)
 
 
 def most_in_window(starts_us: list[int], window_us: int) -> int:
@@ -204,3 +211,38 @@ async def test_acquire_waits_out_a_redis_outage_instead_of_failing(
             assert limiter.reported == 0 and "throttles=1" in repr(limiter)
     finally:
         await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_processes_given_different_rates_on_one_bucket_say_so_once(
+    client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """``--rate 10`` beside ``--rate 20`` or ``auto`` on one key: each spaces its own calls
+    by its own rate, and nothing said so (fleet.md: not detected). Each process writes its
+    rate beside the keys and says, once, the live ones that differ (``rate.mismatch``);
+    processes given the same rate say nothing, and a rate written by a process gone for
+    longer than ``SPEC_TTL_S`` is not live."""
+    clock = FakeClock(start=1000.0)
+    key = redis_prefix + "rl"
+
+    def fixed(rate: float) -> RedisRateLimiter:
+        return RedisRateLimiter(client, key, rate=rate, burst=1, clock=clock, redis_now=clock.now)
+
+    one, same = fixed(10), fixed(10)
+    with structlog.testing.capture_logs() as logs:
+        await one.reserve()
+        await same.reserve()
+        clock.advance(SPEC_TTL_S + 1.0)  # the two at 10 are gone: a process at 20 sees none
+        await fixed(20).reserve()
+        assert logs == []
+        twenty, auto = fixed(20), FleetRateController(client, key, clock, redis_now=clock.now)
+        await auto.reserve()
+        await twenty.reserve()
+        clock.advance(SPEC_EVERY_S)
+        for _ in range(3):  # said once, however often it is seen again
+            await auto.reserve()
+            await twenty.reserve()
+            clock.advance(SPEC_EVERY_S)
+    said = [(log["rate"], log["others"]) for log in logs if log["event"] == "rate.mismatch"]
+    assert said == [("auto", ["20"]), ("20", ["auto"])]
+    assert all(log["log_level"] == "warning" for log in logs if log["event"] == "rate.mismatch")

@@ -259,7 +259,12 @@ class FleetRateController(RedisPacer):
     def _held_s(self) -> float:
         return max(0.0, self._pause_us / 1e6 - (self._clock.now() + self._offset))
 
+    @property
+    def spec(self) -> str:
+        return "auto"
+
     async def reserve(self) -> Reservation | float:
+        await self.check_spec()
         answers, now = self._answers, self._clock.now()
         reported: list[Any] = []
         for a in answers:

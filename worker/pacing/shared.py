@@ -178,6 +178,26 @@ PACE_TTL_S = 600.0
 """How long the fleet's pace outlives its last change: a fleet restarted within it starts
 from what it had learnt."""
 
+SPEC_EVERY_S = 5.0
+"""How often a process writes its rate (``10``, ``auto``) beside the fleet's keys and reads
+the others': processes given different rates on one bucket each space their own calls by
+theirs, and nothing else would say so."""
+
+SPEC_TTL_S = 15.0
+"""How long a rate written there stands for a live process."""
+
+_SPECS = """
+local now = tonumber(ARGV[1])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) / 1000))
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class FleetKeys:
@@ -187,12 +207,15 @@ class FleetKeys:
     pace: str
     lead: str
     answers: str
+    specs: str
 
     @classmethod
     def of(cls, key: str) -> FleetKeys:
-        return cls(key, f"{key}:pace", f"{key}:lead", f"{key}:answers")
+        return cls(key, f"{key}:pace", f"{key}:lead", f"{key}:answers", f"{key}:specs")
 
     def all(self) -> list[str]:
+        """The keys the reservation scripts are given (not ``specs``: only ``check_spec``
+        reads it)."""
         return [self.tat, self.pace, self.lead, self.answers]
 
 
@@ -245,6 +268,9 @@ class RedisPacer(abc.ABC):
         self._retry_s = retry_s
         self._redis_now = redis_now
         self._refund: Any = client.register_script(REFUND)
+        self._specs: Any = client.register_script(_SPECS)
+        self._spec_at = -math.inf  # our clock, when this process last wrote its rate
+        self._mismatch: set[str] = set()  # the other rates already said
         self._log = structlog.get_logger("devserver_reaper")
         self.granted = 0
         self.waited_s = 0.0
@@ -258,6 +284,31 @@ class RedisPacer(abc.ABC):
     @abc.abstractmethod
     async def reserve(self) -> Reservation | float:
         """A start time, or how many seconds to come back in."""
+
+    @property
+    @abc.abstractmethod
+    def spec(self) -> str:
+        """The rate this process was given, as the user wrote it: ``10``, ``auto``."""
+
+    async def check_spec(self) -> None:
+        """Every ``SPEC_EVERY_S``: write this process's rate beside the fleet's keys (for
+        ``SPEC_TTL_S``) and read the live others'; one that differs is said once
+        (``rate.mismatch``, warning). Best effort: a Redis away or a key of another type
+        there skips it (the reservation says those)."""
+        now = self._clock.now()
+        if now - self._spec_at < SPEC_EVERY_S:
+            return
+        self._spec_at = now
+        try:
+            specs = await self._specs(
+                keys=[self._keys.specs], args=[self._now_arg(), self.spec, int(SPEC_TTL_S * 1e6)]
+            )
+        except (*REDIS_ERRORS, redis.exceptions.ResponseError):
+            return
+        others = sorted({text(spec) for spec in specs} - {self.spec} - self._mismatch)
+        if others:
+            self._mismatch.update(others)
+            self._log.warning("rate.mismatch", rate=self.spec, others=others, key=self._keys.tat)
 
     def _held_s(self) -> float:
         """How long the fleet's pause, as this process knows it, still holds every call
@@ -381,6 +432,10 @@ class RedisRateLimiter(RedisPacer):
     def _spacing(self) -> int:
         return self._last_spacing
 
+    @property
+    def spec(self) -> str:
+        return f"{self._asked:g}"
+
     def feedback(
         self,
         *,
@@ -394,6 +449,7 @@ class RedisRateLimiter(RedisPacer):
             self._refused.append(self._clock.now() - (latency_s or 0.0))
 
     async def reserve(self) -> Reservation | float:
+        await self.check_spec()
         c = self._config
         refused, now = self._refused, self._clock.now()
         ago = [f"{(now - sent) * 1e6:.0f}" for sent in refused]
