@@ -176,28 +176,34 @@ def _squashed(key: str) -> str:
 _SEPARATORS = re.compile(r"[\W_]+")
 
 
-def misnamed(keys: Collection[str], read: tuple[str, ...] = ()) -> str | None:
-    """Why a line (or stream entry, or CSV header) is refused for a key that is one of
-    :data:`FIELDS`, or of the id fields its reader reads (``read``: ``id``, ``job_id``),
-    spelled otherwise (``PROJECT_ID``, ``projectId``, ``Region``, ``project id``, ``ID``),
-    else None. Read as it is, that key would be ignored and the id sent to the default
-    project (or another id read): the project the line names would not be the one it is
-    deleted in."""
-    fields = _SPELLINGS.get(read)
-    if fields is None:
-        fields = _SPELLINGS[read] = _Spellings((*FIELDS, *read))
-    clean = fields.clean
-    if clean.issuperset(keys):  # each line of an input names the same few keys
+def misnamed_by(read: tuple[str, ...] = ()) -> Callable[[Collection[str]], str | None]:
+    """The check of one reader's keys: why a line (or stream entry, or CSV header) is
+    refused for a key that is one of :data:`FIELDS`, or of the id fields that reader reads
+    (``read``: ``id``, ``job_id``), spelled otherwise (``PROJECT_ID``, ``projectId``,
+    ``Region``, ``project id``, ``ID``), else None. Read as it is, that key would be
+    ignored and the id sent to the default project (or another id read): the project the
+    line names would not be the one it is deleted in."""
+    squashed = {_squashed(name): name for name in (*FIELDS, *read)}
+    clean = set(squashed.values())  # and keys found to spell no field otherwise
+
+    def misnamed(keys: Collection[str]) -> str | None:
+        if clean.issuperset(keys):  # each line of an input names the same few keys
+            return None
+        for key in keys:
+            if key in clean or len(key) > 64:
+                continue
+            field = squashed.get(_squashed(key))
+            if field is not None:
+                return f"names {key!r}, which is not read: the field is {field!r}"
+            if len(clean) < 1024:  # hostile input naming new keys on every line
+                clean.add(key)
         return None
-    for key in keys:
-        if key in clean or len(key) > 64:
-            continue
-        field = fields.squashed.get(_squashed(key))
-        if field is not None:
-            return f"names {key!r}, which is not read: the field is {field!r}"
-        if len(clean) < 1024:  # hostile input naming new keys on every line
-            clean.add(key)
-    return None
+
+    return misnamed
+
+
+misnamed = misnamed_by()
+"""The check of the place fields alone (:func:`misnamed_by`)."""
 
 
 def named_twice(keys: list[str], read: tuple[str, ...], keeps: str) -> str | None:
@@ -209,20 +215,6 @@ def named_twice(keys: list[str], read: tuple[str, ...], keeps: str) -> str | Non
             said = "twice" if times == 2 else f"{times} times"
             return f"names {name!r} {said}: which one is meant is not clear ({keeps})"
     return None
-
-
-class _Spellings:
-    """The fields one reader reads, and the keys found to spell none of them otherwise (the
-    check of a line is then one set operation)."""
-
-    __slots__ = ("clean", "squashed")
-
-    def __init__(self, fields: tuple[str, ...]) -> None:
-        self.squashed = {_squashed(name): name for name in fields}
-        self.clean: set[str] = set(fields)
-
-
-_SPELLINGS: dict[tuple[str, ...], _Spellings] = {}
 
 
 def address(fields: dict[str, str | None]) -> Address | str:

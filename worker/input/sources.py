@@ -46,7 +46,7 @@ from typing import IO, TYPE_CHECKING, Literal, TypeAlias
 
 from worker.errors import InputUnreadable, UsageError
 from worker.input.intake import NOT_UTF8, escape, line_too_long, validate
-from worker.targets import FIELDS, address, misnamed, named_twice
+from worker.targets import FIELDS, address, misnamed_by, named_twice
 from worker.types import Candidate, Rejection
 
 if TYPE_CHECKING:
@@ -466,7 +466,7 @@ def _place_columns(names: list[str], source: str) -> dict[str, int]:
                 f"input {source}: the CSV header names the {name!r} column "
                 f"{lowered.count(name)} times; which one a row means is not clear"
             )
-    wrong = misnamed([name for name in names if name.lower() not in _READ], _ID_KEYS)
+    wrong = _misnamed([name for name in names if name.lower() not in _READ])
     if wrong is not None:
         raise UsageError(f"input {source}: the CSV header {escape(wrong, 120)}")
     return {name: lowered.index(name) for name in FIELDS if name in lowered}
@@ -522,7 +522,7 @@ def _from_json(value: object, raw: str, line: int) -> Entry:
     job_id = value[keys[0]]
     if not isinstance(job_id, str):
         return Rejection(raw, line, f"{keys[0]!r} is not a string (got {_json_type(job_id)})")
-    wrong = misnamed(value, _ID_KEYS)
+    wrong = _misnamed(value)
     if wrong is not None:
         return Rejection(raw, line, wrong)
     if _PLACE_FIELDS.isdisjoint(value):  # most lines: the default's, nothing more to read
@@ -534,7 +534,7 @@ def _from_json(value: object, raw: str, line: int) -> Entry:
             return Rejection(raw, line, f"{name!r} is not a string (got {_json_type(given)})")
         # A key there twice is refused whatever its last value: ``null`` or ``""`` last
         # would leave the line to the default project, which its first value did not name.
-        if name in value and raw.count(_QUOTED[name]) > 1:
+        if (given is not None or name in value) and raw.count(_QUOTED[name]) > 1:
             twice = _named_twice(raw)
             if twice is not None:
                 return Rejection(raw, line, twice)
@@ -545,6 +545,7 @@ def _from_json(value: object, raw: str, line: int) -> Entry:
 _PLACE_FIELDS = frozenset(FIELDS)
 _ID_KEYS = ("id", "job_id")
 _READ = (*_ID_KEYS, *FIELDS)
+_misnamed = misnamed_by(_ID_KEYS)
 _QUOTED = {key: f'"{key}"' for key in _READ}
 
 

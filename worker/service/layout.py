@@ -39,7 +39,7 @@ from typing import Any
 import orjson
 
 from worker.input.intake import escape, validate
-from worker.targets import FIELDS, Address, Target, Targets, address, misnamed, named_twice
+from worker.targets import FIELDS, Address, Target, Targets, address, misnamed_by, named_twice
 from worker.types import Candidate, Rejection
 
 MAX_IDS_PER_ENTRY = 1000
@@ -201,6 +201,7 @@ class Fields(dict):  # type: ignore[type-arg]
 
 
 _READ = ("id", "ids", *FIELDS)
+_misnamed = misnamed_by(("id", "ids"))
 
 
 def _named_twice(fields: Mapping[Any, Any]) -> str | None:
@@ -270,7 +271,7 @@ def decode_entry(entry_id: str, fields: dict[bytes, bytes] | dict[str, str]) -> 
 def _address(values: Mapping[str, bytes | str]) -> Address | str | None:
     """The place an entry's ``project_id``/``region``/``endpoint`` fields name (None: none),
     or why one is refused (the rule it breaks, as for an input line)."""
-    wrong = misnamed(values, ("id", "ids"))
+    wrong = _misnamed(values)
     if wrong is not None:
         return escape(wrong, 200)
     given: dict[str, str | None] = {}
