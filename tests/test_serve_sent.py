@@ -127,7 +127,11 @@ async def test_the_note_of_ids_sent_waits_for_redis_and_answers_strike_off_only_
             journal = ServeJournal(events=events, metrics=metrics, inflight=inflight,
                                    consumer=consumer, clock=clock, outage=outage,
                                    max_deliveries=3)  # fmt: skip
-            message = decode_entry("1-1", {b"ids": b'["job-a", "job-b", "job-c"]'})
+            fields = {b"ids": b'["job-a", "job-b", "job-c"]'}
+            await direct.xgroup_create(layout.stream, layout.group, "0", mkstream=True)
+            await direct.xadd(layout.stream, dict[Any, Any](fields), id="1-1")
+            await direct.xreadgroup(layout.group, "c1", {layout.stream: ">"})  # pending: c1's
+            message = decode_entry("1-1", fields)
             inflight.add(message, 1)
             await proxy.go_away()
             noted = anyio.Event()

@@ -180,6 +180,19 @@ class ApiUnavailable(ReaperError):
         entry, so its next delivery does not call them absent)."""
 
 
+class TakenOver(ApiUnavailable):
+    """``serve``: a batch not sent, because entries holding its ids are no longer pending
+    under this replica (it stalled, unseen, past ``reclaim_after``, and another took them
+    over). Their ids are the taker's to send and record; a DELETE from here would find the
+    jobs the taker deleted gone and call them ``absent``. Not the API's doing: no endpoint
+    is paused for it."""
+
+    def __init__(self, entries: frozenset[str]) -> None:
+        super().__init__(ApiError("taken over by another replica"), batch_id="", open_ids=0)
+        self.entries = entries
+        """The entries taken over: nothing of theirs is written from here."""
+
+
 class RedisUnavailable(ReaperError):
     """The Redis a run paces through (the rate limit it shares with other processes), or the
     one ``enqueue`` writes to, did not answer at the start (exit 69): nothing was sent.

@@ -9,10 +9,12 @@ crash between the steps cannot leave an entry both dead-lettered and pending, no
 dead-letter key of another type an entry acknowledged with no dead letter.
 
 Before each DELETE the ids it carries are noted by entry (``{stream}:sending:{entry}``,
-``_MARK``, one round trip), and the ids an answer found not gone by us are struck off that
-note in the round trip that writes their outcomes; acknowledging or dead-lettering an entry
-deletes its note. A replica killed with a DELETE on the wire thus leaves behind which ids
-it may have removed, for the entry's next delivery (:meth:`StreamConsumer.redelivery`).
+``_SEND``, one round trip, which notes nothing when an entry is no longer pending under
+this consumer: another replica took it over while this one stalled), and the ids an
+answer found not gone by us are struck off that note in the round trip that writes their
+outcomes; acknowledging or dead-lettering an entry deletes its note. A replica killed
+with a DELETE on the wire thus leaves behind which ids it may have removed, for the
+entry's next delivery (:meth:`StreamConsumer.redelivery`).
 """
 
 from __future__ import annotations
@@ -232,24 +234,68 @@ the entry acknowledged with no dead letter; the script stops at the failing ``XA
 ``KEYS``: the stream, the dead letters, the last errors, the entry's note of ids sent.
 ``ARGV``: the cap, the group, then the dead letter's fields and values, ``entry`` first."""
 
-_MARK = """
-local only = ARGV[2] == '1'
+_STRIKE = """
 for i, key in ipairs(KEYS) do
   local was = redis.call('GET', key)
-  if was or not only then
-    redis.call('SET', key, (was or '') .. ARGV[i + 2], 'EX', ARGV[1])
+  if was then
+    redis.call('SET', key, was .. ARGV[i + 1], 'EX', ARGV[1])
   end
 end
 return #KEYS
 """
-"""Append lines to the notes of ids sent (``KEYS``, one per entry): ``ARGV``: the notes'
-time to live, ``1`` to append only to notes that exist (striking ids off), then the lines
-for each key. ``GET`` and ``SET`` only: the string commands the documented ACL grants."""
+"""Append lines striking ids off the notes of ids sent (``KEYS``, one per entry) that
+exist: ``ARGV``: the notes' time to live, then the lines for each key. ``GET`` and ``SET``
+only: the string commands the documented ACL grants, as ``_SEND``'s."""
+
+
+_SEND = """
+local function id_of(entry)
+  local ms, seq = string.match(entry, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local delivered
+local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])
+if not groups['err'] then
+  for _, g in ipairs(groups) do
+    local fields = {}
+    for j = 1, #g, 2 do fields[g[j]] = g[j + 1] end
+    if fields['name'] == ARGV[2] then delivered = fields['last-delivered-id'] end
+  end
+end
+local n = #KEYS - 1
+local lost = {}
+for i = 1, n do
+  local entry = ARGV[3 + i]
+  local row = redis.pcall('XPENDING', KEYS[1], ARGV[2], entry, entry, 1)
+  if row['err'] then
+    if not string.find(row['err'], 'NOGROUP', 1, true) then return redis.error_reply(row['err']) end
+  elseif #row > 0 then
+    if row[1][2] ~= ARGV[3] then lost[#lost + 1] = entry end
+  elseif delivered then
+    local ms, seq = id_of(entry)
+    local dms, dseq = id_of(delivered)
+    if ms < dms or (ms == dms and seq <= dseq) then lost[#lost + 1] = entry end
+  end
+end
+if #lost > 0 then return lost end
+for i = 1, n do
+  local was = redis.call('GET', KEYS[1 + i])
+  redis.call('SET', KEYS[1 + i], (was or '') .. ARGV[3 + n + i], 'EX', ARGV[1])
+end
+return lost
+"""
+"""Note ids about to be sent, unless an entry they are noted under was taken over: pending
+under another consumer, or delivered by the group and pending no more (acknowledged by
+the one that took it over); then nothing is noted, and those entries are returned (empty:
+the note is written). An entry the group never delivered (the group or the stream was
+deleted and made again below it) or no group at all is not taken over: nobody else holds
+its ids. ``KEYS``: the stream, then the entries' notes; ``ARGV``: the notes' time to live,
+the group, the consumer, the entries' ids, then the lines for each note."""
 
 
 def sent_ids(note: bytes | str | None) -> frozenset[str]:
-    """The ids a note of ids sent (``_MARK``) still names: each ``+id`` line adds one, a
-    later ``-id`` line takes it off."""
+    """The ids a note of ids sent still names: each ``+id`` line (``_SEND``) adds one, a
+    later ``-id`` line (``_STRIKE``) takes it off."""
     ids: set[str] = set()
     for line in _id(note or b"").splitlines():
         if line.startswith("+"):
@@ -294,7 +340,7 @@ class StreamConsumer:
         self.dead_lettered = 0
         self._leave = client.register_script(_LEAVE)
         self._bury = client.register_script(_BURY)
-        self._mark = client.register_script(_MARK)
+        self._send = client.register_script(_SEND)
 
     async def ensure_group(self) -> str | None:
         """Create the group (and the stream) if missing; an existing group is kept as it is.
@@ -458,14 +504,19 @@ class StreamConsumer:
         sent = {e: sent_ids(n) for e, n in zip(entry_ids, notes, strict=True) if n is not None}
         return kept, {e: ids for e, ids in sent.items() if ids}
 
-    async def mark_sending(self, marks: Mapping[str, Sequence[str]]) -> None:
-        """Note, by entry, the ids a DELETE is about to carry (``_MARK``, one round trip):
+    async def mark_sending(self, marks: Mapping[str, Sequence[str]]) -> frozenset[str]:
+        """Note, by entry, the ids a DELETE is about to carry (``_SEND``, one round trip):
         if the process dies before their answer is recorded, the entry's next delivery
-        knows them sent."""
-        if marks:
-            lines = [_lines("+", ids) for ids in marks.values()]
-            keys = [self.layout.sending(e) for e in marks]
-            await self._mark(keys=keys, args=[SENDING_TTL_S, 0, *lines])
+        knows them sent. Nothing is noted when an entry is no longer pending under this
+        consumer (another replica took it over while this one stalled): those entries are
+        returned, and the DELETE must not go out."""
+        if not marks:
+            return frozenset()
+        lines = [_lines("+", ids) for ids in marks.values()]
+        keys = [self.layout.stream, *(self.layout.sending(e) for e in marks)]
+        args: list[str | int] = [SENDING_TTL_S, self.layout.group, self.consumer, *marks, *lines]
+        lost: list[Any] = await self._send(keys=keys, args=args)
+        return frozenset(_id(e) for e in lost)
 
     async def keep_errors(
         self, errors: Mapping[str, str], unmark: Mapping[str, Sequence[str]] | None = None
@@ -486,8 +537,8 @@ class StreamConsumer:
         script, a round trip of its own)."""
         marks = {e: ids for e, ids in (unmark or {}).items() if ids}
         if marks:
-            pipe.eval(_MARK, len(marks), *(self.layout.sending(e) for e in marks),
-                      SENDING_TTL_S, 1, *(_lines("-", i) for i in marks.values()))  # fmt: skip
+            pipe.eval(_STRIKE, len(marks), *(self.layout.sending(e) for e in marks),
+                      SENDING_TTL_S, *(_lines("-", i) for i in marks.values()))  # fmt: skip
 
     async def write_outcomes(
         self,

@@ -10,7 +10,8 @@ carries, and does not return (so the call does not go out) until Redis has taken
 a replica killed with that call on the wire leaves it behind, and the entries' next
 delivery ends the jobs it finds gone ``deleted`` (unconfirmed, ``answer_lost``), not
 ``absent``. An answer that finds an id not gone by us (``absent``, ``failed``, ``skipped``)
-strikes it off the note in the round trip that writes the outcomes.
+strikes it off the note in the round trip that writes the outcomes. A batch whose entries
+another replica took over while this one stalled is not noted nor sent (``TakenOver``).
 
 Redis being away does not lose an outcome: writes are retried until Redis answers, however
 long that takes, and a shutdown does not cut them short either, for a while: once the
@@ -29,6 +30,7 @@ import anyio
 import orjson
 
 from worker.clock import Clock
+from worker.errors import TakenOver
 from worker.outcomes.events import EventLog
 from worker.routing import Stamped
 from worker.service.consumer import (
@@ -107,13 +109,20 @@ class ServeJournal:
         """A DELETE of ``ids`` (of ``target``) is about to go out: note them by entry
         first, waiting for Redis as long as it takes (a stop cancels the wait, and then
         nothing is sent: the entries stay pending). An id no entry holds any more (let go
-        when the API gave out for another batch of its entry) has nothing to note."""
+        when the API gave out for another batch of its entry) has nothing to note.
+        Raises ``TakenOver`` (nothing noted, nothing to send) when an entry is no longer
+        pending under this consumer."""
         marks: dict[str, list[str]] = {}
         for job_id in ids:
             for entry_id in self._inflight.entries_of(job_id, target):
                 marks.setdefault(entry_id, []).append(job_id)
-        if marks:
-            await self._outage.persist(lambda: self._consumer.mark_sending(marks), what="sending")
+        if not marks:
+            return
+        lost = await self._outage.persist(
+            lambda: self._consumer.mark_sending(marks), what="sending"
+        )
+        if lost:  # taken over while this replica stalled: the taker sends them
+            raise TakenOver(lost)
 
     async def retrying(self, batch_id: str, attempt: int, delay_s: float, reason: str) -> None:
         self._metrics.retry(reason)

@@ -33,7 +33,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 from worker.clock import Clock
-from worker.errors import ApiError, ApiUnavailable, AuthError, CircuitOpenError, NoSuchApi
+from worker.errors import (
+    ApiError,
+    ApiUnavailable,
+    AuthError,
+    CircuitOpenError,
+    NoSuchApi,
+    TakenOver,
+)
 from worker.pacing.breaker import BreakerGate
 from worker.pipeline import BatchProcessor
 from worker.routing import Router
@@ -132,6 +139,9 @@ class RegionRouter:
             try:
                 await lane.process(batch)
                 return
+            except TakenOver as exc:  # not the API's doing: nothing to pause or probe
+                exc.unsure |= unsure
+                raise
             except ApiUnavailable as exc:
                 # Sent without a readable answer on any try: the next delivery, or the next
                 # try, must not call those jobs absent.

@@ -34,7 +34,15 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from worker.batcher import Batcher
 from worker.clock import Clock
 from worker.dispatcher import Working
-from worker.errors import ApiError, ApiUnavailable, AuthError, NoSuchApi, NotAStream, TlsError
+from worker.errors import (
+    ApiError,
+    ApiUnavailable,
+    AuthError,
+    NoSuchApi,
+    NotAStream,
+    TakenOver,
+    TlsError,
+)
 from worker.outcomes.events import EventLog
 from worker.pool import DispatchPool
 from worker.routing import FairShare
@@ -399,6 +407,15 @@ class Service:
             with self._working.busy():
                 await self._dispatcher.process(batch)
             self._answered.set()
+        except TakenOver as exc:
+            # Stalled past reclaim_after: the taker sends those entries' ids and records
+            # them; of this batch only the ids of entries still ours are handed back.
+            why = HandBack(exc.cause, str(exc), frozenset(exc.unsure | batch.unsure),
+                           give_back=True)  # fmt: skip
+            await self._hand_back(batch, why, taken=exc.entries)
+            self._answered.set()  # settled here: an intake awaiting an answer reads on
+            self._events.note("serve.taken_over", batch_id=batch.batch_id,
+                              entries=len(exc.entries), ids=len(batch.ids))  # fmt: skip
         except ApiUnavailable as exc:
             if not isinstance(exc, Paused):  # a handed-back batch met no API
                 self._answered.set()
@@ -426,12 +443,16 @@ class Service:
             return True
         return False
 
-    async def _hand_back(self, batch: Batch, why: HandBack) -> list[str]:
+    async def _hand_back(
+        self, batch: Batch, why: HandBack, taken: frozenset[str] = frozenset()
+    ) -> list[str]:
         """``batch``'s ids handed back without an outcome: each entry holding some keeps, as
         its last error, why and its ids done so far (its next delivery sends only the
         others), and when nothing was tried, its first hand-back gives its delivery back.
-        Returns the entries."""
-        dropped = self._inflight.release(batch.ids, batch.target, why)
+        Entries ``taken`` over by another replica are let go with nothing written: their
+        last error and note of ids sent are the taker's now. Returns the entries."""
+        released = self._inflight.release(batch.ids, batch.target, why)
+        dropped = {entry: held for entry, held in released.items() if entry not in taken}
         errors = {entry: handed_back_error(held) for entry, held in dropped.items()
                   if why is not _STOPPED or held.done or held.waiting}  # fmt: skip
         # Those of the batch with answers that say not applied (or never sent): off the note

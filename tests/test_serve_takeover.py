@@ -1,0 +1,105 @@
+"""A replica frozen (SIGSTOP: a VM paused, a long stall) with batches waiting to be sent,
+its entries taken over meanwhile by another replica that finishes and acknowledges them,
+then woken (SIGCONT): it must not send those batches. The taker deleted the jobs; a DELETE
+from the woken one finds them gone and would call them ``absent``, a job this fleet
+deleted (docs/serve.md, "A replica that dies mid-call"; the invariant in docs/design.md).
+
+Real ``serve`` subprocesses, real Redis, the simulator in this process.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import REDIS_URL
+from tests.test_serve_e2e import SEVERAL, queue, until
+from worker.service.consumer import StreamConsumer, sent_ids
+from worker.service.layout import StreamLayout
+from worker.simulator import SimulatorConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
+
+
+@pytest.mark.anyio
+@SEVERAL
+async def test_a_replica_woken_after_its_entries_were_taken_over_sends_none_of_them(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """The frozen replica held entries whose DELETE had not gone out; the taker deleted
+    their jobs and acknowledged them. Woken, the frozen one sends none of them again
+    (each id sent once), and no id ends ``absent``; it says which it let go."""
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=40)) as q:
+        ids = q.sim.job_ids()
+        slow = await q.start("slow", "--rate", "2", "--burst", "1", "--batch-size", "1",
+                             "--concurrency", "4", "--reclaim-after", "1")  # fmt: skip
+        await q.enqueue(ids)
+
+        async def holding() -> bool:  # some sent, more read and waiting for their turn
+            return len(q.sim.deleted) >= 2 and await q.pending("slow") >= 4
+
+        await until(holding)
+        slow.process.send_signal(signal.SIGSTOP)
+        try:
+            held = await q.pending("slow")
+            taker = await q.start("taker", "--rate", "50", "--batch-size", "5",
+                                  "--reclaim-after", "1")  # fmt: skip
+
+            async def all_done() -> bool:
+                return len(q.sim.deleted) == len(ids) and await q.pending() == 0
+
+            await until(all_done, 60)
+        finally:
+            slow.process.send_signal(signal.SIGCONT)
+
+        async def woken() -> bool:  # its batches waiting for a token were let go, or sent
+            return bool(slow.named("serve.taken_over") or slow.named("job.absent"))
+
+        await until(woken, 60)
+        await q.stop_all()
+        rows = await q.stream_rows(q.stream + ":outcomes")
+    assert held >= 3
+    assert [r.process.returncode for r in q.replicas] == [0, 0]
+    assert slow.named("job.absent") == [] and taker.named("job.absent") == []
+    assert [r for r in rows if r["outcome"] != "deleted"] == []
+    assert max(q.sim.sent_counts.values()) == 1
+    assert set(q.sim.deleted) == set(ids)
+
+
+@pytest.mark.anyio
+async def test_the_note_before_a_delete_is_written_only_for_entries_still_ours(
+    redis_prefix: str,
+) -> None:
+    """``mark_sending`` notes nothing, and names the entries, when one of them is pending
+    under another consumer (taken over) or delivered and no longer pending (acknowledged
+    by the taker); with all of them still ours it notes each. An entry the group never
+    delivered (the stream or the group deleted and made again below it), or no group at
+    all, is nobody else's: noted, and sent as before (the service makes the group again)."""
+    layout = StreamLayout(redis_prefix + "ids", "reapers")
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await client.xgroup_create(layout.stream, layout.group, "0", mkstream=True)
+        for entry in ("1-1", "2-1", "3-1"):
+            await client.xadd(layout.stream, {"id": f"job-{entry}"}, id=entry)
+        await client.xreadgroup(layout.group, "c1", {layout.stream: ">"})
+        await client.xclaim(layout.stream, layout.group, "c2", 0, ["2-1"], justid=True)
+        await client.xack(layout.stream, layout.group, "3-1")
+        mine = StreamConsumer(client, layout, "c1")
+        lost = await mine.mark_sending({"1-1": ["job-1-1"], "2-1": ["job-2-1"]})
+        assert lost == {"2-1"}
+        assert await mine.mark_sending({"1-1": ["job-1-1"], "3-1": ["job-3-1"]}) == {"3-1"}
+        assert await client.exists(*(layout.sending(e) for e in ("1-1", "2-1", "3-1"))) == 0
+        assert await mine.mark_sending({"1-1": ["job-1-1"]}) == frozenset()
+        assert sent_ids(await client.get(layout.sending("1-1"))) == {"job-1-1"}
+        theirs = StreamConsumer(client, layout, "c2")
+        assert await theirs.mark_sending({"2-1": ["job-2-1"]}) == frozenset()
+        await client.xgroup_destroy(layout.stream, layout.group)
+        assert await mine.mark_sending({"3-1": ["job-3-1"]}) == frozenset()  # no group
+        await client.xgroup_create(layout.stream, layout.group, "2-1")  # made again below
+        assert await mine.mark_sending({"3-1": ["job-3-1"]}) == frozenset()
+        assert sent_ids(await client.get(layout.sending("3-1"))) == {"job-3-1"}
+    finally:
+        await client.aclose()
