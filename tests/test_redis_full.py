@@ -1,7 +1,10 @@
 """Redis out of memory (``maxmemory`` reached, ``noeviction``): it refuses writes with
-``OOM`` while it answers everything else. A service waits that out as it waits out Redis
-being away, and ``enqueue`` says so and exits 69 (try again later); neither prints a
-traceback. A private ``redis-server`` per test: the limit is set on it, not on the shared one.
+``OOM`` while it answers everything else; a Redis turned replica (a failover demoting the
+primary the URL names) refuses them with ``READONLY``. A service waits either out as it
+waits out Redis being away, sending no DELETE meanwhile, and ``enqueue`` says so and exits
+69 (try again later); neither prints a traceback. A private ``redis-server`` per test: the
+limit is set on it (or it is made a replica of a port where nothing listens: it keeps its
+data, refusing writes), not on the shared one.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,7 @@ import redis.asyncio as aioredis
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from tests.e2e import SIM_AK, SIM_SK
-from tests.test_redis_auth import REDIS_SERVER, _reaper, redis_server
+from tests.test_redis_auth import REDIS_SERVER, _free_port, _reaper, redis_server
 from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
 
 pytestmark = [
@@ -30,13 +34,39 @@ pytestmark = [
 STREAM = "devserver-reaper:ids"
 
 
+async def _fill(admin: Any) -> None:
+    await admin.config_set("maxmemory", "1")
+
+
+async def _empty(admin: Any) -> None:
+    await admin.config_set("maxmemory", "0")
+
+
+async def _demote(admin: Any) -> None:
+    await admin.replicaof("127.0.0.1", _free_port())
+
+
+async def _promote(admin: Any) -> None:
+    await admin.replicaof("NO", "ONE")
+
+
 @pytest.mark.anyio
-async def test_a_redis_out_of_memory_is_waited_out_by_serve_and_refused_by_enqueue(
+@pytest.mark.parametrize(
+    ("refuse", "accept", "error"),
+    [(_fill, _empty, "OutOfMemoryError"), (_demote, _promote, "ReadOnlyError")],
+    ids=["out-of-memory", "read-only"],
+)
+async def test_a_redis_refusing_writes_is_waited_out_by_serve_and_refused_by_enqueue(
     tmp_path: Path,
+    refuse: Callable[[Any], Awaitable[None]],
+    accept: Callable[[Any], Awaitable[None]],
+    error: str,
 ) -> None:
     """maxmemory reached while serve held batches: the outcome write answered OOM, which
     was a traceback and exit 1 (and a crash loop while Redis stayed full), and enqueue's
-    was a traceback too. Now serve says it once and finishes every id once memory is back."""
+    was a traceback too; a replica's READONLY was the same. Now serve says it once, sends
+    nothing while writes are refused (the rate limit's token and the note before each
+    DELETE are writes), and finishes every id once they are taken again."""
     config = SimulatorConfig(jobs=30, faults=FaultConfig(latency_ms=300, latency_jitter=False))
     async with redis_server(tmp_path, []) as port, run_simulator(config) as sim:
         url = f"redis://127.0.0.1:{port}/0"
@@ -86,11 +116,16 @@ async def test_a_redis_out_of_memory_is_waited_out_by_serve_and_refused_by_enque
             async with anyio.create_task_group() as group:
                 group.start_soon(collect)
                 await until(calls_made)
-                await admin.config_set("maxmemory", "1")
+                await refuse(admin)
                 await until(out_of_memory_said)
                 assert process.returncode is None, errors.read_text()
                 code, refused = await _reaper("enqueue", "--input", str(ids), "--redis-url", url)
-                await admin.config_set("maxmemory", "0")
+                calls = sim.stats.calls  # those on the wire have answered: enqueue took longer
+                with anyio.move_on_after(1):
+                    while process.returncode is None:
+                        await anyio.sleep(0.1)
+                sent_refused = sim.stats.calls - calls
+                await accept(admin)
                 await until(all_deleted)
                 process.send_signal(signal.SIGTERM)
                 with anyio.fail_after(30):
@@ -104,7 +139,8 @@ async def test_a_redis_out_of_memory_is_waited_out_by_serve_and_refused_by_enque
             await admin.aclose()
     assert process.returncode == 0, errors.read_text()
     assert "Traceback" not in errors.read_text()
-    assert said("serve.redis_unreachable")[0]["error"] == "OutOfMemoryError"
+    assert said("serve.redis_unreachable")[0]["error"] == error
+    assert sent_refused == 0  # no DELETE while writes were refused
     assert said("serve.redis_back")
     assert sorted(f[b"job_id"].decode() for _, f in outcomes) == sorted(
         ids.read_text().split()

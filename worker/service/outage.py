@@ -31,9 +31,12 @@ REDIS_ERRORS = (
     redis.exceptions.TimeoutError,
     OSError,
     redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
 )
 """Failures of Redis itself (not of a command): wait and try again. A Redis at its
-``maxmemory`` (``OOM``) refuses writes until memory is freed, much as an absent one does."""
+``maxmemory`` (``OOM``) refuses writes until memory is freed, much as an absent one does;
+a replica (``READONLY``: a failover demoted the primary the URL names) refuses them until
+the URL leads to a primary again, as the shared rate limit already waits it out."""
 
 
 def wrong_type(error: BaseException) -> bool:
