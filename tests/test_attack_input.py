@@ -7,6 +7,8 @@ DELETE for it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
@@ -16,6 +18,7 @@ import redis.asyncio as aioredis
 
 from tests.benchmarks.harness import simulator
 from tests.test_attack_projects import _run, served_until_settled, twins
+from tests.test_multiregion import _env as run_env
 from tests.test_serve_regions import rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
@@ -132,3 +135,34 @@ async def test_ctrl_c_while_iam_is_asked_for_the_settings_project_says_so(
         "interrupted while IAM was asked for the project of region cn-north-4: nothing was sent"
         in term.lines()
     ), term.screen_text()
+
+
+def test_one_endpoint_spelled_with_its_default_port_is_one_place_and_full_width_is_refused(
+    tmp_path: Path,
+) -> None:
+    """``https://…:443`` and ``https://HOST/`` are one server: the project named at both was
+    refused the second time as sent to two places. A host in full-width letters is the
+    ASCII host to a client (IDNA), so the check that a public endpoint is the named
+    region's did not see that ``ｍｏｄｅｌａｒｔｓ.cn-south-1…`` is cn-south-1's: it was
+    accepted labelled cn-north-4. Through the CLI's dry run (nothing is sent)."""
+    east = "modelarts.cn-east-3.myhuaweicloud.com"
+    south = "ｍｏｄｅｌａｒｔｓ.cn-south-1.myhuaweicloud.com"
+    lines = [
+        {"id": "job-1", "project_id": "proj-away", "region": "cn-east-3",
+         "endpoint": f"https://{east}:443"},
+        {"id": "job-2", "project_id": "proj-away", "region": "cn-east-3",
+         "endpoint": f"https://{east.upper()}/"},
+        {"id": "job-3", "project_id": "proj-x", "region": "cn-north-4",
+         "endpoint": f"https://{south}"},
+    ]  # fmt: skip
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "run", "--input", str(source), "--dry-run"],
+        env=run_env("http://127.0.0.1:9"), capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+    events = [orjson.loads(line) for line in done.stdout.splitlines() if line.startswith(b"{")]
+    skipped = [e["job_id"] for e in events if e.get("event") == "job.skipped"]
+    rejected = [e["reason"] for e in events if e.get("event") == "job.rejected"]
+    assert skipped == ["job-1", "job-2"], done.stderr.decode()
+    assert rejected == ["endpoint must be ASCII (an internationalised host name in its xn-- form)"]

@@ -73,6 +73,10 @@ def endpoint_problem(value: str, *, service: str = "modelarts") -> str | None:
         return f"must be at most {MAX_ENDPOINT_LENGTH} characters"
     if any(c.isspace() or not c.isprintable() for c in value):
         return "must not hold spaces or control characters"
+    if not value.isascii():
+        # A client turns ｍｏｄｅｌａｒｔｓ… into modelarts… (IDNA): another spelling of a host,
+        # which no check by name (a public endpoint's region, one place a project) would see.
+        return "must be ASCII (an internationalised host name in its xn-- form)"
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return f"must be an http(s) URL such as https://{service}.cn-north-4.myhuaweicloud.com"
@@ -91,11 +95,16 @@ def endpoint_problem(value: str, *, service: str = "modelarts") -> str | None:
 
 def normal_endpoint(value: str) -> str:
     """An endpoint as kept and compared, everywhere (settings, lines, plans): its scheme
-    and host in lower case (neither is case-sensitive), its path as given but without a
-    trailing ``/``."""
+    and host in lower case (neither is case-sensitive), without the scheme's own port
+    (``:443`` for https, ``:80`` for http: the same server), its path as given but without
+    a trailing ``/``."""
     parts = urlsplit(value.strip())
-    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"),
-                       parts.query, parts.fragment))  # fmt: skip
+    scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
+    netloc = netloc.removesuffix(_DEFAULT_PORTS.get(scheme, "\0"))
+    return urlunsplit((scheme, netloc, parts.path.rstrip("/"), parts.query, parts.fragment))
+
+
+_DEFAULT_PORTS: Final = {"https": ":443", "http": ":80"}
 
 
 @dataclass(frozen=True, slots=True)
