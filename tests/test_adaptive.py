@@ -488,6 +488,25 @@ def test_a_burst_hiding_the_overshoot_costs_throttles_but_not_stability() -> Non
     assert run.refused_share(20.0, 60.0) <= 0.02
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_workers_held_back_by_their_concurrency_are_cut_to_what_they_really_send(
+    seed: int,
+) -> None:
+    """One call in flight, answers in 0.15-0.45 s: the workers send 3.3 calls/s whatever
+    the pace, and the pace rose to 10 (twice what is sent, and one more). A refusal
+    stepped 3 % under the pace the call was sent at, 9.7, which held nothing back: a quota
+    of 3 (burst 2) refused 8-14 % of the calls for good. The rate really sent is what was
+    refused. (At 3 calls/s, 40 s hold 120 calls: three refusals are 2.5 %.)"""
+    draw = random.Random(seed)
+    ctrl = RateController(0.0)
+    run = simulate(
+        lambda t: 3.0, duration=60.0, burst=2, concurrency=1,
+        latency=lambda rate: 0.3 * draw.uniform(0.5, 1.5), controller=ctrl,
+    )  # fmt: skip
+    assert run.refused_share(20.0, 60.0) <= 0.03
+    assert run.accepted_per_s(20.0, 60.0) >= 0.9 * 3.0
+
+
 # --- the limiter on virtual time ----------------------------------------------------------
 
 

@@ -42,6 +42,10 @@ HALF = 0.55
 SLOW_HALF = 0.8
 """``HALF`` where answers take longer than two measures' spans."""
 
+HELD_CALLS = 4
+"""Calls started in a ``window`` that say how fast the workers really send (fewer: it
+knows too little of what they sent)."""
+
 
 class Phase(StrEnum):
     STARTUP = "startup"
@@ -366,7 +370,7 @@ class RateController:
             self._state = replace(s, refusals=s.refusals + 1, unit=max(s.unit, unit))
             return rate
         news = math.isinf(self._refused_lately(sent))
-        level = self._cut(now, *self._level_after_refusal(sent, rate, floor))
+        level = self._cut(now, *self._level_after_refusal(sent, rate, floor, self._held(now)))
         if retry_after is not None and news:
             pause = now + min(max(retry_after, 0.0), self._config.max_pause)
             self._state = replace(self._state, pause_until=pause, since=max(now, pause))
@@ -500,15 +504,28 @@ class RateController:
         index = bisect.bisect_right(history, sent, key=lambda change: change[0]) - 1
         return history[index][1] if index >= 0 else self._state.rate
 
+    def _held(self, now: float) -> float:
+        """What was really sent over the last ``window``, when all of it was paced (no
+        start-up, cut or pause in it) and that is under ``HALF`` the rate: the workers were
+        held back (too few for the answers' latency), and a refusal says that what they
+        really sent was too much, not the pace they never used; else ``inf``."""
+        s, c = self._state, self._config
+        if s.phase is Phase.STARTUP or max(s.cut_at, s.pause_until) > now - c.window:
+            return math.inf
+        count = sum(1 for t in self._sends if now - c.window <= t <= now)
+        sent = count / c.window
+        return sent if count >= HELD_CALLS and sent < HALF * s.rate else math.inf
+
     def _level_after_refusal(
-        self, sent: float, rate: float, floor: float = 0.0
+        self, sent: float, rate: float, floor: float = 0.0, held: float = math.inf
     ) -> tuple[float, float]:
         """Where a refusal of a call sent at ``sent`` sends the rate (never up), and the
         target the probe returns to: just under the quota measured, if it can be
         (``measure``); else, for a probe past the quota measured before, back to just
-        under that; else just under the rate refused, the target."""
+        under that; else just under the rate refused (``held``: the rate really sent, when
+        the workers could not keep to the pace), the target."""
         c = self._config
-        refused_rate = min(self.rate_sent_at(sent), rate)
+        refused_rate = min(self.rate_sent_at(sent), rate, held)
         self._state = s = replace(
             self._state,
             refused=min(refused_rate, self._refused_lately(sent)),
