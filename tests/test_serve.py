@@ -1136,8 +1136,10 @@ async def test_an_entry_of_many_small_fields_is_dead_lettered_with_its_head_only
     async with running(redis_prefix, SimulatorConfig(jobs=2)) as svc:
         await svc.redis.xadd(svc.layout.stream, fields)
         await svc.enqueue(svc.sim.job_ids())
-        await svc.until(lambda: _true(len(svc.sim.deleted) == 2))
-        await svc.until(lambda: _zero(svc.pending()))
+        # 3 MB to read and refuse: under a loaded CI machine this took over 15 s; the bound
+        # only stops a hang
+        await svc.until(lambda: _true(len(svc.sim.deleted) == 2), timeout=90)
+        await svc.until(lambda: _zero(svc.pending()), timeout=90)
         dead: Any = await svc.redis.xrange(svc.layout.dead)
     (entry,) = dead
     assert entry[1][b"reason"].startswith(b"entry holds")
