@@ -539,7 +539,8 @@ async def test_with_redis_each_project_paces_through_a_shared_limit_of_its_own(
     assert await redis_client.exists(base) == 1  # taken from: held until it refills (2 s)
     assert await redis_client.exists(away_key) == 1
     keys = [key.decode() async for key in redis_client.scan_iter(match=redis_prefix + "*")]
-    assert sorted(keys) == [base, away_key]
+    # each bucket, and beside it the rates its processes were given (rate.mismatch)
+    assert sorted(keys) == sorted([base, f"{base}:specs", away_key, f"{away_key}:specs"])
 
 
 async def test_a_line_naming_a_region_alone_gets_its_project_from_the_lookup_once() -> None:
