@@ -725,3 +725,41 @@ def _label_values(text: str) -> dict[str, set[str]]:
                 if name in sample.labels:
                     found[name].add(sample.labels[name])
     return found
+
+
+@pytest.mark.anyio
+async def test_a_doubt_noted_for_one_projects_job_stays_with_it_not_another_of_that_id(
+    redis_prefix: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """One job id in two projects: the entry naming it in project-b was on the wire when its
+    replica died (its note names the id; project-b's job is gone by that DELETE), the entry
+    naming it in the default project never was. The doubt is project-b's: its id ends
+    deleted unconfirmed (answer_lost), the default one deleted with its record. A doubt kept
+    by the id alone went with the batch cut first, the default one here, and project-b's
+    deletion was called absent."""
+    stream = redis_prefix + "ids"
+    with regions(tmp_path) as (north, south):
+        shared = north.ids[0]  # project-b holds no job of this id: the dead replica's DELETE
+        await enqueue(stream, tmp_path, [{"id": shared}])  # the default project's, first
+        await enqueue(stream, tmp_path, named(south, [shared]))
+        await redis_client.xgroup_create(stream, GROUP, id="0")
+        read: Any = await redis_client.xreadgroup(GROUP, "died", {stream: ">"})
+        _, away_entry = (entry_id.decode() for entry_id, _ in read[0][1])
+        await redis_client.set(f"{stream}:sending:{away_entry}", f"+{shared}\n")
+        async with serving(stream, north, tmp_path, "--allowed-projects",
+                           "project-a,project-b"):  # fmt: skip
+
+            async def settled() -> bool:
+                done = await rows(redis_client, stream + ":outcomes")
+                return len(done) == 2 and await pending(redis_client, stream) == 0
+
+            await until(settled)
+        outcomes = {r.get("project_id", "default"): r
+                    for r in await rows(redis_client, stream + ":outcomes")}  # fmt: skip
+        assert set(outcomes) == {"default", "project-b"}
+        assert outcomes["default"]["outcome"] == "deleted"
+        assert outcomes["default"]["error_msg"] == ""  # its answer listed it
+        assert outcomes["project-b"]["outcome"] == "deleted", outcomes  # never absent
+        assert outcomes["project-b"]["error_msg"] == "answer_lost"
+        assert (await north.control("deleted"))["ids"] == [shared]
+        assert (await south.control("stats"))["deletions"] == 0

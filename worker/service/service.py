@@ -174,9 +174,11 @@ class Service:
         self._window = StatsWindow(clock.now())
         self._blocked: BaseException | None = None
         self._halt = anyio.Event()  # the round ends: stop, or a refusal that pauses us
-        # Ids a delivery sent without a readable answer before the API gave out, read from
-        # their entries' last error, until their batch is cut: few, never the queue.
-        self._unsure: set[str] = set()
+        # Ids a delivery sent without a readable answer before the API gave out (or its
+        # holder died), read from their entries' last error and note, until their batch is
+        # cut: few, never the queue. By target: one id may name a job in each of two
+        # projects, and the doubt is about the one its entry named.
+        self._unsure: dict[Target | None, set[str]] = {}
         self._answered = anyio.Event()  # a batch of this round got an answer from the API
         self._reread = False  # read our own pending entries again (``reread_own``)
         self.rounds = 0
@@ -540,7 +542,8 @@ class Service:
         for batch in batches:
             if batch is None:
                 continue
-            batch = doubted(batch, self._unsure)
+            if unsure := self._unsure.get(batch.target):
+                batch = doubted(batch, unsure)
             self.batches += 1
             self._metrics.batch_size.observe(len(batch))
             await send.send(batch)
@@ -627,7 +630,7 @@ class Service:
             message = decode_entry(entry_id, fields)
             done = settled_ids(errors.get(entry_id, ""))
             unsure = settled_ids(errors.get(entry_id, ""), "unsure") | sent.get(entry_id, set())
-            self._unsure |= unsure.intersection(message.ids) - done
+            unsure = unsure.intersection(message.ids) - done  # its target is known once aimed
             if done:
                 remaining = tuple(i for i in message.ids if i not in done)
                 settled = tuple(i for i in message.ids if i in done)
@@ -641,6 +644,8 @@ class Service:
                     continue
                 found = found.reason
             message = aimed(message, self._targets, found)
+            if unsure:
+                self._unsure.setdefault(message.target, set()).update(unsure)
             # A refused entry's ids are its rejections, each an outcome: giving it up would
             # write ``failed`` for its ids, of which a refusal leaves none.
             if deliveries > self._config.max_deliveries and not message.refused:
