@@ -498,10 +498,16 @@ async def test_iam_unreachable_leaves_the_region_pending_not_the_others_then_ser
                 redis_client, stream, tmp_path, north, by_region(south, waiting), 10
             )
             assert not await rows(redis_client, stream + ":dead")
+
+            async def said() -> bool:  # IAM is asked beside the intake: its failure may
+                return bool(serve.named("serve.project_lookup_failed"))  # come after
+
+            await until(said)
             failed = serve.named("serve.project_lookup_failed")
-            assert failed and {(f["region"], f["entries"]) for f in failed} == {
+            assert {(f["region"], f["entries"]) for f in failed} == {
                 ("cn-south-1", "left pending, read again later")
             }
+            assert await pending(redis_client, stream) == len(waiting)  # still, none taken
 
             south.start(port)
 
