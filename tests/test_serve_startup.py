@@ -19,6 +19,7 @@ import pytest
 from tests.benchmarks import harness
 from tests.e2e import Served, collect
 from tests.test_redis_auth import REDIS_SERVER, _free_port, redis_server
+from tests.test_serve_e2e import until
 from worker.simulator import SimulatorConfig, run_simulator
 
 pytestmark = [
@@ -31,12 +32,6 @@ pytestmark = [
 async def _probe(port: int, path: str) -> tuple[int, dict[str, Any]]:
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}{path}") as r:
         return r.status, await r.json()
-
-
-async def _until(check: Any, timeout: float = 20) -> None:
-    with anyio.fail_after(timeout):
-        while not await check():
-            await anyio.sleep(0.05)
 
 
 @pytest.mark.anyio
@@ -63,7 +58,7 @@ async def test_probes_answer_while_it_waits_for_redis_and_it_starts_once_redis_d
             async def waiting() -> bool:  # its first PING refused
                 return bool(served.named("serve.redis_unreachable"))
 
-            await _until(waiting)
+            await until(waiting, timeout=20)
             live, _ = await _probe(port, "/healthz")
             ready, body = await _probe(port, "/readyz")
             assert (live, ready) == (200, 503)
@@ -75,7 +70,7 @@ async def test_probes_answer_while_it_waits_for_redis_and_it_starts_once_redis_d
                 async def is_ready() -> bool:
                     return (await _probe(port, "/readyz"))[0] == 200
 
-                await _until(is_ready)
+                await until(is_ready, timeout=20)
                 assert served.started.is_set()  # serve.started: built, consuming
                 assert (await _probe(port, "/healthz"))[0] == 200
                 process.send_signal(signal.SIGTERM)
