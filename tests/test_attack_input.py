@@ -16,8 +16,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from tests.benchmarks.harness import simulator
-from tests.test_attack_projects import _run, served_until_settled, twins
+from tests.test_attack_projects import _run, home_and_away, served_until_settled, twins
 from tests.test_multiregion import _env as run_env
 from tests.test_serve_regions import rows
 
@@ -33,11 +32,7 @@ def test_run_a_line_naming_a_field_twice_the_last_null_or_under_a_spaced_name_is
     knew, so the key was ignored and the id deleted at home; ``"ID"`` beside ``"id"`` named
     a second id nobody read. Each is rejected now; the home project deletes only the plain
     line's id, the other project (same ids) nothing."""
-    with (
-        simulator(tmp_path, jobs=10, project="proj-home", seed=3) as home,
-        simulator(tmp_path, jobs=10, project="proj-away", seed=3, region="cn-east-3") as away,
-    ):
-        assert home.ids == away.ids
+    with home_and_away(tmp_path) as (home, away):
         ids = home.ids
         lines = [
             f'{{"id": "{ids[0]}", "project_id": "proj-away", "project_id": null}}',

@@ -8,6 +8,8 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +18,24 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from tests.benchmarks.harness import simulator
+from tests.benchmarks.harness import SimProcess, simulator
 from tests.conftest import REDIS_URL
 from tests.test_multiregion import _env as run_env
 from tests.test_serve_regions import GROUP, Region, enqueue, rows, serving, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
+
+
+@contextmanager
+def home_and_away(tmp: Path) -> Iterator[tuple[SimProcess, SimProcess]]:
+    """Two simulator processes, ``proj-home`` and ``proj-away`` in two regions, holding the
+    same ten ids (one seed): an id sent to the wrong one shows in its deleted set."""
+    with (
+        simulator(tmp, jobs=10, project="proj-home", seed=3) as home,
+        simulator(tmp, jobs=10, project="proj-away", seed=3, region="cn-east-3") as away,
+    ):
+        assert home.ids == away.ids
+        yield home, away
 
 
 async def served_until_settled(
@@ -103,11 +117,7 @@ def test_run_a_line_naming_its_project_under_another_spelling_is_rejected_not_se
     as it was, the key was ignored and the id deleted in the default project, which the
     line did not name (the other project holds the same id: one seed). Now the line is
     rejected with the field's right name, and neither project is sent it."""
-    with (
-        simulator(tmp_path, jobs=10, project="proj-home", seed=3) as home,
-        simulator(tmp_path, jobs=10, project="proj-away", seed=3, region="cn-east-3") as away,
-    ):
-        assert home.ids == away.ids
+    with home_and_away(tmp_path) as (home, away):
         ids = home.ids
         lines = [
             {"id": ids[0], "PROJECT_ID": "proj-away"},
