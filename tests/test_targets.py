@@ -16,7 +16,7 @@ from worker.targets import (
     Unresolved,
     address,
     endpoint_for,
-    misnamed,
+    misnamed_by,
     normal_endpoint,
     resolve,
 )
@@ -146,8 +146,9 @@ def test_allowed_projects_is_a_word_list_of_project_ids_each_held_to_the_rule() 
 
 
 def test_a_misspelt_field_is_refused_on_every_line_however_many_clean_keys_came_before() -> None:
-    """``misnamed`` keeps the keys it found clean (one set operation a line): a key that
+    """A ``misnamed_by`` check keeps the keys it found clean (one set operation a line): a key that
     spells a field otherwise is never kept, so each line naming it is refused."""
+    misnamed = misnamed_by()
     reason = "names 'projectId', which is not read: the field is 'project_id'"
     assert misnamed({"id": "j1", "name": "a"}) is None
     for _ in range(2):

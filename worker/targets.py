@@ -211,10 +211,6 @@ def misnamed_by(read: tuple[str, ...] = ()) -> Callable[[Collection[str]], str |
     return misnamed
 
 
-misnamed = misnamed_by()
-"""The check of the place fields alone (:func:`misnamed_by`)."""
-
-
 def named_twice(keys: list[str], read: tuple[str, ...], keeps: str) -> str | None:
     """Why a line or entry whose ``keys`` (every key, in order) name one of the fields
     ``read`` more than once is refused, else None: which value was meant is a guess, and
