@@ -3,6 +3,7 @@ sums up; each on a real pseudo-terminal, read back as a screen (``tests/tty.py``
 
 from __future__ import annotations
 
+import io
 import re
 import shlex
 import signal
@@ -23,6 +24,7 @@ from worker.simulator import Simulator, SimulatorConfig, run_simulator
 from worker.terminal.lines import EventLines
 from worker.terminal.progress import Progress, count_lines
 from worker.terminal.prompt import Proposal, tally
+from worker.terminal.waiting import status_while
 
 PROMPT = "to delete them: "
 
@@ -425,3 +427,35 @@ async def test_discover_on_a_terminal_shows_its_table_and_review_without_event_l
     assert "credentials.source" not in shown
     assert "discover.summary" not in shown
     assert "[info" not in shown
+
+
+class _Screen(io.StringIO):
+    """A stream that says it is (or is not) a terminal."""
+
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.anyio
+async def test_a_long_wait_shows_its_line_and_erases_it_when_done() -> None:
+    screen = _Screen(tty=True)
+    async with status_while("asking IAM", screen, after_s=0):
+        while not screen.getvalue():  # a condition: the line is shown
+            await anyio.sleep(0)
+        assert screen.getvalue() == "asking IAM…"
+    assert screen.getvalue() == "asking IAM…\r\x1b[K"
+
+
+@pytest.mark.anyio
+async def test_a_quick_wait_or_no_terminal_shows_nothing() -> None:
+    quick, piped = _Screen(tty=True), _Screen(tty=False)
+    async with status_while("asking IAM", quick, after_s=3600):
+        pass
+    async with status_while("asking IAM", piped, after_s=0):
+        for _ in range(10):
+            await anyio.sleep(0)
+    assert quick.getvalue() == piped.getvalue() == ""
