@@ -160,3 +160,22 @@ async def test_the_note_of_ids_sent_waits_for_redis_and_answers_strike_off_only_
             await client.aclose()
             await direct.aclose()
         relay.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_ids_handed_back_are_struck_off_their_note_even_with_no_error_to_keep(
+    redis_prefix: str,
+) -> None:
+    """``keep_errors`` with no last error to write still strikes the ids it is given off
+    their entries' notes: it returned before the strike when ``errors`` was empty."""
+    layout = StreamLayout(redis_prefix + "ids", "reapers")
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        consumer = StreamConsumer(client, layout, "c1")
+        await client.set(layout.sending("1-1"), "+job-a\n+job-b\n", ex=60)
+        await consumer.keep_errors({}, {"1-1": ["job-a"]})
+        assert sent_ids(await client.get(layout.sending("1-1"))) == {"job-b"}
+        assert await client.exists(layout.last_error) == 0
+    finally:
+        await client.delete(layout.sending("1-1"))
+        await client.aclose()

@@ -524,10 +524,11 @@ class StreamConsumer:
         """Remember why entries left pending did not finish (``{stream}:lasterror``), by
         entry id; ``unmark``: ids to strike off their notes of ids sent (not applied by us,
         as far as their answers said), in the same round trip."""
-        if not errors:
+        if not errors and not unmark:
             return
         async with self._r.pipeline(transaction=False) as pipe:
-            pipe.hset(self.layout.last_error, mapping=dict[Any, Any](errors))
+            if errors:
+                pipe.hset(self.layout.last_error, mapping=dict[Any, Any](errors))
             self._unmark(pipe, unmark)
             await pipe.execute()
 
