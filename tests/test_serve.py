@@ -140,7 +140,7 @@ def test_a_released_entry_is_forgotten_once_none_of_its_ids_is_in_flight() -> No
     assert late.entry_id == "1-0" and late.released == Released(["a"], ["b"], first=False)
     assert len(inflight) == 1 and "2-0" in inflight
     assert inflight.release(["c"]) == {"2-0": Released(["c"], [])}
-    assert repr(inflight) == "InFlight(entries=0, open_ids=0)"
+    assert repr(inflight) == "InFlight(entries=0, open_ids=0, on_wire=0)"
 
 
 def test_an_entry_released_for_the_api_says_which_of_its_ids_are_done() -> None:

@@ -179,3 +179,70 @@ async def test_ids_handed_back_are_struck_off_their_note_even_with_no_error_to_k
     finally:
         await client.delete(layout.sending("1-1"))
         await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_an_entry_naming_an_id_already_on_the_wire_is_noted_too_and_never_ends_it_absent(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """Entry A's DELETE of job x is on the wire when entry B, naming x too, is admitted (it
+    waits on A's call, sending nothing): B is noted as having x sent. Killed there, the
+    replica leaves A and B pending; the heir settles A first (x ``deleted``, unconfirmed),
+    then B apart from it: its note says x was sent, so the 404 it meets is ``deleted``
+    again, not ``absent`` (the note was A's alone, and B called x absent)."""
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=2, faults=HELD)) as q:
+        x, y = q.sim.job_ids()
+        added: Any = await q.redis.xadd(q.stream, {"id": x})
+        first = added.decode()
+        victim = await q.start("victim", "--batch-size", "1", "--concurrency", "2",
+                               "--rate", "100", "--reclaim-after", "1")  # fmt: skip
+
+        async def x_on_the_wire() -> bool:
+            return x in q.sim.deleted and q.sim.stats.in_flight == 1
+
+        await until(x_on_the_wire)
+        later: Any = await q.redis.xadd(q.stream, {"id": x})
+        await q.redis.xadd(q.stream, {"id": y})  # read after B: sent once B is admitted
+
+        async def y_on_the_wire() -> bool:
+            return y in q.sim.deleted and q.sim.stats.in_flight == 2
+
+        await until(y_on_the_wire)
+        victim.process.kill()
+        await victim.process.wait()
+        q.sim.set_faults(FaultConfig())
+        # B held elsewhere (a replica still alive) until the heir has settled A, so that B
+        # is delivered apart from it, as another replica's reclaim would.
+        await q.redis.xclaim(q.stream, "reapers", "parked", 0, [later], justid=True)
+        a_settled = anyio.Event()
+
+        async def park_b() -> None:
+            while not a_settled.is_set():
+                await q.redis.xclaim(q.stream, "reapers", "parked", 0, [later], justid=True)
+                with anyio.move_on_after(0.2):
+                    await a_settled.wait()
+
+        q.group.start_soon(park_b)
+        heir = await q.start("heir", "--batch-size", "1", "--rate", "100",
+                             "--reclaim-after", "1")  # fmt: skip
+
+        async def a_done() -> bool:
+            rows = await q.stream_rows(q.stream + ":outcomes")
+            return any(r["entry"] == first for r in rows)
+
+        await until(a_done)
+        a_settled.set()
+
+        async def nothing_pending() -> bool:
+            return await q.pending() == 0 and len(heir.named("job.deleted")
+                                                  + heir.named("job.absent")) >= 3  # fmt: skip
+
+        await until(nothing_pending)
+        rows = await q.stream_rows(q.stream + ":outcomes")
+        await q.stop_all()
+    assert heir.named("job.absent") == []
+    assert sorted((r["job_id"], r["outcome"], r["error_msg"]) for r in rows) == sorted(
+        [(x, "deleted", "answer_lost"), (x, "deleted", "answer_lost"),
+         (y, "deleted", "answer_lost")]
+    )  # fmt: skip
+    assert q.sim.delete_counts == {x: 1, y: 1}

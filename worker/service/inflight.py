@@ -16,6 +16,11 @@ each time one of them settles the entry comes back from ``settle`` as handed bac
 (``Finished.released``), its ids done brought up to date for its kept error, and it is
 never acknowledged here. Forgetting it at the first hand-back sent those ids again on its
 next delivery, where they ended ``absent``: two outcomes for one id.
+
+An id is *on the wire* from the moment a DELETE carrying it is about to be noted
+(``on_wire``) until its outcome or hand-back: an entry admitted meanwhile that names it
+(``Admission.joined``) is noted as having it sent too, or its redelivery after a crash,
+apart from the first entry's, would call the job that DELETE removed ``absent``.
 """
 
 from __future__ import annotations
@@ -99,20 +104,23 @@ class _Waiting:
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """What ``InFlight.add`` decided: the ids to send now, and the entry if already done."""
+    """What ``InFlight.add`` decided: the ids to send now, the entry if already done, and
+    its ids already on the wire for another entry (``joined``: to be noted under it too)."""
 
     send: tuple[str, ...]
     finished: Finished | None = None
+    joined: tuple[str, ...] = ()
 
 
 class InFlight:
     """The entries this consumer holds and the ids they wait on."""
 
-    __slots__ = ("_entries", "_waiters")
+    __slots__ = ("_entries", "_waiters", "_wire")
 
     def __init__(self) -> None:
         self._entries: dict[str, _Waiting] = {}
         self._waiters: dict[Key, list[str]] = {}
+        self._wire: set[Key] = set()  # ids a DELETE carries (or is about to), no outcome yet
 
     def __contains__(self, entry_id: object) -> bool:
         return entry_id in self._entries
@@ -140,6 +148,17 @@ class InFlight:
         ``entry`` field)."""
         return tuple(self._waiters.get((target, job_id), ()))
 
+    def on_wire(self, job_ids: Sequence[str], target: Target | None = None) -> None:
+        """A DELETE of ``job_ids`` (of ``target``) is about to be noted and sent: an entry
+        admitted from now until their outcome that names one of them is told so
+        (``Admission.joined``)."""
+        self._wire.update((target, i) for i in job_ids if (target, i) in self._waiters)
+
+    def wired(self, entry_id: str, job_id: str, target: Target | None = None) -> bool:
+        """Is ``job_id`` (of ``target``) still on the wire, and ``entry_id`` waiting on it?"""
+        key = (target, job_id)
+        return key in self._wire and entry_id in self._waiters.get(key, ())
+
     def add(self, message: Message, deliveries: int) -> Admission:
         """Hold ``message``; return the ids nobody is waiting on yet (to send).
 
@@ -152,6 +171,7 @@ class InFlight:
             return Admission((), Finished(message, deliveries))
         self._entries[message.entry_id] = _Waiting(message, deliveries, set(message.ids))
         send: list[str] = []
+        joined: list[str] = []
         target = message.target
         for job_id in message.ids:
             waiting = self._waiters.get((target, job_id))
@@ -160,7 +180,9 @@ class InFlight:
                 send.append(job_id)
             else:
                 waiting.append(message.entry_id)
-        return Admission(tuple(send))
+                if (target, job_id) in self._wire:
+                    joined.append(job_id)
+        return Admission(tuple(send), joined=tuple(joined))
 
     def settle(self, results: Sequence[Result]) -> list[Finished]:
         """Record outcomes; return the entries this completes, in the order they complete,
@@ -168,6 +190,7 @@ class InFlight:
         done: list[Finished] = []
         handed: dict[str, _Waiting] = {}
         for result in results:
+            self._wire.discard((result.target, result.job_id))
             for entry_id in self._waiters.pop((result.target, result.job_id), ()):
                 waiting = self._entries.get(entry_id)
                 if waiting is None:
@@ -200,6 +223,7 @@ class InFlight:
         they settle (``settle``); the others are forgotten."""
         touched: dict[str, bool] = {}  # entry -> its first hand-back of this delivery
         for job_id in job_ids:
+            self._wire.discard((target, job_id))
             for entry_id in self._waiters.pop((target, job_id), ()):
                 waiting = self._entries.get(entry_id)
                 if waiting is None or job_id not in waiting.open:
@@ -222,6 +246,8 @@ class InFlight:
         """Forget everything (a new round re-reads its pending entries from Redis)."""
         self._entries.clear()
         self._waiters.clear()
+        self._wire.clear()
 
     def __repr__(self) -> str:
-        return f"InFlight(entries={len(self._entries)}, open_ids={len(self._waiters)})"
+        return (f"InFlight(entries={len(self._entries)}, open_ids={len(self._waiters)}, "
+                f"on_wire={len(self._wire)})")  # fmt: skip

@@ -12,6 +12,8 @@ delivery ends the jobs it finds gone ``deleted`` (unconfirmed, ``answer_lost``),
 ``absent``. An answer that finds an id not gone by us (``absent``, ``failed``, ``skipped``)
 strikes it off the note in the round trip that writes the outcomes. A batch whose entries
 another replica took over while this one stalled is not noted nor sent (``TakenOver``).
+An entry admitted while an id it names is on the wire for another entry has that id noted
+under it too (:meth:`ServeJournal.joined`), before any answer strikes it off.
 
 Redis being away does not lose an outcome: writes are retried until Redis answers, however
 long that takes, and a shutdown does not cut them short either, for a while: once the
@@ -23,7 +25,8 @@ delivery.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio
@@ -91,6 +94,8 @@ class ServeJournal:
         self._settle_deadline = math.inf
         self._settling: set[anyio.CancelScope] = set()
         self._acking: set[str] = set()
+        self._joining = anyio.Event()  # no note of ``joined`` on its way to Redis
+        self._joining.set()
 
     def acking(self, entry_id: str) -> bool:
         """Is the entry settled here, its ack or dead-lettering not yet through to Redis?
@@ -118,11 +123,38 @@ class ServeJournal:
                 marks.setdefault(entry_id, []).append(job_id)
         if not marks:
             return
+        self._inflight.on_wire(ids, target)  # an entry admitted from now on is noted too
         lost = await self._outage.persist(
             lambda: self._consumer.mark_sending(marks), what="sending"
         )
         if lost:  # taken over while this replica stalled: the taker sends them
             raise TakenOver(lost)
+
+    async def joined(self, marks: Mapping[str, tuple[Target | None, Sequence[str]]]) -> None:
+        """Entries just admitted naming ids already on the wire for another entry
+        (``Admission.joined``), by entry: its target and those ids. Noted under each as
+        :meth:`sending` notes, so its own redelivery after a crash knows them sent. Only
+        those still on the wire when the note is taken (an answer may have come meanwhile);
+        an answer arriving while it is on its way waits for it (:meth:`noted`), so its
+        strike comes after. An entry taken over already is the taker's: nothing noted."""
+        still = {entry: [i for i in ids if self._inflight.wired(entry, i, target)]
+                 for entry, (target, ids) in marks.items()}  # fmt: skip
+        still = {entry: ids for entry, ids in still.items() if ids}
+        if not still:
+            return
+        self._joining = anyio.Event()
+        try:
+            while still:  # the script notes all or none: again without those taken over
+                lost = await self._outage.persist(partial(self._consumer.mark_sending, still),
+                                                  what="sending")  # fmt: skip
+                still = {entry: ids for entry, ids in still.items() if lost and entry not in lost}
+        finally:
+            self._joining.set()
+
+    async def noted(self) -> None:
+        """Until no note of :meth:`joined` is on its way: what writes an answer's strike
+        (or a hand-back's) waits for it, so the strike lands after the note."""
+        await self._joining.wait()
 
     async def retrying(self, batch_id: str, attempt: int, delay_s: float, reason: str) -> None:
         self._metrics.retry(reason)
@@ -165,6 +197,7 @@ class ServeJournal:
                 # these outcomes: never one without the other, whenever a crash comes.
                 handed = {done.entry_id: self._handed_back_error(done)
                           for done in finished if done.released is not None}  # fmt: skip
+                await self.noted()
                 await self._outage.persist(
                     lambda: self._consumer.write_outcomes(rows, unmark, handed),
                     what="outcomes",

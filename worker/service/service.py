@@ -461,6 +461,7 @@ class Service:
         # of ids sent; those sent without a readable answer stay on it.
         ours = set(batch.ids) - why.unsure
         sure = {entry: [i for i in held.ids if i in ours] for entry, held in dropped.items()}
+        await self._journal.noted()  # a note of ids joined on its way lands before the strike
         await self._outage.persist(partial(self._consumer.keep_errors, errors, sure),
                                    what="last error")  # fmt: skip
         if why.give_back:  # nothing was tried: not a delivery
@@ -620,6 +621,7 @@ class Service:
                 lambda: self._consumer.redelivery(held), what="last error"
             )
         send: list[tuple[str, Target | None]] = []
+        joined: dict[str, tuple[Target | None, tuple[str, ...]]] = {}
         waiting: list[tuple[Message, LookupFailed]] = []
         for entry_id, fields in live:
             assert fields is not None
@@ -654,9 +656,13 @@ class Service:
             if message.rejections and not done:  # else recorded with those done
                 await self._journal.rejected(message)
             admission = self._inflight.add(message, deliveries)
+            if admission.joined:  # on the wire for another entry: noted under this one too
+                joined[entry_id] = (message.target, admission.joined)
             if admission.finished is not None:
                 await self._journal.settle(admission.finished)
             send.extend((job_id, message.target) for job_id in admission.send)
+        if joined:
+            await self._journal.joined(joined)
         if waiting:
             await self._wait_for_iam(waiting)
         return send
