@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.fakes import FakeClock, StalledClock, paced_sends
+from tests.fakes import FakeClock, StalledClock, SteadyController, paced_sends
 from worker.clock import Clock, MonotonicClock
+from worker.pacing.adaptive import AdaptiveRateLimiter
 from worker.pacing.bucket import (
     APART_TOLERANCE,
     LocalRateLimiter,
@@ -377,6 +378,50 @@ async def test_a_caller_woken_late_may_be_followed_on_its_slot_with_a_larger_bur
     limiter = LocalRateLimiter(rate=10, burst=2, clock=clock)
     starts = await _real_starts(limiter, clock, 5)
     assert starts == pytest.approx([0.0, 0.0, 0.13, 0.2, 0.3])
+
+
+class _HalvedWhenRefused(SteadyController):
+    """Every refusal halves the rate, nothing else moves it, no pause: what the limiter
+    does with a cut, apart from the arithmetic that decides one."""
+
+    def on_throttle(
+        self, now: float, retry_after: float | None = None, latency: float | None = None
+    ) -> float:
+        self.rate /= 2
+        return self.rate
+
+
+@pytest.mark.anyio
+async def test_a_call_waiting_to_start_when_auto_cuts_starts_at_the_new_spacing() -> None:
+    # --rate auto at 10 calls/s, three callers. The call due at 0.1 s wakes late, at 0.13
+    # (the loop was descheduled), so the one due at 0.2 waits, on its way out, until an
+    # interval after 0.13. A refusal at 0.21 halves the rate meanwhile: every call still
+    # waiting must start at least an interval of 5 calls/s after the last one (0.13), but
+    # the waiting call had its start worked out at 10 calls/s and went at 0.229, 99 ms
+    # after it, which a gateway that has just refused at 10 calls/s refuses again.
+    clock = StalledClock(0.1, 0.13)
+    limiter = AdaptiveRateLimiter(clock, controller=_HalvedWhenRefused(10.0))
+    starts: list[float] = []
+
+    async def caller() -> None:
+        while clock.now() < 1.5:
+            await limiter.acquire()
+            starts.append(clock.now())
+
+    async def refused_at(t: float) -> None:
+        await clock.sleep(t)
+        limiter.feedback(throttled=True, latency_s=0.0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(refused_at, 0.21)
+        for _ in range(3):
+            tg.start_soon(caller)
+    assert starts[:2] == [0.0, 0.13] and limiter.rate == 5.0
+    tolerance = 0.01 / 5
+    after = [s for s in starts if s > 0.21]
+    assert len(after) >= 5
+    gaps = [b - a for a, b in itertools.pairwise([0.13, *after])]
+    assert min(gaps) >= 1 / 5 - tolerance - 1e-9, gaps
 
 
 @pytest.mark.anyio

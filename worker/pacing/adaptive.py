@@ -122,7 +122,12 @@ class AdaptiveRateLimiter:
                     continue  # the rate changed a lot while we waited: take a new slot
                 if clock.now() < self._controller.pause_until():
                     continue
-            self._last_sent = await start_apart(clock, self._bucket, lambda: self._last_sent)
+            # The bucket is read again after every wait: a cut while this call waits to start
+            # (the one before it woke late) re-slots the queue at the new rate, and this call
+            # too must wait an interval of the new rate, not of the old.
+            self._last_sent = await start_apart(
+                clock, lambda: self._bucket, lambda: self._last_sent
+            )
             self._controller.on_sent(self._last_sent)
             return
 

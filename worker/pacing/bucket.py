@@ -213,7 +213,11 @@ class TokenBucket:
         )
 
 
-async def start_apart(clock: Clock, bucket: TokenBucket, last: Callable[[], float]) -> float:
+async def start_apart(
+    clock: Clock,
+    bucket: TokenBucket | Callable[[], TokenBucket],
+    last: Callable[[], float],
+) -> float:
     """Wait until the bucket says the next call may really start (``TokenBucket.start_due``:
     after a stall, the calls whose slots went by meanwhile start at the burst and the rate,
     not together) and, with a burst of 1, at least an interval less the bucket's
@@ -222,16 +226,23 @@ async def start_apart(clock: Clock, bucket: TokenBucket, last: Callable[[], floa
     limiter that took a new bucket keeps its last start); tell the bucket, and return the
     time this call starts, which the caller stores as ``last()`` before anything else
     runs. A caller woken late is thus never followed by one on its own slot less than an
-    interval later."""
+    interval later.
+
+    ``bucket`` may be a function giving the limiter's bucket of the moment, read again
+    after every wait too: a limiter whose rate was cut while this caller waited (``--rate
+    auto`` takes a new bucket at the new rate) spaces it at the new rate, not at the one
+    its wait was computed at."""
+    current = bucket if callable(bucket) else lambda: bucket
     while True:
-        due = bucket.start_due()
-        if bucket.burst == 1:
-            due = max(due, last() + 1.0 / bucket.rate - bucket.tolerance())
+        now_bucket = current()
+        due = now_bucket.start_due()
+        if now_bucket.burst == 1:
+            due = max(due, last() + 1.0 / now_bucket.rate - now_bucket.tolerance())
         if (wait := due - clock.now()) <= 0.0:
             break
         await clock.sleep(wait)
     now = clock.now()
-    bucket.started(now)
+    now_bucket.started(now)
     return now
 
 
