@@ -127,6 +127,24 @@ def test_a_measure_waits_for_the_answers_still_out() -> None:
     assert ctrl.measure(1.49) == pytest.approx(48 / 0.49)
 
 
+def test_a_measure_counts_the_calls_still_out_however_late_its_refusal_comes() -> None:
+    """A refusal answered 1.2 s after it was sent spans calls from more than a ``window``
+    ago: every one of them counts, so 14 still out mean no measure yet (the count of what
+    was sent was trimmed to the last ``window`` by the growth's cap, and saw 80 sent where
+    100 were)."""
+    ctrl = _cruising()
+    for k in range(200):
+        ctrl.on_sent(1.0 + k / 100)
+    ctrl.on_throttle(1.0, latency=0.0)
+    for k in range(1, 86):
+        ctrl.on_success(1.0 + k / 100, latency=0.0)
+    ctrl.rate_at(3.2)
+    assert ctrl.measure(2.0) is None  # 1.86-1.99 still out
+    for k in range(86, 100):
+        ctrl.on_success(3.2, latency=3.2 - (1.0 + k / 100))
+    assert ctrl.measure(2.0) == pytest.approx(99 / 1.0)
+
+
 def _after_a_cut(target: float, level: float) -> RateController:
     """A controller cut at 0 s to ``level``, its probe returning to ``target``."""
     ctrl = RateController(0.0)

@@ -323,7 +323,12 @@ class RateController:
     # -- events --------------------------------------------------------------------------
     def on_sent(self, now: float) -> None:
         """A call starts: the measure of how fast we really send."""
-        self._sends.append(now)
+        sends = self._sends
+        bisect.insort(sends, now)  # in order: a fleet's starts may come a little out of it
+        # Kept as long as the refusals a measure spans (``_remember``).
+        horizon = now - 2.0 * self._config.window
+        while sends[0] < horizon:
+            sends.popleft()
 
     def on_success(self, now: float, latency: float | None = None) -> float:
         """A call was answered (any answer but a throttle or a 503)."""
@@ -470,7 +475,7 @@ class RateController:
         if first >= end:
             return None
         before = bisect.bisect_left(self._accepted, sent)
-        sends = sum(1 for t in self._sends if self._refused[first] <= t < sent)
+        sends = self._sends_since(self._refused[first], sent)
         if before - bisect.bisect_left(self._accepted, self._refused[first]) + end - first < sends:
             return None  # calls sent in between are still out: their answers would count
         latest = None
@@ -512,7 +517,7 @@ class RateController:
         s, c = self._state, self._config
         if s.phase is Phase.STARTUP or max(s.cut_at, s.pause_until) > now - c.window:
             return math.inf
-        count = sum(1 for t in self._sends if now - c.window <= t <= now)
+        count = self._sends_since(now - c.window, math.nextafter(now, math.inf))
         sent = count / c.window
         return sent if count >= HELD_CALLS and sent < HALF * s.rate else math.inf
 
@@ -570,12 +575,15 @@ class RateController:
         s = self._state
         return s.refused if now - s.refused_at <= self._config.forget else math.inf
 
+    def _sends_since(self, start: float, end: float = math.inf) -> int:
+        """Calls started from ``start`` up to (not at) ``end``: the one count of what was
+        really sent, for the growth's cap, ``_held`` and ``_measure``."""
+        sends = self._sends
+        return bisect.bisect_left(sends, end) - bisect.bisect_left(sends, start)
+
     def _sent_rate(self, now: float, span: float) -> float:
         """Calls started per second over the last ``span`` seconds."""
-        sends = self._sends
-        while sends and sends[0] < now - max(span, self._config.window):
-            sends.popleft()
-        return sum(1 for t in sends if t >= now - span) / span
+        return self._sends_since(now - span) / span
 
     def rate_at(self, now: float) -> float:
         """The rate at ``now``: startup grows; after a cut the rate returns to its target
