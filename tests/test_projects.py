@@ -283,6 +283,27 @@ async def test_the_cache_asks_iam_once_per_region_even_when_asked_at_once(
     )
 
 
+async def test_the_cache_keys_an_iam_endpoint_by_its_one_normal_form(
+    session: aiohttp.ClientSession,
+) -> None:
+    """An IAM endpoint spelt with its scheme in capitals or a trailing slash is the same
+    endpoint (``normal_endpoint``, as settings, lines and plans compare it): one IAM call,
+    one answer, whichever spelling asks or reads it."""
+    cache = ProjectCache()
+    async with run_simulator(SimulatorConfig(jobs=0)) as sim:
+        shouted = sim.url.replace("http://", "HTTP://") + "/"
+        for spelt in (sim.url, shouted, f" {shouted} "):
+            found = await cache.resolve(
+                session=session, credentials=KEYS, region="cn-north-4", iam_endpoint=spelt
+            )
+            assert found.project_id == "demo-project"
+        assert sim.stats.iam_calls == 1
+    for spelt in (sim.url, shouted):
+        assert cache.get("cn-north-4", spelt) == found
+        assert cache.get("cn-north-4", spelt, SIM_AK) == found
+    assert cache.lookups == 1
+
+
 async def test_a_failed_look_up_is_not_kept(session: aiohttp.ClientSession) -> None:
     cache = ProjectCache()
     handler = ScriptedIam(

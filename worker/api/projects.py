@@ -54,6 +54,7 @@ from worker.errors import (
     TlsError,
     TransientError,
 )
+from worker.targets import normal_endpoint
 from worker.types import PROJECT_ID_RE
 
 GLOBAL_IAM_ENDPOINT = "https://iam.myhuaweicloud.com"
@@ -369,7 +370,7 @@ class ProjectCache:
 
     @staticmethod
     def _place(region: str, iam_endpoint: str | None) -> tuple[str, str]:
-        return ((iam_endpoint or iam_endpoint_for(region)).rstrip("/"), region)
+        return (normal_endpoint(iam_endpoint or iam_endpoint_for(region)), region)
 
     def get(
         self, region: str, iam_endpoint: str | None = None, access_key: str | None = None
