@@ -4,6 +4,7 @@ sums up; each on a real pseudo-terminal, read back as a screen (``tests/tty.py``
 from __future__ import annotations
 
 import io
+import os
 import re
 import shlex
 import signal
@@ -459,3 +460,56 @@ async def test_a_quick_wait_or_no_terminal_shows_nothing() -> None:
         for _ in range(10):
             await anyio.sleep(0)
     assert quick.getvalue() == piped.getvalue() == ""
+
+
+class _Revocable:
+    """A real pseudo-terminal's stream whose terminal can be revoked (its other end closed:
+    every write then fails with EIO), counting the writes tried."""
+
+    def __init__(self) -> None:
+        self._master, slave = os.openpty()
+        self.stream = os.fdopen(slave, "w", encoding="utf-8")
+        self.writes = 0
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def shown(self) -> bytes:
+        return os.read(self._master, 1024)
+
+    def revoke(self) -> None:
+        os.close(self._master)
+
+    def close(self) -> None:
+        with suppress(OSError):
+            self.stream.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("when", ["before the line", "while it is shown"])
+async def test_a_terminal_revoked_during_the_wait_does_not_stop_the_command(when: str) -> None:
+    """The line is a courtesy: a terminal gone while IAM is asked (EIO on the write that
+    shows the line, or on the one that erases it) loses the line, not the command, which
+    ends with what its block returned."""
+    tty = _Revocable()
+    try:
+        async with status_while("asking IAM", tty, after_s=0):  # type: ignore[arg-type]
+            if when == "before the line":
+                tty.revoke()
+            while tty.writes == 0:  # a condition: the line was tried
+                await anyio.sleep(0)
+            if when == "while it is shown":
+                assert tty.shown() == "asking IAM…".encode()
+                tty.revoke()
+            answer = "found"
+        assert answer == "found"
+        assert tty.writes == (1 if when == "before the line" else 2)
+    finally:
+        tty.close()

@@ -33,9 +33,7 @@ async def status_while(
     async def say_later() -> None:
         nonlocal shown
         await anyio.sleep(after_s)
-        out.write(f"{text}…")
-        out.flush()
-        shown = True
+        shown = _put(out, f"{text}…")
 
     async with anyio.create_task_group() as group:
         group.start_soon(say_later)
@@ -44,5 +42,15 @@ async def status_while(
         finally:
             group.cancel_scope.cancel()
             if shown:
-                out.write("\r\x1b[K")
-                out.flush()
+                _put(out, "\r\x1b[K")
+
+
+def _put(out: IO[str], text: str) -> bool:
+    """``text`` written and flushed; False when the terminal is gone (closed, or revoked
+    while the wait ran: EIO). The line is a courtesy: losing it must not stop the command."""
+    try:
+        out.write(text)
+        out.flush()
+    except (OSError, ValueError):
+        return False
+    return True
