@@ -397,6 +397,26 @@ async def test_a_plan_that_may_not_be_applied_is_refused_before_any_delete(
         assert len(sim.job_ids()) == 200
 
 
+@pytest.mark.anyio
+async def test_a_plan_at_an_endpoint_path_of_other_case_is_refused_as_the_docs_say(
+    tmp_path: Path, repo_root: Path
+) -> None:
+    """A path is case-sensitive (two routes of one gateway), scheme and host are not: the
+    refusal a user sees is the one docs/cleanup.md quotes, said before anything is sent."""
+    path, made_at = tmp_path / "plan", "https://apig.example.com/ModelArts"
+    header = write(path, 5, project_id=SIM_PROJECT, endpoint=made_at, now=datetime.now(UTC))
+    header.verify(project_id=SIM_PROJECT, endpoint="HTTPS://APIG.Example.com:443/ModelArts/",
+                  now=datetime.now(UTC))  # fmt: skip
+    done = await reaper(["run", "--plan", str(path), "--yes"],
+                        reaper_env("https://apig.example.com/modelarts"))  # fmt: skip
+    assert done.code == 64, done.stderr
+    said = done.stderr.strip()
+    assert said == (f"devserver-reaper run: plan is for endpoint {made_at}, not "
+                    "https://apig.example.com/modelarts: refusing to apply it")  # fmt: skip
+    assert done.events("run.usage_error")
+    assert f"`{said}`" in (repo_root / "docs" / "cleanup.md").read_text(encoding="utf-8")
+
+
 def test_plan_and_input_are_mutually_exclusive() -> None:
     from worker.cli import build_parser
 
