@@ -174,6 +174,23 @@ def test_after_a_cut_the_rate_returns_to_its_target_and_probes_past_it_as_cubic(
     assert ctrl.state.phase is Phase.PROBE
 
 
+def test_past_its_target_a_probe_counts_units_of_one_refusal_fewer_than_its_cut_cost() -> None:
+    """A cut that cost two refusals at 20 calls/s (a burst of 1 refuses the call after the
+    refused one too: its slot was given before the cut) has a 3 s unit, and the cruise back
+    to the target takes 1.67 of them (5 s, 97 calls: enough for both refusals). Past the
+    target the probe counts units of one refusal fewer (1.5 s): +17 % 4.5 s past it, where
+    3 s units gave +2 %, and a quota that rose just after the cut was proven 16 s after."""
+    ctrl = _after_a_cut(20.0, 19.4)
+    ctrl.restore(replace(ctrl.state, unit=3.0, refusals=2))
+    k = (0.03 / 0.0064) ** (1 / 3) * 3.0
+    rates, sent = [], 0.0
+    for t in (k - 1.0, k, k + 4.5):
+        sent = _send_while(ctrl, sent, lambda now: now < t)  # noqa: B023
+        rates.append(ctrl.rate_at(t))
+    assert rates[:2] == pytest.approx([20.0 * (1.0 - 0.0064 / 27.0), 20.0], rel=1e-6)
+    assert rates[2] == pytest.approx(20.0 * (1.0 + 0.0064 * 27.0), rel=1e-6)
+
+
 def test_a_refused_probe_goes_back_under_the_quota_measured_however_long_it_held() -> None:
     """Refused just past the quota measured: back to 3 % under it, the probe returning to
     just under the rate refused. Refused after holding well past it for two seconds with
