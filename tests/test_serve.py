@@ -29,7 +29,7 @@ from tests.gateway import Gateway, serve_gateway
 from worker.commands.serve import serve
 from worker.errors import ApiTimeout, AuthError, ServerError, ThrottledError
 from worker.service import journal as journal_module
-from worker.service.consumer import StreamConsumer, handed_back_error, settled_ids
+from worker.service.consumer import Settled, StreamConsumer, handed_back_error, settled_ids
 from worker.service.health import Health, build_app
 from worker.service.inflight import HandBack, InFlight, Released
 from worker.service.layout import Message, StreamLayout, decode_entry
@@ -632,7 +632,7 @@ async def test_an_entry_settled_here_and_still_being_acked_is_not_reclaimed_and_
     refused: list[str] = []
     until = anyio.current_time() + 2.0
 
-    async def unreachable_for_a_while(self: StreamConsumer, done: Any) -> bool:
+    async def unreachable_for_a_while(self: StreamConsumer, done: Any) -> Settled:
         if anyio.current_time() < until:
             refused.append(done.entry_id)
             raise redis.exceptions.ConnectionError("ack refused for the test")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -19,7 +20,7 @@ from tests.conftest import REDIS_URL
 from tests.test_serve_e2e import SEVERAL, queue, until
 from worker.service.consumer import StreamConsumer, sent_ids
 from worker.service.layout import StreamLayout
-from worker.simulator import SimulatorConfig
+from worker.simulator import FaultConfig, SimulatorConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
 
@@ -103,3 +104,49 @@ async def test_the_note_before_a_delete_is_written_only_for_entries_still_ours(
         assert sent_ids(await client.get(layout.sending("3-1"))) == {"job-3-1"}
     finally:
         await client.aclose()
+
+
+@pytest.mark.anyio
+@SEVERAL
+async def test_a_replica_woken_to_its_answer_does_not_ack_an_entry_its_taker_still_works_on(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """Frozen with its DELETE on the wire, the slow replica has its entry taken over; the
+    taker's own DELETE of it is still on the wire when the slow one wakes and reads its
+    answer. It writes its outcome but leaves the entry to the taker
+    (``serve.entry_taken_over``): it used to acknowledge it, under the taker's feet, so an
+    id failing there could never be tried again, and its last error and note went with it."""
+    answered_soon = FaultConfig(latency_ms=3000, latency_jitter=False)
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=1, faults=answered_soon)) as q:
+        (job,) = q.sim.job_ids()
+        added: Any = await q.redis.xadd(q.stream, {"id": job})
+        entry = added.decode()
+        slow = await q.start("slow", "--reclaim-after", "1", "--read-timeout", "300")
+
+        async def on_the_wire() -> bool:
+            return job in q.sim.deleted and q.sim.stats.in_flight == 1
+
+        await until(on_the_wire)
+        slow.process.send_signal(signal.SIGSTOP)
+        try:
+            q.sim.set_faults(FaultConfig(latency_ms=600_000, latency_jitter=False))
+            await q.start("taker", "--reclaim-after", "1")
+
+            async def taker_sending() -> bool:  # the slow one's answer is due (not read)
+                calls = q.sim.stats.delete_calls
+                return calls == 2 and q.sim.stats.in_flight == 1 and await q.pending("taker") == 1
+
+            await until(taker_sending, 60)
+        finally:
+            slow.process.send_signal(signal.SIGCONT)
+
+        async def slow_settled() -> bool:
+            return bool(slow.named("serve.entry_taken_over")) or await q.pending() == 0
+
+        await until(slow_settled, 60)
+        still_the_takers = await q.pending("taker")
+        note: Any = await q.redis.get(StreamLayout(q.stream, "reapers").sending(entry))
+    assert [e["job_id"] for e in slow.named("job.deleted")] == [job]
+    assert [e["entry"] for e in slow.named("serve.entry_taken_over")] == [entry]
+    assert still_the_takers == 1
+    assert note is not None and job in sent_ids(note)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import anyio
@@ -77,6 +78,15 @@ def not_a_stream(stream: str) -> NotAStream:
     """The error for a ``--stream`` naming a Redis key that holds something else
     (``WRONGTYPE``): a setting to fix, exit 78."""
     return NotAStream(f"stream {stream!r}: that Redis key holds another type, not a stream")
+
+
+class Settled(Enum):
+    """How settling an entry ended: acknowledged (or dead-lettered), kept pending for its
+    failed ids, or left to the replica that took it over (nothing written)."""
+
+    ACKED = "acked"
+    KEPT = "kept"
+    TAKEN = "taken"
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,18 +231,79 @@ def _error_text(
     return orjson.dumps(said).decode()
 
 
-_BURY = """
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
-redis.call('XACK', KEYS[1], ARGV[2], ARGV[4])
-redis.call('HDEL', KEYS[3], ARGV[4])
+_MINE = """
+local function id_of(entry)
+  local ms, seq = string.match(entry, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function last_delivered(stream, group)
+  local groups = redis.pcall('XINFO', 'GROUPS', stream)
+  if groups['err'] then return nil end
+  for _, g in ipairs(groups) do
+    local fields = {}
+    for j = 1, #g, 2 do fields[g[j]] = g[j + 1] end
+    if fields['name'] == group then return fields['last-delivered-id'] end
+  end
+  return nil
+end
+local function taken(stream, group, consumer, entry, delivered)
+  if not delivered then return false end
+  local row = redis.call('XPENDING', stream, group, entry, entry, 1)
+  if #row > 0 then return row[1][2] ~= consumer end
+  local ms, seq = id_of(entry)
+  local dms, dseq = id_of(delivered)
+  return ms < dms or (ms == dms and seq <= dseq)
+end
+"""
+"""Whether an entry was taken over (``taken``): pending under another consumer, or
+delivered by the group and pending no more (acknowledged by the one that took it over).
+An entry the group never delivered (the group or the stream was deleted and made again
+below it), or no group at all (``last_delivered`` is nil), is nobody else's."""
+
+_BURY = (
+    _MINE
+    + """
+if taken(KEYS[1], ARGV[2], ARGV[3], ARGV[5], last_delivered(KEYS[1], ARGV[2])) then
+  return 0
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 4))
+redis.call('XACK', KEYS[1], ARGV[2], ARGV[5])
+redis.call('HDEL', KEYS[3], ARGV[5])
 redis.call('DEL', KEYS[4])
 return 1
 """
-"""Dead-letter an entry and acknowledge it. A script, not a ``MULTI``: a transaction does
+)
+"""Dead-letter an entry and acknowledge it, unless it was taken over (``_MINE``: returns
+0, nothing written; the taker settles it). A script, not a ``MULTI``: a transaction does
 not roll back, so a dead-letter key of another type (``WRONGTYPE`` on the ``XADD``) left
 the entry acknowledged with no dead letter; the script stops at the failing ``XADD``.
 ``KEYS``: the stream, the dead letters, the last errors, the entry's note of ids sent.
-``ARGV``: the cap, the group, then the dead letter's fields and values, ``entry`` first."""
+``ARGV``: the cap, the group, the consumer, then the dead letter's fields and values,
+``entry`` first."""
+
+_ACK = (
+    _MINE
+    + """
+local delivered = last_delivered(KEYS[1], ARGV[1])
+local lost = {}
+for i = 3, #ARGV do
+  local entry = ARGV[i]
+  if taken(KEYS[1], ARGV[1], ARGV[2], entry, delivered) then
+    lost[#lost + 1] = entry
+  else
+    redis.call('XACK', KEYS[1], ARGV[1], entry)
+    redis.call('HDEL', KEYS[2], entry)
+    redis.call('DEL', KEYS[i])
+  end
+end
+return lost
+"""
+)
+"""Acknowledge entries, each with its last error and its note of ids sent, except those
+taken over (``_MINE``): a replica that stalled past ``reclaim_after`` and then heard back
+must not acknowledge an entry its taker still works on (whose ids may yet fail and be
+kept pending). Returns those left to their taker. ``KEYS``: the stream, the last errors,
+then each entry's note; ``ARGV``: the group, the consumer, the entries."""
 
 _STRIKE = """
 for i, key in ipairs(KEYS) do
@@ -248,34 +319,15 @@ exist: ``ARGV``: the notes' time to live, then the lines for each key. ``GET`` a
 only: the string commands the documented ACL grants, as ``_SEND``'s."""
 
 
-_SEND = """
-local function id_of(entry)
-  local ms, seq = string.match(entry, '^(%d+)-(%d+)$')
-  return tonumber(ms), tonumber(seq)
-end
-local delivered
-local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])
-if not groups['err'] then
-  for _, g in ipairs(groups) do
-    local fields = {}
-    for j = 1, #g, 2 do fields[g[j]] = g[j + 1] end
-    if fields['name'] == ARGV[2] then delivered = fields['last-delivered-id'] end
-  end
-end
+_SEND = (
+    _MINE
+    + """
+local delivered = last_delivered(KEYS[1], ARGV[2])
 local n = #KEYS - 1
 local lost = {}
 for i = 1, n do
   local entry = ARGV[3 + i]
-  local row = redis.pcall('XPENDING', KEYS[1], ARGV[2], entry, entry, 1)
-  if row['err'] then
-    if not string.find(row['err'], 'NOGROUP', 1, true) then return redis.error_reply(row['err']) end
-  elseif #row > 0 then
-    if row[1][2] ~= ARGV[3] then lost[#lost + 1] = entry end
-  elseif delivered then
-    local ms, seq = id_of(entry)
-    local dms, dseq = id_of(delivered)
-    if ms < dms or (ms == dms and seq <= dseq) then lost[#lost + 1] = entry end
-  end
+  if taken(KEYS[1], ARGV[2], ARGV[3], entry, delivered) then lost[#lost + 1] = entry end
 end
 if #lost > 0 then return lost end
 for i = 1, n do
@@ -284,12 +336,10 @@ for i = 1, n do
 end
 return lost
 """
-"""Note ids about to be sent, unless an entry they are noted under was taken over: pending
-under another consumer, or delivered by the group and pending no more (acknowledged by
-the one that took it over); then nothing is noted, and those entries are returned (empty:
-the note is written). An entry the group never delivered (the group or the stream was
-deleted and made again below it) or no group at all is not taken over: nobody else holds
-its ids. ``KEYS``: the stream, then the entries' notes; ``ARGV``: the notes' time to live,
+)
+"""Note ids about to be sent, unless an entry they are noted under was taken over
+(``_MINE``); then nothing is noted, and those entries are returned (empty: the note is
+written). ``KEYS``: the stream, then the entries' notes; ``ARGV``: the notes' time to live,
 the group, the consumer, the entries' ids, then the lines for each note."""
 
 
@@ -341,6 +391,7 @@ class StreamConsumer:
         self._leave = client.register_script(_LEAVE)
         self._bury = client.register_script(_BURY)
         self._send = client.register_script(_SEND)
+        self._ack = client.register_script(_ACK)
 
     async def ensure_group(self) -> str | None:
         """Create the group (and the stream) if missing; an existing group is kept as it is.
@@ -567,43 +618,42 @@ class StreamConsumer:
             self._unmark(pipe, unmark)
             await pipe.execute()
 
-    async def ack(self, entry_ids: Sequence[str]) -> None:
-        """Acknowledge entries that need nothing more (their ids all done, or nothing in them)."""
+    async def ack(self, entry_ids: Sequence[str]) -> frozenset[str]:
+        """Acknowledge entries that need nothing more (their ids all done, or nothing in
+        them), each with its last error and note of ids sent, in one script (``_ACK``).
+        Returns those not acknowledged: taken over by another replica, which settles them."""
         if not entry_ids:
-            return
-        async with self._r.pipeline(transaction=True) as pipe:
-            pipe.xack(self.layout.stream, self.layout.group, *entry_ids)
-            pipe.hdel(self.layout.last_error, *entry_ids)
-            pipe.delete(*(self.layout.sending(e) for e in entry_ids))
-            await pipe.execute()
-        self.acked += len(entry_ids)
+            return frozenset()
+        layout = self.layout
+        lost: list[Any] = await self._ack(
+            keys=[layout.stream, layout.last_error, *(layout.sending(e) for e in entry_ids)],
+            args=[layout.group, self.consumer, *entry_ids],
+        )
+        self.acked += len(entry_ids) - len(lost)
+        return frozenset(_id(e) for e in lost)
 
-    async def finish(self, finished: Finished) -> bool:
+    async def finish(self, finished: Finished) -> Settled:
         """Settle one entry: ack it (dead-lettering its invalid ids with it), or, when some of
-        its ids failed, keep it pending with the last error for a later delivery. Returns
-        whether it was acknowledged."""
+        its ids failed, keep it pending with the last error for a later delivery. An entry
+        taken over by another replica meanwhile is left to it, not acknowledged."""
         message = finished.message
         if finished.failures:
             done = message.done_besides({f.job_id for f in finished.failures})
             await self._r.hset(
                 self.layout.last_error, message.entry_id, last_error(finished.failures, done)
             )
-            return False
+            return Settled.KEPT
         if message.rejections or message.problem:
-            await self._buried(self._dead_fields(finished))
-            return True
-        async with self._r.pipeline(transaction=True) as pipe:
-            pipe.xack(self.layout.stream, self.layout.group, message.entry_id)
-            pipe.hdel(self.layout.last_error, message.entry_id)
-            pipe.delete(self.layout.sending(message.entry_id))
-            await pipe.execute()
-        self.acked += 1
-        return True
+            return await self._buried(self._dead_fields(finished))
+        if await self.ack([message.entry_id]):
+            return Settled.TAKEN
+        return Settled.ACKED
 
     async def dead_letter(
         self, entry_id: str, payload: str, reason: str, deliveries: int, error: str = ""
-    ) -> None:
-        """Move an entry to the dead-letter stream and acknowledge it, in one transaction."""
+    ) -> Settled:
+        """Move an entry to the dead-letter stream and acknowledge it, in one script; an
+        entry taken over by another replica is left to it (``Settled.TAKEN``)."""
         fields: Fields = {
             "entry": entry_id,
             "payload": payload,
@@ -612,18 +662,22 @@ class StreamConsumer:
             "consumer": self.consumer,
             "last_error": error,
         }
-        await self._buried(fields)
+        return await self._buried(fields)
 
-    async def _buried(self, fields: Fields) -> None:
+    async def _buried(self, fields: Fields) -> Settled:
         """The dead letter written and its entry (``fields["entry"]``) acknowledged, or,
-        when the ``XADD`` fails, neither (``_BURY``)."""
+        when the ``XADD`` fails or the entry was taken over, neither (``_BURY``)."""
         flat = [item for pair in fields.items() for item in pair]
         layout = self.layout
-        await self._bury(keys=[layout.stream, layout.dead, layout.last_error,
-                               layout.sending(fields["entry"])],
-                         args=[self.retention.dead_max_len, layout.group, *flat])  # fmt: skip
+        buried = await self._bury(keys=[layout.stream, layout.dead, layout.last_error,
+                                        layout.sending(fields["entry"])],
+                                  args=[self.retention.dead_max_len, layout.group,
+                                        self.consumer, *flat])  # fmt: skip
+        if not int(buried):
+            return Settled.TAKEN
         self.dead_lettered += 1
         self.acked += 1
+        return Settled.ACKED
 
     def _dead_fields(self, finished: Finished) -> Fields:
         message = finished.message

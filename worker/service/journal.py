@@ -37,6 +37,7 @@ from worker.errors import TakenOver
 from worker.outcomes.events import EventLog
 from worker.routing import Stamped
 from worker.service.consumer import (
+    Settled,
     StreamConsumer,
     handed_back_error,
     last_error,
@@ -250,17 +251,26 @@ class ServeJournal:
 
     async def _dead_letter(
         self, message: Message, deliveries: int, reason: str, error: str
-    ) -> None:
-        await self._outage.persist(
+    ) -> Settled:
+        settled = await self._outage.persist(
             lambda: self._consumer.dead_letter(
                 message.entry_id, message.payload, reason, deliveries, error
             ),
             what="dead-letter",
         )
+        if settled is Settled.TAKEN:
+            self._taken(message.entry_id, deliveries)
+            return settled
         self._metrics.dead("max_deliveries")
         self._events.warn(
             "serve.dead_lettered", entry=message.entry_id, reason=reason, deliveries=deliveries
         )
+        return settled
+
+    def _taken(self, entry_id: str, deliveries: int) -> None:
+        """An entry settled here that another replica took over meanwhile (this one stalled
+        past ``reclaim_after``): not acknowledged nor dead-lettered, the taker settles it."""
+        self._events.warn("serve.entry_taken_over", entry=entry_id, deliveries=deliveries)
 
     def drain(self, grace: float) -> None:
         """The service is stopping: outcomes still waiting for Redis ``grace`` +
@@ -295,14 +305,14 @@ class ServeJournal:
         if done.failures and done.deliveries >= self._max_deliveries:
             limit = self._max_deliveries
             reason = f"failed on its last delivery ({done.deliveries}, max_deliveries {limit})"
-            await self._dead_letter(
+            settled = await self._dead_letter(
                 done.message, done.deliveries, reason, last_error(done.failures)
             )
             if self._on_finished is not None:
-                self._on_finished(done, True)
+                self._on_finished(done, settled is Settled.ACKED)
             return
-        acked = await self._outage.persist(lambda: self._consumer.finish(done), what="ack")
-        if not acked:
+        settled = await self._outage.persist(lambda: self._consumer.finish(done), what="ack")
+        if settled is Settled.KEPT:
             self.kept += 1
             self._events.warn(
                 "serve.entry_kept",
@@ -310,6 +320,8 @@ class ServeJournal:
                 failed=len(done.failures),
                 deliveries=done.deliveries,
             )
+        elif settled is Settled.TAKEN:
+            self._taken(done.entry_id, done.deliveries)
         elif done.message.rejections or done.message.problem:
             reason = "unreadable" if done.message.problem else "invalid"
             if done.message.refused:
@@ -322,7 +334,7 @@ class ServeJournal:
                 deliveries=done.deliveries,
             )
         if self._on_finished is not None:
-            self._on_finished(done, acked)
+            self._on_finished(done, settled is Settled.ACKED)
 
     def __repr__(self) -> str:
         return f"ServeJournal(outcomes={self.outcomes}, kept={self.kept}, {self._inflight!r})"
