@@ -17,8 +17,8 @@ import anyio
 import pytest
 
 from tests.benchmarks import harness
-from tests.e2e import Served, collect
-from tests.test_redis_auth import REDIS_SERVER, _free_port, redis_server
+from tests.e2e import Served, collect, reaper
+from tests.test_redis_auth import PASSWORD, REDIS_SERVER, _free_port, redis_server
 from tests.test_serve_e2e import until
 from worker.simulator import SimulatorConfig, run_simulator
 
@@ -84,3 +84,33 @@ async def test_probes_answer_while_it_waits_for_redis_and_it_starts_once_redis_d
     assert process.returncode == 0
     assert served.named("serve.redis_unreachable")[0]["operation"] == "ping"
     assert "serve.redis_back" in {e["event"] for e in served.events}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("password", ["", PASSWORD])
+async def test_rediss_pointed_at_a_redis_without_tls_says_so_and_exits_78(
+    tmp_path: Path, password: str
+) -> None:
+    """A ``rediss://`` URL naming a plain Redis: the TLS handshake gets no answer. serve
+    says what is wrong in the user's words (TLS asked, the Redis speaks without it, use
+    redis://) and exits 78 at the first failed PING, where it waited 30 s and exited 69 with
+    a bare TimeoutError; the password, with or without one, is never shown."""
+    config = [f"requirepass {password}"] if password else []
+    async with (
+        run_simulator(SimulatorConfig(jobs=1)) as sim,
+        redis_server(tmp_path, config) as redis_port,
+    ):
+        user = f":{password}@" if password else ""
+        done = await reaper(
+            ["serve", "--endpoint", sim.url, "--project-id", sim.config.project_id,
+             "--ak", sim.config.ak, "--stream", "tls:ids", "--group", "reapers",
+             "--consumer", "c1", "--http-port", "0", "--log-format", "json"],
+            harness.clean_env() | {"REAPER_SK": sim.config.sk,
+                                   "REAPER_REDIS_URL": f"rediss://{user}127.0.0.1:{redis_port}/0"},
+        )  # fmt: skip
+    said = done.events("serve.config_error")
+    assert done.code == 78, done.stderr
+    assert len(said) == 1 and done.events("serve.redis_unavailable") == []
+    assert f"rediss:// asks for TLS, but the Redis at 127.0.0.1:{redis_port}" in said[0]["error"]
+    assert "use redis://" in done.stderr
+    assert PASSWORD not in done.stdout + done.stderr

@@ -44,7 +44,8 @@ Fields = dict[Any, Any]
 
 async def ping(client: aioredis.Redis) -> None:
     """``PING``. A Redis that refuses our settings (the user name or password, a database it
-    does not have) is ``ConfigError`` (78); one that cannot be reached raises one of
+    does not have) is ``ConfigError`` (78), and so is a ``rediss://`` URL naming a Redis
+    that speaks no TLS (:func:`_plain_redis`); one that cannot be reached raises one of
     :data:`REDIS_ERRORS`."""
     try:
         await client.ping()
@@ -52,6 +53,44 @@ async def ping(client: aioredis.Redis) -> None:
         raise ConfigError("redis_url: Redis refused the user name or password") from None
     except redis.exceptions.ResponseError as exc:  # e.g. a database out of range
         raise ConfigError(f"redis_url: Redis refused it: {exc}") from None
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+        where = _tls_place(client)
+        if where is not None and await _plain_redis(*where):
+            host, port = where
+            raise ConfigError(
+                f"redis_url: rediss:// asks for TLS, but the Redis at {host}:{port} speaks "
+                "without TLS, so the TLS handshake cannot succeed: use redis:// for it, or "
+                "turn TLS on in that Redis"
+            ) from None
+        raise
+
+
+PLAIN_PROBE_S = 2.0
+"""How long the check that a TLS peer is a plain Redis waits for its answer."""
+
+
+def _tls_place(client: aioredis.Redis) -> tuple[str, int] | None:
+    """The host and port a client connects to over TLS (``rediss://``), else None."""
+    pool = client.connection_pool
+    if not issubclass(pool.connection_class, aioredis.SSLConnection):
+        return None
+    kwargs = pool.connection_kwargs
+    return str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379))
+
+
+async def _plain_redis(host: str, port: int) -> bool:
+    """Does a plain Redis answer at ``host:port`` (a RESP reply to an inline ``PING``,
+    ``+PONG`` or an error such as ``-NOAUTH``)? Asked once a TLS connection there failed:
+    a TLS handshake to a plain Redis waits for an answer that never comes."""
+    with anyio.move_on_after(PLAIN_PROBE_S):
+        try:
+            async with await anyio.connect_tcp(host, port) as stream:
+                await stream.send(b"PING\r\n")
+                reply = await stream.receive(64)
+        except (OSError, anyio.EndOfStream, anyio.BrokenResourceError):
+            return False
+        return reply[:1] in (b"+", b"-")
+    return False
 
 
 async def eviction_policy(client: aioredis.Redis) -> str | None:
