@@ -38,7 +38,6 @@ from worker.pacing.shared import (
     GCRA,
     PACE_TTL_S,
     REDIS_ERRORS,
-    START,
     RedisPacer,
     Reservation,
     interval_us,
@@ -81,7 +80,12 @@ for i = 15, #ARGV, 4 do
   redis.call('RPUSH', KEYS[4], table.concat({'a', us(now - tonumber(ARGV[i])), ARGV[i + 1],
              ARGV[i + 2], ARGV[i + 3]}, ' '))
 end
-if start then start = us(start) else start = '' end
+if start then
+  redis.call('RPUSH', KEYS[4], 's ' .. us(start))
+  start = us(start)
+else
+  start = ''
+end
 if redis.call('EXISTS', KEYS[4]) == 1 then
   redis.call('LTRIM', KEYS[4], -tonumber(ARGV[7]), -1)
   redis.call('PEXPIRE', KEYS[4], ARGV[4])
@@ -90,30 +94,6 @@ local out = {start, us(now), us(new_tat), us(interval), us(pause), leader, p[3] 
 if leader == 1 then
   for _, e in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do out[#out + 1] = e end
   redis.call('DEL', KEYS[4])
-end
-return out
-"""
-)
-
-_START = (
-    GCRA
-    + START
-    + """
--- ARGV[6]: the initial interval, ARGV[7..9]: the least and most interval and the longest
--- pause a stored pace may hold (us), ARGV[10]: most answers kept. A call that starts is
--- reported to the leader as sent then (``on_sent``), not when its slot was.
-local now = clock()
-own(KEYS[2], 'hash')
-own(KEYS[4], 'list')
-local p = redis.call('HMGET', KEYS[2], 'interval', 'pause_until')
-local least, most = tonumber(ARGV[7]), tonumber(ARGV[8])
-local interval = within(p[1], least, most) or tonumber(ARGV[6])
-local pause = within(p[2], -math.huge, now + tonumber(ARGV[9])) or 0
-local out = start_apart(now, interval, pause, most)
-if out[1] == '0' then
-  redis.call('RPUSH', KEYS[4], 's ' .. us(now))
-  redis.call('LTRIM', KEYS[4], -tonumber(ARGV[10]), -1)
-  redis.call('PEXPIRE', KEYS[4], ARGV[2])
 end
 return out
 """
@@ -230,7 +210,6 @@ class FleetRateController(RedisPacer):
         self._bounds = (interval_us(c.max_rate), interval_us(c.min_rate), round(c.max_pause * 1e6))
         self._script: Any = client.register_script(_AUTO)
         self._publish_script: Any = client.register_script(_PUBLISH)
-        self._start_script = client.register_script(_START)
         self._answers: list[_Answer] = []
         self._interval = interval_us(self._config.initial_rate)  # the fleet's, as last seen
         self._pause_us = 0  # the fleet's pause, as last seen
@@ -283,13 +262,6 @@ class FleetRateController(RedisPacer):
     @property
     def spec(self) -> str:
         return "auto"
-
-    @property
-    def apart(self) -> bool:
-        return True  # calls are spaced evenly: burst 1, always
-
-    def _start_args(self) -> list[Any]:
-        return [self._interval, *self._bounds, self._max_answers]
 
     async def reserve(self) -> Reservation | float:
         await self.check_spec()

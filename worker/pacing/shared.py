@@ -41,8 +41,7 @@ Why this shape:
 
 Keys, all derived from the bucket's ``key`` (a parameter: one per endpoint and project):
 ``key`` (the ``tat``), ``key:pace`` (a hash: the fixed rate's factor, or the leader's
-interval, pause and state; with a burst of 1 also the fleet's last real start and the
-earliest the next may be, ``RedisPacer.start``), ``key:lead`` (the leader's lease: who, until when),
+interval, pause and state), ``key:lead`` (the leader's lease: who, until when),
 ``key:answers`` (a list of answers and reservations for the leader, capped).
 
 When Redis does not answer, ``acquire`` waits and asks again: a call not made is always
@@ -54,9 +53,9 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -66,10 +65,8 @@ import structlog
 
 from worker.clock import Clock
 from worker.errors import NotAStream
-from worker.pacing.bucket import APART_MAX, APART_TOLERANCE, WAKE_SLACK_S, check_rate
+from worker.pacing.bucket import check_rate
 from worker.pacing.slowdown import Notify, SlowdownConfig
-
-_T = TypeVar("_T")
 
 GCRA = """
 local function clock()
@@ -113,33 +110,6 @@ local function reserve(now, interval, burst, floor, horizon, far)
 end
 """
 
-START = """
--- With a burst of 1, the fleet's real starts (see RedisPacer.start): none less than
--- ``interval`` after the last, less a tolerance, none before ``floor`` (a pause), and no run
--- of them faster than the rate (GCRA over the real starts: ``due``, the earliest the next
--- may start, kept in KEYS[2] with ``last``); a start moves the bucket's later slots back to
--- ``due``. ARGV[1] the clock, ARGV[2] the pace's ttl (ms), ARGV[3..5] the tolerance: a share
--- of an interval, at least a slack (us), at most a share. Returns how long to wait (us, 0:
--- started) and the clock.
-local function start_apart(now, interval, floor, most)
-  own(KEYS[1], 'string')
-  local s = redis.call('HMGET', KEYS[2], 'due', 'last')
-  local due = within(s[1], -math.huge, now + most) or -math.huge
-  local last = within(s[2], -math.huge, now)
-  if last then due = math.max(due, last + interval) end
-  local share, slack, cap = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-  local tolerance = math.min(math.max(share * interval, slack), cap * interval)
-  local ready = math.max(due - tolerance, floor)
-  if now < ready then return {us(ready - now), us(now)} end
-  due = math.max(due, now) + interval
-  redis.call('HSET', KEYS[2], 'due', us(due), 'last', us(now))
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-  local tat = tonumber(redis.call('GET', KEYS[1]))
-  if tat == nil or tat < due then put(due, now) end
-  return {'0', us(now)}
-end
-"""
-
 _FIXED = (
     GCRA
     + """
@@ -180,19 +150,6 @@ local far = horizon + burst * math.ceil(tonumber(ARGV[2]) / least)
 local start, new_tat = reserve(now, interval, burst, 0, horizon, far)
 if not start then start = '' else start = us(start) end
 return {start, us(now), us(new_tat), event, string.format('%.17g', factor)}
-"""
-)
-
-FIXED_START = (
-    GCRA
-    + START
-    + """
--- ARGV[6]: the interval asked (us), ARGV[7]: the least factor.
-local now = clock()
-own(KEYS[2], 'hash')
-local asked, least = tonumber(ARGV[6]), tonumber(ARGV[7])
-local factor = math.max(within(redis.call('HGET', KEYS[2], 'factor'), 0, 1) or 1, least)
-return start_apart(now, math.ceil(asked / factor), 0, math.ceil(asked / least))
 """
 )
 
@@ -294,8 +251,6 @@ class RedisPacer(abc.ABC):
     is more than ``horizon`` away), then sleeps to its start; its slot is given back when it
     is cancelled while it holds the latest."""
 
-    _start_script: Any  # the subclass's script behind ``start``
-
     def __init__(
         self,
         client: aioredis.Redis,
@@ -321,7 +276,6 @@ class RedisPacer(abc.ABC):
         self.waited_s = 0.0
         self.redis_errors = 0
         self.throttles = 0
-        self.held_apart = 0  # times a call was told to wait by ``start``
 
     def _now_arg(self) -> str:
         """The time the scripts use: the Redis server's, or a test's clock (microseconds)."""
@@ -387,66 +341,20 @@ class RedisPacer(abc.ABC):
                             args=[self._now_arg(), reservation.token, self._spacing],
                         )
                     raise
-            if self._held_s() > 0:
-                # Paused while it waited: its start was handed out before the pause, and
-                # calls must be spaced from the pause's end, not sent at it together.
-                continue
-            if not self.apart:
+            if self._held_s() <= 0:
                 return
-            while (wait := await self._asking(self.start)) > 0:
-                self.waited_s += wait
-                self.held_apart += 1
-                await self._clock.sleep(wait)
-            return
-
-    async def start(self) -> float:
-        """With a burst of 1, ask Redis whether this call may really start now: 0 when it
-        has (the fleet's last start, from which the next is spaced), else how many
-        seconds to wait before asking again.
-
-        The fleet's even starts, as ``worker.pacing.bucket.start_apart`` keeps them in one
-        process: a replica woken late (its loop descheduled, its answer from Redis slow)
-        was followed by another's call on its own slot, less than an interval after the
-        late one, and a gateway whose burst is 1 refuses that call. Redis now keeps the
-        last real start and the earliest the next may be (GCRA over the real starts, so
-        no run of calls goes faster than the rate either) on its own clock, the one every
-        replica's reservations are on, and a start pushes the bucket's later slots back
-        by what it lost. What it can promise is the spacing of the starts Redis allowed:
-        each call then reaches the gateway after the answer's way back and its own
-        sending, which no process can see (the same tolerance as one process's, an event
-        loop's millisecond or 1 % of an interval, is allowed for). One more script call
-        per API call, with a burst of 1 only."""
-        wait_us, _ = await self._start_script(
-            keys=self._keys.all(),
-            args=[
-                self._now_arg(), int(PACE_TTL_S * 1000), APART_TOLERANCE,
-                round(WAKE_SLACK_S * 1e6), APART_MAX, *self._start_args(),
-            ],
-        )  # fmt: skip
-        return int(wait_us) / 1e6
-
-    @property
-    @abc.abstractmethod
-    def apart(self) -> bool:
-        """Whether the real starts are kept apart by ``start`` (a burst of 1)."""
-
-    @abc.abstractmethod
-    def _start_args(self) -> list[Any]:
-        """The arguments of this pacer's ``start`` script after the shared ones."""
+            # Paused while it waited: its start was handed out before the pause, and calls
+            # must be spaced from the pause's end, not sent at it together.
 
     async def _reserve_retrying(self) -> Reservation | float:
-        return await self._asking(self.reserve)
-
-    async def _asking(self, ask: Callable[[], Awaitable[_T]]) -> _T:
-        """``ask`` (a script call), asked again every ``retry_s`` while Redis does not
-        answer: said once an outage (``ratelimit.redis_error``), not twice a second while
-        Redis is away or full, and its end too (``ratelimit.redis_recovered``). A key of
-        another type where the fleet's state belongs ends it (``NotAStream``: serve
-        pauses, run ends 78)."""
+        """``reserve``, asked again every ``retry_s`` while Redis does not answer: said once
+        an outage (``ratelimit.redis_error``), not twice a second while Redis is away or
+        full, and its end too (``ratelimit.redis_recovered``). A key of another type where
+        the fleet's state belongs ends it (``NotAStream``: serve pauses, run ends 78)."""
         failing_since: float | None = None
         while True:
             try:
-                reserved = await ask()
+                reserved = await self.reserve()
             except REDIS_ERRORS as exc:
                 self.redis_errors += 1
                 if failing_since is None:
@@ -507,7 +415,6 @@ class RedisRateLimiter(RedisPacer):
         self._config = config or SlowdownConfig()
         self._notify = notify or structlog.get_logger("devserver_reaper").warning
         self._script: Any = client.register_script(_FIXED)
-        self._start_script = client.register_script(FIXED_START)
         self._refused: list[float] = []  # when refused calls were sent, on our clock
         self.factor = 1.0
         self._last_spacing = self._interval
@@ -528,13 +435,6 @@ class RedisRateLimiter(RedisPacer):
     @property
     def spec(self) -> str:
         return f"{self._asked:g}"
-
-    @property
-    def apart(self) -> bool:
-        return self._burst == 1
-
-    def _start_args(self) -> list[Any]:
-        return [self._interval, self._config.min_rate / self._asked]
 
     def feedback(
         self,
