@@ -145,6 +145,27 @@ def test_a_measure_counts_the_calls_still_out_however_late_its_refusal_comes() -
     assert ctrl.measure(2.0) == pytest.approx(99 / 1.0)
 
 
+def test_under_four_calls_a_second_a_refusal_is_measured_from_further_back_than_a_window() -> None:
+    """At a quota of 1 call/s a 2 s window never holds the 8 accepted calls a measure
+    needs, so no refusal was ever measured: each stepped 3 % under the rate it was sent
+    at, and a start-up's end at 5.5 calls/s refused 27-51 % of the calls for minutes. The
+    look-back reaches as far as the last 8 accepted calls: refused at 1.5 s and 9.5 s,
+    8 accepted in between, 1 call/s."""
+    ctrl = RateController(0.0)
+    ctrl.restore(replace(ctrl.state, rate=1.5, level=1.5, phase=Phase.CRUISE, unit=math.inf))
+    for t in sorted([float(k) for k in range(10)] + [1.5]):
+        ctrl.on_sent(t)
+        if t == 1.5:
+            ctrl.on_throttle(t, latency=0.0)
+        else:
+            ctrl.on_success(t, latency=0.0)
+    assert ctrl.measure(9.5) == pytest.approx(1.0)
+    ctrl.on_sent(9.5)
+    ctrl.on_throttle(9.5, latency=0.0)
+    assert ctrl.state.quota == pytest.approx(1.0)
+    assert ctrl.rate == pytest.approx(0.97)
+
+
 def _after_a_cut(target: float, level: float) -> RateController:
     """A controller cut at 0 s to ``level``, its probe returning to ``target``."""
     ctrl = RateController(0.0)

@@ -50,6 +50,28 @@ def test_auto_uses_nearly_all_it_can_from_ten_seconds_on(
     assert run.refused_share(10.0, 40.0) <= 0.02
 
 
+LOW_QUOTAS = (1.0, 2.0, 3.0)
+
+
+@pytest.mark.parametrize("concurrency", CONCURRENCY, ids=[f"c{c}" for c in CONCURRENCY])
+@pytest.mark.parametrize("latency", LATENCIES, ids=[f"{lat * 1000:g}ms" for lat in LATENCIES])
+@pytest.mark.parametrize("burst", BURSTS, ids=[f"b{burst}" for burst in BURSTS])
+@pytest.mark.parametrize("quota", LOW_QUOTAS, ids=[f"q{quota:g}" for quota in LOW_QUOTAS])
+def test_auto_under_five_calls_a_second_uses_nearly_all_of_it_from_twenty_seconds_on(
+    quota: float, burst: int, latency: float, concurrency: int
+) -> None:
+    """Quotas of 1, 2 and 3 calls/s, where a 2 s window holds too few calls to measure
+    one. The goal, from 20 s to 180 s (160-480 calls): at least 0.90 of the quota, and at
+    most 2 % of the calls throttled or one refusal in 30 s where that is more (under 1.7
+    calls/s): a probe must be refused now and then to find a quota that rose, and at 1
+    call/s one refusal in 50 calls (2 %) would leave a rise unseen for minutes."""
+    run = simulate(lambda t: quota, duration=180.0, burst=burst, latency=latency,
+                   concurrency=concurrency)  # fmt: skip
+    assert run.accepted_per_s(20.0, 180.0) >= 0.90 * quota
+    refused = sum(20.0 <= t < 180.0 for t in run.refused)
+    assert run.refused_share(20.0, 180.0) <= 0.02 or refused <= 160.0 / 30.0
+
+
 def _jitter(seed: int, spread: float, tail: float, tail_s: float) -> Callable[[], float]:
     """A loaded loop's send jitter, seeded: each call leaves up to ``spread`` late, and
     ``tail`` of them an exponential ``tail_s`` later still; calls leave in order, so a late

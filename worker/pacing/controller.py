@@ -8,9 +8,11 @@ Pure: events with their times in, the rate to use out; no clock, no I/O. The des
 - a refusal of a call sent since the last cut (older ones say nothing new) sets the rate
   ``margin`` under the quota **measured**: a refusal means the gateway's bucket was empty
   when that call arrived, so between two refused calls it accepted its quota times the
-  time between them. Never under the **floor**: since the last refused call the gateway
-  accepted at most one call more than its quota allows, whatever its burst. When nothing
-  can be measured, ``margin`` under the rate refused (or the quota measured before);
+  time between them (from as far back as ``measure_calls`` accepted calls, under about 4
+  calls/s where a ``window`` holds too few). Never under the **floor**: since the last
+  refused call the gateway accepted at most one call more than its quota allows, whatever
+  its burst. When nothing can be measured, ``margin`` under the rate refused (or the
+  quota measured before);
 - after a cut the rate moves as CUBIC's window (``probe``): back fast to its **target**
   (the quota measured, or just under the rate refused), slow near it (the cruise), then
   past it slowly and faster and faster; its time unit is ``hold`` or longer, so each
@@ -42,6 +44,18 @@ HALF = 0.55
 
 SLOW_HALF = 0.8
 """``HALF`` where answers take longer than two measures' spans."""
+
+ABOUT_HALF = 0.65
+"""A measure from further back than ``window`` (under about 4 calls/s a window holds too
+few calls for one) over ``TWICE`` and at most this share of the calls sent in its span:
+about every other call was refused, as a burst of 1 refuses calls paced anywhere from just
+over its quota to twice it. The quota is anywhere from the measure to the rate refused:
+the refusal steps as one that cannot be measured (a cut to the measure, then a cruise back
+in units of 30 calls, held a quota of 5 at 0.85 for 30 s)."""
+
+TWICE = 0.4
+"""A measure at most this share of the calls sent in its span: they went out at twice the
+quota or more, whatever its burst, and the rate falls to the measure at once."""
 
 HELD_CALLS = 4
 """Calls started in a ``window`` that say how fast the workers really send (fewer: it
@@ -326,8 +340,8 @@ class RateController:
         """A call starts: the measure of how fast we really send."""
         sends = self._sends
         bisect.insort(sends, now)  # in order: a fleet's starts may come a little out of it
-        # Kept as long as the refusals a measure spans (``_remember``).
-        horizon = now - 2.0 * self._config.window
+        # Kept as long as the refusals a measure spans (``_horizon``).
+        horizon = self._horizon(now)
         while sends[0] < horizon:
             sends.popleft()
 
@@ -448,21 +462,47 @@ class RateController:
     def _sent_at(now: float, latency: float | None) -> float:
         return now - latency if latency is not None and latency >= 0 else now
 
+    def _horizon(self, now: float) -> float:
+        """How far back the calls are kept: two ``window``s, or as far as the last
+        ``measure_calls`` accepted ones and two more where that is longer (a measure's
+        look-back, ``_look_back``), at most ``forget``."""
+        c = self._config
+        accepted = self._accepted
+        horizon = now - 2.0 * c.window
+        if len(accepted) < c.measure_calls + 2:
+            horizon = -math.inf
+        elif accepted[-c.measure_calls - 2] < horizon:
+            horizon = accepted[-c.measure_calls - 2]
+        return max(horizon, now - c.forget)
+
+    def _look_back(self, sent: float) -> float:
+        """The earliest refused call a refusal of a call sent at ``sent`` is measured from:
+        the last ``window``, or further back to the call before the last ``measure_calls``
+        accepted where that is longer (under about ``measure_calls / window`` calls/s a
+        window never holds enough for a measure); never across a pause."""
+        c = self._config
+        start = sent - c.window
+        before = bisect.bisect_left(self._accepted, sent) - c.measure_calls - 1
+        if before >= 0:
+            start = max(min(start, self._accepted[before]), sent - c.forget)
+        return max(start, self._state.pause_until)
+
     def _remember(self, times: list[float], sent: float, now: float) -> None:
         bisect.insort(times, sent)
-        horizon = now - 2.0 * self._config.window
+        horizon = self._horizon(now)
         if times[0] < horizon:
             del times[: bisect.bisect_left(times, horizon)]
 
     def measure(self, sent: float) -> float | None:
         """The quota, from the accepted calls sent between an earlier refused call of the
-        last ``window`` and the one refused at ``sent`` (the gateway's bucket was empty at
-        both, and calls went at least as fast in between: it accepted its quota times the
-        time between them, give or take a call); ``None`` when that is too short, holds too
-        few calls, or spans a pause, to say. From the earliest such call (the longest span,
-        the finest measure), unless the latest one that spans enough says otherwise by more
-        than a call in its span: then the quota changed in between, and the latest says
-        what it is now."""
+        last ``window`` (or further back, as far as the last ``measure_calls`` accepted
+        calls: ``_look_back``) and the one refused at ``sent`` (the gateway's bucket was
+        empty at both, and calls went at least as fast in between: it accepted its quota
+        times the time between them, give or take a call); ``None`` when that is too
+        short, holds too few calls, or spans a pause, to say. From the earliest such call
+        (the longest span, the finest measure), unless the latest one that spans enough
+        says otherwise by more than a call in its span: then the quota changed in between,
+        and the latest says what it is now."""
         measured = self._measure(sent)
         return None if measured is None else measured[0]
 
@@ -471,7 +511,7 @@ class RateController:
         c = self._config
         # Not from before a pause's end: nobody sent while it lasted, and the gateway's
         # bucket filled up again.
-        first = bisect.bisect_left(self._refused, max(sent - c.window, self._state.pause_until))
+        first = bisect.bisect_left(self._refused, self._look_back(sent))
         end = bisect.bisect_left(self._refused, sent)
         if first >= end:
             return None
@@ -539,15 +579,23 @@ class RateController:
             overload=False,
         )
         measured = self._measure(sent)
+        # With answers slower than a measure's span, the calls in it went out before
+        # the gateway's answers to the ones before could say anything: a measure far
+        # under the rate refused is as suspect as one of half.
+        half = HALF if self._delay < c.measure_s * 2.0 else SLOW_HALF
+        paced = refused_rate
+        if measured is not None and measured[1] < sent - c.window:
+            # From further back than a window: the rate may have fallen in between, so
+            # the share refused is of what was sent in the span, not of the rate refused.
+            quota, start = measured
+            paced = max(paced, self._sends_since(start, sent) / (sent - start))
+            if TWICE * paced < quota <= ABOUT_HALF * paced:
+                measured = None
         if measured is not None:
             self.measured += 1
             quota, start = measured
             target = quota
-            # With answers slower than a measure's span, the calls in it went out before
-            # the gateway's answers to the ones before could say anything: a measure far
-            # under the rate refused is as suspect as one of half.
-            half = HALF if self._delay < c.measure_s * 2.0 else SLOW_HALF
-            if quota <= half * refused_rate or self._paced_under(quota, start, sent):
+            if quota <= half * paced or self._paced_under(quota, start, sent):
                 # The gateway's bucket may have filled up in between, and the tokens it
                 # got while full were lost: the measure says less than the quota. Calls
                 # were paced slower than it for a while, or half were refused: the rate
@@ -633,7 +681,8 @@ class RateController:
     def _set(self, state: ControllerState, now: float) -> float:
         if state.rate != self._state.rate or not self._history:
             self._history.append((now, state.rate))
-            while len(self._history) > 1 and self._history[1][0] < now - 2.0 * self._config.window:
+            horizon = self._horizon(now)
+            while len(self._history) > 1 and self._history[1][0] < horizon:
                 self._history.popleft()
         self._state = state
         return state.rate
