@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +36,10 @@ async def _probe(port: int, path: str) -> tuple[int, dict[str, Any]]:
         return r.status, await r.json()
 
 
-@pytest.mark.anyio
-async def test_probes_answer_while_it_waits_for_redis_and_it_starts_once_redis_does(
-    tmp_path: Path,
-) -> None:
-    redis_port = _free_port()  # nothing listens here until the test starts its Redis
-    port = _free_port()
+@asynccontextmanager
+async def _serving(redis_port: int, port: int = 0) -> AsyncIterator[Served]:
+    """A ``serve`` subprocess told of a Redis on ``redis_port`` (and of the simulator), its
+    events collected; killed at the end if it still runs."""
     async with run_simulator(SimulatorConfig(jobs=1)) as sim, anyio.create_task_group() as tg:
         command = [
             sys.executable, "-m", "worker", "serve", "--endpoint", sim.url,
@@ -54,33 +54,49 @@ async def test_probes_answer_while_it_waits_for_redis_and_it_starts_once_redis_d
         served = Served(process)
         tg.start_soon(collect, served)
         try:
-
-            async def waiting() -> bool:  # its first PING refused
-                return bool(served.named("serve.redis_unreachable"))
-
-            await until(waiting, timeout=20)
-            live, _ = await _probe(port, "/healthz")
-            ready, body = await _probe(port, "/readyz")
-            assert (live, ready) == (200, 503)
-            assert served.named("serve.starting")[0]["http_port"] == port
-            assert body["ready"] is False and body["redis"] is False
-            assert f"127.0.0.1:{redis_port}" in body["starting"]
-            async with redis_server(tmp_path, [], port=redis_port):
-
-                async def is_ready() -> bool:
-                    return (await _probe(port, "/readyz"))[0] == 200
-
-                await until(is_ready, timeout=20)
-                assert served.started.is_set()  # serve.started: built, consuming
-                assert (await _probe(port, "/healthz"))[0] == 200
-                process.send_signal(signal.SIGTERM)
-                with anyio.fail_after(20):
-                    await process.wait()
+            yield served
         finally:
             if process.returncode is None:
                 process.kill()
                 await process.wait()
             await process.aclose()
+
+
+async def _waiting_for_redis(served: Served) -> None:
+    """Until its first PING was refused."""
+
+    async def waiting() -> bool:
+        return bool(served.named("serve.redis_unreachable"))
+
+    await until(waiting, timeout=20)
+
+
+@pytest.mark.anyio
+async def test_probes_answer_while_it_waits_for_redis_and_it_starts_once_redis_does(
+    tmp_path: Path,
+) -> None:
+    redis_port = _free_port()  # nothing listens here until the test starts its Redis
+    port = _free_port()
+    async with _serving(redis_port, port) as served:
+        process = served.process
+        await _waiting_for_redis(served)
+        live, _ = await _probe(port, "/healthz")
+        ready, body = await _probe(port, "/readyz")
+        assert (live, ready) == (200, 503)
+        assert served.named("serve.starting")[0]["http_port"] == port
+        assert body["ready"] is False and body["redis"] is False
+        assert f"127.0.0.1:{redis_port}" in body["starting"]
+        async with redis_server(tmp_path, [], port=redis_port):
+
+            async def is_ready() -> bool:
+                return (await _probe(port, "/readyz"))[0] == 200
+
+            await until(is_ready, timeout=20)
+            assert served.started.is_set()  # serve.started: built, consuming
+            assert (await _probe(port, "/healthz"))[0] == 200
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(20):
+                await process.wait()
     assert process.returncode == 0
     assert served.named("serve.redis_unreachable")[0]["operation"] == "ping"
     assert "serve.redis_back" in {e["event"] for e in served.events}
@@ -114,3 +130,21 @@ async def test_rediss_pointed_at_a_redis_without_tls_says_so_and_exits_78(
     assert f"rediss:// asks for TLS, but the Redis at 127.0.0.1:{redis_port}" in said[0]["error"]
     assert "use redis://" in done.stderr
     assert PASSWORD not in done.stdout + done.stderr
+
+
+@pytest.mark.anyio
+async def test_a_stop_while_it_waits_for_redis_is_said_and_exits_75(tmp_path: Path) -> None:
+    """SIGTERM while start-up waits for a Redis that does not answer: ``serve.interrupted``
+    and ``serve.stopped`` (nothing read, ``waiting_for: redis``), exit 75 at once; it exited
+    75 without a word (the handler for a stop before the command's own took it)."""
+    async with _serving(_free_port()) as served:  # nothing listens on that port
+        process = served.process
+        await _waiting_for_redis(served)
+        process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(20):
+            await process.wait()
+    assert process.returncode == 75
+    assert [e["signal"] for e in served.named("serve.interrupted")] == ["SIGTERM"]
+    (stopped,) = served.named("serve.stopped")
+    assert stopped["waiting_for"] == "redis" and stopped["read"] == 0
+    assert served.named("serve.redis_unavailable") == []

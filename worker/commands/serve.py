@@ -141,53 +141,78 @@ async def serve(
         if parts is not None:
             await parts.service.refresh_gauges()
 
-    async with AsyncExitStack() as stack:
-        client, reader = build_service_redis(stack, settings, config)
-        # The probes are answered from here on: live while start-up waits for Redis, unready
-        # saying so (a port that refused connections had Kubernetes restart the wait).
-        health = Health(clock, stale_after=config.stale_after)
-        where = redis_where(settings.redis_url)
-        health.starting = f"waiting for Redis at {where}"
-        host = http_host or settings.http_host
-        port = await start_http(stack, health, metrics, ping=client.ping, refresh=refresh,
-                                host=host, port=settings.http_port)  # fmt: skip
-        events.note("serve.starting", http_host=host, http_port=port, redis=where)
-        if not await _redis_answers(client, outage, events):
-            return ExitCode.UNAVAILABLE
-        health.starting = f"setting up the queue on Redis at {where} and the API keys"
-        await _warn_if_evicting(client, settings, events)
-        parts = await build_service(
-            stack, settings, config, client=client, reader=reader, metrics=metrics,
-            outage=outage, events=events, clock=clock, protection=protection, stop=stop,
-            stop_now=stop_now, targets=targets, health=health,
-        )  # fmt: skip
-        events.note(
-            "serve.started",
-            consumer=settings.consumer,
-            stream=settings.stream,
-            group=settings.group,
-            http_host=host,
-            http_port=port,
-            allowed_projects=sorted(targets.allowed),
-            **started_fields(settings, endpoint=endpoint, project=wiring.project_id(settings)),
-        )
-        if on_ready is not None:
-            on_ready(port)
-        async with anyio.create_task_group() as group:
-            group.start_soon(_watch_signals, stop, stop_now, events)
+    try:
+        async with AsyncExitStack() as stack, anyio.create_task_group() as signals:
+            # From the start, as once running: a signal while Redis is waited for is said
+            # and ends the wait, instead of exiting 75 without a word.
+            waiting = anyio.CancelScope()
+            signals.start_soon(_watch_signals, stop, stop_now, events, waiting.cancel)
+            client, reader = build_service_redis(stack, settings, config)
+            # The probes are answered from here on: live while start-up waits for Redis,
+            # unready saying so (a port that refused connections had Kubernetes restart the
+            # wait).
+            health = Health(clock, stale_after=config.stale_after)
+            where = redis_where(settings.redis_url)
+            health.starting = f"waiting for Redis at {where}"
+            host = http_host or settings.http_host
+            port = await start_http(stack, health, metrics, ping=client.ping, refresh=refresh,
+                                    host=host, port=settings.http_port)  # fmt: skip
+            events.note("serve.starting", http_host=host, http_port=port, redis=where)
+            answered = False
+            with waiting:
+                answered = await _redis_answers(client, outage, events)
+            if stop.is_set():  # stopped before Redis answered: nothing was read
+                events.note("serve.stopped", read=0, batches=0, reclaimed=0, acked=0,
+                            dead_lettered=0, outcomes=0, left_pending=0,
+                            waiting_for="redis")  # fmt: skip
+                signals.cancel_scope.cancel()
+                return ExitCode.INTERRUPTED
+            if not answered:
+                signals.cancel_scope.cancel()
+                return ExitCode.UNAVAILABLE
+            health.starting = f"setting up the queue on Redis at {where} and the API keys"
+            await _warn_if_evicting(client, settings, events)
+            parts = await build_service(
+                stack, settings, config, client=client, reader=reader, metrics=metrics,
+                outage=outage, events=events, clock=clock, protection=protection, stop=stop,
+                stop_now=stop_now, targets=targets, health=health,
+            )  # fmt: skip
+            events.note(
+                "serve.started",
+                consumer=settings.consumer,
+                stream=settings.stream,
+                group=settings.group,
+                http_host=host,
+                http_port=port,
+                allowed_projects=sorted(targets.allowed),
+                **started_fields(settings, endpoint=endpoint, project=wiring.project_id(settings)),
+            )
+            if on_ready is not None:
+                on_ready(port)
             await parts.service.run()
-            group.cancel_scope.cancel()
-        events.note(
-            "serve.stopped",
-            read=parts.service.read,
-            batches=parts.service.batches,
-            reclaimed=parts.service.reclaimed,
-            acked=parts.consumer.acked,
-            dead_lettered=parts.consumer.dead_lettered,
-            outcomes=parts.journal.outcomes,
-            left_pending=len(parts.inflight),
-        )
-        return ExitCode.OK
+            signals.cancel_scope.cancel()
+            events.note(
+                "serve.stopped",
+                read=parts.service.read,
+                batches=parts.service.batches,
+                reclaimed=parts.service.reclaimed,
+                acked=parts.consumer.acked,
+                dead_lettered=parts.consumer.dead_lettered,
+                outcomes=parts.journal.outcomes,
+                left_pending=len(parts.inflight),
+            )
+            return ExitCode.OK
+    except BaseExceptionGroup as exc:  # the error alone, as main() tells them apart
+        raise _alone(exc) from None
+    raise AssertionError("serve returns from within its task group")  # pragma: no cover
+
+
+def _alone(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error a task group raised (through the groups nested in it), else the group."""
+    found: BaseException = group
+    while isinstance(found, BaseExceptionGroup) and len(found.exceptions) == 1:
+        found = found.exceptions[0]
+    return group if isinstance(found, BaseExceptionGroup) else found
 
 
 async def _redis_answers(client: Redis, outage: Outage, events: EventLog) -> bool:
@@ -220,12 +245,16 @@ async def _warn_if_evicting(client: Redis, settings: Settings, events: EventLog)
         )
 
 
-async def _watch_signals(stop: anyio.Event, stop_now: anyio.Event, events: EventLog) -> None:
+async def _watch_signals(
+    stop: anyio.Event, stop_now: anyio.Event, events: EventLog, starting: Callable[[], None]
+) -> None:
     """The first signal drains (``grace``); a second one cuts the grace short, as in ``run``:
-    calls on the wire are cancelled, their entries left pending for another replica."""
+    calls on the wire are cancelled, their entries left pending for another replica.
+    ``starting``: ends the start-up wait for Redis, if it is still on."""
     with anyio.open_signal_receiver(*SIGNALS) as received:
         async for signum in received:
             immediate = stop.is_set()
             events.warn("serve.interrupted", signal=signal.Signals(signum).name,
                         immediate=immediate)  # fmt: skip
             (stop_now if immediate else stop).set()
+            starting()
