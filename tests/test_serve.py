@@ -1370,3 +1370,31 @@ async def test_an_over_delivered_entry_naming_a_project_not_allowed_gives_its_id
     assert [(r["job_id"], r["outcome"]) for r in rows] == [("job-z1", "rejected")]
     assert rows[0]["error_msg"] == "project project-z is not in allowed_projects"
     assert svc.sim.deleted == set()
+
+
+@pytest.mark.anyio
+async def test_a_note_of_ids_sent_of_another_type_is_named_in_the_pause(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone else's key where an entry's note of ids sent goes (a hash): the note before
+    the DELETE cannot be written, so serve pauses unready, as for any key of the queue of
+    another type, and names that key (``keys``, and the message of the pauses after); it
+    named none, and the pause after said nothing was wrong any more. Mended, it goes on."""
+    _short_pauses(monkeypatch)
+    async with running(redis_prefix, SimulatorConfig(jobs=1)) as svc:
+        (job,) = svc.sim.job_ids()
+        async with svc.redis.pipeline(transaction=True) as pipe:  # read with the key there
+            pipe.xadd(svc.layout.stream, {"id": job}, id="1-1")
+            pipe.hset(svc.layout.sending("1-1"), "someone", "else")
+            await pipe.execute()
+        note = svc.layout.sending("1-1")
+        await svc.until(lambda: _true(len(svc.events("serve.paused")) >= 2))
+        assert not svc.sim.deleted
+        await svc.redis.delete(note)
+        await svc.until(lambda: _true(job in svc.sim.deleted))
+        await svc.until(lambda: _zero(svc.pending()))
+    first, second = svc.events("serve.paused")[:2]
+    assert first["reason"] == second["reason"] == "NotAStream"
+    assert first["keys"] == second["keys"] == [note]
+    assert note in second["error"]
+    assert not [e for e in svc.logs if e.get("exc_info")]

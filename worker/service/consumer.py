@@ -785,19 +785,34 @@ class StreamConsumer:
     async def not_streams(self) -> list[str]:
         """The keys of the queue that hold another type than serve keeps there (missing ones
         are fine): the streams, the hashes of positions and last errors, the rate limit's
-        string and the fleet's pace, lease and answers beside it."""
+        string and the fleet's pace, lease and answers beside it, and the notes of ids sent
+        (strings) of the entries pending under our name, the only notes serve writes to."""
         layout = self.layout
         fleet = FleetKeys.of(layout.ratelimit)
         kinds = {layout.stream: "stream", layout.outcomes: "stream", layout.dead: "stream",
                  layout.position: "hash", layout.last_error: "hash",
                  layout.ratelimit: "string", fleet.pace: "hash", fleet.lead: "hash",
                  fleet.answers: "list"}  # fmt: skip
+        kinds.update((layout.sending(e), "string") for e in await self._ours())
         async with self._r.pipeline(transaction=False) as pipe:
             for key in kinds:
                 pipe.type(key)
             types = await pipe.execute()
         return [k for (k, kind), t in zip(kinds.items(), types, strict=True)
                 if _id(t) not in (kind, "none")]  # fmt: skip
+
+    async def _ours(self, count: int = 10_000) -> list[str]:
+        """The entries pending under our name (none when the stream or the group is gone, or
+        the stream key holds another type: said on its own)."""
+        try:
+            pending: Any = await self._r.xpending_range(
+                self.layout.stream, self.layout.group, "-", "+", count, consumername=self.consumer
+            )
+        except redis.exceptions.ResponseError as exc:
+            if not str(exc).startswith(("NOGROUP", "WRONGTYPE")):
+                raise
+            return []
+        return [_id(p["message_id"]) for p in pending]
 
     async def group_info(self) -> GroupInfo | None:
         """Our group's lag and pending count, or ``None`` if the group is gone."""
