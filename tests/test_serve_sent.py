@@ -163,21 +163,30 @@ async def test_the_note_of_ids_sent_waits_for_redis_and_answers_strike_off_only_
 
 
 @pytest.mark.anyio
-async def test_ids_handed_back_are_struck_off_their_note_even_with_no_error_to_keep(
-    redis_prefix: str,
+@pytest.mark.parametrize("call", ["keep_errors", "write_outcomes"])
+@pytest.mark.parametrize("errors", [{}, {"1-1": '{"ids": ["job-b"]}'}], ids=["none", "one"])
+async def test_ids_handed_back_are_struck_off_their_note_with_or_without_an_error_to_keep(
+    redis_prefix: str, call: str, errors: dict[str, str]
 ) -> None:
-    """``keep_errors`` with no last error to write still strikes the ids it is given off
-    their entries' notes: it returned before the strike when ``errors`` was empty."""
+    """Last errors and strikes off the notes of ids sent, through ``keep_errors`` or
+    ``write_outcomes`` with no outcome rows: one path, the same writes. ``keep_errors``
+    returned before the strike when ``errors`` was empty (cd67226) while its copy in
+    ``write_outcomes`` did not; now it is that call."""
     layout = StreamLayout(redis_prefix + "ids", "reapers")
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
         consumer = StreamConsumer(client, layout, "c1")
         await client.set(layout.sending("1-1"), "+job-a\n+job-b\n", ex=60)
-        await consumer.keep_errors({}, {"1-1": ["job-a"]})
+        if call == "keep_errors":
+            await consumer.keep_errors(errors, {"1-1": ["job-a"]})
+        else:
+            await consumer.write_outcomes([], {"1-1": ["job-a"]}, errors)
         assert sent_ids(await client.get(layout.sending("1-1"))) == {"job-b"}
-        assert await client.exists(layout.last_error) == 0
+        kept: Any = await client.hgetall(layout.last_error)
+        assert {k.decode(): v.decode() for k, v in kept.items()} == errors
+        assert await client.exists(layout.outcomes) == 0
     finally:
-        await client.delete(layout.sending("1-1"))
+        await client.delete(layout.sending("1-1"), layout.last_error)
         await client.aclose()
 
 

@@ -613,14 +613,9 @@ class StreamConsumer:
     ) -> None:
         """Remember why entries left pending did not finish (``{stream}:lasterror``), by
         entry id; ``unmark``: ids to strike off their notes of ids sent (not applied by us,
-        as far as their answers said), in the same round trip."""
-        if not errors and not unmark:
-            return
-        async with self._r.pipeline(transaction=False) as pipe:
-            if errors:
-                pipe.hset(self.layout.last_error, mapping=dict[Any, Any](errors))
-            self._unmark(pipe, unmark)
-            await pipe.execute()
+        as far as their answers said), in the same round trip: :meth:`write_outcomes` with
+        no outcome to write, the one path for both (a second copy of it missed a fix)."""
+        await self.write_outcomes((), unmark, errors)
 
     def _unmark(self, pipe: Any, unmark: Mapping[str, Sequence[str]] | None) -> None:
         """Queue on ``pipe`` the striking off of ids from their entries' notes of ids sent
