@@ -12,14 +12,20 @@ condition, not a sleep.
 from __future__ import annotations
 
 import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 
 from tests.conftest import REDIS_URL
+from tests.e2e import serve_app
 from tests.test_serve import RedisProxy
 from tests.test_serve_e2e import Queue, Replica, queue, until
 from worker.clock import MonotonicClock
@@ -255,3 +261,86 @@ async def test_an_entry_naming_an_id_already_on_the_wire_is_noted_too_and_never_
          (y, "deleted", "answer_lost")]
     )  # fmt: skip
     assert q.sim.delete_counts == {x: 1, y: 1}
+
+
+@asynccontextmanager
+async def held_answers(upstream: str, release: anyio.Event) -> AsyncIterator[str]:
+    """A proxy in front of the simulator at ``upstream`` that forwards each call at once
+    (a DELETE is applied) and holds every DELETE's answer until ``release`` is set."""
+
+    async def forward(request: web.Request) -> web.Response:
+        async with aiohttp.ClientSession(auto_decompress=False) as http, http.request(
+            request.method, upstream + request.path_qs, data=await request.read(),
+            headers={k: v for k, v in request.headers.items() if k.lower() != "content-length"},
+        ) as answer:  # fmt: skip
+            body = await answer.read()
+            status, kind = answer.status, answer.headers.get("Content-Type")
+        if request.method == "DELETE":
+            await release.wait()
+        return web.Response(status=status, body=body, headers={"Content-Type": kind or ""})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    async with serve_app(app) as url:
+        yield url
+
+
+@pytest.mark.anyio
+async def test_a_batch_stopped_before_it_was_sent_keeps_the_doubt_an_earlier_delivery_left(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """c1 died with a DELETE of x on the wire (x gone, its entry's note says so). Restarted,
+    it reads its entries again, y's first: y's DELETE holds the one dispatcher and x's
+    batch waits behind it. c1 is stopped; y's answer comes, and x's batch, taken up only
+    now, is handed back unsent. It keeps x on the note: it struck x off, as an answer
+    saying x was not gone by us would, so the next start called x ``absent``; now it finds
+    x gone and says ``deleted``, unconfirmed."""
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=2)) as q:
+        y, x = q.sim.job_ids()
+        q.sim.store.delete([x])  # by the DELETE c1 died with
+        layout = StreamLayout(q.stream, "reapers")
+        await q.redis.xgroup_create(q.stream, "reapers", "0", mkstream=True)
+        await q.redis.xadd(q.stream, {"id": y}, id="1-1")
+        await q.redis.xadd(q.stream, {"id": x}, id="2-1")
+        await q.redis.xreadgroup("reapers", "c1", {q.stream: ">"})  # c1's, delivered once
+        await q.redis.set(layout.sending("2-1"), f"+{x}\n", ex=600)
+        flags = ("--batch-size", "1", "--concurrency", "1", "--grace", "60", "--rate", "100")
+        release = anyio.Event()
+        async with held_answers(q.sim.url, release) as url:
+            command = [sys.executable, "-m", "worker", "serve", "--endpoint", url,
+                       "--project-id", q.sim.config.project_id, "--ak", q.sim.config.ak,
+                       "--stream", q.stream, "--group", "reapers", "--consumer", "c1",
+                       "--redis-url", REDIS_URL, "--http-port", "0", "--log-format", "json",
+                       *flags]  # fmt: skip
+            first = await q.launch("c1", command, {"REAPER_SK": q.sim.config.sk})
+
+            async def x_waits_behind_y() -> bool:  # both batches made, y's on the wire
+                metrics = f"http://127.0.0.1:{first.port}/metrics"
+                async with aiohttp.ClientSession() as http, http.get(metrics) as answer:
+                    made = "devserver_reaper_batch_size_count 2.0" in await answer.text()
+                return made and y in q.sim.deleted
+
+            await until(x_waits_behind_y)
+            first.process.send_signal(signal.SIGTERM)
+
+            async def draining() -> bool:
+                return bool(first.named("serve.draining"))
+
+            await until(draining)
+            release.set()  # y answered: the dispatcher takes x's batch, the service stopping
+            with anyio.fail_after(30):
+                await first.process.wait()
+        note = sent_ids(await q.redis.get(layout.sending("2-1")))
+        second = await q.start("c1", *flags)
+
+        async def settled() -> bool:
+            ended = second.named("job.deleted") + second.named("job.absent")
+            return len(ended) == 1 and await q.pending() == 0
+
+        await until(settled)
+        await q.stop_all()
+    assert first.process.returncode == 0
+    assert [e["job_id"] for e in first.named("job.deleted")] == [y]
+    assert x in note
+    assert second.named("job.absent") == []
+    assert [(e["job_id"], e["confirmed"]) for e in second.named("job.deleted")] == [(x, False)]

@@ -39,13 +39,23 @@ Key = tuple[Target | None, str]
 @dataclass(frozen=True, slots=True)
 class HandBack:
     """Why ids of an entry were handed back without an outcome: the ``error`` their batch
-    ended on (and its text), those of them sent without a readable answer (``unsure``),
-    and whether nothing was tried (``give_back``: the delivery is not counted)."""
+    ended on (and its text), those of them sent without a readable answer (``unsure``: by
+    this delivery or an earlier one), whether nothing was tried (``give_back``: the
+    delivery is not counted), and whether the round ended before their batch was sent
+    (``stopped``: nothing to keep for an entry with no id done)."""
 
     error: ApiError
     text: str
     unsure: frozenset[str] = frozenset()
     give_back: bool = False
+    stopped: bool = False
+
+    @classmethod
+    def not_sent(cls, unsure: frozenset[str] = frozenset()) -> HandBack:
+        """A batch not started when the round ended (a stop, or a refusal that pauses);
+        ``unsure``: its ids an earlier delivery sent without hearing back, which stay so."""
+        error = ApiError("the service stopped before they were sent")
+        return cls(error, "not sent", unsure, stopped=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,9 +70,6 @@ from worker.types import Batch, doubted
 
 _T = TypeVar("_T")
 
-_STOPPED = HandBack(ApiError("the service stopped before they were sent"), "not sent")
-"""Why a batch not started when the round ended was handed back."""
-
 
 class BatchProcessor(Protocol):
     """The dispatcher as the service sees it (``worker.dispatcher.Dispatcher``)."""
@@ -333,7 +330,7 @@ class Service:
         if left:
             with anyio.CancelScope(shield=True), anyio.move_on_after(SETTLE_TIMEOUT_S):
                 for batch in left:
-                    await self._hand_back(batch, _STOPPED)
+                    await self._hand_back(batch, HandBack.not_sent(batch.unsure))
         return self._blocked
 
     async def _halt_on_stop(self) -> None:
@@ -403,7 +400,7 @@ class Service:
     async def _dispatch_one(self, batch: Batch) -> bool:
         """One batch, its errors settled here; True: this dispatcher ends (a refusal)."""
         if self.halting:
-            await self._hand_back(batch, _STOPPED)  # not started: pending
+            await self._hand_back(batch, HandBack.not_sent(batch.unsure))  # not started
             return False
         try:
             with self._working.busy():
@@ -456,7 +453,7 @@ class Service:
         released = self._inflight.release(batch.ids, batch.target, why)
         dropped = {entry: held for entry, held in released.items() if entry not in taken}
         errors = {entry: handed_back_error(held) for entry, held in dropped.items()
-                  if why is not _STOPPED or held.done or held.waiting}  # fmt: skip
+                  if not why.stopped or held.done or held.waiting}  # fmt: skip
         # Those of the batch with answers that say not applied (or never sent): off the note
         # of ids sent; those sent without a readable answer stay on it.
         ours = set(batch.ids) - why.unsure
