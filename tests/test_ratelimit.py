@@ -289,6 +289,28 @@ async def test_cancelled_waiter_in_the_middle_leaves_a_gap_rather_than_a_double_
 
 
 @pytest.mark.anyio
+async def test_a_free_token_is_taken_without_a_trip_round_the_event_loop() -> None:
+    """Every call of a run takes a token just before it is sent: a trip round the loop
+    there put the slot behind every other task's work before each call. Taking a free
+    token yields to nobody; a missing one is still waited for (and yields)."""
+    clock = FakeClock()
+    limiter = LocalRateLimiter(rate=1, burst=2, clock=clock)
+    ran: list[str] = []
+
+    async def other() -> None:
+        ran.append("other")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other)  # runs at this task's first trip round the loop
+        await limiter.acquire()
+        await limiter.acquire()
+        assert ran == []
+        await limiter.acquire()  # no token left: waits, and the other task runs
+        assert ran == ["other"]
+    assert clock.now() == 1.0
+
+
+@pytest.mark.anyio
 async def test_acquire_in_a_cancelled_scope_raises_without_taking_a_token() -> None:
     clock = FakeClock()
     limiter = LocalRateLimiter(rate=1, burst=2, clock=clock)

@@ -265,10 +265,13 @@ class FixedRate:
 class LocalRateLimiter(FixedRate):
     """A ``TokenBucket`` in one process, waited on with an injected ``Clock``.
 
-    ``acquire`` is a checkpoint: it raises at once if already cancelled (taking no token)
-    and always yields to the loop. A waiter cancelled while sleeping gives its token back
-    when it holds the latest reservation; otherwise its slot goes unused once (see
-    ``TokenBucket.refund``), which keeps the no-more-than-``rate`` promise to the server.
+    ``acquire`` raises at once if already cancelled (taking no token). With a token free it
+    returns without a trip round the event loop: the caller's call is what it is for, and
+    it yields there; a trip here put each slot behind the others' work before every call
+    (0.4-1.2 ms a call at 20 ms latency, ``bench_sdk``'s ``slot_waits``). A waiter
+    cancelled while sleeping gives its token back when it holds the latest reservation;
+    otherwise its slot goes unused once (see ``TokenBucket.refund``), which keeps the
+    no-more-than-``rate`` promise to the server.
     """
 
     __slots__ = ("_bucket", "_clock", "_last")
@@ -297,9 +300,7 @@ class LocalRateLimiter(FixedRate):
     async def acquire(self) -> None:
         await anyio.lowlevel.checkpoint_if_cancelled()
         wait = self._bucket.reserve(self._clock.now())
-        if wait <= 0.0:
-            await anyio.lowlevel.cancel_shielded_checkpoint()
-        else:
+        if wait > 0.0:
             version = self._bucket.version
             try:
                 await self._clock.sleep(wait)
