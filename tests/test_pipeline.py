@@ -17,8 +17,8 @@ from worker.outcomes.events import EventLog
 from worker.outcomes.journal import LedgerPort, RunJournal, Tally
 from worker.pacing.bucket import LocalRateLimiter, RateLimiter, UnlimitedRateLimiter
 from worker.pacing.retry import RetryPolicy
-from worker.pipeline import Pipeline, RunState
-from worker.types import Candidate, DeleteResult, JobRecord, Outcome
+from worker.pipeline import Pipeline, RunState, _next_batch
+from worker.types import Batch, Candidate, DeleteResult, JobRecord, Outcome
 
 pytestmark = pytest.mark.anyio
 
@@ -84,3 +84,27 @@ async def test_a_stop_does_not_wait_out_the_grace_period_for_dispatchers_only_wa
     assert tally.finished == 10  # the waiting batches have no outcome: open
     assert len(api.calls) == calls  # nothing sent after the stop
     assert working.count == 0
+
+
+async def test_a_ready_batch_is_taken_without_a_trip_round_the_event_loop() -> None:
+    """A dispatcher takes its next batch just before its next call: a trip round the loop
+    there put it behind every other dispatcher's work before each call. A batch waiting
+    is taken at once; with none, the dispatcher waits (the others run); once the intake is
+    done and the stream empty, there are no more."""
+    send, receive = anyio.create_memory_object_stream[Batch](1)
+    ran: list[str] = []
+
+    async def other() -> None:
+        ran.append("other")
+        await send.send(Batch("b-2", ("b",)))
+        send.close()
+
+    async with receive, anyio.create_task_group() as group:
+        send.send_nowait(Batch("b-1", ("a",)))
+        group.start_soon(other)  # runs at this task's first trip round the loop
+        first = await _next_batch(receive)
+        assert ran == []
+        second = await _next_batch(receive)  # none ready: waits, and the other task runs
+        assert ran == ["other"]
+        assert await _next_batch(receive) is None
+    assert (first, second) == (Batch("b-1", ("a",)), Batch("b-2", ("b",)))
