@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Sequence
+from types import SimpleNamespace
 
+import aiohttp
 import anyio
+import orjson
 import pytest
 
+from tests.e2e import SIM_AK, SIM_PROJECT, SIM_SK
 from tests.fakes import FakeClock
+from worker.api.client import ApiClient
+from worker.api.credentials import Credentials, StaticCredentials
+from worker.api.session import make_session
 from worker.batcher import Batcher, DeletionBudget
 from worker.dispatcher import Dispatcher, Working
 from worker.errors import ThrottledError
@@ -18,7 +26,8 @@ from worker.outcomes.journal import LedgerPort, RunJournal, Tally
 from worker.pacing.bucket import LocalRateLimiter, RateLimiter, UnlimitedRateLimiter
 from worker.pacing.retry import RetryPolicy
 from worker.pipeline import Pipeline, RunState, _next_batch
-from worker.types import Batch, Candidate, DeleteResult, JobRecord, Outcome
+from worker.simulator import SimulatorConfig, run_simulator
+from worker.types import Batch, Candidate, DeleteResult, JobRecord, Outcome, Result
 
 pytestmark = pytest.mark.anyio
 
@@ -108,3 +117,68 @@ async def test_a_ready_batch_is_taken_without_a_trip_round_the_event_loop() -> N
         assert ran == ["other"]
         assert await _next_batch(receive) is None
     assert (first, second) == (Batch("b-1", ("a",)), Batch("b-2", ("b",)))
+
+
+class _Noted(EventLog):
+    """Notes each batch's outcomes as they are recorded (its ``job.*`` lines written)."""
+
+    def __init__(self, order: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self._order = order
+
+    def results(self, results: Sequence[Result]) -> None:
+        self._order.append(("recorded", results[0].job_id))
+        super().results(results)
+
+
+async def test_the_next_call_is_on_the_wire_before_the_last_batch_is_recorded() -> None:
+    """Recording a batch's outcomes (the ledger, a ``job.deleted`` line per id, the results
+    file) is not between a dispatcher's answer and its next call any more: over real HTTP to
+    the simulator, with one dispatcher, each DELETE after the first has its body written
+    before the outcomes of the batch before it are recorded; and every outcome is recorded
+    by the end of the run (it used to be recorded before the next call was made)."""
+    order: list[tuple[str, str]] = []
+
+    async def body_written(
+        _: aiohttp.ClientSession, __: SimpleNamespace, sent: aiohttp.TraceRequestChunkSentParams
+    ) -> None:
+        order.append(("wire", orjson.loads(sent.chunk)["job_ids"][0]))
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_chunk_sent.append(body_written)
+    trace.freeze()
+    state, tally = RunState(), Tally()
+    async with run_simulator(SimulatorConfig(jobs=40)) as sim:
+        ids = sim.job_ids()
+        session = make_session(concurrency=1, connect_timeout=5, read_timeout=10)
+        session.trace_configs.append(trace)
+        async with session:
+            api = ApiClient(
+                session=session,
+                endpoint=sim.url,
+                project_id=SIM_PROJECT,
+                credentials=StaticCredentials(Credentials(ak=SIM_AK, sk=SIM_SK)),
+            )
+            with TemporaryLedger.open() as ledger:
+                port = LedgerPort(ledger)
+                journal = RunJournal(ledger=port, events=_Noted(order), tally=tally)
+                clock = FakeClock()
+                dispatcher = Dispatcher(
+                    transport=api, limiter=LocalRateLimiter(1000.0, 100, clock),
+                    policy=RetryPolicy(max_attempts=3), journal=journal, clock=clock,
+                    budget=DeletionBudget(None), max_attempts=3,
+                )  # fmt: skip
+                pipeline = Pipeline(
+                    entries=iter([Candidate(i, n) for n, i in enumerate(ids, 1)]),
+                    ledger=port, journal=journal, dispatcher=dispatcher,
+                    batcher=Batcher(10, prefix="t"), tally=tally, concurrency=1, grace=10.0,
+                    state=state,
+                )  # fmt: skip
+                with anyio.fail_after(30):
+                    await pipeline.run()
+    firsts = ids[::10]  # each batch's first id names it
+    assert [job_id for kind, job_id in order if kind == "wire"] == firsts
+    assert [job_id for kind, job_id in order if kind == "recorded"] == firsts
+    for before, batch in itertools.pairwise(firsts):
+        assert order.index(("wire", batch)) < order.index(("recorded", before)), order
+    assert tally.outcomes[Outcome.DELETED.value] == 40 and state.fatal is None

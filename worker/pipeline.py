@@ -6,7 +6,10 @@ batches; a bounded stream carries batches to ``concurrency`` dispatchers, so rea
 runs ahead of deleting by more than a few batches. The pool and its stop are ``serve``'s
 too (``worker.pool``): stopping (a signal, the deadline, a fatal error) closes the intake at
 once; dispatchers finish the batch in hand within the grace period and are cancelled after
-it; whatever was not finished stays open in the ledger.
+it; whatever was not finished stays open in the ledger. The outcomes the dispatchers
+report are recorded by the journal's own task (``RunJournal.recording_behind``), each
+after the call its dispatcher went on to make, and all of them before the run returns
+(with a durable ledger, each before that call, as ``docs/ledger.md`` promises).
 """
 
 from __future__ import annotations
@@ -202,9 +205,16 @@ class Pipeline:
         """Read, batch and dispatch until the input ends or a stop (``worker.pool``)."""
         pool = DispatchPool(concurrency=self._concurrency, grace=self._grace,
                             buffer=self._concurrency, working=self._working)  # fmt: skip
-        await pool.run(self._intake, self._dispatch, stop=self.state.stop_requested,
-                       stop_now=self.state.stop_now)  # fmt: skip
+        async with self._journal.recording_behind(self._failed, buffer=self._concurrency):
+            await pool.run(self._intake, self._dispatch, stop=self.state.stop_requested,
+                           stop_now=self.state.stop_now)  # fmt: skip
         return self.state
+
+    def _failed(self, exc: ReaperError) -> None:
+        """A fatal error: the run stops (at once when the error says so)."""
+        if self.state.fatal is None:
+            self.state.fatal = exc
+        self.state.request_stop("fatal", immediate=exc.stops_at_once)
 
     async def _intake(self, send: MemoryObjectSendStream[Batch]) -> None:
         async with send:
@@ -269,7 +279,5 @@ class Pipeline:
                     with self._working.busy():
                         await self._dispatcher.process(batch)
                 except ReaperError as exc:  # 401/403, TLS, API unavailable: the run stops
-                    if self.state.fatal is None:
-                        self.state.fatal = exc
-                    self.state.request_stop("fatal", immediate=exc.stops_at_once)
+                    self._failed(exc)
                     return
