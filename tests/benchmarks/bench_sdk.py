@@ -323,9 +323,9 @@ def test_where_a_slot_waits_at_20ms(tmp_path: Path) -> None:
             "handoff_p50_ms": median([r["p50_ms"] for r in values]),
             "handoff_p90_ms": median([r["p90_ms"] for r in values]),
             "realised_share": round(median([r["realised_share"] for r in values]), 3),
-            "stages_ms": {
-                stage: median([r["stages_ms"][stage] for r in values])
-                for stage in values[0]["stages_ms"]
+            **{
+                key: {stage: median([r[key][stage] for r in values]) for stage in values[0][key]}
+                for key in ("stages_ms", "stages_cpu_ms")
             },
         }
         for side, values in runs.items()
