@@ -1398,3 +1398,28 @@ async def test_a_note_of_ids_sent_of_another_type_is_named_in_the_pause(
     assert first["keys"] == second["keys"] == [note]
     assert note in second["error"]
     assert not [e for e in svc.logs if e.get("exc_info")]
+
+
+@pytest.mark.anyio
+async def test_an_entry_naming_ids_twice_rejects_a_value_that_is_no_list_too(
+    redis_prefix: str,
+) -> None:
+    """``XADD s * ids '["job-a"]' ids '"job-b"' ids 'x y'``: refused for the field named
+    twice, ``job-a`` rejected with that reason, and the two values that are no JSON list
+    each one ``rejected`` outcome saying so: they had none (every id an entry names gets an
+    outcome), though the dead letter shows them."""
+    async with running(redis_prefix, SimulatorConfig(jobs=1)) as svc:
+        await svc.redis.execute_command(  # type: ignore[no-untyped-call]
+            "XADD", svc.layout.stream, "*", "ids", '["job-a"]', "ids", '"job-b"', "ids", "x y"
+        )
+        await svc.until(lambda: _zero(svc.pending()))
+        await svc.until(lambda: _true(len(svc.events("serve.dead_lettered")) == 1))
+        outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
+    rows = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in outcomes]
+    assert sorted((r["job_id"], r["outcome"], r["error_msg"]) for r in rows) == [
+        ('"job-b"', "rejected", "ids is not a JSON list"),
+        ("job-a", "rejected", "names 'ids' 3 times: which one is meant is not clear "
+                              "(Redis keeps each, a reader the last)"),
+        ("x y", "rejected", "ids is not valid JSON"),
+    ]  # fmt: skip
+    assert not svc.sim.sent_counts

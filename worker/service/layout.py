@@ -212,6 +212,16 @@ def _named_twice(fields: Mapping[Any, Any]) -> str | None:
     return named_twice([_text(k) for k, _ in pairs], _READ, "Redis keeps each, a reader the last")
 
 
+@dataclass(frozen=True, slots=True)
+class _Unlisted:
+    """An ``ids`` value of an entry refused for a field named twice that is no JSON list:
+    whatever ids it names, it is one rejection with ``reason`` (every value an entry names
+    gets an outcome)."""
+
+    text: str
+    reason: str
+
+
 def decode_entry(entry_id: str, fields: dict[bytes, bytes] | dict[str, str]) -> Message:
     """Read the ids out of one entry; never raises (a bad entry says why in ``problem``).
 
@@ -235,11 +245,13 @@ def decode_entry(entry_id: str, fields: dict[bytes, bytes] | dict[str, str]) -> 
             try:
                 listed = orjson.loads(value)
             except orjson.JSONDecodeError:
-                if twice:
-                    continue  # refused for the field named twice; these ids cannot be read
+                if twice:  # refused for the field named twice: the value is rejected whole
+                    raw.append(_Unlisted(_text(value), "ids is not valid JSON"))
+                    continue
                 return Message(entry_id, (), problem="ids is not valid JSON", payload=payload)
             if not isinstance(listed, list):
                 if twice:
+                    raw.append(_Unlisted(_text(value), "ids is not a JSON list"))
                     continue
                 return Message(entry_id, (), problem="ids is not a JSON list", payload=payload)
             raw.extend(listed)
@@ -254,6 +266,9 @@ def decode_entry(entry_id: str, fields: dict[bytes, bytes] | dict[str, str]) -> 
     ids: dict[str, None] = {}
     rejections: list[Rejection] = []
     for position, value in enumerate(raw, start=1):
+        if isinstance(value, _Unlisted):
+            rejections.append(Rejection(value.text, position, value.reason))
+            continue
         if not isinstance(value, str):
             reason = f"not a string but {type(value).__name__}"
             rejections.append(Rejection(orjson.dumps(value).decode(), position, reason))
