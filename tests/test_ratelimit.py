@@ -413,37 +413,63 @@ class _HalvedWhenRefused(SteadyController):
         return self.rate
 
 
-@pytest.mark.anyio
-async def test_a_call_waiting_to_start_when_auto_cuts_starts_at_the_new_spacing() -> None:
-    # --rate auto at 10 calls/s, three callers. The call due at 0.1 s wakes late, at 0.13
-    # (the loop was descheduled), so the one due at 0.2 waits, on its way out, until an
-    # interval after 0.13. A refusal at 0.21 halves the rate meanwhile: every call still
-    # waiting must start at least an interval of 5 calls/s after the last one (0.13), but
-    # the waiting call had its start worked out at 10 calls/s and went at 0.229, 99 ms
-    # after it, which a gateway that has just refused at 10 calls/s refuses again.
+class _PausedWhenRefused(_HalvedWhenRefused):
+    """And a refusal with a ``Retry-After`` holds every call back that long."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__(rate)
+        self.paused_until = -math.inf
+
+    def pause_until(self) -> float:
+        return self.paused_until
+
+    def on_throttle(
+        self, now: float, retry_after: float | None = None, latency: float | None = None
+    ) -> float:
+        if retry_after is not None:
+            self.paused_until = now + retry_after
+        return super().on_throttle(now, retry_after, latency)
+
+
+async def _refused_while_one_waits(
+    controller: SteadyController, retry_after: float | None, until: float
+) -> list[float]:
+    """--rate auto at 10 calls/s, three callers: the call due at 0.1 s wakes late, at 0.13
+    (the loop was descheduled), so the one due at 0.2 waits, on its way out, until an
+    interval after 0.13; a refusal comes at 0.21 meanwhile. When each call started."""
     clock = StalledClock(0.1, 0.13)
-    limiter = AdaptiveRateLimiter(clock, controller=_HalvedWhenRefused(10.0))
+    limiter = AdaptiveRateLimiter(clock, controller=controller)
     starts: list[float] = []
 
     async def caller() -> None:
-        while clock.now() < 1.5:
+        while clock.now() < until:
             await limiter.acquire()
             starts.append(clock.now())
 
     async def refused_at(t: float) -> None:
         await clock.sleep(t)
-        limiter.feedback(throttled=True, latency_s=0.0)
+        limiter.feedback(throttled=True, latency_s=0.0, retry_after=retry_after)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(refused_at, 0.21)
         for _ in range(3):
             tg.start_soon(caller)
-    assert starts[:2] == [0.0, 0.13] and limiter.rate == 5.0
-    tolerance = 0.01 / 5
+    return starts
+
+
+@pytest.mark.anyio
+async def test_a_call_waiting_to_start_when_auto_cuts_starts_at_the_new_spacing() -> None:
+    # The refusal halves the rate: every call still waiting must start at least an
+    # interval of 5 calls/s after the last one (0.13), but the waiting call had its start
+    # worked out at 10 calls/s and went at 0.229, 99 ms after it, which a gateway that has
+    # just refused at 10 calls/s refuses again.
+    controller = _HalvedWhenRefused(10.0)
+    starts = await _refused_while_one_waits(controller, None, until=1.5)
+    assert starts[:2] == [0.0, 0.13] and controller.rate == 5.0
     after = [s for s in starts if s > 0.21]
     assert len(after) >= 5
     gaps = [b - a for a, b in itertools.pairwise([0.13, *after])]
-    assert min(gaps) >= 1 / 5 - tolerance - 1e-9, gaps
+    assert min(gaps) >= 1 / 5 - 0.01 / 5 - 1e-9, gaps
 
 
 @pytest.mark.anyio
@@ -566,3 +592,16 @@ async def test_after_a_stall_the_held_calls_start_at_the_burst_and_the_rate_not_
     for i, j in itertools.combinations(range(len(starts)), 2):
         assert j - i + 1 <= burst + 10 * (starts[j] - starts[i]) + 0.01 + 1e-9
     assert sum(5.0 <= s < 6.0 for s in starts) <= burst + 10
+
+
+@pytest.mark.anyio
+async def test_a_call_waiting_to_start_when_auto_pauses_waits_for_the_pause() -> None:
+    # The refusal says Retry-After: 1 s: every call is held until 1.21 s. The call
+    # waiting on its way out started at 0.328, inside the pause, which only the calls
+    # still waiting for a slot kept.
+    starts = await _refused_while_one_waits(_PausedWhenRefused(10.0), 1.0, until=3.0)
+    assert starts[:2] == [0.0, 0.13]
+    assert [s for s in starts if 0.21 < s < 1.21] == []
+    after = [s for s in starts if s >= 1.21]
+    assert len(after) >= 5
+    assert min(b - a for a, b in itertools.pairwise(after)) >= 1 / 5 - 0.01 / 5 - 1e-9

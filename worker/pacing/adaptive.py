@@ -128,6 +128,11 @@ class AdaptiveRateLimiter:
             self._last_sent = await start_apart(
                 clock, lambda: self._bucket, lambda: self._last_sent
             )
+            if self._last_sent < self._controller.pause_until():
+                # A refusal paused every call while this one waited to start: it goes after
+                # the pause, on a new slot. Its start stays the last one (the bucket was
+                # told of it too): one interval lost after the pause, slower, never faster.
+                continue
             self._controller.on_sent(self._last_sent)
             return
 
