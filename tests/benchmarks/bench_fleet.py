@@ -164,28 +164,31 @@ async def test_three_replicas_share_one_quota(
 
 @pytest.mark.timeout(1800)
 @pytest.mark.anyio
-@pytest.mark.parametrize("gateway_burst", [1, 2])
+@pytest.mark.parametrize(("rate", "gateway_burst"), [("fixed", 1), ("fixed", 2), ("auto", 1)])
 async def test_three_replicas_at_a_burst_of_one(
     redis_url: str,  # noqa: F811  (the fixture)
     tmp_path: Path,
+    rate: str,
     gateway_burst: int,
 ) -> None:
-    """``--rate QUOTA --burst 1`` on three replicas against a gateway whose burst is
-    ``gateway_burst``, ``BENCH_REPEATS`` runs: the share of the quota accepted, the share
-    throttled and the share of the gateway's consecutive quota checks closer than 1/quota
-    (``/_sim/arrivals``), medians. Figures, not goals: a gateway with a burst of 1 at
-    exactly the rate refuses every call that reaches it less than an interval after the
-    last, so every jitter on the way (ours, Redis's, the simulator's) counts against it."""
+    """``--rate QUOTA --burst 1`` (or ``auto``, burst 1 always) on three replicas against a
+    gateway whose burst is ``gateway_burst``, ``BENCH_REPEATS`` runs: the share of the
+    quota accepted, the share throttled and the share of the gateway's consecutive quota
+    checks closer than 1/quota (``/_sim/arrivals``), medians. Figures, not goals: a
+    gateway with a burst of 1 at exactly the rate refuses every call that reaches it less
+    than an interval after the last, so every jitter on the way (ours, Redis's, the
+    simulator's) counts against it."""
     runs: list[tuple[float, float, float]] = []
     for _ in range(REPEATS_B1):
         load_before = os.getloadavg()
-        figures = await _fleet(redis_url, tmp_path, f"{QUOTA:g}", burst=gateway_burst)
+        asked = f"{QUOTA:g}" if rate == "fixed" else "auto"
+        figures = await _fleet(redis_url, tmp_path, asked, burst=gateway_burst)
         runs.append(figures)
         used, share, short = figures
-        record("fleet_burst_one", quota=QUOTA, burst=gateway_burst, replicas=REPLICAS,
+        record("fleet_burst_one", rate=rate, quota=QUOTA, burst=gateway_burst, replicas=REPLICAS,
                window=[START, END], used=round(used, 3), throttled=round(share, 4),
                short_gaps=round(short, 4), load_before=load_before,
                load_after=os.getloadavg(), machine=machine())  # fmt: skip
     medians = [round(statistics.median(column), 4) for column in zip(*runs, strict=True)]
-    print(f"gateway burst {gateway_burst}: used, throttled, short gaps (medians): {medians}")
+    print(f"{rate}, gateway burst {gateway_burst}: used, throttled, short gaps: {medians}")
     assert all(used > 0 for used, _, _ in runs)
