@@ -166,6 +166,27 @@ def test_under_four_calls_a_second_a_refusal_is_measured_from_further_back_than_
     assert ctrl.rate == pytest.approx(0.97)
 
 
+def test_a_refusal_after_an_idle_stretch_is_not_measured_across_it() -> None:
+    """Nobody sent from 4 s to 20 s (a run waiting for ids): the gateway's bucket filled and
+    lost what it got while full, so the 8 calls accepted between the refusals at 1.5 s and
+    24.5 s say nothing of its quota of 1 call/s. Measured across the idle stretch they said
+    0.35 calls/s and the rate was cut to 0.34; the refusal steps as one that cannot be
+    measured, 3 % under the rate it was sent at."""
+    ctrl = RateController(0.0)
+    ctrl.restore(replace(ctrl.state, rate=1.5, level=1.5, phase=Phase.CRUISE, unit=math.inf))
+    for t in [0.0, 1.0, 1.5, 2.0, 3.0, 4.0, 20.0, 21.0, 22.0, 23.0, 24.0]:
+        ctrl.on_sent(t)
+        if t == 1.5:
+            ctrl.on_throttle(t, latency=0.0)
+        else:
+            ctrl.on_success(t, latency=0.0)
+    assert ctrl.measure(24.5) is None
+    ctrl.on_sent(24.5)
+    ctrl.on_throttle(24.5, latency=0.0)
+    assert ctrl.state.quota == math.inf
+    assert 0.9 * 1.5 < ctrl.rate < 1.5
+
+
 def _after_a_cut(target: float, level: float) -> RateController:
     """A controller cut at 0 s to ``level``, its probe returning to ``target``."""
     ctrl = RateController(0.0)

@@ -21,6 +21,7 @@ import pytest
 from tests.fakes import Run, SteadyController, simulate
 from worker.pacing.controller import RateController, answer
 from worker.simulator.quota import TokenBucket as ServerQuota
+from worker.simulator.quota import retry_after_seconds
 
 QUOTAS = (5.0, 50.0, 500.0)
 BURSTS = (1, 2, 10)
@@ -239,3 +240,50 @@ def test_random_503s_at_a_steady_rate_do_not_slow_auto_but_503s_rising_with_it_d
     assert statistics.fmean(paced) <= 1.03 * 30.0 / (1.0 - 0.2)
     assert rising.refused_share(10.0, 40.0) <= 0.21
     assert rising.accepted_per_s(10.0, 40.0) >= 0.95 * 30.0
+
+
+def _idle_from(quota: float, burst: int, idle: tuple[float, float], duration: float) -> Run:
+    """Calls paced at the controller's rate, 8 in flight, answered 5 ms later, against a
+    gateway of ``quota`` and ``burst``; none start while ``idle`` lasts (a run waiting for
+    ids: the pacing goes on, nobody sends)."""
+    ctrl = RateController(0.0)
+    gateway = ServerQuota(quota, burst, 0.0)
+    run = Run()
+    now = next_slot = 0.0
+    in_flight: list[tuple[float, bool, float]] = []
+    while now < duration:
+        while in_flight and in_flight[0][0] <= now:
+            done, ok, retry_after = heapq.heappop(in_flight)
+            answer(ctrl, done, throttled=not ok, latency_s=0.005, retry_after=retry_after,
+                   overloaded=False)  # fmt: skip
+        rate = ctrl.rate_at(now)
+        if idle[0] <= now < idle[1]:
+            now = min([idle[1], *(done for done, _, _ in in_flight)])
+            continue
+        wait = max(next_slot, ctrl.pause_until()) - now
+        if wait > 0 or len(in_flight) >= 8:
+            now += wait if wait > 0 else in_flight[0][0] - now
+            continue
+        ctrl.on_sent(now)
+        refused = gateway.try_acquire(now)
+        (run.ok if refused <= 0 else run.refused).append(now)
+        heapq.heappush(in_flight, (now + 0.005, refused <= 0, float(retry_after_seconds(refused))))
+        run.rates.append((now, rate))
+        next_slot = now + 1.0 / rate
+    return run
+
+
+@pytest.mark.parametrize("burst", [1, 2], ids=["b1", "b2"])
+@pytest.mark.parametrize("quota", LOW_QUOTAS, ids=[f"q{quota:g}" for quota in LOW_QUOTAS])
+def test_a_refusal_after_a_long_idle_stretch_does_not_cut_far_under_the_quota(
+    quota: float, burst: int
+) -> None:
+    """Under about 4 calls/s a refusal is measured from as far back as 30 s; a run that
+    sends nothing for 20 s (its ids came in two lots) must not measure across that: the
+    gateway's bucket filled and lost what it got meanwhile. Idle from each half second of
+    10-20 s: every rate paced in the 15 s after at least 0.6 of the quota (measured across
+    the idle stretch, the first refusal after it cut to 0.11-0.28 of it)."""
+    for start in [10.0 + k / 2.0 for k in range(21)]:
+        run = _idle_from(quota, burst, (start, start + 20.0), start + 35.0)
+        paced = [rate for t, rate in run.rates if t >= start + 20.0]
+        assert min(paced) >= 0.6 * quota, (start, min(paced))

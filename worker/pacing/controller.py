@@ -479,13 +479,33 @@ class RateController:
         """The earliest refused call a refusal of a call sent at ``sent`` is measured from:
         the last ``window``, or further back to the call before the last ``measure_calls``
         accepted where that is longer (under about ``measure_calls / window`` calls/s a
-        window never holds enough for a measure); never across a pause."""
+        window never holds enough for a measure); never across a pause or an idle stretch
+        (``_idle_ended``)."""
         c = self._config
         start = sent - c.window
         before = bisect.bisect_left(self._accepted, sent) - c.measure_calls - 1
-        if before >= 0:
-            start = max(min(start, self._accepted[before]), sent - c.forget)
+        if before >= 0 and self._accepted[before] < start:
+            start = max(self._accepted[before], sent - c.forget)
+            start = max(start, self._idle_ended(start, sent))
         return max(start, self._state.pause_until)
+
+    def _idle_ended(self, since: float, sent: float) -> float:
+        """When the last idle stretch between ``since`` and ``sent`` ended (``-inf``: none):
+        no call started for longer than ``window`` and two intervals of the pace. The gateway's
+        bucket filled up while nobody sent, and the tokens it got while full were lost: a
+        measure across it says a fraction of the quota (a run that waited 20 s for ids at a
+        quota of 3 calls/s was cut to 0.32 calls/s by its first refusal after)."""
+        c = self._config
+        sends = self._sends
+        later = sent
+        for index in range(bisect.bisect_left(sends, sent) - 1, -1, -1):
+            earlier = sends[index]
+            if later <= since:
+                break
+            if later - earlier > max(c.window, 2.0 / self.rate_sent_at(earlier)):
+                return later
+            later = earlier
+        return -math.inf
 
     def _remember(self, times: list[float], sent: float, now: float) -> None:
         bisect.insort(times, sent)
