@@ -276,8 +276,12 @@ def _by_side(figures: dict[str, dict[str, float]], key: str, digits: int = 3) ->
 
 @LONG
 def test_share_of_the_latency_ceiling_at_20ms(tmp_path: Path) -> None:
-    figures, _ = _measure(tmp_path, LATENCY_S * 1000)
+    figures, runs = _measure(tmp_path, LATENCY_S * 1000)
     realised = _by_side(figures, "realised_share")
+    # Ours over the floor within each repeat (the two a few seconds apart): on a shared
+    # machine the load moves both sides' shares from one repeat to the next.
+    same_run = [round(o["realised_share"] / r["realised_share"], 3)
+                for o, r in zip(runs["ours"], runs["raw"], strict=True)]  # fmt: skip
     record("sdk_latency_share", latency_ms=LATENCY_S * 1000,
            nominal_ceiling_calls_per_s=CONCURRENCY / LATENCY_S,
            shares_realised=realised, shares_drawn=_by_side(figures, "drawn_share"),
@@ -285,6 +289,9 @@ def test_share_of_the_latency_ceiling_at_20ms(tmp_path: Path) -> None:
            mean_latency_ms_served=_by_side(figures, "mean_latency_ms", 2),
            share_a_free_client_gets=_by_side(figures, "free_client_share"),
            ours_share_of_raw=round(realised["ours"] / realised["raw"], 3),
+           ours_share_of_raw_by_repeat=same_run,
+           ours_share_of_raw_same_run_median=median(same_run),
+           load_average=[round(x, 2) for x in os.getloadavg()],
            sim_timer_lateness_ms=_by_side(figures, "timer_lateness_ms"),
            seconds=_by_side(figures, "seconds"),
            client_seconds=_by_side(figures, "client_seconds"),
