@@ -90,6 +90,16 @@ async def start_reaper(args: Sequence[str], env: Mapping[str, str]) -> Process:
     )
 
 
+async def until(
+    check: Callable[[], Awaitable[object]], timeout: float = 60, *, every: float = 0.05
+) -> None:
+    """Poll ``check`` every ``every`` seconds until it holds. ``timeout`` only stops a hang
+    (under load a state may take long to come): a test waits on a state, never on time."""
+    with anyio.fail_after(timeout):
+        while not await check():
+            await anyio.sleep(every)
+
+
 async def kill_when(process: Process, ready: Callable[[], bool], *, within: float = 30) -> None:
     """``kill -9`` the process as soon as ``ready()`` holds, and reap it."""
     with anyio.fail_after(within):

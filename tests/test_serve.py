@@ -24,6 +24,7 @@ from structlog.testing import capture_logs
 from yarl import URL
 
 from tests.conftest import REDIS_URL
+from tests.e2e import until
 from tests.fakes import FakeClock
 from tests.gateway import Gateway, serve_gateway
 from worker.commands.serve import serve
@@ -274,11 +275,6 @@ class Running:
         info = await self.redis.xpending(self.layout.stream, self.layout.group)
         return int(info["pending"])
 
-    async def until(self, check: Callable[[], Any], timeout: float = 15) -> None:
-        with anyio.fail_after(timeout):
-            while not await check():
-                await anyio.sleep(0.05)
-
     def events(self, name: str) -> list[MutableMapping[str, Any]]:
         return [e for e in self.logs if e.get("event") == name]
 
@@ -337,8 +333,8 @@ async def test_ids_are_deleted_outcomes_written_and_entries_acked(redis_prefix: 
         ids = svc.sim.job_ids()
         await svc.enqueue(ids[:100])
         await svc.redis.xadd(svc.layout.stream, {"ids": orjson.dumps([*ids[100:], "bad id!"])})
-        await svc.until(lambda: _true(len(svc.sim.deleted) == 120))
-        await svc.until(lambda: _zero(svc.pending()))
+        await until(lambda: _true(len(svc.sim.deleted) == 120))
+        await until(lambda: _zero(svc.pending()))
         outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
         dead: Any = await svc.redis.xrange(svc.layout.dead)
     assert svc.code == 0
@@ -382,7 +378,7 @@ async def test_refused_credentials_make_it_unready_and_pause_without_exiting(
     still running (paused) until told to stop; then it exits 0."""
     async with running(redis_prefix, SimulatorConfig(jobs=5), sk="not-the-secret") as svc:
         await svc.enqueue(svc.sim.job_ids())
-        await svc.until(lambda: _true(bool(svc.events("serve.paused"))))
+        await until(lambda: _true(bool(svc.events("serve.paused"))))
         async with aiohttp.ClientSession() as http:
             async with http.get(svc.url("/readyz")) as response:
                 assert response.status == 503
@@ -422,7 +418,7 @@ async def test_a_404_that_names_no_job_pauses_it_unready_with_entries_pending(
     settled "absent", the entries stay pending, and the service pauses, unready."""
     async with running(redis_prefix, config, **given) as svc:
         await svc.enqueue(svc.sim.job_ids())
-        await svc.until(lambda: _true(bool(svc.events("serve.paused"))))
+        await until(lambda: _true(bool(svc.events("serve.paused"))))
         async with aiohttp.ClientSession() as http, http.get(svc.url("/readyz")) as response:
             assert response.status == 503
         assert await svc.pending() == 5
@@ -447,8 +443,8 @@ async def test_a_refusal_pauses_it_only_once_the_delete_on_the_wire_is_settled(
         running(redis_prefix, SimulatorConfig(jobs=1), endpoint=url) as svc,
     ):
         await svc.enqueue(gateway.job_ids())
-        await svc.until(lambda: _true(bool(svc.events("serve.paused"))))
-        await svc.until(lambda: _equal(svc.pending(), 20))
+        await until(lambda: _true(bool(svc.events("serve.paused"))))
+        await until(lambda: _equal(svc.pending(), 20))
         outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
         assert gateway.delete_calls == 2 and len(gateway.deleted) == 20
     rows = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in outcomes]
@@ -473,7 +469,7 @@ async def test_jobs_a_lost_answer_deleted_before_the_api_gave_out_end_deleted_on
         running(redis_prefix, SimulatorConfig(jobs=1), endpoint=url, **settings) as svc,
     ):
         await svc.enqueue(gateway.job_ids())
-        await svc.until(lambda: _equal(svc.redis.xlen(svc.layout.outcomes), 10), timeout=30)
+        await until(lambda: _equal(svc.redis.xlen(svc.layout.outcomes), 10), timeout=30)
         outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
     rows = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in outcomes]
     assert gateway.delete_calls >= 3 and len(gateway.deleted) == 10
@@ -492,8 +488,8 @@ async def test_metrics_parse_and_count_the_real_path(redis_prefix: str) -> None:
     async with running(redis_prefix, SimulatorConfig(jobs=1000), rate=1000.0,
                        batch_size=50) as svc:  # fmt: skip
         await svc.enqueue(svc.sim.job_ids())
-        await svc.until(lambda: _true(len(svc.sim.deleted) == 1000), timeout=30)
-        await svc.until(lambda: _zero(svc.pending()))
+        await until(lambda: _true(len(svc.sim.deleted) == 1000), timeout=30)
+        await until(lambda: _zero(svc.pending()))
         async with aiohttp.ClientSession() as http, http.get(svc.url("/metrics")) as response:
             assert response.status == 200
             text = await response.text()
@@ -521,9 +517,9 @@ async def test_protected_jobs_survive_serve_whatever_the_queue_says(redis_prefix
         busy = [i for i in ids if svc.sim.store.jobs[i].status == "PROCESSING"]
         assert busy, "the seeded inventory has PROCESSING jobs"
         await svc.enqueue(ids)
-        await svc.until(lambda: _true(len(svc.events("job.skipped")) == len(busy)))
-        await svc.until(lambda: _true(len(svc.sim.deleted) == len(ids) - len(busy)))
-        await svc.until(lambda: _zero(svc.pending()))
+        await until(lambda: _true(len(svc.events("job.skipped")) == len(busy)))
+        await until(lambda: _true(len(svc.sim.deleted) == len(ids) - len(busy)))
+        await until(lambda: _zero(svc.pending()))
     assert svc.code == 0
     assert set(busy).isdisjoint(svc.sim.sent_counts)
     assert set(svc.sim.job_ids()) == set(busy)
@@ -602,15 +598,15 @@ async def test_outcomes_wait_out_a_redis_outage_and_every_entry_is_settled(
                            concurrency=4, rate=1000.0, reclaim_after=0.5) as svc:  # fmt: skip
             ids = svc.sim.job_ids()
             await svc.enqueue(ids)
-            await svc.until(lambda: _true(len(svc.sim.deleted) >= 10))
+            await until(lambda: _true(len(svc.sim.deleted) >= 10))
             await proxy.go_away()
             # An outcome reached in flight is refused by Redis; the outage then lasts five
             # times what a shutdown would wait for it (a longer one only tests more).
-            await svc.until(lambda: _true(bool(_refused_writes(svc, "outcomes"))))
+            await until(lambda: _true(bool(_refused_writes(svc, "outcomes"))))
             await anyio.sleep(5 * journal_module.SETTLE_TIMEOUT_S)
             proxy.cut = False
-            await svc.until(lambda: _true(len(svc.sim.deleted) == len(ids)), timeout=30)
-            await svc.until(lambda: _zero(svc.pending()), timeout=30)
+            await until(lambda: _true(len(svc.sim.deleted) == len(ids)), timeout=30)
+            await until(lambda: _zero(svc.pending()), timeout=30)
             outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
         relay.cancel_scope.cancel()
     assert svc.code == 0
@@ -630,10 +626,10 @@ async def test_an_entry_settled_here_and_still_being_acked_is_not_reclaimed_and_
     their ids again, for a second outcome ("absent") beside the first."""
     finish = StreamConsumer.finish
     refused: list[str] = []
-    until = anyio.current_time() + 2.0
+    refused_until = anyio.current_time() + 2.0
 
     async def unreachable_for_a_while(self: StreamConsumer, done: Any) -> Settled:
-        if anyio.current_time() < until:
+        if anyio.current_time() < refused_until:
             refused.append(done.entry_id)
             raise redis.exceptions.ConnectionError("ack refused for the test")
         return await finish(self, done)
@@ -643,8 +639,8 @@ async def test_an_entry_settled_here_and_still_being_acked_is_not_reclaimed_and_
                        reclaim_after=0.3) as svc:  # fmt: skip
         ids = svc.sim.job_ids()
         await svc.enqueue(ids)
-        await svc.until(lambda: _true(len(svc.sim.deleted) == len(ids)))
-        await svc.until(lambda: _zero(svc.pending()))
+        await until(lambda: _true(len(svc.sim.deleted) == len(ids)))
+        await until(lambda: _zero(svc.pending()))
         outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
     assert svc.code == 0
     assert refused  # acks were refused while the reclaim ran
@@ -664,8 +660,8 @@ async def test_every_dead_lettered_entry_is_logged_with_its_reason(redis_prefix:
         await svc.redis.xadd(svc.layout.stream, {"ids": orjson.dumps(["bad id!"])})
         await svc.redis.xadd(svc.layout.stream, {"ids": "[]"})
         await svc.enqueue(svc.sim.job_ids())
-        await svc.until(lambda: _true(len(svc.sim.deleted) == 2))
-        await svc.until(lambda: _zero(svc.pending()))
+        await until(lambda: _true(len(svc.sim.deleted) == 2))
+        await until(lambda: _zero(svc.pending()))
         dead: Any = await svc.redis.xrange(svc.layout.dead)
     logged = svc.events("serve.dead_lettered")
     assert sorted(e["entry"] for e in logged) == sorted(f[b"entry"].decode() for _, f in dead)
@@ -686,8 +682,8 @@ async def test_ids_the_api_is_never_up_for_end_failed_once_with_the_error_kept(
                        reclaim_after=0.2, batch_size=2) as svc:  # fmt: skip
         ids = svc.sim.job_ids()
         await svc.enqueue(ids)
-        await svc.until(lambda: _true(len(svc.events("serve.dead_lettered")) == 4), timeout=30)
-        await svc.until(lambda: _zero(svc.pending()))
+        await until(lambda: _true(len(svc.events("serve.dead_lettered")) == 4), timeout=30)
+        await until(lambda: _zero(svc.pending()))
         outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
         dead: Any = await svc.redis.xrange(svc.layout.dead)
     rows = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in outcomes]
@@ -712,11 +708,11 @@ async def test_a_stop_does_not_wait_out_the_grace_period_for_dispatchers_waiting
     async with running(redis_prefix, SimulatorConfig(jobs=5), rate=0.01, burst=1,
                        batch_size=1, concurrency=2, grace=60.0) as svc:  # fmt: skip
         await svc.enqueue(svc.sim.job_ids())
-        await svc.until(lambda: _true(len(svc.sim.deleted) == 1))
+        await until(lambda: _true(len(svc.sim.deleted) == 1))
         # Every entry is read: both dispatchers hold one and wait for a token, two wait.
-        await svc.until(lambda: _equal(svc.pending(), 4))
+        await until(lambda: _equal(svc.pending(), 4))
         svc.stop.set()
-        await svc.until(lambda: _true(svc.code is not None), timeout=20)
+        await until(lambda: _true(svc.code is not None), timeout=20)
         assert await svc.pending() == 4
     assert svc.code == 0
     assert len(svc.sim.deleted) == 1
@@ -744,7 +740,7 @@ async def test_pauses_on_refused_credentials_count_no_deliveries_and_fail_nothin
     async with running(redis_prefix, SimulatorConfig(jobs=5), sk="not-the-secret",
                        max_deliveries=2) as svc:  # fmt: skip
         await svc.enqueue(svc.sim.job_ids())
-        await svc.until(lambda: _true(len(svc.events("serve.paused")) >= 6))
+        await until(lambda: _true(len(svc.events("serve.paused")) >= 6))
         pending: Any = await svc.redis.xpending_range(
             svc.layout.stream, svc.layout.group, "-", "+", 10
         )
@@ -766,10 +762,10 @@ async def test_a_round_after_a_pause_reads_nothing_new_before_its_own_entries_ar
                        batch_size=5) as svc:  # fmt: skip
         ids = svc.sim.job_ids()
         await svc.enqueue(ids[:5])
-        await svc.until(lambda: _true(bool(svc.events("serve.paused"))))
+        await until(lambda: _true(bool(svc.events("serve.paused"))))
         await svc.enqueue(ids[5:])
         paused = len(svc.events("serve.paused"))
-        await svc.until(lambda: _true(len(svc.events("serve.paused")) >= paused + 4))
+        await until(lambda: _true(len(svc.events("serve.paused")) >= paused + 4))
         assert await svc.pending() == 5
     assert svc.code == 0
 
@@ -798,7 +794,7 @@ async def test_a_replica_waiting_for_the_rate_limit_stays_live(
     async with running(redis_prefix, SimulatorConfig(jobs=5), rate=0.01, burst=1,
                        batch_size=1, concurrency=1) as svc:  # fmt: skip
         await svc.enqueue(svc.sim.job_ids())
-        await svc.until(lambda: _true(len(svc.sim.deleted) == 1))
+        await until(lambda: _true(len(svc.sim.deleted) == 1))
         await anyio.sleep(2.0)  # four times stale_after with nothing moving
         assert await _status(svc, "/healthz") == 200
         assert len(svc.sim.deleted) == 1  # still waiting
@@ -818,13 +814,13 @@ async def test_a_redis_outage_leaves_it_live_and_unready(
         async with running(redis_prefix, SimulatorConfig(jobs=5),
                            redis_url=proxy.url) as svc:  # fmt: skip
             await svc.enqueue(svc.sim.job_ids())
-            await svc.until(lambda: _true(len(svc.sim.deleted) == 5))
+            await until(lambda: _true(len(svc.sim.deleted) == 5))
             await proxy.go_away()
             await anyio.sleep(2.0)  # four times stale_after
             assert await _status(svc, "/healthz") == 200
             assert await _status(svc, "/readyz") == 503
             proxy.cut = False
-            await svc.until(lambda: _zero(svc.pending()))
+            await until(lambda: _zero(svc.pending()))
         relay.cancel_scope.cancel()
     assert svc.code == 0
 
@@ -841,13 +837,13 @@ async def test_deleting_the_stream_key_while_it_runs_is_survived_and_calls_in_fl
     async with running(redis_prefix, config, batch_size=5, concurrency=2) as svc:
         ids = svc.sim.job_ids()
         await svc.enqueue(ids[:10])
-        await svc.until(lambda: _equal(svc.pending(), 10))  # all read, the calls in flight
+        await until(lambda: _equal(svc.pending(), 10))  # all read, the calls in flight
         await svc.redis.delete(svc.layout.stream)
-        await svc.until(lambda: _true(bool(svc.events("serve.group_recreated"))))
-        await svc.until(lambda: _true(len(svc.events("job.deleted")) == 10))
+        await until(lambda: _true(bool(svc.events("serve.group_recreated"))))
+        await until(lambda: _true(len(svc.events("job.deleted")) == 10))
         await svc.enqueue(ids[10:])
-        await svc.until(lambda: _true(len(svc.sim.deleted) == 13))
-        await svc.until(lambda: _zero(svc.pending()))
+        await until(lambda: _true(len(svc.sim.deleted) == 13))
+        await until(lambda: _zero(svc.pending()))
     assert svc.code == 0
     assert sorted(e["job_id"] for e in svc.events("job.deleted")) == sorted(ids)
 
@@ -982,7 +978,7 @@ async def test_a_redelivered_entry_sends_again_only_its_ids_without_an_outcome(
         ids = svc.sim.job_ids()
         assert poison in ids
         await svc.redis.xadd(svc.layout.stream, {"ids": orjson.dumps(ids)})
-        await svc.until(lambda: _true(bool(svc.events("serve.dead_lettered"))), timeout=30)
+        await until(lambda: _true(bool(svc.events("serve.dead_lettered"))), timeout=30)
         outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
     assert svc.code == 0
     rows = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in outcomes]
@@ -1121,8 +1117,8 @@ async def test_a_four_megabyte_entry_is_dead_lettered_while_other_ids_flow(
     async with running(redis_prefix, SimulatorConfig(jobs=5)) as svc:
         await svc.redis.xadd(svc.layout.stream, _million_ids_entry())
         await svc.enqueue(svc.sim.job_ids())
-        await svc.until(lambda: _true(len(svc.sim.deleted) == 5))
-        await svc.until(lambda: _zero(svc.pending()))
+        await until(lambda: _true(len(svc.sim.deleted) == 5))
+        await until(lambda: _zero(svc.pending()))
         dead: Any = await svc.redis.xrange(svc.layout.dead)
     assert svc.code == 0
     (entry,) = dead
@@ -1146,8 +1142,8 @@ async def test_an_entry_of_many_small_fields_is_dead_lettered_with_its_head_only
         await svc.enqueue(svc.sim.job_ids())
         # 3 MB to read and refuse: under a loaded CI machine this took over 15 s; the bound
         # only stops a hang
-        await svc.until(lambda: _true(len(svc.sim.deleted) == 2), timeout=90)
-        await svc.until(lambda: _zero(svc.pending()), timeout=90)
+        await until(lambda: _true(len(svc.sim.deleted) == 2), timeout=90)
+        await until(lambda: _zero(svc.pending()), timeout=90)
         dead: Any = await svc.redis.xrange(svc.layout.dead)
     (entry,) = dead
     assert entry[1][b"reason"].startswith(b"entry holds")
@@ -1187,15 +1183,15 @@ async def test_a_redis_outage_is_said_once_then_counted_quietly(redis_prefix: st
         await relay.start(proxy.serve)
         async with running(redis_prefix, SimulatorConfig(jobs=5), redis_url=proxy.url) as svc:
             await svc.enqueue(svc.sim.job_ids())
-            await svc.until(lambda: _zero(svc.pending()))
+            await until(lambda: _zero(svc.pending()))
             await proxy.go_away()
             # Away until two calls have failed after the one that said so (a fixed second
             # and a half saw too few on a loaded machine; counting the announcements too
             # was met by three short outages, none of whose later failures was waited for).
-            await svc.until(lambda: _true(len(svc.events("serve.redis_error")) >= 2), timeout=60)
+            await until(lambda: _true(len(svc.events("serve.redis_error")) >= 2), timeout=60)
             proxy.cut = False
-            await svc.until(lambda: _true(bool(svc.events("serve.redis_back"))))
-            await svc.until(lambda: _true(_outages_over(svc)))
+            await until(lambda: _true(bool(svc.events("serve.redis_back"))))
+            await until(lambda: _true(_outages_over(svc)))
             async with aiohttp.ClientSession() as http, http.get(svc.url("/metrics")) as answer:
                 text = await answer.text()
         relay.cancel_scope.cancel()
@@ -1227,15 +1223,15 @@ async def test_a_queue_key_replaced_by_another_type_pauses_it_unready_until_mend
     async with running(redis_prefix, SimulatorConfig(jobs=6)) as svc:
         ids = svc.sim.job_ids()
         await svc.enqueue(ids[:2])
-        await svc.until(lambda: _zero(svc.pending()))
-        await svc.until(lambda: _true(len(svc.sim.deleted) == 2))
+        await until(lambda: _zero(svc.pending()))
+        await until(lambda: _true(len(svc.sim.deleted) == 2))
         if replaced == "pace":  # the fleet's rate, beside the bucket
             key = svc.layout.ratelimit + ":pace"
         else:
             key = getattr(svc.layout, replaced)
         await svc.redis.delete(key)
         if replaced == "stream":  # the blocked read is answered UNBLOCKED, the stream made
-            await svc.until(lambda: _true(bool(svc.events("serve.group_recreated"))))
+            await until(lambda: _true(bool(svc.events("serve.group_recreated"))))
         if replaced == "ratelimit":
             await svc.redis.hset(key, "a", "hash")
         elif replaced == "position":
@@ -1244,19 +1240,19 @@ async def test_a_queue_key_replaced_by_another_type_pauses_it_unready_until_mend
             await svc.redis.set(key, "not a stream")  # and UNBLOCKED again: a traceback
         if replaced != "stream":
             await svc.enqueue(ids[2:4])  # their outcomes cannot be written, or no call paced
-        await svc.until(lambda: _true(bool(svc.events("serve.paused"))))
+        await until(lambda: _true(bool(svc.events("serve.paused"))))
         async with aiohttp.ClientSession() as http, http.get(svc.url("/readyz")) as answer:
             assert answer.status == 503
             assert (await answer.json())["stream"] is False
         assert await _status(svc, "/healthz") == 200
         assert svc.code is None  # paused, not ended
         await svc.redis.delete(key)  # mended: the service makes the stream again itself
-        await svc.until(lambda: _true(len(svc.sim.deleted) >= 2))
+        await until(lambda: _true(len(svc.sim.deleted) >= 2))
         if replaced == "stream":
-            await svc.until(lambda: _true(len(svc.events("serve.group_recreated")) >= 2))
+            await until(lambda: _true(len(svc.events("serve.group_recreated")) >= 2))
         await svc.enqueue(ids[4:])
-        await svc.until(lambda: _true(set(ids[4:]) <= svc.sim.deleted), timeout=20)
-        await svc.until(lambda: _ready(svc), timeout=5)
+        await until(lambda: _true(set(ids[4:]) <= svc.sim.deleted), timeout=20)
+        await until(lambda: _ready(svc), timeout=5)
     assert svc.code == 0
     paused = svc.events("serve.paused")[0]
     assert paused["reason"] == "NotAStream" and paused["keys"] == [key]
@@ -1275,12 +1271,12 @@ async def test_a_dead_letter_stream_of_another_type_loses_no_dead_letter(
     async with running(redis_prefix, SimulatorConfig(jobs=2)) as svc:
         await svc.redis.set(svc.layout.dead, "not a stream")
         await svc.redis.xadd(svc.layout.stream, {"ids": "[not json"})
-        await svc.until(lambda: _true(bool(svc.events("serve.paused"))))
+        await until(lambda: _true(bool(svc.events("serve.paused"))))
         assert await svc.pending() == 1
         await svc.redis.delete(svc.layout.dead)
         await svc.enqueue(svc.sim.job_ids())
-        await svc.until(lambda: _true(len(svc.sim.deleted) == 2))
-        await svc.until(lambda: _zero(svc.pending()))
+        await until(lambda: _true(len(svc.sim.deleted) == 2))
+        await until(lambda: _zero(svc.pending()))
         dead: Any = await svc.redis.xrange(svc.layout.dead)
     assert [f[b"reason"] for _, f in dead] == [b"ids is not valid JSON"]
     assert len(svc.events("serve.dead_lettered")) == 1
@@ -1301,10 +1297,10 @@ async def test_serve_says_where_it_stands_every_stats_interval(
     async with running(redis_prefix, SimulatorConfig(jobs=30), stats_interval=interval) as svc:
         await svc.enqueue(svc.sim.job_ids())
         await svc.redis.xadd(svc.layout.stream, {"ids": "not json"})
-        await svc.until(lambda: _true(len(svc.sim.deleted) == 30))
-        await svc.until(lambda: _zero(svc.pending()))
+        await until(lambda: _true(len(svc.sim.deleted) == 30))
+        await until(lambda: _zero(svc.pending()))
         if interval:
-            await svc.until(lambda: _true(_said_all(svc, 30)))
+            await until(lambda: _true(_said_all(svc, 30)))
         else:
             await anyio.sleep(0.6)
     said = svc.events("serve.stats")
@@ -1363,8 +1359,8 @@ async def test_an_over_delivered_entry_naming_a_project_not_allowed_gives_its_id
         await redis_client.xclaim(stream, "reapers", "ghost", 0, [entry])
     async with running(redis_prefix, SimulatorConfig(jobs=1), max_deliveries=2,
                        reclaim_after=0.2) as svc:  # fmt: skip
-        await svc.until(lambda: _true(bool(svc.events("serve.dead_lettered"))), timeout=30)
-        await svc.until(lambda: _zero(svc.pending()))
+        await until(lambda: _true(bool(svc.events("serve.dead_lettered"))), timeout=30)
+        await until(lambda: _zero(svc.pending()))
         outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
     rows = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in outcomes]
     assert [(r["job_id"], r["outcome"]) for r in rows] == [("job-z1", "rejected")]
@@ -1388,11 +1384,11 @@ async def test_a_note_of_ids_sent_of_another_type_is_named_in_the_pause(
             pipe.hset(svc.layout.sending("1-1"), "someone", "else")
             await pipe.execute()
         note = svc.layout.sending("1-1")
-        await svc.until(lambda: _true(len(svc.events("serve.paused")) >= 2))
+        await until(lambda: _true(len(svc.events("serve.paused")) >= 2))
         assert not svc.sim.deleted
         await svc.redis.delete(note)
-        await svc.until(lambda: _true(job in svc.sim.deleted))
-        await svc.until(lambda: _zero(svc.pending()))
+        await until(lambda: _true(job in svc.sim.deleted))
+        await until(lambda: _zero(svc.pending()))
     first, second = svc.events("serve.paused")[:2]
     assert first["reason"] == second["reason"] == "NotAStream"
     assert first["keys"] == second["keys"] == [note]
@@ -1412,8 +1408,8 @@ async def test_an_entry_naming_ids_twice_rejects_a_value_that_is_no_list_too(
         await svc.redis.execute_command(  # type: ignore[no-untyped-call]
             "XADD", svc.layout.stream, "*", "ids", '["job-a"]', "ids", '"job-b"', "ids", "x y"
         )
-        await svc.until(lambda: _zero(svc.pending()))
-        await svc.until(lambda: _true(len(svc.events("serve.dead_lettered")) == 1))
+        await until(lambda: _zero(svc.pending()))
+        await until(lambda: _true(len(svc.events("serve.dead_lettered")) == 1))
         outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
     rows = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in outcomes]
     assert sorted((r["job_id"], r["outcome"], r["error_msg"]) for r in rows) == [

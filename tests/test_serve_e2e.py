@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 from tests.benchmarks import harness
 from tests.conftest import REDIS_URL
 from tests.e2e import Served, collect
+from tests.e2e import until as until  # the one poll, for the modules importing it here
 from worker.simulator import FaultConfig, Simulator, SimulatorConfig, run_simulator
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
@@ -131,12 +132,6 @@ class Queue:
         with anyio.fail_after(20):
             for replica in self.replicas:
                 await replica.process.wait()
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 25) -> None:
-    with anyio.fail_after(timeout):
-        while not await check():
-            await anyio.sleep(0.05)
 
 
 @asynccontextmanager

@@ -17,7 +17,7 @@ import contextlib
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.benchmarks import harness
 from tests.conftest import REDIS_URL
 from tests.e2e import Served, collect
+from tests.e2e import until as until  # the one poll, for the modules importing it here
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
 
@@ -195,12 +196,6 @@ async def served_around(
 async def rows(client: aioredis.Redis, key: str) -> list[dict[str, str]]:
     found: Any = await client.xrange(key)
     return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in found]
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 40) -> None:
-    with anyio.fail_after(timeout):
-        while not await check():
-            await anyio.sleep(0.1)
 
 
 def named(region: Region, ids: list[str], **extra: str) -> list[dict[str, str]]:

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
 from tests.conftest import REDIS_URL
+from tests.e2e import until
 from worker.commands.serve import serve
 from worker.service.layout import Retention, StreamLayout
 from worker.service.retention import Keeper
@@ -179,11 +180,6 @@ class Fleet:
     def events(self, name: str) -> list[MutableMapping[str, Any]]:
         return [e for e in self.logs if e.get("event") == name]
 
-    async def until(self, check: Any, timeout: float = 60) -> None:
-        with anyio.fail_after(timeout):
-            while not await check():
-                await anyio.sleep(0.05)
-
 
 @asynccontextmanager
 async def fleet(
@@ -235,15 +231,15 @@ async def test_twenty_thousand_ids_through_two_replicas_leave_the_ids_stream_sho
         async def settled() -> bool:
             return len(f.sim.deleted) == len(ids) and await f.pending() == 0
 
-        await f.until(settled, 120)
+        await until(settled, 120)
 
         async def short() -> bool:
             return int(await f.redis.xlen(f.layout.stream)) <= 1000
 
-        await f.until(short, 10)
+        await until(short, 10)
         await f.redis.xgroup_create(f.layout.stream, "audit", id="$")
         await f.enqueue(["late-1", "late-2"])
-        await f.until(lambda: _zero_pending_with(f, 0), 10)
+        await until(lambda: _zero_pending_with(f, 0), 10)
         await anyio.sleep(1.5)  # more than a retention pass: both stay for "audit"
         left = await _ids(f.redis, f.layout.stream)
         fields: Any = [await f.redis.xrange(f.layout.stream, e, e) for e in left[-2:]]
@@ -273,17 +269,17 @@ async def test_a_destroyed_group_is_created_again_where_it_stood_not_at_the_star
             kept = await f.redis.hget(f.layout.position, f.layout.group)
             return len(f.sim.deleted) == 50 and await f.pending() == 0 and kept is not None
 
-        await f.until(done, 30)
+        await until(done, 30)
 
         async def kept_at_the_end() -> bool:  # a retention pass after the last ack
             newest: Any = await f.redis.xrevrange(f.layout.stream, count=1)
             return bool(await f.redis.hget(f.layout.position, f.layout.group) == newest[0][0])
 
-        await f.until(kept_at_the_end, 10)
+        await until(kept_at_the_end, 10)
         await f.redis.xgroup_destroy(f.layout.stream, f.layout.group)
         await f.enqueue(ids[50:])
-        await f.until(lambda: _all_deleted(f, len(ids)), 30)
-        await f.until(lambda: _no_pending(f), 10)
+        await until(lambda: _all_deleted(f, len(ids)), 30)
+        await until(lambda: _no_pending(f), 10)
     assert max(f.sim.sent_counts.values()) == 1  # nothing of the first 50 was sent again
     (event,) = f.events("serve.group_recreated")
     assert event["position"] != "0" and event["replays"] == "pending and unread entries"

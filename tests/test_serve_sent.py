@@ -25,9 +25,9 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from tests.conftest import REDIS_URL
-from tests.e2e import serve_app
+from tests.e2e import serve_app, until
 from tests.test_serve import RedisProxy
-from tests.test_serve_e2e import Queue, Replica, queue, until
+from tests.test_serve_e2e import Queue, Replica, queue
 from worker.clock import MonotonicClock
 from worker.outcomes.events import EventLog
 from worker.service.consumer import StreamConsumer, sent_ids

@@ -19,9 +19,8 @@ import anyio
 import pytest
 
 from tests.benchmarks import harness
-from tests.e2e import Served, collect, reaper
+from tests.e2e import Served, collect, reaper, until
 from tests.test_redis_auth import PASSWORD, REDIS_SERVER, _free_port, redis_server
-from tests.test_serve_e2e import until
 from worker.simulator import SimulatorConfig, run_simulator
 
 pytestmark = [

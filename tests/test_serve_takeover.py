@@ -17,7 +17,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import REDIS_URL
-from tests.test_serve_e2e import SEVERAL, queue, until
+from tests.e2e import until
+from tests.test_serve_e2e import SEVERAL, queue
 from worker.service.consumer import StreamConsumer, sent_ids
 from worker.service.layout import StreamLayout
 from worker.simulator import FaultConfig, SimulatorConfig
