@@ -10,19 +10,21 @@ data, refusing writes), not on the shared one.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 import orjson
 import pytest
 import redis.asyncio as aioredis
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from tests.e2e import SIM_AK, SIM_SK
+from tests.e2e import SIM_AK, SIM_SK, until
 from tests.test_redis_auth import REDIS_SERVER, _free_port, _reaper, redis_server
 from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
 
@@ -97,10 +99,16 @@ async def test_a_redis_refusing_writes_is_waited_out_by_serve_and_refused_by_enq
         def said(name: str) -> list[dict[str, Any]]:
             return [e for e in events if e.get("event") == name]
 
-        async def until(check: Any, timeout: float = 30) -> None:
-            with anyio.fail_after(timeout):
-                while not await check():
-                    await anyio.sleep(0.05)
+        async def redis_errors() -> float:
+            """The Redis calls it found refused (or away), from its /metrics."""
+            port = said("serve.started")[0]["http_port"]
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{port}/metrics") as answer,
+            ):
+                text = await answer.text()
+            found = re.search(r"^devserver_reaper_redis_errors_total (\S+)$", text, re.M)
+            return float(found.group(1)) if found else 0.0
 
         async def calls_made() -> bool:
             return sim.stats.calls >= 1
@@ -120,10 +128,19 @@ async def test_a_redis_refusing_writes_is_waited_out_by_serve_and_refused_by_enq
                 await until(out_of_memory_said)
                 assert process.returncode is None, errors.read_text()
                 code, refused = await _reaper("enqueue", "--input", str(ids), "--redis-url", url)
-                calls = sim.stats.calls  # those on the wire have answered: enqueue took longer
-                with anyio.move_on_after(1):
-                    while process.returncode is None:
-                        await anyio.sleep(0.1)
+
+                async def answered() -> bool:  # the calls on the wire when writes stopped
+                    return sim.stats.in_flight == 0
+
+                await until(answered)
+                calls = sim.stats.calls
+                failed = await redis_errors()
+
+                async def refused_again() -> bool:  # it tried its writes again, and again
+                    return process.returncode is not None or await redis_errors() >= failed + 3
+
+                await until(refused_again)
+                assert process.returncode is None, errors.read_text()
                 sent_refused = sim.stats.calls - calls
                 await accept(admin)
                 await until(all_deleted)
