@@ -244,7 +244,8 @@ async def test_a_fixed_rate_is_cut_once_for_the_fleet_and_said_once(
     time = RedisTime()
     clock, key = time.clock, redis_prefix + "rl"
     said: list[Any] = []
-    config = SlowdownConfig(first_cut=0.9, cut=0.5, hold=5.0, growth=2.0)
+    # One refusal is evidence enough here, and a probe past the pace cut is due at once.
+    config = SlowdownConfig(evidence=1.0, cut=0.5, hold=5.0, growth=2.0, probe=5.0)
     a, b = (_fixed(client, key, time, 20.0, said, config=config) for _ in range(2))
     await a.acquire()
     await b.acquire()
@@ -252,20 +253,20 @@ async def test_a_fixed_rate_is_cut_once_for_the_fleet_and_said_once(
     b.feedback(throttled=True, latency_s=0.01)
     await a.acquire()
     await b.acquire()
-    assert a.rate == b.rate == pytest.approx(18.0)
-    assert said == [("rate.slowed", {"rate": 18.0, "asked": 20.0, "reason": "throttled"})]
+    assert a.rate == b.rate == pytest.approx(10.0)
+    assert said == [("rate.slowed", {"rate": 10.0, "asked": 20.0, "reason": "throttled"})]
     starts = []
     for limiter in (a, b, a, b):
         await limiter.acquire()
         starts.append(clock.now())
-    assert starts[-1] - starts[0] == pytest.approx(3 / 18.0, abs=1e-3)
-    b.feedback(throttled=True, latency_s=0.01)  # sent after the cut, within the window
+    assert starts[-1] - starts[0] == pytest.approx(3 / 10.0, abs=1e-3)
+    b.feedback(throttled=True, latency_s=0.01)  # sent after the cut
     await b.acquire()
-    assert b.rate == pytest.approx(9.0)
+    assert b.rate == pytest.approx(5.0)
     await clock.sleep(5.0)  # a hold with no refusal: one reservation restores the fleet
     await a.acquire()
     await b.acquire()
-    assert a.rate == b.rate == 18.0
+    assert a.rate == b.rate == 10.0
     await clock.sleep(5.0)
     await b.acquire()
     assert b.rate == 20.0
@@ -319,8 +320,11 @@ async def _reserves_as_pure(
         limiter.feedback(throttled=True, latency_s=ago)
         pure.refused(now_us / 1e6, (now_us - round(ago * 1e6)) / 1e6)
     pace = pure.pace_at(now_us / 1e6)
+    granted = limiter.granted
     await limiter.acquire()
     assert limiter.rate == pytest.approx(pace, rel=1e-9)
+    for _ in range(limiter.granted - granted):  # the call the reservation let go
+        pure.sent()
 
 
 @pytest.mark.anyio

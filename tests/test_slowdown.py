@@ -7,6 +7,7 @@ simulator in another process: quota 5 calls/s with burst 1, ``--rate 50 --burst 
 from __future__ import annotations
 
 import itertools
+import random
 from pathlib import Path
 from typing import Any
 
@@ -20,48 +21,135 @@ from worker.pacing.slowdown import Slowdown, SlowdownConfig, SlowingLimiter
 from worker.simulator import SimulatorConfig, run_simulator
 
 
-def test_a_refusal_cuts_the_pace_and_refusals_of_calls_sent_before_it_do_not() -> None:
+def test_refusals_in_a_row_cut_the_pace_and_refusals_of_calls_sent_before_it_do_not() -> None:
     s = Slowdown(50.0)
-    # The first for a while is a clump a loaded machine sent, as likely as a rate too
-    # high: it only marks the time.
-    assert not s.refused(1.0, sent=0.99)
+    # A few refusals may be late calls in clumps: the fifth in a row is a share.
+    for n in range(4):
+        assert not s.refused(1.0 + n / 100, sent=0.99)
     assert s.pace == 50.0
-    # Calls in flight then were sent before it: nothing new.
-    assert not s.refused(1.01, sent=0.995)
-    assert not s.refused(1.2, sent=0.999)
-    assert s.refused(1.3, sent=1.25)  # sent since, and refused within a second: cut
+    assert s.refused(1.04, sent=1.0)
     assert s.pace == pytest.approx(42.5)
-    assert not s.refused(1.35, sent=1.29)
-    assert s.refused(2.0, sent=1.5)  # again
+    # Calls in flight then were sent before it: nothing new, however many.
+    for n in range(10):
+        assert not s.refused(1.1 + n / 100, sent=1.01)
+    assert s.evidence == 0.0
+    for sent in (1.05, 1.06, 1.07, 1.08):
+        assert not s.refused(1.3, sent=sent)
+    assert s.refused(1.3, sent=1.09)  # again
     assert s.pace == pytest.approx(36.125)
-    assert not s.refused(9.0, sent=8.9)  # a while later: a mark, after the climb back
-    assert s.pace == pytest.approx(36.125 * 1.1**3)
 
 
-def test_the_pace_climbs_back_to_the_rate_asked_after_refusals_stop() -> None:
-    s = Slowdown(10.0, SlowdownConfig(cut=0.5, first_cut=0.5, hold=10.0, growth=1.5))
+def test_the_pace_climbs_back_a_step_short_of_the_pace_cut_until_a_probe_is_due() -> None:
+    s = Slowdown(10.0, SlowdownConfig(evidence=1.0, cut=0.5, hold=10.0, growth=1.2, probe=40))
     s.refused(0.0, sent=0.0)
     assert s.pace_at(9.9) == 5.0
-    assert s.pace_at(10.0) == pytest.approx(7.5)
-    assert s.pace_at(25.0) == pytest.approx(10.0)  # two holds: 7.5 x 1.5, capped at 10
+    assert s.pace_at(10.0) == pytest.approx(6.0)
+    assert s.pace_at(25.0) == pytest.approx(7.2)
+    assert s.pace_at(30.0) == pytest.approx(10.0 / 1.2)  # a step short of 10, the pace cut
+    assert s.pace_at(39.9) == pytest.approx(10.0 / 1.2)
+    assert s.pace_at(40.0) == pytest.approx(10.0)  # the probe: 8.33 x 1.2, capped at 10
     assert not s.slowed
 
 
 def test_the_pace_never_falls_below_the_floor() -> None:
     s = Slowdown(1.0, SlowdownConfig(min_rate=0.2))
-    for n in range(20):
-        s.refused(float(n), sent=float(n))
+    for n in range(200):
+        s.refused(n / 10, sent=n / 10)
     assert s.pace == 0.2
 
 
 @pytest.mark.parametrize(
     "bad",
-    [{"cut": 1.0}, {"first_cut": 1.1}, {"cut": 0.9, "first_cut": 0.8}, {"growth": 1.0},
-     {"min_rate": 0.0}, {"hold": 0}, {"window": -1.0}],
+    [{"cut": 1.0}, {"cut": 0.0}, {"jitter": 0.0}, {"jitter": 0.2, "quota": 0.1},
+     {"quota": 1.0}, {"evidence": 0.0}, {"growth": 1.0}, {"min_rate": 0.0}, {"hold": 0},
+     {"hold": 30.0, "probe": 20.0}],
 )  # fmt: skip
 def test_nonsense_configs_are_refused(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="need"):
         SlowdownConfig(**bad)
+
+
+class Gateway:
+    """A quota with a burst of 1 (GCRA on arrival times, as the simulator's), reached
+    ``delay`` s after each start: what a fixed rate meets, on virtual time."""
+
+    def __init__(self, quota: float) -> None:
+        self.interval = 1 / quota
+        self.tat = 0.0
+        self.answers: list[tuple[float, bool]] = []  # (sent, refused)
+
+    def call(self, arrival: float) -> bool:
+        if arrival < self.tat:
+            return False
+        self.tat = max(self.tat, arrival) + self.interval
+        return True
+
+
+async def _paced(limiter: SlowingLimiter, clock: FakeClock, seconds: float, refuse: Any) -> None:
+    """Calls through ``limiter`` for ``seconds``; ``refuse(sent)`` says whether each call
+    sent at ``sent`` is refused, answered 5 ms later."""
+    while clock.now() < seconds:
+        await limiter.acquire()
+        sent = clock.now()
+        if refuse(sent):
+            limiter.feedback(throttled=True, latency_s=0.005)
+
+
+def _limiter(rate: float, clock: FakeClock, said: list[Any]) -> SlowingLimiter:
+    return SlowingLimiter(
+        LocalRateLimiter(rate, 1, clock), clock, notify=lambda e, **f: said.append((e, f))
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("share", [0.01, 0.02])
+async def test_isolated_refusals_at_a_rate_the_gateway_mostly_accepts_do_not_slow_it(
+    seed: int, share: float
+) -> None:
+    """1-2 % of the calls of a steady 30 calls/s refused at random (a burst-1 gateway and a
+    loaded machine's timing: three replicas lost 1.8 %): they are retried, not a reason to
+    slow down. On the old arithmetic two within a second cut by 0.85, and the fleet used
+    0.68 of its quota."""
+    rnd = random.Random(seed)
+    clock = FakeClock()
+    said: list[Any] = []
+    limiter = _limiter(30.0, clock, said)
+    await _paced(limiter, clock, 300.0, lambda _: rnd.random() < share)
+    assert limiter.throttles > 30 * 300 * share * 0.8
+    assert said == [] and limiter.rate == 30.0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("seed", range(3))
+async def test_a_quota_under_the_rate_is_followed_within_seconds_with_few_refusals(
+    seed: int,
+) -> None:
+    """``--rate 30`` against a gateway whose quota is 21 calls/s, burst 1, each call
+    reaching it a little late now and then: the pace is under the quota within 2 s, and
+    from 5 s to 120 s the gateway accepts at least 0.9 of its quota and refuses at most
+    3 % of the calls (the probes past the pace cut, every ``probe`` s, and lateness)."""
+    rnd = random.Random(seed)
+    clock = FakeClock()
+    said: list[Any] = []
+    limiter = _limiter(30.0, clock, said)
+    gateway = Gateway(21.0)
+    answers: list[tuple[float, bool]] = []
+
+    def refuse(sent: float) -> bool:
+        late = rnd.expovariate(1 / 0.004) if rnd.random() < 0.02 else 0.0
+        ok = gateway.call(sent + late)
+        answers.append((sent, ok))
+        return not ok
+
+    await _paced(limiter, clock, 2.0, refuse)
+    assert limiter.rate < 21.0
+    await _paced(limiter, clock, 120.0, refuse)
+    window = [ok for sent, ok in answers if sent >= 5.0]
+    accepted = sum(window)
+    assert accepted / ((120.0 - 5.0) * 21.0) >= 0.9
+    assert (len(window) - accepted) / len(window) <= 0.03
+    assert said[0][0] == "rate.slowed"
 
 
 @pytest.mark.anyio
@@ -70,7 +158,7 @@ async def test_the_limiter_paces_at_the_slowed_rate_and_says_so() -> None:
     said: list[tuple[str, dict[str, Any]]] = []
     limiter = SlowingLimiter(
         LocalRateLimiter(20.0, 1, clock), clock, notify=lambda e, **f: said.append((e, f)),
-        config=SlowdownConfig(cut=0.5, first_cut=0.5, hold=5.0, growth=2.0),
+        config=SlowdownConfig(evidence=1.0, cut=0.5, hold=5.0, growth=2.0, probe=5.0),
     )  # fmt: skip
     await limiter.acquire()
     limiter.feedback(throttled=True, latency_s=0.0, retry_after=1.0)

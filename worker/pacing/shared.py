@@ -11,10 +11,12 @@ exactly ``1 / rate`` apart), so a fleet behaves like one process with a ``LocalR
 The *rate* the bucket is spaced by is fleet state too, next to it, so that what one process
 learns from a refusal paces every process, once:
 
-- ``RedisRateLimiter`` (``--rate N``): the pace is a factor of N kept in Redis. A refusal of
-  a call sent since the last cut cuts it atomically, once for the fleet (``Slowdown``'s
-  arithmetic, the same in Lua); the factor climbs back by the Redis clock, computed by
-  whichever reservation comes next, so no process keeps a timer of its own.
+- ``RedisRateLimiter`` (``--rate N``): the pace is a factor of N kept in Redis, with the
+  fleet's evidence that the quota is under it (each reservation a call sent, each refusal
+  reported with one a refusal): refusals that are a share of the fleet's calls cut it
+  atomically, once for the fleet (``Slowdown``'s arithmetic, the same in Lua); the factor
+  climbs back by the Redis clock, computed by whichever reservation comes next, so no
+  process keeps a timer of its own.
 - ``worker.pacing.fleet.FleetRateController`` (``--rate auto``): one controller for the
   fleet, run by a leader, whose rate every reservation is spaced by.
 
@@ -113,41 +115,51 @@ end
 _FIXED = (
     GCRA
     + """
--- ARGV: now ('' for the server's), interval asked, burst, ttl ms, cut, first cut, window,
--- least factor, hold, growth, horizon, then how long ago each refused call was sent (us).
+-- ARGV: now ('' for the server's), interval asked, burst, ttl ms, cut, evidence a call
+-- sent takes, evidence a refusal adds, evidence that cuts, least factor, hold, growth,
+-- horizon, probe, then how long ago each refused call was sent (us).
 local now = clock()
-local hold, growth, least = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[8])
+local cut, hold, growth = tonumber(ARGV[5]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local least, probe = tonumber(ARGV[9]), tonumber(ARGV[13])
 own(KEYS[2], 'hash')
-local p = redis.call('HMGET', KEYS[2], 'factor', 'since', 'cut_at')
+local p = redis.call('HMGET', KEYS[2], 'factor', 'since', 'cut_at', 'top', 'evidence')
 local factor = math.max(within(p[1], 0, 1) or 1, least)
 local since, cut_at = within(p[2], -math.huge, now) or now, within(p[3], -math.huge, now)
-local event, changed = '', false
+local top = within(p[4], least, 1) or math.huge
+local evidence = within(p[5], 0, tonumber(ARGV[8])) or 0
+local event = ''
 if factor < 1 and now - since >= hold then
   local steps = math.floor((now - since) / hold)
-  factor = math.min(1, factor * growth ^ steps)
+  local cap = 1
+  if cut_at ~= nil and now - cut_at < probe then cap = top / growth end
+  factor = math.max(factor, math.min(1, cap, factor * growth ^ steps))
   since = since + steps * hold
-  changed = true
   if factor >= 1 then event = 'restored' end
 end
-for i = 12, #ARGV do
+for i = 14, #ARGV do
   if cut_at == nil or now - tonumber(ARGV[i]) >= cut_at then
-    local cut = tonumber(ARGV[6])
-    if cut_at ~= nil and now - cut_at <= tonumber(ARGV[7]) then cut = tonumber(ARGV[5]) end
-    local was = factor
-    factor = math.max(least, math.min(1, factor * cut))
-    if factor < was then event = 'slowed' end
-    cut_at, since, changed = now, now, true
+    evidence = evidence + tonumber(ARGV[7])
+    if evidence >= tonumber(ARGV[8]) then
+      top = factor
+      factor = math.max(least, factor * cut)
+      if factor < top then event = 'slowed' end
+      cut_at, since, evidence = now, now, 0
+    end
   end
 end
-if changed then
-  redis.call('HSET', KEYS[2], 'factor', string.format('%.17g', factor), 'since', us(since),
-             'cut_at', us(cut_at))
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-end
 local interval = math.ceil(tonumber(ARGV[2]) / factor)
-local burst, horizon = tonumber(ARGV[3]), tonumber(ARGV[11])
+local burst, horizon = tonumber(ARGV[3]), tonumber(ARGV[12])
 local far = horizon + burst * math.ceil(tonumber(ARGV[2]) / least)
 local start, new_tat = reserve(now, interval, burst, 0, horizon, far)
+if start then evidence = math.max(0, evidence - tonumber(ARGV[6])) end  -- a call sent
+local fields = {'factor', string.format('%.17g', factor), 'since', us(since),
+                'evidence', string.format('%.17g', evidence)}
+if cut_at ~= nil then
+  table.insert(fields, 'cut_at'); table.insert(fields, us(cut_at))
+  table.insert(fields, 'top'); table.insert(fields, string.format('%.17g', math.min(top, 1)))
+end
+redis.call('HSET', KEYS[2], unpack(fields))
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 if not start then start = '' else start = us(start) end
 return {start, us(now), us(new_tat), event, string.format('%.17g', factor)}
 """
@@ -175,7 +187,7 @@ REDIS_ERRORS = (
 
 
 PACE_TTL_S = 600.0
-"""How long the fleet's pace outlives its last change: a fleet restarted within it starts
+"""How long the fleet's pace outlives its last reservation: a fleet restarted within it starts
 from what it had learnt."""
 
 SPEC_EVERY_S = 5.0
@@ -386,7 +398,7 @@ class RedisRateLimiter(RedisPacer):
 
     The arithmetic is ``worker.pacing.slowdown.Slowdown``'s, run in the reservation script
     on the fleet's factor: a refusal is reported with this process's next reservation (how
-    long ago its call was sent), and cuts only when that call was sent since the last cut;
+    long ago its call was sent), and counts only when that call was sent since the last cut;
     the process whose report cut says so (``rate.slowed``), and the one whose reservation
     brought the pace back to N (``rate.restored``): one event per change, for the fleet.
     Not a ``FixedRate``: its answers move the pace.
@@ -455,8 +467,8 @@ class RedisRateLimiter(RedisPacer):
         ago = [f"{(now - sent) * 1e6:.0f}" for sent in refused]
         args: list[Any] = [
             self._now_arg(), self._interval, self._burst, int(PACE_TTL_S * 1000), c.cut,
-            c.first_cut, int(c.window * 1e6), c.min_rate / self._asked, int(c.hold * 1e6),
-            c.growth, self._horizon_us, *ago,
+            c.per_call, c.per_refusal, c.evidence, c.min_rate / self._asked,
+            int(c.hold * 1e6), c.growth, self._horizon_us, int(c.probe * 1e6), *ago,
         ]  # fmt: skip
         start, server_now, token, event, factor = await self._script(
             keys=self._keys.all(), args=args
