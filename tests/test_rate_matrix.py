@@ -287,3 +287,19 @@ def test_a_refusal_after_a_long_idle_stretch_does_not_cut_far_under_the_quota(
         run = _idle_from(quota, burst, (start, start + 20.0), start + 35.0)
         paced = [rate for t, rate in run.rates if t >= start + 20.0]
         assert min(paced) >= 0.6 * quota, (start, min(paced))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "a known gap: at a quota of 1 call/s the probe's time unit is 30 s (30 calls a "
+        "refusal), so past its target it climbs 0.6 % in 30 s, and a rise is proved only "
+        "once the floor since the last refusal passes the target: 1 -> 50 calls/s reaches "
+        "0.9 of 50 after 310 s (2 -> 50: 131 s; 5 -> 50: 38 s; before 4fdf5fe 276, 99, 38 s)"
+    ),
+)
+def test_a_quota_that_rises_from_one_call_a_second_is_followed_within_thirty_seconds() -> None:
+    """1 call/s for 60 s, then 50: some rate paced within 10 % of 50 by 30 s after."""
+    run = simulate(lambda t: 1.0 if t < 60.0 else 50.0, duration=90.0, burst=1, latency=0.05,
+                   concurrency=8)  # fmt: skip
+    assert any(rate >= 45.0 for t, rate in run.rates if t >= 60.0)
