@@ -316,8 +316,7 @@ def test_simulator_sizes_out_of_range_are_usage_errors(args: list[str]) -> None:
 def test_a_secret_given_as_a_flag_is_warned_about_once_and_never_printed(
     tmp_path: Path, flags: list[str], named: str
 ) -> None:
-    """Every user of the machine reads flags in ``ps``: say so and name the *_file setting;
-    a password-less --redis-url and secrets from the environment raise no warning."""
+    """Every user of the machine reads flags in ``ps``: say so and name the *_file setting."""
     rest = (
         ["enqueue", "--input", "x"]
         if named == "--redis-url"
@@ -328,6 +327,13 @@ def test_a_secret_given_as_a_flag_is_warned_about_once_and_never_printed(
     assert len(warnings) == 1, done.stderr
     assert named in warnings[0]
     assert CANARY not in done.stderr + done.stdout
+
+
+def test_a_password_less_redis_url_flag_and_a_secret_from_the_environment_warn_nothing(
+    tmp_path: Path,
+) -> None:
+    """Only a secret on the command line is warned about: a --redis-url without a password,
+    the SK in the environment, say nothing."""
     quiet = run_worker("enqueue", "--redis-url", "redis://127.0.0.1:1/0", "--input", "x",
                        env={"REAPER_SK": CANARY}, cwd=tmp_path)  # fmt: skip
     assert "every user" not in quiet.stderr
