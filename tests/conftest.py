@@ -22,6 +22,15 @@ if IN_CI:
     settings.load_profile("ci")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The ``slow`` tests (real processes that run for many seconds) first, each group in
+    its own order: pytest-xdist's worksteal hands each worker a contiguous share and lets
+    an idle one take the tail of another's, so a long test left to the end is run alone
+    while the other worker waits (the order is the same in every worker, as xdist needs)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

@@ -18,7 +18,7 @@ from tests.e2e import kill_when, reaper, reaper_env, results, start_reaper, writ
 from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
 from worker.simulator.config import FAULT_KINDS
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # each test runs the real command
 
 
 def fast(src: Path, *more: str) -> list[str]:
