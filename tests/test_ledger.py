@@ -583,33 +583,11 @@ def test_each_id_is_new_at_most_once_per_run_and_every_candidate_is_classified(
 # -- memory -----------------------------------------------------------------------------------
 
 
-def _admit_peak(path: Path, count: int) -> int:
-    with open_ledger(path, "mem") as ledger:
-        tracemalloc.start()
-        try:
-            for start in range(0, count, 1000):
-                chunk = [Candidate(f"job-{n:012d}", n) for n in range(start, start + 1000)]
-                ledger.admit(chunk)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-    return peak
-
-
-@pytest.mark.slow
-def test_memory_stays_flat_from_100k_to_1m_admitted_ids(tmp_path: Path) -> None:
-    """Python-side peak while admitting, in chunks of 1,000: the same at 1M ids as at 100k,
-    because nothing per id stays in memory (SQLite's page cache is bounded by cache_size).
-    Ten times the ids is enough to tell: a leak of one small int per id (8 bytes) is 1.3 MB
-    against 10 MB here, failing both checks."""
-    small = _admit_peak(tmp_path / "small.sqlite", 100_000)
-    large = _admit_peak(tmp_path / "large.sqlite", 1_000_000)
-    assert large / small < 1.3, (small, large)
-    assert large < 5_000_000  # a chunk's worth, not the 1M ids (~75 MB as Python strings)
-
-
-def _temporary_admit_peak(count: int, memory_ids: int) -> int:
-    with TemporaryLedger.open(memory_ids=memory_ids) as ledger:
+def _admit_peak(path: Path | None, count: int, memory_ids: int = 0) -> int:
+    """The Python-side peak while ``count`` ids are admitted in chunks of 1,000: to the
+    ledger at ``path``, or (None) to a temporary ledger of ``memory_ids``."""
+    opened = open_ledger(path, "mem") if path else TemporaryLedger.open(memory_ids=memory_ids)
+    with opened as ledger:
         tracemalloc.start()
         try:
             for start in range(0, count, 1000):
@@ -620,11 +598,56 @@ def _temporary_admit_peak(count: int, memory_ids: int) -> int:
     return peak
 
 
+PEAK = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from tests.test_ledger import _admit_peak
+    path, count, memory_ids = sys.argv[1:]
+    print(_admit_peak(Path(path) if path else None, int(count), int(memory_ids)))
+    """
+)
+
+
+def _peaks(*runs: tuple[Path | None, int, int]) -> list[int]:
+    """:func:`_admit_peak` of each run, each in a process of its own (side by side): in a
+    test runner's process tracemalloc also counts what its other threads allocate meanwhile
+    (xdist's, reading the scheduler's messages), which broke the ratio under load."""
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", PEAK, str(path or ""), str(count), str(memory_ids)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for path, count, memory_ids in runs
+    ]
+    peaks = []
+    for child in children:
+        out, _ = child.communicate(timeout=300)
+        assert child.returncode == 0, out
+        peaks.append(int(out))
+    return peaks
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(360)  # ~8 s of CPU, ten times that on a loaded 2-core machine
+def test_memory_stays_flat_from_100k_to_1m_admitted_ids(tmp_path: Path) -> None:
+    """Python-side peak while admitting, in chunks of 1,000: the same at 1M ids as at 100k,
+    because nothing per id stays in memory (SQLite's page cache is bounded by cache_size).
+    Ten times the ids is enough to tell: a leak of one small int per id (8 bytes) is 1.3 MB
+    against 10 MB here, failing both checks."""
+    small, large = _peaks((tmp_path / "small.sqlite", 100_000, 0),
+                          (tmp_path / "large.sqlite", 1_000_000, 0))  # fmt: skip
+    assert large / small < 1.3, (small, large)
+    assert large < 5_000_000  # a chunk's worth, not the 1M ids (~75 MB as Python strings)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)
 def test_a_temporary_ledger_holds_no_more_than_its_memory_limit_in_memory() -> None:
     """Past ``memory_ids`` the ids live on disk: the peak at 200k ids is the peak at 20k."""
-    small = _temporary_admit_peak(20_000, memory_ids=5_000)
-    large = _temporary_admit_peak(200_000, memory_ids=5_000)
+    small, large = _peaks((None, 20_000, 5_000), (None, 200_000, 5_000))
     assert large / small < 1.3, (small, large)
     assert large < 4_000_000  # 5k ids and a chunk, not the 200k ids (~18 MB)
 
