@@ -165,6 +165,26 @@ async def test_with_a_durable_ledger_each_outcome_is_committed_before_the_report
         ledger.close()
 
 
+async def test_a_report_whose_dispatcher_is_cancelled_waiting_for_room_is_still_recorded() -> None:
+    """The reports behind are full and the dispatcher reporting one more is cancelled while
+    it waits for room (a second Ctrl-C, ``--grace 0``): its ids were taken off the ids due an
+    outcome, so unless it is recorded they have none, though the API deleted them."""
+    with TemporaryLedger.open() as ledger:
+        journal, tally, out = _journal(ledger)
+        journal.dispatching(["a", "b", "c"])
+        with capture_logs() as events:
+            async with journal.recording_behind(lambda exc: None, buffer=1):
+                await journal.finished(_deleted("a"))  # the one report that fits
+                with anyio.CancelScope() as scope:
+                    scope.cancel()
+                    await journal.finished(_deleted("b", "c"))  # waits for room
+    assert [e["job_id"] for e in events] == ["a", "b", "c"]
+    assert [orjson.loads(line)["job_id"] for line in out.getvalue().splitlines()] == [
+        "a", "b", "c"
+    ]  # fmt: skip
+    assert tally.outcomes["deleted"] == 3 and journal.unsettled == 0
+
+
 class _Full(io.BytesIO):
     def write(self, data: object) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -292,7 +292,11 @@ class RunJournal:
         try:
             later.send_nowait(results)
         except anyio.WouldBlock:
-            await later.send(results)
+            # Settled already: a dispatcher cancelled while it waits for room (a second
+            # Ctrl-C, --grace 0) must not take its ids' outcomes with it; the recording
+            # task is draining the reports ahead, so the wait is short.
+            with anyio.CancelScope(shield=True):
+                await later.send(results)
 
     async def _record(self, results: Sequence[Result]) -> None:
         await self._ledger.record(results)
