@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import anyio
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -344,3 +345,46 @@ async def test_a_batch_stopped_before_it_was_sent_keeps_the_doubt_an_earlier_del
     assert x in note
     assert second.named("job.absent") == []
     assert [(e["job_id"], e["confirmed"]) for e in second.named("job.deleted")] == [(x, False)]
+
+
+@pytest.mark.anyio
+async def test_an_entry_killed_between_its_batches_gets_no_second_outcome_for_ids_done(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """One entry of 40 ids, sent 5 at a time one call after another; the replica is killed
+    (SIGKILL) once some batches' outcomes are written but the entry is not acknowledged.
+    Restarted, it re-reads the entry: the ids whose outcome was written are not sent or
+    written again (each id of the entry has exactly one outcome row). On the old code the
+    whole entry was sent again and those ids got a second row (``deleted``, unconfirmed,
+    or ``absent``, whichever the note said: the last one counts)."""
+    config = SimulatorConfig(jobs=40, faults=FaultConfig(latency_ms=150, latency_jitter=False))
+    async with queue(redis_prefix, tmp_path, config) as q:
+        ids = q.sim.job_ids()
+        await q.redis.xgroup_create(q.stream, "reapers", "0", mkstream=True)
+        await q.redis.xadd(q.stream, {"ids": orjson.dumps(ids)}, id="1-1")
+        flags = ("--batch-size", "5", "--concurrency", "1", "--rate", "100")
+        first = await q.start("c1", *flags)
+
+        async def some_outcomes_written() -> bool:
+            return int(await q.redis.xlen(q.stream + ":outcomes")) >= 5
+
+        await until(some_outcomes_written)
+        first.process.kill()
+        await first.process.wait()
+        written = {r["job_id"] for r in await q.stream_rows(q.stream + ":outcomes")}
+        assert await q.pending() == 1 and len(written) < len(ids)  # killed mid-entry
+        second = await q.start("c1", *flags)
+
+        async def settled() -> bool:
+            return await q.pending() == 0
+
+        await until(settled)
+        await q.stop_all()
+        rows = await q.stream_rows(q.stream + ":outcomes")
+    by_id: dict[str, list[str]] = {}
+    for row in rows:
+        by_id.setdefault(row["job_id"], []).append(row["outcome"])
+    assert {i: o for i, o in by_id.items() if len(o) != 1} == {}
+    assert set(by_id) == set(ids) == set(q.sim.deleted)
+    assert not {e["job_id"] for e in second.named("job.deleted")} & written
+    assert second.named("job.absent") == []

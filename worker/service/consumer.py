@@ -394,6 +394,13 @@ def sent_ids(note: bytes | str | None) -> frozenset[str]:
     return frozenset(ids)
 
 
+def noted_done(note: bytes | str | None) -> frozenset[str]:
+    """The ids a note of ids sent names as having their outcome written (``=id`` lines,
+    added in the transaction that writes the outcome rows): a later delivery of the entry,
+    after its holder died before acknowledging it, does not send them again."""
+    return frozenset(line[1:] for line in _id(note or b"").splitlines() if line[:1] == "=")
+
+
 def _lines(sign: str, ids: Sequence[str]) -> str:
     return "".join(f"{sign}{job_id}\n" for job_id in ids)
 
@@ -580,19 +587,22 @@ class StreamConsumer:
 
     async def redelivery(
         self, entry_ids: Sequence[str]
-    ) -> tuple[dict[str, str], dict[str, frozenset[str]]]:
+    ) -> tuple[dict[str, str], dict[str, frozenset[str]], dict[str, frozenset[str]]]:
         """What earlier deliveries left of entries delivered again, one round trip: their
-        last errors (``{stream}:lasterror``) and the ids each had on the wire when its
-        holder stopped hearing back (``{stream}:sending:{entry}``), by entry id."""
+        last errors (``{stream}:lasterror``), the ids each had on the wire when its
+        holder stopped hearing back (``{stream}:sending:{entry}``), and the ids of it whose
+        outcome is written already (``=id`` on the same note), by entry id."""
         if not entry_ids:
-            return {}, {}
+            return {}, {}, {}
         async with self._r.pipeline(transaction=False) as pipe:
             pipe.hmget(self.layout.last_error, list(entry_ids))
             pipe.mget([self.layout.sending(e) for e in entry_ids])
             errors, notes = await pipe.execute()
         kept = {e: _id(v) for e, v in zip(entry_ids, errors, strict=True) if v is not None}
         sent = {e: sent_ids(n) for e, n in zip(entry_ids, notes, strict=True) if n is not None}
-        return kept, {e: ids for e, ids in sent.items() if ids}
+        done = {e: noted_done(n) for e, n in zip(entry_ids, notes, strict=True) if n is not None}
+        return (kept, {e: ids for e, ids in sent.items() if ids},
+                {e: ids for e, ids in done.items() if ids})  # fmt: skip
 
     async def mark_sending(self, marks: Mapping[str, Sequence[str]]) -> frozenset[str]:
         """Note, by entry, the ids a DELETE is about to carry (``_SEND``, one round trip):
@@ -617,14 +627,25 @@ class StreamConsumer:
         no outcome to write, the one path for both (a second copy of it missed a fix)."""
         await self.write_outcomes((), unmark, errors)
 
-    def _unmark(self, pipe: Any, unmark: Mapping[str, Sequence[str]] | None) -> None:
+    def _unmark(
+        self,
+        pipe: Any,
+        unmark: Mapping[str, Sequence[str]] | None,
+        done: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
         """Queue on ``pipe`` the striking off of ids from their entries' notes of ids sent
-        (``EVAL``, not ``EVALSHA``: a pipeline would first ask whether Redis has the
-        script, a round trip of its own)."""
-        marks = {e: ids for e, ids in (unmark or {}).items() if ids}
-        if marks:
-            pipe.eval(_STRIKE, len(marks), *(self.layout.sending(e) for e in marks),
-                      SENDING_TTL_S, *(_lines("-", i) for i in marks.values()))  # fmt: skip
+        (``-id``), and the marking of those whose outcome is written (``=id``) (``EVAL``,
+        not ``EVALSHA``: a pipeline would first ask whether Redis has the script, a round
+        trip of its own). Only notes that exist are written: an entry none of whose ids
+        was sent has nothing to tell a later delivery."""
+        lines: dict[str, str] = {}
+        for sign, marks in (("-", unmark or {}), ("=", done or {})):
+            for entry_id, ids in marks.items():
+                if ids:
+                    lines[entry_id] = lines.get(entry_id, "") + _lines(sign, ids)
+        if lines:
+            pipe.eval(_STRIKE, len(lines), *(self.layout.sending(e) for e in lines),
+                      SENDING_TTL_S, *lines.values())  # fmt: skip
 
     async def write_outcomes(
         self,
@@ -636,10 +657,17 @@ class StreamConsumer:
         ``unmark``: ids whose answer said they were not gone by us, struck off their
         entries' notes of ids sent, in the same round trip; with ``errors``, keep those last
         errors (by entry id) too, all in one transaction, so an entry handed back never has
-        outcomes written that its ids done do not name."""
+        outcomes written that its ids done do not name. Each row's id is marked done on
+        its entries' notes (``=id``) in the same transaction: a replica killed before the
+        entry is acknowledged leaves the next delivery the ids not to send and write again
+        (else the id had two outcomes, the second ``absent`` or unconfirmed)."""
         if not rows and not unmark and not errors:
             return
-        async with self._r.pipeline(transaction=bool(errors)) as pipe:
+        done: dict[str, list[str]] = {}
+        for row in rows:
+            for entry_id in filter(None, row.get("entry", "").split(",")):
+                done.setdefault(entry_id, []).append(row["job_id"])
+        async with self._r.pipeline(transaction=bool(errors or rows)) as pipe:
             if errors:
                 pipe.hset(self.layout.last_error, mapping=dict[Any, Any](errors))
             for row in rows:
@@ -649,7 +677,7 @@ class StreamConsumer:
                     maxlen=self.retention.outcomes_max_len,
                     approximate=True,
                 )
-            self._unmark(pipe, unmark)
+            self._unmark(pipe, unmark, done)
             await pipe.execute()
 
     async def ack(self, entry_ids: Sequence[str]) -> frozenset[str]:

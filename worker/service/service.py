@@ -612,9 +612,10 @@ class Service:
         # (its holder died, or was stopped, with the call on the wire).
         errors: dict[str, str] = {}
         sent: dict[str, frozenset[str]] = {}
+        written: dict[str, frozenset[str]] = {}
         if redelivered and live:
             held = [entry_id for entry_id, _ in live]
-            errors, sent = await self._outage.persist(
+            errors, sent, written = await self._outage.persist(
                 lambda: self._consumer.redelivery(held), what="last error"
             )
         send: list[tuple[str, Target | None]] = []
@@ -627,7 +628,7 @@ class Service:
             # while it was parsed could not otherwise ever reach its dead letter.
             deliveries = counts.get(entry_id, 1)
             message = decode_entry(entry_id, fields)
-            done = settled_ids(errors.get(entry_id, ""))
+            done = settled_ids(errors.get(entry_id, "")) | written.get(entry_id, frozenset())
             unsure = settled_ids(errors.get(entry_id, ""), "unsure") | sent.get(entry_id, set())
             unsure = unsure.intersection(message.ids) - done  # its target is known once aimed
             if done:
