@@ -42,7 +42,7 @@ async def test_the_summary_counts_as_deleted_exactly_what_the_api_deleted(
     events is the simulator's deleted set: a job whose answer was lost is ``deleted`` with
     ``confirmed`` false, never ``absent``."""
     tmp = tmp_path_factory.mktemp("faults")
-    async with run_simulator(SimulatorConfig(jobs=300, seed=seed, faults=faults)) as sim:
+    async with run_simulator(SimulatorConfig(jobs=150, seed=seed, faults=faults)) as sim:
         src = write_ids(tmp / "ids.txt", sim.job_ids())
         out = tmp / "results.jsonl"
         done = await reaper(fast(src, "--results", str(out)), reaper_env(sim.url))
