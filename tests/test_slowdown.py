@@ -23,31 +23,32 @@ from worker.simulator import SimulatorConfig, run_simulator
 
 def test_refusals_in_a_row_cut_the_pace_and_refusals_of_calls_sent_before_it_do_not() -> None:
     s = Slowdown(50.0)
-    # A few refusals may be late calls in clumps: the fifth in a row is a share.
-    for n in range(4):
+    # A few refusals may be late calls in clumps: the sixth in a row is a share.
+    for n in range(5):
         assert not s.refused(1.0 + n / 100, sent=0.99)
     assert s.pace == 50.0
-    assert s.refused(1.04, sent=1.0)
+    assert s.refused(1.05, sent=1.0)
     assert s.pace == pytest.approx(42.5)
     # Calls in flight then were sent before it: nothing new, however many.
     for n in range(10):
         assert not s.refused(1.1 + n / 100, sent=1.01)
     assert s.evidence == 0.0
-    for sent in (1.05, 1.06, 1.07, 1.08):
+    for sent in (1.06, 1.07, 1.08, 1.09, 1.1):
         assert not s.refused(1.3, sent=sent)
-    assert s.refused(1.3, sent=1.09)  # again
+    assert s.refused(1.3, sent=1.11)  # again
     assert s.pace == pytest.approx(36.125)
 
 
-def test_the_pace_climbs_back_a_step_short_of_the_pace_cut_until_a_probe_is_due() -> None:
-    s = Slowdown(10.0, SlowdownConfig(evidence=1.0, cut=0.5, hold=10.0, growth=1.2, probe=40))
+def test_a_pace_found_over_the_quota_twice_climbs_back_a_step_short_until_a_probe() -> None:
+    s = Slowdown(10.0, SlowdownConfig(evidence=1.0, cut=0.5, hold=10.0, growth=1.2, probe=100))
     s.refused(0.0, sent=0.0)
     assert s.pace_at(9.9) == 5.0
     assert s.pace_at(10.0) == pytest.approx(6.0)
-    assert s.pace_at(25.0) == pytest.approx(7.2)
-    assert s.pace_at(30.0) == pytest.approx(10.0 / 1.2)  # a step short of 10, the pace cut
-    assert s.pace_at(39.9) == pytest.approx(10.0 / 1.2)
-    assert s.pace_at(40.0) == pytest.approx(10.0)  # the probe: 8.33 x 1.2, capped at 10
+    assert s.pace_at(40.0) == 10.0  # once may be a false alarm: all the way back
+    s.refused(41.0, sent=41.0)  # the rate asked refused again within ``probe``
+    assert s.pace_at(71.0) == pytest.approx(10.0 / 1.2)  # a step short of 10
+    assert s.pace_at(140.9) == pytest.approx(10.0 / 1.2)
+    assert s.pace_at(141.0) == 10.0  # the probe: 8.33 x 1.2, capped at 10
     assert not s.slowed
 
 

@@ -122,17 +122,17 @@ local now = clock()
 local cut, hold, growth = tonumber(ARGV[5]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local least, probe = tonumber(ARGV[9]), tonumber(ARGV[13])
 own(KEYS[2], 'hash')
-local p = redis.call('HMGET', KEYS[2], 'factor', 'since', 'cut_at', 'top', 'evidence')
+local p = redis.call('HMGET', KEYS[2], 'factor', 'since', 'cut_at', 'cap', 'evidence')
 local factor = math.max(within(p[1], 0, 1) or 1, least)
 local since, cut_at = within(p[2], -math.huge, now) or now, within(p[3], -math.huge, now)
-local top = within(p[4], least, 1) or math.huge
+local top = within(p[4], least / growth, 1) or 1
 local evidence = within(p[5], 0, tonumber(ARGV[8])) or 0
 local event = ''
 if factor < 1 and now - since >= hold then
   local steps = math.floor((now - since) / hold)
   local cap = 1
-  if cut_at ~= nil and now - cut_at < probe then cap = top / growth end
-  factor = math.max(factor, math.min(1, cap, factor * growth ^ steps))
+  if cut_at ~= nil and now - cut_at < probe then cap = top end
+  factor = math.max(factor, math.min(cap, factor * growth ^ steps))
   since = since + steps * hold
   if factor >= 1 then event = 'restored' end
 end
@@ -140,9 +140,13 @@ for i = 14, #ARGV do
   if cut_at == nil or now - tonumber(ARGV[i]) >= cut_at then
     evidence = evidence + tonumber(ARGV[7])
     if evidence >= tonumber(ARGV[8]) then
-      top = factor
+      -- a pace found over the quota twice (slowed, or asked again within probe) is a step
+      -- too high until probe after this cut; once may be a false alarm
+      if factor < 1 or (cut_at ~= nil and now - cut_at < probe) then top = factor / growth
+      else top = 1 end
+      local was = factor
       factor = math.max(least, factor * cut)
-      if factor < top then event = 'slowed' end
+      if factor < was then event = 'slowed' end
       cut_at, since, evidence = now, now, 0
     end
   end
@@ -156,7 +160,7 @@ local fields = {'factor', string.format('%.17g', factor), 'since', us(since),
                 'evidence', string.format('%.17g', evidence)}
 if cut_at ~= nil then
   table.insert(fields, 'cut_at'); table.insert(fields, us(cut_at))
-  table.insert(fields, 'top'); table.insert(fields, string.format('%.17g', math.min(top, 1)))
+  table.insert(fields, 'cap'); table.insert(fields, string.format('%.17g', top))
 end
 redis.call('HSET', KEYS[2], unpack(fields))
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
