@@ -19,6 +19,7 @@ entry's next delivery (:meth:`StreamConsumer.redelivery`).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -394,6 +395,16 @@ def sent_ids(note: bytes | str | None) -> frozenset[str]:
     return frozenset(ids)
 
 
+def _digest(
+    rows: Sequence[Mapping[str, str]],
+    unmark: Mapping[str, Sequence[str]] | None,
+    errors: Mapping[str, str] | None,
+) -> str:
+    """A name for one write of outcome rows (with its strikes and last errors)."""
+    said = orjson.dumps([list(rows), unmark or {}, errors or {}], option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(said, digest_size=16).hexdigest()
+
+
 def noted_done(note: bytes | str | None) -> frozenset[str]:
     """The ids a note of ids sent names as having their outcome written (``=id`` lines,
     added in the transaction that writes the outcome rows): a later delivery of the entry,
@@ -438,6 +449,8 @@ class StreamConsumer:
         self._bury = client.register_script(_BURY)
         self._send = client.register_script(_SEND)
         self._ack = client.register_script(_ACK)
+        self._written: list[str] = []  # keys of writes known applied, to delete
+        self._unsure: set[str] = set()  # tokens of writes whose reply was lost
 
     async def ensure_group(self) -> str | None:
         """Create the group (and the stream) if missing; an existing group is kept as it is.
@@ -667,7 +680,22 @@ class StreamConsumer:
         for row in rows:
             for entry_id in filter(None, row.get("entry", "").split(",")):
                 done.setdefault(entry_id, []).append(row["job_id"])
+        # Redis may apply the transaction and the reply be lost (Redis killed, the
+        # connection cut): the caller then calls again with the same rows. A digest of
+        # them, set in the transaction, says it was applied; deleted by a later write once
+        # this one is known done (one such key a replica, not one a write).
+        token = _digest(rows, unmark, errors) if rows else None
+        lost = token is not None and token in self._unsure  # an earlier try's reply was lost
+        if token is not None and lost and await self._r.exists(self.layout.written(token)):
+            self._unsure.discard(token)
+            self._written.append(self.layout.written(token))
+            return
+        confirmed, self._written = self._written, []
         async with self._r.pipeline(transaction=bool(errors or rows)) as pipe:
+            if token is not None:
+                pipe.set(self.layout.written(token), 1, ex=SENDING_TTL_S)
+            if confirmed:
+                pipe.delete(*confirmed)
             if errors:
                 pipe.hset(self.layout.last_error, mapping=dict[Any, Any](errors))
             for row in rows:
@@ -678,7 +706,16 @@ class StreamConsumer:
                     approximate=True,
                 )
             self._unmark(pipe, unmark, done)
-            await pipe.execute()
+            try:
+                await pipe.execute()
+            except BaseException:
+                self._written.extend(confirmed)  # not known deleted: try again next time
+                if token is not None:
+                    self._unsure.add(token)
+                raise
+        if token is not None:
+            self._unsure.discard(token)
+            self._written.append(self.layout.written(token))
 
     async def ack(self, entry_ids: Sequence[str]) -> frozenset[str]:
         """Acknowledge entries that need nothing more (their ids all done, or nothing in

@@ -95,6 +95,12 @@ class StreamLayout:
     def position(self) -> str:
         return f"{self.stream}:position"
 
+    def written(self, token: str) -> str:
+        """The key saying one write of outcome rows was applied (``token``: a digest of
+        them), set in its transaction: a retry after the reply was lost finds it and does
+        not write the rows twice."""
+        return f"{self.stream}:written:{token}"
+
     def sending(self, entry_id: str) -> str:
         """The ids of entry ``entry_id`` on the wire (or sent, their answer not recorded)."""
         return f"{self.stream}:sending:{entry_id}"
