@@ -274,6 +274,38 @@ async def test_a_fixed_rate_is_cut_once_for_the_fleet_and_said_once(
 
 
 @pytest.mark.anyio
+async def test_a_fixed_rate_the_gateway_accepts_writes_no_pace_per_call(
+    client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """The pace is written when it moves (a cut, a climb, evidence for or against a cut),
+    not by every reservation: at a pace the quota allows a fleet's calls cost Redis the
+    bucket's write alone. 0668e0c wrote the hash and its expiry with every call (1.0 HSET
+    per reservation in INFO commandstats; the script's time 1.16 of the one before)."""
+    time = RedisTime()
+    key = redis_prefix + "rl"
+    pace = FleetKeys.of(key).pace
+    a, b = (_fixed(client, key, time, 20.0, []) for _ in range(2))
+    for _ in range(100):
+        await a.acquire()
+        await b.acquire()
+    assert not await client.exists(pace)  # nothing learnt: nothing kept
+    a.feedback(throttled=True, latency_s=0.01)  # some evidence, not enough to cut
+    await a.acquire()  # told with a's next reservation
+    assert float(await client.hget(pace, "evidence") or 0) > 0
+    while True:
+        await b.acquire()
+        evidence = float(await client.hget(pace, "evidence") or 0)
+        if evidence == 0:  # taken back by the calls accepted since
+            break
+    assert await client.persist(pace)  # so a write would show as an expiry set again
+    for _ in range(100):
+        await a.acquire()
+        await b.acquire()
+    assert await client.pttl(pace) == -1
+    assert a.rate == b.rate == 20.0
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize(
     "script",
     [

@@ -127,18 +127,19 @@ local factor = math.max(within(p[1], 0, 1) or 1, least)
 local since, cut_at = within(p[2], -math.huge, now) or now, within(p[3], -math.huge, now)
 local top = within(p[4], least / growth, 1) or 1
 local evidence = within(p[5], 0, tonumber(ARGV[8])) or 0
-local event = ''
+local event, changed = '', false
 if factor < 1 and now - since >= hold then
   local steps = math.floor((now - since) / hold)
   local cap = 1
   if cut_at ~= nil and now - cut_at < probe then cap = top end
   factor = math.max(factor, math.min(cap, factor * growth ^ steps))
   since = since + steps * hold
+  changed = true
   if factor >= 1 then event = 'restored' end
 end
 for i = 14, #ARGV do
   if cut_at == nil or now - tonumber(ARGV[i]) >= cut_at then
-    evidence = evidence + tonumber(ARGV[7])
+    evidence, changed = evidence + tonumber(ARGV[7]), true
     if evidence >= tonumber(ARGV[8]) then
       -- a pace found over the quota twice (slowed, or asked again within probe) is a step
       -- too high until probe after this cut; once may be a false alarm
@@ -155,15 +156,20 @@ local interval = math.ceil(tonumber(ARGV[2]) / factor)
 local burst, horizon = tonumber(ARGV[3]), tonumber(ARGV[12])
 local far = horizon + burst * math.ceil(tonumber(ARGV[2]) / least)
 local start, new_tat = reserve(now, interval, burst, 0, horizon, far)
-if start then evidence = math.max(0, evidence - tonumber(ARGV[6])) end  -- a call sent
-local fields = {'factor', string.format('%.17g', factor), 'since', us(since),
-                'evidence', string.format('%.17g', evidence)}
-if cut_at ~= nil then
-  table.insert(fields, 'cut_at'); table.insert(fields, us(cut_at))
-  table.insert(fields, 'cap'); table.insert(fields, string.format('%.17g', top))
+if start and evidence > 0 then  -- a call sent
+  evidence, changed = math.max(0, evidence - tonumber(ARGV[6])), true
 end
-redis.call('HSET', KEYS[2], unpack(fields))
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
+-- written only when it moved: at a steady pace the quota allows, nothing (no write per call)
+if changed then
+  local fields = {'factor', string.format('%.17g', factor), 'since', us(since),
+                  'evidence', string.format('%.17g', evidence)}
+  if cut_at ~= nil then
+    table.insert(fields, 'cut_at'); table.insert(fields, us(cut_at))
+    table.insert(fields, 'cap'); table.insert(fields, string.format('%.17g', top))
+  end
+  redis.call('HSET', KEYS[2], unpack(fields))
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
 if not start then start = '' else start = us(start) end
 return {start, us(now), us(new_tat), event, string.format('%.17g', factor)}
 """
@@ -191,8 +197,10 @@ REDIS_ERRORS = (
 
 
 PACE_TTL_S = 600.0
-"""How long the fleet's pace outlives its last reservation: a fleet restarted within it starts
-from what it had learnt."""
+"""How long the fleet's pace outlives its last change: a fleet restarted within it starts
+from what it had learnt. (``--rate N``'s is written only when it moves: one left as it is
+that long holds the rate asked, no evidence, a cut too old to matter; its expiry is no
+change.)"""
 
 SPEC_EVERY_S = 5.0
 """How often a process writes its rate (``10``, ``auto``) beside the fleet's keys and reads
