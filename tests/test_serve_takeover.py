@@ -71,6 +71,16 @@ async def test_a_replica_woken_after_its_entries_were_taken_over_sends_none_of_t
     assert set(q.sim.deleted) == set(ids)
 
 
+async def _taken_over(client: aioredis.Redis, layout: StreamLayout) -> None:
+    """Entries 1-1, 2-1 and 3-1 delivered to c1; 2-1 then taken over by c2, 3-1 acked."""
+    await client.xgroup_create(layout.stream, layout.group, "0", mkstream=True)
+    for entry in ("1-1", "2-1", "3-1"):
+        await client.xadd(layout.stream, {"id": f"job-{entry}"}, id=entry)
+    await client.xreadgroup(layout.group, "c1", {layout.stream: ">"})
+    await client.xclaim(layout.stream, layout.group, "c2", 0, ["2-1"], justid=True)
+    await client.xack(layout.stream, layout.group, "3-1")
+
+
 @pytest.mark.anyio
 async def test_the_note_before_a_delete_is_written_only_for_entries_still_ours(
     redis_prefix: str,
@@ -83,12 +93,7 @@ async def test_the_note_before_a_delete_is_written_only_for_entries_still_ours(
     layout = StreamLayout(redis_prefix + "ids", "reapers")
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
-        await client.xgroup_create(layout.stream, layout.group, "0", mkstream=True)
-        for entry in ("1-1", "2-1", "3-1"):
-            await client.xadd(layout.stream, {"id": f"job-{entry}"}, id=entry)
-        await client.xreadgroup(layout.group, "c1", {layout.stream: ">"})
-        await client.xclaim(layout.stream, layout.group, "c2", 0, ["2-1"], justid=True)
-        await client.xack(layout.stream, layout.group, "3-1")
+        await _taken_over(client, layout)
         mine = StreamConsumer(client, layout, "c1")
         lost = await mine.mark_sending({"1-1": ["job-1-1"], "2-1": ["job-2-1"]})
         assert lost == {"2-1"}
@@ -151,3 +156,34 @@ async def test_a_replica_woken_to_its_answer_does_not_ack_an_entry_its_taker_sti
     assert [e["entry"] for e in slow.named("serve.entry_taken_over")] == [entry]
     assert still_the_takers == 1
     assert note is not None and job in sent_ids(note)
+
+
+@pytest.mark.anyio
+async def test_outcomes_of_entries_taken_over_are_left_to_the_taker(redis_prefix: str) -> None:
+    """A replica that stalled past ``reclaim_after`` hears back and writes its outcomes:
+    rows, last errors and note lines of entries now pending under another consumer, or
+    acknowledged by it, are not written; those of its own entries are, and a row naming
+    one of each too. In a chaos run (3 replicas, Redis killed and restarted) the stale
+    replica's ``absent`` for jobs its taker had deleted came after the taker's ``deleted``
+    and had the last word; on the old code every row here is written (fails)."""
+    layout = StreamLayout(redis_prefix + "ids", "reapers")
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await _taken_over(client, layout)
+        for entry in ("1-1", "2-1", "3-1"):
+            await client.set(layout.sending(entry), f"+job-{entry}\n", ex=60)
+        mine = StreamConsumer(client, layout, "c1")
+        rows = [{"job_id": f"job-{e}", "outcome": "absent", "batch_id": "b1", "entry": e}
+                for e in ("1-1", "2-1", "3-1", "1-1,2-1")]  # fmt: skip
+        await mine.write_outcomes(
+            rows, {e: [f"job-{e}"] for e in ("1-1", "2-1")}, {"1-1": "e1", "2-1": "e2"}
+        )
+        written: Any = await client.xrange(layout.outcomes)
+        assert [f[b"entry"].decode() for _, f in written] == ["1-1", "1-1,2-1"]
+        kept: Any = await client.hgetall(layout.last_error)
+        assert kept == {b"1-1": b"e1"}
+        assert sent_ids(await client.get(layout.sending("1-1"))) == frozenset()
+        assert sent_ids(await client.get(layout.sending("2-1"))) == {"job-2-1"}
+        assert await client.get(layout.sending("3-1")) == b"+job-3-1\n"
+    finally:
+        await client.aclose()

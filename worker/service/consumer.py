@@ -345,19 +345,57 @@ must not acknowledge an entry its taker still works on (whose ids may yet fail a
 kept pending). Returns those left to their taker. ``KEYS``: the stream, the last errors,
 then each entry's note; ``ARGV``: the group, the consumer, the entries."""
 
-_STRIKE = """
-for i, key in ipairs(KEYS) do
-  local was = redis.call('GET', key)
-  if was then
-    redis.call('SET', key, was .. ARGV[i + 1], 'EX', ARGV[1])
+_WRITE = (
+    _MINE
+    + """
+local delivered = last_delivered(KEYS[1], ARGV[1])
+local n = tonumber(ARGV[6])
+local mine = {}
+local lost = {}
+for i = 1, n do
+  mine[i] = not taken(KEYS[1], ARGV[1], ARGV[2], ARGV[6 + i], delivered)
+  if not mine[i] then lost[#lost + 1] = ARGV[6 + i] end
+end
+if ARGV[5] == '1' then redis.call('SET', KEYS[4], '1', 'EX', ARGV[4]) end
+local at = 7 + 3 * n
+while at <= #ARGV do
+  local m = tonumber(ARGV[at])
+  local keep = m == 0
+  for j = 1, m do
+    if mine[tonumber(ARGV[at + j])] then keep = true end
+  end
+  at = at + m + 1
+  local f = tonumber(ARGV[at])
+  if keep then
+    local args = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*'}
+    for j = 1, f do args[#args + 1] = ARGV[at + j] end
+    redis.call(unpack(args))
+  end
+  at = at + f + 1
+end
+for i = 1, n do
+  if mine[i] then
+    local err = ARGV[6 + 2 * n + i]
+    if err ~= '' then redis.call('HSET', KEYS[3], ARGV[6 + i], err) end
+    local lines = ARGV[6 + n + i]
+    local was = redis.call('GET', KEYS[4 + i])
+    if lines ~= '' and was then redis.call('SET', KEYS[4 + i], was .. lines, 'EX', ARGV[4]) end
   end
 end
-return #KEYS
+return lost
 """
-"""Append lines striking ids off the notes of ids sent (``KEYS``, one per entry) that
-exist: ``ARGV``: the notes' time to live, then the lines for each key. ``GET`` and ``SET``
-only: the string commands the documented ACL grants, as ``_SEND``'s."""
-
+)
+"""Write outcome rows, last errors and lines on the notes of ids sent, for the entries
+still this consumer's only (``_MINE``): a replica that stalled past ``reclaim_after`` and
+then heard back leaves the entries taken over to their taker, whose outcome counts (its
+own answer, e.g. ``absent`` for a job the taker deleted, was written after the taker's
+and was taken for the last word). A row naming several entries is written if any is
+ours. ``KEYS``: the stream, the outcomes, the last errors, the key saying this write was
+applied (``written``), then each entry's note; ``ARGV``: the group, the consumer, the
+outcomes' length cap, the time to live of notes and of ``written``, whether to set it
+(``1``), the number of entries ``n``, the entries, their note lines, their last errors
+(empty: none), then each row as the number of its entries, their indexes (from 1), the
+number of its field names and values, and those."""
 
 _SEND = (
     _MINE
@@ -385,7 +423,7 @@ the group, the consumer, the entries' ids, then the lines for each note."""
 
 def sent_ids(note: bytes | str | None) -> frozenset[str]:
     """The ids a note of ids sent still names: each ``+id`` line (``_SEND``) adds one, a
-    later ``-id`` line (``_STRIKE``) takes it off."""
+    later ``-id`` line (``_WRITE``) takes it off."""
     ids: set[str] = set()
     for line in _id(note or b"").splitlines():
         if line.startswith("+"):
@@ -640,26 +678,6 @@ class StreamConsumer:
         no outcome to write, the one path for both (a second copy of it missed a fix)."""
         await self.write_outcomes((), unmark, errors)
 
-    def _unmark(
-        self,
-        pipe: Any,
-        unmark: Mapping[str, Sequence[str]] | None,
-        done: Mapping[str, Sequence[str]] | None = None,
-    ) -> None:
-        """Queue on ``pipe`` the striking off of ids from their entries' notes of ids sent
-        (``-id``), and the marking of those whose outcome is written (``=id``) (``EVAL``,
-        not ``EVALSHA``: a pipeline would first ask whether Redis has the script, a round
-        trip of its own). Only notes that exist are written: an entry none of whose ids
-        was sent has nothing to tell a later delivery."""
-        lines: dict[str, str] = {}
-        for sign, marks in (("-", unmark or {}), ("=", done or {})):
-            for entry_id, ids in marks.items():
-                if ids:
-                    lines[entry_id] = lines.get(entry_id, "") + _lines(sign, ids)
-        if lines:
-            pipe.eval(_STRIKE, len(lines), *(self.layout.sending(e) for e in lines),
-                      SENDING_TTL_S, *lines.values())  # fmt: skip
-
     async def write_outcomes(
         self,
         rows: Sequence[dict[str, str]],
@@ -690,22 +708,31 @@ class StreamConsumer:
             self._unsure.discard(token)
             self._written.append(self.layout.written(token))
             return
+        lines: dict[str, str] = {}
+        for sign, marks in (("-", unmark or {}), ("=", done)):
+            for entry_id, ids in marks.items():
+                lines[entry_id] = lines.get(entry_id, "") + _lines(sign, ids)
+        entries = list(dict.fromkeys([*lines, *(errors or {})]))
+        index = {entry_id: i for i, entry_id in enumerate(entries, 1)}
+        flat: list[str | int] = []
+        for row in rows:
+            named = [index[e] for e in filter(None, row.get("entry", "").split(","))]
+            fields = [item for pair in row.items() for item in pair]
+            flat += [len(named), *named, len(fields), *fields]
+        layout = self.layout
+        keys = [layout.stream, layout.outcomes, layout.last_error,
+                layout.written(token or "-"), *(layout.sending(e) for e in entries)]  # fmt: skip
+        args: list[str | int] = [
+            layout.group, self.consumer, self.retention.outcomes_max_len, SENDING_TTL_S,
+            int(token is not None), len(entries), *entries,
+            *(lines.get(e, "") for e in entries), *((errors or {}).get(e, "") for e in entries),
+            *flat,
+        ]  # fmt: skip
         confirmed, self._written = self._written, []
-        async with self._r.pipeline(transaction=bool(errors or rows)) as pipe:
-            if token is not None:
-                pipe.set(self.layout.written(token), 1, ex=SENDING_TTL_S)
+        async with self._r.pipeline(transaction=True) as pipe:
             if confirmed:
                 pipe.delete(*confirmed)
-            if errors:
-                pipe.hset(self.layout.last_error, mapping=dict[Any, Any](errors))
-            for row in rows:
-                pipe.xadd(
-                    self.layout.outcomes,
-                    dict[Any, Any](row),
-                    maxlen=self.retention.outcomes_max_len,
-                    approximate=True,
-                )
-            self._unmark(pipe, unmark, done)
+            pipe.eval(_WRITE, len(keys), *keys, *args)
             try:
                 await pipe.execute()
             except BaseException:
