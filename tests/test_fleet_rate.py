@@ -306,6 +306,45 @@ async def test_a_fixed_rate_the_gateway_accepts_writes_no_pace_per_call(
 
 
 @pytest.mark.anyio
+async def test_a_cut_by_a_replica_on_the_rule_before_is_not_capped_by_an_old_cap(
+    client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """A rolling upgrade: a replica still on the rule before 0668e0c cuts the fleet's pace
+    by writing ``factor``, ``since`` and ``cut_at`` (its script's whole write). The cap
+    left in the hash by this rule's last cut, minutes before, is not that cut's: the
+    pace climbs back to the rate asked in two holds. On the old code the stale cap (a step
+    short of a pace cut twice, 0.77) held the fleet at 0.85 of its rate for the whole
+    probe (20 s) after that cut."""
+    time = RedisTime()
+    clock, key = time.clock, redis_prefix + "rl"
+    pace = FleetKeys.of(key).pace
+    limiter = _fixed(client, key, time, 20.0, [])
+
+    async def refused(times: int) -> None:
+        for _ in range(times):
+            limiter.feedback(throttled=True, latency_s=0.01)
+        await limiter.acquire()
+
+    await limiter.acquire()
+    await refused(6)
+    clock.advance(0.5)
+    await refused(6)  # cut twice: the climb is capped a step short until probe
+    assert limiter.rate == pytest.approx(20.0 * 0.85**2)
+    while limiter.rate < 20.0:
+        clock.advance(1.0)
+        await limiter.acquire()
+    clock.advance(60.0)
+    await limiter.acquire()
+    now = f"{clock.now() * 1e6:.0f}"
+    await client.hset(pace, mapping={"factor": "0.85", "since": now, "cut_at": now})
+    await limiter.acquire()
+    assert limiter.rate == pytest.approx(17.0)
+    clock.advance(2 * SlowdownConfig().hold)
+    await limiter.acquire()
+    assert limiter.rate == 20.0
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize(
     "script",
     [

@@ -122,10 +122,14 @@ local now = clock()
 local cut, hold, growth = tonumber(ARGV[5]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local least, probe = tonumber(ARGV[9]), tonumber(ARGV[13])
 own(KEYS[2], 'hash')
-local p = redis.call('HMGET', KEYS[2], 'factor', 'since', 'cut_at', 'cap', 'evidence')
+local p = redis.call('HMGET', KEYS[2], 'factor', 'since', 'cut_at', 'cap', 'evidence',
+                     'capped')
 local factor = math.max(within(p[1], 0, 1) or 1, least)
 local since, cut_at = within(p[2], -math.huge, now) or now, within(p[3], -math.huge, now)
-local top = within(p[4], least / growth, 1) or 1
+-- the cap is the cut's that wrote it (capped: its cut_at): a cut_at written without it (a
+-- replica on the rule before, in a rolling upgrade) is no cut of this rule's, and caps nothing
+local ours = cut_at ~= nil and p[6] == p[3]
+local top = ours and within(p[4], least / growth, 1) or 1
 local evidence = within(p[5], 0, tonumber(ARGV[8])) or 0
 local event, changed = '', false
 if factor < 1 and now - since >= hold then
@@ -143,12 +147,12 @@ for i = 14, #ARGV do
     if evidence >= tonumber(ARGV[8]) then
       -- a pace found over the quota twice (slowed, or asked again within probe) is a step
       -- too high until probe after this cut; once may be a false alarm
-      if factor < 1 or (cut_at ~= nil and now - cut_at < probe) then top = factor / growth
+      if factor < 1 or (ours and now - cut_at < probe) then top = factor / growth
       else top = 1 end
       local was = factor
       factor = math.max(least, factor * cut)
       if factor < was then event = 'slowed' end
-      cut_at, since, evidence = now, now, 0
+      cut_at, since, evidence, ours = now, now, 0, true
     end
   end
 end
@@ -163,9 +167,10 @@ end
 if changed then
   local fields = {'factor', string.format('%.17g', factor), 'since', us(since),
                   'evidence', string.format('%.17g', evidence)}
-  if cut_at ~= nil then
+  if ours then
     table.insert(fields, 'cut_at'); table.insert(fields, us(cut_at))
     table.insert(fields, 'cap'); table.insert(fields, string.format('%.17g', top))
+    table.insert(fields, 'capped'); table.insert(fields, us(cut_at))
   end
   redis.call('HSET', KEYS[2], unpack(fields))
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
