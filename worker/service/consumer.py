@@ -360,15 +360,19 @@ if ARGV[5] == '1' then redis.call('SET', KEYS[4], '1', 'EX', ARGV[4]) end
 local at = 7 + 3 * n
 while at <= #ARGV do
   local m = tonumber(ARGV[at])
-  local keep = m == 0
+  local ours = {}
   for j = 1, m do
-    if mine[tonumber(ARGV[at + j])] then keep = true end
+    local i = tonumber(ARGV[at + j])
+    if mine[i] then ours[#ours + 1] = ARGV[6 + i] end
   end
   at = at + m + 1
   local f = tonumber(ARGV[at])
-  if keep then
+  if m == 0 or #ours > 0 then
     local args = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*'}
     for j = 1, f do args[#args + 1] = ARGV[at + j] end
+    for j = 7, #args, 2 do
+      if m > 0 and args[j] == 'entry' then args[j + 1] = table.concat(ours, ',') end
+    end
     redis.call(unpack(args))
   end
   at = at + f + 1
@@ -385,17 +389,17 @@ end
 return lost
 """
 )
-"""Write outcome rows, last errors and lines on the notes of ids sent, for the entries
-still this consumer's only (``_MINE``): a replica that stalled past ``reclaim_after`` and
-then heard back leaves the entries taken over to their taker, whose outcome counts (its
-own answer, e.g. ``absent`` for a job the taker deleted, was written after the taker's
-and was taken for the last word). A row naming several entries is written if any is
-ours. ``KEYS``: the stream, the outcomes, the last errors, the key saying this write was
-applied (``written``), then each entry's note; ``ARGV``: the group, the consumer, the
-outcomes' length cap, the time to live of notes and of ``written``, whether to set it
-(``1``), the number of entries ``n``, the entries, their note lines, their last errors
-(empty: none), then each row as the number of its entries, their indexes (from 1), the
-number of its field names and values, and those."""
+"""Write outcome rows, last errors and lines on the notes of ids sent, for the entries still
+this consumer's only (``_MINE``): a replica that stalled past ``reclaim_after`` and then
+heard back leaves the entries taken over to their taker, whose outcome counts (its own
+answer, e.g. ``absent`` for a job the taker deleted, was written after the taker's and
+was taken for the last word). A row naming several entries is written if any is ours,
+naming those only. ``KEYS``: the stream, the outcomes, the last errors, the key saying
+this write was applied (``written``), then each entry's note; ``ARGV``: the group, the
+consumer, the outcomes' length cap, the time to live of notes and of ``written``, whether
+to set it (``1``), the number of entries ``n``, the entries, their note lines, their last
+errors (empty: none), then each row as the number of its entries, their indexes (from 1),
+the number of its field names and values, and those."""
 
 _SEND = (
     _MINE
