@@ -20,6 +20,7 @@ import anyio
 import orjson
 import pytest
 import trustme
+from redis import asyncio as aioredis
 
 from tests.e2e import SIM_AK, SIM_SK, stop_and_drain
 from worker.simulator import SimulatorConfig, run_simulator
@@ -87,10 +88,13 @@ async def _reaper(*args: str) -> tuple[int, str]:
     return done.returncode, done.stdout.decode() + done.stderr.decode()
 
 
-async def delete_through(url: str, tmp_path: Path) -> str:
-    """Enqueue a simulator's jobs through ``url`` and let one ``serve`` delete them all;
+async def delete_through(
+    url: str, tmp_path: Path, *, quota: float = 0.0, serve_args: Sequence[str] = ()
+) -> str:
+    """Enqueue a simulator's jobs through ``url`` and let one ``serve`` (given
+    ``serve_args``) delete them all, the simulator allowing ``quota`` calls/s (0: any);
     returns everything both printed."""
-    async with run_simulator(SimulatorConfig(jobs=30)) as sim:
+    async with run_simulator(SimulatorConfig(jobs=30, quota=quota)) as sim:
         ids = tmp_path / "ids.txt"
         ids.write_text("\n".join(sim.job_ids()) + "\n")
         stream = ["--stream", "devserver-reaper:ids"]
@@ -99,14 +103,14 @@ async def delete_through(url: str, tmp_path: Path) -> str:
         env = {k: v for k, v in os.environ.items() if not k.startswith("REAPER_")}
         command = [sys.executable, "-m", "worker", "serve", "--endpoint", sim.url,
                    "--project-id", sim.config.project_id, "--ak", SIM_AK, "--redis-url", url,
-                   *stream, "--http-port", "0", "--log-format", "json"]  # fmt: skip
+                   *stream, "--http-port", "0", "--log-format", "json", *serve_args]  # fmt: skip
         errors = tmp_path / "serve.err"
         with errors.open("wb") as err:
             process = await anyio.open_process(command, env=env | {"REAPER_SK": SIM_SK},
                                                stderr=err)  # fmt: skip
         try:
-            with anyio.fail_after(30):
-                while sim.job_ids():
+            with anyio.fail_after(60):
+                while sim.job_ids() and process.returncode is None:
                     await anyio.sleep(0.05)
         finally:
             out = await stop_and_drain(process)
@@ -147,6 +151,85 @@ async def test_the_acl_user_the_docs_give_the_worker_is_enough_to_enqueue_and_se
                                       "--redis-url", url, "--stream", "other-team:ids")  # fmt: skip
         assert code == 78, refused  # another's keys: not this user's, a setting to fix
         assert "may not do what the worker needs" in refused and "Traceback" not in refused
+
+
+ADMIN = "user reaper-test-admin on >admin-pw ~* &* +@all"
+"""A user of the test's own beside the worker's, to read what the ACL refused (``ACL LOG``)."""
+
+_SCRIPT_CALL = re.compile(r"redis\.p?call\('([A-Z]+)'(?:, '([A-Z]+)')?")
+
+
+def script_commands() -> set[str]:
+    """Every command (``xgroup|create`` for a subcommand) the worker's Lua scripts call."""
+    found: set[str] = set()
+    for path in (ROOT / "worker").rglob("*.py"):
+        for command, sub in _SCRIPT_CALL.findall(path.read_text(encoding="utf-8")):
+            found.add(f"{command}|{sub}".lower() if sub else command.lower())
+    return found
+
+
+@asynccontextmanager
+async def as_admin(port: int) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis(port=port, username="reaper-test-admin", password="admin-pw")
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_every_command_the_worker_scripts_call_is_one_the_acl_allows(
+    tmp_path: Path,
+) -> None:
+    """A script's branch the end-to-end test never takes (a rate cut's PEXPIRE, the fleet
+    leader's list, the rates beside a shared limit) runs under the same ACL in production:
+    each command any script calls is tried on the worker's key by ``ACL DRYRUN``."""
+    commands = script_commands()
+    assert {"xack", "pexpire", "hset", "xgroup|delconsumer"} <= commands  # the scripts were read
+    acl = worker_acl().replace(">CHANGE-ME", f">{PASSWORD}")
+    refused: dict[str, str] = {}
+    async with (
+        redis_server(tmp_path, [acl, "user default off", ADMIN]) as port,
+        as_admin(port) as admin,
+    ):
+        for command in sorted(commands):
+            ask = admin.execute_command
+            info = await ask("COMMAND", "INFO", command)  # type: ignore[no-untyped-call]
+            arity = int(info[command]["arity"])
+            args = ["devserver-reaper:ids"] * (abs(arity) - 1 - command.count("|"))
+            dry = ("ACL", "DRYRUN", "devserver-reaper", *command.split("|"), *args)
+            reply = await ask(*dry)  # type: ignore[no-untyped-call]
+            if reply != b"OK":
+                refused[command] = reply.decode()
+    assert not refused, refused
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("serve_args", "slowed_by"),
+    [(["--rate", "20", "--burst", "1", "--batch-size", "1"], "rate.slowed"),
+     (["--rate", "auto", "--batch-size", "1"], "rate.leader")],
+    ids=["fixed-rate-cut", "auto"],
+)  # fmt: skip
+async def test_serve_under_the_docs_acl_follows_a_quota_with_nothing_refused(
+    tmp_path: Path, serve_args: list[str], slowed_by: str
+) -> None:
+    """Over a quota of 4 calls/s serve is refused and slows down (a fixed rate's cut; the
+    auto fleet's leader and its shared state), all under the documented ACL: every job
+    deleted, and Redis's ``ACL LOG`` holds no refusal."""
+    acl = worker_acl().replace(">CHANGE-ME", f">{PASSWORD}")
+    async with redis_server(tmp_path, [acl, "user default off", ADMIN]) as port:
+        url = f"redis://devserver-reaper:{PASSWORD}@127.0.0.1:{port}/0"
+        printed = await delete_through(url, tmp_path, quota=4, serve_args=serve_args)
+        async with as_admin(port) as admin:
+            log = await admin.execute_command("ACL", "LOG")  # type: ignore[no-untyped-call]
+    # INFO is a courtesy (the eviction policy check) the ACL is meant to refuse: not a right
+    # the worker needs, so not one the docs give it.
+    denied = [entry for entry in log if entry[b"object"] != b"info"]
+    assert log and not denied, log
+    names = {e.get("event") for e in map(orjson.loads, printed.splitlines()) if isinstance(e, dict)}
+    assert {"batch.retry", slowed_by} <= names, names  # refused, and slowed down
+    assert "NOPERM" not in printed
 
 
 @pytest.mark.anyio
