@@ -279,3 +279,37 @@ async def test_rediss_with_a_private_ca_works_end_to_end(tmp_path: Path) -> None
                                       "--redis-url", untrusted)  # fmt: skip
         assert code != 0, refused  # a certificate no trusted CA signed is never accepted
         assert PASSWORD not in refused
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("command", ["serve", "run"])
+async def test_a_script_the_acl_refuses_mid_run_stops_with_78_and_no_traceback(
+    tmp_path: Path, command: str
+) -> None:
+    """A right missing that only a rate cut's script uses (``PEXPIRE``): serve, or a run
+    sharing the rate limit, goes until its first cut, then stops saying what to give the
+    user (78), not with a traceback."""
+    full = worker_acl()
+    assert " +pexpire" in full
+    acl = full.replace(">CHANGE-ME", f">{PASSWORD}").replace(" +pexpire", "")
+    async with redis_server(tmp_path, [acl, "user default off"]) as port:
+        url = f"redis://devserver-reaper:{PASSWORD}@127.0.0.1:{port}/0"
+        async with run_simulator(SimulatorConfig(jobs=30, quota=4)) as sim:
+            ids = tmp_path / "ids.txt"
+            ids.write_text("\n".join(sim.job_ids()) + "\n")
+            source = ["--http-port", "0"] if command == "serve" else ["-i", str(ids), "--yes"]
+            if command == "serve":
+                code, printed = await _reaper("enqueue", "--input", str(ids), "--redis-url", url)
+                assert code == 0, printed
+            with anyio.fail_after(60):
+                code, printed = await _reaper(
+                    command, *source, "--endpoint", sim.url, "--project-id", sim.config.project_id,
+                    "--ak", SIM_AK, "--redis-url", url, "--log-format", "json",
+                    "--rate", "20", "--burst", "1", "--batch-size", "1",
+                )  # fmt: skip
+    assert code == 78, printed
+    assert "Traceback" not in printed
+    assert "the Redis user may not do what" in printed
+    assert "give it the ACL in docs/security.md" in printed
+    assert "The user executing the script can't run this command" in printed
+    assert PASSWORD not in printed

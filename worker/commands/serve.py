@@ -58,6 +58,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     log = structlog.get_logger("devserver_reaper")
     import redis.exceptions
 
+    from worker.pacing.shared import acl_denial
     from worker.service.consumer import not_permitted
 
     try:
@@ -67,11 +68,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         wiring.ensure_project(settings)  # before any call: a missing project is exit 78
         try:
             return anyio.run(serve, settings, endpoint)
-        except (redis.exceptions.NoPermissionError, BaseExceptionGroup) as exc:
-            denied: BaseException | None = exc  # an ACL short of a right, in a task maybe
-            while isinstance(denied, BaseExceptionGroup):
-                found = denied.subgroup(redis.exceptions.NoPermissionError)
-                denied = None if found is None else found.exceptions[0]
+        except (redis.exceptions.RedisError, BaseExceptionGroup) as exc:
+            denied = acl_denial(exc)  # an ACL short of a right, in a task maybe
             if denied is None:
                 raise
             raise not_permitted(settings.stream, denied) from None

@@ -66,7 +66,7 @@ import redis.exceptions
 import structlog
 
 from worker.clock import Clock
-from worker.errors import NotAStream
+from worker.errors import ConfigError, NotAStream
 from worker.pacing.bucket import check_rate
 from worker.pacing.slowdown import Notify, SlowdownConfig
 
@@ -248,6 +248,23 @@ class FleetKeys:
         return [self.tat, self.pace, self.lead, self.answers]
 
 
+SCRIPT_DENIED = "The user executing the script can't"
+"""How Redis words an ACL refusal inside a script (a ``ResponseError``, not ``NOPERM``)."""
+
+
+def acl_denial(exc: BaseException) -> BaseException | None:
+    """The ACL's refusal in ``exc`` (alone or in a task group), if that is what it is: a
+    command refused (``NoPermissionError``), or a script's command or key refused."""
+    if isinstance(exc, BaseExceptionGroup):
+        found = exc.subgroup(lambda one: acl_denial(one) is not None)
+        return None if found is None else acl_denial(found.exceptions[0])
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return exc
+    if isinstance(exc, redis.exceptions.ResponseError) and SCRIPT_DENIED in str(exc):
+        return exc
+    return None
+
+
 def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -392,6 +409,11 @@ class RedisPacer(abc.ABC):
                 await self._clock.sleep(self._retry_s)
                 continue
             except redis.exceptions.ResponseError as exc:
+                if acl_denial(exc) is not None:
+                    raise ConfigError(
+                        f"rate limit: the Redis user may not do what the shared rate limit "
+                        f"needs ({exc}); give it the ACL in docs/security.md"
+                    ) from None
                 if "WRONGTYPE" not in str(exc):
                     raise
                 said = str(exc).removeprefix("WRONGTYPE ").split(" script: ")[0]
