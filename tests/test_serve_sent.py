@@ -287,6 +287,16 @@ async def held_answers(upstream: str, release: anyio.Event) -> AsyncIterator[str
         yield url
 
 
+async def _start_via(q: Queue, url: str, name: str, *flags: str) -> Replica:
+    """A ``serve`` of ``q``'s stream, consumer ``name``, calling the API at ``url``."""
+    command = [sys.executable, "-m", "worker", "serve", "--endpoint", url,
+               "--project-id", q.sim.config.project_id, "--ak", q.sim.config.ak,
+               "--stream", q.stream, "--group", "reapers", "--consumer", name,
+               "--redis-url", REDIS_URL, "--http-port", "0", "--log-format", "json",
+               *flags]  # fmt: skip
+    return await q.launch(name, command, {"REAPER_SK": q.sim.config.sk})
+
+
 @pytest.mark.anyio
 async def test_a_batch_stopped_before_it_was_sent_keeps_the_doubt_an_earlier_delivery_left(
     redis_prefix: str, tmp_path: Path
@@ -309,12 +319,7 @@ async def test_a_batch_stopped_before_it_was_sent_keeps_the_doubt_an_earlier_del
         flags = ("--batch-size", "1", "--concurrency", "1", "--grace", "60", "--rate", "100")
         release = anyio.Event()
         async with held_answers(q.sim.url, release) as url:
-            command = [sys.executable, "-m", "worker", "serve", "--endpoint", url,
-                       "--project-id", q.sim.config.project_id, "--ak", q.sim.config.ak,
-                       "--stream", q.stream, "--group", "reapers", "--consumer", "c1",
-                       "--redis-url", REDIS_URL, "--http-port", "0", "--log-format", "json",
-                       *flags]  # fmt: skip
-            first = await q.launch("c1", command, {"REAPER_SK": q.sim.config.sk})
+            first = await _start_via(q, url, "c1", *flags)
 
             async def x_waits_behind_y() -> bool:  # both batches made, y's on the wire
                 metrics = f"http://127.0.0.1:{first.port}/metrics"
@@ -463,3 +468,61 @@ async def test_outcome_rows_whose_transaction_reply_was_lost_are_not_written_twi
             await client.aclose()
             await direct.aclose()
         group.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_an_entry_joining_an_id_on_the_wire_keeps_its_doubt_for_the_answer(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """B (1-1) names x; c0 died with a DELETE of x on the wire (x gone, B's note says so).
+    A (2-1), naming x too, is read by c1, whose DELETE of x is on the wire (its answer
+    held) when c1 takes B over: B joins A's call and sends nothing. The call finds x gone.
+    B's doubt was attached only to a batch cut for it, and none is: x ended ``absent``
+    (for A and B), though our fleet deleted it; it ends ``deleted``, unconfirmed."""
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=1)) as q:
+        (x,) = q.sim.job_ids()
+        q.sim.store.delete([x])  # by the DELETE c0 died with
+        layout = StreamLayout(q.stream, "reapers")
+        await q.redis.xgroup_create(q.stream, "reapers", "0", mkstream=True)
+        await q.redis.xadd(q.stream, {"id": x}, id="1-1")
+        await q.redis.xreadgroup("reapers", "c0", {q.stream: ">"})  # B: c0's, delivered once
+        await q.redis.set(layout.sending("1-1"), f"+{x}\n", ex=600)
+        await q.redis.xadd(q.stream, {"id": x}, id="2-1")
+        a_on_the_wire = anyio.Event()
+
+        async def park_b() -> None:  # B kept fresh under c0 until A's DELETE is out
+            while not a_on_the_wire.is_set():
+                await q.redis.xclaim(q.stream, "reapers", "c0", 0, ["1-1"], justid=True)
+                with anyio.move_on_after(0.2):
+                    await a_on_the_wire.wait()
+
+        q.group.start_soon(park_b)
+        release = anyio.Event()
+        async with held_answers(q.sim.url, release) as url:
+            c1 = await _start_via(q, url, "c1", "--batch-size", "1", "--rate", "100",
+                                  "--reclaim-after", "1")  # fmt: skip
+
+            async def a_sent() -> bool:  # noted just before its DELETE goes out
+                return x in sent_ids(await q.redis.get(layout.sending("2-1")))
+
+            await until(a_sent)
+            a_on_the_wire.set()
+
+            async def b_joined() -> bool:  # taken by c1 and noted as joining A's call
+                note: Any = await q.redis.get(layout.sending("1-1"))
+                return note is not None and note.decode().count(f"+{x}\n") == 2
+
+            await until(b_joined)
+            release.set()
+
+            async def settled() -> bool:
+                return await q.pending() == 0
+
+            await until(settled)
+            rows = await q.stream_rows(q.stream + ":outcomes")
+            await q.stop_all()
+    assert c1.named("job.absent") == []
+    assert [(e["job_id"], e["confirmed"]) for e in c1.named("job.deleted")] == [(x, False)]
+    assert [(r["job_id"], r["outcome"], r["error_msg"], r["entry"]) for r in rows] == [
+        (x, "deleted", "answer_lost", "2-1,1-1")
+    ]

@@ -162,6 +162,7 @@ class ServeJournal:
         self._events.retry(batch_id, attempt, delay_s, reason)
 
     async def finished(self, results: Sequence[Result]) -> None:
+        results = [self._inflight.answered(r) for r in results]  # a joining entry's doubt
         # A failure is terminal only on the last delivery its entries are allowed: before
         # that they are kept pending and the id is tried again, so its job.failed ("will not
         # be retried") and its outcome row wait for that last delivery.

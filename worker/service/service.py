@@ -653,7 +653,7 @@ class Service:
                 continue
             if message.rejections and not done:  # else recorded with those done
                 await self._journal.rejected(message)
-            admission = self._inflight.add(message, deliveries)
+            admission = self._inflight.add(message, deliveries, frozenset(unsure))
             if admission.joined:  # on the wire for another entry: noted under this one too
                 joined[entry_id] = (message.target, admission.joined)
             if admission.finished is not None:
