@@ -266,9 +266,12 @@ async def test_an_entry_naming_an_id_already_on_the_wire_is_noted_too_and_never_
 
 
 @asynccontextmanager
-async def held_answers(upstream: str, release: anyio.Event) -> AsyncIterator[str]:
+async def held_answers(
+    upstream: str, release: anyio.Event, refuse: int | None = None
+) -> AsyncIterator[str]:
     """A proxy in front of the simulator at ``upstream`` that forwards each call at once
-    (a DELETE is applied) and holds every DELETE's answer until ``release`` is set."""
+    (a DELETE is applied) and holds every DELETE's answer until ``release`` is set; with
+    ``refuse``, a DELETE is then answered that status instead (the API's refusal)."""
 
     async def forward(request: web.Request) -> web.Response:
         async with aiohttp.ClientSession(auto_decompress=False) as http, http.request(
@@ -279,6 +282,9 @@ async def held_answers(upstream: str, release: anyio.Event) -> AsyncIterator[str
             status, kind = answer.status, answer.headers.get("Content-Type")
         if request.method == "DELETE":
             await release.wait()
+            if refuse is not None:
+                said = {"error_code": "ModelArts.0503", "error_msg": "service unavailable"}
+                return web.json_response(said, status=refuse)
         return web.Response(status=status, body=body, headers={"Content-Type": kind or ""})
 
     app = web.Application()
@@ -295,6 +301,44 @@ async def _start_via(q: Queue, url: str, name: str, *flags: str) -> Replica:
                "--redis-url", REDIS_URL, "--http-port", "0", "--log-format", "json",
                *flags]  # fmt: skip
     return await q.launch(name, command, {"REAPER_SK": q.sim.config.sk})
+
+
+async def _b_joins_a_call(q: Queue, url: str, *flags: str) -> Replica:
+    """x (``q``'s one job) gone by the DELETE c0 died with: B (1-1, c0's) names it and its
+    note says so; A (2-1) names it too. c1 (``serve`` via ``url``, ``flags``) sends x for
+    A and, once that DELETE is out, takes B over (kept fresh under c0 until then): B joins
+    A's call, and is noted so. Returns c1."""
+    (x,) = q.sim.job_ids()
+    q.sim.store.delete([x])  # by the DELETE c0 died with
+    layout = StreamLayout(q.stream, "reapers")
+    await q.redis.xgroup_create(q.stream, "reapers", "0", mkstream=True)
+    await q.redis.xadd(q.stream, {"id": x}, id="1-1")
+    await q.redis.xreadgroup("reapers", "c0", {q.stream: ">"})  # B: c0's, delivered once
+    await q.redis.set(layout.sending("1-1"), f"+{x}\n", ex=600)
+    await q.redis.xadd(q.stream, {"id": x}, id="2-1")
+    a_on_the_wire = anyio.Event()
+
+    async def park_b() -> None:  # B kept fresh under c0 until A's DELETE is out
+        while not a_on_the_wire.is_set():
+            await q.redis.xclaim(q.stream, "reapers", "c0", 0, ["1-1"], justid=True)
+            with anyio.move_on_after(0.2):
+                await a_on_the_wire.wait()
+
+    q.group.start_soon(park_b)
+    c1 = await _start_via(q, url, "c1", *flags)
+
+    async def a_sent() -> bool:  # noted just before its DELETE goes out
+        return x in sent_ids(await q.redis.get(layout.sending("2-1")))
+
+    await until(a_sent)
+    a_on_the_wire.set()
+
+    async def b_joined() -> bool:  # taken by c1 and noted as joining A's call
+        note: Any = await q.redis.get(layout.sending("1-1"))
+        return note is not None and note.decode().count(f"+{x}\n") == 2
+
+    await until(b_joined)
+    return c1
 
 
 @pytest.mark.anyio
@@ -481,38 +525,10 @@ async def test_an_entry_joining_an_id_on_the_wire_keeps_its_doubt_for_the_answer
     (for A and B), though our fleet deleted it; it ends ``deleted``, unconfirmed."""
     async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=1)) as q:
         (x,) = q.sim.job_ids()
-        q.sim.store.delete([x])  # by the DELETE c0 died with
-        layout = StreamLayout(q.stream, "reapers")
-        await q.redis.xgroup_create(q.stream, "reapers", "0", mkstream=True)
-        await q.redis.xadd(q.stream, {"id": x}, id="1-1")
-        await q.redis.xreadgroup("reapers", "c0", {q.stream: ">"})  # B: c0's, delivered once
-        await q.redis.set(layout.sending("1-1"), f"+{x}\n", ex=600)
-        await q.redis.xadd(q.stream, {"id": x}, id="2-1")
-        a_on_the_wire = anyio.Event()
-
-        async def park_b() -> None:  # B kept fresh under c0 until A's DELETE is out
-            while not a_on_the_wire.is_set():
-                await q.redis.xclaim(q.stream, "reapers", "c0", 0, ["1-1"], justid=True)
-                with anyio.move_on_after(0.2):
-                    await a_on_the_wire.wait()
-
-        q.group.start_soon(park_b)
         release = anyio.Event()
         async with held_answers(q.sim.url, release) as url:
-            c1 = await _start_via(q, url, "c1", "--batch-size", "1", "--rate", "100",
-                                  "--reclaim-after", "1")  # fmt: skip
-
-            async def a_sent() -> bool:  # noted just before its DELETE goes out
-                return x in sent_ids(await q.redis.get(layout.sending("2-1")))
-
-            await until(a_sent)
-            a_on_the_wire.set()
-
-            async def b_joined() -> bool:  # taken by c1 and noted as joining A's call
-                note: Any = await q.redis.get(layout.sending("1-1"))
-                return note is not None and note.decode().count(f"+{x}\n") == 2
-
-            await until(b_joined)
+            c1 = await _b_joins_a_call(q, url, "--batch-size", "1", "--rate", "100",
+                                       "--reclaim-after", "1")  # fmt: skip
             release.set()
 
             async def settled() -> bool:
@@ -525,4 +541,48 @@ async def test_an_entry_joining_an_id_on_the_wire_keeps_its_doubt_for_the_answer
     assert [(e["job_id"], e["confirmed"]) for e in c1.named("job.deleted")] == [(x, False)]
     assert [(r["job_id"], r["outcome"], r["error_msg"], r["entry"]) for r in rows] == [
         (x, "deleted", "answer_lost", "2-1,1-1")
+    ]
+
+
+@pytest.mark.anyio
+async def test_an_answer_refusing_a_joined_call_keeps_the_doubt_the_joining_entry_brought(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """B (1-1) names x; c0 died with a DELETE of x on the wire (x gone, B's note says so).
+    c1's DELETE of x for A (2-1) is on the wire when c1 takes B over: B joins it. The call
+    is answered 503 (one attempt allowed): A's batch is handed back, x struck as not
+    gone by that call. The strike took x off B's note too, which named
+    it for c0's DELETE, so B's next delivery called x ``absent``; it ends ``deleted``,
+    unconfirmed, and x stays on B's note."""
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=1)) as q:
+        (x,) = q.sim.job_ids()
+        layout = StreamLayout(q.stream, "reapers")
+        release = anyio.Event()
+        flags = ("--batch-size", "1", "--rate", "100", "--reclaim-after", "1")
+        async with held_answers(q.sim.url, release, refuse=503) as url:
+            c1 = await _b_joins_a_call(q, url, *flags, "--max-attempts", "1")
+            release.set()
+
+            async def handed_back() -> bool:  # both entries keep why, left pending
+                return len(await q.redis.hkeys(layout.last_error)) == 2
+
+            await until(handed_back)
+            c1.process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(30):
+                await c1.process.wait()
+        note = sent_ids(await q.redis.get(layout.sending("1-1")))
+        again = await q.start("c1", *flags)
+
+        async def settled() -> bool:
+            return await q.pending() == 0
+
+        await until(settled)
+        rows = await q.stream_rows(q.stream + ":outcomes")
+        await q.stop_all()
+    assert c1.named("serve.api_unavailable") != []
+    assert again.named("job.absent") == []
+    assert x in note
+    assert [(e["job_id"], e["confirmed"]) for e in again.named("job.deleted")] == [(x, False)]
+    assert [(r["job_id"], r["outcome"], r["error_msg"]) for r in rows] == [
+        (x, "deleted", "answer_lost")
     ]

@@ -101,6 +101,7 @@ class _Waiting:
     message: Message
     deliveries: int
     open: set[str]
+    unsure: frozenset[str] = frozenset()  # sent by an earlier delivery, never heard back
     failures: list[Result] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
     why: HandBack | None = None
@@ -189,7 +190,7 @@ class InFlight:
             return Admission(())
         if not message.ids:
             return Admission((), Finished(message, deliveries))
-        self._entries[message.entry_id] = _Waiting(message, deliveries, set(message.ids))
+        self._entries[message.entry_id] = _Waiting(message, deliveries, set(message.ids), unsure)
         send: list[str] = []
         joined: list[str] = []
         target = message.target
@@ -253,6 +254,8 @@ class InFlight:
         """Hand back ``job_ids`` of ``target`` without an outcome (their entries are left
         pending in Redis for a later delivery, ``why`` kept with them); return, by entry,
         its ids handed back so far and its ids that have an outcome (not to be sent again).
+        Its ``why.unsure`` names also the ids an earlier delivery of it sent without hearing
+        back (``add``'s ``unsure``): an answer to a call it joined says nothing of those.
 
         An entry with ids still in flight besides (``Released.waiting``) stays held until
         they settle (``settle``); the others are forgotten."""
@@ -267,8 +270,8 @@ class InFlight:
                 touched.setdefault(entry_id, not waiting.released)
                 waiting.open.discard(job_id)
                 waiting.released.append(job_id)
-                if why is not None:
-                    doubt = waiting.why.unsure if waiting.why is not None else frozenset()
+                if why is not None:  # its own doubt stays whatever the call's answer said
+                    doubt = waiting.why.unsure if waiting.why is not None else waiting.unsure
                     waiting.why = replace(why, unsure=why.unsure | doubt)
         dropped: dict[str, Released] = {}
         for entry_id, first in touched.items():

@@ -455,9 +455,13 @@ class Service:
         errors = {entry: handed_back_error(held) for entry, held in dropped.items()
                   if not why.stopped or held.done or held.waiting}  # fmt: skip
         # Those of the batch with answers that say not applied (or never sent): off the note
-        # of ids sent; those sent without a readable answer stay on it.
+        # of ids sent; those sent without a readable answer stay on it, and so do those an
+        # earlier delivery of the entry sent (its ``why.unsure``): this call's answer is
+        # not about that DELETE (an entry that joined the call brought them on its note).
         ours = set(batch.ids) - why.unsure
-        sure = {entry: [i for i in held.ids if i in ours] for entry, held in dropped.items()}
+        sure = {entry: [i for i in held.ids
+                        if i in ours and not (held.why and i in held.why.unsure)]
+                for entry, held in dropped.items()}  # fmt: skip
         await self._journal.noted()  # a note of ids joined on its way lands before the strike
         await self._outage.persist(partial(self._consumer.keep_errors, errors, sure),
                                    what="last error")  # fmt: skip
