@@ -274,7 +274,7 @@ class EvenPacer(FixedRate):
         self.slots.append(now + wait)
         await self._clock.sleep(wait)
         if self._apart:
-            self._last = await start_apart(self._clock, self._bucket, lambda: self._last)
+            self._last = await start_apart(self._clock, lambda: self._bucket, lambda: self._last)
         else:
             self._last = self._clock.now()
         self.starts.append(self._last)

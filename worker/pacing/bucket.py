@@ -214,9 +214,7 @@ class TokenBucket:
 
 
 async def start_apart(
-    clock: Clock,
-    bucket: TokenBucket | Callable[[], TokenBucket],
-    last: Callable[[], float],
+    clock: Clock, bucket: Callable[[], TokenBucket], last: Callable[[], float]
 ) -> float:
     """Wait until the bucket says the next call may really start (``TokenBucket.start_due``:
     after a stall, the calls whose slots went by meanwhile start at the burst and the rate,
@@ -228,13 +226,11 @@ async def start_apart(
     runs. A caller woken late is thus never followed by one on its own slot less than an
     interval later.
 
-    ``bucket`` may be a function giving the limiter's bucket of the moment, read again
-    after every wait too: a limiter whose rate was cut while this caller waited (``--rate
-    auto`` takes a new bucket at the new rate) spaces it at the new rate, not at the one
-    its wait was computed at."""
-    current = bucket if callable(bucket) else lambda: bucket
+    ``bucket`` gives the limiter's bucket of the moment, read again after every wait: a
+    limiter whose rate was cut while this caller waited (``--rate auto`` takes a new bucket
+    at the new rate) spaces it at the new rate, not at the one its wait was computed at."""
     while True:
-        now_bucket = current()
+        now_bucket = bucket()
         due = now_bucket.start_due()
         if now_bucket.burst == 1:
             due = max(due, last() + 1.0 / now_bucket.rate - now_bucket.tolerance())
@@ -307,7 +303,7 @@ class LocalRateLimiter(FixedRate):
             except BaseException:
                 self._bucket.refund(version)
                 raise
-        self._last = await start_apart(self._clock, self._bucket, lambda: self._last)
+        self._last = await start_apart(self._clock, lambda: self._bucket, lambda: self._last)
 
     def __repr__(self) -> str:
         return (
