@@ -23,8 +23,8 @@ An id is *on the wire* from the moment a DELETE carrying it is about to be noted
 apart from the first entry's, would call the job that DELETE removed ``absent``.
 
 An entry that joins an id already waiting (``add``'s ``unsure``: an earlier delivery sent it
-without hearing back) sends no batch of its own that could carry that doubt, so it is kept
-here by id and consulted when the answer comes (``answered``): a 404 then means ``deleted``,
+without hearing back) sends no batch of its own that could carry that doubt, so the entries waiting on an
+id are asked when its answer comes (``answered``): a 404 then means ``deleted``,
 unconfirmed, for every entry waiting on it, as it would had the doubt gone out with the call.
 """
 
@@ -131,13 +131,12 @@ class Admission:
 class InFlight:
     """The entries this consumer holds and the ids they wait on."""
 
-    __slots__ = ("_doubt", "_entries", "_waiters", "_wire")
+    __slots__ = ("_entries", "_waiters", "_wire")
 
     def __init__(self) -> None:
         self._entries: dict[str, _Waiting] = {}
         self._waiters: dict[Key, list[str]] = {}
         self._wire: set[Key] = set()  # ids a DELETE carries (or is about to), no outcome yet
-        self._doubt: set[Key] = set()  # waited on, and a joining entry's delivery sent them
 
     def __contains__(self, entry_id: object) -> bool:
         return entry_id in self._entries
@@ -201,8 +200,6 @@ class InFlight:
                 send.append(job_id)
             else:
                 waiting.append(message.entry_id)
-                if job_id in unsure:
-                    self._doubt.add((target, job_id))
                 if (target, job_id) in self._wire:
                     joined.append(job_id)
         return Admission(tuple(send), joined=tuple(joined))
@@ -211,13 +208,18 @@ class InFlight:
         """``result`` as the entries waiting on its id may tell it: a job found gone that a
         joining entry's earlier delivery sent without hearing back is ``deleted``,
         unconfirmed (``gone``), not ``absent``."""
-        key = (result.target, result.job_id)
-        if result.outcome is not Outcome.ABSENT or key not in self._doubt:
+        if result.outcome is not Outcome.ABSENT or not self._doubted(result.target, result.job_id):
             return result
         ours = gone(result.job_id, unsure={result.job_id}, known={}, batch_id=result.batch_id,
                     attempts=result.attempts, http_status=result.http_status,
                     request_id=result.request_id)  # fmt: skip
         return replace(ours, line=result.line, target=result.target)
+
+    def _doubted(self, target: Target | None, job_id: str) -> bool:
+        """Does an entry waiting on this id bring a delivery that sent it unheard (``add``'s
+        ``unsure``)? One whose own batch carried the doubt had its answer told already."""
+        waiting = (self._entries.get(entry) for entry in self._waiters.get((target, job_id), ()))
+        return any(w is not None and job_id in w.unsure for w in waiting)
 
     def settle(self, results: Sequence[Result]) -> list[Finished]:
         """Record outcomes; return the entries this completes, in the order they complete,
@@ -226,7 +228,6 @@ class InFlight:
         handed: dict[str, _Waiting] = {}
         for result in results:
             self._wire.discard((result.target, result.job_id))
-            self._doubt.discard((result.target, result.job_id))
             for entry_id in self._waiters.pop((result.target, result.job_id), ()):
                 waiting = self._entries.get(entry_id)
                 if waiting is None:
@@ -262,7 +263,6 @@ class InFlight:
         touched: dict[str, bool] = {}  # entry -> its first hand-back of this delivery
         for job_id in job_ids:
             self._wire.discard((target, job_id))
-            self._doubt.discard((target, job_id))
             for entry_id in self._waiters.pop((target, job_id), ()):
                 waiting = self._entries.get(entry_id)
                 if waiting is None or job_id not in waiting.open:
@@ -286,7 +286,6 @@ class InFlight:
         self._entries.clear()
         self._waiters.clear()
         self._wire.clear()
-        self._doubt.clear()
 
     def __repr__(self) -> str:
         return (f"InFlight(entries={len(self._entries)}, open_ids={len(self._waiters)}, "
