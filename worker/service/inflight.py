@@ -23,9 +23,10 @@ An id is *on the wire* from the moment a DELETE carrying it is about to be noted
 apart from the first entry's, would call the job that DELETE removed ``absent``.
 
 An entry that joins an id already waiting (``add``'s ``unsure``: an earlier delivery sent it
-without hearing back) sends no batch of its own that could carry that doubt, so the entries waiting on an
-id are asked when its answer comes (``answered``): a 404 then means ``deleted``,
-unconfirmed, for every entry waiting on it, as it would had the doubt gone out with the call.
+without hearing back) sends no batch of its own that could carry that doubt, so the entries
+waiting on an id are asked when its answer comes (``answered``): a 404 then means
+``deleted``, unconfirmed, for every entry waiting on it, as it would had the doubt gone out
+with the call.
 """
 
 from __future__ import annotations
