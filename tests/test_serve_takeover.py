@@ -13,12 +13,17 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import anyio
+import orjson
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 
 from tests.conftest import REDIS_URL
-from tests.e2e import until
-from tests.test_serve_e2e import SEVERAL, queue
+from tests.e2e import serve_app, until
+from tests.test_serve_e2e import GROUP, SEVERAL, queue
+from tests.test_serve_sent import _start_via
 from worker.service.consumer import StreamConsumer, sent_ids
 from worker.service.layout import StreamLayout
 from worker.simulator import FaultConfig, SimulatorConfig
@@ -188,3 +193,125 @@ async def test_outcomes_of_entries_taken_over_are_left_to_the_taker(redis_prefix
         assert await client.get(layout.sending("3-1")) == b"+job-3-1\n"
     finally:
         await client.aclose()
+
+
+class _StagedApi:
+    """A proxy in front of the simulator at ``upstream`` whose DELETEs go as ``mode`` says:
+    ``hold``: each is forwarded (applied) and its answer held until ``release`` is set, but
+    one naming a job of ``refused`` is not forwarded and is answered 400 (the API refusing
+    that id); ``unavailable``: answered 503 at once, not forwarded; ``pass``: forwarded and
+    answered as the simulator answers. Other calls are always forwarded."""
+
+    def __init__(self, upstream: str, refused: set[str]) -> None:
+        self.upstream = upstream
+        self.refused = refused
+        self.mode = "hold"
+        self.held = 0
+        self.release = anyio.Event()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if request.method == "DELETE" and self.mode == "unavailable":
+            said = {"error_code": "ModelArts.0503", "error_msg": "service unavailable"}
+            return web.json_response(said, status=503)
+        if request.method == "DELETE" and self.mode == "hold":
+            named = set(orjson.loads(body).get("job_ids", ()))
+            self.held += 1
+            if named & self.refused:
+                await self.release.wait()
+                said = {"error_code": "ModelArts.6101", "error_msg": "job cannot be deleted"}
+                return web.json_response(said, status=400)
+            answer = await self._forward(request, body)
+            await self.release.wait()
+            return answer
+        return await self._forward(request, body)
+
+    async def _forward(self, request: web.Request, body: bytes) -> web.Response:
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as http,
+            http.request(
+                request.method, self.upstream + request.path_qs, data=body, headers=headers
+            ) as answer,
+        ):
+            said, kind = await answer.read(), answer.headers.get("Content-Type")
+            status = answer.status
+        return web.Response(status=status, body=said, headers={"Content-Type": kind or ""})
+
+
+@pytest.mark.anyio
+@SEVERAL
+async def test_a_stale_replica_refused_an_id_does_not_overwrite_the_takers_last_error(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """Entry E names a and b. The slow replica's DELETEs of both are on the wire (a
+    applied, b about to be refused) when it freezes; the taker takes E over, meets the API
+    unavailable, and keeps E pending with its own last error (a and b unsure, none done).
+    The slow one wakes to its answers: a deleted (its row not written: E is not its own),
+    b refused. It wrote its last error with no owner check, naming a done, over the
+    taker's: E's next delivery sent only b, and a, deleted by our fleet, had no outcome
+    at all. Now it leaves E to the taker (``serve.entry_taken_over``), and every id of E
+    gets one row."""
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=2)) as q:
+        a, b = q.sim.job_ids()
+        api = _StagedApi(q.sim.url, {b})
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", api.handle)
+        async with serve_app(app) as url:
+            layout = StreamLayout(q.stream, GROUP)
+            added: Any = await q.redis.xadd(q.stream, {"ids": orjson.dumps([a, b])})
+            entry = added.decode()
+            slow = await _start_via(q, url, "slow", "--batch-size", "1", "--concurrency", "2",
+                                    "--rate", "100", "--reclaim-after", "600",
+                                    "--read-timeout", "300")  # fmt: skip
+
+            async def both_on_the_wire() -> bool:
+                return api.held == 2 and a in q.sim.deleted
+
+            await until(both_on_the_wire)
+            slow.process.send_signal(signal.SIGSTOP)
+            try:
+                api.mode = "unavailable"
+                taker = await _start_via(q, url, "taker", "--batch-size", "1", "--rate", "100",
+                                         "--reclaim-after", "1", "--max-attempts", "1")  # fmt: skip
+
+                async def kept_by_the_taker() -> bool:
+                    said: Any = await q.redis.hget(layout.last_error, entry)
+                    return said is not None and await q.pending("taker") == 1
+
+                await until(kept_by_the_taker, 60)
+                taker.process.send_signal(signal.SIGTERM)
+                with anyio.fail_after(30):
+                    await taker.process.wait()
+                takers: Any = await q.redis.hget(layout.last_error, entry)
+            finally:
+                slow.process.send_signal(signal.SIGCONT)
+            api.release.set()
+
+            async def slow_settled() -> bool:
+                return bool(slow.named("serve.entry_taken_over") or slow.named("serve.entry_kept"))
+
+            await until(slow_settled, 60)
+            slow.process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(30):
+                await slow.process.wait()
+            after_slow: Any = await q.redis.hget(layout.last_error, entry)
+            api.mode = "pass"
+            heir = await _start_via(q, url, "taker", "--batch-size", "1", "--rate", "100",
+                                    "--reclaim-after", "600")  # fmt: skip
+
+            async def settled() -> bool:
+                return await q.pending() == 0
+
+            await until(settled, 60)
+            rows = await q.stream_rows(q.stream + ":outcomes")
+            left: Any = await q.redis.hgetall(layout.last_error)
+            await q.stop_all()
+    assert [e["entry"] for e in slow.named("serve.entry_taken_over")] == [entry]
+    assert slow.named("serve.entry_kept") == []
+    assert after_slow == takers
+    assert heir.named("job.absent") == []
+    assert sorted((r["job_id"], r["outcome"]) for r in rows) == sorted(
+        [(a, "deleted"), (b, "deleted")]
+    )
+    assert left == {}

@@ -675,19 +675,20 @@ class StreamConsumer:
 
     async def keep_errors(
         self, errors: Mapping[str, str], unmark: Mapping[str, Sequence[str]] | None = None
-    ) -> None:
+    ) -> frozenset[str]:
         """Remember why entries left pending did not finish (``{stream}:lasterror``), by
         entry id; ``unmark``: ids to strike off their notes of ids sent (not applied by us,
         as far as their answers said), in the same round trip: :meth:`write_outcomes` with
-        no outcome to write, the one path for both (a second copy of it missed a fix)."""
-        await self.write_outcomes((), unmark, errors)
+        no outcome to write, the one path for both (a second copy of it missed a fix).
+        Returns the entries taken over, for which nothing was written."""
+        return await self.write_outcomes((), unmark, errors)
 
     async def write_outcomes(
         self,
         rows: Sequence[dict[str, str]],
         unmark: Mapping[str, Sequence[str]] | None = None,
         errors: Mapping[str, str] | None = None,
-    ) -> None:
+    ) -> frozenset[str]:
         """Append to the outcomes stream, trimmed approximately to ``outcomes_max_len``;
         ``unmark``: ids whose answer said they were not gone by us, struck off their
         entries' notes of ids sent, in the same round trip; with ``errors``, keep those last
@@ -695,9 +696,11 @@ class StreamConsumer:
         outcomes written that its ids done do not name. Each row's id is marked done on
         its entries' notes (``=id``) in the same transaction: a replica killed before the
         entry is acknowledged leaves the next delivery the ids not to send and write again
-        (else the id had two outcomes, the second ``absent`` or unconfirmed)."""
+        (else the id had two outcomes, the second ``absent`` or unconfirmed). Returns the
+        entries taken over by another replica (``_WRITE``), for which nothing was written;
+        none when a retry finds its rows written already."""
         if not rows and not unmark and not errors:
-            return
+            return frozenset()
         done: dict[str, list[str]] = {}
         for row in rows:
             for entry_id in filter(None, row.get("entry", "").split(",")):
@@ -711,7 +714,7 @@ class StreamConsumer:
         if token is not None and lost and await self._r.exists(self.layout.written(token)):
             self._unsure.discard(token)
             self._written.append(self.layout.written(token))
-            return
+            return frozenset()
         lines: dict[str, str] = {}
         for sign, marks in (("-", unmark or {}), ("=", done)):
             for entry_id, ids in marks.items():
@@ -738,7 +741,7 @@ class StreamConsumer:
                 pipe.delete(*confirmed)
             pipe.eval(_WRITE, len(keys), *keys, *args)
             try:
-                await pipe.execute()
+                replies = await pipe.execute()
             except BaseException:
                 self._written.extend(confirmed)  # not known deleted: try again next time
                 if token is not None:
@@ -747,6 +750,7 @@ class StreamConsumer:
         if token is not None:
             self._unsure.discard(token)
             self._written.append(self.layout.written(token))
+        return frozenset(_id(e) for e in replies[-1])
 
     async def ack(self, entry_ids: Sequence[str]) -> frozenset[str]:
         """Acknowledge entries that need nothing more (their ids all done, or nothing in
@@ -765,14 +769,16 @@ class StreamConsumer:
     async def finish(self, finished: Finished) -> Settled:
         """Settle one entry: ack it (dead-lettering its invalid ids with it), or, when some of
         its ids failed, keep it pending with the last error for a later delivery. An entry
-        taken over by another replica meanwhile is left to it, not acknowledged."""
+        taken over by another replica meanwhile is left to it, not acknowledged nor given a
+        last error."""
         message = finished.message
         if finished.failures:
+            # Through the owner check, as every last error: a replica that stalled past
+            # reclaim_after wrote this over its taker's, naming as done ids whose rows the
+            # check had refused it, and the entry's next delivery never sent them.
             done = message.done_besides({f.job_id for f in finished.failures})
-            await self._r.hset(
-                self.layout.last_error, message.entry_id, last_error(finished.failures, done)
-            )
-            return Settled.KEPT
+            kept = {message.entry_id: last_error(finished.failures, done)}
+            return Settled.TAKEN if await self.keep_errors(kept) else Settled.KEPT
         if message.rejections or message.problem:
             return await self._buried(self._dead_fields(finished))
         if await self.ack([message.entry_id]):
