@@ -6,7 +6,8 @@
 1. ``settings``: ``--ak``/``--sk``/``--security-token``, ``REAPER_*``, the config file, and
    the ``*_file`` settings (a mounted Secret). Keys read from files are read again when a
    file changes and when the API refuses them (401/403): a rotated Secret reaches a running
-   ``serve`` without a restart (``credentials.reloaded`` says which file).
+   ``serve`` without a restart (``credentials.reloaded`` says which file), and ends its
+   pause on refused keys as soon as the files hold others (``FileCredentials.rotated``).
 2. ``env``: ``HUAWEICLOUD_SDK_AK``, ``_SK`` and ``_SECURITY_TOKEN``, taken together or not at
    all.
 3. ``profile``: the ``[basic]`` section of ``HUAWEICLOUD_SDK_CREDENTIALS_FILE`` or
@@ -119,6 +120,7 @@ class StaticCredentials:
 
 
 KEY_NAMES = ("ak", "sk", "security_token")
+FileIdentity = tuple[int, int, int, int] | None  # ``file_identity``'s: None when unseen
 
 
 class FileCredentials:
@@ -128,7 +130,11 @@ class FileCredentials:
     is read again when what it names changes (device, inode, size, time: one ``stat`` per
     file per call) and whenever the API refuses the keys. Each reload that changes the keys is
     a ``credentials.reloaded`` event naming the files; a file caught half rotated (missing,
-    empty, not yet an access key) keeps the old keys and is tried again at the next call.
+    empty, not yet an access key) keeps the old keys, is said once
+    (``credentials.reload_failed``), and is read again when it changes or the keys are refused.
+
+    ``rotated()`` is for a pause on refused keys (``serve``): it tells when the files hold
+    keys other than those refused, so the pause can end there.
     """
 
     def __init__(
@@ -140,7 +146,9 @@ class FileCredentials:
     ) -> None:
         self._values = {key: values.get(key) for key in KEY_NAMES}
         self._files = {key: Path(path) for key, path in files.items() if key in KEY_NAMES}
-        self._seen = {key: file_identity(path) for key, path in self._files.items()}
+        self._seen = self._identities()
+        self._broken: dict[str, FileIdentity] | None = None  # as they were when a read failed
+        self._refused: Credentials | None = None  # the keys the API refused last
         self._name = name
         self._credentials = self._build(self._values)
         self._log = structlog.get_logger("devserver_reaper")
@@ -161,26 +169,53 @@ class FileCredentials:
         return Credentials(ak, sk, values["security_token"] or None)
 
     async def current(self) -> Credentials:
-        if any(file_identity(path) != self._seen[key] for key, path in self._files.items()):
-            self._reload("changed")
+        self._look()
         return self._credentials
 
     async def refused(self, used: Credentials) -> bool:
-        self._reload("refused")
+        self._refused = used
+        self._reload("refused", self._identities())
         return self._credentials != used
 
-    def _reload(self, why: str) -> None:
+    def rotated(self) -> tuple[str, ...]:
+        """The key files that now hold keys other than those the API refused last (read in,
+        so the next call signs with them), as ``ak_file PATH``; empty when none, or when
+        nothing was refused. One ``stat`` per file when nothing moved, so a pause can look
+        every second: a file touched, or the same keys swapped in, read the same and end
+        nothing. Each change is told once (the keys told of count as refused from then)."""
+        self._look()
+        refused, fresh = self._refused, self._credentials
+        if refused is None or refused == fresh:
+            return ()
+        self._refused = fresh
+        return tuple(
+            f"{key}_file {path}" for key, path in self._files.items()
+            if getattr(refused, key) != getattr(fresh, key)
+        )  # fmt: skip
+
+    def _identities(self) -> dict[str, FileIdentity]:
+        return {key: file_identity(path) for key, path in self._files.items()}
+
+    def _look(self) -> None:
+        """Read the files again if what they name moved since they were read, or since a
+        read of them failed (a file caught half rotated is said once, not at every look)."""
+        now = self._identities()
+        if now != self._seen and now != self._broken:
+            self._reload("changed", now)
+
+    def _reload(self, why: str, seen: dict[str, FileIdentity]) -> None:
+        """Read every file; ``seen``: what they named just before (stat before read, so a
+        file replaced in between is read again at the next look, never missed)."""
         values = dict(self._values)
-        seen = dict(self._seen)
         try:
             for key, path in self._files.items():
-                seen[key] = file_identity(path)
                 values[key] = read_key_file(f"{key}_file", path).text
             fresh = self._build(values)
         except ConfigError as exc:
+            self._broken = seen
             self._log.warning("credentials.reload_failed", reason=why, error=str(exc))
             return  # the old keys, until the files are whole again
-        self._seen = seen
+        self._seen, self._broken = seen, None
         if fresh == self._credentials:
             return
         changed = [
