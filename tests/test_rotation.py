@@ -6,6 +6,7 @@ without a restart, and says which files it read again."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -67,13 +68,16 @@ async def test_serve_deletes_with_the_rotated_keys_without_a_restart(
 
 
 @pytest.mark.anyio
-async def test_a_replica_paused_on_old_keys_resumes_when_the_secret_catches_up(
+async def test_a_replica_paused_on_old_keys_resumes_as_soon_as_the_secret_catches_up(
     redis_prefix: str, tmp_path: Path
 ) -> None:
     """The usual order on a cluster: the old key is deleted in IAM first, and the kubelet
     brings the Secret's new files up to a minute later. Meanwhile the API refuses, the files
-    have nothing new and the replica pauses, unready; when the files change it must take
-    them and go on, with no restart (liveness is green, Kubernetes would never give one)."""
+    have nothing new and the replica pauses, unready (30 s, doubling). When the kubelet swaps
+    the files in, the pause ends there (``serve.credentials_changed``, cut short), not 30 s
+    later; keys that fail too pause it again for twice as long, and the next swap ends that
+    pause as well. No restart (liveness is green, Kubernetes would never give one), and no
+    key in the new event, not even a part of one. (It used to wait the whole pause out.)"""
     secret = tmp_path / "secret"
     secret.mkdir()
     files = mount_secret(secret, ak=SIM_AK, sk=SIM_SK)
@@ -82,20 +86,87 @@ async def test_a_replica_paused_on_old_keys_resumes_when_the_secret_catches_up(
         q.sim.config = replace(q.sim.config, ak="ROTATEDAK2026", sk="rotated-secret-key")
         await q.enqueue(q.sim.job_ids())
 
-        async def paused() -> bool:
-            return bool(replica.named("serve.paused"))
+        def said(name: str, n: int) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                return len(replica.named(name)) >= n
 
-        await until(paused)
+            return check
+
+        await until(said("serve.paused", 1))
+        mount_secret(secret, ak="WRONGAK2026", sk="wrong-secret-key")  # a pair IAM refuses too
+        await until(said("serve.paused", 2))
         assert q.sim.deleted == set()
         mount_secret(secret, ak="ROTATEDAK2026", sk="rotated-secret-key")
 
         async def all_deleted() -> bool:
             return len(q.sim.deleted) == 20
 
-        await until(all_deleted, timeout=60)
+        await until(all_deleted)
         await q.stop_all()
     assert replica.process.returncode == 0
-    assert replica.named("credentials.reloaded")
+    steps = [e for e in replica.events if e["event"] in (
+        "serve.paused", "serve.credentials_changed", "job.deleted")]  # fmt: skip
+    kinds = [e["event"] for e in steps]
+    assert kinds[:4] == ["serve.paused", "serve.credentials_changed"] * 2, kinds
+    assert set(kinds[4:]) == {"job.deleted"} and len(kinds) == 24
+    paused, changed = replica.named("serve.paused"), replica.named("serve.credentials_changed")
+    assert [e["resume_in_s"] for e in paused] == [30.0, 60.0]  # the doubling goes on
+    assert [e["pause_s"] for e in changed] == [30.0, 60.0]
+    assert all(e["waited_s"] < e["pause_s"] for e in changed)  # each pause cut short
+    assert all(set(e["files"]) == {f"ak_file {files['ak']}", f"sk_file {files['sk']}"}
+               for e in changed)  # fmt: skip
+    keys = ("WRONGAK2026", "wrong-secret-key", "ROTATEDAK2026", "rotated-secret-key")
+    for event in changed:
+        text = repr(event)
+        assert not any(key[:4] in text for key in keys), event  # not even a prefix
+    printed = repr(replica.events) + (tmp_path / "late.err").read_text()
+    assert "rotated-secret-key" not in printed and "wrong-secret-key" not in printed
+
+
+@pytest.mark.anyio
+async def test_a_pause_watch_sees_new_keys_not_a_touch_nor_the_same_keys_swapped_in(
+    tmp_path: Path,
+) -> None:
+    """What ends a pause on refused keys (``FileCredentials.rotated``): files that now hold
+    other keys than those refused, through the kubelet's swap of ``..data`` or rewritten in
+    place. A file touched (its time moved, its content not) or the same keys swapped in
+    under a new version directory end nothing; each change is told once; a file caught
+    missing is warned about once, not at every look."""
+    import os
+
+    from structlog.testing import capture_logs
+
+    from worker.api.credentials import FileCredentials
+
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    files = mount_secret(secret, ak="OLDAK", sk="old-sk")
+    source = FileCredentials({"ak": "OLDAK", "sk": "old-sk", "security_token": None}, files)
+    assert source.rotated() == ()  # nothing refused yet: nothing to wait for
+    refused = await source.current()
+    with capture_logs() as logs:
+        assert not await source.refused(refused)  # nothing new: the replica pauses
+        assert source.rotated() == ()
+        later = os.stat(files["sk"]).st_mtime_ns + 5_000_000_000
+        os.utime(files["sk"], ns=(later, later))  # touched
+        assert source.rotated() == ()
+        mount_secret(secret, ak="OLDAK", sk="old-sk")  # the same keys, a new version
+        assert source.rotated() == ()
+        mount_secret(secret, ak="OLDAK", sk="new-sk")
+        assert source.rotated() == (f"sk_file {files['sk']}",)
+        assert source.rotated() == ()  # told once
+        assert (await source.current()).sk == "new-sk"  # the next attempt signs with them
+        assert not await source.refused(await source.current())  # refused too: pause again
+        version = files["ak"].resolve()
+        version.unlink()  # caught half rotated
+        for _ in range(3):
+            assert source.rotated() == ()
+        version.write_text("NEWAK")
+        assert source.rotated() == (f"ak_file {files['ak']}",)
+    assert [e["event"] for e in logs] == [
+        "credentials.reloaded", "credentials.reload_failed", "credentials.reloaded",
+    ]  # fmt: skip
+    assert "new-sk" not in repr(logs) and "old-sk" not in repr(logs)
 
 
 @pytest.mark.anyio

@@ -426,6 +426,7 @@ async def build_service(
     """The service over a Redis that has answered: its group made sure of, the API client,
     the shared limiter and the dispatcher, sending where ``targets`` (:func:`serve_targets`)
     allows. ``serve`` never runs dry (``refuse_run_only``)."""
+    from worker.api.credentials import FileCredentials
     from worker.service.consumer import StreamConsumer
     from worker.service.inflight import InFlight
     from worker.service.journal import ServeJournal
@@ -529,6 +530,7 @@ async def build_service(
         gauges=gauges,
         lookups=lookups,
         down=router.down_for,
+        keys=keys if isinstance(keys, FileCredentials) else None,  # a pause ends on new ones
     )
     return ServeParts(service, consumer, journal, inflight, health, metrics)
 

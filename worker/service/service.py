@@ -16,7 +16,8 @@ flight get ``grace`` seconds; batches not started are left pending) or when the 
 the credentials (401/403), the call (a 404 no job explains) or the TLS certificate: then the
 round ends as on a stop (the DELETEs on the wire are settled first: the API may have applied
 them), the replica turns unready and waits (doubling pauses) before a new round tries
-again. It never exits on its own, so Kubernetes does not restart it in a loop.
+again; a pause on refused keys read from files ends as soon as the files hold other keys (a
+rotated Secret). It never exits on its own, so Kubernetes does not restart it in a loop.
 """
 
 from __future__ import annotations
@@ -75,6 +76,20 @@ class BatchProcessor(Protocol):
     """The dispatcher as the service sees it (``worker.dispatcher.Dispatcher``)."""
 
     async def process(self, batch: Batch) -> None: ...
+
+
+class KeyFiles(Protocol):
+    """Keys read from files, as a pause on refused keys watches them
+    (``worker.api.credentials.FileCredentials``)."""
+
+    def rotated(self) -> tuple[str, ...]:
+        """The key files now holding keys other than those refused (read in), each change
+        told once; empty when none. Cheap: a ``stat`` per file when nothing moved."""
+        ...
+
+
+KEY_LOOK_S = 1.0
+"""How often a pause on refused keys looks at the key files (a ``stat`` each)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,14 +152,17 @@ class Service:
         gauges: Callable[[], None] | None = None,
         lookups: RegionLookups | None = None,
         down: Callable[[Target | None], bool] = lambda target: False,
+        keys: KeyFiles | None = None,
     ) -> None:
         """``targets``: where an entry naming a project, region or endpoint is sent, and
         which it may name (None: an entry naming one is dead-lettered, as for one project
         only); ``gauges``: sets the per-target gauges before a scrape; ``lookups``: finds the
         project of an entry naming a region without one (None: such an entry is refused);
         ``down(target)``: its endpoint is paused (a batch of it is handed back at once,
-        waiting for no share of the dispatchers)."""
+        waiting for no share of the dispatchers); ``keys``: the key files a pause on refused
+        keys watches, to end when they hold new keys (None: keys not read from files)."""
         self._down = down
+        self._keys = keys
         self._targets = targets
         self._lookups = lookups
         self._gauges = gauges
@@ -242,7 +260,7 @@ class Service:
                 resume_in_s=pause,
                 **said,
             )
-            await self._pause(pause)
+            await self._pause(pause, blocked)
             pause = min(pause * 2, self._config.auth_pause_max)
         self._health.draining = True
         await self._leave()
@@ -274,10 +292,31 @@ class Service:
         self._health.queue_ok = True
         return None
 
-    async def _pause(self, seconds: float) -> None:
-        """Wait, unready (the heartbeat keeps it live), until the pause ends or we stop."""
-        with anyio.move_on_after(seconds):
-            await self._stop.wait()
+    async def _pause(self, seconds: float, blocked: BaseException) -> None:
+        """Wait, unready (the heartbeat keeps it live), until the pause ends or we stop. A
+        pause on refused keys read from files also ends when the files hold other keys (a
+        rotated Secret): the next round signs with those; if they are refused too, the next
+        pause is twice as long, as it would have been."""
+        async with anyio.create_task_group() as group:
+
+            async def ends(wait: Callable[[], Awaitable[object]]) -> None:
+                await wait()
+                group.cancel_scope.cancel()
+
+            group.start_soon(ends, self._stop.wait)
+            group.start_soon(ends, partial(self._clock.sleep, seconds))
+            if self._keys is not None and isinstance(blocked, AuthError):
+                group.start_soon(ends, partial(self._new_keys, self._keys, seconds))
+
+    async def _new_keys(self, keys: KeyFiles, pause: float) -> None:
+        """Until the key files hold keys other than those refused, looking every
+        ``KEY_LOOK_S``; then ``serve.credentials_changed`` (the files, never a key)."""
+        started = self._clock.now()
+        while not (files := keys.rotated()):
+            await self._clock.sleep(KEY_LOOK_S)
+        waited = round(self._clock.now() - started, 3)
+        self._events.note("serve.credentials_changed", files=list(files), waited_s=waited,
+                          pause_s=pause)  # fmt: skip
 
     async def report_stats(self) -> None:
         """``serve.stats``: ids by outcome in the interval and since start, ids/s, the
