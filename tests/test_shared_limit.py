@@ -15,6 +15,7 @@ from tests.fakes import FakeClock
 from worker.pacing.bucket import RateLimiter
 from worker.pacing.fleet import FleetRateController
 from worker.pacing.shared import (
+    REVISIT_S,
     SPEC_EVERY_S,
     SPEC_TTL_S,
     RedisRateLimiter,
@@ -153,9 +154,12 @@ async def test_acquire_sleeps_the_wait_it_was_handed(
         await limiter.acquire()
     assert limiter.granted == 3
     # The first is free; the next two wait about 250 ms each (less the real time that
-    # passed on the Redis clock between the calls).
-    assert len(clock.sleeps) == 2
-    assert all(0.2 < s <= 0.5 for s in clock.sleeps), clock.sleeps
+    # passed on the Redis clock between the calls), each in two sleeps: to ``REVISIT_S``
+    # before its start, where it looks whether a slowdown took its start back, then on.
+    assert len(clock.sleeps) == 4 and clock.sleeps[1::2] == [pytest.approx(REVISIT_S)] * 2
+    waits = [a + b for a, b in zip(clock.sleeps[::2], clock.sleeps[1::2], strict=True)]
+    assert all(0.2 < s <= 0.5 for s in waits), clock.sleeps
+    assert limiter.revisits == 2 and limiter.taken_back == 0
 
 
 @pytest.mark.anyio

@@ -27,6 +27,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from worker.clock import Clock
+from worker.pacing.adaptive import RESLOT as WAITERS_RESLOT
 from worker.pacing.controller import (
     AdaptiveConfig,
     ControllerState,
@@ -38,6 +39,7 @@ from worker.pacing.shared import (
     GCRA,
     PACE_TTL_S,
     REDIS_ERRORS,
+    REVISIT_S,
     RedisPacer,
     Reservation,
     interval_us,
@@ -51,7 +53,7 @@ _AUTO = (
 -- answers kept, the leader's interval, pause and state to publish ('' for none), horizon,
 -- the least and most interval and the longest pause (us) a stored pace may hold, then
 -- answers in fours: how long ago it came (us), latency (us, -1: none), t/o/-, Retry-After
--- (ms, -1: none).
+-- (ms, -1: none); or a call's start: how long ago, -1, s, -1.
 local now = clock()
 own(KEYS[2], 'hash')
 own(KEYS[3], 'hash')
@@ -70,27 +72,30 @@ if (not lead[1]) or lead[1] == ARGV[5] or held == nil or held < now then
     redis.call('PEXPIRE', KEYS[2], ARGV[4])
   end
 end
-local p = redis.call('HMGET', KEYS[2], 'interval', 'pause_until', 'state')
+local p = redis.call('HMGET', KEYS[2], 'interval', 'pause_until', 'state', 'revokes')
 local least, most = tonumber(ARGV[12]), tonumber(ARGV[13])
 local interval = within(p[1], least, most) or tonumber(ARGV[2])
 local pause = within(p[2], -math.huge, now + tonumber(ARGV[14])) or 0
 local horizon = tonumber(ARGV[11])
 local start, new_tat = reserve(now, interval, tonumber(ARGV[3]), pause, horizon, horizon + most)
+-- A start is the leader's once it is real, not when it is handed out: a slowdown may take
+-- it back before (a call never sent, with no answer to come, held its controller's measure
+-- back for good: the calls it counted as sent were never all answered).
 for i = 15, #ARGV, 4 do
-  redis.call('RPUSH', KEYS[4], table.concat({'a', us(now - tonumber(ARGV[i])), ARGV[i + 1],
-             ARGV[i + 2], ARGV[i + 3]}, ' '))
+  if ARGV[i + 2] == 's' then
+    redis.call('RPUSH', KEYS[4], 's ' .. us(now - tonumber(ARGV[i])))
+  else
+    redis.call('RPUSH', KEYS[4], table.concat({'a', us(now - tonumber(ARGV[i])), ARGV[i + 1],
+               ARGV[i + 2], ARGV[i + 3]}, ' '))
+  end
 end
-if start then
-  redis.call('RPUSH', KEYS[4], 's ' .. us(start))
-  start = us(start)
-else
-  start = ''
-end
+if start then start = us(start) else start = '' end
 if redis.call('EXISTS', KEYS[4]) == 1 then
   redis.call('LTRIM', KEYS[4], -tonumber(ARGV[7]), -1)
   redis.call('PEXPIRE', KEYS[4], ARGV[4])
 end
-local out = {start, us(now), us(new_tat), us(interval), us(pause), leader, p[3] or ''}
+local out = {start, us(now), us(new_tat), us(interval), us(pause), leader, p[3] or '',
+             p[4] or ''}
 if leader == 1 then
   for _, e in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do out[#out + 1] = e end
   redis.call('DEL', KEYS[4])
@@ -99,12 +104,25 @@ return out
 """
 )
 
-_PUBLISH = """
-if redis.call('HGET', KEYS[2], 'who') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'interval', ARGV[2], 'pause_until', ARGV[3], 'state', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return 1
+_PUBLISH = (
+    GCRA
+    + """
+-- ARGV: now ('' for the server's), me, the interval, pause and state to publish, ttl ms,
+-- revisit (us; '' when the pace is no slower: nothing to take back). Returns whether it
+-- was published (by the leader), the time, and the count of take-backs.
+local now = clock()
+own(KEYS[2], 'hash')
+own(KEYS[3], 'hash')
+local revokes = redis.call('HGET', KEYS[2], 'revokes') or ''
+if redis.call('HGET', KEYS[3], 'who') ~= ARGV[2] then return {0, us(now), revokes} end
+redis.call('HSET', KEYS[2], 'interval', ARGV[3], 'pause_until', ARGV[4], 'state', ARGV[5])
+if ARGV[7] ~= '' then
+  revokes = revoke(now, tonumber(ARGV[3]), 1, tonumber(ARGV[7]), revokes)
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+return {1, us(now), revokes}
 """
+)
 
 RESLOT = 0.02
 """A change of the leader's rate larger than this share is published at once; smaller ones
@@ -166,9 +184,9 @@ def sane_state(
 
 @dataclass(frozen=True, slots=True)
 class _Answer:
-    at: float  # when it came, on this process's clock
+    at: float  # when it came (or the call started), on this process's clock
     latency_s: float | None
-    flag: str  # "t" throttled, "o" overloaded, "-" anything else
+    flag: str  # "t" throttled, "o" overloaded, "-" anything else; "s" a call started
     retry_after: float | None
 
 
@@ -198,10 +216,12 @@ class FleetRateController(RedisPacer):
         max_answers: int = 10_000,
         me: str | None = None,
         redis_now: Callable[[], float] | None = None,
+        revisit_s: float | None = REVISIT_S,
     ) -> None:
         super().__init__(
-            client, key, clock, horizon_s=horizon_s, retry_s=retry_s, redis_now=redis_now
-        )
+            client, key, clock, horizon_s=horizon_s, retry_s=retry_s, redis_now=redis_now,
+            revisit_s=revisit_s,
+        )  # fmt: skip
         self._config = config or AdaptiveConfig()
         self._me = me or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._lease_ms = int(lease_s * 1000)
@@ -221,7 +241,7 @@ class FleetRateController(RedisPacer):
         self._pending: tuple[int, int, ControllerState] | None = None  # for the next
         self.leads = 0  # times this process became the leader
         self._seen_state = ""  # the last estimate a leader stored, as this process saw it
-        self.reported = 0  # answers sent to Redis for the leader
+        self.reported = 0  # answers and starts sent to Redis for the leader
 
     @property
     def rate(self) -> float:
@@ -252,7 +272,15 @@ class FleetRateController(RedisPacer):
         """Keep the answer for the next reservation to report."""
         self.throttles += throttled
         flag = "t" if throttled else "o" if overloaded else "-"
-        self._answers.append(_Answer(self._clock.now(), latency_s, flag, retry_after))
+        self._keep(_Answer(self._clock.now(), latency_s, flag, retry_after))
+
+    def _started(self) -> None:
+        """Keep the start for the next reservation to report: the leader's controller
+        counts the calls really sent, not the start times handed out."""
+        self._keep(_Answer(self._clock.now(), None, "s", None))
+
+    def _keep(self, answer: _Answer) -> None:
+        self._answers.append(answer)
         if len(self._answers) > self._max_answers:
             del self._answers[0]
 
@@ -286,8 +314,9 @@ class FleetRateController(RedisPacer):
         )  # fmt: skip
         del answers[: len(reported) // 4]
         self.reported += len(reported) // 4
-        start, server_now, token, interval, pause, leader, state, *events = reply
+        start, server_now, token, interval, pause, leader, state, revokes, *events = reply
         server_now = int(server_now)
+        self._saw(server_now, revokes)
         self._offset = server_now / 1e6 - self._clock.now()
         self._interval, self._pause_us = int(interval), int(pause)
         if state := text(state):
@@ -300,7 +329,7 @@ class FleetRateController(RedisPacer):
             self._controller, self._pending = None, None
         if not (start := text(start)):
             return int(token) / 1e6
-        return Reservation(int(start), server_now, text(token))
+        return Reservation(int(start), server_now, text(token), text(revokes))
 
     async def _lead(self, server_now: int, stored_state: str, events: list[str]) -> None:
         """Feed the fleet's reservations and answers to the controller, and publish."""
@@ -360,22 +389,36 @@ class FleetRateController(RedisPacer):
         publish = (interval, pause_us, state)
         if last is None or abs(interval - last[0]) > RESLOT * last[0] or pause_us > last[1]:
             # A pause, or a new rate: at once, not with our next reservation, which may be
-            # a second away when the rate is low.
+            # a second away when the rate is low. A slowdown takes back the starts handed
+            # out beyond ``revisit`` (``RedisPacer.acquire``): they were spaced for the rate
+            # just refused, or fall in the pause; as one process re-slots its waiters, for a
+            # change of more than its ``RESLOT``.
+            slower = last is None or interval > last[0] * (1 + WAITERS_RESLOT) or pause_us > last[1]
+            revisit = self._revisit_us if slower else None
             with contextlib.suppress(*REDIS_ERRORS):
-                done = await self._publish_script(
-                    keys=[self._keys.pace, self._keys.lead],
-                    args=[
-                        self._me,
-                        interval,
-                        pause_us,
-                        encode_state(state),
-                        int(PACE_TTL_S * 1000),
-                    ],
+                done, server_now, revokes = await self.publish(
+                    interval, pause_us, encode_state(state), revisit
                 )
+                self._saw(int(server_now), revokes)
                 if int(done):
                     self._published, self._pending = publish, None
                     return
         self._pending = publish
+
+    async def publish(
+        self, interval: int, pause_us: int, state: str, revisit: int | None
+    ) -> list[Any]:
+        """Write the leader's pace (if this process still holds the lease) and, when it is a
+        slowdown (``revisit``), take back the starts handed out beyond ``revisit`` us:
+        (published or not, the Redis time, the count of take-backs)."""
+        reply: list[Any] = await self._publish_script(
+            keys=self._keys.all(),
+            args=[
+                self._now_arg(), self._me, interval, pause_us, state, int(PACE_TTL_S * 1000),
+                "" if revisit is None else revisit,
+            ],
+        )  # fmt: skip
+        return reply
 
     def __repr__(self) -> str:
         return (

@@ -55,9 +55,9 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -69,6 +69,8 @@ from worker.clock import Clock
 from worker.errors import ConfigError, NotAStream
 from worker.pacing.bucket import check_rate
 from worker.pacing.slowdown import Notify, SlowdownConfig
+
+T = TypeVar("T")
 
 GCRA = """
 local function clock()
@@ -110,6 +112,18 @@ local function reserve(now, interval, burst, floor, horizon, far)
   put(new_tat, now)
   return start, new_tat
 end
+-- A slowdown (a cut, a pause) takes back every start handed out for later than ``revisit``
+-- from now: their holders, who look at the count of such take-backs (``revokes`` in the
+-- pace, returned by ``revoked``) ``revisit`` before their start, reserve again. The next
+-- start is an interval of the new pace after the last one that stands (at the latest,
+-- ``revisit`` from now), not after the ones taken back, nor one old interval after it.
+local function revoke(now, interval, burst, revisit, revokes)
+  own(KEYS[1], 'string')
+  put(now + revisit + burst * interval, now)
+  revokes = us((within(revokes, 0, 2 ^ 52) or 0) + 1)
+  redis.call('HSET', KEYS[2], 'revokes', revokes)
+  return revokes
+end
 """
 
 _FIXED = (
@@ -117,13 +131,13 @@ _FIXED = (
     + """
 -- ARGV: now ('' for the server's), interval asked, burst, ttl ms, cut, evidence a call
 -- sent takes, evidence a refusal adds, evidence that cuts, least factor, hold, growth,
--- horizon, probe, then how long ago each refused call was sent (us).
+-- horizon, probe, revisit (us), then how long ago each refused call was sent (us).
 local now = clock()
 local cut, hold, growth = tonumber(ARGV[5]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local least, probe = tonumber(ARGV[9]), tonumber(ARGV[13])
 own(KEYS[2], 'hash')
 local p = redis.call('HMGET', KEYS[2], 'factor', 'since', 'cut_at', 'cap', 'evidence',
-                     'capped')
+                     'capped', 'revokes')
 local factor = math.max(within(p[1], 0, 1) or 1, least)
 local since, cut_at = within(p[2], -math.huge, now) or now, within(p[3], -math.huge, now)
 -- the cap is the cut's that wrote it (capped: its cut_at): a cut_at written without it (a
@@ -131,7 +145,7 @@ local since, cut_at = within(p[2], -math.huge, now) or now, within(p[3], -math.h
 local ours = cut_at ~= nil and p[6] == p[3]
 local top = ours and within(p[4], least / growth, 1) or 1
 local evidence = within(p[5], 0, tonumber(ARGV[8])) or 0
-local event, changed = '', false
+local event, changed, slowed = '', false, false
 if factor < 1 and now - since >= hold then
   local steps = math.floor((now - since) / hold)
   local cap = 1
@@ -141,7 +155,7 @@ if factor < 1 and now - since >= hold then
   changed = true
   if factor >= 1 then event = 'restored' end
 end
-for i = 14, #ARGV do
+for i = 15, #ARGV do
   if cut_at == nil or now - tonumber(ARGV[i]) >= cut_at then
     evidence, changed = evidence + tonumber(ARGV[7]), true
     if evidence >= tonumber(ARGV[8]) then
@@ -151,7 +165,7 @@ for i = 14, #ARGV do
       else top = 1 end
       local was = factor
       factor = math.max(least, factor * cut)
-      if factor < was then event = 'slowed' end
+      if factor < was then event, slowed = 'slowed', true end
       cut_at, since, evidence, ours = now, now, 0, true
     end
   end
@@ -159,6 +173,10 @@ end
 local interval = math.ceil(tonumber(ARGV[2]) / factor)
 local burst, horizon = tonumber(ARGV[3]), tonumber(ARGV[12])
 local far = horizon + burst * math.ceil(tonumber(ARGV[2]) / least)
+local revokes = p[7] or ''
+if slowed and ARGV[14] ~= '' then  -- (none: a benchmark's side as before)
+  revokes = revoke(now, interval, burst, tonumber(ARGV[14]), revokes)
+end
 local start, new_tat = reserve(now, interval, burst, 0, horizon, far)
 if start and evidence > 0 then  -- a call sent
   evidence, changed = math.max(0, evidence - tonumber(ARGV[6])), true
@@ -176,7 +194,7 @@ if changed then
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
 if not start then start = '' else start = us(start) end
-return {start, us(now), us(new_tat), event, string.format('%.17g', factor)}
+return {start, us(now), us(new_tat), event, string.format('%.17g', factor), revokes}
 """
 )
 
@@ -274,16 +292,26 @@ class Reservation:
     """A start time handed out by the script, in microseconds of the Redis server's clock.
 
     ``wait_s`` is how long the caller sleeps; ``token`` identifies the reservation for a
-    refund (the ``tat`` it left behind).
+    refund (the ``tat`` it left behind); ``revokes``, the fleet's count of slowdowns that
+    took back the starts handed out before them, as it was then (``RedisPacer.acquire``).
     """
 
     start_us: int
     now_us: int
     token: str
+    revokes: str = ""
 
     @property
     def wait_s(self) -> float:
         return max(0, self.start_us - self.now_us) / 1_000_000
+
+
+REVISIT_S = 0.01
+"""A start handed out for later than this after its reservation is confirmed this long
+before it: a slowdown of the fleet since (a cut, a pause) took it back, and its caller
+reserves again at the new pace, as one process re-slots its waiters. Long enough for the
+look (one ``HMGET``, a fraction of a millisecond on a LAN) and a late wake on a loaded
+machine to end before the start; a start due within it of a cut keeps its time."""
 
 
 def interval_us(rate: float) -> int:
@@ -295,7 +323,10 @@ class RedisPacer(abc.ABC):
     """What both fleet limiters do: one caller of this process at a time reserves (one
     script call, retried while Redis does not answer; told to come back when the next start
     is more than ``horizon`` away), then sleeps to its start; its slot is given back when it
-    is cancelled while it holds the latest."""
+    is cancelled while it holds the latest. A start more than ``revisit`` after its
+    reservation is confirmed ``revisit`` before it: when a slowdown of the fleet took it
+    back meanwhile, its caller reserves again (``revisit_s=None``: never, as before
+    bench_revisit's "before" side)."""
 
     def __init__(
         self,
@@ -306,11 +337,15 @@ class RedisPacer(abc.ABC):
         horizon_s: float,
         retry_s: float,
         redis_now: Callable[[], float] | None,
+        revisit_s: float | None = REVISIT_S,
     ) -> None:
         self._keys = FleetKeys.of(key)
+        self._client = client
         self._clock = clock
         self._turn = anyio.Lock()
         self._horizon_us = int(horizon_s * 1e6)
+        self._revisit_us = None if revisit_s is None else int(revisit_s * 1e6)
+        self._seen = (-math.inf, "")  # the latest script reply: its Redis time, its revokes
         self._retry_s = retry_s
         self._redis_now = redis_now
         self._refund: Any = client.register_script(REFUND)
@@ -322,6 +357,8 @@ class RedisPacer(abc.ABC):
         self.waited_s = 0.0
         self.redis_errors = 0
         self.throttles = 0
+        self.revisits = 0  # starts confirmed with a look of their own
+        self.taken_back = 0  # starts a slowdown took back
 
     def _now_arg(self) -> str:
         """The time the scripts use: the Redis server's, or a test's clock (microseconds)."""
@@ -356,6 +393,9 @@ class RedisPacer(abc.ABC):
             self._mismatch.update(others)
             self._log.warning("rate.mismatch", rate=self.spec, others=others, key=self._keys.tat)
 
+    def _started(self) -> None:  # noqa: B027  (nothing to do, but for auto's leader)
+        """A call starts now (its reservation was not taken back)."""
+
     def _held_s(self) -> float:
         """How long the fleet's pause, as this process knows it, still holds every call
         (a pause learnt after the reservation was made, or not yet in Redis)."""
@@ -365,42 +405,74 @@ class RedisPacer(abc.ABC):
         await anyio.lowlevel.checkpoint_if_cancelled()
         while True:
             async with self._turn:
-                reservation = await self._reserve_retrying()
+                reservation = await self._asking(self.reserve)
                 while not isinstance(reservation, Reservation):
                     await self._clock.sleep(reservation)
-                    reservation = await self._reserve_retrying()
+                    reservation = await self._asking(self.reserve)
             self.granted += 1
-            wait = max(reservation.wait_s, self._held_s())
-            if wait > 0:
-                self.waited_s += wait
-                try:
+            now = self._clock.now()
+            due = now + max(reservation.wait_s, self._held_s())
+            self.waited_s += due - now
+            revisit = self._revisit_us
+            try:
+                if revisit is not None and reservation.start_us - reservation.now_us > revisit:
+                    await self._clock.sleep(max(0.0, due - revisit / 1e6 - now))
+                    if await self._taken_back(reservation):
+                        # A slowdown of the fleet took its start back: the slots after the
+                        # last that stands are the new pace's now, for whoever asks first.
+                        self.taken_back += 1
+                        continue
+                if (wait := due - self._clock.now()) > 0:
                     await self._clock.sleep(wait)
-                except BaseException:
-                    # On failure the slot goes unused once: slower, never faster.
-                    with (
-                        anyio.CancelScope(shield=True),
-                        anyio.move_on_after(1.0),
-                        contextlib.suppress(*REDIS_ERRORS),
-                    ):
-                        await self._refund(
-                            keys=[self._keys.tat],
-                            args=[self._now_arg(), reservation.token, self._spacing],
-                        )
-                    raise
+            except BaseException:
+                # On failure the slot goes unused once: slower, never faster.
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(1.0),
+                    contextlib.suppress(*REDIS_ERRORS),
+                ):
+                    await self._refund(
+                        keys=[self._keys.tat],
+                        args=[self._now_arg(), reservation.token, self._spacing],
+                    )
+                raise
             if self._held_s() <= 0:
+                self._started()
                 return
             # Paused while it waited: its start was handed out before the pause, and calls
             # must be spaced from the pause's end, not sent at it together.
 
-    async def _reserve_retrying(self) -> Reservation | float:
-        """``reserve``, asked again every ``retry_s`` while Redis does not answer: said once
-        an outage (``ratelimit.redis_error``), not twice a second while Redis is away or
-        full, and its end too (``ratelimit.redis_recovered``). A key of another type where
-        the fleet's state belongs ends it (``NotAStream``: serve pauses, run ends 78)."""
+    def _saw(self, server_now_us: int, revokes: Any) -> None:
+        """A script's reply: the fleet's count of take-backs as of its Redis time."""
+        if server_now_us >= self._seen[0]:
+            self._seen = (server_now_us, text(revokes))
+
+    async def _taken_back(self, reservation: Reservation) -> bool:
+        """Whether a slowdown of the fleet has taken ``reservation``'s start back since it
+        was handed out: the count of take-backs moved. A reply of this process's as recent
+        as ``revisit`` before the start says; else one ``HMGET`` of the count does."""
+        at, revokes = self._seen
+        if self._revisit_us is None or at < reservation.start_us - self._revisit_us:
+            self.revisits += 1
+            revokes = await self._asking(self.revokes)
+        return revokes != reservation.revokes
+
+    async def revokes(self) -> str:
+        """The fleet's count of take-backs, as Redis has it now (one ``HMGET``: the command
+        the scripts read the pace with, so an ACL that lets them run lets it)."""
+        got = await self._client.hmget(self._keys.pace, ["revokes"])
+        return "" if got[0] is None else text(got[0])
+
+    async def _asking(self, ask: Callable[[], Awaitable[T]]) -> T:
+        """``ask()`` (a reservation, a look), asked again every ``retry_s`` while Redis does
+        not answer: said once an outage (``ratelimit.redis_error``), not twice a second
+        while Redis is away or full, and its end too (``ratelimit.redis_recovered``). A key
+        of another type where the fleet's state belongs ends it (``NotAStream``: serve
+        pauses, run ends 78)."""
         failing_since: float | None = None
         while True:
             try:
-                reserved = await self.reserve()
+                reserved = await ask()
             except REDIS_ERRORS as exc:
                 self.redis_errors += 1
                 if failing_since is None:
@@ -417,6 +489,8 @@ class RedisPacer(abc.ABC):
                 if "WRONGTYPE" not in str(exc):
                     raise
                 said = str(exc).removeprefix("WRONGTYPE ").split(" script: ")[0]
+                if not said.startswith(self._keys.tat):  # a plain command's own words
+                    said = f"{self._keys.pace} holds another type, where the fleet keeps a hash"
                 raise NotAStream(
                     f"rate limit: a Redis key of another type ({said}) is not the fleet's to "
                     "delete: delete or rename it (redis-cli TYPE KEY)"
@@ -456,10 +530,12 @@ class RedisRateLimiter(RedisPacer):
         horizon_s: float = 0.1,
         retry_s: float = 0.5,
         redis_now: Callable[[], float] | None = None,
+        revisit_s: float | None = REVISIT_S,
     ) -> None:
         super().__init__(
-            client, key, clock, horizon_s=horizon_s, retry_s=retry_s, redis_now=redis_now
-        )
+            client, key, clock, horizon_s=horizon_s, retry_s=retry_s, redis_now=redis_now,
+            revisit_s=revisit_s,
+        )  # fmt: skip
         self._asked = float(rate)
         self._interval = interval_us(rate)
         self._burst = burst
@@ -507,11 +583,13 @@ class RedisRateLimiter(RedisPacer):
         args: list[Any] = [
             self._now_arg(), self._interval, self._burst, int(PACE_TTL_S * 1000), c.cut,
             c.per_call, c.per_refusal, c.evidence, c.min_rate / self._asked,
-            int(c.hold * 1e6), c.growth, self._horizon_us, int(c.probe * 1e6), *ago,
+            int(c.hold * 1e6), c.growth, self._horizon_us, int(c.probe * 1e6),
+            "" if self._revisit_us is None else self._revisit_us, *ago,
         ]  # fmt: skip
-        start, server_now, token, event, factor = await self._script(
+        start, server_now, token, event, factor, revokes = await self._script(
             keys=self._keys.all(), args=args
         )
+        self._saw(int(server_now), revokes)
         del refused[: len(ago)]  # reported; later ones wait for the next reservation
         self.factor = float(text(factor))
         self._last_spacing = math.ceil(self._interval / self.factor)
@@ -523,7 +601,7 @@ class RedisRateLimiter(RedisPacer):
             self._notify("rate.restored", rate=round(self.rate, 3))
         if not (start := text(start)):
             return int(token) / 1e6
-        return Reservation(int(start), int(server_now), text(token))
+        return Reservation(int(start), int(server_now), text(token), text(revokes))
 
     def __repr__(self) -> str:
         return (
