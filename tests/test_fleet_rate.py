@@ -539,3 +539,28 @@ async def test_a_pause_of_auto_reaches_the_starts_already_handed_out(
     assert until / 1e6 > at + 0.5
     assert [s for s in starts if at + REVISIT_S < s < until / 1e6] == []
     assert _closer_after(starts, at + REVISIT_S, interval / 1e6) == []
+
+
+@pytest.mark.anyio
+async def test_a_fleet_five_percent_over_the_quota_says_so_without_slowing_down(
+    client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """Three replicas at ``--rate 30`` against a quota of 28.5 with a burst of 2: one call
+    in twenty refused. The fleet's CUSUM never cuts for that, and nothing said so. Now each
+    replica says ``rate.over_quota`` of its own calls (a sample of the fleet's), at most
+    once a minute (here, to be short: of its last 300 answers, from 150 on, each 20 s):
+    the share refused, and the rate accepted of its calls (a third of the fleet's); the
+    pace stays at 30."""
+    time = RedisTime()
+    key = redis_prefix + "rl"
+    said: list[tuple[str, dict[str, Any]]] = []
+    config = SlowdownConfig(window=300, least=150, warn_every=20.0)
+    replicas = [_fixed(client, key, time, 30.0, said, config=config) for _ in range(3)]
+    await run_fleet(list(replicas), time.clock, Gateway(28.5, 2, 0.0), until=60.0)
+    assert {e for e, _ in said} == {"rate.over_quota"}, said
+    assert len(said) == 9, said  # each replica at 150 answers (~16 s), then 20 and 40 s on
+    for _, fields in said:
+        assert fields["asked"] == 30.0 and fields["rate"] == 30.0
+        assert 0.03 < fields["refused"] <= 0.07, fields
+        assert fields["accepted"] == pytest.approx(28.5 / 3, rel=0.1), fields
+    assert all(r.rate == 30.0 for r in replicas)

@@ -63,9 +63,9 @@ def test_the_pace_never_falls_below_the_floor() -> None:
     "bad",
     [{"cut": 1.0}, {"cut": 0.0}, {"jitter": 0.0}, {"jitter": 0.2, "quota": 0.1},
      {"quota": 1.0}, {"evidence": 0.0}, {"growth": 1.0}, {"min_rate": 0.0}, {"hold": 0},
-     {"hold": 30.0, "probe": 20.0}],
+     {"hold": 30.0, "probe": 20.0}, {"least": 0}, {"least": 2000}, {"warn_every": 0.0}],
 )  # fmt: skip
-def test_nonsense_configs_are_refused(bad: dict[str, float]) -> None:
+def test_nonsense_configs_are_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="need"):
         SlowdownConfig(**bad)
 
@@ -210,3 +210,49 @@ def test_the_limiters_that_slow_while_refused_are_not_fixed_rates() -> None:
     shared = RedisRateLimiter(aioredis.Redis(), "rl", rate=5.0, burst=1, clock=clock)
     for limiter in (alone, shared):
         assert isinstance(limiter, RateLimiter) and not isinstance(limiter, FixedRate)
+
+
+class ShareGateway:
+    """A quota with a burst (GCRA on arrival times): a pace a little over the quota loses
+    its excess, (pace - quota) / pace of the calls, evenly."""
+
+    def __init__(self, quota: float, burst: int) -> None:
+        self.interval, self.burst, self.tat = 1 / quota, burst, 0.0
+
+    def call(self, arrival: float) -> bool:
+        tat = max(self.tat, arrival)
+        if tat - arrival > (self.burst - 1) * self.interval:
+            return False
+        self.tat = tat + self.interval
+        return True
+
+
+async def _answered(limiter: Any, clock: FakeClock, seconds: float, gateway: Any) -> None:
+    """Calls through ``limiter`` for ``seconds``, each answered 5 ms later, as it went."""
+    while clock.now() < seconds:
+        await limiter.acquire()
+        ok = gateway.call(clock.now())
+        limiter.feedback(throttled=not ok, latency_s=0.005)
+
+
+@pytest.mark.anyio
+async def test_a_rate_five_percent_over_the_quota_is_said_without_slowing_down() -> None:
+    """``--rate 30`` against a quota of 28.5 with a burst of 2: one call in twenty refused,
+    evenly. The CUSUM never cuts for that (the jitter of a loaded machine looks the same),
+    and the operator used to learn nothing but throttled retries. Now a warning says it once
+    a minute, naming the share refused and the rate the server accepted; the pace stays."""
+    clock = FakeClock()
+    said: list[tuple[str, dict[str, Any]]] = []
+    limiter = SlowingLimiter(
+        LocalRateLimiter(30.0, 1, clock), clock, notify=lambda e, **f: said.append((e, f))
+    )
+    await _answered(limiter, clock, 150.0, ShareGateway(28.5, 2))
+    over = [f for e, f in said if e == "rate.over_quota"]
+    # once 500 answers are in (17 s), then a minute and two later, over the last 1000
+    assert [e for e, _ in said] == ["rate.over_quota"] * 3, said
+    assert [f["calls"] for f in over] == [500, 1000, 1000]
+    for fields in over:
+        assert fields["asked"] == 30.0 and fields["rate"] == 30.0
+        assert 0.04 <= fields["refused"] <= 0.06
+        assert fields["accepted"] == pytest.approx(28.5, rel=0.02)
+    assert limiter.rate == 30.0

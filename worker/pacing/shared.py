@@ -68,7 +68,7 @@ import structlog
 from worker.clock import Clock
 from worker.errors import ConfigError, NotAStream
 from worker.pacing.bucket import check_rate
-from worker.pacing.slowdown import Notify, SlowdownConfig
+from worker.pacing.slowdown import Notify, RefusedShare, SlowdownConfig, over_quota
 
 T = TypeVar("T")
 
@@ -543,6 +543,7 @@ class RedisRateLimiter(RedisPacer):
         self._notify = notify or structlog.get_logger("devserver_reaper").warning
         self._script: Any = client.register_script(_FIXED)
         self._refused: list[float] = []  # when refused calls were sent, on our clock
+        self._share = RefusedShare(self._config)  # of this process's answers
         self.factor = 1.0
         self._last_spacing = self._interval
 
@@ -571,9 +572,16 @@ class RedisRateLimiter(RedisPacer):
         retry_after: float | None = None,
         overloaded: bool = False,
     ) -> None:
+        now = self._clock.now()
+        # This process's calls, a sample of the fleet's: their share refused is the fleet's
+        # (or this process's own, under a quota per source address), the rate accepted its.
+        over_quota(
+            self._share, self._notify, now, latency_s=latency_s, throttled=throttled,
+            pace=self.rate, asked=self._asked,
+        )  # fmt: skip
         if throttled:
             self.throttles += 1
-            self._refused.append(self._clock.now() - (latency_s or 0.0))
+            self._refused.append(now - (latency_s or 0.0))
 
     async def reserve(self) -> Reservation | float:
         await self.check_spec()

@@ -40,6 +40,7 @@ same arithmetic runs in Redis, on the fleet's pace (``worker.pacing.shared``).
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -57,6 +58,9 @@ class SlowdownConfig:
     hold: float = 2.0  # seconds without a cut before the pace climbs ...
     growth: float = 1.1  # ... by this factor, each ``hold``, up to the rate asked (or a
     probe: float = 20.0  # step short of a pace cut twice, until this long after the cut)
+    window: int = 1000  # a warning says it when more than ``jitter`` of the last this many
+    least: int = 500  # answers (at least this many) were refusals ...
+    warn_every: float = 60.0  # ... at most once in this many seconds
 
     def __post_init__(self) -> None:
         if not (0 < self.jitter < self.quota < 1 and self.evidence > 0):
@@ -65,6 +69,8 @@ class SlowdownConfig:
             raise ValueError("need 0 < cut < 1 and growth > 1")
         if not (self.min_rate > 0 and 0 < self.hold <= self.probe):
             raise ValueError("need min_rate > 0 and 0 < hold <= probe")
+        if not (0 < self.least <= self.window and self.warn_every > 0):
+            raise ValueError("need 0 < least <= window and warn_every > 0")
 
     @property
     def per_call(self) -> float:
@@ -131,6 +137,48 @@ class Slowdown:
         return f"Slowdown(asked={self.asked:g}, pace={self.pace:.4g})"
 
 
+class RefusedShare:
+    """Whether a fixed rate is over the quota by less than a cut needs: the share of the
+    last ``window`` answers refused, said (``answered`` returns the warning's fields) when
+    it is over the ``jitter`` level, at most once each ``warn_every`` s. Pure: every method
+    takes the time.
+
+    At a quota 5 % under the rate a gateway with a burst refuses one call in twenty, evenly:
+    each refusal's evidence is taken back by the calls accepted before the next, so the
+    test never cuts (a loaded machine's jitter looks alike, and must not slow the rate),
+    and the operator learnt of it from nothing but throttled retries and a counter. The
+    warning names the share and the rate the server accepted, and changes nothing."""
+
+    __slots__ = ("_answers", "_config", "_refused", "_said_at")
+
+    def __init__(self, config: SlowdownConfig | None = None) -> None:
+        self._config = config or SlowdownConfig()
+        self._answers: deque[tuple[float, bool]] = deque()  # (sent, refused)
+        self._refused = 0
+        self._said_at = -math.inf
+
+    def answered(self, now: float, sent: float, refused: bool) -> dict[str, float] | None:
+        """An answer to a call sent at ``sent``: the warning's fields when it is due
+        (``refused``, the share; ``calls``, how many it is of; ``accepted``, calls/s the
+        server accepted from the first of them on), else ``None``."""
+        c, answers = self._config, self._answers
+        answers.append((sent, refused))
+        self._refused += refused
+        if len(answers) > c.window:
+            self._refused -= answers.popleft()[1]
+        share = self._refused / len(answers)
+        if len(answers) < c.least or share <= c.jitter or now - self._said_at < c.warn_every:
+            return None
+        self._said_at = now
+        span = max(now - answers[0][0], 1e-9)
+        accepted = len(answers) - self._refused
+        return {"refused": round(share, 4), "calls": len(answers),
+                "accepted": round(accepted / span, 3)}  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"RefusedShare(refused={self._refused}, of={len(self._answers)})"
+
+
 class Settable(Protocol):
     """A limiter whose rate can be changed while it runs."""
 
@@ -146,11 +194,27 @@ Notify = Callable[..., Any]
 """``notify(event, **fields)``: where the ``rate.*`` events go (a structlog method)."""
 
 
+def over_quota(
+    share: RefusedShare,
+    notify: Notify,
+    now: float,
+    *,
+    latency_s: float | None,
+    throttled: bool,
+    pace: float,
+    asked: float,
+) -> None:
+    """Tell ``share`` of an answer and say ``rate.over_quota`` (a warning) when it is due:
+    ``rate`` the pace now, ``asked`` the rate set, and ``RefusedShare.answered``'s fields."""
+    if (said := share.answered(now, now - (latency_s or 0.0), throttled)) is not None:
+        notify("rate.over_quota", rate=round(pace, 3), asked=asked, **said)
+
+
 class SlowingLimiter:
     """A fixed-rate ``RateLimiter`` that slows itself while the server refuses its pace
     (not a ``FixedRate``: its answers move the pace)."""
 
-    __slots__ = ("_clock", "_inner", "_notify", "slowdown", "throttles")
+    __slots__ = ("_clock", "_inner", "_notify", "_share", "slowdown", "throttles")
 
     def __init__(
         self,
@@ -164,6 +228,7 @@ class SlowingLimiter:
         self._clock = clock
         self._notify = notify
         self.slowdown = Slowdown(inner.rate, config)
+        self._share = RefusedShare(config)
         self.throttles = 0
 
     @property
@@ -189,10 +254,14 @@ class SlowingLimiter:
         retry_after: float | None = None,
         overloaded: bool = False,
     ) -> None:
+        now = self._clock.now()
+        over_quota(
+            self._share, self._notify, now, latency_s=latency_s, throttled=throttled,
+            pace=self.rate, asked=self.slowdown.asked,
+        )  # fmt: skip
         if not throttled:
             return
         self.throttles += 1
-        now = self._clock.now()
         if self.slowdown.refused(now, now - (latency_s or 0.0)):
             pace = self.slowdown.pace
             self._inner.set_rate(pace)
