@@ -45,7 +45,7 @@ async def test_the_pace_is_not_written_by_reservations_that_move_nothing() -> No
     def args(now: int) -> list[Any]:
         return [now, step, 1, 600_000, c.cut, c.per_call, c.per_refusal, c.evidence,
                 c.min_rate / RATE, int(c.hold * 1e6), c.growth, 10_000_000,
-                int(c.probe * 1e6)]  # fmt: skip
+                int(c.probe * 1e6), 10_000]  # fmt: skip
 
     scripts = {"when it moves": client.register_script(_FIXED),
                "always": client.register_script(ALWAYS)}  # fmt: skip
