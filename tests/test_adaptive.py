@@ -310,6 +310,25 @@ def test_a_probe_the_gateway_lets_past_its_target_finds_a_risen_quota_at_once() 
     assert ctrl.rate_at(t + 1.0) == pytest.approx(2.0 * rate, rel=0.05)
 
 
+def test_a_rise_proven_at_a_low_rate_doubles_every_rise_interval_not_every_unit() -> None:
+    """At 5 calls/s the probe's unit is 6 s (30 calls for the refusal its cut cost). Once
+    the floor proves the quota rose, the rate doubles every ``rise_interval`` (2 s), not
+    every 6 s: doubling once a unit took 145 s from 1 call/s to 45, where the unit is 30 s."""
+    ctrl = _after_a_cut(5.0, 4.85)
+    ctrl.on_throttle(0.0, latency=0.0)  # the bucket was empty at 0 s
+    ctrl.restore(replace(ctrl.state, rate=4.85, level=4.85, target=5.0, unit=6.0))
+    t = 0.0
+    while ctrl.state.phase is not Phase.STARTUP and t < 60.0:
+        t += 1.0 / ctrl.rate_at(t)
+        ctrl.on_sent(t)
+        ctrl.on_success(t, latency=0.0)
+    assert ctrl.escalated == 1
+    assert 10.0 < t < 30.0
+    rate = ctrl.rate
+    _send_while(ctrl, t, lambda now: now < t + 2.0)
+    assert ctrl.rate_at(t + 2.0) == pytest.approx(2.0 * rate, rel=0.02)
+
+
 def test_a_probe_just_past_a_low_measure_moves_its_target_to_the_floor_not_to_startup() -> None:
     """A measure of 4.67 calls/s (the quota is 5): the probe past it is let through, and
     the floor passes the target by 1 %. That proves the measure low, not that the quota

@@ -83,6 +83,7 @@ class AdaptiveConfig:
     hold: float = 1.0  # the probe's time unit: at least this long ...
     hold_calls: int = 30  # ... and this many calls per refusal of the last cut
     cubic: float = 0.0064  # the probe: target * (1 + cubic * (units since - k) ** 3)
+    rise_interval: float = 2.0  # after a proven rise the rate doubles at least this often
     forget: float = 30.0  # a refused rate caps the probes for this long
     max_pause: float = 30.0  # longest Retry-After pause honoured (every call waits it)
     overload_answers: int = 50  # 503s are overload when they are ...
@@ -97,7 +98,8 @@ class AdaptiveConfig:
 
     def __post_init__(self) -> None:
         positive = ("initial_rate", "min_rate", "max_rate", "startup_interval", "window",
-                    "measure_s", "hold", "cubic", "forget", "max_pause")  # fmt: skip
+                    "measure_s", "hold", "cubic", "rise_interval", "forget",
+                    "max_pause")  # fmt: skip
         for name in positive:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -419,9 +421,11 @@ class RateController:
         """A probe past its target whose calls the gateway all accepted, more than its
         target allows since the bucket was last seen empty: the quota rose past the target
         (``(accepted - 1) / span`` is a floor under it, whatever the burst). Grow as at
-        startup until the next refusal, which measures the new quota. A floor past the
-        target but within two margins of the quota measured proves that measure low, not
-        a rise: the floor becomes the target."""
+        startup until the next refusal, which measures the new quota, doubling every unit
+        of the probe or every ``rise_interval``, whichever is shorter (under about 15
+        calls/s the unit, 30 calls a refusal, is longer: doubling once a unit took 145 s
+        from 1 call/s to 45). A floor past the target but within two margins of the quota
+        measured proves that measure low, not a rise: the floor becomes the target."""
         s = self._state
         c = self._config
         if s.phase is not Phase.PROBE or math.isinf(s.target):
@@ -435,7 +439,7 @@ class RateController:
             return self._set(replace(s, target=floor), now)
         self.escalated += 1
         state = replace(s, phase=Phase.STARTUP, level=rate, since=now, quota=math.inf,
-                        target=math.inf)  # fmt: skip
+                        target=math.inf, unit=min(s.unit, c.rise_interval))  # fmt: skip
         return self._set(state, now)
 
     def _floor(self) -> float:
