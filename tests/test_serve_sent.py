@@ -586,3 +586,54 @@ async def test_an_answer_refusing_a_joined_call_keeps_the_doubt_the_joining_entr
     assert [(r["job_id"], r["outcome"], r["error_msg"]) for r in rows] == [
         (x, "deleted", "answer_lost")
     ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["kill9", "api-unavailable"])
+async def test_an_id_rejected_at_admission_gets_one_row_however_often_its_entry_is_delivered(
+    redis_prefix: str, tmp_path: Path, how: str
+) -> None:
+    """One entry naming x and an invalid id: the rejection's row is written when the entry
+    is admitted, x is sent. The entry is then delivered again before it is acknowledged:
+    its replica killed with x on the wire (``kill9``), or x's call refused 503 through its
+    one attempt, the entry left pending and reclaimed (``api-unavailable``). The second
+    delivery wrote the rejection's row again: its entry had no note of it (a note was only
+    ever added to, never made, by the write of rows) and no id done besides."""
+    faults = HELD if how == "kill9" else FaultConfig(unavailable=1.0)
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=1, faults=faults)) as q:
+        (x,) = q.sim.job_ids()
+        await q.redis.xadd(q.stream, {"ids": orjson.dumps(["bad id!", x])})
+        flags = ("--batch-size", "1", "--rate", "100", "--reclaim-after", "1")
+        first = await q.start("c1", *flags, "--max-attempts", "1")
+
+        async def rejected_and_sent() -> bool:
+            rows = await q.stream_rows(q.stream + ":outcomes")
+            return bool(rows) and q.sim.stats.delete_calls >= 1
+
+        await until(rejected_and_sent)
+        if how == "kill9":
+            first.process.kill()
+            await first.process.wait()
+            q.sim.set_faults(FaultConfig())
+            heir = await q.start("c1", *flags)
+        else:
+
+            async def kept() -> bool:
+                return bool(first.named("serve.api_unavailable"))
+
+            await until(kept)
+            q.sim.set_faults(FaultConfig())  # its reclaim, a second later, sends x again
+            heir = first
+
+        async def settled() -> bool:
+            return await q.pending() == 0
+
+        await until(settled, 60)
+        rows = await q.stream_rows(q.stream + ":outcomes")
+        notes: list[Any] = await q.redis.keys(q.stream + ":sending:*")
+        await q.stop_all()
+    assert sorted((r["job_id"], r["outcome"]) for r in rows) == sorted(
+        [("bad id!", "rejected"), (x, "deleted")]
+    )
+    assert len(heir.named("job.deleted")) == 1
+    assert notes == []

@@ -383,7 +383,9 @@ for i = 1, n do
     if err ~= '' then redis.call('HSET', KEYS[3], ARGV[6 + i], err) end
     local lines = ARGV[6 + n + i]
     local was = redis.call('GET', KEYS[4 + i])
-    if lines ~= '' and was then redis.call('SET', KEYS[4 + i], was .. lines, 'EX', ARGV[4]) end
+    if lines ~= '' and (was or string.find('\\n' .. lines, '\\n=', 1, true)) then
+      redis.call('SET', KEYS[4 + i], (was or '') .. lines, 'EX', ARGV[4])
+    end
   end
 end
 return lost
@@ -399,7 +401,9 @@ this write was applied (``written``), then each entry's note; ``ARGV``: the grou
 consumer, the outcomes' length cap, the time to live of notes and of ``written``, whether
 to set it (``1``), the number of entries ``n``, the entries, their note lines, their last
 errors (empty: none), then each row as the number of its entries, their indexes (from 1),
-the number of its field names and values, and those."""
+the number of its field names and values, and those. A note is made when a row is written
+for an entry that has none (an id rejected at admission, never sent): its ``=id`` line is
+what keeps a later delivery from writing the row again."""
 
 _SEND = (
     _MINE

@@ -694,7 +694,9 @@ class Service:
             if deliveries > self._config.max_deliveries and not message.refused:
                 await self._journal.give_up(message, deliveries, errors.get(entry_id, ""))
                 continue
-            if message.rejections and not done:  # else recorded with those done
+            # Written at its first admission: a row leaves its ``=id`` on the entry's note
+            # (made for it when none was), so ``done`` names a rejection written before.
+            if message.rejections and not done:
                 await self._journal.rejected(message)
             admission = self._inflight.add(message, deliveries, frozenset(unsure))
             if admission.joined:  # on the wire for another entry: noted under this one too
