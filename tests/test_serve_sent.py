@@ -637,3 +637,43 @@ async def test_an_id_rejected_at_admission_gets_one_row_however_often_its_entry_
     )
     assert len(heir.named("job.deleted")) == 1
     assert notes == []
+
+
+@pytest.mark.anyio
+async def test_a_doubt_joined_and_answered_is_not_carried_to_a_later_entry_of_the_id(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """B's doubt of x (c0 died with a DELETE of x on the wire) is answered when A's call,
+    which B joined, finds x gone: ``deleted``, unconfirmed, for both. A fresh entry C
+    naming x comes later: nothing any delivery of C sent, so the 404 it meets is
+    ``absent``, as it would be in a replica that had not met B. The service kept B's doubt
+    in a set of its own for the rest of the round (no batch of B's ever took it) and
+    pinned it on C's batch: C ended ``deleted``, unconfirmed, ``answer_lost``."""
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=1)) as q:
+        (x,) = q.sim.job_ids()
+        release = anyio.Event()
+        async with held_answers(q.sim.url, release) as url:
+            c1 = await _b_joins_a_call(q, url, "--batch-size", "1", "--rate", "100",
+                                       "--reclaim-after", "1")  # fmt: skip
+            release.set()
+
+            async def settled() -> bool:
+                return await q.pending() == 0
+
+            await until(settled)
+            added: Any = await q.redis.xadd(q.stream, {"id": x})
+            fresh = added.decode()
+
+            async def fresh_settled() -> bool:
+                return (
+                    await q.pending() == 0 and len(await q.stream_rows(q.stream + ":outcomes")) == 2
+                )
+
+            await until(fresh_settled)
+            rows = await q.stream_rows(q.stream + ":outcomes")
+            await q.stop_all()
+    assert [(e["job_id"], e["confirmed"]) for e in c1.named("job.deleted")] == [(x, False)]
+    assert [e["job_id"] for e in c1.named("job.absent")] == [x]
+    assert [(r["job_id"], r["outcome"], r["entry"]) for r in rows] == [
+        (x, "deleted", "2-1,1-1"), (x, "absent", fresh)
+    ]  # fmt: skip

@@ -216,6 +216,13 @@ class InFlight:
                     request_id=result.request_id)  # fmt: skip
         return replace(ours, line=result.line, target=result.target)
 
+    def doubts(self, job_ids: Sequence[str], target: Target | None = None) -> set[str]:
+        """Those of ``job_ids`` (of ``target``) that an entry waiting on them brings as sent
+        unheard by an earlier delivery (``add``'s ``unsure``): a batch of them carries that
+        doubt. Once an id's answer is recorded its entries are no longer asked, so a later
+        entry naming it, delivered fresh, meets a 404 as ``absent``."""
+        return {job_id for job_id in job_ids if self._doubted(target, job_id)}
+
     def _doubted(self, target: Target | None, job_id: str) -> bool:
         """Does an entry waiting on this id bring a delivery that sent it unheard (``add``'s
         ``unsure``)? One whose own batch carried the doubt had its answer told already."""

@@ -189,11 +189,6 @@ class Service:
         self._window = StatsWindow(clock.now())
         self._blocked: BaseException | None = None
         self._halt = anyio.Event()  # the round ends: stop, or a refusal that pauses us
-        # Ids a delivery sent without a readable answer before the API gave out (or its
-        # holder died), read from their entries' last error and note, until their batch is
-        # cut: few, never the queue. By target: one id may name a job in each of two
-        # projects, and the doubt is about the one its entry named.
-        self._unsure: dict[Target | None, set[str]] = {}
         self._answered = anyio.Event()  # a batch of this round got an answer from the API
         self._reread = False  # read our own pending entries again (``reread_own``)
         self.rounds = 0
@@ -583,8 +578,11 @@ class Service:
         for batch in batches:
             if batch is None:
                 continue
-            if unsure := self._unsure.get(batch.target):
-                batch = doubted(batch, unsure)
+            # Ids an earlier delivery of an entry waiting on them sent unheard: asked of the
+            # entries held now, not of a set kept apart, which held the doubt of an entry
+            # that joined another's call (no batch of its own to take it) for the round,
+            # and pinned it on a later fresh entry's batch of the id.
+            batch = doubted(batch, self._inflight.doubts(batch.ids, batch.target))
             self.batches += 1
             self._metrics.batch_size.observe(len(batch))
             await send.send(batch)
@@ -687,8 +685,6 @@ class Service:
                     continue
                 found = found.reason
             message = aimed(message, self._targets, found)
-            if unsure:
-                self._unsure.setdefault(message.target, set()).update(unsure)
             # A refused entry's ids are its rejections, each an outcome: giving it up would
             # write ``failed`` for its ids, of which a refusal leaves none.
             if deliveries > self._config.max_deliveries and not message.refused:
