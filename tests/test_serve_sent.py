@@ -341,6 +341,23 @@ async def _b_joins_a_call(q: Queue, url: str, *flags: str) -> Replica:
     return c1
 
 
+@asynccontextmanager
+async def _joined_and_answered(q: Queue) -> AsyncIterator[Replica]:
+    """``_b_joins_a_call`` through a proxy holding A's answer, which is then let through:
+    yields c1 once both entries are settled (the proxy still up)."""
+    release = anyio.Event()
+    async with held_answers(q.sim.url, release) as url:
+        c1 = await _b_joins_a_call(q, url, "--batch-size", "1", "--rate", "100",
+                                   "--reclaim-after", "1")  # fmt: skip
+        release.set()
+
+        async def settled() -> bool:
+            return await q.pending() == 0
+
+        await until(settled)
+        yield c1
+
+
 @pytest.mark.anyio
 async def test_a_batch_stopped_before_it_was_sent_keeps_the_doubt_an_earlier_delivery_left(
     redis_prefix: str, tmp_path: Path
@@ -525,16 +542,7 @@ async def test_an_entry_joining_an_id_on_the_wire_keeps_its_doubt_for_the_answer
     (for A and B), though our fleet deleted it; it ends ``deleted``, unconfirmed."""
     async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=1)) as q:
         (x,) = q.sim.job_ids()
-        release = anyio.Event()
-        async with held_answers(q.sim.url, release) as url:
-            c1 = await _b_joins_a_call(q, url, "--batch-size", "1", "--rate", "100",
-                                       "--reclaim-after", "1")  # fmt: skip
-            release.set()
-
-            async def settled() -> bool:
-                return await q.pending() == 0
-
-            await until(settled)
+        async with _joined_and_answered(q) as c1:
             rows = await q.stream_rows(q.stream + ":outcomes")
             await q.stop_all()
     assert c1.named("job.absent") == []
@@ -651,16 +659,7 @@ async def test_a_doubt_joined_and_answered_is_not_carried_to_a_later_entry_of_th
     pinned it on C's batch: C ended ``deleted``, unconfirmed, ``answer_lost``."""
     async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=1)) as q:
         (x,) = q.sim.job_ids()
-        release = anyio.Event()
-        async with held_answers(q.sim.url, release) as url:
-            c1 = await _b_joins_a_call(q, url, "--batch-size", "1", "--rate", "100",
-                                       "--reclaim-after", "1")  # fmt: skip
-            release.set()
-
-            async def settled() -> bool:
-                return await q.pending() == 0
-
-            await until(settled)
+        async with _joined_and_answered(q) as c1:
             added: Any = await q.redis.xadd(q.stream, {"id": x})
             fresh = added.decode()
 
