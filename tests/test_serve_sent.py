@@ -303,13 +303,14 @@ async def _start_via(q: Queue, url: str, name: str, *flags: str) -> Replica:
     return await q.launch(name, command, {"REAPER_SK": q.sim.config.sk})
 
 
-async def _b_joins_a_call(q: Queue, url: str, *flags: str) -> Replica:
-    """x (``q``'s one job) gone by the DELETE c0 died with: B (1-1, c0's) names it and its
-    note says so; A (2-1) names it too. c1 (``serve`` via ``url``, ``flags``) sends x for
-    A and, once that DELETE is out, takes B over (kept fresh under c0 until then): B joins
-    A's call, and is noted so. Returns c1."""
+async def _b_joins_a_call(q: Queue, url: str, *flags: str, gone: bool = True) -> Replica:
+    """x (``q``'s one job) gone by the DELETE c0 died with (with ``gone``; else that DELETE
+    was not applied): B (1-1, c0's) names it and its note says so; A (2-1) names it too. c1
+    (``serve`` via ``url``, ``flags``) sends x for A and, once that DELETE is out, takes B
+    over (kept fresh under c0 until then): B joins A's call, and is noted so. Returns c1."""
     (x,) = q.sim.job_ids()
-    q.sim.store.delete([x])  # by the DELETE c0 died with
+    if gone:
+        q.sim.store.delete([x])  # by the DELETE c0 died with
     layout = StreamLayout(q.stream, "reapers")
     await q.redis.xgroup_create(q.stream, "reapers", "0", mkstream=True)
     await q.redis.xadd(q.stream, {"id": x}, id="1-1")
@@ -676,3 +677,70 @@ async def test_a_doubt_joined_and_answered_is_not_carried_to_a_later_entry_of_th
     assert [(r["job_id"], r["outcome"], r["entry"]) for r in rows] == [
         (x, "deleted", "2-1,1-1"), (x, "absent", fresh)
     ]  # fmt: skip
+
+
+@asynccontextmanager
+async def unavailable_after(upstream: str, release: anyio.Event) -> AsyncIterator[str]:
+    """A proxy in front of the simulator at ``upstream``: every DELETE waits for
+    ``release`` and is then answered 503 with ``Retry-After: 2``, never applied; the other
+    calls (the guard's show calls) are forwarded."""
+
+    async def forward(request: web.Request) -> web.Response:
+        body = await request.read()
+        if request.method == "DELETE":
+            await release.wait()
+            said = {"error_code": "ModelArts.0503", "error_msg": "service unavailable"}
+            return web.json_response(said, status=503, headers={"Retry-After": "2"})
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as http,
+            http.request(
+                request.method, upstream + request.path_qs, data=body, headers=headers
+            ) as answer,
+        ):
+            said_back, kind, status = (
+                await answer.read(),
+                answer.headers.get("Content-Type"),
+                answer.status,
+            )
+        return web.Response(status=status, body=said_back, headers={"Content-Type": kind or ""})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    async with serve_app(app) as url:
+        yield url
+
+
+@pytest.mark.anyio
+async def test_a_joined_call_whose_id_ends_skipped_leaves_one_true_row_for_both_entries(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """B (1-1) names x, and its note says c0 sent x before dying (not applied: x still
+    exists). c1 checks x (a protection makes it read each job before its DELETE), sends it
+    for A (2-1), and B joins that call. The API answers 503 with a Retry-After longer than
+    a check holds (``--recheck-max-age 1``): each retry finds its check expired, x is read
+    again (still there) and sent again, until the guard gives up on it: ``skipped``
+    (``stale_check``). The answer strikes x off B's note (``finished`` strikes any outcome
+    but ``deleted``), which is what B's doubt asked: x was read, there, after c0's call. It
+    is one row naming A and B, written in the transaction that marks x done on B's note
+    (``=x``), so no delivery of B sends x again or calls it ``absent``."""
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=1)) as q:
+        (x,) = q.sim.job_ids()
+        release = anyio.Event()
+        async with unavailable_after(q.sim.url, release) as url:
+            c1 = await _b_joins_a_call(q, url, "--batch-size", "1", "--rate", "100",
+                                       "--reclaim-after", "1", "--protected-types", "NOPE",
+                                       "--recheck-max-age", "1", gone=False)  # fmt: skip
+            release.set()
+
+            async def settled() -> bool:
+                return await q.pending() == 0
+
+            await until(settled, 90)
+            rows = await q.stream_rows(q.stream + ":outcomes")
+            notes: list[Any] = await q.redis.keys(q.stream + ":sending:*")
+            await q.stop_all()
+    assert [(e["job_id"], e["reason"]) for e in c1.named("job.skipped")] == [(x, "stale_check")]
+    assert c1.named("job.absent") == [] and c1.named("job.deleted") == []
+    assert [(r["job_id"], r["outcome"], r["entry"]) for r in rows] == [(x, "skipped", "2-1,1-1")]
+    assert x not in q.sim.deleted and notes == []
