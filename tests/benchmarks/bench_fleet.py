@@ -42,12 +42,19 @@ CURVES: dict[str, list[tuple[float, int, int]]] = {}  # rate -> (s, calls, throt
 
 
 async def _fleet(
-    url: str, tmp_path: Path, rate: str, *, burst: int = BURST
+    url: str,
+    tmp_path: Path,
+    rate: str,
+    *,
+    burst: int = BURST,
+    off: tuple[str, ...] = (),
 ) -> tuple[float, float, float]:
     """(accepted ÷ quota, share throttled, share of the gateway's consecutive quota checks
     closer than 1/quota) over START-END s for three replicas at ``rate`` against a gateway
     of ``burst``; the simulator's counts every ``TICK`` s go to ``CURVES[rate]`` (at the
-    gateway's ``BURST``)."""
+    gateway's ``BURST``). ``off``: the parts of the pacing ``tests.benchmarks.patched``
+    turns off in the replicas (``--slowdown-off``, ``--revisit-off``); none, the command
+    line as built."""
     import anyio
 
     run = next(RUNS)
@@ -66,7 +73,8 @@ async def _fleet(
         env = clean_env() | {"REAPER_SK": sim.config.sk}
         try:
             for n in range(REPLICAS):
-                command = [sys.executable, "-m", "worker", "serve", "--consumer", f"r{n}", *flags]
+                command = [sys.executable, "-m", *(["tests.benchmarks.patched", *off] if off
+                           else ["worker"]), "serve", "--consumer", f"r{n}", *flags]  # fmt: skip
                 with open(tmp_path / f"r{n}-{rate}-b{burst}-{run}.log", "wb") as log:
                     replicas.append(subprocess.Popen(command, stdout=log, stderr=log, env=env))
             began = anyio.current_time()
@@ -192,3 +200,49 @@ async def test_three_replicas_at_a_burst_of_one(
     medians = [round(statistics.median(column), 4) for column in zip(*runs, strict=True)]
     print(f"{rate}, gateway burst {gateway_burst}: used, throttled, short gaps: {medians}")
     assert all(used > 0 for used, _, _ in runs)
+
+
+SIDES = {
+    "fixed": (),
+    "fixed, no look": ("--revisit-off",),
+    "oracle": ("--slowdown-off", "--revisit-off"),
+}
+"""The burst-1 benchmark's sides: the command line as built; without the look before each
+start (the fleet's pacing before ``REVISIT_S``); and never slowed, without the look."""
+
+
+@pytest.mark.timeout(3600)
+@pytest.mark.anyio
+async def test_three_replicas_at_a_burst_of_one_beside_the_oracle(
+    redis_url: str,  # noqa: F811  (the fixture)
+    tmp_path: Path,
+) -> None:
+    """The burst-1 case's claim measured: the same three replicas at ``--rate QUOTA --burst
+    1`` against a gateway of burst 1, ``SIDES`` in turn (each round in the other order),
+    ``BENCH_REPEATS`` runs a side: what share of the quota and what share throttled each
+    reaches on this machine, medians, and the cuts (``rate.slowed``) the real sides made.
+    The oracle is an even pace of exactly the quota through the same shared bucket."""
+    runs: dict[str, list[tuple[float, float, float]]] = {side: [] for side in SIDES}
+    cuts: dict[str, list[int]] = {side: [] for side in SIDES}
+    asked = f"{QUOTA:g}"
+    for n in range(REPEATS_B1):
+        for side in list(SIDES) if n % 2 == 0 else list(SIDES)[::-1]:
+            load_before = os.getloadavg()
+            logs = set(tmp_path.glob("r*.log"))
+            figures = await _fleet(redis_url, tmp_path, asked, burst=1, off=SIDES[side])
+            runs[side].append(figures)
+            said = sum(log.read_text().count('"rate.slowed"')
+                       for log in set(tmp_path.glob("r*.log")) - logs)  # fmt: skip
+            cuts[side].append(said)
+            used, share, short = figures
+            record("fleet_burst_one_oracle", side=side, quota=QUOTA, burst=1,
+                   replicas=REPLICAS, window=[START, END], used=round(used, 3),
+                   throttled=round(share, 4), short_gaps=round(short, 4), cuts=said,
+                   load_before=load_before, load_after=os.getloadavg(),
+                   machine=machine())  # fmt: skip
+    for side, sides_runs in runs.items():
+        medians = [round(statistics.median(c), 4) for c in zip(*sides_runs, strict=True)]
+        print(f"{side}: used, throttled, short gaps: medians {medians}, runs {sides_runs}, "
+              f"cuts {cuts[side]}")  # fmt: skip
+    assert cuts["oracle"] == [0] * REPEATS_B1  # never slowed
+    assert all(used > 0 for sides_runs in runs.values() for used, _, _ in sides_runs)
