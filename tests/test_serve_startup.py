@@ -7,6 +7,7 @@ started on the port serve was given only after serve said it is waiting.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import anyio
+import anyio.abc
 import pytest
 
 from tests.benchmarks import harness
@@ -101,6 +103,43 @@ async def test_probes_answer_while_it_waits_for_redis_and_it_starts_once_redis_d
     assert "serve.redis_back" in {e["event"] for e in served.events}
 
 
+class _Relay:
+    """A TCP relay to a Redis on ``port`` that notes, in order, each connection's opening
+    and closing with what its first bytes were: ``tls`` (a handshake) or ``plain``."""
+
+    def __init__(self, port: int) -> None:
+        self.upstream = port
+        self.said: list[tuple[str, str]] = []
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[int]) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+        async with listener:
+            task_status.started(listener.extra(anyio.abc.SocketAttribute.local_port))  # noqa: S610
+            await listener.serve(self._relay)
+
+    async def _relay(self, client: anyio.abc.SocketStream) -> None:
+        async with client, await anyio.connect_tcp("127.0.0.1", self.upstream) as upstream:
+            try:
+                first = await client.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                return
+            kind = "tls" if first[:1] == b"\x16" else "plain"
+            self.said.append(("open", kind))
+            await upstream.send(first)
+
+            async def pump(source: anyio.abc.ByteStream, sink: anyio.abc.ByteStream) -> None:
+                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError,
+                                         anyio.ClosedResourceError, OSError):  # fmt: skip
+                    async for chunk in source:
+                        await sink.send(chunk)
+                group.cancel_scope.cancel()
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(pump, client, upstream)
+                group.start_soon(pump, upstream, client)
+            self.said.append(("close", kind))
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("password", ["", PASSWORD])
 async def test_rediss_pointed_at_a_redis_without_tls_says_so_and_exits_78(
@@ -109,12 +148,18 @@ async def test_rediss_pointed_at_a_redis_without_tls_says_so_and_exits_78(
     """A ``rediss://`` URL naming a plain Redis: the TLS handshake gets no answer. serve
     says what is wrong in the user's words (TLS asked, the Redis speaks without it, use
     redis://) and exits 78 at the first failed PING, where it waited 30 s and exited 69 with
-    a bare TimeoutError; the password, with or without one, is never shown."""
+    a bare TimeoutError; the password, with or without one, is never shown. It asks whether
+    a plain Redis answers there while its handshake still waits (a relay in front of the
+    Redis sees the plain PING come before the TLS connection closes), not once the
+    handshake's 5 s timeout has passed."""
     config = [f"requirepass {password}"] if password else []
     async with (
         run_simulator(SimulatorConfig(jobs=1)) as sim,
-        redis_server(tmp_path, config) as redis_port,
+        redis_server(tmp_path, config) as upstream,
+        anyio.create_task_group() as relaying,
     ):
+        relay = _Relay(upstream)
+        redis_port = await relaying.start(relay.serve)
         user = f":{password}@" if password else ""
         done = await reaper(
             ["serve", "--endpoint", sim.url, "--project-id", sim.config.project_id,
@@ -123,12 +168,14 @@ async def test_rediss_pointed_at_a_redis_without_tls_says_so_and_exits_78(
             harness.clean_env() | {"REAPER_SK": sim.config.sk,
                                    "REAPER_REDIS_URL": f"rediss://{user}127.0.0.1:{redis_port}/0"},
         )  # fmt: skip
+        relaying.cancel_scope.cancel()
     said = done.events("serve.config_error")
     assert done.code == 78, done.stderr
     assert len(said) == 1 and done.events("serve.redis_unavailable") == []
     assert f"rediss:// asks for TLS, but the Redis at 127.0.0.1:{redis_port}" in said[0]["error"]
     assert "use redis://" in done.stderr
     assert PASSWORD not in done.stdout + done.stderr
+    assert relay.said.index(("open", "plain")) < relay.said.index(("close", "tls"))
 
 
 @pytest.mark.anyio

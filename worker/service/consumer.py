@@ -46,10 +46,11 @@ Fields = dict[Any, Any]
 async def ping(client: aioredis.Redis) -> None:
     """``PING``. A Redis that refuses our settings (the user name or password, a database it
     does not have) is ``ConfigError`` (78), and so is a ``rediss://`` URL naming a Redis
-    that speaks no TLS (:func:`_plain_redis`); one that cannot be reached raises one of
+    that speaks no TLS (:func:`_plain_redis`), said as soon as a handshake taking longer than
+    ``PLAIN_AFTER_S`` finds a plain Redis there; one that cannot be reached raises one of
     :data:`REDIS_ERRORS`."""
     try:
-        await client.ping()
+        plain = await _answer(client)
     except redis.exceptions.AuthenticationError:  # before the caller's: a ConnectionError
         raise ConfigError("redis_url: Redis refused the user name or password") from None
     except redis.exceptions.ResponseError as exc:  # e.g. a database out of range
@@ -57,17 +58,55 @@ async def ping(client: aioredis.Redis) -> None:
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
         where = _tls_place(client)
         if where is not None and await _plain_redis(*where):
-            host, port = where
-            raise ConfigError(
-                f"redis_url: rediss:// asks for TLS, but the Redis at {host}:{port} speaks "
-                "without TLS, so the TLS handshake cannot succeed: use redis:// for it, or "
-                "turn TLS on in that Redis"
-            ) from None
+            raise _no_tls(*where) from None
         raise
+    if plain is not None:
+        raise _no_tls(*plain) from None
 
 
-PLAIN_PROBE_S = 2.0
-"""How long the check that a TLS peer is a plain Redis waits for its answer."""
+def _no_tls(host: str, port: int) -> ConfigError:
+    return ConfigError(
+        f"redis_url: rediss:// asks for TLS, but the Redis at {host}:{port} speaks without "
+        "TLS, so the TLS handshake cannot succeed: use redis:// for it, or turn TLS on in "
+        "that Redis"
+    )
+
+
+PLAIN_AFTER_S = 1.0
+"""How long a TLS handshake may take before a plain Redis is looked for at its address. A
+Redis that speaks no TLS never answers one (it waits for the end of a line the handshake
+does not send), so nothing comes back to tell until the connect timeout, 5 s."""
+
+
+async def _answer(client: aioredis.Redis) -> tuple[str, int] | None:
+    """``PING``; over TLS, the host and port instead when the handshake is still waiting
+    after ``PLAIN_AFTER_S`` and a plain Redis answers there (the ``PING`` given up)."""
+    where = _tls_place(client)
+    if where is None:
+        await client.ping()
+        return None
+    plain = False
+    failed: Exception | None = None
+    async with anyio.create_task_group() as group:
+
+        async def look() -> None:
+            nonlocal plain
+            await anyio.sleep(PLAIN_AFTER_S)
+            plain = await _plain_redis(*where)
+            if plain:  # the handshake would only wait out its timeout
+                group.cancel_scope.cancel()
+
+        group.start_soon(look)
+        try:
+            await client.ping()
+        except (redis.exceptions.RedisError, OSError) as exc:  # raised out of the group
+            failed = exc
+        group.cancel_scope.cancel()
+    if plain:
+        return where
+    if failed is not None:
+        raise failed
+    return None
 
 
 def _tls_place(client: aioredis.Redis) -> tuple[str, int] | None:
@@ -79,10 +118,15 @@ def _tls_place(client: aioredis.Redis) -> tuple[str, int] | None:
     return str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379))
 
 
+PLAIN_PROBE_S = 2.0
+"""How long the check that a TLS peer is a plain Redis waits for its answer."""
+
+
 async def _plain_redis(host: str, port: int) -> bool:
     """Does a plain Redis answer at ``host:port`` (a RESP reply to an inline ``PING``,
-    ``+PONG`` or an error such as ``-NOAUTH``)? Asked once a TLS connection there failed:
-    a TLS handshake to a plain Redis waits for an answer that never comes."""
+    ``+PONG`` or an error such as ``-NOAUTH``)? Asked once a TLS connection there failed,
+    or its handshake is slow: a TLS handshake to a plain Redis waits for an answer that
+    never comes."""
     with anyio.move_on_after(PLAIN_PROBE_S):
         try:
             async with await anyio.connect_tcp(host, port) as stream:
