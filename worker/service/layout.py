@@ -19,7 +19,9 @@ The keys all derive from ``settings.stream`` so that one setting names a whole q
   left pending to be tried again; removed when the entry is acknowledged or dead-lettered.
 - ``{stream}:sending:{entry}``: a string, the ids of that entry sent in DELETEs whose
   answer is not recorded yet (``+id`` lines, ``-id`` once an answer said it was not gone
-  by us); removed when the entry is acknowledged or dead-lettered, else expires after
+  by us), and ``=id`` for each id whose outcome row is written (made by that write for an
+  entry that had no note: an id rejected at admission, never sent); removed when the
+  entry is acknowledged or dead-lettered, else expires after
   ``SENDING_TTL_S``. What a redelivery of an entry whose holder died mid-call reads, so
   the jobs that call removed end ``deleted`` (unconfirmed), never ``absent``.
 - ``{stream}:position``: a hash, group -> the last entry id below which that group has
