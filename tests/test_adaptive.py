@@ -797,3 +797,44 @@ def test_a_config_the_arithmetic_cannot_work_with_is_refused(
 ) -> None:
     with pytest.raises(ValueError, match=says):
         AdaptiveConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def _paced_answers(rate: float, refused: Callable[[int], bool], calls: int) -> RateController:
+    """A controller cruising at ``rate`` (a unit that never ends), ``calls`` calls started
+    evenly at that rate, each answered 5 ms later: call ``k`` refused if ``refused(k)``."""
+    ctrl = RateController(0.0)
+    ctrl.restore(replace(ctrl.state, rate=rate, level=rate, phase=Phase.CRUISE, unit=math.inf))
+    for k in range(calls):
+        sent = 1.0 + k / rate
+        ctrl.on_sent(sent)
+        if refused(k):
+            ctrl.on_throttle(sent + 0.005, latency=0.005)
+        else:
+            ctrl.on_success(sent + 0.005, latency=0.005)
+    return ctrl
+
+
+def test_refusals_that_stay_a_small_share_of_many_calls_cut_nothing() -> None:
+    """Send jitter: a burst of 1 refuses a call that reaches it less than 1/quota after the
+    last it accepted, whatever the mean rate. At 500 calls/s one refusal in 150 calls
+    (0.7 %, under ``jitter_share``, 1 %) is that, not a quota under the pace: the rate holds.
+    The same share at 50 calls/s (a window of 100 calls, under ``jitter_calls``) cuts as
+    ever: there a refusal is 1 % of a window by itself."""
+    fast = _paced_answers(500.0, lambda k: k >= 1000 and k % 150 == 0, 4000)
+    assert (fast.cuts, fast.tolerated) == (0, 20)
+    assert fast.rate == 500.0
+    slow = _paced_answers(50.0, lambda k: k >= 100 and k % 150 == 0, 700)
+    assert (slow.cuts, slow.tolerated) == (4, 0)
+
+
+def test_a_pace_over_the_quota_is_cut_even_where_a_small_share_is_tolerated() -> None:
+    """Every other call refused from call 1,000 on at 500 calls/s (a pace over a burst-1
+    gateway's quota): more than ``jitter_run`` (4) refusals in the last 100 calls, so the
+    fifth steps ``jitter_step`` (2 %) under the rate refused; the refusals that go on past
+    the cut are a third of the calls since, each run of five cuts again: under 0.8 of the
+    pace 100 calls after the first refusal."""
+    first = _paced_answers(500.0, lambda k: k >= 1000 and k % 2 == 0, 1010)
+    assert (first.cuts, first.tolerated) == (1, 4)
+    assert first.state.level == pytest.approx(0.98 * 500.0)
+    later = _paced_answers(500.0, lambda k: k >= 1000 and k % 2 == 0, 1100)
+    assert later.rate < 0.8 * 500.0

@@ -61,6 +61,18 @@ HELD_CALLS = 4
 """Calls started in a ``window`` that say how fast the workers really send (fewer: it
 knows too little of what they sent)."""
 
+OVER = 0.35
+"""Refused calls over this share of the last ``1 / jitter_share`` answered (since the cut):
+a pace well over the quota (a burst of 1 refuses every other call past it), not jitter."""
+
+
+class Reading(StrEnum):
+    """What a refusal says, weighed against the calls of its ``window`` (``jitter_share``)."""
+
+    JITTER = "jitter"  # a share of the calls within budget: spread them, cut nothing
+    EXCESS = "excess"  # a little over the budget, most calls accepted: a small step down
+    RATE = "rate"  # too few calls to say, or a clear excess: measured, as ever
+
 
 class Phase(StrEnum):
     STARTUP = "startup"
@@ -95,6 +107,10 @@ class AdaptiveConfig:
     latency_join: float = 0.25  # a window joins the baseline under this share of that rise
     latency_windows: int = 2  # high windows in a row that cut
     latency_baseline: int = 9  # the baseline: the median of this many windows, not high
+    jitter_share: float = 0.01  # refusals of at most this share of a window's calls ...
+    jitter_calls: int = 250  # ... when it holds this many, cut nothing (send jitter) ...
+    jitter_run: int = 4  # ... unless more came in the last 1 / jitter_share calls
+    jitter_step: float = 0.02  # a little over: this far under the rate refused
 
     def __post_init__(self) -> None:
         positive = ("initial_rate", "min_rate", "max_rate", "startup_interval", "window",
@@ -117,6 +133,10 @@ class AdaptiveConfig:
             raise ValueError("need latency_factor >= 1 and latency_floor_s >= 0")
         if not 0 <= self.latency_join <= 1:
             raise ValueError("need 0 <= latency_join <= 1")
+        if not (0 < self.jitter_share < 1 and 0 < self.jitter_step < 1):
+            raise ValueError("need 0 < jitter_share < 1 and 0 < jitter_step < 1")
+        if self.jitter_calls < 1 or self.jitter_run < 0:
+            raise ValueError("need jitter_calls >= 1 and jitter_run >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +306,7 @@ class RateController:
 
     __slots__ = ("_accepted", "_answers", "_config", "_delay", "_empty", "_history",
                  "_latency", "_refused", "_sends", "_since_empty", "_state", "cuts",
-                 "escalated", "measured")  # fmt: skip
+                 "escalated", "measured", "tolerated")  # fmt: skip
 
     def __init__(self, now: float, config: AdaptiveConfig | None = None) -> None:
         self._config = c = config or AdaptiveConfig()
@@ -309,6 +329,7 @@ class RateController:
         self.cuts = 0
         self.measured = 0  # refusals that measured the quota
         self.escalated = 0  # probes that found the quota had risen past their target
+        self.tolerated = 0  # refusals read as send jitter (``Reading.JITTER``): no cut
 
     @property
     def config(self) -> AdaptiveConfig:
@@ -391,6 +412,16 @@ class RateController:
             unit = self._config.hold_calls * min(s.refusals + 1, 6) / max(s.target, s.level)
             self._state = replace(s, refusals=s.refusals + 1, unit=max(s.unit, unit))
             return rate
+        reading = self._read(sent)
+        if reading is Reading.JITTER:
+            self.tolerated += 1
+            return rate
+        if reading is Reading.EXCESS:
+            # Just past what the gateway lets through with the calls' spacing as it is (or
+            # just past a quota): a small step under the rate refused, and back to near it.
+            step = self._config.jitter_step
+            refused_rate = min(self.rate_sent_at(sent), rate)
+            return self._cut(now, (1.0 - step) * refused_rate, (1.0 - step / 4.0) * refused_rate)
         news = math.isinf(self._refused_lately(sent))
         level = self._cut(now, *self._level_after_refusal(sent, rate, floor, self._held(now)))
         if retry_after is not None and news:
@@ -441,6 +472,39 @@ class RateController:
         state = replace(s, phase=Phase.STARTUP, level=rate, since=now, quota=math.inf,
                         target=math.inf, unit=min(s.unit, c.rise_interval))  # fmt: skip
         return self._set(state, now)
+
+    def _read(self, sent: float) -> Reading:
+        """What a refusal of a call sent at ``sent`` says, weighed against the calls answered
+        in its ``window`` (refusals only since the last cut: those before it cost that cut;
+        accepted calls from the whole window, the pace before the cut included). Where the
+        window holds ``jitter_calls`` or more, refusals of at most ``jitter_share`` of them
+        are the gateway's answer to calls that reached it unevenly (a burst of 1 refuses any
+        call less than 1/quota after the last it accepted, whatever the mean rate), unless
+        more than ``jitter_run`` came in the last ``1 / jitter_share`` calls: spread the
+        calls, do not slow down (``JITTER``). Over ``OVER`` of those last calls refused, the
+        pace is well over the quota (``RATE``); else it is a little past what the gateway
+        lets through (``EXCESS``). Fewer calls in the window: each refusal is read as ever
+        (``RATE``)."""
+        c, s = self._config, self._state
+        start = max(sent - c.window, s.pause_until)
+        since = max(start, s.cut_at + 1.0 / s.level)
+        refused = self._count(self._refused, since, sent)
+        answered = refused + self._count(self._accepted, start, sent)
+        if answered < c.jitter_calls:
+            return Reading.RATE
+        lately = max(since, sent - 1.0 / c.jitter_share / self.rate_sent_at(sent))
+        run = self._count(self._refused, lately, sent)
+        if refused <= c.jitter_share * answered and run <= c.jitter_run:
+            return Reading.JITTER
+        if run > OVER * (run + self._count(self._accepted, lately, sent)):
+            return Reading.RATE
+        return Reading.EXCESS
+
+    @staticmethod
+    def _count(times: list[float], start: float, sent: float) -> int:
+        """Calls of ``times`` sent from ``start`` up to ``sent`` (a refused one at ``sent``
+        counts: it is the refusal being read)."""
+        return bisect.bisect_right(times, sent) - bisect.bisect_left(times, start)
 
     def _floor(self) -> float:
         """The least the quota can be (0 if too little is known): the gateway's bucket was
