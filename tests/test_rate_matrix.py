@@ -128,10 +128,10 @@ def _jittered() -> list[Any]:
 
 
 _JITTER_EDGE = (
-    "at 0.900 of the quota with 1.2 % refused: a refusal of up to 1 % of a window's calls "
+    "at 0.8996 of the quota with 1.2 % refused: a refusal of up to 1 % of a window's calls "
     "cuts nothing, a little more steps 2 % under the rate refused, so the pace cycles "
     "about 0.90-0.93 of the quota, where a steady pace uses at most 0.905-0.907 (at 0.915-0.92, "
-    "1.1-1.6 % refused): 0.8996-0.905 over seeds 1-8, 2 of 8 under 0.90"
+    "1.1-1.6 % refused): 0.8995-0.905 over seeds 1-8, 2 of 8 under 0.90"
 )
 _JITTER_START = (
     "start-up's end at 7 calls/s with about every other call refused (a burst of 1): the "
