@@ -55,7 +55,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -417,9 +417,10 @@ class RedisPacer(abc.ABC):
             try:
                 if revisit is not None and reservation.start_us - reservation.now_us > revisit:
                     await self._clock.sleep(max(0.0, due - revisit / 1e6 - now))
-                    if await self._taken_back(reservation):
-                        # A slowdown of the fleet took its start back: the slots after the
-                        # last that stands are the new pace's now, for whoever asks first.
+                    if await self._taken_back(reservation, due):
+                        # A slowdown of the fleet took its start back (the slots after the
+                        # last that stands are the new pace's now, for whoever asks first),
+                        # or nothing says it stands: reserved again, never sent unconfirmed.
                         self.taken_back += 1
                         continue
                 if (wait := due - self._clock.now()) > 0:
@@ -447,15 +448,29 @@ class RedisPacer(abc.ABC):
         if server_now_us >= self._seen[0]:
             self._seen = (server_now_us, text(revokes))
 
-    async def _taken_back(self, reservation: Reservation) -> bool:
-        """Whether a slowdown of the fleet has taken ``reservation``'s start back since it
-        was handed out: the count of take-backs moved. A reply of this process's as recent
-        as ``revisit`` before the start says; else one ``HMGET`` of the count does."""
+    async def _taken_back(self, reservation: Reservation, due: float) -> bool:
+        """Whether ``reservation``'s start (``due`` on our clock) may not go: a slowdown of
+        the fleet has taken it back since it was handed out (the count of take-backs
+        moved), or the look went unanswered, or was answered ``horizon`` after ``due``.
+        A reply of this process's as recent as ``revisit`` before the start says; else one
+        ``HMGET`` of the count does.
+
+        A look Redis does not answer is not waited out: every start held across an outage
+        would go at once when it ends, beside the first ones the bucket hands out then
+        (two starts 0-10 ms apart at 30 calls/s, burst 1). Reserving again waits the outage
+        out (``_asking``) and is spaced by the bucket. A look answered that late (Redis
+        client's own retries, a process stopped and continued) holds a start as stale."""
         at, revokes = self._seen
         if self._revisit_us is None or at < reservation.start_us - self._revisit_us:
             self.revisits += 1
-            revokes = await self._asking(self.revokes)
-        return revokes != reservation.revokes
+            try:
+                with self._refusals():
+                    revokes = await self.revokes()
+            except REDIS_ERRORS:
+                self.redis_errors += 1
+                return True
+        late = self._clock.now() - due > self._horizon_us / 1e6
+        return late or revokes != reservation.revokes
 
     async def revokes(self) -> str:
         """The fleet's count of take-backs, as Redis has it now (one ``HMGET``: the command
@@ -472,7 +487,8 @@ class RedisPacer(abc.ABC):
         failing_since: float | None = None
         while True:
             try:
-                reserved = await ask()
+                with self._refusals():
+                    reserved = await ask()
             except REDIS_ERRORS as exc:
                 self.redis_errors += 1
                 if failing_since is None:
@@ -480,25 +496,33 @@ class RedisPacer(abc.ABC):
                     self._log.warning("ratelimit.redis_error", error=type(exc).__name__)
                 await self._clock.sleep(self._retry_s)
                 continue
-            except redis.exceptions.ResponseError as exc:
-                if acl_denial(exc) is not None:
-                    raise ConfigError(
-                        f"rate limit: the Redis user may not do what the shared rate limit "
-                        f"needs ({exc}); give it the ACL in docs/security.md"
-                    ) from None
-                if "WRONGTYPE" not in str(exc):
-                    raise
-                said = str(exc).removeprefix("WRONGTYPE ").split(" script: ")[0]
-                if not said.startswith(self._keys.tat):  # a plain command's own words
-                    said = f"{self._keys.pace} holds another type, where the fleet keeps a hash"
-                raise NotAStream(
-                    f"rate limit: a Redis key of another type ({said}) is not the fleet's to "
-                    "delete: delete or rename it (redis-cli TYPE KEY)"
-                ) from None
             if failing_since is not None:
                 waited = round(self._clock.now() - failing_since, 3)
                 self._log.info("ratelimit.redis_recovered", waited_s=waited)
             return reserved
+
+    @contextlib.contextmanager
+    def _refusals(self) -> Iterator[None]:
+        """Redis's refusals of the fleet's commands, in the user's words: the ACL's
+        (``ConfigError``), a key of another type where the fleet's state belongs
+        (``NotAStream``: serve pauses, run ends 78)."""
+        try:
+            yield
+        except redis.exceptions.ResponseError as exc:
+            if acl_denial(exc) is not None:
+                raise ConfigError(
+                    f"rate limit: the Redis user may not do what the shared rate limit "
+                    f"needs ({exc}); give it the ACL in docs/security.md"
+                ) from None
+            if "WRONGTYPE" not in str(exc):
+                raise
+            said = str(exc).removeprefix("WRONGTYPE ").split(" script: ")[0]
+            if not said.startswith(self._keys.tat):  # a plain command's own words
+                said = f"{self._keys.pace} holds another type, where the fleet keeps a hash"
+            raise NotAStream(
+                f"rate limit: a Redis key of another type ({said}) is not the fleet's to "
+                "delete: delete or rename it (redis-cli TYPE KEY)"
+            ) from None
 
     @property
     @abc.abstractmethod
