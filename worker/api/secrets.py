@@ -44,7 +44,8 @@ class KeyFile:
 
 
 def read_key_file(setting: str, path: Path) -> KeyFile:
-    """A secret from a file (a mounted Kubernetes Secret, through its links), stripped.
+    """A secret from a file (a mounted Kubernetes Secret, through its links), stripped of
+    white space and of a leading byte-order mark.
 
     Opened non-blocking, so a FIFO or a device put in its place fails at once instead of
     hanging the run; anything but a regular file is refused. ``ConfigError`` when it cannot
@@ -67,7 +68,7 @@ def read_key_file(setting: str, path: Path) -> KeyFile:
     if len(raw) > SECRET_FILE_LIMIT:
         raise ConfigError(f"{setting} {path} is larger than {SECRET_FILE_LIMIT} bytes")
     try:
-        text = raw.decode("utf-8").strip()
+        text = raw.decode("utf-8-sig").strip()  # a byte-order mark (Notepad's) is no key's
     except UnicodeDecodeError:
         raise ConfigError(f"{setting} {path} is not UTF-8 text") from None
     if not text:
