@@ -1,7 +1,8 @@
 """serve for many projects and regions, as it runs: two ``devserver-reaper simulate``
-processes (two regions, each one project), real Redis, ids put on the stream by the real
-``enqueue`` from JSON Lines naming their project and region, and a real ``serve``
-subprocess.
+processes (two regions, each one project), real Redis, ids put on the stream by
+``enqueue``'s code from JSON Lines naming their project and region (the command itself in
+the first test, in-process in the others: its start-up cost more than their work), and a
+real ``serve`` subprocess.
 
 What is pinned: each entry's ids go to its own project at its own endpoint (each simulator
 knows one project id, and 404s any other in the path); an entry naming a project outside
@@ -56,6 +57,11 @@ class Region:
     flags: tuple[str, ...] = ()
 
     def start(self, port: int = 0) -> None:
+        self.launch(port)
+        self.listening()
+
+    def launch(self, port: int = 0) -> None:
+        """Start the process; :meth:`listening` waits for it (two start side by side)."""
         ids_file = self.tmp / f"{self.project}-ids.txt"
         args = [sys.executable, "-m", "worker", "simulate", "--port", str(port), "--jobs", "40",
                 "--seed", str(self.seed), "--project-id", self.project, "--region", self.region,
@@ -67,7 +73,11 @@ class Region:
             text=True,
             env=harness.clean_env(),
         )
-        assert self.proc.stdout is not None
+
+    def listening(self) -> None:
+        """Until the process says where it listens; its URL and job ids then."""
+        assert self.proc is not None and self.proc.stdout is not None
+        ids_file = self.tmp / f"{self.project}-ids.txt"
         line = self.proc.stdout.readline()
         assert "listening on" in line, line
         self.url = line.split("listening on ", 1)[1].split()[0]
@@ -96,8 +106,10 @@ def regions(tmp: Path, *south_flags: str) -> Iterator[tuple[Region, Region]]:
     north = Region("project-a", "cn-north-4", 1, tmp)
     south = Region("project-b", "cn-south-1", 2, tmp, flags=south_flags)
     try:
-        north.start()
-        south.start()
+        north.launch()
+        south.launch()
+        north.listening()
+        south.listening()
         yield north, south
     finally:
         north.stop()
@@ -167,6 +179,19 @@ async def enqueue(stream: str, tmp: Path, lines: list[dict[str, str]]) -> dict[s
     return orjson.loads(done.stdout.splitlines()[-1])  # type: ignore[no-any-return]
 
 
+async def put(stream: str, tmp: Path, lines: list[dict[str, str]]) -> None:
+    """Through ``enqueue``'s own code from a JSON Lines file, in this process: what the
+    command does but its start-up (a second or more of imports per call, under load
+    several). :func:`enqueue` runs the command itself."""
+    from worker.commands.enqueue import enqueue as enqueue_lines
+    from worker.settings import Settings
+
+    source = tmp / f"in-{len(list(tmp.glob('in-*')))}.jsonl"
+    source.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    settings = Settings(stream=stream, redis_url=REDIS_URL)
+    assert await enqueue_lines(str(source), "jsonl", settings, None) == 0
+
+
 async def pending(client: aioredis.Redis, stream: str) -> int:
     info: Any = await client.xpending(stream, GROUP)
     return int(info["pending"])
@@ -180,9 +205,9 @@ async def served_around(
     be served now) after its first 5, so the later ones must pass it: waits for them all
     deleted, then checks they alone have outcomes and ``lines`` stay pending."""
     ids = north.ids[:served]
-    await enqueue(stream, tmp, [{"id": i} for i in ids[:5]])
-    await enqueue(stream, tmp, lines)
-    await enqueue(stream, tmp, [{"id": i} for i in ids[5:]])
+    await put(stream, tmp, [{"id": i} for i in ids[:5]])
+    await put(stream, tmp, lines)
+    await put(stream, tmp, [{"id": i} for i in ids[5:]])
 
     async def north_done() -> bool:
         return len((await north.control("deleted"))["ids"]) == len(ids)
@@ -325,7 +350,7 @@ async def test_an_allowed_project_named_at_the_wrong_region_fails_alone_the_repl
             stray = south.ids[30]
             lines = [{"id": stray, "project_id": "project-c", "endpoint": south.url}]
             lines += named(south, south.ids[:5]) + [{"id": i} for i in north.ids[:5]]
-            await enqueue(stream, tmp_path, lines)
+            await put(stream, tmp_path, lines)
 
             async def settled() -> bool:
                 info: Any = await redis_client.xpending(stream, GROUP)
@@ -364,7 +389,7 @@ async def test_a_thousand_projects_and_a_hundred_regions_named_by_entries_add_no
             lines += [{"id": south.ids[n % 40], "project_id": "project-b",
                        "region": f"zz-nowhere{n}", "endpoint": south.url}
                       for n in range(100)]  # fmt: skip
-            await enqueue(stream, tmp_path, lines)
+            await put(stream, tmp_path, lines)
 
             async def settled() -> bool:
                 info: Any = await redis_client.xpending(stream, GROUP)
@@ -409,11 +434,9 @@ async def test_an_entry_naming_a_region_alone_gets_its_project_from_iam_once_hel
             found = south.ids[:10]
             plain = north.ids[:5]
             nowhere, stranger = south.ids[20], south.ids[21]
-            await enqueue(
-                stream, tmp_path, by_region(south, found[:5]) + [{"id": i} for i in plain]
-            )
+            await put(stream, tmp_path, by_region(south, found[:5]) + [{"id": i} for i in plain])
             lines = by_region(south, found[5:]) + by_region(south, [nowhere], "cn-east-3")
-            await enqueue(stream, tmp_path, lines + by_region(south, [stranger], "cn-east-9"))
+            await put(stream, tmp_path, lines + by_region(south, [stranger], "cn-east-9"))
 
             async def settled() -> bool:
                 info: Any = await redis_client.xpending(stream, GROUP)
@@ -456,7 +479,7 @@ async def test_iam_refusing_the_project_list_dead_letters_naming_the_permission_
                            "--iam-endpoint", south.url) as serve:  # fmt: skip
             refused = south.ids[:2]
             lines = by_region(south, refused) + named(south, south.ids[2:5])
-            await enqueue(stream, tmp_path, lines + [{"id": i} for i in north.ids[:5]])
+            await put(stream, tmp_path, lines + [{"id": i} for i in north.ids[:5]])
 
             async def settled() -> bool:
                 info: Any = await redis_client.xpending(stream, GROUP)
@@ -552,7 +575,7 @@ async def test_a_hanging_region_holds_its_share_of_the_dispatchers_while_the_oth
             stuck = [f"job-{n}" for n in range(20)]
             served = north.ids[:10]
             place = {"project_id": "project-b", "region": "cn-south-1", "endpoint": url}
-            await enqueue(stream, tmp_path, [{"id": i, **place} for i in stuck]
+            await put(stream, tmp_path, [{"id": i, **place} for i in stuck]
                           + [{"id": i} for i in served])  # fmt: skip
 
             gave_out = ("serve.api_unavailable", "serve.region_paused")
@@ -631,7 +654,7 @@ async def test_an_entry_handed_back_while_its_other_batch_probes_gets_one_outcom
             "--endpoint", front, "--concurrency", "2", "--read-timeout", "60",
             "--reclaim-after", "300",
         ) as serve:  # fmt: skip
-            await enqueue(stream, tmp_path, [{"id": north.ids[0]}])
+            await put(stream, tmp_path, [{"id": north.ids[0]}])
 
             async def north_held() -> bool:
                 return gate.held > 0
@@ -686,7 +709,7 @@ async def test_iam_that_never_answers_does_not_hold_the_other_entries(
         ) as serve:  # fmt: skip
             waiting = south.ids[:3]
             plain = north.ids[:10]
-            await enqueue(stream, tmp_path, by_region(south, waiting) + [{"id": i} for i in plain])
+            await put(stream, tmp_path, by_region(south, waiting) + [{"id": i} for i in plain])
 
             async def north_done() -> bool:
                 return len((await north.control("deleted"))["ids"]) == len(plain)
@@ -741,8 +764,8 @@ async def test_a_doubt_noted_for_one_projects_job_stays_with_it_not_another_of_t
     stream = redis_prefix + "ids"
     with regions(tmp_path) as (north, south):
         shared = north.ids[0]  # project-b holds no job of this id: the dead replica's DELETE
-        await enqueue(stream, tmp_path, [{"id": shared}])  # the default project's, first
-        await enqueue(stream, tmp_path, named(south, [shared]))
+        await put(stream, tmp_path, [{"id": shared}])  # the default project's, first
+        await put(stream, tmp_path, named(south, [shared]))
         await redis_client.xgroup_create(stream, GROUP, id="0")
         read: Any = await redis_client.xreadgroup(GROUP, "died", {stream: ">"})
         _, away_entry = (entry_id.decode() for entry_id, _ in read[0][1])
