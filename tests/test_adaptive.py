@@ -425,11 +425,13 @@ _STEADY_LATENCIES: dict[str, Callable[[random.Random], Callable[[float], float]]
 @pytest.mark.parametrize("spread", list(_STEADY_LATENCIES))
 def test_a_wide_but_steady_latency_never_cuts_the_rate(spread: str, seed: int) -> None:
     """Latencies drawn from one distribution however wide, and nothing ever refused: the
-    rate never falls, over a quarter of an hour. (Measured against the fastest call seen,
-    such latencies looked like a rise every 50 calls, and the rate sank to 4 calls/s.)"""
+    rate never falls, over three minutes. (Measured against the fastest call seen, such
+    latencies looked like a rise every 50 calls, and the rate sank to 4 calls/s: that code,
+    put back, cuts at 4-5 s in every case here. Nothing refused, the run never leaves
+    startup, where no baseline is learnt: the quarter of an hour this ran proved no more.)"""
     rng = random.Random(seed)
     ctrl = RateController(0.0, AdaptiveConfig(max_rate=100.0))
-    run = simulate(lambda t: 1e6, duration=900.0, latency=_STEADY_LATENCIES[spread](rng),
+    run = simulate(lambda t: 1e6, duration=180.0, latency=_STEADY_LATENCIES[spread](rng),
                    concurrency=10_000, controller=ctrl)  # fmt: skip
     rates = [rate for _, rate in run.rates]
     assert all(b >= a for a, b in itertools.pairwise(rates))
@@ -440,16 +442,18 @@ def test_a_wide_but_steady_latency_never_cuts_the_rate(spread: str, seed: int) -
 @pytest.mark.parametrize("spread", list(_STEADY_LATENCIES))
 def test_a_wide_but_steady_latency_leaves_the_quota_in_use(spread: str, seed: int) -> None:
     """The QA run: quota 50 calls/s (burst 5), answers that take 200 ms on average, and
-    ``--rate auto`` sank 34 -> 17 -> 12 -> 9.5 -> 7.5 calls/s in 40 s. Over ten minutes of
-    such answers, every minute after the first uses nearly all of the quota."""
+    ``--rate auto`` sank 34 -> 17 -> 12 -> 9.5 -> 7.5 calls/s in 40 s. Over five minutes of
+    such answers, every minute after the first uses nearly all of the quota. (Five, not the
+    ten it ran: a baseline of the fastest call put back fails the same four cases at both,
+    and a window's median for its trimmed mean the same two.)"""
     rng = random.Random(seed)
     quota = 50.0
-    run = simulate(lambda t: quota, duration=600.0, burst=5,
+    run = simulate(lambda t: quota, duration=300.0, burst=5,
                    latency=_STEADY_LATENCIES[spread](rng), concurrency=1_000)  # fmt: skip
-    for start in range(60, 600, 60):
+    for start in range(60, 300, 60):
         assert run.accepted_per_s(start, start + 60) >= 0.85 * quota
-    assert run.accepted_per_s(60.0, 600.0) >= 0.95 * quota
-    assert run.refused_share(60.0, 600.0) <= 0.02
+    assert run.accepted_per_s(60.0, 300.0) >= 0.95 * quota
+    assert run.refused_share(60.0, 300.0) <= 0.02
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -460,7 +464,8 @@ def test_latency_that_doubles_past_the_servers_capacity_keeps_the_rate_under_it(
     long (exponential, 200 ms then 400 ms) once calls come faster. Cruising at 20 calls/s,
     the probes climb past 40: the rise cuts, and cuts again while it lasts; the rate keeps
     close under the capacity, probing past it now and then, where without the signal it
-    would climb to ``max_rate``."""
+    would climb to ``max_rate``. (Five minutes, not the ten it ran: the signal taken away,
+    or the probe's cap under the rate overloaded lately, fail both alike.)"""
     rng = random.Random(seed)
     capacity = 40.0
 
@@ -469,11 +474,11 @@ def test_latency_that_doubles_past_the_servers_capacity_keeps_the_rate_under_it(
 
     ctrl = _cruising(AdaptiveConfig(max_rate=1_000.0))
     ctrl.restore(replace(ctrl.state, rate=20.0, level=20.0, unit=1.0))
-    run = simulate(lambda t: 1e6, duration=600.0, latency=latency, concurrency=10_000,
+    run = simulate(lambda t: 1e6, duration=300.0, latency=latency, concurrency=10_000,
                    controller=ctrl)  # fmt: skip
     late = [rate for t, rate in run.rates if t >= 120.0]
     assert statistics.median(late) <= 1.02 * capacity
-    assert run.accepted_per_s(120.0, 600.0) >= 0.8 * capacity
+    assert run.accepted_per_s(120.0, 300.0) >= 0.8 * capacity
     assert sum(rate > 1.2 * capacity for rate in late) <= 0.05 * len(late)
 
 
