@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import operator
 import string
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -200,9 +201,20 @@ path_piece = st.one_of(
     ),
 )
 segment = st.lists(path_piece, max_size=4).map("".join)
+ALNUM = string.ascii_letters + string.digits
+
+
+def word(first: str, rest: str, max_size: int) -> st.SearchStrategy[str]:
+    """One of ``first`` then up to ``max_size`` of ``rest``: what ``[first][rest]{0,n}``
+    matches, drawn as text (``st.from_regex`` drew the same set at twice the cost)."""
+    return st.builds(
+        operator.add, st.sampled_from(first), st.text(alphabet=rest, max_size=max_size)
+    )
+
+
 paths = st.builds(
     lambda project, segments, slash: f"/v1/{project}/" + "/".join(segments) + slash,
-    st.from_regex(r"[A-Za-z0-9-]{1,64}", fullmatch=True),
+    st.text(alphabet=ALNUM + "-", min_size=1, max_size=64),  # [A-Za-z0-9-]{1,64}
     st.lists(segment, min_size=0, max_size=4),
     st.sampled_from(["", "/", "//"]),
 )
@@ -234,8 +246,10 @@ def queries(draw: st.DrawFn) -> list[tuple[str, Any]]:
     return draw(st.permutations(pairs))
 
 
-header_name = st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,12}", fullmatch=True) | st.from_regex(
-    r"[A-Za-z][A-Za-z0-9]{0,5}_[A-Za-z0-9_-]{0,5}", fullmatch=True
+header_name = word(string.ascii_letters, ALNUM + "-", 12) | st.builds(
+    lambda head, tail: f"{head}_{tail}",  # [A-Za-z][A-Za-z0-9]{0,5}_[A-Za-z0-9_-]{0,5}
+    word(string.ascii_letters, ALNUM, 5),
+    st.text(alphabet=ALNUM + "_-", max_size=5),
 )
 header_value = st.builds(
     lambda left, core, right: left + core + right,
@@ -296,7 +310,7 @@ def _changed(text: str, index: int) -> str:
     content_type=content_types,
     content_type_name=st.sampled_from(["Content-Type", "content-type"]),
     body=bodies,
-    ak=st.from_regex(r"[A-Z0-9]{1,20}", fullmatch=True),
+    ak=st.text(alphabet=string.ascii_uppercase + string.digits, min_size=1, max_size=20),
     sk=secret_keys,
     token=tokens,
     when=times,
