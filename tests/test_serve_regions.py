@@ -312,6 +312,11 @@ async def test_a_stopped_region_leaves_the_other_served_and_its_own_entries_pend
             waiting = south.ids[:10]
             # project-b's between project-a's: the later ones must pass a region that is down.
             await served_around(redis_client, stream, tmp_path, north, named(south, waiting), 20)
+
+            async def said() -> bool:  # its batch may still be spending its attempts
+                return bool(serve.named("serve.region_paused"))
+
+            await until(said)
             paused = serve.named("serve.region_paused")
             assert [(p["project_id"], p["region"]) for p in paused] == [("project-b", "cn-south-1")]
             down = {
