@@ -203,19 +203,19 @@ async def served_around(
 ) -> None:  # fmt: skip
     """The first ``served`` of ``north``'s ids enqueued, ``lines`` (of a region that cannot
     be served now) after its first 5, so the later ones must pass it: waits for them all
-    deleted, then checks they alone have outcomes and ``lines`` stay pending."""
+    deleted and acknowledged with ``lines`` pending, then checks they alone have outcomes."""
     ids = north.ids[:served]
     await put(stream, tmp, [{"id": i} for i in ids[:5]])
     await put(stream, tmp, lines)
     await put(stream, tmp, [{"id": i} for i in ids[5:]])
 
-    async def north_done() -> bool:
-        return len((await north.control("deleted"))["ids"]) == len(ids)
+    async def north_done() -> bool:  # deleted, and their entries acknowledged
+        deleted = len((await north.control("deleted"))["ids"]) == len(ids)
+        return deleted and await pending(client, stream) == len(lines)
 
     await until(north_done)
     outcomes = await rows(client, stream + ":outcomes")
     assert sorted(r["job_id"] for r in outcomes) == sorted(ids)
-    assert await pending(client, stream) == len(lines)
 
 
 async def rows(client: aioredis.Redis, key: str) -> list[dict[str, str]]:
