@@ -20,9 +20,12 @@ from worker.simulator import SimulatorConfig, run_simulator
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
 
 
-async def start_with_key_files(q: Queue, name: str, files: dict[str, Path]) -> Replica:
+async def start_with_key_files(
+    q: Queue, name: str, files: dict[str, Path], prefix: tuple[str, ...] = ()
+) -> Replica:
+    """A ``serve`` reading its keys from ``files`` only; ``prefix``: what runs it."""
     command = [
-        sys.executable, "-m", "worker", "serve",
+        *prefix, sys.executable, "-m", "worker", "serve",
         "--endpoint", q.sim.url, "--project-id", q.sim.config.project_id,
         "--stream", q.stream, "--group", GROUP, "--consumer", name,
         "--redis-url", REDIS_URL, "--http-port", "0", "--log-format", "json",
@@ -171,20 +174,22 @@ async def test_a_pause_watch_sees_new_keys_not_a_touch_nor_the_same_keys_swapped
 
 @pytest.mark.anyio
 async def test_a_refused_call_reads_the_key_files_again_and_goes_once_more(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A key file rewritten in place within one timestamp looks unchanged to ``stat``: the
-    API's 401 is what makes the source read it again, and the refused call (which did
-    nothing on the server) goes once more with the new key. Refused keys with nothing new
-    to read are an ``AuthError`` after one attempt, not a loop."""
-    import os
-
+    """A key file rewritten in place within one tick of the file system's clock looks
+    unchanged to ``stat``: the API's 401 is what makes the source read it again, and the
+    refused call (which did nothing on the server) goes once more with the new key. Refused
+    keys with nothing new to read are an ``AuthError`` after one attempt, not a loop."""
     import aiohttp
 
+    from worker.api import credentials
     from worker.api.client import ApiClient
     from worker.api.credentials import FileCredentials
     from worker.errors import AuthError
 
+    # Within one tick neither time moves, and no test can put the status change time back
+    # (``utime`` moves it): here ``stat`` sees nothing move at all.
+    monkeypatch.setattr(credentials, "file_identity", lambda path: None)
     ak, sk = tmp_path / "ak", tmp_path / "sk"
     ak.write_text(SIM_AK)
     sk.write_text(SIM_SK + "\n")
@@ -197,12 +202,9 @@ async def test_a_refused_call_reads_the_key_files_again_and_goes_once_more(
             session=http, endpoint=sim.url, project_id=sim.config.project_id, credentials=source
         )
         await client.delete_jobs([ids[0]])
-        stamp = os.stat(sk).st_mtime_ns
         rotated = "rotated-key-015"
-        assert len(rotated) == len(SIM_SK)  # same size, same inode, same time: stat is blind
         sim.config = replace(sim.config, sk=rotated)
         sk.write_text(rotated + "\n")
-        os.utime(sk, ns=(stamp, stamp))
         await client.delete_jobs([ids[1]])
         assert sim.deleted == set(ids[:2])
         assert sim.stats.signature_failures == 1

@@ -120,14 +120,14 @@ class StaticCredentials:
 
 
 KEY_NAMES = ("ak", "sk", "security_token")
-FileIdentity = tuple[int, int, int, int] | None  # ``file_identity``'s: None when unseen
+FileIdentity = tuple[int, int, int, int, int] | None  # ``file_identity``'s: None when unseen
 
 
 class FileCredentials:
     """Keys of which some were read from files (``ak_file``, ``sk_file`` ...): a mounted Secret.
 
     Kubernetes rotates a Secret by swapping the link its files are reached through, so a file
-    is read again when what it names changes (device, inode, size, time: one ``stat`` per
+    is read again when what it names changes (device, inode, size, times: one ``stat`` per
     file per call) and whenever the API refuses the keys. Each reload that changes the keys is
     a ``credentials.reloaded`` event naming the files; a file caught half rotated (missing,
     empty, not yet an access key) keeps the old keys, is said once

@@ -101,14 +101,15 @@ def _exposure(setting: str, path: Path, info: os.stat_result) -> str | None:
     return None
 
 
-def file_identity(path: Path) -> tuple[int, int, int, int] | None:
+def file_identity(path: Path) -> tuple[int, int, int, int, int] | None:
     """What changes when a key file is replaced or rewritten (a Secret's rotation swaps the
-    link it is reached through): device, inode, size and modification time."""
+    link it is reached through): device, inode, size and modification time; and when it is
+    made readable (a ``chmod`` moves only the status change time)."""
     try:
         info = os.stat(path)
     except OSError:
         return None
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def service_url_problem(url: str) -> str | None:
