@@ -162,30 +162,76 @@ def test_auto_on_a_burst_of_one_under_send_jitter(
     assert run.refused_share(10.0, 40.0) <= 0.02
 
 
-def _falls_and_rises(t: float) -> float:
-    return 50.0 if t < 30.0 or t >= 60.0 else 20.0
-
-
 def _within(run: Run, start: float, end: float, quota: float) -> bool:
     """Every rate the controller paced at in [start, end) within 10 % of ``quota``."""
     rates = [rate for t, rate in run.rates if start <= t < end]
     return bool(rates) and all(abs(rate - quota) <= 0.1 * quota for rate in rates)
 
 
-@pytest.mark.parametrize("latency", [0.005, 0.05], ids=["5ms", "50ms"])
-@pytest.mark.parametrize("burst", BURSTS, ids=[f"b{burst}" for burst in BURSTS])
+_MOMENTS = {"fall": (0.0, 2.5, 5.5), "rise": (0.0, 1.0, 2.5, 4.0)}
+"""Seconds after 30 s (the fall) or 60 s (the rise) the change comes: where it falls in
+the probe's cycle decides how soon it is seen (a sweep of 0-5.5 s in 0.5 s steps missed
+at 16 of 144 moments; these hold the misses of each direction)."""
+
+_FALL_GAP = (
+    "a known gap: the fall's refusals cut the rate a step each, and the last step measures "
+    "14.5-15.0 calls/s (0.72-0.75 of the new quota); from there the probe climbs back in "
+    "units of 30 calls (2 s at 15 calls/s). "
+)
+_RISE_GAP = (
+    "a known gap: a probe refused just before the rise cut the rate, and a rise is proven "
+    "only once the floor since that refusal (an average over the cruise back to the old "
+    "target and the probe past it) passes the quota measured by two margins; the rate then "
+    "doubles to the new quota. "
+)
+CHANGE_MISSED = {
+    ("fall", 2.5, 1, 0.005): f"{_FALL_GAP}Followed in 13.1 s",
+    ("fall", 5.5, 1, 0.005): f"{_FALL_GAP}Followed in 13.4 s",
+    ("rise", 2.5, 1, 0.05): f"{_RISE_GAP}Refused 0.5 s before, a cut of two refusals: a "
+    "cruise of 5 s (3 s units); proven 12.1 s after the rise, followed in 13.5 s",
+    ("rise", 4.0, 1, 0.05): f"{_RISE_GAP}Refused 2.0 s before, a cut of two refusals: a "
+    "cruise of 5 s (3 s units); proven 10.6 s after the rise, followed in 12.0 s",
+    ("rise", 2.5, 2, 0.005): f"{_RISE_GAP}Refused 0.5 s before; proven 8.1 s after the rise, "
+    "followed in 10.0 s",
+    ("rise", 1.0, 2, 0.05): f"{_RISE_GAP}Refused 0.4 s before; proven 8.3 s after the rise, "
+    "followed in 10.1 s",
+    ("rise", 4.0, 10, 0.005): f"{_RISE_GAP}Refused 0.4 s before; proven 8.0 s after the "
+    "rise, followed in 10.4 s",
+    ("rise", 1.0, 10, 0.05): f"{_RISE_GAP}Refused 0.4 s before; proven 8.2 s after the rise, "
+    "followed in 10.7 s",
+}
+"""(direction, offset, burst, latency): why the cell misses, as measured. A shorter probe
+unit (1.5-2 s where it holds 30-40 calls, or past the target 1 s where it holds 15-20),
+or a steeper probe (``cubic`` 0.01-0.02), moved the misses rather than ending them: 10-19
+of the sweep's 144 moments, a steeper probe overshooting 50 calls/s by 10 % at burst 10."""
+
+
+def _changes() -> list[Any]:
+    cells = []
+    for (kind, offsets), burst, latency in itertools.product(
+        _MOMENTS.items(), BURSTS, (0.005, 0.05)
+    ):
+        for offset in offsets:
+            reason = CHANGE_MISSED.get((kind, offset, burst, latency))
+            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            name = f"{kind}+{offset:g}s-b{burst}-{latency * 1000:g}ms"
+            cells.append(pytest.param(kind, offset, burst, latency, marks=marks, id=name))
+    return cells
+
+
+@pytest.mark.parametrize(("kind", "offset", "burst", "latency"), _changes())
 def test_a_quota_that_falls_and_rises_is_followed_within_ten_seconds_each_way(
-    burst: int, latency: float
+    kind: str, offset: float, burst: int, latency: float
 ) -> None:
-    """50 calls/s, 20 from 30 s, 50 again from 60 s: every rate paced within 10 % of the
-    new quota from 10 s after each change on, and at most 2 % throttled after its first
-    2 s."""
-    run = simulate(_falls_and_rises, duration=90.0, burst=burst, latency=latency,
-                   concurrency=8)  # fmt: skip
-    assert run.refused_share(32.0, 60.0) <= 0.02
-    assert run.refused_share(62.0, 90.0) <= 0.02
-    assert _within(run, 40.0, 60.0, 20.0)
-    assert _within(run, 70.0, 90.0, 50.0)
+    """50 calls/s, 20 from 30 s, 50 again from 60 s, the fall or the rise ``offset`` s
+    later: every rate paced within 10 % of the new quota from 10 s after that change on,
+    and at most 2 % throttled after its first 2 s (8 in flight)."""
+    fall, rise = (30.0 + offset, 60.0) if kind == "fall" else (30.0, 60.0 + offset)
+    run = simulate(lambda t: 50.0 if t < fall or t >= rise else 20.0, duration=rise + 30.0,
+                   burst=burst, latency=latency, concurrency=8)  # fmt: skip
+    start, end, quota = (fall, rise, 20.0) if kind == "fall" else (rise, rise + 30.0, 50.0)
+    assert run.refused_share(start + 2.0, end) <= 0.02
+    assert _within(run, start + 10.0, end, quota)
 
 
 def _with_503s(fails: Callable[[float], float], *, seed: int, duration: float = 40.0) -> Run:
