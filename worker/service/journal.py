@@ -25,7 +25,8 @@ delivery.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -221,12 +222,21 @@ class ServeJournal:
             return handed_back_error(done.released, done=failed)
         return handed_back_error(done.released, failed=failed)
 
-    async def give_up(self, message: Message, deliveries: int, error: str) -> None:
+    async def give_up(
+        self, message: Message, deliveries: int, error: str, doubted: Collection[str] = ()
+    ) -> Message | None:
         """An entry read after more than ``max_deliveries`` deliveries with no outcome (its
         holders died, or the API was unavailable every time): its ids end ``failed`` with
-        the last error it met, and it goes to the dead-letter stream."""
+        the last error it met, and it goes to the dead-letter stream. Not those another
+        entry is on right now: the entry waits on that call, whose row names it (it had no
+        row at all); nor those of ``doubted`` (an earlier delivery sent them unheard, and
+        its call may have deleted the job, which ``failed`` would say is there): they get
+        one last call. Returns the entry with those ids only, to be sent and dead-lettered
+        once they settle (``Message.given_up``); None when nothing is left."""
         said = _error_of(error)
         reason = f"delivered {deliveries} times (max_deliveries {self._max_deliveries})"
+        kept = tuple(i for i in message.ids
+                     if i in doubted or self._inflight.entries_of(i, message.target))  # fmt: skip
         failed = [
             Result(
                 job_id=job_id,
@@ -239,8 +249,7 @@ class ServeJournal:
                 target=message.target,
             )
             for job_id in message.ids
-            # another entry is on it right now
-            if not self._inflight.entries_of(job_id, message.target)
+            if job_id not in kept
         ]
         for result in failed:
             self._events.result(result)
@@ -248,7 +257,11 @@ class ServeJournal:
         rows = [outcome_fields(r, (message.entry_id,)) for r in failed]
         await self._outage.persist(lambda: self._consumer.write_outcomes(rows), what="outcomes")
         self.outcomes += len(rows)
+        if kept:
+            settled = (*message.settled, *(r.job_id for r in failed))
+            return replace(message, ids=kept, settled=settled, given_up=(reason, error))
         await self._dead_letter(message, deliveries, reason, error)
+        return None
 
     async def _dead_letter(
         self, message: Message, deliveries: int, reason: str, error: str
@@ -303,12 +316,14 @@ class ServeJournal:
             self._acking.discard(done.entry_id)
 
     async def _settle(self, done: Finished) -> None:
-        if done.failures and done.deliveries >= self._max_deliveries:
+        given_up = done.message.given_up  # its last ids sent past max_deliveries: settled
+        if given_up is not None or (done.failures and done.deliveries >= self._max_deliveries):
             limit = self._max_deliveries
             reason = f"failed on its last delivery ({done.deliveries}, max_deliveries {limit})"
-            settled = await self._dead_letter(
-                done.message, done.deliveries, reason, last_error(done.failures)
-            )
+            error = last_error(done.failures) if done.failures else ""
+            if given_up is not None:
+                reason, error = given_up[0], error or given_up[1]
+            settled = await self._dead_letter(done.message, done.deliveries, reason, error)
             if self._on_finished is not None:
                 self._on_finished(done, settled is Settled.ACKED)
             return

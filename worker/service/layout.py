@@ -120,7 +120,9 @@ class Message:
     ``address``: the project, region or endpoint the entry names (None: none); ``target``:
     where its ids' calls go once that is resolved (None: the settings' default).
     ``refused``: the entry names a place serve may not send to (``problem`` says why; its
-    ids are ``rejections`` with that reason, never sent).
+    ids are ``rejections`` with that reason, never sent). ``given_up``: the entry was read
+    past ``max_deliveries`` but some ids were kept for one last call (the reason and last
+    error its dead letter says once they settle).
     """
 
     entry_id: str
@@ -132,6 +134,7 @@ class Message:
     address: Address | None = None
     target: Target | None = None
     refused: bool = False
+    given_up: tuple[str, str] | None = None
 
     def done_besides(self, not_done: Collection[str]) -> list[str]:
         """The ids with an outcome: those settled before, and those of ``ids`` but

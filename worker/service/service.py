@@ -688,8 +688,14 @@ class Service:
             # A refused entry's ids are its rejections, each an outcome: giving it up would
             # write ``failed`` for its ids, of which a refusal leaves none.
             if deliveries > self._config.max_deliveries and not message.refused:
-                await self._journal.give_up(message, deliveries, errors.get(entry_id, ""))
-                continue
+                # Ids its last holder sent unheard get one last call, on the delivery just
+                # past the limit: that call may have deleted them (``failed`` says not).
+                last = deliveries == self._config.max_deliveries + 1
+                kept = await self._journal.give_up(message, deliveries, errors.get(entry_id, ""),
+                                                   unsure if last else ())  # fmt: skip
+                if kept is None:
+                    continue
+                message = kept
             # Written at its first admission: a row leaves its ``=id`` on the entry's note
             # (made for it when none was), so ``done`` names a rejection written before.
             if message.rejections and not done:

@@ -1,0 +1,102 @@
+"""Attacks on serve's outcomes from angles its own tests did not take (the session of
+2026-12-07): each test names the invariant it holds serve to. Real ``serve`` processes,
+real Redis, the simulator in this process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.e2e import until
+from tests.test_serve_e2e import GROUP, queue
+from tests.test_serve_sent import _start_via, held_answers
+from worker.service.layout import StreamLayout
+from worker.simulator import SimulatorConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
+
+
+@pytest.mark.anyio
+async def test_an_entry_given_up_does_not_call_a_job_its_own_dead_holder_deleted_failed(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """Entry E names x. Its holder c0 noted x sent, its DELETE removed the job, and c0
+    died before the answer (a crash loop: every holder dies so). E is read again past
+    ``--max-deliveries`` and given up: its ids end ``failed`` with the last error. x was
+    deleted by E's own call: ``failed`` says the job is still there, an untrue outcome;
+    the note's doubt makes it ``deleted``, unconfirmed (``answer_lost``), as any later
+    delivery would have said, and only the ids nobody sent end ``failed``."""
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=2)) as q:
+        x, y = q.sim.job_ids()
+        q.sim.store.delete([x])  # by the DELETE c0 died with
+        layout = StreamLayout(q.stream, GROUP)
+        await q.redis.xgroup_create(q.stream, GROUP, "0", mkstream=True)
+        added: Any = await q.redis.xadd(q.stream, {"ids": f'["{x}", "{y}"]'})
+        entry = added.decode()
+        await q.redis.xreadgroup(GROUP, "c0", {q.stream: ">"})  # delivery 1, c0's
+        await q.redis.set(layout.sending(entry), f"+{x}\n", ex=600)
+        c1 = await q.start("c1", "--max-deliveries", "1", "--reclaim-after", "1",
+                           "--batch-size", "1", "--rate", "100")  # fmt: skip
+
+        async def settled() -> bool:
+            return await q.pending() == 0
+
+        await until(settled, 60)
+        rows = await q.stream_rows(q.stream + ":outcomes")
+        await q.stop_all()
+    assert [e["entry"] for e in c1.named("serve.dead_lettered")] == [entry]
+    assert sorted(
+        (r["job_id"], r["outcome"], r["error_msg"]) for r in rows if r["job_id"] == x
+    ) == [(x, "deleted", "answer_lost")]
+    assert [r["outcome"] for r in rows if r["job_id"] == y] == ["failed"]
+    assert c1.named("job.failed") and all(e["job_id"] == y for e in c1.named("job.failed"))
+
+
+@pytest.mark.anyio
+async def test_an_entry_given_up_while_its_id_is_on_the_wire_for_another_gets_its_row(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """F names x and c1's DELETE of it is on the wire (its answer held) when c1 takes over
+    E, which names x too and is past ``--max-deliveries``. E is given up, but not its x:
+    another entry is on it. E was dead-lettered with no row for x at all (the answer's row
+    names the entries waiting on x, and E never was one); now E waits on that call and its
+    row names both."""
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=1)) as q:
+        (x,) = q.sim.job_ids()
+        release = anyio.Event()
+        async with held_answers(q.sim.url, release) as url:
+            await q.redis.xgroup_create(q.stream, GROUP, "0", mkstream=True)
+            added: Any = await q.redis.xadd(q.stream, {"id": x})
+            fresh = added.decode()
+            c1 = await _start_via(q, url, "c1", "--max-deliveries", "1", "--reclaim-after", "1",
+                                  "--batch-size", "1", "--rate", "100")  # fmt: skip
+
+            async def on_the_wire() -> bool:
+                return x in q.sim.deleted
+
+            await until(on_the_wire)
+            async with q.redis.pipeline(transaction=True) as pipe:  # c1's blocked read
+                pipe.xadd(q.stream, {"id": x})  # is served after the EXEC: c0 reads it
+                pipe.xreadgroup(GROUP, "c0", {q.stream: ">"})  # delivery 1, c0's
+                added, _ = await pipe.execute()
+            given_up = added.decode()
+
+            async def dead() -> bool:
+                return bool(c1.named("serve.dead_lettered")) or len(c1.named("job.failed")) > 0
+
+            with anyio.move_on_after(30):
+                await until(dead, 30)
+            release.set()
+
+            async def settled() -> bool:
+                return await q.pending() == 0
+
+            await until(settled, 60)
+            rows = await q.stream_rows(q.stream + ":outcomes")
+            await q.stop_all()
+    named = sorted(e for r in rows for e in r["entry"].split(","))
+    assert named == sorted([fresh, given_up])
+    assert [r["outcome"] for r in rows] == ["deleted"]
