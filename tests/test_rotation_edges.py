@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
 
 
 NEW_AK, NEW_SK = "ROTATEDAK2026", "rotated-secret-key"
+THIRD_AK, THIRD_SK = "THIRDAK2027", "third-secret-key"
 
 
 def said(replica: Replica, name: str, n: int = 1) -> Callable[[], Awaitable[bool]]:
@@ -103,3 +104,31 @@ async def test_new_key_files_caught_unreadable_end_the_pause_once_they_are_made_
     changed = replica.named("serve.credentials_changed")
     assert len(changed) == 1 and changed[0]["waited_s"] < changed[0]["pause_s"]
     assert q.sim.stats.signature_failures == 1  # the refusal that paused it, no other
+
+
+@pytest.mark.anyio
+async def test_a_refusal_after_the_rotated_keys_worked_pauses_30_s_not_twice_the_last_pause(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """The pause doubles while the keys stay refused; once new keys have worked, a later
+    refusal (the next rotation, months on) is a new one and pauses 30 s again. It went on
+    doubling for the life of the process: each rotation done in the usual order (IAM first)
+    left every later pause twice as long, ten minutes after a few, with ``resume_in_s``
+    saying so, and a 403 fixed in IAM (no file changes) was waited out that long."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    files = mount_secret(secret, ak=SIM_AK, sk=SIM_SK)
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=30)) as q:
+        replica = await start_with_key_files(q, "again", files)
+        ids = q.sim.job_ids()
+        for n, (ak, sk) in enumerate(((NEW_AK, NEW_SK), (THIRD_AK, THIRD_SK)), start=1):
+            q.sim.config = replace(q.sim.config, ak=ak, sk=sk)  # IAM first
+            await q.enqueue(ids[(n - 1) * 10 : n * 10])
+            await until(said(replica, "serve.paused", n))
+            mount_secret(secret, ak=ak, sk=sk)  # then the Secret
+            await until(deleted(q, n * 10))
+        await q.stop_all()
+    assert replica.process.returncode == 0
+    paused = replica.named("serve.paused")
+    assert [e["resume_in_s"] for e in paused] == [30.0, 30.0]
+    assert len(replica.named("serve.credentials_changed")) == 2

@@ -15,9 +15,10 @@ A round ends on stop (SIGTERM: intake is cancelled at once, even mid ``XREADGROU
 flight get ``grace`` seconds; batches not started are left pending) or when the API refuses
 the credentials (401/403), the call (a 404 no job explains) or the TLS certificate: then the
 round ends as on a stop (the DELETEs on the wire are settled first: the API may have applied
-them), the replica turns unready and waits (doubling pauses) before a new round tries
-again; a pause on refused keys read from files ends as soon as the files hold other keys (a
-rotated Secret). It never exits on its own, so Kubernetes does not restart it in a loop.
+them), the replica turns unready and waits (doubling pauses while refused; after a batch
+went through, the next refusal pauses as the first did) before a new round tries again; a
+pause on refused keys read from files ends as soon as the files hold other keys (a rotated
+Secret). It never exits on its own, so Kubernetes does not restart it in a loop.
 """
 
 from __future__ import annotations
@@ -190,6 +191,7 @@ class Service:
         self._blocked: BaseException | None = None
         self._halt = anyio.Event()  # the round ends: stop, or a refusal that pauses us
         self._answered = anyio.Event()  # a batch of this round got an answer from the API
+        self._went_through = False  # a batch went through since the last pause (keys taken)
         self._reread = False  # read our own pending entries again (``reread_own``)
         self.rounds = 0
         self.read = 0
@@ -244,6 +246,8 @@ class Service:
             blocked = await self._queue_mended() or await self._round()
             if blocked is None:
                 break
+            if self._went_through:  # not the last refusal lasting: a new one, a new first pause
+                pause, self._went_through = self._config.auth_pause, False
             said: dict[str, object] = {}
             if isinstance(blocked, NotAStream):
                 with contextlib.suppress(Exception):  # naming the keys is a courtesy
@@ -440,6 +444,7 @@ class Service:
             with self._working.busy():
                 await self._dispatcher.process(batch)
             self._answered.set()
+            self._went_through = True
         except TakenOver as exc:
             # Stalled past reclaim_after: the taker sends those entries' ids and records
             # them; of this batch only the ids of entries still ours are handed back.
