@@ -161,9 +161,9 @@ class Recorder:
         self.batches: list[Batch] = []
         self.results: list[Result] = []
 
-    async def delete_checked(self, batch: Batch) -> tuple[str, ...]:
+    async def delete_checked(self, batch: Batch) -> Batch:
         self.batches.append(batch)
-        return ()
+        return Batch(batch.batch_id, ())
 
     async def finished(self, results: Sequence[Result]) -> None:
         self.results.extend(results)

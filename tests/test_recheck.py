@@ -298,7 +298,7 @@ async def test_a_batch_whose_check_expired_before_its_token_came_is_not_sent() -
     api = StampedApi(["a", "b"], clock)
     _, dispatcher, journal = guarded_dispatcher(api, clock, [61.0], budget=2)
     stale = await dispatcher.delete_checked(Batch("b1", ("a", "b"), fresh_until=60.0))
-    assert stale == ("a", "b")
+    assert stale.ids == ("a", "b") and stale.unsure == frozenset()
     assert api.delete_calls == [] and journal.results == [] and journal.sends == []
     assert dispatcher._budget.taken == 0  # never sent: their share of the cap is back
 

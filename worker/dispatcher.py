@@ -86,12 +86,12 @@ class Doubt:
     attempt without a readable answer (``unsure``, growing as such attempts happen) and
     the records read of its jobs before (``known``). And until when the guard's check of
     its jobs holds (``until``), with the ids it no longer covered when their turn to be
-    sent came (``stale``; ``unsent`` of them never sent at all)."""
+    sent came (``stale``; ``unsent`` of them whose share of the cap goes back: never sent,
+    or sent only in attempts answered as not applied)."""
 
-    __slots__ = ("charged", "known", "stale", "unsent", "unsure", "until")
+    __slots__ = ("known", "stale", "unsent", "unsure", "until")
 
     def __init__(self, batch: Batch) -> None:
-        self.charged = batch.unsure  # counted against the cap by the run that sent them
         self.unsure: set[str] = set(batch.unsure)
         self.known: Mapping[str, JobRecord] = batch.known
         self.until = batch.fresh_until
@@ -167,13 +167,16 @@ class Dispatcher:
         """Give every id of ``batch`` an outcome, or leave it open when the run stops."""
         await self.delete_checked(batch)
 
-    async def delete_checked(self, batch: Batch) -> tuple[str, ...]:
+    async def delete_checked(self, batch: Batch) -> Batch:
         """``process``, for a batch the guard checked: the ids whose check was past
         ``batch.fresh_until`` when their DELETE's turn came are not sent, and are returned
-        (without an outcome) to be checked again."""
+        (without an outcome) to be checked again, as a batch (empty when there are none)
+        whose ``unsure`` names those of them an attempt of this one, or of an earlier run,
+        sent without a readable answer: found gone, they are ours (``answer_lost``), and
+        they are counted against the cap already."""
         if self._dry_run:
             await self._skip(batch, batch.ids, "dry_run")
-            return ()
+            return Batch(batch.batch_id, ())
         ids = batch.ids
         if batch.unsure:  # sent by a run that died: counted against the cap by it already
             ids = (
@@ -196,9 +199,12 @@ class Dispatcher:
             except ApiUnavailable as exc:  # the ids stay open: say which may be gone by us
                 exc.unsure = frozenset(doubt.unsure)
                 raise
-        # Never sent: the budget they took is theirs again when they come back re-checked.
+        # Not sent, or sent only to be answered "not applied": the budget they took is theirs
+        # again when they come back re-checked. Those in doubt keep theirs, and say so.
         self._budget.give_back(doubt.unsent)
-        return tuple(doubt.stale)
+        stale = tuple(doubt.stale)
+        unsure = frozenset(doubt.unsure.intersection(stale))
+        return Batch(batch.batch_id, stale, unsure, batch.known)
 
     async def _skip(self, batch: Batch, ids: Sequence[str], reason: str) -> None:
         await self._journal.finished([skipped(i, batch=batch, reason=reason) for i in ids])
@@ -229,8 +235,9 @@ class Dispatcher:
                 return True  # the run is stopping: the ids stay open for the next run
             except _StaleCheck:
                 doubt.stale.extend(remaining)
-                if tries.sent == 0:  # never sent: what they took of the cap is given back
-                    doubt.unsent += sum(i not in doubt.charged for i in remaining)
+                # What they took of the cap is given back unless an attempt, here or in a run
+                # that died, may have applied them: never sent, or answered "not applied" (429)
+                doubt.unsent += sum(i not in doubt.unsure for i in remaining)
                 return True
             except (ClientError, NotFound) as exc:
                 await self._refused(batch_id, remaining, tries.attempt, exc, doubt)

@@ -68,11 +68,12 @@ class Batch:
     """Ids to delete in one call. ``batch_id`` names it in events and the ledger.
 
     ``unsure``: ids an earlier run on the ledger sent without hearing the answer (it died
-    with them in flight), so the job may be gone by our own hand. ``known``: records of
-    its jobs already read (a protection or plan look-up), for a deletion whose answer is
-    lost to still say what was deleted. ``fresh_until``: when the guard checked the jobs
-    (read and found them deletable), the clock time after which that check is too old for
-    their DELETE to go out on it."""
+    with them in flight), or an earlier round of the guard's whose check then expired, so
+    the job may be gone by our own hand (and they are counted against the cap already).
+    ``known``: records of its jobs already read (a protection or plan look-up), for a
+    deletion whose answer is lost to still say what was deleted. ``fresh_until``: when the
+    guard checked the jobs (read and found them deletable), the clock time after which that
+    check is too old for their DELETE to go out on it."""
 
     batch_id: str
     ids: tuple[str, ...]

@@ -10,7 +10,9 @@ dispatcher) and ends the rest itself:
    filters), the job is read just before its batch goes out: on a page of the list call read
    ahead of the batches (``worker.discovery.recheck``), else with the show call, through the
    same paced call as the DELETEs (``worker.pacing.paced``: the same breaker, limiter and
-   retries). A job that is gone ends ``absent``; a protected one ``skipped``
+   retries). A job that is gone ends ``absent`` (``deleted`` unconfirmed, ``answer_lost``,
+   when a DELETE of it went out unanswered: a dead run's, or this batch's before its check
+   expired and it was read again); a protected one ``skipped``
    (``protected``); one that no longer matches the plan's filters ``skipped``
    (``plan_mismatch``); one that cannot be read (a 4xx) ``failed``, because a job we cannot
    check is a job we do not delete;
@@ -28,15 +30,15 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from worker.batcher import DeletionBudget
 from worker.clock import Clock, MonotonicClock
 from worker.discovery.filters import Filters
-from worker.errors import ClientError, ConfigError
+from worker.errors import ApiUnavailable, ClientError, ConfigError
 from worker.pacing.paced import PacedReader, Stopped
 from worker.types import JOB_ID_RE, Batch, JobRecord, Outcome, Result, gone, skipped
 
@@ -221,8 +223,9 @@ def load_protection(
 class CheckedProcessor(Protocol):
     """What the guard hands checked batches to (``worker.dispatcher.Dispatcher``)."""
 
-    async def delete_checked(self, batch: Batch) -> Sequence[str]:
-        """Delete ``batch``; the ids not sent because ``batch.fresh_until`` had passed."""
+    async def delete_checked(self, batch: Batch) -> Batch:
+        """Delete ``batch``; the ids not sent because ``batch.fresh_until`` had passed, as a
+        batch whose ``unsure`` names those of them sent without a readable answer."""
         ...
 
 
@@ -366,6 +369,18 @@ class Guard:
         }
 
     async def process(self, batch: Batch) -> None:
+        """Check ``batch``'s ids and hand on those that pass, as often as their checks
+        expire. The ids any attempt sent without a readable answer stay in doubt to the end:
+        found gone on a later check they are ``deleted`` (``answer_lost``), and when the API
+        gives out they are named in ``ApiUnavailable.unsure``."""
+        doubt = _Doubt(batch)
+        try:
+            await self._process(batch, doubt)
+        except ApiUnavailable as exc:
+            exc.unsure = exc.unsure | doubt.unsure
+            raise
+
+    async def _process(self, batch: Batch, doubt: _Doubt) -> None:
         ended: list[Result] = []
         remaining: list[str] = []
         spent = self._budget is not None and self._budget.spent
@@ -388,7 +403,7 @@ class Guard:
         known: dict[str, JobRecord] = {}
         fresh_until = None
         if remaining and self.needs_record and self._reader is not None:
-            remaining, ended, fresh_until = await self._check_records(batch, remaining, known)
+            remaining, ended, fresh_until = await self._check_records(doubt, remaining, known)
             if ended:
                 await self._outcomes.finished(ended)
         rounds = 0
@@ -398,37 +413,42 @@ class Guard:
                 self._moves.passed(remaining)
             passed = tuple(remaining)
             name = batch.batch_id if not rounds else f"{batch.batch_id}.r{rounds}"
-            unsure = batch.unsure.intersection(passed)
+            unsure = doubt.unsure.intersection(passed)
             stale = await self._inner.delete_checked(
                 Batch(name, passed, unsure, known, fresh_until, batch.target)
             )
             if self._moves is not None:
-                unsent = set(stale)
+                unsent = set(stale.ids)
                 self._moves.settled(i for i in passed if i not in unsent)
             if not stale:
                 return
             # Their DELETE's turn came after their check had expired: checked again, or, when
-            # that keeps happening, not deleted on a check that old.
+            # that keeps happening, not deleted on a check that old. An attempt that went out
+            # before and was not answered may have deleted them: that stays known.
+            doubt.learn(stale.unsure, known)
             rounds += 1
             self.counts.passed -= len(stale)
             self.counts.stale += len(stale)
             if rounds > STALE_ROUNDS:
-                await self._outcomes.finished([self._skip(i, batch, "stale_check", (
+                await self._outcomes.finished([self._skip(i, doubt.batch, "stale_check", (
                     f"its check could not be kept within {self._max_age:g}s of its DELETE "
-                    f"({STALE_ROUNDS} times): not deleted")) for i in stale])  # fmt: skip
+                    f"({STALE_ROUNDS} times): not deleted")) for i in stale.ids])  # fmt: skip
                 return
             known = {}
-            remaining, ended, fresh_until = await self._check_records(batch, stale, known)
+            remaining, ended, fresh_until = await self._check_records(doubt, stale.ids, known)
             if ended:
                 await self._outcomes.finished(ended)
 
     async def _check_records(
-        self, batch: Batch, ids: Sequence[str], known: dict[str, JobRecord]
+        self, doubt: _Doubt, ids: Sequence[str], known: dict[str, JobRecord]
     ) -> tuple[list[str], list[Result], float | None]:
         """Read each job (on a fresh listing's page, else with a show call): the ids that
         pass, their records kept in ``known``; the outcomes of those that do not; and until
-        when the check of the passing ones holds (``max_age`` after the oldest read)."""
+        when the check of the passing ones holds (``max_age`` after the oldest read). An id
+        in ``doubt`` found gone is ours (``deleted``, unconfirmed); let go otherwise, it
+        keeps an attempt (the next run on the ledger still knows it may be gone)."""
         assert self._reader is not None
+        batch = doubt.batch
         passed: list[str] = []
         ended: list[Result] = []
         oldest: float | None = None
@@ -453,9 +473,9 @@ class Guard:
                 except ClientError as exc:
                     ended.append(_unverified(job_id, batch, exc))
                     continue
-            if record is None:  # gone: by an earlier run's hand, if it sent it unanswered
-                ended.append(gone(job_id, unsure=batch.unsure, known={}, attempts=0,
-                                  batch_id=batch.batch_id,
+            if record is None:  # gone: by our hand, if an attempt (or a run) sent it unanswered
+                ended.append(gone(job_id, unsure=batch.unsure, known=doubt.read,
+                                  attempts=int(job_id in batch.unsure), batch_id=batch.batch_id,
                                   reason="gone before delete"))  # fmt: skip
                 continue
             why = self._protection.reason(record)
@@ -477,14 +497,42 @@ class Guard:
         return skipped(job_id, batch=batch, reason=reason, detail=detail)
 
 
+class _Doubt:
+    """What one batch knows, over its rounds, of ids that may be gone by our own hand:
+    those sent without a readable answer by an earlier run or delivery (``Batch.unsure``)
+    or by an attempt of a round whose check then expired (``unsure``, growing), as the
+    batch its outcomes are given in; and every record read of its jobs (``read``), for the
+    record of a deletion known only by the job's absence."""
+
+    __slots__ = ("batch", "read")
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+        self.read: dict[str, JobRecord] = dict(batch.known)
+
+    @property
+    def unsure(self) -> frozenset[str]:
+        return self.batch.unsure
+
+    def learn(self, unsure: frozenset[str], read: Mapping[str, JobRecord]) -> None:
+        """A round ended with ``unsure`` sent unanswered, on the records ``read``."""
+        self.read.update(read)
+        if not unsure <= self.batch.unsure:
+            self.batch = replace(self.batch, unsure=self.batch.unsure | unsure)
+
+
 def _unverified(job_id: str, batch: Batch, exc: ClientError) -> Result:
+    ours = job_id in batch.unsure
+    why = ("could not be read after a DELETE of it went unanswered, so not sent again; it "
+           "may be gone by that DELETE" if ours else
+           "could not be read before deleting, so not deleted")  # fmt: skip
     return Result(
         job_id=job_id,
         outcome=Outcome.FAILED,
-        attempts=0,
+        attempts=int(ours),
         batch_id=batch.batch_id,
         http_status=exc.http_status,
         error_code=exc.error_code,
-        error_msg=f"could not be read before deleting, so not deleted: {exc.error_msg or exc}",
+        error_msg=f"{why}: {exc.error_msg or exc}",
         request_id=exc.request_id,
     )
