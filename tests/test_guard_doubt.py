@@ -5,8 +5,10 @@ and found gone ends ``deleted`` unconfirmed (``answer_lost``), never ``absent``.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -42,6 +44,24 @@ class LateGateway(Gateway):
         return web.json_response(
             {"error_code": "APIGW.0201", "error_msg": "Bad gateway"}, status=502
         )
+
+
+@dataclass
+class LaggingGateway(LateGateway):
+    """``LateGateway`` whose listing lags behind its deletions: a page still holds the
+    jobs deleted (as an index not yet updated, or a page read before the DELETE went out)."""
+
+    gone: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def _apply(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        self.gone.update({i: self.jobs[i] for i in ids if i in self.jobs})
+        return super()._apply(ids)
+
+    async def list(self, request: web.Request) -> web.Response:
+        self.calls += 1
+        jobs = [*self.jobs.values(), *self.gone.values()]
+        return web.json_response({"current": 1, "pages": 1, "size": len(jobs),
+                                  "total": len(jobs), "data": jobs})  # fmt: skip
 
 
 def fast(*more: str) -> list[str]:
@@ -205,3 +225,27 @@ async def test_the_api_giving_out_on_the_re_check_names_the_ids_sent_unanswered(
         await guard.process(Batch("b1", ("a", "b"), unsure=frozenset({"b"})))
     assert raised.value.unsure == {"a", "b"}
     assert journal.results == []
+
+
+@pytest.mark.anyio
+async def test_a_job_sent_unanswered_is_read_again_by_its_show_call_not_a_page(
+    tmp_path: Path,
+) -> None:
+    """The listing still holds the jobs the lost DELETE removed (a page read before it went
+    out says nothing of it): the jobs in doubt are read again with the show call, found
+    gone, and end ``deleted`` unconfirmed with no second DELETE sent for them."""
+    gateway = LaggingGateway.with_jobs(3)
+    running = Gateway.with_jobs(2, prefix="running").jobs
+    gateway.jobs.update({i: {**job, "status": "RUNNING"} for i, job in running.items()})
+    async with serve_gateway(gateway) as url:
+        env = reaper_env(url)
+        plan, out = tmp_path / "plan.json", tmp_path / "results.jsonl"
+        made = await reaper(["discover", "--status", "FINISHED", "--plan", str(plan)], env)
+        assert made.code == 0, made.stderr
+        done = await reaper(["run", "--plan", str(plan), "--results", str(out), *fast()], env)
+        assert done.code == 0, done.stderr
+        checks = done.summary()["checks"]
+        assert (checks["expired"], checks["by_show"]) == (3, 3), checks
+        assert gateway.delete_calls == 1
+        rows = results(out)
+        assert {(r["outcome"], r["confirmed"]) for r in rows} == {("deleted", False)}

@@ -452,8 +452,12 @@ class Guard:
         passed: list[str] = []
         ended: list[Result] = []
         oldest: float | None = None
+        # A page may be older than a DELETE that went out unanswered (read for another batch
+        # meanwhile, or an index that lags): an id whose check expired after such a DELETE is
+        # read with the show call, which comes after it.
+        ask = [i for i in ids if i not in doubt.expired]
         try:
-            listed = await self._recheck.listed(ids) if self._recheck is not None else {}
+            listed = await self._recheck.listed(ask) if self._recheck is not None and ask else {}
         except Stopped:
             return [], ended, None  # nothing goes on: the unchecked ids stay open
         for job_id in ids:
@@ -504,11 +508,12 @@ class _Doubt:
     batch its outcomes are given in; and every record read of its jobs (``read``), for the
     record of a deletion known only by the job's absence."""
 
-    __slots__ = ("batch", "read")
+    __slots__ = ("batch", "expired", "read")
 
     def __init__(self, batch: Batch) -> None:
         self.batch = batch
         self.read: dict[str, JobRecord] = dict(batch.known)
+        self.expired: frozenset[str] = frozenset()  # in doubt when their check expired
 
     @property
     def unsure(self) -> frozenset[str]:
@@ -517,6 +522,7 @@ class _Doubt:
     def learn(self, unsure: frozenset[str], read: Mapping[str, JobRecord]) -> None:
         """A round ended with ``unsure`` sent unanswered, on the records ``read``."""
         self.read.update(read)
+        self.expired |= unsure
         if not unsure <= self.batch.unsure:
             self.batch = replace(self.batch, unsure=self.batch.unsure | unsure)
 
