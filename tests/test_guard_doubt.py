@@ -69,6 +69,23 @@ def fast(*more: str) -> list[str]:
             "--recheck-max-age", f"{MAX_AGE_S:g}", *more]  # fmt: skip
 
 
+async def planned_and_applied(
+    gateway: Gateway, tmp: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``discover --plan`` of ``gateway``'s jobs (two RUNNING ones added, that the plan's
+    filter leaves out), then ``run --plan`` to the end: its summary and results rows."""
+    running = Gateway.with_jobs(2, prefix="running").jobs
+    gateway.jobs.update({i: {**job, "status": "RUNNING"} for i, job in running.items()})
+    async with serve_gateway(gateway) as url:
+        env = reaper_env(url)
+        plan, out = tmp / "plan.json", tmp / "results.jsonl"
+        made = await reaper(["discover", "--status", "FINISHED", "--plan", str(plan)], env)
+        assert made.code == 0, made.stderr
+        done = await reaper(["run", "--plan", str(plan), "--results", str(out), *fast()], env)
+        assert done.code == 0, done.stderr
+        return done.summary(), results(out)
+
+
 @pytest.mark.anyio
 async def test_a_plan_s_job_deleted_by_an_attempt_whose_answer_was_lost_is_not_absent(
     tmp_path: Path,
@@ -77,23 +94,13 @@ async def test_a_plan_s_job_deleted_by_an_attempt_whose_answer_was_lost_is_not_a
     check expired, so the retry is not sent on it: the jobs are read again and found gone.
     That attempt removed them: ``deleted``, ``confirmed`` false, ``answer_lost``."""
     gateway = LateGateway.with_jobs(3)
-    running = Gateway.with_jobs(2, prefix="running").jobs  # not planned: the filters differ
-    gateway.jobs.update({i: {**job, "status": "RUNNING"} for i, job in running.items()})
-    async with serve_gateway(gateway) as url:
-        env = reaper_env(url)
-        plan, out = tmp_path / "plan.json", tmp_path / "results.jsonl"
-        made = await reaper(["discover", "--status", "FINISHED", "--plan", str(plan)], env)
-        assert made.code == 0, made.stderr
-        done = await reaper(["run", "--plan", str(plan), "--results", str(out), *fast()], env)
-        assert done.code == 0, done.stderr
-        summary = done.summary()
-        assert summary["checks"]["expired"] == 3, summary  # the scenario happened
-        assert gateway.delete_calls == 1 and gateway.deleted == set(gateway.asked)
-        rows = {row["job_id"]: row for row in results(out)}
-        assert set(rows) == gateway.deleted and len(rows) == 3
-        for row in rows.values():
-            assert (row["outcome"], row["confirmed"]) == ("deleted", False), row
-        assert (summary["deleted"], summary["unconfirmed"], summary["absent"]) == (3, 3, 0)
+    summary, rows = await planned_and_applied(gateway, tmp_path)
+    assert summary["checks"]["expired"] == 3, summary  # the scenario happened
+    assert gateway.delete_calls == 1 and gateway.deleted == set(gateway.asked)
+    assert {row["job_id"] for row in rows} == gateway.deleted and len(rows) == 3
+    for row in rows:
+        assert (row["outcome"], row["confirmed"]) == ("deleted", False), row
+    assert (summary["deleted"], summary["unconfirmed"], summary["absent"]) == (3, 3, 0)
 
 
 # -- the same, in process on virtual time: each way a batch's doubt must outlive its rounds ------
@@ -235,17 +242,8 @@ async def test_a_job_sent_unanswered_is_read_again_by_its_show_call_not_a_page(
     out says nothing of it): the jobs in doubt are read again with the show call, found
     gone, and end ``deleted`` unconfirmed with no second DELETE sent for them."""
     gateway = LaggingGateway.with_jobs(3)
-    running = Gateway.with_jobs(2, prefix="running").jobs
-    gateway.jobs.update({i: {**job, "status": "RUNNING"} for i, job in running.items()})
-    async with serve_gateway(gateway) as url:
-        env = reaper_env(url)
-        plan, out = tmp_path / "plan.json", tmp_path / "results.jsonl"
-        made = await reaper(["discover", "--status", "FINISHED", "--plan", str(plan)], env)
-        assert made.code == 0, made.stderr
-        done = await reaper(["run", "--plan", str(plan), "--results", str(out), *fast()], env)
-        assert done.code == 0, done.stderr
-        checks = done.summary()["checks"]
-        assert (checks["expired"], checks["by_show"]) == (3, 3), checks
-        assert gateway.delete_calls == 1
-        rows = results(out)
-        assert {(r["outcome"], r["confirmed"]) for r in rows} == {("deleted", False)}
+    summary, rows = await planned_and_applied(gateway, tmp_path)
+    checks = summary["checks"]
+    assert (checks["expired"], checks["by_show"]) == (3, 3), checks
+    assert gateway.delete_calls == 1
+    assert {(r["outcome"], r["confirmed"]) for r in rows} == {("deleted", False)}
