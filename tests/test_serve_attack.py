@@ -9,10 +9,12 @@ from typing import Any
 
 import anyio
 import pytest
+from aiohttp import web
 
-from tests.e2e import until
+from tests.e2e import serve_app, until
 from tests.test_serve_e2e import GROUP, queue
 from tests.test_serve_sent import _start_via, held_answers
+from tests.test_serve_takeover import _StagedApi
 from worker.service.layout import StreamLayout
 from worker.simulator import SimulatorConfig
 
@@ -100,3 +102,52 @@ async def test_an_entry_given_up_while_its_id_is_on_the_wire_for_another_gets_it
     named = sorted(e for r in rows for e in r["entry"].split(","))
     assert named == sorted([fresh, given_up])
     assert [r["outcome"] for r in rows] == ["deleted"]
+
+
+@pytest.mark.anyio
+async def test_an_entry_on_its_last_delivery_gets_a_row_for_an_id_that_fails_for_another_too(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """E (on its last delivery) and F (on its first) both wait on x, which the API refuses
+    (400). A failure is final only on the last delivery its entries are allowed, and F may
+    try again: no row was written, and E was dead-lettered with none for x at all; F's row,
+    on its own last delivery, named F only. Now E's row is written (naming E) when E is
+    dead-lettered, and F's when F is."""
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=1)) as q:
+        (x,) = q.sim.job_ids()
+        api = _StagedApi(q.sim.url, {x})
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", api.handle)
+        async with serve_app(app) as url:
+            await q.redis.xgroup_create(q.stream, GROUP, "0", mkstream=True)
+            added: Any = await q.redis.xadd(q.stream, {"id": x})
+            fresh = added.decode()
+            c1 = await _start_via(q, url, "c1", "--max-deliveries", "2", "--reclaim-after", "1",
+                                  "--batch-size", "1", "--rate", "100")  # fmt: skip
+
+            async def on_the_wire() -> bool:
+                return api.held == 1
+
+            await until(on_the_wire)
+            async with q.redis.pipeline(transaction=True) as pipe:  # c1's blocked read
+                pipe.xadd(q.stream, {"id": x})  # is served after the EXEC: c0 reads it
+                pipe.xreadgroup(GROUP, "c0", {q.stream: ">"})  # delivery 1, c0's
+                added, _ = await pipe.execute()
+            last = added.decode()
+
+            async def both_held() -> bool:  # E reclaimed: its delivery 2, the last
+                return await q.pending("c1") == 2
+
+            await until(both_held)
+            api.release.set()
+
+            async def settled() -> bool:
+                return await q.pending() == 0
+
+            await until(settled, 60)
+            rows = await q.stream_rows(q.stream + ":outcomes")
+            await q.stop_all()
+    assert sorted(e["entry"] for e in c1.named("serve.dead_lettered")) == sorted([fresh, last])
+    assert sorted((r["entry"], r["outcome"]) for r in rows) == sorted(
+        [(fresh, "failed"), (last, "failed")]
+    )

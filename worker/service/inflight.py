@@ -153,12 +153,13 @@ class InFlight:
         """The entries held, oldest first."""
         return list(self._entries)
 
-    def last_delivery(self, job_id: str, limit: int, target: Target | None = None) -> bool:
-        """Is every entry waiting on ``job_id`` (of ``target``) on its last allowed delivery
-        (so an outcome for it now is its last)?"""
+    def on_last_delivery(
+        self, job_id: str, limit: int, target: Target | None = None
+    ) -> tuple[str, ...]:
+        """The entries waiting on ``job_id`` (of ``target``) that are on their last allowed
+        delivery: a failure of it is their last outcome (the others may try it again)."""
         held = self._waiters.get((target, job_id), ())
-        waiting = [self._entries[e] for e in held if e in self._entries]
-        return all(w.deliveries >= limit for w in waiting)
+        return tuple(e for e in held if e in self._entries and self._entries[e].deliveries >= limit)
 
     def entries_of(self, job_id: str, target: Target | None = None) -> tuple[str, ...]:
         """The entries waiting on ``job_id`` of ``target`` (for the outcomes stream's

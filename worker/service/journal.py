@@ -166,17 +166,15 @@ class ServeJournal:
         results = [self._inflight.answered(r) for r in results]  # a joining entry's doubt
         # A failure is terminal only on the last delivery its entries are allowed: before
         # that they are kept pending and the id is tried again, so its job.failed ("will not
-        # be retried") and its outcome row wait for that last delivery.
-        final = [
-            r
-            for r in results
-            if r.outcome is not Outcome.FAILED
-            or self._inflight.last_delivery(r.job_id, self._max_deliveries, r.target)
-        ]
-        for result in final:
+        # be retried") and its outcome row wait for that last delivery. Its row names the
+        # entries on their last (an entry dead-lettered beside one that may try again had
+        # no row for the id at all); the others get theirs on their own last delivery.
+        named = [(r, self._named(r)) for r in results]
+        final = [(r, entries) for r, entries in named if entries is not None]
+        for result, _ in final:
             self._events.result(result)
             self._metrics.outcome(result.outcome, target=result.target)
-        rows = [outcome_fields(r, self._inflight.entries_of(r.job_id, r.target)) for r in final]
+        rows = [outcome_fields(r, entries) for r, entries in final]
         # Not gone by our hand, as the answer says: struck off the notes of ids sent, so a
         # later delivery does not take a 404 for them as a deletion of ours. A deletion stays
         # noted until its entry is acked: sent again meanwhile, it is still ours.
@@ -212,6 +210,16 @@ class ServeJournal:
             finally:
                 self._acking.difference_update(done.entry_id for done in finished)
                 self._settling.discard(scope)
+
+    def _named(self, result: Result) -> tuple[str, ...] | None:
+        """The entries ``result``'s row names; None: no row yet (a failure none of whose
+        entries is on its last delivery)."""
+        entries = self._inflight.entries_of(result.job_id, result.target)
+        if result.outcome is not Outcome.FAILED or not entries:
+            return entries
+        last = self._inflight.on_last_delivery(result.job_id, self._max_deliveries,
+                                               result.target)  # fmt: skip
+        return last or None
 
     def _handed_back_error(self, done: Finished) -> str:
         """The last error of an entry handed back (``done.released``): its failed ids are
