@@ -233,6 +233,27 @@ def test_past_its_target_a_probe_counts_units_of_one_refusal_fewer_than_its_cut_
     assert rates[2] == pytest.approx(20.0 * (1.0 + 0.0064 * 27.0), rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("quota", "unit"),
+    [(19.6, 2.0), (17.0, 60.0 / 17.2), (5.0, 60.0 / 5.2)],
+    ids=["q19.6", "q17", "q5"],
+)
+def test_a_cut_s_second_refusal_stretches_its_unit_to_two_seconds_at_most_from_35_calls(
+    quota: float, unit: float
+) -> None:
+    """A burst of 1 refuses the call after the refused one too (its slot was given before
+    the cut): the unit doubles to 60 calls at the target. Where 2 s hold 35 calls at the
+    quota measured, it stops at 2 s: at 20 calls/s a 3 s unit cruised 5 s back, and a rise
+    just after the cut was followed in 13.5 s. Under 17.5 calls/s the budget needs it all."""
+    ctrl = RateController(0.0)
+    ctrl.restore(replace(ctrl.state, rate=0.97 * quota, level=0.97 * quota, since=0.0,
+                         phase=Phase.CRUISE, cut_at=0.0, target=quota + 0.2, quota=quota,
+                         unit=30.0 / (quota + 0.2), refusals=1))  # fmt: skip
+    ctrl.on_throttle(0.06, latency=0.05)
+    assert ctrl.state.refusals == 2
+    assert ctrl.state.unit == pytest.approx(unit, rel=1e-9)
+
+
 def test_a_refused_probe_goes_back_under_the_quota_measured_however_long_it_held() -> None:
     """Refused just past the quota measured: back to 3 % under it, the probe returning to
     just under the rate refused. Refused after holding well past it for two seconds with

@@ -187,10 +187,8 @@ _RISE_GAP = (
 CHANGE_MISSED = {
     ("fall", 2.5, 1, 0.005): f"{_FALL_GAP}Followed in 13.1 s",
     ("fall", 5.5, 1, 0.005): f"{_FALL_GAP}Followed in 13.4 s",
-    ("rise", 2.5, 1, 0.05): f"{_RISE_GAP}Refused 0.5 s before, a cut of two refusals: a "
-    "cruise of 5 s (3 s units); proven 12.1 s after the rise, followed in 13.5 s",
-    ("rise", 4.0, 1, 0.05): f"{_RISE_GAP}Refused 2.0 s before, a cut of two refusals: a "
-    "cruise of 5 s (3 s units); proven 10.6 s after the rise, followed in 12.0 s",
+    ("rise", 2.5, 1, 0.05): f"{_RISE_GAP}Refused 1.3 s before, a cut of two refusals: a "
+    "cruise of 3.3 s (2 s units); proven 8.8 s after the rise, followed in 10.2 s",
     ("rise", 2.5, 2, 0.005): f"{_RISE_GAP}Refused 0.5 s before; proven 8.1 s after the rise, "
     "followed in 10.0 s",
     ("rise", 1.0, 2, 0.05): f"{_RISE_GAP}Refused 0.4 s before; proven 8.3 s after the rise, "

@@ -94,6 +94,8 @@ class AdaptiveConfig:
     measure_calls: int = 8  # ... and this many accepted calls
     hold: float = 1.0  # the probe's time unit: at least this long ...
     hold_calls: int = 30  # ... and this many calls per refusal of the last cut
+    hold_cap: float = 2.0  # a cut's second refusal stretches the unit at most this long ...
+    hold_cap_calls: int = 35  # ... where that holds this many calls at the quota measured
     cubic: float = 0.0064  # the probe: target * (1 + cubic * (units since - k) ** 3)
     rise_interval: float = 2.0  # after a proven rise the rate doubles at least this often
     forget: float = 30.0  # a refused rate caps the probes for this long
@@ -114,7 +116,7 @@ class AdaptiveConfig:
 
     def __post_init__(self) -> None:
         positive = ("initial_rate", "min_rate", "max_rate", "startup_interval", "window",
-                    "measure_s", "hold", "cubic", "rise_interval", "forget",
+                    "measure_s", "hold", "hold_cap", "cubic", "rise_interval", "forget",
                     "max_pause")  # fmt: skip
         for name in positive:
             value = getattr(self, name)
@@ -124,8 +126,8 @@ class AdaptiveConfig:
             raise ValueError("need min_rate <= initial_rate <= max_rate")
         if not (0 < self.margin < 1 and 0 < self.overload_cut < 1 and self.overload_share > 0):
             raise ValueError("need 0 < margin < 1, 0 < overload_cut < 1, overload_share > 0")
-        counts = ("measure_calls", "hold_calls", "overload_answers", "latency_samples",
-                  "latency_windows", "latency_baseline")  # fmt: skip
+        counts = ("measure_calls", "hold_calls", "hold_cap_calls", "overload_answers",
+                  "latency_samples", "latency_windows", "latency_baseline")  # fmt: skip
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
@@ -409,7 +411,18 @@ class RateController:
         if sent < s.cut_at + 1.0 / s.level:
             # At most six: with answers seconds long, a probe costs a hundred refusals
             # in flight, and the next must still come within seconds.
-            unit = self._config.hold_calls * min(s.refusals + 1, 6) / max(s.target, s.level)
+            c = self._config
+            unit = c.hold_calls * min(s.refusals + 1, 6) / max(s.target, s.level)
+            # The quota measured (none since startup or a rise: the rate refused may be
+            # twice the quota there, and the budget needs the whole unit).
+            known = min(s.quota, s.target) if math.isfinite(s.quota) else 0.0
+            if s.refusals == 1 and c.hold_cap * known >= c.hold_cap_calls:
+                # A burst of 1's second refusal (the call after the refused one had its
+                # slot before the cut) doubled the unit: 3 s at 20 calls/s, a cruise of 5 s
+                # that a rise just after the cut waited out before the probe could prove
+                # it (followed in 13.5 s). Where 2 s hold 35 calls at the quota measured,
+                # the unit stops there (under 17.5 calls/s the budget needs it all).
+                unit = max(c.hold, self._delay, min(unit, c.hold_cap))
             self._state = replace(s, refusals=s.refusals + 1, unit=max(s.unit, unit))
             return rate
         reading = self._read(sent)
