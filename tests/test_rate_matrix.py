@@ -171,7 +171,7 @@ def _within(run: Run, start: float, end: float, quota: float) -> bool:
 _MOMENTS = {"fall": (0.0, 2.5, 5.5), "rise": (0.0, 1.0, 2.5, 4.0)}
 """Seconds after 30 s (the fall) or 60 s (the rise) the change comes: where it falls in
 the probe's cycle decides how soon it is seen (a sweep of 0-5.5 s in 0.5 s steps missed
-at 16 of 144 moments; these hold the misses of each direction)."""
+at 16 of 144 moments, 11 since ``hold_cap``; these hold misses of each direction)."""
 
 _FALL_GAP = (
     "a known gap: the fall's refusals cut the rate a step each, and the last step measures "

@@ -17,9 +17,10 @@ Pure: events with their times in, the rate to use out; no clock, no I/O. The des
   (the quota measured, or just under the rate refused), slow near it (the cruise), then
   past it slowly and faster and faster; its time unit is ``hold`` or longer, so each
   refusal a probe costs buys ``hold_calls`` calls (past the target, one refusal fewer:
-  the cruise back has paid for it). A probe the gateway lets past its
-  target by more than the target allows since the bucket was last empty proves the quota
-  rose: the rate grows as at startup until the next refusal measures it;
+  the cruise back has paid for it; a cut's second refusal at most ``hold_cap`` seconds
+  where that holds ``hold_cap_calls`` calls at the quota measured). A probe the gateway
+  lets past its target by more than the target allows since the bucket was last empty
+  proves the quota rose: the rate grows as at startup until the next refusal measures it;
 - 503s count only when they are ``overload_share`` of the last ``overload_answers``
   answers (isolated ones are faults to retry), and latency only when it rises with the
   rate (``LatencyWatch``): then the rate is cut, and the probes stay under the rate
