@@ -228,6 +228,25 @@ class SteadyController:
         return self.rate
 
 
+class FixedWindow:
+    """A gateway that counts calls per whole second (the count starts again at each): at
+    most ``quota`` accepted in a second, and every call past them refused until the next,
+    so its refusals come in clumps, not spread as a token bucket's."""
+
+    def __init__(self, quota: float, now: float) -> None:
+        self.limit = max(1, round(quota))
+        self.second, self.count = math.floor(now), 0
+
+    def try_acquire(self, now: float) -> float:
+        """0.0 for an accepted call, else the seconds until the next second."""
+        if math.floor(now) != self.second:
+            self.second, self.count = math.floor(now), 0
+        if self.count < self.limit:
+            self.count += 1
+            return 0.0
+        return self.second + 1.0 - now
+
+
 def simulate(
     quota: Callable[[float], float],
     *,
@@ -237,15 +256,20 @@ def simulate(
     concurrency: int = 8,
     controller: PacedController | None = None,
     jitter: Callable[[], float] | None = None,
+    windowed: bool = False,
 ) -> Run:
     """Calls paced at the controller's rate against a token-bucket server (as the
     simulator's), answered ``latency`` later (or ``latency(rate)`` later: a draw for a
     call sent at that rate); 429s carry Retry-After in whole seconds. ``jitter``: how
     late each call leaves after its start (a draw: a loaded loop's send jitter), in the
     order they started, so a late one and the next may leave back to back; its latency
-    is timed from its start."""
+    is timed from its start. ``windowed``: a ``FixedWindow`` gateway, not a token bucket."""
     ctrl = controller or RateController(0.0)
-    server = ServerQuota(quota(0.0), burst, 0.0)
+
+    def gateway(rate: float, now: float) -> ServerQuota | FixedWindow:
+        return FixedWindow(rate, now) if windowed else ServerQuota(rate, burst, now)
+
+    server = gateway(quota(0.0), 0.0)
     current = quota(0.0)
     run = Run()
     now = next_slot = left = 0.0
@@ -253,7 +277,7 @@ def simulate(
     while now < duration:
         if quota(now) != current:
             current = quota(now)
-            server = ServerQuota(current, burst, now)
+            server = gateway(current, now)
         while in_flight and in_flight[0][0] <= now:
             done, ok, retry_after, took = heapq.heappop(in_flight)
             answer(
