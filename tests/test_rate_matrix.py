@@ -126,6 +126,21 @@ def test_auto_against_a_gateway_whose_refusals_come_in_clumps_keeps_to_the_budge
     _meets_the_goal(run, quota)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="the pace sits about 1 % over the quota with burst 50 (refusals of up to 1 % of a "
+    "window read as send jitter): 4.25 % refused in the 8 s after the fall, 2.12 % from 2 s "
+    "to 30 s after it, 1.16 % from 10 s on (0.31 %, 0.23 %, 0.21 % at 05ec803)",
+)
+def test_a_quota_that_falls_a_little_at_a_burst_of_fifty_keeps_to_the_budget() -> None:
+    """200 calls/s, 198 from 30 s, burst 50, 8 in flight, 5 ms: the fall-and-rise test's
+    bound (at most 2 % throttled from 2 s after the change) at a rate where a 2 s window
+    holds 250 calls or more."""
+    run = simulate(lambda t: 200.0 if t < 30.0 else 198.0, duration=60.0, burst=50,
+                   latency=0.005, concurrency=8)  # fmt: skip
+    assert run.refused_share(32.0, 60.0) <= 0.02
+
+
 LOW_QUOTAS = (1.0, 2.0, 3.0)
 
 
