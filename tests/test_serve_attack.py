@@ -89,8 +89,19 @@ async def test_an_entry_given_up_while_its_id_is_on_the_wire_for_another_gets_it
             async def dead() -> bool:
                 return bool(c1.named("serve.dead_lettered")) or len(c1.named("job.failed")) > 0
 
-            with anyio.move_on_after(30):
-                await until(dead, 30)
+            async def claimed() -> bool:  # c1 took it over: its delivery past the limit
+                info: Any = await q.redis.xpending_range(q.stream, GROUP, given_up, given_up, 1)
+                return (
+                    bool(info)
+                    and int(info[0]["times_delivered"]) >= 2
+                    and (info[0]["consumer"] in (b"c1", "c1"))
+                )
+
+            await until(claimed, 30)
+            # the old code dead-lettered it within milliseconds of the claim; the fix waits on
+            # x's call, which is held until released
+            with anyio.move_on_after(3):
+                await until(dead, 3)
             release.set()
 
             async def settled() -> bool:
