@@ -21,6 +21,17 @@ from worker.simulator import SimulatorConfig
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
 
 
+async def _first_delivered_to_c1(q: Any, url: str, job_id: str, deliveries: int) -> tuple[str, Any]:
+    """An entry naming ``job_id`` put on ``q``'s stream, and ``c1``, a serve calling the API
+    at ``url`` that takes entries over after 1 s and gives one up past ``deliveries``: the
+    entry's id and the replica."""
+    await q.redis.xgroup_create(q.stream, GROUP, "0", mkstream=True)
+    added: Any = await q.redis.xadd(q.stream, {"id": job_id})
+    c1 = await _start_via(q, url, "c1", "--max-deliveries", str(deliveries), "--reclaim-after",
+                          "1", "--batch-size", "1", "--rate", "100")  # fmt: skip
+    return added.decode(), c1
+
+
 @pytest.mark.anyio
 async def test_an_entry_given_up_does_not_call_a_job_its_own_dead_holder_deleted_failed(
     redis_prefix: str, tmp_path: Path
@@ -70,11 +81,7 @@ async def test_an_entry_given_up_while_its_id_is_on_the_wire_for_another_gets_it
         (x,) = q.sim.job_ids()
         release = anyio.Event()
         async with held_answers(q.sim.url, release) as url:
-            await q.redis.xgroup_create(q.stream, GROUP, "0", mkstream=True)
-            added: Any = await q.redis.xadd(q.stream, {"id": x})
-            fresh = added.decode()
-            c1 = await _start_via(q, url, "c1", "--max-deliveries", "1", "--reclaim-after", "1",
-                                  "--batch-size", "1", "--rate", "100")  # fmt: skip
+            fresh, c1 = await _first_delivered_to_c1(q, url, x, 1)
 
             async def on_the_wire() -> bool:
                 return x in q.sim.deleted
@@ -130,11 +137,7 @@ async def test_an_entry_on_its_last_delivery_gets_a_row_for_an_id_that_fails_for
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", api.handle)
         async with serve_app(app) as url:
-            await q.redis.xgroup_create(q.stream, GROUP, "0", mkstream=True)
-            added: Any = await q.redis.xadd(q.stream, {"id": x})
-            fresh = added.decode()
-            c1 = await _start_via(q, url, "c1", "--max-deliveries", "2", "--reclaim-after", "1",
-                                  "--batch-size", "1", "--rate", "100")  # fmt: skip
+            fresh, c1 = await _first_delivered_to_c1(q, url, x, 2)
 
             async def on_the_wire() -> bool:
                 return api.held == 1
