@@ -303,3 +303,20 @@ def simulate(
         run.rates.append((now, rate))
         next_slot = now + 1.0 / rate
     return run
+
+
+def quota_change(kind: str, offset: float, *, burst: int, latency: float) -> tuple[Run, float]:
+    """Issue 23's quota change on virtual time: 50 calls/s, 20 from 30 s, 50 again from
+    60 s, the fall (``kind`` "fall") or the rise ``offset`` s later, 8 in flight, each call
+    answered ``latency`` after it starts. The run, and when the change came."""
+    fall, rise = (30.0 + offset, 60.0) if kind == "fall" else (30.0, 60.0 + offset)
+    run = simulate(lambda t: 50.0 if t < fall or t >= rise else 20.0, duration=rise + 30.0,
+                   burst=burst, latency=latency, concurrency=8)  # fmt: skip
+    return run, fall if kind == "fall" else rise
+
+
+def followed_after(run: Run, start: float, end: float, quota: float) -> float:
+    """Seconds from ``start`` to the last rate paced before ``end`` more than 10 % from
+    ``quota`` (0: none): every rate paced later is within 10 % of it."""
+    outside = [t for t, rate in run.rates if start <= t < end and abs(rate - quota) > 0.1 * quota]
+    return max(outside, default=start) - start

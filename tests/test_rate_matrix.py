@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakes import Run, SteadyController, simulate
+from tests.fakes import Run, SteadyController, followed_after, quota_change, simulate
 from worker.pacing.controller import RateController, answer
 from worker.simulator.quota import TokenBucket as ServerQuota
 from worker.simulator.quota import retry_after_seconds
@@ -242,12 +242,6 @@ def test_auto_on_a_burst_of_one_under_send_jitter(
     assert run.refused_share(10.0, 40.0) <= 0.02
 
 
-def _within(run: Run, start: float, end: float, quota: float) -> bool:
-    """Every rate the controller paced at in [start, end) within 10 % of ``quota``."""
-    rates = [rate for t, rate in run.rates if start <= t < end]
-    return bool(rates) and all(abs(rate - quota) <= 0.1 * quota for rate in rates)
-
-
 _MOMENTS = {"fall": (0.0, 2.5, 5.5), "rise": (0.0, 1.0, 2.5, 4.0)}
 """Seconds after 30 s (the fall) or 60 s (the rise) the change comes: where it falls in
 the probe's cycle decides how soon it is seen (a sweep of 0-5.5 s in 0.5 s steps missed
@@ -303,12 +297,10 @@ def test_a_quota_that_falls_and_rises_is_followed_within_ten_seconds_each_way(
     """50 calls/s, 20 from 30 s, 50 again from 60 s, the fall or the rise ``offset`` s
     later: every rate paced within 10 % of the new quota from 10 s after that change on,
     and at most 2 % throttled after its first 2 s (8 in flight)."""
-    fall, rise = (30.0 + offset, 60.0) if kind == "fall" else (30.0, 60.0 + offset)
-    run = simulate(lambda t: 50.0 if t < fall or t >= rise else 20.0, duration=rise + 30.0,
-                   burst=burst, latency=latency, concurrency=8)  # fmt: skip
-    start, end, quota = (fall, rise, 20.0) if kind == "fall" else (rise, rise + 30.0, 50.0)
+    run, start = quota_change(kind, offset, burst=burst, latency=latency)
+    end, quota = (60.0, 20.0) if kind == "fall" else (start + 30.0, 50.0)
     assert run.refused_share(start + 2.0, end) <= 0.02
-    assert _within(run, start + 10.0, end, quota)
+    assert followed_after(run, start, end, quota) < 10.0
 
 
 def _with_503s(fails: Callable[[float], float], *, seed: int, duration: float = 40.0) -> Run:
