@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import shlex
 import stat
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -454,16 +455,28 @@ FAST_RUN = ["--yes", "--rate", "1000", "--burst", "50"]
 
 @pytest.mark.anyio
 async def test_a_plan_sealed_with_a_key_is_applied_only_with_that_key(tmp_path: Path) -> None:
-    key, other = tmp_path / "plan.key", tmp_path / "other.key"
+    """... and the next command ``plan show`` prints names the key: pasted as printed, it
+    runs (it was refused, 64, for want of the key; the folder's space is quoted)."""
+    folder = tmp_path / "the plans"
+    folder.mkdir()
+    key, other = folder / "plan.key", tmp_path / "other.key"
     key.write_bytes(KEY)
+    key.chmod(0o600)
     other.write_bytes(b"x" * 32)
     async with run_simulator(SimulatorConfig(jobs=60, seed=24)) as sim:
-        path = tmp_path / "plan"
+        path = folder / "plan"
         env = reaper_env(sim.url)
         done = await reaper(["discover", "--status", "FINISHED", "--plan", str(path),
                              "--plan-key-file", str(key)], env)  # fmt: skip
         assert done.code == 0, done.stderr
         assert "plan.unkeyed" not in done.stderr
+        shown = await reaper(["plan", "show", str(path), "--plan-key-file", str(key)], env)
+        dry = next(line for line in shown.stdout.splitlines() if line.startswith("next: "))
+        words = shlex.split(dry.removeprefix("next: ").partition("   (")[0])
+        assert words[:2] == ["devserver-reaper", "run"]
+        pasted = await reaper(words[1:], env)
+        assert pasted.code == 0, pasted.stderr
+        assert pasted.summary()["would_delete"] == len(ids_of(path, KEY)) > 0
         for extra in ([], ["--plan-key-file", str(other)]):
             refused = await reaper(["run", "--plan", str(path), *FAST_RUN, *extra], env)
             assert refused.code == 64, refused.stderr

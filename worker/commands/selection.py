@@ -7,6 +7,7 @@ importing neither.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -117,12 +118,22 @@ def plan_review(header: PlanHeader, settings: Settings, path: Path | str) -> str
             "",
             render(header.review, heading=f"{header.jobs:,} jobs planned", estimate=estimate),
         ]
+    plan = next_plan_flags(header, settings, path)
     lines += [
         "",
-        f"next: devserver-reaper run --plan {path} --dry-run   (checks every job, deletes none)",
-        f"      devserver-reaper run --plan {path}",
+        f"next: devserver-reaper run {plan} --dry-run   (checks every job, deletes none)",
+        f"      devserver-reaper run {plan}",
     ]
     return "\n".join(lines)
+
+
+def next_plan_flags(header: PlanHeader, settings: Settings, path: Path | str) -> str:
+    """``--plan PATH`` as the next command needs it: with the plan key a keyed plan is
+    checked with (without it, ``run --plan`` refuses the plan), quoted for a shell."""
+    words = ["--plan", str(path)]
+    if header.keyed and settings.plan_key_file is not None:
+        words += ["--plan-key-file", str(settings.plan_key_file)]
+    return shlex.join(words)
 
 
 def filters_text(filters: Filters) -> str:
