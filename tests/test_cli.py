@@ -432,6 +432,18 @@ def test_run_groups_its_flags_and_keeps_the_safety_flags_apart() -> None:
     assert re.search(r"^  --rate CALLS/S", sections["rate, retries and time limits"], re.M)
 
 
+def test_a_command_without_a_queue_shows_no_queue_group_and_no_value_is_left_unnamed() -> None:
+    """``check --help`` showed a "queue (Redis) and health" group holding ``--iam-endpoint
+    VALUE``: a flag no group named fell there, with a placeholder that says nothing."""
+    helps = {name: parser.format_help() for name, parser in _subcommands().items()}
+    check, run = _sections(helps["check"]), _sections(helps["run"])
+    assert not any(title.startswith("queue") for title in check), list(check)
+    assert re.search(r"^  --iam-endpoint URL ", check["connection and credentials"], re.M)
+    safety = run["safety: what may be deleted, and when"]
+    assert re.search(r"^  --allowed-projects IDS$", safety, re.M)
+    assert not [name for name, text in helps.items() if " VALUE" in text]
+
+
 def test_serve_does_not_offer_the_flags_it_refuses() -> None:
     text = _help("serve")
     for refused in ("--dry-run", "--yes", "--max-deletions", "--confirm-project-over"):

@@ -80,7 +80,12 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--ledger", str, "SQLite ledger that makes run resumable"),
     ("--dry-run", _BOOL, "read, validate and batch, but send no DELETE"),
     ("--yes", _BOOL, "delete without asking (needed when not on a terminal)"),
-    ("--max-deletions", int, "never delete more than this many jobs in this run"),
+    (
+        "--max-deletions",
+        int,
+        "never send more than N ids for deletion: in this run, or with --ledger in every run "
+        "on that ledger together",
+    ),
     (
         "--shard",
         str,
@@ -313,7 +318,7 @@ def _add_settings(groups: dict[str, Any], flags: Sequence[str]) -> None:
                 flag, dest=dest, type=str, action=_JoinAction, help=text, metavar="RULE"
             )
         else:
-            metavar = helptext.METAVAR.get(flag, "VALUE")
+            metavar = helptext.METAVAR[flag]
             group.add_argument(flag, dest=dest, type=kind, help=text, metavar=metavar)
 
 

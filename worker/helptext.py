@@ -32,7 +32,8 @@ GROUPS = (INPUT, SAFETY, RATE, OUTPUT, CONNECTION, QUEUE, SETTINGS)
 """Flag groups, in the order ``--help`` shows them; safety flags stand on their own."""
 
 _CONNECTION_FLAGS = (
-    "--region", "--endpoint", "--project-id", "--ak", "--sk", "--security-token", "--ak-file",
+    "--region", "--endpoint", "--project-id", "--iam-endpoint", "--ak", "--sk",
+    "--security-token", "--ak-file",
     "--sk-file", "--security-token-file", "--ca-bundle", "--credential-source", "--metadata-url",
     "--connect-timeout", "--read-timeout",
 )  # fmt: skip
@@ -40,19 +41,22 @@ _RATE_FLAGS = ("--batch-size", "--concurrency", "--rate", "--burst", "--max-atte
                "--max-retry-after", "--grace", "--deadline")  # fmt: skip
 _SAFETY_FLAGS = ("--dry-run", "--yes", "--max-deletions", "--confirm-project-over", "--protect",
                  "--protect-file", "--protected-types", "--protected-statuses",
-                 "--max-fraction", "--plan-key-file", "--recheck-max-age")  # fmt: skip
+                 "--max-fraction", "--plan-key-file", "--recheck-max-age",
+                 "--allowed-projects")  # fmt: skip
 
 SETTING_GROUP = {
     **dict.fromkeys(_CONNECTION_FLAGS, CONNECTION),
     **dict.fromkeys(_RATE_FLAGS, RATE),
     **dict.fromkeys(_SAFETY_FLAGS, SAFETY),
     **dict.fromkeys(("--ledger", "--shard"), INPUT),
-    **dict.fromkeys(("--log-format", "--log-level"), OUTPUT),
+    **dict.fromkeys(("--log-format", "--log-level", "--stats-interval"), OUTPUT),
 }
-"""The group of each setting flag; a flag not named here is a queue one."""
+"""The group of each setting flag; a flag not named here is a queue one (``serve``'s Redis
+and health port: a command without a queue shows no such group)."""
 
 METAVAR = {
-    "--region": "REGION", "--endpoint": "URL", "--project-id": "ID", "--ak": "KEY",
+    "--region": "REGION", "--endpoint": "URL", "--project-id": "ID", "--iam-endpoint": "URL",
+    "--allowed-projects": "IDS", "--http-host": "HOST", "--ak": "KEY",
     "--sk": "KEY", "--security-token": "TOKEN", "--ak-file": "FILE", "--sk-file": "FILE",
     "--security-token-file": "FILE", "--ca-bundle": "FILE", "--credential-source": "SOURCE",
     "--metadata-url": "URL", "--batch-size": "N", "--concurrency": "N", "--rate": "CALLS/S",
@@ -68,7 +72,8 @@ METAVAR = {
     "--dead-max-len": "N", "--dead-max-age": "SECONDS", "--stats-interval": "SECONDS",
     "--log-format": "FORMAT", "--log-level": "LEVEL",
 }  # fmt: skip
-"""What each setting flag's value is called in ``--help``: what to type, not a field name."""
+"""What each setting flag's value is called in ``--help``: what to type, not a field name
+(every setting flag that takes a value has one)."""
 
 EXAMPLES = {
     "run": """\
