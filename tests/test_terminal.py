@@ -25,6 +25,7 @@ from worker.simulator import Simulator, SimulatorConfig, run_simulator
 from worker.terminal.lines import EventLines
 from worker.terminal.progress import Progress, count_lines
 from worker.terminal.prompt import Proposal, tally
+from worker.terminal.summary import RunEnd
 from worker.terminal.waiting import status_while
 
 PROMPT = "to delete them: "
@@ -176,8 +177,8 @@ def test_a_plans_proposal_counts_by_type_and_status_and_estimates_the_time() -> 
         "  by status   FINISHED 300",
         "  protected   name prod-*; status PROCESSING",
         "  ledger      40 ids already done there (resuming): those are not sent again",
-        "  duration    about 31 s at 10 calls/s (with a read of each job first)",
-    ]
+        "  duration    about 27 s at 10 calls/s (with a read of each job first)",
+    ]  # the 260 jobs the ledger does not hold done: 6 DELETEs and 260 reads
     capped = Proposal(source="ids.txt", project="p", endpoint="e", count=None, cap=7, rate="auto")
     assert capped.lines()[0] == "About to delete up to 7 jobs from ids.txt"
     assert capped.lines()[-1] == "  duration    unknown yet: --rate auto finds the quota as it goes"
@@ -201,6 +202,10 @@ def test_progress_figures_show_done_rate_eta_and_outcomes() -> None:
     )
     now[0] = 100.0 + 250 / 0.05  # a slow run: the ETA reads in minutes and hours
     assert "ETA 4h10m" in progress.snapshot().figures()
+    tally.already_done, tally.repeated = 85, 2  # counted in done: said beside the outcomes
+    assert progress.snapshot().outcomes() == (
+        "deleted 200  absent 50  already done 85  repeated 2 · retries 3"
+    )
 
 
 def test_count_lines_knows_plain_files_only(tmp_path: Path) -> None:
@@ -344,14 +349,28 @@ async def test_ctrl_c_explains_itself_and_the_summary_prints_the_command_that_re
 
 @pytest.mark.anyio
 async def test_a_dry_run_says_what_it_would_delete_not_what_it_skipped(tmp_path: Path) -> None:
+    """... and why the others were skipped (a skip may be work left undone: the cap)."""
     async with _project(tmp_path, 40) as (sim, src, env):
         args = ["-i", str(src), "--dry-run", "--protect", f"id:{sim.job_ids()[0]}"]
         code, term = await anyio.to_thread.run_sync(lambda: _run_on_a_pty(args, env))
     assert code == 0
     lines = [line for line in term.lines() if line]
-    assert lines[1:3] == ["  would delete           39", "  skipped                 1"]
+    assert lines[1:3] == [
+        "  would delete           39",
+        "  skipped                 1  (protected 1)",
+    ]
     assert not any("ids/s" in line for line in lines)
     assert lines[-1] == "dry run: nothing was sent; a real run would delete up to 39 jobs"
+
+
+def test_a_summary_of_no_ids_says_there_was_nothing_to_do() -> None:
+    """It was a duration and a rate of 0 ids/s; a shard whose input all went to the others
+    is not "no ids" either."""
+    fields = {"duration_s": 0.0, "ids_per_s": 0.0, "exit_code": 0, "open": 0}
+    assert RunEnd(fields).text().endswith("\nnothing to do: the input gave no ids")
+    sharded = RunEnd({**fields, "shard": "1/2", "other_shards": 7}).text()
+    assert sharded.endswith("\nnothing to do: the input's 7 ids are other shards'")
+    assert "nothing to do" not in RunEnd({**fields, "deleted": 1}).text()
 
 
 @pytest.mark.anyio

@@ -27,7 +27,7 @@ class Snapshot:
     total: int | None  # ids expected, when the input's size is known
     ids_per_s: float
     eta_s: float | None
-    counts: tuple[tuple[str, int], ...]  # outcome -> ids, only those with any
+    counts: tuple[tuple[str, int], ...]  # outcome (or already done, repeated) -> ids, if any
     retries: int
 
     @property
@@ -78,7 +78,9 @@ class Progress:
         eta = None
         if self._total and rate > 0 and done < self._total:
             eta = (self._total - done) / rate
-        counts = tuple((name, n) for name, n in tally.counts().items() if n)
+        # done counts the ids an earlier run on the ledger settled, and repeats: said too
+        earlier = {"already done": tally.already_done, "repeated": tally.repeated}
+        counts = tuple((name, n) for name, n in (tally.counts() | earlier).items() if n)
         return Snapshot(done, self._total, rate, eta, counts, tally.retries)
 
     def line(self) -> str:

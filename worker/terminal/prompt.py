@@ -63,10 +63,12 @@ class Proposal:
 
     def estimate_s(self) -> float | None:
         """Seconds the calls take at ``rate``: deletes in batches, plus one read per id
-        where a plan or a protection rule reads the job first. None when unknown."""
+        where a plan or a protection rule reads the job first, for the ids the ledger does
+        not hold done already. None when unknown."""
         jobs = self.jobs
         if jobs is None or isinstance(self.rate, str) or self.rate <= 0:
             return None
+        jobs = max(0, jobs - (self.already_done or 0))
         calls = math.ceil(jobs / self.batch_size) + jobs * self.calls_per_id
         return calls / self.rate
 

@@ -79,7 +79,7 @@ class RunEnd:
             if key == "skipped" and dry:
                 value -= self.would_delete
             if value:
-                lines.append(f"  {key:<13}{value:>12,}")
+                lines.append(f"  {key:<13}{value:>12,}" + self._why(key))
         if "max_deletions_left" in f:
             cap, left = f["max_deletions"], f["max_deletions_left"]
             lines.append(f"  {'cap left':<13}{left:>12,} of {cap:,}")
@@ -90,6 +90,13 @@ class RunEnd:
         lines += self._projects()
         lines += self._after()
         return "\n".join(lines)
+
+    def _why(self, key: str) -> str:
+        """After the ``skipped`` count, why (``max_deletions 255``): a skip may be what was
+        asked (protected) or work left undone (the cap, exit 1)."""
+        reasons = self.fields.get("skipped_by_reason") or {}
+        why = [f"{reason} {n:,}" for reason, n in reasons.items() if reason != "dry_run" and n]
+        return f"  ({', '.join(why)})" if key == "skipped" and why else ""
 
     def _projects(self) -> list[str]:
         """A line per project when the input named projects (``run.summary``'s
@@ -111,9 +118,13 @@ class RunEnd:
             fix = fix_for(self.error) if self.error is not None else None
             if fix:
                 said.append(f"fix:   {fix}")
+        if not self.done and not self.stopped_early and "error" not in self.fields:
+            others = self.fields.get("other_shards")
+            said.append("nothing to do: " + (f"the input's {others:,} ids are other shards'"
+                                              if others else "the input gave no ids"))  # fmt: skip
         if self.fields.get("dry_run"):
-            said.append(f"dry run: nothing was sent; a real run would delete up to "
-                        f"{self.would_delete:,} jobs")  # fmt: skip
+            jobs = f"{self.would_delete:,} job{'s' * (self.would_delete != 1)}"
+            said.append(f"dry run: nothing was sent; a real run would delete up to {jobs}")
         if self.stopped_early:
             said += self._resume()
         return said
