@@ -370,6 +370,32 @@ def test_a_probe_just_past_a_low_measure_moves_its_target_to_the_floor_not_to_st
     assert ctrl.state.quota == 4.67
 
 
+def test_a_floor_past_the_pace_a_call_was_refused_at_proves_a_rise() -> None:
+    """A call refused 1/20.3 s after the one before it: the gateway's bucket got less than
+    a token in between, so its quota was under 20.3 calls/s then, whatever its burst.
+    Once the gateway has accepted more than that since (the floor), the quota rose: proven
+    when the floor passes 20.3 by 1 %, not two margins (6 %) over the quota measured, 20,
+    which the probe reached 3 s later where the quota rose just after a refusal."""
+    ctrl = RateController(0.0)
+    ctrl.restore(replace(ctrl.state, rate=20.3, level=20.3, phase=Phase.CRUISE, unit=math.inf))
+    for k in range(21):  # 20 accepted at 20.3 calls/s, the 21st refused
+        ctrl.on_sent(k / 20.3)
+        if k < 20:
+            ctrl.on_success(k / 20.3, latency=0.0)
+    ctrl.on_throttle(20 / 20.3, latency=0.0)
+    cut = 20 / 20.3
+    ctrl.restore(replace(ctrl.state, rate=19.4, level=19.4, phase=Phase.CRUISE, since=cut,
+                         cut_at=cut, target=20.2, quota=20.0, unit=1.5, refusals=1))  # fmt: skip
+    sent = [cut + 1.0 / 19.4]
+    while ctrl.escalated == 0 and sent[-1] < cut + 30.0:
+        ctrl.on_sent(sent[-1])
+        ctrl.on_success(sent[-1], latency=0.0)
+        sent.append(sent[-1] + 1.0 / ctrl.rate_at(sent[-1]))
+    floor = (len(sent) - 2) / (sent[-2] - cut)  # (accepted - 1) / time since the refusal
+    assert ctrl.escalated == 1
+    assert 1.01 * 20.3 < floor < 1.06 * 20.0
+
+
 def test_503s_that_are_a_share_of_the_answers_cut_like_a_throttle_without_a_pause() -> None:
     """Ten 503s in the last fifty answers: the service is overloaded."""
     ctrl = _cruising()

@@ -19,8 +19,10 @@ Pure: events with their times in, the rate to use out; no clock, no I/O. The des
   refusal a probe costs buys ``hold_calls`` calls (past the target, one refusal fewer:
   the cruise back has paid for it; a cut's second refusal at most ``hold_cap`` seconds
   where that holds ``hold_cap_calls`` calls at the quota measured). A probe the gateway
-  lets past its target by more than the target allows since the bucket was last empty
-  proves the quota rose: the rate grows as at startup until the next refusal measures it;
+  lets past its target by more than the target allows since the bucket was last empty,
+  and more than the quota could be when that refused call went (its **ceiling**: under
+  one call in the time since the call before it), proves the quota rose: the rate grows
+  as at startup until the next refusal measures it;
 - 503s count only when they are ``overload_share`` of the last ``overload_answers``
   answers (isolated ones are faults to retry), and latency only when it rises with the
   rate (``LatencyWatch``): then the rate is cut, and the probes stay under the rate
@@ -61,6 +63,10 @@ quota or more, whatever its burst, and the rate falls to the measure at once."""
 HELD_CALLS = 4
 """Calls started in a ``window`` that say how fast the workers really send (fewer: it
 knows too little of what they sent)."""
+
+SAME_CALL = 1e-6
+"""A call's start as ``on_sent`` saw it and as its answer's latency dates it may differ by
+this much (rounding): the same call."""
 
 OVER = 0.35
 """Refused calls over this share of the last ``1 / jitter_share`` answered (since the cut):
@@ -307,9 +313,9 @@ class RateController:
     passed in must not go backwards.
     """
 
-    __slots__ = ("_accepted", "_answers", "_config", "_delay", "_empty", "_history",
-                 "_latency", "_refused", "_sends", "_since_empty", "_state", "cuts",
-                 "escalated", "measured", "tolerated")  # fmt: skip
+    __slots__ = ("_accepted", "_answers", "_ceiling", "_config", "_delay", "_empty",
+                 "_history", "_latency", "_refused", "_sends", "_since_empty", "_state",
+                 "cuts", "escalated", "measured", "tolerated")  # fmt: skip
 
     def __init__(self, now: float, config: AdaptiveConfig | None = None) -> None:
         self._config = c = config or AdaptiveConfig()
@@ -326,9 +332,11 @@ class RateController:
         self._delay = 0.0  # the answers' mean latency, smoothed: how late a refusal comes
         self._history: deque[tuple[float, float]] = deque()  # (from when, rate) changes
         # The gateway's bucket was empty when the last refused call was sent (``_empty``);
-        # accepted calls sent since: their count, and when the last of them was sent.
+        # accepted calls sent since: their count, and when the last of them was sent; the
+        # most the quota can have been then (``_ceiling_at``).
         self._empty = -math.inf
         self._since_empty = (0, -math.inf)
+        self._ceiling = math.inf
         self.cuts = 0
         self.measured = 0  # refusals that measured the quota
         self.escalated = 0  # probes that found the quota had risen past their target
@@ -406,6 +414,7 @@ class RateController:
             self._empty = sent
             after = len(self._accepted) - bisect.bisect_right(self._accepted, sent)
             self._since_empty = (after, self._accepted[-1] if after else sent)
+            self._ceiling = self._ceiling_at(sent)
         s = self._state
         # Old news too: a call sent within one interval of the cut had its slot before it.
         # Either cost the cut one more refusal: the probe takes longer to come back.
@@ -470,7 +479,11 @@ class RateController:
         of the probe or every ``rise_interval``, whichever is shorter (under about 15
         calls/s the unit, 30 calls a refusal, is longer: doubling once a unit took 145 s
         from 1 call/s to 45). A floor past the target but within two margins of the quota
-        measured proves that measure low, not a rise: the floor becomes the target."""
+        measured proves that measure low, not a rise (the floor becomes the target), unless
+        it is past the ceiling of the call that emptied the bucket by 1 %: the quota was
+        under that then, whatever the measure. Two margins over the measure waited out the
+        cruise back from a refusal just before a rise, and the probe past it: a rise from
+        20 to 50 calls/s then was followed in up to 10.7 s, now 4.7-10.4 s."""
         s = self._state
         c = self._config
         if s.phase is not Phase.PROBE or math.isinf(s.target):
@@ -478,9 +491,13 @@ class RateController:
         floor = self._floor()
         if floor <= (1.0 + c.margin / 3.0) * s.target:
             return rate
-        if floor <= (1.0 + 2.0 * c.margin) * s.quota < math.inf:
-            # Past a quota measured a little low, not proof that it rose: the probe's
-            # target is the floor (the probe is not as far past it as it was).
+        if (
+            floor <= (1.0 + 2.0 * c.margin) * s.quota < math.inf
+            and floor <= (1.0 + c.margin / 3.0) * self._ceiling
+        ):
+            # Past a quota measured a little low, and not past the ceiling: no proof that
+            # it rose. The probe's target is the floor (the probe is not as far past it as
+            # it was).
             return self._set(replace(s, target=floor), now)
         self.escalated += 1
         state = replace(s, phase=Phase.STARTUP, level=rate, since=now, quota=math.inf,
@@ -530,6 +547,29 @@ class RateController:
         if count < c.measure_calls or not c.measure_s <= span < math.inf:
             return 0.0
         return (count - 1) / span
+
+    def _ceiling_at(self, sent: float) -> float:
+        """The most the quota can have been when the call sent at ``sent`` was refused
+        (``inf``: nothing known): the gateway's bucket held less than a token then, and
+        no less than none just after the call before, so it got less than a token in
+        between, whatever its burst: the quota is under 1 / (the time between them), the
+        pace the refused call went at. Only for a call paced after an accepted one: a
+        gateway counting calls per whole second refuses every call past its count however
+        far apart (walking back over refused calls to the last accepted one, as a token
+        bucket allows, said 2-25 calls/s of a quota of 150), and a gap of more than two
+        intervals of the pace is a pause or an idle stretch."""
+        sends = self._sends
+        own = bisect.bisect_right(sends, sent + SAME_CALL) - 1  # the refused call's own start
+        if own < 1 or self._was_refused(sends[own - 1]):
+            return math.inf
+        gap = sends[own] - sends[own - 1]
+        return 1.0 / gap if 0.0 < gap <= 2.0 / self.rate_sent_at(sent) else math.inf
+
+    def _was_refused(self, started: float) -> bool:
+        """Whether the call started at ``started`` is known to have been refused."""
+        refused = self._refused
+        index = bisect.bisect_left(refused, started - SAME_CALL)
+        return index < len(refused) and refused[index] <= started + SAME_CALL
 
     def _overloaded_at(self, sent: float, rate: float) -> float:
         """An overload of a call sent at ``sent``: its rate (returned) caps the probes, as
