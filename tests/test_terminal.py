@@ -23,8 +23,10 @@ from tests.tty import Terminal
 from worker.outcomes.journal import Tally
 from worker.simulator import Simulator, SimulatorConfig, run_simulator
 from worker.terminal.lines import EventLines
-from worker.terminal.progress import Progress, count_lines
+from worker.terminal.output import display_on
+from worker.terminal.progress import Progress, Snapshot, count_lines
 from worker.terminal.prompt import Proposal, tally
+from worker.terminal.screen import PlainScreen, progress_view
 from worker.terminal.summary import RunEnd
 from worker.terminal.waiting import status_while
 
@@ -208,6 +210,19 @@ def test_progress_figures_show_done_rate_eta_and_outcomes() -> None:
     )
 
 
+@pytest.mark.parametrize("width", [40, 120])
+def test_a_narrow_terminal_shows_the_figures_whole(width: int) -> None:
+    """At 40 columns the bar took 10 of them and the figures were cut: ``ETA 3m…``."""
+    from rich.console import Console
+
+    snap = Snapshot(25, 300, 2.0, 184.0, (("deleted", 25),), 0)
+    console = Console(file=io.StringIO(), width=width, color_system=None)
+    console.print(progress_view(snap, width))
+    shown = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "8% 25 / 300 · 2 ids/s · ETA 3m04s\n" in shown and "deleted 25" in shown
+    assert ("━" in shown) == (width == 120) and "…" not in shown
+
+
 def test_count_lines_knows_plain_files_only(tmp_path: Path) -> None:
     plain = write_ids(tmp_path / "ids.txt", ["a", "b", "c"])
     assert count_lines(str(plain)) == 3
@@ -348,6 +363,43 @@ async def test_ctrl_c_explains_itself_and_the_summary_prints_the_command_that_re
 
 
 @pytest.mark.anyio
+async def test_ids_typed_at_the_terminal_are_asked_for_and_never_drawn_over(
+    tmp_path: Path,
+) -> None:
+    """``run -i -`` with the terminal as stdin: the progress display was drawn over the
+    ids being typed, and nothing said to type them; without ``--yes`` the refusal said
+    "not on a terminal" to a person at one."""
+    async with _project(tmp_path, 3) as (sim, _, env):
+        job = sim.job_ids()[0]
+
+        def typed() -> tuple[int, Terminal]:
+            term = Terminal(["run", "-i", "-", "--dry-run"], env)
+            term.expect("Ctrl-D ends them")
+            term.type(f"{job}\nnot an id!\n".encode())
+            term.expect_on_screen("not an id!")
+            term.type(b"\x04")
+            return term.wait(), term
+
+        code, term = await anyio.to_thread.run_sync(typed)
+        refused, asked = await anyio.to_thread.run_sync(
+            lambda: _run_on_a_pty(["-i", "-"], env, columns=300)
+        )
+    assert code == 1, term.screen_text()  # the line that is not an id is rejected
+    lines = [line for line in term.lines() if line]
+    assert lines[:3] == ["reading ids from the terminal, one a line; Ctrl-D ends them", job,
+                         "not an id!"], lines  # fmt: skip
+    assert "━" not in term.text() and "ids/s" not in term.text()
+    assert "  would delete            1" in lines
+    assert lines[-1] == "dry run: nothing was sent; a real run would delete up to 1 job"
+    assert refused == 64
+    assert [line for line in asked.lines() if line] == [
+        "devserver-reaper run: refusing to delete without confirmation: --input - reads the "
+        "ids from the terminal, so the prompt cannot ask there; pass --yes, or try --dry-run "
+        "first"
+    ]
+
+
+@pytest.mark.anyio
 async def test_a_dry_run_says_what_it_would_delete_not_what_it_skipped(tmp_path: Path) -> None:
     """... and why the others were skipped (a skip may be work left undone: the cap)."""
     async with _project(tmp_path, 40) as (sim, src, env):
@@ -458,6 +510,27 @@ class _Screen(io.StringIO):
 
     def isatty(self) -> bool:
         return self.tty
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("term", ["dumb", "xterm-256color"])
+async def test_a_terminal_that_cannot_redraw_gets_plain_progress_lines(
+    term: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``TERM=dumb`` (an editor's shell buffer): a display redrawn in place showed nothing
+    for the whole run; there it is a plain progress line every few seconds, as in a log."""
+    monkeypatch.setenv("TERM", term)
+    display = display_on(_Screen(tty=True))
+    assert isinstance(display, PlainScreen) == (term == "dumb"), display
+    if isinstance(display, PlainScreen):
+        plain = PlainScreen(screen := _Screen(tty=True), every_s=0)
+        with anyio.move_on_after(1):
+            async with anyio.create_task_group() as group:
+                group.start_soon(plain.show, Progress(Tally(), total=3, clock=lambda: 1.0))
+                while not screen.getvalue():  # a condition: the first line is written
+                    await anyio.sleep(0)
+                plain.stop()
+        assert screen.getvalue().startswith("progress:   0.0% 0 / 3 · 0 ids/s")
 
 
 @pytest.mark.anyio

@@ -67,7 +67,7 @@ from worker.pipeline import RunState
 from worker.routing import Router
 from worker.settings import Settings
 from worker.targets import Target
-from worker.terminal.output import Output
+from worker.terminal.output import TYPE_IDS, Output, reads_the_terminal
 from worker.terminal.prompt import InterruptedAtPrompt, Proposal
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -101,7 +101,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         output = terminal.for_run(
             log_format=settings.log_format,
             log_level=settings.log_level,
-            progress=args.progress,
+            # ids typed at the terminal: a display drawn there would be drawn over them
+            progress="off" if reads_the_terminal(args.input) else args.progress,
             verbosity=args.verbose - args.quiet,
             events=args.events,
             silent=frozenset(
@@ -188,6 +189,8 @@ def _execute(
         sys.stderr.write(f"\n{exc}\n")
         return ExitCode.INTERRUPTED
     try:
+        if reads_the_terminal(request.input) and stdin is None:
+            output.say(TYPE_IDS)
         if request.input == "-" and stdin is None:
             # Unbuffered: the reading thread may be left blocked on a quiet pipe after a stop,
             # and a BufferedReader's lock held by it would abort the interpreter at exit.
@@ -297,6 +300,11 @@ def _confirm(
         and sys.stdin.isatty()
         and sys.stderr.isatty()
     )
+    if reads_the_terminal(request.input):  # the ids are typed there: no answer can be read
+        raise UsageError(
+            "refusing to delete without confirmation: --input - reads the ids from the "
+            "terminal, so the prompt cannot ask there; pass --yes, or try --dry-run first"
+        )
     if not interactive:
         raise UsageError(
             "refusing to delete without confirmation: not on a terminal, so pass --yes "

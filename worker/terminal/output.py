@@ -77,7 +77,7 @@ def for_run(
     handle = _open_events(events)
     people = out.isatty() and log_format != "console"
     if people:
-        screen = _screen(err if err.isatty() else out)
+        screen = display_on(err if err.isatty() else out)
         lines = EventLines(verbosity, as_json=log_format == "json", silent=silent)
         logsetup.configure_for_people(
             render=lines,
@@ -92,18 +92,31 @@ def for_run(
     else:
         logsetup.configure(fmt=cast(logsetup.LogFormat, log_format), level=log_level, stream=out)
     if err.isatty() and progress != "off" and verbosity >= 0:
-        return Output(_screen(err), True, None, handle, command=command)
+        return Output(display_on(err), True, None, handle, command=command)
     if err.isatty():
-        return Output(_screen(err), False, None, handle, quiet=verbosity < 0, command=command)
+        return Output(display_on(err), False, None, handle, quiet=verbosity < 0, command=command)
     if progress == "on":
         return Output(PlainScreen(err), True, None, handle, command=command)
     return Output(None, False, None, handle)
 
 
-def _screen(file: IO[str]) -> Display:
+TYPE_IDS = "reading ids from the terminal, one a line; Ctrl-D ends them"
+"""Said when ``--input -`` is the terminal itself, which otherwise waits in silence."""
+
+
+def reads_the_terminal(path: str | None) -> bool:
+    """Whether ``--input`` is the terminal a person types at (``-`` with stdin a terminal)."""
+    return path == "-" and sys.stdin is not None and sys.stdin.isatty()
+
+
+def display_on(file: IO[str]) -> Display:
+    """The display of a terminal: redrawn in place where the terminal can move its cursor;
+    on one that cannot (``TERM=dumb``: an editor's shell buffer), a redrawn display shows
+    nothing at all until the run ends, so a plain progress line every few seconds."""
     from worker.terminal.screen import Screen
 
-    return Screen(file)
+    screen = Screen(file)
+    return screen if screen.redraws else PlainScreen(file)
 
 
 def _open_events(path: str | None) -> TextIO | None:

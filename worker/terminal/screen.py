@@ -47,6 +47,11 @@ class Screen:
     def width(self) -> int:
         return self._console.width
 
+    @property
+    def redraws(self) -> bool:
+        """Whether the terminal can redraw the display in place (not ``TERM=dumb``)."""
+        return self._console.is_interactive
+
     def print(self, text: str, style: str | None = None) -> None:
         """A line above the display (or simply a line, when none is shown)."""
         self._console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
@@ -57,7 +62,7 @@ class Screen:
         from rich.live import Live
 
         live = Live(
-            _render(progress.snapshot(), self.width),
+            progress_view(progress.snapshot(), self.width),
             console=self._console,
             auto_refresh=False,
             transient=True,
@@ -70,7 +75,7 @@ class Screen:
             while self._live is live:
                 await anyio.sleep(self.REFRESH_S)
                 if self._live is live:
-                    live.update(_render(progress.snapshot(), self.width), refresh=True)
+                    live.update(progress_view(progress.snapshot(), self.width), refresh=True)
         finally:
             self.stop()
 
@@ -84,21 +89,27 @@ class Screen:
         return f"Screen(width={self.width}, live={self._live is not None})"
 
 
-def _render(snap: Snapshot, width: int) -> RenderableType:
+def progress_view(snap: Snapshot, width: int) -> RenderableType:
+    """The display of ``snap`` at ``width`` columns: a bar and the figures, or on a narrow
+    terminal the figures alone, whole."""
+    from rich.console import Group
     from rich.progress_bar import ProgressBar
     from rich.table import Table
     from rich.text import Text
 
+    share = f"{snap.share:4.0%}" if snap.share is not None else ""
+    figures = Text(f"{share} {snap.figures()}".strip())
+    outcomes = Text(snap.outcomes(), style="dim")
+    bar_width = min(40, width - len(figures) - 2)
+    if bar_width < 10:  # a narrow terminal: the figures whole, wrapped, rather than a stub
+        return Group(figures, outcomes) if outcomes else figures  # of a bar and "ETA 3m…"
     grid = Table.grid(padding=(0, 1))
     grid.add_column(no_wrap=True)
     grid.add_column(no_wrap=True)
-    bar_width = max(10, min(40, width - 50))
-    share = f"{snap.share:4.0%}" if snap.share is not None else ""
     bar = ProgressBar(total=snap.total, completed=snap.done, width=bar_width)
-    grid.add_row(bar, Text(f"{share} {snap.figures()}".strip()))
-    outcomes = snap.outcomes()
+    grid.add_row(bar, figures)
     if outcomes:
-        grid.add_row(Text(""), Text(outcomes, style="dim"))
+        grid.add_row(Text(""), outcomes)
     return grid
 
 
