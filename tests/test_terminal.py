@@ -18,6 +18,7 @@ import orjson
 import pytest
 import structlog
 
+from tests.conftest import REDIS_URL
 from tests.e2e import reaper_env, write_ids
 from tests.tty import Terminal
 from worker.outcomes.journal import Tally
@@ -499,6 +500,55 @@ async def test_discover_on_a_terminal_shows_its_table_and_review_without_event_l
     assert "credentials.source" not in shown
     assert "discover.summary" not in shown
     assert "[info" not in shown
+
+
+@pytest.mark.anyio
+async def test_discover_says_its_warnings_on_a_terminal_as_sentences(tmp_path: Path) -> None:
+    """``plan.unkeyed`` was a log line (a timestamp, ``[warning  ]``, the event's name,
+    ``reason="..."``, the run id) above the review a person reads."""
+    async with _project(tmp_path, 20) as (_sim, _src, env):
+        plan = tmp_path / "plan"
+        term = Terminal(["discover", "--status", "FINISHED", "--plan", str(plan)], env,
+                        columns=300)  # fmt: skip
+        assert await anyio.to_thread.run_sync(term.wait) == 0
+    lines = [line for line in term.lines() if line]
+    assert lines[0] == (
+        "warning: no plan_key_file: the plan's seal is a plain SHA-256 digest, which catches "
+        "accidents, not someone who can write the file and re-seal it"
+    )
+    assert lines[1] == f"plan {plan}"
+    assert "run_id" not in term.screen_text()
+
+
+@pytest.mark.anyio
+async def test_enqueue_on_a_terminal_says_a_redis_that_does_not_answer_and_few_bad_lines(
+    tmp_path: Path, redis_prefix: str
+) -> None:
+    """``enqueue`` at a terminal: a Redis that does not answer was a log line
+    (``error=ConnectionError``) with no fix, and each bad line of the input one more."""
+    source = tmp_path / "ids.txt"
+    source.write_text("".join(f"bad id {n}\n" for n in range(8)) + "a-1\n")
+    env = {**reaper_env("http://127.0.0.1:9"), "REAPER_LOG_FORMAT": "auto"}
+    args = ["enqueue", "-i", str(source), "--stream", redis_prefix + "ids", "--redis-url"]
+
+    def enqueue(url: str) -> tuple[int, list[str]]:
+        term = Terminal([*args, url], env, columns=300)
+        return term.wait(), [line for line in term.lines() if line]
+
+    assert await anyio.to_thread.run_sync(enqueue, "redis://127.0.0.1:1/0") == (69, [
+        "devserver-reaper enqueue: Redis at redis://127.0.0.1:1/0, where the ids stream is "
+        "kept, does not answer (ConnectionError); nothing was sent",
+        "  fix: check that Redis runs and answers from here (redis-cli PING), then run the "
+        "same command again",
+    ])  # fmt: skip
+    code, lines = await anyio.to_thread.run_sync(enqueue, REDIS_URL)
+    assert code == 1, lines
+    rejected = [line for line in lines if line.startswith("rejected")]
+    assert rejected == [f"rejected  line {n + 1}: bad id {n} (invalid character ' ' at "
+                        "position 4)" for n in range(5)]  # fmt: skip
+    assert "(3 more rejected ids not shown: 2> FILE keeps each as JSON)" in lines
+    summary = next(line for line in lines if line.startswith("{"))  # stdout: data
+    assert orjson.loads(summary)["enqueued"] == 1
 
 
 class _Screen(io.StringIO):

@@ -150,12 +150,15 @@ class DiscoverRequest:
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
     from worker import logsetup
+    from worker.terminal.output import for_people_on
 
     # A person at a terminal reads the table and its review: the info events (which keys,
-    # the summary the review already shows) are for logs, so only warnings are shown there.
-    quiet = sys.stderr.isatty() and "log_level" not in settings.model_fields_set
-    level = "warning" if quiet and settings.log_level == "info" else settings.log_level
-    logsetup.configure(fmt=settings.log_format, level=level, stream=sys.stderr)
+    # the summary the review already shows) are for logs, so only warnings are shown there,
+    # each as a line of its own words (not a log line with a timestamp and a run id).
+    if sys.stderr.isatty() and "log_level" not in settings.model_fields_set:
+        for_people_on(sys.stderr, log_format=settings.log_format, log_level="warning")
+    else:
+        logsetup.configure(fmt=settings.log_format, level=settings.log_level, stream=sys.stderr)
     structlog.contextvars.bind_contextvars(run_id=logsetup.new_run_id())
     log = structlog.get_logger("devserver_reaper")
     try:

@@ -40,11 +40,18 @@ CHUNK = 500
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
-    logsetup.configure(fmt=settings.log_format, level=settings.log_level, stream=sys.stderr)
+    from worker.terminal.output import TYPE_IDS, for_people_on, reads_the_terminal
+
+    shown = for_people_on(sys.stderr, log_format=settings.log_format, log_level=settings.log_level)
+    if reads_the_terminal(args.input):
+        sys.stderr.write(TYPE_IDS + "\n")
     structlog.contextvars.bind_contextvars(
         run_id="enqueue-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     )
-    return execute(args.input, args.input_format, settings)
+    code = execute(args.input, args.input_format, settings)
+    if shown is not None and (note := shown.held_back_note("2> FILE keeps each as JSON")):
+        sys.stderr.write(note + "\n")
+    return code
 
 
 def execute(path: str, fmt: str, settings: Settings, *, stdin: IO[bytes] | None = None) -> int:
@@ -79,9 +86,7 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
             try:
                 await wiring.answering(client, settings.redis_url, kept="the ids stream")
             except RedisUnavailable as exc:
-                events.error("enqueue.redis_unavailable", redis=redis_where(settings.redis_url),
-                             error=exc.cause)  # fmt: skip
-                return ExitCode.UNAVAILABLE
+                return _unavailable(exc, settings)
             chunks = read_chunks(entries, CHUNK)
             while True:
                 chunk = await anyio.to_thread.run_sync(next, chunks, None)
@@ -111,14 +116,29 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
                 first = first or _text(added[0])
                 last = _text(added[-1])
     except REDIS_ERRORS as exc:  # away, or full (OOM): try again later
-        events.error("enqueue.redis_unavailable", redis=redis_where(settings.redis_url),
-                     error=type(exc).__name__, enqueued=enqueued)  # fmt: skip
+        where = redis_where(settings.redis_url)
+        gone = RedisUnavailable(f"Redis at {where} stopped answering ({type(exc).__name__}) "
+                                f"after {enqueued:,} ids were enqueued")  # fmt: skip
+        code = _unavailable(gone, settings, enqueued=enqueued)
         _summary(settings.stream, enqueued, rejected, first, last)
-        return ExitCode.UNAVAILABLE
+        return code
     finally:
         await client.aclose()
     _summary(settings.stream, enqueued, rejected, first, last)
     return ExitCode.SOME_FAILED if rejected else ExitCode.OK
+
+
+def _unavailable(exc: RedisUnavailable, settings: Settings, **fields: Any) -> int:
+    """Redis did not answer (69): said once, a line and its fix for a person at a terminal,
+    else the event (``enqueue.redis_unavailable``, naming the Redis without its password)."""
+    from worker.service.outage import redis_where
+    from worker.terminal.failure import say_error
+
+    log = structlog.get_logger("devserver_reaper")
+    where = redis_where(settings.redis_url)
+    say_error(log, "enqueue.redis_unavailable", exc, command="enqueue", events=sys.stderr,
+              redis=where, **fields)  # fmt: skip
+    return ExitCode.UNAVAILABLE
 
 
 def _fields(candidate: Candidate) -> dict[str, str]:

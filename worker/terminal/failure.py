@@ -20,6 +20,7 @@ from worker.errors import (
     InputUnreadable,
     NoSuchApi,
     ReaperError,
+    RedisUnavailable,
     TlsError,
     TransientError,
     UsageError,
@@ -54,6 +55,11 @@ def fix_for(exc: BaseException, command: str = "run") -> str | None:
         return f"check --project-id and --region (or --endpoint){check}"
     if isinstance(exc, TlsError):
         return "the server's certificate was refused: give its CA with --ca-bundle FILE"
+    if isinstance(exc, RedisUnavailable):
+        return (
+            "check that Redis runs and answers from here (redis-cli PING), then run the "
+            "same command again"
+        )
     if isinstance(exc, ApiUnavailable | TransientError):
         if command == "check":
             return "check the endpoint, and that it is reachable from here (proxy, firewall)"
@@ -70,16 +76,18 @@ def say_error(
     command: str,
     events: IO[Any] | None = None,
     stderr: IO[str] | None = None,
+    **fields: Any,
 ) -> None:
     """Report an error that ends ``command``, once to each reader: the event ``event``
-    through ``log``, and one line (two with the fix) on stderr. Where the events and stderr
-    end in one place, only one of them: the line on a terminal, else the event. ``events``:
-    where ``log`` writes (None: somewhere else than stderr)."""
+    (with ``fields`` beside its ``error``) through ``log``, and one line (two with the fix)
+    on stderr. Where the events and stderr end in one place, only one of them: the line on
+    a terminal, else the event. ``events``: where ``log`` writes (None: somewhere else than
+    stderr)."""
     err = stderr if stderr is not None else sys.stderr
     person = err.isatty()
     same = events is not None and _same_place(events, err)
     if not (same and person):  # a program reads the events (unless a person reads them here)
-        log.error(event, error=str(exc))
+        log.error(event, error=str(exc), **fields)
     if not same or person:  # a person, or a log of its own, reads stderr
         fix = fix_for(exc, command) if isinstance(exc, ReaperError) else None
         err.write(f"devserver-reaper {command}: {exc}\n" + (f"  fix: {fix}\n" if fix else ""))

@@ -101,20 +101,20 @@ class EventLines:
             )
         level = str(event.get("level", "info"))
         head = f"{level}: " if level in ("warning", "error", "critical") else ""
-        if "error" in event and len(event) - len(_present(event)) == 1:
-            return f"{head}{event['error']}"
+        said = [key for key in ("error", "reason") if key in event]  # a sentence of its own
+        if said and len(event) - len(_present(event)) == 1:
+            return f"{head}{event[said[0]]}"
         rest = " ".join(f"{k}={v}" for k, v in event.items() if k not in _COMMON)
         return f"{head}{name}" + (f"  {rest}" if rest else "")
 
-    def held_back_note(self) -> str | None:
-        """What was not shown, and how to see it; None when everything was."""
+    def held_back_note(
+        self, how: str = "-v shows each, --events FILE or --results FILE keeps them"
+    ) -> str | None:
+        """What was not shown, and ``how`` to see it; None when everything was."""
         if not self.held_back:
             return None
         parts = [f"{n:,} more {name.removeprefix('job.')}" for name, n in self.held_back.items()]
-        return (
-            f"({', '.join(parts)} ids not shown: -v shows each, --events FILE or --results "
-            "FILE keeps them)"
-        )
+        return f"({', '.join(parts)} ids not shown: {how})"
 
     def __repr__(self) -> str:
         return f"EventLines(verbosity={self._verbosity}, shown={dict(self.shown)})"

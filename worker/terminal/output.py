@@ -130,16 +130,19 @@ def _open_events(path: str | None) -> TextIO | None:
         raise UsageError(f"--events {path} cannot be opened: {reason}") from None
 
 
-def for_people_on(stream: IO[str], *, log_format: str, log_level: str) -> None:
-    """Events of a command whose own output is for people (``check``): on a terminal, as
-    short lines (warnings and errors only); elsewhere as ``configure`` writes them."""
+def for_people_on(stream: IO[str], *, log_format: str, log_level: str) -> EventLines | None:
+    """Events of a command that speaks to people on ``stream`` (``check``, ``discover``,
+    ``enqueue``): on a terminal, as short lines (warnings and errors, the first few rejected
+    ids), and the lines returned, to say at the end what they held back; elsewhere as
+    ``configure`` writes them (None)."""
     if stream.isatty() and log_format == "auto":
         lines = EventLines(0)
         logsetup.configure_for_people(
             render=lines, write=lambda line: _say(stream, line), level=log_level
         )
-    else:
-        logsetup.configure(fmt=cast(logsetup.LogFormat, log_format), level=log_level, stream=stream)
+        return lines
+    logsetup.configure(fmt=cast(logsetup.LogFormat, log_format), level=log_level, stream=stream)
+    return None
 
 
 def _say(stream: IO[str], line: str) -> None:
