@@ -187,6 +187,33 @@ def test_a_refusal_after_an_idle_stretch_is_not_measured_across_it() -> None:
     assert 0.9 * 1.5 < ctrl.rate < 1.5
 
 
+def test_a_refusal_with_answers_still_out_measures_a_pace_of_twice_the_quota() -> None:
+    """A 429 comes back at once and an accepted call takes its latency, so with answers
+    around 0.3 s every refusal had accepted calls still out and none was measured: each
+    stepped 3 % under the rate refused (a burst of 10 at 5 calls/s let start-up reach 30
+    calls/s, and it came back down a step at a time). Counted as accepted, the calls still
+    out give the most the quota can be; under 0.4 of the calls sent, that is the measure.
+    Here 30 calls/s, every sixth accepted (5 calls/s) and answered 0.3 s later: measured
+    5.09, the rate 4.94 after 2 s (13.8 after 26 steps of 3 % when no refusal was measured)."""
+    ctrl = _cruising()
+    ctrl.restore(replace(ctrl.state, rate=30.0, level=30.0))
+    answers: list[tuple[float, bool]] = []  # (when, accepted), answered in time order
+    for k in range(60):
+        sent = 1.0 + k / 30
+        while answers and answers[0][0] <= sent:
+            when, accepted = answers.pop(0)
+            if accepted:
+                ctrl.on_success(when, latency=0.3)
+            else:
+                ctrl.on_throttle(when, latency=0.01)
+        ctrl.on_sent(sent)
+        answers.append((sent + (0.3 if k % 6 == 3 else 0.01), k % 6 == 3))
+        answers.sort()
+    assert ctrl.measured >= 1
+    assert ctrl.state.quota < 6.0
+    assert ctrl.rate < 6.0
+
+
 def _after_a_cut(target: float, level: float) -> RateController:
     """A controller cut at 0 s to ``level``, its probe returning to ``target``."""
     ctrl = RateController(0.0)

@@ -242,6 +242,20 @@ def test_auto_on_a_burst_of_one_under_send_jitter(
     assert run.refused_share(10.0, 40.0) <= 0.02
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_auto_at_five_calls_a_second_behind_a_burst_of_ten_with_latency_spread(seed: int) -> None:
+    """As over real HTTP: latency drawn exponential around 300 ms, and a loaded loop's send
+    jitter (``LOADED``), 8 in flight, a quota of 5 calls/s with a burst of 10, which lets
+    start-up reach about 30 calls/s. The goal of the matrix, from 10 s on. A refusal with
+    answers still out was never measured, and each stepped 3 % under the rate refused, down
+    from about 30: 2.6 %, 3.2 % and 12.0 % refused over seeds 1-3; 0.0 % now."""
+    rng = random.Random(seed)
+    run = simulate(lambda t: 5.0, duration=40.0, burst=10, concurrency=8,
+                   latency=lambda rate: rng.expovariate(1.0 / 0.3),
+                   jitter=_jitter(seed, *LOADED))  # fmt: skip
+    _meets_the_goal(run, 5.0)
+
+
 _MOMENTS = {"fall": (0.0, 2.5, 5.5), "rise": (0.0, 1.0, 2.5, 4.0)}
 """Seconds after 30 s (the fall) or 60 s (the rise) the change comes: where it falls in
 the probe's cycle decides how soon it is seen (``tests/benchmarks/bench_quota_change.py``

@@ -641,7 +641,9 @@ class RateController:
         calls: ``_look_back``) and the one refused at ``sent`` (the gateway's bucket was
         empty at both, and calls went at least as fast in between: it accepted its quota
         times the time between them, give or take a call); ``None`` when that is too
-        short, holds too few calls, or spans a pause, to say. From the earliest such call
+        short, holds too few calls, or spans a pause, to say, or when calls sent in between
+        are still out, unless even counted as accepted they are under ``TWICE`` of the
+        calls sent: then that count, the most the quota can be. From the earliest such call
         (the longest span, the finest measure), unless the latest one that spans enough
         says otherwise by more than a call in its span: then the quota changed in between,
         and the latest says what it is now."""
@@ -659,8 +661,19 @@ class RateController:
             return None
         before = bisect.bisect_left(self._accepted, sent)
         sends = self._sends_since(self._refused[first], sent)
-        if before - bisect.bisect_left(self._accepted, self._refused[first]) + end - first < sends:
-            return None  # calls sent in between are still out: their answers would count
+        out = sends - (before - bisect.bisect_left(self._accepted, self._refused[first]))
+        out -= end - first
+        if out > 0:
+            # Calls sent in between are still out: their answers would count. Counted as
+            # accepted, every one, they say the most the quota can be; where that is under
+            # ``TWICE`` of the calls sent, the pace was twice the quota or more: that is the
+            # measure (a 429 comes back at once, the calls accepted take their latency).
+            start = self._refused[first]
+            most = before - bisect.bisect_left(self._accepted, start) + out
+            span = sent - start
+            if span < c.measure_s or most < c.measure_calls or most > TWICE * sends:
+                return None
+            return most / span, start
         latest = None
         for index in range(end - 1, first - 1, -1):
             start = self._refused[index]
