@@ -3,6 +3,7 @@ sums up; each on a real pseudo-terminal, read back as a screen (``tests/tty.py``
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
@@ -185,6 +186,11 @@ def test_a_plans_proposal_counts_by_type_and_status_and_estimates_the_time() -> 
     capped = Proposal(source="ids.txt", project="p", endpoint="e", count=None, cap=7, rate="auto")
     assert capped.lines()[0] == "About to delete up to 7 jobs from ids.txt"
     assert capped.lines()[-1] == "  duration    unknown yet: --rate auto finds the quota as it goes"
+    assert "  cap         at most 7 sent, in this run (--max-deletions)" in capped.lines()
+    # With --ledger the cap is on every run on it: "this run" said more than a resume may send.
+    resumed = dataclasses.replace(capped, ledger=True).lines()
+    cap = "  cap         at most 7 sent, in every run on this ledger together (--max-deletions)"
+    assert cap in resumed
 
 
 def test_progress_figures_show_done_rate_eta_and_outcomes() -> None:

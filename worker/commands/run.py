@@ -377,6 +377,7 @@ def _proposal(
         count=len(plan) if plan is not None else count_lines(request.input),
         exact=plan is not None,
         cap=settings.max_deletions,
+        ledger=settings.ledger is not None,
         by_type=_counted(plan, "by_type"),
         by_status=_counted(plan, "by_status"),
         protection=tuple(rules),

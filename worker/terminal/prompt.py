@@ -49,7 +49,8 @@ class Proposal:
     by_type: tuple[tuple[str, int], ...] = ()
     by_status: tuple[tuple[str, int], ...] = ()
     protection: tuple[str, ...] = ()  # the rules in force, in words
-    already_done: int | None = None  # ids the ledger holds settled (None: no ledger)
+    already_done: int | None = None  # ids the ledger holds settled (None: no ledger yet)
+    ledger: bool = False  # --ledger given: the cap is on every run on it together
     calls_per_id: float = 0.0  # show calls per id (plan re-check, protection by record)
     batch_size: int = 50
     rate: float | str = 10.0
@@ -100,7 +101,8 @@ class Proposal:
                 "those are not sent again"
             )
         if self.cap is not None:
-            rows.append(f"  cap         at most {self.cap:,} this run (--max-deletions)")
+            runs = "every run on this ledger together" if self.ledger else "this run"
+            rows.append(f"  cap         at most {self.cap:,} sent, in {runs} (--max-deletions)")
         rows.append(f"  duration    {self._duration()}")
         return rows
 
