@@ -209,12 +209,29 @@ def test_progress_figures_show_done_rate_eta_and_outcomes() -> None:
         progress.line()
         == " 25.0% 250 / 1,000 · 25 ids/s · ETA 30s | deleted 200  absent 50 · retries 3"
     )
-    now[0] = 100.0 + 250 / 0.05  # a slow run: the ETA reads in minutes and hours
-    assert "ETA 4h10m" in progress.snapshot().figures()
     tally.already_done, tally.repeated = 85, 2  # counted in done: said beside the outcomes
     assert progress.snapshot().outcomes() == (
         "deleted 200  absent 50  already done 85  repeated 2 · retries 3"
     )
+    slow = Tally()
+    progress = Progress(slow, total=1000, clock=lambda: now[0])
+    slow.outcomes["deleted"] += 250
+    now[0] += 250 / 0.05  # a slow run: the ETA reads in minutes and hours
+    assert "ETA 4h10m" in progress.snapshot().figures()
+
+
+def test_the_rate_and_eta_are_those_of_the_last_seconds_not_of_ids_settled_at_once() -> None:
+    """240 ids skipped at once (the cap reached), then one id a second: the display said
+    13 ids/s and "ETA 3s" for 40 s (the average since the start)."""
+    now = [0.0]
+    tally = Tally()
+    progress = Progress(tally, total=300, clock=lambda: now[0])
+    tally.outcomes["skipped"] += 240
+    for second in range(1, 21):
+        now[0] = float(second)
+        tally.outcomes["absent"] += 1
+        snap = progress.snapshot()
+    assert snap.figures() == "260 / 300 · 1 ids/s · ETA 40s"
 
 
 @pytest.mark.parametrize("width", [40, 120])

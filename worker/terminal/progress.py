@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,19 +63,32 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """Reads a run's tally against the clock: what the display shows."""
+    """Reads a run's tally against the clock: what the display shows. Its ids/s and ETA are
+    those of the last ``WINDOW_S`` seconds (since the start, until it has run that long):
+    ids settled at once (skipped by the cap, struck out) are not a pace the rest will
+    keep, and a run that slows down says so."""
+
+    WINDOW_S = 10.0
 
     def __init__(self, tally: Tally, *, total: int | None, clock: Callable[[], float]) -> None:
         self._tally = tally
         self._total = total
         self._clock = clock
-        self._started = clock()
+        self._samples: deque[tuple[float, int]] = deque([(clock(), 0)])  # (time, finished)
+
+    def _rate(self, now: float, finished: int) -> float:
+        """Ids/s from the latest sample at least ``WINDOW_S`` old (else the start) to now."""
+        samples = self._samples
+        samples.append((now, finished))
+        while len(samples) > 2 and samples[1][0] <= now - self.WINDOW_S:
+            samples.popleft()
+        then, before = samples[0]
+        return (finished - before) / max(now - then, 1e-9)
 
     def snapshot(self) -> Snapshot:
         tally = self._tally
         done = tally.finished + tally.repeated + tally.already_done
-        elapsed = max(self._clock() - self._started, 1e-9)
-        rate = tally.finished / elapsed
+        rate = self._rate(self._clock(), tally.finished)
         eta = None
         if self._total and rate > 0 and done < self._total:
             eta = (self._total - done) / rate
