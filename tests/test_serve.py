@@ -58,7 +58,9 @@ def test_an_entry_with_id_ids_or_both_yields_its_valid_ids_once_in_order() -> No
 
 
 def test_invalid_ids_are_rejections_with_reasons_and_never_ids() -> None:
-    message = decode_entry("1-0", {b"ids": b'["ok", "no way", 7, ""]'})
+    """Each invalid value once, at its first position, as a valid id named twice is one id:
+    every value an entry names gets one outcome (an invalid one named twice had two)."""
+    message = decode_entry("1-0", {b"ids": b'["ok", "no way", 7, "", "no way", 7, "ok"]'})
     assert message.ids == ("ok",)
     assert [(r.raw, r.line) for r in message.rejections] == [("no way", 2), ("7", 3), ("", 4)]
     assert "invalid character" in message.rejections[0].reason
@@ -332,7 +334,8 @@ async def test_ids_are_deleted_outcomes_written_and_entries_acked(redis_prefix: 
     async with running(redis_prefix, SimulatorConfig(jobs=120)) as svc:
         ids = svc.sim.job_ids()
         await svc.enqueue(ids[:100])
-        await svc.redis.xadd(svc.layout.stream, {"ids": orjson.dumps([*ids[100:], "bad id!"])})
+        named = [*ids[100:], "bad id!", ids[100], "bad id!"]  # each named twice: one row each
+        await svc.redis.xadd(svc.layout.stream, {"ids": orjson.dumps(named)})
         await until(lambda: _true(len(svc.sim.deleted) == 120))
         await until(lambda: _zero(svc.pending()))
         outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
@@ -344,8 +347,11 @@ async def test_ids_are_deleted_outcomes_written_and_entries_acked(redis_prefix: 
     assert [r["job_id"] for r in rows if r["outcome"] == "rejected"] == ["bad id!"]
     assert all(r["entry"] and r["batch_id"] for r in rows if r["outcome"] == "deleted")
     assert len(dead) == 1 and dead[0][1][b"reason"] == b"invalid ids"
+    rejected = orjson.loads(dead[0][1][b"rejected"])
+    assert [(r["job_id"], r["position"]) for r in rejected] == [("bad id!", 21)]
     assert "bad id!" not in svc.sim.sent_counts
     assert len(svc.events("job.deleted")) == 120
+    assert len(svc.events("job.rejected")) == 1
     assert svc.events("serve.stopped")[0]["acked"] == 101
 
 

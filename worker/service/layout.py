@@ -113,7 +113,8 @@ class Message:
     """One stream entry, decoded.
 
     ``ids`` are the valid ids, de-duplicated in order; ``rejections`` the invalid ones (never
-    sent). ``problem`` is set when the entry cannot be read at all; it then carries no ids.
+    sent), each value once, at its first position: every value named gets one outcome.
+    ``problem`` is set when the entry cannot be read at all; it then carries no ids.
     ``payload`` is the entry's fields as text, for the dead-letter stream. ``settled`` are
     ids of the entry that had their outcome on an earlier delivery (taken out of ``ids``).
 
@@ -275,23 +276,25 @@ def decode_entry(entry_id: str, fields: dict[bytes, bytes] | dict[str, str]) -> 
         return Message(entry_id, (), problem=problem, payload=payload)
     named = twice if twice is not None else _address(values)
     ids: dict[str, None] = {}
-    rejections: list[Rejection] = []
+    rejections: dict[str, Rejection] = {}  # by the value named: its first position
     for position, value in enumerate(raw, start=1):
         if isinstance(value, _Unlisted):
-            rejections.append(Rejection(value.text, position, value.reason))
+            rejections.setdefault(value.text, Rejection(value.text, position, value.reason))
             continue
         if not isinstance(value, str):
             reason = f"not a string but {type(value).__name__}"
-            rejections.append(Rejection(orjson.dumps(value).decode(), position, reason))
+            text = orjson.dumps(value).decode()
+            rejections.setdefault(text, Rejection(text, position, reason))
             continue
         checked = validate(value, position)
         if isinstance(checked, Candidate):
             ids.setdefault(checked.job_id)
         else:
-            rejections.append(checked)
+            rejections.setdefault(checked.raw, checked)
+    invalid = tuple(rejections.values())
     if isinstance(named, str):  # its ids end rejected with the rule, as a line's would
-        return _refused(Message(entry_id, tuple(ids), tuple(rejections), payload=payload), named)
-    return Message(entry_id, tuple(ids), tuple(rejections), payload=payload, address=named)
+        return _refused(Message(entry_id, tuple(ids), invalid, payload=payload), named)
+    return Message(entry_id, tuple(ids), invalid, payload=payload, address=named)
 
 
 def _address(values: Mapping[str, bytes | str]) -> Address | str | None:
