@@ -867,3 +867,38 @@ def test_credential_service_urls_are_https_or_link_local_or_loopback(
     from worker.api.secrets import service_url_problem
 
     assert (service_url_problem(url) is None) == allowed
+
+
+@pytest.mark.parametrize(
+    ("flag", "content", "said"),
+    [
+        ("--ak-file", SK_CANARY + "x" * 26, "is not an access key: 40 characters"),  # the SK's
+        ("--sk-file", f"{SK_CANARY}\nCANARY-SK-TWO-c41e", "holds a control character"),
+    ],
+    ids=["ak-file-holds-no-access-key", "sk-file-holds-two-lines"],
+)
+def test_a_key_file_of_the_wrong_content_exits_78_naming_the_file_never_its_content(
+    tmp_path: Path, flag: str, content: str, said: str
+) -> None:
+    """The real CLI: the error names the file given (it named ``ak (REAPER_AK or the config
+    file)``, a place the key did not come from), and no part of what the file holds."""
+    from tests.test_cli import run_worker
+
+    (tmp_path / "ids.txt").write_text("job-1\n")
+    given = tmp_path / "key-file"
+    given.write_text(content + "\n")
+    given.chmod(0o600)
+    pair, key = ("--sk-file", "good-sk-7a1e") if flag == "--ak-file" else ("--ak-file", "A" * 20)
+    other = tmp_path / "other-key"
+    other.write_text(key)
+    other.chmod(0o600)
+    done = run_worker("run", "--input", "ids.txt", "--project-id", "p1", "--region",
+                      "cn-north-4", "--dry-run", flag, str(given), pair, str(other),
+                      cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 78, done.stderr
+    setting = flag[2:].replace("-", "_")
+    assert done.stderr.startswith(f"devserver-reaper: {setting} {given} {said}"), done.stderr
+    printed = done.stdout + done.stderr
+    for line in content.splitlines():
+        for part in (line, line[:4], line[-4:]):
+            assert part not in printed, part

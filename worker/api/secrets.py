@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from worker.errors import ConfigError
+from worker.types import holds_control
 
 SECRET_FILE_LIMIT = 64 * 1024
 
@@ -73,7 +74,25 @@ def read_key_file(setting: str, path: Path) -> KeyFile:
         raise ConfigError(f"{setting} {path} is not UTF-8 text") from None
     if not text:
         raise ConfigError(f"{setting} {path} is empty")
+    problem = _content_problem(setting, text)
+    if problem is not None:  # said of the file: a variable or a flag did not give the key
+        raise ConfigError(f"{setting} {path} {problem}")
     return KeyFile(text, _exposure(setting, path, info))
+
+
+KEY_FILES = ("ak_file", "sk_file", "security_token_file")
+"""The settings naming a file that holds one key: one line of printable text."""
+
+
+def _content_problem(setting: str, text: str) -> str | None:
+    """Why a key file's ``text`` cannot be the key its ``setting`` asks for, or ``None``;
+    checked here so the error names the file, not the setting it fills (``ak``). Never
+    quotes it."""
+    if setting == "ak_file":
+        return access_key_problem(text)
+    if setting in KEY_FILES and holds_control(text):
+        return "holds a control character (two lines?): a key is one line of text"
+    return None
 
 
 def _read_at_most(fd: int, limit: int) -> bytes:
