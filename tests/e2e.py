@@ -182,14 +182,15 @@ async def serve_app(app: web.Application) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-def mount_secret(folder: Path, **keys: str) -> dict[str, Path]:
+def mount_secret(folder: Path, mode: int = 0o400, **keys: str) -> dict[str, Path]:
     """Key files as the kubelet mounts a Secret, and rotates it: each file is a link through
-    ``..data``, which a rotation points at a new version directory in one rename."""
+    ``..data``, which a rotation points at a new version directory in one rename; ``mode``:
+    the Secret's ``defaultMode``."""
     version = folder / f"..v{len(list(folder.glob('..v*')))}"
     version.mkdir()
     for name, value in keys.items():
         (version / name).write_text(value + "\n")
-        (version / name).chmod(0o400)
+        (version / name).chmod(mode)
     staging = folder / "..data_tmp"
     staging.symlink_to(version.name)
     staging.replace(folder / "..data")

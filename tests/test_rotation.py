@@ -51,9 +51,10 @@ async def test_serve_deletes_with_the_rotated_keys_without_a_restart(
             return len(q.sim.deleted) == n
 
         await until(lambda: deleted(20))
-        # The operator rotates: the API takes only the new keys, the Secret is updated.
+        # The operator rotates: the API takes only the new keys, the Secret is updated (with
+        # a defaultMode that lets anyone read them: warned about once, as at start).
         q.sim.config = replace(q.sim.config, ak="ROTATEDAK2026", sk="rotated-secret-key")
-        mount_secret(secret, ak="ROTATEDAK2026", sk="rotated-secret-key")
+        mount_secret(secret, mode=0o444, ak="ROTATEDAK2026", sk="rotated-secret-key")
         await q.enqueue(ids[20:])
         await until(lambda: deleted(40))
         await q.stop_all()
@@ -66,6 +67,12 @@ async def test_serve_deletes_with_the_rotated_keys_without_a_restart(
     assert len(reloaded) == 1
     assert set(reloaded[0]["files"]) == set(source[0]["files"])
     assert replica.named("serve.paused") == []
+    exposed = [e["error"] for e in replica.named("settings.key_file_exposed")]
+    assert len(exposed) == 2, exposed  # each file once, not at every look after it
+    for path, warning in zip(sorted(files.values()), sorted(exposed), strict=True):
+        assert warning.startswith(f"{path.name}_file {path} is readable by others (mode 0444)")
+        for key in ("ROTATEDAK2026", "rotated-secret-key"):  # nor any part of a key
+            assert not any(part in warning for part in (key, key[:4], key[-4:])), warning
     printed = repr(replica.events) + (tmp_path / "rotating.err").read_text()
     assert "rotated-secret-key" not in printed and SIM_SK not in printed
 
@@ -165,6 +172,7 @@ async def test_a_pause_watch_sees_new_keys_not_a_touch_nor_the_same_keys_swapped
         for _ in range(3):
             assert source.rotated() == ()
         version.write_text("NEWAK")
+        version.chmod(0o400)  # as the Secret's files are (others may not read it)
         assert source.rotated() == (f"ak_file {files['ak']}",)
     assert [e["event"] for e in logs] == [
         "credentials.reloaded", "credentials.reload_failed", "credentials.reloaded",

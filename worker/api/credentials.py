@@ -132,6 +132,8 @@ class FileCredentials:
     a ``credentials.reloaded`` event naming the files; a file caught half rotated (missing,
     empty, not yet an access key) keeps the old keys, is said once
     (``credentials.reload_failed``), and is read again when it changes or the keys are refused.
+    A file read again that others can read is warned about as at start
+    (``settings.key_file_exposed``), once per change of it.
 
     ``rotated()`` is for a pause on refused keys (``serve``): it tells when the files hold
     keys other than those refused, so the pause can end there.
@@ -147,6 +149,7 @@ class FileCredentials:
         self._values = {key: values.get(key) for key in KEY_NAMES}
         self._files = {key: Path(path) for key, path in files.items() if key in KEY_NAMES}
         self._seen = self._identities()
+        self._warned = dict(self._seen)  # exposed files are warned about once per change
         self._broken: dict[str, FileIdentity] | None = None  # as they were when a read failed
         self._refused: Credentials | None = None  # the keys the API refused last
         self._name = name
@@ -207,15 +210,23 @@ class FileCredentials:
         """Read every file; ``seen``: what they named just before (stat before read, so a
         file replaced in between is read again at the next look, never missed)."""
         values = dict(self._values)
+        exposed: dict[str, str] = {}
         try:
             for key, path in self._files.items():
-                values[key] = read_key_file(f"{key}_file", path).text
+                read = read_key_file(f"{key}_file", path)
+                values[key] = read.text
+                if read.warning is not None:
+                    exposed[key] = read.warning
             fresh = self._build(values)
         except ConfigError as exc:
             self._broken = seen
             self._log.warning("credentials.reload_failed", reason=why, error=str(exc))
             return  # the old keys, until the files are whole again
         self._seen, self._broken = seen, None
+        for key, warning in exposed.items():  # as at start, for a file rotated in exposed
+            if self._warned.get(key) != seen.get(key):
+                self._warned[key] = seen.get(key)
+                self._log.warning("settings.key_file_exposed", error=warning)
         if fresh == self._credentials:
             return
         changed = [
