@@ -48,6 +48,7 @@ was reached, a timeout or a 5xx is an outage (69), as when it is asked for by na
 from __future__ import annotations
 
 import configparser
+import hashlib
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -150,6 +151,7 @@ class FileCredentials:
         self._files = {key: Path(path) for key, path in files.items() if key in KEY_NAMES}
         self._seen = self._identities()
         self._warned = dict(self._seen)  # exposed files are warned about once per change
+        self._looked: bytes | None = None  # a digest of what a pause's look last read
         self._broken: dict[str, FileIdentity] | None = None  # as they were when a read failed
         self._refused: Credentials | None = None  # the keys the API refused last
         self._name = name
@@ -183,10 +185,11 @@ class FileCredentials:
     def rotated(self) -> tuple[str, ...]:
         """The key files that now hold keys other than those the API refused last (read in,
         so the next call signs with them), as ``ak_file PATH``; empty when none, or when
-        nothing was refused. One ``stat`` per file when nothing moved, so a pause can look
-        every second: a file touched, or the same keys swapped in, read the same and end
-        nothing. Each change is told once (the keys told of count as refused from then)."""
-        self._look()
+        nothing was refused. While the refused keys are the ones held, a look is a ``stat``
+        and a read per file (``_rewritten``), so a pause can look every second: a file
+        touched, or the same keys swapped in, read the same and end nothing. Each change is
+        told once (the keys told of count as refused from then)."""
+        self._look(deep=self._refused is not None and self._refused == self._credentials)
         refused, fresh = self._refused, self._credentials
         if refused is None or refused == fresh:
             return ()
@@ -199,12 +202,34 @@ class FileCredentials:
     def _identities(self) -> dict[str, FileIdentity]:
         return {key: file_identity(path) for key, path in self._files.items()}
 
-    def _look(self) -> None:
+    def _look(self, deep: bool = False) -> None:
         """Read the files again if what they name moved since they were read, or since a
-        read of them failed (a file caught half rotated is said once, not at every look)."""
+        read of them failed (a file caught half rotated is said once, not at every look);
+        ``deep``: or if, moved or not, they hold other text than was read."""
         now = self._identities()
-        if now != self._seen and now != self._broken:
+        moved = now != self._seen and now != self._broken
+        rewritten = deep and self._rewritten()  # what it read is kept, moved or not
+        if moved or rewritten:
             self._reload("changed", now)
+
+    def _rewritten(self) -> bool:
+        """Do the files hold other text than was read from them, and other than at the last
+        such look? What ``stat`` cannot tell when one was rewritten in place with a key of
+        the same length (an AK is always 20 characters) within one tick of the file
+        system's clock (4 ms on ext4, 1 s or 2 s on some): no time moves. A file that
+        cannot be read counts as its error, so a file caught half written is read in (and
+        said) once, not at every look. What was looked at is kept as a digest only."""
+        found: list[str] = []
+        for key, path in self._files.items():
+            try:
+                found.append(read_key_file(f"{key}_file", path).text)
+            except ConfigError as exc:
+                found.append(f"\0{exc}")  # no key starts with NUL: a key file refuses it
+        digest = hashlib.blake2b("\n".join(found).encode("utf-8", "surrogatepass")).digest()
+        if digest == self._looked:
+            return False
+        self._looked = digest
+        return found != [self._values[key] for key in self._files]
 
     def _reload(self, why: str, seen: dict[str, FileIdentity]) -> None:
         """Read every file; ``seen``: what they named just before (stat before read, so a
