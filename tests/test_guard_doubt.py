@@ -247,3 +247,57 @@ async def test_a_job_sent_unanswered_is_read_again_by_its_show_call_not_a_page(
     assert (checks["expired"], checks["by_show"]) == (3, 3), checks
     assert gateway.delete_calls == 1
     assert {(r["outcome"], r["confirmed"]) for r in rows} == {("deleted", False)}
+
+
+class UnreadableGateway(LateGateway):
+    """``LateGateway`` whose show call is refused (400) once a DELETE went out, while
+    ``unreadable``: the re-check after the lost answer cannot read the jobs."""
+
+    unreadable = True
+
+    async def show(self, request: web.Request) -> web.Response:
+        if self.unreadable and self.delete_calls:
+            self.calls += 1
+            return web.json_response(
+                {"error_code": "ModelArts.0400", "error_msg": "bad request"}, status=400
+            )
+        return await super().show(request)
+
+
+@pytest.mark.anyio
+async def test_a_job_failed_unread_after_a_lost_answer_stays_in_doubt_on_the_ledger(
+    tmp_path: Path,
+) -> None:
+    """The first DELETE is applied and its 502 comes after the check expired; read again,
+    the jobs' show call is refused (400): ``failed``, ``answer_lost`` (they may be gone by
+    that DELETE). ``--retry-failed`` on the ledger then finds them gone: ``deleted``,
+    unconfirmed, as an id a dead run sent (it said ``absent``: the ledger took a failure
+    for a job never sent, and the cap did not count that DELETE)."""
+    gateway = UnreadableGateway(jobs=Gateway.with_jobs(3).jobs)
+    names = gateway.job_ids()
+    ids, ledger = tmp_path / "ids.txt", tmp_path / "ledger.db"
+    ids.write_text("".join(f"{i}\n" for i in names))
+    out = tmp_path / "results.jsonl"
+    args = ["run", "--input", str(ids), "--ledger", str(ledger), "--results", str(out),
+            "--protect", "name:keep-*", "--max-deletions", "10", *fast()]  # fmt: skip
+    async with serve_gateway(gateway) as url:
+        env = reaper_env(url)
+        first = await reaper(args, env)
+        assert first.code == 1, first.stderr
+        assert first.summary()["checks"]["expired"] == 3  # the scenario happened
+        failed = results(out)
+        assert gateway.deleted == set(names)
+        gateway.unreadable = False
+        again = await reaper([*args, "--retry-failed"], env)
+    assert {(r["outcome"], r["reason"], r["attempts"]) for r in failed} == {
+        ("failed", ANSWER_LOST, 1)
+    }, failed
+    assert again.code == 0, again.stderr
+    rows = results(out)
+    assert {(r["outcome"], r["confirmed"], r["reason"]) for r in rows} == {
+        ("deleted", False, ANSWER_LOST)
+    }, rows
+    summary = again.summary()
+    assert (summary["deleted"], summary["unconfirmed"], summary["absent"]) == (3, 3, 0)
+    assert summary["sent_by_earlier_runs"] == 3  # the lost DELETE counts against the cap
+    assert gateway.delete_calls == 1  # nothing sent twice

@@ -37,7 +37,17 @@ from worker.errors import (
 from worker.pacing.bucket import RateLimiter
 from worker.pacing.paced import PacedCall, Stopped, Tries, Working
 from worker.pacing.retry import RetryPolicy
-from worker.types import Batch, DeleteResult, JobRecord, Outcome, Result, gone, skipped
+from worker.types import (
+    Batch,
+    DeleteResult,
+    JobRecord,
+    Outcome,
+    Result,
+    gone,
+    refused,
+    skipped,
+    unverified,
+)
 
 if TYPE_CHECKING:
     from worker.pacing.breaker import BreakerGate
@@ -65,16 +75,7 @@ class Journal(Protocol):
 
 def _failed(job_id: str, batch_id: str, attempts: int, error: ApiError) -> Result:
     """An id the API refused: the job is still there."""
-    return Result(
-        job_id=job_id,
-        outcome=Outcome.FAILED,
-        attempts=attempts,
-        batch_id=batch_id,
-        http_status=error.http_status,
-        error_code=error.error_code,
-        error_msg=error.error_msg or str(error),
-        request_id=error.request_id,
-    )
+    return refused(job_id, batch_id=batch_id, attempts=attempts, error=error)
 
 
 class _StaleCheck(Exception):
@@ -273,7 +274,8 @@ class Dispatcher:
         """A 4xx that is not about credentials: isolate the ids the API objects to.
 
         An id refused after an ambiguous failure may already be gone: the show call decides
-        between gone and ``failed``, so ``failed`` always means the job is still there.
+        between gone and ``failed``, so ``failed`` means the job is still there (when the
+        show call is refused too, ``reason: answer_lost`` says it may be gone).
         """
         if len(ids) > 1:
             self.splits += 1
@@ -341,7 +343,12 @@ class Dispatcher:
         except PermanentError as exc:
             if not isinstance(exc, ClientError):
                 raise
-            await self._journal.finished([_failed(job_id, batch_id, attempt, exc)])
+            if job_id in doubt.unsure:  # an unanswered DELETE of it may have removed it
+                failed = unverified(job_id, batch_id=batch_id, attempts=attempt, error=exc,
+                                    ours=True)  # fmt: skip
+            else:
+                failed = _failed(job_id, batch_id, attempt, exc)
+            await self._journal.finished([failed])
             return False
         return True
 

@@ -50,7 +50,7 @@ from worker.errors import ConfigError, InputUnreadable, OutcomeConflict, ReaperE
 from worker.private_files import check_existing, claim_private, open_private_fd
 from worker.scratch import Scratch
 from worker.targets import Target
-from worker.types import Candidate, Outcome, Rejection, Result
+from worker.types import ANSWER_LOST, Candidate, Outcome, Rejection, Result
 
 SCHEMA_VERSION = "1"
 NAMED_SCHEMA = "2"
@@ -109,7 +109,7 @@ CREATE TABLE IF NOT EXISTS rejected (
 
 # A chunk of ids travels as one JSON array parameter: one statement per chunk, not per id.
 _LOOKUP = """
-SELECT job_id, state, outcome, last_run, attempts, target FROM ids
+SELECT job_id, state, outcome, last_run, attempts, target, reason FROM ids
 WHERE job_id IN (SELECT value FROM json_each(?))
 """
 _INSERT = """
@@ -117,11 +117,14 @@ INSERT INTO ids (job_id, state, first_run, last_run, updated_at, target)
 SELECT value, 'read', ?, ?, ?, ? FROM json_each(?)
 """
 # An id an earlier run sent and never settled stays 'sent' (so does one a later run then only
-# skipped: a dry run, a protection rule, which keeps an attempt for it): if this run dies
-# before sending it again, the next one must still know that the job may be gone by our hand.
+# skipped: a dry run, a protection rule, which keeps an attempt for it; and one that failed
+# unread after an unanswered DELETE, 'answer_lost', tried again with --retry-failed): if this
+# run dies before sending it again, the next one must still know that the job may be gone by
+# our hand.
 _REOPEN = """
-UPDATE ids SET state = iif(state = 'sent' OR (outcome = 'skipped' AND attempts > 0), 'sent',
-    'read'), outcome = NULL, attempts = 0,
+UPDATE ids SET state = iif(state = 'sent' OR (outcome = 'skipped' AND attempts > 0)
+    OR (outcome = 'failed' AND reason = 'answer_lost'), 'sent', 'read'),
+    outcome = NULL, attempts = 0,
     batch_id = NULL, http_status = NULL, error_code = NULL, error_msg = NULL, request_id = NULL,
     reason = NULL, confirmed = NULL, last_run = ?, updated_at = ?
 WHERE job_id IN (SELECT value FROM json_each(?))
@@ -139,7 +142,8 @@ FROM ids WHERE state = 'done' AND (?1 IS NULL OR last_run = ?1) ORDER BY seq
 _SENT_BEFORE = """
 SELECT count(*) FROM ids
 WHERE state = 'sent' OR outcome = 'deleted'
-   OR (state = 'done' AND attempts > 0 AND NOT (?1 AND outcome = 'failed'))
+   OR (state = 'done' AND attempts > 0
+       AND NOT (?1 AND outcome = 'failed' AND reason IS NOT 'answer_lost'))
 """
 _BY_TARGET = "SELECT {target}, state = 'done', outcome, count(*) FROM ids GROUP BY 1, 2, 3"
 _UNCONFIRMED = "SELECT count(*) FROM ids WHERE outcome = 'deleted' AND {} = 0"
@@ -637,7 +641,7 @@ class Ledger(LedgerView):
                     new.append(candidate)
                     inserts.setdefault(number, []).append(job_id)
                     continue
-                state, outcome, last_run, attempts, stored = row
+                state, outcome, last_run, attempts, stored, reason = row
                 seen[job_id] = stored
                 if not self._same_place(stored, number):
                     conflicts.append(self._conflict(candidate, stored))
@@ -650,7 +654,7 @@ class Ledger(LedgerView):
                 ):
                     new.append(candidate)
                     reopen.append(job_id)
-                    if state == "sent" or (outcome == Outcome.SKIPPED and attempts > 0):
+                    if _in_doubt(state, outcome, attempts, reason):
                         unsure.append(job_id)  # sent by a run that never heard back
                 else:
                     done.append((candidate, Outcome(outcome)))
@@ -1096,6 +1100,18 @@ def _prepare(
 
 
 _NAMED = "UPDATE meta SET value = ? WHERE key = 'schema_version'"
+
+
+def _in_doubt(state: str, outcome: str | None, attempts: int, reason: str | None) -> bool:
+    """Did an earlier run send the id without hearing back, the job perhaps gone by that
+    call? In flight when it died (``sent``); or settled since without deciding it: only
+    skipped (keeping that attempt), or ``failed`` unread after it (``answer_lost``), which
+    ``--retry-failed`` tries again. As :data:`_REOPEN` keeps such an id ``sent``."""
+    return (
+        state == "sent"
+        or (outcome == Outcome.SKIPPED and attempts > 0)
+        or (outcome == Outcome.FAILED and reason == ANSWER_LOST)
+    )
 
 
 def _has_column(conn: sqlite3.Connection, name: str) -> bool:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from worker.outcomes.schema import RESULT_COLUMNS
 
 if TYPE_CHECKING:
+    from worker.errors import ApiError
     from worker.targets import Address, Target
 
 JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -321,7 +322,48 @@ def skipped(job_id: str, *, batch: Batch, reason: str, detail: str | None = None
 
 
 ANSWER_LOST = "answer_lost"
-"""The ``reason`` of a deletion known only by the job's absence (``confirmed`` false)."""
+"""The ``reason`` of a deletion known only by the job's absence (``confirmed`` false), and
+of a failure of an id sent without a readable answer that could not be read after it
+(:func:`unverified`): its job may be gone by that call."""
+
+
+def unverified(
+    job_id: str, *, batch_id: str | None, attempts: int, error: ApiError, ours: bool
+) -> Result:
+    """``failed``: the job could not be read (a 4xx other than 404) before its DELETE, so it
+    is not sent. ``ours``: a DELETE of it went out before without a readable answer, so it
+    may be gone by that call: ``reason`` says so (``answer_lost``), and a run on the ledger
+    that tries it again (``--retry-failed``) knows it sent (found gone, it ends ``deleted``,
+    unconfirmed, not ``absent``)."""
+    why = ("could not be read after a DELETE of it went unanswered, so not sent again; it "
+           "may be gone by that DELETE" if ours else
+           "could not be read before deleting, so not deleted")  # fmt: skip
+    return refused(job_id, batch_id=batch_id, attempts=attempts, error=error, why=why,
+                   reason=ANSWER_LOST if ours else None)  # fmt: skip
+
+
+def refused(
+    job_id: str,
+    *,
+    batch_id: str | None,
+    attempts: int,
+    error: ApiError,
+    why: str | None = None,
+    reason: str | None = None,
+) -> Result:
+    """``failed`` with the API's ``error`` (its message after ``why``, when given)."""
+    said = error.error_msg or str(error)
+    return Result(
+        job_id=job_id,
+        outcome=Outcome.FAILED,
+        attempts=attempts,
+        batch_id=batch_id,
+        http_status=error.http_status,
+        error_code=error.error_code,
+        error_msg=f"{why}: {said}" if why else said,
+        request_id=error.request_id,
+        reason=reason,
+    )
 
 
 def gone(

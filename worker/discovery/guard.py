@@ -40,7 +40,15 @@ from worker.clock import Clock, MonotonicClock
 from worker.discovery.filters import Filters
 from worker.errors import ApiUnavailable, ClientError, ConfigError
 from worker.pacing.paced import PacedReader, Stopped
-from worker.types import JOB_ID_RE, Batch, JobRecord, Outcome, Result, gone, skipped
+from worker.types import (
+    JOB_ID_RE,
+    Batch,
+    JobRecord,
+    Result,
+    gone,
+    skipped,
+    unverified,
+)
 
 if TYPE_CHECKING:
     from worker.discovery.plan import SealedPlan
@@ -529,16 +537,4 @@ class _Doubt:
 
 def _unverified(job_id: str, batch: Batch, exc: ClientError) -> Result:
     ours = job_id in batch.unsure
-    why = ("could not be read after a DELETE of it went unanswered, so not sent again; it "
-           "may be gone by that DELETE" if ours else
-           "could not be read before deleting, so not deleted")  # fmt: skip
-    return Result(
-        job_id=job_id,
-        outcome=Outcome.FAILED,
-        attempts=int(ours),
-        batch_id=batch.batch_id,
-        http_status=exc.http_status,
-        error_code=exc.error_code,
-        error_msg=f"{why}: {exc.error_msg or exc}",
-        request_id=exc.request_id,
-    )
+    return unverified(job_id, batch_id=batch.batch_id, attempts=int(ours), error=exc, ours=ours)
