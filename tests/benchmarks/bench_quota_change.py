@@ -15,11 +15,12 @@ then the count that meet the goal and the ranges for each direction.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 
 from tests.benchmarks.harness import record
-from tests.fakes import followed_after, quota_change
+from tests.fakes import followed_after, quota_change, simulate
 
 pytestmark = pytest.mark.benchmark
 
@@ -60,3 +61,29 @@ def test_the_quota_change_at_every_moment() -> None:
         }  # fmt: skip
         print(f"{kind}: {figures[kind]}")
     record("rate_auto_quota_change_sweep", met=met, runs=len(rows), **figures)
+
+
+RISES = ((1.0, 50.0), (2.0, 50.0), (5.0, 50.0), (1.0, 5.0))
+GATEWAYS = ((1, 0.05), (2, 0.05), (10, 0.05), (1, 0.3))
+
+
+def test_a_rise_from_a_low_quota_and_the_probes_before_it() -> None:
+    """``tests/test_rate_matrix.py``'s rises from a low quota (``low`` calls/s for 60 s,
+    then ``high``; 8 in flight at 50 ms, 32 at 300 ms), 300 s: seconds from the rise to the
+    first rate at 0.9 of the new quota, and the seconds between the refusals from 20 s to
+    the rise (how often the probes past a quota that stays the same come: a rise is first
+    met by the next one)."""
+    for (low, high), (burst, latency) in itertools.product(RISES, GATEWAYS):
+        concurrency = 8 if latency < 0.1 else 32
+        run = simulate(_rising(low, high), duration=300.0, burst=burst, latency=latency,
+                       concurrency=concurrency)  # fmt: skip
+        late = [t - 60.0 for t, rate in run.rates if t >= 60.0 and rate >= 0.9 * high]
+        refused = [round(t, 1) for t in run.refused if 20.0 <= t < 60.0]
+        gaps = [round(b - a, 1) for a, b in itertools.pairwise(refused)]
+        print(f"{low:g} -> {high:g} calls/s, burst {burst}, {latency * 1000:g} ms: 0.9 of it "
+              f"{round(late[0], 1) if late else None} s after the rise; refused before it at "
+              f"{refused} (apart: {gaps})")  # fmt: skip
+
+
+def _rising(low: float, high: float) -> Callable[[float], float]:
+    return lambda t: low if t < 60.0 else high
