@@ -50,6 +50,22 @@ class Replica(Served):
     name: str = ""
 
 
+async def enqueue_file(source: Path, stream: str) -> dict[str, Any]:
+    """``enqueue --input SOURCE --stream STREAM`` run by the command's own code (the file
+    read, the ids checked, the entries written) in this process, not a second interpreter
+    (~1 s of CPU on imports): what serve reads is what the command writes (the command as
+    a process is tests/test_enqueue.py's). Its summary line, ``events`` added: what it
+    said, each id it rejected among them; it exits 0, or 1 for some rejected."""
+    settings = Settings(redis_url=REDIS_URL, stream=stream)
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    with capture_logs() as events, contextlib.redirect_stdout(out):
+        code = await enqueue_ids(str(source), "auto", settings, None)
+    out.flush()
+    assert code in (0, 1), (code, events)
+    summary: dict[str, Any] = orjson.loads(out.buffer.getvalue().splitlines()[-1])
+    return summary | {"events": events}
+
+
 @dataclass
 class Queue:
     sim: Simulator
@@ -60,19 +76,11 @@ class Queue:
     replicas: list[Replica] = field(default_factory=list)
 
     async def enqueue(self, ids: list[str]) -> None:
-        """Through the ``enqueue`` command's own code (the file read, the ids checked, the
-        entries written), in this process: what serve reads is what the command writes,
-        without the ~1 s of CPU a second interpreter spends on its imports (the command as
-        a process is tests/test_enqueue.py's)."""
+        """Through the ``enqueue`` command's own code (``enqueue_file``)."""
         source = self.tmp / "ids.txt"
         source.write_text("".join(f"{i}\n" for i in ids))
-        settings = Settings(redis_url=REDIS_URL, stream=self.stream)
-        out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
-        with capture_logs() as events, contextlib.redirect_stdout(out):
-            code = await enqueue_ids(str(source), "auto", settings, None)
-        out.flush()
-        summary = orjson.loads(out.buffer.getvalue().splitlines()[-1])
-        assert summary["enqueued"] == sum(1 for i in ids if " " not in i), (code, events)
+        summary = await enqueue_file(source, self.stream)
+        assert summary["enqueued"] == sum(1 for i in ids if " " not in i), summary
 
     async def start(self, name: str, *flags: str) -> Replica:
         command = [

@@ -36,6 +36,7 @@ from tests.benchmarks import harness
 from tests.conftest import REDIS_URL
 from tests.e2e import Served, collect
 from tests.e2e import until as until  # the one poll, for the modules importing it here
+from tests.test_serve_e2e import enqueue_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
 
@@ -167,16 +168,12 @@ async def serving(stream: str, home: Region, tmp: Path, *flags: str) -> AsyncIte
 
 
 async def enqueue(stream: str, tmp: Path, lines: list[dict[str, str]]) -> dict[str, Any]:
-    """Through the real ``enqueue``, from a JSON Lines file."""
+    """Through the ``enqueue`` command's own code, from a JSON Lines file, every line taken."""
     source = tmp / f"in-{len(list(tmp.glob('in-*')))}.jsonl"
     source.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
-    done = await anyio.run_process(
-        [sys.executable, "-m", "worker", "enqueue", "--input", str(source),
-         "--stream", stream, "--redis-url", REDIS_URL],
-        env=harness.clean_env(), check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
-    return orjson.loads(done.stdout.splitlines()[-1])  # type: ignore[no-any-return]
+    summary = await enqueue_file(source, stream)
+    assert summary["rejected"] == 0, summary
+    return summary
 
 
 async def put(stream: str, tmp: Path, lines: list[dict[str, str]]) -> None:
