@@ -744,3 +744,59 @@ async def test_a_joined_call_whose_id_ends_skipped_leaves_one_true_row_for_both_
     assert c1.named("job.absent") == [] and c1.named("job.deleted") == []
     assert [(r["job_id"], r["outcome"], r["entry"]) for r in rows] == [(x, "skipped", "2-1,1-1")]
     assert x not in q.sim.deleted and notes == []
+
+
+@pytest.mark.anyio
+async def test_an_entry_is_acked_only_after_every_row_naming_it_is_written(
+    redis_prefix: str,
+) -> None:
+    """Two ids of one entry answered by two dispatchers at once, the first one's write slow
+    to reach Redis (a connection still being made): the second's write and the entry's ack
+    went out past it, so Redis took the ack first and the first row, checked against an
+    entry no longer pending, was dropped: an id acked with no outcome (met by serve_attack's
+    give-up looks, one run in about eight). The ack now waits for every write naming it."""
+    layout = StreamLayout(redis_prefix + "ids", "reapers")
+    client = aioredis.Redis.from_url(REDIS_URL)
+    release, b_written = anyio.Event(), anyio.Event()
+    said: list[str] = []
+
+    class SlowFirst(StreamConsumer):
+        async def write_outcomes(self, rows: Any, unmark: Any = None, errors: Any = None) -> Any:
+            first = any(r["job_id"] == "job-a" for r in rows)
+            if first:
+                await release.wait()
+            lost = await super().write_outcomes(rows, unmark, errors)
+            said.append("a written" if first else "b written")
+            if not first:
+                b_written.set()
+            return lost
+
+        async def finish(self, finished: Any) -> Any:
+            said.append("ack")
+            return await super().finish(finished)
+
+    try:
+        consumer = SlowFirst(client, layout, "c1")
+        events, clock, inflight = EventLog(), MonotonicClock(), InFlight()
+        journal = ServeJournal(events=events, metrics=ServiceMetrics(), inflight=inflight,
+                               consumer=consumer, clock=clock,
+                               outage=Outage(events, clock, where="test"),
+                               max_deliveries=3)  # fmt: skip
+        fields = {b"ids": b'["job-a", "job-b"]'}
+        await client.xgroup_create(layout.stream, layout.group, "0", mkstream=True)
+        await client.xadd(layout.stream, dict[Any, Any](fields), id="1-1")
+        await client.xreadgroup(layout.group, "c1", {layout.stream: ">"})
+        inflight.add(decode_entry("1-1", fields), 1)
+        async with anyio.create_task_group() as group:
+            group.start_soon(journal.finished, [Result("job-a", Outcome.DELETED)])
+            group.start_soon(journal.finished, [Result("job-b", Outcome.DELETED)])
+            with anyio.fail_after(10):
+                await b_written.wait()  # the old code had called its ack by then
+            release.set()
+        rows: Any = await client.xrange(layout.outcomes)
+        pending: Any = await client.xpending(layout.stream, layout.group)
+    finally:
+        await client.aclose()
+    assert said == ["b written", "a written", "ack"]
+    assert sorted(row[b"job_id"] for _, row in rows) == [b"job-a", b"job-b"]
+    assert int(pending["pending"]) == 0

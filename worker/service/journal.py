@@ -24,8 +24,9 @@ delivery.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
@@ -98,6 +99,8 @@ class ServeJournal:
         self._acking: set[str] = set()
         self._joining = anyio.Event()  # no note of ``joined`` on its way to Redis
         self._joining.set()
+        self._writing: dict[str, int] = {}  # entry -> writes naming it on their way to Redis
+        self._wrote = anyio.Event()  # set (and replaced) as each such write ends
 
     def acking(self, entry_id: str) -> bool:
         """Is the entry settled here, its ack or dead-lettering not yet through to Redis?
@@ -198,18 +201,44 @@ class ServeJournal:
                 # these outcomes: never one without the other, whenever a crash comes.
                 handed = {done.entry_id: self._handed_back_error(done)
                           for done in finished if done.released is not None}  # fmt: skip
-                await self.noted()
-                await self._outage.persist(
-                    lambda: self._consumer.write_outcomes(rows, unmark, handed),
-                    what="outcomes",
-                )
+                naming = [e for row in rows for e in row["entry"].split(",") if e]
+                with self._writes([*naming, *handed]):
+                    await self.noted()
+                    await self._outage.persist(
+                        lambda: self._consumer.write_outcomes(rows, unmark, handed),
+                        what="outcomes",
+                    )
                 self.outcomes += len(rows)
                 for done in finished:
                     if done.released is None:
+                        await self._written(done.entry_id)
                         await self.settle(done)
             finally:
                 self._acking.difference_update(done.entry_id for done in finished)
                 self._settling.discard(scope)
+
+    @contextlib.contextmanager
+    def _writes(self, entries: Sequence[str]) -> Iterator[None]:
+        """A write of outcome rows naming ``entries`` is on its way to Redis."""
+        for entry in entries:
+            self._writing[entry] = self._writing.get(entry, 0) + 1
+        try:
+            yield
+        finally:
+            for entry in entries:
+                left = self._writing.pop(entry) - 1
+                if left:
+                    self._writing[entry] = left
+            self._wrote.set()
+            self._wrote = anyio.Event()
+
+    async def _written(self, entry_id: str) -> None:
+        """Until no write naming the entry is on its way: its ack must come after them.
+        Two of its ids answered at once, the second's write and the ack could reach Redis
+        before the first's write, which then found the entry no longer pending (taken
+        over, by the owner check) and dropped its row: an id acked with no outcome."""
+        while self._writing.get(entry_id):
+            await self._wrote.wait()
 
     def _named(self, result: Result) -> tuple[str, ...] | None:
         """The entries ``result``'s row names; None: no row yet (a failure none of whose
