@@ -165,3 +165,39 @@ async def test_an_entry_on_its_last_delivery_gets_a_row_for_an_id_that_fails_for
     assert sorted((r["entry"], r["outcome"]) for r in rows) == sorted(
         [(fresh, "failed"), (last, "failed")]
     )
+
+
+@pytest.mark.anyio
+async def test_an_entry_given_up_unsent_reads_its_jobs_and_calls_one_another_deleted_absent(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """F names x; c1 deletes it. E names x and y; its holder c0 died before sending either,
+    and E is read again past ``--max-deliveries``. Given up, its ids ended ``failed`` with
+    no call at all: ``failed`` says the job is still there, but F's call had deleted x. Now
+    E's unsent ids get one last look, a show call that deletes nothing: x, gone, ends
+    ``absent``; y, still there, ``failed``; no DELETE goes out past the limit."""
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=2)) as q:
+        x, y = q.sim.job_ids()
+        await q.redis.xgroup_create(q.stream, GROUP, "0", mkstream=True)
+        c1 = await q.start("c1", "--max-deliveries", "1", "--reclaim-after", "1",
+                           "--batch-size", "1", "--rate", "100")  # fmt: skip
+        added: Any = await q.redis.xadd(q.stream, {"id": x})
+        fresh = added.decode()
+
+        async def settled() -> bool:
+            return x in q.sim.deleted and await q.pending() == 0
+
+        await until(settled, 60)
+        async with q.redis.pipeline(transaction=True) as pipe:  # c1's blocked read
+            pipe.xadd(q.stream, {"ids": f'["{x}", "{y}"]'})  # is served after the EXEC:
+            pipe.xreadgroup(GROUP, "c0", {q.stream: ">"})  # c0 reads it (delivery 1) and dies
+            added, _ = await pipe.execute()
+        given_up = added.decode()
+        await until(settled, 60)
+        rows = await q.stream_rows(q.stream + ":outcomes")
+        await q.stop_all()
+    assert [e["entry"] for e in c1.named("serve.dead_lettered")] == [given_up]
+    assert sorted((r["job_id"], r["outcome"], r["entry"]) for r in rows) == sorted(
+        [(x, "deleted", fresh), (x, "absent", given_up), (y, "failed", given_up)]
+    )
+    assert q.sim.deleted == {x} and q.sim.sent_counts == {x: 1}  # no DELETE past the limit

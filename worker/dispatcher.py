@@ -15,6 +15,10 @@ The policy, by error class:
   halves of a refused batch are then accepted whole, the refusal was the batch's size (the
   API documents no limit): later batches go out in pieces no larger than the halves were.
 - 401/403 and TLS refusals: raised at once; nothing more is sent by anyone.
+
+A batch that only looks (``Batch.look``: ids of serve's entries given up unsent) is read
+with the show call, one id at a time, and nothing of it is deleted: gone, ``absent``; still
+there, ``failed``.
 """
 
 from __future__ import annotations
@@ -178,6 +182,9 @@ class Dispatcher:
         if self._dry_run:
             await self._skip(batch, batch.ids, "dry_run")
             return Batch(batch.batch_id, ())
+        if batch.look:
+            await self._look(batch)
+            return Batch(batch.batch_id, ())
         ids = batch.ids
         if batch.unsure:  # sent by a run that died: counted against the cap by it already
             ids = (
@@ -206,6 +213,18 @@ class Dispatcher:
         stale = tuple(doubt.stale)
         unsure = frozenset(doubt.unsure.intersection(stale))
         return Batch(batch.batch_id, stale, unsure, batch.known)
+
+    async def _look(self, batch: Batch) -> None:
+        """Read the jobs of a batch that only looks (``Batch.look``), deleting none: gone,
+        ``absent``; still there, ``failed`` (its entry gave them up). Stopped: left open."""
+        doubt = Doubt(batch)
+        there = ApiError(
+            "not deleted: its entry was given up past max_deliveries before a call of it "
+            "sent this id, and the job is still there"
+        )
+        for job_id in batch.ids:
+            if await self._exists(batch.batch_id, job_id, 0, doubt):
+                await self._journal.finished([_failed(job_id, batch.batch_id, 0, there)])
 
     async def _skip(self, batch: Batch, ids: Sequence[str], reason: str) -> None:
         await self._journal.finished([skipped(i, batch=batch, reason=reason) for i in ids])

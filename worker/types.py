@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Container, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from operator import attrgetter
@@ -83,6 +83,11 @@ class Batch:
     fresh_until: float | None = None
     target: Target | None = None
     """Where its ids' calls go; None: the settings' default (its lines named none)."""
+    look: bool = False
+    """Its ids are read (the show call), never deleted: ids of a ``serve`` entry given up
+    past ``max_deliveries`` that none of its calls sent. Found gone they are ``absent``
+    (another entry's call may have deleted the job: ``failed`` would say it is there);
+    still there, ``failed``."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -302,8 +307,7 @@ def doubted(batch: Batch, unsure: set[str]) -> Batch:
     if not named:
         return batch
     unsure -= named
-    return Batch(batch.batch_id, batch.ids, frozenset(named | batch.unsure), batch.known,
-                 batch.fresh_until, batch.target)  # fmt: skip
+    return replace(batch, unsure=frozenset(named | batch.unsure))
 
 
 def skipped(job_id: str, *, batch: Batch, reason: str, detail: str | None = None) -> Result:

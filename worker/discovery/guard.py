@@ -423,7 +423,7 @@ class Guard:
             name = batch.batch_id if not rounds else f"{batch.batch_id}.r{rounds}"
             unsure = doubt.unsure.intersection(passed)
             stale = await self._inner.delete_checked(
-                Batch(name, passed, unsure, known, fresh_until, batch.target)
+                Batch(name, passed, unsure, known, fresh_until, batch.target, batch.look)
             )
             if self._moves is not None:
                 unsent = set(stale.ids)

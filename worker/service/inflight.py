@@ -103,6 +103,7 @@ class _Waiting:
     deliveries: int
     open: set[str]
     unsure: frozenset[str] = frozenset()  # sent by an earlier delivery, never heard back
+    look: frozenset[str] = frozenset()  # given up unsent: read, not deleted (``looks``)
     failures: list[Result] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
     why: HandBack | None = None
@@ -191,7 +192,8 @@ class InFlight:
             return Admission(())
         if not message.ids:
             return Admission((), Finished(message, deliveries))
-        self._entries[message.entry_id] = _Waiting(message, deliveries, set(message.ids), unsure)
+        self._entries[message.entry_id] = _Waiting(message, deliveries, set(message.ids), unsure,
+                                                   frozenset(message.look))  # fmt: skip
         send: list[str] = []
         joined: list[str] = []
         target = message.target
@@ -223,6 +225,24 @@ class InFlight:
         doubt. Once an id's answer is recorded its entries are no longer asked, so a later
         entry naming it, delivered fresh, meets a 404 as ``absent``."""
         return {job_id for job_id in job_ids if self._doubted(target, job_id)}
+
+    def looks(self, job_ids: Sequence[str], target: Target | None = None) -> list[str]:
+        """Those of ``job_ids`` (of ``target``) only to be read, not deleted: every entry
+        waiting on them gave them up unsent (``Message.look``). An entry that may still
+        delete one (a fresh entry naming it) has it deleted, its answer theirs too."""
+        return [job_id for job_id in job_ids if self._looked(target, job_id)]
+
+    def looked_by(self, job_id: str, target: Target | None = None) -> tuple[Message, int] | None:
+        """The first entry waiting on ``job_id`` only to read it (``Message.look``): its
+        message and deliveries; None unless every entry waiting on it only reads it."""
+        if not self._looked(target, job_id):
+            return None
+        first = self._entries[self._waiters[target, job_id][0]]
+        return first.message, first.deliveries
+
+    def _looked(self, target: Target | None, job_id: str) -> bool:
+        waiting = [self._entries.get(e) for e in self._waiters.get((target, job_id), ())]
+        return bool(waiting) and all(w is not None and job_id in w.look for w in waiting)
 
     def _doubted(self, target: Target | None, job_id: str) -> bool:
         """Does an entry waiting on this id bring a delivery that sent it unheard (``add``'s

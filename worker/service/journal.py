@@ -55,6 +55,23 @@ from worker.types import Outcome, Result
 _T = TypeVar("_T")
 
 
+def _gave_up(
+    job_id: str, message: Message, deliveries: int, reason: str, said: Mapping[str, Any]
+) -> Result:
+    """``failed``, for an id of an entry given up (``reason``), with the last error it met
+    (``said``): read and found still there, or not read (its API paused, or it gave out)."""
+    return Result(
+        job_id=job_id,
+        outcome=Outcome.FAILED,
+        attempts=deliveries,
+        http_status=said.get("http_status"),
+        error_code=said.get("error_code"),
+        error_msg=said.get("error_msg") or f"no outcome after {reason}",
+        request_id=said.get("request_id"),
+        target=message.target,
+    )
+
+
 def _error_of(error: str) -> dict[str, Any]:
     """The last error kept for an entry (``{stream}:lasterror``), as a dict; ``{}`` when
     none was kept or it does not parse."""
@@ -166,7 +183,8 @@ class ServeJournal:
         self._events.retry(batch_id, attempt, delay_s, reason)
 
     async def finished(self, results: Sequence[Result]) -> None:
-        results = [self._inflight.answered(r) for r in results]  # a joining entry's doubt
+        # A joining entry's doubt (``answered``); a job a look found there (``_looked``).
+        results = [self._looked(self._inflight.answered(r)) for r in results]
         # A failure is terminal only on the last delivery its entries are allowed: before
         # that they are kept pending and the id is tried again, so its job.failed ("will not
         # be retried") and its outcome row wait for that last delivery. Its row names the
@@ -240,6 +258,19 @@ class ServeJournal:
         while self._writing.get(entry_id):
             await self._wrote.wait()
 
+    def _looked(self, result: Result) -> Result:
+        """A job a look found still there (``Message.look``), failed as its entry's give-up
+        says it, with the last error the entry met: why it was not deleted."""
+        if result.outcome is not Outcome.FAILED:
+            return result
+        held = self._inflight.looked_by(result.job_id, result.target)
+        if held is None or held[0].given_up is None:
+            return result
+        message, deliveries = held
+        reason, error = held[0].given_up
+        failed = _gave_up(result.job_id, message, deliveries, reason, _error_of(error))
+        return replace(failed, batch_id=result.batch_id)
+
     def _named(self, result: Result) -> tuple[str, ...] | None:
         """The entries ``result``'s row names; None: no row yet (a failure none of whose
         entries is on its last delivery)."""
@@ -260,7 +291,13 @@ class ServeJournal:
         return handed_back_error(done.released, failed=failed)
 
     async def give_up(
-        self, message: Message, deliveries: int, error: str, doubted: Collection[str] = ()
+        self,
+        message: Message,
+        deliveries: int,
+        error: str,
+        doubted: Collection[str] = (),
+        *,
+        look: bool = False,
     ) -> Message | None:
         """An entry read after more than ``max_deliveries`` deliveries with no outcome (its
         holders died, or the API was unavailable every time): its ids end ``failed`` with
@@ -268,26 +305,22 @@ class ServeJournal:
         entry is on right now: the entry waits on that call, whose row names it (it had no
         row at all); nor those of ``doubted`` (an earlier delivery sent them unheard, and
         its call may have deleted the job, which ``failed`` would say is there): they get
-        one last call. Returns the entry with those ids only, to be sent and dead-lettered
-        once they settle (``Message.given_up``); None when nothing is left."""
+        one last call. With ``look`` (the delivery just past the limit, its API not paused)
+        the others get one last look, a read that deletes nothing (``Message.look``):
+        another entry's call may have deleted the job meanwhile, so found gone they end
+        ``absent``, still there ``failed``. Returns the entry with those ids only, to be
+        sent (or read) and dead-lettered once they settle (``Message.given_up``); None when
+        nothing is left."""
         said = _error_of(error)
         reason = f"delivered {deliveries} times (max_deliveries {self._max_deliveries})"
-        kept = tuple(i for i in message.ids
-                     if i in doubted or self._inflight.entries_of(i, message.target))  # fmt: skip
-        failed = [
-            Result(
-                job_id=job_id,
-                outcome=Outcome.FAILED,
-                attempts=deliveries,
-                http_status=said.get("http_status"),
-                error_code=said.get("error_code"),
-                error_msg=said.get("error_msg") or f"no outcome after {reason}",
-                request_id=said.get("request_id"),
-                target=message.target,
-            )
-            for job_id in message.ids
-            if job_id not in kept
-        ]
+        target = message.target
+        waited = {i for i in message.ids if self._inflight.entries_of(i, target)}
+        kept = tuple(i for i in message.ids if look or i in doubted or i in waited)
+        # Waited on by entries that only look at it too: looked at, not deleted, for all.
+        read = tuple(i for i in kept if i not in doubted
+                     and (i not in waited or self._inflight.looks([i], target)))  # fmt: skip
+        failed = [_gave_up(job_id, message, deliveries, reason, said)
+                  for job_id in message.ids if job_id not in kept]  # fmt: skip
         for result in failed:
             self._events.result(result)
             self._metrics.outcome(result.outcome, target=result.target)
@@ -296,7 +329,8 @@ class ServeJournal:
         self.outcomes += len(rows)
         if kept:
             settled = (*message.settled, *(r.job_id for r in failed))
-            return replace(message, ids=kept, settled=settled, given_up=(reason, error))
+            return replace(message, ids=kept, settled=settled, given_up=(reason, error),
+                           look=read)  # fmt: skip
         await self._dead_letter(message, deliveries, reason, error)
         return None
 

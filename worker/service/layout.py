@@ -123,7 +123,8 @@ class Message:
     ``refused``: the entry names a place serve may not send to (``problem`` says why; its
     ids are ``rejections`` with that reason, never sent). ``given_up``: the entry was read
     past ``max_deliveries`` but some ids were kept for one last call (the reason and last
-    error its dead letter says once they settle).
+    error its dead letter says once they settle); ``look``: those of them that call only
+    reads (``Batch.look``): none of its calls sent them.
     """
 
     entry_id: str
@@ -136,6 +137,7 @@ class Message:
     target: Target | None = None
     refused: bool = False
     given_up: tuple[str, str] | None = None
+    look: tuple[str, ...] = ()
 
     def done_besides(self, not_done: Collection[str]) -> list[str]:
         """The ids with an outcome: those settled before, and those of ``ids`` but

@@ -588,6 +588,14 @@ class Service:
             # that joined another's call (no batch of its own to take it) for the round,
             # and pinned it on a later fresh entry's batch of the id.
             batch = doubted(batch, self._inflight.doubts(batch.ids, batch.target))
+            looks = [] if batch.look else self._inflight.looks(batch.ids, batch.target)
+            if looks:  # of entries given up: read, not deleted (``Batch.look``)
+                ids = tuple(i for i in batch.ids if i not in looks)
+                await self._send(send, Batch(f"{batch.batch_id}.look", tuple(looks),
+                                             target=batch.target, look=True))  # fmt: skip
+                if not ids:
+                    continue
+                batch = replace(batch, ids=ids, unsure=batch.unsure.intersection(ids))
             self.batches += 1
             self._metrics.batch_size.observe(len(batch))
             await send.send(batch)
@@ -694,10 +702,13 @@ class Service:
             # write ``failed`` for its ids, of which a refusal leaves none.
             if deliveries > self._config.max_deliveries and not message.refused:
                 # Ids its last holder sent unheard get one last call, on the delivery just
-                # past the limit: that call may have deleted them (``failed`` says not).
+                # past the limit: that call may have deleted them (``failed`` says not); the
+                # others one last look (another entry's call may have deleted them).
+                # Not where the API is paused: a look handed back would give its delivery back.
                 last = deliveries == self._config.max_deliveries + 1
+                look = last and not self._down(message.target)
                 kept = await self._journal.give_up(message, deliveries, errors.get(entry_id, ""),
-                                                   unsure if last else ())  # fmt: skip
+                                                   unsure if last else (), look=look)  # fmt: skip
                 if kept is None:
                     continue
                 message = kept
