@@ -896,8 +896,7 @@ def test_a_key_file_of_the_wrong_content_exits_78_naming_the_file_never_its_cont
                       "cn-north-4", "--dry-run", flag, str(given), pair, str(other),
                       cwd=tmp_path)  # fmt: skip
     assert done.returncode == 78, done.stderr
-    setting = flag[2:].replace("-", "_")
-    assert done.stderr.startswith(f"devserver-reaper: {setting} {given} {said}"), done.stderr
+    assert done.stderr.startswith(f"devserver-reaper: {flag} {given} {said}"), done.stderr
     printed = done.stdout + done.stderr
     for line in content.splitlines():
         for part in (line, line[:4], line[-4:]):

@@ -28,7 +28,7 @@ from worker.discovery.plan import (
     open_plan,
 )
 from worker.errors import ConfigError, InputUnreadable
-from worker.settings import read_plan_key
+from worker.settings import load_settings, read_plan_key
 from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
 from worker.types import JobRecord
 
@@ -173,24 +173,26 @@ def test_a_keyed_plan_needs_its_key_and_an_unkeyed_one_is_refused_by_a_keyed_run
     keyed, plain = tmp_path / "keyed", tmp_path / "plain"
     write(keyed, key=KEY)
     write(plain)
-    with pytest.raises(PlanRefused, match="no plan_key_file is set"):
+    with pytest.raises(PlanRefused, match=r"none is given to check it with: .* --plan-key-file"):
         open_plan(keyed, key=None)
     with pytest.raises(PlanRefused, match="sealed without a plan key, and this run has one"):
         open_plan(plain, key=KEY)
     assert ids_of(keyed, KEY) == ids_of(plain) == ["job-0", "job-1", "job-2"]
 
 
+@pytest.mark.usefixtures("clean_env")
 def test_a_plan_key_file_is_read_stripped_and_one_too_short_is_refused(tmp_path: Path) -> None:
     good = tmp_path / "key"
     good.write_bytes(KEY + b"\n")
-    assert read_plan_key(good) == KEY
+    assert read_plan_key(load_settings(plan_key_file=good)) == KEY
+    assert read_plan_key(load_settings()) is None
     short = tmp_path / "short"
     short.write_bytes(b"hunter2\n")
     with pytest.raises(ConfigError, match="fewer than 16 bytes") as refused:
-        read_plan_key(short)
+        read_plan_key(load_settings(plan_key_file=short))
     assert "hunter2" not in str(refused.value)
-    with pytest.raises(ConfigError, match="cannot be read"):
-        read_plan_key(tmp_path / "nope")
+    with pytest.raises(ConfigError, match=r"--plan-key-file .*nope cannot be read: no such file"):
+        read_plan_key(load_settings(plan_key_file=tmp_path / "nope"))
 
 
 def test_the_old_format_a_cut_short_or_foreign_file_is_refused_a_missing_one_unreadable(

@@ -232,7 +232,7 @@ def test_an_unusable_secret_file_is_a_config_error_that_quotes_no_secret(
     path, reason = _unreadable(tmp_path, kind)
     monkeypatch.setenv("REAPER_SK", CANARY)  # a secret that is set elsewhere must not leak
     message = config_error(**{name: str(path)})
-    assert name in message
+    assert message.startswith("--" + name.replace("_", "-"))  # given as a flag: named so
     assert str(path) in message
     assert reason in message
     assert CANARY not in message

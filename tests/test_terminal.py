@@ -536,7 +536,7 @@ async def test_discover_says_its_warnings_on_a_terminal_as_sentences(tmp_path: P
         assert await anyio.to_thread.run_sync(term.wait) == 0
     lines = [line for line in term.lines() if line]
     assert lines[0] == (
-        "warning: no plan_key_file: the plan's seal is a plain SHA-256 digest, which catches "
+        "warning: no --plan-key-file: the plan's seal is a plain SHA-256 digest, which catches "
         "accidents, not someone who can write the file and re-seal it"
     )
     assert lines[1] == f"plan {plan}"

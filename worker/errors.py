@@ -9,6 +9,18 @@ from __future__ import annotations
 from typing import ClassVar
 
 
+def file_problem(exc: OSError) -> str:
+    """Why a file cannot be opened, in the words every command uses for it: "no such file",
+    "is a directory", "permission denied", else the system's own words in lower case."""
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    return (exc.strerror or type(exc).__name__).lower()
+
+
 class ReaperError(Exception):
     """Root of every error this package raises on purpose."""
 

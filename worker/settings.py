@@ -140,6 +140,7 @@ class Settings(BaseSettings):
     _protect_files: tuple[Path, ...] = PrivateAttr(default=())
     _secret_files: dict[str, Path] = PrivateAttr(default_factory=dict)
     _warnings: tuple[str, ...] = PrivateAttr(default=())
+    _flags: frozenset[str] = PrivateAttr(default=frozenset())  # the settings given as flags
 
     # -- serve / enqueue ------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -251,8 +252,8 @@ class Settings(BaseSettings):
 
         try:
             Protection.parse(value)
-        except ValueError as exc:
-            raise ValueError(str(exc)) from None
+        except ValueError as exc:  # "protect rule 'x': ...", after the setting's own name
+            raise ValueError(str(exc).removeprefix("protect rule ")) from None
         return [rule.strip() for rule in value if rule.strip()]
 
     @field_validator("region")
@@ -325,6 +326,11 @@ class Settings(BaseSettings):
         """What a person should hear about these settings (a key file others can read)."""
         return self._warnings
 
+    def named(self, field: str) -> str:
+        """``field`` as the user gave it, for a message: ``--plan-key-file`` when it was a
+        flag (see :func:`setting_name`)."""
+        return setting_name(field, flag=field in self._flags)
+
     @property
     def protect_files(self) -> tuple[Path, ...]:
         """Every ``protect_file`` named, by any source (``protect_file`` is the first)."""
@@ -373,7 +379,10 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
         read = _FilesRead()  # secrets a source of higher precedence has given, and from where
         layers: list[dict[str, Any]] = []  # what each source says of ADDED_UP, in order
-        return tuple(_Layer(_SecretFiles(source, read), layers, read) for source in sources)
+        return tuple(
+            _Layer(_SecretFiles(source, read, flags=source is init_settings), layers, read)
+            for source in sources
+        )
 
 
 # The --config path, handed to the source hook above (which pydantic calls with no arguments).
@@ -487,9 +496,13 @@ class _SecretFiles(_Wrapping):
     ``REAPER_SK_FILE`` cannot fail a run that ``--sk`` decides.
     """
 
-    def __init__(self, inner: PydanticBaseSettingsSource, read: _FilesRead) -> None:
+    def __init__(
+        self, inner: PydanticBaseSettingsSource, read: _FilesRead, *, flags: bool = False
+    ) -> None:
+        """``flags``: the source is the command line's, and its files are named as flags."""
         super().__init__(inner)
         self._read = read
+        self._flags = flags
 
     def __call__(self) -> dict[str, Any]:
         data = dict(self._inner())
@@ -498,7 +511,9 @@ class _SecretFiles(_Wrapping):
             if name in self._read.decided:
                 continue
             if isinstance(path, str | os.PathLike) and str(path):
-                key_file = read_key_file(f"{name}_file", Path(path))
+                setting = f"{name}_file"
+                called = setting_name(setting, flag=self._flags)
+                key_file = read_key_file(setting, Path(path), called=called)
                 data[name] = key_file.text
                 self._read.files[name] = Path(path)
                 if key_file.warning:
@@ -511,17 +526,22 @@ class _SecretFiles(_Wrapping):
 MIN_PLAN_KEY = 16
 
 
-def read_plan_key(path: Path, warn: Callable[[str], None] = lambda text: None) -> bytes:
-    """The plan key (``plan_key_file``): a secret file like the others (``warn`` is told when
-    others may read it), and at least 16 bytes, or it is no key (``ConfigError``, 78; the
-    message never quotes it)."""
-    read = read_key_file("plan_key_file", path)
+def read_plan_key(
+    settings: Settings, warn: Callable[[str], None] = lambda text: None
+) -> bytes | None:
+    """The plan key (``plan_key_file``; None when it is not set): a secret file like the
+    others (``warn`` is told when others may read it), and at least 16 bytes, or it is no
+    key (``ConfigError``, 78, naming the setting as given; never quoting the key)."""
+    path, name = settings.plan_key_file, settings.named("plan_key_file")
+    if path is None:
+        return None
+    read = read_key_file("plan_key_file", path, called=name)
     if read.warning is not None:
         warn(read.warning)
     key = read.text.encode()
     if len(key) < MIN_PLAN_KEY:
         raise ConfigError(
-            f"plan_key_file {path} holds fewer than {MIN_PLAN_KEY} bytes: not a key "
+            f"{name} {path} holds fewer than {MIN_PLAN_KEY} bytes: not a key "
             "(make one with: head -c 32 /dev/urandom | base64 > plan.key)"
         )
     return key
@@ -549,7 +569,7 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
         raise ConfigError(f"config file {path} ({named_by}) does not exist")
     token = _CONFIG_FILE.set(path)
     try:
-        return Settings(**given)
+        settings = Settings(**given)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, given)) from None
     except tomllib.TOMLDecodeError as exc:
@@ -561,6 +581,8 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
         raise ConfigError(f"invalid configuration: {type(exc).__name__}: {exc}") from None
     finally:
         _CONFIG_FILE.reset(token)
+    settings._flags = frozenset(given)
+    return settings
 
 
 _IN_WORDS = {
@@ -592,6 +614,16 @@ def _rule(error: Mapping[str, Any]) -> str:
     return str(error["msg"]).removeprefix("Value error, ")
 
 
+def setting_name(field: str, *, flag: bool) -> str:
+    """A setting named as the user gave it: ``--plan-key-file`` for a flag, else the setting
+    with its variable, ``plan_key_file (REAPER_PLAN_KEY_FILE or the config file)``."""
+    if flag:
+        return "--" + field.replace("_", "-")
+    if field in Settings.model_fields:
+        return f"{field} (REAPER_{field.upper()} or the config file)"
+    return field
+
+
 def describe_validation_error(exc: ValidationError, given: Iterable[str] = ()) -> str:
     """One line per setting, naming it as it was given (``--rate`` for a flag, else the
     setting with its variable) and what it must be, never the value given."""
@@ -603,13 +635,7 @@ def describe_validation_error(exc: ValidationError, given: Iterable[str] = ()) -
     lines = []
     for field, said in rules.items():
         rule = _IN_WORDS.get(field) or "; ".join(dict.fromkeys(said))
-        if field in flags:
-            name = "--" + field.replace("_", "-")
-        elif field in Settings.model_fields:
-            name = f"{field} (REAPER_{field.upper()} or the config file)"
-        else:
-            name = field
-        lines.append(f"{name} {rule}")
+        lines.append(f"{setting_name(field, flag=field in flags)} {rule}")
     if len(lines) == 1:
         return lines[0]
     return "invalid settings:\n" + "\n".join(f"  {line}" for line in lines)

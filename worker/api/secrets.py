@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from worker.errors import ConfigError
+from worker.errors import ConfigError, file_problem
 from worker.types import holds_control
 
 SECRET_FILE_LIMIT = 64 * 1024
@@ -44,26 +44,26 @@ class KeyFile:
     warning: str | None = None
 
 
-def read_key_file(setting: str, path: Path) -> KeyFile:
+def read_key_file(setting: str, path: Path, *, called: str | None = None) -> KeyFile:
     """A secret from a file (a mounted Kubernetes Secret, through its links), stripped of
     white space and of a leading byte-order mark.
 
     Opened non-blocking, so a FIFO or a device put in its place fails at once instead of
     hanging the run; anything but a regular file is refused. ``ConfigError`` when it cannot
-    be used; errors never quote the content."""
+    be used, naming the file ``called`` (as the user gave it: ``--sk-file``; the ``setting``
+    by default); errors never quote the content."""
+    kind, setting = setting, called or setting
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise ConfigError(f"{setting} {path} cannot be read: {reason}") from None
+        raise ConfigError(f"{setting} {path} cannot be read: {file_problem(exc)}") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ConfigError(f"{setting} {path} is not a regular file")
         raw = _read_at_most(fd, SECRET_FILE_LIMIT + 1)
     except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise ConfigError(f"{setting} {path} cannot be read: {reason}") from None
+        raise ConfigError(f"{setting} {path} cannot be read: {file_problem(exc)}") from None
     finally:
         os.close(fd)
     if len(raw) > SECRET_FILE_LIMIT:
@@ -74,7 +74,7 @@ def read_key_file(setting: str, path: Path) -> KeyFile:
         raise ConfigError(f"{setting} {path} is not UTF-8 text") from None
     if not text:
         raise ConfigError(f"{setting} {path} is empty")
-    problem = _content_problem(setting, text)
+    problem = _content_problem(kind, text)
     if problem is not None:  # said of the file: a variable or a flag did not give the key
         raise ConfigError(f"{setting} {path} {problem}")
     return KeyFile(text, _exposure(setting, path, info))

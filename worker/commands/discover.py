@@ -39,7 +39,7 @@ from worker.commands.selection import (
     sinks,
     table,
 )
-from worker.discovery.filters import Filters, parse_duration, parse_instant
+from worker.discovery.filters import FilterError, Filters, parse_duration, parse_instant
 from worker.discovery.guard import Protection
 from worker.discovery.plan import MAX_TTL
 from worker.discovery.projects import ProjectSpec, parse_specs
@@ -87,8 +87,8 @@ def filters_from_args(args: argparse.Namespace, now: datetime) -> Filters:
             newer_than=instant("--newer-than", args.newer_than),
             time_field=args.time_field,
         )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    except FilterError as exc:  # named as typed: --name-regex, not name_regex
+        raise UsageError(exc.naming(lambda field: "--" + field.replace("_", "-"))) from None
     if filters.empty and not args.all:
         raise UsageError(
             "no filter given: that selects every job in the project. Pass filters "
@@ -193,11 +193,10 @@ def _said(log: Any, event: str, exc: ReaperError, code: int) -> int:
 
 def plan_key(settings: Settings, warn: Any) -> bytes | None:
     """The plan key, or ``None`` with a warning that a plan is then only checked for accidents."""
-    if settings.plan_key_file is not None:
-        return read_plan_key(
-            settings.plan_key_file, lambda text: warn("settings.key_file_exposed", error=text)
-        )
-    warn("plan.unkeyed", reason="no plan_key_file: the plan's seal is a plain SHA-256 digest, "
+    key = read_plan_key(settings, lambda text: warn("settings.key_file_exposed", error=text))
+    if key is not None:
+        return key
+    warn("plan.unkeyed", reason="no --plan-key-file: the plan's seal is a plain SHA-256 digest, "
          "which catches accidents, not someone who can write the file and re-seal it")  # fmt: skip
     return None
 

@@ -24,7 +24,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     from worker.terminal.failure import refused
 
     try:
-        key = None if settings.plan_key_file is None else read_plan_key(settings.plan_key_file)
+        key = read_plan_key(settings)
         header = read_header(Path(args.path), key=key)
     except (ConfigError, InputUnreadable, UsageError) as exc:
         return refused("plan", exc)

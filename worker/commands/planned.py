@@ -52,12 +52,7 @@ class Selecting:
 def open_file_plan(path: str, settings: Settings) -> SealedPlan:
     """A plan file, its seal checked and its header verified (``PlanRefused``, 64)."""
     log = structlog.get_logger("devserver_reaper")
-    key = None
-    if settings.plan_key_file is not None:
-        key = read_plan_key(
-            settings.plan_key_file,
-            lambda text: log.warning("settings.key_file_exposed", error=text),
-        )
+    key = read_plan_key(settings, lambda text: log.warning("settings.key_file_exposed", error=text))
     plan = open_plan(Path(path), key=key)
     try:
         named = plan.header.named  # applied to the projects it names, not the run's own

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -101,11 +101,26 @@ def parse_instant(text: str, now: datetime) -> datetime:
         raise ValueError(f"not a date that can be compared: {text!r} is out of range") from None
 
 
+class FilterError(ValueError):
+    """A filter that cannot be used. Its message names the filters it is about as fields (as a
+    plan stores them); :meth:`naming` says it with other names, as the user typed them."""
+
+    def __init__(self, template: str, *fields: str, detail: str = "") -> None:
+        """``template``: the message, ``{}`` where a field is named, ``{detail}`` where the
+        user's value (or what was wrong with it) goes, never read as a template itself."""
+        self._template, self._fields, self._detail = template, fields, detail
+        super().__init__(self.naming(lambda field: field))
+
+    def naming(self, name: Callable[[str], str]) -> str:
+        """The message, each field called ``name(field)``."""
+        return self._template.format(*map(name, self._fields), detail=self._detail)
+
+
 def _nonblank(value: str | None, what: str) -> str | None:
     if value is None:
         return None
     if not value.strip():
-        raise ValueError(f"{what} must not be blank")
+        raise FilterError("{} must not be blank", what)
     return value
 
 
@@ -120,10 +135,11 @@ def any_of(value: str | Iterable[str] | None, what: str) -> Words | None:
     parts = value.split(",") if isinstance(value, str) else [p for v in value for p in v.split(",")]
     words = tuple(dict.fromkeys(word.strip().upper() for word in parts if word.strip()))
     if not words:
-        raise ValueError(f"{what} must not be blank")
+        raise FilterError("{} must not be blank", what)
     for word in words:
         if not _WORD_RE.fullmatch(word):
-            raise ValueError(f"{what} {word!r} is not a job {what} such as FINISHED or COMMON")
+            noun = f"a job {what} such as FINISHED or COMMON"
+            raise FilterError("{} {detail} is not " + noun, what, detail=repr(word))
     return words
 
 
@@ -156,28 +172,31 @@ class Filters:
         for field_name in ("name", "name_glob", "name_regex", "user_name"):
             _nonblank(getattr(self, field_name), field_name)
         if self.id is not None and not JOB_ID_RE.fullmatch(self.id):
-            raise ValueError("id must be 1 to 64 letters, digits, '-' and '_'")
+            raise FilterError("{} must be 1 to 64 letters, digits, '-' and '_'", "id")
         if self.name_regex is not None:
             if len(self.name_regex) > _REGEX_LIMIT:
-                raise ValueError(f"name_regex is longer than {_REGEX_LIMIT} characters")
+                raise FilterError(f"{{}} is longer than {_REGEX_LIMIT} characters", "name_regex")
             try:
                 re.compile(self.name_regex)
             except re.error as exc:
-                raise ValueError(f"name_regex is not a regular expression: {exc}") from None
+                raise FilterError(
+                    "{} is not a regular expression: {detail}", "name_regex", detail=str(exc)
+                ) from None
         if self.time_field not in TIME_FIELDS:
-            raise ValueError(f"time_field must be one of {', '.join(TIME_FIELDS)}")
+            raise FilterError(f"{{}} must be one of {', '.join(TIME_FIELDS)}", "time_field")
         for field_name in ("older_than", "newer_than"):
             value = getattr(self, field_name)
             if value is not None and value.tzinfo is None:
-                raise ValueError(f"{field_name} must carry a time zone")
+                raise FilterError("{} must carry a time zone", field_name)
         if (
             self.older_than is not None
             and self.newer_than is not None
             and self.newer_than >= self.older_than
         ):
-            raise ValueError(
-                "newer_than must be before older_than: no job can be both (the window is empty)"
-            )
+            raise FilterError(
+                "{} must be before {}: no job can be both (the window is empty)",
+                "newer_than", "older_than",
+            )  # fmt: skip
 
     @property
     def empty(self) -> bool:

@@ -58,7 +58,7 @@ from typing import IO, Any
 import orjson
 
 from worker.discovery.filters import Filters, matched_fields
-from worker.errors import ConfigError, InputUnreadable, UsageError
+from worker.errors import ConfigError, InputUnreadable, UsageError, file_problem
 from worker.scratch import Scratch, locked_file
 from worker.targets import (
     Target,
@@ -595,7 +595,7 @@ def open_plan(path: Path, *, key: bytes | None) -> SealedPlan:
     try:
         handle = path.open("rb")
     except OSError as exc:
-        raise InputUnreadable(f"plan {path}: {exc.strerror or type(exc).__name__}") from None
+        raise InputUnreadable(f"cannot read plan {path}: {file_problem(exc)}") from None
     try:
         scratch = Scratch("plan")  # removed by a later run's if this process is killed
     except OSError as exc:
@@ -750,13 +750,14 @@ def _job_row(path: Path, line: bytes) -> tuple[Any, ...]:
 def _seal_refusal(path: Path, scheme: str, key: bytes | None) -> str:
     if scheme == HMAC_SCHEME and key is None:
         return (
-            f"plan {path} is sealed with a plan key, and no plan_key_file is set to check it "
-            "with: set the plan key the plan was made with"
+            f"plan {path} is sealed with a plan key, and none is given to check it with: "
+            "give the key it was made with, --plan-key-file FILE (or REAPER_PLAN_KEY_FILE, "
+            "or plan_key_file in the config file)"
         )
     if scheme == DIGEST_SCHEME and key is not None:
         return (
             f"plan {path} is sealed without a plan key, and this run has one: a plan must be "
-            "made with the plan key (discover with the same plan_key_file) to be applied"
+            "made with the plan key (discover with the same --plan-key-file) to be applied"
         )
     return (
         f"plan {path} was altered since discover wrote it (its seal does not match its "

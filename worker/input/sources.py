@@ -44,7 +44,7 @@ from itertools import islice
 from pathlib import PurePath
 from typing import IO, TYPE_CHECKING, Literal, TypeAlias
 
-from worker.errors import InputUnreadable, UsageError
+from worker.errors import InputUnreadable, UsageError, file_problem
 from worker.input.intake import NOT_UTF8, escape, line_too_long, validate
 from worker.targets import FIELDS, address, misnamed_by, named_twice
 from worker.types import Candidate, Rejection
@@ -142,15 +142,10 @@ def read_chunks(entries: Iterator[Entry], size: int) -> Iterator[list[Entry]]:
 def _open(path: str) -> IO[bytes]:
     try:
         return open(path, "rb")  # closed by EntryReader
-    except FileNotFoundError:
-        reason = "no such file"
-    except IsADirectoryError:
-        reason = "is a directory"
-    except PermissionError:
-        reason = "permission denied"
     except OSError as exc:
-        reason = (exc.strerror or type(exc).__name__).lower()
-    raise InputUnreadable(f"cannot read input {escape(path, 200)}: {reason}")
+        raise InputUnreadable(
+            f"cannot read input {escape(path, 200)}: {file_problem(exc)}"
+        ) from None
 
 
 class EntryReader:

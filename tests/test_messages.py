@@ -1,0 +1,63 @@
+"""What a person reads when a command refuses: the flag they typed (``--name-regex``, not the
+setting's field ``name_regex``), the same words for the same trouble in every command, and
+no word twice. In-process: the point is the message, not the process."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from worker.cli import build_parser, dispatch
+from worker.commands.discover import filters_from_args
+from worker.errors import ConfigError, UsageError
+from worker.settings import load_settings
+
+pytestmark = pytest.mark.usefixtures("clean_env")
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def said(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """The exit code and stderr of ``devserver-reaper ARGV``, run in this process."""
+    code = dispatch(build_parser().parse_args(list(argv)))
+    return code, capsys.readouterr().err
+
+
+def test_a_bad_filter_is_named_by_the_flag_typed() -> None:
+    args = build_parser().parse_args(["discover", "--name-regex", "("])
+    with pytest.raises(UsageError) as refused:
+        filters_from_args(args, datetime(2026, 6, 1, tzinfo=UTC))
+    assert str(refused.value).startswith("--name-regex is not a regular expression: missing )")
+    window = ["discover", "--older-than", "2026-01-01", "--newer-than", "2026-02-01"]
+    with pytest.raises(UsageError, match=r"^--newer-than must be before --older-than: "):
+        filters_from_args(build_parser().parse_args(window), datetime(2026, 6, 1, tzinfo=UTC))
+
+
+def test_a_bad_protect_rule_says_protect_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(protect="nmae:x")
+    assert str(refused.value).startswith("--protect 'nmae:x': 'nmae' is not a kind of rule")
+    monkeypatch.setenv("REAPER_PROTECT", "nmae:x")
+    with pytest.raises(ConfigError, match=r"^protect \(REAPER_PROTECT or the config file\) 'nm"):
+        load_settings()
+
+
+def test_plan_show_names_the_plan_key_flag_and_a_missing_file_as_other_commands_do(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    keyed = str(DATA / "plan-v2-keyed.plan")
+    code, err = said(capsys, "plan", "show", keyed)
+    assert code == 64
+    assert "give the key it was made with, --plan-key-file FILE (or REAPER_PLAN_KEY_FILE" in err
+    assert "plan_key_file is set" not in err
+    gone = tmp_path / "gone.key"
+    assert said(capsys, "plan", "show", keyed, "--plan-key-file", str(gone)) == (
+        78,
+        f"devserver-reaper plan: --plan-key-file {gone} cannot be read: no such file\n",
+    )
+    assert said(capsys, "plan", "show", str(tmp_path / "nope")) == (
+        66,
+        f"devserver-reaper plan: cannot read plan {tmp_path / 'nope'}: no such file\n",
+    )
