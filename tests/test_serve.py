@@ -1437,3 +1437,24 @@ async def test_an_entry_naming_ids_twice_rejects_a_value_that_is_no_list_too(
         ("x y", "rejected", "ids is not valid JSON"),
     ]  # fmt: skip
     assert not svc.sim.sent_counts
+
+
+@pytest.mark.anyio
+async def test_an_id_named_beside_a_rejected_value_of_the_same_text_is_still_sent_again(
+    redis_prefix: str,
+) -> None:
+    """``{"ids": [1, "1"]}``: the number 1 is rejected (its row says ``1``), the string "1"
+    is an id, which the API refuses (kept pending, tried again). The rejected row's mark on
+    the entry's note (``=1``) read on the next delivery as id 1 done: it was never sent
+    again and the entry was acked with id 1 given no outcome. Its mark is ``=!1`` now."""
+    config = SimulatorConfig(jobs=1, reject_ids=frozenset({"1"}))
+    async with running(redis_prefix, config, max_deliveries=2, reclaim_after=0.2) as svc:
+        await svc.redis.xadd(svc.layout.stream, {"ids": '[1, "1"]'})
+        await until(lambda: _true(bool(svc.events("job.rejected"))), timeout=30)  # read
+        await until(lambda: _zero(svc.pending()), timeout=30)
+        outcomes: Any = await svc.redis.xrange(svc.layout.outcomes)
+    rows = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in outcomes]
+    assert sorted((r["job_id"], r["outcome"]) for r in rows) == [("1", "failed"), ("1", "rejected")]
+    assert [e["job_id"] for e in svc.events("job.failed")] == ["1"]  # on its last delivery
+    assert len(svc.events("serve.dead_lettered")) == 1
+    assert len(svc.events("job.rejected")) == 1

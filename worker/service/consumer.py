@@ -502,6 +502,13 @@ def noted_done(note: bytes | str | None) -> frozenset[str]:
     return frozenset(line[1:] for line in _id(note or b"").splitlines() if line[:1] == "=")
 
 
+def _done_mark(row: Mapping[str, str]) -> str:
+    """What the note says of a row written (after its ``=``): the id, or for an invalid
+    value's ``rejected`` row ``!`` and its text, which no id can be: the rejected ``1`` of
+    ``[1, "1"]`` marked the id ``1`` done, and a later delivery never sent it."""
+    return f"!{row['job_id']}" if row["outcome"] == Outcome.REJECTED.value else row["job_id"]
+
+
 def _lines(sign: str, ids: Sequence[str]) -> str:
     return "".join(f"{sign}{job_id}\n" for job_id in ids)
 
@@ -752,7 +759,7 @@ class StreamConsumer:
         done: dict[str, list[str]] = {}
         for row in rows:
             for entry_id in filter(None, row.get("entry", "").split(",")):
-                done.setdefault(entry_id, []).append(row["job_id"])
+                done.setdefault(entry_id, []).append(_done_mark(row))
         # Redis may apply the transaction and the reply be lost (Redis killed, the
         # connection cut): the caller then calls again with the same rows. A digest of
         # them, set in the transaction, says it was applied; deleted by a later write once

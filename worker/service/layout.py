@@ -19,7 +19,8 @@ The keys all derive from ``settings.stream`` so that one setting names a whole q
   left pending to be tried again; removed when the entry is acknowledged or dead-lettered.
 - ``{stream}:sending:{entry}``: a string, the ids of that entry sent in DELETEs whose
   answer is not recorded yet (``+id`` lines, ``-id`` once an answer said it was not gone
-  by us), and ``=id`` for each id whose outcome row is written (made by that write for an
+  by us), and ``=id`` for each id whose outcome row is written (``=!value`` for an invalid
+  value's ``rejected`` row, which no id can be; made by that write for an
   entry that had no note: an id rejected at admission, never sent); removed when the
   entry is acknowledged or dead-lettered, else expires after
   ``SENDING_TTL_S``. What a redelivery of an entry whose holder died mid-call reads, so
