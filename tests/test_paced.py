@@ -341,7 +341,7 @@ async def test_a_run_against_a_closed_port_gives_up_after_its_retries(tmp_path: 
     own 120 s used to: 122 s whatever the setting)."""
     src = write_ids(tmp_path / "ids.txt", [f"job-{n}" for n in range(16)])
     done = await reaper(
-        ["run", "-i", str(src), "--yes", "--max-attempts", "6", "--batch-size", "1",
+        ["run", "-i", str(src), "--yes", "--max-attempts", "5", "--batch-size", "1",
          "--concurrency", "8"],
         reaper_env("http://127.0.0.1:9"),
     )  # fmt: skip
@@ -349,6 +349,6 @@ async def test_a_run_against_a_closed_port_gives_up_after_its_retries(tmp_path: 
     retries = done.events("batch.retry")
     per_batch: dict[str, float] = {}
     for event in retries:
-        assert event["attempt"] <= 6
+        assert event["attempt"] <= 5
         per_batch[event["batch_id"]] = per_batch.get(event["batch_id"], 0.0) + event["delay_s"]
     assert max(per_batch.values()) >= 0.5 * done.summary()["duration_s"]
