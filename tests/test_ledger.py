@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.errors import ConfigError, OutcomeConflict, ReaperError
+from worker.errors import ConfigError, InputUnreadable, OutcomeConflict, ReaperError
 from worker.ledger import (
     Admission,
     Ledger,
@@ -518,7 +518,7 @@ def test_a_file_that_is_not_a_ledger_is_a_config_error(tmp_path: Path) -> None:
         open_ledger(other, "run-1")
     garbage = tmp_path / "garbage.sqlite"
     garbage.write_bytes(b"not sqlite at all" * 100)
-    with pytest.raises(ConfigError, match="cannot be used"):
+    with pytest.raises(ConfigError, match="not a devserver-reaper ledger"):
         open_ledger(garbage, "run-1")
     with pytest.raises(ConfigError, match="does not exist"):
         open_ledger(tmp_path / "missing-dir" / "ledger.sqlite", "run-1")
@@ -707,3 +707,52 @@ def test_only_a_durable_ledger_pays_for_the_wal_and_syncs(
 
     assert pragmas(ledger._conn) == ("wal", 1)
     assert pragmas(temporary._conn) == ("memory", 0)
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_a_run_refusing_a_file_that_is_not_a_ledger_leaves_it_and_makes_nothing_beside_it(
+    tmp_path: Path,
+) -> None:
+    """``run --ledger notes.txt`` left notes.txt-wal, -shm and .lock beside the file; on an
+    SQLite file of someone else's, SQLite had also turned it to WAL before it was refused."""
+    (tmp_path / "notes.txt").write_text("hello\n", encoding="utf-8")
+    with sqlite3.connect(tmp_path / "other.db") as conn:
+        conn.execute("CREATE TABLE jobs (id TEXT)")
+    conn.close()
+    before = _files(tmp_path)
+    for name in ("notes.txt", "other.db"):
+        with pytest.raises(ConfigError, match=f"{name} is not a devserver-reaper ledger; use"):
+            open_ledger(tmp_path / name, "run-1")
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(ConfigError, match=r"^ledger .*dir cannot be used: is a directory$"):
+        open_ledger(tmp_path / "dir", "run-1")
+    (tmp_path / "dir").rmdir()
+    assert _files(tmp_path) == before
+
+
+def test_reading_a_ledger_leaves_no_file_and_a_running_writer_keeps_its_own(path: Path) -> None:
+    """``report`` left ledger-wal and ledger-shm behind: a read-only connection cannot
+    remove them. Read while a run writes, the run's files stay for it, and go when it ends."""
+    with open_ledger(path, "run-1") as ledger:
+        ledger.admit(cands("a", "b"))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ledger.sqlite", "ledger.sqlite.lock"]
+    content = path.read_bytes()
+    with open_readonly(path) as view:
+        assert view.counts()["open"] == 2
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ledger.sqlite", "ledger.sqlite.lock"]
+    assert path.read_bytes() == content
+    with open_ledger(path, "run-2") as running:
+        running.admit(cands("c"))
+        with open_readonly(path) as view:
+            assert view.counts()["open"] == 3
+        running.admit(cands("d"))
+        with open_readonly(path) as view:
+            assert view.counts()["open"] == 4
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ledger.sqlite", "ledger.sqlite.lock"]
+    with pytest.raises(InputUnreadable, match=r"^cannot read ledger .*: is a directory$"):
+        open_readonly(path.parent)
+    with pytest.raises(InputUnreadable, match=r"^cannot read ledger .*nope: no such file$"):
+        open_readonly(path.parent / "nope")

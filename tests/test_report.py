@@ -183,7 +183,7 @@ def test_a_missing_ledger_exits_66_naming_it(tmp_path: Path) -> None:
     missing = tmp_path / "nope.sqlite"
     proc = report("--ledger", str(missing))
     assert proc.returncode == 66
-    assert f"ledger {missing} does not exist" in proc.stderr
+    assert f"cannot read ledger {missing}: no such file" in proc.stderr
     assert not missing.exists()  # reading never creates a ledger
 
 

@@ -32,9 +32,11 @@ sequential ids cost almost nothing (see the benchmark for both).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -46,7 +48,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
-from worker.errors import ConfigError, InputUnreadable, OutcomeConflict, ReaperError
+from worker.errors import (
+    ConfigError,
+    InputUnreadable,
+    OutcomeConflict,
+    ReaperError,
+    file_problem,
+)
 from worker.private_files import check_existing, claim_private, open_private_fd
 from worker.scratch import Scratch
 from worker.targets import Target
@@ -423,15 +431,54 @@ class LedgerView(_Closing):
         return f"{type(self).__name__}(path={str(self._path)!r}, counts={self._counts!r})"
 
 
+_SQLITE = b"SQLite format 3\x00"
+"""How an SQLite database file begins; byte 18 of its header is 2 in WAL mode."""
+
+
+def _header(path: Path) -> bytes:
+    """The first 100 bytes of the regular file at ``path`` (b"" for an empty one);
+    ``OSError`` when there is none (``IsADirectoryError`` for a directory). Opened
+    non-blocking: a named pipe there is refused, not waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        kind = os.fstat(fd).st_mode
+        if stat.S_ISDIR(kind):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+        if not stat.S_ISREG(kind):
+            raise OSError(errno.EINVAL, "is not a regular file", str(path))
+        return os.pread(fd, 100, 0)
+    finally:
+        os.close(fd)
+
+
+def _uri(path: Path, query: str) -> str:
+    return f"{path.resolve().as_uri().replace('file://', 'file:', 1)}?{query}"
+
+
 def open_readonly(path: Path) -> LedgerView:
     """Open a ledger to read, without its writer lock and without the project check, so an
     operator can inspect a crashed run or one still running (WAL lets readers and the
-    writer proceed side by side). ``InputUnreadable`` when it is missing or not a ledger."""
-    if not path.is_file():
-        raise InputUnreadable(f"ledger {path} does not exist")
-    uri = f"{path.resolve().as_uri().replace('file://', 'file:', 1)}?mode=ro"
+    writer proceed side by side). ``InputUnreadable`` when it is missing or not a ledger.
+
+    It leaves no file behind. A read-only connection to a WAL database makes ``-wal`` and
+    ``-shm`` beside it and, unable to write, never removes them; so where there are none
+    (no run holds the ledger, none died with transactions in its WAL) it is read through a
+    read-write connection that writes nothing (``query_only``): the last connection to
+    close removes both, as SQLite does for every writer, and a run that opens the ledger
+    meanwhile keeps them. Where they are there, ``mode=ro`` reads them as they are."""
     try:
-        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        header = _header(path)
+    except OSError as exc:
+        raise InputUnreadable(f"cannot read ledger {path}: {file_problem(exc)}") from None
+    if not header.startswith(_SQLITE):
+        raise InputUnreadable(f"{path} is not a devserver-reaper ledger")
+    beside = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
+    quiet = header[18] == 2 and not any(os.path.lexists(p) for p in beside)
+    try:
+        conn = sqlite3.connect(
+            _uri(path, "mode=rw" if quiet else "mode=ro"), uri=True, check_same_thread=False
+        )
+        conn.execute("PRAGMA query_only = ON")
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     except sqlite3.Error as exc:
         raise InputUnreadable(f"ledger {path} cannot be read: {exc}") from None
@@ -439,6 +486,33 @@ def open_readonly(path: Path) -> LedgerView:
         conn.close()
         raise InputUnreadable(f"{path} is not a devserver-reaper ledger")
     return LedgerView(conn, path)
+
+
+def _refuse_other_files(path: Path) -> None:
+    """``ConfigError`` when what is at ``path`` cannot be a ledger, before anything is made
+    beside it (the lock, ``-wal``, ``-shm``) or SQLite turns it to WAL: a run that refuses a
+    file leaves it and its directory as they were. An empty file or none is a new ledger.
+    An SQLite file is read with ``immutable`` (no lock, no file made): enough to see its
+    tables where no one writes, and when a run does (a ledger, then), an error or a stale
+    page only leaves the decision to :func:`_prepare`, under the lock."""
+    try:
+        header = _header(path)
+        check_existing(path)  # a link, another user's file: refused, nothing created
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"ledger {path} cannot be used: {file_problem(exc)}") from None
+    if not header:
+        return
+    if not header.startswith(_SQLITE):
+        raise ConfigError(f"{path} is not a devserver-reaper ledger; use another --ledger")
+    try:
+        with contextlib.closing(sqlite3.connect(_uri(path, "immutable=1"), uri=True)) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.Error:
+        return
+    if tables and "meta" not in tables:
+        raise ConfigError(f"{path} is not a devserver-reaper ledger; use another --ledger")
 
 
 class _FileLock:
@@ -531,6 +605,7 @@ class Ledger(LedgerView):
         ``region``: the default project's, kept for the report to name it."""
         if not path.parent.is_dir():
             raise ConfigError(f"ledger {path}: directory {path.parent} does not exist")
+        _refuse_other_files(path)
         try:
             lock = _FileLock(path.with_name(path.name + ".lock"))
         except OSError as exc:
