@@ -61,3 +61,14 @@ def test_plan_show_names_the_plan_key_flag_and_a_missing_file_as_other_commands_
         66,
         f"devserver-reaper plan: cannot read plan {tmp_path / 'nope'}: no such file\n",
     )
+
+
+def test_help_names_a_plan_as_the_readme_does_not_as_json() -> None:
+    """A plan is a header line, job lines and a seal: ``plan.json`` in the examples said
+    otherwise (and a JSON tool given one fails)."""
+    from tests.test_cli import _subcommands
+
+    helps = {name: parser.format_help() for name, parser in _subcommands().items()}
+    assert all("plan.json" not in text for text in helps.values())
+    assert all("--plan plan.txt" in helps[name] for name in ("run", "discover"))
+

@@ -479,6 +479,7 @@ async def test_the_demo_tours_every_step_and_ends_with_0() -> None:
     assert first and again, said
     assert first.group(1) == again.group(2)  # what the first run did is not done again
     assert "rejected 3" in said and "exit 1, as meant" in said
+    assert "--plan plan.txt" in said and "plan.json" not in said  # a plan is not JSON
     assert lines[-1].startswith("demo: done, every job deleted")
 
 

@@ -79,15 +79,15 @@ EXAMPLES = {
     "run": """\
 examples:
   # the recommended flow: a reviewed plan, a dry run, then the real run
-  devserver-reaper run --plan plan.json --dry-run
-  devserver-reaper run --plan plan.json --ledger reaper.db --results results.jsonl
+  devserver-reaper run --plan plan.txt --dry-run
+  devserver-reaper run --plan plan.txt --ledger reaper.db --results results.jsonl
 
   # a file of ids, no prompt, resumable, capped, running jobs kept
   devserver-reaper run -i stale-jobs.txt --yes --ledger reaper.db --max-deletions 5000 \\
       --protected-statuses PROCESSING
 
   # strike ids out of a reviewed plan without discovering again
-  devserver-reaper run --plan plan.json --exclude keep.txt
+  devserver-reaper run --plan plan.txt --exclude keep.txt
 
   # a policy, not a list (a nightly CronJob): select with discover's filters, seal, apply
   devserver-reaper run --status FINISHED,FAILED --older-than 30d --max-fraction 0.5 \\
@@ -99,7 +99,7 @@ examples:
 examples:
   # seal what would go into a plan, to review and apply with run --plan
   devserver-reaper discover --status FINISHED --type ASCEND_DIAGNOSIS --older-than 30d \\
-      --plan plan.json
+      --plan plan.txt
 
   # any of several statuses, in any case; a table and a review on a terminal
   devserver-reaper discover --status finished,failed --type COMMON
@@ -108,8 +108,8 @@ examples:
   devserver-reaper discover --user-name alice --older-than 2026-01-01 --output jsonl""",
     "plan": """\
 examples:
-  devserver-reaper plan show plan.json
-  devserver-reaper plan show plan.json --plan-key-file /run/secrets/plan.key""",
+  devserver-reaper plan show plan.txt
+  devserver-reaper plan show plan.txt --plan-key-file /run/secrets/plan.key""",
     "serve": """\
 examples:
   devserver-reaper serve --redis-url redis://redis:6379/0 --rate 20 --http-port 8080

@@ -129,7 +129,7 @@ async def demo(jobs: int, settings: Settings, summaries: Summaries | None = None
             contextlib.ExitStack() as stack,
         ):
             here = Path(tmp)
-            plan_path, ledger = here / "plan.json", here / "reaper.db"
+            plan_path, ledger = here / "plan.txt", here / "reaper.db"
             _say(1, f"simulate: a fake ModelArts project of {jobs} jobs at {sim.url}, quota "
                     "40 calls/s, about 10% of calls failing as a real API can")  # fmt: skip
             _came(f"export REAPER_ENDPOINT={sim.url} REAPER_PROJECT_ID={DEMO_PROJECT} "
@@ -145,7 +145,7 @@ async def demo(jobs: int, settings: Settings, summaries: Summaries | None = None
             if code != ExitCode.OK:
                 return code
 
-            _say(3, "discover --status FINISHED --older-than 30d --plan plan.json: choose by "
+            _say(3, "discover --status FINISHED --older-than 30d --plan plan.txt: choose by "
                     "what jobs are, and seal the choice for review")  # fmt: skip
             from worker.cli import build_parser
 
@@ -162,21 +162,21 @@ async def demo(jobs: int, settings: Settings, summaries: Summaries | None = None
                 return code
 
             plan = stack.enter_context(open_plan(plan_path, key=None))
-            _say(4, "plan show plan.json: the review (by type, status, user, age); run --plan "
+            _say(4, "plan show plan.txt: the review (by type, status, user, age); run --plan "
                     "refuses the plan edited, expired or for another project")  # fmt: skip
             by_type = plan.header.review.get("by_type", {})
             types = ", ".join(f"{t} {n}" for t, n in sorted(by_type.items(), key=lambda x: -x[1]))
             hours = (plan.header.expires_at - datetime.now(UTC)).total_seconds() / 3600
             _came(f"{len(plan):,} jobs: {types}; valid for {hours:.0f} h")
 
-            _say(5, "run --plan plan.json --dry-run: what would go; sends nothing")
+            _say(5, "run --plan plan.txt --dry-run: what would go; sends nothing")
             dry = tour.model_copy(update={"dry_run": True})
             await run_async(RunRequest(str(plan_path), plan=True), dry, new_run_id(), sim.url,
                             plan=plan)  # fmt: skip
             _came(f"would delete {seen.last['run.summary'].get('would_delete', 0):,}; the "
                   f"simulator still holds {len(sim.job_ids()):,} jobs")  # fmt: skip
 
-            _say(6, "run --plan plan.json --ledger reaper.db, interrupted by Ctrl-C once 40 "
+            _say(6, "run --plan plan.txt --ledger reaper.db, interrupted by Ctrl-C once 40 "
                     "jobs are gone, then the same command again: it resumes")  # fmt: skip
             for attempt in ("first", "again"):
                 again = tour.model_copy(update={"ledger": ledger})

@@ -72,7 +72,7 @@ def export_block(sim: Simulator) -> str:
         f"export REAPER_REGION={shlex.quote(config.region)} "
         f"REAPER_IAM_ENDPOINT={shlex.quote(sim.url)}\n"
         "# then: devserver-reaper check; devserver-reaper discover --status FINISHED --plan "
-        "plan.json; devserver-reaper run --plan plan.json --dry-run"
+        "plan.txt; devserver-reaper run --plan plan.txt --dry-run"
     )
 
 
