@@ -72,3 +72,13 @@ def test_help_names_a_plan_as_the_readme_does_not_as_json() -> None:
     assert all("plan.json" not in text for text in helps.values())
     assert all("--plan plan.txt" in helps[name] for name in ("run", "discover"))
 
+
+def test_a_slow_run_shows_its_rate_not_zero() -> None:
+    """Below 0.5 ids/s the display said ``0 ids/s``: a run that had stopped, to a reader."""
+    from worker.terminal.progress import Snapshot, rate
+
+    slow = Snapshot(done=3, total=10, ids_per_s=0.3, eta_s=None, counts=(), retries=0)
+    assert slow.figures() == "3 / 10 · 0.3 ids/s"
+    assert [rate(r) for r in (0.0, 0.01, 0.06, 0.96, 1.0, 1234.4)] == [
+        "0", "<0.1", "0.1", "1.0", "1", "1,234",
+    ]  # fmt: skip

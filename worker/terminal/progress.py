@@ -38,7 +38,7 @@ class Snapshot:
     def figures(self) -> str:
         """``1,200 / 2,000 · 98 ids/s · ETA 8s``, as much of it as is known."""
         parts = [f"{self.done:,}" + (f" / {self.total:,}" if self.total else " done")]
-        parts.append(f"{self.ids_per_s:,.0f} ids/s")
+        parts.append(f"{rate(self.ids_per_s)} ids/s")
         if self.eta_s is not None:
             parts.append(f"ETA {_duration(self.eta_s)}")
         return " · ".join(parts)
@@ -49,6 +49,14 @@ class Snapshot:
         if self.retries:
             text += f"{' · ' if text else ''}retries {self.retries:,}"
         return text
+
+
+def rate(per_s: float) -> str:
+    """Ids per second as a person reads them: whole from 1 up, one decimal below (0.3, not
+    the 0 that said a slow run had stopped), ``<0.1`` below that but above none."""
+    if per_s >= 1 or per_s <= 0:
+        return f"{per_s:,.0f}"
+    return f"{per_s:.1f}" if per_s >= 0.05 else "<0.1"
 
 
 def _duration(seconds: float) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker.terminal.failure import fix_for
+from worker.terminal.progress import rate
 
 SECRET_FLAGS = frozenset({"--sk", "--security-token", "--ak"})
 """Flags whose value is never printed back, even in a command to copy."""
@@ -85,7 +86,7 @@ class RunEnd:
             lines.append(f"  {'cap left':<13}{left:>12,} of {cap:,}")
         lines.append(f"  {'duration':<13}{f['duration_s']:>11.1f}s")
         if not dry:
-            lines.append(f"  {'rate':<13}{f['ids_per_s']:>8,.0f} ids/s")
+            lines.append(f"  {'rate':<13}{rate(f['ids_per_s']):>8} ids/s")
         lines.append(f"  {'exit code':<13}{f['exit_code']:>12}")
         lines += self._projects()
         lines += self._after()
