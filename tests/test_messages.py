@@ -82,3 +82,23 @@ def test_a_slow_run_shows_its_rate_not_zero() -> None:
     assert [rate(r) for r in (0.0, 0.01, 0.06, 0.96, 1.0, 1234.4)] == [
         "0", "<0.1", "0.1", "1.0", "1", "1,234",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("total", "read", "exact", "said"),
+    [(None, 0, False, "stopped before any of the input was read"),
+     (None, 7, False, "stopped before the end of the input was read"),
+     (0, 0, True, "stopped after the input was done: none of its ids is left to do")],
+)  # fmt: skip
+def test_a_run_stopped_by_a_closed_output_says_only_what_it_knows_of_its_input(
+    total: int | None, read: int, exact: bool, said: str
+) -> None:
+    """``true | run -i - | head -1`` said "part of the input is not done" of an empty one."""
+    from worker.terminal.summary import RunEnd
+
+    fields = {"deleted": 0, "open": 0, "duration_s": 0.1, "ids_per_s": 0.0, "exit_code": 75,
+              "error": "the events cannot be written to stdout (Broken pipe)"}  # fmt: skip
+    end = RunEnd(fields, total=total, exact_total=exact, read=read, command="r -i -")
+    lines = end.text().splitlines()
+    assert said in lines and not any("part of the input" in line for line in lines)
+    assert ("run again: r -i -" in lines) == (not exact)

@@ -803,10 +803,12 @@ def _summarise(
 
         if output.lines is not None and (note := output.lines.held_back_note()):
             output.say(note, "dim")
+        read_all = state.intake_done  # the input read to its end: its size is known
         end = RunEnd(
             fields,
-            total=total,
-            exact_total=plan is not None,
+            total=tally.read if read_all else total,
+            exact_total=plan is not None or read_all,
+            read=tally.read,
             would_delete=tally.skip_reasons["dry_run"],
             command=output.command,
             ledger=settings.ledger is not None,

@@ -46,8 +46,9 @@ class RunEnd:
     """What the summary says, beyond ``run.summary``'s fields."""
 
     fields: Mapping[str, Any]  # run.summary's
-    total: int | None = None  # ids the input holds (a plan), or lines (a file), if known
-    exact_total: bool = False  # a plan's count is exact; a file's lines include comments
+    total: int | None = None  # ids of a plan, lines of a file, entries of an input read whole
+    exact_total: bool = False  # a file's lines include comments; the others are exact
+    read: int = 0  # entries read from the input
     would_delete: int = 0  # a dry run's ids that a real run would send
     command: str | None = None  # the command that was run, to run again
     ledger: bool = False
@@ -132,13 +133,15 @@ class RunEnd:
 
     def _resume(self) -> list[str]:
         left = self.left()
-        if left is None:
-            amount = "part of the input is not done"
+        if left == 0 and self.exact_total:  # stopped once the input was done (| head)
+            return ["stopped after the input was done: none of its ids is left to do"]
+        if left is None:  # a stream stopped before its end: whether it held more is unknown
+            said = [f"stopped before {'any of' if not self.read else 'the end of'} the input "
+                    "was read"]  # fmt: skip
         elif self.exact_total:
-            amount = f"{left:,} ids of the input are not done"
+            said = [f"stopped with work left: {left:,} ids of the input are not done"]
         else:
-            amount = f"up to {left:,} ids of the input are not done"
-        said = [f"stopped with work left: {amount}"]
+            said = [f"stopped with work left: up to {left:,} ids of the input are not done"]
         if self.command is None:
             return said
         if self.ledger:
