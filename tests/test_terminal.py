@@ -168,13 +168,13 @@ async def test_above_the_threshold_the_project_id_must_be_typed(tmp_path: Path) 
 
 def test_a_plans_proposal_counts_by_type_and_status_and_estimates_the_time() -> None:
     proposal = Proposal(
-        source="plan.json", project="p-1", endpoint="https://e", count=300, exact=True,
+        source="plan.txt", project="p-1", endpoint="https://e", count=300, exact=True,
         by_type=tally(["COMMON"] * 200 + ["ASCEND_DIAGNOSIS"] * 100),
         by_status=tally(["FINISHED"] * 300), protection=("name prod-*", "status PROCESSING"),
         already_done=40, calls_per_id=1.0, batch_size=50, rate=10.0,
     )  # fmt: skip
     assert proposal.lines() == [
-        "About to delete 300 jobs from plan.json",
+        "About to delete up to 300 jobs from plan.txt, less those done already (ledger, below)",
         "  project     p-1",
         "  endpoint    https://e",
         "  by type     COMMON 200, ASCEND_DIAGNOSIS 100",

@@ -75,17 +75,21 @@ class Proposal:
 
     def lines(self) -> list[str]:
         jobs = self.jobs
+        resuming = bool(self.already_done)
         if jobs is None:
             head = f"About to delete the jobs listed in {self.source}"
         else:
             exact = (
                 ""
                 if self.exact and (self.cap is None or self.cap >= (self.count or 0))
+                and not resuming
                 else "up to "
-            )
+            )  # fmt: skip
             head = (
                 f"About to delete {exact}{jobs:,} job{'s' if jobs != 1 else ''} from {self.source}"
             )
+        if resuming:  # which of the ledger's done ids the input holds is known as it is read
+            head += ", less those done already (ledger, below)"
         rows = [head, f"  project     {self.project}", f"  endpoint    {self.endpoint}"]
         if self.by_type:
             rows.append(f"  by type     {_counts(self.by_type)}")
