@@ -262,7 +262,7 @@ async def test_the_leader_killed_is_replaced_from_the_estimate_it_stored(
     """kill -9 the replica that runs the fleet's controller: once its lease lapses another
     replica takes it over from the state stored in Redis (``restored``), the work goes on,
     and every id is still deleted exactly once."""
-    config = SimulatorConfig(jobs=700, quota=50, burst=2)
+    config = SimulatorConfig(jobs=400, quota=50, burst=2)
     async with queue(redis_prefix, tmp_path, config) as q:
         ids = q.sim.job_ids()
         flags = ("--rate", "auto", "--batch-size", "1", "--concurrency", "4",
