@@ -220,7 +220,7 @@ def test_a_flag_overrides_the_environment_even_into_an_error(tmp_path: Path) -> 
     ("argv", "env", "named"),
     [
         (["check", "--project-id", "not_valid!"], {}, "--project-id"),
-        (["check", "--sk-file", "."], {"REAPER_SK": CANARY}, "sk_file"),
+        (["check", "--sk-file", "."], {"REAPER_SK": CANARY}, "--sk-file . is not a regular"),
         (["check", "--config", "missing.toml"], {}, "missing.toml"),
         (["check"], {"REAPER_CONFIG": "gone.toml"}, "REAPER_CONFIG"),
         (["check", "--endpoint", "http://example.com"], {}, "endpoint"),

@@ -57,6 +57,12 @@ def test_plan_show_names_the_plan_key_flag_and_a_missing_file_as_other_commands_
         78,
         f"devserver-reaper plan: --plan-key-file {gone} cannot be read: no such file\n",
     )
+    with pytest.MonkeyPatch.context() as env:  # named as given: here, a variable
+        env.setenv("REAPER_PLAN_KEY_FILE", str(gone))
+        code, err = said(capsys, "plan", "show", keyed)
+    assert (
+        err == f"devserver-reaper plan: REAPER_PLAN_KEY_FILE {gone} cannot be read: no such file\n"
+    )
     assert said(capsys, "plan", "show", str(tmp_path / "nope")) == (
         66,
         f"devserver-reaper plan: cannot read plan {tmp_path / 'nope'}: no such file\n",

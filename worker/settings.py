@@ -140,7 +140,7 @@ class Settings(BaseSettings):
     _protect_files: tuple[Path, ...] = PrivateAttr(default=())
     _secret_files: dict[str, Path] = PrivateAttr(default_factory=dict)
     _warnings: tuple[str, ...] = PrivateAttr(default=())
-    _flags: frozenset[str] = PrivateAttr(default=frozenset())  # the settings given as flags
+    _said_as: dict[str, str] = PrivateAttr(default_factory=dict)  # see named()
 
     # -- serve / enqueue ------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -233,6 +233,7 @@ class Settings(BaseSettings):
         settings._protect_files = tuple(dict.fromkeys(f for f in files if f is not None))
         settings._secret_files = dict(read.files)
         settings._warnings = tuple(read.warnings)
+        settings._said_as = dict(read.said_as)
         return settings
 
     @field_validator("protected_types", "protected_statuses")
@@ -327,9 +328,9 @@ class Settings(BaseSettings):
         return self._warnings
 
     def named(self, field: str) -> str:
-        """``field`` as the user gave it, for a message: ``--plan-key-file`` when it was a
-        flag (see :func:`setting_name`)."""
-        return setting_name(field, flag=field in self._flags)
+        """``field`` as the user gave it, for a message: ``--plan-key-file`` for a flag,
+        ``REAPER_PLAN_KEY_FILE``, ``reaper.toml: plan_key_file``."""
+        return self._said_as.get(field) or setting_name(field, flag=False)
 
     @property
     def protect_files(self) -> tuple[Path, ...]:
@@ -369,19 +370,21 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [
-            init_settings,
-            env_settings,
-            _SdkEnvironment(settings_cls),
+        variables = {setting: variable for variable, setting in SDK_ENVIRONMENT.items()}
+        # Each source, and how a message names a setting it gave (see Settings.named).
+        sources: list[tuple[PydanticBaseSettingsSource, Callable[[str], str]]] = [
+            (init_settings, lambda field: setting_name(field, flag=True)),
+            (env_settings, lambda field: f"REAPER_{field.upper()}"),
+            (_SdkEnvironment(settings_cls), lambda field: variables.get(field, field)),
         ]
         config_file = _CONFIG_FILE.get() or os.environ.get("REAPER_CONFIG")
         if config_file:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+            toml = TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file))
+            sources.append((toml, f"{config_file}: {{}}".format))  # "c.toml: sk_file"
         read = _FilesRead()  # secrets a source of higher precedence has given, and from where
         layers: list[dict[str, Any]] = []  # what each source says of ADDED_UP, in order
         return tuple(
-            _Layer(_SecretFiles(source, read, flags=source is init_settings), layers, read)
-            for source in sources
+            _Layer(_SecretFiles(source, read, said_as), layers, read) for source, said_as in sources
         )
 
 
@@ -408,6 +411,7 @@ class _FilesRead:
         self.decided: set[str] = set()
         self.files: dict[str, Path] = {}
         self.warnings: list[str] = []
+        self.said_as: dict[str, str] = {}  # each setting given, as its source calls it
 
 
 def word_list(value: object) -> object:
@@ -497,23 +501,28 @@ class _SecretFiles(_Wrapping):
     """
 
     def __init__(
-        self, inner: PydanticBaseSettingsSource, read: _FilesRead, *, flags: bool = False
+        self,
+        inner: PydanticBaseSettingsSource,
+        read: _FilesRead,
+        said_as: Callable[[str], str] = str,
     ) -> None:
-        """``flags``: the source is the command line's, and its files are named as flags."""
+        """``said_as``: how a message names a key file setting of this source (``--sk-file``,
+        ``REAPER_SK_FILE``, ``sk_file in reaper.toml``)."""
         super().__init__(inner)
         self._read = read
-        self._flags = flags
+        self._said_as = said_as
 
     def __call__(self) -> dict[str, Any]:
         data = dict(self._inner())
+        for field in data:  # the first source to give it is the one in force
+            self._read.said_as.setdefault(field, self._said_as(field))
         for name in SECRETS:
             path = data.get(f"{name}_file")
             if name in self._read.decided:
                 continue
             if isinstance(path, str | os.PathLike) and str(path):
                 setting = f"{name}_file"
-                called = setting_name(setting, flag=self._flags)
-                key_file = read_key_file(setting, Path(path), called=called)
+                key_file = read_key_file(setting, Path(path), called=self._said_as(setting))
                 data[name] = key_file.text
                 self._read.files[name] = Path(path)
                 if key_file.warning:
@@ -569,7 +578,7 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
         raise ConfigError(f"config file {path} ({named_by}) does not exist")
     token = _CONFIG_FILE.set(path)
     try:
-        settings = Settings(**given)
+        return Settings(**given)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, given)) from None
     except tomllib.TOMLDecodeError as exc:
@@ -581,8 +590,6 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
         raise ConfigError(f"invalid configuration: {type(exc).__name__}: {exc}") from None
     finally:
         _CONFIG_FILE.reset(token)
-    settings._flags = frozenset(given)
-    return settings
 
 
 _IN_WORDS = {
