@@ -12,11 +12,12 @@ import pytest
 from aiohttp import web
 
 from tests.e2e import serve_app, until
-from tests.test_serve_e2e import GROUP, queue
+from tests.test_serve_e2e import GROUP, Queue, queue
 from tests.test_serve_sent import _start_via, held_answers
 from tests.test_serve_takeover import _StagedApi
 from worker.service.layout import StreamLayout
 from worker.simulator import SimulatorConfig
+from worker.types import ANSWER_LOST
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
 
@@ -32,6 +33,36 @@ async def _first_delivered_to_c1(q: Any, url: str, job_id: str, deliveries: int)
     return added.decode(), c1
 
 
+async def _given_up_after_a_dead_holder_sent_x(
+    q: Queue, deliveries: int
+) -> tuple[str, str, Any, list[dict[str, str]]]:
+    """E names x and y (``q``'s two jobs). Its holder c0 noted x sent, its DELETE removed
+    the job, and c0 died before the answer; E was delivered ``deliveries`` times so (every
+    holder dying). c1 (``--max-deliveries 1``) reads E once more and gives it up. Returns
+    x, y, E, c1 and the outcome rows, once nothing is pending."""
+    x, y = q.sim.job_ids()
+    q.sim.store.delete([x])  # by the DELETE c0 died with
+    layout = StreamLayout(q.stream, GROUP)
+    await q.redis.xgroup_create(q.stream, GROUP, "0", mkstream=True)
+    added: Any = await q.redis.xadd(q.stream, {"ids": f'["{x}", "{y}"]'})
+    entry = added.decode()
+    await q.redis.xreadgroup(GROUP, "c0", {q.stream: ">"})  # delivery 1, c0's
+    await q.redis.set(layout.sending(entry), f"+{x}\n", ex=600)
+    for _ in range(deliveries - 1):  # its holders died too
+        await q.redis.xclaim(q.stream, GROUP, "c0", 0, [entry])
+    c1 = await q.start("c1", "--max-deliveries", "1", "--reclaim-after", "1",
+                       "--batch-size", "1", "--rate", "100")  # fmt: skip
+
+    async def settled() -> bool:
+        return await q.pending() == 0
+
+    await until(settled, 60)
+    rows = await q.stream_rows(q.stream + ":outcomes")
+    await q.stop_all()
+    assert [e["entry"] for e in c1.named("serve.dead_lettered")] == [entry]
+    return x, y, c1, rows
+
+
 @pytest.mark.anyio
 async def test_an_entry_given_up_does_not_call_a_job_its_own_dead_holder_deleted_failed(
     redis_prefix: str, tmp_path: Path
@@ -43,24 +74,7 @@ async def test_an_entry_given_up_does_not_call_a_job_its_own_dead_holder_deleted
     the note's doubt makes it ``deleted``, unconfirmed (``answer_lost``), as any later
     delivery would have said, and only the ids nobody sent end ``failed``."""
     async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=2)) as q:
-        x, y = q.sim.job_ids()
-        q.sim.store.delete([x])  # by the DELETE c0 died with
-        layout = StreamLayout(q.stream, GROUP)
-        await q.redis.xgroup_create(q.stream, GROUP, "0", mkstream=True)
-        added: Any = await q.redis.xadd(q.stream, {"ids": f'["{x}", "{y}"]'})
-        entry = added.decode()
-        await q.redis.xreadgroup(GROUP, "c0", {q.stream: ">"})  # delivery 1, c0's
-        await q.redis.set(layout.sending(entry), f"+{x}\n", ex=600)
-        c1 = await q.start("c1", "--max-deliveries", "1", "--reclaim-after", "1",
-                           "--batch-size", "1", "--rate", "100")  # fmt: skip
-
-        async def settled() -> bool:
-            return await q.pending() == 0
-
-        await until(settled, 60)
-        rows = await q.stream_rows(q.stream + ":outcomes")
-        await q.stop_all()
-    assert [e["entry"] for e in c1.named("serve.dead_lettered")] == [entry]
+        x, y, c1, rows = await _given_up_after_a_dead_holder_sent_x(q, 1)
     assert sorted(
         (r["job_id"], r["outcome"], r["error_msg"]) for r in rows if r["job_id"] == x
     ) == [(x, "deleted", "answer_lost")]
@@ -201,3 +215,22 @@ async def test_an_entry_given_up_unsent_reads_its_jobs_and_calls_one_another_del
         [(x, "deleted", fresh), (x, "absent", given_up), (y, "failed", given_up)]
     )
     assert q.sim.deleted == {x} and q.sim.sent_counts == {x: 1}  # no DELETE past the limit
+
+
+@pytest.mark.anyio
+async def test_an_entry_given_up_past_its_last_call_says_an_id_sent_unheard_may_be_gone(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """E names x and y; a holder's DELETE of x removed the job and died unanswered (its note
+    says ``+x``), and E's delivery just past ``--max-deliveries`` died too (the chaos run's
+    seed 11, ``--max-deliveries 2``: three jobs ``failed`` that the simulator deleted once
+    each). Read once more, E is given up with no call at all, and x ended ``failed`` with
+    the last error, saying the job is there. Its note says an earlier call may have
+    deleted it: x's row says so (``answer_lost``), y's (never sent) does not."""
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=2)) as q:
+        x, y, _, rows = await _given_up_after_a_dead_holder_sent_x(q, 2)
+    assert q.sim.sent_counts == {x: 1}  # c0's: nothing is sent past the last call
+    said = {r["job_id"]: (r["outcome"], r["error_msg"]) for r in rows}
+    assert sorted(said) == sorted([x, y]) and len(rows) == 2
+    assert said[x][0] == "failed" and ANSWER_LOST in said[x][1]
+    assert said[y][0] == "failed" and ANSWER_LOST not in said[y][1]

@@ -50,25 +50,39 @@ from worker.service.layout import Message
 from worker.service.metrics import ServiceMetrics
 from worker.service.outage import Outage
 from worker.targets import Target
-from worker.types import Outcome, Result
+from worker.types import ANSWER_LOST, Outcome, Result
 
 _T = TypeVar("_T")
 
 
 def _gave_up(
-    job_id: str, message: Message, deliveries: int, reason: str, said: Mapping[str, Any]
+    job_id: str,
+    message: Message,
+    deliveries: int,
+    reason: str,
+    said: Mapping[str, Any],
+    *,
+    unheard: bool = False,
 ) -> Result:
     """``failed``, for an id of an entry given up (``reason``), with the last error it met
-    (``said``): read and found still there, or not read (its API paused, or it gave out)."""
+    (``said``): read and found still there, or not read (its API paused, or it gave out).
+    ``unheard``: an earlier delivery sent it without a readable answer and it gets no last
+    call (past the delivery just over the limit): that DELETE may have removed the job,
+    which ``failed`` alone would say is there (``answer_lost``, as ``run`` says it)."""
+    last = said.get("error_msg") or f"no outcome after {reason}"
     return Result(
         job_id=job_id,
         outcome=Outcome.FAILED,
         attempts=deliveries,
         http_status=said.get("http_status"),
         error_code=said.get("error_code"),
-        error_msg=said.get("error_msg") or f"no outcome after {reason}",
+        error_msg=f"{ANSWER_LOST}: a DELETE of it went unanswered and it was not sent again, "
+        f"so it may be gone by that DELETE: {last}"
+        if unheard
+        else last,
         request_id=said.get("request_id"),
         target=message.target,
+        reason=ANSWER_LOST if unheard else None,
     )
 
 
@@ -298,6 +312,7 @@ class ServeJournal:
         doubted: Collection[str] = (),
         *,
         look: bool = False,
+        unheard: Collection[str] = (),
     ) -> Message | None:
         """An entry read after more than ``max_deliveries`` deliveries with no outcome (its
         holders died, or the API was unavailable every time): its ids end ``failed`` with
@@ -310,7 +325,8 @@ class ServeJournal:
         another entry's call may have deleted the job meanwhile, so found gone they end
         ``absent``, still there ``failed``. Returns the entry with those ids only, to be
         sent (or read) and dead-lettered once they settle (``Message.given_up``); None when
-        nothing is left."""
+        nothing is left. ``unheard``: ids an earlier delivery sent without a readable answer;
+        those not given a last call end ``failed`` saying they may be gone by that call."""
         said = _error_of(error)
         reason = f"delivered {deliveries} times (max_deliveries {self._max_deliveries})"
         target = message.target
@@ -319,7 +335,7 @@ class ServeJournal:
         # Waited on by entries that only look at it too: looked at, not deleted, for all.
         read = tuple(i for i in kept if i not in doubted
                      and (i not in waited or self._inflight.looks([i], target)))  # fmt: skip
-        failed = [_gave_up(job_id, message, deliveries, reason, said)
+        failed = [_gave_up(job_id, message, deliveries, reason, said, unheard=job_id in unheard)
                   for job_id in message.ids if job_id not in kept]  # fmt: skip
         for result in failed:
             self._events.result(result)
