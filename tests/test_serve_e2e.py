@@ -221,13 +221,13 @@ async def test_three_replicas_on_auto_run_one_estimate_kept_in_redis(
     Not which phase the estimate is in: a probe that finds the quota risen goes back to
     start-up (``_escalate``), and how far the controller got depends on the machine's load.
     What holds on any machine: a state is stored, a new leader would adopt it
-    (``sane_state``), and it is learnt, not start-up's 2 calls/s (at that rate the 300
-    calls would take 150 s, past the wait)."""
+    (``sane_state``), and it is learnt, not start-up's 2 calls/s (at that rate the 200
+    calls would take 100 s, past the wait)."""
     from worker.pacing.controller import AdaptiveConfig
     from worker.pacing.fleet import decode_state, sane_state
     from worker.pacing.shared import FleetKeys
 
-    config = SimulatorConfig(jobs=600, quota=40, burst=2)
+    config = SimulatorConfig(jobs=400, quota=40, burst=2)
     async with queue(redis_prefix, tmp_path, config) as q:
         ids = q.sim.job_ids()
         flags = ("--rate", "auto", "--batch-size", "2", "--concurrency", "4")
