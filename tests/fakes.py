@@ -257,13 +257,17 @@ def simulate(
     controller: PacedController | None = None,
     jitter: Callable[[], float] | None = None,
     windowed: bool = False,
+    refusal_latency: float | None = None,
 ) -> Run:
     """Calls paced at the controller's rate against a token-bucket server (as the
     simulator's), answered ``latency`` later (or ``latency(rate)`` later: a draw for a
     call sent at that rate); 429s carry Retry-After in whole seconds. ``jitter``: how
     late each call leaves after its start (a draw: a loaded loop's send jitter), in the
     order they started, so a late one and the next may leave back to back; its latency
-    is timed from its start. ``windowed``: a ``FixedWindow`` gateway, not a token bucket."""
+    is timed from its start. ``windowed``: a ``FixedWindow`` gateway, not a token bucket.
+    ``refusal_latency``: 429s are answered this long after they leave, not ``latency``
+    later: as the simulator's (and a real gateway's), which refuses a call before it
+    reaches the service, so a refusal overtakes the answers of calls sent before it."""
     ctrl = controller or RateController(0.0)
 
     def gateway(rate: float, now: float) -> ServerQuota | FixedWindow:
@@ -298,7 +302,10 @@ def simulate(
         left = max(left, now + jitter()) if jitter else now
         wait = server.try_acquire(left)
         (run.ok if wait <= 0 else run.refused).append(now)
-        took = left - now + (latency(rate) if callable(latency) else latency)
+        if wait > 0 and refusal_latency is not None:
+            took = left - now + refusal_latency
+        else:
+            took = left - now + (latency(rate) if callable(latency) else latency)
         heapq.heappush(in_flight, (now + took, wait <= 0, float(retry_after_seconds(wait)), took))
         run.rates.append((now, rate))
         next_slot = now + 1.0 / rate
