@@ -301,7 +301,7 @@ async def test_the_leader_killed_is_replaced_from_the_estimate_it_stored(
 async def test_a_replica_killed_mid_stream_has_its_entries_reclaimed(
     redis_prefix: str, tmp_path: Path
 ) -> None:
-    config = SimulatorConfig(jobs=1500, faults=FaultConfig(latency_ms=20))
+    config = SimulatorConfig(jobs=800, faults=FaultConfig(latency_ms=20))
     async with queue(redis_prefix, tmp_path, config) as q:
         ids = q.sim.job_ids()
         flags = ("--rate", "30", "--batch-size", "10", "--concurrency", "4",
