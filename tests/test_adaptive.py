@@ -22,6 +22,7 @@ from worker.pacing.adaptive import AdaptiveRateLimiter, build_limiter
 from worker.pacing.bucket import RateLimiter
 from worker.pacing.controller import AdaptiveConfig, Phase, RateController
 from worker.pacing.slowdown import SlowingLimiter
+from worker.simulator.quota import TokenBucket
 from worker.types import DeleteResult, JobRecord
 
 # --- the controller: known answers ---------------------------------------------------------
@@ -395,6 +396,50 @@ def test_a_probe_just_past_a_low_measure_moves_its_target_to_the_floor_not_to_st
     assert ctrl.state.phase is Phase.PROBE
     assert 1.01 * 4.67 < ctrl.state.target < 1.06 * 4.67
     assert ctrl.state.quota == 4.67
+
+
+def _probing_at_two(quota: float) -> tuple[RateController, list[tuple[float, bool, float]]]:
+    """Cut at 0 s to 1.9 calls/s (the gateway's bucket empty), returning to 1.96 in units
+    of 15 s (30 calls), against a gateway of ``quota`` calls/s with a burst of 1, every call
+    answered at once, until 90 s or a proven rise: each call's start, whether accepted, and
+    the rate it went at."""
+    ctrl = RateController(0.0)
+    ctrl.on_throttle(0.0, latency=0.0)
+    ctrl.restore(replace(ctrl.state, rate=1.9, level=1.9, phase=Phase.CRUISE, since=0.0,
+                         cut_at=0.0, target=1.96, quota=1.96, unit=15.0, refusals=1))  # fmt: skip
+    gateway = TokenBucket(quota, 1, 0.0)
+    gateway.try_acquire(0.0)
+    calls, t = [], 1.0 / 1.9
+    while t < 90.0 and not ctrl.escalated:
+        ctrl.on_sent(t)
+        rate, accepted = ctrl.rate_at(t), gateway.try_acquire(t) <= 0
+        if accepted:
+            ctrl.on_success(t, latency=0.0)
+        else:
+            ctrl.on_throttle(t, retry_after=1.0, latency=0.0)
+        calls.append((t, accepted, rate))
+        t += 1.0 / ctrl.rate_at(t)
+    return ctrl, calls
+
+
+def test_under_six_calls_a_second_the_probe_is_early_calls_a_rise_passes_at_once() -> None:
+    """The probe past a target under 6 calls/s: two units (30 s) after the rate is back at
+    it (1.7 units), calls go at twice the pace. A quota that rose to 50 accepts them, and
+    the rise is proven 9 s later (64.4 s; the cubic climb from the target, 88.5 s). One of
+    2.1 refuses the first (one refusal, as a probe refused past the target costs): the pace
+    goes on just under where it was, the target kept, and nobody pauses (no news)."""
+    ctrl, calls = _probing_at_two(50.0)
+    early = next((t for t, _, rate in calls if rate > 3.0), math.inf)
+    assert 50.0 < early < 60.0
+    assert ctrl.escalated == 1
+    assert calls[-1][0] < early + 10.0
+    ctrl, calls = _probing_at_two(2.1)
+    refused = [(t, rate) for t, accepted, rate in calls if not accepted]
+    assert len(refused) == 1
+    assert refused[0][1] > 2.0 * 1.96 * 0.99
+    assert ctrl.pause_until() == -math.inf
+    assert ctrl.state.target >= 1.96
+    assert ctrl.rate_at(90.0) >= 0.97 * 1.96
 
 
 def test_a_floor_past_the_pace_a_call_was_refused_at_proves_a_rise() -> None:

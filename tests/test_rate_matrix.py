@@ -421,28 +421,29 @@ def test_a_refusal_after_a_long_idle_stretch_does_not_cut_far_under_the_quota(
 
 _RISES = ((1.0, 50.0), (2.0, 50.0), (5.0, 50.0), (1.0, 5.0))
 _RISE_GAP = (
-    "a known gap: at low quotas the probe's unit is 30 calls a refusal (30 s at 1 call/s, "
-    "15 s at 2, 6 s at 5) and a rise is proven only once the floor since the last refusal "
-    "passes the target (often the rate refused, a few % over the old quota) by 1 %, about "
-    "two calls past it: the proof comes one probe cycle or more after the rise; shorter "
-    "units spend the low-quota cells' budget (15 calls a unit: 6 cells over it). "
+    "under 6 calls/s the probe is early calls (twice the pace) two units of 30 calls past "
+    "the rate's return to its target (about 110 calls after a cut: 110 s at 1 call/s, 55 s "
+    "at 2, 22 s at 5), and a rise is proven a few seconds into the probe that first meets "
+    "it (not where an answer takes longer than an early call's interval, as at 5 calls/s and "
+    "300 ms: the cubic climb as before); the cycle is what the budget leaves (2 %, or one "
+    "refusal in 30 s; one unit put 2 calls/s at burst 2 over it). No controller "
+    "within the budget meets 30 s from 1 call/s at every moment (one probe in 30 s at most, "
+    "60 s at burst 1, before 10 s of growth to 45 calls/s). "
 )
 RISE_MISSED = {
     # (from, to, burst, latency): (proven, 0.9 of the new quota), seconds after the rise
-    (1.0, 50.0, 1, 0.05): (169.5, 179.4),
-    (1.0, 50.0, 2, 0.05): (155.9, 166.1),
-    (1.0, 50.0, 10, 0.05): (149.9, 160.1),
-    (1.0, 50.0, 1, 0.3): (194.3, 204.7),
-    (2.0, 50.0, 1, 0.05): (67.5, 76.0),
-    (2.0, 50.0, 2, 0.05): (65.3, 73.4),
-    (2.0, 50.0, 10, 0.05): (62.7, 71.0),
+    (1.0, 50.0, 1, 0.05): (135.5, 146.1),
+    (1.0, 50.0, 2, 0.05): (137.2, 147.7),
+    (1.0, 50.0, 10, 0.05): (95.4, 106.1),
+    (1.0, 50.0, 1, 0.3): (167.0, 177.8),
+    (2.0, 50.0, 1, 0.05): (56.8, 65.5),
+    (2.0, 50.0, 2, 0.05): (47.2, 55.8),
     (2.0, 50.0, 1, 0.3): (69.9, 78.3),
-    (5.0, 50.0, 2, 0.05): (31.1, 36.4),
     (5.0, 50.0, 1, 0.3): (34.9, 40.8),
-    (1.0, 5.0, 1, 0.05): (169.5, 172.9),
-    (1.0, 5.0, 2, 0.05): (155.9, 159.6),
-    (1.0, 5.0, 10, 0.05): (149.9, 153.5),
-    (1.0, 5.0, 1, 0.3): (194.3, 198.2),
+    (1.0, 5.0, 1, 0.05): (135.5, 139.5),
+    (1.0, 5.0, 2, 0.05): (137.2, 141.2),
+    (1.0, 5.0, 10, 0.05): (95.4, 99.5),
+    (1.0, 5.0, 1, 0.3): (167.0, 171.1),
 }
 
 
