@@ -63,6 +63,25 @@ async def _given_up_after_a_dead_holder_sent_x(
     return x, y, c1, rows
 
 
+async def _released_once_c1_holds_both(q: Queue, api: _StagedApi) -> list[dict[str, str]]:
+    """Once c1 holds both entries of ``q``, ``api``'s held answers released; the outcome
+    rows once nothing is pending (the replicas stopped)."""
+
+    async def both_held() -> bool:
+        return await q.pending("c1") == 2
+
+    await until(both_held, 30)
+    api.release.set()
+
+    async def settled() -> bool:
+        return await q.pending() == 0
+
+    await until(settled, 60)
+    rows = await q.stream_rows(q.stream + ":outcomes")
+    await q.stop_all()
+    return rows
+
+
 @pytest.mark.anyio
 async def test_an_entry_given_up_does_not_call_a_job_its_own_dead_holder_deleted_failed(
     redis_prefix: str, tmp_path: Path
@@ -163,18 +182,7 @@ async def test_an_entry_on_its_last_delivery_gets_a_row_for_an_id_that_fails_for
                 added, _ = await pipe.execute()
             last = added.decode()
 
-            async def both_held() -> bool:  # E reclaimed: its delivery 2, the last
-                return await q.pending("c1") == 2
-
-            await until(both_held)
-            api.release.set()
-
-            async def settled() -> bool:
-                return await q.pending() == 0
-
-            await until(settled, 60)
-            rows = await q.stream_rows(q.stream + ":outcomes")
-            await q.stop_all()
+            rows = await _released_once_c1_holds_both(q, api)  # E's delivery 2, the last
     assert sorted(e["entry"] for e in c1.named("serve.dead_lettered")) == sorted([fresh, last])
     assert sorted((r["entry"], r["outcome"]) for r in rows) == sorted(
         [(fresh, "failed"), (last, "failed")]
@@ -234,3 +242,39 @@ async def test_an_entry_given_up_past_its_last_call_says_an_id_sent_unheard_may_
     assert sorted(said) == sorted([x, y]) and len(rows) == 2
     assert said[x][0] == "failed" and ANSWER_LOST in said[x][1]
     assert said[y][0] == "failed" and ANSWER_LOST not in said[y][1]
+
+
+@pytest.mark.anyio
+async def test_a_fresh_entry_naming_a_job_being_looked_at_has_it_deleted(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """E names x; its holder c0 died before sending it, and c1 reads E past
+    ``--max-deliveries`` (1): x gets a look, a show call that deletes nothing. F, fresh,
+    names x while that look is out. F asked for x deleted and may send a DELETE: the look's
+    answer (still there) is not F's, and x is deleted for F."""
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=1)) as q:
+        (x,) = q.sim.job_ids()
+        api = _StagedApi(q.sim.url, set())
+        api.mode = "hold looks"
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", api.handle)
+        async with serve_app(app) as url:
+            await q.redis.xgroup_create(q.stream, GROUP, "0", mkstream=True)
+            added: Any = await q.redis.xadd(q.stream, {"id": x})
+            given_up = added.decode()
+            await q.redis.xreadgroup(GROUP, "c0", {q.stream: ">"})  # delivery 1, c0's
+            c1 = await _start_via(q, url, "c1", "--max-deliveries", "1", "--reclaim-after",
+                                  "1", "--batch-size", "1", "--rate", "100")  # fmt: skip
+
+            async def looking() -> bool:
+                return api.held == 1
+
+            await until(looking, 30)
+            added = await q.redis.xadd(q.stream, {"id": x})
+            fresh = added.decode()
+            rows = await _released_once_c1_holds_both(q, api)
+    assert [e["entry"] for e in c1.named("serve.dead_lettered")] == [given_up]
+    assert sorted((r["job_id"], r["outcome"], r["entry"]) for r in rows) == [
+        (x, "deleted", f"{given_up},{fresh}")
+    ]
+    assert q.sim.sent_counts == {x: 1}

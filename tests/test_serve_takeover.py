@@ -200,7 +200,9 @@ class _StagedApi:
     ``hold``: each is forwarded (applied) and its answer held until ``release`` is set, but
     one naming a job of ``refused`` is not forwarded and is answered 400 (the API refusing
     that id); ``unavailable``: answered 503 at once, not forwarded; ``pass``: forwarded and
-    answered as the simulator answers. Other calls are always forwarded."""
+    answered as the simulator answers; ``hold looks``: DELETEs pass, and each show call
+    (a look) is forwarded and its answer held until ``release``. Other calls are always
+    forwarded."""
 
     def __init__(self, upstream: str, refused: set[str]) -> None:
         self.upstream = upstream
@@ -221,6 +223,11 @@ class _StagedApi:
                 await self.release.wait()
                 said = {"error_code": "ModelArts.6101", "error_msg": "job cannot be deleted"}
                 return web.json_response(said, status=400)
+            answer = await self._forward(request, body)
+            await self.release.wait()
+            return answer
+        if request.method == "GET" and self.mode == "hold looks":
+            self.held += 1
             answer = await self._forward(request, body)
             await self.release.wait()
             return answer

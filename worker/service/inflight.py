@@ -133,12 +133,13 @@ class Admission:
 class InFlight:
     """The entries this consumer holds and the ids they wait on."""
 
-    __slots__ = ("_entries", "_waiters", "_wire")
+    __slots__ = ("_entries", "_looking", "_waiters", "_wire")
 
     def __init__(self) -> None:
         self._entries: dict[str, _Waiting] = {}
         self._waiters: dict[Key, list[str]] = {}
         self._wire: set[Key] = set()  # ids a DELETE carries (or is about to), no outcome yet
+        self._looking: set[Key] = set()  # ids a look carries (``Batch.look``), no outcome yet
 
     def __contains__(self, entry_id: object) -> bool:
         return entry_id in self._entries
@@ -240,6 +241,22 @@ class InFlight:
         first = self._entries[self._waiters[target, job_id][0]]
         return first.message, first.deliveries
 
+    def looking(self, job_ids: Sequence[str], target: Target | None = None) -> None:
+        """A look (``Batch.look``) of ``job_ids`` (of ``target``) is about to go out."""
+        self._looking.update((target, i) for i in job_ids)
+
+    def not_theirs(self, result: Result) -> bool:
+        """Is ``result`` a look's failure of an id an entry that may delete it waits on now
+        (admitted after the look went out, it joined it)? Not that entry's answer: nobody
+        sent the DELETE it asked for. No outcome then; the id is sent, for them all."""
+        key = (result.target, result.job_id)
+        if key not in self._looking or result.outcome is not Outcome.FAILED:
+            return False
+        if self._looked(result.target, result.job_id):
+            return False
+        self._looking.discard(key)
+        return True
+
     def _looked(self, target: Target | None, job_id: str) -> bool:
         waiting = [self._entries.get(e) for e in self._waiters.get((target, job_id), ())]
         return bool(waiting) and all(w is not None and job_id in w.look for w in waiting)
@@ -257,6 +274,7 @@ class InFlight:
         handed: dict[str, _Waiting] = {}
         for result in results:
             self._wire.discard((result.target, result.job_id))
+            self._looking.discard((result.target, result.job_id))
             for entry_id in self._waiters.pop((result.target, result.job_id), ()):
                 waiting = self._entries.get(entry_id)
                 if waiting is None:
@@ -292,6 +310,7 @@ class InFlight:
         touched: dict[str, bool] = {}  # entry -> its first hand-back of this delivery
         for job_id in job_ids:
             self._wire.discard((target, job_id))
+            self._looking.discard((target, job_id))
             for entry_id in self._waiters.pop((target, job_id), ()):
                 waiting = self._entries.get(entry_id)
                 if waiting is None or job_id not in waiting.open:
@@ -315,6 +334,7 @@ class InFlight:
         self._entries.clear()
         self._waiters.clear()
         self._wire.clear()
+        self._looking.clear()
 
     def __repr__(self) -> str:
         return (f"InFlight(entries={len(self._entries)}, open_ids={len(self._waiters)}, "

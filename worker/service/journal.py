@@ -197,8 +197,10 @@ class ServeJournal:
         self._events.retry(batch_id, attempt, delay_s, reason)
 
     async def finished(self, results: Sequence[Result]) -> None:
-        # A joining entry's doubt (``answered``); a job a look found there (``_looked``).
-        results = [self._looked(self._inflight.answered(r)) for r in results]
+        # A joining entry's doubt (``answered``); a job a look found there (``_looked``), but
+        # for an entry that may delete it, which joined the look: it is sent (``not_theirs``).
+        results = [self._looked(self._inflight.answered(r)) for r in results
+                   if not self._inflight.not_theirs(r)]  # fmt: skip
         # A failure is terminal only on the last delivery its entries are allowed: before
         # that they are kept pending and the id is tried again, so its job.failed ("will not
         # be retried") and its outcome row wait for that last delivery. Its row names the

@@ -445,6 +445,16 @@ class Service:
                 await self._dispatcher.process(batch)
             self._answered.set()
             self._went_through = True
+            if batch.look and not self.halting:
+                # Found there for an entry that may delete them, which joined the look
+                # (``InFlight.not_theirs``): their DELETE, its answer theirs all.
+                asked = tuple(i for i in batch.ids if self._inflight.entries_of(i, batch.target))
+                if asked:
+                    deletes = Batch(f"{batch.batch_id.removesuffix('.look')}.asked", asked,
+                                    target=batch.target)  # fmt: skip
+                    return await self._dispatch_one(
+                        doubted(deletes, self._inflight.doubts(asked, batch.target))
+                    )
         except TakenOver as exc:
             # Stalled past reclaim_after: the taker sends those entries' ids and records
             # them; of this batch only the ids of entries still ours are handed back.
@@ -591,6 +601,7 @@ class Service:
             looks = [] if batch.look else self._inflight.looks(batch.ids, batch.target)
             if looks:  # of entries given up: read, not deleted (``Batch.look``)
                 ids = tuple(i for i in batch.ids if i not in looks)
+                self._inflight.looking(looks, batch.target)
                 await self._send(send, Batch(f"{batch.batch_id}.look", tuple(looks),
                                              target=batch.target, look=True))  # fmt: skip
                 if not ids:
