@@ -6,12 +6,16 @@ policy decides by type alone.
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar
 
 
 def file_problem(exc: OSError) -> str:
     """Why a file cannot be opened, in the words every command uses for it: "no such file",
-    "is a directory", "permission denied", else the system's own words in lower case."""
+    "is a directory", "permission denied", else the system's own words in lower case; an
+    error of ours (``worker.private_files``: "belongs to another user ...") as it says."""
+    if exc.strerror and exc.errno is not None and exc.strerror != os.strerror(exc.errno):
+        return exc.strerror
     if isinstance(exc, FileNotFoundError):
         return "no such file"
     if isinstance(exc, IsADirectoryError):
