@@ -311,24 +311,25 @@ class ServeJournal:
         message: Message,
         deliveries: int,
         error: str,
-        doubted: Collection[str] = (),
-        *,
-        look: bool = False,
         unheard: Collection[str] = (),
+        *,
+        last: bool = False,
+        look: bool = False,
     ) -> Message | None:
         """An entry read after more than ``max_deliveries`` deliveries with no outcome (its
         holders died, or the API was unavailable every time): its ids end ``failed`` with
         the last error it met, and it goes to the dead-letter stream. Not those another
         entry is on right now: the entry waits on that call, whose row names it (it had no
-        row at all); nor those of ``doubted`` (an earlier delivery sent them unheard, and
-        its call may have deleted the job, which ``failed`` would say is there): they get
-        one last call. With ``look`` (the delivery just past the limit, its API not paused)
-        the others get one last look, a read that deletes nothing (``Message.look``):
-        another entry's call may have deleted the job meanwhile, so found gone they end
-        ``absent``, still there ``failed``. Returns the entry with those ids only, to be
-        sent (or read) and dead-lettered once they settle (``Message.given_up``); None when
-        nothing is left. ``unheard``: ids an earlier delivery sent without a readable answer;
-        those not given a last call end ``failed`` saying they may be gone by that call."""
+        row at all). ``unheard``: ids an earlier delivery sent without a readable answer,
+        whose call may have deleted the job, which ``failed`` would say is there: on the
+        ``last`` delivery (the one just past the limit) they get one last call; past it,
+        none, and they end ``failed`` saying they may be gone by that call. With ``look``
+        (the last delivery, its API not paused) the others get one last look, a read that
+        deletes nothing (``Message.look``): another entry's call may have deleted the job
+        meanwhile, so found gone they end ``absent``, still there ``failed``. Returns the
+        entry with those ids only, to be sent (or read) and dead-lettered once they settle
+        (``Message.given_up``); None when nothing is left."""
+        doubted = unheard if last else ()
         said = _error_of(error)
         reason = f"delivered {deliveries} times (max_deliveries {self._max_deliveries})"
         target = message.target

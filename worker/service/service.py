@@ -719,8 +719,7 @@ class Service:
                 last = deliveries == self._config.max_deliveries + 1
                 look = last and not self._down(message.target)
                 kept = await self._journal.give_up(message, deliveries, errors.get(entry_id, ""),
-                                                   unsure if last else (), look=look,
-                                                   unheard=unsure)  # fmt: skip
+                                                   unsure, last=last, look=look)  # fmt: skip
                 if kept is None:
                     continue
                 message = kept
