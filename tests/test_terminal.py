@@ -29,7 +29,7 @@ from worker.terminal.output import display_on
 from worker.terminal.progress import Progress, Snapshot, count_lines
 from worker.terminal.prompt import Proposal, tally
 from worker.terminal.screen import PlainScreen, progress_view
-from worker.terminal.summary import RunEnd
+from worker.terminal.summary import RunEnd, command_line
 from worker.terminal.waiting import status_while
 
 PROMPT = "to delete them: "
@@ -384,6 +384,28 @@ async def test_ctrl_c_explains_itself_and_the_summary_prints_the_command_that_re
         )
         assert again[0] == 0, again[1].screen_text()
         assert len(sim.deleted) == 600
+
+
+@pytest.mark.parametrize(
+    ("typed", "shown"),
+    [
+        (["--redis-url", "redis://:hunter2@redis:6379/0"], "--redis-url redis://:...@redis:6379/0"),
+        (["--redis-url=rediss://app:hunter2@redis/1"], "--redis-url=rediss://app:...@redis/1"),
+        (["--redis-url", "redis://redis/0?password=hunter2&db=2"],
+         "--redis-url 'redis://redis/0?password=...&db=2'"),
+        (["--yes", "--sk", "hunter2", "--ak=hunter2"], "--yes --sk ... --ak=..."),
+    ],
+)  # fmt: skip
+def test_the_command_that_resumes_never_shows_a_password_or_key(
+    typed: list[str], shown: str
+) -> None:
+    """The summary's ``resume:`` line is the command as typed, but a Redis URL's password
+    (which the run warns about on the command line) is ``...`` as a key is."""
+    fields = {"duration_s": 1.0, "ids_per_s": 1.0, "exit_code": 75, "open": 3}
+    args = ["run", "-i", "ids.txt", *typed]
+    text = RunEnd(fields, total=9, command=command_line(args), ledger=True).text()
+    assert "hunter2" not in text
+    assert f"resume: devserver-reaper run -i ids.txt {shown}" in text.splitlines()
 
 
 @pytest.mark.anyio

@@ -11,12 +11,16 @@ import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from worker.terminal.failure import fix_for
 from worker.terminal.progress import rate
 
 SECRET_FLAGS = frozenset({"--sk", "--security-token", "--ak"})
 """Flags whose value is never printed back, even in a command to copy."""
+
+URL_FLAGS = frozenset({"--redis-url"})
+"""Flags whose URL is printed back without its password (``redis://:...@host``)."""
 
 _ROWS = ("deleted", "unconfirmed", "absent", "failed", "rejected", "skipped", "open",
          "repeated", "already_done", "already_failed", "retries")  # fmt: skip
@@ -27,18 +31,40 @@ deleted: gone, the API's answer lost)."""
 def command_line(argv: Sequence[str], prog: str = "devserver-reaper") -> str:
     """``argv`` as a command to paste, with the value of every secret flag replaced."""
     words: list[str] = []
-    hide = False
+    follows: str | None = None  # the word before, unless it was a hidden flag's value
     for word in argv:
-        flag, eq, _ = word.partition("=")
-        if hide:
+        flag, eq, value = word.partition("=")
+        if follows in SECRET_FLAGS:
             words.append("...")
-            hide = False
-        elif flag in SECRET_FLAGS and eq:
+        elif follows in URL_FLAGS:
+            words.append(_without_password(word))
+        elif eq and flag in SECRET_FLAGS:
             words.append(f"{flag}=...")
+        elif eq and flag in URL_FLAGS:
+            words.append(f"{flag}={_without_password(value)}")
         else:
             words.append(word)
-            hide = word in SECRET_FLAGS
+        follows = None if follows in SECRET_FLAGS | URL_FLAGS else word
     return shlex.join([prog, *words])
+
+
+def _without_password(url: str) -> str:
+    """``url`` with its password, in the user part or a ``?password=`` (redis-py reads
+    both), as ``...``; a URL that does not parse as ``...`` whole."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "..."
+    netloc = parts.netloc
+    if password is not None:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.partition(':')[0]}:...@{host}"
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(key == "password" for key, _ in query):
+        shown = [(key, "..." if key == "password" else value) for key, value in query]
+        return urlunsplit(parts._replace(netloc=netloc, query=urlencode(shown, safe=".")))
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass(frozen=True, slots=True)
