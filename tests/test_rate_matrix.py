@@ -323,6 +323,28 @@ def test_a_quota_that_falls_and_rises_is_followed_within_ten_seconds_each_way(
     assert followed_after(run, start, end, quota) < 10.0
 
 
+_FALLS_FAR = (
+    pytest.param(50.0, 5.0, 0.3, id="50to5-300ms"),
+    pytest.param(20.0, 2.0, 0.005, id="20to2-5ms"),
+)
+
+
+@pytest.mark.parametrize(("high", "low", "latency"), _FALLS_FAR)
+def test_a_quota_that_falls_far_at_a_burst_of_one_is_used_from_twenty_seconds_after(
+    high: float, low: float, latency: float
+) -> None:
+    """``high`` calls/s, ``low`` from 30 s, burst 1, 8 in flight: from 20 s after the fall
+    at least 0.90 of the new quota, at most 2 % throttled. Start-up's end and the first
+    measure, both at the old quota or both at the new, say what burst the gateway has; one
+    of each read start-up's calls as a burst of 11-87 (at 50 calls/s with 300 ms answers
+    start-up is held at 27 by the 8 in flight and first refused after the fall), and every
+    probe after stopped at the quota measured: 0.83-0.86 of it."""
+    run = simulate(lambda t: high if t < 30.0 else low, duration=90.0, burst=1,
+                   latency=latency, concurrency=8)  # fmt: skip
+    assert run.accepted_per_s(50.0, 90.0) >= 0.90 * low
+    assert run.refused_share(50.0, 90.0) <= 0.02
+
+
 def _with_503s(fails: Callable[[float], float], *, seed: int, duration: float = 40.0) -> Run:
     """Calls paced evenly at the controller's rate, 8 in flight, answered 20 ms later,
     against a gateway quota of 50 calls/s with a burst of 2; a call the gateway lets

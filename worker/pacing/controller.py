@@ -351,9 +351,10 @@ class RateController:
     passed in must not go backwards.
     """
 
-    __slots__ = ("_accepted", "_answers", "_burst", "_ceiling", "_config", "_delay", "_empty",
-                 "_first", "_history", "_latency", "_refused", "_sends", "_since_empty",
-                 "_state", "cuts", "escalated", "measured", "tolerated")  # fmt: skip
+    __slots__ = ("_accepted", "_answers", "_began", "_burst", "_ceiling", "_config", "_delay",
+                 "_empty", "_first", "_history", "_latency", "_refused", "_sends",
+                 "_since_empty", "_state", "cuts", "escalated", "measured",
+                 "tolerated")  # fmt: skip
 
     def __init__(self, now: float, config: AdaptiveConfig | None = None) -> None:
         self._config = c = config or AdaptiveConfig()
@@ -375,9 +376,11 @@ class RateController:
         self._empty = -math.inf
         self._since_empty = (0, -math.inf)
         self._ceiling = math.inf
-        # Calls started before the first refused call, and over how long (from the first):
-        # with the first quota measured, the burst the gateway let through (``_burst``).
-        self._first: tuple[int, float] | None = None
+        # Calls started before the first refused call, over how long (from the first), and
+        # when it was sent: with a quota measured from it, the burst the gateway let through
+        # (``_burst``).
+        self._first: tuple[int, float, float] | None = None
+        self._began = math.inf  # when start-up's first call was sent
         self._burst = math.nan
         self.cuts = 0
         self.measured = 0  # refusals that measured the quota
@@ -415,6 +418,8 @@ class RateController:
     def on_sent(self, now: float) -> None:
         """A call starts: the measure of how fast we really send."""
         sends = self._sends
+        if not sends:
+            self._began = now
         bisect.insort(sends, now)  # in order: a fleet's starts may come a little out of it
         # Kept as long as the refusals a measure spans (``_horizon``).
         horizon = self._horizon(now)
@@ -453,7 +458,14 @@ class RateController:
         self._remember(self._refused, sent, now)
         floor, most = self._floor(), self._since_empty_pace()
         if self._first is None and self._sends:
-            self._first = (self._sends_since(self._sends[0], sent), sent - self._sends[0])
+            # Counted from start-up's first call, if it is still remembered: else start-up's
+            # end came so late that it says little of a burst (held at 27 calls/s by 8 in
+            # flight for 30 s, under a quota of 50 that then fell to 5 at burst 1, the last
+            # 3.7 s of it read as a burst of 87; every probe after stopped at the quota
+            # measured, 0.83 of it from 20 s after the fall, not 0.94).
+            began = self._sends[0]
+            calls = self._sends_since(began, sent) if began == self._began else 0
+            self._first = (calls, sent - began, sent)
         if sent > self._empty:
             self._empty = sent
             after = len(self._accepted) - bisect.bisect_right(self._accepted, sent)
@@ -850,8 +862,13 @@ class RateController:
             # Never under the floor.
             quota = max(quota, floor)
             if math.isnan(self._burst) and self._first is not None:
-                calls, span = self._first
-                self._burst = calls - quota * span
+                calls, span, first = self._first
+                if start <= first + 2.0 * c.window:
+                    # Only a measure from just after start-up's end is of start-up's quota:
+                    # the first, 28 s later, after a fall from 20 to 2 calls/s at burst 1,
+                    # read start-up's 14 calls as a burst of 11 (then every probe stopped at
+                    # the quota measured: 0.86 of it from 20 s after the fall, not 0.93).
+                    self._burst = calls - quota * span
             self._state = replace(s, quota=quota)
             return min(rate, (1.0 - c.margin) * quota), max(target, quota)
         quota = max(s.quota, floor)
