@@ -267,6 +267,10 @@ def check(added: dict[str, list[str]], rows: list[dict[str, str]], existed: set[
             by_pair.setdefault((entry, row["job_id"]), []).append(
                 (row["outcome"], row["error_msg"])
             )
+    # A look (an entry given up) found the job there, so a deletion of it came later.
+    looked = {(entry, row["job_id"]) for row in rows for entry in row["entry"].split(",")
+              if row["outcome"] == "failed" and row["batch_id"].endswith(".look")}  # fmt: skip
+    looked_then_deleted = 0
     asked: set[str] = set()
     outcomes: dict[str, int] = {}
     for entry, ids in added.items():
@@ -293,6 +297,9 @@ def check(added: dict[str, list[str]], rows: list[dict[str, str]], existed: set[
                 if error.startswith(ANSWER_LOST):  # documented: sent unheard, may be gone
                     in_doubt += 1
                     continue
+                if (entry, job_id) in looked:
+                    looked_then_deleted += 1
+                    continue
                 violations.append(("untrue?", entry, job_id, outcome, "deleted"))
     for key, got in by_pair.items():
         violations.append(("row of nothing asked", key, got))
@@ -317,7 +324,7 @@ def check(added: dict[str, list[str]], rows: list[dict[str, str]], existed: set[
     return {"violations": violations, "outcomes": outcomes, "entries": len(added),
             "pairs": sum(len(set(i)) for i in added.values()), "rows": len(rows),
             "deleted": len(deleted), "never_existed_deleted_answer_lost": unknowable,
-            "failed_in_doubt_deleted": in_doubt,
+            "failed_in_doubt_deleted": in_doubt, "looked_there_then_deleted": looked_then_deleted,
             "absent_on_deleted_shared": absent_shared,
             "events_absent": sum(1 for e in events if e.get("event") == "job.absent")}  # fmt: skip
 

@@ -143,7 +143,23 @@ def test_a_released_entry_is_forgotten_once_none_of_its_ids_is_in_flight() -> No
     assert late.entry_id == "1-0" and late.released == Released(["a"], ["b"], first=False)
     assert len(inflight) == 1 and "2-0" in inflight
     assert inflight.release(["c"]) == {"2-0": Released(["c"], [])}
-    assert repr(inflight) == "InFlight(entries=0, open_ids=0, on_wire=0)"
+    assert repr(inflight) == "InFlight(entries=0, open_ids=0, on_wire=0, looking=0)"
+
+
+def test_a_looks_failure_is_no_answer_for_an_entry_that_joined_it_and_may_delete() -> None:
+    """A look (an entry given up reads x) goes out; F, fresh, names x meanwhile and waits on
+    it. The look finding x there is not F's answer (nobody sent F's DELETE): no outcome, x
+    still waited on by both, to be sent. Without F, or found gone, it is the answer."""
+    inflight = InFlight()
+    inflight.add(Message("1-0", ("x", "y"), look=("x", "y")), 2)
+    inflight.looking(["x", "y"])
+    assert inflight.add(Message("2-0", ("x",)), 1).send == ()  # F waits on the look
+    assert inflight.not_theirs(_result("x", Outcome.FAILED))
+    assert inflight.entries_of("x") == ("1-0", "2-0")
+    assert not inflight.not_theirs(_result("y", Outcome.FAILED))  # only the look's entry
+    assert not inflight.not_theirs(_result("x", Outcome.FAILED))  # once: x is sent now
+    inflight.looking(["x"])
+    assert not inflight.not_theirs(_result("x", Outcome.ABSENT))  # gone: theirs too
 
 
 def test_an_entry_released_for_the_api_says_which_of_its_ids_are_done() -> None:

@@ -338,4 +338,4 @@ class InFlight:
 
     def __repr__(self) -> str:
         return (f"InFlight(entries={len(self._entries)}, open_ids={len(self._waiters)}, "
-                f"on_wire={len(self._wire)})")  # fmt: skip
+                f"on_wire={len(self._wire)}, looking={len(self._looking)})")  # fmt: skip
