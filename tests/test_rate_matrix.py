@@ -73,6 +73,13 @@ REFUSED_AT_ONCE = 0.002
 call before it draws the latency, as a gateway refuses one before it reaches the service."""
 
 
+def _as_over_real_http(burst: int, latency: float, concurrency: int, seed: int) -> Run:
+    """A quota of 5 calls/s for 40 s, answered as the simulator answers over real HTTP:
+    latency drawn around ``latency`` (``seed``), 429s at once."""
+    return simulate(lambda t: 5.0, duration=40.0, burst=burst, concurrency=concurrency,
+                    latency=_drawn(latency, seed), refusal_latency=REFUSED_AT_ONCE)  # fmt: skip
+
+
 @pytest.mark.parametrize("concurrency", CONCURRENCY, ids=[f"c{c}" for c in CONCURRENCY])
 @pytest.mark.parametrize("latency", LATENCIES, ids=[f"{lat * 1000:g}ms" for lat in LATENCIES])
 def test_auto_at_five_calls_a_second_burst_ten_answered_as_over_real_http(
@@ -85,11 +92,24 @@ def test_auto_at_five_calls_a_second_burst_ten_answered_as_over_real_http(
     (5.2-5.7 calls/s, which a burst of 10 refuses once its tokens are spent) was refused on
     every cruise back, every 6-10 s: 3 refusals (1.95 %) in each of these 60 runs."""
     for seed in range(10):
-        run = simulate(lambda t: 5.0, duration=40.0, burst=10, concurrency=concurrency,
-                       latency=_drawn(latency, seed), refusal_latency=REFUSED_AT_ONCE)  # fmt: skip
+        run = _as_over_real_http(10, latency, concurrency, seed)
         used = run.accepted_per_s(10.0, 40.0) / 5.0
         refused = sum(10.0 <= t < 40.0 for t in run.refused)
         assert used >= 0.90 and refused <= 1, (seed, used, refused)
+
+
+@pytest.mark.parametrize("concurrency", CONCURRENCY, ids=[f"c{c}" for c in CONCURRENCY])
+@pytest.mark.parametrize("latency", LATENCIES, ids=[f"{lat * 1000:g}ms" for lat in LATENCIES])
+@pytest.mark.parametrize("burst", [1, 2], ids=["b1", "b2"])
+def test_auto_at_five_calls_a_second_burst_one_or_two_answered_as_over_real_http(
+    burst: int, latency: float, concurrency: int
+) -> None:
+    """The q5-b1 and q5-b2 cells answered as over real HTTP (3 seeds): the matrix's goal
+    from 10 s on. Two or three refusals in its 150 calls (1.3-2.0 %), the probe's: the same
+    on every controller of this session since a5ffdd3. Early calls from the target on
+    (``EARLY_AFTER`` 0) cost four (2.6 %) in the 5 and 50 ms cells."""
+    for seed in range(3):
+        _meets_the_goal(_as_over_real_http(burst, latency, concurrency, seed), 5.0)
 
 
 _IN_FLIGHT = (
