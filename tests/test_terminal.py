@@ -168,21 +168,22 @@ async def test_above_the_threshold_the_project_id_must_be_typed(tmp_path: Path) 
 
 def test_a_plans_proposal_counts_by_type_and_status_and_estimates_the_time() -> None:
     proposal = Proposal(
-        source="plan.txt", project="p-1", endpoint="https://e", count=300, exact=True,
-        by_type=tally(["COMMON"] * 200 + ["ASCEND_DIAGNOSIS"] * 100),
-        by_status=tally(["FINISHED"] * 300), protection=("name prod-*", "status PROCESSING"),
-        already_done=40, calls_per_id=1.0, batch_size=50, rate=10.0,
+        source="plan.txt", project="p-1", endpoint="https://e", count=3000, exact=True,
+        by_type=tally(["COMMON"] * 2000 + ["ASCEND_DIAGNOSIS"] * 1000),
+        by_status=tally(["FINISHED"] * 3000), protection=("name prod-*", "status PROCESSING"),
+        already_done=40, rechecked=True, batch_size=50, rate=10.0,
     )  # fmt: skip
     assert proposal.lines() == [
-        "About to delete up to 300 jobs from plan.txt, less those done already (ledger, below)",
+        "About to delete up to 3,000 jobs from plan.txt, less those done already (ledger, below)",
         "  project     p-1",
         "  endpoint    https://e",
-        "  by type     COMMON 200, ASCEND_DIAGNOSIS 100",
-        "  by status   FINISHED 300",
+        "  by type     COMMON 2,000, ASCEND_DIAGNOSIS 1,000",
+        "  by status   FINISHED 3,000",
         "  protected   name prod-*; status PROCESSING",
         "  ledger      40 ids already done there (resuming): those are not sent again",
-        "  duration    about 27 s at 10 calls/s (with a read of each job first)",
-    ]  # the 260 jobs the ledger does not hold done: 6 DELETEs and 260 reads
+        "  duration    about 7 s at 10 calls/s (with each job re-read on a listing page first)",
+    ]  # the 2,960 jobs the ledger does not hold done: 60 DELETEs and 6 pages of 500 to list
+    # them, as plan show estimates it (a read of each job, 5 min, was 6 times what a run took)
     capped = Proposal(source="ids.txt", project="p", endpoint="e", count=None, cap=7, rate="auto")
     assert capped.lines()[0] == "About to delete up to 7 jobs from ids.txt"
     assert capped.lines()[-1] == "  duration    unknown yet: --rate auto finds the quota as it goes"

@@ -382,7 +382,7 @@ def _proposal(
         by_status=_counted(plan, "by_status"),
         protection=tuple(rules),
         already_done=done,
-        calls_per_id=1.0 if plan is not None or protection.needs_record else 0.0,
+        rechecked=plan is not None or protection.needs_record,
         batch_size=settings.batch_size,
         rate=settings.rate,
     )

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import IO
 
+from worker.discovery.review import estimate_s
 from worker.errors import UsageError
 
 
@@ -51,7 +52,7 @@ class Proposal:
     protection: tuple[str, ...] = ()  # the rules in force, in words
     already_done: int | None = None  # ids the ledger holds settled (None: no ledger yet)
     ledger: bool = False  # --ledger given: the cap is on every run on it together
-    calls_per_id: float = 0.0  # show calls per id (plan re-check, protection by record)
+    rechecked: bool = False  # each job read first (a plan, protection by record)
     batch_size: int = 50
     rate: float | str = 10.0
     typed: str | None = None  # what to type above project_over (None: the project id)
@@ -63,15 +64,17 @@ class Proposal:
         return self.count if self.cap is None else min(self.count, self.cap)
 
     def estimate_s(self) -> float | None:
-        """Seconds the calls take at ``rate``: deletes in batches, plus one read per id
-        where a plan or a protection rule reads the job first, for the ids the ledger does
-        not hold done already. None when unknown."""
+        """Seconds the calls take at ``rate`` for the ids the ledger does not hold done
+        already: deletes in batches, plus, where a plan or a protection rule reads each job
+        first, the listing pages that re-check them (as ``plan show`` estimates it: a page
+        answers for hundreds of jobs). None when unknown."""
         jobs = self.jobs
         if jobs is None or isinstance(self.rate, str) or self.rate <= 0:
             return None
         jobs = max(0, jobs - (self.already_done or 0))
-        calls = math.ceil(jobs / self.batch_size) + jobs * self.calls_per_id
-        return calls / self.rate
+        if self.rechecked:
+            return estimate_s(jobs, rate=self.rate, batch_size=self.batch_size)
+        return math.ceil(jobs / self.batch_size) / self.rate
 
     def lines(self) -> list[str]:
         jobs = self.jobs
@@ -116,7 +119,7 @@ class Proposal:
         seconds = self.estimate_s()
         if seconds is None:
             return f"unknown (the number of ids is), at {self.rate:g} calls/s"
-        reads = " (with a read of each job first)" if self.calls_per_id else ""
+        reads = " (with each job re-read on a listing page first)" if self.rechecked else ""
         return f"about {_span(seconds)} at {self.rate:g} calls/s{reads}"
 
 
