@@ -108,3 +108,24 @@ def test_a_run_stopped_by_a_closed_output_says_only_what_it_knows_of_its_input(
     lines = end.text().splitlines()
     assert said in lines and not any("part of the input" in line for line in lines)
     assert ("run again: r -i -" in lines) == (not exact)
+
+
+def test_a_protect_file_that_cannot_be_read_is_named_as_given_with_the_same_words(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It said "protect_file PATH cannot be read: No such file or directory" whatever was
+    typed, where every other file says the flag and "no such file"."""
+    from worker import wiring
+
+    gone = tmp_path / "gone.txt"
+    with pytest.raises(ConfigError) as refused:
+        wiring.protection(load_settings(protect_file=str(gone)))
+    assert str(refused.value) == f"--protect-file {gone} cannot be read: no such file"
+    monkeypatch.setenv("REAPER_PROTECT_FILE", str(tmp_path))
+    with pytest.raises(ConfigError) as refused:
+        wiring.protection(load_settings())
+    assert str(refused.value) == f"REAPER_PROTECT_FILE {tmp_path} cannot be read: is a directory"
+    (tmp_path / "empty.txt").write_text("")
+    monkeypatch.setenv("REAPER_PROTECT_FILE", str(tmp_path / "empty.txt"))
+    with pytest.raises(ConfigError, match=r"^REAPER_PROTECT_FILE .* or leave REAPER_PROTECT_F"):
+        wiring.protection(load_settings())

@@ -178,11 +178,14 @@ def ensure_project(settings: Settings) -> ProjectChoice:
 
 def protection(settings: Settings) -> Protection:
     """The jobs never to delete, from the settings' rules and files (``ConfigError``, 78, for
-    a bad rule or a file that cannot be read): loaded before anything is opened or sent."""
+    a bad rule or a file that cannot be read): loaded before anything is opened or sent.
+    One file is named as its source gave it; files from several sources add up, and the
+    setting is named for them all."""
+    files = settings.protect_files
+    named = settings.named("protect_file") if len(files) == 1 else "protect_file"
     return load_protection(
-        settings.protect, settings.protect_files, settings.protected_types,
-        settings.protected_statuses,
-    )  # fmt: skip
+        settings.protect, files, settings.protected_types, settings.protected_statuses, named
+    )
 
 
 def session(settings: Settings, *, concurrency: int | None = None) -> aiohttp.ClientSession:

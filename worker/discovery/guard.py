@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Protocol
 from worker.batcher import DeletionBudget
 from worker.clock import Clock, MonotonicClock
 from worker.discovery.filters import Filters
-from worker.errors import ApiUnavailable, ClientError, ConfigError
+from worker.errors import ApiUnavailable, ClientError, ConfigError, file_problem
 from worker.pacing.paced import PacedReader, Stopped
 from worker.types import (
     JOB_ID_RE,
@@ -182,29 +182,28 @@ def _word(value: str | None) -> str | None:
     return word or None
 
 
-def read_protect_file(path: Path) -> list[str]:
+def read_protect_file(path: Path, named: str = "protect_file") -> list[str]:
     """Rules one per line; blank lines and ``#`` comments (at a line's start or after a space)
     ignored. ``ConfigError`` if unreadable, or if it holds no rule: an empty file (an empty
-    ConfigMap mount, a truncated copy) must not turn protection off without a word."""
+    ConfigMap mount, a truncated copy) must not turn protection off without a word. ``named``:
+    the setting as the user gave it (``--protect-file``, ``REAPER_PROTECT_FILE``)."""
     try:
         with path.open("rb") as handle:
             raw = handle.read(PROTECT_FILE_LIMIT + 1)
     except OSError as exc:
-        raise ConfigError(
-            f"protect_file {path} cannot be read: {exc.strerror or type(exc).__name__}"
-        ) from None
+        raise ConfigError(f"{named} {path} cannot be read: {file_problem(exc)}") from None
     if len(raw) > PROTECT_FILE_LIMIT:
-        raise ConfigError(f"protect_file {path} is larger than {PROTECT_FILE_LIMIT} bytes")
+        raise ConfigError(f"{named} {path} is larger than {PROTECT_FILE_LIMIT} bytes")
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (Notepad's) is not part of a rule
     except UnicodeDecodeError:
-        raise ConfigError(f"protect_file {path} is not UTF-8 text") from None
+        raise ConfigError(f"{named} {path} is not UTF-8 text") from None
     rules = [s for line in text.splitlines() if (s := _COMMENT_RE.sub("", line).strip())]
     if not rules:
         what = "is empty" if not text.strip() else "holds only comments and blank lines"
         raise ConfigError(
-            f"protect_file {path} {what}: it protects nothing; give it the rules it should "
-            "hold, or leave protect_file unset"
+            f"{named} {path} {what}: it protects nothing; give it the rules it should hold, "
+            f"or leave {named} unset"
         )
     return rules
 
@@ -214,11 +213,13 @@ def load_protection(
     protect_files: Sequence[Path],
     types: Sequence[str],
     statuses: Sequence[str],
+    named: str = "protect_file",
 ) -> Protection:
-    """Protection from the settings' values, for the commands (the edge) to call."""
+    """Protection from the settings' values, for the commands (the edge) to call; ``named``:
+    how a message names the protect files' setting."""
     everything = list(rules)
     for protect_file in protect_files:
-        everything += read_protect_file(protect_file)
+        everything += read_protect_file(protect_file, named)
     try:
         return Protection.parse(everything, types=types, statuses=statuses)
     except ValueError as exc:
