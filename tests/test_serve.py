@@ -158,8 +158,12 @@ def test_a_looks_failure_is_no_answer_for_an_entry_that_joined_it_and_may_delete
     assert inflight.entries_of("x") == ("1-0", "2-0")
     assert not inflight.not_theirs(_result("y", Outcome.FAILED))  # only the look's entry
     assert not inflight.not_theirs(_result("x", Outcome.FAILED))  # once: x is sent now
+    assert inflight.asked(["x", "y"]) == ("x",) and inflight.asked(["x", "y"]) == ()
     inflight.looking(["x"])
     assert not inflight.not_theirs(_result("x", Outcome.ABSENT))  # gone: theirs too
+    inflight.settle([_result("x", Outcome.ABSENT)])
+    inflight.add(Message("3-0", ("x",)), 1)  # fresh after the look answered: its own call
+    assert inflight.asked(["x"]) == ()
 
 
 def test_an_entry_released_for_the_api_says_which_of_its_ids_are_done() -> None:

@@ -63,12 +63,14 @@ async def _given_up_after_a_dead_holder_sent_x(
     return x, y, c1, rows
 
 
-async def _released_once_c1_holds_both(q: Queue, api: _StagedApi) -> list[dict[str, str]]:
-    """Once c1 holds both entries of ``q``, ``api``'s held answers released; the outcome
-    rows once nothing is pending (the replicas stopped)."""
+async def _released_once_c1_holds_both(
+    q: Queue, api: _StagedApi, held: int = 2
+) -> list[dict[str, str]]:
+    """Once c1 holds both entries of ``q`` (``held`` of them), ``api``'s held answers
+    released; the outcome rows once nothing is pending (the replicas stopped)."""
 
     async def both_held() -> bool:
-        return await q.pending("c1") == 2
+        return await q.pending("c1") == held
 
     await until(both_held, 30)
     api.release.set()
@@ -278,3 +280,47 @@ async def test_a_fresh_entry_naming_a_job_being_looked_at_has_it_deleted(
         (x, "deleted", f"{given_up},{fresh}")
     ]
     assert q.sim.sent_counts == {x: 1}
+
+
+@pytest.mark.anyio
+async def test_a_fresh_entry_naming_a_job_a_look_has_answered_sends_it_once(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """E names x and y and is given up past ``--max-deliveries`` (1): its look reads x
+    (there: ``failed``), then y, whose answer is held. F names x meanwhile: x has no
+    entry waiting, so F's own DELETE goes out (its answer held). The look then ends. Only
+    the ids whose look's answer was not their entries' are sent after it: x was sent
+    again as well (two DELETEs, and a row naming no entry; the chaos run's seed 13)."""
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=2)) as q:
+        x, y = q.sim.job_ids()
+        api = _StagedApi(q.sim.url, set(), looks_held=frozenset({y}))
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", api.handle)
+        async with serve_app(app) as url:
+            await q.redis.xgroup_create(q.stream, GROUP, "0", mkstream=True)
+            added: Any = await q.redis.xadd(q.stream, {"ids": f'["{x}", "{y}"]'})
+            given_up = added.decode()
+            await q.redis.xreadgroup(GROUP, "c0", {q.stream: ">"})  # delivery 1, c0's
+            c1 = await _start_via(q, url, "c1", "--max-deliveries", "1", "--reclaim-after",
+                                  "1", "--batch-size", "2", "--rate", "100")  # fmt: skip
+
+            async def x_looked_at() -> bool:
+                return bool(c1.named("job.failed"))
+
+            await until(x_looked_at, 30)
+            added = await q.redis.xadd(q.stream, {"id": x})
+            fresh = added.decode()
+
+            async def sent_for_fresh() -> bool:
+                return api.held == 1
+
+            await until(sent_for_fresh, 30)
+            api.looked.set()
+
+            async def looked() -> bool:
+                return bool(c1.named("serve.dead_lettered"))
+
+            await until(looked, 30)
+            rows = await _released_once_c1_holds_both(q, api, held=1)
+    assert [r["entry"] for r in rows if r["job_id"] == x] == [given_up, fresh]
+    assert q.sim.sent_counts == {x: 1} and api.held == 1  # one DELETE, F's

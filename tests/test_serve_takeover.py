@@ -202,17 +202,26 @@ class _StagedApi:
     that id); ``unavailable``: answered 503 at once, not forwarded; ``pass``: forwarded and
     answered as the simulator answers; ``hold looks``: DELETEs pass, and each show call
     (a look) is forwarded and its answer held until ``release``. Other calls are always
-    forwarded."""
+    forwarded, but a show call of a job of ``looks_held``, whose answer is held until
+    ``looked`` is set, in any mode."""
 
-    def __init__(self, upstream: str, refused: set[str]) -> None:
+    def __init__(
+        self, upstream: str, refused: set[str], looks_held: frozenset[str] = frozenset()
+    ) -> None:
         self.upstream = upstream
         self.refused = refused
+        self.looks_held = looks_held
         self.mode = "hold"
         self.held = 0
         self.release = anyio.Event()
+        self.looked = anyio.Event()
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
+        if request.method == "GET" and request.path.rsplit("/", 1)[-1] in self.looks_held:
+            answer = await self._forward(request, body)
+            await self.looked.wait()
+            return answer
         if request.method == "DELETE" and self.mode == "unavailable":
             said = {"error_code": "ModelArts.0503", "error_msg": "service unavailable"}
             return web.json_response(said, status=503)

@@ -133,13 +133,14 @@ class Admission:
 class InFlight:
     """The entries this consumer holds and the ids they wait on."""
 
-    __slots__ = ("_entries", "_looking", "_waiters", "_wire")
+    __slots__ = ("_asked", "_entries", "_looking", "_waiters", "_wire")
 
     def __init__(self) -> None:
         self._entries: dict[str, _Waiting] = {}
         self._waiters: dict[Key, list[str]] = {}
         self._wire: set[Key] = set()  # ids a DELETE carries (or is about to), no outcome yet
         self._looking: set[Key] = set()  # ids a look carries (``Batch.look``), no outcome yet
+        self._asked: set[Key] = set()  # ids a look's failure was not the answer of (to send)
 
     def __contains__(self, entry_id: object) -> bool:
         return entry_id in self._entries
@@ -255,7 +256,16 @@ class InFlight:
         if self._looked(result.target, result.job_id):
             return False
         self._looking.discard(key)
+        self._asked.add(key)
         return True
+
+    def asked(self, job_ids: Sequence[str], target: Target | None = None) -> tuple[str, ...]:
+        """Those of ``job_ids`` (of a look just done) whose look's answer was not theirs
+        (``not_theirs``), still waited on: to be sent now, once. Not an id a fresh entry
+        named after its look answered: that entry's own call is on its way."""
+        keys = [(target, i) for i in job_ids if (target, i) in self._asked]
+        self._asked.difference_update(keys)
+        return tuple(i for t, i in keys if (t, i) in self._waiters)
 
     def _looked(self, target: Target | None, job_id: str) -> bool:
         waiting = [self._entries.get(e) for e in self._waiters.get((target, job_id), ())]
@@ -275,6 +285,7 @@ class InFlight:
         for result in results:
             self._wire.discard((result.target, result.job_id))
             self._looking.discard((result.target, result.job_id))
+            self._asked.discard((result.target, result.job_id))
             for entry_id in self._waiters.pop((result.target, result.job_id), ()):
                 waiting = self._entries.get(entry_id)
                 if waiting is None:
@@ -311,6 +322,7 @@ class InFlight:
         for job_id in job_ids:
             self._wire.discard((target, job_id))
             self._looking.discard((target, job_id))
+            self._asked.discard((target, job_id))
             for entry_id in self._waiters.pop((target, job_id), ()):
                 waiting = self._entries.get(entry_id)
                 if waiting is None or job_id not in waiting.open:
@@ -335,6 +347,7 @@ class InFlight:
         self._waiters.clear()
         self._wire.clear()
         self._looking.clear()
+        self._asked.clear()
 
     def __repr__(self) -> str:
         return (f"InFlight(entries={len(self._entries)}, open_ids={len(self._waiters)}, "

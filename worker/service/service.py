@@ -448,7 +448,7 @@ class Service:
             if batch.look and not self.halting:
                 # Found there for an entry that may delete them, which joined the look
                 # (``InFlight.not_theirs``): their DELETE, its answer theirs all.
-                asked = tuple(i for i in batch.ids if self._inflight.entries_of(i, batch.target))
+                asked = self._inflight.asked(batch.ids, batch.target)
                 if asked:
                     deletes = Batch(f"{batch.batch_id.removesuffix('.look')}.asked", asked,
                                     target=batch.target)  # fmt: skip
