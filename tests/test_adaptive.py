@@ -442,20 +442,24 @@ def test_under_six_calls_a_second_the_probe_is_early_calls_a_rise_passes_at_once
     assert ctrl.rate_at(90.0) >= 0.97 * 1.96
 
 
-def test_a_floor_past_the_pace_a_call_was_refused_at_proves_a_rise() -> None:
-    """A call refused 1/20.3 s after the one before it: the gateway's bucket got less than
-    a token in between, so its quota was under 20.3 calls/s then, whatever its burst.
-    Once the gateway has accepted more than that since (the floor), the quota rose: proven
-    when the floor passes 20.3 by 1 %, not two margins (6 %) over the quota measured, 20,
-    which the probe reached 3 s later where the quota rose just after a refusal."""
+def _floor_proving_a_rise(before: bool | None) -> float:
+    """20 calls at 20.3 calls/s and a 21st refused, its 429 back in 2 ms; the 20th's answer
+    (``before``: accepted or refused; ``None``: at once, accepted) 80 ms after it left, so
+    after that 429. Then the cut to 19.4, the quota measured 20, and a probe the gateway
+    accepts all of: the floor (accepted since the refusal - 1, over their span) the rise is
+    proven at (``inf``: none in 30 s)."""
+    pace, took = 20.3, 0.08
     ctrl = RateController(0.0)
-    ctrl.restore(replace(ctrl.state, rate=20.3, level=20.3, phase=Phase.CRUISE, unit=math.inf))
-    for k in range(21):  # 20 accepted at 20.3 calls/s, the 21st refused
-        ctrl.on_sent(k / 20.3)
-        if k < 20:
-            ctrl.on_success(k / 20.3, latency=0.0)
-    ctrl.on_throttle(20 / 20.3, latency=0.0)
-    cut = 20 / 20.3
+    ctrl.restore(replace(ctrl.state, rate=pace, level=pace, phase=Phase.CRUISE, unit=math.inf))
+    for k in range(21):
+        ctrl.on_sent(k / pace)
+        if k < 19 or (k == 19 and before is None):
+            ctrl.on_success(k / pace, latency=0.0)
+    cut = 20 / pace + 0.002
+    ctrl.on_throttle(cut, latency=0.002)
+    if before is not None:
+        event = ctrl.on_success if before else ctrl.on_throttle
+        event(19 / pace + took, latency=took)
     ctrl.restore(replace(ctrl.state, rate=19.4, level=19.4, phase=Phase.CRUISE, since=cut,
                          cut_at=cut, target=20.2, quota=20.0, unit=1.5, refusals=1))  # fmt: skip
     sent = [cut + 1.0 / 19.4]
@@ -463,9 +467,27 @@ def test_a_floor_past_the_pace_a_call_was_refused_at_proves_a_rise() -> None:
         ctrl.on_sent(sent[-1])
         ctrl.on_success(sent[-1], latency=0.0)
         sent.append(sent[-1] + 1.0 / ctrl.rate_at(sent[-1]))
-    floor = (len(sent) - 2) / (sent[-2] - cut)  # (accepted - 1) / time since the refusal
-    assert ctrl.escalated == 1
-    assert 1.01 * 20.3 < floor < 1.06 * 20.0
+    return (len(sent) - 2) / (sent[-2] - cut) if ctrl.escalated else math.inf
+
+
+@pytest.mark.parametrize("before", [None, True], ids=["answered-before", "accepted-after"])
+def test_a_floor_past_the_pace_a_call_was_refused_at_proves_a_rise(before: bool | None) -> None:
+    """A call refused 1/20.3 s after an accepted one: the gateway's bucket got less than
+    a token in between, so its quota was under 20.3 calls/s then, whatever its burst.
+    Once the gateway has accepted more than that since (the floor), the quota rose: proven
+    when the floor passes 20.3 by 1 %, not two margins (6 %) over the quota measured, 20,
+    which the probe reached 3 s later where the quota rose just after a refusal. So too
+    where the 429 came back before the accepted call's answer."""
+    assert 1.01 * 20.3 < _floor_proving_a_rise(before) < 1.06 * 20.0
+
+
+def test_a_call_refused_after_one_whose_429_comes_later_sets_no_ceiling() -> None:
+    """As above, but the call before the refused one was refused too, its 429 back after
+    the other's (answers out of order): the pace between two refused calls says nothing of
+    a gateway counting calls per second, so only two margins over the quota measured prove
+    a rise. Deciding on the 429 in hand that the call before was accepted (its answer was
+    not in) proved one at a floor of 20.6, under 1.06 x 20."""
+    assert _floor_proving_a_rise(False) > 1.06 * 20.0
 
 
 def test_503s_that_are_a_share_of_the_answers_cut_like_a_throttle_without_a_pause() -> None:

@@ -351,8 +351,8 @@ class RateController:
     passed in must not go backwards.
     """
 
-    __slots__ = ("_accepted", "_answers", "_began", "_burst", "_ceiling", "_config", "_delay",
-                 "_empty", "_first", "_history", "_latency", "_refused", "_sends",
+    __slots__ = ("_accepted", "_answers", "_awaited", "_began", "_burst", "_ceiling", "_config",
+                 "_delay", "_empty", "_first", "_history", "_latency", "_refused", "_sends",
                  "_since_empty", "_state", "cuts", "escalated", "measured",
                  "tolerated")  # fmt: skip
 
@@ -372,10 +372,12 @@ class RateController:
         self._history: deque[tuple[float, float]] = deque()  # (from when, rate) changes
         # The gateway's bucket was empty when the last refused call was sent (``_empty``);
         # accepted calls sent since: their count, and when the last of them was sent; the
-        # most the quota can have been then (``_ceiling_at``).
+        # most the quota can have been then (``_ceiling_at``), and while the answer of the
+        # call before it is still out, that call's start and the ceiling its acceptance sets.
         self._empty = -math.inf
         self._since_empty = (0, -math.inf)
         self._ceiling = math.inf
+        self._awaited: tuple[float, float] | None = None
         # Calls started before the first refused call, over how long (from the first), and
         # when it was sent: with a quota measured from it, the burst the gateway let through
         # (``_burst``).
@@ -431,6 +433,7 @@ class RateController:
         rate = self.rate_at(now)
         sent = self._sent_at(now, latency)
         self._remember(self._accepted, sent, now)
+        self._settle_ceiling()
         self._answers.append(False)
         if sent > self._empty:
             count, last = self._since_empty
@@ -456,6 +459,7 @@ class RateController:
         rate = self.rate_at(now)
         sent = self._sent_at(now, latency)
         self._remember(self._refused, sent, now)
+        self._settle_ceiling()
         floor, most = self._floor(), self._since_empty_pace()
         if self._first is None and self._sends:
             # Counted from start-up's first call, if it is still remembered: else start-up's
@@ -470,7 +474,8 @@ class RateController:
             self._empty = sent
             after = len(self._accepted) - bisect.bisect_right(self._accepted, sent)
             self._since_empty = (after, self._accepted[-1] if after else sent)
-            self._ceiling = self._ceiling_at(sent)
+            self._ceiling, self._awaited = math.inf, self._ceiling_at(sent)
+            self._settle_ceiling()
         s = self._state
         # Old news too: a call sent within one interval of the cut had its slot before it.
         # Either cost the cut one more refusal: the probe takes longer to come back.
@@ -629,28 +634,47 @@ class RateController:
         accepted = self._accepted_since_empty()
         return math.inf if accepted is None else accepted[0] / accepted[1]
 
-    def _ceiling_at(self, sent: float) -> float:
-        """The most the quota can have been when the call sent at ``sent`` was refused
-        (``inf``: nothing known): the gateway's bucket held less than a token then, and
-        no less than none just after the call before, so it got less than a token in
-        between, whatever its burst: the quota is under 1 / (the time between them), the
-        pace the refused call went at. Only for a call paced after an accepted one: a
-        gateway counting calls per whole second refuses every call past its count however
-        far apart (walking back over refused calls to the last accepted one, as a token
-        bucket allows, said 2-25 calls/s of a quota of 150), and a gap of more than two
-        intervals of the pace is a pause or an idle stretch."""
+    def _ceiling_at(self, sent: float) -> tuple[float, float] | None:
+        """The call before the one refused at ``sent`` and the most the quota can have been
+        then, if that call was accepted (``None``: nothing known): the gateway's bucket
+        held less than a token at the refused call, and no less than none just after the
+        accepted one before, so it got less than a token in between, whatever its burst:
+        the quota is under 1 / (the time between them), the pace the refused call went at.
+        Only after an accepted call: a gateway counting calls per whole second refuses
+        every call past its count however far apart (walking back over refused calls to
+        the last accepted one, as a token bucket allows, said 2-25 calls/s of a quota of
+        150), and a gap of more than two intervals of the pace is a pause or an idle
+        stretch. Whether it was accepted is decided once its answer is in
+        (``_settle_ceiling``): a 429 comes back in milliseconds, before the answers of
+        calls sent before it, refused ones too where the gateway's answers take their
+        latency."""
         sends = self._sends
         own = bisect.bisect_right(sends, sent + SAME_CALL) - 1  # the refused call's own start
-        if own < 1 or self._was_refused(sends[own - 1]):
-            return math.inf
+        if own < 1:
+            return None
         gap = sends[own] - sends[own - 1]
-        return 1.0 / gap if 0.0 < gap <= 2.0 / self.rate_sent_at(sent) else math.inf
+        return (sends[own - 1], 1.0 / gap) if 0.0 < gap <= 2.0 / self.rate_sent_at(sent) else None
+
+    def _settle_ceiling(self) -> None:
+        """The ceiling (``_ceiling_at``) once the answer of the call it waits on is in:
+        accepted, it holds; refused, there is none."""
+        if self._awaited is None:
+            return
+        before, ceiling = self._awaited
+        if self._was(self._accepted, before):
+            self._ceiling, self._awaited = ceiling, None
+        elif self._was(self._refused, before):
+            self._awaited = None
 
     def _was_refused(self, started: float) -> bool:
         """Whether the call started at ``started`` is known to have been refused."""
-        refused = self._refused
-        index = bisect.bisect_left(refused, started - SAME_CALL)
-        return index < len(refused) and refused[index] <= started + SAME_CALL
+        return self._was(self._refused, started)
+
+    @staticmethod
+    def _was(times: list[float], started: float) -> bool:
+        """Whether the call started at ``started`` is one of ``times`` (``SAME_CALL``)."""
+        index = bisect.bisect_left(times, started - SAME_CALL)
+        return index < len(times) and times[index] <= started + SAME_CALL
 
     def _overloaded_at(self, sent: float, rate: float) -> float:
         """An overload of a call sent at ``sent``: its rate (returned) caps the probes, as
