@@ -472,6 +472,18 @@ def test_a_summary_of_no_ids_says_there_was_nothing_to_do() -> None:
     assert "nothing to do" not in RunEnd({**fields, "deleted": 1}).text()
 
 
+def test_a_run_over_a_ledger_done_already_says_so_in_words() -> None:
+    """Run again over a finished ledger, the summary was one row, ``already_done 301``, in
+    the field's spelling, and no word that there had been nothing to do."""
+    fields = {"duration_s": 0.1, "ids_per_s": 0.0, "exit_code": 0, "open": 0}
+    lines = RunEnd({**fields, "already_done": 301}, total=301, ledger=True).text().splitlines()
+    assert "  already done          301" in lines
+    assert lines[-1] == "nothing to do: the ledger holds the input's 301 ids done already"
+    some = RunEnd({**fields, "deleted": 2, "already_done": 9, "already_failed": 3}).text()
+    assert "  already failed          3" in some.splitlines()
+    assert "nothing to do" not in some and "_" not in some
+
+
 @pytest.mark.anyio
 async def test_an_error_before_any_call_is_said_once_with_nothing_else(tmp_path: Path) -> None:
     env = reaper_env("http://127.0.0.1:9", REAPER_LOG_FORMAT="auto")

@@ -28,6 +28,11 @@ _ROWS = ("deleted", "unconfirmed", "absent", "failed", "rejected", "skipped", "o
 deleted: gone, the API's answer lost)."""
 
 
+def _label(key: str) -> str:
+    """A count's name in words: ``already done``, not the field's ``already_done``."""
+    return key.replace("_", " ")
+
+
 def command_line(argv: Sequence[str], prog: str = "devserver-reaper") -> str:
     """``argv`` as a command to paste, with the value of every secret flag replaced."""
     words: list[str] = []
@@ -107,7 +112,8 @@ class RunEnd:
             if key == "skipped" and dry:
                 value -= self.would_delete
             if value:
-                lines.append(f"  {key:<13}{value:>12,}" + self._why(key))
+                label = _label(key)  # "already failed" is one wider: the figure keeps its edge
+                lines.append(f"  {label:<13}{value:>{25 - max(len(label), 13)},}" + self._why(key))
         if "max_deletions_left" in f:
             cap, left = f["max_deletions"], f["max_deletions_left"]
             lines.append(f"  {'cap left':<13}{left:>12,} of {cap:,}")
@@ -132,7 +138,7 @@ class RunEnd:
         projects = self.fields.get("projects") or []
         lines = ["  by project:"] if projects else []
         for project in projects:
-            counts = [f"{key} {project[key]:,}" for key in _ROWS if project.get(key)]
+            counts = [f"{_label(key)} {project[key]:,}" for key in _ROWS if project.get(key)]
             out = ["taken out: its ids left open"] if project.get("out") else []
             where = project.get("region") or project.get("endpoint")
             lines.append(f"    {project['project_id']} ({where}): "
@@ -146,10 +152,13 @@ class RunEnd:
             fix = fix_for(self.error) if self.error is not None else None
             if fix:
                 said.append(f"fix:   {fix}")
-        if not self.done and not self.stopped_early and "error" not in self.fields:
+        settled_before = self.fields.get("already_done", 0)
+        if self.done == settled_before and not self.stopped_early and "error" not in self.fields:
             others = self.fields.get("other_shards")
-            said.append("nothing to do: " + (f"the input's {others:,} ids are other shards'"
-                                              if others else "the input gave no ids"))  # fmt: skip
+            said.append("nothing to do: " + (
+                f"the ledger holds the input's {settled_before:,} ids done already"
+                if settled_before else f"the input's {others:,} ids are other shards'"
+                if others else "the input gave no ids"))  # fmt: skip
         if self.fields.get("dry_run"):
             jobs = f"{self.would_delete:,} job{'s' * (self.would_delete != 1)}"
             said.append(f"dry run: nothing was sent; a real run would delete up to {jobs}")
