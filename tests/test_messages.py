@@ -129,3 +129,24 @@ def test_a_protect_file_that_cannot_be_read_is_named_as_given_with_the_same_word
     monkeypatch.setenv("REAPER_PROTECT_FILE", str(tmp_path / "empty.txt"))
     with pytest.raises(ConfigError, match=r"^REAPER_PROTECT_FILE .* or leave REAPER_PROTECT_F"):
         wiring.protection(load_settings())
+
+
+def test_an_exclude_file_that_cannot_be_read_is_called_exclude_not_the_input(
+    tmp_path: Path,
+) -> None:
+    """``run --plan P --exclude nope`` said "cannot read input nope", of a plan that reads
+    fine: every message of the exclude file's reading names ``--exclude``."""
+    from worker.commands.planned import read_excluded
+    from worker.errors import InputUnreadable
+    from worker.input.sources import read_entries
+
+    gone = tmp_path / "nope"
+    with pytest.raises(InputUnreadable) as refused:
+        read_excluded(str(gone))
+    assert str(refused.value) == f"cannot read --exclude {gone}: no such file"
+    table = tmp_path / "keep.csv"
+    table.write_text("name,owner\nx,y\n")
+    with pytest.raises(UsageError, match=rf"^--exclude {table}: the CSV header has no 'id'"):
+        read_excluded(str(table))
+    with pytest.raises(InputUnreadable, match=rf"^cannot read input {gone}: no such file$"):
+        read_entries(str(gone))

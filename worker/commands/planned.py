@@ -118,7 +118,7 @@ def read_excluded(path: str) -> frozenset[str]:
     for a line that is not an id, ``InputUnreadable`` (66) when it cannot be read (raised by
     the reader)."""
     ids: set[str] = set()
-    entries = read_entries(path)
+    entries = read_entries(path, called="--exclude")
     try:
         for entry in entries:
             if not isinstance(entry, Candidate):

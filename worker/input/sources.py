@@ -107,6 +107,7 @@ def read_entries(
     *,
     stdin: IO[bytes] | None = None,
     max_line_bytes: int = 4096,
+    called: str = "input",
 ) -> EntryReader:
     """Stream the entries of ``path`` (``-``: ``stdin``, default ``sys.stdin.buffer``).
 
@@ -123,8 +124,10 @@ def read_entries(
     kind = detect_format(path, fmt)
     if path == "-":
         source = stdin if stdin is not None else sys.stdin.buffer
-        return EntryReader(path, kind, source, False, max_line_bytes, sniff=fmt == "auto")
-    return EntryReader(path, kind, _open(path), True, max_line_bytes)
+        return EntryReader(
+            path, kind, source, False, max_line_bytes, sniff=fmt == "auto", called=called
+        )
+    return EntryReader(path, kind, _open(path, called), True, max_line_bytes, called=called)
 
 
 def read_chunks(entries: Iterator[Entry], size: int) -> Iterator[list[Entry]]:
@@ -139,12 +142,12 @@ def read_chunks(entries: Iterator[Entry], size: int) -> Iterator[list[Entry]]:
         yield chunk
 
 
-def _open(path: str) -> IO[bytes]:
+def _open(path: str, called: str) -> IO[bytes]:
     try:
         return open(path, "rb")  # closed by EntryReader
     except OSError as exc:
         raise InputUnreadable(
-            f"cannot read input {escape(path, 200)}: {file_problem(exc)}"
+            f"cannot read {called} {escape(path, 200)}: {file_problem(exc)}"
         ) from None
 
 
@@ -167,8 +170,9 @@ class EntryReader:
         max_line_bytes: int,
         *,
         sniff: bool = False,
+        called: str = "input",
     ) -> None:
-        self._parse = _Parse(path, fmt, source, owned, max_line_bytes, sniff)
+        self._parse = _Parse(path, fmt, source, owned, max_line_bytes, sniff, called)
         self._entries = self._parse.generate()
 
     def __iter__(self) -> EntryReader:
@@ -212,8 +216,10 @@ class _Parse:
         owned: bool,
         max_line_bytes: int,
         sniff: bool,
+        called: str,
     ) -> None:
         self.path = path
+        self._called = called  # how messages call it: "input", "--exclude"
         self.format: Format = fmt
         self.source = source
         self._owned = owned
@@ -232,7 +238,9 @@ class _Parse:
         return f"line {self._progress.number if self._progress else 0}"
 
     def _name(self) -> str:
-        return "stdin" if self.path == "-" else escape(self.path, 200)
+        """``input ids.txt``, ``input stdin``, ``--exclude keep.txt``: the file as messages
+        name it."""
+        return f"{self._called} " + ("stdin" if self.path == "-" else escape(self.path, 200))
 
     def generate(self) -> Generator[Entry, None, None]:
         layers: list[io.BufferedIOBase] = []
@@ -257,13 +265,12 @@ class _Parse:
                 yield from self._text(lines)
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
             raise InputUnreadable(
-                f"input {self._name()}: gzip stream is truncated or corrupt after {self.where()}"
-                f" ({exc})"
+                f"{self._name()}: gzip stream is truncated or corrupt after {self.where()} ({exc})"
             ) from None
         except OSError as exc:
             reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
             raise InputUnreadable(
-                f"input {self._name()}: read failed after {self.where()}: {reason}"
+                f"{self._name()}: read failed after {self.where()}: {reason}"
             ) from None
         finally:
             for layer in reversed(layers):
@@ -286,7 +293,7 @@ class _Parse:
             layers.append(stream)
         elif head and PurePath(self.path).name.lower().endswith(".gz"):
             raise InputUnreadable(
-                f"input {self._name()}: not gzip (the name ends in .gz but the content does "
+                f"{self._name()}: not gzip (the name ends in .gz but the content does "
                 "not start with the gzip magic bytes)"
             )
         return stream
@@ -444,7 +451,7 @@ def _id_columns(names: list[str], source: str) -> list[int]:
         if len(names) > 20:
             found += f", … ({len(names)} in all)"
         raise UsageError(
-            f"input {source}: the CSV header has no 'id' or 'job_id' column "
+            f"{source}: the CSV header has no 'id' or 'job_id' column "
             f"(columns found: {found}); CSV input needs a header row naming the id column"
         )
     return columns
@@ -458,12 +465,12 @@ def _place_columns(names: list[str], source: str) -> dict[str, int]:
     for name in ("id", "job_id", *FIELDS):
         if lowered.count(name) > 1:
             raise UsageError(
-                f"input {source}: the CSV header names the {name!r} column "
+                f"{source}: the CSV header names the {name!r} column "
                 f"{lowered.count(name)} times; which one a row means is not clear"
             )
     wrong = _misnamed([name for name in names if name.lower() not in _READ])
     if wrong is not None:
-        raise UsageError(f"input {source}: the CSV header {escape(wrong, 120)}")
+        raise UsageError(f"{source}: the CSV header {escape(wrong, 120)}")
     return {name: lowered.index(name) for name in FIELDS if name in lowered}
 
 
@@ -801,7 +808,7 @@ class _JsonArray:
     def _broken(self, what: str, offset: int | None = None) -> InputUnreadable:
         where = self._offset() if offset is None else offset
         return InputUnreadable(
-            f"input {self._name}: malformed JSON array: {what} (element {self.index}, "
+            f"{self._name}: malformed JSON array: {what} (element {self.index}, "
             f"character offset {where})"
         )
 
@@ -811,7 +818,7 @@ class _JsonArray:
             return  # an empty file holds no ids, whatever its format
         if first != "[":
             raise InputUnreadable(
-                f"input {self._name}: not a JSON array (it starts with {escape(first, 10)!r}); "
+                f"{self._name}: not a JSON array (it starts with {escape(first, 10)!r}); "
                 "for one JSON value per line use the jsonl format"
             )
         self._pos += 1
