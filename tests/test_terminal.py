@@ -462,6 +462,14 @@ async def test_a_dry_run_says_what_it_would_delete_not_what_it_skipped(tmp_path:
     assert lines[-1] == "dry run: nothing was sent; a real run would delete up to 39 jobs"
 
 
+def test_a_dry_run_that_would_delete_nothing_says_none_not_up_to_0() -> None:
+    """A dry run over a file of no valid id (a binary file given by mistake) ended "a real run
+    would delete up to 0 jobs"."""
+    fields = {"duration_s": 0.1, "ids_per_s": 0.0, "exit_code": 1, "rejected": 494}
+    lines = RunEnd({**fields, "dry_run": True}, would_delete=0).text().splitlines()
+    assert lines[-1] == "dry run: nothing was sent; a real run would delete none"
+
+
 def test_a_summary_of_no_ids_says_there_was_nothing_to_do() -> None:
     """It was a duration and a rate of 0 ids/s; a shard whose input all went to the others
     is not "no ids" either."""

@@ -160,8 +160,9 @@ class RunEnd:
                 if settled_before else f"the input's {others:,} ids are other shards'"
                 if others else "the input gave no ids"))  # fmt: skip
         if self.fields.get("dry_run"):
-            jobs = f"{self.would_delete:,} job{'s' * (self.would_delete != 1)}"
-            said.append(f"dry run: nothing was sent; a real run would delete up to {jobs}")
+            jobs = f"up to {self.would_delete:,} job{'s' * (self.would_delete != 1)}"
+            said.append(f"dry run: nothing was sent; a real run would delete "
+                        f"{jobs if self.would_delete else 'none'}")  # fmt: skip
         if self.stopped_early:
             said += self._resume()
         return said
