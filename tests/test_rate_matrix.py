@@ -461,6 +461,15 @@ def test_a_refusal_after_a_long_idle_stretch_does_not_cut_far_under_the_quota(
         assert min(paced) >= 0.6 * quota, (start, min(paced))
 
 
+def test_a_burst_seen_by_a_start_up_that_began_after_an_idle_stretch_still_counts() -> None:
+    """3 calls/s, burst 10, nothing sent from 1 s to 21 s (start-up not yet refused): the
+    burst start-up saw is counted from the first call after the idle stretch (the bucket
+    refilled meanwhile), so the probes stop at the quota measured, at most 2 % throttled
+    from 31 s on (counted across the stretch, or not at all, 2.45 %)."""
+    run = _idle_from(3.0, 10, (1.0, 21.0), 111.0)
+    assert run.refused_share(31.0, 111.0) <= 0.02
+
+
 _RISES = ((1.0, 50.0), (2.0, 50.0), (5.0, 50.0), (1.0, 5.0))
 _RISE_GAP = (
     "under 6 calls/s the probe is early calls (twice the pace) two units of 30 calls past "

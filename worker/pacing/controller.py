@@ -382,7 +382,7 @@ class RateController:
         # when it was sent: with a quota measured from it, the burst the gateway let through
         # (``_burst``).
         self._first: tuple[int, float, float] | None = None
-        self._began = math.inf  # when start-up's first call was sent
+        self._began = math.inf  # when start-up's first call was sent (``on_sent``)
         self._burst = math.nan
         self.cuts = 0
         self.measured = 0  # refusals that measured the quota
@@ -420,7 +420,9 @@ class RateController:
     def on_sent(self, now: float) -> None:
         """A call starts: the measure of how fast we really send."""
         sends = self._sends
-        if not sends:
+        if not sends or now - sends[-1] > self._config.window:
+            # The first call, or the first after an idle stretch (the gateway's bucket got
+            # tokens meanwhile): what start-up's gateway let through is counted from here.
             self._began = now
         bisect.insort(sends, now)  # in order: a fleet's starts may come a little out of it
         # Kept as long as the refusals a measure spans (``_horizon``).
@@ -462,13 +464,13 @@ class RateController:
         self._settle_ceiling()
         floor, most = self._floor(), self._since_empty_pace()
         if self._first is None and self._sends:
-            # Counted from start-up's first call, if it is still remembered: else start-up's
-            # end came so late that it says little of a burst (held at 27 calls/s by 8 in
-            # flight for 30 s, under a quota of 50 that then fell to 5 at burst 1, the last
-            # 3.7 s of it read as a burst of 87; every probe after stopped at the quota
-            # measured, 0.83 of it from 20 s after the fall, not 0.94).
-            began = self._sends[0]
-            calls = self._sends_since(began, sent) if began == self._began else 0
+            # Counted from start-up's first call (or the first after an idle stretch), if it
+            # is still remembered: else start-up's end came so late that it says little of a
+            # burst (held at 27 calls/s by 8 in flight for 30 s, under a quota of 50 that then
+            # fell to 5 at burst 1, its last 3.7 s read as a burst of 87; every probe after
+            # stopped at the quota measured, 0.83 of it from 20 s after the fall, not 0.94).
+            began = self._began
+            calls = self._sends_since(began, sent) if self._sends[0] <= began else 0
             self._first = (calls, sent - began, sent)
         if sent > self._empty:
             self._empty = sent
