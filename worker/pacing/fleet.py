@@ -354,7 +354,9 @@ class FleetRateController(RedisPacer):
             self._t = -math.inf
             self._published = (self._interval, self._pause_us, stored)
             self.leads += 1
-            self._log.info("rate.leader", rate=round(self.rate, 3), restored=stored is not None)
+            # The rate its controller starts from: the one seen last may be another's.
+            rate = self._controller.rate
+            self._log.info("rate.leader", rate=round(rate, 3), restored=stored is not None)
         self._led_at = self._clock.now()
         ctrl = self._controller
         answers: list[tuple[int, int, str, int]] = []
