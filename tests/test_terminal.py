@@ -12,7 +12,7 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import orjson
@@ -385,6 +385,28 @@ async def test_ctrl_c_explains_itself_and_the_summary_prints_the_command_that_re
         )
         assert again[0] == 0, again[1].screen_text()
         assert len(sim.deleted) == 600
+
+
+@pytest.mark.parametrize(
+    ("why", "said"),
+    [("Ctrl-C", "Ctrl-C: stopping; no call in flight; Ctrl-C again to stop now"),
+     ("SIGTERM", "SIGTERM: stopping; no call in flight; Ctrl-C to stop now"),
+     ("deadline of 60 s reached",
+      "deadline of 60 s reached: stopping; no call in flight; Ctrl-C to stop now")],
+)  # fmt: skip
+def test_a_stop_not_by_ctrl_c_does_not_say_ctrl_c_again(why: str, said: str) -> None:
+    """A ``kill`` or the deadline said "Ctrl-C again to stop now" of a Ctrl-C never typed."""
+    from worker.commands.run import _say_stopping
+
+    lines: list[str] = []
+
+    class Said:
+        def say(self, text: str, color: str) -> None:
+            lines.append(text)
+
+    idle = dataclasses.make_dataclass("Idle", [("count", int)])(0)
+    _say_stopping(cast(Any, Said()), idle, 20.0, why, False)
+    assert lines == [said]
 
 
 @pytest.mark.parametrize(

@@ -676,7 +676,8 @@ def _say_stopping(output: Output, working: Working, grace: float, why: str, now:
         if calls
         else "no call in flight"
     )
-    output.say(f"{why}: stopping; {finishing}; Ctrl-C again to stop now", "yellow")
+    again = " again" if why == "Ctrl-C" else ""  # a SIGTERM or the deadline was no Ctrl-C
+    output.say(f"{why}: stopping; {finishing}; Ctrl-C{again} to stop now", "yellow")
 
 
 PER_PROJECT = ("deleted", "absent", "failed", "skipped")
