@@ -668,10 +668,6 @@ class RateController:
         elif self._was(self._refused, before):
             self._awaited = None
 
-    def _was_refused(self, started: float) -> bool:
-        """Whether the call started at ``started`` is known to have been refused."""
-        return self._was(self._refused, started)
-
     @staticmethod
     def _was(times: list[float], started: float) -> bool:
         """Whether the call started at ``started`` is one of ``times`` (``SAME_CALL``)."""
@@ -810,7 +806,7 @@ class RateController:
         sends = self._sends
         accepted_last = False
         for index in range(bisect.bisect_left(sends, start), bisect.bisect_left(sends, end)):
-            accepted = not self._was_refused(sends[index])
+            accepted = not self._was(self._refused, sends[index])
             if accepted and accepted_last:
                 return False
             accepted_last = accepted
