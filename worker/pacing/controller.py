@@ -963,8 +963,10 @@ class RateController:
             # answers late, and by then the rate must not have gone far.
             x = max(0.0, now - s.refused_at - c.forget) / s.unit
             grown = min(grown, max(s.level, s.refused * (1.0 + 3.0 * c.cubic * x)))
-        state = replace(s, rate=min(max(grown, s.rate), c.max_rate), phase=phase)
-        return self._set(state, now)
+        rate = min(max(grown, s.rate), c.max_rate)
+        if s is self._state and rate == s.rate and phase is s.phase:
+            return rate  # nothing moved: no new state (this runs before every call)
+        return self._set(replace(s, rate=rate, phase=phase), now)
 
     def _early_from(self, s: ControllerState) -> float:
         """When the probe's early calls begin (``inf``: none): under ``LOW_RATE``,
