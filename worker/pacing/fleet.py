@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -230,7 +231,10 @@ class FleetRateController(RedisPacer):
         self._bounds = (interval_us(c.max_rate), interval_us(c.min_rate), round(c.max_pause * 1e6))
         self._script: Any = client.register_script(_AUTO)
         self._publish_script: Any = client.register_script(_PUBLISH)
-        self._answers: list[_Answer] = []
+        # The newest ``max_answers`` kept for the next reservation to report, the oldest
+        # dropped first: a deque, since a list's ``del [0]`` moved every answer kept.
+        self._answers: deque[_Answer] = deque(maxlen=max_answers)
+        self._dropped = 0  # answers the bound dropped unreported, ever
         self._interval = interval_us(self._config.initial_rate)  # the fleet's, as last seen
         self._pause_us = 0  # the fleet's pause, as last seen
         self._offset = 0.0  # the Redis clock minus ours, seconds
@@ -280,9 +284,9 @@ class FleetRateController(RedisPacer):
         self._keep(_Answer(self._clock.now(), None, "s", None))
 
     def _keep(self, answer: _Answer) -> None:
+        if len(self._answers) == self._max_answers:
+            self._dropped += 1  # past ``max_answers``, the oldest goes
         self._answers.append(answer)
-        if len(self._answers) > self._max_answers:
-            del self._answers[0]
 
     def _held_s(self) -> float:
         return max(0.0, self._pause_us / 1e6 - (self._clock.now() + self._offset))
@@ -293,7 +297,7 @@ class FleetRateController(RedisPacer):
 
     async def reserve(self) -> Reservation | float:
         await self.check_spec()
-        answers, now = self._answers, self._clock.now()
+        answers, now, dropped = self._answers, self._clock.now(), self._dropped
         reported: list[Any] = []
         for a in answers:
             reported += [
@@ -312,7 +316,10 @@ class FleetRateController(RedisPacer):
                 *self._bounds, *reported,
             ],
         )  # fmt: skip
-        del answers[: len(reported) // 4]
+        # The reported are the oldest kept; those the bound dropped while the call was out
+        # were among them, and the answers that came meanwhile wait for the next report.
+        for _ in range(max(0, len(reported) // 4 - (self._dropped - dropped))):
+            answers.popleft()
         self.reported += len(reported) // 4
         start, server_now, token, interval, pause, leader, state, revokes, *events = reply
         server_now = int(server_now)
