@@ -1351,6 +1351,22 @@ async def test_serve_says_where_it_stands_every_stats_interval(
     assert last["rate"] == 200.0 and last["in_flight"] == 0
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize(("rate", "starts_at"), [(200.0, 200.0), ("auto", 2.0)])
+async def test_serve_stats_say_the_rate_the_limiter_starts_at_before_any_call(
+    redis_prefix: str, rate: float | str, starts_at: float
+) -> None:
+    """A limiter is made on its first call: until the queue gave serve an id, every
+    serve.stats said ``"rate": 0``, as if it were paced to nothing. It says the rate the
+    limiter starts at: the fixed rate, or where ``--rate auto`` begins."""
+    config = SimulatorConfig(jobs=3)
+    async with running(redis_prefix, config, stats_interval=0.1, rate=rate) as svc:
+        await until(lambda: _true(len(svc.events("serve.stats")) >= 2))
+        assert svc.sim.stats.calls == 0  # nothing was sent: no limiter made yet
+    said = svc.events("serve.stats")
+    assert [e["rate"] for e in said] == [starts_at] * len(said)
+
+
 def _said_all(svc: Running, n: int) -> bool:
     said = svc.events("serve.stats")
     return bool(said) and said[-1]["deleted_total"] == n and said[-1]["pending"] == 0

@@ -4,9 +4,13 @@ from a real run whose output is not a terminal. serve's ``serve.stats`` is pinne
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import anyio
+import orjson
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from tests.e2e import reaper, reaper_env, write_ids
 from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
@@ -55,3 +59,33 @@ async def test_a_run_without_a_terminal_says_where_it_stands_every_stats_interva
     assert sum(e["deleted"] for e in said) == said[-1]["deleted_total"] <= 40
     assert said[-1]["read"] <= 41 and said[-1]["rejected_total"] <= 1
     assert quiet.events("run.stats") == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("rate", "starts_at"), [("50", 50.0), ("auto", 2.0)])
+async def test_run_stats_say_the_rate_the_limiter_starts_at_before_any_call(
+    rate: str, starts_at: float
+) -> None:
+    """Before any call (its input a pipe still quiet) run.stats says the rate the limiter
+    starts at: the fixed --rate, or where --rate auto begins. serve's said 0 until its
+    first call made a limiter; run's default lane (and limiter) is made before the first
+    stats line, so it never did: this pins it, the same ``Lanes.rate`` serving both."""
+    async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+        args = ["run", "-i", "-", "--yes", "--rate", rate, "--stats-interval", "0.1"]
+        process = await anyio.open_process(
+            [sys.executable, "-m", "worker", *args], env=reaper_env(sim.url)
+        )
+        async with process:
+            assert process.stdin is not None and process.stdout is not None
+            lines = BufferedByteReceiveStream(process.stdout)
+            said: list[dict[str, object]] = []
+            with anyio.fail_after(30):
+                while len(said) < 2:  # the input is still open, with no id in it
+                    event = orjson.loads(await lines.receive_until(b"\n", 1 << 20))
+                    if event["event"] == "run.stats":
+                        said.append(event)
+            assert sim.stats.calls == 0
+            await process.stdin.aclose()  # the input ends: nothing to do
+            with anyio.fail_after(30):
+                assert await process.wait() == 0
+    assert [e["rate"] for e in said] == [starts_at, starts_at]

@@ -107,7 +107,11 @@ class Lanes:
 
     @property
     def rate(self) -> float:
-        """The calls per second the limiters allow together."""
+        """The calls per second the limiters allow together. Before the first call has made
+        one (a limiter is made on first use), the rate the first will start at: the stats
+        of a queue still empty said 0."""
+        if not self._limiters:
+            return wiring.starting_rate(self._settings)
         return sum(float(limiter.rate) for limiter in self._limiters.values())
 
     def __repr__(self) -> str:

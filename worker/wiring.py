@@ -249,6 +249,16 @@ def limiter(settings: Settings, clock: Clock) -> RateLimiter:
     )
 
 
+def starting_rate(settings: Settings) -> float:
+    """The calls per second a limiter of these settings starts at, before any call: the
+    fixed ``--rate``, or where ``--rate auto`` begins (its controller's first rate)."""
+    if settings.rate == "auto":
+        from worker.pacing.controller import AdaptiveConfig
+
+        return AdaptiveConfig().initial_rate
+    return float(settings.rate)
+
+
 def shares_rate(settings: Settings) -> bool:
     """Whether ``run`` paces through the rate limit kept in Redis: when a ``redis_url`` is
     given (flag, environment or config file), as ``serve`` always does. Shards of one
