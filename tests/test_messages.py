@@ -85,9 +85,22 @@ def test_a_slow_run_shows_its_rate_not_zero() -> None:
 
     slow = Snapshot(done=3, total=10, ids_per_s=0.3, eta_s=None, counts=(), retries=0)
     assert slow.figures() == "3 / 10 · 0.3 ids/s"
-    assert [rate(r) for r in (0.0, 0.01, 0.06, 0.96, 1.0, 1234.4)] == [
-        "0", "<0.1", "0.1", "1.0", "1", "1,234",
+    assert [rate(r) for r in (0.0, 0.004, 0.01, 0.06, 0.96, 1.0, 2.34, 9.96, 1234.4)] == [
+        "0", "<0.01", "0.01", "0.06", "0.96", "1", "2.3", "10", "1,234",
     ]  # fmt: skip
+
+
+def test_a_rate_under_one_is_shown_as_it_is_not_rounded_up_to_one() -> None:
+    """0.96 ids/s was shown ``1.0``, and the summary's figure, rounded to a tenth in
+    run.summary before it was shown, said 1 where the run did 0.96: two significant figures
+    in the progress line and the summary."""
+    from worker.terminal.progress import Snapshot
+    from worker.terminal.summary import RunEnd
+
+    slow = Snapshot(done=3, total=10, ids_per_s=0.96, eta_s=None, counts=(), retries=0)
+    assert slow.figures() == "3 / 10 · 0.96 ids/s"
+    fields = {"deleted": 24, "duration_s": 25.0, "ids_per_s": 0.96, "exit_code": 0}
+    assert "  rate             0.96 ids/s" in RunEnd(fields).text().splitlines()
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from tests.conftest import REDIS_URL
 from tests.e2e import reaper_env, write_ids
 from tests.tty import Terminal
 from worker.outcomes.journal import Tally
-from worker.simulator import Simulator, SimulatorConfig, run_simulator
+from worker.simulator import FaultConfig, Simulator, SimulatorConfig, run_simulator
 from worker.terminal.lines import EventLines
 from worker.terminal.output import display_on
 from worker.terminal.progress import Progress, Snapshot, count_lines
@@ -482,6 +482,28 @@ async def test_a_dry_run_says_what_it_would_delete_not_what_it_skipped(tmp_path:
     ]
     assert not any("ids/s" in line for line in lines)
     assert lines[-1] == "dry run: nothing was sent; a real run would delete up to 39 jobs"
+
+
+@pytest.mark.anyio
+async def test_the_summary_shows_the_runs_rate_to_two_figures_not_whole(tmp_path: Path) -> None:
+    """The summary's rate was run.summary's ``ids_per_s`` rounded to a tenth, then shown to
+    one decimal under 1 and whole from 1 up: a run of 0.96 ids/s said 1.0, one of 2.46 said
+    2. One call of 1.3 s: under one id a second, shown to two significant figures."""
+    faults = FaultConfig(latency_ms=1300, latency_jitter=False)
+    async with run_simulator(SimulatorConfig(jobs=1, faults=faults)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        env = reaper_env(sim.url, REAPER_LOG_FORMAT="auto")
+        events = tmp_path / "events.jsonl"
+        args = ["-i", str(src), "--yes", "--events", str(events)]
+        code, term = await anyio.to_thread.run_sync(lambda: _run_on_a_pty(args, env))
+    assert code == 0, term.screen_text()
+    said = [orjson.loads(line) for line in events.read_text().splitlines()]
+    summary = next(e for e in said if e["event"] == "run.summary")
+    exact = 1 / summary["duration_s"]
+    row = next(line for line in term.lines() if line.startswith("  rate "))
+    shown = row.split()[1]
+    assert 0.1 < exact < 1 and re.fullmatch(r"0\.\d\d?", shown), (row, exact)
+    assert abs(float(shown) - exact) <= 0.005 + 0.002 * exact, (row, exact)
 
 
 def test_a_dry_run_that_would_delete_nothing_says_none_not_up_to_0() -> None:

@@ -781,7 +781,7 @@ def _summarise(
         already_failed=tally.already_failed,
         retries=tally.retries,
         duration_s=round(duration, 3),
-        ids_per_s=round(tally.finished / duration, 1) if duration > 0 else 0.0,
+        ids_per_s=round(tally.finished / duration, 3) if duration > 0 else 0.0,
         cpu_s=round(cpu, 3),  # this process, every thread, over duration_s: for sizing
         dry_run=settings.dry_run,
         stop_reason=state.stop_reason,

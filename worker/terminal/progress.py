@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,11 +53,16 @@ class Snapshot:
 
 
 def rate(per_s: float) -> str:
-    """Ids per second as a person reads them: whole from 1 up, one decimal below (0.3, not
-    the 0 that said a slow run had stopped), ``<0.1`` below that but above none."""
-    if per_s >= 1 or per_s <= 0:
+    """Ids per second as a person reads them: two significant figures, whole from 10 up
+    (``1,234``, ``98``, ``9.6``, ``0.96``, ``0.3``, not the ``1.0`` that 0.96 was shown as,
+    nor the 0 that said a slow run had stopped), ``<0.01`` below that but above none."""
+    if per_s <= 0 or not math.isfinite(per_s):
         return f"{per_s:,.0f}"
-    return f"{per_s:.1f}" if per_s >= 0.05 else "<0.1"
+    if per_s < 0.01:
+        return "<0.01"
+    if per_s >= 9.95:  # rounds to 10 or more: whole
+        return f"{per_s:,.0f}"
+    return f"{float(f'{per_s:.2g}'):g}"
 
 
 def _duration(seconds: float) -> str:
