@@ -146,6 +146,31 @@ async def test_dry_run_sends_no_delete(tmp_path: Path) -> None:
         assert {e["reason"] for e in done.events("job.skipped")} == {"dry_run"}
 
 
+@pytest.mark.parametrize(
+    ("variable", "meant"),
+    [("REAPER_DRYRUN", "REAPER_DRY_RUN"), ("REAPER_PROTECTED_STATUS", "REAPER_PROTECTED_STATUSES"),
+     ("reaper_dry_runn", "REAPER_DRY_RUN")],
+)  # fmt: skip
+async def test_a_misspelt_reaper_variable_is_refused_before_any_call(
+    tmp_path: Path, variable: str, meant: str
+) -> None:
+    """``REAPER_DRYRUN=true run --yes`` deleted every job, and ``REAPER_PROTECTED_STATUS``
+    protected none: pydantic-settings passes over a variable that names no field, where the
+    config file refuses an unknown key. Now 78, the variable named with the one it is close
+    to, and nothing sent."""
+    async with run_simulator(SimulatorConfig(jobs=5)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        env = reaper_env(sim.url, **{variable: "PROCESSING" if "STATUS" in variable else "true"})
+        done = await reaper(["run", "-i", str(src), "--yes"], env)
+        assert done.code == 78, done.stderr
+        assert sim.stats.calls == 0
+        assert len(sim.job_ids()) == 5
+        assert f"{variable} (did you mean {meant}?) is not a setting" in done.stderr
+        # simulate and completion read no settings: a stray variable is none of theirs
+        shown = await reaper(["completion", "bash"], env)
+        assert shown.code == 0, shown.stderr
+
+
 async def test_without_a_terminal_or_yes_nothing_is_called_and_it_exits_64(tmp_path: Path) -> None:
     async with run_simulator(SimulatorConfig(jobs=5)) as sim:
         src = write_ids(tmp_path / "ids.txt", sim.job_ids())

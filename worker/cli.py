@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import os
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -677,7 +678,7 @@ def _stopped_before_start(signum: int, frame: object) -> None:
 
 def dispatch(args: argparse.Namespace) -> int:
     from worker.errors import ConfigError
-    from worker.settings import load_settings
+    from worker.settings import load_settings, refuse_unknown_variables
 
     config = getattr(args, "sub_config", None) or args.config
     if args.config is not None and config != args.config:  # before and after the command
@@ -686,6 +687,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return ExitCode.CONFIG
     overrides = settings_overrides(args)
     try:
+        if args.command not in ("completion", "simulate"):  # neither reads the settings
+            refuse_unknown_variables(os.environ)
         settings = load_settings(config, **overrides)
     except ConfigError as exc:
         print(f"devserver-reaper: {exc}", file=sys.stderr)

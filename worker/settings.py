@@ -18,6 +18,7 @@ Secrets are ``SecretStr`` and never appear in ``repr``, logs or validation error
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import os
@@ -590,6 +591,39 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
         raise ConfigError(f"invalid configuration: {type(exc).__name__}: {exc}") from None
     finally:
         _CONFIG_FILE.reset(token)
+
+
+ENV_PREFIX = "REAPER_"
+NOT_SETTINGS = frozenset({"REAPER_CONFIG"})
+"""``REAPER_*`` variables read that are not settings: the config file's path."""
+
+
+def refuse_unknown_variables(environ: Mapping[str, str]) -> None:
+    """``ConfigError`` (78) for a ``REAPER_*`` variable that names no setting (checked by
+    the commands that read the settings: not ``simulate`` or ``completion``).
+
+    pydantic-settings reads the variables of the fields it knows and passes over the rest,
+    so ``REAPER_DRYRUN=true`` ran for real and ``REAPER_PROTECTED_STATUS=PROCESSING``
+    protected nothing, without a word, where the same typo in the config file is refused.
+    The variables are matched as pydantic-settings matches them, in any case."""
+    settings = {ENV_PREFIX + field.upper() for field in Settings.model_fields}
+    unknown = sorted(
+        name for name in environ
+        if name.upper().startswith(ENV_PREFIX)
+        and name.upper() not in settings | NOT_SETTINGS
+    )  # fmt: skip
+    if not unknown:
+        return
+    said = []
+    for name in unknown[:5]:
+        close = difflib.get_close_matches(name.upper(), sorted(settings), n=1, cutoff=0.75)
+        said.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+    verb = "is not a setting" if len(unknown) == 1 else "are not settings"
+    raise ConfigError(
+        f"{', '.join(said)}{more} {verb}: one spelt wrong would be left out without a word "
+        "(spell it as docs/reference.md lists the settings, or unset it)"
+    )
 
 
 _IN_WORDS = {
