@@ -201,7 +201,7 @@ def test_invalid_settings_exit_78_naming_the_field_not_the_secret(tmp_path: Path
     )  # fmt: skip
     assert done.returncode == 78
     assert ExitCode.CONFIG.value == 78
-    assert done.stderr == "devserver-reaper: --batch-size must be at least 1\n"
+    assert done.stderr == "devserver-reaper: --batch-size must be at least 1, not 0\n"
     assert CANARY not in done.stderr + done.stdout
     assert "Traceback" not in done.stderr
 
@@ -213,7 +213,7 @@ def test_a_flag_overrides_the_environment_even_into_an_error(tmp_path: Path) -> 
         env={"REAPER_BATCH_SIZE": "10"}, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 78
-    assert "--batch-size must be at most 1000" in done.stderr
+    assert "--batch-size must be at most 1,000, not 5,000" in done.stderr
 
 
 @pytest.mark.parametrize(
@@ -244,6 +244,62 @@ def test_each_kind_of_bad_setting_exits_78(
     assert done.returncode == 78, done.stderr
     assert named in done.stderr
     assert CANARY not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "said"),
+    [
+        (["--deadline", "-5"], {}, "--deadline must be more than 0 seconds, not -5"),
+        (["--grace", "-1"], {}, "--grace must be at least 0 seconds, not -1"),
+        (["--read-timeout", "601"], {}, "--read-timeout must be at most 600 seconds, not 601"),
+        (["--recheck-max-age", "0.5"], {}, "--recheck-max-age must be at least 1 second, not 0.5"),
+        (["--max-fraction", "1.5"], {}, "--max-fraction must be at most 1, not 1.5"),
+        (["--concurrency", "300"], {}, "--concurrency must be at most 256, not 300"),
+        (
+            ["--rate", "-5"], {},
+            "--rate must be a number of calls per second (more than 0, at most 10,000) or "
+            "'auto', not -5",
+        ),
+        (
+            [], {"REAPER_STATS_INTERVAL": "-60"},
+            "stats_interval (REAPER_STATS_INTERVAL or the config file) must be at least 0 "
+            "seconds, not -60",
+        ),
+        ([], {"REAPER_BATCH_SIZE": "2.5"}, "must be a whole number, not 2.5"),
+        ([], {"REAPER_MAX_ATTEMPTS": CANARY}, "must be a whole number"),  # text: never said
+    ],
+    ids=["deadline", "grace", "read-timeout", "recheck-max-age",
+         "max-fraction", "concurrency", "rate", "env-stats-interval", "env-batch-size",
+         "env-text"],
+)  # fmt: skip
+def test_a_number_out_of_range_is_said_in_the_users_words(
+    tmp_path: Path, argv: list[str], env: dict[str, str], said: str
+) -> None:
+    """``--deadline -5`` said "must be more than 0.0": pydantic's limit, as a float, no unit
+    and not what was wrong with it. A number's limit is said as people write it, in seconds
+    for a duration, and the number given with it (text given is never repeated)."""
+    done = run_worker("run", "--input", "ids.txt", *argv, env=env, cwd=tmp_path)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 78, done.stderr
+    assert lines[0].startswith("devserver-reaper: ") and lines[0].endswith(said), lines
+    assert CANARY not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--page-size", "0"], "--page-size must be from 1 to 1,000, not 0"),
+        (["--plan-ttl", "40d"], "--plan-ttl must be at most 30d, not 40d"),
+    ],
+)
+def test_discovers_own_numbers_out_of_range_say_what_was_given(
+    tmp_path: Path, argv: list[str], said: str
+) -> None:
+    """They said "--page-size: 1 to 1000" and "--plan-ttl: at most 30d": the rule, not that
+    it was broken, nor by what."""
+    done = run_worker("discover", "--all", *argv, cwd=tmp_path)
+    assert done.returncode == 64, done.stderr
+    assert said in done.stdout + done.stderr
 
 
 def test_config_is_read_whether_given_before_or_after_the_command(tmp_path: Path) -> None:

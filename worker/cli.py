@@ -560,7 +560,9 @@ def _bounded(name: str, low: int, high: int) -> Callable[[str], int]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a whole number") from None
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{name} must be from {low:,} to {high:,}")
+            raise argparse.ArgumentTypeError(
+                f"{name} must be from {low:,} to {high:,}, not {value:,}"
+            )
         return value
 
     return parse

@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import math
 import os
 import re
 import socket
@@ -631,25 +632,59 @@ _IN_WORDS = {
 }
 """Settings whose type is a union, where pydantic reports one failure per branch."""
 
+_SECONDS = frozenset({
+    "deadline", "connect_timeout", "read_timeout", "max_retry_after", "grace",
+    "recheck_max_age", "reclaim_after", "outcomes_max_age", "dead_max_age", "stats_interval",
+})  # fmt: skip
+"""Settings that are a number of seconds: their limits are said in seconds."""
 
-def _rule(error: Mapping[str, Any]) -> str:
-    """What the value must be, in words, from pydantic's error type and its limits."""
+_LIMITS = {
+    "greater_than_equal": ("at least", "ge"),
+    "greater_than": ("more than", "gt"),
+    "less_than_equal": ("at most", "le"),
+    "less_than": ("less than", "lt"),
+}
+
+
+def _number(value: object) -> str | None:
+    """A number as people write it (``0``, not ``0.0``; ``10,000``), or None for anything
+    that is not one: only a number given is ever repeated in a message, never other text."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:,}"
+
+
+def _rule(field: str, error: Mapping[str, Any]) -> str:
+    """What the value must be, in words, from pydantic's error type and its limits: a
+    number's limit as people write it, in seconds for a duration, and the number given
+    (``must be more than 0 seconds, not -5``)."""
     kind, ctx = error["type"], error.get("ctx") or {}
-    limits = {
-        "greater_than_equal": "must be at least {ge}",
-        "greater_than": "must be more than {gt}",
-        "less_than_equal": "must be at most {le}",
-        "less_than": "must be less than {lt}",
+    given = _number(error.get("input"))
+    but = "" if given is None else f", not {given}"
+    if kind in _LIMITS:
+        word, key = _LIMITS[kind]
+        limit = _number(ctx.get(key))
+        if limit is not None:
+            unit = (" second" if limit == "1" else " seconds") if field in _SECONDS else ""
+            return f"must be {word} {limit}{unit}{but}"
+    words = {
         "too_short": "must not be empty",
-        "int_parsing": "must be a whole number",
-        "int_from_float": "must be a whole number",
-        "float_parsing": "must be a number",
+        "int_parsing": f"must be a whole number{but}",
+        "int_from_float": f"must be a whole number{but}",
+        "float_parsing": "must be a number" + " of seconds" * (field in _SECONDS),
         "bool_parsing": "must be true or false",
         "literal_error": "must be one of {expected}",
     }
-    if kind in limits:
+    if kind in words:
         try:
-            return limits[kind].format(**ctx)
+            return words[kind].format(**ctx)
         except KeyError:
             pass
     return str(error["msg"]).removeprefix("Value error, ")
@@ -667,16 +702,24 @@ def setting_name(field: str, *, flag: bool) -> str:
 
 def describe_validation_error(exc: ValidationError, given: Iterable[str] = ()) -> str:
     """One line per setting, naming it as it was given (``--rate`` for a flag, else the
-    setting with its variable) and what it must be, never the value given."""
+    setting with its variable) and what it must be; of the value given, only a number out
+    of its range is said (``--deadline must be more than 0 seconds, not -5``), never text,
+    which may be a secret given in the wrong place."""
     flags = set(given)
     rules: dict[str, list[str]] = {}
-    for error in exc.errors(include_input=False, include_url=False):
+    numbers: dict[str, str] = {}
+    for error in exc.errors(include_url=False):  # an input is said only when a number
         field = str(error["loc"][0]) if error["loc"] else "settings"
-        rules.setdefault(field, []).append(_rule(error))
+        rules.setdefault(field, []).append(_rule(field, error))
+        if (number := _number(error.get("input"))) is not None:
+            numbers[field] = number
     lines = []
     for field, said in rules.items():
-        rule = _IN_WORDS.get(field) or "; ".join(dict.fromkeys(said))
-        lines.append(f"{setting_name(field, flag=field in flags)} {rule}")
+        rule = _IN_WORDS.get(field)
+        if rule is not None and field in numbers:
+            rule += f", not {numbers[field]}"
+        lines.append(f"{setting_name(field, flag=field in flags)} "
+                     f"{rule or '; '.join(dict.fromkeys(said))}")  # fmt: skip
     if len(lines) == 1:
         return lines[0]
     return "invalid settings:\n" + "\n".join(f"  {line}" for line in lines)

@@ -99,7 +99,7 @@ def filters_from_args(args: argparse.Namespace, now: datetime) -> Filters:
 
 def page_size_of(args: argparse.Namespace) -> int | None:
     if args.page_size is not None and not 1 <= args.page_size <= MAX_PAGE_SIZE:
-        raise UsageError(f"--page-size: 1 to {MAX_PAGE_SIZE}")
+        raise UsageError(f"--page-size must be from 1 to {MAX_PAGE_SIZE:,}, not {args.page_size:,}")
     page_size: int | None = args.page_size
     return page_size
 
@@ -132,7 +132,9 @@ class DiscoverRequest:
         except ValueError as exc:
             raise UsageError(f"--plan-ttl: {exc}") from None
         if ttl > MAX_TTL:
-            raise UsageError(f"--plan-ttl: at most {MAX_TTL.days}d")
+            raise UsageError(
+                f"--plan-ttl must be at most {MAX_TTL.days}d, not {args.plan_ttl.strip()}"
+            )
         if args.plan is not None:  # before the listing, not after it: a wrong path is 64 now
             check_output(args.plan, "--plan", None, None)
         elsewhere = "jsonl" if projects else "ids"
