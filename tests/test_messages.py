@@ -163,3 +163,27 @@ def test_an_exclude_file_that_cannot_be_read_is_called_exclude_not_the_input(
         read_excluded(str(table))
     with pytest.raises(InputUnreadable, match=rf"^cannot read input {gone}: no such file$"):
         read_entries(str(gone))
+
+
+@pytest.mark.parametrize("given", ["flag", "environment"])
+def test_a_bad_rule_in_a_protect_file_names_the_file_and_its_line(
+    tmp_path: Path, given: str
+) -> None:
+    """A mistyped rule in a protect file said "protect rule 'nmae:prod-*': 'nmae' is not a
+    kind of rule", and not where it was: the other rules' file, the flag's rules or the
+    config's. It names the file as given, and the line, as other files' errors do."""
+    from tests.test_cli import run_worker
+
+    (tmp_path / "ids.txt").write_text("job-1\n")
+    rules = tmp_path / "keep.txt"
+    rules.write_text("# the team's\nid:job-2\n\nnmae:prod-*   # the live ones\n")
+    flag = ["--protect-file", str(rules)] if given == "flag" else []
+    env = {} if given == "flag" else {"REAPER_PROTECT_FILE": str(rules)}
+    done = run_worker("run", "-i", "ids.txt", "--dry-run", *flag, env=env, cwd=tmp_path)
+    assert done.returncode == 78, done.stderr
+    named = "--protect-file" if given == "flag" else "REAPER_PROTECT_FILE"
+    assert done.stderr.splitlines()[0] == (
+        f"devserver-reaper run: {named} {rules}, line 4: protect rule 'nmae:prod-*': 'nmae' "
+        "is not a kind of rule (id:ID or name:GLOB; for a name that holds a colon, "
+        "name:nmae:prod-*)"
+    )

@@ -182,11 +182,12 @@ def _word(value: str | None) -> str | None:
     return word or None
 
 
-def read_protect_file(path: Path, named: str = "protect_file") -> list[str]:
-    """Rules one per line; blank lines and ``#`` comments (at a line's start or after a space)
-    ignored. ``ConfigError`` if unreadable, or if it holds no rule: an empty file (an empty
-    ConfigMap mount, a truncated copy) must not turn protection off without a word. ``named``:
-    the setting as the user gave it (``--protect-file``, ``REAPER_PROTECT_FILE``)."""
+def read_protect_file(path: Path, named: str = "protect_file") -> list[tuple[int, str]]:
+    """Rules one per line, each with its line number; blank lines and ``#`` comments (at a
+    line's start or after a space) ignored. ``ConfigError`` if unreadable, or if it holds no
+    rule: an empty file (an empty ConfigMap mount, a truncated copy) must not turn protection
+    off without a word. ``named``: the setting as the user gave it (``--protect-file``,
+    ``REAPER_PROTECT_FILE``)."""
     try:
         with path.open("rb") as handle:
             raw = handle.read(PROTECT_FILE_LIMIT + 1)
@@ -198,7 +199,11 @@ def read_protect_file(path: Path, named: str = "protect_file") -> list[str]:
         text = raw.decode("utf-8-sig")  # a byte-order mark (Notepad's) is not part of a rule
     except UnicodeDecodeError:
         raise ConfigError(f"{named} {path} is not UTF-8 text") from None
-    rules = [s for line in text.splitlines() if (s := _COMMENT_RE.sub("", line).strip())]
+    rules = [
+        (number, rule)
+        for number, line in enumerate(text.splitlines(), start=1)
+        if (rule := _COMMENT_RE.sub("", line).strip())
+    ]
     if not rules:
         what = "is empty" if not text.strip() else "holds only comments and blank lines"
         raise ConfigError(
@@ -219,7 +224,12 @@ def load_protection(
     how a message names the protect files' setting."""
     everything = list(rules)
     for protect_file in protect_files:
-        everything += read_protect_file(protect_file, named)
+        for number, rule in read_protect_file(protect_file, named):
+            try:
+                Protection.parse([rule])  # a bad rule is said with its file and line
+            except ValueError as exc:
+                raise ConfigError(f"{named} {protect_file}, line {number}: {exc}") from None
+            everything.append(rule)
     try:
         return Protection.parse(everything, types=types, statuses=statuses)
     except ValueError as exc:
