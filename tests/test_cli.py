@@ -302,6 +302,38 @@ def test_discovers_own_numbers_out_of_range_say_what_was_given(
     assert said in done.stdout + done.stderr
 
 
+@pytest.mark.parametrize(
+    ("argv", "env", "code", "said"),
+    [
+        (["run", "--ledger", "nope/l.db"], {}, 78,
+         "--ledger nope/l.db: the directory nope does not exist"),
+        (["run"], {"REAPER_LEDGER": "nope/l.db"}, 78,
+         "REAPER_LEDGER nope/l.db: the directory nope does not exist"),
+        (["run", "--results", "nope/r.jsonl"], {}, 64,
+         "--results nope/r.jsonl: the directory nope does not exist"),
+        (["run", "--events", "nope/e.jsonl"], {}, 64,
+         "--events nope/e.jsonl: the directory nope does not exist"),
+        (["discover", "--all", "--plan", "nope/p.json"], {}, 64,
+         "--plan nope/p.json: the directory nope does not exist"),
+    ],
+    ids=["ledger-flag", "ledger-env", "results", "events", "discover-plan"],
+)  # fmt: skip
+def test_a_missing_directory_is_a_settings_78_and_a_command_lines_own_path_64(
+    tmp_path: Path, argv: list[str], env: dict[str, str], code: int, said: str
+) -> None:
+    """The ledger is a setting (a flag, REAPER_LEDGER or the config file): a directory it
+    names that does not exist is invalid configuration, 78, as any invalid setting is.
+    --results, --events and discover's --plan are the command line's own: 64, as
+    reference.md's exit codes say. The ledger's message said 'ledger PATH: directory ...',
+    not the setting as it was given."""
+    (tmp_path / "ids.txt").write_text("job-1\n")
+    more = ["-i", "ids.txt", "--dry-run"] if argv[0] == "run" else []
+    done = run_worker(*argv, *more, env=env, cwd=tmp_path)
+    assert done.returncode == code, done.stderr
+    assert said in done.stdout + done.stderr
+    assert not (tmp_path / "nope").exists()
+
+
 def test_config_is_read_whether_given_before_or_after_the_command(tmp_path: Path) -> None:
     """--config on the command and on the subcommand both name the file."""
     config = tmp_path / "reaper.toml"

@@ -118,6 +118,7 @@ def build_ledger(
         retry_failed=retry_failed,
         shard=WHOLE if shard is None else str(shard),
         region=default.region,
+        named=settings.named("ledger"),
     )
 
 

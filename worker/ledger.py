@@ -599,12 +599,15 @@ class Ledger(LedgerView):
         shard: str = WHOLE,
         clock: Callable[[], float] = time.time,
         region: str | None = None,
+        named: str = "ledger",
     ) -> Ledger:
         """Open (creating if needed) and lock the ledger at ``path``. ``clock`` gives the
         epoch seconds stored in rows; ``shard`` is the part of the input it is for (``I/N``);
-        ``region``: the default project's, kept for the report to name it."""
+        ``region``: the default project's, kept for the report to name it; ``named``: the
+        setting as the user gave it (``--ledger``, ``REAPER_LEDGER``). A directory that
+        does not exist is the setting's error (78), as any invalid setting's."""
         if not path.parent.is_dir():
-            raise ConfigError(f"ledger {path}: directory {path.parent} does not exist")
+            raise ConfigError(f"{named} {path}: the directory {path.parent} does not exist")
         _refuse_other_files(path)
         try:
             lock = _FileLock(path.with_name(path.name + ".lock"))
