@@ -72,12 +72,27 @@ class Finished:
         return summaries[0]
 
 
+# ``python -m worker`` under a file size limit: a write past it fails (EFBIG) as on a full
+# disk, in no file but those of the process (Python ignores SIGXFSZ), with no mount needed.
+_FILES_UP_TO = (
+    "import os, resource, sys; n = int(sys.argv[1]); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'worker', *sys.argv[2:]])"
+)
+
+
 async def reaper(
-    args: Sequence[str], env: Mapping[str, str], *, stdin: bytes | None = None
+    args: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    stdin: bytes | None = None,
+    files_up_to: int | None = None,
 ) -> Finished:
-    """Run ``python -m worker ARGS`` to the end without blocking the event loop."""
+    """Run ``python -m worker ARGS`` to the end without blocking the event loop;
+    ``files_up_to``: no file it writes may grow past that many bytes (a full disk)."""
+    limited = [] if files_up_to is None else ["-c", _FILES_UP_TO, str(files_up_to)]
     result = await anyio.run_process(
-        [sys.executable, "-m", "worker", *args],
+        [sys.executable, *(limited or ["-m", "worker"]), *args],
         env=dict(env),
         input=stdin if stdin is not None else b"",
         check=False,

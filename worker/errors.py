@@ -59,6 +59,17 @@ class ResultsUnwritable(ReaperError):
     stops_at_once = False
 
 
+class LedgerUnwritable(ReaperError):
+    """The ledger (``--ledger``, or the temporary one a run without it spills to past
+    100,000 ids) could not be written midway (a full disk): the run stops as on SIGTERM
+    (exit 75). An id marked sent before stays sent in the ledger, so the run that resumes
+    on it after the disk is freed settles it (found gone: ``deleted``, unconfirmed); one
+    whose mark did not go in was not sent. The calls in flight finish first: their jobs
+    are deleted either way."""
+
+    stops_at_once = False
+
+
 class EventsUnwritable(ReaperError):
     """The event stream was closed (``| head``) or filled (a full disk) midway: the run
     stops as on SIGTERM (exit 75). The calls in flight finish first, and their outcomes

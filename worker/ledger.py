@@ -51,6 +51,7 @@ import orjson
 from worker.errors import (
     ConfigError,
     InputUnreadable,
+    LedgerUnwritable,
     OutcomeConflict,
     ReaperError,
     file_problem,
@@ -429,6 +430,11 @@ class LedgerView(_Closing):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(path={str(self._path)!r}, counts={self._counts!r})"
+
+
+def unwritable(what: str, exc: sqlite3.Error) -> LedgerUnwritable:
+    """The error of a ledger write SQLite refused midway (``database or disk is full``)."""
+    return LedgerUnwritable(f"{what} cannot be written: {exc}")
 
 
 _SQLITE = b"SQLite format 3\x00"
@@ -871,20 +877,27 @@ class Ledger(LedgerView):
         with self._guard:
             if self._closed:
                 raise ReaperError(f"ledger {self._path} is closed")
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    # SQLite may have rolled back already (a full disk): then this fails too
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:  # a full disk, an I/O error
+                raise unwritable(f"ledger {self._path}", exc) from None
 
     def _release(self) -> None:
-        """Note the run's end and release the lock."""
+        """Note the run's end and release the lock. A ledger that cannot take the note (a
+        full disk, said already) shows the run as crashed or running, which is all it can."""
         try:
-            self._conn.execute(
-                "UPDATE runs SET ended_at = ? WHERE run_no = ?", (self._clock(), self._run_no)
-            )
+            with contextlib.suppress(sqlite3.OperationalError):
+                self._conn.execute(
+                    "UPDATE runs SET ended_at = ? WHERE run_no = ?", (self._clock(), self._run_no)
+                )
         finally:
             self._conn.close()
             self._lock.release()
@@ -987,7 +1000,14 @@ class TemporaryLedger(_Closing):
 
     def admit(self, candidates: Sequence[Candidate]) -> Admission:
         """``new``: first seen in this run; ``repeated``: seen before (a second copy within
-        the chunk too). On disk, one transaction."""
+        the chunk too). On disk, one transaction; ``LedgerUnwritable`` when the disk is full."""
+        try:
+            return self._admit(candidates)
+        except sqlite3.OperationalError as exc:
+            where = f"temporary ledger {self.path} (the ids a run without --ledger has seen)"
+            raise unwritable(where, exc) from None
+
+    def _admit(self, candidates: Sequence[Candidate]) -> Admission:
         with self._guard:
             if self._closed:
                 raise ReaperError("the temporary ledger is closed")

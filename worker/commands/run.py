@@ -44,6 +44,7 @@ from worker.errors import (
     ConfigError,
     EventsUnwritable,
     InputUnreadable,
+    LedgerUnwritable,
     NoSuchApi,
     ReaperError,
     RedisUnavailable,
@@ -731,7 +732,7 @@ def exit_code(state: RunState, tally: Tally) -> int:
         return ExitCode.NO_INPUT
     if isinstance(fatal, UsageError):
         return ExitCode.USAGE
-    if isinstance(fatal, ResultsUnwritable | EventsUnwritable):
+    if isinstance(fatal, ResultsUnwritable | EventsUnwritable | LedgerUnwritable):
         return ExitCode.INTERRUPTED  # stopped with work unrecorded: run again (with --ledger)
     if fatal is not None:
         return ExitCode.UNAVAILABLE
