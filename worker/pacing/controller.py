@@ -78,6 +78,11 @@ the burst, not of the quota. Counted from the first call, a lower bound: it prov
 of 10 under about 9 calls/s (6.8-8.0 at 5), where start-up reaches the quota within a second
 or two; a burst of 1 or 2 shows at most 1.3."""
 
+FLOOR_CALLS = 3
+"""The fewest calls accepted since the gateway's bucket was last empty that a floor checks
+a measure with (``_level_after_refusal``). Any two make a floor (``_floor``); under
+``measure_calls`` it is rough: not enough to prove a rise, enough to prove a measure low."""
+
 OVER = 0.35
 """Refused calls over this share of the last ``1 / jitter_share`` answered (since the cut):
 a pace well over the quota (a burst of 1 refuses every other call past it), not jitter."""
@@ -462,7 +467,7 @@ class RateController:
         sent = self._sent_at(now, latency)
         self._remember(self._refused, sent, now)
         self._settle_ceiling()
-        floor, most = self._floor(), self._since_empty_pace()
+        floor, most, rough = self._floor(), self._since_empty_pace(), self._floor(FLOOR_CALLS)
         if self._first is None and self._sends:
             # Counted from start-up's first call (or the first after an idle stretch), if it
             # is still remembered: else start-up's end came so late that it says little of a
@@ -516,7 +521,8 @@ class RateController:
             pace = min(s.rate / EARLY, max(s.target, most))
             return self._cut(now, (1.0 - self._config.margin / 3.0) * pace, pace)
         news = math.isinf(self._refused_lately(sent))
-        level = self._cut(now, *self._level_after_refusal(sent, rate, floor, self._held(now)))
+        moved = self._level_after_refusal(sent, rate, floor, self._held(now), rough)
+        level = self._cut(now, *moved)
         if retry_after is not None and news:
             pause = now + min(max(retry_after, 0.0), self._config.max_pause)
             self._state = replace(self._state, pause_until=pause, since=max(now, pause))
@@ -612,21 +618,21 @@ class RateController:
         counts: it is the refusal being read)."""
         return bisect.bisect_right(times, sent) - bisect.bisect_left(times, start)
 
-    def _accepted_since_empty(self) -> tuple[int, float] | None:
+    def _accepted_since_empty(self, calls: int = 0) -> tuple[int, float] | None:
         """The calls accepted since the gateway's bucket was last seen empty and the time
         they span (``None``: too few, or too short, to say)."""
         c = self._config
         count, last = self._since_empty
         span = last - self._empty
-        if count < c.measure_calls or not c.measure_s <= span < math.inf:
+        if count < (calls or c.measure_calls) or not c.measure_s <= span < math.inf:
             return None
         return count, span
 
-    def _floor(self) -> float:
+    def _floor(self, calls: int = 0) -> float:
         """The least the quota can be (0 if too little is known): the gateway's bucket was
         empty when the last refused call was sent, so it accepted at most one call more than
         its quota allowed since, whatever its burst: ``(accepted - 1) / span``."""
-        accepted = self._accepted_since_empty()
+        accepted = self._accepted_since_empty(calls)
         return 0.0 if accepted is None else (accepted[0] - 1) / accepted[1]
 
     def _since_empty_pace(self) -> float:
@@ -837,7 +843,12 @@ class RateController:
         return sent if count >= HELD_CALLS and sent < HALF * s.rate else math.inf
 
     def _level_after_refusal(
-        self, sent: float, rate: float, floor: float = 0.0, held: float = math.inf
+        self,
+        sent: float,
+        rate: float,
+        floor: float = 0.0,
+        held: float = math.inf,
+        rough: float = 0.0,
     ) -> tuple[float, float]:
         """Where a refusal of a call sent at ``sent`` sends the rate (never up), and the
         target the probe returns to: just under the quota measured, if it can be
@@ -877,13 +888,19 @@ class RateController:
             self.measured += 1
             quota, start = measured
             target = quota
-            if quota <= half * paced or self._paced_under(quota, start, sent):
+            if quota <= half * paced or quota < rough or self._paced_under(quota, start, sent):
                 # The gateway's bucket may have filled up in between, and the tokens it
                 # got while full were lost: the measure says less than the quota. Calls
                 # were paced slower than it for a while, or half were refused: the rate
                 # was twice the quota, or a gateway with a burst of 1 refused every other
-                # call paced evenly a little over its quota. The probe returns to just
-                # under the rate refused.
+                # call paced evenly a little over its quota; or the gateway accepted more
+                # since its bucket was last empty than the measure allows (``rough``, the
+                # floor from as few as ``FLOOR_CALLS``): a burst of 1 refused calls inside
+                # the span and lost the tokens it got before the next (after start-up's
+                # steps down, 8 accepted at 5.0-5.4 calls/s with every other call refused,
+                # then 6 in a row at 5.0 and the seventh refused: a measure of 3.71 under
+                # a floor of 4.18, and a probe returning to it held a quota of 5 at 0.74
+                # from 10 s on). The probe returns to just under the rate refused.
                 target = (1.0 - c.margin / 3.0) * refused_rate
             # Never under the floor.
             quota = max(quota, floor)
