@@ -239,6 +239,29 @@ FINE = (0.0002, 0.005, 0.002)
 call each 2 ms) allows the goal with."""
 
 
+QUIET = (0.0005, 0.01, 0.002)
+"""Most calls within 0.5 ms of their start, 1 % a tail of 2 ms more on average: a quiet
+loop's send jitter (``LOADED``: a loaded one's)."""
+
+
+@pytest.mark.parametrize("jitter", [QUIET, LOADED], ids=["quiet", "loaded"])
+def test_auto_at_five_calls_a_second_burst_one_with_send_jitter_keeps_two_refusals(
+    jitter: tuple[float, float, float],
+) -> None:
+    """q5, burst 1, 50 ms drawn, 429s at once, calls leaving late as from a quiet or a
+    loaded loop (10 seeds): from 10 s on at most two refusals (147 calls hold 2 % of three,
+    so a third misses the goal: the real-HTTP misses of this cell were three). Each probe
+    costs one; a cruise back to 1 % under the rate refused (2 ms from the quota's spacing)
+    was refused by a call a millisecond or two late, the third: 1 and 5 of 30 seeds
+    (``RateController._just_under``)."""
+    for seed in range(10):
+        run = simulate(lambda t: 5.0, duration=40.0, burst=1, concurrency=8,
+                       latency=_drawn(0.05, seed), refusal_latency=REFUSED_AT_ONCE,
+                       jitter=_jitter(seed + 100, *jitter))  # fmt: skip
+        refused = sum(10.0 <= t < 40.0 for t in run.refused)
+        assert run.accepted_per_s(10.0, 40.0) >= 0.90 * 5.0 and refused <= 2, (seed, refused)
+
+
 @pytest.mark.parametrize("quota", [4.9, 5.9])
 def test_a_burst_of_one_near_five_calls_a_second_is_not_held_at_a_measure_under_the_floor(
     quota: float,
@@ -291,16 +314,7 @@ _JITTER_EDGE = (
     "about 0.90-0.93 of the quota, where a steady pace uses at most 0.905-0.907 (at 0.915-0.92, "
     "1.1-1.6 % refused): 0.8995-0.905 over seeds 1-8, 2 of 8 under 0.90"
 )
-_JITTER_START = (
-    "start-up's end at 7 calls/s with about every other call refused (a burst of 1): the "
-    "quota lies anywhere from the measure (half) to the rate refused, so each refusal "
-    "steps 3 % under it, one a round trip (0.35-0.7 s), and 3 of those come past 10 s, "
-    "plus one probe at 34 s: 4 refused in 148 calls, 2.7 %. Steps of 6 % end in time but "
-    "hold the same cell without jitter at 0.88 (6 % under, cruising back in 6 s units)"
-)
 JITTER_MISSED = {
-    (5.0, 0.3, 8): _JITTER_START,
-    (5.0, 0.3, 32): _JITTER_START,
     (500.0, 0.05, 32): _JITTER_EDGE,
 }
 
@@ -511,18 +525,17 @@ _RISE_GAP = (
 )
 RISE_MISSED = {
     # (from, to, burst, latency): (proven, 0.9 of the new quota), seconds after the rise
-    (1.0, 50.0, 1, 0.05): (135.5, 146.1),
-    (1.0, 50.0, 2, 0.05): (137.2, 147.7),
-    (1.0, 50.0, 10, 0.05): (95.4, 106.1),
-    (1.0, 50.0, 1, 0.3): (167.0, 177.8),
-    (2.0, 50.0, 1, 0.05): (56.8, 65.5),
-    (2.0, 50.0, 2, 0.05): (47.2, 55.8),
-    (2.0, 50.0, 1, 0.3): (69.9, 78.3),
-    (5.0, 50.0, 1, 0.3): (34.9, 40.8),
-    (1.0, 5.0, 1, 0.05): (135.5, 139.5),
-    (1.0, 5.0, 2, 0.05): (137.2, 141.2),
-    (1.0, 5.0, 10, 0.05): (95.4, 99.5),
-    (1.0, 5.0, 1, 0.3): (167.0, 171.1),
+    (1.0, 50.0, 1, 0.05): (137.9, 148.5),
+    (1.0, 50.0, 2, 0.05): (117.7, 128.1),
+    (1.0, 50.0, 10, 0.05): (95.4, 106.0),
+    (1.0, 50.0, 1, 0.3): (140.2, 150.8),
+    (2.0, 50.0, 1, 0.05): (61.2, 70.0),
+    (2.0, 50.0, 2, 0.05): (48.1, 56.7),
+    (2.0, 50.0, 1, 0.3): (62.4, 70.9),
+    (1.0, 5.0, 1, 0.05): (137.9, 142.0),
+    (1.0, 5.0, 2, 0.05): (117.7, 121.6),
+    (1.0, 5.0, 10, 0.05): (95.4, 99.4),
+    (1.0, 5.0, 1, 0.3): (140.2, 144.2),
 }
 
 
