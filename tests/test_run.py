@@ -171,6 +171,27 @@ async def test_a_misspelt_reaper_variable_is_refused_before_any_call(
         assert shown.code == 0, shown.stderr
 
 
+@pytest.mark.parametrize("variable", ["REAPER_ALLOWED_PROJECTS", "REAPER_CONFIG"])
+async def test_a_reaper_variable_set_to_nothing_is_refused_before_any_call(
+    tmp_path: Path, variable: str
+) -> None:
+    """The config file allows the simulator's project only; a line names another. An empty
+    ``REAPER_ALLOWED_PROJECTS`` stood for "any project" over the file's list and the DELETE
+    went to the other project; an empty ``REAPER_CONFIG`` named no file, the file's list left
+    out the same way. Now 78 naming the variable, nothing sent."""
+    async with run_simulator(SimulatorConfig(jobs=5)) as sim:
+        config = tmp_path / "reaper.toml"
+        config.write_text(f'allowed_projects = ["{SIM_PROJECT}"]\n')
+        src = tmp_path / "ids.jsonl"
+        src.write_text(f'{{"id": "{sim.job_ids()[0]}", "project_id": "other-project"}}\n')
+        env = reaper_env(sim.url, **{variable: ""})
+        given = [] if variable == "REAPER_CONFIG" else ["--config", str(config)]
+        done = await reaper(["run", "-i", str(src), "--yes", *given], env)
+        assert done.code == 78, done.stderr
+        assert sim.stats.calls == 0
+        assert f"{variable} is set but empty" in done.stderr
+
+
 async def test_without_a_terminal_or_yes_nothing_is_called_and_it_exits_64(tmp_path: Path) -> None:
     async with run_simulator(SimulatorConfig(jobs=5)) as sim:
         src = write_ids(tmp_path / "ids.txt", sim.job_ids())

@@ -680,7 +680,7 @@ def _stopped_before_start(signum: int, frame: object) -> None:
 
 def dispatch(args: argparse.Namespace) -> int:
     from worker.errors import ConfigError
-    from worker.settings import load_settings, refuse_unknown_variables
+    from worker.settings import load_settings, refuse_empty_variables, refuse_unknown_variables
 
     config = getattr(args, "sub_config", None) or args.config
     if args.config is not None and config != args.config:  # before and after the command
@@ -691,6 +691,7 @@ def dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command not in ("completion", "simulate"):  # neither reads the settings
             refuse_unknown_variables(os.environ)
+            refuse_empty_variables(os.environ)
         settings = load_settings(config, **overrides)
     except ConfigError as exc:
         print(f"devserver-reaper: {exc}", file=sys.stderr)

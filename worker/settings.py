@@ -627,6 +627,26 @@ def refuse_unknown_variables(environ: Mapping[str, str]) -> None:
     )
 
 
+def refuse_empty_variables(environ: Mapping[str, str]) -> None:
+    """``ConfigError`` (78) for a ``REAPER_*`` variable set to nothing (or white space).
+
+    Most settings refused one already (``REAPER_DRY_RUN=``: "must be true or false"), but
+    an empty list passed: ``REAPER_ALLOWED_PROJECTS=`` stood for "any project" over the
+    config file's list, and a DELETE went to a project the file did not allow; and an
+    empty ``REAPER_CONFIG`` named no file, so the team's file and its protection rules were
+    left out. An empty value in a manifest is a placeholder, not a choice: unset it."""
+    empty = sorted(
+        name for name, value in environ.items()
+        if name.upper().startswith(ENV_PREFIX) and not value.strip()
+    )  # fmt: skip
+    if empty:
+        verb = "is set but empty" if len(empty) == 1 else "are set but empty"
+        raise ConfigError(
+            f"{', '.join(empty)} {verb}: give each a value or unset it (an empty value would "
+            "quietly replace the config file's; an empty REAPER_CONFIG, name no file)"
+        )
+
+
 _IN_WORDS = {
     "rate": "must be a number of calls per second (more than 0, at most 10,000) or 'auto'",
 }
