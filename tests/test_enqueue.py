@@ -166,3 +166,30 @@ async def test_a_stream_name_of_a_key_of_another_type_is_a_settings_error(
     events = [orjson.loads(line) for line in done.stderr.splitlines()]
     (error,) = [e for e in events if e["event"] == "enqueue.config_error"]
     assert stream in error["error"] and "not a stream" in error["error"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("variable", "value"), [("REAPER_DRY_RUN", "true"), ("REAPER_MAX_DELETIONS", "1")]
+)
+async def test_enqueue_refuses_the_settings_only_a_run_can_keep(
+    redis_prefix: str, tmp_path: Path, variable: str, value: str
+) -> None:
+    """``REAPER_DRY_RUN=true enqueue`` put every id on the stream serve deletes from (and a
+    cap in ``REAPER_MAX_DELETIONS`` kept none): not flags of enqueue, they were passed over
+    when set any other way. 78 before Redis is touched, as serve does."""
+    source = tmp_path / "ids.txt"
+    source.write_text("job-a\njob-b\n")
+    stream = redis_prefix + "dry"
+    done = await anyio.run_process(
+        _command(("--input", str(source), "--redis-url", REDIS_URL, "--stream", stream)),
+        env={**_env(), variable: value},
+        check=False,
+    )
+    assert done.returncode == 78, done.stderr
+    assert f"{variable.removeprefix('REAPER_').lower()} is for run".encode() in done.stderr
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        assert not await client.exists(stream)
+    finally:
+        await client.aclose()

@@ -14,7 +14,7 @@ then answered ``absent``.
 
 stdout is data: one JSON summary line. Exit codes: 0 all enqueued, 1 some rejected, 66 the
 input cannot be read, 69 Redis unreachable, 78 bad settings (among them a ``--stream`` naming a
-Redis key that is not a stream).
+Redis key that is not a stream, and ``dry_run`` or ``max_deletions``: see ``refuse_run_only``).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 def execute(path: str, fmt: str, settings: Settings, *, stdin: IO[bytes] | None = None) -> int:
     log = structlog.get_logger("devserver_reaper")
     try:
+        refuse_run_only(settings)
         return anyio.run(enqueue, path, fmt, settings, stdin)
     except (ConfigError, InputUnreadable) as exc:
         from worker.terminal.failure import say_error
@@ -65,6 +66,23 @@ def execute(path: str, fmt: str, settings: Settings, *, stdin: IO[bytes] | None 
         event = "enqueue.config_error" if config else "enqueue.input_unreadable"
         say_error(log, event, exc, command="enqueue", events=sys.stderr)
         return ExitCode.CONFIG if config else ExitCode.NO_INPUT
+
+
+def refuse_run_only(settings: Settings) -> None:
+    """``dry_run`` and ``max_deletions`` (from the environment or the config file: they are
+    not flags of enqueue), refused (78) before Redis is touched, as serve refuses them: the
+    ids go to the stream serve deletes from, which knows nothing of either, so
+    ``REAPER_DRY_RUN=true enqueue`` had every id deleted and a cap kept none."""
+    if settings.dry_run:
+        raise ConfigError(
+            "dry_run is for run: enqueue adds the ids to the stream serve deletes from, which "
+            "no dry run reaches (try them with run --dry-run)"
+        )
+    if settings.max_deletions is not None:
+        raise ConfigError(
+            "max_deletions is for run: enqueue adds every id to the stream and serve deletes "
+            "what it holds, so neither could keep the cap (enqueue fewer ids instead)"
+        )
 
 
 async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | None) -> int:
