@@ -201,6 +201,25 @@ def test_retry_failed_admits_failed_ids_again_but_not_other_outcomes(path: Path)
         assert retry.counts()["deleted"] == 2
 
 
+def test_holds_done_is_true_only_when_a_run_would_send_none_of_the_ids(path: Path) -> None:
+    """What lets ``run``'s prompt ask nothing: every id deleted, absent, or failed and not
+    retried; an id skipped (decided again by the next run), never seen or still open is not,
+    wherever it falls among chunks of 1,000 ids."""
+    done = [f"job-{n}" for n in range(2500)]
+    with open_ledger(path, "run-1") as first:
+        first.admit(cands(*done, "skip", "broken", "open"))
+        first.record([Result(job_id, Outcome.DELETED, 1, "b-1") for job_id in done[:-1]]
+                     + [Result(done[-1], Outcome.ABSENT, 1, "b-1"),
+                        Result("skip", Outcome.SKIPPED, 0, None, reason="dry_run"),
+                        Result("broken", Outcome.FAILED, 6, "b-1")])  # fmt: skip
+    with open_readonly(path) as view:
+        assert view.holds_done(done + done[:10] + ["broken"])
+        assert not view.holds_done(["broken"], retry_failed=True)
+        for other in ("skip", "open", "never-seen"):
+            assert not view.holds_done([*done[:1500], other, *done[1500:]]), other
+        assert view.holds_done([])
+
+
 # -- outcomes --------------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ import pytest
 import structlog
 
 from tests.conftest import REDIS_URL
-from tests.e2e import reaper_env, write_ids
+from tests.e2e import reaper, reaper_env, write_ids
 from tests.tty import Terminal
 from worker.outcomes.journal import Tally
 from worker.simulator import FaultConfig, Simulator, SimulatorConfig, run_simulator
@@ -102,6 +102,55 @@ async def test_the_prompt_accepts_exactly_yes_and_says_once_that_nothing_was_sen
         assert "devserver-reaper run summary" in after
     else:
         assert after == [said]  # one line, not an event and a line
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("before", ["all-done", "plan-all-done", "some-done", "dry-run"])
+async def test_a_ledger_holding_every_id_done_asks_nothing_and_sends_nothing(
+    tmp_path: Path, before: str
+) -> None:
+    """Run again over a ledger holding all 5 ids of the input done, the prompt asked to
+    delete "up to 5 jobs from ids.txt, less those done already": a yes to nothing. It says
+    so, asks nothing, and the run goes on as with --yes to its summary's "nothing to do".
+    Where one id is not done (a run of part of the input, a dry run's skips) it asks as
+    ever. ``no`` is typed either way: a prompt shown reads it (64)."""
+    async with _project(tmp_path, 5) as (sim, src, env):
+        ledger = tmp_path / "run.db"
+        ids = sim.job_ids()
+        if before.startswith("plan"):
+            planned = await reaper(["discover", "--all", "--plan", str(tmp_path / "p.json")],
+                                   reaper_env(sim.url))  # fmt: skip
+            assert planned.code == 0, planned.stderr
+            src = tmp_path / "p.json"
+        source = ["--plan" if before.startswith("plan") else "-i", str(src)]
+        first = {"all-done": [*source, "--yes"], "plan-all-done": [*source, "--yes"],
+                 "some-done": ["-i", str(write_ids(tmp_path / "part.txt", ids[:3])), "--yes"],
+                 "dry-run": ["-i", str(src), "--dry-run"]}[before]  # fmt: skip
+        done = await reaper(["run", *first, "--ledger", str(ledger)], reaper_env(sim.url))
+        assert done.code == 0, done.stderr
+        left = len(sim.job_ids())
+
+        def again() -> tuple[int, Terminal]:
+            term = Terminal(["run", *source, "--ledger", str(ledger)], env, columns=300)
+            term.type(b"no\n")  # echoed at once: the first line
+            return term.wait(), term
+
+        code, term = await anyio.to_thread.run_sync(again)
+        assert len(sim.job_ids()) == left  # nothing sent either way
+    echo, *lines = [line for line in term.lines() if line]
+    assert echo == "no"
+    if before.endswith("all-done"):
+        assert code == 0, term.screen_text()
+        assert lines[0] == (
+            f"nothing to ask: the ledger {ledger} holds every id of {src} done already, so "
+            "none will be sent"
+        )
+        assert lines[-1] == "nothing to do: the ledger holds the input's 5 ids done already"
+        assert not any("About to delete" in line for line in lines)
+    else:
+        assert code == 64, term.screen_text()
+        resumed = ", less those done already (ledger, below)" * (before == "some-done")
+        assert lines[0] == f"About to delete up to 5 jobs from {src}{resumed}"
 
 
 @pytest.mark.anyio

@@ -154,6 +154,11 @@ WHERE state = 'sent' OR outcome = 'deleted'
    OR (state = 'done' AND attempts > 0
        AND NOT (?1 AND outcome = 'failed' AND reason IS NOT 'answer_lost'))
 """
+_DONE_OF = """
+SELECT count(*) FROM ids
+WHERE job_id IN (SELECT value FROM json_each(?1)) AND state = 'done' AND {target} IS NULL
+  AND (outcome IN ('deleted', 'absent') OR (outcome = 'failed' AND NOT ?2))
+"""
 _BY_TARGET = "SELECT {target}, state = 'done', outcome, count(*) FROM ids GROUP BY 1, 2, 3"
 _UNCONFIRMED = "SELECT count(*) FROM ids WHERE outcome = 'deleted' AND {} = 0"
 # record()'s fast path: ids admitted and still open, the outcomes as one JSON array of rows
@@ -355,6 +360,30 @@ class LedgerView(_Closing):
             key = outcome if terminal else "open"
             counts[key] = counts.get(key, 0) + count
         return found
+
+    def holds_done(self, job_ids: Iterable[str], *, retry_failed: bool = False) -> bool:
+        """Whether a run on this ledger would send none of ``job_ids`` (ids of the default
+        project): each is ``deleted``, ``absent``, or ``failed`` and not ``retry_failed``
+        (a ``skipped`` one is decided again by the next run). Reads them in chunks and
+        stops at the first chunk holding one that is not."""
+        chunk: set[str] = set()
+        for job_id in job_ids:
+            chunk.add(job_id)
+            if len(chunk) >= _FETCH:
+                if not self._all_done(chunk, retry_failed):
+                    return False
+                chunk = set()
+        return self._all_done(chunk, retry_failed)
+
+    def _all_done(self, job_ids: set[str], retry_failed: bool) -> bool:
+        if not job_ids:
+            return True
+        query = _DONE_OF.format(target=self._target)
+        with self._guard:
+            (done,) = self._conn.execute(
+                query, (orjson.dumps(list(job_ids)).decode(), retry_failed)
+            ).fetchone()
+        return bool(done == len(job_ids))
 
     def open_ids(self, limit: int | None = None) -> Iterator[tuple[str, str]]:
         """``(job_id, state)`` of ids without an outcome, in the order they were first read.

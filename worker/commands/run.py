@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import signal
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -183,7 +184,7 @@ def _execute(
             if plan.header.named:  # the run's own project: the plan's first
                 endpoint = plan_default(plan).endpoint
         if not settings.dry_run and not settings.yes:
-            _confirm(request, settings, endpoint, plan)
+            _confirm(request, settings, endpoint, plan, excluded)
     except (ConfigError, InputUnreadable, UsageError, ApiError, ApiUnavailable) as exc:
         return _stopped_before_any_call(log, exc, output)
     except InterruptedAtPrompt as exc:
@@ -292,7 +293,11 @@ def _load_plan(request: RunRequest, settings: Settings) -> SealedPlan:
 
 
 def _confirm(
-    request: RunRequest, settings: Settings, endpoint: str, plan: SealedPlan | None = None
+    request: RunRequest,
+    settings: Settings,
+    endpoint: str,
+    plan: SealedPlan | None = None,
+    excluded: frozenset[str] = frozenset(),
 ) -> None:
     """On a terminal, ask; anywhere else, insist on --yes (exit 64 before any call)."""
     interactive = (
@@ -313,9 +318,58 @@ def _confirm(
         )
     from worker.terminal.prompt import confirm
 
-    confirm(
-        _proposal(request, settings, endpoint, plan), project_over=settings.confirm_project_over
-    )
+    proposal = _proposal(request, settings, endpoint, plan)
+    if proposal.already_done and _done_already(request, settings, plan, excluded):
+        # Nothing would be sent: the run goes on as with --yes, to its summary.
+        sys.stderr.write(
+            f"nothing to ask: the ledger {settings.ledger} holds every id of "
+            f"{request.input} done already, so none will be sent\n"
+        )
+        return
+    confirm(proposal, project_over=settings.confirm_project_over)
+
+
+def _done_already(
+    request: RunRequest, settings: Settings, plan: SealedPlan | None, excluded: frozenset[str]
+) -> bool:
+    """Whether the ledger holds every id of the input (or plan, less ``excluded``) done
+    already, when that can be known before the run: a file or a plan of the settings'
+    project, no shard, and a ledger with no open, skipped or (with --retry-failed) failed
+    id (else a run ended early, or has work to do: asked as ever). Reads the input once
+    more, as far as its first id not done."""
+    from worker.ledger import open_readonly
+
+    if settings.ledger is None or settings.shard is not None:
+        return False
+    if plan is not None and plan.header.named:
+        return False
+    with contextlib.suppress(InputUnreadable), open_readonly(settings.ledger) as view:
+        counts = view.counts()
+        if counts["open"] + counts["skipped"] + counts["failed"] * request.retry_failed:
+            return False
+        found = (
+            (i for i in plan.ids() if i not in excluded)
+            if plan is not None
+            else _plain_ids(request)
+        )
+        with contextlib.closing(found):
+            first = next(found, None)
+            return first is not None and view.holds_done(
+                itertools.chain([first], found), retry_failed=request.retry_failed
+            )
+    return False
+
+
+def _plain_ids(request: RunRequest) -> Generator[str]:
+    """The valid ids of the input file in order, "" (never a ledger's) for one whose line
+    names a project (its row is kept under that project); invalid lines, never sent, left
+    out."""
+    from worker.types import Candidate
+
+    with read_entries(request.input, request.input_format) as entries:
+        for entry in entries:
+            if isinstance(entry, Candidate):
+                yield entry.job_id if entry.address is None else ""
 
 
 def _counted(plan: SealedPlan | None, key: str) -> tuple[tuple[str, int], ...]:
