@@ -288,6 +288,27 @@ def test_a_number_out_of_range_is_said_in_the_users_words(
 @pytest.mark.parametrize(
     ("argv", "said"),
     [
+        (["--deadline", "abc"], "--deadline must be a number of seconds"),
+        (["--batch-size", "2.5"], "--batch-size must be a whole number, not 2.5"),
+        (["--max-attempts", CANARY], "--max-attempts must be a whole number"),
+    ],
+    ids=["text", "not-whole", "secret-text"],
+)
+def test_a_setting_flag_that_is_no_number_is_said_in_words_not_argparses(
+    tmp_path: Path, argv: list[str], said: str
+) -> None:
+    """argparse said "argument --deadline: invalid float value: 'abc'": its words, and what
+    was typed repeated (a secret pasted in the wrong place too). Still 64, as the command
+    line's parse; said as the settings say a number out of range."""
+    done = run_worker("run", "--input", "ids.txt", *argv, cwd=tmp_path)
+    assert done.returncode == 64, done.stderr
+    assert done.stderr.splitlines()[-1] == f"devserver-reaper run: {said}"
+    assert CANARY not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
         (["--page-size", "0"], "--page-size must be from 1 to 1,000, not 0"),
         (["--plan-ttl", "40d"], "--plan-ttl must be at most 30d, not 40d"),
     ],

@@ -289,6 +289,8 @@ class _Parser(argparse.ArgumentParser):
             close = difflib.get_close_matches(typed, self.commands, n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]}?)" if close else ""
             message = f"unknown command {typed!r}{hint}; commands: {', '.join(self.commands)}"
+        elif message.startswith("argument --") and ": must be " in message:
+            message = message.removeprefix("argument ").replace(": must be ", " must be ", 1)
         self.print_usage(sys.stderr)
         self.exit(ExitCode.USAGE, f"{self.prog}: {message}\n")
 
@@ -320,7 +322,8 @@ def _add_settings(groups: dict[str, Any], flags: Sequence[str]) -> None:
             )
         else:
             metavar = helptext.METAVAR[flag]
-            group.add_argument(flag, dest=dest, type=kind, help=text, metavar=metavar)
+            typed = _number(kind, seconds=metavar == "SECONDS") if kind in (int, float) else kind
+            group.add_argument(flag, dest=dest, type=typed, help=text, metavar=metavar)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -551,6 +554,26 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 MAX_SIMULATED_JOBS = 5_000_000
 """The simulator keeps every job in memory, about a kilobyte each: more is a typo."""
+
+
+def _number(kind: type[float], *, seconds: bool) -> Callable[[str], float]:
+    """A setting flag's number, said in words when it is none (argparse said "invalid
+    float value: 'abc'", repeating what was typed): ``must be a number of seconds``, ``must
+    be a whole number, not 2.5`` (a number is repeated, never text)."""
+
+    def parse(text: str) -> float:
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+        try:
+            given = f", not {float(text):g}"
+        except ValueError:
+            given = ""
+        what = "a whole number" if kind is int else "a number" + " of seconds" * seconds
+        raise argparse.ArgumentTypeError(f"must be {what}{given}") from None
+
+    return parse
 
 
 def _bounded(name: str, low: int, high: int) -> Callable[[str], int]:
