@@ -187,7 +187,9 @@ async def test_the_prompt_says_a_line_of_json_may_send_ids_to_another_project(
     """The prompt named only the settings' project while a JSON Lines input's lines may
     each name another one, where its ids would be deleted: the person confirming was not
     told. A file of bare ids cannot name one, and its prompt is unchanged (above)."""
-    async with _project(tmp_path, 3, REAPER_ALLOWED_PROJECTS=allowed) as (sim, _, env):
+    # Any project: the setting left out (an empty REAPER_* variable exits 78).
+    listed = {"REAPER_ALLOWED_PROJECTS": allowed} if allowed else {}
+    async with _project(tmp_path, 3, **listed) as (sim, _, env):
         lines = [orjson.dumps({"id": job}).decode() for job in sim.job_ids()]
         named = tmp_path / "ids.jsonl"
         named.write_text("\n".join(lines) + "\n")
