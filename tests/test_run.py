@@ -192,6 +192,31 @@ async def test_a_reaper_variable_set_to_nothing_is_refused_before_any_call(
         assert f"{variable} is set but empty" in done.stderr
 
 
+@pytest.mark.parametrize("flag", ["--results", "--events"])
+@pytest.mark.parametrize("kind", ["protect", "sk"])
+async def test_results_or_events_naming_a_file_the_run_reads_is_refused_before_any_call(
+    tmp_path: Path, flag: str, kind: str
+) -> None:
+    """``--results`` naming the protect file wrote its rows over the rules: that run kept
+    them (read before), the next found only lines of JSON, which protect no job, and
+    deleted the job its rule kept (``--events`` appended to it; a key file named so was
+    lost the same way). Now 64 naming what the file is, nothing sent, the file as it was."""
+    async with run_simulator(SimulatorConfig(jobs=5)) as sim:
+        ids = sim.job_ids()
+        src = write_ids(tmp_path / "ids.txt", ids)
+        kept = tmp_path / f"{kind}.txt"
+        kept.write_text(f"id:{ids[0]}\n" if kind == "protect" else f"{SIM_SK}\n")
+        before = kept.read_bytes()
+        env = reaper_env(sim.url)
+        read_by = ["--protect-file", str(kept)] if kind == "protect" else ["--sk-file", str(kept)]
+        done = await reaper(["run", "-i", str(src), "--yes", *read_by, flag, str(kept)], env)
+        assert done.code == 64, done.stderr
+        assert sim.stats.calls == 0
+        assert kept.read_bytes() == before
+        what = "a protect_file" if kind == "protect" else "the sk_file"
+        assert f"{flag} {kept} is {what}: it would be overwritten" in done.stderr
+
+
 async def test_without_a_terminal_or_yes_nothing_is_called_and_it_exits_64(tmp_path: Path) -> None:
     async with run_simulator(SimulatorConfig(jobs=5)) as sim:
         src = write_ids(tmp_path / "ids.txt", sim.job_ids())
