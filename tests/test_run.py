@@ -217,6 +217,31 @@ async def test_results_or_events_naming_a_file_the_run_reads_is_refused_before_a
         assert f"{flag} {kept} is {what}: it would be overwritten" in done.stderr
 
 
+async def test_a_plan_or_a_report_written_over_a_file_the_command_reads_is_refused(
+    tmp_path: Path,
+) -> None:
+    """``discover --plan`` and ``report --output`` naming the protect file (or the plan key)
+    wrote a plan or a report over it, and the next run met no rule it held. Now 64, naming
+    what the file is, before the listing; the file as it was."""
+    async with run_simulator(SimulatorConfig(jobs=5)) as sim:
+        rules = tmp_path / "protect.txt"
+        rules.write_text(f"id:{sim.job_ids()[0]}\n")
+        before = rules.read_bytes()
+        env = reaper_env(sim.url, REAPER_PROTECT_FILE=str(rules))
+        planned = await reaper(["discover", "--all", "--plan", str(rules)], env)
+        assert planned.code == 64, planned.stderr
+        assert f"--plan {rules} is a protect_file: it would be overwritten" in planned.stderr
+        assert sim.stats.calls == 0
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        ledger = tmp_path / "reaper.db"
+        dry = await reaper(["run", "-i", str(src), "--dry-run", "--ledger", str(ledger)], env)
+        assert dry.code == 0, dry.stderr
+        report = await reaper(["report", "--ledger", str(ledger), "--output", str(rules)], env)
+        assert report.code == 64, report.stderr
+        assert f"--output {rules} is a protect_file" in report.stderr
+        assert rules.read_bytes() == before
+
+
 async def test_without_a_terminal_or_yes_nothing_is_called_and_it_exits_64(tmp_path: Path) -> None:
     async with run_simulator(SimulatorConfig(jobs=5)) as sim:
         src = write_ids(tmp_path / "ids.txt", sim.job_ids())

@@ -334,6 +334,19 @@ class Settings(BaseSettings):
         ``REAPER_PLAN_KEY_FILE``, ``reaper.toml: plan_key_file``."""
         return self._said_as.get(field) or setting_name(field, flag=False)
 
+    def files_read(self, exclude: str | None = None) -> tuple[tuple[str, str], ...]:
+        """The files a command reads besides its input, which an output it writes
+        (``--results``, ``--events``, ``discover --plan``, ``report --output``) may not name,
+        each with what it is: written over, a protect file's rules were lost to the next run
+        (lines of JSON or a plan protect no job), and so were an exclusion list and a key."""
+        files = [(str(path), "a protect_file") for path in self.protect_files]
+        files += [(str(path), f"the {name}_file") for name, path in self.secret_files.items()]
+        if self.plan_key_file is not None:
+            files.append((str(self.plan_key_file), "the plan_key_file"))
+        if exclude is not None:
+            files.append((exclude, "the --exclude file"))
+        return tuple(files)
+
     @property
     def protect_files(self) -> tuple[Path, ...]:
         """Every ``protect_file`` named, by any source (``protect_file`` is the first)."""

@@ -117,8 +117,11 @@ class DiscoverRequest:
     projects: tuple[ProjectSpec, ...] = ()  # --project: these, each in its turn
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, now: datetime) -> DiscoverRequest:
-        """``UsageError`` (64) naming the flag when a value does not parse."""
+    def from_args(
+        cls, args: argparse.Namespace, now: datetime, read: tuple[tuple[str, str], ...] = ()
+    ) -> DiscoverRequest:
+        """``UsageError`` (64) naming the flag when a value does not parse, or when
+        ``--plan`` names a file the command reads (``read``: a protect file, a key file)."""
         filters = filters_from_args(args, now)
         projects = parse_specs(args.project or [])
         if projects and args.output == "ids":
@@ -136,7 +139,7 @@ class DiscoverRequest:
                 f"--plan-ttl must be at most {MAX_TTL.days}d, not {args.plan_ttl.strip()}"
             )
         if args.plan is not None:  # before the listing, not after it: a wrong path is 64 now
-            check_output(args.plan, "--plan", None, None)
+            check_output(args.plan, "--plan", None, None, also=read)
         elsewhere = "jsonl" if projects else "ids"
         output = args.output or ("table" if sys.stdout.isatty() else elsewhere)
         return cls(
@@ -164,7 +167,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     structlog.contextvars.bind_contextvars(run_id=logsetup.new_run_id())
     log = structlog.get_logger("devserver_reaper")
     try:
-        request = DiscoverRequest.from_args(args, datetime.now(UTC))
+        request = DiscoverRequest.from_args(args, datetime.now(UTC), settings.files_read())
         settings.require_api(endpoint=not request.projects)
         protection = wiring.protection(settings)
         key = plan_key(settings, log.warning) if request.plan is not None else None

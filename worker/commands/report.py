@@ -54,7 +54,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             ledgers = []
             for path in paths:
                 if output not in (None, "-"):  # truncated below: never a ledger's own files
-                    check_output(output, "--output", None, path)
+                    check_output(output, "--output", None, path, also=settings.files_read())
                 ledgers.append(stack.enter_context(open_readonly(path)))
             _check_shards(ledgers)
         except (UsageError, InputUnreadable) as exc:

@@ -98,7 +98,10 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         if args.events is not None:
             source = args.plan or args.input
             # one file for both: the results' writes would overwrite the events
-            results = ((args.results, "the --results file"), *files_read(settings, args.exclude))
+            results = (
+                (args.results, "the --results file"),
+                *settings.files_read(args.exclude),
+            )
             check_output(args.events, "--events", source, settings.ledger, also=results)
         output = terminal.for_run(
             log_format=settings.log_format,
@@ -172,7 +175,7 @@ def _execute(
         shard_of(settings)
         if request.results is not None:
             check_output(request.results, "--results", request.input, settings.ledger,
-                         also=files_read(settings, request.exclude))  # fmt: skip
+                         also=settings.files_read(request.exclude))  # fmt: skip
         excluded = frozenset[str]()
         if request.exclude is not None:
             from worker.commands.planned import read_excluded
@@ -226,19 +229,6 @@ def _stopped_before_any_call(log: FilteringBoundLogger, exc: ReaperError, output
     events = None if output.lines is not None else sys.stdout
     say_error(log, event, exc, command="run", events=events)
     return code
-
-
-def files_read(settings: Settings, exclude: str | None) -> tuple[tuple[str, str], ...]:
-    """The files a run reads besides its input, which ``--results`` and ``--events`` may not
-    name: written over, a protect file's rules were lost to the next run (its lines of
-    JSON protect no job), and so were an exclusion list and a key."""
-    files = [(str(path), "a protect_file") for path in settings.protect_files]
-    files += [(str(path), f"the {name}_file") for name, path in settings.secret_files.items()]
-    if settings.plan_key_file is not None:
-        files.append((str(settings.plan_key_file), "the plan_key_file"))
-    if exclude is not None:
-        files.append((exclude, "the --exclude file"))
-    return tuple(files)
 
 
 def shard_of(settings: Settings) -> Shard | None:
