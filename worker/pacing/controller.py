@@ -34,13 +34,14 @@ Pure: events with their times in, the rate to use out; no clock, no I/O. The des
 
 from __future__ import annotations
 
-import bisect
 import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Protocol
+
+from worker.pacing.evidence import TWICE, GatewayEvidence
 
 DELAY_WEIGHT = 0.02
 """Each answer's share of the smoothed latency the probe's growth is timed by."""
@@ -59,17 +60,9 @@ over its quota to twice it. The quota is anywhere from the measure to the rate r
 the refusal steps as one that cannot be measured (a cut to the measure, then a cruise back
 in units of 30 calls, held a quota of 5 at 0.85 for 30 s)."""
 
-TWICE = 0.4
-"""A measure at most this share of the calls sent in its span: they went out at twice the
-quota or more, whatever its burst, and the rate falls to the measure at once."""
-
 HELD_CALLS = 4
 """Calls started in a ``window`` that say how fast the workers really send (fewer: it
 knows too little of what they sent)."""
-
-SAME_CALL = 1e-6
-"""A call's start as ``on_sent`` saw it and as its answer's latency dates it may differ by
-this much (rounding): the same call."""
 
 BURST_SEEN = 3.0
 """Calls the gateway let through over its quota's pace before its first refusal (from a
@@ -80,8 +73,9 @@ or two; a burst of 1 or 2 shows at most 1.3."""
 
 FLOOR_CALLS = 3
 """The fewest calls accepted since the gateway's bucket was last empty that a floor checks
-a measure with (``_level_after_refusal``). Any two make a floor (``_floor``); under
-``measure_calls`` it is rough: not enough to prove a rise, enough to prove a measure low."""
+a measure with (``_level_after_refusal``). Any two make a floor (``GatewayEvidence.floor``);
+under ``measure_calls`` it is rough: not enough to prove a rise, enough to prove a measure
+low."""
 
 OVER = 0.35
 """Refused calls over this share of the last ``1 / jitter_share`` answered (since the cut):
@@ -356,10 +350,8 @@ class RateController:
     passed in must not go backwards.
     """
 
-    __slots__ = ("_accepted", "_answers", "_awaited", "_began", "_burst", "_ceiling", "_config",
-                 "_delay", "_empty", "_first", "_history", "_latency", "_refused", "_sends",
-                 "_since_empty", "_state", "cuts", "escalated", "measured",
-                 "tolerated")  # fmt: skip
+    __slots__ = ("_answers", "_config", "_delay", "_evidence", "_latency", "_state", "cuts",
+                 "escalated", "measured", "tolerated")  # fmt: skip
 
     def __init__(self, now: float, config: AdaptiveConfig | None = None) -> None:
         self._config = c = config or AdaptiveConfig()
@@ -368,27 +360,10 @@ class RateController:
             cut_at=-math.inf, quota=math.inf, refused=math.inf, refused_at=-math.inf,
             unit=c.startup_interval,
         )  # fmt: skip
-        self._sends: deque[float] = deque()  # when calls started (how fast we really send)
-        self._accepted: list[float] = []  # when the accepted calls were sent, in order
-        self._refused: list[float] = []  # when the refused calls were sent, in order
+        self._evidence = GatewayEvidence(c)  # what the gateway's answers say of its quota
         self._answers: deque[bool] = deque(maxlen=c.overload_answers)  # True: a 503
         self._latency = LatencyWatch(c)
         self._delay = 0.0  # the answers' mean latency, smoothed: how late a refusal comes
-        self._history: deque[tuple[float, float]] = deque()  # (from when, rate) changes
-        # The gateway's bucket was empty when the last refused call was sent (``_empty``);
-        # accepted calls sent since: their count, and when the last of them was sent; the
-        # most the quota can have been then (``_ceiling_at``), and while the answer of the
-        # call before it is still out, that call's start and the ceiling its acceptance sets.
-        self._empty = -math.inf
-        self._since_empty = (0, -math.inf)
-        self._ceiling = math.inf
-        self._awaited: tuple[float, float] | None = None
-        # Calls started before the first refused call, over how long (from the first), and
-        # when it was sent: with a quota measured from it, the burst the gateway let through
-        # (``_burst``).
-        self._first: tuple[int, float, float] | None = None
-        self._began = math.inf  # when start-up's first call was sent (``on_sent``)
-        self._burst = math.nan
         self.cuts = 0
         self.measured = 0  # refusals that measured the quota
         self.escalated = 0  # probes that found the quota had risen past their target
@@ -406,7 +381,7 @@ class RateController:
         """Adopt a state learnt elsewhere (a test's, or another replica's): its rate holds
         from its ``since`` on."""
         self._state = state
-        self._history = deque([(state.since, state.rate)])
+        self._evidence.restart(state.since, state.rate)
 
     @property
     def rate(self) -> float:
@@ -424,27 +399,15 @@ class RateController:
     # -- events --------------------------------------------------------------------------
     def on_sent(self, now: float) -> None:
         """A call starts: the measure of how fast we really send."""
-        sends = self._sends
-        if not sends or now - sends[-1] > self._config.window:
-            # The first call, or the first after an idle stretch (the gateway's bucket got
-            # tokens meanwhile): what start-up's gateway let through is counted from here.
-            self._began = now
-        bisect.insort(sends, now)  # in order: a fleet's starts may come a little out of it
-        # Kept as long as the refusals a measure spans (``_horizon``).
-        horizon = self._horizon(now)
-        while sends[0] < horizon:
-            sends.popleft()
+        self._evidence.sent(now)
 
     def on_success(self, now: float, latency: float | None = None) -> float:
         """A call was answered (any answer but a throttle or a 503)."""
         rate = self.rate_at(now)
         sent = self._sent_at(now, latency)
-        self._remember(self._accepted, sent, now)
-        self._settle_ceiling()
+        since_empty = self._evidence.accepted(sent, now)
         self._answers.append(False)
-        if sent > self._empty:
-            count, last = self._since_empty
-            self._since_empty = (count + 1, max(last, sent))
+        if since_empty:
             rate = self._escalate(now, rate)
         if latency is not None and latency >= 0:
             self._delay += DELAY_WEIGHT * (latency - self._delay)
@@ -465,24 +428,12 @@ class RateController:
         slows the next probe: it was one more refusal that probe cost)."""
         rate = self.rate_at(now)
         sent = self._sent_at(now, latency)
-        self._remember(self._refused, sent, now)
-        self._settle_ceiling()
-        floor, most, rough = self._floor(), self._since_empty_pace(), self._floor(FLOOR_CALLS)
-        if self._first is None and self._sends:
-            # Counted from start-up's first call (or the first after an idle stretch), if it
-            # is still remembered: else start-up's end came so late that it says little of a
-            # burst (held at 27 calls/s by 8 in flight for 30 s, under a quota of 50 that then
-            # fell to 5 at burst 1, its last 3.7 s read as a burst of 87; every probe after
-            # stopped at the quota measured, 0.83 of it from 20 s after the fall, not 0.94).
-            began = self._began
-            calls = self._sends_since(began, sent) if self._sends[0] <= began else 0
-            self._first = (calls, sent - began, sent)
-        if sent > self._empty:
-            self._empty = sent
-            after = len(self._accepted) - bisect.bisect_right(self._accepted, sent)
-            self._since_empty = (after, self._accepted[-1] if after else sent)
-            self._ceiling, self._awaited = math.inf, self._ceiling_at(sent)
-            self._settle_ceiling()
+        # What the calls accepted since the gateway's bucket was last seen empty say, read
+        # before this refusal (if of a call sent after the last refused one) starts them again.
+        evidence = self._evidence
+        floor, most = evidence.floor(), evidence.since_empty_pace()
+        rough = evidence.floor(FLOOR_CALLS)
+        evidence.refused(sent, now)
         s = self._state
         # Old news too: a call sent within one interval of the cut had its slot before it.
         # Either cost the cut one more refusal: the probe takes longer to come back.
@@ -564,12 +515,12 @@ class RateController:
         c = self._config
         if s.phase is not Phase.PROBE or math.isinf(s.target):
             return rate
-        floor = self._floor()
+        floor = self._evidence.floor()
         if floor <= (1.0 + c.margin / 3.0) * s.target:
             return rate
         if (
             floor <= (1.0 + 2.0 * c.margin) * s.quota < math.inf
-            and floor <= (1.0 + c.margin / 3.0) * self._ceiling
+            and floor <= (1.0 + c.margin / 3.0) * self._evidence.ceiling
         ):
             # Past a quota measured a little low, and not past the ceiling: no proof that
             # it rose. The probe's target is the floor (the probe is not as far past it as
@@ -597,88 +548,20 @@ class RateController:
         pace is well over the quota (``RATE``); else it is a little past what the gateway
         lets through (``EXCESS``). Fewer calls in the window: each refusal is read as ever
         (``RATE``)."""
-        c, s = self._config, self._state
+        c, s, evidence = self._config, self._state, self._evidence
         start = max(sent - c.window, s.pause_until)
         since = max(start, s.cut_at + 1.0 / s.level)
-        refused = self._count(self._refused, since, sent)
-        answered = refused + self._count(self._accepted, start, sent)
+        refused = evidence.refused_between(since, sent)
+        answered = refused + evidence.accepted_between(start, sent)
         if answered < c.jitter_calls:
             return Reading.RATE
         lately = max(since, sent - 1.0 / c.jitter_share / self.rate_sent_at(sent))
-        run = self._count(self._refused, lately, sent)
+        run = evidence.refused_between(lately, sent)
         if refused <= c.jitter_share * answered and run <= c.jitter_run:
             return Reading.JITTER
-        if run > OVER * (run + self._count(self._accepted, lately, sent)):
+        if run > OVER * (run + evidence.accepted_between(lately, sent)):
             return Reading.RATE
         return Reading.EXCESS
-
-    @staticmethod
-    def _count(times: list[float], start: float, sent: float) -> int:
-        """Calls of ``times`` sent from ``start`` up to ``sent`` (a refused one at ``sent``
-        counts: it is the refusal being read)."""
-        return bisect.bisect_right(times, sent) - bisect.bisect_left(times, start)
-
-    def _accepted_since_empty(self, calls: int = 0) -> tuple[int, float] | None:
-        """The calls accepted since the gateway's bucket was last seen empty and the time
-        they span (``None``: too few, or too short, to say)."""
-        c = self._config
-        count, last = self._since_empty
-        span = last - self._empty
-        if count < (calls or c.measure_calls) or not c.measure_s <= span < math.inf:
-            return None
-        return count, span
-
-    def _floor(self, calls: int = 0) -> float:
-        """The least the quota can be (0 if too little is known): the gateway's bucket was
-        empty when the last refused call was sent, so it accepted at most one call more than
-        its quota allowed since, whatever its burst: ``(accepted - 1) / span``."""
-        accepted = self._accepted_since_empty(calls)
-        return 0.0 if accepted is None else (accepted[0] - 1) / accepted[1]
-
-    def _since_empty_pace(self) -> float:
-        """The calls accepted since the gateway's bucket was last seen empty, per second
-        (``inf``: too few to say): a pace no burst let past the quota by more than a call
-        in that span (``_floor``)."""
-        accepted = self._accepted_since_empty()
-        return math.inf if accepted is None else accepted[0] / accepted[1]
-
-    def _ceiling_at(self, sent: float) -> tuple[float, float] | None:
-        """The call before the one refused at ``sent`` and the most the quota can have been
-        then, if that call was accepted (``None``: nothing known): the gateway's bucket
-        held less than a token at the refused call, and no less than none just after the
-        accepted one before, so it got less than a token in between, whatever its burst:
-        the quota is under 1 / (the time between them), the pace the refused call went at.
-        Only after an accepted call: a gateway counting calls per whole second refuses
-        every call past its count however far apart (walking back over refused calls to
-        the last accepted one, as a token bucket allows, said 2-25 calls/s of a quota of
-        150), and a gap of more than two intervals of the pace is a pause or an idle
-        stretch. Whether it was accepted is decided once its answer is in
-        (``_settle_ceiling``): a 429 comes back in milliseconds, before the answers of
-        calls sent before it, refused ones too where the gateway's answers take their
-        latency."""
-        sends = self._sends
-        own = bisect.bisect_right(sends, sent + SAME_CALL) - 1  # the refused call's own start
-        if own < 1:
-            return None
-        gap = sends[own] - sends[own - 1]
-        return (sends[own - 1], 1.0 / gap) if 0.0 < gap <= 2.0 / self.rate_sent_at(sent) else None
-
-    def _settle_ceiling(self) -> None:
-        """The ceiling (``_ceiling_at``) once the answer of the call it waits on is in:
-        accepted, it holds; refused, there is none."""
-        if self._awaited is None:
-            return
-        before, ceiling = self._awaited
-        if self._was(self._accepted, before):
-            self._ceiling, self._awaited = ceiling, None
-        elif self._was(self._refused, before):
-            self._awaited = None
-
-    @staticmethod
-    def _was(times: list[float], started: float) -> bool:
-        """Whether the call started at ``started`` is one of ``times`` (``SAME_CALL``)."""
-        index = bisect.bisect_left(times, started - SAME_CALL)
-        return index < len(times) and times[index] <= started + SAME_CALL
 
     def _overloaded_at(self, sent: float, rate: float) -> float:
         """An overload of a call sent at ``sent``: its rate (returned) caps the probes, as
@@ -693,142 +576,15 @@ class RateController:
     def _sent_at(now: float, latency: float | None) -> float:
         return now - latency if latency is not None and latency >= 0 else now
 
-    def _horizon(self, now: float) -> float:
-        """How far back the calls are kept: two ``window``s, or as far as the last
-        ``measure_calls`` accepted ones and two more where that is longer (a measure's
-        look-back, ``_look_back``), at most ``forget``."""
-        c = self._config
-        accepted = self._accepted
-        horizon = now - 2.0 * c.window
-        if len(accepted) < c.measure_calls + 2:
-            horizon = -math.inf
-        elif accepted[-c.measure_calls - 2] < horizon:
-            horizon = accepted[-c.measure_calls - 2]
-        return max(horizon, now - c.forget)
-
-    def _look_back(self, sent: float) -> float:
-        """The earliest refused call a refusal of a call sent at ``sent`` is measured from:
-        the last ``window``, or further back to the call before the last ``measure_calls``
-        accepted where that is longer (under about ``measure_calls / window`` calls/s a
-        window never holds enough for a measure); never across a pause or an idle stretch
-        (``_idle_ended``)."""
-        c = self._config
-        start = sent - c.window
-        before = bisect.bisect_left(self._accepted, sent) - c.measure_calls - 1
-        if before >= 0 and self._accepted[before] < start:
-            start = max(self._accepted[before], sent - c.forget)
-            start = max(start, self._idle_ended(start, sent))
-        return max(start, self._state.pause_until)
-
-    def _idle_ended(self, since: float, sent: float) -> float:
-        """When the last idle stretch between ``since`` and ``sent`` ended (``-inf``: none):
-        no call started for longer than ``window`` and two intervals of the pace. The gateway's
-        bucket filled up while nobody sent, and the tokens it got while full were lost: a
-        measure across it says a fraction of the quota (a run that waited 20 s for ids at a
-        quota of 3 calls/s was cut to 0.32 calls/s by its first refusal after)."""
-        c = self._config
-        sends = self._sends
-        later = sent
-        for index in range(bisect.bisect_left(sends, sent) - 1, -1, -1):
-            earlier = sends[index]
-            if later <= since:
-                break
-            if later - earlier > max(c.window, 2.0 / self.rate_sent_at(earlier)):
-                return later
-            later = earlier
-        return -math.inf
-
-    def _remember(self, times: list[float], sent: float, now: float) -> None:
-        bisect.insort(times, sent)
-        horizon = self._horizon(now)
-        if times[0] < horizon:
-            del times[: bisect.bisect_left(times, horizon)]
-
     def measure(self, sent: float) -> float | None:
-        """The quota, from the accepted calls sent between an earlier refused call of the
-        last ``window`` (or further back, as far as the last ``measure_calls`` accepted
-        calls: ``_look_back``) and the one refused at ``sent`` (the gateway's bucket was
-        empty at both, and calls went at least as fast in between: it accepted its quota
-        times the time between them, give or take a call); ``None`` when that is too
-        short, holds too few calls, or spans a pause, to say, or when calls sent in between
-        are still out, unless even counted as accepted they are under ``TWICE`` of the
-        calls sent: then that count, the most the quota can be. From the earliest such call
-        (the longest span, the finest measure), unless the latest one that spans enough
-        says otherwise by more than a call in its span: then the quota changed in between,
-        and the latest says what it is now."""
-        measured = self._measure(sent)
+        """The quota a refusal of a call sent at ``sent`` measures (``None``: none; the
+        arithmetic is ``GatewayEvidence.measure``'s), from nothing before the last pause."""
+        measured = self._evidence.measure(sent, self._state.pause_until)
         return None if measured is None else measured[0]
-
-    def _measure(self, sent: float) -> tuple[float, float] | None:
-        """``measure``, and when the span it is from began."""
-        c = self._config
-        # Not from before a pause's end: nobody sent while it lasted, and the gateway's
-        # bucket filled up again.
-        first = bisect.bisect_left(self._refused, self._look_back(sent))
-        end = bisect.bisect_left(self._refused, sent)
-        if first >= end:
-            return None
-        before = bisect.bisect_left(self._accepted, sent)
-        sends = self._sends_since(self._refused[first], sent)
-        out = sends - (before - bisect.bisect_left(self._accepted, self._refused[first]))
-        out -= end - first
-        if out > 0:
-            # Calls sent in between are still out: their answers would count. Counted as
-            # accepted, every one, they say the most the quota can be; where that is under
-            # ``TWICE`` of the calls sent, the pace was twice the quota or more: that is the
-            # measure (a 429 comes back at once, the calls accepted take their latency).
-            # Not where none in between is known accepted: that is a bound only for a token
-            # bucket; a gateway counting calls per second refuses a clump, and the calls out
-            # in it said 39.5 calls/s of a quota of 150 (12 out over 0.3 s).
-            start = self._refused[first]
-            accepted = before - bisect.bisect_left(self._accepted, start)
-            most = accepted + out
-            span = sent - start
-            if span < c.measure_s or most < c.measure_calls or most > TWICE * sends or not accepted:
-                return None
-            return most / span, start
-        latest = None
-        for index in range(end - 1, first - 1, -1):
-            start = self._refused[index]
-            span = sent - start
-            accepted = before - bisect.bisect_left(self._accepted, start)
-            if span < c.measure_s or accepted < c.measure_calls:
-                continue
-            if latest is None:
-                latest = (accepted / span, start)
-            if index == first:
-                quota = accepted / span
-                now, since = latest
-                return (
-                    (quota, start)
-                    if abs(quota - now) <= 1.0 / (sent - since) + 1.0 / span
-                    else latest
-                )
-        return latest
-
-    def _alternated(self, start: float, end: float) -> bool:
-        """Whether every call started from ``start`` up to ``end`` that was not refused
-        came next to a refused one (no two accepted in a row)."""
-        sends = self._sends
-        accepted_last = False
-        for index in range(bisect.bisect_left(sends, start), bisect.bisect_left(sends, end)):
-            accepted = not self._was(self._refused, sends[index])
-            if accepted and accepted_last:
-                return False
-            accepted_last = accepted
-        return True
-
-    def _paced_under(self, rate: float, start: float, end: float) -> bool:
-        """Whether calls were paced slower than ``rate`` at some time between the two."""
-        if self.rate_sent_at(start) < rate:
-            return True
-        return any(start < when < end and paced < rate for when, paced in self._history)
 
     def rate_sent_at(self, sent: float) -> float:
         """The rate calls were paced at, at ``sent``."""
-        history = self._history
-        index = bisect.bisect_right(history, sent, key=lambda change: change[0]) - 1
-        return history[index][1] if index >= 0 else self._state.rate
+        return self._evidence.rate_sent_at(sent)
 
     def _held(self, now: float) -> float:
         """What was really sent over the last ``window``, when all of it was paced (no
@@ -838,7 +594,7 @@ class RateController:
         s, c = self._state, self._config
         if s.phase is Phase.STARTUP or max(s.cut_at, s.pause_until) > now - c.window:
             return math.inf
-        count = self._sends_since(now - c.window, math.nextafter(now, math.inf))
+        count = self._evidence.sends_since(now - c.window, math.nextafter(now, math.inf))
         sent = count / c.window
         return sent if count >= HELD_CALLS and sent < HALF * s.rate else math.inf
 
@@ -863,7 +619,8 @@ class RateController:
             refused_at=sent,
             overload=False,
         )
-        measured = self._measure(sent)
+        evidence = self._evidence
+        measured = evidence.measure(sent, s.pause_until)
         # With answers slower than a measure's span, the calls in it went out before
         # the gateway's answers to the ones before could say anything: a measure far
         # under the rate refused is as suspect as one of half.
@@ -873,13 +630,13 @@ class RateController:
             # The rate may have fallen in between: the share refused is of what was sent
             # in the span, not of the rate refused.
             quota, start = measured
-            spanned = self._sends_since(start, sent) / (sent - start)
+            spanned = evidence.sends_since(start, sent) / (sent - start)
             if start < sent - c.window:
                 # From further back than a window.
                 paced = max(paced, spanned)
                 if TWICE * paced < quota <= ABOUT_HALF * paced:
                     measured = None
-            elif self._alternated(start, sent):
+            elif evidence.alternated(start, sent):
                 # No two calls accepted in a row: a burst of 1 past its quota, which loses
                 # the tokens it gets while full, and cut step by step as it fell (from
                 # 50 to 20 calls/s: a measure of 15.0 at 24.8, after 29-48 in the span).
@@ -888,7 +645,7 @@ class RateController:
             self.measured += 1
             quota, start = measured
             target = quota
-            if quota <= half * paced or quota < rough or self._paced_under(quota, start, sent):
+            if quota <= half * paced or quota < rough or evidence.paced_under(quota, start, sent):
                 # The gateway's bucket may have filled up in between, and the tokens it
                 # got while full were lost: the measure says less than the quota. Calls
                 # were paced slower than it for a while, or half were refused: the rate
@@ -904,14 +661,7 @@ class RateController:
                 target = self._just_under(refused_rate)
             # Never under the floor.
             quota = max(quota, floor)
-            if math.isnan(self._burst) and self._first is not None:
-                calls, span, first = self._first
-                if start <= first + 2.0 * c.window:
-                    # Only a measure from just after start-up's end is of start-up's quota:
-                    # the first, 28 s later, after a fall from 20 to 2 calls/s at burst 1,
-                    # read start-up's 14 calls as a burst of 11 (then every probe stopped at
-                    # the quota measured: 0.86 of it from 20 s after the fall, not 0.93).
-                    self._burst = calls - quota * span
+            evidence.learn_burst(quota, start)
             self._state = replace(s, quota=quota)
             return min(rate, (1.0 - c.margin) * quota), max(target, quota)
         quota = max(s.quota, floor)
@@ -927,7 +677,7 @@ class RateController:
             # refused, 5.2-5.7 calls/s at 5 with a burst of 10, refused every 6-10 s).
             self._state = replace(s, quota=quota)
             target = self._just_under(refused_rate)
-            if self._burst >= BURST_SEEN:
+            if evidence.burst >= BURST_SEEN:
                 target = min(target, quota)
             return (1.0 - c.margin) * quota, target
         return (1.0 - c.margin) * refused_rate, self._just_under(refused_rate)
@@ -950,16 +700,6 @@ class RateController:
         s = self._state
         return s.refused if now - s.refused_at <= self._config.forget else math.inf
 
-    def _sends_since(self, start: float, end: float = math.inf) -> int:
-        """Calls started from ``start`` up to (not at) ``end``: the one count of what was
-        really sent, for the growth's cap, ``_held`` and ``_measure``."""
-        sends = self._sends
-        return bisect.bisect_left(sends, end) - bisect.bisect_left(sends, start)
-
-    def _sent_rate(self, now: float, span: float) -> float:
-        """Calls started per second over the last ``span`` seconds."""
-        return self._sends_since(now - span) / span
-
     def rate_at(self, now: float) -> float:
         """The rate at ``now``: startup grows; after a cut the rate returns to its target
         and grows past it as CUBIC's window does (``probe``)."""
@@ -970,7 +710,7 @@ class RateController:
                 grown = s.rate * 2.0 ** ((now - s.since) / s.unit)
                 # One more call than counted: at 2 calls/s a second's window holds one or
                 # two, and that alone must not stall the growth.
-                cap = max(2.0 * (self._sent_rate(now, 1.0) + 1.0), s.rate)
+                cap = max(2.0 * (self._evidence.sent_rate(now, 1.0) + 1.0), s.rate)
                 rate = min(grown, cap, c.max_rate)
                 return self._set(replace(s, rate=rate, level=rate, since=now), now)
             return s.rate
@@ -980,7 +720,7 @@ class RateController:
             s = replace(s, early=min(s.early, now))
         # Not past twice what is really sent: a worker held back by its concurrency does
         # not talk itself into a rate it never uses.
-        grown = min(grown, max(2.0 * (self._sent_rate(now, 1.0) + 1.0), s.level))
+        grown = min(grown, max(2.0 * (self._evidence.sent_rate(now, 1.0) + 1.0), s.level))
         ceiling = self._refused_lately(now)
         if ceiling < math.inf and s.overload:
             # A rise of latency takes a hundred answers to see: a probe stops just under
@@ -1022,11 +762,7 @@ class RateController:
         return min(s.unit, max(c.hold, self._delay, c.hold_calls * fewer / max(s.target, s.level)))
 
     def _set(self, state: ControllerState, now: float) -> float:
-        if state.rate != self._state.rate or not self._history:
-            self._history.append((now, state.rate))
-            horizon = self._horizon(now)
-            while len(self._history) > 1 and self._history[1][0] < horizon:
-                self._history.popleft()
+        self._evidence.paced(now, state.rate)
         self._state = state
         return state.rate
 

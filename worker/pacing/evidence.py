@@ -1,0 +1,393 @@
+"""What the gateway's answers say of its quota, for ``--rate auto`` (``RateController``).
+
+The controller's policy (``controller.py``: its phases, the cut, the probe) decides; this
+module only keeps and reads the evidence it decides on: when calls were sent and which were
+accepted or refused, and what follows from a token bucket's refusals, whatever its quota or
+burst. A refusal means the gateway's bucket was empty when that call arrived, so:
+
+- between two refused calls it accepted its quota times the time between them (``measure``);
+- since the last refused call it accepted at most one call more than its quota allows
+  (``floor``), and no burst let the calls accepted since past it by more than that
+  (``since_empty_pace``);
+- it got less than a token between the refused call and the accepted one just before it
+  (``ceiling``);
+- and the calls it let through over the quota's pace before its first refusal, at start-up
+  from a full bucket, tell of its burst (``burst``).
+
+Pure: the times are the caller's, and the send times are kept only as far back as a measure
+can reach (``horizon``). The design is in ``docs/rate-auto.md``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.pacing.controller import AdaptiveConfig
+
+TWICE = 0.4
+"""A measure at most this share of the calls sent in its span: they went out at twice the
+quota or more, whatever its burst, and the rate falls to the measure at once."""
+
+SAME_CALL = 1e-6
+"""A call's start as ``on_sent`` saw it and as its answer's latency dates it may differ by
+this much (rounding): the same call."""
+
+
+class GatewayEvidence:
+    """The send/accept/refuse history of one controller's calls and the estimates of the
+    gateway read from it: the floor, the ceiling, the measure and the burst seen at
+    start-up. Told of each call sent (``sent``), each answer (``accepted``, ``refused``)
+    and each rate the controller paces at (``paced``); it decides nothing.
+
+    The rate paced at is kept here too (``rate_sent_at``): a measure across an idle
+    stretch, a ceiling and a measure of calls paced slower than it all depend on the pace
+    each call went at, not on the rate now.
+    """
+
+    __slots__ = ("_accepted", "_awaited", "_began", "_burst", "_ceiling", "_config", "_empty",
+                 "_first", "_history", "_initial", "_refused", "_sends",
+                 "_since_empty")  # fmt: skip
+
+    def __init__(self, config: AdaptiveConfig) -> None:
+        self._config = config
+        self._sends: deque[float] = deque()  # when calls started (how fast we really send)
+        self._accepted: list[float] = []  # when the accepted calls were sent, in order
+        self._refused: list[float] = []  # when the refused calls were sent, in order
+        self._history: deque[tuple[float, float]] = deque()  # (from when, rate) changes
+        self._initial = config.initial_rate  # the rate paced at before any change
+        # The gateway's bucket was empty when the last refused call was sent (``_empty``);
+        # accepted calls sent since: their count, and when the last of them was sent; the
+        # most the quota can have been then (``_ceiling_at``), and while the answer of the
+        # call before it is still out, that call's start and the ceiling its acceptance sets.
+        self._empty = -math.inf
+        self._since_empty = (0, -math.inf)
+        self._ceiling = math.inf
+        self._awaited: tuple[float, float] | None = None
+        # Calls started before the first refused call, over how long (from the first), and
+        # when it was sent: with a quota measured from it, the burst the gateway let through
+        # (``_burst``).
+        self._first: tuple[int, float, float] | None = None
+        self._began = math.inf  # when start-up's first call was sent (``sent``)
+        self._burst = math.nan
+
+    # -- what happened ---------------------------------------------------------------------
+    def sent(self, now: float) -> None:
+        """A call starts: the measure of how fast we really send."""
+        sends = self._sends
+        if not sends or now - sends[-1] > self._config.window:
+            # The first call, or the first after an idle stretch (the gateway's bucket got
+            # tokens meanwhile): what start-up's gateway let through is counted from here.
+            self._began = now
+        bisect.insort(sends, now)  # in order: a fleet's starts may come a little out of it
+        # Kept as long as the refusals a measure spans (``horizon``).
+        horizon = self.horizon(now)
+        while sends[0] < horizon:
+            sends.popleft()
+
+    def accepted(self, sent: float, now: float) -> bool:
+        """The call sent at ``sent`` was accepted (answered ``now``). Whether it was sent
+        after the gateway's bucket was last seen empty: then it counts toward the floor."""
+        self._remember(self._accepted, sent, now)
+        self._settle_ceiling()
+        if sent > self._empty:
+            count, last = self._since_empty
+            self._since_empty = (count + 1, max(last, sent))
+            return True
+        return False
+
+    def refused(self, sent: float, now: float) -> None:
+        """The call sent at ``sent`` was refused (answered ``now``): the gateway's bucket
+        was empty when it arrived. If it was sent after the last refused call, the count
+        of calls accepted since the bucket was empty (``floor``) starts again from it."""
+        self._remember(self._refused, sent, now)
+        self._settle_ceiling()
+        if self._first is None and self._sends:
+            # Counted from start-up's first call (or the first after an idle stretch), if it
+            # is still remembered: else start-up's end came so late that it says little of a
+            # burst (held at 27 calls/s by 8 in flight for 30 s, under a quota of 50 that then
+            # fell to 5 at burst 1, its last 3.7 s read as a burst of 87; every probe after
+            # stopped at the quota measured, 0.83 of it from 20 s after the fall, not 0.94).
+            began = self._began
+            calls = self.sends_since(began, sent) if self._sends[0] <= began else 0
+            self._first = (calls, sent - began, sent)
+        if sent > self._empty:
+            self._empty = sent
+            after = len(self._accepted) - bisect.bisect_right(self._accepted, sent)
+            self._since_empty = (after, self._accepted[-1] if after else sent)
+            self._ceiling, self._awaited = math.inf, self._ceiling_at(sent)
+            self._settle_ceiling()
+
+    def paced(self, now: float, rate: float) -> None:
+        """The controller paces at ``rate`` from ``now`` on."""
+        if not self._history or rate != self._history[-1][1]:
+            self._history.append((now, rate))
+            horizon = self.horizon(now)
+            while len(self._history) > 1 and self._history[1][0] < horizon:
+                self._history.popleft()
+
+    def restart(self, since: float, rate: float) -> None:
+        """The controller adopted a state learnt elsewhere: its ``rate`` holds from
+        ``since`` on, whatever was paced before."""
+        self._history = deque([(since, rate)])
+
+    def learn_burst(self, quota: float, start: float) -> None:
+        """A quota measured from a span that began at ``start``: with the calls start-up
+        sent before the first refusal, the burst the gateway let through (``burst``), read
+        once. Only a measure from just after start-up's end is of start-up's quota: the
+        first, 28 s later, after a fall from 20 to 2 calls/s at burst 1, read start-up's 14
+        calls as a burst of 11 (then every probe stopped at the quota measured: 0.86 of it
+        from 20 s after the fall, not 0.93)."""
+        if math.isnan(self._burst) and self._first is not None:
+            calls, span, first = self._first
+            if start <= first + 2.0 * self._config.window:
+                self._burst = calls - quota * span
+
+    # -- the estimates ---------------------------------------------------------------------
+    @property
+    def burst(self) -> float:
+        """The calls start-up's gateway let through over the quota's pace before its first
+        refusal (``nan``: not measured): a lower bound on its burst (``learn_burst``)."""
+        return self._burst
+
+    @property
+    def ceiling(self) -> float:
+        """The most the quota can have been when the call that last emptied the gateway's
+        bucket was sent (``inf``: nothing known; ``_ceiling_at``)."""
+        return self._ceiling
+
+    def floor(self, calls: int = 0) -> float:
+        """The least the quota can be (0 if too little is known: fewer than ``calls``
+        accepted, or ``measure_calls`` by default): the gateway's bucket was empty when the
+        last refused call was sent, so it accepted at most one call more than its quota
+        allowed since, whatever its burst: ``(accepted - 1) / span``."""
+        accepted = self._accepted_since_empty(calls)
+        return 0.0 if accepted is None else (accepted[0] - 1) / accepted[1]
+
+    def since_empty_pace(self) -> float:
+        """The calls accepted since the gateway's bucket was last seen empty, per second
+        (``inf``: too few to say): a pace no burst let past the quota by more than a call
+        in that span (``floor``)."""
+        accepted = self._accepted_since_empty()
+        return math.inf if accepted is None else accepted[0] / accepted[1]
+
+    def _accepted_since_empty(self, calls: int = 0) -> tuple[int, float] | None:
+        """The calls accepted since the gateway's bucket was last seen empty and the time
+        they span (``None``: too few, or too short, to say)."""
+        c = self._config
+        count, last = self._since_empty
+        span = last - self._empty
+        if count < (calls or c.measure_calls) or not c.measure_s <= span < math.inf:
+            return None
+        return count, span
+
+    def _ceiling_at(self, sent: float) -> tuple[float, float] | None:
+        """The call before the one refused at ``sent`` and the most the quota can have been
+        then, if that call was accepted (``None``: nothing known): the gateway's bucket
+        held less than a token at the refused call, and no less than none just after the
+        accepted one before, so it got less than a token in between, whatever its burst:
+        the quota is under 1 / (the time between them), the pace the refused call went at.
+        Only after an accepted call: a gateway counting calls per whole second refuses
+        every call past its count however far apart (walking back over refused calls to
+        the last accepted one, as a token bucket allows, said 2-25 calls/s of a quota of
+        150), and a gap of more than two intervals of the pace is a pause or an idle
+        stretch. Whether it was accepted is decided once its answer is in
+        (``_settle_ceiling``): a 429 comes back in milliseconds, before the answers of
+        calls sent before it, refused ones too where the gateway's answers take their
+        latency."""
+        sends = self._sends
+        own = bisect.bisect_right(sends, sent + SAME_CALL) - 1  # the refused call's own start
+        if own < 1:
+            return None
+        gap = sends[own] - sends[own - 1]
+        return (sends[own - 1], 1.0 / gap) if 0.0 < gap <= 2.0 / self.rate_sent_at(sent) else None
+
+    def _settle_ceiling(self) -> None:
+        """The ceiling (``_ceiling_at``) once the answer of the call it waits on is in:
+        accepted, it holds; refused, there is none."""
+        if self._awaited is None:
+            return
+        before, ceiling = self._awaited
+        if self._was(self._accepted, before):
+            self._ceiling, self._awaited = ceiling, None
+        elif self._was(self._refused, before):
+            self._awaited = None
+
+    @staticmethod
+    def _was(times: list[float], started: float) -> bool:
+        """Whether the call started at ``started`` is one of ``times`` (``SAME_CALL``)."""
+        index = bisect.bisect_left(times, started - SAME_CALL)
+        return index < len(times) and times[index] <= started + SAME_CALL
+
+    def measure(self, sent: float, not_before: float) -> tuple[float, float] | None:
+        """The quota, and when the span it is from began, from the accepted calls sent
+        between an earlier refused call of the last ``window`` (or further back, as far as
+        the last ``measure_calls`` accepted calls: ``look_back``; never from before
+        ``not_before``, a pause's end) and the one refused at ``sent`` (the gateway's bucket was
+        empty at both, and calls went at least as fast in between: it accepted its quota
+        times the time between them, give or take a call); ``None`` when that is too
+        short, holds too few calls, or spans a pause, to say, or when calls sent in between
+        are still out, unless even counted as accepted they are under ``TWICE`` of the
+        calls sent: then that count, the most the quota can be. From the earliest such call
+        (the longest span, the finest measure), unless the latest one that spans enough
+        says otherwise by more than a call in its span: then the quota changed in between,
+        and the latest says what it is now."""
+        c = self._config
+        # Not from before a pause's end: nobody sent while it lasted, and the gateway's
+        # bucket filled up again.
+        first = bisect.bisect_left(self._refused, self.look_back(sent, not_before))
+        end = bisect.bisect_left(self._refused, sent)
+        if first >= end:
+            return None
+        before = bisect.bisect_left(self._accepted, sent)
+        sends = self.sends_since(self._refused[first], sent)
+        out = sends - (before - bisect.bisect_left(self._accepted, self._refused[first]))
+        out -= end - first
+        if out > 0:
+            # Calls sent in between are still out: their answers would count. Counted as
+            # accepted, every one, they say the most the quota can be; where that is under
+            # ``TWICE`` of the calls sent, the pace was twice the quota or more: that is the
+            # measure (a 429 comes back at once, the calls accepted take their latency).
+            # Not where none in between is known accepted: that is a bound only for a token
+            # bucket; a gateway counting calls per second refuses a clump, and the calls out
+            # in it said 39.5 calls/s of a quota of 150 (12 out over 0.3 s).
+            start = self._refused[first]
+            accepted = before - bisect.bisect_left(self._accepted, start)
+            most = accepted + out
+            span = sent - start
+            if span < c.measure_s or most < c.measure_calls or most > TWICE * sends or not accepted:
+                return None
+            return most / span, start
+        latest = None
+        for index in range(end - 1, first - 1, -1):
+            start = self._refused[index]
+            span = sent - start
+            accepted = before - bisect.bisect_left(self._accepted, start)
+            if span < c.measure_s or accepted < c.measure_calls:
+                continue
+            if latest is None:
+                latest = (accepted / span, start)
+            if index == first:
+                quota = accepted / span
+                now, since = latest
+                return (
+                    (quota, start)
+                    if abs(quota - now) <= 1.0 / (sent - since) + 1.0 / span
+                    else latest
+                )
+        return latest
+
+    def look_back(self, sent: float, not_before: float) -> float:
+        """The earliest refused call a refusal of a call sent at ``sent`` is measured from:
+        the last ``window``, or further back to the call before the last ``measure_calls``
+        accepted where that is longer (under about ``measure_calls / window`` calls/s a
+        window never holds enough for a measure); never across a pause (``not_before``, its end)
+        or an idle stretch (``idle_ended``)."""
+        c = self._config
+        start = sent - c.window
+        before = bisect.bisect_left(self._accepted, sent) - c.measure_calls - 1
+        if before >= 0 and self._accepted[before] < start:
+            start = max(self._accepted[before], sent - c.forget)
+            start = max(start, self.idle_ended(start, sent))
+        return max(start, not_before)
+
+    def idle_ended(self, since: float, sent: float) -> float:
+        """When the last idle stretch between ``since`` and ``sent`` ended (``-inf``: none):
+        no call started for longer than ``window`` and two intervals of the pace. The gateway's
+        bucket filled up while nobody sent, and the tokens it got while full were lost: a
+        measure across it says a fraction of the quota (a run that waited 20 s for ids at a
+        quota of 3 calls/s was cut to 0.32 calls/s by its first refusal after)."""
+        c = self._config
+        sends = self._sends
+        later = sent
+        for index in range(bisect.bisect_left(sends, sent) - 1, -1, -1):
+            earlier = sends[index]
+            if later <= since:
+                break
+            if later - earlier > max(c.window, 2.0 / self.rate_sent_at(earlier)):
+                return later
+            later = earlier
+        return -math.inf
+
+    # -- the history ---------------------------------------------------------------------
+    def horizon(self, now: float) -> float:
+        """How far back the calls are kept: two ``window``s, or as far as the last
+        ``measure_calls`` accepted ones and two more where that is longer (a measure's
+        look-back, ``look_back``), at most ``forget``."""
+        c = self._config
+        accepted = self._accepted
+        horizon = now - 2.0 * c.window
+        if len(accepted) < c.measure_calls + 2:
+            horizon = -math.inf
+        elif accepted[-c.measure_calls - 2] < horizon:
+            horizon = accepted[-c.measure_calls - 2]
+        return max(horizon, now - c.forget)
+
+    def _remember(self, times: list[float], sent: float, now: float) -> None:
+        bisect.insort(times, sent)
+        horizon = self.horizon(now)
+        if times[0] < horizon:
+            del times[: bisect.bisect_left(times, horizon)]
+
+    def accepted_between(self, start: float, sent: float) -> int:
+        """Accepted calls sent from ``start`` up to ``sent``."""
+        return self._count(self._accepted, start, sent)
+
+    def refused_between(self, start: float, sent: float) -> int:
+        """Refused calls sent from ``start`` up to ``sent`` (one at ``sent`` counts: it is
+        the refusal being read)."""
+        return self._count(self._refused, start, sent)
+
+    @staticmethod
+    def _count(times: list[float], start: float, sent: float) -> int:
+        return bisect.bisect_right(times, sent) - bisect.bisect_left(times, start)
+
+    def sends_since(self, start: float, end: float = math.inf) -> int:
+        """Calls started from ``start`` up to (not at) ``end``: the one count of what was
+        really sent, for the growth's cap, the rate the workers were held to and
+        ``measure``."""
+        sends = self._sends
+        return bisect.bisect_left(sends, end) - bisect.bisect_left(sends, start)
+
+    def sent_rate(self, now: float, span: float) -> float:
+        """Calls started per second over the last ``span`` seconds."""
+        return self.sends_since(now - span) / span
+
+    def rate_sent_at(self, sent: float) -> float:
+        """The rate calls were paced at, at ``sent`` (before the history kept: the rate
+        paced at now)."""
+        history = self._history
+        index = bisect.bisect_right(history, sent, key=lambda change: change[0]) - 1
+        return history[index][1] if index >= 0 else self._pace()
+
+    def _pace(self) -> float:
+        """The rate paced at now: the last change's, else the first rate."""
+        return self._history[-1][1] if self._history else self._initial
+
+    def alternated(self, start: float, end: float) -> bool:
+        """Whether every call started from ``start`` up to ``end`` that was not refused
+        came next to a refused one (no two accepted in a row)."""
+        sends = self._sends
+        accepted_last = False
+        for index in range(bisect.bisect_left(sends, start), bisect.bisect_left(sends, end)):
+            accepted = not self._was(self._refused, sends[index])
+            if accepted and accepted_last:
+                return False
+            accepted_last = accepted
+        return True
+
+    def paced_under(self, rate: float, start: float, end: float) -> bool:
+        """Whether calls were paced slower than ``rate`` at some time between the two."""
+        if self.rate_sent_at(start) < rate:
+            return True
+        return any(start < when < end and paced < rate for when, paced in self._history)
+
+    def __repr__(self) -> str:
+        return (
+            f"GatewayEvidence(sent={len(self._sends)}, accepted={len(self._accepted)}, "
+            f"refused={len(self._refused)}, floor={self.floor():.4g}, "
+            f"ceiling={self._ceiling:.4g}, burst={self._burst:.4g})"
+        )
