@@ -1,7 +1,9 @@
 """``--rate auto``: the arithmetic that finds an undocumented quota and keeps just under it.
 
 Pure: events with their times in, the rate to use out; no clock, no I/O. The design is in
-``docs/rate-auto.md``. In short:
+``docs/rate-auto.md``. What the answers say of the gateway (the measure, the floor, the
+ceiling, the burst start-up saw) is kept and read by ``GatewayEvidence``
+(``evidence.py``); this module is the policy that decides on it. In short:
 
 - **startup** doubles the rate every ``startup_interval`` (never past twice what is really
   sent) until the first refusal;
@@ -348,6 +350,16 @@ class RateController:
     ``on_overload`` when it ends (with its latency, which dates its sending); each returns
     the rate from then on. ``rate_at(now)`` moves the phases along between events. Times
     passed in must not go backwards.
+
+    The policy only: what the answers say of the gateway (the measure, the floor, the
+    ceiling, the burst start-up saw) is ``GatewayEvidence``'s; this class decides what to
+    do about it. The phases move along in ``rate_at``: start-up's growth, the cruise back
+    to the target after a cut and the probe past it (early calls under ``LOW_RATE``), and
+    the return to growth on a proven rise (``_escalate``). A refusal is read against its
+    window's calls (``_read``: send jitter, a little over, or a rate to measure), and
+    what it calls for is cut to (``_level_after_refusal``, ``_cut``); 503s and latency
+    rising with the rate cut too (``_overloaded_at``). What it has learnt is its
+    ``ControllerState``.
     """
 
     __slots__ = ("_answers", "_config", "_delay", "_evidence", "_latency", "_state", "cuts",
@@ -396,6 +408,16 @@ class RateController:
         for each would cost a second's quota per refusal)."""
         return self._state.pause_until
 
+    def measure(self, sent: float) -> float | None:
+        """The quota a refusal of a call sent at ``sent`` measures (``None``: none; the
+        arithmetic is ``GatewayEvidence.measure``'s), from nothing before the last pause."""
+        measured = self._evidence.measure(sent, self._state.pause_until)
+        return None if measured is None else measured[0]
+
+    def rate_sent_at(self, sent: float) -> float:
+        """The rate calls were paced at, at ``sent``."""
+        return self._evidence.rate_sent_at(sent)
+
     # -- events --------------------------------------------------------------------------
     def on_sent(self, now: float) -> None:
         """A call starts: the measure of how fast we really send."""
@@ -425,7 +447,11 @@ class RateController:
     ) -> float:
         """A 429. ``latency`` dates the call: one sent before the last cut is old news
         (though it still marks the gateway's bucket empty, for the next measure, and
-        slows the next probe: it was one more refusal that probe cost)."""
+        slows the next probe: it was one more refusal that probe cost). Any other is read
+        against the calls of its window (``_read``): send jitter cuts nothing, a little
+        over the budget steps a little under the rate refused, an early call refused
+        goes back to the pace before it, and anything else cuts to just under what the
+        refusal measures (``_level_after_refusal``)."""
         rate = self.rate_at(now)
         sent = self._sent_at(now, latency)
         # What the calls accepted since the gateway's bucket was last seen empty say, read
@@ -438,21 +464,7 @@ class RateController:
         # Old news too: a call sent within one interval of the cut had its slot before it.
         # Either cost the cut one more refusal: the probe takes longer to come back.
         if sent < s.cut_at + 1.0 / s.level:
-            # At most six: with answers seconds long, a probe costs a hundred refusals
-            # in flight, and the next must still come within seconds.
-            c = self._config
-            unit = c.hold_calls * min(s.refusals + 1, 6) / max(s.target, s.level)
-            # The quota measured (none since startup or a rise: the rate refused may be
-            # twice the quota there, and the budget needs the whole unit).
-            known = min(s.quota, s.target) if math.isfinite(s.quota) else 0.0
-            if s.refusals == 1 and c.hold_cap * known >= c.hold_cap_calls:
-                # A burst of 1's second refusal (the call after the refused one had its
-                # slot before the cut) doubled the unit: 3 s at 20 calls/s, a cruise of 5 s
-                # that a rise just after the cut waited out before the probe could prove
-                # it (followed in 13.5 s). Where 2 s hold 35 calls at the quota measured,
-                # the unit stops there (under 17.5 calls/s the budget needs it all).
-                unit = max(c.hold, self._delay, min(unit, c.hold_cap))
-            self._state = replace(s, refusals=s.refusals + 1, unit=max(s.unit, unit))
+            self._one_more_refusal(s)
             return rate
         reading = self._read(sent)
         if reading is Reading.JITTER:
@@ -497,7 +509,67 @@ class RateController:
         sent_rate = self._overloaded_at(sent, rate)
         return self._cut(now, (1.0 - c.margin) * sent_rate, 0.0)
 
-    # -- arithmetic ----------------------------------------------------------------------
+    @staticmethod
+    def _sent_at(now: float, latency: float | None) -> float:
+        return now - latency if latency is not None and latency >= 0 else now
+
+    # -- the phases: start-up, the cruise back to the target, the probe past it ----------
+    def rate_at(self, now: float) -> float:
+        """The rate at ``now``: startup grows; after a cut the rate returns to its target
+        and grows past it as CUBIC's window does (``probe``)."""
+        s = self._state
+        if s.phase is Phase.STARTUP:
+            return self._startup_rate(s, now)
+        c = self._config
+        grown, phase = probe(s, now, c.cubic, c.margin, self._past_unit())
+        if now >= min(s.early, self._early_from(s)):
+            grown = EARLY * grown
+            s = replace(s, early=min(s.early, now))
+        # Not past twice what is really sent: a worker held back by its concurrency does
+        # not talk itself into a rate it never uses.
+        grown = min(grown, max(2.0 * (self._evidence.sent_rate(now, 1.0) + 1.0), s.level))
+        if s.overload:
+            grown = self._under_overload(s, now, grown)
+        rate = min(max(grown, s.rate), c.max_rate)
+        if s is self._state and rate == s.rate and phase is s.phase:
+            return rate  # nothing moved: no new state (this runs before every call)
+        return self._set(replace(s, rate=rate, phase=phase), now)
+
+    def _startup_rate(self, s: ControllerState, now: float) -> float:
+        """Start-up, or the growth after a proven rise: the rate doubles every unit, never
+        past twice what is really sent."""
+        if now > s.since:
+            grown = s.rate * 2.0 ** ((now - s.since) / s.unit)
+            # One more call than counted: at 2 calls/s a second's window holds one or
+            # two, and that alone must not stall the growth.
+            cap = max(2.0 * (self._evidence.sent_rate(now, 1.0) + 1.0), s.rate)
+            rate = min(grown, cap, self._config.max_rate)
+            return self._set(replace(s, rate=rate, level=rate, since=now), now)
+        return s.rate
+
+    def _early_from(self, s: ControllerState) -> float:
+        """When the probe's early calls begin (``inf``: none): under ``LOW_RATE``,
+        ``EARLY_AFTER`` units past the target, where an early call's answer comes before
+        the next leaves."""
+        if s.phase is Phase.STARTUP or s.overload or not s.target < LOW_RATE:
+            return math.inf
+        if self._delay * EARLY * s.target >= 1.0:
+            return math.inf  # an early call's refusal would come after the next one left
+        c = self._config
+        back = units_back(s, c.cubic, c.margin) * s.unit
+        return s.since + back + EARLY_AFTER * self._past_unit()
+
+    def _past_unit(self) -> float:
+        """The probe's time unit past its target: that of one refusal fewer than the cut
+        cost (at least one). The cruise back to the target spans 1.7-1.9 units, so it
+        alone holds 50 calls or more for each refusal; with a burst of 1 every cut costs
+        two (the call after the refused one had its slot before the cut), and in units of
+        two a probe at 20 calls/s climbed 2 % in the 4.5 s past its target where a quota
+        that rose needs it to climb 17 %."""
+        s, c = self._state, self._config
+        fewer = max(1, min(s.refusals, 6) - 1)
+        return min(s.unit, max(c.hold, self._delay, c.hold_calls * fewer / max(s.target, s.level)))
+
     def _escalate(self, now: float, rate: float) -> float:
         """A probe past its target whose calls the gateway all accepted, more than its
         target allows since the bucket was last seen empty: the quota rose past the target
@@ -536,6 +608,23 @@ class RateController:
                         early=math.inf)  # fmt: skip
         return self._set(state, now)
 
+    def _under_overload(self, s: ControllerState, now: float, grown: float) -> float:
+        """The probe's rate ``grown`` where ``refused`` is a rate latency (or 503s) rose
+        at: a hard cap while it is remembered, a slow climb past it once forgotten."""
+        c = self._config
+        ceiling = self._refused_lately(now)
+        if ceiling < math.inf:
+            # A rise of latency takes a hundred answers to see: a probe stops just under
+            # the rate overloaded lately, and a quota that rose is found once that is
+            # forgotten.
+            return min(grown, max(s.level, (1.0 - c.margin / 2.0) * ceiling))
+        # Forgotten: past the rate overloaded only slowly (as fast as CUBIC's growth
+        # at its target plus one unit): a rise of latency there is seen a hundred
+        # answers late, and by then the rate must not have gone far.
+        x = max(0.0, now - s.refused_at - c.forget) / s.unit
+        return min(grown, max(s.level, s.refused * (1.0 + 3.0 * c.cubic * x)))
+
+    # -- what a refusal (or an overload) says, and where it sends the rate ---------------
     def _read(self, sent: float) -> Reading:
         """What a refusal of a call sent at ``sent`` says, weighed against the calls answered
         in its ``window`` (refusals only since the last cut: those before it cost that cut;
@@ -563,40 +652,25 @@ class RateController:
             return Reading.RATE
         return Reading.EXCESS
 
-    def _overloaded_at(self, sent: float, rate: float) -> float:
-        """An overload of a call sent at ``sent``: its rate (returned) caps the probes, as
-        a refused one does."""
-        s = self._state
-        sent_rate = min(self.rate_sent_at(sent), rate)
-        refused = min(sent_rate, self._refused_lately(sent))
-        self._state = replace(s, refused=refused, refused_at=sent, overload=True)
-        return sent_rate
-
-    @staticmethod
-    def _sent_at(now: float, latency: float | None) -> float:
-        return now - latency if latency is not None and latency >= 0 else now
-
-    def measure(self, sent: float) -> float | None:
-        """The quota a refusal of a call sent at ``sent`` measures (``None``: none; the
-        arithmetic is ``GatewayEvidence.measure``'s), from nothing before the last pause."""
-        measured = self._evidence.measure(sent, self._state.pause_until)
-        return None if measured is None else measured[0]
-
-    def rate_sent_at(self, sent: float) -> float:
-        """The rate calls were paced at, at ``sent``."""
-        return self._evidence.rate_sent_at(sent)
-
-    def _held(self, now: float) -> float:
-        """What was really sent over the last ``window``, when all of it was paced (no
-        start-up, cut or pause in it) and that is under ``HALF`` the rate: the workers were
-        held back (too few for the answers' latency), and a refusal says that what they
-        really sent was too much, not the pace they never used; else ``inf``."""
-        s, c = self._state, self._config
-        if s.phase is Phase.STARTUP or max(s.cut_at, s.pause_until) > now - c.window:
-            return math.inf
-        count = self._evidence.sends_since(now - c.window, math.nextafter(now, math.inf))
-        sent = count / c.window
-        return sent if count >= HELD_CALLS and sent < HALF * s.rate else math.inf
+    def _one_more_refusal(self, s: ControllerState) -> None:
+        """The last cut cost one more refusal (of a call sent before it, or within one
+        interval of it): the probe's unit stretches to ``hold_calls`` calls at the target
+        for each, so the probe takes longer to come back."""
+        # At most six: with answers seconds long, a probe costs a hundred refusals
+        # in flight, and the next must still come within seconds.
+        c = self._config
+        unit = c.hold_calls * min(s.refusals + 1, 6) / max(s.target, s.level)
+        # The quota measured (none since startup or a rise: the rate refused may be
+        # twice the quota there, and the budget needs the whole unit).
+        known = min(s.quota, s.target) if math.isfinite(s.quota) else 0.0
+        if s.refusals == 1 and c.hold_cap * known >= c.hold_cap_calls:
+            # A burst of 1's second refusal (the call after the refused one had its
+            # slot before the cut) doubled the unit: 3 s at 20 calls/s, a cruise of 5 s
+            # that a rise just after the cut waited out before the probe could prove
+            # it (followed in 13.5 s). Where 2 s hold 35 calls at the quota measured,
+            # the unit stops there (under 17.5 calls/s the budget needs it all).
+            unit = max(c.hold, self._delay, min(unit, c.hold_cap))
+        self._state = replace(s, refusals=s.refusals + 1, unit=max(s.unit, unit))
 
     def _level_after_refusal(
         self,
@@ -620,27 +694,11 @@ class RateController:
             overload=False,
         )
         evidence = self._evidence
-        measured = evidence.measure(sent, s.pause_until)
+        measured, paced = self._weighed_measure(sent, refused_rate)
         # With answers slower than a measure's span, the calls in it went out before
         # the gateway's answers to the ones before could say anything: a measure far
         # under the rate refused is as suspect as one of half.
         half = HALF if self._delay < c.measure_s * 2.0 else SLOW_HALF
-        paced = refused_rate
-        if measured is not None:
-            # The rate may have fallen in between: the share refused is of what was sent
-            # in the span, not of the rate refused.
-            quota, start = measured
-            spanned = evidence.sends_since(start, sent) / (sent - start)
-            if start < sent - c.window:
-                # From further back than a window.
-                paced = max(paced, spanned)
-                if TWICE * paced < quota <= ABOUT_HALF * paced:
-                    measured = None
-            elif evidence.alternated(start, sent):
-                # No two calls accepted in a row: a burst of 1 past its quota, which loses
-                # the tokens it gets while full, and cut step by step as it fell (from
-                # 50 to 20 calls/s: a measure of 15.0 at 24.8, after 29-48 in the span).
-                paced = max(paced, spanned)
         if measured is not None:
             self.measured += 1
             quota, start = measured
@@ -695,77 +753,63 @@ class RateController:
         under = self._config.margin / 3.0
         return (1.0 - (2.0 * under if refused_rate < LOW_RATE else under)) * refused_rate
 
+    def _weighed_measure(
+        self, sent: float, refused_rate: float
+    ) -> tuple[tuple[float, float] | None, float]:
+        """What a refusal of a call sent at ``sent`` measures (``GatewayEvidence.measure``:
+        the quota and when its span began; ``None``: nothing, or nothing to trust), and the
+        pace to weigh it against: the rate refused, or what was really sent in the span
+        where that was more and the span reaches further back than a ``window`` or has no
+        two calls accepted in a row (a burst of 1 past its quota). From further back than a
+        window, a measure ``TWICE``-``ABOUT_HALF`` of that pace is not trusted."""
+        c = self._config
+        evidence = self._evidence
+        measured = evidence.measure(sent, self._state.pause_until)
+        paced = refused_rate
+        if measured is not None:
+            # The rate may have fallen in between: the share refused is of what was sent
+            # in the span, not of the rate refused.
+            quota, start = measured
+            spanned = evidence.sends_since(start, sent) / (sent - start)
+            if start < sent - c.window:
+                # From further back than a window.
+                paced = max(paced, spanned)
+                if TWICE * paced < quota <= ABOUT_HALF * paced:
+                    measured = None
+            elif evidence.alternated(start, sent):
+                # No two calls accepted in a row: a burst of 1 past its quota, which loses
+                # the tokens it gets while full, and cut step by step as it fell (from
+                # 50 to 20 calls/s: a measure of 15.0 at 24.8, after 29-48 in the span).
+                paced = max(paced, spanned)
+        return measured, paced
+
+    def _held(self, now: float) -> float:
+        """What was really sent over the last ``window``, when all of it was paced (no
+        start-up, cut or pause in it) and that is under ``HALF`` the rate: the workers were
+        held back (too few for the answers' latency), and a refusal says that what they
+        really sent was too much, not the pace they never used; else ``inf``."""
+        s, c = self._state, self._config
+        if s.phase is Phase.STARTUP or max(s.cut_at, s.pause_until) > now - c.window:
+            return math.inf
+        count = self._evidence.sends_since(now - c.window, math.nextafter(now, math.inf))
+        sent = count / c.window
+        return sent if count >= HELD_CALLS and sent < HALF * s.rate else math.inf
+
     def _refused_lately(self, now: float) -> float:
         """The lowest rate refused, while it still says something (``forget`` seconds)."""
         s = self._state
         return s.refused if now - s.refused_at <= self._config.forget else math.inf
 
-    def rate_at(self, now: float) -> float:
-        """The rate at ``now``: startup grows; after a cut the rate returns to its target
-        and grows past it as CUBIC's window does (``probe``)."""
+    def _overloaded_at(self, sent: float, rate: float) -> float:
+        """An overload of a call sent at ``sent``: its rate (returned) caps the probes, as
+        a refused one does."""
         s = self._state
-        c = self._config
-        if s.phase is Phase.STARTUP:
-            if now > s.since:
-                grown = s.rate * 2.0 ** ((now - s.since) / s.unit)
-                # One more call than counted: at 2 calls/s a second's window holds one or
-                # two, and that alone must not stall the growth.
-                cap = max(2.0 * (self._evidence.sent_rate(now, 1.0) + 1.0), s.rate)
-                rate = min(grown, cap, c.max_rate)
-                return self._set(replace(s, rate=rate, level=rate, since=now), now)
-            return s.rate
-        grown, phase = probe(s, now, c.cubic, c.margin, self._past_unit())
-        if now >= min(s.early, self._early_from(s)):
-            grown = EARLY * grown
-            s = replace(s, early=min(s.early, now))
-        # Not past twice what is really sent: a worker held back by its concurrency does
-        # not talk itself into a rate it never uses.
-        grown = min(grown, max(2.0 * (self._evidence.sent_rate(now, 1.0) + 1.0), s.level))
-        ceiling = self._refused_lately(now)
-        if ceiling < math.inf and s.overload:
-            # A rise of latency takes a hundred answers to see: a probe stops just under
-            # the rate overloaded lately, and a quota that rose is found once that is
-            # forgotten.
-            grown = min(grown, max(s.level, (1.0 - c.margin / 2.0) * ceiling))
-        elif s.overload:
-            # Forgotten: past the rate overloaded only slowly (as fast as CUBIC's growth
-            # at its target plus one unit): a rise of latency there is seen a hundred
-            # answers late, and by then the rate must not have gone far.
-            x = max(0.0, now - s.refused_at - c.forget) / s.unit
-            grown = min(grown, max(s.level, s.refused * (1.0 + 3.0 * c.cubic * x)))
-        rate = min(max(grown, s.rate), c.max_rate)
-        if s is self._state and rate == s.rate and phase is s.phase:
-            return rate  # nothing moved: no new state (this runs before every call)
-        return self._set(replace(s, rate=rate, phase=phase), now)
+        sent_rate = min(self.rate_sent_at(sent), rate)
+        refused = min(sent_rate, self._refused_lately(sent))
+        self._state = replace(s, refused=refused, refused_at=sent, overload=True)
+        return sent_rate
 
-    def _early_from(self, s: ControllerState) -> float:
-        """When the probe's early calls begin (``inf``: none): under ``LOW_RATE``,
-        ``EARLY_AFTER`` units past the target, where an early call's answer comes before
-        the next leaves."""
-        if s.phase is Phase.STARTUP or s.overload or not s.target < LOW_RATE:
-            return math.inf
-        if self._delay * EARLY * s.target >= 1.0:
-            return math.inf  # an early call's refusal would come after the next one left
-        c = self._config
-        back = units_back(s, c.cubic, c.margin) * s.unit
-        return s.since + back + EARLY_AFTER * self._past_unit()
-
-    def _past_unit(self) -> float:
-        """The probe's time unit past its target: that of one refusal fewer than the cut
-        cost (at least one). The cruise back to the target spans 1.7-1.9 units, so it
-        alone holds 50 calls or more for each refusal; with a burst of 1 every cut costs
-        two (the call after the refused one had its slot before the cut), and in units of
-        two a probe at 20 calls/s climbed 2 % in the 4.5 s past its target where a quota
-        that rose needs it to climb 17 %."""
-        s, c = self._state, self._config
-        fewer = max(1, min(s.refusals, 6) - 1)
-        return min(s.unit, max(c.hold, self._delay, c.hold_calls * fewer / max(s.target, s.level)))
-
-    def _set(self, state: ControllerState, now: float) -> float:
-        self._evidence.paced(now, state.rate)
-        self._state = state
-        return state.rate
-
+    # -- moving the rate -----------------------------------------------------------------
     def _cut(self, now: float, rate: float, target: float) -> float:
         """To ``rate``, the probe returning to ``target`` (0: none, for an overload, which
         is seen too late to go back fast to where it began), its time unit ``hold`` (or longer:
@@ -782,6 +826,12 @@ class RateController:
                         cut_at=now, target=target, unit=unit, refusals=1,
                         early=math.inf)  # fmt: skip
         return self._set(state, now)
+
+    def _set(self, state: ControllerState, now: float) -> float:
+        """The state from ``now`` on; its rate is recorded as paced (``rate_sent_at``)."""
+        self._evidence.paced(now, state.rate)
+        self._state = state
+        return state.rate
 
     def __repr__(self) -> str:
         s = self._state

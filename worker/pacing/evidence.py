@@ -74,7 +74,7 @@ class GatewayEvidence:
         self._began = math.inf  # when start-up's first call was sent (``sent``)
         self._burst = math.nan
 
-    # -- what happened ---------------------------------------------------------------------
+    # -- what happened -------------------------------------------------------------------
     def sent(self, now: float) -> None:
         """A call starts: the measure of how fast we really send."""
         sends = self._sends
@@ -146,7 +146,7 @@ class GatewayEvidence:
             if start <= first + 2.0 * self._config.window:
                 self._burst = calls - quota * span
 
-    # -- the estimates ---------------------------------------------------------------------
+    # -- the estimates -------------------------------------------------------------------
     @property
     def burst(self) -> float:
         """The calls start-up's gateway let through over the quota's pace before its first
