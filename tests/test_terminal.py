@@ -201,6 +201,22 @@ async def test_the_prompt_says_a_line_of_json_may_send_ids_to_another_project(
 
 
 @pytest.mark.anyio
+async def test_a_last_line_with_no_line_break_is_counted_by_the_prompt(tmp_path: Path) -> None:
+    """A file of 3 ids whose last has no line break after it (``printf``, an editor, an
+    export) was counted 2 by its line breaks: the prompt said "up to 2 jobs", asked for
+    ``yes`` under ``confirm_project_over`` 2, and 3 jobs went. Now it says 3 and asks for
+    the project id: ``yes`` is a no."""
+    async with _project(tmp_path, 3, REAPER_CONFIRM_PROJECT_OVER="2") as (sim, src, env):
+        src.write_text("\n".join(sim.job_ids()))
+        refused, term = await anyio.to_thread.run_sync(
+            lambda: _answer(["-i", str(src)], env, b"yes\n")
+        )
+        assert refused == 64
+        assert len(sim.deleted) == 0
+    assert any(f"About to delete up to 3 jobs from {src}" in line for line in term.lines())
+
+
+@pytest.mark.anyio
 async def test_above_the_threshold_the_project_id_must_be_typed(tmp_path: Path) -> None:
     async with _project(tmp_path, 12, REAPER_CONFIRM_PROJECT_OVER="5") as (sim, src, env):
         refused, term = await anyio.to_thread.run_sync(
@@ -302,6 +318,10 @@ def test_a_narrow_terminal_shows_the_figures_whole(width: int) -> None:
 def test_count_lines_knows_plain_files_only(tmp_path: Path) -> None:
     plain = write_ids(tmp_path / "ids.txt", ["a", "b", "c"])
     assert count_lines(str(plain)) == 3
+    (tmp_path / "open.txt").write_text("a\nb")
+    assert count_lines(str(tmp_path / "open.txt")) == 2
+    (tmp_path / "empty.txt").write_text("")
+    assert count_lines(str(tmp_path / "empty.txt")) == 0
     assert count_lines("-") is None
     assert count_lines(str(tmp_path / "ids.txt.gz")) is None
 

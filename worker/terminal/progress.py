@@ -11,12 +11,18 @@ from worker.outcomes.journal import Tally
 
 
 def count_lines(path: str) -> int | None:
-    """Lines in a plain file (an upper bound on its ids), or None when it cannot be known."""
+    """Lines in a plain file (an upper bound on its ids), or None when it cannot be known.
+    A last line with no line break after it counts: the reader reads it as a line (``id1\nid2``
+    is two ids, where counting line breaks said one, and the prompt "up to 1 job")."""
     if path == "-" or path.endswith(".gz"):
         return None
     try:
         with open(path, "rb") as handle:
-            return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+            lines, last = 0, b"\n"
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                lines += chunk.count(b"\n")
+                last = chunk[-1:]
+            return lines + (last != b"\n")
     except OSError:
         return None
 
