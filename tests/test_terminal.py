@@ -217,6 +217,22 @@ async def test_a_last_line_with_no_line_break_is_counted_by_the_prompt(tmp_path:
 
 
 @pytest.mark.anyio
+async def test_a_json_array_on_one_line_is_not_announced_as_one_job(tmp_path: Path) -> None:
+    """A JSON array of ids written on one line was counted as one line: the prompt said "up
+    to 1 job", asked for ``yes``, and every id of the array went. Its count is unknown
+    without reading it, so the prompt says so and asks for the project id, as for stdin."""
+    async with _project(tmp_path, 3) as (sim, _, env):
+        array = tmp_path / "ids.json"
+        array.write_bytes(orjson.dumps(sim.job_ids()))
+        refused, term = await anyio.to_thread.run_sync(
+            lambda: _answer(["-i", str(array)], env, b"yes\n")
+        )
+        assert refused == 64
+        assert len(sim.deleted) == 0
+    assert any(f"About to delete the jobs listed in {array}" in line for line in term.lines())
+
+
+@pytest.mark.anyio
 async def test_above_the_threshold_the_project_id_must_be_typed(tmp_path: Path) -> None:
     async with _project(tmp_path, 12, REAPER_CONFIRM_PROJECT_OVER="5") as (sim, src, env):
         refused, term = await anyio.to_thread.run_sync(
@@ -322,6 +338,8 @@ def test_count_lines_knows_plain_files_only(tmp_path: Path) -> None:
     assert count_lines(str(tmp_path / "open.txt")) == 2
     (tmp_path / "empty.txt").write_text("")
     assert count_lines(str(tmp_path / "empty.txt")) == 0
+    assert count_lines(str(tmp_path / "ids.json")) is None  # elements, not lines
+    assert count_lines(str(plain), "json") is None
     assert count_lines("-") is None
     assert count_lines(str(tmp_path / "ids.txt.gz")) is None
 

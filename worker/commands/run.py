@@ -433,7 +433,7 @@ def _proposal(
         project=project,
         typed=typed,
         endpoint=endpoint,
-        count=len(plan) if plan is not None else count_lines(request.input),
+        count=len(plan) if plan is not None else count_lines(request.input, request.input_format),
         exact=plan is not None,
         cap=settings.max_deletions,
         ledger=settings.ledger is not None,
@@ -620,7 +620,7 @@ async def _watch_progress(
     if output.display is not None and records.sharding is None:  # a shard's part is not known
         from worker.terminal.progress import count_lines
 
-        total = len(plan) if plan is not None else count_lines(request.input)
+        total = len(plan) if plan is not None else count_lines(request.input, request.input_format)
     progress_scope = anyio.CancelScope()  # entered by the progress task
     display = output.display if output.progress else None
     if display is not None:

@@ -10,11 +10,15 @@ from dataclasses import dataclass
 from worker.outcomes.journal import Tally
 
 
-def count_lines(path: str) -> int | None:
+def count_lines(path: str, fmt: str = "auto") -> int | None:
     """Lines in a plain file (an upper bound on its ids), or None when it cannot be known.
     A last line with no line break after it counts: the reader reads it as a line (``id1\nid2``
-    is two ids, where counting line breaks said one, and the prompt "up to 1 job")."""
-    if path == "-" or path.endswith(".gz"):
+    is two ids, where counting line breaks said one, and the prompt "up to 1 job"). A JSON
+    array (``fmt``, or the name, says so) is None: its ids are elements, not lines, and an
+    array of 100,000 on one line was announced as "up to 1 job"."""
+    from worker.input.sources import detect_format
+
+    if path == "-" or path.endswith(".gz") or detect_format(path, fmt) == "json":
         return None
     try:
         with open(path, "rb") as handle:
