@@ -4,6 +4,7 @@ sums up; each on a real pseudo-terminal, read back as a screen (``tests/tty.py``
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import io
 import os
 import re
@@ -217,13 +218,22 @@ async def test_a_last_line_with_no_line_break_is_counted_by_the_prompt(tmp_path:
 
 
 @pytest.mark.anyio
-async def test_a_json_array_on_one_line_is_not_announced_as_one_job(tmp_path: Path) -> None:
-    """A JSON array of ids written on one line was counted as one line: the prompt said "up
-    to 1 job", asked for ``yes``, and every id of the array went. Its count is unknown
-    without reading it, so the prompt says so and asks for the project id, as for stdin."""
+@pytest.mark.parametrize("kind", ["json", "gzip"])
+async def test_a_json_array_or_gzip_is_not_announced_by_its_lines(
+    tmp_path: Path, kind: str
+) -> None:
+    """A JSON array of ids written on one line was counted as one line, and a gzip file
+    named ``ids.txt`` (the reader finds gzip by its first bytes) by the line breaks of its
+    compressed bytes: the prompt said "up to 1 job" (or 0), asked for ``yes``, and every id
+    went. Their count is unknown without reading them, so the prompt says so and asks for
+    the project id, as for stdin."""
     async with _project(tmp_path, 3) as (sim, _, env):
-        array = tmp_path / "ids.json"
-        array.write_bytes(orjson.dumps(sim.job_ids()))
+        if kind == "json":
+            array = tmp_path / "ids.json"
+            array.write_bytes(orjson.dumps(sim.job_ids()))
+        else:
+            array = tmp_path / "packed.txt"
+            array.write_bytes(gzip.compress("\n".join(sim.job_ids()).encode() + b"\n"))
         refused, term = await anyio.to_thread.run_sync(
             lambda: _answer(["-i", str(array)], env, b"yes\n")
         )

@@ -12,16 +12,21 @@ from worker.outcomes.journal import Tally
 
 def count_lines(path: str, fmt: str = "auto") -> int | None:
     """Lines in a plain file (an upper bound on its ids), or None when it cannot be known.
-    A last line with no line break after it counts: the reader reads it as a line (``id1\nid2``
-    is two ids, where counting line breaks said one, and the prompt "up to 1 job"). A JSON
-    array (``fmt``, or the name, says so) is None: its ids are elements, not lines, and an
-    array of 100,000 on one line was announced as "up to 1 job"."""
-    from worker.input.sources import detect_format
+        A last line with no line break after it counts: the reader reads it as a line (``id1\nid2``
+        is two ids, where counting line breaks said one, and the prompt "up to 1 job"). A JSON
+        array (``fmt``, or the name, says so) is None: its ids are elements, not lines, and an
+        array of 100,000 on one line was announced as "up to 1 job". So is gzip, by its name or,
+    as the reader finds it, by its first bytes: the line breaks of compressed bytes are none of
+    its ids'."""
+    from worker.input.sources import GZIP_MAGIC, detect_format
 
     if path == "-" or path.endswith(".gz") or detect_format(path, fmt) == "json":
         return None
     try:
         with open(path, "rb") as handle:
+            if handle.read(2) == GZIP_MAGIC:  # read through whatever its name: not its lines
+                return None
+            handle.seek(0)
             lines, last = 0, b"\n"
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 lines += chunk.count(b"\n")
