@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import anyio
 import pytest
 
 from tests.benchmarks.harness import (
+    Arrivals,
     BotocoreCubic,
     EvenPacer,
     RclonePacer,
@@ -349,6 +351,7 @@ class Paced:
     sent_short: float
     seen_short: float
     trace: Trace
+    refused_gaps: tuple[float, ...] = ()  # ms from the accepted call before, as checked
 
     def figures(self) -> dict[str, float]:
         return {"used": round(self.used, 3), "throttled": round(self.throttled, 4),
@@ -399,7 +402,21 @@ def _paced(
         sent_short=_short([w for w in trace.writes if w >= t0], 1.0 / cell.quota),
         seen_short=_short([c for c in seen.checked if c >= t0], 1.0 / cell.quota),
         trace=trace,
+        refused_gaps=_refused_gaps(seen, t0),
     )
+
+
+def _refused_gaps(seen: Arrivals, t0: float) -> tuple[float, ...]:
+    """For each call refused from ``t0`` on, how long after the accepted call before it the
+    gateway checked it, in ms: at a burst of 1, just under 1/quota for a probe refused at
+    the quota, much less for a pace well past it."""
+    gaps, last = [], -math.inf
+    for checked, accepted in zip(seen.checked, seen.accepted, strict=True):
+        if accepted:
+            last = checked
+        elif checked >= t0 and last > -math.inf:
+            gaps.append(round((checked - last) * 1000.0, 1))
+    return tuple(gaps)
 
 
 @pytest.mark.timeout(sum(_cell_seconds(quota) + 40 for quota, *_ in MATRIX) + 120)
@@ -448,6 +465,38 @@ def test_auto_rate_matrix_over_real_http(tmp_path: Path) -> None:
            oracle_090_within_2pc=sum(r["oracle_within_2pc"] for r in rows),
            load_before=load_before, load_after=load_after, machine=machine())  # fmt: skip
     _draw_matrix(traces, load_before, load_after)
+
+
+FIVE_BURST_ONE = tuple(cell for cell in MATRIX if cell[:2] == (5.0, 1))
+"""The matrix's six cells at 5 calls/s and a burst of 1, where a window of 147 calls holds
+two refusals within the budget and a third is over it."""
+
+
+@pytest.mark.timeout(repeats(2) * len(FIVE_BURST_ONE) * 80 + 120)
+def test_auto_at_five_calls_a_second_burst_one_over_real_http(tmp_path: Path) -> None:
+    """The six q5-b1 cells, ``--rate auto`` alone (no oracle), ``BENCH_REPEATS`` runs each
+    (2), 40 s a run measured from 10 s, as ``test_auto_rate_matrix_over_real_http`` runs
+    them. Per run: the share of the quota used, the share throttled, and for each refusal
+    how long after the accepted call before it the simulator checked it (a probe refused at
+    the quota: 196-200 ms). Two controllers compare under one load when this runs from two
+    worktrees, a cell at a time each (``BENCH_MATRIX_CELLS`` picks the cell)."""
+    rows = []
+    for run in range(repeats(2)):
+        for quota, burst, latency_ms, concurrency in FIVE_BURST_ONE:
+            cell = Cell(quota, concurrency, latency_ms)
+            ids = int(quota * 40.0 * 1.3) + 500
+            with simulator(tmp_path, jobs=ids, quota=quota, burst=burst,
+                           latency_ms=latency_ms) as sim:  # fmt: skip
+                auto = _paced(sim, cell, sim.ids, lambda clock: _limiter("auto", clock),
+                              seconds=40.0, measure_from=10.0)  # fmt: skip
+            row = {"cell": _cell_name(quota, burst, latency_ms, concurrency), "run": run,
+                   "used": round(auto.used, 3), "throttled": round(auto.throttled, 4),
+                   "refused_gaps_ms": list(auto.refused_gaps), "met": auto.met(),
+                   "load": os.getloadavg()[0]}  # fmt: skip
+            rows.append(row)
+            record("rate_auto_q5_burst_one", **row)
+    record("rate_auto_q5_burst_one_summary", runs=len(rows), met=sum(r["met"] for r in rows),
+           machine=machine())  # fmt: skip
 
 
 def _draw_matrix(
