@@ -1,0 +1,44 @@
+"""The real command against answers that speak of other jobs than the ones asked about: what
+is deleted must be what the rules looked at, whatever the API hands back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import reaper, reaper_env, results, write_ids
+from tests.gateway import Gateway, serve_gateway
+
+pytestmark = pytest.mark.anyio
+
+
+def fast(src: Path, *more: str) -> list[str]:
+    return ["run", "-i", str(src), "--yes", "--rate", "2000", "--burst", "50",
+            "--max-attempts", "3", *more]  # fmt: skip
+
+
+async def test_a_show_call_answered_with_another_job_does_not_clear_a_protected_one(
+    tmp_path: Path,
+) -> None:
+    """``--protect 'prod-*'`` and a file naming ``prod-db``, a job the listing has not caught
+    up with, whose show call answers with the record of ``job-0000`` (unprotected): the
+    rule never saw ``prod-db``, so it is not deleted (``failed``, not checked), and
+    ``job-0001`` beside it is."""
+    gateway = Gateway.with_jobs(3)
+    gateway.jobs["prod-db"] = {"id": "prod-db", "name": "prod-db", "type": "COMMON",
+                               "status": "FINISHED", "create_at": 1749536420547}  # fmt: skip
+    gateway.unlisted.add("prod-db")
+    gateway.shows["prod-db"] = "job-0000"
+    async with serve_gateway(gateway) as url:
+        src = write_ids(tmp_path / "ids.txt", ["prod-db", "job-0001"])
+        out = tmp_path / "results.jsonl"
+        done = await reaper(fast(src, "--protect", "prod-*", "--results", str(out)),
+                            reaper_env(url))  # fmt: skip
+    assert "prod-db" not in gateway.asked, done.stdout
+    assert gateway.deleted == {"job-0001"}
+    rows = {row["job_id"]: row for row in results(out)}
+    assert rows["prod-db"]["outcome"] == "failed"
+    assert "job-0000" in rows["prod-db"]["error_msg"]
+    assert rows["job-0001"]["outcome"] == "deleted"
+    assert done.code == 1, done.stderr
