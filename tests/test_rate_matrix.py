@@ -183,6 +183,35 @@ def test_a_per_second_gateway_with_latency_spread_is_not_measured_from_a_clump(s
     _meets_the_goal(run, 150.0)
 
 
+def test_a_per_second_gateway_at_300_calls_a_second_is_not_measured_across_two_seconds() -> None:
+    """A gateway counting 300 calls per whole second, 64 in flight, answers 100 ms later: a
+    span from a refused call of one second's clump to one of the next second's holds that
+    second's count (300) over more than a second. With one call counted as still out, it
+    was read as the most the quota can be: 206 calls/s, the rate fell to it, and the floor
+    proved a rise from there, start-up's climb again and a second clump of refusals (7.8 %
+    refused from 10 s on). The matrix's goal from 10 s on (1.5 %, as at a5ffdd3)."""
+    run = simulate(lambda t: 300.0, duration=40.0, latency=0.1, concurrency=64, windowed=True)
+    _meets_the_goal(run, 300.0)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_per_second_gateway_at_300_calls_a_second_with_latency_spread_keeps_its_quota(
+    seed: int,
+) -> None:
+    """As above with 32 in flight, latency drawn around 50 ms, sends 2 ms late: the calls
+    still out, counted as accepted over a span across two seconds, measured 206-222 calls/s
+    of the quota of 300, and what followed cost 0.95-0.97 of it from 10 s on, 5.2-6.3 %
+    refused. Now 1.00 and 2.7-3.6 %, as at a5ffdd3: over the budget still, the steps of 3 %
+    down from start-up's end where no refusal can be measured with answers out
+    (docs/rate-auto.md); what is pinned here is that no such measure comes back."""
+    rng = random.Random(seed)
+    run = simulate(lambda t: 300.0, duration=40.0, latency=_drawn(0.05, seed + 100),
+                   concurrency=32, windowed=True,
+                   jitter=lambda: rng.expovariate(500.0))  # fmt: skip
+    assert run.accepted_per_s(10.0, 40.0) >= 0.99 * 300.0
+    assert run.refused_share(10.0, 40.0) <= 0.04
+
+
 @pytest.mark.parametrize("quota", [200.0, 400.0], ids=["q200", "q400"])
 def test_a_quota_that_falls_a_little_at_a_burst_of_fifty_keeps_to_the_budget(
     quota: float,
