@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.fakes import FakeClock, OneAtATime, paced_sends, simulate
+from tests.fakes import FakeClock, FixedWindow, OneAtATime, paced_sends, simulate
 from worker.dispatcher import Transport
 from worker.pacing.adaptive import AdaptiveRateLimiter, build_limiter
 from worker.pacing.bucket import RateLimiter
@@ -488,6 +488,32 @@ def test_a_call_refused_after_one_whose_429_comes_later_sets_no_ceiling() -> Non
     a rise. Deciding on the 429 in hand that the call before was accepted (its answer was
     not in) proved one at a floor of 20.6, under 1.06 x 20."""
     assert _floor_proving_a_rise(False) > 1.06 * 20.0
+
+
+def test_a_per_second_gateways_count_starting_again_proves_no_rise() -> None:
+    """A probe climbing past a quota of 300 measured, against a gateway counting 300 calls
+    per whole second (``FixedWindow``): 296 calls/s in second 11, all accepted; 301 in second
+    12, the last refused (one of 600 in the window: no cut), right after an accepted call, so
+    its ceiling is 301; 312 calls/s from 13 s. The count starts again at 13 s and takes 312
+    calls/s for most of that second: a floor of 308.9 within 0.33 s, past 1.01 x the ceiling
+    and under 1.06 x the measure. Read as a rise, start-up climbed again (at 300 calls/s,
+    5 ms, 32 in flight: 1.56 % refused from 10 s on, 1.17 % without); over less than a
+    second the floor is the pace, and becomes the probe's target."""
+    ctrl = RateController(0.0)
+    ctrl.restore(replace(ctrl.state, rate=291.0, level=291.0, phase=Phase.PROBE, since=10.0,
+                         cut_at=10.0, target=300.0, quota=300.0, unit=1.0))  # fmt: skip
+    gateway = FixedWindow(300.0, 11.0)
+    sends = [11.0 + k / 296 for k in range(296)] + [12.0 + k / 301 for k in range(301)]
+    sends += [13.0 + k / 312 for k in range(250)]
+    for sent in sends:
+        ctrl.on_sent(sent)
+        if gateway.try_acquire(sent) > 0:
+            ctrl.on_throttle(sent, retry_after=1.0, latency=0.0)
+        else:
+            ctrl.on_success(sent, latency=0.0)
+    assert ctrl.cuts == 0
+    assert ctrl.escalated == 0
+    assert ctrl.state.target > 1.01 * 301
 
 
 def test_503s_that_are_a_share_of_the_answers_cut_like_a_throttle_without_a_pause() -> None:

@@ -79,6 +79,13 @@ a measure with (``_level_after_refusal``). Any two make a floor (``GatewayEviden
 under ``measure_calls`` it is rough: not enough to prove a rise, enough to prove a measure
 low."""
 
+COUNT_RESTART = 1.0
+"""A floor spanning less than this since the bucket was last seen empty proves no rise past
+the ceiling: a gateway counting calls per whole second starts its count again at the next
+second and lets it all through at any pace, so there the floor is the pace (past the ceiling
+of its last refusal by 1 % as a probe climbs: read as a rise at a steady 300 calls/s, start-up
+climbed again to 361 and its clump of refusals cost 1.56 % where 1.17 % without)."""
+
 OVER = 0.35
 """Refused calls over this share of the last ``1 / jitter_share`` answered (since the cut):
 a pace well over the quota (a burst of 1 refuses every other call past it), not jitter."""
@@ -504,9 +511,10 @@ class RateController:
         from 1 call/s to 45). A floor past the target but within two margins of the quota
         measured proves that measure low, not a rise (the floor becomes the target), unless
         it is past the ceiling of the call that emptied the bucket by 1 %: the quota was
-        under that then, whatever the measure. Two margins over the measure waited out the
-        cruise back from a refusal just before a rise, and the probe past it: a rise from
-        20 to 50 calls/s then was followed in up to 10.7 s, now 4.7-10.4 s."""
+        under that then, whatever the measure (where the floor spans ``COUNT_RESTART`` or
+        more). Two margins over the measure waited out the cruise back from a refusal just
+        before a rise, and the probe past it: a rise from 20 to 50 calls/s then was followed
+        in up to 10.7 s, now 4.7-10.4 s."""
         s = self._state
         c = self._config
         if s.phase is not Phase.PROBE or math.isinf(s.target):
@@ -514,13 +522,13 @@ class RateController:
         floor = self._evidence.floor()
         if floor <= (1.0 + c.margin / 3.0) * s.target:
             return rate
-        if (
-            floor <= (1.0 + 2.0 * c.margin) * s.quota < math.inf
-            and floor <= (1.0 + c.margin / 3.0) * self._evidence.ceiling
+        if floor <= (1.0 + 2.0 * c.margin) * s.quota < math.inf and (
+            floor <= (1.0 + c.margin / 3.0) * self._evidence.ceiling
+            or self._evidence.floor_span < COUNT_RESTART
         ):
-            # Past a quota measured a little low, and not past the ceiling: no proof that
-            # it rose. The probe's target is the floor (the probe is not as far past it as
-            # it was).
+            # Past a quota measured a little low, and not past the ceiling (or not for a
+            # second: a per-second gateway's count starting again): no proof that it rose.
+            # The probe's target is the floor (the probe is not as far past it as it was).
             return self._set(replace(s, target=floor), now)
         if now >= s.early and floor <= (1.0 + EARLY_LEAD * c.margin) * s.target:
             return rate

@@ -159,6 +159,13 @@ class GatewayEvidence:
         bucket was sent (``inf``: nothing known; ``_ceiling_at``)."""
         return self._ceiling
 
+    @property
+    def floor_span(self) -> float:
+        """The time the floor is counted over: from the refused call that last emptied the
+        gateway's bucket to the last call accepted since (0: none accepted)."""
+        count, last = self._since_empty
+        return last - self._empty if count else 0.0
+
     def floor(self, calls: int = 0) -> float:
         """The least the quota can be (0 if too little is known: fewer than ``calls``
         accepted, or ``measure_calls`` by default): the gateway's bucket was empty when the
