@@ -520,6 +520,37 @@ async def test_exclude_drops_ids_after_review_and_says_so_in_the_summary_and_res
 
 
 @pytest.mark.anyio
+async def test_an_exclude_line_that_strikes_out_no_planned_job_refuses_the_run_64(
+    tmp_path: Path,
+) -> None:
+    """A reviewer strikes a job out as ``0A92...`` (the plan holds ``0a92...``: ids are
+    compared exactly) or with a typo. The run used to take the file, say ``excluded: 2`` in
+    ``run.started`` and delete both jobs; now it refuses (64) before any DELETE, naming the
+    lines, and with discover's filters refuses the id that differs only in case."""
+    async with run_simulator(SimulatorConfig(jobs=40, seed=25)) as sim:
+        path, keep = tmp_path / "plan", tmp_path / "keep.txt"
+        env = reaper_env(sim.url)
+        found = await reaper(["discover", "--status", "FINISHED", "--plan", str(path)], env)
+        assert found.code == 0, found.stderr
+        planned = ids_of(path)
+        upper = planned[0].upper()
+        typo = planned[1][:-1] + ("0" if planned[1][-1] != "0" else "1")
+        assert upper != planned[0]
+        for line in (upper, typo):
+            keep.write_text(line + "\n")
+            refused = await reaper(["run", "--plan", str(path), "--exclude", str(keep),
+                                    *FAST_RUN], env)  # fmt: skip
+            assert refused.code == 64, refused.stderr
+            assert line in refused.stderr and "struck out" in refused.stderr
+            assert (f"the plan holds {planned[0]}" in refused.stderr) == (line == upper)
+        keep.write_text(upper + "\n")
+        selected = await reaper(["run", "--status", "FINISHED", "--exclude", str(keep),
+                                 *FAST_RUN], env)  # fmt: skip
+        assert selected.code == 64 and f"the plan holds {planned[0]}" in selected.stderr
+        assert not sim.deleted and sim.stats.delete_calls == 0
+
+
+@pytest.mark.anyio
 async def test_run_with_discover_s_filters_selects_seals_and_applies_in_one_go(
     tmp_path: Path,
 ) -> None:

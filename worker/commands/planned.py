@@ -69,6 +69,36 @@ def open_file_plan(path: str, settings: Settings) -> SealedPlan:
     return plan
 
 
+def check_excluded(
+    path: str, excluded: frozenset[str], plan: SealedPlan, *, selected: bool
+) -> frozenset[str]:
+    """The ids of ``--exclude`` ``path`` the plan holds, to strike out; ``UsageError`` (64),
+    before any DELETE, for an id the plan holds in another case (``0A92...`` for
+    ``0a92...``: ids are compared exactly), and, for a plan file (not ``selected`` here by
+    filters, where a job that no longer matches is rightly absent), for an id the plan does
+    not hold at all. Either is a strike-out that strikes nothing: the job meant would be
+    deleted, and ``run.started`` would count it as excluded."""
+    jobs = plan.reviewed
+    strays: list[str] = []
+    for job_id in excluded:
+        if job_id in jobs:
+            continue
+        other = jobs.spelt(job_id)
+        if other is not None:
+            strays.append(f"{job_id} (the plan holds {other}: ids are compared case and all)")
+        elif not selected:
+            strays.append(job_id)
+    if strays:
+        what = "the selection" if selected else "the plan"
+        shown = "; ".join(sorted(strays)[:3]) + ("; ..." if len(strays) > 3 else "")
+        raise UsageError(
+            f"--exclude {path} names {len(strays)} id(s) {what} does not hold, so nothing "
+            f"would be struck out for them and the jobs meant would be deleted: {shown}; "
+            "correct those lines (copy the ids from the plan) and run again"
+        )
+    return frozenset(job_id for job_id in excluded if job_id in jobs)
+
+
 def select_and_seal(selecting: Selecting, settings: Settings, protection: Protection) -> SealedPlan:
     """Select with discover's filters and seal the selection into a private plan."""
     from worker.commands.discover import select_jobs

@@ -184,6 +184,11 @@ def _execute(
         plan = _load_plan(request, settings) if request.plan else None
         if plan is not None:
             cleanup.callback(plan.close)
+            if request.exclude is not None:
+                from worker.commands.planned import check_excluded
+
+                excluded = check_excluded(request.exclude, excluded, plan,
+                                          selected=request.selecting is not None)  # fmt: skip
             output.name_jobs(plan.reviewed.names())
             if plan.header.named:  # the run's own project: the plan's first
                 endpoint = plan_default(plan).endpoint

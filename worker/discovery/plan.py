@@ -99,6 +99,7 @@ _SELECT_JOB = (
     "WHERE id = ? AND seq > ? AND seq <= ?"
 )
 _HAS_JOB = "SELECT 1 FROM jobs WHERE id = ? AND seq > ? AND seq <= ?"
+_SPELT = "SELECT id FROM jobs WHERE id = ? COLLATE NOCASE AND seq > ? AND seq <= ? LIMIT 1"
 _IDS_IN = "SELECT id FROM jobs WHERE seq > ? AND seq <= ? ORDER BY seq"
 _INSERT_JOB = (
     "INSERT INTO jobs (id, type, status, name, user_name, create_at, update_at) "
@@ -556,6 +557,11 @@ class PlanJobs:
     def get(self, job_id: str) -> PlanJob | None:
         row = self._row(_SELECT_JOB, job_id)
         return None if row is None else PlanJob(*row)
+
+    def spelt(self, job_id: str) -> str | None:
+        """The plan's id that is ``job_id`` in another case (ids are ASCII), if any."""
+        row = self._row(_SPELT, job_id)
+        return None if row is None else str(row[0])
 
     def _row(self, query: str, job_id: object) -> Any:
         return self._conn.execute(query, (job_id, *self._rows)).fetchone()
