@@ -299,6 +299,35 @@ async def test_name_patterns_types_and_statuses_protect_in_a_run_by_id(tmp_path:
 
 
 @pytest.mark.anyio
+async def test_a_name_rule_protects_a_name_spelt_with_combining_accents(tmp_path: Path) -> None:
+    """``--protect 'café-*'`` typed with one character for é protects a job the API names
+    ``café-db`` with an e and a combining accent (and the other way round): the same name to
+    anyone reading it. Both were deleted, and discover planned them, protection 0."""
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    async with run_simulator(SimulatorConfig(jobs=10, seed=33)) as sim:
+        keep = [*sim.add_jobs(1, name=f"{decomposed}-db"), *sim.add_jobs(1, name=f"{composed}-x")]
+        others = [i for i in sim.job_ids() if i not in keep]
+        src = write_ids(tmp_path / "ids.txt", keep + others[:3])
+        rules = tmp_path / "protect.txt"
+        rules.write_text(f"name:{decomposed}-x\n", encoding="utf-8")
+        env = reaper_env(sim.url)
+        found = await reaper(["discover", "--name-regex", "(-db|-x)$", "--protect",
+                              f"{composed}-*", "--protect-file", str(rules), "-o", "ids"],
+                             env)  # fmt: skip
+        assert found.code == 0, found.stderr
+        assert not found.stdout.strip() and '"protected":2,' in found.stderr  # its summary
+        out = tmp_path / "results.jsonl"
+        done = await reaper(["run", "-i", str(src), "--results", str(out), "--protect",
+                             f"{composed}-*", "--protect-file", str(rules), *FAST],
+                            env)  # fmt: skip
+        assert done.code == 0, done.stderr
+        assert set(keep) <= set(sim.job_ids()) and not set(keep) & set(sim.sent_counts)
+        outcomes = _outcomes(out)
+        assert all(outcomes[i] == ("skipped", "protected") for i in keep)
+        assert all(outcomes[i][0] == "deleted" for i in others[:3])
+
+
+@pytest.mark.anyio
 async def test_protection_from_a_flag_adds_to_the_config_file_s_and_the_environment_s(
     tmp_path: Path,
 ) -> None:

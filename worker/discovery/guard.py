@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -128,7 +129,7 @@ class Protection:
                 names.append(rule)
         return cls(
             ids=frozenset(ids),
-            names=tuple(dict.fromkeys(names)),
+            names=tuple(dict.fromkeys(_nfc(name) for name in names)),
             types=frozenset(t.strip().upper() for t in types if t.strip()),
             statuses=frozenset(s.strip().upper() for s in statuses if s.strip()),
         )
@@ -155,8 +156,9 @@ class Protection:
         if status is not None and status in self.statuses:
             return f"status {record.status}"
         if record.name is not None:
+            name = _nfc(record.name)  # 'café' typed as one character or as e and an accent
             for pattern in self.names:
-                if fnmatch.fnmatchcase(record.name, pattern):
+                if fnmatch.fnmatchcase(name, pattern):
                     return f"name {pattern}"
         # A field a rule reads that the record lacks protects it: unknown is not a no.
         for rules, value, what in ((self.types, job_type, "type"),
@@ -174,6 +176,12 @@ class Protection:
             f"Protection(ids={len(self.ids)}, names={list(self.names)!r}, "
             f"types={sorted(self.types)!r}, statuses={sorted(self.statuses)!r})"
         )
+
+
+def _nfc(text: str) -> str:
+    """``text`` in Unicode's composed form: a name rule and a job's name that read the same
+    are compared the same, however each was typed or stored."""
+    return unicodedata.normalize("NFC", text)
 
 
 def _word(value: str | None) -> str | None:
