@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import signal
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -243,6 +244,21 @@ async def test_a_json_array_or_gzip_is_not_announced_by_its_lines(
 
 
 @pytest.mark.anyio
+async def test_ids_from_a_pipe_are_deleted_not_counted_away(tmp_path: Path) -> None:
+    """``run -i <(cat ids.txt) --yes`` on a terminal: the progress display counted the
+    input's lines first, which read the pipe to its end, and the run found nothing left
+    ("nothing to do: the input gave no ids", exit 0, every job still there). A pipe can be
+    read once: it is not counted, and its ids are deleted."""
+    async with _project(tmp_path, 5) as (sim, src, env):
+        shell = f"exec {shlex.quote(sys.executable)} -m worker run -i <(cat {src}) --yes"
+        term = Terminal([], env, program=["bash", "-c", shell])
+        code = await anyio.to_thread.run_sync(term.wait)
+        assert code == 0, term.lines()
+        assert len(sim.deleted) == 5
+    assert not any("nothing to do" in line for line in term.lines())
+
+
+@pytest.mark.anyio
 async def test_above_the_threshold_the_project_id_must_be_typed(tmp_path: Path) -> None:
     async with _project(tmp_path, 12, REAPER_CONFIRM_PROJECT_OVER="5") as (sim, src, env):
         refused, term = await anyio.to_thread.run_sync(
@@ -350,6 +366,8 @@ def test_count_lines_knows_plain_files_only(tmp_path: Path) -> None:
     assert count_lines(str(tmp_path / "empty.txt")) == 0
     assert count_lines(str(tmp_path / "ids.json")) is None  # elements, not lines
     assert count_lines(str(plain), "json") is None
+    os.mkfifo(tmp_path / "pipe")
+    assert count_lines(str(tmp_path / "pipe")) is None  # not opened: no writer waited on
     assert count_lines("-") is None
     assert count_lines(str(tmp_path / "ids.txt.gz")) is None
 

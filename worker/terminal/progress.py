@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,18 +13,22 @@ from worker.outcomes.journal import Tally
 
 
 def count_lines(path: str, fmt: str = "auto") -> int | None:
-    """Lines in a plain file (an upper bound on its ids), or None when it cannot be known.
-        A last line with no line break after it counts: the reader reads it as a line (``id1\nid2``
-        is two ids, where counting line breaks said one, and the prompt "up to 1 job"). A JSON
-        array (``fmt``, or the name, says so) is None: its ids are elements, not lines, and an
-        array of 100,000 on one line was announced as "up to 1 job". So is gzip, by its name or,
-    as the reader finds it, by its first bytes: the line breaks of compressed bytes are none of
-    its ids'."""
+    """Lines in a regular file (an upper bound on its ids), or None when it cannot be known.
+
+    A last line with no line break after it counts: the reader reads it as a line (two ids
+    with no break after the second were "up to 1 job"). None for anything but a regular
+    file: a pipe (``--input <(...)``, a named pipe) can be read once only, and counting it
+    took every id from the run, which then said "nothing to do". None for a JSON array
+    (``fmt``, or the name, says so): its ids are elements, not lines (100,000 on one line
+    were "up to 1 job"). None for gzip, by its name or, as the reader finds it, by its first
+    bytes: the line breaks of compressed bytes are none of its ids."""
     from worker.input.sources import GZIP_MAGIC, detect_format
 
     if path == "-" or path.endswith(".gz") or detect_format(path, fmt) == "json":
         return None
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # looked at, not opened: nothing read
+            return None
         with open(path, "rb") as handle:
             if handle.read(2) == GZIP_MAGIC:  # read through whatever its name: not its lines
                 return None
