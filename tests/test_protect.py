@@ -328,6 +328,36 @@ async def test_a_name_rule_protects_a_name_spelt_with_combining_accents(tmp_path
 
 
 @pytest.mark.anyio
+async def test_an_id_rule_protects_the_id_in_any_case(tmp_path: Path) -> None:
+    """``--protect id:0A92...`` copied in upper case (a UUID's hex is one in either case, RFC
+    4122) protects job ``0a92...``: discover planned it and a run by id deleted it. And an
+    input line ``0A92...`` under ``id:0a92...`` is protected unsent, for an API that looks
+    ids up without case would delete ``0a92...``."""
+    async with run_simulator(SimulatorConfig(jobs=30, seed=34)) as sim:
+        finished = [i for i, j in sim.store.jobs.items() if j.status == "FINISHED"]
+        first, second, other = finished[:3]
+        assert first.upper() != first and second.upper() != second
+        env = reaper_env(sim.url)
+        rules = tmp_path / "protect.txt"
+        rules.write_text(f"id:{first.upper()}\n{second}\n", encoding="utf-8")
+        found = await reaper(["discover", "--status", "FINISHED", "--protect-file", str(rules),
+                              "-o", "ids"], env)  # fmt: skip
+        assert found.code == 0, found.stderr
+        listed = found.stdout.split()
+        assert first not in listed and other in listed
+        src = write_ids(tmp_path / "ids.txt", [first, second.upper(), other])
+        out = tmp_path / "results.jsonl"
+        done = await reaper(["run", "-i", str(src), "--results", str(out), "--protect-file",
+                             str(rules), *FAST], env)  # fmt: skip
+        assert done.code == 0, done.stderr
+        outcomes = _outcomes(out)
+        assert outcomes[first] == outcomes[second.upper()] == ("skipped", "protected")
+        assert outcomes[other][0] == "deleted"
+        assert {first, second} <= set(sim.job_ids())
+        assert not {first, second.upper()} & set(sim.sent_counts)
+
+
+@pytest.mark.anyio
 async def test_protection_from_a_flag_adds_to_the_config_file_s_and_the_environment_s(
     tmp_path: Path,
 ) -> None:

@@ -86,7 +86,7 @@ class Protection:
     status rules cost one show call per id.
     """
 
-    ids: frozenset[str] = frozenset()
+    ids: frozenset[str] = frozenset()  # in lower case: see protects_id
     names: tuple[str, ...] = ()
     types: frozenset[str] = frozenset()
     statuses: frozenset[str] = frozenset()
@@ -118,14 +118,14 @@ class Protection:
                 if kind == "id":
                     if not JOB_ID_RE.fullmatch(value):
                         raise ValueError(f"protect rule {rule!r}: not a valid job id")
-                    ids.add(value)
+                    ids.add(value.lower())
                 else:
                     names.append(value)
             elif _GLOB_CHARS & set(rule):
                 names.append(rule)
             else:
                 if JOB_ID_RE.fullmatch(rule):
-                    ids.add(rule)
+                    ids.add(rule.lower())
                 names.append(rule)
         return cls(
             ids=frozenset(ids),
@@ -144,11 +144,14 @@ class Protection:
         return bool(self.names or self.types or self.statuses)
 
     def protects_id(self, job_id: str) -> bool:
-        return job_id in self.ids
+        """Whether an id rule names ``job_id``, in any case: a UUID's hex digits are the
+        same in either (RFC 4122), and an API that looks ids up without case would delete
+        ``0a92...`` when sent ``0A92...``."""
+        return job_id.lower() in self.ids
 
     def reason(self, record: JobRecord) -> str | None:
         """Which rule protects ``record``, or ``None``."""
-        if record.id in self.ids:
+        if self.protects_id(record.id):
             return "id"
         job_type, status = _word(record.type), _word(record.status)
         if job_type is not None and job_type in self.types:
