@@ -156,6 +156,44 @@ async def test_a_ledger_holding_every_id_done_asks_nothing_and_sends_nothing(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("pipe", "asked"), [("fifo", False), ("fifo", True), ("process-substitution", True)]
+)
+async def test_a_pipe_is_read_by_the_run_alone_not_by_its_checks_before(
+    tmp_path: Path, pipe: str, asked: bool
+) -> None:
+    """A named pipe (``mkfifo ids; cat ids.txt > ids &``) as ``--input``: the input check
+    before any call opened it and closed it, which took its writer's ids, and the run then
+    waited for ever on a pipe with no writer left. Only the run opens a pipe now. Asked (a
+    pipe's count unknown: the project id), the ids are then deleted, as with ``--yes``."""
+    async with _project(tmp_path, 4) as (sim, src, env):
+        fifo, reaper_cli = tmp_path / "ids.fifo", f"{shlex.quote(sys.executable)} -m worker"
+        os.mkfifo(fifo)
+        yes = "" if asked else " --yes"
+        line = {  # for the FIFO, bash starts its one writer, then becomes the reaper
+            "process-substitution": f"{reaper_cli} run -i <(cat {src}){yes}",
+            "fifo": f"cat {src} > {fifo} & exec {reaper_cli} run -i {fifo}{yes}",
+        }[pipe]
+
+        def go() -> tuple[int, Terminal]:
+            term = Terminal([line], env, columns=300, program=["bash", "-c"])
+            try:
+                if asked:
+                    term.expect(PROMPT)
+                    term.type(b"demo-project\n")
+                return term.wait(timeout=60), term
+            finally:
+                if term.process.poll() is None:  # the old code's wait on the FIFO
+                    term.process.kill()
+
+        code, term = await anyio.to_thread.run_sync(go)
+        left = sim.job_ids()
+    lines = term.lines()
+    assert (code, left) == (0, []), term.screen_text()
+    assert any(re.fullmatch(r"\s*deleted\s+4", line) for line in lines), term.screen_text()
+
+
+@pytest.mark.anyio
 async def test_sigterm_at_the_prompt_says_once_that_nothing_was_sent(tmp_path: Path) -> None:
     """A `kill` of the process waiting at the prompt ended it 75 with nothing said, the
     prompt's line left unfinished: it now ends as Ctrl-C does, with one line."""

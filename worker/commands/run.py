@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -263,8 +264,18 @@ def _check_input(path: str) -> None:
     checks, applied early."""
     if path == "-" and sys.stdin is None:  # closed at start (<&-): not an empty input
         raise InputUnreadable("--input -: stdin is closed (<&-), so there is nothing to read")
-    if path != "-":
+    if path != "-" and not _pipe(path):
         read_entries(path).close()
+
+
+def _pipe(path: str) -> bool:
+    """Whether ``path`` names a pipe (``<(cmd)``, ``/dev/stdin`` on a pipe, a FIFO): what one
+    open of it reads, the next does not see, so only the run itself reads it (an early
+    open of a FIFO took its writer's ids with it, and the run then waited for ever)."""
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _selecting(args: argparse.Namespace) -> Selecting | None:
@@ -352,6 +363,8 @@ def _done_already(
         return False
     if plan is not None and plan.header.named:
         return False
+    if plan is None and not os.path.isfile(request.input):
+        return False  # a pipe read again gives other ids than the run will read, or none
     with contextlib.suppress(InputUnreadable), open_readonly(settings.ledger) as view:
         counts = view.counts()
         if counts["open"] + counts["skipped"] + counts["failed"] * request.retry_failed:
