@@ -297,6 +297,30 @@ async def test_ids_from_a_pipe_are_deleted_not_counted_away(tmp_path: Path) -> N
 
 
 @pytest.mark.anyio
+async def test_a_pipe_over_a_finished_ledger_is_asked_about_not_read_away(tmp_path: Path) -> None:
+    """A ledger whose every id is done, and new ids from ``<(cat ids.txt)``: before asking,
+    the prompt looked at the input's first ids to see whether the ledger held them all,
+    which read the pipe away from the run. The person typed the project id and the run
+    said "nothing to do" (exit 0, every job still there). A pipe is not looked at: asked,
+    and its ids deleted."""
+    async with _project(tmp_path, 7) as (sim, _, env):
+        ledger, ids = tmp_path / "reaper.db", sim.job_ids()
+        first = write_ids(tmp_path / "first.txt", ids[:2])
+        done = await reaper(["run", "-i", str(first), "--yes", "--ledger", str(ledger)], env)
+        assert done.code == 0, done.stderr
+        rest = write_ids(tmp_path / "rest.txt", ids[2:])
+        shell = (
+            f"exec {shlex.quote(sys.executable)} -m worker run -i <(cat {rest}) --ledger {ledger}"
+        )
+        term = Terminal([], env, program=["bash", "-c", shell])
+        term.expect(PROMPT)
+        term.type(b"demo-project\n")
+        code = await anyio.to_thread.run_sync(term.wait)
+        assert code == 0, term.lines()
+        assert len(sim.deleted) == 7, "\n".join(term.lines())
+
+
+@pytest.mark.anyio
 async def test_above_the_threshold_the_project_id_must_be_typed(tmp_path: Path) -> None:
     async with _project(tmp_path, 12, REAPER_CONFIRM_PROJECT_OVER="5") as (sim, src, env):
         refused, term = await anyio.to_thread.run_sync(
