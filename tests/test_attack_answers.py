@@ -42,3 +42,23 @@ async def test_a_show_call_answered_with_another_job_does_not_clear_a_protected_
     assert "job-0000" in rows["prod-db"]["error_msg"]
     assert rows["job-0001"]["outcome"] == "deleted"
     assert done.code == 1, done.stderr
+
+
+async def test_a_delete_answer_naming_jobs_nobody_asked_for_reports_only_the_asked(
+    tmp_path: Path,
+) -> None:
+    """Each DELETE's 200 lists, beside the jobs it removed, records of three jobs nobody
+    asked for (and it did not remove): none of them is reported, every asked id ends
+    ``deleted`` once, and what the results say is what the fake removed."""
+    gateway = Gateway.with_jobs(30, script=lambda n, ids: "extra")
+    async with serve_gateway(gateway) as url:
+        asked = gateway.job_ids()[:12]
+        src = write_ids(tmp_path / "ids.txt", asked)
+        out = tmp_path / "results.jsonl"
+        done = await reaper(fast(src, "--batch-size", "4", "--results", str(out)),
+                            reaper_env(url))  # fmt: skip
+    assert done.code == 0, done.stderr
+    rows = results(out)
+    assert sorted(row["job_id"] for row in rows) == asked
+    assert {row["outcome"] for row in rows} == {"deleted"}
+    assert gateway.deleted == set(asked) and done.summary()["deleted"] == 12
