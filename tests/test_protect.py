@@ -358,6 +358,27 @@ async def test_an_id_rule_protects_the_id_in_any_case(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_blank_name_under_a_name_rule_is_protected_as_unknown(tmp_path: Path) -> None:
+    """The docs say a blank field counts as none: a job the API lists with the name ``""``
+    or ``"  "`` under ``--protect 'prod-*'`` may be the one the rule is for. It was deleted
+    (the rule saw a name, and it did not match); now it is ``protected`` (``name unknown``),
+    as a job with no name is, and a named job beside it is deleted."""
+    async with run_simulator(SimulatorConfig(jobs=5, seed=35)) as sim:
+        blank = [*sim.add_jobs(1, name=""), *sim.add_jobs(1, name="  ")]
+        other = sim.job_ids()[0]
+        src = write_ids(tmp_path / "ids.txt", [*blank, other])
+        out = tmp_path / "results.jsonl"
+        done = await reaper(["run", "-i", str(src), "--results", str(out), "--protect",
+                             "prod-*", *FAST], reaper_env(sim.url))  # fmt: skip
+        assert done.code == 0, done.stderr
+        rows = {row["job_id"]: row for row in results(out)}
+        assert all(rows[i]["outcome"] == "skipped" and rows[i]["reason"] == "protected"
+                   for i in blank)  # fmt: skip
+        assert rows[other]["outcome"] == "deleted"
+        assert set(blank) <= set(sim.job_ids())
+
+
+@pytest.mark.anyio
 async def test_protection_from_a_flag_adds_to_the_config_file_s_and_the_environment_s(
     tmp_path: Path,
 ) -> None:

@@ -154,19 +154,19 @@ class Protection:
         if self.protects_id(record.id):
             return "id"
         job_type, status = _word(record.type), _word(record.status)
+        name = _nfc(record.name) if record.name and not record.name.isspace() else None
         if job_type is not None and job_type in self.types:
             return f"type {record.type}"
         if status is not None and status in self.statuses:
             return f"status {record.status}"
-        if record.name is not None:
-            name = _nfc(record.name)  # 'café' typed as one character or as e and an accent
+        if name is not None:  # NFC: 'café' typed as one character or as e and an accent
             for pattern in self.names:
                 if fnmatch.fnmatchcase(name, pattern):
                     return f"name {pattern}"
         # A field a rule reads that the record lacks protects it: unknown is not a no.
         for rules, value, what in ((self.types, job_type, "type"),
                                    (self.statuses, status, "status"),
-                                   (self.names, record.name, "name")):  # fmt: skip
+                                   (self.names, name, "name")):  # fmt: skip
             if rules and value is None:
                 return f"{what} unknown"
         return None
