@@ -379,6 +379,33 @@ async def test_a_blank_name_under_a_name_rule_is_protected_as_unknown(tmp_path: 
 
 
 @pytest.mark.anyio
+async def test_a_name_rule_with_brackets_protects_the_name_it_spells(tmp_path: Path) -> None:
+    """``--protect 'model[1]'``, the exact name of a job, and ``name:[prod]-*`` in a protect
+    file, the prefix its team tags names with: as globs alone the brackets were character
+    classes (``model1``; ``p-db``), and the jobs named ``model[1]`` and ``[prod]-db`` were
+    planned by discover and deleted by a run. Now each rule is also read with its brackets
+    as characters."""
+    async with run_simulator(SimulatorConfig(jobs=5, seed=36)) as sim:
+        keep = [*sim.add_jobs(1, name="model[1]"), *sim.add_jobs(1, name="[prod]-db")]
+        others = [i for i in sim.job_ids() if i not in keep]
+        rules = tmp_path / "protect.txt"
+        rules.write_text("name:[prod]-*\n", encoding="utf-8")
+        env = reaper_env(sim.url)
+        protect = ["--protect", "model[1]", "--protect-file", str(rules)]
+        found = await reaper(["discover", "--name-regex", "[]]", *protect, "-o", "ids"], env)
+        assert found.code == 0 and not found.stdout.strip(), found.stdout + found.stderr
+        src = write_ids(tmp_path / "ids.txt", [*keep, *others])
+        out = tmp_path / "results.jsonl"
+        done = await reaper(["run", "-i", str(src), "--results", str(out), *protect, *FAST],
+                            env)  # fmt: skip
+        assert done.code == 0, done.stderr
+        outcomes = _outcomes(out)
+        assert all(outcomes[i] == ("skipped", "protected") for i in keep)
+        assert all(outcomes[i][0] == "deleted" for i in others)
+        assert set(sim.job_ids()) == set(keep)
+
+
+@pytest.mark.anyio
 async def test_protection_from_a_flag_adds_to_the_config_file_s_and_the_environment_s(
     tmp_path: Path,
 ) -> None:

@@ -65,6 +65,7 @@ _GLOB_CHARS = frozenset("*?[")
 _KIND_RE = re.compile(r"[\w -]+")
 """What reads as a kind before a colon (``nmae``, ``job_name``, ``id ``): anything else there
 (``*:x``) is part of a bare glob."""
+_BRACKETS_RE = re.compile(r"[\[\]]")
 _COMMENT_RE = re.compile(r"(?:^|\s)#.*")
 """A ``#`` comment in a protect file: at the start of a line or after a space, so that
 ``name:team#1`` stays whole."""
@@ -90,6 +91,16 @@ class Protection:
     names: tuple[str, ...] = ()
     types: frozenset[str] = frozenset()
     statuses: frozenset[str] = frozenset()
+    # Each name rule, and it again with its ``[`` and ``]`` the characters themselves:
+    # ``model[1]`` is the name of job ``model[1]`` as much as a class matching ``model1``,
+    # and ``[prod]-*`` the prefix of ``[prod]-db``. Which was meant is a guess, and
+    # protecting both is the guess that deletes nothing by mistake.
+    _patterns: tuple[tuple[str, str], ...] = field(default=(), init=False, repr=False,
+                                                   compare=False)  # fmt: skip
+
+    def __post_init__(self) -> None:
+        literal = [_BRACKETS_RE.sub(r"[\g<0>]", pattern) for pattern in self.names]
+        object.__setattr__(self, "_patterns", tuple(zip(self.names, literal, strict=True)))
 
     @classmethod
     def parse(
@@ -160,8 +171,8 @@ class Protection:
         if status is not None and status in self.statuses:
             return f"status {record.status}"
         if name is not None:  # NFC: 'café' typed as one character or as e and an accent
-            for pattern in self.names:
-                if fnmatch.fnmatchcase(name, pattern):
+            for pattern, literal in self._patterns:
+                if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, literal):
                     return f"name {pattern}"
         # A field a rule reads that the record lacks protects it: unknown is not a no.
         for rules, value, what in ((self.types, job_type, "type"),
