@@ -116,6 +116,15 @@ async def until(
             await anyio.sleep(every)
 
 
+def deletes_sent(sim: Any, calls: int) -> Callable[[], Awaitable[bool]]:
+    """For ``until``: the simulator ``sim`` has had ``calls`` DELETE calls (a run under way)."""
+
+    async def sent() -> bool:
+        return bool(sim.stats.delete_calls >= calls)
+
+    return sent
+
+
 async def kill_when(process: Process, ready: Callable[[], bool], *, within: float = 30) -> None:
     """``kill -9`` the process as soon as ``ready()`` holds, and reap it."""
     with anyio.fail_after(within):

@@ -16,11 +16,13 @@ from tests.e2e import (
     SIM_AK,
     SIM_PROJECT,
     SIM_SK,
+    deletes_sent,
     read_all,
     reaper,
     reaper_env,
     results,
     start_reaper,
+    until,
     write_ids,
 )
 from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
@@ -486,16 +488,20 @@ async def test_exit_0_when_all_deleted_or_absent(tmp_path: Path) -> None:
         assert done.summary()["absent"] == 1
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 async def test_a_signal_stops_intake_and_exits_75_with_work_left(
     tmp_path: Path, signum: signal.Signals
 ) -> None:
+    """SIGHUP (the terminal gone: an ssh session dropped) killed the run outright, the
+    jobs its calls in flight deleted written nowhere; it stops as SIGTERM does, every job
+    deleted in the results."""
     config = SimulatorConfig(jobs=2000, faults=FaultConfig(latency_ms=30.0, latency_jitter=False))
     async with run_simulator(config) as sim:
         src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        out = tmp_path / "results.jsonl"
         process = await start_reaper(
             ["run", "-i", str(src), "--yes", "--batch-size", "10", "--concurrency", "2",
-             "--rate", "1000", "--burst", "10", "--grace", "5"],
+             "--rate", "1000", "--burst", "10", "--grace", "5", "--results", str(out)],
             reaper_env(sim.url),
         )  # fmt: skip
         async with process:
@@ -509,6 +515,26 @@ async def test_a_signal_stops_intake_and_exits_75_with_work_left(
         summaries = [line for line in stdout.splitlines() if '"run.summary"' in line]
         assert len(summaries) == 1
         assert 0 < len(sim.deleted) < 2000
+        assert {row["job_id"] for row in results(out) if row["outcome"] == "deleted"} == sim.deleted
+
+
+async def test_a_run_started_under_nohup_goes_on_through_sighup(tmp_path: Path) -> None:
+    """SIGHUP is the run's to handle only where it was not ignored when the run started:
+    under ``nohup`` it stays ignored, and the run finishes."""
+    config = SimulatorConfig(jobs=300, faults=FaultConfig(latency_ms=30.0, latency_jitter=False))
+    async with run_simulator(config) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        process = await anyio.open_process(
+            ["nohup", sys.executable, "-m", "worker", "run", "-i", str(src), "--yes",
+             "--batch-size", "10", "--concurrency", "2", "--rate", "1000"],
+            env=reaper_env(sim.url),
+        )  # fmt: skip
+        async with process:
+            await until(deletes_sent(sim, 3))
+            process.send_signal(signal.SIGHUP)
+            _, stderr = await read_all(process)
+        assert process.returncode == 0, stderr
+        assert not sim.job_ids()
 
 
 async def test_exit_75_at_the_deadline(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import pytest
 import structlog
 
 from tests.conftest import REDIS_URL
-from tests.e2e import reaper, reaper_env, write_ids
+from tests.e2e import deletes_sent, reaper, reaper_env, until, write_ids
 from tests.tty import Terminal
 from worker.outcomes.journal import Tally
 from worker.simulator import FaultConfig, Simulator, SimulatorConfig, run_simulator
@@ -318,6 +318,32 @@ async def test_a_pipe_over_a_finished_ledger_is_asked_about_not_read_away(tmp_pa
         code = await anyio.to_thread.run_sync(term.wait)
         assert code == 0, term.lines()
         assert len(sim.deleted) == 7, "\n".join(term.lines())
+
+
+@pytest.mark.anyio
+async def test_a_terminal_that_goes_away_stops_the_run_with_every_deletion_recorded(
+    tmp_path: Path,
+) -> None:
+    """An ssh session dropped under a run: SIGHUP killed it outright (its calls in flight
+    recorded nowhere), and once SIGHUP stopped it as SIGTERM does, the progress display's
+    next write to the gone terminal (EIO) ended it with a traceback and exit 1. Now it stops
+    (75) and every job the API deleted has its line in --results."""
+    config = SimulatorConfig(jobs=2000, faults=FaultConfig(latency_ms=30.0, latency_jitter=False))
+    async with run_simulator(config) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        out = tmp_path / "results.jsonl"
+        env = reaper_env(sim.url, REAPER_LOG_FORMAT="auto")
+        term = Terminal(
+            ["run", "-i", str(src), "--yes", "--results", str(out), "--batch-size", "10",
+             "--concurrency", "2", "--rate", "1000"],
+            env,
+        )  # fmt: skip
+        await until(deletes_sent(sim, 3))
+        code = await anyio.to_thread.run_sync(term.hang_up)
+        assert code == 75
+        rows = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+        assert {row["job_id"] for row in rows if row["outcome"] == "deleted"} == sim.deleted
+        assert 0 < len(sim.deleted) < 2000
 
 
 @pytest.mark.anyio

@@ -115,6 +115,14 @@ class Terminal:
         os.close(self._main)
         return code
 
+    def hang_up(self, timeout: float = 120.0) -> int:
+        """The terminal goes away (an ssh session dropped): its main side is closed, so the
+        child gets SIGHUP and every write to the terminal fails (EIO); its exit code."""
+        os.close(self._main)
+        code = self.process.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code
+
     def lines(self) -> list[str]:
         """Every line a person saw at the end: those scrolled off the top, then the screen,
         right-trimmed, trailing blank lines dropped."""

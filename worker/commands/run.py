@@ -721,7 +721,10 @@ async def _watch_signals(
     *,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    with anyio.open_signal_receiver(*SIGNALS) as received:
+    # SIGHUP too: the terminal gone (an ssh session dropped) killed the run outright, its
+    # calls in flight unrecorded; unless it was started ignoring it (nohup), which stays so.
+    hangup = signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
+    with anyio.open_signal_receiver(*SIGNALS, *[signal.SIGHUP] * hangup) as received:
         task_status.started()
         count = 0
         async for signum in received:

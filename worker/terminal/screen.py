@@ -11,6 +11,8 @@ a plain progress line every few seconds instead of redrawing one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import IO, TYPE_CHECKING, Protocol
 
 import anyio
@@ -42,6 +44,7 @@ class Screen:
 
         self._console: Console = Console(file=file, highlight=False, emoji=False)
         self._live: Live | None = None
+        self._gone = False  # the terminal went away (EIO): nobody left to show anything to
 
     @property
     def width(self) -> int:
@@ -54,7 +57,23 @@ class Screen:
 
     def print(self, text: str, style: str | None = None) -> None:
         """A line above the display (or simply a line, when none is shown)."""
-        self._console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+        console = self._console
+        self._unless_gone(
+            lambda: console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+        )
+
+    def _unless_gone(self, write: Callable[[], object]) -> None:
+        """``write()``, unless the terminal has gone away (a dropped ssh session: every
+        write fails with EIO); then nothing more is written to it. The display is for a
+        person, not the run's record: the run stops on the SIGHUP that came with it (75),
+        its outcomes in the ledger, the results and the events, where they were going. A
+        write that failed here ended the run with a traceback and exit 1."""
+        if self._gone:
+            return
+        try:
+            write()
+        except OSError:
+            self._gone = True
 
     async def show(self, progress: Progress) -> None:
         """Keep ``progress`` pinned at the bottom, redrawn on the event loop (no thread),
@@ -70,12 +89,13 @@ class Screen:
             redirect_stderr=False,
         )
         self._live = live
-        live.start(refresh=True)
+        self._unless_gone(partial(live.start, refresh=True))
         try:
-            while self._live is live:
+            while self._live is live and not self._gone:
                 await anyio.sleep(self.REFRESH_S)
                 if self._live is live:
-                    live.update(progress_view(progress.snapshot(), self.width), refresh=True)
+                    view = progress_view(progress.snapshot(), self.width)
+                    self._unless_gone(partial(live.update, view, refresh=True))
         finally:
             self.stop()
 
@@ -83,10 +103,10 @@ class Screen:
         """Remove the display at once (the summary comes next); lines go on as lines."""
         live, self._live = self._live, None
         if live is not None:
-            live.stop()
+            self._unless_gone(live.stop)
 
     def __repr__(self) -> str:
-        return f"Screen(width={self.width}, live={self._live is not None})"
+        return f"Screen(width={self.width}, live={self._live is not None}, gone={self._gone})"
 
 
 def progress_view(snap: Snapshot, width: int) -> RenderableType:
