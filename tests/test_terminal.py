@@ -8,9 +8,12 @@ import gzip
 import io
 import os
 import re
+import select
 import shlex
 import signal
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -191,6 +194,78 @@ async def test_a_pipe_is_read_by_the_run_alone_not_by_its_checks_before(
     lines = term.lines()
     assert (code, left) == (0, []), term.screen_text()
     assert any(re.fullmatch(r"\s*deleted\s+4", line) for line in lines), term.screen_text()
+
+
+def _holds(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` open (its ``/proc`` file descriptors)."""
+    wanted = os.stat(path)
+    with suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with suppress(OSError):
+                held = os.stat(f"/proc/{pid}/fd/{fd}")
+                if (held.st_dev, held.st_ino) == (wanted.st_dev, wanted.st_ino):
+                    return True
+    return False
+
+
+@pytest.mark.anyio
+async def test_a_named_pipe_read_again_does_not_ask_nothing_while_ids_are_sent(
+    tmp_path: Path,
+) -> None:
+    """A ledger holding every id of the input done asks nothing (74240d6), the input read
+    once more to know it. A named pipe gives each open what its writer writes then: the
+    input check's open and the ledger's look got the 5 ids done, the run's own the 3 new
+    too. It said "nothing to ask ... none will be sent", and deleted the 3 jobs unasked.
+    A pipe is read by the run alone now: the prompt asks, and "no" sends nothing."""
+    async with _project(tmp_path, 8) as (sim, _, env):
+        ids, ledger = sim.job_ids(), tmp_path / "run.db"
+        done = write_ids(tmp_path / "done.txt", ids[:5])
+        first = await reaper(["run", "-i", str(done), "--yes", "--ledger", str(ledger)],
+                             reaper_env(sim.url))  # fmt: skip
+        assert first.code == 0, first.stderr
+        fifo = tmp_path / "ids.fifo"
+        os.mkfifo(fifo)
+        stop = threading.Event()
+
+        def writer(pid: int) -> None:
+            """One writing per open of the FIFO: the 5 done ids for the first 2, then all 8.
+            A reader woken by the open may take a while to hold the FIFO: the writing waits
+            until it does (or is gone: POLLERR), then, closed, until it lets go, or that
+            reader would read on into the next writing."""
+            opened = 0
+            while not stop.is_set():
+                with suppress(BrokenPipeError), open(fifo, "wb", buffering=0) as out:
+                    opened += 1
+                    if stop.is_set():
+                        break
+                    out.write("".join(f"{i}\n" for i in ids[: 5 if opened <= 2 else 8])
+                              .encode())  # fmt: skip
+                    gone = select.poll()
+                    gone.register(out, select.POLLERR)
+                    while not _holds(pid, fifo) and not gone.poll(5) and not stop.is_set():
+                        pass
+                while _holds(pid, fifo) and not stop.is_set():
+                    time.sleep(0.005)  # no event says that another process closed a file
+
+        def again() -> tuple[int, Terminal]:
+            term = Terminal(["run", "-i", str(fifo), "--ledger", str(ledger)], env, columns=300)
+            feeding = threading.Thread(target=writer, args=(term.process.pid,), daemon=True)
+            feeding.start()
+            try:
+                term.type(b"no\n")
+                return term.wait(timeout=60), term
+            finally:
+                if term.process.poll() is None:
+                    term.process.kill()
+                stop.set()
+                release = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the writer's open returns
+                feeding.join(timeout=10)
+                os.close(release)
+
+        code, term = await anyio.to_thread.run_sync(again)
+        left = len(sim.job_ids())
+    assert (code, left) == (64, 3), term.screen_text()  # asked; "no": nothing sent
+    assert not any("nothing to ask" in line for line in term.lines())
 
 
 @pytest.mark.anyio
