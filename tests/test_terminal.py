@@ -1045,3 +1045,34 @@ async def test_a_terminal_revoked_during_the_wait_does_not_stop_the_command(when
         assert tty.writes == (1 if when == "before the line" else 2)
     finally:
         tty.close()
+
+
+@pytest.mark.anyio
+async def test_the_api_s_text_cannot_erase_a_row_of_the_review(tmp_path: Path) -> None:
+    """A job named ``tmp-1 ESC[1A ESC[2K`` (up a line, erase it), by a user named so too,
+    listed after ``prod-db``: discover's table and ``plan show`` wrote the API's text raw,
+    and on the reviewer's screen ``prod-db``'s row (and the user count above) vanished from
+    what was reviewed. The names are now shown escaped, and every row stays."""
+    erase = "\x1b[1A\x1b[2K"
+    async with run_simulator(SimulatorConfig(jobs=0, seed=37)) as sim:
+        prod = sim.add_jobs(1, name="prod-db", status="FINISHED", user_name="prod-team")
+        sim.add_jobs(1, name=f"tmp-1{erase}", status="FINISHED", user_name=f"ops{erase}")
+        env = reaper_env(sim.url)
+        on_screen = {k: v for k, v in env.items() if k != "REAPER_LOG_FORMAT"}  # lines, not JSON
+        raw = [b"tmp-1\x1b", b"ops\x1b"]  # the API's text as it came
+        term = Terminal(["discover", "--status", "FINISHED", "--all"], on_screen)
+        code = await anyio.to_thread.run_sync(term.wait)
+        assert code == 0, term.lines()
+        assert erase.encode() not in term.raw  # discover draws no progress of its own
+        assert any(prod[0] in line and "prod-db" in line for line in term.lines())
+        plan = tmp_path / "plan"
+        made = await reaper(["discover", "--status", "FINISHED", "--all", "--plan", str(plan)],
+                            env)  # fmt: skip
+        assert made.code == 0, made.stderr
+        shown = await reaper(["plan", "show", str(plan)], env)
+        assert shown.code == 0 and "\x1b" not in shown.stdout, shown.stdout
+        assert "ops\\x1b[1A\\x1b[2K" in shown.stdout and "prod-team" in shown.stdout
+        term = Terminal(["run", "--plan", str(plan), "--dry-run", "-v"], on_screen)
+        assert await anyio.to_thread.run_sync(term.wait) == 0, term.lines()
+        assert not any(text in term.raw for text in raw)
+        assert any("DRY-RUN delete" in line and "tmp-1\\x1b" in line for line in term.lines())

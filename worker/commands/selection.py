@@ -20,9 +20,10 @@ from worker.clock import MonotonicClock
 from worker.discovery.filters import Filters
 from worker.discovery.guard import Protection
 from worker.discovery.plan import PlanHeader, PlanWriter, check_fraction
-from worker.discovery.review import estimate_s, render
+from worker.discovery.review import SHOWN_LIMIT, estimate_s, render
 from worker.discovery.select import JobSink, Selected, Spool, select
 from worker.errors import UsageError
+from worker.input.intake import escape
 from worker.pacing.paced import PacedReader, ReadApi
 from worker.settings import Settings
 
@@ -151,7 +152,9 @@ def table(out: IO[str], spool: Spool, *, listed_by: str = "-o ids or -o jsonl") 
     for row in spool.rows():
         if len(shown) >= TABLE_ROWS:
             break
-        shown.append([str(row.get(c) or "") for c in columns])
+        # The API's text, escaped: a name holding ESC[1A ESC[2K would erase the row above
+        # it (another job's) on the reviewer's terminal.
+        shown.append([escape(str(row.get(c) or ""), SHOWN_LIMIT) for c in columns])
     widths = [max([len(c)] + [len(r[i]) for r in shown]) for i, c in enumerate(columns)]
     out.write("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)) + "\n")
     for r in shown:

@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from worker.input.intake import escape
 from worker.types import JobRecord, iso
+
+SHOWN_LIMIT = 120
+"""Characters of a name the review and the table show, once escaped."""
 
 AGE_BUCKETS = ((1, "< 1 day"), (7, "1-7 days"), (30, "7-30 days"), (90, "30-90 days"),
                (365, "90-365 days"), (math.inf, "> 1 year"))  # fmt: skip
@@ -79,7 +83,7 @@ def estimate_s(jobs: int, *, rate: float | str, batch_size: int, page: int = 500
 
 def render(review: Mapping[str, Any], *, heading: str, estimate: float | None) -> str:
     """The review as aligned text: a table per count, then the times and what was left out."""
-    tables = [(title, review.get(key) or {}) for key, title in (
+    tables = [(title, _shown(review.get(key) or {})) for key, title in (
         ("by_type", "type"), ("by_status", "status"), ("by_user", "user"), ("by_age", "age"),
         ("protected", "left out by protection"))]  # fmt: skip
     names = [name for _, counts in tables for name in list(counts)[:TOP]]
@@ -102,6 +106,17 @@ def render(review: Mapping[str, Any], *, heading: str, estimate: float | None) -
     if estimate is not None:
         lines.append(f"  estimated time to delete: {_duration(estimate)} at the configured rate")
     return "\n".join(lines)
+
+
+def _shown(counts: Mapping[str, int]) -> dict[str, int]:
+    """``counts`` with each name as it may be shown on a terminal: a type, status or user is
+    the API's text, and one holding ``ESC[1A ESC[2K`` would erase the review's line above it
+    on the reviewer's screen. Control and format characters are escaped (``\\x1b``)."""
+    out: dict[str, int] = {}
+    for name, count in counts.items():
+        key = escape(str(name), SHOWN_LIMIT)
+        out[key] = out.get(key, 0) + count
+    return out
 
 
 def _rows(counts: Mapping[str, int], width: int) -> list[str]:

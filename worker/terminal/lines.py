@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 import structlog
 
+from worker.input.intake import escape
+
 PER_ID = frozenset({"job.deleted", "job.absent", "job.skipped", "job.failed", "job.rejected"})
 QUIET_UNLESS_VERBOSE = PER_ID | {"batch.retry", "run.started"}
 NEVER = frozenset({"run.summary"})  # the summary is printed as a table of its own
@@ -78,7 +80,8 @@ class EventLines:
         """One line: what happened to which id, or the event and what it says."""
         name = str(event.get("event", ""))
         job = event.get("job_id", "")
-        label = str(self._names.get(job) or event.get("name") or "")
+        # A name is the API's text: escaped, so no control sequence of it reaches the screen.
+        label = escape(str(self._names.get(job) or event.get("name") or ""), 120)
         if name == "job.deleted":
             return f"deleted   {job}  {label}".rstrip()
         if name == "job.absent":
