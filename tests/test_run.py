@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import os
 import re
 import signal
 import sys
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -628,6 +630,44 @@ async def test_sigterm_stops_a_run_waiting_on_a_quiet_stdin() -> None:
         assert process.returncode == 75, stderr
         assert '"run.summary"' in stdout
         assert sim.stats.delete_calls == 0  # nothing was batched yet: all left for the next run
+
+
+def _waits_on_a_pipe(pid: int) -> Callable[[], Awaitable[bool]]:
+    """For ``until``: the process is blocked opening a named pipe, waiting for a writer."""
+
+    async def waiting() -> bool:
+        return Path(f"/proc/{pid}/wchan").read_text() == "wait_for_partner"
+
+    return waiting
+
+
+@pytest.mark.skipif(not Path("/proc/self/wchan").exists(), reason="needs /proc/PID/wchan")
+async def test_sigterm_stops_a_run_waiting_for_a_named_pipes_writer(tmp_path: Path) -> None:
+    """``run -i FIFO`` with no writer yet opened the pipe inside its event loop, where the
+    open's wait could not be interrupted: SIGTERM and Ctrl-C did nothing, only kill -9
+    ended it. The pipe is opened before the loop now: SIGTERM ends the wait, 75, one line
+    saying nothing was read or sent; and with a writer the ids are deleted as from a file."""
+    fifo = tmp_path / "ids.fifo"
+    os.mkfifo(fifo)
+    async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+        process = await start_reaper(["run", "-i", str(fifo), "--yes"], reaper_env(sim.url))
+        async with process:
+            await until(_waits_on_a_pipe(process.pid), timeout=30)
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(30):
+                _, stderr = await read_all(process)
+        assert process.returncode == 75, stderr
+        assert f"interrupted while --input {fifo} waited for a writer" in stderr
+        assert sim.stats.calls == 0
+        process = await start_reaper(["run", "-i", str(fifo), "--yes"], reaper_env(sim.url))
+        async with process:
+            await until(_waits_on_a_pipe(process.pid), timeout=30)
+            with fifo.open("w") as writer:
+                writer.write("\n".join(sim.job_ids()) + "\n")
+            with anyio.fail_after(30):
+                _, stderr = await read_all(process)
+        assert process.returncode == 0, stderr
+        assert len(sim.deleted) == 3
 
 
 async def test_a_deadline_while_the_api_is_down_exits_69_with_the_ids_open(

@@ -53,6 +53,7 @@ from worker.errors import (
     ResultsUnwritable,
     TlsError,
     UsageError,
+    file_problem,
 )
 from worker.exit_codes import ExitCode
 from worker.input.shard import INDEX_VARIABLE, Shard
@@ -207,9 +208,12 @@ def _execute(
             # Unbuffered: the reading thread may be left blocked on a quiet pipe after a stop,
             # and a BufferedReader's lock held by it would abort the interpreter at exit.
             stdin = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)  # noqa: SIM115
+        elif stdin is None and not request.plan and _pipe(request.input):
+            stdin = _open_pipe(request.input)
+            cleanup.callback(stdin.close)
         run = partial(run_async, plan=plan, excluded=excluded, output=output)
         return anyio.run(run, request, settings, run_id, endpoint, stdin)
-    except (ConfigError, UsageError, ApiError, RedisUnavailable) as exc:  # before any call
+    except (ConfigError, InputUnreadable, UsageError, ApiError, RedisUnavailable) as exc:
         return _stopped_before_any_call(log, exc, output)
 
 
@@ -276,6 +280,21 @@ def _pipe(path: str) -> bool:
         return stat.S_ISFIFO(os.stat(path).st_mode)
     except OSError:
         return False
+
+
+def _open_pipe(path: str) -> IO[bytes]:
+    """A named pipe's open waits for a writer: done here, before the event loop, where
+    SIGTERM and Ctrl-C end the wait (75); opened by the run inside the loop, the wait could
+    not be interrupted (a run given a FIFO nobody writes to was stopped by kill -9 alone).
+    Unbuffered, as stdin: the reading thread may be left blocked on it after a stop."""
+    try:
+        return open(path, "rb", buffering=0)
+    except SystemExit:  # the signal, raised by the handler in place before the loop
+        logsetup.tell(f"devserver-reaper run: interrupted while --input {path} waited for a "
+                      "writer: nothing was read or sent")  # fmt: skip
+        raise
+    except OSError as exc:
+        raise InputUnreadable(f"cannot read input {path}: {file_problem(exc)}") from None
 
 
 def _selecting(args: argparse.Namespace) -> Selecting | None:

@@ -116,17 +116,17 @@ def read_entries(
     header, reading) happens as the iterator is advanced, so stdin is never read from the
     calling thread. The iterator is synchronous: run it in a worker thread (see
     :func:`read_chunks`). Close it (or use it as a context manager) to release the file
-    early; it closes itself when exhausted. ``stdin`` is ignored unless ``path`` is ``-``,
-    and is never closed.
+    early; it closes itself when exhausted. ``stdin`` is what ``-`` reads, or, for another
+    ``path``, the pipe the caller opened at that path already (``run`` opens a named pipe
+    before its event loop: see ``worker.commands.run``); it is never closed here.
     """
     if max_line_bytes < 1:
         raise ValueError(f"max_line_bytes must be at least 1, not {max_line_bytes}")
     kind = detect_format(path, fmt)
-    if path == "-":
+    if path == "-" or stdin is not None:
         source = stdin if stdin is not None else sys.stdin.buffer
-        return EntryReader(
-            path, kind, source, False, max_line_bytes, sniff=fmt == "auto", called=called
-        )
+        sniff = path == "-" and fmt == "auto"
+        return EntryReader(path, kind, source, False, max_line_bytes, sniff=sniff, called=called)
     return EntryReader(path, kind, _open(path, called), True, max_line_bytes, called=called)
 
 
