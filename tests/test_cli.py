@@ -324,6 +324,26 @@ def test_discovers_own_numbers_out_of_range_say_what_was_given(
 
 
 @pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--page-size", CANARY], "--page-size must be a whole number"),
+        (["--page-size", "2.5"], "--page-size must be a whole number, not 2.5"),
+    ],
+    ids=["secret-text", "not-whole"],
+)
+def test_discovers_page_size_that_is_no_number_is_said_in_words_never_repeated(
+    tmp_path: Path, argv: list[str], said: str
+) -> None:
+    """4351e92 put the setting flags' numbers in words; discover's own --page-size kept
+    argparse's "argument --page-size: invalid int value: 'CANARY-...'", repeating what was
+    typed (a key pasted in the wrong place too). Said as the setting flags say it, 64."""
+    done = run_worker("discover", "--all", *argv, cwd=tmp_path)
+    assert done.returncode == 64, done.stderr
+    assert done.stderr.splitlines()[-1] == f"devserver-reaper discover: {said}"
+    assert CANARY not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
     ("argv", "env", "code", "said"),
     [
         (["run", "--ledger", "nope/l.db"], {}, 78,

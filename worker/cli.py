@@ -539,7 +539,10 @@ def _add_filters(parser: argparse.ArgumentParser, title: str | None) -> None:
     )  # fmt: skip
     local.add_argument("--all", action="store_true", help="allow no filter at all (every job)")
     local.add_argument(
-        "--page-size", type=int, metavar="N", help="ask the server for pages of this size"
+        "--page-size",
+        type=_number(int, seconds=False),
+        metavar="N",
+        help="ask the server for pages of this size",
     )
 
 
@@ -557,9 +560,10 @@ MAX_SIMULATED_JOBS = 5_000_000
 
 
 def _number(kind: type[float], *, seconds: bool) -> Callable[[str], float]:
-    """A setting flag's number, said in words when it is none (argparse said "invalid
-    float value: 'abc'", repeating what was typed): ``must be a number of seconds``, ``must
-    be a whole number, not 2.5`` (a number is repeated, never text)."""
+    """A setting flag's number (and discover's ``--page-size``), said in words when it is
+    none (argparse said "invalid float value: 'abc'", repeating what was typed): ``must be
+    a number of seconds``, ``must be a whole number, not 2.5`` (a number is repeated, never
+    text)."""
 
     def parse(text: str) -> float:
         try:
