@@ -1056,10 +1056,11 @@ async def test_the_api_s_text_cannot_erase_a_row_of_the_review(tmp_path: Path) -
     erase = "\x1b[1A\x1b[2K"
     async with run_simulator(SimulatorConfig(jobs=0, seed=37)) as sim:
         prod = sim.add_jobs(1, name="prod-db", status="FINISHED", user_name="prod-team")
-        sim.add_jobs(1, name=f"tmp-1{erase}", status="FINISHED", user_name=f"ops{erase}")
+        sim.add_jobs(1, name=f"tmp-1{erase}", status="FINISHED", user_name=f"ops{erase}",
+                     type=f"COMMON{erase}")  # fmt: skip
         env = reaper_env(sim.url)
         on_screen = {k: v for k, v in env.items() if k != "REAPER_LOG_FORMAT"}  # lines, not JSON
-        raw = [b"tmp-1\x1b", b"ops\x1b"]  # the API's text as it came
+        raw = [b"tmp-1\x1b", b"ops\x1b", b"COMMON\x1b"]  # the API's text as it came
         term = Terminal(["discover", "--status", "FINISHED", "--all"], on_screen)
         code = await anyio.to_thread.run_sync(term.wait)
         assert code == 0, term.lines()
@@ -1076,3 +1077,13 @@ async def test_the_api_s_text_cannot_erase_a_row_of_the_review(tmp_path: Path) -
         assert await anyio.to_thread.run_sync(term.wait) == 0, term.lines()
         assert not any(text in term.raw for text in raw)
         assert any("DRY-RUN delete" in line and "tmp-1\\x1b" in line for line in term.lines())
+
+        def asked() -> Terminal:  # the prompt's counts by type and status, then "no"
+            term = Terminal(["run", "--plan", str(plan)], on_screen)
+            term.expect("This cannot be undone.")
+            term.type(b"no\n")
+            term.wait()
+            return term
+
+        term = await anyio.to_thread.run_sync(asked)
+        assert b"COMMON\x1b" not in term.raw and len(sim.deleted) == 0

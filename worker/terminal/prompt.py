@@ -19,6 +19,7 @@ from typing import IO
 
 from worker.discovery.review import estimate_s
 from worker.errors import UsageError
+from worker.input.intake import escape
 
 
 class Declined(UsageError):
@@ -124,7 +125,8 @@ class Proposal:
 
 
 def _counts(pairs: Iterable[tuple[str, int]]) -> str:
-    return ", ".join(f"{name} {n:,}" for name, n in pairs)
+    # A type or status is the API's text: escaped, so no control sequence reaches the screen.
+    return ", ".join(f"{escape(name, 120)} {n:,}" for name, n in pairs)
 
 
 def _span(seconds: float) -> str:
