@@ -37,7 +37,7 @@ from tests.test_fleet_rate import RedisTime, run_fleet
 from tests.test_redis_auth import REDIS_SERVER, redis_server
 from worker.errors import NotAStream
 from worker.pacing.bucket import RateLimiter
-from worker.pacing.controller import AdaptiveConfig, ControllerState, Phase
+from worker.pacing.controller import BURST_SEEN, AdaptiveConfig, ControllerState, Phase
 from worker.pacing.fleet import FleetRateController, encode_state, sane_state
 from worker.pacing.shared import FleetKeys, RedisRateLimiter
 from worker.simulator import SimulatorConfig, run_simulator
@@ -242,6 +242,15 @@ class Killable:
             self.limiter.feedback(**answer)
 
 
+def _killable_replicas(client: aioredis.Redis, key: str, time: RedisTime) -> list[Killable]:
+    """Three replicas on auto sharing ``key``, each of which may be killed."""
+    return [
+        Killable(time.watch(FleetRateController(client, key, time.clock, me=f"r{n}",
+                                                redis_now=time.clock.now)), time.clock)
+        for n in range(3)
+    ]  # fmt: skip
+
+
 @pytest.mark.anyio
 async def test_a_fleet_whose_redis_lost_its_keys_and_its_leader_relearns_the_quota(
     redis_client: aioredis.Redis, redis_prefix: str
@@ -255,11 +264,7 @@ async def test_a_fleet_whose_redis_lost_its_keys_and_its_leader_relearns_the_quo
     quota)."""
     time = RedisTime()
     clock, key = time.clock, redis_prefix + "rl"
-    replicas = [
-        Killable(time.watch(FleetRateController(redis_client, key, clock, me=f"r{n}",
-                                                redis_now=clock.now)), clock)
-        for n in range(3)
-    ]  # fmt: skip
+    replicas = _killable_replicas(redis_client, key, time)
 
     async def flush_and_kill() -> None:
         await clock.sleep(20.0)
@@ -304,6 +309,35 @@ async def test_a_follower_that_leads_after_redis_lost_the_estimate_takes_up_the_
     assert other.leading and other.controller is not None
     assert other.controller.rate == pytest.approx(30.0, rel=1e-3), other
     assert other.controller.state.phase is Phase.CRUISE
+
+
+@pytest.mark.anyio
+async def test_a_leader_that_took_over_reads_no_burst_from_a_call_sent_before_its_first_start(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """Three replicas at 20 calls/s, a gateway burst of 1, answers 300 ms late; the leader is
+    killed at 3.5 s. The successor's first refusal is of a call sent before the first start
+    reported to it: counted from that start, the calls before the refusal span less than
+    nothing, and the burst start-up saw (calls less the quota times that span) read 3.4 at a
+    burst of 1: past ``BURST_SEEN``, so a probe refused past the quota measured went back to
+    that quota (a low one: 9.95 of 20 here), not to just under the rate refused. Such a
+    refusal reads no burst."""
+    time = RedisTime()
+    clock, key = time.clock, redis_prefix + "rl"
+    replicas = _killable_replicas(redis_client, key, time)
+
+    async def kill() -> None:
+        await clock.sleep(3.5)
+        next(r for r in replicas if r.limiter.leading).dead_at = clock.now()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(kill)
+        await run_fleet(cast(list[RateLimiter], replicas), clock, Gateway(20.0, 1, 0.0),
+                        until=10.0, latency=0.3)  # fmt: skip
+    successor = next(r.limiter for r in replicas if r.dead_at == math.inf and r.limiter.leading)
+    assert successor.controller is not None
+    burst = successor.controller._evidence.burst
+    assert math.isnan(burst) or burst < BURST_SEEN, (burst, successor)
 
 
 @pytest.mark.anyio

@@ -105,12 +105,16 @@ class GatewayEvidence:
         of calls accepted since the bucket was empty (``floor``) starts again from it."""
         self._remember(self._refused, sent, now)
         self._settle_ceiling()
-        if self._first is None and self._sends:
+        if self._first is None and self._sends and sent >= self._began:
             # Counted from start-up's first call (or the first after an idle stretch), if it
             # is still remembered: else start-up's end came so late that it says little of a
             # burst (held at 27 calls/s by 8 in flight for 30 s, under a quota of 50 that then
             # fell to 5 at burst 1, its last 3.7 s read as a burst of 87; every probe after
             # stopped at the quota measured, 0.83 of it from 20 s after the fall, not 0.94).
+            # Not from a call sent before that first call: a fleet's new leader, which sees
+            # the starts from its taking over on and the answers of calls sent before, read
+            # a span of less than nothing there, and a burst of 3.4-13.6 at a burst of 1
+            # (the quota times the span's length), past ``BURST_SEEN``.
             began = self._began
             calls = self.sends_since(began, sent) if self._sends[0] <= began else 0
             self._first = (calls, sent - began, sent)
