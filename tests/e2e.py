@@ -87,15 +87,18 @@ async def reaper(
     *,
     stdin: bytes | None = None,
     files_up_to: int | None = None,
+    cwd: Path | None = None,
 ) -> Finished:
     """Run ``python -m worker ARGS`` to the end without blocking the event loop;
-    ``files_up_to``: no file it writes may grow past that many bytes (a full disk)."""
+    ``files_up_to``: no file it writes may grow past that many bytes (a full disk);
+    ``cwd``: the directory it runs in (the test's own, by default)."""
     limited = [] if files_up_to is None else ["-c", _FILES_UP_TO, str(files_up_to)]
     result = await anyio.run_process(
         [sys.executable, *(limited or ["-m", "worker"]), *args],
         env=dict(env),
         input=stdin if stdin is not None else b"",
         check=False,
+        cwd=cwd,
     )
     return Finished(result.returncode, result.stdout.decode(), result.stderr.decode())
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import paced_reader, reaper, reaper_env, results, write_ids
+from tests.e2e import SIM_AK, SIM_SK, paced_reader, reaper, reaper_env, results, write_ids
 from worker.discovery.filters import Filters
 from worker.discovery.guard import Guard, PlanCheck, Protection, load_protection
 from worker.errors import ConfigError
@@ -493,3 +493,47 @@ async def test_protection_holds_under_a_plan_and_discover_leaves_protected_jobs_
         assert again.code == 0, again.stderr
         listed = again.stdout.split()
         assert listed and not any(jobs_left[i].name.startswith("common-") for i in listed)
+
+
+@pytest.mark.anyio
+async def test_a_config_file_s_relative_paths_are_read_beside_it_not_in_the_current_directory(
+    tmp_path: Path,
+) -> None:
+    """``protect_file = "protect.txt"`` in a team's ``config/reaper.toml`` was read from the
+    directory the run started in: run from elsewhere, a stale ``protect.txt`` there protected
+    other jobs than the team's (and the keys and the ledger were looked for there too). A
+    config file's relative paths are now its directory's; a flag's stay the current one's."""
+    async with run_simulator(SimulatorConfig(jobs=20, seed=34)) as sim:
+        ids = sim.job_ids()
+        team, elsewhere = tmp_path / "team" / "config", tmp_path / "elsewhere"
+        team.mkdir(parents=True)
+        elsewhere.mkdir()
+        rules = {"team": ids[:3], "stale": ids[3:6], "flag": ids[6:8]}
+        for where, name, kept in ((team, "protect.txt", rules["team"]),
+                                  (elsewhere, "protect.txt", rules["stale"]),
+                                  (elsewhere, "mine.txt", rules["flag"])):  # fmt: skip
+            (where / name).write_text("".join(f"id:{i}\n" for i in kept), encoding="utf-8")
+        for name, key in (("ak", SIM_AK), ("sk", SIM_SK)):
+            (team / "keys").mkdir(exist_ok=True)
+            (team / "keys" / name).write_text(key, encoding="utf-8")
+            (team / "keys" / name).chmod(0o600)
+        (team / "reaper.toml").write_text(
+            'protect_file = "protect.txt"\nledger = "ledger.db"\n'
+            'ak_file = "keys/ak"\nsk_file = "keys/sk"\n',
+            encoding="utf-8",
+        )
+        env = reaper_env(sim.url)
+        del env["REAPER_AK"], env["REAPER_SK"]  # from the config's key files alone
+        src = write_ids(tmp_path / "ids.txt", ids)
+        out = tmp_path / "results.jsonl"
+        done = await reaper(
+            ["run", "--config", "../team/config/reaper.toml", "-i", str(src), "--results",
+             str(out), "--protect-file", "mine.txt", "--dry-run", *FAST],
+            env,
+            cwd=elsewhere,
+        )  # fmt: skip
+        assert done.code == 0, done.stderr
+        protected = {i for i, o in _outcomes(out).items() if o == ("skipped", "protected")}
+        assert protected == {*rules["team"], *rules["flag"]}
+        assert (team / "ledger.db").is_file() and not (elsewhere / "ledger.db").exists()
+        assert sim.stats.delete_calls == 0 and sim.job_ids() == ids

@@ -18,6 +18,7 @@ from worker.errors import ConfigError
 from worker.settings import (
     DEFAULT_BATCH_SIZE,
     MAX_BATCH_SIZE,
+    PATH_SETTINGS,
     SDK_ENVIRONMENT,
     Settings,
     load_settings,
@@ -547,3 +548,35 @@ def test_two_config_files_at_once_are_refused_never_one_dropped(
     with pytest.raises(ConfigError, match="two config files"):
         load_settings(mine)
     assert load_settings(team).protected_statuses == ["PROCESSING"]  # the same one: read
+
+
+def test_every_path_in_a_config_file_is_its_directory_s_and_a_flag_s_the_current_one_s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each path-valued setting given relative in the config file is taken from the file's
+    directory (it was taken from wherever the command ran); one given by a flag or a
+    ``REAPER_*`` variable stays relative to the current directory, and an absolute one and
+    an empty one are as they were."""
+    team, elsewhere = tmp_path / "team", tmp_path / "elsewhere"
+    team.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    relative = {name: f"sub/{name}.x" for name in PATH_SETTINGS if not name.endswith("_file")}
+    relative |= {"protect_file": "protect.txt", "plan_key_file": "../keys/plan.key"}
+    config = toml(team, "".join(f'{name} = "{value}"\n' for name, value in relative.items()))
+    settings = load_settings(f"../team/{config.name}")
+    for name, value in relative.items():
+        if name != "protect_file":
+            assert getattr(settings, name).resolve() == (team / value).resolve(), name
+    assert [p.resolve() for p in settings.protect_files] == [team / "protect.txt"]
+    monkeypatch.setenv("REAPER_LEDGER", "mine.db")
+    given = load_settings(config, protect_file="mine.txt")
+    assert given.ledger == Path("mine.db")
+    assert given.protect_files == (Path("mine.txt"), team / "protect.txt")
+    monkeypatch.delenv("REAPER_LEDGER")
+    absolute = toml(team, f'ledger = "{tmp_path / "l.db"}"\n', name="abs.toml")
+    assert load_settings(absolute).ledger == tmp_path / "l.db"
+    empty = toml(team, 'ledger = ""\n', name="empty.toml")
+    assert "must be a file path, not empty" in config_error(config=empty)
+    assert set(PATH_SETTINGS) >= {"ak_file", "sk_file", "security_token_file", "ca_bundle",
+                                  "ledger", "protect_file", "plan_key_file"}  # fmt: skip

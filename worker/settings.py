@@ -29,7 +29,7 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import (
@@ -395,7 +395,8 @@ class Settings(BaseSettings):
         config_file = _CONFIG_FILE.get() or os.environ.get("REAPER_CONFIG")
         if config_file:
             toml = TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file))
-            sources.append((toml, f"{config_file}: {{}}".format))  # "c.toml: sk_file"
+            beside = _BesideFile(toml, Path(config_file).absolute().parent)
+            sources.append((beside, f"{config_file}: {{}}".format))  # "c.toml: sk_file"
         read = _FilesRead()  # secrets a source of higher precedence has given, and from where
         layers: list[dict[str, Any]] = []  # what each source says of ADDED_UP, in order
         return tuple(
@@ -410,6 +411,12 @@ ADDED_UP = ("protect", "protect_file", "protected_types", "protected_statuses")
 """Settings whose sources add up instead of the highest one winning: protection. A team's
 config file protects ``prod-*``; a flag's ``--protect id:x`` must add to that, not quietly
 replace it (and with it, every rule the team relies on)."""
+
+PATH_SETTINGS = tuple(
+    name for name, field in Settings.model_fields.items()
+    if field.annotation is Path or Path in get_args(field.annotation)
+)  # fmt: skip
+"""Settings that name a file: relative in the config file, taken from its directory."""
 
 _LAYERS_KEY = "__layers__"
 """Where the sources hand the validator what each gave for ADDED_UP, highest first."""
@@ -503,6 +510,31 @@ class _SdkEnvironment(_Whole):
             for variable, setting in SDK_ENVIRONMENT.items()
             if os.environ.get(variable)
         }
+
+
+class _BesideFile(_Wrapping):
+    """A config file's relative paths, taken from the file's own directory.
+
+    ``protect_file = "protect.txt"`` in a team's ``config/reaper.toml`` names the
+    ``protect.txt`` beside it; read from the current directory it was whichever file of that
+    name was there, or none, when the run started elsewhere (another shard's, a stale copy)
+    and the wrong jobs were protected. Flags and the environment are typed where the
+    command runs, so theirs stay relative to the current directory. The directory is not
+    resolved: a Kubernetes ConfigMap's files are links into a directory renamed on each
+    update, and the path through the mount point keeps following them."""
+
+    def __init__(self, inner: PydanticBaseSettingsSource, directory: Path) -> None:
+        super().__init__(inner)
+        self._directory = directory
+
+    def __call__(self) -> dict[str, Any]:
+        data = dict(self._inner())
+        for name in PATH_SETTINGS:
+            value = data.get(name)
+            # An empty value is left to its validation ("must be a file path, not empty").
+            if isinstance(value, str) and value.strip() and not Path(value).is_absolute():
+                data[name] = str(self._directory / value)
+        return data
 
 
 class _SecretFiles(_Wrapping):
