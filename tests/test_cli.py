@@ -344,6 +344,30 @@ def test_discovers_page_size_that_is_no_number_is_said_in_words_never_repeated(
 
 
 @pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--older-than", CANARY], "--older-than: not a duration or an ISO-8601 date"),
+        (["--newer-than", CANARY + "M"], "--newer-than: not a duration or an ISO-8601 date"),
+        (["--all", "--plan-ttl", CANARY], "--plan-ttl: not a duration (use a number"),
+        (["--older-than", "6M"], "--older-than: not a duration: months and years are not"),
+        (["--older-than", "0d"], "--older-than: a duration must be more than 0, not 0d"),
+    ],
+    ids=["older-than", "newer-than", "plan-ttl", "months", "zero"],
+)
+def test_discovers_durations_and_dates_that_do_not_parse_are_never_repeated(
+    tmp_path: Path, argv: list[str], said: str
+) -> None:
+    """discover's --older-than, --newer-than and --plan-ttl repeated what was typed when it
+    did not parse ("not a duration or an ISO-8601 date: 'CANARY-...'"): a key pasted in the
+    wrong place went to the terminal and the event log. Only what parses as a duration is
+    repeated (0d, which is out of range), as the setting flags repeat only numbers."""
+    done = run_worker("discover", *argv, cwd=tmp_path)
+    assert done.returncode == 64, done.stderr
+    assert said in done.stdout + done.stderr
+    assert CANARY not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
     ("argv", "env", "code", "said"),
     [
         (["run", "--ledger", "nope/l.db"], {}, 78,

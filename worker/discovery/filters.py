@@ -52,6 +52,10 @@ def filters_given(values: Mapping[str, object]) -> bool:
     return any(values.get(name) not in (None, False) for name in FILTER_DESTS)
 
 
+_UNIT_WORDS_RE = re.compile(r"(?:\d+[a-zA-Z])+")
+"""Numbers each with a unit, known or not: what a duration with a month or a year looks like."""
+
+
 def parse_duration(text: str) -> timedelta:
     """``30d``, ``12h``, ``1d12h``, ``90m``, ``2w``, ``45s``: a positive span of time.
 
@@ -59,22 +63,20 @@ def parse_duration(text: str) -> timedelta:
     purpose: their length depends on the calendar, and a deletion filter must not.
     """
     value = text.strip()
-    if "M" in value or "Y" in value.upper():
+    if _UNIT_WORDS_RE.fullmatch(value) and ("M" in value or "Y" in value.upper()):
         # "6M" is six months to some and six minutes to others: neither is guessed.
         raise ValueError(
-            f"not a duration: {text!r} (months and years are not units; use d or w, and a "
-            "lower-case m for minutes)"
+            "not a duration: months and years are not units (use d or w, and a lower-case m "
+            "for minutes)"
         )
     value = value.lower()
     if not _DURATION_RE.fullmatch(value):
-        raise ValueError(
-            f"not a duration: {text!r} (use a number and a unit w, d, h, m or s, e.g. 30d, 12h)"
-        )
+        raise ValueError("not a duration (use a number and a unit w, d, h, m or s, e.g. 30d, 12h)")
     seconds = sum(int(n) * _UNITS[unit] for n, unit in _PART_RE.findall(value))
     if seconds <= 0:
-        raise ValueError(f"not a positive duration: {text!r}")
+        raise ValueError(f"a duration must be more than 0, not {value}")
     if seconds > MAX_SPAN_S:
-        raise ValueError(f"not a duration: {text!r} is longer than 100 years")
+        raise ValueError(f"a duration of {value} is longer than 100 years")
     return timedelta(seconds=seconds)
 
 
@@ -91,14 +93,13 @@ def parse_instant(text: str, now: datetime) -> datetime:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(
-            f"not a duration or an ISO-8601 date: {text!r} (e.g. 30d, 12h, 2026-01-31, "
-            "2026-01-31T12:00:00Z)"
+            "not a duration or an ISO-8601 date (e.g. 30d, 12h, 2026-01-31, 2026-01-31T12:00:00Z)"
         ) from None
     parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     try:
         return parsed.astimezone(UTC)
     except OverflowError:  # 0001-01-01T00:00+01:00 is before the first instant there is
-        raise ValueError(f"not a date that can be compared: {text!r} is out of range") from None
+        raise ValueError(f"{value} is out of range: no date that can be compared") from None
 
 
 class FilterError(ValueError):
