@@ -1,5 +1,6 @@
-"""The real command against answers that speak of other jobs than the ones asked about: what
-is deleted must be what the rules looked at, whatever the API hands back."""
+"""The real command against answers that speak of other jobs than the ones asked about, and
+input lines that name more ids than they are read for: what is deleted must be what the
+rules looked at, and every id named must end with an outcome."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from tests.e2e import reaper, reaper_env, results, write_ids
 from tests.gateway import Gateway, serve_gateway
+from worker.simulator import SimulatorConfig, run_simulator
 
 pytestmark = pytest.mark.anyio
 
@@ -62,3 +64,26 @@ async def test_a_delete_answer_naming_jobs_nobody_asked_for_reports_only_the_ask
     assert sorted(row["job_id"] for row in rows) == asked
     assert {row["outcome"] for row in rows} == {"deleted"}
     assert gateway.deleted == set(asked) and done.summary()["deleted"] == 12
+
+
+async def test_a_json_line_naming_a_list_of_ids_beside_its_id_is_rejected_not_half_read(
+    tmp_path: Path,
+) -> None:
+    """``{"id": A, "ids": [B]}`` (serve's entry spelling) and ``{"id": C, "job_ids": [D]}``
+    (the API's body's): run read A and C and dropped B and D without a word, no outcome,
+    no count. Each line is now ``rejected`` naming the key, and nothing of it is sent."""
+    async with run_simulator(SimulatorConfig(jobs=6, seed=39)) as sim:
+        a, b, c, d, e = sim.job_ids()[:5]
+        src = tmp_path / "ids.jsonl"
+        src.write_text(
+            f'{{"id": "{a}", "ids": ["{b}"]}}\n{{"id": "{c}", "job_ids": ["{d}"]}}\n'
+            f'{{"id": "{e}"}}\n'
+        )
+        out = tmp_path / "results.jsonl"
+        done = await reaper(fast(src, "--results", str(out)), reaper_env(sim.url))
+        assert done.code == 1, done.stderr
+        rows = results(out)
+        rejected = [row for row in rows if row["outcome"] == "rejected"]
+        assert [row["line"] for row in rejected] == [1, 2]
+        assert "'ids'" in rejected[0]["reason"] and "'job_ids'" in rejected[1]["reason"]
+        assert sim.deleted == {e}

@@ -508,6 +508,10 @@ def _from_json(value: object, raw: str, line: int) -> Entry:
             line,
             f"expected a string or an object with 'id' or 'job_id', got {_json_type(value)}",
         )
+    lists = [key for key in _LIST_KEYS if key in value]
+    if lists:  # serve's entries and the API's body name several ids so; a line names one
+        return Rejection(raw, line, f"names {lists[0]!r}, a list, which run does not read: "
+                         "put each id on a line of its own, as 'id'")  # fmt: skip
     keys = [key for key in ("id", "job_id") if key in value]
     if not keys:
         return Rejection(raw, line, "object has no 'id' or 'job_id'")
@@ -546,6 +550,9 @@ def _from_json(value: object, raw: str, line: int) -> Entry:
 
 _PLACE_FIELDS = frozenset(FIELDS)
 _ID_KEYS = ("id", "job_id")
+_LIST_KEYS = ("ids", "job_ids")
+"""Keys that hold several ids elsewhere (a stream entry's ``ids``, the DELETE body's
+``job_ids``): beside an ``id`` they were ignored, and their ids lost without a word."""
 _READ = (*_ID_KEYS, *FIELDS)
 _misnamed = misnamed_by(_ID_KEYS)
 _QUOTED = {key: f'"{key}"' for key in _READ}
