@@ -307,6 +307,51 @@ def test_a_setting_flag_that_is_no_number_is_said_in_words_not_argparses(
 
 
 @pytest.mark.parametrize(
+    ("argv", "env", "toml", "said"),
+    [
+        (["--deadline", "inf"], {}, "",
+         "--deadline must be a finite number of seconds (more than 0), not inf"),
+        (["--deadline", "nan"], {}, "",
+         "--deadline must be a finite number of seconds (more than 0), not nan"),
+        (["--deadline", "1e999"], {}, "",
+         "--deadline must be a finite number of seconds (more than 0), not inf"),
+        (["--connect-timeout=-inf"], {}, "",
+         "--connect-timeout must be a finite number of seconds (more than 0, at most 300), "
+         "not -inf"),
+        ([], {"REAPER_RECLAIM_AFTER": "Infinity"}, "",
+         "reclaim_after (REAPER_RECLAIM_AFTER or the config file) must be a finite number of "
+         "seconds (more than 0), not inf"),
+        ([], {"REAPER_MAX_FRACTION": "nan"}, "",
+         "max_fraction (REAPER_MAX_FRACTION or the config file) must be a finite number (more "
+         "than 0, at most 1), not nan"),
+        (["--rate", "inf"], {}, "",
+         "--rate must be a number of calls per second (more than 0, at most 10,000) or "
+         "'auto', not inf"),
+        ([], {}, "stats_interval = inf\n",
+         "stats_interval (REAPER_STATS_INTERVAL or the config file) must be a finite number of "
+         "seconds (at least 0), not inf"),
+        ([], {}, "max_deletions = inf\n",
+         "max_deletions (REAPER_MAX_DELETIONS or the config file) must be a whole number (at "
+         "least 0), not inf"),
+    ],
+    ids=["deadline-inf", "deadline-nan", "deadline-overflow", "connect-timeout", "env-reclaim",
+         "env-max-fraction", "rate", "toml-stats-interval", "toml-max-deletions"],
+)  # fmt: skip
+def test_an_infinite_or_nan_number_is_refused_in_the_words_of_its_range(
+    tmp_path: Path, argv: list[str], env: dict[str, str], toml: str, said: str
+) -> None:
+    """``--deadline inf`` was taken (a run with no deadline, said as a number), as were
+    ``nan`` and ``1e999`` for any setting whose limits let them by: refused (78) like a number
+    out of range, in the words of the setting's range, with what was given."""
+    if toml:
+        (tmp_path / "reaper.toml").write_text(toml, encoding="utf-8")
+        argv = [*argv, "--config", "reaper.toml"]
+    done = run_worker("run", "--input", "ids.txt", "--dry-run", *argv, env=env, cwd=tmp_path)
+    assert done.returncode == 78, done.stderr
+    assert done.stderr == f"devserver-reaper: {said}\n"
+
+
+@pytest.mark.parametrize(
     ("argv", "said"),
     [
         (["--page-size", "0"], "--page-size must be from 1 to 1,000, not 0"),

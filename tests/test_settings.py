@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
@@ -580,3 +580,22 @@ def test_every_path_in_a_config_file_is_its_directory_s_and_a_flag_s_the_current
     assert "must be a file path, not empty" in config_error(config=empty)
     assert set(PATH_SETTINGS) >= {"ak_file", "sk_file", "security_token_file", "ca_bundle",
                                   "ledger", "protect_file", "plan_key_file"}  # fmt: skip
+
+
+@pytest.mark.parametrize("given", ["inf", "-inf", "nan"])
+def test_no_number_setting_takes_an_infinity_or_a_nan(
+    given: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every setting that is a number refuses ``inf`` and ``nan`` whatever its limits (an
+    upper one refused ``inf`` already; ``deadline``, ``reclaim_after``, the retention ages and
+    ``stats_interval`` have none), naming the setting and what it must be."""
+    numbers = [name for name, field in Settings.model_fields.items()
+               if {int, float} & {field.annotation, *get_args(field.annotation)}]  # fmt: skip
+    assert {"deadline", "rate", "batch_size", "max_fraction", "stats_interval"} <= {
+        *numbers, "rate"}  # fmt: skip
+    for name in [*numbers, "rate"]:
+        monkeypatch.setenv(f"REAPER_{name.upper()}", given)
+        said = config_error()
+        monkeypatch.delenv(f"REAPER_{name.upper()}")
+        assert said.startswith(f"{name} (REAPER_{name.upper()} or the config file) must be "), said
+        assert said.endswith(f", not {given}"), said

@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="REAPER_",
         extra="forbid",
+        allow_inf_nan=False,  # --deadline inf: no deadline said as a number (see _range)
         hide_input_in_errors=True,
         validate_default=True,
     )
@@ -721,8 +722,10 @@ def _number(value: object) -> str | None:
             value = float(value)
         except ValueError:
             return None
-    if not isinstance(value, int | float) or not math.isfinite(value):
+    if not isinstance(value, int | float):
         return None
+    if not math.isfinite(value):
+        return str(value)  # inf, -inf, nan: a number as given, however spelt
     return f"{int(value):,}" if float(value).is_integer() else f"{value:,}"
 
 
@@ -739,6 +742,8 @@ def _rule(field: str, error: Mapping[str, Any]) -> str:
         if limit is not None:
             unit = (" second" if limit == "1" else " seconds") if field in _SECONDS else ""
             return f"must be {word} {limit}{unit}{but}"
+    if kind == "finite_number":
+        return f"must be {_range(field)}{but}"
     words = {
         "too_short": "must not be empty",
         "int_parsing": f"must be a whole number{but}",
@@ -753,6 +758,22 @@ def _rule(field: str, error: Mapping[str, Any]) -> str:
         except KeyError:
             pass
     return str(error["msg"]).removeprefix("Value error, ")
+
+
+def _range(field: str) -> str:
+    """A number setting's range in the words of its limits: ``a finite number of seconds
+    (more than 0, at most 300)``, ``a whole number (at least 1, at most 1,000)``; for an
+    infinity or a NaN given, which its limits alone did not refuse (``--deadline inf``)."""
+    limits = []
+    for rule in Settings.model_fields[field].metadata:
+        for word, key in _LIMITS.values():
+            limit = _number(getattr(rule, key, None))
+            if limit is not None:
+                limits.append(f"{word} {limit}")
+    annotation = Settings.model_fields[field].annotation
+    kind = "a whole number" if int in (annotation, *get_args(annotation)) else "a finite number"
+    unit = " of seconds" if field in _SECONDS else ""
+    return f"{kind}{unit}" + (f" ({', '.join(limits)})" if limits else "")
 
 
 def setting_name(field: str, *, flag: bool) -> str:
