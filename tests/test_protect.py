@@ -73,7 +73,17 @@ def test_a_record_is_protected_by_id_type_status_or_name_and_says_which() -> Non
     assert why(type="SERVICE_DEPLOY") == "type SERVICE_DEPLOY"
     assert why(status="PROCESSING") == "status PROCESSING"
     assert why(name="prod-api") == "name prod-*"
-    assert why(name="Prod-api", status="FINISHED", type="COMMON") is None
+    assert why(name="dev-api", status="FINISHED", type="COMMON") is None
+
+
+@pytest.mark.parametrize("name", ["Prod-DB", "PROD-api", "prod-API"])
+def test_a_name_rule_protects_a_name_in_any_case(name: str) -> None:
+    """``prod-*`` left ``Prod-DB`` to be deleted: name rules were matched case and all. A
+    rule that protects is read the way that deletes nothing by mistake (as its brackets
+    are, and as id rules are in any case); discover's ``--name-glob``, which selects, stays
+    case-sensitive."""
+    p = Protection.parse(["prod-*"])
+    assert p.reason(JobRecord.from_api({"id": "job-9", "name": name})) == "name prod-*"
 
 
 def test_a_record_missing_a_field_a_rule_reads_is_protected() -> None:
@@ -296,6 +306,25 @@ async def test_name_patterns_types_and_statuses_protect_in_a_run_by_id(tmp_path:
         assert set(sim.job_ids()) == keep
         assert {i for i, o in _outcomes(out).items() if o == ("skipped", "protected")} == keep
         assert not keep & set(sim.sent_counts)
+
+
+@pytest.mark.anyio
+async def test_a_name_rule_protects_its_names_in_any_case_in_a_run(tmp_path: Path) -> None:
+    """``--protect 'prod-*'`` over a file of ids: ``Prod-DB`` and ``PROD-api`` were deleted,
+    the rule matched case and all. Both end ``skipped``/``protected``, no DELETE sent for
+    them; the other ids go."""
+    async with run_simulator(SimulatorConfig(jobs=10, seed=34)) as sim:
+        keep = [*sim.add_jobs(1, name="Prod-DB"), *sim.add_jobs(1, name="PROD-api")]
+        others = [i for i in sim.job_ids() if i not in keep]
+        src = write_ids(tmp_path / "ids.txt", keep + others[:3])
+        out = tmp_path / "results.jsonl"
+        done = await reaper(["run", "-i", str(src), "--results", str(out), "--protect",
+                             "prod-*", *FAST], reaper_env(sim.url))  # fmt: skip
+        assert done.code == 0, done.stderr
+        assert set(keep) <= set(sim.job_ids()) and not set(keep) & set(sim.sent_counts)
+        outcomes = _outcomes(out)
+        assert all(outcomes[i] == ("skipped", "protected") for i in keep)
+        assert all(outcomes[i][0] == "deleted" for i in others[:3])
 
 
 @pytest.mark.anyio

@@ -91,16 +91,21 @@ class Protection:
     names: tuple[str, ...] = ()
     types: frozenset[str] = frozenset()
     statuses: frozenset[str] = frozenset()
-    # Each name rule, and it again with its ``[`` and ``]`` the characters themselves:
-    # ``model[1]`` is the name of job ``model[1]`` as much as a class matching ``model1``,
-    # and ``[prod]-*`` the prefix of ``[prod]-db``. Which was meant is a guess, and
-    # protecting both is the guess that deletes nothing by mistake.
-    _patterns: tuple[tuple[str, str], ...] = field(default=(), init=False, repr=False,
-                                                   compare=False)  # fmt: skip
+    # Each name rule with the globs it is matched as: itself, and itself with its ``[`` and
+    # ``]`` the characters themselves (``model[1]`` is the name of job ``model[1]`` as much
+    # as a class matching ``model1``; ``[prod]-*`` the prefix of ``[prod]-db``), each also
+    # without case (``prod-*`` and ``Prod-DB``). Which was meant is a guess, and protecting
+    # every reading is the guess that deletes nothing by mistake.
+    _patterns: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = field(
+        default=(), init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
-        literal = [_BRACKETS_RE.sub(r"[\g<0>]", pattern) for pattern in self.names]
-        object.__setattr__(self, "_patterns", tuple(zip(self.names, literal, strict=True)))
+        patterns = []
+        for pattern in self.names:
+            globs = dict.fromkeys((pattern, _BRACKETS_RE.sub(r"[\g<0>]", pattern)))
+            patterns.append((pattern, tuple((glob, glob.casefold()) for glob in globs)))
+        object.__setattr__(self, "_patterns", tuple(patterns))
 
     @classmethod
     def parse(
@@ -171,8 +176,12 @@ class Protection:
         if status is not None and status in self.statuses:
             return f"status {record.status}"
         if name is not None:  # NFC: 'café' typed as one character or as e and an accent
-            for pattern, literal in self._patterns:
-                if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, literal):
+            folded = name.casefold()
+            for pattern, globs in self._patterns:
+                if any(
+                    fnmatch.fnmatchcase(name, glob) or fnmatch.fnmatchcase(folded, low)
+                    for glob, low in globs
+                ):
                     return f"name {pattern}"
         # A field a rule reads that the record lacks protects it: unknown is not a no.
         for rules, value, what in ((self.types, job_type, "type"),
