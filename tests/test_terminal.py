@@ -764,6 +764,36 @@ async def test_a_dry_run_says_what_it_would_delete_not_what_it_skipped(tmp_path:
     assert lines[-1] == "dry run: nothing was sent; a real run would delete up to 39 jobs"
 
 
+@pytest.mark.parametrize(
+    ("deleted", "hours", "shown"), [(1, 1, "<0.01"), (3, 2, "<0.01"), (90, 0.01, "2.5")]
+)
+def test_a_run_slower_than_one_id_in_2000_s_shows_its_rate_not_zero(
+    clean_env: None, monkeypatch: pytest.MonkeyPatch, deleted: int, hours: float, shown: str
+) -> None:
+    """run.summary rounded ``ids_per_s`` to three decimals before the summary showed it: a
+    run of one id an hour (a long throttle, a slow gateway) was ``0.0`` in the event and
+    ``0 ids/s`` on the screen, as if it had done nothing. The run's own summary, with its
+    duration given (no wall clock), on a terminal's display and in the event."""
+    from worker.commands.run import _summarise
+    from worker.outcomes.events import EventLog
+    from worker.pipeline import RunState
+    from worker.settings import load_settings
+    from worker.terminal.output import Output
+
+    monkeypatch.setenv("TERM", "dumb")  # the summary written as it is, no redrawing
+    screen = _Screen(tty=True)
+    ended = Tally(read=deleted)
+    ended.outcomes["deleted"] = deleted
+    with structlog.testing.capture_logs() as logs:
+        _summarise(EventLog(), ended, RunState(), 0, hours * 3600.0, 0.1, load_settings(),
+                   Output(display=display_on(screen)), {})  # fmt: skip
+    rows = [line for line in screen.getvalue().splitlines() if line.startswith("  rate ")]
+    assert rows == [f"  {'rate':<13}{shown:>8} ids/s"], screen.getvalue()
+    event = next(e for e in logs if e["event"] == "run.summary")
+    exact = deleted / (hours * 3600.0)
+    assert abs(event["ids_per_s"] - exact) <= 0.001 * exact, event
+
+
 @pytest.mark.anyio
 async def test_the_summary_shows_the_runs_rate_to_two_figures_not_whole(tmp_path: Path) -> None:
     """The summary's rate was run.summary's ``ids_per_s`` rounded to a tenth, then shown to

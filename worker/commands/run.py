@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import math
 import os
 import signal
 import stat
@@ -856,6 +857,16 @@ def open_ids(tally: Tally) -> int:
     return max(0, admitted - tally.finished)
 
 
+def per_second(count: int, seconds: float) -> float:
+    """``count`` a second to three decimals, and under 1 to three significant figures: a
+    run of one id an hour is 0.000278, not the 0.0 that three decimals made of it (shown
+    ``0 ids/s``, as if it had done nothing)."""
+    if count <= 0 or seconds <= 0:
+        return 0.0
+    rate = count / seconds
+    return round(rate, max(3, 2 - math.floor(math.log10(rate))))
+
+
 def _summarise(
     events: EventLog,
     tally: Tally,
@@ -880,7 +891,7 @@ def _summarise(
         already_failed=tally.already_failed,
         retries=tally.retries,
         duration_s=round(duration, 3),
-        ids_per_s=round(tally.finished / duration, 3) if duration > 0 else 0.0,
+        ids_per_s=per_second(tally.finished, duration),
         cpu_s=round(cpu, 3),  # this process, every thread, over duration_s: for sizing
         dry_run=settings.dry_run,
         stop_reason=state.stop_reason,
