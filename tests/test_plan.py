@@ -624,11 +624,13 @@ async def test_a_dry_run_of_a_plan_checks_the_live_jobs_and_sends_no_delete(
         sim.set_status(changed, "PROCESSING")
         sim.store.delete([gone])
         done = await reaper(["run", "--plan", str(path), "--dry-run", "--results", str(out),
-                             "--protect", f"id:{kept}"], env)  # fmt: skip
+                             "--protect", f"id:{kept}", "--protect", "never-*"], env)  # fmt: skip
         assert done.code == 0, done.stderr
         assert sim.stats.delete_calls == 0 and set(sim.store.jobs) >= set(planned) - {gone}
         summary = done.summary()
         assert summary["would_delete"] == len(planned) - 3 and summary["absent"] == 1
+        # it reads the jobs: its name rule is checked, its count no upper bound
+        assert summary["unchecked_rules"] == [] and "not checked" not in done.stderr
         assert summary["skipped_by_reason"] == {
             "dry_run": len(planned) - 3, "plan_mismatch": 1, "protected": 1}  # fmt: skip
         rows = {row["job_id"]: row for row in results(out)}

@@ -327,6 +327,80 @@ async def test_a_name_rule_protects_its_names_in_any_case_in_a_run(tmp_path: Pat
         assert all(outcomes[i][0] == "deleted" for i in others[:3])
 
 
+UNCHECKED_NOTE = "devserver-reaper run: a dry run of ids reads no job, so "
+ALL_KINDS = ["--protect", "prod-*", "--protected-types", "SERVICE_DEPLOY",
+             "--protected-statuses", "PROCESSING"]  # fmt: skip
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("rules", "unchecked", "said"),
+    [
+        (["--protect", "prod-*"], ["name"], "the name rules are"),
+        (["--protected-types", "SERVICE_DEPLOY"], ["type"], "the type rules are"),
+        (["--protected-statuses", "PROCESSING"], ["status"], "the status rules are"),
+        (["--protect-file", "keep.txt"], ["name"], "the name rules are"),
+        (ALL_KINDS, ["name", "type", "status"], "the name, type and status rules are"),
+    ],
+    ids=["name", "type", "status", "protect-file", "all"],
+)
+async def test_a_dry_run_of_ids_says_the_rules_it_cannot_check_and_its_count_an_upper_bound(
+    tmp_path: Path, rules: list[str], unchecked: list[str], said: str
+) -> None:
+    """A dry run of ids reads no job (no credentials, no call), so name, type and status
+    rules are never applied: every id was reported ``dry_run`` and counted in
+    ``would_delete``, without a word, though the real run reads each job and keeps those
+    the rules protect. Now ``run.summary`` names the rules in ``unchecked_rules`` (its
+    ``would_delete`` an upper bound) and stderr says so once at the start; still no call, and
+    no keys needed. The real run then deletes fewer than that count."""
+    async with run_simulator(SimulatorConfig(jobs=6, seed=35)) as sim:
+        keep = sim.add_jobs(1, name="prod-db", type="SERVICE_DEPLOY", status="PROCESSING")
+        ids = sim.job_ids()
+        src = write_ids(tmp_path / "ids.txt", ids)
+        (tmp_path / "keep.txt").write_text("name:prod-*\n", encoding="utf-8")
+        env = reaper_env(sim.url)
+        del env["REAPER_AK"], env["REAPER_SK"]  # a dry run of ids needs no keys
+        dry = await reaper(["run", "-i", str(src), "--dry-run", *rules], env, cwd=tmp_path)
+        assert dry.code == 0, dry.stderr
+        summary = dry.summary()
+        assert summary["unchecked_rules"] == unchecked
+        assert summary["would_delete"] == len(ids)  # every id: none could be checked
+        notes = [line for line in dry.stderr.splitlines() if line.startswith(UNCHECKED_NOTE)]
+        assert len(notes) == 1 and notes[0].startswith(UNCHECKED_NOTE + said), dry.stderr
+        assert sim.stats.calls == 0
+        done = await reaper(["run", "-i", str(src), *rules, *FAST], reaper_env(sim.url),
+                            cwd=tmp_path)  # fmt: skip
+        assert done.code == 0, done.stderr
+        assert set(keep) <= set(sim.job_ids())
+        assert done.summary()["deleted"] < summary["would_delete"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("rules", "bare"), [(["--protect", "id:{0}"], False), (["--protect", "{0}"], True)]
+)
+async def test_a_dry_run_of_ids_under_id_rules_alone_checks_them_all(
+    tmp_path: Path, rules: list[str], bare: bool
+) -> None:
+    """``id:ID`` rules are checked without a read: nothing is unchecked, nothing said. A
+    bare id protects the name it spells too, which only a read can check: said, with the
+    ``id:`` form that a dry run checks whole."""
+    async with run_simulator(SimulatorConfig(jobs=5, seed=36)) as sim:
+        ids = sim.job_ids()
+        src = write_ids(tmp_path / "ids.txt", ids)
+        given = [rule.format(ids[0]) for rule in rules]
+        dry = await reaper(["run", "-i", str(src), "--dry-run", *given], reaper_env(sim.url))
+        assert dry.code == 0, dry.stderr
+        summary = dry.summary()
+        assert summary["unchecked_rules"] == (["name"] if bare else [])
+        assert summary["would_delete"] == len(ids) - 1
+        notes = [line for line in dry.stderr.splitlines() if line.startswith(UNCHECKED_NOTE)]
+        assert len(notes) == (1 if bare else 0), dry.stderr
+        if bare:
+            assert f"id:{ids[0]} protects the id alone" in dry.stderr
+        assert sim.stats.calls == 0
+
+
 @pytest.mark.anyio
 async def test_a_name_rule_protects_a_name_spelt_with_combining_accents(tmp_path: Path) -> None:
     """``--protect 'café-*'`` typed with one character for é protects a job the API names

@@ -764,6 +764,38 @@ async def test_a_dry_run_says_what_it_would_delete_not_what_it_skipped(tmp_path:
     assert lines[-1] == "dry run: nothing was sent; a real run would delete up to 39 jobs"
 
 
+@pytest.mark.anyio
+async def test_a_dry_run_of_ids_says_its_count_is_at_most_when_rules_need_the_jobs(
+    tmp_path: Path,
+) -> None:
+    """``--protect 'prod-*' --protected-statuses PROCESSING`` in a dry run of ids, which
+    reads no job: the screen said "would delete 41" and "a real run would delete up to 41
+    jobs" as if the rules had been applied; the real run keeps prod-db. It now says, at the
+    start and where the count is, that those rules were not checked."""
+    async with _project(tmp_path, 40) as (sim, src, env):
+        sim.add_jobs(1, name="prod-db", status="FINISHED")
+        write_ids(src, sim.job_ids())
+        args = ["-i", str(src), "--dry-run", "--protect", "prod-*",
+                "--protected-statuses", "PROCESSING"]  # fmt: skip
+        code, term = await anyio.to_thread.run_sync(lambda: _run_on_a_pty(args, env))
+        assert sim.stats.calls == 0
+    assert code == 0, term.screen_text()
+    lines = [line for line in term.lines() if line]
+    assert lines[:2] == [
+        "devserver-reaper run: a dry run of ids reads no job, so the name and status rules "
+        "are not checked:",
+        "  would delete counts the jobs they protect too; a run, or a plan's dry run, reads "
+        "each job and checks them",
+    ], lines[:3]
+    assert "  would delete           41  (at most: name, status rules not checked)" in lines
+    assert lines[-2:] == [
+        "dry run: nothing was sent; a real run would delete up to 41 jobs, less those the "
+        "name and status rules protect:",
+        "  a dry run of ids reads no job, so it checks id rules alone; a run, or a plan's "
+        "dry run, reads the jobs for the rest",
+    ], lines[-3:]
+
+
 @pytest.mark.parametrize(
     ("deleted", "hours", "shown"), [(1, 1, "<0.01"), (3, 2, "<0.01"), (90, 0.01, "2.5")]
 )

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -580,6 +580,9 @@ async def _run(
     else:
         project = wiring.project_id(settings) if reads else (settings.project_id or UNBOUND)
     protection = wiring.protection(settings)  # before anything is opened: a bad file is 78
+    unchecked = () if reads else protection.record_rules()  # a dry run of ids reads no job
+    if unchecked:
+        logsetup.tell(_unchecked_note(unchecked, protection.bare_ids()))
     shard = shard_of(settings)
     tally = Tally()
     started, cpu_started = time.monotonic(), time.process_time()
@@ -635,9 +638,26 @@ async def _run(
         checks = _added([guard.checks() for guard in guards]) if guards else None
         _summarise(
             events, tally, state, code, duration, cpu, settings, output, sharded, checks,
-            total, plan,
+            total, plan, unchecked,
         )  # fmt: skip
         return code
+
+
+def _unchecked_note(kinds: Sequence[str], bare: Sequence[str]) -> str:
+    """Said once at the start of a dry run of ids given rules it cannot check: its count
+    of what a run would delete takes in the jobs those rules would protect."""
+    from worker.terminal.summary import rules_in_words
+
+    lines = [
+        f"devserver-reaper run: a dry run of ids reads no job, so {rules_in_words(kinds)} "
+        "are not checked:",
+        "  would delete counts the jobs they protect too; a run, or a plan's dry run, reads "
+        "each job and checks them",
+    ]
+    if bare:  # a bare word protects its name too: id:WORD is the id alone, checked here
+        lines.append(f"  ({bare[0]} protects that name as well as that id; id:{bare[0]} "
+                     "protects the id alone, which a dry run checks)")  # fmt: skip
+    return "\n".join(lines)
 
 
 async def _watch_progress(
@@ -880,6 +900,7 @@ def _summarise(
     checks: dict[str, int] | None = None,
     total: int | None = None,
     plan: SealedPlan | None = None,
+    unchecked: Sequence[str] = (),
 ) -> None:
     counts = tally.counts()
     fields: dict[str, object] = dict(counts)
@@ -904,6 +925,9 @@ def _summarise(
         fields["skipped_by_reason"] = dict(sorted(tally.skip_reasons.items()))
     if settings.dry_run:  # checked and found deletable: what the run would have sent
         fields["would_delete"] = tally.skip_reasons["dry_run"]
+        # The rules it could not check (a dry run of ids reads no job): would_delete is then
+        # an upper bound, the jobs those rules protect counted in it.
+        fields["unchecked_rules"] = list(unchecked)
     if checks is not None:
         fields["checks"] = checks
     if state.fatal is not None:

@@ -157,7 +157,18 @@ class Protection:
     @property
     def needs_record(self) -> bool:
         """Whether some rule looks at more than the id (and so costs a show call per id)."""
-        return bool(self.names or self.types or self.statuses)
+        return bool(self.record_rules())
+
+    def record_rules(self) -> tuple[str, ...]:
+        """The kinds of rule given that read a job's record, not its id alone (``name``,
+        ``type``, ``status``): what a dry run of ids, which reads no job, cannot check."""
+        kinds = (("name", self.names), ("type", self.types), ("status", self.statuses))
+        return tuple(kind for kind, rules in kinds if rules)
+
+    def bare_ids(self) -> tuple[str, ...]:
+        """Name rules that are also id rules: bare words (``nightly-train``), which protect
+        the id and the name they spell. ``id:WORD`` protects the id alone."""
+        return tuple(name for name in self.names if name.lower() in self.ids)
 
     def protects_id(self, job_id: str) -> bool:
         """Whether an id rule names ``job_id``, in any case: a UUID's hex digits are the

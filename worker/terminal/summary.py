@@ -28,6 +28,13 @@ _ROWS = ("deleted", "unconfirmed", "absent", "failed", "rejected", "skipped", "o
 deleted: gone, the API's answer lost)."""
 
 
+def rules_in_words(kinds: Sequence[str]) -> str:
+    """``run.summary``'s ``unchecked_rules`` in words: ``the name and status rules``."""
+    words = list(kinds)
+    listed = ", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else "".join(words)
+    return f"the {listed} rules"  # a kind of rule, of one rule or many
+
+
 def _label(key: str) -> str:
     """A count's name in words: ``already done``, not the field's ``already_done``."""
     return key.replace("_", " ")
@@ -106,7 +113,9 @@ class RunEnd:
         dry = bool(f.get("dry_run"))
         lines = ["", "devserver-reaper run summary"]
         if dry:
-            lines.append(f"  {'would delete':<13}{self.would_delete:>12,}")
+            kinds = self._unchecked() if self.would_delete else ""
+            unread = f"  (at most: {kinds} rules not checked)" if kinds else ""
+            lines.append(f"  {'would delete':<13}{self.would_delete:>12,}" + unread)
         for key in _ROWS:
             value = f.get(key, 0)
             if key == "skipped" and dry:
@@ -124,6 +133,10 @@ class RunEnd:
         lines += self._projects()
         lines += self._after()
         return "\n".join(lines)
+
+    def _unchecked(self) -> str:
+        """The kinds of rule a dry run of ids could not check (``name, status``), if any."""
+        return ", ".join(self.fields.get("unchecked_rules") or ())
 
     def _why(self, key: str) -> str:
         """After the ``skipped`` count, why (``max_deletions 255``): a skip may be what was
@@ -163,6 +176,10 @@ class RunEnd:
             jobs = f"up to {self.would_delete:,} job{'s' * (self.would_delete != 1)}"
             said.append(f"dry run: nothing was sent; a real run would delete "
                         f"{jobs if self.would_delete else 'none'}")  # fmt: skip
+            if self.would_delete and (kinds := self.fields.get("unchecked_rules")):
+                said[-1] += f", less those {rules_in_words(kinds)} protect:"
+                said.append("  a dry run of ids reads no job, so it checks id rules alone; "
+                            "a run, or a plan's dry run, reads the jobs for the rest")  # fmt: skip
         if self.stopped_early:
             said += self._resume()
         return said
