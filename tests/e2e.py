@@ -103,9 +103,17 @@ async def reaper(
     return Finished(result.returncode, result.stdout.decode(), result.stderr.decode())
 
 
+HUNG_UP_AS_FROM_A_SHELL = (
+    "import runpy, signal; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+    "runpy.run_module('worker', run_name='__main__', alter_sys=True)"
+)
+"""``python -m worker`` with SIGHUP's default action, as a shell starts it: the tests may
+run under ``nohup``, whose ignored SIGHUP the run would keep (and go on through a hang-up)."""
+
+
 async def start_reaper(args: Sequence[str], env: Mapping[str, str]) -> Process:
     return await anyio.open_process(
-        [sys.executable, "-m", "worker", *args], env=dict(env), stdin=None
+        [sys.executable, "-c", HUNG_UP_AS_FROM_A_SHELL, *args], env=dict(env), stdin=None
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import signal
 import struct
 import subprocess
 import sys
@@ -28,6 +29,9 @@ COLUMNS, ROWS = 120, 40
 def _controlling_terminal() -> None:  # runs in the child, before exec
     os.setsid()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    # As a login shell starts it, whatever started the tests (under nohup the run would
+    # take SIGHUP as ignored on purpose and go on through a hang-up).
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 class Terminal:
