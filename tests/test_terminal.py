@@ -315,6 +315,15 @@ async def test_the_prompt_says_a_line_of_json_may_send_ids_to_another_project(
     assert said in term.lines()
 
 
+async def _yes_is_refused(src: Path, env: dict[str, str], sim: Any) -> Terminal:
+    """``run -i src`` answered ``yes`` where the prompt asks for the project id: refused
+    (64) and nothing deleted. The terminal, for what the prompt said."""
+    refused, term = await anyio.to_thread.run_sync(lambda: _answer(["-i", str(src)], env, b"yes\n"))
+    assert refused == 64
+    assert len(sim.deleted) == 0
+    return term
+
+
 @pytest.mark.anyio
 async def test_a_last_line_with_no_line_break_is_counted_by_the_prompt(tmp_path: Path) -> None:
     """A file of 3 ids whose last has no line break after it (``printf``, an editor, an
@@ -323,11 +332,7 @@ async def test_a_last_line_with_no_line_break_is_counted_by_the_prompt(tmp_path:
     the project id: ``yes`` is a no."""
     async with _project(tmp_path, 3, REAPER_CONFIRM_PROJECT_OVER="2") as (sim, src, env):
         src.write_text("\n".join(sim.job_ids()))
-        refused, term = await anyio.to_thread.run_sync(
-            lambda: _answer(["-i", str(src)], env, b"yes\n")
-        )
-        assert refused == 64
-        assert len(sim.deleted) == 0
+        term = await _yes_is_refused(src, env, sim)
     assert any(f"About to delete up to 3 jobs from {src}" in line for line in term.lines())
 
 
@@ -348,11 +353,7 @@ async def test_a_json_array_or_gzip_is_not_announced_by_its_lines(
         else:
             array = tmp_path / "packed.txt"
             array.write_bytes(gzip.compress("\n".join(sim.job_ids()).encode() + b"\n"))
-        refused, term = await anyio.to_thread.run_sync(
-            lambda: _answer(["-i", str(array)], env, b"yes\n")
-        )
-        assert refused == 64
-        assert len(sim.deleted) == 0
+        term = await _yes_is_refused(array, env, sim)
     assert any(f"About to delete the jobs listed in {array}" in line for line in term.lines())
 
 
