@@ -21,6 +21,7 @@ from worker.dispatcher import Transport
 from worker.pacing.adaptive import AdaptiveRateLimiter, build_limiter
 from worker.pacing.bucket import RateLimiter
 from worker.pacing.controller import AdaptiveConfig, Phase, RateController
+from worker.pacing.evidence import GatewayEvidence
 from worker.pacing.slowdown import SlowingLimiter
 from worker.simulator.quota import TokenBucket
 from worker.types import DeleteResult, JobRecord
@@ -337,6 +338,41 @@ def test_a_low_measure_refused_past_is_raised_to_the_floor_not_forgotten() -> No
     assert ctrl.rate_sent_at(t - 2.0) > 1.06 * 4.6  # the probe held past the measure
     assert ctrl.on_throttle(t, latency=0.0) == pytest.approx(0.97 * floor)
     assert ctrl.state.quota == pytest.approx(floor)
+
+
+def _floors_after(refused: float, accepted: Sequence[float]) -> tuple[float, float]:
+    """The rough floor (``GatewayEvidence.floor`` from 3 calls) and the one a gateway counting
+    calls per second allows too (``floor_counted``), after a refusal of a call sent at
+    ``refused`` and the calls sent at ``accepted``, all accepted."""
+    evidence = GatewayEvidence(AdaptiveConfig())
+    for sent in (refused, *accepted):
+        evidence.sent(sent)
+    evidence.refused(refused, refused + 0.002)
+    for sent in accepted:
+        evidence.accepted(sent, sent + 0.05)
+    return evidence.floor(3), evidence.floor_counted(3)
+
+
+def test_the_rough_floor_counted_as_a_per_second_gateway_allows_it_too() -> None:
+    """Calls accepted since a refusal: at most one more than the quota allows over their span
+    if the gateway is a token bucket, and for one counting calls per whole second, at least
+    as many as it accepted within a second of the refusal (that second's count began by the
+    first of them). The floor both allow is the lesser."""
+    # Paced at 5 calls/s after the refusal: the token bucket's floor (4 calls/s over 1 s)
+    # and the four within the second after it (the fifth at its end) agree.
+    rough, counted = _floors_after(0.0, [0.2, 0.4, 0.6, 0.8, 1.0])
+    assert rough == pytest.approx(4.0)
+    assert counted == pytest.approx(4.0)
+    # Seven over 1.4 s: the floor says 4.29, but four fall within the second after it,
+    # all a per-second gateway with a count of 4 would have had to accept.
+    rough, counted = _floors_after(0.0, [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4])
+    assert rough == pytest.approx(6.0 / 1.4)
+    assert counted == 4.0
+    # Start-up's end at 20 calls/s against a count of 6 a second: refused at the end of one
+    # second, six accepted as the next begins. The floor says 19.2 calls/s; the count, 6.
+    rough, counted = _floors_after(0.99, [1.0 + 0.05 * k for k in range(6)])
+    assert rough == pytest.approx(5.0 / 0.26)
+    assert counted == 6.0
 
 
 def test_a_probe_the_gateway_lets_past_its_target_finds_a_risen_quota_at_once() -> None:

@@ -32,6 +32,9 @@ TWICE = 0.4
 """A measure at most this share of the calls sent in its span: they went out at twice the
 quota or more, whatever its burst, and the rate falls to the measure at once."""
 
+SECOND = 1.0
+"""What a gateway counting calls per whole second counts them over (``floor_counted``)."""
+
 SAME_CALL = 1e-6
 """A call's start as ``on_sent`` saw it and as its answer's latency dates it may differ by
 this much (rounding): the same call."""
@@ -177,6 +180,22 @@ class GatewayEvidence:
         allowed since, whatever its burst: ``(accepted - 1) / span``."""
         accepted = self._accepted_since_empty(calls)
         return 0.0 if accepted is None else (accepted[0] - 1) / accepted[1]
+
+    def floor_counted(self, calls: int = 0) -> float:
+        """The floor (``floor``) where a gateway counting calls per whole second allows it
+        too (0 if too little is known). Such a gateway starts its count again at each second
+        and lets it through at any pace, so calls it accepted over less than a second say
+        its count, not a pace: ``(accepted - 1) / span`` of the six calls start-up's end
+        sent in 0.43 s said 11.6 calls/s of a count of 6. The second in which it refused
+        the call that emptied the bucket was full, so every call accepted since was counted
+        in a later second, begun by the first of them: the calls accepted within a second
+        of the refused one were counted in one second, and its count is at least theirs."""
+        accepted = self._accepted_since_empty(calls)
+        if accepted is None:
+            return 0.0
+        times, empty = self._accepted, self._empty
+        within = bisect.bisect_left(times, empty + SECOND) - bisect.bisect_right(times, empty)
+        return min((accepted[0] - 1) / accepted[1], float(within))
 
     def since_empty_pace(self) -> float:
         """The calls accepted since the gateway's bucket was last seen empty, per second
