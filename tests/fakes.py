@@ -258,6 +258,7 @@ def simulate(
     jitter: Callable[[], float] | None = None,
     windowed: bool = False,
     refusal_latency: float | None = None,
+    retry_wait: Callable[[float], float] | None = None,
 ) -> Run:
     """Calls paced at the controller's rate against a token-bucket server (as the
     simulator's), answered ``latency`` later (or ``latency(rate)`` later: a draw for a
@@ -267,7 +268,11 @@ def simulate(
     is timed from its start. ``windowed``: a ``FixedWindow`` gateway, not a token bucket.
     ``refusal_latency``: 429s are answered this long after they leave, not ``latency``
     later: as the simulator's (and a real gateway's), which refuses a call before it
-    reaches the service, so a refusal overtakes the answers of calls sent before it."""
+    reaches the service, so a refusal overtakes the answers of calls sent before it.
+    ``retry_wait``: a refused call keeps its place among the ``concurrency`` in flight for
+    ``retry_wait(retry_after)`` after its 429 comes back, as the dispatcher's worker sleeps
+    the retry policy's delay before sending it again (its retry is the next call: the work
+    never runs out); without it a refusal frees its place at once."""
     ctrl = controller or RateController(0.0)
 
     def gateway(rate: float, now: float) -> ServerQuota | FixedWindow:
@@ -278,6 +283,7 @@ def simulate(
     run = Run()
     now = next_slot = left = 0.0
     in_flight: list[tuple[float, bool, float, float]] = []
+    waiting: list[float] = []  # when each refused call's worker sends again (``retry_wait``)
     while now < duration:
         if quota(now) != current:
             current = quota(now)
@@ -288,14 +294,20 @@ def simulate(
                 ctrl, done, throttled=not ok, latency_s=took, retry_after=retry_after,
                 overloaded=False,
             )  # fmt: skip
+            if not ok and retry_wait is not None:
+                heapq.heappush(waiting, done + retry_wait(retry_after))
+        while waiting and waiting[0] <= now:
+            heapq.heappop(waiting)
         rate = ctrl.rate_at(now)
         if now < ctrl.pause_until():
             now = next_slot = max(next_slot, ctrl.pause_until())
             continue
-        if len(in_flight) >= concurrency or now < next_slot:
+        if len(in_flight) + len(waiting) >= concurrency or now < next_slot:
             candidates = [next_slot] if now < next_slot else []
             if in_flight:
                 candidates.append(in_flight[0][0])
+            if waiting:
+                candidates.append(waiting[0])
             now = max(now, min(candidates))
             continue
         ctrl.on_sent(now)
