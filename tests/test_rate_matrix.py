@@ -449,6 +449,32 @@ def test_a_quota_that_falls_and_rises_is_followed_within_ten_seconds_each_way(
     assert followed_after(run, start, end, quota) < 10.0
 
 
+_JUST_AFTER = (
+    "the rise 0.16 s after a probe's refusal (sent at 61.34 s; the call after it, 61.44 s, "
+    "refused too): the floor since, an average over the cruise back from 18.9 calls/s in "
+    "units of 2 s and the probe past 19.8, passes the refused call's ceiling (20.05) by 1 % "
+    "only 8.8 s after the rise, and the growth from 24.3 to 45 takes 1.3 s: followed in "
+    "10.1 s (10.6 s when the growth doubled every 2 s)"
+)
+
+
+@pytest.mark.parametrize(
+    "offset", [_cell(2.0, name="rise+2s"), _cell(1.5, name="rise+1.5s", missed=_JUST_AFTER)]
+)
+def test_a_rise_just_after_a_probe_refused_at_a_burst_of_one_is_followed_within_ten_seconds(
+    offset: float,
+) -> None:
+    """The quota-change cells at burst 1, 50 ms, the rise 1.5 and 2.0 s after 60 s: just after
+    a probe's refusal, which cost two (the call after the refused one had its slot before the
+    cut) and so a cruise in units of 2 s (``hold_cap``). Once the floor proves the rise, the
+    rate doubles every unit of the probe past its target (1.5 s at 20 calls/s), not every 2 s
+    as the cruise's stretched unit did: the rise 2.0 s after 60 s was followed in 10.1 s, 9.6 s
+    now; 1.5 s after, 10.6 s, 10.1 s now."""
+    run, start = quota_change("rise", offset, burst=1, latency=0.05)
+    assert run.refused_share(start + 2.0, start + 30.0) <= 0.02
+    assert followed_after(run, start, start + 30.0, 50.0) < 10.0
+
+
 _FALLS_FAR = (
     pytest.param(50.0, 5.0, 0.3, id="50to5-300ms"),
     pytest.param(20.0, 2.0, 0.005, id="20to2-5ms"),

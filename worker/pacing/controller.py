@@ -507,15 +507,15 @@ class RateController:
         target allows since the bucket was last seen empty: the quota rose past the target
         (``(accepted - 1) / span`` is a floor under it, whatever the burst). Grow as at
         startup until the next refusal, which measures the new quota, doubling every unit
-        of the probe or every ``rise_interval``, whichever is shorter (under about 15
-        calls/s the unit, 30 calls a refusal, is longer: doubling once a unit took 145 s
-        from 1 call/s to 45). A floor past the target but within two margins of the quota
-        measured proves that measure low, not a rise (the floor becomes the target), unless
-        it is past the ceiling of the call that emptied the bucket by 1 %: the quota was
-        under that then, whatever the measure (where the floor spans ``COUNT_RESTART`` or
-        more). Two margins over the measure waited out the cruise back from a refusal just
-        before a rise, and the probe past it: a rise from 20 to 50 calls/s then was followed
-        in up to 10.7 s, now 4.7-10.4 s."""
+        of the probe past its target or every ``rise_interval``, whichever is shorter
+        (under about 15 calls/s the unit, 30 calls a refusal, is longer: doubling once a
+        unit took 145 s from 1 call/s to 45). A floor past the target but within two
+        margins of the quota measured proves that measure low, not a rise (the floor
+        becomes the target), unless it is past the ceiling of the call that emptied the
+        bucket by 1 %: the quota was under that then, whatever the measure (where the floor
+        spans ``COUNT_RESTART`` or more). Two margins over the measure waited out the
+        cruise back from a refusal just before a rise, and the probe past it: a rise from
+        20 to 50 calls/s then was followed in up to 10.7 s, now 4.7-10.1 s."""
         s = self._state
         c = self._config
         if s.phase is not Phase.PROBE or math.isinf(s.target):
@@ -536,8 +536,15 @@ class RateController:
         self.escalated += 1
         if now >= s.early:
             rate = floor  # what is proven (early calls go at twice the pace)
+        # Doubling every unit of the probe past its target (``_past_unit``) where the cut
+        # cost more than one refusal: the stretch of the cruise's unit is the budget of a
+        # cycle at a quota that stayed the same, and the growth after a proven rise ends
+        # at the next refusal. After a burst of 1's second refusal it doubled every 2 s at
+        # 20 calls/s, 1.5 s now: a rise 2.0 s after a probe's refusal was followed in
+        # 10.1 s, 9.6 s now.
+        unit = self._past_unit() if s.refusals > 1 else s.unit
         state = replace(s, phase=Phase.STARTUP, rate=rate, level=rate, since=now, quota=math.inf,
-                        target=math.inf, unit=min(s.unit, c.rise_interval),
+                        target=math.inf, unit=min(unit, c.rise_interval),
                         early=math.inf)  # fmt: skip
         return self._set(state, now)
 
