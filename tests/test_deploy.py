@@ -677,7 +677,66 @@ def test_a_drain_can_evict_a_healthy_replica_at_the_fewest_replicas_the_overlay_
 
 
 def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
-    return bool(selector) and selector.get("matchLabels", {}).items() <= labels.items()
+    """A label selector as the API server reads it: its matchLabels and its matchExpressions."""
+    if not selector or not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values")
+        if operator == "In" and labels.get(key) not in values:
+            return False
+        if operator == "NotIn" and labels.get(key) in values:
+            return False
+        if operator == "Exists" and key not in labels:
+            return False
+        if operator == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def _egress_reaches(
+    policy: dict[str, Any], namespace: dict[str, str], pod: dict[str, str], port: int, protocol: str
+) -> bool:
+    """Whether a rule of the policy lets its pods reach that pod (in a namespace so labelled)
+    on that port: a peer selecting both it and its namespace, and the port among the rule's."""
+    for rule in policy["spec"].get("egress", []):
+        ports = rule.get("ports")
+        if ports is not None and not any(
+            item.get("port") == port and item.get("protocol", "TCP") == protocol for item in ports
+        ):
+            continue
+        for peer in rule.get("to", []):
+            if "ipBlock" in peer:
+                continue
+            in_namespace = (
+                _selects(peer["namespaceSelector"], namespace)
+                if "namespaceSelector" in peer
+                else namespace.get("kubernetes.io/metadata.name") == "devserver-reaper"
+            )
+            if in_namespace and ("podSelector" not in peer or _selects(peer["podSelector"], pod)):
+                return True
+    return False
+
+
+CLUSTER_DNS = {
+    "upstream (kubeadm)": {"k8s-app": "kube-dns"},
+    # CCE's CoreDNS add-on (cceaddon-coredns): its Deployment selects app and k8s-app coredns
+    "CCE": {"app": "coredns", "k8s-app": "coredns", "release": "cceaddon-coredns"},
+}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("cluster", CLUSTER_DNS)
+def test_the_worker_reaches_the_clusters_dns_on_cce_as_upstream(overlay: str, cluster: str) -> None:
+    """Every name the worker resolves (Redis, the ModelArts endpoint, IAM) goes through the
+    cluster's DNS pods; a policy that selects none of them leaves a replica waiting on Redis
+    until it exits 69, over and over, on a CNI that enforces NetworkPolicy."""
+    worker = one("NetworkPolicy", "devserver-reaper", overlay)
+    kube_system = {"kubernetes.io/metadata.name": "kube-system"}
+    for protocol in ("UDP", "TCP"):
+        assert _egress_reaches(worker, kube_system, CLUSTER_DNS[cluster], 53, protocol), protocol
+    # what it lets through is DNS only, not any pod of kube-system
+    assert not _egress_reaches(worker, kube_system, {"k8s-app": "metrics-server"}, 53, "UDP")
+    assert not _egress_reaches(worker, kube_system, CLUSTER_DNS[cluster], 8080, "TCP")
 
 
 def test_only_the_worker_reaches_redis_and_only_its_metrics_port_is_reachable() -> None:
