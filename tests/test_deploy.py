@@ -972,3 +972,21 @@ def test_the_deploy_pages_patch_for_a_redis_without_pods_renders_and_opens_its_a
               if any("ipBlock" in peer and "except" not in peer["ipBlock"] for peer in rule["to"])
               and rule.get("ports") == [{"port": 6379, "protocol": "TCP"}]]  # fmt: skip
     assert opened
+
+
+CCE_STORAGE_CLASSES = {"csi-disk", "csi-disk-topology", "csi-nas", "csi-sfs", "csi-obs",
+                       "csi-sfsturbo", "csi-local", "csi-local-topology"}  # fmt: skip
+"""The classes a CCE cluster comes with (everest); none of them is the default."""
+
+
+@pytest.mark.parametrize("overlay", ["cce", "cce-sharded-run"])
+def test_the_nightly_ledger_claim_binds_on_a_cce_cluster_as_it_comes(overlay: str) -> None:
+    """CCE marks no StorageClass as default: a claim naming none stays Pending, and so does
+    every pod of the nightly CronJob that mounts it. An EVS disk (csi-disk*) is 10 GiB at least."""
+    claim = one("PersistentVolumeClaim", "devserver-reaper-ledger", overlay)
+    assert claim["spec"].get("storageClassName") in CCE_STORAGE_CLASSES
+    size = claim["spec"]["resources"]["requests"]["storage"]
+    assert size.endswith("Gi") and int(size[:-2]) >= 10, size
+    mounted = {v["persistentVolumeClaim"]["claimName"] for v in cronjob_pod(overlay)["volumes"]
+               if "persistentVolumeClaim" in v}  # fmt: skip
+    assert mounted == {"devserver-reaper-ledger"}
