@@ -664,6 +664,9 @@ def test_simulate_help_shows_every_default() -> None:
         (["discover", "--time-field", ""], ["create_at", "update_at"]),
         (["serve", "--dry"], []),
         (["run", "--plan", "pl"], ["plan.json"]),
+        (["plan", ""], ["show"]),
+        (["plan", "show", "pl"], ["plan.json"]),
+        (["completion", ""], ["bash", "zsh"]),
     ],
 )
 def test_bash_completion_offers_commands_flags_values_and_files(

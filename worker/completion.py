@@ -31,9 +31,11 @@ def bash(parser: argparse.ArgumentParser, prog: str = "devserver-reaper") -> str
         flags = [o for a in sub._actions for o in a.option_strings]
         cases.append(f"        {name}) opts={_words(flags)} ;;")
         for action in sub._actions:
-            if action.choices and action.option_strings:
-                for option in action.option_strings:
-                    choices = _words(str(c) for c in action.choices)
+            if action.choices:
+                choices = _words(str(c) for c in action.choices)
+                # a flag's value follows the flag; a command's first word (plan show,
+                # completion bash) follows the command's name
+                for option in action.option_strings or [name]:
                     values.append(f"        {name}:{option}) choices={choices} ;;")
             if action.metavar in _FILE_METAVARS:
                 files.update(action.option_strings)
