@@ -193,3 +193,24 @@ async def test_enqueue_refuses_the_settings_only_a_run_can_keep(
         assert not await client.exists(stream)
     finally:
         await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_stdin_closed_at_start_is_66_in_words_and_nothing_is_enqueued(
+    redis_prefix: str,
+) -> None:
+    """``enqueue --input - <&-``, as a cron line or a CI step without stdin runs it: stdin is
+    not an empty input but none at all. It raised an AttributeError traceback and exited 1,
+    which the table calls "some ids rejected"."""
+    stream = redis_prefix + "ids"
+    line = " ".join(_command(("--input", "-", "--stream", stream, "--redis-url", REDIS_URL)))
+    done = await anyio.run_process(["bash", "-c", f"exec {line} <&-"], env=_env(), check=False)
+    out, err = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 66, (out, err)
+    assert "Traceback" not in out + err
+    assert "stdin is closed (<&-)" in err
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        assert await client.exists(stream) == 0
+    finally:
+        await client.aclose()

@@ -124,6 +124,9 @@ def read_entries(
         raise ValueError(f"max_line_bytes must be at least 1, not {max_line_bytes}")
     kind = detect_format(path, fmt)
     if path == "-" or stdin is not None:
+        if stdin is None and sys.stdin is None:  # closed at start (<&-): not an empty input
+            flag = called if called.startswith("-") else f"--{called}"
+            raise InputUnreadable(f"{flag} -: stdin is closed (<&-), so there is nothing to read")
         source = stdin if stdin is not None else sys.stdin.buffer
         sniff = path == "-" and fmt == "auto"
         return EntryReader(path, kind, source, False, max_line_bytes, sniff=sniff, called=called)
