@@ -106,6 +106,10 @@ class Gateway:
             return _envelope(removed)
         if behaviour == "partial":
             return _envelope(removed[: len(removed) // 2])
+        if behaviour == "paged":  # the first of the deleted, on page 1 of an envelope that
+            # says how many there are: the rest on pages nobody asks for
+            first = removed[:1]
+            return _envelope(first, total=len(removed), pages=max(1, len(removed)))
         if behaviour == "extra":  # records of jobs nobody asked for (not deleted)
             others = [job for job_id, job in self.jobs.items() if job_id not in ids][:3]
             return _envelope(removed + others)
@@ -148,13 +152,18 @@ class Gateway:
         return _envelope(jobs)
 
 
-def _page(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    return {"current": 1, "data": list(records), "pages": 1, "size": len(records),
-            "total": len(records)}  # fmt: skip
+def _page(
+    records: Sequence[dict[str, Any]], *, total: int | None = None, pages: int = 1
+) -> dict[str, Any]:
+    return {"current": 1, "data": list(records), "pages": pages, "size": len(records),
+            "total": len(records) if total is None else total}  # fmt: skip
 
 
-def _envelope(records: Sequence[dict[str, Any]]) -> web.Response:
-    return web.json_response(_page(records), dumps=lambda v: orjson.dumps(v).decode())
+def _envelope(
+    records: Sequence[dict[str, Any]], *, total: int | None = None, pages: int = 1
+) -> web.Response:
+    page = _page(records, total=total, pages=pages)
+    return web.json_response(page, dumps=lambda v: orjson.dumps(v).decode())
 
 
 def _error(status: int, code: str, msg: str) -> web.Response:

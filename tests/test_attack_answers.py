@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import reaper, reaper_env, results, write_ids
-from tests.gateway import Gateway, serve_gateway
+from tests.gateway import Gateway, always, serve_gateway
 from worker.simulator import SimulatorConfig, run_simulator
 
 pytestmark = pytest.mark.anyio
@@ -87,3 +87,70 @@ async def test_a_json_line_naming_a_list_of_ids_beside_its_id_is_rejected_not_ha
         assert [row["line"] for row in rejected] == [1, 2]
         assert "'ids'" in rejected[0]["reason"] and "'job_ids'" in rejected[1]["reason"]
         assert sim.deleted == {e}
+
+
+async def test_jobs_a_200_leaves_out_after_the_run_read_them_are_deleted_unconfirmed(
+    tmp_path: Path,
+) -> None:
+    """``--protect 'prod-*'`` makes the run read each job just before its DELETE; the 200
+    deletes all four but lists two. The other two existed when that call went, and are gone
+    after it: ``deleted``, ``confirmed`` false, ``reason`` ``not_listed``, not ``absent`` (a
+    deletion of ours told as somebody else's)."""
+    gateway = Gateway.with_jobs(4, script=always("partial"))
+    async with serve_gateway(gateway) as url:
+        src = write_ids(tmp_path / "ids.txt", gateway.job_ids())
+        out = tmp_path / "results.jsonl"
+        done = await reaper(fast(src, "--protect", "prod-*", "--results", str(out)),
+                            reaper_env(url))  # fmt: skip
+    assert gateway.deleted == set(gateway.asked) and len(gateway.deleted) == 4
+    rows = {row["job_id"]: row for row in results(out)}
+    assert {row["outcome"] for row in rows.values()} == {"deleted"}
+    lost = {job_id for job_id, row in rows.items() if row["confirmed"] is False}
+    assert len(lost) == 2, rows
+    assert {rows[job_id]["reason"] for job_id in lost} == {"not_listed"}
+    summary = done.summary()
+    assert (summary["deleted"], summary["unconfirmed"], summary["absent"]) == (4, 2, 0)
+    assert done.code == 0, done.stderr
+
+
+async def test_jobs_a_paged_200_leaves_out_are_deleted_unconfirmed_and_a_ghost_stays_absent(
+    tmp_path: Path,
+) -> None:
+    """No rule reads the jobs. The first DELETE's 200 lists one of the four it deleted, on an
+    envelope that says there are four (``total``, ``pages``): the three left out are
+    ``deleted`` unconfirmed (``not_listed``). The second batch's 200 is whole and does not
+    list ``ghost``, never a job: taken at its word, that one is ``absent``."""
+    gateway = Gateway.with_jobs(4, script=lambda call, _ids: "paged" if call == 1 else "ok")
+    async with serve_gateway(gateway) as url:
+        src = write_ids(tmp_path / "ids.txt", [*gateway.job_ids(), "ghost"])
+        out = tmp_path / "results.jsonl"
+        done = await reaper(fast(src, "--batch-size", "4", "--concurrency", "1",
+                                 "--results", str(out)), reaper_env(url))  # fmt: skip
+    assert len(gateway.deleted) == 4
+    rows = {row["job_id"]: row for row in results(out)}
+    assert rows.pop("ghost")["outcome"] == "absent"
+    assert {row["outcome"] for row in rows.values()} == {"deleted"}
+    assert sorted(str(row["reason"]) for row in rows.values()) == ["None", *["not_listed"] * 3]
+    summary = done.summary()
+    assert (summary["deleted"], summary["unconfirmed"], summary["absent"]) == (4, 3, 1)
+
+
+async def test_a_show_call_answered_with_another_job_after_a_200_ends_the_id_failed_unsent(
+    tmp_path: Path,
+) -> None:
+    """The 200 to ``job-0000``'s DELETE does not list it, and its show call answers with the
+    record of ``job-0001``: that says nothing of ``job-0000``, neither "still there" (sent
+    again, and in the end ``failed`` as a job that "still exists") nor gone. It ends
+    ``failed``, naming the other job, after the one DELETE; ``job-0001`` is never touched."""
+    gateway = Gateway.with_jobs(2, script=always("partial"))
+    gateway.shows["job-0000"] = "job-0001"
+    async with serve_gateway(gateway) as url:
+        src = write_ids(tmp_path / "ids.txt", ["job-0000"])
+        out = tmp_path / "results.jsonl"
+        done = await reaper(fast(src, "--results", str(out)), reaper_env(url))
+    assert gateway.delete_calls == 1, done.stdout
+    assert gateway.asked == {"job-0000"} and "job-0001" in gateway.jobs
+    (row,) = results(out)
+    assert row["outcome"] == "failed"
+    assert "record of job job-0001" in row["error_msg"]
+    assert done.code == 1, done.stderr

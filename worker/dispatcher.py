@@ -3,10 +3,22 @@
 The policy, by error class:
 
 - 200: each returned record is ``deleted``; an id asked for but not returned is checked
-  with the show call: 404 makes it ``absent``, a job still there is sent again. An id that
-  went out in an attempt without a readable answer (a 5xx, a reset, a cut-off body, here or
-  in a run that died with it in flight) and is then found gone ends ``deleted`` with
-  ``confirmed`` false: that attempt is the likeliest hand that removed it.
+  with the show call: a job still there is sent again; a 404 makes it ``absent`` when the
+  200 can be taken at its word (the API documents ``data`` as the jobs it deleted, and does
+  not say whether it refuses or leaves out an id that is already gone, so a job left out
+  and gone was most likely gone before). It ends ``deleted``, ``confirmed`` false, reason
+  ``not_listed``, when the 200 cannot: the run read the job just before this DELETE (a
+  protection or plan check: ``Batch.known``), so it existed when the call that left it out
+  went; or the answer's envelope says it lists only part of what it deleted (``total``
+  above its records, more than one page). Then that call is the likeliest hand that
+  removed it, and ``absent`` would report a deletion as somebody else's.
+- An id that went out in an attempt without a readable answer (a 5xx, a reset, a cut-off
+  body, here or in a run that died with it in flight) and is then found gone ends
+  ``deleted`` with ``confirmed`` false (``answer_lost``): that attempt is the likeliest hand
+  that removed it.
+- A show call answered with the record of another job says nothing of the one asked about:
+  that id ends ``failed`` (``answer_lost`` when an attempt sent it unanswered), and nothing
+  more is sent for it.
 - throttled, 5xx, network errors, timeouts, cut-short bodies: sent again after the retry
   policy's delay, with a fresh signature. When the budget runs out the API is unavailable:
   the run stops (``ApiUnavailable``) and the ids stay open for the next run.
@@ -37,6 +49,7 @@ from worker.errors import (
     NotFound,
     PermanentError,
     TransientError,
+    another_job,
 )
 from worker.pacing.bucket import RateLimiter
 from worker.pacing.paced import PacedCall, Stopped, Tries, Working
@@ -82,6 +95,14 @@ def _failed(job_id: str, batch_id: str, attempts: int, error: ApiError) -> Resul
     return refused(job_id, batch_id=batch_id, attempts=attempts, error=error)
 
 
+def _unread(job_id: str, batch_id: str, attempts: int, error: ApiError, doubt: Doubt) -> Result:
+    """``failed``: the show call could not say whether the job is there; ``answer_lost``
+    when an unanswered DELETE of it may have removed it."""
+    if job_id in doubt.unsure:
+        return unverified(job_id, batch_id=batch_id, attempts=attempts, error=error, ours=True)
+    return _failed(job_id, batch_id, attempts, error)
+
+
 class _StaleCheck(Exception):
     """Raised before an attempt goes out: the guard's check of its ids is too old."""
 
@@ -103,8 +124,12 @@ class Doubt:
         self.stale: list[str] = []
         self.unsent = 0
 
-    def gone(self, job_id: str, batch_id: str, attempts: int, error: ApiError) -> Result:
-        """A 404 for ``job_id``: ``absent``, or ``deleted`` unconfirmed if we may have."""
+    def gone(
+        self, job_id: str, batch_id: str, attempts: int, error: ApiError, *, unlisted: bool = False
+    ) -> Result:
+        """A 404 for ``job_id``: ``absent``, or ``deleted`` unconfirmed if we may have.
+        ``unlisted``: a 200 to a DELETE of it left it out, an answer not to be taken at its
+        word (see the module's docstring)."""
         return gone(
             job_id,
             unsure=self.unsure,
@@ -115,6 +140,7 @@ class Doubt:
             request_id=error.request_id,
             error_code=error.error_code,
             error_msg=error.error_msg or str(error),
+            unlisted=unlisted,
         )
 
 
@@ -338,36 +364,42 @@ class Dispatcher:
         missing = [job_id for job_id in ids if job_id not in deleted]
         still_there: list[str] = []
         for job_id in missing:
-            if await self._exists(batch_id, job_id, attempt, doubt):
+            # Left out by a 200 not to be taken at its word: found gone, the call is ours.
+            unlisted = not answer.whole or job_id in doubt.known
+            if await self._exists(batch_id, job_id, attempt, doubt, unlisted=unlisted):
                 still_there.append(job_id)
         return tuple(still_there)
 
-    async def _exists(self, batch_id: str, job_id: str, attempt: int, doubt: Doubt) -> bool:
-        """The show call: does the job still exist? A 404 ends it gone (``doubt.gone``)."""
+    async def _exists(
+        self, batch_id: str, job_id: str, attempt: int, doubt: Doubt, *, unlisted: bool = False
+    ) -> bool:
+        """The show call: does the job still exist? A 404 ends it gone (``doubt.gone``);
+        the record of another job ends it ``failed``: neither there nor gone is known."""
         self.reconciled += 1
 
         async def retrying(exc: TransientError, check: int, delay_s: float, why: str) -> None:
             await self._journal.retrying(batch_id, check, delay_s, why)
 
         try:
-            await self.paced(
+            record = await self.paced(
                 partial(self._send_show, job_id), what=batch_id,
                 retrying=retrying,
             )  # fmt: skip
         except NotFound as exc:
-            await self._journal.finished([doubt.gone(job_id, batch_id, attempt, exc)])
+            await self._journal.finished(
+                [doubt.gone(job_id, batch_id, attempt, exc, unlisted=unlisted)]
+            )
             return False
         except Stopped:
             return False  # the run is stopping: left open
         except PermanentError as exc:
             if not isinstance(exc, ClientError):
                 raise
-            if job_id in doubt.unsure:  # an unanswered DELETE of it may have removed it
-                failed = unverified(job_id, batch_id=batch_id, attempts=attempt, error=exc,
-                                    ours=True)  # fmt: skip
-            else:
-                failed = _failed(job_id, batch_id, attempt, exc)
-            await self._journal.finished([failed])
+            await self._journal.finished([_unread(job_id, batch_id, attempt, exc, doubt)])
+            return False
+        if record.id != job_id:  # not the job asked about: nothing known of this one
+            error = another_job(job_id, record.id)
+            await self._journal.finished([_unread(job_id, batch_id, attempt, error, doubt)])
             return False
         return True
 

@@ -169,6 +169,14 @@ class ClientError(PermanentError):
     """Any other 4xx: the request itself is wrong (an invalid id, too large a batch ...)."""
 
 
+def another_job(job_id: str, other: str) -> ApiError:
+    """The show call of ``job_id`` answered with the record of ``other``: nothing is known of
+    ``job_id``, neither that it is there nor that it is gone, and no rule may pass it on
+    another job's name, type or status."""
+    said = f"the show call of job {job_id} answered with the record of job {other}"
+    return ApiError(said, http_status=200, error_msg=said)
+
+
 class AnswerTooLarge(PermanentError):
     """The answer ran past what the caller reads of it (IAM's project list, a few hundred
     bytes, is read up to a limit): not the answer it asked for."""

@@ -248,6 +248,9 @@ class DeleteResult:
     records: tuple[JobRecord, ...]
     request_id: str | None
     http_status: int = 200
+    # False when the envelope says it lists only some of what was deleted (``total`` above
+    # the records it holds, or more than one page): a job left out may be gone by this call.
+    whole: bool = True
 
 
 @dataclass(slots=True)
@@ -331,6 +334,13 @@ of a failure of an id sent without a readable answer that could not be read afte
 (:func:`unverified`): its job may be gone by that call."""
 
 
+NOT_LISTED = "not_listed"
+"""The ``reason`` of a deletion known only by the job's absence after a DELETE of it was
+answered 200 without its record, when that answer cannot be taken as the whole truth: the
+run read the job just before that DELETE (it existed then), or the answer said it listed only
+some of the jobs it deleted (``DeleteResult.whole`` false)."""
+
+
 def unverified(
     job_id: str, *, batch_id: str | None, attempts: int, error: ApiError, ours: bool
 ) -> Result:
@@ -382,13 +392,16 @@ def gone(
     error_code: str | None = None,
     error_msg: str | None = None,
     reason: str | None = None,
+    unlisted: bool = False,
 ) -> Result:
     """The outcome of a job found gone. ``deleted`` (unconfirmed) when it was ``unsure``:
     sent in an attempt whose answer never arrived whole, here or in a run that died, so
-    the likeliest hand that removed it is ours; ``absent`` otherwise. An unconfirmed
-    deletion carries the record when one was read before (``known``), not the 404 that
-    found it gone: it is not an error."""
-    ours = job_id in unsure
+    the likeliest hand that removed it is ours (``answer_lost``); also when ``unlisted``: a
+    DELETE of it was answered 200 without its record by an answer that is not the whole
+    truth of it (:data:`NOT_LISTED`). ``absent`` otherwise. An unconfirmed deletion carries
+    the record when one was read before (``known``), not the 404 that found it gone: it is
+    not an error."""
+    ours = job_id in unsure or unlisted
     return Result(
         job_id=job_id,
         outcome=Outcome.DELETED if ours else Outcome.ABSENT,
@@ -398,7 +411,7 @@ def gone(
         error_code=None if ours else error_code,
         error_msg=None if ours else error_msg,
         request_id=request_id,
-        reason=ANSWER_LOST if ours else reason,
+        reason=(ANSWER_LOST if job_id in unsure else NOT_LISTED) if ours else reason,
         record=known.get(job_id) if ours else None,
         confirmed=not ours,
     )

@@ -301,11 +301,26 @@ def _offending_field(raw: Mapping[str, Any]) -> str:
 
 
 def parse_deleted(answer: Answer, call: Call) -> DeleteResult:
+    """The records a 200 says it deleted, and whether its envelope says they are all of
+    them: ``total`` above the records listed, or more than one page, is a part."""
+    envelope = _envelope(answer, call)
+    records = _records(envelope, answer, call)
+    total, pages = _number(envelope.get("total")), _number(envelope.get("pages"))
+    part = (total is not None and total > len(records)) or (pages is not None and pages > 1)
     return DeleteResult(
-        records=_records(_envelope(answer, call), answer, call),
-        request_id=answer.request_id,
-        http_status=answer.status,
+        records=records, request_id=answer.request_id, http_status=answer.status, whole=not part
     )
+
+
+def _number(value: object) -> int | None:
+    """An envelope's paging number, or ``None`` when it is not an integer."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
 
 
 def parse_shown(answer: Answer, call: Call) -> JobRecord:
@@ -329,14 +344,7 @@ def parse_page(answer: Answer, call: Call) -> JobPage:
     envelope = _envelope(answer, call)
 
     def number(key: str) -> int | None:
-        value = envelope.get(key)
-        if isinstance(value, bool):
-            return None
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str) and value.isdigit():
-            return int(value)
-        return None
+        return _number(envelope.get(key))
 
     return JobPage(
         records=_records(envelope, answer, call),

@@ -39,7 +39,14 @@ from typing import TYPE_CHECKING, Protocol
 from worker.batcher import DeletionBudget
 from worker.clock import Clock, MonotonicClock
 from worker.discovery.filters import Filters
-from worker.errors import ApiError, ApiUnavailable, ClientError, ConfigError, file_problem
+from worker.errors import (
+    ApiError,
+    ApiUnavailable,
+    ClientError,
+    ConfigError,
+    another_job,
+    file_problem,
+)
 from worker.pacing.paced import PacedReader, Stopped
 from worker.types import (
     JOB_ID_RE,
@@ -539,7 +546,7 @@ class Guard:
                     ended.append(_unverified(job_id, batch, exc))
                     continue
                 if record is not None and record.id != job_id:  # not the job asked about
-                    ended.append(_unverified(job_id, batch, _another_job(job_id, record.id)))
+                    ended.append(_unverified(job_id, batch, another_job(job_id, record.id)))
                     continue
             if record is None:  # gone: by our hand, if an attempt (or a run) sent it unanswered
                 ended.append(gone(job_id, unsure=batch.unsure, known=doubt.read,
@@ -589,13 +596,6 @@ class _Doubt:
         self.expired |= unsure
         if not unsure <= self.batch.unsure:
             self.batch = replace(self.batch, unsure=self.batch.unsure | unsure)
-
-
-def _another_job(job_id: str, other: str) -> ApiError:
-    """The show call of ``job_id`` answered with the record of ``other``: nothing is known of
-    ``job_id``, and no rule may pass it on another job's name, type or status."""
-    said = f"the show call of job {job_id} answered with the record of job {other}"
-    return ApiError(said, http_status=200, error_msg=said)
 
 
 def _unverified(job_id: str, batch: Batch, exc: ApiError) -> Result:
