@@ -123,6 +123,17 @@ def test_a_run_stopped_by_a_closed_output_says_only_what_it_knows_of_its_input(
     assert ("run again: r -i -" in lines) == (not exact)
 
 
+def test_a_run_whose_plan_expired_midway_says_how_many_were_not_sent_and_what_to_do() -> None:
+    from worker.terminal.summary import RunEnd
+
+    fields = {"deleted": 2, "skipped": 4, "skipped_by_reason": {"plan_expired": 4},
+              "duration_s": 13.0, "ids_per_s": 0.46, "exit_code": 1}  # fmt: skip
+    lines = RunEnd(fields, total=6, exact_total=True, read=6).text().splitlines()
+    assert "  skipped                 4  (plan_expired 4)" in lines
+    assert ("the plan expired during the run: 4 of its jobs were not sent; run discover "
+            "again, review the new plan and run it") in lines  # fmt: skip
+
+
 def test_a_protect_file_that_cannot_be_read_is_named_as_given_with_the_same_words(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,7 +18,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.e2e import SIM_PROJECT, kill_when, reaper, reaper_env, results, start_reaper
+from tests.e2e import (
+    SIM_PROJECT,
+    kill_when,
+    read_all,
+    reaper,
+    reaper_env,
+    results,
+    start_reaper,
+    until,
+)
+from tests.gateway import Gateway, serve_gateway
 from worker.discovery.filters import Filters
 from worker.discovery.plan import (
     PlanHeader,
@@ -342,6 +352,59 @@ async def test_a_plan_applied_after_changes_deletes_the_rest_and_skips_what_chan
 
 
 @pytest.mark.anyio
+@pytest.mark.timeout(120)
+async def test_a_plan_that_expires_mid_run_sends_no_more_deletes_and_a_new_plan_takes_the_rest(
+    tmp_path: Path,
+) -> None:
+    """A plan of six jobs that lives 12 s, run in batches of two: the first DELETE's answer
+    is held until the plan has certainly expired. Nothing more is sent on it: the four left
+    end ``skipped`` (``plan_expired``), exit 1, the summary saying to plan anew. A new plan,
+    run on the same ledger, deletes those four."""
+    gateway = Gateway.with_jobs(6, script=lambda call, _ids: "hold" if call == 1 else "ok")
+    ledger, out = tmp_path / "ledger.db", tmp_path / "results.jsonl"
+    run = ["--yes", "--batch-size", "2", "--concurrency", "1", "--rate", "1000", "--burst",
+           "50", "--ledger", str(ledger), "--results", str(out)]  # fmt: skip
+    async with serve_gateway(gateway) as url:
+        path = tmp_path / "plan.json"
+        made = await reaper(["discover", "--status", "FINISHED", "--all", "--plan", str(path),
+                             "--plan-ttl", "12s"], reaper_env(url))  # fmt: skip
+        assert made.code == 0, made.stderr
+        with open_plan(path, key=None) as plan:
+            expires = plan.header.expires_at
+        process = await start_reaper(["run", "--plan", str(path), *run], reaper_env(url))
+
+        async def first_sent() -> bool:
+            return gateway.delete_calls == 1 or process.returncode is not None
+
+        await until(first_sent)
+        assert gateway.delete_calls == 1, "the run did not start before its plan expired"
+        # The answer waits for the plan's end, and a second more: it has certainly passed.
+        await anyio.sleep((expires - datetime.now(UTC)).total_seconds() + 1)
+        gateway.hold.set()
+        stdout, stderr = await read_all(process)
+        assert process.returncode == 1, stderr
+        assert gateway.delete_calls == 1 and len(gateway.asked) == 2
+        rows = {row["job_id"]: row for row in results(out)}
+        left = set(gateway.jobs)
+        assert {rows[i]["outcome"] for i in gateway.asked} == {"deleted"}
+        assert {(rows[i]["outcome"], rows[i]["reason"]) for i in left} == {
+            ("skipped", "plan_expired")
+        }
+        assert len(left) == 4 and "expired" in rows[min(left)]["error_msg"]
+        summary = [orjson.loads(line) for line in stdout.splitlines() if "run.summary" in line]
+        assert summary[0]["skipped_by_reason"] == {"plan_expired": 4}
+
+        again = tmp_path / "plan2.json"
+        made = await reaper(["discover", "--status", "FINISHED", "--all", "--plan", str(again)],
+                            reaper_env(url))  # fmt: skip
+        assert made.code == 0, made.stderr
+        done = await reaper(["run", "--plan", str(again), *run], reaper_env(url))
+        assert done.code == 0, done.stderr
+        assert gateway.jobs == {} and gateway.delete_calls == 3
+        assert done.summary()["deleted"] == 4
+
+
+@pytest.mark.anyio
 async def test_a_job_that_changed_outside_the_plan_s_filters_is_not_deleted(
     tmp_path: Path,
 ) -> None:
@@ -468,7 +531,7 @@ async def test_a_plan_sealed_with_a_key_is_applied_only_with_that_key(tmp_path: 
     async with run_simulator(SimulatorConfig(jobs=60, seed=24)) as sim:
         path = folder / "plan"
         env = reaper_env(sim.url)
-        done = await reaper(["discover", "--status", "FINISHED", "--plan", str(path),
+        done = await reaper(["discover", "--status", "FINISHED", "--all", "--plan", str(path),
                              "--plan-key-file", str(key)], env)  # fmt: skip
         assert done.code == 0, done.stderr
         assert "plan.unkeyed" not in done.stderr
@@ -586,7 +649,7 @@ async def test_plan_show_and_discover_on_a_table_give_the_review_and_the_next_co
         env = reaper_env(sim.url)
         finished = [j for j in sim.store.jobs.values() if j.status == "FINISHED"]
         path = tmp_path / "plan"
-        done = await reaper(["discover", "--status", "FINISHED", "--plan", str(path),
+        done = await reaper(["discover", "--status", "FINISHED", "--all", "--plan", str(path),
                              "--protect", "common-*", "-o", "table"], env)  # fmt: skip
         assert done.code == 0, done.stderr
         shown = await reaper(["plan", "show", str(path)], env)

@@ -16,7 +16,8 @@ from tests.fakes import FakeClock
 from tests.test_dispatcher import FakeApi, Journal
 from worker.api.client import JobPage
 from worker.batcher import DeletionBudget
-from worker.discovery.guard import STALE_ROUNDS, Guard, PacedReader, Protection
+from worker.discovery.filters import Filters
+from worker.discovery.guard import STALE_ROUNDS, Guard, PacedReader, PlanCheck, Protection
 from worker.discovery.listing import Pager
 from worker.discovery.recheck import ListingRecheck
 from worker.dispatcher import Dispatcher
@@ -277,7 +278,12 @@ class StampedApi(FakeApi):
 
 
 def guarded_dispatcher(
-    api: StampedApi, clock: FakeClock, waits: list[float], *, budget: int | None = None
+    api: StampedApi,
+    clock: FakeClock,
+    waits: list[float],
+    *,
+    budget: int | None = None,
+    plan: PlanCheck | None = None,
 ) -> tuple[Guard, Dispatcher, Journal]:
     journal = Journal()
     dispatcher = Dispatcher(
@@ -287,9 +293,38 @@ def guarded_dispatcher(
     )  # fmt: skip
     guard = Guard(
         inner=dispatcher, outcomes=journal, protection=Protection.parse(statuses=["FAILED"]),
-        reader=PacedReader(api=api, paced=dispatcher.paced), clock=clock, max_age=60,
+        reader=PacedReader(api=api, paced=dispatcher.paced), clock=clock, max_age=60, plan=plan,
     )  # fmt: skip
     return guard, dispatcher, journal
+
+
+def expiring_plan(ids: Sequence[str], expires: float) -> PlanCheck:
+    """A plan of ``ids`` as ``StampedApi`` shows them, that expires at ``expires``."""
+    reviewed = {i: JobRecord(id=i, status="PROCESSING") for i in ids}
+    return PlanCheck(Filters(status="PROCESSING"), reviewed, expires=expires, expires_at="T")
+
+
+@pytest.mark.anyio
+async def test_a_batch_checked_before_its_plan_expired_is_not_sent_after() -> None:
+    """The plan expires at t=30. Batch 1 is read and deleted at t=0; batch 2 is read at t=0
+    too, but its token comes at t=31: no DELETE goes out on an expired plan, however fresh
+    its check (60 s), so its jobs end ``skipped`` (``plan_expired``), unsent; and batch 3,
+    whose turn comes after, is not even read."""
+    clock = FakeClock()
+    api = StampedApi(["a", "b", "c", "d", "e"], clock)
+    # Tokens: show a, delete a, show b, show c, then 31 s for the DELETE of b and c.
+    guard, _, journal = guarded_dispatcher(
+        api, clock, [0, 0, 0, 0, 31, 0], plan=expiring_plan("abcde", 30.0)
+    )
+    await guard.process(Batch("b1", ("a",)))
+    await guard.process(Batch("b2", ("b", "c")))
+    await guard.process(Batch("b3", ("d", "e")))
+    assert api.delete_calls == [("a",)]
+    assert {(r.job_id, r.outcome, r.reason) for r in journal.results} == {
+        ("a", Outcome.DELETED, None),
+        *((i, Outcome.SKIPPED, "plan_expired") for i in "bcde"),
+    }
+    assert "d" not in api.shown_at and "e" not in api.shown_at
 
 
 @pytest.mark.anyio

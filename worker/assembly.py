@@ -24,7 +24,7 @@ import anyio
 from worker import wiring
 from worker.batcher import Batcher, DeletionBudget
 from worker.clock import Clock
-from worker.discovery.applied import plan_candidates, plan_check, plan_default
+from worker.discovery.applied import expires_on, plan_candidates, plan_check, plan_default
 from worker.discovery.guard import Guard, Protection
 from worker.dispatcher import Working
 from worker.errors import ApiError, AuthError, ConfigError, NoSuchApi, ReaperError, UsageError
@@ -291,6 +291,8 @@ async def build_calls(
     lanes = Lanes(settings, default=records.default, clock=clock, session=session,
                   credentials=keys, redis=redis, limit_base=key)  # fmt: skip
 
+    expires = None if plan is None else expires_on(plan, clock)
+
     def lane(target: Target | None) -> BatchProcessor:
         return wiring.processor(
             settings,
@@ -300,7 +302,7 @@ async def build_calls(
             clock=clock,
             stopping=lambda: state.stopping,
             protection=protection,
-            plan=None if plan is None else plan_check(plan, excluded, target),
+            plan=None if plan is None else plan_check(plan, excluded, target, expires),
             working=working,
             gate=lanes.gate(target),
             # Re-checked by listing: a plan's jobs with its server-side filters, a protected

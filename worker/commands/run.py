@@ -864,7 +864,8 @@ def exit_code(state: RunState, tally: Tally) -> int:
     # Ids of this input that an earlier run on the ledger left failed count too: a run
     # resumed after an interruption must not hide them behind a 0.
     failed = counts["failed"] + tally.already_failed
-    if failed or counts["rejected"] or tally.skip_reasons["max_deletions"]:
+    undone = tally.skip_reasons["max_deletions"] + tally.skip_reasons["plan_expired"]
+    if failed or counts["rejected"] or undone:  # undone: work left on purpose, to do anew
         return ExitCode.SOME_FAILED
     if open_ids(tally) > 0:
         return ExitCode.INTERRUPTED

@@ -12,7 +12,9 @@ plan's first, whatever the settings say: a ledger of such a run is bound to it.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
+from worker.clock import Clock
 from worker.discovery.guard import PlanCheck
 from worker.discovery.plan import SealedPlan
 from worker.targets import Address, Target
@@ -40,14 +42,28 @@ def plan_default(plan: SealedPlan) -> Target:
     return plan.header.sections[0].target
 
 
-def plan_check(plan: SealedPlan, excluded: frozenset[str], target: Target | None) -> PlanCheck:
+def plan_check(
+    plan: SealedPlan,
+    excluded: frozenset[str],
+    target: Target | None,
+    expires: float | None = None,
+) -> PlanCheck:
     """What the jobs going to ``target`` (None: the run's own project) must still be: for a
     plan that names its projects, jobs of that project's section alone; any other job is
-    not one the plan holds there, and is skipped, never deleted."""
+    not one the plan holds there, and is skipped, never deleted. Until ``expires`` (on the
+    run's clock: :func:`expires_on`), when the plan's time is up."""
     if not plan.header.named:
-        return PlanCheck.of(plan, excluded)
+        return PlanCheck.of(plan, excluded, expires=expires)
     place = target if target is not None else plan_default(plan)
     section = plan.section_of(place.project_id, place.endpoint)
     if section is None:
         return PlanCheck(plan.filters, {}, excluded)
-    return PlanCheck.of(plan, excluded, section)
+    return PlanCheck.of(plan, excluded, section, expires)
+
+
+def expires_on(plan: SealedPlan, clock: Clock) -> float:
+    """When ``plan`` expires, on ``clock`` (the run's monotonic one): its ``expires_at`` is
+    wall-clock time, read against the wall clock once, here, and from then on counted on the
+    clock the run checks it by, which no change of the system's time moves."""
+    left = (plan.header.expires_at - datetime.now(UTC)).total_seconds()
+    return clock.now() + left

@@ -16,7 +16,10 @@ dispatcher) and ends the rest itself:
    (``protected``); one that no longer matches the plan's filters ``skipped``
    (``plan_mismatch``); one that cannot be read (a 4xx) ``failed``, because a job we cannot
    check is a job we do not delete;
-4. once ``--max-deletions`` is spent, the rest end ``skipped`` (``max_deletions``) unread.
+4. once ``--max-deletions`` is spent, the rest end ``skipped`` (``max_deletions``) unread;
+5. once the plan being applied has expired (``PlanCheck.expires``), the rest end ``skipped``
+   (``plan_expired``) unread, and no check holds past that instant: a batch read before it
+   whose DELETE's turn comes after is not sent, and ends so too.
 
 Whatever reaches the dispatcher has passed every rule, whatever the input said. Because it is
 a wrapper, ``run``, ``run --plan`` and ``serve`` share it: ``Guard(inner=dispatcher, ...)``.
@@ -312,15 +315,23 @@ class PlanCheck:
     filters: Filters
     reviewed: ReviewedJobs
     excluded: frozenset[str] = frozenset()
+    # When the plan expires, on the guard's clock (None: never): no DELETE goes out after.
+    expires: float | None = None
+    expires_at: str = ""  # the same instant as the plan says it, for the skipped ids' detail
 
     @classmethod
     def of(
-        cls, plan: SealedPlan, excluded: frozenset[str] = frozenset(), section: int | None = None
+        cls,
+        plan: SealedPlan,
+        excluded: frozenset[str] = frozenset(),
+        section: int | None = None,
+        expires: float | None = None,
     ) -> PlanCheck:
         """The check of ``plan``'s jobs: all of them, or those of ``section`` alone (a plan
-        of several projects: a job is deleted only in the project it was planned in)."""
+        of several projects: a job is deleted only in the project it was planned in), until
+        ``expires`` on the guard's clock."""
         reviewed = plan.reviewed if section is None else plan.reviewed_in(section)
-        return cls(plan.filters, reviewed, excluded)
+        return cls(plan.filters, reviewed, excluded, expires, plan.header.to_json()["expires_at"])
 
     def changed(self, record: JobRecord) -> str | None:
         """Which field the job no longer has as reviewed (``status was ... , now ...``).
@@ -468,6 +479,8 @@ class Guard:
         if ended:
             await self._outcomes.finished(ended)
             ended = []
+        if remaining and await self._expired(remaining, doubt):
+            return
         known: dict[str, JobRecord] = {}
         fresh_until = None
         if remaining and self.needs_record and self._reader is not None:
@@ -497,6 +510,8 @@ class Guard:
             rounds += 1
             self.counts.passed -= len(stale)
             self.counts.stale += len(stale)
+            if await self._expired(stale.ids, doubt):
+                return
             if rounds > STALE_ROUNDS:
                 await self._outcomes.finished([self._skip(i, doubt.batch, "stale_check", (
                     f"its check could not be kept within {self._max_age:g}s of its DELETE "
@@ -565,7 +580,26 @@ class Guard:
             passed.append(job_id)
             known[job_id] = record
             oldest = read_at if oldest is None else min(oldest, read_at)
-        return passed, ended, None if oldest is None else oldest + self._max_age
+        if oldest is None:
+            return passed, ended, None
+        until = oldest + self._max_age
+        if self._plan is not None and self._plan.expires is not None:
+            until = min(until, self._plan.expires)  # no DELETE on a plan that has expired
+        return passed, ended, until
+
+    async def _expired(self, ids: Sequence[str], doubt: _Doubt) -> bool:
+        """Has the plan expired? Then ``ids`` end ``skipped`` (``plan_expired``), unsent: what
+        was reviewed is no longer what may be deleted, and a plan made anew takes them up.
+        Their checks end at the expiry too (``_check_records``): a batch checked before it
+        whose DELETE's turn comes after comes back here."""
+        plan = self._plan
+        if plan is None or plan.expires is None or self._clock.now() < plan.expires:
+            return False
+        detail = (f"the plan expired at {plan.expires_at} before its DELETE went out; run "
+                  "discover again and review the new plan")  # fmt: skip
+        batch = doubt.batch
+        await self._outcomes.finished([self._skip(i, batch, "plan_expired", detail) for i in ids])
+        return True
 
     def _skip(self, job_id: str, batch: Batch, reason: str, detail: str | None) -> Result:
         self.counts.skipped[reason] = self.counts.skipped.get(reason, 0) + 1
