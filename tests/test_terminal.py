@@ -158,6 +158,41 @@ async def test_a_ledger_holding_every_id_done_asks_nothing_and_sends_nothing(
         assert lines[0] == f"About to delete up to 5 jobs from {src}{resumed}"
 
 
+# ``python -m worker`` that counts the ledger's opens to read (``open_readonly``'s ``mode=``
+# URIs: the run's own connection names the file bare) into the file ``argv[1]`` at exit.
+_COUNTING_READS = (
+    "import atexit, runpy, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+    "out, reads = sys.argv.pop(1), []; "
+    "sys.addaudithook(lambda event, args: event == 'sqlite3.connect' "
+    "and 'mode=r' in str(args[0]) and reads.append(1)); "
+    "atexit.register(lambda: open(out, 'w').write(str(len(reads)))); "
+    "runpy.run_module('worker', run_name='__main__', alter_sys=True)"
+)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("done", [True, False], ids=["all-done", "some-left"])
+async def test_the_prompt_reads_the_ledger_once(tmp_path: Path, done: bool) -> None:
+    """What the prompt shows of the ledger (``already done``) and whether it need ask at all
+    (every id done) came from two reads of it, each counting its every id: one now."""
+    async with _project(tmp_path, 5) as (sim, src, env):
+        ledger, reads = tmp_path / "run.db", tmp_path / "reads"
+        first = src if done else write_ids(tmp_path / "part.txt", sim.job_ids()[:3])
+        ran = await reaper(["run", "-i", str(first), "--yes", "--ledger", str(ledger)],
+                           reaper_env(sim.url))  # fmt: skip
+        assert ran.code == 0, ran.stderr
+
+        def again() -> int:
+            term = Terminal([str(reads), "run", "-i", str(src), "--ledger", str(ledger)], env,
+                            program=(sys.executable, "-c", _COUNTING_READS))  # fmt: skip
+            term.type(b"no\n")
+            return term.wait()
+
+        code = await anyio.to_thread.run_sync(again)
+    assert code == (0 if done else 64)
+    assert reads.read_text() == "1"
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("pipe", "asked"), [("fifo", False), ("fifo", True), ("process-substitution", True)]

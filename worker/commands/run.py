@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -60,7 +60,7 @@ from worker.exit_codes import ExitCode
 from worker.input.shard import INDEX_VARIABLE, Shard
 from worker.input.sources import read_entries
 from worker.lanes import Lanes
-from worker.ledger import UNBOUND, Ledger
+from worker.ledger import UNBOUND, Ledger, LedgerView
 from worker.logsetup import new_run_id
 from worker.outcomes.events import EventLog
 from worker.outcomes.journal import (
@@ -358,8 +358,13 @@ def _confirm(
         )
     from worker.terminal.prompt import confirm
 
-    proposal = _proposal(request, settings, endpoint, plan)
-    if proposal.already_done and _done_already(request, settings, plan, excluded):
+    with _ledger_view(settings) as view:  # read once for both, closed before the prompt
+        counts = view.counts() if view is not None else None
+        proposal = _proposal(request, settings, endpoint, plan, counts)
+        done = bool(proposal.already_done) and _done_already(
+            request, settings, plan, excluded, view, counts
+        )
+    if done:
         # Nothing would be sent: the run goes on as with --yes, to its summary.
         sys.stderr.write(
             f"nothing to ask: the ledger {settings.ledger} holds every id of "
@@ -369,26 +374,46 @@ def _confirm(
     confirm(proposal, project_over=settings.confirm_project_over)
 
 
-def _done_already(
-    request: RunRequest, settings: Settings, plan: SealedPlan | None, excluded: frozenset[str]
-) -> bool:
-    """Whether the ledger holds every id of the input (or plan, less ``excluded``) done
-    already, when that can be known before the run: a file or a plan of the settings'
-    project, no shard, and a ledger with no open, skipped or (with --retry-failed) failed
-    id (else a run ended early, or has work to do: asked as ever). Reads the input once
-    more, as far as its first id not done."""
+@contextlib.contextmanager
+def _ledger_view(settings: Settings) -> Generator[LedgerView | None]:
+    """The ledger opened to read for the prompt, once (``None``: no ledger, or none that
+    can be read: the run itself says why)."""
     from worker.ledger import open_readonly
 
-    if settings.ledger is None or settings.shard is not None:
+    if settings.ledger is None or not settings.ledger.is_file():
+        yield None
+        return
+    try:
+        view = open_readonly(settings.ledger)
+    except InputUnreadable:
+        yield None
+        return
+    with view:
+        yield view
+
+
+def _done_already(
+    request: RunRequest,
+    settings: Settings,
+    plan: SealedPlan | None,
+    excluded: frozenset[str],
+    view: LedgerView | None,
+    counts: Mapping[str, int] | None,
+) -> bool:
+    """Whether the ledger (``view``, its ``counts``) holds every id of the input (or plan,
+    less ``excluded``) done already, when that can be known before the run: a file or a
+    plan of the settings' project, no shard, and a ledger with no open, skipped or (with
+    --retry-failed) failed id (else a run ended early, or has work to do: asked as ever).
+    Reads the input once more, as far as its first id not done."""
+    if view is None or counts is None or settings.shard is not None:
         return False
     if plan is not None and plan.header.named:
         return False
     if plan is None and not os.path.isfile(request.input):
         return False  # a pipe read again gives other ids than the run will read, or none
-    with contextlib.suppress(InputUnreadable), open_readonly(settings.ledger) as view:
-        counts = view.counts()
-        if counts["open"] + counts["skipped"] + counts["failed"] * request.retry_failed:
-            return False
+    if counts["open"] + counts["skipped"] + counts["failed"] * request.retry_failed:
+        return False
+    with contextlib.suppress(InputUnreadable):
         found = (
             (i for i in plan.ids() if i not in excluded)
             if plan is not None
@@ -438,10 +463,14 @@ def _others_named(request: RunRequest, settings: Settings) -> str:
 
 
 def _proposal(
-    request: RunRequest, settings: Settings, endpoint: str, plan: SealedPlan | None
+    request: RunRequest,
+    settings: Settings,
+    endpoint: str,
+    plan: SealedPlan | None,
+    counts: Mapping[str, int] | None,
 ) -> Proposal:
-    """What the prompt shows: everything known before any call."""
-    from worker.ledger import open_readonly
+    """What the prompt shows: everything known before any call (``counts``: the ledger's,
+    when there is one to read)."""
     from worker.terminal.progress import count_lines
     from worker.terminal.prompt import Proposal
 
@@ -453,11 +482,9 @@ def _proposal(
     rules += [f"type {kind}" for kind in sorted(protection.types)]
     rules += [f"status {status}" for status in sorted(protection.statuses)]
     done = None
-    if settings.ledger is not None and settings.ledger.is_file():
-        with contextlib.suppress(InputUnreadable), open_readonly(settings.ledger) as view:
-            counts = view.counts()
-            done = counts["deleted"] + counts["absent"]
-            done += 0 if request.retry_failed else counts["failed"]
+    if counts is not None:
+        done = counts["deleted"] + counts["absent"]
+        done += 0 if request.retry_failed else counts["failed"]
     typed = None
     if plan is not None and plan.header.named:  # the projects it names, each its own jobs
         sections = plan.header.sections
