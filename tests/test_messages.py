@@ -40,7 +40,7 @@ def test_a_bad_protect_rule_says_protect_once(monkeypatch: pytest.MonkeyPatch) -
         load_settings(protect="nmae:x")
     assert str(refused.value).startswith("--protect 'nmae:x': 'nmae' is not a kind of rule")
     monkeypatch.setenv("REAPER_PROTECT", "nmae:x")
-    with pytest.raises(ConfigError, match=r"^protect \(REAPER_PROTECT or the config file\) 'nm"):
+    with pytest.raises(ConfigError, match=r"^REAPER_PROTECT 'nmae:x': 'nmae' is not a kind"):
         load_settings()
 
 
@@ -174,6 +174,42 @@ def test_an_exclude_file_that_cannot_be_read_is_called_exclude_not_the_input(
         read_excluded(str(table))
     with pytest.raises(InputUnreadable, match=rf"^cannot read input {gone}: no such file$"):
         read_entries(str(gone))
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "config", "said"),
+    [
+        (["--protect", "nmae:prod-*"], {}, None,
+         "--protect 'nmae:prod-*': 'nmae' is not a kind of rule"),
+        ([], {"REAPER_PROTECT": "id:bad id"}, None, "REAPER_PROTECT 'id:bad id': not a valid"),
+        (["--protect", "prod-*"], {"REAPER_PROTECT": "id:bad id"}, None,
+         "REAPER_PROTECT 'id:bad id': not a valid"),
+        (["--protect", "prod-*"], {}, 'protect = ["nmae:x"]',
+         "c.toml: protect 'nmae:x': 'nmae' is not a kind of rule"),
+        (["--protected-types", "COMMON"], {"REAPER_PROTECTED_TYPES": "a b"}, None,
+         "REAPER_PROTECTED_TYPES each entry must be a job type or status"),
+        ([], {}, 'protected_statuses = "FINISHED, bad word"',
+         "c.toml: protected_statuses each entry must be a job type or status"),
+    ],
+    ids=["flag", "environment", "environment-beside-a-flag", "config-beside-a-flag",
+         "types-environment-beside-a-flag", "statuses-config"],
+)  # fmt: skip
+def test_a_bad_protect_rule_names_the_flag_variable_or_file_that_gave_it(
+    tmp_path: Path, flags: list[str], env: dict[str, str], config: str | None, said: str
+) -> None:
+    """A bad rule given to ``--protect`` (or the types and statuses) by the environment was
+    said as "protect (REAPER_PROTECT or the config file)", and beside a good ``--protect``
+    as the flag's: rules add up over every source, and the source was lost on the way. Each
+    source's rules are checked as that source gave them, and named so."""
+    from tests.test_cli import run_worker
+
+    (tmp_path / "ids.txt").write_text("job-1\n")
+    if config is not None:
+        (tmp_path / "c.toml").write_text(config + "\n")
+        env = {**env, "REAPER_CONFIG": "c.toml"}
+    done = run_worker("run", "-i", "ids.txt", "--dry-run", *flags, env=env, cwd=tmp_path)
+    assert done.returncode == 78, done.stderr
+    assert done.stderr.splitlines()[0].startswith(f"devserver-reaper: {said}"), done.stderr
 
 
 @pytest.mark.parametrize("given", ["flag", "environment"])

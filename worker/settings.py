@@ -222,8 +222,11 @@ class Settings(BaseSettings):
     @classmethod
     def _protection_adds_up(cls, data: Any, handler: ModelWrapValidatorHandler[Settings]) -> Any:
         """Each source's protection joins the others' (see ``ADDED_UP``)."""
-        layers = (data.pop(_LAYERS_KEY, None) if isinstance(data, dict) else None) or []
+        sourced = (data.pop(_LAYERS_KEY, None) if isinstance(data, dict) else None) or []
         read = (data.pop(_FILES_KEY, None) if isinstance(data, dict) else None) or _FilesRead()
+        for said_as, layer in sourced:  # a bad rule is said with the source that gave it
+            _check_protection(layer, said_as)
+        layers = [layer for _, layer in sourced]
         for name in ("protect", "protected_types", "protected_statuses"):
             given = [value for layer in layers if (value := layer.get(name)) is not None]
             if len(given) > 1:
@@ -242,22 +245,13 @@ class Settings(BaseSettings):
     @field_validator("protected_types", "protected_statuses")
     @classmethod
     def _upper_words(cls, value: list[str]) -> list[str]:
-        for word in value:
-            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", word.strip()):
-                raise ValueError(
-                    "each entry must be a job type or status such as FINISHED or ASCEND_DIAGNOSIS"
-                )
+        _check_words(value)
         return [word.strip().upper() for word in value]
 
     @field_validator("protect")
     @classmethod
     def _protect_rules(cls, value: list[str]) -> list[str]:
-        from worker.discovery.guard import Protection
-
-        try:
-            Protection.parse(value)
-        except ValueError as exc:  # "protect rule 'x': ...", after the setting's own name
-            raise ValueError(str(exc).removeprefix("protect rule ")) from None
+        _check_rules(value)
         return [rule.strip() for rule in value if rule.strip()]
 
     @field_validator("region")
@@ -399,9 +393,11 @@ class Settings(BaseSettings):
             beside = _BesideFile(toml, Path(config_file).absolute().parent)
             sources.append((beside, f"{config_file}: {{}}".format))  # "c.toml: sk_file"
         read = _FilesRead()  # secrets a source of higher precedence has given, and from where
-        layers: list[dict[str, Any]] = []  # what each source says of ADDED_UP, in order
+        # What each source says of ADDED_UP, in order, with how it names a setting.
+        layers: list[tuple[Callable[[str], str], dict[str, Any]]] = []
         return tuple(
-            _Layer(_SecretFiles(source, read, said_as), layers, read) for source, said_as in sources
+            _Layer(_SecretFiles(source, read, said_as), layers, read, said_as)
+            for source, said_as in sources
         )
 
 
@@ -435,6 +431,48 @@ class _FilesRead:
         self.files: dict[str, Path] = {}
         self.warnings: list[str] = []
         self.said_as: dict[str, str] = {}  # each setting given, as its source calls it
+
+
+_TYPE_WORDS = "each entry must be a job type or status such as FINISHED or ASCEND_DIAGNOSIS"
+
+
+def _check_words(value: list[str]) -> None:
+    """``protected_types`` and ``protected_statuses``: ``ValueError`` for a word that is no
+    job type or status."""
+    for word in value:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", word.strip()):
+            raise ValueError(_TYPE_WORDS)
+
+
+def _check_rules(value: list[str]) -> None:
+    """``protect``: ``ValueError`` for a rule that does not parse, said after the setting's
+    own name (``'x': ...``, not ``protect rule 'x': ...``)."""
+    from worker.discovery.guard import Protection
+
+    try:
+        Protection.parse(value)
+    except ValueError as exc:
+        raise ValueError(str(exc).removeprefix("protect rule ")) from None
+
+
+def _check_protection(given: dict[str, Any], said_as: Callable[[str], str]) -> None:
+    """One source's protection rules, types and statuses, checked before they add up with
+    the other sources': a bad one is said with the source that gave it (``--protect``,
+    ``REAPER_PROTECT``, ``c.toml: protect``), as a protect file's rule is with its file
+    and line; ``ConfigError`` (78). A value that is no list of words is left to the
+    settings' own validation."""
+    checks = (("protect", _check_rules), ("protected_types", _check_words),
+              ("protected_statuses", _check_words))  # fmt: skip
+    for name, check in checks:
+        if name not in given:
+            continue
+        words = word_list(given[name])
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            continue
+        try:
+            check(words)
+        except ValueError as exc:
+            raise ConfigError(f"{said_as(name)} {exc}") from None
 
 
 def word_list(value: object) -> object:
@@ -490,15 +528,23 @@ class _Layer(_Wrapping):
     """Passes a source's values through, noting what it gave for ``ADDED_UP``."""
 
     def __init__(
-        self, inner: PydanticBaseSettingsSource, layers: list[dict[str, Any]], read: _FilesRead
+        self,
+        inner: PydanticBaseSettingsSource,
+        layers: list[tuple[Callable[[str], str], dict[str, Any]]],
+        read: _FilesRead,
+        said_as: Callable[[str], str] = str,
     ) -> None:
+        """``said_as``: how a message names a setting this source gave (``--protect``,
+        ``REAPER_PROTECT``, ``c.toml: protect``)."""
         super().__init__(inner)
         self._layers = layers
         self._read = read
+        self._said_as = said_as
 
     def __call__(self) -> dict[str, Any]:
         data = self._inner()
-        self._layers.append({k: data[k] for k in ADDED_UP if data.get(k) is not None})
+        given = {k: data[k] for k in ADDED_UP if data.get(k) is not None}
+        self._layers.append((self._said_as, given))
         return {**data, _LAYERS_KEY: self._layers, _FILES_KEY: self._read}
 
 
