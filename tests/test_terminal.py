@@ -627,6 +627,27 @@ async def test_verbose_shows_a_line_per_id_and_quiet_only_the_summary(tmp_path: 
 
 
 @pytest.mark.anyio
+async def test_a_dry_run_of_ids_says_on_each_line_which_rules_it_did_not_check(
+    tmp_path: Path,
+) -> None:
+    """``--dry-run -v`` of ids under ``--protect 'prod-*'`` and a protected status: it reads
+    no job, so it cannot know which of them those rules protect. Each line said "DRY-RUN
+    delete ID" all the same, where the summary says "at most"; now each says the rules it
+    did not check. The id rule it did check skips its id, and says so."""
+    async with _project(tmp_path, 4) as (sim, src, env):
+        ids = sim.job_ids()
+        args = ["-i", str(src), "--dry-run", "-v", "--protect", f"prod-*,id:{ids[0]}",
+                "--protected-statuses", "RUNNING"]  # fmt: skip
+        _, term = await anyio.to_thread.run_sync(lambda: _run_on_a_pty(args, env, columns=200))
+    lines = term.lines()
+    unless = "  (unless the name and status rules protect it: not checked)"
+    assert [line for line in lines if line.startswith("DRY-RUN")] == [
+        f"DRY-RUN delete {job_id}{unless}" for job_id in ids[1:]
+    ]
+    assert f"skipped   {ids[0]}  (protected)" in lines
+
+
+@pytest.mark.anyio
 async def test_events_file_on_a_terminal_keeps_every_event_while_the_screen_stays_quiet(
     tmp_path: Path,
 ) -> None:

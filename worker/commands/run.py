@@ -610,6 +610,7 @@ async def _run(
     unchecked = () if reads else protection.record_rules()  # a dry run of ids reads no job
     if unchecked:
         logsetup.tell(_unchecked_note(unchecked, protection.bare_ids()))
+        output.unchecked(unchecked)  # each DRY-RUN line says so too
     shard = shard_of(settings)
     tally = Tally()
     started, cpu_started = time.monotonic(), time.process_time()

@@ -10,7 +10,7 @@ shows none (the summary still comes); ``--events FILE`` keeps every event as JSO
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import orjson
@@ -51,9 +51,18 @@ class EventLines:
         self._silent = NEVER | silent
         self.shown: Counter[str] = Counter()
         self.held_back: Counter[str] = Counter()
+        self._unless = ""  # after a DRY-RUN line: the rules that were not checked
 
     def name_jobs(self, names: Mapping[str, str]) -> None:
         self._names = names
+
+    def unchecked(self, kinds: Sequence[str]) -> None:
+        """The kinds of protect rule a dry run could not check (``name``, ``status``): each
+        ``DRY-RUN`` line says the job is deleted unless they protect it, as the summary
+        says its count is an upper bound."""
+        from worker.terminal.summary import rules_in_words
+
+        self._unless = f"  (unless {rules_in_words(kinds)} protect it: not checked)" * bool(kinds)
 
     def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
         name = str(event.get("event", ""))
@@ -88,7 +97,7 @@ class EventLines:
             return f"absent    {job}  (already gone)"
         if name == "job.skipped":
             if event.get("reason") == "dry_run":
-                return f"DRY-RUN delete {job} {label}".rstrip()
+                return f"DRY-RUN delete {job} {label}".rstrip() + self._unless
             return f"skipped   {job}  ({event.get('reason')})"
         if name == "job.failed":
             code = " ".join(str(event[k]) for k in ("http_status", "error_code") if event.get(k))

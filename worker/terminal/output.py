@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TextIO, cast
@@ -41,6 +41,11 @@ class Output:
         """Job names the run knows without asking (a plan's), for ``DRY-RUN`` lines."""
         if self.lines is not None:
             self.lines.name_jobs(names)
+
+    def unchecked(self, kinds: Sequence[str]) -> None:
+        """The protect rules a dry run of ids could not check, for its ``DRY-RUN`` lines."""
+        if self.lines is not None:
+            self.lines.unchecked(kinds)
 
     def say(self, text: str, style: str | None = None) -> None:
         """A line for the person, if one is watching (and did not ask for quiet)."""
