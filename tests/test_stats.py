@@ -28,6 +28,22 @@ def test_a_stats_window_says_what_each_interval_added_and_the_totals() -> None:
     assert (second["ids"], second["ids_per_s"], second["elapsed_s"]) == (0, 0.0, 120.0)
 
 
+@pytest.mark.parametrize(
+    ("ids", "seconds", "said"),
+    [(1, 250.0, 0.004), (1, 3600.0, 0.000278), (2, 3.0, 0.667), (12345, 1000.0, 12.345)],
+)
+def test_an_interval_s_rate_keeps_its_significant_figures(
+    ids: int, seconds: float, said: float
+) -> None:
+    """Two decimals made one id in 250 s ``0.0`` ids/s, as if the run had stalled, and cut
+    12.345 to 12.35: the interval's rate is said as run.summary's is (three decimals, and
+    three significant figures under 1)."""
+    from worker.stats import StatsWindow
+
+    window = StatsWindow(0.0)
+    assert window.close(seconds, {"deleted": ids})["ids_per_s"] == said
+
+
 @pytest.mark.anyio
 async def test_a_run_without_a_terminal_says_where_it_stands_every_stats_interval(
     tmp_path: Path,

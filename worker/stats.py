@@ -9,11 +9,22 @@ what only it knows (serve: lag, pending, dead letters; both: the limiter's curre
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from worker.clock import Clock
 from worker.types import Outcome
+
+
+def per_second(count: int, seconds: float) -> float:
+    """``count`` a second to three decimals, and under 1 to three significant figures: a
+    run of one id an hour is 0.000278, not the 0.0 that three decimals made of it (shown
+    ``0 ids/s``, as if it had done nothing)."""
+    if count <= 0 or seconds <= 0:
+        return 0.0
+    rate = count / seconds
+    return round(rate, max(3, 2 - math.floor(math.log10(rate))))
 
 
 class StatsWindow:
@@ -43,7 +54,7 @@ class StatsWindow:
         fields.update(
             ids=ids,
             ids_total=sum(current.values()),
-            ids_per_s=round(ids / interval, 2) if interval > 0 else 0.0,
+            ids_per_s=per_second(ids, interval),  # an interval of 1 id in 250 s: 0.004
             interval_s=round(interval, 3),
             elapsed_s=round(now - self._started, 3),
         )

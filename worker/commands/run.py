@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import math
 import os
 import signal
 import stat
@@ -71,6 +70,7 @@ from worker.outcomes.journal import (
 from worker.pipeline import RunState
 from worker.routing import Router
 from worker.settings import Settings
+from worker.stats import per_second
 from worker.targets import Target
 from worker.terminal.output import TYPE_IDS, Output, reads_the_terminal
 from worker.terminal.prompt import InterruptedAtPrompt, Proposal
@@ -904,16 +904,6 @@ def open_ids(tally: Tally) -> int:
     """Ids admitted in this run that have no outcome yet."""
     admitted = tally.read - tally.repeated - tally.already_done
     return max(0, admitted - tally.finished)
-
-
-def per_second(count: int, seconds: float) -> float:
-    """``count`` a second to three decimals, and under 1 to three significant figures: a
-    run of one id an hour is 0.000278, not the 0.0 that three decimals made of it (shown
-    ``0 ids/s``, as if it had done nothing)."""
-    if count <= 0 or seconds <= 0:
-        return 0.0
-    rate = count / seconds
-    return round(rate, max(3, 2 - math.floor(math.log10(rate))))
 
 
 def _summarise(
