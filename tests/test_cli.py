@@ -497,6 +497,33 @@ def test_simulator_sizes_out_of_range_are_usage_errors(args: list[str]) -> None:
     assert "must be from" in done.stderr and "Traceback" not in done.stderr
 
 
+QUOTA = "the quota (calls a second; 0 for no limit)"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "said"),
+    [
+        ("--quota", "inf", f"{QUOTA} must be a finite number of at least 0, not inf"),
+        ("--quota", "1e400", f"{QUOTA} must be a finite number of at least 0, not inf"),
+        ("--quota", "nan", f"{QUOTA} must be a finite number of at least 0, not nan"),
+        ("--latency-ms", "inf", "the latency (ms) must be a finite number of at least 0, not inf"),
+        ("--fault-rate", "nan", "the fault rate must be a finite number from 0 to 1, not nan"),
+    ],
+)
+def test_simulate_refuses_an_infinity_or_a_nan_in_the_words_of_the_flag_s_range(
+    flag: str, value: str, said: str
+) -> None:
+    """``--quota inf`` said "quota must be >= 0 (0 = unlimited), got inf", which inf is: the
+    rule it broke (a finite number) was never said. As the settings do since 5ceb3c2, the
+    flag's range is said in words, with "finite" in it: 64, before anything is served."""
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "simulate", "--port", "0", flag, value],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert done.stderr.splitlines()[-1] == f"devserver-reaper simulate: argument {flag}: {said}"
+
+
 # -- issue 24: secrets on the command line, core dumps ----------------------------------------
 
 

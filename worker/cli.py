@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import math
 import os
 import signal
 import sys
@@ -595,8 +596,31 @@ def _bounded(name: str, low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _finite(name: str, low: float, high: float | None = None) -> Callable[[str], float]:
+    """A number flag that must be finite and within its range: ``nan`` and ``inf`` (and
+    ``1e400``, which is ``inf``) parse as floats, and are refused as the settings refuse
+    them (5ceb3c2)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number") from None
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
+            span = f"from {low:g} to {high:g}" if high is not None else f"of at least {low:g}"
+            raise argparse.ArgumentTypeError(
+                f"{name} must be a finite number {span}, not {value:g}"
+            )
+        return value
+
+    return parse
+
+
 _port = _bounded("a port", 0, 65_535)
 _jobs = _bounded("the number of jobs", 0, MAX_SIMULATED_JOBS)
+_quota = _finite("the quota (calls a second; 0 for no limit)", 0)
+_latency = _finite("the latency (ms)", 0)
+_fault_rate = _finite("the fault rate", 0, 1)
 
 
 _SIMULATOR_FLAGS: tuple[tuple[str, Callable[[str], Any], Any, str | tuple[str, ...], str], ...]
@@ -610,12 +634,12 @@ _SIMULATOR_FLAGS = (  # flag, type, default, metavar or choices, help
      "region IAM names its project after (GET /v3/projects?name=REGION)"),
     ("--ak", str, "DEMOAK", "KEY", "access key it accepts"),
     ("--sk", str, "demo-secret-key", "KEY", "secret key it accepts (a fake's: not a secret)"),
-    ("--quota", float, 0, "CALLS/S", "calls per second it allows; 0 for no limit"),
+    ("--quota", _quota, 0, "CALLS/S", "calls per second it allows; 0 for no limit"),
     ("--burst", int, 1, "N", "burst on top of the quota"),
     ("--retry-after", str, "seconds", ("off", "seconds", "date"), "Retry-After on a 429"),
     ("--max-batch", int, 1000, "N", "most ids a DELETE may carry"),
-    ("--latency-ms", float, 0, "MS", "mean latency of a call"),
-    ("--fault-rate", float, 0, "SHARE", "share of calls that fail, 0 to 1"),
+    ("--latency-ms", _latency, 0, "MS", "mean latency of a call"),
+    ("--fault-rate", _fault_rate, 0, "SHARE", "share of calls that fail, 0 to 1"),
     ("--unknown-path", str, "gateway", ("gateway", "html"),
      "answer to a path that is not the API: the gateway's JSON 404, or a bare HTML 404"),
     ("--ids-file", str, None, "FILE", "write the ids of its jobs here, one per line"),
