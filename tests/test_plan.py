@@ -7,7 +7,8 @@ import hashlib
 import hmac
 import shlex
 import stat
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,16 +19,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.e2e import (
-    SIM_PROJECT,
-    kill_when,
-    read_all,
-    reaper,
-    reaper_env,
-    results,
-    start_reaper,
-    until,
-)
+from tests import e2e
+from tests.e2e import SIM_PROJECT, kill_when, reaper, reaper_env, results, start_reaper
 from tests.gateway import Gateway, serve_gateway
 from worker.discovery.filters import Filters
 from worker.discovery.plan import (
@@ -39,7 +32,7 @@ from worker.discovery.plan import (
 )
 from worker.errors import ConfigError, InputUnreadable
 from worker.settings import load_settings, read_plan_key
-from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
+from worker.simulator import FaultConfig, Simulator, SimulatorConfig, run_simulator
 from worker.types import JobRecord
 
 NOW = datetime(2026, 6, 1, 12, tzinfo=UTC)
@@ -320,6 +313,20 @@ async def apply_plan(url: str, path: Path, out: Path) -> dict[str, dict[str, Any
     return {row["job_id"]: row for row in results(out)}
 
 
+@asynccontextmanager
+async def finished_plan(
+    tmp_path: Path, *, jobs: int, seed: int
+) -> AsyncIterator[tuple[Simulator, Path, dict[str, str], list[str], Path]]:
+    """A simulated project and ``discover``'s plan of its FINISHED jobs: the simulator, the
+    plan's path, the environment pointing at it, the ids the plan holds, and a path for a
+    run's ``--results``."""
+    async with run_simulator(SimulatorConfig(jobs=jobs, seed=seed)) as sim:
+        path, env = tmp_path / "plan", reaper_env(sim.url)
+        made = await reaper(["discover", "--status", "FINISHED", "--plan", str(path)], env)
+        assert made.code == 0, made.stderr
+        yield sim, path, env, ids_of(path), tmp_path / "results.jsonl"
+
+
 @pytest.mark.anyio
 async def test_a_plan_applied_after_changes_deletes_the_rest_and_skips_what_changed(
     tmp_path: Path,
@@ -376,12 +383,12 @@ async def test_a_plan_that_expires_mid_run_sends_no_more_deletes_and_a_new_plan_
         async def first_sent() -> bool:
             return gateway.delete_calls == 1 or process.returncode is not None
 
-        await until(first_sent)
+        await e2e.until(first_sent)
         assert gateway.delete_calls == 1, "the run did not start before its plan expired"
         # The answer waits for the plan's end, and a second more: it has certainly passed.
         await anyio.sleep((expires - datetime.now(UTC)).total_seconds() + 1)
         gateway.hold.set()
-        stdout, stderr = await read_all(process)
+        stdout, stderr = await e2e.read_all(process)
         assert process.returncode == 1, stderr
         assert gateway.delete_calls == 1 and len(gateway.asked) == 2
         rows = {row["job_id"]: row for row in results(out)}
@@ -558,13 +565,7 @@ async def test_a_plan_sealed_with_a_key_is_applied_only_with_that_key(tmp_path: 
 async def test_exclude_drops_ids_after_review_and_says_so_in_the_summary_and_results(
     tmp_path: Path,
 ) -> None:
-    async with run_simulator(SimulatorConfig(jobs=80, seed=25)) as sim:
-        path, out = tmp_path / "plan", tmp_path / "results.jsonl"
-        env = reaper_env(sim.url)
-        assert (
-            await reaper(["discover", "--status", "FINISHED", "--plan", str(path)], env)
-        ).code == 0
-        planned = ids_of(path)
+    async with finished_plan(tmp_path, jobs=80, seed=25) as (sim, path, env, planned, out):
         struck = planned[1::7]
         (tmp_path / "keep.txt").write_text("# kept after review\n" + "\n".join(struck) + "\n")
         done = await reaper(["run", "--plan", str(path), "--exclude", str(tmp_path / "keep.txt"),
@@ -590,12 +591,8 @@ async def test_an_exclude_line_that_strikes_out_no_planned_job_refuses_the_run_6
     compared exactly) or with a typo. The run used to take the file, say ``excluded: 2`` in
     ``run.started`` and delete both jobs; now it refuses (64) before any DELETE, naming the
     lines, and with discover's filters refuses the id that differs only in case."""
-    async with run_simulator(SimulatorConfig(jobs=40, seed=25)) as sim:
-        path, keep = tmp_path / "plan", tmp_path / "keep.txt"
-        env = reaper_env(sim.url)
-        found = await reaper(["discover", "--status", "FINISHED", "--plan", str(path)], env)
-        assert found.code == 0, found.stderr
-        planned = ids_of(path)
+    keep = tmp_path / "keep.txt"
+    async with finished_plan(tmp_path, jobs=40, seed=25) as (sim, path, env, planned, _):
         upper = planned[0].upper()
         typo = planned[1][:-1] + ("0" if planned[1][-1] != "0" else "1")
         assert upper != planned[0]
@@ -677,12 +674,7 @@ async def test_a_dry_run_of_a_plan_checks_the_live_jobs_and_sends_no_delete(
     tmp_path: Path,
 ) -> None:
     """As ``kubectl --dry-run=server``: would delete N, would skip M, and why."""
-    async with run_simulator(SimulatorConfig(jobs=200, seed=28)) as sim:
-        path, out = tmp_path / "plan", tmp_path / "results.jsonl"
-        env = reaper_env(sim.url)
-        made = await reaper(["discover", "--status", "FINISHED", "--plan", str(path)], env)
-        assert made.code == 0, made.stderr
-        planned = ids_of(path)
+    async with finished_plan(tmp_path, jobs=200, seed=28) as (sim, path, env, planned, out):
         changed, gone, kept = planned[3], planned[9], planned[20]
         sim.set_status(changed, "PROCESSING")
         sim.store.delete([gone])
