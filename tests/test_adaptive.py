@@ -375,6 +375,29 @@ def test_the_rough_floor_counted_as_a_per_second_gateway_allows_it_too() -> None
     assert counted == 6.0
 
 
+def test_a_run_of_refusals_is_known_ended_only_once_the_calls_beside_it_are_answered() -> None:
+    """A gateway counting calls per whole second refuses every call from its count's end to
+    the second's end: ``refused_run`` counts the refusals in a row around a refused call from
+    the answers in, and says the run ended only once the calls on either side of it are known
+    accepted (a late measure waits for that: a clump, not a token bucket's refusals here and
+    there, ``CLUMP``); ``longest_unrefused`` is the longest time between two refusals."""
+    evidence = GatewayEvidence(AdaptiveConfig())
+    sends = [0.9 + 0.01 * k for k in range(12)]  # 0.90-1.01, every 10 ms
+    for sent in sends:
+        evidence.sent(sent)
+    for sent in sends[:2]:  # the count's last two calls
+        evidence.accepted(sent, sent + 0.05)
+    for sent in sends[2:10]:  # 0.92-0.99: past the count until the second's end
+        evidence.refused(sent, sent + 0.002)
+    assert evidence.refused_run(sends[5]) == (8, False)  # the call after the run: still out
+    evidence.accepted(sends[10], sends[10] + 0.05)  # 1.00: the next second's count begins
+    assert evidence.refused_run(sends[5]) == (8, True)
+    assert evidence.refused_run(sends[9]) == (8, True)
+    assert evidence.refused_run(sends[1]) == (0, True)  # accepted: no run
+    assert evidence.longest_unrefused(0.0, 2.0) == pytest.approx(0.01)
+    assert evidence.longest_unrefused(0.95, 0.955) == math.inf  # one refusal: no stretch
+
+
 def test_a_probe_the_gateway_lets_past_its_target_finds_a_risen_quota_at_once() -> None:
     """The gateway's bucket was empty when the last refused call was sent: since then it
     accepted at most one call more than its quota allows, whatever its burst. A probe

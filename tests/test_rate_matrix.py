@@ -148,23 +148,16 @@ def test_auto_on_a_burst_of_one_with_many_calls_in_flight_keeps_to_the_budget(
     _meets_the_goal(run, quota)
 
 
-_CLUMPS = (
-    "a gateway counting calls per whole second refuses every call past its quota until the "
-    "next second; 2.06 % refused (7.28 % at 05ec803, where every refusal cut)"
-)
-
-
-@pytest.mark.parametrize(
-    "quota", [_cell(150.0, name="q150"), _cell(200.0, name="q200"),
-              _cell(500.0, name="q500", missed=_CLUMPS)],
-)  # fmt: skip
+@pytest.mark.parametrize("quota", [150.0, 200.0, 500.0], ids=["q150", "q200", "q500"])
 def test_auto_against_a_gateway_whose_refusals_come_in_clumps_keeps_to_the_budget(
     quota: float,
 ) -> None:
     """A gateway that counts calls per whole second (``FixedWindow``: the gateway's
     documented default is 200 calls/s per API), 8 in flight, answers 5 ms later: the same
     goal as the matrix, from 10 s on. 150 and 200 calls/s: 1.63 % and 1.82 % refused; they
-    were 2.91 % and 4.34 % when refusals were read as a share from 250 calls in a window."""
+    were 2.91 % and 4.34 % when refusals were read as a share from 250 calls in a window.
+    500 calls/s: 1.81 %, where 2.06 % while a refusal read as a little over the budget
+    measured nothing (``CLUMP``)."""
     run = simulate(lambda t: quota, duration=40.0, latency=0.005, windowed=True)
     _meets_the_goal(run, quota)
 
@@ -201,15 +194,15 @@ def test_a_per_second_gateway_at_300_calls_a_second_with_latency_spread_keeps_it
     """As above with 32 in flight, latency drawn around 50 ms, sends 2 ms late: the calls
     still out, counted as accepted over a span across two seconds, measured 206-222 calls/s
     of the quota of 300, and what followed cost 0.95-0.97 of it from 10 s on, 5.2-6.3 %
-    refused. Now 1.00 and 2.7-3.6 %, as at a5ffdd3: over the budget still, the steps of 3 %
-    down from start-up's end where no refusal can be measured with answers out
-    (docs/rate-auto.md); what is pinned here is that no such measure comes back."""
+    refused. No such measure comes back, and a refusal of a second's clump is measured once
+    the answers of its span are in (``CLUMP``): the matrix's goal from 10 s on. Not measured
+    at all, start-up's end came down 2-3 % a second, a clump of refusals each: 1.00 of the
+    quota and 2.7-3.6 % refused."""
     rng = random.Random(seed)
     run = simulate(lambda t: 300.0, duration=40.0, latency=_drawn(0.05, seed + 100),
                    concurrency=32, windowed=True,
                    jitter=lambda: rng.expovariate(500.0))  # fmt: skip
-    assert run.accepted_per_s(10.0, 40.0) >= 0.99 * 300.0
-    assert run.refused_share(10.0, 40.0) <= 0.04
+    _meets_the_goal(run, 300.0)
 
 
 @pytest.mark.parametrize("quota", [200.0, 400.0], ids=["q200", "q400"])

@@ -28,6 +28,10 @@ ceiling, the burst start-up saw) is kept and read by ``GatewayEvidence``
   as at startup until the next refusal measures it. Under ``LOW_RATE`` the probe is
   **early calls** (``EARLY``): twice the pace, once the rate is ``EARLY_AFTER`` units past
   its target, until one is refused or the floor proves a rise;
+- a refusal that cuts while answers of its span are still out is measured once they are in,
+  where its call is one of a clump (``CLUMP``): a gateway counting calls per whole second
+  refuses every call from its count's end to the second's, and its 429s come back before
+  the answers of the calls sent before them (``_measure_late``);
 - 503s count only when they are ``overload_share`` of the last ``overload_answers``
   answers (isolated ones are faults to retry), and latency only when it rises with the
   rate (``LatencyWatch``): then the rate is cut, and the probes stay under the rate
@@ -86,6 +90,13 @@ the ceiling: a gateway counting calls per whole second starts its count again at
 second and lets it all through at any pace, so there the floor is the pace (past the ceiling
 of its last refusal by 1 % as a probe climbs: read as a rise at a steady 300 calls/s, start-up
 climbed again to 361 and its clump of refusals cost 1.56 % where 1.17 % without)."""
+
+CLUMP = 8
+"""Calls refused in a row that tell of a gateway counting calls per whole second: it refuses
+every call from its count's end to the second's end, where a token bucket refuses calls
+here and there (a burst of 1 at 500 calls/s under a loaded loop's send jitter: 5 in a
+row). A refusal in such a run is measured once its span's answers are in
+(``_measure_late``)."""
 
 OVER = 0.35
 """Refused calls over this share of the last ``1 / jitter_share`` answered (since the cut):
@@ -294,8 +305,8 @@ class RateController:
     ``ControllerState``.
     """
 
-    __slots__ = ("_answers", "_config", "_delay", "_evidence", "_latency", "_state", "cuts",
-                 "escalated", "measured", "tolerated")  # fmt: skip
+    __slots__ = ("_answers", "_config", "_delay", "_evidence", "_late", "_latency", "_state",
+                 "cuts", "escalated", "measured", "tolerated")  # fmt: skip
 
     def __init__(self, now: float, config: AdaptiveConfig | None = None) -> None:
         self._config = c = config or AdaptiveConfig()
@@ -308,6 +319,7 @@ class RateController:
         self._answers: deque[bool] = deque(maxlen=c.overload_answers)  # True: a 503
         self._latency = LatencyWatch(c)
         self._delay = 0.0  # the answers' mean latency, smoothed: how late a refusal comes
+        self._late: float | None = None  # a refusal measured once its answers are in
         self.cuts = 0
         self.measured = 0  # refusals that measured the quota
         self.escalated = 0  # probes that found the quota had risen past their target
@@ -363,6 +375,7 @@ class RateController:
         self._answers.append(False)
         if since_empty:
             rate = self._escalate(now, rate)
+        rate = self._measure_late(now, rate)
         if latency is not None and latency >= 0:
             self._delay += DELAY_WEIGHT * (latency - self._delay)
             learn = self._state.phase is not Phase.STARTUP
@@ -397,7 +410,7 @@ class RateController:
         # Either cost the cut one more refusal: the probe takes longer to come back.
         if sent < s.cut_at + 1.0 / s.level:
             self._one_more_refusal(s)
-            return rate
+            return self._measure_late(now, rate)
         reading = self._read(sent)
         if reading is Reading.JITTER:
             self.tolerated += 1
@@ -407,7 +420,9 @@ class RateController:
             # just past a quota): a small step under the rate refused, and back to near it.
             step = self._config.jitter_step
             refused_rate = min(self.rate_sent_at(sent), rate)
-            return self._cut(now, (1.0 - step) * refused_rate, (1.0 - step / 4.0) * refused_rate)
+            level = self._cut(now, (1.0 - step) * refused_rate, (1.0 - step / 4.0) * refused_rate)
+            self._late = sent
+            return self._measure_late(now, level)
         if sent >= s.early:
             # An early call refused: the quota is under twice the pace, and the pace was
             # accepted, unless a burst let it past the quota: no more than the target or what
@@ -417,6 +432,7 @@ class RateController:
             return self._cut(now, (1.0 - self._config.margin / 3.0) * pace, pace)
         news = math.isinf(self._refused_lately(sent))
         moved = self._level_after_refusal(sent, rate, floor, self._held(now), rough, counted)
+        self._late = sent
         level = self._cut(now, *moved)
         if retry_after is not None and news:
             pause = now + min(max(retry_after, 0.0), self._config.max_pause)
@@ -728,6 +744,45 @@ class RateController:
                 # 50 to 20 calls/s: a measure of 15.0 at 24.8, after 29-48 in the span).
                 paced = max(paced, spanned)
         return measured, paced
+
+    def _measure_late(self, now: float, rate: float) -> float:
+        """The last refusal that cut (``_late``), measured once every answer of its span is
+        in and it is known to be one of ``CLUMP`` refused in a row (the run's ends known
+        accepted, or the refusal a ``window`` old: given up). A gateway counting calls per
+        whole second refuses every call from its count's end to the second's end, and its
+        429s come back while answers of the calls before them are still out, so with
+        answers tens of milliseconds long such a refusal could seldom be measured when it
+        came, and start-up's end came down 2-3 % a second, a clump of refusals each (300
+        calls/s, answers drawn around 50 ms, 32 in flight: 2.7-3.6 % refused from 10 s on).
+        Where the measure is under the level, the rate goes ``margin`` under it, the probe
+        returning to it; not where no two calls of its span were accepted in a row (a burst
+        of 1: its measure says about half its quota), nor where the span holds more than
+        ``COUNT_RESTART`` with no refusal (the count was not reached every second: the
+        workers were held back and the measure is short)."""
+        sent = self._late
+        evidence = self._evidence
+        if sent is None or evidence.out_before(sent, self._state.pause_until) > 0:
+            return rate
+        run, ended = evidence.refused_run(sent)
+        if run < CLUMP and not ended and sent > now - self._config.window:
+            return rate  # the run may go on: answers of the calls after it are out
+        self._late = None
+        if run < CLUMP:
+            return rate
+        s, c = self._state, self._config
+        measured, _ = self._weighed_measure(sent, self.rate_sent_at(sent))
+        if measured is None:
+            return rate
+        quota, start = measured
+        if (
+            (1.0 - c.margin) * quota >= s.level
+            or evidence.alternated(start, sent, known=True)
+            or evidence.longest_unrefused(start, sent) > COUNT_RESTART
+        ):
+            return rate
+        self.measured += 1
+        self._state = replace(s, quota=quota)
+        return self._cut(now, (1.0 - c.margin) * quota, quota)
 
     def _held(self, now: float) -> float:
         """What was really sent over the last ``window``, when all of it was paced (no

@@ -21,6 +21,7 @@ can reach (``horizon``). The design is in ``docs/rate-auto.md``.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections import deque
 from typing import TYPE_CHECKING
@@ -274,8 +275,7 @@ class GatewayEvidence:
             return None
         before = bisect.bisect_left(self._accepted, sent)
         sends = self.sends_since(self._refused[first], sent)
-        out = sends - (before - bisect.bisect_left(self._accepted, self._refused[first]))
-        out -= end - first
+        out = self.out_before(sent, not_before)
         if out > 0:
             # Calls sent in between are still out: their answers would count. Counted as
             # accepted, every one, they say the most the quota can be; where that is under
@@ -316,6 +316,19 @@ class GatewayEvidence:
                     else latest
                 )
         return latest
+
+    def out_before(self, sent: float, not_before: float) -> int:
+        """Calls sent between the earliest refused call a measure of ``sent`` reaches back
+        to (``look_back``; never before ``not_before``) and ``sent`` whose answers are
+        still out (0: none, or no such refused call): ``measure`` counts them as what the
+        quota could be at most, and a refusal can be measured in full once they are in."""
+        first = bisect.bisect_left(self._refused, self.look_back(sent, not_before))
+        end = bisect.bisect_left(self._refused, sent)
+        if first >= end:
+            return 0
+        start = self._refused[first]
+        known = self.accepted_between(start, math.nextafter(sent, -math.inf)) + end - first
+        return self.sends_since(start, sent) - known
 
     def look_back(self, sent: float, not_before: float) -> float:
         """The earliest refused call a refusal of a call sent at ``sent`` is measured from:
@@ -419,6 +432,32 @@ class GatewayEvidence:
                 return False
             accepted_last = accepted
         return True
+
+    def longest_unrefused(self, start: float, end: float) -> float:
+        """The longest time between two refused calls sent from ``start`` up to ``end``
+        (``inf``: fewer than two)."""
+        refused = self._refused
+        times = refused[bisect.bisect_left(refused, start) : bisect.bisect_right(refused, end)]
+        return max((later - earlier for earlier, later in itertools.pairwise(times)),
+                   default=math.inf)  # fmt: skip
+
+    def refused_run(self, sent: float) -> tuple[int, bool]:
+        """How many calls in a row were refused (as their answers said) around the one
+        sent at ``sent`` (0: it was not), and whether the run is known to have ended: the
+        calls on either side of it known accepted (or none before it)."""
+        sends = self._sends
+        own = bisect.bisect_right(sends, sent + SAME_CALL) - 1
+        if own < 0 or not self._was(self._refused, sends[own]):
+            return 0, True
+        first = own
+        while first > 0 and self._was(self._refused, sends[first - 1]):
+            first -= 1
+        last = own
+        while last + 1 < len(sends) and self._was(self._refused, sends[last + 1]):
+            last += 1
+        sides = [sends[index] for index in (first - 1, last + 1) if 0 <= index < len(sends)]
+        ended = last + 1 < len(sends) and all(self._was(self._accepted, t) for t in sides)
+        return last - first + 1, ended
 
     def paced_under(self, rate: float, start: float, end: float) -> bool:
         """Whether calls were paced slower than ``rate`` at some time between the two."""
