@@ -231,3 +231,38 @@ def test_two_copies_of_one_whole_ledger_are_refused_not_counted_twice(tmp_path: 
         "job-del",
         "job-other",
     }
+
+
+def test_an_export_the_disk_cannot_hold_is_removed_not_left_as_if_whole(tmp_path: Path) -> None:
+    """``report --output`` past a full disk (a file size limit: writes past it fail as on a
+    full disk) exits 64 saying why, and leaves no file: a truncated export under its name
+    read as the whole ledger, its last rows missing without a word."""
+    path = tmp_path / "ledger.sqlite"
+    many = [
+        Result(f"job-{n:05d}", Outcome.DELETED, 1, "b-1", 200, request_id="r") for n in range(3000)
+    ]
+    with Ledger.open(
+        path, project_id="proj-1", endpoint="http://127.0.0.1:1", run_id="run-a"
+    ) as led:
+        led.admit([Candidate(r.job_id, n) for n, r in enumerate(many, 1)])
+        led.record(many)
+    target = tmp_path / "out.jsonl"
+    whole = report("--ledger", str(path), "--format", "jsonl", "--output", str(target))
+    assert whole.returncode == 0, whole.stderr
+    size = target.stat().st_size
+    target.unlink()
+    limit = size // 2  # room for the ledger's own files (its -shm is 32 KiB), not the export
+    assert limit > 64 * 1024, size
+    limited = (
+        "import os, resource, sys; n = int(sys.argv[1]); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'worker', *sys.argv[2:]])"
+    )
+    cut = subprocess.run(
+        [sys.executable, "-c", limited, str(limit), "report", "--ledger", str(path),
+         "--format", "jsonl", "--output", str(target)],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert cut.returncode == 64, cut.stderr
+    assert "cannot write" in cut.stderr and "Traceback" not in cut.stderr
+    assert not target.exists(), target.stat().st_size

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import io
 import os
+import stat
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -80,8 +81,14 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             with contextlib.suppress(OSError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except OSError as exc:
+            removed = (
+                ""
+                if output in (None, "-") or os.path.lexists(output)
+                else "; the part written is removed"
+            )
             print(
-                f"devserver-reaper report: cannot write {output or 'stdout'}: {exc.strerror}",
+                f"devserver-reaper report: cannot write {output or 'stdout'}: {exc.strerror}"
+                + removed,
                 file=sys.stderr,
             )
             return ExitCode.USAGE
@@ -134,7 +141,24 @@ def _open_output(output: str | None) -> Iterator[IO[bytes]]:
         sys.stdout.buffer.flush()
         return
     with open_output(Path(output)) as handle:  # private, never through a planted link
-        yield handle
+        try:
+            yield handle
+            handle.flush()  # a full disk says so here, while the part written can be removed
+        except BaseException:
+            _remove_partial(handle, Path(output))
+            raise
+
+
+def _remove_partial(handle: IO[bytes], path: Path) -> None:
+    """An export that could not be written whole is removed, not left under its name as if
+    complete: the file we wrote, if the name still leads to it (not a link we followed)."""
+    with contextlib.suppress(OSError):
+        ours, named = os.fstat(handle.fileno()), os.lstat(path)
+        if stat.S_ISREG(ours.st_mode) and (ours.st_dev, ours.st_ino) == (
+            named.st_dev,
+            named.st_ino,
+        ):
+            os.unlink(path)
 
 
 def write_jsonl(ledger: LedgerView, out: IO[bytes], *, default: Target | None = None) -> None:
