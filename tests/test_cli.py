@@ -669,6 +669,23 @@ def test_a_command_without_a_queue_shows_no_queue_group_and_no_value_is_left_unn
     assert not [name for name, text in helps.items() if " VALUE" in text]
 
 
+@pytest.mark.parametrize("command", ["serve", "run", "enqueue"])
+def test_every_setting_with_a_default_says_it_in_help(command: str) -> None:
+    """What a flag does when it is left out is said where it is offered, as docs/reference.md
+    says it: serve's --help gave no default for --max-deliveries (5), --reclaim-after (300),
+    --http-port (8080) or --log-level (info), the settings a deployment tunes first."""
+    from worker.settings import Settings
+
+    text = _help(command)
+    flags = re.findall(r"^  (--[a-z-]+)(?: [A-Z/]+)?\s+(.*?)(?=^  -|^\S|\Z)", text, re.M | re.S)
+    assert flags
+    for flag, said in flags:
+        field = Settings.model_fields.get(flag[2:].replace("-", "_"))
+        if field is None or field.default in (None, False) or field.default_factory:
+            continue
+        assert "default" in " ".join(said.split()), (flag, field.default, said)
+
+
 def test_serve_does_not_offer_the_flags_it_refuses() -> None:
     text = _help("serve")
     for refused in ("--dry-run", "--yes", "--max-deletions", "--confirm-project-over"):

@@ -129,9 +129,17 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ),
     ("--group", str, "consumer group (default devserver-reaper)"),
     ("--consumer", str, "consumer name (default: host name)"),
-    ("--max-deliveries", int, "deliveries before an entry goes to the dead-letter stream"),
-    ("--reclaim-after", float, "seconds before another consumer's idle entry is taken over"),
-    ("--http-port", int, "port of /healthz, /readyz, /metrics (0 = any free port)"),
+    (
+        "--max-deliveries",
+        int,
+        "deliveries before an entry goes to the dead-letter stream (default 5)",
+    ),
+    (
+        "--reclaim-after",
+        float,
+        "seconds before another consumer's idle entry is taken over (default 300)",
+    ),
+    ("--http-port", int, "port of /healthz, /readyz, /metrics (default 8080; 0 = any free port)"),
     ("--outcomes-max-len", int, "entries the outcomes stream keeps (default 1,000,000)"),
     ("--outcomes-max-age", float, "seconds outcomes are kept (default 7 days; 0 = no limit)"),
     ("--dead-max-len", int, "entries the dead-letter stream keeps (default 1,000,000)"),
@@ -139,7 +147,7 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--stats-interval", float, "seconds between stats events (default 60; 0 = off)"),
     ("--http-host", str, "address /healthz, /readyz, /metrics listen on (default 0.0.0.0)"),
     ("--log-format", str, "auto, json or console (default auto: console on a terminal)"),
-    ("--log-level", str, "debug, info, warning or error"),
+    ("--log-level", str, "debug, info, warning or error (default info)"),
 )
 
 # Which settings each command shows in --help; all are accepted by the settings loader.
