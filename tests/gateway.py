@@ -113,6 +113,9 @@ class Gateway:
         if behaviour == "extra":  # records of jobs nobody asked for (not deleted)
             others = [job for job_id, job in self.jobs.items() if job_id not in ids][:3]
             return _envelope(removed + others)
+        if behaviour == "hold_error_after":  # applied; a 502, once the test lets it go
+            await self.hold.wait()
+            return _error(502, "APIGW.0201", "Bad gateway")
         if behaviour == "error_after":
             return _error(502, "APIGW.0201", "Bad gateway")
         if behaviour == "reset_after":

@@ -358,6 +358,31 @@ async def test_a_plan_applied_after_changes_deletes_the_rest_and_skips_what_chan
         assert set(sim.sent_counts) == rest | {gone} and sim.sent_counts[gone] == 1
 
 
+async def held_past_expiry(
+    gateway: Gateway, url: str, path: Path, run: list[str]
+) -> tuple[int | None, str, str]:
+    """``run --plan`` of a 12 s plan of ``gateway``'s FINISHED jobs at ``path``, its first
+    DELETE's answer held (``gateway.hold``) until the plan has certainly expired: the run's
+    exit code, stdout and stderr."""
+    made = await reaper(["discover", "--status", "FINISHED", "--all", "--plan", str(path),
+                         "--plan-ttl", "12s"], reaper_env(url))  # fmt: skip
+    assert made.code == 0, made.stderr
+    with open_plan(path, key=None) as plan:
+        expires = plan.header.expires_at
+    process = await start_reaper(["run", "--plan", str(path), *run], reaper_env(url))
+
+    async def first_sent() -> bool:
+        return gateway.delete_calls == 1 or process.returncode is not None
+
+    await e2e.until(first_sent)
+    assert gateway.delete_calls == 1, "the run did not start before its plan expired"
+    # The answer waits for the plan's end, and a second more: it has certainly passed.
+    await anyio.sleep((expires - datetime.now(UTC)).total_seconds() + 1)
+    gateway.hold.set()
+    stdout, stderr = await e2e.read_all(process)
+    return process.returncode, stdout, stderr
+
+
 @pytest.mark.anyio
 @pytest.mark.timeout(120)
 async def test_a_plan_that_expires_mid_run_sends_no_more_deletes_and_a_new_plan_takes_the_rest(
@@ -372,24 +397,8 @@ async def test_a_plan_that_expires_mid_run_sends_no_more_deletes_and_a_new_plan_
     run = ["--yes", "--batch-size", "2", "--concurrency", "1", "--rate", "1000", "--burst",
            "50", "--ledger", str(ledger), "--results", str(out)]  # fmt: skip
     async with serve_gateway(gateway) as url:
-        path = tmp_path / "plan.json"
-        made = await reaper(["discover", "--status", "FINISHED", "--all", "--plan", str(path),
-                             "--plan-ttl", "12s"], reaper_env(url))  # fmt: skip
-        assert made.code == 0, made.stderr
-        with open_plan(path, key=None) as plan:
-            expires = plan.header.expires_at
-        process = await start_reaper(["run", "--plan", str(path), *run], reaper_env(url))
-
-        async def first_sent() -> bool:
-            return gateway.delete_calls == 1 or process.returncode is not None
-
-        await e2e.until(first_sent)
-        assert gateway.delete_calls == 1, "the run did not start before its plan expired"
-        # The answer waits for the plan's end, and a second more: it has certainly passed.
-        await anyio.sleep((expires - datetime.now(UTC)).total_seconds() + 1)
-        gateway.hold.set()
-        stdout, stderr = await e2e.read_all(process)
-        assert process.returncode == 1, stderr
+        code, stdout, stderr = await held_past_expiry(gateway, url, tmp_path / "plan.json", run)
+        assert code == 1, stderr
         assert gateway.delete_calls == 1 and len(gateway.asked) == 2
         rows = {row["job_id"]: row for row in results(out)}
         left = set(gateway.jobs)
@@ -409,6 +418,35 @@ async def test_a_plan_that_expires_mid_run_sends_no_more_deletes_and_a_new_plan_
         assert done.code == 0, done.stderr
         assert gateway.jobs == {} and gateway.delete_calls == 3
         assert done.summary()["deleted"] == 4
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(120)
+async def test_a_plan_that_expires_while_a_delete_goes_unanswered_calls_its_jobs_deleted(
+    tmp_path: Path,
+) -> None:
+    """A plan of four jobs in batches of two: the first DELETE removes its two jobs, and its
+    answer, a 502, is held until the plan has certainly expired. Its retry may not go out on
+    an expired plan, but those two jobs are gone by that DELETE: they end ``deleted``
+    (unconfirmed, ``answer_lost``), as any job found gone after an unanswered DELETE does,
+    not ``skipped`` (``plan_expired``, 'not sent'), which no new plan could take up (discover
+    lists no job that is gone). The two never sent end skipped."""
+    gateway = Gateway.with_jobs(
+        4, script=lambda call, _ids: "hold_error_after" if call == 1 else "ok"
+    )
+    out = tmp_path / "results.jsonl"
+    run = ["--yes", "--batch-size", "2", "--concurrency", "1", "--rate", "1000", "--burst",
+           "50", "--ledger", str(tmp_path / "ledger.db"), "--results", str(out)]  # fmt: skip
+    async with serve_gateway(gateway) as url:
+        code, _stdout, stderr = await held_past_expiry(gateway, url, tmp_path / "plan.json", run)
+    assert code == 1, stderr
+    assert gateway.delete_calls == 1 and len(gateway.deleted) == 2
+    rows = {row["job_id"]: row for row in results(out)}
+    assert {(rows[i]["outcome"], rows[i]["reason"], rows[i]["confirmed"])
+            for i in gateway.deleted} == {("deleted", "answer_lost", False)}  # fmt: skip
+    assert {(rows[i]["outcome"], rows[i]["reason"]) for i in gateway.jobs} == {
+        ("skipped", "plan_expired")
+    }
 
 
 @pytest.mark.anyio

@@ -591,14 +591,27 @@ class Guard:
         """Has the plan expired? Then ``ids`` end ``skipped`` (``plan_expired``), unsent: what
         was reviewed is no longer what may be deleted, and a plan made anew takes them up.
         Their checks end at the expiry too (``_check_records``): a batch checked before it
-        whose DELETE's turn comes after comes back here."""
+        whose DELETE's turn comes after comes back here. An id an attempt (or a dead run)
+        sent without a readable answer is read first: found gone, it is ours (``deleted``,
+        ``answer_lost``), which 'not sent' would deny and no new plan would take up."""
         plan = self._plan
         if plan is None or plan.expires is None or self._clock.now() < plan.expires:
             return False
         detail = (f"the plan expired at {plan.expires_at} before its DELETE went out; run "
                   "discover again and review the new plan")  # fmt: skip
+        unsent = [i for i in ids if i not in doubt.unsure]
+        sent = [i for i in ids if i in doubt.unsure]
+        if sent and self._reader is not None:
+            there, ended, _ = await self._check_records(doubt, sent, {})
+            if ended:
+                await self._outcomes.finished(ended)
+            unsent += there  # still there: that DELETE did not remove it (yet)
+        else:
+            unsent += sent
         batch = doubt.batch
-        await self._outcomes.finished([self._skip(i, batch, "plan_expired", detail) for i in ids])
+        await self._outcomes.finished(
+            [self._skip(i, batch, "plan_expired", detail) for i in unsent]
+        )
         return True
 
     def _skip(self, job_id: str, batch: Batch, reason: str, detail: str | None) -> Result:
