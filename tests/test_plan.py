@@ -16,10 +16,12 @@ from typing import Any
 import anyio
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tests import e2e
+from tests.conftest import REDIS_URL
 from tests.e2e import SIM_PROJECT, kill_when, reaper, reaper_env, results, start_reaper
 from tests.gateway import Gateway, serve_gateway
 from worker.discovery.filters import Filters
@@ -775,3 +777,39 @@ async def test_the_copy_of_a_plan_a_kill_9_left_is_removed_by_the_next_not_a_liv
             living.kill()
             await living.wait()
         assert sim.deleted == set()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("command", ["run", "enqueue"])
+@pytest.mark.parametrize("name", ["plan.jsonl", "plan.txt"])
+async def test_a_plan_given_as_an_input_of_ids_is_refused_not_its_jobs_deleted_unchecked(
+    tmp_path: Path, redis_prefix: str, command: str, name: str
+) -> None:
+    """``--input plan.jsonl`` where ``--plan`` was meant: its job lines hold an ``id``, so the
+    JSON Lines reader took them as ids and run deleted every job the plan names with no seal,
+    expiry or re-check (a job gone PROCESSING since the review was deleted too), and enqueue
+    put them on the stream for serve. A plan is never read as ids, in any format: 66, saying
+    to give it as --plan, nothing sent or enqueued."""
+    async with run_simulator(SimulatorConfig(jobs=30, seed=22)) as sim:
+        path = tmp_path / name
+        env = reaper_env(sim.url)
+        done = await reaper(["discover", "--all", "--plan", str(path)], env)
+        assert done.code == 0, done.stderr
+        planned = ids_of(path)
+        sim.set_status(planned[0], "PROCESSING")  # changed since the review
+        stream = redis_prefix + "ids"
+        asked = (
+            ["--stream", stream, "--redis-url", REDIS_URL] if command == "enqueue" else ["--yes"]
+        )
+        formats = ["--input-format", "jsonl"] if name.endswith(".txt") else []
+        applied = await reaper([command, "--input", str(path), *formats, *asked], env)
+        assert applied.code == 66, applied.stdout + applied.stderr
+        assert f"give it to run as --plan {path}" in applied.stdout + applied.stderr
+        assert "Traceback" not in applied.stderr
+        assert set(planned) <= set(sim.store.jobs)  # nothing deleted
+        if command == "enqueue":
+            client = aioredis.Redis.from_url(REDIS_URL)
+            try:
+                assert await client.exists(stream) == 0
+            finally:
+                await client.aclose()

@@ -208,6 +208,10 @@ class EntryReader:
         )
 
 
+_PLAN_MAGIC = b"devserver-reaper plan v"
+"""How a plan file starts (worker.discovery.plan's MAGIC, any version): never read as ids."""
+
+
 class _Parse:
     """The state of one read: the source, the format, and the progress for messages."""
 
@@ -252,9 +256,17 @@ class _Parse:
             if self.sniff:
                 head, dropped = _head(stream)
                 self.format = _sniffed(head)
-                rewound = _Rewound(head, stream, blank_lines=dropped)  # type: ignore[arg-type]
-                stream = io.BufferedReader(rewound, _READ_SIZE)
-                layers.append(stream)
+            else:
+                head, dropped = _first_bytes(stream, len(_PLAN_MAGIC)), 0
+            rewound = _Rewound(head, stream, blank_lines=dropped)  # type: ignore[arg-type]
+            stream = io.BufferedReader(rewound, _READ_SIZE)
+            layers.append(stream)
+            if head.startswith(_PLAN_MAGIC):
+                raise InputUnreadable(
+                    f"{self._name()} is a plan written by discover --plan, not a list of ids "
+                    "(its jobs would go out without the plan's seal, expiry and re-checks): "
+                    f"give it to run as --plan {escape(self.path, 200)}"
+                )
             if self.format == "json":
                 self._progress = _JsonArray(stream, self._limit, self._name())
                 yield from self._progress
@@ -664,6 +676,18 @@ class _Lines:
         if overlong is not None or carry:
             self.number += 1
             yield overlong if overlong is not None else self._line(carry)
+
+
+def _first_bytes(stream: io.BufferedIOBase, size: int) -> bytes:
+    """Up to ``size`` bytes from the start, or fewer where the first line ends sooner (a
+    pipe's short first line is not waited on for more)."""
+    head = b""
+    while len(head) < size and b"\n" not in head:
+        more = stream.read1(size - len(head))
+        if not more:
+            break
+        head += more
+    return head
 
 
 def _head(stream: io.BufferedIOBase) -> tuple[bytes, int]:
