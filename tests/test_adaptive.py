@@ -129,6 +129,26 @@ def test_a_measure_waits_for_the_answers_still_out() -> None:
     assert ctrl.measure(1.49) == pytest.approx(48 / 0.49)
 
 
+def test_a_refusal_with_answers_still_out_is_measured_up_to_an_earlier_refused_call() -> None:
+    """A 429 comes back at once, an accepted call takes its latency: refused at 1.0, 1.5
+    and 2.0 s, the calls from 2.0 s on still out at the refusal of 2.49 s (their 48 would
+    count, and even counted as accepted are half of those sent, no bound). The span up to
+    2.0 s is all answered and the bucket was empty at both its ends: 98 calls accepted in
+    1 s, the quota. With none, a quota of 5 at burst 10, answers around 300 ms and workers
+    asleep on Retry-After stepped 3 % a refusal for 5-13 s (3-13 % refused from 10 s on)."""
+    ctrl = _cruising()
+    refused = {100, 150}
+    for k in range(100, 250):
+        ctrl.on_sent(k / 100)
+    for k in range(100, 200):
+        if k in refused:
+            ctrl.on_throttle(k / 100, latency=0.0)
+        else:
+            ctrl.on_success(k / 100 + 0.3, latency=0.3)
+    ctrl.on_throttle(2.0, latency=0.0)
+    assert ctrl.measure(2.49) == pytest.approx(98 / 1.0)
+
+
 def test_a_measure_counts_the_calls_still_out_however_late_its_refusal_comes() -> None:
     """A refusal answered 1.2 s after it was sent spans calls from more than a ``window``
     ago: every one of them counts, so 14 still out mean no measure yet (the count of what

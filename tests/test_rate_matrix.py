@@ -73,11 +73,18 @@ REFUSED_AT_ONCE = 0.002
 call before it draws the latency, as a gateway refuses one before it reaches the service."""
 
 
-def _as_over_real_http(burst: int, latency: float, concurrency: int, seed: int) -> Run:
+def _as_over_real_http(
+    burst: int, latency: float, concurrency: int, seed: int, *, held: bool = False
+) -> Run:
     """A quota of 5 calls/s for 40 s, answered as the simulator answers over real HTTP:
-    latency drawn around ``latency`` (``seed``), 429s at once."""
+    latency drawn around ``latency`` (``seed``), 429s at once. ``held``: a refused call's
+    worker sleeps its Retry-After and up to half again (drawn, ``seed``) before sending it
+    again, as the dispatcher's retry policy does, keeping its place among those in flight."""
+    wait = random.Random(1000 + seed)
+    retry_wait = (lambda after: after + wait.uniform(0.0, after / 2.0)) if held else None
     return simulate(lambda t: 5.0, duration=40.0, burst=burst, concurrency=concurrency,
-                    latency=_drawn(latency, seed), refusal_latency=REFUSED_AT_ONCE)  # fmt: skip
+                    latency=_drawn(latency, seed), refusal_latency=REFUSED_AT_ONCE,
+                    retry_wait=retry_wait)  # fmt: skip
 
 
 @pytest.mark.parametrize("concurrency", CONCURRENCY, ids=[f"c{c}" for c in CONCURRENCY])
@@ -96,6 +103,22 @@ def test_auto_at_five_calls_a_second_burst_ten_answered_as_over_real_http(
         used = run.accepted_per_s(10.0, 40.0) / 5.0
         refused = sum(10.0 <= t < 40.0 for t in run.refused)
         assert used >= 0.90 and refused <= 1, (seed, used, refused)
+
+
+@pytest.mark.parametrize("concurrency", CONCURRENCY, ids=[f"c{c}" for c in CONCURRENCY])
+@pytest.mark.parametrize("latency", LATENCIES, ids=[f"{lat * 1000:g}ms" for lat in LATENCIES])
+def test_auto_at_five_calls_a_second_burst_ten_with_workers_held_by_retry_after(
+    latency: float, concurrency: int
+) -> None:
+    """The q5-b10 cells answered as over real HTTP, each refused call's worker asleep on its
+    Retry-After (1 s, and up to half again) before sending it again (20 seeds): the matrix's
+    goal from 10 s on. At 300 ms with 8 in flight the workers asleep held what was really
+    sent to 6-10 calls/s while the rate floated at twice that, and with accepted calls still
+    out at every 429 no refusal was measured for 5-13 s, each stepping 3 % under the rate
+    refused: 3-13 % of the calls refused from 10 s on in 6 of 10 runs (1 of 3 over real
+    HTTP). Measured up to an earlier refused call whose span is all answered, they are not."""
+    for seed in range(20):
+        _meets_the_goal(_as_over_real_http(10, latency, concurrency, seed, held=True), 5.0)
 
 
 @pytest.mark.parametrize("concurrency", CONCURRENCY, ids=[f"c{c}" for c in CONCURRENCY])

@@ -658,7 +658,7 @@ class RateController:
         half = HALF if self._delay < c.measure_s * 2.0 else SLOW_HALF
         if measured is not None:
             self.measured += 1
-            quota, start = measured
+            quota, start, _ = measured
             target = quota
             if quota <= half * paced or quota < rough or evidence.paced_under(quota, start, sent):
                 # The gateway's bucket may have filled up in between, and the tokens it
@@ -717,13 +717,16 @@ class RateController:
 
     def _weighed_measure(
         self, sent: float, refused_rate: float
-    ) -> tuple[tuple[float, float] | None, float]:
+    ) -> tuple[tuple[float, float, float] | None, float]:
         """What a refusal of a call sent at ``sent`` measures (``GatewayEvidence.measure``:
-        the quota and when its span began; ``None``: nothing, or nothing to trust), and the
-        pace to weigh it against: the rate refused, or what was really sent in the span
-        where that was more and the span reaches further back than a ``window`` or has no
-        two calls accepted in a row (a burst of 1 past its quota). From further back than a
-        window, a measure ``TWICE``-``ABOUT_HALF`` of that pace is not trusted."""
+        the quota and when its span began and ended; ``None``: nothing, or nothing to trust),
+        and the pace to weigh it against: the rate refused, or what was really sent in the
+        span where that was more and the span is longer than a ``window`` or has no two
+        calls accepted in a row (a burst of 1 past its quota). Over more than a window, a
+        measure ``TWICE``-``ABOUT_HALF`` of that pace is not trusted (of the calls sent in
+        the span, not up to ``sent``: a span up to an earlier refused call, where calls
+        after it were still out, read a quota of 5 from 3.2 s to 5.3 s as under a pace of
+        10 from further back than a window of 5.5 s, and not trusted)."""
         c = self._config
         evidence = self._evidence
         measured = evidence.measure(sent, self._state.pause_until)
@@ -731,14 +734,15 @@ class RateController:
         if measured is not None:
             # The rate may have fallen in between: the share refused is of what was sent
             # in the span, not of the rate refused.
-            quota, start = measured
-            spanned = evidence.sends_since(start, sent) / (sent - start)
-            if start < sent - c.window:
-                # From further back than a window.
+            quota, start, end = measured
+            spanned = evidence.sends_since(start, end) / (end - start)
+            if start < end - c.window:
+                # From further back than a window before its end (``sent``, or an earlier
+                # refused call where the calls after it are still out).
                 paced = max(paced, spanned)
                 if TWICE * paced < quota <= ABOUT_HALF * paced:
                     measured = None
-            elif evidence.alternated(start, sent):
+            elif evidence.alternated(start, end):
                 # No two calls accepted in a row: a burst of 1 past its quota, which loses
                 # the tokens it gets while full, and cut step by step as it fell (from
                 # 50 to 20 calls/s: a measure of 15.0 at 24.8, after 29-48 in the span).
@@ -773,7 +777,7 @@ class RateController:
         measured, _ = self._weighed_measure(sent, self.rate_sent_at(sent))
         if measured is None:
             return rate
-        quota, start = measured
+        quota, start, _ = measured
         if (
             (1.0 - c.margin) * quota >= s.level
             or evidence.alternated(start, sent, known=True)
