@@ -854,6 +854,27 @@ def test_workers_held_back_by_their_concurrency_are_cut_to_what_they_really_send
     assert run.accepted_per_s(20.0, 60.0) >= 0.9 * 3.0
 
 
+def test_a_refused_call_that_left_at_the_pace_is_not_read_as_workers_held_back() -> None:
+    """8 in flight answered around 300 ms send about 20 calls/s in clumps at the pace of 50
+    (each call as soon as the pace lets it once a worker is free). A burst of 1 refuses a
+    call less than 1/quota after the last it accepted, whatever the mean: a probe at 50.5
+    refused a call 1/50.5 s after the one before, and read as workers held back it cut a
+    quota of 50 to 19.4, under the 26.7 calls/s the workers could send (0.84-0.87 of it
+    from 10 s on, in 9 of 10 runs with workers asleep on Retry-After). The pace was refused:
+    just under it."""
+    ctrl = RateController(0.0)
+    ctrl.restore(replace(ctrl.state, rate=50.0, level=50.0, phase=Phase.CRUISE, unit=math.inf))
+    for k in range(10):  # a clump of 6 every 0.3 s, answered in 0.2 s; the last one's last refused
+        clump = [0.3 * k + j / 50.0 for j in range(6)]
+        for t in clump:
+            ctrl.on_sent(t)
+        if k == 9:
+            break
+        for t in clump:
+            ctrl.on_success(t + 0.2, latency=0.2)
+    assert ctrl.on_throttle(2.802, latency=0.002) == pytest.approx(0.97 * 50.0)
+
+
 # --- the limiter on virtual time ----------------------------------------------------------
 
 

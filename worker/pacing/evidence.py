@@ -215,6 +215,19 @@ class GatewayEvidence:
             return None
         return count, span
 
+    def gap_before(self, sent: float) -> float:
+        """The time from the call started before the one started at ``sent`` to it (``inf``:
+        none known)."""
+        starts = self._starts(sent)
+        return math.inf if starts is None else starts[1] - starts[0]
+
+    def _starts(self, sent: float) -> tuple[float, float] | None:
+        """When the call before the one started at ``sent`` started, and when that one did
+        as ``sent`` saw it (``SAME_CALL``); ``None``: no call before it known."""
+        sends = self._sends
+        own = bisect.bisect_right(sends, sent + SAME_CALL) - 1
+        return (sends[own - 1], sends[own]) if own >= 1 else None
+
     def _ceiling_at(self, sent: float) -> tuple[float, float] | None:
         """The call before the one refused at ``sent`` and the most the quota can have been
         then, if that call was accepted (``None``: nothing known): the gateway's bucket
@@ -229,12 +242,12 @@ class GatewayEvidence:
         (``_settle_ceiling``): a 429 comes back in milliseconds, before the answers of
         calls sent before it, refused ones too where the gateway's answers take their
         latency."""
-        sends = self._sends
-        own = bisect.bisect_right(sends, sent + SAME_CALL) - 1  # the refused call's own start
-        if own < 1:
+        starts = self._starts(sent)
+        if starts is None:
             return None
-        gap = sends[own] - sends[own - 1]
-        return (sends[own - 1], 1.0 / gap) if 0.0 < gap <= 2.0 / self.rate_sent_at(sent) else None
+        before, own = starts
+        gap = own - before
+        return (before, 1.0 / gap) if 0.0 < gap <= 2.0 / self.rate_sent_at(sent) else None
 
     def _settle_ceiling(self) -> None:
         """The ceiling (``_ceiling_at``) once the answer of the call it waits on is in:
