@@ -214,3 +214,31 @@ async def test_stdin_closed_at_start_is_66_in_words_and_nothing_is_enqueued(
         assert await client.exists(stream) == 0
     finally:
         await client.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stdout", ["> /dev/full", "| (exec 0<&-; sleep 1)"])
+async def test_a_summary_stdout_cannot_take_is_said_on_stderr_with_the_ids_enqueued(
+    redis_prefix: str, tmp_path: Path, stdout: str
+) -> None:
+    """Every id is on the stream before the summary line is written; stdout full or its
+    reader gone then raised an OSError traceback and exited 1 ("some ids rejected", when
+    none was). Now the summary is said on stderr and the exit code is the enqueue's."""
+    source = tmp_path / "ids.txt"
+    source.write_text("a-1\nb-2\nc-3\n")
+    stream = redis_prefix + "ids"
+    line = " ".join(
+        _command(("--input", str(source), "--stream", stream, "--redis-url", REDIS_URL))
+    )
+    done = await anyio.run_process(
+        ["bash", "-c", f"set -o pipefail; {line} {stdout}"], env=_env(), check=False
+    )
+    err = done.stderr.decode()
+    assert done.returncode == 0, err
+    assert "Traceback" not in err
+    assert f"3 ids are on the stream {stream} (entries " in err
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        assert await client.xlen(stream) == 3
+    finally:
+        await client.aclose()

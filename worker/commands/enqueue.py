@@ -20,6 +20,8 @@ Redis key that is not a stream, and ``dry_run`` or ``max_deletions``: see ``refu
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 from typing import IO, Any
@@ -185,5 +187,18 @@ def _summary(
         "first_entry": first,
         "last_entry": last,
     }
-    sys.stdout.buffer.write(orjson.dumps(line) + b"\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.buffer.write(orjson.dumps(line) + b"\n")
+        sys.stdout.flush()
+    except OSError as exc:  # a full disk, a reader gone (| head -0): the ids are on the stream
+        with contextlib.suppress(OSError):  # nothing more for stdout, at exit either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        reason = exc.strerror or type(exc).__name__
+        entries = f" (entries {first} to {last})" if first else ""
+        with contextlib.suppress(OSError):
+            sys.stderr.write(
+                f"devserver-reaper enqueue: {enqueued:,} ids are on the stream {stream}{entries},"
+                f" {rejected:,} rejected, but this summary could not be written to stdout: "
+                f"{reason.lower()}\n"
+            )
+            sys.stderr.flush()
