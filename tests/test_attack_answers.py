@@ -154,3 +154,30 @@ async def test_a_show_call_answered_with_another_job_after_a_200_ends_the_id_fai
     assert row["outcome"] == "failed"
     assert "record of job job-0001" in row["error_msg"]
     assert done.code == 1, done.stderr
+
+
+async def test_a_paged_200_that_also_leaves_out_a_ghost_calls_none_deleted_past_its_count(
+    tmp_path: Path,
+) -> None:
+    """One DELETE of four jobs and ``ghost`` (never a job): its 200 lists one record on an
+    envelope that counts four deleted (``total``). Four ids it left out are gone, one more
+    than the three deletions it did not list: one of them, unknown which, it did not
+    delete. None is called ``deleted`` on that answer's word (the ghost would be, a deletion
+    that never was): they end ``absent``, the ambiguity in ``error_msg``. No id the API did
+    not delete is ``deleted``, and the run's count of deletions is not above the API's."""
+    gateway = Gateway.with_jobs(4, script=always("paged"))
+    async with serve_gateway(gateway) as url:
+        src = write_ids(tmp_path / "ids.txt", [*gateway.job_ids(), "ghost"])
+        out = tmp_path / "results.jsonl"
+        done = await reaper(fast(src, "--batch-size", "5", "--concurrency", "1",
+                                 "--results", str(out)), reaper_env(url))  # fmt: skip
+    assert gateway.delete_calls == 1 and len(gateway.deleted) == 4, done.stderr
+    rows = {row["job_id"]: row for row in results(out)}
+    assert set(rows) == {*gateway.deleted, "ghost"}
+    said_deleted = {job_id for job_id, row in rows.items() if row["outcome"] == "deleted"}
+    assert said_deleted <= gateway.deleted, rows["ghost"]
+    assert done.summary()["deleted"] <= len(gateway.deleted)
+    left_out = {job_id for job_id, row in rows.items() if row["outcome"] == "absent"}
+    assert len(left_out) == 4 and "ghost" in left_out
+    assert all("3 deletions" in rows[job_id]["error_msg"] for job_id in left_out), rows
+    assert done.code == 0, done.stderr

@@ -11,7 +11,10 @@ The policy, by error class:
   protection or plan check: ``Batch.known``), so it existed when the call that left it out
   went; or the answer's envelope says it lists only part of what it deleted (``total``
   above its records, more than one page). Then that call is the likeliest hand that
-  removed it, and ``absent`` would report a deletion as somebody else's.
+  removed it, and ``absent`` would report a deletion as somebody else's. But where its
+  ``total`` counts fewer deletions it did not list than there are ids it left out found
+  gone (a job gone long before beside them), which of them it removed is not known: none
+  of those is ``deleted`` on its word (``absent``, ``error_msg`` saying so).
 - An id that went out in an attempt without a readable answer (a 5xx, a reset, a cut-off
   body, here or in a run that died with it in flight) and is then found gone ends
   ``deleted`` with ``confirmed`` false (``answer_lost``): that attempt is the likeliest hand
@@ -101,6 +104,49 @@ def _unread(job_id: str, batch_id: str, attempts: int, error: ApiError, doubt: D
     if job_id in doubt.unsure:
         return unverified(job_id, batch_id=batch_id, attempts=attempts, error=error, ours=True)
     return _failed(job_id, batch_id, attempts, error)
+
+
+def _left_out(answer: DeleteResult, doubt: Doubt, job_id: str) -> bool | None:
+    """Is ``job_id``, which the 200 ``answer`` left out, ours if found gone (``not_listed``)?
+    Yes when the run read it just before that DELETE, or an unanswered attempt sent it; no
+    when the answer is whole, taken at its word; yes when its envelope says it lists part
+    without counting the rest (more than one page, no ``total``). ``None`` when it counts
+    them: that depends on how many of the ids it left out are gone (:func:`_counted`)."""
+    if job_id in doubt.known or job_id in doubt.unsure:
+        return True
+    if answer.whole:
+        return False
+    return None if answer.untold is not None else True
+
+
+def _counted(
+    answer: DeleteResult,
+    doubt: Doubt,
+    gone: Mapping[str, NotFound],
+    ours: int,
+    batch_id: str,
+    attempt: int,
+) -> list[Result]:
+    """The outcomes of ``gone``: ids a 200 that counts the deletions it did not list
+    (``answer.untold``) left out, neither read before nor sent unanswered. Ours
+    (``not_listed``) when that count holds them all, besides ``ours`` (the ids it left out
+    that the run read just before, found gone); else some of them it did not delete,
+    unknown which, and none is called ``deleted`` on its word: ``absent``, the count in
+    ``error_msg``."""
+    assert answer.untold is not None
+    room = answer.untold - ours
+    if len(gone) <= room:
+        return [doubt.gone(i, batch_id, attempt, exc, unlisted=True) for i, exc in gone.items()]
+    said = (
+        f"gone, and left out of a 200 that counts {answer.untold} deletions it did not list, "
+        f"for {len(gone) + ours} ids it left out that are gone: which of them it removed is "
+        "not known"
+    )
+    return [
+        doubt.gone(i, batch_id, attempt, NotFound(said, http_status=exc.http_status,
+                   error_code=exc.error_code, error_msg=said, request_id=exc.request_id))
+        for i, exc in gone.items()
+    ]  # fmt: skip
 
 
 class _StaleCheck(Exception):
@@ -363,18 +409,41 @@ class Dispatcher:
             )
         missing = [job_id for job_id in ids if job_id not in deleted]
         still_there: list[str] = []
+        counted: dict[str, NotFound] = {}  # gone, ours only if the answer's count allows
+        ours = 0  # gone, and ours: read just before this DELETE (of the count's deletions)
         for job_id in missing:
-            # Left out by a 200 not to be taken at its word: found gone, the call is ours.
-            unlisted = not answer.whole or job_id in doubt.known
-            if await self._exists(batch_id, job_id, attempt, doubt, unlisted=unlisted):
+            found = await self._show(batch_id, job_id, doubt, attempt)
+            if found is True:
                 still_there.append(job_id)
+            if not isinstance(found, NotFound):
+                continue
+            # Left out by a 200 not to be taken at its word: found gone, the call is ours.
+            unlisted = _left_out(answer, doubt, job_id)
+            if unlisted is None:
+                counted[job_id] = found
+                continue
+            ours += unlisted and job_id not in doubt.unsure
+            await self._journal.finished(
+                [doubt.gone(job_id, batch_id, attempt, found, unlisted=unlisted)]
+            )
+        if counted:
+            await self._journal.finished(_counted(answer, doubt, counted, ours, batch_id, attempt))
         return tuple(still_there)
 
-    async def _exists(
-        self, batch_id: str, job_id: str, attempt: int, doubt: Doubt, *, unlisted: bool = False
-    ) -> bool:
+    async def _exists(self, batch_id: str, job_id: str, attempt: int, doubt: Doubt) -> bool:
         """The show call: does the job still exist? A 404 ends it gone (``doubt.gone``);
         the record of another job ends it ``failed``: neither there nor gone is known."""
+        found = await self._show(batch_id, job_id, doubt, attempt)
+        if isinstance(found, NotFound):
+            await self._journal.finished([doubt.gone(job_id, batch_id, attempt, found)])
+            return False
+        return found
+
+    async def _show(
+        self, batch_id: str, job_id: str, doubt: Doubt, attempt: int
+    ) -> bool | NotFound:
+        """The show call: ``True``, the job is there; its 404 when gone, its outcome left to
+        the caller; ``False`` when ended here (``failed``) or left open (a stop)."""
         self.reconciled += 1
 
         async def retrying(exc: TransientError, check: int, delay_s: float, why: str) -> None:
@@ -386,10 +455,7 @@ class Dispatcher:
                 retrying=retrying,
             )  # fmt: skip
         except NotFound as exc:
-            await self._journal.finished(
-                [doubt.gone(job_id, batch_id, attempt, exc, unlisted=unlisted)]
-            )
-            return False
+            return exc
         except Stopped:
             return False  # the run is stopping: left open
         except PermanentError as exc:

@@ -251,6 +251,9 @@ class DeleteResult:
     # False when the envelope says it lists only some of what was deleted (``total`` above
     # the records it holds, or more than one page): a job left out may be gone by this call.
     whole: bool = True
+    # How many it deleted and did not list, when the envelope counts them (``total`` less
+    # the records it holds); None when it does not say (no ``total``).
+    untold: int | None = None
 
 
 @dataclass(slots=True)

@@ -302,13 +302,18 @@ def _offending_field(raw: Mapping[str, Any]) -> str:
 
 def parse_deleted(answer: Answer, call: Call) -> DeleteResult:
     """The records a 200 says it deleted, and whether its envelope says they are all of
-    them: ``total`` above the records listed, or more than one page, is a part."""
+    them: ``total`` above the records listed, or more than one page, is a part; ``total``
+    also says how many of them it did not list."""
     envelope = _envelope(answer, call)
     records = _records(envelope, answer, call)
     total, pages = _number(envelope.get("total")), _number(envelope.get("pages"))
     part = (total is not None and total > len(records)) or (pages is not None and pages > 1)
     return DeleteResult(
-        records=records, request_id=answer.request_id, http_status=answer.status, whole=not part
+        records=records,
+        request_id=answer.request_id,
+        http_status=answer.status,
+        whole=not part,
+        untold=None if total is None else max(0, total - len(records)),
     )
 
 
