@@ -79,8 +79,17 @@ async def run_fleet(
             limiter.feedback(throttled=True, latency_s=latency, retry_after=retry_after)
             await clock.sleep(retry_after)
 
+    async def killable(limiter: RateLimiter, scope: anyio.CancelScope) -> None:
+        with scope:  # cancelled, it stops every task of the replica at once, as kill -9
+            async with anyio.create_task_group() as group:
+                for _ in range(workers):
+                    group.start_soon(worker, limiter)
+
     async with anyio.create_task_group() as group:
         for limiter in limiters:
+            if (scope := getattr(limiter, "scope", None)) is not None:  # ``Killable``
+                group.start_soon(killable, limiter, scope)
+                continue
             for _ in range(workers):
                 group.start_soon(worker, limiter)
     return fleet

@@ -224,18 +224,29 @@ async def test_a_new_leader_does_not_adopt_a_stored_state_no_controller_could_st
 
 
 class Killable:
-    """A replica that may be killed (kill -9): from ``dead_at`` on its workers start nothing
-    and report nothing."""
+    """A replica that may be killed as with kill -9 (``kill()``): every task of it stops where
+    it is (run by ``run_fleet`` in ``scope``): its workers' acquires, whether waiting for
+    their turn, a reservation, a look or a start, and the answers on their way. It gives
+    nothing back (a start it held is not refunded), reports nothing more, and its lease
+    lapses. (Its acquires went on before: each worker's reservation already asked for was
+    made, renewing the lease, and its start held back unsent.)"""
 
     def __init__(self, limiter: FleetRateController, clock: FakeClock) -> None:
         self.limiter, self.clock = limiter, clock
+        self.scope = anyio.CancelScope()
         self.dead_at = math.inf
 
+    def kill(self) -> None:
+        self.dead_at = self.clock.now()
+
+        async def nothing(**_: Any) -> None:
+            """No clean-up runs on kill -9."""
+
+        self.limiter._refund = nothing
+        self.scope.cancel()
+
     async def acquire(self) -> None:
-        if self.clock.now() < self.dead_at:
-            await self.limiter.acquire()
-        if self.clock.now() >= self.dead_at:
-            await self.clock.sleep(3600.0)
+        await self.limiter.acquire()
 
     def feedback(self, **answer: Any) -> None:
         if self.clock.now() < self.dead_at:
@@ -249,6 +260,51 @@ def _killable_replicas(client: aioredis.Redis, key: str, time: RedisTime) -> lis
                                                 redis_now=time.clock.now)), time.clock)
         for n in range(3)
     ]  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_a_killed_replica_asks_redis_nothing_more_and_its_lease_lapses(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """``Killable`` kills as kill -9 does: from the kill on the replica makes no script call
+    and no look (its workers' acquires stop where they are), so its lease lapses
+    ``LEASE_S`` after its last reservation and another replica leads from then. Before,
+    each of its workers' acquires went on (only their calls were never sent): reserving,
+    which renewed the lease, and reporting starts that never reached the gateway."""
+    time = RedisTime()
+    clock, key = time.clock, redis_prefix + "rl"
+    replicas = _killable_replicas(redis_client, key, time)
+    calls: list[tuple[float, str]] = []  # (when, who) of every script call and look
+    led: dict[str, float] = {}  # who, and when a reservation first made it the leader
+    for replica in replicas:
+        limiter = replica.limiter
+        for name in ("reserve", "revokes"):
+            call = getattr(limiter, name)
+
+            async def noted(call: Any = call, limiter: FleetRateController = limiter) -> Any:
+                calls.append((clock.now(), limiter._me))
+                reply = await call()
+                if limiter.leading:
+                    led.setdefault(limiter._me, clock.now())
+                return reply
+
+            setattr(limiter, name, noted)
+
+    async def kill() -> None:
+        await clock.sleep(3.25)
+        next(r for r in replicas if r.limiter.leading).kill()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(kill)
+        await run_fleet(cast(list[RateLimiter], replicas), clock, Gateway(20.0, 1, 0.0),
+                        until=10.0, latency=0.3)  # fmt: skip
+    (dead,) = [r for r in replicas if r.dead_at < math.inf]
+    me = dead.limiter._me
+    assert [at for at, who in calls if who == me and at > dead.dead_at] == []
+    last = max(at for at, who in calls if who == me)
+    (successor,) = [who for who in led if who != me]
+    # Led once the lease lapsed, at the next reservation of the fleet (tens of ms at most).
+    assert last + LEASE_S <= led[successor] <= last + LEASE_S + 0.2, (last, led)
 
 
 @pytest.mark.anyio
@@ -268,8 +324,7 @@ async def test_a_fleet_whose_redis_lost_its_keys_and_its_leader_relearns_the_quo
 
     async def flush_and_kill() -> None:
         await clock.sleep(20.0)
-        leader = next(r for r in replicas if r.limiter.leading)
-        leader.dead_at = clock.now()
+        next(r for r in replicas if r.limiter.leading).kill()
         await redis_client.delete(*FleetKeys.of(key).all())
         for replica in replicas:  # answers on their way: refusals of calls sent just before
             replica.feedback(throttled=True, latency_s=0.05, retry_after=1.0)
@@ -328,7 +383,7 @@ async def test_a_leader_that_took_over_reads_no_burst_from_a_call_sent_before_it
 
     async def kill() -> None:
         await clock.sleep(3.5)
-        next(r for r in replicas if r.limiter.leading).dead_at = clock.now()
+        next(r for r in replicas if r.limiter.leading).kill()
 
     async with anyio.create_task_group() as group:
         group.start_soon(kill)
