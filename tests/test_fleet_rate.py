@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -25,7 +25,7 @@ from tests.fakes import FakeClock, OneAtATime
 from worker.pacing.bucket import RateLimiter
 from worker.pacing.controller import AdaptiveConfig, ControllerState, Phase, RateController
 from worker.pacing.fleet import FleetRateController, decode_state, encode_state
-from worker.pacing.shared import REVISIT_S, FleetKeys, RedisRateLimiter
+from worker.pacing.shared import REVISIT_S, FleetKeys, RedisRateLimiter, interval_us
 from worker.pacing.slowdown import Slowdown, SlowdownConfig
 from worker.simulator.quota import TokenBucket as Gateway
 from worker.simulator.quota import retry_after_seconds
@@ -176,6 +176,47 @@ async def test_every_replica_paces_at_the_leaders_rate(
         await other.acquire()
         starts.append(clock.now())
     assert starts[-1] - starts[0] == pytest.approx(3 / 40.0, abs=1e-3)
+
+
+AT_20 = ControllerState(
+    rate=20.0, level=20.0, phase=Phase.CRUISE, since=0.0, cut_at=0.0, quota=31.0,
+    refused=math.inf, refused_at=-math.inf,
+)  # fmt: skip
+"""A leader cruising at 20 calls/s, no refusal remembered."""
+
+
+async def _leading_at_20(client: aioredis.Redis, key: str, time: RedisTime) -> Any:
+    """A leader (``a``) whose controller cruises at 20 calls/s, published, and a follower."""
+    leader, other = _auto(client, key, time, me="a"), _auto(client, key, time, me="b")
+    await leader.acquire()
+    assert leader.controller is not None
+    leader.controller.restore(AT_20)
+    leader.feedback(throttled=False, latency_s=0.001)
+    await leader.acquire()  # publishes 20 calls/s
+    await other.acquire()
+    assert other.rate == pytest.approx(20.0, rel=1e-3) and not other.leading
+    return leader, other
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("rate", [19.4, 20.6])
+async def test_a_small_change_of_the_pace_spaces_the_next_start_at_the_new_pace(
+    client: aioredis.Redis, redis_prefix: str, rate: float
+) -> None:
+    """A change under 5 % takes no start back, but the next start handed out is one interval
+    of the new pace after the last, as one process's bucket does (``set_rate``): the bucket
+    in Redis kept the old interval past the last start, so the call after a cut of a burst
+    of 1's pace (3 %: 19.4 of 20) went 50 ms after the one before, at the pace just refused,
+    and was refused too (a second cut, and 3 refusals a probe where one process has 2)."""
+    time = RedisTime()
+    clock = time.clock
+    leader, other = await _leading_at_20(client, redis_prefix + "rl", time)
+    await other.acquire()
+    last = clock.now()
+    new = interval_us(rate)
+    await leader.publish(new, 0, encode_state(replace(AT_20, rate=rate, level=rate)), None)
+    await other.acquire()
+    assert clock.now() - last == pytest.approx(new / 1e6, abs=2e-6), (clock.now() - last, new)
 
 
 @pytest.mark.anyio

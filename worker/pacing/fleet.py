@@ -63,18 +63,20 @@ own(KEYS[4], 'list')
 -- clears it away once the fleet is gone). One further off than a lease is long is not one.
 local lead = redis.call('HMGET', KEYS[3], 'who', 'until')
 local held = within(lead[2], -math.huge, now + tonumber(ARGV[6]) * 1000)
+local least, most = tonumber(ARGV[12]), tonumber(ARGV[13])
 local leader = 0
 if (not lead[1]) or lead[1] == ARGV[5] or held == nil or held < now then
   redis.call('HSET', KEYS[3], 'who', ARGV[5], 'until', us(now + tonumber(ARGV[6]) * 1000))
   redis.call('PEXPIRE', KEYS[3], ARGV[4])
   leader = 1
   if ARGV[8] ~= '' then
+    respace(now, within(redis.call('HGET', KEYS[2], 'interval'), least, most),
+            tonumber(ARGV[8]), 1)
     redis.call('HSET', KEYS[2], 'interval', ARGV[8], 'pause_until', ARGV[9], 'state', ARGV[10])
     redis.call('PEXPIRE', KEYS[2], ARGV[4])
   end
 end
 local p = redis.call('HMGET', KEYS[2], 'interval', 'pause_until', 'state', 'revokes')
-local least, most = tonumber(ARGV[12]), tonumber(ARGV[13])
 local interval = within(p[1], least, most) or tonumber(ARGV[2])
 local pause = within(p[2], -math.huge, now + tonumber(ARGV[14])) or 0
 local horizon = tonumber(ARGV[11])
@@ -109,13 +111,16 @@ _PUBLISH = (
     GCRA
     + """
 -- ARGV: now ('' for the server's), me, the interval, pause and state to publish, ttl ms,
--- revisit (us; '' when the pace is no slower: nothing to take back). Returns whether it
--- was published (by the leader), the time, and the count of take-backs.
+-- revisit (us; '' when the pace is no slower: nothing to take back), the least and most
+-- interval a stored pace may hold (us). Returns whether it was published (by the leader),
+-- the time, and the count of take-backs.
 local now = clock()
 own(KEYS[2], 'hash')
 own(KEYS[3], 'hash')
 local revokes = redis.call('HGET', KEYS[2], 'revokes') or ''
 if redis.call('HGET', KEYS[3], 'who') ~= ARGV[2] then return {0, us(now), revokes} end
+local old = within(redis.call('HGET', KEYS[2], 'interval'), tonumber(ARGV[8]), tonumber(ARGV[9]))
+respace(now, old, tonumber(ARGV[3]), 1)
 redis.call('HSET', KEYS[2], 'interval', ARGV[3], 'pause_until', ARGV[4], 'state', ARGV[5])
 if ARGV[7] ~= '' then
   revokes = revoke(now, tonumber(ARGV[3]), 1, tonumber(ARGV[7]), revokes)
@@ -424,7 +429,7 @@ class FleetRateController(RedisPacer):
             keys=self._keys.all(),
             args=[
                 self._now_arg(), self._me, interval, pause_us, state, int(PACE_TTL_S * 1000),
-                "" if revisit is None else revisit,
+                "" if revisit is None else revisit, *self._bounds[:2],
             ],
         )  # fmt: skip
         return reply

@@ -112,6 +112,23 @@ local function reserve(now, interval, burst, floor, horizon, far)
   put(new_tat, now)
   return start, new_tat
 end
+-- The pace moves from ``old`` to ``new`` (us; ``old`` nil: not known): the starts handed out
+-- keep their times and the next is ``new`` after the last of them, as ``TokenBucket.set_rate``
+-- does for one process. The tat is ``burst`` old intervals past that last start; left so, the
+-- next start came one old interval after it (a cut of a burst of 1's pace spaced one more
+-- call at the pace just refused, and it was refused too). Tokens saved meanwhile stay tokens.
+local function respace(now, old, new, burst)
+  if old == nil or old == new then return end
+  own(KEYS[1], 'string')
+  local tat = within(redis.call('GET', KEYS[1]), now, math.huge)
+  if tat == nil then return end
+  local last = tat - burst * old
+  if last > now then
+    put(last + burst * new, now)
+  else
+    put(math.ceil(now + (tat - now) * new / old), now)
+  end
+end
 -- A slowdown (a cut, a pause) takes back every start handed out for later than ``revisit``
 -- from now: their holders, who look at the count of such take-backs (``revokes`` in the
 -- pace, returned by ``revoked``) ``revisit`` before their start, reserve again. The next
