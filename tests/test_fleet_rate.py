@@ -141,12 +141,20 @@ async def test_three_replicas_on_auto_find_an_unknown_quota_together(
     time = RedisTime()
     clock, key = time.clock, redis_prefix + "rl"
     replicas = [_auto(client, key, time, me=f"r{n}") for n in range(3)]
-    fleet = await run_fleet(list(replicas), clock, Gateway(quota, 2, 0.0), until=until)
+    leads: list[int] = []
+
+    async def leads_at_the_end() -> None:  # (not those after: a worker still reserving
+        await clock.sleep(until)  # once the leader's have stopped takes the lease over)
+        leads.append(sum(r.leads for r in replicas))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(leads_at_the_end)
+        fleet = await run_fleet(list(replicas), clock, Gateway(quota, 2, 0.0), until=until)
     used, throttled = fleet.used(quota, 15.0, until), fleet.throttled(15.0, until)
     assert used >= 0.90, (used, throttled, replicas)
     assert throttled <= 0.02, (used, throttled, replicas)
-    assert sum(r.leads for r in replicas) == 1  # one leader all along
-    leader = next(r for r in replicas if r.leading)
+    assert leads == [1]  # one leader all along
+    leader = next(r for r in replicas if r.leads)
     assert leader.controller is not None and leader.controller.measured > 0
     assert "FleetRateController(" in repr(leader) and "leading=True" in repr(leader)
 
@@ -217,6 +225,36 @@ async def test_a_small_change_of_the_pace_spaces_the_next_start_at_the_new_pace(
     await leader.publish(new, 0, encode_state(replace(AT_20, rate=rate, level=rate)), None)
     await other.acquire()
     assert clock.now() - last == pytest.approx(new / 1e6, abs=2e-6), (clock.now() - last, new)
+
+
+@pytest.mark.anyio
+async def test_the_leader_reads_an_answer_when_it_reaches_it_not_when_it_came(
+    client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """A follower's refusal reaches the leader's controller with the leader's next
+    reservation after the follower's: 0.4 s late here (over 0.35 s in a fleet at 20 calls/s,
+    a burst of 1, 300 ms answers, whose workers waited out Retry-Afters). The fleet paces at
+    the old rate until then. Dated when it came, the cut made a call sent meanwhile at the
+    old pace look sent at the new one: its refusal was news, cut again and measured the
+    quota at half (11.2 of 20 after a leader was killed: 0.56 of it for 34 s). Read when it
+    reaches the leader (dated back to its call's start all the same), it is old news."""
+    time = RedisTime()
+    clock = time.clock
+    leader, other = await _leading_at_20(client, redis_prefix + "rl", time)
+    ctrl = leader.controller
+    came = clock.now()
+    other.feedback(throttled=True, latency_s=0.3)  # sent 0.3 s before, at 20 calls/s
+    await other.acquire()  # reports it
+    clock.advance(0.4 - (clock.now() - came))
+    await leader.acquire()  # reads it: the cut
+    assert ctrl.cuts == 1 and ctrl.state.cut_at >= came + 0.4 - 1e-6, ctrl.state
+    cut = leader.rate
+    assert cut < 20.0
+    clock.advance(0.1)
+    other.feedback(throttled=True, latency_s=0.3)  # sent at came + 0.2: before the cut went out
+    await other.acquire()
+    await leader.acquire()
+    assert ctrl.cuts == 1 and leader.rate == pytest.approx(cut, rel=0.01), ctrl
 
 
 @pytest.mark.anyio
