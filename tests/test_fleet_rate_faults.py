@@ -33,7 +33,7 @@ from structlog.testing import capture_logs
 from tests.conftest import REDIS_URL
 from tests.e2e import SIM_AK, SIM_SK
 from tests.fakes import FakeClock
-from tests.test_fleet_rate import RedisTime, run_fleet
+from tests.test_fleet_rate import Fleet, RedisTime, run_fleet
 from tests.test_redis_auth import REDIS_SERVER, redis_server
 from worker.errors import NotAStream
 from worker.pacing.bucket import RateLimiter
@@ -262,6 +262,30 @@ def _killable_replicas(client: aioredis.Redis, key: str, time: RedisTime) -> lis
     ]  # fmt: skip
 
 
+async def run_killing_the_leader(
+    replicas: list[Killable],
+    clock: FakeClock,
+    gateway: Gateway,
+    *,
+    kill_at: float | None,
+    until: float,
+    latency: float = 0.005,
+) -> Fleet:
+    """``run_fleet`` of ``replicas``, the leader killed (``Killable.kill``) at ``kill_at``
+    (``None``: none)."""
+
+    async def kill(at: float) -> None:
+        await clock.sleep(at)
+        next(r for r in replicas if r.limiter.leading).kill()
+
+    async with anyio.create_task_group() as group:
+        if kill_at is not None:
+            group.start_soon(kill, kill_at)
+        fleet = await run_fleet(cast(list[RateLimiter], replicas), clock, gateway,
+                                until=until, latency=latency)  # fmt: skip
+    return fleet  # noqa: RET504  (returned from the task group, the kill included)
+
+
 @pytest.mark.anyio
 async def test_a_killed_replica_asks_redis_nothing_more_and_its_lease_lapses(
     redis_client: aioredis.Redis, redis_prefix: str
@@ -290,14 +314,8 @@ async def test_a_killed_replica_asks_redis_nothing_more_and_its_lease_lapses(
 
             setattr(limiter, name, noted)
 
-    async def kill() -> None:
-        await clock.sleep(3.25)
-        next(r for r in replicas if r.limiter.leading).kill()
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(kill)
-        await run_fleet(cast(list[RateLimiter], replicas), clock, Gateway(20.0, 1, 0.0),
-                        until=10.0, latency=0.3)  # fmt: skip
+    await run_killing_the_leader(replicas, clock, Gateway(20.0, 1, 0.0), kill_at=3.25,
+                                 until=10.0, latency=0.3)  # fmt: skip
     (dead,) = [r for r in replicas if r.dead_at < math.inf]
     me = dead.limiter._me
     assert [at for at, who in calls if who == me and at > dead.dead_at] == []
@@ -381,14 +399,8 @@ async def test_a_leader_that_took_over_reads_no_burst_from_a_call_sent_before_it
     clock, key = time.clock, redis_prefix + "rl"
     replicas = _killable_replicas(redis_client, key, time)
 
-    async def kill() -> None:
-        await clock.sleep(3.5)
-        next(r for r in replicas if r.limiter.leading).kill()
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(kill)
-        await run_fleet(cast(list[RateLimiter], replicas), clock, Gateway(20.0, 1, 0.0),
-                        until=10.0, latency=0.3)  # fmt: skip
+    await run_killing_the_leader(replicas, clock, Gateway(20.0, 1, 0.0), kill_at=3.5,
+                                 until=10.0, latency=0.3)  # fmt: skip
     successor = next(r.limiter for r in replicas if r.dead_at == math.inf and r.limiter.leading)
     assert successor.controller is not None
     burst = successor.controller._evidence.burst
