@@ -165,3 +165,32 @@ async def test_simulate_prints_a_block_that_points_every_command_at_it_when_past
     assert done.returncode == 0, done.stdout + done.stderr
     assert b"result       OK" in done.stdout
     assert "not a secret" in block
+
+
+@pytest.mark.parametrize("stdout", ["> /dev/full", "| (exec 0<&-; sleep 1)"])
+async def test_check_and_plan_show_cut_short_by_stdout_keep_their_exit_code_in_words(
+    tmp_path: Path, stdout: str
+) -> None:
+    """``check | head -1`` and ``plan show PLAN > /dev/full`` ended in an OSError traceback
+    and exit 1, which a script reads as a failed check; the keys were fine. The exit code is
+    the command's own; a full disk is said on stderr in one line, a reader that left is not."""
+    import shlex
+
+    async with simulator_process("--jobs", "20") as url:
+        env = reaper_env(url)
+        plan = tmp_path / "plan.txt"
+        made = await reaper(["discover", "--all", "--plan", str(plan)], env)
+        assert made.code == 0, made.stderr
+        for command in (["check"], ["plan", "show", str(plan)]):
+            line = shlex.join([sys.executable, "-m", "worker", *command])
+            done = await anyio.run_process(
+                ["bash", "-c", f"set -o pipefail; {line} {stdout}"], env=env, check=False
+            )
+            err = done.stderr.decode()
+            assert done.returncode == 0, (command, err)
+            assert "Traceback" not in err
+            said = "devserver-reaper " + ("plan show" if command[0] == "plan" else "check")
+            if "full" in stdout:
+                assert f"{said}: cannot write stdout: no space left on device" in err, err
+            else:
+                assert "cannot write stdout" not in err, err

@@ -54,3 +54,37 @@ def refused(closed: tuple[str, ...]) -> bool:
                 stream.flush()
             break
     return True
+
+
+class Report:
+    """A command's report on stdout (``check``, ``plan show``): a write that fails (its
+    reader gone, as ``| head -1``; the disk full) ends the report without a traceback, and
+    later writes go nowhere. The command's exit code stays its own: what it checked is as
+    true as before; :meth:`close` says on stderr that the report was cut short, unless the
+    reader left on purpose (a broken pipe)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        self.failed: OSError | None = None
+
+    def write(self, text: str) -> int:
+        if self.failed is None:
+            try:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            except OSError as exc:
+                self.failed = exc
+                with contextlib.suppress(OSError):  # nothing more for it, at exit either
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return len(text)
+
+    def close(self) -> None:
+        if self.failed is None or isinstance(self.failed, BrokenPipeError):
+            return
+        reason = (self.failed.strerror or type(self.failed).__name__).lower()
+        with contextlib.suppress(OSError):
+            sys.stderr.write(f"devserver-reaper {self.command}: cannot write stdout: {reason}\n")
+            sys.stderr.flush()
+
+    def __repr__(self) -> str:
+        return f"Report({self.command!r}, failed={self.failed!r})"

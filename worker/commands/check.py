@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import IO
 
 import anyio
 
@@ -25,6 +24,7 @@ from worker.errors import (
 )
 from worker.exit_codes import ExitCode
 from worker.settings import Settings
+from worker.stdio import Report
 
 SKEW_WARNING_S = 300.0
 
@@ -65,15 +65,18 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     for_people_on(sys.stderr, log_format=settings.log_format, log_level=settings.log_level)
     try:
         settings.require_api()
-        return anyio.run(check, settings)
+        out = Report("check")
+        try:
+            return anyio.run(check, settings, out)
+        finally:
+            out.close()
     except ConfigError as exc:  # settings, or a CA bundle the session cannot load
         return refused("check", exc)
 
 
-async def check(settings: Settings) -> int:
+async def check(settings: Settings, out: Report) -> int:
     from worker import wiring
 
-    out = sys.stdout
     endpoint = settings.api_endpoint
     async with wiring.session(settings, concurrency=1) as session:
         try:
@@ -106,7 +109,7 @@ async def check(settings: Settings) -> int:
     return ExitCode.OK
 
 
-def _result(out: IO[str], exc: ReaperError, table: Failures, text: str | None = None) -> int:
+def _result(out: Report, exc: ReaperError, table: Failures, text: str | None = None) -> int:
     """The ``result`` row for ``exc``: the heading of its first kind in ``table``, then
     ``text`` (by default :func:`_describe`'s); return the exit code of that kind."""
     heading, code = next((h, c) for kind, h, c in table if isinstance(exc, kind))

@@ -29,6 +29,7 @@ from pydantic import SecretStr
 
 from worker.exit_codes import ExitCode
 from worker.settings import Settings
+from worker.stdio import Report
 
 DEMO_AK = "DEMOAK"
 DEMO_SK = "demo-secret-key"  # the simulator's own key; not a secret
@@ -138,7 +139,7 @@ async def demo(jobs: int, settings: Settings, summaries: Summaries | None = None
             _say(2, "check: one signed read-only call; deletes nothing")
             printed = io.StringIO()
             with contextlib.redirect_stdout(printed):
-                code = await check.check(tour)
+                code = await check.check(tour, Report("check"))
             result = [line for line in printed.getvalue().splitlines() if line[:6] in
                       ("result", "clock ")]  # fmt: skip
             _came("; ".join(" ".join(line.split()) for line in result))

@@ -15,6 +15,7 @@ from pathlib import Path
 from worker.errors import ConfigError, InputUnreadable, UsageError
 from worker.exit_codes import ExitCode
 from worker.settings import Settings
+from worker.stdio import Report
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
@@ -28,5 +29,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         header = read_header(Path(args.path), key=key)
     except (ConfigError, InputUnreadable, UsageError) as exc:
         return refused("plan", exc)
-    print(plan_review(header, settings, args.path))
+    out = Report("plan show")
+    out.write(plan_review(header, settings, args.path) + "\n")
+    out.close()
     return ExitCode.OK
