@@ -181,3 +181,23 @@ async def test_a_paged_200_that_also_leaves_out_a_ghost_calls_none_deleted_past_
     assert len(left_out) == 4 and "ghost" in left_out
     assert all("3 deletions" in rows[job_id]["error_msg"] for job_id in left_out), rows
     assert done.code == 0, done.stderr
+
+
+async def test_report_says_a_not_listed_deletion_came_after_a_200_not_a_lost_answer(
+    tmp_path: Path,
+) -> None:
+    """A paged 200 lists one of the four jobs it deleted: three rows ``not_listed`` on the
+    ledger, no answer lost. ``report`` said of all unconfirmed deletions 'gone after a call
+    whose answer was lost', untrue of these: it now counts them apart, by reason."""
+    gateway = Gateway.with_jobs(4, script=always("paged"))
+    ledger = tmp_path / "ledger.db"
+    async with serve_gateway(gateway) as url:
+        src = write_ids(tmp_path / "ids.txt", gateway.job_ids())
+        done = await reaper(fast(src, "--batch-size", "4", "--ledger", str(ledger)),
+                            reaper_env(url))  # fmt: skip
+        assert done.code == 0 and done.summary()["unconfirmed"] == 3, done.stderr
+        report = await reaper(["report", "--ledger", str(ledger)], reaper_env(url))
+    assert report.code == 0, report.stderr
+    (line,) = [line for line in report.stdout.splitlines() if "unconfirmed" in line]
+    assert line.startswith("of the deleted, unconfirmed: 3 "), line
+    assert "answer was lost" not in line and "3 gone after a 200" in line, line

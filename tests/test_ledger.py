@@ -317,6 +317,7 @@ def test_counts_open_ids_and_rejected_lines(ledger: Ledger) -> None:
         "open": 27,
         "rejected_lines": 1,
         "unconfirmed": 1,
+        "not_listed": 0,
     }
     assert [(r.job_id, r.confirmed) for r in ledger.results()] == [
         ("id-0", True), ("id-1", True), ("id-5", False), ("bad id", True),

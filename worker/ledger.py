@@ -160,7 +160,10 @@ WHERE job_id IN (SELECT value FROM json_each(?1)) AND state = 'done' AND {target
   AND (outcome IN ('deleted', 'absent') OR (outcome = 'failed' AND NOT ?2))
 """
 _BY_TARGET = "SELECT {target}, state = 'done', outcome, count(*) FROM ids GROUP BY 1, 2, 3"
-_UNCONFIRMED = "SELECT count(*) FROM ids WHERE outcome = 'deleted' AND {} = 0"
+_UNCONFIRMED = """
+SELECT count(*), coalesce(sum(reason IS 'not_listed'), 0) FROM ids
+WHERE outcome = 'deleted' AND {} = 0
+"""
 # record()'s fast path: ids admitted and still open, the outcomes as one JSON array of rows
 # (measured about twice as fast as the upsert below, which must try an INSERT first).
 _SETTLE = """
@@ -324,7 +327,8 @@ class LedgerView(_Closing):
 
     def counts(self) -> dict[str, int]:
         """Ids per terminal outcome, ``open`` (read or sent, no outcome), ``rejected_lines``,
-        ``unconfirmed`` (of the deleted, those whose record the API never returned).
+        ``unconfirmed`` (of the deleted, those whose record the API never returned) and
+        ``not_listed`` (of those, the ones a readable 200 left out, not a lost answer).
 
         A full scan: call it at the end of a run or for a report, not per chunk."""
         counts = {outcome.value: 0 for outcome in Outcome}
@@ -334,12 +338,15 @@ class LedgerView(_Closing):
                 "SELECT state = 'done', outcome, count(*) FROM ids GROUP BY 1, 2"
             ).fetchall()
             (rejected,) = self._conn.execute("SELECT count(*) FROM rejected").fetchone()
-            (unconfirmed,) = self._conn.execute(_UNCONFIRMED.format(self._confirmed)).fetchone()
+            unconfirmed, unlisted = self._conn.execute(
+                _UNCONFIRMED.format(self._confirmed)
+            ).fetchone()
         for terminal, outcome, count in rows:
             key = outcome if terminal else "open"
             counts[key] = counts.get(key, 0) + count
         counts["rejected_lines"] = rejected
         counts["unconfirmed"] = unconfirmed  # of the deleted: known only by their absence
+        counts["not_listed"] = unlisted  # of those: after a 200 that left them out
         self._counts = counts
         return dict(counts)
 

@@ -239,9 +239,16 @@ def summary(*ledgers: LedgerView) -> str:
     if several or any(ledger.targets for ledger in ledgers):
         lines += _by_project(ledgers)
     if counts["unconfirmed"]:
+        lost, unlisted = counts["unconfirmed"] - counts["not_listed"], counts["not_listed"]
+        how = []
+        if lost:
+            how.append(f"{lost} gone after a call whose answer was lost")
+        if unlisted:
+            how.append(f"{unlisted} gone after a 200 that left them out and could not be "
+                       "taken at its word (not_listed)")  # fmt: skip
         lines += [
-            f"of the deleted, unconfirmed: {counts['unconfirmed']} (gone after a call whose "
-            "answer was lost; the API never returned their records)",
+            f"of the deleted, unconfirmed: {counts['unconfirmed']} (the API never returned "
+            f"their records): {'; '.join(how)}",
             "",
         ]
     lines.append(f"open (read or sent, no outcome yet): {counts['open']}")

@@ -924,7 +924,7 @@ def _summarise(
     counts = tally.counts()
     fields: dict[str, object] = dict(counts)
     fields.update(
-        unconfirmed=tally.unconfirmed,  # of the deleted: gone, the API's answer lost
+        unconfirmed=tally.unconfirmed,  # of the deleted: gone, record never returned
         open=open_ids(tally),
         repeated=tally.repeated,
         already_done=tally.already_done,

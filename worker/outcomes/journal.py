@@ -123,7 +123,7 @@ class Tally:
     already_failed: int = 0  # of already_done: ids an earlier run left failed
     resent: int = 0
     retries: int = 0
-    unconfirmed: int = 0  # of outcomes["deleted"]: known gone, the API's answer lost
+    unconfirmed: int = 0  # of outcomes["deleted"]: known gone, record never returned
     by_target: dict[Target, Counter[str]] = field(default_factory=dict)
     """Of ``outcomes``: those of ids whose line named a target, per target (the rest are
     the default project's)."""

@@ -25,7 +25,7 @@ URL_FLAGS = frozenset({"--redis-url"})
 _ROWS = ("deleted", "unconfirmed", "absent", "failed", "rejected", "skipped", "open",
          "repeated", "already_done", "already_failed", "retries")  # fmt: skip
 """Counts of ``run.summary``, in this order, shown when not 0 (``unconfirmed`` is of the
-deleted: gone, the API's answer lost)."""
+deleted: known gone, the API never returned their records)."""
 
 
 def rules_in_words(kinds: Sequence[str]) -> str:
