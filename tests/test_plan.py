@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import shlex
 import stat
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -813,3 +814,26 @@ async def test_a_plan_given_as_an_input_of_ids_is_refused_not_its_jobs_deleted_u
                 assert await client.exists(stream) == 0
             finally:
                 await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_discover_on_a_full_disk_says_so_and_leaves_no_plan_nor_its_spool(
+    tmp_path: Path,
+) -> None:
+    """The plan's spool past a full disk (a file size limit) raised an OSError traceback,
+    exit 1, and the spool's last flush failing in its clean-up left the jobs it had listed
+    beside the plan path. Now: 64 in words, no plan and no spool; and stdout full the same."""
+    async with run_simulator(SimulatorConfig(jobs=300, seed=5)) as sim:
+        env = reaper_env(sim.url)
+        plan = tmp_path / "plans" / "plan.txt"
+        plan.parent.mkdir()
+        done = await reaper(["discover", "--all", "--plan", str(plan)], env, files_up_to=20_000)
+        assert done.code == 64, done.stderr
+        assert "Traceback" not in done.stderr
+        assert "no plan was written" in done.stderr
+        assert list(plan.parent.iterdir()) == []
+        line = shlex.join([sys.executable, "-m", "worker", "discover", "--all", "-o", "ids"])
+        full = await anyio.run_process(["bash", "-c", f"{line} > /dev/full"], env=env, check=False)
+        assert full.returncode == 64, full.stderr
+        assert b"Traceback" not in full.stderr
+        assert b"cannot write stdout: no space left on device" in full.stderr

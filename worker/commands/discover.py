@@ -176,6 +176,16 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         with contextlib.suppress(OSError):  # and the interpreter's last flush must not fail
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return ExitCode.OK
+    except OSError as exc:  # a full disk under the plan's spool, or under stdout
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        reason = (exc.strerror or type(exc).__name__).lower()
+        where = "the plan or stdout" if args.plan is not None else "stdout"
+        gone = UsageError(
+            f"cannot write {where}: {reason}"
+            + ("; no plan was written" if args.plan is not None else "")
+        )
+        return _said(log, "discover.unwritable", gone, ExitCode.USAGE)
     except (ConfigError, NoSuchApi) as exc:
         return _said(log, "discover.config_error", exc, ExitCode.CONFIG)
     except UsageError as exc:

@@ -383,8 +383,10 @@ class PlanWriter:
         self.close()
 
     def close(self) -> None:
-        self._spool.close()
-        self._spool_path.unlink(missing_ok=True)
+        try:
+            self._spool.close()  # its last flush fails on a full disk: the spool goes anyway
+        finally:
+            self._spool_path.unlink(missing_ok=True)
 
     def add(self, record: JobRecord) -> None:
         self._spool.write(_job_line(PlanJob.of(record)))
