@@ -83,6 +83,9 @@ class Gateway:
                 await asyncio.sleep(0.01)
         if behaviour == "unavailable":  # nothing applied
             return _error(503, "ModelArts.0503", "The backend service is unavailable")
+        if behaviour == "hold_unavailable":  # nothing applied; a 503 once the test lets it go
+            await self.hold.wait()
+            return _error(503, "ModelArts.0503", "The backend service is unavailable")
         if behaviour == "401":
             return _error(401, "APIGW.0301", "Incorrect IAM authentication information")
         if behaviour == "html404":

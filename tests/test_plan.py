@@ -425,31 +425,45 @@ async def test_a_plan_that_expires_mid_run_sends_no_more_deletes_and_a_new_plan_
 
 @pytest.mark.anyio
 @pytest.mark.timeout(120)
-async def test_a_plan_that_expires_while_a_delete_goes_unanswered_calls_its_jobs_deleted(
-    tmp_path: Path,
+@pytest.mark.parametrize("applied", [True, False], ids=["applied", "not-applied"])
+async def test_a_plan_that_expires_while_a_delete_goes_unanswered_reads_its_jobs(
+    tmp_path: Path, applied: bool
 ) -> None:
-    """A plan of four jobs in batches of two: the first DELETE removes its two jobs, and its
-    answer, a 502, is held until the plan has certainly expired. Its retry may not go out on
-    an expired plan, but those two jobs are gone by that DELETE: they end ``deleted``
-    (unconfirmed, ``answer_lost``), as any job found gone after an unanswered DELETE does,
-    not ``skipped`` (``plan_expired``, 'not sent'), which no new plan could take up (discover
-    lists no job that is gone). The two never sent end skipped."""
-    gateway = Gateway.with_jobs(
-        4, script=lambda call, _ids: "hold_error_after" if call == 1 else "ok"
-    )
+    """A plan of four jobs in batches of two: the first DELETE's answer, a 502 (the two jobs
+    removed) or a 503 (nothing done), is held until the plan has certainly expired. Its
+    retry may not go out on an expired plan, but its jobs are read first: gone by that
+    DELETE, they end ``deleted`` (unconfirmed, ``answer_lost``), as any job found gone after
+    an unanswered DELETE does, not ``skipped`` (``plan_expired``, 'not sent'), which no new
+    plan could take up (discover lists no job that is gone); still there, ``skipped``
+    (``plan_expired``) saying a DELETE went out unanswered, its attempt kept. The two never
+    sent end skipped, 'before its DELETE went out'."""
+    first = "hold_error_after" if applied else "hold_unavailable"
+    gateway = Gateway.with_jobs(4, script=lambda call, _ids: first if call == 1 else "ok")
     out = tmp_path / "results.jsonl"
     run = ["--yes", "--batch-size", "2", "--concurrency", "1", "--rate", "1000", "--burst",
            "50", "--ledger", str(tmp_path / "ledger.db"), "--results", str(out)]  # fmt: skip
     async with serve_gateway(gateway) as url:
         code, _stdout, stderr = await held_past_expiry(gateway, url, tmp_path / "plan.json", run)
     assert code == 1, stderr
-    assert gateway.delete_calls == 1 and len(gateway.deleted) == 2
+    assert gateway.delete_calls == 1 and len(gateway.asked) == 2
+    assert len(gateway.deleted) == (2 if applied else 0)
     rows = {row["job_id"]: row for row in results(out)}
-    assert {(rows[i]["outcome"], rows[i]["reason"], rows[i]["confirmed"])
-            for i in gateway.deleted} == {("deleted", "answer_lost", False)}  # fmt: skip
-    assert {(rows[i]["outcome"], rows[i]["reason"]) for i in gateway.jobs} == {
+    sent = {i: rows[i] for i in gateway.asked}
+    if applied:
+        assert {(row["outcome"], row["reason"], row["confirmed"]) for row in sent.values()} == {
+            ("deleted", "answer_lost", False)
+        }
+    else:
+        assert {(row["outcome"], row["reason"], row["attempts"]) for row in sent.values()} == {
+            ("skipped", "plan_expired", 1)
+        }
+        assert all("went out unanswered" in row["error_msg"] for row in sent.values()), sent
+    unsent = {i: rows[i] for i in gateway.job_ids() if i not in gateway.asked}
+    assert len(unsent) == 2
+    assert {(row["outcome"], row["reason"]) for row in unsent.values()} == {
         ("skipped", "plan_expired")
     }
+    assert all("before its DELETE went out" in row["error_msg"] for row in unsent.values())
 
 
 @pytest.mark.anyio

@@ -601,16 +601,18 @@ class Guard:
                   "discover again and review the new plan")  # fmt: skip
         unsent = [i for i in ids if i not in doubt.unsure]
         sent = [i for i in ids if i in doubt.unsure]
+        there = sent
         if sent and self._reader is not None:
             there, ended, _ = await self._check_records(doubt, sent, {})
             if ended:
                 await self._outcomes.finished(ended)
-            unsent += there  # still there: that DELETE did not remove it (yet)
-        else:
-            unsent += sent
+        again = (f"the plan expired at {plan.expires_at} before its DELETE could go out again "
+                 "(one went out unanswered, and the job is still there); run discover again "
+                 "and review the new plan")  # fmt: skip
         batch = doubt.batch
         await self._outcomes.finished(
             [self._skip(i, batch, "plan_expired", detail) for i in unsent]
+            + [self._skip(i, batch, "plan_expired", again) for i in there]
         )
         return True
 
