@@ -73,6 +73,13 @@ async def test_the_http_port_listens_where_told_and_holds_its_limits(
                 socket.create_connection(("127.0.0.2", port), timeout=5).close()
             healthy = await _exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert healthy.startswith(b"HTTP/1.1 200")
+            # A load balancer's health check set to HEAD: 200 and no body, not 405.
+            head = await _exchange(port, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n"), head
+            # Every series of a scrape is one the metrics define: no _created beside each.
+            scrape = await _exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b"devserver_reaper_ids_total" in scrape, scrape[-400:]
+            assert b"_created" not in scrape, scrape[-400:]
 
             # A 20 KB header: refused before any handler, and said in the log as JSON.
             huge = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Token: " + b"s3cr" * 5000 + b"\r\n\r\n"

@@ -163,7 +163,9 @@ def build_app(
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application(client_max_size=BODY_LIMIT)
-    app.router.add_get("/healthz", healthz, allow_head=False)
-    app.router.add_get("/readyz", readyz, allow_head=False)
+    # HEAD too: a load balancer's HTTP health check may be set to HEAD (Huawei ELB's
+    # ``http_method`` takes GET or HEAD), and a 405 there marks a live worker down.
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler, allow_head=False)
     return app

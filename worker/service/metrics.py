@@ -23,7 +23,7 @@ from collections import Counter as CountOf
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from worker.clock import Clock
 from worker.errors import (
@@ -36,6 +36,12 @@ from worker.errors import (
 )
 from worker.targets import Target
 from worker.types import DeleteResult, JobRecord, Outcome
+
+# No ``_created`` series beside every counter and histogram: each doubled a scrape's series
+# to say when the series began counting, which nothing here reads (rate() and increase() see
+# a counter's reset without it). prometheus_client keeps this setting per process; serve's
+# process exposes only this registry.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
 
 if TYPE_CHECKING:
     from worker.api.client import Api, JobPage
