@@ -266,10 +266,8 @@ def _endpoint_or_placeholder(settings: Settings) -> str:
 
 def _check_input(path: str) -> None:
     """Fail before any prompt or call when the input cannot be opened (66): the source's own
-    checks, applied early."""
-    if path == "-" and sys.stdin is None:  # closed at start (<&-): not an empty input
-        raise InputUnreadable("--input -: stdin is closed (<&-), so there is nothing to read")
-    if path != "-" and not _pipe(path):
+    checks (a missing file, stdin closed at start), applied early; opening reads nothing."""
+    if not _pipe(path):
         read_entries(path).close()
 
 
