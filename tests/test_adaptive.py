@@ -854,6 +854,20 @@ def test_workers_held_back_by_their_concurrency_are_cut_to_what_they_really_send
     assert run.accepted_per_s(20.0, 60.0) >= 0.9 * 3.0
 
 
+def _cruising_at(rate: float, clumps: list[list[float]]) -> RateController:
+    """A controller cruising at ``rate``, the calls of each clump sent at their times and
+    answered 0.2 s later, but the last clump's (its last call is the one to refuse)."""
+    ctrl = RateController(0.0)
+    ctrl.restore(replace(ctrl.state, rate=rate, level=rate, phase=Phase.CRUISE, unit=math.inf))
+    for clump in clumps:
+        for t in clump:
+            ctrl.on_sent(t)
+        if clump is not clumps[-1]:
+            for t in clump:
+                ctrl.on_success(t + 0.2, latency=0.2)
+    return ctrl
+
+
 def test_a_refused_call_that_left_at_the_pace_is_not_read_as_workers_held_back() -> None:
     """8 in flight answered around 300 ms send about 20 calls/s in clumps at the pace of 50
     (each call as soon as the pace lets it once a worker is free). A burst of 1 refuses a
@@ -862,17 +876,22 @@ def test_a_refused_call_that_left_at_the_pace_is_not_read_as_workers_held_back()
     quota of 50 to 19.4, under the 26.7 calls/s the workers could send (0.84-0.87 of it
     from 10 s on, in 9 of 10 runs with workers asleep on Retry-After). The pace was refused:
     just under it."""
-    ctrl = RateController(0.0)
-    ctrl.restore(replace(ctrl.state, rate=50.0, level=50.0, phase=Phase.CRUISE, unit=math.inf))
-    for k in range(10):  # a clump of 6 every 0.3 s, answered in 0.2 s; the last one's last refused
-        clump = [0.3 * k + j / 50.0 for j in range(6)]
-        for t in clump:
-            ctrl.on_sent(t)
-        if k == 9:
-            break
-        for t in clump:
-            ctrl.on_success(t + 0.2, latency=0.2)
-    assert ctrl.on_throttle(2.802, latency=0.002) == pytest.approx(0.97 * 50.0)
+    # A clump of 6 every 0.3 s at the pace of 50, the last at the probe's 50.5.
+    clumps = [[0.3 * k + j / (50.5 if k == 9 else 50.0) for j in range(6)] for k in range(10)]
+    ctrl = _cruising_at(50.0, clumps)
+    assert ctrl.on_throttle(clumps[-1][-1] + 0.002, latency=0.002) == pytest.approx(0.97 * 50.0)
+
+
+def test_a_refused_call_at_a_gap_the_gateway_accepted_is_read_as_workers_held_back() -> None:
+    """2 in flight answered in 0.2 s send a pair every 0.3 s, the second at the pace of 22
+    (7 calls/s): the gateway accepted pairs at that gap, so when one is refused the gap is
+    not what it refused (a burst past 1 let the pairs through until what was really sent
+    spent it). Read as the pace refused it stepped 3 % under 22, a step a refusal while the
+    workers sent 7; it is what they really sent that was refused."""
+    pairs = [[0.3 * k, 0.3 * k + 1.0 / 22.0] for k in range(10)]
+    ctrl = _cruising_at(22.0, pairs)
+    sent = 14 / ctrl.config.window  # the 7 pairs sent in the window before the refusal
+    assert ctrl.on_throttle(pairs[-1][-1] + 0.002, latency=0.002) == pytest.approx(0.97 * sent)
 
 
 # --- the limiter on virtual time ----------------------------------------------------------

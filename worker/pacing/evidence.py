@@ -221,6 +221,15 @@ class GatewayEvidence:
         starts = self._starts(sent)
         return math.inf if starts is None else starts[1] - starts[0]
 
+    def accepted_as_close(self, since: float, until: float, gap: float) -> bool:
+        """Whether the gateway accepted two calls in a row, sent from ``since`` to ``until``,
+        at most ``gap`` apart: then it does not refuse a call for its gap after the one
+        before alone (a burst of 1 accepts none closer than 1/quota)."""
+        accepted = self._accepted
+        first = bisect.bisect_left(accepted, since)
+        end = bisect.bisect_left(accepted, until)
+        return any(accepted[i + 1] - accepted[i] <= gap for i in range(first, end - 1))
+
     def _starts(self, sent: float) -> tuple[float, float] | None:
         """When the call before the one started at ``sent`` started, and when that one did
         as ``sent`` saw it (``SAME_CALL``); ``None``: no call before it known."""
