@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import hmac
 import shlex
 import stat
 import sys
+import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -22,7 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests import e2e
-from tests.conftest import REDIS_URL
+from tests.conftest import IN_CI, REDIS_URL
 from tests.e2e import SIM_PROJECT, kill_when, reaper, reaper_env, results, start_reaper
 from tests.gateway import Gateway, serve_gateway
 from worker.discovery.filters import Filters
@@ -318,14 +321,15 @@ async def apply_plan(url: str, path: Path, out: Path) -> dict[str, dict[str, Any
 
 @asynccontextmanager
 async def finished_plan(
-    tmp_path: Path, *, jobs: int, seed: int
+    tmp_path: Path, *, jobs: int, seed: int, ttl: str = "24h"
 ) -> AsyncIterator[tuple[Simulator, Path, dict[str, str], list[str], Path]]:
-    """A simulated project and ``discover``'s plan of its FINISHED jobs: the simulator, the
-    plan's path, the environment pointing at it, the ids the plan holds, and a path for a
-    run's ``--results``."""
+    """A simulated project and ``discover``'s plan of its FINISHED jobs (living ``ttl``): the
+    simulator, the plan's path, the environment pointing at it, the ids the plan holds, and a
+    path for a run's ``--results``."""
     async with run_simulator(SimulatorConfig(jobs=jobs, seed=seed)) as sim:
         path, env = tmp_path / "plan", reaper_env(sim.url)
-        made = await reaper(["discover", "--status", "FINISHED", "--plan", str(path)], env)
+        made = await reaper(["discover", "--status", "FINISHED", "--plan", str(path),
+                             "--plan-ttl", ttl], env)  # fmt: skip
         assert made.code == 0, made.stderr
         yield sim, path, env, ids_of(path), tmp_path / "results.jsonl"
 
@@ -421,6 +425,66 @@ async def test_a_plan_that_expires_mid_run_sends_no_more_deletes_and_a_new_plan_
         assert done.code == 0, done.stderr
         assert gateway.jobs == {} and gateway.delete_calls == 3
         assert done.summary()["deleted"] == 4
+
+
+def libfaketime() -> str:
+    """The path of libfaketime (Debian's ``faketime``), to preload; skipped without it,
+    except under ``CI=true`` (``.ci/run`` installs it)."""
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    found += glob.glob("/usr/lib/faketime/libfaketime.so.1")
+    if not found:
+        if IN_CI:
+            pytest.fail("libfaketime is required under CI=true (apt-get install faketime)")
+        pytest.skip("no libfaketime on this machine (Debian: apt-get install faketime)")
+    return found[0]
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(240)
+async def test_a_plan_past_its_expires_at_on_the_system_s_clock_sends_no_more_deletes(
+    tmp_path: Path,
+) -> None:
+    """The system's clock runs ten times as fast as the run's monotonic one (libfaketime in
+    the run's process alone; the simulator keeps real time): a plan living 120 s is past its
+    ``expires_at`` on the system's clock 12 s after the run started, while its own clock
+    says 108 s are left, and would till the run's end. No DELETE reaches the simulator once
+    the plan has certainly expired on the system's clock: the jobs left end ``skipped``
+    (``plan_expired``), exit 1. Counted on the run's clock alone, the plan lasted the run:
+    every job was deleted, exit 0."""
+    speed, ttl = 10, 120.0
+    env_faked = {"LD_PRELOAD": libfaketime(), "FAKETIME": f"+0 x{speed}",
+                 "FAKETIME_DONT_FAKE_MONOTONIC": "1"}  # fmt: skip
+    started = time.monotonic()
+    async with finished_plan(tmp_path, jobs=160, seed=61, ttl=f"{ttl:g}s") as planned:
+        sim, path, env, ids, out = planned
+        with open_plan(path, key=None) as plan:
+            expires = plan.header.expires_at.timestamp()
+        # Paced so that sending them all takes about 50 s: long past the plan's end on the
+        # system's clock, well within it on the run's.
+        assert len(ids) >= 40
+        run = ["run", "--plan", str(path), "--yes", "--batch-size", "1", "--concurrency", "1",
+               "--rate", "2", "--burst", "1", "--results", str(out)]  # fmt: skip
+        process = await start_reaper(run, {**env, **env_faked})
+        await e2e.until(e2e.deletes_sent(sim, 1))
+        # libfaketime started the process's clock before its first DELETE: the system's time
+        # it reads is at least speed * (t - first) + first from then on, so by this instant
+        # the plan has certainly expired there. A DELETE sent just before may be on the way.
+        first = time.time()
+        certainly = (expires + (speed - 1) * first) / speed + 1.0
+        await anyio.sleep(certainly - time.time())
+        sent_by_then = sim.stats.delete_calls
+        stdout, stderr = await e2e.read_all(process)
+        elapsed = time.monotonic() - started
+    assert elapsed < ttl * 0.75, "the plan could have expired on the run's own clock too"
+    assert process.returncode == 1, stderr
+    assert sim.stats.delete_calls == sent_by_then, "DELETEs went out on an expired plan"
+    rows = {row["job_id"]: row for row in results(out)}
+    outcomes = Counter((row["outcome"], row.get("reason")) for row in rows.values())
+    assert set(rows) == set(ids)
+    assert outcomes[("deleted", None)] == sent_by_then >= 1
+    assert outcomes[("skipped", "plan_expired")] == len(ids) - sent_by_then >= 10
+    summary = [orjson.loads(line) for line in stdout.splitlines() if "run.summary" in line]
+    assert summary[0]["skipped_by_reason"] == {"plan_expired": len(ids) - sent_by_then}
 
 
 @pytest.mark.anyio

@@ -3,7 +3,8 @@
 Everything that waits or measures (the rate limiter, retry back-off, deadlines, latency)
 receives a ``Clock`` in its constructor. Production uses ``MonotonicClock`` (the process's
 monotonic clock, which is also what the asyncio loop reads); tests use
-``tests.fakes.FakeClock``.
+``tests.fakes.FakeClock``. ``wall_passed`` reads the system's (wall) clock, for an instant a
+plan states in it.
 """
 
 from __future__ import annotations
@@ -46,3 +47,8 @@ class MonotonicClock:
 
     def __repr__(self) -> str:
         return "MonotonicClock()"
+
+
+def wall_passed(instant: float | None) -> bool:
+    """Has the system's clock reached ``instant`` (epoch seconds; None: never)?"""
+    return instant is not None and time.time() >= instant

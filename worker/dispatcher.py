@@ -43,7 +43,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from worker.batcher import DeletionBudget
-from worker.clock import Clock
+from worker.clock import Clock, wall_passed
 from worker.errors import (
     AMBIGUOUS,
     ApiError,
@@ -161,12 +161,13 @@ class Doubt:
     sent came (``stale``; ``unsent`` of them whose share of the cap goes back: never sent,
     or sent only in attempts answered as not applied)."""
 
-    __slots__ = ("known", "stale", "unsent", "unsure", "until")
+    __slots__ = ("known", "stale", "unsent", "unsure", "until", "wall_until")
 
     def __init__(self, batch: Batch) -> None:
         self.unsure: set[str] = set(batch.unsure)
         self.known: Mapping[str, JobRecord] = batch.known
         self.until = batch.fresh_until
+        self.wall_until = batch.wall_until
         self.stale: list[str] = []
         self.unsent = 0
 
@@ -309,6 +310,8 @@ class Dispatcher:
         async def sending(attempt: int) -> None:
             if doubt.until is not None and self._clock.now() > doubt.until:
                 raise _StaleCheck  # the token came too late for the check these ids passed
+            if wall_passed(doubt.wall_until):  # or for the plan, on the system's clock
+                raise _StaleCheck
             await self._journal.sent(batch_id, remaining, attempt)
 
         async def retrying(exc: TransientError, attempt: int, delay_s: float, why: str) -> None:

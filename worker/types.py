@@ -88,6 +88,9 @@ class Batch:
     past ``max_deliveries`` that none of its calls sent. Found gone they are ``absent``
     (another entry's call may have deleted the job: ``failed`` would say it is there);
     still there, ``failed``."""
+    wall_until: float | None = None
+    """The system's time (epoch seconds) after which no attempt of it goes out: its plan's
+    ``expires_at``, checked on the system's clock as ``fresh_until`` is on the run's."""
 
     def __len__(self) -> int:
         return len(self.ids)

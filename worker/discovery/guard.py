@@ -17,9 +17,10 @@ dispatcher) and ends the rest itself:
    (``plan_mismatch``); one that cannot be read (a 4xx) ``failed``, because a job we cannot
    check is a job we do not delete;
 4. once ``--max-deletions`` is spent, the rest end ``skipped`` (``max_deletions``) unread;
-5. once the plan being applied has expired (``PlanCheck.expires``), the rest end ``skipped``
-   (``plan_expired``) unread, and no check holds past that instant: a batch read before it
-   whose DELETE's turn comes after is not sent, and ends so too.
+5. once the plan being applied has expired (``PlanCheck.expired``: on the run's clock or on
+   the system's, whichever says so first), the rest end ``skipped`` (``plan_expired``)
+   unread, and no check holds past that instant: a batch read before it whose DELETE's turn
+   comes after is not sent, and ends so too.
 
 Whatever reaches the dispatcher has passed every rule, whatever the input said. Because it is
 a wrapper, ``run``, ``run --plan`` and ``serve`` share it: ``Guard(inner=dispatcher, ...)``.
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from worker.batcher import DeletionBudget
-from worker.clock import Clock, MonotonicClock
+from worker.clock import Clock, MonotonicClock, wall_passed
 from worker.discovery.filters import Filters
 from worker.errors import (
     ApiError,
@@ -318,6 +319,8 @@ class PlanCheck:
     # When the plan expires, on the guard's clock (None: never): no DELETE goes out after.
     expires: float | None = None
     expires_at: str = ""  # the same instant as the plan says it, for the skipped ids' detail
+    # And on the system's clock (epoch seconds; None: never): expired when EITHER says so.
+    wall_expires: float | None = None
 
     @classmethod
     def of(
@@ -329,9 +332,20 @@ class PlanCheck:
     ) -> PlanCheck:
         """The check of ``plan``'s jobs: all of them, or those of ``section`` alone (a plan
         of several projects: a job is deleted only in the project it was planned in), until
-        ``expires`` on the guard's clock."""
+        ``expires`` on the guard's clock, and no later than its ``expires_at`` on the
+        system's."""
         reviewed = plan.reviewed if section is None else plan.reviewed_in(section)
-        return cls(plan.filters, reviewed, excluded, expires, plan.header.to_json()["expires_at"])
+        at = plan.header.to_json()["expires_at"]
+        wall = None if expires is None else plan.header.expires_at.timestamp()
+        return cls(plan.filters, reviewed, excluded, expires, at, wall)
+
+    def expired(self, now: float) -> bool:
+        """Has the plan expired, by either clock? The run's (``now`` past ``expires``), which
+        no change of the system's time moves back; or the system's, past ``expires_at``,
+        which goes on where the run's clock may not have (a clock stepped forward to the
+        right time; a machine suspended where the run's clock stands still then). A DELETE
+        on an expired plan is the one that must not go out: the earlier of the two wins."""
+        return (self.expires is not None and now >= self.expires) or wall_passed(self.wall_expires)
 
     def changed(self, record: JobRecord) -> str | None:
         """Which field the job no longer has as reviewed (``status was ... , now ...``).
@@ -483,6 +497,7 @@ class Guard:
             return
         known: dict[str, JobRecord] = {}
         fresh_until = None
+        wall_until = None if self._plan is None else self._plan.wall_expires
         if remaining and self.needs_record and self._reader is not None:
             remaining, ended, fresh_until = await self._check_records(doubt, remaining, known)
             if ended:
@@ -495,9 +510,9 @@ class Guard:
             passed = tuple(remaining)
             name = batch.batch_id if not rounds else f"{batch.batch_id}.r{rounds}"
             unsure = doubt.unsure.intersection(passed)
-            stale = await self._inner.delete_checked(
-                Batch(name, passed, unsure, known, fresh_until, batch.target, batch.look)
-            )
+            checked = Batch(name, passed, unsure, known, fresh_until, batch.target, batch.look,
+                            wall_until)  # fmt: skip
+            stale = await self._inner.delete_checked(checked)
             if self._moves is not None:
                 unsent = set(stale.ids)
                 self._moves.settled(i for i in passed if i not in unsent)
@@ -595,7 +610,7 @@ class Guard:
         sent without a readable answer is read first: found gone, it is ours (``deleted``,
         ``answer_lost``), which 'not sent' would deny and no new plan would take up."""
         plan = self._plan
-        if plan is None or plan.expires is None or self._clock.now() < plan.expires:
+        if plan is None or not plan.expired(self._clock.now()):
             return False
         detail = (f"the plan expired at {plan.expires_at} before its DELETE went out; run "
                   "discover again and review the new plan")  # fmt: skip
