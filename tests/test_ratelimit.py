@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import time
 
 import anyio
 import pytest
@@ -538,6 +539,20 @@ async def test_monotonic_clock_never_goes_back() -> None:
     await clock.sleep(-5)  # negative is "at once", not an error
     assert clock.now() >= first
     assert repr(clock) == "MonotonicClock()"
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(not hasattr(time, "CLOCK_BOOTTIME"), reason="no CLOCK_BOOTTIME here")
+async def test_the_run_s_clock_is_the_boot_time_clock_that_counts_a_suspend() -> None:
+    """Read between two reads of CLOCK_BOOTTIME, and its sleeps last at least as long on it:
+    a check or a plan read before a suspend is as old after it as the suspend was long."""
+    clock = MonotonicClock()
+    before = time.clock_gettime(time.CLOCK_BOOTTIME)
+    read = clock.now()
+    after = time.clock_gettime(time.CLOCK_BOOTTIME)
+    assert before <= read <= after
+    await clock.sleep(0.05)
+    assert time.clock_gettime(time.CLOCK_BOOTTIME) - after >= 0.05
 
 
 class LateWakeClock(FakeClock):
