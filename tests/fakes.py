@@ -8,6 +8,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -76,6 +77,7 @@ class FakeClock:
         busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self._now = float(start)
+        self._wall_start = time.time() - self._now
         self._busy = busy
         self._autojump = autojump
         self._settle = settle
@@ -87,6 +89,10 @@ class FakeClock:
 
     def now(self) -> float:
         return self._now
+
+    def wall(self) -> float:
+        """The system's clock, moving with virtual time from the real time it was made."""
+        return self._wall_start + self._now
 
     @property
     def pending(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -316,6 +317,36 @@ async def test_a_batch_checked_before_its_plan_expired_is_not_sent_after() -> No
     guard, _, journal = guarded_dispatcher(
         api, clock, [0, 0, 0, 0, 31, 0], plan=expiring_plan("abcde", 30.0)
     )
+    await guard.process(Batch("b1", ("a",)))
+    await guard.process(Batch("b2", ("b", "c")))
+    await guard.process(Batch("b3", ("d", "e")))
+    assert api.delete_calls == [("a",)]
+    assert {(r.job_id, r.outcome, r.reason) for r in journal.results} == {
+        ("a", Outcome.DELETED, None),
+        *((i, Outcome.SKIPPED, "plan_expired") for i in "bcde"),
+    }
+    assert "d" not in api.shown_at and "e" not in api.shown_at
+
+
+class RushedWall(FakeClock):
+    """A ``FakeClock`` whose system clock runs ten times as fast as its own from 0, as a
+    clock stepped forward, or one that went on while the run's stood still, looks to it."""
+
+    def wall(self) -> float:
+        return 10 * self.now()
+
+
+@pytest.mark.anyio
+async def test_a_batch_checked_before_its_plan_expired_by_the_system_s_clock_is_not_sent() -> None:
+    """The plan's expires_at is 100 on the system's clock, which runs ten times as fast as
+    the run's, where it has 1,000 s left. Batch 1 is read and deleted at t=0; batch 2 is
+    read at t=0 too, but its token comes at t=31 (the system's clock at 310): no DELETE goes
+    out on the plan expired there, however fresh its check on the run's clock, so its jobs
+    end ``skipped`` (``plan_expired``), unsent; batch 3, whose turn comes after, is unread."""
+    clock = RushedWall()
+    api = StampedApi(["a", "b", "c", "d", "e"], clock)
+    plan = dataclasses.replace(expiring_plan("abcde", 1000.0), wall_expires=100.0)
+    guard, _, journal = guarded_dispatcher(api, clock, [0, 0, 0, 0, 31, 0], plan=plan)
     await guard.process(Batch("b1", ("a",)))
     await guard.process(Batch("b2", ("b", "c")))
     await guard.process(Batch("b3", ("d", "e")))

@@ -3,7 +3,7 @@
 Everything that waits or measures (the rate limiter, retry back-off, deadlines, latency, a
 check's freshness, a plan's expiry) receives a ``Clock`` in its constructor. Production uses
 ``MonotonicClock`` (the system's boot-time clock: monotonic, and counting the time the
-machine was suspended); tests use ``tests.fakes.FakeClock``. ``wall_passed`` reads the
+machine was suspended); tests use ``tests.fakes.FakeClock``. Its ``wall`` reads the
 system's (wall) clock, for an instant a plan states in it.
 """
 
@@ -29,6 +29,12 @@ class Clock(Protocol):
         """Return once ``seconds`` have passed on this clock (at once for ``seconds <= 0``)."""
         ...
 
+    def wall(self) -> float:
+        """Seconds since the epoch on the system's clock, which may be set, stepped or run
+        on where ``now`` did not: only to compare with an instant stated in it (a plan's
+        ``expires_at``), never to measure a duration."""
+        ...
+
 
 # CLOCK_BOOTTIME (Linux): monotonic as CLOCK_MONOTONIC is, never moved by a change of the
 # system's time, but it counts the time the machine (or its VM) was suspended, which
@@ -52,21 +58,17 @@ class MonotonicClock:
     (``bench_hotpath``'s ``clock_read_ns``; docs/design.md).
     """
 
-    __slots__ = ("now",)
+    __slots__ = ("now", "wall")
 
     def __init__(self) -> None:
         # A partial of the C function, not a method calling it: no Python frame per read.
         self.now: Callable[[], float] = (
             time.monotonic if _BOOTTIME is None else partial(time.clock_gettime, _BOOTTIME)
         )
+        self.wall: Callable[[], float] = time.time
 
     async def sleep(self, seconds: float) -> None:
         await anyio.sleep(max(0.0, seconds))
 
     def __repr__(self) -> str:
         return "MonotonicClock()"
-
-
-def wall_passed(instant: float | None) -> bool:
-    """Has the system's clock reached ``instant`` (epoch seconds; None: never)?"""
-    return instant is not None and time.time() >= instant

@@ -43,7 +43,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from worker.batcher import DeletionBudget
-from worker.clock import Clock, wall_passed
+from worker.clock import Clock
 from worker.errors import (
     AMBIGUOUS,
     ApiError,
@@ -310,8 +310,8 @@ class Dispatcher:
         async def sending(attempt: int) -> None:
             if doubt.until is not None and self._clock.now() > doubt.until:
                 raise _StaleCheck  # the token came too late for the check these ids passed
-            if wall_passed(doubt.wall_until):  # or for the plan, on the system's clock
-                raise _StaleCheck
+            if doubt.wall_until is not None and self._clock.wall() >= doubt.wall_until:
+                raise _StaleCheck  # or too late for the plan, on the system's clock
             await self._journal.sent(batch_id, remaining, attempt)
 
         async def retrying(exc: TransientError, attempt: int, delay_s: float, why: str) -> None:

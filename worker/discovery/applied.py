@@ -12,7 +12,6 @@ plan's first, whatever the settings say: a ledger of such a run is bound to it.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
 
 from worker.clock import Clock
 from worker.discovery.guard import PlanCheck
@@ -65,5 +64,4 @@ def expires_on(plan: SealedPlan, clock: Clock) -> float:
     """When ``plan`` expires, on ``clock`` (the run's monotonic one): its ``expires_at`` is
     wall-clock time, read against the wall clock once, here, and from then on counted on the
     clock the run checks it by, which no change of the system's time moves."""
-    left = (plan.header.expires_at - datetime.now(UTC)).total_seconds()
-    return clock.now() + left
+    return clock.now() + plan.header.expires_at.timestamp() - clock.wall()

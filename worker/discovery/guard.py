@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from worker.batcher import DeletionBudget
-from worker.clock import Clock, MonotonicClock, wall_passed
+from worker.clock import Clock, MonotonicClock
 from worker.discovery.filters import Filters
 from worker.errors import (
     ApiError,
@@ -339,13 +339,15 @@ class PlanCheck:
         wall = None if expires is None else plan.header.expires_at.timestamp()
         return cls(plan.filters, reviewed, excluded, expires, at, wall)
 
-    def expired(self, now: float) -> bool:
+    def expired(self, clock: Clock) -> bool:
         """Has the plan expired, by either clock? The run's (``now`` past ``expires``), which
         no change of the system's time moves back; or the system's, past ``expires_at``,
         which goes on where the run's clock may not have (a clock stepped forward to the
         right time; a machine suspended where the run's clock stands still then). A DELETE
         on an expired plan is the one that must not go out: the earlier of the two wins."""
-        return (self.expires is not None and now >= self.expires) or wall_passed(self.wall_expires)
+        if self.expires is not None and clock.now() >= self.expires:
+            return True
+        return self.wall_expires is not None and clock.wall() >= self.wall_expires
 
     def changed(self, record: JobRecord) -> str | None:
         """Which field the job no longer has as reviewed (``status was ... , now ...``).
@@ -610,7 +612,7 @@ class Guard:
         sent without a readable answer is read first: found gone, it is ours (``deleted``,
         ``answer_lost``), which 'not sent' would deny and no new plan would take up."""
         plan = self._plan
-        if plan is None or not plan.expired(self._clock.now()):
+        if plan is None or not plan.expired(self._clock):
             return False
         detail = (f"the plan expired at {plan.expires_at} before its DELETE went out; run "
                   "discover again and review the new plan")  # fmt: skip
