@@ -242,7 +242,7 @@ async def test_specs_resolve_to_targets_asking_iam_only_for_a_region_alone() -> 
         "cn-north-4", "cn-south-1", "p1", "p2@cn-south-1", "p3@cn-north-4",
         "cn-east-3@https://x.example", "home", "cn-south-1",
     )]  # fmt: skip
-    targets = await resolve_targets(specs, defaults, look_up)
+    targets = await resolve_targets(specs, defaults, look_up, endpoints={"https://x.example"})
     assert targets == [
         Target("home", "http://127.0.0.1:9", "cn-north-4"),  # the settings' own: no IAM call
         Target("iam-cn-south-1", "https://modelarts.cn-south-1.myhuaweicloud.com", "cn-south-1"),
@@ -253,7 +253,12 @@ async def test_specs_resolve_to_targets_asking_iam_only_for_a_region_alone() -> 
     ]  # "home" and the second cn-south-1 were the same project at the same endpoint
     assert asked == ["cn-south-1", "cn-east-3", "cn-south-1"]  # the cache is IAM's, not this
     with pytest.raises(UsageError, match="project p1 is not in allowed_projects"):
-        await resolve_targets(specs, defaults, look_up, allowed={"home", "iam-cn-south-1"})
+        await resolve_targets(specs, defaults, look_up, allowed={"home", "iam-cn-south-1"},
+                              endpoints={"https://x.example"})  # fmt: skip
+    asked.clear()  # an endpoint the settings do not list: refused before IAM is asked
+    with pytest.raises(UsageError, match=r"endpoint https://x\.example is not one the settings"):
+        await resolve_targets(specs[5:], defaults, look_up)
+    assert asked == []
     with pytest.raises(UsageError, match="neither --region nor --endpoint is set"):
         await resolve_targets([parse_spec("p1")], Defaults(None, None, None), look_up)
 

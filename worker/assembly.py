@@ -326,7 +326,8 @@ async def build_calls(
     lookup = None
     if session is not None and keys is not None:  # a line's region, as serve's entries'
         lookup = wiring.region_lookup(settings, session, keys)
-    targets = Targets(records.default, allowed=settings.allowed_projects, lookup=lookup)
+    targets = Targets(records.default, allowed=settings.allowed_projects,
+                      endpoints=settings.trusted_endpoints, lookup=lookup)  # fmt: skip
     pipeline = Pipeline(
         entries=records.entries,
         ledger=records.port,
@@ -364,11 +365,13 @@ def service_config(settings: Settings) -> ServiceConfig:
 def serve_targets(settings: Settings) -> Targets:
     """Where ``serve`` may send: the settings' project at their endpoint by default, and the
     projects of ``allowed_projects``; none listed: the default project only (a queue anyone
-    can write to must not widen what a replica deletes)."""
+    can write to must not widen what a replica deletes). An entry may name the endpoints
+    the settings trust only (``allowed_endpoints``: ``worker.targets.untrusted``)."""
     default = Target(
         wiring.project_id(settings), normal_endpoint(settings.api_endpoint), settings.region
     )
-    return Targets(default, allowed=settings.allowed_projects or [default.project_id])
+    allowed = settings.allowed_projects or [default.project_id]
+    return Targets(default, allowed=allowed, endpoints=settings.trusted_endpoints)
 
 
 def serve_places(targets: Targets) -> Places:

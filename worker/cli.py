@@ -46,6 +46,12 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
         "--project-id only)",
     ),
     (
+        "--allowed-endpoints",
+        str,
+        "comma-separated endpoint URLs a line, stream entry or plan may name beside the "
+        "--endpoint, a region's public one and loopback",
+    ),
+    (
         "--iam-endpoint",
         str,
         "IAM URL where a --region's project id is looked up when no --project-id is set "
@@ -173,6 +179,7 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
         "--confirm-project-over",
         "--stats-interval",
         "--allowed-projects",
+        "--allowed-endpoints",
         "--redis-url",  # the rate limit shared with the other shards and serve (fleet.md)
         "--stream",  # whose key {stream}:ratelimit it is
     )
@@ -180,6 +187,7 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     + _LOG,
     "discover": (
         *_API,
+        "--allowed-endpoints",
         "--rate",
         "--burst",
         "--max-attempts",
@@ -190,11 +198,11 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     # serve refuses --dry-run and --max-deletions, and never asks: it does not offer them
     "serve": _API
     + tuple(f for f in _DISPATCH if f not in ("--dry-run", "--yes", "--max-deletions"))
-    + ("--allowed-projects",)
+    + ("--allowed-projects", "--allowed-endpoints")
     + _QUEUE
     + tuple(f for f in _PROTECT if f not in ("--max-fraction", "--plan-key-file"))
     + _LOG,
-    "enqueue": ("--redis-url", "--stream", *_LOG),
+    "enqueue": ("--redis-url", "--stream", "--allowed-endpoints", *_LOG),
     "check": _API + _LOG,
     "demo": ("--batch-size", "--concurrency", "--rate", "--burst"),  # it narrates: no events
     "simulate": (),  # configured by its own flags only

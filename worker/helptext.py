@@ -42,7 +42,7 @@ _RATE_FLAGS = ("--batch-size", "--concurrency", "--rate", "--burst", "--max-atte
 _SAFETY_FLAGS = ("--dry-run", "--yes", "--max-deletions", "--confirm-project-over", "--protect",
                  "--protect-file", "--protected-types", "--protected-statuses",
                  "--max-fraction", "--plan-key-file", "--recheck-max-age",
-                 "--allowed-projects")  # fmt: skip
+                 "--allowed-projects", "--allowed-endpoints")  # fmt: skip
 
 SETTING_GROUP = {
     **dict.fromkeys(_CONNECTION_FLAGS, CONNECTION),
@@ -56,7 +56,8 @@ and health port: a command without a queue shows no such group)."""
 
 METAVAR = {
     "--region": "REGION", "--endpoint": "URL", "--project-id": "ID", "--iam-endpoint": "URL",
-    "--allowed-projects": "IDS", "--http-host": "HOST", "--ak": "KEY",
+    "--allowed-projects": "IDS", "--allowed-endpoints": "URLS", "--http-host": "HOST",
+    "--ak": "KEY",
     "--sk": "KEY", "--security-token": "TOKEN", "--ak-file": "FILE", "--sk-file": "FILE",
     "--security-token-file": "FILE", "--ca-bundle": "FILE", "--credential-source": "SOURCE",
     "--metadata-url": "URL", "--batch-size": "N", "--concurrency": "N", "--rate": "CALLS/S",

@@ -99,6 +99,7 @@ class Settings(BaseSettings):
     endpoint: str | None = None
     project_id: str | None = None
     allowed_projects: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allowed_endpoints: Annotated[list[str], NoDecode] = Field(default_factory=list)
     iam_endpoint: str | None = None  # where a region's project id is looked up (api/projects)
     ak: str | None = None
     sk: SecretStr | None = None
@@ -200,10 +201,18 @@ class Settings(BaseSettings):
             raise ValueError(problem)
         return value
 
-    @field_validator("allowed_projects", mode="before")
+    @field_validator("allowed_projects", "allowed_endpoints", mode="before")
     @classmethod
     def _project_list(cls, value: object) -> object:
         return word_list(value)
+
+    @field_validator("allowed_endpoints")
+    @classmethod
+    def _allowed_endpoints(cls, value: list[str]) -> list[str]:
+        for endpoint in value:
+            if (problem := endpoint_problem(endpoint)) is not None:
+                raise ValueError(f"{endpoint!r}: each entry {problem}")
+        return list(dict.fromkeys(normal_endpoint(endpoint) for endpoint in value))
 
     @field_validator("allowed_projects")
     @classmethod
@@ -355,6 +364,14 @@ class Settings(BaseSettings):
         if self.region:
             return endpoint_for(self.region)
         raise ConfigError("set endpoint or region (REAPER_ENDPOINT / REAPER_REGION)")
+
+    @property
+    def trusted_endpoints(self) -> frozenset[str]:
+        """The endpoints a line, stream entry or plan may name beside a region's public one
+        and loopback (``worker.targets.untrusted``): the endpoint in force, if any, and
+        ``allowed_endpoints``."""
+        own = self.endpoint or (endpoint_for(self.region) if self.region else None)
+        return frozenset((*self.allowed_endpoints, *([normal_endpoint(own)] if own else [])))
 
     def require_api(self, *, endpoint: bool = True) -> None:
         """Check what a command that calls the API needs before any call, naming what is missing.

@@ -248,6 +248,29 @@ def address(fields: dict[str, str | None]) -> Address | str:
 _PUBLIC = re.compile(r"modelarts\.([a-z]{2}(?:-[a-z0-9]+)+)\.myhuaweicloud\.(?:com|cn)")
 
 
+def untrusted(endpoint: str, trusted: Collection[str]) -> str | None:
+    """Why a line, a stream entry or a plan may not name ``endpoint`` (None: it may).
+
+    Each call sent there carries the account's access key id, a signature and (temporary
+    credentials) its security token: whoever writes a line must not choose where they go.
+    Trusted are the ``trusted`` endpoints (the settings' own and ``allowed_endpoints``,
+    normalised: :func:`normal_endpoint`), a region's public ModelArts endpoint
+    (:func:`endpoint_for`: https, no port of its own) and loopback (tests, the simulator)."""
+    if endpoint in trusted:
+        return None
+    parts = urlsplit(endpoint)
+    host = parts.hostname or ""
+    if is_loopback(host):
+        return None
+    if parts.scheme == "https" and parts.port is None and _PUBLIC.fullmatch(host):
+        return None
+    return (
+        f"endpoint {endpoint} is not one the settings trust (their endpoint, a region's "
+        "public ModelArts endpoint, loopback, or one of allowed_endpoints): its calls would "
+        "carry the account's signature there"
+    )
+
+
 def public_region(endpoint: str) -> str | None:
     """The region whose public ModelArts endpoint ``endpoint`` is (:func:`endpoint_for`),
     else None (a private, proxy or test endpoint says nothing of its region)."""
@@ -257,7 +280,11 @@ def public_region(endpoint: str) -> str | None:
 
 
 def resolve(
-    named: Address, default: Target | None, *, allowed: Collection[str] = ()
+    named: Address,
+    default: Target | None,
+    *,
+    allowed: Collection[str] = (),
+    endpoints: Collection[str] = (),
 ) -> Target | Unresolved | str:
     """The target of a line that names ``named``, else the reason it cannot be sent.
 
@@ -271,8 +298,10 @@ def resolve(
       the default endpoint): :class:`Unresolved`.
 
     ``allowed``: when not empty, the only project ids a target may have; any other is
-    refused with a reason. ``default`` is None when the settings name no project: then every
-    line must name its project and place.
+    refused with a reason. ``endpoints``: the endpoints a line may name beside the default's,
+    a region's public one and loopback (:func:`untrusted`); any other is refused with a
+    reason. ``default`` is None when the settings name no project: then every line must name
+    its project and place.
     """
     if not named:
         if default is None:
@@ -287,8 +316,12 @@ def resolve(
             endpoint, region = default.endpoint, default.region
         else:
             endpoint = endpoint_for(region)
-    elif region is None and default is not None and endpoint == default.endpoint:
-        region = default.region
+    else:
+        trusted = endpoints if default is None else (*endpoints, default.endpoint)
+        if (problem := untrusted(endpoint, trusted)) is not None:
+            return problem
+        if region is None and default is not None and endpoint == default.endpoint:
+            region = default.region
     project = named.project_id
     if project is None:
         if default is None or (endpoint, region) != (default.endpoint, default.region):
@@ -336,6 +369,7 @@ class Targets:
     project and id, is never sent twice under two targets (the ledger's and serve's
     de-duplication by target is then de-duplication by project).
 
+    ``allowed``, ``endpoints``: the projects and endpoints a line may name (:func:`resolve`).
     ``lookup``: how a region's project id is found when a line names a region (another than
     the default's) without one; None: such a line is rejected (:class:`Unresolved`)."""
 
@@ -344,10 +378,12 @@ class Targets:
         default: Target | None,
         *,
         allowed: Collection[str] = (),
+        endpoints: Collection[str] = (),
         lookup: ProjectLookup | None = None,
     ) -> None:
         self.default = default
         self.allowed = frozenset(allowed)
+        self.endpoints = frozenset(endpoints)
         self._lookup = lookup
         self._resolved: dict[Address, Target | str] = {}
         self._met: dict[Target, Target] = {}
@@ -356,6 +392,10 @@ class Targets:
         self._places: dict[str, Target] = {}
         if default is not None:
             self._places[default.project_id] = default
+
+    def resolve(self, named: Address) -> Target | Unresolved | str:
+        """:func:`resolve` with this run's default, ``allowed`` and ``endpoints``: pure."""
+        return resolve(named, self.default, allowed=self.allowed, endpoints=self.endpoints)
 
     def look_up_with(self, lookup: ProjectLookup) -> None:
         """Find a region's project with ``lookup`` from now on (the keys and the session
@@ -367,7 +407,7 @@ class Targets:
         looking a project up (see :meth:`find`)."""
         found = self._resolved.get(named)
         if found is None:
-            answer = resolve(named, self.default, allowed=self.allowed)
+            answer = self.resolve(named)
             found = answer.reason if isinstance(answer, Unresolved) else self._keep(answer)
             self._remember(named, found)
         return found
@@ -401,7 +441,7 @@ class Targets:
         return found
 
     async def _find(self, named: Address) -> Target | str | LookupFailed:
-        answer = resolve(named, self.default, allowed=self.allowed)
+        answer = self.resolve(named)
         if not isinstance(answer, Unresolved):
             return self._keep(answer)
         if self._lookup is None or answer.region is None:

@@ -6,7 +6,9 @@ entry keeps redelivery and dead-lettering exact (a poison id never drags healthy
 the dead-letter stream) and spreads work evenly over replicas, at the price of a larger
 stream than lists would make. A line naming its ``project_id``, ``region`` or ``endpoint``
 (JSON Lines keys, CSV columns: ``worker.targets``) carries them into its entry, held to the
-same rules as ``run``'s lines; which projects may be sent to is ``serve``'s to decide.
+same rules as ``run``'s lines, an endpoint among them only one the settings trust (their
+own, ``allowed_endpoints``, a region's public one, loopback: ``worker.targets.untrusted``);
+which projects may be sent to is ``serve``'s to decide.
 Entries go out in pipelined chunks of ``CHUNK`` (one round trip each). Invalid ids are
 never enqueued: each is a ``job.rejected`` event on stderr. Ids are not de-duplicated
 across the input (that would need memory growing with it); a repeat is deleted once and
@@ -35,8 +37,8 @@ from worker import logsetup, wiring
 from worker.errors import ConfigError, InputUnreadable, RedisUnavailable
 from worker.exit_codes import ExitCode
 from worker.settings import Settings
-from worker.targets import FIELDS
-from worker.types import Candidate
+from worker.targets import FIELDS, untrusted
+from worker.types import Candidate, Rejection
 
 CHUNK = 500
 
@@ -97,6 +99,7 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
 
     events = EventLog(sink=logsetup.json_sink())
     client = wiring.redis_client(settings.redis_url, timeout=30.0)
+    trusted = settings.trusted_endpoints
     enqueued = rejected = 0
     first: str | None = None
     last: str | None = None
@@ -114,6 +117,8 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
                     break
                 ids: list[dict[str, str]] = []
                 for entry in chunk:
+                    if isinstance(entry, Candidate):
+                        entry = _trusted(entry, trusted)
                     if isinstance(entry, Candidate):
                         ids.append(_fields(entry))
                     else:
@@ -159,6 +164,16 @@ def _unavailable(exc: RedisUnavailable, settings: Settings, **fields: Any) -> in
     say_error(log, "enqueue.redis_unavailable", exc, command="enqueue", events=sys.stderr,
               redis=where, **fields)  # fmt: skip
     return ExitCode.UNAVAILABLE
+
+
+def _trusted(candidate: Candidate, trusted: frozenset[str]) -> Candidate | Rejection:
+    """``candidate``, or its rejection when its line names an endpoint the settings do not
+    trust (``worker.targets.untrusted``): serve would refuse the entry, and it is kept off
+    the stream rather than dead-lettered there."""
+    endpoint = candidate.address.endpoint if candidate.address is not None else None
+    if endpoint is None or (problem := untrusted(endpoint, trusted)) is None:
+        return candidate
+    return Rejection(candidate.job_id, candidate.line, problem)
 
 
 def _fields(candidate: Candidate) -> dict[str, str]:

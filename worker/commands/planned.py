@@ -62,6 +62,7 @@ def open_file_plan(path: str, settings: Settings) -> SealedPlan:
             now=datetime.now(UTC),
             max_fraction=settings.max_fraction,
             allowed=settings.allowed_projects,
+            endpoints=settings.trusted_endpoints,
         )
     except BaseException:
         plan.close()

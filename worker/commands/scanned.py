@@ -117,7 +117,7 @@ async def select_each(
         targets = await resolve_targets(
             request.projects, project_defaults(settings),
             wiring.region_lookup(settings, session, keys),
-            allowed=settings.allowed_projects,
+            allowed=settings.allowed_projects, endpoints=settings.trusted_endpoints,
         )  # fmt: skip
         try:
             for target in targets:

@@ -66,6 +66,7 @@ from worker.targets import (
     normal_endpoint,
     project_problem,
     region_problem,
+    untrusted,
 )
 from worker.types import JOB_ID_RE, JobRecord, iso
 
@@ -272,13 +273,16 @@ class PlanHeader:
         max_fraction: float | None = None,
         inventory: int | None = None,
         allowed: Collection[str] = (),
+        endpoints: Collection[str] = (),
     ) -> None:
         """Refuse a plan for another project or endpoint, an expired one, or one over the cap
         (of the inventory it recorded, or of ``inventory`` counted now, whichever is less).
 
         A plan that names its projects is applied to those, not to ``project_id`` and
         ``endpoint`` (the run's own): each of them must be in ``allowed`` when that is not
-        empty (``allowed_projects``), and ``max_fraction`` holds for each.
+        empty (``allowed_projects``), each endpoint one the settings trust (``endpoints``:
+        theirs and ``allowed_endpoints``; see :func:`worker.targets.untrusted`), and
+        ``max_fraction`` holds for each.
 
         The seal itself is checked by :func:`open_plan`, before the plan exists as an object.
         """
@@ -288,6 +292,11 @@ class PlanHeader:
                     raise PlanRefused(
                         f"plan names project {section.project_id}, which is not in "
                         "allowed_projects: refusing to apply it"
+                    )
+                if (problem := untrusted(normal_endpoint(section.endpoint), endpoints)) is not None:
+                    raise PlanRefused(
+                        f"plan names project {section.project_id}, but its {problem}; "
+                        "refusing to apply it"
                     )
         else:
             if project_id is None or self.project_id != project_id:

@@ -34,6 +34,7 @@ from worker.targets import (
     normal_endpoint,
     project_problem,
     region_problem,
+    untrusted,
 )
 
 
@@ -100,12 +101,17 @@ async def resolve_targets(
     look_up: LookUp,
     *,
     allowed: Collection[str] = (),
+    endpoints: Collection[str] = (),
 ) -> list[Target]:
     """The targets the specs name, in their order, each once. ``UsageError`` (64) for a
-    spec that needs the settings' endpoint when they give none, or names a project outside
-    ``allowed`` (``allowed_projects``, when not empty); IAM's errors as they are."""
+    spec that needs the settings' endpoint when they give none, names a project outside
+    ``allowed`` (``allowed_projects``, when not empty), or an endpoint the settings do not
+    trust (``endpoints``: theirs and ``allowed_endpoints``; ``untrusted``), which ``run``
+    would refuse the plan for; IAM's errors as they are."""
     found: dict[tuple[str, str], Target] = {}
     for spec in specs:
+        if spec.endpoint is not None and (problem := untrusted(spec.endpoint, endpoints)):
+            raise UsageError(f"--project {spec.text!r}: {problem}")
         target = await _target(spec, defaults, look_up)
         if allowed and target.project_id not in allowed:
             raise UsageError(

@@ -31,7 +31,7 @@ from anyio.abc import TaskStatus
 
 from worker.clock import Clock
 from worker.errors import TransientError
-from worker.targets import Address, LookupFailed, Target, Targets, Unresolved, resolve
+from worker.targets import Address, LookupFailed, Target, Targets, Unresolved
 
 RETRY_S = 30.0
 """Seconds a region's failed look-up is held before IAM is asked again (serve holds it no
@@ -107,7 +107,7 @@ class RegionLookups:
         known = self._targets.known(named)
         if known is not None:
             return known
-        place = resolve(named, self._targets.default, allowed=self._targets.allowed)
+        place = self._targets.resolve(named)
         if not isinstance(place, Unresolved) or place.region is None:
             return await self._targets.fresh(named)  # IAM has nothing to say: no wait
         if named not in self._asking and len(self._asking) < ASKED_AT_ONCE:
