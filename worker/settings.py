@@ -203,24 +203,19 @@ class Settings(BaseSettings):
 
     @field_validator("allowed_projects", "allowed_endpoints", mode="before")
     @classmethod
-    def _project_list(cls, value: object) -> object:
+    def _id_list(cls, value: object) -> object:
         return word_list(value)
 
-    @field_validator("allowed_endpoints")
+    @field_validator("allowed_projects", "allowed_endpoints")
     @classmethod
-    def _allowed_endpoints(cls, value: list[str]) -> list[str]:
-        for endpoint in value:
-            if (problem := endpoint_problem(endpoint)) is not None:
-                raise ValueError(f"{endpoint!r}: each entry {problem}")
-        return list(dict.fromkeys(normal_endpoint(endpoint) for endpoint in value))
-
-    @field_validator("allowed_projects")
-    @classmethod
-    def _allowed_projects(cls, value: list[str]) -> list[str]:
-        for project in value:
-            if (problem := project_problem(project)) is not None:
-                raise ValueError(f"{project!r}: each entry {problem}")
-        return list(dict.fromkeys(value))
+    def _allowed(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        """Each entry held to its setting's rule; endpoints kept as compared (normalised)."""
+        endpoints = info.field_name == "allowed_endpoints"
+        check = endpoint_problem if endpoints else project_problem
+        for entry in value:
+            if (problem := check(entry)) is not None:
+                raise ValueError(f"{entry!r}: each entry {problem}")
+        return list(dict.fromkeys(normal_endpoint(e) if endpoints else e for e in value))
 
     @field_validator("protect", "protected_types", "protected_statuses", mode="before")
     @classmethod
