@@ -311,12 +311,16 @@ async def test_a_batch_checked_before_its_plan_expired_is_not_sent_after() -> No
     too, but its token comes at t=31: no DELETE goes out on an expired plan, however fresh
     its check (60 s), so its jobs end ``skipped`` (``plan_expired``), unsent; and batch 3,
     whose turn comes after, is not even read."""
-    clock = FakeClock()
+    await _batch_two_expires_before_its_delete(FakeClock(), expiring_plan("abcde", 30.0))
+
+
+async def _batch_two_expires_before_its_delete(clock: FakeClock, plan: PlanCheck) -> None:
+    """Three batches of ``plan``'s jobs; the DELETE of the second waits 31 s for its token,
+    past the plan's expiry: only the first's goes out, the rest end ``plan_expired``, and
+    the third is never read."""
     api = StampedApi(["a", "b", "c", "d", "e"], clock)
     # Tokens: show a, delete a, show b, show c, then 31 s for the DELETE of b and c.
-    guard, _, journal = guarded_dispatcher(
-        api, clock, [0, 0, 0, 0, 31, 0], plan=expiring_plan("abcde", 30.0)
-    )
+    guard, _, journal = guarded_dispatcher(api, clock, [0, 0, 0, 0, 31, 0], plan=plan)
     await guard.process(Batch("b1", ("a",)))
     await guard.process(Batch("b2", ("b", "c")))
     await guard.process(Batch("b3", ("d", "e")))
@@ -343,19 +347,8 @@ async def test_a_batch_checked_before_its_plan_expired_by_the_system_s_clock_is_
     read at t=0 too, but its token comes at t=31 (the system's clock at 310): no DELETE goes
     out on the plan expired there, however fresh its check on the run's clock, so its jobs
     end ``skipped`` (``plan_expired``), unsent; batch 3, whose turn comes after, is unread."""
-    clock = RushedWall()
-    api = StampedApi(["a", "b", "c", "d", "e"], clock)
     plan = dataclasses.replace(expiring_plan("abcde", 1000.0), wall_expires=100.0)
-    guard, _, journal = guarded_dispatcher(api, clock, [0, 0, 0, 0, 31, 0], plan=plan)
-    await guard.process(Batch("b1", ("a",)))
-    await guard.process(Batch("b2", ("b", "c")))
-    await guard.process(Batch("b3", ("d", "e")))
-    assert api.delete_calls == [("a",)]
-    assert {(r.job_id, r.outcome, r.reason) for r in journal.results} == {
-        ("a", Outcome.DELETED, None),
-        *((i, Outcome.SKIPPED, "plan_expired") for i in "bcde"),
-    }
-    assert "d" not in api.shown_at and "e" not in api.shown_at
+    await _batch_two_expires_before_its_delete(RushedWall(), plan)
 
 
 @pytest.mark.anyio
