@@ -197,7 +197,7 @@ async def test_enqueue_refuses_the_settings_only_a_run_can_keep(
 
 @pytest.mark.anyio
 async def test_stdin_closed_at_start_is_66_in_words_and_nothing_is_enqueued(
-    redis_prefix: str,
+    redis_prefix: str, redis_client: Any
 ) -> None:
     """``enqueue --input - <&-``, as a cron line or a CI step without stdin runs it: stdin is
     not an empty input but none at all. It raised an AttributeError traceback and exited 1,
@@ -209,11 +209,7 @@ async def test_stdin_closed_at_start_is_66_in_words_and_nothing_is_enqueued(
     assert done.returncode == 66, (out, err)
     assert "Traceback" not in out + err
     assert "stdin is closed (<&-)" in err
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        assert await client.exists(stream) == 0
-    finally:
-        await client.aclose()
+    assert await redis_client.exists(stream) == 0
 
 
 @pytest.mark.anyio

@@ -20,7 +20,6 @@ from typing import Any
 import anyio
 import orjson
 import pytest
-import redis.asyncio as aioredis
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -862,7 +861,7 @@ async def test_the_copy_of_a_plan_a_kill_9_left_is_removed_by_the_next_not_a_liv
 @pytest.mark.parametrize("command", ["run", "enqueue"])
 @pytest.mark.parametrize("name", ["plan.jsonl", "plan.txt"])
 async def test_a_plan_given_as_an_input_of_ids_is_refused_not_its_jobs_deleted_unchecked(
-    tmp_path: Path, redis_prefix: str, command: str, name: str
+    tmp_path: Path, redis_prefix: str, redis_client: Any, command: str, name: str
 ) -> None:
     """``--input plan.jsonl`` where ``--plan`` was meant: its job lines hold an ``id``, so the
     JSON Lines reader took them as ids and run deleted every job the plan names with no seal,
@@ -887,11 +886,7 @@ async def test_a_plan_given_as_an_input_of_ids_is_refused_not_its_jobs_deleted_u
         assert "Traceback" not in applied.stderr
         assert set(planned) <= set(sim.store.jobs)  # nothing deleted
         if command == "enqueue":
-            client = aioredis.Redis.from_url(REDIS_URL)
-            try:
-                assert await client.exists(stream) == 0
-            finally:
-                await client.aclose()
+            assert await redis_client.exists(stream) == 0
 
 
 @pytest.mark.anyio
