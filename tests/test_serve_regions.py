@@ -21,6 +21,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,13 @@ async def rows(client: aioredis.Redis, key: str) -> list[dict[str, str]]:
     return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in found]
 
 
+async def settled(client: aioredis.Redis, stream: str, outcomes: int) -> bool:
+    """Whether ``stream``'s group has nothing pending and its outcomes stream holds
+    ``outcomes`` rows: every entry served and acknowledged."""
+    info: Any = await client.xpending(stream, GROUP)
+    return len(await rows(client, stream + ":outcomes")) == outcomes and not int(info["pending"])
+
+
 def named(region: Region, ids: list[str], **extra: str) -> list[dict[str, str]]:
     """JSON Lines naming ``region``'s project, region and endpoint beside each id."""
     place = {"project_id": region.project, "region": region.region, "endpoint": region.url}
@@ -250,13 +258,7 @@ async def test_entries_of_two_projects_go_to_their_own_regions_and_another_is_de
         }  # fmt: skip
         async with serving(stream, north, tmp_path, "--allowed-projects",
                            "project-a,project-b") as serve:  # fmt: skip
-
-            async def settled() -> bool:
-                info: Any = await redis_client.xpending(stream, GROUP)
-                done = await rows(redis_client, stream + ":outcomes")
-                return len(done) == 17 and int(info["pending"]) == 0
-
-            await until(settled)
+            await until(partial(settled, redis_client, stream, 17))
             text = await serve.metrics()
 
         outcomes = {r["job_id"]: r for r in await rows(redis_client, stream + ":outcomes")}
@@ -354,12 +356,7 @@ async def test_an_allowed_project_named_at_the_wrong_region_fails_alone_the_repl
             lines += named(south, south.ids[:5]) + [{"id": i} for i in north.ids[:5]]
             await put(stream, tmp_path, lines)
 
-            async def settled() -> bool:
-                info: Any = await redis_client.xpending(stream, GROUP)
-                done = await rows(redis_client, stream + ":outcomes")
-                return len(done) == 11 and int(info["pending"]) == 0
-
-            await until(settled, timeout=60)
+            await until(partial(settled, redis_client, stream, 11), timeout=60)
             assert await serve.ready() == 200
         assert not serve.named("serve.paused")
         outcomes = {r["job_id"]: r for r in await rows(redis_client, stream + ":outcomes")}
@@ -440,12 +437,7 @@ async def test_an_entry_naming_a_region_alone_gets_its_project_from_iam_once_hel
             lines = by_region(south, found[5:]) + by_region(south, [nowhere], "cn-east-3")
             await put(stream, tmp_path, lines + by_region(south, [stranger], "cn-east-9"))
 
-            async def settled() -> bool:
-                info: Any = await redis_client.xpending(stream, GROUP)
-                done = await rows(redis_client, stream + ":outcomes")
-                return len(done) == 17 and int(info["pending"]) == 0
-
-            await until(settled)
+            await until(partial(settled, redis_client, stream, 17))
         outcomes = {r["job_id"]: r for r in await rows(redis_client, stream + ":outcomes")}
         assert {outcomes[i]["outcome"] for i in found + plain} == {"deleted"}
         assert {(outcomes[i]["project_id"], outcomes[i]["region"]) for i in found} == {
@@ -483,12 +475,7 @@ async def test_iam_refusing_the_project_list_dead_letters_naming_the_permission_
             lines = by_region(south, refused) + named(south, south.ids[2:5])
             await put(stream, tmp_path, lines + [{"id": i} for i in north.ids[:5]])
 
-            async def settled() -> bool:
-                info: Any = await redis_client.xpending(stream, GROUP)
-                done = await rows(redis_client, stream + ":outcomes")
-                return len(done) == 10 and int(info["pending"]) == 0
-
-            await until(settled)
+            await until(partial(settled, redis_client, stream, 10))
             assert await serve.ready() == 200
         outcomes = {r["job_id"]: r for r in await rows(redis_client, stream + ":outcomes")}
         assert {outcomes[i]["outcome"] for i in south.ids[2:5] + north.ids[:5]} == {"deleted"}

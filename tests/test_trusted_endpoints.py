@@ -18,6 +18,7 @@ import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +199,7 @@ async def test_serve_dead_letters_an_entry_naming_an_untrusted_endpoint_and_send
     """An entry written to the stream by anyone (not through enqueue) naming an untrusted
     https endpoint is dead-lettered with the reason (metric reason ``target``), its id
     ``rejected``, nothing sent there; a replica listing the endpoint deletes it there."""
-    from tests.test_serve_regions import AK, GROUP, SK, Region, rows, serving, until
+    from tests.test_serve_regions import AK, SK, Region, rows, serving, settled, until
 
     stream = redis_prefix + "ids"
     home = Region("project-a", "cn-north-4", 1, tmp_path)
@@ -210,13 +211,7 @@ async def test_serve_dead_letters_an_entry_naming_an_untrusted_endpoint_and_send
             await redis_client.xadd(stream, entry)
             flags = ("--allowed-projects", f"project-a,{AWAY}", "--ca-bundle", str(away.ca))
             async with serving(stream, home, tmp_path, *flags) as serve:
-
-                async def settled() -> bool:
-                    info: Any = await redis_client.xpending(stream, GROUP)
-                    done = await rows(redis_client, stream + ":outcomes")
-                    return len(done) == 1 and int(info["pending"]) == 0
-
-                await until(settled)
+                await until(partial(settled, redis_client, stream, 1))
                 text = await serve.metrics()
             assert away.sim.stats.calls == 0
             (outcome,) = await rows(redis_client, stream + ":outcomes")
