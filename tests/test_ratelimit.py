@@ -555,6 +555,19 @@ async def test_the_run_s_clock_is_the_boot_time_clock_that_counts_a_suspend() ->
     assert time.clock_gettime(time.CLOCK_BOOTTIME) - after >= 0.05
 
 
+def test_the_run_s_clock_reads_a_suspend_as_time_passed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine never suspended reads CLOCK_BOOTTIME and CLOCK_MONOTONIC alike, so the test
+    above holds on either: here the system reports an hour suspended (CLOCK_BOOTTIME an hour
+    past CLOCK_MONOTONIC), and the run's clock must count it."""
+    real = time.clock_gettime
+
+    def suspended(clock_id: int) -> float:
+        return real(clock_id) + (3600.0 if clock_id == time.CLOCK_BOOTTIME else 0.0)
+
+    monkeypatch.setattr(time, "clock_gettime", suspended)
+    assert MonotonicClock().now() - time.monotonic() >= 3599.0  # the hour, to a second
+
+
 class LateWakeClock(FakeClock):
     """A ``FakeClock`` whose sleepers wake up to a millisecond late, as asyncio's timers do on
     a quiet machine (``epoll_wait`` takes whole milliseconds, rounded up): by a seeded
