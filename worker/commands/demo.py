@@ -178,7 +178,8 @@ async def demo(jobs: int, settings: Settings, summaries: Summaries | None = None
                   f"simulator still holds {len(sim.job_ids()):,} jobs")  # fmt: skip
 
             _say(6, "run --plan plan.txt --ledger reaper.db, interrupted by Ctrl-C once 40 "
-                    "jobs are gone, then the same command again: it resumes")  # fmt: skip
+                    "jobs are gone (calls already sent finish and count), then the same "
+                    "command again: it resumes")  # fmt: skip
             for attempt in ("first", "again"):
                 again = tour.model_copy(update={"ledger": ledger})
                 async with anyio.create_task_group() as group:
