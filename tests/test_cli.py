@@ -444,6 +444,76 @@ def test_a_missing_directory_is_a_settings_78_and_a_command_lines_own_path_64(
     assert not (tmp_path / "nope").exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["serve", "--stream", ""], "--stream must be the name of a Redis Stream, not empty"),
+        (["serve", "--consumer", ""], "--consumer must be a consumer name, not empty"),
+        (["serve", "--group", " "], "--group must be the name of a consumer group, not empty"),
+        (["run", "-i", "ids.txt", "--shard="], "--shard must be I/N (such as 0/4) or auto/N, "
+         "not empty"),
+        (["run", "-i", "ids.txt", "--allowed-projects", ""],
+         "--allowed-projects must be project ids, comma-separated, not empty"),
+        (["run", "-i", "ids.txt", "--sk-file", ""], "--sk-file must be a file path, not empty"),
+        (["run", "-i", "ids.txt", "--protect", "x", "--protect", ""],
+         "--protect must be a rule: id:ID, name:GLOB, a glob, or an id-or-name, not empty"),
+    ],
+    ids=["stream", "consumer", "group-blank", "shard", "allowed-projects", "sk-file",
+         "protect"],
+)  # fmt: skip
+def test_a_setting_flag_given_empty_is_a_usage_error_naming_what_it_takes(
+    tmp_path: Path, argv: list[str], said: str
+) -> None:
+    """``serve --stream ''`` said pydantic's "String should have at least 1 character" (78),
+    and ``--allowed-projects ''`` (any project, over the config file's list) or
+    ``--sk-file ''`` (no file read) were taken without a word. An empty flag is refused as
+    a flag that is no number is: 64, the usage, the flag and what it takes."""
+    done = run_worker(*argv, "--dry-run" if argv[0] == "run" else "--rate=1", cwd=tmp_path)
+    assert done.returncode == 64, done.stderr
+    assert "usage: devserver-reaper" in done.stderr
+    assert done.stderr.splitlines()[-1] == f"devserver-reaper {argv[0]}: {said}"
+
+
+def test_every_text_setting_flag_of_every_command_refuses_an_empty_value(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """No text setting flag takes '' (each says what it takes): parsed in-process for all."""
+    texts = {flag for flag, kind, _ in SETTING_FLAGS if kind not in (int, float, "bool")}
+    for command, flags in COMMAND_SETTINGS.items():
+        for flag in texts & set(flags):
+            with pytest.raises(SystemExit) as stopped:
+                build_parser().parse_args([command, flag, ""])
+            assert stopped.value.code == 64, (command, flag)
+            last = capsys.readouterr().err.splitlines()[-1]
+            assert last.startswith(f"devserver-reaper {command}: {flag} must be "), last
+            assert last.endswith(", not empty"), last
+
+
+@pytest.mark.parametrize(
+    ("toml", "said"),
+    [
+        ('stream = ""', "stream (REAPER_STREAM or the config file) must not be empty"),
+        ('consumer = ""', "consumer (REAPER_CONSUMER or the config file) must not be empty"),
+        ('allowed_projects = ""', "allowed_projects (REAPER_ALLOWED_PROJECTS or the config "
+         "file) must not be empty: list at least one entry, or write [] for none"),
+        ('sk_file = ""', "sk_file (REAPER_SK_FILE or the config file) must be a file path, "
+         "not empty"),
+        ('protect_file = ""', "reaper.toml: protect_file must be a file path, not empty"),
+    ],
+    ids=["stream", "consumer", "allowed-projects", "sk-file", "protect-file"],
+)  # fmt: skip
+def test_an_empty_text_setting_in_the_config_file_is_refused_in_words(
+    tmp_path: Path, toml: str, said: str
+) -> None:
+    """The same settings empty in the config file: 78 (an invalid setting), in words."""
+    (tmp_path / "reaper.toml").write_text(toml + "\n", encoding="utf-8")
+    (tmp_path / "ids.txt").write_text("job-1\n")
+    done = run_worker("run", "-i", "ids.txt", "--dry-run", "--config", "reaper.toml",
+                      cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 78, done.stderr
+    assert done.stderr == f"devserver-reaper: {said}\n"
+
+
 def test_config_is_read_whether_given_before_or_after_the_command(tmp_path: Path) -> None:
     """--config on the command and on the subcommand both name the file."""
     config = tmp_path / "reaper.toml"

@@ -335,11 +335,14 @@ def _add_settings(groups: dict[str, Any], flags: Sequence[str]) -> None:
             group.add_argument(flag, dest=dest, action="store_const", const=True, help=text)
         elif kind is rules:
             group.add_argument(
-                flag, dest=dest, type=str, action=_JoinAction, help=text, metavar="RULE"
+                flag, dest=dest, type=_text(flag), action=_JoinAction, help=text, metavar="RULE"
             )
         else:
             metavar = helptext.METAVAR[flag]
-            typed = _number(kind, seconds=metavar == "SECONDS") if kind in (int, float) else kind
+            typed = (
+                _number(kind, seconds=metavar == "SECONDS") if kind in (int, float)
+                else _text(flag)
+            )  # fmt: skip
             group.add_argument(flag, dest=dest, type=typed, help=text, metavar=metavar)
 
 
@@ -593,6 +596,22 @@ def _number(kind: type[float], *, seconds: bool) -> Callable[[str], float]:
             given = ""
         what = "a whole number" if kind is int else "a number" + " of seconds" * seconds
         raise argparse.ArgumentTypeError(f"must be {what}{given}") from None
+
+    return parse
+
+
+def _text(flag: str) -> Callable[[str], str]:
+    """A setting flag's text, refused empty (or blank) as a usage error (64) in the words of
+    what it must be (``--stream must be the name of a Redis Stream, not empty``): the
+    settings said "String should have at least 1 character" (78), and took some empty
+    values without a word (``--allowed-projects ''`` stood for any project over the config
+    file's list, ``--sk-file ''`` read no file)."""
+    expected = helptext.EXPECTED[flag]
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"must be {expected}, not empty")
+        return text
 
     return parse
 

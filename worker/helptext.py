@@ -76,6 +76,34 @@ METAVAR = {
 """What each setting flag's value is called in ``--help``: what to type, not a field name
 (every setting flag that takes a value has one)."""
 
+_FILE = "a file path"
+EXPECTED = {
+    "--region": "a region such as cn-north-4",
+    "--endpoint": "a URL such as https://modelarts.cn-north-4.myhuaweicloud.com",
+    "--project-id": "a project id (1 to 64 letters, digits and hyphens)",
+    "--allowed-projects": "project ids, comma-separated",
+    "--allowed-endpoints": "endpoint URLs, comma-separated",
+    "--iam-endpoint": "a URL such as https://iam.cn-north-4.myhuaweicloud.com",
+    "--ak": "an access key", "--sk": "a secret key", "--security-token": "a security token",
+    "--ak-file": _FILE, "--sk-file": _FILE, "--security-token-file": _FILE,
+    "--ca-bundle": _FILE, "--ledger": _FILE, "--protect-file": _FILE, "--plan-key-file": _FILE,
+    "--credential-source": "one of auto, settings, env, profile, pod-identity or metadata",
+    "--metadata-url": "a URL such as http://169.254.169.254",
+    "--rate": "a number of calls per second or 'auto'",
+    "--shard": "I/N (such as 0/4) or auto/N",
+    "--protect": "a rule: id:ID, name:GLOB, a glob, or an id-or-name",
+    "--protected-types": "job types, comma-separated",
+    "--protected-statuses": "job statuses, comma-separated",
+    "--redis-url": "a redis://, rediss:// or unix:// URL",
+    "--stream": "the name of a Redis Stream", "--group": "the name of a consumer group",
+    "--consumer": "a consumer name",
+    "--http-host": "an IP address to listen on, such as 0.0.0.0 or 127.0.0.1",
+    "--log-format": "one of auto, json or console",
+    "--log-level": "one of debug, info, warning or error",
+}  # fmt: skip
+"""What each setting flag that takes text must be, for the flag given empty (``--stream ''``):
+a usage error (64) said like a number flag given no number, never pydantic's words."""
+
 EXAMPLES = {
     "run": """\
 examples:

@@ -187,11 +187,23 @@ class Settings(BaseSettings):
         """``auto`` as people type it: `` Auto`` from a YAML manifest is still auto."""
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("ledger", mode="before")
+    @field_validator(
+        "ak_file", "sk_file", "security_token_file", "ca_bundle", "ledger", "plan_key_file",
+        mode="before",
+    )  # fmt: skip
     @classmethod
-    def _ledger_path(cls, value: object) -> object:
+    def _file_path(cls, value: object) -> object:
+        """An empty path is no file: ``Path("")`` is the current directory, and an empty key
+        file setting was passed over without a word."""
         if isinstance(value, str) and not value.strip():
             raise ValueError("must be a file path, not empty")
+        return value
+
+    @field_validator("sk", "security_token", mode="before")
+    @classmethod
+    def _secret_given(cls, value: object) -> object:
+        if isinstance(value, str) and not value:
+            raise ValueError("must not be empty (leave it out, or give the key)")
         return value
 
     @field_validator("project_id")
@@ -204,7 +216,7 @@ class Settings(BaseSettings):
     @field_validator("allowed_projects", "allowed_endpoints", mode="before")
     @classmethod
     def _id_list(cls, value: object) -> object:
-        return word_list(value)
+        return word_list(_not_blank(value))
 
     @field_validator("allowed_projects", "allowed_endpoints")
     @classmethod
@@ -220,7 +232,7 @@ class Settings(BaseSettings):
     @field_validator("protect", "protected_types", "protected_statuses", mode="before")
     @classmethod
     def _word_list(cls, value: object) -> object:
-        return word_list(value)
+        return word_list(_not_blank(value))
 
     @model_validator(mode="wrap")
     @classmethod
@@ -236,8 +248,9 @@ class Settings(BaseSettings):
             if len(given) > 1:
                 data[name] = word_list(given)  # each source's words, in one list
         named = [layer["protect_file"] for layer in layers if "protect_file" in layer]
-        if any(not str(name).strip() for name in named):
-            raise ValueError("protect_file must be a file path, not empty")
+        for said_as, layer in sourced:
+            if not str(layer.get("protect_file", "-")).strip():
+                raise ConfigError(f"{said_as('protect_file')} must be a file path, not empty")
         settings = handler(data)
         files: list[Path | None] = [Path(name) for name in named] or [settings.protect_file]
         settings._protect_files = tuple(dict.fromkeys(f for f in files if f is not None))
@@ -485,6 +498,15 @@ def _check_protection(given: dict[str, Any], said_as: Callable[[str], str]) -> N
             check(words)
         except ValueError as exc:
             raise ConfigError(f"{said_as(name)} {exc}") from None
+
+
+def _not_blank(value: object) -> object:
+    """A list setting given as blank text (``allowed_projects = ""``) is refused: it read as
+    no entry at all, for ``allowed_projects`` any project; an empty TOML list (``[]``) says
+    none on purpose."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must not be empty: list at least one entry, or write [] for none")
+    return value
 
 
 def word_list(value: object) -> object:
@@ -804,6 +826,7 @@ def _rule(field: str, error: Mapping[str, Any]) -> str:
         return f"must be {_range(field)}{but}"
     words = {
         "too_short": "must not be empty",
+        "string_too_short": "must not be empty",
         "int_parsing": f"must be a whole number{but}",
         "int_from_float": f"must be a whole number{but}",
         "float_parsing": "must be a number" + " of seconds" * (field in _SECONDS),
