@@ -3,10 +3,14 @@ endpoint are held to, which are the settings' own."""
 
 from __future__ import annotations
 
+from ipaddress import ip_address
+from urllib.parse import urlsplit
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from yarl import URL
 
 from worker.settings import Settings
 from worker.targets import (
@@ -16,6 +20,7 @@ from worker.targets import (
     Unresolved,
     address,
     endpoint_for,
+    endpoint_problem,
     misnamed_by,
     normal_endpoint,
     resolve,
@@ -103,6 +108,8 @@ def test_a_project_outside_the_allowed_list_is_refused_default_included() -> Non
         ({"endpoint": "http://example.com"}, "endpoint plain http:// is accepted only"),
         ({"endpoint": "https://u:p@example.com"}, "endpoint must not carry a user name"),
         ({"endpoint": "https://h/?q=1"}, "endpoint must not carry a query"),
+        ({"endpoint": "http://[127.0.0.1]"}, "endpoint is not a URL with a host that can be"),
+        ({"endpoint": "http://[::1]x"}, "endpoint is not a URL with a host that can be read"),
     ],
 )
 def test_a_bad_field_is_named_with_the_rule_it_breaks(fields: dict[str, str], reason: str) -> None:
@@ -131,6 +138,29 @@ def test_a_line_field_is_accepted_exactly_when_the_setting_would_be(value: str, 
         setting_ok = False
     line_ok = not isinstance(address({name: value}), str)
     assert line_ok == (setting_ok or value == ""), (name, value)
+
+
+_URLISH = st.builds(
+    "".join,
+    st.lists(
+        st.sampled_from(["http://", "https://", "[", "]", "::1", "127.0.0.1", "localhost", ":",
+                         "80", "@", "\\", "/", "%25", "%2f", "x", "h.example", ".", "?", "#"]),
+        max_size=8,
+    ),
+)  # fmt: skip
+
+
+@given(_URLISH)
+def test_an_endpoint_accepted_is_one_the_http_client_reads_at_the_same_host(value: str) -> None:
+    """The rules on trust (loopback, a public region's, the listed) read urlsplit's host; an
+    endpoint they accept must be read by the HTTP client (yarl) as that host, not refused by
+    it when its first call is made (a crash, every outcome lost) nor taken elsewhere."""
+    if endpoint_problem(value) is not None:
+        return
+    kept = normal_endpoint(value)
+    assert (urlsplit(kept).hostname or "") == (URL(kept).raw_host or "").lower() or (
+        ip_address(urlsplit(kept).hostname or "") == ip_address(URL(kept).raw_host or "")
+    ), value
 
 
 def test_allowed_projects_is_a_word_list_of_project_ids_each_held_to_the_rule() -> None:

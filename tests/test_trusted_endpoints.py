@@ -292,3 +292,73 @@ async def test_a_plan_naming_an_untrusted_endpoint_is_refused_when_run(tmp_path:
         applied = await reaper([*run, *listed], env)
         assert applied.code == 0, applied.stderr
         assert away.sim.stats.deletions == 2 and home.stats.deletions == 2
+
+
+# -- endpoints two URL readers read differently ------------------------------------------------
+
+# urlsplit (which the rules on trust read) raises on the first; the HTTP client (yarl) raises
+# on the second, which urlsplit reads as loopback.
+UNREADABLE = ("http://[127.0.0.1]", "http://[::1]x")
+
+
+@pytest.mark.anyio
+async def test_run_rejects_a_line_naming_an_endpoint_with_an_unreadable_host_and_runs_the_rest(
+    tmp_path: Path,
+) -> None:
+    """A line naming ``http://[127.0.0.1]`` or ``http://[::1]x`` ends ``rejected`` with the
+    reason, and the other lines' jobs are deleted. On the code before, the first ended the
+    whole input (66, 'ValueError: An IPv4 address cannot be in brackets', no id read), the
+    second passed the rules and crashed the run with a traceback when its client was made,
+    not one outcome written."""
+    async with run_simulator(SimulatorConfig(jobs=4, seed=1)) as home:
+        mine = home.job_ids()
+        rows = [{"id": i} for i in mine[:2]]
+        away = zip(mine[2:], UNREADABLE, strict=True)
+        rows += [{"id": i, "project_id": AWAY, "endpoint": url} for i, url in away]
+        source = tmp_path / "in.jsonl"
+        source.write_bytes(b"".join(orjson.dumps(row) + b"\n" for row in rows))
+        results = tmp_path / "results.jsonl"
+        allowed = f"{SIM_PROJECT},{AWAY}"
+        done = await reaper(["run", "--input", str(source), "--yes", "--results", str(results),
+                             "--allowed-projects", allowed], reaper_env(home.url))  # fmt: skip
+        assert "Traceback" not in done.stderr, done.stderr
+        assert done.code == 1, done.stderr
+        found = [orjson.loads(line) for line in results.read_bytes().splitlines()]
+        assert sorted(r["job_id"] for r in found if r["outcome"] == "deleted") == sorted(mine[:2])
+        refused = [r for r in found if r["outcome"] == "rejected"]  # a rejected line is named
+        assert sorted(r["line"] for r in refused) == [3, 4]  # by its line, not its id alone
+        for row in refused:
+            assert row["reason"].startswith("endpoint is not a URL with a host that can be read")
+        assert home.deleted == set(mine[:2])
+
+
+@pytest.mark.anyio
+async def test_serve_dead_letters_an_entry_naming_an_endpoint_with_an_unreadable_host(
+    redis_prefix: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Written straight to the stream, an entry naming ``http://[::1]x`` is dead-lettered with
+    the reason and the entry after it deleted. On the code before, serve died of a ValueError
+    traceback with both pending: every replica reading the entry again died too."""
+    from tests.test_serve_regions import Region, rows, serving, settled, until
+
+    stream = redis_prefix + "ids"
+    home = Region("project-a", "cn-north-4", 1, tmp_path)
+    home.start()
+    try:
+        bad, good = home.ids[:2]
+        for url in UNREADABLE:
+            await redis_client.xadd(stream, {"id": bad, "project_id": AWAY, "endpoint": url})
+        await redis_client.xadd(stream, {"id": good})
+        async with serving(stream, home, tmp_path, "--allowed-projects", f"project-a,{AWAY}"):
+            await until(partial(settled, redis_client, stream, 3))
+        outcomes = {
+            (row["job_id"], row["outcome"])
+            for row in await rows(redis_client, stream + ":outcomes")
+        }
+        assert outcomes == {(bad, "rejected"), (good, "deleted")}
+        dead = await rows(redis_client, stream + ":dead")
+        assert len(dead) == 2
+        assert all(d["reason"].startswith("endpoint is not a URL with a host") for d in dead), dead
+        assert (await home.control("deleted"))["ids"] == [good]
+    finally:
+        home.stop()

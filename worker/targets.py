@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
+from yarl import URL
+
 from worker.errors import ReaperError, TransientError
 from worker.types import PROJECT_ID_RE
 
@@ -77,9 +79,14 @@ def endpoint_problem(value: str, *, service: str = "modelarts") -> str | None:
         # A client turns ｍｏｄｅｌａｒｔｓ… into modelarts… (IDNA): another spelling of a host,
         # which no check by name (a public endpoint's region, one place a project) would see.
         return "must be ASCII (an internationalised host name in its xn-- form)"
-    parts = urlsplit(value)
+    example = f"https://{service}.cn-north-4.myhuaweicloud.com"
+    unread = f"is not a URL with a host that can be read; write it as {example}"
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # http://[127.0.0.1]
+        return unread
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"must be an http(s) URL such as https://{service}.cn-north-4.myhuaweicloud.com"
+        return f"must be an http(s) URL such as {example}"
     if parts.scheme == "http" and not is_loopback(parts.hostname):
         return "plain http:// is accepted only for loopback hosts; use https://"
     if parts.username is not None or parts.password is not None:
@@ -90,7 +97,22 @@ def endpoint_problem(value: str, *, service: str = "modelarts") -> str | None:
         _ = parts.port
     except ValueError:
         return "has an invalid port"
-    return None
+    try:
+        sent_to = URL(value)  # as the HTTP client reads it: where its calls would go
+    except ValueError:  # http://[::1]x, a backslash in the host
+        return unread
+    # The rules on trust read urlsplit's host: the client must be calling that one.
+    return None if _same_host(parts.hostname, sent_to.raw_host or "") else unread
+
+
+def _same_host(read: str, sent_to: str) -> bool:
+    """Whether the host the rules read (``urlsplit``) is the one the client calls (yarl)."""
+    if read == sent_to.lower():
+        return True
+    try:
+        return ipaddress.ip_address(read) == ipaddress.ip_address(sent_to)
+    except ValueError:
+        return False
 
 
 def normal_endpoint(value: str) -> str:
