@@ -781,11 +781,28 @@ def test_simulate_help_shows_every_default() -> None:
         (["plan", ""], ["show"]),
         (["plan", "show", "pl"], ["plan.json"]),
         (["completion", ""], ["bash", "zsh"]),
+        (["run", "--log-format", ""], ["auto", "console", "json"]),
+        (["serve", "--credential-source", "p"], ["pod-identity", "profile"]),
+        (["check", "--log-level", "w"], ["warning"]),
+        (["serve", "--stream", ""], []),
+        (["run", "--rate", "p"], []),
+        (["discover", "--project", ""], []),
+        (["run", "--dry-run", "pl"], []),
+        (["run", "--dry-run", "--inp"], ["--input", "--input-format"]),
+        (["--config", "pl"], ["plan.json"]),
+        (["run", "--ca-bundle", "pl"], ["plan.json"]),
+        (["report", "pl"], ["plan.json"]),
     ],
 )
 def test_bash_completion_offers_commands_flags_values_and_files(
     tmp_path: Path, words: list[str], offered: list[str]
 ) -> None:
+    """Each flag's fixed values (a setting's too: --log-format, --credential-source), files
+    after a flag that takes one and in a file argument (plan show PLAN, report LEDGER), and
+    no file where a name, URL or number goes (--stream, --rate) or where a command takes no
+    argument (run): there its flags. Before, --log-format offered no value, --stream and a
+    word of run offered the directory's files, and --config before the command the
+    commands."""
     script = run_worker("completion", "bash").stdout
     (tmp_path / "plan.json").write_text("{}")
     line = " ".join(shlex.quote(word) for word in ["devserver-reaper", *words])
@@ -828,10 +845,30 @@ def test_zsh_loads_the_completion_and_completes_a_command_and_a_flag_value_at_ta
         term.expect_on_screen("--input-format json")  # the two choices' common part
         term.type(b"\t")  # a second TAB lists them
         term.expect_on_screen("jsonl")
+        listed = term.screen_text()
+        term.type(b"\x15devserver-reaper serve --log-format co\t")  # a setting's values
+        term.expect_on_screen("serve --log-format console")
     finally:
         term.process.kill()
         term.wait(timeout=30)
     screen = term.screen_text()
-    assert re.search(r"^json +jsonl *$", screen, re.MULTILINE), screen
+    assert re.search(r"^json +jsonl *$", listed, re.MULTILINE), listed
     for noise in ("not found", "parse error", "insecure", "compinit:"):
         assert noise not in screen, screen
+
+
+def test_the_values_completion_offers_for_a_setting_are_the_settings_own() -> None:
+    """helptext.CHOICES (what TAB offers after --log-format) is the setting's Literal."""
+    from typing import get_args
+
+    from worker.helptext import CHOICES
+
+    for flag, values in CHOICES.items():
+        field = Settings.model_fields[flag.removeprefix("--").replace("-", "_")]
+        assert values == get_args(field.annotation), flag
+    literal = {
+        name
+        for name, field in Settings.model_fields.items()
+        if all(isinstance(arg, str) for arg in get_args(field.annotation) or [0])
+    }
+    assert {f"--{name.replace('_', '-')}" for name in literal} == set(CHOICES)

@@ -76,6 +76,15 @@ METAVAR = {
 """What each setting flag's value is called in ``--help``: what to type, not a field name
 (every setting flag that takes a value has one)."""
 
+CHOICES = {
+    "--credential-source": ("auto", "settings", "env", "profile", "pod-identity", "metadata"),
+    "--log-format": ("auto", "json", "console"),
+    "--log-level": ("debug", "info", "warning", "error"),
+}
+"""The values of the setting flags that take one of a fixed set, for shell completion (the
+settings check them, as they check the same setting from the environment or the config
+file; a test keeps these the settings' own)."""
+
 _FILE = "a file path"
 EXPECTED = {
     "--region": "a region such as cn-north-4",
