@@ -1080,4 +1080,4 @@ async def test_simulate_command_rejects_bad_flags_with_64() -> None:
     with anyio.fail_after(60):
         result = await anyio.run_process(command, check=False)
     assert result.returncode == 64
-    assert b"fault rate" in result.stderr
+    assert b"--fault-rate must be a number from 0 to 1, not 3" in result.stderr

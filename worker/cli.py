@@ -616,46 +616,44 @@ def _text(flag: str) -> Callable[[str], str]:
     return parse
 
 
-def _bounded(name: str, low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a whole number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(
-                f"{name} must be from {low:,} to {high:,}, not {value:,}"
-            )
-        return value
+def _ranged(
+    kind: type[float], low: float, high: float, what: str = "", note: str = ""
+) -> Callable[[str], float]:
+    """A number flag of ``simulate`` and ``demo`` held to its range, said as the settings'
+    flags are (``--latency-ms must be a number of milliseconds from 0 to 60,000, not
+    1e+300``): argparse said "invalid int value: 'inf'", and a range said "the quota ...
+    must be a finite number of at least 0, not inf" after "argument --quota:". ``nan``,
+    ``inf`` and ``1e400`` (which is inf) are out of every range; a number given is
+    repeated, never other text."""
+    noun = ("a whole number" if kind is int else "a number") + (f" of {what}" if what else "")
 
-    return parse
-
-
-def _finite(name: str, low: float, high: float | None = None) -> Callable[[str], float]:
-    """A number flag that must be finite and within its range: ``nan`` and ``inf`` (and
-    ``1e400``, which is ``inf``) parse as floats, and are refused as the settings refuse
-    them (5ceb3c2)."""
+    def said(value: float) -> str:
+        whole = math.isfinite(value) and value == int(value) and abs(value) < 1e15
+        return f"{int(value):,}" if whole else f"{value:,g}"
 
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number") from None
-        if not math.isfinite(value) or value < low or (high is not None and value > high):
-            span = f"from {low:g} to {high:g}" if high is not None else f"of at least {low:g}"
-            raise argparse.ArgumentTypeError(
-                f"{name} must be a finite number {span}, not {value:g}"
-            )
+            value = math.nan
+        span = f"from {said(low)} to {said(high)}" + (f" ({note})" if note else "")
+        if not low <= value <= high:  # False for nan too
+            try:
+                given = f", not {said(float(text))}"
+            except ValueError:
+                given = ""
+            raise argparse.ArgumentTypeError(f"must be {noun} {span}{given}")
         return value
 
     return parse
 
 
-_port = _bounded("a port", 0, 65_535)
-_jobs = _bounded("the number of jobs", 0, MAX_SIMULATED_JOBS)
-_quota = _finite("the quota (calls a second; 0 for no limit)", 0)
-_latency = _finite("the latency (ms)", 0)
-_fault_rate = _finite("the fault rate", 0, 1)
+MAX_SIMULATED_LATENCY_MS = 60_000
+"""A minute: a mean above the client's default read timeout (60 s) times out every call; a
+huge one (1e300) was taken, and ``check`` against it waited on calls never answered."""
+
+_port = _ranged(int, 0, 65_535)
+_jobs = _ranged(int, 0, MAX_SIMULATED_JOBS, "jobs")
 
 
 _SIMULATOR_FLAGS: tuple[tuple[str, Callable[[str], Any], Any, str | tuple[str, ...], str], ...]
@@ -663,18 +661,20 @@ _SIMULATOR_FLAGS = (  # flag, type, default, metavar or choices, help
     ("--host", str, "127.0.0.1", "HOST", "address to listen on"),
     ("--port", _port, 8443, "PORT", "port; 0 picks any free one"),
     ("--jobs", _jobs, 1000, "N", "jobs it holds at start"),
-    ("--seed", int, 0, "N", "seed for jobs and faults"),
+    ("--seed", _ranged(int, 0, 2**32 - 1), 0, "N", "seed for jobs and faults"),
     ("--project-id", str, "demo-project", "ID", "project id it serves"),
     ("--region", str, "cn-north-4", "REGION",
      "region IAM names its project after (GET /v3/projects?name=REGION)"),
     ("--ak", str, "DEMOAK", "KEY", "access key it accepts"),
     ("--sk", str, "demo-secret-key", "KEY", "secret key it accepts (a fake's: not a secret)"),
-    ("--quota", _quota, 0, "CALLS/S", "calls per second it allows; 0 for no limit"),
-    ("--burst", int, 1, "N", "burst on top of the quota"),
+    ("--quota", _ranged(float, 0, 100_000, "calls a second", "0: no limit"), 0, "CALLS/S",
+     "calls per second it allows; 0 for no limit"),
+    ("--burst", _ranged(int, 1, 10_000), 1, "N", "burst on top of the quota"),
     ("--retry-after", str, "seconds", ("off", "seconds", "date"), "Retry-After on a 429"),
-    ("--max-batch", int, 1000, "N", "most ids a DELETE may carry"),
-    ("--latency-ms", _latency, 0, "MS", "mean latency of a call"),
-    ("--fault-rate", _fault_rate, 0, "SHARE", "share of calls that fail, 0 to 1"),
+    ("--max-batch", _ranged(int, 1, 100_000), 1000, "N", "most ids a DELETE may carry"),
+    ("--latency-ms", _ranged(float, 0, MAX_SIMULATED_LATENCY_MS, "milliseconds"), 0, "MS",
+     "mean latency of a call (at most a minute)"),
+    ("--fault-rate", _ranged(float, 0, 1), 0, "SHARE", "share of calls that fail, 0 to 1"),
     ("--unknown-path", str, "gateway", ("gateway", "html"),
      "answer to a path that is not the API: the gateway's JSON 404, or a bare HTML 404"),
     ("--ids-file", str, None, "FILE", "write the ids of its jobs here, one per line"),
