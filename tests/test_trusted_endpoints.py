@@ -193,6 +193,28 @@ async def test_run_rejects_a_line_naming_an_untrusted_endpoint_and_sends_it_once
 
 
 @pytest.mark.anyio
+async def test_run_started_says_the_endpoints_allowed_and_no_secret(tmp_path: Path) -> None:
+    """``run.started`` says ``allowed_endpoints`` as kept (normalised), as ``serve.started``
+    does: where this run's signed calls may go besides its own endpoint is what an audit of
+    the log looks for first. It said nothing of them. No key nor token is in the event."""
+    token = "TOKEN-never-said-7f3a"
+    async with run_simulator(SimulatorConfig(jobs=2, seed=2)) as sim:
+        source = tmp_path / "ids.txt"
+        source.write_text("".join(f"{job}\n" for job in sim.job_ids()), encoding="utf-8")
+        env = reaper_env(sim.url, REAPER_SECURITY_TOKEN=token)
+        listed = "https://A.example:443/, https://b.example:8443"
+        done = await reaper(["run", "--input", str(source), "--dry-run",
+                             "--allowed-endpoints", listed], env)  # fmt: skip
+        plain = await reaper(["run", "--input", str(source), "--dry-run"], env)
+    assert done.code == 0 and plain.code == 0, done.stderr + plain.stderr
+    (started,) = done.events("run.started")
+    assert started["allowed_endpoints"] == ["https://a.example", "https://b.example:8443"]
+    assert plain.events("run.started")[0]["allowed_endpoints"] == []
+    said = orjson.dumps(started).decode()
+    assert SIM_SK not in said and token not in said
+
+
+@pytest.mark.anyio
 async def test_serve_dead_letters_an_entry_naming_an_untrusted_endpoint_and_sends_one_listed(
     redis_prefix: str, redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:
@@ -223,12 +245,14 @@ async def test_serve_dead_letters_an_entry_naming_an_untrusted_endpoint_and_send
 
             await redis_client.xadd(stream, {**entry, "id": second})
             listed = (*flags, "--allowed-endpoints", away.url)
-            async with serving(stream, home, tmp_path, *listed):
+            async with serving(stream, home, tmp_path, *listed) as trusting:
 
                 async def deleted() -> bool:
                     return len(await rows(redis_client, stream + ":outcomes")) == 2
 
                 await until(deleted)
+            assert trusting.named("serve.started")[0]["allowed_endpoints"] == [away.url]
+            assert serve.named("serve.started")[0]["allowed_endpoints"] == []
             last = (await rows(redis_client, stream + ":outcomes"))[-1]
             assert (last["job_id"], last["outcome"]) == (second, "deleted")
             assert away.sim.deleted == {second}

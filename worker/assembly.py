@@ -58,10 +58,13 @@ if TYPE_CHECKING:
 
 
 def started_fields(settings: Settings, *, endpoint: str, project: str) -> dict[str, object]:
-    """What ``run.started`` and ``serve.started`` both say of the settings, besides their own."""
+    """What ``run.started`` and ``serve.started`` both say of the settings, besides their own:
+    among them ``allowed_endpoints``, where a line's signed calls may go besides the settings'
+    own endpoint (URLs with no user name, password or query: no secret)."""
     return {
         "endpoint": endpoint,
         "project_id": project,
+        "allowed_endpoints": settings.allowed_endpoints,
         "dry_run": settings.dry_run,
         "batch_size": settings.batch_size,
         "concurrency": settings.concurrency,

@@ -183,7 +183,6 @@ async def serve(
                 http_host=host,
                 http_port=port,
                 allowed_projects=sorted(targets.allowed),
-                allowed_endpoints=settings.allowed_endpoints,
                 **started_fields(settings, endpoint=endpoint, project=wiring.project_id(settings)),
             )
             if on_ready is not None:
