@@ -130,7 +130,7 @@ def test_a_run_whose_plan_expired_midway_says_how_many_were_not_sent_and_what_to
               "duration_s": 13.0, "ids_per_s": 0.46, "exit_code": 1}  # fmt: skip
     lines = RunEnd(fields, total=6, exact_total=True, read=6).text().splitlines()
     assert "  skipped                 4  (plan_expired 4)" in lines
-    assert ("the plan expired during the run: 4 of its jobs were not sent; run discover "
+    assert ("the plan has expired: 4 of its jobs were not sent; run discover "
             "again, review the new plan and run it") in lines  # fmt: skip
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 import orjson
 import pytest
+from anyio.abc import Process
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -370,8 +371,21 @@ async def held_past_expiry(
     """``run --plan`` of a 12 s plan of ``gateway``'s FINISHED jobs at ``path``, its first
     DELETE's answer held (``gateway.hold``) until the plan has certainly expired: the run's
     exit code, stdout and stderr."""
+    process, expires = await first_delete_out(gateway, url, path, run, ttl="12s")
+    await past(expires)  # the answer waits for the plan's end
+    gateway.hold.set()
+    stdout, stderr = await e2e.read_all(process)
+    return process.returncode, stdout, stderr
+
+
+async def first_delete_out(
+    gateway: Gateway, url: str, path: Path, run: list[str], *, ttl: str
+) -> tuple[Process, datetime]:
+    """A plan of ``gateway``'s FINISHED jobs living ``ttl``, written to ``path``, and
+    ``run --plan`` of it started with ``run``'s flags, once its first DELETE has gone out:
+    the process, and when the plan expires."""
     made = await reaper(["discover", "--status", "FINISHED", "--all", "--plan", str(path),
-                         "--plan-ttl", "12s"], reaper_env(url))  # fmt: skip
+                         "--plan-ttl", ttl], reaper_env(url))  # fmt: skip
     assert made.code == 0, made.stderr
     with open_plan(path, key=None) as plan:
         expires = plan.header.expires_at
@@ -382,11 +396,12 @@ async def held_past_expiry(
 
     await e2e.until(first_sent)
     assert gateway.delete_calls == 1, "the run did not start before its plan expired"
-    # The answer waits for the plan's end, and a second more: it has certainly passed.
-    await anyio.sleep((expires - datetime.now(UTC)).total_seconds() + 1)
-    gateway.hold.set()
-    stdout, stderr = await e2e.read_all(process)
-    return process.returncode, stdout, stderr
+    return process, expires
+
+
+async def past(instant: datetime) -> None:
+    """Until ``instant`` and a second more: it has certainly passed."""
+    await anyio.sleep((instant - datetime.now(UTC)).total_seconds() + 1)
 
 
 @pytest.mark.anyio
@@ -527,6 +542,49 @@ async def test_a_plan_that_expires_while_a_delete_goes_unanswered_reads_its_jobs
         ("skipped", "plan_expired")
     }
     assert all("before its DELETE went out" in row["error_msg"] for row in unsent.values())
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("applied", [True, False], ids=["applied", "not-applied"])
+async def test_a_run_killed_with_a_delete_unanswered_and_resumed_after_its_plan_expired_settles_it(
+    tmp_path: Path, applied: bool
+) -> None:
+    """A run on a ledger is killed (SIGKILL) while its first DELETE, of two of the plan's four
+    jobs, waits for its answer; the plan expires before the run is resumed on the ledger. The
+    resumed run sends nothing, but reads the two: gone by that DELETE, ``deleted``
+    (unconfirmed, ``answer_lost``); still there, ``skipped`` (``plan_expired``), the attempt
+    kept; the two never sent end ``skipped`` (``plan_expired``); exit 1, nothing left open.
+    On the code before, the resumed run was refused (64, 'plan expired'), and the two stayed
+    ``sent`` in the ledger for good: a new plan cannot take up a job that is gone, so no run
+    could ever say what became of them."""
+    first = "hold" if applied else "hold_unavailable"
+    gateway = Gateway.with_jobs(4, script=lambda call, _ids: first if call == 1 else "ok")
+    path, ledger, out = tmp_path / "plan.json", tmp_path / "ledger.db", tmp_path / "out.jsonl"
+    run = ["--yes", "--batch-size", "2", "--concurrency", "1", "--rate", "1000", "--burst",
+           "50", "--ledger", str(ledger)]  # fmt: skip
+    async with serve_gateway(gateway) as url:
+        process, expires = await first_delete_out(gateway, url, path, run, ttl="8s")
+        process.kill()
+        await e2e.read_all(process)
+        await past(expires)
+        resumed = ["run", "--plan", str(path), *run, "--results", str(out)]
+        done = await reaper(resumed, reaper_env(url))
+        assert done.code == 1, done.stderr
+        assert gateway.delete_calls == 1, "a DELETE went out on an expired plan"
+    sent = set(gateway.asked)
+    assert len(sent) == 2 and len(gateway.deleted) == (2 if applied else 0)
+    rows = {row["job_id"]: row for row in results(out)}
+    assert set(rows) == set(gateway.job_ids()) | set(gateway.deleted)
+    said = {(rows[i]["outcome"], rows[i]["reason"], rows[i]["attempts"] > 0) for i in sent}
+    assert said == {
+        ("deleted", "answer_lost", True) if applied else ("skipped", "plan_expired", True)
+    }
+    unsent = {(r["outcome"], r["reason"]) for i, r in rows.items() if i not in sent}
+    assert unsent == {("skipped", "plan_expired")}
+    report = await reaper(["report", "--ledger", str(ledger), "--format", "jsonl"], {})
+    assert report.code == 0, report.stderr
+    assert len(report.stdout.splitlines()) == 4  # every id with its outcome: none left open
 
 
 @pytest.mark.anyio

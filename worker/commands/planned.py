@@ -25,7 +25,7 @@ from worker import wiring
 from worker.discovery.filters import Filters
 from worker.discovery.guard import Protection
 from worker.discovery.plan import PlanWriter, SealedPlan, open_plan
-from worker.errors import UsageError
+from worker.errors import InputUnreadable, UsageError
 from worker.input.sources import read_entries
 from worker.scratch import Scratch
 from worker.settings import Settings, read_plan_key
@@ -56,18 +56,47 @@ def open_file_plan(path: str, settings: Settings) -> SealedPlan:
     plan = open_plan(Path(path), key=key)
     try:
         named = plan.header.named  # applied to the projects it names, not the run's own
+        now = datetime.now(UTC)
+        expired = now >= plan.header.expires_at
+        in_doubt = sent_unanswered(settings, plan) if expired and not settings.dry_run else 0
         plan.header.verify(
             project_id=None if named else wiring.project_id(settings),
             endpoint=None if named else settings.api_endpoint,
-            now=datetime.now(UTC),
+            now=now,
             max_fraction=settings.max_fraction,
             allowed=settings.allowed_projects,
             endpoints=settings.trusted_endpoints,
+            settling=in_doubt > 0,
         )
     except BaseException:
         plan.close()
         raise
+    if in_doubt:
+        log.warning(
+            "run.plan_expired", expires_at=plan.header.to_json()["expires_at"], in_doubt=in_doubt,
+            note=(f"the plan has expired: nothing is sent on it; the {in_doubt} of its jobs a "
+                  "run on the ledger sent without hearing back are read, to say whether that "
+                  "DELETE took them, and the rest end skipped (plan_expired)"),
+        )  # fmt: skip
     return plan
+
+
+def sent_unanswered(settings: Settings, plan: SealedPlan) -> int:
+    """How many of ``plan``'s jobs the ledger holds ``sent``: a run sent their DELETE and
+    ended (killed, the machine down) before its answer. Once the plan has expired, no new
+    plan can take up those that DELETE removed (discover lists no job that is gone), so the
+    run on the expired plan is the one that can still say what became of them."""
+    from worker.ledger import open_readonly
+
+    if settings.ledger is None or not settings.ledger.is_file():
+        return 0
+    try:
+        view = open_readonly(settings.ledger)
+    except InputUnreadable:
+        return 0  # the run itself says why
+    with view:
+        jobs = plan.reviewed
+        return sum(1 for job_id, state in view.open_ids() if state == "sent" and job_id in jobs)
 
 
 def check_excluded(

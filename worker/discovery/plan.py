@@ -274,9 +274,12 @@ class PlanHeader:
         inventory: int | None = None,
         allowed: Collection[str] = (),
         endpoints: Collection[str] = (),
+        settling: bool = False,
     ) -> None:
         """Refuse a plan for another project or endpoint, an expired one, or one over the cap
         (of the inventory it recorded, or of ``inventory`` counted now, whichever is less).
+        ``settling``: an expired plan is not refused, the run sending nothing on it but
+        reading what a run before sent unanswered (``worker.commands.planned``).
 
         A plan that names its projects is applied to those, not to ``project_id`` and
         ``endpoint`` (the run's own): each of them must be in ``allowed`` when that is not
@@ -312,7 +315,7 @@ class PlanHeader:
                 f"plan says it was made at {iso(self.created_at)}, which is still to come: "
                 "a plan re-sealed by hand is not applied"
             )
-        if now >= self.expires_at:
+        if now >= self.expires_at and not settling:
             raise PlanRefused(
                 f"plan expired at {iso(self.expires_at)} (made {iso(self.created_at)}): "
                 "run discover again and review the new plan"

@@ -182,7 +182,7 @@ class RunEnd:
                             "a run, or a plan's dry run, reads the jobs for the rest")  # fmt: skip
         expired = (self.fields.get("skipped_by_reason") or {}).get("plan_expired", 0)
         if expired:
-            said.append(f"the plan expired during the run: {expired:,} of its jobs were not "
+            said.append(f"the plan has expired: {expired:,} of its jobs were not "
                         "sent; run discover again, review the new plan and run it")  # fmt: skip
         if self.stopped_early:
             said += self._resume()
