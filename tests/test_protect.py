@@ -554,7 +554,7 @@ def test_rules_in_any_list_shape_are_read_as_rules_and_an_empty_file_name_is_ref
     monkeypatch.setenv("REAPER_PROTECT", '["common-*", "id:job-1"]')
     assert load_settings(config).protect == ["common-*", "id:job-1", "prod-a", "prod-b"]
     for empty in ("", " "):
-        with pytest.raises(ConfigError, match="protect_file must be a file path"):
+        with pytest.raises(ConfigError, match="--protect-file must be a file path, not empty"):
             load_settings(config, protect_file=empty)
 
 
