@@ -503,6 +503,35 @@ async def test_a_plan_past_its_expires_at_on_the_system_s_clock_sends_no_more_de
 
 @pytest.mark.anyio
 @pytest.mark.timeout(120)
+async def test_batches_waiting_for_a_token_when_their_plan_expires_end_at_once(
+    tmp_path: Path,
+) -> None:
+    """A plan living 12 s, run one job a batch, four at a time, at 0.5 calls/s: when it
+    expires, four batches wait for their DELETE's token. Each waited its turn, 2 s apart,
+    to be refused then (``plan_expired``): the last was handed back some 6 s after the
+    expiry. Now they end at the expiry, with the jobs no batch had taken yet. Counted on the
+    run's own clock: ``run.stats`` comes every 0.5 s of it, and at most one falls among the
+    ``plan_expired`` skips (a dozen did)."""
+    async with finished_plan(tmp_path, jobs=80, seed=62, ttl="12s") as planned:
+        sim, path, env, ids, out = planned
+        run = ["run", "--plan", str(path), "--yes", "--batch-size", "1", "--concurrency", "4",
+               "--rate", "0.5", "--burst", "1", "--stats-interval", "0.5", "--results",
+               str(out)]  # fmt: skip
+        done = await reaper(run, env)
+    assert done.code == 1, done.stderr
+    rows = {row["job_id"]: row for row in results(out)}
+    outcomes = Counter((row["outcome"], row.get("reason")) for row in rows.values())
+    assert set(rows) == set(ids) and sim.stats.delete_calls == outcomes[("deleted", None)] >= 1
+    assert outcomes[("skipped", "plan_expired")] == len(ids) - sim.stats.delete_calls >= 8
+    order = [event["event"] + ":" + str(event.get("reason")) for event in done.events()]
+    expired = [n for n, said in enumerate(order) if said == "job.skipped:plan_expired"]
+    between = order[expired[0] : expired[-1]]
+    assert between.count("run.stats:None") <= 1, between
+    assert order.count("run.stats:None") >= 10  # the clock ticked all through the run
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("applied", [True, False], ids=["applied", "not-applied"])
 async def test_a_plan_that_expires_while_a_delete_goes_unanswered_reads_its_jobs(
     tmp_path: Path, applied: bool

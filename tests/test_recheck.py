@@ -17,11 +17,13 @@ from tests.fakes import FakeClock
 from tests.test_dispatcher import FakeApi, Journal
 from worker.api.client import JobPage
 from worker.batcher import DeletionBudget
+from worker.discovery.expiry import ExpiringLimiter, deleting
 from worker.discovery.filters import Filters
 from worker.discovery.guard import STALE_ROUNDS, Guard, PacedReader, PlanCheck, Protection
 from worker.discovery.listing import Pager
 from worker.discovery.recheck import ListingRecheck
 from worker.dispatcher import Dispatcher
+from worker.pacing.bucket import RateLimiter
 from worker.pacing.retry import RetryPolicy
 from worker.simulator import SimulatorConfig, run_simulator
 from worker.types import Batch, DeleteResult, JobRecord, Outcome
@@ -281,14 +283,15 @@ class StampedApi(FakeApi):
 def guarded_dispatcher(
     api: StampedApi,
     clock: FakeClock,
-    waits: list[float],
+    waits: list[float] | RateLimiter,
     *,
     budget: int | None = None,
     plan: PlanCheck | None = None,
 ) -> tuple[Guard, Dispatcher, Journal]:
     journal = Journal()
+    limiter = ScriptedWait(clock, waits) if isinstance(waits, list) else waits
     dispatcher = Dispatcher(
-        transport=api, limiter=ScriptedWait(clock, waits),
+        transport=api, limiter=limiter,
         policy=RetryPolicy(max_attempts=3, rng=random.Random(1)), journal=journal, clock=clock,
         budget=DeletionBudget(budget), max_attempts=3,
     )  # fmt: skip
@@ -330,6 +333,45 @@ async def _batch_two_expires_before_its_delete(clock: FakeClock, plan: PlanCheck
         *((i, Outcome.SKIPPED, "plan_expired") for i in "bcde"),
     }
     assert "d" not in api.shown_at and "e" not in api.shown_at
+
+
+@pytest.mark.anyio
+async def test_a_delete_waiting_for_its_token_when_the_plan_expires_waits_no_longer() -> None:
+    """The plan expires at t=30; the DELETE of batch 2 (checked at t=0) would have its token
+    at t=31. It waited for it, to be refused then (``plan_expired``): now its wait ends at
+    the expiry, no token taken (the limiter's wait was cancelled), and the batch is handed
+    back then, on the run's clock; batch 1's DELETE took its token as ever."""
+    clock = FakeClock()
+    api = StampedApi(["a", "b", "c"], clock)
+    scripted = ScriptedWait(clock, [0, 0, 0, 0, 31, 0])
+    limiter = ExpiringLimiter(scripted, clock)
+    guard, _, journal = guarded_dispatcher(api, clock, limiter, plan=expiring_plan("abc", 30.0))
+    await guard.process(Batch("b1", ("a",)))
+    await guard.process(Batch("b2", ("b", "c")))
+    assert api.delete_calls == [("a",)]
+    assert {(r.job_id, r.outcome, r.reason) for r in journal.results} == {
+        ("a", Outcome.DELETED, None), ("b", Outcome.SKIPPED, "plan_expired"),
+        ("c", Outcome.SKIPPED, "plan_expired")}  # fmt: skip
+    assert 30.0 < clock.now() < 30.1  # at the expiry, not at the token (31)
+    assert limiter.cut == 1 and scripted.acquired == 5  # the fifth, the DELETE's, cut short
+
+
+@pytest.mark.anyio
+async def test_only_a_batch_s_first_call_stops_waiting_at_the_expiry() -> None:
+    """A batch's later calls (a show call settling an answer, a retry) take their token as
+    ever, on an expired plan too: only the DELETE's first attempt, which the dispatcher
+    refuses past the expiry whatever the token, may end its wait without one."""
+    clock = FakeClock()
+    scripted = ScriptedWait(clock, [5.0])
+    limiter = ExpiringLimiter(scripted, clock)
+    plan = expiring_plan("a", 1.0)
+    with deleting(plan, Batch("b1", ("a",), fresh_until=1.0)):
+        await limiter.acquire()  # the first: cut at the expiry
+        assert 1.0 < clock.now() < 1.1
+        await limiter.acquire()  # a later one: its whole wait
+    assert 6.0 < clock.now() < 6.2 and limiter.cut == 1
+    await limiter.acquire()  # no batch named: as the limiter it wraps
+    assert 11.0 < clock.now() < 11.2 and limiter.cut == 1
 
 
 class RushedWall(FakeClock):

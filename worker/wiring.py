@@ -22,6 +22,7 @@ from worker.api.credentials import CredentialSource, read_profile, resolve_crede
 from worker.api.projects import PROCESS_CACHE, FoundProject, iam_endpoint_for
 from worker.batcher import DeletionBudget
 from worker.clock import Clock
+from worker.discovery.expiry import ExpiringLimiter
 from worker.discovery.guard import Guard, PlanCheck, Protection, load_protection
 from worker.discovery.recheck import ListingRecheck
 from worker.dispatcher import Dispatcher, Journal, Working
@@ -377,6 +378,8 @@ def processor(
     policy = retry_policy(settings)
     if budget is None:
         budget = DeletionBudget(settings.max_deletions)
+    if plan is not None:  # a DELETE waiting for its token stops waiting at the plan's expiry
+        limiter = ExpiringLimiter(limiter, clock)
     dispatcher = Dispatcher(
         transport=transport,  # type: ignore[arg-type]  # None only in a dry run: never called
         limiter=limiter,

@@ -20,7 +20,8 @@ dispatcher) and ends the rest itself:
 5. once the plan being applied has expired (``PlanCheck.expired``: on the run's clock or on
    the system's, whichever says so first), the rest end ``skipped`` (``plan_expired``)
    unread, and no check holds past that instant: a batch read before it whose DELETE's turn
-   comes after is not sent, and ends so too.
+   comes after is not sent, and ends so too, at the expiry: its wait for a rate token ends
+   then (``worker.discovery.expiry``).
 
 Whatever reaches the dispatcher has passed every rule, whatever the input said. Because it is
 a wrapper, ``run``, ``run --plan`` and ``serve`` share it: ``Guard(inner=dispatcher, ...)``.
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from worker.batcher import DeletionBudget
 from worker.clock import Clock, MonotonicClock
+from worker.discovery.expiry import deleting
 from worker.discovery.filters import Filters
 from worker.errors import (
     ApiError,
@@ -514,7 +516,8 @@ class Guard:
             unsure = doubt.unsure.intersection(passed)
             checked = Batch(name, passed, unsure, known, fresh_until, batch.target, batch.look,
                             wall_until)  # fmt: skip
-            stale = await self._inner.delete_checked(checked)
+            with deleting(self._plan, checked):  # its wait for a token ends at the expiry
+                stale = await self._inner.delete_checked(checked)
             if self._moves is not None:
                 unsent = set(stale.ids)
                 self._moves.settled(i for i in passed if i not in unsent)
