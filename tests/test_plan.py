@@ -695,6 +695,24 @@ async def test_a_plan_at_an_endpoint_path_of_other_case_is_refused_as_the_docs_s
     assert f"`{said}`" in (repo_root / "docs" / "cleanup.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("endpoint", ["http://[127.0.0.1]", "http://[::1"])
+async def test_a_plan_whose_endpoint_cannot_be_read_is_refused_in_words(
+    tmp_path: Path, endpoint: str
+) -> None:
+    """A plan of one project whose header names an endpoint no URL reader takes (sealed
+    without a key, anyone can write one) is refused (64) saying so, by ``run --plan`` and by
+    ``plan show``. On the code before, ``run`` ended with a ValueError traceback (exit 1):
+    the endpoint was compared with the run's before it was held to any rule."""
+    path = tmp_path / "plan"
+    write(path, 2, project_id=SIM_PROJECT, endpoint=endpoint, now=datetime.now(UTC))
+    said = f"plan {path} is not a valid plan: its endpoint is not a URL with a host that can be"
+    for command in (["run", "--plan", str(path), "--yes"], ["plan", "show", str(path)]):
+        done = await reaper(command, reaper_env("http://127.0.0.1:9"))
+        assert (done.code, "Traceback" in done.stderr) == (64, False), done.stderr
+        assert said in done.stderr, done.stderr
+
+
 def test_plan_and_input_are_mutually_exclusive() -> None:
     from worker.cli import build_parser
 

@@ -690,7 +690,9 @@ def _copy_verified(path: Path, handle: IO[bytes], db_path: Path, key: bytes | No
         raise PlanRefused(_seal_refusal(path, scheme, key))
     try:
         header = _parse_named(fields) if named else _parse_header(fields)
-    except (ValueError, TypeError, KeyError) as exc:
+    except KeyError as exc:  # a member every plan has
+        raise PlanRefused(f"plan {path} is not a valid plan: it has no {exc.args[0]}") from None
+    except (ValueError, TypeError) as exc:
         raise PlanRefused(f"plan {path} is not a valid plan: {exc}") from None
     if header.jobs != count:
         raise PlanRefused(f"plan {path} says it holds {header.jobs} jobs but holds {count}")
@@ -789,9 +791,7 @@ def _seal_refusal(path: Path, scheme: str, key: bytes | None) -> str:
 def _parse_header(data: object) -> PlanHeader:
     """A v2 header: one project, the run's own."""
     data = _members(data, _HEADER_FIELDS, PLAN_VERSION)
-    for key in ("project_id", "endpoint"):
-        if not isinstance(data[key], str) or not data[key]:
-            raise ValueError(f"{key} is missing")
+    _place_held(data, "its")
     section = _section(data, PLAN_VERSION)
     created, expires = _lifetime(data)
     return PlanHeader(Filters.from_json(data["filters"]), created, expires, (section,))
@@ -808,9 +808,7 @@ def _parse_named(data: object) -> PlanHeader:
     for entry in raw:
         if not isinstance(entry, dict) or set(entry) != _SECTION_FIELDS:
             raise ValueError("a project of projects does not have the planned fields")
-        for key, problem in (("project_id", project_problem), ("endpoint", endpoint_problem)):
-            if not isinstance(entry[key], str) or (said := problem(entry[key])) is not None:
-                raise ValueError(f"a project's {key} {said or 'is missing'}")
+        _place_held(entry, "a project's")
         region = entry["region"]
         if region is not None and (not isinstance(region, str) or region_problem(region)):
             raise ValueError("a project's region is not a region")
@@ -827,6 +825,14 @@ def _parse_named(data: object) -> PlanHeader:
         raise ValueError("jobs is not the sum of its projects' jobs")
     created, expires = _lifetime(data)
     return PlanHeader(Filters.from_json(data["filters"]), created, expires, tuple(sections), True)
+
+
+def _place_held(data: Mapping[str, Any], whose: str) -> None:
+    """A header's (or a section's) project id and endpoint, held to the settings' rules:
+    the endpoint is where the plan's DELETEs go, and is compared with the run's."""
+    for key, problem in (("project_id", project_problem), ("endpoint", endpoint_problem)):
+        if not isinstance(data[key], str) or (said := problem(data[key])) is not None:
+            raise ValueError(f"{whose} {key} {said or 'is missing'}")
 
 
 def _members(data: object, allowed: frozenset[str], version: int) -> dict[str, Any]:
