@@ -3,6 +3,7 @@ virtual time, and one real run against the simulator over loopback."""
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import random
@@ -593,6 +594,74 @@ def test_a_per_second_gateways_count_starting_again_proves_no_rise() -> None:
     assert ctrl.cuts == 0
     assert ctrl.escalated == 0
     assert ctrl.state.target > 1.01 * 301
+
+
+def _against_a_per_second_count(
+    ctrl: RateController, count: float, start: float, end: float, latency: float
+) -> None:
+    """Calls paced at the controller's rate from ``start`` to ``end`` against a gateway
+    counting ``count`` calls per whole second (``FixedWindow``), each answered ``latency``
+    after it starts, 429s too."""
+    gateway = FixedWindow(count, start)
+    out: list[tuple[float, float, bool]] = []
+    t = start
+    while t < end:
+        while out and out[0][0] <= t:
+            done, sent, accepted = heapq.heappop(out)
+            if accepted:
+                ctrl.on_success(done, latency=done - sent)
+            else:
+                ctrl.on_throttle(done, retry_after=1.0, latency=done - sent)
+        ctrl.on_sent(t)
+        heapq.heappush(out, (t + latency, t, gateway.try_acquire(t) <= 0))
+        t += 1.0 / ctrl.rate_at(t)
+
+
+@pytest.mark.parametrize("latency", [0.0, 0.002, 0.005], ids=["0ms", "2ms", "5ms"])
+def test_a_per_second_gateways_clump_is_one_refusal_measured_by_its_count(latency: float) -> None:
+    """Cruising at 600 calls/s against a gateway counting 500 per whole second: from its
+    count's end to the second's end it refuses every call, 100 in a row, each refusal back
+    after the cut the one before made. They are one clump: the one that opened it cuts, the
+    others of it say nothing new; and the calls accepted in a row between the clump before
+    and the next one, in less than a second, are the count: the rate goes 3 % under it and
+    the probe returns to it. Each refusal cutting 3 % more, 19-29 cuts took the rate to
+    257-348 calls/s, and the measure from refused call to refused call across the second's
+    start (500 calls in 0.83 s: 600 calls/s) set no quota."""
+    ctrl = RateController(0.0)
+    ctrl.restore(replace(ctrl.state, rate=600.0, level=600.0, phase=Phase.CRUISE, since=10.0,
+                         cut_at=10.0, unit=math.inf))  # fmt: skip
+    _against_a_per_second_count(ctrl, 500.0, 11.0, 13.0, latency)
+    assert ctrl.cuts <= 3
+    assert ctrl.state.quota == 500.0
+    assert ctrl.state.target == 500.0
+    assert 0.97 * 500.0 <= ctrl.rate <= 500.0
+
+
+def test_the_count_before_a_clump_is_the_calls_accepted_in_a_row_since_a_refusal() -> None:
+    """``counted_before``: the calls accepted in a row between a refused call and the run of
+    refusals a refused call is in, and the time from the one to the run's first (what a
+    gateway counting calls per whole second counted in the second between); not while one
+    of them is still out. ``unrefused_before``: the calls not known refused in a row before
+    the refusals (and calls still out) around a refused one."""
+    evidence = GatewayEvidence(AdaptiveConfig())
+    sends = [0.95 + 0.01 * k for k in range(20)]  # 0.95-1.14, every 10 ms
+    for sent in sends:
+        evidence.sent(sent)
+    for sent in sends[:5]:  # 0.95-0.99: the count of one second spent
+        evidence.refused(sent, sent + 0.002)
+    for sent in sends[5:15]:  # 1.00-1.09: the next second's count of 10
+        evidence.accepted(sent, sent + 0.05)
+    for sent in sends[16:]:  # 1.11-1.14 refused; the call at 1.10 still out
+        evidence.refused(sent, sent + 0.002)
+    assert evidence.unrefused_before(sends[17]) == 10  # the call out is neither
+    assert evidence.counted_before(sends[17]) is None  # the call out may have been accepted
+    evidence.refused(sends[15], sends[15] + 0.002)
+    count, span = evidence.counted_before(sends[17]) or (0, 0.0)
+    assert count == 10
+    assert span == pytest.approx(0.11)  # from the refusal at 0.99 to the clump's first, 1.10
+    assert evidence.unrefused_before(sends[17]) == 10
+    assert evidence.unrefused_before(sends[6]) == 0  # accepted: no refusal to be before
+    assert evidence.counted_before(sends[2]) is None  # nothing refused before its run
 
 
 def test_503s_that_are_a_share_of_the_answers_cut_like_a_throttle_without_a_pause() -> None:

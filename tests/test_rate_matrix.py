@@ -206,6 +206,16 @@ def test_auto_against_a_gateway_whose_refusals_come_in_clumps_keeps_to_the_budge
     _meets_the_goal(run, quota)
 
 
+def _per_second_drawn(quota: float, latency: float, concurrency: int, seed: int) -> Run:
+    """40 s against a gateway counting ``quota`` calls per whole second, latency drawn around
+    ``latency`` and sends about 2 ms late (``seed``): a drawn cell of
+    ``tests/benchmarks/bench_per_second.py``."""
+    rng = random.Random(seed)
+    return simulate(lambda t: quota, duration=40.0, latency=_drawn(latency, seed + 100),
+                    concurrency=concurrency, windowed=True,
+                    jitter=lambda: rng.expovariate(500.0))  # fmt: skip
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_a_per_second_gateway_with_latency_spread_is_not_measured_from_a_clump(seed: int) -> None:
     """A gateway counting 150 calls per whole second, 32 in flight, latency drawn around
@@ -213,11 +223,7 @@ def test_a_per_second_gateway_with_latency_spread_is_not_measured_from_a_clump(s
     clump holds no accepted call, and the calls still out in it, counted as accepted, are no
     bound on the quota there (12 out over 0.3 s measured 39.5 calls/s). The matrix's goal
     from 10 s on (read so, 0.53-0.81 of the quota over seeds 1-6; not read, 0.99-1.00)."""
-    rng = random.Random(seed)
-    run = simulate(lambda t: 150.0, duration=40.0, latency=_drawn(0.05, seed + 100),
-                   concurrency=32, windowed=True,
-                   jitter=lambda: rng.expovariate(500.0))  # fmt: skip
-    _meets_the_goal(run, 150.0)
+    _meets_the_goal(_per_second_drawn(150.0, 0.05, 32, seed), 150.0)
 
 
 def test_a_per_second_gateway_at_300_calls_a_second_is_not_measured_across_two_seconds() -> None:
@@ -242,11 +248,27 @@ def test_a_per_second_gateway_at_300_calls_a_second_with_latency_spread_keeps_it
     the answers of its span are in (``CLUMP``): the matrix's goal from 10 s on. Not measured
     at all, start-up's end came down 2-3 % a second, a clump of refusals each: 1.00 of the
     quota and 2.7-3.6 % refused."""
-    rng = random.Random(seed)
-    run = simulate(lambda t: 300.0, duration=40.0, latency=_drawn(0.05, seed + 100),
-                   concurrency=32, windowed=True,
-                   jitter=lambda: rng.expovariate(500.0))  # fmt: skip
-    _meets_the_goal(run, 300.0)
+    _meets_the_goal(_per_second_drawn(300.0, 0.05, 32, seed), 300.0)
+
+
+@pytest.mark.parametrize(
+    ("quota", "latency", "concurrency", "seed"),
+    [(500.0, 0.005, 32, 2), (500.0, 0.005, 32, 3), (300.0, 0.1, 32, 3), (150.0, 0.05, 8, 3)],
+    ids=["q500-5ms-c32-s2", "q500-5ms-c32-s3", "q300-100ms-c32-s3", "q150-50ms-c8-s3"],
+)
+def test_a_per_second_gateways_clump_cuts_once_and_is_measured_by_its_count(
+    quota: float, latency: float, concurrency: int, seed: int
+) -> None:
+    """A gateway counting calls per whole second refuses every call from its count's end to
+    the second's end: one clump, whose first refusal cuts and whose others say nothing new,
+    measured by the calls accepted in a row before it (the count). The matrix's goal from
+    10 s on, of the quota or what the concurrency allows at that latency: 500 calls/s at
+    5 ms, 1.26 % refused; 300 at 100 ms, 0.97 of it and 1.63 %; 150 at 50 ms with 8 in
+    flight, 0.92 of it. Each refusal of the clump cutting 3 % more (33 cuts in 0.45 s at
+    start-up's end) and measures from refused call to refused call across a second's start,
+    they were at 2.50-2.58 % refused, 2.29 %, and 0.89 of it."""
+    run = _per_second_drawn(quota, latency, concurrency, seed)
+    _meets_the_goal(run, min(quota, concurrency / latency))
 
 
 @pytest.mark.parametrize("quota", [200.0, 400.0], ids=["q200", "q400"])

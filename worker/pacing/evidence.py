@@ -509,6 +509,46 @@ class GatewayEvidence:
         ended = last + 1 < len(sends) and all(self._was(self._accepted, t) for t in sides)
         return last - first + 1, ended
 
+    def counted_before(self, sent: float) -> tuple[int, float] | None:
+        """The calls accepted in a row before the run of refusals the call refused at
+        ``sent`` is in, and the time from the refused call before them to the run's first
+        (``None``: not every one of them known, or no refused call before them): where that
+        is under a ``SECOND``, what a gateway counting calls per whole second counted in the
+        second between (``RateController._measure_late``)."""
+        own = self._refused_index(sent)
+        if own is None:
+            return None
+        sends = self._sends
+        first = self._back_while(own, self._refused, known=True)
+        start = self._back_while(first, self._accepted, known=True)
+        if start == 0 or not self._was(self._refused, sends[start - 1]):
+            return None
+        return first - start, sends[first] - sends[start - 1]
+
+    def unrefused_before(self, sent: float) -> int:
+        """The calls not known refused (accepted, or still out) in a row before the calls
+        not known accepted around the one refused at ``sent`` (0: it was not refused): how
+        long the gateway let calls through before the refusals its refusal is one of."""
+        own = self._refused_index(sent)
+        if own is None:
+            return 0
+        first = self._back_while(own, self._accepted, known=False)
+        return first - self._back_while(first, self._refused, known=False)
+
+    def _refused_index(self, sent: float) -> int | None:
+        """The index among the starts of the refused call sent at ``sent`` (``None``: not
+        one, as its answer said)."""
+        own = bisect.bisect_right(self._sends, sent + SAME_CALL) - 1
+        return own if own >= 0 and self._was(self._refused, self._sends[own]) else None
+
+    def _back_while(self, index: int, times: list[float], *, known: bool) -> int:
+        """The earliest index from which every call started before ``index`` is one of
+        ``times`` (``known``), or every one is not."""
+        sends = self._sends
+        while index > 0 and self._was(times, sends[index - 1]) is known:
+            index -= 1
+        return index
+
     def paced_under(self, rate: float, start: float, end: float) -> bool:
         """Whether calls were paced slower than ``rate`` at some time between the two."""
         if self.rate_sent_at(start) < rate:
