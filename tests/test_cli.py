@@ -773,6 +773,19 @@ def test_serve_does_not_offer_the_flags_it_refuses() -> None:
         assert refused not in text
 
 
+@pytest.mark.parametrize("columns", ["60", "80", "100"])
+def test_help_never_breaks_a_line_at_a_words_hyphen(columns: str) -> None:
+    """``simulate --help`` showed its default key as ``[demo-`` beside ``--ak``, the rest
+    (``secret-key]``) on the next line; a flag named in a help text could be cut the same
+    way (``--sk-`` / ``file``). A line breaks between words only, at any width."""
+    for command in sorted(COMMAND_SETTINGS):
+        text = run_worker(command, "--help", env={"COLUMNS": columns}).stdout
+        broken = [line for line in text.splitlines() if re.search(r"\w-$", line)]
+        assert not broken, (command, broken)
+        if command == "simulate":
+            assert "[demo-secret-key]" in text
+
+
 def test_simulate_help_shows_every_default() -> None:
     section = _sections(_help("simulate"))["the simulated project [defaults in brackets]"]
     for default in ("[127.0.0.1]", "[8443]", "[1000]", "[demo-project]", "[DEMOAK]", "[0]"):

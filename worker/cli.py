@@ -312,6 +312,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(ExitCode.USAGE, f"{self.prog}: {message}\n")
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """argparse's help, but a line is never broken at a word's hyphen: simulate's default
+    key ``[demo-secret-key]`` showed as ``[demo-`` beside ``--ak``, then ``secret-key]``, and a
+    flag named in a help text (``--sk-file``) could be cut as ``--sk-`` and ``file``."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 _LATE = frozenset(
     flag
     for flag, group in helptext.SETTING_GROUP.items()
@@ -349,6 +360,7 @@ def _add_settings(groups: dict[str, Any], flags: Sequence[str]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="devserver-reaper",
+        formatter_class=_Help,
         description=(
             "Delete Huawei Cloud ModelArts DevServer jobs in bulk: safely, fast, resumably."
         ),
@@ -368,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=text,
             usage=helptext.USAGE[name],
             epilog=helptext.EXAMPLES[name],
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=_Help,
         )
         known[name] = sub
         groups = flags[name] = _groups(sub)

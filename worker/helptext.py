@@ -33,9 +33,8 @@ GROUPS = (INPUT, SAFETY, RATE, OUTPUT, CONNECTION, QUEUE, SETTINGS)
 
 _CONNECTION_FLAGS = (
     "--region", "--endpoint", "--project-id", "--iam-endpoint", "--ak", "--sk",
-    "--security-token", "--ak-file",
-    "--sk-file", "--security-token-file", "--ca-bundle", "--credential-source", "--metadata-url",
-    "--connect-timeout", "--read-timeout",
+    "--security-token", "--ak-file", "--sk-file", "--security-token-file", "--ca-bundle",
+    "--credential-source", "--metadata-url", "--connect-timeout", "--read-timeout",
 )  # fmt: skip
 _RATE_FLAGS = ("--batch-size", "--concurrency", "--rate", "--burst", "--max-attempts",
                "--max-retry-after", "--grace", "--deadline")  # fmt: skip
@@ -57,21 +56,20 @@ and health port: a command without a queue shows no such group)."""
 METAVAR = {
     "--region": "REGION", "--endpoint": "URL", "--project-id": "ID", "--iam-endpoint": "URL",
     "--allowed-projects": "IDS", "--allowed-endpoints": "URLS", "--http-host": "HOST",
-    "--ak": "KEY",
-    "--sk": "KEY", "--security-token": "TOKEN", "--ak-file": "FILE", "--sk-file": "FILE",
-    "--security-token-file": "FILE", "--ca-bundle": "FILE", "--credential-source": "SOURCE",
-    "--metadata-url": "URL", "--batch-size": "N", "--concurrency": "N", "--rate": "CALLS/S",
-    "--burst": "N", "--max-attempts": "N", "--deadline": "SECONDS",
-    "--connect-timeout": "SECONDS", "--read-timeout": "SECONDS", "--max-retry-after": "SECONDS",
-    "--grace": "SECONDS", "--ledger": "FILE", "--max-deletions": "N", "--shard": "I/N",
-    "--confirm-project-over": "N", "--protect": "RULE", "--protect-file": "FILE",
-    "--protected-types": "TYPES", "--protected-statuses": "STATUSES", "--max-fraction": "SHARE",
+    "--ak": "KEY", "--sk": "KEY", "--security-token": "TOKEN", "--ak-file": "FILE",
+    "--sk-file": "FILE", "--security-token-file": "FILE", "--ca-bundle": "FILE",
+    "--credential-source": "SOURCE", "--metadata-url": "URL", "--batch-size": "N",
+    "--concurrency": "N", "--rate": "CALLS/S", "--burst": "N", "--max-attempts": "N",
+    "--deadline": "SECONDS", "--connect-timeout": "SECONDS", "--read-timeout": "SECONDS",
+    "--max-retry-after": "SECONDS", "--grace": "SECONDS", "--ledger": "FILE",
+    "--max-deletions": "N", "--shard": "I/N", "--confirm-project-over": "N",
+    "--protect": "RULE", "--protect-file": "FILE", "--protected-types": "TYPES",
+    "--protected-statuses": "STATUSES", "--max-fraction": "SHARE",
     "--recheck-max-age": "SECONDS", "--plan-key-file": "FILE", "--redis-url": "URL",
-    "--stream": "KEY", "--group": "NAME",
-    "--consumer": "NAME", "--max-deliveries": "N", "--reclaim-after": "SECONDS",
-    "--http-port": "PORT", "--outcomes-max-len": "N", "--outcomes-max-age": "SECONDS",
-    "--dead-max-len": "N", "--dead-max-age": "SECONDS", "--stats-interval": "SECONDS",
-    "--log-format": "FORMAT", "--log-level": "LEVEL",
+    "--stream": "KEY", "--group": "NAME", "--consumer": "NAME", "--max-deliveries": "N",
+    "--reclaim-after": "SECONDS", "--http-port": "PORT", "--outcomes-max-len": "N",
+    "--outcomes-max-age": "SECONDS", "--dead-max-len": "N", "--dead-max-age": "SECONDS",
+    "--stats-interval": "SECONDS", "--log-format": "FORMAT", "--log-level": "LEVEL",
 }  # fmt: skip
 """What each setting flag's value is called in ``--help``: what to type, not a field name
 (every setting flag that takes a value has one)."""
