@@ -570,6 +570,28 @@ def test_a_call_refused_after_one_whose_429_comes_later_sets_no_ceiling() -> Non
     assert _floor_proving_a_rise(False) > 1.06 * 20.0
 
 
+def _probing_past_a_count(
+    quota: float, rate: float, seconds: Sequence[tuple[float, int]]
+) -> tuple[RateController, list[float]]:
+    """A probe at ``rate`` past a quota of ``quota`` measured, against a gateway counting
+    ``quota`` calls per whole second (``FixedWindow``): from 11 s, in each second its pair's
+    number of calls at its pace, each answered as it starts. The controller, and when the
+    calls started."""
+    ctrl = RateController(0.0)
+    ctrl.restore(replace(ctrl.state, rate=rate, level=rate, phase=Phase.PROBE, since=10.0,
+                         cut_at=10.0, target=quota, quota=quota, unit=1.0))  # fmt: skip
+    gateway = FixedWindow(quota, 11.0)
+    sends = [11.0 + second + k / pace for second, (pace, calls) in enumerate(seconds)
+             for k in range(calls)]  # fmt: skip
+    for sent in sends:
+        ctrl.on_sent(sent)
+        if gateway.try_acquire(sent) > 0:
+            ctrl.on_throttle(sent, retry_after=1.0, latency=0.0)
+        else:
+            ctrl.on_success(sent, latency=0.0)
+    return ctrl, sends
+
+
 def test_a_per_second_gateways_count_starting_again_proves_no_rise() -> None:
     """A probe climbing past a quota of 300 measured, against a gateway counting 300 calls
     per whole second (``FixedWindow``): 296 calls/s in second 11, all accepted; 301 in second
@@ -579,21 +601,26 @@ def test_a_per_second_gateways_count_starting_again_proves_no_rise() -> None:
     and under 1.06 x the measure. Read as a rise, start-up climbed again (at 300 calls/s,
     5 ms, 32 in flight: 1.56 % refused from 10 s on, 1.17 % without); over less than a
     second the floor is the pace, and becomes the probe's target."""
-    ctrl = RateController(0.0)
-    ctrl.restore(replace(ctrl.state, rate=291.0, level=291.0, phase=Phase.PROBE, since=10.0,
-                         cut_at=10.0, target=300.0, quota=300.0, unit=1.0))  # fmt: skip
-    gateway = FixedWindow(300.0, 11.0)
-    sends = [11.0 + k / 296 for k in range(296)] + [12.0 + k / 301 for k in range(301)]
-    sends += [13.0 + k / 312 for k in range(250)]
-    for sent in sends:
-        ctrl.on_sent(sent)
-        if gateway.try_acquire(sent) > 0:
-            ctrl.on_throttle(sent, retry_after=1.0, latency=0.0)
-        else:
-            ctrl.on_success(sent, latency=0.0)
+    ctrl, _ = _probing_past_a_count(300.0, 291.0, [(296, 296), (301, 301), (312, 250)])
     assert ctrl.cuts == 0
     assert ctrl.escalated == 0
     assert ctrl.state.target > 1.01 * 301
+
+
+def test_a_per_second_gateways_two_counts_in_under_two_seconds_prove_no_rise() -> None:
+    """A probe past a quota of 500 measured, against a gateway counting 500 calls per whole
+    second: 501 calls in second 11, the last refused (one of 501 in the window: no cut), its
+    ceiling 501; 500 in second 12, all accepted; 540 calls/s from 13 s, the count starting
+    again. At 13.6 s the floor since the refusal is 823 calls over 1.6 s, 513.7 calls/s:
+    past the ceiling by 2.5 %, under two margins over the measure. Over less than two
+    seconds it holds two counts, not a pace: read as a rise, start-up climbed again (500
+    calls/s, 5 ms drawn, 32 in flight: to 705 calls/s, 2.36 % refused from 10 s on, where
+    1.25 %)."""
+    ctrl, sends = _probing_past_a_count(500.0, 505.0, [(501, 501), (500, 500), (540, 324)])
+    floor = (500 + 324 - 1) / (sends[-1] - sends[500])  # since the refusal at 11.998 s
+    assert 1.02 * 501 < floor < 1.06 * 500
+    assert ctrl.cuts == 0
+    assert ctrl.escalated == 0
 
 
 def _against_a_per_second_count(

@@ -91,11 +91,20 @@ low, and to raise it where a gateway counting calls per second allows it too
 (``GatewayEvidence.floor_counted``)."""
 
 COUNT_RESTART = 1.0
+"""A gateway counting calls per whole second starts its count again each second: a span
+this long with no refusal (``_measure_late``) says its count was not reached every second."""
+
+FLOOR_SPAN = 2.0
 """A floor spanning less than this since the bucket was last seen empty proves no rise past
-the ceiling: a gateway counting calls per whole second starts its count again at the next
-second and lets it all through at any pace, so there the floor is the pace (past the ceiling
-of its last refusal by 1 % as a probe climbs: read as a rise at a steady 300 calls/s, start-up
-climbed again to 361 and its clump of refusals cost 1.56 % where 1.17 % without)."""
+the ceiling within two margins of the quota measured (``_escalate``): a gateway counting
+calls per whole second starts its count again at each second and lets it all through at any
+pace, so a floor from its refusal holds the count of every second begun since: over less
+than a second, the pace (past the ceiling of its last refusal by 1 % as a probe climbs: read
+as a rise at a steady 300 calls/s, start-up climbed again to 361 and its clump of refusals
+cost 1.56 % where 1.17 % without); over less than two, two counts (1,000 calls in 1.47 s
+from a refusal at a count of 500: a floor of 505.2, past the ceiling of 500.1 by 1.02 %;
+start-up climbed again to 705, and 2.36 % of the calls were refused from 10 s on, where
+1.25 %). A token bucket's small rise waits for the probe's climb those two seconds."""
 
 CLUMP = 8
 """Calls refused in a row that tell of a gateway counting calls per whole second: it refuses
@@ -540,7 +549,7 @@ class RateController:
         margins of the quota measured proves that measure low, not a rise (the floor
         becomes the target), unless it is past the ceiling of the call that emptied the
         bucket by 1 %: the quota was under that then, whatever the measure (where the floor
-        spans ``COUNT_RESTART`` or more). Two margins over the measure waited out the
+        spans ``FLOOR_SPAN`` or more). Two margins over the measure waited out the
         cruise back from a refusal just before a rise, and the probe past it: a rise from
         20 to 50 calls/s then was followed in up to 10.7 s, now 4.7-10.1 s."""
         s = self._state
@@ -552,10 +561,10 @@ class RateController:
             return rate
         if floor <= (1.0 + 2.0 * c.margin) * s.quota < math.inf and (
             floor <= (1.0 + c.margin / 3.0) * self._evidence.ceiling
-            or self._evidence.floor_span < COUNT_RESTART
+            or self._evidence.floor_span < FLOOR_SPAN
         ):
-            # Past a quota measured a little low, and not past the ceiling (or not for a
-            # second: a per-second gateway's count starting again): no proof that it rose.
+            # Past a quota measured a little low, and not past the ceiling (or not for two
+            # seconds: a per-second gateway's counts starting again): no proof that it rose.
             # The probe's target is the floor (the probe is not as far past it as it was).
             return self._set(replace(s, target=floor), now)
         if now >= s.early and floor <= (1.0 + EARLY_LEAD * c.margin) * s.target:
