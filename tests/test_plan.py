@@ -28,6 +28,7 @@ from tests import e2e
 from tests.conftest import IN_CI, REDIS_URL
 from tests.e2e import SIM_PROJECT, kill_when, reaper, reaper_env, results, start_reaper
 from tests.gateway import Gateway, serve_gateway
+from tests.tty import Terminal
 from worker.discovery.filters import Filters
 from worker.discovery.plan import (
     PlanHeader,
@@ -39,7 +40,7 @@ from worker.discovery.plan import (
 from worker.errors import ConfigError, InputUnreadable
 from worker.settings import load_settings, read_plan_key
 from worker.simulator import FaultConfig, Simulator, SimulatorConfig, run_simulator
-from worker.types import JobRecord
+from worker.types import JobRecord, iso
 
 NOW = datetime(2026, 6, 1, 12, tzinfo=UTC)
 ENDPOINT = "https://modelarts.cn-north-4.myhuaweicloud.com"
@@ -575,9 +576,9 @@ async def test_a_plan_that_expires_while_a_delete_goes_unanswered_reads_its_jobs
 
 @pytest.mark.anyio
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("applied", [True, False], ids=["applied", "not-applied"])
+@pytest.mark.parametrize("how", ["applied", "not-applied", "applied-at-a-terminal"])
 async def test_a_run_killed_with_a_delete_unanswered_and_resumed_after_its_plan_expired_settles_it(
-    tmp_path: Path, applied: bool
+    tmp_path: Path, how: str
 ) -> None:
     """A run on a ledger is killed (SIGKILL) while its first DELETE, of two of the plan's four
     jobs, waits for its answer; the plan expires before the run is resumed on the ledger. The
@@ -586,7 +587,9 @@ async def test_a_run_killed_with_a_delete_unanswered_and_resumed_after_its_plan_
     kept; the two never sent end ``skipped`` (``plan_expired``); exit 1, nothing left open.
     On the code before, the resumed run was refused (64, 'plan expired'), and the two stayed
     ``sent`` in the ledger for good: a new plan cannot take up a job that is gone, so no run
-    could ever say what became of them."""
+    could ever say what became of them. Resumed at a terminal without ``--yes``, it asks
+    nothing (on the code before this, it asked to 'delete up to 4 jobs': none would be)."""
+    applied = how.startswith("applied")
     first = "hold" if applied else "hold_unavailable"
     gateway = Gateway.with_jobs(4, script=lambda call, _ids: first if call == 1 else "ok")
     path, ledger, out = tmp_path / "plan.json", tmp_path / "ledger.db", tmp_path / "out.jsonl"
@@ -598,8 +601,19 @@ async def test_a_run_killed_with_a_delete_unanswered_and_resumed_after_its_plan_
         await e2e.read_all(process)
         await past(expires)
         resumed = ["run", "--plan", str(path), *run, "--results", str(out)]
-        done = await reaper(resumed, reaper_env(url))
-        assert done.code == 1, done.stderr
+        if how.endswith("terminal"):
+            term = Terminal([r for r in resumed if r != "--yes"], reaper_env(url), columns=300)
+            term.type(b"no\n")  # a prompt shown reads it (64)
+            assert await anyio.to_thread.run_sync(term.wait) == 1, term.screen_text()
+            lines = [line for line in term.lines() if line]
+            assert not any("About to delete" in line for line in lines), lines
+            asked = (
+                f"nothing to ask: the plan expired at {iso(expires)}, so no DELETE goes out on it"
+            )
+            assert asked in lines, lines
+        else:
+            done = await reaper(resumed, reaper_env(url))
+            assert done.code == 1, done.stderr
         assert gateway.delete_calls == 1, "a DELETE went out on an expired plan"
     sent = set(gateway.asked)
     assert len(sent) == 2 and len(gateway.deleted) == (2 if applied else 0)

@@ -337,7 +337,17 @@ def _confirm(
     plan: SealedPlan | None = None,
     excluded: frozenset[str] = frozenset(),
 ) -> None:
-    """On a terminal, ask; anywhere else, insist on --yes (exit 64 before any call)."""
+    """On a terminal, ask; anywhere else, insist on --yes (exit 64 before any call). Not
+    for a plan that has expired (run only to read what a run before sent unanswered):
+    nothing will be sent on it, which a prompt to delete would deny."""
+    from datetime import UTC, datetime
+
+    from worker.types import iso
+
+    if plan is not None and datetime.now(UTC) >= plan.header.expires_at:
+        sys.stderr.write(f"nothing to ask: the plan expired at {iso(plan.header.expires_at)}, "
+                         "so no DELETE goes out on it\n")  # fmt: skip
+        return
     interactive = (
         request.input != "-"
         and sys.stdin is not None  # None: closed at start (<&-)
