@@ -664,6 +664,30 @@ def test_a_per_second_gateways_clump_is_one_refusal_measured_by_its_count(latenc
     assert 0.97 * 500.0 <= ctrl.rate <= 500.0
 
 
+def test_a_token_buckets_runs_of_refusals_past_twice_its_quota_each_cut() -> None:
+    """Cruising at 20 calls/s against a token bucket of 5 calls/s with a burst of 1, answers
+    at once: three calls refused in a row, one accepted, and again. Each refusal says the
+    rate is still past the quota, and cuts: no run follows 8 calls in a row unrefused
+    (``CLUMP``), so none is a clump whose refusals say nothing new. Read as clumps, each
+    run cut once: 9 cuts in 2 s, the rate still 15.4 calls/s, three times the quota."""
+    ctrl = RateController(0.0)
+    ctrl.restore(replace(ctrl.state, rate=20.0, level=20.0, phase=Phase.CRUISE, since=10.0,
+                         cut_at=10.0, unit=math.inf))  # fmt: skip
+    gateway = TokenBucket(5.0, 1, 11.0)
+    refusals, t = 0, 11.0
+    while t < 13.0:
+        ctrl.on_sent(t)
+        if gateway.try_acquire(t) > 0:
+            refusals += 1
+            ctrl.on_throttle(t, retry_after=1.0, latency=0.0)
+        else:
+            ctrl.on_success(t, latency=0.0)
+        t += 1.0 / ctrl.rate_at(t)
+    assert refusals >= 20
+    assert ctrl.cuts == refusals
+    assert ctrl.rate < 0.6 * 20.0
+
+
 def test_the_count_before_a_clump_is_the_calls_accepted_in_a_row_since_a_refusal() -> None:
     """``counted_before``: the calls accepted in a row between a refused call and the run of
     refusals a refused call is in, and the time from the one to the run's first (what a
