@@ -404,7 +404,7 @@ async def test_a_wrong_project_id_exits_78_with_every_id_left_open(tmp_path: Pat
     ("args", "env", "code"),
     [
         (["--results", ""], {}, 64),
-        (["--ledger", ""], {}, 78),
+        (["--ledger", ""], {}, 64),  # a flag given empty: a usage error, as --results
         ([], {"REAPER_LEDGER": " "}, 78),
         ([], {"REAPER_AK": "AK\r\nX-Injected: 1"}, 78),
     ],
