@@ -799,6 +799,41 @@ async def test_a_plan_sealed_with_a_key_is_applied_only_with_that_key(tmp_path: 
 
 
 @pytest.mark.anyio
+async def test_a_plan_sealed_with_no_key_is_said_to_guard_against_accidents_only(
+    tmp_path: Path,
+) -> None:
+    """A plan written with no plan key can be widened and sealed again by anyone who can
+    write it (the seal is a plain digest). ``plan show`` said "checked for accidents only"
+    and ``run --plan`` nothing at all: both now say plainly what it guards against and what
+    not, and how to stop it; a run given a plan key refuses it (64), nothing sent."""
+    key = tmp_path / "plan.key"
+    key.write_bytes(KEY)
+    key.chmod(0o600)
+    async with finished_plan(tmp_path, jobs=30, seed=63) as (sim, path, env, ids, _out):
+        path.write_bytes(reseal(EDITS["inventory"](path.read_bytes()), None))  # widened, resealed
+        shown = await reaper(["plan", "show", str(path)], env)
+        dry = await reaper(["run", "--plan", str(path), "--dry-run"], env)
+        keyed = await reaper(["run", "--plan", str(path), *FAST_RUN, "--plan-key-file",
+                              str(key)], env)  # fmt: skip
+    assert shown.code == 0, shown.stderr
+    review = " ".join(shown.stdout.split())
+    assert ("sealed with no plan key: it guards against accidents, not against anyone who "
+            "can write the file (they can change it and seal it again); make and apply plans "
+            "with --plan-key-file to stop that") in review  # fmt: skip
+    assert dry.code == 0, dry.stderr
+    (warned,) = dry.events("plan.unkeyed")
+    assert warned["level"] == "warning"
+    assert warned["reason"] == (
+        f"plan {path} is sealed with no plan key: its seal guards against accidents, not "
+        "against anyone who can write the file (they can change it and seal it again); make "
+        "and apply plans with --plan-key-file to stop that"
+    )
+    assert dry.summary()["would_delete"] == len(ids)
+    assert keyed.code == 64 and "sealed without a plan key" in keyed.stderr
+    assert sim.stats.delete_calls == 0
+
+
+@pytest.mark.anyio
 async def test_exclude_drops_ids_after_review_and_says_so_in_the_summary_and_results(
     tmp_path: Path,
 ) -> None:

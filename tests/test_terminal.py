@@ -144,6 +144,8 @@ async def test_a_ledger_holding_every_id_done_asks_nothing_and_sends_nothing(
         assert len(sim.job_ids()) == left  # nothing sent either way
     echo, *lines = [line for line in term.lines() if line]
     assert echo == "no"
+    if before.startswith("plan"):  # discover wrote it with no plan key: said first
+        assert lines.pop(0).startswith(f"warning: plan {src} is sealed with no plan key: ")
     if before.endswith("all-done"):
         assert code == 0, term.screen_text()
         assert lines[0] == (

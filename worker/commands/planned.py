@@ -24,7 +24,7 @@ import structlog
 from worker import wiring
 from worker.discovery.filters import Filters
 from worker.discovery.guard import Protection
-from worker.discovery.plan import PlanWriter, SealedPlan, open_plan
+from worker.discovery.plan import UNKEYED, PlanWriter, SealedPlan, open_plan
 from worker.errors import InputUnreadable, UsageError
 from worker.input.sources import read_entries
 from worker.scratch import Scratch
@@ -54,6 +54,8 @@ def open_file_plan(path: str, settings: Settings) -> SealedPlan:
     log = structlog.get_logger("devserver_reaper")
     key = read_plan_key(settings, lambda text: log.warning("settings.key_file_exposed", error=text))
     plan = open_plan(Path(path), key=key)
+    if key is None and not plan.header.keyed:  # with a key, open_plan refused it (64)
+        log.warning("plan.unkeyed", reason=f"plan {path} is sealed with no plan key: {UNKEYED}")
     try:
         named = plan.header.named  # applied to the projects it names, not the run's own
         now = datetime.now(UTC)

@@ -8,6 +8,7 @@ importing neither.
 from __future__ import annotations
 
 import shlex
+import textwrap
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +20,7 @@ from worker import wiring
 from worker.clock import MonotonicClock
 from worker.discovery.filters import Filters
 from worker.discovery.guard import Protection
-from worker.discovery.plan import PlanHeader, PlanWriter, check_fraction
+from worker.discovery.plan import UNKEYED, PlanHeader, PlanWriter, check_fraction
 from worker.discovery.review import SHOWN_LIMIT, estimate_s, render
 from worker.discovery.select import JobSink, Selected, Spool, select
 from worker.errors import UsageError
@@ -98,9 +99,12 @@ def check_selection(
 def plan_review(header: PlanHeader, settings: Settings, path: Path | str) -> str:
     """What ``plan show`` prints and ``discover --plan`` shows on a terminal."""
     estimate = estimate_s(header.jobs, rate=settings.rate, batch_size=settings.batch_size)
-    seal = "a plan key (HMAC-SHA256)" if header.keyed else "no plan key: checked for accidents only"
+    seal = ["  sealed   with a plan key (HMAC-SHA256)"]
+    if not header.keyed:  # said plainly: what the digest is worth, and what it is not
+        said = "  sealed   with no plan key: " + UNKEYED.replace("its seal guards", "it guards")
+        seal = textwrap.wrap(said, 90, subsequent_indent=" " * 11, break_on_hyphens=False)
     made = f"  made     {header.to_json()['created_at']}   expires {header.to_json()['expires_at']}"
-    shared = [made, f"  sealed   with {seal}", f"  filters  {filters_text(header.filters)}"]
+    shared = [made, *seal, f"  filters  {filters_text(header.filters)}"]
     if header.named:
         lines = [
             f"plan {path}: {header.jobs:,} jobs in {len(header.sections)} projects, each sent "

@@ -76,6 +76,11 @@ NAMED_VERSION = 3
 MAGIC = b"devserver-reaper plan v2\n"
 MAGIC_NAMED = b"devserver-reaper plan v3\n"
 SEAL_PREFIX = b"seal "
+UNKEYED = (
+    "its seal guards against accidents, not against anyone who can write the file (they can "
+    "change it and seal it again); make and apply plans with --plan-key-file to stop that"
+)
+"""What a plan sealed with no plan key is worth, as ``plan show`` and ``run --plan`` say."""
 HMAC_SCHEME = "hmac-sha256"
 DIGEST_SCHEME = "sha256"
 MAX_TTL = timedelta(days=30)
