@@ -800,6 +800,29 @@ def test_keda_scales_serve_on_pending_entries_and_on_lag_of_the_workers_stream()
     assert counted == {"pendingEntriesCount", "lagCount"}
 
 
+def test_keda_reaches_redis_over_tls_as_the_workers_url_says_from_the_same_secret() -> None:
+    """docs/deploy.md gives the worker a rediss:// URL; KEDA's trigger spoke plain TCP to it
+    (no TLS anywhere), so it read nothing and never scaled. Its TriggerAuthentication takes
+    ``tls`` (enable or disable, as the URL's scheme) and ``ca`` from the Secret the worker's
+    ``REAPER_REDIS_URL`` comes from; no trigger sets ``enableTLS`` (KEDA takes it not beside
+    ``tls``) nor ``unsafeSsl`` (which skips the certificate check the worker makes)."""
+    [url] = [item["valueFrom"]["secretKeyRef"] for item in one("Deployment")["spec"]["template"]
+             ["spec"]["containers"][0]["env"] if item["name"] == "REAPER_REDIS_URL"]  # fmt: skip
+    for trigger in one("ScaledObject")["spec"]["triggers"]:
+        assert not {"enableTLS", "unsafeSsl"} & set(trigger["metadata"]), trigger
+        auth = one("TriggerAuthentication", trigger["authenticationRef"]["name"])
+        refs = {ref["parameter"]: ref for ref in auth["spec"]["secretTargetRef"]}
+        assert {"username", "password", "tls", "ca"} <= set(refs)
+        assert {ref["name"] for ref in refs.values()} == {url["name"]}
+        assert (refs["tls"]["key"], refs["ca"]["key"]) == ("tls", "ca")
+    page = (ROOT / "docs" / "deploy.md").read_text()
+    command = " ".join(page[page.index("create secret generic devserver-reaper-redis") :]
+                       .split("`", 1)[0].split())  # fmt: skip
+    given = set(re.findall(r"--from-(?:literal|file)=(\w+)=", command))
+    assert {"url", "username", "password", "tls", "ca"} <= given, command
+    assert "url='rediss://" in command and "tls=enable" in command
+
+
 def test_static_keys_come_from_the_secret_as_read_only_files_never_as_values() -> None:
     secret = one("Secret", overlay="static-keys")
     assert set(secret["stringData"]) == {"ak", "sk"}
@@ -841,6 +864,9 @@ def test_the_sharded_run_is_an_indexed_job_whose_shards_match_its_completions() 
     claim = spec["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
     pvc = one("PersistentVolumeClaim", claim, "cce-sharded-run")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # shards on different nodes
+    # CCE has no default class: a claim naming none stays Pending with every shard's pod.
+    # A file system every node mounts (SFS, SFS Turbo), never an EVS disk (one node).
+    assert pvc["spec"].get("storageClassName") in CCE_FILE_CLASSES
     from worker.cli import build_parser
 
     expanded = _expanded(args, {"JOB_COMPLETION_INDEX": "2"})
@@ -977,6 +1003,8 @@ def test_the_deploy_pages_patch_for_a_redis_without_pods_renders_and_opens_its_a
 CCE_STORAGE_CLASSES = {"csi-disk", "csi-disk-topology", "csi-nas", "csi-sfs", "csi-obs",
                        "csi-sfsturbo", "csi-local", "csi-local-topology"}  # fmt: skip
 """The classes a CCE cluster comes with (everest); none of them is the default."""
+CCE_FILE_CLASSES = {"csi-nas", "csi-sfs", "csi-sfsturbo"}
+"""Of those, the file systems every node can mount at once (ReadWriteMany)."""
 
 
 @pytest.mark.parametrize("overlay", ["cce", "cce-sharded-run"])
