@@ -11,7 +11,7 @@ import stat
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -405,6 +405,21 @@ async def past(instant: datetime) -> None:
     await anyio.sleep((instant - datetime.now(UTC)).total_seconds() + 1)
 
 
+async def killed_mid_delete(
+    gateway: Gateway, url: str, tmp: Path, *, ttl: str
+) -> tuple[list[str], Path, datetime]:
+    """``run --plan`` on a ledger (batches of two) of a plan of ``gateway``'s jobs living
+    ``ttl``, killed (SIGKILL) while its first DELETE is out: the ``run`` arguments to resume
+    it with, the results file they name, and when the plan expires."""
+    path, ledger, out = tmp / "plan.json", tmp / "ledger.db", tmp / "out.jsonl"
+    run = ["--yes", "--batch-size", "2", "--concurrency", "1", "--rate", "1000", "--burst",
+           "50", "--ledger", str(ledger)]  # fmt: skip
+    process, expires = await first_delete_out(gateway, url, path, run, ttl=ttl)
+    process.kill()
+    await e2e.read_all(process)
+    return ["run", "--plan", str(path), *run, "--results", str(out)], out, expires
+
+
 @pytest.mark.anyio
 @pytest.mark.timeout(120)
 async def test_a_plan_that_expires_mid_run_sends_no_more_deletes_and_a_new_plan_takes_the_rest(
@@ -592,15 +607,9 @@ async def test_a_run_killed_with_a_delete_unanswered_and_resumed_after_its_plan_
     applied = how.startswith("applied")
     first = "hold" if applied else "hold_unavailable"
     gateway = Gateway.with_jobs(4, script=lambda call, _ids: first if call == 1 else "ok")
-    path, ledger, out = tmp_path / "plan.json", tmp_path / "ledger.db", tmp_path / "out.jsonl"
-    run = ["--yes", "--batch-size", "2", "--concurrency", "1", "--rate", "1000", "--burst",
-           "50", "--ledger", str(ledger)]  # fmt: skip
     async with serve_gateway(gateway) as url:
-        process, expires = await first_delete_out(gateway, url, path, run, ttl="8s")
-        process.kill()
-        await e2e.read_all(process)
+        resumed, out, expires = await killed_mid_delete(gateway, url, tmp_path, ttl="8s")
         await past(expires)
-        resumed = ["run", "--plan", str(path), *run, "--results", str(out)]
         if how.endswith("terminal"):
             term = Terminal([r for r in resumed if r != "--yes"], reaper_env(url), columns=300)
             term.type(b"no\n")  # a prompt shown reads it (64)
@@ -625,9 +634,50 @@ async def test_a_run_killed_with_a_delete_unanswered_and_resumed_after_its_plan_
     }
     unsent = {(r["outcome"], r["reason"]) for i, r in rows.items() if i not in sent}
     assert unsent == {("skipped", "plan_expired")}
-    report = await reaper(["report", "--ledger", str(ledger), "--format", "jsonl"], {})
+    ledger = str(tmp_path / "ledger.db")  # killed_mid_delete's
+    report = await reaper(["report", "--ledger", ledger, "--format", "jsonl"], {})
     assert report.code == 0, report.stderr
     assert len(report.stdout.splitlines()) == 4  # every id with its outcome: none left open
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("applied", [True, False], ids=["applied", "not-applied"])
+async def test_a_job_a_killed_run_sent_then_struck_out_on_resume_is_read_not_called_skipped(
+    tmp_path: Path, applied: bool
+) -> None:
+    """A run on a ledger is killed while its first DELETE, of two jobs, waits for its answer;
+    the run is resumed with one of the two struck out (``--exclude``), and the other
+    protected by id. Neither is sent again, but each is read first: gone by that DELETE, it
+    ends ``deleted`` (unconfirmed, ``answer_lost``), not ``skipped`` (``excluded``,
+    ``protected``), which would tell whoever struck it out that the job is still there; still
+    there, ``skipped`` with the rule's reason, the attempt kept. On the code before, both
+    ended ``skipped`` unread, gone or not."""
+    first = "hold" if applied else "hold_unavailable"
+    sent: list[set[str]] = []  # the ids of each DELETE
+
+    def script(call: int, ids: Sequence[str]) -> str:
+        sent.append(set(ids))
+        return first if call == 1 else "ok"
+
+    gateway = Gateway.with_jobs(4, script=script)
+    async with serve_gateway(gateway) as url:
+        resumed, out, _expires = await killed_mid_delete(gateway, url, tmp_path, ttl="1h")
+        struck, protected = sorted(gateway.asked)
+        exclude = tmp_path / "exclude.txt"
+        exclude.write_text(struck + "\n")
+        rules = ["--exclude", str(exclude), "--protect", f"id:{protected}"]
+        done = await reaper([*resumed, *rules], reaper_env(url))
+    assert sent[0] == {struck, protected} and len(sent) == 2
+    assert not {struck, protected} & sent[1]  # never sent again
+    rows = {row["job_id"]: row for row in results(out)}
+    said = {(rows[i]["outcome"], rows[i]["reason"], rows[i]["attempts"]) for i in sent[0]}
+    if applied:
+        assert said == {("deleted", "answer_lost", 1)}, rows
+        assert done.code == 0, done.stderr
+    else:
+        assert said == {("skipped", "excluded", 1), ("skipped", "protected", 1)}, rows
+    assert {rows[i]["outcome"] for i in rows if i not in (struck, protected)} == {"deleted"}
 
 
 @pytest.mark.anyio

@@ -480,20 +480,28 @@ class Guard:
     async def _process(self, batch: Batch, doubt: _Doubt) -> None:
         ended: list[Result] = []
         remaining: list[str] = []
+        held: list[tuple[str, str, str | None]] = []  # kept from a DELETE, but in doubt
         spent = self._budget is not None and self._budget.spent
         for job_id in batch.ids:
+            rule: tuple[str, str | None] | None = None
             if self._protection.protects_id(job_id):
-                ended.append(self._skip(job_id, batch, "protected", "id"))
+                rule = ("protected", "id")
             elif self._plan is not None and job_id in self._plan.excluded:
-                ended.append(self._skip(job_id, batch, "excluded", "excluded after review"))
+                rule = ("excluded", "excluded after review")
             elif self._plan is not None and job_id not in self._plan.reviewed:
-                ended.append(self._skip(job_id, batch, "not_in_plan", None))
+                rule = ("not_in_plan", None)
             elif spent and job_id not in batch.unsure:  # past --max-deletions: nothing to
                 # look up, nothing to send. Not an id a dead run sent: it may be gone by that
                 # run's hand, which counted it against the cap; it goes on to be settled.
-                ended.append(self._skip(job_id, batch, "max_deletions", None))
-            else:
+                rule = ("max_deletions", None)
+            if rule is None:
                 remaining.append(job_id)
+            elif job_id in batch.unsure and self._reader is not None:
+                held.append((job_id, *rule))
+            else:
+                ended.append(self._skip(job_id, batch, *rule))
+        if held:
+            ended += await self._settle_held(held, doubt)
         if ended:
             await self._outcomes.finished(ended)
             ended = []
@@ -541,6 +549,36 @@ class Guard:
             remaining, ended, fresh_until = await self._check_records(doubt, stale.ids, known)
             if ended:
                 await self._outcomes.finished(ended)
+
+    async def _settle_held(
+        self, held: Sequence[tuple[str, str, str | None]], doubt: _Doubt
+    ) -> list[Result]:
+        """The outcomes of ids a rule by id keeps from a DELETE now (``protected``,
+        ``excluded``, ...) that an earlier attempt or run sent without a readable answer:
+        each is read, never sent. Gone, it is ours (``deleted``, ``answer_lost``): 'skipped'
+        would tell whoever protected or struck it out that the job is still there. There,
+        ``skipped`` with the rule's reason, the attempt kept. Stopped: the rest left open."""
+        assert self._reader is not None
+        batch = doubt.batch
+        ended: list[Result] = []
+        for job_id, reason, detail in held:
+            self.counts.checked += 1
+            self.counts.shown += 1
+            try:
+                record = await self._reader.show(job_id)
+            except Stopped:
+                break
+            except ClientError as exc:
+                ended.append(_unverified(job_id, batch, exc))
+                continue
+            if record is not None and record.id != job_id:  # not the job asked about
+                ended.append(_unverified(job_id, batch, another_job(job_id, record.id)))
+            elif record is None:
+                ended.append(gone(job_id, unsure=batch.unsure, known=doubt.read, attempts=1,
+                                  batch_id=batch.batch_id))  # fmt: skip
+            else:
+                ended.append(self._skip(job_id, batch, reason, detail))
+        return ended
 
     async def _check_records(
         self, doubt: _Doubt, ids: Sequence[str], known: dict[str, JobRecord]
