@@ -490,6 +490,33 @@ def test_every_text_setting_flag_of_every_command_refuses_an_empty_value(
 
 
 @pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["run", "--plan", "", "--dry-run"], "run: --plan must be a file path, not empty"),
+        (["run", "-i", "", "--dry-run"],
+         "run: --input/-i must be a file path, or - for stdin, not empty"),
+        (["check", "--config", ""], "check: --config must be a file path, not empty"),
+        (["plan", "show", ""], "plan: PLAN must be a file path, not empty"),
+        (["report", " "], "report: LEDGER must be a file path, not empty"),
+        (["simulate", "--port", "0", "--ids-file", ""],
+         "simulate: --ids-file must be a file path, not empty"),
+    ],
+    ids=["run-plan", "run-input", "check-config", "plan-show", "report", "simulate"],
+)  # fmt: skip
+def test_a_file_the_command_line_names_empty_is_a_usage_error(
+    tmp_path: Path, argv: list[str], said: str
+) -> None:
+    """``run --plan ''`` ended in a TypeError traceback; ``check --config ''`` named no file
+    and read none without a word; ``plan show ''`` and ``report ''`` read the current
+    directory ("is a directory"); ``simulate --ids-file ''`` wrote no ids and served. Each
+    is refused as a setting's file flag given empty is: 64, naming it."""
+    done = run_worker(*argv, cwd=tmp_path)
+    assert done.returncode == 64, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == f"devserver-reaper {said}"
+
+
+@pytest.mark.parametrize(
     ("toml", "said"),
     [
         ('stream = ""', "stream (REAPER_STREAM or the config file) must not be empty"),

@@ -306,7 +306,7 @@ class _Parser(argparse.ArgumentParser):
             close = difflib.get_close_matches(typed, self.commands, n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]}?)" if close else ""
             message = f"unknown command {typed!r}{hint}; commands: {', '.join(self.commands)}"
-        elif message.startswith("argument --") and ": must be " in message:
+        elif message.startswith("argument ") and ": must be " in message:  # --plan, PLAN
             message = message.removeprefix("argument ").replace(": must be ", " must be ", 1)
         self.print_usage(sys.stderr)
         self.exit(ExitCode.USAGE, f"{self.prog}: {message}\n")
@@ -532,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     completion.add_argument("shell", choices=("bash", "zsh"), help="the shell to complete in")
     for name, groups in flags.items():  # after each command's own input and output flags
         _add_settings(groups, [f for f in COMMAND_SETTINGS[name] if f in _LATE])
+    for each in (parser, *known.values()):
+        _paths_not_empty(each)
     return parser
 
 
@@ -612,13 +614,29 @@ def _number(kind: type[float], *, seconds: bool) -> Callable[[str], float]:
     return parse
 
 
+_PATH_EXPECTED = {"--input": "a file path, or - for stdin", "-i": "a file path, or - for stdin"}
+_FILES = frozenset({"FILE", "PLAN", "LEDGER"})
+"""What the command line's own flags and arguments that name a file are called: each is
+refused empty as a setting's file flag is (``run --plan ''`` ended in a traceback,
+``check --config ''`` named no file without a word, ``plan show ''`` read a directory)."""
+
+
+def _paths_not_empty(parser: argparse.ArgumentParser) -> None:
+    """Every flag or argument of ``parser`` that names a file (``--plan FILE``, ``PLAN``)
+    refuses an empty one, as a usage error in the words of ``_text``."""
+    for action in parser._actions:
+        if action.metavar in _FILES and action.type in (None, str):
+            action.type = _text(action.option_strings[0] if action.option_strings
+                                else str(action.metavar))  # fmt: skip
+
+
 def _text(flag: str) -> Callable[[str], str]:
     """A setting flag's text, refused empty (or blank) as a usage error (64) in the words of
     what it must be (``--stream must be the name of a Redis Stream, not empty``): the
     settings said "String should have at least 1 character" (78), and took some empty
     values without a word (``--allowed-projects ''`` stood for any project over the config
     file's list, ``--sk-file ''`` read no file)."""
-    expected = helptext.EXPECTED[flag]
+    expected = helptext.EXPECTED.get(flag) or _PATH_EXPECTED.get(flag, "a file path")
 
     def parse(text: str) -> str:
         if not text.strip():
