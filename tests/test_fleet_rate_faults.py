@@ -385,26 +385,31 @@ async def test_a_follower_that_leads_after_redis_lost_the_estimate_takes_up_the_
 
 
 @pytest.mark.anyio
-async def test_a_leader_that_took_over_reads_no_burst_from_a_call_sent_before_its_first_start(
-    redis_client: aioredis.Redis, redis_prefix: str
+@pytest.mark.parametrize("kill_at", [2.0, 3.5])
+async def test_a_leader_that_took_over_start_up_reads_no_burst_and_uses_the_quota(
+    redis_client: aioredis.Redis, redis_prefix: str, kill_at: float
 ) -> None:
-    """Three replicas at 20 calls/s, a gateway burst of 1, answers 300 ms late; the leader is
-    killed at 3.5 s. The successor's first refusal is of a call sent before the first start
-    reported to it: counted from that start, the calls before the refusal span less than
-    nothing, and the burst start-up saw (calls less the quota times that span) read 3.4 at a
-    burst of 1: past ``BURST_SEEN``, so a probe refused past the quota measured went back to
-    that quota (a low one: 9.95 of 20 here), not to just under the rate refused. Such a
-    refusal reads no burst."""
+    """Three replicas at 20 calls/s, a gateway burst of 1, answers 300 ms late; the leader
+    is killed at ``kill_at``. The successor did not see start-up's first calls, so what it
+    sees reads no burst, and the fleet meets issue 23's goal. Killed at 2.0 s (in start-up,
+    at 18 calls/s): counted from the first start reported to it, the span held the 2 s the
+    lease took to lapse at 18 calls/s, and with a measure of half the quota (every other
+    call refused) it read a burst of 12.8, past ``BURST_SEEN``; every probe stopped at that
+    measure (0.82 of the quota from 15 s on). Killed at 3.5 s: its first refusal was of a
+    call sent before the first start reported to it, and counted from that start, the calls
+    before the refusal spanned less than nothing (a burst of 3.4; a probe refused past the
+    quota measured went back to it, 9.95 of 20)."""
     time = RedisTime()
     clock, key = time.clock, redis_prefix + "rl"
     replicas = _killable_replicas(redis_client, key, time)
-
-    await run_killing_the_leader(replicas, clock, Gateway(20.0, 1, 0.0), kill_at=3.5,
-                                 until=10.0, latency=0.3)  # fmt: skip
+    fleet = await run_killing_the_leader(replicas, clock, Gateway(20.0, 1, 0.0),
+                                         kill_at=kill_at, until=45.0, latency=0.3)  # fmt: skip
     successor = next(r.limiter for r in replicas if r.dead_at == math.inf and r.limiter.leading)
     assert successor.controller is not None
     burst = successor.controller._evidence.burst
     assert math.isnan(burst) or burst < BURST_SEEN, (burst, successor)
+    used, throttled = fleet.used(20.0, 15.0, 45.0), fleet.throttled(15.0, 45.0)
+    assert used >= 0.90 and throttled <= 0.02, (used, throttled, successor)
 
 
 @pytest.mark.anyio

@@ -349,11 +349,15 @@ class RateController:
     def state(self) -> ControllerState:
         return self._state
 
-    def restore(self, state: ControllerState) -> None:
+    def restore(self, state: ControllerState, *, start_seen: bool = True) -> None:
         """Adopt a state learnt elsewhere (a test's, or another replica's): its rate holds
-        from its ``since`` on."""
+        from its ``since`` on. ``start_seen=False``: start-up's first calls went out under
+        another controller (a fleet's leader that took over), so no burst is read from the
+        calls seen here (``GatewayEvidence.forgo_burst``)."""
         self._state = state
         self._evidence.restart(state.since, state.rate)
+        if not start_seen:
+            self._evidence.forgo_burst()
 
     @property
     def rate(self) -> float:

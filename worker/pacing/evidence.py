@@ -142,6 +142,16 @@ class GatewayEvidence:
         ``since`` on, whatever was paced before."""
         self._history = deque([(since, rate)])
 
+    def forgo_burst(self) -> None:
+        """Start-up's first calls went out under another controller (a fleet's leader that
+        took over): the calls seen here did not begin at a full bucket, so they read no
+        burst (``burst`` stays unknown). Counted from the first start reported to a
+        successor, 2 s of the fleet at the pace its lease took to lapse were in the span,
+        and with a measure of half the quota (a burst of 1 refusing every other call) they
+        read a burst of 3.4-18 at a burst of 1: past ``BURST_SEEN``, every probe stopped at
+        that measure (0.76-0.84 of the quota from 15 s on)."""
+        self._first = (0, 0.0, -math.inf)  # a first refusal no measure is near
+
     def learn_burst(self, quota: float, start: float) -> None:
         """A quota measured from a span that began at ``start``: with the calls start-up
         sent before the first refusal, the burst the gateway let through (``burst``), read

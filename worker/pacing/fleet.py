@@ -351,7 +351,7 @@ class FleetRateController(RedisPacer):
             self._controller = RateController(server_now / 1e6, self._config)
             stored = sane_state(decode_state(stored_state), self._config, server_now / 1e6)
             if stored is not None:
-                self._controller.restore(stored)
+                self._controller.restore(stored, start_seen=False)
             else:
                 # Nothing stored (a first start, or Redis flushed or restarted under a
                 # running fleet): the calls sent before were paced by an estimate now lost,
