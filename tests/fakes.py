@@ -9,9 +9,10 @@ import heapq
 import itertools
 import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 
@@ -196,6 +197,7 @@ class Run:
     def __init__(self) -> None:
         self.ok: list[float] = []
         self.refused: list[float] = []
+        self.unavailable: list[float] = []  # accepted by the gateway, answered 503 (``service``)
         self.rates: list[tuple[float, float]] = []
 
     def accepted_per_s(self, start: float, end: float) -> float:
@@ -234,23 +236,66 @@ class SteadyController:
         return self.rate
 
 
+class Gateway(Protocol):
+    """What ``simulate`` asks of a gateway: 0.0 for a call it accepts, else the seconds
+    until it would accept one (its ``Retry-After``, before rounding)."""
+
+    def try_acquire(self, now: float) -> float: ...
+
+
 class FixedWindow:
     """A gateway that counts calls per whole second (the count starts again at each): at
     most ``quota`` accepted in a second, and every call past them refused until the next,
-    so its refusals come in clumps, not spread as a token bucket's."""
+    so its refusals come in clumps, not spread as a token bucket's. ``span``: a window of
+    that many seconds instead, counting ``quota * span`` calls (a quota stated per second,
+    enforced per 10 s or per minute)."""
 
-    def __init__(self, quota: float, now: float) -> None:
-        self.limit = max(1, round(quota))
-        self.second, self.count = math.floor(now), 0
+    def __init__(self, quota: float, now: float, *, span: float = 1.0) -> None:
+        self.limit = max(1, round(quota * span))
+        self.span = span
+        self.second, self.count = math.floor(now / span), 0
 
     def try_acquire(self, now: float) -> float:
-        """0.0 for an accepted call, else the seconds until the next second."""
-        if math.floor(now) != self.second:
-            self.second, self.count = math.floor(now), 0
+        """0.0 for an accepted call, else the seconds until the next window."""
+        if math.floor(now / self.span) != self.second:
+            self.second, self.count = math.floor(now / self.span), 0
         if self.count < self.limit:
             self.count += 1
             return 0.0
-        return self.second + 1.0 - now
+        return (self.second + 1.0) * self.span - now
+
+
+class SlidingWindow:
+    """A sliding-window log: at most ``quota * span`` calls accepted in any rolling ``span``
+    seconds (the log holds the accepted calls' times; a refused call is not logged), so
+    an even pace under the quota is never refused, and a burst of the window's whole count
+    is let through at once."""
+
+    def __init__(self, quota: float, now: float, *, span: float = 1.0) -> None:
+        self.limit = max(1, round(quota * span))
+        self.span = span
+        self.log: deque[float] = deque()
+
+    def try_acquire(self, now: float) -> float:
+        log = self.log
+        while log and log[0] <= now - self.span:
+            log.popleft()
+        if len(log) < self.limit:
+            log.append(now)
+            return 0.0
+        return log[0] + self.span - now
+
+
+class Stacked:
+    """Two quotas at once: a call passes ``front`` first (and spends its token there even
+    when ``back`` then refuses it), then ``back``."""
+
+    def __init__(self, front: Gateway, back: Gateway) -> None:
+        self.front, self.back = front, back
+
+    def try_acquire(self, now: float) -> float:
+        wait = self.front.try_acquire(now)
+        return wait if wait > 0 else self.back.try_acquire(now)
 
 
 def simulate(
@@ -265,6 +310,9 @@ def simulate(
     windowed: bool = False,
     refusal_latency: float | None = None,
     retry_wait: Callable[[float], float] | None = None,
+    gateway: Callable[[float, float], Gateway] | None = None,
+    retry_after: Callable[[float, float], float | None] | None = None,
+    service: Callable[[float], tuple[bool, float]] | None = None,
 ) -> Run:
     """Calls paced at the controller's rate against a token-bucket server (as the
     simulator's), answered ``latency`` later (or ``latency(rate)`` later: a draw for a
@@ -278,30 +326,46 @@ def simulate(
     ``retry_wait``: a refused call keeps its place among the ``concurrency`` in flight for
     ``retry_wait(retry_after)`` after its 429 comes back, as the dispatcher's worker sleeps
     the retry policy's delay before sending it again (its retry is the next call: the work
-    never runs out); without it a refusal frees its place at once."""
+    never runs out); without it a refusal frees its place at once.
+
+    Foreign gateways: ``gateway(quota, now)`` makes the gateway (a ``Gateway``; made again
+    when the quota changes) in place of the token bucket. ``retry_after(wait, now)``: what
+    the client reads of a refusal's ``Retry-After`` header (``None``: none) for a refusal
+    ``wait`` s before the gateway would accept, at ``now``; by default whole seconds,
+    rounded up. ``service(now)``: the service behind the gateway, for each call it lets
+    through at ``now``: whether it answers 503, and how long it takes (in place of
+    ``latency``)."""
     ctrl = controller or RateController(0.0)
 
-    def gateway(rate: float, now: float) -> ServerQuota | FixedWindow:
+    def make(rate: float, now: float) -> Gateway:
+        if gateway is not None:
+            return gateway(rate, now)
         return FixedWindow(rate, now) if windowed else ServerQuota(rate, burst, now)
 
-    server = gateway(quota(0.0), 0.0)
+    def header(wait: float, now: float) -> float:
+        if retry_after is None:
+            return float(retry_after_seconds(wait))
+        said = retry_after(wait, now)
+        return -1.0 if said is None else said  # -1: no header (a heap entry must compare)
+
+    server = make(quota(0.0), 0.0)
     current = quota(0.0)
     run = Run()
     now = next_slot = left = 0.0
-    in_flight: list[tuple[float, bool, float, float]] = []
+    in_flight: list[tuple[float, bool, float, float, bool]] = []
     waiting: list[float] = []  # when each refused call's worker sends again (``retry_wait``)
     while now < duration:
         if quota(now) != current:
             current = quota(now)
-            server = gateway(current, now)
+            server = make(current, now)
         while in_flight and in_flight[0][0] <= now:
-            done, ok, retry_after, took = heapq.heappop(in_flight)
+            done, ok, said, took, failed = heapq.heappop(in_flight)
             answer(
-                ctrl, done, throttled=not ok, latency_s=took, retry_after=retry_after,
-                overloaded=False,
+                ctrl, done, throttled=not ok, latency_s=took,
+                retry_after=None if said < 0 else said, overloaded=failed,
             )  # fmt: skip
             if not ok and retry_wait is not None:
-                heapq.heappush(waiting, done + retry_wait(retry_after))
+                heapq.heappush(waiting, done + retry_wait(max(said, 0.0)))
         while waiting and waiting[0] <= now:
             heapq.heappop(waiting)
         rate = ctrl.rate_at(now)
@@ -319,12 +383,19 @@ def simulate(
         ctrl.on_sent(now)
         left = max(left, now + jitter()) if jitter else now
         wait = server.try_acquire(left)
-        (run.ok if wait <= 0 else run.refused).append(now)
+        failed = False
         if wait > 0 and refusal_latency is not None:
             took = left - now + refusal_latency
+        elif wait <= 0 and service is not None:
+            failed, served = service(left)
+            took = left - now + served
         else:
             took = left - now + (latency(rate) if callable(latency) else latency)
-        heapq.heappush(in_flight, (now + took, wait <= 0, float(retry_after_seconds(wait)), took))
+        (run.ok if wait <= 0 and not failed else run.unavailable if failed else run.refused).append(
+            now
+        )
+        entry = (now + took, wait <= 0, header(wait, left) if wait > 0 else 1.0, took, failed)
+        heapq.heappush(in_flight, entry)
         run.rates.append((now, rate))
         next_slot = now + 1.0 / rate
     return run
