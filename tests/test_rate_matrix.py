@@ -18,7 +18,14 @@ from typing import Any
 
 import pytest
 
-from tests.fakes import Run, SteadyController, followed_after, quota_change, simulate
+from tests.fakes import (
+    FixedWindow,
+    Run,
+    SteadyController,
+    followed_after,
+    quota_change,
+    simulate,
+)
 from worker.pacing.controller import RateController, answer
 from worker.simulator.quota import TokenBucket as ServerQuota
 from worker.simulator.quota import retry_after_seconds
@@ -204,6 +211,21 @@ def test_auto_against_a_gateway_whose_refusals_come_in_clumps_keeps_to_the_budge
     measured nothing (``CLUMP``)."""
     run = simulate(lambda t: quota, duration=40.0, latency=0.005, windowed=True)
     _meets_the_goal(run, quota)
+
+
+def test_a_gateway_refusing_every_call_for_seconds_is_not_held_as_one_clump() -> None:
+    """A gateway counting 500 calls per 10 s (a quota of 50 calls/s stated per second,
+    enforced per 10 s), answers 5 ms later: start-up spends the count of 0-10 s within 5 s;
+    from 10 s the next count is spent in a second at 690 calls/s, and every call is refused
+    until 20 s. A refusal opened a clump (a per-second gateway's: each of its refusals
+    says only that the second's count is spent) whenever the calls before its run were
+    accepted, so each cut opened the next: one cut in 2 s, and 670-680 calls/s refused until
+    the count started again (89 % refused from 10 s on). No per-second count refuses two
+    seconds in a row: the rate is under the quota from 15 s (35 calls/s)."""
+    run = simulate(lambda t: 50.0, duration=20.0, latency=0.005,
+                   gateway=lambda quota, now: FixedWindow(quota, now, span=10.0))  # fmt: skip
+    assert max(rate for t, rate in run.rates if t < 12.0) > 600.0
+    assert max(rate for t, rate in run.rates if t >= 15.0) < 50.0
 
 
 def _per_second_drawn(quota: float, latency: float, concurrency: int, seed: int) -> Run:

@@ -545,6 +545,15 @@ class GatewayEvidence:
         first = self._back_while(own, self._accepted, known=False)
         return first - self._back_while(first, self._refused, known=False)
 
+    def refusing_since(self, sent: float) -> float:
+        """When the first of the calls not known accepted around the one refused at ``sent``
+        started (``sent``: it was not refused): how long the gateway has refused every call
+        (or left it unanswered) up to it."""
+        own = self._refused_index(sent)
+        if own is None:
+            return sent
+        return self._sends[self._back_while(own, self._accepted, known=False)]
+
     def _refused_index(self, sent: float) -> int | None:
         """The index among the starts of the refused call sent at ``sent`` (``None``: not
         one, as its answer said)."""
