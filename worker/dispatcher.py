@@ -29,6 +29,8 @@ The policy, by error class:
   they end ``failed``, the rest proceed. A single id answered 404 is ``absent``. When both
   halves of a refused batch are then accepted whole, the refusal was the batch's size (the
   API documents no limit): later batches go out in pieces no larger than the halves were.
+  While that is being found out, another batch as large waits for it rather than be
+  refused as well (``worker.batchsize``).
 - 401/403 and TLS refusals: raised at once; nothing more is sent by anyone.
 
 A batch that only looks (``Batch.look``: ids of serve's entries given up unsent) is read
@@ -39,10 +41,12 @@ there, ``failed``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from worker.batcher import DeletionBudget
+from worker.batchsize import BatchSize
 from worker.clock import Clock
 from worker.errors import (
     AMBIGUOUS,
@@ -153,6 +157,11 @@ class _StaleCheck(Exception):
     """Raised before an attempt goes out: the guard's check of its ids is too old."""
 
 
+class _SizeInDoubt(Exception):
+    """Raised before a batch's first call goes out whole: a call as large was refused
+    whole meanwhile, and its split has not yet said whether for its size."""
+
+
 class Doubt:
     """What one batch knows about ids that may be gone by its own hand: those sent in an
     attempt without a readable answer (``unsure``, growing as such attempts happen) and
@@ -192,8 +201,8 @@ class Doubt:
 
 
 class Dispatcher:
-    """Deletes batches. Stateless between batches but for counters shown in ``repr`` and the
-    largest batch the API is known to take (``size_cap``)."""
+    """Deletes batches. Stateless between batches but for counters shown in ``repr`` and what
+    is known of the largest batch the API takes (``sizes``)."""
 
     def __init__(
         self,
@@ -225,15 +234,7 @@ class Dispatcher:
         self.calls = 0
         self.splits = 0
         self.reconciled = 0
-        self._fewest_refused = 0  # ids in the smallest call refused whole for its size
-        self._most_taken = 0  # ids in the largest call taken after such a refusal
-
-    @property
-    def size_cap(self) -> int | None:
-        """The most ids the API took in one call after refusing more: learnt, not set."""
-        if not self._most_taken:
-            return None
-        return min(self._most_taken, self._fewest_refused - 1)
+        self.sizes = BatchSize()
 
     def __repr__(self) -> str:
         return (
@@ -269,14 +270,8 @@ class Dispatcher:
             await self._skip(batch, ids[granted:], "max_deletions")
         doubt = Doubt(batch)
         if granted:
-            ids, cap = ids[:granted], self.size_cap
             try:
-                if cap is None or len(ids) <= cap:
-                    await self._delete(batch.batch_id, ids, doubt)
-                else:
-                    for number, start in enumerate(range(0, len(ids), cap), start=1):
-                        piece = ids[start : start + cap]
-                        await self._delete(f"{batch.batch_id}.{number}", piece, doubt)
+                await self._delete_sized(batch.batch_id, ids[:granted], doubt)
             except ApiUnavailable as exc:  # the ids stay open: say which may be gone by us
                 exc.unsure = frozenset(doubt.unsure)
                 raise
@@ -286,6 +281,30 @@ class Dispatcher:
         stale = tuple(doubt.stale)
         unsure = frozenset(doubt.unsure.intersection(stale))
         return Batch(batch.batch_id, stale, unsure, batch.known)
+
+    async def _delete_sized(self, batch_id: str, ids: Sequence[str], doubt: Doubt) -> None:
+        """``ids`` in one call, or in pieces of the size the API is known to take; a call
+        as large as one refused whole whose split is under way waits for it first (nothing
+        of it sent meanwhile, waiting: a stop cancels it at once)."""
+        while True:
+            if self.sizes.doubted(len(ids)):
+                with self._waiting():
+                    await self.sizes.clear(len(ids))
+            cap = self.sizes.cap
+            if cap is not None and len(ids) > cap:
+                for number, start in enumerate(range(0, len(ids), cap), start=1):
+                    piece = ids[start : start + cap]
+                    await self._delete(f"{batch_id}.{number}", piece, doubt)
+                return
+            try:
+                await self._delete(batch_id, ids, doubt, whole=True)
+                return
+            except _SizeInDoubt:
+                continue  # refused whole while this one waited its turn: wait, then split
+
+    def _waiting(self) -> AbstractContextManager[None]:
+        working = self.paced.working
+        return working.waiting() if working is not None else nullcontext()
 
     async def _look(self, batch: Batch) -> None:
         """Read the jobs of a batch that only looks (``Batch.look``), deleting none: gone,
@@ -302,12 +321,18 @@ class Dispatcher:
     async def _skip(self, batch: Batch, ids: Sequence[str], reason: str) -> None:
         await self._journal.finished([skipped(i, batch=batch, reason=reason) for i in ids])
 
-    async def _delete(self, batch_id: str, ids: Sequence[str], doubt: Doubt) -> bool:
-        """True when the API took the ids as one call (no 4xx made them split)."""
+    async def _delete(
+        self, batch_id: str, ids: Sequence[str], doubt: Doubt, *, whole: bool = False
+    ) -> bool:
+        """True when the API took the ids as one call (no 4xx made them split). ``whole``:
+        a batch's ids as one call, which raises ``_SizeInDoubt`` rather than go out while a
+        call as large is refused whole and its split under way (none of it sent yet)."""
         remaining = tuple(ids)
         tries = Tries()
 
         async def sending(attempt: int) -> None:
+            if whole and not tries.sent and self.sizes.doubted(len(remaining)):
+                raise _SizeInDoubt  # its place and token came after such a refusal
             if doubt.until is not None and self._clock.now() > doubt.until:
                 raise _StaleCheck  # the token came too late for the check these ids passed
             if doubt.wall_until is not None and self._clock.wall() >= doubt.wall_until:
@@ -337,6 +362,7 @@ class Dispatcher:
             except (ClientError, NotFound) as exc:
                 await self._refused(batch_id, remaining, tries.attempt, exc, doubt)
                 return False
+            self.sizes.took(len(remaining))
             attempt = tries.attempt
             remaining = await self._settle(batch_id, remaining, attempt, answer, doubt)
             if remaining and attempt >= self._max_attempts:
@@ -351,11 +377,6 @@ class Dispatcher:
                 )
                 return True
         return True
-
-    def _learn_size(self, *, refused: int, taken: int) -> None:
-        """``refused`` ids in one call were refused whole, and ``taken`` then went through."""
-        self._fewest_refused = min(refused, self._fewest_refused or refused)
-        self._most_taken = max(taken, self._most_taken)
 
     async def _refused(
         self,
@@ -374,10 +395,12 @@ class Dispatcher:
         if len(ids) > 1:
             self.splits += 1
             half = len(ids) // 2
-            first = await self._delete(f"{batch_id}.1", ids[:half], doubt)
-            second = await self._delete(f"{batch_id}.2", ids[half:], doubt)
-            if first and second and isinstance(exc, ClientError) and exc.http_status in (400, 413):
-                self._learn_size(refused=len(ids), taken=len(ids) - half)
+            sized = isinstance(exc, ClientError) and exc.http_status in (400, 413)
+            with self.sizes.doubting(len(ids)) if sized else nullcontext():
+                first = await self._delete(f"{batch_id}.1", ids[:half], doubt)
+                second = await self._delete(f"{batch_id}.2", ids[half:], doubt)
+                if first and second and sized:
+                    self.sizes.learn(refused=len(ids), taken=len(ids) - half)
             return
         exists = True
         if ids[0] in doubt.unsure and isinstance(exc, ClientError):
