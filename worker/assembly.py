@@ -462,7 +462,8 @@ async def build_service(
         events=events, metrics=metrics, inflight=inflight, consumer=consumer, clock=clock,
         outage=outage, max_deliveries=config.max_deliveries,
     )  # fmt: skip
-    working = Working()  # what a stop waits for: calls on the wire, answers settling
+    # What a stop waits for (calls on the wire, answers settling), and the places on the wire
+    working = Working(places=settings.concurrency)
     session, keys = await build_keys(stack, settings)
     # One limiter per project and endpoint, shared through Redis (the default's on the key
     # of one project's fleet), one breaker per endpoint: worker.lanes.

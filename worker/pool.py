@@ -1,13 +1,19 @@
-"""One dispatch pool for ``run`` and ``serve``: an intake task feeding ``concurrency``
-dispatchers over one bounded stream of batches, and the graceful stop.
+"""One dispatch pool for ``run`` and ``serve``: an intake task feeding the dispatchers over
+one bounded stream of batches, and the graceful stop.
+
+``concurrency`` is the most calls on the wire at once (``--concurrency``). When the
+``Working`` given bounds them (its ``places``), the pool runs twice as many dispatchers
+(``Working.tasks``), each with a batch in hand: one asleep on a refusal's ``Retry-After``
+or a back-off holds no place on the wire, and another's call takes it. Without places,
+one dispatcher a call, as each sends one call at a time.
 
 Shutdown is the subtlest code of both commands, so it exists once, here. On ``stop``:
 ``on_stop`` runs (a service turns unready, starts its drain), the intake is cancelled at
 once (even mid-read), and the dispatchers get ``grace`` seconds for calls on the wire and
 answers being settled; they are cancelled as soon as none is working (those only waiting
-for a token or out a backoff have nothing to finish), or at once on ``stop_now`` (a second
-signal). Whatever was not finished stays open: in the ledger for ``run``, pending in Redis
-for ``serve``.
+for a place on the wire, a token or out a backoff have nothing to finish), or at once on
+``stop_now`` (a second signal). Whatever was not finished stays open: in the ledger for
+``run``, pending in Redis for ``serve``.
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ class DispatchPool:
                 async with anyio.create_task_group() as group:
                     self._scope = group.cancel_scope
                     group.start_soon(self._intake, intake, send, intake_scope)
-                    for _ in range(self._concurrency):
+                    for _ in range(self._working.tasks(self._concurrency)):
                         group.start_soon(dispatch, receive.clone())
                     receive.close()
             outer.cancel_scope.cancel()

@@ -119,6 +119,11 @@ class FairShare:
     finishes a batch of an endpoint takes that endpoint's next waiting one, so none is
     forgotten, until ``stopping()``: what still waits then is :meth:`left`'s.
 
+    A batch waiting for a share whose endpoint is down meanwhile (``down``: serve's paused
+    endpoints, whose one batch in a dispatcher is the probe, kept there until the endpoint
+    answers) is not left waiting behind that probe: the next dispatcher to finish a batch
+    sends it on (serve hands it back at once, nothing sent).
+
     Used by ``run`` (:class:`Router`) and ``serve`` (``worker.service.service``); ``send``
     is what a dispatcher does with one batch, and must settle that batch's own errors when
     another dispatcher's batch may be sent by it."""
@@ -130,8 +135,10 @@ class FairShare:
         stopping: Callable[[], bool] = lambda: False,
         working: Working | None = None,
         defer_ids: int = DEFER_IDS,
+        down: Callable[[Batch], bool] = lambda batch: False,
     ) -> None:
         self._concurrency = concurrency
+        self._down = down
         self._stopping = stopping
         self._working = working if working is not None else Working()
         self._defer_ids = defer_ids
@@ -141,10 +148,12 @@ class FairShare:
 
     def share(self, endpoint: str) -> int:
         """The dispatchers ``endpoint``'s batches may hold now: all of them while no batch
-        has named a target (one project's, as it always was); else a fair share, and never
-        the last one, which must stay free to bring in the others' batches."""
+        has named a target (one project's, as it always was: ``Working.tasks``); else a
+        fair share of ``concurrency`` (the places on the wire, so an endpoint whose calls
+        hang holds no more of them than its share), never the last, which must stay free to
+        bring in the others' batches."""
         if not self.several:
-            return self._concurrency
+            return self._working.tasks(self._concurrency)
         busy = sum(state.busy for name, state in self._endpoints.items() if name != endpoint)
         share = -(-self._concurrency // (busy + 1))
         return max(1, min(share, self._concurrency - 1))
@@ -172,6 +181,19 @@ class FairShare:
                 next_batch = None if self._stopping() else state.next()
         finally:
             state.in_lane -= 1
+        await self._send_down(send)
+
+    async def _send_down(self, send: Callable[[Batch], Awaitable[None]]) -> None:
+        """``send`` the waiting batches of endpoints down now (``down``), first come first."""
+        for state in self._endpoints.values():
+            while state.deferred and not self._stopping() and self._down(state.deferred[0]):
+                batch = state.next()
+                assert batch is not None
+                state.in_lane += 1  # within its share's count, should it be sent after all
+                try:
+                    await send(batch)
+                finally:
+                    state.in_lane -= 1
 
     def left(self) -> list[Batch]:
         """The batches still waiting (none sent), taken out: after a stop."""

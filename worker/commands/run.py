@@ -538,7 +538,8 @@ async def run_async(
     events = EventLog(sink=logsetup.json_sink())
     failure: ReaperError | None = None
     code: int = ExitCode.OK
-    working = Working()  # what a stop waits for: calls on the wire, answers settling
+    # What a stop waits for (calls on the wire, answers settling), and the places on the wire
+    working = Working(places=settings.concurrency)
     say = partial(_say_stopping, output, working, settings.grace)
     async with anyio.create_task_group() as group:
         # Signals first: from here on SIGTERM/SIGINT stop the run cleanly, even during set-up.

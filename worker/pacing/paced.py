@@ -8,22 +8,27 @@ So they all share one order of things, which is what keeps a strict gateway cont
 1. the breaker first (``BreakerGate.admit``): while the API is down a call waits here,
    holding no rate token, so that when the API comes back the waiting calls take tokens in
    turn and go out paced, not in one burst behind the probe;
-2. a rate token (``RateLimiter.acquire``);
-3. the call, and only the call, timed: the limiter is fed its latency, not the time spent
-   waiting for the breaker or a token;
-4. the answer fed to the limiter (throttled, overloaded: a 503, latency, ``Retry-After``)
+2. a place on the wire (``Working.take_place``: ``--concurrency`` calls out at most), held
+   until the answer is in;
+3. a rate token (``RateLimiter.acquire``), after the place: the call leaves at its token's
+   time, so the calls stay paced however the places free;
+4. the call, and only the call, timed: the limiter is fed its latency, not the time spent
+   waiting for the breaker, a place or a token;
+5. the answer fed to the limiter (throttled, overloaded: a 503, latency, ``Retry-After``)
    and to the breaker, whatever kind of call it was;
-5. a transient failure: the retry policy decides, and the wait is the longer of its delay
+6. a transient failure: the retry policy decides, and the wait is the longer of its delay
    and what is left of the breaker's cool-down, so a ``retrying`` hook reports the wait
    really sat out. A throttle never spends the budget that ends a run: the server is up.
+   The wait holds no place on the wire: the other tasks' calls use it meanwhile.
 
-Waiting for the breaker, a token or a back-off is *waiting*, not working (``Working``): a
+Waiting for the breaker, a place, a token or a back-off is *waiting*, not working (``Working``): a
 stopping run cancels it at once and the ids stay open. Once the run is stopping, nothing
 more is sent: the call raises :class:`Stopped`.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -59,14 +64,35 @@ class Stopped(ReaperError):
 class Working:
     """How many tasks are working right now: a call on the wire, an answer or a skip being
     settled, a protection lookup. A stopping run waits for those, and for nothing else: a
-    task waiting for the breaker, a token or a back-off (``waiting``, inside the caller's
-    ``busy``) can be cancelled at once, its batch left open."""
+    task waiting for the breaker, a place on the wire, a token or a back-off (``waiting``,
+    inside the caller's ``busy``) can be cancelled at once, its batch left open.
 
-    __slots__ = ("_idle", "count")
+    And the places on the wire (``places``: ``--concurrency``): at most that many calls
+    are out at once, whatever number of tasks send them. A call holds its place from just
+    before it waits for its token until its answer is in (``take_place``,
+    ``free_place``); a task asleep on a refusal's ``Retry-After`` or a back-off holds none,
+    so the others keep ``places`` calls on the wire meanwhile. Places go first come, first
+    served. ``None``: no bound here (each task sends one call at a time: as many calls as
+    tasks)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_idle", "_queue", "count", "most_on_wire", "on_wire", "places")
+
+    def __init__(self, places: int | None = None) -> None:
+        if places is not None and places < 1:
+            raise ValueError("places must be at least 1")
         self.count = 0
         self._idle: anyio.Event | None = None
+        self.places = places
+        self.on_wire = 0
+        self.most_on_wire = 0  # the most calls on the wire at once: what tests assert on
+        self._queue: deque[anyio.Event] = deque()
+
+    def tasks(self, concurrency: int) -> int:
+        """How many dispatcher tasks keep ``concurrency`` calls on the wire: twice as many
+        when the places bound the calls, so that as many as ``concurrency`` tasks may sit
+        out a ``Retry-After`` or a back-off while the others fill every place; else one a
+        place, as a task that waits holds its place."""
+        return concurrency if self.places is None else 2 * concurrency
 
     @contextmanager
     def busy(self) -> Iterator[None]:
@@ -85,6 +111,33 @@ class Working:
         finally:
             self.count += 1
 
+    async def take_place(self) -> None:
+        """Wait for a place on the wire (at once while one is free and nobody waits)."""
+        if self.places is None or (self.on_wire < self.places and not self._queue):
+            self._on()  # no trip round the loop: the call yields soon enough
+            return
+        turn = anyio.Event()
+        self._queue.append(turn)
+        try:
+            await turn.wait()
+        except BaseException:
+            if turn.is_set():  # handed a place as it was cancelled: the next one's now
+                self.free_place()
+            else:
+                self._queue.remove(turn)
+            raise
+
+    def free_place(self) -> None:
+        """A call's answer is in (or it never went): its place goes to the first waiting."""
+        if self._queue:
+            self._queue.popleft().set()  # handed on: as many on the wire as before
+            return
+        self.on_wire -= 1
+
+    def _on(self) -> None:
+        self.on_wire += 1
+        self.most_on_wire = max(self.most_on_wire, self.on_wire)
+
     async def idle(self) -> None:
         """Return once nobody is working."""
         while self.count > 0:
@@ -97,7 +150,9 @@ class Working:
             self._idle.set()
 
     def __repr__(self) -> str:
-        return f"Working(count={self.count})"
+        if self.places is None:
+            return f"Working(count={self.count})"
+        return f"Working(count={self.count}, on_wire={self.on_wire}/{self.places})"
 
 
 @dataclass(slots=True)
@@ -202,23 +257,31 @@ class PacedCall:
     async def _attempt(
         self, send: Callable[[], Awaitable[T]], tries: Tries, sending: Sending | None
     ) -> T:
-        """One attempt: the breaker, a token, the call. A failed probe the attempt waited
-        on is the attempt's failure: it raises that probe's error without sending."""
+        """One attempt: the breaker, a place on the wire, a token, the call. A failed probe
+        the attempt waited on is the attempt's failure: it raises that probe's error
+        without sending. The place is taken before the token, so a call leaves when its
+        token says (paced), not when some place frees; it is given back with the answer."""
         tries.attempt += 1
         gate = self._gate
         with self._waiting():
             probe = False if gate is None else await gate.admit(self._stopping)
+        placed = False
         try:
             with self._waiting():
+                if self._working is not None:
+                    await self._working.take_place()
+                    placed = True
                 await self._limiter.acquire()
             stopping = self._stopping()  # then nothing more is sent
             if not stopping and sending is not None:
                 await sending(tries.attempt)
         except BaseException:
+            self._unplace(placed)
             if gate is not None:
                 gate.release(probe)
             raise
         if stopping:
+            self._unplace(placed)
             if gate is not None:
                 gate.release(probe)
             raise Stopped("stopping")
@@ -228,15 +291,21 @@ class PacedCall:
         try:
             result = await send()
         except BaseException as exc:
+            self._unplace(placed)
             if gate is not None:
                 gate.record(exc, probe=probe)
             if isinstance(exc, ApiError):
                 self._feedback(exc, self._clock.now() - started)
             raise
+        self._unplace(placed)
         if gate is not None:
             gate.record(None, probe=probe)
         self._feedback(None, self._clock.now() - started)
         return result
+
+    def _unplace(self, placed: bool) -> None:
+        if placed and self._working is not None:
+            self._working.free_place()
 
     def _feedback(self, error: ApiError | None, latency_s: float) -> None:
         throttled = isinstance(error, ThrottledError)

@@ -360,7 +360,8 @@ class Service:
         self._answered = anyio.Event()
         self._inflight.clear()
         self._fair = FairShare(self._config.concurrency, stopping=lambda: self.halting,
-                               working=self._working)  # fmt: skip
+                               working=self._working,
+                               down=lambda batch: self._down(batch.target))  # fmt: skip
         await self._pool.run(self._intake, self._dispatch, stop=self._halt, on_stop=self._ending,
                              stop_now=self._stop_now,
                              beside=(self._keep_alive, self._halt_on_stop))  # fmt: skip
