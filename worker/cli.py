@@ -71,7 +71,7 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ),
     ("--metadata-url", str, "ECS metadata service (default http://169.254.169.254)"),
     ("--batch-size", int, "ids per DELETE call (1-1000, default 50)"),
-    ("--concurrency", int, "DELETE calls in flight at most (default 8)"),
+    ("--concurrency", int, "API calls on the wire at once at most (default 8)"),
     ("--rate", str, "API calls per second allowed, or 'auto' to find the quota (default 10)"),
     ("--burst", int, "calls allowed at once on top of the rate (default 5)"),
     (
