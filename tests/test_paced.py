@@ -12,6 +12,7 @@ import itertools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -24,7 +25,7 @@ from worker.api.client import JobPage
 from worker.batcher import Batcher, DeletionBudget
 from worker.discovery.guard import Protection
 from worker.dispatcher import Dispatcher, Working
-from worker.errors import ApiUnavailable, NetworkError, ServerError
+from worker.errors import ApiUnavailable, NetworkError, ServerError, ThrottledError
 from worker.ledger import TemporaryLedger
 from worker.outcomes.events import EventLog
 from worker.outcomes.journal import LedgerPort, RunJournal, Tally
@@ -192,6 +193,67 @@ async def test_the_breaker_is_asked_before_a_token_and_only_the_call_is_timed() 
     assert min(gaps) >= 0.1 - 1e-9
     assert max(f.latency_s or 0.0 for f in limiter.fed) == pytest.approx(0.05)
     assert not any(f.throttled or f.overloaded for f in limiter.fed)
+
+
+async def test_a_call_asleep_on_retry_after_holds_no_place_on_the_wire() -> None:
+    """Two places, four tasks, each call 0.1 s of virtual time. The first call is refused
+    with ``Retry-After: 1``: while its task sleeps, the other three keep both places busy
+    (never three out), and it takes a place again in turn when it wakes."""
+    clock = FakeClock()
+    working = Working(places=2)
+    paced = PacedCall(limiter=UnlimitedRateLimiter(), policy=_policy(), clock=clock,
+                      working=working)  # fmt: skip
+    out: list[tuple[float, int]] = []  # (sent at, calls out then)
+    refused: list[str] = []
+
+    async def send(job_id: str) -> str:
+        out.append((clock.now(), working.on_wire))
+        await clock.sleep(0.1)
+        if job_id == "a" and not refused:
+            refused.append(job_id)
+            raise ThrottledError("throttled", http_status=429, retry_after=1.0)
+        return job_id
+
+    async def task(job_id: str, calls: int) -> None:
+        with working.busy():
+            for _ in range(calls):
+                await paced(partial(send, job_id), what=job_id, retrying=None)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(task, "a", 1)
+        for name in "bcd":
+            group.start_soon(task, name, 10)
+    asleep = [on for at, on in out if 0.1 <= at < 1.0]
+    assert asleep and all(on == 2 for on in asleep), out
+    assert working.most_on_wire == 2 and working.on_wire == 0 and working.count == 0
+    assert repr(working) == "Working(count=0, on_wire=0/2)"
+
+
+async def test_a_task_cancelled_as_it_is_handed_a_place_hands_it_on() -> None:
+    """One place: the second task waits for it, and is cancelled just as the first frees it
+    to it; the place goes to the third, not lost."""
+    working = Working(places=1)
+    await working.take_place()
+    taken: list[str] = []
+
+    async def wait(name: str) -> None:
+        await working.take_place()
+        taken.append(name)
+
+    second = anyio.CancelScope()
+
+    async def cancellable(name: str) -> None:
+        with second:
+            await wait(name)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(cancellable, "second")
+        await anyio.wait_all_tasks_blocked()
+        group.start_soon(wait, "third")
+        await anyio.wait_all_tasks_blocked()
+        second.cancel()  # the second is cancelled, and handed the place before it runs
+        working.free_place()
+    assert taken == ["third"] and working.on_wire == 1
 
 
 @pytest.mark.parametrize("stall_to", [0.13, 0.35])
