@@ -313,6 +313,7 @@ def simulate(
     gateway: Callable[[float, float], Gateway] | None = None,
     retry_after: Callable[[float, float], float | None] | None = None,
     service: Callable[[float], tuple[bool, float]] | None = None,
+    workers: int | None = None,
 ) -> Run:
     """Calls paced at the controller's rate against a token-bucket server (as the
     simulator's), answered ``latency`` later (or ``latency(rate)`` later: a draw for a
@@ -323,10 +324,14 @@ def simulate(
     ``refusal_latency``: 429s are answered this long after they leave, not ``latency``
     later: as the simulator's (and a real gateway's), which refuses a call before it
     reaches the service, so a refusal overtakes the answers of calls sent before it.
-    ``retry_wait``: a refused call keeps its place among the ``concurrency`` in flight for
-    ``retry_wait(retry_after)`` after its 429 comes back, as the dispatcher's worker sleeps
-    the retry policy's delay before sending it again (its retry is the next call: the work
-    never runs out); without it a refusal frees its place at once.
+    ``retry_wait``: a refused call's worker sleeps ``retry_wait(retry_after)`` after its 429
+    comes back, as the dispatcher's worker sleeps the retry policy's delay before sending
+    it again (its retry is the next call: the work never runs out); without it a refusal
+    frees its worker at once. ``workers``: the dispatchers sending (``concurrency``, when
+    not given): at most ``concurrency`` calls in flight and ``workers`` busy, in flight or
+    asleep. With ``workers`` equal to ``concurrency`` (the dispatcher before it bounded
+    the calls on the wire) a worker asleep keeps its place among those in flight; with
+    twice as many (the pool's now: ``Working.tasks``) it frees the place while it waits.
 
     Foreign gateways: ``gateway(quota, now)`` makes the gateway (a ``Gateway``; made again
     when the quota changes) in place of the token bucket. ``retry_after(wait, now)``: what
@@ -336,6 +341,7 @@ def simulate(
     through at ``now``: whether it answers 503, and how long it takes (in place of
     ``latency``)."""
     ctrl = controller or RateController(0.0)
+    tasks = concurrency if workers is None else workers
 
     def make(rate: float, now: float) -> Gateway:
         if gateway is not None:
@@ -372,7 +378,8 @@ def simulate(
         if now < ctrl.pause_until():
             now = next_slot = max(next_slot, ctrl.pause_until())
             continue
-        if len(in_flight) + len(waiting) >= concurrency or now < next_slot:
+        busy = len(in_flight) + len(waiting)
+        if len(in_flight) >= concurrency or busy >= tasks or now < next_slot:
             candidates = [next_slot] if now < next_slot else []
             if in_flight:
                 candidates.append(in_flight[0][0])
