@@ -292,16 +292,22 @@ async def drive(
 ) -> Trace:
     """Delete ``ids`` through the real dispatcher for ``duration`` seconds; the calls' trace.
 
+    As ``run`` sends them: at most ``concurrency`` calls on the wire (``Working``'s places),
+    from twice as many dispatcher tasks (``Working.tasks``), so a task asleep on a 429's
+    ``Retry-After`` leaves its place to another.
+
     ``on_second(t)`` is called about once a second (t = seconds since start): a quota change.
     """
     from worker.api.client import ApiClient
     from worker.api.credentials import Credentials, StaticCredentials
     from worker.api.session import make_session
     from worker.dispatcher import Dispatcher
+    from worker.pacing.paced import Working
 
     clock = MonotonicClock()
     trace = Trace(t0=clock.now())
     limiter = make_limiter(clock)
+    working = Working(places=concurrency)
     session = make_session(concurrency=concurrency, connect_timeout=10, read_timeout=30)
     session.trace_configs.append(_writes_into(trace.writes, clock))
     try:
@@ -319,6 +325,7 @@ async def drive(
             clock=clock,
             budget=DeletionBudget(None),
             max_attempts=6,
+            working=working,
         )
         batches = iter(
             Batch(f"b{n}", tuple(ids[i : i + batch_size]))
@@ -327,7 +334,8 @@ async def drive(
 
         async def worker() -> None:
             for batch in batches:
-                await dispatcher.process(batch)
+                with working.busy():
+                    await dispatcher.process(batch)
 
         async def sampler() -> None:
             second = 0
@@ -343,7 +351,7 @@ async def drive(
             async with anyio.create_task_group() as group:
                 group.start_soon(sampler)
                 async with anyio.create_task_group() as workers:
-                    for _ in range(concurrency):
+                    for _ in range(working.tasks(concurrency)):
                         workers.start_soon(worker)
                 group.cancel_scope.cancel()
     finally:
