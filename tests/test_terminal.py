@@ -352,6 +352,28 @@ async def test_the_prompt_says_a_line_of_json_may_send_ids_to_another_project(
     assert said in term.lines()
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["plan.json", "plan.jsonl", "plan.txt"])
+async def test_the_prompt_for_a_plan_of_one_project_names_that_project_alone(
+    tmp_path: Path, name: str
+) -> None:
+    """A one-project plan named ``*.json`` or ``*.jsonl`` was asked about as an input whose
+    lines may name projects ("demo-project, and any project a line names"): a plan has no
+    lines, and applies to its own project only."""
+    async with _project(tmp_path, 3) as (sim, _, env):
+        plan = tmp_path / name
+        planned = await reaper(["discover", "--all", "--plan", str(plan)], reaper_env(sim.url))
+        assert planned.code == 0, planned.stderr
+        returned, term = await anyio.to_thread.run_sync(
+            lambda: _answer(["--plan", str(plan)], env, b"no\n")
+        )
+        assert returned == 64 and not sim.deleted
+    assert f"About to delete 3 jobs from {plan}" in term.lines()
+    assert [line for line in term.lines() if line.startswith("  project ")] == [
+        "  project     demo-project"
+    ]
+
+
 async def _yes_is_refused(src: Path, env: dict[str, str], sim: Any) -> Terminal:
     """``run -i src`` answered ``yes`` where the prompt asks for the project id: refused
     (64) and nothing deleted. The terminal, for what the prompt said."""

@@ -499,6 +499,8 @@ def _proposal(
         project = "; ".join(f"{s.where}: {s.jobs:,} jobs" for s in sections)
         endpoint = ", ".join(dict.fromkeys(s.endpoint for s in sections))
         typed = f"{len(sections)} project{'s' * (len(sections) != 1)}"
+    elif plan is not None:  # a plan of one project holds its jobs, no line names another
+        project = wiring.project_id(settings)
     else:
         project = wiring.project_id(settings) + _others_named(request, settings)
     return Proposal(
