@@ -70,7 +70,9 @@ async def test_every_per_job_event_a_run_writes_carries_the_schemas_fields_in_it
         schema = JOB_EVENTS[name]
         assert set(own) <= set(schema), (name, own)
         assert own == [key for key in schema if key in own], (name, own)  # in its order
-        if name != "job.deleted":
+        if name == "job.rejected":  # raw only when the line's id could be read
+            assert own == [key for key in schema if key != "raw" or "raw" in own], (name, own)
+        elif name != "job.deleted":
             assert own == list(schema), (name, own)  # every field, always
     assert seen == set(JOB_EVENTS), seen
 
@@ -101,7 +103,8 @@ def _check_results_lines(lines: list[str]) -> None:
         row = orjson.loads(text)
         outcomes.add(row["outcome"])
         rejected = row["outcome"] == "rejected"
-        assert list(row) == [c for c in RESULT_COLUMNS if c != "line" or rejected], row
+        shown = {"line": rejected, "raw": "raw" in row}  # raw: a rejected line's, id read
+        assert list(row) == [c for c in RESULT_COLUMNS if shown.get(c, True)], row
     assert outcomes == {"deleted", "failed", "skipped", "rejected"}, outcomes
 
 
@@ -113,6 +116,7 @@ _RESULTS = [
     Result("job-4", Outcome.FAILED, 3, "b-2", 500, "ModelArts.0001", "boom", "r-2"),
     Result("job-5", Outcome.SKIPPED, reason="protected"),
     Result("bad id", Outcome.REJECTED, reason="not an id", line=7),
+    Result("job-7", Outcome.REJECTED, reason="bad project", line=8, raw='{"id":"job-7"}'),
     Result("job-6", Outcome.ABSENT, 1, "b-3", target=Target("proj-b", "http://x", "cn-east-3")),
 ]
 
@@ -122,7 +126,8 @@ def test_a_results_row_is_the_schemas_columns_and_agrees_with_its_event(result: 
     """The results file and ``report`` say what the event says: every field the two share
     has the same value, and the row's own columns are the schema's, in its order."""
     row = result.row()
-    expected = [c for c in RESULT_COLUMNS if c != "line" or result.line is not None]
+    shown = {"line": result.line is not None, "raw": result.raw is not None}
+    expected = [c for c in RESULT_COLUMNS if shown.get(c, True)]
     expected += list(TARGET) if result.target is not None else []
     assert list(row) == expected
     name, _, fields = result_event(result)

@@ -112,6 +112,7 @@ CREATE TABLE IF NOT EXISTS rejected (
     raw TEXT NOT NULL,
     reason TEXT NOT NULL,
     run INTEGER NOT NULL,
+    job_id TEXT,
     PRIMARY KEY (line, raw)
 ) WITHOUT ROWID;
 """
@@ -236,6 +237,9 @@ class RejectedLine:
     line: int
     raw: str
     reason: str
+    job_id: str | None = None
+    """The line's id, when it could be read (the line was refused for its project, region
+    or endpoint); None when the line holds no valid id."""
 
 
 def escape(raw: str, limit: int = RAW_LIMIT) -> str:
@@ -310,6 +314,7 @@ class LedgerView(_Closing):
         self._confirmed = "confirmed" if _has_column(conn, "confirmed") else "NULL"
         # Nor has one from before many projects a target: every id in it is the default's.
         self._target = "target" if _has_column(conn, "target") else "NULL"
+        self._refused_id = "job_id" if _has_column(conn, "job_id", "rejected") else "NULL"
         self._targets: dict[int, Target] = {}
         if self._target != "NULL":
             for number, project, endpoint, region in conn.execute(
@@ -420,11 +425,13 @@ class LedgerView(_Closing):
                 target=None if row[10] is None else self._targets[row[10]],
             )
         for rejected in self.rejected(run_no=run_no):
+            read = rejected.job_id is not None
             yield Result(
-                job_id=rejected.raw,
+                job_id=rejected.job_id if rejected.job_id is not None else rejected.raw,
                 outcome=Outcome.REJECTED,
                 reason=rejected.reason,
                 line=rejected.line,
+                raw=rejected.raw if read else None,
             )
 
     def rejected(
@@ -433,12 +440,12 @@ class LedgerView(_Closing):
         """The invalid input lines kept by :meth:`Ledger.record_rejected`, by line number
         (with ``run_no``, those that run read)."""
         query = (
-            "SELECT line, raw, reason FROM rejected WHERE (?1 IS NULL OR run = ?1) "
-            "ORDER BY line, raw LIMIT ?2"
+            f"SELECT line, raw, reason, {self._refused_id} FROM rejected "  # noqa: S608
+            "WHERE (?1 IS NULL OR run = ?1) ORDER BY line, raw LIMIT ?2"
         )
         params = (run_no, -1 if limit is None else limit)
-        for line, raw, reason in self._stream(query, params):
-            yield RejectedLine(line=line, raw=raw, reason=reason)
+        for line, raw, reason, job_id in self._stream(query, params):
+            yield RejectedLine(line=line, raw=raw, reason=reason, job_id=job_id)
 
     def runs(self) -> list[RunInfo]:
         """Every run that opened this ledger, oldest first."""
@@ -899,12 +906,17 @@ class Ledger(LedgerView):
         never admitted. The same line read again by a later run is kept once."""
         if not rejections:
             return
-        rows = [(r.line, escape(r.raw), r.reason, self._run_no) for r in rejections]
+        rows = [
+            (r.line, escape(r.raw), r.reason, self._run_no, None)
+            if r.text is None
+            else (r.line, escape(r.text), r.reason, self._run_no, r.raw)
+            for r in rejections
+        ]
         with self._transaction() as conn:
             conn.executemany(
-                "INSERT INTO rejected (line, raw, reason, run) VALUES (?, ?, ?, ?) "
+                "INSERT INTO rejected (line, raw, reason, run, job_id) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (line, raw) DO UPDATE SET reason = excluded.reason, "
-                "run = excluded.run",
+                "run = excluded.run, job_id = excluded.job_id",
                 rows,
             )
 
@@ -1212,6 +1224,8 @@ def _prepare(
             conn.execute("ALTER TABLE ids ADD COLUMN confirmed INTEGER")
         if not _has_column(conn, "target"):  # from before many projects: all the default's
             conn.execute("ALTER TABLE ids ADD COLUMN target INTEGER")
+        if not _has_column(conn, "job_id", "rejected"):  # from before a refused line's id
+            conn.execute("ALTER TABLE rejected ADD COLUMN job_id TEXT")
         conn.executemany(
             "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
             [*wanted.items(), ("created_at", repr(clock()))],
@@ -1248,8 +1262,8 @@ def _in_doubt(state: str, outcome: str | None, attempts: int, reason: str | None
     )
 
 
-def _has_column(conn: sqlite3.Connection, name: str) -> bool:
-    return any(row[1] == name for row in conn.execute("PRAGMA table_info(ids)"))
+def _has_column(conn: sqlite3.Connection, name: str, table: str = "ids") -> bool:
+    return any(row[1] == name for row in conn.execute(f"PRAGMA table_info({table})"))
 
 
 def _outcome_rows(results: Sequence[Result]) -> bytes:

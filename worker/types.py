@@ -57,11 +57,17 @@ class Candidate:
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
-    """An input entry that is not a valid id; it is never sent."""
+    """An input entry that is not a valid id, or a valid id its line cannot be sent with (a
+    bad project, region or endpoint); it is never sent.
+
+    ``raw``: the id when the line's id could be read, else the line's text. ``text``: the
+    line's text when ``raw`` is its id (None otherwise), so a script finds the id by its
+    ``job_id`` and a person the line as written."""
 
     raw: str
     line: int
     reason: str
+    text: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +279,9 @@ class Result:
     request_id: str | None = None
     reason: str | None = None
     line: int | None = None
+    raw: str | None = None
+    """For a rejected line whose id could be read (``job_id`` that id): the line's text,
+    escaped and bounded."""
     record: JobRecord | None = None
     confirmed: bool = True
     """For ``deleted``: False when the API never returned the job's record (the answer to
@@ -283,19 +292,22 @@ class Result:
 
     def row(self) -> dict[str, Any]:
         """One line of ``--results`` and of ``report``: ``schema.RESULT_COLUMNS`` (``line``
-        for a rejected line only), then its project and region if its line named them."""
+        for a rejected line only, and ``raw`` for one whose id could be read), then its
+        project and region if its line named them."""
         row = dict(zip(_ROW_COLUMNS, _row_values(self), strict=True))
         row["outcome"] = self.outcome.value
         if self.outcome is not Outcome.DELETED:
             row["confirmed"] = None
         if self.line is not None:
             row["line"] = self.line
+        if self.raw is not None:
+            row["raw"] = self.raw
         if self.target is not None:
             row.update(target_fields(self.target))
         return row
 
 
-_ROW_COLUMNS = tuple(column for column in RESULT_COLUMNS if column != "line")
+_ROW_COLUMNS = tuple(column for column in RESULT_COLUMNS if column not in ("line", "raw"))
 _row_values = attrgetter(*_ROW_COLUMNS)  # a column is a Result's attribute of the same name
 
 

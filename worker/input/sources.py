@@ -47,7 +47,7 @@ from typing import IO, TYPE_CHECKING, Literal, TypeAlias
 from worker.errors import InputUnreadable, UsageError, file_problem
 from worker.input.intake import NOT_UTF8, escape, line_too_long, validate
 from worker.targets import FIELDS, address, misnamed_by, named_twice
-from worker.types import Candidate, Rejection
+from worker.types import JOB_ID_RE, Candidate, Rejection
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -545,14 +545,16 @@ def _from_json(value: object, raw: str, line: int) -> Entry:
         return Rejection(raw, line, f"{keys[0]!r} is not a string (got {_json_type(job_id)})")
     wrong = _misnamed(value)
     if wrong is not None:
-        return Rejection(raw, line, wrong)
+        return _refused(job_id, raw, line, wrong)
     if _PLACE_FIELDS.isdisjoint(value):  # most lines: the default's, nothing more to read
         return validate(job_id, line)
     named: dict[str, str | None] = {}
     for name in FIELDS:
         given = value.get(name)
         if given is not None and not isinstance(given, str):
-            return Rejection(raw, line, f"{name!r} is not a string (got {_json_type(given)})")
+            return _refused(
+                job_id, raw, line, f"{name!r} is not a string (got {_json_type(given)})"
+            )
         # A key there twice is refused whatever its last value: ``null`` or ``""`` last
         # would leave the line to the default project, which its first value did not name.
         if (given is not None or name in value) and raw.count(_QUOTED[name]) > 1:
@@ -602,9 +604,18 @@ def _addressed(entry: Entry, named: dict[str, str | None], raw: str) -> Entry:
         return entry
     found = address(named)
     if isinstance(found, str):
-        return Rejection(raw, entry.line, found)
+        return _refused(entry.job_id, raw, entry.line, found)
     entry.address = found
     return entry
+
+
+def _refused(job_id: str, raw: str, line: int, reason: str) -> Rejection:
+    """The rejection of a line for what it says beside its id (a bad project, region or
+    endpoint; a misspelt field): the id as its ``job_id`` when it is one, so a script
+    matching ids finds it, and the line's text beside it; else the text, as for a bad id."""
+    if JOB_ID_RE.fullmatch(job_id):
+        return Rejection(job_id, line, reason, text=raw)
+    return Rejection(raw, line, reason)
 
 
 class _Overlong:

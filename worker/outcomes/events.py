@@ -57,7 +57,7 @@ def _result_event(result: Result) -> tuple[str, int, dict[str, Any]]:
         )  # fmt: skip
     if outcome is Outcome.SKIPPED:
         return _event("job.skipped", _INFO, result.job_id, result.reason)
-    return _event("job.rejected", _WARNING, escape(result.job_id), result.line, result.reason)
+    return _rejected(escape(result.job_id), result.line, result.reason, result.raw)
 
 
 def _event(name: str, level: int, *values: Any) -> tuple[str, int, dict[str, Any]]:
@@ -66,7 +66,19 @@ def _event(name: str, level: int, *values: Any) -> tuple[str, int, dict[str, Any
 
 
 def rejection_event(rejection: Rejection) -> tuple[str, int, dict[str, Any]]:
-    return _event("job.rejected", _WARNING, escape(rejection.raw), rejection.line, rejection.reason)
+    text = None if rejection.text is None else escape(rejection.text)
+    return _rejected(escape(rejection.raw), rejection.line, rejection.reason, text)
+
+
+def _rejected(
+    job_id: str, line: int | None, reason: str | None, raw: str | None
+) -> tuple[str, int, dict[str, Any]]:
+    """``job.rejected``: ``raw`` (the line's text) only for a line whose id could be read,
+    ``job_id`` then that id; else ``job_id`` is the line's text, as it always was."""
+    name, level, fields = _event("job.rejected", _WARNING, job_id, line, reason, raw)
+    if raw is None:
+        del fields["raw"]
+    return name, level, fields
 
 
 class LineSink(Protocol):

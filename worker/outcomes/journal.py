@@ -381,7 +381,11 @@ class RunJournal:
             self._results.write(
                 [
                     Result(
-                        job_id=escape(r.raw), outcome=Outcome.REJECTED, reason=r.reason, line=r.line
+                        job_id=escape(r.raw),
+                        outcome=Outcome.REJECTED,
+                        reason=r.reason,
+                        line=r.line,
+                        raw=None if r.text is None else escape(r.text),
                     ).row()
                     for r in rejections
                 ]

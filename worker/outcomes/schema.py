@@ -27,7 +27,7 @@ JOB_EVENTS: Mapping[str, tuple[str, ...]] = MappingProxyType({
         "job_id", "http_status", "error_code", "error_msg", "request_id", "attempts", "batch_id",
     ),
     "job.skipped": ("job_id", "reason"),
-    "job.rejected": ("job_id", "line", "reason"),
+    "job.rejected": ("job_id", "line", "reason", "raw"),
 })  # fmt: skip
 """One terminal outcome of one id each."""
 
@@ -49,7 +49,8 @@ RESULT_COLUMNS = (
 """The columns of ``--results`` and ``report``: the id, its outcome, then every field of the
 per-job events that is not the job's record, in the order the events first declare them.
 Every line carries each of them (``null`` where its outcome has none) but ``line``, which
-only a rejected line has; ``TARGET`` follows when its input line named one."""
+only a rejected line has, and ``raw``, which only a rejected line whose id could be read has
+(its ``job_id`` is then that id); ``TARGET`` follows when its input line named one."""
 
 ADDED = ("event", "level", "timestamp")
 """What structlog's chain adds to every event, besides the bound context."""
