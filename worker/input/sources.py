@@ -58,6 +58,9 @@ Format: TypeAlias = Literal["text", "jsonl", "csv", "json"]
 FORMATS: tuple[str, ...] = ("auto", "text", "jsonl", "csv", "json")
 GZIP_MAGIC = b"\x1f\x8b"
 _BOM = b"\xef\xbb\xbf"
+_WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
+"""The byte order marks of UTF-16 and UTF-32 (little- and big-endian): a file saved so
+(Windows' "Unicode") has a NUL beside every character, each of its lines a rejection."""
 _SUFFIXES: dict[str, Format] = {
     ".txt": "text",
     ".ids": "text",
@@ -261,6 +264,12 @@ class _Parse:
             rewound = _Rewound(head, stream, blank_lines=dropped)  # type: ignore[arg-type]
             stream = io.BufferedReader(rewound, _READ_SIZE)
             layers.append(stream)
+            if head.startswith(_WIDE_BOMS):
+                raise InputUnreadable(
+                    f"{self._name()} is UTF-16 or UTF-32 text (it starts with that byte order "
+                    "mark), not UTF-8, and every line of it would be rejected: convert it "
+                    "(iconv -f UTF-16 -t UTF-8) and give it again"
+                )
             if head.startswith(_PLAN_MAGIC):
                 raise InputUnreadable(
                     f"{self._name()} is a plan written by discover --plan, not a list of ids "
