@@ -108,16 +108,18 @@ class _Endpoint:
 
 
 class FairShare:
-    """``concurrency`` dispatchers shared fairly between the endpoints that have work.
+    """Dispatchers shared fairly between the endpoints that have work.
 
     Once :attr:`several` is set (a batch of a named target has come), an endpoint's batches
-    hold at most its share of the dispatchers (``concurrency`` over the endpoints with
-    batches at work or waiting, rounded up, and never all of them), and a batch beyond its
-    share waits here (up to ``defer_ids`` ids an endpoint), not in a dispatcher. So a region
-    whose calls hang until they time out holds only its share while its breaker and the
-    retries decide it is down, and the others go on at their pace. A dispatcher that
-    finishes a batch of an endpoint takes that endpoint's next waiting one, so none is
-    forgotten, until ``stopping()``: what still waits then is :meth:`left`'s.
+    hold at most its share of ``concurrency`` (``concurrency`` over the endpoints with
+    batches at work or waiting, rounded up, and never all of it; the pool runs twice that
+    many dispatchers, and a batch asleep on a ``Retry-After`` counts in its endpoint's
+    share, so one endpoint alone has at most ``concurrency - 1`` calls on the wire), and a
+    batch beyond its share waits here (up to ``defer_ids`` ids an endpoint), not in a
+    dispatcher. So a region whose calls hang until they time out holds only its share while
+    its breaker and the retries decide it is down, and the others go on at their pace. A
+    dispatcher that finishes a batch of an endpoint takes that endpoint's next waiting one,
+    so none is forgotten, until ``stopping()``: what still waits then is :meth:`left`'s.
 
     A batch waiting for a share whose endpoint is down meanwhile (``down``: serve's paused
     endpoints, whose one batch in a dispatcher is the probe, kept there until the endpoint

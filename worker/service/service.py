@@ -1,15 +1,15 @@
 """The serve loop: read entries, batch them by size or linger, dispatch, settle, shut down.
 
 One *round* is one task group: an intake task (the only reader of Redis, so reading, the
-in-flight map and the batcher need no locks) feeding ``concurrency`` dispatcher tasks over a
-bounded stream. A round starts by re-reading this consumer's own pending entries without
-counting a delivery (neither a restart nor a pause is one; after a pause it reads nothing
-new until one of their batches has an answer; and again when a paused region answers,
-``worker.service.regions``), then reads new ones (``>``), and every
-``reclaim_interval`` takes
-over entries idle longer than ``reclaim_after`` from anyone (``XAUTOCLAIM``, which also
-retries our own entries kept pending after a failure). An entry delivered more than
-``max_deliveries`` times is dead-lettered instead of processed.
+in-flight map and the batcher need no locks) feeding twice ``concurrency`` dispatcher tasks
+(``concurrency`` calls on the wire at once: ``PacedCall``'s places) over a bounded stream. A
+round starts by re-reading this consumer's own pending entries without counting a delivery
+(neither a restart nor a pause is one; after a pause it reads nothing new until one of their
+batches has an answer; and again when a paused region answers, ``worker.service.regions``),
+then reads new ones (``>``), and every ``reclaim_interval`` takes over entries idle longer
+than ``reclaim_after`` from anyone (``XAUTOCLAIM``, which also retries our own entries kept
+pending after a failure). An entry delivered more than ``max_deliveries`` times is
+dead-lettered instead of processed.
 
 A round ends on stop (SIGTERM: intake is cancelled at once, even mid ``XREADGROUP``; calls in
 flight get ``grace`` seconds; batches not started are left pending) or when the API refuses
