@@ -271,13 +271,16 @@ class Pipeline:
 
     async def _dispatch(self, receive: MemoryObjectReceiveStream[Batch]) -> None:
         async with receive:
-            while (batch := await _next_batch(receive)) is not None:
-                if self.state.stopping:
-                    return
-                self._journal.dispatching(batch.ids)
+            while True:
+                await self._working.take_hand()
                 try:
+                    if (batch := await _next_batch(receive)) is None or self.state.stopping:
+                        return
+                    self._journal.dispatching(batch.ids)
                     with self._working.busy():
                         await self._dispatcher.process(batch)
                 except ReaperError as exc:  # 401/403, TLS, API unavailable: the run stops
                     self._failed(exc)
                     return
+                finally:
+                    self._working.free_hand()

@@ -3,9 +3,11 @@ one bounded stream of batches, and the graceful stop.
 
 ``concurrency`` is the most calls on the wire at once (``--concurrency``). When the
 ``Working`` given bounds them (its ``places``), the pool runs twice as many dispatchers
-(``Working.tasks``), each with a batch in hand: one asleep on a refusal's ``Retry-After``
-or a back-off holds no place on the wire, and another's call takes it. Without places,
-one dispatcher a call, as each sends one call at a time.
+(``Working.tasks``): one asleep on a refusal's ``Retry-After`` or a back-off holds no place
+on the wire, and lets another dispatcher take a batch (``Working.take_hand``) whose calls
+use it; otherwise no more than ``concurrency`` batches are taken in hand, as before, so
+nothing is read, checked or held further ahead. Without places, one dispatcher a call, as
+each sends one call at a time.
 
 Shutdown is the subtlest code of both commands, so it exists once, here. On ``stop``:
 ``on_stop`` runs (a service turns unready, starts its drain), the intake is cancelled at

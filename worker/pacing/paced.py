@@ -73,9 +73,14 @@ class Working:
     ``free_place``); a task asleep on a refusal's ``Retry-After`` or a back-off holds none,
     so the others keep ``places`` calls on the wire meanwhile. Places go first come, first
     served. ``None``: no bound here (each task sends one call at a time: as many calls as
-    tasks)."""
+    tasks).
 
-    __slots__ = ("_idle", "_queue", "count", "most_on_wire", "on_wire", "places")
+    And the batches in hand (``take_hand``): at most ``places`` besides those whose task is
+    asleep on a ``Retry-After`` or a back-off (``sleeping``), so the dispatchers beyond
+    ``places`` (``tasks``) only stand in for those asleep."""
+
+    __slots__ = ("_hands", "_idle", "_queue", "asleep", "count", "in_hand", "most_on_wire",
+                 "on_wire", "places")  # fmt: skip
 
     def __init__(self, places: int | None = None) -> None:
         if places is not None and places < 1:
@@ -86,6 +91,39 @@ class Working:
         self.on_wire = 0
         self.most_on_wire = 0  # the most calls on the wire at once: what tests assert on
         self._queue: deque[anyio.Event] = deque()
+        self.in_hand = 0  # batches in dispatchers' hands (``take_hand``)
+        self.asleep = 0  # tasks asleep on a Retry-After or a back-off (``sleeping``)
+        self._hands: anyio.Event | None = None
+
+    async def take_hand(self) -> None:
+        """Before a dispatcher takes a batch: wait while ``places`` batches are in hand and
+        awake, then count one more. So the extra dispatchers (``tasks``) stand in for those
+        asleep only: batches are not read, checked or held further ahead than before."""
+        while self.places is not None and self.in_hand - self.asleep >= self.places:
+            if self._hands is None:
+                self._hands = anyio.Event()
+            await self._hands.wait()
+        self.in_hand += 1
+
+    def free_hand(self) -> None:
+        """The dispatcher is done with its batch (or took none)."""
+        self.in_hand -= 1
+        self._more_hands()
+
+    @contextmanager
+    def sleeping(self) -> Iterator[None]:
+        """Asleep on a Retry-After or a back-off: another dispatcher may take a batch."""
+        self.asleep += 1
+        self._more_hands()
+        try:
+            yield
+        finally:
+            self.asleep -= 1
+
+    def _more_hands(self) -> None:
+        if self._hands is not None:
+            self._hands.set()
+            self._hands = None
 
     def tasks(self, concurrency: int) -> int:
         """How many dispatcher tasks keep ``concurrency`` calls on the wire: twice as many
@@ -217,6 +255,9 @@ class PacedCall:
     def _waiting(self) -> AbstractContextManager[None]:
         return self._working.waiting() if self._working is not None else nullcontext()
 
+    def _sleeping(self) -> AbstractContextManager[None]:
+        return self._working.sleeping() if self._working is not None else nullcontext()
+
     async def __call__(
         self,
         send: Callable[[], Awaitable[T]],
@@ -249,7 +290,7 @@ class PacedCall:
                 self.retries += 1
                 if retrying is not None:
                     await retrying(exc, tries.attempt + 1, wait, decision.reason)
-                with self._waiting():
+                with self._waiting(), self._sleeping():
                     await self._clock.sleep(wait)
                 if self._stopping():
                     raise Stopped("stopping") from None

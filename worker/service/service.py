@@ -416,21 +416,33 @@ class Service:
         whose calls hang until its breaker and their attempts say it is down hold only its
         share, and the other regions' are served meanwhile."""
         async with receive:
-            async for batch in receive:
-                ended = False
+            while True:
+                await self._working.take_hand()  # the extra dispatchers: for those asleep
+                try:
+                    try:
+                        batch = await receive.receive()
+                    except anyio.EndOfStream:
+                        return
+                    if await self._dispatch_taken(batch):
+                        return
+                finally:
+                    self._working.free_hand()
 
-                async def one(batch: Batch) -> None:
-                    nonlocal ended
-                    ended = await self._dispatch_one(batch) or ended
+    async def _dispatch_taken(self, batch: Batch) -> bool:
+        """One batch taken off the stream; True: this dispatcher ends (a refusal)."""
+        ended = False
 
-                if batch.target is not None:
-                    self._fair.several = True
-                if self._down(batch.target):
-                    await one(batch)  # handed back at once: the region is paused
-                else:
-                    await self._fair.take(self._endpoint(batch), batch, one)
-                if ended:
-                    return
+        async def one(batch: Batch) -> None:
+            nonlocal ended
+            ended = await self._dispatch_one(batch) or ended
+
+        if batch.target is not None:
+            self._fair.several = True
+        if self._down(batch.target):
+            await one(batch)  # handed back at once: the region is paused
+        else:
+            await self._fair.take(self._endpoint(batch), batch, one)
+        return ended
 
     def _endpoint(self, batch: Batch) -> str:
         target = batch.target or (self._targets.default if self._targets else None)
