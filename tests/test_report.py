@@ -147,7 +147,8 @@ def test_csv_has_the_columns_of_jsonl_and_no_cell_a_spreadsheet_would_run(
         a.admit([Candidate(r.job_id, n) for n, r in enumerate(hostile, 1)])
         a.record(hostile)
         a.record_rejected([Rejection("+cmd|' /C calc'!A0", 7, "invalid characters"),
-                           Rejection("\tx", 8, "invalid characters")])  # fmt: skip
+                           Rejection("\tx", 8, "invalid characters"),
+                           Rejection("job-ok", 9, "bad project", text='=cmd|"x"')])  # fmt: skip
     jsonl = report("--ledger", str(ledger_path), "--format", "jsonl")
     keys = set().union(*(orjson.loads(line) for line in jsonl.stdout.splitlines()))
     proc = report("--ledger", str(ledger_path), "--format", "csv")
@@ -158,6 +159,7 @@ def test_csv_has_the_columns_of_jsonl_and_no_cell_a_spreadsheet_would_run(
     assert by_id["'-job-dash"]["error_msg"] == '\'=HYPERLINK("x")'
     assert by_id["job-at"]["error_msg"] == "'@SUM(A1)"
     assert by_id["job-plus"]["confirmed"] == "false"
+    assert by_id["job-ok"]["raw"] == '\'=cmd|"x"'  # a refused line's text, quoted away too
     assert by_id["'+cmd|' /C calc'!A0"]["line"] == "7"
     assert by_id["\\tx"]["line"] == "8"  # the ledger keeps a tab escaped: no tab starts it
     for row in rows:
