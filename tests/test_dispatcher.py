@@ -80,9 +80,13 @@ class Journal:
         self.results: list[Result] = []
         self.retries: list[tuple[str, int, float, str]] = []
         self.sends: list[tuple[str, tuple[str, ...], int]] = []
+        self.unsends: list[tuple[str, tuple[str, ...]]] = []
 
     async def sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
         self.sends.append((batch_id, tuple(ids), attempt))
+
+    async def unsent(self, batch_id: str, ids: Sequence[str]) -> None:
+        self.unsends.append((batch_id, tuple(ids)))
 
     async def retrying(self, batch_id: str, attempt: int, delay_s: float, reason: str) -> None:
         self.retries.append((batch_id, attempt, delay_s, reason))

@@ -390,6 +390,9 @@ class Journal:
     async def sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
         pass
 
+    async def unsent(self, batch_id: str, ids: Sequence[str]) -> None:
+        pass
+
     async def retrying(self, batch_id: str, attempt: int, delay_s: float, reason: str) -> None:
         self.retries.append((batch_id, attempt, delay_s, reason))
 

@@ -230,3 +230,39 @@ async def test_skipped_ids_are_decided_again_by_the_next_run(tmp_path: Path) -> 
         assert rest.summary()["already_done"] == 10
         assert sim.deleted == set(ids)
         assert max(sim.delete_counts.values()) == 1
+
+
+@pytest.mark.parametrize("stopped", ["checking", "asleep"])
+async def test_ids_an_answer_said_were_not_deleted_are_not_called_deleted_after_a_stop(
+    tmp_path: Path, stopped: str
+) -> None:
+    """Ids that never were jobs, stopped (Ctrl-C) after an answer said no DELETE applied
+    them: ``checking``, a 200 that left them out, with the run checking them one show call
+    at a time; ``asleep``, a 429, with the batch asleep on its Retry-After. The run that
+    resumes finds them gone: ``absent``, as a run never stopped says, not ``deleted``
+    (``answer_lost``) by a DELETE whose answer was heard."""
+    checking = stopped == "checking"
+    config = SimulatorConfig(jobs=0, quota=0.0 if checking else 4.0, burst=1)
+    async with run_simulator(config) as sim:
+        phantoms = [f"phantom-{n:04d}" for n in range(200 if checking else 12)]
+        src = write_ids(tmp_path / "ids.txt", phantoms)
+        ledger = tmp_path / "ledger.db"
+        env = reaper_env(sim.url)
+        args = ["run", "-i", str(src), "--yes", "--ledger", str(ledger), "-q",
+                "--batch-size", "100" if checking else "4", "--concurrency", "2",
+                "--rate", "20" if checking else "50"]  # fmt: skip
+        process = await start_reaper(args, env)
+        async with process:
+            with anyio.fail_after(30):  # the checks under way, or a 429 come back
+                while (sim.stats.show_calls < 5) if checking else (sim.stats.throttled < 1):
+                    await anyio.sleep(0.005)
+            process.send_signal(signal.SIGINT)
+            with anyio.fail_after(30):
+                _, stderr = await read_all(process)
+        assert process.returncode == 75, stderr
+        assert sim.stats.deletions == 0
+        done = await reaper(args, env)
+        assert done.code == 0, done.stderr
+        rows = await ledger_outcomes(ledger, env)
+        outcomes = Counter(str(row["outcome"]) for row in rows)
+        assert outcomes == {"absent": len(phantoms)}, outcomes

@@ -92,6 +92,10 @@ class Journal(Protocol):
 
     async def sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None: ...
 
+    async def unsent(self, batch_id: str, ids: Sequence[str]) -> None:
+        """A readable answer says the DELETEs of ``batch_id`` applied none of ``ids`` (a
+        429; a 200 that left them out, taken at its word): they are no longer in doubt."""
+
     async def retrying(self, batch_id: str, attempt: int, delay_s: float, reason: str) -> None: ...
 
     async def finished(self, results: Sequence[Result]) -> None: ...
@@ -344,10 +348,18 @@ class Dispatcher:
                 doubt.unsure.update(remaining)
             await self._journal.retrying(batch_id, attempt, delay_s, why)
 
+        async def send(ids: Sequence[str]) -> DeleteResult:
+            try:
+                return await self._send_delete(ids)
+            except TransientError as exc:  # heard even when the run stops on it
+                if not isinstance(exc, AMBIGUOUS):  # answered "not applied": a 429
+                    await self._heard(batch_id, [i for i in ids if i not in doubt.unsure])
+                raise
+
         while remaining:
             try:
                 answer = await self.paced(
-                    partial(self._send_delete, remaining),
+                    partial(send, remaining),
                     what=batch_id, open_ids=len(remaining), tries=tries, sending=sending,
                     retrying=retrying,
                 )  # fmt: skip
@@ -392,6 +404,7 @@ class Dispatcher:
         between gone and ``failed``, so ``failed`` means the job is still there (when the
         show call is refused too, ``reason: answer_lost`` says it may be gone).
         """
+        await self._heard(batch_id, [i for i in ids if i not in doubt.unsure])
         if len(ids) > 1:
             self.splits += 1
             half = len(ids) // 2
@@ -434,6 +447,7 @@ class Dispatcher:
                 ]
             )
         missing = [job_id for job_id in ids if job_id not in deleted]
+        await self._heard(batch_id, [i for i in missing if _left_out(answer, doubt, i) is False])
         still_there: list[str] = []
         counted: dict[str, NotFound] = {}  # gone, ours only if the answer's count allows
         ours = 0  # gone, and ours: read just before this DELETE (of the count's deletions)
@@ -455,6 +469,14 @@ class Dispatcher:
         if counted:
             await self._journal.finished(_counted(answer, doubt, counted, ours, batch_id, attempt))
         return tuple(still_there)
+
+    async def _heard(self, batch_id: str, ids: Sequence[str]) -> None:
+        """An answer was heard, and it says no DELETE of this batch applied ``ids``: they
+        are not in doubt, and a run that stops or dies before they end (checking them one
+        show call at a time, or asleep on a ``Retry-After``) leaves them to be sent again,
+        not found gone and called ``deleted`` by a DELETE that did not apply them."""
+        if ids:
+            await self._journal.unsent(batch_id, ids)
 
     async def _exists(self, batch_id: str, job_id: str, attempt: int, doubt: Doubt) -> bool:
         """The show call: does the job still exist? A 404 ends it gone (``doubt.gone``);

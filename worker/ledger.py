@@ -144,6 +144,10 @@ _SENT = """
 UPDATE ids SET state = 'sent', batch_id = ?, attempts = ?, updated_at = ?
 WHERE state != 'done' AND job_id IN (SELECT value FROM json_each(?))
 """
+_UNSENT = """
+UPDATE ids SET state = 'read', updated_at = ?
+WHERE state = 'sent' AND job_id IN (SELECT value FROM json_each(?))
+"""
 _RESULTS = """
 SELECT job_id, outcome, attempts, batch_id, http_status, error_code, error_msg, request_id,
     reason, {confirmed}, {target}
@@ -846,6 +850,14 @@ class Ledger(LedgerView):
         knows they may already be deleted (``resent``). Terminal ids are left alone."""
         with self._transaction() as conn:
             conn.execute(_SENT, (batch_id, attempt, self._clock(), orjson.dumps(list(ids))))
+
+    def mark_unsent(self, ids: Sequence[str]) -> None:
+        """A readable answer said no DELETE of this run applied the ids (a 429, or a 200
+        that left them out and is taken at its word): if the run dies now, the next one
+        sends them as it would any id, rather than ending those it finds gone ``deleted``
+        by a DELETE that did not apply (``answer_lost``)."""
+        with self._transaction() as conn:
+            conn.execute(_UNSENT, (self._clock(), orjson.dumps(list(ids))))
 
     def record(self, results: Sequence[Result]) -> None:
         """Store terminal outcomes; one transaction.

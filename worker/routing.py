@@ -47,6 +47,9 @@ class Stamped:
     async def sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
         await self._inner.sent(batch_id, ids, attempt)
 
+    async def unsent(self, batch_id: str, ids: Sequence[str]) -> None:
+        await self._inner.unsent(batch_id, ids)
+
     async def retrying(self, batch_id: str, attempt: int, delay_s: float, reason: str) -> None:
         await self._inner.retrying(batch_id, attempt, delay_s, reason)
 

@@ -65,6 +65,9 @@ class _Kept:
     async def sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
         return
 
+    async def unsent(self, batch_id: str, ids: Sequence[str]) -> None:
+        return
+
     async def retrying(self, batch_id: str, attempt: int, delay_s: float, reason: str) -> None:
         return
 

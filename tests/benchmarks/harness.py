@@ -230,6 +230,9 @@ class NullJournal:
     async def sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
         pass
 
+    async def unsent(self, batch_id: str, ids: Sequence[str]) -> None:
+        pass
+
     async def retrying(self, batch_id: str, attempt: int, delay_s: float, reason: str) -> None:
         pass
 

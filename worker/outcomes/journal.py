@@ -61,6 +61,7 @@ class LedgerLike(SeenLike, Protocol):
     """The durable ledger (``worker.ledger.Ledger``): also what was sent and settled."""
 
     def mark_sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None: ...
+    def mark_unsent(self, ids: Sequence[str]) -> None: ...
     def record(self, results: Sequence[Result]) -> None: ...
     def record_rejected(self, rejections: Sequence[Rejection]) -> None: ...
 
@@ -96,6 +97,10 @@ class LedgerPort:
             await anyio.to_thread.run_sync(
                 self._durable.mark_sent, batch_id, ids, attempt, limiter=self._one
             )
+
+    async def mark_unsent(self, ids: Sequence[str]) -> None:
+        if self._durable is not None:
+            await anyio.to_thread.run_sync(self._durable.mark_unsent, ids, limiter=self._one)
 
     async def record(self, results: Sequence[Result]) -> None:
         if self._durable is not None:
@@ -275,6 +280,9 @@ class RunJournal:
 
     async def sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
         await self._ledger.mark_sent(batch_id, ids, attempt)
+
+    async def unsent(self, batch_id: str, ids: Sequence[str]) -> None:
+        await self._ledger.mark_unsent(ids)
 
     async def retrying(self, batch_id: str, attempt: int, delay_s: float, reason: str) -> None:
         self._tally.retries += 1

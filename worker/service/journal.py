@@ -166,6 +166,25 @@ class ServeJournal:
         if lost:  # taken over while this replica stalled: the taker sends them
             raise TakenOver(lost)
 
+    async def unsent(self, batch_id: str, ids: Sequence[str]) -> None:
+        await self.unsending(ids, None)
+
+    async def unsending(self, ids: Sequence[str], target: Target | None) -> None:
+        """An answer heard says the DELETEs of ``ids`` (of ``target``) applied none of
+        them (a 429; a 200 that left them out): struck off their entries' notes of ids sent
+        (:meth:`sending`), so a replica killed while it checks them one show call at a time,
+        or sleeps out a ``Retry-After``, leaves the next delivery nothing to take for a
+        deletion of ours. An entry taken over meanwhile is the taker's: its note stays."""
+        unmark: dict[str, list[str]] = {}
+        for job_id in ids:
+            for entry_id in self._inflight.entries_of(job_id, target):
+                unmark.setdefault(entry_id, []).append(job_id)
+        if unmark:
+            await self.noted()  # a note of ids joined on its way lands before the strike
+            await self._outage.persist(
+                lambda: self._consumer.keep_errors({}, unmark), what="sending"
+            )
+
     async def joined(self, marks: Mapping[str, tuple[Target | None, Sequence[str]]]) -> None:
         """Entries just admitted naming ids already on the wire for another entry
         (``Admission.joined``), by entry: its target and those ids. Noted under each as
@@ -458,3 +477,6 @@ class _Lane(Stamped):
 
     async def sent(self, batch_id: str, ids: Sequence[str], attempt: int) -> None:
         await self._journal.sending(ids, self.target)
+
+    async def unsent(self, batch_id: str, ids: Sequence[str]) -> None:
+        await self._journal.unsending(ids, self.target)
