@@ -598,6 +598,48 @@ async def test_an_answer_refusing_a_joined_call_keeps_the_doubt_the_joining_entr
 
 
 @pytest.mark.anyio
+async def test_a_429_to_a_joined_call_keeps_the_doubt_the_joining_entry_brought_past_a_kill(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """B (1-1) names x; c0 died with a DELETE of x on the wire (x gone, B's note says so).
+    c1's DELETE of x for A (2-1) is on the wire when c1 takes B over: B joins it. The call
+    is answered 429: x is struck off A's note (that call applied nothing), and was struck
+    off B's too, though B's note named it for c0's DELETE; c1 killed as it sleeps the 429
+    out, B's next delivery called x ``absent``, a deletion of ours. It ends ``deleted``,
+    unconfirmed, and x stays on B's note."""
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=1)) as q:
+        (x,) = q.sim.job_ids()
+        layout = StreamLayout(q.stream, "reapers")
+        release = anyio.Event()
+        flags = ("--batch-size", "1", "--rate", "100", "--reclaim-after", "1")
+        async with held_answers(q.sim.url, release, refuse=429) as url:
+            c1 = await _b_joins_a_call(q, url, *flags)
+            release.set()
+
+            async def struck() -> bool:  # A's strike, written with any of B's
+                return x not in sent_ids(await q.redis.get(layout.sending("2-1")))
+
+            await until(struck)
+            c1.process.kill()
+            with anyio.fail_after(30):
+                await c1.process.wait()
+        note = sent_ids(await q.redis.get(layout.sending("1-1")))
+        again = await q.start("c2", *flags)
+
+        async def settled() -> bool:
+            return await q.pending() == 0
+
+        await until(settled)
+        rows = await q.stream_rows(q.stream + ":outcomes")
+        await q.stop_all()
+    assert {(r["job_id"], r["outcome"], r["error_msg"]) for r in rows} == {
+        (x, "deleted", "answer_lost")
+    }
+    assert again.named("job.absent") == []
+    assert x in note
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("how", ["kill9", "api-unavailable"])
 async def test_an_id_rejected_at_admission_gets_one_row_however_often_its_entry_is_delivered(
     redis_prefix: str, tmp_path: Path, how: str

@@ -169,6 +169,15 @@ class InFlight:
         ``entry`` field)."""
         return tuple(self._waiters.get((target, job_id), ()))
 
+    def entries_heard(self, job_id: str, target: Target | None = None) -> tuple[str, ...]:
+        """The entries waiting on ``job_id`` (of ``target``) that do not bring it as sent
+        unheard by an earlier delivery (``add``'s ``unsure``): an answer saying a call of
+        this delivery applied none of it says nothing of that one, whose note stays."""
+        held = self._waiters.get((target, job_id), ())
+        return tuple(
+            e for e in held if e in self._entries and job_id not in self._entries[e].unsure
+        )
+
     def on_wire(self, job_ids: Sequence[str], target: Target | None = None) -> None:
         """A DELETE of ``job_ids`` (of ``target``) is about to be noted and sent: an entry
         admitted from now until their outcome that names one of them is told so

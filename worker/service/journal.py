@@ -174,10 +174,11 @@ class ServeJournal:
         them (a 429; a 200 that left them out): struck off their entries' notes of ids sent
         (:meth:`sending`), so a replica killed while it checks them one show call at a time,
         or sleeps out a ``Retry-After``, leaves the next delivery nothing to take for a
-        deletion of ours. An entry taken over meanwhile is the taker's: its note stays."""
+        deletion of ours. An entry taken over meanwhile is the taker's: its note stays; so
+        does that of an entry whose earlier delivery sent an id unheard (it joined the call)."""
         unmark: dict[str, list[str]] = {}
         for job_id in ids:
-            for entry_id in self._inflight.entries_of(job_id, target):
+            for entry_id in self._inflight.entries_heard(job_id, target):
                 unmark.setdefault(entry_id, []).append(job_id)
         if unmark:
             await self.noted()  # a note of ids joined on its way lands before the strike
