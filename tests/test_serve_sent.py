@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -342,6 +342,26 @@ async def _b_joins_a_call(q: Queue, url: str, *flags: str, gone: bool = True) ->
     return c1
 
 
+async def _b_delivered_again(
+    q: Queue, c1: Replica, name: str, flags: Sequence[str]
+) -> tuple[frozenset[str], Replica, list[dict[str, str]]]:
+    """Once c1 (signalled) has ended: B's (1-1) note of ids sent, then a replica ``name``
+    (``flags``) that delivers the entries left pending again, and the outcome rows once
+    none is pending."""
+    with anyio.fail_after(30):
+        await c1.process.wait()
+    note = sent_ids(await q.redis.get(StreamLayout(q.stream, "reapers").sending("1-1")))
+    again = await q.start(name, *flags)
+
+    async def settled() -> bool:
+        return await q.pending() == 0
+
+    await until(settled)
+    rows = await q.stream_rows(q.stream + ":outcomes")
+    await q.stop_all()
+    return note, again, rows
+
+
 @asynccontextmanager
 async def _joined_and_answered(q: Queue) -> AsyncIterator[Replica]:
     """``_b_joins_a_call`` through a proxy holding A's answer, which is then let through:
@@ -577,17 +597,7 @@ async def test_an_answer_refusing_a_joined_call_keeps_the_doubt_the_joining_entr
 
             await until(handed_back)
             c1.process.send_signal(signal.SIGTERM)
-            with anyio.fail_after(30):
-                await c1.process.wait()
-        note = sent_ids(await q.redis.get(layout.sending("1-1")))
-        again = await q.start("c1", *flags)
-
-        async def settled() -> bool:
-            return await q.pending() == 0
-
-        await until(settled)
-        rows = await q.stream_rows(q.stream + ":outcomes")
-        await q.stop_all()
+            note, again, rows = await _b_delivered_again(q, c1, "c1", flags)
     assert c1.named("serve.api_unavailable") != []
     assert again.named("job.absent") == []
     assert x in note
@@ -621,17 +631,7 @@ async def test_a_429_to_a_joined_call_keeps_the_doubt_the_joining_entry_brought_
 
             await until(struck)
             c1.process.kill()
-            with anyio.fail_after(30):
-                await c1.process.wait()
-        note = sent_ids(await q.redis.get(layout.sending("1-1")))
-        again = await q.start("c2", *flags)
-
-        async def settled() -> bool:
-            return await q.pending() == 0
-
-        await until(settled)
-        rows = await q.stream_rows(q.stream + ":outcomes")
-        await q.stop_all()
+            note, again, rows = await _b_delivered_again(q, c1, "c2", flags)
     assert {(r["job_id"], r["outcome"], r["error_msg"]) for r in rows} == {
         (x, "deleted", "answer_lost")
     }
