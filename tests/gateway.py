@@ -183,8 +183,8 @@ async def serve_gateway(gateway: Gateway) -> AsyncIterator[str]:
     app.router.add_delete("/v1/{project}/dev-servers/jobs", gateway.delete)
     app.router.add_get("/v1/{project}/dev-servers/jobs", gateway.list)
     app.router.add_get("/v1/{project}/dev-servers/jobs/{job_id}", gateway.show)
-    try:
-        async with serve_app(app) as url:
+    async with serve_app(app) as url:
+        try:
             yield url
-    finally:
-        gateway.hold.set()
+        finally:  # a held call answers now: the server's shutdown waits for its handlers
+            gateway.hold.set()
