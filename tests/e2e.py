@@ -283,3 +283,46 @@ async def collect(served: Served) -> None:
         served.events.append(event)
         if event.get("event") == "serve.started":
             served.started.set()
+
+
+@asynccontextmanager
+async def serving(
+    sim: Any, redis_url: str, errors: Path, *flags: str, consumer: str = "a"
+) -> AsyncIterator[Served]:
+    """A ``serve`` subprocess on the simulator ``sim`` and the Redis at ``redis_url`` (JSON
+    events, a free health port, consumer name ``consumer``, more ``flags``), its stderr into
+    ``errors``, its events collected; killed at the end of the block if it still runs."""
+    command = [sys.executable, "-m", "worker", "serve", "--endpoint", sim.url,
+               "--project-id", sim.config.project_id, "--ak", SIM_AK,
+               "--redis-url", redis_url, "--http-port", "0", "--log-format", "json",
+               "--consumer", consumer, *flags]  # fmt: skip
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("REAPER_", "HUAWEICLOUD_", "HC_CONTAINER_"))}  # fmt: skip
+    with errors.open("wb") as err:
+        process = await anyio.open_process(command, env=env | {"REAPER_SK": SIM_SK}, stderr=err)
+    served = Served(process)
+    async with anyio.create_task_group() as group, reaped(process):
+        group.start_soon(collect, served)
+        with anyio.fail_after(60):
+            await served.started.wait()
+        yield served
+
+
+@asynccontextmanager
+async def reaped(process: Process) -> AsyncIterator[Process]:
+    """``process`` for the length of the block; killed at its end if it still runs."""
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await process.aclose()
+
+
+async def stopped(served: Served) -> int:
+    """SIGTERM a ``serve`` and wait for it to exit (30 s at most): its exit code."""
+    with contextlib.suppress(ProcessLookupError):
+        served.process.send_signal(signal.SIGTERM)
+    with anyio.fail_after(30):
+        return await served.process.wait()

@@ -21,7 +21,7 @@ import anyio.abc
 import pytest
 
 from tests.benchmarks import harness
-from tests.e2e import Served, collect, reaper, until
+from tests.e2e import Served, collect, reaped, reaper, until
 from tests.test_redis_auth import PASSWORD, REDIS_SERVER, _free_port, redis_server
 from worker.simulator import SimulatorConfig, run_simulator
 
@@ -53,14 +53,9 @@ async def _serving(redis_port: int, port: int = 0) -> AsyncIterator[Served]:
             command, env=harness.clean_env() | {"REAPER_SK": sim.config.sk}
         )
         served = Served(process)
-        tg.start_soon(collect, served)
-        try:
+        async with reaped(process):
+            tg.start_soon(collect, served)
             yield served
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-            await process.aclose()
 
 
 async def _waiting_for_redis(served: Served) -> None:

@@ -625,7 +625,8 @@ class Service:
             await send.send(batch)
 
     async def _redis(self, operation: Callable[..., Awaitable[_T]], *args: object) -> _T:
-        """A read, retried while Redis is away; a group deleted under us is created again,
+        """A read, retried while Redis is away (then our own pending entries are read again:
+        the lost answer may have delivered some); a group deleted under us is created again,
         and so is the stream: a blocked ``XREADGROUP`` whose stream key was deleted answers
         ``UNBLOCKED``, any later call ``NOGROUP``. Calls already on the wire go on and
         settle (acking an entry of a deleted stream is a no-op)."""
@@ -637,6 +638,13 @@ class Service:
             while True:
                 try:
                     return await operation(*args)
+                except REDIS_ERRORS:
+                    # Redis may have applied the read and only its answer be lost (a stall
+                    # past the timeout, a connection cut): entries delivered to us, pending
+                    # under our name, that nothing here holds. Read our own again once it
+                    # answers (no delivery counted), not ``reclaim_after`` later.
+                    self._reread = True
+                    raise
                 except redis.exceptions.ResponseError as exc:
                     if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                         raise
