@@ -519,6 +519,17 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
 
 
+@dataclass(frozen=True, slots=True)
+class GroupMade:
+    """What :meth:`StreamConsumer.ensure_group` found."""
+
+    position: str | None
+    """The kept position the group was created at; None: at ``0``, or it was there."""
+    kept: bool
+    """Whether a position was kept for the group (retention's pass keeps one once the
+    group has read): none for a group lost mid-run means Redis lost the queue's keys."""
+
+
 class StreamConsumer:
     """``consumer`` in ``layout.group``, reading ``layout.stream``. The calls that return
     entries go over ``reader`` (in ``serve`` one parsing with ``worker.service.bounded``'s
@@ -549,13 +560,14 @@ class StreamConsumer:
         self._written: list[str] = []  # keys of writes known applied, to delete
         self._unsure: set[str] = set()  # tokens of writes whose reply was lost
 
-    async def ensure_group(self) -> str | None:
+    async def ensure_group(self) -> GroupMade:
         """Create the group (and the stream) if missing; an existing group is kept as it is.
 
         A group created again (it was destroyed, or Redis restored without it) starts at the
         position kept for it (``worker.service.retention``), not at ``0``: it reads again what
-        was pending or unread when it was lost, not every entry ever written. Returns that
-        position when it was used, else ``None``.
+        was pending or unread when it was lost, not every entry ever written. Says that
+        position when it was used, and whether one was kept at all (none, for a group that
+        read before: Redis lost the queue's keys with it).
 
         A position past the stream's last entry was kept for another stream (this one was
         deleted and made again, or lost with a restore; retention never trims above it):
@@ -568,6 +580,7 @@ class StreamConsumer:
                 raise
             key = self.layout.position
             raise NotAStream(f"{key!r}: that Redis key holds another type, not a hash") from None
+        kept = position is not None
         try:
             if position is not None:
                 last: Any = await self._r.xrevrange(self.layout.stream, count=1)
@@ -581,8 +594,8 @@ class StreamConsumer:
                 raise not_a_stream(self.layout.stream) from None
             if "BUSYGROUP" not in str(exc):
                 raise
-            return None
-        return position
+            return GroupMade(None, kept)
+        return GroupMade(position, kept)
 
     async def ping(self) -> object:
         return await self._r.ping()

@@ -128,6 +128,16 @@ class ServiceConfig:
         return min(self.block, self.stale_after / 4)
 
 
+QUEUE_LOST = (
+    "the group and the position kept for it are both gone: Redis lost the queue's keys "
+    "(restarted without persistence, flushed, or failed over to a replica that had not got "
+    "them); the ids enqueued and not read before are lost with them: enqueue them again "
+    "(the ids this replica holds are finished, their outcomes written to the new outcomes "
+    "stream)"
+)
+"""What ``serve.queue_lost`` says."""
+
+
 class Service:
     """Consumes one stream until ``stop`` is set. Build it, then ``await run()``."""
 
@@ -648,9 +658,13 @@ class Service:
                 except redis.exceptions.ResponseError as exc:
                     if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                         raise
-                    position = await self._consumer.ensure_group()
+                    made = await self._consumer.ensure_group()
+                    layout, position = self._consumer.layout, made.position
+                    if not made.kept:  # the group had read: retention had kept its position
+                        self._events.error("serve.queue_lost", stream=layout.stream,
+                                           group=layout.group, error=QUEUE_LOST)  # fmt: skip
                     self._events.warn(
-                        "serve.group_recreated", group=self._consumer.layout.group,
+                        "serve.group_recreated", group=layout.group,
                         reason=str(exc).split(" ", 1)[0], position=position or "0",
                         replays="pending and unread entries" if position else "the whole stream",
                     )  # fmt: skip
