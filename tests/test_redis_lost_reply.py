@@ -8,16 +8,21 @@ in a subprocess, the simulator as the API.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.abc
 import pytest
 import redis.asyncio as aioredis
 
 from tests.e2e import serving, stopped, until
 from tests.test_redis_auth import REDIS_SERVER, redis_server
+from worker.service.consumer import _ACK, _BURY
 from worker.simulator import SimulatorConfig, run_simulator
 
 pytestmark = [
@@ -86,3 +91,104 @@ async def test_entries_a_read_delivered_unheard_are_read_again_not_left_to_the_r
     assert summary["acked"] == len(jobs)
     said = Counter((r[b"job_id"].decode(), r[b"outcome"].decode()) for _, r in rows)
     assert said == Counter((job_id, "deleted") for job_id in jobs)  # each once, deleted
+
+
+class _CutAfter:
+    """A TCP relay to the Redis on ``port`` that, the first time a command naming ``sha``
+    (a script's) goes through, lets Redis run it and cuts the connection before its reply
+    comes back: a command applied whose answer was lost."""
+
+    def __init__(self, port: int, sha: str) -> None:
+        self._port = port
+        self._sha = sha.encode()
+        self.cut = 0
+
+    async def serve(self, listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
+        await listener.serve(self._relay)
+
+    async def _relay(self, client: anyio.abc.SocketStream) -> None:
+        server = await anyio.connect_tcp("127.0.0.1", self._port)
+        drop = anyio.Event()
+
+        async def up() -> None:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError,
+                                     anyio.ClosedResourceError):  # fmt: skip
+                async for chunk in client:
+                    if not self.cut and self._sha in chunk:
+                        self.cut += 1
+                        drop.set()
+                    await server.send(chunk)
+
+        async def down() -> None:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError,
+                                     anyio.ClosedResourceError):  # fmt: skip
+                async for chunk in server:
+                    if drop.is_set():  # the reply of the command: gone, and the line cut
+                        await client.aclose()
+                        await server.aclose()
+                        return
+                    await client.send(chunk)
+
+        async with client, server, anyio.create_task_group() as group:
+            group.start_soon(up)
+            await down()
+            group.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("script", [_ACK, _BURY], ids=["ack", "dead-letter"])
+async def test_an_ack_applied_whose_answer_was_lost_is_not_said_taken_over(
+    tmp_path: Path, script: str
+) -> None:
+    """The connection cut after Redis acknowledged an entry (or dead-lettered one naming an
+    invalid id), before the reply came: it was tried again, found the entry acknowledged
+    since it was delivered, and took it for another replica's (``serve.entry_taken_over``:
+    'left to the replica that took it over', of an entry no other replica ever held),
+    neither counted acknowledged nor said dead-lettered. Now an entry found acknowledged
+    after its own try's reply was lost is counted acknowledged, nothing said of a taker."""
+    errors = tmp_path / "serve.err"
+    sha = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+    async with (
+        redis_server(tmp_path, []) as port,
+        run_simulator(SimulatorConfig(jobs=3)) as sim,
+        await anyio.create_tcp_listener(local_host="127.0.0.1") as listener,
+        anyio.create_task_group() as relays,
+    ):
+        relay = _CutAfter(port, sha)
+        relays.start_soon(relay.serve, listener)
+        relayed = listener.extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610
+        via = f"redis://127.0.0.1:{relayed}/0"
+        async with (
+            serving(sim, via, errors, "--batch-size", "1") as served,
+            aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0") as admin,
+        ):
+            jobs = sim.job_ids()
+            assert await admin.script_load(script) == sha  # run at once: no NOSCRIPT to cut
+            for job_id in jobs:
+                await admin.xadd(STREAM, {"id": job_id})
+            await admin.xadd(STREAM, {"id": "not an id"})  # dead-lettered, its row rejected
+
+            async def settled() -> bool:
+                info: Any = await admin.xpending(STREAM, "devserver-reaper")
+                done = not sim.job_ids() and int(info["pending"]) == 0
+                # and the invalid entry's settling said (found acknowledged by its first
+                # try, it may still be trying again: a stop would cut that short)
+                said = served.named("serve.dead_lettered") or served.named("serve.entry_taken_over")
+                return (done and bool(said)) or served.process.returncode is not None
+
+            await until(settled)
+            assert served.process.returncode is None, errors.read_text()
+            code = await stopped(served)
+            rows: Any = await admin.xrange(STREAM + ":outcomes")
+            dead = await admin.xlen(STREAM + ":dead")
+        relays.cancel_scope.cancel()
+    assert code == 0, errors.read_text()
+    assert relay.cut == 1  # a reply was lost
+    assert "Traceback" not in errors.read_text()
+    assert served.named("serve.redis_unreachable")[0]["operation"] == "ack"  # settling
+    assert served.named("serve.entry_taken_over") == []
+    assert len(served.named("serve.dead_lettered")) == dead == 1
+    (summary,) = served.named("serve.stopped")
+    assert summary["acked"] == len(jobs) + 1
+    said = Counter((r[b"job_id"].decode(), r[b"outcome"].decode()) for _, r in rows)
+    assert said == Counter([*((job_id, "deleted") for job_id in jobs), ("not an id", "rejected")])

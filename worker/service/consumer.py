@@ -19,8 +19,9 @@ entry's next delivery (:meth:`StreamConsumer.redelivery`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -559,6 +560,7 @@ class StreamConsumer:
         self._ack = client.register_script(_ACK)
         self._written: list[str] = []  # keys of writes known applied, to delete
         self._unsure: set[str] = set()  # tokens of writes whose reply was lost
+        self._unsure_acks: set[str] = set()  # entries whose ack's reply was lost
 
     async def ensure_group(self) -> GroupMade:
         """Create the group (and the stream) if missing; an existing group is kept as it is.
@@ -827,12 +829,40 @@ class StreamConsumer:
         if not entry_ids:
             return frozenset()
         layout = self.layout
-        lost: list[Any] = await self._ack(
-            keys=[layout.stream, layout.last_error, *(layout.sending(e) for e in entry_ids)],
-            args=[layout.group, self.consumer, *entry_ids],
-        )
+        with self._settling(entry_ids):
+            found: list[Any] = await self._ack(
+                keys=[layout.stream, layout.last_error, *(layout.sending(e) for e in entry_ids)],
+                args=[layout.group, self.consumer, *entry_ids],
+            )
+            lost = await self._taken_from_us({_id(e) for e in found})
         self.acked += len(entry_ids) - len(lost)
-        return frozenset(_id(e) for e in lost)
+        return frozenset(lost)
+
+    @contextlib.contextmanager
+    def _settling(self, entry_ids: Iterable[str]) -> Iterator[None]:
+        """An ack (or a dead-lettering) of ``entry_ids`` is on its way: if its reply is lost
+        (Redis killed or stalled past the timeout, the connection cut), Redis may have
+        applied it all the same, and the next try finds them acknowledged since delivered,
+        as it finds an entry a taker settled (:meth:`_taken_from_us`)."""
+        try:
+            yield
+        except BaseException:
+            self._unsure_acks.update(entry_ids)
+            raise
+        self._unsure_acks.difference_update(entry_ids)
+
+    async def _taken_from_us(self, found: set[str]) -> set[str]:
+        """Of the entries a script found taken over (``_MINE``), those really taken: not
+        those only acknowledged since delivered (pending no more) after our own try whose
+        reply was lost, which that try acknowledged: said taken, they were 'left to the
+        replica that took them over' that no other replica ever held. (A taker's ack after
+        a try that never reached Redis needs this replica alone cut off past
+        ``reclaim_after``; the outcome rows it wrote before stand either way.)"""
+        unsure = found & self._unsure_acks
+        if not unsure:
+            return found
+        pending = await self._pending(sorted(unsure))
+        return found - {e for e in unsure if e not in pending}
 
     async def finish(self, finished: Finished) -> Settled:
         """Settle one entry: ack it (dead-lettering its invalid ids with it), or, when some of
@@ -873,12 +903,14 @@ class StreamConsumer:
         when the ``XADD`` fails or the entry was taken over, neither (``_BURY``)."""
         flat = [item for pair in fields.items() for item in pair]
         layout = self.layout
-        buried = await self._bury(keys=[layout.stream, layout.dead, layout.last_error,
-                                        layout.sending(fields["entry"])],
-                                  args=[self.retention.dead_max_len, layout.group,
-                                        self.consumer, *flat])  # fmt: skip
-        if not int(buried):
-            return Settled.TAKEN
+        entry = fields["entry"]
+        with self._settling([entry]):
+            buried = await self._bury(keys=[layout.stream, layout.dead, layout.last_error,
+                                            layout.sending(entry)],
+                                      args=[self.retention.dead_max_len, layout.group,
+                                            self.consumer, *flat])  # fmt: skip
+            if not int(buried) and await self._taken_from_us({entry}):
+                return Settled.TAKEN
         self.dead_lettered += 1
         self.acked += 1
         return Settled.ACKED
