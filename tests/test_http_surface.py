@@ -22,6 +22,12 @@ from worker.simulator import SimulatorConfig, run_simulator
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
 
 
+CLOSE = b"Connection: close\r\n\r\n"
+"""The end of a request's headers asking the server to close once it has answered: read to
+the end, the answer is whole at once (a connection kept alive stays open for the port's
+keep-alive timeout, HEADER_TIMEOUT: 10 s a request)."""
+
+
 async def _exchange(port: int, request: bytes, host: str = "127.0.0.1") -> bytes:
     async with await anyio.connect_tcp(host, port) as stream:
         await stream.send(request)
@@ -71,13 +77,13 @@ async def test_the_http_port_listens_where_told_and_holds_its_limits(
             # Only where --http-host says: 127.0.0.2 is this machine too, but not listened on.
             with pytest.raises(ConnectionRefusedError):
                 socket.create_connection(("127.0.0.2", port), timeout=5).close()
-            healthy = await _exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            healthy = await _exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + CLOSE)
             assert healthy.startswith(b"HTTP/1.1 200")
             # A load balancer's health check set to HEAD: 200 and no body, not 405.
-            head = await _exchange(port, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await _exchange(port, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n" + CLOSE)
             assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n"), head
             # Every series of a scrape is one the metrics define: no _created beside each.
-            scrape = await _exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            scrape = await _exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + CLOSE)
             assert b"devserver_reaper_ids_total" in scrape, scrape[-400:]
             assert b"_created" not in scrape, scrape[-400:]
 
