@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -11,11 +12,11 @@ import stat
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import orjson
@@ -42,6 +43,7 @@ from worker.settings import load_settings, read_plan_key
 from worker.simulator import FaultConfig, Simulator, SimulatorConfig, run_simulator
 from worker.types import JobRecord, iso
 
+T = TypeVar("T")
 NOW = datetime(2026, 6, 1, 12, tzinfo=UTC)
 ENDPOINT = "https://modelarts.cn-north-4.myhuaweicloud.com"
 KEY = b"0123456789abcdef0123456789abcdef"
@@ -366,13 +368,37 @@ async def test_a_plan_applied_after_changes_deletes_the_rest_and_skips_what_chan
         assert set(sim.sent_counts) == rest | {gone} and sim.sent_counts[gone] == 1
 
 
+PLAN_LIVES = (2, 4, 8, 16, 32)
+"""How long (s) a plan a test lets expire lives: the first in which its run's first DELETE
+goes out before the plan's end. Waiting for that end is most of such a test's time (a plan
+of 12 s: 13 s of a 14 s test); on a loaded machine a run may start too late for a short
+plan, and the test is tried again, afresh, on a plan living twice as long."""
+
+
+class StartedTooLate(Exception):
+    """The run's first DELETE had not gone out when its plan expired: nothing was tried."""
+
+
+async def on_a_plan_that_expires(tmp: Path, attempt: Callable[[str, Path], Awaitable[T]]) -> T:
+    """``attempt(ttl, folder)``: the test, on a plan living ``ttl``, its files in ``folder``
+    (a new one each try); tried again on a longer plan while it raises ``StartedTooLate``."""
+    for lives in PLAN_LIVES:
+        folder = tmp / f"living-{lives}s"
+        folder.mkdir()
+        try:
+            return await attempt(f"{lives}s", folder)
+        except StartedTooLate:
+            continue
+    raise AssertionError(f"no run sent a DELETE before its plan expired in {PLAN_LIVES} s")
+
+
 async def held_past_expiry(
-    gateway: Gateway, url: str, path: Path, run: list[str]
+    gateway: Gateway, url: str, path: Path, run: list[str], *, ttl: str
 ) -> tuple[int | None, str, str]:
-    """``run --plan`` of a 12 s plan of ``gateway``'s FINISHED jobs at ``path``, its first
-    DELETE's answer held (``gateway.hold``) until the plan has certainly expired: the run's
-    exit code, stdout and stderr."""
-    process, expires = await first_delete_out(gateway, url, path, run, ttl="12s")
+    """``run --plan`` of a plan of ``gateway``'s FINISHED jobs living ``ttl`` at ``path``, its
+    first DELETE's answer held (``gateway.hold``) until the plan has certainly expired: the
+    run's exit code, stdout and stderr."""
+    process, expires = await first_delete_out(gateway, url, path, run, ttl=ttl)
     await past(expires)  # the answer waits for the plan's end
     gateway.hold.set()
     stdout, stderr = await e2e.read_all(process)
@@ -384,7 +410,8 @@ async def first_delete_out(
 ) -> tuple[Process, datetime]:
     """A plan of ``gateway``'s FINISHED jobs living ``ttl``, written to ``path``, and
     ``run --plan`` of it started with ``run``'s flags, once its first DELETE has gone out:
-    the process, and when the plan expires."""
+    the process, and when the plan expires. ``StartedTooLate`` when the plan expired before
+    the run's first DELETE went out."""
     made = await reaper(["discover", "--status", "FINISHED", "--all", "--plan", str(path),
                          "--plan-ttl", ttl], reaper_env(url))  # fmt: skip
     assert made.code == 0, made.stderr
@@ -396,7 +423,12 @@ async def first_delete_out(
         return gateway.delete_calls == 1 or process.returncode is not None
 
     await e2e.until(first_sent)
-    assert gateway.delete_calls == 1, "the run did not start before its plan expired"
+    if gateway.delete_calls == 0 and datetime.now(UTC) >= expires:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await e2e.read_all(process)
+        raise StartedTooLate
+    assert gateway.delete_calls == 1, "the run ended before it sent a DELETE"
     return process, expires
 
 
@@ -425,16 +457,22 @@ async def killed_mid_delete(
 async def test_a_plan_that_expires_mid_run_sends_no_more_deletes_and_a_new_plan_takes_the_rest(
     tmp_path: Path,
 ) -> None:
-    """A plan of six jobs that lives 12 s, run in batches of two: the first DELETE's answer
-    is held until the plan has certainly expired. Nothing more is sent on it: the four left
-    end ``skipped`` (``plan_expired``), exit 1, the summary saying to plan anew. A new plan,
-    run on the same ledger, deletes those four."""
+    """A plan of six jobs that lives seconds, run in batches of two: the first DELETE's
+    answer is held until the plan has certainly expired. Nothing more is sent on it: the
+    four left end ``skipped`` (``plan_expired``), exit 1, the summary saying to plan anew. A
+    new plan, run on the same ledger, deletes those four."""
+    await on_a_plan_that_expires(tmp_path, _expires_mid_run)
+
+
+async def _expires_mid_run(ttl: str, tmp_path: Path) -> None:
     gateway = Gateway.with_jobs(6, script=lambda call, _ids: "hold" if call == 1 else "ok")
     ledger, out = tmp_path / "ledger.db", tmp_path / "results.jsonl"
     run = ["--yes", "--batch-size", "2", "--concurrency", "1", "--rate", "1000", "--burst",
            "50", "--ledger", str(ledger), "--results", str(out)]  # fmt: skip
     async with serve_gateway(gateway) as url:
-        code, stdout, stderr = await held_past_expiry(gateway, url, tmp_path / "plan.json", run)
+        code, stdout, stderr = await held_past_expiry(
+            gateway, url, tmp_path / "plan.json", run, ttl=ttl
+        )
         assert code == 1, stderr
         assert gateway.delete_calls == 1 and len(gateway.asked) == 2
         rows = {row["job_id"]: row for row in results(out)}
@@ -561,12 +599,19 @@ async def test_a_plan_that_expires_while_a_delete_goes_unanswered_reads_its_jobs
     (``plan_expired``) saying a DELETE went out unanswered, its attempt kept. The two never
     sent end skipped, 'before its DELETE went out'."""
     first = "hold_error_after" if applied else "hold_unavailable"
-    gateway = Gateway.with_jobs(4, script=lambda call, _ids: first if call == 1 else "ok")
-    out = tmp_path / "results.jsonl"
-    run = ["--yes", "--batch-size", "2", "--concurrency", "1", "--rate", "1000", "--burst",
-           "50", "--ledger", str(tmp_path / "ledger.db"), "--results", str(out)]  # fmt: skip
-    async with serve_gateway(gateway) as url:
-        code, _stdout, stderr = await held_past_expiry(gateway, url, tmp_path / "plan.json", run)
+
+    async def attempt(ttl: str, tmp: Path) -> tuple[Gateway, Path, int | None, str]:
+        gateway = Gateway.with_jobs(4, script=lambda call, _ids: first if call == 1 else "ok")
+        out = tmp / "results.jsonl"
+        run = ["--yes", "--batch-size", "2", "--concurrency", "1", "--rate", "1000", "--burst",
+               "50", "--ledger", str(tmp / "ledger.db"), "--results", str(out)]  # fmt: skip
+        async with serve_gateway(gateway) as url:
+            code, _stdout, stderr = await held_past_expiry(
+                gateway, url, tmp / "plan.json", run, ttl=ttl
+            )
+        return gateway, out, code, stderr
+
+    gateway, out, code, stderr = await on_a_plan_that_expires(tmp_path, attempt)
     assert code == 1, stderr
     assert gateway.delete_calls == 1 and len(gateway.asked) == 2
     assert len(gateway.deleted) == (2 if applied else 0)
@@ -606,24 +651,30 @@ async def test_a_run_killed_with_a_delete_unanswered_and_resumed_after_its_plan_
     nothing (on the code before this, it asked to 'delete up to 4 jobs': none would be)."""
     applied = how.startswith("applied")
     first = "hold" if applied else "hold_unavailable"
-    gateway = Gateway.with_jobs(4, script=lambda call, _ids: first if call == 1 else "ok")
-    async with serve_gateway(gateway) as url:
-        resumed, out, expires = await killed_mid_delete(gateway, url, tmp_path, ttl="8s")
-        await past(expires)
-        if how.endswith("terminal"):
-            term = Terminal([r for r in resumed if r != "--yes"], reaper_env(url), columns=300)
-            term.type(b"no\n")  # a prompt shown reads it (64)
-            assert await anyio.to_thread.run_sync(term.wait) == 1, term.screen_text()
-            lines = [line for line in term.lines() if line]
-            assert not any("About to delete" in line for line in lines), lines
-            asked = (
-                f"nothing to ask: the plan expired at {iso(expires)}, so no DELETE goes out on it"
-            )
-            assert asked in lines, lines
-        else:
-            done = await reaper(resumed, reaper_env(url))
-            assert done.code == 1, done.stderr
-        assert gateway.delete_calls == 1, "a DELETE went out on an expired plan"
+
+    async def attempt(ttl: str, tmp: Path) -> tuple[Gateway, Path]:
+        gateway = Gateway.with_jobs(4, script=lambda call, _ids: first if call == 1 else "ok")
+        async with serve_gateway(gateway) as url:
+            resumed, out, expires = await killed_mid_delete(gateway, url, tmp, ttl=ttl)
+            await past(expires)
+            if how.endswith("terminal"):
+                term = Terminal([r for r in resumed if r != "--yes"], reaper_env(url), columns=300)
+                term.type(b"no\n")  # a prompt shown reads it (64)
+                assert await anyio.to_thread.run_sync(term.wait) == 1, term.screen_text()
+                lines = [line for line in term.lines() if line]
+                assert not any("About to delete" in line for line in lines), lines
+                asked = (
+                    f"nothing to ask: the plan expired at {iso(expires)}, "
+                    "so no DELETE goes out on it"
+                )
+                assert asked in lines, lines
+            else:
+                done = await reaper(resumed, reaper_env(url))
+                assert done.code == 1, done.stderr
+            assert gateway.delete_calls == 1, "a DELETE went out on an expired plan"
+        return gateway, out
+
+    gateway, out = await on_a_plan_that_expires(tmp_path, attempt)
     sent = set(gateway.asked)
     assert len(sent) == 2 and len(gateway.deleted) == (2 if applied else 0)
     rows = {row["job_id"]: row for row in results(out)}
@@ -634,7 +685,7 @@ async def test_a_run_killed_with_a_delete_unanswered_and_resumed_after_its_plan_
     }
     unsent = {(r["outcome"], r["reason"]) for i, r in rows.items() if i not in sent}
     assert unsent == {("skipped", "plan_expired")}
-    ledger = str(tmp_path / "ledger.db")  # killed_mid_delete's
+    ledger = str(out.parent / "ledger.db")  # killed_mid_delete's
     report = await reaper(["report", "--ledger", ledger, "--format", "jsonl"], {})
     assert report.code == 0, report.stderr
     assert len(report.stdout.splitlines()) == 4  # every id with its outcome: none left open
