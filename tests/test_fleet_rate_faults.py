@@ -413,6 +413,32 @@ async def test_a_leader_that_took_over_start_up_reads_no_burst_and_uses_the_quot
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("quota", "latency", "kill_at"), [(5.0, 0.3, 0.5), (5.0, 0.05, 0.5), (20.0, 0.3, 1.75)]
+)
+async def test_a_successors_measure_from_a_cruise_still_climbing_is_not_the_quota(
+    redis_client: aioredis.Redis, redis_prefix: str, quota: float, latency: float, kill_at: float
+) -> None:
+    """Three replicas at a gateway burst of 1; the leader is killed in start-up. The
+    successor's start-up ends two to three times past the quota, and its first measure
+    says half the rate refused: it cuts under the quota, and its cruise climbs from there to
+    just under the rate refused. The next refusal comes past the quota, measured back to the
+    refusal before the cut: the span holds the climb from under the quota, where a burst of
+    1 loses the tokens it gets while full, and says 0.78-0.92 of it (3.92 of 5 at 300 ms,
+    4.24 at 50 ms, 16.3 of 20). Taken as the quota, the probes stopped there: 0.81, 0.86
+    and 0.89 of the quota from 15 s on. Such a measure is the least the quota can be, and
+    the probe returns to just under the rate refused."""
+    time = RedisTime()
+    clock, key = time.clock, redis_prefix + "rl"
+    replicas = _killable_replicas(redis_client, key, time)
+    fleet = await run_killing_the_leader(replicas, clock, Gateway(quota, 1, 0.0),
+                                         kill_at=kill_at, until=75.0, latency=latency)  # fmt: skip
+    successor = next(r.limiter for r in replicas if r.dead_at == math.inf and r.limiter.leading)
+    used, throttled = fleet.used(quota, 15.0, 75.0), fleet.throttled(15.0, 75.0)
+    assert used >= 0.90 and throttled <= 0.02, (used, throttled, successor)
+
+
+@pytest.mark.anyio
 @pytest.mark.slow
 @pytest.mark.skipif(REDIS_SERVER is None, reason="needs redis-server")
 async def test_a_full_redis_is_said_once_while_the_calls_wait_and_its_end_too(

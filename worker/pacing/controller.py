@@ -118,6 +118,11 @@ OVER = 0.35
 a pace well over the quota (a burst of 1 refuses every other call past it), not jitter."""
 
 
+CLIMB = 1.25
+"""A cut whose target is more than this over its level did not know the quota: the cruise
+climbs from under it to a rate refused (``_climbed``)."""
+
+
 LOW_RATE = 6.0
 """Under this target (a probe unit of 30 calls is 5 s or more) the probe is early calls."""
 
@@ -321,7 +326,8 @@ class RateController:
     """
 
     __slots__ = ("_answers", "_clump", "_config", "_delay", "_evidence", "_late", "_latency",
-                 "_state", "cuts", "escalated", "measured", "tolerated")  # fmt: skip
+                 "_start_seen", "_state", "cuts", "escalated", "measured",
+                 "tolerated")  # fmt: skip
 
     def __init__(self, now: float, config: AdaptiveConfig | None = None) -> None:
         self._config = c = config or AdaptiveConfig()
@@ -336,6 +342,7 @@ class RateController:
         self._delay = 0.0  # the answers' mean latency, smoothed: how late a refusal comes
         self._late: float | None = None  # a refusal measured once its answers are in
         self._clump = -math.inf  # the refusal that last cut, if it opened a clump (``_opened``)
+        self._start_seen = True  # start-up's first calls were this controller's (``restore``)
         self.cuts = 0
         self.measured = 0  # refusals that measured the quota
         self.escalated = 0  # probes that found the quota had risen past their target
@@ -353,8 +360,10 @@ class RateController:
         """Adopt a state learnt elsewhere (a test's, or another replica's): its rate holds
         from its ``since`` on. ``start_seen=False``: start-up's first calls went out under
         another controller (a fleet's leader that took over), so no burst is read from the
-        calls seen here (``GatewayEvidence.forgo_burst``)."""
+        calls seen here (``GatewayEvidence.forgo_burst``), and a measure from a cruise still
+        climbing is not the quota (``_climbed``)."""
         self._state = state
+        self._start_seen = start_seen
         self._evidence.restart(state.since, state.rate)
         if not start_seen:
             self._evidence.forgo_burst()
@@ -714,7 +723,12 @@ class RateController:
             self.measured += 1
             quota, start, _ = measured
             target = quota
-            if quota <= half * paced or quota < rough or evidence.paced_under(quota, start, sent):
+            if (
+                quota <= half * paced
+                or quota < rough
+                or evidence.paced_under(quota, start, sent)
+                or self._climbed(start, sent, refused_rate)
+            ):
                 # The gateway's bucket may have filled up in between, and the tokens it
                 # got while full were lost: the measure says less than the quota. Calls
                 # were paced slower than it for a while, or half were refused: the rate
@@ -755,6 +769,29 @@ class RateController:
                 target = min(target, quota)
             return (1.0 - c.margin) * quota, target
         return (1.0 - c.margin) * refused_rate, self._just_under(refused_rate)
+
+    def _climbed(self, start: float, sent: float, refused_rate: float) -> bool:
+        """Whether a measure from ``start`` to ``sent``, taken by a controller that did not
+        see start-up (a fleet's leader that took over: ``restore``), spans a cruise still
+        climbing from a cut that did not know the quota (its target more than ``CLIMB`` over
+        its level: a measure of half the rate refused) through it: the pace in the span
+        went more than two margins under the rate refused. A token bucket paced under its
+        quota fills up and loses the tokens it gets while full, so the measure says less
+        than the quota, however far over the measure the pace went: the probe returns to
+        just under the rate refused, as where the measure is suspect. A successor's start-up
+        grows from the stored rate at once to twice what is sent, past the quota by two to
+        three times (10-16 calls/s at 5, where the first leader's ends at 8-14), and its
+        first measure says half: the cut goes 11-18 % under the quota, and the climb's
+        measure said 0.78-0.85 of it (3.92 of 5 at a burst of 1, 300 ms); its probes stopped
+        there, early calls at a burst of 1 being refused whatever the quota under twice the
+        pace (0.81-0.89 of the quota from 15 s on). A controller that saw start-up is left
+        as it was: its cut after start-up goes within a few percent of the quota, and the
+        refusals the probe's climb back from the rate refused would cost, a cut each, are
+        over the budget at 4-6 calls/s (2.1-2.3 % at a burst of 2, where 0.7 %)."""
+        s, c = self._state, self._config
+        if self._start_seen or s.phase is not Phase.CRUISE or s.target <= CLIMB * s.level:
+            return False
+        return self._evidence.paced_under((1.0 - 2.0 * c.margin) * refused_rate, start, sent)
 
     def _just_under(self, refused_rate: float) -> float:
         """The target the probe returns to when all a refusal says is the rate refused: a
