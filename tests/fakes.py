@@ -8,6 +8,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -296,6 +297,26 @@ class Stacked:
     def try_acquire(self, now: float) -> float:
         wait = self.front.try_acquire(now)
         return wait if wait > 0 else self.back.try_acquire(now)
+
+
+class Queueing:
+    """A service that queues: each call it serves takes ``base / (1 - load / capacity)``
+    (drawn exponential around that), its load the calls it served in the last second, and
+    answers 503 at once (shedding the call) when that load reaches its capacity."""
+
+    def __init__(self, capacity: float, base: float, draws: random.Random) -> None:
+        self.capacity, self.base, self.draws = capacity, base, draws
+        self.arrivals: deque[float] = deque()
+
+    def __call__(self, now: float) -> tuple[bool, float]:
+        arrivals = self.arrivals
+        while arrivals and arrivals[0] <= now - 1.0:
+            arrivals.popleft()
+        load = len(arrivals)
+        if load >= self.capacity:
+            return True, 0.002
+        arrivals.append(now)
+        return False, self.draws.expovariate(1.0 - load / self.capacity) * self.base
 
 
 def simulate(

@@ -24,7 +24,6 @@ import email.utils
 import math
 import random
 import statistics
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +34,7 @@ from tests.benchmarks.harness import record
 from tests.fakes import (
     FixedWindow,
     Gateway,
+    Queueing,
     Run,
     SlidingWindow,
     Stacked,
@@ -52,26 +52,6 @@ LATENCIES = (0.005, 0.05)
 CONCURRENCY = 8
 DURATION = 40.0
 GOAL_USED, GOAL_REFUSED = 0.90, 0.02
-
-
-class Queueing:
-    """A service that queues: each call it serves takes ``base / (1 - load / capacity)``
-    (drawn exponential around that), its load the calls it served in the last second, and
-    answers 503 at once (shedding the call) when that load reaches its capacity."""
-
-    def __init__(self, capacity: float, base: float, draws: random.Random) -> None:
-        self.capacity, self.base, self.draws = capacity, base, draws
-        self.arrivals: deque[float] = deque()
-
-    def __call__(self, now: float) -> tuple[bool, float]:
-        arrivals = self.arrivals
-        while arrivals and arrivals[0] <= now - 1.0:
-            arrivals.popleft()
-        load = len(arrivals)
-        if load >= self.capacity:
-            return True, 0.002
-        arrivals.append(now)
-        return False, self.draws.expovariate(1.0 - load / self.capacity) * self.base
 
 
 def faulty(
