@@ -34,6 +34,10 @@ ceiling, the burst start-up saw) is kept and read by ``GatewayEvidence``
   refuses every call from its count's end to the second's, and its 429s come back before
   the answers of the calls sent before them; the calls it accepted in a row before the
   clump, since a refusal less than a second earlier, are its count (``_measure_late``);
+- a ``Retry-After`` pointing seconds ahead, confirmed by a check call into its pause or by
+  refusals lasting a ``window`` with nothing accepted, is a long window's end: the calls
+  accepted since the window began over the time to it are its rate; the calls pause to it
+  and then go at 0.95 of that (``worker.pacing.window``);
 - 503s count only when they are ``overload_share`` of the last ``overload_answers``
   answers (isolated ones are faults to retry), and latency only when it rises with the
   rate (``LatencyWatch``): then the rate is cut, and the probes stay under the rate
@@ -50,6 +54,7 @@ from typing import Protocol
 
 from worker.pacing.evidence import SECOND, TWICE, GatewayEvidence
 from worker.pacing.latency import LatencyWatch
+from worker.pacing.window import LongWindow, Verdict
 
 DELAY_WEIGHT = 0.02
 """Each answer's share of the smoothed latency the probe's growth is timed by."""
@@ -326,7 +331,7 @@ class RateController:
     """
 
     __slots__ = ("_answers", "_clump", "_config", "_delay", "_evidence", "_late", "_latency",
-                 "_start_seen", "_state", "cuts", "escalated", "measured",
+                 "_start_seen", "_state", "_window", "cuts", "escalated", "measured",
                  "tolerated")  # fmt: skip
 
     def __init__(self, now: float, config: AdaptiveConfig | None = None) -> None:
@@ -343,6 +348,7 @@ class RateController:
         self._late: float | None = None  # a refusal measured once its answers are in
         self._clump = -math.inf  # the refusal that last cut, if it opened a clump (``_opened``)
         self._start_seen = True  # start-up's first calls were this controller's (``restore``)
+        self._window = LongWindow()  # a count over a long window, read from its Retry-After
         self.cuts = 0
         self.measured = 0  # refusals that measured the quota
         self.escalated = 0  # probes that found the quota had risen past their target
@@ -372,6 +378,11 @@ class RateController:
     def rate(self) -> float:
         return self._state.rate
 
+    @property
+    def windows(self) -> int:
+        """Long windows' counts read from their ``Retry-After`` (``LongWindow``)."""
+        return self._window.windows
+
     def pause_until(self) -> float:
         """No call starts before this: the ``Retry-After`` (at most ``max_pause``) of a
         refusal that is news, the first with no other remembered (``forget``): the end of
@@ -395,12 +406,17 @@ class RateController:
     def on_sent(self, now: float) -> None:
         """A call starts: the measure of how fast we really send."""
         self._evidence.sent(now)
+        pause = self._window.sent(now)
+        if pause is not None:
+            # The check call of a long Retry-After (``LongWindow``): the others wait on.
+            self._state = replace(self._state, pause_until=max(self._state.pause_until, pause))
 
     def on_success(self, now: float, latency: float | None = None) -> float:
         """A call was answered (any answer but a throttle or a 503)."""
         rate = self.rate_at(now)
         sent = self._sent_at(now, latency)
         since_empty = self._evidence.accepted(sent, now)
+        self._window.accepted(sent, now)
         self._answers.append(False)
         if since_empty:
             rate = self._escalate(now, rate)
@@ -425,7 +441,8 @@ class RateController:
         against the calls of its window (``_read``): send jitter cuts nothing, a little
         over the budget steps a little under the rate refused, an early call refused
         goes back to the pace before it, and anything else cuts to just under what the
-        refusal measures (``_level_after_refusal``)."""
+        refusal measures (``_level_after_refusal``). First, a ``Retry-After`` pointing
+        seconds ahead may be a long window's end (``LongWindow``, ``_windowed``)."""
         rate = self.rate_at(now)
         sent = self._sent_at(now, latency)
         # What the calls accepted since the gateway's bucket was last seen empty say, read
@@ -435,6 +452,14 @@ class RateController:
         rough, counted = evidence.floor(FLOOR_CALLS), evidence.floor_counted(FLOOR_CALLS)
         evidence.refused(sent, now)
         s = self._state
+        news = math.isinf(self._refused_lately(sent))
+        c = self._config
+        verdict = self._window.refused(
+            sent, now, retry_after, news=news, max_pause=c.max_pause,
+            lasting=lambda: evidence.refusing_since(sent) <= sent - c.window,
+        )  # fmt: skip
+        if verdict is not None and verdict.kind != Verdict.CHECK:
+            return self._windowed(now, rate, verdict)
         # Old news too: a call sent within one interval of the cut had its slot before it,
         # and one of the clump the cut's refusal opened (``_of_the_clump``). Either cost the
         # cut one more refusal: the probe takes longer to come back.
@@ -462,14 +487,38 @@ class RateController:
             pace = min(s.rate / EARLY, max(s.target, most))
             self._clump = self._opened(sent)
             return self._cut(now, (1.0 - self._config.margin / 3.0) * pace, pace)
-        news = math.isinf(self._refused_lately(sent))
         moved = self._level_after_refusal(sent, rate, floor, self._held(now, sent), rough, counted)
         self._late = sent
         self._clump = self._opened(sent)
         level = self._cut(now, *moved)
         if retry_after is not None and news:
             pause = now + min(max(retry_after, 0.0), self._config.max_pause)
-            self._state = replace(self._state, pause_until=pause, since=max(now, pause))
+            # A long Retry-After lets one call go into the pause first (``LongWindow``).
+            until = pause if verdict is None else min(pause, verdict.until)
+            self._state = replace(self._state, pause_until=until, since=max(now, pause))
+        return level
+
+    def _windowed(self, now: float, rate: float, verdict: Verdict) -> float:
+        """A refusal a long window's count explains (``LongWindow``): pause to its end,
+        where the count is spent, and on a window read, pace at ``WINDOW_PACE`` of its rate
+        from there (the probe capped there until ``forget`` after its end)."""
+        if verdict.kind == Verdict.IGNORE:
+            return rate
+        c = self._config
+        until = min(verdict.until, now + c.max_pause)
+        s = self._state
+        if verdict.kind == Verdict.HOLD:
+            if until > s.pause_until:
+                self._state = replace(s, pause_until=until, since=max(s.since, until))
+            return rate
+        window = self._window.window
+        assert window is not None
+        self._late = None
+        self._clump = -math.inf
+        pace = self._window.cap(window.end, c.forget)
+        level = self._cut(now, pace, pace)
+        self._state = replace(self._state, quota=window.rate, pause_until=until,
+                              since=max(now, until))  # fmt: skip
         return level
 
     def on_overload(self, now: float, latency: float | None = None) -> float:
@@ -511,7 +560,8 @@ class RateController:
         grown = min(grown, max(2.0 * (self._evidence.sent_rate(now, 1.0) + 1.0), s.level))
         if s.overload:
             grown = self._under_overload(s, now, grown)
-        rate = min(max(grown, s.rate), c.max_rate)
+        # At most a long window's pace (``LongWindow.cap``), even under the level.
+        rate = min(max(grown, s.rate), c.max_rate, self._window.cap(now, c.forget))
         if s is self._state and rate == s.rate and phase is s.phase:
             return rate  # nothing moved: no new state (this runs before every call)
         return self._set(replace(s, rate=rate, phase=phase), now)

@@ -1,0 +1,72 @@
+"""``--rate auto`` against a count over a long window (10 s or a minute, fixed or sliding),
+on virtual time (``simulate`` with a foreign ``gateway``; docs/rate-auto.md, "How it
+moves").
+
+A long window's count is spent by start-up within seconds; its refusals say so with a
+``Retry-After`` pointing to the window's end. Read as a token bucket's, each refusal
+measured the quota from the calls between refusals (41-80 % of the calls refused from 10 s
+on); read as a count (``worker.pacing.window``), the run pauses to the window's end and
+paces at 0.95 of the count's rate after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from tests.fakes import FixedWindow, Gateway, Run, SlidingWindow, simulate
+from worker.pacing.controller import RateController
+
+SPANS: dict[str, Callable[[float, float], Gateway]] = {
+    "fixed 10 s": lambda quota, now: FixedWindow(quota, now, span=10.0),
+    "sliding 10 s": lambda quota, now: SlidingWindow(quota, now, span=10.0),
+}
+
+
+def _used_and_refused(run: Run, quota: float, start: float, end: float) -> tuple[float, float]:
+    return run.accepted_per_s(start, end) / quota, run.refused_share(start, end)
+
+
+@pytest.mark.parametrize("latency", [0.005, 0.05], ids=["5ms", "50ms"])
+@pytest.mark.parametrize("quota", [5.0, 50.0], ids=["q5", "q50"])
+@pytest.mark.parametrize("kind", sorted(SPANS))
+def test_a_count_over_ten_seconds_is_read_from_its_retry_after(
+    kind: str, quota: float, latency: float
+) -> None:
+    """A count of 10 q calls per 10 s, fixed or sliding, 8 in flight: from 10 s on at least
+    0.90 of the quota and at most 2 % refused (read as a token bucket's, 54-72 % refused
+    at q5 and 10-66 % at q50)."""
+    run = simulate(lambda t: quota, duration=40.0, latency=latency, gateway=SPANS[kind])
+    used, refused = _used_and_refused(run, quota, 10.0, 40.0)
+    assert refused <= 0.02
+    assert used >= 0.90
+
+
+@pytest.mark.parametrize("quota", [5.0, 50.0], ids=["q5", "q50"])
+def test_a_count_over_a_minute_is_kept_to_from_its_second_minute(quota: float) -> None:
+    """A count of 60 q calls a minute: start-up spends the first minute's within seconds,
+    so nothing but a pause to its end is left of it; from the second minute on, at least
+    0.90 of the quota and at most 2 % refused, and from 10 s to its end one call at most
+    (the pause ends after ``max_pause``, 30 s, and that call is refused into another; read
+    as a token bucket's: 45-80 % refused from 10 s on)."""
+    run = simulate(lambda t: quota, duration=130.0, latency=0.005,
+                   gateway=lambda q, now: FixedWindow(q, now, span=60.0))  # fmt: skip
+    used, refused = _used_and_refused(run, quota, 60.0, 130.0)
+    assert refused <= 0.02
+    assert used >= 0.90
+    assert len([t for t in run.ok + run.refused if 10.0 <= t < 59.0]) <= 1
+
+
+@pytest.mark.parametrize("quota", [5.0, 50.0], ids=["q5", "q50"])
+def test_a_token_bucket_asking_for_five_seconds_is_no_window(quota: float) -> None:
+    """A token bucket whose every 429 says ``Retry-After: 5``: the check call into the
+    first pause is accepted, so nothing is read as a window, and the quota is used as
+    before (at least 0.95 of it from 10 s on, at most 2 % refused)."""
+    ctrl = RateController(0.0)
+    run = simulate(lambda t: quota, duration=40.0, burst=2, latency=0.005, controller=ctrl,
+                   retry_after=lambda wait, now: 5.0)  # fmt: skip
+    used, refused = _used_and_refused(run, quota, 10.0, 40.0)
+    assert ctrl.windows == 0
+    assert refused <= 0.02
+    assert used >= 0.95

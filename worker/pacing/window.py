@@ -1,0 +1,237 @@
+"""A count over a long window (10 s, a minute, fixed or sliding), for ``--rate auto``.
+
+A token bucket refuses a call for a fraction of a second: its ``Retry-After`` is a second or
+less (rounded up), and it accepts calls again at its quota whatever was sent before. A
+gateway counting calls over a long window refuses every call from its count's end to the
+window's end (fixed), or to when its oldest accepted call leaves it (sliding), and says so:
+its ``Retry-After`` points seconds ahead, to the same instant for every call it refuses
+meanwhile. Start-up spends such a count within seconds, and read as a token bucket's, each
+refusal measured the quota from the calls between refusals, which says nothing of a count
+over 10 s (41-80 % of the calls refused from 10 s on).
+
+``LongWindow`` reads the count: the calls accepted since the window began (the first call,
+or the end of the count refused before) over the time from then to the ``Retry-After``
+are the window's rate. The controller pauses to the ``Retry-After`` and then paces at
+``WINDOW_PACE`` of that rate (``RateController.on_throttle``). A long ``Retry-After`` is
+read as a window's end only once it is confirmed:
+
+- a refusal that is news (it would pause every call) with a ``Retry-After`` of
+  ``LONG_WAIT`` or more lets one call go ``CHECK_AFTER`` into the pause, the others held;
+  a window's count refuses it too, its ``Retry-After`` pointing within a second (whole
+  seconds, rounded up) of the first's, where a gateway that only asks for a wait accepts
+  it or points further on (a token bucket saying ``Retry-After: 5`` at 5 calls/s);
+- or refusals have lasted a ``window`` with nothing accepted, each pointing ``LONG_WAIT``
+  ahead: no token bucket of a quota of a call every two seconds or more refuses that long.
+
+Once a window is known, a refusal of a call sent before its end pauses again to its end
+(the count is spent), one sent after it measures the window again (its count over the time
+from the last end to the new ``Retry-After``), and refusals with a short ``Retry-After``
+within the first span after it (a sliding window's oldest calls leaving one by one, where
+start-up sent them in a burst) cut nothing.
+
+Pure: the times are the caller's; no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+LONG_WAIT = 2.0
+"""A ``Retry-After`` at least this long may be a window's end: a token bucket's is its
+next token, a second or less for a quota of a call a second or more."""
+
+CHECK_AFTER = 1.5
+"""The check call goes this long into the pause, or halfway to its end where sooner: a
+gateway that only asks for a wait has a token by then, and says a later end if not. Not a
+whole number of seconds: a whole-second ``Retry-After`` rounded up from the check then
+bounds the window's end from another fraction of a second than the first refusal's."""
+
+SAME_END = 1.0
+"""Two ``Retry-After`` of whole seconds, rounded up, pointing within this of each other
+point to the same instant."""
+
+WINDOW_PACE = 0.95
+"""After a window's end, calls go at this share of its rate: evenly, under its count."""
+
+CHECK_CALLS = 3
+"""The fewest calls accepted since the first that a check call is let go for: fewer make no
+count to read (a refusal of the first calls pauses them all, as ever)."""
+
+SAME_CALL = 1e-6
+"""A call's start as ``sent`` saw it and as its answer's latency dates it (rounding)."""
+
+MIRROR_S = 0.5
+"""A sliding window's slots free at the pace its calls of a span before went, over this."""
+
+KEEP_S = 150.0
+"""Accepted calls are kept this long: the span of a minute's window, twice, and more."""
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A window's count as read: it ends at ``end``, at ``rate`` calls/s over ``span``."""
+
+    end: float
+    rate: float
+    span: float
+    last: float = math.inf  # the last call the count accepted before the window's end
+    shift: float = math.inf  # from the window's first call to ``end``: a span, at the least
+    mirror: bool = False  # slots free as the calls a span before left it (a sliding window)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a refusal with a long ``Retry-After`` calls for (``LongWindow.refused``)."""
+
+    CHECK: ClassVar[str] = "check"  # news: pause to ``until``, the check call's time
+    HOLD: ClassVar[str] = "hold"  # pause to ``until`` (a count spent); cut nothing
+    READ: ClassVar[str] = "read"  # a window read (``LongWindow.window``), ending at ``until``
+    IGNORE: ClassVar[str] = "ignore"  # a short wait within a known window: cut nothing
+
+    kind: str
+    until: float = -math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """A long ``Retry-After`` not yet read: the pause to ``end`` lets one call go at
+    ``at`` (``sent``: when it went), the window counted from ``anchor``."""
+
+    anchor: float
+    end: float
+    at: float
+    hold: float  # the pause's end, at most ``max_pause`` after the refusal
+    sent: float = math.inf
+
+
+class LongWindow:
+    """What the refusals with a long ``Retry-After`` say of a window's count."""
+
+    __slots__ = ("_accepted", "_check", "_first", "_last_end", "_prior_end", "window", "windows")
+
+    def __init__(self) -> None:
+        self._accepted: deque[float] = deque()  # when the accepted calls were sent, in order
+        self._first = math.inf  # the first call sent
+        self._check: Check | None = None
+        self._last_end = -math.inf  # the latest end a long Retry-After pointed to
+        self._prior_end = -math.inf  # the one before it (another run of refusals)
+        self.window: Window | None = None
+        self.windows = 0  # windows read (confirmed)
+
+    def sent(self, now: float) -> float | None:
+        """A call starts. Where it is the check call: the pause's end (every other call
+        waits for it); else ``None``."""
+        self._first = min(self._first, now)
+        check = self._check
+        if check is None or now < check.at or check.sent < math.inf:
+            return None
+        self._check = replace(check, sent=now)
+        return check.hold
+
+    def accepted(self, sent: float, now: float) -> None:
+        """The call sent at ``sent`` was accepted; the check's, if it was: no window."""
+        accepted = self._accepted
+        if accepted and sent < accepted[-1]:
+            bisect.insort(accepted, sent)
+        else:
+            accepted.append(sent)
+        while accepted[0] < now - KEEP_S:
+            accepted.popleft()
+        check = self._check
+        if check is not None and sent >= check.sent - SAME_CALL:
+            self._check = None  # a wait, not a window's end: the pause stays as it was
+
+    def refused(
+        self,
+        sent: float,
+        now: float,
+        retry_after: float | None,
+        *,
+        news: bool,
+        lasting: Callable[[], bool],
+        max_pause: float,
+    ) -> Verdict | None:
+        """A refusal of the call sent at ``sent``, answered at ``now`` with ``retry_after``
+        (``news``: no other remembered, so it would pause every call; ``lasting()``: every
+        call has been refused for a ``window`` or more up to it, asked only where needed;
+        ``max_pause``: the longest pause). ``None``: nothing here (a token bucket's, as ever)."""
+        window = self.window
+        if retry_after is None or retry_after < LONG_WAIT:
+            if window is not None and sent < window.end + window.span:
+                # A sliding window's oldest calls leave one by one (start-up sent them in a
+                # burst): a slot frees soon. The count is known; nothing to cut, but the
+                # calls go no faster than those of a span before left it (``cap``).
+                self.window = replace(window, mirror=True)
+                return Verdict(Verdict.IGNORE)
+            return None
+        end = now + retry_after
+        if end >= self._last_end + SAME_END:
+            self._prior_end, self._last_end = self._last_end, end
+        check = self._check
+        if check is not None and sent >= check.sent - SAME_CALL:
+            self._check = None
+            if abs(end - check.end) < SAME_END:
+                # Each end is rounded up to a whole second from its refusal: the window
+                # ends within a second before the earlier of the two, and after the later
+                # less a second. Its rate is read to the middle, and calls go from the
+                # earliest it can be (a call sent before it is refused with a short wait).
+                early, late = max(end, check.end) - SAME_END, min(end, check.end)
+                read = self._read(check.anchor, (early + late) / 2.0, early)
+                if read is not None:
+                    return read
+            return Verdict(Verdict.HOLD, check.hold)  # a wait that moved on: no window
+        if window is not None:
+            if sent < window.end:
+                return Verdict(Verdict.HOLD, window.end)  # the count is spent until its end
+            return self._read(window.end, end)
+        if lasting():
+            # From the end of the count refused before (the window began again there), or
+            # from the first call.
+            return self._read(max(self._first, self._prior_end), end)
+        if news and check is None and self._count(self._first, now) >= CHECK_CALLS:
+            at = now + min(retry_after / 2.0, CHECK_AFTER)
+            self._check = Check(self._first, end, at, now + min(retry_after, max_pause))
+            return Verdict(Verdict.CHECK, at)
+        return None
+
+    def _read(self, anchor: float, end: float, resume: float | None = None) -> Verdict | None:
+        """The window from ``anchor`` to ``end``: the calls accepted in it, per second;
+        calls go again from ``resume`` (``end``: by default). ``None``: too few accepted
+        (``CHECK_CALLS``) to read a count from."""
+        accepted = self._accepted
+        span = end - anchor
+        count = self._count(anchor, end)
+        if count < CHECK_CALLS or span <= 0:
+            return None
+        last = accepted[bisect.bisect_left(accepted, end) - 1]
+        resume = end if resume is None else resume
+        self.window = Window(resume, count / span, span, last, resume - anchor)
+        self.windows += 1
+        return Verdict(Verdict.READ, resume)
+
+    def _count(self, start: float, end: float) -> int:
+        """Accepted calls sent from ``start`` up to (not at) ``end``."""
+        accepted = self._accepted
+        return bisect.bisect_left(accepted, end) - bisect.bisect_left(accepted, start)
+
+    def cap(self, now: float, forget: float) -> float:
+        """The most the rate may be at ``now``: ``WINDOW_PACE`` of the window's rate, from
+        its end until ``forget`` after it (``inf``: no window, or forgotten)."""
+        window = self.window
+        if window is None or now > window.end + forget:
+            return math.inf
+        pace = WINDOW_PACE * window.rate
+        if window.mirror and now < window.last + window.shift:
+            # No faster than the calls of a span before went (and were accepted): a
+            # sliding window frees their slots as they leave it.
+            accepted = self._accepted
+            start = now - window.shift - MIRROR_S / 2.0
+            left = bisect.bisect_left(accepted, start + MIRROR_S)
+            left -= bisect.bisect_left(accepted, start)
+            pace = min(pace, max(left / MIRROR_S, 1.0 / MIRROR_S))
+        return pace
