@@ -40,12 +40,14 @@ ceiling, the burst start-up saw) is kept and read by ``GatewayEvidence``
   and then go at 0.95 of that (``worker.pacing.window``);
 - 503s count only when they are ``overload_share`` of the last ``overload_answers``
   answers (isolated ones are faults to retry), and latency only when it rises with the
-  rate (``LatencyWatch``): then the rate is cut, and the probes stay under the rate
+  rate (``LatencyWatch``): then the rate is cut (to what the service served, where that
+  held flat while more was sent: ``_served_flat``), and the probes stay under the rate
   overloaded while it is remembered.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import dataclass, replace
@@ -331,8 +333,8 @@ class RateController:
     """
 
     __slots__ = ("_answers", "_clump", "_config", "_delay", "_evidence", "_late", "_latency",
-                 "_start_seen", "_state", "_window", "cuts", "escalated", "measured",
-                 "tolerated")  # fmt: skip
+                 "_served", "_shed", "_start_seen", "_state", "_window", "cuts", "escalated",
+                 "measured", "tolerated")  # fmt: skip
 
     def __init__(self, now: float, config: AdaptiveConfig | None = None) -> None:
         self._config = c = config or AdaptiveConfig()
@@ -349,6 +351,8 @@ class RateController:
         self._clump = -math.inf  # the refusal that last cut, if it opened a clump (``_opened``)
         self._start_seen = True  # start-up's first calls were this controller's (``restore``)
         self._window = LongWindow()  # a count over a long window, read from its Retry-After
+        self._served: deque[float] = deque()  # when calls were answered (not 503, not 429)
+        self._shed = (-math.inf, 0.0)  # when a 503 cut to what the service served, and to what
         self.cuts = 0
         self.measured = 0  # refusals that measured the quota
         self.escalated = 0  # probes that found the quota had risen past their target
@@ -417,6 +421,7 @@ class RateController:
         sent = self._sent_at(now, latency)
         since_empty = self._evidence.accepted(sent, now)
         self._window.accepted(sent, now)
+        self._served.append(now)
         self._answers.append(False)
         if since_empty:
             rate = self._escalate(now, rate)
@@ -524,20 +529,80 @@ class RateController:
     def on_overload(self, now: float, latency: float | None = None) -> float:
         """A 503. Random ones, at a steady rate, are faults to retry, not a reason to slow
         down: only when 503s are ``overload_share`` of the last ``overload_answers``
-        answers is the service overloaded, and the rate steps ``margin`` under the rate
-        its call was sent at (no quota can be learnt from when it comes)."""
+        answers is the service overloaded. Where the calls it served held flat over the
+        last two ``window``s (``_served_flat``: a service past its capacity, shedding what
+        it cannot take), the rate goes half a ``margin`` under what it served, and a 503
+        past that caps the probes at its rate (``_shed_past``); else it steps ``margin``
+        under the rate its call was sent at (no quota can be learnt from when it comes)."""
         rate = self.rate_at(now)
         answers = self._answers
         answers.append(True)
         c = self._config
         sent = self._sent_at(now, latency)
+        rate = self._shed_past(now, sent, rate)
         if sum(answers) < max(2.0, c.overload_share * c.overload_answers):
             return rate
         if sent < self._state.cut_at:
             return rate
         answers.clear()  # the next cut needs as many again, sent at the new rate
+        served = self._served_flat(now)
         sent_rate = self._overloaded_at(sent, rate)
+        if served < (1.0 - c.margin) * sent_rate:
+            if self._shed_at(now, sent_rate):
+                # Cut to what it served before, and as many 503s at that rate: they do not
+                # fall with the rate (random faults, a fifth or more): no lower.
+                return rate
+            # Back to what it served; the rate of this 503 caps the probes
+            # (``_under_overload``), and any 503 past what it served lowers that cap
+            # (``_shed_past``). No target: the calls it serves are no quota, and passing
+            # them proves no rise (``_escalate``).
+            level = (1.0 - c.margin / 2.0) * served
+            self._shed = (now, level)
+            level = self._cut(now, level, math.inf)
+            unit = max(c.hold, self._delay, c.hold_calls / served)
+            self._state = replace(self._state, unit=unit)
+            return level
         return self._cut(now, (1.0 - c.margin) * sent_rate, 0.0)
+
+    def _served_flat(self, now: float) -> float:
+        """The calls answered (not 503, not 429) per second over the last two ``window``s,
+        where the second half of them holds no more than the first by ``margin`` (a service
+        past its capacity serves as much whatever is sent); else ``inf``. Not across a pause
+        (no call was sent while it lasted), nor over less than a ``window`` in all."""
+        c = self._config
+        served = self._served
+        while served and served[0] <= now - 2.0 * c.window:
+            served.popleft()
+        start = max(now - 2.0 * c.window, self._state.pause_until + self._delay)
+        if now - start < c.window:
+            return math.inf
+        middle = (start + now) / 2.0
+        last = len(served) - bisect.bisect_right(served, middle)
+        before = len(served) - bisect.bisect_right(served, start) - last
+        flat = last <= (1.0 + c.margin) * before
+        return (last + before) / (now - start) if flat else math.inf
+
+    def _shed_past(self, now: float, sent: float, rate: float) -> float:
+        """A 503 of a call sent at ``sent``, past the rate a 503 cut to what the service
+        served within ``forget`` (``_shed``): the probe has found its capacity. Its rate
+        caps the probes from now on (``_under_overload``), never under that cut's rate."""
+        when, level = self._shed
+        s, c = self._state, self._config
+        sent_rate = min(self.rate_sent_at(sent), rate)
+        if now - when > c.forget or not s.overload or sent_rate <= level:
+            return rate
+        self._shed = (now, level)
+        refused = min(self._refused_lately(sent), sent_rate)
+        cap = max(level, (1.0 - c.margin / 2.0) * refused)
+        self._state = replace(s, refused=refused, refused_at=sent, rate=min(s.rate, cap))
+        return self._set(self._state, now) if cap < rate else rate
+
+    def _shed_at(self, now: float, sent_rate: float) -> bool:
+        """Whether the rate was cut to what the service served within ``forget`` and has
+        not passed that since: 503s that did not fall with the rate."""
+        when, level = self._shed
+        c = self._config
+        return now - when <= c.forget and sent_rate <= (1.0 + c.margin) * level
 
     @staticmethod
     def _sent_at(now: float, latency: float | None) -> float:
