@@ -654,8 +654,9 @@ def test_random_503s_at_a_steady_rate_do_not_slow_auto_but_503s_rising_with_it_d
     """Issue 23's point 4. 2 % of the calls 503 at random, whatever the rate: faults to
     retry, so the quota is still used (each used to cut the rate, and held ``--rate auto``
     near 11 calls/s). A service that fails every call past 30 calls/s (503s rising with
-    the rate): overload, so the rate settles where a fifth of the answers are 503s
-    (``overload_share``), well under the gateway's quota of 50."""
+    the rate): overload, so the rate settles at what the service serves (``_served_flat``;
+    no further than where a fifth of the answers are 503s, ``overload_share``), well under
+    the gateway's quota of 50."""
     steady = _with_503s(lambda rate: 0.02, seed=seed)
     assert steady.accepted_per_s(10.0, 40.0) >= 0.90 * 0.98 * 50.0
     rising = _with_503s(lambda rate: max(0.0, 1.0 - 30.0 / rate), seed=seed)
