@@ -7,6 +7,7 @@ import dataclasses
 import glob
 import hashlib
 import hmac
+import math
 import shlex
 import stat
 import sys
@@ -368,28 +369,42 @@ async def test_a_plan_applied_after_changes_deletes_the_rest_and_skips_what_chan
         assert set(sim.sent_counts) == rest | {gone} and sim.sent_counts[gone] == 1
 
 
-PLAN_LIVES = (2, 4, 8, 16, 32)
-"""How long (s) a plan a test lets expire lives: the first in which its run's first DELETE
-goes out before the plan's end. Waiting for that end is most of such a test's time (a plan
-of 12 s: 13 s of a 14 s test); on a loaded machine a run may start too late for a short
-plan, and the test is tried again, afresh, on a plan living twice as long."""
+PLAN_LIVES_FIRST, PLAN_LIVES_MOST = 3, 60
+"""How long (s) a plan a test lets expire lives at least, and at most. Waiting for its end
+is most of such a test's time (a plan of 12 s: 13 s of a 14 s test), and discover and the
+run's first DELETE take about a second on a quiet machine; on a loaded one they may take
+longer than the plan lives, and the test is tried again, afresh, on a plan living twice as
+long, or half again as long as that try took, if longer. A test starts at twice what the
+last one in this process took (``_TOOK``), so a loaded machine does not cost each a try."""
+
+_TOOK = [0.0]
+"""Seconds from discover's start to the first DELETE (or to the plan's end, when it came
+first) in the last try of this process: only how long the next plan lives hangs on it."""
 
 
 class StartedTooLate(Exception):
-    """The run's first DELETE had not gone out when its plan expired: nothing was tried."""
+    """The run's first DELETE had not gone out when its plan expired: nothing was tried.
+    ``took``: seconds from discover's start to then."""
+
+    def __init__(self, took: float) -> None:
+        super().__init__(f"no DELETE within {took:.1f} s")
+        self.took = took
 
 
 async def on_a_plan_that_expires(tmp: Path, attempt: Callable[[str, Path], Awaitable[T]]) -> T:
     """``attempt(ttl, folder)``: the test, on a plan living ``ttl``, its files in ``folder``
     (a new one each try); tried again on a longer plan while it raises ``StartedTooLate``."""
-    for lives in PLAN_LIVES:
+    lives = max(PLAN_LIVES_FIRST, math.ceil(2 * _TOOK[0]))
+    while lives <= PLAN_LIVES_MOST:
         folder = tmp / f"living-{lives}s"
         folder.mkdir()
         try:
             return await attempt(f"{lives}s", folder)
-        except StartedTooLate:
-            continue
-    raise AssertionError(f"no run sent a DELETE before its plan expired in {PLAN_LIVES} s")
+        except StartedTooLate as late:
+            lives = max(2 * lives, math.ceil(1.5 * late.took))
+    raise AssertionError(
+        f"no run sent a DELETE before its plan expired ({PLAN_LIVES_MOST} s at most)"
+    )
 
 
 async def held_past_expiry(
@@ -412,6 +427,7 @@ async def first_delete_out(
     ``run --plan`` of it started with ``run``'s flags, once its first DELETE has gone out:
     the process, and when the plan expires. ``StartedTooLate`` when the plan expired before
     the run's first DELETE went out."""
+    started = time.monotonic()
     made = await reaper(["discover", "--status", "FINISHED", "--all", "--plan", str(path),
                          "--plan-ttl", ttl], reaper_env(url))  # fmt: skip
     assert made.code == 0, made.stderr
@@ -427,8 +443,10 @@ async def first_delete_out(
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         await e2e.read_all(process)
-        raise StartedTooLate
+        _TOOK[0] = time.monotonic() - started
+        raise StartedTooLate(_TOOK[0])
     assert gateway.delete_calls == 1, "the run ended before it sent a DELETE"
+    _TOOK[0] = time.monotonic() - started
     return process, expires
 
 
