@@ -47,6 +47,7 @@ class Terminal:
         rows: int = ROWS,
         stdout_to: int | None = None,
         program: Sequence[str] | None = None,
+        cwd: str | None = None,
     ) -> None:
         self.columns, self.rows = columns, rows
         main, secondary = pty.openpty()
@@ -62,6 +63,7 @@ class Terminal:
             env={**env, "TERM": "xterm-256color", "COLUMNS": str(columns), "LINES": str(rows)},
             close_fds=True,
             preexec_fn=_controlling_terminal,
+            cwd=cwd,
         )
         os.close(secondary)
         self._reader = threading.Thread(target=self._read, daemon=True)

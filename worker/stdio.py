@@ -78,6 +78,13 @@ class Report:
                     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return len(text)
 
+    def isatty(self) -> bool:
+        """Whether a person reads it (its lines are then fitted to the terminal)."""
+        return self.failed is None and sys.stdout.isatty()
+
+    def fileno(self) -> int:
+        return sys.stdout.fileno()
+
     def close(self) -> None:
         if self.failed is None or isinstance(self.failed, BrokenPipeError):
             return

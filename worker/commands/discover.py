@@ -31,6 +31,7 @@ import structlog
 from worker import wiring
 from worker.clock import MonotonicClock
 from worker.commands.selection import (
+    NEXT,
     check_selection,
     log_summary,
     plan_review,
@@ -58,6 +59,7 @@ from worker.errors import (
 from worker.exit_codes import ExitCode
 from worker.outcomes.journal import check_output
 from worker.settings import Settings, read_plan_key
+from worker.terminal.wrap import for_terminal
 
 MAX_PAGE_SIZE = 1000
 
@@ -250,17 +252,16 @@ async def discover(
             log.info("discover.plan_written", path=str(request.plan), jobs=header.jobs,
                      seal=header.seal, expires_at=header.to_json()["expires_at"])  # fmt: skip
             if request.output == "table":
-                out.write(plan_review(header, settings, request.plan) + "\n")
+                out.write(for_terminal(out, plan_review(header, settings, request.plan)) + "\n")
             return ExitCode.OK
         assert isinstance(selection.sink, Spool)
         _write(out, selection.sink, request.output)
         if request.output == "table":
             estimate = estimate_s(selection.selected, rate=settings.rate,
                                   batch_size=settings.batch_size)  # fmt: skip
-            out.write("\n" + render(review, heading=f"{selection.selected:,} jobs selected",
-                                    estimate=estimate) + "\n")  # fmt: skip
-            out.write("\nnext: add --plan PLAN to seal this selection for review, then: "
-                      "devserver-reaper run --plan PLAN\n")  # fmt: skip
+            said = render(review, heading=f"{selection.selected:,} jobs selected",
+                          estimate=estimate)  # fmt: skip
+            out.write(for_terminal(out, f"\n{said}\n\n{NEXT}") + "\n")
         out.flush()
         return ExitCode.OK
     finally:

@@ -23,6 +23,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     from worker.discovery.plan import read_header
     from worker.settings import read_plan_key
     from worker.terminal.failure import refused
+    from worker.terminal.wrap import for_terminal
 
     try:
         key = read_plan_key(settings)
@@ -30,6 +31,6 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     except (ConfigError, InputUnreadable, UsageError) as exc:
         return refused("plan", exc)
     out = Report("plan show")
-    out.write(plan_review(header, settings, args.path) + "\n")
+    out.write(for_terminal(out, plan_review(header, settings, args.path)) + "\n")
     out.close()
     return ExitCode.OK

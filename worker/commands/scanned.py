@@ -40,6 +40,7 @@ from worker.discovery.select import JobSink, Selected, Spool
 from worker.exit_codes import ExitCode
 from worker.settings import Settings
 from worker.targets import Target
+from worker.terminal.wrap import for_terminal
 
 if TYPE_CHECKING:
     from worker.commands.discover import DiscoverRequest
@@ -90,7 +91,8 @@ async def discover_named(
                      seal=header.seal, expires_at=header.to_json()["expires_at"],
                      projects=len(header.sections))  # fmt: skip
             if request.output == "table":
-                out.write(shared.plan_review(header, settings, request.plan) + "\n")
+                review = shared.plan_review(header, settings, request.plan)
+                out.write(for_terminal(out, review) + "\n")
             return ExitCode.OK
         write_rows(out, scanned, request.output, settings)
         out.flush()
@@ -181,9 +183,9 @@ def write_rows(out: IO[str], scanned: list[Scanned], output: str, settings: Sett
         shared.table(out, spool, listed_by="-o jsonl")
         estimate = estimate_s(selection.selected, rate=settings.rate,
                               batch_size=settings.batch_size)  # fmt: skip
-        out.write("\n" + render(selection.review.to_json(),
-                                heading=f"{selection.selected:,} jobs selected in {part.where}",
-                                estimate=estimate) + "\n\n")  # fmt: skip
+        said = render(selection.review.to_json(),
+                      heading=f"{selection.selected:,} jobs selected in {part.where}",
+                      estimate=estimate)  # fmt: skip
+        out.write(for_terminal(out, f"\n{said}") + "\n\n")
     if output == "table":
-        out.write("next: add --plan PLAN to seal this selection for review, then: "
-                  "devserver-reaper run --plan PLAN\n")  # fmt: skip
+        out.write(for_terminal(out, shared.NEXT) + "\n")

@@ -8,7 +8,6 @@ importing neither.
 from __future__ import annotations
 
 import shlex
-import textwrap
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -96,13 +95,19 @@ def check_selection(
         )
 
 
+NEXT = (
+    "next: add --plan PLAN to seal this selection for review, then:\n"
+    "      devserver-reaper run --plan PLAN"
+)
+"""What a selection shown, not sealed, is for."""
+
+
 def plan_review(header: PlanHeader, settings: Settings, path: Path | str) -> str:
     """What ``plan show`` prints and ``discover --plan`` shows on a terminal."""
     estimate = estimate_s(header.jobs, rate=settings.rate, batch_size=settings.batch_size)
     seal = ["  sealed   with a plan key (HMAC-SHA256)"]
     if not header.keyed:  # said plainly: what the digest is worth, and what it is not
-        said = "  sealed   with no plan key: " + UNKEYED.replace("its seal guards", "it guards")
-        seal = textwrap.wrap(said, 90, subsequent_indent=" " * 11, break_on_hyphens=False)
+        seal = ["  sealed   with no plan key: " + UNKEYED.replace("its seal guards", "it guards")]
     made = f"  made     {header.to_json()['created_at']}   expires {header.to_json()['expires_at']}"
     shared = [made, *seal, f"  filters  {filters_text(header.filters)}"]
     if header.named:
@@ -126,8 +131,9 @@ def plan_review(header: PlanHeader, settings: Settings, path: Path | str) -> str
     plan = next_plan_flags(header, settings, path)
     lines += [
         "",
-        f"next: devserver-reaper run {plan} --dry-run   (checks every job, deletes none)",
+        f"next: devserver-reaper run {plan} --dry-run",
         f"      devserver-reaper run {plan}",
+        "      (the dry run checks every job and deletes none)",
     ]
     return "\n".join(lines)
 

@@ -26,6 +26,7 @@ from worker.errors import (
     UsageError,
 )
 from worker.exit_codes import ExitCode
+from worker.terminal.wrap import for_terminal
 
 REFUSED = ((UsageError, ExitCode.USAGE), (InputUnreadable, ExitCode.NO_INPUT),
            (ConfigError, ExitCode.CONFIG))  # fmt: skip
@@ -35,7 +36,7 @@ REFUSED = ((UsageError, ExitCode.USAGE), (InputUnreadable, ExitCode.NO_INPUT),
 def refused(command: str, exc: UsageError | InputUnreadable | ConfigError) -> int:
     """A flag, a setting or an input refused before anything was done: one line on stderr
     (no event: nothing has started), and the exit code of its kind (:data:`REFUSED`)."""
-    print(f"devserver-reaper {command}: {exc}", file=sys.stderr)
+    print(for_terminal(sys.stderr, f"devserver-reaper {command}: {exc}"), file=sys.stderr)
     return next(code for kind, code in REFUSED if isinstance(exc, kind))
 
 
@@ -90,7 +91,8 @@ def say_error(
         log.error(event, error=str(exc), **fields)
     if not same or person:  # a person, or a log of its own, reads stderr
         fix = fix_for(exc, command) if isinstance(exc, ReaperError) else None
-        err.write(f"devserver-reaper {command}: {exc}\n" + (f"  fix: {fix}\n" if fix else ""))
+        said = f"devserver-reaper {command}: {exc}" + (f"\n  fix: {fix}" if fix else "")
+        err.write(for_terminal(err, said) + "\n")
         err.flush()
 
 

@@ -23,6 +23,7 @@ from worker.errors import UsageError
 from worker.private_files import open_output
 from worker.terminal.lines import EventLines, style
 from worker.terminal.screen import Display, PlainScreen
+from worker.terminal.wrap import for_terminal
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,5 +152,5 @@ def for_people_on(stream: IO[str], *, log_format: str, log_level: str) -> EventL
 
 
 def _say(stream: IO[str], line: str) -> None:
-    stream.write(line + "\n")
+    stream.write(for_terminal(stream, line) + "\n")
     stream.flush()

@@ -20,6 +20,7 @@ from typing import IO
 from worker.discovery.review import estimate_s
 from worker.errors import UsageError
 from worker.input.intake import escape
+from worker.terminal.wrap import for_terminal
 
 
 class Declined(UsageError):
@@ -171,7 +172,8 @@ def confirm(
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     terminated = signal.signal(signal.SIGTERM, _terminated)
     try:
-        out.write("\n".join(proposal.lines()) + f"\nThis cannot be undone. {ask}: ")
+        asked = "\n".join(proposal.lines()) + f"\nThis cannot be undone. {ask}: "
+        out.write(for_terminal(out, asked))
         out.flush()
         answer = into.readline()
     except KeyboardInterrupt:

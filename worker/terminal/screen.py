@@ -18,6 +18,7 @@ from typing import IO, TYPE_CHECKING, Protocol
 import anyio
 
 from worker.terminal.progress import Progress, Snapshot
+from worker.terminal.wrap import fit
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -56,8 +57,9 @@ class Screen:
         return self._console.is_interactive
 
     def print(self, text: str, style: str | None = None) -> None:
-        """A line above the display (or simply a line, when none is shown)."""
-        console = self._console
+        """A line above the display (or simply a line, when none is shown), broken between
+        words at the terminal's width (rich's soft wrap left that to the terminal)."""
+        console, text = self._console, fit(text, self.width)
         self._unless_gone(
             lambda: console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
         )

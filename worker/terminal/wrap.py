@@ -1,0 +1,78 @@
+"""Sentences for a terminal, broken between words at its width, not by it mid-word.
+
+A terminal wraps a line wider than itself wherever its edge falls (``ca`` / ``tches``), and
+puts the rest at column 0, under the labels of a table. So what a command says to a person
+on a terminal is wrapped here first: at a space, the rest indented under the line's value
+(``  sealed   with no plan key: ...`` goes on under ``with``). A command to copy is left
+whole: the terminal's own wrap of it is copied back as one line, a line break is not. Not
+a terminal (a pipe, a file, a log): lines are left whole, for ``grep``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import textwrap
+from typing import Protocol
+
+_COMMAND = re.compile(r"^\s*(?:[a-z ]+:\s+)?devserver-reaper [a-z]+(?: |$)")
+"""A line that is (or is labelled, ``resume: ``) a command: ``devserver-reaper run ...``;
+not ``devserver-reaper run: not confirmed`` (a command's name before what it says)."""
+
+_LABELLED = re.compile(r" *\S+(?: \S+)*? {2,}(?=\S)")
+"""A row of a table: its label, then two spaces or more, then its value."""
+
+
+class Stream(Protocol):
+    """Where lines go: a file object, or :class:`~worker.stdio.Report`."""
+
+    def isatty(self) -> bool: ...
+
+    def fileno(self) -> int: ...
+
+
+def columns(stream: Stream) -> int | None:
+    """The width of the terminal ``stream`` writes to; None when it is not a terminal."""
+    try:
+        if not stream.isatty():
+            return None
+    except (OSError, ValueError, AttributeError):  # closed, or not a stream of a file
+        return None
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or _columns_variable()
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return _columns_variable()  # a terminal that cannot say its size: COLUMNS, or 80
+
+
+def _columns_variable() -> int:
+    given = os.environ.get("COLUMNS", "")
+    return int(given) if given.isdigit() and int(given) > 0 else 80
+
+
+def fit(text: str, width: int) -> str:
+    """``text`` with each line wider than ``width`` broken at spaces, its continuations
+    indented under the line's value (a table row's) or two columns in; the spaces a line
+    ends with (a prompt's) kept. Commands are left whole."""
+    out: list[str] = []
+    for line in text.split("\n"):
+        if len(line) <= width or _COMMAND.match(line):
+            out.append(line)
+            continue
+        body = line.rstrip(" ")
+        trail = line[len(body) :]
+        lead = len(body) - len(body.lstrip(" "))
+        table = _LABELLED.match(body)
+        indent = table.end() if table and table.end() <= width // 2 else min(lead + 2, width // 2)
+        rows = textwrap.wrap(body, width, subsequent_indent=" " * indent, break_on_hyphens=False)
+        if len(rows[-1]) + len(trail) > width:
+            rows.append(" " * indent)
+        out.extend(rows[:-1])
+        out.append(rows[-1] + trail)
+    return "\n".join(out)
+
+
+def for_terminal(stream: Stream, text: str) -> str:
+    """``text`` fitted to the terminal ``stream`` writes to; as it is anywhere else."""
+    width = columns(stream)
+    return text if width is None else fit(text, width)
