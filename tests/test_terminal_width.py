@@ -8,14 +8,18 @@ the resize in tmux, which reflows its lines on a resize as most terminals do.
 
 from __future__ import annotations
 
+import random
 import re
+import shutil
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import pytest
 
-from tests.e2e import reaper_env
-from tests.tty import Terminal
+from tests.e2e import reaper_env, write_ids
+from tests.tty import Terminal, Tmux
 from worker.discovery.plan import UNKEYED
 from worker.simulator import SimulatorConfig, run_simulator
 
@@ -82,3 +86,59 @@ async def test_the_unkeyed_plan_and_the_prompt_break_between_words(
     assert cut_words(said, prompt) == []
     duration = next(n for n, row in enumerate(prompt.lines()) if row.startswith("  duration"))
     assert prompt.lines()[duration + 1].startswith(" " * 14)  # under the value, not column 0
+
+
+def _done(rows: list[str]) -> int:
+    """The count of ids done the display shows (the lowest row's: the live one)."""
+    found = [m.group(1) for row in rows if (m := re.search(r"([\d,]+) / 100,000", row))]
+    return int(found[-1].replace(",", "")) if found else -1
+
+
+def wider_than_80(rows: list[str]) -> bool:
+    return any(len(row) > 80 for row in rows if "ids/s" in row)
+
+
+def _later(done: int) -> Callable[[list[str]], bool]:
+    """Whether the rows show more ids done than ``done``: the display was drawn again."""
+    return lambda rows: _done(rows) > done
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+@pytest.mark.parametrize("columns", [80, 40])
+async def test_a_window_made_narrower_mid_run_keeps_one_display_and_no_stale_rows(
+    tmp_path: Path, columns: int
+) -> None:
+    """A run's display drawn at 120 columns, 83 wide, then the window made narrower: the
+    terminal reflows the old display into more rows than were drawn, and a redraw that
+    went back up the rows it drew left the rest (a bar and its figures) on the screen for
+    good. After two redraws there is one display of the new width; after Ctrl-C, none."""
+    many = [str(uuid.UUID(int=random.Random(n).getrandbits(128), version=4))
+            for n in range(99_900)]  # fmt: skip
+    async with run_simulator(SimulatorConfig(jobs=100)) as sim:
+        write_ids(tmp_path / "ids.txt", [*sim.job_ids(), *many])
+        env = reaper_env(sim.url, REAPER_LOG_FORMAT="auto")
+        args = ["run", "-i", "ids.txt", "--yes", "--rate", "20", "--batch-size", "10"]
+
+        def resized() -> tuple[list[str], list[str], int]:
+            earlier = [f"$ an earlier command's output, row {n}" for n in range(5)]
+            window = Tmux(args, env, columns=120, rows=30, cwd=str(tmp_path), above=earlier)
+            try:
+                window.until(wider_than_80)  # 82 or 83 columns once the rate has 3 figures
+                window.resize(columns)
+                for _ in range(2):  # two redraws at the new width
+                    shown = window.until(_later(_done(window.rows())))
+                window.type("C-c")
+                code = window.wait()
+                return shown, window.rows(), code
+            finally:
+                window.close()
+
+        shown, end, code = await anyio.to_thread.run_sync(resized)
+    assert code == 75
+    drawn = [row for row in shown if "━" in row or "ids/s" in row]
+    assert [row for row in shown if "ids/s" in row] == drawn[-1:], "\n".join(shown)
+    assert len(drawn) == 1, "\n".join(shown)
+    assert all(len(row) <= columns for row in shown)
+    assert not any("━" in row or "ids/s ·" in row for row in end), "\n".join(end)
+    assert "devserver-reaper run summary" in end

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import shlex
 import signal
 import struct
 import subprocess
@@ -20,6 +21,7 @@ import termios
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import pyte
 
@@ -148,3 +150,73 @@ class Terminal:
 
     def screen_text(self) -> str:
         return "\n".join(self.lines())
+
+
+class Tmux:
+    """A terminal that reflows its lines when it is resized, as most do (tmux, VTE, iTerm2,
+    kitty, Windows Terminal; pyte, above, cuts them instead, as xterm does): ``python -m
+    worker ARGS`` in a window of a private tmux server, read back as the rows it shows."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        env: Mapping[str, str],
+        *,
+        columns: int = COLUMNS,
+        rows: int = ROWS,
+        cwd: str,
+        above: Sequence[str] = (),
+    ) -> None:
+        """``above``: rows printed first, as a person's terminal holds what came before."""
+        self._socket = f"reaper-test-{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
+        self._code = os.path.join(cwd, "tmux-exit-code")
+        variables = [f"{k}={v}" for k, v in env.items() if k not in ("COLUMNS", "LINES")]
+        command = shlex.join(["env", "-i", *variables, "TERM=screen", sys.executable, "-m",
+                              "worker", *args])  # fmt: skip
+        # The shell stays after the command, so its last screen can still be read.
+        before = "".join(f"echo {shlex.quote(row)}; " for row in above)
+        shell = f"{before}{command}; echo $? > {shlex.quote(self._code)}; exec sleep 600"
+        self.tmux("-f", "/dev/null", "new-session", "-d", "-x", str(columns), "-y", str(rows),
+                  "-c", cwd, shell)  # fmt: skip
+
+    def tmux(self, *args: str) -> str:
+        done = subprocess.run(
+            ["tmux", "-L", self._socket, *args], capture_output=True, text=True, check=True
+        )
+        return done.stdout
+
+    def rows(self) -> list[str]:
+        """The rows the window holds now (those scrolled off its top too), right-trimmed, trailing
+        blank rows dropped."""
+        seen = [row.rstrip() for row in self.tmux("capture-pane", "-p", "-S", "-").splitlines()]
+        while seen and not seen[-1]:
+            seen.pop()
+        return seen
+
+    def resize(self, columns: int, rows: int = ROWS) -> None:
+        self.tmux("resize-window", "-x", str(columns), "-y", str(rows))
+
+    def until(self, seen: Callable[[list[str]], bool], timeout: float = 60.0) -> list[str]:
+        """The rows, once ``seen(rows)`` holds."""
+        deadline = time.monotonic() + timeout
+        while not seen(rows := self.rows()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not seen within {timeout}s:\n" + "\n".join(rows))
+            time.sleep(0.05)
+        return rows
+
+    def type(self, *keys: str) -> None:
+        self.tmux("send-keys", *keys)
+
+    def wait(self, timeout: float = 120.0) -> int:
+        """The command's exit code, once it has exited."""
+        deadline = time.monotonic() + timeout
+        code = Path(self._code)
+        while not code.exists() or not code.read_text().strip():
+            if time.monotonic() > deadline:
+                raise AssertionError("the command did not exit:\n" + "\n".join(self.rows()))
+            time.sleep(0.05)
+        return int(code.read_text())
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-L", self._socket, "kill-server"], capture_output=True)

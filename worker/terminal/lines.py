@@ -9,6 +9,7 @@ shows none (the summary still comes); ``--events FILE`` keeps every event as JSO
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
@@ -134,6 +135,20 @@ class EventLines:
 
 def _present(event: Mapping[str, Any]) -> list[str]:
     return [key for key in _COMMON if key in event]
+
+
+_ONE_ROW = re.compile(r"(?:\d\d:\d\d:\d\d )?(?:deleted|absent) +\S+")
+"""A job's outcome that needs no more than its row: its time, what, which id (and name)."""
+
+
+def in_one_row(line: str, width: int) -> str | None:
+    """``line``, a job deleted or absent, cut to ``width`` (its name ends in ``…``), so a
+    job is a row however long its name; None for any other line, or when the cut would
+    fall in the id (a cut id names no job: the line is wrapped instead)."""
+    named = _ONE_ROW.match(line)
+    if named is None or named.end() > width:
+        return None
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def style(line: str) -> str | None:

@@ -11,18 +11,17 @@ a plain progress line every few seconds instead of redrawing one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
-from typing import IO, TYPE_CHECKING, Protocol
+import io
+from typing import IO, TYPE_CHECKING, Any, Protocol, cast
 
 import anyio
 
+from worker.terminal.lines import in_one_row
 from worker.terminal.progress import Progress, Snapshot
-from worker.terminal.wrap import fit
+from worker.terminal.wrap import columns, fit
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
-    from rich.live import Live
 
 
 class Display(Protocol):
@@ -36,20 +35,45 @@ class Display(Protocol):
 
 
 class Screen:
-    """A terminal: lines above, and while :meth:`live` runs, a progress display below."""
+    """A terminal: lines above, and while :meth:`show` runs, a progress display below.
+
+    The display is redrawn from its top-left corner, where the cursor waits between two
+    draws: erase its rows, draw, go back up. rich's ``Live`` waited at the display's end and
+    went back up as many rows as it had drawn, which is wrong once the rows are not those it
+    drew: a window made narrower reflows a row into two or three (most terminals do; xterm
+    cuts it instead), and the ``^C`` a terminal echoes at the cursor pushes a row down; the
+    rows it missed stayed on the screen for good (a stale bar of the old width, a bar left
+    above the summary). The display's first row moves with its text, whatever the terminal
+    does with the rest, so erasing down from there takes all of it: row by row, as many as
+    the reflow can have made, since below the display is nothing (it is the last output).
+    Not "erase to the end of the screen": from the top row that is the whole screen, which
+    tmux (``scroll-on-clear``) and others keep in the scrollback, a frame a redraw."""
 
     REFRESH_S = 0.2
+    _SAVE, _RESTORE = "\x1b7", "\x1b8"  # the cursor's place (DECSC, DECRC)
+    _ERASE_ROW, _DOWN = "\x1b[2K", "\x1b[B"  # a row erased; a row down (never a scroll)
+    _HIDE, _SHOW = "\x1b[?25l", "\x1b[?25h"  # the cursor, which waits over the display
 
     def __init__(self, file: IO[str]) -> None:
         from rich.console import Console
 
+        self._file = file
         self._console: Console = Console(file=file, highlight=False, emoji=False)
-        self._live: Live | None = None
+        # What is drawn is rendered off the screen, in the terminal's colours (or none:
+        # NO_COLOR), then written at once by _write: the terminal's own console wrote to it
+        # from inside a capture too, past _write's guard against a terminal gone away.
+        self._paper: Console = Console(
+            file=io.StringIO(), force_terminal=True, no_color=self._console.no_color,
+            color_system=cast(Any, self._console.color_system), highlight=False, emoji=False,
+        )  # fmt: skip
+        self._view: RenderableType | None = None  # the display while one is shown
+        self._drawn: tuple[int, int] | None = None  # on the screen: its rows, the width then
         self._gone = False  # the terminal went away (EIO): nobody left to show anything to
 
     @property
     def width(self) -> int:
-        return self._console.width
+        """The terminal's width now (after a resize too; a stale ``COLUMNS`` is not it)."""
+        return columns(self._file) or self._console.width
 
     @property
     def redraws(self) -> bool:
@@ -57,58 +81,83 @@ class Screen:
         return self._console.is_interactive
 
     def print(self, text: str, style: str | None = None) -> None:
-        """A line above the display (or simply a line, when none is shown), broken between
-        words at the terminal's width (rich's soft wrap left that to the terminal)."""
-        console, text = self._console, fit(text, self.width)
-        self._unless_gone(
-            lambda: console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
-        )
+        """A line above the display (or simply a line, when none is shown), wrapped
+        between words at the terminal's width (a job's line cut to it instead)."""
+        width = self.width
+        shown = in_one_row(text, width) or fit(text, width)
+        self._write(self._erased() + self._rendered(shown, style, width) + "\n" + self._draw())
 
-    def _unless_gone(self, write: Callable[[], object]) -> None:
-        """``write()``, unless the terminal has gone away (a dropped ssh session: every
-        write fails with EIO); then nothing more is written to it. The display is for a
-        person, not the run's record: the run stops on the SIGHUP that came with it (75),
-        its outcomes in the ledger, the results and the events, where they were going. A
-        write that failed here ended the run with a traceback and exit 1."""
-        if self._gone:
+    def _rendered(self, renderable: RenderableType | str, style: str | None, width: int) -> str:
+        """What the console writes for ``renderable`` (colour as it does, or none: NO_COLOR,
+        not a colour terminal), with no line break after it; the terminal wraps nothing."""
+        with self._paper.capture() as captured:
+            self._paper.print(
+                renderable, style=style, markup=False, highlight=False, width=width, end="",
+                soft_wrap=isinstance(renderable, str),
+            )  # fmt: skip
+        return captured.get().removesuffix("\n")
+
+    def _erased(self) -> str:
+        """The display erased (the cursor left at its top-left); "" when none is drawn."""
+        drawn, self._drawn = self._drawn, None
+        if drawn is None:
+            return ""
+        rows, then = drawn
+        reflowed = rows * -(-then // max(self.width, 1))  # each row in as many as now fit
+        each = self._ERASE_ROW + self._DOWN
+        return "\r" + self._SAVE + each * reflowed + self._RESTORE
+
+    def _draw(self) -> str:
+        """The display, and the cursor back at its top-left corner ("" when none)."""
+        if self._view is None:
+            return ""
+        width = self.width
+        # One column short of the edge: a row the width of the terminal leaves the cursor
+        # past it, where some terminals start the next row on the next output.
+        drawn = self._rendered(self._view, None, max(width - 1, 1))
+        rows = drawn.count("\n")
+        self._drawn = (rows + 1, width)
+        return drawn + "\r" + (f"\x1b[{rows}A" if rows else "")
+
+    def _write(self, text: str) -> None:
+        """``text`` written at once (no half-drawn display between two writes), unless the
+        terminal has gone away (a dropped ssh session: every write fails with EIO); then
+        nothing more is written to it. The display is for a person, not the run's record:
+        the run stops on the SIGHUP that came with it (75), its outcomes in the ledger, the
+        results and the events, where they were going. A write that failed here ended the
+        run with a traceback and exit 1."""
+        if self._gone or not text:
             return
         try:
-            write()
+            self._file.write(text)
+            self._file.flush()
         except OSError:
             self._gone = True
 
     async def show(self, progress: Progress) -> None:
         """Keep ``progress`` pinned at the bottom, redrawn on the event loop (no thread),
         until cancelled or :meth:`stop`."""
-        from rich.live import Live
-
-        live = Live(
-            progress_view(progress.snapshot(), self.width),
-            console=self._console,
-            auto_refresh=False,
-            transient=True,
-            redirect_stdout=False,
-            redirect_stderr=False,
-        )
-        self._live = live
-        self._unless_gone(partial(live.start, refresh=True))
+        view = progress_view(progress.snapshot(), self.width)
+        self._view = view
+        self._write(self._HIDE + self._draw())
         try:
-            while self._live is live and not self._gone:
+            while self._view is not None and not self._gone:
                 await anyio.sleep(self.REFRESH_S)
-                if self._live is live:
-                    view = progress_view(progress.snapshot(), self.width)
-                    self._unless_gone(partial(live.update, view, refresh=True))
+                if self._view is not None:
+                    self._view = progress_view(progress.snapshot(), self.width)
+                    self._write(self._erased() + self._draw())
         finally:
             self.stop()
 
     def stop(self) -> None:
-        """Remove the display at once (the summary comes next); lines go on as lines."""
-        live, self._live = self._live, None
-        if live is not None:
-            self._unless_gone(live.stop)
+        """Remove the display at once (the summary comes next, where it was); lines go on
+        as lines."""
+        if self._view is not None:
+            self._view = None
+            self._write(self._erased() + self._SHOW)
 
     def __repr__(self) -> str:
-        return f"Screen(width={self.width}, live={self._live is not None}, gone={self._gone})"
+        return f"Screen(width={self.width}, shown={self._view is not None}, gone={self._gone})"
 
 
 def progress_view(snap: Snapshot, width: int) -> RenderableType:
