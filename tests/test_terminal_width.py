@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import signal
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.e2e import reaper_env, write_ids
+from tests.conftest import REDIS_URL
+from tests.e2e import reaper, reaper_env, until, write_ids
 from tests.tty import Terminal, Tmux
 from worker.discovery.plan import UNKEYED
 from worker.simulator import SimulatorConfig, run_simulator
@@ -142,3 +144,38 @@ async def test_a_window_made_narrower_mid_run_keeps_one_display_and_no_stale_row
     assert all(len(row) <= columns for row in shown)
     assert not any("━" in row or "ids/s ·" in row for row in end), "\n".join(end)
     assert "devserver-reaper run summary" in end
+
+
+@pytest.mark.anyio
+async def test_serve_on_a_terminal_says_one_row_per_job(tmp_path: Path, redis_prefix: str) -> None:
+    """``serve`` on an 80-column terminal wrote each event as a log line of every field,
+    three rows or more a job. Now a job is one row (its time, outcome, id and name, cut to
+    the width); the JSON events for machines are unchanged (tests/test_serve*.py)."""
+    stream = f"{redis_prefix}ids"
+    async with run_simulator(SimulatorConfig(jobs=12)) as sim:
+        env = reaper_env(sim.url, REAPER_LOG_FORMAT="auto")
+        ids = sim.job_ids()
+        serve = ["serve", "--redis-url", REDIS_URL, "--stream", stream, "--consumer", "c1",
+                 "--http-port", "0"]  # fmt: skip
+        term = Terminal(serve, env, columns=80)
+        try:
+            source = write_ids(tmp_path / "ids.txt", ids)
+            queued = await reaper(["enqueue", "-i", str(source), "--redis-url", REDIS_URL,
+                                   "--stream", stream], reaper_env(sim.url))  # fmt: skip
+            assert queued.code == 0, queued.stderr
+
+            async def all_deleted() -> bool:
+                return len(sim.deleted) == len(ids)
+
+            await until(all_deleted)
+            await anyio.to_thread.run_sync(lambda: term.expect_on_screen(ids[-1]))
+        finally:
+            term.process.send_signal(signal.SIGTERM)
+            code = await anyio.to_thread.run_sync(term.wait)
+    rows = term.lines()
+    assert code == 0, "\n".join(rows)
+    assert all(len(row) <= 80 for row in written_lines(term.raw)), "\n".join(rows)
+    jobs = [row for row in rows if any(job in row for job in ids)]
+    assert len(jobs) == len(ids) and all(" deleted " in row for row in jobs), "\n".join(rows)
+    others = [row for row in rows if row not in jobs]  # serving..., SIGTERM: ..., stopped: ...
+    assert len(others) <= 4 and rows[-1].endswith("stopped: 12 entries read, 12 acknowledged")

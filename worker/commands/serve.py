@@ -48,7 +48,7 @@ STARTUP_WAIT_S = 30.0
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
     del args
-    logsetup.configure(fmt=settings.log_format, level=settings.log_level)
+    _events_for(settings)
     # A service carries on without its event output (its outcomes are in Redis), said once.
     logsetup.when_lost(lambda name, exc: logsetup.tell(
         f"devserver-reaper serve: the events cannot be written to {name} "
@@ -79,6 +79,24 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         return _said(log, "serve.credentials_refused", exc, ExitCode.NO_PERMISSION)
     except TransientError as exc:  # a credential service that does not answer
         return _said(log, "serve.credentials_unavailable", exc, ExitCode.UNAVAILABLE)
+
+
+def _events_for(settings: Settings) -> None:
+    """Every event as a JSON line on stdout (a pipe, a pod's log, ``--log-format json``),
+    or on a terminal, rows for the person watching (:mod:`worker.terminal.served`)."""
+    if not (sys.stdout.isatty() and settings.log_format == "auto"):
+        logsetup.configure(fmt=settings.log_format, level=settings.log_level)
+        return
+    from worker.terminal.lines import style
+    from worker.terminal.output import display_on
+    from worker.terminal.served import ServeLines
+
+    screen = display_on(sys.stdout)
+    logsetup.configure_for_people(
+        render=ServeLines(),
+        write=lambda line: screen.print(line, style(line)),
+        level=settings.log_level,
+    )
 
 
 def _said(log: FilteringBoundLogger, event: str, exc: ReaperError, code: int) -> int:

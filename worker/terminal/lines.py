@@ -137,6 +137,7 @@ def _present(event: Mapping[str, Any]) -> list[str]:
     return [key for key in _COMMON if key in event]
 
 
+_TIME = re.compile(r"^\d\d:\d\d:\d\d ")
 _ONE_ROW = re.compile(r"(?:\d\d:\d\d:\d\d )?(?:deleted|absent) +\S+")
 """A job's outcome that needs no more than its row: its time, what, which id (and name)."""
 
@@ -152,7 +153,8 @@ def in_one_row(line: str, width: int) -> str | None:
 
 
 def style(line: str) -> str | None:
-    """The colour of a line: failures red, warnings yellow."""
+    """The colour of a line (after its time, if it has one): failures red, warnings yellow."""
+    line = _TIME.sub("", line, count=1)
     if line.startswith(("FAILED", "error:", "critical:")):
         return "red"
     if line.startswith(("warning:", "rejected")):
