@@ -24,6 +24,7 @@ from tests.e2e import reaper, reaper_env, until, write_ids
 from tests.tty import Terminal, Tmux
 from worker.discovery.plan import UNKEYED
 from worker.simulator import SimulatorConfig, run_simulator
+from worker.terminal.lines import EventLines
 
 _ESCAPE = re.compile(r"\x1b(?:\[[0-9;?]*[ -/]*[@-~]|\][^\x07]*\x07|[()][0-9A-B]|[78=>])")
 _COMMAND = re.compile(r"^\s*(?:[a-z ]+:\s+)?devserver-reaper [a-z]+(?: |$)")
@@ -179,3 +180,17 @@ async def test_serve_on_a_terminal_says_one_row_per_job(tmp_path: Path, redis_pr
     assert len(jobs) == len(ids) and all(" deleted " in row for row in jobs), "\n".join(rows)
     others = [row for row in rows if row not in jobs]  # serving..., SIGTERM: ..., stopped: ...
     assert len(others) <= 4 and rows[-1].endswith("stopped: 12 entries read, 12 acknowledged")
+
+
+def test_a_slowed_rate_is_said_in_words_on_a_terminal() -> None:
+    """``warning: rate.slowed  rate=5.255 asked=8.0 reason=throttled``, again at each cut,
+    was the event's fields: said as what happened and the pace now."""
+    lines = EventLines(0)
+    slowed = {"event": "rate.slowed", "level": "warning", "rate": 5.255, "asked": 8.0,
+              "reason": "throttled"}  # fmt: skip
+    assert lines.line(slowed) == (
+        "warning: the API refuses calls (throttled): slowed to 5.25 calls/s of the 8 asked"
+    )
+    assert lines.line({"event": "rate.restored", "level": "warning", "rate": 8.0}) == (
+        "the API takes calls again: back to 8 calls/s"
+    )

@@ -114,6 +114,8 @@ class EventLines:
             )
         level = str(event.get("level", "info"))
         head = f"{level}: " if level in ("warning", "error", "critical") else ""
+        if name in _RATE:  # said again at each change: a sentence, not the event's fields
+            return _RATE[name](head, event)
         said = [key for key in ("error", "reason") if key in event]  # a sentence of its own
         if said and len(event) - len(_present(event)) == 1:
             return f"{head}{event[said[0]]}"
@@ -131,6 +133,18 @@ class EventLines:
 
     def __repr__(self) -> str:
         return f"EventLines(verbosity={self._verbosity}, shown={dict(self.shown)})"
+
+
+_RATE = {
+    "rate.slowed": lambda head, e: (
+        f"{head}the API refuses calls ({e.get('reason')}): slowed to "
+        f"{float(e.get('rate') or 0):.3g} calls/s of the {float(e.get('asked') or 0):g} asked"
+    ),
+    "rate.restored": lambda head, e: (
+        f"the API takes calls again: back to {float(e.get('rate') or 0):g} calls/s"
+    ),
+}
+"""``--rate``'s slow-downs in words: ``rate=5.255 asked=8.0 reason=throttled`` said little."""
 
 
 def _present(event: Mapping[str, Any]) -> list[str]:
