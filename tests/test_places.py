@@ -66,16 +66,33 @@ class Parking(Gateway):
                 self._changed.notify_all()
 
 
+def _named(path: Path, ids: list[str], url: str) -> Path:
+    """Each id on a line naming its project and endpoint (a target: the run's fair share
+    between endpoints applies), all of them the one endpoint."""
+    lines = (orjson.dumps({"id": i, "project_id": "other-project", "endpoint": url}) for i in ids)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["plain", "named-target"])
 async def test_a_call_asleep_on_retry_after_leaves_its_place_on_the_wire_to_the_others(
-    tmp_path: Path,
+    tmp_path: Path, named: bool
 ) -> None:
     """``--concurrency 4``: never more than 4 DELETEs out at once, and while a refused
     batch's worker sleeps its ``Retry-After`` the others still have 4 out (the fake holds
     them until 4 are, or the refused batch comes back). Every id ends deleted, once. (The
-    old code kept the sleeping worker's place among the 4: 3 out while it slept.)"""
+    old code kept the sleeping worker's place among the 4: 3 out while it slept.)
+
+    The same when every line names its target (``named-target``): one endpoint alone has
+    every place, and a batch of it asleep holds none of its share. (The old code shared the
+    dispatchers, not the places, between endpoints, never all of them to one, and counted a
+    batch asleep in its endpoint's share: 3 out at most, 2 while one slept.)"""
     gateway = Parking(JOBS, refuse=3)
     async with serve_gateway(gateway) as url:
-        src = write_ids(tmp_path / "ids.txt", gateway.job_ids())
+        if named:
+            src = _named(tmp_path / "ids.jsonl", gateway.job_ids(), url)
+        else:
+            src = write_ids(tmp_path / "ids.txt", gateway.job_ids())
         out = tmp_path / "results.jsonl"
         done = await reaper(
             ["run", "-i", str(src), "--yes", "--results", str(out), "--batch-size", "5",

@@ -343,6 +343,7 @@ async def build_calls(
         state=state,
         working=working,
         targets=targets,
+        held=router,
     )
     default_lane = router.lane(None)  # the settings' project's: a plan's, and the first made
     guard = default_lane if isinstance(default_lane, Guard) else None

@@ -65,6 +65,17 @@ class BatchProcessor(Protocol):
     async def process(self, batch: Batch) -> None: ...
 
 
+class Held(Protocol):
+    """Batches the dispatcher held back, each to go when its endpoint has room
+    (``worker.routing.Router``)."""
+
+    def ready(self) -> Batch | None:
+        """One that may go now, taken out; None when none may."""
+
+    async def until_ready(self) -> bool:
+        """Return True once one may go, False once none is held."""
+
+
 @dataclass(slots=True)
 class RunState:
     """Why the run stopped, if it did. Read by the command to pick the exit code."""
@@ -175,11 +186,15 @@ class Pipeline:
         state: RunState | None = None,
         working: Working | None = None,
         targets: Targets | None = None,
+        held: Held | None = None,
     ) -> None:
         """``targets``: resolves the project, region or endpoint a line names; None: this
         run sends to one project only (its dispatcher is not a ``worker.routing.Router``),
-        and a line naming any is rejected with the reason, never sent."""
+        and a line naming any is rejected with the reason, never sent. ``held``: the
+        batches the dispatcher holds back for their endpoint's share (the router), taken
+        by a dispatcher with a free hand before the next batch read, and after the last."""
         self._entries = entries
+        self._held = held
         self._targets = targets
         self._ledger = ledger
         self._journal = journal
@@ -270,12 +285,22 @@ class Pipeline:
         return doubted(batch, self._unsure)
 
     async def _dispatch(self, receive: MemoryObjectReceiveStream[Batch]) -> None:
+        held = self._held
+        read = True  # batches may still come from the intake
         async with receive:
             while True:
+                if not read and (held is None or not await held.until_ready()):
+                    return  # none more read, and none held back
                 await self._working.take_hand()
                 try:
-                    if (batch := await _next_batch(receive)) is None or self.state.stopping:
+                    batch = None if held is None else held.ready()
+                    if batch is None and read:
+                        batch = await _next_batch(receive)
+                        read = batch is not None
+                    if self.state.stopping:
                         return
+                    if batch is None:
+                        continue  # another dispatcher took the batch held back
                     self._journal.dispatching(batch.ids)
                     with self._working.busy():
                         await self._dispatcher.process(batch)

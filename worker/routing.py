@@ -82,28 +82,54 @@ about 2 MB, and at 500 ids/s for the others what a detection window of 40 s need
 
 
 class _Endpoint:
-    """One endpoint's dispatchers at work and the batches waiting for one of them."""
+    """One endpoint's batches at work (``in_lane``, ``asleep`` of them on a Retry-After or
+    a back-off) and the batches waiting for its share; whether its last call was answered
+    (``answering``), or met a 5xx, a timeout or a reset."""
 
-    __slots__ = ("deferred", "ids", "in_lane", "room")
+    __slots__ = ("answering", "asleep", "deferred", "ids", "in_lane", "moved", "room")
 
-    def __init__(self) -> None:
+    def __init__(self, moved: Callable[[], None]) -> None:
         self.in_lane = 0
+        self.asleep = 0
+        self.answering = False
         self.deferred: deque[Batch] = deque()
         self.ids = 0  # in ``deferred``
         self.room = anyio.Event()
+        self.moved = moved  # what may give a waiting batch its turn changed
+
+    @property
+    def awake(self) -> int:
+        """Its batches at work and not asleep: each has at most one call on the wire."""
+        return self.in_lane - self.asleep
+
+    def sleeping(self, change: int) -> None:
+        """A batch of it fell asleep (``+1``) or woke (``-1``): ``Working.lane``."""
+        self.asleep += change
+        self._room()
+
+    def heard(self, answered: bool) -> None:
+        """A call of it was answered, or not (``Working.lane``)."""
+        if answered != self.answering:
+            self.answering = answered
+            self._room()
 
     def defer(self, batch: Batch) -> None:
         self.deferred.append(batch)
         self.ids += len(batch)
+        self.moved()
 
     def next(self) -> Batch | None:
         if not self.deferred:
             return None
         batch = self.deferred.popleft()
         self.ids -= len(batch)
+        self._room()
+        return batch
+
+    def _room(self) -> None:
         self.room.set()
         self.room = anyio.Event()
-        return batch
+        self.moved()
 
     @property
     def busy(self) -> bool:
@@ -111,18 +137,22 @@ class _Endpoint:
 
 
 class FairShare:
-    """Dispatchers shared fairly between the endpoints that have work.
+    """The places on the wire shared fairly between the endpoints that have work.
 
     Once :attr:`several` is set (a batch of a named target has come), an endpoint's batches
-    hold at most its share of ``concurrency`` (``concurrency`` over the endpoints with
-    batches at work or waiting, rounded up, and never all of it; the pool runs twice that
-    many dispatchers, and a batch asleep on a ``Retry-After`` counts in its endpoint's
-    share, so one endpoint alone has at most ``concurrency - 1`` calls on the wire), and a
-    batch beyond its share waits here (up to ``defer_ids`` ids an endpoint), not in a
-    dispatcher. So a region whose calls hang until they time out holds only its share while
-    its breaker and the retries decide it is down, and the others go on at their pace. A
-    dispatcher that finishes a batch of an endpoint takes that endpoint's next waiting one,
-    so none is forgotten, until ``stopping()``: what still waits then is :meth:`left`'s.
+    awake (at work and not asleep on a ``Retry-After`` or a back-off: each has at most one
+    call on the wire; every one at work while its calls fail, see :meth:`_at_work`) are at
+    most its share of the ``concurrency`` places: all of them
+    while no other endpoint has batches at work or waiting and its last call was answered
+    (all but one before: see :meth:`share`), else ``concurrency`` over the endpoints that
+    have, rounded up. A batch beyond its share waits here (up to
+    ``defer_ids`` ids an endpoint), not in a dispatcher, and the dispatchers' hands go one
+    beyond the places (``Working.spare``), so one is always free to bring in another
+    endpoint's batch. So a region whose calls hang holds only its share while its breaker
+    and the retries decide it is down, and the others go on at their pace. A batch waiting
+    is sent when its endpoint has room: by a dispatcher that finishes a batch of that
+    endpoint, or by one that takes a hand (:meth:`ready`, :meth:`until_ready`), as when a
+    batch of it falls asleep; until ``stopping()``: what still waits then is :meth:`left`'s.
 
     A batch waiting for a share whose endpoint is down meanwhile (``down``: serve's paused
     endpoints, whose one batch in a dispatcher is the probe, kept there until the endpoint
@@ -148,45 +178,112 @@ class FairShare:
         self._working = working if working is not None else Working()
         self._defer_ids = defer_ids
         self._endpoints: dict[str, _Endpoint] = {}
-        self.several = False
+        self._several = False
+        self._moved = anyio.Event()
         self.deferred = 0  # batches that waited for their endpoint's share
 
+    @property
+    def several(self) -> bool:
+        """A batch of a named target has come: the endpoints share the places."""
+        return self._several
+
+    @several.setter
+    def several(self, value: bool) -> None:
+        self._several = value
+        self._working.spare = 1 if value else 0
+
     def share(self, endpoint: str) -> int:
-        """The dispatchers ``endpoint``'s batches may hold now: all of them while no batch
-        has named a target (one project's, as it always was: ``Working.tasks``); else a
-        fair share of ``concurrency`` (the places on the wire, so an endpoint whose calls
-        hang holds no more of them than its share), never the last, which must stay free to
-        bring in the others' batches."""
-        if not self.several:
+        """The batches of ``endpoint`` that may be at work now (:meth:`_at_work`): all the
+        dispatchers while no batch has named a target (one project's, as it always was:
+        ``Working.tasks``); else a fair share of the ``concurrency`` places (so an endpoint
+        whose calls hang holds no more of them than its share). Every one to an endpoint
+        alone whose last call was answered, when the places bound the calls (a spare hand
+        brings in the others' batches); else never the last, which stays free for another
+        endpoint's batch: a region whose calls hang from its first would keep it waiting
+        for their timeouts."""
+        if not self._several:
             return self._working.tasks(self._concurrency)
         busy = sum(state.busy for name, state in self._endpoints.items() if name != endpoint)
         share = -(-self._concurrency // (busy + 1))
-        return max(1, min(share, self._concurrency - 1))
+        state = self._endpoints.get(endpoint)
+        whole = state is not None and self._answering(state)
+        return max(1, min(share, self._concurrency - (not whole)))
+
+    def _answering(self, state: _Endpoint) -> bool:
+        """The places bound the calls, and the endpoint's last call was answered (not a 5xx,
+        a timeout or a reset)."""
+        return self._working.places is not None and state.answering
+
+    def _at_work(self, state: _Endpoint) -> int:
+        """An endpoint's batches that count in its share: those awake while it answers (a
+        batch asleep on a ``Retry-After`` or a back-off holds no place, and a dispatcher
+        stands in for it); else every one in a dispatcher's hands: another batch of an
+        endpoint that fails would meet the same failure, or wait behind its breaker's
+        probe (serve's paused endpoint has one batch in a dispatcher)."""
+        return state.awake if self._answering(state) else state.in_lane
+
+    def _state(self, endpoint: str) -> _Endpoint:
+        state = self._endpoints.get(endpoint)
+        if state is None:
+            state = self._endpoints[endpoint] = _Endpoint(self._move)
+        return state
+
+    def _move(self) -> None:
+        self._moved.set()
+        self._moved = anyio.Event()
 
     async def take(
         self, endpoint: str, batch: Batch, send: Callable[[Batch], Awaitable[None]]
     ) -> None:
         """``send(batch)`` now if ``endpoint`` is within its share, else keep it for a
-        dispatcher of its share; then send that endpoint's waiting batches."""
-        state = self._endpoints.get(endpoint)
-        if state is None:
-            state = self._endpoints[endpoint] = _Endpoint()
-        while state.in_lane >= self.share(endpoint) and not self._stopping():
+        dispatcher of its share; then send that endpoint's waiting batches while it has
+        room."""
+        state = self._state(endpoint)
+        while self._at_work(state) >= self.share(endpoint) and not self._stopping():
             if state.ids + len(batch) <= self._defer_ids or not state.deferred:
                 self.deferred += 1
                 state.defer(batch)  # a dispatcher of its share takes it: this one is free
                 return
             with self._working.waiting():  # not working: a stop need not wait for this
                 await state.room.wait()  # back-pressure: as many ids wait as may
+        await self._send(endpoint, state, batch, send)
+
+    async def _send(
+        self, endpoint: str, state: _Endpoint, batch: Batch,
+        send: Callable[[Batch], Awaitable[None]],
+    ) -> None:  # fmt: skip
         state.in_lane += 1
         try:
-            next_batch: Batch | None = batch
-            while next_batch is not None:
-                await send(next_batch)
-                next_batch = None if self._stopping() else state.next()
+            with self._working.lane(state):  # its sleeps leave its share to the others
+                next_batch: Batch | None = batch
+                while next_batch is not None:
+                    await send(next_batch)
+                    ours = self._at_work(state) <= self.share(endpoint)  # this one counted
+                    next_batch = None if self._stopping() or not ours else state.next()
         finally:
             state.in_lane -= 1
+            self._move()
         await self._send_down(send)
+
+    def ready(self) -> Batch | None:
+        """A waiting batch whose endpoint has room now, taken out, for a dispatcher with a
+        free hand to ``take`` (nothing awaited between: it goes); None when none has."""
+        if self._stopping():
+            return None
+        for endpoint, state in self._endpoints.items():
+            if state.deferred and self._at_work(state) < self.share(endpoint):
+                return state.next()
+        return None
+
+    async def until_ready(self) -> bool:
+        """Return True once a waiting batch's endpoint has room, False once none waits (or
+        the run stops): for a dispatcher with no more batches to take."""
+        while self.waiting and not self._stopping():
+            if any(state.deferred and self._at_work(state) < self.share(name)
+                   for name, state in self._endpoints.items()):  # fmt: skip
+                return True
+            await self._moved.wait()
+        return False
 
     async def _send_down(self, send: Callable[[Batch], Awaitable[None]]) -> None:
         """``send`` the waiting batches of endpoints down now (``down``), first come first."""
@@ -196,9 +293,11 @@ class FairShare:
                 assert batch is not None
                 state.in_lane += 1  # within its share's count, should it be sent after all
                 try:
-                    await send(batch)
+                    with self._working.lane(state):
+                        await send(batch)
                 finally:
                     state.in_lane -= 1
+                    self._move()
 
     def left(self) -> list[Batch]:
         """The batches still waiting (none sent), taken out: after a stop."""
@@ -220,9 +319,9 @@ class Router:
     """Sends each batch to its target's lane; keeps an endpoint's outage, or a project the
     API does not know, to its own ids.
 
-    Once a batch of a named target has come, the ``concurrency`` dispatchers are shared
-    fairly between the endpoints that have work (:class:`FairShare`): a region whose calls
-    hang holds only its share while its breaker and the retries decide it is down.
+    Once a batch of a named target has come, the ``concurrency`` places on the wire are
+    shared fairly between the endpoints that have work (:class:`FairShare`): a region whose
+    calls hang holds only its share while its breaker and the retries decide it is down.
 
     ``down``: the endpoints taken out, with the error; ``refused``: the places (project and
     endpoint) taken out; ``left_open``: the ids of their later batches, not sent because
@@ -283,6 +382,14 @@ class Router:
     def deferred(self) -> int:
         """Batches that waited for their endpoint's share."""
         return self._fair.deferred
+
+    def ready(self) -> Batch | None:
+        """A batch that waited for its endpoint's share and may go now (``FairShare``)."""
+        return self._fair.ready()
+
+    async def until_ready(self) -> bool:
+        """Once such a batch may go: True; once none waits: False (``FairShare``)."""
+        return await self._fair.until_ready()
 
     async def process(self, batch: Batch) -> None:
         if batch.target is not None:

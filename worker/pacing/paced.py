@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -46,6 +47,7 @@ from worker.errors import (
     ThrottledError,
     TransientError,
 )
+from worker.pacing.breaker import FAILURES
 from worker.pacing.bucket import RateLimiter
 from worker.pacing.retry import RetryPolicy
 
@@ -59,6 +61,23 @@ T = TypeVar("T")
 
 class Stopped(ReaperError):
     """The run is stopping: nothing more was sent, and the work stays open."""
+
+
+class LaneWatch(Protocol):
+    """What ``worker.routing`` learns of an endpoint's batches from their calls."""
+
+    def sleeping(self, change: int) -> None:
+        """A task of the lane fell asleep (``+1``) on a Retry-After or a back-off, or woke
+        (``-1``)."""
+
+    def heard(self, answered: bool) -> None:
+        """A call of the lane was answered, or not: a 5xx, a timeout, a reset, a body cut
+        short (what the breaker counts as the API failing)."""
+
+
+_LANE: ContextVar[LaneWatch | None] = ContextVar("devserver_reaper_lane", default=None)
+"""The lane the current task sends for (``Working.lane``): its sleeps and answers are told
+to it."""
 
 
 class Working:
@@ -77,10 +96,12 @@ class Working:
 
     And the batches in hand (``take_hand``): at most ``places`` besides those whose task is
     asleep on a ``Retry-After`` or a back-off (``sleeping``), so the dispatchers beyond
-    ``places`` (``tasks``) only stand in for those asleep."""
+    ``places`` (``tasks``) only stand in for those asleep; and ``spare`` more (one once the
+    endpoints share the places, ``worker.routing.FairShare``: a hand free to bring in
+    another endpoint's batch while one endpoint's calls take every place)."""
 
     __slots__ = ("_hands", "_idle", "_queue", "asleep", "count", "in_hand", "most_on_wire",
-                 "on_wire", "places")  # fmt: skip
+                 "on_wire", "places", "spare")  # fmt: skip
 
     def __init__(self, places: int | None = None) -> None:
         if places is not None and places < 1:
@@ -93,13 +114,14 @@ class Working:
         self._queue: deque[anyio.Event] = deque()
         self.in_hand = 0  # batches in dispatchers' hands (``take_hand``)
         self.asleep = 0  # tasks asleep on a Retry-After or a back-off (``sleeping``)
+        self.spare = 0  # hands beyond ``places`` (``take_hand``)
         self._hands: anyio.Event | None = None
 
     async def take_hand(self) -> None:
         """Before a dispatcher takes a batch: wait while ``places`` batches are in hand and
         awake, then count one more. So the extra dispatchers (``tasks``) stand in for those
         asleep only: batches are not read, checked or held further ahead than before."""
-        while self.places is not None and self.in_hand - self.asleep >= self.places:
+        while self.places is not None and self.in_hand - self.asleep >= self.places + self.spare:
             if self._hands is None:
                 self._hands = anyio.Event()
             await self._hands.wait()
@@ -112,13 +134,36 @@ class Working:
 
     @contextmanager
     def sleeping(self) -> Iterator[None]:
-        """Asleep on a Retry-After or a back-off: another dispatcher may take a batch."""
+        """Asleep on a Retry-After or a back-off: another dispatcher may take a batch, and
+        the task's lane (``lane``) is told."""
+        lane = _LANE.get()
         self.asleep += 1
+        if lane is not None:
+            lane.sleeping(1)
         self._more_hands()
         try:
             yield
         finally:
             self.asleep -= 1
+            if lane is not None:
+                lane.sleeping(-1)
+
+    @contextmanager
+    def lane(self, watch: LaneWatch) -> Iterator[None]:
+        """The current task sends for ``watch``'s lane meanwhile: its sleeps and its calls'
+        answers (``heard``) are told."""
+        token = _LANE.set(watch)
+        try:
+            yield
+        finally:
+            _LANE.reset(token)
+
+    @staticmethod
+    def heard(answered: bool) -> None:
+        """A call of the current task's lane was answered, or not (``LaneWatch.heard``)."""
+        lane = _LANE.get()
+        if lane is not None:
+            lane.heard(answered)
 
     def _more_hands(self) -> None:
         if self._hands is not None:
@@ -337,8 +382,11 @@ class PacedCall:
                 gate.record(exc, probe=probe)
             if isinstance(exc, ApiError):
                 self._feedback(exc, self._clock.now() - started)
+            if isinstance(exc, Exception):  # a cancellation says nothing of the endpoint
+                Working.heard(isinstance(exc, ApiError) and not isinstance(exc, FAILURES))
             raise
         self._unplace(placed)
+        Working.heard(True)
         if gate is not None:
             gate.record(None, probe=probe)
         self._feedback(None, self._clock.now() - started)

@@ -421,7 +421,7 @@ class Service:
             self._block(NotAStream(f"{what}: a key of the queue holds another type"))
 
     async def _dispatch(self, receive: MemoryObjectReceiveStream[Batch]) -> None:
-        """Each batch through the dispatcher, the dispatchers shared fairly between the
+        """Each batch through the dispatcher, the places on the wire shared fairly between the
         endpoints (``worker.routing.FairShare``, as ``run``'s): the batches of a region
         whose calls hang until its breaker and their attempts say it is down hold only its
         share, and the other regions' are served meanwhile."""
@@ -429,8 +429,11 @@ class Service:
             while True:
                 await self._working.take_hand()  # the extra dispatchers: for those asleep
                 try:
+                    # One held back for its endpoint's share first, if its endpoint has room
+                    # now (a batch of it fell asleep on a Retry-After): then the next read.
+                    batch = self._fair.ready()
                     try:
-                        batch = await receive.receive()
+                        batch = batch or await receive.receive()
                     except anyio.EndOfStream:
                         return
                     if await self._dispatch_taken(batch):
