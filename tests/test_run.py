@@ -9,6 +9,7 @@ import signal
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -87,22 +88,55 @@ async def test_fault_matrix_every_id_ends_with_exactly_one_outcome(tmp_path: Pat
         assert sample["create_at"].endswith("Z")
 
 
+def _batched(src: Path, out: Path, *, size: int, concurrency: int) -> list[str]:
+    """``run`` of ``src`` into ``out`` in batches of ``size``, fast."""
+    return ["run", "-i", str(src), "--yes", "--results", str(out), "--batch-size", str(size),
+            "--concurrency", str(concurrency), "--rate", "1000", "--burst", "50"]  # fmt: skip
+
+
 async def test_a_batch_limit_the_api_keeps_to_itself_is_learnt_once(tmp_path: Path) -> None:
     """The API takes at most 7 ids a call (it documents no limit). Every batch of 50 used to
     find that out again by splitting: 15 calls, 7 of them refused, for each batch. The first
-    batch still does; the others go out in pieces of 7 (8 calls each, none refused)."""
+    batch still does; the others go out in pieces of 7 (8 calls each), but for a larger
+    piece now and then, to learn whether the limit rose (``worker.batchsize``): after 8,
+    16 and 32 calls at the cap, each refused, split, and costing one call more."""
     async with run_simulator(SimulatorConfig(jobs=500, seed=12, max_batch=7)) as sim:
         src = write_ids(tmp_path / "ids.txt", sim.job_ids())
         out = tmp_path / "results.jsonl"
-        done = await reaper(
-            ["run", "-i", str(src), "--yes", "--results", str(out), "--batch-size", "50",
-             "--concurrency", "1", "--rate", "1000", "--burst", "50"],
-            reaper_env(sim.url),
-        )  # fmt: skip
+        done = await reaper(_batched(src, out, size=50, concurrency=1), reaper_env(sim.url))
         assert done.code == 0, done.stderr
         assert {row["outcome"] for row in results(out)} == {"deleted"}
         assert len(results(out)) == 500 and sim.job_ids() == []
-        assert (sim.stats.delete_calls, sim.stats.bad_requests) == (15 + 9 * 8, 7)
+        assert (sim.stats.delete_calls, sim.stats.bad_requests) == (15 + 9 * 8 + 3, 7 + 3)
+
+
+async def test_a_batch_limit_that_rises_mid_run_is_found_again(tmp_path: Path) -> None:
+    """The API takes at most 3 ids a call, then, 40 calls in, 9. The run learns 3 by
+    splitting, and later probes a larger piece now and then: taken, it is the new cap. So
+    the ids left when the limit rose go out in far fewer calls than pieces of 3 need (the
+    old code kept to 3 for good: 277 calls for 600 ids); every id ends deleted, each in one
+    call taken whole."""
+    async with run_simulator(SimulatorConfig(jobs=600, seed=5, max_batch=3)) as sim:
+        src = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        out = tmp_path / "results.jsonl"
+        rose: dict[str, int] = {}
+
+        async def raise_the_limit() -> None:
+            while sim.stats.delete_calls < 40:
+                await anyio.sleep(0.002)
+            sim.config = replace(sim.config, max_batch=9)
+            rose.update(calls=sim.stats.delete_calls, left=len(sim.job_ids()))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(raise_the_limit)
+            done = await reaper(_batched(src, out, size=30, concurrency=2), reaper_env(sim.url))
+        assert done.code == 0, done.stderr
+        rows = results(out)
+        assert {row["outcome"] for row in rows} == {"deleted"}
+        assert len(rows) == 600 and sim.job_ids() == [] and sim.stats.deletions == 600
+        after = sim.stats.delete_calls - rose["calls"]
+        at_three = -(-rose["left"] // 3)  # what pieces of 3 need for the ids left
+        assert rose["left"] > 300 and after < 0.6 * at_three, (rose, after, sim.stats)
 
 
 async def test_rate_auto_against_a_quota_deletes_every_id_once_and_says_what_it_met(

@@ -28,9 +28,10 @@ The policy, by error class:
 - any other 4xx on more than one id: split in halves until the offending ids stand alone;
   they end ``failed``, the rest proceed. A single id answered 404 is ``absent``. When both
   halves of a refused batch are then accepted whole, the refusal was the batch's size (the
-  API documents no limit): later batches go out in pieces no larger than the halves were.
-  While that is being found out, another batch as large waits for it rather than be
-  refused as well (``worker.batchsize``).
+  API documents no limit): later batches go out in pieces no larger than the halves were,
+  but for a larger piece now and then, to learn whether the limit rose (a probe: refused,
+  it is split as any call). While that is being found out, another batch as large waits for
+  it rather than be refused as well (``worker.batchsize``).
 - 401/403 and TLS refusals: raised at once; nothing more is sent by anyone.
 
 A batch that only looks (``Batch.look``: ids of serve's entries given up unsent) is read
@@ -296,9 +297,13 @@ class Dispatcher:
                     await self.sizes.clear(len(ids))
             cap = self.sizes.cap
             if cap is not None and len(ids) > cap:
-                for number, start in enumerate(range(0, len(ids), cap), start=1):
-                    piece = ids[start : start + cap]
-                    await self._delete(f"{batch_id}.{number}", piece, doubt)
+                number = start = 0
+                while start < len(ids):  # at the cap, or now and then a probe past it
+                    number += 1
+                    with self.sizes.piece(len(ids) - start) as size:
+                        piece = ids[start : start + size]
+                        await self._delete(f"{batch_id}.{number}", piece, doubt)
+                    start += size
                 return
             try:
                 await self._delete(batch_id, ids, doubt, whole=True)
