@@ -70,11 +70,16 @@ class Gateway:
                 self.delete_counts[job_id] += 1
         return removed
 
-    async def delete(self, request: web.Request) -> web.StreamResponse:
+    async def counted(self, request: web.Request) -> list[str]:
+        """A DELETE counted, and the ids it asks for (recorded in ``asked``)."""
         self.calls += 1
         self.delete_calls += 1
         ids = list(orjson.loads(await request.read())["job_ids"])
         self.asked.update(ids)
+        return ids
+
+    async def delete(self, request: web.Request) -> web.StreamResponse:
+        ids = await self.counted(request)
         call = self.delete_calls
         behaviour = self.script(call, ids)
         if behaviour.startswith("late-"):  # answered once the next DELETE is on the wire

@@ -67,3 +67,29 @@ async def test_budget_holds_under_concurrent_takers() -> None:
 def test_unlimited_budget_grants_everything() -> None:
     budget = DeletionBudget(None)
     assert budget.take(10**6) == 10**6
+
+
+@pytest.mark.anyio
+async def test_a_share_given_back_goes_to_the_one_waiting_and_the_cap_is_reached_only_then() -> (
+    None
+):
+    """Two shares taken of a cap of 2, open; a third asker waits (``settled``) instead of
+    being told the cap is reached, and takes the share the first gives back unsent."""
+    budget = DeletionBudget(2)
+    assert budget.take(1) == 1 and budget.take(1) == 1
+    assert budget.spent and not budget.reached and budget.open == 2
+    took: list[int] = []
+
+    async def third() -> None:
+        await budget.settled()
+        took.append(budget.take(1))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(third)
+        await anyio.wait_all_tasks_blocked()
+        assert took == []  # waiting: a share may come back
+        budget.settle(1, unsent=1)  # the first sent nothing after all
+    assert took == [1] and budget.open == 2 and not budget.reached
+    budget.settle(1)
+    budget.settle(1)
+    assert budget.reached and budget.taken == 2 and budget.left == 0

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 from aiohttp import web
 
@@ -35,11 +34,7 @@ class LateGateway(Gateway):
     async def delete(self, request: web.Request) -> web.StreamResponse:
         if self.delete_calls:
             return await super().delete(request)
-        self.calls += 1
-        self.delete_calls += 1
-        ids = list(orjson.loads(await request.read())["job_ids"])
-        self.asked.update(ids)
-        self._apply(ids)
+        self._apply(await self.counted(request))
         await asyncio.sleep(LATE_S)
         return web.json_response(
             {"error_code": "APIGW.0201", "error_msg": "Bad gateway"}, status=502

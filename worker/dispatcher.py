@@ -270,22 +270,41 @@ class Dispatcher:
                 *[i for i in ids if i in batch.unsure],
                 *[i for i in ids if i not in batch.unsure],
             )
-        granted = len(batch.unsure) + self._budget.take(len(ids) - len(batch.unsure))
-        if granted < len(ids):
-            await self._skip(batch, ids[granted:], "max_deletions")
         doubt = Doubt(batch)
-        if granted:
-            try:
-                await self._delete_sized(batch.batch_id, ids[:granted], doubt)
-            except ApiUnavailable as exc:  # the ids stay open: say which may be gone by us
-                exc.unsure = frozenset(doubt.unsure)
-                raise
-        # Not sent, or sent only to be answered "not applied": the budget they took is theirs
-        # again when they come back re-checked. Those in doubt keep theirs, and say so.
-        self._budget.give_back(doubt.unsent)
+        held = self._budget.take(len(ids) - len(batch.unsure))
+        granted, done = len(batch.unsure) + held, 0
+        while True:
+            if granted:
+                await self._delete_shared(batch.batch_id, ids[done : done + granted], doubt, held)
+                done += granted
+            if done == len(ids):
+                break
+            if self._budget.reached:  # the cap, and no share taken may come back
+                await self._skip(batch, ids[done:], "max_deletions")
+                break
+            with self._waiting():  # shares taken are out: some may come back
+                await self._budget.settled()
+            held = granted = self._budget.take(len(ids) - done)
         stale = tuple(doubt.stale)
         unsure = frozenset(doubt.unsure.intersection(stale))
         return Batch(batch.batch_id, stale, unsure, batch.known)
+
+    async def _delete_shared(
+        self, batch_id: str, ids: Sequence[str], doubt: Doubt, held: int
+    ) -> None:
+        """``_delete_sized``, on ``held`` shares of the cap taken for ``ids`` (the others of
+        them counted already, by a run that died with them sent), settled after."""
+        try:
+            await self._delete_sized(batch_id, ids, doubt)
+        except BaseException as exc:
+            self._budget.settle(held)
+            if isinstance(exc, ApiUnavailable):  # the ids stay open: say which may be ours
+                exc.unsure = frozenset(doubt.unsure)
+            raise
+        # Not sent, or sent only to be answered "not applied": the budget they took is theirs
+        # again when they come back re-checked. Those in doubt keep theirs, and say so.
+        self._budget.settle(held, doubt.unsent)
+        doubt.unsent = 0
 
     async def _delete_sized(self, batch_id: str, ids: Sequence[str], doubt: Doubt) -> None:
         """``ids`` in one call, or in pieces of the size the API is known to take; a call

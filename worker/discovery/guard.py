@@ -16,7 +16,9 @@ dispatcher) and ends the rest itself:
    (``protected``); one that no longer matches the plan's filters ``skipped``
    (``plan_mismatch``); one that cannot be read (a 4xx) ``failed``, because a job we cannot
    check is a job we do not delete;
-4. once ``--max-deletions`` is spent, the rest end ``skipped`` (``max_deletions``) unread;
+4. once ``--max-deletions`` is spent, and no share of it taken may come back (a batch
+   whose check expired gives back what it did not send: a batch waits for those), the rest
+   end ``skipped`` (``max_deletions``) unread;
 5. once the plan being applied has expired (``PlanCheck.expired``: on the run's clock or on
    the system's, whichever says so first), the rest end ``skipped`` (``plan_expired``)
    unread, and no check holds past that instant: a batch read before it whose DELETE's turn
@@ -37,6 +39,7 @@ import fnmatch
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -481,7 +484,13 @@ class Guard:
         ended: list[Result] = []
         remaining: list[str] = []
         held: list[tuple[str, str, str | None]] = []  # kept from a DELETE, but in doubt
-        spent = self._budget is not None and self._budget.spent
+        spent = False
+        if self._budget is not None and self._budget.spent:
+            # Past --max-deletions only once no share taken may come back (a batch whose
+            # check expired gives back what it did not send): till then, waiting.
+            with self._reader.waiting() if self._reader is not None else nullcontext():
+                await self._budget.settled()
+            spent = self._budget.reached
         for job_id in batch.ids:
             rule: tuple[str, str | None] | None = None
             if self._protection.protects_id(job_id):

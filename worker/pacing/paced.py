@@ -300,6 +300,10 @@ class PacedCall:
     def _waiting(self) -> AbstractContextManager[None]:
         return self._working.waiting() if self._working is not None else nullcontext()
 
+    def waiting(self) -> AbstractContextManager[None]:
+        """A caller's wait that is not work (``Working.waiting``): a stop cancels it at once."""
+        return self._waiting()
+
     def _sleeping(self) -> AbstractContextManager[None]:
         return self._working.sleeping() if self._working is not None else nullcontext()
 
@@ -453,6 +457,10 @@ class PacedReader:
             return await self._read(lambda: self._api.get_job(job_id), job_id)
         except NotFound:
             return None
+
+    def waiting(self) -> AbstractContextManager[None]:
+        """A wait of the reader's caller that is not work (``PacedCall.waiting``)."""
+        return self._paced.waiting()
 
     async def list_page(self, **query: str | int | bool) -> JobPage:
         return await self._read(lambda: self._api.list_jobs(**query), "list")
