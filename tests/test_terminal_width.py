@@ -194,3 +194,25 @@ def test_a_slowed_rate_is_said_in_words_on_a_terminal() -> None:
     assert lines.line({"event": "rate.restored", "level": "warning", "rate": 8.0}) == (
         "the API takes calls again: back to 8 calls/s"
     )
+
+
+@pytest.mark.anyio
+async def test_discovers_table_is_a_row_per_job_at_80_columns(tmp_path: Path) -> None:
+    """The table of jobs is 130 columns wide: at 80 the terminal wrapped each job into two
+    rows, its type cut in two at column 0. Each row is cut to the width instead, with a
+    note on how to see every field."""
+    async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+        env = reaper_env(sim.url, REAPER_LOG_FORMAT="auto")
+
+        def discover() -> tuple[int, Terminal]:
+            term = Terminal(["discover", "--all"], env, columns=80, cwd=str(tmp_path))
+            return term.wait(), term
+
+        code, term = await anyio.to_thread.run_sync(discover)
+        ids = sim.job_ids()
+    assert code == 0, term.screen_text()
+    assert overflowing(term) == [], term.screen_text()
+    rows = term.lines()
+    assert rows[0].startswith("ID  ") and rows[0].endswith("…")
+    assert [row[:36] for row in rows[1:4]] == ids
+    assert "(rows cut to the terminal's width: -o jsonl shows every field)" in rows
