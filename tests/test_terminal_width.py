@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
+import orjson
 import pytest
 
 from tests.conftest import REDIS_URL
@@ -216,3 +217,22 @@ async def test_discovers_table_is_a_row_per_job_at_80_columns(tmp_path: Path) ->
     assert rows[0].startswith("ID  ") and rows[0].endswith("…")
     assert [row[:36] for row in rows[1:4]] == ids
     assert "(rows cut to the terminal's width: -o jsonl shows every field)" in rows
+
+
+@pytest.mark.anyio
+async def test_events_as_json_on_a_terminal_are_never_broken_into_rows(tmp_path: Path) -> None:
+    """``--log-format json`` on an 80-column terminal: the rejected line's event is wider
+    than the terminal and holds spaces; it is written as one line that parses, not broken
+    at a space inside a string."""
+    async with run_simulator(SimulatorConfig(jobs=2)) as sim:
+        source = write_ids(tmp_path / "ids.txt", [*sim.job_ids(), "not a job id!"])
+        env = reaper_env(sim.url, REAPER_LOG_FORMAT="json")
+
+        def run() -> tuple[int, Terminal]:
+            term = Terminal(["run", "-i", str(source), "--yes"], env, columns=80)
+            return term.wait(), term
+
+        code, term = await anyio.to_thread.run_sync(run)
+    assert code == 1, term.screen_text()
+    (rejected,) = [line for line in written_lines(term.raw) if "job.rejected" in line]
+    assert orjson.loads(rejected)["job_id"] == "not a job id!" and len(rejected) > 80

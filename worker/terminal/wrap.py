@@ -53,10 +53,11 @@ def _columns_variable() -> int:
 def fit(text: str, width: int) -> str:
     """``text`` with each line wider than ``width`` broken at spaces, its continuations
     indented under the line's value (a table row's) or two columns in; the spaces a line
-    ends with (a prompt's) kept. Commands are left whole."""
+    ends with (a prompt's) kept. Commands are left whole, and so are events as JSON
+    (``--log-format json`` on a terminal): a line break in a string is no JSON."""
     out: list[str] = []
     for line in text.split("\n"):
-        if len(line) <= width or _COMMAND.match(line):
+        if len(line) <= width or _COMMAND.match(line) or line.startswith("{"):
             out.append(line)
             continue
         body = line.rstrip(" ")
