@@ -8,6 +8,7 @@ real ``serve`` in a subprocess; the simulator as the API.
 
 from __future__ import annotations
 
+import signal
 from collections import Counter
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -16,9 +17,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from tests.e2e import serving, stopped, until
+from tests.e2e import deletes_sent, serving, stopped, until
 from tests.test_redis_auth import REDIS_SERVER, _free_port, _reaper, redis_server
-from worker.simulator import SimulatorConfig, run_simulator
+from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
 
 pytestmark = [
     pytest.mark.slow,
@@ -100,3 +101,45 @@ async def test_a_redis_back_without_the_queue_is_said_plainly_and_new_ids_are_se
     assert [e["replays"] for e in recreated] == ["pending and unread entries", "the whole stream"]
     said_rows = Counter((r[b"job_id"].decode(), r[b"outcome"].decode()) for _, r in rows)
     assert said_rows == Counter((job_id, "deleted") for job_id in jobs[10:])  # the new Redis's
+
+
+@pytest.mark.anyio
+async def test_entries_a_rewound_group_hands_a_second_replica_are_not_called_absent(
+    tmp_path: Path,
+) -> None:
+    """The group's delivery state goes back while replica ``a`` has the entries' DELETE on
+    the wire (``XGROUP SETID``, a Redis restored or failed over to a replica behind it):
+    replica ``b`` reads them as new entries and sends them too. ``a``'s call deleted the
+    jobs; ``b``'s met a 404 and wrote ``absent``, the only row (``a``'s rows were kept out:
+    the entries were ``b``'s by then), a deletion of ours called absent. ``a``'s note of ids
+    sent was there all along: now it is read for new entries too, and the jobs end
+    ``deleted``, unconfirmed, one row each."""
+    config = SimulatorConfig(jobs=4, faults=FaultConfig(latency_ms=1500, latency_jitter=False))
+    async with AsyncExitStack() as stack:
+        port = await stack.enter_async_context(redis_server(tmp_path, []))
+        url = f"redis://127.0.0.1:{port}/0"
+        sim = await stack.enter_async_context(run_simulator(config))
+        admin = await stack.enter_async_context(aioredis.Redis.from_url(url))
+        a = await stack.enter_async_context(serving(sim, url, tmp_path / "a.err", consumer="a"))
+        jobs = sim.job_ids()
+        for job_id in jobs:
+            await admin.xadd(STREAM, {"id": job_id})
+        await until(deletes_sent(sim, 1))  # a's call on the wire
+        a.process.send_signal(signal.SIGSTOP)  # reading nothing more meanwhile
+        try:
+            await admin.xgroup_setid(STREAM, "devserver-reaper", "0")
+            b = await stack.enter_async_context(serving(sim, url, tmp_path / "b.err", consumer="b"))
+            await until(deletes_sent(sim, 2))  # b's call too
+        finally:
+            a.process.send_signal(signal.SIGCONT)
+
+        async def settled() -> bool:
+            info: Any = await admin.xpending(STREAM, "devserver-reaper")
+            return int(info["pending"]) == 0 and not sim.job_ids()
+
+        await until(settled)
+        codes = [await stopped(a), await stopped(b)]
+        rows: Any = await admin.xrange(STREAM + ":outcomes")
+    assert codes == [0, 0]
+    said = Counter((r[b"job_id"].decode(), r[b"outcome"].decode()) for _, r in rows)
+    assert said == Counter((job_id, "deleted") for job_id in jobs)  # one row each, none absent

@@ -31,7 +31,7 @@ with the call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 
 from worker.errors import ApiError
@@ -229,6 +229,15 @@ class InFlight:
                     attempts=result.attempts, http_status=result.http_status,
                     request_id=result.request_id)  # fmt: skip
         return replace(ours, line=result.line, target=result.target)
+
+    def doubt(self, entry_id: str, job_ids: Collection[str]) -> None:
+        """The held entry ``entry_id``, admitted as new, brings ``job_ids`` as sent unheard
+        (``add``'s ``unsure``): its note of ids sent names them, read after it was admitted
+        (a group whose delivery state went back handed it out again, its DELETE maybe on
+        the wire at another replica)."""
+        waiting = self._entries.get(entry_id)
+        if waiting is not None:
+            waiting.unsure = waiting.unsure.union(set(job_ids) & set(waiting.message.ids))
 
     def doubts(self, job_ids: Sequence[str], target: Target | None = None) -> set[str]:
         """Those of ``job_ids`` (of ``target``) that an entry waiting on them brings as sent

@@ -690,12 +690,12 @@ class Service:
         if not entries or self._stop.is_set():
             return []
         self.read += len(entries)
-        if redelivered:  # not those still ours: in flight, or settled and being acked
-            entries = [
-                (e, f)
-                for e, f in entries
-                if e not in self._inflight and not self._journal.acking(e)
-            ]
+        # Not those still ours: in flight, or settled and being acked. New ones too: a group
+        # whose delivery state went back (``XGROUP SETID``, a Redis restored or failed over
+        # to a replica behind) hands out again entries it had handed out.
+        entries = [
+            (e, f) for e, f in entries if e not in self._inflight and not self._journal.acking(e)
+        ]
         if claimed:
             self.reclaimed += len(entries)
         gone = [entry_id for entry_id, fields in entries if fields is None]
@@ -771,11 +771,25 @@ class Service:
             if admission.finished is not None:
                 await self._journal.settle(admission.finished)
             send.extend((job_id, message.target) for job_id in admission.send)
+        if not redelivered and live:
+            await self._doubt_fresh([entry_id for entry_id, _ in live])
         if joined:
             await self._journal.joined(joined)
         if waiting:
             await self._wait_for_iam(waiting)
         return send
+
+    async def _doubt_fresh(self, entry_ids: list[str]) -> None:
+        """New entries' notes of ids sent: a group whose delivery state went back hands out
+        again entries another replica may have on the wire, whose call deletes the job a 404
+        here would call ``absent`` (and its rows are kept out, the entries now ours). Read
+        once they are admitted, before their batches are cut (the doubt rides on the
+        batch): an answer arriving meanwhile finds them waiting, as before this read."""
+        _, sent, _ = await self._outage.persist(
+            lambda: self._consumer.redelivery(entry_ids), what="last error"
+        )
+        for entry_id, ids in sent.items():
+            self._inflight.doubt(entry_id, ids)
 
     async def _place(self, message: Message) -> Target | str | LookupFailed | None:
         """Where an entry naming a place goes, its region's project looked up in IAM when
