@@ -236,3 +236,21 @@ async def test_events_as_json_on_a_terminal_are_never_broken_into_rows(tmp_path:
     assert code == 1, term.screen_text()
     (rejected,) = [line for line in written_lines(term.raw) if "job.rejected" in line]
     assert orjson.loads(rejected)["job_id"] == "not a job id!" and len(rejected) > 80
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("columns", [80, 60])
+async def test_a_mistyped_flag_is_said_between_words(columns: int) -> None:
+    """``run --protect-name`` at 60 columns: the usage was cut ``[--e`` / ``xclude`` and the
+    error ``did you m`` / ``ean``. Both are broken between words now."""
+
+    def mistyped() -> tuple[int, Terminal]:
+        term = Terminal(["run", "-i", "ids.txt", "--protect-name", "keep-*"], reaper_env(""),
+                        columns=columns)  # fmt: skip
+        return term.wait(), term
+
+    code, term = await anyio.to_thread.run_sync(mistyped)
+    assert code == 64
+    said = "usage: devserver-reaper run (--input FILE | --plan FILE [--exclude FILE] unknown flag"
+    assert cut_words(said + " --protect-name (did you mean --protect-file?);", term) == []
+    assert all(len(line) <= columns for line in written_lines(term.raw)), term.screen_text()

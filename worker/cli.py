@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import sys
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -308,8 +309,18 @@ class _Parser(argparse.ArgumentParser):
             message = f"unknown command {typed!r}{hint}; commands: {', '.join(self.commands)}"
         elif message.startswith("argument ") and ": must be " in message:  # --plan, PLAN
             message = message.removeprefix("argument ").replace(": must be ", " must be ", 1)
-        self.print_usage(sys.stderr)
-        self.exit(ExitCode.USAGE, f"{self.prog}: {message}\n")
+        from worker.terminal.wrap import columns, fit
+
+        # On a terminal, both broken between words ("did you m" / "ean", "--e" / "xclude").
+        width = columns(sys.stderr)
+        usage = self.format_usage().rstrip("\n")
+        if width is not None and len(usage) > width:
+            rows = textwrap.wrap(usage, width, subsequent_indent=" " * 7,
+                                 break_on_hyphens=False, break_long_words=False)  # fmt: skip
+            usage = "\n".join(rows)
+        said = f"{self.prog}: {message}"
+        self._print_message(usage + "\n", sys.stderr)
+        self.exit(ExitCode.USAGE, (said if width is None else fit(said, width)) + "\n")
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -318,8 +329,6 @@ class _Help(argparse.RawDescriptionHelpFormatter):
     flag named in a help text (``--sk-file``) could be cut as ``--sk-`` and ``file``."""
 
     def _split_lines(self, text: str, width: int) -> list[str]:
-        import textwrap
-
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
