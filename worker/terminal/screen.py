@@ -4,9 +4,9 @@ Writing to a terminal from two places at once is what garbles it (a ``\\r`` prog
 overwritten by an event, an event cut in half by a redraw). So on a terminal everything goes
 through one :class:`Screen`: :meth:`Screen.print` puts a line above the live display, and
 :meth:`Screen.show` keeps a progress display pinned at the bottom while a run lasts. rich
-draws it (imported here, and this module only when a display is shown, so ``--help`` stays
-fast). Where no terminal is (``--progress on`` into a log file), :class:`PlainScreen` writes
-a plain progress line every few seconds instead of redrawing one.
+renders it, Screen writes it (rich is imported here, and this module only when a display is
+shown, so ``--help`` stays fast). Where no terminal is (``--progress on`` into a log file),
+:class:`PlainScreen` writes a plain progress line every few seconds instead of redrawing one.
 """
 
 from __future__ import annotations
