@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 import orjson
 from aiohttp import web
@@ -326,3 +328,15 @@ async def stopped(served: Served) -> int:
         served.process.send_signal(signal.SIGTERM)
     with anyio.fail_after(30):
         return await served.process.wait()
+
+
+async def redis_errors_of(port: int) -> float:
+    """The Redis calls a ``serve`` found refused (or away), from the ``/metrics`` of its
+    health port ``port``."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/metrics") as answer,
+    ):
+        text = await answer.text()
+    found = re.search(r"^devserver_reaper_redis_errors_total (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0

@@ -10,21 +10,19 @@ data, refusing writes), not on the shared one.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import anyio
 import orjson
 import pytest
 import redis.asyncio as aioredis
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from tests.e2e import SIM_AK, SIM_SK, until
+from tests.e2e import SIM_AK, SIM_SK, redis_errors_of, until
 from tests.test_redis_auth import REDIS_SERVER, _free_port, _reaper, redis_server
 from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
 
@@ -100,15 +98,7 @@ async def test_a_redis_refusing_writes_is_waited_out_by_serve_and_refused_by_enq
             return [e for e in events if e.get("event") == name]
 
         async def redis_errors() -> float:
-            """The Redis calls it found refused (or away), from its /metrics."""
-            port = said("serve.started")[0]["http_port"]
-            async with (
-                aiohttp.ClientSession() as http,
-                http.get(f"http://127.0.0.1:{port}/metrics") as answer,
-            ):
-                text = await answer.text()
-            found = re.search(r"^devserver_reaper_redis_errors_total (\S+)$", text, re.M)
-            return float(found.group(1)) if found else 0.0
+            return await redis_errors_of(said("serve.started")[0]["http_port"])
 
         async def calls_made() -> bool:
             return sim.stats.calls >= 1

@@ -20,7 +20,7 @@ import anyio.abc
 import pytest
 import redis.asyncio as aioredis
 
-from tests.e2e import serving, stopped, until
+from tests.e2e import Served, deletes_sent, redis_errors_of, serving, stopped, until
 from tests.test_redis_auth import REDIS_SERVER, redis_server
 from worker.service.consumer import _ACK, _BURY
 from worker.simulator import SimulatorConfig, run_simulator
@@ -192,3 +192,53 @@ async def test_an_ack_applied_whose_answer_was_lost_is_not_said_taken_over(
     assert summary["acked"] == len(jobs) + 1
     said = Counter((r[b"job_id"].decode(), r[b"outcome"].decode()) for _, r in rows)
     assert said == Counter([*((job_id, "deleted") for job_id in jobs), ("not an id", "rejected")])
+
+
+@pytest.mark.anyio
+async def test_a_password_changed_on_redis_mid_run_is_said_as_such_and_nothing_sent(
+    tmp_path: Path,
+) -> None:
+    """The Redis password rotated on the server (and the connections dropped) while serve
+    runs: every call after is refused (``WRONGPASS``). It said ``serve.redis_unreachable``
+    (``ConnectionError``) and then nothing, while Redis answered all along: the operator
+    went looking for a Redis that was up. Now ``serve.redis_refused`` says Redis refuses
+    the user or password, once; no DELETE goes out meanwhile, and neither password shows."""
+    old, new = "old-pw-CANARY-31", "new-pw-CANARY-47"
+    errors = tmp_path / "serve.err"
+    async with (
+        redis_server(tmp_path, [f"requirepass {old}"]) as port,
+        run_simulator(SimulatorConfig(jobs=40)) as sim,
+        serving(
+            sim, f"redis://:{old}@127.0.0.1:{port}/0", errors, "--rate", "4", "--batch-size", "1"
+        ) as served,  # fmt: skip
+        aioredis.Redis.from_url(f"redis://:{old}@127.0.0.1:{port}/0") as admin,
+    ):
+        for job_id in sim.job_ids():
+            await admin.xadd(STREAM, {"id": job_id})
+        await until(deletes_sent(sim, 2))
+        await admin.config_set("requirepass", new)
+        await admin.client_kill_filter(_type="normal", skipme=True)
+
+        async def retried() -> bool:  # the calls refused again, and again
+            return await _redis_errors(served) >= 5 or served.process.returncode is not None
+
+        await until(retried)
+        calls = sim.stats.delete_calls
+        await until(partial(_more_redis_errors, served, await _redis_errors(served) + 3))
+        sent_refused = sim.stats.delete_calls - calls
+        code = await stopped(served)
+    printed = errors.read_text() + str(served.events)
+    assert code == 0, errors.read_text()
+    assert "Traceback" not in printed
+    assert old not in printed and new not in printed
+    (said,) = served.named("serve.redis_refused")
+    assert "password" in said["error"] and said["level"] == "error"
+    assert sent_refused == 0
+
+
+async def _redis_errors(served: Served) -> float:
+    return await redis_errors_of(served.port)
+
+
+async def _more_redis_errors(served: Served, than: float) -> bool:
+    return await _redis_errors(served) >= than or served.process.returncode is not None

@@ -39,6 +39,13 @@ a replica (``READONLY``: a failover demoted the primary the URL names) refuses t
 the URL leads to a primary again, as the shared rate limit already waits it out."""
 
 
+REFUSED = (
+    "Redis refuses the user or password of redis_url (changed on the server?): nothing is "
+    "sent until it takes them again; give the replicas the new password and restart them"
+)
+"""What ``serve.redis_refused`` says: Redis answers, and refuses our credentials."""
+
+
 def wrong_type(error: BaseException) -> bool:
     return isinstance(error, redis.exceptions.ResponseError) and "WRONGTYPE" in str(error)
 
@@ -74,6 +81,7 @@ class Outage:
         self._count = count
         self._since: float | None = None
         self._failed_now = 0
+        self._refused = False
         self.failures = 0
         self.outages = 0
 
@@ -87,11 +95,16 @@ class Outage:
         self._failed_now += 1
         if self._count is not None:
             self._count()
+        refused = isinstance(error, redis.exceptions.AuthenticationError)
+        if refused and not self._refused:  # it answers, but not to us: said apart, once
+            self._refused = True
+            self._events.error("serve.redis_refused", redis=self._where, error=REFUSED)
         if self._since is None:
             self._since = self._clock.now()
             self.outages += 1
-            self._events.error("serve.redis_unreachable", redis=self._where,
-                               operation=operation, error=type(error).__name__)  # fmt: skip
+            if not refused:
+                self._events.error("serve.redis_unreachable", redis=self._where,
+                                   operation=operation, error=type(error).__name__)  # fmt: skip
         else:
             structlog.get_logger("devserver_reaper").debug(
                 "serve.redis_error", operation=operation, error=type(error).__name__
@@ -106,6 +119,7 @@ class Outage:
                           failed_calls=self._failed_now)  # fmt: skip
         self._since = None
         self._failed_now = 0
+        self._refused = False
 
     async def persist(
         self, operation: Callable[[], Awaitable[_T]], *, what: str, max_delay: float = 5.0
