@@ -412,6 +412,19 @@ async def test_a_leader_that_took_over_start_up_reads_no_burst_and_uses_the_quot
     assert used >= 0.90 and throttled <= 0.02, (used, throttled, successor)
 
 
+async def _burst_of_one_killed_at(
+    client: aioredis.Redis, key: str, quota: float, latency: float, kill_at: float
+) -> tuple[float, float, FleetRateController]:
+    """Three replicas at a gateway burst of 1, the leader killed at ``kill_at``: the share of
+    the quota accepted and the share throttled from 15 s to 75 s, and the successor."""
+    time = RedisTime()
+    replicas = _killable_replicas(client, key, time)
+    fleet = await run_killing_the_leader(replicas, time.clock, Gateway(quota, 1, 0.0),
+                                         kill_at=kill_at, until=75.0, latency=latency)  # fmt: skip
+    successor = next(r.limiter for r in replicas if r.dead_at == math.inf and r.limiter.leading)
+    return fleet.used(quota, 15.0, 75.0), fleet.throttled(15.0, 75.0), successor
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("quota", "latency", "kill_at"), [(5.0, 0.3, 0.5), (5.0, 0.05, 0.5), (20.0, 0.3, 1.75)]
@@ -419,22 +432,33 @@ async def test_a_leader_that_took_over_start_up_reads_no_burst_and_uses_the_quot
 async def test_a_successors_measure_from_a_cruise_still_climbing_is_not_the_quota(
     redis_client: aioredis.Redis, redis_prefix: str, quota: float, latency: float, kill_at: float
 ) -> None:
-    """Three replicas at a gateway burst of 1; the leader is killed in start-up. The
-    successor's start-up ends two to three times past the quota, and its first measure
-    says half the rate refused: it cuts under the quota, and its cruise climbs from there to
-    just under the rate refused. The next refusal comes past the quota, measured back to the
-    refusal before the cut: the span holds the climb from under the quota, where a burst of
-    1 loses the tokens it gets while full, and says 0.78-0.92 of it (3.92 of 5 at 300 ms,
-    4.24 at 50 ms, 16.3 of 20). Taken as the quota, the probes stopped there: 0.81, 0.86
-    and 0.89 of the quota from 15 s on. Such a measure is the least the quota can be, and
-    the probe returns to just under the rate refused."""
-    time = RedisTime()
-    clock, key = time.clock, redis_prefix + "rl"
-    replicas = _killable_replicas(redis_client, key, time)
-    fleet = await run_killing_the_leader(replicas, clock, Gateway(quota, 1, 0.0),
-                                         kill_at=kill_at, until=75.0, latency=latency)  # fmt: skip
-    successor = next(r.limiter for r in replicas if r.dead_at == math.inf and r.limiter.leading)
-    used, throttled = fleet.used(quota, 15.0, 75.0), fleet.throttled(15.0, 75.0)
+    """The leader is killed in start-up. The successor's start-up ends two to three times
+    past the quota, and its first measure says half the rate refused: it cuts under the
+    quota, and its cruise climbs from there to just under the rate refused. The next
+    refusal comes past the quota, measured back to the refusal before the cut: the span
+    holds the climb from under the quota, where a burst of 1 loses the tokens it gets while
+    full, and says 0.78-0.92 of it (3.92 of 5 at 300 ms, 4.24 at 50 ms, 16.3 of 20). Taken
+    as the quota, the probes stopped there: 0.81, 0.86 and 0.89 of the quota from 15 s on.
+    Such a measure is the least the quota can be, and the probe returns to just under the
+    rate refused."""
+    used, throttled, successor = await _burst_of_one_killed_at(
+        redis_client, redis_prefix + "rl", quota, latency, kill_at
+    )
+    assert used >= 0.90 and throttled <= 0.02, (used, throttled, successor)
+
+
+@pytest.mark.anyio
+async def test_a_successors_measure_by_a_hair_is_not_the_quota(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """5 calls/s at a burst of 1, answers 50 ms late, the leader killed at 3.0 s. The
+    successor, cruising at the quota, is refused by a hair: 8 calls accepted between two
+    refused ones 1.8 s apart, none refused between, measure 4.45 of 5, where the quota may
+    be anything up to the pace. Taken as the quota, early calls (a burst of 1 refuses them
+    whatever the quota under twice the pace) held the fleet at 0.89 of it from 15 s on."""
+    used, throttled, successor = await _burst_of_one_killed_at(
+        redis_client, redis_prefix + "rl", 5.0, 0.05, 3.0
+    )
     assert used >= 0.90 and throttled <= 0.02, (used, throttled, successor)
 
 
