@@ -677,7 +677,10 @@ async def test_a_run_killed_with_a_delete_unanswered_and_resumed_after_its_plan_
             await past(expires)
             if how.endswith("terminal"):
                 term = Terminal([r for r in resumed if r != "--yes"], reaper_env(url), columns=300)
-                term.type(b"no\n")  # a prompt shown reads it (64)
+                prompted = await anyio.to_thread.run_sync(
+                    lambda: term.answer_if_asked("This cannot be undone.", b"no\n")
+                )
+                assert not prompted, term.screen_text()
                 assert await anyio.to_thread.run_sync(term.wait) == 1, term.screen_text()
                 lines = [line for line in term.lines() if line]
                 assert not any("About to delete" in line for line in lines), lines

@@ -254,3 +254,27 @@ async def test_a_mistyped_flag_is_said_between_words(columns: int) -> None:
     said = "usage: devserver-reaper run (--input FILE | --plan FILE [--exclude FILE] unknown flag"
     assert cut_words(said + " --protect-name (did you mean --protect-file?);", term) == []
     assert all(len(line) <= columns for line in written_lines(term.raw)), term.screen_text()
+
+
+@pytest.mark.anyio
+async def test_a_yes_typed_before_the_prompt_is_no_answer_to_it(tmp_path: Path) -> None:
+    """``yes`` typed while the run started (before its prompt was on the screen) was read
+    as the answer: the jobs were deleted with the proposal unread. It is dropped now; the
+    prompt waits for an answer typed after it, and a ``no`` there sends nothing."""
+    async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+        source = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        env = reaper_env(sim.url, REAPER_LOG_FORMAT="auto")
+
+        def typed_ahead() -> tuple[int, Terminal]:
+            term = Terminal(["run", "-i", str(source)], env, columns=80)
+            term.type(b"yes\n")  # at once: the process is still starting
+            term.expect("them: ")
+            term.type(b"no\n")
+            return term.wait(), term
+
+        code, term = await anyio.to_thread.run_sync(typed_ahead)
+        assert not sim.deleted, term.screen_text()
+    assert code == 64
+    assert "devserver-reaper run: not confirmed: nothing was sent (the prompt asks for 'yes'" in (
+        term.screen_text()
+    )

@@ -117,6 +117,19 @@ class Terminal:
     def type(self, keys: bytes) -> None:
         os.write(self._main, keys)
 
+    def answer_if_asked(self, marker: str, keys: bytes, timeout: float = 60.0) -> bool:
+        """Type ``keys`` once ``marker`` (a question) has been written, as a person answers
+        what is on the screen: keys typed before a prompt are dropped (``confirm``). False,
+        nothing typed, when the process ends without asking."""
+        try:
+            self.expect(marker, timeout)
+        except AssertionError:
+            if self.process.poll() is None:
+                raise  # still running, never asked: the timeout
+            return False
+        self.type(keys)
+        return True
+
     def wait(self, timeout: float = 120.0) -> int:
         code = self.process.wait(timeout=timeout)
         self._reader.join(timeout=10)

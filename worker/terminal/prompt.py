@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import signal
 import sys
+import termios
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -147,6 +148,18 @@ def tally(values: Iterable[str | None]) -> tuple[tuple[str, int], ...]:
     return tuple(Counter(value or "?" for value in values).most_common())
 
 
+def _drop_typed_ahead(into: IO[str]) -> None:
+    """What was typed at the terminal before the question was shown is no answer to it:
+    dropped. A ``yes`` typed ahead while the run started (a pasted block of commands, a
+    key pressed to see if it hung) confirmed a deletion nobody had read, and a ``no`` was
+    echoed before the prompt, which then seemed to wait no more."""
+    try:
+        if into.isatty():
+            termios.tcflush(into.fileno(), termios.TCIFLUSH)
+    except (OSError, ValueError, termios.error):  # not a terminal's input after all
+        return
+
+
 def confirm(
     proposal: Proposal,
     *,
@@ -172,6 +185,7 @@ def confirm(
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     terminated = signal.signal(signal.SIGTERM, _terminated)
     try:
+        _drop_typed_ahead(into)
         asked = "\n".join(proposal.lines()) + f"\nThis cannot be undone. {ask}: "
         out.write(for_terminal(out, asked))
         out.flush()
