@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from worker.errors import InputUnreadable, UsageError
@@ -766,7 +766,14 @@ def text_oracle(data: bytes, limit: int) -> list[tuple[int, str] | tuple[int, st
     return shown(out)
 
 
+REFUSED_WHOLE = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff", b"devserver-reaper plan v")
+"""How an input the text reader refuses whole starts: a UTF-16 or UTF-32 byte order mark,
+a plan's first line."""
+
+
 @settings(max_examples=200, deadline=None)
+@example(lines=[b"\xff\xfe"], newline=b"\n", final=False, limit=24, step=1)
+@example(lines=[b"devserver-reaper plan v1"], newline=b"\n", final=True, limit=24, step=3)
 @given(
     lines=st.lists(
         st.one_of(job_ids.map(str.encode), st.binary(max_size=30), st.just(b"#c"), st.just(b"")),
@@ -784,6 +791,10 @@ def test_text_lines_match_the_simple_reading_however_the_reads_fall(
     data = newline.join(lines) + (newline if final and lines else b"")
     assume(not data.startswith(b"\x1f\x8b"))  # gzip's magic: read as gzip, tested apart
     reader = read_entries("-", "text", stdin=Trickle(data, step), max_line_bytes=limit)  # type: ignore[arg-type]
+    if data.startswith(REFUSED_WHOLE):  # no line of it read: the input is refused, in words
+        with pytest.raises(InputUnreadable):
+            list(reader)
+        return
     assert shown(list(reader)) == text_oracle(data, limit)
 
 
