@@ -197,19 +197,24 @@ def test_a_slowed_rate_is_said_in_words_on_a_terminal() -> None:
     )
 
 
+async def _discover_at_80(url: str, tmp_path: Path) -> tuple[int, Terminal]:
+    """``discover --all`` on an 80-column terminal: its exit code and the terminal."""
+    env = reaper_env(url, REAPER_LOG_FORMAT="auto")
+
+    def discover() -> tuple[int, Terminal]:
+        term = Terminal(["discover", "--all"], env, columns=80, cwd=str(tmp_path))
+        return term.wait(), term
+
+    return await anyio.to_thread.run_sync(discover)
+
+
 @pytest.mark.anyio
 async def test_discovers_table_is_a_row_per_job_at_80_columns(tmp_path: Path) -> None:
     """The table of jobs is 130 columns wide: at 80 the terminal wrapped each job into two
     rows, its type cut in two at column 0. Each row is cut to the width instead, with a
     note on how to see every field."""
     async with run_simulator(SimulatorConfig(jobs=3)) as sim:
-        env = reaper_env(sim.url, REAPER_LOG_FORMAT="auto")
-
-        def discover() -> tuple[int, Terminal]:
-            term = Terminal(["discover", "--all"], env, columns=80, cwd=str(tmp_path))
-            return term.wait(), term
-
-        code, term = await anyio.to_thread.run_sync(discover)
+        code, term = await _discover_at_80(sim.url, tmp_path)
         ids = sim.job_ids()
     assert code == 0, term.screen_text()
     assert overflowing(term) == [], term.screen_text()
@@ -278,3 +283,20 @@ async def test_a_yes_typed_before_the_prompt_is_no_answer_to_it(tmp_path: Path) 
     assert "devserver-reaper run: not confirmed: nothing was sent (the prompt asks for 'yes'" in (
         term.screen_text()
     )
+
+
+@pytest.mark.anyio
+async def test_discovers_table_counts_a_wide_name_in_columns(tmp_path: Path) -> None:
+    """A job named in CJK and emoji takes two columns a character: cut and padded by its
+    ``len``, its row overran the 80 columns and the terminal wrapped it (a row of its own
+    holding ``…``), and the columns after it stood out of line with the other rows'."""
+    async with run_simulator(SimulatorConfig(jobs=2)) as sim:
+        wide = sim.add_jobs(1, name="管理者ジョブ削除対象の名前" + "😀" * 8)
+        code, term = await _discover_at_80(sim.url, tmp_path)
+        ids = sim.job_ids()
+    assert code == 0, term.screen_text()
+    rows = term.lines()
+    table = rows[1 : rows.index("(rows cut to the terminal's width: -o jsonl shows every field)")]
+    assert sorted(row[:36] for row in table) == sorted(ids), term.screen_text()
+    (named,) = [row for row in table if row.startswith(wide[0])]
+    assert named.endswith("…") and "管理者" in named, term.screen_text()

@@ -26,6 +26,7 @@ from worker.errors import UsageError
 from worker.input.intake import escape
 from worker.pacing.paced import PacedReader, ReadApi
 from worker.settings import Settings
+from worker.terminal.wrap import cells, cut, pad
 from worker.terminal.wrap import columns as terminal_width
 
 TABLE_ROWS = 50
@@ -166,16 +167,15 @@ def table(out: IO[str], spool: Spool, *, listed_by: str = "-o ids or -o jsonl") 
         # The API's text, escaped: a name holding ESC[1A ESC[2K would erase the row above
         # it (another job's) on the reviewer's terminal.
         shown.append([escape(str(row.get(c) or ""), SHOWN_LIMIT) for c in columns])
-    widths = [max([len(c)] + [len(r[i]) for r in shown]) for i, c in enumerate(columns)]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+    widths = [max([len(c)] + [cells(r[i]) for r in shown]) for i, c in enumerate(columns)]
+    lines = ["  ".join(pad(v, w) for v, w in zip(r, widths, strict=True)).rstrip()
              for r in [[c.upper() for c in columns], *shown]]  # fmt: skip
     # On a terminal narrower than the table, a row each job still: cut with "…" (wrapped by
     # the terminal, each job took two rows, its type cut in two at column 0).
     width = terminal_width(out)
-    cut = width is not None and any(len(line) > width for line in lines)
     for line in lines:
-        out.write((line[: width - 1] + "…" if width and len(line) > width else line) + "\n")
-    if cut:
+        out.write((cut(line, width) if width else line) + "\n")
+    if width is not None and any(cells(line) > width for line in lines):
         out.write("(rows cut to the terminal's width: -o jsonl shows every field)\n")
     if spool.jobs > len(shown):
         out.write(f"... {spool.jobs - len(shown):,} more ({listed_by} lists them all)\n")

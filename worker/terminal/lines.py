@@ -18,6 +18,7 @@ import orjson
 import structlog
 
 from worker.input.intake import escape
+from worker.terminal.wrap import cut
 
 PER_ID = frozenset({"job.deleted", "job.absent", "job.skipped", "job.failed", "job.rejected"})
 QUIET_UNLESS_VERBOSE = PER_ID | {"batch.retry", "run.started"}
@@ -163,7 +164,7 @@ def in_one_row(line: str, width: int) -> str | None:
     named = _ONE_ROW.match(line)
     if named is None or named.end() > width:
         return None
-    return line if len(line) <= width else line[: width - 1] + "…"
+    return cut(line, width)
 
 
 def style(line: str) -> str | None:

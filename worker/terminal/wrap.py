@@ -77,3 +77,26 @@ def for_terminal(stream: Stream, text: str) -> str:
     """``text`` fitted to the terminal ``stream`` writes to; as it is anywhere else."""
     width = columns(stream)
     return text if width is None else fit(text, width)
+
+
+def cells(text: str) -> int:
+    """The columns ``text`` takes on a terminal: two for a wide character (CJK, most
+    emoji), none for a combining one; not its ``len``."""
+    from rich.cells import cell_len
+
+    return cell_len(text)
+
+
+def cut(text: str, width: int) -> str:
+    """``text`` in at most ``width`` columns, ending in ``…`` where it was cut (counted in
+    columns: a name in CJK cut by its ``len`` took twice the row and wrapped)."""
+    from rich.cells import set_cell_size
+
+    if cells(text) <= width:
+        return text
+    return set_cell_size(text, max(width - 1, 0)).rstrip(" ") + "…"
+
+
+def pad(text: str, width: int) -> str:
+    """``text`` and spaces after it to ``width`` columns (``str.ljust`` counts characters)."""
+    return text + " " * max(width - cells(text), 0)
