@@ -1249,3 +1249,49 @@ def test_a_pace_over_the_quota_is_cut_even_where_a_small_share_is_tolerated() ->
     assert first.state.level == pytest.approx(0.98 * 500.0)
     later = _paced_answers(500.0, lambda k: k >= 1000 and k % 2 == 0, 1100)
     assert later.rate < 0.8 * 500.0
+
+
+def test_a_probe_holds_at_its_target_while_the_places_bind() -> None:
+    """8 in flight answered around 300 ms carry about 26.7 calls/s, in clumps at the pace
+    whenever workers come free. Past its target the probe bought nothing there but its
+    refusals (the growth's cap, twice what is sent, let it to 55 over a quota of 50 at a
+    burst of 1: 1.5-2.1 % refused from 10 s on). While the calls sent are under
+    ``PLACES`` of the target the pace holds at the target; calls sent at the pace let the
+    probe past it."""
+    for clump, held in ((8, True), (15, False)):  # 26.7 calls/s; 50, the pace
+        ctrl = RateController(0.0)
+        ctrl.restore(replace(ctrl.state, rate=48.5, level=48.5, phase=Phase.CRUISE,
+                             cut_at=0.0, target=50.0, unit=1.0))  # fmt: skip
+        # A clump every 0.3 s at the pace, each call answered 0.3 s after it left.
+        sends = [0.3 * k + j / 50.0 for k in range(40) for j in range(clump)]
+        events = sorted([(t, False) for t in sends] + [(t + 0.3, True) for t in sends])
+        rates = []
+        for t, answered in events:
+            if answered:
+                ctrl.on_success(t, latency=0.3)
+            else:
+                rates.append(ctrl.rate_at(t))
+                ctrl.on_sent(t)
+        most = max(rates[len(rates) // 2 :])
+        assert (most == pytest.approx(50.0, rel=0.001)) is held, (clump, most)
+        assert most >= 50.0
+
+
+def test_a_refusal_of_what_was_sent_for_a_window_is_read_as_the_pace_refused() -> None:
+    """8 in flight answered around 300 ms send 20 calls/s in clumps at a pace of 62, past a
+    quota of 50 with a burst of 2, which refuses a clump now and then. The gateway accepted
+    what they sent for over a window since its last refusal, so the refusal is of the
+    pace's clumps, not of what was sent: read as workers held back, it cut the pace to the
+    20 calls/s they sent, under the 26.7 they can (0.85-0.89 of it from 10 s on in 2 of 10
+    runs). Just under the pace."""
+    clumps = [[0.3 * k + j / 62.0 for j in range(6)] for k in range(15)]
+    ctrl = _cruising_at(62.0, clumps[:1])
+    ctrl.on_throttle(clumps[0][-1] + 0.002, latency=0.002)  # the refusal before
+    for clump in clumps[1:]:
+        for t in clump:
+            ctrl.on_sent(t)
+        if clump is not clumps[-1]:
+            for t in clump:
+                ctrl.on_success(t + 0.2, latency=0.2)
+    pace = ctrl.rate_at(clumps[-1][-1])
+    assert ctrl.on_throttle(clumps[-1][-1] + 0.002, latency=0.002) == pytest.approx(0.97 * pace)

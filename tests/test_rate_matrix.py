@@ -158,6 +158,30 @@ def test_auto_at_500_calls_a_second_with_workers_asleep_on_retry_after_leaving_t
 
 
 @pytest.mark.parametrize("concurrency", CONCURRENCY, ids=[f"c{c}" for c in CONCURRENCY])
+@pytest.mark.parametrize("burst", BURSTS, ids=[f"b{burst}" for burst in BURSTS])
+def test_auto_at_fifty_calls_a_second_and_300_ms_with_workers_asleep_on_retry_after(
+    burst: int, concurrency: int
+) -> None:
+    """The q50-300ms cells answered as over real HTTP (10 seeds), each refused call's worker
+    asleep on its Retry-After and leaving its place to another: the matrix's goal from 10 s
+    on. 8 in flight carry about 26.7 calls/s, so the places bind, not the quota: a probe
+    past the target bought nothing there but its refusals (1.5-2.1 % at burst 1, 2 of 10
+    runs over 2 %), and at burst 2 a refusal of the pace's clumps, read as the workers' rate
+    refused, cut the pace to the 20-23 calls/s they sent, under what they could send (0.85
+    of it in the worst run). The pace now holds at its target while the places bind, and a
+    refusal of what was sent for a window or more cuts under the pace, not under what was
+    sent. With 32 in flight the quota binds (106 calls/s could go)."""
+    missed = []
+    for seed in range(10):
+        run = _as_over_real_http(burst, 0.3, concurrency, seed, held=True, quota=50.0)
+        used = run.accepted_per_s(10.0, 40.0) / min(50.0, concurrency / 0.3)
+        refused = run.refused_share(10.0, 40.0)
+        if used < 0.90 or refused > 0.02:
+            missed.append((seed, round(used, 3), round(refused, 4)))
+    assert not missed
+
+
+@pytest.mark.parametrize("concurrency", CONCURRENCY, ids=[f"c{c}" for c in CONCURRENCY])
 @pytest.mark.parametrize("latency", LATENCIES, ids=[f"{lat * 1000:g}ms" for lat in LATENCIES])
 @pytest.mark.parametrize("burst", [1, 2], ids=["b1", "b2"])
 def test_auto_at_five_calls_a_second_burst_one_or_two_answered_as_over_real_http(

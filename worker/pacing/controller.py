@@ -79,6 +79,17 @@ HELD_CALLS = 4
 """Calls started in a ``window`` that say how fast the workers really send (fewer: it
 knows too little of what they sent)."""
 
+PLACES = 0.75
+"""Calls really sent over a ``window`` under this share of a rate: at that rate the
+workers' places on the wire bind, not the pace (8 in flight answered around 300 ms carry
+about 26.7 calls/s, paced at 35-48 they send 0.92-0.96 of it; at 24, 0.77-0.82)."""
+
+SURGE = 1.2
+"""What the workers sent over the last ``window`` at most this many times the floor, over a
+floor of a ``window`` or more: what they sent was accepted for as long, so a refusal of
+workers held back by their places is of the pace's clumps, not of what they sent
+(``_held``)."""
+
 AT_PACE = 1.1
 """A call started at most this many intervals of the pace after the one before left as soon
 as the pace let it (and a loop's send jitter: 2 ms at 50 calls/s)."""
@@ -455,6 +466,8 @@ class RateController:
         evidence = self._evidence
         floor, most = evidence.floor(), evidence.since_empty_pace()
         rough, counted = evidence.floor(FLOOR_CALLS), evidence.floor_counted(FLOOR_CALLS)
+        # The floor over a window or more: what the workers sent was accepted for as long.
+        accepted_floor = floor if evidence.floor_span >= self._config.window else 0.0
         evidence.refused(sent, now)
         s = self._state
         news = math.isinf(self._refused_lately(sent))
@@ -492,7 +505,8 @@ class RateController:
             pace = min(s.rate / EARLY, max(s.target, most))
             self._clump = self._opened(sent)
             return self._cut(now, (1.0 - self._config.margin / 3.0) * pace, pace)
-        moved = self._level_after_refusal(sent, rate, floor, self._held(now, sent), rough, counted)
+        held = self._held(now, sent, accepted_floor)
+        moved = self._level_after_refusal(sent, rate, floor, held, rough, counted)
         self._late = sent
         self._clump = self._opened(sent)
         level = self._cut(now, *moved)
@@ -617,6 +631,13 @@ class RateController:
             return self._startup_rate(s, now)
         c = self._config
         grown, phase = probe(s, now, c.cubic, c.margin, self._past_unit())
+        target = _target(s, c.margin)
+        if phase is Phase.PROBE and self._places_bind(now, target):
+            # The workers' places bind at the target, not the pace: a probe past it buys
+            # nothing but refusals. The pace holds there, and the probe starts from there
+            # once the places no longer bind.
+            grown, phase = target, Phase.CRUISE
+            s = replace(s, since=now - units_back(s, c.cubic, c.margin) * s.unit)
         if now >= min(s.early, self._early_from(s)):
             grown = EARLY * grown
             s = replace(s, early=min(s.early, now))
@@ -1028,7 +1049,7 @@ class RateController:
         self._state = replace(s, quota=quota)
         return self._cut(now, (1.0 - c.margin) * quota, quota)
 
-    def _held(self, now: float, refused: float) -> float:
+    def _held(self, now: float, refused: float, accepted_floor: float = 0.0) -> float:
         """What was really sent over the last ``window``, when all of it was paced (no
         start-up, cut or pause in it) and that is under ``HALF`` the rate: the workers were
         held back (too few for the answers' latency), and a refusal says that what they
@@ -1053,7 +1074,18 @@ class RateController:
             return math.inf
         count = evidence.sends_since(now - c.window, math.nextafter(now, math.inf))
         sent = count / c.window
+        if sent <= SURGE * accepted_floor:
+            return math.inf  # what they sent was accepted for a window or more: the pace's clumps
         return sent if count >= HELD_CALLS and sent < HALF * s.rate else math.inf
+
+    def _places_bind(self, now: float, rate: float) -> bool:
+        """Whether the calls really sent over the last ``window`` are under ``PLACES`` of
+        ``rate`` (and ``HELD_CALLS`` or more): at that rate the places bind, not the pace."""
+        s, c = self._state, self._config
+        if s.phase is Phase.STARTUP or max(s.cut_at, s.pause_until) > now - c.window:
+            return False
+        count = self._evidence.sends_since(now - c.window, math.nextafter(now, math.inf))
+        return count >= HELD_CALLS and count < PLACES * rate * c.window
 
     def _refused_lately(self, now: float) -> float:
         """The lowest rate refused, while it still says something (``forget`` seconds)."""
