@@ -98,3 +98,16 @@ class _Open:
 
     def try_acquire(self, now: float) -> float:
         return 0.0
+
+
+@pytest.mark.parametrize("latency", [0.005, 0.05], ids=["5ms", "50ms"])
+def test_a_sliding_count_that_rises_is_probed_with_its_refusals_cut(latency: float) -> None:
+    """A count over a sliding 10 s of 20 calls/s, 50 from 40 s: the window read again after
+    the rise spans from the end before (41 s), and the short waits of a sliding window's
+    oldest calls leaving cut nothing only while its pace caps the rate (``forget`` after its
+    end); past that the probe is a token bucket's, refused and cut. At most 10 % refused
+    from 55 s on (the short waits ignored for the whole long span: 90 % at 5 ms and 41 % at
+    50 ms, the probe uncut at the concurrency's ceiling)."""
+    run = simulate(lambda t: 20.0 if t < 40.0 else 50.0, duration=100.0, latency=latency,
+                   gateway=SPANS["sliding 10 s"])  # fmt: skip
+    assert run.refused_share(55.0, 100.0) <= 0.10

@@ -473,7 +473,7 @@ class RateController:
         news = math.isinf(self._refused_lately(sent))
         c = self._config
         verdict = self._window.refused(
-            sent, now, retry_after, news=news, max_pause=c.max_pause,
+            sent, now, retry_after, news=news, max_pause=c.max_pause, forget=c.forget,
             lasting=lambda: evidence.refusing_since(sent) <= sent - c.window,
         )  # fmt: skip
         if verdict is not None and verdict.kind != Verdict.CHECK:

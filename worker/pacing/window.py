@@ -26,8 +26,8 @@ read as a window's end only once it is confirmed:
 Once a window is known, a refusal of a call sent before its end pauses again to its end
 (the count is spent), one sent after it measures the window again (its count over the time
 from the last end to the new ``Retry-After``), and refusals with a short ``Retry-After``
-within the first span after it (a sliding window's oldest calls leaving one by one, where
-start-up sent them in a burst) cut nothing.
+within the first span after it, while its pace caps the rate (a sliding window's oldest
+calls leaving one by one, where start-up sent them in a burst), cut nothing.
 
 Pure: the times are the caller's; no clock, no I/O.
 """
@@ -155,17 +155,21 @@ class LongWindow:
         news: bool,
         lasting: Callable[[], bool],
         max_pause: float,
+        forget: float,
     ) -> Verdict | None:
         """A refusal of the call sent at ``sent``, answered at ``now`` with ``retry_after``
         (``news``: no other remembered, so it would pause every call; ``lasting()``: every
         call has been refused for a ``window`` or more up to it, asked only where needed;
-        ``max_pause``: the longest pause). ``None``: nothing here (a token bucket's, as ever)."""
+        ``max_pause``: the longest pause; ``forget``: how long after its end the window's pace
+        caps the rate, ``cap``). ``None``: nothing here (a token bucket's, as ever)."""
         window = self.window
         if retry_after is None or retry_after < LONG_WAIT:
-            if window is not None and sent < window.end + window.span:
+            if window is not None and sent < window.end + min(window.span, forget):
                 # A sliding window's oldest calls leave one by one (start-up sent them in a
                 # burst): a slot frees soon. The count is known; nothing to cut, but the
-                # calls go no faster than those of a span before left it (``cap``).
+                # calls go no faster than those of a span before left it (``cap``). Not
+                # once the cap has lapsed: a span read long (from the end before, across a
+                # quota's change) would let the probe past it go uncut.
                 self.window = replace(window, mirror=True)
                 return Verdict(Verdict.IGNORE)
             return None
