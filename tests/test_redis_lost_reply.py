@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import signal
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -23,7 +24,8 @@ import redis.asyncio as aioredis
 from tests.e2e import Served, deletes_sent, redis_errors_of, serving, stopped, until
 from tests.test_redis_auth import REDIS_SERVER, redis_server
 from worker.service.consumer import _ACK, _BURY
-from worker.simulator import SimulatorConfig, run_simulator
+from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
+from worker.types import ANSWER_LOST
 
 pytestmark = [
     pytest.mark.slow,
@@ -242,3 +244,50 @@ async def _redis_errors(served: Served) -> float:
 
 async def _more_redis_errors(served: Served, than: float) -> bool:
     return await _redis_errors(served) >= than or served.process.returncode is not None
+
+
+@pytest.mark.anyio
+async def test_outcomes_redis_never_took_before_a_stop_are_counted_left_pending(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while Redis stalls, the DELETE answered: the outcome rows wait for Redis
+    until the drain's deadline (``--grace`` + 5 s) and are given up, their entries left
+    pending. ``serve.stopped`` said ``left_pending: 0`` and nothing said the rows were not
+    written (the log had said the jobs ``deleted``). Now ``serve.outcomes_unwritten`` says
+    so and ``left_pending`` counts them; the next replica ends them ``deleted``,
+    unconfirmed (its note of ids sent), one row each."""
+    errors = tmp_path / "serve.err"
+    config = SimulatorConfig(jobs=3, faults=FaultConfig(latency_ms=1500, latency_jitter=False))
+    async with (
+        redis_server(tmp_path, ["enable-debug-command local"]) as port,
+        run_simulator(config) as sim,
+        aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=60) as admin,
+        anyio.create_task_group() as group,
+    ):
+        url = f"redis://127.0.0.1:{port}/0"
+        jobs = sim.job_ids()
+        async with serving(sim, url, errors, "--grace", "4") as served:
+            for job_id in jobs:
+                await admin.xadd(STREAM, {"id": job_id})
+            await until(deletes_sent(sim, 1))
+            group.start_soon(admin.execute_command, "DEBUG", "SLEEP", "20")
+            served.process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(60):
+                code = await served.process.wait()
+        async with serving(sim, url, tmp_path / "b.err", "--reclaim-after", "1",
+                           consumer="b") as taker:  # fmt: skip
+
+            async def settled() -> bool:
+                info: Any = await admin.xpending(STREAM, "devserver-reaper")
+                return int(info["pending"]) == 0
+
+            await until(settled)
+            assert await stopped(taker) == 0
+        rows: Any = await admin.xrange(STREAM + ":outcomes")
+    assert code == 0, errors.read_text()
+    (unwritten,) = served.named("serve.outcomes_unwritten")
+    assert unwritten["ids"] == len(jobs)
+    (summary,) = served.named("serve.stopped")
+    assert summary["left_pending"] == unwritten["entries"] == len(jobs)
+    said = Counter((r[b"job_id"].decode(), r[b"error_msg"].decode()) for _, r in rows)
+    assert said == Counter((job_id, ANSWER_LOST) for job_id in jobs)

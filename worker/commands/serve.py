@@ -215,7 +215,7 @@ async def serve(
                 acked=parts.consumer.acked,
                 dead_lettered=parts.consumer.dead_lettered,
                 outcomes=parts.journal.outcomes,
-                left_pending=len(parts.inflight),
+                left_pending=len(parts.inflight) + len(parts.journal.unwritten),
             )
             return ExitCode.OK
     except BaseExceptionGroup as exc:  # the error alone, as main() tells them apart

@@ -96,6 +96,13 @@ def _error_of(error: str) -> dict[str, Any]:
     return said if isinstance(said, dict) else {}
 
 
+UNWRITTEN = (
+    "Redis did not take their outcome rows before the stop's deadline: the entries stay "
+    "pending for their next delivery, which says deleted, unconfirmed (answer_lost), of "
+    "the jobs a call of this replica deleted"
+)
+"""What ``serve.outcomes_unwritten`` says."""
+
 SETTLE_TIMEOUT_S = 5.0
 """How long past the grace period a shutdown waits for Redis to take the last outcomes."""
 
@@ -125,6 +132,7 @@ class ServeJournal:
         self._on_finished = on_finished
         self.outcomes = 0
         self.kept = 0
+        self.unwritten: set[str] = set()  # entries settled here whose outcomes Redis never took
         self._settle_deadline = math.inf
         self._settling: set[anyio.CancelScope] = set()
         self._acking: set[str] = set()
@@ -270,6 +278,11 @@ class ServeJournal:
             finally:
                 self._acking.difference_update(done.entry_id for done in finished)
                 self._settling.discard(scope)
+        if scope.cancelled_caught:  # the drain's deadline: Redis did not take them in time
+            entries = [d.entry_id for d in finished if d.entry_id not in self.unwritten]
+            self.unwritten.update(entries)
+            self._events.warn("serve.outcomes_unwritten", entries=len(entries), ids=len(rows),
+                              why=UNWRITTEN)  # fmt: skip
 
     @contextlib.contextmanager
     def _writes(self, entries: Sequence[str]) -> Iterator[None]:
