@@ -12,6 +12,7 @@ import random
 import re
 import shutil
 import signal
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -92,9 +93,14 @@ async def test_the_unkeyed_plan_and_the_prompt_break_between_words(
     assert prompt.lines()[duration + 1].startswith(" " * 14)  # under the value, not column 0
 
 
+def _unknown_ids(n: int) -> list[str]:
+    """``n`` ids of jobs nobody has (each ends ``absent``), the same each run."""
+    return [str(uuid.UUID(int=random.Random(k).getrandbits(128), version=4)) for k in range(n)]
+
+
 def _done(rows: list[str]) -> int:
     """The count of ids done the display shows (the lowest row's: the live one)."""
-    found = [m.group(1) for row in rows if (m := re.search(r"([\d,]+) / 100,000", row))]
+    found = [m.group(1) for row in rows if (m := re.search(r"([\d,]+) / [\d,]+ ·", row))]
     return int(found[-1].replace(",", "")) if found else -1
 
 
@@ -117,10 +123,8 @@ async def test_a_window_made_narrower_mid_run_keeps_one_display_and_no_stale_row
     terminal reflows the old display into more rows than were drawn, and a redraw that
     went back up the rows it drew left the rest (a bar and its figures) on the screen for
     good. After two redraws there is one display of the new width; after Ctrl-C, none."""
-    many = [str(uuid.UUID(int=random.Random(n).getrandbits(128), version=4))
-            for n in range(99_900)]  # fmt: skip
     async with run_simulator(SimulatorConfig(jobs=100)) as sim:
-        write_ids(tmp_path / "ids.txt", [*sim.job_ids(), *many])
+        write_ids(tmp_path / "ids.txt", [*sim.job_ids(), *_unknown_ids(99_900)])
         env = reaper_env(sim.url, REAPER_LOG_FORMAT="auto")
         args = ["run", "-i", "ids.txt", "--yes", "--rate", "20", "--batch-size", "10"]
 
@@ -300,3 +304,42 @@ async def test_discovers_table_counts_a_wide_name_in_columns(tmp_path: Path) -> 
     assert sorted(row[:36] for row in table) == sorted(ids), term.screen_text()
     (named,) = [row for row in table if row.startswith(wide[0])]
     assert named.endswith("…") and "管理者" in named, term.screen_text()
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(shutil.which("tmux") is None or shutil.which("bash") is None,
+                    reason="needs tmux and bash")  # fmt: skip
+async def test_ctrl_z_leaves_the_shell_its_cursor_and_fg_draws_the_display_again(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-Z mid run, in an interactive bash: the run stopped as it was drawn, so the
+    shell's prompt came up under a stale bar with the cursor hidden (the display hides it
+    while it is drawn), and it stayed hidden in the shell until the run was brought back
+    and ended. Now the display is erased and the cursor shown before the run stops, and
+    ``fg`` draws the display again and the run goes on to its end."""
+    async with run_simulator(SimulatorConfig(jobs=10)) as sim:
+        write_ids(tmp_path / "ids.txt", [*sim.job_ids(), *_unknown_ids(400)])
+        env = reaper_env(sim.url, REAPER_LOG_FORMAT="auto")
+        args = ["run", "-i", "ids.txt", "--yes", "--rate", "20", "--batch-size", "2"]
+
+        def suspended() -> tuple[list[str], bool, list[str], int]:
+            window = Tmux(args, env, columns=80, rows=24, cwd=str(tmp_path), job_control=True)
+            try:
+                window.until(lambda rows: _done(rows) > 0)
+                window.type("C-z")
+                stopped = window.until(lambda rows: any("Stopped" in row for row in rows))
+                time.sleep(0.5)  # a redraw, had the run not stopped
+                stopped, shown = window.rows(), window.cursor_shown()
+                window.fg()
+                window.until(_later(_done(window.rows())))
+                window.type("C-c")
+                code = window.wait()
+                return stopped, shown, window.rows(), code
+            finally:
+                window.close()
+
+        stopped, shown, end, code = await anyio.to_thread.run_sync(suspended)
+    assert shown, "\n".join(stopped)
+    assert not any("━" in row or "ids/s ·" in row for row in stopped), "\n".join(stopped)
+    assert code == 75, "\n".join(end)
+    assert "devserver-reaper run summary" in end

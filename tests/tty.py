@@ -179,8 +179,11 @@ class Tmux:
         rows: int = ROWS,
         cwd: str,
         above: Sequence[str] = (),
+        job_control: bool = False,
     ) -> None:
-        """``above``: rows printed first, as a person's terminal holds what came before."""
+        """``above``: rows printed first, as a person's terminal holds what came before.
+        ``job_control``: the command typed into an interactive bash, as a person runs it,
+        so that Ctrl-Z stops it and ``fg`` continues it."""
         self._socket = f"reaper-test-{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
         self._code = os.path.join(cwd, "tmux-exit-code")
         variables = [f"{k}={v}" for k, v in env.items() if k not in ("COLUMNS", "LINES")]
@@ -188,9 +191,14 @@ class Tmux:
                               "worker", *args])  # fmt: skip
         # The shell stays after the command, so its last screen can still be read.
         before = "".join(f"echo {shlex.quote(row)}; " for row in above)
-        shell = f"{before}{command}; echo $? > {shlex.quote(self._code)}; exec sleep 600"
+        shell = f"{before}{command}; echo $? > {shlex.quote(self._code)}"
+        interactive = "env -i PS1='$ ' TERM=screen bash --norc --noprofile -i"
+        window = interactive if job_control else f"{shell}; exec sleep 600"
         self.tmux("-f", "/dev/null", "new-session", "-d", "-x", str(columns), "-y", str(rows),
-                  "-c", cwd, shell)  # fmt: skip
+                  "-c", cwd, window)  # fmt: skip
+        if job_control:
+            self.tmux("send-keys", "-l", shell)
+            self.tmux("send-keys", "Enter")
 
     def tmux(self, *args: str) -> str:
         done = subprocess.run(
@@ -217,6 +225,17 @@ class Tmux:
                 raise AssertionError(f"not seen within {timeout}s:\n" + "\n".join(rows))
             time.sleep(0.05)
         return rows
+
+    def fg(self) -> None:
+        """``fg`` typed (with ``job_control``): the stopped command continued, and its exit
+        code the one :meth:`wait` reads (the shell went on to say 148 when it stopped)."""
+        Path(self._code).unlink(missing_ok=True)
+        self.tmux("send-keys", "-l", f"fg; echo $? > {shlex.quote(self._code)}")
+        self.tmux("send-keys", "Enter")
+
+    def cursor_shown(self) -> bool:
+        """Whether the cursor is shown (not hidden by ``ESC[?25l``)."""
+        return self.tmux("display-message", "-p", "#{cursor_flag}").strip() == "1"
 
     def type(self, *keys: str) -> None:
         self.tmux("send-keys", *keys)

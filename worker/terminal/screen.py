@@ -12,6 +12,8 @@ shown, so ``--help`` stays fast). Where no terminal is (``--progress on`` into a
 from __future__ import annotations
 
 import io
+import os
+import signal
 from typing import IO, TYPE_CHECKING, Any, Protocol, cast
 
 import anyio
@@ -141,13 +143,32 @@ class Screen:
         self._view = view
         self._write(self._HIDE + self._draw())
         try:
-            while self._view is not None and not self._gone:
-                await anyio.sleep(self.REFRESH_S)
-                if self._view is not None:
-                    self._view = progress_view(progress.snapshot(), self.width)
-                    self._write(self._erased() + self._draw())
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._suspended_on_ctrl_z)
+                while self._view is not None and not self._gone:
+                    await anyio.sleep(self.REFRESH_S)
+                    if self._view is not None:
+                        self._view = progress_view(progress.snapshot(), self.width)
+                        self._write(self._erased() + self._draw())
+                group.cancel_scope.cancel()
         finally:
             self.stop()
+
+    async def _suspended_on_ctrl_z(self) -> None:
+        """Ctrl-Z (SIGTSTP): the display erased and the cursor shown before the run stops,
+        then drawn again once it is continued (``fg``). Stopped as it was drawn, the run
+        left the shell's prompt under a stale bar with its cursor hidden, and the cursor
+        stayed hidden in the shell until the run was brought back and ended."""
+        with anyio.open_signal_receiver(signal.SIGTSTP) as received:
+            async for _ in received:
+                self._write(self._erased() + self._SHOW)
+                ours = signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+                try:
+                    os.kill(os.getpid(), signal.SIGTSTP)  # stopped here until continued
+                finally:
+                    signal.signal(signal.SIGTSTP, ours)
+                if self._view is not None:
+                    self._write(self._HIDE + self._draw())
 
     def stop(self) -> None:
         """Remove the display at once (the summary comes next, where it was); lines go on
