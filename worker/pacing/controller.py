@@ -561,7 +561,9 @@ class RateController:
         answers.clear()  # the next cut needs as many again, sent at the new rate
         served = self._served_flat(now)
         sent_rate = self._overloaded_at(sent, rate)
-        if served < (1.0 - c.margin) * sent_rate:
+        # Served a share of what was sent under the 503s' share: random ones at a steady
+        # rate (a tenth of the calls) hold what is served flat too, a tenth under it.
+        if served < (1.0 - c.overload_share) * sent_rate:
             if self._shed_at(now, sent_rate):
                 # Cut to what it served before, and as many 503s at that rate: they do not
                 # fall with the rate (random faults, a fifth or more): no lower.
