@@ -8,6 +8,7 @@ the resize in tmux, which reflows its lines on a resize as most terminals do.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
@@ -343,3 +344,30 @@ async def test_ctrl_z_leaves_the_shell_its_cursor_and_fg_draws_the_display_again
     assert not any("━" in row or "ids/s ·" in row for row in stopped), "\n".join(stopped)
     assert code == 75, "\n".join(end)
     assert "devserver-reaper run summary" in end
+
+
+@pytest.mark.anyio
+async def test_events_into_a_closed_pipe_are_said_between_words(tmp_path: Path) -> None:
+    """``run ... | head -1``, the pipe closed: the run stops (75) and says why on the
+    terminal, stderr. That line went out whole and the terminal cut it mid-word at 80
+    columns ("outcom" / "es"); it is broken between words like the rest now."""
+    async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+        source = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        env = reaper_env(sim.url, REAPER_LOG_FORMAT="json")
+
+        def into_a_closed_pipe() -> tuple[int, Terminal]:
+            read, write = os.pipe()
+            os.close(read)  # head has read its line and gone
+            try:
+                term = Terminal(["run", "-i", str(source), "--yes"], env, columns=80,
+                                stdout_to=write)  # fmt: skip
+            finally:
+                os.close(write)
+            return term.wait(), term
+
+        code, term = await anyio.to_thread.run_sync(into_a_closed_pipe)
+    said = ("the events cannot be written to stdout (Broken pipe); stopping as on SIGTERM: "
+            "the calls in flight finish and nothing else records their outcomes")  # fmt: skip
+    assert code == 75, term.screen_text()
+    assert cut_words(said, term) == [], term.screen_text()
+    assert overflowing(term) == [], term.screen_text()

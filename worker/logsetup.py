@@ -146,8 +146,11 @@ def tell(text: str) -> None:
     stream = sys.stderr
     if stream is None:
         return
+    from worker.terminal.wrap import for_terminal
+
     try:
-        stream.write(text + "\n")
+        # Broken between words on a terminal: its edge cut "outcom" / "es" at 80 columns.
+        stream.write(for_terminal(stream, text) + "\n")
         stream.flush()
     except (OSError, ValueError):
         with contextlib.suppress(OSError, ValueError):
