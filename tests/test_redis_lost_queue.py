@@ -81,6 +81,12 @@ async def test_a_redis_back_without_the_queue_is_said_plainly_and_new_ids_are_se
         await until(said("serve.group_recreated", 1))
         await enqueue(jobs[5:10])
         await until(gone(jobs[5:10]))
+
+        async def recorded() -> bool:  # their rows written and entries acked, in this Redis
+            info: Any = await admin.xpending(STREAM, "devserver-reaper")
+            return int(info["pending"]) == 0 and await admin.xlen(STREAM + ":outcomes") == 10
+
+        await until(recorded)
         await admin.aclose()
         await first.aclose()  # Redis stops, and comes back with nothing
         (tmp_path / "2").mkdir()
