@@ -11,13 +11,14 @@ paces at 0.95 of the count's rate after it.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 
 import pytest
 
 from tests.fakes import FixedWindow, Gateway, Queueing, Run, SlidingWindow, simulate
-from worker.pacing.controller import RateController
+from worker.pacing.controller import AdaptiveConfig, RateController
 
 SPANS: dict[str, Callable[[float, float], Gateway]] = {
     "fixed 10 s": lambda quota, now: FixedWindow(quota, now, span=10.0),
@@ -128,3 +129,21 @@ def test_random_503s_of_a_tenth_of_the_calls_are_not_read_as_a_service_past_capa
     run = simulate(lambda t: quota, duration=60.0, burst=2, latency=0.005,
                    service=lambda now: (draws.random() < 0.10, 0.005))  # fmt: skip
     assert run.accepted_per_s(10.0, 60.0) >= 0.935 * 0.9 * quota
+
+
+@pytest.mark.parametrize("max_pause", [5.0, 30.0])
+def test_a_window_whose_retry_after_points_an_hour_ahead_does_not_starve_the_run(
+    max_pause: float,
+) -> None:
+    """A count over a fixed 10 s of 5 calls/s whose ``Retry-After`` is an HTTP date from a
+    clock an hour ahead: the check call's refusal points to the same end, an hour on. Read
+    as a count over that hour, the pace was 0.013 calls/s until its end, whatever
+    ``--max-retry-after`` (0.002-0.004 of the quota used from 20 s to 120 s); no count is
+    kept over more than ``KEEP_S``, so no window is read, each pause is capped at
+    ``max_pause``, and at least a quarter of the quota is used."""
+    ctrl = RateController(0.0, AdaptiveConfig(max_pause=max_pause))
+    run = simulate(lambda t: 5.0, duration=120.0, latency=0.005, controller=ctrl,
+                   gateway=lambda q, now: FixedWindow(q, now, span=10.0),
+                   retry_after=lambda wait, now: math.ceil(wait) + 3600.0)  # fmt: skip
+    assert ctrl.windows == 0
+    assert run.accepted_per_s(20.0, 120.0) >= 0.25 * 5.0

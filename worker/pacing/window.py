@@ -206,11 +206,14 @@ class LongWindow:
     def _read(self, anchor: float, end: float, resume: float | None = None) -> Verdict | None:
         """The window from ``anchor`` to ``end``: the calls accepted in it, per second;
         calls go again from ``resume`` (``end``: by default). ``None``: too few accepted
-        (``CHECK_CALLS``) to read a count from."""
+        (``CHECK_CALLS``) to read a count from, or a span longer than the calls are kept
+        (``KEEP_S``): no count was kept over it, and a ``Retry-After`` an hour ahead (a
+        date from a gateway whose clock is an hour off) read as a count over that hour
+        paced the run at 0.013 calls/s until its end."""
         accepted = self._accepted
         span = end - anchor
         count = self._count(anchor, end)
-        if count < CHECK_CALLS or span <= 0:
+        if count < CHECK_CALLS or not 0 < span <= KEEP_S:
             return None
         last = accepted[bisect.bisect_left(accepted, end) - 1]
         resume = end if resume is None else resume
