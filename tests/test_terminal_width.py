@@ -371,3 +371,31 @@ async def test_events_into_a_closed_pipe_are_said_between_words(tmp_path: Path) 
     assert code == 75, term.screen_text()
     assert cut_words(said, term) == [], term.screen_text()
     assert overflowing(term) == [], term.screen_text()
+
+
+@pytest.mark.anyio
+async def test_a_terminal_not_in_utf8_gets_a_display_in_its_own_characters(
+    tmp_path: Path,
+) -> None:
+    """A terminal whose encoding is not UTF-8 (``PYTHONIOENCODING=ascii`` here; a Latin-1
+    locale is the same): the bar's characters were written as ``\\u2501`` escapes, ten
+    columns each, so the display filled the screen and every redraw left most of it there.
+    Now the bar is ASCII and a character the encoding lacks is one ``?``: one display, of
+    the terminal's width, gone after the run."""
+    async with run_simulator(SimulatorConfig(jobs=4)) as sim:
+        source = write_ids(tmp_path / "ids.txt", [*sim.job_ids(), *_unknown_ids(60)])
+        env = reaper_env(sim.url, REAPER_LOG_FORMAT="auto", PYTHONIOENCODING="ascii")
+        args = ["run", "-i", str(source), "--yes", "--rate", "20", "--batch-size", "2"]
+
+        def drawn() -> tuple[int, Terminal, list[str]]:
+            term = Terminal(args, env, columns=80, rows=24)
+            term.expect(" / 64 ")
+            time.sleep(1)  # a few redraws
+            mid = term.lines()
+            return term.wait(), term, mid
+
+        code, term, mid = await anyio.to_thread.run_sync(drawn)
+    assert code == 0, term.screen_text()
+    assert len([row for row in mid if " / 64 " in row]) == 1, "\n".join(mid)
+    assert not any("\\u25" in row for row in mid), "\n".join(mid)
+    assert not any("\\u25" in row or " / 64 " in row for row in term.lines()), term.screen_text()

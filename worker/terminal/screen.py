@@ -64,8 +64,11 @@ class Screen:
         # What is drawn is rendered off the screen, in the terminal's colours (or none:
         # NO_COLOR), then written at once by _write: the terminal's own console wrote to it
         # from inside a capture too, past _write's guard against a terminal gone away.
+        # In the terminal's encoding: where it is not UTF-8 (PYTHONIOENCODING=ascii, a
+        # Latin-1 locale) the bar is drawn in ASCII, as rich does on such a console.
+        self._encoding: str = getattr(file, "encoding", None) or "utf-8"
         self._paper: Console = Console(
-            file=io.StringIO(), force_terminal=True, no_color=self._console.no_color,
+            file=_Paper(self._encoding), force_terminal=True, no_color=self._console.no_color,
             color_system=cast(Any, self._console.color_system), highlight=False, emoji=False,
         )  # fmt: skip
         self._view: RenderableType | None = None  # the display while one is shown
@@ -117,6 +120,9 @@ class Screen:
         # One column short of the edge: a row the width of the terminal leaves the cursor
         # past it, where some terminals start the next row on the next output.
         drawn = self._rendered(self._view, None, max(width - 1, 1))
+        # A character the terminal's encoding lacks (the figures' "·") one "?", a column as
+        # it was drawn: written as "\xb7" it made rows wider than the terminal, and wrapped.
+        drawn = drawn.encode(self._encoding, "replace").decode(self._encoding)
         rows = drawn.count("\n")
         self._drawn = (rows + 1, width)
         return drawn + "\r" + (f"\x1b[{rows}A" if rows else "")
@@ -179,6 +185,18 @@ class Screen:
 
     def __repr__(self) -> str:
         return f"Screen(width={self.width}, shown={self._view is not None}, gone={self._gone})"
+
+
+class _Paper(io.StringIO):
+    """What the display is rendered on: text, in the encoding of the terminal it is for."""
+
+    def __init__(self, encoding: str) -> None:
+        super().__init__()
+        self._encoding = encoding
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._encoding
 
 
 def progress_view(snap: Snapshot, width: int) -> RenderableType:
