@@ -399,3 +399,28 @@ async def test_a_terminal_not_in_utf8_gets_a_display_in_its_own_characters(
     assert len([row for row in mid if " / 64 " in row]) == 1, "\n".join(mid)
     assert not any("\\u25" in row for row in mid), "\n".join(mid)
     assert not any("\\u25" in row or " / 64 " in row for row in term.lines()), term.screen_text()
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+async def test_a_window_lower_than_the_display_keeps_no_copies_of_it(tmp_path: Path) -> None:
+    """A window one row high, the display two (its bar, its outcomes): a redraw went back
+    up one row from the top, which stays the top, so every redraw pushed a copy of the bar
+    into the scrollback, five a second. The display is cut to the rows there are."""
+    async with run_simulator(SimulatorConfig(jobs=4)) as sim:
+        write_ids(tmp_path / "ids.txt", [*sim.job_ids(), *_unknown_ids(40)])
+        env = reaper_env(sim.url, REAPER_LOG_FORMAT="auto")
+        args = ["run", "-i", "ids.txt", "--yes", "--rate", "10", "--batch-size", "2"]
+
+        def low() -> tuple[list[str], int]:
+            window = Tmux(args, env, columns=80, rows=1, cwd=str(tmp_path))
+            try:
+                code = window.wait()
+                return window.rows(), code
+            finally:
+                window.close()
+
+        seen, code = await anyio.to_thread.run_sync(low)
+    assert code == 0, "\n".join(seen)
+    assert "devserver-reaper run summary" in seen
+    assert not any("ids/s ·" in row for row in seen), "\n".join(seen)

@@ -21,6 +21,7 @@ import anyio
 from worker.terminal.lines import in_one_row
 from worker.terminal.progress import Progress, Snapshot
 from worker.terminal.wrap import columns, fit
+from worker.terminal.wrap import rows as rows_of
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -123,6 +124,12 @@ class Screen:
         # A character the terminal's encoding lacks (the figures' "·") one "?", a column as
         # it was drawn: written as "\xb7" it made rows wider than the terminal, and wrapped.
         drawn = drawn.encode(self._encoding, "replace").decode(self._encoding)
+        # No more rows than the terminal has: the rows above its top cannot be gone back
+        # up to, so each redraw left a copy of them in the scrollback (a 1-row window had
+        # a bar there five times a second).
+        height = rows_of(self._file)
+        if height is not None and drawn.count("\n") >= height:
+            drawn = "\n".join(drawn.split("\n")[:height])
         rows = drawn.count("\n")
         self._drawn = (rows + 1, width)
         return drawn + "\r" + (f"\x1b[{rows}A" if rows else "")

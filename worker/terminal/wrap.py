@@ -45,6 +45,17 @@ def columns(stream: Stream) -> int | None:
         return _columns_variable()  # a terminal that cannot say its size: COLUMNS, or 80
 
 
+def rows(stream: Stream) -> int | None:
+    """The height of the terminal ``stream`` writes to; None when it is not a terminal or
+    cannot say."""
+    try:
+        if not stream.isatty():
+            return None
+        return os.get_terminal_size(stream.fileno()).lines or None
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return None
+
+
 def _columns_variable() -> int:
     given = os.environ.get("COLUMNS", "")
     return int(given) if given.isdigit() and int(given) > 0 else 80
