@@ -229,6 +229,16 @@ async def test_discovers_table_is_a_row_per_job_at_80_columns(tmp_path: Path) ->
     assert "(rows cut to the terminal's width: -o jsonl shows every field)" in rows
 
 
+async def _run_at_80(source: Path, env: dict[str, str]) -> tuple[int, Terminal]:
+    """``run -i SOURCE --yes`` on an 80-column terminal: its exit code and the terminal."""
+
+    def run() -> tuple[int, Terminal]:
+        term = Terminal(["run", "-i", str(source), "--yes"], env, columns=80)
+        return term.wait(), term
+
+    return await anyio.to_thread.run_sync(run)
+
+
 @pytest.mark.anyio
 async def test_events_as_json_on_a_terminal_are_never_broken_into_rows(tmp_path: Path) -> None:
     """``--log-format json`` on an 80-column terminal: the rejected line's event is wider
@@ -237,12 +247,7 @@ async def test_events_as_json_on_a_terminal_are_never_broken_into_rows(tmp_path:
     async with run_simulator(SimulatorConfig(jobs=2)) as sim:
         source = write_ids(tmp_path / "ids.txt", [*sim.job_ids(), "not a job id!"])
         env = reaper_env(sim.url, REAPER_LOG_FORMAT="json")
-
-        def run() -> tuple[int, Terminal]:
-            term = Terminal(["run", "-i", str(source), "--yes"], env, columns=80)
-            return term.wait(), term
-
-        code, term = await anyio.to_thread.run_sync(run)
+        code, term = await _run_at_80(source, env)
     assert code == 1, term.screen_text()
     (rejected,) = [line for line in written_lines(term.raw) if "job.rejected" in line]
     assert orjson.loads(rejected)["job_id"] == "not a job id!" and len(rejected) > 80
@@ -424,3 +429,22 @@ async def test_a_window_lower_than_the_display_keeps_no_copies_of_it(tmp_path: P
     assert code == 0, "\n".join(seen)
     assert "devserver-reaper run summary" in seen
     assert not any("ids/s ·" in row for row in seen), "\n".join(seen)
+
+
+@pytest.mark.anyio
+async def test_a_line_of_cjk_is_broken_between_words_at_its_width_in_columns(
+    tmp_path: Path,
+) -> None:
+    """A rejected line of CJK, 62 characters and 110 columns: broken by its ``len`` it
+    fitted 80 and was left whole, and the terminal cut it, the rest at column 0 under the
+    label. It is broken between words by its columns now, the rest under its value."""
+    words = ["管理者ジョブ削除対象の名前です"] * 3 + ["管理者ジョブ削除対象"]
+    async with run_simulator(SimulatorConfig(jobs=1)) as sim:
+        source = write_ids(tmp_path / "ids.txt", [" ".join(words), *sim.job_ids()])
+        env = reaper_env(sim.url, REAPER_LOG_FORMAT="auto")
+        code, term = await _run_at_80(source, env)
+    assert code == 1, term.screen_text()
+    rows = term.lines()
+    first = next(n for n, row in enumerate(rows) if row.startswith("rejected  line 1: "))
+    assert rows[first + 1].startswith(" " * 10 + words[0]), term.screen_text()
+    assert cut_words(" ".join(words), term) == [], term.screen_text()

@@ -68,9 +68,10 @@ def fit(text: str, width: int) -> str:
     (``--log-format json`` on a terminal): a line break in a string is no JSON."""
     out: list[str] = []
     for line in text.split("\n"):
-        if len(line) <= width or _COMMAND.match(line) or line.startswith("{"):
+        if cells(line) <= width or _COMMAND.match(line) or line.startswith("{"):
             out.append(line)
             continue
+        line = _widened(line)
         body = line.rstrip(" ")
         trail = line[len(body) :]
         lead = len(body) - len(body.lstrip(" "))
@@ -81,7 +82,21 @@ def fit(text: str, width: int) -> str:
             rows.append(" " * indent)
         out.extend(rows[:-1])
         out.append(rows[-1] + trail)
-    return "\n".join(out)
+    return "\n".join(out).replace(_WIDE, "")
+
+
+_WIDE = "\x00"
+"""Put after a character two columns wide while a line is wrapped (textwrap counts
+characters, so a line of CJK came out twice the width it was wrapped to, and the
+terminal cut it again at column 0); taken out after."""
+
+
+def _widened(line: str) -> str:
+    from rich.cells import get_character_cell_size
+
+    if line.isascii():
+        return line
+    return "".join(c + _WIDE if get_character_cell_size(c) == 2 else c for c in line)
 
 
 def for_terminal(stream: Stream, text: str) -> str:
