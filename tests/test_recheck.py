@@ -233,7 +233,11 @@ async def test_protected_statuses_on_a_file_input_are_checked_by_listing(tmp_pat
         assert set(sim.store.jobs) == processing
         summary = done.summary()
         assert summary["skipped_by_reason"] == {"protected": len(processing)}
-        assert summary["checks"]["by_show"] == sim.stats.show_calls <= 20
+        # Listed, nearly all: a page read while DELETEs land may skip a few jobs (offset
+        # paging drifts), read then by a show call each (quiet, at most 20; under CI's load
+        # 43 once). Without listing, 1,200.
+        assert summary["checks"]["by_show"] == sim.stats.show_calls <= len(ids) // 20
+        assert summary["checks"]["by_listing"] >= len(ids) - len(ids) // 20
 
 
 # -- the bound: no DELETE on a check older than --recheck-max-age -----------------------------
