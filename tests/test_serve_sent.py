@@ -45,6 +45,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
 
 HELD = FaultConfig(latency_ms=60_000, latency_jitter=False)
 FLAGS = ("--batch-size", "5", "--concurrency", "2", "--rate", "100", "--reclaim-after", "1")
+JOINED = ("--batch-size", "1", "--rate", "100", "--reclaim-after", "1")
 
 
 async def _cut_mid_call(q: Queue, victim: Replica, how: str) -> None:
@@ -368,8 +369,7 @@ async def _joined_and_answered(q: Queue) -> AsyncIterator[Replica]:
     yields c1 once both entries are settled (the proxy still up)."""
     release = anyio.Event()
     async with held_answers(q.sim.url, release) as url:
-        c1 = await _b_joins_a_call(q, url, "--batch-size", "1", "--rate", "100",
-                                   "--reclaim-after", "1")  # fmt: skip
+        c1 = await _b_joins_a_call(q, url, *JOINED)
         release.set()
 
         async def settled() -> bool:
@@ -586,6 +586,22 @@ async def test_an_entry_joining_an_id_on_the_wire_keeps_its_doubt_for_the_answer
     ]
 
 
+@asynccontextmanager
+async def _b_joins_a_refused_call(
+    redis_prefix: str, tmp_path: Path, status: int, *extra: str
+) -> AsyncIterator[tuple[Queue, Replica, StreamLayout, str]]:
+    """``_b_joins_a_call`` (c1 started with ``JOINED`` and ``extra``) through a proxy that
+    answers A's DELETE, applied, ``status`` once let go: yields the queue, c1, the stream's
+    layout and x (its one job), the call's answer released."""
+    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=1)) as q:
+        (x,) = q.sim.job_ids()
+        release = anyio.Event()
+        async with held_answers(q.sim.url, release, refuse=status) as url:
+            c1 = await _b_joins_a_call(q, url, *JOINED, *extra)
+            release.set()
+            yield q, c1, StreamLayout(q.stream, "reapers"), x
+
+
 @pytest.mark.anyio
 async def test_an_answer_refusing_a_joined_call_keeps_the_doubt_the_joining_entry_brought(
     redis_prefix: str, tmp_path: Path
@@ -595,21 +611,15 @@ async def test_an_answer_refusing_a_joined_call_keeps_the_doubt_the_joining_entr
     is answered 503 (one attempt allowed): A's batch is handed back, x struck off A's note
     as not gone by that call, not off B's, which names it for c0's DELETE: B's next
     delivery ends x ``deleted``, unconfirmed, never ``absent``."""
-    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=1)) as q:
-        (x,) = q.sim.job_ids()
-        layout = StreamLayout(q.stream, "reapers")
-        release = anyio.Event()
-        flags = ("--batch-size", "1", "--rate", "100", "--reclaim-after", "1")
-        async with held_answers(q.sim.url, release, refuse=503) as url:
-            c1 = await _b_joins_a_call(q, url, *flags, "--max-attempts", "1")
-            release.set()
+    refused = _b_joins_a_refused_call(redis_prefix, tmp_path, 503, "--max-attempts", "1")
+    async with refused as (q, c1, layout, x):
 
-            async def handed_back() -> bool:  # both entries keep why, left pending
-                return len(await q.redis.hkeys(layout.last_error)) == 2
+        async def handed_back() -> bool:  # both entries keep why, left pending
+            return len(await q.redis.hkeys(layout.last_error)) == 2
 
-            await until(handed_back)
-            c1.process.send_signal(signal.SIGTERM)
-            note, again, rows = await _b_delivered_again(q, c1, "c1", flags)
+        await until(handed_back)
+        c1.process.send_signal(signal.SIGTERM)
+        note, again, rows = await _b_delivered_again(q, c1, "c1", JOINED)
     assert c1.named("serve.api_unavailable") != []
     assert x in note
     assert [(e["job_id"], e["confirmed"]) for e in again.named("job.deleted")] == [(x, False)]
@@ -625,21 +635,14 @@ async def test_a_429_to_a_joined_call_keeps_the_doubt_the_joining_entry_brought_
     is answered 429: x is struck off A's note (that call applied nothing), not off B's,
     which names it for c0's DELETE. c1 killed as it sleeps the 429 out, B's next delivery
     ends x ``deleted``, unconfirmed, never ``absent`` (a deletion of ours)."""
-    async with queue(redis_prefix, tmp_path, SimulatorConfig(jobs=1)) as q:
-        (x,) = q.sim.job_ids()
-        layout = StreamLayout(q.stream, "reapers")
-        release = anyio.Event()
-        flags = ("--batch-size", "1", "--rate", "100", "--reclaim-after", "1")
-        async with held_answers(q.sim.url, release, refuse=429) as url:
-            c1 = await _b_joins_a_call(q, url, *flags)
-            release.set()
+    async with _b_joins_a_refused_call(redis_prefix, tmp_path, 429) as (q, c1, layout, x):
 
-            async def struck() -> bool:  # A's strike, written with any of B's
-                return x not in sent_ids(await q.redis.get(layout.sending("2-1")))
+        async def struck() -> bool:  # A's strike, written with any of B's
+            return x not in sent_ids(await q.redis.get(layout.sending("2-1")))
 
-            await until(struck)
-            c1.process.kill()
-            note, again, rows = await _b_delivered_again(q, c1, "c2", flags)
+        await until(struck)
+        c1.process.kill()
+        note, again, rows = await _b_delivered_again(q, c1, "c2", JOINED)
     _b_ends_deleted(rows, x)
     assert [(e["job_id"], e["confirmed"]) for e in again.named("job.deleted")] == [(x, False)]
     assert x in note
