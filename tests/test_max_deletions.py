@@ -5,14 +5,25 @@ and an id is skipped for the cap only once the cap is really reached."""
 
 from __future__ import annotations
 
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
 import pytest
 from aiohttp import web
 
-from tests.e2e import reaper, reaper_env, results, write_ids
+from tests.e2e import (
+    Finished,
+    read_all,
+    reaper,
+    reaper_env,
+    results,
+    start_reaper,
+    until,
+    write_ids,
+)
 from tests.gateway import Gateway, serve_gateway
 
 pytestmark = pytest.mark.anyio
@@ -68,3 +79,52 @@ async def test_a_share_of_the_cap_a_batch_gives_back_goes_to_ids_not_yet_skipped
     assert outcomes == {"deleted": CAP, "absent": BATCH, "skipped": JOBS - BATCH - CAP}, rows
     assert {row["reason"] for row in rows if row["outcome"] == "skipped"} == {"max_deletions"}
     assert done.code == 1, done.stderr  # left undone on purpose: the cap
+
+
+@dataclass
+class Refusing(Gateway):
+    """Every DELETE is answered 429 with a ``Retry-After`` longer than the test while
+    ``refusing``: nothing is applied, and the run's batches sleep on it until stopped."""
+
+    refusing: bool = True
+
+    async def delete(self, request: web.Request) -> web.StreamResponse:
+        if not self.refusing:
+            return await super().delete(request)
+        await self.counted(request)
+        return web.json_response(
+            {"error_code": "APIGW.0308", "error_msg": "throttled"},
+            status=429, headers={"Retry-After": "50"},
+        )  # fmt: skip
+
+
+async def test_a_stop_gives_back_the_cap_of_ids_answered_not_applied(tmp_path: Path) -> None:
+    """``--max-deletions 10``: two batches of 5 take the cap, each DELETE answered 429 (not
+    applied), and the run is stopped (SIGTERM) while they sleep on its ``Retry-After``.
+    Nothing was deleted, so ``max_deletions_left`` is 10, as the ledger counts it: the next
+    run on it deletes 10. (The old code left the shares of a cancelled batch taken: 0 left,
+    while the ledger's next run had the 10.)"""
+    gateway = Refusing(jobs=Gateway.with_jobs(JOBS).jobs)
+    ledger = tmp_path / "ledger.db"
+    async with serve_gateway(gateway) as url:
+        src = write_ids(tmp_path / "ids.txt", gateway.job_ids())
+        args = ["run", "-i", str(src), "--yes", "--batch-size", str(BATCH), "--concurrency", "2",
+                "--rate", "1000", "--burst", "50", "--max-deletions", str(CAP), "--ledger",
+                str(ledger)]  # fmt: skip
+        env = reaper_env(url)
+        async with await start_reaper(args, env) as process:
+            await until(lambda: _true(gateway.delete_calls >= CAP // BATCH))
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(30):
+                stdout, stderr = await read_all(process)
+        assert process.returncode == 75, stderr
+        stopped = Finished(75, stdout, stderr)
+        assert stopped.summary()["max_deletions_left"] == CAP, stdout
+        assert not gateway.deleted and len(gateway.asked) == CAP
+        gateway.refusing = False
+        again = await reaper(args, env)
+    assert again.summary()["deleted"] == CAP and again.summary()["max_deletions_left"] == 0
+
+
+async def _true(value: bool) -> bool:
+    return value

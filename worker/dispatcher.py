@@ -172,8 +172,12 @@ class Doubt:
     attempt without a readable answer (``unsure``, growing as such attempts happen) and
     the records read of its jobs before (``known``). And until when the guard's check of
     its jobs holds (``until``), with the ids it no longer covered when their turn to be
-    sent came (``stale``; ``unsent`` of them whose share of the cap goes back: never sent,
-    or sent only in attempts answered as not applied)."""
+    sent came (``stale``).
+
+    ``unsent``: the ids, open, whose share of the cap goes back when their batch is done
+    sending (whole, stopped or cancelled): never sent, or sent only in attempts answered
+    as not applied (a 429; a 200 that left them out, taken at its word). As the ledger
+    counts them (``Ledger.sent_before``): not ``sent``, no outcome after an attempt."""
 
     __slots__ = ("known", "stale", "unsent", "unsure", "until", "wall_until")
 
@@ -183,7 +187,13 @@ class Doubt:
         self.until = batch.fresh_until
         self.wall_until = batch.wall_until
         self.stale: list[str] = []
-        self.unsent = 0
+        self.unsent: set[str] = set(batch.ids) - self.unsure
+
+    def given_back(self, ids: Sequence[str]) -> int:
+        """Of ``ids``, how many give their share of the cap back (``unsent``): once only."""
+        back = self.unsent.intersection(ids)
+        self.unsent -= back
+        return len(back)
 
     def gone(
         self, job_id: str, batch_id: str, attempts: int, error: ApiError, *, unlisted: bool = False
@@ -297,14 +307,14 @@ class Dispatcher:
         try:
             await self._delete_sized(batch_id, ids, doubt)
         except BaseException as exc:
-            self._budget.settle(held)
             if isinstance(exc, ApiUnavailable):  # the ids stay open: say which may be ours
                 exc.unsure = frozenset(doubt.unsure)
             raise
-        # Not sent, or sent only to be answered "not applied": the budget they took is theirs
-        # again when they come back re-checked. Those in doubt keep theirs, and say so.
-        self._budget.settle(held, doubt.unsent)
-        doubt.unsent = 0
+        finally:
+            # Not sent, or sent only to be answered "not applied" (a stop's cancel too): the
+            # budget they took is theirs again (when they come back re-checked, or in the
+            # next run). Those in doubt or ended after an attempt keep theirs.
+            self._budget.settle(held, doubt.given_back(ids))
 
     async def _delete_sized(self, batch_id: str, ids: Sequence[str], doubt: Doubt) -> None:
         """``ids`` in one call, or in pieces of the size the API is known to take; a call
@@ -365,6 +375,7 @@ class Dispatcher:
                 raise _StaleCheck  # the token came too late for the check these ids passed
             if doubt.wall_until is not None and self._clock.wall() >= doubt.wall_until:
                 raise _StaleCheck  # or too late for the plan, on the system's clock
+            doubt.unsent.difference_update(remaining)  # out: counted, unless heard unapplied
             await self._journal.sent(batch_id, remaining, attempt)
 
         async def retrying(exc: TransientError, attempt: int, delay_s: float, why: str) -> None:
@@ -377,7 +388,7 @@ class Dispatcher:
                 return await self._send_delete(ids)
             except TransientError as exc:  # heard even when the run stops on it
                 if not isinstance(exc, AMBIGUOUS):  # answered "not applied": a 429
-                    await self._heard(batch_id, [i for i in ids if i not in doubt.unsure])
+                    await self._heard(batch_id, ids, doubt)
                 raise
 
         while remaining:
@@ -390,10 +401,9 @@ class Dispatcher:
             except Stopped:
                 return True  # the run is stopping: the ids stay open for the next run
             except _StaleCheck:
+                # What they took of the cap is given back (``Doubt.unsent``) unless an
+                # attempt, here or in a run that died, may have applied them.
                 doubt.stale.extend(remaining)
-                # What they took of the cap is given back unless an attempt, here or in a run
-                # that died, may have applied them: never sent, or answered "not applied" (429)
-                doubt.unsent += sum(i not in doubt.unsure for i in remaining)
                 return True
             except (ClientError, NotFound) as exc:
                 await self._refused(batch_id, remaining, tries.attempt, exc, doubt)
@@ -408,9 +418,7 @@ class Dispatcher:
                     error_msg="job still exists after DELETE",
                     request_id=answer.request_id,
                 )
-                await self._journal.finished(
-                    [_failed(i, batch_id, attempt, error) for i in remaining]
-                )
+                await self._ended(doubt, [_failed(i, batch_id, attempt, error) for i in remaining])
                 return True
         return True
 
@@ -428,7 +436,7 @@ class Dispatcher:
         between gone and ``failed``, so ``failed`` means the job is still there (when the
         show call is refused too, ``reason: answer_lost`` says it may be gone).
         """
-        await self._heard(batch_id, [i for i in ids if i not in doubt.unsure])
+        await self._heard(batch_id, ids, doubt)
         if len(ids) > 1:
             self.splits += 1
             half = len(ids) // 2
@@ -445,9 +453,9 @@ class Dispatcher:
         if not exists:
             return  # gone, or left open by a stop: _exists has seen to it
         if isinstance(exc, NotFound):
-            await self._journal.finished([doubt.gone(ids[0], batch_id, attempt, exc)])
+            await self._ended(doubt, [doubt.gone(ids[0], batch_id, attempt, exc)])
             return
-        await self._journal.finished([_failed(ids[0], batch_id, attempt, exc)])
+        await self._ended(doubt, [_failed(ids[0], batch_id, attempt, exc)])
 
     async def _settle(
         self, batch_id: str, ids: Sequence[str], attempt: int, answer: DeleteResult, doubt: Doubt
@@ -456,7 +464,8 @@ class Dispatcher:
         wanted = set(ids)
         deleted = {record.id: record for record in answer.records if record.id in wanted}
         if deleted:
-            await self._journal.finished(
+            await self._ended(
+                doubt,
                 [
                     Result(
                         job_id=job_id,
@@ -468,10 +477,11 @@ class Dispatcher:
                         record=record,
                     )
                     for job_id, record in deleted.items()
-                ]
+                ],
             )
         missing = [job_id for job_id in ids if job_id not in deleted]
-        await self._heard(batch_id, [i for i in missing if _left_out(answer, doubt, i) is False])
+        taken_at_its_word = [i for i in missing if _left_out(answer, doubt, i) is False]
+        await self._heard(batch_id, taken_at_its_word, doubt)
         still_there: list[str] = []
         counted: dict[str, NotFound] = {}  # gone, ours only if the answer's count allows
         ours = 0  # gone, and ours: read just before this DELETE (of the count's deletions)
@@ -487,27 +497,37 @@ class Dispatcher:
                 counted[job_id] = found
                 continue
             ours += unlisted and job_id not in doubt.unsure
-            await self._journal.finished(
-                [doubt.gone(job_id, batch_id, attempt, found, unlisted=unlisted)]
+            await self._ended(
+                doubt, [doubt.gone(job_id, batch_id, attempt, found, unlisted=unlisted)]
             )
         if counted:
-            await self._journal.finished(_counted(answer, doubt, counted, ours, batch_id, attempt))
+            await self._ended(doubt, _counted(answer, doubt, counted, ours, batch_id, attempt))
         return tuple(still_there)
 
-    async def _heard(self, batch_id: str, ids: Sequence[str]) -> None:
-        """An answer was heard, and it says no DELETE of this batch applied ``ids``: they
-        are not in doubt, and a run that stops or dies before they end (checking them one
-        show call at a time, or asleep on a ``Retry-After``) leaves them to be sent again,
-        not found gone and called ``deleted`` by a DELETE that did not apply them."""
-        if ids:
-            await self._journal.unsent(batch_id, ids)
+    async def _ended(self, doubt: Doubt, results: Sequence[Result]) -> None:
+        """Outcomes of ids of the batch ``doubt`` is of: after an attempt, their share of the
+        cap is spent (``Doubt.unsent``)."""
+        doubt.unsent.difference_update(r.job_id for r in results)
+        await self._journal.finished(results)
+
+    async def _heard(self, batch_id: str, ids: Sequence[str], doubt: Doubt) -> None:
+        """An answer was heard, and it says no DELETE of this batch applied ``ids`` (those
+        of them in doubt stay so): they are not in doubt, and a run that stops or dies
+        before they end (checking them one show call at a time, or asleep on a
+        ``Retry-After``) leaves them to be sent again, not found gone and called
+        ``deleted`` by a DELETE that did not apply them; their share of the cap goes back
+        unless they end first (``Doubt.unsent``)."""
+        heard = [i for i in ids if i not in doubt.unsure]
+        if heard:
+            await self._journal.unsent(batch_id, heard)
+            doubt.unsent.update(heard)
 
     async def _exists(self, batch_id: str, job_id: str, attempt: int, doubt: Doubt) -> bool:
         """The show call: does the job still exist? A 404 ends it gone (``doubt.gone``);
         the record of another job ends it ``failed``: neither there nor gone is known."""
         found = await self._show(batch_id, job_id, doubt, attempt)
         if isinstance(found, NotFound):
-            await self._journal.finished([doubt.gone(job_id, batch_id, attempt, found)])
+            await self._ended(doubt, [doubt.gone(job_id, batch_id, attempt, found)])
             return False
         return found
 
@@ -533,11 +553,11 @@ class Dispatcher:
         except PermanentError as exc:
             if not isinstance(exc, ClientError):
                 raise
-            await self._journal.finished([_unread(job_id, batch_id, attempt, exc, doubt)])
+            await self._ended(doubt, [_unread(job_id, batch_id, attempt, exc, doubt)])
             return False
         if record.id != job_id:  # not the job asked about: nothing known of this one
             error = another_job(job_id, record.id)
-            await self._journal.finished([_unread(job_id, batch_id, attempt, error, doubt)])
+            await self._ended(doubt, [_unread(job_id, batch_id, attempt, error, doubt)])
             return False
         return True
 
