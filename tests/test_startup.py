@@ -7,12 +7,18 @@ them), and that is seen in ``sys.modules`` of the real command in a child proces
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import anyio
+import pytest
+from anyio.streams.text import TextReceiveStream
+
 import worker
-from tests.conftest import PYCACHE
+from tests.conftest import PYCACHE, REDIS_URL
+from tests.e2e import reaped, reaper_env, write_ids
 
 
 def test_children_of_the_suite_read_and_write_compiled_bytecode() -> None:
@@ -27,3 +33,81 @@ def test_children_of_the_suite_read_and_write_compiled_bytecode() -> None:
     package = Path(worker.__file__).resolve().parent
     compiled = PYCACHE / package.relative_to(package.anchor)
     assert list(compiled.glob("cli.*.pyc")), f"no bytecode of worker.cli under {compiled}"
+
+
+_MODULES_AT_EXIT = (
+    "import atexit, runpy, sys\n"
+    "path = sys.argv.pop(1)\n"
+    "def said():\n"
+    "    with open(path, 'w') as out:\n"
+    "        out.write('\\n'.join(n for n, m in sys.modules.items() if m is not None))\n"
+    "atexit.register(said)\n"
+    "runpy.run_module('worker', run_name='__main__', alter_sys=True)\n"
+)
+"""``python -m worker ARGS`` that writes the modules it imported to a file at its exit."""
+
+HEAVY = ("pydantic", "pydantic_settings", "structlog", "rich", "pygments", "aiohttp", "anyio",
+         "redis", "prometheus_client", "orjson", "worker.settings", "worker.simulator")  # fmt: skip
+"""Packages that cost tens of milliseconds of CPU each to import."""
+
+
+def imported(modules: Path, *args: str, env: dict[str, str] | None = None) -> set[str]:
+    """The packages of ``HEAVY`` the command ``args`` imported, run to its end."""
+    done = subprocess.run(
+        [sys.executable, "-c", _MODULES_AT_EXIT, str(modules), *args],
+        capture_output=True, text=True, check=False, env=env, timeout=60,
+    )  # fmt: skip
+    assert modules.exists(), done.stderr[-2000:]
+    return heavy(modules.read_text().split())
+
+
+def heavy(modules: list[str]) -> set[str]:
+    return {h for h in HEAVY for m in modules if m == h or m.startswith(h + ".")}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["run", "--help"], ["serve", "--help"], ["completion", "bash"]],
+    ids=["help", "run-help", "serve-help", "completion"],
+)
+def test_help_and_completion_import_nothing_heavy(args: list[str], tmp_path: Path) -> None:
+    """Help and the completion script are the parser's alone: no settings (pydantic), no
+    logging, no HTTP. ``completion`` loaded the settings it never reads (0.15 s of CPU)."""
+    assert imported(tmp_path / "modules", *args) == set()
+
+
+def test_a_run_logs_without_rich_and_touches_no_queue(tmp_path: Path) -> None:
+    """A run that writes events imports structlog, which imported rich and pygments for
+    tracebacks we never draw (50 ms of CPU): rich comes only with a display. No Redis,
+    metrics or simulator either."""
+    ids = write_ids(tmp_path / "ids.txt", ["a1b2c3d4-0000-4000-8000-000000000001"])
+    env = reaper_env("http://127.0.0.1:9")  # a dry run of --input calls nothing
+    found = imported(tmp_path / "modules", "run", "--dry-run", "--input", str(ids),
+                     "--events", str(tmp_path / "events.jsonl"), env=env)  # fmt: skip
+    assert "structlog" in found  # it did log
+    assert found & {"rich", "pygments", "redis", "prometheus_client", "worker.simulator"} == set()
+
+
+@pytest.mark.anyio
+async def test_serve_imports_no_display_and_no_simulator(tmp_path: Path, redis_prefix: str) -> None:
+    """``serve`` logs JSON and serves metrics: neither rich (through structlog) nor the
+    simulator, which a command it does not run once pulled in."""
+    modules = tmp_path / "modules"
+    env = reaper_env("http://127.0.0.1:9")
+    command = [sys.executable, "-c", _MODULES_AT_EXIT, str(modules), "serve",
+               "--redis-url", REDIS_URL, "--stream", f"{redis_prefix}ids",
+               "--http-port", "0"]  # fmt: skip
+    process = await anyio.open_process(command, env=env, stderr=subprocess.DEVNULL)
+    async with reaped(process):
+        assert process.stdout is not None
+        lines = TextReceiveStream(process.stdout)
+        seen = ""
+        with anyio.fail_after(30):
+            while '"serve.started"' not in seen:
+                seen += await lines.receive()
+        process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            await process.wait()
+    found = heavy(modules.read_text().split())
+    assert {"redis", "aiohttp", "prometheus_client"} <= found  # it did start
+    assert found & {"rich", "pygments", "worker.simulator"} == set()

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import textwrap
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn
 
 from worker import __version__, helptext, stdio
@@ -212,6 +212,10 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "plan": ("--plan-key-file", "--rate", "--batch-size"),
 }
 
+READS_NO_SETTINGS = frozenset({"completion", "simulate"})
+"""Commands configured by their own flags alone: they take no settings, and load none (the
+settings' pydantic is about 0.2 s of CPU of a start)."""
+
 
 _MEANT = {"--secret-key": "--sk", "--access-key": "--ak", "--project": "--project-id",
           "--dryrun": "--dry-run", "--input-file": "--input", "--file": "--input"}  # fmt: skip
@@ -394,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         known[name] = sub
         groups = flags[name] = _groups(sub)
         _add_settings(groups, [f for f in COMMAND_SETTINGS[name] if f not in _LATE])
-        if name not in ("completion", "simulate"):  # neither reads the settings
+        if name not in READS_NO_SETTINGS:
             groups[helptext.SETTINGS].add_argument(
                 "--config", dest="sub_config", metavar="FILE",
                 help="TOML settings file (env REAPER_CONFIG); flags and REAPER_* win over it",
@@ -804,6 +808,12 @@ def _stopped_before_start(signum: int, frame: object) -> None:
 
 
 def dispatch(args: argparse.Namespace) -> int:
+    import importlib
+
+    if args.command in READS_NO_SETTINGS:
+        started: int = importlib.import_module(f"worker.commands.{args.command}").main(args)
+        return started
+
     from worker.errors import ConfigError
     from worker.settings import load_settings, refuse_empty_variables, refuse_unknown_variables
 
@@ -814,17 +824,32 @@ def dispatch(args: argparse.Namespace) -> int:
         return ExitCode.CONFIG
     overrides = settings_overrides(args)
     try:
-        if args.command not in ("completion", "simulate"):  # neither reads the settings
-            refuse_unknown_variables(os.environ)
-            refuse_empty_variables(os.environ)
+        refuse_unknown_variables(os.environ)
+        refuse_empty_variables(os.environ)
         settings = load_settings(config, **overrides)
     except ConfigError as exc:
         print(f"devserver-reaper: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
-    _warn(command_line_secrets(overrides), settings.warnings, settings)
-
-    import importlib
-
-    module = importlib.import_module(f"worker.commands.{args.command}")
+    with _structlog_without_rich():
+        _warn(command_line_secrets(overrides), settings.warnings, settings)
+        module = importlib.import_module(f"worker.commands.{args.command}")
     code: int = module.main(args, settings)
     return code
+
+
+@contextlib.contextmanager
+def _structlog_without_rich() -> Iterator[None]:
+    """structlog imports rich (and pygments through it) when rich is installed, to draw
+    tracebacks and their locals as we never draw them (logsetup gives the console
+    ``plain_traceback`` and JSON ``format_exc_info``): about 50 ms of CPU of every command
+    that logs. While the command's modules are imported rich cannot be, so structlog takes
+    none; the progress display imports it when it is shown (worker.terminal.screen)."""
+    if "structlog" in sys.modules or "rich" in sys.modules:
+        yield
+        return
+    sys.modules["rich"] = None  # type: ignore[assignment]  # import rich: ModuleNotFoundError
+    try:
+        yield
+    finally:
+        if "rich" in sys.modules and sys.modules["rich"] is None:
+            del sys.modules["rich"]

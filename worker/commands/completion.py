@@ -6,11 +6,9 @@ import argparse
 import sys
 
 from worker.exit_codes import ExitCode
-from worker.settings import Settings
 
 
-def main(args: argparse.Namespace, settings: Settings) -> int:
-    del settings
+def main(args: argparse.Namespace) -> int:
     from worker import completion
     from worker.cli import build_parser
 

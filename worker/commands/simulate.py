@@ -14,7 +14,6 @@ import sys
 import anyio
 
 from worker.exit_codes import ExitCode
-from worker.settings import Settings
 from worker.simulator import FaultConfig, Simulator, SimulatorConfig, run_simulator
 
 DEMO_SK = SimulatorConfig().sk
@@ -96,8 +95,8 @@ async def serve(config: SimulatorConfig, host: str, port: int, ids_file: str | N
             )
 
 
-def main(args: argparse.Namespace, settings: Settings) -> int:
-    del settings  # the simulator is configured by its own flags only
+def main(args: argparse.Namespace) -> int:
+    """The simulator is configured by its own flags only: it takes no settings."""
     try:
         config = config_from_args(args)
     except ValueError as exc:
