@@ -170,3 +170,25 @@ async def test_a_ca_bundle_that_cannot_be_read_is_a_config_error(
         bundle.write_bytes(content)
     with pytest.raises(ConfigError, match="ca_bundle"):
         make_session(concurrency=1, connect_timeout=1, read_timeout=1, ca_bundle=bundle)
+
+
+@pytest.mark.anyio
+async def test_a_session_without_a_ca_bundle_reads_no_certificate_store(
+    monkeypatch: pytest.MonkeyPatch, ca_pem: Path
+) -> None:
+    """Without a bundle the session verifies with aiohttp's own context, made once when
+    aiohttp is imported (test_a_certificate_from_an_unknown_ca_... shows it verifies): a
+    context of its own read the system store again, 20 ms of CPU, for http:// endpoints too.
+    With a bundle, one context holds the store and the bundle."""
+    made: list[ssl.SSLContext] = []
+    create = ssl.create_default_context
+
+    def counted(*args: object, **kwargs: object) -> ssl.SSLContext:
+        made.append(create(*args, **kwargs))  # type: ignore[arg-type]
+        return made[-1]
+
+    monkeypatch.setattr(ssl, "create_default_context", counted)
+    async with make_session(concurrency=1, connect_timeout=1, read_timeout=1):
+        assert made == []
+    async with make_session(concurrency=1, connect_timeout=1, read_timeout=1, ca_bundle=ca_pem):
+        assert len(made) == 1
