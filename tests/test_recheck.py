@@ -164,6 +164,41 @@ async def test_a_record_older_than_the_bound_is_read_again_and_a_gone_job_is_not
 
 
 @pytest.mark.anyio
+async def test_deletes_answered_while_a_page_is_read_do_not_move_the_next_page_past_jobs() -> None:
+    """300 jobs in pages of 100. The first 100 pass on to their DELETE; the next 50 are
+    asked for, and the page read for them is answered as the listing stood before the 100
+    went (as first listed: nothing new), their DELETE landing and answered while it is on
+    the wire. The page after it is asked for where the jobs listed next now are (the 100
+    gone: the first page), and holds the 50. (Counted as landed before the page was read,
+    those 100 put the next read 100 positions on: it skipped the 100 jobs listed next, and
+    each of them cost a show call.)"""
+    jobs = [_record(i) for i in range(300)]
+    ids = [job["id"] for job in jobs]
+    landing: list[ListingRecheck] = []  # deletes to land while this page is answered
+
+    async def handler(request: web.Request) -> web.Response:
+        start = (int(request.query.get("current", "1")) - 1) * 100
+        body = {"data": jobs[start : start + 100], "current": start // 100 + 1,
+                "pages": -(-len(jobs) // 100), "size": 100, "total": len(jobs)}  # fmt: skip
+        while landing:  # answered after the page was made, before the page's answer
+            landing.pop().settled(ids[:100])
+            del jobs[:100]
+        return web.json_response(body)
+
+    async with list_endpoint(handler) as url:
+        clock = FakeClock()
+        async with paced_reader(url, clock=clock) as reader:
+            recheck = ListingRecheck(
+                reader=reader, queries=[{}], clock=clock, accept_age=30, page_size=100
+            )
+            assert set(await recheck.listed(ids[:100])) == set(ids[:100])
+            recheck.passed(ids[:100])
+            landing.append(recheck)
+            got = await recheck.listed(ids[100:150])
+    assert set(got) == set(ids[100:150])
+
+
+@pytest.mark.anyio
 async def test_listing_that_answers_less_than_it_costs_turns_itself_off() -> None:
     """Ids of 20 jobs in a project of 3,000: one page of 50 answers for at most one of them."""
     async with run_simulator(SimulatorConfig(jobs=3000, seed=5)) as sim:

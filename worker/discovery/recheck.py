@@ -11,8 +11,10 @@ call: listing is how most jobs are checked, never the only way one is.
 A *sweep* reads the queries' listings from their first position on. Deleting the jobs of
 earlier pages moves later jobs forward (offset paging drifts), so the next page is asked for
 at its original position less the jobs of this sweep whose DELETE has been answered since
-(``settled``); asked too early the page overlaps what was read (harmless: read again), too
-late it skips jobs (harmless: their show call checks them). A batch stops the reading after
+(``settled``, as of just before the page is asked for: a DELETE answered while the page is
+on the wire may have landed after the server made it); asked too early the page overlaps
+what was read (harmless: read again), too late it skips jobs (harmless: their show call
+checks them). A batch stops the reading after
 ``gap`` pages in a row that held none of its ids (a job that is gone is in no page: reading
 to the end for it would cost more than its show call). A job whose record has gone stale, or
 several that the last complete sweep did not list (it may have skipped them), start a new
@@ -179,6 +181,9 @@ class ListingRecheck:
         # page may overlap what was read (read again) rather than skip jobs not yet read.
         # A page that held nothing new steps back less the next time, so reading moves on.
         back = (self._settled + self._in_flight, self._settled, 0)[min(self._stalled, 2)]
+        # Those settled by now landed before the page is made; one answered while it is on
+        # the wire may land after (counted, the next page would start past jobs not read).
+        settled = self._settled
         page = await pager.read(max(0, self._next - back))
         self.pages += 1
         held = set()
@@ -195,7 +200,7 @@ class ListingRecheck:
         if self.pages % STALE_SWEEP_PAGES == 0:  # what nobody asked for in time goes
             self._drop_stale(self._clock.now())
         # Positions are kept as they were before this sweep's deletes took effect.
-        self._next = max(self._next, page.end + self._settled)
+        self._next = max(self._next, page.end + settled)
         if not pager.paged and not self._told:
             self._told = True
             self._warn("recheck.paging_ignored", query=pager.query, detail=pager.ignored)
