@@ -28,6 +28,7 @@ from worker.ledger import (
     escape,
     open_readonly,
 )
+from worker.targets import Target
 from worker.types import Candidate, Outcome, Rejection, Result
 
 PROJECT = "proj-1"
@@ -75,6 +76,22 @@ def ledger(path: Path) -> Iterator[Ledger]:
 def test_first_admission_is_new_in_input_order(ledger: Ledger) -> None:
     admission = ledger.admit(cands("c", "a", "b"))
     assert admission == Admission(new=cands("c", "a", "b"), repeated=[], done=[], resent=0)
+
+
+def test_a_batch_size_learnt_is_kept_per_project_and_endpoint_and_a_row_edited_is_none(
+    path: Path,
+) -> None:
+    """What a run learnt of the largest DELETE (``worker.batchsize``) is there for the next
+    run on the ledger, the latest per project and endpoint; a row not of its shape (edited
+    by hand) is no knowledge, not an error."""
+    with open_ledger(path, "run-1") as first:
+        first.keep_batch_size(Target(PROJECT, ENDPOINT), (12, 6))
+        first.keep_batch_size(Target(PROJECT, ENDPOINT), (12, 7))
+        first.keep_batch_size(Target("proj-2", ENDPOINT), (0, 40))
+    with sqlite3.connect(path) as conn:
+        conn.execute('INSERT INTO meta VALUES (\'batch_size ["p3", "e"]\', \'["x", 1]\')')
+    with open_ledger(path, "run-2") as second:
+        assert second.batch_sizes() == {(PROJECT, ENDPOINT): (12, 7), ("proj-2", ENDPOINT): (0, 40)}
 
 
 def test_duplicates_in_one_run_are_repeated_within_and_across_chunks(ledger: Ledger) -> None:

@@ -110,6 +110,29 @@ async def test_a_batch_limit_the_api_keeps_to_itself_is_learnt_once(tmp_path: Pa
         assert (sim.stats.delete_calls, sim.stats.bad_requests) == (15 + 9 * 8 + 3, 7 + 3)
 
 
+async def test_a_batch_limit_learnt_is_kept_in_the_ledger_for_the_run_that_resumes(
+    tmp_path: Path,
+) -> None:
+    """The API takes at most 7 ids a call. A run on a ledger learns it from its batch of
+    50 (refused, split); the run that resumes the input on that ledger sends its 49 ids
+    left in 7 pieces of 7, none refused. (It learnt the limit again: 15 calls, 7 refused.)"""
+    async with run_simulator(SimulatorConfig(jobs=99, seed=12, max_batch=7)) as sim:
+        ids = sim.job_ids()
+        ledger = ["--ledger", str(tmp_path / "ledger.db")]
+        out = tmp_path / "results.jsonl"
+        first = write_ids(tmp_path / "first.txt", ids[:50])
+        done = await reaper([*_batched(first, out, size=50, concurrency=1), *ledger],
+                            reaper_env(sim.url))  # fmt: skip
+        assert done.code == 0 and sim.stats.bad_requests > 0, done.stderr
+        calls, refused = sim.stats.delete_calls, sim.stats.bad_requests
+        every = write_ids(tmp_path / "ids.txt", ids)
+        again = await reaper([*_batched(every, out, size=50, concurrency=1), *ledger],
+                             reaper_env(sim.url))  # fmt: skip
+        assert again.code == 0, again.stderr
+        assert again.summary()["deleted"] == 49 and sim.job_ids() == []
+        assert (sim.stats.delete_calls - calls, sim.stats.bad_requests - refused) == (7, 0)
+
+
 async def test_a_batch_limit_that_rises_mid_run_is_found_again(tmp_path: Path) -> None:
     """The API takes at most 3 ids a call, then, 40 calls in, 9. The run learns 3 by
     splitting, and later probes a larger piece now and then: taken, it is the new cap. So

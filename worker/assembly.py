@@ -13,9 +13,10 @@ order of building: the command decides how long they live, and what happens afte
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -23,6 +24,7 @@ import anyio
 
 from worker import wiring
 from worker.batcher import Batcher, DeletionBudget
+from worker.batchsize import BatchSize, Learnt
 from worker.clock import Clock
 from worker.discovery.applied import expires_on, plan_candidates, plan_check, plan_default
 from worker.discovery.guard import Guard, Protection
@@ -99,6 +101,18 @@ class RunRecords:
     spent: int  # of the budget, by earlier runs on the ledger
     entries: Iterator[Entry]
     sharding: ShardFilter | None
+    # The most ids a DELETE may carry, as earlier runs on the ledger learnt it: per
+    # project and endpoint (worker.batchsize).
+    sizes: Mapping[tuple[str, str], Learnt] = field(default_factory=dict)
+
+    def batch_size(self, target: Target | None) -> BatchSize:
+        """What is known of the largest call to ``target`` (None: the default), from
+        earlier runs on the ledger."""
+        place = self.default if target is None else target
+        return BatchSize(self.sizes.get((place.project_id, place.endpoint)))
+
+    async def keep_batch_size(self, target: Target | None, learnt: Learnt) -> None:
+        await self.port.keep_batch_size(self.default if target is None else target, learnt)
 
 
 def build_ledger(
@@ -222,6 +236,7 @@ def build_records(
         spent=spent,
         entries=entries,
         sharding=sharding,
+        sizes=ledger.batch_sizes() if isinstance(ledger, Ledger) else {},
     )
 
 
@@ -313,6 +328,8 @@ async def build_calls(
             listing=plan.filters.server_queries() if plan is not None else [{}],
             warn=events.warn,
             budget=records.budget,
+            sizes=records.batch_size(target),
+            keep_sizes=partial(records.keep_batch_size, target),
         )
 
     def out(place: Target, exc: ReaperError) -> None:

@@ -22,6 +22,10 @@ too, and split again: each dispatcher with a batch in hand would learn the limit
 itself. So such a call waits (``clear``) until the split is done, and then goes out in the
 pieces it taught. A refusal of a size the API has taken before is no doubt about the size
 (an id it objects to): nobody waits for it.
+
+What was learnt (``learnt``: the smallest size refused, the most ids taken after it) is
+kept with a ledger, and a run that resumes on it starts from there (``BatchSize(learnt)``):
+re-learnt, it cost a refused call per dispatcher on every resume.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ PROBE_AFTER = 8
 PROBE_MOST = 256
 """The most calls at the cap between probes, however many were refused."""
 
+Learnt = tuple[int, int]
+"""What a refusal taught: the fewest ids of a call refused whole for its size (0: none
+above the cap is known), and the most ids of a call taken after such a refusal."""
+
 
 class BatchSize:
     """What is known of the API's largest call: ``cap`` once learnt, the largest call taken,
@@ -45,7 +53,8 @@ class BatchSize:
     __slots__ = ("_after", "_doubts", "_fewest_refused", "_most_taken", "_probe", "_settled",
                  "_streak", "grown", "probes", "taken", "waited")  # fmt: skip
 
-    def __init__(self) -> None:
+    def __init__(self, learnt: Learnt | None = None) -> None:
+        """``learnt``: what an earlier run learnt (``learnt``), the cap to start from."""
         self.taken = 0  # the most ids of a call the API took (a 200)
         self.waited = 0  # calls that waited for a split to say whether their size is refused
         self.probes = 0  # calls sent larger than the cap, to learn whether the limit rose
@@ -57,6 +66,13 @@ class BatchSize:
         self._streak = 0  # calls taken whole at the cap since the cap or the last probe
         self._after = PROBE_AFTER  # calls at the cap before the next probe
         self._probe = 0  # the ids of the probe out now (one at a time), 0: none
+        if learnt is not None and learnt[1] > 0:
+            self._fewest_refused, self._most_taken = max(learnt[0], 0), learnt[1]
+
+    @property
+    def learnt(self) -> Learnt | None:
+        """What is known of the limit, to start the next run from (None: nothing)."""
+        return (self._fewest_refused, self._most_taken) if self._most_taken else None
 
     @property
     def cap(self) -> int | None:

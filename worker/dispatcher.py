@@ -41,13 +41,13 @@ there, ``failed``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from worker.batcher import DeletionBudget
-from worker.batchsize import BatchSize
+from worker.batchsize import BatchSize, Learnt
 from worker.clock import Clock
 from worker.errors import (
     AMBIGUOUS,
@@ -233,9 +233,13 @@ class Dispatcher:
         stopping: Callable[[], bool] = lambda: False,
         working: Working | None = None,
         gate: BreakerGate | None = None,
+        sizes: BatchSize | None = None,
+        keep_sizes: Callable[[Learnt], Awaitable[None]] | None = None,
     ) -> None:
         """``gate``: the breaker every call asks before it takes a token (none: no breaker).
-        The calls go through one ``PacedCall`` (see ``paced``, to share it with readers)."""
+        The calls go through one ``PacedCall`` (see ``paced``, to share it with readers).
+        ``sizes``: what is known of the largest call the API takes (an earlier run's, with
+        a ledger), told to ``keep_sizes`` as it is learnt."""
         self._transport = transport
         self._journal = journal
         self._budget = budget
@@ -249,7 +253,8 @@ class Dispatcher:
         self.calls = 0
         self.splits = 0
         self.reconciled = 0
-        self.sizes = BatchSize()
+        self.sizes = sizes if sizes is not None else BatchSize()
+        self._keep_sizes = keep_sizes
 
     def __repr__(self) -> str:
         return (
@@ -340,6 +345,12 @@ class Dispatcher:
             except _SizeInDoubt:
                 continue  # refused whole while this one waited its turn: wait, then split
 
+    async def _learnt(self, before: Learnt | None) -> None:
+        """Keep what is known of the largest call, when it changed from ``before``."""
+        learnt = self.sizes.learnt
+        if self._keep_sizes is not None and learnt is not None and learnt != before:
+            await self._keep_sizes(learnt)
+
     def _waiting(self) -> AbstractContextManager[None]:
         working = self.paced.working
         return working.waiting() if working is not None else nullcontext()
@@ -408,7 +419,9 @@ class Dispatcher:
             except (ClientError, NotFound) as exc:
                 await self._refused(batch_id, remaining, tries.attempt, exc, doubt)
                 return False
+            learnt = self.sizes.learnt
             self.sizes.took(len(remaining))
+            await self._learnt(learnt)
             attempt = tries.attempt
             remaining = await self._settle(batch_id, remaining, attempt, answer, doubt)
             if remaining and attempt >= self._max_attempts:
@@ -445,7 +458,9 @@ class Dispatcher:
                 first = await self._delete(f"{batch_id}.1", ids[:half], doubt)
                 second = await self._delete(f"{batch_id}.2", ids[half:], doubt)
                 if first and second and sized:
+                    learnt = self.sizes.learnt
                     self.sizes.learn(refused=len(ids), taken=len(ids) - half)
+                    await self._learnt(learnt)
             return
         exists = True
         if ids[0] in doubt.unsure and isinstance(exc, ClientError):

@@ -159,6 +159,11 @@ WHERE state = 'sent' OR outcome = 'deleted'
    OR (state = 'done' AND attempts > 0
        AND NOT (?1 AND outcome = 'failed' AND reason IS NOT 'answer_lost'))
 """
+_SIZE_KEY = "batch_size "  # meta: + [project_id, endpoint] -> [refused, taken] (batchsize)
+_SIZES = "SELECT key, value FROM meta WHERE key LIKE 'batch_size %'"
+_KEEP_SIZE = """
+INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value
+"""
 _DONE_OF = """
 SELECT count(*) FROM ids
 WHERE job_id IN (SELECT value FROM json_each(?1)) AND state = 'done' AND {target} IS NULL
@@ -716,6 +721,30 @@ class Ledger(LedgerView):
         with self._guard:
             row = self._conn.execute("SELECT 1 FROM ids WHERE state != 'done' LIMIT 1").fetchone()
         return row is not None
+
+    def batch_sizes(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """What earlier runs learnt of the most ids one DELETE may carry, by project and
+        endpoint (``worker.batchsize.BatchSize.learnt``). A row not of that shape (edited
+        by hand) is no knowledge: left out."""
+        with self._guard:
+            rows = self._conn.execute(_SIZES).fetchall()
+        sizes: dict[tuple[str, str], tuple[int, int]] = {}
+        for key, value in rows:
+            try:
+                project_id, endpoint = orjson.loads(key.removeprefix(_SIZE_KEY))
+                refused, taken = orjson.loads(value)
+            except (orjson.JSONDecodeError, TypeError, ValueError):
+                continue
+            if all(isinstance(n, int) and n >= 0 for n in (refused, taken)) and taken:
+                sizes[(str(project_id), str(endpoint))] = (refused, taken)
+        return sizes
+
+    def keep_batch_size(self, target: Target, learnt: tuple[int, int]) -> None:
+        """What this run learnt of the most ids one DELETE to ``target`` may carry, for the
+        runs after it (:meth:`batch_sizes`)."""
+        key = _SIZE_KEY + orjson.dumps([target.project_id, target.endpoint]).decode()
+        with self._transaction() as conn:
+            conn.execute(_KEEP_SIZE, (key, orjson.dumps(list(learnt)).decode()))
 
     def sent_before(self) -> int:
         """Ids earlier runs sent for deletion, which ``--max-deletions`` counts over every

@@ -21,6 +21,7 @@ from worker.api.client import Api, ApiClient, make_session
 from worker.api.credentials import CredentialSource, read_profile, resolve_credentials
 from worker.api.projects import PROCESS_CACHE, FoundProject, iam_endpoint_for
 from worker.batcher import DeletionBudget
+from worker.batchsize import BatchSize, Learnt
 from worker.clock import Clock
 from worker.discovery.expiry import ExpiringLimiter
 from worker.discovery.guard import Guard, PlanCheck, Protection, load_protection
@@ -364,6 +365,8 @@ def processor(
     listing: Sequence[Mapping[str, str]] | None = None,
     warn: Callable[..., None] = lambda event, **fields: None,
     budget: DeletionBudget | None = None,
+    sizes: BatchSize | None = None,
+    keep_sizes: Callable[[Learnt], Awaitable[None]] | None = None,
 ) -> BatchProcessor:
     """The dispatcher, wrapped in the guard when jobs are protected or a plan binds the run.
 
@@ -374,6 +377,8 @@ def processor(
     ``listing``: the list calls' queries whose pages re-check the jobs before their DELETE
     (see ``worker.discovery.recheck``); ``None`` checks each job with a show call.
     ``budget``: ``--max-deletions`` with what earlier runs on the ledger spent of it.
+    ``sizes``: what earlier runs on the ledger learnt of the largest call the API takes,
+    and ``keep_sizes`` keeps what this one learns (``worker.batchsize``).
     """
     policy = retry_policy(settings)
     if budget is None:
@@ -392,6 +397,8 @@ def processor(
         stopping=stopping,
         working=working,
         gate=gate,
+        sizes=sizes,
+        keep_sizes=keep_sizes,
     )
     if not protection.active and plan is None:
         return dispatcher

@@ -64,6 +64,7 @@ class LedgerLike(SeenLike, Protocol):
     def mark_unsent(self, ids: Sequence[str]) -> None: ...
     def record(self, results: Sequence[Result]) -> None: ...
     def record_rejected(self, rejections: Sequence[Rejection]) -> None: ...
+    def keep_batch_size(self, target: Target, learnt: tuple[int, int]) -> None: ...
 
 
 class LedgerPort:
@@ -110,6 +111,12 @@ class LedgerPort:
         if self._durable is not None:
             await anyio.to_thread.run_sync(
                 self._durable.record_rejected, rejections, limiter=self._one
+            )
+
+    async def keep_batch_size(self, target: Target, learnt: tuple[int, int]) -> None:
+        if self._durable is not None:
+            await anyio.to_thread.run_sync(
+                self._durable.keep_batch_size, target, learnt, limiter=self._one
             )
 
     def __repr__(self) -> str:
