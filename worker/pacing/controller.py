@@ -702,7 +702,7 @@ class RateController:
         bucket by 1 %: the quota was under that then, whatever the measure (where the floor
         spans ``FLOOR_SPAN`` or more). Two margins over the measure waited out the
         cruise back from a refusal just before a rise, and the probe past it: a rise from
-        20 to 50 calls/s then was followed in up to 10.7 s, now 4.7-10.1 s."""
+        20 to 50 calls/s then was followed in up to 10.7 s, now 4.5-9.9 s."""
         s = self._state
         c = self._config
         if s.phase is not Phase.PROBE or math.isinf(s.target):
@@ -723,13 +723,17 @@ class RateController:
         self.escalated += 1
         if now >= s.early:
             rate = floor  # what is proven (early calls go at twice the pace)
-        # Doubling every unit of the probe past its target (``_past_unit``) where the cut
-        # cost more than one refusal: the stretch of the cruise's unit is the budget of a
-        # cycle at a quota that stayed the same, and the growth after a proven rise ends
-        # at the next refusal. After a burst of 1's second refusal it doubled every 2 s at
-        # 20 calls/s, 1.5 s now: a rise 2.0 s after a probe's refusal was followed in
-        # 10.1 s, 9.6 s now.
-        unit = self._past_unit() if s.refusals > 1 else s.unit
+        # Doubling every ``hold`` (or the answers' latency, where longer) where the cut cost
+        # more than one refusal, as a burst of 1's does (the call after the refused one had
+        # its slot before the cut): the stretch of the cruise's unit is the budget of a
+        # cycle at a quota that stayed the same, and a burst of 1 refuses the growth as soon
+        # as it passes the new quota, so a faster growth costs only what a round trip adds.
+        # In units of the probe past its target (1.5 s at 20 calls/s), a rise 1.5 s after a
+        # probe's refusal was followed in 10.1 s (9.7 s now). Not after a cut of one refusal:
+        # a burst of 10 lets the growth past the new quota until its tokens are spent, and
+        # doubling every second after it took a rise from 20 to 50 calls/s to 83 before its
+        # first refusal (two moments followed in 11.2-11.7 s).
+        unit = max(c.hold, self._delay) if s.refusals > 1 else s.unit
         state = replace(s, phase=Phase.STARTUP, rate=rate, level=rate, since=now, quota=math.inf,
                         target=math.inf, unit=min(unit, c.rise_interval),
                         early=math.inf)  # fmt: skip
