@@ -555,6 +555,20 @@ def test_auto_at_five_calls_a_second_behind_a_burst_of_ten_with_latency_spread(s
     _meets_the_goal(run, 5.0)
 
 
+@pytest.mark.parametrize("latency", [0.005, 0.05])
+def test_a_measure_by_a_hair_is_the_least_the_quota_can_be(latency: float) -> None:
+    """3.9 calls/s at a burst of 1, 8 in flight, 429s at once (as over real HTTP). Start-up's
+    end steps down 3 % a refusal to 3.90 calls/s, and the next refusal, 2.3 s after the one
+    before with none between, measures 3.47: 8 calls accepted over 2.3 s, what was sent less
+    a call. Taken as the quota, the probe returned to 3.47, under 6 calls/s in early calls,
+    which a burst of 1 refuses under twice the pace whatever the quota: 0.897 of it from 10 s
+    on. Such a measure is the least the quota can be, and the probe returns to just under
+    the rate refused (``_by_a_hair``)."""
+    run = simulate(lambda t: 3.9, duration=40.0, burst=1, latency=latency, concurrency=8,
+                   refusal_latency=REFUSED_AT_ONCE)  # fmt: skip
+    _meets_the_goal(run, 3.9)
+
+
 _MOMENTS = {"fall": (0.0, 2.5, 5.5), "rise": (0.0, 1.0, 2.5, 4.0)}
 """Seconds after 30 s (the fall) or 60 s (the rise) the change comes: where it falls in
 the probe's cycle decides how soon it is seen (``tests/benchmarks/bench_quota_change.py``
