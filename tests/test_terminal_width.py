@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import orjson
@@ -312,6 +313,42 @@ async def test_discovers_table_counts_a_wide_name_in_columns(tmp_path: Path) -> 
     assert named.endswith("…") and "管理者" in named, term.screen_text()
 
 
+Steps = Callable[[Tmux, Any], tuple[list[str], bool, list[str], int]]
+"""What a person does in the shell once the run is stopped (Ctrl-Z), given the window and the
+simulator: the rows then, whether the cursor was shown, the rows at the end, the exit code."""
+
+
+async def _stopped_in_bash(tmp_path: Path, steps: Steps) -> tuple[list[str], bool, list[str], int]:
+    """A run in an interactive bash, stopped with Ctrl-Z once its display shows ids done;
+    then ``steps``."""
+    async with run_simulator(SimulatorConfig(jobs=10)) as sim:
+        write_ids(tmp_path / "ids.txt", [*sim.job_ids(), *_unknown_ids(400)])
+        env = reaper_env(sim.url, REAPER_LOG_FORMAT="auto")
+        args = ["run", "-i", "ids.txt", "--yes", "--rate", "20", "--batch-size", "2"]
+
+        def stopped() -> tuple[list[str], bool, list[str], int]:
+            window = Tmux(args, env, columns=80, rows=24, cwd=str(tmp_path), job_control=True)
+            try:
+                window.until(lambda rows: _done(rows) > 0)
+                window.type("C-z")
+                window.until(lambda rows: any("Stopped" in row for row in rows))
+                return steps(window, sim)
+            finally:
+                window.close()
+
+        return await anyio.to_thread.run_sync(stopped)
+
+
+def _fg_and_ctrl_c(window: Tmux, seen: list[str]) -> tuple[list[str], int]:
+    """``fg``, the display drawn again (more done than ``seen`` shows), then Ctrl-C: the
+    rows at the end and the exit code."""
+    window.fg()
+    window.until(_later(_done(seen)))
+    window.type("C-c")
+    code = window.wait()
+    return window.rows(), code
+
+
 @pytest.mark.anyio
 @pytest.mark.skipif(shutil.which("tmux") is None or shutil.which("bash") is None,
                     reason="needs tmux and bash")  # fmt: skip
@@ -323,30 +360,42 @@ async def test_ctrl_z_leaves_the_shell_its_cursor_and_fg_draws_the_display_again
     while it is drawn), and it stayed hidden in the shell until the run was brought back
     and ended. Now the display is erased and the cursor shown before the run stops, and
     ``fg`` draws the display again and the run goes on to its end."""
-    async with run_simulator(SimulatorConfig(jobs=10)) as sim:
-        write_ids(tmp_path / "ids.txt", [*sim.job_ids(), *_unknown_ids(400)])
-        env = reaper_env(sim.url, REAPER_LOG_FORMAT="auto")
-        args = ["run", "-i", "ids.txt", "--yes", "--rate", "20", "--batch-size", "2"]
 
-        def suspended() -> tuple[list[str], bool, list[str], int]:
-            window = Tmux(args, env, columns=80, rows=24, cwd=str(tmp_path), job_control=True)
-            try:
-                window.until(lambda rows: _done(rows) > 0)
-                window.type("C-z")
-                stopped = window.until(lambda rows: any("Stopped" in row for row in rows))
-                time.sleep(0.5)  # a redraw, had the run not stopped
-                stopped, shown = window.rows(), window.cursor_shown()
-                window.fg()
-                window.until(_later(_done(window.rows())))
-                window.type("C-c")
-                code = window.wait()
-                return stopped, shown, window.rows(), code
-            finally:
-                window.close()
+    def steps(window: Tmux, sim: Any) -> tuple[list[str], bool, list[str], int]:
+        time.sleep(0.5)  # a redraw, had the run not stopped
+        stopped, shown = window.rows(), window.cursor_shown()
+        return stopped, shown, *_fg_and_ctrl_c(window, stopped)
 
-        stopped, shown, end, code = await anyio.to_thread.run_sync(suspended)
+    stopped, shown, end, code = await _stopped_in_bash(tmp_path, steps)
     assert shown, "\n".join(stopped)
     assert not any("━" in row or "ids/s ·" in row for row in stopped), "\n".join(stopped)
+    assert code == 75, "\n".join(end)
+    assert "devserver-reaper run summary" in end
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(shutil.which("tmux") is None or shutil.which("bash") is None,
+                    reason="needs tmux and bash")  # fmt: skip
+async def test_a_run_sent_to_the_background_draws_nothing_over_the_shell(tmp_path: Path) -> None:
+    """Ctrl-Z, then ``bg``: the run goes on in the background, and its display was drawn
+    again over the shell's prompt five times a second, the cursor hidden. A job in the
+    background draws no display: the prompt stays clear, the cursor shown, while the run
+    goes on; ``fg`` draws it again."""
+
+    def steps(window: Tmux, sim: Any) -> tuple[list[str], bool, list[str], int]:
+        window.type("-l", "bg")
+        window.type("Enter")
+        window.until(lambda rows: any(row.endswith("&") for row in rows))  # "[1]+ env ... &"
+        calls = sim.stats.delete_calls
+        while sim.stats.delete_calls < calls + 10:  # going on: 5 redraws or more
+            time.sleep(0.05)
+        behind, shown = window.rows(), window.cursor_shown()
+        return behind, shown, *_fg_and_ctrl_c(window, behind)
+
+    behind, shown, end, code = await _stopped_in_bash(tmp_path, steps)
+    after_bg = behind[[i for i, row in enumerate(behind) if row.endswith("&")][-1] :]
+    assert not any("━" in row or "ids/s ·" in row for row in after_bg), "\n".join(behind)
+    assert shown, "\n".join(behind)
     assert code == 75, "\n".join(end)
     assert "devserver-reaper run summary" in end
 

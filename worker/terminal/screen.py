@@ -74,6 +74,7 @@ class Screen:
         )  # fmt: skip
         self._view: RenderableType | None = None  # the display while one is shown
         self._drawn: tuple[int, int] | None = None  # on the screen: its rows, the width then
+        self._hidden = False  # the cursor, hidden while a display is drawn
         self._gone = False  # the terminal went away (EIO): nobody left to show anything to
 
     @property
@@ -104,18 +105,30 @@ class Screen:
         return captured.get().removesuffix("\n")
 
     def _erased(self) -> str:
-        """The display erased (the cursor left at its top-left); "" when none is drawn."""
+        """The display erased (the cursor left at its top-left); "" when none is drawn, or
+        in the background (stopped by SIGSTOP, which cannot be caught, then ``bg``): the
+        rows at the cursor are the shell's then, the display left where it was."""
         drawn, self._drawn = self._drawn, None
-        if drawn is None:
+        if drawn is None or not self._foreground():
             return ""
         rows, then = drawn
         reflowed = rows * -(-then // max(self.width, 1))  # each row in as many as now fit
         each = self._ERASE_ROW + self._DOWN
         return "\r" + self._SAVE + each * reflowed + self._RESTORE
 
+    def _foreground(self) -> bool:
+        """Whether the run is the terminal's foreground job (or cannot tell: no terminal).
+        A job in the background (``bg`` after Ctrl-Z, ``&``) draws no display: its
+        redraws went over the shell's prompt and what was typed at it, its cursor hidden."""
+        try:
+            return os.tcgetpgrp(self._file.fileno()) == os.getpgrp()
+        except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation: an OSError
+            return True
+
     def _draw(self) -> str:
-        """The display, and the cursor back at its top-left corner ("" when none)."""
-        if self._view is None:
+        """The display, and the cursor back at its top-left corner ("" when none, or in
+        the background: drawn again once in the foreground), the cursor hidden."""
+        if self._view is None or not self._foreground():
             return ""
         width = self.width
         # One column short of the edge: a row the width of the terminal leaves the cursor
@@ -132,7 +145,13 @@ class Screen:
             drawn = "\n".join(drawn.split("\n")[:height])
         rows = drawn.count("\n")
         self._drawn = (rows + 1, width)
-        return drawn + "\r" + (f"\x1b[{rows}A" if rows else "")
+        hide, self._hidden = "" if self._hidden else self._HIDE, True
+        return hide + drawn + "\r" + (f"\x1b[{rows}A" if rows else "")
+
+    def _shown_cursor(self) -> str:
+        """The cursor shown again, if hidden ("" if not)."""
+        show, self._hidden = self._SHOW if self._hidden else "", False
+        return show
 
     def _write(self, text: str) -> None:
         """``text`` written at once (no half-drawn display between two writes), unless the
@@ -154,7 +173,7 @@ class Screen:
         until cancelled or :meth:`stop`."""
         view = progress_view(progress.snapshot(), self.width)
         self._view = view
-        self._write(self._HIDE + self._draw())
+        self._write(self._draw())
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self._suspended_on_ctrl_z)
@@ -169,26 +188,26 @@ class Screen:
 
     async def _suspended_on_ctrl_z(self) -> None:
         """Ctrl-Z (SIGTSTP): the display erased and the cursor shown before the run stops,
-        then drawn again once it is continued (``fg``). Stopped as it was drawn, the run
-        left the shell's prompt under a stale bar with its cursor hidden, and the cursor
-        stayed hidden in the shell until the run was brought back and ended."""
+        then drawn again once it is continued in the foreground (``fg``; after ``bg``, not
+        until then). Stopped as it was drawn, the run left the shell's prompt under a stale
+        bar with its cursor hidden, and the cursor stayed hidden in the shell until the run
+        was brought back and ended."""
         with anyio.open_signal_receiver(signal.SIGTSTP) as received:
             async for _ in received:
-                self._write(self._erased() + self._SHOW)
+                self._write(self._erased() + self._shown_cursor())
                 ours = signal.signal(signal.SIGTSTP, signal.SIG_DFL)
                 try:
                     os.kill(os.getpid(), signal.SIGTSTP)  # stopped here until continued
                 finally:
                     signal.signal(signal.SIGTSTP, ours)
-                if self._view is not None:
-                    self._write(self._HIDE + self._draw())
+                self._write(self._draw())
 
     def stop(self) -> None:
         """Remove the display at once (the summary comes next, where it was); lines go on
         as lines."""
         if self._view is not None:
             self._view = None
-            self._write(self._erased() + self._SHOW)
+            self._write(self._erased() + self._shown_cursor())
 
     def __repr__(self) -> str:
         return f"Screen(width={self.width}, shown={self._view is not None}, gone={self._gone})"
