@@ -401,6 +401,33 @@ async def test_a_run_sent_to_the_background_draws_nothing_over_the_shell(tmp_pat
 
 
 @pytest.mark.anyio
+async def test_serve_s_stop_line_is_not_written_after_the_echoed_ctrl_c(
+    tmp_path: Path, redis_prefix: str
+) -> None:
+    """Ctrl-C at ``serve`` on a terminal: the terminal echoes ``^C`` at the cursor, and the
+    stop's line came after it on that row ("^C12:00:01 SIGINT: stopping..."). The line
+    is written over it now."""
+    async with run_simulator(SimulatorConfig(jobs=1)) as sim:
+        env = reaper_env(sim.url, REAPER_LOG_FORMAT="auto")
+        serve = ["serve", "--redis-url", REDIS_URL, "--stream", f"{redis_prefix}ids",
+                 "--consumer", "c1", "--http-port", "0"]  # fmt: skip
+        term = Terminal(serve, env, columns=80)
+        try:
+            await anyio.to_thread.run_sync(lambda: term.expect_on_screen("serving"))
+        except BaseException:
+            term.process.send_signal(signal.SIGTERM)
+            await anyio.to_thread.run_sync(term.wait)
+            raise
+        term.type(b"\x03")
+        code = await anyio.to_thread.run_sync(term.wait)
+    rows = term.lines()
+    assert code == 0, "\n".join(rows)
+    assert "^C" in term.text()  # echoed, and written over
+    assert not any("^C" in row for row in rows), "\n".join(rows)
+    assert any(re.match(r"\d\d:\d\d:\d\d SIGINT: stopping", row) for row in rows), rows
+
+
+@pytest.mark.anyio
 async def test_events_into_a_closed_pipe_are_said_between_words(tmp_path: Path) -> None:
     """``run ... | head -1``, the pipe closed: the run stops (75) and says why on the
     terminal, stderr. That line went out whole and the terminal cut it mid-word at 80

@@ -89,10 +89,16 @@ class Screen:
 
     def print(self, text: str, style: str | None = None) -> None:
         """A line above the display (or simply a line, when none is shown), wrapped
-        between words at the terminal's width (a job's line cut to it instead)."""
+        between words at the terminal's width (a job's line cut to it instead).
+
+        In the foreground it starts over whatever the terminal echoed at the cursor, which
+        waits at the start of a row: the ``^C`` of a Ctrl-C came before the stop's line
+        ("^C12:00:01 SIGINT: stopping..."). In the background (``bg``) the row is the
+        shell's, and the line is only added (as any job's output)."""
         width = self.width
         shown = in_one_row(text, width) or fit(text, width)
-        self._write(self._erased() + self._rendered(shown, style, width) + "\n" + self._draw())
+        lead = self._erased() or ("\r" + self._ERASE_ROW) * self._foreground()
+        self._write(lead + self._rendered(shown, style, width) + "\n" + self._draw())
 
     def _rendered(self, renderable: RenderableType | str, style: str | None, width: int) -> str:
         """What the console writes for ``renderable`` (colour as it does, or none: NO_COLOR,
