@@ -748,6 +748,30 @@ def test_random_503s_at_a_steady_rate_are_faults_not_overload(seed: int) -> None
     assert min(rates) >= 85.0
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_503s_whose_share_did_not_fall_after_a_cut_return_the_rate_and_cut_no_more(
+    seed: int,
+) -> None:
+    """A quarter of the answers 503 at random at 100 calls/s: a fifth of 50 comes at once,
+    the rate steps down and is cut to what the service served, and the 503s of the calls
+    sent after that cut keep their share: the cuts bought nothing, the rate returns to 100
+    and that share cuts nothing again (3 % under the rate at each fifth, and no lower than
+    what was served: 70-75 calls/s from 20 s on)."""
+    rng = random.Random(seed)
+    ctrl = _cruising()
+    t, rates = 1.0, []
+    while t < 60.0:
+        ctrl.on_sent(t)
+        t += 1.0 / ctrl.rate_at(t)
+        if rng.random() < 0.25:
+            rates.append((t, ctrl.on_overload(t + 0.01, latency=0.01)))
+        else:
+            rates.append((t, ctrl.on_success(t + 0.01, latency=0.01)))
+    assert min(rate for _, rate in rates) < 90.0  # the cuts, tried
+    assert rates[-1][1] == 100.0
+    assert statistics.fmean(rate for sent, rate in rates if sent >= 20.0) >= 95.0
+
+
 def test_a_sustained_rise_of_latency_cuts_but_one_slow_call_or_window_does_not() -> None:
     """The baseline learnt at 50 calls/s; at 100 (a probe passed, say) latency rises."""
     ctrl = _cruising(AdaptiveConfig(latency_samples=10, latency_factor=1.4, latency_floor_s=0.05))

@@ -3,7 +3,8 @@
 ``service``): sliding-window logs, fixed windows of 10 s and 60 s, token buckets with a big
 burst, 429s with no, zero, long or dated ``Retry-After``, a quota that falls and rises on
 a per-second window and on a sliding window, a service whose latency rises with its load
-(503 when saturated), 2 % random 503s, and two quotas at once. Each cell runs 10 seeds:
+(503 when saturated, and its capacity rising from 5 to 50 calls/s), 2-30 % random 503s,
+and two quotas at once. Each cell runs 10 seeds:
 latency drawn exponential around its mean, calls leaving about 2 ms late (as
 ``bench_per_second.py``'s drawn cells).
 
@@ -15,7 +16,9 @@ queueing service a 503, a call shed, counts against the goal as a 429 does), the
 answered 503; beside it an oracle, an even pacer at 0.95 of the quota through the same
 gateway and seeds (is the goal reachable?).
 For the quota change: seconds from each change until the rate stays within 10 % of the new
-quota, and the share refused from 2 s after it. The same figures on any machine.
+quota, and the share refused from 2 s after it. For the capacity's rise: seconds from it
+until every second serves 0.90 of what 8 in flight carry at the new capacity, and the
+share answered 503 before it (10-30 s). The same figures on any machine.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ LATENCIES = (0.005, 0.05)
 CONCURRENCY = 8
 DURATION = 40.0
 GOAL_USED, GOAL_REFUSED = 0.90, 0.02
+FAULTS = (0.02, 0.10, 0.15, 0.20, 0.30)  # shares of random 503s
+RISE_AT, RISE_FROM, RISE_TO = 30.0, 5.0, 50.0  # a queueing service's capacity rises
 
 
 def faulty(
@@ -83,7 +88,8 @@ class Cell:
     gateway: Callable[[float, float], Gateway] | None = None
     burst: int = 1
     retry_after: Callable[[float, float], float | None] | None = None
-    service: str = ""  # "", "queueing" or "faulty"
+    service: str = ""  # "", "queueing", "rising" (from ``RISE_FROM`` at ``RISE_AT``) or "faulty"
+    faults: float = 0.02  # behind a "faulty" service: the share of calls answered 503
     duration: float = DURATION
     changes: tuple[tuple[float, float], ...] = field(default=())  # (from, quota)
 
@@ -101,8 +107,10 @@ def run(cell: Cell, seed: int, rate: float | None = None) -> Run:
     service: Callable[[float], tuple[bool, float]] | None = None
     if cell.service == "queueing":
         service = Queueing(cell.quota, cell.latency, random.Random(seed + 200))
+    elif cell.service == "rising":
+        service = rising(cell, random.Random(seed + 200))
     elif cell.service == "faulty":
-        service = faulty(0.02, cell.latency, random.Random(seed + 200))
+        service = faulty(cell.faults, cell.latency, random.Random(seed + 200))
     return simulate(
         cell.quota_at, duration=cell.duration, burst=cell.burst, concurrency=CONCURRENCY,
         latency=lambda r: draws.expovariate(1.0 / cell.latency),
@@ -112,15 +120,31 @@ def run(cell: Cell, seed: int, rate: float | None = None) -> Run:
     )  # fmt: skip
 
 
+def rising(cell: Cell, draws: random.Random) -> Callable[[float], tuple[bool, float]]:
+    """A queueing service whose capacity rises from ``RISE_FROM`` to the cell's quota at
+    ``RISE_AT``."""
+    queue = Queueing(RISE_FROM, cell.latency, draws)
+
+    def serve(now: float) -> tuple[bool, float]:
+        queue.capacity = RISE_FROM if now < RISE_AT else cell.quota
+        return queue(now)
+
+    return serve
+
+
 def used_and_refused(cell: Cell, r: Run, start: float = 10.0) -> tuple[float, float]:
     """The share of the quota the gateway accepted from ``start`` on (of the service's
-    capacity, 503s not counted, behind a queueing service), and the share refused."""
+    capacity, 503s not counted, behind a queueing service), and the share of the calls
+    refused."""
     end = cell.duration
     through = len([t for t in r.unavailable if start <= t < end])
     if cell.service == "queueing":
         through = 0
     accepted = r.accepted_per_s(start, end) + through / (end - start)
-    return accepted / reachable_of(cell), r.refused_share(start, end)
+    # Of every call: those answered 503 were calls too.
+    refused = len([t for t in r.refused if start <= t < end])
+    calls = refused + len([t for t in r.ok + r.unavailable if start <= t < end])
+    return accepted / reachable_of(cell), refused / max(1, calls)
 
 
 def _window(span: float) -> Callable[[float, float], Gateway]:
@@ -151,10 +175,14 @@ def cells() -> list[Cell]:
                 Cell("429, Retry-After 0", q, lat, burst=2, retry_after=lambda w, n: 0.0),
                 Cell("429, Retry-After 5 s", q, lat, burst=2, retry_after=lambda w, n: 5.0),
                 Cell("429, Retry-After date", q, lat, burst=2, retry_after=dated(0.37)),
-                Cell("2 % random 503s", q, lat, burst=2, service="faulty"),
+                *(faulty_cell(share, q, lat) for share in FAULTS),
                 Cell("queueing, 503 saturated", q, lat, service="queueing", gateway=_open),
             ]
     return out + [Cell("bucket 0.8q b2 + 1 s count", 50.0, lat, _stacked) for lat in LATENCIES]
+
+
+def faulty_cell(share: float, q: float, lat: float) -> Cell:
+    return Cell(f"{share:.0%} random 503s", q, lat, burst=2, service="faulty", faults=share)
 
 
 def _open(q: float, now: float) -> Gateway:
@@ -167,7 +195,7 @@ def reachable_of(cell: Cell) -> float:
     ``latency(x) = base / (1 - x / capacity)``)."""
     if cell.gateway is _stacked:
         return 0.8 * cell.quota
-    if cell.service == "queueing":
+    if cell.service in ("queueing", "rising"):
         return CONCURRENCY / (cell.latency + CONCURRENCY / cell.quota)
     return min(cell.quota, CONCURRENCY / cell.latency)
 
@@ -261,6 +289,41 @@ def _report(
         rows[key] = {k: round(v, 4) for k, v in fig.items()}
         print(f"{key:42} {line.format(**fig)}")
     record(bench, cells=rows)
+
+
+def scan_rise(cell: Cell) -> dict[str, float]:
+    """A queueing service's capacity rising from ``RISE_FROM`` to the cell's quota at
+    ``RISE_AT``, no quota at the gateway, over ``SEEDS``: seconds from the rise until every
+    second to the run's end serves 0.90 of what 8 in flight carry at the new capacity (the
+    goal: 10-15 s), and the share answered 503 from 10 s to the rise."""
+    followed, shed = [], []
+    reachable = reachable_of(cell)
+    for seed in SEEDS:
+        r = run(cell, seed)
+        seconds = range(int(RISE_AT), int(cell.duration))
+        low = [t for t in seconds if r.accepted_per_s(t, t + 1.0) < GOAL_USED * reachable]
+        followed.append(max(low, default=int(RISE_AT) - 1) + 1 - RISE_AT)
+        answered = [t for t in r.ok + r.unavailable if 10.0 <= t < RISE_AT]
+        shed.append(len([t for t in r.unavailable if 10.0 <= t < RISE_AT]) / len(answered))
+    return {
+        "followed_median": statistics.median(followed), "followed_worst": max(followed),
+        "met": sum(f <= 15.0 for f in followed), "shed_worst": max(shed),
+    }  # fmt: skip
+
+
+RISE_LINE = (
+    "followed in {followed_median:4.1f} s (worst {followed_worst:4.1f}), {met:2.0f}/10 within "
+    "15 s; 503 before it {shed_worst:.2%} worst"
+)
+
+
+def test_a_capacity_rising_after_shedding() -> None:
+    found = [
+        Cell(f"queueing, capacity {RISE_FROM:g} -> {RISE_TO:g}", RISE_TO, lat, _open,
+             service="rising", duration=RISE_AT + 30.0)
+        for lat in LATENCIES
+    ]  # fmt: skip
+    _report("rate_auto_foreign_capacity_rise", found, scan_rise, RISE_LINE)
 
 
 def test_a_quota_change_on_foreign_gateways() -> None:

@@ -1,0 +1,111 @@
+"""Whether 503s fall with the rate, for ``--rate auto`` (``RateController.on_overload``): a
+service past its capacity sheds what it cannot take, so the share of 503s falls when the
+rate falls and what it serves stays flat as the rate rises; 503s at random (faults to
+retry) are the same share at any rate. At one steady rate the two look alike: what is served
+holds flat under either. The design is in ``docs/rate-auto.md``.
+
+``FaultWatch`` counts the 503s of the last ``overload_answers`` answers: at
+``overload_share`` of them over the share of faults known (``faults``) the service may be
+past its capacity (``overloaded``). The controller cuts to what it served, and holds the
+rate there: a trial (``start``). The 503s of the calls sent from a ``window`` after the cut on
+decide (a service that counts what it served over the last second sheds for a second
+after the rate fell, the load it took before still counted):
+
+- more than ``TRIAL_FAULTS`` / 4 of them: the cut bought nothing (``Outcome.RANDOM``):
+  the controller returns to the rate before it, and the trial's answers, and every one
+  after, tell the share of faults known, so that share is not read as overload again;
+- fewer, once as many answers as ``TRIAL_FAULTS`` 503s at the share that set it off (over
+  the faults known) would take (``Outcome.FELL``): the service sheds past a capacity, and
+  its next cuts are not tried (``shedding``).
+
+Pure: the times are the caller's; no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.pacing.controller import AdaptiveConfig
+
+TRIAL_FAULTS = 20.0
+"""A trial lasts as many answers as would hold this many 503s at the share that set it off
+(over the faults known): 50 at a fifth, 20 at half. It finds 503s at random when more than
+a quarter of these come: 1.4 % of trials of 15 % at random end otherwise, 11 % at 10 %
+(where a fifth of 50 answers comes by chance in 2.5 % of windows)."""
+
+
+class Outcome(StrEnum):
+    """What a trial found."""
+
+    RANDOM = "random"  # the 503s did not fall with the rate: faults, whatever the rate
+    FELL = "fell"  # they fell: a service past its capacity
+
+
+class FaultWatch:
+    """The last ``overload_answers`` answers (503 or not), the trial under way (``trial``:
+    when its cut was made), the faults known (``faults``) and whether a trial found the
+    service shedding past a capacity (``shedding``)."""
+
+    __slots__ = ("_answers", "_config", "_faults", "_length", "_tried", "shedding", "trial")
+
+    def __init__(self, config: AdaptiveConfig) -> None:
+        self._config = config
+        self._answers: deque[bool] = deque(maxlen=config.overload_answers)  # True: a 503
+        self._faults = (0, 0)  # 503s and answers since a trial found them random
+        self.trial: float | None = None
+        self._length = 0.0  # the answers the trial under way lasts
+        self._tried = (0, 0)  # its 503s and answers so far
+        self.shedding = False
+
+    @property
+    def faults(self) -> float:
+        """The share of 503s at random (0: no trial found any)."""
+        failed, answers = self._faults
+        return failed / answers if answers else 0.0
+
+    def answered(self, sent: float, *, failed: bool) -> Outcome | None:
+        """An answer (``failed``: a 503) of a call sent at ``sent``: what the trial under
+        way found, once it can say (``None``: nothing yet, or no trial)."""
+        self._answers.append(failed)
+        trial = self.trial
+        if trial is None:
+            if self._faults[1]:  # faults found: every answer tells their share
+                self._faults = (self._faults[0] + failed, self._faults[1] + 1)
+            return None
+        if sent < trial + self._config.window:
+            return None
+        self._tried = tried = (self._tried[0] + failed, self._tried[1] + 1)
+        if tried[0] > TRIAL_FAULTS / 5.0:
+            self.trial = None
+            self._faults = (self._faults[0] + tried[0], self._faults[1] + tried[1])
+            return Outcome.RANDOM
+        if tried[1] >= self._length:
+            self.trial = None
+            self.shedding = True
+            return Outcome.FELL
+        return None
+
+    def overloaded(self) -> bool:
+        """Whether 503s are ``overload_share`` of the last answers over the faults known
+        (and not a trial under way, nor two 503s fewer)."""
+        c = self._config
+        failed = sum(self._answers)
+        needed = (self.faults + c.overload_share) * c.overload_answers
+        return self.trial is None and failed >= max(2.0, needed)
+
+    def clear(self) -> None:
+        """The controller cut for 503s: the answers before it are spent."""
+        share = sum(self._answers) / max(1, len(self._answers))
+        self._length = TRIAL_FAULTS / max(share - self.faults, self._config.overload_share)
+        self._answers.clear()
+
+    def start(self, now: float) -> None:
+        """A trial from the cut just made at ``now`` (after ``clear``)."""
+        self.trial = now
+        self._tried = (0, 0)
+
+    def __repr__(self) -> str:
+        return f"FaultWatch(faults={self.faults:.3g}, shedding={self.shedding}, trial={self.trial})"
