@@ -6,12 +6,13 @@ holds flat under either. The design is in ``docs/rate-auto.md``.
 
 ``FaultWatch`` counts the 503s of the last ``overload_answers`` answers: at
 ``overload_share`` of them over the share of faults known (``faults``) the service may be
-past its capacity (``overloaded``). The controller cuts to what it served, and holds the
-rate there: a trial (``start``). The 503s of the calls sent from a ``window`` after the cut on
-decide (a service that counts what it served over the last second sheds for a second
-after the rate fell, the load it took before still counted):
+past its capacity (``overloaded``). Where the controller cuts to what it served, it holds
+the rate there: a trial (``start``). The 503s of the calls sent from a ``window`` after the
+cut on decide (a service that counts what it served over the last second sheds for a
+second after the rate fell, the load it took before still counted: its first three answers
+after the cut were 503s, and read as random, 26-30 % of the calls were answered 503):
 
-- more than ``TRIAL_FAULTS`` / 4 of them: the cut bought nothing (``Outcome.RANDOM``):
+- more than ``TRIAL_FAULTS`` / 5 of them: the cut bought nothing (``Outcome.RANDOM``):
   the controller returns to the rate before it, and the trial's answers, and every one
   after, tell the share of faults known, so that share is not read as overload again;
 - fewer, once as many answers as ``TRIAL_FAULTS`` 503s at the share that set it off (over
@@ -32,9 +33,10 @@ if TYPE_CHECKING:
 
 TRIAL_FAULTS = 20.0
 """A trial lasts as many answers as would hold this many 503s at the share that set it off
-(over the faults known): 50 at a fifth, 20 at half. It finds 503s at random when more than
-a quarter of these come: 1.4 % of trials of 15 % at random end otherwise, 11 % at 10 %
-(where a fifth of 50 answers comes by chance in 2.5 % of windows)."""
+(over the faults known): 100 at a fifth, 40 at half. It finds 503s at random when more than
+a fifth of these come: 2.4 % of trials of 10 % at random end otherwise (with 10 of 50, a
+quarter, 11 %: a fifth of 50 answers comes by chance in 2.5 % of windows at 10 %), 0.04 %
+at 15 %."""
 
 
 class Outcome(StrEnum):
