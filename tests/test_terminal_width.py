@@ -8,6 +8,7 @@ the resize in tmux, which reflows its lines on a resize as most terminals do.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -22,6 +23,7 @@ from typing import Any
 import anyio
 import orjson
 import pytest
+import structlog
 
 from tests.conftest import REDIS_URL
 from tests.e2e import reaper, reaper_env, until, write_ids
@@ -201,6 +203,38 @@ def test_a_slowed_rate_is_said_in_words_on_a_terminal() -> None:
     assert lines.line({"event": "rate.restored", "level": "warning", "rate": 8.0}) == (
         "the API takes calls again: back to 8 calls/s"
     )
+
+
+def test_a_rate_cut_again_and_again_is_said_once_then_when_it_halves() -> None:
+    """A fixed rate of 50 the API keeps refusing, cut by 0.85 fourteen times down to 5: a
+    warning line at every cut, a screenful. Said once, then again only where the rate is
+    half the one said or less; the cuts between are counted, and said with the rate
+    restored (or at the end). ``-v`` says every cut, as every event."""
+    lines = EventLines(0)
+    said: list[str] = []
+    rate = 50.0
+    for _ in range(14):
+        rate *= 0.85
+        event = {"event": "rate.slowed", "level": "warning", "rate": rate, "asked": 50.0,
+                 "reason": "throttled"}  # fmt: skip
+        with contextlib.suppress(structlog.DropEvent):
+            said.append(lines(None, "warning", event))
+    assert [line.split("slowed to ")[1].split(" ")[0] for line in said] == ["42.5", "18.9", "8.37"]
+    assert lines.held_back_note() == (
+        "(3 more rate cuts, down to 5.14 calls/s, not shown: -v shows each, "
+        "--events FILE or --results FILE keeps them)"
+    )
+    restored = lines(None, "warning", {"event": "rate.restored", "level": "warning", "rate": 50})
+    assert restored == (
+        "the API takes calls again: back to 50 calls/s (after 3 more cuts, to 5.14 calls/s at "
+        "the lowest)"
+    )
+    assert lines.held_back_note() is None
+    everything = EventLines(1)
+    assert everything(None, "warning", {"event": "rate.slowed", "level": "warning", "rate": 9,
+                                        "asked": 50.0, "reason": "throttled"})  # fmt: skip
+    assert everything(None, "warning", {"event": "rate.slowed", "level": "warning", "rate": 8,
+                                        "asked": 50.0, "reason": "throttled"})  # fmt: skip
 
 
 async def _discover_at_80(url: str, tmp_path: Path) -> tuple[int, Terminal]:

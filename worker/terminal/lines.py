@@ -9,6 +9,7 @@ shows none (the summary still comes); ``--events FILE`` keeps every event as JSO
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Mapping, MutableMapping, Sequence
@@ -54,6 +55,7 @@ class EventLines:
         self.shown: Counter[str] = Counter()
         self.held_back: Counter[str] = Counter()
         self._unless = ""  # after a DRY-RUN line: the rules that were not checked
+        self._cuts = _Cuts()
 
     def name_jobs(self, names: Mapping[str, str]) -> None:
         self._names = names
@@ -70,6 +72,12 @@ class EventLines:
         name = str(event.get("event", ""))
         if not self._wanted(name, event):
             raise structlog.DropEvent
+        if name in _RATE and not self._json and self._verbosity < 1:
+            said = self._cuts.said(event)
+            if not said:
+                raise structlog.DropEvent
+            self.shown[name] += 1
+            return self.line(said)
         self.shown[name] += 1
         if self._json:
             return orjson.dumps(dict(event), default=str).decode()
@@ -127,10 +135,13 @@ class EventLines:
         self, how: str = "-v shows each, --events FILE or --results FILE keeps them"
     ) -> str | None:
         """What was not shown, and ``how`` to see it; None when everything was."""
-        if not self.held_back:
-            return None
         parts = [f"{n:,} more {name.removeprefix('job.')}" for name, n in self.held_back.items()]
-        return f"({', '.join(parts)} ids not shown: {how})"
+        said = [f"{', '.join(parts)} ids"] if parts else []
+        if cuts := self._cuts.unsaid():
+            said.append(cuts)
+        if not said:
+            return None
+        return f"({'; '.join(said)} not shown: {how})"
 
     def __repr__(self) -> str:
         return f"EventLines(verbosity={self._verbosity}, shown={dict(self.shown)})"
@@ -143,9 +154,59 @@ _RATE = {
     ),
     "rate.restored": lambda head, e: (
         f"the API takes calls again: back to {float(e.get('rate') or 0):g} calls/s"
+        + (
+            f" (after {e['cuts']:,} more cut{'s' * (e['cuts'] > 1)}, to {e['lowest']:.3g} "
+            "calls/s at the lowest)"
+            if e.get("cuts")
+            else ""
+        )
     ),
 }
 """``--rate``'s slow-downs in words: ``rate=5.255 asked=8.0 reason=throttled`` said little."""
+
+
+class _Cuts:
+    """``rate.slowed`` to a person: the first cut is said, and another only where the rate
+    is half the one last said or less; the cuts between are counted, said with the
+    ``rate.restored`` that ends them (or at the run's end, ``unsaid``). At each cut it was
+    a line of its own: a refusing API cut a fixed rate every few seconds for minutes, a
+    screenful of the same warning over the display."""
+
+    __slots__ = ("_count", "_last", "_lowest")
+
+    def __init__(self) -> None:
+        self._last: float | None = None  # the rate last said, while slowed
+        self._count = 0  # cuts not said since
+        self._lowest = math.inf  # the lowest rate of those
+
+    def said(self, event: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``event`` as said (``rate.restored`` with the cuts since said), or ``{}``:
+        held back."""
+        rate = _number(event.get("rate"))
+        if event.get("event") == "rate.restored":
+            told = {**event, "cuts": self._count, "lowest": self._lowest} if self._count else event
+            self._last, self._count, self._lowest = None, 0, math.inf
+            return told
+        if self._last is None or rate <= self._last / 2:
+            self._last, self._count, self._lowest = rate, 0, math.inf
+            return event
+        self._count += 1
+        self._lowest = min(self._lowest, rate)
+        return {}
+
+    def unsaid(self) -> str | None:
+        """The cuts held back since the last said, in words; None when none were."""
+        if not self._count:
+            return None
+        times = "s" if self._count > 1 else ""
+        return f"{self._count:,} more rate cut{times}, down to {self._lowest:.3g} calls/s,"
+
+
+def _number(value: object) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _present(event: Mapping[str, Any]) -> list[str]:
