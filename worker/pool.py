@@ -14,8 +14,10 @@ Shutdown is the subtlest code of both commands, so it exists once, here. On ``st
 once (even mid-read), and the dispatchers get ``grace`` seconds for calls on the wire and
 answers being settled; they are cancelled as soon as none is working (those only waiting
 for a place on the wire, a token or out a backoff have nothing to finish), or at once on
-``stop_now`` (a second signal). Whatever was not finished stays open: in the ledger for
-``run``, pending in Redis for ``serve``.
+``stop_now`` (a second signal). Their waits for a rate token end at the stop itself
+(``Working.stop``): a process stopping reserves nothing more of a fleet's shared rate.
+Whatever was not finished stays open: in the ledger for ``run``, pending in Redis for
+``serve``.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class DispatchPool:
         """Until the intake and every dispatcher are done, or ``cancel()``; ``beside``:
         tasks that live as long as the round (a keep-alive), cancelled with it."""
         self.rounds += 1
+        self._working.start()
         send, receive = anyio.create_memory_object_stream[Batch](self._buffer)
         async with anyio.create_task_group() as outer:
             intake_scope, dispatch_scope = anyio.CancelScope(), anyio.CancelScope()
@@ -95,6 +98,7 @@ class DispatchPool:
         await stop.wait()
         if on_stop is not None:
             on_stop()
+        self._working.stop()  # its waits for a token end now, and reserve nothing more
         intake_scope.cancel()
         with anyio.move_on_after(self._grace):
             async with anyio.create_task_group() as first:

@@ -1,0 +1,92 @@
+"""A replica that stops takes no more of the fleet's shared rate: real Redis, two replicas'
+``RedisRateLimiter`` on one key, the stopping one's batches run by the real pool and
+``PacedCall``. Nothing here is timed: the test waits for the live replica's calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from worker.clock import MonotonicClock
+from worker.pacing.paced import PacedCall, Stopped, Working
+from worker.pacing.retry import RetryPolicy
+from worker.pacing.shared import RedisRateLimiter
+from worker.pool import DispatchPool
+from worker.types import Batch
+
+pytestmark = pytest.mark.anyio
+
+RATE = 20.0
+LIVE_STARTS = 12  # the live replica's calls while the stopping one has a call on the wire
+
+
+async def test_a_stopping_replica_reserves_no_more_of_the_fleets_rate(
+    redis_client: Any, redis_prefix: str
+) -> None:
+    """The stopping replica has one call on the wire, so its pool waits for it (the grace),
+    and its three other dispatchers wait for a token. From the stop on, they reserve no
+    slot (they reserved one each 1/20 s, as many as the live replica, and sent nothing in
+    them); each batch has one outcome: sent, or stopped and left open."""
+    clock, key = MonotonicClock(), redis_prefix + "rl"
+
+    def limiter() -> RedisRateLimiter:
+        return RedisRateLimiter(
+            redis_client, key, rate=RATE, burst=1, clock=clock, notify=lambda *_, **__: None
+        )
+
+    stopping_one, live = limiter(), limiter()
+    working, stop = Working(places=2), anyio.Event()
+    paced = PacedCall(
+        limiter=stopping_one, policy=RetryPolicy(max_attempts=3), clock=clock,
+        stopping=stop.is_set, working=working,
+    )  # fmt: skip
+    on_the_wire, release, live_done = anyio.Event(), anyio.Event(), anyio.Event()
+    outcome: dict[str, str] = {}
+    granted_at_stop: list[int] = []
+
+    async def intake(send: MemoryObjectSendStream[Batch]) -> None:
+        async with send:
+            for i in range(40):
+                await send.send(Batch(f"b{i}", (f"j{i}",)))
+            await anyio.sleep_forever()
+
+    async def send_call() -> None:
+        if not on_the_wire.is_set():  # the first call hangs on the wire till released
+            on_the_wire.set()
+            await release.wait()
+
+    async def dispatch(receive: MemoryObjectReceiveStream[Batch]) -> None:
+        async with receive:
+            async for batch in receive:
+                with working.busy():
+                    try:
+                        await paced(send_call, what=batch.batch_id)
+                    except Stopped:
+                        outcome[batch.batch_id] = "open"
+                    else:
+                        outcome[batch.batch_id] = "sent"
+
+    async def the_live_replica() -> None:
+        for _ in range(LIVE_STARTS):
+            await live.acquire()
+        live_done.set()
+
+    async def stop_with_a_call_on_the_wire() -> None:
+        await on_the_wire.wait()
+        granted_at_stop.append(stopping_one.granted)
+        stop.set()
+        tg.start_soon(the_live_replica)
+        await live_done.wait()
+        release.set()
+
+    pool = DispatchPool(concurrency=2, grace=3600, buffer=1, working=working)
+    with anyio.fail_after(30):  # (a hang fails here)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_with_a_call_on_the_wire)
+            await pool.run(intake, dispatch, stop=stop)
+    assert stopping_one.granted == granted_at_stop[0], (stopping_one, live)
+    assert list(outcome.values()).count("sent") >= 1  # the call on the wire was answered
+    assert set(outcome.values()) <= {"sent", "open"}
