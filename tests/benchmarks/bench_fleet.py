@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.benchmarks.bench_serve_soak import redis_url  # noqa: F401  (the fixture)
-from tests.benchmarks.harness import clean_env, enqueue, machine, record
+from tests.benchmarks.harness import clean_env, enqueue, machine, record, stop_replicas
 from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
 
 pytestmark = pytest.mark.benchmark
@@ -103,7 +102,7 @@ async def _fleet(
             checked += [c for _, c, _ in sim.take_arrivals()]
             assert all(r.poll() is None for r in replicas), "a replica died"
         finally:
-            await _stop(replicas)
+            await stop_replicas(replicas)
     first = next(r for r in readings if r[0] >= START)
     last = readings[-1]
     calls, throttled = last[1] - first[1], last[2] - first[2]
@@ -111,27 +110,6 @@ async def _fleet(
     gaps = [b - a for a, b in itertools.pairwise(checked)]
     short = sum(gap < 1 / QUOTA for gap in gaps) / max(1, len(gaps))
     return accepted / ((last[0] - first[0]) * QUOTA), throttled / max(1, calls), short
-
-
-async def _stop(replicas: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM to every replica, and their end waited for without blocking this event loop:
-    the simulator runs on it. Waited for with ``Popen.wait``, a call on the wire at the stop
-    went unanswered until its replica's grace (20 s) ran out, and that replica's batches
-    waiting for a token meanwhile kept reserving the fleet's slots, past the lease of a
-    leader already gone."""
-    import anyio
-
-    for replica in replicas:
-        replica.send_signal(signal.SIGTERM)
-    with anyio.CancelScope(shield=True), anyio.move_on_after(60):
-        while any(replica.poll() is None for replica in replicas):
-            await anyio.sleep(0.05)
-    stuck = [replica.pid for replica in replicas if replica.poll() is None]
-    for replica in replicas:
-        if replica.poll() is None:
-            replica.kill()
-            replica.wait()
-    assert not stuck, f"replicas {stuck} did not stop within 60 s of SIGTERM"
 
 
 def _leaders(tmp_path: Path, rate: str) -> int:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.benchmarks.harness import clean_env, enqueue
+from tests.benchmarks.harness import clean_env, enqueue, stop_replicas
 from worker.simulator import SimulatorConfig, run_simulator
 
 pytestmark = pytest.mark.benchmark
@@ -130,10 +129,7 @@ async def test_a_million_ids_through_two_replicas_leave_redis_bounded(
                     await anyio.sleep(0.2)
                 await anyio.sleep(2.0)  # a retention pass after the last ack
         finally:
-            for replica in replicas:
-                replica.send_signal(signal.SIGTERM)
-            for replica in replicas:
-                replica.wait(30)
+            await stop_replicas(replicas)
         elapsed = time.perf_counter() - started
         deleted, sent_twice = len(sim.deleted), sum(c > 1 for c in sim.sent_counts.values())
     client.memory_purge()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -531,3 +532,21 @@ class RclonePacer:
             return
         scale = 2**self.attack
         self.sleep = min(self.max_sleep, self.sleep * scale / (scale - 1))
+
+
+async def stop_replicas(replicas: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to every replica, and their end waited for without blocking this event loop:
+    an in-process simulator runs on it (bench_fleet, bench_serve_soak). Waited for with
+    ``Popen.wait``, a call on the wire at the stop went unanswered until its replica's
+    grace (20 s) ran out."""
+    for replica in replicas:
+        replica.send_signal(signal.SIGTERM)
+    with anyio.CancelScope(shield=True), anyio.move_on_after(60):
+        while any(replica.poll() is None for replica in replicas):
+            await anyio.sleep(0.05)
+    stuck = [replica.pid for replica in replicas if replica.poll() is None]
+    for replica in replicas:
+        if replica.poll() is None:
+            replica.kill()
+            replica.wait()
+    assert not stuck, f"replicas {stuck} did not stop within 60 s of SIGTERM"
