@@ -4,16 +4,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import anyio
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from tests.test_fleet_rate import RedisTime, _auto
 from worker.clock import MonotonicClock
+from worker.pacing.fleet import FleetRateController, decode_state
 from worker.pacing.paced import PacedCall, Stopped, Working
 from worker.pacing.retry import RetryPolicy
-from worker.pacing.shared import RedisRateLimiter
+from worker.pacing.shared import FleetKeys, RedisRateLimiter, text
 from worker.pool import DispatchPool
 from worker.types import Batch
 
@@ -21,6 +24,7 @@ pytestmark = pytest.mark.anyio
 
 RATE = 20.0
 LIVE_STARTS = 12  # the live replica's calls while the stopping one has a call on the wire
+LEASE_S = 2.0  # FleetRateController's
 
 
 async def test_a_stopping_replica_reserves_no_more_of_the_fleets_rate(
@@ -90,3 +94,57 @@ async def test_a_stopping_replica_reserves_no_more_of_the_fleets_rate(
     assert stopping_one.granted == granted_at_stop[0], (stopping_one, live)
     assert list(outcome.values()).count("sent") >= 1  # the call on the wire was answered
     assert set(outcome.values()) <= {"sent", "open"}
+
+
+async def test_a_lapsed_leader_retaking_the_lease_does_not_publish_a_stale_state(
+    redis_client: Any, redis_prefix: str
+) -> None:
+    """Leader ``a`` holds a state not yet published (a change under ``RESLOT`` goes with
+    its next reservation) and reserves no more for longer than its lease; ``b`` takes the
+    lapsed lease and publishes a newer state, then stops. ``a`` takes the lease back: it
+    starts from ``b``'s state, and the fleet's stored state stays ``b``'s (it published
+    the state made under its old lease over it, and restored its controller from that)."""
+    time = RedisTime()
+    key = redis_prefix + "rl"
+    a = _auto(redis_client, key, time, me="a")
+    b = _auto(redis_client, key, time, me="b")
+
+    def change(replica: FleetRateController, rate: float) -> None:
+        assert replica._published is not None and replica.controller is not None
+        state = replace(replica.controller.state, rate=rate, level=rate)
+        replica._pending = (*replica._published[:2], state)
+
+    await a.reserve()
+    await a.reserve()
+    assert a.leading and a._pending is None
+    change(a, 3.0)  # made under a's lease
+    await time.clock.sleep(LEASE_S + 0.5)
+    await b.reserve()
+    assert b.leading
+    change(b, 4.0)
+    await b.reserve()  # published: b holds the lease
+    await time.clock.sleep(LEASE_S + 0.5)
+    await a.reserve()
+    assert a.leading and a.leads == 2 and a.controller is not None
+    stored = decode_state(text(await redis_client.hget(FleetKeys.of(key).pace, "state")))
+    assert stored is not None and stored.rate == 4.0, stored
+    assert a.controller.rate == 4.0
+
+
+async def test_a_lapsed_leader_nobody_replaced_still_publishes_its_state(
+    redis_client: Any, redis_prefix: str
+) -> None:
+    """At a rate under one call a lease (0.2 calls/s, a 2 s lease) the leader's lease lapses
+    between its own reservations: where no other leader published since, its change goes."""
+    time = RedisTime()
+    key = redis_prefix + "rl"
+    a = _auto(redis_client, key, time, me="a")
+    await a.reserve()
+    await a.reserve()
+    assert a._published is not None and a.controller is not None
+    a._pending = (*a._published[:2], replace(a.controller.state, rate=3.0, level=3.0))
+    await time.clock.sleep(LEASE_S + 0.5)
+    await a.reserve()
+    stored = decode_state(text(await redis_client.hget(FleetKeys.of(key).pace, "state")))
+    assert stored is not None and stored.rate == 3.0, stored
+    assert a.controller.rate == 3.0

@@ -248,6 +248,7 @@ class FleetRateController(RedisPacer):
         self._t = -math.inf  # the controller's time: the last answer fed, Redis clock
         self._published: tuple[int, int, ControllerState | None] | None = None
         self._pending: tuple[int, int, ControllerState] | None = None  # for the next
+        self._basis = ""  # the stored state this leader last published or started from
         self.leads = 0  # times this process became the leader
         self._seen_state = ""  # the last estimate a leader stored, as this process saw it
         self.reported = 0  # answers and starts sent to Redis for the leader
@@ -311,6 +312,10 @@ class FleetRateController(RedisPacer):
                 a.flag,
                 -1 if a.retry_after is None else f"{a.retry_after * 1e3:.0f}",
             ]
+        if self._pending is not None and self._lapsed() and not await self._unchanged():
+            # Made under a lease that lapsed, and another leader published since: the
+            # script would overwrite that newer state with it, and this one restore from it.
+            self._pending = None
         pending = self._pending
         publish = ("", "", "") if pending is None else (*pending[:2], encode_state(pending[2]))
         reply = await self._script(
@@ -335,7 +340,7 @@ class FleetRateController(RedisPacer):
             self._seen_state = state
         if int(leader):
             if pending is not None:
-                self._published, self._pending = pending, None
+                self._published, self._pending, self._basis = pending, None, publish[2]
             await self._lead(server_now, self._seen_state, [text(e) for e in events])
         else:
             self._controller, self._pending = None, None
@@ -343,9 +348,20 @@ class FleetRateController(RedisPacer):
             return int(token) / 1e6
         return Reservation(int(start), server_now, text(token), text(revokes))
 
+    def _lapsed(self) -> bool:
+        """Whether this process's lease may have lapsed since it last led: no reservation of
+        its own as the leader for as long as a lease is."""
+        return self._clock.now() - self._led_at > self._lease_ms / 1e3
+
+    async def _unchanged(self) -> bool:
+        """Whether the fleet's stored state is still the one this leader last published or
+        started from (``_basis``), or none: no other leader published since."""
+        got = await self._client.hmget(self._keys.pace, ["state"])
+        return got[0] is None or text(got[0]) == self._basis
+
     async def _lead(self, server_now: int, stored_state: str, events: list[str]) -> None:
         """Feed the fleet's reservations and answers to the controller, and publish."""
-        if self._controller is None or self._clock.now() - self._led_at > self._lease_ms / 1e3:
+        if self._controller is None or self._lapsed():
             # Newly the leader (or again, after another may have led): from the stored state,
             # or, when Redis lost it (flushed, restarted), the last this process saw there.
             self._controller = RateController(server_now / 1e6, self._config)
@@ -364,7 +380,7 @@ class FleetRateController(RedisPacer):
                 cut_at = server_now / 1e6 - 1.0 / fresh.level
                 self._controller.restore(dataclasses.replace(fresh, cut_at=cut_at))
             self._t = -math.inf
-            self._published = (self._interval, self._pause_us, stored)
+            self._published, self._basis = (self._interval, self._pause_us, stored), stored_state
             self.leads += 1
             # The rate its controller starts from: the one seen last may be another's.
             rate = self._controller.rate
@@ -425,12 +441,11 @@ class FleetRateController(RedisPacer):
             slower = last is None or interval > last[0] * (1 + WAITERS_RESLOT) or pause_us > last[1]
             revisit = self._revisit_us if slower else None
             with contextlib.suppress(*REDIS_ERRORS):
-                done, server_now, revokes = await self.publish(
-                    interval, pause_us, encode_state(state), revisit
-                )
+                encoded = encode_state(state)
+                done, server_now, revokes = await self.publish(interval, pause_us, encoded, revisit)
                 self._saw(int(server_now), revokes)
                 if int(done):
-                    self._published, self._pending = publish, None
+                    self._published, self._pending, self._basis = publish, None, encoded
                     return
         self._pending = publish
 
