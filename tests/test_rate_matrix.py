@@ -21,6 +21,7 @@ import pytest
 from tests.fakes import (
     FixedWindow,
     Run,
+    SlidingWindow,
     SteadyController,
     followed_after,
     quota_change,
@@ -809,3 +810,20 @@ def test_a_quota_that_rises_from_a_low_one_is_followed_within_thirty_seconds(
     run = simulate(lambda t: low if t < 60.0 else high, duration=90.0, burst=burst,
                    latency=latency, concurrency=concurrency)  # fmt: skip
     assert any(rate >= 0.9 * high for t, rate in run.rates if t >= 60.0)
+
+
+def test_the_growth_after_a_rise_behind_a_sliding_window_is_not_the_fast_one() -> None:
+    """A sliding window of 1 s, 50 calls/s, 20 from 30.2 s, 50 again from 60.2 s; latency
+    drawn around 5 ms, calls leaving about 2 ms late (``bench_foreign_gateways.py``'s quota
+    change, seed 2). The window's cut before the rise cost 8 refusals, a clump its count
+    let through first, not a burst of 1's two (the refused call and the one after, its slot
+    taken before the cut): doubling every second after the rise, the growth reached 68.9
+    calls/s before its first refusal (59.1 doubling every unit of the probe), and 36 calls
+    were refused from 2 s after the rise to 90 s (4.2 %), 19 now (2.3 %). The goal's 2 % is
+    missed either way: the rise is proven 20 s after it (a known miss of that benchmark)."""
+    draws, late = random.Random(102), random.Random(2)
+    run = simulate(lambda t: 20.0 if 30.2 <= t < 60.2 else 50.0, duration=90.0,
+                   concurrency=8, latency=lambda rate: draws.expovariate(1.0 / 0.005),
+                   jitter=lambda: late.expovariate(500.0),
+                   gateway=lambda quota, now: SlidingWindow(quota, now, span=1.0))  # fmt: skip
+    assert run.refused_share(62.2, 90.0) <= 0.025
