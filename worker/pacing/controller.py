@@ -578,7 +578,9 @@ class RateController:
         # rate (a tenth of the calls) hold what is served flat too, a tenth under it. Until
         # a trial found the service shedding, any flat service is tried.
         shed = c.overload_share if faults.shedding else 0.0
-        if served < (1.0 - shed) * sent_rate:
+        # Nothing served over the windows (a service counting over 10 s, full): no level
+        # to cut to; the rate steps down.
+        if 0.0 < served < (1.0 - shed) * sent_rate:
             if self._shed_at(now, sent_rate):
                 # Cut to what it served before, and as many 503s at that rate: they do not
                 # fall with the rate (random faults, a fifth or more): no lower.
