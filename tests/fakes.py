@@ -302,17 +302,20 @@ class Stacked:
 class Queueing:
     """A service that queues: each call it serves takes ``base / (1 - load / capacity)``
     (drawn exponential around that), its load the calls it served in the last second, and
-    answers 503 at once (shedding the call) when that load reaches its capacity."""
+    answers 503 at once (shedding the call) when that load reaches its capacity. ``span``:
+    the load is the calls served over that many seconds, per second."""
 
-    def __init__(self, capacity: float, base: float, draws: random.Random) -> None:
-        self.capacity, self.base, self.draws = capacity, base, draws
+    def __init__(
+        self, capacity: float, base: float, draws: random.Random, span: float = 1.0
+    ) -> None:
+        self.capacity, self.base, self.draws, self.span = capacity, base, draws, span
         self.arrivals: deque[float] = deque()
 
     def __call__(self, now: float) -> tuple[bool, float]:
         arrivals = self.arrivals
-        while arrivals and arrivals[0] <= now - 1.0:
+        while arrivals and arrivals[0] <= now - self.span:
             arrivals.popleft()
-        load = len(arrivals)
+        load = len(arrivals) / self.span
         if load >= self.capacity:
             return True, 0.002
         arrivals.append(now)
