@@ -3,7 +3,8 @@
 ``service``): sliding-window logs, fixed windows of 10 s and 60 s, token buckets with a big
 burst, 429s with no, zero, long or dated ``Retry-After``, a quota that falls and rises on
 a per-second window and on a sliding window, a service whose latency rises with its load
-(503 when saturated, and its capacity rising from 5 to 50 calls/s), 2-30 % random 503s,
+(503 when saturated, its load counted over 1 s or 10 s, and its capacity rising from 5 to
+50 calls/s), 2-30 % random 503s,
 and two quotas at once. Each cell runs 10 seeds:
 latency drawn exponential around its mean, calls leaving about 2 ms late (as
 ``bench_per_second.py``'s drawn cells).
@@ -90,6 +91,7 @@ class Cell:
     retry_after: Callable[[float, float], float | None] | None = None
     service: str = ""  # "", "queueing", "rising" (from ``RISE_FROM`` at ``RISE_AT``) or "faulty"
     faults: float = 0.02  # behind a "faulty" service: the share of calls answered 503
+    span: float = 1.0  # a queueing service counts its load over this many seconds
     duration: float = DURATION
     changes: tuple[tuple[float, float], ...] = field(default=())  # (from, quota)
 
@@ -106,7 +108,7 @@ def run(cell: Cell, seed: int, rate: float | None = None) -> Run:
     draws, late = random.Random(seed + 100), random.Random(seed)
     service: Callable[[float], tuple[bool, float]] | None = None
     if cell.service == "queueing":
-        service = Queueing(cell.quota, cell.latency, random.Random(seed + 200))
+        service = Queueing(cell.quota, cell.latency, random.Random(seed + 200), cell.span)
     elif cell.service == "rising":
         service = rising(cell, random.Random(seed + 200))
     elif cell.service == "faulty":
@@ -177,6 +179,8 @@ def cells() -> list[Cell]:
                 Cell("429, Retry-After date", q, lat, burst=2, retry_after=dated(0.37)),
                 *(faulty_cell(share, q, lat) for share in FAULTS),
                 Cell("queueing, 503 saturated", q, lat, service="queueing", gateway=_open),
+                Cell("queueing over 10 s, 503 saturated", q, lat, service="queueing",
+                     gateway=_open, span=10.0),
             ]
     return out + [Cell("bucket 0.8q b2 + 1 s count", 50.0, lat, _stacked) for lat in LATENCIES]
 
