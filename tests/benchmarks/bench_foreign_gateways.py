@@ -179,8 +179,14 @@ def cells() -> list[Cell]:
                 Cell("429, Retry-After date", q, lat, burst=2, retry_after=dated(0.37)),
                 *(faulty_cell(share, q, lat) for share in FAULTS),
                 Cell("queueing, 503 saturated", q, lat, service="queueing", gateway=_open),
-                Cell("queueing over 10 s, 503 saturated", q, lat, service="queueing",
-                     gateway=_open, span=10.0),
+                Cell(
+                    "queueing over 10 s, 503 saturated",
+                    q,
+                    lat,
+                    service="queueing",
+                    gateway=_open,
+                    span=10.0,
+                ),
             ]
     return out + [Cell("bucket 0.8q b2 + 1 s count", 50.0, lat, _stacked) for lat in LATENCIES]
 
