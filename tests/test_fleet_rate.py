@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fakes import FakeClock, OneAtATime
-from worker.pacing.bucket import RateLimiter
+from tests.fakes import Gateway as Quota
+from worker.pacing.bucket import RateLimiter, Reporting
 from worker.pacing.controller import AdaptiveConfig, ControllerState, Phase, RateController
 from worker.pacing.fleet import FleetRateController, decode_state, encode_state
 from worker.pacing.shared import REVISIT_S, FleetKeys, RedisRateLimiter, interval_us
@@ -55,14 +56,15 @@ class Fleet:
 async def run_fleet(
     limiters: list[RateLimiter],
     clock: FakeClock,
-    gateway: Gateway,
+    gateway: Quota,
     *,
     until: float,
     workers: int = 8,
     latency: float = 0.005,
 ) -> Fleet:
     """Each limiter is a replica with ``workers`` workers: acquire, send to the gateway, and
-    report the answer ``latency`` later; a refused worker waits the ``Retry-After``."""
+    report the answer ``latency`` later; a refused worker sends its answers on where the
+    limiter does (``Reporting``, as ``PacedCall`` does) and waits the ``Retry-After``."""
     fleet = Fleet()
 
     async def worker(limiter: RateLimiter) -> None:
@@ -77,6 +79,8 @@ async def run_fleet(
                 continue
             retry_after = float(retry_after_seconds(wait))
             limiter.feedback(throttled=True, latency_s=latency, retry_after=retry_after)
+            if isinstance(limiter, Reporting):
+                await limiter.report()
             await clock.sleep(retry_after)
 
     async def killable(limiter: RateLimiter, scope: anyio.CancelScope) -> None:
@@ -109,7 +113,9 @@ class RedisTime:
     def watch(self, limiter: Any) -> Any:
         """``limiter``, its calls to Redis (a reservation, a look at the count of
         take-backs) made one at a time with time standing still."""
-        for name in ("reserve", "revokes"):  # (the leader publishes within ``reserve``)
+        for name in ("reserve", "revokes", "report"):  # (the leader publishes within these)
+            if not hasattr(limiter, name):
+                continue
             call = getattr(limiter, name)
 
             async def counted(call: Any = call) -> Any:
@@ -673,8 +679,8 @@ async def test_the_newest_answers_are_reported_in_order_and_those_come_meanwhile
     meanwhile: list[float] = []
 
     async def noted(*, keys: Any, args: Any) -> Any:
-        # after the 14 fixed arguments, the answers in fours: how long ago, latency, flag, ...
-        fours = [str(a) for a in args[14:]]
+        # after the 15 fixed arguments, the answers in fours: how long ago, latency, flag, ...
+        fours = [str(a) for a in args[15:]]
         reported.append([fours[n + 1] for n in range(0, len(fours), 4) if fours[n + 2] != "s"])
         for latency in meanwhile:  # answers that come while the call is out
             leader.feedback(throttled=True, latency_s=latency)

@@ -33,6 +33,7 @@ from structlog.testing import capture_logs
 from tests.conftest import REDIS_URL
 from tests.e2e import SIM_AK, SIM_SK
 from tests.fakes import FakeClock
+from tests.fakes import Gateway as Quota
 from tests.test_fleet_rate import Fleet, RedisTime, run_fleet
 from tests.test_redis_auth import REDIS_SERVER, redis_server
 from worker.errors import NotAStream
@@ -252,6 +253,9 @@ class Killable:
         if self.clock.now() < self.dead_at:
             self.limiter.feedback(**answer)
 
+    async def report(self) -> None:
+        await self.limiter.report()
+
 
 def _killable_replicas(client: aioredis.Redis, key: str, time: RedisTime) -> list[Killable]:
     """Three replicas on auto sharing ``key``, each of which may be killed."""
@@ -265,7 +269,7 @@ def _killable_replicas(client: aioredis.Redis, key: str, time: RedisTime) -> lis
 async def run_killing_the_leader(
     replicas: list[Killable],
     clock: FakeClock,
-    gateway: Gateway,
+    gateway: Quota,
     *,
     kill_at: float | None,
     until: float,

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from worker.clock import Clock
-from worker.pacing.bucket import RateLimiter
+from worker.pacing.bucket import RateLimiter, Reporting
 
 if TYPE_CHECKING:
     from worker.discovery.guard import PlanCheck
@@ -103,6 +103,11 @@ class ExpiringLimiter:
     def feedback(self, **answer: Any) -> None:
         """How a call ended, told to the limiter it wraps (``RateLimiter.feedback``)."""
         self._inner.feedback(**answer)
+
+    async def report(self) -> None:
+        """The answers sent on, where the limiter it wraps sends them (``Reporting``)."""
+        if isinstance(self._inner, Reporting):
+            await self._inner.report()
 
     async def acquire(self) -> None:
         batch = _DELETING.get()

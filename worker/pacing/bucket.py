@@ -66,6 +66,14 @@ class RateLimiter(Protocol):
         ...
 
 
+@runtime_checkable
+class Reporting(Protocol):
+    """A limiter that sends its answers elsewhere (a fleet's, to its leader through Redis):
+    ``report`` sends those kept now, before a refused caller sleeps on its ``Retry-After``."""
+
+    async def report(self) -> None: ...
+
+
 APART_TOLERANCE = 0.01
 """With a burst of 1, how much of an interval two real starts may lack: a caller a hundredth
 of an interval late does not push every later call back."""

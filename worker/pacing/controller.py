@@ -405,6 +405,12 @@ class RateController:
         """Long windows' counts read from their ``Retry-After`` (``LongWindow``)."""
         return self._window.windows
 
+    @property
+    def long_window(self) -> LongWindow:
+        """What the refusals with a long ``Retry-After`` said: the window read, the check
+        call under way (a fleet's leader hands both on)."""
+        return self._window
+
     def pause_until(self) -> float:
         """No call starts before this: the ``Retry-After`` (at most ``max_pause``) of a
         refusal that is news, the first with no other remembered (``forget``): the end of

@@ -7,9 +7,13 @@ of it used, 14.5 % of calls refused). Here the process holding a short lease in 
 with its reservations, the leader drains them, with the start time of every reservation,
 into its controller, which so sees the whole fleet's calls as one process would, and writes
 the interval and the ``Retry-After`` pause every reservation uses, and the controller's
-state. A leader that stops is replaced when its lease lapses, by a process that starts from
-the stored state, not from scratch (when Redis lost it, from the last state it saw there).
-The bucket, its keys and the waiting are ``worker.pacing.shared``'s.
+state. A refused worker reports before it sleeps on its ``Retry-After``, and while the
+fleet is paused every process waiting to reserve comes back at least every
+``PAUSE_LOOK_S``: the leader reads the refusals of a pause in it (a long window's check
+call, one for the fleet, which the script hands out). A leader that stops is replaced when
+its lease lapses, by a process that starts from the stored state (and the long window read),
+not from scratch (when Redis lost it, from the last state it saw there). The bucket, its
+keys and the waiting are ``worker.pacing.shared``'s.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import orjson
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from worker.clock import Clock
 from worker.pacing.adaptive import RESLOT as WAITERS_RESLOT
@@ -46,15 +52,26 @@ from worker.pacing.shared import (
     interval_us,
     text,
 )
+from worker.pacing.window import KEEP_S, LONG_WAIT
+
+_CHECK = """
+-- The time of a long window's check call (us), or none (''): the pause lets it go alone.
+local function set_check(check)
+  if check == '' then redis.call('HDEL', KEYS[2], 'check')
+  else redis.call('HSET', KEYS[2], 'check', check) end
+end
+"""
 
 _AUTO = (
     GCRA
+    + _CHECK
     + """
 -- ARGV: now ('' for the server's), initial interval, burst, ttl ms, me, lease ms, most
 -- answers kept, the leader's interval, pause and state to publish ('' for none), horizon,
--- the least and most interval and the longest pause (us) a stored pace may hold, then
--- answers in fours: how long ago it came (us), latency (us, -1: none), t/o/-, Retry-After
--- (ms, -1: none); or a call's start: how long ago, -1, s, -1.
+-- the least and most interval and the longest pause (us) a stored pace may hold, the check
+-- call's time to publish with them ('' for none), then answers in fours: how long ago it
+-- came (us), latency (us, -1: none), t/o/-, Retry-After (ms, -1: none); or a call's start:
+-- how long ago, -1, s, -1.
 local now = clock()
 own(KEYS[2], 'hash')
 own(KEYS[3], 'hash')
@@ -73,18 +90,29 @@ if (not lead[1]) or lead[1] == ARGV[5] or held == nil or held < now then
     respace(now, within(redis.call('HGET', KEYS[2], 'interval'), least, most),
             tonumber(ARGV[8]), 1)
     redis.call('HSET', KEYS[2], 'interval', ARGV[8], 'pause_until', ARGV[9], 'state', ARGV[10])
+    set_check(ARGV[15])
     redis.call('PEXPIRE', KEYS[2], ARGV[4])
   end
 end
-local p = redis.call('HMGET', KEYS[2], 'interval', 'pause_until', 'state', 'revokes')
+local p = redis.call('HMGET', KEYS[2], 'interval', 'pause_until', 'state', 'revokes', 'check',
+                     'checked')
 local interval = within(p[1], least, most) or tonumber(ARGV[2])
 local pause = within(p[2], -math.huge, now + tonumber(ARGV[14])) or 0
 local horizon = tonumber(ARGV[11])
-local start, new_tat = reserve(now, interval, tonumber(ARGV[3]), pause, horizon, horizon + most)
+-- A long window's check call: one start in the pause, at its time, for the whole fleet;
+-- every other call waits for the pause's end (``checked``: the check already handed out).
+local floor, checking = pause, 0
+local check = within(p[5], -math.huge, now + tonumber(ARGV[14]))
+if check ~= nil and p[5] ~= p[6] and check < pause then floor = check end
+local start, new_tat = reserve(now, interval, tonumber(ARGV[3]), floor, horizon, horizon + most)
+if start and floor < pause and start < pause then
+  redis.call('HSET', KEYS[2], 'checked', p[5])
+  checking = 1
+end
 -- A start is the leader's once it is real, not when it is handed out: a slowdown may take
 -- it back before (a call never sent, with no answer to come, held its controller's measure
 -- back for good: the calls it counted as sent were never all answered).
-for i = 15, #ARGV, 4 do
+for i = 16, #ARGV, 4 do
   if ARGV[i + 2] == 's' then
     redis.call('RPUSH', KEYS[4], 's ' .. us(now - tonumber(ARGV[i])))
   else
@@ -98,7 +126,7 @@ if redis.call('EXISTS', KEYS[4]) == 1 then
   redis.call('PEXPIRE', KEYS[4], ARGV[4])
 end
 local out = {start, us(now), us(new_tat), us(interval), us(pause), leader, p[3] or '',
-             p[4] or ''}
+             p[4] or '', checking}
 if leader == 1 then
   for _, e in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do out[#out + 1] = e end
   redis.call('DEL', KEYS[4])
@@ -109,11 +137,12 @@ return out
 
 _PUBLISH = (
     GCRA
+    + _CHECK
     + """
 -- ARGV: now ('' for the server's), me, the interval, pause and state to publish, ttl ms,
 -- revisit (us; '' when the pace is no slower: nothing to take back), the least and most
--- interval a stored pace may hold (us). Returns whether it was published (by the leader),
--- the time, and the count of take-backs.
+-- interval a stored pace may hold (us), the check call's time ('' for none). Returns
+-- whether it was published (by the leader), the time, and the count of take-backs.
 local now = clock()
 own(KEYS[2], 'hash')
 own(KEYS[3], 'hash')
@@ -122,6 +151,7 @@ if redis.call('HGET', KEYS[3], 'who') ~= ARGV[2] then return {0, us(now), revoke
 local old = within(redis.call('HGET', KEYS[2], 'interval'), tonumber(ARGV[8]), tonumber(ARGV[9]))
 respace(now, old, tonumber(ARGV[3]), 1)
 redis.call('HSET', KEYS[2], 'interval', ARGV[3], 'pause_until', ARGV[4], 'state', ARGV[5])
+set_check(ARGV[10])
 if ARGV[7] ~= '' then
   revokes = revoke(now, tonumber(ARGV[3]), 1, tonumber(ARGV[7]), revokes)
 end
@@ -134,16 +164,66 @@ RESLOT = 0.02
 """A change of the leader's rate larger than this share is published at once; smaller ones
 go with its next reservation."""
 
+PAUSE_LOOK_S = 0.25
+"""While the fleet is paused, a process waiting to reserve comes back at least this often:
+its answers reach the leader, and the leader reads them (a long window's check call, and
+the refusal that reads the window, came in a pause nobody reserved in, and were read only
+after it, when every worker had been refused once)."""
 
-def encode_state(state: ControllerState) -> str:
-    """The controller's state as JSON (infinities as strings), for the next leader."""
-    return orjson.dumps(
-        {
-            f.name: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
-            for f in dataclasses.fields(state)
-            if (v := getattr(state, f.name)) is not None
-        }
-    ).decode()
+
+Kept = dict[str, dict[str, float]]
+"""A long window's read and check, as ``LongWindow.kept`` gives them."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Pace:
+    """What the leader publishes: the interval and pause (us), its controller's state, the
+    long window's check call's time (us, '' for none) and what it read of the window."""
+
+    interval: int
+    pause_us: int
+    state: ControllerState | None
+    check: str = ""
+    window: Kept = dataclasses.field(default_factory=dict)
+
+    def stored(self) -> str:
+        return "" if self.state is None else encode_state(self.state, self.window)
+
+
+def _json(v: Any) -> Any:
+    return v if not isinstance(v, float) or math.isfinite(v) else str(v)
+
+
+def encode_state(state: ControllerState, window: Kept | None = None) -> str:
+    """The controller's state as JSON (infinities as strings), for the next leader, and
+    what it read of a long window (``LongWindow.kept``)."""
+    out: dict[str, Any] = {
+        f.name: _json(v)
+        for f in dataclasses.fields(state)
+        if (v := getattr(state, f.name)) is not None
+    }
+    if window:
+        out["long_window"] = {k: {f: _json(v) for f, v in p.items()} for k, p in window.items()}
+    return orjson.dumps(out).decode()
+
+
+def decode_window(stored: str, config: AdaptiveConfig, now: float) -> Kept:
+    """The long window a leader stored beside its state (``encode_state``), if a leader of
+    ``config`` could have stored it by ``now``: a rate out of its bounds, or an end or a
+    pause further ahead than it allows, was written by someone else (``{}``: none)."""
+    try:
+        raw = orjson.loads(stored).get("long_window") or {}
+        kept = {k: {f: float(v) for f, v in part.items()} for k, part in raw.items()}
+    except (ValueError, TypeError, AttributeError, orjson.JSONDecodeError):
+        return {}
+    window, check = kept.get("window", {}), kept.get("check", {})
+    rate, end = window.get("rate", 0.0), window.get("end", math.inf)
+    sane = (
+        all(not math.isnan(v) for part in kept.values() for v in part.values())
+        and (not window or (0 < rate <= config.max_rate and end <= now + KEEP_S))
+        and (not check or check.get("hold", math.inf) <= now + config.max_pause)
+    )
+    return kept if sane else {}
 
 
 def decode_state(stored: str) -> ControllerState | None:
@@ -246,12 +326,13 @@ class FleetRateController(RedisPacer):
         self._controller: RateController | None = None
         self._led_at = -math.inf  # our clock, at our last reservation as the leader
         self._t = -math.inf  # the controller's time: the last answer fed, Redis clock
-        self._published: tuple[int, int, ControllerState | None] | None = None
-        self._pending: tuple[int, int, ControllerState] | None = None  # for the next
+        self._published: _Pace | None = None
+        self._pending: _Pace | None = None  # for the next reservation to publish
         self._basis = ""  # the stored state this leader last published or started from
         self.leads = 0  # times this process became the leader
         self._seen_state = ""  # the last estimate a leader stored, as this process saw it
         self.reported = 0  # answers and starts sent to Redis for the leader
+        self._io = anyio.Lock()  # one script call at a time: each takes the answers kept
 
     @property
     def rate(self) -> float:
@@ -303,6 +384,27 @@ class FleetRateController(RedisPacer):
 
     async def reserve(self) -> Reservation | float:
         await self.check_spec()
+        async with self._io:
+            return await self._exchange(self._horizon_us)
+
+    async def report(self) -> None:
+        """Send the answers kept now, with no reservation (the leader, reading them too).
+        A refused worker calls it before it sleeps on the ``Retry-After``: a process whose
+        workers were all refused reserved nothing until they woke, so its refusals reached
+        no leader meanwhile (against a long window, every worker of the fleet slept to the
+        window's end, the leader's among them, and the window was never read). Best effort:
+        where Redis does not answer, they go with the next reservation, as ever."""
+        if not self._answers:
+            return
+        with contextlib.suppress(*REDIS_ERRORS, redis.exceptions.ResponseError):
+            async with self._io:
+                if self._answers:
+                    await self._exchange(-1)  # (a horizon before now: no start handed out)
+
+    async def _exchange(self, horizon_us: int) -> Reservation | float:
+        """One call of the reservation script: the answers kept go, and a start comes back
+        if one is due within ``horizon_us`` (else how long to come back in); the leader
+        reads the fleet's answers and publishes."""
         answers, now, dropped = self._answers, self._clock.now(), self._dropped
         reported: list[Any] = []
         for a in answers:
@@ -317,13 +419,15 @@ class FleetRateController(RedisPacer):
             # script would overwrite that newer state with it, and this one restore from it.
             self._pending = None
         pending = self._pending
-        publish = ("", "", "") if pending is None else (*pending[:2], encode_state(pending[2]))
+        publish: tuple[Any, ...] = ("", "", "", "")
+        if pending is not None:
+            publish = (pending.interval, pending.pause_us, pending.stored(), pending.check)
         reply = await self._script(
             keys=self._keys.all(),
             args=[
                 self._now_arg(), self._interval, 1, int(PACE_TTL_S * 1000), self._me,
-                self._lease_ms, self._max_answers, *publish, self._horizon_us,
-                *self._bounds, *reported,
+                self._lease_ms, self._max_answers, *publish[:3], horizon_us,
+                *self._bounds, publish[3], *reported,
             ],
         )  # fmt: skip
         # The reported are the oldest kept; those the bound dropped while the call was out
@@ -331,7 +435,7 @@ class FleetRateController(RedisPacer):
         for _ in range(max(0, len(reported) // 4 - (self._dropped - dropped))):
             answers.popleft()
         self.reported += len(reported) // 4
-        start, server_now, token, interval, pause, leader, state, revokes, *events = reply
+        start, server_now, token, interval, pause, leader, state, revokes, check, *events = reply
         server_now = int(server_now)
         self._saw(server_now, revokes)
         self._offset = server_now / 1e6 - self._clock.now()
@@ -345,8 +449,9 @@ class FleetRateController(RedisPacer):
         else:
             self._controller, self._pending = None, None
         if not (start := text(start)):
-            return int(token) / 1e6
-        return Reservation(int(start), server_now, text(token), text(revokes))
+            back = int(token) / 1e6
+            return min(back, PAUSE_LOOK_S) if self._pause_us > server_now else back
+        return Reservation(int(start), server_now, text(token), text(revokes), int(check) == 1)
 
     def _lapsed(self) -> bool:
         """Whether this process's lease may have lapsed since it last led: no reservation of
@@ -368,6 +473,11 @@ class FleetRateController(RedisPacer):
             stored = sane_state(decode_state(stored_state), self._config, server_now / 1e6)
             if stored is not None:
                 self._controller.restore(stored, start_seen=False)
+                # The long window read, and the check call under way: a leader that took over
+                # in the pause read the check's refusal as any other, and the window never.
+                kept = decode_window(stored_state, self._config, server_now / 1e6)
+                with contextlib.suppress(KeyError):  # (none kept: no window, as before)
+                    self._controller.long_window.adopt(kept, server_now / 1e6)
             else:
                 # Nothing stored (a first start, or Redis flushed or restarted under a
                 # running fleet): the calls sent before were paced by an estimate now lost,
@@ -380,7 +490,8 @@ class FleetRateController(RedisPacer):
                 cut_at = server_now / 1e6 - 1.0 / fresh.level
                 self._controller.restore(dataclasses.replace(fresh, cut_at=cut_at))
             self._t = -math.inf
-            self._published, self._basis = (self._interval, self._pause_us, stored), stored_state
+            self._published = _Pace(self._interval, self._pause_us, stored)
+            self._basis = stored_state
             self.leads += 1
             # The rate its controller starts from: the one seen last may be another's.
             rate = self._controller.rate
@@ -411,7 +522,13 @@ class FleetRateController(RedisPacer):
                 late = read - at
                 latency, at = latency + late, read
                 if retry_after is not None:
-                    retry_after = max(0.0, min(retry_after, self._config.max_pause) - late)
+                    said = min(retry_after, self._config.max_pause)
+                    retry_after = max(0.0, said - late)
+                    if said >= LONG_WAIT:
+                        # Still a long wait, as one process reads it: a window's last 2 s
+                        # read as 1.99 was a token bucket's, and its count spent again at
+                        # the pause's end, unread (32 % refused, from 5 s into a window).
+                        retry_after = max(retry_after, LONG_WAIT)
             if at < self._t:
                 # Reported after a later answer of another process: at the controller's
                 # time, sent when it was.
@@ -424,25 +541,39 @@ class FleetRateController(RedisPacer):
             )  # fmt: skip
         if self._t > -math.inf:
             ctrl.rate_at(self._t)
-        pause = ctrl.pause_until()
+        pause, check = ctrl.pause_until(), ""
+        if (waiting := ctrl.long_window.check) is not None and pause > 0:
+            # The pause lets one call of the fleet go at its end (the script hands it out),
+            # and holds every other to the check's own end, as one process does.
+            check, pause = f"{round(pause * 1e6)}", max(pause, waiting.hold)
         pause_us = round(pause * 1e6) if math.isfinite(pause) and pause > 0 else 0
-        interval, state = interval_us(ctrl.rate), ctrl.state
+        interval = interval_us(ctrl.rate)
+        publish = _Pace(interval, pause_us, ctrl.state, check, ctrl.long_window.kept())
         last = self._published
-        if last is not None and (interval, pause_us, state) == last:
+        if last is not None and publish == last:
             return
         self._interval, self._pause_us = interval, max(pause_us, self._pause_us)
-        publish = (interval, pause_us, state)
-        if last is None or abs(interval - last[0]) > RESLOT * last[0] or pause_us > last[1]:
+        if (
+            last is None
+            or abs(interval - last.interval) > RESLOT * last.interval
+            or pause_us > last.pause_us
+        ):
             # A pause, or a new rate: at once, not with our next reservation, which may be
             # a second away when the rate is low. A slowdown takes back the starts handed
             # out beyond ``revisit`` (``RedisPacer.acquire``): they were spaced for the rate
             # just refused, or fall in the pause; as one process re-slots its waiters, for a
             # change of more than its ``RESLOT``.
-            slower = last is None or interval > last[0] * (1 + WAITERS_RESLOT) or pause_us > last[1]
+            slower = (
+                last is None
+                or interval > last.interval * (1 + WAITERS_RESLOT)
+                or pause_us > last.pause_us
+            )
             revisit = self._revisit_us if slower else None
             with contextlib.suppress(*REDIS_ERRORS):
-                encoded = encode_state(state)
-                done, server_now, revokes = await self.publish(interval, pause_us, encoded, revisit)
+                encoded = publish.stored()
+                done, server_now, revokes = await self.publish(
+                    interval, pause_us, encoded, revisit, check
+                )
                 self._saw(int(server_now), revokes)
                 if int(done):
                     self._published, self._pending, self._basis = publish, None, encoded
@@ -450,16 +581,17 @@ class FleetRateController(RedisPacer):
         self._pending = publish
 
     async def publish(
-        self, interval: int, pause_us: int, state: str, revisit: int | None
+        self, interval: int, pause_us: int, state: str, revisit: int | None, check: str = ""
     ) -> list[Any]:
         """Write the leader's pace (if this process still holds the lease) and, when it is a
         slowdown (``revisit``), take back the starts handed out beyond ``revisit`` us:
-        (published or not, the Redis time, the count of take-backs)."""
+        (published or not, the Redis time, the count of take-backs). ``check``: the time
+        (us) the pause lets one call go, a long window's check call ('': none)."""
         reply: list[Any] = await self._publish_script(
             keys=self._keys.all(),
             args=[
                 self._now_arg(), self._me, interval, pause_us, state, int(PACE_TTL_S * 1000),
-                "" if revisit is None else revisit, *self._bounds[:2],
+                "" if revisit is None else revisit, *self._bounds[:2], check,
             ],
         )  # fmt: skip
         return reply

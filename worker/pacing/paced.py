@@ -48,7 +48,7 @@ from worker.errors import (
     TransientError,
 )
 from worker.pacing.breaker import FAILURES
-from worker.pacing.bucket import RateLimiter
+from worker.pacing.bucket import RateLimiter, Reporting
 from worker.pacing.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -369,6 +369,8 @@ class PacedCall:
                 if retrying is not None:
                     await retrying(exc, tries.attempt + 1, wait, decision.reason)
                 with self._waiting(), self._sleeping():
+                    if isinstance(exc, ThrottledError) and isinstance(self._limiter, Reporting):
+                        await self._limiter.report()  # (a fleet's leader hears it now)
                     await self._clock.sleep(wait)
                 if self._stopping():
                     raise Stopped("stopping") from None

@@ -43,8 +43,9 @@ Why this shape:
 
 Keys, all derived from the bucket's ``key`` (a parameter: one per endpoint and project):
 ``key`` (the ``tat``), ``key:pace`` (a hash: the fixed rate's factor, or the leader's
-interval, pause and state), ``key:lead`` (the leader's lease: who, until when),
-``key:answers`` (a list of answers and reservations for the leader, capped).
+interval, pause, state and a long window's check call), ``key:lead`` (the leader's lease:
+who, until when), ``key:answers`` (a list of answers and reservations for the leader,
+capped).
 
 When Redis does not answer, ``acquire`` waits and asks again: a call not made is always
 safe, and the service is unready meanwhile anyway.
@@ -310,13 +311,15 @@ class Reservation:
 
     ``wait_s`` is how long the caller sleeps; ``token`` identifies the reservation for a
     refund (the ``tat`` it left behind); ``revokes``, the fleet's count of slowdowns that
-    took back the starts handed out before them, as it was then (``RedisPacer.acquire``).
+    took back the starts handed out before them, as it was then (``RedisPacer.acquire``);
+    ``check``: a long window's check call, the one start the fleet's pause lets go.
     """
 
     start_us: int
     now_us: int
     token: str
     revokes: str = ""
+    check: bool = False
 
     @property
     def wait_s(self) -> float:
@@ -428,7 +431,9 @@ class RedisPacer(abc.ABC):
                     reservation = await self._asking(self.reserve)
             self.granted += 1
             now = self._clock.now()
-            due = now + max(reservation.wait_s, self._held_s())
+            # (A check call goes in the pause: the pause is for the others.)
+            held = 0.0 if reservation.check else self._held_s()
+            due = now + max(reservation.wait_s, held)
             self.waited_s += due - now
             revisit = self._revisit_us
             try:
@@ -454,7 +459,7 @@ class RedisPacer(abc.ABC):
                         args=[self._now_arg(), reservation.token, self._spacing],
                     )
                 raise
-            if self._held_s() <= 0:
+            if reservation.check or self._held_s() <= 0:
                 self._started()
                 return
             # Paused while it waited: its start was handed out before the pause, and calls

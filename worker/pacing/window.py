@@ -38,7 +38,7 @@ import bisect
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 LONG_WAIT = 2.0
@@ -107,16 +107,19 @@ class Check:
     at: float
     hold: float  # the pause's end, at most ``max_pause`` after the refusal
     sent: float = math.inf
+    count: int = 0  # the calls accepted since ``anchor`` when it was made: the count read
 
 
 class LongWindow:
     """What the refusals with a long ``Retry-After`` say of a window's count."""
 
-    __slots__ = ("_accepted", "_check", "_first", "_last_end", "_prior_end", "window", "windows")
+    __slots__ = ("_accepted", "_check", "_first", "_last_end", "_prior_end", "_seen_from",
+                 "window", "windows")  # fmt: skip
 
     def __init__(self) -> None:
         self._accepted: deque[float] = deque()  # when the accepted calls were sent, in order
         self._first = math.inf  # the first call sent
+        self._seen_from = -math.inf  # calls accepted before this were another's to count
         self._check: Check | None = None
         self._last_end = -math.inf  # the latest end a long Retry-After pointed to
         self._prior_end = -math.inf  # the one before it (another run of refusals)
@@ -162,7 +165,20 @@ class LongWindow:
         call has been refused for a ``window`` or more up to it, asked only where needed;
         ``max_pause``: the longest pause; ``forget``: how long after its end the window's pace
         caps the rate, ``cap``). ``None``: nothing here (a token bucket's, as ever)."""
-        window = self.window
+        window, check = self.window, self._check
+        checked = check is not None and sent >= check.sent - SAME_CALL
+        said = math.inf if retry_after is None else now + retry_after
+        if (
+            check is not None
+            and checked
+            and said < now + LONG_WAIT
+            and abs(said - check.end) < SAME_END
+        ):
+            # The check refused with what was left of the count's window (its first refusal
+            # came within a few seconds of the end): the same end. Read as a token bucket's,
+            # the count was spent at start-up's pace again after the pause, and each worker
+            # refused slept to the next end, unread (a fleet: 32 % refused).
+            return self._confirm(check, said)
         if retry_after is None or retry_after < LONG_WAIT:
             if window is not None and sent < window.end + min(window.span, forget):
                 # A sliding window's oldest calls leave one by one (start-up sent them in a
@@ -176,22 +192,17 @@ class LongWindow:
         end = now + retry_after
         if end >= self._last_end + SAME_END:
             self._prior_end, self._last_end = self._last_end, end
-        check = self._check
-        if check is not None and sent >= check.sent - SAME_CALL:
-            self._check = None
-            if abs(end - check.end) < SAME_END:
-                # Each end is rounded up to a whole second from its refusal: the window
-                # ends within a second before the earlier of the two, and after the later
-                # less a second. Its rate is read to the middle, and calls go from the
-                # earliest it can be (a call sent before it is refused with a short wait).
-                early, late = max(end, check.end) - SAME_END, min(end, check.end)
-                read = self._read(check.anchor, (early + late) / 2.0, early)
-                if read is not None:
-                    return read
-            return Verdict(Verdict.HOLD, check.hold)  # a wait that moved on: no window
+        if check is not None and checked:
+            return self._confirm(check, end)
         if window is not None:
             if sent < window.end:
                 return Verdict(Verdict.HOLD, window.end)  # the count is spent until its end
+            if window.end < self._seen_from:
+                # A fleet's leader that took over after the window's end: the calls
+                # accepted before it came were counted by another. Read from them, the count
+                # was too low; the rate read stands, and the window ends anew there.
+                self.window = replace(window, end=end)
+                return Verdict(Verdict.HOLD, end)
             return self._read(window.end, end)
         if lasting():
             # From the end of the count refused before (the window began again there), or
@@ -199,12 +210,31 @@ class LongWindow:
             return self._read(max(self._first, self._prior_end), end)
         if news and check is None and self._count(self._first, now) >= CHECK_CALLS:
             at = now + min(retry_after / 2.0, CHECK_AFTER)
-            self._check = Check(self._first, end, at, now + min(retry_after, max_pause))
+            hold, count = now + min(retry_after, max_pause), self._count(self._first, now)
+            self._check = Check(self._first, end, at, hold, count=count)
             return Verdict(Verdict.CHECK, at)
         return None
 
-    def _read(self, anchor: float, end: float, resume: float | None = None) -> Verdict | None:
-        """The window from ``anchor`` to ``end``: the calls accepted in it, per second;
+    def _confirm(self, check: Check, end: float) -> Verdict:
+        """The check call refused, pointing to ``end``: the window read where that is the
+        first refusal's end, else a wait that moved on (no window), held to its end."""
+        self._check = None
+        if abs(end - check.end) < SAME_END:
+            # Each end is rounded up to a whole second from its refusal: the window ends
+            # within a second before the earlier of the two, and after the later less a
+            # second. Its rate is read to the middle, and calls go from the earliest it can
+            # be (a call sent before it is refused with a short wait).
+            early, late = max(end, check.end) - SAME_END, min(end, check.end)
+            read = self._read(check.anchor, (early + late) / 2.0, early, check.count)
+            if read is not None:
+                return read
+        return Verdict(Verdict.HOLD, check.hold)  # a wait that moved on: no window
+
+    def _read(
+        self, anchor: float, end: float, resume: float | None = None, least: int = 0
+    ) -> Verdict | None:
+        """The window from ``anchor`` to ``end``: the calls accepted in it (``least`` at the
+        least: those its check counted, where a leader that took over saw fewer), per second;
         calls go again from ``resume`` (``end``: by default). ``None``: too few accepted
         (``CHECK_CALLS``) to read a count from, or a span longer than the calls are kept
         (``KEEP_S``): no count was kept over it, and a ``Retry-After`` an hour ahead (a
@@ -212,14 +242,41 @@ class LongWindow:
         paced the run at 0.013 calls/s until its end."""
         accepted = self._accepted
         span = end - anchor
-        count = self._count(anchor, end)
+        count = max(self._count(anchor, end), least)
         if count < CHECK_CALLS or not 0 < span <= KEEP_S:
             return None
-        last = accepted[bisect.bisect_left(accepted, end) - 1]
+        before = bisect.bisect_left(accepted, end)
+        last = accepted[before - 1] if before else -math.inf  # (none seen: no mirror)
         resume = end if resume is None else resume
         self.window = Window(resume, count / span, span, last, resume - anchor)
         self.windows += 1
         return Verdict(Verdict.READ, resume)
+
+    @property
+    def check(self) -> Check | None:
+        """The check call a pause lets go, until it starts (a fleet's script hands it out)."""
+        check = self._check
+        return check if check is not None and check.sent == math.inf else None
+
+    def kept(self) -> dict[str, dict[str, float]]:
+        """What a fleet's next leader needs of it: the window read, the check under way."""
+        return {
+            name: {f.name: float(getattr(value, f.name)) for f in fields(value)}
+            for name, value in (("window", self.window), ("check", self._check))
+            if value is not None
+        }
+
+    def adopt(self, kept: dict[str, dict[str, float]], now: float) -> None:
+        """Take up what another leader ``kept`` (``kept()``); the calls it saw accepted
+        before ``now`` were counted by it, not here (``_seen_from``). ``KeyError`` where a
+        field is missing."""
+        if (w := kept.get("window")) is not None:
+            self.window = Window(w["end"], w["rate"], w["span"], w["last"], w["shift"],
+                                 bool(w["mirror"]))  # fmt: skip
+        if (c := kept.get("check")) is not None:
+            self._check = Check(c["anchor"], c["end"], c["at"], c["hold"], c["sent"],
+                                int(c["count"]))  # fmt: skip
+        self._seen_from = now
 
     def _count(self, start: float, end: float) -> int:
         """Accepted calls sent from ``start`` up to (not at) ``end``."""
@@ -233,11 +290,12 @@ class LongWindow:
         if window is None or now > window.end + forget:
             return math.inf
         pace = WINDOW_PACE * window.rate
-        if window.mirror and now < window.last + window.shift:
+        start = now - window.shift - MIRROR_S / 2.0
+        if window.mirror and now < window.last + window.shift and start >= self._seen_from:
             # No faster than the calls of a span before went (and were accepted): a
-            # sliding window frees their slots as they leave it.
+            # sliding window frees their slots as they leave it. (Not where another leader
+            # saw them: none seen here is not none sent.)
             accepted = self._accepted
-            start = now - window.shift - MIRROR_S / 2.0
             left = bisect.bisect_left(accepted, start + MIRROR_S)
             left -= bisect.bisect_left(accepted, start)
             pace = min(pace, max(left / MIRROR_S, 1.0 / MIRROR_S))
