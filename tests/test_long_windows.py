@@ -15,6 +15,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -240,3 +241,22 @@ def test_a_window_whose_retry_after_points_an_hour_ahead_does_not_starve_the_run
                    retry_after=lambda wait, now: math.ceil(wait) + 3600.0)  # fmt: skip
     assert ctrl.windows == 0
     assert run.accepted_per_s(20.0, 120.0) >= 0.25 * 5.0
+
+
+def test_a_long_wait_pauses_for_its_check_call_whatever_the_rate() -> None:
+    """Start-up at 800 calls/s (a fleet's, past a window begun before it) refused with a
+    ``Retry-After`` of 9 s: the check's pause holds every call but the check, though one
+    refusal of so many calls reads as send jitter. It cut nothing and paused nobody, and
+    every call went on into the window's spent count (three replicas: 24 refused a window,
+    7 % of the calls at 30 calls/s)."""
+    ctrl = RateController(0.0)
+    ctrl.restore(replace(ctrl.state, rate=800.0, level=800.0))
+    now = 0.0
+    for _ in range(1600):
+        now += 1 / 800
+        ctrl.on_sent(now)
+        ctrl.on_success(now + 0.005, 0.005)
+    ctrl.on_throttle(now + 0.006, retry_after=9.0, latency=0.005)
+    check = ctrl.long_window.check
+    assert check is not None
+    assert ctrl.pause_until() == pytest.approx(check.at)

@@ -489,6 +489,12 @@ class RateController:
         )  # fmt: skip
         if verdict is not None and verdict.kind != Verdict.CHECK:
             return self._windowed(now, rate, verdict)
+        if verdict is not None and retry_after is not None:
+            # The check's pause, whatever the reading below: at start-up's 800 calls/s the
+            # refusal read as send jitter, cut nothing and paused nobody, and every call
+            # went on into the window's spent count (a fleet: 24 refused a window).
+            until = min(now + min(max(retry_after, 0.0), c.max_pause), verdict.until)
+            self._state = replace(s, pause_until=max(s.pause_until, until))
         # Old news too: a call sent within one interval of the cut had its slot before it,
         # and one of the clump the cut's refusal opened (``_of_the_clump``). Either cost the
         # cut one more refusal: the probe takes longer to come back.
