@@ -112,7 +112,7 @@ async def test_a_lapsed_leader_retaking_the_lease_does_not_publish_a_stale_state
     def change(replica: FleetRateController, rate: float) -> None:
         assert replica._published is not None and replica.controller is not None
         state = replace(replica.controller.state, rate=rate, level=rate)
-        replica._pending = (*replica._published[:2], state)
+        replica._pending = replace(replica._published, state=state)
 
     await a.reserve()
     await a.reserve()
@@ -142,7 +142,7 @@ async def test_a_lapsed_leader_nobody_replaced_still_publishes_its_state(
     await a.reserve()
     await a.reserve()
     assert a._published is not None and a.controller is not None
-    a._pending = (*a._published[:2], replace(a.controller.state, rate=3.0, level=3.0))
+    a._pending = replace(a._published, state=replace(a.controller.state, rate=3.0, level=3.0))
     await time.clock.sleep(LEASE_S + 0.5)
     await a.reserve()
     stored = decode_state(text(await redis_client.hget(FleetKeys.of(key).pace, "state")))
