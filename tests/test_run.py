@@ -6,6 +6,7 @@ import gzip
 import os
 import re
 import signal
+import sqlite3
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -131,6 +132,36 @@ async def test_a_batch_limit_learnt_is_kept_in_the_ledger_for_the_run_that_resum
         assert again.code == 0, again.stderr
         assert again.summary()["deleted"] == 49 and sim.job_ids() == []
         assert (sim.stats.delete_calls - calls, sim.stats.bad_requests - refused) == (7, 0)
+
+
+@pytest.mark.parametrize("row", ["[1, 5]", "[true, 9]"])
+async def test_a_batch_limit_row_edited_past_sense_is_no_knowledge(
+    tmp_path: Path, row: str
+) -> None:
+    """The ledger's learnt batch limit edited by hand to a refused size at or under the most
+    taken (``[1, 5]``; ``true`` is no count): the run that resumes on it learns the limit
+    again and deletes its 20 ids. (The old code read a cap of 0 ids a call from it and
+    spun, its event loop busy, deaf to SIGTERM.)"""
+    async with run_simulator(SimulatorConfig(jobs=40, seed=3, max_batch=7)) as sim:
+        ids = sim.job_ids()
+        ledger = tmp_path / "ledger.db"
+        out = tmp_path / "results.jsonl"
+        first = write_ids(tmp_path / "first.txt", ids[:20])
+        args = ["--ledger", str(ledger)]
+        done = await reaper([*_batched(first, out, size=20, concurrency=1), *args],
+                            reaper_env(sim.url))  # fmt: skip
+        assert done.code == 0, done.stderr
+        with sqlite3.connect(ledger) as conn:
+            edited = conn.execute(
+                "UPDATE meta SET value = ? WHERE key LIKE 'batch_size %'", (row,)
+            ).rowcount
+        assert edited == 1
+        every = write_ids(tmp_path / "ids.txt", ids)
+        with anyio.fail_after(60):
+            again = await reaper([*_batched(every, out, size=20, concurrency=1), *args],
+                                 reaper_env(sim.url))  # fmt: skip
+        assert again.code == 0, again.stderr
+        assert again.summary()["deleted"] == 20 and sim.job_ids() == []
 
 
 async def test_a_batch_limit_that_rises_mid_run_is_found_again(tmp_path: Path) -> None:

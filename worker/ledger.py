@@ -735,7 +735,14 @@ class Ledger(LedgerView):
                 refused, taken = orjson.loads(value)
             except (orjson.JSONDecodeError, TypeError, ValueError):
                 continue
-            if all(isinstance(n, int) and n >= 0 for n in (refused, taken)) and taken:
+            # What a run learns is a refused size past the most taken (or none refused): a
+            # refused size at or under it (``[1, 5]``, ``[true, 9]``) left a cap of 0 ids a
+            # call, and the run spun on it, deaf to SIGTERM.
+            if (
+                all(type(n) is int and n >= 0 for n in (refused, taken))
+                and taken > 0
+                and (refused == 0 or refused > taken)
+            ):
                 sizes[(str(project_id), str(endpoint))] = (refused, taken)
         return sizes
 
