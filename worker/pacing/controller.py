@@ -722,8 +722,10 @@ class RateController:
         grown = min(grown, max(2.0 * (self._evidence.sent_rate(now, 1.0) + 1.0), s.level))
         if s.overload:
             grown = self._under_overload(s, now, grown)
-        # At most a long window's pace (``LongWindow.cap``), even under the level.
-        rate = min(max(grown, s.rate), c.max_rate, self._window.cap(now, c.forget))
+        # At most a long window's pace (``LongWindow.cap``), even under the level, but
+        # never under ``min_rate`` (a window read from few calls over a minute may be 0.07).
+        window_cap = max(self._window.cap(now, c.forget), c.min_rate)
+        rate = min(max(grown, s.rate), c.max_rate, window_cap)
         if s is self._state and rate == s.rate and phase is s.phase:
             return rate  # nothing moved: no new state (this runs before every call)
         return self._set(replace(s, rate=rate, phase=phase), now)
