@@ -111,3 +111,42 @@ async def test_serve_imports_no_display_and_no_simulator(tmp_path: Path, redis_p
     found = heavy(modules.read_text().split())
     assert {"redis", "aiohttp", "prometheus_client"} <= found  # it did start
     assert found & {"rich", "pygments", "worker.simulator"} == set()
+
+
+_FOLDED_AS_SIGTERM_COMES = (
+    "import ast, importlib, runpy, sys\n"
+    "imported = importlib.import_module\n"
+    "tree = ast.parse(('a = (' + '2 ** 31, ' * 50 + ')\\n') * 1_000)\n"
+    "def command(name, *args):\n"
+    "    module = imported(name, *args)\n"
+    "    print('compiling', flush=True)\n"
+    "    compile(tree, '<folded>', 'exec')\n"
+    "    return module\n"
+    "importlib.import_module = command\n"
+    "runpy.run_module('worker', run_name='__main__', alter_sys=True)\n"
+)
+"""``python -m worker ARGS`` whose command's import ends by compiling a module of constants to
+fold (``2 ** 31``, as ``worker/simulator/app.py`` has; a module without its ``.pyc`` is
+compiled at each start), after saying ``compiling``: a signal handled while CPython folds
+them, in C, has what it raised dropped (only a KeyboardInterrupt is kept there)."""
+
+
+@pytest.mark.anyio
+async def test_a_sigterm_whose_exit_cpython_dropped_while_compiling_still_stops(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while a command's modules are compiled (no ``.pyc``: PYTHONDONTWRITEBYTECODE,
+    the first start): the handler's SystemExit was dropped by the constant folding, and the
+    command ran as if never stopped (``completion`` printed its script and exited 0;
+    ``simulate`` served until a second signal, ``run`` went on). It exits 75 now."""
+    command = [sys.executable, "-c", _FOLDED_AS_SIGTERM_COMES, "completion", "bash"]
+    process = await anyio.open_process(command, stderr=subprocess.DEVNULL)
+    async with reaped(process):
+        assert process.stdout is not None
+        with anyio.fail_after(30):
+            said = await process.stdout.receive()
+            assert said.startswith(b"compiling"), said
+            process.send_signal(signal.SIGTERM)
+            rest = b"".join([chunk async for chunk in process.stdout])
+            assert await process.wait() == 75, (said + rest)[-300:]
+    assert b"complete" not in rest  # no completion script

@@ -799,19 +799,37 @@ def _has_password(url: str) -> bool:
         return False
 
 
+_stop_asked: list[int] = []
+"""The SIGTERM or SIGINT :func:`_stopped_before_start` was called for, if any."""
+
+
 def _stopped_before_start(signum: int, frame: object) -> None:
     """SIGTERM or SIGINT before the command has its own handling in place (``run`` and
     ``serve`` install theirs once their event loop runs; start-up imports take a second or
     more): nothing was done, so exit as interrupted (75), not killed by the signal (143,
-    which no CronJob policy expects) or with a KeyboardInterrupt traceback."""
+    which no CronJob policy expects) or with a KeyboardInterrupt traceback.
+
+    The signal is also kept: CPython may drop an exception a handler raises inside C code
+    (compiling a module folds ``2**31`` in C, and keeps only a KeyboardInterrupt raised
+    there), and the command then started as if never stopped. :func:`_stopped_unseen`
+    raises it again once the command's modules are imported."""
+    _stop_asked.append(signum)
     raise SystemExit(ExitCode.INTERRUPTED)
+
+
+def _stopped_unseen() -> None:
+    """Exit as :func:`_stopped_before_start` would have, where its exit was lost."""
+    if _stop_asked:
+        raise SystemExit(ExitCode.INTERRUPTED)
 
 
 def dispatch(args: argparse.Namespace) -> int:
     import importlib
 
     if args.command in READS_NO_SETTINGS:
-        started: int = importlib.import_module(f"worker.commands.{args.command}").main(args)
+        alone = importlib.import_module(f"worker.commands.{args.command}")
+        _stopped_unseen()
+        started: int = alone.main(args)
         return started
 
     from worker.errors import ConfigError
@@ -833,6 +851,7 @@ def dispatch(args: argparse.Namespace) -> int:
     with _structlog_without_rich():
         _warn(command_line_secrets(overrides), settings.warnings, settings)
         module = importlib.import_module(f"worker.commands.{args.command}")
+    _stopped_unseen()
     code: int = module.main(args, settings)
     return code
 
