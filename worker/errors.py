@@ -186,6 +186,17 @@ class TlsError(PermanentError):
     """The server's certificate was refused. Reported at once, never retried."""
 
 
+def certificate_fix(of: str, bundle: str | None) -> str:
+    """The cure of a certificate of ``of`` refused: its CA given with ``--ca-bundle``, or,
+    where a bundle was given (``bundle``: as it was named, and its path), that CA added to
+    it: "give its CA with --ca-bundle FILE" said to one who gave it said nothing."""
+    if bundle is None:
+        return f"give the CA of {of} with --ca-bundle FILE"
+    return (f"add the CA that signed the certificate of {of} to {bundle} (PEM), which does "
+            f"not hold it, or check that {of} is the host meant (a name the certificate "
+            "does not carry is refused too)")  # fmt: skip
+
+
 class NotTls(TlsError):
     """An ``https://`` endpoint answered in plain HTTP: it does not speak TLS at all."""
 

@@ -124,8 +124,9 @@ async def project_of_region(
     where = iam_endpoint(settings)
     asked = PROCESS_CACHE.get(region, where, (await keys.current()).ak) is None
     found = await PROCESS_CACHE.resolve(
-        session=http, credentials=keys, region=region, iam_endpoint=where
-    )
+        session=http, credentials=keys, region=region, iam_endpoint=where,
+        ca_bundle=ca_bundle_said(settings),
+    )  # fmt: skip
     if asked:
         structlog.get_logger("devserver_reaper").info(
             "project.resolved",
@@ -197,7 +198,26 @@ def session(settings: Settings, *, concurrency: int | None = None) -> aiohttp.Cl
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
         ca_bundle=settings.ca_bundle,
+        ca_bundle_named=settings.named("ca_bundle"),
     )
+
+
+def ca_bundle_said(settings: Settings) -> str | None:
+    """The CA bundle the session trusts as its user named it (``--ca-bundle ca.pem``), for
+    the cure of a certificate refused; None when there is none."""
+    if settings.ca_bundle is None:
+        return None
+    return f"{settings.named('ca_bundle')} {settings.ca_bundle}"
+
+
+def check_ca_bundle(settings: Settings) -> None:
+    """``ConfigError`` (78) for a ``ca_bundle`` that cannot be read or holds no PEM
+    certificate, before anything is asked or sent: a dry run makes no session, and took a
+    missing bundle without a word (exit 0) that the real run then refused."""
+    if settings.ca_bundle is not None:
+        from worker.api.session import tls_context
+
+        tls_context(settings.ca_bundle, settings.named("ca_bundle"))
 
 
 async def credentials(

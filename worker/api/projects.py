@@ -53,6 +53,7 @@ from worker.errors import (
     ThrottledError,
     TlsError,
     TransientError,
+    certificate_fix,
 )
 from worker.targets import normal_endpoint
 from worker.types import PROJECT_ID_RE
@@ -156,12 +157,15 @@ async def lookup_project(
     attempts: int = ATTEMPTS,
     attempt_s: float = ATTEMPT_S,
     sleep: Sleep = anyio.sleep,
+    ca_bundle: str | None = None,
 ) -> FoundProject:
     """Ask IAM for the project named ``region`` and return its id (see the module docstring).
 
     ``iam_endpoint``: an override; None takes the SDK's endpoint for the region. Transient
     failures (network, timeouts, 429, 5xx) are tried ``attempts`` times in all, a short
-    back-off apart (``sleep`` is injectable for tests), each within ``attempt_s``."""
+    back-off apart (``sleep`` is injectable for tests), each within ``attempt_s``.
+    ``ca_bundle``: the CA bundle the session trusts, as named (``--ca-bundle FILE``), for
+    the cure of a certificate refused."""
     attempts = max(1, attempts)
     endpoint = (iam_endpoint or iam_endpoint_for(region)).rstrip("/")
     base = URL(endpoint)
@@ -196,7 +200,7 @@ async def lookup_project(
                 f"check iam_endpoint (REAPER_IAM_ENDPOINT): {endpoint} answers in plain HTTP, "
                 "not TLS (a wrong port, or a proxy)"
                 if isinstance(exc, NotTls)
-                else f"give the CA of {endpoint} with --ca-bundle FILE"
+                else certificate_fix(endpoint, ca_bundle)
             )
             raise _failed(
                 IamUnavailable, f"{asked}: {exc}", f"{fix}, {_SET_PROJECT}",

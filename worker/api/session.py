@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 
 import worker
-from worker.errors import ConfigError
+from worker.errors import ConfigError, file_problem
 
 USER_AGENT = (
     f"devserver-reaper/{worker.__version__} "
@@ -32,21 +32,37 @@ _SKIPPED_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
 is still decoded by aiohttp, not handed to the JSON parser as gzip bytes)."""
 
 
-def tls_context(ca_bundle: Path | None = None) -> ssl.SSLContext:
+def tls_context(ca_bundle: Path | None = None, named: str = "ca_bundle") -> ssl.SSLContext:
     """Default verification (system store, host names checked), plus ``ca_bundle`` if given.
 
     The bundle is added to, not substituted for, the system store: a private CA for a proxy
     or a test server must not switch off trust in the public ones. A bundle that cannot be
-    read is a configuration error (exit 78), found before any call is made.
+    read, or is no PEM certificate bundle, is a configuration error (exit 78) in words of
+    the file, not OpenSSL's, naming the setting as it was given (``named``: ``--ca-bundle``),
+    found before any call is made.
     """
     context = ssl.create_default_context()
     if ca_bundle is not None:
         try:
             context.load_verify_locations(cafile=str(ca_bundle))
-        except (OSError, ssl.SSLError) as exc:
-            reason = exc.strerror or type(exc).__name__
-            raise ConfigError(f"ca_bundle {ca_bundle} cannot be used: {reason}") from None
+        except ssl.SSLError as exc:
+            raise ConfigError(f"{named} {ca_bundle} is not a PEM certificate bundle: "
+                              f"{_not_pem(exc)}") from None  # fmt: skip
+        except OSError as exc:
+            raise ConfigError(f"{named} {ca_bundle} cannot be read: {file_problem(exc)}") from None
     return context
+
+
+def _not_pem(exc: ssl.SSLError) -> str:
+    """What OpenSSL found wrong with a CA bundle, said of the file: it said "[X509:
+    NO_CERTIFICATE_OR_CRL_FOUND] no certificate or crl found (_ssl.c:4154)" of a text file,
+    a DER certificate, a private key or an empty file alike, and "[X509] PEM lib" of a
+    certificate whose base64 is damaged."""
+    if exc.reason == "NO_CERTIFICATE_OR_CRL_FOUND":
+        return ("no certificate found in it (a bundle holds \"-----BEGIN CERTIFICATE-----\" "
+                "blocks; a DER file converts with openssl x509 -inform der -in FILE -out "
+                "FILE.pem)")  # fmt: skip
+    return "a certificate in it is damaged (it does not decode)"
 
 
 def make_session(
@@ -55,6 +71,7 @@ def make_session(
     connect_timeout: float,
     read_timeout: float,
     ca_bundle: Path | None = None,
+    ca_bundle_named: str = "ca_bundle",
 ) -> aiohttp.ClientSession:
     """Build the process's session. Call it from inside the running event loop.
 
@@ -70,7 +87,7 @@ def make_session(
         # Without a bundle, aiohttp's own verified context (the system store, host names
         # checked, as tls_context's), made when aiohttp is imported: another one costs 20 ms
         # of CPU reading the store, for nothing where every endpoint is http://.
-        ssl=True if ca_bundle is None else tls_context(ca_bundle),
+        ssl=True if ca_bundle is None else tls_context(ca_bundle, ca_bundle_named),
         force_close=False,
     )
     timeout = aiohttp.ClientTimeout(

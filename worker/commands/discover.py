@@ -197,14 +197,15 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     except AuthError as exc:
         return _said(log, "discover.auth_error", exc, ExitCode.NO_PERMISSION)
     except (ApiError, ApiUnavailable) as exc:
-        return _said(log, "discover.unavailable", exc, ExitCode.UNAVAILABLE)
+        return _said(log, "discover.unavailable", exc, ExitCode.UNAVAILABLE,
+                     wiring.ca_bundle_said(settings))  # fmt: skip
 
 
-def _said(log: Any, event: str, exc: ReaperError, code: int) -> int:
+def _said(log: Any, event: str, exc: ReaperError, code: int, ca_bundle: str | None = None) -> int:
     """Once: a line for a person at the terminal, else the event (both go to stderr)."""
     from worker.terminal.failure import say_error
 
-    say_error(log, event, exc, command="discover", events=sys.stderr)
+    say_error(log, event, exc, command="discover", events=sys.stderr, ca_bundle=ca_bundle)
     return code
 
 

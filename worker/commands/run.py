@@ -168,6 +168,7 @@ def _execute(
         # A plan that names its projects (discover --project) is sent there, not to the
         # settings' project, which it does not need.
         named = request.selecting is None and request.plan and names_projects(Path(request.input))
+        wiring.check_ca_bundle(settings)  # a dry run fails on it as the run would
         if not settings.dry_run or request.plan:  # a plan's dry run reads the live jobs
             settings.require_api(endpoint=not named)
             if not named:
@@ -198,7 +199,7 @@ def _execute(
         if not settings.dry_run and not settings.yes:
             _confirm(request, settings, endpoint, plan, excluded)
     except (ConfigError, InputUnreadable, UsageError, ApiError, ApiUnavailable) as exc:
-        return _stopped_before_any_call(log, exc, output)
+        return _stopped_before_any_call(log, exc, output, wiring.ca_bundle_said(settings))
     except InterruptedAtPrompt as exc:
         sys.stderr.write(f"\n{exc}\n")
         return ExitCode.INTERRUPTED
@@ -215,7 +216,7 @@ def _execute(
         run = partial(run_async, plan=plan, excluded=excluded, output=output)
         return anyio.run(run, request, settings, run_id, endpoint, stdin)
     except (ConfigError, InputUnreadable, UsageError, ApiError, RedisUnavailable) as exc:
-        return _stopped_before_any_call(log, exc, output)
+        return _stopped_before_any_call(log, exc, output, wiring.ca_bundle_said(settings))
 
 
 STOPPED_BEFORE = (
@@ -231,14 +232,16 @@ STOPPED_BEFORE = (
 """Errors that end a run before any call: the event that says so, and the exit code."""
 
 
-def _stopped_before_any_call(log: FilteringBoundLogger, exc: ReaperError, output: Output) -> int:
+def _stopped_before_any_call(
+    log: FilteringBoundLogger, exc: ReaperError, output: Output, ca_bundle: str | None = None
+) -> int:
     """Said once: the event for the events' readers, one line (and the fix) on stderr. On
     a terminal the event is not shown (``silent``), only kept in ``--events``."""
     from worker.terminal.failure import say_error
 
     event, code = next((e, c) for kind, e, c in STOPPED_BEFORE if isinstance(exc, kind))
     events = None if output.lines is not None else sys.stdout
-    say_error(log, event, exc, command="run", events=events)
+    say_error(log, event, exc, command="run", events=events, ca_bundle=ca_bundle)
     return code
 
 
@@ -978,5 +981,6 @@ def _summarise(
             command=output.command,
             ledger=settings.ledger is not None,
             error=state.fatal,
+            ca_bundle=wiring.ca_bundle_said(settings),
         )
         output.display.print(end.text())

@@ -24,6 +24,7 @@ from worker.errors import (
     TlsError,
     TransientError,
     UsageError,
+    certificate_fix,
 )
 from worker.exit_codes import ExitCode
 from worker.terminal.wrap import for_terminal
@@ -40,8 +41,9 @@ def refused(command: str, exc: UsageError | InputUnreadable | ConfigError) -> in
     return next(code for kind, code in REFUSED if isinstance(exc, kind))
 
 
-def fix_for(exc: BaseException, command: str = "run") -> str | None:
-    """What usually cures ``exc``, in one line; None when the message says it already."""
+def fix_for(exc: BaseException, command: str = "run", ca_bundle: str | None = None) -> str | None:
+    """What usually cures ``exc``, in one line; None when the message says it already.
+    ``ca_bundle``: the CA bundle the command trusted, as named (``wiring.ca_bundle_said``)."""
     from worker.api.projects import ProjectLookupFailed
 
     check = "" if command == "check" else ": `devserver-reaper check` shows what the API says"
@@ -55,7 +57,7 @@ def fix_for(exc: BaseException, command: str = "run") -> str | None:
     if isinstance(exc, NoSuchApi):
         return f"check --project-id and --region (or --endpoint){check}"
     if isinstance(exc, TlsError):
-        return "the server's certificate was refused: give its CA with --ca-bundle FILE"
+        return "the server's certificate was refused: " + certificate_fix("the server", ca_bundle)
     if isinstance(exc, RedisUnavailable):
         return (
             "check that Redis runs and answers from here (redis-cli PING), then run the "
@@ -77,20 +79,21 @@ def say_error(
     command: str,
     events: IO[Any] | None = None,
     stderr: IO[str] | None = None,
+    ca_bundle: str | None = None,
     **fields: Any,
 ) -> None:
     """Report an error that ends ``command``, once to each reader: the event ``event``
     (with ``fields`` beside its ``error``) through ``log``, and one line (two with the fix)
     on stderr. Where the events and stderr end in one place, only one of them: the line on
     a terminal, else the event. ``events``: where ``log`` writes (None: somewhere else than
-    stderr)."""
+    stderr). ``ca_bundle``: the CA bundle trusted, for the cure (:func:`fix_for`)."""
     err = stderr if stderr is not None else sys.stderr
     person = err.isatty()
     same = events is not None and _same_place(events, err)
     if not (same and person):  # a program reads the events (unless a person reads them here)
         log.error(event, error=str(exc), **fields)
     if not same or person:  # a person, or a log of its own, reads stderr
-        fix = fix_for(exc, command) if isinstance(exc, ReaperError) else None
+        fix = fix_for(exc, command, ca_bundle) if isinstance(exc, ReaperError) else None
         said = f"devserver-reaper {command}: {exc}" + (f"\n  fix: {fix}" if fix else "")
         err.write(for_terminal(err, said) + "\n")
         err.flush()

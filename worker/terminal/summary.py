@@ -91,6 +91,7 @@ class RunEnd:
     command: str | None = None  # the command that was run, to run again
     ledger: bool = False
     error: BaseException | None = None
+    ca_bundle: str | None = None  # the CA bundle trusted, as named, for a certificate's cure
 
     @property
     def done(self) -> int:
@@ -162,7 +163,7 @@ class RunEnd:
         said: list[str] = []
         if "error" in self.fields:
             said.append(f"error: {self.fields['error']}")
-            fix = fix_for(self.error) if self.error is not None else None
+            fix = fix_for(self.error, ca_bundle=self.ca_bundle) if self.error is not None else None
             if fix:
                 said.append(f"fix:   {fix}")
         settled_before = self.fields.get("already_done", 0)
