@@ -322,6 +322,25 @@ class Queueing:
         return False, self.draws.expovariate(1.0 - load / self.capacity) * self.base
 
 
+class Averaged:
+    """A service that sheds with 503 ``1 - capacity / arrivals`` of its calls, its arrivals
+    averaged over the last 10 s: after a cut its 503s fall over seconds, not at once."""
+
+    def __init__(self, capacity: float, latency: float, draws: random.Random) -> None:
+        self.capacity, self.latency, self.draws = capacity, latency, draws
+        self.arrivals: deque[float] = deque()
+
+    def __call__(self, now: float) -> tuple[bool, float]:
+        arrivals = self.arrivals
+        while arrivals and arrivals[0] <= now - 10.0:
+            arrivals.popleft()
+        arrivals.append(now)
+        rate = len(arrivals) / min(10.0, max(now, 1.0))
+        if self.draws.random() < 1.0 - self.capacity / rate:
+            return True, 0.002
+        return False, self.draws.expovariate(1.0 / self.latency)
+
+
 def simulate(
     quota: Callable[[float], float],
     *,

@@ -23,6 +23,7 @@ from worker.pacing.adaptive import AdaptiveRateLimiter, build_limiter
 from worker.pacing.bucket import RateLimiter
 from worker.pacing.controller import AdaptiveConfig, Phase, RateController
 from worker.pacing.evidence import GatewayEvidence
+from worker.pacing.faults import FaultWatch, Outcome
 from worker.pacing.slowdown import SlowingLimiter
 from worker.simulator.quota import TokenBucket
 from worker.types import DeleteResult, JobRecord
@@ -1331,3 +1332,19 @@ def test_a_refusal_of_what_was_sent_for_a_window_is_read_as_the_pace_refused() -
                 ctrl.on_success(t + 0.2, latency=0.2)
     pace = ctrl.rate_at(clumps[-1][-1])
     assert ctrl.on_throttle(clumps[-1][-1] + 0.002, latency=0.002) == pytest.approx(0.97 * pace)
+
+
+def test_a_trial_whose_answers_stay_503s_is_overload_at_its_own_rate_not_faults() -> None:
+    """A trial's 503s past four at four fifths of its answers or more: its own rate is still
+    past what the service takes (a count over 10 s still full after the cut), not faults
+    (``STILL``; read as random, the rate went back to start-up's and 56-61 % of the calls
+    were answered 503). Past four at a quarter of its answers: faults (``RANDOM``)."""
+    watch = FaultWatch(AdaptiveConfig())
+    watch.clear()
+    watch.start(0.0)
+    assert watch.answered(1.0, failed=True) is None  # sent before the trial's window
+    assert [watch.answered(3.0, failed=True) for _ in range(5)] == [None] * 4 + [Outcome.STILL]
+    watch.clear()
+    watch.start(5.0)
+    found = [watch.answered(8.0, failed=i % 4 == 0) for i in range(17)]
+    assert found == [None] * 16 + [Outcome.RANDOM]

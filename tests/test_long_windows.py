@@ -13,13 +13,20 @@ from __future__ import annotations
 
 import math
 import random
-from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
 
-from tests.fakes import FixedWindow, Gateway, Queueing, Run, SlidingWindow, simulate
+from tests.fakes import (
+    Averaged,
+    FixedWindow,
+    Gateway,
+    Queueing,
+    Run,
+    SlidingWindow,
+    simulate,
+)
 from worker.pacing.controller import AdaptiveConfig, RateController
 
 SPANS: dict[str, Callable[[float, float], Gateway]] = {
@@ -172,25 +179,6 @@ def test_a_capacity_that_rises_after_shedding_is_followed_within_seconds(latency
     assert min(run.accepted_per_s(t, t + 1.0) for t in range(45, 70)) >= 0.90 * reachable
 
 
-class _Averaged:
-    """A service that sheds with 503 ``1 - capacity / arrivals`` of its calls, its arrivals
-    averaged over the last 10 s: after a cut its 503s fall over seconds, not at once."""
-
-    def __init__(self, capacity: float, latency: float, draws: random.Random) -> None:
-        self.capacity, self.latency, self.draws = capacity, latency, draws
-        self.arrivals: deque[float] = deque()
-
-    def __call__(self, now: float) -> tuple[bool, float]:
-        arrivals = self.arrivals
-        while arrivals and arrivals[0] <= now - 10.0:
-            arrivals.popleft()
-        arrivals.append(now)
-        rate = len(arrivals) / min(10.0, max(now, 1.0))
-        if self.draws.random() < 1.0 - self.capacity / rate:
-            return True, 0.002
-        return False, self.draws.expovariate(1.0 / self.latency)
-
-
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("latency", [0.005, 0.05], ids=["5ms", "50ms"])
 def test_503s_that_fall_slowly_after_a_cut_do_not_lift_the_rate_past_the_service(
@@ -202,22 +190,19 @@ def test_503s_that_fall_slowly_after_a_cut_do_not_lift_the_rate_past_the_service
     rose with the rate and lifted what a fifth must pass out of reach: 4000-8000 calls/s
     from 15 s on, 99.7 % answered 503. The rate stays under 100 calls/s from 15 s on."""
     run = simulate(lambda t: 0.0, duration=25.0, latency=latency, gateway=lambda q, now: _Open(),
-                   service=_Averaged(5.0, latency, random.Random(seed)))  # fmt: skip
+                   service=Averaged(5.0, latency, random.Random(seed)))  # fmt: skip
     assert max(rate for sent, rate in run.rates if sent >= 15.0) < 100.0
     assert len([t for t in run.unavailable if t >= 15.0]) < 10 * 100
 
 
-@pytest.mark.xfail(strict=True, reason="a trial reads a count over 10 s, still full, as random")
 @pytest.mark.parametrize("latency", [0.005, 0.05], ids=["5ms", "50ms"])
 def test_a_service_counting_its_capacity_over_ten_seconds_sheds_little(latency: float) -> None:
     """A service of 5 calls/s counted over a sliding 10 s (50 calls), shedding past it with
     503, no quota at the gateway: at most 2 % answered 503 from 10 s on. After the first cut
-    to what it served its count is still full: the trial's first answers are 503s, read as
-    random (4.3 s to 6.6 s), and the rate returns to 83 calls/s; the cut that stands holds
-    at 10.9 calls/s, twice the capacity, half the calls answered 503 (what it served over
-    two windows at that rate is the cut's floor: ``_shed_at``). Here 69 % (5 ms) and 59 %
-    (50 ms) answered 503; over 10 seeds and 60 s, medians of 56-61 % (43-46 % before the
-    trial, 280743a~3)."""
+    to what it served its count is still full, and the trial's first answers are 503s: read
+    as random, the rate returned to 83 calls/s and the cut that stood held at twice the
+    capacity, 69 % (5 ms) and 59 % (50 ms) answered 503. Four fifths 503s at the trial's
+    rate halve it, tried again, until a trial's calls are served (0-1 % here)."""
     service = Queueing(5.0, latency, random.Random(1), span=10.0)
     run = simulate(lambda t: 0.0, duration=40.0, latency=latency, service=service,
                    gateway=lambda quota, now: _Open())  # fmt: skip

@@ -19,7 +19,9 @@ gateway and seeds (is the goal reachable?).
 For the quota change: seconds from each change until the rate stays within 10 % of the new
 quota, and the share refused from 2 s after it. For the capacity's rise: seconds from it
 until every second serves 0.90 of what 8 in flight carry at the new capacity, and the
-share answered 503 before it (10-30 s). The same figures on any machine.
+share answered 503 before it (10-30 s). For a service whose 503s fall slowly after the
+rate falls: the share of calls answered 503 and the share of its capacity used from 10 s
+on, medians and worst over the seeds. The same figures on any machine.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import pytest
 
 from tests.benchmarks.harness import record
 from tests.fakes import (
+    Averaged,
     FixedWindow,
     Gateway,
     Queueing,
@@ -58,6 +61,7 @@ DURATION = 40.0
 GOAL_USED, GOAL_REFUSED = 0.90, 0.02
 FAULTS = (0.02, 0.10, 0.15, 0.20, 0.30)  # shares of random 503s
 RISE_AT, RISE_FROM, RISE_TO = 30.0, 5.0, 50.0  # a queueing service's capacity rises
+Service = Callable[[float], tuple[bool, float]]
 
 
 def faulty(
@@ -342,3 +346,59 @@ def test_a_quota_change_on_foreign_gateways() -> None:
 
 def test_foreign_gateways() -> None:
     _report("rate_auto_foreign_gateways", cells(), scan, LINE)
+
+
+SLOW_AT, SLOW_FROM = 30.0, 20.0  # a capacity falling to the cell's, under 15 % random 503s
+
+
+def slow_service(kind: str, latency: float, draws: random.Random) -> Service:
+    """A service of 5 calls/s whose 503s fall over seconds after the rate falls: its load
+    counted over a sliding 10 s, shed by a 10 s average of its arrivals, or 15 % random
+    503s on a capacity falling from ``SLOW_FROM`` at ``SLOW_AT`` (counted over 1 s)."""
+    if kind == "count over 10 s":
+        return Queueing(RISE_FROM, latency, draws, span=10.0)
+    if kind == "average over 10 s":
+        return Averaged(RISE_FROM, latency, draws)
+    queue = Queueing(SLOW_FROM, latency, draws)
+
+    def serve(now: float) -> tuple[bool, float]:
+        queue.capacity = SLOW_FROM if now < SLOW_AT else RISE_FROM
+        failed, took = queue(now)
+        return failed or draws.random() < 0.15, took
+
+    return serve
+
+
+def scan_slow(kind: str, latency: float) -> dict[str, float]:
+    """``kind`` over ``SEEDS``, 60 s, no quota at the gateway: the share of the calls
+    answered 503 and of what 8 in flight carry at 5 calls/s used, from 10 s on (from 10 s
+    after the fall, where the capacity falls)."""
+    start = SLOW_AT + 10.0 if kind.startswith("15 %") else 10.0
+    shed, used = [], []
+    for seed in SEEDS:
+        r = simulate(lambda t: 0.0, duration=60.0, latency=latency, gateway=_open,
+                     service=slow_service(kind, latency, random.Random(seed)))  # fmt: skip
+        answered = [t for t in r.ok + r.unavailable if t >= start]
+        shed.append(len([t for t in r.unavailable if t >= start]) / max(1, len(answered)))
+        used.append(r.accepted_per_s(start, 60.0) * (latency + CONCURRENCY / RISE_FROM) / 8)
+    return {
+        "shed_median": statistics.median(shed), "shed_worst": max(shed),
+        "used_median": statistics.median(used), "used_worst": min(used),
+    }  # fmt: skip
+
+
+SLOW_LINE = (
+    "503 {shed_median:6.2%} (worst {shed_worst:6.2%}), used {used_median:.2f} (worst "
+    "{used_worst:.2f})"
+)
+
+
+def test_services_whose_503s_fall_slowly() -> None:
+    rows = {}
+    for kind in ("count over 10 s", "average over 10 s", "15 % random, 20 -> 5 at 30 s"):
+        for latency in LATENCIES:
+            fig = scan_slow(kind, latency)
+            key = f"{kind} {latency * 1000:g} ms"
+            rows[key] = {k: round(v, 4) for k, v in fig.items()}
+            print(f"{key:42} {SLOW_LINE.format(**fig)}")
+    record("rate_auto_slow_503s", cells=rows)

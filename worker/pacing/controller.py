@@ -44,7 +44,8 @@ ceiling, the burst start-up saw) is kept and read by ``GatewayEvidence``
   service served, where that held flat: ``_served_flat``), and the probes stay under the
   rate overloaded while it is remembered. Until a trial found the service shedding past a
   capacity, a cut to what it served is tried (``FaultWatch``): 503s that keep their share
-  under it are faults, and the rate returns to where it was before the 503s' cuts.
+  under it are faults, and the rate returns to where it was before the 503s' cuts; 503s
+  still four fifths of the answers there halve the rate, tried again.
 """
 
 from __future__ import annotations
@@ -628,11 +629,21 @@ class RateController:
         (``RANDOM``): the cut bought nothing; the rate returns to where it was before it,
         its phase going on from there, and no cap from a 503 holds the probes (unless
         another cut came since: that one holds). Their share is not read as overload
-        again. 503s that fell (``FELL``): the cut stands, and the probe climbs from it."""
+        again. 503s that fell (``FELL``): the cut stands, and the probe climbs from it.
+        503s at four fifths of the trial's answers (``STILL``): half its rate is tried."""
         if outcome is None or self._before is None:
             return rate
         (at, before), self._before = self._before, None
         s = self._state
+        if outcome is Outcome.STILL:
+            # Still past what the service takes at the trial's rate (a count over 10 s not
+            # yet drained): half of it is tried in turn, the rate before the first cut kept
+            # to return to if the 503s turn out random there.
+            level = self._cut(now, s.rate / 2.0, math.inf)
+            self._shed = (now, level)
+            self._faults.start(now)
+            self._before = (at, before)
+            return level
         if outcome is Outcome.FELL:
             # Held there, the service shed nothing: two margins over what it served cap the
             # probes, as a 503 there would (``_shed_past``), the probe climbing from it (to
