@@ -17,7 +17,7 @@ import textwrap
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn
 
-from worker import __version__, helptext, stdio
+from worker import __version__, helptext, stdio, stops
 from worker.exit_codes import ExitCode
 
 
@@ -727,8 +727,8 @@ _SIMULATOR_FLAGS = (  # flag, type, default, metavar or choices, help
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     closed = stdio.occupy_closed()  # first: before anything opens a file on fd 0, 1 or 2
-    for stop in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop, _stopped_before_start)
+    for signum in stops.SIGNALS:  # before the command's own handling: see worker.stops
+        signal.signal(signum, stops.raise_stop)
     no_core_dumps()
     if stdio.refused(closed):
         sys.exit(ExitCode.USAGE)
@@ -799,36 +799,12 @@ def _has_password(url: str) -> bool:
         return False
 
 
-_stop_asked: list[int] = []
-"""The SIGTERM or SIGINT :func:`_stopped_before_start` was called for, if any."""
-
-
-def _stopped_before_start(signum: int, frame: object) -> None:
-    """SIGTERM or SIGINT before the command has its own handling in place (``run`` and
-    ``serve`` install theirs once their event loop runs; start-up imports take a second or
-    more): nothing was done, so exit as interrupted (75), not killed by the signal (143,
-    which no CronJob policy expects) or with a KeyboardInterrupt traceback.
-
-    The signal is also kept: CPython may drop an exception a handler raises inside C code
-    (compiling a module folds ``2**31`` in C, and keeps only a KeyboardInterrupt raised
-    there), and the command then started as if never stopped. :func:`_stopped_unseen`
-    raises it again once the command's modules are imported."""
-    _stop_asked.append(signum)
-    raise SystemExit(ExitCode.INTERRUPTED)
-
-
-def _stopped_unseen() -> None:
-    """Exit as :func:`_stopped_before_start` would have, where its exit was lost."""
-    if _stop_asked:
-        raise SystemExit(ExitCode.INTERRUPTED)
-
-
 def dispatch(args: argparse.Namespace) -> int:
     import importlib
 
     if args.command in READS_NO_SETTINGS:
         alone = importlib.import_module(f"worker.commands.{args.command}")
-        _stopped_unseen()
+        stops.checkpoint()  # a stop whose exit CPython dropped while the command was imported
         started: int = alone.main(args)
         return started
 
@@ -851,7 +827,7 @@ def dispatch(args: argparse.Namespace) -> int:
     with _structlog_without_rich():
         _warn(command_line_secrets(overrides), settings.warnings, settings)
         module = importlib.import_module(f"worker.commands.{args.command}")
-    _stopped_unseen()
+    stops.checkpoint()
     code: int = module.main(args, settings)
     return code
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
 import anyio
 
@@ -25,6 +26,7 @@ from worker.errors import (
 from worker.exit_codes import ExitCode
 from worker.settings import Settings
 from worker.stdio import Report
+from worker.stops import cancelled_on_stop
 
 SKEW_WARNING_S = 300.0
 
@@ -67,7 +69,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         settings.require_api()
         out = Report("check")
         try:
-            return anyio.run(check, settings, out)
+            return anyio.run(cancelled_on_stop, partial(check, settings, out), _stopped)
         finally:
             out.close()
     except ConfigError as exc:  # settings, or a CA bundle the session cannot load
@@ -107,6 +109,12 @@ async def check(settings: Settings, out: Report) -> int:
             note = "  WARNING: requests more than 15 min off are rejected; fix the clock"
         out.write(f"clock skew   {probe.skew_s:+.1f}s (server minus local){note}\n")
     return ExitCode.OK
+
+
+def _stopped(signal: str) -> None:
+    """A stop said on stderr (the report is stdout's): a check changes nothing either way."""
+    sys.stderr.write(f"devserver-reaper check: stopped by {signal} before the check was "
+                     "done; nothing was changed\n")  # fmt: skip
 
 
 def _result(out: Report, exc: ReaperError, table: Failures, text: str | None = None) -> int:

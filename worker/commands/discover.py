@@ -22,6 +22,7 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -59,6 +60,7 @@ from worker.errors import (
 from worker.exit_codes import ExitCode
 from worker.outcomes.journal import check_output
 from worker.settings import Settings, read_plan_key
+from worker.stops import cancelled_on_stop
 from worker.terminal.wrap import for_terminal
 
 MAX_PAGE_SIZE = 1000
@@ -173,7 +175,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         settings.require_api(endpoint=not request.projects)
         protection = wiring.protection(settings)
         key = plan_key(settings, log.warning) if request.plan is not None else None
-        return anyio.run(discover, request, settings, protection, sys.stdout, key)
+        command = partial(discover, request, settings, protection, sys.stdout, key)
+        return anyio.run(cancelled_on_stop, command, partial(_stopped, request))
     except BrokenPipeError:  # `discover | head`: the reader has seen enough
         with contextlib.suppress(OSError):  # and the interpreter's last flush must not fail
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -199,6 +202,13 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     except (ApiError, ApiUnavailable) as exc:
         return _said(log, "discover.unavailable", exc, ExitCode.UNAVAILABLE,
                      wiring.ca_bundle_said(settings))  # fmt: skip
+
+
+def _stopped(request: DiscoverRequest, signal: str) -> None:
+    """A stop said on stderr: it comes before anything is printed or written (the listing
+    is read to its end first), so nothing was, and no plan is left in part."""
+    what = "no plan was written" if request.plan is not None else "nothing was printed"
+    sys.stderr.write(f"devserver-reaper discover: stopped by {signal} while listing; {what}\n")
 
 
 def _said(log: Any, event: str, exc: ReaperError, code: int, ca_bundle: str | None = None) -> int:

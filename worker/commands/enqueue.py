@@ -26,7 +26,8 @@ import contextlib
 import os
 import sys
 import time
-from typing import IO, Any
+from collections.abc import Iterator
+from typing import IO, TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
@@ -37,8 +38,12 @@ from worker import logsetup, wiring
 from worker.errors import ConfigError, InputUnreadable, RedisUnavailable
 from worker.exit_codes import ExitCode
 from worker.settings import Settings
+from worker.stops import watching
 from worker.targets import FIELDS, untrusted
 from worker.types import Candidate, Rejection
+
+if TYPE_CHECKING:
+    from worker.input.sources import EntryReader
 
 CHUNK = 500
 
@@ -59,10 +64,19 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def execute(path: str, fmt: str, settings: Settings, *, stdin: IO[bytes] | None = None) -> int:
+    from worker.input.sources import read_entries
+
     log = structlog.get_logger("devserver_reaper")
     try:
         refuse_run_only(settings)
-        return anyio.run(enqueue, path, fmt, settings, stdin)
+        if path == "-" and stdin is None and sys.stdin is not None:
+            # Unbuffered: a stop leaves the reading thread blocked on a quiet pipe, and a
+            # BufferedReader's lock held by it would abort the interpreter at exit.
+            stdin = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)  # noqa: SIM115
+        # Opened before the loop: a named pipe's open waits for a writer, and only here
+        # does a SIGTERM end that wait (75); inside the loop signals are heard at an await.
+        with read_entries(path, fmt, stdin=stdin) as entries:  # unreadable: 66 first
+            return anyio.run(_until_stopped, entries, settings)
     except (ConfigError, InputUnreadable) as exc:
         from worker.terminal.failure import say_error
 
@@ -89,10 +103,51 @@ def refuse_run_only(settings: Settings) -> None:
         )
 
 
+class _Stop:
+    """A SIGTERM or Ctrl-C (``signal``, its name) and the wait it ends at once (for Redis to
+    answer, for input to come); ids being added when it comes are added first, so the
+    summary counts what is on the stream."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._waiting: anyio.CancelScope | None = None
+
+    def __call__(self, signal: str) -> None:
+        self.signal = self.signal or signal
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    @contextlib.contextmanager
+    def ends(self) -> Iterator[None]:
+        """A wait that a stop ends (at once when one came already)."""
+        with anyio.CancelScope() as scope:
+            self._waiting = scope
+            if self.signal is not None:
+                scope.cancel()
+            try:
+                yield
+            finally:
+                self._waiting = None
+
+
+async def _until_stopped(entries: EntryReader, settings: Settings) -> int:
+    stop = _Stop()
+    async with watching(stop):
+        return await enqueue_entries(entries, settings, stop)
+
+
 async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | None) -> int:
+    """The ids of ``path`` onto the stream (the file opened in the loop: for tests)."""
+    from worker.input.sources import read_entries
+
+    with read_entries(path, fmt, stdin=stdin) as entries:
+        return await enqueue_entries(entries, settings, _Stop())
+
+
+async def enqueue_entries(entries: EntryReader, settings: Settings, stop: _Stop) -> int:
     import redis.exceptions
 
-    from worker.input.sources import read_chunks, read_entries
+    from worker.input.sources import read_chunks
     from worker.outcomes.events import EventLog
     from worker.service.consumer import not_a_stream, not_permitted
     from worker.service.outage import REDIS_ERRORS, redis_where
@@ -104,42 +159,43 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
     first: str | None = None
     last: str | None = None
     try:
-        entries = read_entries(path, fmt, stdin=stdin)  # an input it cannot open: 66 first
-        with entries:
-            try:
+        try:
+            with stop.ends():
                 await wiring.answering(client, settings.redis_url, kept="the ids stream")
-            except RedisUnavailable as exc:
-                return _unavailable(exc, settings)
-            chunks = read_chunks(entries, CHUNK)
-            while True:
-                chunk = await anyio.to_thread.run_sync(next, chunks, None)
-                if chunk is None:
-                    break
-                ids: list[dict[str, str]] = []
-                for entry in chunk:
-                    if isinstance(entry, Candidate):
-                        entry = _trusted(entry, trusted)
-                    if isinstance(entry, Candidate):
-                        ids.append(_fields(entry))
-                    else:
-                        rejected += 1
-                        events.rejected(entry)
-                if not ids:
-                    continue
-                try:
-                    async with client.pipeline(transaction=False) as pipe:
-                        for fields in ids:
-                            pipe.xadd(settings.stream, dict[Any, Any](fields))
-                        added: list[Any] = await pipe.execute()
-                except redis.exceptions.NoPermissionError as exc:
-                    raise not_permitted(settings.stream, exc) from None
-                except redis.exceptions.ResponseError as exc:
-                    if "WRONGTYPE" not in str(exc):
-                        raise
-                    raise not_a_stream(settings.stream) from None
-                enqueued += len(added)
-                first = first or _text(added[0])
-                last = _text(added[-1])
+        except RedisUnavailable as exc:
+            return _unavailable(exc, settings)
+        chunks = read_chunks(entries, CHUNK)
+        while stop.signal is None:
+            chunk = None
+            with stop.ends():  # the thread is left behind on a quiet pipe
+                chunk = await anyio.to_thread.run_sync(next, chunks, None, abandon_on_cancel=True)
+            if chunk is None or stop.signal is not None:
+                break  # the input's end, or a stop: a chunk read meanwhile is not added
+            ids: list[dict[str, str]] = []
+            for entry in chunk:
+                if isinstance(entry, Candidate):
+                    entry = _trusted(entry, trusted)
+                if isinstance(entry, Candidate):
+                    ids.append(_fields(entry))
+                else:
+                    rejected += 1
+                    events.rejected(entry)
+            if not ids:
+                continue
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    for fields in ids:
+                        pipe.xadd(settings.stream, dict[Any, Any](fields))
+                    added: list[Any] = await pipe.execute()
+            except redis.exceptions.NoPermissionError as exc:
+                raise not_permitted(settings.stream, exc) from None
+            except redis.exceptions.ResponseError as exc:
+                if "WRONGTYPE" not in str(exc):
+                    raise
+                raise not_a_stream(settings.stream) from None
+            enqueued += len(added)
+            first = first or _text(added[0])
+            last = _text(added[-1])
     except REDIS_ERRORS as exc:  # away, or full (OOM): try again later
         where = redis_where(settings.redis_url)
         gone = RedisUnavailable(f"Redis at {where} stopped answering ({type(exc).__name__}) "
@@ -150,6 +206,15 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
     finally:
         await client.aclose()
     _summary(settings.stream, enqueued, rejected, first, last)
+    if stop.signal is not None:
+        entries_said = f" (entries {first} to {last})" if first else ""
+        with contextlib.suppress(OSError):
+            sys.stderr.write(
+                f"devserver-reaper enqueue: stopped by {stop.signal}: {enqueued:,} ids are on "
+                f"the stream {settings.stream}{entries_said}; the rest of the input was not "
+                "added\n"
+            )
+        return ExitCode.INTERRUPTED
     return ExitCode.SOME_FAILED if rejected else ExitCode.OK
 
 

@@ -16,6 +16,7 @@ from worker.errors import ConfigError, InputUnreadable, UsageError
 from worker.exit_codes import ExitCode
 from worker.settings import Settings
 from worker.stdio import Report
+from worker.stops import checkpoint
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
@@ -30,6 +31,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         header = read_header(Path(args.path), key=key)
     except (ConfigError, InputUnreadable, UsageError) as exc:
         return refused("plan", exc)
+    checkpoint()  # a stop whose exit was lost while the plan was read: nothing shown
     out = Report("plan show")
     out.write(for_terminal(out, plan_review(header, settings, args.path)) + "\n")
     out.close()

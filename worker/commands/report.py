@@ -28,6 +28,7 @@ from worker.outcomes.journal import check_output
 from worker.outcomes.schema import RESULT_COLUMNS, TARGET
 from worker.private_files import open_output
 from worker.settings import Settings
+from worker.stops import asked, checkpoint, said
 from worker.targets import Target
 from worker.terminal.failure import refused
 from worker.types import Outcome, Result, iso
@@ -76,7 +77,16 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                             default=default_target(ledger) if several else None,
                         )  # fmt: skip
                 else:
-                    out.write(summary(*ledgers).encode())
+                    text = summary(*ledgers)
+                    checkpoint()
+                    out.write(text.encode())
+        except SystemExit:  # SIGTERM or Ctrl-C: a file is removed, never left as if whole
+            removed = "" if output in (None, "-") else f"; {output} is not left in part"
+            signum = asked()
+            stop = "a signal" if signum is None else said(signum)
+            with contextlib.suppress(OSError):
+                sys.stderr.write(f"devserver-reaper report: stopped by {stop}{removed}\n")
+            raise
         except BrokenPipeError:  # `report | head`: the reader has seen enough
             with contextlib.suppress(OSError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -169,7 +179,10 @@ def write_jsonl(ledger: LedgerView, out: IO[bytes], *, default: Target | None = 
 
 
 def _results(ledger: LedgerView, default: Target | None) -> Iterator[Result]:
+    """The ledger's results, each after a look for a stop whose exit was lost: a large
+    export went on to its end after a SIGTERM."""
     for result in ledger.results():
+        checkpoint()
         if default is not None and result.target is None and result.outcome is not Outcome.REJECTED:
             result.target = default
         yield result

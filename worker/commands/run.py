@@ -31,7 +31,7 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from structlog.typing import FilteringBoundLogger
 
-from worker import logsetup, wiring
+from worker import logsetup, stops, wiring
 from worker.assembly import RunCalls, RunRecords, build_calls, build_records, started_fields
 from worker.clock import Clock, MonotonicClock
 from worker.commands.planned import Selecting
@@ -809,12 +809,19 @@ async def _watch_signals(
     with anyio.open_signal_receiver(*SIGNALS, *[signal.SIGHUP] * hangup) as received:
         task_status.started()
         count = 0
-        async for signum in received:
+
+        def heard(signum: int) -> None:
+            nonlocal count
             count += 1
             name = signal.Signals(signum).name
             events.warn("run.interrupted", signal=name, immediate=count > 1)
             say("Ctrl-C" if signum == signal.SIGINT else name, count > 1)
             state.request_stop("signal", immediate=count > 1)
+
+        if (lost := stops.asked()) is not None:  # its exit dropped before the loop ran
+            heard(lost)
+        async for signum in received:
+            heard(signum)
 
 
 async def _deadline(

@@ -20,7 +20,7 @@ import anyio
 import structlog
 from structlog.typing import FilteringBoundLogger
 
-from worker import logsetup, wiring
+from worker import logsetup, stops, wiring
 from worker.assembly import (
     ServeParts,
     build_service,
@@ -267,10 +267,16 @@ async def _watch_signals(
     """The first signal drains (``grace``); a second one cuts the grace short, as in ``run``:
     calls on the wire are cancelled, their entries left pending for another replica.
     ``starting``: ends the start-up wait for Redis, if it is still on."""
+
+    def heard(signum: int) -> None:
+        immediate = stop.is_set()
+        events.warn("serve.interrupted", signal=signal.Signals(signum).name,
+                    immediate=immediate)  # fmt: skip
+        (stop_now if immediate else stop).set()
+        starting()
+
     with anyio.open_signal_receiver(*SIGNALS) as received:
+        if (lost := stops.asked()) is not None:  # its exit dropped before the loop ran
+            heard(lost)
         async for signum in received:
-            immediate = stop.is_set()
-            events.warn("serve.interrupted", signal=signal.Signals(signum).name,
-                        immediate=immediate)  # fmt: skip
-            (stop_now if immediate else stop).set()
-            starting()
+            heard(signum)

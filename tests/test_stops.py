@@ -1,0 +1,114 @@
+"""SIGTERM in the commands without a stop of their own to make (``check``, ``discover``,
+``enqueue``, ``report``): each stops promptly with 75 and leaves nothing half-written
+claimed whole, even where CPython dropped the exit the signal's handler raised.
+
+The real command in a subprocess. A handler run while CPython folds a module's constants
+(``2**31``, compiled in C) has what it raised dropped: here a module of them is compiled
+just before a step of the command (after its import, where start-up no longer looks),
+and the signal is sent as it begins; the command went on as if never stopped.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.conftest import REDIS_URL
+from tests.e2e import reaped, reaper_env, write_ids
+from tests.test_report import fill
+from worker.simulator import SimulatorConfig, run_simulator
+
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("clean_env")]
+
+_DROPPED_BEFORE = (
+    "import ast, importlib, runpy, sys\n"
+    "imported = importlib.import_module\n"
+    "owner, name = sys.argv.pop(1).rsplit('.', 1)\n"
+    "tree = ast.parse(('a = (' + '2 ** 31, ' * 50 + ')\\n') * 1_000)\n"
+    "def command(module_name, *args, **kwargs):\n"
+    "    module = imported(module_name, *args, **kwargs)\n"
+    "    if module_name.startswith('worker.commands.'):\n"
+    "        holder = module\n"
+    "        for part in filter(None, owner.split('.')):\n"
+    "            holder = getattr(holder, part)\n"
+    "        step = getattr(holder, name)\n"
+    "        def late(*args, **kwargs):\n"
+    "            sys.stderr.write('compiling\\n'); sys.stderr.flush()\n"
+    "            compile(tree, '<folded>', 'exec')\n"
+    "            return step(*args, **kwargs)\n"
+    "        setattr(holder, name, late)\n"
+    "    return module\n"
+    "importlib.import_module = command\n"
+    "runpy.run_module('worker', run_name='__main__', alter_sys=True)\n"
+)
+"""``python -m worker ARGS`` whose command's ``STEP`` (the first argument: ``.anyio.run``,
+the command module's ``anyio.run``) begins by compiling a module of constants to fold, after
+saying ``compiling`` on stderr."""
+
+
+async def _stopped_at(step: str, args: Sequence[str], env: dict[str, str]) -> tuple[int, str, str]:
+    """Run the command, SIGTERM it as ``step`` begins; its exit code, stdout and stderr."""
+    command = [sys.executable, "-c", _DROPPED_BEFORE, step, *args]
+    process = await anyio.open_process(command, env=env)
+    async with reaped(process):
+        assert process.stdout is not None and process.stderr is not None
+        err = b""
+        with anyio.fail_after(60):  # a hang's guard, not a measure
+            while b"compiling" not in err:
+                err += await process.stderr.receive()
+            process.send_signal(signal.SIGTERM)
+            err += b"".join([chunk async for chunk in process.stderr])
+            out = b"".join([chunk async for chunk in process.stdout])
+            code = await process.wait()
+    return code, out.decode(), err.decode()
+
+
+async def test_check_stops_on_a_sigterm_whose_exit_was_dropped() -> None:
+    """The check went on to its call and printed ``result OK`` (exit 0)."""
+    async with run_simulator(SimulatorConfig(jobs=2)) as sim:
+        code, out, err = await _stopped_at(".anyio.run", ["check"], reaper_env(sim.url))
+        assert sim.stats.list_calls == 0
+    assert code == 75, out + err
+    assert "result" not in out and "Traceback" not in err
+
+
+async def test_discover_stops_on_a_sigterm_whose_exit_was_dropped(tmp_path: Path) -> None:
+    """discover listed the project and wrote its plan (exit 0): now no plan, nor a part."""
+    plan = tmp_path / "plan.txt"
+    async with run_simulator(SimulatorConfig(jobs=20)) as sim:
+        args = ["discover", "--all", "--plan", str(plan)]
+        code, out, err = await _stopped_at(".anyio.run", args, reaper_env(sim.url))
+    assert code == 75, out + err
+    assert list(tmp_path.iterdir()) == [] and "Traceback" not in err
+
+
+async def test_enqueue_stops_on_a_sigterm_whose_exit_was_dropped(
+    tmp_path: Path, redis_prefix: str, redis_client: Any
+) -> None:
+    """enqueue added every id (exit 0); now none (its summary, if it began, says 0)."""
+    stream = f"{redis_prefix}ids"
+    ids = write_ids(tmp_path / "ids.txt", [f"job-{n}" for n in range(50)])
+    args = ["enqueue", "--input", str(ids), "--redis-url", REDIS_URL, "--stream", stream]
+    code, out, err = await _stopped_at(".anyio.run", args, reaper_env("http://127.0.0.1:9"))
+    assert code == 75, out + err
+    assert await redis_client.xlen(stream) == 0
+    assert '"enqueued":0' in out or out == "", out  # said, or nothing begun
+    assert "Traceback" not in err
+
+
+async def test_report_stops_on_a_sigterm_whose_exit_was_dropped(tmp_path: Path) -> None:
+    """report wrote its whole export (exit 0); now it stops at its first row and removes
+    the file it began."""
+    ledger = tmp_path / "ledger.db"
+    fill(ledger).close()
+    export = tmp_path / "export.csv"
+    args = ["report", "--ledger", str(ledger), "--format", "csv", "--output", str(export)]
+    code, out, err = await _stopped_at(".open_readonly", args, reaper_env("http://127.0.0.1:9"))
+    assert code == 75, out + err
+    assert not export.exists() and "Traceback" not in err

@@ -1,0 +1,103 @@
+"""SIGTERM and Ctrl-C in the commands without a stop of their own to make (``check``,
+``discover``, ``enqueue``, ``report``, ``plan show``): what was asked is kept until the
+command looks, so no stop is lost.
+
+Before a command's event loop runs, a signal raises ``SystemExit(75)`` where it lands
+(:func:`raise_stop`). CPython drops what a handler raises inside some C code (compiling a
+module folds ``2**31`` in C and keeps only a KeyboardInterrupt), and the command went on as
+if never stopped; the signal is also kept, and :func:`checkpoint` raises it again. Inside
+the loop nothing is raised: the loop hears the signal (:func:`watching`) and the command
+stops at its next ``await``, so it never lands in the middle of a write. Only the standard
+library here: ``cli`` imports this before any command.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from worker.exit_codes import ExitCode
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+_asked: list[int] = []
+"""The SIGTERM or SIGINT each call of :func:`raise_stop` was for, oldest first."""
+
+
+def raise_stop(signum: int, frame: object) -> None:
+    """The handler outside an event loop: exit as interrupted (75), not killed by the signal
+    (143, which no CronJob policy expects) or with a KeyboardInterrupt traceback, and keep
+    the signal for :func:`checkpoint` where CPython drops the exit."""
+    _asked.append(signum)
+    raise SystemExit(ExitCode.INTERRUPTED)
+
+
+def asked() -> int | None:
+    """The first SIGTERM or SIGINT :func:`raise_stop` was called for, or None."""
+    return _asked[0] if _asked else None
+
+
+def said(signum: int) -> str:
+    """A signal as a person knows it: ``Ctrl-C``, ``SIGTERM``."""
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+def checkpoint() -> None:
+    """Exit as interrupted (75) where a stop was asked and its exit was lost."""
+    if _asked:
+        raise SystemExit(ExitCode.INTERRUPTED)
+
+
+@asynccontextmanager
+async def watching(stop: Callable[[str], None]) -> AsyncIterator[None]:
+    """Inside, each SIGTERM or SIGINT calls ``stop`` with its name (from a task of the
+    loop, never inside the code it interrupts), as does one asked already whose exit was
+    lost before the loop. On the way out :func:`raise_stop` is the handler again (the
+    loop's leaving put the system's back: a SIGTERM killed the process, 143, while it
+    wrote its last lines)."""
+    import anyio
+
+    async def hear(received: AsyncIterator[int]) -> None:
+        async for signum in received:
+            stop(said(signum))
+
+    try:
+        async with anyio.create_task_group() as group:
+            with anyio.open_signal_receiver(*SIGNALS) as received:
+                if (signum := asked()) is not None:
+                    stop(said(signum))
+                group.start_soon(hear, received)
+                try:
+                    yield
+                finally:
+                    group.cancel_scope.cancel()
+    except BaseExceptionGroup as raised:  # the command's error alone, as it raised it
+        if len(raised.exceptions) != 1:
+            raise
+        raise raised.exceptions[0] from None
+    finally:
+        for signum in SIGNALS:
+            signal.signal(signum, raise_stop)
+
+
+async def cancelled_on_stop(
+    command: Callable[[], Awaitable[int]], stopped: Callable[[str], None]
+) -> int:
+    """``command``'s exit code, or 75 when a SIGTERM or SIGINT cancelled it first, at its
+    next ``await`` (``stopped`` says so with the signal's name). What it had under way is
+    left as a cancellation leaves it: its files removed (a plan's part, a spool), nothing
+    written claimed whole."""
+    import anyio
+
+    heard: list[str] = []
+    with anyio.CancelScope() as scope:
+
+        def stop(name: str) -> None:
+            heard.append(name)
+            scope.cancel()
+
+        async with watching(stop):
+            return await command()
+    stopped(heard[0])
+    return ExitCode.INTERRUPTED
