@@ -1335,16 +1335,21 @@ def test_a_refusal_of_what_was_sent_for_a_window_is_read_as_the_pace_refused() -
 
 
 def test_a_trial_whose_answers_stay_503s_is_overload_at_its_own_rate_not_faults() -> None:
-    """A trial's 503s past four at four fifths of its answers or more: its own rate is still
-    past what the service takes (a count over 10 s still full after the cut), not faults
-    (``STILL``; read as random, the rate went back to start-up's and 56-61 % of the calls
-    were answered 503). Past four at a quarter of its answers: faults (``RANDOM``)."""
+    """A trial's 503s more than 4 past the most share of faults (0.4) of its answers: its own
+    rate is still past what the service takes (a count over 10 s still full after the cut),
+    not faults (``STILL``, at 7 of 7; read as random, the rate went back to start-up's and
+    56-61 % of the calls were answered 503). More than 4 at under 0.6 of its answers:
+    faults (``RANDOM``); between the two, the trial goes on."""
     watch = FaultWatch(AdaptiveConfig())
     watch.clear()
     watch.start(0.0)
     assert watch.answered(1.0, failed=True) is None  # sent before the trial's window
-    assert [watch.answered(3.0, failed=True) for _ in range(5)] == [None] * 4 + [Outcome.STILL]
+    assert [watch.answered(3.0, failed=True) for _ in range(7)] == [None] * 6 + [Outcome.STILL]
     watch.clear()
     watch.start(5.0)
     found = [watch.answered(8.0, failed=i % 4 == 0) for i in range(17)]
     assert found == [None] * 16 + [Outcome.RANDOM]
+    watch.clear()
+    watch.start(10.0)
+    found = [watch.answered(13.0, failed=i % 3 != 2) for i in range(14)]  # two 503s of three
+    assert found == [None] * 13 + [Outcome.STILL]  # 10 of 14: 4.4 past 0.4 of them

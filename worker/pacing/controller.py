@@ -45,7 +45,7 @@ ceiling, the burst start-up saw) is kept and read by ``GatewayEvidence``
   rate overloaded while it is remembered. Until a trial found the service shedding past a
   capacity, a cut to what it served is tried (``FaultWatch``): 503s that keep their share
   under it are faults, and the rate returns to where it was before the 503s' cuts; 503s
-  still four fifths of the answers there halve the rate, tried again.
+  past the most share of faults there halve the rate, tried again.
 """
 
 from __future__ import annotations
@@ -347,9 +347,9 @@ class RateController:
     ``ControllerState``.
     """
 
-    __slots__ = ("_before", "_clump", "_config", "_delay", "_evidence", "_faults", "_late",
-                 "_latency", "_served", "_shed", "_shed_cap", "_start_seen", "_state", "_window",
-                 "cuts", "escalated", "measured", "tolerated")  # fmt: skip
+    __slots__ = ("_before", "_clump", "_config", "_delay", "_evidence", "_faults", "_halved",
+                 "_late", "_latency", "_served", "_shed", "_shed_cap", "_start_seen", "_state",
+                 "_window", "cuts", "escalated", "measured", "tolerated")  # fmt: skip
 
     def __init__(self, now: float, config: AdaptiveConfig | None = None) -> None:
         self._config = c = config or AdaptiveConfig()
@@ -370,6 +370,7 @@ class RateController:
         self._window = LongWindow()  # a count over a long window, read from its Retry-After
         self._served: deque[float] = deque()  # when calls were answered (not 503, not 429)
         self._shed = (-math.inf, 0.0)  # when a 503 cut to what the service served, and to what
+        self._halved = 0.0  # the rate a trial last found still past the service (``_tried``)
         self._shed_cap = False  # the probes' hard cap (``overload``) is from 503s, not latency
         self.cuts = 0
         self.measured = 0  # refusals that measured the quota
@@ -393,6 +394,7 @@ class RateController:
         self._state = state
         self._start_seen = start_seen
         self._before = self._faults.trial = None  # a trial's cut is not this state's
+        self._halved = 0.0
         self._evidence.restart(state.since, state.rate)
         if not start_seen:
             self._evidence.forgo_burst()
@@ -612,6 +614,7 @@ class RateController:
                 # nothing, and 503s at random keep their share.
                 faults.start(now)
                 self._before = before
+                self._halved = 0.0
             return level
         level = self._cut(now, (1.0 - c.margin) * sent_rate, 0.0)
         self._before = None if faults.shedding else before
@@ -630,7 +633,7 @@ class RateController:
         its phase going on from there, and no cap from a 503 holds the probes (unless
         another cut came since: that one holds). Their share is not read as overload
         again. 503s that fell (``FELL``): the cut stands, and the probe climbs from it.
-        503s at four fifths of the trial's answers (``STILL``): half its rate is tried."""
+        503s past the most share of faults (``STILL``): half the trial's rate is tried."""
         if outcome is None or self._before is None:
             return rate
         (at, before), self._before = self._before, None
@@ -639,6 +642,7 @@ class RateController:
             # Still past what the service takes at the trial's rate (a count over 10 s not
             # yet drained): half of it is tried in turn, the rate before the first cut kept
             # to return to if the 503s turn out random there.
+            self._halved = s.rate
             level = self._cut(now, s.rate / 2.0, math.inf)
             self._shed = (now, level)
             self._faults.start(now)
@@ -652,6 +656,11 @@ class RateController:
             # of 30 during start-up, 0.95 of it).
             margin = self._config.margin
             refused = s.level * (1.0 + 2.0 * margin) / (1.0 - margin / 2.0) ** 2
+            # Served in full at half the rate a trial before found still past the service:
+            # its capacity is anywhere between, and the probes stop half-way (at two margins
+            # over the rate served, a count over 10 s of 5 calls/s found at 3 was 0.66 used).
+            refused = max(refused, (s.level + self._halved) / 2.0)
+            self._halved = 0.0
             return self._set(replace(s, since=now, refused=refused, refused_at=now), now)
         # No measure reaches back into the trial, as none across a pause: the gateway's
         # bucket filled while the pace held under it, and lost the tokens it got while full

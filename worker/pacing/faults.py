@@ -12,16 +12,17 @@ cut on decide (a service that counts what it served over the last second sheds f
 second after the rate fell, the load it took before still counted: its first three answers
 after the cut were 503s, and read as random, 26-30 % of the calls were answered 503):
 
-- more than ``TRIAL_FAULTS`` / 5 of them, at four fifths of the trial's answers or more
-  (``Outcome.STILL``): the trial's own rate is still past what the service takes, more
-  than any faults' share (a service counting its capacity over 10 s, or shedding by a 10 s
-  average, is still full seconds after the cut; read as random, the rate returned to
-  start-up's and 49-61 % of the calls were answered 503 from 10 s on). The controller
-  halves the rate and tries again from there;
-- more than ``TRIAL_FAULTS`` / 5 of them at a lower share: the cut bought nothing
-  (``Outcome.RANDOM``): the controller returns to the rate before it, and the trial's
-  answers, and every one after, tell the share of faults known, so that share is not read
-  as overload again;
+- more than ``TRIAL_FAULTS`` / 5 of them past what ``MOST_FAULTS`` of the trial's answers
+  would hold (``Outcome.STILL``; 7 of 7, 10 of 14): the trial's own rate is still past what
+  the service takes, more than any faults' share (a service counting its capacity over
+  10 s, or shedding by a 10 s average, is still full seconds after the cut; read as
+  random, the rate returned to start-up's and 47-61 % of the calls were answered 503 from
+  10 s on). The controller halves the rate and tries again from there;
+- more than ``TRIAL_FAULTS`` / 5 of them under ``MOST_FAULTS`` and a fifth of the trial's
+  answers (the share that is overload whatever faults were counted): the cut bought
+  nothing (``Outcome.RANDOM``): the controller returns to the rate before it, and the
+  trial's answers, and every one after, tell the share of faults known, so that share is
+  not read as overload again (between the two, the trial goes on);
 - fewer, once as many answers as ``TRIAL_FAULTS`` 503s at the share that set it off (over
   the faults known) would take (``Outcome.FELL``): the service sheds past a capacity, and
   its next cuts are not tried (``shedding``).
@@ -64,7 +65,7 @@ class Outcome(StrEnum):
 
     RANDOM = "random"  # the 503s did not fall with the rate: faults, whatever the rate
     FELL = "fell"  # they fell: a service past its capacity
-    STILL = "still"  # four fifths 503s at the trial's rate too: past the service, not faults
+    STILL = "still"  # more than faults' most share at the trial's rate: past the service
 
 
 class FaultWatch:
@@ -101,17 +102,25 @@ class FaultWatch:
         if sent < trial + self._config.window:
             return None
         self._tried = tried = (self._tried[0] + failed, self._tried[1] + 1)
-        if tried[0] > TRIAL_FAULTS / 5.0:
+        outcome = self._verdict(*tried)
+        if outcome is not None:
             self.trial = None
-            if tried[0] >= (1.0 - self._config.overload_share) * tried[1]:
-                return Outcome.STILL
+        if outcome is Outcome.RANDOM:
             self._faults = (self._faults[0] + tried[0], self._faults[1] + tried[1])
-            return Outcome.RANDOM
-        if tried[1] >= self._length:
-            self.trial = None
+        elif outcome is Outcome.FELL:
             self.shedding = True
-            return Outcome.FELL
-        return None
+        return outcome
+
+    def _verdict(self, failed: int, answers: int) -> Outcome | None:
+        """What a trial's ``failed`` 503s of its ``answers`` say (``None``: not yet)."""
+        few = TRIAL_FAULTS / 5.0
+        if failed - MOST_FAULTS * answers > few:
+            return Outcome.STILL  # past the most share of faults ever counted, by more than few
+        if failed > few:
+            # Under the share that is overload whatever faults were counted: random ones.
+            overload = (MOST_FAULTS + self._config.overload_share) * answers
+            return Outcome.RANDOM if failed < overload else None
+        return Outcome.FELL if answers >= self._length else None
 
     def overloaded(self) -> bool:
         """Whether 503s are ``overload_share`` of the last answers over the faults known
