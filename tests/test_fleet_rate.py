@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import pytest
 import redis.asyncio as aioredis
+from anyio.abc import TaskGroup
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -61,41 +62,61 @@ async def run_fleet(
     until: float,
     workers: int = 8,
     latency: float = 0.005,
+    places: int | None = None,
 ) -> Fleet:
     """Each limiter is a replica with ``workers`` workers: acquire, send to the gateway, and
     report the answer ``latency`` later; a refused worker sends its answers on where the
-    limiter does (``Reporting``, as ``PacedCall`` does) and waits the ``Retry-After``."""
+    limiter does (``Reporting``, as ``PacedCall`` does) and waits the ``Retry-After``.
+    ``places``: as the pool runs a replica (``worker.pool``, ``Working.tasks``), at most
+    that many calls on the wire and twice as many workers (``workers`` is then ignored),
+    one asleep on a ``Retry-After`` holding no place."""
     fleet = Fleet()
+    if places is not None:
+        workers = 2 * places
 
-    async def worker(limiter: RateLimiter) -> None:
+    async def call(limiter: RateLimiter) -> float:
+        """One call: its ``Retry-After`` (0: accepted)."""
+        await limiter.acquire()
+        sent = clock.now()
+        wait = gateway.try_acquire(sent)
+        (fleet.ok if wait <= 0 else fleet.refused).append(sent)
+        await clock.sleep(latency)
+        if wait <= 0:
+            limiter.feedback(throttled=False, latency_s=latency)
+            return 0.0
+        retry_after = float(retry_after_seconds(wait))
+        limiter.feedback(throttled=True, latency_s=latency, retry_after=retry_after)
+        return retry_after
+
+    async def worker(limiter: RateLimiter, wire: anyio.CapacityLimiter | None) -> None:
         while clock.now() < until:
-            await limiter.acquire()
-            sent = clock.now()
-            wait = gateway.try_acquire(sent)
-            (fleet.ok if wait <= 0 else fleet.refused).append(sent)
-            await clock.sleep(latency)
-            if wait <= 0:
-                limiter.feedback(throttled=False, latency_s=latency)
+            if wire is None:
+                retry_after = await call(limiter)
+            else:
+                async with wire:  # the place is taken before the token, given back with the answer
+                    retry_after = await call(limiter)
+            if retry_after <= 0:
                 continue
-            retry_after = float(retry_after_seconds(wait))
-            limiter.feedback(throttled=True, latency_s=latency, retry_after=retry_after)
             if isinstance(limiter, Reporting):
                 await limiter.report()
             await clock.sleep(retry_after)
 
+    def replica(limiter: RateLimiter, group: TaskGroup) -> None:
+        wire = None if places is None else anyio.CapacityLimiter(places)
+        for _ in range(workers):
+            group.start_soon(worker, limiter, wire)
+
     async def killable(limiter: RateLimiter, scope: anyio.CancelScope) -> None:
         with scope:  # cancelled, it stops every task of the replica at once, as kill -9
             async with anyio.create_task_group() as group:
-                for _ in range(workers):
-                    group.start_soon(worker, limiter)
+                replica(limiter, group)
 
     async with anyio.create_task_group() as group:
         for limiter in limiters:
             if (scope := getattr(limiter, "scope", None)) is not None:  # ``Killable``
                 group.start_soon(killable, limiter, scope)
                 continue
-            for _ in range(workers):
-                group.start_soon(worker, limiter)
+            replica(limiter, group)
     return fleet
 
 

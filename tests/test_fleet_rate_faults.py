@@ -274,9 +274,10 @@ async def run_killing_the_leader(
     kill_at: float | None,
     until: float,
     latency: float = 0.005,
+    places: int | None = None,
 ) -> Fleet:
     """``run_fleet`` of ``replicas``, the leader killed (``Killable.kill``) at ``kill_at``
-    (``None``: none)."""
+    (``None``: none); ``places``: ``run_fleet``'s."""
 
     async def kill(at: float) -> None:
         await clock.sleep(at)
@@ -286,7 +287,7 @@ async def run_killing_the_leader(
         if kill_at is not None:
             group.start_soon(kill, kill_at)
         fleet = await run_fleet(cast(list[RateLimiter], replicas), clock, gateway,
-                                until=until, latency=latency)  # fmt: skip
+                                until=until, latency=latency, places=places)  # fmt: skip
     return fleet  # noqa: RET504  (returned from the task group, the kill included)
 
 

@@ -249,3 +249,32 @@ def test_a_long_wait_pauses_for_its_check_call_whatever_the_rate() -> None:
     check = ctrl.long_window.check
     assert check is not None
     assert ctrl.pause_until() == pytest.approx(check.at)
+
+
+class _BegunBefore:
+    """A fixed count over ``span`` s whose windows began ``before`` s before the run."""
+
+    def __init__(self, quota: float, before: float, span: float = 10.0) -> None:
+        self.window, self.before = FixedWindow(quota, before, span=span), before
+
+    def try_acquire(self, now: float) -> float:
+        return self.window.try_acquire(now + self.before)
+
+
+def test_a_long_wait_after_a_window_spent_in_its_last_second_is_checked() -> None:
+    """A window begun 5 s before the run (30 calls/s, 50 ms, 8 in flight): start-up spends
+    its count in its last second, so its refusals say ``Retry-After: 1``, read as a token
+    bucket's. The next window's count is spent in seconds and its refusals point 8 s ahead,
+    but were no news (the first ones remembered), so no check call went and no window was
+    read from them: each refusal after it cut as a token bucket's, and the count was spent
+    again and again (25 % of the calls refused from the second window on, 5 s, to 40 s; a
+    fleet: every worker refused once a window, 7.4 %).
+    The first long wait since every end told before has passed is checked as news is."""
+    ctrl = RateController(0.0)
+    run = simulate(lambda t: 30.0, duration=40.0, latency=0.05, controller=ctrl,
+                   gateway=lambda q, now: _BegunBefore(q, 5.0))  # fmt: skip
+    first_refused = min(run.refused)
+    assert first_refused < 5.0  # (the first window's count, spent in its last second)
+    used, refused = _used_and_refused(run, 30.0, 5.0, 40.0)  # from the second window
+    assert refused <= 0.02, (used, refused)
+    assert used >= 0.90, (used, refused)

@@ -13,11 +13,13 @@ and the share refused from the second window to ``UNTIL``, the windows the leade
 the leaders.
 
     uv run pytest -m benchmark tests/benchmarks/bench_fleet_window.py -s -p no:randomly
+    FLEET_WINDOW_PLACES=8 uv run pytest -m benchmark ...   # replicas as the pool runs them
 """
 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import uuid
 from typing import Any, cast
@@ -39,6 +41,9 @@ pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(3600)]
 SPAN, UNTIL = 10.0, 70.0
 PHASES = (0.0, 2.5, 5.0, 7.5)
 GOAL_USED, GOAL_REFUSED = 0.90, 0.02
+PLACES = int(os.environ["FLEET_WINDOW_PLACES"]) if "FLEET_WINDOW_PLACES" in os.environ else None
+"""``FLEET_WINDOW_PLACES=8``: each replica as the pool runs it (8 on the wire, 16 workers, one
+asleep on a ``Retry-After`` holding no place); unset, 8 workers that each hold theirs."""
 
 
 class Shifted:
@@ -82,10 +87,10 @@ async def _run(
         if kill:
             kill_at = SPAN - phase + 2.0 if phase else SPAN + 2.0
             await run_killing_the_leader(replicas, time.clock, gateway, kill_at=kill_at,
-                                         until=UNTIL, latency=latency)  # fmt: skip
+                                         until=UNTIL, latency=latency, places=PLACES)  # fmt: skip
         else:
             await run_fleet(cast(list[RateLimiter], replicas), time.clock, gateway,
-                            until=UNTIL, latency=latency)  # fmt: skip
+                            until=UNTIL, latency=latency, places=PLACES)  # fmt: skip
     finally:
         await client.delete(*FleetKeys.of(key).all())
     start = gateway.second_window()

@@ -190,6 +190,10 @@ class LongWindow:
                 return Verdict(Verdict.IGNORE)
             return None
         end = now + retry_after
+        # The first long wait told: news to what the window is, whatever short waits came
+        # before it (a token bucket's, or a window's last second: a count spent in it said
+        # 1 s, and the next window's 8 s was no news, unchecked and never read).
+        first_long = self._last_end == -math.inf
         if end >= self._last_end + SAME_END:
             self._prior_end, self._last_end = self._last_end, end
         if check is not None and checked:
@@ -208,7 +212,7 @@ class LongWindow:
             # From the end of the count refused before (the window began again there), or
             # from the first call.
             return self._read(max(self._first, self._prior_end), end)
-        if news and check is None and self._count(self._first, now) >= CHECK_CALLS:
+        if (news or first_long) and check is None and self._count(self._first, now) >= CHECK_CALLS:
             at = now + min(retry_after / 2.0, CHECK_AFTER)
             hold, count = now + min(retry_after, max_pause), self._count(self._first, now)
             self._check = Check(self._first, end, at, hold, count=count)
