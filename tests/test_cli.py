@@ -613,6 +613,8 @@ QUOTA = "--quota must be a number of calls a second from 0 to 100,000 (0: no lim
         ("--max-batch", "0", "--max-batch must be a whole number from 1 to 100,000, not 0"),
         ("--fault-rate", "nan", "--fault-rate must be a number from 0 to 1, not nan"),
         ("--port", "70000", "--port must be a whole number from 0 to 65,535, not 70,000"),
+        ("--window", "inf",
+         "--window must be a number of seconds from 0 to 3,600 (0: a token bucket), not inf"),
     ],
 )  # fmt: skip
 def test_simulate_says_each_number_flags_range_in_the_users_words(
@@ -629,6 +631,33 @@ def test_simulate_says_each_number_flags_range_in_the_users_words(
     )  # fmt: skip
     assert done.returncode == ExitCode.USAGE, done.stderr
     assert done.stderr.splitlines()[-1] == f"devserver-reaper simulate: {said}"
+    assert "listening" not in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--window", "10"],
+         "--window counts --quota x --window calls: it needs a --quota above 0"),
+        (["--window", "10", "--quota", "30", "--burst", "2"],
+         "--burst is a token bucket's: a --window count has none (leave it 1)"),
+        (["--window", "10", "--quota", "0.01"],
+         "--window 10 at --quota 0.01 counts 0.1 calls a window: it must count from 1 to "
+         "1,000,000"),
+    ],
+)  # fmt: skip
+def test_simulate_says_a_window_that_cannot_count_in_the_flags_words(
+    flags: list[str], said: str
+) -> None:
+    """``--window`` (a count over a long window in place of the token bucket) with no quota,
+    with a burst (a bucket's), or counting under a call a window: 64, one line naming the
+    flags, before anything is served."""
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "simulate", "--port", "0", *flags],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert done.stderr.splitlines() == [f"devserver-reaper simulate: {said}"]
     assert "listening" not in done.stdout
 
 

@@ -8,6 +8,7 @@ bad batches are refused whole, deletes apply at most once, and each fault is wha
 from __future__ import annotations
 
 import email.utils
+import math
 import re
 import signal
 import sys
@@ -37,7 +38,7 @@ from worker.simulator import (
     run_simulator,
 )
 from worker.simulator.faults import FaultPlan
-from worker.simulator.quota import TokenBucket, retry_after_seconds
+from worker.simulator.quota import TokenBucket, WindowCount, retry_after_seconds
 
 PROJECT = "demo-project"
 JOBS = f"/v1/{PROJECT}/dev-servers/jobs"
@@ -421,6 +422,87 @@ async def test_arrivals_say_when_each_call_met_the_quota_and_whether_it_passed(
         assert len(seen["arrived"]) == 3  # the handler's own (event-loop) time
         async with session.get(sim.url + "/_sim/arrivals") as r:
             assert await r.json() == {"arrived": [], "checked": [], "accepted": []}  # taken
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("kind", "then"), [("fixed", 5), ("sliding", 1)])
+async def test_a_window_count_answers_429_to_the_windows_end(
+    session: aiohttp.ClientSession, kind: str, then: int
+) -> None:
+    """``--quota 0.5 --window 10``: 5 calls a window of 10 s over HTTP, on a scripted
+    clock, one each 0.5 s from the window's start. The sixth, 3 s in, waits 7 s: to the
+    window's end (fixed), or until the first call counted leaves it (sliding). Then a fixed
+    window takes 5 again at once; a sliding one 1 (the next leaves 0.5 s later)."""
+    time = FakeTime()
+    config = SimulatorConfig(jobs=1, quota=0.5, window_s=10.0, window_kind=kind)  # type: ignore[arg-type]
+    async with run_simulator(config, clock=time.clock, wall=time.wall) as sim:
+        for _ in range(5):
+            assert (await call(session, sim, "GET", JOBS, when=NOW)).status == 200
+            time.advance(0.5)
+        time.advance(0.5)  # 3 s in
+        refused = await call(session, sim, "GET", JOBS, when=NOW)
+        assert refused.status == 429
+        assert refused.headers["Retry-After"] == "7"
+        time.advance(6.999)
+        assert (await call(session, sim, "GET", JOBS, when=NOW)).status == 429
+        time.advance(0.001)
+        statuses = [(await call(session, sim, "GET", JOBS, when=NOW)).status for _ in range(6)]
+        assert statuses == [200] * then + [429] * (6 - then)
+        async with session.get(sim.url + "/_sim/stats") as r:
+            stats = await r.json()
+        assert (stats["window_s"], stats["window_kind"]) == (10.0, kind)
+
+
+def test_window_count_known_answers() -> None:
+    """As ``tests.fakes.FixedWindow`` and ``SlidingWindow`` count (the fakes the controller's
+    virtual-time tests run against): a fixed window's windows from its start, every call
+    past the count refused to the window's end; a sliding one's to its oldest call's expiry
+    (a refused call not counted)."""
+    fixed = WindowCount(2.0, 2.0, "fixed", now=1.0)  # 4 calls a window: [1, 3), [3, 5), ...
+    assert [fixed.try_acquire(1.5) for _ in range(4)] == [0.0] * 4
+    assert fixed.try_acquire(2.5) == pytest.approx(0.5)
+    assert fixed.try_acquire(3.0) == 0.0
+    assert fixed.try_acquire(9.2) == 0.0  # windows skipped: [9, 11) counts 1
+    assert fixed.count == 1
+    sliding = WindowCount(1.0, 3.0, "sliding", now=0.0)  # 3 calls in any 3 s
+    assert [sliding.try_acquire(t) for t in (0.0, 1.0, 2.0)] == [0.0] * 3
+    assert sliding.try_acquire(2.5) == pytest.approx(0.5)  # the call at 0 leaves at 3
+    assert sliding.try_acquire(3.0) == 0.0
+    assert sliding.try_acquire(3.5) == pytest.approx(0.5)
+    assert "sliding" in repr(sliding) and "limit=3" in repr(sliding)
+
+
+@pytest.mark.parametrize(
+    ("fields", "said"),
+    [
+        ({"window_s": 10.0}, "--window counts --quota x --window calls: it needs a --quota"),
+        ({"window_s": 10.0, "quota": 30.0, "burst": 2}, "--burst is a token bucket's"),
+        ({"window_s": 10.0, "quota": 0.01}, "counts 0.1 calls a window: it must count from 1"),
+        ({"window_s": 3600.0, "quota": 1000.0}, "counts 3,600,000 calls a window"),
+        ({"window_s": math.inf, "quota": 1.0}, "--window must be from 0 (a token bucket) to 3,600"),
+        ({"window_s": math.nan, "quota": 1.0}, "--window must be from 0"),
+        ({"window_s": -1.0, "quota": 1.0}, "--window must be from 0"),
+        ({"window_s": 10.0, "quota": 1.0, "window_kind": "rolling"}, "--window-kind must be"),
+    ],
+)  # fmt: skip
+def test_a_window_that_cannot_count_is_refused_in_the_flags_words(
+    fields: dict[str, Any], said: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(said)):
+        SimulatorConfig(**fields)
+
+
+def test_the_quota_changed_under_a_window_keeps_counting_over_it() -> None:
+    """``set_quota`` (``/_sim/quota``) keeps the window: a count of the new quota over it,
+    from now; a quota of 0 is no limit (no window); a burst is refused (no bucket)."""
+    time = FakeTime()
+    sim = Simulator(SimulatorConfig(jobs=0, quota=1.0, window_s=10.0), clock=time.clock)
+    sim.set_quota(0.3)
+    assert [sim.bucket.try_acquire(time.clock()) for _ in range(4)][-1] > 0  # 3 a window
+    with pytest.raises(ValueError, match="--burst"):
+        sim.set_quota(0.3, burst=5)
+    sim.set_quota(0)
+    assert sim.config.window_s == 0 and sim.bucket.try_acquire(time.clock()) == 0.0
 
 
 def test_token_bucket_known_answers() -> None:

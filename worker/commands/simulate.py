@@ -30,6 +30,8 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         seed=args.seed,
         quota=args.quota,
         burst=args.burst,
+        window_s=args.window,
+        window_kind=args.window_kind,
         retry_after=args.retry_after,
         max_batch=args.max_batch,
         faults=FaultConfig.spread(args.fault_rate, latency_ms=args.latency_ms),

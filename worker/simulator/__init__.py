@@ -1,7 +1,8 @@
 """The built-in ModelArts DevServer jobs simulator: the API the demo, tests and benchmarks use.
 
 It speaks the four DevServer job calls with ``SDK-HMAC-SHA256`` verification, a gateway-style
-token-bucket quota with ``Retry-After``, seeded faults (5xx before or after the delete, dropped
+token-bucket quota (or a count over a fixed or sliding window: ``window_s``) with
+``Retry-After``, seeded faults (5xx before or after the delete, dropped
 connections, truncated bodies, latency), and test-only controls under ``/_sim/``.
 
     async with run_simulator(SimulatorConfig(jobs=300, quota=50, burst=10)) as sim:

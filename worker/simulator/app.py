@@ -394,6 +394,8 @@ class _Control:
         out["jobs"] = len(sim.store.jobs)
         out["quota"] = sim.config.quota
         out["burst"] = sim.config.burst
+        out["window_s"] = sim.config.window_s
+        out["window_kind"] = sim.config.window_kind
         return _json(sim, 200, out)
 
     async def deleted(self, request: web.Request) -> web.Response:
@@ -419,7 +421,7 @@ class _Control:
 
     @_answers_refusals_method
     async def quota(self, request: web.Request) -> web.Response:
-        """``{"quota": q, "burst": b}``: a new, full bucket at once."""
+        """``{"quota": q, "burst": b}``: a new, full bucket (or window count) at once."""
         payload = await self._object(request)
         quota = payload.get("quota", 0)
         burst = payload.get("burst")
@@ -427,7 +429,10 @@ class _Control:
             raise self._bad("quota must be >= 0")
         if burst is not None and (not isinstance(burst, int) or burst < 1):
             raise self._bad("burst must be an integer >= 1")
-        self.sim.set_quota(float(quota), burst)
+        try:
+            self.sim.set_quota(float(quota), burst)
+        except ValueError as exc:  # a window that cannot count it (the simulator's window)
+            raise self._bad(str(exc)) from None
         config = self.sim.config
         return _json(self.sim, 200, {"quota": config.quota, "burst": config.burst})
 

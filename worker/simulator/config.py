@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from worker.simulator.quota import WINDOW_KINDS, WindowKind
 from worker.types import PROJECT_ID_RE
 
 RetryAfterMode = Literal["off", "seconds", "date"]
@@ -91,6 +92,10 @@ class SimulatorConfig:
     seed: int = 0
     quota: float = 0.0  # calls/s over all API calls (token bucket); 0 = unlimited
     burst: int = 1
+    # A count of quota * window_s calls over window_s seconds in place of the token bucket
+    # (0: the bucket), fixed or sliding (``worker.simulator.quota.WindowCount``).
+    window_s: float = 0.0
+    window_kind: WindowKind = "fixed"
     retry_after: RetryAfterMode = "seconds"
     max_batch: int = 1000  # more job_ids than this -> 400 for the whole batch
     faults: FaultConfig = FaultConfig()
@@ -118,6 +123,7 @@ class SimulatorConfig:
             raise ValueError(f"quota must be >= 0 (0 = unlimited), got {self.quota!r}")
         if self.burst < 1:
             raise ValueError(f"burst must be >= 1, got {self.burst}")
+        _check_window(self.quota, self.burst, self.window_s, self.window_kind)
         if self.retry_after not in RETRY_AFTER_MODES:
             raise ValueError(f"retry_after must be one of {RETRY_AFTER_MODES}")
         if self.unknown_path not in UNKNOWN_PATH_MODES:
@@ -132,3 +138,32 @@ class SimulatorConfig:
             raise ValueError("a project id IAM knows must be 1 to 64 letters, digits and hyphens")
         if not isinstance(self.reject_ids, frozenset):
             object.__setattr__(self, "reject_ids", frozenset(self.reject_ids))
+
+
+MAX_WINDOW_S = 3600.0
+"""The longest window a count may span: an hour."""
+
+MAX_WINDOW_CALLS = 1_000_000
+"""The most calls a window may count (a sliding window keeps each one's time)."""
+
+
+def _check_window(quota: float, burst: int, span: float, kind: str) -> None:
+    """A window count (``window_s``, the flag ``--window``) that makes sense, or
+    ``ValueError`` saying why in the flags' words."""
+    if kind not in WINDOW_KINDS:
+        raise ValueError(f"--window-kind must be one of {', '.join(WINDOW_KINDS)}, not {kind!r}")
+    if not (math.isfinite(span) and 0 <= span <= MAX_WINDOW_S):
+        raise ValueError(f"--window must be from 0 (a token bucket) to {MAX_WINDOW_S:,g} s")
+    if span == 0:
+        return
+    if quota <= 0:
+        raise ValueError("--window counts --quota x --window calls: it needs a --quota above 0")
+    if burst != 1:
+        raise ValueError("--burst is a token bucket's: a --window count has none (leave it 1)")
+    calls = quota * span
+    if not 1 <= calls <= MAX_WINDOW_CALLS:
+        said = f"{calls:,.0f}" if calls >= 1 else f"{calls:g}"
+        raise ValueError(
+            f"--window {span:g} at --quota {quota:g} counts {said} calls a window: it must "
+            f"count from 1 to {MAX_WINDOW_CALLS:,}"
+        )

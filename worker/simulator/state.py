@@ -18,7 +18,16 @@ from worker.simulator.auth import check_request
 from worker.simulator.config import FAULT_KINDS, FaultConfig, SimulatorConfig
 from worker.simulator.faults import FaultPlan
 from worker.simulator.jobs import JobStore
-from worker.simulator.quota import TokenBucket
+from worker.simulator.quota import Quota, TokenBucket, WindowCount
+
+
+def gate(config: SimulatorConfig, now: float) -> Quota:
+    """The quota ``config`` asks for, starting at ``now``: a count over its window, or a
+    token bucket."""
+    if config.window_s > 0:
+        return WindowCount(config.quota, config.window_s, config.window_kind, now)
+    return TokenBucket(config.quota, config.burst, now)
+
 
 ARRIVALS_KEPT = 200_000
 """How many of the latest calls ``Simulator.arrivals`` keeps (about 10 MB at most)."""
@@ -92,7 +101,7 @@ class Simulator:
         self.stats = SimStats()
         self.store = JobStore(seed=config.seed)
         self.faults = FaultPlan(config.faults, config.seed)
-        self.bucket = TokenBucket(config.quota, config.burst, clock())
+        self.bucket = gate(config, clock())
         # The gateway's view of the last ARRIVALS_KEPT calls, for benchmarks of pacing:
         # (reached the handler, quota checked, accepted), on ``clock``.
         self.arrivals: deque[tuple[float, float, bool]] = deque(maxlen=ARRIVALS_KEPT)
@@ -135,11 +144,15 @@ class Simulator:
         return self.store.generate(n, **fields)
 
     def set_quota(self, quota: float, burst: int | None = None) -> None:
-        """Change the quota at once (a fresh, full bucket); ``burst=None`` keeps the old one."""
+        """Change the quota at once (a fresh, full bucket, or a window count starting now);
+        ``burst=None`` keeps the old one. ``ValueError`` where the window cannot count it
+        (``SimulatorConfig``); a quota of 0 is no limit, and no window."""
+        window_s = self.config.window_s if quota > 0 else 0.0
         self.config = replace(
-            self.config, quota=quota, burst=self.config.burst if burst is None else burst
-        )
-        self.bucket = TokenBucket(self.config.quota, self.config.burst, self.clock())
+            self.config, quota=quota, burst=self.config.burst if burst is None else burst,
+            window_s=window_s,
+        )  # fmt: skip
+        self.bucket = gate(self.config, self.clock())
 
     def take_arrivals(self) -> list[tuple[float, float, bool]]:
         """The calls the quota was checked for since the last take, oldest first."""
