@@ -20,7 +20,7 @@ import anyio
 from worker.pacing.bucket import RateLimiter
 from worker.pacing.controller import PacedController, RateController, answer
 from worker.simulator.quota import TokenBucket as ServerQuota
-from worker.simulator.quota import retry_after_seconds
+from worker.simulator.quota import WindowCount, retry_after_seconds
 
 _T = TypeVar("_T")
 
@@ -266,25 +266,14 @@ class FixedWindow:
         return (self.second + 1.0) * self.span - now
 
 
-class SlidingWindow:
+class SlidingWindow(WindowCount):
     """A sliding-window log: at most ``quota * span`` calls accepted in any rolling ``span``
     seconds (the log holds the accepted calls' times; a refused call is not logged), so
     an even pace under the quota is never refused, and a burst of the window's whole count
-    is let through at once."""
+    is let through at once. The simulator's (``simulate --window-kind sliding``)."""
 
     def __init__(self, quota: float, now: float, *, span: float = 1.0) -> None:
-        self.limit = max(1, round(quota * span))
-        self.span = span
-        self.log: deque[float] = deque()
-
-    def try_acquire(self, now: float) -> float:
-        log = self.log
-        while log and log[0] <= now - self.span:
-            log.popleft()
-        if len(log) < self.limit:
-            log.append(now)
-            return 0.0
-        return log[0] + self.span - now
+        super().__init__(quota, span, "sliding", now)
 
 
 class Stacked:
