@@ -55,12 +55,20 @@ saying ``compiling`` on stderr."""
 async def _stopped_at(step: str, args: Sequence[str], env: dict[str, str]) -> tuple[int, str, str]:
     """Run the command, SIGTERM it as ``step`` begins; its exit code, stdout and stderr."""
     command = [sys.executable, "-c", _DROPPED_BEFORE, step, *args]
+    return await _sigterm_on(b"compiling", command, env)
+
+
+async def _sigterm_on(
+    word: bytes, command: Sequence[str], env: dict[str, str]
+) -> tuple[int, str, str]:
+    """Run ``command``, SIGTERM it once it says ``word`` on stderr; its exit code, stdout
+    and stderr."""
     process = await anyio.open_process(command, env=env)
     async with reaped(process):
         assert process.stdout is not None and process.stderr is not None
         err = b""
         with anyio.fail_after(60):  # a hang's guard, not a measure
-            while b"compiling" not in err:
+            while word not in err:
                 err += await process.stderr.receive()
             process.send_signal(signal.SIGTERM)
             err += b"".join([chunk async for chunk in process.stderr])
@@ -112,3 +120,37 @@ async def test_report_stops_on_a_sigterm_whose_exit_was_dropped(tmp_path: Path) 
     code, out, err = await _stopped_at(".open_readonly", args, reaper_env("http://127.0.0.1:9"))
     assert code == 75, out + err
     assert not export.exists() and "Traceback" not in err
+
+
+_NO_PROGRESS = (
+    "import runpy, sys\n"
+    "from worker.batchsize import BatchSize\n"
+    "piece, pieces = BatchSize.piece, []\n"
+    "def counted(self, ids):\n"
+    "    pieces.append(ids)\n"
+    "    if len(pieces) == 2:\n"
+    "        sys.stderr.write('spinning\\n'); sys.stderr.flush()\n"
+    "    return piece(self, ids)\n"
+    "BatchSize.cap = property(lambda self: 0)\n"
+    "BatchSize.piece = counted\n"
+    "runpy.run_module('worker', run_name='__main__', alter_sys=True)\n"
+)
+"""``python -m worker ARGS`` whose learnt batch limit is 0 ids a call (as a ledger's row
+edited past sense gave before 6063c5c): each piece of a batch is empty, and its split goes
+round and round, sending nothing. ``spinning`` on stderr once it goes round."""
+
+
+async def test_a_run_that_goes_round_without_progress_still_stops_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    """A dispatcher loop that sends nothing and awaits nothing (a batch split into pieces
+    of 0 ids) kept the event loop busy: SIGTERM was never heard, and the run spun until
+    ``kill -9``. A stop wins now: 75 once the grace is over, every id open, nothing sent."""
+    async with run_simulator(SimulatorConfig(jobs=5)) as sim:
+        ids = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        command = [sys.executable, "-c", _NO_PROGRESS, "run", "--input", str(ids), "--yes",
+                   "--grace", "1", "--ledger", str(tmp_path / "ledger.db")]  # fmt: skip
+        code, out, err = await _sigterm_on(b"spinning", command, reaper_env(sim.url))
+        assert sim.stats.delete_calls == 0 and len(sim.job_ids()) == 5
+    assert code == 75, (out + err)[-2000:]
+    assert '"open":5' in out, out[-2000:]

@@ -46,6 +46,8 @@ from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
+from anyio.lowlevel import checkpoint
+
 from worker.batcher import DeletionBudget
 from worker.batchsize import BatchSize, Learnt
 from worker.clock import Clock
@@ -299,6 +301,7 @@ class Dispatcher:
                 break
             with self._waiting():  # shares taken are out: some may come back
                 await self._budget.settled()
+            await checkpoint()  # a stop wins, even where nothing came back and nothing waited
             held = granted = self._budget.take(len(ids) - done)
         stale = tuple(doubt.stale)
         unsure = frozenset(doubt.unsure.intersection(stale))
@@ -333,6 +336,10 @@ class Dispatcher:
             if cap is not None and len(ids) > cap:
                 number = start = 0
                 while start < len(ids):  # at the cap, or now and then a probe past it
+                    # A stop wins here whatever a piece does: a cap of 0 (a learnt limit
+                    # edited past sense, 6063c5c) sent nothing and awaited nothing, and the
+                    # loop spun with SIGTERM unheard until kill -9.
+                    await checkpoint()
                     number += 1
                     with self.sizes.piece(len(ids) - start) as size:
                         piece = ids[start : start + size]
@@ -343,6 +350,7 @@ class Dispatcher:
                 await self._delete(batch_id, ids, doubt, whole=True)
                 return
             except _SizeInDoubt:
+                await checkpoint()  # round again: a stop wins
                 continue  # refused whole while this one waited its turn: wait, then split
 
     async def _learnt(self, before: Learnt | None) -> None:

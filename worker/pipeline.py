@@ -300,6 +300,7 @@ class Pipeline:
                     if self.state.stopping:
                         return
                     if batch is None:
+                        await anyio.lowlevel.checkpoint()  # round again: a stop wins
                         continue  # another dispatcher took the batch held back
                     self._journal.dispatching(batch.ids)
                     with self._working.busy():
