@@ -396,11 +396,11 @@ class PacedCall:
                     await working.take_place()
                     placed = True
                     # A stopping process reserves no more of the rate (a fleet's slots).
-                    if not (working.stopped or self._stopping()):
+                    if not self._stop_asked():
                         with working.token_wait():
                             await self._limiter.acquire()
-            # then nothing more is sent
-            stopping = self._stopping() or (working is not None and working.stopped)
+            # Asked again, not twice for nothing: a stop may come during the waits above.
+            stopping = self._stop_asked()  # then nothing more is sent
             if not stopping and sending is not None:
                 await sending(tries.attempt)
         except BaseException:
@@ -433,6 +433,10 @@ class PacedCall:
             gate.record(None, probe=probe)
         self._feedback(None, self._clock.now() - started)
         return result
+
+    def _stop_asked(self) -> bool:
+        """The run or service is stopping (``stopping``), or the pool (``Working.stop``)."""
+        return self._stopping() or (self._working is not None and self._working.stopped)
 
     def _unplace(self, placed: bool) -> None:
         if placed and self._working is not None:
