@@ -257,7 +257,10 @@ async def test_outcomes_redis_never_took_before_a_stop_are_counted_left_pending(
     so and ``left_pending`` counts them; the next replica ends them ``deleted``,
     unconfirmed (its note of ids sent), one row each."""
     errors = tmp_path / "serve.err"
-    config = SimulatorConfig(jobs=3, faults=FaultConfig(latency_ms=1500, latency_jitter=False))
+    # The DELETE is answered 1 s after it went out, within the 2 s of grace; the drain's
+    # deadline is 2 + 5 s after the SIGTERM, and Redis sleeps 12 s from then: past it with
+    # 5 s to spare (a longer stall or grace only waits longer).
+    config = SimulatorConfig(jobs=3, faults=FaultConfig(latency_ms=1000, latency_jitter=False))
     async with (
         redis_server(tmp_path, ["enable-debug-command local"]) as port,
         run_simulator(config) as sim,
@@ -266,11 +269,11 @@ async def test_outcomes_redis_never_took_before_a_stop_are_counted_left_pending(
     ):
         url = f"redis://127.0.0.1:{port}/0"
         jobs = sim.job_ids()
-        async with serving(sim, url, errors, "--grace", "4") as served:
+        async with serving(sim, url, errors, "--grace", "2") as served:
             for job_id in jobs:
                 await admin.xadd(STREAM, {"id": job_id})
             await until(deletes_sent(sim, 1))
-            group.start_soon(admin.execute_command, "DEBUG", "SLEEP", "20")
+            group.start_soon(admin.execute_command, "DEBUG", "SLEEP", "12")
             served.process.send_signal(signal.SIGTERM)
             with anyio.fail_after(60):
                 code = await served.process.wait()
