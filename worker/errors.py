@@ -247,3 +247,8 @@ class RedisUnavailable(ReaperError):
     def __init__(self, message: str, *, cause: str = "") -> None:
         super().__init__(message)
         self.cause = cause
+
+
+class RedisCertificateRefused(RedisUnavailable):
+    """A ``rediss://`` Redis whose TLS certificate was refused (not signed by a CA trusted
+    here, or for another host): it answered, and asking again changes nothing."""

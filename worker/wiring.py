@@ -27,7 +27,7 @@ from worker.discovery.expiry import ExpiringLimiter
 from worker.discovery.guard import Guard, PlanCheck, Protection, load_protection
 from worker.discovery.recheck import ListingRecheck
 from worker.dispatcher import Dispatcher, Journal, Working
-from worker.errors import ConfigError, RedisUnavailable
+from worker.errors import ConfigError, RedisCertificateRefused, RedisUnavailable
 from worker.exit_codes import ExitCode
 from worker.pacing.breaker import BreakerGate
 from worker.pacing.bucket import RateLimiter
@@ -328,11 +328,32 @@ async def answering(client: aioredis.Redis, url: str, *, kept: str) -> None:
     try:
         await ping(client)
     except REDIS_ERRORS as exc:
+        if (why := _certificate_refused(exc)) is not None:
+            raise RedisCertificateRefused(
+                f"the TLS certificate of Redis at {redis_where(url)}, where {kept} is kept, "
+                f"was refused ({why}); nothing was sent",
+                cause="certificate",
+            ) from None
         raise RedisUnavailable(
             f"Redis at {redis_where(url)}, where {kept} is kept, does not answer "
             f"({type(exc).__name__}); nothing was sent",
             cause=type(exc).__name__,
         ) from None
+
+
+def _certificate_refused(exc: BaseException) -> str | None:
+    """Why a ``rediss://`` Redis's certificate was refused (``self-signed certificate``), or
+    None when that is not what failed: redis-py says "Error 1 connecting to HOST:PORT.
+    [SSL: CERTIFICATE_VERIFY_FAILED] ...", its ``ssl`` error the context, and it was read
+    as a Redis that does not answer."""
+    import ssl
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen.verify_message or "certificate verify failed"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 async def rate_redis(settings: Settings) -> aioredis.Redis:

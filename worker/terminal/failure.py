@@ -20,6 +20,7 @@ from worker.errors import (
     InputUnreadable,
     NoSuchApi,
     ReaperError,
+    RedisCertificateRefused,
     RedisUnavailable,
     TlsError,
     TransientError,
@@ -58,6 +59,11 @@ def fix_for(exc: BaseException, command: str = "run", ca_bundle: str | None = No
         return f"check --project-id and --region (or --endpoint){check}"
     if isinstance(exc, TlsError):
         return "the server's certificate was refused: " + certificate_fix("the server", ca_bundle)
+    if isinstance(exc, RedisCertificateRefused):
+        return (
+            "trust the CA that signed Redis's certificate: add ?ssl_ca_certs=/path/ca.pem to "
+            "the Redis URL (PEM), or name Redis by a host its certificate carries"
+        )
     if isinstance(exc, RedisUnavailable):
         return (
             "check that Redis runs and answers from here (redis-cli PING), then run the "
