@@ -530,14 +530,15 @@ def libfaketime() -> str:
 async def test_a_plan_past_its_expires_at_on_the_system_s_clock_sends_no_more_deletes(
     tmp_path: Path,
 ) -> None:
-    """The system's clock runs ten times as fast as the run's monotonic one (libfaketime in
-    the run's process alone; the simulator keeps real time): a plan living 120 s is past its
-    ``expires_at`` on the system's clock 12 s after the run started, while its own clock
-    says 108 s are left, and would till the run's end. No DELETE reaches the simulator once
+    """The system's clock runs fifteen times as fast as the run's monotonic one (libfaketime
+    in the run's process alone; the simulator keeps real time): a plan living 120 s is past
+    its ``expires_at`` on the system's clock 8 s after the run started (its first DELETE
+    goes out 1.7 s in at load 6), while its own clock says 112 s are left, and would till
+    the run's end. No DELETE reaches the simulator once
     the plan has certainly expired on the system's clock: the jobs left end ``skipped``
     (``plan_expired``), exit 1. Counted on the run's clock alone, the plan lasted the run:
     every job was deleted, exit 0."""
-    speed, ttl = 10, 120.0
+    speed, ttl = 15, 120.0
     env_faked = {"LD_PRELOAD": libfaketime(), "FAKETIME": f"+0 x{speed}",
                  "FAKETIME_DONT_FAKE_MONOTONIC": "1"}  # fmt: skip
     started = time.monotonic()
