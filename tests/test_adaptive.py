@@ -397,6 +397,47 @@ def test_the_rough_floor_counted_as_a_per_second_gateway_allows_it_too() -> None
     assert counted == 6.0
 
 
+def _answered_by(gateway: FixedWindow | TokenBucket, sends: Sequence[float]) -> GatewayEvidence:
+    """The evidence of calls sent at ``sends``, each answered by ``gateway`` as it arrived."""
+    evidence = GatewayEvidence(AdaptiveConfig())
+    for sent in sends:
+        evidence.sent(sent)
+        if gateway.try_acquire(sent) > 0:
+            evidence.refused(sent, sent + 0.002)
+        else:
+            evidence.accepted(sent, sent + 0.05)
+    return evidence
+
+
+def test_no_token_bucket_is_proven_no_token_bucket() -> None:
+    """Whatever its quota (0.5-500 calls/s) and burst (1-10), and however unevenly the calls
+    reach it (each 0.8-1.25 times an interval of 0.3-1.5 of its quota's), a token bucket's
+    answers never prove it no token bucket: a run it refused after an accepted call bounds
+    its quota from above, a run it accepted after a refused call from below, and the second
+    never passes the first. It comes within 1 % of it: with ``NOT_A_BUCKET`` at 0.9, not
+    1.25, this fails (two pairs within 10 % in a run at 119 calls/s, burst 4)."""
+    rng = random.Random(23)
+    for _ in range(2000):
+        quota, burst, pace = rng.uniform(0.5, 500.0), rng.randint(1, 10), rng.uniform(0.3, 1.5)
+        gaps = [pace * rng.uniform(0.8, 1.25) / quota for _ in range(rng.randint(2, 120))]
+        sends = list(itertools.accumulate(gaps))
+        evidence = _answered_by(TokenBucket(quota, burst, 0.0), sends)
+        assert not evidence.no_token_bucket(0.0, sends[-1]), (quota, burst, pace)
+
+
+def test_a_count_per_second_is_proven_no_token_bucket_twice_over() -> None:
+    """A gateway counting 3 calls per whole second, paced at 6.6 calls/s: each second it
+    accepts 3 in a row (over 4.4 calls/s for a token bucket emptied at the refusal before)
+    and refuses the 3 or 4 after them (under 2.2). One such pair is no proof (a quota may
+    have changed between its runs); two are."""
+    sends = [0.05 + k / 6.6 for k in range(30)]  # 0.05-4.44 s
+    evidence = _answered_by(FixedWindow(3.0, 0.0), sends)
+    assert evidence.no_token_bucket(0.0, 4.5)
+    assert not evidence.no_token_bucket(0.0, 2.1)  # one refused run, then one accepted
+    evidence = _answered_by(TokenBucket(3.0, 10, 0.0), sends)  # a burst of 10: no proof
+    assert not evidence.no_token_bucket(0.0, 4.5)
+
+
 def test_a_run_of_refusals_is_known_ended_only_once_the_calls_beside_it_are_answered() -> None:
     """A gateway counting calls per whole second refuses every call from its count's end to
     the second's end: ``refused_run`` counts the refusals in a row around a refused call from

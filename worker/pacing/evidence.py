@@ -11,8 +11,11 @@ burst. A refusal means the gateway's bucket was empty when that call arrived, so
   (``since_empty_pace``);
 - it got less than a token between the refused call and the accepted one just before it
   (``ceiling``);
-- and the calls it let through over the quota's pace before its first refusal, at start-up
-  from a full bucket, tell of its burst (``burst``).
+- the calls it let through over the quota's pace before its first refusal, at start-up
+  from a full bucket, tell of its burst (``burst``);
+- and a gateway whose runs of calls accepted in a row say more of its quota than the runs
+  refused before them allow is no token bucket (``no_token_bucket``): one counting calls
+  per second.
 
 Pure: the times are the caller's, and the send times are kept only as far back as a measure
 can reach (``horizon``). The design is in ``docs/rate-auto.md``.
@@ -35,6 +38,11 @@ quota or more, whatever its burst, and the rate falls to the measure at once."""
 
 SECOND = 1.0
 """What a gateway counting calls per whole second counts them over (``floor_counted``)."""
+
+NOT_A_BUCKET = 1.25
+"""A floor this many times a ceiling proves the gateway no token bucket (``no_token_bucket``):
+calls leave a few milliseconds late (a loaded loop's send jitter), and the gateway sees them
+that much closer together or further apart than they started."""
 
 SAME_CALL = 1e-6
 """A call's start as ``on_sent`` saw it and as its answer's latency dates it may differ by
@@ -239,6 +247,39 @@ class GatewayEvidence:
         first = bisect.bisect_left(accepted, since)
         end = bisect.bisect_left(accepted, until)
         return any(accepted[i + 1] - accepted[i] <= gap for i in range(first, end - 1))
+
+    def no_token_bucket(self, start: float, end: float) -> bool:
+        """Whether the calls started from ``start`` up to ``end`` prove the gateway no token
+        bucket, whatever its burst: twice, a run of calls refused in a row after an accepted
+        one, then a run accepted in a row, says more of the quota by ``NOT_A_BUCKET`` with
+        the second than the first allows. A bucket held no token just after the accepted
+        call, so over the refused run it got under one in all: the quota is under 1 / the
+        time from the accepted call to the run's last. It held under a token at that last
+        refused call, so over the accepted run it got more than a token a call but one: the
+        quota is over ``m - 1`` calls / the time to the run's last (``floor``). A gateway
+        counting calls per whole second (or over any rolling second) lets its count through
+        in a row at any pace and refuses every call to the second's end: at a count of 3
+        paced at 6.6 calls/s, 3 accepted in a row say over 4.4, 4 refused in a row under 1.7.
+        Twice: a quota that changed between the two runs of one pair says nothing of the
+        kind (a fall from 50 to 20 calls/s at a burst of 1 read so set the quota at 1)."""
+        sends = self._sends
+        first, last = bisect.bisect_left(sends, start), bisect.bisect_right(sends, end)
+        runs: list[tuple[bool | None, float, int]] = []  # accepted?, its last start, calls
+        for started in itertools.islice(sends, first, last):
+            accepted = self._was(self._accepted, started)
+            kind = True if accepted else (False if self._was(self._refused, started) else None)
+            if runs and runs[-1][0] is kind:
+                runs[-1] = (kind, started, runs[-1][2] + 1)
+            else:
+                runs.append((kind, started, 1))
+        proofs = 0
+        for before, refusals, after in zip(runs, runs[1:], runs[2:], strict=False):
+            if before[0] is not True or refusals[0] is not False or after[0] is not True:
+                continue
+            ceiling = 1.0 / (refusals[1] - before[1])
+            floor = (after[2] - 1) / (after[1] - refusals[1])
+            proofs += floor > NOT_A_BUCKET * ceiling
+        return proofs >= 2
 
     def _starts(self, sent: float) -> tuple[float, float] | None:
         """When the call before the one started at ``sent`` started, and when that one did
