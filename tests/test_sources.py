@@ -835,7 +835,7 @@ async def test_a_reader_that_fails_unexpectedly_ends_the_input_it_never_hangs() 
     still reaches the run, as the input being unreadable, after the chunks read before it."""
     import anyio
 
-    from worker.pipeline import _read_in_background
+    from worker.pipeline import read_in_background
 
     def entries() -> Iterator[Entry]:
         yield Candidate("job-1", 1)
@@ -844,7 +844,7 @@ async def test_a_reader_that_fails_unexpectedly_ends_the_input_it_never_hangs() 
 
     items: list[object] = []
     with anyio.fail_after(10):
-        async with _read_in_background(entries(), size=1) as chunks:
+        async with read_in_background(entries(), size=1) as chunks:
             items = [item async for item in chunks]
     assert [item for item in items if isinstance(item, list)] == [
         [Candidate("job-1", 1)],

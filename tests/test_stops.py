@@ -20,7 +20,7 @@ import anyio
 import pytest
 
 from tests.conftest import REDIS_URL
-from tests.e2e import reaped, reaper_env, write_ids
+from tests.e2e import reaped, reaper_env, until, write_ids
 from tests.test_report import fill
 from worker.simulator import SimulatorConfig, run_simulator
 
@@ -154,3 +154,35 @@ async def test_a_run_that_goes_round_without_progress_still_stops_on_sigterm(
         assert sim.stats.delete_calls == 0 and len(sim.job_ids()) == 5
     assert code == 75, (out + err)[-2000:]
     assert '"open":5' in out, out[-2000:]
+
+
+async def test_enqueue_stopped_while_its_input_is_slow_to_come_says_what_it_added(
+    redis_prefix: str, redis_client: Any
+) -> None:
+    """600 ids on a pipe left open: the first 500 (a chunk) go on the stream, and the
+    reading thread waits for the rest. SIGTERM then: 75, the summary counts the 500, and
+    no traceback (closing the entries under the thread raised "generator already
+    executing", exit 1)."""
+    stream = f"{redis_prefix}ids"
+    args = ["enqueue", "--input", "-", "--redis-url", REDIS_URL, "--stream", stream]
+    command = [sys.executable, "-m", "worker", *args]
+    process = await anyio.open_process(command, env=reaper_env("http://127.0.0.1:9"))
+    async with reaped(process):
+        assert process.stdin is not None and process.stdout is not None
+        lines = "".join(f"job-{n}\n" for n in range(600))
+        await process.stdin.send(lines.encode())
+
+        async def added() -> bool:
+            return bool(await redis_client.xlen(stream) == 500)
+
+        await until(added)
+        process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(60):  # a hang's guard, not a measure
+            out = b"".join([chunk async for chunk in process.stdout])
+            code = await process.wait()
+        assert process.stderr is not None
+        err = b"".join([chunk async for chunk in process.stderr]).decode()
+    assert code == 75, err[-2000:]
+    assert '"enqueued":500' in out.decode() and "Traceback" not in err, err[-2000:]
+    assert f"stopped by SIGTERM: 500 ids are on the stream {stream}" in err
+    assert await redis_client.xlen(stream) == 500

@@ -112,7 +112,7 @@ def _next_chunk(entries: Iterator[Entry], size: int) -> list[Entry]:
 Chunk = list[Entry] | BaseException
 
 
-def _read_in_background(entries: Iterator[Entry], size: int) -> MemoryObjectReceiveStream[Chunk]:
+def read_in_background(entries: Iterator[Entry], size: int) -> MemoryObjectReceiveStream[Chunk]:
     """Read the source in a daemon thread of its own, a chunk at a time, with back-pressure.
 
     Not an anyio worker thread: a read blocked on a quiet stdin would keep the interpreter
@@ -245,7 +245,7 @@ class Pipeline:
             self.state.intake_done = True
 
     async def _read_all(self, send: MemoryObjectSendStream[Batch]) -> None:
-        chunks = _read_in_background(self._entries, self._chunk_size)
+        chunks = read_in_background(self._entries, self._chunk_size)
         async with chunks:
             async for chunk in chunks:
                 if isinstance(chunk, BaseException):

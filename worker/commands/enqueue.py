@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 import anyio
-import anyio.to_thread
 import orjson
 import structlog
 
@@ -43,7 +42,10 @@ from worker.targets import FIELDS, untrusted
 from worker.types import Candidate, Rejection
 
 if TYPE_CHECKING:
+    from anyio.streams.memory import MemoryObjectReceiveStream
+
     from worker.input.sources import EntryReader
+    from worker.pipeline import Chunk
 
 CHUNK = 500
 
@@ -75,8 +77,15 @@ def execute(path: str, fmt: str, settings: Settings, *, stdin: IO[bytes] | None 
             stdin = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)  # noqa: SIM115
         # Opened before the loop: a named pipe's open waits for a writer, and only here
         # does a SIGTERM end that wait (75); inside the loop signals are heard at an await.
-        with read_entries(path, fmt, stdin=stdin) as entries:  # unreadable: 66 first
+        entries = read_entries(path, fmt, stdin=stdin)  # unreadable: 66 first
+        try:
             return anyio.run(_until_stopped, entries, settings)
+        finally:
+            # A stop leaves the reading thread inside the entries where input is slow to
+            # come (a terminal, a pipe): closing them under it raised "generator already
+            # executing" (a traceback, exit 1); they are left to the exit, as the thread is.
+            with contextlib.suppress(ValueError):
+                entries.close()
     except (ConfigError, InputUnreadable) as exc:
         from worker.terminal.failure import say_error
 
@@ -147,8 +156,8 @@ async def enqueue(path: str, fmt: str, settings: Settings, stdin: IO[bytes] | No
 async def enqueue_entries(entries: EntryReader, settings: Settings, stop: _Stop) -> int:
     import redis.exceptions
 
-    from worker.input.sources import read_chunks
     from worker.outcomes.events import EventLog
+    from worker.pipeline import read_in_background
     from worker.service.consumer import not_a_stream, not_permitted
     from worker.service.outage import REDIS_ERRORS, redis_where
 
@@ -158,17 +167,22 @@ async def enqueue_entries(entries: EntryReader, settings: Settings, stop: _Stop)
     enqueued = rejected = 0
     first: str | None = None
     last: str | None = None
+    chunks: MemoryObjectReceiveStream[Chunk] | None = None
     try:
         try:
             with stop.ends():
                 await wiring.answering(client, settings.redis_url, kept="the ids stream")
         except RedisUnavailable as exc:
             return _unavailable(exc, settings)
-        chunks = read_chunks(entries, CHUNK)
+        # A daemon thread of its own, as run's: an anyio worker thread left reading a quiet
+        # pipe after a stop kept the interpreter from exiting until its writer closed it.
+        chunks = read_in_background(entries, CHUNK)
         while stop.signal is None:
-            chunk = None
-            with stop.ends():  # the thread is left behind on a quiet pipe
-                chunk = await anyio.to_thread.run_sync(next, chunks, None, abandon_on_cancel=True)
+            chunk: Chunk | None = None
+            with stop.ends(), contextlib.suppress(anyio.EndOfStream):
+                chunk = await chunks.receive()
+            if isinstance(chunk, BaseException):
+                raise chunk  # the input failed midway (unreadable)
             if chunk is None or stop.signal is not None:
                 break  # the input's end, or a stop: a chunk read meanwhile is not added
             ids: list[dict[str, str]] = []
@@ -204,6 +218,8 @@ async def enqueue_entries(entries: EntryReader, settings: Settings, stop: _Stop)
         _summary(settings.stream, enqueued, rejected, first, last)
         return code
     finally:
+        if chunks is not None:  # the reading thread, if still at work, stops at its next send
+            chunks.close()
         await client.aclose()
     _summary(settings.stream, enqueued, rejected, first, last)
     if stop.signal is not None:
