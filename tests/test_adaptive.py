@@ -1355,6 +1355,31 @@ def test_a_probe_holds_at_its_target_while_the_places_bind() -> None:
         assert most >= 50.0
 
 
+def test_a_pace_that_leaves_the_places_slots_is_not_held_at_its_target() -> None:
+    """8 in flight answered around 330 ms (300 ms drawn, and what a loaded host adds) carry
+    about 24 calls/s, and a refusal read as workers held back left the target just under
+    what they sent, 31 calls/s. Paced at 1.3 times what they carry, a place that comes free
+    while the last call's slot is not yet over waits for it: they send about 0.9 of it (22
+    calls/s here). Held at that target while what was sent was under 0.75 of it, the pace
+    stayed at 30-31 for the 12 s left of a run over loopback (0.863 of the 26.7 calls/s 8
+    places carry at 300 ms). The pace holds only where it is ``PLACES`` (0.65) of what was
+    sent or more, where the places send 0.95 of what they carry; under that, the probe
+    climbs past its target."""
+    ctrl = RateController(0.0)
+    ctrl.restore(replace(ctrl.state, rate=30.0, level=30.0, phase=Phase.CRUISE,
+                         cut_at=0.0, target=31.0, unit=1.13))  # fmt: skip
+    # A clump of 7 every 0.32 s (21.9 calls/s) at the pace, each answered 0.32 s after it left.
+    sends = [0.32 * k + j / 31.0 for k in range(60) for j in range(7)]
+    events = sorted([(t, False) for t in sends] + [(t + 0.32, True) for t in sends])
+    for t, answered in events:
+        if answered:
+            ctrl.on_success(t, latency=0.32)
+        else:
+            ctrl.rate_at(t)
+            ctrl.on_sent(t)
+    assert ctrl.rate_at(sends[-1]) >= 21.9 / 0.65
+
+
 def test_a_refusal_of_what_was_sent_for_a_window_is_read_as_the_pace_refused() -> None:
     """8 in flight answered around 300 ms send 20 calls/s in clumps at a pace of 62, past a
     quota of 50 with a burst of 2, which refuses a clump now and then. The gateway accepted
