@@ -319,12 +319,16 @@ class Averaged:
         self.capacity, self.latency, self.draws = capacity, latency, draws
         self.arrivals: deque[float] = deque()
 
-    def __call__(self, now: float) -> tuple[bool, float]:
+    def arrived(self, now: float) -> int:
+        """A call at ``now``: the calls that came over the last 10 s, this one with them."""
         arrivals = self.arrivals
         while arrivals and arrivals[0] <= now - 10.0:
             arrivals.popleft()
         arrivals.append(now)
-        rate = len(arrivals) / min(10.0, max(now, 1.0))
+        return len(arrivals)
+
+    def __call__(self, now: float) -> tuple[bool, float]:
+        rate = self.arrived(now) / min(10.0, max(now, 1.0))
         if self.draws.random() < 1.0 - self.capacity / rate:
             return True, 0.002
         return False, self.draws.expovariate(1.0 / self.latency)

@@ -160,6 +160,104 @@ def test_random_503s_that_do_not_fall_with_the_rate_leave_the_quota_in_use(
     assert run.refused_share(10.0, 40.0) <= 0.02
 
 
+def _out(
+    start: float, end: float, latency: float, draws: random.Random
+) -> Callable[[float], tuple[bool, float]]:
+    """A service out from ``start`` to ``end`` (every call answered 503 at once), healthy
+    before and after: its 503s are the same share at any rate."""
+    return lambda now: (
+        (True, 0.002) if start <= now < end else (False, draws.expovariate(1.0 / latency))
+    )
+
+
+@pytest.mark.xfail(strict=True, reason="random 503s past MOST_FAULTS are read STILL")
+@pytest.mark.parametrize("seed", [1, 4])
+def test_random_503s_of_most_calls_do_not_halve_the_rate(seed: int) -> None:
+    """Three fifths of the calls a gateway of 5 calls/s (burst 2) lets through answered 503
+    at random, 5 ms: at least 0.70 of the quota used from 10 s on (503s counted). A trial's
+    503s more than 4 past 0.4 (``MOST_FAULTS``) of its answers are ``STILL``, and at 60 %
+    they pass that by 0.2 of the answers on average: the trial ends ``STILL`` (10 of 14)
+    before ``RANDOM`` (under 0.6), and halves the rate, again at each overload after:
+    0.55 and 0.38 used here (0.83 and 0.82 at 1fcf65f); medians over 10 seeds 0.55 at q5
+    and 0.36 at q50 (0.77 and 0.66 at 1fcf65f), 0.13-0.27 at 70 % (0.25-0.67)."""
+    draws = random.Random(seed)
+    run = simulate(lambda t: 5.0, duration=60.0, burst=2, latency=0.005,
+                   service=lambda now: (draws.random() < 0.6, 0.005))  # fmt: skip
+    through = len([t for t in run.ok + run.unavailable if t >= 10.0]) / 50.0
+    assert through >= 0.70 * 5.0
+
+
+_HALVED_TO_THE_FLOOR = pytest.mark.xfail(
+    strict=True, reason="an outage's trials are read as a rate still past the service"
+)
+
+
+@pytest.mark.parametrize(
+    ("quota", "outage"),
+    [
+        pytest.param(5.0, 5.0, id="q5-5s", marks=_HALVED_TO_THE_FLOOR),
+        pytest.param(5.0, 20.0, id="q5-20s", marks=_HALVED_TO_THE_FLOOR),
+        pytest.param(5.0, 60.0, id="q5-60s", marks=_HALVED_TO_THE_FLOOR),
+        pytest.param(50.0, 5.0, id="q50-5s", marks=_HALVED_TO_THE_FLOOR),
+        pytest.param(50.0, 20.0, id="q50-20s"),
+        pytest.param(50.0, 60.0, id="q50-60s", marks=_HALVED_TO_THE_FLOOR),
+    ],
+)
+def test_a_service_out_for_a_while_is_used_in_full_once_it_is_back(
+    quota: float, outage: float
+) -> None:
+    """A gateway of ``quota`` calls/s (burst 2) in front of a service that answers every
+    call 503 for ``outage`` s from 20 s on, 50 ms: an outage is no capacity, its 503s the
+    same share at any rate. At least 0.90 of the quota used from 10 s after it ends to 40 s
+    after. Each trial of the outage is read ``STILL`` and halves the rate: at q50, 47 ->
+    0.2 calls/s (the floor) in 52 s; there a trial served in full lasts 100 answers (the
+    share of the first cut's: 500 s), and ends ``FELL``, capping the probes half-way to
+    the rate halved (0.29). Used (10 seeds, 5 and 50 ms, ``/tmp``-free: the same figures
+    from ``simulate``): 0.36-0.37 at q50 after 5 s, 0.00 after 60 s (0.83-0.84 and 0.19
+    at 1fcf65f, which stepped 3 % down at each fifth of 50 503s); at q5 0.55, 0.14, 0.04
+    (0.55, 0.95-0.97, 0.75). After 20 s at q50 a trial ends ``RANDOM`` by chance as the
+    service comes back: 0.99.
+
+    Tried: the rate held where nothing was served for 10 s (``STILL`` read as out, served
+    again the rate before): 0.98-0.99 used after 20-60 s, but a service counting every call
+    over 10 s, its 503s too, serves nothing as long as the rate holds past its capacity
+    (``test_a_service_counting_every_call_is_halved_till_it_serves``: 53-83 % answered 503).
+    Only a rate under it tells the two apart."""
+    draws, start = random.Random(1), 20.0
+    run = simulate(lambda t: quota, duration=start + outage + 40.0, burst=2, latency=0.05,
+                   service=_out(start, start + outage, 0.05, draws))  # fmt: skip
+    back = start + outage
+    assert run.accepted_per_s(back + 10.0, back + 40.0) >= 0.90 * quota
+
+
+class _EveryCallCounted(Averaged):
+    """A service that counts every call it gets over a sliding 10 s, those it answers 503
+    too, and answers 503 past ``capacity`` calls/s of them: past its capacity it serves
+    nothing at all, as a service out does, until the rate falls under it."""
+
+    def __call__(self, now: float) -> tuple[bool, float]:
+        if self.arrived(now) > 10.0 * self.capacity:
+            return True, 0.002
+        return False, self.draws.expovariate(1.0 / self.latency)
+
+
+@pytest.mark.parametrize("capacity", [5.0, 20.0])
+@pytest.mark.parametrize("latency", [0.005, 0.05], ids=["5ms", "50ms"])
+def test_a_service_counting_every_call_is_halved_till_it_serves(
+    capacity: float, latency: float
+) -> None:
+    """``_EveryCallCounted``, no quota at the gateway, 120 s: at most 10 % of the calls
+    answered 503 from 10 s on (4.4-6.8 % here; 14-20 % over the first 60 s): its trials'
+    answers stay 503s at any rate past its capacity, and only halving finds a rate it
+    serves. A rate held where nothing was served for 10 s (as for an outage) held it past
+    its capacity for good: 53-83 % answered 503 (medians of 10 seeds)."""
+    service = _EveryCallCounted(capacity, latency, random.Random(1))
+    run = simulate(lambda t: 0.0, duration=120.0, latency=latency, service=service,
+                   gateway=lambda quota, now: _Open())  # fmt: skip
+    shed = len([t for t in run.unavailable if t >= 10.0])
+    assert shed <= 0.10 * len([t for t in run.ok + run.unavailable if t >= 10.0])
+
+
 @pytest.mark.xfail(strict=True, reason="the rate shed caps the probes for 30 s (forget)")
 @pytest.mark.parametrize("latency", [0.005, 0.05], ids=["5ms", "50ms"])
 def test_a_capacity_that_rises_after_shedding_is_followed_within_seconds(latency: float) -> None:
