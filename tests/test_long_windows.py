@@ -376,3 +376,24 @@ def test_a_long_wait_after_a_window_spent_in_its_last_second_is_checked() -> Non
     used, refused = _used_and_refused(run, 30.0, 5.0, 40.0)  # from the second window
     assert refused <= 0.02, (used, refused)
     assert used >= 0.90, (used, refused)
+
+
+@pytest.mark.parametrize("before", [2.5, 5.0])
+def test_a_window_read_again_is_spanned_to_where_its_retry_after_most_likely_ends(
+    before: float,
+) -> None:
+    """A window read again (a refusal of a call sent after the last end): its count over
+    the span from the last end to the new ``Retry-After``'s end. Whole seconds rounded up,
+    that end is up to a second late (half of one on average), and the span read to it a
+    tenth too long on a 10 s window: the pace 0.86 of the quota (a fleet of three accepted
+    220-275 of a window's 300). One process, 30 calls/s, 5 ms, a fixed 10 s count begun
+    ``before`` s before it: from the second window to 70 s, at least 0.93 of the quota used
+    (0.918 and 0.906 read to the end said; 0.949 and 0.936 now), at most 2 % refused."""
+    ctrl = RateController(0.0)
+    run = simulate(lambda t: 30.0, duration=70.0, latency=0.005, controller=ctrl,
+                   gateway=lambda q, now: _BegunBefore(q, before))  # fmt: skip
+    second = (math.floor((min(run.refused) + before) / 10.0) + 1) * 10.0 - before
+    used, refused = _used_and_refused(run, 30.0, second, 70.0)
+    assert ctrl.windows >= 2  # (read again at least once)
+    assert refused <= 0.02, (used, refused)
+    assert used >= 0.93, (used, refused)

@@ -207,7 +207,10 @@ class LongWindow:
                 # was too low; the rate read stands, and the window ends anew there.
                 self.window = replace(window, end=end)
                 return Verdict(Verdict.HOLD, end)
-            return self._read(window.end, end)
+            # Its span from the last end to where this Retry-After, whole seconds rounded
+            # up, most likely ends (half a second before what it says): read to what it
+            # says, the span was a second long on average, and the pace 0.86 of the quota.
+            return self._read(window.end, end - SAME_END / 2.0, end)
         if lasting():
             # From the end of the count refused before (the window began again there), or
             # from the first call.
