@@ -15,8 +15,9 @@ are the window's rate. The controller pauses to the ``Retry-After`` and then pac
 ``WINDOW_PACE`` of that rate (``RateController.on_throttle``). A long ``Retry-After`` is
 read as a window's end only once it is confirmed:
 
-- a refusal that is news (it would pause every call) with a ``Retry-After`` of
-  ``LONG_WAIT`` or more lets one call go ``CHECK_AFTER`` into the pause, the others held;
+- a refusal that is news (it would pause every call), or the first long one told, with a
+  ``Retry-After`` of ``LONG_WAIT`` or more lets one call go ``CHECK_AFTER`` into the pause,
+  the others held;
   a window's count refuses it too, its ``Retry-After`` pointing within a second (whole
   seconds, rounded up) of the first's, where a gateway that only asks for a wait accepts
   it or points further on (a token bucket saying ``Retry-After: 5`` at 5 calls/s);
@@ -25,7 +26,7 @@ read as a window's end only once it is confirmed:
 
 Once a window is known, a refusal of a call sent before its end pauses again to its end
 (the count is spent), one sent after it measures the window again (its count over the time
-from the last end to the new ``Retry-After``), and refusals with a short ``Retry-After``
+from the last end to where the new ``Retry-After`` most likely ends), and refusals with a short ``Retry-After``
 within the first span after it, while its pace caps the rate (a sliding window's oldest
 calls leaving one by one, where start-up sent them in a burst), cut nothing.
 
