@@ -26,9 +26,10 @@ read as a window's end only once it is confirmed:
 
 Once a window is known, a refusal of a call sent before its end pauses again to its end
 (the count is spent), one sent after it measures the window again (its count over the time
-from the last end to where the new ``Retry-After`` most likely ends), and refusals with a short ``Retry-After``
-within the first span after it, while its pace caps the rate (a sliding window's oldest
-calls leaving one by one, where start-up sent them in a burst), cut nothing.
+from the last end to where the new ``Retry-After`` most likely ends), and refusals with a
+short ``Retry-After`` within the first span after it, while its pace caps the rate (a
+sliding window's oldest calls leaving one by one, where start-up sent them in a burst), cut
+nothing.
 
 Pure: the times are the caller's; no clock, no I/O.
 """
