@@ -644,14 +644,18 @@ def test_simulate_says_each_number_flags_range_in_the_users_words(
         (["--window", "10", "--quota", "0.01"],
          "--window 10 at --quota 0.01 counts 0.1 calls a window: it must count from 1 to "
          "1,000,000"),
+        (["--quota", "30", "--window-kind", "sliding"],
+         "--window-kind counts over a --window: give --window SECONDS too (without it the "
+         "quota is a token bucket's)"),
     ],
 )  # fmt: skip
 def test_simulate_says_a_window_that_cannot_count_in_the_flags_words(
     flags: list[str], said: str
 ) -> None:
     """``--window`` (a count over a long window in place of the token bucket) with no quota,
-    with a burst (a bucket's), or counting under a call a window: 64, one line naming the
-    flags, before anything is served."""
+    with a burst (a bucket's), or counting under a call a window, or a ``--window-kind``
+    with no window (it was dropped: a token bucket served): 64, one line naming the flags,
+    before anything is served."""
     done = subprocess.run(
         [sys.executable, "-m", "worker", "simulate", "--port", "0", *flags],
         capture_output=True, text=True, timeout=60, check=False,

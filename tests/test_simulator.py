@@ -505,6 +505,18 @@ def test_the_quota_changed_under_a_window_keeps_counting_over_it() -> None:
     assert sim.config.window_s == 0 and sim.bucket.try_acquire(time.clock()) == 0.0
 
 
+def test_a_quota_back_after_no_limit_is_counted_over_the_window_again() -> None:
+    """``/_sim/quota`` 0 (no limit) and then a quota again: the window counts it, as the
+    simulator was started (a token bucket took its place: the window was dropped)."""
+    time = FakeTime()
+    sim = Simulator(SimulatorConfig(jobs=0, quota=1.0, window_s=10.0, window_kind="sliding"),
+                    clock=time.clock)  # fmt: skip
+    sim.set_quota(0)
+    sim.set_quota(0.3)
+    assert (sim.config.window_s, sim.config.window_kind) == (10.0, "sliding")
+    assert isinstance(sim.bucket, WindowCount) and sim.bucket.limit == 3
+
+
 def test_token_bucket_known_answers() -> None:
     bucket = TokenBucket(rate=2.0, capacity=3, now=0.0)
     assert [bucket.try_acquire(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]

@@ -716,9 +716,9 @@ _SIMULATOR_FLAGS = (  # flag, type, default, metavar or choices, help
     ("--window", _ranged(float, 0, 3600, "seconds", "0: a token bucket"), 0, "SECONDS",
      "count the quota over this many seconds (quota x SECONDS calls a window) in place of "
      "the token bucket; 429s point Retry-After to the window's end"),
-    ("--window-kind", str, "fixed", ("fixed", "sliding"),
-     "a --window counted per fixed window, or over any rolling one (Retry-After: until the "
-     "oldest call counted leaves it)"),
+    ("--window-kind", str, None, ("fixed", "sliding"),
+     "a --window counted per fixed window (the default), or over any rolling one "
+     "(Retry-After: until the oldest call counted leaves it)"),
     ("--retry-after", str, "seconds", ("off", "seconds", "date"), "Retry-After on a 429"),
     ("--max-batch", _ranged(int, 1, 100_000), 1000, "N", "most ids a DELETE may carry"),
     ("--latency-ms", _ranged(float, 0, MAX_SIMULATED_LATENCY_MS, "milliseconds"), 0, "MS",

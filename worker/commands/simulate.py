@@ -22,6 +22,12 @@ DEMO_SK = SimulatorConfig().sk
 
 def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
     """The simulator the flags describe; ``ValueError`` when they make no sense."""
+    if args.window_kind is not None and args.window == 0:
+        # Else dropped without a word: a token bucket served where a count was asked for.
+        raise ValueError(
+            "--window-kind counts over a --window: give --window SECONDS too (without it "
+            "the quota is a token bucket's)"
+        )
     return SimulatorConfig(
         project_id=args.project_id,
         ak=args.ak,
@@ -31,7 +37,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         quota=args.quota,
         burst=args.burst,
         window_s=args.window,
-        window_kind=args.window_kind,
+        window_kind=args.window_kind or "fixed",
         retry_after=args.retry_after,
         max_batch=args.max_batch,
         faults=FaultConfig.spread(args.fault_rate, latency_ms=args.latency_ms),

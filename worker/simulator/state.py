@@ -95,6 +95,9 @@ class Simulator:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        # The window a quota set again counts over: a quota of 0 (no limit) has none, and
+        # one set after it counted over this, not a token bucket's.
+        self._window_s = config.window_s
         self.clock = clock
         self.wall = wall
         self.url = ""
@@ -146,8 +149,9 @@ class Simulator:
     def set_quota(self, quota: float, burst: int | None = None) -> None:
         """Change the quota at once (a fresh, full bucket, or a window count starting now);
         ``burst=None`` keeps the old one. ``ValueError`` where the window cannot count it
-        (``SimulatorConfig``); a quota of 0 is no limit, and no window."""
-        window_s = self.config.window_s if quota > 0 else 0.0
+        (``SimulatorConfig``); a quota of 0 is no limit, and no window until a quota
+        comes again."""
+        window_s = self._window_s if quota > 0 else 0.0
         self.config = replace(
             self.config, quota=quota, burst=self.config.burst if burst is None else burst,
             window_s=window_s,
