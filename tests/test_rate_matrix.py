@@ -511,6 +511,43 @@ def test_a_per_second_gateway_at_three_calls_a_second_with_latency_spread_is_mea
     _meets_the_goal(_per_second_drawn(3.0, 0.05, 8, 1), 3.0)
 
 
+@pytest.mark.parametrize("seed", [0, 20])
+def test_a_token_bucket_reached_in_clumps_is_not_read_as_a_count_of_a_second(seed: int) -> None:
+    """500 calls/s, burst 2, 5 ms drawn, 429s at once, 8 in flight, calls leaving late as
+    from a loaded loop (``LOADED``, where the matrix's goal is out of reach): the calls
+    behind a late one leave with it and reach the bucket at once, the ones past its token
+    refused, and the run accepted after said more than that run allowed of a token bucket as
+    the send times spread it, twice in 2 s. The gateway was proven no token bucket and the
+    calls accepted in a row before a refusal read as its count of a second: 7 calls (seed 0,
+    at 38 s) and 3 (seed 20, at 25 s), the rate 6.8 and 2.9 calls/s. Paced at least half the
+    quota from 10 s on (the least 372 and 403 calls/s, as before the proof existed)."""
+    run = simulate(lambda t: 500.0, duration=40.0, burst=2, concurrency=8,
+                   latency=_drawn(0.005, seed), refusal_latency=REFUSED_AT_ONCE,
+                   jitter=_jitter(seed + 100, *LOADED))  # fmt: skip
+    least = min(rate for t, rate in run.rates if t >= 10.0)
+    assert least >= 0.5 * 500.0, least
+
+
+PAUSED = (0.001, 0.02, 0.03)
+"""Most calls within 1 ms of their start, 2 % a tail of 30 ms more on average: a loop that
+pauses now and then (a garbage collection on a loaded host)."""
+
+
+def test_a_token_bucket_reached_after_pauses_is_not_read_as_a_count_of_a_second() -> None:
+    """50 calls/s, burst 1, 5 ms drawn, 429s at once, 8 in flight, calls leaving late as from
+    a loop that pauses (``PAUSED``, where the matrix's goal is out of reach: 0.68 used, 3.2 %
+    refused): a clump longer than ``LATE`` still proves a token bucket no token bucket,
+    and 3 accepted in a row before a refusal at 9.3 s were read as its count of a second:
+    the rate 2.9 calls/s to the end (0.06 of the quota used). 41 calls were accepted in the
+    second before, which no count of 3 lets through. Paced at least half the quota from
+    10 s on (the least 30.3 calls/s, as before the proof existed)."""
+    run = simulate(lambda t: 50.0, duration=40.0, burst=1, concurrency=8,
+                   latency=_drawn(0.005, 2), refusal_latency=REFUSED_AT_ONCE,
+                   jitter=_jitter(102, *PAUSED))  # fmt: skip
+    least = min(rate for t, rate in run.rates if t >= 10.0)
+    assert least >= 0.5 * 50.0, least
+
+
 def _fixed(share: float, quota: float, jitter: tuple[float, float, float]) -> tuple[float, float]:
     """What a steady pace of ``share`` of the quota uses, and the share of it refused."""
     steady = SteadyController(share * quota)

@@ -1045,7 +1045,12 @@ class RateController:
         if counted is None or counted[1] >= SECOND:
             return None
         start = evidence.look_back(sent, self._state.pause_until)
-        return float(counted[0]) if evidence.no_token_bucket(start, sent) else None
+        if not evidence.no_token_bucket(start, sent):
+            return None
+        count = float(counted[0])
+        # Any second holds at most two seconds' counts: more accepted in the last is no count
+        # of a second (a token bucket proven none by calls a pause sent late in clumps).
+        return count if evidence.accepted_between(sent - SECOND, sent) <= 2.0 * count else None
 
     def _climbed(self, start: float, sent: float, refused_rate: float) -> bool:
         """Whether a measure from ``start`` to ``sent``, taken by a controller that did not
