@@ -380,6 +380,25 @@ def test_numbers_are_bounded(field: str, good: list[float], bad: list[float]) ->
         assert f"--{field.replace('_', '-')}" in config_error(**{field: value})
 
 
+def test_the_retry_s_base_delay_is_a_setting_in_seconds_bounded_as_its_cap_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``retry_base_delay`` (no flag: the tests shorten it) reaches the retry policy, 0.5 s
+    unless set; 0 (no back-off: a failing API called again at once) and past the 30 s cap
+    are refused in seconds."""
+    from worker import wiring
+
+    assert wiring.retry_policy(load_settings()).base_delay == 0.5
+    monkeypatch.setenv("REAPER_RETRY_BASE_DELAY", "0.02")
+    assert wiring.retry_policy(load_settings()).base_delay == 0.02
+    for bad, said in (("0", "more than 0 seconds"), ("31", "at most 30 seconds")):
+        monkeypatch.setenv("REAPER_RETRY_BASE_DELAY", bad)
+        assert config_error() == (
+            f"retry_base_delay (REAPER_RETRY_BASE_DELAY or the config file) must be {said}, "
+            f"not {bad}"
+        )
+
+
 def test_bounds_apply_to_environment_strings_too(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REAPER_BATCH_SIZE", "5000")
     assert "batch_size" in config_error()

@@ -123,6 +123,7 @@ class Settings(BaseSettings):
     connect_timeout: float = Field(default=10.0, gt=0, le=300)
     read_timeout: float = Field(default=60.0, gt=0, le=600)
     max_retry_after: float = Field(default=60.0, gt=0, le=3600)
+    retry_base_delay: float = Field(default=0.5, gt=0, le=30)  # full jitter's first ceiling
     grace: float = Field(default=20.0, ge=0, le=600)
 
     # -- run ------------------------------------------------------------------------------
@@ -779,8 +780,9 @@ _IN_WORDS = {
 """Settings whose type is a union, where pydantic reports one failure per branch."""
 
 _SECONDS = frozenset({
-    "deadline", "connect_timeout", "read_timeout", "max_retry_after", "grace",
-    "recheck_max_age", "reclaim_after", "outcomes_max_age", "dead_max_age", "stats_interval",
+    "deadline", "connect_timeout", "read_timeout", "max_retry_after", "retry_base_delay",
+    "grace", "recheck_max_age", "reclaim_after", "outcomes_max_age", "dead_max_age",
+    "stats_interval",
 })  # fmt: skip
 """Settings that are a number of seconds: their limits are said in seconds."""
 

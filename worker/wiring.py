@@ -388,7 +388,11 @@ def shared_limiter(
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
-    return RetryPolicy(max_attempts=settings.max_attempts, max_retry_after=settings.max_retry_after)
+    return RetryPolicy(
+        max_attempts=settings.max_attempts,
+        base_delay=settings.retry_base_delay,
+        max_retry_after=settings.max_retry_after,
+    )
 
 
 def processor(
