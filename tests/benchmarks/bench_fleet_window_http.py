@@ -9,10 +9,12 @@ The real path, as ``bench_fleet.py``'s: a ``redis-server`` of its own, the simul
 this process, the real ``enqueue`` command, three ``serve`` processes in one group (8 on
 the wire each, one id per call); for ``run``, one process reading the ids from a file.
 Measured at the simulator (``/_sim/arrivals``, its own clock, which its windows count on):
-from the start of the window after the one the first refusal fell in to ``UNTIL`` s after
-the first call, the share of the quota accepted and the share of calls refused; and per
-window. The goal, as on virtual time (``bench_fleet_window.py``): at least 0.90 used, at
-most 2 % refused. Real-HTTP figures move with the host's load: the load is printed.
+from the start of the window after the one the first refusal fell in to the end of the last
+whole window by ``UNTIL`` s after the first call, the share of the quota accepted and the
+share of calls refused; and per window. The goal, as on virtual time
+(``bench_fleet_window.py``): at least 0.90 used, at most 2 % refused. Real-HTTP figures
+move with the host's load: the load is printed. Figures, not asserted goals: a run that
+misses them still passes, its row saying ``met: false``.
 """
 
 from __future__ import annotations
@@ -42,13 +44,15 @@ GOAL_USED, GOAL_REFUSED = 0.90, 0.02
 
 
 def _figures(checked: list[tuple[float, bool]], start: float) -> dict[str, Any]:
-    """From the window after the first refusal's to the last call checked: the share of the
-    quota used and the share refused, over the whole and per window (``start``: the first
-    window's start, on the simulator's clock)."""
+    """From the window after the first refusal's to the end of the last whole window by
+    ``UNTIL`` s after the first call: the share of the quota used and the share refused,
+    over the whole and per window (``start``: the first window's start, on the simulator's
+    clock). Whole windows only: a tail of a window holds up to its whole count (a client
+    that spends each count at once read 1.13 of the quota used)."""
     first_call = checked[0][0]
-    end = first_call + UNTIL
     refused_at = next((t for t, ok in checked if not ok), first_call)
     second = start + (math.floor((refused_at - start) / SPAN) + 1) * SPAN
+    end = second + math.floor((first_call + UNTIL - second) / SPAN) * SPAN
     seen = [ok for t, ok in checked if second <= t < end]
     windows = []
     at = second
