@@ -47,7 +47,9 @@ ceiling, the burst start-up saw) is kept and read by ``GatewayEvidence``
   rate overloaded while it is remembered. Until a trial found the service shedding past a
   capacity, a cut to what it served is tried (``FaultWatch``): 503s that keep their share
   under it are faults, and the rate returns to where it was before the 503s' cuts; 503s
-  past the most share of faults there halve the rate, tried again.
+  past the most share of faults there halve the rate, tried again. Where nothing was served
+  (a service out), the rates halved bound nothing: served again, the rate before the first
+  cut is tried, and returns.
 """
 
 from __future__ import annotations
@@ -333,6 +335,13 @@ def answer(
         controller.on_success(now, latency_s)
 
 
+SERVED_AGAIN = 2.0
+"""The answers served in a row that end a trial after trials or a cut where nothing was
+served (``RateController._back_in``): against 503s at near every answer (a service out,
+or one counting every call, full), two in a row come by chance in one trial of a hundred
+at 90 %."""
+
+
 class RateController:
     """Pure arithmetic: events with their times in, the rate to use out.
 
@@ -353,8 +362,9 @@ class RateController:
     """
 
     __slots__ = ("_before", "_clump", "_config", "_delay", "_evidence", "_faults", "_halved",
-                 "_late", "_latency", "_served", "_shed", "_shed_cap", "_start_seen", "_state",
-                 "_window", "cuts", "escalated", "measured", "tolerated")  # fmt: skip
+                 "_late", "_latency", "_out", "_served", "_shed", "_shed_cap", "_start_seen",
+                 "_state", "_up", "_window", "cuts", "escalated", "measured",
+                 "tolerated")  # fmt: skip
 
     def __init__(self, now: float, config: AdaptiveConfig | None = None) -> None:
         self._config = c = config or AdaptiveConfig()
@@ -376,6 +386,8 @@ class RateController:
         self._served: deque[float] = deque()  # when calls were answered (not 503, not 429)
         self._shed = (-math.inf, 0.0)  # when a 503 cut to what the service served, and to what
         self._halved = 0.0  # the rate a trial last found still past the service (``_tried``)
+        self._out = False  # the trials since the cut served nothing, and said nothing
+        self._up = False  # the trial under way is a step back up (``_step_up``)
         self._shed_cap = False  # the probes' hard cap (``overload``) is from 503s, not latency
         self.cuts = 0
         self.measured = 0  # refusals that measured the quota
@@ -400,6 +412,7 @@ class RateController:
         self._start_seen = start_seen
         self._before = self._faults.trial = None  # a trial's cut is not this state's
         self._halved = 0.0
+        self._out = self._up = False
         self._evidence.restart(state.since, state.rate)
         if not start_seen:
             self._evidence.forgo_burst()
@@ -589,9 +602,11 @@ class RateController:
         rate = self._let_through(now, sent, rate)
         if not faults.overloaded() or sent < self._state.cut_at:
             return rate
+        unserved = faults.unserved()
         faults.clear()  # the next cut needs as many again, sent at the new rate
         served = self._served_flat(now)
         before = self._before or (now, self._state)
+        out = unserved and before[1].phase is not Phase.STARTUP
         sent_rate = self._overloaded_at(sent, rate)
         self._shed_cap = True
         # Served a share of what was sent under the 503s' share: random ones at a steady
@@ -617,9 +632,9 @@ class RateController:
             if not faults.shedding:
                 # A trial (``_tried``): held there, a service past its capacity sheds
                 # nothing, and 503s at random keep their share.
-                faults.start(now)
+                self._out, self._up, self._halved = out, False, 0.0
+                faults.start(now, self._back_in(level) if out else None)
                 self._before = before
-                self._halved = 0.0
             return level
         level = self._cut(now, (1.0 - c.margin) * sent_rate, 0.0)
         self._before = None if faults.shedding else before
@@ -638,21 +653,39 @@ class RateController:
         its phase going on from there, and no cap from a 503 holds the probes (unless
         another cut came since: that one holds). Their share is not read as overload
         again. 503s that fell (``FELL``): the cut stands, and the probe climbs from it.
-        503s past the most share of faults (``STILL``): half the trial's rate is tried."""
+        503s past the most share of faults (``STILL``): half the trial's rate is tried.
+        Served again after trials, or a cut, where nothing was served (``_out``): the rate
+        before the first cut is tried (``_step_up``), and served in full there, returns."""
         if outcome is None or self._before is None:
             return rate
         (at, before), self._before = self._before, None
         s = self._state
+        up, self._up = self._up, False
         if outcome is Outcome.STILL:
             # Still past what the service takes at the trial's rate (a count over 10 s not
             # yet drained): half of it is tried in turn, the rate before the first cut kept
-            # to return to if the 503s turn out random there.
-            self._halved = s.rate
+            # to return to if the 503s turn out random there. A trial that served nothing
+            # says nothing of a capacity (a service out answers 503 at any rate): its rate
+            # bounds nothing, and the next trial ends at the first answers served again
+            # (``_back_in``). One with a 503 after an answer served, or one at the rate
+            # before after a lower one was served (``_step_up``), found a bound. Where the
+            # rate before was start-up's, never served in full (a service counting every
+            # call, its 503s too, that start-up ran past), there is none to return to.
+            self._out = before.phase is not Phase.STARTUP and not (
+                self._halved or up or self._faults.mixed
+            )
+            if not self._out:
+                self._halved = s.rate
             level = self._cut(now, s.rate / 2.0, math.inf)
             self._shed = (now, level)
-            self._faults.start(now)
+            self._faults.start(now, self._back_in(level) if self._out else None)
             self._before = (at, before)
             return level
+        if outcome is Outcome.FELL and self._out:
+            return self._step_up(now, at, before)
+        if outcome is Outcome.FELL and up:
+            # Served in full at the rate before: the service was out, and shed nothing.
+            outcome, self._faults.shedding = Outcome.RANDOM, False
         if outcome is Outcome.FELL:
             # Held there, the service shed nothing: two margins over what it served cap the
             # probes, as a 503 there would (``_shed_past``), the probe climbing from it (to
@@ -667,6 +700,7 @@ class RateController:
             refused = max(refused, (s.level + self._halved) / 2.0)
             self._halved = 0.0
             return self._set(replace(s, since=now, refused=refused, refused_at=now), now)
+        self._out = False
         # No measure reaches back into the trial, as none across a pause: the gateway's
         # bucket filled while the pace held under it, and lost the tokens it got while full
         # (a refusal at start-up's rate after it measured 6.4 of a quota of 20).
@@ -676,6 +710,24 @@ class RateController:
             state = replace(state, overload=False, refused=math.inf, refused_at=-math.inf)
         self._shed = (-math.inf, 0.0)
         return self._set(state, now)
+
+    def _back_in(self, rate: float) -> float:
+        """The answers served in a row that end a trial after nothing was served: at most
+        ``SERVED_AGAIN``, and no more than a ``window`` holds at ``rate`` (one at least: at
+        the floor, 0.2 calls/s, two take 10 s)."""
+        return max(1.0, min(SERVED_AGAIN, self._config.window * rate))
+
+    def _step_up(self, now: float, at: float, before: ControllerState) -> float:
+        """Served again after trials that served nothing (a service out, or one that
+        counts every call, its 503s too, and serves nothing past its capacity): the rate
+        before the first cut, served before it, is tried (``_up``). Served there, its state
+        returns (``_tried``); still 503s, it is a capacity, and the halving goes on."""
+        level = self._cut(now, before.rate, math.inf)
+        self._shed = (now, level)
+        self._faults.start(now)
+        self._before = (at, before)
+        self._up = True
+        return level
 
     def _served_flat(self, now: float) -> float:
         """The calls answered (not 503, not 429) per second over the last two ``window``s,

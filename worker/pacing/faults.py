@@ -27,6 +27,15 @@ after the cut were 503s, and read as random, 26-30 % of the calls were answered 
   the faults known) would take (``Outcome.FELL``): the service sheds past a capacity, and
   its next cuts are not tried (``shedding``).
 
+Where nothing was served (the answers before the cut all 503s, as many in a row as an
+overload counts: ``unserved``; or a trial ``STILL`` with no 503 after an answer served:
+not ``mixed``), no capacity was found: a service out answers 503 at any rate, and one that
+counts every call, its 503s too, serves none past its capacity. The controller's next trial
+is short (``start`` with a ``length``): it ends ``FELL`` at that many answers served in a
+row, the 503s before them not counted (an outage's last ones), and its ``FELL`` says nothing
+of shedding: the service serves again (a trial of the first cut's 100 answers lasted 500 s
+at the floor of 0.2 calls/s, and ended ``FELL`` as a capacity).
+
 503s that pass their known share by ``overload_share`` again rose with the rate since a
 trial found them random (at their share, the next fifth comes by chance in well under 1 %
 of windows): that cut is not tried either (``clear``). The share known counts for at most
@@ -73,15 +82,20 @@ class FaultWatch:
     when its cut was made), the faults known (``faults``) and whether a trial found the
     service shedding past a capacity (``shedding``)."""
 
-    __slots__ = ("_answers", "_config", "_faults", "_length", "_tried", "shedding", "trial")
+    __slots__ = ("_answers", "_config", "_faults", "_lasts", "_length", "_run", "_short",
+                 "_tried", "mixed", "shedding", "trial")  # fmt: skip
 
     def __init__(self, config: AdaptiveConfig) -> None:
         self._config = config
         self._answers: deque[bool] = deque(maxlen=config.overload_answers)  # True: a 503
         self._faults = (0, 0)  # 503s and answers since a trial found them random
         self.trial: float | None = None
-        self._length = 0.0  # the answers the trial under way lasts
+        self._length = 0.0  # the answers a trial from the last cut lasts
+        self._lasts = 0.0  # those the trial under way lasts
+        self._short = False  # it is a short one (``start``): ``_lasts`` served in a row end it
+        self._run = 0  # the answers served in a row in it
         self._tried = (0, 0)  # its 503s and answers so far
+        self.mixed = False  # a 503 came after an answer served, in the trial last under way
         self.shedding = False
 
     @property
@@ -101,13 +115,15 @@ class FaultWatch:
             return None
         if sent < trial + self._config.window:
             return None
+        self.mixed = self.mixed or (failed and self._tried[0] < self._tried[1])
         self._tried = tried = (self._tried[0] + failed, self._tried[1] + 1)
+        self._run = 0 if failed else self._run + 1
         outcome = self._verdict(*tried)
         if outcome is not None:
             self.trial = None
         if outcome is Outcome.RANDOM:
             self._faults = (self._faults[0] + tried[0], self._faults[1] + tried[1])
-        elif outcome is Outcome.FELL:
+        elif outcome is Outcome.FELL and not self._short:  # served again, after an outage
             self.shedding = True
         return outcome
 
@@ -120,7 +136,9 @@ class FaultWatch:
             # Under the share that is overload whatever faults were counted: random ones.
             overload = (MOST_FAULTS + self._config.overload_share) * answers
             return Outcome.RANDOM if failed < overload else None
-        return Outcome.FELL if answers >= self._length else None
+        if self._short:
+            return Outcome.FELL if self._run >= self._lasts else None
+        return Outcome.FELL if answers >= self._lasts else None
 
     def overloaded(self) -> bool:
         """Whether 503s are ``overload_share`` of the last answers over the faults known
@@ -129,6 +147,19 @@ class FaultWatch:
         failed = sum(self._answers)
         needed = (self.faults + c.overload_share) * c.overload_answers
         return self.trial is None and failed >= max(2.0, needed)
+
+    def unserved(self) -> bool:
+        """Whether the last answers are 503s, as many in a row as ``overloaded`` counts:
+        nothing served since the 503s came (a service out, or full), the rate they came
+        at no capacity."""
+        c = self._config
+        needed = max(2.0, (self.faults + c.overload_share) * c.overload_answers)
+        run = 0
+        for failed in reversed(self._answers):
+            if not failed:
+                break
+            run += 1
+        return run >= needed
 
     def clear(self) -> None:
         """The controller cut for 503s: the answers before it are spent. After a trial
@@ -141,10 +172,17 @@ class FaultWatch:
         self._length = TRIAL_FAULTS / max(share - self.faults, self._config.overload_share)
         self._answers.clear()
 
-    def start(self, now: float) -> None:
-        """A trial from the cut just made at ``now`` (after ``clear``)."""
+    def start(self, now: float, length: float | None = None) -> None:
+        """A trial from the cut just made at ``now`` (after ``clear``). With a ``length``, a
+        short one, after nothing was served: it ends ``FELL`` at that many answers served in
+        a row (against 503s at near every answer, a handful is decisive; the first cut's
+        100 answers took 500 s at 0.2 calls/s), the 503s before them not counted."""
         self.trial = now
         self._tried = (0, 0)
+        self.mixed = False
+        self._lasts = self._length if length is None else length
+        self._short = length is not None
+        self._run = 0
 
     def __repr__(self) -> str:
         return f"FaultWatch(faults={self.faults:.3g}, shedding={self.shedding}, trial={self.trial})"
