@@ -681,11 +681,11 @@ class RateController:
             self._faults.start(now, self._back_in(level) if self._out else None)
             self._before = (at, before)
             return level
-        if outcome is Outcome.FELL and self._out:
-            return self._step_up(now, at, before)
         if outcome is Outcome.FELL and up:
             # Served in full at the rate before: the service was out, and shed nothing.
             outcome, self._faults.shedding = Outcome.RANDOM, False
+        elif outcome is Outcome.FELL and self._out:
+            return self._step_up(now, at, before)
         if outcome is Outcome.FELL:
             # Held there, the service shed nothing: two margins over what it served cap the
             # probes, as a 503 there would (``_shed_past``), the probe climbing from it (to
@@ -722,9 +722,11 @@ class RateController:
         counts every call, its 503s too, and serves nothing past its capacity): the rate
         before the first cut, served before it, is tried (``_up``). Served there, its state
         returns (``_tried``); still 503s, it is a capacity, and the halving goes on."""
-        level = self._cut(now, before.rate, math.inf)
+        # A margin under it: the rate before was a probe's, maybe past the quota, and a
+        # refusal's cut would end the trial unread.
+        level = self._cut(now, (1.0 - self._config.margin) * before.rate, math.inf)
         self._shed = (now, level)
-        self._faults.start(now)
+        self._faults.start(now, up=True)
         self._before = (at, before)
         self._up = True
         return level

@@ -83,7 +83,7 @@ class FaultWatch:
     service shedding past a capacity (``shedding``)."""
 
     __slots__ = ("_answers", "_config", "_faults", "_lasts", "_length", "_run", "_short",
-                 "_tried", "mixed", "shedding", "trial")  # fmt: skip
+                 "_tried", "_up", "mixed", "shedding", "trial")  # fmt: skip
 
     def __init__(self, config: AdaptiveConfig) -> None:
         self._config = config
@@ -94,6 +94,7 @@ class FaultWatch:
         self._lasts = 0.0  # those the trial under way lasts
         self._short = False  # it is a short one (``start``): ``_lasts`` served in a row end it
         self._run = 0  # the answers served in a row in it
+        self._up = False  # it is at a rate over one served (``start``)
         self._tried = (0, 0)  # its 503s and answers so far
         self.mixed = False  # a 503 came after an answer served, in the trial last under way
         self.shedding = False
@@ -132,12 +133,14 @@ class FaultWatch:
         few = TRIAL_FAULTS / 5.0
         if failed - MOST_FAULTS * answers > few:
             return Outcome.STILL  # past the most share of faults ever counted, by more than few
+        if self._short:  # nothing served before it: its 503s are an outage's last ones
+            return Outcome.FELL if self._run >= self._lasts else None
+        if failed > few and self._up:
+            return Outcome.STILL  # served under this rate, not at it: they rose with it
         if failed > few:
             # Under the share that is overload whatever faults were counted: random ones.
             overload = (MOST_FAULTS + self._config.overload_share) * answers
             return Outcome.RANDOM if failed < overload else None
-        if self._short:
-            return Outcome.FELL if self._run >= self._lasts else None
         return Outcome.FELL if answers >= self._lasts else None
 
     def overloaded(self) -> bool:
@@ -172,17 +175,21 @@ class FaultWatch:
         self._length = TRIAL_FAULTS / max(share - self.faults, self._config.overload_share)
         self._answers.clear()
 
-    def start(self, now: float, length: float | None = None) -> None:
+    def start(self, now: float, length: float | None = None, *, up: bool = False) -> None:
         """A trial from the cut just made at ``now`` (after ``clear``). With a ``length``, a
         short one, after nothing was served: it ends ``FELL`` at that many answers served in
         a row (against 503s at near every answer, a handful is decisive; the first cut's
-        100 answers took 500 s at 0.2 calls/s), the 503s before them not counted."""
+        100 answers took 500 s at 0.2 calls/s), the 503s before them not counted. ``up``:
+        at a rate over one just served in full, where more 503s than few rose with the rate
+        (``STILL``), not random (a service counting every call fills its count again: its
+        first answers served, then 503s, read random, restored the rate past it)."""
         self.trial = now
         self._tried = (0, 0)
         self.mixed = False
         self._lasts = self._length if length is None else length
         self._short = length is not None
         self._run = 0
+        self._up = up
 
     def __repr__(self) -> str:
         return f"FaultWatch(faults={self.faults:.3g}, shedding={self.shedding}, trial={self.trial})"
