@@ -214,6 +214,19 @@ def test_a_service_out_for_a_while_is_used_in_full_once_it_is_back(
     assert run.accepted_per_s(back + 10.0, back + 40.0) >= 0.90 * quota
 
 
+@pytest.mark.parametrize("quota", [20.0, 50.0], ids=["q20", "q50"])
+def test_after_an_outage_the_probes_go_on(quota: float) -> None:
+    """A gateway of ``quota`` calls/s (burst 2) in front of a service out for 5 s from 20 s,
+    50 ms; 20 s after it ends the quota doubles: at least 0.90 of the new one used from 20 s
+    to 40 s after the rise (0.99-1.00 here). The step back to the rate before the first cut
+    is a trial of its own: at 4758e8d its ``FELL`` stepped again, a trial after trial at the
+    rate before, which holds the rate, and the probe never found the rise (0.49 at q20)."""
+    draws, end = random.Random(1), 25.0
+    run = simulate(lambda t: quota if t < end + 20.0 else 2.0 * quota, duration=end + 60.0,
+                   burst=2, latency=0.05, service=_out(20.0, end, 0.05, draws))  # fmt: skip
+    assert run.accepted_per_s(end + 40.0, end + 60.0) >= 0.90 * 2.0 * quota
+
+
 class _EveryCallCounted(Averaged):
     """A service that counts every call it gets over a sliding 10 s, those it answers 503
     too, and answers 503 past ``capacity`` calls/s of them: past its capacity it serves
