@@ -33,8 +33,11 @@ pytestmark = [
     pytest.mark.skipif(REDIS_SERVER is None, reason="needs redis-server"),
 ]
 STREAM = "devserver-reaper:ids"
-STALL_S = 12.5
-"""Longer than serve's Redis timeout (its 1 s block and a 10 s margin): its calls give up."""
+REDIS_TIMEOUT = ("--redis-timeout", "2")
+"""serve's Redis timeout shortened to its 1 s block and 2 s: a stall outlasting the 11 s of
+the default held the test 15 s."""
+STALL_S = 4.5
+"""Longer than serve's Redis timeout (its 1 s block and the 2 s above): its calls give up."""
 
 
 def _reading(client: dict[str, Any]) -> bool:
@@ -60,7 +63,14 @@ async def test_entries_a_read_delivered_unheard_are_read_again_not_left_to_the_r
     async with (
         redis_server(tmp_path, ["enable-debug-command local"]) as port,
         run_simulator(SimulatorConfig(jobs=10)) as sim,
-        serving(sim, f"redis://127.0.0.1:{port}/0", errors, "--reclaim-after", "60") as served,
+        serving(
+            sim,
+            f"redis://127.0.0.1:{port}/0",
+            errors,
+            "--reclaim-after",
+            "60",
+            *REDIS_TIMEOUT,
+        ) as served,
         aioredis.Redis.from_url(
             f"redis://127.0.0.1:{port}/0", socket_timeout=STALL_S + 30
         ) as admin,

@@ -383,7 +383,7 @@ def test_numbers_are_bounded(field: str, good: list[float], bad: list[float]) ->
 def test_the_retry_s_base_delay_is_a_setting_in_seconds_bounded_as_its_cap_is(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``retry_base_delay`` (no flag: the tests shorten it) reaches the retry policy, 0.5 s
+    """``retry_base_delay`` (the tests shorten it) reaches the retry policy, 0.5 s
     unless set; 0 (no back-off: a failing API called again at once) and past the 30 s cap
     are refused in seconds."""
     from worker import wiring
@@ -397,6 +397,31 @@ def test_the_retry_s_base_delay_is_a_setting_in_seconds_bounded_as_its_cap_is(
             f"retry_base_delay (REAPER_RETRY_BASE_DELAY or the config file) must be {said}, "
             f"not {bad}"
         )
+
+
+@pytest.mark.anyio
+async def test_serve_s_redis_timeout_is_a_setting_past_its_read_s_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``redis_timeout`` (the tests shorten it) is how long both of serve's Redis
+    clients wait for an answer past the read's block, 10 s unless set; 0 is refused."""
+    from contextlib import AsyncExitStack
+
+    from worker.assembly import build_service_redis
+    from worker.service.service import ServiceConfig
+
+    for given, waited in ((None, 11.0), ("2", 3.0)):
+        if given is not None:
+            monkeypatch.setenv("REAPER_REDIS_TIMEOUT", given)
+        async with AsyncExitStack() as stack:
+            config = ServiceConfig(batch_size=1, concurrency=1, max_deliveries=1,
+                                   reclaim_after=60.0, grace=1.0, block=1.0)  # fmt: skip
+            clients = build_service_redis(stack, load_settings(), config)
+            timeouts = {c.connection_pool.connection_kwargs["socket_timeout"] for c in clients}
+        assert timeouts == {waited}
+    monkeypatch.setenv("REAPER_REDIS_TIMEOUT", "0")
+    named = "redis_timeout (REAPER_REDIS_TIMEOUT or the config file)"
+    assert config_error() == f"{named} must be more than 0 seconds, not 0"
 
 
 def test_bounds_apply_to_environment_strings_too(monkeypatch: pytest.MonkeyPatch) -> None:

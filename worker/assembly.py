@@ -409,13 +409,12 @@ def build_service_redis(
 ) -> tuple[aioredis.Redis, aioredis.Redis]:
     """``serve``'s two Redis clients: one for everything but reading entries, and one
     connection of its own for those reads (``worker.service.consumer``), each answering within
-    the read's block and a margin. Closed by ``stack``; nothing is sent yet."""
-    client = wiring.redis_client(
-        settings.redis_url, timeout=config.block + 10.0, health_check_interval=30
-    )
+    the read's block and ``redis_timeout``. Closed by ``stack``; nothing is sent yet."""
+    timeout = config.block + settings.redis_timeout
+    client = wiring.redis_client(settings.redis_url, timeout=timeout, health_check_interval=30)
     stack.push_async_callback(_shielded, client.aclose)
     reader = wiring.redis_client(  # memory bounded by the entry size limit, not the entry
-        settings.redis_url, timeout=config.block + 10.0, single_connection=True, entries=True
+        settings.redis_url, timeout=timeout, single_connection=True, entries=True
     )
     stack.push_async_callback(_shielded, reader.aclose)
     return client, reader

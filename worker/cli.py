@@ -85,6 +85,12 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--connect-timeout", float, "seconds to connect (default 10)"),
     ("--read-timeout", float, "seconds to wait for an answer (default 60)"),
     ("--max-retry-after", float, "cap on a server's Retry-After, seconds (default 60)"),
+    (
+        "--retry-base-delay",
+        float,
+        "seconds the first back-off after a 5xx or network error is drawn up to, doubling "
+        "each time up to 30 (default 0.5)",
+    ),
     ("--grace", float, "seconds calls in flight may finish after a signal (default 20)"),
     ("--ledger", str, "SQLite ledger that makes run resumable"),
     ("--dry-run", _BOOL, "read, validate and batch, but send no DELETE"),
@@ -146,6 +152,7 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
         float,
         "seconds before another consumer's idle entry is taken over (default 300)",
     ),
+    ("--redis-timeout", float, "seconds to wait for Redis's answer past a read (default 10)"),
     ("--http-port", int, "port of /healthz, /readyz, /metrics (default 8080; 0 = any free port)"),
     ("--outcomes-max-len", int, "entries the outcomes stream keeps (default 1,000,000)"),
     ("--outcomes-max-age", float, "seconds outcomes are kept (default 7 days; 0 = no limit)"),
@@ -163,10 +170,12 @@ _API = ("--region", "--endpoint", "--project-id", "--iam-endpoint", "--ak", "--s
         "--credential-source", "--metadata-url",
         "--connect-timeout", "--read-timeout")  # fmt: skip
 _DISPATCH = ("--batch-size", "--concurrency", "--rate", "--burst", "--max-attempts",
-             "--max-retry-after", "--grace", "--dry-run", "--yes", "--max-deletions")  # fmt: skip
+             "--max-retry-after", "--retry-base-delay", "--grace", "--dry-run", "--yes",
+             "--max-deletions")  # fmt: skip
 _QUEUE = ("--redis-url", "--stream", "--group", "--consumer", "--max-deliveries",
-          "--reclaim-after", "--http-port", "--outcomes-max-len", "--outcomes-max-age",
-          "--dead-max-len", "--dead-max-age", "--stats-interval", "--http-host")  # fmt: skip
+          "--reclaim-after", "--redis-timeout", "--http-port", "--outcomes-max-len",
+          "--outcomes-max-age", "--dead-max-len", "--dead-max-age", "--stats-interval",
+          "--http-host")  # fmt: skip
 _LOG = ("--log-format", "--log-level")
 _PROTECT = ("--protect", "--protect-file", "--protected-types", "--protected-statuses",
             "--max-fraction", "--plan-key-file", "--recheck-max-age")  # fmt: skip
@@ -193,6 +202,7 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
         "--burst",
         "--max-attempts",
         "--max-retry-after",
+        "--retry-base-delay",
         *_PROTECT[:-1],
         *_LOG,
     ),

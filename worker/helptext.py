@@ -37,7 +37,7 @@ _CONNECTION_FLAGS = (
     "--credential-source", "--metadata-url", "--connect-timeout", "--read-timeout",
 )  # fmt: skip
 _RATE_FLAGS = ("--batch-size", "--concurrency", "--rate", "--burst", "--max-attempts",
-               "--max-retry-after", "--grace", "--deadline")  # fmt: skip
+               "--max-retry-after", "--retry-base-delay", "--grace", "--deadline")  # fmt: skip
 _SAFETY_FLAGS = ("--dry-run", "--yes", "--max-deletions", "--confirm-project-over", "--protect",
                  "--protect-file", "--protected-types", "--protected-statuses",
                  "--max-fraction", "--plan-key-file", "--recheck-max-age",
@@ -61,13 +61,15 @@ METAVAR = {
     "--credential-source": "SOURCE", "--metadata-url": "URL", "--batch-size": "N",
     "--concurrency": "N", "--rate": "CALLS/S", "--burst": "N", "--max-attempts": "N",
     "--deadline": "SECONDS", "--connect-timeout": "SECONDS", "--read-timeout": "SECONDS",
-    "--max-retry-after": "SECONDS", "--grace": "SECONDS", "--ledger": "FILE",
+    "--max-retry-after": "SECONDS", "--retry-base-delay": "SECONDS", "--grace": "SECONDS",
+    "--ledger": "FILE",
     "--max-deletions": "N", "--shard": "I/N", "--confirm-project-over": "N",
     "--protect": "RULE", "--protect-file": "FILE", "--protected-types": "TYPES",
     "--protected-statuses": "STATUSES", "--max-fraction": "SHARE",
     "--recheck-max-age": "SECONDS", "--plan-key-file": "FILE", "--redis-url": "URL",
     "--stream": "KEY", "--group": "NAME", "--consumer": "NAME", "--max-deliveries": "N",
-    "--reclaim-after": "SECONDS", "--http-port": "PORT", "--outcomes-max-len": "N",
+    "--reclaim-after": "SECONDS", "--redis-timeout": "SECONDS", "--http-port": "PORT",
+    "--outcomes-max-len": "N",
     "--outcomes-max-age": "SECONDS", "--dead-max-len": "N", "--dead-max-age": "SECONDS",
     "--stats-interval": "SECONDS", "--log-format": "FORMAT", "--log-level": "LEVEL",
 }  # fmt: skip

@@ -154,6 +154,7 @@ class Settings(BaseSettings):
     consumer: str = Field(default_factory=socket.gethostname, min_length=1)
     max_deliveries: int = Field(default=5, ge=1, le=1000)
     reclaim_after: float = Field(default=300.0, gt=0)
+    redis_timeout: float = Field(default=10.0, gt=0, le=300)  # serve: past a read's block
     http_port: int = Field(default=8080, ge=0, le=65535)
     outcomes_max_len: int = Field(default=1_000_000, ge=1)
     outcomes_max_age: float = Field(default=7 * 24 * 3600.0, ge=0)
@@ -781,8 +782,8 @@ _IN_WORDS = {
 
 _SECONDS = frozenset({
     "deadline", "connect_timeout", "read_timeout", "max_retry_after", "retry_base_delay",
-    "grace", "recheck_max_age", "reclaim_after", "outcomes_max_age", "dead_max_age",
-    "stats_interval",
+    "grace", "recheck_max_age", "reclaim_after", "redis_timeout", "outcomes_max_age",
+    "dead_max_age", "stats_interval",
 })  # fmt: skip
 """Settings that are a number of seconds: their limits are said in seconds."""
 
