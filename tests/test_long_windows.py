@@ -267,11 +267,12 @@ def test_a_service_that_flaps_is_used_in_full_once_it_holds(kind: str) -> None:
     near what was served while it flapped. (Repeated outages of 5 s every 30 s for 5 min
     held: 0.99 of the quota used between them, 0.03 on the code before.)"""
     draws, marks = random.Random(1), random.Random(2)
-    down = {
+    downs: dict[str, Callable[[float], bool]] = {
         "up 2 s, down 2 s": lambda now: (now - 20.0) % 4.0 >= 2.0,
         "up 10 s, down 1 s": lambda now: (now - 20.0) % 11.0 >= 10.0,
         "90 % 503s": lambda now: marks.random() < 0.9,
-    }[kind]
+    }
+    down = downs[kind]
     service = _down_when(lambda now: 20.0 <= now < 140.0 and down(now), 0.05, draws)
     run = simulate(lambda t: 50.0, duration=180.0, burst=2, latency=0.05, service=service)
     assert run.accepted_per_s(150.0, 180.0) >= 0.90 * 50.0
