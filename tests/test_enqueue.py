@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -238,3 +242,80 @@ async def test_a_summary_stdout_cannot_take_is_said_on_stderr_with_the_ids_enque
         assert await client.xlen(stream) == 3
     finally:
         await client.aclose()
+
+
+def _dropping_after(limit: int, stream: str) -> int:
+    """A port that relays to the real Redis until a pipelined chunk takes the XADDs sent past
+    ``limit``: then its replies are held back, and once Redis has added the whole chunk the
+    client's connection is dropped (once), as a network lost before the answer drops it."""
+    import redis
+
+    upstream = URL(REDIS_URL)
+    listener = socket.create_server(("127.0.0.1", 0))
+    dropped = threading.Event()
+
+    def relay(client: socket.socket) -> None:
+        server = socket.create_connection((upstream.host or "127.0.0.1", upstream.port or 6379))
+        held = threading.Event()
+
+        def replies() -> None:
+            with contextlib.suppress(OSError):
+                while data := server.recv(65536):
+                    if not held.is_set():
+                        client.sendall(data)
+
+        threading.Thread(target=replies, daemon=True).start()
+        sent = 0
+        with contextlib.suppress(OSError), client, server:
+            while data := client.recv(65536):
+                sent += data.count(b"XADD")
+                past = sent > limit and not dropped.is_set()
+                if past:
+                    held.set()
+                server.sendall(data)
+                if past:
+                    dropped.set()
+                    with redis.Redis.from_url(REDIS_URL) as look:
+                        while int(look.xlen(stream)) < 2 * limit:  # the chunk reached Redis
+                            time.sleep(0.01)
+                    client.shutdown(socket.SHUT_RDWR)
+                    return
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = listener.accept()
+                threading.Thread(target=relay, args=(client,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return int(listener.getsockname()[1])
+
+
+@pytest.mark.anyio
+async def test_a_chunk_whose_answer_was_lost_is_said_in_doubt_not_left_out(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """The connection lost after Redis added the second chunk, before its answer: the
+    summary said 500 enqueued and the message "after 500 ids", while the stream held 1,000.
+    Now the 500 sent are said in doubt (summary, event, message), never claimed left out."""
+    from worker.commands.enqueue import CHUNK
+
+    stream = redis_prefix + "ids"
+    source = tmp_path / "ids.txt"
+    source.write_text("".join(f"job-{i}\n" for i in range(5 * CHUNK)), encoding="utf-8")
+    port = _dropping_after(CHUNK, stream)
+    done = await enqueue_async(
+        "--input", str(source), "--stream", stream, "--redis-url", f"redis://127.0.0.1:{port}/0"
+    )
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        on_stream = await client.xlen(stream)
+    finally:
+        await client.aclose()
+    summary = orjson.loads(done.stdout)
+    assert done.returncode == 69, done.stderr[-2000:]
+    assert on_stream == 2 * CHUNK  # the lost answer's chunk is there; nothing was sent twice
+    assert summary["enqueued"] == CHUNK and summary["in_doubt"] == CHUNK, summary
+    assert summary["enqueued"] + summary["in_doubt"] >= on_stream
+    (event,) = [orjson.loads(line) for line in done.stderr.splitlines()]
+    assert event["in_doubt"] == CHUNK and "may be on the stream too" in event["error"], event

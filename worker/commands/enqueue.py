@@ -165,6 +165,7 @@ async def enqueue_entries(entries: EntryReader, settings: Settings, stop: _Stop)
     client = wiring.redis_client(settings.redis_url, timeout=30.0)
     trusted = settings.trusted_endpoints
     enqueued = rejected = 0
+    sending = 0  # the ids of the chunk whose answer has not come: in doubt if Redis fails
     first: str | None = None
     last: str | None = None
     chunks: MemoryObjectReceiveStream[Chunk] | None = None
@@ -196,6 +197,7 @@ async def enqueue_entries(entries: EntryReader, settings: Settings, stop: _Stop)
                     events.rejected(entry)
             if not ids:
                 continue
+            sending = len(ids)
             try:
                 async with client.pipeline(transaction=False) as pipe:
                     for fields in ids:
@@ -208,14 +210,17 @@ async def enqueue_entries(entries: EntryReader, settings: Settings, stop: _Stop)
                     raise
                 raise not_a_stream(settings.stream) from None
             enqueued += len(added)
+            sending = 0
             first = first or _text(added[0])
             last = _text(added[-1])
     except REDIS_ERRORS as exc:  # away, or full (OOM): try again later
         where = redis_where(settings.redis_url)
-        gone = RedisUnavailable(f"Redis at {where} stopped answering ({type(exc).__name__}) "
-                                f"after {enqueued:,} ids were enqueued")  # fmt: skip
-        code = _unavailable(gone, settings, enqueued=enqueued)
-        _summary(settings.stream, enqueued, rejected, first, last)
+        gone = RedisUnavailable(
+            f"Redis at {where} stopped answering ({type(exc).__name__}) after {enqueued:,} ids "
+            f"were enqueued{_doubt(sending)}"
+        )
+        code = _unavailable(gone, settings, enqueued=enqueued, in_doubt=sending)
+        _summary(settings.stream, enqueued, rejected, first, last, in_doubt=sending)
         return code
     finally:
         if chunks is not None:  # the reading thread, if still at work, stops at its next send
@@ -269,20 +274,38 @@ def _fields(candidate: Candidate) -> dict[str, str]:
     return fields
 
 
+def _doubt(sending: int) -> str:
+    """What the message says of the ids sent whose answer never came: Redis may have added
+    some or all of them (a connection lost after they reached it added all 500 while the
+    summary said none), so they are neither counted enqueued nor said to be left out."""
+    if not sending:
+        return ""
+    return (f"; the {sending:,} ids being added then may be on the stream too (in doubt: "
+            "enqueueing them again repeats those that are, answered absent)")  # fmt: skip
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
 def _summary(
-    stream: str, enqueued: int, rejected: int, first: str | None, last: str | None
+    stream: str,
+    enqueued: int,
+    rejected: int,
+    first: str | None,
+    last: str | None,
+    *,
+    in_doubt: int = 0,
 ) -> None:
-    line = {
+    line: dict[str, Any] = {
         "stream": stream,
         "enqueued": enqueued,
         "rejected": rejected,
         "first_entry": first,
         "last_entry": last,
     }
+    if in_doubt:  # Redis failed before answering for these: some or all may be on the stream
+        line["in_doubt"] = in_doubt
     try:
         sys.stdout.buffer.write(orjson.dumps(line) + b"\n")
         sys.stdout.flush()
