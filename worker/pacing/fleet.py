@@ -185,23 +185,33 @@ class _Pace:
     state: ControllerState | None
     check: str = ""
     window: Kept = dataclasses.field(default_factory=dict)
+    before: ControllerState | None = None  # ``RateController.outage_before``
 
     def stored(self) -> str:
-        return "" if self.state is None else encode_state(self.state, self.window)
+        return "" if self.state is None else encode_state(self.state, self.window, self.before)
 
 
 def _json(v: Any) -> Any:
     return v if not isinstance(v, float) or math.isfinite(v) else str(v)
 
 
-def encode_state(state: ControllerState, window: Kept | None = None) -> str:
-    """The controller's state as JSON (infinities as strings), for the next leader, and
-    what it read of a long window (``LongWindow.kept``)."""
-    out: dict[str, Any] = {
+def _fields(state: ControllerState) -> dict[str, Any]:
+    return {
         f.name: _json(v)
         for f in dataclasses.fields(state)
         if (v := getattr(state, f.name)) is not None
     }
+
+
+def encode_state(
+    state: ControllerState, window: Kept | None = None, before: ControllerState | None = None
+) -> str:
+    """The controller's state as JSON (infinities as strings), for the next leader, what it
+    read of a long window (``LongWindow.kept``), and the state before an outage's cuts
+    (``RateController.outage_before``)."""
+    out = _fields(state)
+    if before is not None:
+        out["outage_before"] = _fields(before)
     if window:
         out["long_window"] = {k: {f: _json(v) for f, v in p.items()} for k, p in window.items()}
     return orjson.dumps(out).decode()
@@ -226,13 +236,17 @@ def decode_window(stored: str, config: AdaptiveConfig, now: float) -> Kept:
     return kept if sane else {}
 
 
-def decode_state(stored: str) -> ControllerState | None:
-    """The state a leader stored, or ``None`` when there is none (or it does not read as
-    one: written by another version)."""
+def decode_state(stored: str, part: str | None = None) -> ControllerState | None:
+    """The state a leader stored (``part``: the one stored under that name beside it), or
+    ``None`` when there is none (or it does not read as one: written by another version)."""
     if not stored:
         return None
     try:
         raw = orjson.loads(stored)
+        if part is not None:
+            raw = raw.get(part)
+            if raw is None:
+                return None
         values: dict[str, Any] = {}
         for f in dataclasses.fields(ControllerState):
             if f.name not in raw:
@@ -245,7 +259,7 @@ def decode_state(stored: str) -> ControllerState | None:
             else:
                 values[f.name] = float(v)
         return ControllerState(**values)
-    except (ValueError, TypeError, orjson.JSONDecodeError):
+    except (ValueError, TypeError, AttributeError, orjson.JSONDecodeError):
         return None
 
 
@@ -266,6 +280,26 @@ def sane_state(
     ):
         return None
     return state
+
+
+def taken_over(stored_state: str, config: AdaptiveConfig, now: float) -> RateController:
+    """A new leader's controller at ``now`` (Redis clock), from the state the last leader
+    stored (``_Pace.stored``); a fresh one where none reads as sane."""
+    controller = RateController(now, config)
+    stored = sane_state(decode_state(stored_state), config, now)
+    if stored is None:
+        return controller
+    controller.restore(stored, start_seen=False)
+    # The long window read, and the check call under way: a leader that took over in the
+    # pause read the check's refusal as any other, and the window never.
+    kept = decode_window(stored_state, config, now)
+    with contextlib.suppress(KeyError):  # (none kept: no window, as before)
+        controller.long_window.adopt(kept, now)
+    # Mid-outage: the rate before its cuts returns once served again.
+    before = sane_state(decode_state(stored_state, "outage_before"), config, now)
+    if before is not None:
+        controller.resume(now, before)
+    return controller
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,16 +503,9 @@ class FleetRateController(RedisPacer):
         if self._controller is None or self._lapsed():
             # Newly the leader (or again, after another may have led): from the stored state,
             # or, when Redis lost it (flushed, restarted), the last this process saw there.
-            self._controller = RateController(server_now / 1e6, self._config)
+            self._controller = taken_over(stored_state, self._config, server_now / 1e6)
             stored = sane_state(decode_state(stored_state), self._config, server_now / 1e6)
-            if stored is not None:
-                self._controller.restore(stored, start_seen=False)
-                # The long window read, and the check call under way: a leader that took over
-                # in the pause read the check's refusal as any other, and the window never.
-                kept = decode_window(stored_state, self._config, server_now / 1e6)
-                with contextlib.suppress(KeyError):  # (none kept: no window, as before)
-                    self._controller.long_window.adopt(kept, server_now / 1e6)
-            else:
+            if stored is None:
                 # Nothing stored (a first start, or Redis flushed or restarted under a
                 # running fleet): the calls sent before were paced by an estimate now lost,
                 # and their refusals say nothing of this one's rate. Taken as news, they held
@@ -548,7 +575,8 @@ class FleetRateController(RedisPacer):
             check, pause = f"{round(pause * 1e6)}", max(pause, waiting.hold)
         pause_us = round(pause * 1e6) if math.isfinite(pause) and pause > 0 else 0
         interval = interval_us(ctrl.rate)
-        publish = _Pace(interval, pause_us, ctrl.state, check, ctrl.long_window.kept())
+        kept = ctrl.long_window.kept()
+        publish = _Pace(interval, pause_us, ctrl.state, check, kept, ctrl.outage_before)
         last = self._published
         if last is not None and publish == last:
             return
