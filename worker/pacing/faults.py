@@ -146,23 +146,24 @@ class FaultWatch:
     def overloaded(self) -> bool:
         """Whether 503s are ``overload_share`` of the last answers over the faults known
         (and not a trial under way, nor two 503s fewer)."""
-        c = self._config
-        failed = sum(self._answers)
-        needed = (self.faults + c.overload_share) * c.overload_answers
-        return self.trial is None and failed >= max(2.0, needed)
+        return self.trial is None and sum(self._answers) >= self._overload()
 
     def unserved(self) -> bool:
         """Whether the last answers are 503s, as many in a row as ``overloaded`` counts:
         nothing served since the 503s came (a service out, or full), the rate they came
         at no capacity."""
-        c = self._config
-        needed = max(2.0, (self.faults + c.overload_share) * c.overload_answers)
         run = 0
         for failed in reversed(self._answers):
             if not failed:
                 break
             run += 1
-        return run >= needed
+        return run >= self._overload()
+
+    def _overload(self) -> float:
+        """How many 503s of the last answers are overload: ``overload_share`` of them over
+        the faults known, and two at least."""
+        c = self._config
+        return max(2.0, (self.faults + c.overload_share) * c.overload_answers)
 
     def clear(self) -> None:
         """The controller cut for 503s: the answers before it are spent. After a trial
