@@ -813,9 +813,8 @@ async def _watch_signals(
         def heard(signum: int) -> None:
             nonlocal count
             count += 1
-            name = signal.Signals(signum).name
-            events.warn("run.interrupted", signal=name, immediate=count > 1)
-            say("Ctrl-C" if signum == signal.SIGINT else name, count > 1)
+            events.warn("run.interrupted", signal=signal.Signals(signum).name, immediate=count > 1)
+            say(stops.said(signum), count > 1)
             state.request_stop("signal", immediate=count > 1)
 
         if (lost := stops.asked()) is not None:  # its exit dropped before the loop ran
