@@ -404,6 +404,27 @@ async def test_control_endpoint_changes_the_quota_at_once(
 
 
 @pytest.mark.anyio
+async def test_control_endpoint_refuses_a_quota_or_burst_that_is_not_a_number(
+    session: aiohttp.ClientSession,
+) -> None:
+    """``{"quota": true}`` was taken as 1.0 call/s (JSON's true is Python's 1) and
+    ``{"burst": true}`` as a burst of 1: each is a 400 naming the field, the quota unchanged."""
+    async with run_simulator(SimulatorConfig(jobs=1, quota=5, burst=2)) as sim:
+        for body, field in [
+            ({"quota": True}, "quota"),
+            ({"quota": False}, "quota"),
+            ({"quota": "2"}, "quota"),
+            ({"quota": None}, "quota"),
+            ({"quota": 2, "burst": True}, "burst"),
+            ({"quota": 2, "burst": 2.0}, "burst"),
+        ]:
+            async with session.post(sim.url + "/_sim/quota", json=body) as r:
+                assert r.status == 400, body
+                assert field in (await r.json())["error_msg"], body
+        assert (sim.config.quota, sim.config.burst) == (5.0, 2)
+
+
+@pytest.mark.anyio
 async def test_arrivals_say_when_each_call_met_the_quota_and_whether_it_passed(
     session: aiohttp.ClientSession,
 ) -> None:

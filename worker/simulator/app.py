@@ -113,6 +113,11 @@ def _json(sim: Simulator, status: int, payload: Any, **headers: str) -> web.Resp
     )
 
 
+def _number(value: object, kind: type | tuple[type, ...] = (int, float)) -> bool:
+    """``value`` is a JSON number of ``kind`` (int, or int or float), not a bool."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
 def _error(sim: Simulator, status: int, code: str, msg: str, **headers: str) -> web.Response:
     if status == 400:
         sim.stats.bad_requests += 1
@@ -411,7 +416,7 @@ class _Control:
         """``{"count": n, ...fields}``: ``fields`` pin job fields such as ``status``."""
         payload = await self._object(request)
         count = payload.pop("count", 0)
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        if not _number(count, int) or count < 0:
             raise self._bad("count must be an integer >= 0")
         try:
             ids = self.sim.add_jobs(count, **payload)
@@ -425,9 +430,10 @@ class _Control:
         payload = await self._object(request)
         quota = payload.get("quota", 0)
         burst = payload.get("burst")
-        if not isinstance(quota, int | float) or not 0 <= quota < math.inf:
-            raise self._bad("quota must be >= 0")
-        if burst is not None and (not isinstance(burst, int) or burst < 1):
+        # JSON's true is Python's 1: a bool is no number here, not a quota of 1 call/s.
+        if not _number(quota) or not 0 <= quota < math.inf:
+            raise self._bad("quota must be a number >= 0 (calls/s)")
+        if burst is not None and (not _number(burst, int) or burst < 1):
             raise self._bad("burst must be an integer >= 1")
         try:
             self.sim.set_quota(float(quota), burst)
