@@ -5,10 +5,12 @@ certificate refused although a bundle was given is not answered "give --ca-bundl
 from __future__ import annotations
 
 import ssl
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
 import pytest
 import trustme
 from aiohttp import web
@@ -96,3 +98,36 @@ async def test_a_certificate_refused_with_a_ca_bundle_given_is_not_cured_by_givi
     assert "with --ca-bundle FILE" not in fix
     unbundled = next(line for line in none.stdout.splitlines() if line.startswith("fix"))
     assert f"give the CA of {url} with --ca-bundle FILE" in unbundled, unbundled
+
+
+_COUNTING_LOADS = (
+    "import atexit, runpy, ssl, sys\n"
+    "loads, load = [], ssl.SSLContext.load_verify_locations\n"
+    "def counted(self, cafile=None, *args, **kwargs):\n"
+    "    loads.append(cafile)\n"
+    "    return load(self, cafile, *args, **kwargs)\n"
+    "ssl.SSLContext.load_verify_locations = counted\n"
+    "atexit.register(lambda: sys.stderr.write(f'bundle loads: {len(loads)}\\n'))\n"
+    "runpy.run_module('worker', run_name='__main__', alter_sys=True)\n"
+)
+"""``python -m worker ARGS`` that says on stderr, as it exits, how many times a CA bundle
+was loaded into a TLS context (``bundle loads: N``)."""
+
+
+async def test_a_run_with_a_ca_bundle_loads_it_once(tmp_path: Path) -> None:
+    """``run --ca-bundle FILE`` read and parsed the bundle twice: once in the check before
+    anything is sent, and once more for the session (each with the system store, 20 ms of
+    CPU). Once is enough: the checked context is the session's; the run deletes as before."""
+    bundle = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(bundle))
+    async with run_simulator(SimulatorConfig(jobs=3)) as sim:
+        ids = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        args = ["run", "--input", str(ids), "--yes", "--ca-bundle", str(bundle)]
+        result = await anyio.run_process(
+            [sys.executable, "-c", _COUNTING_LOADS, *args],
+            env=reaper_env(sim.url), check=False,
+        )  # fmt: skip
+        assert sim.job_ids() == []
+    err = result.stderr.decode()
+    assert result.returncode == 0, err[-2000:]
+    assert "bundle loads: 1\n" in err, err[-2000:]

@@ -41,16 +41,34 @@ def tls_context(ca_bundle: Path | None = None, named: str = "ca_bundle") -> ssl.
     the file, not OpenSSL's, naming the setting as it was given (``named``: ``--ca-bundle``),
     found before any call is made.
     """
+    if ca_bundle is None:
+        return ssl.create_default_context()
+    try:  # the file as it is now: a bundle changed since it was loaded is loaded again
+        info = ca_bundle.stat()
+        stamp = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    except OSError:
+        stamp = None  # loading it says what is wrong
+    known = _LOADED.get(ca_bundle)
+    if known is not None and stamp is not None and known[0] == stamp:
+        return known[1]
     context = ssl.create_default_context()
-    if ca_bundle is not None:
-        try:
-            context.load_verify_locations(cafile=str(ca_bundle))
-        except ssl.SSLError as exc:
-            raise ConfigError(f"{named} {ca_bundle} is not a PEM certificate bundle: "
-                              f"{_not_pem(exc)}") from None  # fmt: skip
-        except OSError as exc:
-            raise ConfigError(f"{named} {ca_bundle} cannot be read: {file_problem(exc)}") from None
+    try:
+        context.load_verify_locations(cafile=str(ca_bundle))
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{named} {ca_bundle} is not a PEM certificate bundle: "
+                          f"{_not_pem(exc)}") from None  # fmt: skip
+    except OSError as exc:
+        raise ConfigError(f"{named} {ca_bundle} cannot be read: {file_problem(exc)}") from None
+    if stamp is not None:
+        _LOADED[ca_bundle] = (stamp, context)
     return context
+
+
+_LOADED: dict[Path, tuple[tuple[int, int, int, int], ssl.SSLContext]] = {}
+"""Each CA bundle's context once loaded, by path, with the file's identity, size and time
+then: the check before anything is sent (``wiring.check_ca_bundle``) and each session after
+it (an IAM look-up's, the run's) share one context, the bundle and the system store read
+once (20 ms of CPU each time)."""
 
 
 def _not_pem(exc: ssl.SSLError) -> str:
