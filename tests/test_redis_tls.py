@@ -13,6 +13,7 @@ import pytest
 import trustme
 
 from tests.e2e import reaper, reaper_env, until, write_ids
+from worker.simulator import SimulatorConfig, run_simulator
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("clean_env")]
 
@@ -81,3 +82,31 @@ async def test_a_redis_whose_certificate_is_refused_is_said_so_without_its_passw
     done = await reaper(args, reaper_env("http://127.0.0.1:9", REAPER_REDIS_URL=trusted))
     assert done.code == 0, done.stdout + done.stderr
     assert '"enqueued":1' in done.stdout
+
+
+async def test_serve_says_a_refused_redis_certificate_at_once_without_retrying(
+    tls_redis: tuple[int, Path],
+) -> None:
+    """``serve`` at a ``rediss://`` Redis whose certificate is refused: 69 at its first PING,
+    saying the certificate was refused and how to trust its CA, as enqueue does. It tried
+    again for 30 s (one "serve.redis_unreachable" after another) and then said "Redis
+    unavailable", as of a Redis that does not run. The password is never printed."""
+    port, _ = tls_redis
+
+    async def listening() -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    await until(listening)
+    url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0"
+    async with run_simulator(SimulatorConfig(jobs=1)) as sim:
+        args = ["serve", "--stream", "tls-test:ids", "--consumer", "c1", "--http-port", "0",
+                "--http-host", "127.0.0.1"]  # fmt: skip
+        done = await reaper(args, reaper_env(sim.url, REAPER_REDIS_URL=url))
+        assert sim.stats.calls == 0
+    said = done.stdout + done.stderr
+    assert done.code == 69, said[-3000:]
+    assert f"the TLS certificate of Redis at rediss://127.0.0.1:{port}/0" in said, said[-3000:]
+    assert "was refused (" in said and "ssl_ca_certs=" in said, said[-3000:]
+    assert "redis_unreachable" not in said and "redis_unavailable" not in said, said[-3000:]
+    assert PASSWORD not in said and "Traceback" not in said

@@ -328,17 +328,30 @@ async def answering(client: aioredis.Redis, url: str, *, kept: str) -> None:
     try:
         await ping(client)
     except REDIS_ERRORS as exc:
-        if (why := _certificate_refused(exc)) is not None:
-            raise RedisCertificateRefused(
-                f"the TLS certificate of Redis at {redis_where(url)}, where {kept} is kept, "
-                f"was refused ({why}); nothing was sent",
-                cause="certificate",
-            ) from None
+        if (refused := certificate_refusal(exc, url, kept=kept)) is not None:
+            raise refused from None
         raise RedisUnavailable(
             f"Redis at {redis_where(url)}, where {kept} is kept, does not answer "
             f"({type(exc).__name__}); nothing was sent",
             cause=type(exc).__name__,
         ) from None
+
+
+def certificate_refusal(
+    exc: BaseException, url: str, *, kept: str, done: str = "nothing was sent"
+) -> RedisCertificateRefused | None:
+    """``exc`` said as a ``rediss://`` Redis whose certificate was refused (69: asking again
+    changes nothing), named without its password (``kept``: what is kept there; ``done``:
+    what that left undone); None when that is not what failed."""
+    from worker.service.outage import redis_where
+
+    if (why := _certificate_refused(exc)) is None:
+        return None
+    return RedisCertificateRefused(
+        f"the TLS certificate of Redis at {redis_where(url)}, where {kept} is kept, "
+        f"was refused ({why}); {done}",
+        cause="certificate",
+    )
 
 
 def _certificate_refused(exc: BaseException) -> str | None:

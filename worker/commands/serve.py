@@ -58,6 +58,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     log = structlog.get_logger("devserver_reaper")
     import redis.exceptions
 
+    from worker.errors import RedisCertificateRefused
     from worker.pacing.shared import acl_denial
     from worker.service.consumer import not_permitted
 
@@ -79,6 +80,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         return _said(log, "serve.credentials_refused", exc, ExitCode.NO_PERMISSION)
     except TransientError as exc:  # a credential service that does not answer
         return _said(log, "serve.credentials_unavailable", exc, ExitCode.UNAVAILABLE)
+    except RedisCertificateRefused as exc:  # not waited on: no retry makes it trusted
+        return _said(log, "serve.redis_certificate_refused", exc, ExitCode.UNAVAILABLE)
 
 
 def _events_for(settings: Settings) -> None:
@@ -176,7 +179,7 @@ async def serve(
             events.note("serve.starting", http_host=host, http_port=port, redis=where)
             answered = False
             with waiting:
-                answered = await _redis_answers(client, outage, events)
+                answered = await _redis_answers(client, outage, events, settings.redis_url)
             if stop.is_set():  # stopped before Redis answered: nothing was read
                 events.note("serve.stopped", read=0, batches=0, reclaimed=0, acked=0,
                             dead_lettered=0, outcomes=0, left_pending=0,
@@ -231,14 +234,27 @@ def _alone(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return group if isinstance(found, BaseExceptionGroup) else found
 
 
-async def _redis_answers(client: Redis, outage: Outage, events: EventLog) -> bool:
+async def _redis_answers(client: Redis, outage: Outage, events: EventLog, url: str) -> bool:
     """PING until Redis answers, for at most ``STARTUP_WAIT_S`` (the first failure names the
     Redis, the others are counted: ``worker.service.outage``); ``ConfigError`` when it
-    refuses our settings (``worker.service.consumer.ping``)."""
+    refuses our settings (``worker.service.consumer.ping``), ``RedisCertificateRefused`` at
+    once for a certificate refused (no wait makes it trusted)."""
     from worker.service.consumer import ping
+    from worker.service.outage import REDIS_ERRORS
+
+    async def once() -> None:
+        try:
+            await ping(client)
+        except REDIS_ERRORS as exc:
+            refused = wiring.certificate_refusal(
+                exc, url, kept="the queue", done="nothing was read"
+            )
+            if refused is not None:
+                raise refused from None
+            raise
 
     with anyio.move_on_after(STARTUP_WAIT_S):
-        await outage.persist(lambda: ping(client), what="ping")
+        await outage.persist(once, what="ping")
         return True
     events.error("serve.redis_unavailable", waited_s=STARTUP_WAIT_S,
                  failed_calls=outage.failures)  # fmt: skip
