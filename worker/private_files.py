@@ -26,7 +26,6 @@ import contextlib
 import errno
 import os
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -164,8 +163,9 @@ def open_output(path: Path, *, append: bool = False) -> IO[bytes]:
 @contextlib.contextmanager
 def replacing(path: Path) -> Iterator[IO[bytes] | None]:
     """Write a new version of the regular file at ``path``: yields a stream to a ``mkstemp``
-    file beside it that takes the old file's mode (and owner, when we may), and renames it
-    over ``path`` when the block ends without an error. ``rename`` replaces the name itself,
+    file beside it (locked while we write it: the next writer sweeps one a kill -9 left)
+    that takes the old file's mode (and owner, when we may), and renames it over ``path``
+    when the block ends without an error. ``rename`` replaces the name itself,
     so even a link planted meanwhile is replaced, not followed. Yields ``None`` when
     ``path`` is not a regular file (a link, ``/dev/stdout``, a pipe): it is left alone."""
     try:
@@ -175,7 +175,10 @@ def replacing(path: Path) -> Iterator[IO[bytes] | None]:
     if old is not None and not stat.S_ISREG(old.st_mode):
         yield None
         return
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    from worker.scratch import locked_file
+
+    # Locked while we live: the next writer of this name removes the part a kill -9 left.
+    fd, temporary = locked_file(path.parent, f".{path.name}.", ".partial")
     out = os.fdopen(fd, "wb")
     try:
         with out:
@@ -190,3 +193,24 @@ def replacing(path: Path) -> Iterator[IO[bytes] | None]:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+@contextlib.contextmanager
+def written_whole(path: Path) -> Iterator[IO[bytes]]:
+    """An output for ``path`` that appears under its name only once written whole: for a
+    regular file, or none yet, a file beside it renamed over the name at the end
+    (:func:`replacing`; on an error, a signal or a ``kill -9`` the name keeps what it had),
+    after the refusals of :func:`open_output` (another user's file, other hard links, one
+    we may not write). A link, a named pipe or a device (``/dev/stdout``, the user's own
+    FIFO) is no file to replace: :func:`open_output`'s stream, as it is."""
+    try:
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            os.close(open_private_fd(path, os.O_WRONLY))  # refused as open_output refuses
+    except FileNotFoundError:
+        pass
+    with replacing(path) as out:
+        if out is not None:
+            yield out
+            return
+    with open_output(path) as stream:
+        yield stream

@@ -11,7 +11,6 @@ import contextlib
 import csv
 import io
 import os
-import stat
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,7 +25,7 @@ from worker.exit_codes import ExitCode
 from worker.ledger import UNBOUND, WHOLE, LedgerView, escape, open_readonly
 from worker.outcomes.journal import check_output
 from worker.outcomes.schema import RESULT_COLUMNS, TARGET
-from worker.private_files import open_output
+from worker.private_files import written_whole
 from worker.settings import Settings
 from worker.stops import asked, checkpoint, said
 from worker.targets import Target
@@ -91,14 +90,16 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             with contextlib.suppress(OSError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except OSError as exc:
-            removed = (
-                ""
-                if output in (None, "-") or os.path.lexists(output)
-                else "; the part written is removed"
-            )
+            left = ""  # a file is renamed into place only once whole: what was there stays
+            if output not in (None, "-"):
+                left = "; " + (
+                    f"{output} is left as it was"
+                    if os.path.lexists(output)
+                    else "nothing is left under that name"
+                )
             print(
                 f"devserver-reaper report: cannot write {output or 'stdout'}: {exc.strerror}"
-                + removed,
+                + left,
                 file=sys.stderr,
             )
             return ExitCode.USAGE
@@ -150,25 +151,10 @@ def _open_output(output: str | None) -> Iterator[IO[bytes]]:
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
         return
-    with open_output(Path(output)) as handle:  # private, never through a planted link
-        try:
-            yield handle
-            handle.flush()  # a full disk says so here, while the part written can be removed
-        except BaseException:
-            _remove_partial(handle, Path(output))
-            raise
-
-
-def _remove_partial(handle: IO[bytes], path: Path) -> None:
-    """An export that could not be written whole is removed, not left under its name as if
-    complete: the file we wrote, if the name still leads to it (not a link we followed)."""
-    with contextlib.suppress(OSError):
-        ours, named = os.fstat(handle.fileno()), os.lstat(path)
-        if stat.S_ISREG(ours.st_mode) and (ours.st_dev, ours.st_ino) == (
-            named.st_dev,
-            named.st_ino,
-        ):
-            os.unlink(path)
+    # Private, never through a planted link; a file appears under its name only once whole
+    # (a full disk, a signal or a kill -9 leave what was there), a pipe is streamed to.
+    with written_whole(Path(output)) as handle:
+        yield handle
 
 
 def write_jsonl(ledger: LedgerView, out: IO[bytes], *, default: Target | None = None) -> None:

@@ -1,0 +1,146 @@
+"""``report --output FILE`` as a crash, a signal and another user meet it: the export
+appears under its name only once whole (written beside it, then renamed), and every
+refusal of a file that is not ours to write stays. The real command in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.e2e import reaped
+from tests.test_private_files import as_nobody, shared, two_users
+from tests.test_report import fill, report
+
+pytestmark = pytest.mark.usefixtures("clean_env")
+__all__ = ["shared"]  # the fixture, used by name
+
+_HALTED_MIDWAY = (
+    "import runpy, sys\n"
+    "import worker.commands.report as report\n"
+    "whole = report.write_jsonl\n"
+    "class Halting:\n"
+    "    def __init__(self, out):\n"
+    "        self.out = out\n"
+    "    def write(self, data):\n"
+    "        self.out.write(data)\n"
+    "        self.out.flush()\n"
+    "        sys.stderr.write('midway\\n'); sys.stderr.flush()\n"
+    "        sys.stdin.read()\n"
+    "def halted(ledger, out, **kwargs):\n"
+    "    return whole(ledger, Halting(out), **kwargs)\n"
+    "report.write_jsonl = halted\n"
+    "runpy.run_module('worker', run_name='__main__', alter_sys=True)\n"
+)
+"""``python -m worker ARGS`` whose jsonl export writes its first row (flushed to the file),
+says ``midway`` on stderr, and waits on stdin for ever: a report caught mid-write."""
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("before", [None, b"the export of yesterday\n"])
+async def test_an_export_killed_mid_write_leaves_no_part_under_its_name(
+    tmp_path: Path, before: bytes | None
+) -> None:
+    """``kill -9`` while the export is written: nothing under its name (or the file that was
+    there, whole); the next report writes it whole and removes the dead one's part. The
+    part used to be left under the name, as if it were the whole ledger (one row of four)."""
+    ledger = tmp_path / "ledger.sqlite"
+    fill(ledger).close()
+    export = tmp_path / "export.jsonl"
+    if before is not None:
+        export.write_bytes(before)
+        export.chmod(0o640)
+    args = ["report", "--ledger", str(ledger), "--format", "jsonl", "--output", str(export)]
+    process = await anyio.open_process([sys.executable, "-c", _HALTED_MIDWAY, *args])
+    async with reaped(process):
+        assert process.stderr is not None
+        err = b""
+        with anyio.fail_after(60):  # a hang's guard, not a measure
+            while b"midway" not in err:
+                err += await process.stderr.receive()
+            process.send_signal(signal.SIGKILL)
+            assert await process.wait() == -signal.SIGKILL
+    if before is None:
+        assert not export.exists(), export.read_bytes()
+    else:
+        assert export.read_bytes() == before
+    whole = report(*args[1:])
+    assert whole.returncode == 0, whole.stderr
+    assert len(export.read_bytes().splitlines()) == 5  # four settled ids, one rejected line
+    assert stat.S_IMODE(export.stat().st_mode) == (0o600 if before is None else 0o640)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".export"))
+    assert left == [], left
+
+
+def test_an_export_over_a_hard_link_is_refused_and_the_file_kept(tmp_path: Path) -> None:
+    """A name with other hard links is refused as before (64), not replaced beside them."""
+    ledger = tmp_path / "ledger.sqlite"
+    fill(ledger).close()
+    precious = tmp_path / "precious"
+    precious.write_text("keep me\n")
+    export = tmp_path / "export.csv"
+    export.hardlink_to(precious)
+    done = report("--ledger", str(ledger), "--format", "csv", "--output", str(export))
+    assert done.returncode == 64, done.stderr
+    assert "has other hard links" in done.stderr and "Traceback" not in done.stderr
+    assert precious.read_text() == export.read_text() == "keep me\n"
+
+
+@two_users
+@pytest.mark.parametrize("planted", ["link", "file", "fifo"])
+def test_an_export_over_what_another_user_planted_is_refused(
+    shared: Path, tmp_path: Path, planted: str
+) -> None:
+    """In a shared directory, a link, a file (left open to all) or a named pipe another user
+    made under the export's name: refused (64), never written, nor replaced."""
+    ledger = tmp_path / "ledger.sqlite"
+    fill(ledger).close()
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    victim.chmod(0o600)
+    export = shared / "export.csv"
+    make = {
+        "link": f"ln -s {victim} {export}",
+        "file": f"umask 0; echo theirs > {export}",
+        "fifo": f"mkfifo -m 0666 {export}",
+    }[planted]
+    as_nobody("sh", "-c", make)
+    done = report("--ledger", str(ledger), "--format", "csv", "--output", str(export))
+    assert done.returncode == 64, done.stderr
+    assert "Traceback" not in done.stderr
+    assert victim.read_text() == "precious\n"
+    info = os.lstat(export)
+    assert info.st_uid != 0  # still theirs: not replaced by ours
+    if planted == "file":
+        assert export.read_text() == "theirs\n"
+    assert [p.name for p in shared.iterdir()] == ["export.csv"]  # no part left beside it
+
+
+def test_an_export_to_our_own_pipe_or_to_stdout_is_streamed_as_before(tmp_path: Path) -> None:
+    """A named pipe of ours and ``/dev/stdout`` are written to as streams (no file beside
+    them, nothing renamed over them): the reader gets the whole export."""
+    ledger = tmp_path / "ledger.sqlite"
+    fill(ledger).close()
+    to_stdout = report("--ledger", str(ledger), "--format", "jsonl", "--output", "/dev/stdout")
+    assert to_stdout.returncode == 0, to_stdout.stderr
+    assert len(to_stdout.stdout.splitlines()) == 5
+    fifo = tmp_path / "export.fifo"
+    os.mkfifo(fifo, 0o600)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
+    try:
+        done = report("--ledger", str(ledger), "--format", "jsonl", "--output", str(fifo))
+        out, _ = reader.communicate(timeout=60)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert done.returncode == 0, done.stderr
+    assert out.splitlines() == to_stdout.stdout.encode().splitlines()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
