@@ -186,3 +186,35 @@ async def test_enqueue_stopped_while_its_input_is_slow_to_come_says_what_it_adde
     assert '"enqueued":500' in out.decode() and "Traceback" not in err, err[-2000:]
     assert f"stopped by SIGTERM: 500 ids are on the stream {stream}" in err
     assert await redis_client.xlen(stream) == 500
+
+
+_CLOSING = (
+    "import runpy, sys\n"
+    "import worker.commands.run as run\n"
+    "whole = run.run_async\n"
+    "async def closing(*args, **kwargs):\n"
+    "    code = await whole(*args, **kwargs)\n"
+    "    sys.stderr.write('closing\\n'); sys.stderr.flush()\n"
+    "    sys.stdin.read()\n"
+    "    return code\n"
+    "run.run_async = closing\n"
+    "runpy.run_module('worker', run_name='__main__', alter_sys=True)\n"
+)
+"""``python -m worker run ARGS`` that, once the run has said its summary and its loop's
+signal watch has ended, says ``closing`` on stderr and waits on stdin: the last stretch."""
+
+
+async def test_a_run_stopped_after_its_summary_exits_75_saying_so_not_143(tmp_path: Path) -> None:
+    """SIGTERM after the dispatch and the summary, as the run closes: the signal watch of its
+    loop was gone and the system's handler back, so the signal killed it (143, no word).
+    Now 75 and a line saying the summary stands; every id deleted and in the ledger."""
+    ledger = tmp_path / "ledger.db"
+    async with run_simulator(SimulatorConfig(jobs=5)) as sim:
+        ids = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        command = [sys.executable, "-c", _CLOSING, "run", "--input", str(ids), "--yes",
+                   "--ledger", str(ledger)]  # fmt: skip
+        code, out, err = await _sigterm_on(b"closing", command, reaper_env(sim.url))
+        assert sim.job_ids() == []
+    assert code == 75, (out + err)[-2000:]
+    assert '"deleted":5' in out and '"open":0' in out, out[-2000:]
+    assert "stopped by SIGTERM" in err and "Traceback" not in err, err[-2000:]

@@ -77,8 +77,15 @@ async def watching(stop: Callable[[str], None]) -> AsyncIterator[None]:
             raise
         raise raised.exceptions[0] from None
     finally:
-        for signum in SIGNALS:
-            signal.signal(signum, raise_stop)
+        outside_loop()
+
+
+def outside_loop(*signums: int, handler: Callable[[int, object], None] = raise_stop) -> None:
+    """``handler`` (:func:`raise_stop`) for SIGTERM, SIGINT and ``signums`` again, once a
+    loop that heard them has left: its leaving put the system's handlers back, and a
+    SIGTERM killed the process (143, without a word) while it wrote its last lines."""
+    for signum in (*SIGNALS, *signums):
+        signal.signal(signum, handler)
 
 
 async def cancelled_on_stop(

@@ -806,21 +806,36 @@ async def _watch_signals(
     # SIGHUP too: the terminal gone (an ssh session dropped) killed the run outright, its
     # calls in flight unrecorded; unless it was started ignoring it (nohup), which stays so.
     hangup = signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
-    with anyio.open_signal_receiver(*SIGNALS, *[signal.SIGHUP] * hangup) as received:
-        task_status.started()
-        count = 0
+    command = signal.getsignal(signal.SIGTERM) is stops.raise_stop  # not run_async in a test
+    try:
+        with anyio.open_signal_receiver(*SIGNALS, *[signal.SIGHUP] * hangup) as received:
+            task_status.started()
+            count = 0
 
-        def heard(signum: int) -> None:
-            nonlocal count
-            count += 1
-            events.warn("run.interrupted", signal=signal.Signals(signum).name, immediate=count > 1)
-            say(stops.said(signum), count > 1)
-            state.request_stop("signal", immediate=count > 1)
+            def heard(signum: int) -> None:
+                nonlocal count
+                count += 1
+                events.warn("run.interrupted", signal=signal.Signals(signum).name,
+                            immediate=count > 1)  # fmt: skip
+                say(stops.said(signum), count > 1)
+                state.request_stop("signal", immediate=count > 1)
 
-        if (lost := stops.asked()) is not None:  # its exit dropped before the loop ran
-            heard(lost)
-        async for signum in received:
-            heard(signum)
+            if (lost := stops.asked()) is not None:  # its exit dropped before the loop ran
+                heard(lost)
+            async for signum in received:
+                heard(signum)
+    finally:  # the run has ended and said so; the loop and the process are closing
+        if command:
+            stops.outside_loop(*[signal.SIGHUP] * hangup, handler=_stopped_closing)
+
+
+def _stopped_closing(signum: int, frame: object) -> None:
+    """A stop after the run's summary, as the loop and the process close: 75 and a line
+    (the system's handler, put back as the loop's signal watch ended, killed it: 143)."""
+    with contextlib.suppress(OSError):  # straight to fd 2: never into a write it interrupts
+        os.write(2, f"devserver-reaper run: stopped by {stops.said(signum)} as it closed, "
+                    "after its summary: the outcomes it gave stand\n".encode())  # fmt: skip
+    stops.raise_stop(signum, frame)
 
 
 async def _deadline(
