@@ -7,6 +7,7 @@ them), and that is seen in ``sys.modules`` of the real command in a child proces
 
 from __future__ import annotations
 
+import ast
 import signal
 import subprocess
 import sys
@@ -86,6 +87,45 @@ def test_a_run_logs_without_rich_and_touches_no_queue(tmp_path: Path) -> None:
                      "--events", str(tmp_path / "events.jsonl"), env=env)  # fmt: skip
     assert "structlog" in found  # it did log
     assert found & {"rich", "pygments", "redis", "prometheus_client", "worker.simulator"} == set()
+
+
+_COLLECTOR_AT_EXIT = (
+    "import atexit, gc, runpy, sys\n"
+    "path = sys.argv.pop(1)\n"
+    "def said():\n"
+    "    with open(path, 'w') as out:\n"
+    "        out.write(repr((gc.isenabled(), gc.get_freeze_count(),\n"
+    "                        [each['collections'] for each in gc.get_stats()])))\n"
+    "atexit.register(said)\n"
+    "runpy.run_module('worker', run_name='__main__', alter_sys=True)\n"
+)
+"""``python -m worker ARGS`` that writes, at its exit, whether the garbage collector is on,
+how many objects it set aside (``gc.freeze``) and its collections of each generation."""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["run", "--dry-run", "--input", "IDS", "--events", "EVENTS"], ["completion", "bash"]],
+    ids=["dry-run", "completion"],
+)
+def test_a_command_starts_without_collecting_its_modules(args: list[str], tmp_path: Path) -> None:
+    """The objects a command's modules make (some 60,000 for a run) live to its exit: the
+    collector is off while they come and sets them aside once they are in, on for the
+    command's work. Collected as they came they set off a collection of everything and
+    ~140 others, 25 ms of a quiet run's 0.3 s of CPU and 0.1 s under load."""
+    ids = write_ids(tmp_path / "ids.txt", ["a1b2c3d4-0000-4000-8000-000000000001"])
+    named = {"IDS": str(ids), "EVENTS": str(tmp_path / "events.jsonl")}
+    said = tmp_path / "collector"
+    done = subprocess.run(
+        [sys.executable, "-c", _COLLECTOR_AT_EXIT, str(said), *(named.get(a, a) for a in args)],
+        capture_output=True, text=True, check=False, env=reaper_env("http://127.0.0.1:9"),
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    enabled, frozen, (_, _, of_everything) = ast.literal_eval(said.read_text())
+    assert enabled  # on for the command's work
+    assert frozen >= 10_000  # the modules' objects, set aside
+    assert of_everything == 0
 
 
 @pytest.mark.anyio
