@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import redis.asyncio as aioredis
 from yarl import URL
 
 from tests.conftest import REDIS_URL
+from tests.e2e import reaped, until
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -244,10 +246,14 @@ async def test_a_summary_stdout_cannot_take_is_said_on_stderr_with_the_ids_enque
         await client.aclose()
 
 
-def _dropping_after(limit: int, stream: str) -> int:
+def _dropping_after(
+    limit: int, stream: str, *, drop: bool = True, reached: threading.Event | None = None
+) -> int:
     """A port that relays to the real Redis until a pipelined chunk takes the XADDs sent past
-    ``limit``: then its replies are held back, and once Redis has added the whole chunk the
-    client's connection is dropped (once), as a network lost before the answer drops it."""
+    ``limit``: then its replies are held back, and once Redis has added the whole chunk
+    (``reached`` is set) the client's connection is dropped (once), as a network lost before
+    the answer drops it; without ``drop``, the answers are held back for good (a Redis that
+    no longer answers)."""
     import redis
 
     upstream = URL(REDIS_URL)
@@ -278,8 +284,11 @@ def _dropping_after(limit: int, stream: str) -> int:
                     with redis.Redis.from_url(REDIS_URL) as look:
                         while int(look.xlen(stream)) < 2 * limit:  # the chunk reached Redis
                             time.sleep(0.01)
-                    client.shutdown(socket.SHUT_RDWR)
-                    return
+                    if reached is not None:
+                        reached.set()
+                    if drop:
+                        client.shutdown(socket.SHUT_RDWR)
+                        return
 
     def accept() -> None:
         with contextlib.suppress(OSError):
@@ -319,3 +328,51 @@ async def test_a_chunk_whose_answer_was_lost_is_said_in_doubt_not_left_out(
     assert summary["enqueued"] + summary["in_doubt"] >= on_stream
     (event,) = [orjson.loads(line) for line in done.stderr.splitlines()]
     assert event["in_doubt"] == CHUNK and "may be on the stream too" in event["error"], event
+
+
+@pytest.mark.anyio
+async def test_a_second_signal_while_a_chunk_is_added_stops_at_once_saying_it_in_doubt(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """A Redis that stops answering while the second chunk is added: a first SIGTERM waits
+    for the chunk's answer (said on stderr), a second one stops at once: 75, the chunk said
+    in doubt (summary and line). The second was ignored: the answer was waited for until
+    Redis's 30 s timeout, and the run ended 69 as of a Redis lost, not as stopped."""
+    from worker.commands.enqueue import CHUNK
+
+    stream = redis_prefix + "ids"
+    source = tmp_path / "ids.txt"
+    source.write_text("".join(f"job-{i}\n" for i in range(5 * CHUNK)), encoding="utf-8")
+    reached = threading.Event()
+    port = _dropping_after(CHUNK, stream, drop=False, reached=reached)
+    args = (
+        "--input",
+        str(source),
+        "--stream",
+        stream,
+        "--redis-url",
+        f"redis://127.0.0.1:{port}/0",
+    )
+    process = await anyio.open_process(_command(args), env=_env())
+    async with reaped(process):
+        assert process.stdout is not None and process.stderr is not None
+
+        async def held() -> bool:
+            return reached.is_set()
+
+        await until(held)
+        process.send_signal(signal.SIGTERM)
+        err = b""
+        with anyio.fail_after(60):  # a hang's guard, not a measure
+            while b"again to stop now" not in err:
+                err += await process.stderr.receive()
+            process.send_signal(signal.SIGTERM)
+            err += b"".join([chunk async for chunk in process.stderr])
+            out = b"".join([chunk async for chunk in process.stdout])
+            code = await process.wait()
+    said = err.decode()
+    assert code == 75, said[-2000:]
+    summary = orjson.loads(out)
+    assert summary["enqueued"] == CHUNK and summary["in_doubt"] == CHUNK, summary
+    assert f"stopped by SIGTERM: {CHUNK} ids are on the stream {stream}" in said, said[-2000:]
+    assert "may be on the stream too" in said and "Traceback" not in said, said[-2000:]

@@ -115,16 +115,42 @@ def refuse_run_only(settings: Settings) -> None:
 class _Stop:
     """A SIGTERM or Ctrl-C (``signal``, its name) and the wait it ends at once (for Redis to
     answer, for input to come); ids being added when it comes are added first, so the
-    summary counts what is on the stream."""
+    summary counts what is on the stream, unless a second one comes meanwhile: then the
+    adding is cut short, its ids in doubt (Redis may have added them)."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
         self._waiting: anyio.CancelScope | None = None
+        self._adding: tuple[anyio.CancelScope, int] | None = None
 
     def __call__(self, signal: str) -> None:
+        again = self.signal is not None
         self.signal = self.signal or signal
         if self._waiting is not None:
             self._waiting.cancel()
+        if self._adding is None:
+            return
+        scope, ids = self._adding
+        if again:
+            scope.cancel()
+            return
+        with contextlib.suppress(OSError):
+            sys.stderr.write(
+                f"devserver-reaper enqueue: {signal}: stopping once the {ids:,} ids being "
+                f"added are (Redis answers within 30 s); {signal} again to stop now, those "
+                "ids then in doubt\n"
+            )
+            sys.stderr.flush()
+
+    @contextlib.contextmanager
+    def adding(self, ids: int) -> Iterator[None]:
+        """Adding ``ids`` to the stream: a second stop cuts it short."""
+        with anyio.CancelScope() as scope:
+            self._adding = (scope, ids)
+            try:
+                yield
+            finally:
+                self._adding = None
 
     @contextlib.contextmanager
     def ends(self) -> Iterator[None]:
@@ -198,17 +224,21 @@ async def enqueue_entries(entries: EntryReader, settings: Settings, stop: _Stop)
             if not ids:
                 continue
             sending = len(ids)
+            added: list[Any] | None = None
             try:
-                async with client.pipeline(transaction=False) as pipe:
-                    for fields in ids:
-                        pipe.xadd(settings.stream, dict[Any, Any](fields))
-                    added: list[Any] = await pipe.execute()
+                with stop.adding(sending):
+                    async with client.pipeline(transaction=False) as pipe:
+                        for fields in ids:
+                            pipe.xadd(settings.stream, dict[Any, Any](fields))
+                        added = await pipe.execute()
             except redis.exceptions.NoPermissionError as exc:
                 raise not_permitted(settings.stream, exc) from None
             except redis.exceptions.ResponseError as exc:
                 if "WRONGTYPE" not in str(exc):
                     raise
                 raise not_a_stream(settings.stream) from None
+            if added is None:  # a second stop cut it short: the chunk is in doubt
+                break
             enqueued += len(added)
             sending = 0
             first = first or _text(added[0])
@@ -226,14 +256,14 @@ async def enqueue_entries(entries: EntryReader, settings: Settings, stop: _Stop)
         if chunks is not None:  # the reading thread, if still at work, stops at its next send
             chunks.close()
         await client.aclose()
-    _summary(settings.stream, enqueued, rejected, first, last)
+    _summary(settings.stream, enqueued, rejected, first, last, in_doubt=sending)
     if stop.signal is not None:
         entries_said = f" (entries {first} to {last})" if first else ""
         with contextlib.suppress(OSError):
             sys.stderr.write(
                 f"devserver-reaper enqueue: stopped by {stop.signal}: {enqueued:,} ids are on "
-                f"the stream {settings.stream}{entries_said}; the rest of the input was not "
-                "added\n"
+                f"the stream {settings.stream}{entries_said}{_doubt(sending)}; the rest of "
+                "the input was not added\n"
             )
         return ExitCode.INTERRUPTED
     return ExitCode.SOME_FAILED if rejected else ExitCode.OK
