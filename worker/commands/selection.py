@@ -2,7 +2,9 @@
 ``discover --project``, ``run`` with discover's filters, ``plan show``): the listing of a
 project, where its jobs go, the checks a selection must pass, its summary, its review and
 its table. Imported by ``worker.commands.discover`` and ``worker.commands.scanned``, and
-importing neither.
+importing neither. ``plan show`` reads a plan and lists nothing: the logging and the HTTP
+stack the listing needs (structlog, aiohttp through ``worker.wiring``, 0.15 s of CPU of a
+start) are imported by ``select_in`` when a listing runs.
 """
 
 from __future__ import annotations
@@ -13,9 +15,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-import structlog
-
-from worker import wiring
 from worker.clock import MonotonicClock
 from worker.discovery.filters import Filters
 from worker.discovery.guard import Protection
@@ -46,6 +45,10 @@ async def select_in(
 ) -> Selected:
     """The selection of ``api``'s project, listed at the configured rate (a limiter of its
     own: the quota is the project's)."""
+    import structlog
+
+    from worker import wiring
+
     log = structlog.get_logger("devserver_reaper")
     reader = PacedReader(
         api=api, limiter=wiring.limiter(settings, clock), policy=wiring.retry_policy(settings),
