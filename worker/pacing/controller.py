@@ -363,7 +363,7 @@ class RateController:
 
     __slots__ = ("_before", "_clump", "_config", "_delay", "_evidence", "_faults", "_halved",
                  "_late", "_latency", "_out", "_served", "_shed", "_shed_cap", "_start_seen",
-                 "_state", "_up", "_window", "cuts", "escalated", "measured",
+                 "_state", "_stepped", "_up", "_window", "cuts", "escalated", "measured",
                  "tolerated")  # fmt: skip
 
     def __init__(self, now: float, config: AdaptiveConfig | None = None) -> None:
@@ -388,6 +388,7 @@ class RateController:
         self._halved = 0.0  # the rate a trial last found still past the service (``_tried``)
         self._out = False  # the trials since the cut served nothing, and said nothing
         self._up = False  # the trial under way is a step back up (``_step_up``)
+        self._stepped = 0.0  # the rate of that step, since the outage's cut (0: none)
         self._shed_cap = False  # the probes' hard cap (``overload``) is from 503s, not latency
         self.cuts = 0
         self.measured = 0  # refusals that measured the quota
@@ -411,7 +412,7 @@ class RateController:
         self._state = state
         self._start_seen = start_seen
         self._before = self._faults.trial = None  # a trial's cut is not this state's
-        self._halved = 0.0
+        self._halved = self._stepped = 0.0
         self._out = self._up = False
         self._evidence.restart(state.since, state.rate)
         if not start_seen:
@@ -431,6 +432,7 @@ class RateController:
         that cut: restored as a plain cut, 0.12 of a quota of 50 was used 10-60 s after a
         20 s outage whose leader changed mid-way (0.997 under one leader)."""
         self._before, self._out, self._up, self._halved = (now, before), True, False, 0.0
+        self._stepped = 0.0
         self._faults.start(now, self._back_in(self._state.level))
 
     @property
@@ -648,7 +650,7 @@ class RateController:
             if not faults.shedding:
                 # A trial (``_tried``): held there, a service past its capacity sheds
                 # nothing, and 503s at random keep their share.
-                self._out, self._up, self._halved = out, False, 0.0
+                self._out, self._up, self._halved, self._stepped = out, False, 0.0, 0.0
                 faults.start(now, self._back_in(level) if out else None)
                 self._before = before
             return level
@@ -671,7 +673,9 @@ class RateController:
         again. 503s that fell (``FELL``): the cut stands, and the probe climbs from it.
         503s past the most share of faults (``STILL``): half the trial's rate is tried.
         Served again after trials, or a cut, where nothing was served (``_out``): the rate
-        before the first cut is tried (``_step_up``), and served in full there, returns."""
+        before the first cut is tried (``_step_up``), and served in full there, returns;
+        tried there and halved past the service again, it is not tried twice
+        (``_lower_after_outage``)."""
         if outcome is None or self._before is None:
             return rate
         (at, before), self._before = self._before, None
@@ -697,26 +701,17 @@ class RateController:
             self._faults.start(now, self._back_in(level) if self._out else None)
             self._before = (at, before)
             return level
+        if outcome is Outcome.RANDOM and 0.0 < self._halved < self._stepped:
+            return self._lower_after_outage(now, s)
         if outcome is Outcome.FELL and up:
             # Served in full at the rate before: the service was out, and shed nothing.
             outcome, self._faults.shedding = Outcome.RANDOM, False
         elif outcome is Outcome.FELL and self._out:
             return self._step_up(now, at, before)
         if outcome is Outcome.FELL:
-            # Held there, the service shed nothing: two margins over what it served cap the
-            # probes, as a 503 there would (``_shed_past``), the probe climbing from it (to
-            # the rate of the 503 that set the trial off, 5.4 calls/s past a capacity of 5
-            # cost 2.7-5.4 % of the calls answered 503 from 10 s on; at what it served, 28.5
-            # of 30 during start-up, 0.95 of it).
-            margin = self._config.margin
-            refused = s.level * (1.0 + 2.0 * margin) / (1.0 - margin / 2.0) ** 2
-            # Served in full at half the rate a trial before found still past the service:
-            # its capacity is anywhere between, and the probes stop half-way (at two margins
-            # over the rate served, a count over 10 s of 5 calls/s found at 3 was 0.66 used).
-            refused = max(refused, (s.level + self._halved) / 2.0)
-            self._halved = 0.0
-            return self._set(replace(s, since=now, refused=refused, refused_at=now), now)
+            return self._stands(now, s)
         self._out = False
+        self._stepped = 0.0
         # No measure reaches back into the trial, as none across a pause: the gateway's
         # bucket filled while the pace held under it, and lost the tokens it got while full
         # (a refusal at start-up's rate after it measured 6.4 of a quota of 20).
@@ -726,6 +721,36 @@ class RateController:
             state = replace(state, overload=False, refused=math.inf, refused_at=-math.inf)
         self._shed = (-math.inf, 0.0)
         return self._set(state, now)
+
+    def _stands(self, now: float, s: ControllerState) -> float:
+        """A trial's rate stands (``FELL``): the service sheds past a capacity over it. Two
+        margins over what it served cap the probes, as a 503 there would (``_shed_past``),
+        the probe climbing from it (to the rate of the 503 that set the trial off, 5.4
+        calls/s past a capacity of 5 cost 2.7-5.4 % of the calls answered 503 from 10 s on;
+        at what it served, 28.5 of 30 during start-up, 0.95 of it)."""
+        margin = self._config.margin
+        refused = s.level * (1.0 + 2.0 * margin) / (1.0 - margin / 2.0) ** 2
+        # Served in full at half the rate a trial before found still past the service: its
+        # capacity is anywhere between, and the probes stop half-way (at two margins over
+        # the rate served, a count over 10 s of 5 calls/s found at 3 was 0.66 used).
+        refused = max(refused, (s.level + self._halved) / 2.0)
+        self._halved = self._stepped = 0.0
+        return self._set(replace(s, since=now, refused=refused, refused_at=now), now)
+
+    def _lower_after_outage(self, now: float, s: ControllerState) -> float:
+        """A trial ``RANDOM`` where the step back up to the rate before an outage
+        (``_step_up``) was halved, and a halving under it too (``STILL``, past the most
+        share of faults): the service came back with a lower capacity, between this rate
+        and the one halved, and what reads random here is the little it sheds past it
+        (6.1 calls/s past a capacity of 5: 5 of 18 answers). The rate before is not tried a
+        second time (95 more 503s in 2 s at 50 calls/s): the 503s are no faults, the
+        service sheds (``FaultWatch.shed``), and the rate goes half a ``margin`` under what
+        the trial served, held there as a ``FELL`` (``_stands``). Random 503s after an
+        outage read ``STILL`` at the step back too, but ``RANDOM`` at half of it, and the
+        rate before returns (read so there, 0.48 of a quota of 50 used, 0.99 now)."""
+        served = self._faults.shed() * s.rate
+        self._cut(now, (1.0 - self._config.margin / 2.0) * served, math.inf)
+        return self._stands(now, self._state)
 
     def _back_in(self, rate: float) -> float:
         """The answers served in a row that end a trial after nothing was served: at most
@@ -745,6 +770,7 @@ class RateController:
         self._faults.start(now, up=True)
         self._before = (at, before)
         self._up = True
+        self._stepped = level
         return level
 
     def _served_flat(self, now: float) -> float:

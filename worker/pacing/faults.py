@@ -143,6 +143,16 @@ class FaultWatch:
             return Outcome.RANDOM if failed < overload else None
         return Outcome.FELL if answers >= self._lasts else None
 
+    def shed(self) -> float:
+        """The trial that just ended ``RANDOM`` was a service shedding past a capacity after
+        all (the caller knows a trial at twice its rate ended ``STILL``): its 503s are not
+        faults, and the service sheds (``shedding``). Returns the share of its answers
+        served."""
+        failed, answers = self._tried
+        self._faults = (0, 0)  # the share counted was the shedding's, not faults'
+        self.shedding = True
+        return (answers - failed) / max(1, answers)
+
     def overloaded(self) -> bool:
         """Whether 503s are ``overload_share`` of the last answers over the faults known
         (and not a trial under way, nor two 503s fewer)."""
