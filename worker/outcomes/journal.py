@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol, runtime_checkable
+from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import anyio
 import anyio.lowlevel
@@ -24,10 +24,12 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from worker.errors import OutcomeConflict, ReaperError, ResultsUnwritable, UsageError
 from worker.input.intake import escape
-from worker.outcomes.events import EventLog
 from worker.private_files import replacing
 from worker.targets import Target
 from worker.types import Candidate, Outcome, Rejection, Result
+
+if TYPE_CHECKING:  # a type only: report and discover (check_output) log nothing from here
+    from worker.outcomes.events import EventLog
 
 
 class AdmissionLike(Protocol):
