@@ -152,6 +152,18 @@ def test_a_command_starts_without_collecting_its_modules(args: list[str], tmp_pa
 
 
 @pytest.mark.anyio
+async def test_enqueue_imports_no_http(tmp_path: Path, redis_prefix: str) -> None:
+    """``enqueue`` puts ids on a Redis Stream and calls no API: it imported aiohttp (0.15 s of
+    CPU of its start) with ``worker.wiring``, where its Redis client was made."""
+    ids = write_ids(tmp_path / "ids.txt", ["a1b2c3d4-0000-4000-8000-000000000001"])
+    found = imported(tmp_path / "modules", "enqueue", "--input", str(ids), "--redis-url",
+                     REDIS_URL, "--stream", f"{redis_prefix}ids",
+                     env=reaper_env("http://127.0.0.1:9"))  # fmt: skip
+    assert "redis" in found  # it did enqueue
+    assert found & {"aiohttp", "rich", "pygments", "prometheus_client", "worker.simulator"} == set()
+
+
+@pytest.mark.anyio
 async def test_serve_imports_no_display_and_no_simulator(tmp_path: Path, redis_prefix: str) -> None:
     """``serve`` logs JSON and serves metrics: neither rich (through structlog) nor the
     simulator, which a command it does not run once pulled in."""

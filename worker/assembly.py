@@ -38,6 +38,7 @@ from worker.outcomes.events import EventLog
 from worker.outcomes.journal import LedgerPort, ResultsWriter, RunJournal, Tally
 from worker.pipeline import BatchProcessor, Entry, Pipeline, RunState
 from worker.private_files import open_output
+from worker.redis_link import redis_client
 from worker.routing import Router, Stamped
 from worker.settings import Settings
 from worker.targets import LookupFailed, Target, Targets, normal_endpoint
@@ -411,9 +412,9 @@ def build_service_redis(
     connection of its own for those reads (``worker.service.consumer``), each answering within
     the read's block and ``redis_timeout``. Closed by ``stack``; nothing is sent yet."""
     timeout = config.block + settings.redis_timeout
-    client = wiring.redis_client(settings.redis_url, timeout=timeout, health_check_interval=30)
+    client = redis_client(settings.redis_url, timeout=timeout, health_check_interval=30)
     stack.push_async_callback(_shielded, client.aclose)
-    reader = wiring.redis_client(  # memory bounded by the entry size limit, not the entry
+    reader = redis_client(  # memory bounded by the entry size limit, not the entry
         settings.redis_url, timeout=timeout, single_connection=True, entries=True
     )
     stack.push_async_callback(_shielded, reader.aclose)

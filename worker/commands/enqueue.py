@@ -33,9 +33,10 @@ import anyio
 import orjson
 import structlog
 
-from worker import logsetup, wiring
+from worker import logsetup
 from worker.errors import ConfigError, InputUnreadable, RedisUnavailable
 from worker.exit_codes import ExitCode
+from worker.redis_link import answering, redis_client
 from worker.settings import Settings
 from worker.stops import watching
 from worker.targets import FIELDS, untrusted
@@ -188,7 +189,7 @@ async def enqueue_entries(entries: EntryReader, settings: Settings, stop: _Stop)
     from worker.service.outage import REDIS_ERRORS, redis_where
 
     events = EventLog(sink=logsetup.json_sink())
-    client = wiring.redis_client(settings.redis_url, timeout=30.0)
+    client = redis_client(settings.redis_url, timeout=30.0)
     trusted = settings.trusted_endpoints
     enqueued = rejected = 0
     sending = 0  # the ids of the chunk whose answer has not come: in doubt if Redis fails
@@ -198,7 +199,7 @@ async def enqueue_entries(entries: EntryReader, settings: Settings, stop: _Stop)
     try:
         try:
             with stop.ends():
-                await wiring.answering(client, settings.redis_url, kept="the ids stream")
+                await answering(client, settings.redis_url, kept="the ids stream")
         except RedisUnavailable as exc:
             return _unavailable(exc, settings)
         # A daemon thread of its own, as run's: an anyio worker thread left reading a quiet

@@ -33,6 +33,7 @@ from worker.assembly import (
 )
 from worker.errors import AuthError, ConfigError, ReaperError, TransientError
 from worker.exit_codes import ExitCode
+from worker.redis_link import certificate_refusal
 from worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -246,9 +247,7 @@ async def _redis_answers(client: Redis, outage: Outage, events: EventLog, url: s
         try:
             await ping(client)
         except REDIS_ERRORS as exc:
-            refused = wiring.certificate_refusal(
-                exc, url, kept="the queue", done="nothing was read"
-            )
+            refused = certificate_refusal(exc, url, kept="the queue", done="nothing was read")
             if refused is not None:
                 raise refused from None
             raise
