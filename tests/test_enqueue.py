@@ -376,3 +376,67 @@ async def test_a_second_signal_while_a_chunk_is_added_stops_at_once_saying_it_in
     assert summary["enqueued"] == CHUNK and summary["in_doubt"] == CHUNK, summary
     assert f"stopped by SIGTERM: {CHUNK} ids are on the stream {stream}" in said, said[-2000:]
     assert "may be on the stream too" in said and "Traceback" not in said, said[-2000:]
+
+
+_HANDED_OVER_AS_THE_LOOP_CLOSES = (
+    "import asyncio, runpy, sys, threading, time\n"
+    "import worker.pipeline as pipeline\n"
+    "release, calls, whole = threading.Event(), [], pipeline._next_chunk\n"
+    "def held(entries, size):\n"
+    "    calls.append(size)\n"
+    "    if len(calls) == 2:\n"
+    "        sys.stderr.write('reading\\n'); sys.stderr.flush()\n"
+    "        release.wait()\n"
+    "    return whole(entries, size)\n"
+    "pipeline._next_chunk = held\n"
+    "close = asyncio.BaseEventLoop.close\n"
+    "def closing(self):\n"
+    "    ready = len(self._ready)\n"
+    "    reader = [t for t in threading.enumerate() if t.name == 'reaper-input']\n"
+    "    release.set()\n"
+    "    end = time.monotonic() + 10\n"
+    "    while len(self._ready) == ready and any(t.is_alive() for t in reader) \\\n"
+    "            and time.monotonic() < end:\n"
+    "        time.sleep(0.001)\n"
+    "    close(self)\n"
+    "asyncio.BaseEventLoop.close = closing\n"
+    "runpy.run_module('worker', run_name='__main__', alter_sys=True)\n"
+)
+"""``python -W error::RuntimeWarning -m worker ARGS`` whose input thread reads its second
+chunk only once the event loop is closing (after its last turn, before ``close``): the
+hand-over of that chunk then meets a loop that will never run it, as a slow pipe's chunk
+met it after Ctrl-C (1 of 27 in a trial). ``reading`` on stderr once the thread waits."""
+
+
+@pytest.mark.anyio
+async def test_a_chunk_handed_over_as_the_loop_closes_leaves_no_coroutine_unawaited(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """SIGTERM while the input thread reads, its chunk handed over as the loop closes: the
+    hand-over made a coroutine in the thread (``task_wrapper``) that the closed loop never
+    ran: "RuntimeWarning: coroutine ... was never awaited" at exit. Now nothing is left
+    unawaited: 75 and the first chunk on the stream, stderr without a warning."""
+    from worker.commands.enqueue import CHUNK
+
+    stream = redis_prefix + "ids"
+    source = tmp_path / "ids.txt"
+    source.write_text("".join(f"job-{i}\n" for i in range(3 * CHUNK)), encoding="utf-8")
+    args = ("--input", str(source), "--stream", stream, "--redis-url", REDIS_URL)
+    command = [sys.executable, "-W", "error::RuntimeWarning", "-c",
+               _HANDED_OVER_AS_THE_LOOP_CLOSES, *_command(args)[3:]]  # fmt: skip
+    process = await anyio.open_process(command, env=_env())
+    async with reaped(process):
+        assert process.stdout is not None and process.stderr is not None
+        err = b""
+        with anyio.fail_after(60):  # a hang's guard, not a measure
+            while b"reading" not in err:
+                err += await process.stderr.receive()
+            process.send_signal(signal.SIGTERM)
+            err += b"".join([chunk async for chunk in process.stderr])
+            out = b"".join([chunk async for chunk in process.stdout])
+            code = await process.wait()
+    said = err.decode()
+    assert code == 75, said[-2000:]
+    assert orjson.loads(out)["enqueued"] in (0, CHUNK), out
+    assert "never awaited" not in said and "RuntimeWarning" not in said, said[-2000:]
+    assert "Traceback" not in said, said[-2000:]

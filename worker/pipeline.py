@@ -22,6 +22,7 @@ from typing import Protocol
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
+from anyio.abc import ObjectReceiveStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from worker.batcher import Batcher
@@ -112,7 +113,35 @@ def _next_chunk(entries: Iterator[Entry], size: int) -> list[Entry]:
 Chunk = list[Entry] | BaseException
 
 
-def read_in_background(entries: Iterator[Entry], size: int) -> MemoryObjectReceiveStream[Chunk]:
+class Chunks(ObjectReceiveStream[Chunk]):
+    """The chunks :func:`read_in_background` reads: each one taken makes room for the
+    next (one waits at most); closed, the reading thread stops at its next hand-over."""
+
+    def __init__(self, receive: MemoryObjectReceiveStream[Chunk]) -> None:
+        self._receive = receive
+        self._room = threading.Semaphore(1)  # one chunk may wait to be taken
+        self.closed = False
+
+    async def receive(self) -> Chunk:
+        item = await self._receive.receive()
+        self._room.release()
+        return item
+
+    def close(self) -> None:
+        self.closed = True
+        self._receive.close()
+        self._room.release()  # the reading thread, if it waits for room, sees it closed
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def wanted(self) -> bool:
+        """In the reading thread: wait for room for one more chunk; False once closed."""
+        self._room.acquire()
+        return not self.closed
+
+
+def read_in_background(entries: Iterator[Entry], size: int) -> Chunks:
     """Read the source in a daemon thread of its own, a chunk at a time, with back-pressure.
 
     Not an anyio worker thread: a read blocked on a quiet stdin would keep the interpreter
@@ -120,8 +149,13 @@ def read_in_background(entries: Iterator[Entry], size: int) -> MemoryObjectRecei
     errors (an unreadable file midway) arrive as items, raised by the receiving side; so
     does any other exception, as ``InputUnreadable``: a reader that died without a word
     would leave the run waiting for ever for input that never comes.
+
+    A chunk is handed over by a plain call on the loop (``send_nowait``, once there is room
+    for it), never a coroutine made in the thread: one made as the loop closed (a chunk of
+    a slow pipe read just after Ctrl-C) was never run, "coroutine ... was never awaited".
     """
     send, receive = anyio.create_memory_object_stream[Chunk](1)
+    chunks = Chunks(receive)
     token = anyio.lowlevel.current_token()
 
     def produce() -> None:
@@ -136,20 +170,24 @@ def read_in_background(entries: Iterator[Entry], size: int) -> MemoryObjectRecei
                     item = InputUnreadable(
                         f"the input could not be read: {type(exc).__name__}: {escape(str(exc))}"
                     )
-                if isinstance(item, list) and not item:
+                if (isinstance(item, list) and not item) or not chunks.wanted():
                     break
-                anyio.from_thread.run(send.send, item, token=token)
+                anyio.from_thread.run_sync(send.send_nowait, item, token=token)
                 if isinstance(item, BaseException):
                     break
-        except (anyio.RunFinishedError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+        # RuntimeError: the loop finished (RunFinishedError) or closed as it was called.
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, RuntimeError):
             pass  # the run is over or stopped reading: nothing is waiting for more
+        if chunks.closed:  # no one waits on the loop to be told: closed from here
+            send.close()
+            return
         try:  # closed either way, or its finaliser warns (an unclosed stream) at exit
             anyio.from_thread.run_sync(send.close, token=token)
-        except anyio.RunFinishedError:
+        except RuntimeError:
             send.close()  # no loop is left to race with
 
     threading.Thread(target=produce, name="reaper-input", daemon=True).start()
-    return receive
+    return chunks
 
 
 async def _next_batch(receive: MemoryObjectReceiveStream[Batch]) -> Batch | None:

@@ -43,10 +43,8 @@ from worker.targets import FIELDS, untrusted
 from worker.types import Candidate, Rejection
 
 if TYPE_CHECKING:
-    from anyio.streams.memory import MemoryObjectReceiveStream
-
     from worker.input.sources import EntryReader
-    from worker.pipeline import Chunk
+    from worker.pipeline import Chunk, Chunks
 
 CHUNK = 500
 
@@ -195,7 +193,7 @@ async def enqueue_entries(entries: EntryReader, settings: Settings, stop: _Stop)
     sending = 0  # the ids of the chunk whose answer has not come: in doubt if Redis fails
     first: str | None = None
     last: str | None = None
-    chunks: MemoryObjectReceiveStream[Chunk] | None = None
+    chunks: Chunks | None = None
     try:
         try:
             with stop.ends():
