@@ -26,7 +26,9 @@ read as a window's end only once it is confirmed:
 
 Once a window is known, a refusal of a call sent before its end pauses again to its end
 (the count is spent), one sent after it measures the window again (its count over the time
-from the last end to where the new ``Retry-After`` most likely ends), and refusals with a
+from where the last most likely ended to where the new ``Retry-After`` most likely ends;
+past the cap's lapse, over the last span, the rate read before standing where the count
+allows it: ``LongWindow._again``), and refusals with a
 short ``Retry-After`` within the first span after it, while its pace caps the rate (a
 sliding window's oldest calls leaving one by one, where start-up sent them in a burst), cut
 nothing.
@@ -84,6 +86,14 @@ class Window:
     last: float = math.inf  # the last call the count accepted before the window's end
     shift: float = math.inf  # from the window's first call to ``end``: a span, at the least
     mirror: bool = False  # slots free as the calls a span before left it (a sliding window)
+    likely: float = math.inf  # where it most likely ended (``inf``: at ``end``)
+
+    @property
+    def began(self) -> float:
+        """Where the window after it began, as read again: where it most likely ended, or
+        where calls went again where that is sooner (read from a check's two ends, the
+        earliest they allow)."""
+        return min(self.likely, self.end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,10 +219,7 @@ class LongWindow:
                 # was too low; the rate read stands, and the window ends anew there.
                 self.window = replace(window, end=end)
                 return Verdict(Verdict.HOLD, end)
-            # Its span from the last end to where this Retry-After, whole seconds rounded
-            # up, most likely ends (half a second before what it says): read to what it
-            # says, the span was a second long on average, and the pace 0.86 of the quota.
-            return self._read(window.end, end - SAME_END / 2.0, end)
+            return self._again(window, sent, end, forget)
         if lasting():
             # From the end of the count refused before (the window began again there), or
             # from the first call.
@@ -223,6 +230,30 @@ class LongWindow:
             self._check = Check(self._first, end, at, hold, count=count)
             return Verdict(Verdict.CHECK, at)
         return None
+
+    def _again(self, window: Window, sent: float, end: float, forget: float) -> Verdict | None:
+        """The window read again at a refusal pointing to ``end`` (whole seconds, rounded
+        up): its count over the span from where the last most likely ended to where this
+        one most likely ends, half a second before what it says (read to what it says, the
+        span was half a second long on average and the pace 0.86 of the quota; from what
+        the last said, half a second short: 2.1 % refused after a quota's fall).
+
+        Past the cap's lapse (``forget``) the windows between were paced under their count:
+        read from the last end, the count was mostly the pace's, and each lapse read the
+        rate 3-5 % lower (0.86-0.89 of a fixed count used over 200 s). The count is then the
+        last span's: where that began is known to a second (the end's rounding), and the
+        probe past the lapse spends the count within seconds, so that second may hold a
+        fifth of it. Where the count over the span begun a second earlier or later says
+        the rate read before, that stands (its pace went unrefused for ``forget``); else
+        the likely one. (Not where the span, read short from a window begun before the
+        first call, ends before the refused call: no count in it.)"""
+        likely = end - SAME_END / 2.0
+        began, span = window.began, window.span
+        if sent <= window.end + forget or not likely - began >= 1.5 * span > 0 or end - span > sent:
+            return self._read(began, likely, end)
+        low, high = (self._count(end - span - late, end) / span for late in (0.0, SAME_END))
+        rate = window.rate if low <= window.rate <= high else None
+        return self._read(likely - span, likely, end, rate=rate)
 
     def _confirm(self, check: Check, end: float) -> Verdict:
         """The check call refused, pointing to ``end``: the window read where that is the
@@ -240,7 +271,12 @@ class LongWindow:
         return Verdict(Verdict.HOLD, check.hold)  # a wait that moved on: no window
 
     def _read(
-        self, anchor: float, end: float, resume: float | None = None, least: int = 0
+        self,
+        anchor: float,
+        end: float,
+        resume: float | None = None,
+        least: int = 0,
+        rate: float | None = None,
     ) -> Verdict | None:
         """The window from ``anchor`` to ``end``: the calls accepted in it (``least`` at the
         least: those its check counted, where a leader that took over saw fewer), per second;
@@ -257,7 +293,8 @@ class LongWindow:
         before = bisect.bisect_left(accepted, end)
         last = accepted[before - 1] if before else -math.inf  # (none seen: no mirror)
         resume = end if resume is None else resume
-        self.window = Window(resume, count / span, span, last, resume - anchor)
+        rate = count / span if rate is None else rate
+        self.window = Window(resume, rate, span, last, resume - anchor, likely=end)
         self.windows += 1
         return Verdict(Verdict.READ, resume)
 
@@ -281,7 +318,7 @@ class LongWindow:
         field is missing."""
         if (w := kept.get("window")) is not None:
             self.window = Window(w["end"], w["rate"], w["span"], w["last"], w["shift"],
-                                 bool(w["mirror"]))  # fmt: skip
+                                 bool(w["mirror"]), w.get("likely", math.inf))  # fmt: skip
         if (c := kept.get("check")) is not None:
             self._check = Check(c["anchor"], c["end"], c["at"], c["hold"], c["sent"],
                                 int(c["count"]))  # fmt: skip
