@@ -322,6 +322,33 @@ async def reaped(process: Process) -> AsyncIterator[Process]:
         await process.aclose()
 
 
+async def signalled(
+    command: Sequence[str],
+    env: Mapping[str, str] | None,
+    steps: Sequence[tuple[bytes, signal.Signals]],
+    *,
+    ready: Callable[[], Awaitable[object]] | None = None,
+) -> tuple[int, str, str]:
+    """Run ``command``; once ``ready`` (if given) returns, for each ``(word, signum)`` of
+    ``steps`` in turn, send ``signum`` as soon as its stderr has said ``word`` (``b""``: at
+    once). Its exit code (``-9``: killed), stdout and stderr, read to their ends."""
+    process = await anyio.open_process(command, env=env)
+    async with reaped(process):
+        assert process.stdout is not None and process.stderr is not None
+        if ready is not None:
+            await ready()
+        err = b""
+        with anyio.fail_after(60):  # a hang's guard, not a measure
+            for word, signum in steps:
+                while word not in err:
+                    err += await process.stderr.receive()
+                process.send_signal(signum)
+            err += b"".join([chunk async for chunk in process.stderr])
+            out = b"".join([chunk async for chunk in process.stdout])
+            code = await process.wait()
+    return code, out.decode(), err.decode()
+
+
 async def stopped(served: Served) -> int:
     """SIGTERM a ``serve`` and wait for it to exit (30 s at most): its exit code."""
     with contextlib.suppress(ProcessLookupError):

@@ -21,9 +21,13 @@ import redis.asyncio as aioredis
 from yarl import URL
 
 from tests.conftest import REDIS_URL
-from tests.e2e import reaped, until
+from tests.e2e import signalled, until
 
 pytestmark = pytest.mark.usefixtures("clean_env")
+
+
+async def _set(event: threading.Event) -> bool:
+    return event.is_set()
 
 
 def _command(args: tuple[str, ...]) -> list[str]:
@@ -353,24 +357,12 @@ async def test_a_second_signal_while_a_chunk_is_added_stops_at_once_saying_it_in
         "--redis-url",
         f"redis://127.0.0.1:{port}/0",
     )
-    process = await anyio.open_process(_command(args), env=_env())
-    async with reaped(process):
-        assert process.stdout is not None and process.stderr is not None
 
-        async def held() -> bool:
-            return reached.is_set()
+    async def held() -> None:  # the chunk is on Redis, its answer held back
+        await until(lambda: _set(reached))
 
-        await until(held)
-        process.send_signal(signal.SIGTERM)
-        err = b""
-        with anyio.fail_after(60):  # a hang's guard, not a measure
-            while b"again to stop now" not in err:
-                err += await process.stderr.receive()
-            process.send_signal(signal.SIGTERM)
-            err += b"".join([chunk async for chunk in process.stderr])
-            out = b"".join([chunk async for chunk in process.stdout])
-            code = await process.wait()
-    said = err.decode()
+    steps = [(b"", signal.SIGTERM), (b"again to stop now", signal.SIGTERM)]
+    code, out, said = await signalled(_command(args), _env(), steps, ready=held)
     assert code == 75, said[-2000:]
     summary = orjson.loads(out)
     assert summary["enqueued"] == CHUNK and summary["in_doubt"] == CHUNK, summary
@@ -424,18 +416,7 @@ async def test_a_chunk_handed_over_as_the_loop_closes_leaves_no_coroutine_unawai
     args = ("--input", str(source), "--stream", stream, "--redis-url", REDIS_URL)
     command = [sys.executable, "-W", "error::RuntimeWarning", "-c",
                _HANDED_OVER_AS_THE_LOOP_CLOSES, *_command(args)[3:]]  # fmt: skip
-    process = await anyio.open_process(command, env=_env())
-    async with reaped(process):
-        assert process.stdout is not None and process.stderr is not None
-        err = b""
-        with anyio.fail_after(60):  # a hang's guard, not a measure
-            while b"reading" not in err:
-                err += await process.stderr.receive()
-            process.send_signal(signal.SIGTERM)
-            err += b"".join([chunk async for chunk in process.stderr])
-            out = b"".join([chunk async for chunk in process.stdout])
-            code = await process.wait()
-    said = err.decode()
+    code, out, said = await signalled(command, _env(), [(b"reading", signal.SIGTERM)])
     assert code == 75, said[-2000:]
     assert orjson.loads(out)["enqueued"] in (0, CHUNK), out
     assert "never awaited" not in said and "RuntimeWarning" not in said, said[-2000:]

@@ -11,10 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import anyio
 import pytest
 
-from tests.e2e import reaped
+from tests.e2e import signalled
 from tests.test_private_files import as_nobody, shared, two_users
 from tests.test_report import fill, report
 
@@ -57,15 +56,9 @@ async def test_an_export_killed_mid_write_leaves_no_part_under_its_name(
         export.write_bytes(before)
         export.chmod(0o640)
     args = ["report", "--ledger", str(ledger), "--format", "jsonl", "--output", str(export)]
-    process = await anyio.open_process([sys.executable, "-c", _HALTED_MIDWAY, *args])
-    async with reaped(process):
-        assert process.stderr is not None
-        err = b""
-        with anyio.fail_after(60):  # a hang's guard, not a measure
-            while b"midway" not in err:
-                err += await process.stderr.receive()
-            process.send_signal(signal.SIGKILL)
-            assert await process.wait() == -signal.SIGKILL
+    command = [sys.executable, "-c", _HALTED_MIDWAY, *args]
+    code, _, _ = await signalled(command, None, [(b"midway", signal.SIGKILL)])
+    assert code == -signal.SIGKILL
     if before is None:
         assert not export.exists(), export.read_bytes()
     else:

@@ -20,7 +20,7 @@ import anyio
 import pytest
 
 from tests.conftest import REDIS_URL
-from tests.e2e import reaped, reaper_env, until, write_ids
+from tests.e2e import reaped, reaper_env, signalled, until, write_ids
 from tests.test_report import fill
 from worker.simulator import SimulatorConfig, run_simulator
 
@@ -63,18 +63,7 @@ async def _sigterm_on(
 ) -> tuple[int, str, str]:
     """Run ``command``, SIGTERM it once it says ``word`` on stderr; its exit code, stdout
     and stderr."""
-    process = await anyio.open_process(command, env=env)
-    async with reaped(process):
-        assert process.stdout is not None and process.stderr is not None
-        err = b""
-        with anyio.fail_after(60):  # a hang's guard, not a measure
-            while word not in err:
-                err += await process.stderr.receive()
-            process.send_signal(signal.SIGTERM)
-            err += b"".join([chunk async for chunk in process.stderr])
-            out = b"".join([chunk async for chunk in process.stdout])
-            code = await process.wait()
-    return code, out.decode(), err.decode()
+    return await signalled(command, env, [(word, signal.SIGTERM)])
 
 
 async def test_check_stops_on_a_sigterm_whose_exit_was_dropped() -> None:
