@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import signalled
-from tests.test_private_files import as_nobody, shared, two_users
+from tests.test_private_files import SETPRIV, as_nobody, shared, two_users
 from tests.test_report import fill, report
 
 pytestmark = pytest.mark.usefixtures("clean_env")
@@ -137,3 +137,28 @@ def test_an_export_to_our_own_pipe_or_to_stdout_is_streamed_as_before(tmp_path: 
     assert out.splitlines() == to_stdout.stdout.encode().splitlines()
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@two_users
+def test_an_export_whose_folder_cannot_be_written_is_refused_saying_why(shared: Path) -> None:
+    """A file we may write in a folder we may not: the export is written beside it first,
+    so it cannot be; 64, saying the folder is why, and the file left as it was (not
+    "Permission denied" of a file its user may write)."""
+    ledger = shared / "ledger.sqlite"
+    fill(ledger).close()
+    ledger.chmod(0o644)
+    folder = shared.parent / "theirs"
+    folder.mkdir(mode=0o755)
+    export = folder / "export.csv"
+    export.write_text("open to all\n")
+    export.chmod(0o666)
+    done = subprocess.run(
+        [SETPRIV or "setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
+         sys.executable, "-m", "worker", "report", "--ledger", str(ledger), "--format", "csv",
+         "--output", str(export)],
+        capture_output=True, text=True, timeout=60, check=False, cwd=shared,
+    )  # fmt: skip
+    assert done.returncode == 64, done.stderr
+    assert f"its folder {folder} cannot be written" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert export.read_text() == "open to all\n"

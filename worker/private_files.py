@@ -208,9 +208,20 @@ def written_whole(path: Path) -> Iterator[IO[bytes]]:
             os.close(open_private_fd(path, os.O_WRONLY))  # refused as open_output refuses
     except FileNotFoundError:
         pass
-    with replacing(path) as out:
-        if out is not None:
-            yield out
-            return
+    begun = False
+    try:
+        with replacing(path) as out:
+            if out is not None:
+                begun = True
+                yield out
+                return
+    except PermissionError as exc:  # no file of ours beside it: a folder we may not write
+        if begun:
+            raise
+        raise _refusal(
+            errno.EACCES, path,
+            f"its folder {path.parent} cannot be written ({exc.strerror}): a file is "
+            "written beside its name, then renamed over it",
+        ) from None  # fmt: skip
     with open_output(path) as stream:
         yield stream
