@@ -1455,10 +1455,10 @@ def test_a_trial_whose_answers_stay_503s_is_overload_at_its_own_rate_not_faults(
 
 def test_a_trial_after_nothing_served_ends_at_the_first_answers_served_in_a_row() -> None:
     """After a cut or a trial where nothing was served (``unserved``: the last answers all
-    503s, as many as overload counts), the next trial is short: it ends ``FELL`` at its
-    ``length`` of answers served in a row, its 503s before them (an outage's last ones)
-    not counted against it. A trial of the first cut's length at 0.2 calls/s lasted 100
-    answers: 500 s."""
+    503s, as many as overload counts), the next trial is short (``Stage.OUT``): it ends
+    ``FELL`` at its ``length`` of answers served in a row, its 503s before them (an
+    outage's last ones) not counted against it. A trial of the first cut's length at 0.2
+    calls/s lasted 100 answers: 500 s."""
     watch = FaultWatch(AdaptiveConfig())
     for _ in range(9):
         watch.answered(0.0, failed=True)
@@ -1468,7 +1468,9 @@ def test_a_trial_after_nothing_served_ends_at_the_first_answers_served_in_a_row(
     watch.answered(0.0, failed=False)
     assert not watch.unserved()
     watch.clear()
-    watch.start(10.0, 2.0)
+    before = (0.0, RateController(0.0).state)
+    watch.recovery.begin(before, out=True, length=2.0)  # a trial after nothing was served
+    watch.start(10.0)
     assert watch.answered(11.0, failed=False) is None  # sent before the trial's window
     found = [watch.answered(12.5, failed=f) for f in (True, True, False, True, False)]
     assert found == [None] * 5  # 503s, then one served: not yet

@@ -64,6 +64,7 @@ from typing import Protocol
 from worker.pacing.evidence import SECOND, TWICE, GatewayEvidence
 from worker.pacing.faults import FaultWatch, Outcome
 from worker.pacing.latency import LatencyWatch
+from worker.pacing.outage import Recovery, Stage, back_in
 from worker.pacing.window import LongWindow, Verdict
 
 DELAY_WEIGHT = 0.02
@@ -335,13 +336,6 @@ def answer(
         controller.on_success(now, latency_s)
 
 
-SERVED_AGAIN = 2.0
-"""The answers served in a row that end a trial after trials or a cut where nothing was
-served (``RateController._back_in``): against 503s at near every answer (a service out,
-or one counting every call, full), two in a row come by chance in one trial of a hundred
-at 90 %."""
-
-
 class RateController:
     """Pure arithmetic: events with their times in, the rate to use out.
 
@@ -361,10 +355,9 @@ class RateController:
     ``ControllerState``.
     """
 
-    __slots__ = ("_before", "_clump", "_config", "_delay", "_evidence", "_faults", "_halved",
-                 "_late", "_latency", "_out", "_served", "_shed", "_shed_cap", "_start_seen",
-                 "_state", "_stepped", "_up", "_window", "cuts", "escalated", "measured",
-                 "tolerated")  # fmt: skip
+    __slots__ = ("_clump", "_config", "_delay", "_evidence", "_faults", "_late", "_latency",
+                 "_outage", "_served", "_shed", "_shed_cap", "_start_seen", "_state", "_window",
+                 "cuts", "escalated", "measured", "tolerated")  # fmt: skip
 
     def __init__(self, now: float, config: AdaptiveConfig | None = None) -> None:
         self._config = c = config or AdaptiveConfig()
@@ -374,9 +367,9 @@ class RateController:
             unit=c.startup_interval,
         )  # fmt: skip
         self._evidence = GatewayEvidence(c)  # what the gateway's answers say of its quota
-        self._faults = FaultWatch(c)  # whether 503s fall with the rate
-        # The first of the 503s' cuts since any other (``_tried``): when, and the state before.
-        self._before: tuple[float, ControllerState] | None = None
+        # The 503s' trials since their first cut, and the way back from an outage.
+        self._outage = Recovery()
+        self._faults = FaultWatch(c, self._outage)  # whether 503s fall with the rate
         self._latency = LatencyWatch(c)
         self._delay = 0.0  # the answers' mean latency, smoothed: how late a refusal comes
         self._late: float | None = None  # a refusal measured once its answers are in
@@ -385,10 +378,6 @@ class RateController:
         self._window = LongWindow()  # a count over a long window, read from its Retry-After
         self._served: deque[float] = deque()  # when calls were answered (not 503, not 429)
         self._shed = (-math.inf, 0.0)  # when a 503 cut to what the service served, and to what
-        self._halved = 0.0  # the rate a trial last found still past the service (``_tried``)
-        self._out = False  # the trials since the cut served nothing, and said nothing
-        self._up = False  # the trial under way is a step back up (``_step_up``)
-        self._stepped = 0.0  # the rate of that step, since the outage's cut (0: none)
         self._shed_cap = False  # the probes' hard cap (``overload``) is from 503s, not latency
         self.cuts = 0
         self.measured = 0  # refusals that measured the quota
@@ -411,9 +400,8 @@ class RateController:
         climbing is not the quota (``_climbed``)."""
         self._state = state
         self._start_seen = start_seen
-        self._before = self._faults.trial = None  # a trial's cut is not this state's
-        self._halved = self._stepped = 0.0
-        self._out = self._up = False
+        self._outage.reset()  # a trial's cut is not this state's
+        self._faults.trial = None
         self._evidence.restart(state.since, state.rate)
         if not start_seen:
             self._evidence.forgo_burst()
@@ -423,7 +411,7 @@ class RateController:
         """The state before the first cut of trials that served nothing (a service out),
         while the rate has not returned to it (``_step_up``): a fleet's next leader resumes
         from it (``resume``)."""
-        return self._before[1] if self._before is not None and (self._out or self._up) else None
+        return self._outage.outage_before
 
     def resume(self, now: float, before: ControllerState) -> None:
         """After ``restore``: the state a leader stored was a cut where nothing was served,
@@ -431,9 +419,8 @@ class RateController:
         answers served in a row, and the rate before is tried then, as under the leader
         that cut: restored as a plain cut, 0.12 of a quota of 50 was used 10-60 s after a
         20 s outage whose leader changed mid-way (0.997 under one leader)."""
-        self._before, self._out, self._up, self._halved = (now, before), True, False, 0.0
-        self._stepped = 0.0
-        self._faults.start(now, self._back_in(self._state.level))
+        self._outage.begin((now, before), out=True, length=self._back_in(self._state.level))
+        self._faults.start(now)
 
     @property
     def rate(self) -> float:
@@ -623,7 +610,7 @@ class RateController:
         unserved = faults.unserved()
         faults.clear()  # the next cut needs as many again, sent at the new rate
         served = self._served_flat(now)
-        before = self._before or (now, self._state)
+        before = self._outage.before or (now, self._state)
         out = unserved and before[1].phase is not Phase.STARTUP
         sent_rate = self._overloaded_at(sent, rate)
         self._shed_cap = True
@@ -650,12 +637,11 @@ class RateController:
             if not faults.shedding:
                 # A trial (``_tried``): held there, a service past its capacity sheds
                 # nothing, and 503s at random keep their share.
-                self._out, self._up, self._halved, self._stepped = out, False, 0.0, 0.0
-                faults.start(now, self._back_in(level) if out else None)
-                self._before = before
+                self._outage.begin(before, out=out, length=self._back_in(level))
+                faults.start(now)
             return level
         level = self._cut(now, (1.0 - c.margin) * sent_rate, 0.0)
-        self._before = None if faults.shedding else before
+        self._outage.before = None if faults.shedding else before
         return level
 
     def _let_through(self, now: float, sent: float, rate: float) -> float:
@@ -672,46 +658,41 @@ class RateController:
         another cut came since: that one holds). Their share is not read as overload
         again. 503s that fell (``FELL``): the cut stands, and the probe climbs from it.
         503s past the most share of faults (``STILL``): half the trial's rate is tried.
-        Served again after trials, or a cut, where nothing was served (``_out``): the rate
+        Served again after trials, or a cut, where nothing was served (``Stage.OUT``): the rate
         before the first cut is tried (``_step_up``), and served in full there, returns;
         tried there and halved past the service again, it is not tried twice
         (``_lower_after_outage``)."""
-        if outcome is None or self._before is None:
+        if outcome is None:
             return rate
-        (at, before), self._before = self._before, None
+        outage = self._outage
+        ended = outage.end()
+        if ended is None:
+            return rate  # another cut came since the trial's: it stands
+        (at, before), up = ended
         s = self._state
-        up, self._up = self._up, False
         if outcome is Outcome.STILL:
             # Still past what the service takes at the trial's rate (a count over 10 s not
             # yet drained): half of it is tried in turn, the rate before the first cut kept
             # to return to if the 503s turn out random there. A trial that served nothing
-            # says nothing of a capacity (a service out answers 503 at any rate): its rate
-            # bounds nothing, and the next trial ends at the first answers served again
-            # (``_back_in``). One with a 503 after an answer served, or one at the rate
-            # before after a lower one was served (``_step_up``), found a bound. Where the
-            # rate before was start-up's, never served in full (a service counting every
-            # call, its 503s too, that start-up ran past), there is none to return to.
-            self._out = before.phase is not Phase.STARTUP and not (
-                self._halved or up or self._faults.mixed
-            )
-            if not self._out:
-                self._halved = s.rate
+            # bounds nothing (a service out answers 503 at any rate): the next is ``OUT``
+            # (``Recovery.halve``).
             level = self._cut(now, s.rate / 2.0, math.inf)
             self._shed = (now, level)
-            self._faults.start(now, self._back_in(level) if self._out else None)
-            self._before = (at, before)
+            outage.halve((at, before), s.rate, up=up, mixed=self._faults.mixed,
+                         startup=before.phase is Phase.STARTUP,
+                         length=self._back_in(level))  # fmt: skip
+            self._faults.start(now)
             return level
-        if outcome is Outcome.RANDOM and 0.0 < self._halved < self._stepped:
+        if outcome is Outcome.RANDOM and outage.lower():
             return self._lower_after_outage(now, s)
         if outcome is Outcome.FELL and up:
             # Served in full at the rate before: the service was out, and shed nothing.
             outcome, self._faults.shedding = Outcome.RANDOM, False
-        elif outcome is Outcome.FELL and self._out:
+        elif outcome is Outcome.FELL and outage.stage is Stage.OUT:
             return self._step_up(now, at, before)
         if outcome is Outcome.FELL:
             return self._stands(now, s)
-        self._out = False
-        self._stepped = 0.0
+        outage.back()
         # No measure reaches back into the trial, as none across a pause: the gateway's
         # bucket filled while the pace held under it, and lost the tokens it got while full
         # (a refusal at start-up's rate after it measured 6.4 of a quota of 20).
@@ -733,44 +714,41 @@ class RateController:
         # Served in full at half the rate a trial before found still past the service: its
         # capacity is anywhere between, and the probes stop half-way (at two margins over
         # the rate served, a count over 10 s of 5 calls/s found at 3 was 0.66 used).
-        refused = max(refused, (s.level + self._halved) / 2.0)
-        self._halved = self._stepped = 0.0
+        refused = max(refused, (s.level + self._outage.stands()) / 2.0)
         return self._set(replace(s, since=now, refused=refused, refused_at=now), now)
 
     def _lower_after_outage(self, now: float, s: ControllerState) -> float:
         """A trial ``RANDOM`` where the step back up to the rate before an outage
         (``_step_up``) was halved, and a halving under it too (``STILL``, past the most
-        share of faults): the service came back with a lower capacity, between this rate
-        and the one halved, and what reads random here is the little it sheds past it
-        (6.1 calls/s past a capacity of 5: 5 of 18 answers). The rate before is not tried a
-        second time (95 more 503s in 2 s at 50 calls/s): the 503s are no faults, the
-        service sheds (``FaultWatch.shed``), and the rate goes half a ``margin`` under what
-        the trial served, held there as a ``FELL`` (``_stands``). Random 503s after an
-        outage read ``STILL`` at the step back too, but ``RANDOM`` at half of it, and the
-        rate before returns (read so there, 0.48 of a quota of 50 used, 0.99 now)."""
+        share of faults; ``Recovery.lower``): the service came back with a lower capacity,
+        between this rate and the one halved, and what reads random here is the little it
+        sheds past it (6.1 calls/s past a capacity of 5: 5 of 18 answers). The rate before
+        is not tried a second time (95 more 503s in 2 s at 50 calls/s): the 503s are no
+        faults, the service sheds (``FaultWatch.shed``), and the rate goes half a
+        ``margin`` under what the trial served, held there as a ``FELL`` (``_stands``).
+        Random 503s after an outage read ``STILL`` at the step back too, but ``RANDOM`` at
+        half of it, and the rate before returns (read so there, 0.48 of a quota of 50
+        used, 0.99 now)."""
         served = self._faults.shed() * s.rate
         self._cut(now, (1.0 - self._config.margin / 2.0) * served, math.inf)
         return self._stands(now, self._state)
 
     def _back_in(self, rate: float) -> float:
-        """The answers served in a row that end a trial after nothing was served: at most
-        ``SERVED_AGAIN``, and no more than a ``window`` holds at ``rate`` (one at least: at
-        the floor, 0.2 calls/s, two take 10 s)."""
-        return max(1.0, min(SERVED_AGAIN, self._config.window * rate))
+        """The answers served in a row that end a trial after nothing was served
+        (``outage.back_in``)."""
+        return back_in(self._config.window, rate)
 
     def _step_up(self, now: float, at: float, before: ControllerState) -> float:
         """Served again after trials that served nothing (a service out, or one that
         counts every call, its 503s too, and serves nothing past its capacity): the rate
-        before the first cut, served before it, is tried (``_up``). Served there, its state
-        returns (``_tried``); still 503s, it is a capacity, and the halving goes on."""
+        before the first cut, served before it, is tried (``Stage.UP``). Served there, its
+        state returns (``_tried``); still 503s, it is a capacity, and the halving goes on."""
         # A margin under it: the rate before was a probe's, maybe past the quota, and a
         # refusal's cut would end the trial unread.
         level = self._cut(now, (1.0 - self._config.margin) * before.rate, math.inf)
         self._shed = (now, level)
-        self._faults.start(now, up=True)
-        self._before = (at, before)
-        self._up = True
-        self._stepped = level
+        self._outage.step_up((at, before), level)
+        self._faults.start(now)
         return level
 
     def _served_flat(self, now: float) -> float:
@@ -1358,7 +1336,7 @@ class RateController:
         self._latency.settle(now)
         target = max(target, level)
         unit = max(c.hold, self._delay, c.hold_calls / target)
-        self._before = None  # any cut but the 503s' own (``on_overload``) stands
+        self._outage.drop()  # any cut but the 503s' own (``on_overload``) stands
         state = replace(self._state, rate=level, level=level, phase=Phase.CRUISE, since=now,
                         cut_at=now, target=target, unit=unit, refusals=1,
                         early=math.inf)  # fmt: skip

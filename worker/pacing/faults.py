@@ -31,10 +31,12 @@ Where nothing was served (the answers before the cut all 503s, as many in a row 
 overload counts: ``unserved``; or a trial ``STILL`` with no 503 after an answer served:
 not ``mixed``), no capacity was found: a service out answers 503 at any rate, and one that
 counts every call, its 503s too, serves none past its capacity. The controller's next trial
-is short (``start`` with a ``length``): it ends ``FELL`` at that many answers served in a
-row, the 503s before them not counted (an outage's last ones), and its ``FELL`` says nothing
-of shedding: the service serves again (a trial of the first cut's 100 answers lasted 500 s
-at the floor of 0.2 calls/s, and ended ``FELL`` as a capacity).
+is short (``Stage.OUT`` of its ``Recovery``, which says what each trial is): it ends
+``FELL`` at the recovery's ``length`` of answers served in a row, the 503s before them not
+counted (an outage's last ones), and its ``FELL`` says nothing of shedding: the service
+serves again (a trial of the first cut's 100 answers lasted 500 s at the floor of 0.2
+calls/s, and ended ``FELL`` as a capacity). At the step back up to the rate before
+(``Stage.UP``) more 503s than few rose with the rate (``STILL``), not random.
 
 503s that pass their known share by ``overload_share`` again rose with the rate since a
 trial found them random (at their share, the next fifth comes by chance in well under 1 %
@@ -52,6 +54,8 @@ from __future__ import annotations
 from collections import deque
 from enum import StrEnum
 from typing import TYPE_CHECKING
+
+from worker.pacing.outage import Recovery, Stage
 
 if TYPE_CHECKING:
     from worker.pacing.controller import AdaptiveConfig
@@ -79,22 +83,21 @@ class Outcome(StrEnum):
 
 class FaultWatch:
     """The last ``overload_answers`` answers (503 or not), the trial under way (``trial``:
-    when its cut was made), the faults known (``faults``) and whether a trial found the
-    service shedding past a capacity (``shedding``)."""
+    when its cut was made; what it is: ``recovery``'s ``stage``), the faults known
+    (``faults``) and whether a trial found the service shedding past a capacity
+    (``shedding``)."""
 
-    __slots__ = ("_answers", "_config", "_faults", "_lasts", "_length", "_run", "_short",
-                 "_tried", "_up", "mixed", "shedding", "trial")  # fmt: skip
+    __slots__ = ("_answers", "_config", "_faults", "_length", "_run", "_tried", "mixed",
+                 "recovery", "shedding", "trial")  # fmt: skip
 
-    def __init__(self, config: AdaptiveConfig) -> None:
+    def __init__(self, config: AdaptiveConfig, recovery: Recovery | None = None) -> None:
         self._config = config
+        self.recovery = Recovery() if recovery is None else recovery
         self._answers: deque[bool] = deque(maxlen=config.overload_answers)  # True: a 503
         self._faults = (0, 0)  # 503s and answers since a trial found them random
         self.trial: float | None = None
         self._length = 0.0  # the answers a trial from the last cut lasts
-        self._lasts = 0.0  # those the trial under way lasts
-        self._short = False  # it is a short one (``start``): ``_lasts`` served in a row end it
-        self._run = 0  # the answers served in a row in it
-        self._up = False  # it is at a rate over one served (``start``)
+        self._run = 0  # the answers served in a row in the trial under way
         self._tried = (0, 0)  # its 503s and answers so far
         self.mixed = False  # a 503 came after an answer served, in the trial last under way
         self.shedding = False
@@ -124,24 +127,25 @@ class FaultWatch:
             self.trial = None
         if outcome is Outcome.RANDOM:
             self._faults = (self._faults[0] + tried[0], self._faults[1] + tried[1])
-        elif outcome is Outcome.FELL and not self._short:  # served again, after an outage
+        elif outcome is Outcome.FELL and self.recovery.stage is not Stage.OUT:  # OUT: served again
             self.shedding = True
         return outcome
 
     def _verdict(self, failed: int, answers: int) -> Outcome | None:
         """What a trial's ``failed`` 503s of its ``answers`` say (``None``: not yet)."""
         few = TRIAL_FAULTS / 5.0
+        stage = self.recovery.stage
         if failed - MOST_FAULTS * answers > few:
             return Outcome.STILL  # past the most share of faults ever counted, by more than few
-        if self._short:  # nothing served before it: its 503s are an outage's last ones
-            return Outcome.FELL if self._run >= self._lasts else None
-        if failed > few and self._up:
+        if stage is Stage.OUT:  # nothing served before it: its 503s are an outage's last ones
+            return Outcome.FELL if self._run >= self.recovery.length else None
+        if failed > few and stage is Stage.UP:
             return Outcome.STILL  # served under this rate, not at it: they rose with it
         if failed > few:
             # Under the share that is overload whatever faults were counted: random ones.
             overload = (MOST_FAULTS + self._config.overload_share) * answers
             return Outcome.RANDOM if failed < overload else None
-        return Outcome.FELL if answers >= self._lasts else None
+        return Outcome.FELL if answers >= self._length else None
 
     def shed(self) -> float:
         """The trial that just ended ``RANDOM`` was a service shedding past a capacity after
@@ -186,21 +190,19 @@ class FaultWatch:
         self._length = TRIAL_FAULTS / max(share - self.faults, self._config.overload_share)
         self._answers.clear()
 
-    def start(self, now: float, length: float | None = None, *, up: bool = False) -> None:
-        """A trial from the cut just made at ``now`` (after ``clear``). With a ``length``, a
-        short one, after nothing was served: it ends ``FELL`` at that many answers served in
-        a row (against 503s at near every answer, a handful is decisive; the first cut's
-        100 answers took 500 s at 0.2 calls/s), the 503s before them not counted. ``up``:
-        at a rate over one just served in full, where more 503s than few rose with the rate
-        (``STILL``), not random (a service counting every call fills its count again: its
-        first answers served, then 503s, read random, restored the rate past it)."""
+    def start(self, now: float) -> None:
+        """A trial from the cut just made at ``now`` (after ``clear``), of the kind the
+        ``recovery``'s ``stage`` says. ``OUT``, a short one, after nothing was served: it
+        ends ``FELL`` at the recovery's ``length`` of answers served in a row (against 503s
+        at near every answer, a handful is decisive; the first cut's 100 answers took 500 s
+        at 0.2 calls/s), the 503s before them not counted. ``UP``: at a rate over one just
+        served in full, where more 503s than few rose with the rate (``STILL``), not random
+        (a service counting every call fills its count again: its first answers served,
+        then 503s, read random, restored the rate past it)."""
         self.trial = now
         self._tried = (0, 0)
         self.mixed = False
-        self._lasts = self._length if length is None else length
-        self._short = length is not None
         self._run = 0
-        self._up = up
 
     def __repr__(self) -> str:
         return f"FaultWatch(faults={self.faults:.3g}, shedding={self.shedding}, trial={self.trial})"
