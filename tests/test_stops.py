@@ -207,3 +207,24 @@ async def test_a_run_stopped_after_its_summary_exits_75_saying_so_not_143(tmp_pa
     assert code == 75, (out + err)[-2000:]
     assert '"deleted":5' in out and '"open":0' in out, out[-2000:]
     assert "stopped by SIGTERM" in err and "Traceback" not in err, err[-2000:]
+
+
+async def test_a_run_s_chunk_handed_over_as_the_loop_closes_leaves_no_coroutine_unawaited(
+    tmp_path: Path,
+) -> None:
+    """The input thread ``run`` shares with ``enqueue`` (``pipeline.read_in_background``):
+    its second chunk read only as the loop closes after a SIGTERM. The hand-over made a
+    coroutine the closed loop never ran ("RuntimeWarning: coroutine ... was never awaited",
+    an error under ``-W error::RuntimeWarning``); now 75 and no warning."""
+    from tests.test_enqueue import _HANDED_OVER_AS_THE_LOOP_CLOSES
+
+    many = [f"00000000-0000-4000-8000-{n:012d}" for n in range(4500)]  # 2,000 a chunk
+    async with run_simulator(SimulatorConfig(jobs=0)) as sim:
+        ids = write_ids(tmp_path / "ids.txt", many)
+        command = [sys.executable, "-W", "error::RuntimeWarning", "-c",
+                   _HANDED_OVER_AS_THE_LOOP_CLOSES, "run", "--input", str(ids), "--yes",
+                   "--grace", "1"]  # fmt: skip
+        code, out, err = await _sigterm_on(b"reading", command, reaper_env(sim.url))
+    assert code == 75, (out + err)[-2000:]
+    assert "never awaited" not in err and "RuntimeWarning" not in err, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
