@@ -173,3 +173,34 @@ async def test_a_window_begun_before_the_fleet_and_spent_in_its_last_second_is_r
     assert leader.controller is not None and leader.controller.windows >= 1
     assert refused <= 0.02, (used, refused)
     assert used >= 0.80, (used, refused)
+
+
+@pytest.mark.anyio
+async def test_a_fleet_whose_workers_all_sleep_keeps_one_leader_and_reads_the_window(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """Three replicas of 8 workers, each holding its place asleep, against a fixed 10 s
+    count of 30 calls/s begun 7.5 s before the fleet, 50 ms: every worker of the fleet is
+    refused within the first refusal's latency and sleeps to the window's end on its
+    ``Retry-After``. Nothing reserved meanwhile: nobody sent the check call, the window
+    was never read, and the lease lapsed each window (4 leaders by 40 s; 7 by 70 s and
+    7.4 % refused in bench_fleet_window).
+    Asleep, each replica calls the script twice a second (renewing the leader's lease) and
+    wakes one worker at the check call's time: one leader all along, the window read, one
+    call of the fleet in start-up's pause (the check), and from the second window on at
+    most 2 % refused (1.7 %)."""
+    time = RedisTime()
+    quota, until = 30.0, 40.0
+    replicas = [_auto(redis_client, redis_prefix + "rl", time, me=f"r{n}") for n in range(3)]
+    gateway = _BegunBefore(quota, 7.5)
+    await run_fleet(cast(list[RateLimiter], replicas), time.clock, gateway, until=until,
+                    latency=0.05)  # fmt: skip
+    seen = [refused for t, refused in gateway.calls if 12.5 <= t < until]
+    refused = seen.count(True) / len(seen)
+    assert sum(r.leads for r in replicas) == 1, replicas
+    leader = next(r for r in replicas if r.leading)
+    assert leader.controller is not None and leader.controller.windows >= 1, replicas
+    first = next(t for t, no in gateway.calls if no)
+    in_pause = [t for t, _ in gateway.calls if first + 1.0 < t < 12.5 - 1.0]
+    assert len(in_pause) == 1, in_pause
+    assert refused <= 0.02, refused

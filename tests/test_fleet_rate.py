@@ -65,8 +65,8 @@ async def run_fleet(
     places: int | None = None,
 ) -> Fleet:
     """Each limiter is a replica with ``workers`` workers: acquire, send to the gateway, and
-    report the answer ``latency`` later; a refused worker sends its answers on where the
-    limiter does (``Reporting``, as ``PacedCall`` does) and waits the ``Retry-After``.
+    report the answer ``latency`` later; a refused worker waits the ``Retry-After`` in the
+    limiter's ``rest`` where it has one (``Reporting``, as ``PacedCall`` does).
     ``places``: as the pool runs a replica (``worker.pool``, ``Working.tasks``), at most
     that many calls on the wire and twice as many workers (``workers`` is then ignored),
     one asleep on a ``Retry-After`` holding no place."""
@@ -98,8 +98,9 @@ async def run_fleet(
             if retry_after <= 0:
                 continue
             if isinstance(limiter, Reporting):
-                await limiter.report()
-            await clock.sleep(retry_after)
+                await limiter.rest(retry_after)
+            else:
+                await clock.sleep(retry_after)
 
     def replica(limiter: RateLimiter, group: TaskGroup) -> None:
         wire = None if places is None else anyio.CapacityLimiter(places)
@@ -134,7 +135,7 @@ class RedisTime:
     def watch(self, limiter: Any) -> Any:
         """``limiter``, its calls to Redis (a reservation, a look at the count of
         take-backs) made one at a time with time standing still."""
-        for name in ("reserve", "revokes", "report"):  # (the leader publishes within these)
+        for name in ("reserve", "revokes", "report", "look"):  # (the leader publishes within these)
             if not hasattr(limiter, name):
                 continue
             call = getattr(limiter, name)

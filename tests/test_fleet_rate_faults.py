@@ -253,8 +253,8 @@ class Killable:
         if self.clock.now() < self.dead_at:
             self.limiter.feedback(**answer)
 
-    async def report(self) -> None:
-        await self.limiter.report()
+    async def rest(self, seconds: float) -> None:
+        await self.limiter.rest(seconds)
 
 
 def _killable_replicas(client: aioredis.Redis, key: str, time: RedisTime) -> list[Killable]:

@@ -104,10 +104,12 @@ class ExpiringLimiter:
         """How a call ended, told to the limiter it wraps (``RateLimiter.feedback``)."""
         self._inner.feedback(**answer)
 
-    async def report(self) -> None:
-        """The answers sent on, where the limiter it wraps sends them (``Reporting``)."""
+    async def rest(self, seconds: float) -> None:
+        """A refused caller's sleep, where the limiter it wraps has one (``Reporting``)."""
         if isinstance(self._inner, Reporting):
-            await self._inner.report()
+            await self._inner.rest(seconds)
+        else:
+            await self._clock.sleep(seconds)
 
     async def acquire(self) -> None:
         batch = _DELETING.get()

@@ -69,9 +69,11 @@ class RateLimiter(Protocol):
 @runtime_checkable
 class Reporting(Protocol):
     """A limiter that sends its answers elsewhere (a fleet's, to its leader through Redis):
-    ``report`` sends those kept now, before a refused caller sleeps on its ``Retry-After``."""
+    a refused caller sleeps on its ``Retry-After`` in ``rest``, which sends those kept
+    first, and may end the sleep early for a call the fleet asks of this process (a long
+    window's check call: ``FleetRateController.rest``)."""
 
-    async def report(self) -> None: ...
+    async def rest(self, seconds: float) -> None: ...
 
 
 APART_TOLERANCE = 0.01

@@ -109,6 +109,9 @@ if start and floor < pause and start < pause then
   redis.call('HSET', KEYS[2], 'checked', p[5])
   checking = 1
 end
+-- The check call still to hand out, for a process whose workers all sleep to wake one.
+local due = ''
+if checking == 0 and floor < pause then due = us(check) end
 -- A start is the leader's once it is real, not when it is handed out: a slowdown may take
 -- it back before (a call never sent, with no answer to come, held its controller's measure
 -- back for good: the calls it counted as sent were never all answered).
@@ -126,7 +129,7 @@ if redis.call('EXISTS', KEYS[4]) == 1 then
   redis.call('PEXPIRE', KEYS[4], ARGV[4])
 end
 local out = {start, us(now), us(new_tat), us(interval), us(pause), leader, p[3] or '',
-             p[4] or '', checking}
+             p[4] or '', checking, due}
 if leader == 1 then
   for _, e in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do out[#out + 1] = e end
   redis.call('DEL', KEYS[4])
@@ -163,6 +166,11 @@ return {1, us(now), revokes}
 RESLOT = 0.02
 """A change of the leader's rate larger than this share is published at once; smaller ones
 go with its next reservation."""
+
+LOOKS_A_LEASE = 4
+"""While every worker of a process sleeps on a ``Retry-After``, it calls the script at least
+this many times a lease (``FleetRateController.rest``): a leader's lease outlives a late
+look or two."""
 
 PAUSE_LOOK_S = 0.25
 """While the fleet is paused, a process waiting to reserve comes back at least this often:
@@ -367,6 +375,12 @@ class FleetRateController(RedisPacer):
         self._seen_state = ""  # the last estimate a leader stored, as this process saw it
         self.reported = 0  # answers and starts sent to Redis for the leader
         self._io = anyio.Lock()  # one script call at a time: each takes the answers kept
+        self._asked_at = -math.inf  # our clock, when this process last called the script
+        self._look_s = lease_s / LOOKS_A_LEASE
+        self._check_us: int | None = None  # the fleet's check call still to hand out
+        self._woken_for: int | None = None  # the check a worker of ours was woken for
+        self.looks = 0  # script calls made for workers asleep on a Retry-After
+        self.woken = 0  # workers woken for a check call
 
     @property
     def rate(self) -> float:
@@ -421,6 +435,44 @@ class FleetRateController(RedisPacer):
         async with self._io:
             return await self._exchange(self._horizon_us)
 
+    async def rest(self, seconds: float) -> None:
+        """A refused worker's sleep on its ``Retry-After``: its answer is reported first
+        (``report``), and while it sleeps the process keeps in touch with the fleet. Where
+        every worker of the fleet was refused in a window's first refusals and slept to its
+        end, nothing reserved: nobody sent the check call the pause lets go, the window was
+        never read, and the leader's lease lapsed (a new leader each window, 4-7 in 70 s).
+        So while no script call of this process's has gone for ``lease_s / LOOKS_A_LEASE``,
+        a sleeping worker makes one (``look``: no start asked for), which renews the lease
+        of a leader asleep (and lets a process take it over from one gone) and reads what
+        the leader published; and the sleep ends at the fleet's check call's time, for one
+        worker of this process to ask for it (the script hands it to the first to ask; any
+        other waits for the pause's end in ``acquire``, as before: no call more goes in the
+        pause than the one check)."""
+        await self.report()
+        end = self._clock.now() + seconds
+        while (now := self._clock.now()) < end:
+            check = self._check_us
+            due = math.inf if check in (None, self._woken_for) else check / 1e6 - self._offset
+            if due <= now:
+                self._woken_for = check
+                self.woken += 1
+                return
+            if (look := self._asked_at + self._look_s) <= now:
+                await self.look()
+                continue
+            await self._clock.sleep(min(end, look, due) - now)
+
+    async def look(self) -> None:
+        """One script call with nothing to reserve, unless another went since a worker
+        asked for it (``rest``): the lease renewed, the answers kept reported, and the
+        fleet's pause and check call read. Best effort, as ``report``."""
+        async with self._io:
+            if self._asked_at + self._look_s > self._clock.now():
+                return  # (the test ``rest`` makes, to the bit: else it asks again at once)
+            self.looks += 1
+            with contextlib.suppress(*REDIS_ERRORS, redis.exceptions.ResponseError):
+                await self._exchange(-1)
+
     async def report(self) -> None:
         """Send the answers kept now, with no reservation (the leader, reading them too).
         A refused worker calls it before it sleeps on the ``Retry-After``: a process whose
@@ -440,6 +492,7 @@ class FleetRateController(RedisPacer):
         if one is due within ``horizon_us`` (else how long to come back in); the leader
         reads the fleet's answers and publishes."""
         answers, now, dropped = self._answers, self._clock.now(), self._dropped
+        self._asked_at = now  # (answered or not: a look waits its turn again)
         reported: list[Any] = []
         for a in answers:
             reported += [
@@ -469,8 +522,11 @@ class FleetRateController(RedisPacer):
         for _ in range(max(0, len(reported) // 4 - (self._dropped - dropped))):
             answers.popleft()
         self.reported += len(reported) // 4
-        start, server_now, token, interval, pause, leader, state, revokes, check, *events = reply
+        start, server_now, token, interval, pause, leader, state, revokes, check, due, *events = (
+            reply
+        )
         server_now = int(server_now)
+        self._check_us = int(due) if (due := text(due)) else None
         self._saw(server_now, revokes)
         self._offset = server_now / 1e6 - self._clock.now()
         self._interval, self._pause_us = int(interval), int(pause)

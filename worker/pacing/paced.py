@@ -370,8 +370,9 @@ class PacedCall:
                     await retrying(exc, tries.attempt + 1, wait, decision.reason)
                 with self._waiting(), self._sleeping():
                     if isinstance(exc, ThrottledError) and isinstance(self._limiter, Reporting):
-                        await self._limiter.report()  # (a fleet's leader hears it now)
-                    await self._clock.sleep(wait)
+                        await self._limiter.rest(wait)  # (a fleet's leader hears it now)
+                    else:
+                        await self._clock.sleep(wait)
                 if self._stopping():
                     raise Stopped("stopping") from None
 
