@@ -55,14 +55,16 @@ HEAVY = ("pydantic", "pydantic_settings", "structlog", "rich", "pygments", "aioh
 """Packages that cost tens of milliseconds of CPU each to import."""
 
 
-def imported(modules: Path, *args: str, env: dict[str, str] | None = None) -> set[str]:
-    """The packages of ``HEAVY`` the command ``args`` imported, run to its end."""
+def imported(
+    modules: Path, *args: str, env: dict[str, str] | None = None, code: int = 0
+) -> set[str]:
+    """The packages of ``HEAVY`` the command ``args`` imported, run to its end (exit ``code``)."""
     done = subprocess.run(
         [sys.executable, "-c", _MODULES_AT_EXIT, str(modules), *args],
         capture_output=True, text=True, check=False, env=env, timeout=60,
     )  # fmt: skip
     assert modules.exists(), done.stderr[-2000:]
-    assert done.returncode == 0, done.stderr[-2000:]  # the command did its work
+    assert done.returncode == code, done.stderr[-2000:]  # the command did its work
     return heavy(modules.read_text().split())
 
 
@@ -72,13 +74,17 @@ def heavy(modules: list[str]) -> set[str]:
 
 @pytest.mark.parametrize(
     "args",
-    [["--help"], ["run", "--help"], ["serve", "--help"], ["completion", "bash"]],
-    ids=["help", "run-help", "serve-help", "completion"],
-)
+    [["--help"], ["run", "--help"], ["serve", "--help"], ["completion", "bash"],
+     ["run", "--inptu", "ids.txt"], ["serve", "--batch-size", "many"], ["frobnicate"]],
+    ids=["help", "run-help", "serve-help", "completion", "mistyped-flag", "bad-value",
+         "unknown-command"],
+)  # fmt: skip
 def test_help_and_completion_import_nothing_heavy(args: list[str], tmp_path: Path) -> None:
-    """Help and the completion script are the parser's alone: no settings (pydantic), no
-    logging, no HTTP. ``completion`` loaded the settings it never reads (0.15 s of CPU)."""
-    assert imported(tmp_path / "modules", *args) == set()
+    """Help, the completion script and a usage error (64) are the parser's alone: no
+    settings (pydantic), no logging, no HTTP. ``completion`` loaded the settings it never
+    reads (0.15 s of CPU)."""
+    code = 0 if "--help" in args or "completion" in args else 64
+    assert imported(tmp_path / "modules", *args, code=code) == set()
 
 
 def test_a_run_logs_without_rich_and_touches_no_queue(tmp_path: Path) -> None:
