@@ -29,6 +29,7 @@ from tests.fakes import (
 )
 from worker.pacing.controller import AdaptiveConfig, RateController
 from worker.pacing.fleet import encode_state, taken_over
+from worker.pacing.window import LongWindow, Verdict
 from worker.simulator.quota import TokenBucket as ServerQuota
 
 SPANS: dict[str, Callable[[float, float], Gateway]] = {
@@ -584,12 +585,54 @@ def test_a_sliding_count_is_kept_to_over_a_long_run(quota: float, latency: float
     the calls are refused, the quota used 0.95-0.97; from 150 s on 3.1, 6.0 and 5.5 %. The
     same on the code before 819b162 and 95deecd: past the cap's lapse the short waits of
     the probe passing the count cut as a token bucket's, and the rate came back and spent
-    it again. Read as the window (``LongWindow._again``, ``short``): 0.93, 0.92, 0.92 used
-    at 0.34, 0.59 and 0.58 % refused."""
+    it again. Read as the window (``LongWindow._again``, ``short``): 0.947, 0.939, 0.940
+    used at 0.33, 0.58 and 0.57 % refused (0.932, 0.924, 0.925 paused to what the wait
+    says)."""
     run = simulate(lambda t: quota, duration=200.0, latency=latency, gateway=SPANS["sliding 10 s"])
     used, refused = _used_and_refused(run, quota, 10.0, 200.0)
     assert refused <= 0.02, (used, refused)
     assert used >= 0.90, (used, refused)
+
+
+def test_a_short_wait_past_a_windows_cap_reads_it_and_pauses_to_its_likely_end() -> None:
+    """A window read (40 calls in its first 4 s, its check refused with the same end), its
+    pace of 4 calls/s kept to 45 s, past its cap's lapse (``forget``, 30 s after its end),
+    where a call is refused with ``Retry-After: 1``: a sliding count's oldest call leaving
+    as the probe passes it. It reads the window (cut as a token bucket's, the probe came
+    back and spent the count again: 3.7-4.5 % of a sliding 10 s count's calls refused over
+    200 s), from the count over the span begun a second before what the wait says (the
+    sliding count's own: 39 calls, 4 calls/s, where the likely span's is half a second of
+    calls short), and pauses to where the wait most likely ends, half a second before what
+    it says. Paused to what it says, each lapse cost a second of the count: a sliding 10 s
+    count at 5-50 calls/s, 5-50 ms, over 200 s, 0.915-0.935 used (median 0.927), now
+    0.930-0.950 (0.942), at most 0.8 % refused either way (on the code before both, 0.945-0.973
+    used at 1.1-4.5 % refused)."""
+    window = LongWindow()
+
+    def refused(sent: float, retry_after: float, *, news: bool = False) -> Verdict | None:
+        return window.refused(sent, sent + 0.005, retry_after, news=news,
+                              lasting=lambda: False, max_pause=30.0, forget=30.0)  # fmt: skip
+
+    for n in range(40):
+        window.sent(0.1 * n)
+        window.accepted(0.1 * n, 0.1 * n + 0.005)
+    check = refused(4.0, 6.0, news=True)
+    assert check == Verdict(Verdict.CHECK, 5.505)
+    assert window.sent(check.until) is not None
+    first = refused(check.until, 5.0)
+    read = window.window
+    assert first is not None and first.kind == Verdict.READ and read is not None
+    sends = [read.end + 0.25 * n for n in range(int((45.0 - read.end) / 0.25) + 1)]
+    for sent in sends:
+        window.sent(sent)
+        window.accepted(sent, sent + 0.005)
+    short = refused(45.0, 1.0)
+    assert short is not None and short.kind == Verdict.READ
+    assert short.until == pytest.approx(45.505)
+    assert window.windows == 2
+    counted = [t for t in sends if 45.005 - read.span <= t]
+    assert window.window is not None
+    assert window.window.rate == pytest.approx(len(counted) / read.span)
 
 
 @pytest.mark.parametrize(
@@ -611,8 +654,8 @@ def test_a_window_whose_quota_falls_is_read_again_to_its_new_count(
     819b162 0.980 at 2.3 % and 0.940 at 4.5 %: failing too, by its refusals). Spanned from
     where the last most likely ended, and past the cap's lapse over the last span
     (``LongWindow._again``): 0.943 at 0.74 %, 0.963 at 1.2 %, 0.954 at 2.4 %; the short
-    waits past the lapse read as the window too: 0.943 at 0.74 %, 0.941 at 0.13 %, 0.912 at
-    0.27 %."""
+    waits past the lapse read as the window too: 0.943 at 0.74 %, 0.944 at 0.39 %, 0.939 at
+    0.78 %."""
     run = simulate(lambda t: before if t < at else after, duration=at + 80.0, latency=0.02,
                    gateway=SPANS[kind])  # fmt: skip
     start = at + (15.0 if kind.startswith("fixed") else 20.0)
@@ -638,7 +681,10 @@ def test_a_token_bucket_that_becomes_a_long_window_mid_run_is_read_as_one(
     from 45 s to 100 s, 0.853, 0.851 and 0.782 of the quota used (q20 fixed, q5 fixed, q5
     sliding), at 0.4-0.9 % refused. Before 819b162 (a first long wait checked whatever came
     before it): 0.847, 0.884, 0.815; at 819b162, before its span read to the likely end
-    (95deecd): 0.822, 0.815, 0.760."""
+    (95deecd): 0.822, 0.815, 0.760. Read again past its cap over its last span
+    (``LongWindow._again``): 0.867, 0.855, 0.782; the first window is read from the run's
+    first call, over 40 s of the bucket's calls, and its pace spends the next count in 5 s
+    (the rest of that window paused)."""
     window = SPANS[kind]
 
     def gateway(quota: float, now: float) -> Gateway:

@@ -259,14 +259,15 @@ class LongWindow:
         refused over 200 s. It reads the window too; where the rate before does not stand,
         the count over the span begun a second earlier, the sliding count's own (its oldest
         call leaves within the second), not the likely one's, half a second of calls short
-        (0.90 of the quota used)."""
+        (0.90 of the quota used). Calls go again from where the wait most likely ends, not
+        from what it says: each lapse paused a second of the count (0.93 used, now 0.94)."""
         likely = end - SAME_END / 2.0
         began, span = window.began, window.span
         if sent <= window.end + forget or not likely - began >= 1.5 * span > 0 or end - span > sent:
             return None if short else self._read(began, likely, end)
         low, high = (self._count(end - span - late, end) / span for late in (0.0, SAME_END))
         rate = window.rate if low <= window.rate <= high else high if short else None
-        return self._read(likely - span, likely, end, rate=rate)
+        return self._read(likely - span, likely, likely if short else end, rate=rate)
 
     def _confirm(self, check: Check, end: float) -> Verdict:
         """The check call refused, pointing to ``end``: the window read where that is the
