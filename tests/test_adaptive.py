@@ -1453,6 +1453,22 @@ def test_a_trial_whose_answers_stay_503s_is_overload_at_its_own_rate_not_faults(
     assert found == [None] * 13 + [Outcome.STILL]  # 10 of 14: 4.4 past 0.4 of them
 
 
+def test_an_answer_overtaken_by_an_outages_503s_breaks_no_run_of_them() -> None:
+    """The 503s of a service out come back at once, the answers of calls sent before it
+    later: one of those, answered among the 503s, is no answer served since they came, and
+    the run of them is whole (``unserved``). A call sent after the first 503's is: it
+    breaks the run. Read in the order answered, a service out 1 s of every 11 was read as
+    a capacity at each outage (0.65 of a quota of 50 used after it held; 0.997 now)."""
+    watch = FaultWatch(AdaptiveConfig())
+    for i in range(9):
+        watch.answered(10.0 + 0.02 * i, failed=True)
+    watch.answered(9.95, failed=False)  # sent before the first 503's call, answered after
+    watch.answered(10.2, failed=True)
+    assert watch.unserved()  # ten 503s in a row, by when their calls were sent
+    watch.answered(10.21, failed=False)  # sent after them: served since they came
+    assert not watch.unserved()
+
+
 def test_a_trial_after_nothing_served_ends_at_the_first_answers_served_in_a_row() -> None:
     """After a cut or a trial where nothing was served (``unserved``: the last answers all
     503s, as many as overload counts), the next trial is short (``Stage.OUT``): it ends

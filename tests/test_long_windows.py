@@ -360,16 +360,31 @@ def test_a_service_out_during_start_up_is_used_in_full_once_it_is_back(
     assert run.accepted_per_s(end + 10.0, end + 60.0) >= 0.90 * 50.0
 
 
-@pytest.mark.xfail(strict=True, reason="a flapping or partial outage is read as a capacity")
-@pytest.mark.parametrize("kind", ["up 2 s, down 2 s", "up 10 s, down 1 s", "90 % 503s"])
+_FLAPS_LEFT = pytest.mark.xfail(strict=True, reason="2 s flaps or 90 % 503s read as a capacity")
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("up 2 s, down 2 s", marks=_FLAPS_LEFT),
+        "up 10 s, down 1 s",
+        pytest.param("90 % 503s", marks=_FLAPS_LEFT),
+    ],
+)
 def test_a_service_that_flaps_is_used_in_full_once_it_holds(kind: str) -> None:
     """A gateway of 50 calls/s (burst 2) in front of a service that, from 20 s to 140 s, is
     out 2 s of every 4, or 1 s of every 11, or answers 90 % of the calls 503 at random; 50 ms.
-    At least 0.90 of the quota used from 10 s after it holds to 40 s after. Used: 0.035,
-    0.65 and 0.004 (6 seeds with send jitter: 0.03, 0.61, 0.015), the same on the code
-    before 4758e8d: served between 503s, the trials read a capacity, and the rate stays
-    near what was served while it flapped. (Repeated outages of 5 s every 30 s for 5 min
-    held: 0.99 of the quota used between them, 0.03 on the code before.)"""
+    At least 0.90 of the quota used from 10 s after it holds to 40 s after. Out 1 s of 11:
+    0.997 (medians of 10 seeds 0.997, 0.992 with send jitter; 0.65 before): the 503s of an
+    outage overtake the answers of calls sent before it (2 ms against 50 ms), and a run of
+    them read in the order answered was broken by those (``FaultWatch.unserved``), so the
+    cut read a capacity: its trial, served in full 3 % under the rate before, ``FELL``, the
+    service was read shedding, and each outage after stepped the rate 3 % down for good.
+    Out 2 s of 4 and 90 % 503s: 0.035 and 0.004 (6 seeds with send jitter: 0.03, 0.015),
+    the same on the code before 4758e8d: served between 503s, the trials read a capacity,
+    and the rate stays near what was served while it flapped. (Repeated outages of 5 s
+    every 30 s for 5 min held: 0.99 of the quota used between them, 0.03 on the code
+    before.)"""
     draws, marks = random.Random(1), random.Random(2)
     downs: dict[str, Callable[[float], bool]] = {
         "up 2 s, down 2 s": lambda now: (now - 20.0) % 4.0 >= 2.0,
