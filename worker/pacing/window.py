@@ -298,7 +298,8 @@ class LongWindow:
         (``CHECK_CALLS``) to read a count from, or a span longer than the calls are kept
         (``KEEP_S``): no count was kept over it, and a ``Retry-After`` an hour ahead (a
         date from a gateway whose clock is an hour off) read as a count over that hour
-        paced the run at 0.013 calls/s until its end."""
+        paced the run at 0.013 calls/s until its end. ``rate``: the rate read, where not
+        the count's (``_again``: the rate before, where the count allows it)."""
         accepted = self._accepted
         span = end - anchor
         count = max(self._count(anchor, end), least)
