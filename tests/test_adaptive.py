@@ -1320,11 +1320,15 @@ def test_a_config_the_arithmetic_cannot_work_with_is_refused(
         AdaptiveConfig(**{field: value})  # type: ignore[arg-type]
 
 
-def _paced_answers(rate: float, refused: Callable[[int], bool], calls: int) -> RateController:
-    """A controller cruising at ``rate`` (a unit that never ends), ``calls`` calls started
-    evenly at that rate, each answered 5 ms later: call ``k`` refused if ``refused(k)``."""
+def _paced_answers(
+    rate: float, refused: Callable[[int], bool], calls: int, quota: float = math.inf
+) -> RateController:
+    """A controller cruising at ``rate`` (a unit that never ends; ``quota`` the quota it
+    measured), ``calls`` calls started evenly at that rate, each answered 5 ms later: call
+    ``k`` refused if ``refused(k)``."""
     ctrl = RateController(0.0)
-    ctrl.restore(replace(ctrl.state, rate=rate, level=rate, phase=Phase.CRUISE, unit=math.inf))
+    ctrl.restore(replace(ctrl.state, rate=rate, level=rate, phase=Phase.CRUISE, unit=math.inf,
+                         quota=quota))  # fmt: skip
     for k in range(calls):
         sent = 1.0 + k / rate
         ctrl.on_sent(sent)
@@ -1346,6 +1350,24 @@ def test_refusals_that_stay_a_small_share_of_many_calls_cut_nothing() -> None:
     assert fast.rate == 500.0
     slow = _paced_answers(50.0, lambda k: k >= 100 and k % 150 == 0, 700)
     assert (slow.cuts, slow.tolerated) == (4, 0)
+
+
+@pytest.mark.parametrize(
+    ("quota", "refusals", "cuts"),
+    [(50.0, (400, 550), 0), (47.0, (400, 550), 2), (50.0, (400, 450), 1), (math.inf, (400,), 1)],
+    ids=["isolated", "past-the-quota", "two-in-100-calls", "no-quota"],
+)
+def test_an_isolated_refusal_under_the_quota_measured_is_jitter_by_the_last_ten_seconds(
+    quota: float, refusals: tuple[int, ...], cuts: int
+) -> None:
+    """At 48 calls/s a 2 s window holds under ``jitter_calls``, but the last 10 s hold
+    300 answers or more: a refusal of a call paced under the quota measured (50), the only
+    one of the last 100 calls, is send jitter and cuts nothing (a burst of 1 refuses a late
+    call's successor at any pace). Past the quota measured (47) each cuts as ever; so does
+    a second refusal in 100 calls, and one where no quota was measured. Before
+    ``_jitter_lately`` the isolated ones cut too (2, 0)."""
+    ctrl = _paced_answers(48.0, lambda k: k in refusals, 700, quota=quota)
+    assert (ctrl.cuts, ctrl.tolerated) == (cuts, len(refusals) - cuts)
 
 
 def test_a_pace_over_the_quota_is_cut_even_where_a_small_share_is_tolerated() -> None:

@@ -47,6 +47,11 @@ tests/test_rate_matrix.py: up to 1 ms late, 1 % of the calls 5 ms more on averag
 proves fewer counts: at 0.05 s a count of 5 at 50 ms was not proven (bench_near_five's
 per-second set 106 of 120, not 108), at 0.08 a count of 3 at 300 ms neither (104)."""
 
+JITTER_SPAN = 10.0
+"""How far back a refusal is weighed as send jitter where a ``window`` holds too few calls
+(``RateController._jitter_lately``): the accepted and refused calls are kept this long, or
+as the last ``jitter_calls`` of them where that is shorter (``_remember``)."""
+
 SAME_CALL = 1e-6
 """A call's start as ``on_sent`` saw it and as its answer's latency dates it may differ by
 this much (rounding): the same call."""
@@ -491,7 +496,13 @@ class GatewayEvidence:
 
     def _remember(self, times: list[float], sent: float, now: float) -> None:
         bisect.insort(times, sent)
-        horizon = self.horizon(now)
+        # As far back as a measure reaches (``horizon``), and a ``JITTER_SPAN`` where that
+        # holds no more than ``jitter_calls`` (at most that many kept for it).
+        kept = now - JITTER_SPAN
+        calls = self._config.jitter_calls
+        if len(times) > calls:
+            kept = max(kept, times[-calls])
+        horizon = min(self.horizon(now), kept)
         if times[0] < horizon:
             del times[: bisect.bisect_left(times, horizon)]
 
