@@ -162,3 +162,28 @@ def test_an_export_whose_folder_cannot_be_written_is_refused_saying_why(shared: 
     assert f"its folder {folder} cannot be written" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
     assert export.read_text() == "open to all\n"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["e" * 255, "é" * 127], ids=["255 letters", "254 bytes"])
+async def test_an_export_under_a_name_near_the_longest_allowed_is_written(
+    tmp_path: Path, name: str
+) -> None:
+    """A name the file system takes (up to 255 bytes) is written whole, as before the export
+    was written beside its name: the file beside it has a name cut to fit (the cut inside a
+    letter of two bytes, for the second), not ``File name too long`` of a name that is not
+    (64 since 398da2c for any name over 237 bytes). The part a kill -9 left is swept."""
+    ledger = tmp_path / "ledger.sqlite"
+    fill(ledger).close()
+    export = tmp_path / name
+    args = ["report", "--ledger", str(ledger), "--format", "jsonl", "--output", str(export)]
+    command = [sys.executable, "-c", _HALTED_MIDWAY, *args]
+    code, _, err = await signalled(command, None, [(b"midway", signal.SIGKILL)])
+    assert code == -signal.SIGKILL, err
+    (part,) = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert len(os.fsencode(part.name)) <= 255 and not export.exists()
+    for _ in range(2):  # the second replaces the first
+        done = report(*args[1:])
+        assert done.returncode == 0, done.stderr
+        assert len(export.read_bytes().splitlines()) == 5
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -72,7 +72,9 @@ def _still_there(path: Path, fd: int) -> bool:
 def locked_file(folder: Path, prefix: str, suffix: str) -> tuple[int, Path]:
     """A private file (``0600``, from ``mkstemp``) named ``prefix...suffix`` in ``folder``,
     after removing those of the same name whose process is gone; its descriptor holds the
-    lock that says it is in use until it is closed (or its process dies)."""
+    lock that says it is in use until it is closed (or its process dies). A prefix too long
+    for the folder's names (one made of a long file name) is cut short to fit."""
+    prefix = _fitting(folder, prefix, suffix)
     sweep(prefix, folder, suffix=suffix)
     while True:
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
@@ -80,6 +82,25 @@ def locked_file(folder: Path, prefix: str, suffix: str) -> tuple[int, Path]:
         if _still_there(Path(name), fd):  # else that sweep took it for a dead one's
             return fd, Path(name)
         os.close(fd)
+
+
+_RANDOM = 8
+"""The letters ``mkstemp`` puts between a name's prefix and its suffix."""
+
+
+def _fitting(folder: Path, prefix: str, suffix: str) -> str:
+    """``prefix``, or its first bytes and its last character, so that ``prefix``, the
+    random letters and ``suffix`` make a name the folder takes: a file named near the
+    longest name allowed (255 bytes) still has a file beside it, never ``ENAMETOOLONG``."""
+    try:
+        longest = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    raw = os.fsencode(prefix)
+    room = longest - _RANDOM - len(os.fsencode(suffix))
+    if len(raw) <= room:
+        return prefix
+    return os.fsdecode(raw[: room - 1] + raw[-1:])
 
 
 def sweep(prefix: str, where: Path | None = None, *, suffix: str | None = None) -> list[Path]:
