@@ -209,6 +209,28 @@ async def test_a_run_stopped_after_its_summary_exits_75_saying_so_not_143(tmp_pa
     assert "stopped by SIGTERM" in err and "Traceback" not in err, err[-2000:]
 
 
+async def test_a_run_stopped_again_and_again_after_its_summary_says_it_once(
+    tmp_path: Path,
+) -> None:
+    """A SIGTERM after the summary, then 301 more of SIGTERM, Ctrl-C and SIGHUP as it ends
+    (a supervisor or a person that insists): one line and 75. Each used to raise again
+    where the first one's exit was unwinding: a line for each, "Exception ignored in:
+    <module 'threading'>" or the loop's ``__del__`` with a traceback, or the process killed
+    by SIGINT (-2) once the interpreter had put the system's handlers back."""
+    ledger = tmp_path / "ledger.db"
+    insisting = [(b"", signal.SIGTERM), (b"", signal.SIGINT), (b"", signal.SIGHUP)] * 100
+    async with run_simulator(SimulatorConfig(jobs=5)) as sim:
+        ids = write_ids(tmp_path / "ids.txt", sim.job_ids())
+        command = [sys.executable, "-c", _CLOSING, "run", "--input", str(ids), "--yes",
+                   "--ledger", str(ledger)]  # fmt: skip
+        steps = [(b"closing", signal.SIGTERM), (b"as it closed", signal.SIGTERM), *insisting]
+        code, out, err = await signalled(command, reaper_env(sim.url), steps)
+    assert code == 75, (out + err)[-2000:]
+    assert '"deleted":5' in out and '"open":0' in out, out[-2000:]
+    assert err.count("stopped by") == 1, err[-2000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
+
+
 async def test_a_run_s_chunk_handed_over_as_the_loop_closes_leaves_no_coroutine_unawaited(
     tmp_path: Path,
 ) -> None:

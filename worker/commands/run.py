@@ -831,11 +831,24 @@ async def _watch_signals(
 
 def _stopped_closing(signum: int, frame: object) -> None:
     """A stop after the run's summary, as the loop and the process close: 75 and a line
-    (the system's handler, put back as the loop's signal watch ended, killed it: 143)."""
+    (the system's handler, put back as the loop's signal watch ended, killed it: 143).
+    Said once: the stops after it are held back (blocked) and any already caught let pass,
+    not raised where the first one's exit is unwinding (a second line, "Exception ignored"
+    and a traceback from the threads' shutdown or the loop's ``__del__``, or the process
+    killed by the system's handler the interpreter puts back as it ends: -2). Ignored
+    (``SIG_IGN``), one caught before would be said "ignored due to race condition"."""
+    again = {*SIGNALS, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, again)
+    for each in again:
+        signal.signal(each, _said_already)
     with contextlib.suppress(OSError):  # straight to fd 2: never into a write it interrupts
         os.write(2, f"devserver-reaper run: stopped by {stops.said(signum)} as it closed, "
                     "after its summary: the outcomes it gave stand\n".encode())  # fmt: skip
     stops.raise_stop(signum, frame)
+
+
+def _said_already(signum: int, frame: object) -> None:
+    """A stop after the one :func:`_stopped_closing` said: the run is already ending 75."""
 
 
 async def _deadline(
