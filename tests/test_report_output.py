@@ -71,6 +71,28 @@ async def test_an_export_killed_mid_write_leaves_no_part_under_its_name(
     assert left == [], left
 
 
+@pytest.mark.anyio
+async def test_an_export_stopped_again_and_again_exits_75_saying_it_once(tmp_path: Path) -> None:
+    """A SIGTERM mid-write, then 301 more of Ctrl-C and SIGTERM while its exit unwinds (a
+    person or a supervisor that insists): 75, one line, the name left as it was. Each used
+    to raise again where the first one's exit was unwinding: "Exception ignored in:
+    <generator object LedgerView._stream>" with a traceback, the line twice, or the process
+    killed by SIGINT once the interpreter had put the system's handlers back (-2)."""
+    ledger = tmp_path / "ledger.sqlite"
+    fill(ledger).close()
+    export = tmp_path / "export.jsonl"
+    export.write_bytes(b"the export of yesterday\n")
+    args = ["report", "--ledger", str(ledger), "--format", "jsonl", "--output", str(export)]
+    command = [sys.executable, "-c", _HALTED_MIDWAY, *args]
+    insisting = [(b"", signal.SIGTERM), (b"", signal.SIGINT)] * 150
+    steps = [(b"midway", signal.SIGTERM), *insisting]
+    code, _, err = await signalled(command, None, steps)
+    assert code == 75, err[-2000:]
+    assert err.count("stopped by") == 1, err[-2000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
+    assert export.read_bytes() == b"the export of yesterday\n"
+
+
 def test_an_export_over_a_hard_link_is_refused_and_the_file_kept(tmp_path: Path) -> None:
     """A name with other hard links is refused as before (64), not replaced beside them."""
     ledger = tmp_path / "ledger.sqlite"

@@ -30,7 +30,33 @@ def raise_stop(signum: int, frame: object) -> None:
     (143, which no CronJob policy expects) or with a KeyboardInterrupt traceback, and keep
     the signal for :func:`checkpoint` where CPython drops the exit."""
     _asked.append(signum)
+    held_back()
     raise SystemExit(ExitCode.INTERRUPTED)
+
+
+def held_back(*signums: int) -> None:
+    """Once a stop's exit is under way: SIGTERM, SIGINT and ``signums`` are held back
+    (blocked) in this thread, and any caught already let pass. Raised again where the exit
+    was unwinding, each said "Exception ignored in: <generator ...>" with a traceback, its
+    stop line again, or killed the process once the interpreter had put the system's
+    handlers back as it ended (-2). Not ``SIG_IGN``: one caught before would be said
+    "Signal 2 ignored due to race condition", with a traceback. A loop's signal watch hears
+    them again (:func:`heard_again`): where CPython dropped the exit, :func:`checkpoint` or
+    the watch still stops the command."""
+    again = {*SIGNALS, *signums}
+    signal.pthread_sigmask(signal.SIG_BLOCK, again)
+    for each in again:
+        signal.signal(each, let_pass)
+
+
+def let_pass(signum: int, frame: object) -> None:
+    """A stop after the one whose exit is under way."""
+
+
+def heard_again(*signums: int) -> None:
+    """SIGTERM, SIGINT and ``signums`` delivered again (:func:`held_back`): for a signal
+    watch that begins, which puts its own handlers in."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {*SIGNALS, *signums})
 
 
 def asked() -> int | None:
@@ -65,6 +91,7 @@ async def watching(stop: Callable[[str], None]) -> AsyncIterator[None]:
     try:
         async with anyio.create_task_group() as group:
             with anyio.open_signal_receiver(*SIGNALS) as received:
+                heard_again()
                 if (signum := asked()) is not None:
                     stop(said(signum))
                 group.start_soon(hear, received)

@@ -806,9 +806,11 @@ async def _watch_signals(
     # SIGHUP too: the terminal gone (an ssh session dropped) killed the run outright, its
     # calls in flight unrecorded; unless it was started ignoring it (nohup), which stays so.
     hangup = signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
-    command = signal.getsignal(signal.SIGTERM) is stops.raise_stop  # not run_async in a test
+    # not run_async in a test; held back: a stop's exit was dropped before the loop
+    command = signal.getsignal(signal.SIGTERM) in (stops.raise_stop, stops.let_pass)
     try:
         with anyio.open_signal_receiver(*SIGNALS, *[signal.SIGHUP] * hangup) as received:
+            stops.heard_again(*[signal.SIGHUP] * hangup)
             task_status.started()
             count = 0
 
@@ -832,23 +834,12 @@ async def _watch_signals(
 def _stopped_closing(signum: int, frame: object) -> None:
     """A stop after the run's summary, as the loop and the process close: 75 and a line
     (the system's handler, put back as the loop's signal watch ended, killed it: 143).
-    Said once: the stops after it are held back (blocked) and any already caught let pass,
-    not raised where the first one's exit is unwinding (a second line, "Exception ignored"
-    and a traceback from the threads' shutdown or the loop's ``__del__``, or the process
-    killed by the system's handler the interpreter puts back as it ends: -2). Ignored
-    (``SIG_IGN``), one caught before would be said "ignored due to race condition"."""
-    again = {*SIGNALS, signal.SIGHUP}
-    signal.pthread_sigmask(signal.SIG_BLOCK, again)
-    for each in again:
-        signal.signal(each, _said_already)
+    Said once: the stops after it are held back (:func:`stops.held_back`)."""
+    stops.held_back(signal.SIGHUP)
     with contextlib.suppress(OSError):  # straight to fd 2: never into a write it interrupts
         os.write(2, f"devserver-reaper run: stopped by {stops.said(signum)} as it closed, "
                     "after its summary: the outcomes it gave stand\n".encode())  # fmt: skip
     stops.raise_stop(signum, frame)
-
-
-def _said_already(signum: int, frame: object) -> None:
-    """A stop after the one :func:`_stopped_closing` said: the run is already ending 75."""
 
 
 async def _deadline(

@@ -291,6 +291,7 @@ async def _watch_signals(
         starting()
 
     with anyio.open_signal_receiver(*SIGNALS) as received:
+        stops.heard_again()
         if (lost := stops.asked()) is not None:  # its exit dropped before the loop ran
             heard(lost)
         async for signum in received:

@@ -13,6 +13,7 @@ import sys
 
 import anyio
 
+from worker import stops
 from worker.exit_codes import ExitCode
 from worker.simulator import FaultConfig, Simulator, SimulatorConfig, run_simulator
 
@@ -86,6 +87,7 @@ def export_block(sim: Simulator) -> str:
 async def serve(config: SimulatorConfig, host: str, port: int, ids_file: str | None) -> None:
     """Serve until a signal; the ids file is written before the ready line is printed."""
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        stops.heard_again()
         async with run_simulator(config, host, port) as sim:
             if ids_file:
                 lines = "".join(f"{job_id}\n" for job_id in sim.job_ids())
