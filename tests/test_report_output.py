@@ -71,19 +71,25 @@ async def test_an_export_killed_mid_write_leaves_no_part_under_its_name(
     assert left == [], left
 
 
+def _over_yesterday(tmp_path: Path, script: str) -> tuple[Path, list[str]]:
+    """``export.jsonl`` holding the export of yesterday, and ``python -c script report``
+    exporting a ledger's jsonl there."""
+    ledger = tmp_path / "ledger.sqlite"
+    fill(ledger).close()
+    export = tmp_path / "export.jsonl"
+    export.write_bytes(b"the export of yesterday\n")
+    args = ["report", "--ledger", str(ledger), "--format", "jsonl", "--output", str(export)]
+    return export, [sys.executable, "-c", script, *args]
+
+
 @pytest.mark.anyio
 async def test_an_export_stopped_again_and_again_exits_75_saying_it_once(tmp_path: Path) -> None:
     """A SIGTERM mid-write, then 301 more of Ctrl-C and SIGTERM while its exit unwinds (a
     person or a supervisor that insists): 75, one line, the name left as it was. Each used
     to raise again where the first one's exit was unwinding: "Exception ignored in:
     <generator object LedgerView._stream>" with a traceback, the line twice, or the process
-    killed by SIGINT once the interpreter had put the system's handlers back (-2)."""
-    ledger = tmp_path / "ledger.sqlite"
-    fill(ledger).close()
-    export = tmp_path / "export.jsonl"
-    export.write_bytes(b"the export of yesterday\n")
-    args = ["report", "--ledger", str(ledger), "--format", "jsonl", "--output", str(export)]
-    command = [sys.executable, "-c", _HALTED_MIDWAY, *args]
+    killed by the signal once the interpreter had put the system's handlers back (-15)."""
+    export, command = _over_yesterday(tmp_path, _HALTED_MIDWAY)
     insisting = [(b"", signal.SIGTERM), (b"", signal.SIGINT)] * 150
     steps = [(b"midway", signal.SIGTERM), *insisting]
     code, _, err = await signalled(command, None, steps)
@@ -91,6 +97,34 @@ async def test_an_export_stopped_again_and_again_exits_75_saying_it_once(tmp_pat
     assert err.count("stopped by") == 1, err[-2000:]
     assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
     assert export.read_bytes() == b"the export of yesterday\n"
+
+
+_RENAMED = (
+    "import os, runpy, sys\n"
+    "whole = os.replace\n"
+    "def replace(part, name, **kwargs):\n"
+    "    whole(part, name, **kwargs)\n"
+    "    if str(name).endswith('export.jsonl'):\n"
+    "        sys.stderr.write('renamed\\n'); sys.stderr.flush()\n"
+    "        sys.stdin.read()\n"
+    "os.replace = replace\n"
+    "runpy.run_module('worker', run_name='__main__', alter_sys=True)\n"
+)
+"""``python -m worker ARGS`` that, once the export is renamed over its name, says
+``renamed`` on stderr and waits on stdin for ever: a report stopped as it ends."""
+
+
+@pytest.mark.anyio
+async def test_an_export_stopped_once_renamed_whole_is_said_to_stand(tmp_path: Path) -> None:
+    """A SIGTERM after the export was renamed over its name, whole: 75, and the line says
+    the export stands. It said "EXPORT is not left in part", as of a stop mid-write, of a
+    file written whole: read as nothing written, the export is made again, or distrusted."""
+    export, command = _over_yesterday(tmp_path, _RENAMED)
+    code, _, err = await signalled(command, None, [(b"renamed", signal.SIGTERM)])
+    assert code == 75, err[-2000:]
+    assert len(export.read_bytes().splitlines()) == 5
+    assert f"stopped by SIGTERM after {export} was written whole: it stands" in err, err
+    assert "not left in part" not in err and "Traceback" not in err, err
 
 
 def test_an_export_over_a_hard_link_is_refused_and_the_file_kept(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import io
 import os
+import stat
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -62,8 +63,9 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             return refused("report", exc)
         several = len({_place(ledger) for ledger in ledgers}) > 1
         targeted = several or any(ledger.targets for ledger in ledgers)
+        written: list[os.stat_result] = []  # the file renamed over ``output`` once whole
         try:
-            with _open_output(output) as out:
+            with _open_output(output, written) as out:
                 if fmt == "jsonl":
                     for ledger in ledgers:
                         write_jsonl(
@@ -81,6 +83,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                     out.write(text.encode())
         except SystemExit:  # SIGTERM or Ctrl-C: a file is removed, never left as if whole
             removed = "" if output in (None, "-") else f"; {output} is not left in part"
+            if output not in (None, "-") and _is(output, written):
+                removed = f" after {output} was written whole: it stands"
             signum = asked()
             stop = "a signal" if signum is None else said(signum)
             with contextlib.suppress(OSError):
@@ -145,8 +149,19 @@ def _check_shards(ledgers: Sequence[LedgerView]) -> None:
         made[copy] = ledger.path
 
 
+def _is(path: str, written: list[os.stat_result]) -> bool:
+    """``path`` names the file of ``written`` (renamed over it whole before a stop came)."""
+    try:
+        named = os.lstat(path)
+    except OSError:
+        return False
+    return any((named.st_dev, named.st_ino) == (w.st_dev, w.st_ino) for w in written)
+
+
 @contextlib.contextmanager
-def _open_output(output: str | None) -> Iterator[IO[bytes]]:
+def _open_output(output: str | None, written: list[os.stat_result]) -> Iterator[IO[bytes]]:
+    """``output``'s stream; the file it writes (one renamed over the name once whole) is
+    added to ``written``, so a stop after the rename is not said to have left nothing."""
     if output is None or output == "-":
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
@@ -154,6 +169,9 @@ def _open_output(output: str | None) -> Iterator[IO[bytes]]:
     # Private, never through a planted link; a file appears under its name only once whole
     # (a full disk, a signal or a kill -9 leave what was there), a pipe is streamed to.
     with written_whole(Path(output)) as handle:
+        info = os.fstat(handle.fileno())
+        if stat.S_ISREG(info.st_mode):  # not a pipe or a device, written to as a stream
+            written.append(info)
         yield handle
 
 
