@@ -1513,3 +1513,45 @@ def test_a_trial_after_nothing_served_ends_at_the_first_answers_served_in_a_row(
     found = [watch.answered(12.5, failed=f) for f in (True, True, False, True, False)]
     assert found == [None] * 5  # 503s, then one served: not yet
     assert watch.answered(13.0, failed=False) is Outcome.FELL  # two served in a row
+
+
+@pytest.mark.anyio
+async def test_callers_paused_for_a_check_call_go_at_the_window_read_not_the_pause_said() -> None:
+    """A fixed count of 100 calls per 10 s (10 calls/s), 8 callers, 200 ms: start-up spends it,
+    its refusal points to the window's end and lets a check call go into the pause; the
+    others wait to the first refusal's end. The check refused too, the window is read to
+    end up to a second sooner (each end rounded up to whole seconds), and calls may go from
+    there: the callers asleep in ``acquire`` slept on to the end the first refusal said,
+    and only the check's caller went in that second (6 calls where the pace of 9 calls/s
+    allows 9; now 10)."""
+    clock = FakeClock()
+    controller = RateController(clock.now())
+    limiter = AdaptiveRateLimiter(clock, controller=controller)
+    gateway = FixedWindow(10.0, 0.0, span=10.0)
+    sends: list[float] = []
+    read: list[tuple[float, float]] = []  # (where calls may go again, the pause said before)
+
+    async def caller() -> None:
+        while clock.now() < 14.0:
+            await limiter.acquire()
+            sent = clock.now()
+            sends.append(sent)
+            wait = gateway.try_acquire(sent)
+            await clock.sleep(0.2)
+            paused = controller.pause_until()
+            retry_after = float(math.ceil(wait)) if wait > 0 else None
+            limiter.feedback(throttled=wait > 0, latency_s=0.2, retry_after=retry_after)
+            if controller.windows and not read:
+                window = controller.long_window.window
+                assert window is not None
+                read.append((window.end, paused))
+
+    async with anyio.create_task_group() as group:
+        for _ in range(8):
+            group.start_soon(caller)
+    assert read, "no window read"
+    resume, said = read[0]
+    assert said - resume >= 0.2  # (the check's end sooner than the first refusal's)
+    pace = controller.rate_at(resume)
+    went = sum(resume - 1e-9 <= t < said for t in sends)
+    assert went >= 0.8 * pace * (said - resume), (went, pace, resume, said)

@@ -28,6 +28,9 @@ from worker.pacing.slowdown import Notify, SlowingLimiter
 SLICE_S = 0.05
 """Waiters look at the rate at least this often."""
 
+PAUSE_SLICE_S = 0.1
+"""Callers held by a pause look at its end at least this often: it may come sooner."""
+
 RESLOT = 0.05
 """A rate change larger than this fraction re-slots every waiter."""
 
@@ -98,7 +101,10 @@ class AdaptiveRateLimiter:
             now = clock.now()
             pause = self._controller.pause_until()
             if now < pause:
-                await clock.sleep(pause - now)
+                # In slices too: a check call's refusal reads the window to end up to a
+                # second before the pause it set (``LongWindow``), and callers asleep to
+                # the pause's end lost that second of the window's count.
+                await clock.sleep(min(pause - now, PAUSE_SLICE_S))
                 continue
             self._sync(now)
             generation = self._generation
