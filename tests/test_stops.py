@@ -145,6 +145,57 @@ async def test_a_run_that_goes_round_without_progress_still_stops_on_sigterm(
     assert '"open":5' in out, out[-2000:]
 
 
+_FINALIZING = (
+    "import gc, os, runpy, sys\n"
+    "class Last:\n"
+    "    def __del__(self):\n"
+    "        os.write(2, b'finalizing\\n')\n"
+    "        os.read(0, 1)\n"
+    "freeze = gc.freeze\n"
+    "def frozen():\n"  # a module of its own, made once the command's are frozen: emptied last
+    "    freeze()\n"
+    "    sys.modules['last'] = type(sys)('last')\n"
+    "    sys.modules['last'].last = Last()\n"
+    "gc.freeze = frozen\n"
+    "runpy.run_module('worker', run_name='__main__', alter_sys=True)\n"
+)
+"""``python -m worker ARGS`` that, as the interpreter ends (the command done, its modules
+emptied, the system's signal handlers back), says ``finalizing`` on stderr and reads its
+stdin until it closes."""
+
+
+async def test_enqueue_stopped_again_as_the_interpreter_ends_exits_75(
+    redis_prefix: str, redis_client: Any
+) -> None:
+    """A SIGTERM heard by enqueue's loop, then a Ctrl-C as the interpreter ends: 75, not
+    killed by SIGINT (-2). The interpreter puts the system's handlers back as it ends: in
+    tmux, 6 of 8 enqueues stopped twice by hand died so, after their summary and stop line,
+    and the shell read it as a Ctrl-C (the line after them in the script not run)."""
+    stream = f"{redis_prefix}ids"
+    args = ["enqueue", "--input", "-", "--redis-url", REDIS_URL, "--stream", stream]
+    command = [sys.executable, "-c", _FINALIZING, *args]
+    process = await anyio.open_process(command, env=reaper_env("http://127.0.0.1:9"))
+    async with reaped(process):
+        assert process.stdin is not None and process.stderr is not None
+        await process.stdin.send("".join(f"job-{n}\n" for n in range(600)).encode())
+
+        async def added() -> bool:
+            return bool(await redis_client.xlen(stream) == 500)
+
+        await until(added)
+        process.send_signal(signal.SIGTERM)
+        err = b""
+        with anyio.fail_after(60):  # a hang's guard, not a measure
+            while b"finalizing" not in err:
+                err += await process.stderr.receive()
+            process.send_signal(signal.SIGINT)
+            await process.stdin.aclose()  # the read ends: on its way back the SIGINT lands
+            err += b"".join([chunk async for chunk in process.stderr])
+            code = await process.wait()
+    assert code == 75, err.decode()[-2000:]
+    assert b"stopped by SIGTERM" in err and b"Traceback" not in err, err.decode()[-2000:]
+
+
 async def test_enqueue_stopped_while_its_input_is_slow_to_come_says_what_it_added(
     redis_prefix: str, redis_client: Any
 ) -> None:

@@ -751,7 +751,15 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     if stdio.refused(closed):
         sys.exit(ExitCode.USAGE)
     args = build_parser().parse_args(argv)
-    sys.exit(dispatch(args, imported=_started))
+    try:
+        code: str | int | None = dispatch(args, imported=_started)
+    except SystemExit as stopped:  # raise_stop's, or a command's own
+        code = stopped.code
+    if code == ExitCode.INTERRUPTED:  # a stop said and done: the process ends 75 whatever
+        # comes after, never killed by the system's handlers that the interpreter puts back
+        # as it ends, through a thread still reading (a second Ctrl-C: -2); run's SIGHUP too
+        stops.ended(*[signal.SIGHUP] * callable(signal.getsignal(signal.SIGHUP)))
+    sys.exit(code)
 
 
 def no_core_dumps() -> None:

@@ -49,6 +49,17 @@ def held_back(*signums: int) -> None:
         signal.signal(each, let_pass)
 
 
+def ended(*signums: int) -> None:
+    """The command has ended 75 and the process only closes: SIGTERM, SIGINT and ``signums``
+    are ignored from now to its end, in every thread. Held back in this thread alone, one
+    delivered to a thread still reading (enqueue's and run's input) killed the process once
+    the interpreter, ending, had put the system's handlers back. Those caught already are
+    let pass first (``signal.signal`` runs them before it changes a handler)."""
+    held_back(*signums)
+    for each in {*SIGNALS, *signums}:
+        signal.signal(each, signal.SIG_IGN)
+
+
 def let_pass(signum: int, frame: object) -> None:
     """A stop after the one whose exit is under way."""
 
