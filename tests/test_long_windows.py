@@ -229,6 +229,25 @@ def test_after_an_outage_the_probes_go_on(quota: float) -> None:
     assert run.accepted_per_s(end + 40.0, end + 60.0) >= 0.90 * 2.0 * quota
 
 
+@pytest.mark.parametrize("gap", [3.0, 5.0], ids=["3s", "5s"])
+def test_a_second_outage_during_the_step_back_is_an_outage_too(gap: float) -> None:
+    """A gateway of 50 calls/s (burst 2) in front of a service out 20-25 s and again for 5 s
+    from ``gap`` s after, healthy between, 50 ms: at least 0.90 of the quota used from 20 s
+    to 60 s after the second ends (0.99 here). The second came while the step back up to
+    the rate before was tried: served, then 503s in a row, it read ``STILL`` as a bound,
+    the halving under it went on through the outage and stood at 6 calls/s, the probes
+    capped at 9: 0.40 and 0.18 used (the same at 947e83f). A step back served a second in
+    a row, then out again, bounds nothing once a recovery (``Recovery.again``): the rate
+    before is stepped back up to once served again. Out again within a second of the step
+    (2 s after the first outage), it reads as a lower capacity: 0.40."""
+    draws, late = random.Random(1), random.Random(101)
+    end = 25.0 + gap + 5.0
+    service = _down_when(lambda now: 20.0 <= now < 25.0 or 25.0 + gap <= now < end, 0.05, draws)
+    run = simulate(lambda t: 50.0, duration=end + 60.0, burst=2, latency=0.05, service=service,
+                   jitter=lambda: late.expovariate(500.0))  # fmt: skip
+    assert run.accepted_per_s(end + 20.0, end + 60.0) >= 0.90 * 50.0
+
+
 def test_a_service_back_with_a_lower_capacity_is_not_tried_at_the_old_rate_twice() -> None:
     """A gateway of 50 calls/s (burst 2) in front of a service healthy at 50 calls/s, out
     from 20 s to 30 s, and back shedding past a capacity of 5 (``Queueing``), 50 ms: at most

@@ -688,8 +688,8 @@ class RateController:
             level = self._cut(now, s.rate / 2.0, math.inf)
             self._shed = (now, level)
             outage.halve((at, before), s.rate, up=up, mixed=self._faults.mixed,
-                         startup=before.phase is Phase.STARTUP,
-                         length=self._back_in(level))  # fmt: skip
+                         startup=before.phase is Phase.STARTUP, length=self._back_in(level),
+                         again=self._faults.out_again(s.rate))  # fmt: skip
             self._faults.start(now)
             return level
         if outcome is Outcome.RANDOM and outage.lower():

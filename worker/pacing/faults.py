@@ -87,8 +87,8 @@ class FaultWatch:
     (``faults``) and whether a trial found the service shedding past a capacity
     (``shedding``)."""
 
-    __slots__ = ("_answers", "_config", "_faults", "_length", "_run", "_streak", "_tried",
-                 "mixed", "recovery", "shedding", "trial")  # fmt: skip
+    __slots__ = ("_answers", "_config", "_faults", "_length", "_run", "_served", "_streak",
+                 "_tried", "mixed", "recovery", "shedding", "trial")  # fmt: skip
 
     def __init__(self, config: AdaptiveConfig, recovery: Recovery | None = None) -> None:
         self._config = config
@@ -96,6 +96,7 @@ class FaultWatch:
         self._answers: deque[bool] = deque(maxlen=config.overload_answers)  # True: a 503
         self._faults = (0, 0)  # 503s and answers since a trial found them random
         self._streak = (0, 0.0)  # the last answers' 503s in a row, and when the first was sent
+        self._served = (0, 0)  # the answers served in a row before the streak, and since it
         self.trial: float | None = None
         self._length = 0.0  # the answers a trial from the last cut lasts
         self._run = 0  # the answers served in a row in the trial under way
@@ -114,10 +115,15 @@ class FaultWatch:
         way found, once it can say (``None``: nothing yet, or no trial)."""
         self._answers.append(failed)
         streak, first = self._streak
+        before, since = self._served
         if failed:
             self._streak = (streak + 1, first if streak else sent)
+            self._served = (before, 0) if streak else (since, 0)
         elif not (streak and sent < first):  # one sent before them, overtaken, breaks none
             self._streak = (0, 0.0)
+            self._served = (before, since + 1)
+        else:
+            self._served = (before + 1, since)
         trial = self.trial
         if trial is None:
             if self._faults[1]:  # faults found: every answer tells their share
@@ -176,6 +182,15 @@ class FaultWatch:
         it (read in the order answered, a service out 1 s of every 11 was read as a
         capacity at each outage: 0.65 of a quota of 50 used after it held, 0.997 now)."""
         return self._streak[0] >= self._overload()
+
+    def out_again(self, rate: float) -> bool:
+        """Whether the trial under way ends in 503s in a row (every one of its 503s in
+        them, in send order) after a second of calls at ``rate`` served in a row (and as
+        many as an overload counts 503s): a service out again. One back with a lower
+        capacity it sheds past serves less than a second's calls in a row (its capacity's:
+        20 of 48 at 48 calls/s past 20, then 503s)."""
+        least = max(self._overload(), rate)
+        return 0 < self._tried[0] <= self._streak[0] and self._served[0] >= least
 
     def _overload(self) -> float:
         """How many 503s of the last answers are overload: ``overload_share`` of them over

@@ -62,7 +62,7 @@ class Recovery:
     the rate a trial last found still past the service (``halved``; 0: none), and the rate
     of the step back up after an outage (``stepped``; 0: none)."""
 
-    __slots__ = ("before", "halved", "length", "stage", "stepped")
+    __slots__ = ("again", "before", "halved", "length", "stage", "stepped")
 
     def __init__(self) -> None:
         self.before: tuple[float, ControllerState] | None = None
@@ -70,6 +70,7 @@ class Recovery:
         self.halved = 0.0
         self.stepped = 0.0
         self.length = 0.0  # the answers served in a row that end an ``OUT`` trial
+        self.again = False  # the step back up met an outage again (``halve``): once a recovery
 
     @property
     def outage_before(self) -> ControllerState | None:
@@ -85,6 +86,7 @@ class Recovery:
         self.before = before
         self.stage = Stage.OUT if out else Stage.BOUND
         self.halved = self.stepped = 0.0
+        self.again = False
         self.length = length
 
     def drop(self) -> None:
@@ -96,6 +98,7 @@ class Recovery:
         self.before = None
         self.stage = Stage.BOUND
         self.halved = self.stepped = 0.0
+        self.again = False
 
     def end(self) -> tuple[tuple[float, ControllerState], bool] | None:
         """The trial under way ended: the state before the first cut (``None``: another
@@ -110,16 +113,24 @@ class Recovery:
 
     def halve(
         self, before: tuple[float, ControllerState], rate: float, *, up: bool, mixed: bool,
-        startup: bool, length: float,
+        startup: bool, length: float, again: bool = False,
     ) -> None:  # fmt: skip
         """The trial at ``rate`` ended ``STILL`` (``up``: it was the step back up; ``mixed``:
-        a 503 came after an answer served); half of it is tried next, the state ``before``
-        kept. A trial that served nothing (none before it bounded, it was no step back up,
-        and not ``mixed``) says nothing of a capacity: the next is ``OUT``, ``length``
-        answers served in a row ending it; else ``rate`` is a bound (``halved``). Where the
-        rate before was ``startup``'s, never served in full, there is none to step back up
-        to: every trial is ``BOUND``."""
-        out = not startup and not (self.halved or up or mixed)
+        a 503 came after an answer served; ``again``: it served, then only 503s,
+        ``FaultWatch.out_again``); half of it is tried next, the state ``before`` kept.
+        A trial that served nothing (none before it bounded, it was no step back up, and
+        not ``mixed``) says nothing of a capacity: the next is ``OUT``, ``length`` answers
+        served in a row ending it; else ``rate`` is a bound (``halved``). The step back up
+        served, then 503s in a row, is a service out again as much as one past a capacity
+        (one counting every call, full again): once a recovery (``again``) it bounds
+        nothing, and the rate before is stepped back up to once served again (read as a
+        bound, a second outage of 5 s from 5 s after the first halved to 6 calls/s and
+        stood there, the probes capped at 9: 0.18 of a quota of 50 used 20-60 s after
+        it). Where the rate before was ``startup``'s, never served in full, there is none
+        to step back up to: every trial is ``BOUND``."""
+        again = up and again and not self.again
+        out = not startup and (again or not (self.halved or up or mixed))
+        self.again = self.again or again
         if not out:
             self.halved = rate
         self.before = before
@@ -142,11 +153,13 @@ class Recovery:
         """The state before returns (``RANDOM``): the outage, if any, is over."""
         self.stage = Stage.BOUND
         self.stepped = 0.0
+        self.again = False
 
     def stands(self) -> float:
         """The trial's rate stands (``FELL``): the rate last found still past the service
         (0: none), which the probes stop half-way to; the trials are over."""
         halved, self.halved, self.stepped = self.halved, 0.0, 0.0
+        self.again = False
         return halved
 
     def __repr__(self) -> str:
