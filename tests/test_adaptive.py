@@ -1475,6 +1475,39 @@ def test_a_trial_whose_answers_stay_503s_is_overload_at_its_own_rate_not_faults(
     assert found == [None] * 13 + [Outcome.STILL]  # 10 of 14: 4.4 past 0.4 of them
 
 
+def _halved(cut: list[bool]) -> FaultWatch:
+    """A watch whose cut came on ``cut`` (True: a 503), its trial ``STILL`` at 7 of 7, and
+    the halving's trial under way from 5 s on."""
+    watch = FaultWatch(AdaptiveConfig())
+    for failed in cut:
+        watch.answered(0.0, failed=failed)
+    watch.clear()
+    watch.start(1.0)
+    assert [watch.answered(3.0, failed=True) for _ in range(7)][-1] is Outcome.STILL
+    watch.start(5.0)
+    return watch
+
+
+def test_a_halvings_trial_at_the_share_of_503s_over_its_rate_reads_them_random() -> None:
+    """Three fifths of the answers before the cut 503s, the trial there ``STILL``: the
+    halving's trial finds 8 of 11 (19 of 27 at the rates over it), 10 s on from the first
+    trial (``SPAN``): the 503s did not fall with the rate, faults (``RANDOM``; the code
+    before went on, and at 60 % random ended ``STILL`` and halved again). Sooner, a count
+    over 10 s may still be draining: the trial goes on. 503s that fell with it, all before
+    the answers served (a count draining: 5, then none), are no faults: the trial stands at
+    its length (``FELL``; the code before read 5 of 9 ``RANDOM`` and returned to the rate
+    before)."""
+    share = [i % 5 < 3 for i in range(20)]
+    watch = _halved(share)
+    found = [watch.answered(8.0, failed=i % 3 != 2) for i in range(10)]  # 7 of 10
+    assert found == [None] * 10  # sent within 10 s of the first trial: a count may drain
+    assert watch.answered(12.0, failed=True) is Outcome.RANDOM
+    watch = _halved(share)
+    found = [watch.answered(8.0, failed=i < 5) for i in range(40)]
+    assert Outcome.RANDOM not in found
+    assert Outcome.FELL in found
+
+
 def test_an_answer_overtaken_by_an_outages_503s_breaks_no_run_of_them() -> None:
     """The 503s of a service out come back at once, the answers of calls sent before it
     later: one of those, answered among the 503s, is no answer served since they came, and

@@ -173,16 +173,27 @@ def _out(
     )
 
 
-@pytest.mark.xfail(strict=True, reason="random 503s past MOST_FAULTS are read STILL")
-@pytest.mark.parametrize("seed", [1, 4])
+@pytest.mark.parametrize(
+    "seed",
+    [
+        1,
+        pytest.param(4, marks=pytest.mark.xfail(
+            strict=True, reason="60 % random 503s: a second cut's trial at 1 call/s, 0.65 used"
+        )),
+    ],
+)  # fmt: skip
 def test_random_503s_of_most_calls_do_not_halve_the_rate(seed: int) -> None:
     """Three fifths of the calls a gateway of 5 calls/s (burst 2) lets through answered 503
     at random, 5 ms: at least 0.70 of the quota used from 10 s on (503s counted). A trial's
     503s more than 4 past 0.4 (``MOST_FAULTS``) of its answers are ``STILL``, and at 60 %
     they pass that by 0.2 of the answers on average: the trial ends ``STILL`` (10 of 14)
-    before ``RANDOM`` (under 0.6), and halves the rate, again at each overload after:
-    0.55 and 0.38 used here (0.83 and 0.82 at 1fcf65f); medians over 10 seeds 0.55 at q5
-    and 0.36 at q50 (0.77 and 0.66 at 1fcf65f), 0.13-0.27 at 70 % (0.25-0.67)."""
+    and halves the rate. The halving's trial finds the same share of 503s as the answers
+    at the rates over it (``SAME_SHARE``): they did not fall with the rate, ``RANDOM``, and
+    the rate before returns; a later cut's trial with the share of the faults known too.
+    0.80 and 0.65 used here (0.55 and 0.38 before: each halving's trial read ``STILL``
+    too, and halved again); medians over 10 seeds 0.69 at q5 and 0.65 at q50 (0.57 and
+    0.36 before), 0.45 at 70 % (0.39). Seed 4: the first cut's trials took 15 s, and a
+    second cut's, at 1 call/s, 12 s more."""
     draws = random.Random(seed)
     run = simulate(lambda t: 5.0, duration=60.0, burst=2, latency=0.005,
                    service=lambda now: (draws.random() < 0.6, 0.005))  # fmt: skip

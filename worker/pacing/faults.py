@@ -72,6 +72,23 @@ MOST_FAULTS = 0.4
 """The most the share of faults known lifts what ``overload_share`` must pass: 503s are
 overload at 0.6 of the last answers, whatever was counted."""
 
+SAME_SHARE = 0.15
+"""How far a trial's share of 503s may lie from the share it is compared with (``known``:
+the 503s before its cut and in the trials before it ``STILL``, else the faults known) and
+still be the same share: 503s that did not fall with the rate, faults. Two binomial
+shares of 0.6 over 20 and 30 answers lie 0.14 apart at one standard deviation; a service
+past a capacity that sheds 0.8 of its calls at a rate sheds 0.6 at half of it."""
+
+SPAN = 10.0
+"""The seconds from a cut's first trial before 503s at the same share read as faults: a
+service that counts or averages its arrivals over 10 s sheds the same share at any rate
+until the rate before the cut has left its count (read so from the first trial on, a
+service shedding by a 10 s average answered 0.58 of the calls 503, median of 10 seeds;
+0.07 now, as before)."""
+
+FEWEST_ANSWERS = 10
+"""The answers a trial compared with a share known takes at least before it says."""
+
 
 class Outcome(StrEnum):
     """What a trial found."""
@@ -87,8 +104,9 @@ class FaultWatch:
     (``faults``) and whether a trial found the service shedding past a capacity
     (``shedding``)."""
 
-    __slots__ = ("_answers", "_config", "_faults", "_length", "_run", "_served", "_streak",
-                 "_tried", "mixed", "recovery", "shedding", "trial")  # fmt: skip
+    __slots__ = ("_answers", "_config", "_cut", "_faults", "_first", "_length", "_run",
+                 "_same", "_served", "_still", "_streak", "_tried", "mixed", "recovery",
+                 "shedding", "trial")  # fmt: skip
 
     def __init__(self, config: AdaptiveConfig, recovery: Recovery | None = None) -> None:
         self._config = config
@@ -101,6 +119,10 @@ class FaultWatch:
         self._length = 0.0  # the answers a trial from the last cut lasts
         self._run = 0  # the answers served in a row in the trial under way
         self._tried = (0, 0)  # its 503s and answers so far
+        self._cut = (0, 0)  # the 503s and answers that set the last cut off
+        self._still = (0, 0)  # those of the trials since it that ended STILL
+        self._first = 0.0  # when the cut's first trial began
+        self._same = False  # the verdict last said: the share known, at a lower rate
         self.mixed = False  # a 503 came after an answer served, in the trial last under way
         self.shedding = False
 
@@ -134,19 +156,42 @@ class FaultWatch:
         self.mixed = self.mixed or (failed and self._tried[0] < self._tried[1])
         self._tried = tried = (self._tried[0] + failed, self._tried[1] + 1)
         self._run = 0 if failed else self._run + 1
-        outcome = self._verdict(*tried)
+        outcome = self._verdict(*tried, sent=sent)
         if outcome is not None:
             self.trial = None
+            still = (self._still[0] + tried[0], self._still[1] + tried[1])
+            self._still = still if outcome is Outcome.STILL else (0, 0)
         if outcome is Outcome.RANDOM:
             self._faults = (self._faults[0] + tried[0], self._faults[1] + tried[1])
+            if self._same:  # the trial's answers, at its rate, are counted as faults
+                self._answers.clear()
         elif outcome is Outcome.FELL and self.recovery.stage is not Stage.OUT:  # OUT: served again
             self.shedding = True
         return outcome
 
-    def _verdict(self, failed: int, answers: int) -> Outcome | None:
-        """What a trial's ``failed`` 503s of its ``answers`` say (``None``: not yet)."""
+    def _verdict(self, failed: int, answers: int, sent: float) -> Outcome | None:
+        """What a trial's ``failed`` 503s of its ``answers`` (the last sent at ``sent``)
+        say (``None``: not yet)."""
         few = TRIAL_FAULTS / 5.0
         stage = self.recovery.stage
+        known = self._known()
+        self._same = False
+        if known is not None and stage is Stage.BOUND:
+            if answers < FEWEST_ANSWERS:
+                return Outcome.STILL if failed - MOST_FAULTS * answers > few else None
+            share = failed / answers
+            same = abs(share - known) <= SAME_SHARE
+            # The same share at a lower rate: faults, not a service past a capacity (under
+            # the share a service full, or still draining, sheds at near every call).
+            most = 1.0 - self._config.overload_share / (1.0 if self._still[1] else 2.0)
+            if failed > few and same and share < most and sent - self._first >= SPAN:
+                self._same = True
+                return Outcome.RANDOM
+            # Fell with the rate, its 503s all before the answers served (a count
+            # draining): not random, whatever the share left.
+            fell = not same and share < known and not self.mixed
+            if failed > few and fell and failed - MOST_FAULTS * answers <= few:
+                return Outcome.FELL if answers >= self._length else None
         if failed - MOST_FAULTS * answers > few:
             return Outcome.STILL  # past the most share of faults ever counted, by more than few
         if stage is Stage.OUT:  # nothing served before it: its 503s are an outage's last ones
@@ -158,6 +203,15 @@ class FaultWatch:
             overload = (MOST_FAULTS + self._config.overload_share) * answers
             return Outcome.RANDOM if failed < overload else None
         return Outcome.FELL if answers >= self._length else None
+
+    def _known(self) -> float | None:
+        """The share of 503s a trial's is compared with: after a trial ``STILL``, that of
+        the answers that set the cut off and of the trials ``STILL`` since (at rates over
+        the trial's); else the share of faults known, not capped (``None``: neither)."""
+        failed, answers = self._faults
+        if self._still[1]:
+            failed, answers = self._still[0] + self._cut[0], self._still[1] + self._cut[1]
+        return failed / answers if answers else None
 
     def shed(self) -> float:
         """The trial that just ended ``RANDOM`` was a service shedding past a capacity after
@@ -211,6 +265,8 @@ class FaultWatch:
             self.shedding = True
             self._faults = (0, 0)  # the share counted was the shedding's, not faults'
         self._length = TRIAL_FAULTS / max(share - self.faults, self._config.overload_share)
+        self._cut = (sum(self._answers), len(self._answers))
+        self._still = (0, 0)
         self._answers.clear()
         self._streak = (0, 0.0)
 
@@ -224,6 +280,8 @@ class FaultWatch:
         (a service counting every call fills its count again: its first answers served,
         then 503s, read random, restored the rate past it)."""
         self.trial = now
+        if not self._still[1]:
+            self._first = now
         self._tried = (0, 0)
         self.mixed = False
         self._run = 0
