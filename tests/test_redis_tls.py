@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.e2e import reaper, reaper_env, until, write_ids
+from tests.e2e import Served, reaper, reaper_env, redis_errors_of, serving, until, write_ids
 from worker.simulator import SimulatorConfig, run_simulator
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("clean_env")]
@@ -27,26 +27,38 @@ def _free_port() -> int:
         return port
 
 
+def _serving_tls(folder: Path, port: int, ca: trustme.CA) -> subprocess.Popen[bytes]:
+    """A redis-server answering TLS alone on ``port`` (its password ``PASSWORD``), with a
+    certificate ``ca`` signed; skipped where there is none."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("no redis-server")
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    return subprocess.Popen(
+        [server, "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert),
+         "--tls-key-file", str(key), "--tls-auth-clients", "no", "--requirepass", PASSWORD,
+         "--save", "", "--appendonly", "no", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+async def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 @pytest.fixture
 def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """A redis-server answering TLS alone on a free port (its password ``PASSWORD``), and
     the PEM file of the CA that signed its certificate; skipped where it has no TLS."""
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("no redis-server")
     ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1")
-    cert, key, ca_pem = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
-    leaf.cert_chain_pems[0].write_to_path(str(cert))
-    leaf.private_key_pem.write_to_path(str(key))
+    ca_pem = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_pem))
     port = _free_port()
-    process = subprocess.Popen(
-        [server, "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert),
-         "--tls-key-file", str(key), "--tls-auth-clients", "no", "--requirepass", PASSWORD,
-         "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    process = _serving_tls(tmp_path, port, ca)
     try:
         yield port, ca_pem
     finally:
@@ -92,12 +104,7 @@ async def test_serve_says_a_refused_redis_certificate_at_once_without_retrying(
     again for 30 s (one "serve.redis_unreachable" after another) and then said "Redis
     unavailable", as of a Redis that does not run. The password is never printed."""
     port, _ = tls_redis
-
-    async def listening() -> bool:
-        with socket.socket() as probe:
-            return probe.connect_ex(("127.0.0.1", port)) == 0
-
-    await until(listening)
+    await until(lambda: _listening(port))
     url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0"
     async with run_simulator(SimulatorConfig(jobs=1)) as sim:
         args = ["serve", "--stream", "tls-test:ids", "--consumer", "c1", "--http-port", "0",
@@ -110,3 +117,52 @@ async def test_serve_says_a_refused_redis_certificate_at_once_without_retrying(
     assert "was refused (" in said and "ssl_ca_certs=" in said, said[-3000:]
     assert "redis_unreachable" not in said and "redis_unavailable" not in said, said[-3000:]
     assert PASSWORD not in said and "Traceback" not in said
+
+
+async def test_serve_says_a_redis_certificate_refused_once_it_ran_not_that_redis_is_away(
+    tmp_path: Path,
+) -> None:
+    """``serve`` running on a ``rediss://`` Redis whose certificate it trusts; that Redis
+    comes back with a certificate of another CA (a rotation half done): serve waits, as for
+    a Redis away, and says the certificate is refused and how to trust its CA (event
+    ``serve.redis_certificate_refused``). It said ``serve.redis_unreachable``,
+    ``ConnectionError`` once, then nothing while every call was refused for the certificate:
+    a Redis that runs, read as down. The password is never printed."""
+    trusted, other = trustme.CA(), trustme.CA()
+    ca_pem = tmp_path / "ca.pem"
+    trusted.cert_pem.write_to_path(str(ca_pem))
+    port = _free_port()
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    redis = _serving_tls(first, port, trusted)
+    try:
+        await until(lambda: _listening(port))
+        url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_ca_certs={ca_pem}"
+        async with (
+            run_simulator(SimulatorConfig(jobs=1)) as sim,
+            serving(sim, url, tmp_path / "serve.err", "--stream", "tls-test:ids") as served,
+        ):
+            redis.terminate()
+            redis.wait(30)
+            redis = _serving_tls(second, port, other)
+            await until(lambda: _listening(port))
+
+            async def refused_again() -> bool:  # calls refused since the second came up
+                return await redis_errors_of(served.port) >= 3
+
+            await until(refused_again)
+            await until(lambda: _said(served, "serve.redis_certificate_refused"), timeout=30)
+            said = served.named("serve.redis_certificate_refused")
+            errors = (tmp_path / "serve.err").read_text()
+    finally:
+        redis.terminate()
+        redis.wait(30)
+    assert len(said) == 1, served.events[-5:]
+    assert f"the TLS certificate of Redis at rediss://127.0.0.1:{port}/0" in said[0]["error"]
+    assert "was refused (" in said[0]["error"], said
+    assert PASSWORD not in str(served.events) + errors and "Traceback" not in errors
+
+
+async def _said(served: Served, event: str) -> bool:
+    return bool(served.named(event))

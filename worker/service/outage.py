@@ -82,6 +82,7 @@ class Outage:
         self._since: float | None = None
         self._failed_now = 0
         self._refused = False
+        self._certificate = False
         self.failures = 0
         self.outages = 0
 
@@ -99,16 +100,33 @@ class Outage:
         if refused and not self._refused:  # it answers, but not to us: said apart, once
             self._refused = True
             self._events.error("serve.redis_refused", redis=self._where, error=REFUSED)
+        distrusted = self._distrusted(error)
         if self._since is None:
             self._since = self._clock.now()
             self.outages += 1
-            if not refused:
+            if not refused and not distrusted:
                 self._events.error("serve.redis_unreachable", redis=self._where,
                                    operation=operation, error=type(error).__name__)  # fmt: skip
         else:
             structlog.get_logger("devserver_reaper").debug(
                 "serve.redis_error", operation=operation, error=type(error).__name__
             )
+
+    def _distrusted(self, error: BaseException) -> bool:
+        """``error`` is a ``rediss://`` certificate refused (a Redis that answers, with a
+        certificate not trusted here): said apart, once an outage, in words
+        (``serve.redis_certificate_refused``), not as a Redis away."""
+        from worker.redis_link import certificate_refusal
+
+        said = certificate_refusal(error, self._where, kept="the queue",
+                                   done="nothing is read until it is trusted again")  # fmt: skip
+        if said is None:
+            return False
+        if not self._certificate:
+            self._certificate = True
+            self._events.error("serve.redis_certificate_refused", redis=self._where,
+                               error=str(said))  # fmt: skip
+        return True
 
     def answered(self) -> None:
         """A call got its answer: an outage, if there was one, is over."""
@@ -120,6 +138,7 @@ class Outage:
         self._since = None
         self._failed_now = 0
         self._refused = False
+        self._certificate = False
 
     async def persist(
         self, operation: Callable[[], Awaitable[_T]], *, what: str, max_delay: float = 5.0
