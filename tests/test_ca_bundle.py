@@ -4,6 +4,7 @@ certificate refused although a bundle was given is not answered "give --ca-bundl
 
 from __future__ import annotations
 
+import os
 import ssl
 import sys
 from collections.abc import AsyncIterator
@@ -131,3 +132,31 @@ async def test_a_run_with_a_ca_bundle_loads_it_once(tmp_path: Path) -> None:
     err = result.stderr.decode()
     assert result.returncode == 0, err[-2000:]
     assert "bundle loads: 1\n" in err, err[-2000:]
+
+
+def test_a_bundle_rewritten_in_place_with_its_size_and_time_kept_is_loaded_again(
+    tmp_path: Path,
+) -> None:
+    """The bundle's context is kept by the file's identity, size and times: a bundle
+    rewritten in place (same inode) with another CA, of the same size, and its mtime put
+    back (``cp -p``, ``rsync -t``, ``touch -r``) is another file, loaded again. Keyed by
+    device, inode, size and mtime alone, the context of the CA that was there before was
+    handed out (the new CA never trusted, the old one still)."""
+    from worker.api.session import tls_context
+
+    before, after = trustme.CA(), trustme.CA()
+    old, new = before.cert_pem.bytes(), after.cert_pem.bytes()
+    size = max(len(old), len(new))
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(old.ljust(size, b"\n"))  # text outside a PEM block is skipped
+    first = tls_context(bundle)
+    was = bundle.stat()
+    with bundle.open("r+b") as rewrite:  # in place: the same inode
+        rewrite.write(new.ljust(size, b"\n"))
+    os.utime(bundle, ns=(was.st_atime_ns, was.st_mtime_ns))
+    now = bundle.stat()
+    assert (now.st_ino, now.st_size, now.st_mtime_ns) == (was.st_ino, was.st_size, was.st_mtime_ns)
+    second = tls_context(bundle)
+    trusted = {ssl.DER_cert_to_PEM_cert(der) for der in second.get_ca_certs(binary_form=True)}
+    assert new.decode() in trusted and old.decode() not in trusted
+    assert first is not second

@@ -45,7 +45,9 @@ def tls_context(ca_bundle: Path | None = None, named: str = "ca_bundle") -> ssl.
         return ssl.create_default_context()
     try:  # the file as it is now: a bundle changed since it was loaded is loaded again
         info = ca_bundle.stat()
-        stamp = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        # ctime too: a file rewritten in place with its size and mtime put back (cp -p,
+        # touch -r) is another bundle; no one sets a ctime back
+        stamp = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
     except OSError:
         stamp = None  # loading it says what is wrong
     known = _LOADED.get(ca_bundle)
@@ -64,8 +66,8 @@ def tls_context(ca_bundle: Path | None = None, named: str = "ca_bundle") -> ssl.
     return context
 
 
-_LOADED: dict[Path, tuple[tuple[int, int, int, int], ssl.SSLContext]] = {}
-"""Each CA bundle's context once loaded, by path, with the file's identity, size and time
+_LOADED: dict[Path, tuple[tuple[int, int, int, int, int], ssl.SSLContext]] = {}
+"""Each CA bundle's context once loaded, by path, with the file's identity, size and times
 then: the check before anything is sent (``wiring.check_ca_bundle``) and each session after
 it (an IAM look-up's, the run's) share one context, the bundle and the system store read
 once (20 ms of CPU each time)."""
