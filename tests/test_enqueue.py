@@ -143,6 +143,28 @@ async def test_a_database_redis_refuses_is_78_without_a_traceback(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("ssl_ca_certs=/etc/ca.pem", b"?ssl_ca_certs= is a setting of rediss:// (TLS)"),
+        ("socket_timout=5", b"?socket_timout= is not a Redis setting"),
+    ],
+)
+async def test_a_url_setting_its_connection_cannot_take_is_78_in_words(
+    redis_prefix: str, tmp_path: Path, query: str, said: bytes
+) -> None:
+    """redis-py hands every ``?name=`` to its connection: one it does not take raised
+    TypeError with a traceback at the first PING (exit 1). The password is never said."""
+    source = tmp_path / "ids.txt"
+    source.write_text("a\n")
+    url = f"{URL(REDIS_URL).with_password('s3cr3t-canary')}?{query}"
+    done = await enqueue_async("--input", str(source), "--redis-url", url)
+    assert done.returncode == 78, done.stderr
+    assert said in done.stderr and b"Traceback" not in done.stderr
+    assert b"s3cr3t-canary" not in done.stderr + done.stdout
+
+
+@pytest.mark.anyio
 async def test_credentials_redis_refuses_are_78_and_never_echoed(
     redis_prefix: str, tmp_path: Path
 ) -> None:

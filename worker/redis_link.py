@@ -7,6 +7,7 @@ the HTTP stack it builds the API client with (aiohttp: 0.15 s of CPU of a start)
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from worker.errors import ConfigError, RedisCertificateRefused, RedisUnavailable
@@ -33,7 +34,7 @@ def redis_client(
 
     bounded: dict[str, Any] = {"parser_class": BoundedParser} if entries else {}
     try:
-        return aioredis.Redis.from_url(
+        client = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=5.0,
@@ -43,6 +44,26 @@ def redis_client(
         )
     except ValueError as exc:
         raise ConfigError(f"redis_url is not a Redis URL: {exc}") from None
+    _takes_its_query(client, url)
+    return client
+
+
+def _takes_its_query(client: aioredis.Redis, url: str) -> None:
+    """redis-py passes a URL's every ``?name=value`` to its connections, and a name its
+    connection does not take (``ssl_ca_certs`` on a ``redis://`` URL, a typo) raised
+    ``TypeError`` with a traceback at the first command: a connection is made here, which
+    sends nothing, to say it in words (the name only: the URL may carry a password)."""
+    pool = client.connection_pool
+    try:
+        pool.connection_class(**pool.connection_kwargs)
+    except TypeError as exc:
+        name = re.search(r"argument '(\w+)'", str(exc))
+        said = f"?{name.group(1)}=" if name else "a setting in its query"
+        tls = " is a setting of rediss:// (TLS), not of this scheme"
+        raise ConfigError(
+            f"redis_url: {said}"
+            + (tls if name and name.group(1).startswith("ssl") else " is not a Redis setting")
+        ) from None
 
 
 async def answering(client: aioredis.Redis, url: str, *, kept: str) -> None:
