@@ -313,22 +313,25 @@ class Queueing:
 
 class Averaged:
     """A service that sheds with 503 ``1 - capacity / arrivals`` of its calls, its arrivals
-    averaged over the last 10 s: after a cut its 503s fall over seconds, not at once."""
+    averaged over the last 10 s (``span`` s): after a cut its 503s fall over seconds, not
+    at once."""
 
-    def __init__(self, capacity: float, latency: float, draws: random.Random) -> None:
-        self.capacity, self.latency, self.draws = capacity, latency, draws
+    def __init__(
+        self, capacity: float, latency: float, draws: random.Random, span: float = 10.0
+    ) -> None:
+        self.capacity, self.latency, self.draws, self.span = capacity, latency, draws, span
         self.arrivals: deque[float] = deque()
 
     def arrived(self, now: float) -> int:
         """A call at ``now``: the calls that came over the last 10 s, this one with them."""
         arrivals = self.arrivals
-        while arrivals and arrivals[0] <= now - 10.0:
+        while arrivals and arrivals[0] <= now - self.span:
             arrivals.popleft()
         arrivals.append(now)
         return len(arrivals)
 
     def __call__(self, now: float) -> tuple[bool, float]:
-        rate = self.arrived(now) / min(10.0, max(now, 1.0))
+        rate = self.arrived(now) / min(self.span, max(now, 1.0))
         if self.draws.random() < 1.0 - self.capacity / rate:
             return True, 0.002
         return False, self.draws.expovariate(1.0 / self.latency)
