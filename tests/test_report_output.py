@@ -71,6 +71,85 @@ async def test_an_export_killed_mid_write_leaves_no_part_under_its_name(
     assert left == [], left
 
 
+@pytest.mark.anyio
+async def test_an_export_through_our_own_link_killed_mid_write_leaves_its_file_whole(
+    tmp_path: Path,
+) -> None:
+    """``export.jsonl -> exports/dec.jsonl``, our own link: ``kill -9`` mid-write leaves
+    the file it leads to as it was, byte for byte; the next report replaces that file whole
+    (its mode kept) and leaves the link a link. It used to be written in place through the
+    link: the dead one's first row under the file's name, yesterday's export gone."""
+    ledger = tmp_path / "ledger.sqlite"
+    fill(ledger).close()
+    (tmp_path / "exports").mkdir()
+    target = tmp_path / "exports" / "dec.jsonl"
+    target.write_bytes(b"the export of yesterday\n")
+    target.chmod(0o640)
+    export = tmp_path / "export.jsonl"
+    export.symlink_to(Path("exports") / "dec.jsonl")
+    args = ["report", "--ledger", str(ledger), "--format", "jsonl", "--output", str(export)]
+    command = [sys.executable, "-c", _HALTED_MIDWAY, *args]
+    code, _, _ = await signalled(command, None, [(b"midway", signal.SIGKILL)])
+    assert code == -signal.SIGKILL
+    assert target.read_bytes() == b"the export of yesterday\n"
+    whole = report(*args[1:])
+    assert whole.returncode == 0, whole.stderr
+    assert len(target.read_bytes().splitlines()) == 5  # four settled ids, one rejected line
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert os.readlink(export) == str(Path("exports") / "dec.jsonl")
+    left = [p.name for d in (tmp_path, target.parent) for p in d.iterdir() if p.name[0] == "."]
+    assert left == [], left
+
+
+@two_users
+@pytest.mark.parametrize("kind", ["another user's file", "a file with a hard link"])
+def test_an_export_through_our_own_link_to_a_file_not_ours_alone_is_refused(
+    shared: Path, tmp_path: Path, kind: str
+) -> None:
+    """Our own link leading to another user's file (open to all) or to one with other hard
+    links: refused (64), the file kept, the link a link, nothing left beside either."""
+    ledger = tmp_path / "ledger.sqlite"
+    fill(ledger).close()
+    target = shared / "dec.csv"
+    if kind == "another user's file":
+        as_nobody("sh", "-c", f"umask 0; echo keep me > {target}")
+    else:
+        target.write_text("keep me\n")
+        (shared / "other").hardlink_to(target)
+    export = tmp_path / "export.csv"
+    export.symlink_to(target)
+    done = report("--ledger", str(ledger), "--format", "csv", "--output", str(export))
+    assert done.returncode == 64, done.stderr
+    assert "Traceback" not in done.stderr
+    assert target.read_text() == "keep me\n" and export.is_symlink()
+    left = [p.name for d in (tmp_path, shared) for p in d.iterdir() if p.name[0] == "."]
+    assert left == [], left
+
+
+@pytest.mark.parametrize("name", ["/dev/stdout", "/proc/self/fd/1"])
+def test_an_export_to_stdout_redirected_to_a_file_is_written_through_not_replaced(
+    tmp_path: Path, name: str
+) -> None:
+    """``report --output /dev/stdout >file``: a file descriptor's link is no link of ours to
+    resolve: the file the shell opened is written in place (its inode kept, the shell's
+    descriptor still on it), never replaced beside it."""
+    ledger = tmp_path / "ledger.sqlite"
+    fill(ledger).close()
+    out = tmp_path / "out.jsonl"
+    out.write_text("head\n")
+    before = out.stat().st_ino
+    with out.open("a") as sink:
+        done = subprocess.run(
+            [sys.executable, "-m", "worker", "report", "--ledger", str(ledger),
+             "--format", "jsonl", "--output", name],
+            stdout=sink, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_ino == before
+    assert len(out.read_text().splitlines()) == 5
+    assert [p.name for p in tmp_path.iterdir() if p.name[0] == "."] == []
+
+
 def _over_yesterday(tmp_path: Path, script: str) -> tuple[Path, list[str]]:
     """``export.jsonl`` holding the export of yesterday, and ``python -c script report``
     exporting a ledger's jsonl there."""

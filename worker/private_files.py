@@ -195,14 +195,42 @@ def replacing(path: Path) -> Iterator[IO[bytes] | None]:
         raise
 
 
+_DESCRIPTORS = (Path("/proc"), Path("/dev"))
+
+
+def _own_link_target(path: Path) -> Path | None:
+    """The regular file our own link at ``path`` leads to (through links of ours only), when
+    it lies in a folder we may write; None for anything else: no link, one another user
+    made, a file descriptor's link (``/dev/stdout``, ``/proc/self/fd/1``), a pipe, a device."""
+    named = path
+    for _ in range(40):  # the kernel's own limit on links in a row
+        path = Path(os.path.realpath(path.parent)) / path.name
+        if any(path.is_relative_to(top) for top in _DESCRIPTORS):
+            return None
+        if not os.path.islink(path) or not _owned(path):
+            break
+        path = path.parent / os.readlink(path)
+    else:
+        return None
+    try:
+        regular = stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return None
+    writable = os.access(path.parent, os.W_OK | os.X_OK)
+    return path if regular and writable and os.path.islink(named) else None
+
+
 @contextlib.contextmanager
 def written_whole(path: Path) -> Iterator[IO[bytes]]:
     """An output for ``path`` that appears under its name only once written whole: for a
     regular file, or none yet, a file beside it renamed over the name at the end
     (:func:`replacing`; on an error, a signal or a ``kill -9`` the name keeps what it had),
     after the refusals of :func:`open_output` (another user's file, other hard links, one
-    we may not write). A link, a named pipe or a device (``/dev/stdout``, the user's own
-    FIFO) is no file to replace: :func:`open_output`'s stream, as it is."""
+    we may not write). Our own link to a regular file in a folder we may write is followed
+    and that file replaced so, the link left as it is. A named pipe, a device or a file
+    descriptor's link (``/dev/stdout``, the user's own FIFO) is no file to replace:
+    :func:`open_output`'s stream, as it is."""
+    path = _own_link_target(path) or path
     try:
         if stat.S_ISREG(os.lstat(path).st_mode):
             os.close(open_private_fd(path, os.O_WRONLY))  # refused as open_output refuses

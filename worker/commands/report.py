@@ -152,7 +152,7 @@ def _check_shards(ledgers: Sequence[LedgerView]) -> None:
 def _is(path: str, written: list[os.stat_result]) -> bool:
     """``path`` names the file of ``written`` (renamed over it whole before a stop came)."""
     try:
-        named = os.lstat(path)
+        named = os.stat(path)  # our link: the file it leads to, replaced whole
     except OSError:
         return False
     return any((named.st_dev, named.st_ino) == (w.st_dev, w.st_ino) for w in written)
