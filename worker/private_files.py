@@ -202,7 +202,8 @@ def _own_link_target(path: Path) -> Path | None:
     """The regular file our own link at ``path`` leads to (through links of ours only), when
     it lies in a folder we may write; None for anything else: no link, one another user
     made, a file descriptor's link (``/dev/stdout``, ``/proc/self/fd/1``), a pipe, a device."""
-    named = path
+    if not os.path.islink(path):
+        return None
     for _ in range(40):  # the kernel's own limit on links in a row
         path = Path(os.path.realpath(path.parent)) / path.name
         if any(path.is_relative_to(top) for top in _DESCRIPTORS):
@@ -217,7 +218,7 @@ def _own_link_target(path: Path) -> Path | None:
     except OSError:
         return None
     writable = os.access(path.parent, os.W_OK | os.X_OK)
-    return path if regular and writable and os.path.islink(named) else None
+    return path if regular and writable else None
 
 
 @contextlib.contextmanager
