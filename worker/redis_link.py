@@ -70,19 +70,32 @@ async def answering(client: aioredis.Redis, url: str, *, kept: str) -> None:
     """``PING`` once: ``ConfigError`` (78) for a URL or credentials Redis refuses,
     ``RedisUnavailable`` (69) for a Redis that does not answer, named without its password
     (``kept``: what is kept there, for the message). The caller closes ``client``."""
-    from worker.service.consumer import ping
     from worker.service.outage import REDIS_ERRORS, redis_where
 
     try:
-        await ping(client)
+        await trusted_ping(client, url, kept=kept)
     except REDIS_ERRORS as exc:
-        if (refused := certificate_refusal(exc, url, kept=kept)) is not None:
-            raise refused from None
         raise RedisUnavailable(
             f"Redis at {redis_where(url)}, where {kept} is kept, does not answer "
             f"({type(exc).__name__}); nothing was sent",
             cause=type(exc).__name__,
         ) from None
+
+
+async def trusted_ping(
+    client: aioredis.Redis, url: str, *, kept: str, done: str = "nothing was sent"
+) -> None:
+    """``PING`` once (``worker.service.consumer.ping``): a ``rediss://`` certificate refused
+    is raised as :func:`certificate_refusal` says it, any other Redis error as it came."""
+    from worker.service.consumer import ping
+    from worker.service.outage import REDIS_ERRORS
+
+    try:
+        await ping(client)
+    except REDIS_ERRORS as exc:
+        if (refused := certificate_refusal(exc, url, kept=kept, done=done)) is not None:
+            raise refused from None
+        raise
 
 
 def certificate_refusal(

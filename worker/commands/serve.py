@@ -33,7 +33,7 @@ from worker.assembly import (
 )
 from worker.errors import AuthError, ConfigError, ReaperError, TransientError
 from worker.exit_codes import ExitCode
-from worker.redis_link import certificate_refusal
+from worker.redis_link import trusted_ping
 from worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -240,20 +240,11 @@ async def _redis_answers(client: Redis, outage: Outage, events: EventLog, url: s
     Redis, the others are counted: ``worker.service.outage``); ``ConfigError`` when it
     refuses our settings (``worker.service.consumer.ping``), ``RedisCertificateRefused`` at
     once for a certificate refused (no wait makes it trusted)."""
-    from worker.service.consumer import ping
-    from worker.service.outage import REDIS_ERRORS
-
-    async def once() -> None:
-        try:
-            await ping(client)
-        except REDIS_ERRORS as exc:
-            refused = certificate_refusal(exc, url, kept="the queue", done="nothing was read")
-            if refused is not None:
-                raise refused from None
-            raise
-
     with anyio.move_on_after(STARTUP_WAIT_S):
-        await outage.persist(once, what="ping")
+        await outage.persist(
+            lambda: trusted_ping(client, url, kept="the queue", done="nothing was read"),
+            what="ping",
+        )
         return True
     events.error("serve.redis_unavailable", waited_s=STARTUP_WAIT_S,
                  failed_calls=outage.failures)  # fmt: skip
