@@ -3,67 +3,46 @@ real redis-server serving TLS on a free loopback port, with a certificate of a t
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trustme
 
 from tests.e2e import Served, reaper, reaper_env, redis_errors_of, serving, until, write_ids
+from tests.test_redis_auth import REDIS_SERVER, _free_port, redis_server
 from worker.simulator import SimulatorConfig, run_simulator
 
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("clean_env")]
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.usefixtures("clean_env"),
+    pytest.mark.skipif(REDIS_SERVER is None, reason="needs redis-server"),
+]
 
 PASSWORD = "tls-test-s3cret"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _serving_tls(folder: Path, port: int, ca: trustme.CA) -> subprocess.Popen[bytes]:
-    """A redis-server answering TLS alone on ``port`` (its password ``PASSWORD``), with a
-    certificate ``ca`` signed; skipped where there is none."""
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("no redis-server")
+def _tls(folder: Path, ca: trustme.CA) -> list[str]:
+    """``redis_server`` lines: TLS with a certificate ``ca`` signed, the password
+    ``PASSWORD``."""
     leaf = ca.issue_cert("127.0.0.1")
     cert, key = folder / "cert.pem", folder / "key.pem"
     leaf.cert_chain_pems[0].write_to_path(str(cert))
     leaf.private_key_pem.write_to_path(str(key))
-    return subprocess.Popen(
-        [server, "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert),
-         "--tls-key-file", str(key), "--tls-auth-clients", "no", "--requirepass", PASSWORD,
-         "--save", "", "--appendonly", "no", "--dir", str(folder)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-
-
-async def _listening(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
+    return [f"tls-cert-file {cert}", f"tls-key-file {key}", "tls-auth-clients no",
+            f"requirepass {PASSWORD}"]  # fmt: skip
 
 
 @pytest.fixture
-def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+async def tls_redis(tmp_path: Path) -> AsyncIterator[tuple[int, Path]]:
     """A redis-server answering TLS alone on a free port (its password ``PASSWORD``), and
-    the PEM file of the CA that signed its certificate; skipped where it has no TLS."""
+    the PEM file of the CA that signed its certificate."""
     ca = trustme.CA()
     ca_pem = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_pem))
-    port = _free_port()
-    process = _serving_tls(tmp_path, port, ca)
-    try:
+    async with redis_server(tmp_path, _tls(tmp_path, ca), tls=True) as port:
         yield port, ca_pem
-    finally:
-        process.terminate()
-        process.wait(30)
 
 
 async def test_a_redis_whose_certificate_is_refused_is_said_so_without_its_password(
@@ -75,12 +54,6 @@ async def test_a_redis_whose_certificate_is_refused_is_said_so_without_its_passw
     Redis runs). The URL's password is never printed; with the CA given as the fix now says
     (``?ssl_ca_certs=``), the ids go on the stream."""
     port, ca_pem = tls_redis
-
-    async def listening() -> bool:
-        with socket.socket() as probe:
-            return probe.connect_ex(("127.0.0.1", port)) == 0
-
-    await until(listening)
     ids = write_ids(tmp_path / "ids.txt", ["job-1"])
     url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0"
     args = ["enqueue", "--input", str(ids), "--stream", "tls-test:ids"]
@@ -104,7 +77,6 @@ async def test_serve_says_a_refused_redis_certificate_at_once_without_retrying(
     again for 30 s (one "serve.redis_unreachable" after another) and then said "Redis
     unavailable", as of a Redis that does not run. The password is never printed."""
     port, _ = tls_redis
-    await until(lambda: _listening(port))
     url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0"
     async with run_simulator(SimulatorConfig(jobs=1)) as sim:
         args = ["serve", "--stream", "tls-test:ids", "--consumer", "c1", "--http-port", "0",
@@ -135,18 +107,17 @@ async def test_serve_says_a_redis_certificate_refused_once_it_ran_not_that_redis
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
     second.mkdir()
-    redis = _serving_tls(first, port, trusted)
-    try:
-        await until(lambda: _listening(port))
+    async with contextlib.AsyncExitStack() as redis:
+        await redis.enter_async_context(redis_server(first, _tls(first, trusted), tls=True,
+                                                     port=port))  # fmt: skip
         url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_ca_certs={ca_pem}"
         async with (
             run_simulator(SimulatorConfig(jobs=1)) as sim,
             serving(sim, url, tmp_path / "serve.err", "--stream", "tls-test:ids") as served,
         ):
-            redis.terminate()
-            redis.wait(30)
-            redis = _serving_tls(second, port, other)
-            await until(lambda: _listening(port))
+            await redis.aclose()
+            await redis.enter_async_context(redis_server(second, _tls(second, other), tls=True,
+                                                         port=port))  # fmt: skip
 
             async def refused_again() -> bool:  # calls refused since the second came up
                 return await redis_errors_of(served.port) >= 3
@@ -155,9 +126,6 @@ async def test_serve_says_a_redis_certificate_refused_once_it_ran_not_that_redis
             await until(lambda: _said(served, "serve.redis_certificate_refused"), timeout=30)
             said = served.named("serve.redis_certificate_refused")
             errors = (tmp_path / "serve.err").read_text()
-    finally:
-        redis.terminate()
-        redis.wait(30)
     assert len(said) == 1, served.events[-5:]
     assert f"the TLS certificate of Redis at rediss://127.0.0.1:{port}/0" in said[0]["error"]
     assert "was refused (" in said[0]["error"], said
