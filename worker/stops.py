@@ -14,8 +14,8 @@ library here: ``cli`` imports this before any command.
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from worker.exit_codes import ExitCode
 
@@ -41,7 +41,7 @@ def held_back(*signums: int) -> None:
     stop line again, or killed the process once the interpreter had put the system's
     handlers back as it ended (-2). Not ``SIG_IGN``: one caught before would be said
     "Signal 2 ignored due to race condition", with a traceback. A loop's signal watch hears
-    them again (:func:`heard_again`): where CPython dropped the exit, :func:`checkpoint` or
+    them again (:func:`receiving`): where CPython dropped the exit, :func:`checkpoint` or
     the watch still stops the command."""
     again = {*SIGNALS, *signums}
     signal.pthread_sigmask(signal.SIG_BLOCK, again)
@@ -64,10 +64,16 @@ def let_pass(signum: int, frame: object) -> None:
     """A stop after the one whose exit is under way."""
 
 
-def heard_again(*signums: int) -> None:
-    """SIGTERM, SIGINT and ``signums`` delivered again (:func:`held_back`): for a signal
-    watch that begins, which puts its own handlers in."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {*SIGNALS, *signums})
+@contextmanager
+def receiving(*signums: signal.Signals) -> Iterator[AsyncIterator[signal.Signals]]:
+    """anyio's signal receiver for SIGTERM, SIGINT and ``signums``, those held back
+    (:func:`held_back`) delivered again once its own handlers are in: every loop's signal
+    watch opens it here, so none is left deaf to a stop held back before it began."""
+    import anyio
+
+    with anyio.open_signal_receiver(*SIGNALS, *signums) as received:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {*SIGNALS, *signums})
+        yield received
 
 
 def asked() -> int | None:
@@ -101,8 +107,7 @@ async def watching(stop: Callable[[str], None]) -> AsyncIterator[None]:
 
     try:
         async with anyio.create_task_group() as group:
-            with anyio.open_signal_receiver(*SIGNALS) as received:
-                heard_again()
+            with receiving() as received:
                 if (signum := asked()) is not None:
                     stop(said(signum))
                 group.start_soon(hear, received)

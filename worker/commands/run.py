@@ -809,8 +809,7 @@ async def _watch_signals(
     # not run_async in a test; held back: a stop's exit was dropped before the loop
     command = signal.getsignal(signal.SIGTERM) in (stops.raise_stop, stops.let_pass)
     try:
-        with anyio.open_signal_receiver(*SIGNALS, *[signal.SIGHUP] * hangup) as received:
-            stops.heard_again(*[signal.SIGHUP] * hangup)
+        with stops.receiving(*[signal.SIGHUP] * hangup) as received:
             task_status.started()
             count = 0
 

@@ -281,8 +281,7 @@ async def _watch_signals(
         (stop_now if immediate else stop).set()
         starting()
 
-    with anyio.open_signal_receiver(*SIGNALS) as received:
-        stops.heard_again()
+    with stops.receiving() as received:
         if (lost := stops.asked()) is not None:  # its exit dropped before the loop ran
             heard(lost)
         async for signum in received:

@@ -8,7 +8,6 @@ not a secret, so it is printed; nothing else in the tool ever prints a secret ke
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
 import anyio
@@ -86,8 +85,7 @@ def export_block(sim: Simulator) -> str:
 
 async def serve(config: SimulatorConfig, host: str, port: int, ids_file: str | None) -> None:
     """Serve until a signal; the ids file is written before the ready line is printed."""
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        stops.heard_again()
+    with stops.receiving() as signals:
         async with run_simulator(config, host, port) as sim:
             if ids_file:
                 lines = "".join(f"{job_id}\n" for job_id in sim.job_ids())
