@@ -48,6 +48,10 @@ if TYPE_CHECKING:
 
 CHUNK = 500
 
+ANSWER_S = 30.0
+"""How long Redis has to answer each command (the client's ``socket_timeout``): what a
+first stop, while ids are being added, says it waits at most."""
+
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
     from worker.terminal.output import TYPE_IDS, for_people_on, reads_the_terminal
@@ -136,8 +140,8 @@ class _Stop:
         with contextlib.suppress(OSError):
             sys.stderr.write(
                 f"devserver-reaper enqueue: {signal}: stopping once the {ids:,} ids being "
-                f"added are (Redis answers within 30 s); {signal} again to stop now, those "
-                "ids then in doubt\n"
+                f"added are (Redis answers within {ANSWER_S:g} s); {signal} again to stop "
+                "now, those ids then in doubt\n"
             )
             sys.stderr.flush()
 
@@ -187,7 +191,7 @@ async def enqueue_entries(entries: EntryReader, settings: Settings, stop: _Stop)
     from worker.service.outage import REDIS_ERRORS, redis_where
 
     events = EventLog(sink=logsetup.json_sink())
-    client = redis_client(settings.redis_url, timeout=30.0)
+    client = redis_client(settings.redis_url, timeout=ANSWER_S)
     trusted = settings.trusted_endpoints
     enqueued = rejected = 0
     sending = 0  # the ids of the chunk whose answer has not come: in doubt if Redis fails
