@@ -32,8 +32,8 @@ _SKIPPED_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
 is still decoded by aiohttp, not handed to the JSON parser as gzip bytes)."""
 
 
-def tls_context(ca_bundle: Path | None = None, named: str = "ca_bundle") -> ssl.SSLContext:
-    """Default verification (system store, host names checked), plus ``ca_bundle`` if given.
+def tls_context(ca_bundle: Path, named: str = "ca_bundle") -> ssl.SSLContext:
+    """Default verification (system store, host names checked), plus ``ca_bundle``.
 
     The bundle is added to, not substituted for, the system store: a private CA for a proxy
     or a test server must not switch off trust in the public ones. A bundle that cannot be
@@ -41,8 +41,6 @@ def tls_context(ca_bundle: Path | None = None, named: str = "ca_bundle") -> ssl.
     the file, not OpenSSL's, naming the setting as it was given (``named``: ``--ca-bundle``),
     found before any call is made.
     """
-    if ca_bundle is None:
-        return ssl.create_default_context()
     try:  # the file as it is now: a bundle changed since it was loaded is loaded again
         info = ca_bundle.stat()
         # ctime too: a file rewritten in place with its size and mtime put back (cp -p,
