@@ -15,19 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import orjson
 import pytest
 import redis.asyncio as aioredis
 from yarl import URL
 
 from tests.conftest import REDIS_URL
-from tests.e2e import signalled, until
+from tests.e2e import signalled
 
 pytestmark = pytest.mark.usefixtures("clean_env")
-
-
-async def _set(event: threading.Event) -> bool:
-    return event.is_set()
 
 
 def _command(args: tuple[str, ...]) -> list[str]:
@@ -381,7 +378,7 @@ async def test_a_second_signal_while_a_chunk_is_added_stops_at_once_saying_it_in
     )
 
     async def held() -> None:  # the chunk is on Redis, its answer held back
-        await until(lambda: _set(reached))
+        assert await anyio.to_thread.run_sync(reached.wait, 60), "the chunk never reached Redis"
 
     steps = [(b"", signal.SIGTERM), (b"again to stop now", signal.SIGTERM)]
     code, out, said = await signalled(_command(args), _env(), steps, ready=held)
