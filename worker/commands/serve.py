@@ -31,7 +31,13 @@ from worker.assembly import (
     start_http,
     started_fields,
 )
-from worker.errors import AuthError, ConfigError, ReaperError, TransientError
+from worker.errors import (
+    AuthError,
+    ConfigError,
+    ReaperError,
+    RedisCertificateRefused,
+    TransientError,
+)
 from worker.exit_codes import ExitCode
 from worker.redis_link import trusted_ping
 from worker.settings import Settings
@@ -59,7 +65,6 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     log = structlog.get_logger("devserver_reaper")
     import redis.exceptions
 
-    from worker.errors import RedisCertificateRefused
     from worker.pacing.shared import acl_denial
     from worker.service.consumer import not_permitted
 
