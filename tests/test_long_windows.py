@@ -761,3 +761,30 @@ def test_a_token_bucket_that_becomes_a_long_window_mid_run_is_read_as_one(
     used, refused = _used_and_refused(run, after, 45.0, 100.0)
     assert refused <= 0.02, (used, refused)
     assert used >= 0.90, (used, refused)
+
+
+def test_a_leader_that_took_over_after_a_windows_end_reads_the_next_from_the_end_it_held_to() -> None:
+    """A fleet's next leader takes up a window read by the one before (ended at 10 s, most
+    likely at 9.5 s) at 12 s: the calls accepted before that were the other's to count. Its
+    first long refusal holds to the end it says (20.05 s), the rate read standing; the next
+    window's is read from there: 40 calls from 20.05 s to where the next wait most likely
+    ends, 29.65 s. Read from where the old window most likely ended (``Window.began``, the
+    held window keeping its ``likely``), the span took in 10 s the new leader saw no call
+    of: 2.0 calls/s, not 4.2."""
+    window = LongWindow()
+    kept = {"end": 10.0, "rate": 4.0, "span": 10.0, "last": 9.9, "shift": 10.0,
+            "mirror": 0.0, "likely": 9.5}  # fmt: skip
+    window.adopt({"window": kept}, 12.0)
+
+    def refused(sent: float, retry_after: float) -> Verdict | None:
+        return window.refused(sent, sent + 0.05, retry_after, news=False,
+                              lasting=lambda: False, max_pause=30.0, forget=30.0)  # fmt: skip
+
+    assert refused(13.0, 7.0) == Verdict(Verdict.HOLD, 20.05)
+    for n in range(40):
+        window.sent(20.05 + 0.1 * n)
+        window.accepted(20.05 + 0.1 * n, 20.1 + 0.1 * n)
+    read = refused(24.1, 6.0)
+    assert read is not None and read.kind == Verdict.READ
+    assert window.window is not None
+    assert window.window.rate == pytest.approx(40 / (29.65 - 20.05))

@@ -218,8 +218,9 @@ class LongWindow:
             if window.end < self._seen_from:
                 # A fleet's leader that took over after the window's end: the calls
                 # accepted before it came were counted by another. Read from them, the count
-                # was too low; the rate read stands, and the window ends anew there.
-                self.window = replace(window, end=end)
+                # was too low; the rate read stands, and the window ends anew there (the
+                # next read from that end, not from where the old one likely ended).
+                self.window = replace(window, end=end, likely=math.inf)
                 return Verdict(Verdict.HOLD, end)
             return self._again(window, sent, end, forget)
         if lasting():
