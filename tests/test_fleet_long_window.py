@@ -198,6 +198,9 @@ async def test_a_fleet_whose_workers_all_sleep_keeps_one_leader_and_reads_the_wi
     seen = [refused for t, refused in gateway.calls if 12.5 <= t < until]
     refused = seen.count(True) / len(seen)
     assert sum(r.leads for r in replicas) == 1, replicas
+    # (kept in touch asleep, and the check call's worker woken for it: ``rest``)
+    assert all(r.looks >= 1 for r in replicas), replicas
+    assert sum(r.woken for r in replicas) >= 1, replicas
     leader = next(r for r in replicas if r.leading)
     assert leader.controller is not None and leader.controller.windows >= 1, replicas
     first = next(t for t, no in gateway.calls if no)

@@ -684,6 +684,6 @@ class FleetRateController(RedisPacer):
         return (
             f"FleetRateController(key={self._keys.tat!r}, rate={self.rate:.4g}, "
             f"leading={self.leading}, throttles={self.throttles}, granted={self.granted}, "
-            f"reported={self.reported}, "
+            f"reported={self.reported}, looks={self.looks}, woken={self.woken}, "
             f"{self._controller!r})"
         )
