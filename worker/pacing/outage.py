@@ -113,7 +113,7 @@ class Recovery:
 
     def halve(
         self, before: tuple[float, ControllerState], rate: float, *, up: bool, mixed: bool,
-        startup: bool, length: float, again: bool = False,
+        startup: bool, length: float, again: bool,
     ) -> None:  # fmt: skip
         """The trial at ``rate`` ended ``STILL`` (``up``: it was the step back up; ``mixed``:
         a 503 came after an answer served; ``again``: it served, then only 503s,
