@@ -1001,9 +1001,9 @@ class RateController:
         too: a probe's refusal is its news (read as jitter, a fleet's probes after a fall from
         55 to 49.5 calls/s at a burst of 1 each ran a refusal longer, 2.39 % throttled, 1.77 %
         without; no refusal of ``LOADED``'s cells at 50 calls/s was a probe's). A second
-        refusal in those calls
-        is a pace over the quota, as ever (a burst of 1 past it refuses every other call),
-        and so is one of the first calls after a cut (read as jitter: 140 of the 144).
+        refusal in those calls is a pace over the quota, as ever (a burst of 1 past it
+        refuses every other call), and so is one of the first calls after a cut (read as
+        jitter: 140 of the 144).
 
         Nor where the last ``JITTER_SPAN`` refused over ``JITTER_SPAN_SHARE`` of its calls,
         the refusals before the last cut counted: a quota falling 1 %/s behind a gateway
