@@ -763,7 +763,7 @@ def test_a_token_bucket_that_becomes_a_long_window_mid_run_is_read_as_one(
     assert used >= 0.90, (used, refused)
 
 
-def test_a_leader_that_took_over_after_a_windows_end_reads_the_next_from_the_end_it_held_to() -> None:
+def test_a_leader_that_took_over_after_a_windows_end_reads_on_from_the_end_it_held_to() -> None:
     """A fleet's next leader takes up a window read by the one before (ended at 10 s, most
     likely at 9.5 s) at 12 s: the calls accepted before that were the other's to count. Its
     first long refusal holds to the end it says (20.05 s), the rate read standing; the next
